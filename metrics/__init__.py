@@ -1,0 +1,5 @@
+"""Prometheus metrics of the serving runtime."""
+
+from metrics.serving import ServingMetrics
+
+__all__ = ["ServingMetrics"]

@@ -1,0 +1,397 @@
+"""Multi-LoRA compute: y += scaling * (x A^T) B^T for a batch whose tokens belong to many adapters.
+
+The runner groups each adapter's tokens contiguously ("segments"); base-model tokens form
+segments of slot -1, which no op touches. Weights live in the adapter pool's fixed GPU buffers:
+
+- linear group with n slices (qkv: 3, gate_up: 2, o/down/lm_head: 1):
+  A: [num_slots, n * R, in] (slice i in rows i*R .. i*R + rank), B: [num_slots, N_total, R]
+  (slice i in rows slice_offsets[i] .. slice_offsets[i+1]), scalings: [num_slots, n] float32;
+- embedding: A_emb: [num_slots, vocab, R] (A transposed for row gathers), B_emb as a linear
+  group with n = 1;
+- slot_ranks: [num_slots] int32, every column at or beyond a slot's rank is zero.
+
+Every op dispatches on the device: torch on CPU (the `*_torch` references), Triton on CUDA
+(the `*_triton` wrappers, which also run on CPU tensors under TRITON_INTERPRET=1). Backends differ
+in how rows are cut into programs: "triton" gives each segment its programs (rows strided over
+several when segments are long), "csgmv" cuts segments into chunks of `chunk_size` rows, one
+tile each. Neither syncs with the host, so both can be captured in CUDA graphs.
+"""
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("csgmv", "triton")
+
+
+@dataclass
+class LoraBatchInfo:
+    """Tokens grouped by adapter. All tensors on the compute device."""
+
+    seg_indptr: Tensor  # [S+1] int32, token offsets of segments
+    seg_slots: Tensor  # [S] int32, GPU slot of each segment, -1 = base model rows (no LoRA)
+    slot_ranks: Tensor  # [num_slots] int32
+    num_segments: int
+    max_seg_len: int
+    # csgmv: segments cut into chunks of at most chunk_size rows
+    chunk_indptr: Tensor  # [C+1] int32 token offsets of chunks
+    chunk_slots: Tensor  # [C] int32 slot per chunk (-1 = base)
+    num_chunks: int
+    chunk_size: int
+    backend: str  # "csgmv" or "triton"
+
+
+def _segments(token_slots: list[int]) -> tuple[list[int], list[int]]:
+    """Runs of equal slots -> (indptr [S+1], slots [S]); an adapter may form only one run."""
+    indptr, slots = [0], []
+    for slot, run in itertools.groupby(token_slots):
+        indptr.append(indptr[-1] + sum(1 for _ in run))
+        slots.append(slot)
+    adapter_runs = [s for s in slots if s >= 0]
+    if len(adapter_runs) != len(set(adapter_runs)):
+        raise ValueError(f"adapter tokens are not contiguous: segment slots {slots}")
+    return indptr, slots
+
+
+def _chunks(indptr: list[int], slots: list[int], chunk_size: int) -> tuple[list[int], list[int]]:
+    """Cut every segment into chunks of at most chunk_size rows."""
+    chunk_indptr, chunk_slots = [0], []
+    for lo, hi, slot in zip(indptr, indptr[1:], slots):
+        for start in range(lo, hi, chunk_size):
+            chunk_indptr.append(min(start + chunk_size, hi))
+            chunk_slots.append(slot)
+    return chunk_indptr, chunk_slots
+
+
+def _pad(indptr: list[int], slots: list[int], count: int) -> tuple[list[int], list[int]]:
+    """Append empty base entries up to `count` (fixed grid sizes for CUDA graphs)."""
+    if len(slots) > count:
+        raise ValueError(f"{len(slots)} entries do not fit pad_to={count}")
+    extra = count - len(slots)
+    return indptr + [indptr[-1]] * extra, slots + [-1] * extra
+
+
+def build_lora_batch_info(
+    token_slots: list[int],
+    slot_ranks: Tensor,
+    backend: str,
+    chunk_size: int,
+    device: torch.device | str,
+    pad_to: int | None = None,
+) -> LoraBatchInfo:
+    """Segments and chunks of a batch, built on the host and copied to `device` at once.
+
+    token_slots: per-token GPU slot (-1 = base model) in token order; each adapter's tokens
+    must be one contiguous run (ValueError otherwise; base runs may repeat).
+    slot_ranks: [num_slots] int32, kept as is when already on `device` (the pool updates it in
+    place). chunk_size: power of two in 16..128. pad_to: if given, segments and chunks are padded
+    with empty base entries to exactly this many, so grids stay fixed across CUDA-graph replays.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown LoRA backend {backend!r}, expected one of {BACKENDS}")
+    if chunk_size not in (16, 32, 64, 128):
+        raise ValueError(f"chunk_size must be a power of two in 16..128, got {chunk_size}")
+    num_slots = slot_ranks.shape[0]
+    if any(not -1 <= s < num_slots for s in token_slots):
+        raise ValueError(f"slot ids must be in -1..{num_slots - 1}")
+    seg_indptr, seg_slots = _segments(token_slots)
+    chunk_indptr, chunk_slots = _chunks(seg_indptr, seg_slots, chunk_size)
+    max_seg_len = max((b - a for a, b in zip(seg_indptr, seg_indptr[1:])), default=0)
+    if pad_to is not None:
+        seg_indptr, seg_slots = _pad(seg_indptr, seg_slots, pad_to)
+        chunk_indptr, chunk_slots = _pad(chunk_indptr, chunk_slots, pad_to)
+    num_segments, num_chunks = len(seg_slots), len(chunk_slots)
+    packed = torch.tensor(seg_indptr + seg_slots + chunk_indptr + chunk_slots, dtype=torch.int32)
+    device = torch.device(device)
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    seg_part, chunk_part = packed.split([2 * num_segments + 1, 2 * num_chunks + 1])
+    return LoraBatchInfo(
+        seg_indptr=seg_part[: num_segments + 1],
+        seg_slots=seg_part[num_segments + 1 :],
+        slot_ranks=slot_ranks.to(device=device, dtype=torch.int32),
+        num_segments=num_segments,
+        max_seg_len=max_seg_len,
+        chunk_indptr=chunk_part[: num_chunks + 1],
+        chunk_slots=chunk_part[num_chunks + 1 :],
+        num_chunks=num_chunks,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch references (the CPU path): one matmul per segment and slice, over the slot's rank only
+
+
+def _host_segments(info: LoraBatchInfo) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, slot, rank) of every adapter segment; reads tensors on the host."""
+    indptr, slots = info.seg_indptr.tolist(), info.seg_slots.tolist()
+    ranks = info.slot_ranks.tolist()
+    return [
+        (lo, hi, slot, ranks[slot])
+        for lo, hi, slot in zip(indptr, indptr[1:], slots)
+        if slot >= 0 and hi > lo
+    ]
+
+
+def lora_shrink_torch(x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int) -> Tensor:
+    """t = x A[slot]^T per segment. x: [T, in]; A: [num_slots, n*R, in] -> t: [T, n*R], x.dtype,
+    zero for base rows and for columns at or beyond the slot's rank."""
+    num_tokens, in_dim = x.shape
+    rank_pad = A.shape[1] // num_slices
+    t = x.new_zeros((num_tokens, A.shape[1]))
+    for lo, hi, slot, rank in _host_segments(info):
+        a = A[slot].view(num_slices, rank_pad, in_dim)[:, :rank].float()  # [n, rank, in]
+        prod = torch.einsum("ti,nri->tnr", x[lo:hi].float(), a)
+        t[lo:hi].view(hi - lo, num_slices, rank_pad)[:, :, :rank] = prod.to(t.dtype)
+    return t
+
+
+def lora_expand_torch(
+    t: Tensor,
+    B: Tensor,
+    y: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+) -> None:
+    """y[:, off_i:off_i+1] += scalings[slot, i] * t[:, i*R : i*R+rank] B[slot, off_i:off_i+1, :rank]^T.
+
+    t: [T, n*R]; B: [num_slots, N_total, R]; y: [T, N_total] in place; base rows untouched."""
+    rank_pad = B.shape[2]
+    scale = scalings.tolist()
+    for lo, hi, slot, rank in _host_segments(info):
+        for i, (n_lo, n_hi) in enumerate(zip(slice_offsets, slice_offsets[1:])):
+            t_slice = t[lo:hi, i * rank_pad : i * rank_pad + rank].float()
+            delta = t_slice @ B[slot, n_lo:n_hi, :rank].float().T
+            y_view = y[lo:hi, n_lo:n_hi]
+            y_view.copy_(y_view.float() + scale[slot][i] * delta)
+
+
+def lora_embed_shrink_torch(ids: Tensor, A_emb: Tensor, info: LoraBatchInfo) -> Tensor:
+    """t[i] = A_emb[slot_i, ids[i]]. ids: [T]; A_emb: [num_slots, vocab, R] -> t: [T, R]."""
+    t = A_emb.new_zeros((ids.shape[0], A_emb.shape[2]))
+    for lo, hi, slot, rank in _host_segments(info):
+        t[lo:hi, :rank] = A_emb[slot, ids[lo:hi].long(), :rank]
+    return t
+
+
+def apply_lora_torch(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    y: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+) -> None:
+    """y += LoRA delta of x (shrink then expand), torch reference."""
+    t = lora_shrink_torch(x, A, info, len(slice_offsets) - 1)
+    lora_expand_torch(t, B, y, slice_offsets, scalings, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path
+
+
+@dataclass(frozen=True)
+class LoraRowTable:
+    """The rows each program works on: segments (triton backend) or chunks (csgmv)."""
+
+    indptr: Tensor
+    slots: Tensor
+    num_entries: int
+    block_m: int
+    m_progs: int
+
+
+def lora_row_table(info: LoraBatchInfo) -> LoraRowTable:
+    """Rows per program for info.backend: chunks, one BLOCK_M = chunk_size tile each (csgmv), or
+    segments whose rows are strided over m_progs programs (triton)."""
+    if info.backend == "csgmv":
+        return LoraRowTable(info.chunk_indptr, info.chunk_slots, info.num_chunks, info.chunk_size, 1)
+    # max_seg_len only sizes the grid; the kernels stride over all rows whatever it is
+    block_m = min(64, max(16, 1 << max(info.max_seg_len - 1, 0).bit_length()))
+    m_progs = max(1, -(-info.max_seg_len // block_m))
+    return LoraRowTable(info.seg_indptr, info.seg_slots, info.num_segments, block_m, m_progs)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # interpreter runs: size grids as for an H200
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _shrink_partials(
+    x: Tensor,
+    A: Tensor,
+    info: LoraBatchInfo,
+    num_slices: int,
+    split_k: int | None,
+    out: Tensor | None = None,
+) -> Tensor:
+    from ops.triton_lora_shrink import triton_lora_shrink
+
+    table = lora_row_table(info)
+    return triton_lora_shrink(
+        x,
+        A,
+        info.slot_ranks,
+        table.indptr,
+        table.slots,
+        table.num_entries,
+        num_slices,
+        table.block_m,
+        table.m_progs,
+        split_k=split_k,
+        num_sms=_num_sms(x.device),
+        out=out,
+    )
+
+
+def lora_shrink_triton(
+    x: Tensor,
+    A: Tensor,
+    info: LoraBatchInfo,
+    num_slices: int,
+    split_k: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Triton lora_shrink for info.backend. x: [T, in]; A: [num_slots, n*R, in] -> [T, n*R].
+
+    split_k: K splits (None = heuristic); with more than one the fp32 partials are reduced here
+    (apply_lora avoids that extra work by reducing inside the expand). out: optional [T, n*R]
+    buffer in x.dtype to write into (then returned)."""
+    if split_k == 1 and out is not None:
+        return _shrink_partials(x, A, info, num_slices, 1, out.unsqueeze(0))[0]
+    partials = _shrink_partials(x, A, info, num_slices, split_k)
+    t = partials[0] if partials.shape[0] == 1 else partials.sum(0).to(x.dtype)
+    return t if out is None else out.copy_(t)
+
+
+def lora_expand_triton(
+    t: Tensor,
+    B: Tensor,
+    y: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+) -> None:
+    """Triton lora_expand for info.backend. t: [T, n*R] or split-K partials [split, T, n*R];
+    B: [num_slots, N_total, R]; y: [T, N_total] in place; scalings: [num_slots, n]."""
+    from ops.triton_lora_expand import triton_lora_expand
+
+    table = lora_row_table(info)
+    triton_lora_expand(
+        t,
+        B,
+        y,
+        tuple(slice_offsets),
+        scalings,
+        info.slot_ranks,
+        table.indptr,
+        table.slots,
+        table.num_entries,
+        table.block_m,
+        table.m_progs,
+        num_sms=_num_sms(y.device),
+    )
+
+
+def lora_embed_shrink_triton(
+    ids: Tensor, A_emb: Tensor, info: LoraBatchInfo, out: Tensor | None = None
+) -> Tensor:
+    """Triton lora_embed_shrink. ids: [T]; A_emb: [num_slots, vocab, R] -> t: [T, R]
+    (written into `out` when given)."""
+    from ops.triton_lora_embed import triton_lora_embed_shrink
+
+    table = lora_row_table(info)
+    block_m = min(table.block_m, 32)  # a gather: small tiles keep many rows in flight
+    m_progs = table.m_progs * (table.block_m // block_m)
+    return triton_lora_embed_shrink(
+        ids,
+        A_emb,
+        info.slot_ranks,
+        table.indptr,
+        table.slots,
+        table.num_entries,
+        block_m,
+        m_progs,
+        out=out,
+    )
+
+
+def apply_lora_triton(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    y: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+    split_k: int | None = None,
+) -> None:
+    """y += LoRA delta of x in two launches: split-K shrink partials, summed inside the expand."""
+    partials = _shrink_partials(x, A, info, len(slice_offsets) - 1, split_k)
+    lora_expand_triton(partials, B, y, slice_offsets, scalings, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points: CPU -> torch, CUDA -> Triton
+
+
+def lora_shrink(x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int) -> Tensor:
+    """t = x A[slot]^T per segment. x: [T, in]; A: [num_slots, n*R, in] -> t: [T, n*R] in
+    x.dtype; base rows are zero."""
+    if x.is_cuda:
+        return lora_shrink_triton(x, A, info, num_slices)
+    return lora_shrink_torch(x, A, info, num_slices)
+
+
+def lora_expand(
+    t: Tensor,
+    B: Tensor,
+    y: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+) -> None:
+    """y[:, off_i:off_i+1] += scalings[slot, i] * t[:, i*R:(i+1)*R] @ B[slot, off_i:off_i+1, :]^T.
+
+    t: [T, n*R]; B: [num_slots, N_total, R]; y: [T, N_total] in place; base rows untouched."""
+    if y.is_cuda:
+        lora_expand_triton(t, B, y, slice_offsets, scalings, info)
+    else:
+        lora_expand_torch(t, B, y, slice_offsets, scalings, info)
+
+
+def lora_embed_shrink(ids: Tensor, A_emb: Tensor, info: LoraBatchInfo) -> Tensor:
+    """t[i] = A_emb[slot_i, ids[i]]. ids: [T]; A_emb: [num_slots, vocab, R] -> t: [T, R]."""
+    if A_emb.is_cuda:
+        return lora_embed_shrink_triton(ids, A_emb, info)
+    return lora_embed_shrink_torch(ids, A_emb, info)
+
+
+def apply_lora(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    y: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+) -> None:
+    """y += scalings * (x A^T) B^T per segment and slice: lora_shrink then lora_expand, fused
+    on CUDA into two launches. x: [T, in]; A: [num_slots, n*R, in]; B: [num_slots, N_total, R];
+    y: [T, N_total] in place; scalings: [num_slots, n] float32."""
+    if y.is_cuda:
+        apply_lora_triton(x, A, B, y, slice_offsets, scalings, info)
+    else:
+        apply_lora_torch(x, A, B, y, slice_offsets, scalings, info)

@@ -1,0 +1,305 @@
+"""Decode attention over the paged KV cache: one query per sequence, split-KV (flash decoding).
+
+Each program takes one sequence, one KV head with all the query heads that share it (so K/V are
+read once per group), and one slice of the KV range. With more than one slice a small second
+kernel merges the slices' partial results through their log-sum-exps.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A slice shorter than this is not worth a program of its own.
+_MIN_TOKENS_PER_SPLIT = 128
+_MAX_SPLITS = 64
+_DEFAULT_SM_COUNT = 132
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr,  # [B, H, D]
+    k_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
+    v_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
+    block_tables_ptr,  # [B, max_blocks_per_seq] int32
+    kv_lens_ptr,  # [B] int32
+    o_ptr,  # [B, H, D], written only when NUM_SPLITS == 1
+    partial_o_ptr,  # [B, H, NUM_SPLITS, D] fp32, each slice's normalized output
+    partial_lse_ptr,  # [B, H, NUM_SPLITS] fp32, each slice's log2-sum-exp2
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table,
+    scale_log2,  # softmax scale times log2(e): the kernel works in base 2
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_H: tl.constexpr,  # GROUP padded up to a dot-friendly size
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    # Slices are whole tiles; trailing slices of a short sequence are empty.
+    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, kv_len)
+
+    group_rows = tl.arange(0, BLOCK_H)
+    row_mask = group_rows < GROUP
+    heads = kv_head * GROUP + group_rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
+    cache_head_offset = kv_head * stride_cache_head + dims[None, :]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < end
+        pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_mask, other=0).to(tl.int64)
+        offsets = (
+            pages[:, None] * stride_cache_block
+            + (cols % PAGE_SIZE)[:, None] * (stride_cache_token)
+            + cache_head_offset
+        )
+        k = tl.load(k_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # l_i is 0 only for kv_len == 0 (a padding row of a graph bucket): write zeros.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            o_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_mask[:, None],
+        )
+    else:
+        # An empty slice leaves l_i == 0: store zeros and lse = -inf so the merge ignores it.
+        is_empty = l_i == 0.0
+        out = tl.where(is_empty[:, None], 0.0, acc / tl.where(is_empty, 1.0, l_i)[:, None])
+        lse = tl.where(is_empty, float("-inf"), m_i + tl.log2(tl.where(is_empty, 1.0, l_i)))
+        partial_rows = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * NUM_SPLITS
+        tl.store(
+            partial_o_ptr + (partial_rows + split)[:, None] * HEAD_DIM + dims[None, :],
+            out,
+            mask=row_mask[:, None],
+        )
+        tl.store(partial_lse_ptr + partial_rows + split, lse, mask=row_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_o_ptr,  # [B, H, NUM_SPLITS, D] fp32
+    partial_lse_ptr,  # [B, H, NUM_SPLITS] fp32
+    o_ptr,  # [B, H, D]
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (seq * tl.num_programs(1) + head).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    split_mask = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
+    # All slices are empty only for kv_len == 0 (a padding row): then write zeros.
+    lse_max = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    total = tl.sum(weights, 0)
+    partial = tl.load(
+        partial_o_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_mask[:, None],
+        other=0.0,
+    )
+    out = tl.sum(partial * weights[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims,
+        out.to(o_ptr.dtype.element_ty),
+    )
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_sms: int) -> int:
+    """Slices of the KV range per (sequence, KV head), from shapes only (CUDA-graph safe).
+
+    Aims for about two programs per SM, never slices shorter than _MIN_TOKENS_PER_SPLIT tokens
+    of the block table's capacity, at most _MAX_SPLITS.
+    """
+    num_programs = max(1, batch * num_kv_heads)
+    wanted = triton.cdiv(2 * num_sms, num_programs)
+    useful = triton.cdiv(max_kv_capacity, _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, _MAX_SPLITS))
+
+
+def _check_inputs(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, kv_lens: Tensor
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, KVH, D], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    batch, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
+    if page_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+        raise ValueError(f"block_size must be a power of two in 1..128, got {page_size}")
+    if q.dtype not in _FLOAT_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(
+            "q, k_cache, v_cache must share one dtype of float16/bfloat16/float32, got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if q.stride(2) != 1:
+        raise ValueError("q's last dimension must be contiguous")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if block_tables.shape[:1] != (batch,) or block_tables.dim() != 2:
+        raise ValueError(
+            f"block_tables must be [B={batch}, max_blocks], got {tuple(block_tables.shape)}"
+        )
+    if block_tables.dtype != torch.int32 or not block_tables.is_contiguous():
+        raise ValueError(f"block_tables must be contiguous int32, got {block_tables.dtype}")
+    if kv_lens.shape != (batch,) or kv_lens.dtype != torch.int32 or not kv_lens.is_contiguous():
+        raise ValueError(
+            f"kv_lens must be contiguous [B={batch}] int32, got {tuple(kv_lens.shape)} "
+            f"{kv_lens.dtype}"
+        )
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, kv_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _output_buffer(out: Tensor | None, q: Tensor) -> Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
+
+
+def decode_attention_triton(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    kv_lens: Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Attention of one new query per sequence over its paged KV cache.
+
+    q: [B, H, D] (last dim contiguous); query b sits at position kv_lens[b] - 1.
+    k_cache, v_cache: [num_blocks, block_size, KVH, D], contiguous, same dtype as q.
+    block_tables: [B, max_blocks_per_seq] int32; entries past a sequence's blocks are ignored.
+    kv_lens: [B] int32; a 0 entry (padding row of a CUDA-graph bucket) gives zeros.
+    scale: softmax scale.
+    num_splits: slices of the KV range; by default chosen from B, KVH and the block table width,
+    never from tensor contents, so the launch is CUDA-graph capturable.
+    out: optional contiguous [B, H, D] buffer in q's dtype to write into.
+    Returns o: [B, H, D] in q's dtype (out when given).
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)
+    batch, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    o = _output_buffer(out, q)
+    if batch == 0:
+        return o
+    if num_splits is None:
+        num_sms = (
+            torch.cuda.get_device_properties(q.device).multi_processor_count
+            if q.is_cuda
+            else _DEFAULT_SM_COUNT
+        )
+        num_splits = choose_num_splits(
+            batch, num_kv_heads, block_tables.shape[1] * page_size, num_sms
+        )
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    # Partials are unused with one slice; a one-element placeholder keeps the signature.
+    partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
+    partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    partial_o = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
+    block_n = 64 if head_dim <= 128 else 32
+    _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        kv_lens,
+        o,
+        partial_o,
+        partial_lse,
+        q.stride(0),
+        q.stride(1),
+        o.stride(0),
+        o.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        scale * _LOG2E,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        # fp32 inputs keep full precision instead of silently dropping to tf32.
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            partial_o,
+            partial_lse,
+            o,
+            o.stride(0),
+            o.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return o

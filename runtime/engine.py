@@ -1,0 +1,489 @@
+"""The engine: owns the model, KV cache, scheduler, adapters and runner, and runs the
+cooperative loop: poll adapters → schedule → run the step (awaited, off the loop thread) →
+postprocess. `submit()` + `stream()` is the Python API; the HTTP layer is a client of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime.adapters.manager import AdapterInfo, AdapterManager
+from runtime.adapters.pool import LoraModelShape
+from runtime.config import ServerConfig
+from runtime.errors import EngineStoppedError, QueueFullError, ValidationError
+from runtime.kv_cache import BlockManager, KVCache
+from runtime.model.llama import CausalLM, ModelArgs
+from runtime.model.loader import (
+    check_supported,
+    iter_safetensors,
+    load_hf_config,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
+from runtime.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams, new_rid
+from runtime.runner import ModelRunner, StepResult
+from runtime.sampler import Sampler
+from runtime.scheduler import ScheduledBatch, Scheduler
+from runtime.streams import Event, Streams
+
+log = logging.getLogger("loraserve.engine")
+
+STEP_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_path: str
+    served_model_name: str
+    context_length: int
+    vocab_size: int
+    dtype: str
+    device: str
+    is_lora_enabled: bool
+    max_lora_rank: int | None
+    lora_target_modules: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_steps: int
+    num_preemptions: int
+    generated_tokens: int
+    tokens_per_second: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: ServerConfig,
+        model: CausalLM,
+        tokenizer: Any,
+        kv_cache: KVCache,
+        block_manager: BlockManager,
+        adapters: AdapterManager | None,
+        streams: Streams,
+        info: ModelInfo,
+        eos_token_ids: set[int],
+        metrics: Any = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kv_cache = kv_cache
+        self.block_manager = block_manager
+        self.adapters = adapters
+        self.streams = streams
+        self.model_info = info
+        self.eos_token_ids = eos_token_ids
+        self.metrics = metrics
+        self.device = next(model.parameters()).device
+        self.sampler = Sampler(info.vocab_size, eos_token_ids, self.device)
+        self.runner = ModelRunner(
+            model, kv_cache, config.page_size, self.sampler, self.device,
+            config.lora_backend, config.max_lora_chunk_size,
+        )
+        self.scheduler = Scheduler(
+            block_manager, config.max_running_requests, config.chunked_prefill_size,
+            adapters, config.enable_lora_overlap_loading,
+        )
+        self.requests: dict[str, Request] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-runner")
+        self._accepting = True
+        self._generated_tokens = 0
+        self._last_log = (time.monotonic(), 0)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: ServerConfig, metrics: Any = None) -> Engine:
+        device = resolve_device(config.device)
+        folder = resolve_model_path(config.model_path)
+        hf_config = load_hf_config(folder)
+        check_supported(hf_config)
+        dtype = resolve_dtype(config.dtype, hf_config, device.type)
+        args = ModelArgs.from_hf(hf_config)
+        context = min(config.context_length or args.max_position, args.max_position)
+        torch.manual_seed(config.random_seed)
+        model = _build_model(args, hf_config, dtype, device)
+        if config.load_format == "dummy":
+            model.init_dummy(config.random_seed)
+        else:
+            model.load_weights(iter_safetensors(folder, dtype, str(device)))
+        model.eval()
+        model.build_rope_cache(context)
+        tokenizer = load_tokenizer(folder)
+        streams = Streams(device)
+        adapters = None
+        if config.is_lora_enabled:
+            shape = LoraModelShape(
+                num_layers=args.num_layers, hidden_size=args.hidden_size,
+                intermediate_size=args.intermediate_size, q_size=args.q_size,
+                kv_size=args.kv_size, vocab_size=args.vocab_size,
+            )
+            adapters = AdapterManager(config, shape, device, dtype, streams)
+            model.lora_pool = adapters.pool
+        kv, bm = _allocate_kv(config, args, dtype, device)
+        info = ModelInfo(
+            model_path=config.model_path,
+            served_model_name=config.model_name,
+            context_length=context,
+            vocab_size=args.vocab_size,
+            dtype=str(dtype).removeprefix("torch."),
+            device=device.type,
+            is_lora_enabled=config.is_lora_enabled,
+            max_lora_rank=adapters.pool.max_rank if adapters else None,
+            lora_target_modules=tuple(sorted(adapters.pool.target_modules)) if adapters else None,
+        )
+        return cls(config, model, tokenizer, kv, bm, adapters, streams, info,
+                   _eos_ids(tokenizer, folder), metrics)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        if self.adapters is not None:
+            for spec in self.config.lora_paths:
+                await self.adapters.load(spec.lora_name, spec.lora_path, spec.pinned)
+        self._task = asyncio.create_task(self._loop(), name="loraserve-engine")
+        log.info("engine started: %s on %s (%s), %d KV blocks of %d tokens",
+                 self.model_info.served_model_name, self.model_info.device,
+                 self.model_info.dtype, self.block_manager.num_blocks, self.config.page_size)
+
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for up to `drain_timeout` seconds,
+        abort the rest, stop the loop."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self.scheduler.has_work and time.monotonic() < deadline and self._task:
+            await asyncio.sleep(0.01)
+        for rid in list(self.requests):
+            self.abort(rid, "server shutting down")
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._thread.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- requests
+    async def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
+        rid: str | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+    ) -> Request:
+        """Validate and enqueue. Raises ValidationError, AdapterError, QueueFullError or
+        EngineStoppedError; on success the request holds a name reference on its adapter."""
+        if not self._accepting:
+            raise EngineStoppedError("the server is shutting down")
+        self._validate(prompt_ids, params, rid, top_logprobs_num)
+        if self.scheduler.num_waiting >= self.config.max_queued_requests:
+            raise QueueFullError(f"{self.scheduler.num_waiting} requests are already queued")
+        if lora_name is not None:
+            if self.adapters is None:
+                raise ValidationError("lora_path", "LoRA is not enabled on this server")
+            await self.adapters.acquire_or_resolve(lora_name)
+        req = Request(
+            rid=rid or new_rid(), prompt_ids=list(prompt_ids), params=params,
+            lora_name=lora_name, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
+        )
+        req.outputs = asyncio.Queue()
+        self.requests[req.rid] = req
+        self.scheduler.add(req)
+        if self.metrics is not None:
+            self.metrics.request_queued(lora_name)
+        self._wake.set()
+        return req
+
+    def _validate(
+        self, prompt_ids: list[int], params: SamplingParams, rid: str | None, top_n: int
+    ) -> None:
+        params.validate(self.model_info.vocab_size)
+        if not prompt_ids:
+            raise ValidationError("prompt", "the prompt is empty")
+        vocab = self.model_info.vocab_size
+        if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 or t >= vocab
+               for t in prompt_ids):
+            raise ValidationError("input_ids", f"token ids must be integers in [0, {vocab})")
+        ctx = self.model_info.context_length
+        if len(prompt_ids) >= ctx:
+            raise ValidationError(
+                "prompt", f"{len(prompt_ids)} prompt tokens do not fit the context of {ctx}"
+            )
+        max_blocks = self.block_manager.num_blocks * self.config.page_size
+        if len(prompt_ids) + 1 > max_blocks:
+            raise ValidationError("prompt", f"{len(prompt_ids)} tokens exceed the KV cache")
+        if rid is not None and rid in self.requests:
+            raise ValidationError("rid", f"a request with rid {rid!r} is already running")
+        if not 0 <= top_n <= 20:
+            raise ValidationError("top_logprobs_num", "must be between 0 and 20")
+
+    async def stream(self, req: Request) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes; stopping early aborts it."""
+        assert req.outputs is not None
+        try:
+            while True:
+                out = await req.outputs.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not req.is_finished:
+                self.abort(req.rid, "client went away")
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, lora_name: str | None = None, **kw
+    ) -> AsyncIterator[RequestOutput]:
+        req = await self.submit(prompt_ids, params, lora_name, **kw)
+        async for out in self.stream(req):
+            yield out
+
+    def abort(self, rid: str, message: str = "aborted") -> bool:
+        req = self.requests.get(rid)
+        if req is None or req.is_finished:
+            return False
+        self._finish(req, FinishReason.ABORT, error=message)
+        self._emit(req, [], None, None)
+        return True
+
+    # ---------------------------------------------------------------- adapters
+    async def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
+        if self.adapters is None:
+            raise ValidationError("lora_name", "LoRA is not enabled on this server")
+        await self.adapters.load(name, path, pinned)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.adapters is None:
+            raise ValidationError("lora_name", "LoRA is not enabled on this server")
+        await self.adapters.unload(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.adapters.list() if self.adapters else []
+
+    def loaded_adapters(self) -> dict[str, str]:
+        return {a.name: a.path for a in self.list_adapters()}
+
+    def stats(self) -> EngineStats:
+        c = self.scheduler.counters
+        now, tokens = time.monotonic(), self._generated_tokens
+        t0, n0 = self._last_log
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+            num_steps=c.num_steps,
+            num_preemptions=c.num_preemptions,
+            generated_tokens=tokens,
+            tokens_per_second=(tokens - n0) / max(now - t0, 1e-6),
+        )
+
+    # ---------------------------------------------------------------- the loop
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.adapters is not None:
+                self.adapters.poll()
+            plan = self.scheduler.schedule()
+            if plan is None:
+                self._wake.clear()
+                timeout = 0.002 if self.scheduler.has_work else None
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+                continue
+            self._on_admitted(plan)
+            fb = self.runner.prepare(plan)
+            slots = plan.slots
+            self._before_step(slots)
+            result: StepResult = await loop.run_in_executor(
+                self._thread, self.runner.execute, plan, fb
+            )
+            self._after_step(slots)
+            self._postprocess(plan, result)
+            self._maybe_log()
+            await asyncio.sleep(0)  # let HTTP handlers run between steps
+
+    def _before_step(self, slots: set[int]) -> None:
+        if self.adapters is None or not slots:
+            return
+        self.adapters.lock(slots)
+        for s in slots:
+            ev = self.adapters.ready_event(s)
+            if ev is not None:
+                ev.wait(self.streams.compute)
+
+    def _after_step(self, slots: set[int]) -> None:
+        if self.adapters is None or not slots:
+            return
+        ev = Event(self.device)
+        ev.record(self.streams.compute)
+        self.adapters.record_use(slots, ev)
+        self.adapters.unlock(slots)
+
+    def _on_admitted(self, plan: ScheduledBatch) -> None:
+        now = time.monotonic()
+        for req in plan.requests:
+            if req.admitted_time is None:
+                req.admitted_time = now
+                if self.metrics is not None:
+                    residency = "base" if req.lora_name is None else "gpu"
+                    self.metrics.request_admitted(req.lora_name, now - req.arrival_time, residency)
+
+    def _postprocess(self, plan: ScheduledBatch, result: StepResult) -> None:
+        now = time.monotonic()
+        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += n
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk; no token yet
+            tok = result.token_ids[i]
+            req.output_ids.append(tok)
+            self._generated_tokens += 1
+            lp = [result.logprobs[i]] if req.return_logprob and result.logprobs else None
+            top = [result.top_logprobs[i]] if result.top_logprobs and req.top_logprobs_num else None
+            if req.first_token_time is None:
+                req.first_token_time = now
+                if self.metrics is not None:
+                    self.metrics.first_token(req.lora_name, now - req.arrival_time)
+            self._check_finish(req, tok)
+            self._emit(req, [tok], lp, top)
+
+    def _check_finish(self, req: Request, tok: int) -> None:
+        p = req.params
+        n_out = req.num_output_tokens
+        if n_out >= p.min_new_tokens:
+            if tok in p.stop_token_ids:
+                return self._finish(req, FinishReason.STOP, matched=tok)
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                return self._finish(req, FinishReason.STOP, matched=tok)
+            if p.stop:
+                hit = self._match_stop_string(req)
+                if hit is not None:
+                    return self._finish(req, FinishReason.STOP, matched=hit)
+        if n_out >= p.max_new_tokens or req.num_tokens >= self.model_info.context_length:
+            return self._finish(req, FinishReason.LENGTH)
+
+    def _match_stop_string(self, req: Request) -> str | None:
+        longest = max(len(s) for s in req.params.stop)
+        tail = self.tokenizer.decode(
+            req.output_ids[-(longest + 2):],
+            skip_special_tokens=req.params.skip_special_tokens,
+        )
+        return next((s for s in req.params.stop if s in tail), None)
+
+    def _finish(self, req: Request, reason: FinishReason, matched=None, error=None) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.matched_stop = matched
+        req.error = error
+        self.scheduler.remove(req)
+        self.requests.pop(req.rid, None)
+        if req.lora_name is not None and self.adapters is not None:
+            self.adapters.release(req.lora_name)
+        if self.metrics is not None:
+            self.metrics.request_finished(
+                req.lora_name, req.num_prompt_tokens, req.num_output_tokens,
+                time.monotonic() - req.arrival_time, reason.value,
+            )
+
+    def _emit(self, req: Request, new: list[int], lp, top) -> None:
+        assert req.outputs is not None
+        req.outputs.put_nowait(RequestOutput(
+            rid=req.rid, new_token_ids=new, output_token_ids=list(req.output_ids),
+            prompt_tokens=req.num_prompt_tokens, finished=req.is_finished,
+            finish_reason=req.finish_reason, matched_stop=req.matched_stop,
+            new_logprobs=lp, new_top_logprobs=top, error=getattr(req, "error", None),
+        ))
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        t0, n0 = self._last_log
+        if now - t0 < STEP_LOG_INTERVAL_S:
+            return
+        s = self.stats()
+        resident = sum(1 for a in self.list_adapters() if a.tier == "gpu")
+        log.info("step: running %d, queued %d, %.1f tok/s, KV %.1f%%, resident adapters %d",
+                 s.num_running, s.num_waiting, s.tokens_per_second,
+                 100.0 * self.block_manager.usage, resident)
+        if self.metrics is not None:
+            self.metrics.set_running_waiting(s.num_running, s.num_waiting)
+            self.metrics.set_kv_usage(self.block_manager.usage)
+        self._last_log = (now, self._generated_tokens)
+
+
+def _build_model(args: ModelArgs, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """Construct the parameters directly in their dtype on the device (no fp32 host copy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return CausalLM(args, hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _allocate_kv(
+    config: ServerConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device
+) -> tuple[KVCache, BlockManager]:
+    per_block = KVCache.bytes_per_block(
+        args.num_layers, config.page_size, args.num_kv_heads, args.head_dim, dtype
+    )
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = int(total * config.mem_fraction_static) - torch.cuda.memory_allocated(device)
+    else:
+        budget = config.kv_cache_cpu_bytes
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ValueError(
+            "mem_fraction_static/kv_cache_cpu_bytes: no room for a single KV block "
+            f"({per_block} bytes each)"
+        )
+    kv = KVCache.allocate(args.num_layers, num_blocks, config.page_size, args.num_kv_heads,
+                          args.head_dim, dtype, device)
+    return kv, BlockManager(num_blocks, config.page_size)
+
+
+def _eos_ids(tokenizer: Any, folder) -> set[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(folder)
+        eos = gen.eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except Exception:  # no generation_config.json: the tokenizer's eos is all there is
+        pass
+    return ids

@@ -1,0 +1,29 @@
+"""Errors the engine raises to its callers. The HTTP layer maps each to a status code."""
+
+from __future__ import annotations
+
+from runtime.request import ValidationError
+
+__all__ = [
+    "AdapterError",
+    "EngineStoppedError",
+    "QueueFullError",
+    "UnknownAdapterError",
+    "ValidationError",
+]
+
+
+class AdapterError(ValueError):
+    """An adapter operation failed: bad files, incompatible with the pool, name in use..."""
+
+
+class UnknownAdapterError(AdapterError):
+    """A request or unload names an adapter that is not registered (HTTP 404 for models)."""
+
+
+class QueueFullError(RuntimeError):
+    """`max_queued_requests` requests are already waiting (HTTP 503 with Retry-After)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is draining or stopped and takes no new requests (HTTP 503)."""

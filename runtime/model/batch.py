@@ -1,0 +1,37 @@
+"""The forward metadata of one step: plain tensors, no Python objects the model must interpret.
+
+The runner builds a `ForwardBatch` from the scheduler's plan; the model reads it and nothing
+else. Tokens of one sequence are contiguous, and sequences are ordered by adapter slot so that
+each adapter's tokens form one segment (the LoRA kernels rely on that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ops.lora import LoraBatchInfo
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset for each token's K/V
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    kv_lens: torch.Tensor  # [B] int32: KV length of each sequence after this step
+    cu_q_lens: torch.Tensor  # [B+1] int32: query token offsets
+    logits_indices: torch.Tensor  # [B] int64: the row of each sequence's last token
+    max_q_len: int
+    is_decode: bool  # every sequence has exactly one query token
+    lora: LoraBatchInfo | None = None  # per token
+    lora_logits: LoraBatchInfo | None = None  # per sampled row (for lm_head LoRA)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv_lens.shape[0]

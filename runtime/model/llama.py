@@ -1,0 +1,277 @@
+"""One decoder definition for the Llama family: Llama 2/3/3.1, Mistral, Qwen2 (qkv bias) and
+Qwen3 (q/k RMSNorm). Reads top to bottom like the maths. Projections are fused (qkv, gate_up) so
+the base model and LoRA each take one launch per fused module.
+
+Shapes: T tokens in the step, B sequences, H query heads, KVH kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
+from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand, lora_shrink
+from runtime.adapters.pool import LoraGroupBuffers, LoraPool
+from runtime.model.batch import ForwardBatch
+from runtime.model.loader import inv_freq, rope_params
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """What the decoder needs from an HF config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, cfg) -> ModelArgs:  # cfg: transformers.PretrainedConfig
+        arch = (cfg.architectures or ["LlamaForCausalLM"])[0]
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.rms_norm_eps,
+            max_position=cfg.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(cfg, "attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+        )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (the checkpoints were trained that way).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_lora(
+    x: torch.Tensor, y: torch.Tensor, group: LoraGroupBuffers | None, info: LoraBatchInfo | None
+) -> None:
+    """y += LoRA(x) for every adapter row of the step: one shrink and one expand launch."""
+    if group is None or info is None:
+        return
+    t = lora_shrink(x, group.A, info, group.num_slices)  # t: [T, n * R]
+    lora_expand(t, group.B, y, group.slice_offsets, group.scalings, info)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, half-split layout. x: [T, heads, D]; cos/sin: [T, 1, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.qkv_proj = nn.Linear(args.hidden_size, args.q_size + 2 * args.kv_size, args.qkv_bias)
+        self.o_proj = nn.Linear(args.q_size, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.scale = args.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        fb: ForwardBatch,
+        lora: dict[str, LoraGroupBuffers] | None,
+    ) -> torch.Tensor:
+        a = self.args
+        qkv = self.qkv_proj(x)  # [T, q + 2 kv]
+        apply_lora(x, qkv, lora and lora.get("qkv"), fb.lora)
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(-1, a.num_heads, a.head_dim)
+        k = k.view(-1, a.num_kv_heads, a.head_dim)
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        store_kv(k, v, k_cache, v_cache, fb.slot_mapping)
+        if fb.is_decode:
+            o = paged_decode_attention(q, k_cache, v_cache, fb.block_tables, fb.kv_lens, self.scale)
+        else:
+            o = paged_prefill_attention(
+                q, k_cache, v_cache, fb.block_tables, fb.cu_q_lens, fb.kv_lens, self.scale,
+                fb.max_q_len,
+            )
+        o = o.reshape(-1, a.q_size)  # [T, H * D]
+        out = self.o_proj(o)
+        apply_lora(o, out, lora and lora.get("o"), fb.lora)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.inter = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
+    ) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
+        apply_lora(x, gate_up, lora and lora.get("gate_up"), fb.lora)
+        gate, up = gate_up.split(self.inter, dim=-1)
+        h = F.silu(gate) * up  # [T, inter]
+        out = self.down_proj(h)
+        apply_lora(h, out, lora and lora.get("down"), fb.lora)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, h, cos, sin, k_cache, v_cache, fb, lora):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, fb, lora)
+        return h + self.mlp(self.post_attention_layernorm(h), fb, lora)
+
+
+class CausalLM(nn.Module):
+    """Embeddings → decoder layers over the paged KV cache → final norm → logits of last tokens."""
+
+    def __init__(self, args: ModelArgs, hf_config) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        rope = rope_params(hf_config)
+        self._inv_freq = inv_freq(rope, args.head_dim)  # [D/2] fp32, host
+        self._attention_scaling = getattr(rope, "attention_scaling", 1.0)
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+        self.lora_pool: LoraPool | None = None
+
+    def build_rope_cache(self, max_position: int) -> None:
+        """cos/sin for every position, computed in fp32 then cast, as the checkpoints expect."""
+        p = next(self.parameters())
+        pos = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(pos, self._inv_freq.float().cpu())  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.rope_cos = (emb.cos() * self._attention_scaling).to(p.dtype).to(p.device)
+        self.rope_sin = (emb.sin() * self._attention_scaling).to(p.dtype).to(p.device)
+
+    def forward(self, fb: ForwardBatch, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor]):
+        """Returns logits [B, vocab] in fp32 for each sequence's last token of the step."""
+        pool = self.lora_pool if fb.lora is not None else None
+        h = self.embed_tokens(fb.input_ids)  # [T, hidden]
+        if pool is not None and pool.embed is not None:
+            t = lora_embed_shrink(fb.input_ids, pool.embed.A, fb.lora)  # [T, R]
+            lora_expand(t, pool.embed.B, h, pool.embed.slice_offsets, pool.embed.scalings, fb.lora)
+        cos = self.rope_cos[fb.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.rope_sin[fb.positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None)
+        h = self.norm(h[fb.logits_indices])  # [B, hidden]
+        logits = self.lm_head(h)  # [B, vocab]
+        if pool is not None and pool.lm_head is not None:
+            apply_lora(h, logits, pool.lm_head, fb.lora_logits)
+        return logits.float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters; every parameter must be filled."""
+        a = self.args
+        params = dict(self.named_parameters())
+        shards = {
+            "q_proj": ("qkv_proj", 0, a.q_size),
+            "k_proj": ("qkv_proj", a.q_size, a.kv_size),
+            "v_proj": ("qkv_proj", a.q_size + a.kv_size, a.kv_size),
+            "gate_proj": ("gate_up_proj", 0, a.intermediate_size),
+            "up_proj": ("gate_up_proj", a.intermediate_size, a.intermediate_size),
+        }
+        filled: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and a.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            target, offset, size = name, None, None
+            if len(parts) >= 2 and parts[-2] in shards:
+                fused, offset, size = shards[parts[-2]]
+                target = ".".join(parts[:-2] + [fused, parts[-1]])
+            if target not in params:
+                raise KeyError(f"unexpected weight {name!r} in checkpoint")
+            dst = params[target]
+            if offset is not None:
+                dst = dst.narrow(0, offset, size)
+                filled.add(f"{target}#{offset}")
+            else:
+                filled.add(target)
+            if dst.shape != tensor.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(dst.shape)}")
+            dst.copy_(tensor)
+        expected = set()
+        for pname, p in params.items():
+            if pname.endswith("qkv_proj.weight") or pname.endswith("qkv_proj.bias"):
+                expected |= {f"{pname}#{o}" for o in (0, a.q_size, a.q_size + a.kv_size)}
+            elif pname.endswith("gate_up_proj.weight"):
+                expected |= {f"{pname}#{o}" for o in (0, a.intermediate_size)}
+            else:
+                expected.add(pname)
+        missing = expected - filled
+        if missing:
+            raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
+
+    @torch.no_grad()
+    def init_dummy(self, seed: int) -> None:
+        """Random weights drawn on the device (load_format = dummy)."""
+        g = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)

@@ -1,0 +1,217 @@
+"""Requests, their sampling parameters and their outputs.
+
+A `Request` owns its counters (prompt length, tokens computed, tokens generated) and every
+other part of the engine reads them through properties, so there is one place that says where a
+request stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+
+class ValidationError(ValueError):
+    """A request field holds a value we cannot serve. The message names the field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 512
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. Names follow SGLang's `sampling_params` object."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: the whole vocabulary
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValidationError naming the first field whose value is out of range."""
+        _check_int("max_new_tokens", self.max_new_tokens, lo=0, hi=1 << 20)
+        _check_int("min_new_tokens", self.min_new_tokens, lo=0, hi=1 << 20)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValidationError("min_new_tokens", "must not exceed max_new_tokens")
+        _check_float("temperature", self.temperature, lo=0.0, hi=100.0)
+        _check_float("top_p", self.top_p, lo=0.0, hi=1.0)
+        if self.top_p == 0.0:
+            raise ValidationError("top_p", "must be in (0, 1]")
+        _check_int("top_k", self.top_k, lo=-1, hi=1 << 30)
+        if self.top_k == 0:
+            raise ValidationError("top_k", "must be -1 (disabled) or at least 1")
+        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, hi=100.0)
+        if self.repetition_penalty == 0.0:
+            raise ValidationError("repetition_penalty", "must be greater than 0")
+        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=-(1 << 63), hi=(1 << 64) - 1)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise ValidationError("stop", "must be a string or a list of strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValidationError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        for s in self.stop:
+            if not s:
+                raise ValidationError("stop", "stop strings must not be empty")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValidationError("stop", f"a stop string is over {MAX_STOP_STRING_CHARS} chars")
+        if len(self.stop_token_ids) > 1024:
+            raise ValidationError("stop_token_ids", "at most 1024 ids")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, lo=0, hi=(vocab_size - 1) if vocab_size else 1 << 31)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValidationError("ignore_eos", "must be a boolean")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise ValidationError("skip_special_tokens", "must be a boolean")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(name, f"must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
+
+
+def _check_float(name: str, value: object, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(name, f"must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens or the context length
+    ABORT = "abort"  # aborted by the client, a disconnect, or an error
+
+
+@dataclass
+class RequestOutput:
+    """What the engine hands back after each step a request took part in.
+
+    `new_token_ids` are the tokens produced since the last output; `finished` is set once,
+    on the last output, together with `finish_reason` (and `matched_stop` for stop hits).
+    """
+
+    rid: str
+    new_token_ids: list[int]
+    output_token_ids: list[int]
+    prompt_tokens: int
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    matched_stop: int | str | None = None
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    error: str | None = None
+    cached_tokens: int = 0
+
+
+_rid_counter = itertools.count()
+
+
+def new_rid() -> str:
+    return f"req-{next(_rid_counter)}-{time.monotonic_ns() & 0xFFFFFF:06x}"
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence: its prompt, what it generated, its KV blocks and its adapter."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora_name: str | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    matched_stop: int | str | None = None
+    first_token_time: float | None = None
+    admitted_time: float | None = None
+    num_sent_tokens: int = 0  # output tokens already handed out
+    outputs: asyncio.Queue[RequestOutput] | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    generator: object | None = None  # torch.Generator for seeded sampling
+    lora_slot: int = -1  # GPU slot of the adapter for the current step; -1: base model
+    passed_over: int = 0  # scheduling rounds this request waited while others were admitted
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while more than the last token still needs its K/V computed."""
+        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED

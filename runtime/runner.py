@@ -1,0 +1,123 @@
+"""Prepare inputs → forward → sample, for one scheduled step.
+
+`prepare` turns the scheduler's plan into a `ForwardBatch` of plain tensors (built on the host,
+copied with one non-blocking transfer each). `execute` runs the model and the sampler on the
+compute stream and returns the sampled tokens. Nothing here touches Request state except reading
+it; the engine applies the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ops.lora import build_lora_batch_info
+from runtime.kv_cache import KVCache
+from runtime.model.batch import ForwardBatch
+from runtime.model.llama import CausalLM
+from runtime.request import Request
+from runtime.sampler import Sampler, SamplerOutput
+from runtime.scheduler import ScheduledBatch
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens of one step, on the host."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        block_size: int,
+        sampler: Sampler,
+        device: torch.device,
+        lora_backend: str = "csgmv",
+        lora_chunk_size: int = 16,
+    ) -> None:
+        self.model = model
+        self.kv = kv_cache
+        self.block_size = block_size
+        self.sampler = sampler
+        self.device = device
+        self.lora_backend = lora_backend
+        self.lora_chunk_size = lora_chunk_size
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def prepare(self, plan: ScheduledBatch) -> ForwardBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        kv_lens: list[int] = []
+        cu_q_lens = [0]
+        logits_indices: list[int] = []
+        token_slots: list[int] = []
+        max_blocks = max(len(r.block_ids) for r in plan.requests)
+        block_tables: list[list[int]] = []
+        bs = self.block_size
+        for req, n in zip(plan.requests, plan.num_new_tokens):
+            start = req.num_computed_tokens
+            tokens = req.all_token_ids[start : start + n]
+            ids.extend(tokens)
+            positions.extend(range(start, start + n))
+            slot_mapping.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            kv_lens.append(start + n)
+            cu_q_lens.append(cu_q_lens[-1] + n)
+            logits_indices.append(cu_q_lens[-1] - 1)
+            token_slots.extend([req.lora_slot] * n)
+            block_tables.append(req.block_ids + [0] * (max_blocks - len(req.block_ids)))
+        lora = lora_logits = None
+        pool = self.model.lora_pool
+        if pool is not None and any(s >= 0 for s in token_slots):
+            lora = build_lora_batch_info(
+                token_slots, pool.slot_ranks, self.lora_backend, self.lora_chunk_size, self.device
+            )
+            lora_logits = build_lora_batch_info(
+                [r.lora_slot for r in plan.requests], pool.slot_ranks, self.lora_backend,
+                self.lora_chunk_size, self.device,
+            )
+        return ForwardBatch(
+            input_ids=self._to_device(ids, torch.int64),
+            positions=self._to_device(positions, torch.int64),
+            slot_mapping=self._to_device(slot_mapping, torch.int64),
+            block_tables=self._to_device([x for row in block_tables for x in row], torch.int32).view(
+                len(block_tables), max_blocks
+            ),
+            kv_lens=self._to_device(kv_lens, torch.int32),
+            cu_q_lens=self._to_device(cu_q_lens, torch.int32),
+            logits_indices=self._to_device(logits_indices, torch.int64),
+            max_q_len=max(plan.num_new_tokens),
+            is_decode=plan.is_decode,
+            lora=lora,
+            lora_logits=lora_logits,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: ScheduledBatch, fb: ForwardBatch) -> StepResult:
+        """Forward and sample. Blocks the calling thread until the tokens are on the host."""
+        logits = self.model(fb, self.kv.k, self.kv.v)  # [B, vocab] fp32
+        out: SamplerOutput = self.sampler(logits, plan.requests)
+        return self._to_host(out, plan.requests)
+
+    def _to_host(self, out: SamplerOutput, requests: list[Request]) -> StepResult:
+        token_ids = out.token_ids.cpu().tolist()
+        logprobs = out.logprobs.cpu().tolist() if out.logprobs is not None else None
+        top = None
+        if out.top_logprobs is not None:
+            values, idx = (t.cpu().tolist() for t in out.top_logprobs)
+            top = [
+                list(zip(idx[i][: r.top_logprobs_num], values[i][: r.top_logprobs_num]))
+                for i, r in enumerate(requests)
+            ]
+        return StepResult(token_ids, logprobs, top)

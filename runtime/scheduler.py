@@ -1,0 +1,207 @@
+"""Waiting and running queues, admission, the chunked-prefill budget and preemption.
+
+Each step: running requests first (decodes, then unfinished prefill chunks), then new requests
+from the waiting queue while the token budget, KV blocks, `max_running_requests` and adapter
+residency allow. When a running request needs a block and none is free, the most recently
+admitted running request is preempted by recompute: its blocks are freed and it goes back to the
+front of the waiting queue with its generated tokens kept.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from runtime.kv_cache import BlockManager
+from runtime.request import Request, RequestStatus
+
+
+class AdapterAdmission(Protocol):
+    """What the scheduler needs from the adapter manager."""
+
+    def admit(self, name: str, batch_slots: set[int], overlap: bool) -> int | None: ...
+
+
+@dataclass
+class ScheduledBatch:
+    """The plan of one step. Requests are ordered by adapter slot (base rows first)."""
+
+    requests: list[Request]
+    num_new_tokens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 and not r.is_prefilling for r, n in zip(self.requests, self.num_new_tokens))
+
+    @property
+    def slots(self) -> set[int]:
+        return {r.lora_slot for r in self.requests if r.lora_slot >= 0}
+
+
+@dataclass
+class SchedulerCounters:
+    """What happened, for tests and logs: they assert from these that batching really ran."""
+
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_prefill_chunks: int = 0
+    max_batch_size: int = 0
+    num_mixed_adapter_steps: int = 0
+    max_adapters_in_step: int = 0
+    history: list[int] = field(default_factory=list)  # batch size of recent steps
+
+
+# A request waiting behind others is passed over at most this many scheduling rounds; then
+# admission stops taking requests behind it until it fits (no adapter waits forever).
+MAX_PASSED_OVER = 64
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_running_requests: int,
+        chunked_prefill_size: int,
+        adapters: AdapterAdmission | None = None,
+        overlap_loading: bool | None = None,
+    ) -> None:
+        self.bm = block_manager
+        self.max_running = max_running_requests
+        self.token_budget = chunked_prefill_size
+        self.adapters = adapters
+        self.overlap = bool(overlap_loading)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.counters = SchedulerCounters()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a finished or aborted request out of the queues and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.bm.free(req)
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch: list[Request] = []
+        counts: list[int] = []
+        slots: set[int] = set()
+        budget = self.token_budget
+        for req in list(self.running):
+            if req not in self.running:  # preempted earlier in this round
+                continue
+            n = 1 if not req.is_prefilling else min(req.num_uncomputed_tokens, budget)
+            if n <= 0 or not self._admit_adapter(req, slots):
+                continue
+            if not self._reserve(req, n, batch):
+                continue
+            batch.append(req)
+            counts.append(n)
+            budget -= n
+        self._admit_waiting(batch, counts, slots, budget)
+        if not batch:
+            return None
+        return self._finish_plan(batch, counts)
+
+    def _admit_waiting(
+        self, batch: list[Request], counts: list[int], slots: set[int], budget: int
+    ) -> None:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            n = min(req.num_uncomputed_tokens, budget)
+            need = self.bm.blocks_needed(req, req.num_computed_tokens + n)
+            if not self.bm.can_allocate(need + self._watermark()):
+                break
+            if not self._admit_adapter(req, slots):
+                self.waiting.popleft()
+                skipped.append(req)
+                if req.passed_over >= MAX_PASSED_OVER:
+                    break  # fairness: nothing behind it is admitted until it fits
+                continue
+            self.waiting.popleft()
+            self.bm.allocate(req, req.num_computed_tokens + n)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            batch.append(req)
+            counts.append(n)
+            budget -= n
+        for req in skipped:
+            req.passed_over += 1
+        if skipped:
+            self.waiting.extendleft(reversed(skipped))
+
+    def _watermark(self) -> int:
+        return min(len(self.running), max(1, self.bm.num_blocks // 100))
+
+    def _admit_adapter(self, req: Request, slots: set[int]) -> bool:
+        if req.lora_name is None:
+            req.lora_slot = -1
+            return True
+        if self.adapters is None:
+            raise RuntimeError("a LoRA request reached a scheduler without adapters")
+        slot = self.adapters.admit(req.lora_name, slots, self.overlap)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        slots.add(slot)
+        return True
+
+    def _reserve(self, req: Request, n: int, batch: list[Request]) -> bool:
+        """Blocks for `n` more tokens of a running request, preempting newer ones if needed."""
+        need = self.bm.blocks_needed(req, req.num_computed_tokens + n)
+        while not self.bm.can_allocate(need):
+            victim = next((r for r in reversed(self.running) if r not in batch), None)
+            if victim is None:
+                return False
+            self.preempt(victim)
+            if victim is req:
+                return False
+        self.bm.allocate(req, req.num_computed_tokens + n)
+        return True
+
+    def preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.bm.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.counters.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish_plan(self, batch: list[Request], counts: list[int]) -> ScheduledBatch:
+        order = sorted(range(len(batch)), key=lambda i: batch[i].lora_slot)
+        plan = ScheduledBatch([batch[i] for i in order], [counts[i] for i in order])
+        c = self.counters
+        c.num_steps += 1
+        c.max_batch_size = max(c.max_batch_size, len(batch))
+        c.num_prefill_chunks += sum(
+            1 for r, n in zip(plan.requests, plan.num_new_tokens) if r.is_prefilling
+        )
+        num_adapters = len(plan.slots)
+        c.max_adapters_in_step = max(c.max_adapters_in_step, num_adapters)
+        if num_adapters > 1:
+            c.num_mixed_adapter_steps += 1
+        c.history.append(len(batch))
+        del c.history[:-256]
+        return plan

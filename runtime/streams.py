@@ -1,0 +1,71 @@
+"""CUDA streams and events behind a thin wrapper that is a no-op on CPU.
+
+The engine runs forward passes on a compute stream and adapter uploads on a copy stream; events
+order the two on the GPU. On CPU every operation is synchronous, so the same code paths run in
+CI: events are always complete and waits do nothing.
+
+Only `Event.synchronize` blocks the calling thread (for shutdown and tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class Event:
+    """A point in a stream's work. On CPU it is always complete."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._device = device
+
+    def record(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Mark the current end of `stream`'s work (default: the current stream)."""
+        if self._event is not None:
+            self._event.record(stream or torch.cuda.current_stream(self._device))
+
+    def query(self) -> bool:
+        """True when all work recorded before this event has finished. Never blocks."""
+        return self._event is None or self._event.query()
+
+    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Make `stream` (default: the current stream) wait for this event, GPU-side."""
+        if self._event is not None:
+            (stream or torch.cuda.current_stream(self._device)).wait_event(self._event)
+
+    def synchronize(self) -> None:
+        """Block the calling thread until the event completes (shutdown and tests only)."""
+        if self._event is not None:
+            self._event.synchronize()
+
+
+class Streams:
+    """The engine's two streams: `compute` (forward passes) and `copy` (adapter uploads).
+
+    Both are None on CPU, where `use(None)` is a no-op context.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.compute: torch.cuda.Stream | None = None
+        self.copy: torch.cuda.Stream | None = None
+        if self.is_cuda:
+            self.compute = torch.cuda.Stream(device)
+            self.copy = torch.cuda.Stream(device)
+
+    def event(self) -> Event:
+        """A new, unrecorded event on this device."""
+        return Event(self.device)
+
+    @contextlib.contextmanager
+    def use(self, stream: torch.cuda.Stream | None) -> Iterator[None]:
+        """Make `stream` current inside the block (no-op for None)."""
+        if stream is None:
+            yield
+            return
+        with torch.cuda.stream(stream):
+            yield

@@ -1,0 +1,118 @@
+"""Tiny random checkpoints of each supported architecture, with a small trained tokenizer.
+
+Nobody here wrote transformers or PEFT: the parity tests compare our engine against them on
+these checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "A language model predicts the next token from the tokens before it.",
+    "LoRA adapters add a low-rank update to the weights of a frozen base model.",
+    "Serving many adapters at once means batching requests for different adapters together.",
+    "0123456789 !?.,;:'\"()[]{}<>-_=+*/\\|@#$%^&~`",
+] * 4
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok.to_str()
+
+
+def save_tokenizer(folder: Path) -> int:
+    """Write a small byte-level BPE tokenizer with a chat template; returns its vocab size."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return len(tok)
+
+
+def make_model(
+    folder: Path,
+    arch: str = "llama",
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    inter: int = 128,
+    tie: bool = False,
+    seed: int = 0,
+    **extra,
+) -> Path:
+    """Save a tiny random model of `arch` with our test tokenizer into `folder`."""
+    import transformers as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = save_tokenizer(folder)
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        tie_word_embeddings=tie, eos_token_id=vocab - 1, bos_token_id=vocab - 2,
+        pad_token_id=0, initializer_range=0.1, rms_norm_eps=1e-6,
+    )
+    common.update(extra)
+    cfg_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    }[arch]
+    if arch == "mistral":
+        common.setdefault("sliding_window", None)
+    if arch == "qwen3":
+        common.setdefault("head_dim", hidden // heads)
+    cfg = cfg_cls(**common)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(torch.float32)
+    with torch.no_grad():  # biases and norms non-trivial, so a wrong mapping shows up
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab - 3, (k,), generator=g).tolist() for k in lens]
+
+
+def read_vocab(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["vocab_size"]

@@ -1,0 +1,389 @@
+"""Paged attention: torch references against dense maths, Triton kernels against the references.
+
+CPU tests run the kernels under TRITON_INTERPRET=1 at small shapes in fp32 and fp16; the
+GPU tests run bf16 at real shapes.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from ops.attention import (
+    decode_attention_triton,
+    paged_decode_attention,
+    paged_decode_attention_torch,
+    paged_prefill_attention,
+    paged_prefill_attention_torch,
+    prefill_attention_triton,
+    store_kv,
+)
+from ops.triton_decode_attention import choose_num_splits
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# Kernel output vs the fp32 reference: fp16/bf16 round the probabilities before the PV dot.
+TOLERANCES = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+
+
+@dataclass
+class PagedBatch:
+    """A batch whose KV lives, shuffled, in a NaN-poisoned paged cache."""
+
+    q: Tensor  # [T, H, D]
+    keys: list[Tensor]  # per sequence, dense [kv_len, KVH, D]
+    values: list[Tensor]
+    k_cache: Tensor  # [num_blocks, block_size, KVH, D]
+    v_cache: Tensor
+    block_tables: Tensor  # [B, max_blocks] int32, garbage past each sequence's blocks
+    cu_q_lens: Tensor  # [B + 1] int32
+    kv_lens: Tensor  # [B] int32
+    q_lens: list[int]
+
+    @property
+    def max_q_len(self) -> int:
+        return max(self.q_lens)
+
+
+def make_batch(
+    q_lens: list[int],
+    kv_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    seed: int = 0,
+) -> PagedBatch:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    blocks_per_seq = [-(-kv_len // block_size) for kv_len in kv_lens]
+    max_blocks = max(blocks_per_seq) + 2
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks stay NaN
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device=device)
+    # Padding: out-of-range ids, and ids of a NaN spare block that a stray read would pick up.
+    tables = torch.randint(-(2**20), 2**20, (len(kv_lens), max_blocks), generator=gen)
+    tables[:, ::2] = num_blocks - 1
+    block_ids = torch.randperm(num_blocks - 3, generator=gen).tolist()
+    keys, values, slots = [], [], []
+    for b, kv_len in enumerate(kv_lens):
+        seq_blocks = [block_ids.pop() for _ in range(blocks_per_seq[b])]
+        tables[b, : len(seq_blocks)] = torch.tensor(seq_blocks, dtype=torch.long)
+        positions = torch.arange(kv_len)
+        slots.append(tables[b, positions // block_size] * block_size + positions % block_size)
+        keys.append(randn(kv_len, num_kv_heads, head_dim))
+        values.append(randn(kv_len, num_kv_heads, head_dim))
+    store_kv(torch.cat(keys), torch.cat(values), k_cache, v_cache, torch.cat(slots).to(device))
+    cu_q_lens = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return PagedBatch(
+        q=randn(sum(q_lens), num_heads, head_dim),
+        keys=keys,
+        values=values,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=tables.to(dtype=torch.int32, device=device),
+        cu_q_lens=cu_q_lens.to(device),
+        kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
+        q_lens=q_lens,
+    )
+
+
+def dense_attention(batch: PagedBatch, scale: float) -> Tensor:
+    """The maths with no paging, in float64: [T, H, D]."""
+    outputs = []
+    starts = batch.cu_q_lens.tolist()
+    for b, (k, v) in enumerate(zip(batch.keys, batch.values)):
+        q = batch.q[starts[b] : starts[b + 1]].double()  # [q_len, H, D]
+        group = q.shape[1] // k.shape[1]
+        k = k.double().repeat_interleave(group, dim=1)  # [kv_len, H, D]
+        v = v.double().repeat_interleave(group, dim=1)
+        q_len, kv_len = q.shape[0], k.shape[0]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        positions = torch.arange(kv_len - q_len, kv_len)
+        causal = torch.arange(kv_len)[None, :] <= positions[:, None]
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        outputs.append(torch.einsum("hqk,khd->qhd", probs, v))
+    return torch.cat(outputs)
+
+
+def run_prefill_triton(batch: PagedBatch, scale: float) -> Tensor:
+    out = torch.full_like(batch.q, float("nan"))  # poisoned: every element must be written
+    result = prefill_attention_triton(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
+        batch.kv_lens, scale, batch.max_q_len, out=out,
+    )  # fmt: skip
+    assert result is out
+    assert not out.isnan().any()
+    return out
+
+
+def run_decode_triton(batch: PagedBatch, scale: float, num_splits: int | None) -> Tensor:
+    out = torch.full_like(batch.q, float("nan"))
+    decode_attention_triton(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, scale,
+        num_splits=num_splits, out=out,
+    )  # fmt: skip
+    assert not out.isnan().any()
+    return out
+
+
+def prefill_reference(batch: PagedBatch, scale: float) -> Tensor:
+    return paged_prefill_attention_torch(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
+        batch.kv_lens, scale, batch.max_q_len,
+    )  # fmt: skip
+
+
+def decode_reference(batch: PagedBatch, scale: float) -> Tensor:
+    return paged_decode_attention_torch(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, scale
+    )
+
+
+# Full prefill, single-token continuation, chunked continuation over a long cached prefix
+# (past one KV tile, so the kernel's unmasked loop runs), and a chunk ending mid-block.
+PREFILL_Q_LENS = [9, 1, 20, 3]
+PREFILL_KV_LENS = [9, 14, 20 + 70, 3 + 5]
+
+
+def test_store_kv_round_trip() -> None:
+    gen = torch.Generator().manual_seed(1)
+    k_cache = torch.full((6, 4, 2, 16), float("nan"))
+    v_cache = torch.full((6, 4, 2, 16), float("nan"))
+    slots = torch.randperm(24, generator=gen)[:10]
+    k, v = torch.randn(10, 2, 16, generator=gen), torch.randn(10, 2, 16, generator=gen)
+    store_kv(k, v, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache[slots // 4, slots % 4], k, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache[slots // 4, slots % 4], v, rtol=0, atol=0)
+    assert int(k_cache.isnan().any(-1).any(-1).sum()) == 24 - 10  # nothing else was touched
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_prefill_reference_matches_dense(group: int, block_size: int) -> None:
+    batch = make_batch(PREFILL_Q_LENS, PREFILL_KV_LENS, 4, 4 // group, 32, block_size,
+                       torch.float32, seed=group * 100 + block_size)  # fmt: skip
+    expected = dense_attention(batch, 0.3).float()
+    torch.testing.assert_close(prefill_reference(batch, 0.3), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_decode_reference_matches_dense(group: int, block_size: int) -> None:
+    kv_lens = [1, block_size, 2 * block_size + 1, 37]
+    batch = make_batch([1] * 4, kv_lens, 4, 4 // group, 32, block_size, torch.float32, seed=7)
+    expected = dense_attention(batch, 0.3).float()
+    torch.testing.assert_close(decode_reference(batch, 0.3), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_prefill_triton_matches_reference(dtype: torch.dtype, group: int, block_size: int) -> None:
+    batch = make_batch(PREFILL_Q_LENS, PREFILL_KV_LENS, 4, 4 // group, 32, block_size, dtype,
+                       seed=group + block_size)  # fmt: skip
+    torch.testing.assert_close(
+        run_prefill_triton(batch, 0.2), prefill_reference(batch, 0.2), **TOLERANCES[dtype]
+    )
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_prefill_triton_several_query_tiles(head_dim: int) -> None:
+    # 150 queries need two 128-row tiles; the second tile's diagonal sits past a cached prefix.
+    batch = make_batch([150, 5], [150 + 21, 5], 2, 1, head_dim, 16, torch.float16, seed=3)
+    torch.testing.assert_close(
+        run_prefill_triton(batch, 0.1), prefill_reference(batch, 0.1),
+        **TOLERANCES[torch.float16],
+    )  # fmt: skip
+
+
+def test_prefill_triton_strided_q() -> None:
+    # q as the model hands it over: a view into a fused qkv projection.
+    batch = make_batch([6, 2], [6, 11], 4, 2, 32, 4, torch.float32, seed=5)
+    qkv = torch.randn(8, 4 + 2 + 2, 32)
+    qkv[:, :4] = batch.q
+    batch.q = qkv[:, :4]
+    assert not batch.q.is_contiguous()
+    torch.testing.assert_close(
+        run_prefill_triton(batch, 0.2), prefill_reference(batch, 0.2), **TOLERANCES[torch.float32]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_triton_matches_reference(
+    dtype: torch.dtype, group: int, block_size: int, num_splits: int
+) -> None:
+    # kv_len 1, exactly at a block boundary, one past it, and past one 64-token KV tile.
+    kv_lens = [1, 2 * block_size, 2 * block_size + 1, 70]
+    batch = make_batch([1] * 4, kv_lens, 4, 4 // group, 32, block_size, dtype, seed=group)
+    torch.testing.assert_close(
+        run_decode_triton(batch, 0.2, num_splits), decode_reference(batch, 0.2),
+        **TOLERANCES[dtype],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+def test_decode_triton_head_dims_and_default_splits(head_dim: int) -> None:
+    batch = make_batch([1] * 3, [5, 130, 16], 8, 2, head_dim, 8, torch.float16, seed=head_dim)
+    torch.testing.assert_close(
+        run_decode_triton(batch, 0.1, None), decode_reference(batch, 0.1),
+        **TOLERANCES[torch.float16],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_padding_row_gives_zeros(num_splits: int) -> None:
+    # A CUDA-graph bucket pads the batch with kv_len == 0 rows; they must stay finite.
+    batch = make_batch([1, 1], [9, 1], 4, 2, 32, 4, torch.float32, seed=11)
+    batch.kv_lens[1] = 0
+    expected = decode_reference(batch, 0.2)
+    assert (expected[1] == 0).all()
+    torch.testing.assert_close(run_decode_triton(batch, 0.2, num_splits), expected)
+
+
+def test_public_functions_use_torch_on_cpu() -> None:
+    batch = make_batch([3, 1], [3, 6], 4, 2, 32, 4, torch.float32, seed=2)
+    out = paged_prefill_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
+        batch.kv_lens, 0.2, batch.max_q_len,
+    )  # fmt: skip
+    torch.testing.assert_close(out, prefill_reference(batch, 0.2), rtol=0, atol=0)
+    decode = make_batch([1, 1], [3, 6], 4, 2, 32, 4, torch.float32, seed=2)
+    out = paged_decode_attention(
+        decode.q, decode.k_cache, decode.v_cache, decode.block_tables, decode.kv_lens, 0.2
+    )
+    torch.testing.assert_close(out, decode_reference(decode, 0.2), rtol=0, atol=0)
+
+
+def test_choose_num_splits() -> None:
+    assert choose_num_splits(batch=64, num_kv_heads=8, max_kv_capacity=4096, num_sms=132) == 1
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_kv_capacity=4096, num_sms=132) == 32
+    # A short block table caps the slices: no slice under 128 tokens of capacity.
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_kv_capacity=256, num_sms=132) == 2
+
+
+def test_wrappers_reject_bad_inputs() -> None:
+    batch = make_batch([2, 1], [4, 3], 4, 2, 32, 4, torch.float32)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
+            batch.kv_lens, 0.2, 2)  # fmt: skip
+    with pytest.raises(ValueError, match="block_tables"):
+        prefill_attention_triton(*args[:3], batch.block_tables.long(), *args[4:])
+    with pytest.raises(ValueError, match="multiple"):
+        prefill_attention_triton(batch.q[:, :3], *args[1:])
+    with pytest.raises(ValueError, match="cu_q_lens"):
+        prefill_attention_triton(*args[:4], batch.cu_q_lens[:-1], *args[5:])
+    with pytest.raises(ValueError, match="dtype"):
+        prefill_attention_triton(batch.q.half(), *args[1:])
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention_triton(batch.q[:2, :, :16], *args[1:4], batch.kv_lens, 0.2)
+    with pytest.raises(ValueError, match="kv_lens"):
+        decode_attention_triton(batch.q[:2], *args[1:4], batch.kv_lens.long(), 0.2)
+    with pytest.raises(ValueError, match="out"):
+        decode_attention_triton(batch.q[:2], *args[1:4], batch.kv_lens, 0.2,
+                                out=torch.empty(2, 4, 16))  # fmt: skip
+
+
+# GPU, real shapes, bf16: 32 query heads over 8 KV heads, head_dim 128, 16-token blocks.
+
+
+def _gpu_lens(seed: int, count: int, low: int, high: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (count,), generator=gen).tolist()
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("batch_size", [1, 8, 32])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_gpu_decode_matches_reference(
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    batch_size: int,
+    num_splits: int | None,
+) -> None:
+    kv_lens = _gpu_lens(batch_size, batch_size, 1, 2048)
+    kv_lens[0] = 2048
+    batch = make_batch([1] * batch_size, kv_lens, num_heads, num_kv_heads, head_dim, 16, dtype,
+                       device="cuda", seed=batch_size)  # fmt: skip
+    torch.testing.assert_close(
+        run_decode_triton(batch, head_dim**-0.5, num_splits),
+        decode_reference(batch, head_dim**-0.5),
+        **TOLERANCES[dtype],
+    )
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("block_size", [16, 1, 128])
+def test_gpu_prefill_matches_reference(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    # Eight sequences: fresh prompts and chunked continuations over cached prefixes.
+    q_lens = _gpu_lens(1, 8, 1, 512)
+    kv_lens = [q_len + prefix for q_len, prefix in zip(q_lens, _gpu_lens(2, 8, 0, 1536))]
+    kv_lens[:3] = q_lens[:3]
+    batch = make_batch(q_lens, kv_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                       device="cuda", seed=block_size)  # fmt: skip
+    tolerance = TOLERANCES[dtype] if dtype != torch.float32 else {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(
+        run_prefill_triton(batch, head_dim**-0.5), prefill_reference(batch, head_dim**-0.5),
+        **tolerance,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_public_functions_dispatch_to_triton() -> None:
+    batch = make_batch([5, 1], [9, 1], 32, 8, 128, 16, torch.bfloat16, device="cuda")
+    out = paged_prefill_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
+        batch.kv_lens, 0.1, batch.max_q_len,
+    )  # fmt: skip
+    torch.testing.assert_close(out, run_prefill_triton(batch, 0.1), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_decode_cuda_graph_replay() -> None:
+    # Capture once, then change the inputs in place: replays must follow the new contents.
+    batch = make_batch([1] * 4, [2048] * 4, 32, 8, 128, 16, torch.bfloat16, device="cuda", seed=4)
+    out = torch.empty_like(batch.q)
+
+    def step() -> None:
+        decode_attention_triton(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                                batch.kv_lens, 0.1, out=out)  # fmt: skip
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for kv_lens in ([1, 300, 2048, 17], [2048, 1, 16, 33]):
+        batch.kv_lens.copy_(torch.tensor(kv_lens, dtype=torch.int32))
+        batch.q.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.testing.assert_close(out, decode_reference(batch, 0.1), **TOLERANCES[torch.bfloat16])

@@ -1,0 +1,392 @@
+"""Sampler: penalties against hand-computed values, masks, truncation, distributions, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.request import Request, SamplingParams, new_rid
+from runtime.sampler import Sampler
+
+CPU = torch.device("cpu")
+NEG_INF = float("-inf")
+
+
+def make_request(
+    prompt: tuple[int, ...] = (1, 2, 3),
+    output: tuple[int, ...] = (),
+    return_logprob: bool = False,
+    top_logprobs_num: int = 0,
+    **params: object,
+) -> Request:
+    request = Request(
+        rid=new_rid(),
+        prompt_ids=list(prompt),
+        params=SamplingParams(**params),
+        return_logprob=return_logprob,
+        top_logprobs_num=top_logprobs_num,
+    )
+    request.output_ids = list(output)
+    return request
+
+
+def chi_square(tokens: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's statistic of tokens against the probabilities `expected` [V]; tokens that
+    `expected` gives probability 0 must not occur at all."""
+    counts = torch.bincount(tokens, minlength=expected.numel()).double()
+    support = expected > 0
+    assert counts[~support].sum() == 0, f"tokens outside the support: {counts.tolist()}"
+    want = expected[support].double() * tokens.numel()
+    return float(((counts[support] - want) ** 2 / want).sum())
+
+
+# Under 5 degrees of freedom the statistic exceeds 25 with probability below 2e-4.
+CHI_SQUARE_LIMIT = 25.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_is_argmax_and_draws_nothing(dtype: torch.dtype) -> None:
+    logits = (torch.randn(6, 50) * 3).to(dtype)
+    before = logits.clone()
+    sampler = Sampler(50, {0}, CPU)
+    state = sampler._generator.get_state()
+    requests = [make_request(temperature=0.0) for _ in range(6)]
+    out = sampler(logits, requests)
+    assert out.token_ids.dtype == torch.int64
+    assert torch.equal(out.token_ids, logits.float().argmax(dim=-1))
+    assert torch.equal(logits, before)
+    assert torch.equal(sampler._generator.get_state(), state)
+    assert out.logprobs is None and out.top_logprobs is None
+
+
+def test_greedy_ties_pick_lowest_id() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+    out = Sampler(4, set(), CPU)(logits, [make_request(temperature=0.0) for _ in range(2)])
+    assert out.token_ids.tolist() == [1, 0]
+
+
+def test_no_penalties_no_masks_leaves_logits_alone() -> None:
+    logits = torch.randn(3, 10)
+    requests = [make_request(temperature=0.0, min_new_tokens=1, output=(4,)) for _ in range(3)]
+    assert Sampler(10, {2}, CPU).penalize(logits, requests) is logits
+
+
+def test_repetition_penalty_over_prompt_and_output() -> None:
+    logits = torch.tensor(
+        [
+            [2.0, -1.0, 0.5, -2.0, 3.0, 1.0],
+            [2.0, -1.0, 0.5, -2.0, 3.0, 1.0],
+            [4.0, 3.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    before = logits.clone()
+    requests = [
+        make_request(prompt=(0, 3), output=(3, 5), repetition_penalty=2.0, temperature=0.0),
+        make_request(prompt=(0, 3), output=(3, 5), temperature=0.0),  # no penalty
+        make_request(prompt=(0,), output=(), repetition_penalty=2.0, temperature=0.0),
+    ]
+    sampler = Sampler(6, set(), CPU)
+    got = sampler.penalize(logits, requests)
+    # seen ids {0, 3, 5}: positives divided by 2, negatives multiplied by 2; id 2 untouched.
+    expected = torch.tensor(
+        [
+            [1.0, -1.0, 0.5, -4.0, 3.0, 0.5],
+            [2.0, -1.0, 0.5, -2.0, 3.0, 1.0],
+            [2.0, 3.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    assert torch.equal(got, expected)
+    assert torch.equal(logits, before)
+    # The penalized prompt token 0 loses to token 1 in the last row.
+    assert sampler(logits, requests).token_ids.tolist() == [4, 4, 1]
+
+
+def test_repetition_penalty_follows_each_request_across_calls() -> None:
+    sampler = Sampler(5, set(), CPU)
+    a = make_request(prompt=(0,), repetition_penalty=4.0, temperature=0.0)
+    b = make_request(prompt=(1,), repetition_penalty=4.0, temperature=0.0)
+    logits = torch.full((2, 5), 2.0)
+    first = sampler.penalize(logits, [a, b])
+    second = sampler.penalize(logits, [b, a])
+    assert first[0].tolist() == [0.5, 2.0, 2.0, 2.0, 2.0]
+    assert first[1].tolist() == [2.0, 0.5, 2.0, 2.0, 2.0]
+    assert torch.equal(second, first.flip(0))
+    a.output_ids.append(4)
+    assert sampler.penalize(logits[:1], [a])[0].tolist() == [0.5, 2.0, 2.0, 2.0, 0.5]
+
+
+def test_frequency_and_presence_penalties_count_output_only() -> None:
+    logits = torch.zeros(3, 6)
+    logits[2] = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.5, 0.0])
+    requests = [
+        make_request(prompt=(1,), output=(2, 2, 4), frequency_penalty=0.5, presence_penalty=0.25),
+        make_request(prompt=(1,), output=(2, 2, 4), presence_penalty=-1.0),
+        # Repetition first (seen: 1 from the prompt, 2 and 0 from the output), then the rest.
+        make_request(prompt=(1,), output=(2, 0, 2), repetition_penalty=2.0, frequency_penalty=0.5),
+    ]
+    got = Sampler(6, set(), CPU).penalize(logits, requests)
+    expected = torch.tensor(
+        [
+            [0.0, 0.0, -1.25, 0.0, -0.75, 0.0],
+            [0.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+            [0.5 - 0.5, -2.0, 1.0 - 1.0, 0.0, 0.5, 0.0],
+        ]
+    )
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_new_tokens_masks_eos_and_stop_ids(ignore_eos: bool) -> None:
+    vocab = 12
+    row = torch.zeros(vocab)
+    row[7], row[9], row[3], row[1] = 5.0, 4.0, 3.0, 2.0  # eos 7 and 9, stop id 3, then 1
+    logits = row.repeat(4, 1)
+    sampler = Sampler(vocab, {7, 9, 40}, CPU)
+    params = {
+        "min_new_tokens": 2,
+        "stop_token_ids": [3],
+        "temperature": 0.0,
+        "ignore_eos": ignore_eos,
+    }
+    requests = [
+        make_request(output=(), **params),
+        make_request(output=(5,), **params),
+        make_request(output=(5, 6), **params),  # reached min_new_tokens
+        make_request(output=(), temperature=0.0, stop_token_ids=[3]),
+    ]
+    assert sampler(logits, requests).token_ids.tolist() == [1, 1, 7, 7]
+    got = sampler.penalize(logits, requests)
+    masked = row.clone()
+    masked[[3, 7, 9]] = NEG_INF
+    assert torch.equal(got, torch.stack([masked, masked, row, row]))
+
+
+def test_top_k_one_is_greedy() -> None:
+    logits = torch.randn(32, 40) * 0.3
+    requests = [make_request(temperature=1.5, top_k=1) for _ in range(32)]
+    out = Sampler(40, set(), CPU)(logits, requests)
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("params", [{"top_p": 1e-6}, {"min_p": 0.999}])
+def test_tight_truncation_is_greedy(params: dict[str, float]) -> None:
+    # Flat logits: plain sampling would stray from the argmax in most rows. The best token
+    # leads by at least 0.01, so its runner-up has under 0.99 of its probability.
+    logits = torch.randn(64, 40) * 0.3
+    logits.scatter_add_(1, logits.argmax(dim=-1, keepdim=True), torch.full((64, 1), 0.01))
+    sampler = Sampler(40, set(), CPU)
+    plain = sampler(logits, [make_request(temperature=1.0) for _ in range(64)])
+    assert (plain.token_ids != logits.argmax(dim=-1)).sum() > 32
+    requests = [make_request(temperature=1.0, **params) for _ in range(64)]
+    assert torch.equal(sampler(logits, requests).token_ids, logits.argmax(dim=-1))
+
+
+def test_top_k_keeps_only_the_best() -> None:
+    logits = torch.randn(8, 30)
+    logits = logits.repeat(500, 1)
+    requests = [make_request(top_k=3, temperature=2.0) for _ in range(logits.shape[0])]
+    tokens = Sampler(30, set(), CPU)(logits, requests).token_ids
+    best = logits.topk(3, dim=-1).indices
+    assert (best == tokens[:, None]).any(dim=-1).all()
+    assert len(set(tokens[::8].tolist())) == 3  # and uses all three of them
+
+
+def test_sampled_distributions_in_one_mixed_batch() -> None:
+    base = torch.tensor([1.0, 0.5, 0.0, -0.5, -2.0])
+    probs = base.softmax(-1)  # [.445, .270, .164, .099, .022]
+    groups: list[tuple[dict[str, float], torch.Tensor]] = [
+        ({"temperature": 0.7}, (base / 0.7).softmax(-1)),
+        ({"top_k": 3}, torch.cat([base[:3].softmax(-1), torch.zeros(2)])),
+        # Cumulative .445, .715, .879: the smallest nucleus over 0.8 holds three tokens.
+        ({"top_p": 0.8}, torch.cat([base[:3].softmax(-1), torch.zeros(2)])),
+        # 0.5 * max prob = .2225: token 2 (.164) goes.
+        ({"min_p": 0.5}, torch.cat([base[:2].softmax(-1), torch.zeros(3)])),
+        # Top-p sees the top-k renormalized: .622 >= .6 keeps token 0 alone.
+        ({"top_k": 2, "top_p": 0.6}, torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])),
+        # At temperature 2, token 3 has .165 of the top-4 mass, under 0.5 * .350.
+        (
+            {"temperature": 2.0, "top_k": 4, "min_p": 0.5},
+            torch.cat([(base[:3] / 2).softmax(-1), torch.zeros(2)]),
+        ),
+        ({"temperature": 0.0}, torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])),
+    ]
+    assert probs[:2].sum() < 0.8 < probs[:3].sum()
+    per_group = 6000
+    # Interleave the groups so every stage runs on a scattered subset of rows.
+    requests = [make_request(**groups[i % len(groups)][0]) for i in range(per_group * len(groups))]
+    logits = base.repeat(len(requests), 1)
+    tokens = Sampler(5, set(), CPU, seed=1234)(logits, requests).token_ids
+    for g, (params, expected) in enumerate(groups):
+        statistic = chi_square(tokens[g :: len(groups)], expected)
+        assert statistic < CHI_SQUARE_LIMIT, (params, statistic)
+
+
+def test_chi_square_notices_a_wrong_temperature() -> None:
+    # The distribution test is only worth something if a wrong answer fails it.
+    base = torch.tensor([1.0, 0.5, 0.0, -0.5, -2.0])
+    requests = [make_request(temperature=1.0) for _ in range(6000)]
+    tokens = Sampler(5, set(), CPU, seed=7)(base.repeat(6000, 1), requests).token_ids
+    assert chi_square(tokens, base.softmax(-1)) < CHI_SQUARE_LIMIT
+    assert chi_square(tokens, (base / 0.7).softmax(-1)) > CHI_SQUARE_LIMIT
+
+
+def run_steps(
+    sampler: Sampler, requests: list[Request], row_logits: list[torch.Tensor], steps: int
+) -> list[list[int]]:
+    """Sample `steps` times, feeding each token back; returns each request's tokens."""
+    for step in range(steps):
+        logits = torch.stack([rows[step] for rows in row_logits])
+        tokens = sampler(logits, requests).token_ids.tolist()
+        for request, token in zip(requests, tokens):
+            request.output_ids.append(token)
+    return [r.output_ids for r in requests]
+
+
+def seeded_request(seed: int) -> Request:
+    return make_request(
+        seed=seed, temperature=0.9, top_k=200, top_p=0.95, min_p=0.01, frequency_penalty=0.3
+    )
+
+
+def test_seeded_request_ignores_the_rest_of_the_batch() -> None:
+    vocab, steps = 1000, 20
+    own = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(1)) * 0.5
+    alone = run_steps(Sampler(vocab, {0}, CPU, seed=0), [seeded_request(42)], [own], steps)[0]
+
+    noise = torch.Generator().manual_seed(2)
+    others = [
+        make_request(temperature=0.0),
+        make_request(temperature=1.0),
+        make_request(temperature=0.7, top_p=0.5, repetition_penalty=1.3),
+        make_request(seed=7, temperature=1.0),
+        make_request(temperature=1.2, top_k=5, seed=42),
+        make_request(min_p=0.2, presence_penalty=0.5),
+        make_request(top_k=1, min_new_tokens=3),
+    ]
+    batch = others[:3] + [seeded_request(42)] + others[3:]
+    row_logits = [torch.randn(steps, vocab, generator=noise) for _ in range(8)]
+    row_logits[3] = own
+    together = run_steps(Sampler(vocab, {0}, CPU, seed=5), batch, row_logits, steps)
+    assert together[3] == alone
+    # The other request seeded 42 has other parameters and logits: it must not share draws.
+    assert together[5] != alone
+
+    again = run_steps(Sampler(vocab, {0}, CPU), [seeded_request(42)], [own], steps)[0]
+    other_seed = run_steps(Sampler(vocab, {0}, CPU), [seeded_request(43)], [own], steps)[0]
+    assert again == alone
+    assert sum(a != b for a, b in zip(other_seed, alone)) > steps // 2
+
+
+def test_unseeded_rows_follow_the_sampler_seed() -> None:
+    logits = torch.zeros(1, 1000)  # [steps, V] for each request
+    runs = []
+    for seed in (0, 0, 1):
+        requests = [make_request(temperature=1.0) for _ in range(4)]
+        runs.append(run_steps(Sampler(1000, set(), CPU, seed=seed), requests, [logits] * 4, 1))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_logprobs_come_from_the_raw_distribution() -> None:
+    logits = torch.randn(4, 30, dtype=torch.float16) * 4
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    requests = [
+        make_request(return_logprob=True, temperature=0.5, repetition_penalty=1.5),
+        make_request(top_logprobs_num=3, temperature=0.0, min_new_tokens=4),
+        make_request(temperature=1.0, top_k=4),
+        make_request(return_logprob=True, top_logprobs_num=5, seed=3, top_p=0.7),
+    ]
+    out = Sampler(30, {int(logits[1].argmax())}, CPU)(logits, requests)
+    assert out.logprobs is not None and out.top_logprobs is not None
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
+    values, ids = out.top_logprobs
+    assert values.shape == ids.shape == (4, 5)
+    assert values.dtype == torch.float32 and ids.dtype == torch.int64
+    torch.testing.assert_close(values, raw.topk(5, dim=-1).values)
+    torch.testing.assert_close(raw.gather(1, ids), values)
+    assert out.token_ids[1] != logits[1].argmax()  # eos was masked, logprobs still raw
+
+    only_chosen = Sampler(30, set(), CPU)(logits[:1], requests[:1])
+    assert only_chosen.logprobs is not None and only_chosen.top_logprobs is None
+
+
+def test_padded_vocab_columns_are_never_chosen() -> None:
+    logits = torch.randn(6, 23)
+    logits[:, 20:] = 100.0
+    requests = [make_request(temperature=0.0)] * 2 + [make_request(temperature=1.0)] * 2
+    requests += [make_request(top_p=0.5, return_logprob=True, top_logprobs_num=2)] * 2
+    out = Sampler(20, set(), CPU)(logits, requests)
+    assert (out.token_ids < 20).all()
+    assert out.top_logprobs is not None and out.logprobs is not None
+    raw = torch.log_softmax(logits[:, :20], dim=-1)
+    torch.testing.assert_close(out.top_logprobs[0], raw.topk(2, dim=-1).values)
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+
+
+def test_rejects_mismatched_logits() -> None:
+    sampler = Sampler(10, set(), CPU)
+    with pytest.raises(ValueError):
+        sampler(torch.zeros(2, 10), [make_request()])
+    with pytest.raises(ValueError):
+        sampler(torch.zeros(1, 9), [make_request()])
+
+
+def test_empty_batch() -> None:
+    out = Sampler(10, set(), CPU)(torch.zeros(0, 10), [])
+    assert out.token_ids.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_mixed_batch_without_host_sync() -> None:
+    device = torch.device("cuda")
+    vocab, batch, steps = 151_936, 64, 4
+    sampler = Sampler(vocab, {151_643, 151_645}, device)
+    prompt = tuple(range(0, 4000, 3))
+    kinds = [
+        {"temperature": 0.0},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 50},
+        {"temperature": 1.0, "min_p": 0.05, "seed": 11},
+        {
+            "temperature": 0.7,
+            "repetition_penalty": 1.2,
+            "frequency_penalty": 0.5,
+            "min_new_tokens": 2,
+        },
+        {"temperature": 1.0, "presence_penalty": 0.4, "top_p": 0.95, "seed": 12},
+    ]
+    requests = [
+        make_request(
+            prompt=prompt, return_logprob=i % 3 == 0, top_logprobs_num=i % 5, **kinds[i % 5]
+        )
+        for i in range(batch)
+    ]
+    logits = torch.randn(steps, batch, vocab, device=device).to(torch.bfloat16) * 3
+    sampler(logits[0], requests)  # first call builds the seeded generators and prompt masks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [sampler(logits[s], requests) for s in range(1, steps)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for s, out in enumerate(outs, start=1):
+        greedy = logits[s, ::5].float().argmax(dim=-1)
+        assert torch.equal(out.token_ids[::5], greedy)
+        assert out.token_ids.device.type == "cuda" and (out.token_ids < vocab).all()
+        raw = torch.log_softmax(logits[s].float(), dim=-1)
+        torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+
+    # The seeded row samples the same alone on the device.
+    alone = make_request(prompt=prompt, **kinds[2])
+    solo = Sampler(vocab, {151_643, 151_645}, device)
+    for s in range(steps):
+        token = solo(logits[s, 2:3], [alone]).token_ids
+        alone.output_ids.append(int(token))
+    together = Sampler(vocab, {151_643, 151_645}, device, seed=9)
+    fresh = [make_request(prompt=prompt, **kinds[i % 5]) for i in range(batch)]
+    for s in range(steps):
+        tokens = together(logits[s], fresh).token_ids.tolist()
+        for r, t in zip(fresh, tokens):
+            r.output_ids.append(t)
+    assert fresh[2].output_ids == alone.output_ids
