@@ -99,7 +99,7 @@ def build_lora_batch_info(
         raise ValueError(f"slot ids must be in -1..{num_slots - 1}")
     seg_indptr, seg_slots = _segments(token_slots)
     chunk_indptr, chunk_slots = _chunks(seg_indptr, seg_slots, chunk_size)
-    max_seg_len = max((b - a for a, b in zip(seg_indptr, seg_indptr[1:])), default=0)
+    max_seg_len = max((b - a for a, b in itertools.pairwise(seg_indptr)), default=0)
     if pad_to is not None:
         seg_indptr, seg_slots = _pad(seg_indptr, seg_slots, pad_to)
         chunk_indptr, chunk_slots = _pad(chunk_indptr, chunk_slots, pad_to)
@@ -167,7 +167,7 @@ def lora_expand_torch(
     rank_pad = B.shape[2]
     scale = scalings.tolist()
     for lo, hi, slot, rank in _host_segments(info):
-        for i, (n_lo, n_hi) in enumerate(zip(slice_offsets, slice_offsets[1:])):
+        for i, (n_lo, n_hi) in enumerate(itertools.pairwise(slice_offsets)):
             t_slice = t[lo:hi, i * rank_pad : i * rank_pad + rank].float()
             delta = t_slice @ B[slot, n_lo:n_hi, :rank].float().T
             y_view = y[lo:hi, n_lo:n_hi]
@@ -215,7 +215,9 @@ def lora_row_table(info: LoraBatchInfo) -> LoraRowTable:
     """Rows per program for info.backend: chunks, one BLOCK_M = chunk_size tile each (csgmv), or
     segments whose rows are strided over m_progs programs (triton)."""
     if info.backend == "csgmv":
-        return LoraRowTable(info.chunk_indptr, info.chunk_slots, info.num_chunks, info.chunk_size, 1)
+        return LoraRowTable(
+            info.chunk_indptr, info.chunk_slots, info.num_chunks, info.chunk_size, 1
+        )
     # max_seg_len only sizes the grid; the kernels stride over all rows whatever it is
     block_m = min(64, max(16, 1 << max(info.max_seg_len - 1, 0).bit_length()))
     m_progs = max(1, -(-info.max_seg_len // block_m))

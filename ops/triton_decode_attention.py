@@ -157,6 +157,11 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_s
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
+def _launch_config(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the main decode kernel."""
+    return (64 if head_dim <= 128 else 32), 4, 3
+
+
 def _check_inputs(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, kv_lens: Tensor
 ) -> None:
@@ -260,7 +265,7 @@ def decode_attention_triton(
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
     partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     partial_o = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
-    block_n = 64 if head_dim <= 128 else 32
+    block_n, num_warps, num_stages = _launch_config(head_dim)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -287,8 +292,8 @@ def decode_attention_triton(
         NUM_SPLITS=num_splits,
         # fp32 inputs keep full precision instead of silently dropping to tf32.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](

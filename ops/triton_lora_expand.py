@@ -8,6 +8,8 @@ runs over the slot's rank only, BLOCK_K at a time. `t` may hold split-K partials
 ([split, T, n * R]); they are summed on load, which makes the split free of an extra launch.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -145,7 +147,7 @@ def triton_lora_expand(
     rank_pad = B.shape[2]
     assert t_cols == num_slices * rank_pad, f"t has {t_cols} columns, want {num_slices}*{rank_pad}"
     assert slice_offsets[0] == 0 and slice_offsets[-1] == B.shape[1] == y.shape[1]
-    assert all(a < b for a, b in zip(slice_offsets, slice_offsets[1:])), "empty slice"
+    assert all(a < b for a, b in itertools.pairwise(slice_offsets)), "empty slice"
     assert y.shape[0] == num_tokens
     assert scalings.shape == (B.shape[0], num_slices), f"scalings {tuple(scalings.shape)}"
     assert slot_ranks.shape == (B.shape[0],)
@@ -154,7 +156,7 @@ def triton_lora_expand(
     assert t.device == B.device == y.device == scalings.device == indptr.device == slots.device
     if num_tokens == 0 or num_entries == 0:
         return
-    widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
+    widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
     block_n = _expand_block_n(num_entries * m_progs, widths, num_sms)
     tile_counts = [triton.cdiv(w, block_n) for w in widths]
     tile_cum = [sum(tile_counts[: i + 1]) for i in range(num_slices)]

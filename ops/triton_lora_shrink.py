@@ -97,9 +97,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def shrink_split_k(
-    num_tokens: int, num_programs: int, num_k_blocks: int, num_sms: int
-) -> int:
+def shrink_split_k(num_tokens: int, num_programs: int, num_k_blocks: int, num_sms: int) -> int:
     """Split-K factor: grow while the grid is under two waves, K blocks remain and the partials
     the expand must re-read stay small (split * tokens <= 256)."""
     split = 1
@@ -155,7 +153,8 @@ def triton_lora_shrink(
     if split_k is None:
         programs = num_entries * m_progs * num_slices * n_tiles
         split_k = shrink_split_k(num_tokens, programs, num_k_blocks, num_sms)
-    split_k = max(1, min(split_k, num_k_blocks))
+    if out is None:
+        split_k = max(1, min(split_k, num_k_blocks))  # surplus splits would only store zeros
     out_dtype = x.dtype if split_k == 1 else torch.float32
     out_shape = (split_k, num_tokens, A.shape[1])
     if out is None:

@@ -35,24 +35,28 @@ def _prefill_attention_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_q_lens_ptr + seq)
     q_len = tl.load(cu_q_lens_ptr + seq + 1) - q_start
-    row0 = tile * BLOCK_M
-    if row0 >= q_len:
+    # Rows pack (token, query head of this KV head's group), token-major, so one K/V tile
+    # serves the whole group.
+    first_token = (tile * BLOCK_M) // GROUP
+    if first_token >= q_len:
         return
+    last_token = (tile * BLOCK_M + BLOCK_M - 1) // GROUP
     kv_len = tl.load(kv_lens_ptr + seq)
-    # Query row j sits at position context_len + j; earlier chunks are already in the cache.
+    # Query token j sits at position context_len + j; earlier chunks are already in the cache.
     context_len = kv_len - q_len
-    kv_head = head // GROUP
 
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < q_len
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_mask = tokens < q_len
     dims = tl.arange(0, HEAD_DIM)
-    q_rows = (q_start + rows).to(tl.int64)
+    q_rows = (q_start + tokens).to(tl.int64)
     q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
         mask=row_mask[:, None],
         other=0.0,
     )
@@ -65,8 +69,8 @@ def _prefill_attention_kernel(
     cols_in_tile = tl.arange(0, BLOCK_N)
 
     # KV tiles that every row of this tile sees in full need no mask: all of them lie at or
-    # below the first row's position, which is inside the sequence.
-    full_end = ((context_len + row0 + 1) // BLOCK_N) * BLOCK_N
+    # below the first token's position, which is inside the sequence.
+    full_end = ((context_len + first_token + 1) // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         cols = n0 + cols_in_tile
         pages = tl.load(table_row + cols // PAGE_SIZE).to(tl.int64)
@@ -86,8 +90,8 @@ def _prefill_attention_kernel(
         m_i = m_new
 
     # Tiles on the diagonal: causal and sequence-end masks. Tiles wholly above it are skipped.
-    diag_end = tl.minimum(kv_len, context_len + row0 + BLOCK_M)
-    positions = context_len + rows
+    diag_end = tl.minimum(kv_len, context_len + last_token + 1)
+    positions = context_len + tokens
     for n0 in range(full_end, diag_end, BLOCK_N):
         cols = n0 + cols_in_tile
         col_mask = cols < kv_len
@@ -111,18 +115,25 @@ def _prefill_attention_kernel(
 
     acc = acc / l_i[:, None]
     tl.store(
-        o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
         acc.to(o_ptr.dtype.element_ty),
         mask=row_mask[:, None],
     )
 
 
-def _tile_sizes(max_q_len: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): short chunks get short query tiles."""
-    block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(max_q_len)))
-    block_n = 64 if head_dim <= 128 else 32
-    num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
-    return block_m, block_n, num_warps
+def _launch_config(max_rows: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for max_rows = longest q_len * group.
+
+    Short chunks get short query tiles; the long-tile settings were measured on an H200.
+    """
+    block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(max_rows)))
+    if head_dim > 128:
+        return block_m, 32, 8 if block_m == 64 else 4, 2
+    if block_m == 128:
+        return block_m, 128, 8, 3
+    if block_m == 64:
+        return block_m, 64, 4, 3
+    return block_m, 64, 4, 2
 
 
 def _check_inputs(
@@ -230,8 +241,9 @@ def prefill_attention_triton(
     o = _output_buffer(out, q)
     if num_tokens == 0 or batch == 0:
         return o
-    block_m, block_n, num_warps = _tile_sizes(max_q_len, head_dim)
-    grid = (triton.cdiv(max_q_len, block_m), num_heads, batch)
+    group = num_heads // num_kv_heads
+    block_m, block_n, num_warps, num_stages = _launch_config(max_q_len * group, head_dim)
+    grid = (triton.cdiv(max_q_len * group, block_m), num_kv_heads, batch)
     _prefill_attention_kernel[grid](
         q,
         k_cache,
@@ -249,7 +261,7 @@ def prefill_attention_triton(
         k_cache.stride(2),
         block_tables.stride(0),
         scale * _LOG2E,
-        GROUP=num_heads // num_kv_heads,
+        GROUP=group,
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
         BLOCK_M=block_m,
@@ -257,6 +269,6 @@ def prefill_attention_triton(
         # fp32 inputs keep full precision instead of silently dropping to tf32.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
-        num_stages=2,
+        num_stages=num_stages,
     )
     return o

@@ -184,18 +184,18 @@ class Sampler:
             for p in params
         ]
         settings = self._upload(columns, torch.float32)  # [S, 4]
-        logits = logits / settings[:, 0:1]
+        logits = logits / settings[:, 0:1]  # a new tensor: the stages below write in place
         truncated = [j for j, c in enumerate(columns) if c[1] < vocab or c[2] < 1.0]
         if truncated:
             logits = self._top_k_top_p(logits, settings, truncated)
         if any(p.min_p > 0.0 for p in params):
             # prob < min_p * max prob  <=>  logit < max logit + log(min_p); log(0) keeps all.
             floor = logits.amax(dim=-1, keepdim=True) + settings[:, 3:4].log()
-            logits = logits.masked_fill(logits < floor, _NEG_INF)
+            logits.masked_fill_(logits < floor, _NEG_INF)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; in log space
         # argmax(logit - log E). E is clamped so a zero draw cannot make -inf + inf.
         noise = self._exponential_noise(logits, reqs)
-        return (logits - noise.clamp_min_(_TINY).log_()).argmax(dim=-1)
+        return noise.clamp_min_(_TINY).log_().neg_().add_(logits).argmax(dim=-1)
 
     def _top_k_top_p(self, logits: Tensor, settings: Tensor, rows: list[int]) -> Tensor:
         """Keep the top-k, then the smallest top-p nucleus, of the given rows of logits [S, V].
@@ -209,11 +209,11 @@ class Sampler:
         top_k, top_p = limits[:, 1:2], limits[:, 2:3]
         values, order = subset.sort(dim=-1, descending=True, stable=True)  # [T, V]
         ranks = torch.arange(self.vocab_size, device=logits.device)
-        values = values.masked_fill(ranks >= top_k, _NEG_INF)
+        values.masked_fill_(ranks >= top_k, _NEG_INF)
         probs = values.softmax(dim=-1)
         # Mass of the better tokens; the best token's is exactly 0 < top_p, so it always stays.
-        mass_before = probs.cumsum(dim=-1) - probs
-        values = values.masked_fill(mass_before >= top_p, _NEG_INF)
+        mass_before = probs.cumsum(dim=-1).sub_(probs)
+        values.masked_fill_(mass_before >= top_p, _NEG_INF)
         kept = torch.full_like(subset, _NEG_INF).scatter_(1, order, values)
         if rows_t is None:
             return kept

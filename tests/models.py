@@ -84,7 +84,7 @@ def make_model(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
         tie_word_embeddings=tie, eos_token_id=vocab - 1, bos_token_id=vocab - 2,
-        pad_token_id=0, initializer_range=0.1, rms_norm_eps=1e-6,
+        pad_token_id=0, initializer_range=0.3, rms_norm_eps=1e-6,
     )
     common.update(extra)
     cfg_cls, model_cls = {

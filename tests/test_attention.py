@@ -5,14 +5,15 @@ GPU tests run bf16 at real shapes.
 """
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import Tensor
+
+if not torch.cuda.is_available():
+    # Without a GPU the kernels run in Triton's interpreter; set before they are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ops.attention import (
     decode_attention_triton,
@@ -203,8 +204,9 @@ def test_prefill_triton_matches_reference(dtype: torch.dtype, group: int, block_
 
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_prefill_triton_several_query_tiles(head_dim: int) -> None:
-    # 150 queries need two 128-row tiles; the second tile's diagonal sits past a cached prefix.
-    batch = make_batch([150, 5], [150 + 21, 5], 2, 1, head_dim, 16, torch.float16, seed=3)
+    # 150 queries of a 3-head group pack into 450 rows: four tiles, whose edges split a token's
+    # heads between tiles, and whose diagonals sit past a cached prefix.
+    batch = make_batch([150, 5], [150 + 21, 5], 3, 1, head_dim, 16, torch.float16, seed=3)
     torch.testing.assert_close(
         run_prefill_triton(batch, 0.1), prefill_reference(batch, 0.1),
         **TOLERANCES[torch.float16],
@@ -351,6 +353,22 @@ def test_gpu_prefill_matches_reference(
     torch.testing.assert_close(
         run_prefill_triton(batch, head_dim**-0.5), prefill_reference(batch, head_dim**-0.5),
         **tolerance,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_head_dim_256() -> None:
+    prefill = make_batch([300, 40, 1], [300, 40 + 500, 77], 8, 2, 256, 16, torch.bfloat16,
+                         device="cuda", seed=6)  # fmt: skip
+    torch.testing.assert_close(
+        run_prefill_triton(prefill, 0.06), prefill_reference(prefill, 0.06),
+        **TOLERANCES[torch.bfloat16],
+    )  # fmt: skip
+    decode = make_batch([1] * 3, [1, 500, 2048], 8, 2, 256, 16, torch.bfloat16, device="cuda")
+    torch.testing.assert_close(
+        run_decode_triton(decode, 0.06, None), decode_reference(decode, 0.06),
+        **TOLERANCES[torch.bfloat16],
     )  # fmt: skip
 
 

@@ -83,7 +83,7 @@ def ensure_bundled(model_path: str, cache_dir: Path | None = None) -> Path:
     model = _lookup(model_path)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     dest = root / model.folder_name
-    if dest.is_dir():
+    if (dest / "config.json").is_file():
         return dest
     gguf_path = _gguf_path(model)
     root.mkdir(parents=True, exist_ok=True)
@@ -157,6 +157,7 @@ def _convert(gguf_path: Path, model: BundledModel, out: Path) -> None:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)
     _save_config(config, out)
 
     for role, token in model.special_tokens.items():

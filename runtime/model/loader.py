@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,14 +27,16 @@ SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
 )
 # Configs saved without `architectures` still name their family.
-ARCHITECTURE_BY_MODEL_TYPE = {
+ARCHITECTURE_BY_MODEL_TYPE: Mapping[str, str] = MappingProxyType({
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-}
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
+})
+HUB_ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja")
 # Some repos also ship the same weights in another layout; never download those twice.
-HUB_IGNORE_PATTERNS = ["consolidated*", "original/*"]
-DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HUB_IGNORE_PATTERNS = ("consolidated*", "original/*")
+DTYPE_BY_NAME: Mapping[str, torch.dtype] = MappingProxyType(
+    {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -92,7 +95,9 @@ def _download(repo_id: str) -> Path:
 
     try:
         path = snapshot_download(
-            repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS
+            repo_id,
+            allow_patterns=list(HUB_ALLOW_PATTERNS),
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),
         )
     except (OSError, ValueError, HfHubHTTPError) as e:
         raise ModelLoadError(
@@ -171,25 +176,25 @@ def rope_params(config: PretrainedConfig) -> RopeParams:
         ) from None
     if kind is RopeType.DEFAULT:
         return RopeParams(theta=theta)
-    factor = float(_required(params, "factor", kind))
+    factor = _required(params, "factor", kind)
     if kind is RopeType.LINEAR:
         return RopeParams(theta=theta, scaling_type=kind, factor=factor)
     return RopeParams(
         theta=theta,
         scaling_type=kind,
         factor=factor,
-        low_freq_factor=float(_required(params, "low_freq_factor", kind)),
-        high_freq_factor=float(_required(params, "high_freq_factor", kind)),
+        low_freq_factor=_required(params, "low_freq_factor", kind),
+        high_freq_factor=_required(params, "high_freq_factor", kind),
         original_max_position=int(
             params.get("original_max_position_embeddings", config.max_position_embeddings)
         ),
     )
 
 
-def _required(params: dict[str, Any], key: str, kind: RopeType) -> Any:
+def _required(params: dict[str, Any], key: str, kind: RopeType) -> float:
     if params.get(key) is None:
         raise ModelLoadError(f"{kind.value} RoPE scaling needs {key!r} in the config")
-    return params[key]
+    return float(params[key])
 
 
 def inv_freq(params: RopeParams, head_dim: int) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""HTTP errors and their JSON shapes.
+
+Three shapes, chosen by route:
+- OpenAI routes (/v1/...): {"error": {"message", "type", "param", "code"}}
+- native routes: {"error": {"message", "code": <status>}}
+- adapter admin routes (load/unload): {"success": false, "error_message", "loaded_adapters"}
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from runtime.errors import (
+    AdapterError,
+    EngineStoppedError,
+    QueueFullError,
+    UnknownAdapterError,
+    ValidationError,
+)
+
+RETRY_AFTER_QUEUE_FULL_S = 1
+RETRY_AFTER_STOPPED_S = 5
+
+
+class Style(enum.Enum):
+    NATIVE = "native"
+    OPENAI = "openai"
+    ADMIN = "admin"
+
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """A response other than 2xx, rendered in the route's error shape by the middleware."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self, style: Style, loaded_adapters: dict[str, str] | None = None) -> dict[str, Any]:
+        if style is Style.OPENAI:
+            kind = _OPENAI_TYPES.get(self.status, "server_error" if self.status >= 500
+                                     else "invalid_request_error")
+            return {"error": {"message": self.message, "type": kind, "param": self.param,
+                              "code": self.code}}
+        if style is Style.ADMIN:
+            return {"success": False, "error_message": self.message,
+                    "loaded_adapters": loaded_adapters or {}}
+        return {"error": {"message": self.message, "code": self.status}}
+
+
+def from_exception(exc: BaseException, style: Style) -> ApiError | None:
+    """The HTTP error for an engine or decoding exception; None for anything else (a bug)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, msgspec.ValidationError):
+        return ApiError(400, f"invalid request: {exc}", param=_msgspec_path(str(exc)))
+    if isinstance(exc, msgspec.DecodeError):
+        return ApiError(400, f"invalid JSON: {exc}")
+    if isinstance(exc, ValidationError):
+        return ApiError(400, str(exc), param=exc.field_name)
+    if isinstance(exc, UnknownAdapterError):
+        if style is Style.OPENAI:
+            return ApiError(404, str(exc), code="model_not_found", param="model")
+        return ApiError(400, f"lora_path: {exc}", param="lora_path")
+    if isinstance(exc, AdapterError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, QueueFullError):
+        return ApiError(503, str(exc) or "queue full", code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)})
+    if isinstance(exc, EngineStoppedError):
+        return ApiError(503, str(exc) or "server is shutting down", code="shutting_down",
+                        headers={"Retry-After": str(RETRY_AFTER_STOPPED_S)})
+    return None
+
+
+def _msgspec_path(message: str) -> str | None:
+    """'Expected `int`, got `str` - at `$.sampling_params.top_k`' -> 'sampling_params.top_k'."""
+    marker = "- at `$"
+    i = message.rfind(marker)
+    if i < 0:
+        return None
+    return message[i + len(marker):].rstrip("`").lstrip(".") or None

@@ -1,0 +1,187 @@
+"""What the native and OpenAI routes share: submit several requests, follow their outputs
+as one stream, turn tokens into text, and abort whatever is left when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from aiohttp import web
+
+from api.textstream import TextStream
+from runtime.request import FinishReason, Request, RequestOutput, SamplingParams
+
+if TYPE_CHECKING:
+    from runtime.engine import Engine
+
+T = TypeVar("T")
+
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class GenSpec:
+    """One request to submit."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora_name: str | None = None
+    rid: str | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    trim_stop: bool = True
+
+
+@dataclass
+class Generation:
+    """A submitted request and everything its outputs so far add up to."""
+
+    index: int
+    request: Request
+    text: TextStream
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    matched_stop: int | str | None = None
+    error: str | None = None
+    start_time: float = field(default_factory=time.perf_counter)
+    end_time: float | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.request.rid
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def e2e_latency(self) -> float:
+        return (self.end_time or time.perf_counter()) - self.start_time
+
+    def apply(self, out: RequestOutput) -> str:
+        """Fold one engine output in; return the text it adds (stop strings cut off)."""
+        self.output_ids.extend(out.new_token_ids)
+        if out.new_logprobs:
+            self.logprobs.extend(out.new_logprobs)
+        if out.new_top_logprobs:
+            self.top_logprobs.extend(out.new_top_logprobs)
+        self.prompt_tokens = out.prompt_tokens
+        self.cached_tokens = out.cached_tokens
+        if out.finished:
+            self.finished = True
+            self.finish_reason = out.finish_reason
+            self.matched_stop = out.matched_stop
+            self.error = out.error
+            self.end_time = time.perf_counter()
+        return self.text.push(out.new_token_ids, out.finished, out.matched_stop)
+
+
+async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
+    """Submit every spec, or none: a failure aborts the ones already submitted."""
+    for spec in specs:  # validate all first so a bad last item queues nothing
+        spec.params.validate(engine.model_info.vocab_size)
+    gens: list[Generation] = []
+    try:
+        for i, spec in enumerate(specs):
+            req = await engine.submit(
+                spec.prompt_ids, spec.params, lora_name=spec.lora_name, rid=spec.rid,
+                return_logprob=spec.return_logprob, top_logprobs_num=spec.top_logprobs_num,
+            )
+            text = TextStream(engine.tokenizer, spec.params.skip_special_tokens,
+                              spec.params.stop, spec.trim_stop)
+            gens.append(Generation(i, req, text, prompt_tokens=len(spec.prompt_ids)))
+    except BaseException:
+        for g in gens:
+            engine.abort(g.rid)
+        raise
+    return gens
+
+
+async def follow(engine: Engine, gens: list[Generation]) -> AsyncIterator[tuple[Generation, str]]:
+    """Yield (generation, text delta) for every engine output of every generation, as they
+    come. Leaving early (a disconnect, an error) aborts the unfinished requests."""
+    if len(gens) == 1:
+        stream = engine.stream(gens[0].request)
+        try:
+            async for out in stream:
+                yield gens[0], gens[0].apply(out)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            _abort_unfinished(engine, gens)
+        return
+    # Each pump forwards one request's outputs; None ends it, an exception is re-raised here.
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(g: Generation) -> None:
+        try:
+            async for out in engine.stream(g.request):
+                queue.put_nowait((g.index, out))
+            queue.put_nowait((g.index, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((g.index, e))
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        remaining = len(gens)
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                remaining -= 1
+                continue
+            yield gens[index], gens[index].apply(item)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        _abort_unfinished(engine, gens)
+
+
+def _abort_unfinished(engine: Engine, gens: list[Generation]) -> None:
+    for g in gens:
+        if not g.finished:
+            engine.abort(g.rid)
+
+
+async def collect(engine: Engine, gens: list[Generation]) -> list[Generation]:
+    """Run every generation to the end (the non-streaming case)."""
+    async with contextlib.aclosing(follow(engine, gens)) as outputs:
+        async for _ in outputs:
+            pass
+    return gens
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its response was ready."""
+
+
+async def unless_disconnected(request: web.Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client's connection closes first.
+
+    Servers started by `python -m runtime` (and aiohttp's test server) also cancel handlers on
+    disconnect; this watch covers runners that don't."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,329 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+The adapter is chosen by `model`: the base model's name, "<base>:<adapter>" or a bare adapter
+name. Unknown names are 404 `model_not_found`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from api import sse
+from api.app import CONFIG, ENGINE, LIFECYCLE, json_response
+from api.errors import ApiError, Style
+from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
+from api.protocol import ChatRequest, CompletionRequest, OpenAISampling, decode_body
+from runtime.request import FinishReason
+
+log = logging.getLogger("loraserve.api")
+routes = web.RouteTableDef()
+
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def base_names(request: web.Request) -> list[str]:
+    config, info = request.app[CONFIG], request.app[ENGINE].model_info
+    return list(dict.fromkeys([config.model_name, info.served_model_name, config.model_path]))
+
+
+def resolve_adapter(request: web.Request, model: str | None) -> str | None:
+    """The adapter `model` names, or None for the base model."""
+    names = base_names(request)
+    if not model or model in names:
+        return None
+    for base in names:
+        if model.startswith(base + ":") and len(model) > len(base) + 1:
+            return model[len(base) + 1:]
+    if ":" in model:
+        raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found",
+                       param="model")
+    return model  # a bare adapter name: the engine says whether it knows it
+
+
+def _specs(body: OpenAISampling, prompts: list[list[int]], lora: str | None,
+           max_tokens: list[int], logprobs: int | None) -> list[GenSpec]:
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n: must be between 1 and {MAX_N}", param="n")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs: must be between 0 and {MAX_TOP_LOGPROBS}",
+                       param="logprobs")
+    total = len(prompts) * n
+    specs = []
+    for p, prompt in enumerate(prompts):
+        for j in range(n):
+            i = p * n + j
+            rid = None if body.rid is None else (body.rid if total == 1 else f"{body.rid}-{i}")
+            specs.append(GenSpec(
+                prompt, body.to_params(max_tokens[p], seed_offset=j), lora_name=lora, rid=rid,
+                return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0,
+                trim_stop=not body.no_stop_trim,
+            ))
+    return specs
+
+
+def finish_reason(g: Generation) -> str | None:
+    if not g.finished:
+        return None
+    return {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}.get(g.finish_reason,
+                                                                          "abort")
+
+
+def usage(gens: list[Generation], n: int) -> dict[str, int]:
+    prompt = sum(g.prompt_tokens for g in gens[::n])  # each prompt counts once, whatever n
+    completion = sum(g.completion_tokens for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _header(kind: str, rid: str, model: str) -> dict[str, Any]:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model}
+
+
+# ---------------------------------------------------------------- completions
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    body = await decode_body(request, CompletionRequest)
+    lora = resolve_adapter(request, body.model)
+    prompts, texts = _completion_prompts(body.prompt, engine.tokenizer)
+    max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    specs = _specs(body, prompts, lora, [max_tokens] * len(prompts), body.logprobs)
+    n = len(specs) // len(prompts)
+    echo = [texts[i // n] if body.echo else "" for i in range(len(specs))]
+    gens = await submit_all(engine, specs)
+    header = _header("text_completion", f"cmpl-{uuid.uuid4().hex}", body.model or
+                     base_names(request)[0])
+    if body.stream:
+        return await _stream_completions(request, gens, header, echo, body, n)
+    await unless_disconnected(request, collect(engine, gens))
+    tok = engine.tokenizer
+    choices = [{
+        "index": g.index,
+        "text": echo[g.index] + g.text.text,
+        "logprobs": _completion_logprobs(g, tok, 0, len(echo[g.index]))
+        if body.logprobs is not None else None,
+        "finish_reason": finish_reason(g),
+    } for g in gens]
+    return json_response({**header, "choices": choices, "usage": usage(gens, n)})
+
+
+def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt: a string, a list of strings, a list of token ids or
+    a list of such lists."""
+    items = prompt if isinstance(prompt, list) else [prompt]
+    if items and all(isinstance(p, int) for p in items):
+        items = [items]
+    if not items:
+        raise ApiError(400, "prompt: must not be empty", param="prompt")
+    ids, texts = [], []
+    for p in items:
+        if isinstance(p, str):
+            ids.append(tokenizer.encode(p))
+            texts.append(p)
+        elif isinstance(p, list) and all(isinstance(t, int) for t in p):
+            ids.append(p)
+            texts.append(tokenizer.decode(p))
+        else:
+            raise ApiError(400, "prompt: mixes strings, token ids and lists of token ids",
+                           param="prompt")
+    return ids, texts
+
+
+def _completion_logprobs(g: Generation, tok: Any, start: int, offset: int) -> dict[str, Any]:
+    """OpenAI's completions logprobs for output tokens [start:]; offsets start at `offset`."""
+    tokens = [tok.decode([t]) for t in g.output_ids[start:]]
+    offsets = []
+    for s in tokens:
+        offsets.append(offset)
+        offset += len(s)
+    top = None
+    if g.request.top_logprobs_num > 0:
+        top = [{tok.decode([t]): lp for t, lp in tops} for tops in g.top_logprobs[start:]]
+    return {"tokens": tokens, "token_logprobs": g.logprobs[start:], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+async def _stream_completions(request: web.Request, gens: list[Generation],
+                              header: dict[str, Any], echo: list[str], body: CompletionRequest,
+                              n: int) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    extra = {"usage": None} if body.include_usage else {}
+    sent_tokens = [0] * len(gens)
+    text_offset = [len(e) for e in echo]
+    resp = await sse.start(request)
+
+    async def produce() -> None:
+        for g in gens:
+            if echo[g.index]:
+                await sse.send(resp, {**header, "choices": [_choice(g.index, echo[g.index])],
+                                      **extra})
+        async with contextlib.aclosing(follow(engine, gens)) as outputs:
+            async for g, delta in outputs:
+                start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _completion_logprobs(g, engine.tokenizer, start, text_offset[g.index])
+                text_offset[g.index] += len(delta)
+                if delta or g.finished or logprobs:
+                    choice = _choice(g.index, delta, finish_reason(g), logprobs)
+                    await sse.send(resp, {**header, "choices": [choice], **extra})
+        if body.include_usage:
+            await sse.send(resp, {**header, "choices": [], "usage": usage(gens, n)})
+
+    return await sse.run(request, resp, produce(), Style.OPENAI)
+
+
+def _choice(index: int, text: str, reason: str | None = None,
+            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+# ---------------------------------------------------------------- chat
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    body = await decode_body(request, ChatRequest)
+    lora = resolve_adapter(request, body.model)
+    prompt = chat_prompt(body, engine.tokenizer)
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    if limit is None:  # unset: up to the context length
+        limit = max(engine.model_info.context_length - len(prompt), 1)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    specs = _specs(body, [prompt], lora, [limit], logprobs)
+    gens = await submit_all(engine, specs)
+    header = _header("chat.completion", f"chatcmpl-{uuid.uuid4().hex}",
+                     body.model or base_names(request)[0])
+    if body.stream:
+        header["object"] = "chat.completion.chunk"
+        return await _stream_chat(request, gens, header, body)
+    await unless_disconnected(request, collect(engine, gens))
+    choices = [{
+        "index": g.index,
+        "message": {"role": "assistant", "content": g.text.text},
+        "logprobs": _chat_logprobs(g, engine.tokenizer, 0) if body.logprobs else None,
+        "finish_reason": finish_reason(g),
+    } for g in gens]
+    return json_response({**header, "choices": choices, "usage": usage(gens, len(gens))})
+
+
+def chat_prompt(body: ChatRequest, tokenizer: Any) -> list[int]:
+    """Render the messages with the chat template (the request's, or the tokenizer's)."""
+    if not body.messages:
+        raise ApiError(400, "messages: must not be empty", param="messages")
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    kwargs = dict(body.chat_template_kwargs or {})
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, chat_template=body.chat_template,
+            add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+            continue_final_message=body.continue_final_message, **kwargs,
+        )
+    except Exception as e:  # noqa: BLE001 - a template error is the request's mistake
+        raise ApiError(400, f"chat template failed: {type(e).__name__}: {e}",
+                       param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _message(m: dict[str, Any], i: int) -> dict[str, Any]:
+    if not isinstance(m.get("role"), str):
+        raise ApiError(400, f"messages[{i}].role: must be a string", param=f"messages.{i}.role")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: only text is supported
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or \
+                    not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                               param=f"messages.{i}.content")
+            texts.append(part["text"])
+        return {**m, "content": "".join(texts)}
+    if content is not None and not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content: must be a string or a list of parts",
+                       param=f"messages.{i}.content")
+    return m
+
+
+def _chat_logprobs(g: Generation, tok: Any, start: int) -> dict[str, Any]:
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    content = []
+    for k, (t, lp) in enumerate(zip(g.output_ids[start:], g.logprobs[start:], strict=False)):
+        tops = g.top_logprobs[start + k] if start + k < len(g.top_logprobs) else []
+        content.append({**entry(t, lp), "top_logprobs": [entry(tt, tlp) for tt, tlp in tops]})
+    return {"content": content}
+
+
+async def _stream_chat(request: web.Request, gens: list[Generation], header: dict[str, Any],
+                       body: ChatRequest) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    extra = {"usage": None} if body.include_usage else {}
+    sent_tokens = [0] * len(gens)
+    resp = await sse.start(request)
+
+    def chunk(index: int, delta: dict[str, Any], reason: str | None = None,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {**header, "choices": [choice], **extra}
+
+    async def produce() -> None:
+        for g in gens:
+            await sse.send(resp, chunk(g.index, {"role": "assistant", "content": ""}))
+        async with contextlib.aclosing(follow(engine, gens)) as outputs:
+            async for g, delta in outputs:
+                start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
+                logprobs = _chat_logprobs(g, engine.tokenizer, start) if body.logprobs else None
+                if delta or logprobs:
+                    await sse.send(resp, chunk(g.index, {"content": delta}, None, logprobs))
+                if g.finished:
+                    await sse.send(resp, chunk(g.index, {}, finish_reason(g)))
+        if body.include_usage:
+            await sse.send(resp, {**header, "choices": [], "usage": usage(gens, len(gens))})
+
+    return await sse.run(request, resp, produce(), Style.OPENAI)
+
+
+# ---------------------------------------------------------------- models
+
+def _model_cards(request: web.Request) -> list[dict[str, Any]]:
+    engine, created = request.app[ENGINE], request.app[LIFECYCLE].started_at
+    base = base_names(request)[0]
+    info = engine.model_info
+    cards = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve",
+              "root": info.model_path, "parent": None, "max_model_len": info.context_length}]
+    for name, path in engine.loaded_adapters().items():
+        cards.append({"id": name, "object": "model", "created": created,
+                      "owned_by": "loraserve", "root": path, "parent": base,
+                      "max_model_len": info.context_length})
+    return cards
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": _model_cards(request)})
+
+
+@routes.get("/v1/models/{model:.+}")
+async def get_model(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    adapter = resolve_adapter(request, model)
+    for card in _model_cards(request):
+        if card["id"] == (adapter or base_names(request)[0]):
+            return json_response(card)
+    raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found",
+                   param="model")

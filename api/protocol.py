@@ -1,0 +1,155 @@
+"""Request bodies as msgspec Structs. Unknown fields are ignored; a known field of the wrong
+type fails decoding with its path in the message (`$.sampling_params.top_k`).
+
+Every optional field accepts JSON null as "not given", since clients often send nulls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from runtime.request import SamplingParams
+
+T = TypeVar("T")
+
+
+class NativeSampling(msgspec.Struct):
+    """The native `sampling_params` object; names as in SamplingParams."""
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    seed: int | None = None
+    no_stop_trim: bool = False
+
+    def to_params(self) -> SamplingParams:
+        given = {f: getattr(self, f) for f in self.__struct_fields__ if f != "no_stop_trim"}
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+class GenerateRequest(msgspec.Struct):
+    text: str | list[str] | None = None
+    input_ids: list[int | list[int]] | None = None
+    sampling_params: NativeSampling | list[NativeSampling] | None = None
+    lora_path: str | list[str | None] | None = None
+    stream: bool = False
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    return_text_in_logprobs: bool = False
+
+
+class AbortRequest(msgspec.Struct):
+    rid: str | None = None
+    abort_all: bool = False
+
+
+class TokenizeRequest(msgspec.Struct):
+    text: str | list[str] | None = None
+    prompt: str | list[str] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(msgspec.Struct):
+    tokens: list[int]
+    skip_special_tokens: bool = False
+
+
+class LoadAdapterRequest(msgspec.Struct):
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+class UnloadAdapterRequest(msgspec.Struct):
+    lora_name: str
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class OpenAISampling(msgspec.Struct):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's and extensions)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    # extensions (SGLang accepts these on its OpenAI routes too)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    no_stop_trim: bool = False
+    rid: str | None = None
+
+    def to_params(self, max_new_tokens: int, seed_offset: int) -> SamplingParams:
+        given = {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": self.min_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat.
+            "seed": None if self.seed is None else self.seed + seed_offset,
+        }
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str | int | list[int]] = ""
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatRequest(OpenAISampling):
+    messages: list[dict[str, Any]] = []
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+async def decode_body(request: web.Request, kind: type[T]) -> T:
+    """Read and decode the JSON body (raises msgspec errors; 413 past client_max_size)."""
+    body = await request.read()
+    return msgspec.json.decode(body or b"{}", type=kind)

@@ -1,0 +1,621 @@
+"""The adapter memory hierarchy: disk -> pinned host copies -> GPU slots.
+
+States: REGISTERED (on disk only) -> LOADING (disk -> host, in a loader thread) -> IN_HOST ->
+UPLOADING (host -> GPU on the copy stream) -> RESIDENT, and back down on eviction.
+
+Two holds, never confused:
+- a request's NAME REFERENCE (`acquire` ... `release`), from submit to finish or abort. Unload
+  stops new references at once and waits for the count to reach zero;
+- a slot LOCK (`lock` ... `unlock`), only while a batch that reads the slot is in flight.
+  Queued requests lock nothing, so a busy adapter never starves the others of slots.
+
+Before the copy stream overwrites a slot it waits on the slot's last-use event (recorded on the
+compute stream after the last batch that read it); after the copy it records the slot's ready
+event, which the compute stream waits on before the first batch that uses the slot. Nothing
+here waits on the GPU: `poll()` only queries events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.adapters.paths import resolve_adapter_path, resolve_on_demand
+from runtime.adapters.peft_format import (
+    AdapterConfig,
+    AdapterError,
+    AdapterWeights,
+    load_peft_adapter,
+    read_adapter_config,
+)
+from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool
+from runtime.config import ServerConfig
+from runtime.streams import Event, Streams
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 256
+
+
+class Residency(enum.Enum):
+    REGISTERED = "registered"
+    LOADING = "loading"
+    IN_HOST = "in_host"
+    UPLOADING = "uploading"
+    RESIDENT = "resident"
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter as the admin API lists it. tier: "gpu", "host" or "disk"."""
+
+    name: str
+    path: str
+    tier: str
+    state: str
+    pinned: bool
+    rank: int
+    target_modules: tuple[str, ...]
+    refs: int
+    error: str | None
+
+
+@dataclass
+class AdapterCounters:
+    """Cumulative counts for metrics. Tiers: "host" = disk -> host, "gpu" = host -> GPU."""
+
+    loads: dict[str, int] = field(default_factory=lambda: {"host": 0, "gpu": 0})
+    evictions: dict[str, int] = field(default_factory=lambda: {"host": 0, "gpu": 0})
+    # Where a request's adapter was when the request arrived (acquire).
+    requests_by_residency: dict[str, int] = field(
+        default_factory=lambda: {"gpu": 0, "host": 0, "disk": 0}
+    )
+    load_failures: int = 0
+    upload_failures: int = 0
+    # (tier, seconds) of completed loads not yet drained by the metrics exporter.
+    pending_latencies: list[tuple[str, float]] = field(default_factory=list)
+
+
+class _Adapter:
+    """Bookkeeping of one registered adapter name."""
+
+    def __init__(self, name: str, path: str, pinned: bool, config: AdapterConfig) -> None:
+        self.name = name
+        self.path = path
+        self.pinned = pinned
+        self.config = config
+        self.host: HostAdapter | None = None
+        self.load_task: asyncio.Task[None] | None = None
+        self.slot: int | None = None
+        self.refs = 0
+        self.is_closing = False
+        self.idle = asyncio.Event()  # set while refs == 0
+        self.idle.set()
+        self.last_used = 0
+        self.error: str | None = None
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.owner: _Adapter | None = None
+        self.locks = 0
+        self.unlocked = asyncio.Event()
+        self.unlocked.set()
+        self.last_use: Event | None = None
+        self.ready: Event | None = None  # set while the upload may still be running
+        self.assigned_at = 0
+        self.upload_started = 0.0
+
+
+def resolve_pool_spec(config: ServerConfig, num_layers: int) -> tuple[int, frozenset[str]]:
+    """(max rank, target modules) of the slot pool: the config's, else inferred from the
+    startup adapters' configs (blocking reads: call at startup)."""
+    rank, modules = config.max_lora_rank, config.lora_target_modules
+    if modules is not None:
+        modules = ALL_MODULES if "all" in modules else frozenset(modules)
+    if rank is not None and modules is not None:
+        return rank, modules
+    configs = []
+    for spec in config.lora_paths:
+        try:
+            configs.append(read_adapter_config(spec.lora_path, num_layers))
+        except AdapterError as e:
+            raise AdapterError(
+                f"cannot infer the adapter pool from {spec.lora_name!r} ({e}); "
+                "set --max-lora-rank and --lora-target-modules"
+            ) from None
+    if not configs:
+        raise AdapterError("set --max-lora-rank and --lora-target-modules (no --lora-paths)")
+    rank = rank if rank is not None else max(c.rank for c in configs)
+    if modules is None:
+        modules = frozenset().union(*(c.target_modules for c in configs))
+    return rank, modules
+
+
+class AdapterManager:
+    """Owns the slot pool and every adapter's residency. Call it from the event-loop thread only.
+
+    Disk reads run in a loader thread; uploads are enqueued on the copy stream.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        shape: LoraModelShape,
+        device: torch.device,
+        dtype: torch.dtype,
+        streams: Streams,
+    ) -> None:
+        self.config = config
+        self.shape = shape
+        self.streams = streams
+        max_rank, targets = resolve_pool_spec(config, shape.num_layers)
+        self.pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype)
+        self.counters = AdapterCounters()
+        # Test hook: called in the middle of every upload; raising simulates a failed upload.
+        self.upload_fault: Callable[[str, int], None] | None = None
+        self._adapters: dict[str, _Adapter] = {}
+        self._loading: dict[str, asyncio.Future[None]] = {}  # first loads in progress
+        self._loading_pinned: set[str] = set()
+        self._pins_waiting: set[str] = set()  # pinned adapters still without a slot
+        self._slots = [_Slot() for _ in range(config.max_loras_per_batch)]
+        self._clock = itertools.count(1)
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # registration ------------------------------------------------------------------------
+
+    async def load_startup_adapters(self) -> None:
+        """Load config.lora_paths (trusted operator paths: lora_roots does not apply)."""
+        for spec in self.config.lora_paths:
+            await self.load(spec.lora_name, spec.lora_path, spec.pinned, trusted=True)
+
+    async def load(
+        self, name: str, path: str, pinned: bool = False, *, trusted: bool = False
+    ) -> None:
+        """Register adapter `name` from `path`, read it into host memory (in a thread) and, if
+        pinned, start its upload. A failed load changes nothing."""
+        _check_name(name)
+        if name in self._adapters or name in self._loading:
+            raise AdapterError(f"LoRA adapter {name!r} is already loaded")
+        if pinned:
+            self._check_pin_room(name)
+        done = asyncio.get_running_loop().create_future()
+        self._loading[name] = done
+        if pinned:
+            self._loading_pinned.add(name)
+        try:
+            entry = await self._load_new(name, path, pinned, trusted)
+        finally:
+            del self._loading[name]
+            self._loading_pinned.discard(name)
+            done.set_result(None)
+        self._adapters[name] = entry
+        if pinned and self._take_slot(entry, set(), is_prefetch=False) is None:
+            self._pins_waiting.add(name)  # poll() retries
+        logger.info("loaded LoRA adapter %s from %s (rank %d)", name, entry.path, entry.config.rank)
+
+    async def _load_new(self, name: str, path: str, pinned: bool, trusted: bool) -> _Adapter:
+        loop = asyncio.get_running_loop()
+        roots = () if trusted else self.config.lora_roots
+        allow_hub = trusted or self.config.lora_allow_hub
+        real, cfg = await loop.run_in_executor(
+            self._executor, self._read_config, path, roots, allow_hub
+        )
+        self._check_compatible(name, cfg.rank, cfg.target_modules)
+        self._check_host_room(name, self.pool.host_nbytes(cfg.modules))
+        entry = _Adapter(name, real, pinned, cfg)
+        t0 = time.monotonic()
+        try:
+            host = await loop.run_in_executor(self._executor, self._read_host, real)
+        except AdapterError:
+            self.counters.load_failures += 1
+            raise
+        self._check_compatible(name, host[1].rank, host[1].target_modules)
+        if pinned:
+            self._check_pin_room(name)
+        self._make_host_room(host[0].nbytes, name)
+        entry.host = host[0]
+        entry.last_used = next(self._clock)
+        self._count_load("host", time.monotonic() - t0)
+        return entry
+
+    def _read_config(
+        self, path: str, roots: tuple[str, ...], allow_hub: bool
+    ) -> tuple[str, AdapterConfig]:
+        real = resolve_adapter_path(path, roots, allow_hub)
+        return real, read_adapter_config(real, self.shape.num_layers)
+
+    def _read_host(self, path: str) -> tuple[HostAdapter, AdapterWeights]:
+        try:
+            weights = load_peft_adapter(path, self.shape)
+            return self.pool.build_host(weights), weights
+        except AdapterError:
+            raise
+        except Exception as e:  # I/O or allocation failures: report, never crash the loop
+            raise AdapterError(f"cannot read adapter at {path}: {e}") from e
+
+    async def unload(self, name: str) -> None:
+        """Stop new references to `name` at once, wait for its references and slot locks to
+        drop, then free its slot and host memory. The name can then be loaded again."""
+        entry = self._adapters.get(name)
+        if entry is None or entry.is_closing:
+            raise AdapterError(f"LoRA adapter {name!r} has never been loaded")
+        entry.is_closing = True
+        await entry.idle.wait()
+        while entry.slot is not None and self._slots[entry.slot].locks:
+            await self._slots[entry.slot].unlocked.wait()
+        if entry.slot is not None:
+            self._free_slot(entry.slot)
+        entry.host = None
+        del self._adapters[name]
+        logger.info("unloaded LoRA adapter %s", name)
+
+    async def acquire_or_resolve(self, name: str) -> None:
+        """`acquire`, loading an unknown name first from `<lora_root>/<name>` when
+        lora_resolve_on_demand is on."""
+        if name in self._loading:
+            await asyncio.shield(self._loading[name])
+        entry = self._adapters.get(name)
+        if (entry is None or entry.is_closing) and self.config.lora_resolve_on_demand:
+            loop = asyncio.get_running_loop()
+            path = await loop.run_in_executor(
+                self._executor, resolve_on_demand, name, self.config.lora_roots
+            )
+            if path is not None and name not in self._adapters:
+                if name in self._loading:
+                    await asyncio.shield(self._loading[name])
+                else:
+                    await self.load(name, path)
+        self.acquire(name)
+
+    def close(self) -> None:
+        """Stop the loader threads (shutdown)."""
+        for task in self._tasks:
+            task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # checks ------------------------------------------------------------------------------
+
+    def _check_compatible(self, name: str, rank: int, modules: frozenset[str]) -> None:
+        if rank > self.pool.max_rank:
+            raise AdapterError(
+                f"LoRA adapter {name!r} is incompatible with the adapter pool: its rank {rank} "
+                f"exceeds --max-lora-rank {self.pool.max_rank}; raise --max-lora-rank to at "
+                f"least {rank}"
+            )
+        missing = modules - self.pool.target_modules
+        if missing:
+            raise AdapterError(
+                f"LoRA adapter {name!r} is incompatible with the adapter pool: it targets "
+                f"{', '.join(sorted(missing))}, not in --lora-target-modules; add them to "
+                "--lora-target-modules"
+            )
+
+    def _check_pin_room(self, name: str) -> None:
+        limit = self.config.max_loras_per_batch - 1
+        pinned = sum(a.pinned for a in self._adapters.values())
+        pinned += len(self._loading_pinned - {name})
+        if pinned + 1 > limit:
+            raise AdapterError(
+                f"cannot pin LoRA adapter {name!r}: at most max_loras_per_batch - 1 = {limit} "
+                "adapters can be pinned, to avoid starvation of unpinned adapters"
+            )
+
+    def _host_evictable(self, keep: str | None) -> list[_Adapter]:
+        """Host copies that may be dropped, in eviction order: unreferenced first, then LRU."""
+        cands = [
+            a
+            for a in self._adapters.values()
+            if a.host is not None
+            and not a.pinned
+            and a.name != keep
+            and not (a.slot is not None and self._slots[a.slot].ready is not None)
+        ]
+        return sorted(cands, key=lambda a: (a.refs > 0, a.last_used))
+
+    def _host_usage(self) -> tuple[int, int]:
+        held = [a.host for a in self._adapters.values() if a.host is not None]
+        return len(held), sum(h.nbytes for h in held)
+
+    def _check_host_room(self, name: str, nbytes: int) -> None:
+        budget = self.config.max_lora_host_bytes
+        if nbytes > budget:
+            raise AdapterError(
+                f"LoRA adapter {name!r} needs {nbytes} bytes of host memory, more than "
+                f"max_lora_host_bytes ({budget})"
+            )
+        count, used = self._host_usage()
+        evictable = self._host_evictable(name)
+        min_count = count - len(evictable)
+        min_used = used - sum(a.host.nbytes for a in evictable if a.host is not None)
+        if min_count + 1 > self.config.num_lora_host_slots or min_used + nbytes > budget:
+            raise AdapterError(
+                f"no host memory for LoRA adapter {name!r}: pinned or uploading adapters hold "
+                "it all (raise max_loaded_loras or max_lora_host_bytes)"
+            )
+
+    def _make_host_room(self, nbytes: int, keep: str) -> None:
+        """Drop host copies (unreferenced first, then LRU) until one of `nbytes` fits."""
+        self._check_host_room(keep, nbytes)
+        evictable = self._host_evictable(keep)
+        count, used = self._host_usage()
+        while count + 1 > self.config.num_lora_host_slots or (
+            used + nbytes > self.config.max_lora_host_bytes
+        ):
+            victim = evictable.pop(0)
+            assert victim.host is not None
+            count, used = count - 1, used - victim.host.nbytes
+            victim.host = None
+            self.counters.evictions["host"] += 1
+            logger.debug("evicted LoRA adapter %s from host memory", victim.name)
+
+    # request references ------------------------------------------------------------------
+
+    def acquire(self, name: str) -> None:
+        """Take a request's reference on `name` and prefetch it toward the GPU."""
+        entry = self._adapters.get(name)
+        if entry is None or entry.is_closing:
+            raise AdapterError(f"LoRA adapter {name!r} has never been loaded")
+        entry.refs += 1
+        entry.idle.clear()
+        entry.last_used = next(self._clock)
+        tier = self._tier(entry)
+        self.counters.requests_by_residency[tier] += 1
+        if entry.host is None:
+            self._ensure_loading(entry)
+        elif entry.slot is None:
+            self._take_slot(entry, set(), is_prefetch=True)
+
+    def release(self, name: str) -> None:
+        """Drop a request's reference on `name` (at finish or abort)."""
+        entry = self._adapters.get(name)
+        if entry is None or entry.refs <= 0:
+            logger.error("release of LoRA adapter %s without a reference", name)
+            return
+        entry.refs -= 1
+        if entry.refs == 0:
+            entry.idle.set()
+
+    def _ensure_loading(self, entry: _Adapter) -> None:
+        if entry.host is not None or entry.load_task is not None:
+            return
+        task = asyncio.get_running_loop().create_task(self._reload(entry))
+        entry.load_task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self, entry: _Adapter) -> None:
+        """Read an adapter evicted from host memory back from its path."""
+        t0 = time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+            host, weights = await loop.run_in_executor(self._executor, self._read_host, entry.path)
+            if self._adapters.get(entry.name) is not entry:
+                return  # unloaded meanwhile
+            self._check_compatible(entry.name, weights.rank, weights.target_modules)
+            self._make_host_room(host.nbytes, entry.name)
+        except Exception as e:  # noqa: BLE001 - keep the loop alive; reported per adapter
+            self.counters.load_failures += 1
+            entry.error = f"reload failed: {e}"
+            logger.error("reload of LoRA adapter %s failed: %s", entry.name, e)
+            return
+        finally:
+            entry.load_task = None
+        entry.host, entry.error = host, None
+        self._count_load("host", time.monotonic() - t0)
+        if entry.refs > 0 and entry.slot is None:  # requests wait for it: continue the prefetch
+            self._take_slot(entry, set(), is_prefetch=True)
+
+    # GPU slots ---------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Mark finished uploads RESIDENT and retry pinned uploads. Never blocks."""
+        for slot in self._slots:
+            if slot.owner is not None and slot.ready is not None and slot.ready.query():
+                slot.ready = None
+                self._count_load("gpu", time.monotonic() - slot.upload_started)
+        for name in list(self._pins_waiting):
+            entry = self._adapters.get(name)
+            is_done = entry is None or entry.slot is not None
+            if is_done or (entry.host is not None and self._take_slot(entry, set(), False)):
+                self._pins_waiting.discard(name)
+
+    def admit(self, name: str, batch_slots: set[int], overlap: bool) -> int | None:
+        """The slot of `name` if a request for it can join the batch being built, else None.
+
+        Joins when RESIDENT, or (overlap False) when its upload is queued on the copy stream.
+        An IN_HOST adapter gets a slot (free, else a victim by the eviction policy that is not
+        locked, pinned, uploading or in batch_slots) and its upload starts. Call it first for
+        the batch's running requests, so their slots are in batch_slots.
+        """
+        entry = self._adapters.get(name)
+        if entry is None:
+            raise AdapterError(f"LoRA adapter {name!r} has never been loaded")
+        if entry.slot is None:
+            if entry.host is None:
+                self._ensure_loading(entry)
+                return None
+            if self._take_slot(entry, batch_slots, is_prefetch=False) is None:
+                return None
+        assert entry.slot is not None
+        if self._slots[entry.slot].ready is not None and overlap:
+            return None
+        entry.last_used = next(self._clock)
+        return entry.slot
+
+    def _take_slot(self, entry: _Adapter, batch_slots: set[int], is_prefetch: bool) -> int | None:
+        """Find a slot for `entry` (evicting if needed) and start its upload."""
+        slot = next((i for i, s in enumerate(self._slots) if s.owner is None), None)
+        if slot is None:
+            slot = self._victim(batch_slots, is_prefetch)
+            if slot is None:
+                return None
+            victim = self._slots[slot].owner
+            assert victim is not None
+            victim.slot = None
+            self._slots[slot].owner = None
+            self.counters.evictions["gpu"] += 1
+            logger.debug("evicted LoRA adapter %s from GPU slot %d", victim.name, slot)
+        return self._upload(entry, slot)
+
+    def _victim(self, batch_slots: set[int], is_prefetch: bool) -> int | None:
+        """The slot to evict: unlocked, unpinned, resident, outside the batch. Prefetches only
+        take slots nobody references; otherwise unreferenced slots go first."""
+        cands = [
+            i
+            for i, s in enumerate(self._slots)
+            if s.owner is not None
+            and s.locks == 0
+            and i not in batch_slots
+            and not s.owner.pinned
+            and s.ready is None
+            and not (is_prefetch and s.owner.refs > 0)
+        ]
+        if not cands:
+            return None
+        is_fifo = self.config.lora_eviction_policy == "fifo"
+
+        def order(i: int) -> tuple[bool, int]:
+            s = self._slots[i]
+            assert s.owner is not None
+            return s.owner.refs > 0, s.assigned_at if is_fifo else s.owner.last_used
+
+        return min(cands, key=order)
+
+    def _upload(self, entry: _Adapter, slot: int) -> int | None:
+        """Enqueue host -> slot copies on the copy stream, after the slot's last use."""
+        assert entry.host is not None
+        s = self._slots[slot]
+        copies = self.pool.slot_copies(slot, entry.host)
+        started = time.monotonic()
+        try:
+            with self.streams.use(self.streams.copy):
+                if s.last_use is not None:
+                    s.last_use.wait(self.streams.copy)
+                for i, (dst, src) in enumerate(copies):
+                    if self.upload_fault is not None and i == len(copies) // 2:
+                        self.upload_fault(entry.name, slot)
+                    if src is None:
+                        dst.zero_()
+                    else:
+                        dst.copy_(src, non_blocking=True)
+                ready = self.streams.event()
+                ready.record(self.streams.copy)
+        except Exception as e:  # noqa: BLE001 - a half-written slot is never used: it stays free
+            self.counters.upload_failures += 1
+            entry.error = f"upload failed: {e}"
+            logger.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, e)
+            if entry.pinned:
+                self._pins_waiting.add(entry.name)
+            return None
+        s.owner, s.ready, s.upload_started = entry, ready, started
+        s.assigned_at = next(self._clock)
+        entry.slot, entry.error = slot, None
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        s = self._slots[slot]
+        if s.owner is not None:
+            s.owner.slot = None
+        s.owner, s.ready = None, None
+
+    def lock(self, slots: Iterable[int]) -> None:
+        """A batch reading `slots` is about to be launched."""
+        for i in slots:
+            self._slots[i].locks += 1
+            self._slots[i].unlocked.clear()
+
+    def record_use(self, slots: Iterable[int], event: Event) -> None:
+        """`event` was recorded on the compute stream after the batch that read `slots`."""
+        for i in slots:
+            self._slots[i].last_use = event
+
+    def unlock(self, slots: Iterable[int]) -> None:
+        """The batch that read `slots` has completed."""
+        for i in slots:
+            s = self._slots[i]
+            s.locks -= 1
+            if s.locks == 0:
+                s.unlocked.set()
+
+    def ready_event(self, slot: int) -> Event | None:
+        """The event the compute stream must wait on before reading `slot` (None: ready)."""
+        return self._slots[slot].ready
+
+    # introspection -----------------------------------------------------------------------
+
+    def state(self, name: str) -> Residency:
+        entry = self._adapters.get(name)
+        if entry is None:
+            return Residency.LOADING if name in self._loading else Residency.REGISTERED
+        return self._state(entry)
+
+    def _state(self, entry: _Adapter) -> Residency:
+        if entry.slot is not None:
+            ready = self._slots[entry.slot].ready is None
+            return Residency.RESIDENT if ready else Residency.UPLOADING
+        if entry.host is not None:
+            return Residency.IN_HOST
+        return Residency.LOADING if entry.load_task is not None else Residency.REGISTERED
+
+    def _tier(self, entry: _Adapter) -> str:
+        if entry.slot is not None and self._slots[entry.slot].ready is None:
+            return "gpu"
+        return "host" if entry.host is not None else "disk"
+
+    def __contains__(self, name: str) -> bool:
+        entry = self._adapters.get(name)
+        return entry is not None and not entry.is_closing
+
+    def slot_of(self, name: str) -> int | None:
+        entry = self._adapters.get(name)
+        return entry.slot if entry is not None else None
+
+    def load_error(self, name: str) -> str | None:
+        """The last load or upload error of `name` (the scheduler may abort its requests)."""
+        entry = self._adapters.get(name)
+        return entry.error if entry is not None else None
+
+    def list(self) -> list[AdapterInfo]:
+        return [
+            AdapterInfo(
+                name=a.name,
+                path=a.path,
+                tier=self._tier(a),
+                state=self._state(a).value,
+                pinned=a.pinned,
+                rank=a.config.rank,
+                target_modules=tuple(sorted(a.config.target_modules)),
+                refs=a.refs,
+                error=a.error,
+            )
+            for a in self._adapters.values()
+        ]
+
+    def drain_latencies(self) -> list[tuple[str, float]]:
+        """Completed loads' (tier, seconds) since the last call, for a latency histogram."""
+        out, self.counters.pending_latencies = self.counters.pending_latencies, []
+        return out
+
+    def _count_load(self, tier: str, seconds: float) -> None:
+        self.counters.loads[tier] += 1
+        self.counters.pending_latencies.append((tier, seconds))
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or ":" in name or len(name) > MAX_NAME_CHARS:
+        raise AdapterError(
+            f"lora_name: {name!r} must be a non-empty name without ':' "
+            f"(at most {MAX_NAME_CHARS} characters)"
+        )
+    if any(not c.isprintable() for c in name):
+        raise AdapterError(f"lora_name: {name!r} must not hold control characters")

@@ -1,0 +1,99 @@
+"""Where a run-time adapter path may point.
+
+With `lora_roots` set, an adapter folder must lie inside one of them after every symlink is
+resolved; relative paths are taken relative to each root in turn. Hub ids (`org/name`) are
+fetched only when `lora_allow_hub` is on. Blocking (filesystem, maybe network): call these from
+a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from runtime.adapters.peft_format import CONFIG_FILE, AdapterError
+
+_FORBIDDEN = ("/proc", "/sys", "/dev")
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _is_forbidden(real: str) -> bool:
+    return any(_inside(real, f) for f in _FORBIDDEN)
+
+
+def _is_hub_id(path: str) -> bool:
+    return _HUB_ID_RE.fullmatch(path) is not None and ".." not in path
+
+
+def resolve_adapter_path(path: str, roots: tuple[str, ...], allow_hub: bool) -> str:
+    """The real local folder for adapter `path`, or AdapterError saying why it is refused.
+
+    roots: folders the adapter must lie in (empty: any local folder). A string that is not a
+    local folder is a hub id, fetched with huggingface_hub only when `allow_hub`.
+    """
+    if not path or "\x00" in path:
+        raise AdapterError("lora_path: must be a non-empty path")
+    if roots:
+        real = _resolve_under_roots(path, roots)
+        if real is not None:
+            return real
+    elif os.path.isdir(path):
+        real = os.path.realpath(path)
+        if _is_forbidden(real):
+            raise AdapterError(f"lora_path: {path!r} points into a system folder")
+        return real
+    if not _is_hub_id(path):
+        where = f"inside lora_roots {list(roots)}" if roots else "a local folder"
+        raise AdapterError(f"lora_path: {path!r} is not {where}")
+    if not allow_hub:
+        raise AdapterError(
+            f"lora_path: {path!r} is not a local adapter folder, and hub ids are refused "
+            "(start the server with --lora-allow-hub to fetch them)"
+        )
+    return _download(path)
+
+
+def _resolve_under_roots(path: str, roots: tuple[str, ...]) -> str | None:
+    """The real folder for `path` inside a root; None when `path` is no local path at all."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in real_roots]
+    parts = path.replace("\\", "/").split("/")
+    for cand in candidates:
+        real = os.path.realpath(cand)
+        if _is_forbidden(real):
+            raise AdapterError(f"lora_path: {path!r} points into a system folder")
+        if not any(_inside(real, r) for r in real_roots):
+            if os.path.isabs(path) or ".." in parts or os.path.lexists(cand):
+                raise AdapterError(f"lora_path: {path!r} escapes lora_roots {list(roots)}")
+            continue
+        if os.path.isdir(real):
+            return real
+    if os.path.isabs(path) or ".." in parts:
+        raise AdapterError(f"lora_path: {path!r} is not an adapter folder inside lora_roots")
+    return None
+
+
+def _download(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=repo_id)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one clear error
+        raise AdapterError(f"lora_path: cannot fetch hub adapter {repo_id!r}: {e}") from None
+
+
+def resolve_on_demand(name: str, roots: tuple[str, ...]) -> str | None:
+    """The folder `<root>/<name>` holding an adapter config, for on-demand loading of an
+    unknown adapter name; None when no root has one. `name` must be a plain folder name."""
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name:
+        return None
+    for root in roots:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(os.path.join(real_root, name))
+        if _inside(real, real_root) and os.path.isfile(os.path.join(real, CONFIG_FILE)):
+            return real
+    return None

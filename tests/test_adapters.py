@@ -1,0 +1,589 @@
+"""Adapter tiers: loading, GPU slot eviction, pins, locks, host tier, unload, paths.
+
+Runs on CPU with fake events, so an upload can be held "in flight" and the copy stream's waits
+on last-use events can be observed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from runtime.adapters.manager import AdapterManager, Residency, resolve_pool_spec
+from runtime.adapters.paths import resolve_adapter_path, resolve_on_demand
+from runtime.adapters.peft_format import AdapterError
+from runtime.adapters.pool import LoraModelShape
+from runtime.config import LoraPathSpec, ServerConfig
+from runtime.streams import Event, Streams
+
+CPU = torch.device("cpu")
+SHAPE = LoraModelShape(
+    num_layers=2, hidden_size=64, intermediate_size=128, q_size=64, kv_size=32, vocab_size=256
+)
+DIMS = {"q_proj": (64, 64), "v_proj": (64, 32), "gate_proj": (64, 128)}
+
+
+class FakeEvent(Event):
+    """An event whose completion the test controls; records the waits issued on it."""
+
+    def __init__(self, is_done: bool) -> None:
+        super().__init__(CPU)
+        self.is_done = is_done
+        self.num_waits = 0
+
+    def query(self) -> bool:
+        return self.is_done
+
+    def wait(self, stream: Any = None) -> None:
+        self.num_waits += 1
+
+
+class FakeStreams(Streams):
+    def __init__(self) -> None:
+        super().__init__(CPU)
+        self.auto_done = True
+        self.events: list[FakeEvent] = []
+
+    def event(self) -> FakeEvent:
+        ev = FakeEvent(self.auto_done)
+        self.events.append(ev)
+        return ev
+
+
+def write_adapter(
+    folder: Path, seed: int, r: int = 2, modules: tuple[str, ...] = ("q_proj", "v_proj")
+) -> dict[str, torch.Tensor]:
+    """A hand-made PEFT folder; returns its tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": list(modules),
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(SHAPE.num_layers):
+        for m in modules:
+            parent = "mlp" if m == "gate_proj" else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+            in_f, out_f = DIMS[m]
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=g)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=g)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return tensors
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for i, name in enumerate("abcde"):
+        out[name] = tmp_path / "root" / name
+        write_adapter(out[name], seed=i)
+    out["big_rank"] = tmp_path / "root" / "big_rank"
+    write_adapter(out["big_rank"], seed=9, r=8)
+    out["gate"] = tmp_path / "root" / "gate"
+    write_adapter(out["gate"], seed=10, modules=("q_proj", "gate_proj"))
+    return out
+
+
+def make_manager(streams: Streams | None = None, **kw: Any) -> AdapterManager:
+    base: dict[str, Any] = {
+        "device": "cpu",
+        "enable_lora": True,
+        "max_lora_rank": 4,
+        "lora_target_modules": ("q_proj", "v_proj"),
+        "max_loras_per_batch": 2,
+    }
+    config = ServerConfig(**{**base, **kw})
+    return AdapterManager(config, SHAPE, CPU, torch.float32, streams or FakeStreams())
+
+
+def slot_q_a(manager: AdapterManager, slot: int, layer: int = 0) -> torch.Tensor:
+    """Slot `slot`'s q_proj A rows [R, hidden]."""
+    return manager.pool.layers[layer]["qkv"].A[slot, : manager.pool.max_rank]
+
+
+def q_a(folder: Path) -> torch.Tensor:
+    """Layer 0's q_proj A [r, hidden] as saved in `folder`."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+
+
+async def resident(manager: AdapterManager, name: str, batch: set[int] | None = None) -> int:
+    slot = manager.admit(name, batch or set(), overlap=False)
+    assert slot is not None
+    manager.poll()
+    assert manager.state(name) is Residency.RESIDENT
+    return slot
+
+
+async def wait_state(manager: AdapterManager, name: str, state: Residency) -> None:
+    for _ in range(500):
+        if manager.state(name) is state:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name} never reached {state}, is {manager.state(name)}")
+
+
+# registration --------------------------------------------------------------------------------
+
+
+async def test_load_upload_and_residency_states(folders: dict[str, Path]) -> None:
+    streams = FakeStreams()
+    streams.auto_done = False
+    m = make_manager(streams)
+    await m.load("a", str(folders["a"]))
+    assert m.state("a") is Residency.IN_HOST
+    assert [(i.name, i.tier, i.rank, i.target_modules) for i in m.list()] == [
+        ("a", "host", 2, ("q_proj", "v_proj"))
+    ]
+    m.acquire("a")  # prefetch: a free slot can be had, so the upload starts now
+    assert m.state("a") is Residency.UPLOADING
+    slot = m.slot_of("a")
+    assert slot is not None
+    assert m.admit("a", set(), overlap=True) is None  # overlap on: wait for the upload
+    assert m.admit("a", set(), overlap=False) == slot  # overlap off: queued upload is enough
+    assert m.ready_event(slot) is streams.events[-1]
+    m.poll()
+    assert m.state("a") is Residency.UPLOADING
+    streams.events[-1].is_done = True
+    m.poll()
+    assert m.state("a") is Residency.RESIDENT and m.ready_event(slot) is None
+    assert m.admit("a", set(), overlap=True) == slot
+    assert m.list()[0].tier == "gpu" and m.list()[0].refs == 1
+    assert m.counters.loads == {"host": 1, "gpu": 1}
+    assert m.counters.requests_by_residency == {"gpu": 0, "host": 1, "disk": 0}
+    assert {t for t, _ in m.drain_latencies()} == {"host", "gpu"} and not m.drain_latencies()
+    assert int(m.pool.slot_ranks[slot]) == 2
+    m.release("a")
+
+
+async def test_names_and_duplicates(folders: dict[str, Path]) -> None:
+    m = make_manager()
+    for bad in ("", "x:y"):
+        with pytest.raises(AdapterError, match="lora_name"):
+            await m.load(bad, str(folders["a"]))
+    await m.load("a", str(folders["a"]))
+    with pytest.raises(AdapterError, match="already loaded"):
+        await m.load("a", str(folders["b"]))
+    with pytest.raises(AdapterError, match="never been loaded"):
+        m.acquire("zzz")
+    with pytest.raises(AdapterError, match="never been loaded"):
+        await m.unload("zzz")
+
+
+async def test_incompatible_adapters(folders: dict[str, Path]) -> None:
+    m = make_manager()
+    with pytest.raises(AdapterError, match=r"incompatible.*rank 8.*raise --max-lora-rank"):
+        await m.load("x", str(folders["big_rank"]))
+    with pytest.raises(AdapterError, match=r"incompatible.*gate_proj.*add them to --lora-target"):
+        await m.load("x", str(folders["gate"]))
+    assert m.list() == []
+
+
+async def test_adapter_larger_than_host_budget(folders: dict[str, Path]) -> None:
+    m = make_manager(max_lora_host_bytes=1000)
+    with pytest.raises(AdapterError, match="max_lora_host_bytes"):
+        await m.load("a", str(folders["a"]))
+    assert m.list() == []
+
+
+# GPU slots -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "victim"), [("lru", "b"), ("fifo", "a")])
+async def test_eviction_policy_order(folders: dict[str, Path], policy: str, victim: str) -> None:
+    m = make_manager(lora_eviction_policy=policy)
+    for n in "abc":
+        await m.load(n, str(folders[n]))
+    await resident(m, "a")
+    await resident(m, "b")
+    await resident(m, "a")  # a used again: most recent, but first in
+    freed = m.slot_of(victim)
+    assert await resident(m, "c") == freed
+    assert m.state(victim) is Residency.IN_HOST
+    assert m.counters.evictions["gpu"] == 1
+    torch.testing.assert_close(slot_q_a(m, freed)[:2], q_a(folders["c"]))
+
+
+async def test_locked_and_batch_slots_are_never_victims(folders: dict[str, Path]) -> None:
+    m = make_manager()
+    for n in "abc":
+        await m.load(n, str(folders[n]))
+    sa, sb = await resident(m, "a"), await resident(m, "b")
+    m.lock([sa])  # a's batch is in flight; a is least recently used
+    assert m.admit("c", {sb}, overlap=False) is None  # b is in the batch being built
+    assert m.slot_of("a") == sa and m.slot_of("b") == sb
+    assert m.admit("c", set(), overlap=False) == sb  # only b may go
+    m.poll()
+    m.lock([sb])  # both slots locked: nothing can be evicted
+    assert m.admit("b", set(), overlap=False) is None
+    assert m.state("b") is Residency.IN_HOST and m.slot_of("a") == sa
+
+
+async def test_queued_requests_lock_nothing(folders: dict[str, Path]) -> None:
+    m = make_manager()
+    for n in "abc":
+        await m.load(n, str(folders[n]))
+    sa = await resident(m, "a")
+    await resident(m, "b")
+    m.acquire("a")  # queued requests: references, no locks
+    m.acquire("b")
+    m.acquire("c")  # prefetch never evicts an adapter someone references
+    assert m.state("c") is Residency.IN_HOST
+    # admission may: a is least recently used and only queued
+    assert m.admit("c", set(), overlap=False) == sa
+    assert m.state("a") is Residency.IN_HOST
+    # and unreferenced slots go before referenced ones whatever the policy says
+    m.release("b")
+    assert m.admit("a", {sa}, overlap=False) == m.slot_of("a") is not None
+    assert m.slot_of("b") is None
+
+
+async def test_copy_waits_for_last_use_of_victim(folders: dict[str, Path]) -> None:
+    streams = FakeStreams()
+    m = make_manager(streams)
+    for n in "abc":
+        await m.load(n, str(folders[n]))
+    sa = await resident(m, "a")
+    await resident(m, "b")
+    m.lock([sa])
+    last_use = FakeEvent(is_done=False)
+    m.record_use([sa], last_use)
+    m.unlock([sa])
+    await resident(m, "b")  # a is now the LRU victim
+    assert m.admit("c", set(), overlap=False) == sa
+    assert last_use.num_waits == 1  # the copy stream waited for the batch that read slot a
+
+
+async def test_pins(folders: dict[str, Path]) -> None:
+    m = make_manager(max_loras_per_batch=3)
+    await m.load("a", str(folders["a"]), pinned=True)
+    await m.load("b", str(folders["b"]), pinned=True)
+    assert m.state("a") is Residency.UPLOADING  # pinned adapters upload at once
+    with pytest.raises(AdapterError, match="starvation"):
+        await m.load("c", str(folders["c"]), pinned=True)
+    m.poll()
+    pinned_slots = {m.slot_of("a"), m.slot_of("b")}
+    for n in "cde":
+        await m.load(n, str(folders[n]))
+    for n in "cdecde":
+        await resident(m, n)
+    assert {m.slot_of("a"), m.slot_of("b")} == pinned_slots
+    assert m.counters.evictions["gpu"] == 5
+    assert [i.pinned for i in m.list()] == [True, True, False, False, False]
+
+
+async def test_upload_failure_leaves_no_half_written_slot(folders: dict[str, Path]) -> None:
+    m = make_manager()
+    await m.load("a", str(folders["a"]))
+
+    def fail(name: str, slot: int) -> None:
+        raise RuntimeError("simulated copy failure")
+
+    m.upload_fault = fail
+    assert m.admit("a", set(), overlap=False) is None
+    assert m.state("a") is Residency.IN_HOST and m.slot_of("a") is None
+    assert "simulated copy failure" in (m.load_error("a") or "")
+    assert m.counters.upload_failures == 1
+    m.upload_fault = None
+    slot = await resident(m, "a")
+    assert m.load_error("a") is None
+    a_rows = slot_q_a(m, slot)
+    assert torch.count_nonzero(a_rows[2:]) == 0 and torch.count_nonzero(a_rows[:2]) > 0
+
+
+# host tier -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+async def test_host_tier_eviction_and_transparent_reload(
+    folders: dict[str, Path], limit: str
+) -> None:
+    probe = make_manager()
+    await probe.load("a", str(folders["a"]))
+    nbytes = probe.pool.host_nbytes(probe._adapters["a"].config.modules)
+    kw = {"max_loaded_loras": 2} if limit == "count" else {"max_lora_host_bytes": 2 * nbytes + 8}
+    m = make_manager(**kw)
+    for n in "abc":
+        await m.load(n, str(folders[n]))
+    tiers = {i.name: i.tier for i in m.list()}
+    assert tiers == {"a": "disk", "b": "host", "c": "host"}  # a was least recently used
+    assert m.counters.evictions["host"] == 1
+    m.acquire("a")  # reloads from its path, in a thread
+    assert m.counters.requests_by_residency["disk"] == 1
+    assert m.state("a") is Residency.LOADING
+    assert m.admit("a", set(), overlap=False) is None
+    await wait_state(m, "a", Residency.UPLOADING)  # prefetch went on to upload it
+    slot = await resident(m, "a")
+    assert m.counters.loads["host"] == 4
+    assert {i.name: i.tier for i in m.list()}["b"] == "disk"
+    want = torch.zeros(4, 64)
+    want[:2] = q_a(folders["a"])
+    torch.testing.assert_close(slot_q_a(m, slot), want)
+    m.release("a")
+
+
+async def test_failed_load_changes_nothing(folders: dict[str, Path], tmp_path: Path) -> None:
+    m = make_manager(max_loaded_loras=2)
+    await m.load("a", str(folders["a"]))
+    await m.load("b", str(folders["b"]))
+    bad = tmp_path / "bad"
+    write_adapter(bad, seed=3)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    before = m.list()
+    with pytest.raises(AdapterError, match="corrupt or truncated"):
+        await m.load("c", str(bad))
+    assert m.list() == before and m.counters.evictions["host"] == 0
+    assert "c" not in m
+    await m.load("c", str(folders["c"]))
+    assert "c" in m
+
+
+# unload --------------------------------------------------------------------------------------
+
+
+async def test_unload_waits_for_references_then_frees(folders: dict[str, Path]) -> None:
+    m = make_manager()
+    await m.load("a", str(folders["a"]))
+    m.acquire("a")
+    slot = await resident(m, "a")
+    unload = asyncio.create_task(m.unload("a"))
+    await asyncio.sleep(0.01)
+    assert not unload.done()
+    with pytest.raises(AdapterError, match="never been loaded"):
+        m.acquire("a")  # no new references at once
+    assert m.admit("a", set(), overlap=False) == slot  # the running request still is served
+    m.lock([slot])
+    m.release("a")
+    await asyncio.sleep(0.01)
+    assert not unload.done()  # a batch reading the slot is still in flight
+    m.unlock([slot])
+    await asyncio.wait_for(unload, 1)
+    assert m.list() == [] and m._slots[slot].owner is None
+    await m.load("a", str(folders["b"]))  # the name again, another path
+    assert await resident(m, "a") is not None
+    assert m.list()[0].path == os.path.realpath(folders["b"])
+
+
+async def test_unload_pinned_frees_its_pin(folders: dict[str, Path]) -> None:
+    m = make_manager()
+    await m.load("a", str(folders["a"]), pinned=True)
+    with pytest.raises(AdapterError, match="starvation"):
+        await m.load("b", str(folders["b"]), pinned=True)
+    await m.unload("a")
+    await m.load("b", str(folders["b"]), pinned=True)
+
+
+# startup, roots, on-demand -------------------------------------------------------------------
+
+
+async def test_startup_adapters_and_inferred_pool(folders: dict[str, Path]) -> None:
+    specs = (LoraPathSpec("a", str(folders["a"])), LoraPathSpec("g", str(folders["gate"]), True))
+    config = ServerConfig(device="cpu", lora_paths=specs, max_loras_per_batch=2)
+    assert resolve_pool_spec(config, SHAPE.num_layers) == (
+        2,
+        frozenset({"q_proj", "v_proj", "gate_proj"}),
+    )
+    m = AdapterManager(config, SHAPE, CPU, torch.float32, FakeStreams())
+    assert set(m.pool.layers[0]) == {"qkv", "gate_up"} and m.pool.embed is None
+    await m.load_startup_adapters()
+    assert [(i.name, i.pinned) for i in m.list()] == [("a", False), ("g", True)]
+
+
+async def test_roots_apply_to_runtime_loads(folders: dict[str, Path], tmp_path: Path) -> None:
+    root = folders["a"].parent
+    m = make_manager(lora_roots=(str(root),), lora_resolve_on_demand=True)
+    outside = tmp_path / "outside"
+    write_adapter(outside, seed=5)
+    with pytest.raises(AdapterError, match="escapes lora_roots"):
+        await m.load("x", str(outside))
+    await m.load("x", "b")  # relative to the root
+    assert m.list()[0].path == os.path.realpath(folders["b"])
+    await m.acquire_or_resolve("c")  # on demand: <root>/c
+    assert m.list()[-1].name == "c" and m.list()[-1].refs == 1
+    with pytest.raises(AdapterError, match="never been loaded"):
+        await m.acquire_or_resolve("nope")
+    await asyncio.gather(m.acquire_or_resolve("d"), m.acquire_or_resolve("d"))
+    assert [i.refs for i in m.list() if i.name == "d"] == [2]
+
+
+def test_paths_with_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "ok" / "inner").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    os.symlink(tmp_path / "secret", root / "escape")
+    os.symlink(root / "ok", root / "alias")
+    roots = (str(root),)
+    assert resolve_adapter_path("ok", roots, False) == str((root / "ok").resolve())
+    assert resolve_adapter_path(str(root / "ok" / "inner"), roots, False).endswith("inner")
+    assert resolve_adapter_path("alias", roots, False) == str((root / "ok").resolve())
+    assert resolve_adapter_path("ok/../ok", roots, False).endswith("ok")
+    refusals = {
+        "../secret": "escapes",
+        "ok/../../secret": "escapes",
+        str(tmp_path / "secret"): "escapes",
+        "escape": "escapes",
+        "/proc/self": "system folder",
+        "/proc": "system folder",
+        "org/model": "hub ids are refused",
+        "missing": "hub ids are refused",
+        "": "non-empty",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(AdapterError, match=message):
+            resolve_adapter_path(path, roots, False)
+
+
+def test_paths_without_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_adapter_path(str(tmp_path), (), False) == str(tmp_path.resolve())
+    with pytest.raises(AdapterError, match="hub ids are refused"):
+        resolve_adapter_path("org/model", (), False)
+    with pytest.raises(AdapterError, match="not a local folder"):
+        resolve_adapter_path("../../no/such/dir", (), True)
+
+    def offline(repo_id: str, **kw: Any) -> str:
+        raise OSError("network unreachable")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(AdapterError, match="cannot fetch hub adapter 'org/model'.*unreachable"):
+        resolve_adapter_path("org/model", (), True)
+
+
+def test_resolve_on_demand(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write_adapter(root / "good", seed=1)
+    write_adapter(tmp_path / "secret", seed=2)
+    os.symlink(tmp_path / "secret", root / "escape")
+    roots = (str(root),)
+    assert resolve_on_demand("good", roots) == str((root / "good").resolve())
+    for name in ("escape", "../secret", "good/..", "", ".", "..", "missing", ".hidden"):
+        assert resolve_on_demand(name, roots) is None, name
+
+
+# CUDA ----------------------------------------------------------------------------------------
+
+LLAMA8B_4L = LoraModelShape(
+    num_layers=4,
+    hidden_size=4096,
+    intermediate_size=14336,
+    q_size=4096,
+    kv_size=1024,
+    vocab_size=128256,
+)
+
+
+def write_full_adapter(folder: Path, shape: LoraModelShape, r: int, seed: int) -> None:
+    """A hand-made PEFT folder targeting every supported module."""
+    from runtime.adapters.pool import LAYER_MODULES, module_dims
+
+    folder.mkdir(parents=True)
+    cfg = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "bias": "none",
+        "target_modules": [*LAYER_MODULES, "embed_tokens", "lm_head"],
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {}
+    for layer in range(shape.num_layers):
+        for m in LAYER_MODULES:
+            parent = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            in_f, out_f = module_dims(shape, m)
+            p = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+            t[f"{p}.lora_A.weight"] = torch.randn(r, in_f, generator=g)
+            t[f"{p}.lora_B.weight"] = torch.randn(out_f, r, generator=g)
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.randn(
+        r, shape.vocab_size, generator=g
+    )
+    t["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.randn(
+        shape.hidden_size, r, generator=g
+    )
+    t["base_model.model.lm_head.lora_A.weight"] = torch.randn(r, shape.hidden_size, generator=g)
+    t["base_model.model.lm_head.lora_B.weight"] = torch.randn(shape.vocab_size, r, generator=g)
+    save_file(t, str(folder / "adapter_model.safetensors"))
+
+
+async def _cuda_uploads(tmp_path: Path) -> None:
+    device = torch.device("cuda")
+    shape, R = LLAMA8B_4L, 16
+    for i, n in enumerate("abc"):
+        write_full_adapter(tmp_path / n, shape, r=R if n != "b" else 8, seed=i)
+    config = ServerConfig(
+        device="cuda",
+        enable_lora=True,
+        max_lora_rank=R,
+        lora_target_modules=("all",),
+        max_loras_per_batch=2,
+    )
+    streams = Streams(device)
+    m = AdapterManager(config, shape, device, torch.bfloat16, streams)
+    for n in "abc":
+        await m.load(n, str(tmp_path / n))
+    host_a = m._adapters["a"].host
+    assert host_a is not None and host_a.is_pinned and host_a.layers[0]["qkv"].A.is_pinned()
+    sa = m.admit("a", set(), overlap=False)
+    assert sa is not None
+    ev = m.ready_event(sa)
+    assert ev is not None
+    with streams.use(streams.compute):
+        ev.wait(streams.compute)  # GPU-side: the first batch reading slot a waits for its upload
+        seen_a = m.pool.layers[3]["down"].B[sa].clone()
+    sb = m.admit("b", {sa}, overlap=False)
+    assert sb is not None and sb != sa
+    for _ in range(1000):
+        m.poll()
+        if m.state("a") is m.state("b") is Residency.RESIDENT:
+            break
+        await asyncio.sleep(0.001)
+    assert m.state("a") is Residency.RESIDENT and m.ready_event(sa) is None
+    torch.cuda.synchronize()
+    torch.testing.assert_close(seen_a, host_a.layers[3]["down"].B.to(device))
+    assert int(m.pool.slot_ranks[sb]) == 8
+
+    # A slow batch reads slot a; the engine unlocks early, the last-use event must protect it.
+    m.lock([sa])
+    with streams.use(streams.compute):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the read
+        read_late = m.pool.layers[0]["qkv"].A[sa].clone()
+        last_use = streams.event()
+        last_use.record(streams.compute)
+    m.record_use([sa], last_use)
+    m.unlock([sa])
+    assert m.admit("b", set(), overlap=False) == sb  # b most recent: a is the LRU victim
+    assert m.admit("c", set(), overlap=False) == sa
+    assert not last_use.query()  # the upload is queued behind the slow batch, not blocking us
+    last_use.synchronize()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(read_late, host_a.layers[0]["qkv"].A.to(device))
+    host_c = m._adapters["c"].host
+    assert host_c is not None and host_c.embed is not None and host_c.lm_head is not None
+    assert m.pool.embed is not None and m.pool.lm_head is not None
+    torch.testing.assert_close(m.pool.layers[0]["qkv"].A[sa], host_c.layers[0]["qkv"].A.to(device))
+    torch.testing.assert_close(m.pool.embed.A[sa], host_c.embed.A.to(device))
+    torch.testing.assert_close(m.pool.lm_head.B[sa], host_c.lm_head.B.to(device))
+    torch.testing.assert_close(m.pool.embed.scalings[sa], host_c.embed.scalings.to(device))
+    m.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_uploads_real_shapes(tmp_path: Path) -> None:
+    """Pinned host copies, copy-stream uploads, ready and last-use events on an H200."""
+    asyncio.run(_cuda_uploads(tmp_path))

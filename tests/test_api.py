@@ -1,0 +1,548 @@
+"""The HTTP front end against the real engine on a tiny random Llama (CPU).
+
+Shapes are compared with golden files (keys and types, not generated text). A few paths the
+real engine cannot produce on demand use tests/_fake_engine.py (named in each test).
+Set LORASERVE_UPDATE_GOLDEN=1 to rewrite the golden files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from api import create_app
+from api.app import ENGINE
+from metrics import ServingMetrics
+from runtime.config import LoraPathSpec, ServerConfig
+from runtime.engine import Engine
+from tests._fake_engine import FakeEngine, build_tiny_adapter, describe
+from tests.models import make_model
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("api")
+    model = make_model(root / "model")
+    return model, build_tiny_adapter(model, root / "adapter")
+
+
+def server_config(tiny: tuple[Path, Path], **overrides) -> ServerConfig:
+    model, adapter = tiny
+    cfg = {"model_path": str(model), "device": "cpu", "dtype": "float32",
+           "kv_cache_cpu_bytes": 1 << 24, "enable_lora": True, "max_lora_rank": 8,
+           "lora_target_modules": ("q_proj", "v_proj"), "served_model_name": "tiny",
+           "lora_paths": (LoraPathSpec("a1", str(adapter)),)}
+    cfg.update(overrides)
+    return ServerConfig(**cfg)
+
+
+@pytest.fixture
+def make_client(aiohttp_client, tiny):
+    async def make(engine_cls=Engine, **overrides):
+        config = server_config(tiny, **overrides)
+        metrics = ServingMetrics()
+        engine = engine_cls.from_config(config, metrics)
+        return await aiohttp_client(create_app(engine, config, metrics))
+    return make
+
+
+@pytest.fixture
+async def client(make_client):
+    return await make_client()
+
+
+def check_golden(name: str, body: object) -> None:
+    """Compare the shape of `body` with tests/golden/<name>.json."""
+    path = GOLDEN / f"{name}.json"
+    shape = describe(body)
+    if os.environ.get("LORASERVE_UPDATE_GOLDEN") or not path.exists():
+        path.write_text(json.dumps(shape, indent=1, sort_keys=True) + "\n")
+    assert shape == json.loads(path.read_text()), f"shape of {name} changed"
+
+
+def sse_events(text: str) -> list[object]:
+    """Parse a `data: ...\\n\\n` stream; [DONE] must come last, exactly once."""
+    assert text.endswith("data: [DONE]\n\n")
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block.removeprefix("data: ")
+        events.append(data if data == "[DONE]" else json.loads(data))
+    assert events.count("[DONE]") == 1
+    return events[:-1]
+
+
+GREEDY = {"max_new_tokens": 8, "temperature": 0}
+
+
+# ---------------------------------------------------------------- native
+
+async def test_health_and_model_info(client) -> None:
+    r = await client.get("/health")
+    assert r.status == 200 and await r.text() == "OK"
+    r = await client.get("/health_generate")
+    assert r.status == 200
+    r = await client.get("/get_model_info")
+    body = await r.json()
+    assert body["is_generation"] is True and body["served_model_name"] == "tiny"
+    check_golden("get_model_info", body)
+
+
+async def test_generate_single(client) -> None:
+    r = await client.post("/generate", json={"text": "Paris is", "sampling_params": GREEDY})
+    assert r.status == 200
+    body = await r.json()
+    check_golden("generate", body)
+    meta = body["meta_info"]
+    assert meta["completion_tokens"] == len(body["output_ids"])
+    assert meta["finish_reason"] in ({"type": "length", "length": 8},) or \
+        meta["finish_reason"]["type"] == "stop"
+    assert body["text"] == client.app[ENGINE].tokenizer.decode(body["output_ids"],
+                                                                skip_special_tokens=True)
+
+
+async def test_generate_batch_aligned_lists(client) -> None:
+    r = await client.post("/generate", json={
+        "text": ["List 3 countries.", "List 3 countries.", "x"],
+        "sampling_params": [GREEDY, GREEDY, {"max_new_tokens": 2, "unknown_field": 1}],
+        "lora_path": ["a1", None, "a1"],
+        "rid": ["b0", "b1", "b2"],
+    })
+    assert r.status == 200, await r.text()
+    body = await r.json()
+    assert isinstance(body, list) and len(body) == 3
+    assert [b["meta_info"]["id"] for b in body] == ["b0", "b1", "b2"]
+    assert body[2]["meta_info"]["completion_tokens"] <= 2
+    # same prompt and greedy: the adapter changes the output (random B, so almost surely)
+    assert body[0]["output_ids"] != body[1]["output_ids"]
+
+
+async def test_generate_input_ids_and_logprobs(client) -> None:
+    r = await client.post("/generate", json={
+        "input_ids": [[5, 6, 7], [8, 9]], "sampling_params": {"max_new_tokens": 3},
+        "return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True,
+    })
+    body = await r.json()
+    assert r.status == 200, body
+    check_golden("generate_logprobs", body[0])
+    for b in body:
+        out = b["meta_info"]["output_token_logprobs"]
+        assert [t for _, t, _ in out] == b["output_ids"]
+        assert all(len(top) == 2 for top in b["meta_info"]["output_top_logprobs"])
+        assert b["meta_info"]["prompt_tokens"] in (2, 3)
+
+
+async def test_generate_stream(client) -> None:
+    r = await client.post("/generate", json={"text": "Hello", "sampling_params": GREEDY,
+                                             "stream": True})
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    chunks = sse_events(await r.text())
+    check_golden("generate_stream_chunk", chunks[0])
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))  # cumulative
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["meta_info"]["finish_reason"] is not None
+    plain = await (await client.post("/generate", json={"text": "Hello",
+                                                        "sampling_params": GREEDY})).json()
+    assert chunks[-1]["text"] == plain["text"] and chunks[-1]["output_ids"] == plain["output_ids"]
+
+
+async def test_generate_stream_batch_has_index(client) -> None:
+    r = await client.post("/generate", json={"text": ["a", "b"], "stream": True,
+                                             "sampling_params": {"max_new_tokens": 3}})
+    chunks = sse_events(await r.text())
+    assert {c["index"] for c in chunks} == {0, 1}
+    assert sum(c["meta_info"]["finish_reason"] is not None for c in chunks) == 2
+
+
+async def test_stop_string_is_cut(client) -> None:
+    long = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+    full = (await (await client.post("/generate", json={"text": "The quick",
+                                                        "sampling_params": long})).json())
+    text = full["text"]
+    stop = next((text[i:i + 2] for i in range(2, len(text) - 2)
+                 if text[i:i + 2].isascii() and text[i:i + 2].strip()), None)
+    if stop is None:
+        pytest.skip(f"no ASCII stop candidate in {text!r}")
+    r = await client.post("/generate", json={"text": "The quick",
+                                             "sampling_params": {**long, "stop": stop}})
+    body = await r.json()
+    assert body["text"] == text[:text.index(stop)]
+    assert body["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    kept = await (await client.post("/generate", json={
+        "text": "The quick", "sampling_params": {**long, "stop": [stop], "no_stop_trim": True},
+    })).json()
+    assert stop in kept["text"]
+
+
+async def test_tokenize_detokenize(client) -> None:
+    r = await client.post("/tokenize", json={"text": "hello world"})
+    body = await r.json()
+    check_golden("tokenize", body)
+    assert body["count"] == len(body["tokens"])
+    r = await client.post("/detokenize", json={"tokens": body["tokens"]})
+    assert (await r.json())["text"] == "hello world"
+    r = await client.post("/tokenize", json={"prompt": ["a", "bb"]})
+    assert len((await r.json())["tokens"]) == 2
+    r = await client.post("/detokenize", json={"tokens": [10**9]})
+    assert r.status == 400
+
+
+async def test_abort_request(client) -> None:
+    body = {"text": "x", "rid": "long-1", "stream": True,
+            "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
+    resp = await client.post("/generate", json=body)
+    first = await resp.content.readuntil(b"\n\n")  # the request is running
+    assert first.startswith(b"data: ")
+    r = await client.post("/abort_request", json={"rid": "long-1"})
+    assert (await r.json()) == {"success": True}
+    chunks = sse_events(first.decode() + (await resp.text()))
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    r = await client.post("/abort_request", json={"rid": "nope"})
+    assert (await r.json()) == {"success": False}
+
+
+# ---------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b'{"text": "x", "sampling_params": {"max_new_tokens": "8"}}',
+     "sampling_params.max_new_tokens"),
+    (b'{"text": 5}', "text"),
+    (b'{"text": "x", "sampling_params": {"temperature": -1}}', "temperature"),
+    (b'{"text": "x", "sampling_params": {"top_p": 0}}', "top_p"),
+    (b'{"text": "x", "input_ids": [1]}', "text"),
+    (b'{}', "text"),
+    (b'{"input_ids": []}', "input_ids"),
+    (b'{"input_ids": [1, [2]]}', "input_ids"),
+    (b'{"text": ["a", "b"], "lora_path": ["a1"]}', "lora_path"),
+    (b'{"text": ["a", "b"], "rid": "same"}', "rid"),
+    (b'{"text": "x", "lora_path": "no-such-adapter"}', "lora_path"),
+    (b'{"text": "x", "top_logprobs_num": 99}', "top_logprobs_num"),
+    (b'[1, 2]', None),
+])
+async def test_generate_client_errors(client, body: bytes, param: str | None) -> None:
+    r = await client.post("/generate", data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 400
+    err = (await r.json())["error"]
+    assert err["code"] == 400 and err["message"]
+    if param is not None:
+        assert param in err["message"]
+    check_golden("native_error", await r.json())
+
+
+async def test_prompt_too_long_is_400(client) -> None:
+    r = await client.post("/generate", json={"input_ids": [5] * 600})
+    assert r.status == 400 and "prompt" in (await r.json())["error"]["message"]
+
+
+async def test_body_too_large_413(make_client) -> None:
+    client = await make_client(max_request_bytes=1024)
+    r = await client.post("/generate", json={"text": "x" * 4096})
+    assert r.status == 413
+    assert (await r.json())["error"]["code"] == 413
+    r = await client.post("/v1/completions", json={"prompt": "x" * 4096})
+    assert r.status == 413 and (await r.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_unknown_route_and_method(client) -> None:
+    r = await client.get("/nope")
+    assert r.status == 404 and (await r.json())["error"]["code"] == 404
+    r = await client.get("/generate")
+    assert r.status == 405 and "Allow" in r.headers
+
+
+async def test_stopped_engine_503(client) -> None:
+    await client.app[ENGINE].stop()
+    r = await client.post("/generate", json={"text": "x"})
+    assert r.status == 503 and r.headers["Retry-After"].isdigit()
+    r = await client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status == 503 and (await r.json())["error"]["type"] == "service_unavailable"
+
+
+async def test_queue_full_503(make_client) -> None:
+    # Fake engine: the real one admits too quickly to hold its queue full on demand.
+    client = await make_client(engine_cls=FakeEngine, max_queued_requests=1)
+    client.app[ENGINE].hold.clear()
+    first = asyncio.create_task(client.post("/generate", json={"text": "x"}))
+    await asyncio.sleep(0.05)
+    r = await client.post("/generate", json={"text": "y"})
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert (await r.json())["error"]["message"]
+    client.app[ENGINE].hold.set()
+    assert (await first).status == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_disconnect_aborts(make_client, stream: bool) -> None:
+    # Fake engine: a request that waits forever, so only the disconnect can end it.
+    client = await make_client(engine_cls=FakeEngine)
+    engine = client.app[ENGINE]
+    engine.hold.clear()
+    task = asyncio.create_task(client.post("/generate", json={"text": "x", "stream": stream}))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if engine.live:
+            break
+    assert len(engine.live) == 1
+    if stream:  # the response (headers) arrived: close its connection
+        (await task).close()
+    else:
+        task.cancel()
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if not engine.live:
+            break
+    assert not engine.live  # aborted
+
+
+async def test_real_disconnect_aborts(client) -> None:
+    engine = client.app[ENGINE]
+    task = asyncio.create_task(client.post("/generate", json={
+        "text": "x", "sampling_params": {"max_new_tokens": 450, "ignore_eos": True}}))
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if engine.requests:
+            break
+    req = next(iter(engine.requests.values()))
+    task.cancel()
+    for _ in range(300):
+        await asyncio.sleep(0.01)
+        if req.is_finished:
+            break
+    assert req.is_finished and req.num_output_tokens < 450
+
+
+# ---------------------------------------------------------------- OpenAI
+
+async def test_completions(client) -> None:
+    r = await client.post("/v1/completions", json={"model": "tiny", "prompt": "Paris is",
+                                                   "max_tokens": 5, "temperature": 0})
+    body = await r.json()
+    assert r.status == 200, body
+    check_golden("completion", body)
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert body["usage"]["completion_tokens"] <= 5
+    assert body["usage"]["total_tokens"] == (body["usage"]["prompt_tokens"]
+                                             + body["usage"]["completion_tokens"])
+
+
+async def test_completions_n_logprobs_and_token_prompts(client) -> None:
+    r = await client.post("/v1/completions", json={
+        "model": "tiny:a1", "prompt": [[5, 6, 7], [8, 9]], "n": 2, "max_tokens": 3,
+        "logprobs": 2, "seed": 7, "echo": True,
+    })
+    body = await r.json()
+    assert r.status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    check_golden("completion_logprobs", body["choices"][0])
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"])
+    assert body["usage"]["prompt_tokens"] == 5  # each prompt once, whatever n
+
+
+async def test_completions_stream_with_usage(client) -> None:
+    r = await client.post("/v1/completions", json={
+        "prompt": "Hi", "max_tokens": 4, "stream": True,
+        "stream_options": {"include_usage": True}})
+    events = sse_events(await r.text())
+    check_golden("completion_chunk", events[0])
+    assert all(e["object"] == "text_completion" for e in events)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] <= 4
+    assert all(e["usage"] is None for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+async def test_chat(client) -> None:
+    r = await client.post("/v1/chat/completions", json={
+        "model": "a1", "messages": [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": [{"type": "text",
+                                                                  "text": "Hi"}]}],
+        "max_completion_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2})
+    body = await r.json()
+    assert r.status == 200, body
+    check_golden("chat_completion", body)
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    assert all(len(c["top_logprobs"]) == 2 for c in content)
+
+
+async def test_chat_stream(client) -> None:
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
+        "n": 2, "stream_options": {"include_usage": True}})
+    events = sse_events(await r.text())
+    check_golden("chat_chunk_first", events[0])
+    assert events[0]["object"] == "chat.completion.chunk"
+    firsts = [e for e in events if e["choices"] and "role" in e["choices"][0]["delta"]]
+    assert sorted(e["choices"][0]["index"] for e in firsts) == [0, 1]
+    finals = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert sorted(e["choices"][0]["index"] for e in finals) == [0, 1]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+
+
+async def test_chat_custom_template_and_errors(client) -> None:
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ suffix }}",
+        "chat_template_kwargs": {"suffix": ":"}})
+    assert r.status == 200
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}],
+        "chat_template": "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}"})
+    assert r.status == 400
+    r = await client.post("/v1/chat/completions", json={"messages": []})
+    assert r.status == 400
+    err = (await r.json())["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    check_golden("openai_error", await r.json())
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user",
+                                                                      "content": 5}]})
+    assert r.status == 400
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"})
+    assert r.status == 400 and (await r.json())["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("model", ["nope", "tiny:nope", "other-base:a1"])
+async def test_unknown_model_404(client, model: str) -> None:
+    r = await client.post("/v1/completions", json={"model": model, "prompt": "x"})
+    assert r.status == 404
+    assert (await r.json())["error"]["code"] == "model_not_found"
+
+
+async def test_models(client) -> None:
+    r = await client.get("/v1/models")
+    body = await r.json()
+    check_golden("models", body)
+    ids = {m["id"]: m for m in body["data"]}
+    assert ids["tiny"]["parent"] is None and ids["a1"]["parent"] == "tiny"
+    assert ids["a1"]["root"].endswith("adapter")
+    assert (await client.get("/v1/models/a1")).status == 200
+    assert (await client.get("/v1/models/zzz")).status == 404
+
+
+async def test_openai_client(client) -> None:
+    openai = pytest.importorskip("openai")
+    api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused")
+    out = await api.completions.create(model="tiny", prompt="Hi", max_tokens=3)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    chat = await api.chat.completions.create(model="tiny:a1", max_tokens=3,
+                                             messages=[{"role": "user", "content": "Hi"}])
+    assert chat.usage.completion_tokens <= 3
+    pieces = [c async for c in await api.chat.completions.create(
+        model="tiny", max_tokens=3, stream=True, messages=[{"role": "user", "content": "Hi"}])]
+    assert pieces[0].choices[0].delta.role == "assistant"
+    with pytest.raises(openai.NotFoundError):
+        await api.completions.create(model="missing", prompt="x")
+    await api.close()
+
+
+# ---------------------------------------------------------------- admin
+
+async def test_load_unload_adapter(client, tiny) -> None:
+    _, adapter = tiny
+    r = await client.post("/load_lora_adapter", json={"lora_name": "a2", "lora_path":
+                                                      str(adapter), "pinned": True})
+    body = await r.json()
+    assert r.status == 200, body
+    check_golden("load_lora_adapter", body)
+    assert body == {"success": True, "error_message": "",
+                    "loaded_adapters": {"a1": str(adapter), "a2": str(adapter)}}
+    r = await client.get("/lora_adapters")
+    listing = await r.json()
+    check_golden("lora_adapters", listing)
+    assert {a["name"]: a["pinned"] for a in listing["adapters"]} == {"a1": False, "a2": True}
+    r = await client.post("/generate", json={"text": "x", "lora_path": "a2",
+                                             "sampling_params": {"max_new_tokens": 2}})
+    assert r.status == 200
+    r = await client.post("/v1/unload_lora_adapter", json={"lora_name": "a2"})
+    assert r.status == 200 and "a2" not in (await r.json())["loaded_adapters"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/load_lora_adapter", {"lora_name": "bad", "lora_path": "/no/such/folder"}),
+    ("/load_lora_adapter", {"lora_name": "a1", "lora_path": "/no/such/folder"}),
+    ("/load_lora_adapter", {"lora_name": "x:y", "lora_path": "/tmp"}),
+    ("/load_lora_adapter", {"lora_path": "/tmp"}),
+    ("/unload_lora_adapter", {"lora_name": "never-loaded"}),
+    ("/v1/unload_lora_adapter", {"lora_name": 3}),
+])
+async def test_admin_failures(client, path: str, body: dict) -> None:
+    r = await client.post(path, json=body)
+    assert r.status == 400
+    out = await r.json()
+    assert out["success"] is False and out["error_message"]
+    assert "a1" in out["loaded_adapters"]
+    check_golden("admin_error", out)
+
+
+# ---------------------------------------------------------------- auth
+
+async def test_api_key_only(make_client) -> None:
+    client = await make_client(api_key="inf")
+    good = {"Authorization": "Bearer inf"}
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/metrics")).status == 200
+    r = await client.post("/generate", json={"text": "x"})
+    assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    r = await client.post("/v1/completions", json={"prompt": "x"},
+                          headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+    r = await client.post("/generate", json={"text": "x", "sampling_params": {
+        "max_new_tokens": 1}}, headers=good)
+    assert r.status == 200
+    assert (await client.get("/v1/models", headers=good)).status == 200
+    # the inference key never opens admin routes; with no admin key they are closed
+    r = await client.post("/load_lora_adapter", json={"lora_name": "z", "lora_path": "/x"},
+                          headers=good)
+    assert r.status == 403 and (await r.json())["success"] is False
+    assert (await client.get("/lora_adapters", headers=good)).status == 403
+
+
+async def test_admin_api_key(make_client, tiny) -> None:
+    client = await make_client(api_key="inf", admin_api_key="adm")
+    body = {"lora_name": "a3", "lora_path": str(tiny[1])}
+    r = await client.post("/load_lora_adapter", json=body,
+                          headers={"Authorization": "Bearer inf"})
+    assert r.status == 401
+    assert (await client.post("/load_lora_adapter", json=body)).status == 401
+    r = await client.post("/load_lora_adapter", json=body,
+                          headers={"Authorization": "Bearer adm"})
+    assert r.status == 200
+    assert (await client.get("/lora_adapters", headers={"Authorization": "Bearer adm"})).ok
+    r = await client.post("/generate", json={"text": "x", "sampling_params": {
+        "max_new_tokens": 1}}, headers={"Authorization": "Bearer adm"})
+    assert r.status == 200  # the admin key opens inference routes too
+
+
+async def test_no_keys_everything_open(client, tiny) -> None:
+    r = await client.post("/load_lora_adapter", json={"lora_name": "a4",
+                                                      "lora_path": str(tiny[1])})
+    assert r.status == 200
+
+
+# ---------------------------------------------------------------- metrics
+
+async def test_metrics(client) -> None:
+    await client.post("/generate", json={"text": ["x", "y"], "lora_path": ["a1", None],
+                                         "sampling_params": {"max_new_tokens": 3}})
+    r = await client.get("/metrics")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+    text = await r.text()
+    for name in ["loraserve:time_to_first_token_seconds_bucket",
+                 "loraserve:e2e_request_latency_seconds_count",
+                 "loraserve:num_running_reqs", "loraserve:num_queue_reqs",
+                 "loraserve:kv_cache_usage", "loraserve:lora_requests_total",
+                 "loraserve:lora_loads_total", "loraserve:lora_adapters",
+                 "loraserve:prompt_tokens_total", "loraserve:generation_tokens_total"]:
+        assert name in text, name

@@ -1,0 +1,114 @@
+"""Incremental detokenization and stop-string trimming (api/textstream.py), and exact streamed
+text through HTTP with the fake engine, whose output text is chosen in advance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from api import create_app
+from api.textstream import TextStream
+from metrics import ServingMetrics
+from runtime.config import ServerConfig
+from tests._fake_engine import FakeEngine, build_tiny_tokenizer
+
+TEXT = "Hello wörld 🙂 the end. "
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory):
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def feed(stream: TextStream, ids: list[int], matched: str | None = None) -> list[str]:
+    deltas = [stream.push([t]) for t in ids[:-1]]
+    return [*deltas, stream.push(ids[-1:], finished=True, matched_stop=matched)]
+
+
+def test_never_emits_partial_utf8(tok) -> None:
+    ids = tok.encode(TEXT)
+    deltas = feed(TextStream(tok), ids)
+    assert "".join(deltas) == TEXT
+    assert all("\ufffd" not in d for d in deltas)
+    # multi-byte characters really were split across tokens
+    assert any("\ufffd" in tok.decode([t]) for t in ids)
+
+
+def test_stop_string_held_back_and_cut(tok) -> None:
+    ids = tok.encode(TEXT)
+    stream = TextStream(tok, stop=["the end"])
+    deltas = feed(stream, ids, matched="the end")
+    assert "".join(deltas) == "Hello wörld 🙂 "
+    assert not any("th" in d for d in deltas)  # a possible stop prefix is never sent early
+
+
+def test_stop_inside_text_before_finish(tok) -> None:
+    stream = TextStream(tok, stop=["wö"])
+    out = "".join(stream.push([t]) for t in tok.encode(TEXT))
+    assert out == "Hello " and stream.is_stopped
+
+
+def test_no_stop_trim_and_special_tokens(tok) -> None:
+    ids = tok.encode("ab") + [tok.eos_token_id]
+    assert "".join(feed(TextStream(tok, stop=["b"], trim_stop=False), ids, "b")) == "ab"
+    kept = "".join(feed(TextStream(tok, skip_special_tokens=False), ids))
+    assert kept == "ab<|im_end|>"
+
+
+def test_false_stop_prefix_is_released(tok) -> None:
+    stream = TextStream(tok, stop=["the end!"])
+    assert "".join(feed(stream, tok.encode(TEXT))) == TEXT
+
+
+@pytest.fixture
+async def fake_client(aiohttp_client, tmp_path: Path):
+    build_tiny_tokenizer(tmp_path)
+    config = ServerConfig(model_path=str(tmp_path), served_model_name="fake")
+    metrics = ServingMetrics()
+    return await aiohttp_client(create_app(FakeEngine.from_config(config, metrics), config,
+                                           metrics))
+
+
+async def test_streamed_deltas_add_up(fake_client) -> None:
+    r = await fake_client.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 40, "stream": True, "stop": ["end"]})
+    text = await r.text()
+    chunks = [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
+    deltas = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(deltas) == "Hello wörld 🙂 the "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    r = await fake_client.post("/generate", json={"text": "x", "stream": True, "sampling_params":
+                                                  {"max_new_tokens": 40, "stop": "end"}})
+    chunks = [json.loads(b[6:]) for b in (await r.text()).split("\n\n") if b.startswith("data: {")]
+    assert chunks[-1]["text"] == "Hello wörld 🙂 the "
+    assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": "end"}
+    assert all("\ufffd" not in c["text"] for c in chunks)
+
+
+async def test_unknown_adapter_maps_to_404_and_400(fake_client) -> None:
+    r = await fake_client.post("/v1/chat/completions", json={
+        "model": "ghost", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status == 404 and (await r.json())["error"]["code"] == "model_not_found"
+    r = await fake_client.post("/generate", json={"text": "x", "lora_path": "ghost"})
+    assert r.status == 400
+
+
+def test_dashboard_queries_known_metrics() -> None:
+    import re
+
+    dash = json.loads((Path(__file__).parents[1] / "metrics" / "grafana_dashboard.json")
+                      .read_text())
+    m = ServingMetrics()
+    m.request_admitted("a", 0.1, "gpu")
+    m.first_token("a", 0.1)
+    m.inter_token("a", 0.01)
+    m.request_finished("a", 3, 4, 1.0, "stop")
+    m.adapter_loaded("gpu", 0.01)
+    text = m.render()[0].decode()
+    exported = set(re.findall(r"^(loraserve:[a-z_:]+)", text, re.MULTILINE))
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"loraserve:[a-z_:]+", target["expr"]):
+                assert name in exported, (panel["title"], name)

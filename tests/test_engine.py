@@ -1,0 +1,226 @@
+"""Engine core against HF transformers, and the executor's batching claims checked from its own
+counters. CPU, float32: greedy tokens must be identical, logits within LOGIT_ATOL."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+import torch
+
+from runtime.request import FinishReason, SamplingParams
+from tests.engine_utils import (
+    collect,
+    engine_logits,
+    greedy,
+    hf_greedy,
+    hf_logits,
+    hf_model,
+    make_engine,
+    run,
+    run_batch,
+)
+from tests.models import ARCHS, make_model, prompts, read_vocab
+
+LOGIT_ATOL = 2e-4  # fp32 on CPU: only summation order differs from HF
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request, tmp_path_factory):
+    extra = {"tie": True} if request.param == "qwen2" else {}
+    if request.param == "llama":
+        extra["rope_scaling"] = {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        }
+    folder = make_model(tmp_path_factory.mktemp(request.param), request.param, **extra)
+    return request.param, folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("llama"), "llama", layers=3)
+
+
+def shuffle_blocks(engine, seed: int = 0) -> None:
+    """Hand out KV blocks in a random order so every table is scattered."""
+    free = list(engine.block_manager._free)
+    random.Random(seed).shuffle(free)
+    engine.block_manager._free = deque(free)
+
+
+def test_greedy_tokens_match_hf(arch_model):
+    arch, folder = arch_model
+    vocab = read_vocab(folder)
+    ps = prompts(3, vocab, seed=1)
+    engine = make_engine(folder, page_size=4)
+    shuffle_blocks(engine)
+    ours = run(run_batch(engine, ps, greedy(NEW_TOKENS)))
+    for p, out in zip(ps, ours):
+        ref = hf_greedy(folder, p, NEW_TOKENS)
+        assert out == ref, f"{arch}: tokens differ from HF"
+        assert len(set(out)) >= 8, f"{arch}: degenerate output {out[:16]}"
+
+
+def test_logits_match_hf(arch_model):
+    arch, folder = arch_model
+    vocab = read_vocab(folder)
+    engine = make_engine(folder, page_size=4)
+    shuffle_blocks(engine, seed=3)
+    model = hf_model(folder)
+    for p in prompts(2, vocab, seed=2, lo=20, hi=90):
+        ours, ref = engine_logits(engine, p), hf_logits(model, p)
+        assert ours.shape == ref.shape
+        err = (ours - ref).abs().max().item()
+        assert err < LOGIT_ATOL, f"{arch}: max logit error {err}"
+
+
+def test_batch_invariance(llama):
+    vocab = read_vocab(llama)
+    ps = prompts(16, vocab, seed=5, lo=2, hi=60)
+    alone = [run(run_batch(make_engine(llama), [p], greedy(24)))[0] for p in ps[:4]]
+    engine = make_engine(llama, page_size=8)
+    shuffle_blocks(engine)
+    together = run(run_batch(engine, ps, greedy(24)))
+    assert together[:4] == alone
+    assert engine.scheduler.counters.max_batch_size >= 8, "steps never held several requests"
+
+
+def test_chunked_prefill_matches_unchunked(llama):
+    vocab = read_vocab(llama)
+    ps = prompts(4, vocab, seed=7, lo=60, hi=120)
+    whole = run(run_batch(make_engine(llama, chunked_prefill_size=512), ps, greedy(16)))
+    engine = make_engine(llama, chunked_prefill_size=24)
+    chunked = run(run_batch(engine, ps, greedy(16)))
+    assert chunked == whole
+    c = engine.scheduler.counters
+    assert c.num_prefill_chunks > len(ps) * 2, "prompts were not prefilled in several chunks"
+
+
+def test_preemption_keeps_outputs(llama):
+    vocab = read_vocab(llama)
+    ps = prompts(8, vocab, seed=9, lo=20, hi=40)
+    ref = run(run_batch(make_engine(llama), ps, greedy(40)))
+    # 8 requests of up to 80 tokens need ~40 blocks of 16; give 14 so they must preempt.
+    per_block = 2 * 3 * 16 * 2 * 16 * 4  # layers * page * kv_heads * head_dim * fp32, K and V
+    engine = make_engine(llama, kv_cache_cpu_bytes=14 * per_block)
+    assert engine.block_manager.num_blocks == 14
+    out = run(run_batch(engine, ps, greedy(40)))
+    assert out == ref
+    assert engine.scheduler.counters.num_preemptions > 0, "no preemption happened"
+    assert engine.block_manager.num_free_blocks == 14
+
+
+def test_seeded_sampling_is_reproducible(llama):
+    vocab = read_vocab(llama)
+    p = prompts(1, vocab, seed=11)[0]
+    sp = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=1234)
+    a = run(run_batch(make_engine(llama), [p], sp))[0]
+    others = prompts(5, vocab, seed=12)
+    b = run(run_batch(make_engine(llama), [p] + others, [sp] + [SamplingParams(max_new_tokens=24)] * 5))[0]
+    c = run(run_batch(make_engine(llama), [p], SamplingParams(max_new_tokens=24, seed=99)))[0]
+    assert a == b
+    assert a != c
+
+
+def test_abort_frees_everything(llama):
+    vocab = read_vocab(llama)
+
+    async def go():
+        engine = make_engine(llama)
+        await engine.start()
+        try:
+            reqs = [await engine.submit(p, greedy(200)) for p in prompts(6, vocab, seed=13)]
+            outs = []
+            async for o in engine.stream(reqs[0]):
+                outs.append(o)
+                if len(outs) == 3:
+                    break  # leaving the stream aborts the request
+            assert engine.abort(reqs[1].rid)
+            assert engine.abort(reqs[5].rid)  # possibly still queued
+            assert not engine.abort("nope")
+            rest = [await collect(engine, r) for r in reqs[2:5]]
+            assert all(len(r) == 200 for r in rest)
+            assert reqs[1].finish_reason == FinishReason.ABORT
+            assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0
+            assert engine.block_manager.num_used_blocks == 0
+            assert not engine.requests
+        finally:
+            await engine.stop()
+
+    run(go())
+
+
+def test_stop_conditions(llama):
+    vocab = read_vocab(llama)
+    p = prompts(1, vocab, seed=21)[0]
+    free = run(run_batch(make_engine(llama), [p], greedy(20)))[0]
+    stop_tok = free[5]
+    first = free.index(stop_tok)
+
+    async def go():
+        engine = make_engine(llama)
+        await engine.start()
+        try:
+            r = await engine.submit(p, SamplingParams(max_new_tokens=20, temperature=0,
+                                                      stop_token_ids=[stop_tok]))
+            out = [o async for o in engine.stream(r)][-1]
+            assert out.output_token_ids == free[: first + 1]
+            assert out.finish_reason == FinishReason.STOP and out.matched_stop == stop_tok
+            r = await engine.submit(p, SamplingParams(max_new_tokens=7, temperature=0))
+            out = [o async for o in engine.stream(r)][-1]
+            assert out.finish_reason == FinishReason.LENGTH and len(out.output_token_ids) == 7
+            text = engine.tokenizer.decode(free[:10])
+            stop = text[-3:]
+            r = await engine.submit(p, SamplingParams(max_new_tokens=20, temperature=0,
+                                                      stop=[stop]))
+            out = [o async for o in engine.stream(r)][-1]
+            assert out.finish_reason == FinishReason.STOP and out.matched_stop == stop
+            assert stop in engine.tokenizer.decode(out.output_token_ids)
+            assert len(out.output_token_ids) <= 10
+        finally:
+            await engine.stop()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("temperature", -1.0), ("top_p", 1.5), ("top_k", 0), ("max_new_tokens", -3),
+     ("min_p", 2.0), ("repetition_penalty", 0.0), ("frequency_penalty", 9.0)],
+)
+def test_invalid_sampling_rejected(llama, field, value):
+    from runtime.errors import ValidationError
+
+    engine = make_engine(llama)
+
+    async def go():
+        with pytest.raises(ValidationError, match=field):
+            await engine.submit([5, 6, 7], SamplingParams(**{field: value}))
+
+    run(go())
+
+
+def test_context_and_prompt_checks(llama):
+    from runtime.errors import ValidationError
+
+    engine = make_engine(llama, context_length=64)
+
+    async def go():
+        with pytest.raises(ValidationError, match="prompt"):
+            await engine.submit([], SamplingParams())
+        with pytest.raises(ValidationError, match="context"):
+            await engine.submit([5] * 64, SamplingParams())
+        with pytest.raises(ValidationError, match="input_ids"):
+            await engine.submit([5, 10**9], SamplingParams())
+
+    run(go())
+    assert engine.model_info.context_length == 64
+
+
+def test_generation_stops_at_context_length(llama):
+    engine = make_engine(llama, context_length=40)
+    out = run(run_batch(engine, [[5] * 30], SamplingParams(max_new_tokens=100, temperature=0)))
+    assert len(out[0]) == 10

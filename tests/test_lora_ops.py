@@ -1,0 +1,333 @@
+"""Multi-LoRA ops: batch metadata, the torch reference against a per-token computation, and both
+Triton backends against the reference (CPU tensors under TRITON_INTERPRET=1; real shapes on CUDA).
+"""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # before triton is imported: kernels run in the interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ops.lora import (
+    apply_lora,
+    apply_lora_torch,
+    apply_lora_triton,
+    build_lora_batch_info,
+    lora_embed_shrink,
+    lora_embed_shrink_torch,
+    lora_embed_shrink_triton,
+    lora_expand,
+    lora_expand_torch,
+    lora_expand_triton,
+    lora_row_table,
+    lora_shrink,
+    lora_shrink_torch,
+    lora_shrink_triton,
+)
+from ops.triton_lora_shrink import triton_lora_shrink
+
+# the interpreter trips a numpy deprecation on every scalar index
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+BACKENDS = [("csgmv", 16), ("csgmv", 32), ("triton", 16)]
+
+
+@dataclass
+class LoraGroup:
+    """Pool buffers of one fused module group, rows beyond each slot's rank zeroed."""
+
+    A: torch.Tensor  # [num_slots, n*R, in]
+    B: torch.Tensor  # [num_slots, N_total, R]
+    scalings: torch.Tensor  # [num_slots, n] float32
+    slot_ranks: torch.Tensor  # [num_slots] int32
+    slice_offsets: tuple[int, ...]
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_offsets) - 1
+
+
+def make_group(
+    ranks: list[int],
+    rank_pad: int,
+    in_dim: int,
+    widths: list[int],
+    dtype: torch.dtype,
+    device: str = "cpu",
+) -> LoraGroup:
+    n, num_slots = len(widths), len(ranks)
+    offsets = tuple(sum(widths[:i]) for i in range(n + 1))
+    A = torch.randn(num_slots, n, rank_pad, in_dim, device=device) / in_dim**0.5
+    B = torch.randn(num_slots, offsets[-1], rank_pad, device=device) / rank_pad**0.5
+    for slot, rank in enumerate(ranks):
+        A[slot, :, rank:] = 0
+        B[slot, :, rank:] = 0
+    return LoraGroup(
+        A=A.reshape(num_slots, n * rank_pad, in_dim).to(dtype),
+        B=B.to(dtype),
+        scalings=torch.rand(num_slots, n, device=device) + 0.5,
+        slot_ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
+        slice_offsets=offsets,
+    )
+
+
+def token_slots(layout: list[tuple[int, int]]) -> list[int]:
+    """[(slot, length), ...] -> per-token slots."""
+    return [slot for slot, length in layout for _ in range(length)]
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2}
+
+
+def base_rows(slots: list[int]) -> torch.Tensor:
+    return torch.tensor([s < 0 for s in slots])
+
+
+# ------------------------------------------------------------------------------ batch metadata
+
+
+def test_build_info_segments_and_chunks() -> None:
+    slots = token_slots([(-1, 2), (3, 40), (-1, 1), (0, 3), (-1, 5)])
+    info = build_lora_batch_info(slots, torch.ones(4, dtype=torch.int32), "csgmv", 16, "cpu")
+    assert info.seg_indptr.tolist() == [0, 2, 42, 43, 46, 51]
+    assert info.seg_slots.tolist() == [-1, 3, -1, 0, -1]
+    assert (info.num_segments, info.max_seg_len) == (5, 40)
+    assert info.chunk_indptr.tolist() == [0, 2, 18, 34, 42, 43, 46, 51]
+    assert info.chunk_slots.tolist() == [-1, 3, 3, 3, -1, 0, -1]
+    assert info.num_chunks == 7 and info.chunk_size == 16 and info.backend == "csgmv"
+    assert info.seg_indptr.dtype == info.chunk_slots.dtype == torch.int32
+
+
+def test_build_info_padding_and_empty() -> None:
+    ranks = torch.ones(2, dtype=torch.int32)
+    info = build_lora_batch_info([1, 1, 0], ranks, "triton", 16, "cpu", pad_to=4)
+    assert info.seg_indptr.tolist() == [0, 2, 3, 3, 3]
+    assert info.seg_slots.tolist() == [1, 0, -1, -1]
+    assert info.chunk_indptr.tolist() == [0, 2, 3, 3, 3] and info.num_chunks == 4
+    empty = build_lora_batch_info([], ranks, "csgmv", 16, "cpu")
+    assert empty.num_segments == empty.num_chunks == empty.max_seg_len == 0
+
+
+@pytest.mark.parametrize(
+    ("slots", "backend", "chunk_size"),
+    [([0, 1, 0], "csgmv", 16), ([0], "cuda-magic", 16), ([0], "csgmv", 24), ([2], "triton", 16)],
+)
+def test_build_info_rejects(slots: list[int], backend: str, chunk_size: int) -> None:
+    with pytest.raises(ValueError):
+        build_lora_batch_info(slots, torch.ones(2, dtype=torch.int32), backend, chunk_size, "cpu")
+
+
+# ------------------------------------------------------------------ torch reference vs per token
+
+
+@pytest.mark.parametrize("widths", [[24], [20, 12], [24, 8, 8]])
+def test_reference_matches_per_token_math(widths: list[int]) -> None:
+    ranks, rank_pad, in_dim = [4, 1, 16], 16, 40
+    group = make_group(ranks, rank_pad, in_dim, widths, torch.float32)
+    slots = token_slots([(-1, 2), (2, 5), (0, 1), (-1, 3), (1, 4), (-1, 1)])
+    info = build_lora_batch_info(slots, group.slot_ranks, "triton", 16, "cpu")
+    x = torch.randn(len(slots), in_dim)
+    y = torch.randn(len(slots), sum(widths))
+    expected = y.clone()
+    n = group.num_slices
+    for i, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        for j, (lo, hi) in enumerate(zip(group.slice_offsets, group.slice_offsets[1:])):
+            a = group.A[slot, j * rank_pad : (j + 1) * rank_pad]  # [R, in], zero beyond rank
+            b = group.B[slot, lo:hi]  # [width, R]
+            expected[i, lo:hi] += group.scalings[slot, j] * (b @ (a @ x[i]))
+    t = lora_shrink_torch(x, group.A, info, n)
+    for i, slot in enumerate(slots):
+        want = torch.zeros(n * rank_pad) if slot < 0 else group.A[slot] @ x[i]
+        torch.testing.assert_close(t[i], want, atol=1e-5, rtol=1e-5)
+    apply_lora_torch(x, group.A, group.B, y, group.slice_offsets, group.scalings, info)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    # the CPU dispatch is the reference
+    y2 = expected.clone()
+    lora_expand(
+        lora_shrink(x, group.A, info, n), group.B, y2, group.slice_offsets, group.scalings, info
+    )
+    y3 = expected.clone()
+    apply_lora(x, group.A, group.B, y3, group.slice_offsets, group.scalings, info)
+    assert torch.equal(y2, y3)
+
+
+# ------------------------------------------------------------------ Triton kernels vs reference
+
+# (slot ranks, R, in, slice widths, layout)
+CASES = {
+    "n1-mixed": ([1, 8, 16], 16, 48, [40], [(-1, 3), (0, 17), (2, 1), (-1, 2), (1, 40)]),
+    "n2-base-ends": ([8, 16], 16, 32, [24, 40], [(1, 3), (-1, 5), (0, 17), (-1, 1)]),
+    "n3-qkv": ([64, 8, 1], 64, 40, [32, 8, 8], [(-1, 1), (2, 3), (0, 40), (1, 1), (-1, 17)]),
+    "n3-r256": ([256, 32], 256, 24, [16, 24, 8], [(0, 17), (-1, 3), (1, 5)]),
+    "n1-decode": ([16, 64, 1, 8], 64, 32, [48], [(3, 1), (0, 1), (-1, 1), (2, 1), (1, 1)]),
+}
+
+
+def run_case(
+    name: str, dtype: torch.dtype, backend: str, chunk_size: int, split_k: int | None
+) -> None:
+    ranks, rank_pad, in_dim, widths, layout = CASES[name]
+    group = make_group(ranks, rank_pad, in_dim, widths, dtype)
+    slots = token_slots(layout)
+    info = build_lora_batch_info(slots, group.slot_ranks, backend, chunk_size, "cpu")
+    num_tokens, n = len(slots), group.num_slices
+    x = torch.randn(num_tokens, in_dim).to(dtype)
+    tol = tolerances(dtype)
+
+    t_ref = lora_shrink_torch(x, group.A, info, n)
+    t = torch.full((num_tokens, n * rank_pad), float("nan"), dtype=dtype)
+    lora_shrink_triton(x, group.A, info, n, split_k=split_k, out=t)
+    torch.testing.assert_close(t, t_ref, **tol)
+    assert not t[base_rows(slots)].any(), "base rows of t must be zero"
+
+    # y is a column window of a wider buffer: strides are honoured, neighbours untouched
+    wide = torch.randn(num_tokens, sum(widths) + 7).to(dtype)
+    poisoned = wide.clone()
+    y = wide[:, 3 : 3 + sum(widths)]
+    y_ref = y.clone()
+    lora_expand_torch(t_ref, group.B, y_ref, group.slice_offsets, group.scalings, info)
+    lora_expand_triton(t_ref, group.B, y, group.slice_offsets, group.scalings, info)
+    torch.testing.assert_close(y, y_ref, **tol)
+    is_base = base_rows(slots)
+    assert torch.equal(wide[is_base], poisoned[is_base]), "base rows changed"
+    assert torch.equal(wide[:, :3], poisoned[:, :3]) and torch.equal(wide[:, -4:], poisoned[:, -4:])
+
+    y_fused = poisoned[:, 3 : 3 + sum(widths)].clone()
+    apply_lora_triton(
+        x, group.A, group.B, y_fused, group.slice_offsets, group.scalings, info, split_k=split_k
+    )
+    torch.testing.assert_close(y_fused, y_ref, **tol)
+    assert torch.equal(y_fused[is_base], poisoned[is_base, 3 : 3 + sum(widths)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("backend", "chunk_size"), BACKENDS, ids=["csgmv16", "csgmv32", "triton"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernels_match_reference(
+    name: str, backend: str, chunk_size: int, dtype: torch.dtype
+) -> None:
+    run_case(name, dtype, backend, chunk_size, split_k=None)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_split_k(backend: str, split_k: int) -> None:
+    run_case("n3-qkv", torch.float32, backend, 16, split_k=split_k)
+
+
+def test_split_k_partials_all_written() -> None:
+    """Four splits over two K blocks: every partial is stored, the surplus ones as zeros."""
+    group = make_group([8, 16], 16, 256, [24, 8], torch.float32)
+    slots = token_slots([(-1, 2), (1, 5), (0, 3), (-1, 1)])
+    info = build_lora_batch_info(slots, group.slot_ranks, "csgmv", 16, "cpu")
+    table = lora_row_table(info)
+    x = torch.randn(len(slots), 256)
+    out = torch.full((4, len(slots), 32), float("nan"))
+    triton_lora_shrink(
+        x,
+        group.A,
+        group.slot_ranks,
+        table.indptr,
+        table.slots,
+        table.num_entries,
+        2,
+        table.block_m,
+        table.m_progs,
+        out=out,
+    )
+    torch.testing.assert_close(out.sum(0), lora_shrink_torch(x, group.A, info, 2))
+
+
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_padded_info_matches(backend: str) -> None:
+    """Empty base entries appended for CUDA graphs change nothing."""
+    group = make_group([4, 16], 16, 32, [16, 16, 8], torch.float32)
+    slots = token_slots([(1, 3), (-1, 1), (0, 2)])
+    info = build_lora_batch_info(slots, group.slot_ranks, backend, 16, "cpu", pad_to=6)
+    x, y = torch.randn(len(slots), 32), torch.randn(len(slots), 40)
+    y_ref = y.clone()
+    apply_lora_torch(x, group.A, group.B, y_ref, group.slice_offsets, group.scalings, info)
+    apply_lora_triton(x, group.A, group.B, y, group.slice_offsets, group.scalings, info)
+    torch.testing.assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("backend", "chunk_size"), BACKENDS, ids=["csgmv16", "csgmv32", "triton"])
+def test_embed_shrink(backend: str, chunk_size: int, dtype: torch.dtype) -> None:
+    ranks, rank_pad, vocab = [1, 8, 16], 16, 50
+    A_emb = torch.randn(3, vocab, rank_pad).to(dtype)
+    for slot, rank in enumerate(ranks):
+        A_emb[slot, :, rank:] = 0
+    slot_ranks = torch.tensor(ranks, dtype=torch.int32)
+    slots = token_slots([(-1, 3), (2, 40), (0, 1), (-1, 2), (1, 17), (-1, 1)])
+    info = build_lora_batch_info(slots, slot_ranks, backend, chunk_size, "cpu")
+    ids = torch.randint(0, vocab, (len(slots),))
+    t_ref = lora_embed_shrink_torch(ids, A_emb, info)
+    for i, slot in enumerate(slots):  # the reference against a direct gather
+        want = torch.zeros(rank_pad, dtype=dtype) if slot < 0 else A_emb[slot, ids[i]]
+        assert torch.equal(t_ref[i], want)
+    assert torch.equal(lora_embed_shrink(ids, A_emb, info), t_ref)
+    t = torch.full((len(slots), rank_pad), float("nan"), dtype=dtype)
+    lora_embed_shrink_triton(ids.to(torch.int32), A_emb, info, out=t)
+    assert torch.equal(t, t_ref)
+
+
+# ------------------------------------------------------------------ real shapes on the GPU
+
+GPU_GROUPS = {
+    "qkv": (4096, [4096, 1024, 1024]),
+    "gate_up": (4096, [14336, 14336]),
+    "down": (14336, [4096]),
+}
+
+
+def gpu_layout(num_tokens: int, num_adapters: int) -> list[int]:
+    """Tokens of `num_adapters` adapters of uneven length, base rows at both ends."""
+    if num_tokens < num_adapters + 2:
+        return [num_tokens % num_adapters] * num_tokens
+    weights = torch.rand(num_adapters) + 0.2
+    lengths = (weights / weights.sum() * (num_tokens - 2)).long().clamp(min=1)
+    lengths[-1] = num_tokens - 2 - lengths[:-1].sum()
+    return [-1] + token_slots(list(enumerate(lengths.tolist()))) + [-1]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 32, 512])
+@pytest.mark.parametrize("rank_pad", [16, 64])
+@pytest.mark.parametrize("group_name", list(GPU_GROUPS))
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_real_shapes(backend: str, group_name: str, rank_pad: int, num_tokens: int) -> None:
+    in_dim, widths = GPU_GROUPS[group_name]
+    ranks = [rank_pad, rank_pad // 2, 8, 1, rank_pad, 4, rank_pad, 2]
+    group = make_group(ranks, rank_pad, in_dim, widths, torch.bfloat16, device="cuda")
+    slots = gpu_layout(num_tokens, len(ranks))
+    info = build_lora_batch_info(slots, group.slot_ranks, backend, 16, "cuda")
+    x = torch.randn(num_tokens, in_dim, device="cuda", dtype=torch.bfloat16)
+    y0 = torch.randn(num_tokens, sum(widths), device="cuda", dtype=torch.bfloat16)
+    cpu_info = build_lora_batch_info(slots, group.slot_ranks.cpu(), backend, 16, "cpu")
+    t_ref = lora_shrink_torch(x.cpu().float(), group.A.cpu().float(), cpu_info, len(widths))
+    y_ref = y0.cpu().float()
+    lora_expand_torch(
+        t_ref, group.B.cpu().float(), y_ref, group.slice_offsets, group.scalings.cpu(), cpu_info
+    )
+
+    t = lora_shrink(x, group.A, info, len(widths))
+    torch.testing.assert_close(t.float().cpu(), t_ref, atol=2e-2, rtol=2e-2)
+    y = y0.clone()
+    lora_expand(t, group.B, y, group.slice_offsets, group.scalings, info)
+    y_fused = y0.clone()
+    apply_lora(x, group.A, group.B, y_fused, group.slice_offsets, group.scalings, info)
+    is_base = base_rows(slots).cuda()
+    for out in (y, y_fused):
+        torch.testing.assert_close(out.float().cpu(), y_ref, atol=5e-2, rtol=2e-2)
+        assert torch.equal(out[is_base], y0[is_base])
