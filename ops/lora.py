@@ -268,9 +268,8 @@ def lora_shrink_triton(
 ) -> Tensor:
     """Triton lora_shrink for info.backend. x: [T, in]; A: [num_slots, n*R, in] -> [T, n*R].
 
-    split_k: K splits (None = heuristic); with more than one the fp32 partials are reduced here
-    (apply_lora avoids that extra work by reducing inside the expand). out: optional [T, n*R]
-    buffer in x.dtype to write into (then returned)."""
+    split_k: K splits (None = heuristic); with more than one the fp32 partials are summed here.
+    out: optional [T, n*R] buffer in x.dtype to write into (then returned)."""
     if split_k == 1 and out is not None:
         return _shrink_partials(x, A, info, num_slices, 1, out.unsqueeze(0))[0]
     partials = _shrink_partials(x, A, info, num_slices, split_k)
@@ -286,7 +285,7 @@ def lora_expand_triton(
     scalings: Tensor,
     info: LoraBatchInfo,
 ) -> None:
-    """Triton lora_expand for info.backend. t: [T, n*R] or split-K partials [split, T, n*R];
+    """Triton lora_expand for info.backend. t: [T, n*R] (any float dtype);
     B: [num_slots, N_total, R]; y: [T, N_total] in place; scalings: [num_slots, n]."""
     from ops.triton_lora_expand import triton_lora_expand
 
@@ -340,9 +339,10 @@ def apply_lora_triton(
     info: LoraBatchInfo,
     split_k: int | None = None,
 ) -> None:
-    """y += LoRA delta of x in two launches: split-K shrink partials, summed inside the expand."""
+    """y += LoRA delta of x: shrink, fp32 sum of the split-K partials (if split), expand."""
     partials = _shrink_partials(x, A, info, len(slice_offsets) - 1, split_k)
-    lora_expand_triton(partials, B, y, slice_offsets, scalings, info)
+    t = partials[0] if partials.shape[0] == 1 else partials.sum(0)  # fp32 t, no rounding
+    lora_expand_triton(t, B, y, slice_offsets, scalings, info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +390,8 @@ def apply_lora(
     scalings: Tensor,
     info: LoraBatchInfo,
 ) -> None:
-    """y += scalings * (x A^T) B^T per segment and slice: lora_shrink then lora_expand, fused
-    on CUDA into two launches. x: [T, in]; A: [num_slots, n*R, in]; B: [num_slots, N_total, R];
+    """y += scalings * (x A^T) B^T per segment and slice: lora_shrink then lora_expand, keeping
+    the split-K sum in fp32 on CUDA. x: [T, in]; A: [num_slots, n*R, in]; B: [num_slots, N_total, R];
     y: [T, N_total] in place; scalings: [num_slots, n] float32."""
     if y.is_cuda:
         apply_lora_triton(x, A, B, y, slice_offsets, scalings, info)

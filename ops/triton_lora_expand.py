@@ -4,8 +4,8 @@ Same row table as the shrink (segments or chunks; slot -1 = base rows, which are
 Grid: (entries * m_progs, output tiles of all slices together). Slices of uneven width (q, k, v)
 are tiled separately, so no tile straddles two slices and no program idles: the tile index is
 mapped to its slice with a few scalar compares against cumulative tile counts. The inner loop
-runs over the slot's rank only, BLOCK_K at a time. `t` may hold split-K partials of the shrink
-([split, T, n * R]); they are summed on load, which makes the split free of an extra launch.
+runs over the slot's rank only, BLOCK_K at a time. `t` may be fp32 (a split-K shrink's reduced
+partials) or the activations' dtype; it is upcast after loading.
 """
 
 import itertools
@@ -40,7 +40,6 @@ def _lora_expand_kernel(
     tiles1,
     tiles2,
     tiles3,
-    stride_ts,
     stride_tm,
     stride_tr,
     stride_bs,
@@ -51,7 +50,6 @@ def _lora_expand_kernel(
     stride_ss,
     stride_si,
     m_progs,
-    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -86,11 +84,11 @@ def _lora_expand_kernel(
         for r0 in range(0, rank, BLOCK_K):
             offs_r = r0 + tl.arange(0, BLOCK_K)
             r_live = offs_r < rank
-            t_ptrs = t_cols + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
-            t_mask = m_live[:, None] & r_live[None, :]
-            t_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                t_tile += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0).to(tl.float32)
+            t_tile = tl.load(
+                t_cols + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr,
+                mask=m_live[:, None] & r_live[None, :],
+                other=0.0,
+            ).to(tl.float32)
             b_tile = tl.load(
                 b_cols + offs_r[:, None] * stride_br,
                 mask=r_live[:, None] & n_live[None, :],
@@ -133,15 +131,15 @@ def triton_lora_expand(
 ) -> None:
     """y[rows, off_i:off_{i+1}] += scalings[slot, i] * t[rows, i*R:i*R+rank] B[slot, off_i.., :rank]^T.
 
-    t: [T, n * R] or split-K partials [split, T, n * R] (summed on load), any float dtype.
+    t: [T, n * R], any float dtype.
     B: [num_slots, N_total, R]. y: [T, N_total], updated in place (any strides).
     slice_offsets: n + 1 Python ints, 0 .. N_total, n <= 4. scalings: [num_slots, n] float32.
     slot_ranks: [num_slots] int32. indptr: [num_entries + 1] int32, slots: [num_entries] int32
     (-1 = base rows: left untouched). block_m: power of two >= 16; m_progs >= 1.
     """
-    t3 = t if t.dim() == 3 else t.unsqueeze(0)
     num_slices = len(slice_offsets) - 1
-    split_k, num_tokens, t_cols = t3.shape
+    assert t.dim() == 2, "t must be [T, n * R]"
+    num_tokens, t_cols = t.shape
     assert 1 <= num_slices <= MAX_SLICES, f"{num_slices} slices, at most {MAX_SLICES}"
     assert B.dim() == 3 and y.dim() == 2, "B must be [num_slots, N_total, R], y [T, N_total]"
     rank_pad = B.shape[2]
@@ -166,7 +164,7 @@ def triton_lora_expand(
     low_precision = t.dtype != torch.float32 or B.dtype != torch.float32
     grid = (num_entries * m_progs, tile_cum[-1])
     _lora_expand_kernel[grid](
-        t3,
+        t,
         B,
         y,
         scalings,
@@ -176,9 +174,8 @@ def triton_lora_expand(
         rank_pad,
         *offs,
         *tiles[:3],
-        t3.stride(0),
-        t3.stride(1),
-        t3.stride(2),
+        t.stride(0),
+        t.stride(1),
         B.stride(0),
         B.stride(1),
         B.stride(2),
@@ -187,7 +184,6 @@ def triton_lora_expand(
         scalings.stride(0),
         scalings.stride(1),
         m_progs,
-        SPLIT_K=split_k,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=min(64, max(16, _next_pow2(rank_pad))),

@@ -12,7 +12,7 @@ Grid: (entries * m_progs, num_slices * n_tiles, split_k).
   skip the K loop and store zeros, so a rank-1 adapter reads one row of A per slice.
 - Axis 2: split-K. At decode the whole op is a read of r x in weights per adapter; splitting K
   fills the GPU. Each split writes its own fp32 partial (plain stores: deterministic, no memset);
-  the expand kernel sums the partials while it loads t.
+  the caller sums them (one small reduction, read once by the expand).
 """
 
 import torch
@@ -99,12 +99,12 @@ def _next_pow2(n: int) -> int:
 
 def shrink_split_k(num_tokens: int, num_programs: int, num_k_blocks: int, num_sms: int) -> int:
     """Split-K factor: grow while the grid is under two waves, K blocks remain and the partials
-    the expand must re-read stay small (split * tokens <= 256)."""
+    stay small (split * tokens <= 2048)."""
     split = 1
     while (
         split * 2 <= num_k_blocks
         and num_programs * split * 2 <= 2 * num_sms
-        and num_tokens * split * 2 <= 256
+        and num_tokens * split * 2 <= 2048
     ):
         split *= 2
     return split

@@ -121,12 +121,15 @@ def _prefill_attention_kernel(
     )
 
 
-def _launch_config(max_rows: int, head_dim: int) -> tuple[int, int, int, int]:
+def _launch_config(max_rows: int, head_dim: int, is_fp32: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for max_rows = longest q_len * group.
 
     Short chunks get short query tiles; the long-tile settings were measured on an H200.
+    fp32 tiles are twice the bytes, so they stay small enough for shared memory.
     """
     block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(max_rows)))
+    if is_fp32:
+        return min(block_m, 64), (64 if head_dim <= 128 else 32), 4, 2
     if head_dim > 128:
         return block_m, 32, 8 if block_m == 64 else 4, 2
     if block_m == 128:
@@ -242,7 +245,9 @@ def prefill_attention_triton(
     if num_tokens == 0 or batch == 0:
         return o
     group = num_heads // num_kv_heads
-    block_m, block_n, num_warps, num_stages = _launch_config(max_q_len * group, head_dim)
+    block_m, block_n, num_warps, num_stages = _launch_config(
+        max_q_len * group, head_dim, q.dtype == torch.float32
+    )
     grid = (triton.cdiv(max_q_len * group, block_m), num_kv_heads, batch)
     _prefill_attention_kernel[grid](
         q,

@@ -295,12 +295,17 @@ class FakeEngine:
         return FakeStats(len(self.live), 0, len(self.live), 100)
 
 
-def describe(obj: object) -> object:
-    """The shape of a JSON value: keys and types, not contents (for golden files)."""
+def describe(obj: object, key: str | None = None) -> object:
+    """The shape of a JSON value: keys and types, not contents (for golden files).
+
+    The OpenAI completions `top_logprobs` entries are maps keyed by token text: their keys are
+    content, so they are described as one generic `<token>` key."""
     if isinstance(obj, dict):
-        return {k: describe(v) for k, v in sorted(obj.items())}
+        if key == "top_logprobs" and all(isinstance(v, (int, float)) for v in obj.values()):
+            return {"<token>": "number"} if obj else {}
+        return {k: describe(v, k) for k, v in sorted(obj.items())}
     if isinstance(obj, list):
-        return [describe(obj[0])] if obj else []
+        return [describe(obj[0], key)] if obj else []
     if isinstance(obj, bool):
         return "bool"
     if isinstance(obj, (int, float)):

@@ -38,6 +38,7 @@ from runtime.adapters.peft_format import (
 )
 from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
+from runtime.errors import UnknownAdapterError
 from runtime.streams import Event, Streams
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class AdapterManager:
         drop, then free its slot and host memory. The name can then be loaded again."""
         entry = self._adapters.get(name)
         if entry is None or entry.is_closing:
-            raise AdapterError(f"LoRA adapter {name!r} has never been loaded")
+            raise UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded")
         entry.is_closing = True
         await entry.idle.wait()
         while entry.slot is not None and self._slots[entry.slot].locks:
@@ -364,7 +365,7 @@ class AdapterManager:
         """Take a request's reference on `name` and prefetch it toward the GPU."""
         entry = self._adapters.get(name)
         if entry is None or entry.is_closing:
-            raise AdapterError(f"LoRA adapter {name!r} has never been loaded")
+            raise UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded")
         entry.refs += 1
         entry.idle.clear()
         entry.last_used = next(self._clock)
@@ -439,7 +440,7 @@ class AdapterManager:
         """
         entry = self._adapters.get(name)
         if entry is None:
-            raise AdapterError(f"LoRA adapter {name!r} has never been loaded")
+            raise UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded")
         if entry.slot is None:
             if entry.host is None:
                 self._ensure_loading(entry)
@@ -543,6 +544,7 @@ class AdapterManager:
         """The batch that read `slots` has completed."""
         for i in slots:
             s = self._slots[i]
+            assert s.locks > 0, f"unlock of slot {i} that is not locked"
             s.locks -= 1
             if s.locks == 0:
                 s.unlocked.set()

@@ -30,14 +30,11 @@ from runtime.adapters.pool import (
     LoraModelShape,
     module_dims,
 )
+from runtime.errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
-
-
-class AdapterError(ValueError):
-    """An adapter cannot be loaded, served or managed. The message says why."""
 
 
 @dataclass
