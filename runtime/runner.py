@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from ops.lora import build_lora_batch_info
-from runtime.kv_cache import KVCache
+from runtime.graphs import DecodeGraphs
+from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
-from runtime.request import Request
+from runtime.request import Request, SamplingParams
 from runtime.sampler import Sampler, SamplerOutput
 from runtime.scheduler import ScheduledBatch
+from runtime.streams import Streams
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ModelRunner:
         device: torch.device,
         lora_backend: str = "csgmv",
         lora_chunk_size: int = 16,
+        streams: Streams | None = None,
     ) -> None:
         self.model = model
         self.kv = kv_cache
@@ -48,6 +51,26 @@ class ModelRunner:
         self.device = device
         self.lora_backend = lora_backend
         self.lora_chunk_size = lora_chunk_size
+        self.streams = streams or Streams(device)
+        self.graphs: DecodeGraphs | None = None
+        self._scratch: Request | None = None
+
+    def enable_cuda_graphs(
+        self, block_manager: BlockManager, max_bs: int, context_length: int
+    ) -> None:
+        """Capture decode graphs for batch sizes up to `max_bs` (CUDA only). One KV block is
+        set aside for the padded rows of a bucket to write into."""
+        if self.device.type != "cuda":
+            return
+        scratch = Request(rid="cuda-graph-scratch", prompt_ids=[0], params=SamplingParams())
+        block_manager.allocate(scratch, 1)
+        self._scratch = scratch
+        max_blocks = -(-context_length // self.block_size)
+        self.graphs = DecodeGraphs(
+            self.model, self.kv.k, self.kv.v, max_bs, max_blocks, scratch.block_ids[0],
+            self.block_size, self.lora_backend, self.lora_chunk_size,
+        )
+        self.graphs.capture(self.streams.compute)
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -56,6 +79,11 @@ class ModelRunner:
         return t
 
     def prepare(self, plan: ScheduledBatch) -> ForwardBatch:
+        """Step inputs as device tensors, copied on the compute stream (which then runs them)."""
+        with self.streams.use(self.streams.compute):
+            return self._prepare(plan)
+
+    def _prepare(self, plan: ScheduledBatch) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -106,9 +134,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: ScheduledBatch, fb: ForwardBatch) -> StepResult:
         """Forward and sample. Blocks the calling thread until the tokens are on the host."""
-        logits = self.model(fb, self.kv.k, self.kv.v)  # [B, vocab] fp32
-        out: SamplerOutput = self.sampler(logits, plan.requests)
-        return self._to_host(out, plan.requests)
+        with self.streams.use(self.streams.compute):
+            if self.graphs is not None and self.graphs.can_run(fb):
+                logits = self.graphs.replay(fb)  # [B, vocab] fp32
+            else:
+                logits = self.model(fb, self.kv.k, self.kv.v)
+            out: SamplerOutput = self.sampler(logits, plan.requests)
+            return self._to_host(out, plan.requests)
 
     def _to_host(self, out: SamplerOutput, requests: list[Request]) -> StepResult:
         token_ids = out.token_ids.cpu().tolist()

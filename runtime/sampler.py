@@ -17,6 +17,8 @@ from runtime.request import Request
 
 _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
+# When every truncated row has a top_k at most this, a partial top-k replaces the full sort.
+_MAX_PARTIAL_TOP_K = 1024
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Sampler:
         ]
         if not penalty_rows and not masked_rows:
             return logits
-        logits = logits.to(torch.float32, copy=True)
+        logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if penalty_rows:
             self._apply_penalties(logits, requests, penalty_rows)
         if masked_rows:
@@ -140,23 +142,23 @@ class Sampler:
             seen = seen if seen is not None else self._prompt_seen.get(r)
             if seen is None:
                 seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
-                seen[self._upload(r.prompt_ids, torch.int64)] = True
+                seen.index_fill_(0, self._upload(r.prompt_ids, torch.int64), True)
                 self._prompt_seen[r] = seen
             rows.append(seen)
         return torch.stack(rows)
 
     def _mask_stop_ids(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
-        """Set, in place, the eos and stop-token logits of the given rows to -inf."""
-        flat_rows: list[int] = []
-        flat_ids: list[int] = []
+        """Set, in place, the eos and stop-token logits of the given rows of the contiguous
+        logits [B, V] to -inf."""
+        vocab = self.vocab_size
+        flat: list[int] = []  # positions in the flattened logits
         for i in rows:
-            stop_ids = {t for t in requests[i].params.stop_token_ids if 0 <= t < self.vocab_size}
-            ids = stop_ids.union(self.eos_token_ids)
-            flat_rows.extend([i] * len(ids))
-            flat_ids.extend(ids)
-        if flat_ids:
-            index = self._upload([flat_rows, flat_ids], torch.int64)  # [2, N]
-            logits[index[0], index[1]] = _NEG_INF
+            stop_ids = {t for t in requests[i].params.stop_token_ids if 0 <= t < vocab}
+            flat.extend(i * vocab + t for t in stop_ids.union(self.eos_token_ids))
+        if flat:
+            # index_fill_ takes the value as a scalar; assigning through advanced indexing
+            # would copy it to the device from pageable memory, which waits for the device.
+            logits.view(-1).index_fill_(0, self._upload(flat, torch.int64), _NEG_INF)
 
     def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:
         """[B] int64 tokens from processed logits [B, V]."""
@@ -187,7 +189,9 @@ class Sampler:
         logits = logits / settings[:, 0:1]  # a new tensor: the stages below write in place
         truncated = [j for j, c in enumerate(columns) if c[1] < vocab or c[2] < 1.0]
         if truncated:
-            logits = self._top_k_top_p(logits, settings, truncated)
+            largest_k = max(columns[j][1] for j in truncated)
+            num_candidates = largest_k if largest_k <= _MAX_PARTIAL_TOP_K else vocab
+            logits = self._top_k_top_p(logits, settings, truncated, num_candidates)
         if any(p.min_p > 0.0 for p in params):
             # prob < min_p * max prob  <=>  logit < max logit + log(min_p); log(0) keeps all.
             floor = logits.amax(dim=-1, keepdim=True) + settings[:, 3:4].log()
@@ -197,18 +201,25 @@ class Sampler:
         noise = self._exponential_noise(logits, reqs)
         return noise.clamp_min_(_TINY).log_().neg_().add_(logits).argmax(dim=-1)
 
-    def _top_k_top_p(self, logits: Tensor, settings: Tensor, rows: list[int]) -> Tensor:
+    def _top_k_top_p(
+        self, logits: Tensor, settings: Tensor, rows: list[int], num_candidates: int
+    ) -> Tensor:
         """Keep the top-k, then the smallest top-p nucleus, of the given rows of logits [S, V].
 
-        One sort over those rows; settings [S, 4] holds (temperature, top_k, top_p, min_p).
+        settings [S, 4] holds (temperature, top_k, top_p, min_p). Only the best
+        `num_candidates` tokens of a row can stay (V, or the largest top_k of these rows): one
+        top-k over the rows when that is below V, else one full sort.
         """
         subset_of_rows = len(rows) < logits.shape[0]
         rows_t = self._upload(rows, torch.int64) if subset_of_rows else None
         subset = logits.index_select(0, rows_t) if rows_t is not None else logits  # [T, V]
         limits = settings.index_select(0, rows_t) if rows_t is not None else settings
         top_k, top_p = limits[:, 1:2], limits[:, 2:3]
-        values, order = subset.sort(dim=-1, descending=True, stable=True)  # [T, V]
-        ranks = torch.arange(self.vocab_size, device=logits.device)
+        if num_candidates < self.vocab_size:
+            values, order = subset.topk(num_candidates, dim=-1)  # [T, C], best first
+        else:
+            values, order = subset.sort(dim=-1, descending=True, stable=True)  # [T, V]
+        ranks = torch.arange(num_candidates, device=logits.device)
         values.masked_fill_(ranks >= top_k, _NEG_INF)
         probs = values.softmax(dim=-1)
         # Mass of the better tokens; the best token's is exactly 0 < top_p, so it always stays.

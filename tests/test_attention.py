@@ -374,6 +374,17 @@ def test_gpu_head_dim_256() -> None:
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_gpu_decode_fp32(head_dim: int) -> None:
+    batch = make_batch([1] * 8, _gpu_lens(8, 8, 1, 2048), 32, 8, head_dim, 16, torch.float32,
+                       device="cuda", seed=8)  # fmt: skip
+    torch.testing.assert_close(
+        run_decode_triton(batch, 0.08, None), decode_reference(batch, 0.08), atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_public_functions_dispatch_to_triton() -> None:
     batch = make_batch([5, 1], [9, 1], 32, 8, 128, 16, torch.bfloat16, device="cuda")
     out = paged_prefill_attention(

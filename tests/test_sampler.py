@@ -191,7 +191,9 @@ def test_top_k_keeps_only_the_best() -> None:
     assert len(set(tokens[::8].tolist())) == 3  # and uses all three of them
 
 
-def test_sampled_distributions_in_one_mixed_batch() -> None:
+@pytest.mark.parametrize("with_top_p_only", [True, False])
+def test_sampled_distributions_in_one_mixed_batch(with_top_p_only: bool) -> None:
+    # Without the top_p-only group every truncated row has a top_k: the partial top-k path.
     base = torch.tensor([1.0, 0.5, 0.0, -0.5, -2.0])
     probs = base.softmax(-1)  # [.445, .270, .164, .099, .022]
     groups: list[tuple[dict[str, float], torch.Tensor]] = [
@@ -211,6 +213,8 @@ def test_sampled_distributions_in_one_mixed_batch() -> None:
         ({"temperature": 0.0}, torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])),
     ]
     assert probs[:2].sum() < 0.8 < probs[:3].sum()
+    if not with_top_p_only:
+        groups = [g for g in groups if g[0] != {"top_p": 0.8}]
     per_group = 6000
     # Interleave the groups so every stage runs on a scattered subset of rows.
     requests = [make_request(**groups[i % len(groups)][0]) for i in range(per_group * len(groups))]
@@ -219,6 +223,30 @@ def test_sampled_distributions_in_one_mixed_batch() -> None:
     for g, (params, expected) in enumerate(groups):
         statistic = chi_square(tokens[g :: len(groups)], expected)
         assert statistic < CHI_SQUARE_LIMIT, (params, statistic)
+
+
+def test_partial_top_k_matches_the_full_sort() -> None:
+    vocab, rows = 300, 48
+    logits = torch.randn(rows, vocab) * 2
+    top_k = torch.randint(1, 40, (rows,)).float()
+    top_p = torch.rand(rows) * 0.9 + 0.05
+    settings = torch.stack([torch.ones(rows), top_k, top_p, torch.zeros(rows)], dim=1)
+    sampler = Sampler(vocab, set(), CPU)
+    every_row = list(range(rows))
+    some_rows = every_row[::3]
+    full = sampler._top_k_top_p(logits.clone(), settings, some_rows, vocab)
+    partial = sampler._top_k_top_p(logits.clone(), settings, some_rows, 40)
+    assert torch.equal(full, partial)
+    assert torch.equal(full[1::3], logits[1::3])  # rows outside the subset untouched
+    kept = torch.isfinite(sampler._top_k_top_p(logits, settings, every_row, 40))
+    assert (kept.sum(-1) <= top_k).all() and kept.sum() < kept.numel() // 10
+    # The kept tokens of each row are its best ones, and hold at least top_p of its top-k mass.
+    for row in range(rows):
+        k = int(top_k[row])
+        best = logits[row].topk(k).indices
+        assert set(kept[row].nonzero()[:, 0].tolist()) <= set(best.tolist())
+        mass = logits[row, best].softmax(-1)
+        assert mass[kept[row, best]].sum() >= top_p[row] - 1e-5
 
 
 def test_chi_square_notices_a_wrong_temperature() -> None:

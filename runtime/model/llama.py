@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
-from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand, lora_shrink
+from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand
+from ops.lora import apply_lora as lora_apply
 from runtime.adapters.pool import LoraGroupBuffers, LoraPool
 from runtime.model.batch import ForwardBatch
 from runtime.model.loader import inv_freq, rope_params
@@ -85,8 +86,7 @@ def apply_lora(
     """y += LoRA(x) for every adapter row of the step: one shrink and one expand launch."""
     if group is None or info is None:
         return
-    t = lora_shrink(x, group.A, info, group.num_slices)  # t: [T, n * R]
-    lora_expand(t, group.B, y, group.slice_offsets, group.scalings, info)
+    lora_apply(x, group.A, group.B, y, group.slice_offsets, group.scalings, info)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
