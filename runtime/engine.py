@@ -101,8 +101,12 @@ class Engine:
         self.sampler = Sampler(info.vocab_size, eos_token_ids, self.device)
         self.runner = ModelRunner(
             model, kv_cache, config.page_size, self.sampler, self.device,
-            config.lora_backend, config.max_lora_chunk_size,
+            config.lora_backend, config.max_lora_chunk_size, streams,
         )
+        if not config.disable_cuda_graph:
+            self.runner.enable_cuda_graphs(
+                block_manager, config.cuda_graph_max_bs, info.context_length
+            )
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,
             adapters, config.enable_lora_overlap_loading,

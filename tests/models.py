@@ -116,3 +116,33 @@ def prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 40) -> lis
 
 def read_vocab(folder: Path) -> int:
     return json.loads((folder / "config.json").read_text())["vocab_size"]
+
+
+def make_adapter(
+    model_folder: Path,
+    out: Path,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: list[str] | str = ("q_proj", "v_proj"),
+    seed: int = 0,
+    scale: float = 0.3,
+    **lora_kw,
+) -> Path:
+    """A random PEFT LoRA adapter for a tiny model saved by make_model. B is drawn non-zero
+    (PEFT initialises it to zero) so the adapter really changes the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                     target_modules=list(targets) if not isinstance(targets, str) else targets,
+                     **lora_kw)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, scale)
+    peft_model.save_pretrained(out)
+    return out

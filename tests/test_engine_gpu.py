@@ -3,11 +3,21 @@ logits within BF16_TOL of HF's bf16 model (relative to the logits' scale)."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from tests.engine_utils import engine_logits, greedy, hf_model, make_engine, run, run_batch
 from tests.models import ARCHS, make_model, prompts, read_vocab
+
+
+@pytest.fixture(autouse=True)
+def free_gpu():
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
 
@@ -24,8 +34,9 @@ def test_fp32_tokens_match_hf_on_cuda(arch_model):
     arch, folder = arch_model
     vocab = read_vocab(folder)
     ps = prompts(6, vocab, seed=1, lo=5, hi=100)
-    engine = make_engine(folder, device="cuda", dtype="float32", mem_fraction_static=0.3)
+    engine = make_engine(folder, device="cuda", dtype="float32", mem_fraction_static=0.05)
     ours = run(run_batch(engine, ps, greedy(64)))
+    del engine
     model = hf_model(folder).cuda()
     for p, out in zip(ps, ours):
         with torch.no_grad():
@@ -37,7 +48,7 @@ def test_fp32_tokens_match_hf_on_cuda(arch_model):
 def test_bf16_logits_close_to_hf_on_cuda(arch_model):
     arch, folder = arch_model
     vocab = read_vocab(folder)
-    engine = make_engine(folder, device="cuda", dtype="bfloat16", mem_fraction_static=0.3)
+    engine = make_engine(folder, device="cuda", dtype="bfloat16", mem_fraction_static=0.05)
     model = hf_model(folder, dtype=torch.bfloat16).cuda()
     for p in prompts(3, vocab, seed=2, lo=30, hi=200):
         ours = engine_logits(engine, p)

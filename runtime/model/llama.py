@@ -231,8 +231,7 @@ class CausalLM(nn.Module):
         }
         filled: set[str] = set()
         for name, tensor in weights:
-            if name.startswith("model."):
-                name = name[len("model."):]
+            name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and a.tie_word_embeddings:
@@ -255,8 +254,8 @@ class CausalLM(nn.Module):
                                  f"model expects {tuple(dst.shape)}")
             dst.copy_(tensor)
         expected = set()
-        for pname, p in params.items():
-            if pname.endswith("qkv_proj.weight") or pname.endswith("qkv_proj.bias"):
+        for pname in params:
+            if pname.endswith(("qkv_proj.weight", "qkv_proj.bias")):
                 expected |= {f"{pname}#{o}" for o in (0, a.q_size, a.q_size + a.kv_size)}
             elif pname.endswith("gate_up_proj.weight"):
                 expected |= {f"{pname}#{o}" for o in (0, a.intermediate_size)}
