@@ -224,3 +224,11 @@ def test_generation_stops_at_context_length(llama):
     engine = make_engine(llama, context_length=40)
     out = run(run_batch(engine, [[5] * 30], SamplingParams(max_new_tokens=100, temperature=0)))
     assert len(out[0]) == 10
+
+
+def test_projection_biases_rejected(tmp_path):
+    from runtime.model.loader import ModelLoadError
+
+    folder = make_model(tmp_path / "b", "llama", mlp_bias=True)
+    with pytest.raises(ModelLoadError, match="mlp_bias"):
+        make_engine(folder)

@@ -19,7 +19,7 @@ from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand
 from ops.lora import apply_lora as lora_apply
 from runtime.adapters.pool import LoraGroupBuffers, LoraPool
 from runtime.model.batch import ForwardBatch
-from runtime.model.loader import inv_freq, rope_params
+from runtime.model.loader import ModelLoadError, inv_freq, rope_params
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, cfg) -> ModelArgs:  # cfg: transformers.PretrainedConfig
         arch = (cfg.architectures or ["LlamaForCausalLM"])[0]
+        for flag in ("mlp_bias", "attention_bias"):
+            if getattr(cfg, flag, False) and arch != "Qwen2ForCausalLM":
+                raise ModelLoadError(f"{flag}: biases on {arch} projections are not supported")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(
             vocab_size=cfg.vocab_size,
@@ -54,7 +57,7 @@ class ModelArgs:
             rms_norm_eps=cfg.rms_norm_eps,
             max_position=cfg.max_position_embeddings,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(cfg, "attention_bias", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
             qk_norm=arch == "Qwen3ForCausalLM",
         )
 
