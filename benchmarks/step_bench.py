@@ -56,6 +56,8 @@ def make_engine(folder: Path, **overrides) -> Engine:
 def one_step(engine: Engine) -> float:
     """Schedule, run and apply one step; seconds on the host clock."""
     t0 = time.perf_counter()
+    if engine.adapters is not None:
+        engine.adapters.poll()
     plan = engine.scheduler.schedule()
     fb = engine.runner.prepare(plan)
     result = engine.runner.execute(plan, fb)
@@ -83,17 +85,40 @@ def decode_step_ms(engine: Engine, batch: int, prompt_len: int, steps: int,
     for _ in range(5):
         one_step(engine)
     times = [one_step(engine) for _ in range(steps)]
+    fwd = forward_ms(engine)
     ctx = prompt_len + 5 + steps
     for r in list(engine.scheduler.running):
         engine.scheduler.remove(r)
     return {"batch": batch, "median_ms": 1e3 * statistics.median(times),
-            "p10_ms": 1e3 * sorted(times)[len(times) // 10], "ctx_at_end": ctx}
+            "p10_ms": 1e3 * sorted(times)[len(times) // 10], "ctx_at_end": ctx,
+            "graph_forward_ms": fwd, "adapters": len({x for x in (loras or [None]) if x})}
 
 
-def prefill_ms(engine: Engine, batch: int, prompt_len: int, reps: int = 5) -> dict:
+def forward_ms(engine: Engine, iters: int = 50) -> float | None:
+    """Device time of the captured decode forward alone for the running batch (CUDA events),
+    to split a step into GPU forward and host work around it."""
+    graphs = engine.runner.graphs
+    plan = engine.scheduler.schedule()
+    fb = engine.runner.prepare(plan)
+    if graphs is None or not graphs.can_run(fb):
+        return None
+    times = []
+    with torch.cuda.stream(engine.streams.compute):
+        for _ in range(iters + 5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graphs.replay(fb)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    return statistics.median(times[5:])
+
+
+def prefill_ms(engine: Engine, batch: int, prompt_len: int, reps: int = 5,
+               loras: list[str | None] | None = None) -> dict:
     times = []
     for rep in range(reps + 2):
-        add_requests(engine, batch, prompt_len, [None])
+        add_requests(engine, batch, prompt_len, loras or [None])
         torch.cuda.synchronize()
         t = one_step(engine)
         if rep >= 2:
@@ -111,12 +136,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="few steps, for smoke runs")
     ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--lora", action="store_true",
+                    help="also measure 1, 8 and 32 distinct rank-16 adapters on all projections")
+    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     steps = 10 if a.quick else a.steps
     bw = hbm_bandwidth()
     folder = write_dummy_model(a.shape, Path(tempfile.mkdtemp()) / a.shape)
-    engine = make_engine(folder, disable_cuda_graph=a.disable_cuda_graph)
+    lora_opts = {}
+    names: list[str] = []
+    if a.lora:
+        from benchmarks.random_adapters import write_adapters
+        from runtime.config import LoraPathSpec
+
+        paths = write_adapters(a.shape, folder.parent / "adapters", 32, a.rank)
+        names = [p.name for p in paths]
+        lora_opts = dict(lora_paths=tuple(LoraPathSpec(p.name, str(p)) for p in paths),
+                         max_loras_per_batch=32, max_loaded_loras=32, max_lora_rank=a.rank)
+    engine = make_engine(folder, disable_cuda_graph=a.disable_cuda_graph, **lora_opts)
+    if names:
+        async def load_all() -> None:
+            for spec in engine.config.lora_paths:
+                await engine.adapters.load(spec.lora_name, spec.lora_path)
+        asyncio.run(load_all())
     w_bytes, _ = weight_bytes(a.shape)
     c = SHAPES[a.shape]
     kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (
@@ -128,9 +171,25 @@ def main() -> None:
         r["floor_ms"] = 1e3 * (w_bytes + kv_bytes) / bw
         r["ratio_to_floor"] = r["median_ms"] / r["floor_ms"]
         rows.append(r)
+    lora_rows = []
+    if names:
+        from benchmarks.random_adapters import ALL_LINEAR
+        per_adapter = 2 * a.rank * sum(
+            sum(_dims_bytes(c, m)) for m in ALL_LINEAR) * c["num_hidden_layers"]
+        for b, n in ((1, 1), (32, 8), (32, 32)):
+            r = decode_step_ms(engine, b, a.prompt, steps, names[:n])
+            base = next(x for x in rows if x["batch"] == b)
+            r["base_median_ms"] = base["median_ms"]
+            r["ratio_to_base"] = r["median_ms"] / base["median_ms"]
+            r["adapter_bytes"] = n * per_adapter
+            r["ratio_to_base_plus_bytes"] = r["median_ms"] / (
+                base["median_ms"] + 1e3 * n * per_adapter / bw)
+            lora_rows.append(r)
     pre = prefill_ms(engine, 8, 512)
+    pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     result = {"shape": a.shape, "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes,
-              "decode": rows, "prefill_8x512": pre, "device": torch.cuda.get_device_name()}
+              "decode": rows, "decode_lora": lora_rows, "prefill_8x512": pre,
+              "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}
     print(json.dumps(result, indent=2))
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
@@ -138,8 +197,24 @@ def main() -> None:
     for r in rows:
         print(f"decode batch {r['batch']:3d}: {r['median_ms']:.2f} ms/step, floor "
               f"{r['floor_ms']:.2f} ms, ratio {r['ratio_to_floor']:.2f}")
+    for r in lora_rows:
+        print(f"decode batch {r['batch']:3d}, {r['adapters']:2d} adapters: {r['median_ms']:.2f} ms"
+              f" ({r['ratio_to_base']:.3f}x base, {r['ratio_to_base_plus_bytes']:.3f}x base+bytes)")
+    for r in rows + lora_rows:
+        print(f"  graph forward alone, batch {r['batch']} / {r['adapters']} adapters: "
+              f"{r['graph_forward_ms']} ms")
     print(f"prefill 8x512: {pre['median_ms']:.1f} ms")
+    if pre_lora:
+        print(f"prefill 8x512 over 8 adapters: {pre_lora['median_ms']:.1f} ms "
+              f"({pre_lora['median_ms'] / pre['median_ms']:.3f}x)")
 
 
 if __name__ == "__main__":
     main()
+
+
+def _dims_bytes(shape: dict, module: str) -> tuple[int, int]:
+    """(in, out) of a projection: a rank-r adapter on it holds r * (in + out) values."""
+    from benchmarks.random_adapters import _dims
+
+    return _dims(shape, module)
