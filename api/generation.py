@@ -185,3 +185,7 @@ async def unless_disconnected(request: web.Request, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        elif not task.cancelled():
+            # The handler was cancelled as `work` failed (a write to the closed connection):
+            # mark that failure seen, or asyncio logs "Task exception was never retrieved".
+            task.exception()

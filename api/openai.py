@@ -119,24 +119,31 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt: a string, a list of strings, a list of token ids or
-    a list of such lists."""
+    a list of such lists (never a mix)."""
     items = prompt if isinstance(prompt, list) else [prompt]
     if items and all(isinstance(p, int) for p in items):
         items = [items]
     if not items:
         raise ApiError(400, "prompt: must not be empty", param="prompt")
-    ids, texts = [], []
-    for p in items:
-        if isinstance(p, str):
-            ids.append(tokenizer.encode(p))
-            texts.append(p)
-        elif isinstance(p, list) and all(isinstance(t, int) for t in p):
-            ids.append(p)
-            texts.append(tokenizer.decode(p))
-        else:
-            raise ApiError(400, "prompt: mixes strings, token ids and lists of token ids",
-                           param="prompt")
-    return ids, texts
+    if all(isinstance(p, str) for p in items):
+        return [tokenizer.encode(p) for p in items], list(items)
+    vocab = len(tokenizer)
+    if not all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in items):
+        raise ApiError(400, "prompt: mixes strings, token ids and lists of token ids",
+                       param="prompt")
+    if any(not 0 <= t < vocab for p in items for t in p):
+        raise ApiError(400, f"prompt: token ids must be integers in [0, {vocab})",
+                       param="prompt")
+    return items, [tokenizer.decode(p) for p in items]
+
+
+def _top_by_text(tok: Any, tops: list[tuple[int, float]]) -> dict[str, float]:
+    """{token text: logprob}, most likely first. Two ids can decode alike (partial UTF-8
+    bytes both read as U+FFFD): keep the likelier one, not the last."""
+    out: dict[str, float] = {}
+    for t, lp in tops:
+        out.setdefault(tok.decode([t]), lp)
+    return out
 
 
 def _completion_logprobs(g: Generation, tok: Any, start: int, offset: int) -> dict[str, Any]:
@@ -148,7 +155,7 @@ def _completion_logprobs(g: Generation, tok: Any, start: int, offset: int) -> di
         offset += len(s)
     top = None
     if g.request.top_logprobs_num > 0:
-        top = [{tok.decode([t]): lp for t, lp in tops} for tops in g.top_logprobs[start:]]
+        top = [_top_by_text(tok, tops) for tops in g.top_logprobs[start:]]
     return {"tokens": tokens, "token_logprobs": g.logprobs[start:], "top_logprobs": top,
             "text_offset": offsets}
 

@@ -152,4 +152,7 @@ class ChatRequest(OpenAISampling):
 async def decode_body(request: web.Request, kind: type[T]) -> T:
     """Read and decode the JSON body (raises msgspec errors; 413 past client_max_size)."""
     body = await request.read()
-    return msgspec.json.decode(body or b"{}", type=kind)
+    try:
+        return msgspec.json.decode(body or b"{}", type=kind)
+    except RecursionError:  # thousands of nested arrays: the client's mistake, not ours
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
