@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from runtime.adapters.manager import AdapterInfo, AdapterManager
+from runtime.adapters.manager import AdapterInfo, AdapterManager, Residency
 from runtime.adapters.pool import LoraModelShape
 from runtime.config import ServerConfig
 from runtime.errors import EngineStoppedError, QueueFullError, ValidationError
@@ -29,7 +29,14 @@ from runtime.model.loader import (
     resolve_dtype,
     resolve_model_path,
 )
-from runtime.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams, new_rid
+from runtime.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    new_rid,
+)
 from runtime.runner import ModelRunner, StepResult
 from runtime.sampler import Sampler
 from runtime.scheduler import ScheduledBatch, Scheduler
@@ -118,6 +125,13 @@ class Engine:
         self._accepting = True
         self._generated_tokens = 0
         self._last_log = (time.monotonic(), 0)
+        # Where each queued request's adapter was at arrival, reported when it is admitted.
+        self._residency: dict[str, str] = {}
+        self._seen_failures = 0
+        self._seen_evictions: dict[str, int] = {}
+        if adapters is not None and self.device.type != "cuda":
+            # The Triton kernels only run on CUDA; on CPU every backend is the torch reference.
+            log.info("LoRA backend %s runs as torch on CPU", config.lora_backend)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -168,8 +182,8 @@ class Engine:
         if self._task is not None:
             return
         if self.adapters is not None:
-            for spec in self.config.lora_paths:
-                await self.adapters.load(spec.lora_name, spec.lora_path, spec.pinned)
+            await self.adapters.load_startup_adapters()  # operator paths: lora_roots don't apply
+            self._report_adapters(force=True)
         self._task = asyncio.create_task(self._loop(), name="loraserve-engine")
         log.info("engine started: %s on %s (%s), %d KV blocks of %d tokens",
                  self.model_info.served_model_name, self.model_info.device,
@@ -192,6 +206,8 @@ class Engine:
                 pass
             self._task = None
         self._thread.shutdown(wait=True)
+        if self.adapters is not None:
+            self.adapters.close()
 
     # ---------------------------------------------------------------- requests
     async def submit(
@@ -210,16 +226,18 @@ class Engine:
         self._validate(prompt_ids, params, rid, top_logprobs_num)
         if self.scheduler.num_waiting >= self.config.max_queued_requests:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are already queued")
+        residency = "base"
         if lora_name is not None:
             if self.adapters is None:
                 raise ValidationError("lora_path", "LoRA is not enabled on this server")
-            await self.adapters.acquire_or_resolve(lora_name)
+            residency = await self.adapters.acquire_or_resolve(lora_name)
         req = Request(
             rid=rid or new_rid(), prompt_ids=list(prompt_ids), params=params,
             lora_name=lora_name, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
         )
         req.outputs = asyncio.Queue()
         self.requests[req.rid] = req
+        self._residency[req.rid] = residency
         self.scheduler.add(req)
         if self.metrics is not None:
             self.metrics.request_queued(lora_name)
@@ -282,11 +300,13 @@ class Engine:
         if self.adapters is None:
             raise ValidationError("lora_name", "LoRA is not enabled on this server")
         await self.adapters.load(name, path, pinned)
+        self._report_adapters(force=True)
 
     async def unload_adapter(self, name: str) -> None:
         if self.adapters is None:
             raise ValidationError("lora_name", "LoRA is not enabled on this server")
         await self.adapters.unload(name)
+        self._report_adapters(force=True)
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list() if self.adapters else []
@@ -315,6 +335,8 @@ class Engine:
         while True:
             if self.adapters is not None:
                 self.adapters.poll()
+                self._abort_failed_adapters()
+                self._report_adapters()
             plan = self.scheduler.schedule()
             if plan is None:
                 self._wake.clear()
@@ -325,16 +347,28 @@ class Engine:
                     pass
                 continue
             self._on_admitted(plan)
-            fb = self.runner.prepare(plan)
-            slots = plan.slots
-            self._before_step(slots)
-            result: StepResult = await loop.run_in_executor(
-                self._thread, self.runner.execute, plan, fb
-            )
-            self._after_step(slots)
+            try:
+                result = await self._run_step(loop, plan)
+            except Exception as e:  # a failed step must not stop the loop (nor hang its clients)
+                log.exception("step failed; aborting its %d requests", len(plan.requests))
+                for req in plan.requests:
+                    self.abort(req.rid, f"internal error in the forward step: {e}")
+                continue
             self._postprocess(plan, result)
             self._maybe_log()
             await asyncio.sleep(0)  # let HTTP handlers run between steps
+
+    async def _run_step(
+        self, loop: asyncio.AbstractEventLoop, plan: ScheduledBatch
+    ) -> StepResult:
+        """Prepare and run one step off the loop thread, its adapter slots locked meanwhile."""
+        fb = self.runner.prepare(plan)
+        slots = plan.slots
+        self._before_step(slots)
+        try:
+            return await loop.run_in_executor(self._thread, self.runner.execute, plan, fb)
+        finally:
+            self._after_step(slots)
 
     def _before_step(self, slots: set[int]) -> None:
         if self.adapters is None or not slots:
@@ -353,13 +387,51 @@ class Engine:
         self.adapters.record_use(slots, ev)
         self.adapters.unlock(slots)
 
+    def _abort_failed_adapters(self) -> None:
+        """Abort queued requests whose adapter failed to load or upload, with that error, so
+        they never wait forever (a later request for the adapter retries the load)."""
+        assert self.adapters is not None
+        c = self.adapters.counters
+        failures = c.load_failures + c.upload_failures
+        if failures == self._seen_failures:
+            return
+        self._seen_failures = failures
+        on_gpu = (Residency.RESIDENT, Residency.UPLOADING)
+        for req in list(self.scheduler.waiting):
+            name = req.lora_name
+            if name is None:
+                continue
+            error = self.adapters.load_error(name)
+            if error is not None and self.adapters.state(name) not in on_gpu:
+                self.abort(req.rid, f"LoRA adapter {name!r} could not be loaded: {error}")
+
+    def _report_adapters(self, force: bool = False) -> None:
+        """Hand the manager's load latencies and evictions to the metrics (draining them even
+        without metrics, so they never pile up); refresh the per-tier gauges on change."""
+        assert self.adapters is not None
+        latencies = self.adapters.drain_latencies()
+        evictions = self.adapters.counters.evictions
+        changed = force or bool(latencies) or evictions != self._seen_evictions
+        if self.metrics is None or not changed:
+            self._seen_evictions = dict(evictions)
+            return
+        for tier, seconds in latencies:
+            self.metrics.adapter_loaded(tier, seconds)
+        for tier, count in evictions.items():
+            for _ in range(count - self._seen_evictions.get(tier, 0)):
+                self.metrics.adapter_evicted(tier)
+        self._seen_evictions = dict(evictions)
+        adapters = self.adapters.list()
+        by_tier = {t: sum(a.tier == t for a in adapters) for t in ("gpu", "host", "disk")}
+        self.metrics.set_adapters_by_tier(**by_tier, pinned=sum(a.pinned for a in adapters))
+
     def _on_admitted(self, plan: ScheduledBatch) -> None:
         now = time.monotonic()
         for req in plan.requests:
             if req.admitted_time is None:
                 req.admitted_time = now
+                residency = self._residency.pop(req.rid, "base")
                 if self.metrics is not None:
-                    residency = "base" if req.lora_name is None else "gpu"
                     self.metrics.request_admitted(req.lora_name, now - req.arrival_time, residency)
 
     def _postprocess(self, plan: ScheduledBatch, result: StepResult) -> None:
@@ -412,6 +484,7 @@ class Engine:
         req.error = error
         self.scheduler.remove(req)
         self.requests.pop(req.rid, None)
+        self._residency.pop(req.rid, None)
         if req.lora_name is not None and self.adapters is not None:
             self.adapters.release(req.lora_name)
         if self.metrics is not None:
@@ -431,7 +504,7 @@ class Engine:
 
     def _maybe_log(self) -> None:
         now = time.monotonic()
-        t0, n0 = self._last_log
+        t0, _ = self._last_log
         if now - t0 < STEP_LOG_INTERVAL_S:
             return
         s = self.stats()
@@ -442,6 +515,8 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_running_waiting(s.num_running, s.num_waiting)
             self.metrics.set_kv_usage(self.block_manager.usage)
+            if self.adapters is not None:
+                self._report_adapters(force=True)
         self._last_log = (now, self._generated_tokens)
 
 
@@ -488,6 +563,6 @@ def _eos_ids(tokenizer: Any, folder) -> set[int]:
         gen = GenerationConfig.from_pretrained(folder)
         eos = gen.eos_token_id
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except Exception:  # no generation_config.json: the tokenizer's eos is all there is
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's eos is all
         pass
     return ids

@@ -127,6 +127,7 @@ class Scheduler:
         self, batch: list[Request], counts: list[int], slots: set[int], budget: int
     ) -> None:
         skipped: list[Request] = []
+        num_admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             n = min(req.num_uncomputed_tokens, budget)
@@ -146,8 +147,10 @@ class Scheduler:
             batch.append(req)
             counts.append(n)
             budget -= n
-        for req in skipped:
-            req.passed_over += 1
+            num_admitted += 1
+        if num_admitted:  # only rounds where others went ahead count against the bound
+            for req in skipped:
+                req.passed_over += 1
         if skipped:
             self.waiting.extendleft(reversed(skipped))
 

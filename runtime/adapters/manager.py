@@ -44,6 +44,7 @@ from runtime.streams import Event, Streams
 logger = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 256
+MAX_RECENT_EVICTIONS = 256
 
 
 class Residency(enum.Enum):
@@ -81,6 +82,8 @@ class AdapterCounters:
     )
     load_failures: int = 0
     upload_failures: int = 0
+    # (tier, name) of the most recent evictions, oldest first: tests check the policy's order.
+    recent_evictions: list[tuple[str, str]] = field(default_factory=list)
     # (tier, seconds) of completed loads not yet drained by the metrics exporter.
     pending_latencies: list[tuple[str, float]] = field(default_factory=list)
 
@@ -260,9 +263,9 @@ class AdapterManager:
         del self._adapters[name]
         logger.info("unloaded LoRA adapter %s", name)
 
-    async def acquire_or_resolve(self, name: str) -> None:
+    async def acquire_or_resolve(self, name: str) -> str:
         """`acquire`, loading an unknown name first from `<lora_root>/<name>` when
-        lora_resolve_on_demand is on."""
+        lora_resolve_on_demand is on. Returns the adapter's tier as `acquire` does."""
         if name in self._loading:
             await asyncio.shield(self._loading[name])
         entry = self._adapters.get(name)
@@ -271,12 +274,18 @@ class AdapterManager:
             path = await loop.run_in_executor(
                 self._executor, resolve_on_demand, name, self.config.lora_roots
             )
-            if path is not None and name not in self._adapters:
+            if path is None:
+                raise UnknownAdapterError(
+                    f"LoRA adapter {name!r} has never been loaded, and no adapter folder of "
+                    f"that name lies directly under lora_roots {list(self.config.lora_roots)} "
+                    "(on-demand names must be plain folder names)"
+                )
+            if name not in self._adapters:
                 if name in self._loading:
                     await asyncio.shield(self._loading[name])
                 else:
                     await self.load(name, path)
-        self.acquire(name)
+        return self.acquire(name)
 
     def close(self) -> None:
         """Stop the loader threads (shutdown)."""
@@ -356,13 +365,14 @@ class AdapterManager:
             assert victim.host is not None
             count, used = count - 1, used - victim.host.nbytes
             victim.host = None
-            self.counters.evictions["host"] += 1
+            self._count_eviction("host", victim.name)
             logger.debug("evicted LoRA adapter %s from host memory", victim.name)
 
     # request references ------------------------------------------------------------------
 
-    def acquire(self, name: str) -> None:
-        """Take a request's reference on `name` and prefetch it toward the GPU."""
+    def acquire(self, name: str) -> str:
+        """Take a request's reference on `name` and prefetch it toward the GPU. Returns where
+        the adapter was when the request arrived: "gpu", "host" or "disk"."""
         entry = self._adapters.get(name)
         if entry is None or entry.is_closing:
             raise UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded")
@@ -371,10 +381,13 @@ class AdapterManager:
         entry.last_used = next(self._clock)
         tier = self._tier(entry)
         self.counters.requests_by_residency[tier] += 1
+        if entry.slot is not None:
+            return tier  # on the GPU already: a dropped host copy needs no reload
         if entry.host is None:
             self._ensure_loading(entry)
-        elif entry.slot is None:
+        else:
             self._take_slot(entry, set(), is_prefetch=True)
+        return tier
 
     def release(self, name: str) -> None:
         """Drop a request's reference on `name` (at finish or abort)."""
@@ -389,6 +402,7 @@ class AdapterManager:
     def _ensure_loading(self, entry: _Adapter) -> None:
         if entry.host is not None or entry.load_task is not None:
             return
+        entry.error = None  # a new attempt: the last failure no longer stands
         task = asyncio.get_running_loop().create_task(self._reload(entry))
         entry.load_task = task
         self._tasks.add(task)
@@ -464,7 +478,7 @@ class AdapterManager:
             assert victim is not None
             victim.slot = None
             self._slots[slot].owner = None
-            self.counters.evictions["gpu"] += 1
+            self._count_eviction("gpu", victim.name)
             logger.debug("evicted LoRA adapter %s from GPU slot %d", victim.name, slot)
         return self._upload(entry, slot)
 
@@ -611,6 +625,12 @@ class AdapterManager:
     def _count_load(self, tier: str, seconds: float) -> None:
         self.counters.loads[tier] += 1
         self.counters.pending_latencies.append((tier, seconds))
+
+    def _count_eviction(self, tier: str, name: str) -> None:
+        self.counters.evictions[tier] += 1
+        recent = self.counters.recent_evictions
+        recent.append((tier, name))
+        del recent[:-MAX_RECENT_EVICTIONS]
 
 
 def _check_name(name: str) -> None:

@@ -121,7 +121,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         a = self.args
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
-        apply_lora(x, qkv, lora and lora.get("qkv"), fb.lora)
+        apply_lora(x, qkv, lora.get("qkv") if lora else None, fb.lora)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
@@ -139,7 +139,7 @@ class Attention(nn.Module):
             )
         o = o.reshape(-1, a.q_size)  # [T, H * D]
         out = self.o_proj(o)
-        apply_lora(o, out, lora and lora.get("o"), fb.lora)
+        apply_lora(o, out, lora.get("o") if lora else None, fb.lora)
         return out
 
 
@@ -154,11 +154,11 @@ class MLP(nn.Module):
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
     ) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
-        apply_lora(x, gate_up, lora and lora.get("gate_up"), fb.lora)
+        apply_lora(x, gate_up, lora.get("gate_up") if lora else None, fb.lora)
         gate, up = gate_up.split(self.inter, dim=-1)
         h = F.silu(gate) * up  # [T, inter]
         out = self.down_proj(h)
-        apply_lora(h, out, lora and lora.get("down"), fb.lora)
+        apply_lora(h, out, lora.get("down") if lora else None, fb.lora)
         return out
 
 
