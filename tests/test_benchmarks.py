@@ -1,0 +1,217 @@
+"""CPU smoke tests of the serving benchmark, its workloads and the HF PEFT baseline.
+
+The serving benchmark runs --quick against a real `python -m runtime` (tiny Llama, two
+adapters) through both endpoints; the baseline runs --quick on a tiny model, and with
+--compare-engine our engine's greedy outputs must equal HF PEFT's row for row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import hf_baseline, serve_bench
+from benchmarks import workloads as wl
+from tests.live import LiveServer, running_server
+from tests.models import make_adapter, make_model
+
+NAMES = ["a", "b", "c", "d", "e"]
+QUICK_REQUESTS = serve_bench.QUICK["num_prompts"]
+METRIC_KEYS = [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
+               for s in ("mean", "median", "p99")] + [
+    "request_throughput", "input_throughput", "output_throughput", "request_goodput"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("bench")
+    model = make_model(root / "model")
+    adapters = {f"lora{i}": make_adapter(model, root / "loras" / f"lora{i}", seed=i + 1)
+                for i in range(2)}
+    return model, adapters
+
+
+@pytest.fixture(scope="module")
+def live(tiny: tuple[Path, dict[str, Path]],
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    model, adapters = tiny
+    specs = [{"lora_name": n, "lora_path": str(p)} for n, p in adapters.items()]
+    root = tmp_path_factory.mktemp("server")
+    with running_server(root, model, model.parent / "loras", lora_paths=specs,
+                        max_loras_per_batch=2) as server:
+        yield server
+
+
+# ---------------------------------------------------------------- serve_bench, live
+
+@pytest.mark.parametrize("backend", serve_bench.BACKENDS)
+def test_serve_bench_quick(live: LiveServer, backend: str, tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    serve_bench.main(["--base-url", live.url, "--backend", backend, "--quick", "--num-loras",
+                      "2", "--slo-ttft-ms", "60000", "--out", str(out), "--disable-tqdm"])
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    for key in METRIC_KEYS:
+        assert math.isfinite(run[key]) and run[key] >= 0, key
+    assert run["failed"] == 0, run["errors"]
+    assert run["completed"] == run["good_requests"] == QUICK_REQUESTS
+    assert run["total_output_tokens"] == QUICK_REQUESTS * serve_bench.QUICK["output_len"]
+    assert run["total_input_tokens"] == QUICK_REQUESTS * serve_bench.QUICK["input_len"]
+    assert set(run["requests_per_adapter"]) <= {"lora0", "lora1"}
+    assert sum(run["requests_per_adapter"].values()) == QUICK_REQUESTS
+    assert run["mean_ttft_ms"] <= run["mean_e2el_ms"]
+
+
+def test_serve_bench_text_base_sweep_plots(live: LiveServer, tmp_path: Path) -> None:
+    """Word prompts, lengths drawn, half the requests on the base model, a two-rate sweep with
+    a concurrency cap, per-request records and plots."""
+    result = serve_bench.main([
+        "--base-url", live.url, "--quick", "--num-loras", "2", "--base-fraction", "0.5",
+        "--prompt-format", "text", "--len-dist", "uniform", "--request-rate", "50", "inf",
+        "--max-concurrency", "3", "--save-detailed", "--plot-dir", str(tmp_path),
+        "--disable-tqdm",
+    ])
+    assert [r["request_rate"] for r in result["runs"]] == [50.0, "inf"]
+    for run in result["runs"]:
+        assert run["failed"] == 0, run["errors"]
+        records = run["requests"]
+        assert len(records) == QUICK_REQUESTS and all(r["prompt_tokens"] > 0 for r in records)
+        assert run["total_output_tokens"] == sum(r["output_tokens"] for r in records)
+    expected = {"latency_cdf.png", "rate_sweep.png"}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        expected = set()
+    assert {Path(p).name for p in result.get("plots", [])} == expected
+    assert all((tmp_path / name).stat().st_size > 0 for name in expected)
+
+
+def test_server_command_adds_address_and_adapters(tmp_path: Path) -> None:
+    cmd, url = serve_bench.server_command("--model-path /m --port 4321", tmp_path, ["x", "y"],
+                                          None)
+    assert cmd[1:3] == ["-m", "runtime"]
+    assert url == "http://127.0.0.1:4321"
+    i = cmd.index("--lora-paths")
+    assert cmd[i + 1:i + 3] == [f"x={tmp_path / 'x'}", f"y={tmp_path / 'y'}"]
+    assert cmd[cmd.index("--max-loras-per-batch") + 1] == "2"
+
+
+def test_metrics_goodput_and_tpot() -> None:
+    fast = serve_bench.RequestResult("a", True, ttft=0.01, e2el=0.11, itl=[0.05, 0.05],
+                                     prompt_tokens=4, output_tokens=3)
+    slow = serve_bench.RequestResult(None, True, ttft=0.5, e2el=0.7, itl=[0.1, 0.1],
+                                     prompt_tokens=4, output_tokens=3)
+    failed = serve_bench.RequestResult("a", False, error="HTTP 500")
+    m = serve_bench.compute_metrics([fast, slow, failed], 2.0, [99.0], slo_ttft_ms=100.0)
+    assert (m["completed"], m["failed"], m["good_requests"]) == (2, 1, 1)
+    assert m["request_goodput"] == pytest.approx(0.5)
+    assert m["mean_tpot_ms"] == pytest.approx((50 + 100) / 2)
+    assert m["total_output_tokens"] == 6 and m["output_throughput"] == pytest.approx(3.0)
+    assert m["requests_per_adapter"] == {"a": 2, "__base__": 1}
+    assert m["errors"] == ["HTTP 500"]
+
+
+# ---------------------------------------------------------------- workloads
+
+def rng() -> np.random.Generator:
+    return np.random.default_rng(int(torch.randint(0, 1 << 30, ())))
+
+
+def test_popularity_identical_and_distinct() -> None:
+    assert set(wl.sample_adapters(NAMES, 50, "identical", rng())) == {"a"}
+    distinct = wl.sample_adapters(NAMES, len(NAMES), "distinct", rng())
+    assert sorted(distinct) == NAMES
+    cycled = wl.sample_adapters(NAMES, 3 * len(NAMES), "distinct", rng())
+    assert Counter(cycled) == {n: 3 for n in NAMES}
+
+
+@pytest.mark.parametrize(("kind", "kw"), [("skewed", {"zipf_alpha": 1.5}),
+                                          ("powerlaw", {"alpha": 0.3})])
+def test_popularity_skewed_kinds_favour_the_first_names(kind: str, kw: dict) -> None:
+    counts = Counter(wl.sample_adapters(NAMES, 4000, kind, rng(), **kw))
+    ranked = [n for n, _ in counts.most_common()]
+    assert ranked[:2] == ["a", "b"]
+    assert counts["a"] > 2 * counts["c"]
+
+
+def test_popularity_uniform_and_base_fraction() -> None:
+    counts = Counter(wl.sample_adapters(NAMES, 5000, "uniform", rng(), base_fraction=0.2))
+    assert 800 <= counts[None] <= 1200
+    assert all(700 <= counts[n] <= 900 for n in NAMES)
+    assert wl.sample_adapters([], 4, "uniform", rng(), base_fraction=1.0) == [None] * 4
+    with pytest.raises(ValueError, match="popularity"):
+        wl.sample_adapters(NAMES, 4, "zipf", rng())
+
+
+@pytest.mark.parametrize("dist", wl.LENGTH_DISTS)
+def test_lengths_within_bounds(dist: str) -> None:
+    spec = wl.LengthSpec(64, dist, ratio=0.25, sigma=1.0)
+    lengths = wl.sample_lengths(spec, 3000, rng())
+    lo, hi = spec.bounds
+    assert all(isinstance(x, int) and lo <= x <= hi for x in lengths)
+    assert abs(np.mean(lengths) - 64) < 6
+    if dist == "lognormal":
+        assert (lo, hi) == (1, wl.LOGNORMAL_MAX_FACTOR * 64) and len(set(lengths)) > 50
+
+
+def test_arrivals() -> None:
+    assert wl.arrival_times(5, math.inf, 1.0, rng()) == [0.0] * 5
+    times = wl.arrival_times(4000, 20.0, 1.0, rng())
+    assert times == sorted(times) and times[0] == 0.0
+    assert times[-1] / 3999 == pytest.approx(1 / 20, rel=0.1)
+
+
+def test_random_prompts() -> None:
+    ids = wl.random_token_prompts([3, 7], 50, rng())
+    assert [len(p) for p in ids] == [3, 7] and all(10 <= t < 50 for p in ids for t in p)
+    words = wl.random_text_prompts([4], rng())
+    assert len(words[0].split()) == 4
+
+
+def test_mtbench_questions() -> None:
+    try:
+        wl.mtbench_file()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    questions = wl.mtbench_questions()
+    assert len(questions) == 80 and all(isinstance(q, str) and q for q in questions)
+    prompts = wl.mtbench_prompts(100, rng())
+    assert len(prompts) == 100 and set(prompts) == set(questions)
+
+
+# ---------------------------------------------------------------- HF baseline
+
+def test_hf_baseline_quick_matches_engine(tiny: tuple[Path, dict[str, Path]],
+                                          tmp_path: Path) -> None:
+    model, adapters = tiny
+    out = tmp_path / "hf.json"
+    hf_baseline.main(["--quick", "--model-path", str(model), "--adapters",
+                      *map(str, adapters.values()), "--compare-engine", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["hf"]) == set(result["engine"]) == set(hf_baseline.VARIANTS)
+    for name, c in result["comparison"].items():
+        assert c["outputs_equal"], (name, c["mismatched_rows"])
+        assert c["engine_over_hf_tokens_per_s"] > 0
+    for summary in [*result["hf"].values(), *result["engine"].values()]:
+        assert summary["output_tokens_per_s"] > 0 and summary["ms_per_step"] > 0
+
+
+def test_dummy_weights_copied_into_engine(tiny: tuple[Path, dict[str, Path]]) -> None:
+    """The --dummy-shape path: HF's random weights drawn without HF's init, then copied into
+    an engine built with load_format dummy; greedy outputs agree (fp32, CPU)."""
+    model_folder, _ = tiny
+    model = hf_baseline.hf_dummy_model(model_folder, torch.float32, torch.device("cpu"), seed=3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    works = hf_baseline.make_workloads(model.config.vocab_size, 3, 12, 5, [], seed=1)
+    ref = hf_baseline.hf_generate(model, works["base"], 5, 0)  # no PEFT: plain generate
+    config = hf_baseline.engine_config(model_folder, {}, "cpu", "float32", is_dummy=True)
+    engine = hf_baseline.build_engine(config, list(model.state_dict().items()))
+    ours = hf_baseline.run_engine(engine, works, reps=1)
+    assert ours["base"].outputs == ref
