@@ -209,12 +209,12 @@ def main() -> None:
               f"({pre_lora['median_ms'] / pre['median_ms']:.3f}x)")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _dims_bytes(shape: dict, module: str) -> tuple[int, int]:
     """(in, out) of a projection: a rank-r adapter on it holds r * (in + out) values."""
     from benchmarks.random_adapters import _dims
 
     return _dims(shape, module)
+
+
+if __name__ == "__main__":
+    main()
