@@ -451,6 +451,9 @@ class Engine:
                 req.first_token_time = now
                 if self.metrics is not None:
                     self.metrics.first_token(req.lora_name, now - req.arrival_time)
+            elif self.metrics is not None and req.last_token_time is not None:
+                self.metrics.inter_token(req.lora_name, now - req.last_token_time)
+            req.last_token_time = now
             self._check_finish(req, tok)
             self._emit(req, [tok], lp, top)
 

@@ -178,6 +178,7 @@ class Request:
     finish_reason: FinishReason | None = None
     matched_stop: int | str | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     admitted_time: float | None = None
     num_sent_tokens: int = 0  # output tokens already handed out
     outputs: asyncio.Queue[RequestOutput] | None = None

@@ -232,3 +232,22 @@ def test_projection_biases_rejected(tmp_path):
     folder = make_model(tmp_path / "b", "llama", mlp_bias=True)
     with pytest.raises(ModelLoadError, match="mlp_bias"):
         make_engine(folder)
+
+
+def test_latency_metrics_count_tokens(llama):
+    from metrics.serving import ServingMetrics
+    from runtime.config import ServerConfig
+    from runtime.engine import Engine
+
+    metrics = ServingMetrics()
+    engine = Engine.from_config(ServerConfig(model_path=str(llama), device="cpu",
+                                             dtype="float32"), metrics)
+    run(run_batch(engine, [[5, 6, 7], [8, 9]], greedy(5)))
+    text = metrics.render()[0].decode()
+
+    def value(name: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(name))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("loraserve:time_to_first_token_seconds_count") == 2
+    assert value("loraserve:inter_token_latency_seconds_count") == 2 * 4
