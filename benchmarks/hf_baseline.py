@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks.dummy_model import SHAPES, write_dummy_model
+from benchmarks.workloads import fill_defaults
 from runtime.config import LoraPathSpec, ServerConfig
 from runtime.engine import Engine
 from runtime.request import SamplingParams
@@ -363,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    for key, default in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
+    fill_defaults(args, QUICK if args.quick else DEFAULTS)
     if args.device is None:
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if args.dtype is None:

@@ -461,12 +461,12 @@ async def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: 
                      + log.read_text(errors="replace")[-4000:])
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM (the server drains), then SIGKILL if it lingers."""
+def stop_process(proc: subprocess.Popen, timeout: float = LAUNCH_STOP_TIMEOUT_S) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it lingers past `timeout` seconds."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(LAUNCH_STOP_TIMEOUT_S)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
@@ -591,9 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    for key, default in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
+    wl.fill_defaults(args, QUICK if args.quick else DEFAULTS)
     if args.num_loras is not None and args.lora_names:
         raise SystemExit("error: give --lora-names or --num-loras, not both")
     return args

@@ -192,3 +192,10 @@ def arrival_times(num: int, request_rate: float, burstiness: float,
     gaps = rng.gamma(burstiness, 1.0 / (request_rate * burstiness), size=num)
     gaps[0] = 0.0  # the first request goes at once
     return np.cumsum(gaps).tolist()
+
+
+def fill_defaults(args: object, defaults: dict[str, object]) -> None:
+    """Set each option the command line left unset (None) to its default."""
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)

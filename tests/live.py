@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.serve_bench import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 120.0
@@ -113,14 +114,7 @@ def _wait_healthy(server: LiveServer) -> None:
 
 def stop_server(server: LiveServer) -> None:
     """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_S."""
-    proc = server.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_process(server.proc, STOP_TIMEOUT_S)
 
 
 @contextmanager
