@@ -46,6 +46,8 @@ class Generation:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     finished: bool = False
@@ -74,6 +76,9 @@ class Generation:
             self.logprobs.extend(out.new_logprobs)
         if out.new_top_logprobs:
             self.top_logprobs.extend(out.new_top_logprobs)
+        if out.input_logprobs is not None:
+            self.input_logprobs = out.input_logprobs
+            self.input_top_logprobs = out.input_top_logprobs or []
         self.prompt_tokens = out.prompt_tokens
         self.cached_tokens = out.cached_tokens
         if out.finished:

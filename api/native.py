@@ -145,12 +145,17 @@ def result(g: Generation, with_text: bool, tokenizer: Any) -> dict[str, Any]:
     if g.request.return_logprob:
         def text(t: int) -> str | None:
             return tokenizer.decode([t]) if with_text else None
-        meta["input_token_logprobs"] = []  # prompt logprobs are not computed
+        prompt = g.request.prompt_ids
+        meta["input_token_logprobs"] = [
+            [lp, t, text(t)] for lp, t in zip(g.input_logprobs, prompt, strict=False)
+        ]
         meta["output_token_logprobs"] = [
             [lp, t, text(t)] for lp, t in zip(g.logprobs, g.output_ids, strict=False)
         ]
         if g.request.top_logprobs_num > 0:
-            meta["input_top_logprobs"] = []
+            meta["input_top_logprobs"] = [
+                [[lp, t, text(t)] for t, lp in tops] or None for tops in g.input_top_logprobs
+            ]
             meta["output_top_logprobs"] = [
                 [[lp, t, text(t)] for t, lp in tops] for tops in g.top_logprobs
             ]

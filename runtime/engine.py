@@ -436,6 +436,9 @@ class Engine:
 
     def _postprocess(self, plan: ScheduledBatch, result: StepResult) -> None:
         now = time.monotonic()
+        for i, lp, top in result.prompt_logprobs:
+            plan.requests[i].input_logprobs.append(lp)
+            plan.requests[i].input_top_logprobs.append(top)
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             if req.is_finished:  # aborted while the step ran
                 continue
@@ -454,8 +457,9 @@ class Engine:
             elif self.metrics is not None and req.last_token_time is not None:
                 self.metrics.inter_token(req.lora_name, now - req.last_token_time)
             req.last_token_time = now
+            first = req.num_output_tokens == 1
             self._check_finish(req, tok)
-            self._emit(req, [tok], lp, top)
+            self._emit(req, [tok], lp, top, with_prompt_logprobs=first and req.return_logprob)
 
     def _check_finish(self, req: Request, tok: int) -> None:
         p = req.params
@@ -496,13 +500,17 @@ class Engine:
                 time.monotonic() - req.arrival_time, reason.value,
             )
 
-    def _emit(self, req: Request, new: list[int], lp, top) -> None:
+    def _emit(
+        self, req: Request, new: list[int], lp, top, with_prompt_logprobs: bool = False
+    ) -> None:
         assert req.outputs is not None
         req.outputs.put_nowait(RequestOutput(
             rid=req.rid, new_token_ids=new, output_token_ids=list(req.output_ids),
             prompt_tokens=req.num_prompt_tokens, finished=req.is_finished,
             finish_reason=req.finish_reason, matched_stop=req.matched_stop,
             new_logprobs=lp, new_top_logprobs=top, error=getattr(req, "error", None),
+            input_logprobs=list(req.input_logprobs) if with_prompt_logprobs else None,
+            input_top_logprobs=list(req.input_top_logprobs) if with_prompt_logprobs else None,
         ))
 
     def _maybe_log(self) -> None:

@@ -93,7 +93,9 @@ class SamplingParams:
             if not s:
                 raise ValidationError("stop", "stop strings must not be empty")
             if len(s) > MAX_STOP_STRING_CHARS:
-                raise ValidationError("stop", f"a stop string is over {MAX_STOP_STRING_CHARS} chars")
+                raise ValidationError(
+                    "stop", f"a stop string is over {MAX_STOP_STRING_CHARS} characters"
+                )
         if len(self.stop_token_ids) > 1024:
             raise ValidationError("stop_token_ids", "at most 1024 ids")
         for t in self.stop_token_ids:
@@ -149,6 +151,10 @@ class RequestOutput:
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
     cached_tokens: int = 0
+    # With return_logprob, on the output that carries the first token: the log-prob of each
+    # prompt token given the tokens before it (None for the first), and the top candidates.
+    input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 _rid_counter = itertools.count()
@@ -184,6 +190,8 @@ class Request:
     outputs: asyncio.Queue[RequestOutput] | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    input_logprobs: list[float | None] = field(default_factory=lambda: [None])
+    input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=lambda: [[]])
     generator: object | None = None  # torch.Generator for seeded sampling
     lora_slot: int = -1  # GPU slot of the adapter for the current step; -1: base model
     passed_over: int = 0  # scheduling rounds this request waited while others were admitted
@@ -212,6 +220,14 @@ class Request:
     def is_prefilling(self) -> bool:
         """True while more than the last token still needs its K/V computed."""
         return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
+
+    def prompt_logprob_positions(self, start: int, n: int) -> range:
+        """Positions p in [start, start+n) whose logits score prompt token p+1 and are not
+        scored yet (a recompute after preemption scores nothing twice)."""
+        if not self.return_logprob:
+            return range(0)
+        lo = max(start, len(self.input_logprobs) - 1)
+        return range(lo, min(start + n, self.num_prompt_tokens - 1))
 
     @property
     def is_finished(self) -> bool:

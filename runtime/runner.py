@@ -8,7 +8,7 @@ it; the engine applies the results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,8 @@ class StepResult:
     token_ids: list[int]
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
+    # (sequence index, logprob, top candidates) per scored prompt token, in position order
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -94,15 +96,30 @@ class ModelRunner:
         max_blocks = max(len(r.block_ids) for r in plan.requests)
         block_tables: list[list[int]] = []
         bs = self.block_size
-        for req, n in zip(plan.requests, plan.num_new_tokens):
+        sample_rows: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_owners: list[int] = []
+        logits_slots: list[int] = []
+        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             start = req.num_computed_tokens
             tokens = req.all_token_ids[start : start + n]
             ids.extend(tokens)
             positions.extend(range(start, start + n))
-            slot_mapping.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            slot_mapping.extend(
+                req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)
+            )
             kv_lens.append(start + n)
+            for p in req.prompt_logprob_positions(start, n):  # only with return_logprob
+                prompt_rows.append(len(logits_indices))
+                logits_indices.append(cu_q_lens[-1] + p - start)
+                prompt_targets.append(req.prompt_ids[p + 1])
+                prompt_owners.append(i)
+                logits_slots.append(req.lora_slot)
             cu_q_lens.append(cu_q_lens[-1] + n)
+            sample_rows.append(len(logits_indices))
             logits_indices.append(cu_q_lens[-1] - 1)
+            logits_slots.append(req.lora_slot)
             token_slots.extend([req.lora_slot] * n)
             block_tables.append(req.block_ids + [0] * (max_blocks - len(req.block_ids)))
         lora = lora_logits = None
@@ -112,16 +129,15 @@ class ModelRunner:
                 token_slots, pool.slot_ranks, self.lora_backend, self.lora_chunk_size, self.device
             )
             lora_logits = build_lora_batch_info(
-                [r.lora_slot for r in plan.requests], pool.slot_ranks, self.lora_backend,
-                self.lora_chunk_size, self.device,
+                logits_slots, pool.slot_ranks, self.lora_backend, self.lora_chunk_size, self.device
             )
         return ForwardBatch(
             input_ids=self._to_device(ids, torch.int64),
             positions=self._to_device(positions, torch.int64),
             slot_mapping=self._to_device(slot_mapping, torch.int64),
-            block_tables=self._to_device([x for row in block_tables for x in row], torch.int32).view(
-                len(block_tables), max_blocks
-            ),
+            block_tables=self._to_device(
+                [x for row in block_tables for x in row], torch.int32
+            ).view(len(block_tables), max_blocks),
             kv_lens=self._to_device(kv_lens, torch.int32),
             cu_q_lens=self._to_device(cu_q_lens, torch.int32),
             logits_indices=self._to_device(logits_indices, torch.int64),
@@ -129,7 +145,19 @@ class ModelRunner:
             is_decode=plan.is_decode,
             lora=lora,
             lora_logits=lora_logits,
+            **self._prompt_scoring(sample_rows, prompt_rows, prompt_targets, prompt_owners),
         )
+
+    def _prompt_scoring(self, sample_rows, prompt_rows, prompt_targets, prompt_owners) -> dict:
+        """Extra ForwardBatch fields when some prompt tokens are scored (return_logprob)."""
+        if not prompt_rows:
+            return {}
+        return {
+            "sample_rows": self._to_device(sample_rows, torch.int64),
+            "prompt_rows": self._to_device(prompt_rows, torch.int64),
+            "prompt_targets": self._to_device(prompt_targets, torch.int64),
+            "prompt_owners": tuple(prompt_owners),
+        }
 
     @torch.inference_mode()
     def execute(self, plan: ScheduledBatch, fb: ForwardBatch) -> StepResult:
@@ -139,8 +167,29 @@ class ModelRunner:
                 logits = self.graphs.replay(fb)  # [B, vocab] fp32
             else:
                 logits = self.model(fb, self.kv.k, self.kv.v)
-            out: SamplerOutput = self.sampler(logits, plan.requests)
-            return self._to_host(out, plan.requests)
+            if fb.sample_rows is None:
+                out: SamplerOutput = self.sampler(logits, plan.requests)
+                return self._to_host(out, plan.requests)
+            out = self.sampler(logits[fb.sample_rows], plan.requests)
+            result = self._to_host(out, plan.requests)
+            result.prompt_logprobs = self._score_prompt(logits, fb, plan.requests)
+            return result
+
+    def _score_prompt(
+        self, logits: torch.Tensor, fb: ForwardBatch, requests: list[Request]
+    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """Log-prob of each scored prompt token under the raw model distribution, and the
+        top candidates when the request asked for them."""
+        lp = torch.log_softmax(logits[fb.prompt_rows].float(), dim=-1)  # [E, vocab]
+        chosen = lp.gather(1, fb.prompt_targets[:, None]).squeeze(1).cpu().tolist()
+        k = max(requests[i].top_logprobs_num for i in fb.prompt_owners)
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if k > 0:
+            values, idx = (t.cpu().tolist() for t in lp.topk(k, dim=-1))
+            for e, owner in enumerate(fb.prompt_owners):
+                n = requests[owner].top_logprobs_num
+                tops[e] = list(zip(idx[e][:n], values[e][:n]))
+        return [(o, c, t) for o, c, t in zip(fb.prompt_owners, chosen, tops)]
 
     def _to_host(self, out: SamplerOutput, requests: list[Request]) -> StepResult:
         token_ids = out.token_ids.cpu().tolist()

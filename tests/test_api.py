@@ -132,6 +132,13 @@ async def test_generate_input_ids_and_logprobs(client) -> None:
     body = await r.json()
     assert r.status == 200, body
     check_golden("generate_logprobs", body[0])
+    for item, prompt in zip(body, [[5, 6, 7], [8, 9]]):
+        meta = item["meta_info"]
+        assert [t for _, t, _ in meta["input_token_logprobs"]] == prompt
+        assert meta["input_token_logprobs"][0][0] is None
+        assert all(lp <= 0 for lp, _, _ in meta["input_token_logprobs"][1:])
+        assert len(meta["input_top_logprobs"]) == len(prompt)
+        assert all(len(t) == 2 for t in meta["input_top_logprobs"][1:])
     for b in body:
         out = b["meta_info"]["output_token_logprobs"]
         assert [t for _, t, _ in out] == b["output_ids"]

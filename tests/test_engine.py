@@ -251,3 +251,41 @@ def test_latency_metrics_count_tokens(llama):
 
     assert value("loraserve:time_to_first_token_seconds_count") == 2
     assert value("loraserve:inter_token_latency_seconds_count") == 2 * 4
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_prompt_logprobs_match_hf(llama, tmp_path, chunk):
+    """return_logprob scores every prompt token (SGLang's input_token_logprobs), also across
+    prefill chunks, for base rows and an adapter with an lm_head LoRA in one batch."""
+    from runtime.config import LoraPathSpec
+    from tests.models import make_adapter
+
+    adapter = make_adapter(llama, tmp_path / "a", rank=4, targets=["q_proj", "lm_head"])
+    engine = make_engine(llama, chunked_prefill_size=chunk,
+                         lora_paths=(LoraPathSpec("a", str(adapter)),))
+    vocab = read_vocab(llama)
+    ps = prompts(3, vocab, seed=31, lo=10, hi=30)
+    names = [None, "a", None]
+
+    async def go():
+        await engine.start()
+        try:
+            reqs = [await engine.submit(p, greedy(3), n, return_logprob=True, top_logprobs_num=2)
+                    for p, n in zip(ps, names)]
+            return [[o async for o in engine.stream(r)] for r in reqs]
+        finally:
+            await engine.stop()
+
+    outs = run(go())
+    for p, name, seq in zip(ps, names, outs):
+        first = seq[0]
+        assert first.input_logprobs is not None and len(first.input_logprobs) == len(p)
+        assert first.input_logprobs[0] is None
+        assert all(o.input_logprobs is None for o in seq[1:])
+        model = hf_model(llama, adapter if name else None)
+        ref = torch.log_softmax(hf_logits(model, p), dim=-1)
+        want = [ref[i, p[i + 1]].item() for i in range(len(p) - 1)]
+        got = first.input_logprobs[1:]
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3
+        top_ids = [t for t, _ in first.input_top_logprobs[1]]
+        assert top_ids == ref[0].topk(2).indices.tolist()

@@ -22,9 +22,13 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     kv_lens: torch.Tensor  # [B] int32: KV length of each sequence after this step
     cu_q_lens: torch.Tensor  # [B+1] int32: query token offsets
-    logits_indices: torch.Tensor  # [B] int64: the row of each sequence's last token
+    logits_indices: torch.Tensor  # [B (+E)] int64: token rows whose logits are computed
     max_q_len: int
     is_decode: bool  # every sequence has exactly one query token
+    sample_rows: torch.Tensor | None = None  # [B] rows of the logits to sample from (None: all)
+    prompt_rows: torch.Tensor | None = None  # [E] logits rows that score a prompt token
+    prompt_targets: torch.Tensor | None = None  # [E] the prompt token each of those scores
+    prompt_owners: tuple[int, ...] = ()  # [E] index of the sequence each row belongs to
     lora: LoraBatchInfo | None = None  # per token
     lora_logits: LoraBatchInfo | None = None  # per sampled row (for lm_head LoRA)
 
