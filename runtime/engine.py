@@ -347,8 +347,10 @@ class Engine:
                     pass
                 continue
             self._on_admitted(plan)
+            started = time.monotonic()
             try:
                 result = await self._run_step(loop, plan)
+                self.scheduler.observe_step(time.monotonic() - started)
             except Exception as e:  # a failed step must not stop the loop (nor hang its clients)
                 log.exception("step failed; aborting its %d requests", len(plan.requests))
                 for req in plan.requests:

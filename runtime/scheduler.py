@@ -20,7 +20,9 @@ from runtime.request import Request, RequestStatus
 class AdapterAdmission(Protocol):
     """What the scheduler needs from the adapter manager."""
 
-    def admit(self, name: str, batch_slots: set[int], overlap: bool) -> int | None: ...
+    def admit(
+        self, name: str, batch_slots: set[int], overlap: bool | None, max_wait_s: float = 0.0
+    ) -> int | None: ...
 
 
 @dataclass
@@ -59,6 +61,8 @@ class SchedulerCounters:
 # A request waiting behind others is passed over at most this many scheduling rounds; then
 # admission stops taking requests behind it until it fits (no adapter waits forever).
 MAX_PASSED_OVER = 64
+# Adaptive overlap loading: the longest a batch may wait on an upload, as a fraction of a step.
+ADAPTIVE_WAIT_FRACTION = 0.5
 
 
 class Scheduler:
@@ -74,10 +78,21 @@ class Scheduler:
         self.max_running = max_running_requests
         self.token_budget = chunked_prefill_size
         self.adapters = adapters
-        self.overlap = bool(overlap_loading)
+        # True: requests whose adapter is still uploading wait; False: they join and the GPU
+        # orders the upload first; None (default): they join when the upload should end
+        # within ADAPTIVE_WAIT_FRACTION of a step, so waiting costs less than splitting.
+        self.overlap = overlap_loading
+        self.step_time_s = 0.0  # moving average of recent step times, kept by the engine
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
+
+    def observe_step(self, seconds: float) -> None:
+        """Fold one step's duration into the step-time average the adaptive policy uses."""
+        if self.step_time_s == 0.0:
+            self.step_time_s = seconds
+        else:
+            self.step_time_s = 0.8 * self.step_time_s + 0.2 * seconds
 
     @property
     def num_waiting(self) -> int:
@@ -163,7 +178,8 @@ class Scheduler:
             return True
         if self.adapters is None:
             raise RuntimeError("a LoRA request reached a scheduler without adapters")
-        slot = self.adapters.admit(req.lora_name, slots, self.overlap)
+        max_wait = ADAPTIVE_WAIT_FRACTION * self.step_time_s
+        slot = self.adapters.admit(req.lora_name, slots, self.overlap, max_wait)
         if slot is None:
             return False
         req.lora_slot = slot

@@ -587,3 +587,29 @@ async def _cuda_uploads(tmp_path: Path) -> None:
 def test_cuda_uploads_real_shapes(tmp_path: Path) -> None:
     """Pinned host copies, copy-stream uploads, ready and last-use events on an H200."""
     asyncio.run(_cuda_uploads(tmp_path))
+
+
+async def test_adaptive_overlap_waits_only_for_short_uploads(folders: dict[str, Path]) -> None:
+    """overlap None (the default): a request joins while its adapter uploads only when the
+    upload should end within the allowed wait; a completed upload always joins."""
+    streams = FakeStreams()
+    streams.auto_done = False
+    m = make_manager(streams)
+    await m.load("a", str(folders["a"]))
+    m.acquire("a")
+    slot = m.slot_of("a")
+    assert slot is not None and m.state("a") is Residency.UPLOADING
+    m.upload_bytes_per_s = 1.0  # this upload would take "forever"
+    assert m.upload_remaining_s(slot) > 1.0
+    assert m.admit("a", set(), overlap=None, max_wait_s=0.01) is None
+    m.upload_bytes_per_s = 1e18  # now it should be done about now
+    assert m.upload_remaining_s(slot) == 0.0
+    assert m.admit("a", set(), overlap=None, max_wait_s=0.01) == slot
+    assert m.admit("a", set(), overlap=True, max_wait_s=10.0) is None  # on: never waits
+    streams.events[-1].is_done = True  # finished, not yet polled: every policy admits
+    assert m.upload_remaining_s(slot) == 0.0
+    assert m.admit("a", set(), overlap=True) == slot
+    m.upload_bytes_per_s = 10e9
+    m.poll()  # learns a bandwidth from the finished upload
+    assert m.upload_bytes_per_s != 10e9
+    m.release("a")

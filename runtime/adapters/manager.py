@@ -117,6 +117,7 @@ class _Slot:
         self.ready: Event | None = None  # set while the upload may still be running
         self.assigned_at = 0
         self.upload_started = 0.0
+        self.upload_bytes = 0
 
 
 def resolve_pool_spec(config: ServerConfig, num_layers: int) -> tuple[int, frozenset[str]]:
@@ -164,6 +165,8 @@ class AdapterManager:
         max_rank, targets = resolve_pool_spec(config, shape.num_layers)
         self.pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype)
         self.counters = AdapterCounters()
+        # Host-to-device upload speed, learnt from finished uploads (starts conservative).
+        self.upload_bytes_per_s = 10e9
         # Test hook: called in the middle of every upload; raising simulates a failed upload.
         self.upload_fault: Callable[[str, int], None] | None = None
         self._adapters: dict[str, _Adapter] = {}
@@ -437,17 +440,38 @@ class AdapterManager:
         for slot in self._slots:
             if slot.owner is not None and slot.ready is not None and slot.ready.query():
                 slot.ready = None
-                self._count_load("gpu", time.monotonic() - slot.upload_started)
+                seconds = time.monotonic() - slot.upload_started
+                self._count_load("gpu", seconds)
+                self._learn_bandwidth(slot.upload_bytes, seconds)
         for name in list(self._pins_waiting):
             entry = self._adapters.get(name)
             is_done = entry is None or entry.slot is not None
             if is_done or (entry.host is not None and self._take_slot(entry, set(), False)):
                 self._pins_waiting.discard(name)
 
-    def admit(self, name: str, batch_slots: set[int], overlap: bool) -> int | None:
+    def _learn_bandwidth(self, nbytes: int, seconds: float) -> None:
+        """Track host-to-device upload bandwidth. `seconds` is measured up to the poll that saw
+        the upload done, so it errs long: the estimate errs low, i.e. towards waiting less."""
+        if nbytes > 0 and seconds > 0:
+            self.upload_bytes_per_s = 0.7 * self.upload_bytes_per_s + 0.3 * (nbytes / seconds)
+
+    def upload_remaining_s(self, slot: int) -> float:
+        """Estimated seconds until the upload into `slot` completes (0 when done)."""
+        s = self._slots[slot]
+        if s.ready is None or s.ready.query():
+            return 0.0
+        elapsed = time.monotonic() - s.upload_started
+        return max(0.0, s.upload_bytes / self.upload_bytes_per_s - elapsed)
+
+    def admit(
+        self, name: str, batch_slots: set[int], overlap: bool | None, max_wait_s: float = 0.0
+    ) -> int | None:
         """The slot of `name` if a request for it can join the batch being built, else None.
 
-        Joins when RESIDENT, or (overlap False) when its upload is queued on the copy stream.
+        Joins when RESIDENT; while its upload is queued on the copy stream (the compute stream
+        then waits on the upload's ready event): always with overlap False, never with overlap
+        True, and with overlap None (adaptive) when the upload should finish within
+        `max_wait_s`, so a multi-adapter batch stays together only when that is cheap.
         An IN_HOST adapter gets a slot (free, else a victim by the eviction policy that is not
         locked, pinned, uploading or in batch_slots) and its upload starts. Call it first for
         the batch's running requests, so their slots are in batch_slots.
@@ -462,8 +486,10 @@ class AdapterManager:
             if self._take_slot(entry, batch_slots, is_prefetch=False) is None:
                 return None
         assert entry.slot is not None
-        if self._slots[entry.slot].ready is not None and overlap:
-            return None
+        ready = self._slots[entry.slot].ready
+        if ready is not None and overlap is not False and not ready.query():
+            if overlap or self.upload_remaining_s(entry.slot) > max_wait_s:
+                return None
         entry.last_used = next(self._clock)
         return entry.slot
 
@@ -533,6 +559,7 @@ class AdapterManager:
                 self._pins_waiting.add(entry.name)
             return None
         s.owner, s.ready, s.upload_started = entry, ready, started
+        s.upload_bytes = entry.host.nbytes
         s.assigned_at = next(self._clock)
         entry.slot, entry.error = slot, None
         return slot
