@@ -301,7 +301,7 @@ def gpu_layout(num_tokens: int, num_adapters: int) -> list[int]:
 
 
 @pytest.mark.parametrize("num_tokens", [1, 32, 512])
-@pytest.mark.parametrize("rank_pad", [16, 64])
+@pytest.mark.parametrize("rank_pad", [16, 64, 256])
 @pytest.mark.parametrize("group_name", list(GPU_GROUPS))
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 @pytest.mark.gpu
