@@ -149,8 +149,6 @@ class ServerConfig:
                     f"enable_lora without lora_paths needs {' and '.join(missing)} "
                     "(the adapter pool is sized from them)"
                 )
-        if self.tp_size != 1:
-            raise ConfigError("tp_size: only 1 is supported so far")
 
 
 def _positive(cfg: ServerConfig, *names: str) -> None:

@@ -136,6 +136,10 @@ class Engine:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: Any = None) -> Engine:
+        if config.tp_size > 1:  # rank 0 here, the other ranks in processes it spawns
+            from runtime.tp import TPEngine
+
+            return TPEngine.launch(config, metrics)
         device = resolve_device(config.device)
         folder = resolve_model_path(config.model_path)
         hf_config = load_hf_config(folder)

@@ -1,0 +1,213 @@
+"""Tensor parallelism on CPU: two processes over gloo give the same greedy tokens as tp_size 1,
+for base requests and a mixed batch of adapters, and each rank holds only its shard of the base
+weights and of the sharded LoRA factors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from runtime.config import LoraPathSpec, ServerConfig
+from runtime.engine import Engine
+from runtime.model.parallel import local_vocab
+from tests.engine_utils import collect, greedy, run
+from tests.models import make_adapter, make_model, prompts, read_vocab
+
+TP = 2
+NEW_TOKENS = 8
+RANK = 4
+NUM_SLOTS = 3
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+HIDDEN, HEADS, KV_HEADS, INTER, LAYERS = 64, 4, 2, 128, 2
+TIMEOUT = timedelta(seconds=120)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("tp")
+    folder = make_model(root / "model", "llama", hidden=HIDDEN, layers=LAYERS, heads=HEADS,
+                        kv_heads=KV_HEADS, inter=INTER, vocab_size=321)  # odd: a padded shard
+    adapters = {
+        "all": make_adapter(folder, root / "all", rank=4, targets=list(TARGETS), seed=1),
+        "attn": make_adapter(folder, root / "attn", rank=2,
+                             targets=["q_proj", "v_proj", "o_proj"], seed=2),
+        "mlp": make_adapter(folder, root / "mlp", rank=3,
+                            targets=["gate_proj", "down_proj", "lm_head"], seed=3),
+    }
+    return {"folder": folder, "adapters": adapters,
+            "prompts": prompts(8, read_vocab(folder), seed=5, lo=3, hi=20)}
+
+
+def config(setup: dict[str, Any], **kw: Any) -> ServerConfig:
+    cfg: dict[str, Any] = {
+        "model_path": str(setup["folder"]), "device": "cpu", "dtype": "float32",
+        "page_size": 8, "kv_cache_cpu_bytes": 1 << 22, "max_lora_rank": RANK,
+        "lora_target_modules": TARGETS, "max_loras_per_batch": NUM_SLOTS, "enable_lora": True,
+        "lora_paths": tuple(LoraPathSpec(n, str(p)) for n, p in setup["adapters"].items()),
+    }
+    return ServerConfig(**(cfg | kw))
+
+
+def mixed(setup: dict[str, Any]) -> list[str | None]:
+    names = [None, *setup["adapters"]]
+    return [names[i % len(names)] for i in range(len(setup["prompts"]))]
+
+
+async def serve(engine: Engine, setup: dict[str, Any]) -> dict[str, list[list[int]]]:
+    """A base-only batch, then a batch mixing base rows and every adapter."""
+    await engine.start()
+    try:
+        out = {}
+        for label, loras in (("base", [None] * len(setup["prompts"])), ("mixed", mixed(setup))):
+            reqs = [await engine.submit(p, greedy(NEW_TOKENS), lo)
+                    for p, lo in zip(setup["prompts"], loras)]
+            out[label] = list(await asyncio.gather(*(collect(engine, r) for r in reqs)))
+        return out
+    finally:
+        await engine.stop()
+
+
+def shard_report(model: torch.nn.Module, pool: Any, kv: Any) -> dict[str, Any]:
+    """Shapes of layer 0's weights, LoRA slot buffers and KV heads; bytes of all base weights."""
+    shapes = {n: list(p.shape) for n, p in model.named_parameters() if ".1." not in n}
+    shapes["kv.heads"] = list(kv.k[0].shape[2:])  # [kv heads, head dim] of every block
+    for g, bufs in pool.layers[0].items():
+        shapes[f"lora.{g}.A"], shapes[f"lora.{g}.B"] = list(bufs.A.shape), list(bufs.B.shape)
+    shapes["lora.lm_head.B"] = list(pool.lm_head.B.shape)
+    nbytes = sum(p.nbytes for p in model.parameters())
+    return {"shapes": shapes, "nbytes": nbytes}
+
+
+def expected_report(vocab: int) -> dict[str, Any]:
+    d = HIDDEN // HEADS
+    q, kv, i, v = HEADS * d // TP, KV_HEADS * d // TP, INTER // TP, local_vocab(vocab, TP)
+    layer = {
+        "self_attn.qkv_proj.weight": [q + 2 * kv, HIDDEN],  # column parallel by heads
+        "self_attn.o_proj.weight": [HIDDEN, q],  # row parallel
+        "mlp.gate_up_proj.weight": [2 * i, HIDDEN],
+        "mlp.down_proj.weight": [HIDDEN, i],
+        "input_layernorm.weight": [HIDDEN],
+        "post_attention_layernorm.weight": [HIDDEN],
+    }
+    shapes = {f"layers.0.{k}": s for k, s in layer.items()}
+    shapes["kv.heads"] = [KV_HEADS // TP, d]
+    shapes |= {"embed_tokens.weight": [v, HIDDEN], "norm.weight": [HIDDEN],
+               "lm_head.weight": [v, HIDDEN]}
+    shapes |= {  # column parallel: A whole, B sharded; row parallel: A sharded, B whole
+        "lora.qkv.A": [NUM_SLOTS, 3 * RANK, HIDDEN], "lora.qkv.B": [NUM_SLOTS, q + 2 * kv, RANK],
+        "lora.o.A": [NUM_SLOTS, RANK, q], "lora.o.B": [NUM_SLOTS, HIDDEN, RANK],
+        "lora.gate_up.A": [NUM_SLOTS, 2 * RANK, HIDDEN],
+        "lora.gate_up.B": [NUM_SLOTS, 2 * i, RANK],
+        "lora.down.A": [NUM_SLOTS, RANK, i], "lora.down.B": [NUM_SLOTS, HIDDEN, RANK],
+        "lora.lm_head.B": [NUM_SLOTS, v, RANK],
+    }
+    per_layer = (q + 2 * kv) * HIDDEN + HIDDEN * q + 3 * i * HIDDEN + 2 * HIDDEN
+    nbytes = 4 * (LAYERS * per_layer + 2 * v * HIDDEN + HIDDEN)
+    return {"shapes": shapes, "nbytes": nbytes}
+
+
+def worker_main(rank: int, init_method: str, cfg: ServerConfig, report: str) -> None:
+    from runtime.tp import build_worker, init_tp, worker_loop
+
+    tp = init_tp(rank, TP, init_method, torch.device("cpu"), TIMEOUT)
+    try:
+        worker = build_worker(cfg, tp)
+        Path(report).write_text(json.dumps(shard_report(worker.rank_model.model, worker.pool, worker.kv)))
+        worker_loop(worker)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp2_matches_tp1_and_holds_shards(setup: dict[str, Any], tmp_path: Path) -> None:
+    from runtime.tp import TPEngine, free_init_method, init_tp
+
+    want = run(serve(Engine.from_config(config(setup)), setup))
+    assert want["base"] != want["mixed"]  # the adapters change the output
+
+    init_method = free_init_method()
+    report = tmp_path / "rank1.json"
+    worker = mp.get_context("spawn").Process(
+        target=worker_main, args=(1, init_method, config(setup, tp_size=TP), str(report))
+    )
+    worker.start()
+    try:
+        tp = init_tp(0, TP, init_method, torch.device("cpu"), TIMEOUT)
+        try:
+            engine = TPEngine.from_group(config(setup, tp_size=TP), tp)
+            rank0 = shard_report(engine.model, engine.adapters.pool, engine.kv_cache)
+            got = run(serve(engine, setup))
+        finally:
+            dist.destroy_process_group()
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+    assert got == want
+    expected = expected_report(read_vocab(setup["folder"]))
+    assert rank0 == expected
+    assert json.loads(report.read_text()) == expected
+
+
+def test_indivisible_heads_are_refused() -> None:
+    from runtime.model.llama import ModelArgs
+    from runtime.model.parallel import local_args
+
+    args = ModelArgs(vocab_size=10, hidden_size=48, intermediate_size=64, num_layers=1,
+                     num_heads=3, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-6,
+                     max_position=64, tie_word_embeddings=False, qkv_bias=False, qk_norm=False)
+    with pytest.raises(ValueError, match="tp_size: 2 does not divide"):
+        local_args(args, 2)
+
+
+def test_launch_and_failed_upload_on_a_worker(setup: dict[str, Any], tmp_path: Path) -> None:
+    """Engine.from_config spawns rank 1 itself. An adapter whose files vanish after rank 0 read
+    them fails to upload on rank 1, which fails the request everywhere; once the files are back
+    the adapter serves the same tokens as at tp_size 1."""
+    import shutil
+
+    want = run(serve(Engine.from_config(config(setup)), setup))["mixed"][2]  # "attn", prompt 2
+    late = tmp_path / "late"
+    shutil.copytree(setup["adapters"]["attn"], late)
+    weights = late / "adapter_model.safetensors"
+    engine = Engine.from_config(config(setup, tp_size=TP, lora_paths=()))
+
+    async def go() -> tuple[Any, list[int]]:
+        await engine.start()
+        try:
+            await engine.load_adapter("late", str(late))
+            saved = weights.read_bytes()
+            weights.unlink()
+            req = await engine.submit(setup["prompts"][2], greedy(NEW_TOKENS), "late")
+            last = None
+            async for out in engine.stream(req):
+                last = out
+            weights.write_bytes(saved)
+            req = await engine.submit(setup["prompts"][2], greedy(NEW_TOKENS), "late")
+            return last, await collect(engine, req)
+        finally:
+            await engine.stop()
+
+    failed, tokens = run(go())
+    assert failed is not None and failed.finished
+    assert "upload failed on 1 tensor-parallel rank" in (failed.error or "")
+    assert tokens == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tp2_on_two_gpus_matches_tp1(setup: dict[str, Any]) -> None:
+    """NCCL on two GPUs, Triton LoRA kernels: the same greedy tokens as one GPU (fp32, so the
+    only difference is the order of the sums)."""
+    gpu = {"device": "cuda", "disable_cuda_graph": True}
+    want = run(serve(Engine.from_config(config(setup, **gpu)), setup))
+    got = run(serve(Engine.from_config(config(setup, tp_size=TP, **gpu)), setup))
+    assert got == want
