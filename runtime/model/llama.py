@@ -119,6 +119,11 @@ class Attention(nn.Module):
         fb: ForwardBatch,
         lora: dict[str, LoraGroupBuffers] | None,
     ) -> torch.Tensor:
+        o = self.attend(x, cos, sin, k_cache, v_cache, fb, lora)  # [T, H * D]
+        return self.project_out(o, fb, lora)
+
+    def attend(self, x, cos, sin, k_cache, v_cache, fb: ForwardBatch, lora) -> torch.Tensor:
+        """qkv projection (+ LoRA), rotary embedding, K/V store, paged attention: [T, H * D]."""
         a = self.args
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         apply_lora(x, qkv, lora.get("qkv") if lora else None, fb.lora)
@@ -137,7 +142,10 @@ class Attention(nn.Module):
                 q, k_cache, v_cache, fb.block_tables, fb.cu_q_lens, fb.kv_lens, self.scale,
                 fb.max_q_len,
             )
-        o = o.reshape(-1, a.q_size)  # [T, H * D]
+        return o.reshape(-1, a.q_size)
+
+    def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:
+        """o_proj (+ LoRA): [T, H * D] -> [T, hidden]."""
         out = self.o_proj(o)
         apply_lora(o, out, lora.get("o") if lora else None, fb.lora)
         return out

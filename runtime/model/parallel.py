@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
 from ops.lora import LoraBatchInfo, lora_expand, lora_shrink
 from runtime.adapters.peft_format import AdapterWeights, LoraModuleWeights
 from runtime.adapters.pool import (
@@ -36,7 +35,7 @@ from runtime.adapters.pool import (
     LoraPool,
 )
 from runtime.model.batch import ForwardBatch
-from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, apply_lora, rotate
+from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, apply_lora
 
 
 @dataclass(frozen=True)
@@ -128,26 +127,8 @@ class ParallelAttention(Attention):
         super().__init__(args)
         self.tp = tp
 
-    def forward(self, x, cos, sin, k_cache, v_cache, fb: ForwardBatch, lora) -> torch.Tensor:
-        a = self.args
-        qkv = self.qkv_proj(x)  # [T, q_l + 2 kv_l]
-        apply_lora(x, qkv, lora.get("qkv") if lora else None, fb.lora)
-        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = q.view(-1, a.num_heads, a.head_dim)
-        k = k.view(-1, a.num_kv_heads, a.head_dim)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        store_kv(k, v, k_cache, v_cache, fb.slot_mapping)
-        if fb.is_decode:
-            o = paged_decode_attention(q, k_cache, v_cache, fb.block_tables, fb.kv_lens, self.scale)
-        else:
-            o = paged_prefill_attention(
-                q, k_cache, v_cache, fb.block_tables, fb.cu_q_lens, fb.kv_lens, self.scale,
-                fb.max_q_len,
-            )
-        o = o.reshape(-1, a.q_size)  # [T, H_l * D]
+    def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:
+        """Row-parallel o_proj: this rank's heads' share, all-reduced; LoRA A sharded."""
         out = self.tp.all_reduce(self.o_proj(o))  # [T, hidden]
         _row_parallel_lora(o, out, lora.get("o") if lora else None, fb.lora, self.tp)
         return out
