@@ -37,7 +37,7 @@ from tests.models import make_model
 
 NUM_BODIES = 2000
 MAX_REQUEST_BYTES = 64 << 10
-CONTEXT = 96
+CONTEXT = 256  # above the longest valid prompt: 3 chat messages of 2 x 20 chars, templated
 ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
              "/abort_request", "/load_lora_adapter", "/unload_lora_adapter")
 ADMIN_ENDPOINTS = ("/load_lora_adapter", "/unload_lora_adapter")
