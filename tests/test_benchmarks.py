@@ -215,3 +215,11 @@ def test_dummy_weights_copied_into_engine(tiny: tuple[Path, dict[str, Path]]) ->
     engine = hf_baseline.build_engine(config, list(model.state_dict().items()))
     ours = hf_baseline.run_engine(engine, works, reps=1)
     assert ours["base"].outputs == ref
+
+
+def test_responsiveness_quick() -> None:
+    from benchmarks.responsiveness import main
+
+    result = main(["--quick"])
+    assert result["idle"]["n"] == result["busy"]["n"] == 30
+    assert result["busy"]["max_ms"] < 5000
