@@ -212,6 +212,14 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """Tokens [start, start + n) of prompt + output, without concatenating the whole
+        sequence (a decode step asks for one token of a possibly long one)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : start - p + n]
+        return self.prompt_ids[start : start + n] + self.output_ids[: max(0, start + n - p)]
+
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens

@@ -103,7 +103,7 @@ class ModelRunner:
         logits_slots: list[int] = []
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             start = req.num_computed_tokens
-            tokens = req.all_token_ids[start : start + n]
+            tokens = req.token_slice(start, n)
             ids.extend(tokens)
             positions.extend(range(start, start + n))
             slot_mapping.extend(
