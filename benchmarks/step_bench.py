@@ -58,10 +58,7 @@ def one_step(engine: Engine) -> float:
     t0 = time.perf_counter()
     if engine.adapters is not None:
         engine.adapters.poll()
-    plan = engine.scheduler.schedule()
-    fb = engine.runner.prepare(plan)
-    result = engine.runner.execute(plan, fb)
-    engine._postprocess(plan, result)
+    engine.run_step_blocking(engine.scheduler.schedule())
     return time.perf_counter() - t0
 
 
@@ -92,6 +89,50 @@ def decode_step_ms(engine: Engine, batch: int, prompt_len: int, steps: int,
     return {"batch": batch, "median_ms": 1e3 * statistics.median(times),
             "p10_ms": 1e3 * sorted(times)[len(times) // 10], "ctx_at_end": ctx,
             "graph_forward_ms": fwd, "adapters": len({x for x in (loras or [None]) if x})}
+
+
+async def loop_decode_ms(engine: Engine, batch: int, prompt_len: int, steps: int,
+                         loras: list[str | None] | None = None) -> dict:
+    """Steady-state decode time per step through the serving loop itself (engine.start):
+    the gap between one request's consecutive tokens, median over `steps` tokens after 10
+    warm-up tokens, with every request of the batch decoding."""
+    g = torch.Generator().manual_seed(1)
+    vocab = engine.model_info.vocab_size
+    loras = loras or [None]
+    params = SamplingParams(max_new_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+    reqs = [await engine.submit(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+                                params, loras[i % len(loras)]) for i in range(batch)]
+    stamps: list[float] = []
+
+    async def drain(i: int) -> None:
+        async for _ in engine.stream(reqs[i]):
+            if i == 0:
+                stamps.append(time.perf_counter())
+
+    await asyncio.gather(*(drain(i) for i in range(batch)))
+    gaps = [b - a for a, b in zip(stamps[10:], stamps[11:])][:steps]
+    return {"batch": batch, "median_ms": 1e3 * statistics.median(gaps),
+            "adapters": len({x for x in loras if x})}
+
+
+async def loop_decode_ab(engine: Engine, batches: list[int], prompt_len: int, steps: int,
+                         names: list[str]) -> list[dict]:
+    """loop_decode_ms with the overlapped loop and without, side by side in one engine."""
+    await engine.start()
+    rows = []
+    try:
+        cases = [(b, None) for b in batches] + ([(1, 1), (32, 8)] if names else [])
+        for b, n in cases:
+            for overlap in (True, False):
+                engine.overlap_schedule = overlap
+                r = await loop_decode_ms(engine, b, prompt_len, steps,
+                                         names[:n] if n else None)
+                r["overlap"] = overlap
+                rows.append(r)
+    finally:
+        engine.overlap_schedule = True
+        await engine.stop()
+    return rows
 
 
 def forward_ms(engine: Engine, iters: int = 50) -> float | None:
@@ -187,8 +228,9 @@ def main() -> None:
             lora_rows.append(r)
     pre = prefill_ms(engine, 8, 512)
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
+    loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
     result = {"shape": a.shape, "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes,
-              "decode": rows, "decode_lora": lora_rows, "prefill_8x512": pre,
+              "decode": rows, "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}
     print(json.dumps(result, indent=2))
     if a.out:
@@ -203,6 +245,9 @@ def main() -> None:
     for r in rows + lora_rows:
         print(f"  graph forward alone, batch {r['batch']} / {r['adapters']} adapters: "
               f"{r['graph_forward_ms']} ms")
+    for r in loop_rows:
+        print(f"serving loop, batch {r['batch']:3d}, {r['adapters']:2d} adapters, overlap "
+              f"{'on ' if r['overlap'] else 'off'}: {r['median_ms']:.2f} ms/token")
     print(f"prefill 8x512: {pre['median_ms']:.1f} ms")
     if pre_lora:
         print(f"prefill 8x512 over 8 adapters: {pre_lora['median_ms']:.1f} ms "

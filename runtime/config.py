@@ -67,6 +67,9 @@ class ServerConfig:
     chunked_prefill_size: int = _opt(4096, "prefill token budget per step")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly")
     cuda_graph_max_bs: int = _opt(64, "largest decode batch captured in a graph")
+    disable_overlap_schedule: bool = _opt(
+        False, "wait for each step's tokens before scheduling the next (no CPU/GPU overlap)"
+    )
     random_seed: int = _opt(0, "seed for dummy weights and unseeded sampling")
     # LoRA
     enable_lora: bool = _opt(False, "enable LoRA (implied by lora_paths)")

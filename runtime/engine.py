@@ -37,7 +37,7 @@ from runtime.request import (
     SamplingParams,
     new_rid,
 )
-from runtime.runner import ModelRunner, StepResult
+from runtime.runner import InFlightStep, ModelRunner, StepResult
 from runtime.sampler import Sampler
 from runtime.scheduler import ScheduledBatch, Scheduler
 from runtime.streams import Event, Streams
@@ -116,12 +116,17 @@ class Engine:
             )
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,
-            adapters, config.enable_lora_overlap_loading,
+            adapters, config.enable_lora_overlap_loading, info.context_length,
         )
         self.requests: dict[str, Request] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-runner")
+        # Blocks on a launched step's event so that the loop thread never does.
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-wait")
+        self._last_complete = 0.0
+        self.num_overlapped_steps = 0  # steps launched while the previous one was in flight
+        self.overlap_schedule = not config.disable_overlap_schedule  # benchmarks flip it
         self._accepting = True
         self._generated_tokens = 0
         self._last_log = (time.monotonic(), 0)
@@ -210,6 +215,7 @@ class Engine:
                 pass
             self._task = None
         self._thread.shutdown(wait=True)
+        self._waiter.shutdown(wait=True)
         if self.adapters is not None:
             self.adapters.close()
 
@@ -335,14 +341,31 @@ class Engine:
 
     # ---------------------------------------------------------------- the loop
     async def _loop(self) -> None:
+        """Schedule and launch step N+1 while step N runs on the GPU, then take N's tokens.
+
+        Step N+1's decode rows read the tokens step N is still sampling straight from the
+        device, so the GPU runs the steps back to back while the CPU schedules, prepares and
+        postprocesses. Without overlap (`disable_overlap_schedule`, or a step in flight whose
+        requests use repetition/frequency/presence penalties, which need the host's token
+        lists) each step completes before the next one is scheduled.
+        """
         loop = asyncio.get_running_loop()
+        inflight: InFlightStep | None = None
         while True:
             if self.adapters is not None:
                 self.adapters.poll()
                 self._abort_failed_adapters()
                 self._report_adapters()
+            if inflight is not None and not self._may_overlap(inflight):
+                await self._complete(loop, inflight)
+                inflight = None
+                continue
             plan = self.scheduler.schedule()
             if plan is None:
+                if inflight is not None:
+                    await self._complete(loop, inflight)
+                    inflight = None
+                    continue
                 self._wake.clear()
                 timeout = 0.002 if self.scheduler.has_work else None
                 try:
@@ -351,30 +374,86 @@ class Engine:
                     pass
                 continue
             self._on_admitted(plan)
-            started = time.monotonic()
-            try:
-                result = await self._run_step(loop, plan)
-                self.scheduler.observe_step(time.monotonic() - started)
-            except Exception as e:  # a failed step must not stop the loop (nor hang its clients)
-                log.exception("step failed; aborting its %d requests", len(plan.requests))
-                for req in plan.requests:
-                    self.abort(req.rid, f"internal error in the forward step: {e}")
-                continue
-            self._postprocess(plan, result)
+            step = await self._launch(loop, plan, inflight)
+            if inflight is not None:
+                await self._complete(loop, inflight)
+            inflight = step
             self._maybe_log()
             await asyncio.sleep(0)  # let HTTP handlers run between steps
 
-    async def _run_step(
-        self, loop: asyncio.AbstractEventLoop, plan: ScheduledBatch
-    ) -> StepResult:
-        """Prepare and run one step off the loop thread, its adapter slots locked meanwhile."""
-        fb = self.runner.prepare(plan)
+    def _may_overlap(self, step: InFlightStep) -> bool:
+        """Whether the next step may be scheduled before `step`'s tokens are on the host."""
+        if not self.overlap_schedule:
+            return False
+        return not any(r.params.has_penalties for r in step.plan.requests)
+
+    async def _launch(
+        self, loop: asyncio.AbstractEventLoop, plan: ScheduledBatch, prev: InFlightStep | None
+    ) -> InFlightStep | None:
+        """Prepare `plan` (reading `prev`'s tokens on the device where it must) and launch it
+        in the runner thread; its adapter slots stay locked until it completes. On failure its
+        requests are aborted with the error and None is returned."""
         slots = plan.slots
         self._before_step(slots)
         try:
-            return await loop.run_in_executor(self._thread, self.runner.execute, plan, fb)
-        finally:
+            fb = self.runner.prepare(plan, prev)
+            step = await loop.run_in_executor(self._thread, self.runner.launch, plan, fb)
+        except Exception as e:  # a failed step must not stop the loop (nor hang its clients)
+            log.exception("step failed; aborting its %d requests", len(plan.requests))
             self._after_step(slots)
+            for req in plan.requests:
+                self.abort(req.rid, f"internal error in the forward step: {e}")
+            return None
+        step.launched_at = time.monotonic()
+        step.slots = slots
+        self.num_overlapped_steps += prev is not None
+        self._record_use(slots)
+        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
+            if req.is_finished:  # aborted while the launch ran
+                continue
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:  # not a prefill chunk: samples
+                step.out_index[i] = req.add_pending()
+        return step
+
+    async def _complete(self, loop: asyncio.AbstractEventLoop, step: InFlightStep) -> None:
+        """Wait (in a waiter thread, never on the loop) for `step`'s event, then apply its
+        tokens."""
+        try:
+            if not step.done():
+                await loop.run_in_executor(self._waiter, step.event.synchronize)
+            result = step.result()
+        except Exception as e:
+            log.exception("step failed; aborting its %d requests", len(step.plan.requests))
+            for req in step.plan.requests:
+                self.abort(req.rid, f"internal error in the forward step: {e}")
+            return
+        finally:
+            self._unlock(step.slots)
+        now = time.monotonic()
+        self.scheduler.observe_step(now - max(step.launched_at, self._last_complete))
+        self._last_complete = now
+        self._postprocess(step, result)
+
+    def run_step_blocking(self, plan: ScheduledBatch) -> None:
+        """Launch `plan`, wait for it and apply its tokens, on the calling thread (benchmarks
+        and tests drive steps one at a time with this; the server uses `_loop`)."""
+        slots = plan.slots
+        self._before_step(slots)
+        try:
+            step = self.runner.launch(plan, self.runner.prepare(plan))
+            step.slots = slots
+            self._record_use(slots)
+        except BaseException:
+            self._after_step(slots)
+            raise
+        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:
+                step.out_index[i] = req.add_pending()
+        step.event.synchronize()
+        self._unlock(slots)
+        self._postprocess(step, step.result())
 
     def _before_step(self, slots: set[int]) -> None:
         if self.adapters is None or not slots:
@@ -385,13 +464,21 @@ class Engine:
             if ev is not None:
                 ev.wait(self.streams.compute)
 
-    def _after_step(self, slots: set[int]) -> None:
+    def _record_use(self, slots: set[int]) -> None:
+        """The launched step's last-use event on its slots (a copy into them waits for it)."""
         if self.adapters is None or not slots:
             return
         ev = Event(self.device)
         ev.record(self.streams.compute)
         self.adapters.record_use(slots, ev)
-        self.adapters.unlock(slots)
+
+    def _unlock(self, slots: set[int]) -> None:
+        if self.adapters is not None and slots:
+            self.adapters.unlock(slots)
+
+    def _after_step(self, slots: set[int]) -> None:
+        self._record_use(slots)
+        self._unlock(slots)
 
     def _abort_failed_adapters(self) -> None:
         """Abort queued requests whose adapter failed to load or upload, with that error, so
@@ -440,19 +527,18 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.request_admitted(req.lora_name, now - req.arrival_time, residency)
 
-    def _postprocess(self, plan: ScheduledBatch, result: StepResult) -> None:
+    def _postprocess(self, step: InFlightStep, result: StepResult) -> None:
+        plan = step.plan
         now = time.monotonic()
         for i, lp, top in result.prompt_logprobs:
             plan.requests[i].input_logprobs.append(lp)
             plan.requests[i].input_top_logprobs.append(top)
-        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
-            if req.is_finished:  # aborted while the step ran
+        for i, index in step.out_index.items():
+            req = plan.requests[i]
+            if req.is_finished:  # aborted, or stopped by an earlier step, while this one ran
                 continue
-            req.num_computed_tokens += n
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prefill chunk; no token yet
             tok = result.token_ids[i]
-            req.output_ids.append(tok)
+            req.resolve(index, tok)
             self._generated_tokens += 1
             lp = [result.logprobs[i]] if req.return_logprob and result.logprobs else None
             top = [result.top_logprobs[i]] if result.top_logprobs and req.top_logprobs_num else None
@@ -463,13 +549,13 @@ class Engine:
             elif self.metrics is not None and req.last_token_time is not None:
                 self.metrics.inter_token(req.lora_name, now - req.last_token_time)
             req.last_token_time = now
-            first = req.num_output_tokens == 1
+            first = req.num_resolved_outputs == 1
             self._check_finish(req, tok)
             self._emit(req, [tok], lp, top, with_prompt_logprobs=first and req.return_logprob)
 
     def _check_finish(self, req: Request, tok: int) -> None:
         p = req.params
-        n_out = req.num_output_tokens
+        n_out = req.num_resolved_outputs
         if n_out >= p.min_new_tokens:
             if tok in p.stop_token_ids:
                 return self._finish(req, FinishReason.STOP, matched=tok)
@@ -479,13 +565,15 @@ class Engine:
                 hit = self._match_stop_string(req)
                 if hit is not None:
                     return self._finish(req, FinishReason.STOP, matched=hit)
-        if n_out >= p.max_new_tokens or req.num_tokens >= self.model_info.context_length:
+        if n_out >= p.max_new_tokens or (
+            req.num_prompt_tokens + n_out >= self.model_info.context_length
+        ):
             return self._finish(req, FinishReason.LENGTH)
 
     def _match_stop_string(self, req: Request) -> str | None:
         longest = max(len(s) for s in req.params.stop)
         tail = self.tokenizer.decode(
-            req.output_ids[-(longest + 2):],
+            req.resolved_output_ids[-(longest + 2):],
             skip_special_tokens=req.params.skip_special_tokens,
         )
         return next((s for s in req.params.stop if s in tail), None)
@@ -495,6 +583,7 @@ class Engine:
         req.finish_reason = reason
         req.matched_stop = matched
         req.error = error
+        req.drop_pending()  # a step in flight may still sample for it: its token is dropped
         self.scheduler.remove(req)
         self.requests.pop(req.rid, None)
         self._residency.pop(req.rid, None)
@@ -511,7 +600,7 @@ class Engine:
     ) -> None:
         assert req.outputs is not None
         req.outputs.put_nowait(RequestOutput(
-            rid=req.rid, new_token_ids=new, output_token_ids=list(req.output_ids),
+            rid=req.rid, new_token_ids=new, output_token_ids=req.resolved_output_ids,
             prompt_tokens=req.num_prompt_tokens, finished=req.is_finished,
             finish_reason=req.finish_reason, matched_stop=req.matched_stop,
             new_logprobs=lp, new_top_logprobs=top, error=getattr(req, "error", None),

@@ -159,6 +159,9 @@ class RequestOutput:
 
 _rid_counter = itertools.count()
 
+# Stands in output_ids for a token a launched step is still sampling (never a real token id).
+PENDING_TOKEN = -1
+
 
 def new_rid() -> str:
     return f"req-{next(_rid_counter)}-{time.monotonic_ns() & 0xFFFFFF:06x}"
@@ -195,6 +198,9 @@ class Request:
     generator: object | None = None  # torch.Generator for seeded sampling
     lora_slot: int = -1  # GPU slot of the adapter for the current step; -1: base model
     passed_over: int = 0  # scheduling rounds this request waited while others were admitted
+    # Output tokens still being sampled by a launched step: the last `num_pending` entries of
+    # output_ids are PENDING_TOKEN until that step's tokens reach the host.
+    num_pending: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -207,6 +213,34 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_resolved_outputs(self) -> int:
+        """Output tokens known on the host (not counting those a launched step still samples)."""
+        return len(self.output_ids) - self.num_pending
+
+    @property
+    def resolved_output_ids(self) -> list[int]:
+        return self.output_ids[: self.num_resolved_outputs]
+
+    def add_pending(self) -> int:
+        """Reserve the next output token for a launched step; returns its index in output_ids."""
+        self.output_ids.append(PENDING_TOKEN)
+        self.num_pending += 1
+        return len(self.output_ids) - 1
+
+    def resolve(self, index: int, token: int) -> None:
+        """The launched step that owns output `index` produced `token`."""
+        assert self.output_ids[index] == PENDING_TOKEN and self.num_pending > 0
+        assert index == self.num_resolved_outputs, "steps resolve in launch order"
+        self.output_ids[index] = token
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the request finished before they arrived)."""
+        if self.num_pending:
+            del self.output_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,9 +1,13 @@
-"""Prepare inputs → forward → sample, for one scheduled step.
+"""Prepare inputs → launch forward and sampling → tokens back through pinned host buffers.
 
 `prepare` turns the scheduler's plan into a `ForwardBatch` of plain tensors (built on the host,
-copied with one non-blocking transfer each). `execute` runs the model and the sampler on the
-compute stream and returns the sampled tokens. Nothing here touches Request state except reading
-it; the engine applies the results.
+copied with one non-blocking transfer each). A decode row whose input token is still being
+sampled by the step in flight takes it from that step's device tensor, so step N+1 is prepared
+and launched before step N's tokens reach the host. `launch` enqueues the forward, the sampler
+and non-blocking copies of the results into pinned host buffers, records an event after them and
+returns at once: nothing here waits on the GPU. `InFlightStep.result()` reads the host buffers
+once the event has completed. Nothing here touches Request state except reading it; the engine
+applies the results.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from runtime.graphs import DecodeGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
-from runtime.request import Request, SamplingParams
+from runtime.request import PENDING_TOKEN, Request, SamplingParams
 from runtime.sampler import Sampler, SamplerOutput
 from runtime.scheduler import ScheduledBatch
-from runtime.streams import Streams
+from runtime.streams import Event, Streams
 
 
 @dataclass
@@ -32,6 +36,47 @@ class StepResult:
     top_logprobs: list[list[tuple[int, float]]] | None
     # (sequence index, logprob, top candidates) per scored prompt token, in position order
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+@dataclass
+class InFlightStep:
+    """A launched step: its sampled tokens on the device (the next step's inputs may read
+    them), the host copies of everything the engine needs, and the event after those copies."""
+
+    plan: ScheduledBatch
+    token_ids: torch.Tensor  # [B] int64 on the device: sampled tokens, one per plan row
+    event: Event  # recorded after the copies into the host buffers below
+    host: dict[str, torch.Tensor]  # pinned (CUDA) or plain (CPU) host copies
+    # For each plan row that samples a token the engine keeps: output index it resolves.
+    out_index: dict[int, int] = field(default_factory=dict)
+    top_n: list[int] = field(default_factory=list)
+    prompt_owners: tuple[int, ...] = ()
+    prompt_top_n: list[int] = field(default_factory=list)
+    launched_at: float = 0.0
+    slots: set[int] = field(default_factory=set)  # adapter slots it reads, locked until done
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def result(self) -> StepResult:
+        """The step's results as Python values. Only once `done()` (on CPU: always)."""
+        h = self.host
+        token_ids = h["tokens"].tolist()
+        logprobs = h["logprobs"].tolist() if "logprobs" in h else None
+        top = None
+        if "top_values" in h:
+            values, idx = h["top_values"].tolist(), h["top_ids"].tolist()
+            top = [list(zip(idx[i][:n], values[i][:n])) for i, n in enumerate(self.top_n)]
+        result = StepResult(token_ids, logprobs, top)
+        if "prompt_chosen" in h:
+            chosen = h["prompt_chosen"].tolist()
+            tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+            if "prompt_top_values" in h:
+                values, idx = h["prompt_top_values"].tolist(), h["prompt_top_ids"].tolist()
+                tops = [list(zip(idx[e][:n], values[e][:n]))
+                        for e, n in enumerate(self.prompt_top_n)]
+            result.prompt_logprobs = list(zip(self.prompt_owners, chosen, tops))
+        return result
 
 
 class ModelRunner:
@@ -80,12 +125,14 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def prepare(self, plan: ScheduledBatch) -> ForwardBatch:
-        """Step inputs as device tensors, copied on the compute stream (which then runs them)."""
+    def prepare(self, plan: ScheduledBatch, prev: InFlightStep | None = None) -> ForwardBatch:
+        """Step inputs as device tensors, copied on the compute stream (which then runs them).
+        Input tokens still being sampled by `prev` (the step in flight) are read from its
+        device tensor, on the compute stream, after it."""
         with self.streams.use(self.streams.compute):
-            return self._prepare(plan)
+            return self._prepare(plan, prev)
 
-    def _prepare(self, plan: ScheduledBatch) -> ForwardBatch:
+    def _prepare(self, plan: ScheduledBatch, prev: InFlightStep | None) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -101,9 +148,18 @@ class ModelRunner:
         prompt_targets: list[int] = []
         prompt_owners: list[int] = []
         logits_slots: list[int] = []
+        fill_dst: list[int] = []
+        fill_src: list[int] = []
+        prev_rows = {} if prev is None else {id(r): i for i, r in enumerate(prev.plan.requests)}
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             start = req.num_computed_tokens
             tokens = req.token_slice(start, n)
+            if req.num_pending and tokens[-1] == PENDING_TOKEN:
+                # Only the newest token can be in flight, sampled by the previous step.
+                if PENDING_TOKEN in tokens[:-1] or id(req) not in prev_rows:
+                    raise RuntimeError(f"request {req.rid}: input token not yet sampled")
+                fill_dst.append(len(ids) + n - 1)
+                fill_src.append(prev_rows[id(req)])
             ids.extend(tokens)
             positions.extend(range(start, start + n))
             slot_mapping.extend(
@@ -131,8 +187,14 @@ class ModelRunner:
             lora_logits = build_lora_batch_info(
                 logits_slots, pool.slot_ranks, self.lora_backend, self.lora_chunk_size, self.device
             )
+        input_ids = self._to_device(ids, torch.int64)
+        if fill_dst:
+            assert prev is not None
+            input_ids[self._to_device(fill_dst, torch.int64)] = (
+                prev.token_ids[self._to_device(fill_src, torch.int64)]
+            )
         return ForwardBatch(
-            input_ids=self._to_device(ids, torch.int64),
+            input_ids=input_ids,
             positions=self._to_device(positions, torch.int64),
             slot_mapping=self._to_device(slot_mapping, torch.int64),
             block_tables=self._to_device(
@@ -160,45 +222,56 @@ class ModelRunner:
         }
 
     @torch.inference_mode()
-    def execute(self, plan: ScheduledBatch, fb: ForwardBatch) -> StepResult:
-        """Forward and sample. Blocks the calling thread until the tokens are on the host."""
+    def launch(self, plan: ScheduledBatch, fb: ForwardBatch) -> InFlightStep:
+        """Enqueue forward, sampling and the copies of the results to the host; returns without
+        waiting for the GPU (on CPU the work has run by the time it returns)."""
         with self.streams.use(self.streams.compute):
             if self.graphs is not None and self.graphs.can_run(fb):
                 logits = self.graphs.replay(fb)  # [B, vocab] fp32
             else:
                 logits = self.model(fb, self.kv.k, self.kv.v)
-            if fb.sample_rows is None:
-                out: SamplerOutput = self.sampler(logits, plan.requests)
-                return self._to_host(out, plan.requests)
-            out = self.sampler(logits[fb.sample_rows], plan.requests)
-            result = self._to_host(out, plan.requests)
-            result.prompt_logprobs = self._score_prompt(logits, fb, plan.requests)
-            return result
+            sample_logits = logits if fb.sample_rows is None else logits[fb.sample_rows]
+            out: SamplerOutput = self.sampler(sample_logits, plan.requests)
+            dev: dict[str, torch.Tensor] = {"tokens": out.token_ids}
+            if out.logprobs is not None:
+                dev["logprobs"] = out.logprobs
+            if out.top_logprobs is not None:
+                dev["top_values"], dev["top_ids"] = out.top_logprobs
+            step = InFlightStep(
+                plan, out.token_ids, Event(self.device), {},
+                top_n=[r.top_logprobs_num for r in plan.requests],
+            )
+            if fb.sample_rows is not None:
+                self._score_prompt(logits, fb, plan.requests, dev, step)
+            step.host = {k: self._to_host(v) for k, v in dev.items()}
+            step.event.record(self.streams.compute)
+            return step
+
+    def execute(self, plan: ScheduledBatch, fb: ForwardBatch) -> StepResult:
+        """Launch and wait for the results (tests and benchmarks; the engine polls instead)."""
+        step = self.launch(plan, fb)
+        step.event.synchronize()
+        return step.result()
 
     def _score_prompt(
-        self, logits: torch.Tensor, fb: ForwardBatch, requests: list[Request]
-    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        self, logits: torch.Tensor, fb: ForwardBatch, requests: list[Request],
+        dev: dict[str, torch.Tensor], step: InFlightStep,
+    ) -> None:
         """Log-prob of each scored prompt token under the raw model distribution, and the
-        top candidates when the request asked for them."""
+        top candidates when the request asked for them (device tensors into `dev`)."""
         lp = torch.log_softmax(logits[fb.prompt_rows].float(), dim=-1)  # [E, vocab]
-        chosen = lp.gather(1, fb.prompt_targets[:, None]).squeeze(1).cpu().tolist()
-        k = max(requests[i].top_logprobs_num for i in fb.prompt_owners)
-        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        dev["prompt_chosen"] = lp.gather(1, fb.prompt_targets[:, None]).squeeze(1)
+        step.prompt_owners = fb.prompt_owners
+        step.prompt_top_n = [requests[i].top_logprobs_num for i in fb.prompt_owners]
+        k = max(step.prompt_top_n)
         if k > 0:
-            values, idx = (t.cpu().tolist() for t in lp.topk(k, dim=-1))
-            for e, owner in enumerate(fb.prompt_owners):
-                n = requests[owner].top_logprobs_num
-                tops[e] = list(zip(idx[e][:n], values[e][:n]))
-        return [(o, c, t) for o, c, t in zip(fb.prompt_owners, chosen, tops)]
+            dev["prompt_top_values"], dev["prompt_top_ids"] = lp.topk(k, dim=-1)
 
-    def _to_host(self, out: SamplerOutput, requests: list[Request]) -> StepResult:
-        token_ids = out.token_ids.cpu().tolist()
-        logprobs = out.logprobs.cpu().tolist() if out.logprobs is not None else None
-        top = None
-        if out.top_logprobs is not None:
-            values, idx = (t.cpu().tolist() for t in out.top_logprobs)
-            top = [
-                list(zip(idx[i][: r.top_logprobs_num], values[i][: r.top_logprobs_num]))
-                for i, r in enumerate(requests)
-            ]
-        return StepResult(token_ids, logprobs, top)
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of `t`: pinned and non-blocking on CUDA (valid once the step's event
+        has completed), the tensor itself on CPU."""
+        if t.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host

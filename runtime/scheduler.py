@@ -73,11 +73,13 @@ class Scheduler:
         chunked_prefill_size: int,
         adapters: AdapterAdmission | None = None,
         overlap_loading: bool | None = None,
+        context_length: int | None = None,
     ) -> None:
         self.bm = block_manager
         self.max_running = max_running_requests
         self.token_budget = chunked_prefill_size
         self.adapters = adapters
+        self.context_length = context_length
         # True: requests whose adapter is still uploading wait; False: they join and the GPU
         # orders the upload first; None (default): they join when the upload should end
         # within ADAPTIVE_WAIT_FRACTION of a step, so waiting costs less than splitting.
@@ -125,6 +127,8 @@ class Scheduler:
         for req in list(self.running):
             if req not in self.running:  # preempted earlier in this round
                 continue
+            if req.num_pending and self._reaches_limit(req):
+                continue  # its token in flight is its last: it finishes when that arrives
             n = 1 if not req.is_prefilling else min(req.num_uncomputed_tokens, budget)
             if n <= 0 or not self._admit_adapter(req, slots):
                 continue
@@ -145,6 +149,8 @@ class Scheduler:
         num_admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted with a token in flight: recompute once it has arrived
             n = min(req.num_uncomputed_tokens, budget)
             need = self.bm.blocks_needed(req, req.num_computed_tokens + n)
             if not self.bm.can_allocate(need + self._watermark()):
@@ -168,6 +174,12 @@ class Scheduler:
                 req.passed_over += 1
         if skipped:
             self.waiting.extendleft(reversed(skipped))
+
+    def _reaches_limit(self, req: Request) -> bool:
+        """The request's outputs, counting those in flight, already reach a length limit."""
+        if req.num_output_tokens >= req.params.max_new_tokens:
+            return True
+        return self.context_length is not None and req.num_tokens >= self.context_length
 
     def _watermark(self) -> int:
         return min(len(self.running), max(1, self.bm.num_blocks // 100))
