@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import tempfile
@@ -110,7 +111,7 @@ async def loop_decode_ms(engine: Engine, batch: int, prompt_len: int, steps: int
                 stamps.append(time.perf_counter())
 
     await asyncio.gather(*(drain(i) for i in range(batch)))
-    gaps = [b - a for a, b in zip(stamps[10:], stamps[11:])][:steps]
+    gaps = [b - a for a, b in itertools.pairwise(stamps[10:])][:steps]
     return {"batch": batch, "median_ms": 1e3 * statistics.median(gaps),
             "adapters": len({x for x in loras if x})}
 
