@@ -108,3 +108,60 @@ def test_busy_adapters_over_few_slots_all_served_fairly(setup):
     assert all(len(o) == 6 for o in outs)
     assert max(seen) <= MAX_PASSED_OVER
     assert engine.scheduler.counters.max_adapters_in_step == 2
+
+
+def test_loading_starts_at_submit_not_at_queue_front(setup, monkeypatch):
+    """The disk read of a request's adapter begins while the request still waits behind others:
+    before the request ahead of it leaves the queue and before any running request finishes."""
+    import threading
+    import time
+
+    from runtime.adapters import manager as manager_module
+    from runtime.adapters.manager import Residency
+
+    model, adapters = setup
+    p = prompts(4, read_vocab(model), seed=4)
+    # Host tier of two: starting a0, a1, a2 drops a0's host copy, so a0 must come from disk.
+    engine = make_engine(model, max_lora_rank=4, max_loras_per_batch=1, max_loaded_loras=2,
+                         max_running_requests=2,
+                         lora_paths=tuple(LoraPathSpec(f"a{i}", str(adapters[i]))
+                                          for i in range(3)))
+    read_started: list[float] = []
+    release = threading.Event()
+    real_read = manager_module.load_peft_adapter
+
+    def slow_read(*args, **kwargs):  # the loader thread's disk read
+        read_started.append(time.monotonic())
+        release.wait(timeout=30)
+        return real_read(*args, **kwargs)
+
+    async def go():
+        await engine.start()
+        try:
+            assert engine.adapters.state("a0") is Residency.REGISTERED
+            monkeypatch.setattr(manager_module, "load_peft_adapter", slow_read)
+            running = [await engine.submit(q, greedy(48)) for q in p[:2]]
+            queued = await engine.submit(p[2], greedy(4))  # waits: max_running_requests is 2
+            lora_req = await engine.submit(p[3], greedy(4), "a0")
+            waiting = list(engine.scheduler.waiting)
+            assert waiting.index(queued) < waiting.index(lora_req)
+            for _ in range(500):
+                if read_started:
+                    break
+                await asyncio.sleep(0.002)
+            assert read_started, "the adapter's disk read did not start at submit"
+            assert lora_req in engine.scheduler.waiting and lora_req.admitted_time is None
+            release.set()
+            outs = await asyncio.gather(*(collect(engine, r) for r in [*running, queued,
+                                                                        lora_req]))
+        finally:
+            release.set()
+            await engine.stop()
+        assert [len(o) for o in outs] == [48, 48, 4, 4]
+        t_read = read_started[0]
+        assert t_read < queued.admitted_time  # the request ahead had not left the queue yet
+        assert t_read < min(r.last_token_time for r in running)  # nothing ahead had finished
+        assert t_read < lora_req.admitted_time
+        assert len(read_started) == 1
+
+    run(go())

@@ -5,7 +5,9 @@ beforehand: a response that is cut short or has other tokens counts as lost. Req
 adapter that is being unloaded may be refused at admission with a clear 4xx; nothing else may
 fail, and nothing may hang (every request runs under asyncio.wait_for).
 
-LORASERVE_SOAK_SECONDS sets the soak's length (default 300; the device can run it longer).
+LORASERVE_SOAK_SECONDS sets the soak's length (default 300; the device can run it longer), and
+LORASERVE_TEST_DEVICE the engine's device (default cpu; `cuda` on the device machine, where the
+engine then runs its Triton kernels, CUDA graphs and copy stream).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tests.test_api import sse_events
 from tests.test_overload import rss_mb
 
 SOAK_SECONDS = float(os.environ.get("LORASERVE_SOAK_SECONDS", "300"))
+DEVICE = os.environ.get("LORASERVE_TEST_DEVICE", "cpu")
 SOAK_MIN_REQUESTS_PER_300S = 2000
 RSS_GROWTH_BOUND_MB = 64
 REQUEST_TIMEOUT_S = 60.0
@@ -78,8 +81,8 @@ async def make_client(aiohttp_client, folders):
     sessions: list[PlainClient] = []
 
     async def make(**overrides):
-        cfg = {"model_path": str(folders["model"]), "device": "cpu", "dtype": "float32",
-               "kv_cache_cpu_bytes": 1 << 23, "max_lora_rank": 8, "served_model_name": "tiny",
+        cfg = {"model_path": str(folders["model"]), "device": DEVICE, "dtype": "float32",
+               "kv_cache_cpu_bytes": 1 << 23, "mem_fraction_static": 0.2, "max_lora_rank": 8, "served_model_name": "tiny",
                "lora_target_modules": ("q_proj", "v_proj"), "max_loras_per_batch": 3,
                "lora_paths": tuple(LoraPathSpec(n, str(folders[n])) for n in STABLE + CHURNED)}
         cfg.update(overrides)
