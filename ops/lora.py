@@ -19,6 +19,7 @@ tile each. Neither syncs with the host, so both can be captured in CUDA graphs.
 
 import functools
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -231,6 +232,17 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=16)
+def _use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for the shrink and expand: on CUDA sm_90+ when
+    LORASERVE_ENABLE_PDL=1 (off by default until its gain is measured on the device). Each kernel
+    waits for its predecessor before touching activations, so it stays correct in eager mode and
+    inside CUDA graphs."""
+    if device.type != "cuda" or os.environ.get("LORASERVE_ENABLE_PDL", "0") != "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _shrink_partials(
     x: Tensor,
     A: Tensor,
@@ -238,7 +250,11 @@ def _shrink_partials(
     num_slices: int,
     split_k: int | None,
     out: Tensor | None = None,
+    pdl: bool | None = None,
 ) -> Tensor:
+    """Split-K partials of the shrink, [split_k, T, n*R] (see triton_lora_shrink); the split
+    count is capped at what one expand program sums in a single load."""
+    from ops.triton_lora_expand import expand_max_splits
     from ops.triton_lora_shrink import triton_lora_shrink
 
     table = lora_row_table(info)
@@ -255,6 +271,8 @@ def _shrink_partials(
         split_k=split_k,
         num_sms=_num_sms(x.device),
         out=out,
+        max_split=expand_max_splits(table.block_m, A.shape[1] // num_slices),
+        pdl=_use_pdl(x.device) if pdl is None else pdl,
     )
 
 
@@ -265,14 +283,17 @@ def lora_shrink_triton(
     num_slices: int,
     split_k: int | None = None,
     out: Tensor | None = None,
+    pdl: bool | None = None,
 ) -> Tensor:
     """Triton lora_shrink for info.backend. x: [T, in]; A: [num_slots, n*R, in] -> [T, n*R].
 
-    split_k: K splits (None = heuristic); with more than one the fp32 partials are summed here.
-    out: optional [T, n*R] buffer in x.dtype to write into (then returned)."""
+    split_k: K splits (None = heuristic); with more than one the fp32 partials are summed here
+    (apply_lora_triton leaves that sum to the expand kernel instead).
+    out: optional [T, n*R] buffer in x.dtype to write into (then returned).
+    pdl: programmatic dependent launch (None = LORASERVE_ENABLE_PDL on CUDA sm_90+)."""
     if split_k == 1 and out is not None:
-        return _shrink_partials(x, A, info, num_slices, 1, out.unsqueeze(0))[0]
-    partials = _shrink_partials(x, A, info, num_slices, split_k)
+        return _shrink_partials(x, A, info, num_slices, 1, out.unsqueeze(0), pdl)[0]
+    partials = _shrink_partials(x, A, info, num_slices, split_k, pdl=pdl)
     t = partials[0] if partials.shape[0] == 1 else partials.sum(0).to(x.dtype)
     return t if out is None else out.copy_(t)
 
@@ -284,9 +305,12 @@ def lora_expand_triton(
     slice_offsets: tuple[int, ...],
     scalings: Tensor,
     info: LoraBatchInfo,
+    pdl: bool | None = None,
 ) -> None:
-    """Triton lora_expand for info.backend. t: [T, n*R] (any float dtype);
-    B: [num_slots, N_total, R]; y: [T, N_total] in place; scalings: [num_slots, n]."""
+    """Triton lora_expand for info.backend. t: [T, n*R] (any float dtype) or split-K partials
+    [splits, T, n*R], summed as they are loaded; B: [num_slots, N_total, R]; y: [T, N_total] in
+    place; scalings: [num_slots, n]. pdl: programmatic dependent launch (None =
+    LORASERVE_ENABLE_PDL on CUDA sm_90+)."""
     from ops.triton_lora_expand import triton_lora_expand
 
     table = lora_row_table(info)
@@ -303,6 +327,7 @@ def lora_expand_triton(
         table.block_m,
         table.m_progs,
         num_sms=_num_sms(y.device),
+        pdl=_use_pdl(y.device) if pdl is None else pdl,
     )
 
 
@@ -338,11 +363,13 @@ def apply_lora_triton(
     scalings: Tensor,
     info: LoraBatchInfo,
     split_k: int | None = None,
+    pdl: bool | None = None,
 ) -> None:
-    """y += LoRA delta of x: shrink, fp32 sum of the split-K partials (if split), expand."""
-    partials = _shrink_partials(x, A, info, len(slice_offsets) - 1, split_k)
-    t = partials[0] if partials.shape[0] == 1 else partials.sum(0)  # fp32 t, no rounding
-    lora_expand_triton(t, B, y, slice_offsets, scalings, info)
+    """y += LoRA delta of x in two launches: the shrink writes split-K partials (fp32 when split),
+    the expand sums them as it loads them (no rounding of t to x.dtype) and adds into y.
+    pdl: programmatic dependent launch (None = LORASERVE_ENABLE_PDL on CUDA sm_90+)."""
+    partials = _shrink_partials(x, A, info, len(slice_offsets) - 1, split_k, pdl=pdl)
+    lora_expand_triton(partials, B, y, slice_offsets, scalings, info, pdl=pdl)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,15 @@ Same row table as the shrink (segments or chunks; slot -1 = base rows, which are
 Grid: (entries * m_progs, output tiles of all slices together). Slices of uneven width (q, k, v)
 are tiled separately, so no tile straddles two slices and no program idles: the tile index is
 mapped to its slice with a few scalar compares against cumulative tile counts. The inner loop
-runs over the slot's rank only, BLOCK_K at a time. `t` may be fp32 (a split-K shrink's reduced
-partials) or the activations' dtype; it is upcast after loading.
+runs over the slot's rank only, BLOCK_K at a time.
+
+`t` is either the shrink's split-K partials [splits, T, n*R] (fp32), summed here as they are
+loaded (SPLIT_BLOCK splits in one 3-D load, so the sum costs one round trip to L2 and no launch),
+or a plain [T, n*R] in any float dtype (one split). Either is upcast after loading.
+
+With USE_PDL (programmatic dependent launch, sm_90+), the kernel starts while the shrink runs:
+programs with no rows exit at once, the others load their first B tile (weights, written by no
+kernel of the step) and only then wait for the shrink's partials and the base output y.
 """
 
 import itertools
@@ -13,13 +20,48 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 MAX_SLICES = 4
+MAX_SUM_ELEMENTS = 2048  # SPLIT_BLOCK * BLOCK_M * BLOCK_K: more costs registers (sm_90: 96 at
+# 16 x 16 x 8, 168 at x 16, 248 at x 32) and so occupancy, which the empty programs of a padded
+# decode grid need
 
 
 @triton.jit
 def _pick(i, v0, v1, v2, v3):
     return tl.where(i == 0, v0, tl.where(i == 1, v1, tl.where(i == 2, v2, v3)))
+
+
+@triton.jit
+def _load_t(
+    t_cols,
+    offs_m,
+    m_live,
+    offs_r,
+    r_live,
+    splits,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_K] fp32 tile of t, the sum of its `splits` partials."""
+    offs_s = tl.arange(0, SPLIT_BLOCK)
+    rows = offs_m[None, :, None].to(tl.int64) * stride_tm + offs_r[None, None, :] * stride_tr
+    mask = m_live[None, :, None] & r_live[None, None, :]
+    tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for s0 in range(0, splits, SPLIT_BLOCK):
+        s = s0 + offs_s
+        part = tl.load(
+            t_cols + s[:, None, None].to(tl.int64) * stride_ts + rows,
+            mask=(s < splits)[:, None, None] & mask,
+            other=0.0,
+        )
+        tile += tl.sum(part.to(tl.float32), axis=0)
+    return tile
 
 
 @triton.jit
@@ -32,6 +74,7 @@ def _lora_expand_kernel(
     slots_ptr,
     ranks_ptr,
     R,
+    splits,
     off0,
     off1,
     off2,
@@ -40,6 +83,7 @@ def _lora_expand_kernel(
     tiles1,
     tiles2,
     tiles3,
+    stride_ts,
     stride_tm,
     stride_tr,
     stride_bs,
@@ -53,7 +97,9 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     entry = pid_m // m_progs
@@ -71,24 +117,58 @@ def _lora_expand_kernel(
     slot = tl.load(slots_ptr + entry)
     # base rows: an empty row range, so y is neither read nor written there
     row_end = tl.where(slot >= 0, row_end, row_start)
+    first_row = row_start + m_prog * BLOCK_M
     slot_safe = tl.maximum(slot, 0)
-    rank = tl.load(ranks_ptr + slot_safe)
+    rank = tl.where(first_row < row_end, tl.load(ranks_ptr + slot_safe), 0)
     scaling = tl.load(scalings_ptr + slot_safe * stride_ss + slice_id * stride_si)
     b_cols = b_ptr + slot_safe.to(tl.int64) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
     t_cols = t_ptr + slice_id * R * stride_tr
 
-    for m0 in range(row_start + m_prog * BLOCK_M, row_end, m_progs * BLOCK_M):
+    # the first rank block of B, shared by every row tile (and, under PDL, fetched early)
+    offs_r0 = tl.arange(0, BLOCK_K)
+    r0_live = offs_r0 < rank
+    b_first = tl.load(
+        b_cols + offs_r0[:, None] * stride_br, mask=r0_live[:, None] & n_live[None, :], other=0.0
+    ).to(tl.float32)
+    if USE_PDL:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if first_row < row_end:
+            gdc_wait()  # the shrink's partials and the base y are complete from here on
+
+    for m0 in range(first_row, row_end, m_progs * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_live = offs_m < row_end
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_K):
+        t_tile = _load_t(
+            t_cols,
+            offs_m,
+            m_live,
+            offs_r0,
+            r0_live,
+            splits,
+            stride_ts,
+            stride_tm,
+            stride_tr,
+            BLOCK_M,
+            BLOCK_K,
+            SPLIT_BLOCK,
+        )
+        acc = tl.dot(t_tile, b_first, input_precision=DOT_PRECISION)
+        for r0 in range(BLOCK_K, rank, BLOCK_K):
             offs_r = r0 + tl.arange(0, BLOCK_K)
             r_live = offs_r < rank
-            t_tile = tl.load(
-                t_cols + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr,
-                mask=m_live[:, None] & r_live[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            t_tile = _load_t(
+                t_cols,
+                offs_m,
+                m_live,
+                offs_r,
+                r_live,
+                splits,
+                stride_ts,
+                stride_tm,
+                stride_tr,
+                BLOCK_M,
+                BLOCK_K,
+                SPLIT_BLOCK,
+            )
             b_tile = tl.load(
                 b_cols + offs_r[:, None] * stride_br,
                 mask=r_live[:, None] & n_live[None, :],
@@ -105,9 +185,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def expand_block_k(rank_pad: int) -> int:
+    """Rank columns per inner step of the expand (one step covers ranks up to 64)."""
+    return min(64, max(16, _next_pow2(rank_pad)))
+
+
+def expand_max_splits(block_m: int, rank_pad: int) -> int:
+    """Most split-K partials the expand sums in one load; a shrink should split no further."""
+    return max(1, MAX_SUM_ELEMENTS // (block_m * expand_block_k(rank_pad)))
+
+
 def _expand_block_n(num_programs_per_tile: int, widths: list[int], num_sms: int) -> int:
     """Widest output tile that still gives two waves of programs (64 at most: y tiles are
-    read-modify-write, wider tiles only add registers)."""
+    read-modify-write, wider tiles only add registers: 128 took 248 a thread on sm_90)."""
     for block_n in (64, 32):
         tiles = sum(triton.cdiv(w, block_n) for w in widths)
         if num_programs_per_tile * tiles >= 2 * num_sms:
@@ -128,30 +218,34 @@ def triton_lora_expand(
     block_m: int,
     m_progs: int,
     num_sms: int = 132,
+    pdl: bool = False,
 ) -> None:
     """y[rows, off_i:off_{i+1}] += scalings[slot, i] * t[rows, i*R:i*R+rank] B[slot, off_i.., :rank]^T.
 
-    t: [T, n * R], any float dtype.
+    t: [T, n * R] in any float dtype, or split-K partials [splits, T, n * R] that are summed.
     B: [num_slots, N_total, R]. y: [T, N_total], updated in place (any strides).
     slice_offsets: n + 1 Python ints, 0 .. N_total, n <= 4. scalings: [num_slots, n] float32.
     slot_ranks: [num_slots] int32. indptr: [num_entries + 1] int32, slots: [num_entries] int32
     (-1 = base rows: left untouched). block_m: power of two >= 16; m_progs >= 1.
+    pdl: launch as a programmatic dependent launch (CUDA sm_90+ only).
     """
     num_slices = len(slice_offsets) - 1
-    assert t.dim() == 2, "t must be [T, n * R]"
-    num_tokens, t_cols = t.shape
+    assert t.dim() in (2, 3), "t must be [T, n * R] or [splits, T, n * R]"
+    partials = t if t.dim() == 3 else t.unsqueeze(0)
+    num_splits, num_tokens, t_cols = partials.shape
     assert 1 <= num_slices <= MAX_SLICES, f"{num_slices} slices, at most {MAX_SLICES}"
     assert B.dim() == 3 and y.dim() == 2, "B must be [num_slots, N_total, R], y [T, N_total]"
     rank_pad = B.shape[2]
     assert t_cols == num_slices * rank_pad, f"t has {t_cols} columns, want {num_slices}*{rank_pad}"
     assert slice_offsets[0] == 0 and slice_offsets[-1] == B.shape[1] == y.shape[1]
     assert all(a < b for a, b in itertools.pairwise(slice_offsets)), "empty slice"
-    assert y.shape[0] == num_tokens
+    assert y.shape[0] == num_tokens and num_splits >= 1
     assert scalings.shape == (B.shape[0], num_slices), f"scalings {tuple(scalings.shape)}"
     assert slot_ranks.shape == (B.shape[0],)
     assert indptr.shape == (num_entries + 1,) and slots.shape == (num_entries,)
     assert block_m >= 16 and block_m & (block_m - 1) == 0 and m_progs >= 1
     assert t.device == B.device == y.device == scalings.device == indptr.device == slots.device
+    assert not pdl or y.is_cuda, "programmatic dependent launch needs CUDA"
     if num_tokens == 0 or num_entries == 0:
         return
     widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
@@ -161,10 +255,11 @@ def triton_lora_expand(
     big = 1 << 30
     tiles = tile_cum[:-1] + [big] * (MAX_SLICES - num_slices)
     offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
+    split_block = min(_next_pow2(num_splits), expand_max_splits(block_m, rank_pad))
     low_precision = t.dtype != torch.float32 or B.dtype != torch.float32
     grid = (num_entries * m_progs, tile_cum[-1])
     _lora_expand_kernel[grid](
-        t,
+        partials,
         B,
         y,
         scalings,
@@ -172,10 +267,12 @@ def triton_lora_expand(
         slots,
         slot_ranks,
         rank_pad,
+        num_splits,
         *offs,
         *tiles[:3],
-        t.stride(0),
-        t.stride(1),
+        partials.stride(0),
+        partials.stride(1),
+        partials.stride(2),
         B.stride(0),
         B.stride(1),
         B.stride(2),
@@ -186,8 +283,11 @@ def triton_lora_expand(
         m_progs,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=min(64, max(16, _next_pow2(rank_pad))),
+        BLOCK_K=expand_block_k(rank_pad),
+        SPLIT_BLOCK=split_block,
         DOT_PRECISION="tf32" if low_precision else "ieee",
+        USE_PDL=pdl,
         num_warps=4,
         num_stages=2,
+        launch_pdl=pdl,
     )

@@ -10,14 +10,22 @@ Grid: (entries * m_progs, num_slices * n_tiles, split_k).
   stays correct when later segments are longer).
 - Axis 1: output columns of one slice, BLOCK_N at a time. Tiles at or beyond the slot's rank
   skip the K loop and store zeros, so a rank-1 adapter reads one row of A per slice.
-- Axis 2: split-K. At decode the whole op is a read of r x in weights per adapter; splitting K
-  fills the GPU. Each split writes its own fp32 partial (plain stores: deterministic, no memset);
-  the caller sums them (one small reduction, read once by the expand).
+- Axis 2: split-K. At decode the whole op is a read of r x in weights per adapter, bound by
+  latency, not bandwidth: many splits keep each program's share of A to a load or two. Each split
+  writes its own fp32 partial (plain stores: deterministic, no memset); the expand kernel sums
+  them as it loads them, so a LoRA application is two launches.
+
+With USE_PDL (programmatic dependent launch, sm_90+), the kernel may start while the previous
+kernel on the stream finishes: it reads only the row table before `gdc_wait`, and lets the
+expand launch early so the expand can fetch its B tiles meanwhile.
 """
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+MAX_PARTIAL_ROWS = 2048  # split_k * tokens: the fp32 partials stay a small L2-resident buffer
 
 
 @triton.jit
@@ -45,6 +53,7 @@ def _lora_shrink_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     entry = pid_m // m_progs
@@ -57,6 +66,10 @@ def _lora_shrink_kernel(
     row_start = tl.load(indptr_ptr + entry)
     row_end = tl.load(indptr_ptr + entry + 1)
     slot = tl.load(slots_ptr + entry)
+    if USE_PDL:
+        gdc_launch_dependents()
+        if row_start + m_prog * BLOCK_M < row_end:  # programs with no rows exit at once
+            gdc_wait()  # x may come from the previous kernel; out may alias its buffers
     # base rows (slot -1) get rank 0: no weight reads, zeros stored
     rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
 
@@ -97,17 +110,30 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def shrink_split_k(num_tokens: int, num_programs: int, num_k_blocks: int, num_sms: int) -> int:
-    """Split-K factor: grow while the grid is under two waves, K blocks remain and the partials
-    stay small (split * tokens <= 2048)."""
+def shrink_split_k(
+    num_tokens: int, num_programs: int, num_k_blocks: int, num_sms: int, max_split: int
+) -> int:
+    """Split-K factor, a power of two: as many splits as K blocks allow (decode is latency-bound,
+    so a program should read one or two tiles of A), while the grid stays within eight waves
+    (programs of empty or base entries are cheap but not free), the partials within
+    MAX_PARTIAL_ROWS rows and the split count within `max_split` (what the expand sums in one
+    load)."""
     split = 1
     while (
-        split * 2 <= num_k_blocks
-        and num_programs * split * 2 <= 2 * num_sms
-        and num_tokens * split * 2 <= 2048
+        split * 2 <= min(num_k_blocks, max_split)
+        and num_programs * split * 2 <= 8 * num_sms
+        and num_tokens * split * 2 <= MAX_PARTIAL_ROWS
     ):
         split *= 2
     return split
+
+
+def shrink_blocks(num_tokens: int, rank_pad: int, k_dim: int, block_m: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the shrink: narrow rank tiles at decode sizes (more programs, fewer
+    bytes each), wider K tiles while the tile stays small."""
+    block_n = 16 if num_tokens <= 64 else min(64, max(16, _next_pow2(rank_pad)))
+    block_k = 128 if block_m * block_n <= 1024 else 64
+    return block_n, min(block_k, max(16, _next_pow2(k_dim)))
 
 
 def triton_lora_shrink(
@@ -123,6 +149,8 @@ def triton_lora_shrink(
     split_k: int | None = None,
     num_sms: int = 132,
     out: torch.Tensor | None = None,
+    max_split: int = 32,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """t partials = x A^T per row-table entry.
 
@@ -130,8 +158,9 @@ def triton_lora_shrink(
     slot_ranks: [num_slots] int32 (<= R). indptr: [num_entries + 1] int32 row offsets,
     slots: [num_entries] int32 (-1 = base rows), both on x's device.
     block_m: rows per tile (power of two >= 16); m_progs: programs per entry (>= 1).
-    split_k: K splits (None = heuristic, or out.shape[0] when out is given).
+    split_k: K splits (None = heuristic capped at max_split, or out.shape[0] when out is given).
     out: optional buffer for the result (shape and dtype as returned).
+    pdl: launch as a programmatic dependent launch (CUDA sm_90+ only).
     Returns: [split_k, T, num_slices * R], x.dtype when split_k == 1 else float32; columns at or
     beyond a slot's rank and rows of base entries are zero. Partials must be summed over dim 0.
     """
@@ -142,17 +171,16 @@ def triton_lora_shrink(
     assert indptr.shape == (num_entries + 1,) and slots.shape == (num_entries,)
     assert block_m >= 16 and block_m & (block_m - 1) == 0 and m_progs >= 1
     assert x.device == A.device == indptr.device == slots.device == slot_ranks.device
+    assert not pdl or x.is_cuda, "programmatic dependent launch needs CUDA"
     rank_pad = A.shape[1] // num_slices
-    block_n = 16 if num_tokens <= 64 else min(64, max(16, _next_pow2(rank_pad)))
-    block_k = 128 if block_m * block_n <= 1024 else 64
-    block_k = min(block_k, max(16, _next_pow2(k_dim)))
+    block_n, block_k = shrink_blocks(num_tokens, rank_pad, k_dim, block_m)
     n_tiles = triton.cdiv(rank_pad, block_n)
     num_k_blocks = triton.cdiv(k_dim, block_k)
     if split_k is None and out is not None:
         split_k = out.shape[0]
     if split_k is None:
         programs = num_entries * m_progs * num_slices * n_tiles
-        split_k = shrink_split_k(num_tokens, programs, num_k_blocks, num_sms)
+        split_k = shrink_split_k(num_tokens, programs, num_k_blocks, num_sms, max_split)
     if out is None:
         split_k = max(1, min(split_k, num_k_blocks))  # surplus splits would only store zeros
     out_dtype = x.dtype if split_k == 1 else torch.float32
@@ -188,7 +216,9 @@ def triton_lora_shrink(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        USE_PDL=pdl,
         num_warps=4,
         num_stages=3,
+        launch_pdl=pdl,
     )
     return out

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ops.lora import (
+    LoraBatchInfo,
     apply_lora,
     apply_lora_torch,
     apply_lora_triton,
@@ -28,7 +29,8 @@ from ops.lora import (
     lora_shrink_torch,
     lora_shrink_triton,
 )
-from ops.triton_lora_shrink import triton_lora_shrink
+from ops.triton_lora_expand import expand_max_splits
+from ops.triton_lora_shrink import shrink_split_k, triton_lora_shrink
 
 # the interpreter trips a numpy deprecation on every scalar index
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -247,6 +249,69 @@ def test_split_k_partials_all_written() -> None:
     torch.testing.assert_close(out.sum(0), lora_shrink_torch(x, group.A, info, 2))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 8, 11])
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_expand_sums_partials(backend: str, num_splits: int) -> None:
+    """The expand sums split-K partials as it loads them (up to 11, more than one load takes),
+    reading neither base rows nor columns at or beyond a slot's rank (poisoned with NaN)."""
+    ranks, rank_pad, widths = [64, 5, 1], 64, [24, 8, 8]
+    group = make_group(ranks, rank_pad, 8, widths, torch.float32)
+    assert expand_max_splits(16, rank_pad) == 2
+    slots = token_slots([(-1, 2), (1, 5), (0, 17), (-1, 1), (2, 3)])
+    info = build_lora_batch_info(slots, group.slot_ranks, backend, 16, "cpu")
+    num_tokens, n = len(slots), group.num_slices
+    partials = torch.randn(num_splits, num_tokens, n * rank_pad)
+    is_base = base_rows(slots)
+    view = partials.view(num_splits, num_tokens, n, rank_pad)
+    for i, slot in enumerate(slots):
+        view[:, i, :, ranks[slot] :] = float("nan")  # slot -1 poisons the base row whole
+    clean = torch.where(partials.isnan(), 0.0, partials).sum(0)
+    y = torch.randn(num_tokens, sum(widths))
+    y_ref = y.clone()
+    lora_expand_torch(clean, group.B, y_ref, group.slice_offsets, group.scalings, info)
+    lora_expand_triton(partials, group.B, y, group.slice_offsets, group.scalings, info)
+    torch.testing.assert_close(y, y_ref)
+    assert not y.isnan().any() and torch.equal(y[is_base], y_ref[is_base])
+
+
+def test_apply_lora_rank_sweep() -> None:
+    """Ranks 1..64 in one batch over a 4-way split-K (partials summed by the expand), fp16."""
+    ranks = [1, 2, 3, 7, 16, 31, 33, 64]
+    group = make_group(ranks, 64, 512, [16, 8], torch.float16)
+    layout = [(-1, 1)] + [(slot, 1 + slot % 3) for slot in range(len(ranks))] + [(-1, 2)]
+    slots = token_slots(layout)
+    info = build_lora_batch_info(slots, group.slot_ranks, "csgmv", 16, "cpu", pad_to=24)
+    x = torch.randn(len(slots), 512).to(torch.float16)
+    y = torch.randn(len(slots), 24).to(torch.float16)
+    y_ref = y.float()
+    apply_lora_torch(
+        x.float(),
+        group.A.float(),
+        group.B.float(),
+        y_ref,
+        group.slice_offsets,
+        group.scalings,
+        info,
+    )
+    y_out = y.clone()
+    apply_lora_triton(x, group.A, group.B, y_out, group.slice_offsets, group.scalings, info, 4)
+    torch.testing.assert_close(y_out.float(), y_ref, **tolerances(torch.float16))
+    assert torch.equal(y_out[base_rows(slots)], y[base_rows(slots)])
+
+
+def test_split_k_heuristic_at_decode_shapes() -> None:
+    """Llama-3.1-8B at rank 16 (H200, 132 SMs): decode splits K as far as one expand load sums
+    (8 splits: 512 columns of A a program at hidden 4096); a captured batch of 32 (32 chunk
+    entries, most of them empty) keeps the grid within eight waves; prefill does not split."""
+    max_split = expand_max_splits(16, 16)
+    assert max_split == 8
+    assert shrink_split_k(1, 3, 4096 // 128, 132, max_split) == 8  # qkv, one token
+    assert shrink_split_k(1, 1, 14336 // 128, 132, max_split) == 8  # down, one token
+    assert shrink_split_k(32, 32 * 3, 4096 // 128, 132, 32) == 8  # qkv, 32 chunks: waves bind
+    assert shrink_split_k(4096, 256 * 3, 4096 // 128, 132, max_split) == 1  # prefill
+    assert expand_max_splits(64, 64) == 1 and expand_max_splits(16, 64) == 2
+
+
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_padded_info_matches(backend: str) -> None:
     """Empty base entries appended for CUDA graphs change nothing."""
@@ -285,6 +350,7 @@ def test_embed_shrink(backend: str, chunk_size: int, dtype: torch.dtype) -> None
 
 GPU_GROUPS = {
     "qkv": (4096, [4096, 1024, 1024]),
+    "o": (4096, [4096]),
     "gate_up": (4096, [14336, 14336]),
     "down": (14336, [4096]),
 }
@@ -331,3 +397,127 @@ def test_gpu_real_shapes(backend: str, group_name: str, rank_pad: int, num_token
     for out in (y, y_fused):
         torch.testing.assert_close(out.float().cpu(), y_ref, atol=5e-2, rtol=2e-2)
         assert torch.equal(out[is_base], y0[is_base])
+    # with and without programmatic dependent launch: the same kernels, the same bits
+    for pdl in (False, True) if torch.cuda.get_device_capability()[0] >= 9 else (False,):
+        y_pdl = y0.clone()
+        apply_lora_triton(
+            x, group.A, group.B, y_pdl, group.slice_offsets, group.scalings, info, pdl=pdl
+        )
+        assert torch.equal(y_pdl, y_fused)
+
+
+def llama_layer_groups(num_slots: int, rank: int) -> dict[str, LoraGroup]:
+    return {
+        name: make_group([rank] * num_slots, rank, in_dim, widths, torch.bfloat16, "cuda")
+        for name, (in_dim, widths) in GPU_GROUPS.items()
+    }
+
+
+def chained_layer(
+    groups: dict[str, LoraGroup],
+    ys: dict[str, torch.Tensor],
+    y0s: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    info: LoraBatchInfo,
+    pdl: bool,
+) -> None:
+    """The four applications of a layer back to back, each reading the previous one's output,
+    so a kernel that ran ahead of its predecessor would read stale activations."""
+    for name, group in groups.items():
+        ys[name].copy_(y0s[name])
+        apply_lora_triton(
+            x, group.A, group.B, ys[name], group.slice_offsets, group.scalings, info, pdl=pdl
+        )
+        x = ys[name][:, : GPU_GROUPS["down"][0] if name == "gate_up" else 4096]
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_graph_replay_decode(backend: str, batch: int, pdl: bool) -> None:
+    """Decode as the runner captures it: metadata in static buffers padded to `batch` entries,
+    one graph of a Llama-3.1-8B layer's four applications, replayed over 1, 8 and 32 distinct
+    rank-16 adapters (and base rows); each replay equals the eager run bit for bit."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    num_slots = 32
+    groups = llama_layer_groups(num_slots, 16)
+    ranks = groups["qkv"].slot_ranks
+    x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
+    y0s = {
+        name: torch.randn(batch, sum(w), device="cuda", dtype=torch.bfloat16)
+        for name, (_, w) in GPU_GROUPS.items()
+    }
+    ys = {name: torch.empty_like(y0) for name, y0 in y0s.items()}
+    static = build_lora_batch_info([-1] * batch, ranks, backend, 16, "cuda", pad_to=batch)
+    static.num_segments = static.num_chunks = static.max_seg_len = batch
+    chained_layer(groups, ys, y0s, x, static, pdl)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chained_layer(groups, ys, y0s, x, static, pdl)
+    layouts = [[0] * batch, [-1] * batch]
+    if batch == 32:
+        layouts += [
+            [-1] + token_slots([(s, 4) for s in range(7)]) + [7, 7, 7],  # 8 adapters
+            list(range(32)),  # 32 adapters, one row each
+            token_slots([(5, 20), (-1, 3), (9, 9)]),
+        ]
+    for slots in layouts:
+        info = build_lora_batch_info(slots, ranks, backend, 16, "cuda", pad_to=batch)
+        info.max_seg_len = batch  # as captured: the same grids, so the same bits
+        for name in ("seg_indptr", "seg_slots", "chunk_indptr", "chunk_slots"):
+            getattr(static, name).copy_(getattr(info, name))
+        x.normal_()  # fresh inputs: a kernel reading stale buffers would not go unnoticed
+        for y0 in y0s.values():
+            y0.normal_()
+        graph.replay()
+        replayed = {name: y.clone() for name, y in ys.items()}
+        chained_layer(groups, ys, y0s, x, info, pdl=False)
+        for name, y in ys.items():
+            torch.testing.assert_close(replayed[name], y, atol=1e-2, rtol=1e-2, msg=name)
+        if all(s < 0 for s in slots):
+            assert all(torch.equal(ys[name], y0s[name]) for name in ys)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_two_launches_per_application() -> None:
+    """One LoRA application is exactly two kernels (shrink, expand): no reduction, no memset."""
+    group = llama_layer_groups(8, 16)["qkv"]
+    slots = [-1] + token_slots([(s, 4) for s in range(7)]) + [7, 7, 7]
+    info = build_lora_batch_info(slots, group.slot_ranks, "csgmv", 16, "cuda", pad_to=32)
+    x = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(32, 6144, device="cuda", dtype=torch.bfloat16)
+    for num_tokens in (1, 32):
+        one = (
+            info
+            if num_tokens == 32
+            else build_lora_batch_info([3], group.slot_ranks, "csgmv", 16, "cuda")
+        )
+        apply_lora(
+            x[:num_tokens],
+            group.A,
+            group.B,
+            y[:num_tokens],
+            group.slice_offsets,
+            group.scalings,
+            one,
+        )  # compile first
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            apply_lora(
+                x[:num_tokens],
+                group.A,
+                group.B,
+                y[:num_tokens],
+                group.slice_offsets,
+                group.scalings,
+                one,
+            )
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(kernels) == 2, kernels
+        assert "shrink" in kernels[0] and "expand" in kernels[1], kernels
