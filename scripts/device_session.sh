@@ -1,14 +1,76 @@
 #!/usr/bin/env bash
-# The device call of 2026-11-29's second run: GPU tests, the step benchmark with LoRA, and the
-# HF PEFT baseline next to our engine. Each part has its own time limit so all report back.
+# One device session in phases, each one device call on a 2-GPU machine (nvidia-h200-x2):
+#   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs, then
+#                                    the >= 10-minute soak started in the background on GPU 1
+#   scripts/device_session.sh gpu1   GPU tests and step benchmarks on GPU 0 (soak keeps running)
+#   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
+#                                    then waits for the soak and returns its log
+# Every part has its own time limit so the call always reports; results land under $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-GPU_TESTS="tests/test_engine_gpu.py tests/test_graphs_gpu.py" timeout 170 bash scripts/device_gpu.sh none
-timeout 220 python3 -m benchmarks.step_bench --lora --steps 30 --out "$OUT/step_lora.json" > "$OUT/step_lora.log" 2>&1
-tail -14 "$OUT/step_lora.log"
-timeout 200 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 --rank 16 \
-  --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed --compare-engine \
-  --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
-tail -12 "$OUT/hf_baseline.log"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+SOAK_LOG=/tmp/soak/soak.log
+
+gpu_tests() {  # gpu_tests NAME TIMEOUT FILES...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" \
+    > "$OUT/$name.log" 2>&1
+  echo "== $name: rc $?"; tail -6 "$OUT/$name.log"
+}
+
+start_soak() {  # in its own session so it outlives this call; pytest and its plugins apart
+  mkdir -p /tmp/soak
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/soak/site .whl_soak/*.whl
+  (cd "$PWD" && CUDA_VISIBLE_DEVICES=1 LORASERVE_TEST_DEVICE=cuda LORASERVE_SOAK_SECONDS=600 \
+    PYTHONPATH="/tmp/soak/site:$PYTHONPATH" setsid nohup python3 -m pytest -q -s \
+    -p no:cacheprovider tests/test_soak.py::test_soak > "$SOAK_LOG" 2>&1 < /dev/null &)
+  sleep 20; echo "== soak started:"; tail -3 "$SOAK_LOG"
+}
+
+case "${1:-}" in
+  tp)
+    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+    gpu_tests tp_gpu 200 tests/test_tp_gpu.py
+    timeout 300 python3 -m benchmarks.tp_bench --out "$OUT/tp_bench.json" > "$OUT/tp_bench.log" 2>&1
+    echo "== tp_bench: rc $?"; tail -12 "$OUT/tp_bench.log"
+    start_soak
+    ;;
+  gpu1)
+    export CUDA_VISIBLE_DEVICES=0
+    gpu_tests gpu_tests 200 tests/test_lora_ops.py tests/test_fused_ops.py \
+      tests/test_engine_gpu.py tests/test_graphs_gpu.py tests/test_pipeline_gpu.py
+    timeout 240 python3 -m benchmarks.step_bench --lora --steps 30 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; tail -22 "$OUT/step_lora.log"
+    timeout 100 python3 -m benchmarks.step_bench --disable-cuda-graph --steps 10 \
+      --out "$OUT/step_eager.json" > "$OUT/step_eager.log" 2>&1
+    echo "== step_bench eager: rc $?"; tail -9 "$OUT/step_eager.log"
+    timeout 90 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; tail -3 "$OUT/upload.log"
+    echo "== soak so far:"; tail -2 "$SOAK_LOG"
+    ;;
+  gpu2)
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 270 python3 -m benchmarks.churn_bench --out "$OUT/churn.json" > "$OUT/churn.log" 2>&1
+    echo "== churn_bench: rc $?"; tail -25 "$OUT/churn.log"
+    timeout 150 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
+      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
+      --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
+    echo "== hf_baseline: rc $?"; tail -8 "$OUT/hf_baseline.log"
+    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+    timeout 120 python3 -m benchmarks.responsiveness --model-path /tmp/llama8b \
+      --server-args "--load-format dummy --dtype bfloat16" --batch 32 --new-tokens 1024 \
+      --out "$OUT/responsiveness.json" > "$OUT/responsiveness.log" 2>&1
+    echo "== responsiveness: rc $?"; tail -3 "$OUT/responsiveness.log"
+    for _ in $(seq 60); do pgrep -f "tests/test_soak.py" > /dev/null || break; sleep 5; done
+    echo "== soak:"; tail -8 "$SOAK_LOG"; cp "$SOAK_LOG" "$OUT/soak.log"
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2"; exit 2 ;;
+esac
