@@ -27,8 +27,6 @@ import asyncio
 import gc
 import json
 import math
-import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks import workloads as wl
+from benchmarks.random_adapters import ALL_LINEAR, clone_adapter, write_adapter
 from benchmarks.serve_bench import latency_stats
 from benchmarks.step_bench import make_engine
 from runtime.config import LoraPathSpec
@@ -111,18 +110,6 @@ class Files:
     doc_adapters: list[Path]  # the doc example's small adapters
 
 
-def clone_adapter(src: Path, dst: Path) -> Path:
-    """`dst` holding `src`'s files, hard-linked where the filesystem allows: timing does not
-    depend on the weights' values, and drawing 16 random 8B-shaped adapters would take minutes."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        try:
-            os.link(f, dst / f.name)
-        except OSError:
-            shutil.copy2(f, dst / f.name)
-    return dst
-
-
 def write_files(s: Settings, root: Path) -> Files:
     """The model folder, `num_adapters` rank-`rank` adapters and `doc_adapters` small ones."""
     if s.shape == "tiny":
@@ -134,7 +121,6 @@ def write_files(s: Settings, root: Path) -> Files:
             return make_adapter(model, folder, rank=rank, targets="all-linear", seed=1)
     else:
         from benchmarks.dummy_model import write_dummy_model
-        from benchmarks.random_adapters import ALL_LINEAR, write_adapter
 
         model = write_dummy_model(s.shape, root / "model")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,9 +33,10 @@ def _dims(shape: dict, module: str) -> tuple[int, int]:
 
 
 def write_adapter(
-    shape_name: str, folder: Path, rank: int, targets: tuple[str, ...], seed: int
+    shape_name: str | dict, folder: Path, rank: int, targets: tuple[str, ...], seed: int
 ) -> Path:
-    shape = SHAPES[shape_name]
+    """One adapter for a named shape of SHAPES, or for a config dict of the same keys."""
+    shape = SHAPES[shape_name] if isinstance(shape_name, str) else shape_name
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(shape["num_hidden_layers"]):
@@ -53,6 +56,20 @@ def write_adapter(
               "fan_in_fan_out": False, "init_lora_weights": True}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return folder
+
+
+def clone_adapter(src: Path, dst: Path) -> Path:
+    """`dst` holding `src`'s files, hard-linked where the filesystem allows: timing does not
+    depend on the weights' values, and drawing many random 8B-shaped adapters takes minutes."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if (dst / f.name).exists():
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+    return dst
 
 
 def write_adapters(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.dummy_model import SHAPES, write_dummy_model
-from benchmarks.random_adapters import ALL_LINEAR, write_adapter
+from benchmarks.random_adapters import ALL_LINEAR, clone_adapter, write_adapter
 from benchmarks.step_bench import make_engine
 from runtime.config import LoraPathSpec
 
@@ -42,19 +41,6 @@ def pinned_h2d_bandwidth(nbytes: int = 512 << 20, iters: int = 10) -> float:
             if i >= 2:
                 times.append(a.elapsed_time(b) / 1e3)
     return nbytes / statistics.median(times)
-
-
-def copies_of(folder: Path, root: Path, count: int) -> list[Path]:
-    """`count` adapter folders with the same files (hard links): the values do not matter."""
-    out = []
-    for i in range(count):
-        dst = root / f"{folder.name}-{i}"
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in folder.iterdir():
-            if not (dst / f.name).exists():
-                os.link(f, dst / f.name)
-        out.append(dst)
-    return out
 
 
 def time_uploads(engine, names: list[str]) -> list[dict]:
@@ -90,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
               "device": torch.cuda.get_device_name()}
     for rank in a.ranks:
         one = write_adapter(a.shape, root / f"r{rank}", rank, ALL_LINEAR, seed=rank)
-        paths = copies_of(one, root / "copies", a.uploads + 2)
+        paths = [clone_adapter(one, root / "copies" / f"r{rank}-{i}")
+                 for i in range(a.uploads + 2)]
         specs = tuple(LoraPathSpec(p.name, str(p)) for p in paths)
         engine = make_engine(folder, lora_paths=specs, max_loras_per_batch=2,
                              max_loaded_loras=len(specs), max_lora_rank=rank,

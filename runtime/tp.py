@@ -2,20 +2,37 @@
 ranks 1..N-1 run `worker_loop`, an identical model runner without scheduler or sampler.
 
 Messages are a fixed header of HEADER_LEN int64 followed by one packed int64 payload, both
-broadcast from rank 0 (device tensors on NCCL, host tensors on gloo). Rank 0 sends a message
-under a lock, so the runner thread (steps), the loop thread (uploads) and shutdown never
-interleave their collectives. Sampling happens on rank 0 only.
+broadcast from rank 0 (device tensors on NCCL, host tensors on gloo). Every rank enters the
+collectives in one order: rank 0 sends a message and runs the collectives that follow it under
+one lock, and each worker handles its messages one at a time in a single thread.
+
+- STEP (rank 0's runner thread): the plan, then the forward's all-reduces and logits gather,
+  all under the lock. Sampling happens on rank 0 only.
+- SYNC (rank 0's upload thread, `TPDriver`): the uploads queued since the last sync, then one
+  all-reduce of every worker's per-slot report (copy done, copy failed, generation). Rank 0 keeps
+  a slot UPLOADING until its own copy event and every worker's report say done, so admission
+  waits for all ranks without the event loop ever waiting on a collective or the GPU.
+- SHUTDOWN (the thread that stops the engine): then a barrier.
+
+A worker reads an adapter in a loader thread (no collectives there), then enqueues the copies of
+its shard on its copy stream from pinned host memory, after its last enqueued step, and reports
+the slot done once the copies' event has completed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import multiprocessing as mp
 import os
 import signal
 import socket
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +42,7 @@ import torch.distributed as dist
 from ops.lora import LoraBatchInfo
 from runtime.adapters.manager import AdapterManager, resolve_pool_spec
 from runtime.adapters.peft_format import load_peft_adapter
-from runtime.adapters.pool import LoraModelShape, LoraPool
+from runtime.adapters.pool import HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
 from runtime.engine import Engine, ModelInfo, _eos_ids, resolve_device
 from runtime.kv_cache import BlockManager, KVCache
@@ -40,18 +57,25 @@ from runtime.model.loader import (
     resolve_model_path,
 )
 from runtime.model.parallel import ParallelCausalLM, ShardedLoraPool, TPGroup, check_divisible
-from runtime.runner import ModelRunner, StepResult
+from runtime.runner import InFlightStep, ModelRunner
 from runtime.scheduler import ScheduledBatch
-from runtime.streams import Streams
+from runtime.streams import Event, Streams
 
 log = logging.getLogger("loraserve.tp")
 
 HEADER_LEN = 16
-MSG_STEP, MSG_UPLOAD, MSG_SHUTDOWN = 1, 2, 3
+MSG_STEP, MSG_SYNC, MSG_SHUTDOWN = 1, 2, 3
 # header fields of a step
 (H_KIND, H_TOKENS, H_SEQS, H_MAX_BLOCKS, H_MAX_Q, H_DECODE, H_LOGITS, H_LORA, H_SEG, H_SEG_LEN,
  H_CHUNKS, H_SEG_L, H_SEG_LEN_L, H_CHUNKS_L, H_CHUNK_SIZE, H_PAYLOAD) = range(HEADER_LEN)
-H_SLOT, H_PATH_LEN = 1, 2  # header fields of an upload
+H_COMMANDS = 1  # header field of a sync: how many uploads its payload carries
+# Rows of a sync's report, per slot, summed over the workers.
+R_DONE, R_FAILED, R_GEN = range(3)
+# NVLink multicast can take a host's GPUs out of service: always off, whatever the caller set.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                 "NVSHMEM_DISABLE_NVLS": "1"}
+# While uploads are in flight, rank 0 syncs this often (each sync holds off steps briefly).
+SYNC_INTERVAL_S = 0.002
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -64,7 +88,7 @@ def init_tp(
     """Join the process group: NCCL on CUDA (one GPU per rank, NVLink multicast off), gloo on
     CPU. `timeout` bounds every collective (None: torch's default)."""
     if device.type == "cuda":
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.update(MULTICAST_OFF)  # before NCCL reads its environment
         torch.cuda.set_device(rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
@@ -167,14 +191,35 @@ def _pool(config: ServerConfig, rm: RankModel, tp: TPGroup) -> ShardedLoraPool:
 # ------------------------------------------------------------------------------------ messages
 
 
-class TPDriver:
-    """Rank 0's side of the messages. Thread safe: one message at a time."""
+@dataclass(frozen=True)
+class UploadOutcome:
+    """How an upload ended on every worker: error None when all copied it."""
 
-    def __init__(self, tp: TPGroup, device: torch.device) -> None:
+    error: str | None
+
+
+class TPDriver:
+    """Rank 0's side of the messages. Thread safe.
+
+    Steps are sent by the runner thread (`step`). Uploads are queued by the event-loop thread
+    (`request_upload`, which never blocks) and sent by the driver's own upload thread, which
+    then syncs until every worker has reported them done or failed (`outcome`).
+    """
+
+    def __init__(self, tp: TPGroup, device: torch.device, num_slots: int) -> None:
         self.tp = tp
         self.device = _comm_device(device)
-        self._lock = threading.Lock()
+        self.cuda_device = device if device.type == "cuda" else None
+        self.num_slots = num_slots
         self.is_closed = False
+        self.is_broken = False  # a collective failed: no more messages can be paired
+        self._lock = threading.Lock()  # one message and its collectives at a time
+        self._cond = threading.Condition()  # guards the upload bookkeeping below
+        self._queued: list[tuple[int, int, str]] = []  # (slot, generation, path) not yet sent
+        self._sent: dict[int, int] = {}  # slot -> generation sent, awaiting the reports
+        self._outcomes: dict[int, tuple[int, UploadOutcome]] = {}  # slot -> (generation, ...)
+        self._generations = itertools.count(1)
+        self._thread: threading.Thread | None = None
 
     def _send(self, header: list[int], payload: torch.Tensor | None) -> None:
         h = torch.tensor(header + [0] * (HEADER_LEN - len(header)), dtype=torch.int64)
@@ -184,30 +229,120 @@ class TPDriver:
         if payload is not None and payload.numel():
             dist.broadcast(payload.to(self.device, torch.int64).contiguous(), src=0)
 
-    def send_step(self, fb: ForwardBatch) -> None:
-        """Broadcast the plan of one step (call right before rank 0's own forward)."""
+    @contextmanager
+    def step(self, fb: ForwardBatch) -> Iterator[None]:
+        """Broadcast the plan of one step, then hold every other message off while the block
+        runs rank 0's forward (its collectives must pair with the workers' in order)."""
         header, payload = pack_step(fb)
         with self._lock:
             self._send(header, payload)
+            yield
 
-    def upload(self, slot: int, path: str) -> str | None:
-        """Every worker reads `path` and writes its shard into `slot`. Returns None when all
-        succeeded, else an error message (a failure on any rank fails the upload)."""
-        data = torch.tensor(list(os.fsencode(path)), dtype=torch.int64)
-        with self._lock:
-            self._send([MSG_UPLOAD, slot, data.numel()], data)
-            failed = torch.zeros(1, dtype=torch.int64, device=self.device)
-            dist.all_reduce(failed)
-        n = int(failed.item())
-        return None if n == 0 else f"upload failed on {n} tensor-parallel rank(s)"
+    # uploads -----------------------------------------------------------------------------
+
+    def request_upload(self, slot: int, path: str) -> int:
+        """Queue an upload of the adapter at `path` into `slot` on every worker; returns its
+        generation, which `outcome` takes. A later request for the slot supersedes it."""
+        with self._cond:
+            generation = next(self._generations)
+            if self.is_closed or self.is_broken:
+                error = UploadOutcome("the tensor-parallel group is not running")
+                self._outcomes[slot] = (generation, error)
+                return generation
+            self._queued.append((slot, generation, path))
+            self._outcomes.pop(slot, None)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve_uploads, name="loraserve-tp-uploads", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return generation
+
+    def outcome(self, slot: int, generation: int) -> UploadOutcome | None:
+        """How upload `generation` into `slot` ended on the workers (None: not yet known)."""
+        with self._cond:
+            got = self._outcomes.get(slot)
+        return got[1] if got is not None and got[0] == generation else None
+
+    def _serve_uploads(self) -> None:
+        """The upload thread: send queued uploads, sync until every one is reported."""
+        if self.cuda_device is not None:
+            torch.cuda.set_device(self.cuda_device)
+        while True:
+            with self._cond:
+                while not self.is_closed and not self._queued and not self._sent:
+                    self._cond.wait()
+                if self.is_closed:
+                    return
+                commands, self._queued = self._queued, []
+                self._sent.update((slot, gen) for slot, gen, _ in commands)
+            try:
+                with self._lock:
+                    pending = self._sync(commands)
+                report = _reduced(*pending)  # waited for outside the lock: steps go on
+            except Exception as e:  # a rank is gone: fail what is in flight
+                log.exception("tensor-parallel upload sync failed")
+                with self._cond:
+                    for slot, gen in self._sent.items():
+                        self._outcomes[slot] = (gen, UploadOutcome(f"upload sync failed: {e}"))
+                    self._sent.clear()
+                    self.is_broken = True
+                return
+            with self._cond:
+                self._record(report)
+                if self._sent and not self._queued and not self.is_closed:
+                    self._cond.wait(SYNC_INTERVAL_S)
+
+    def _sync(self, commands: list[tuple[int, int, str]]) -> tuple[Any, torch.Tensor]:
+        """Issue one SYNC message: the new uploads, then the all-reduce of the workers' reports
+        [3, num_slots] (returned in flight, with its work handle)."""
+        values: list[int] = []
+        for slot, gen, path in commands:
+            raw = os.fsencode(path)
+            values += [slot, gen, len(raw), *raw]
+        payload = torch.tensor(values, dtype=torch.int64) if values else None
+        self._send([MSG_SYNC, len(commands)], payload)
+        report = torch.zeros(3, self.num_slots, dtype=torch.int64, device=self.device)
+        # Rank 0 adds zeros: its own copy is its manager's event.
+        return dist.all_reduce(report, async_op=True), report
+
+    def _record(self, report: list[list[int]]) -> None:
+        """Settle the sent uploads every worker has reported (call holding _cond)."""
+        workers = self.tp.world_size - 1
+        for slot, gen in list(self._sent.items()):
+            if report[R_GEN][slot] != workers * gen:
+                continue  # a worker has not seen this generation (cannot happen: sent first)
+            failed = report[R_FAILED][slot]
+            if failed:
+                error = f"upload failed on {failed} tensor-parallel rank(s)"
+                self._outcomes[slot] = (gen, UploadOutcome(error))
+            elif report[R_DONE][slot] == workers:
+                self._outcomes[slot] = (gen, UploadOutcome(None))
+            else:
+                continue
+            del self._sent[slot]
 
     def shutdown(self) -> None:
-        with self._lock:
+        """Stop the upload thread, then the workers. Blocks: call it off the event loop."""
+        with self._cond:
             if self.is_closed:
                 return
             self.is_closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        if self.is_broken:
+            raise RuntimeError("a collective failed earlier: the workers cannot be stopped")
+        with self._lock:
             self._send([MSG_SHUTDOWN], None)
             dist.barrier()  # both sides leave together: tearing down mid-transfer aborts gloo
+
+
+def _reduced(work: Any, report: torch.Tensor) -> list[list[int]]:
+    work.wait()
+    return report.tolist()
 
 
 def pack_step(fb: ForwardBatch) -> tuple[list[int], torch.Tensor]:
@@ -253,7 +388,32 @@ def unpack_step(
     )
 
 
+def unpack_uploads(values: list[int], count: int) -> list[tuple[int, int, str]]:
+    """The (slot, generation, path) uploads of a sync's payload."""
+    out, i = [], 0
+    for _ in range(count):
+        slot, gen, n = values[i : i + 3]
+        out.append((slot, gen, os.fsdecode(bytes(values[i + 3 : i + 3 + n]))))
+        i += 3 + n
+    return out
+
+
 # ------------------------------------------------------------------------------------ workers
+
+
+@dataclass
+class SlotUpload:
+    """A worker's latest upload into one slot: read in a loader thread, then copied."""
+
+    generation: int
+    read: Future[HostAdapter] | None  # the disk read and sharding, until its copies are queued
+    host: HostAdapter | None = None  # kept alive until the copies have run
+    ready: Event | None = None  # recorded on the copy stream after the copies
+    failed: bool = False
+
+    @property
+    def is_done(self) -> bool:
+        return self.ready is not None and self.ready.query()
 
 
 @dataclass
@@ -265,36 +425,54 @@ class Worker:
     rank_model: RankModel
     pool: LoraPool | None
     kv: KVCache
+    streams: Streams
+    loader: ThreadPoolExecutor
+    uploads: dict[int, SlotUpload] = field(default_factory=dict)
+    last_step: Event | None = None  # recorded after the last step this rank enqueued
+    # Test hook: runs in the loader thread before each read (raising fails the upload).
+    read_hook: Callable[[str, int], None] | None = None
 
 
 def build_worker(config: ServerConfig, tp: TPGroup) -> Worker:
     rm = build_rank_model(config, tp)
     pool = _pool(config, rm, tp) if config.is_lora_enabled else None
     rm.model.lora_pool = pool
-    return Worker(config, tp, rm, pool, allocate_rank_kv(config, rm))
+    loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load",
+                                initializer=_use_device, initargs=(rm.device,))
+    return Worker(config, tp, rm, pool, allocate_rank_kv(config, rm), Streams(rm.device), loader)
+
+
+def _use_device(device: torch.device) -> None:
+    """Loader threads pin host memory: keep them on this rank's GPU (a new thread is on 0)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def worker_loop(worker: Worker) -> None:
     """Run every message from rank 0 until shutdown."""
     device = worker.rank_model.device
     comm = _comm_device(device)
-    while True:
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=comm)
-        dist.broadcast(header, src=0)
-        h = header.tolist()
-        payload = torch.empty(h[H_PAYLOAD], dtype=torch.int64, device=comm)
-        if h[H_PAYLOAD]:
-            dist.broadcast(payload, src=0)
-        if h[H_KIND] == MSG_SHUTDOWN:
-            dist.barrier()
-            return
-        if h[H_KIND] == MSG_STEP:
-            _worker_step(worker, h, payload.to(device))
-        elif h[H_KIND] == MSG_UPLOAD:
-            path = os.fsdecode(bytes(payload.tolist()))
-            failed = torch.tensor([int(not _worker_upload(worker, h[H_SLOT], path))],
-                                  dtype=torch.int64, device=comm)
-            dist.all_reduce(failed)
+    try:
+        while True:
+            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=comm)
+            dist.broadcast(header, src=0)
+            h = header.tolist()
+            payload = torch.empty(h[H_PAYLOAD], dtype=torch.int64, device=comm)
+            if h[H_PAYLOAD]:
+                dist.broadcast(payload, src=0)
+            if h[H_KIND] == MSG_SHUTDOWN:
+                dist.barrier()
+                return
+            if h[H_KIND] == MSG_STEP:
+                _worker_step(worker, h, payload.to(device))
+                _advance_uploads(worker)
+            elif h[H_KIND] == MSG_SYNC:
+                for slot, gen, path in unpack_uploads(payload.tolist(), h[H_COMMANDS]):
+                    _start_upload(worker, slot, gen, path)
+                _advance_uploads(worker)
+                dist.all_reduce(_report(worker, comm))
+    finally:
+        worker.loader.shutdown(wait=False, cancel_futures=True)
 
 
 @torch.inference_mode()
@@ -302,23 +480,69 @@ def _worker_step(worker: Worker, h: list[int], payload: torch.Tensor) -> None:
     pool = worker.pool
     fb = unpack_step(h, payload, pool.slot_ranks if pool else None, worker.config.lora_backend)
     worker.rank_model.model(fb, worker.kv.k, worker.kv.v)  # the logits are rank 0's to sample
+    worker.last_step = worker.streams.event()
+    worker.last_step.record()
 
 
-def _worker_upload(worker: Worker, slot: int, path: str) -> bool:
-    """Read the adapter, lay out this rank's shard, copy it into `slot`. False on failure."""
-    try:
-        assert worker.pool is not None, "LoRA is not enabled"
-        weights = load_peft_adapter(path, worker.rank_model.lora_shape)
-        host = worker.pool.build_host(weights)
+def _start_upload(worker: Worker, slot: int, generation: int, path: str) -> None:
+    """Begin reading this rank's shard of the adapter at `path` (supersedes the slot's last
+    upload: a read still running for it is ignored when it ends)."""
+    read = worker.loader.submit(_read_shard, worker, slot, path)
+    worker.uploads[slot] = SlotUpload(generation, read)
+
+
+def _read_shard(worker: Worker, slot: int, path: str) -> HostAdapter:
+    """Loader thread: read the adapter and lay out this rank's shard in (pinned) host memory."""
+    if worker.read_hook is not None:
+        worker.read_hook(path, slot)
+    assert worker.pool is not None, "LoRA is not enabled"
+    weights = load_peft_adapter(path, worker.rank_model.lora_shape)
+    return worker.pool.build_host(weights)
+
+
+def _advance_uploads(worker: Worker) -> None:
+    """Queue the copies of every finished read (never waits for a read or a copy)."""
+    for slot, up in worker.uploads.items():
+        if up.read is not None and up.read.done():
+            read, up.read = up.read, None
+            try:
+                up.host = read.result()
+                up.ready = _copy_into_slot(worker, slot, up.host)
+            except Exception:  # reported to rank 0 in the next sync
+                log.exception("rank %d: upload into slot %d failed", worker.tp.rank, slot)
+                up.failed, up.host = True, None
+        if up.host is not None and up.is_done:
+            up.host = None
+
+
+def _copy_into_slot(worker: Worker, slot: int, host: HostAdapter) -> Event:
+    """Enqueue host -> slot copies on the copy stream after this rank's last enqueued step.
+
+    Rank 0 only overwrites a slot no batch in flight reads, and sends the upload after every
+    step that read it, so the last step enqueued here covers all the slot's readers."""
+    assert worker.pool is not None
+    s = worker.streams
+    with s.use(s.copy):
+        if worker.last_step is not None:
+            worker.last_step.wait(s.copy)
         for dst, src in worker.pool.slot_copies(slot, host):
             if src is None:
                 dst.zero_()
             else:
-                dst.copy_(src)
-        return True
-    except Exception:  # reported to rank 0 through the flag
-        log.exception("rank %d: upload of %s to slot %d failed", worker.tp.rank, path, slot)
-        return False
+                dst.copy_(src, non_blocking=True)
+        ready = s.event()
+        ready.record(s.copy)
+    return ready
+
+
+def _report(worker: Worker, device: torch.device) -> torch.Tensor:
+    """[3, num_slots] int64: per slot, its latest upload is done / failed, and its generation."""
+    report = torch.zeros(3, worker.config.max_loras_per_batch, dtype=torch.int64)
+    for slot, up in worker.uploads.items():
+        report[R_DONE, slot] = int(up.is_done)
+        report[R_FAILED, slot] = int(up.failed)
+        report[R_GEN, slot] = up.generation
+    return report.to(device)
 
 
 def run_worker(rank: int, world_size: int, init_method: str, config: ServerConfig) -> None:
@@ -358,32 +582,99 @@ class TPModelRunner(ModelRunner):
     def enable_cuda_graphs(self, block_manager: BlockManager, max_bs: int, context: int) -> None:
         return
 
-    def execute(self, plan: ScheduledBatch, fb: ForwardBatch) -> StepResult:
-        # The plan was copied on the compute stream: broadcast it after those copies.
-        with self.streams.use(self.streams.compute):
-            self.driver.send_step(fb)
-        return super().execute(plan, fb)
+    def launch(self, plan: ScheduledBatch, fb: ForwardBatch) -> InFlightStep:
+        # The plan was copied (and filled from the step in flight) on the compute stream:
+        # broadcast it after those copies.
+        with self.streams.use(self.streams.compute), self.driver.step(fb):
+            return super().launch(plan, fb)
+
+
+class GatheredReady(Event):
+    """The ready flag of an upload at tp_size > 1: rank 0's own copy event AND every worker's
+    report, which the driver's syncs gather. Never blocks; the compute stream waits on rank 0's
+    copies only (a step never reads a slot before every worker has reported it done)."""
+
+    def __init__(self, local: Event, driver: TPDriver, slot: int, generation: int) -> None:
+        self.local = local
+        self.driver = driver
+        self.slot = slot
+        self.generation = generation
+
+    @property
+    def outcome(self) -> UploadOutcome | None:
+        return self.driver.outcome(self.slot, self.generation)
+
+    def record(self, stream: torch.cuda.Stream | None = None) -> None:
+        raise TypeError("a gathered ready flag is recorded by its parts")
+
+    def query(self) -> bool:
+        outcome = self.outcome
+        return outcome is not None and outcome.error is None and self.local.query()
+
+    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        self.local.wait(stream)
+
+    def synchronize(self) -> None:
+        self.local.synchronize()
+
+
+# The base manager builds a slot pool from the shape it is given: an empty one, so that only
+# the shard is ever allocated.
+_EMPTY_SHAPE = LoraModelShape(num_layers=0, hidden_size=0, intermediate_size=0, q_size=0,
+                              kv_size=0, vocab_size=0)
 
 
 class TPAdapterManager(AdapterManager):
-    """Adapter residency on rank 0; every slot upload is repeated on every worker."""
+    """Adapter residency on rank 0, which alone decides loads, evictions and pins; every slot
+    upload is repeated on every worker. A slot stays UPLOADING until rank 0's copy event and
+    every worker's report say done; a failure on any rank fails the upload everywhere."""
 
     def __init__(self, config: ServerConfig, rm: RankModel, streams: Streams,
                  tp: TPGroup, driver: TPDriver) -> None:
-        super().__init__(config, rm.lora_shape, rm.device, rm.dtype, streams)
-        self.pool = _pool(config, rm, tp)  # replaces the unsharded pool built above
+        max_rank, targets = resolve_pool_spec(config, rm.full_args.num_layers)
+        spec = config.replace(max_lora_rank=max_rank, lora_target_modules=tuple(sorted(targets)))
+        super().__init__(spec, _EMPTY_SHAPE, rm.device, rm.dtype, streams)
+        self.config = config
+        self.shape = rm.lora_shape  # adapters are read against the whole model
+        self.pool = _pool(config, rm, tp)
         self.driver = driver
 
     def _upload(self, entry: Any, slot: int) -> int | None:
-        error = self.driver.upload(slot, entry.path)
-        if error is None:
-            return super()._upload(entry, slot)
+        """Rank 0's copies as on one GPU, then the same upload queued for the workers."""
+        if super()._upload(entry, slot) is None:
+            return None
+        s = self._slots[slot]
+        assert s.ready is not None
+        generation = self.driver.request_upload(slot, entry.path)
+        s.ready = GatheredReady(s.ready, self.driver, slot, generation)
+        return slot
+
+    def admit(
+        self, name: str, batch_slots: set[int], overlap: bool | None, max_wait_s: float = 0.0
+    ) -> int | None:
+        """As on one GPU, except that an uploading adapter always waits: a worker's copy may
+        still wait on its disk read, which no stream event can order."""
+        return super().admit(name, batch_slots, True, max_wait_s)
+
+    def poll(self) -> None:
+        """Fail the uploads some worker reported failed, then mark those done everywhere."""
+        for slot, s in enumerate(self._slots):
+            if isinstance(s.ready, GatheredReady) and s.owner is not None:
+                outcome = s.ready.outcome
+                if outcome is not None and outcome.error is not None:
+                    self._fail_upload(slot, outcome.error)
+        super().poll()
+
+    def _fail_upload(self, slot: int, error: str) -> None:
+        """Free the slot (no batch has read it), keep the host copy; a later request retries."""
+        entry = self._slots[slot].owner
+        assert entry is not None
+        self._free_slot(slot)
         self.counters.upload_failures += 1
         entry.error = error
         log.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, error)
         if entry.pinned:
             self._pins_waiting.add(entry.name)
-        return None
 
 
 class TPEngine(Engine):
@@ -396,7 +687,7 @@ class TPEngine(Engine):
     def from_group(cls, config: ServerConfig, tp: TPGroup, metrics: Any = None) -> TPEngine:
         """Build rank 0 once the process group exists (workers build theirs meanwhile)."""
         rm = build_rank_model(config, tp)
-        driver = TPDriver(tp, rm.device)
+        driver = TPDriver(tp, rm.device, config.max_loras_per_batch)
         streams = Streams(rm.device)
         adapters = None
         if config.is_lora_enabled:
@@ -430,6 +721,8 @@ class TPEngine(Engine):
         if device.type == "cuda" and torch.cuda.device_count() < config.tp_size:
             raise ValueError(f"tp_size: {config.tp_size} needs as many GPUs, "
                              f"{torch.cuda.device_count()} visible")
+        if device.type == "cuda":
+            os.environ.update(MULTICAST_OFF)  # the workers inherit it
         init_method = free_init_method()
         procs = spawn_workers(config, init_method)
         try:
@@ -446,12 +739,11 @@ class TPEngine(Engine):
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         await super().stop(drain_timeout)
-        try:
-            self.driver.shutdown()
+        try:  # a collective and a barrier: off the event loop
+            await asyncio.to_thread(self.driver.shutdown)
         except RuntimeError as e:  # a worker already gone (killed with the process group)
             log.error("tensor-parallel workers did not shut down cleanly: %s", e)
         for p in self.workers:
-            p.join(timeout=30)
+            await asyncio.to_thread(p.join, 30)
         if self.workers and dist.is_initialized():
             dist.destroy_process_group()
-
