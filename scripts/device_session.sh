@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device session in phases, each one device call on a 2-GPU machine (nvidia-h200-x2):
-#   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs, then
-#                                    the >= 10-minute soak started in the background on GPU 1
-#   scripts/device_session.sh gpu1   GPU tests and step benchmarks on GPU 0 (soak keeps running)
+#   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs
+#   scripts/device_session.sh gpu1   the >= 10-minute soak started in the background on GPU 1;
+#                                    GPU tests and step benchmarks on GPU 0
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -40,9 +40,9 @@ case "${1:-}" in
     gpu_tests tp_gpu 200 tests/test_tp_gpu.py
     timeout 300 python3 -m benchmarks.tp_bench --out "$OUT/tp_bench.json" > "$OUT/tp_bench.log" 2>&1
     echo "== tp_bench: rc $?"; tail -12 "$OUT/tp_bench.log"
-    start_soak
     ;;
   gpu1)
+    start_soak
     export CUDA_VISIBLE_DEVICES=0
     gpu_tests gpu_tests 200 tests/test_lora_ops.py tests/test_fused_ops.py \
       tests/test_engine_gpu.py tests/test_graphs_gpu.py tests/test_pipeline_gpu.py
