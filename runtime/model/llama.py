@@ -2,11 +2,19 @@
 Qwen3 (q/k RMSNorm). Reads top to bottom like the maths. Projections are fused (qkv, gate_up) so
 the base model and LoRA each take one launch per fused module.
 
+On CUDA the elementwise work between the projections runs in fused Triton kernels, so a layer
+launches 8 kernels besides attention's and LoRA's: add+RMSNorm, qkv, rotary+K/V store, o_proj,
+add+RMSNorm, gate_up, SiLU*up, down. The residual adds are deferred into the next norm
+(`DecoderLayer.forward_deferred`). Elsewhere, or with the environment variable
+LORASERVE_DISABLE_FUSED=1 (read when each module is built; for A/B runs), the plain torch ops
+run; they are also the reference the kernels are tested against.
+
 Shapes: T tokens in the step, B sequences, H query heads, KVH kv heads, D head dim.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,6 +25,9 @@ from torch import nn
 from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
 from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand
 from ops.lora import apply_lora as lora_apply
+from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
+from ops.triton_rope_store_kv import rope_store_kv_triton
+from ops.triton_silu_mul import silu_mul_triton
 from runtime.adapters.pool import LoraGroupBuffers, LoraPool
 from runtime.model.batch import ForwardBatch
 from runtime.model.loader import ModelLoadError, inv_freq, rope_params
@@ -70,17 +81,47 @@ class ModelArgs:
         return self.num_kv_heads * self.head_dim
 
 
+def fused_kernels_enabled() -> bool:
+    """Whether modules built now run the fused Triton kernels on CUDA tensors: yes unless the
+    environment sets LORASERVE_DISABLE_FUSED=1."""
+    return os.environ.get("LORASERVE_DISABLE_FUSED", "0") != "1"
+
+
+def runs_fused(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` (one with a `use_fused` flag) takes its Triton path for input x."""
+    return module.use_fused and x.is_cuda
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_fused = fused_kernels_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused(x):
+            return rmsnorm_triton(x, self.weight, self.eps)
         # Normalise in fp32, scale in the input dtype (the checkpoints were trained that way).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s), s) for s = x + residual (s = x when residual is None). x, residual: [T, dim].
+
+        On CUDA the add and the norm are one kernel."""
+        if residual is None:
+            return self(x), x
+        if self._fused(x):
+            return add_rmsnorm_triton(x, residual, self.weight, self.eps)
+        s = x + residual
+        return self(s), s
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return runs_fused(self, x) and x.dim() == 2 and x.dtype == self.weight.dtype
 
 
 def apply_lora(
@@ -108,6 +149,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.scale = args.head_dim**-0.5
+        self.use_fused = fused_kernels_enabled()
 
     def forward(
         self,
@@ -131,10 +173,13 @@ class Attention(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        store_kv(k, v, k_cache, v_cache, fb.slot_mapping)
+        if runs_fused(self, qkv) and k_cache.dtype == qkv.dtype:
+            q = self._rope_store_fused(q, k, v, cos, sin, k_cache, v_cache, fb)
+        else:
+            if a.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            store_kv(k, v, k_cache, v_cache, fb.slot_mapping)
         if fb.is_decode:
             o = paged_decode_attention(q, k_cache, v_cache, fb.block_tables, fb.kv_lens, self.scale)
         else:
@@ -143,6 +188,15 @@ class Attention(nn.Module):
                 fb.max_q_len,
             )
         return o.reshape(-1, a.q_size)
+
+    def _rope_store_fused(self, q, k, v, cos, sin, k_cache, v_cache, fb) -> torch.Tensor:
+        """q/k norms (Qwen3), rotary embedding and the K/V store in one kernel: rotated q."""
+        d = self.args.head_dim
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.args.qk_norm else (None, None)
+        return rope_store_kv_triton(
+            q, k, v, cos.reshape(-1, d), sin.reshape(-1, d), k_cache, v_cache, fb.slot_mapping,
+            *norms, eps=self.args.rms_norm_eps,
+        )
 
     def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:
         """o_proj (+ LoRA): [T, H * D] -> [T, hidden]."""
@@ -157,17 +211,24 @@ class MLP(nn.Module):
         self.inter = args.intermediate_size
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.use_fused = fused_kernels_enabled()
 
     def forward(
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
     ) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
         apply_lora(x, gate_up, lora.get("gate_up") if lora else None, fb.lora)
-        gate, up = gate_up.split(self.inter, dim=-1)
-        h = F.silu(gate) * up  # [T, inter]
+        h = self.silu_mul(gate_up)  # [T, inter]
         out = self.down_proj(h)
         apply_lora(h, out, lora.get("down") if lora else None, fb.lora)
         return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up: [T, 2 * inter] -> [T, inter]; one kernel on CUDA."""
+        if runs_fused(self, gate_up):
+            return silu_mul_triton(gate_up)
+        gate, up = gate_up.split(self.inter, dim=-1)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -179,8 +240,27 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, h, cos, sin, k_cache, v_cache, fb, lora):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, fb, lora)
-        return h + self.mlp(self.post_attention_layernorm(h), fb, lora)
+        x, residual = self.forward_deferred(h, None, cos, sin, k_cache, v_cache, fb, lora)
+        return x + residual
+
+    def forward_deferred(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        residual: torch.Tensor | None,  # [T, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        fb: ForwardBatch,
+        lora: dict[str, LoraGroupBuffers] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer with its residual adds left to the next norm: the input stream is
+        x + residual (x alone when residual is None); returns (x', residual') whose sum is the
+        output stream. Each norm adds the pending branch output as it normalises."""
+        x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, cos, sin, k_cache, v_cache, fb, lora)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x, fb, lora), residual
 
 
 class CausalLM(nn.Module):
@@ -220,9 +300,13 @@ class CausalLM(nn.Module):
             lora_expand(t, pool.embed.B, h, pool.embed.slice_offsets, pool.embed.scalings, fb.lora)
         cos = self.rope_cos[fb.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[fb.positions].unsqueeze(1)
+        residual = None  # the stream is h + residual
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None)
-        h = self.norm(h[fb.logits_indices])  # [B, hidden]
+            h, residual = layer.forward_deferred(
+                h, residual, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None
+            )
+        rows = fb.logits_indices
+        h, _ = self.norm.add_forward(h[rows], None if residual is None else residual[rows])
         logits = self.lm_head(h)  # [B, vocab]
         if pool is not None and pool.lm_head is not None:
             apply_lora(h, logits, pool.lm_head, fb.lora_logits)

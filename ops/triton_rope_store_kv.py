@@ -1,0 +1,235 @@
+"""Rotary embedding of q and k fused with the K/V cache write, on CUDA: one launch per layer.
+
+For each token t: q_out[t] = rope(q[t]); k_cache[slot_t] = rope(k[t]); v_cache[slot_t] = v[t],
+with slot_t = slot_mapping[t] = block_id * block_size + offset (a negative slot skips the cache
+write). Optionally each q and k head is RMS-normalised over D first (per-head q/k norms).
+
+Every step rounds to the input dtype where the unfused torch ops store a tensor, so the result
+matches them: norm (fp32, rounded, then scaled by the weight and rounded), and for rope
+round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) = cat(-x2, x1) for the
+half-split layout x = cat(x1, x2).
+
+Grid: (T, H + KVH). Program (t, h) rotates query head h, or for h >= H key head h - H, which it
+writes to the cache together with value head h - H.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _head_norm(x1, x2, w_ptr, offs, live, eps, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """RMSNorm of one head held as its two halves, fp32 in and out."""
+    dtype = w_ptr.dtype.element_ty
+    inv_rms = 1.0 / tl.sqrt_rn((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
+    w1 = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs, mask=live, other=0.0).to(tl.float32)
+    y1 = (x1 * inv_rms).to(dtype).to(tl.float32) * w1
+    y2 = (x2 * inv_rms).to(dtype).to(tl.float32) * w2
+    return y1.to(dtype).to(tl.float32), y2.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rotate(x1, x2, cos1, cos2, sin1, sin2, like_ptr):
+    """Half-split rotary embedding, each product and the sum rounded to like_ptr's dtype."""
+    dtype = like_ptr.dtype.element_ty
+    a1 = (x1 * cos1).to(dtype).to(tl.float32)
+    b1 = (-x2 * sin1).to(dtype).to(tl.float32)
+    a2 = (x2 * cos2).to(dtype).to(tl.float32)
+    b2 = (x1 * sin2).to(dtype).to(tl.float32)
+    return (a1 + b1).to(dtype), (a2 + b2).to(dtype)
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    slot_ptr,
+    q_out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    num_heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_sin,
+    stride_qot,
+    stride_qoh,
+    stride_cache_slot,
+    stride_cache_head,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    QK_NORM: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_HALF)
+    live = offs < HALF
+    cos1 = tl.load(cos_ptr + t * stride_cos + offs, mask=live, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * stride_cos + HALF + offs, mask=live, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * stride_sin + offs, mask=live, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * stride_sin + HALF + offs, mask=live, other=0.0).to(tl.float32)
+    if head < num_heads:
+        src = q_ptr + t * stride_qt + head * stride_qh
+        x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
+        if QK_NORM:
+            x1, x2 = _head_norm(x1, x2, q_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
+        o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
+        dst = q_out_ptr + t * stride_qot + head * stride_qoh
+        tl.store(dst + offs, o1, mask=live)
+        tl.store(dst + HALF + offs, o2, mask=live)
+    else:
+        kv_head = head - num_heads
+        slot = tl.load(slot_ptr + t)
+        src = k_ptr + t * stride_kt + kv_head * stride_kh
+        x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
+        vsrc = v_ptr + t * stride_vt + kv_head * stride_vh
+        v1 = tl.load(vsrc + offs, mask=live, other=0.0)
+        v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
+        if QK_NORM:
+            x1, x2 = _head_norm(x1, x2, k_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
+        o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        row = slot.to(tl.int64) * stride_cache_slot + kv_head * stride_cache_head
+        store = live & (slot >= 0)
+        tl.store(k_cache_ptr + row + offs, o1.to(cache_dtype), mask=store)
+        tl.store(k_cache_ptr + row + HALF + offs, o2.to(cache_dtype), mask=store)
+        tl.store(v_cache_ptr + row + offs, v1.to(cache_dtype), mask=store)
+        tl.store(v_cache_ptr + row + HALF + offs, v2.to(cache_dtype), mask=store)
+
+
+def rope_store_kv_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotary embedding of q and k (after per-head RMSNorm when norm weights are given), k and
+    v written into the paged cache in place; returns the rotated q.
+
+    q: [T, H, D]; k, v: [T, KVH, D]; any token and head strides, head rows contiguous (views of
+    the fused qkv projection work as they are), one dtype: bf16/fp16/fp32.
+    cos, sin: [T, D] (rows contiguous, any row stride) in q's dtype, the rotary table rows of each
+    token's position. k_cache, v_cache: [num_blocks, block_size, KVH, D], contiguous, same dtype.
+    slot_mapping: [T] int64 or int32, block_id * block_size + offset; negative entries skip the
+    cache write. q_norm_weight, k_norm_weight: [D] in q's dtype, both or neither; eps their
+    epsilon. q_out: optional [T, H, D] buffer (head rows contiguous) in q's dtype.
+    Returns q_out: [T, H, D] in q's dtype.
+    """
+    _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if q_out is None:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q_out.shape != q.shape or q_out.dtype != q.dtype or q_out.stride(2) != 1:
+        raise ValueError(f"q_out must be {tuple(q.shape)} {q.dtype} with contiguous head rows")
+    if q_out.device != q.device:
+        raise ValueError("q_out must be on q's device")
+    if num_tokens == 0:
+        return q_out
+    half = head_dim // 2
+    qk_norm = q_norm_weight is not None
+    _rope_store_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        slot_mapping,
+        q_out,
+        k_cache,
+        v_cache,
+        q_norm_weight if qk_norm else q,
+        k_norm_weight if qk_norm else q,
+        num_heads,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        q_out.stride(0),
+        q_out.stride(1),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        eps,
+        HEAD_DIM=head_dim,
+        HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        QK_NORM=qk_norm,
+        num_warps=1,  # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses
+    )
+    return q_out
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"q must be [T, H, D], k and v [T, KVH, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    num_tokens, _, head_dim = q.shape
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on T or D "
+                         "(D must be even)")
+    if any(x.stride(2) != 1 for x in (q, k, v)):
+        raise ValueError("q, k and v head rows must be contiguous")
+    if any(x.dtype != q.dtype for x in (k, v, cos, sin)):
+        raise ValueError("q, k, v, cos and sin must share one dtype")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if x.shape != (num_tokens, head_dim) or x.stride(1) != 1:
+            raise ValueError(f"{name} must be [T={num_tokens}, D={head_dim}] with contiguous "
+                             f"rows, got {tuple(x.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, KVH, D], "
+                         f"one dtype, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"k rows {tuple(k.shape[1:])} do not match cache rows "
+                         f"{tuple(k_cache.shape[2:])}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be [T={num_tokens}] int32/int64, got "
+                         f"{tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("give both q_norm_weight and k_norm_weight, or neither")
+    for w in (q_norm_weight, k_norm_weight):
+        if w is not None and (w.shape != (head_dim,) or w.dtype != q.dtype
+                              or not w.is_contiguous()):
+            raise ValueError(f"q/k norm weights must be contiguous [D={head_dim}] in {q.dtype}")
+    tensors = [q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight]
+    if len({x.device for x in tensors if x is not None}) != 1:
+        raise ValueError("all tensors must be on one device")

@@ -1,0 +1,69 @@
+"""SiLU(gate) * up on CUDA, read straight from the fused gate_up projection: one launch.
+
+Each value is computed in fp32; SiLU(gate) is rounded to the input dtype before the product, as
+the unfused `F.silu(gate) * up` stores it in between.
+
+Grid: (T, cdiv(inter, BLOCK)), BLOCK columns of one row per program.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _silu_mul_kernel(
+    gate_up_ptr,
+    out_ptr,
+    inter,
+    stride_in,
+    stride_out,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = cols < inter
+    gate_ptr = gate_up_ptr + row * stride_in + cols
+    gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
+
+
+def silu_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate_up[:, :inter]) * gate_up[:, inter:].
+
+    gate_up: [T, 2 * inter] (rows contiguous, any row stride), bf16/fp16/fp32.
+    out: optional [T, inter] buffer (rows contiguous) in gate_up's dtype.
+    Returns out: [T, inter] in gate_up's dtype.
+    """
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be [T, 2 * inter], got {tuple(gate_up.shape)}")
+    if gate_up.stride(1) != 1:
+        raise ValueError("gate_up rows must be contiguous")
+    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    if out is None:
+        out = torch.empty((num_rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    if out.shape != (num_rows, inter) or out.dtype != gate_up.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be [T={num_rows}, {inter}] in {gate_up.dtype}, rows "
+                         f"contiguous, got {tuple(out.shape)} {out.dtype}")
+    if out.device != gate_up.device:
+        raise ValueError("out must be on gate_up's device")
+    if num_rows == 0 or inter == 0:
+        return out
+    block = min(_BLOCK, triton.next_power_of_2(inter))
+    # 8 bf16 (16 bytes) per thread for each of gate and up
+    num_warps = max(1, min(4, block // 256))
+    _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
+        gate_up,
+        out,
+        inter,
+        gate_up.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return out
