@@ -2,7 +2,8 @@
 # One device session in phases, each one device call on a 2-GPU machine (nvidia-h200-x2):
 #   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs
 #   scripts/device_session.sh gpu1   the >= 10-minute soak started in the background on GPU 1;
-#                                    GPU tests and step benchmarks on GPU 0
+#                                    the TP parity tests again; GPU tests and step benchmarks
+#                                    on GPU 0
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -43,15 +44,13 @@ case "${1:-}" in
     ;;
   gpu1)
     start_soak
+    gpu_tests tp_gpu 200 -s tests/test_tp_gpu.py  # parity only: it shares GPU 1 with the soak
     export CUDA_VISIBLE_DEVICES=0
     gpu_tests gpu_tests 200 tests/test_lora_ops.py tests/test_fused_ops.py \
       tests/test_engine_gpu.py tests/test_graphs_gpu.py tests/test_pipeline_gpu.py
     timeout 240 python3 -m benchmarks.step_bench --lora --steps 30 --out "$OUT/step_lora.json" \
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"; tail -22 "$OUT/step_lora.log"
-    timeout 100 python3 -m benchmarks.step_bench --disable-cuda-graph --steps 10 \
-      --out "$OUT/step_eager.json" > "$OUT/step_eager.log" 2>&1
-    echo "== step_bench eager: rc $?"; tail -9 "$OUT/step_eager.log"
     timeout 90 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
     echo "== upload_bench: rc $?"; tail -3 "$OUT/upload.log"
     echo "== soak so far:"; tail -2 "$SOAK_LOG"
