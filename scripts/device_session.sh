@@ -46,30 +46,30 @@ case "${1:-}" in
     start_soak
     gpu_tests tp_gpu 200 -s tests/test_tp_gpu.py  # parity only: it shares GPU 1 with the soak
     export CUDA_VISIBLE_DEVICES=0
-    gpu_tests gpu_tests 200 tests/test_lora_ops.py tests/test_fused_ops.py \
+    gpu_tests gpu_tests 220 tests/test_lora_ops.py tests/test_fused_ops.py \
       tests/test_engine_gpu.py tests/test_graphs_gpu.py tests/test_pipeline_gpu.py
-    timeout 240 python3 -m benchmarks.step_bench --lora --steps 30 --out "$OUT/step_lora.json" \
+    timeout 220 python3 -m benchmarks.step_bench --lora --steps 20 --out "$OUT/step_lora.json" \
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"; tail -22 "$OUT/step_lora.log"
-    timeout 90 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
-    echo "== upload_bench: rc $?"; tail -3 "$OUT/upload.log"
     echo "== soak so far:"; tail -2 "$SOAK_LOG"
     ;;
   gpu2)
     export CUDA_VISIBLE_DEVICES=0
     timeout 270 python3 -m benchmarks.churn_bench --out "$OUT/churn.json" > "$OUT/churn.log" 2>&1
     echo "== churn_bench: rc $?"; tail -25 "$OUT/churn.log"
+    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+    timeout 110 python3 -m benchmarks.responsiveness --model-path /tmp/llama8b \
+      --server-args "--load-format dummy --dtype bfloat16" --batch 32 --new-tokens 1024 \
+      --out "$OUT/responsiveness.json" > "$OUT/responsiveness.log" 2>&1
+    echo "== responsiveness: rc $?"; tail -3 "$OUT/responsiveness.log"
+    timeout 80 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; tail -3 "$OUT/upload.log"
+    for _ in $(seq 60); do pgrep -f "tests/test_soak.py" > /dev/null || break; sleep 5; done
+    echo "== soak:"; tail -8 "$SOAK_LOG"; cp "$SOAK_LOG" "$OUT/soak.log"
     timeout 150 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
       --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
       --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
     echo "== hf_baseline: rc $?"; tail -8 "$OUT/hf_baseline.log"
-    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
-    timeout 120 python3 -m benchmarks.responsiveness --model-path /tmp/llama8b \
-      --server-args "--load-format dummy --dtype bfloat16" --batch 32 --new-tokens 1024 \
-      --out "$OUT/responsiveness.json" > "$OUT/responsiveness.log" 2>&1
-    echo "== responsiveness: rc $?"; tail -3 "$OUT/responsiveness.log"
-    for _ in $(seq 60); do pgrep -f "tests/test_soak.py" > /dev/null || break; sleep 5; done
-    echo "== soak:"; tail -8 "$SOAK_LOG"; cp "$SOAK_LOG" "$OUT/soak.log"
     ;;
   *) echo "usage: $0 tp|gpu1|gpu2"; exit 2 ;;
 esac
