@@ -59,7 +59,12 @@ def one_step(engine: Engine) -> float:
     t0 = time.perf_counter()
     if engine.adapters is not None:
         engine.adapters.poll()
-    engine.run_step_blocking(engine.scheduler.schedule())
+    plan = engine.scheduler.schedule()
+    while plan is None:  # warm-up: the adapters' first uploads are still on the copy stream
+        time.sleep(0.001)
+        engine.adapters.poll()
+        plan = engine.scheduler.schedule()
+    engine.run_step_blocking(plan)
     return time.perf_counter() - t0
 
 
@@ -189,10 +194,13 @@ def main() -> None:
     lora_opts = {}
     names: list[str] = []
     if a.lora:
-        from benchmarks.random_adapters import write_adapters
+        from benchmarks.random_adapters import ALL_LINEAR, clone_adapter, write_adapter
         from runtime.config import LoraPathSpec
 
-        paths = write_adapters(a.shape, folder.parent / "adapters", 32, a.rank)
+        # One random adapter and hard-linked clones: the step time does not depend on values.
+        root = folder.parent / "adapters"
+        first = write_adapter(a.shape, root / "lora0", a.rank, ALL_LINEAR, seed=0)
+        paths = [first] + [clone_adapter(first, root / f"lora{i}") for i in range(1, 32)]
         names = [p.name for p in paths]
         lora_opts = dict(lora_paths=tuple(LoraPathSpec(p.name, str(p)) for p in paths),
                          max_loras_per_batch=32, max_loaded_loras=32, max_lora_rank=a.rank)

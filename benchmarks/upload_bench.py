@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         specs = tuple(LoraPathSpec(p.name, str(p)) for p in paths)
         engine = make_engine(folder, lora_paths=specs, max_loras_per_batch=2,
                              max_loaded_loras=len(specs), max_lora_rank=rank,
-                             disable_cuda_graph=True, mem_fraction_static=0.3)
+                             disable_cuda_graph=True)
 
         async def load_all(engine=engine, specs=specs) -> None:
             for s in specs:

@@ -331,8 +331,9 @@ class Engine:
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
-            kv_blocks_used=self.block_manager.num_used_blocks,
-            kv_blocks_total=self.block_manager.num_blocks,
+            # The CUDA graphs' scratch block is reserved at start: not usable, not in use.
+            kv_blocks_used=self.block_manager.num_used_blocks - self.runner.reserved_blocks,
+            kv_blocks_total=self.block_manager.num_blocks - self.runner.reserved_blocks,
             num_steps=c.num_steps,
             num_preemptions=c.num_preemptions,
             generated_tokens=tokens,

@@ -119,6 +119,11 @@ class ModelRunner:
         )
         self.graphs.capture(self.streams.compute)
 
+    @property
+    def reserved_blocks(self) -> int:
+        """KV blocks held for the CUDA graphs' padded rows (never a sequence's)."""
+        return len(self._scratch.block_ids) if self._scratch is not None else 0
+
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
         if self.device.type == "cuda":

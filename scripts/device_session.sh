@@ -4,6 +4,8 @@
 #   scripts/device_session.sh gpu1   the >= 10-minute soak started in the background on GPU 1;
 #                                    the TP parity tests again; GPU tests and step benchmarks
 #                                    on GPU 0
+#   scripts/device_session.sh final  (one GPU) GPU tests in separate processes, responsiveness,
+#                                    step benchmark
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -71,5 +73,18 @@ case "${1:-}" in
       --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
     echo "== hf_baseline: rc $?"; tail -8 "$OUT/hf_baseline.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2"; exit 2 ;;
+  final)  # one GPU: the GPU tests again, each file in its own process, then the benchmarks
+    gpu_tests pipeline_gpu 100 -s tests/test_pipeline_gpu.py
+    gpu_tests engine_gpu 100 -s tests/test_engine_gpu.py
+    gpu_tests fused_gpu 70 -s tests/test_fused_ops.py -k fused_model_matches_unfused
+    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+    timeout 80 python3 -m benchmarks.responsiveness --model-path /tmp/llama8b \
+      --server-args "--load-format dummy --dtype bfloat16" --batch 32 --new-tokens 1024 \
+      --out "$OUT/responsiveness.json" > "$OUT/responsiveness.log" 2>&1
+    echo "== responsiveness: rc $?"; tail -3 "$OUT/responsiveness.log"
+    timeout 170 python3 -m benchmarks.step_bench --lora --steps 20 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; tail -22 "$OUT/step_lora.log"
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final"; exit 2 ;;
 esac

@@ -441,10 +441,18 @@ def test_fused_model_matches_unfused_on_cuda(arch, gpu_models, monkeypatch):
         del engine
         engine = make_gpu_engine(folder, monkeypatch, fused, "float32")
         tokens[fused] = run(run_batch(engine, ps, greedy(48)))
+        if not fused:
+            logits["fp32"] = [engine_logits(engine, p) for p in ps[:2]]
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    for a, b in zip(logits[True], logits[False]):
-        rel = ((a - b).abs().max() / b.abs().max()).item()
-        assert rel < 0.03, f"{arch}: fused vs unfused bf16 logits differ by {rel}"
+    # The fused kernels round to bf16 at fewer points than the torch ops (rotary, SiLU*up in
+    # fp32), so fused and unfused bf16 differ by rounding. The criterion: against the fp32
+    # logits, the fused bf16 error is no worse than 1.5x the unfused bf16 error.
+    for i, (a, b, ref) in enumerate(zip(logits[True], logits[False], logits["fp32"])):
+        err_fused = ((a - ref).abs().max() / ref.abs().max()).item()
+        err_torch = ((b - ref).abs().max() / ref.abs().max()).item()
+        print(f"\n{arch} prompt {i}: bf16 error vs fp32, fused {err_fused:.4f}, "
+              f"torch {err_torch:.4f}")
+        assert err_fused <= 1.5 * err_torch + 1e-3, (arch, i, err_fused, err_torch)
     assert tokens[True] == tokens[False], arch

@@ -42,8 +42,8 @@ async def all_at_once(engine, ps, names):
         await engine.stop()
 
 
-def free(engine) -> None:
-    del engine
+def free_gpu() -> None:
+    """Return a dropped engine's memory: the next engine sizes its KV cache from what is left."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -55,14 +55,16 @@ def test_overlap_loading_matches_synchronous_path(setup, overlap_loading):  # no
     common = lora_config(adapters, "csgmv", "float32")
     ref_engine = make_engine(model, **{**common, "disable_overlap_schedule": True})
     ref = run(one_at_a_time(ref_engine, ps, NAMES))
-    free(ref_engine)
+    del ref_engine
+    free_gpu()
     engine = make_engine(model, **{**common, "max_loras_per_batch": 2,
                                    "enable_lora_overlap_loading": overlap_loading})
     assert engine.runner.graphs is not None
     out = run(all_at_once(engine, ps, NAMES))
     uploads = engine.adapters.counters.loads["gpu"]
     overlapped = engine.num_overlapped_steps
-    free(engine)
+    del engine
+    free_gpu()
     assert out == ref
     assert uploads > 4, f"only {uploads} uploads: the 2 slots never churned"
     assert overlapped > 0
