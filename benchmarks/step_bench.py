@@ -195,20 +195,22 @@ def main() -> None:
     names: list[str] = []
     if a.lora:
         from benchmarks.random_adapters import ALL_LINEAR, clone_adapter, write_adapter
-        from runtime.config import LoraPathSpec
+
 
         # One random adapter and hard-linked clones: the step time does not depend on values.
         root = folder.parent / "adapters"
         first = write_adapter(a.shape, root / "lora0", a.rank, ALL_LINEAR, seed=0)
         paths = [first] + [clone_adapter(first, root / f"lora{i}") for i in range(1, 32)]
         names = [p.name for p in paths]
-        lora_opts = dict(lora_paths=tuple(LoraPathSpec(p.name, str(p)) for p in paths),
+        # Loaded below, not as startup adapters: engine.start() (the serving-loop rows) would
+        # load startup adapters a second time.
+        lora_opts = dict(enable_lora=True, lora_target_modules=ALL_LINEAR,
                          max_loras_per_batch=32, max_loaded_loras=32, max_lora_rank=a.rank)
     engine = make_engine(folder, disable_cuda_graph=a.disable_cuda_graph, **lora_opts)
     if names:
         async def load_all() -> None:
-            for spec in engine.config.lora_paths:
-                await engine.adapters.load(spec.lora_name, spec.lora_path)
+            for p in paths:
+                await engine.adapters.load(p.name, str(p))
         asyncio.run(load_all())
     w_bytes, _ = weight_bytes(a.shape)
     c = SHAPES[a.shape]

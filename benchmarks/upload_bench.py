@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import tempfile
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         bw = statistics.median(r["bytes_per_s"] for r in rows)
         result["ranks"].append({"rank": rank, "uploads": rows, "median_bytes_per_s": bw,
                                 "fraction_of_pinned_h2d": bw / h2d})
-        del engine
+        del engine, load_all  # load_all's default argument holds the engine too
+        gc.collect()
         torch.cuda.empty_cache()
     print(json.dumps(result, indent=2))
     if a.out:
