@@ -51,7 +51,8 @@ def time_uploads(engine, names: list[str]) -> list[dict]:
     for name in names:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(engine.streams.copy)
-        assert m.admit(name, set(), overlap=True) is None, f"{name} was already resident"
+        assert m.slot_of(name) is None, f"{name} was already resident"
+        m.admit(name, set(), overlap=True)  # takes a slot and enqueues the copies
         end.record(engine.streams.copy)
         end.synchronize()
         m.poll()
