@@ -68,6 +68,16 @@ async def measure(url: str, batch: int, tokens: int, probes: int) -> dict:
             "generations_running_at_end_of_probe": still_running}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Each figure of idle and busy as the median over the runs (the run itself when one)."""
+    out: dict = {"repeats": len(runs)}
+    for k in ("idle", "busy"):
+        out[k] = {f: statistics.median(r[k][f] for r in runs) for f in runs[0][k]}
+    out["generations_running_at_end_of_probe"] = min(
+        r["generations_running_at_end_of_probe"] for r in runs)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model-path", default="bundled:smollm2-135m-instruct")
@@ -75,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--probes", type=int, default=300)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure this many times against the same server; report the median")
     ap.add_argument("--quick", action="store_true", help="tiny random model, few probes")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
@@ -93,16 +105,19 @@ def main(argv: list[str] | None = None) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(wait_healthy(url, proc, 900, log))
-        result = asyncio.run(measure(url, a.batch, a.new_tokens, a.probes))
+        runs = [asyncio.run(measure(url, a.batch, a.new_tokens, a.probes))
+                for _ in range(a.repeat)]
     finally:
         stop_process(proc)
+    result = median_run(runs)
     result.update(model=a.model_path if not a.quick else "tiny", batch=a.batch,
-                  server_args=a.server_args)
+                  server_args=a.server_args, runs=runs)
     print(json.dumps(result, indent=2))
     for k in ("idle", "busy"):
         r = result[k]
         print(f"/health {k}: p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f}, "
-              f"p99 {r['p99_ms']:.2f}, max {r['max_ms']:.2f} (n={r['n']})")
+              f"p99 {r['p99_ms']:.2f}, max {r['max_ms']:.2f} (n={r['n']:.0f}; median of "
+              f"{result['repeats']} runs)")
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
     return result

@@ -6,6 +6,7 @@
 #                                    on GPU 0
 #   scripts/device_session.sh final  (one GPU) GPU tests in separate processes, responsiveness,
 #                                    step benchmark
+#   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -86,5 +87,18 @@ case "${1:-}" in
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"; tail -22 "$OUT/step_lora.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final"; exit 2 ;;
+  repeat)  # one GPU: graphs vs eager and /health latency, each measured 3 times (median)
+    timeout 150 python3 -m benchmarks.step_bench --steps 20 --repeat 3 \
+      --out "$OUT/step_graphs_r3.json" > "$OUT/step_graphs_r3.log" 2>&1
+    echo "== graphs: rc $?"; grep -E "^decode" "$OUT/step_graphs_r3.log"
+    timeout 150 python3 -m benchmarks.step_bench --steps 10 --repeat 3 --disable-cuda-graph \
+      --out "$OUT/step_eager_r3.json" > "$OUT/step_eager_r3.log" 2>&1
+    echo "== eager: rc $?"; grep -E "^decode" "$OUT/step_eager_r3.log"
+    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+    timeout 150 python3 -m benchmarks.responsiveness --model-path /tmp/llama8b --repeat 3 \
+      --server-args "--load-format dummy --dtype bfloat16" --batch 32 --new-tokens 1024 \
+      --out "$OUT/responsiveness_r3.json" > "$OUT/responsiveness_r3.log" 2>&1
+    echo "== responsiveness: rc $?"; tail -2 "$OUT/responsiveness_r3.log"
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|repeat"; exit 2 ;;
 esac
