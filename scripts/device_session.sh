@@ -7,6 +7,7 @@
 #   scripts/device_session.sh final  (one GPU) GPU tests in separate processes, responsiveness,
 #                                    step benchmark
 #   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
+#   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -100,5 +101,9 @@ case "${1:-}" in
       --out "$OUT/responsiveness_r3.json" > "$OUT/responsiveness_r3.log" 2>&1
     echo "== responsiveness: rc $?"; tail -2 "$OUT/responsiveness_r3.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|repeat"; exit 2 ;;
+  many)  # one GPU: S-LoRA's 1000-adapter setting against 8 adapters
+    timeout 400 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
+    echo "== many_adapters: rc $?"; tail -4 "$OUT/many.log"
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|repeat|many"; exit 2 ;;
 esac

@@ -223,3 +223,22 @@ def test_responsiveness_quick() -> None:
     result = main(["--quick"])
     assert result["idle"]["n"] == result["busy"]["n"] == 30
     assert result["busy"]["max_ms"] < 5000
+
+
+def test_many_adapters_quick(tmp_path: Path) -> None:
+    """The many-adapter benchmark end to end on CPU: both workloads measured, the spread one
+    really read adapters from disk and uploaded them, every request completed."""
+    from benchmarks import many_adapters
+
+    out = tmp_path / "many.json"
+    result = many_adapters.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["num_adapters"] == 40
+    for label in ("few", "many"):
+        for kind in ("saturated", "poisson"):
+            r = result[label][kind]
+            assert r["num_completed"] == r["num_requests"] == 48
+            assert math.isfinite(r["request_throughput"]) and r["request_throughput"] > 0
+    assert result["many"]["saturated"]["distinct_adapters"] > 4
+    assert result["many"]["saturated"]["disk_loads"] > 0
+    assert result["many"]["saturated"]["uploads"] > 0
+    assert isinstance(result["keep_poisson"]["met"], bool)

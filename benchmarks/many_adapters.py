@@ -1,0 +1,184 @@
+"""Many adapters, S-LoRA's setting: request throughput with requests spread uniformly over 1000
+rank-8 adapters on q_proj and v_proj, against the same workload over 8 adapters, one server.
+
+The server resolves adapters on demand from one folder (`lora_roots`), keeps up to 128 in host
+memory (`max_loaded_loras`) and 32 on the GPU (`max_loras_per_batch`), so the 1000-adapter
+workload reads adapters from disk, evicts from both tiers and uploads on the copy stream while it
+serves. Two measurements per workload, through the engine's Python API:
+
+- saturated: every request submitted at once; request throughput = requests / makespan;
+- Poisson: arrivals at LOAD_FRACTION of the 8-adapter saturated throughput; achieved request
+  throughput and TTFT.
+
+    python -m benchmarks.many_adapters --out many.json
+    python -m benchmarks.many_adapters --quick        # tiny model on CPU, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import workloads as wl
+from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve
+from benchmarks.random_adapters import clone_adapter, write_adapter
+from benchmarks.step_bench import make_engine
+from runtime.engine import Engine
+
+LOAD_FRACTION = 0.8
+GOAL_KEEP = 0.9  # the many-adapter workload keeps >= 90% of the 8-adapter throughput
+TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Settings:
+    shape: str  # a benchmarks.dummy_model shape, or "tiny"
+    device: str
+    dtype: str
+    num_adapters: int = 1000
+    few_adapters: int = 8
+    rank: int = 8
+    max_loras_per_batch: int = 32
+    max_loaded_loras: int = 128
+    prompt_len: int = 256
+    output_len: int = 128
+    num_requests: int = 512
+    max_running_requests: int = 256
+    mem_fraction_static: float = 0.6
+    seed: int = 0
+
+
+FULL = Settings(shape="llama-3.1-8b", device="cuda", dtype="bfloat16")
+QUICK = Settings(shape="tiny", device="cpu", dtype="float32", num_adapters=40, few_adapters=4,
+                 rank=4, max_loras_per_batch=4, max_loaded_loras=8, prompt_len=16,
+                 output_len=8, num_requests=48, max_running_requests=32)
+
+
+def write_files(s: Settings, root: Path) -> tuple[Path, Path]:
+    """The model folder and a folder of `num_adapters` adapters (one random, the rest
+    hard-linked clones: throughput does not depend on the values)."""
+    adapters = root / "adapters"
+    if s.shape == "tiny":
+        from tests.models import make_adapter, make_model
+
+        model = make_model(root / "model", "llama", layers=2)
+        first = make_adapter(model, adapters / "lora0", rank=s.rank, targets=list(TARGETS),
+                             seed=1)
+    else:
+        from benchmarks.dummy_model import write_dummy_model
+
+        model = write_dummy_model(s.shape, root / "model")
+        first = write_adapter(s.shape, adapters / "lora0", s.rank, TARGETS, seed=1)
+    for i in range(1, s.num_adapters):
+        clone_adapter(first, adapters / f"lora{i}")
+    return model, adapters
+
+
+def build(s: Settings, model: Path, adapters: Path) -> Engine:
+    opts: dict[str, Any] = {
+        "device": s.device, "dtype": s.dtype, "enable_lora": True, "max_lora_rank": s.rank,
+        "lora_target_modules": TARGETS, "lora_roots": (str(adapters),),
+        "lora_resolve_on_demand": True, "max_loras_per_batch": s.max_loras_per_batch,
+        "max_loaded_loras": s.max_loaded_loras, "max_running_requests": s.max_running_requests,
+    }
+    if s.device == "cpu":
+        opts |= {"kv_cache_cpu_bytes": 1 << 26, "disable_cuda_graph": True}
+    else:
+        opts["mem_fraction_static"] = s.mem_fraction_static
+    return make_engine(model, **opts)
+
+
+async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
+                  seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    loras: list[str | None] = list(wl.sample_adapters(names, s.num_requests, "uniform", rng))
+    prompts = wl.random_token_prompts([s.prompt_len] * s.num_requests,
+                                      engine.model_info.vocab_size, rng)
+    arrivals = wl.arrival_times(s.num_requests, rate, 1.0, rng)
+    assert engine.adapters is not None
+    loads = dict(engine.adapters.counters.loads)
+    samples, start, end = await serve(engine, prompts, loras, arrivals,
+                                      params_for(s.output_len), None)
+    figures = run_figures(samples, start, end)
+    figures["distinct_adapters"] = len(set(loras))
+    figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
+    figures["uploads"] = engine.adapters.counters.loads["gpu"] - loads["gpu"]
+    return figures
+
+
+def run(s: Settings, root: Path, log) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, adapters = write_files(s, root)
+    log(f"wrote the model and {s.num_adapters} adapters in {time.perf_counter() - t0:.1f} s")
+    few = [f"lora{i}" for i in range(s.few_adapters)]
+    many = [f"lora{i}" for i in range(s.num_adapters)]
+
+    async def go() -> dict[str, Any]:
+        engine = build(s, model, adapters)
+        await engine.start()
+        try:
+            await one_run(engine, replace(s, num_requests=2 * s.few_adapters, output_len=4),
+                          few, math.inf, 999)  # warm-up: kernels, the few adapters resident
+            out: dict[str, Any] = {}
+            for label, names in (("few", few), ("many", many)):
+                out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed)}
+                log(f"{label} saturated: {out[label]['saturated']['request_throughput']:.2f} "
+                    f"req/s")
+            rate = LOAD_FRACTION * out["few"]["saturated"]["request_throughput"]
+            for label, names in (("few", few), ("many", many)):
+                out[label]["poisson"] = await one_run(engine, s, names, rate, s.seed + 1)
+                p = out[label]["poisson"]
+                log(f"{label} Poisson at {rate:.2f} req/s: {p['request_throughput']:.2f} req/s, "
+                    f"median TTFT {p['median_ttft_ms']:.1f} ms")
+            out["poisson_rate"] = rate
+            return out
+        finally:
+            await engine.stop()
+
+    result: dict[str, Any] = {"settings": asdict(s), **asyncio.run(go())}
+    result["gpu_gb_after_release"] = free_device_memory()
+    for kind in ("saturated", "poisson"):
+        keep = (result["many"][kind]["request_throughput"]
+                / result["few"][kind]["request_throughput"])
+        result[f"keep_{kind}"] = {"ratio": keep, "goal": GOAL_KEEP, "met": keep >= GOAL_KEEP}
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
+    ap.add_argument("--num-requests", type=int)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    s = QUICK if a.quick else FULL
+    if a.num_requests:
+        s = replace(s, num_requests=a.num_requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(s, Path(tmp), lambda m: print(m, flush=True))
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=2))
+    print(f"{s.num_adapters} vs {s.few_adapters} adapters of rank {s.rank} on "
+          f"{', '.join(TARGETS)}, {s.num_requests} requests of {s.prompt_len}/{s.output_len} "
+          f"tokens, max_loras_per_batch {s.max_loras_per_batch}, max_loaded_loras "
+          f"{s.max_loaded_loras}")
+    for kind in ("saturated", "poisson"):
+        f, m, k = result["few"][kind], result["many"][kind], result[f"keep_{kind}"]
+        print(f"{kind:<10} few {f['request_throughput']:.2f} req/s, many "
+              f"{m['request_throughput']:.2f} req/s ({m['disk_loads']} disk loads, "
+              f"{m['uploads']} uploads): keeps {100 * k['ratio']:.0f}% "
+              f"(goal >= {100 * GOAL_KEEP:.0f}%: {'MET' if k['met'] else 'NOT MET'})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
