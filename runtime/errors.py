@@ -7,6 +7,7 @@ from runtime.request import ValidationError
 __all__ = [
     "AdapterError",
     "EngineStoppedError",
+    "HostTierFullError",
     "QueueFullError",
     "UnknownAdapterError",
     "ValidationError",
@@ -15,6 +16,11 @@ __all__ = [
 
 class AdapterError(ValueError):
     """An adapter operation failed: bad files, incompatible with the pool, name in use..."""
+
+
+class HostTierFullError(AdapterError):
+    """The host adapter tier has no room that can be freed now (pinned adapters, uploads and
+    adapters that queued requests need hold it)."""
 
 
 class UnknownAdapterError(AdapterError):

@@ -335,6 +335,41 @@ async def test_host_tier_eviction_and_transparent_reload(
     m.release("a")
 
 
+async def test_host_copies_that_queued_requests_need_are_kept(folders: dict[str, Path]) -> None:
+    """With more adapters wanted than the host tier holds, a copy a queued request will upload
+    from is never dropped for another adapter (that only means reading it again, over and
+    over): the other waits on disk, in order, and loads once a copy becomes droppable."""
+    m = make_manager(max_loaded_loras=2)
+    for n in "cd":  # both GPU slots, held by a batch in flight
+        await m.load(n, str(folders[n]))
+        m.acquire(n)
+    slots = [await resident(m, "c"), await resident(m, "d", {0, 1} - {m.slot_of("c")})]
+    m.lock(slots)
+    for n in "ab":  # their copies push out c's and d's (on the GPU already)
+        await m.load(n, str(folders[n]))
+        m.acquire(n)  # queued: no slot is free of the batch in flight
+    tiers = {i.name: i.tier for i in m.list()}
+    assert tiers == {"a": "host", "b": "host", "c": "gpu", "d": "gpu"}
+    await m.load("e", str(folders["e"]))  # validated, registered on disk: no room to drop
+    assert {i.name: i.tier for i in m.list()}["e"] == "disk"
+    assert m.counters.evictions["host"] == 2 and m.counters.loads["host"] == 4
+    m.acquire("e")
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+        m.poll()
+    tiers = {i.name: i.tier for i in m.list()}
+    assert (tiers["a"], tiers["b"], tiers["e"]) == ("host", "host", "disk")
+    assert m.counters.loads["host"] == 4  # nothing was read again
+    m.unlock(slots)
+    await resident(m, "a")  # admission evicts an unlocked slot; a's copy is droppable now
+    await wait_state(m, "e", Residency.IN_HOST)
+    tiers = {i.name: i.tier for i in m.list()}
+    assert (tiers["a"], tiers["b"], tiers["e"]) == ("gpu", "host", "host")
+    assert m.counters.loads["host"] == 5  # e read once more, a and b never
+    for n in "abcde":
+        m.release(n)
+
+
 async def test_failed_load_changes_nothing(folders: dict[str, Path], tmp_path: Path) -> None:
     m = make_manager(max_loaded_loras=2)
     await m.load("a", str(folders["a"]))

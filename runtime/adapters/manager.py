@@ -38,7 +38,7 @@ from runtime.adapters.peft_format import (
 )
 from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
-from runtime.errors import UnknownAdapterError
+from runtime.errors import HostTierFullError, UnknownAdapterError
 from runtime.streams import Event, Streams
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,9 @@ class AdapterManager:
         self._loading: dict[str, asyncio.Future[None]] = {}  # first loads in progress
         self._loading_pinned: set[str] = set()
         self._pins_waiting: set[str] = set()  # pinned adapters still without a slot
+        # Reloads from disk waiting, in request order, for room in the host tier: the room is
+        # held by adapters that queued requests still need (their copies are never dropped).
+        self._host_waiting: dict[str, _Adapter] = {}
         self._slots = [_Slot() for _ in range(config.max_loras_per_batch)]
         self._clock = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load")
@@ -218,7 +221,11 @@ class AdapterManager:
             self._executor, self._read_config, path, roots, allow_hub
         )
         self._check_compatible(name, cfg.rank, cfg.target_modules)
-        self._check_host_room(name, self.pool.host_nbytes(cfg.modules))
+        try:
+            self._check_host_room(name, self.pool.host_nbytes(cfg.modules))
+        except HostTierFullError:
+            if pinned:
+                raise  # a pinned adapter must be in host memory now; others may wait on disk
         entry = _Adapter(name, real, pinned, cfg)
         t0 = time.monotonic()
         try:
@@ -229,9 +236,17 @@ class AdapterManager:
         self._check_compatible(name, host[1].rank, host[1].target_modules)
         if pinned:
             self._check_pin_room(name)
-        self._make_host_room(host[0].nbytes, name)
-        entry.host = host[0]
         entry.last_used = next(self._clock)
+        try:
+            self._make_host_room(host[0].nbytes, name)
+        except HostTierFullError:
+            if pinned:
+                raise
+            # Validated, but the host tier is held by adapters queued requests need: register
+            # it on disk; a request for it reloads it when there is room.
+            logger.info("LoRA adapter %s registered on disk: the host tier is full", name)
+            return entry
+        entry.host = host[0]
         self._count_load("host", time.monotonic() - t0)
         return entry
 
@@ -332,6 +347,9 @@ class AdapterManager:
             and not a.pinned
             and a.name != keep
             and not (a.slot is not None and self._slots[a.slot].ready is not None)
+            # a queued request will upload from this copy: dropping it would only mean
+            # reading it again (with many adapters, over and over)
+            and not (a.refs > 0 and a.slot is None)
         ]
         return sorted(cands, key=lambda a: (a.refs > 0, a.last_used))
 
@@ -351,9 +369,10 @@ class AdapterManager:
         min_count = count - len(evictable)
         min_used = used - sum(a.host.nbytes for a in evictable if a.host is not None)
         if min_count + 1 > self.config.num_lora_host_slots or min_used + nbytes > budget:
-            raise AdapterError(
-                f"no host memory for LoRA adapter {name!r}: pinned or uploading adapters hold "
-                "it all (raise max_loaded_loras or max_lora_host_bytes)"
+            raise HostTierFullError(
+                f"no host memory for LoRA adapter {name!r}: pinned or uploading adapters, or "
+                "adapters that queued requests wait for, hold it all (raise max_loaded_loras "
+                "or max_lora_host_bytes)"
             )
 
     def _make_host_room(self, nbytes: int, keep: str) -> None:
@@ -402,8 +421,21 @@ class AdapterManager:
         if entry.refs == 0:
             entry.idle.set()
 
+    def _host_room(self) -> int:
+        """How many more host copies fit by count once droppable copies go, counting the
+        reads already under way."""
+        count, _ = self._host_usage()
+        reading = sum(a.load_task is not None for a in self._adapters.values())
+        kept = count - len(self._host_evictable(None))
+        return self.config.num_lora_host_slots - kept - reading
+
     def _ensure_loading(self, entry: _Adapter) -> None:
         if entry.host is not None or entry.load_task is not None:
+            return
+        if entry.name in self._host_waiting:
+            return  # poll() starts it in its turn
+        if self._host_room() < 1:
+            self._host_waiting[entry.name] = entry
             return
         entry.error = None  # a new attempt: the last failure no longer stands
         task = asyncio.get_running_loop().create_task(self._reload(entry))
@@ -421,6 +453,9 @@ class AdapterManager:
                 return  # unloaded meanwhile
             self._check_compatible(entry.name, weights.rank, weights.target_modules)
             self._make_host_room(host.nbytes, entry.name)
+        except HostTierFullError:  # bytes ran out while it was read: wait for room
+            self._host_waiting[entry.name] = entry
+            return
         except Exception as e:  # noqa: BLE001 - keep the loop alive; reported per adapter
             self.counters.load_failures += 1
             entry.error = f"reload failed: {e}"
@@ -443,11 +478,28 @@ class AdapterManager:
                 seconds = time.monotonic() - slot.upload_started
                 self._count_load("gpu", seconds)
                 self._learn_bandwidth(slot.upload_bytes, seconds)
+        self._start_waiting_reloads()
         for name in list(self._pins_waiting):
             entry = self._adapters.get(name)
             is_done = entry is None or entry.slot is not None
             if is_done or (entry.host is not None and self._take_slot(entry, set(), False)):
                 self._pins_waiting.discard(name)
+
+    def _start_waiting_reloads(self) -> None:
+        """Start queued reloads, oldest first, while the host tier has room."""
+        if not self._host_waiting:
+            return
+        room = self._host_room()
+        for name, entry in list(self._host_waiting.items()):
+            live = self._adapters.get(name) is entry and not entry.is_closing
+            if not live or entry.refs == 0 or entry.host is not None or entry.slot is not None:
+                del self._host_waiting[name]
+                continue
+            if room < 1:
+                return
+            del self._host_waiting[name]
+            self._ensure_loading(entry)
+            room -= 1
 
     def _learn_bandwidth(self, nbytes: int, seconds: float) -> None:
         """Track host-to-device upload bandwidth. `seconds` is measured up to the poll that saw
