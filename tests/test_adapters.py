@@ -304,6 +304,32 @@ async def test_upload_failure_leaves_no_half_written_slot(folders: dict[str, Pat
     assert torch.count_nonzero(a_rows[2:]) == 0 and torch.count_nonzero(a_rows[:2]) > 0
 
 
+async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """A slot is one row of the pool's slab: an upload is three copies (rank, weights,
+    scalings), and it overwrites everything the previous occupant wrote, so slices the new
+    adapter does not target read zero with scaling 0."""
+    m = make_manager(max_loras_per_batch=1)
+    await m.load("a", str(folders["a"]))  # q_proj and v_proj
+    m.acquire("a")
+    slot = await resident(m, "a")
+    group = m.pool.layers[0]["qkv"]
+    q, k, v = (slice(group.slice_offsets[i], group.slice_offsets[i + 1]) for i in range(3))
+    assert torch.count_nonzero(group.B[slot, v]) > 0 and group.scalings[slot, 2] > 0
+    m.release("a")
+    write_adapter(tmp_path / "q_only", seed=7, modules=("q_proj",))
+    await m.load("q_only", str(tmp_path / "q_only"))
+    entry = m._adapters["q_only"]
+    assert len(m.pool.slot_copies(slot, entry.host)) == 3
+    m.acquire("q_only")
+    assert await resident(m, "q_only") == slot  # a was evicted from the only slot
+    assert torch.count_nonzero(group.B[slot, v]) == 0 and group.scalings[slot, 2] == 0
+    assert torch.count_nonzero(group.B[slot, q]) > 0 and group.scalings[slot, 0] > 0
+    assert m.pool.slot_nbytes == entry.host.nbytes
+    m.release("q_only")
+
+
 # host tier -----------------------------------------------------------------------------------
 
 

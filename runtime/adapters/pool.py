@@ -11,8 +11,11 @@ input are fused into a group, so one LoRA launch covers q, k and v (or gate and 
 R is the pool's max rank. The embedding and lm_head are groups of one slice, with the embedding's
 A stored transposed ([vocab, R]) so the lookup gathers rows.
 
-A `HostAdapter` is one adapter already in that layout (pinned when the pool is on CUDA), so an
-upload is a list of `pool_buf[slot].copy_(host_buf, non_blocking=True)`.
+All of a slot's buffers are views into one row of a slot-major slab ([num_slots, slot numel],
+and a float32 one for the scalings), so the buffers above are strided views whose slot stride is
+a whole slot. A `HostAdapter` is one adapter laid out like one slab row (pinned when the pool is
+on CUDA; groups it does not target stay zero), so an upload is three non-blocking copies: the
+rank, the weights row, the scalings row.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class HostAdapter:
     rank: Tensor  # [1] int32
     nbytes: int
     is_pinned: bool
+    flat: Tensor  # [slot numel] every group's A and B, laid out like one row of the pool's slab
+    flat_scalings: Tensor  # [slot scalings] float32, like one row of the scalings slab
 
 
 class LoraPool:
@@ -143,16 +148,30 @@ class LoraPool:
         self.group_names = tuple(
             g for g, ms in GROUPS.items() if any(m in self.target_modules for m in ms)
         )
-        self.layers: list[dict[str, LoraGroupBuffers]] = [
-            {g: self._alloc(self._group_layout(g)) for g in self.group_names}
-            for _ in range(shape.num_layers)
+        # Slot-major: one row of `_slab` (and of `_slab_scalings`) holds a whole slot, so an
+        # upload is one copy of a host buffer laid out the same way; every group's A and B are
+        # views into it, [num_slots, ...] with the slot stride of the slab.
+        self._places: list[tuple[int, str]] = [
+            (layer, g) for layer in range(shape.num_layers) for g in self.group_names
         ]
-        self.embed = (
-            self._alloc(self._group_layout(EMBED)) if EMBED in self.target_modules else None
+        self._places += [(GLOBAL_LAYER, g) for g in (EMBED, LM_HEAD) if g in self.target_modules]
+        self._offsets: dict[tuple[int, str], tuple[int, int]] = {}
+        numel = num_scalings = 0
+        for place in self._places:
+            a_shape, b_shape, offsets = self._group_layout(place[1])
+            self._offsets[place] = (numel, num_scalings)
+            numel += a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
+            num_scalings += len(offsets) - 1
+        self.slot_numel, self.slot_num_scalings = numel, num_scalings
+        self._slab = torch.zeros((num_slots, numel), dtype=dtype, device=device)
+        self._slab_scalings = torch.zeros(
+            (num_slots, num_scalings), dtype=torch.float32, device=device
         )
-        self.lm_head = (
-            self._alloc(self._group_layout(LM_HEAD)) if LM_HEAD in self.target_modules else None
-        )
+        self.layers: list[dict[str, LoraGroupBuffers]] = [
+            {g: self._view(layer, g) for g in self.group_names} for layer in range(shape.num_layers)
+        ]
+        self.embed = self._view(GLOBAL_LAYER, EMBED) if EMBED in self.target_modules else None
+        self.lm_head = self._view(GLOBAL_LAYER, LM_HEAD) if LM_HEAD in self.target_modules else None
         self.slot_ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
 
     # layout -------------------------------------------------------------------------------
@@ -170,17 +189,18 @@ class LoraPool:
             offsets.append(offsets[-1] + module_dims(self.shape, m)[1])
         return (len(modules) * R, in_features), (offsets[-1], R), tuple(offsets)
 
-    def _alloc(
-        self, layout: tuple[tuple[int, int], tuple[int, int], tuple[int, ...]]
-    ) -> LoraGroupBuffers:
-        a_shape, b_shape, offsets = layout
+    def _view(self, layer: int, group: str) -> LoraGroupBuffers:
+        """The group's buffers as views of the slabs."""
+        a_shape, b_shape, offsets = self._group_layout(group)
+        pos, spos = self._offsets[(layer, group)]
+        na, nb, ns = a_shape[0] * a_shape[1], b_shape[0] * b_shape[1], len(offsets) - 1
         S = self.num_slots
         return LoraGroupBuffers(
-            A=torch.zeros((S, *a_shape), dtype=self.dtype, device=self.device),
-            B=torch.zeros((S, *b_shape), dtype=self.dtype, device=self.device),
-            scalings=torch.zeros((S, len(offsets) - 1), dtype=torch.float32, device=self.device),
+            A=self._slab[:, pos : pos + na].view(S, *a_shape),
+            B=self._slab[:, pos + na : pos + na + nb].view(S, *b_shape),
+            scalings=self._slab_scalings[:, spos : spos + ns],
             slice_offsets=offsets,
-            num_slices=len(offsets) - 1,
+            num_slices=ns,
         )
 
     def _host_groups(self, targets: set[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -196,37 +216,25 @@ class LoraPool:
         return needed
 
     def host_nbytes(self, targets: Iterable[tuple[int, str]]) -> int:
-        """Bytes of the host copy of an adapter targeting these (layer, module) pairs."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        total = 4  # the rank
-        for _, g in self._host_groups(set(targets)):
-            a_shape, b_shape, offsets = self._group_layout(g)
-            total += elem * (a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1])
-            total += 4 * (len(offsets) - 1)
-        return total
+        """Bytes of the host copy of an adapter (any targets): a whole slot, so that its
+        upload is one copy (groups it does not target stay zero, with scaling 0)."""
+        del targets
+        return self.slot_nbytes
 
     @property
     def slot_nbytes(self) -> int:
-        """Bytes of one slot across all buffers."""
-        groups = [*(b for layer in self.layers for b in layer.values()), self.embed, self.lm_head]
-        return 4 + sum(
-            b.A[0].nbytes + b.B[0].nbytes + b.scalings[0].nbytes for b in groups if b is not None
-        )
+        """Bytes of one slot across all buffers (and of one adapter's host copy)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 4 + elem * self.slot_numel + 4 * self.slot_num_scalings
 
     # host copies --------------------------------------------------------------------------
 
     def build_host(self, weights: AdapterWeights) -> HostAdapter:
-        """Lay `weights` out like one slot, in pinned memory when the pool is on CUDA.
-
-        Runs in a loader thread (it copies every weight once).
-        """
+        """Lay `weights` out like one slot row of the slabs, in pinned memory when the pool is
+        on CUDA. Runs in a loader thread (it copies every weight once)."""
         pin = self.device.type == "cuda"
-        needed = self._host_groups(set(weights.modules))
-        layouts = {g: self._group_layout(g) for g in {g for _, g in needed}}
-        numel = sum(a[0] * a[1] + b[0] * b[1] for a, b, _ in (layouts[g] for _, g in needed))
-        num_scalings = sum(len(layouts[g][2]) - 1 for _, g in needed)
-        flat = torch.zeros(numel, dtype=self.dtype, pin_memory=pin)
-        flat_scalings = torch.zeros(num_scalings, dtype=torch.float32, pin_memory=pin)
+        flat = torch.zeros(self.slot_numel, dtype=self.dtype, pin_memory=pin)
+        flat_scalings = torch.zeros(self.slot_num_scalings, dtype=torch.float32, pin_memory=pin)
         rank = torch.tensor([weights.rank], dtype=torch.int32)
         if pin:
             rank = rank.pin_memory()
@@ -234,16 +242,15 @@ class LoraPool:
             dict.fromkeys(self.group_names) for _ in range(self.shape.num_layers)
         ]
         embed = lm_head = None
-        pos = spos = 0
-        for layer, g in needed:
-            a_shape, b_shape, offsets = layouts[g]
+        for layer, g in self._host_groups(set(weights.modules)):
+            a_shape, b_shape, offsets = self._group_layout(g)
+            pos, spos = self._offsets[(layer, g)]
             na, nb, ns = a_shape[0] * a_shape[1], b_shape[0] * b_shape[1], len(offsets) - 1
             host = HostGroup(
                 A=flat[pos : pos + na].view(a_shape),
                 B=flat[pos + na : pos + na + nb].view(b_shape),
                 scalings=flat_scalings[spos : spos + ns],
             )
-            pos, spos = pos + na + nb, spos + ns
             self._fill_group(host, layer, g, weights)
             if g == EMBED:
                 embed = host
@@ -252,7 +259,7 @@ class LoraPool:
             else:
                 layers[layer][g] = host
         nbytes = flat.nbytes + flat_scalings.nbytes + rank.nbytes
-        return HostAdapter(layers, embed, lm_head, rank, nbytes, pin)
+        return HostAdapter(layers, embed, lm_head, rank, nbytes, pin, flat, flat_scalings)
 
     def _fill_group(self, host: HostGroup, layer: int, group: str, weights: AdapterWeights) -> None:
         R = self.max_rank
@@ -275,25 +282,10 @@ class LoraPool:
     # uploads ------------------------------------------------------------------------------
 
     def slot_copies(self, slot: int, host: HostAdapter) -> list[tuple[Tensor, Tensor | None]]:
-        """(destination, source) pairs that write `host` into `slot`; a None source means
-        zero-fill the destination. Issue them on the copy stream."""
-        ops: list[tuple[Tensor, Tensor | None]] = [(self.slot_ranks[slot : slot + 1], host.rank)]
-        pairs = [
-            (bufs, host.layers[layer][g])
-            for layer, bufs_by_group in enumerate(self.layers)
-            for g, bufs in bufs_by_group.items()
+        """(destination, source) pairs that write `host` into `slot`: the rank, the slot's row
+        of the weight slab, its row of the scalings slab. Issue them on the copy stream."""
+        return [
+            (self.slot_ranks[slot : slot + 1], host.rank),
+            (self._slab[slot], host.flat),
+            (self._slab_scalings[slot], host.flat_scalings),
         ]
-        if self.embed is not None:
-            pairs.append((self.embed, host.embed))
-        if self.lm_head is not None:
-            pairs.append((self.lm_head, host.lm_head))
-        for bufs, hg in pairs:
-            if hg is None:
-                ops += [(bufs.A[slot], None), (bufs.B[slot], None), (bufs.scalings[slot], None)]
-            else:
-                ops += [
-                    (bufs.A[slot], hg.A),
-                    (bufs.B[slot], hg.B),
-                    (bufs.scalings[slot], hg.scalings),
-                ]
-        return ops
