@@ -220,13 +220,13 @@ def run_figures(samples: list[Sample], start: float, end: float) -> dict[str, An
     return figures
 
 
-def workload(s: Settings, names: list[str], num: int, rate: float, seed: int,
+def workload(prompt_len: int, names: list[str], num: int, rate: float, seed: int,
              vocab: int) -> tuple[list[list[int]], list[str | None], list[float]]:
     """Uniform adapters, fixed-length random prompts, arrivals at `rate` (inf: all at once).
     The same seed gives every configuration the same requests."""
     rng = np.random.default_rng(seed)
     loras = wl.sample_adapters(names, num, "uniform", rng)
-    prompts = wl.random_token_prompts([s.prompt_len] * num, vocab, rng)
+    prompts = wl.random_token_prompts([prompt_len] * num, vocab, rng)
     arrivals = wl.arrival_times(num, rate, 1.0, rng)
     return prompts, loras, arrivals
 
@@ -286,8 +286,8 @@ def run_churn_config(s: Settings, files: Files, label: str, rate: float | None,
                 assert engine.adapters is not None
                 out["resident_after_warmup"] = sum(
                     engine.adapters.slot_of(n) is not None for n in names)
-                prompts, loras, arrivals = workload(s, names, s.burst_requests, math.inf,
-                                                    s.seed + 100, vocab)
+                prompts, loras, arrivals = workload(s.prompt_len, names, s.burst_requests,
+                                                    math.inf, s.seed + 100, vocab)
                 samples, start, end = await serve(engine, prompts, loras, arrivals,
                                                   params_for(s.output_len), None)
                 out["capacity"] = run_figures(samples, start, end)
@@ -302,7 +302,8 @@ def run_churn_config(s: Settings, files: Files, label: str, rate: float | None,
                     await reset_to_host(engine, files.adapters)
                 assert engine.adapters is not None
                 uploads = engine.adapters.counters.loads["gpu"]
-                prompts, loras, arrivals = workload(s, names, num, run_rate, s.seed + rep, vocab)
+                prompts, loras, arrivals = workload(s.prompt_len, names, num, run_rate,
+                                                    s.seed + rep, vocab)
                 samples, start, end = await serve(engine, prompts, loras, arrivals,
                                                   params_for(s.output_len), s.max_drain_s)
                 figures = run_figures(samples, start, end)

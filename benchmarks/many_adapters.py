@@ -26,10 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from benchmarks import workloads as wl
-from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve
+from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve, workload
 from benchmarks.random_adapters import clone_adapter, write_adapter
 from benchmarks.step_bench import make_engine
 from runtime.engine import Engine
@@ -99,11 +96,8 @@ def build(s: Settings, model: Path, adapters: Path) -> Engine:
 
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    loras: list[str | None] = list(wl.sample_adapters(names, s.num_requests, "uniform", rng))
-    prompts = wl.random_token_prompts([s.prompt_len] * s.num_requests,
-                                      engine.model_info.vocab_size, rng)
-    arrivals = wl.arrival_times(s.num_requests, rate, 1.0, rng)
+    prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
+                                        engine.model_info.vocab_size)
     assert engine.adapters is not None
     loads = dict(engine.adapters.counters.loads)
     samples, start, end = await serve(engine, prompts, loras, arrivals,

@@ -409,13 +409,19 @@ class Engine:
         step.slots = slots
         self.num_overlapped_steps += prev is not None
         self._record_use(slots)
-        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
+        self._advance(step)
+        return step
+
+    @staticmethod
+    def _advance(step: InFlightStep) -> None:
+        """Count a launched step's tokens as computed and reserve the output each sampling row
+        will resolve (a placeholder until the step's tokens reach the host)."""
+        for i, (req, n) in enumerate(zip(step.plan.requests, step.plan.num_new_tokens)):
             if req.is_finished:  # aborted while the launch ran
                 continue
             req.num_computed_tokens += n
             if req.num_computed_tokens == req.num_tokens:  # not a prefill chunk: samples
                 step.out_index[i] = req.add_pending()
-        return step
 
     async def _complete(self, loop: asyncio.AbstractEventLoop, step: InFlightStep) -> None:
         """Wait (in a waiter thread, never on the loop) for `step`'s event, then apply its
@@ -448,10 +454,7 @@ class Engine:
         except BaseException:
             self._after_step(slots)
             raise
-        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
-                step.out_index[i] = req.add_pending()
+        self._advance(step)
         step.event.synchronize()
         self._unlock(slots)
         self._postprocess(step, step.result())

@@ -155,13 +155,15 @@ class ModelRunner:
         logits_slots: list[int] = []
         fill_dst: list[int] = []
         fill_src: list[int] = []
-        prev_rows = {} if prev is None else {id(r): i for i, r in enumerate(prev.plan.requests)}
+        prev_rows: dict[int, int] | None = None  # built on first need: id(request) -> row
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             start = req.num_computed_tokens
             tokens = req.token_slice(start, n)
             if req.num_pending and tokens[-1] == PENDING_TOKEN:
                 # Only the newest token can be in flight, sampled by the previous step.
-                if PENDING_TOKEN in tokens[:-1] or id(req) not in prev_rows:
+                if prev_rows is None and prev is not None:
+                    prev_rows = {id(r): i for i, r in enumerate(prev.plan.requests)}
+                if PENDING_TOKEN in tokens[:-1] or id(req) not in (prev_rows or {}):
                     raise RuntimeError(f"request {req.rid}: input token not yet sampled")
                 fill_dst.append(len(ids) + n - 1)
                 fill_src.append(prev_rows[id(req)])
@@ -251,12 +253,6 @@ class ModelRunner:
             step.host = {k: self._to_host(v) for k, v in dev.items()}
             step.event.record(self.streams.compute)
             return step
-
-    def execute(self, plan: ScheduledBatch, fb: ForwardBatch) -> StepResult:
-        """Launch and wait for the results (tests and benchmarks; the engine polls instead)."""
-        step = self.launch(plan, fb)
-        step.event.synchronize()
-        return step.result()
 
     def _score_prompt(
         self, logits: torch.Tensor, fb: ForwardBatch, requests: list[Request],

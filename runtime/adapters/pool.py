@@ -189,19 +189,26 @@ class LoraPool:
             offsets.append(offsets[-1] + module_dims(self.shape, m)[1])
         return (len(modules) * R, in_features), (offsets[-1], R), tuple(offsets)
 
-    def _view(self, layer: int, group: str) -> LoraGroupBuffers:
-        """The group's buffers as views of the slabs."""
+    def _carve(
+        self, flat: Tensor, flat_scalings: Tensor, layer: int, group: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of one group's A, B and scalings in a slot-layout buffer: the slabs
+        ([num_slots, ...] views) or one host copy (a single slot's views)."""
         a_shape, b_shape, offsets = self._group_layout(group)
         pos, spos = self._offsets[(layer, group)]
         na, nb, ns = a_shape[0] * a_shape[1], b_shape[0] * b_shape[1], len(offsets) - 1
-        S = self.num_slots
-        return LoraGroupBuffers(
-            A=self._slab[:, pos : pos + na].view(S, *a_shape),
-            B=self._slab[:, pos + na : pos + na + nb].view(S, *b_shape),
-            scalings=self._slab_scalings[:, spos : spos + ns],
-            slice_offsets=offsets,
-            num_slices=ns,
+        lead = flat.shape[:-1]
+        return (
+            flat[..., pos : pos + na].view(*lead, *a_shape),
+            flat[..., pos + na : pos + na + nb].view(*lead, *b_shape),
+            flat_scalings[..., spos : spos + ns],
         )
+
+    def _view(self, layer: int, group: str) -> LoraGroupBuffers:
+        """The group's buffers as views of the slabs."""
+        A, B, scalings = self._carve(self._slab, self._slab_scalings, layer, group)
+        offsets = self._group_layout(group)[2]
+        return LoraGroupBuffers(A, B, scalings, offsets, len(offsets) - 1)
 
     def _host_groups(self, targets: set[tuple[int, str]]) -> list[tuple[int, str]]:
         """The (layer, group) pairs an adapter targeting `targets` needs in host memory."""
@@ -243,14 +250,7 @@ class LoraPool:
         ]
         embed = lm_head = None
         for layer, g in self._host_groups(set(weights.modules)):
-            a_shape, b_shape, offsets = self._group_layout(g)
-            pos, spos = self._offsets[(layer, g)]
-            na, nb, ns = a_shape[0] * a_shape[1], b_shape[0] * b_shape[1], len(offsets) - 1
-            host = HostGroup(
-                A=flat[pos : pos + na].view(a_shape),
-                B=flat[pos + na : pos + na + nb].view(b_shape),
-                scalings=flat_scalings[spos : spos + ns],
-            )
+            host = HostGroup(*self._carve(flat, flat_scalings, layer, g))
             self._fill_group(host, layer, g, weights)
             if g == EMBED:
                 embed = host
