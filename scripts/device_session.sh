@@ -6,6 +6,8 @@
 #                                    on GPU 0
 #   scripts/device_session.sh final  (one GPU) GPU tests in separate processes, responsiveness,
 #                                    step benchmark
+#   scripts/device_session.sh check  (one GPU) every GPU test file in its own process, then
+#                                    the upload benchmark
 #   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
 #   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
@@ -88,6 +90,16 @@ case "${1:-}" in
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"; tail -22 "$OUT/step_lora.log"
     ;;
+  check)  # one GPU: every GPU test file in its own process (a failure cannot cascade), uploads
+    gpu_tests lora_ops_gpu 150 tests/test_lora_ops.py
+    gpu_tests engine_gpu 100 tests/test_engine_gpu.py
+    gpu_tests graphs_gpu 80 tests/test_graphs_gpu.py
+    gpu_tests pipeline_gpu 100 tests/test_pipeline_gpu.py
+    gpu_tests fused_gpu 100 tests/test_fused_ops.py
+    timeout 60 python3 -m benchmarks.upload_bench --uploads 4 --out "$OUT/upload.json" \
+      > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; tail -4 "$OUT/upload.log"
+    ;;
   repeat)  # one GPU: graphs vs eager and /health latency, each measured 3 times (median)
     timeout 150 python3 -m benchmarks.step_bench --steps 20 --repeat 3 \
       --out "$OUT/step_graphs_r3.json" > "$OUT/step_graphs_r3.log" 2>&1
@@ -105,5 +117,5 @@ case "${1:-}" in
     timeout 400 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -4 "$OUT/many.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|repeat|many"; exit 2 ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|repeat|many"; exit 2 ;;
 esac
