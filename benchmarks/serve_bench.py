@@ -582,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--percentiles", type=float, nargs="+", default=[99.0])
     g.add_argument("--out", type=Path, help="JSON results")
     g.add_argument("--plot-dir", type=Path, help="PNG plots (needs matplotlib)")
+    g.add_argument("--plot-from", type=Path,
+                   help="only draw --plot-dir's plots from an --out file saved with "
+                        "--save-detailed (e.g. a run on a machine without matplotlib)")
     g.add_argument("--save-detailed", action="store_true", help="per-request records in --out")
     g.add_argument("--disable-tqdm", action="store_true")
     g.add_argument("--quick", action="store_true", help="few short requests, for smoke runs")
@@ -597,8 +600,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def plot_saved(saved: Path, folder: Path) -> list[Path]:
+    """write_plots for the runs of a saved --out file that kept per-request records."""
+    runs = json.loads(saved.read_text())["runs"]
+    if any("requests" not in r for r in runs):
+        raise SystemExit(f"error: {saved} has no per-request records (run with --save-detailed)")
+    details = [[RequestResult(**q) for q in r["requests"]] for r in runs]
+    return write_plots(runs, details, folder)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.plot_from is not None:
+        if args.plot_dir is None:
+            raise SystemExit("error: --plot-from needs --plot-dir")
+        return {"plots": [str(p) for p in plot_saved(args.plot_from, args.plot_dir)]}
     proc = None
     base_url = args.base_url
     if args.launch:

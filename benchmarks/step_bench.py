@@ -175,6 +175,84 @@ def prefill_ms(engine: Engine, batch: int, prompt_len: int, reps: int = 5,
     return {"batch": batch, "prompt": prompt_len, "median_ms": 1e3 * statistics.median(times)}
 
 
+KERNEL_KINDS = (  # (category, substrings of kernel names), first match wins
+    ("lora shrink", ("lora_shrink",)),
+    ("lora expand", ("lora_expand",)),
+    ("attention", ("attention", "attn", "flash")),
+    ("norm", ("rmsnorm", "rms_norm")),
+    ("rope + kv store", ("rope", "store_kv")),
+    ("silu*mul", ("silu",)),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "ampere", "splitk")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other")
+
+
+def profile_steps(engine: Engine, steps: int = 5, warm: bool = True) -> dict:
+    """GPU time of the running batch's next `steps` steps by kernel category (torch.profiler,
+    decode run eagerly so every kernel is seen; durations are the kernels' own, the same as
+    inside a graph). Per-step milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    try:
+        if warm:
+            one_step(engine)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                one_step(engine)
+            torch.cuda.synchronize()
+    finally:
+        engine.runner.graphs = graphs
+    by_kind: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        k = kernel_kind(e.name)
+        by_kind[k] = by_kind.get(k, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
+        count[k] = count.get(k, 0) + 1
+    return {"ms_per_step": by_kind, "kernels_per_step": {k: v / steps for k, v in count.items()},
+            "total_ms": sum(by_kind.values())}
+
+
+def profile_cases(engine: Engine, prompt: int, names: list[str]) -> list[dict]:
+    """profile_steps for base decode at batch 1 and 32, the adapter cases, and prefill."""
+    out = []
+    cases = [(1, None), (32, None)] + ([(1, 1), (32, 8), (32, 32)] if names else [])
+    for b, n in cases:
+        add_requests(engine, b, prompt, names[:n] if n else [None])
+        while any(r.is_prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+            one_step(engine)
+        out.append({"case": f"decode batch {b}, {n or 0} adapters", **profile_steps(engine)})
+        for r in list(engine.scheduler.running):
+            engine.scheduler.remove(r)
+    for n in (None, 8) if names else (None,):
+        for warm in (True, False):  # the first round compiles the prefill shapes' kernels
+            add_requests(engine, 8, 512, names[:n] if n else [None])
+            if warm:
+                one_step(engine)
+            else:
+                out.append({"case": f"prefill 8x512, {n or 0} adapters",
+                            **profile_steps(engine, 1, warm=False)})
+            for r in list(engine.scheduler.running):
+                engine.scheduler.remove(r)
+    return out
+
+
+def print_profile(rows: list[dict]) -> None:
+    kinds = [k for k, _ in KERNEL_KINDS] + ["other"]
+    print("GPU ms a step by kernel category (kernels a step in brackets):")
+    for r in rows:
+        parts = ", ".join(f"{k} {r['ms_per_step'][k]:.3f} ({r['kernels_per_step'][k]:.0f})"
+                          for k in kinds if k in r["ms_per_step"])
+        print(f"  {r['case']}: total {r['total_ms']:.3f} ms = {parts}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -188,6 +266,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=1,
                     help="measure each base decode case this many times; report the median")
+    ap.add_argument("--profile", action="store_true",
+                    help="only a per-kernel-category GPU time breakdown of each case")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     steps = 10 if a.quick else a.steps
@@ -214,6 +294,12 @@ def main() -> None:
             for p in paths:
                 await engine.adapters.load(p.name, str(p))
         asyncio.run(load_all())
+    if a.profile:
+        prof = profile_cases(engine, a.prompt, names)
+        print_profile(prof)
+        if a.out:
+            a.out.write_text(json.dumps({"shape": a.shape, "profile": prof}, indent=2))
+        return
     w_bytes, _ = weight_bytes(a.shape)
     c = SHAPES[a.shape]
     kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (

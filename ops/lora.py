@@ -26,6 +26,9 @@ import torch
 from torch import Tensor
 
 BACKENDS = ("csgmv", "triton")
+# Programs along the entry axis for a padded table: a CUDA graph's table is padded to its
+# bucket, so one program an entry would launch mostly empty programs at large buckets.
+PADDED_ENTRY_PROGRAMS = 32
 
 
 @dataclass
@@ -43,6 +46,12 @@ class LoraBatchInfo:
     num_chunks: int
     chunk_size: int
     backend: str  # "csgmv" or "triton"
+    # Padded tables (CUDA graphs): how many leading entries are real, [1] int32 on the device,
+    # and how many programs the kernels launch along the entry axis, each looping over the real
+    # entries; None: one program an entry.
+    seg_live: Tensor | None = None
+    chunk_live: Tensor | None = None
+    entry_programs: int | None = None
 
 
 def _segments(token_slots: list[int]) -> tuple[list[int], list[int]]:
@@ -101,17 +110,21 @@ def build_lora_batch_info(
     seg_indptr, seg_slots = _segments(token_slots)
     chunk_indptr, chunk_slots = _chunks(seg_indptr, seg_slots, chunk_size)
     max_seg_len = max((b - a for a, b in itertools.pairwise(seg_indptr)), default=0)
+    live = [len(seg_slots), len(chunk_slots)]
     if pad_to is not None:
         seg_indptr, seg_slots = _pad(seg_indptr, seg_slots, pad_to)
         chunk_indptr, chunk_slots = _pad(chunk_indptr, chunk_slots, pad_to)
     num_segments, num_chunks = len(seg_slots), len(chunk_slots)
-    packed = torch.tensor(seg_indptr + seg_slots + chunk_indptr + chunk_slots, dtype=torch.int32)
+    packed = torch.tensor(
+        seg_indptr + seg_slots + chunk_indptr + chunk_slots + live, dtype=torch.int32
+    )
     device = torch.device(device)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     else:
         packed = packed.to(device)
-    seg_part, chunk_part = packed.split([2 * num_segments + 1, 2 * num_chunks + 1])
+    seg_part, chunk_part, live_part = packed.split([2 * num_segments + 1, 2 * num_chunks + 1, 2])
+    padded = pad_to is not None
     return LoraBatchInfo(
         seg_indptr=seg_part[: num_segments + 1],
         seg_slots=seg_part[num_segments + 1 :],
@@ -123,6 +136,9 @@ def build_lora_batch_info(
         num_chunks=num_chunks,
         chunk_size=chunk_size,
         backend=backend,
+        seg_live=live_part[0:1] if padded else None,
+        chunk_live=live_part[1:2] if padded else None,
+        entry_programs=min(pad_to, PADDED_ENTRY_PROGRAMS) if padded else None,
     )
 
 
@@ -210,6 +226,8 @@ class LoraRowTable:
     num_entries: int
     block_m: int
     m_progs: int
+    live: Tensor | None = None  # [1] int32: entries that are real (None: all of them)
+    entry_progs: int = 0  # programs along entries (0: num_entries)
 
 
 def lora_row_table(info: LoraBatchInfo) -> LoraRowTable:
@@ -217,12 +235,22 @@ def lora_row_table(info: LoraBatchInfo) -> LoraRowTable:
     segments whose rows are strided over m_progs programs (triton)."""
     if info.backend == "csgmv":
         return LoraRowTable(
-            info.chunk_indptr, info.chunk_slots, info.num_chunks, info.chunk_size, 1
+            info.chunk_indptr, info.chunk_slots, info.num_chunks, info.chunk_size, 1,
+            info.chunk_live, _entry_progs(info, info.num_chunks),
         )
     # max_seg_len only sizes the grid; the kernels stride over all rows whatever it is
     block_m = min(64, max(16, 1 << max(info.max_seg_len - 1, 0).bit_length()))
     m_progs = max(1, -(-info.max_seg_len // block_m))
-    return LoraRowTable(info.seg_indptr, info.seg_slots, info.num_segments, block_m, m_progs)
+    return LoraRowTable(
+        info.seg_indptr, info.seg_slots, info.num_segments, block_m, m_progs, info.seg_live,
+        _entry_progs(info, info.num_segments),
+    )
+
+
+def _entry_progs(info: LoraBatchInfo, num_entries: int) -> int:
+    if info.entry_programs is None:
+        return num_entries
+    return max(1, min(info.entry_programs, num_entries))
 
 
 @functools.lru_cache(maxsize=16)
@@ -268,6 +296,8 @@ def _shrink_partials(
         num_slices,
         table.block_m,
         table.m_progs,
+        live=table.live,
+        entry_progs=table.entry_progs,
         split_k=split_k,
         num_sms=_num_sms(x.device),
         out=out,
@@ -326,6 +356,8 @@ def lora_expand_triton(
         table.num_entries,
         table.block_m,
         table.m_progs,
+        live=table.live,
+        entry_progs=table.entry_progs,
         num_sms=_num_sms(y.device),
         pdl=_use_pdl(y.device) if pdl is None else pdl,
     )

@@ -10,9 +10,13 @@ runs over the slot's rank only, BLOCK_K at a time.
 loaded (SPLIT_BLOCK splits in one 3-D load, so the sum costs one round trip to L2 and no launch),
 or a plain [T, n*R] in any float dtype (one split). Either is upcast after loading.
 
+Axis 0 has one program an entry, or, for a table padded to a CUDA graph's bucket, fewer
+programs that loop over the real entries (their count read from the device), so a large bucket
+launches no mostly-empty programs.
+
 With USE_PDL (programmatic dependent launch, sm_90+), the kernel starts while the shrink runs:
-programs with no rows exit at once, the others load their first B tile (weights, written by no
-kernel of the step) and only then wait for the shrink's partials and the base output y.
+programs with no entry exit at once, the others wait for the shrink's partials and the base
+output y before touching them.
 """
 
 import itertools
@@ -73,6 +77,9 @@ def _lora_expand_kernel(
     indptr_ptr,
     slots_ptr,
     ranks_ptr,
+    live_ptr,
+    num_entries,
+    entry_progs,
     R,
     splits,
     off0,
@@ -100,9 +107,10 @@ def _lora_expand_kernel(
     SPLIT_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    HAS_LIVE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    entry = pid_m // m_progs
+    first_entry = pid_m // m_progs
     m_prog = pid_m % m_progs
     pid_n = tl.program_id(1)
     slice_id = (pid_n >= tiles1).to(tl.int32) + (pid_n >= tiles2) + (pid_n >= tiles3)
@@ -112,73 +120,62 @@ def _lora_expand_kernel(
     offs_n = n_lo + tile_in_slice * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = offs_n < n_hi
 
-    row_start = tl.load(indptr_ptr + entry)
-    row_end = tl.load(indptr_ptr + entry + 1)
-    slot = tl.load(slots_ptr + entry)
-    # base rows: an empty row range, so y is neither read nor written there
-    row_end = tl.where(slot >= 0, row_end, row_start)
-    first_row = row_start + m_prog * BLOCK_M
-    slot_safe = tl.maximum(slot, 0)
-    rank = tl.where(first_row < row_end, tl.load(ranks_ptr + slot_safe), 0)
-    scaling = tl.load(scalings_ptr + slot_safe * stride_ss + slice_id * stride_si)
-    b_cols = b_ptr + slot_safe.to(tl.int64) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
     t_cols = t_ptr + slice_id * R * stride_tr
-
-    # the first rank block of B, shared by every row tile (and, under PDL, fetched early)
     offs_r0 = tl.arange(0, BLOCK_K)
-    r0_live = offs_r0 < rank
-    b_first = tl.load(
-        b_cols + offs_r0[:, None] * stride_br, mask=r0_live[:, None] & n_live[None, :], other=0.0
-    ).to(tl.float32)
+    if HAS_LIVE:
+        num_live = tl.load(live_ptr)
+    else:
+        num_live = num_entries
     if USE_PDL:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        if first_row < row_end:
+        if first_entry < num_live:  # programs with no entry exit at once
             gdc_wait()  # the shrink's partials and the base y are complete from here on
 
-    for m0 in range(first_row, row_end, m_progs * BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_live = offs_m < row_end
-        t_tile = _load_t(
-            t_cols,
-            offs_m,
-            m_live,
-            offs_r0,
-            r0_live,
-            splits,
-            stride_ts,
-            stride_tm,
-            stride_tr,
-            BLOCK_M,
-            BLOCK_K,
-            SPLIT_BLOCK,
+    # entries first_entry, first_entry + entry_progs, ... (one each unless the table is padded)
+    for entry in range(first_entry, num_live, entry_progs):
+        row_start = tl.load(indptr_ptr + entry)
+        row_end = tl.load(indptr_ptr + entry + 1)
+        slot = tl.load(slots_ptr + entry)
+        # base rows: an empty row range, so y is neither read nor written there
+        row_end = tl.where(slot >= 0, row_end, row_start)
+        first_row = row_start + m_prog * BLOCK_M
+        slot_safe = tl.maximum(slot, 0)
+        rank = tl.where(first_row < row_end, tl.load(ranks_ptr + slot_safe), 0)
+        scaling = tl.load(scalings_ptr + slot_safe * stride_ss + slice_id * stride_si)
+        b_cols = (
+            b_ptr + slot_safe.to(tl.int64) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
         )
-        acc = tl.dot(t_tile, b_first, input_precision=DOT_PRECISION)
-        for r0 in range(BLOCK_K, rank, BLOCK_K):
-            offs_r = r0 + tl.arange(0, BLOCK_K)
-            r_live = offs_r < rank
+        # the first rank block of B, shared by every row tile
+        r0_live = offs_r0 < rank
+        b_first = tl.load(
+            b_cols + offs_r0[:, None] * stride_br,
+            mask=r0_live[:, None] & n_live[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        for m0 in range(first_row, row_end, m_progs * BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_live = offs_m < row_end
             t_tile = _load_t(
-                t_cols,
-                offs_m,
-                m_live,
-                offs_r,
-                r_live,
-                splits,
-                stride_ts,
-                stride_tm,
-                stride_tr,
-                BLOCK_M,
-                BLOCK_K,
-                SPLIT_BLOCK,
+                t_cols, offs_m, m_live, offs_r0, r0_live, splits, stride_ts, stride_tm,
+                stride_tr, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
             )
-            b_tile = tl.load(
-                b_cols + offs_r[:, None] * stride_br,
-                mask=r_live[:, None] & n_live[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc = tl.dot(t_tile, b_tile, acc, input_precision=DOT_PRECISION)
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-        y_mask = m_live[:, None] & n_live[None, :]
-        y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y_old + scaling * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+            acc = tl.dot(t_tile, b_first, input_precision=DOT_PRECISION)
+            for r0 in range(BLOCK_K, rank, BLOCK_K):
+                offs_r = r0 + tl.arange(0, BLOCK_K)
+                r_live = offs_r < rank
+                t_tile = _load_t(
+                    t_cols, offs_m, m_live, offs_r, r_live, splits, stride_ts, stride_tm,
+                    stride_tr, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
+                )
+                b_tile = tl.load(
+                    b_cols + offs_r[:, None] * stride_br,
+                    mask=r_live[:, None] & n_live[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc = tl.dot(t_tile, b_tile, acc, input_precision=DOT_PRECISION)
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = m_live[:, None] & n_live[None, :]
+            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y_old + scaling * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _next_pow2(n: int) -> int:
@@ -219,6 +216,9 @@ def triton_lora_expand(
     m_progs: int,
     num_sms: int = 132,
     pdl: bool = False,
+    block_n: int | None = None,
+    live: torch.Tensor | None = None,
+    entry_progs: int = 0,
 ) -> None:
     """y[rows, off_i:off_{i+1}] += scalings[slot, i] * t[rows, i*R:i*R+rank] B[slot, off_i.., :rank]^T.
 
@@ -228,6 +228,9 @@ def triton_lora_expand(
     slot_ranks: [num_slots] int32. indptr: [num_entries + 1] int32, slots: [num_entries] int32
     (-1 = base rows: left untouched). block_m: power of two >= 16; m_progs >= 1.
     pdl: launch as a programmatic dependent launch (CUDA sm_90+ only).
+    block_n: output tile width instead of the heuristic's (benchmark sweeps).
+    live: [1] int32 on y's device, how many leading entries are real (a padded table), or None.
+    entry_progs: programs along the entry axis, each looping over entries (0: num_entries).
     """
     num_slices = len(slice_offsets) - 1
     assert t.dim() in (2, 3), "t must be [T, n * R] or [splits, T, n * R]"
@@ -246,10 +249,12 @@ def triton_lora_expand(
     assert block_m >= 16 and block_m & (block_m - 1) == 0 and m_progs >= 1
     assert t.device == B.device == y.device == scalings.device == indptr.device == slots.device
     assert not pdl or y.is_cuda, "programmatic dependent launch needs CUDA"
+    assert live is None or (live.shape == (1,) and live.device == y.device)
     if num_tokens == 0 or num_entries == 0:
         return
+    entry_progs = min(entry_progs or num_entries, num_entries)
     widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
-    block_n = _expand_block_n(num_entries * m_progs, widths, num_sms)
+    block_n = block_n or _expand_block_n(entry_progs * m_progs, widths, num_sms)
     tile_counts = [triton.cdiv(w, block_n) for w in widths]
     tile_cum = [sum(tile_counts[: i + 1]) for i in range(num_slices)]
     big = 1 << 30
@@ -257,7 +262,7 @@ def triton_lora_expand(
     offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
     split_block = min(_next_pow2(num_splits), expand_max_splits(block_m, rank_pad))
     low_precision = t.dtype != torch.float32 or B.dtype != torch.float32
-    grid = (num_entries * m_progs, tile_cum[-1])
+    grid = (entry_progs * m_progs, tile_cum[-1])
     _lora_expand_kernel[grid](
         partials,
         B,
@@ -266,6 +271,9 @@ def triton_lora_expand(
         indptr,
         slots,
         slot_ranks,
+        indptr if live is None else live,
+        num_entries,
+        entry_progs,
         rank_pad,
         num_splits,
         *offs,
@@ -287,6 +295,7 @@ def triton_lora_expand(
         SPLIT_BLOCK=split_block,
         DOT_PRECISION="tf32" if low_precision else "ieee",
         USE_PDL=pdl,
+        HAS_LIVE=live is not None,
         num_warps=4,
         num_stages=2,
         launch_pdl=pdl,

@@ -7,9 +7,13 @@ segment list (triton backend) or the chunk list (csgmv backend); the kernel is t
 Grid: (entries * m_progs, num_slices * n_tiles, split_k).
 - Axis 0: an entry's rows are strided over `m_progs` programs in BLOCK_M tiles, so every row is
   covered whatever `m_progs` is (it is only a hint from the largest segment; a captured CUDA graph
-  stays correct when later segments are longer).
+  stays correct when later segments are longer). One group of programs an entry, or, for a table
+  padded to a CUDA graph's bucket, `entry_progs` groups that loop over the real entries (their
+  count read from the device).
 - Axis 1: output columns of one slice, BLOCK_N at a time. Tiles at or beyond the slot's rank
-  skip the K loop and store zeros, so a rank-1 adapter reads one row of A per slice.
+  skip the K loop and store zeros, so a rank-1 adapter reads one row of A per slice. Past decode
+  sizes, when every slice's columns fit in one tile, that tile spans them all ("fold"), so x is
+  read once instead of once a slice.
 - Axis 2: split-K. At decode the whole op is a read of r x in weights per adapter, bound by
   latency, not bandwidth: many splits keep each program's share of A to a load or two. Each split
   writes its own fp32 partial (plain stores: deterministic, no memset); the expand kernel sums
@@ -36,6 +40,9 @@ def _lora_shrink_kernel(
     indptr_ptr,
     slots_ptr,
     ranks_ptr,
+    live_ptr,
+    num_entries,
+    entry_progs,
     K,
     R,
     k_per_split,
@@ -49,61 +56,81 @@ def _lora_shrink_kernel(
     stride_on,
     m_progs,
     N_TILES: tl.constexpr,
+    NUM_SLICES: tl.constexpr,
+    FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    HAS_LIVE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    entry = pid_m // m_progs
+    first_entry = pid_m // m_progs
     m_prog = pid_m % m_progs
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
-    slice_id = pid_n // N_TILES
-    n_start = (pid_n % N_TILES) * BLOCK_N
+    if FOLD:  # one tile spans every slice's columns: x is read once, not once a slice
+        slice_id = 0
+        n_start = pid_n * BLOCK_N
+    else:
+        slice_id = pid_n // N_TILES
+        n_start = (pid_n % N_TILES) * BLOCK_N
 
-    row_start = tl.load(indptr_ptr + entry)
-    row_end = tl.load(indptr_ptr + entry + 1)
-    slot = tl.load(slots_ptr + entry)
+    if HAS_LIVE:
+        num_live = tl.load(live_ptr)
+    else:
+        num_live = num_entries
     if USE_PDL:
         gdc_launch_dependents()
-        if row_start + m_prog * BLOCK_M < row_end:  # programs with no rows exit at once
+        if first_entry < num_live:  # programs with no entry exit at once
             gdc_wait()  # x may come from the previous kernel; out may alias its buffers
-    # base rows (slot -1) get rank 0: no weight reads, zeros stored
-    rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
-
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    n_live = offs_n < rank
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    k_hi = tl.where(n_start < rank, k_hi, k_lo)
-    a_rows = a_ptr + slot.to(tl.int64) * stride_as + (slice_id * R + offs_n)[None, :] * stride_ar
     out_cols = out_ptr + split * stride_os + (slice_id * R + offs_n)[None, :] * stride_on
+    k_lo = split * k_per_split
+    k_end = tl.minimum(k_lo + k_per_split, K)
 
-    for m0 in range(row_start + m_prog * BLOCK_M, row_end, m_progs * BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_live = offs_m < row_end
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_live = offs_k < k_hi
-            x_tile = tl.load(
-                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
-                mask=m_live[:, None] & k_live[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            a_tile = tl.load(
-                a_rows + offs_k[:, None] * stride_ak,
-                mask=k_live[:, None] & n_live[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
-        tl.store(
-            out_cols + offs_m[:, None].to(tl.int64) * stride_om,
-            acc.to(out_ptr.dtype.element_ty),
-            mask=m_live[:, None] & (offs_n < R)[None, :],
+    # entries first_entry, first_entry + entry_progs, ... (one each unless the table is padded)
+    for entry in range(first_entry, num_live, entry_progs):
+        row_start = tl.load(indptr_ptr + entry)
+        row_end = tl.load(indptr_ptr + entry + 1)
+        slot = tl.load(slots_ptr + entry)
+        # base rows (slot -1) get rank 0: no weight reads, zeros stored
+        rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
+        if FOLD:  # column c is slice c // R, rank column c % R
+            n_live = (offs_n < NUM_SLICES * R) & (offs_n % R < rank)
+            k_hi = tl.where(rank > 0, k_end, k_lo)
+            n_store = offs_n < NUM_SLICES * R
+        else:
+            n_live = offs_n < rank
+            k_hi = tl.where(n_start < rank, k_end, k_lo)
+            n_store = offs_n < R
+        a_rows = (
+            a_ptr + slot.to(tl.int64) * stride_as + (slice_id * R + offs_n)[None, :] * stride_ar
         )
+        for m0 in range(row_start + m_prog * BLOCK_M, row_end, m_progs * BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_live = offs_m < row_end
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_live = offs_k < k_hi
+                x_tile = tl.load(
+                    x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_live[:, None] & k_live[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                a_tile = tl.load(
+                    a_rows + offs_k[:, None] * stride_ak,
+                    mask=k_live[:, None] & n_live[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
+            tl.store(
+                out_cols + offs_m[:, None].to(tl.int64) * stride_om,
+                acc.to(out_ptr.dtype.element_ty),
+                mask=m_live[:, None] & n_store[None, :],
+            )
 
 
 def _next_pow2(n: int) -> int:
@@ -128,12 +155,19 @@ def shrink_split_k(
     return split
 
 
-def shrink_blocks(num_tokens: int, rank_pad: int, k_dim: int, block_m: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the shrink: narrow rank tiles at decode sizes (more programs, fewer
-    bytes each), wider K tiles while the tile stays small."""
-    block_n = 16 if num_tokens <= 64 else min(64, max(16, _next_pow2(rank_pad)))
+def shrink_blocks(
+    num_tokens: int, rank_pad: int, k_dim: int, block_m: int, num_slices: int = 1
+) -> tuple[int, int, bool]:
+    """(BLOCK_N, BLOCK_K, fold) of the shrink: narrow rank tiles at decode sizes (more programs,
+    fewer bytes each); past decode sizes, every slice's columns in one tile when they fit in 64
+    (fold: x is read once for all slices), wider K tiles while the tile stays small."""
+    fold = num_tokens > 64 and num_slices > 1 and num_slices * rank_pad <= 64
+    if fold:
+        block_n = max(16, _next_pow2(num_slices * rank_pad))
+    else:
+        block_n = 16 if num_tokens <= 64 else min(64, max(16, _next_pow2(rank_pad)))
     block_k = 128 if block_m * block_n <= 1024 else 64
-    return block_n, min(block_k, max(16, _next_pow2(k_dim)))
+    return block_n, min(block_k, max(16, _next_pow2(k_dim))), fold
 
 
 def triton_lora_shrink(
@@ -151,6 +185,9 @@ def triton_lora_shrink(
     out: torch.Tensor | None = None,
     max_split: int = 32,
     pdl: bool = False,
+    blocks: tuple[int, int, bool] | None = None,
+    live: torch.Tensor | None = None,
+    entry_progs: int = 0,
 ) -> torch.Tensor:
     """t partials = x A^T per row-table entry.
 
@@ -161,6 +198,9 @@ def triton_lora_shrink(
     split_k: K splits (None = heuristic capped at max_split, or out.shape[0] when out is given).
     out: optional buffer for the result (shape and dtype as returned).
     pdl: launch as a programmatic dependent launch (CUDA sm_90+ only).
+    blocks: (BLOCK_N, BLOCK_K, fold) instead of shrink_blocks' choice (benchmark sweeps).
+    live: [1] int32 on x's device, how many leading entries are real (a padded table), or None.
+    entry_progs: programs along the entry axis, each looping over entries (0: num_entries).
     Returns: [split_k, T, num_slices * R], x.dtype when split_k == 1 else float32; columns at or
     beyond a slot's rank and rows of base entries are zero. Partials must be summed over dim 0.
     """
@@ -172,14 +212,18 @@ def triton_lora_shrink(
     assert block_m >= 16 and block_m & (block_m - 1) == 0 and m_progs >= 1
     assert x.device == A.device == indptr.device == slots.device == slot_ranks.device
     assert not pdl or x.is_cuda, "programmatic dependent launch needs CUDA"
+    assert live is None or (live.shape == (1,) and live.device == x.device)
+    entry_progs = min(entry_progs or num_entries, num_entries)
     rank_pad = A.shape[1] // num_slices
-    block_n, block_k = shrink_blocks(num_tokens, rank_pad, k_dim, block_m)
-    n_tiles = triton.cdiv(rank_pad, block_n)
+    block_n, block_k, fold = blocks or shrink_blocks(
+        num_tokens, rank_pad, k_dim, block_m, num_slices
+    )
+    n_tiles = triton.cdiv(num_slices * rank_pad if fold else rank_pad, block_n)
     num_k_blocks = triton.cdiv(k_dim, block_k)
     if split_k is None and out is not None:
         split_k = out.shape[0]
     if split_k is None:
-        programs = num_entries * m_progs * num_slices * n_tiles
+        programs = entry_progs * m_progs * (1 if fold else num_slices) * n_tiles
         split_k = shrink_split_k(num_tokens, programs, num_k_blocks, num_sms, max_split)
     if out is None:
         split_k = max(1, min(split_k, num_k_blocks))  # surplus splits would only store zeros
@@ -191,7 +235,7 @@ def triton_lora_shrink(
     assert out.device == x.device
     if num_tokens == 0 or num_entries == 0:
         return out.zero_()
-    grid = (num_entries * m_progs, num_slices * n_tiles, split_k)
+    grid = (entry_progs * m_progs, (1 if fold else num_slices) * n_tiles, split_k)
     _lora_shrink_kernel[grid](
         x,
         A,
@@ -199,6 +243,9 @@ def triton_lora_shrink(
         indptr,
         slots,
         slot_ranks,
+        indptr if live is None else live,
+        num_entries,
+        entry_progs,
         k_dim,
         rank_pad,
         triton.cdiv(num_k_blocks, split_k) * block_k,
@@ -212,11 +259,14 @@ def triton_lora_shrink(
         out.stride(2),
         m_progs,
         N_TILES=n_tiles,
+        NUM_SLICES=num_slices,
+        FOLD=fold,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
+        HAS_LIVE=live is not None,
         num_warps=4,
         num_stages=3,
         launch_pdl=pdl,

@@ -66,7 +66,7 @@ class ServerConfig:
     max_queued_requests: int = _opt(4096, "most waiting requests; beyond: 503")
     chunked_prefill_size: int = _opt(4096, "prefill token budget per step")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly")
-    cuda_graph_max_bs: int = _opt(64, "largest decode batch captured in a graph")
+    cuda_graph_max_bs: int = _opt(256, "largest decode batch captured in a graph")
     disable_overlap_schedule: bool = _opt(
         False, "wait for each step's tokens before scheduling the next (no CPU/GPU overlap)"
     )

@@ -111,8 +111,10 @@ class Engine:
             config.lora_backend, config.max_lora_chunk_size, streams,
         )
         if not config.disable_cuda_graph:
-            self.runner.enable_cuda_graphs(
-                block_manager, config.cuda_graph_max_bs, info.context_length
+            self.runner.enable_cuda_graphs(  # no step is larger than max_running_requests
+                block_manager,
+                min(config.cuda_graph_max_bs, config.max_running_requests),
+                info.context_length,
             )
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ops.lora import LoraBatchInfo
+from ops.lora import PADDED_ENTRY_PROGRAMS, LoraBatchInfo
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 8))
+    """Captured batch sizes: every 8 up to 64, then coarser (a bigger batch is weight-bound,
+    so padding it costs little, while each size is one capture at startup and one graph)."""
+    sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, 129, 16), *range(160, max_bs + 1, 32)]
     return sorted({s for s in sizes if s <= max_bs} | {max_bs})
 
 
@@ -38,6 +40,7 @@ class GraphBuffers:
     seg_slots: torch.Tensor  # [max_bs] int32
     chunk_indptr: torch.Tensor  # [max_bs + 1] int32
     chunk_slots: torch.Tensor  # [max_bs] int32
+    live: torch.Tensor  # [2] int32: real segments, real chunks (the rest is padding)
 
     @classmethod
     def allocate(cls, max_bs: int, max_blocks: int, device: torch.device) -> GraphBuffers:
@@ -54,6 +57,7 @@ class GraphBuffers:
             seg_slots=torch.full((max_bs,), -1, dtype=torch.int32, device=device),
             chunk_indptr=z(max_bs + 1, dtype=torch.int32),
             chunk_slots=torch.full((max_bs,), -1, dtype=torch.int32, device=device),
+            live=z(2, dtype=torch.int32),
         )
 
     def view(self, bs: int, lora: LoraBatchInfo | None) -> ForwardBatch:
@@ -103,6 +107,8 @@ class DecodeGraphs:
             slot_ranks=lora_pool.slot_ranks, num_segments=bs, max_seg_len=bs,
             chunk_indptr=b.chunk_indptr[: bs + 1], chunk_slots=b.chunk_slots[:bs], num_chunks=bs,
             chunk_size=self.lora_chunk_size, backend=self.lora_backend,
+            seg_live=b.live[0:1], chunk_live=b.live[1:2],
+            entry_programs=min(bs, PADDED_ENTRY_PROGRAMS),
         )
 
     @torch.inference_mode()
@@ -156,6 +162,8 @@ class DecodeGraphs:
             info = fb.lora
             _fill_padded(b.seg_indptr, b.seg_slots, info.seg_indptr, info.seg_slots, bucket)
             _fill_padded(b.chunk_indptr, b.chunk_slots, info.chunk_indptr, info.chunk_slots, bucket)
+            b.live[0].fill_(info.num_segments)  # a fill kernel, no host sync
+            b.live[1].fill_(info.num_chunks)
         g, logits = self.graphs[(bucket, with_lora)]
         g.replay()
         return logits[:bs]

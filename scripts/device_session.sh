@@ -8,6 +8,9 @@
 #                                    step benchmark
 #   scripts/device_session.sh check  (one GPU) every GPU test file in its own process, then
 #                                    the upload benchmark
+#   scripts/device_session.sh diag   (one GPU) graph tests, kernel-category profile of the
+#                                    decode/prefill cases, the LoRA kernel microbenchmark with
+#                                    its sweep, the serving benchmark against a live server
 #   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
 #   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
@@ -100,6 +103,25 @@ case "${1:-}" in
       > "$OUT/upload.log" 2>&1
     echo "== upload_bench: rc $?"; tail -4 "$OUT/upload.log"
     ;;
+  diag)  # one GPU: where the time goes, kernels, the serving benchmark
+    gpu_tests graphs_gpu 80 tests/test_graphs_gpu.py
+    timeout 120 python3 -m benchmarks.step_bench --lora --profile --disable-cuda-graph \
+      --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+    echo "== profile: rc $?"; grep -A12 "^GPU ms" "$OUT/profile.log"
+    timeout 200 python3 -m benchmarks.lora_kernel_bench --sweep --out "$OUT/lora_kernels.json" \
+      > "$OUT/lora_kernels.log" 2>&1
+    echo "== lora_kernel_bench: rc $?"; grep -A60 "^LoRA ms per step" "$OUT/lora_kernels.log"
+    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+    python3 -m benchmarks.random_adapters llama-3.1-8b /tmp/adapters --count 8 --rank 16 > /dev/null
+    timeout 180 python3 -m benchmarks.serve_bench --launch --server-args "--model-path \
+      /tmp/llama8b --load-format dummy --dtype bfloat16 --max-loras-per-batch 8" \
+      --lora-dir /tmp/adapters --num-loras 8 --popularity skewed --num-prompts 256 \
+      --input-len 256 --output-len 128 --request-rate 8 16 32 inf --slo-ttft-ms 500 \
+      --slo-tpot-ms 50 --save-detailed --disable-tqdm --out "$OUT/serve.json" \
+      > "$OUT/serve.log" 2>&1
+    echo "== serve_bench: rc $?"; grep -E "^(Request throughput|Output token|Median TTFT|P99 TTFT|Median TPOT|Request goodput)" "$OUT/serve.log" | head -40
+    rm -f "$OUT"/*.xml
+    ;;
   repeat)  # one GPU: graphs vs eager and /health latency, each measured 3 times (median)
     timeout 150 python3 -m benchmarks.step_bench --steps 20 --repeat 3 \
       --out "$OUT/step_graphs_r3.json" > "$OUT/step_graphs_r3.log" 2>&1
@@ -117,5 +139,5 @@ case "${1:-}" in
     timeout 400 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -4 "$OUT/many.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|repeat|many"; exit 2 ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|repeat|many"; exit 2 ;;
 esac

@@ -76,7 +76,7 @@ def test_serve_bench_text_base_sweep_plots(live: LiveServer, tmp_path: Path) -> 
         "--base-url", live.url, "--quick", "--num-loras", "2", "--base-fraction", "0.5",
         "--prompt-format", "text", "--len-dist", "uniform", "--request-rate", "50", "inf",
         "--max-concurrency", "3", "--save-detailed", "--plot-dir", str(tmp_path),
-        "--disable-tqdm",
+        "--disable-tqdm", "--out", str(tmp_path / "serve.json"),
     ])
     assert [r["request_rate"] for r in result["runs"]] == [50.0, "inf"]
     for run in result["runs"]:
@@ -91,6 +91,11 @@ def test_serve_bench_text_base_sweep_plots(live: LiveServer, tmp_path: Path) -> 
         expected = set()
     assert {Path(p).name for p in result.get("plots", [])} == expected
     assert all((tmp_path / name).stat().st_size > 0 for name in expected)
+    # the same plots drawn again from the saved file (how a device run's plots are made)
+    replot = serve_bench.main(["--plot-from", str(tmp_path / "serve.json"),
+                               "--plot-dir", str(tmp_path / "again")])
+    assert {Path(p).name for p in replot["plots"]} == expected
+    assert all((tmp_path / "again" / name).stat().st_size > 0 for name in expected)
 
 
 def test_server_command_adds_address_and_adapters(tmp_path: Path) -> None:

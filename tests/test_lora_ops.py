@@ -2,6 +2,7 @@
 Triton backends against the reference (CPU tensors under TRITON_INTERPRET=1; real shapes on CUDA).
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -171,6 +172,9 @@ CASES = {
     "n3-qkv": ([64, 8, 1], 64, 40, [32, 8, 8], [(-1, 1), (2, 3), (0, 40), (1, 1), (-1, 17)]),
     "n3-r256": ([256, 32], 256, 24, [16, 24, 8], [(0, 17), (-1, 3), (1, 5)]),
     "n1-decode": ([16, 64, 1, 8], 64, 32, [48], [(3, 1), (0, 1), (-1, 1), (2, 1), (1, 1)]),
+    # past 64 tokens with every slice's columns in one shrink tile (fold)
+    "n3-fold": ([16, 4, 1], 16, 40, [32, 8, 8], [(-1, 5), (0, 40), (1, 20), (-1, 3), (2, 9)]),
+    "n2-fold": ([32, 5], 32, 24, [24, 40], [(1, 30), (-1, 10), (0, 33)]),
 }
 
 
@@ -312,15 +316,30 @@ def test_split_k_heuristic_at_decode_shapes() -> None:
     assert expand_max_splits(64, 64) == 1 and expand_max_splits(16, 64) == 2
 
 
+@pytest.mark.parametrize("entry_programs", [None, 1, 2, 3])
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
-def test_padded_info_matches(backend: str) -> None:
-    """Empty base entries appended for CUDA graphs change nothing."""
-    group = make_group([4, 16], 16, 32, [16, 16, 8], torch.float32)
-    slots = token_slots([(1, 3), (-1, 1), (0, 2)])
-    info = build_lora_batch_info(slots, group.slot_ranks, backend, 16, "cpu", pad_to=6)
+def test_padded_info_matches(backend: str, entry_programs: int | None) -> None:
+    """Empty base entries appended for CUDA graphs change nothing, whether one program group
+    takes each entry or fewer groups loop over the real ones (the count read from the device);
+    entries past that count are never visited (poisoned here: a visit would corrupt y)."""
+    group = make_group([4, 16, 8], 16, 32, [16, 16, 8], torch.float32)
+    slots = token_slots([(-1, 2), (1, 3), (-1, 1), (0, 2), (2, 20)])
+    info = build_lora_batch_info(slots, group.slot_ranks, backend, 16, "cpu", pad_to=9)
+    live = int((info.chunk_live if backend == "csgmv" else info.seg_live).item())
+    assert live == (6 if backend == "csgmv" else 5)  # the 20-row segment is two chunks
+    if entry_programs is not None:
+        info = dataclasses.replace(info, entry_programs=entry_programs)
+    indptr, table_slots = (
+        (info.chunk_indptr, info.chunk_slots) if backend == "csgmv"
+        else (info.seg_indptr, info.seg_slots)
+    )
     x, y = torch.randn(len(slots), 32), torch.randn(len(slots), 40)
     y_ref = y.clone()
     apply_lora_torch(x, group.A, group.B, y_ref, group.slice_offsets, group.scalings, info)
+    # the padding rewritten so that entry live + 1 covers every row with slot 2 again
+    indptr[live + 1] = 0
+    indptr[live + 2 :] = len(slots)
+    table_slots[live:] = 2
     apply_lora_triton(x, group.A, group.B, y, group.slice_offsets, group.scalings, info)
     torch.testing.assert_close(y, y_ref)
 
