@@ -182,7 +182,7 @@ def loop_impl(case: Case) -> Callable[[], None]:
 def reference(case: Case) -> Tensor:
     """apply_lora_torch on fp32 copies: the expected y, [T, N_total] float32."""
     info = build_lora_batch_info(case.token_slots, case.slot_ranks, "triton", 16, case.x.device)
-    y = case.y.float()
+    y = case.y.float().clone()  # .float() of an fp32 y would be y itself
     apply_lora_torch(case.x.float(), case.A.float(), case.B.float(), y, case.slice_offsets,
                      case.scalings, info)
     return y
@@ -347,6 +347,7 @@ def bench_group(workload: str, lengths: list[int], group: Group, rank: int, sett
     num_slots, num_tokens = max(32, len(lengths)), len(token_slots)
     case = make_case(group, [rank] * num_slots, rank, token_slots, dtype, device)
     expected = reference(case)
+    y_init = case.y.clone()  # timing accumulates into y: each check starts from this
     weight = torch.randn(group.out_dim, group.in_dim, device=device).to(dtype)
     base_us = timer(base_gemm(case.x, weight), settings["iters"], settings["replays"])
     nbytes = min_bytes(num_tokens, group.in_dim, group.out_dim, len(group.widths), rank,
@@ -362,6 +363,7 @@ def bench_group(workload: str, lengths: list[int], group: Group, rank: int, sett
         if isinstance(fn, str):
             rows.append(row | {"skipped": fn})
             continue
+        case.y.copy_(y_init)
         err = relative_error(fn, case, expected)
         row["max_rel_err"], row["ok"] = err, err <= settings["tolerance"]
         if not row["ok"]:

@@ -29,6 +29,7 @@ BACKENDS = ("csgmv", "triton")
 # Programs along the entry axis for a padded table: a CUDA graph's table is padded to its
 # bucket, so one program an entry would launch mostly empty programs at large buckets.
 PADDED_ENTRY_PROGRAMS = 32
+DECODE_CHUNK = 16  # csgmv chunk rows of decode tables (CUDA graphs capture with it)
 
 
 @dataclass

@@ -192,10 +192,14 @@ def expand_max_splits(block_m: int, rank_pad: int) -> int:
     return max(1, MAX_SUM_ELEMENTS // (block_m * expand_block_k(rank_pad)))
 
 
-def _expand_block_n(num_programs_per_tile: int, widths: list[int], num_sms: int) -> int:
-    """Widest output tile that still gives two waves of programs (64 at most: y tiles are
-    read-modify-write, wider tiles only add registers: 128 took 248 a thread on sm_90)."""
-    for block_n in (64, 32):
+def _expand_block_n(
+    num_programs_per_tile: int, widths: list[int], num_sms: int, num_splits: int
+) -> int:
+    """Widest output tile that still gives two waves of programs: 128 when t has one split
+    (prefill: measured 13.7 ms against 15.1 ms at 64 for 8 x 512 tokens over 8 adapters on an
+    H200, benchmarks/RESULTS.md), else 64 at most (summing split-K partials, 128 took 248
+    registers a thread on sm_90, which the empty programs of a padded decode grid pay for)."""
+    for block_n in (128, 64, 32) if num_splits == 1 else (64, 32):
         tiles = sum(triton.cdiv(w, block_n) for w in widths)
         if num_programs_per_tile * tiles >= 2 * num_sms:
             return block_n
@@ -254,7 +258,7 @@ def triton_lora_expand(
         return
     entry_progs = min(entry_progs or num_entries, num_entries)
     widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
-    block_n = block_n or _expand_block_n(entry_progs * m_progs, widths, num_sms)
+    block_n = block_n or _expand_block_n(entry_progs * m_progs, widths, num_sms, num_splits)
     tile_counts = [triton.cdiv(w, block_n) for w in widths]
     tile_cum = [sum(tile_counts[: i + 1]) for i in range(num_slices)]
     big = 1 << 30

@@ -84,7 +84,9 @@ class ServerConfig:
     enable_lora_overlap_loading: bool | None = _opt(
         None, "on: skip requests whose adapter is uploading; off: batch them; unset: adaptive"
     )
-    max_lora_chunk_size: int = _opt(16, "csgmv chunk rows: power of two, 16..128")
+    max_lora_chunk_size: int = _opt(
+        32, "csgmv chunk rows of steps that prefill (decode: 16): power of two, 16..128"
+    )
     lora_roots: tuple[str, ...] = _opt((), "folders run-time adapter paths must lie under")
     lora_allow_hub: bool = _opt(False, "allow hub ids as run-time adapter paths")
     lora_resolve_on_demand: bool = _opt(False, "load unknown adapter names found under lora_roots")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ops.lora import PADDED_ENTRY_PROGRAMS, LoraBatchInfo
+from ops.lora import DECODE_CHUNK, PADDED_ENTRY_PROGRAMS, LoraBatchInfo
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
 
@@ -83,7 +83,6 @@ class DecodeGraphs:
         scratch_block: int,
         block_size: int,
         lora_backend: str,
-        lora_chunk_size: int,
     ) -> None:
         self.model, self.kv_k, self.kv_v = model, kv_k, kv_v
         self.device = next(model.parameters()).device
@@ -92,7 +91,7 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.sizes = graph_batch_sizes(max_bs)
         self.buf = GraphBuffers.allocate(max_bs, max_blocks, self.device)
-        self.lora_backend, self.lora_chunk_size = lora_backend, lora_chunk_size
+        self.lora_backend = lora_backend
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -106,7 +105,7 @@ class DecodeGraphs:
             seg_indptr=b.seg_indptr[: bs + 1], seg_slots=b.seg_slots[:bs],
             slot_ranks=lora_pool.slot_ranks, num_segments=bs, max_seg_len=bs,
             chunk_indptr=b.chunk_indptr[: bs + 1], chunk_slots=b.chunk_slots[:bs], num_chunks=bs,
-            chunk_size=self.lora_chunk_size, backend=self.lora_backend,
+            chunk_size=DECODE_CHUNK, backend=self.lora_backend,
             seg_live=b.live[0:1], chunk_live=b.live[1:2],
             entry_programs=min(bs, PADDED_ENTRY_PROGRAMS),
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ops.lora import build_lora_batch_info
+from ops.lora import DECODE_CHUNK, build_lora_batch_info
 from runtime.graphs import DecodeGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
@@ -115,7 +115,7 @@ class ModelRunner:
         max_blocks = -(-context_length // self.block_size)
         self.graphs = DecodeGraphs(
             self.model, self.kv.k, self.kv.v, max_bs, max_blocks, scratch.block_ids[0],
-            self.block_size, self.lora_backend, self.lora_chunk_size,
+            self.block_size, self.lora_backend,
         )
         self.graphs.capture(self.streams.compute)
 
@@ -188,11 +188,14 @@ class ModelRunner:
         lora = lora_logits = None
         pool = self.model.lora_pool
         if pool is not None and any(s >= 0 for s in token_slots):
+            # csgmv chunks: 16 rows at decode (segments are short; the graphs use 16), the
+            # configured size where a step prefills (longer tiles read each adapter less often)
+            chunk = DECODE_CHUNK if len(token_slots) == len(plan.requests) else self.lora_chunk_size
             lora = build_lora_batch_info(
-                token_slots, pool.slot_ranks, self.lora_backend, self.lora_chunk_size, self.device
+                token_slots, pool.slot_ranks, self.lora_backend, chunk, self.device
             )
             lora_logits = build_lora_batch_info(
-                logits_slots, pool.slot_ranks, self.lora_backend, self.lora_chunk_size, self.device
+                logits_slots, pool.slot_ranks, self.lora_backend, DECODE_CHUNK, self.device
             )
         input_ids = self._to_device(ids, torch.int64)
         if fill_dst:

@@ -11,6 +11,9 @@
 #   scripts/device_session.sh diag   (one GPU) graph tests, kernel-category profile of the
 #                                    decode/prefill cases, the LoRA kernel microbenchmark with
 #                                    its sweep, the serving benchmark against a live server
+#   scripts/device_session.sh verify (one GPU) GPU tests of the kernels and graphs, step
+#                                    benchmark with adapters, LoRA kernel microbenchmark
+#   scripts/device_session.sh serving (one GPU) HF PEFT baseline side by side, many adapters
 #   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
 #   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
@@ -122,6 +125,26 @@ case "${1:-}" in
     echo "== serve_bench: rc $?"; grep -E "^(Request throughput|Output token|Median TTFT|P99 TTFT|Median TPOT|Request goodput)" "$OUT/serve.log" | head -40
     rm -f "$OUT"/*.xml
     ;;
+  verify)  # one GPU: what the kernel and graph changes touch, then their figures
+    gpu_tests lora_ops_gpu 120 tests/test_lora_ops.py
+    gpu_tests graphs_gpu 150 tests/test_graphs_gpu.py
+    gpu_tests engine_gpu 80 tests/test_engine_gpu.py
+    timeout 170 python3 -m benchmarks.step_bench --lora --steps 20 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; tail -16 "$OUT/step_lora.log"
+    timeout 100 python3 -m benchmarks.lora_kernel_bench --out "$OUT/lora_kernels.json" \
+      > "$OUT/lora_kernels.log" 2>&1
+    echo "== lora_kernel_bench: rc $?"; grep -A30 "^LoRA ms per step" "$OUT/lora_kernels.log"
+    rm -f "$OUT"/*.xml
+    ;;
+  serving)  # one GPU: the end-to-end figures
+    timeout 150 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
+      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
+      --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
+    echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline.log"
+    timeout 230 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
+    echo "== many_adapters: rc $?"; tail -3 "$OUT/many.log"
+    ;;
   repeat)  # one GPU: graphs vs eager and /health latency, each measured 3 times (median)
     timeout 150 python3 -m benchmarks.step_bench --steps 20 --repeat 3 \
       --out "$OUT/step_graphs_r3.json" > "$OUT/step_graphs_r3.log" 2>&1
@@ -139,5 +162,5 @@ case "${1:-}" in
     timeout 400 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -4 "$OUT/many.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|repeat|many"; exit 2 ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|repeat|many"; exit 2 ;;
 esac

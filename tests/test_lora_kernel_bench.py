@@ -77,6 +77,21 @@ def test_baselines_match_reference(group: bench.Group) -> None:
         case.y.copy_(y0)
         assert bench.relative_error(make(case), case, expected) < 1e-5
         assert torch.equal(case.y, y0)  # relative_error restores y
+    # the check has teeth: the reference leaves y alone, and a doubled delta is an error of 1
+    assert torch.equal(bench.reference(case), expected) and torch.equal(case.y, y0)
+    twice = bench.loop_impl(case)
+    assert bench.relative_error(lambda: (twice(), twice()), case, expected) > 0.99
+
+
+def test_checks_start_from_the_initial_y(tmp_path: Path) -> None:
+    """Timing accumulates applications into y; every implementation's check still starts from
+    the initial y (else every row after the first would be flagged)."""
+    group = bench.Group("o", 16, (16,))
+    settings = {"dtype": "float32", "device": "cpu", "iters": 2, "replays": 2,
+                "tolerance": 1e-4, "with_triton": False, "l2_bytes": 0}
+    rows = bench.bench_group("decode", [2, 1], group, 4, settings, bench.time_cpu, 1e9)
+    assert [r["impl"] for r in rows] == ["gather-bmm", "loop"]
+    assert all(r["ok"] and r["max_rel_err"] < 1e-5 for r in rows)
 
 
 def test_gather_bmm_skipped_over_the_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
