@@ -138,12 +138,14 @@ case "${1:-}" in
     rm -f "$OUT"/*.xml
     ;;
   serving)  # one GPU: the end-to-end figures
-    timeout 150 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
+    gpu_tests lora_graph_gpu 60 tests/test_lora_ops.py -k "graph_replay or two_launches"
+    timeout 130 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
       --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
       --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
     echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline.log"
-    timeout 230 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
+    timeout 200 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -3 "$OUT/many.log"
+    rm -f "$OUT"/*.xml
     ;;
   repeat)  # one GPU: graphs vs eager and /health latency, each measured 3 times (median)
     timeout 150 python3 -m benchmarks.step_bench --steps 20 --repeat 3 \

@@ -487,7 +487,8 @@ def test_gpu_graph_replay_decode(backend: str, batch: int, pdl: bool) -> None:
     for slots in layouts:
         info = build_lora_batch_info(slots, ranks, backend, 16, "cuda", pad_to=batch)
         info.max_seg_len = batch  # as captured: the same grids, so the same bits
-        for name in ("seg_indptr", "seg_slots", "chunk_indptr", "chunk_slots"):
+        for name in ("seg_indptr", "seg_slots", "chunk_indptr", "chunk_slots", "seg_live",
+                     "chunk_live"):  # as a graph replay fills its static buffers
             getattr(static, name).copy_(getattr(info, name))
         x.normal_()  # fresh inputs: a kernel reading stale buffers would not go unnoticed
         for y0 in y0s.values():
