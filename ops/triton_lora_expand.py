@@ -68,8 +68,7 @@ def _load_t(
     return tile
 
 
-# counts are not specialized on: a new value must not compile a new kernel
-@triton.jit(do_not_specialize=["num_entries", "entry_progs"])
+@triton.jit
 def _lora_expand_kernel(
     t_ptr,
     b_ptr,

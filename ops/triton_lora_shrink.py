@@ -32,8 +32,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 MAX_PARTIAL_ROWS = 2048  # split_k * tokens: the fp32 partials stay a small L2-resident buffer
 
 
-# counts are not specialized on: a new value must not compile a new kernel
-@triton.jit(do_not_specialize=["num_entries", "entry_progs"])
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
