@@ -17,10 +17,6 @@ from runtime.config import ConfigError, ServerConfig
 log = logging.getLogger("loraserve")
 
 DRAIN_TIMEOUT_S = 30.0
-# How long a thread may hold the GIL while another waits for it. The runner thread's Python
-# (graph input copies, the sampler) would otherwise delay the event loop by up to CPython's
-# default 5 ms; 0.5 ms keeps HTTP answers prompt while a step launches.
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def is_loopback(host: str) -> bool:
@@ -81,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     warn_if_exposed(config)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uvloop.run(serve(config))
     return 0
 

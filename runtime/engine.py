@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ from runtime.streams import Event, Streams
 log = logging.getLogger("loraserve.engine")
 
 STEP_LOG_INTERVAL_S = 10.0
+# How long a thread may hold the GIL while another waits for it (see Engine.start).
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,11 @@ class Engine:
     async def start(self) -> None:
         if self._task is not None:
             return
+        # The runner thread launches steps while this loop serves HTTP and streams: at CPython's
+        # default 5 ms switch interval, each time the loop wakes it waits up to 5 ms for the GIL
+        # from a launching runner thread (set here, not by the server alone, so that anything
+        # driving the engine in-process, the benchmarks included, measures what the server does).
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         if self.adapters is not None:
             await self.adapters.load_startup_adapters()  # operator paths: lora_roots don't apply
             self._report_adapters(force=True)

@@ -154,3 +154,27 @@ def test_loop_never_waits_on_a_running_step(llama):
     out = run(main())
     ref = run(run_batch(make_engine(llama, disable_overlap_schedule=True), [p1, p2], greedy(4)))
     assert out == ref
+
+
+def test_start_sets_the_gil_switch_interval(llama):
+    """Whatever drives the engine (the server, a benchmark, a test) gets the short GIL switch
+    interval that keeps the loop responsive while the runner thread launches a step."""
+    import sys
+
+    from runtime.engine import GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        engine = make_engine(llama)
+
+        async def start_stop() -> float:
+            await engine.start()
+            try:
+                return sys.getswitchinterval()
+            finally:
+                await engine.stop()
+
+        assert run(start_stop()) == pytest.approx(GIL_SWITCH_INTERVAL_S)
+    finally:
+        sys.setswitchinterval(before)
