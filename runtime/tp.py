@@ -618,12 +618,6 @@ class GatheredReady(Event):
         self.local.synchronize()
 
 
-# The base manager builds a slot pool from the shape it is given: an empty one, so that only
-# the shard is ever allocated.
-_EMPTY_SHAPE = LoraModelShape(num_layers=0, hidden_size=0, intermediate_size=0, q_size=0,
-                              kv_size=0, vocab_size=0)
-
-
 class TPAdapterManager(AdapterManager):
     """Adapter residency on rank 0, which alone decides loads, evictions and pins; every slot
     upload is repeated on every worker. A slot stays UPLOADING until rank 0's copy event and
@@ -631,12 +625,9 @@ class TPAdapterManager(AdapterManager):
 
     def __init__(self, config: ServerConfig, rm: RankModel, streams: Streams,
                  tp: TPGroup, driver: TPDriver) -> None:
-        max_rank, targets = resolve_pool_spec(config, rm.full_args.num_layers)
-        spec = config.replace(max_lora_rank=max_rank, lora_target_modules=tuple(sorted(targets)))
-        super().__init__(spec, _EMPTY_SHAPE, rm.device, rm.dtype, streams)
-        self.config = config
-        self.shape = rm.lora_shape  # adapters are read against the whole model
-        self.pool = _pool(config, rm, tp)
+        # adapters are read against the whole model; only this rank's shard of the pool exists
+        super().__init__(config, rm.lora_shape, rm.device, rm.dtype, streams,
+                         pool=_pool(config, rm, tp))
         self.driver = driver
 
     def _upload(self, entry: Any, slot: int) -> int | None:

@@ -158,12 +158,17 @@ class AdapterManager:
         device: torch.device,
         dtype: torch.dtype,
         streams: Streams,
+        pool: LoraPool | None = None,
     ) -> None:
+        """pool: the GPU slots to manage (tensor parallelism passes a rank's shard); by default
+        one built from `shape` and the config."""
         self.config = config
         self.shape = shape
         self.streams = streams
-        max_rank, targets = resolve_pool_spec(config, shape.num_layers)
-        self.pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype)
+        if pool is None:
+            max_rank, targets = resolve_pool_spec(config, shape.num_layers)
+            pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype)
+        self.pool = pool
         self.counters = AdapterCounters()
         # Host-to-device upload speed, learnt from finished uploads (starts conservative).
         self.upload_bytes_per_s = 10e9
@@ -539,9 +544,9 @@ class AdapterManager:
                 return None
         assert entry.slot is not None
         ready = self._slots[entry.slot].ready
-        if ready is not None and overlap is not False and not ready.query():
-            if overlap or self.upload_remaining_s(entry.slot) > max_wait_s:
-                return None
+        uploading = ready is not None and overlap is not False and not ready.query()
+        if uploading and (overlap or self.upload_remaining_s(entry.slot) > max_wait_s):
+            return None
         entry.last_used = next(self._clock)
         return entry.slot
 
