@@ -100,12 +100,20 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                                         engine.model_info.vocab_size)
     assert engine.adapters is not None
     loads = dict(engine.adapters.counters.loads)
+    c = engine.scheduler.counters
+    steps, rows, prefill_steps = c.num_steps, c.num_rows, c.num_prefill_steps
     samples, start, end = await serve(engine, prompts, loras, arrivals,
                                       params_for(s.output_len), None)
     figures = run_figures(samples, start, end)
     figures["distinct_adapters"] = len(set(loras))
     figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
     figures["uploads"] = engine.adapters.counters.loads["gpu"] - loads["gpu"]
+    # what bounds throughput: rows a step (the adapter cap limits a many-adapter batch) and
+    # how many steps prefill (those run eagerly on CUDA)
+    figures["steps"] = c.num_steps - steps
+    figures["mean_rows_per_step"] = (c.num_rows - rows) / max(1, figures["steps"])
+    figures["prefill_step_fraction"] = (c.num_prefill_steps - prefill_steps) / max(
+        1, figures["steps"])
     return figures
 
 
@@ -125,8 +133,10 @@ def run(s: Settings, root: Path, log) -> dict[str, Any]:
             out: dict[str, Any] = {}
             for label, names in (("few", few), ("many", many)):
                 out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed)}
-                log(f"{label} saturated: {out[label]['saturated']['request_throughput']:.2f} "
-                    f"req/s")
+                sat = out[label]["saturated"]
+                log(f"{label} saturated: {sat['request_throughput']:.2f} req/s, "
+                    f"{sat['mean_rows_per_step']:.1f} rows a step, "
+                    f"{100 * sat['prefill_step_fraction']:.0f} % of steps prefill")
             rate = LOAD_FRACTION * out["few"]["saturated"]["request_throughput"]
             for label, names in (("few", few), ("many", many)):
                 out[label]["poisson"] = await one_run(engine, s, names, rate, s.seed + 1)

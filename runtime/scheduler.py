@@ -50,6 +50,8 @@ class SchedulerCounters:
     """What happened, for tests and logs: they assert from these that batching really ran."""
 
     num_steps: int = 0
+    num_rows: int = 0  # requests over all steps (mean batch size = num_rows / num_steps)
+    num_prefill_steps: int = 0  # steps with a prefill chunk (these run eagerly on CUDA)
     num_preemptions: int = 0
     num_prefill_chunks: int = 0
     max_batch_size: int = 0
@@ -225,10 +227,11 @@ class Scheduler:
         plan = ScheduledBatch([batch[i] for i in order], [counts[i] for i in order])
         c = self.counters
         c.num_steps += 1
+        c.num_rows += len(batch)
         c.max_batch_size = max(c.max_batch_size, len(batch))
-        c.num_prefill_chunks += sum(
-            1 for r, n in zip(plan.requests, plan.num_new_tokens) if r.is_prefilling
-        )
+        chunks = sum(1 for r in plan.requests if r.is_prefilling)
+        c.num_prefill_chunks += chunks
+        c.num_prefill_steps += chunks > 0
         num_adapters = len(plan.slots)
         c.max_adapters_in_step = max(c.max_adapters_in_step, num_adapters)
         if num_adapters > 1:

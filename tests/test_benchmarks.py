@@ -247,3 +247,8 @@ def test_many_adapters_quick(tmp_path: Path) -> None:
     assert result["many"]["saturated"]["disk_loads"] > 0
     assert result["many"]["saturated"]["uploads"] > 0
     assert isinstance(result["keep_poisson"]["met"], bool)
+    # a batch holds at most max_loras_per_batch (4) distinct adapters: with 40 adapters and
+    # one request each mostly, the many-adapter batches are smaller than the few-adapter ones
+    few, many = result["few"]["saturated"], result["many"]["saturated"]
+    assert many["steps"] > 0 and 0 < many["prefill_step_fraction"] <= 1
+    assert 1 <= many["mean_rows_per_step"] < few["mean_rows_per_step"] <= 32
