@@ -14,6 +14,8 @@
 #   scripts/device_session.sh verify (one GPU) GPU tests of the kernels and graphs, step
 #                                    benchmark with adapters, LoRA kernel microbenchmark
 #   scripts/device_session.sh serving (one GPU) HF PEFT baseline side by side, many adapters
+#   scripts/device_session.sh qwen   (one GPU) step benchmark with adapters on Qwen2.5-7B shapes,
+#                                    the serving benchmark again
 #   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
 #   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
@@ -126,8 +128,8 @@ case "${1:-}" in
     rm -f "$OUT"/*.xml
     ;;
   verify)  # one GPU: what the kernel and graph changes touch, then their figures
-    gpu_tests lora_ops_gpu 120 tests/test_lora_ops.py
-    gpu_tests graphs_gpu 150 tests/test_graphs_gpu.py
+    gpu_tests lora_ops_gpu 200 tests/test_lora_ops.py
+    gpu_tests graphs_gpu 200 tests/test_graphs_gpu.py
     gpu_tests engine_gpu 80 tests/test_engine_gpu.py
     timeout 170 python3 -m benchmarks.step_bench --lora --steps 20 --out "$OUT/step_lora.json" \
       > "$OUT/step_lora.log" 2>&1
@@ -147,6 +149,20 @@ case "${1:-}" in
     echo "== many_adapters: rc $?"; tail -3 "$OUT/many.log"
     rm -f "$OUT"/*.xml
     ;;
+  qwen)  # one GPU: the second model shape, and the serving benchmark on the current code
+    timeout 200 python3 -m benchmarks.step_bench --shape qwen2.5-7b --lora --steps 20 \
+      --out "$OUT/step_qwen.json" > "$OUT/step_qwen.log" 2>&1
+    echo "== step_bench qwen2.5-7b: rc $?"; tail -16 "$OUT/step_qwen.log"
+    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+    python3 -m benchmarks.random_adapters llama-3.1-8b /tmp/adapters --count 8 --rank 16 > /dev/null
+    timeout 200 python3 -m benchmarks.serve_bench --launch --server-args "--model-path \
+      /tmp/llama8b --load-format dummy --dtype bfloat16 --max-loras-per-batch 8" \
+      --lora-dir /tmp/adapters --num-loras 8 --popularity skewed --num-prompts 256 \
+      --input-len 256 --output-len 128 --request-rate 8 16 32 inf --slo-ttft-ms 500 \
+      --slo-tpot-ms 50 --save-detailed --disable-tqdm --out "$OUT/serve.json" \
+      > "$OUT/serve.log" 2>&1
+    echo "== serve_bench: rc $?"; grep -E "^(Request throughput|Median TTFT|P99 TTFT|Median TPOT|Median ITL)" "$OUT/serve.log" | head -24
+    ;;
   repeat)  # one GPU: graphs vs eager and /health latency, each measured 3 times (median)
     timeout 150 python3 -m benchmarks.step_bench --steps 20 --repeat 3 \
       --out "$OUT/step_graphs_r3.json" > "$OUT/step_graphs_r3.log" 2>&1
@@ -164,5 +180,5 @@ case "${1:-}" in
     timeout 400 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -4 "$OUT/many.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|repeat|many"; exit 2 ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many"; exit 2 ;;
 esac
