@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ops.sizes import cdiv, next_pow2
+
 _LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A slice shorter than this is not worth a program of its own.
@@ -152,8 +154,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_s
     of the block table's capacity, at most _MAX_SPLITS.
     """
     num_programs = max(1, batch * num_kv_heads)
-    wanted = triton.cdiv(2 * num_sms, num_programs)
-    useful = triton.cdiv(max_kv_capacity, _MIN_TOKENS_PER_SPLIT)
+    wanted = cdiv(2 * num_sms, num_programs)
+    useful = cdiv(max_kv_capacity, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
@@ -288,7 +290,7 @@ def decode_attention_triton(
         block_tables.stride(0),
         scale * _LOG2E,
         GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_H=max(16, next_pow2(group)),
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
@@ -307,7 +309,7 @@ def decode_attention_triton(
             o.stride(1),
             HEAD_DIM=head_dim,
             NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=next_pow2(num_splits),
             num_warps=4,
         )
     return o

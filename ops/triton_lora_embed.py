@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.sizes import next_pow2
+
 
 @triton.jit
 def _lora_embed_shrink_kernel(
@@ -98,7 +100,7 @@ def triton_lora_embed_shrink(
         out.stride(1),
         m_progs,
         BLOCK_M=block_m,
-        BLOCK_R=triton.next_power_of_2(rank_pad),
+        BLOCK_R=next_pow2(rank_pad),
         num_warps=4,
     )
     return out

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
+from ops.sizes import cdiv, next_pow2
+
 MAX_SLICES = 4
 MAX_SUM_ELEMENTS = 2048  # SPLIT_BLOCK * BLOCK_M * BLOCK_K: more costs registers (sm_90: 96 at
 # 16 x 16 x 8, 168 at x 16, 248 at x 32) and so occupancy, which the empty programs of a padded
@@ -178,13 +180,9 @@ def _lora_expand_kernel(
             tl.store(y_ptrs, (y_old + scaling * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def expand_block_k(rank_pad: int) -> int:
     """Rank columns per inner step of the expand (one step covers ranks up to 64)."""
-    return min(64, max(16, _next_pow2(rank_pad)))
+    return min(64, max(16, next_pow2(rank_pad)))
 
 
 def expand_max_splits(block_m: int, rank_pad: int) -> int:
@@ -200,7 +198,7 @@ def _expand_block_n(
     H200, benchmarks/RESULTS.md), else 64 at most (summing split-K partials, 128 took 248
     registers a thread on sm_90, which the empty programs of a padded decode grid pay for)."""
     for block_n in (128, 64, 32) if num_splits == 1 else (64, 32):
-        tiles = sum(triton.cdiv(w, block_n) for w in widths)
+        tiles = sum(cdiv(w, block_n) for w in widths)
         if num_programs_per_tile * tiles >= 2 * num_sms:
             return block_n
     return 16 if max(widths) <= 16 else 32
@@ -259,12 +257,12 @@ def triton_lora_expand(
     entry_progs = min(entry_progs or num_entries, num_entries)
     widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
     block_n = block_n or _expand_block_n(entry_progs * m_progs, widths, num_sms, num_splits)
-    tile_counts = [triton.cdiv(w, block_n) for w in widths]
+    tile_counts = [cdiv(w, block_n) for w in widths]
     tile_cum = [sum(tile_counts[: i + 1]) for i in range(num_slices)]
     big = 1 << 30
     tiles = tile_cum[:-1] + [big] * (MAX_SLICES - num_slices)
     offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
-    split_block = min(_next_pow2(num_splits), expand_max_splits(block_m, rank_pad))
+    split_block = min(next_pow2(num_splits), expand_max_splits(block_m, rank_pad))
     low_precision = t.dtype != torch.float32 or B.dtype != torch.float32
     grid = (entry_progs * m_progs, tile_cum[-1])
     _lora_expand_kernel[grid](

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ops.sizes import cdiv, next_pow2
+
 MAX_PARTIAL_ROWS = 2048  # split_k * tokens: the fp32 partials stay a small L2-resident buffer
 
 
@@ -133,10 +135,6 @@ def _lora_shrink_kernel(
             )
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def shrink_split_k(
     num_tokens: int, num_programs: int, num_k_blocks: int, num_sms: int, max_split: int
 ) -> int:
@@ -163,11 +161,11 @@ def shrink_blocks(
     (fold: x is read once for all slices), wider K tiles while the tile stays small."""
     fold = num_tokens > 64 and num_slices > 1 and num_slices * rank_pad <= 64
     if fold:
-        block_n = max(16, _next_pow2(num_slices * rank_pad))
+        block_n = max(16, next_pow2(num_slices * rank_pad))
     else:
-        block_n = 16 if num_tokens <= 64 else min(64, max(16, _next_pow2(rank_pad)))
+        block_n = 16 if num_tokens <= 64 else min(64, max(16, next_pow2(rank_pad)))
     block_k = 128 if block_m * block_n <= 1024 else 64
-    return block_n, min(block_k, max(16, _next_pow2(k_dim))), fold
+    return block_n, min(block_k, max(16, next_pow2(k_dim))), fold
 
 
 def triton_lora_shrink(
@@ -218,8 +216,8 @@ def triton_lora_shrink(
     block_n, block_k, fold = blocks or shrink_blocks(
         num_tokens, rank_pad, k_dim, block_m, num_slices
     )
-    n_tiles = triton.cdiv(num_slices * rank_pad if fold else rank_pad, block_n)
-    num_k_blocks = triton.cdiv(k_dim, block_k)
+    n_tiles = cdiv(num_slices * rank_pad if fold else rank_pad, block_n)
+    num_k_blocks = cdiv(k_dim, block_k)
     if split_k is None and out is not None:
         split_k = out.shape[0]
     if split_k is None:
@@ -248,7 +246,7 @@ def triton_lora_shrink(
         entry_progs,
         k_dim,
         rank_pad,
-        triton.cdiv(num_k_blocks, split_k) * block_k,
+        cdiv(num_k_blocks, split_k) * block_k,
         x.stride(0),
         x.stride(1),
         A.stride(0),

@@ -5,6 +5,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ops.sizes import cdiv, next_pow2
+
 _LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -127,7 +129,7 @@ def _launch_config(max_rows: int, head_dim: int, is_fp32: bool) -> tuple[int, in
     Short chunks get short query tiles; the long-tile settings were measured on an H200.
     fp32 tiles are twice the bytes, so they stay small enough for shared memory.
     """
-    block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(max_rows)))
+    block_m = min(128 if head_dim <= 128 else 64, max(16, next_pow2(max_rows)))
     if is_fp32:
         return min(block_m, 64), (64 if head_dim <= 128 else 32), 4, 2
     if head_dim > 128:
@@ -248,7 +250,7 @@ def prefill_attention_triton(
     block_m, block_n, num_warps, num_stages = _launch_config(
         max_q_len * group, head_dim, q.dtype == torch.float32
     )
-    grid = (triton.cdiv(max_q_len * group, block_m), num_kv_heads, batch)
+    grid = (cdiv(max_q_len * group, block_m), num_kv_heads, batch)
     _prefill_attention_kernel[grid](
         q,
         k_cache,

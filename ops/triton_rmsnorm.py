@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.sizes import next_pow2
+
 _MAX_BLOCK = 32768
 
 
@@ -72,7 +74,7 @@ def _launch(
     num_rows, n = x.shape
     if num_rows == 0:
         return
-    block = triton.next_power_of_2(n)
+    block = next_pow2(n)
     # One warp per 512 elements: at hidden 4096 in bf16, 8 warps and two 16-byte loads in
     # flight per thread for each of x and residual.
     num_warps = max(1, min(16, block // 512))

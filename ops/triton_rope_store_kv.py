@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.sizes import next_pow2
+
 
 @triton.jit
 def _head_norm(x1, x2, w_ptr, offs, live, eps, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
@@ -179,7 +181,7 @@ def rope_store_kv_triton(
         eps,
         HEAD_DIM=head_dim,
         HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=next_pow2(half),
         QK_NORM=qk_norm,
         num_warps=1,  # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses
     )

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.sizes import cdiv, next_pow2
+
 _BLOCK = 1024
 
 
@@ -54,10 +56,10 @@ def silu_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> t
         raise ValueError("out must be on gate_up's device")
     if num_rows == 0 or inter == 0:
         return out
-    block = min(_BLOCK, triton.next_power_of_2(inter))
+    block = min(_BLOCK, next_pow2(inter))
     # 8 bf16 (16 bytes) per thread for each of gate and up
     num_warps = max(1, min(4, block // 256))
-    _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
+    _silu_mul_kernel[(num_rows, cdiv(inter, block))](
         gate_up,
         out,
         inter,

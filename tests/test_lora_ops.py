@@ -541,3 +541,17 @@ def test_gpu_two_launches_per_application() -> None:
         kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         assert len(kernels) == 2, kernels
         assert "shrink" in kernels[0] and "expand" in kernels[1], kernels
+
+
+def test_size_helpers_match_triton() -> None:
+    """The wrappers' plain-Python cdiv / next_pow2 (triton's are jit functions, microseconds a
+    host call) give triton's answers."""
+    import triton
+
+    from ops.sizes import cdiv, next_pow2
+
+    for n in range(1, 5000):
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 128):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+    assert cdiv(0, 16) == 0 and next_pow2(0) == 1
