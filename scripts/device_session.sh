@@ -99,9 +99,9 @@ case "${1:-}" in
     echo "== step_bench --lora: rc $?"; tail -22 "$OUT/step_lora.log"
     ;;
   check)  # one GPU: every GPU test file in its own process (a failure cannot cascade), uploads
-    gpu_tests lora_ops_gpu 150 tests/test_lora_ops.py
+    gpu_tests lora_ops_gpu 200 tests/test_lora_ops.py
     gpu_tests engine_gpu 100 tests/test_engine_gpu.py
-    gpu_tests graphs_gpu 80 tests/test_graphs_gpu.py
+    gpu_tests graphs_gpu 200 tests/test_graphs_gpu.py
     gpu_tests pipeline_gpu 100 tests/test_pipeline_gpu.py
     gpu_tests fused_gpu 100 tests/test_fused_ops.py
     timeout 60 python3 -m benchmarks.upload_bench --uploads 4 --out "$OUT/upload.json" \
