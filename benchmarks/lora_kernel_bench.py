@@ -266,9 +266,8 @@ def tuned_impl(case: Case, chunk_size: int, pad_to: int | None = None,
     to `pad_to` entries as a CUDA graph's is, `entry_programs` programs along entries (-1: the
     default for the table; None: one program an entry, the live count unused), the expand's
     output tile width and the shrink's slice folding."""
-    from ops.lora import _num_sms, lora_row_table
-    from ops.triton_lora_expand import expand_max_splits, triton_lora_expand
-    from ops.triton_lora_shrink import shrink_blocks, triton_lora_shrink
+    from ops.lora import lora_row_table
+    from ops.triton_lora_shrink import shrink_blocks
 
     info = build_lora_batch_info(case.token_slots, case.slot_ranks, "csgmv", chunk_size,
                                  case.x.device, pad_to=pad_to)
@@ -276,24 +275,16 @@ def tuned_impl(case: Case, chunk_size: int, pad_to: int | None = None,
         info = dataclasses.replace(info, seg_live=None, chunk_live=None, entry_programs=None)
     elif entry_programs > 0:
         info = dataclasses.replace(info, entry_programs=entry_programs)
-    table, n = lora_row_table(info), case.num_slices
+    n = case.num_slices
     rank_pad = case.A.shape[1] // n
-    blocks = shrink_blocks(case.x.shape[0], rank_pad, case.x.shape[1], table.block_m, n)
+    blocks = None
     if fold is not None:
-        blocks = (max(16, 1 << (n * rank_pad - 1).bit_length()) if fold else 16, blocks[1], fold)
-    sms = _num_sms(case.x.device)
-
-    def run() -> None:
-        t = triton_lora_shrink(
-            case.x, case.A, case.slot_ranks, table.indptr, table.slots, table.num_entries, n,
-            table.block_m, table.m_progs, num_sms=sms, blocks=blocks, live=table.live,
-            entry_progs=table.entry_progs,
-            max_split=expand_max_splits(table.block_m, rank_pad))
-        triton_lora_expand(
-            t, case.B, case.y, case.slice_offsets, case.scalings, case.slot_ranks, table.indptr,
-            table.slots, table.num_entries, table.block_m, table.m_progs, num_sms=sms,
-            block_n=block_n, live=table.live, entry_progs=table.entry_progs)
-    return run
+        _, block_k, _ = shrink_blocks(case.x.shape[0], rank_pad, case.x.shape[1],
+                                      lora_row_table(info).block_m, n)
+        blocks = (max(16, 1 << (n * rank_pad - 1).bit_length()) if fold else 16, block_k, fold)
+    return lambda: apply_lora_triton(case.x, case.A, case.B, case.y, case.slice_offsets,
+                                     case.scalings, info, shrink_blocks=blocks,
+                                     expand_block_n=block_n)
 
 
 def sweep_implementations(case: Case, workload: str) -> dict[str, Callable[[], None]]:

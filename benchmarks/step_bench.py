@@ -68,6 +68,18 @@ def one_step(engine: Engine) -> float:
     return time.perf_counter() - t0
 
 
+def prefill_all(engine: Engine) -> None:
+    """Step until every added request has finished its prefill."""
+    while any(r.is_prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+        one_step(engine)
+
+
+def clear(engine: Engine) -> None:
+    """Drop every running request (and free its blocks)."""
+    for r in list(engine.scheduler.running):
+        engine.scheduler.remove(r)
+
+
 def add_requests(engine: Engine, batch: int, prompt_len: int, loras: list[str | None]) -> None:
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_info.vocab_size
@@ -83,15 +95,13 @@ def add_requests(engine: Engine, batch: int, prompt_len: int, loras: list[str | 
 def decode_step_ms(engine: Engine, batch: int, prompt_len: int, steps: int,
                    loras: list[str | None] | None = None) -> dict:
     add_requests(engine, batch, prompt_len, loras or [None])
-    while any(r.is_prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
-        one_step(engine)
+    prefill_all(engine)
     for _ in range(5):
         one_step(engine)
     times = [one_step(engine) for _ in range(steps)]
     fwd = forward_ms(engine)
     ctx = prompt_len + 5 + steps
-    for r in list(engine.scheduler.running):
-        engine.scheduler.remove(r)
+    clear(engine)
     return {"batch": batch, "median_ms": 1e3 * statistics.median(times),
             "p10_ms": 1e3 * sorted(times)[len(times) // 10], "ctx_at_end": ctx,
             "graph_forward_ms": fwd, "adapters": len({x for x in (loras or [None]) if x})}
@@ -170,8 +180,7 @@ def prefill_ms(engine: Engine, batch: int, prompt_len: int, reps: int = 5,
         t = one_step(engine)
         if rep >= 2:
             times.append(t)
-        for r in list(engine.scheduler.running):
-            engine.scheduler.remove(r)
+        clear(engine)
     return {"batch": batch, "prompt": prompt_len, "median_ms": 1e3 * statistics.median(times)}
 
 
@@ -226,11 +235,9 @@ def profile_cases(engine: Engine, prompt: int, names: list[str]) -> list[dict]:
     cases = [(1, None), (32, None)] + ([(1, 1), (32, 8), (32, 32)] if names else [])
     for b, n in cases:
         add_requests(engine, b, prompt, names[:n] if n else [None])
-        while any(r.is_prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
-            one_step(engine)
+        prefill_all(engine)
         out.append({"case": f"decode batch {b}, {n or 0} adapters", **profile_steps(engine)})
-        for r in list(engine.scheduler.running):
-            engine.scheduler.remove(r)
+        clear(engine)
     for n in (None, 8) if names else (None,):
         for warm in (True, False):  # the first round compiles the prefill shapes' kernels
             add_requests(engine, 8, 512, names[:n] if n else [None])
@@ -239,8 +246,7 @@ def profile_cases(engine: Engine, prompt: int, names: list[str]) -> list[dict]:
             else:
                 out.append({"case": f"prefill 8x512, {n or 0} adapters",
                             **profile_steps(engine, 1, warm=False)})
-            for r in list(engine.scheduler.running):
-                engine.scheduler.remove(r)
+            clear(engine)
     return out
 
 

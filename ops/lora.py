@@ -53,6 +53,8 @@ class LoraBatchInfo:
     seg_live: Tensor | None = None
     chunk_live: Tensor | None = None
     entry_programs: int | None = None
+    # [2] int32 on the device: segments and chunks before any padding (build_lora_batch_info)
+    counts: Tensor | None = None
 
 
 def _segments(token_slots: list[int]) -> tuple[list[int], list[int]]:
@@ -140,6 +142,7 @@ def build_lora_batch_info(
         seg_live=live_part[0:1] if padded else None,
         chunk_live=live_part[1:2] if padded else None,
         entry_programs=min(pad_to, PADDED_ENTRY_PROGRAMS) if padded else None,
+        counts=live_part,
     )
 
 
@@ -280,13 +283,16 @@ def _shrink_partials(
     split_k: int | None,
     out: Tensor | None = None,
     pdl: bool | None = None,
+    table: LoraRowTable | None = None,
+    blocks: tuple[int, int, bool] | None = None,
 ) -> Tensor:
     """Split-K partials of the shrink, [split_k, T, n*R] (see triton_lora_shrink); the split
-    count is capped at what one expand program sums in a single load."""
+    count is capped at what one expand program sums in a single load. table: info's row table
+    when the caller has it already; blocks: the shrink's tiling instead of its heuristic."""
     from ops.triton_lora_expand import expand_max_splits
     from ops.triton_lora_shrink import triton_lora_shrink
 
-    table = lora_row_table(info)
+    table = table or lora_row_table(info)
     return triton_lora_shrink(
         x,
         A,
@@ -304,6 +310,7 @@ def _shrink_partials(
         out=out,
         max_split=expand_max_splits(table.block_m, A.shape[1] // num_slices),
         pdl=_use_pdl(x.device) if pdl is None else pdl,
+        blocks=blocks,
     )
 
 
@@ -337,14 +344,17 @@ def lora_expand_triton(
     scalings: Tensor,
     info: LoraBatchInfo,
     pdl: bool | None = None,
+    table: LoraRowTable | None = None,
+    block_n: int | None = None,
 ) -> None:
     """Triton lora_expand for info.backend. t: [T, n*R] (any float dtype) or split-K partials
     [splits, T, n*R], summed as they are loaded; B: [num_slots, N_total, R]; y: [T, N_total] in
     place; scalings: [num_slots, n]. pdl: programmatic dependent launch (None =
-    LORASERVE_ENABLE_PDL on CUDA sm_90+)."""
+    LORASERVE_ENABLE_PDL on CUDA sm_90+). table: info's row table when the caller has it
+    already; block_n: the output tile width instead of the heuristic's."""
     from ops.triton_lora_expand import triton_lora_expand
 
-    table = lora_row_table(info)
+    table = table or lora_row_table(info)
     triton_lora_expand(
         t,
         B,
@@ -361,6 +371,7 @@ def lora_expand_triton(
         entry_progs=table.entry_progs,
         num_sms=_num_sms(y.device),
         pdl=_use_pdl(y.device) if pdl is None else pdl,
+        block_n=block_n,
     )
 
 
@@ -397,12 +408,22 @@ def apply_lora_triton(
     info: LoraBatchInfo,
     split_k: int | None = None,
     pdl: bool | None = None,
+    shrink_blocks: tuple[int, int, bool] | None = None,
+    expand_block_n: int | None = None,
 ) -> None:
     """y += LoRA delta of x in two launches: the shrink writes split-K partials (fp32 when split),
     the expand sums them as it loads them (no rounding of t to x.dtype) and adds into y.
-    pdl: programmatic dependent launch (None = LORASERVE_ENABLE_PDL on CUDA sm_90+)."""
-    partials = _shrink_partials(x, A, info, len(slice_offsets) - 1, split_k, pdl=pdl)
-    lora_expand_triton(partials, B, y, slice_offsets, scalings, info, pdl=pdl)
+    pdl: programmatic dependent launch (None = LORASERVE_ENABLE_PDL on CUDA sm_90+).
+    shrink_blocks (BLOCK_N, BLOCK_K, fold) and expand_block_n force the kernels' tiling instead
+    of their heuristics (benchmark sweeps)."""
+    table = lora_row_table(info)  # once for both kernels
+    partials = _shrink_partials(
+        x, A, info, len(slice_offsets) - 1, split_k, pdl=pdl, table=table, blocks=shrink_blocks
+    )
+    lora_expand_triton(
+        partials, B, y, slice_offsets, scalings, info, pdl=pdl, table=table,
+        block_n=expand_block_n,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

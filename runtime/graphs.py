@@ -161,8 +161,8 @@ class DecodeGraphs:
             info = fb.lora
             _fill_padded(b.seg_indptr, b.seg_slots, info.seg_indptr, info.seg_slots, bucket)
             _fill_padded(b.chunk_indptr, b.chunk_slots, info.chunk_indptr, info.chunk_slots, bucket)
-            b.live[0].fill_(info.num_segments)  # a fill kernel, no host sync
-            b.live[1].fill_(info.num_chunks)
+            assert info.counts is not None, "decode tables come from build_lora_batch_info"
+            b.live.copy_(info.counts)  # the real counts came with the table's own copy
         g, logits = self.graphs[(bucket, with_lora)]
         g.replay()
         return logits[:bs]

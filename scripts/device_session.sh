@@ -39,6 +39,20 @@ gpu_tests() {  # gpu_tests NAME TIMEOUT FILES...
   echo "== $name: rc $?"; tail -6 "$OUT/$name.log"
 }
 
+serve_bench() {  # serve_bench TIMEOUT: the serving benchmark's device run (RESULTS.md)
+  python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+  python3 -m benchmarks.random_adapters llama-3.1-8b /tmp/adapters --count 8 --rank 16 > /dev/null
+  timeout "$1" python3 -m benchmarks.serve_bench --launch --server-args "--model-path \
+    /tmp/llama8b --load-format dummy --dtype bfloat16 --max-loras-per-batch 8" \
+    --lora-dir /tmp/adapters --num-loras 8 --popularity skewed --num-prompts 256 \
+    --input-len 256 --output-len 128 --request-rate 8 16 32 inf --slo-ttft-ms 500 \
+    --slo-tpot-ms 50 --save-detailed --disable-tqdm --out "$OUT/serve.json" \
+    > "$OUT/serve.log" 2>&1
+  echo "== serve_bench: rc $?"
+  grep -E "^(Request throughput|Output token|Median TTFT|P99 TTFT|Median TPOT|Median ITL|Request goodput)" \
+    "$OUT/serve.log" | head -40
+}
+
 start_soak() {  # in its own session so it outlives this call; pytest and its plugins apart
   mkdir -p /tmp/soak
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -116,15 +130,7 @@ case "${1:-}" in
     timeout 200 python3 -m benchmarks.lora_kernel_bench --sweep --out "$OUT/lora_kernels.json" \
       > "$OUT/lora_kernels.log" 2>&1
     echo "== lora_kernel_bench: rc $?"; grep -A60 "^LoRA ms per step" "$OUT/lora_kernels.log"
-    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
-    python3 -m benchmarks.random_adapters llama-3.1-8b /tmp/adapters --count 8 --rank 16 > /dev/null
-    timeout 180 python3 -m benchmarks.serve_bench --launch --server-args "--model-path \
-      /tmp/llama8b --load-format dummy --dtype bfloat16 --max-loras-per-batch 8" \
-      --lora-dir /tmp/adapters --num-loras 8 --popularity skewed --num-prompts 256 \
-      --input-len 256 --output-len 128 --request-rate 8 16 32 inf --slo-ttft-ms 500 \
-      --slo-tpot-ms 50 --save-detailed --disable-tqdm --out "$OUT/serve.json" \
-      > "$OUT/serve.log" 2>&1
-    echo "== serve_bench: rc $?"; grep -E "^(Request throughput|Output token|Median TTFT|P99 TTFT|Median TPOT|Request goodput)" "$OUT/serve.log" | head -40
+    serve_bench 180
     rm -f "$OUT"/*.xml
     ;;
   verify)  # one GPU: what the kernel and graph changes touch, then their figures
@@ -153,15 +159,7 @@ case "${1:-}" in
     timeout 200 python3 -m benchmarks.step_bench --shape qwen2.5-7b --lora --steps 20 \
       --out "$OUT/step_qwen.json" > "$OUT/step_qwen.log" 2>&1
     echo "== step_bench qwen2.5-7b: rc $?"; tail -16 "$OUT/step_qwen.log"
-    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
-    python3 -m benchmarks.random_adapters llama-3.1-8b /tmp/adapters --count 8 --rank 16 > /dev/null
-    timeout 200 python3 -m benchmarks.serve_bench --launch --server-args "--model-path \
-      /tmp/llama8b --load-format dummy --dtype bfloat16 --max-loras-per-batch 8" \
-      --lora-dir /tmp/adapters --num-loras 8 --popularity skewed --num-prompts 256 \
-      --input-len 256 --output-len 128 --request-rate 8 16 32 inf --slo-ttft-ms 500 \
-      --slo-tpot-ms 50 --save-detailed --disable-tqdm --out "$OUT/serve.json" \
-      > "$OUT/serve.log" 2>&1
-    echo "== serve_bench: rc $?"; grep -E "^(Request throughput|Median TTFT|P99 TTFT|Median TPOT|Median ITL)" "$OUT/serve.log" | head -24
+    serve_bench 200
     ;;
   repeat)  # one GPU: graphs vs eager and /health latency, each measured 3 times (median)
     timeout 150 python3 -m benchmarks.step_bench --steps 20 --repeat 3 \

@@ -517,26 +517,12 @@ def test_gpu_two_launches_per_application() -> None:
             if num_tokens == 32
             else build_lora_batch_info([3], group.slot_ranks, "csgmv", 16, "cuda")
         )
-        apply_lora(
-            x[:num_tokens],
-            group.A,
-            group.B,
-            y[:num_tokens],
-            group.slice_offsets,
-            group.scalings,
-            one,
-        )  # compile first
+        args = (x[:num_tokens], group.A, group.B, y[:num_tokens], group.slice_offsets,
+                group.scalings, one)
+        apply_lora(*args)  # compile first
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            apply_lora(
-                x[:num_tokens],
-                group.A,
-                group.B,
-                y[:num_tokens],
-                group.slice_offsets,
-                group.scalings,
-                one,
-            )
+            apply_lora(*args)
             torch.cuda.synchronize()
         kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         assert len(kernels) == 2, kernels
