@@ -319,6 +319,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, t in ours.items():
             print(f"engine  {name:5s}: {_line(t)}  ({hf[name].seconds / t.seconds:.1f}x HF)")
         result["engine"] = {k: t.summary() for k, t in ours.items()}
+        # where the engine loop's host time went, per step (ms): schedule, prepare, launch,
+        # wait (blocked on the GPU), postprocess
+        result["engine_loop_ms"] = engine.timings.per_step_ms()
+        print("engine loop, ms a step:", _phases(result["engine_loop_ms"]))
         result["comparison"] = compare(hf, ours)
         for name, c in result["comparison"].items():
             if not c["outputs_equal"]:
@@ -327,6 +331,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _phases(ms: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in ms.items() if k != "steps") + (
+        f" over {ms['steps']} steps")
 
 
 def _line(t: Timing) -> str:

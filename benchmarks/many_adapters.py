@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve, workload
 from benchmarks.random_adapters import clone_adapter, write_adapter
 from benchmarks.step_bench import make_engine
-from runtime.engine import Engine
+from runtime.engine import Engine, LoopTimings
 
 LOAD_FRACTION = 0.8
 GOAL_KEEP = 0.9  # the many-adapter workload keeps >= 90% of the 8-adapter throughput
@@ -102,6 +102,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     loads = dict(engine.adapters.counters.loads)
     c = engine.scheduler.counters
     steps, rows, prefill_steps = c.num_steps, c.num_rows, c.num_prefill_steps
+    timings = replace(engine.timings)
     samples, start, end = await serve(engine, prompts, loras, arrivals,
                                       params_for(s.output_len), None)
     figures = run_figures(samples, start, end)
@@ -114,6 +115,11 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     figures["mean_rows_per_step"] = (c.num_rows - rows) / max(1, figures["steps"])
     figures["prefill_step_fraction"] = (c.num_prefill_steps - prefill_steps) / max(
         1, figures["steps"])
+    # the loop's host time a step by phase (ms): a loop that seldom waits on the GPU is
+    # bound by the host
+    now = engine.timings
+    figures["loop_ms"] = LoopTimings(**{
+        k: getattr(now, k) - getattr(timings, k) for k in asdict(now)}).per_step_ms()
     return figures
 
 
@@ -136,7 +142,8 @@ def run(s: Settings, root: Path, log) -> dict[str, Any]:
                 sat = out[label]["saturated"]
                 log(f"{label} saturated: {sat['request_throughput']:.2f} req/s, "
                     f"{sat['mean_rows_per_step']:.1f} rows a step, "
-                    f"{100 * sat['prefill_step_fraction']:.0f} % of steps prefill")
+                    f"{100 * sat['prefill_step_fraction']:.0f} % of steps prefill; loop ms a "
+                    f"step: " + ", ".join(f"{k} {v:.2f}" for k, v in sat["loop_ms"].items()))
             rate = LOAD_FRACTION * out["few"]["saturated"]["request_throughput"]
             for label, names in (("few", few), ("many", many)):
                 out[label]["poisson"] = await one_run(engine, s, names, rate, s.seed + 1)

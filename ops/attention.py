@@ -35,6 +35,7 @@ def paged_prefill_attention(
     kv_lens: Tensor,
     scale: float,
     max_q_len: int,
+    tile_table: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of each sequence's new queries over its paged KV cache.
 
@@ -42,13 +43,16 @@ def paged_prefill_attention(
     k_cache, v_cache: [num_blocks, block_size, KVH, D].
     block_tables: [B, max_blocks_per_seq] int32. cu_q_lens: [B + 1] int32 cumulative q lengths.
     kv_lens: [B] int32 KV lengths including this step's tokens, whose K/V are already stored.
-    max_q_len: the longest query length in the batch.
+    max_q_len: the longest query length in the batch (or a CUDA-graph bucket's bound on it).
+    tile_table: optional [P] int32 query-tile table for the Triton kernel, built by
+    `prefill_tile_table` with the block_m of this max_q_len (see prefill_attention_triton);
+    the torch path, whose result does not depend on it, ignores it.
     Returns o: [T, H, D] in q's dtype. Query j of sequence b sits at position
     kv_lens[b] - q_len_b + j and attends to KV positions 0..that position.
     """
     args = (q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, scale, max_q_len)
     if q.is_cuda:
-        return prefill_attention_triton(*args)
+        return prefill_attention_triton(*args, tile_table=tile_table)
     return paged_prefill_attention_torch(*args)
 
 

@@ -1,4 +1,12 @@
-"""Causal flash attention for prefill (and chunked prefill) over the paged KV cache."""
+"""Causal flash attention for prefill (and chunked prefill) over the paged KV cache.
+
+Eager launches use a 3-D grid (query tile, KV head, sequence) sized by the longest query. A
+CUDA graph fixes the grid at capture, so for replays over batches of other shapes the caller
+instead hands a host-built tile table (`prefill_tile_table`), copied into a static buffer of
+`prefill_tile_bound` entries, and the grid becomes (table entry, KV head).
+"""
+
+import math
 
 import torch
 import triton
@@ -9,6 +17,11 @@ from ops.sizes import cdiv, next_pow2
 
 _LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A tile-table entry packs (sequence, query tile) as seq * 2**16 + tile: both fit one
+# non-negative int32, and the kernel unpacks them with a shift and a mask.
+_TILE_BITS = 16
+_MAX_TABLE_SEQS = 1 << (31 - _TILE_BITS)
+_MAX_SEQ_TILES = 1 << _TILE_BITS
 
 
 @triton.jit
@@ -20,6 +33,7 @@ def _prefill_attention_kernel(
     cu_q_lens_ptr,  # [B + 1] int32
     kv_lens_ptr,  # [B] int32
     o_ptr,  # [T, H, D]
+    tile_table_ptr,  # [P] int32 seq << 16 | tile, -1 for padding; read only when USE_TABLE
     stride_qt,
     stride_qh,
     stride_ot,
@@ -35,10 +49,19 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    TILE_BITS: tl.constexpr,
+    USE_TABLE: tl.constexpr,  # grid (P, KVH) over the tile table instead of (tiles, KVH, B)
 ):
-    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
+    if USE_TABLE:
+        entry = tl.load(tile_table_ptr + tl.program_id(0))
+        if entry < 0:
+            return
+        seq = entry >> TILE_BITS
+        tile = entry & ((1 << TILE_BITS) - 1)
+    else:
+        tile = tl.program_id(0)
+        seq = tl.program_id(2)
     q_start = tl.load(cu_q_lens_ptr + seq)
     q_len = tl.load(cu_q_lens_ptr + seq + 1) - q_start
     # Rows pack (token, query head of this KV head's group), token-major, so one K/V tile
@@ -141,6 +164,77 @@ def _launch_config(max_rows: int, head_dim: int, is_fp32: bool) -> tuple[int, in
     return block_m, 64, 4, 2
 
 
+def prefill_block_m(max_q_len: int, group: int, head_dim: int, dtype: torch.dtype) -> int:
+    """BLOCK_M of `prefill_attention_triton` for this max_q_len: the rows of (query token,
+    query head of the KV head's group) pairs, token-major, that one query tile covers.
+
+    group: query heads per KV head (H // KVH). head_dim: D. dtype: q's dtype.
+    A tile table for a launch must be built with the block_m of that launch's max_q_len.
+    """
+    if max_q_len < 1 or group < 1:
+        raise ValueError(f"max_q_len and group must be positive, got {max_q_len}, {group}")
+    return _launch_config(max_q_len * group, head_dim, dtype == torch.float32)[0]
+
+
+def prefill_tile_table(
+    q_lens: list[int], group: int, block_m: int, pad_to: int | None = None
+) -> list[int]:
+    """The query tiles of a batch, one entry per (sequence, tile), for a table launch.
+
+    q_lens: each sequence's query length (0 for a sequence with nothing to compute).
+    group: query heads per KV head. block_m: `prefill_block_m(max_q_len, ...)` of the launch.
+    Sequence b gets entries for tiles t in range(cdiv(q_lens[b] * group, block_m)), in
+    sequence order, each packed as b * 65536 + t (b < 32768, t < 65536, so a non-negative
+    int32). pad_to: pad with -1 (programs that exit at once) to this length.
+    """
+    if group < 1 or block_m < 1:
+        raise ValueError(f"group and block_m must be positive, got {group}, {block_m}")
+    table: list[int] = []
+    for seq, q_len in enumerate(q_lens):
+        if q_len < 0:
+            raise ValueError(f"q_lens[{seq}] is negative: {q_len}")
+        num_tiles = cdiv(q_len * group, block_m)
+        if num_tiles == 0:
+            continue
+        if seq >= _MAX_TABLE_SEQS:
+            raise ValueError(f"a tile table holds sequences 0..{_MAX_TABLE_SEQS - 1}, got {seq}")
+        if num_tiles > _MAX_SEQ_TILES:
+            raise ValueError(
+                f"sequence {seq} needs {num_tiles} query tiles, more than {_MAX_SEQ_TILES}"
+            )
+        first = seq << _TILE_BITS
+        table.extend(range(first, first + num_tiles))
+    if pad_to is not None:
+        if len(table) > pad_to:
+            raise ValueError(f"the batch needs {len(table)} tile entries, more than {pad_to}")
+        table.extend([-1] * (pad_to - len(table)))
+    return table
+
+
+def prefill_tile_bound(max_tokens: int, max_seqs: int, group: int, block_m: int) -> int:
+    """The most entries `prefill_tile_table` gives for any batch of at most max_tokens query
+    tokens over at most max_seqs sequences: the size of a CUDA graph's static table.
+
+    Each sequence wastes less than one tile: q_len * group rows fill
+    cdiv(q_len * group, block_m) tiles of which at most block_m - gcd(group, block_m) rows
+    are empty, since both row counts are multiples of that gcd. With k sequences and N tokens
+    the table thus has at most (N * group + k * (block_m - gcd)) // block_m entries, largest
+    at k = min(max_seqs, max_tokens). Exact when group divides block_m (k - 1 one-token
+    sequences and one long one reach it) or block_m divides group (no waste); otherwise it
+    may be a few entries over, each a program that exits at once.
+    """
+    if min(max_tokens, max_seqs) < 0 or group < 1 or block_m < 1:
+        raise ValueError(
+            f"need max_tokens, max_seqs >= 0 and group, block_m >= 1, got {max_tokens}, "
+            f"{max_seqs}, {group}, {block_m}"
+        )
+    num_seqs = min(max_seqs, max_tokens)
+    if num_seqs == 0:
+        return 0
+    max_waste = block_m - math.gcd(group, block_m)
+    return (max_tokens * group + num_seqs * max_waste) // block_m
+
+
 def _check_inputs(
     q: Tensor,
     k_cache: Tensor,
@@ -149,6 +243,7 @@ def _check_inputs(
     cu_q_lens: Tensor,
     kv_lens: Tensor,
     max_q_len: int,
+    tile_table: Tensor | None,
 ) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [T, H, D], got shape {tuple(q.shape)}")
@@ -195,7 +290,16 @@ def _check_inputs(
         )
     if not (cu_q_lens.is_contiguous() and kv_lens.is_contiguous()):
         raise ValueError("cu_q_lens and kv_lens must be contiguous")
-    devices = {t.device for t in (q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens)}
+    tensors = [q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens]
+    if tile_table is not None:
+        if tile_table.dim() != 1 or tile_table.dtype != torch.int32:
+            raise ValueError(
+                f"tile_table must be [P] int32, got {tuple(tile_table.shape)} {tile_table.dtype}"
+            )
+        if not tile_table.is_contiguous():
+            raise ValueError("tile_table must be contiguous")
+        tensors.append(tile_table)
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if not isinstance(max_q_len, int) or max_q_len < 1:
@@ -226,6 +330,7 @@ def prefill_attention_triton(
     max_q_len: int,
     *,
     out: Tensor | None = None,
+    tile_table: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of each sequence's new queries over its paged KV cache.
 
@@ -234,12 +339,19 @@ def prefill_attention_triton(
     block_tables: [B, max_blocks_per_seq] int32; entries past a sequence's blocks are ignored.
     cu_q_lens: [B + 1] int32 cumulative query lengths.
     kv_lens: [B] int32 KV lengths including this step's tokens (already stored).
-    scale: softmax scale. max_q_len: the longest query length in the batch (sets the grid).
+    scale: softmax scale. max_q_len: the longest query length in the batch; it sets the query
+    tile (`prefill_block_m`) and, without a table, the grid.
     out: optional contiguous [T, H, D] buffer in q's dtype to write into.
+    tile_table: optional [P] int32 from `prefill_tile_table`, built with
+    prefill_block_m(max_q_len, H // KVH, D, q.dtype) of this same max_q_len. It replaces the
+    grid by (P, KVH), one program per entry and KV head, -1 entries doing nothing. The launch
+    never reads it on the host, so under CUDA-graph capture max_q_len can be a bucket's bound
+    and each replay's batch is whatever the static buffers (and table) hold: tokens past
+    cu_q_lens[B] and sequences of q_len 0 are then left unwritten.
     Returns o: [T, H, D] in q's dtype (out when given). Query j of sequence b sits at position
     kv_lens[b] - q_len_b + j and attends to KV positions 0..that position.
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, max_q_len)
+    _check_inputs(q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, max_q_len, tile_table)
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     batch = block_tables.shape[0]
@@ -250,7 +362,12 @@ def prefill_attention_triton(
     block_m, block_n, num_warps, num_stages = _launch_config(
         max_q_len * group, head_dim, q.dtype == torch.float32
     )
-    grid = (cdiv(max_q_len * group, block_m), num_kv_heads, batch)
+    if tile_table is None:
+        grid: tuple[int, ...] = (cdiv(max_q_len * group, block_m), num_kv_heads, batch)
+    elif tile_table.shape[0] == 0:
+        return o
+    else:
+        grid = (tile_table.shape[0], num_kv_heads)
     _prefill_attention_kernel[grid](
         q,
         k_cache,
@@ -259,6 +376,7 @@ def prefill_attention_triton(
         cu_q_lens,
         kv_lens,
         o,
+        cu_q_lens if tile_table is None else tile_table,  # any int32 pointer when unused
         q.stride(0),
         q.stride(1),
         o.stride(0),
@@ -275,6 +393,8 @@ def prefill_attention_triton(
         BLOCK_N=block_n,
         # fp32 inputs keep full precision instead of silently dropping to tf32.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        TILE_BITS=_TILE_BITS,
+        USE_TABLE=tile_table is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

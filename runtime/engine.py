@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -61,6 +61,24 @@ class ModelInfo:
     is_lora_enabled: bool
     max_lora_rank: int | None
     lora_target_modules: tuple[str, ...] | None
+
+
+@dataclass
+class LoopTimings:
+    """Host seconds the serving loop spent in each phase, summed over its steps. `wait` is
+    time blocked on the GPU: a loop with little of it is bound by the host."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    prepare: float = 0.0
+    launch: float = 0.0  # enqueueing the forward and sampler (runner thread)
+    wait: float = 0.0
+    postprocess: float = 0.0
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {k: 1e3 * v / n for k, v in asdict(self).items() if k != "steps"} | {
+            "steps": self.steps}
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,8 @@ class Engine:
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-wait")
         self._last_complete = 0.0
         self.num_overlapped_steps = 0  # steps launched while the previous one was in flight
+        # Seconds the loop spent in each phase (LoopTimings): where a step's host time goes.
+        self.timings = LoopTimings()
         self.overlap_schedule = not config.disable_overlap_schedule  # benchmarks flip it
         self._accepting = True
         self._generated_tokens = 0
@@ -371,7 +391,9 @@ class Engine:
                 await self._complete(loop, inflight)
                 inflight = None
                 continue
+            t0 = time.perf_counter()
             plan = self.scheduler.schedule()
+            self.timings.schedule += time.perf_counter() - t0
             if plan is None:
                 if inflight is not None:
                     await self._complete(loop, inflight)
@@ -406,9 +428,15 @@ class Engine:
         requests are aborted with the error and None is returned."""
         slots = plan.slots
         self._before_step(slots)
+        t = self.timings
         try:
+            t0 = time.perf_counter()
             fb = self.runner.prepare(plan, prev)
+            t1 = time.perf_counter()
             step = await loop.run_in_executor(self._thread, self.runner.launch, plan, fb)
+            t.prepare += t1 - t0
+            t.launch += time.perf_counter() - t1
+            t.steps += 1
         except Exception as e:  # a failed step must not stop the loop (nor hang its clients)
             log.exception("step failed; aborting its %d requests", len(plan.requests))
             self._after_step(slots)
@@ -436,6 +464,7 @@ class Engine:
     async def _complete(self, loop: asyncio.AbstractEventLoop, step: InFlightStep) -> None:
         """Wait (in a waiter thread, never on the loop) for `step`'s event, then apply its
         tokens."""
+        t0 = time.perf_counter()
         try:
             if not step.done():
                 await loop.run_in_executor(self._waiter, step.event.synchronize)
@@ -447,10 +476,13 @@ class Engine:
             return
         finally:
             self._unlock(step.slots)
+        t1 = time.perf_counter()
         now = time.monotonic()
         self.scheduler.observe_step(now - max(step.launched_at, self._last_complete))
         self._last_complete = now
         self._postprocess(step, result)
+        self.timings.wait += t1 - t0
+        self.timings.postprocess += time.perf_counter() - t1
 
     def run_step_blocking(self, plan: ScheduledBatch) -> None:
         """Launch `plan`, wait for it and apply its tokens, on the calling thread (benchmarks

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 if not torch.cuda.is_available():
@@ -25,6 +27,7 @@ from ops.attention import (
     store_kv,
 )
 from ops.triton_decode_attention import choose_num_splits
+from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # Kernel output vs the fp32 reference: fp16/bf16 round the probabilities before the PV dot.
@@ -300,6 +303,168 @@ def test_wrappers_reject_bad_inputs() -> None:
     with pytest.raises(ValueError, match="out"):
         decode_attention_triton(batch.q[:2], *args[1:4], batch.kv_lens, 0.2,
                                 out=torch.empty(2, 4, 16))  # fmt: skip
+    table = torch.tensor([0, 1, 65536, -1], dtype=torch.int32)
+    for bad_table in (table.long(), table.view(2, 2), table[::2]):
+        with pytest.raises(ValueError, match="tile_table"):
+            prefill_attention_triton(*args, tile_table=bad_table)
+
+
+# Tile-table launches, as a CUDA graph replays them: max_q_len is the bucket's bound, not the
+# batch's longest query, the table is padded with -1, and so is the batch: q_len 0 sequences
+# (kv_len 1) at its end and tokens past cu_q_lens[B] that no sequence owns.
+# Decode rows, a short prompt, an idle sequence, a multi-tile chunk over a cached prefix.
+TABLE_Q_LENS = [1, 9, 0, 140, 1, 3, 0, 0]
+TABLE_KV_LENS = [17, 9, 6, 140 + 25, 1, 3 + 70, 1, 1]
+TABLE_MAX_Q_LEN = 160
+
+
+def run_prefill_table(
+    batch: PagedBatch, scale: float, max_q_len: int, num_pad_entries: int, num_pad_tokens: int
+) -> Tensor:
+    """The table launch over batch.q plus num_pad_tokens unowned tokens: [T + pad, H, D]."""
+    num_tokens, num_heads, head_dim = batch.q.shape
+    group = num_heads // batch.k_cache.shape[2]
+    block_m = prefill_block_m(max_q_len, group, head_dim, batch.q.dtype)
+    entries = prefill_tile_table(batch.q_lens, group, block_m)
+    table = prefill_tile_table(batch.q_lens, group, block_m, pad_to=len(entries) + num_pad_entries)
+    q = torch.cat([batch.q, torch.randn(num_pad_tokens, num_heads, head_dim).to(batch.q)])
+    out = torch.full_like(q, float("nan"))
+    prefill_attention_triton(
+        q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens, batch.kv_lens,
+        scale, max_q_len, out=out,
+        tile_table=torch.tensor(table, dtype=torch.int32, device=q.device),
+    )  # fmt: skip
+    assert not out[:num_tokens].isnan().any()  # every real row written
+    assert out[num_tokens:].isnan().all()  # and no other
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_prefill_tile_table_matches_reference(dtype: torch.dtype, group: int) -> None:
+    batch = make_batch(TABLE_Q_LENS, TABLE_KV_LENS, 2 * group, 2, 32, 4, dtype, seed=group)
+    block_m = prefill_block_m(TABLE_MAX_Q_LEN, group, 32, dtype)
+    assert cdiv_int(140 * group, block_m) >= 2  # the long chunk spans several tiles
+    out = run_prefill_table(batch, 0.2, TABLE_MAX_Q_LEN, num_pad_entries=5, num_pad_tokens=3)
+    num_tokens = batch.q.shape[0]
+    expected = prefill_reference(batch, 0.2)
+    torch.testing.assert_close(out[:num_tokens], expected, **TOLERANCES[dtype])
+    # Same tiles as the 3-D grid of the same max_q_len, so the same bits.
+    grid_out = torch.full_like(batch.q, float("nan"))
+    prefill_attention_triton(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
+        batch.kv_lens, 0.2, TABLE_MAX_Q_LEN, out=grid_out,
+    )  # fmt: skip
+    torch.testing.assert_close(out[:num_tokens], grid_out, rtol=0, atol=0)
+
+
+def test_prefill_tile_table_all_padding() -> None:
+    # A replay whose batch is empty: every program exits, nothing is written.
+    batch = make_batch([0, 0], [1, 1], 4, 2, 32, 4, torch.float32)
+    batch.q = torch.randn(0, 4, 32)
+    run_prefill_table(batch, 0.2, 16, num_pad_entries=4, num_pad_tokens=6)
+
+
+def test_paged_prefill_attention_torch_ignores_tile_table() -> None:
+    batch = make_batch([3, 1, 0], [3, 6, 1], 4, 2, 32, 4, torch.float32, seed=2)
+    table = torch.full((7,), -1, dtype=torch.int32)  # not even this batch's table
+    out = paged_prefill_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
+        batch.kv_lens, 0.2, 64, tile_table=table,
+    )  # fmt: skip
+    torch.testing.assert_close(out, prefill_reference(batch, 0.2), rtol=0, atol=0)
+
+
+def cdiv_int(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def test_prefill_block_m_follows_max_q_len() -> None:
+    assert prefill_block_m(1, 1, 128, torch.bfloat16) == 16
+    assert prefill_block_m(20, 2, 128, torch.bfloat16) == 64
+    assert prefill_block_m(256, 4, 128, torch.bfloat16) == 128
+    assert prefill_block_m(256, 4, 128, torch.float32) == 64  # fp32 tiles stay small
+    assert prefill_block_m(256, 4, 256, torch.bfloat16) == 64
+    with pytest.raises(ValueError, match="positive"):
+        prefill_block_m(0, 4, 128, torch.bfloat16)
+
+
+def test_prefill_tile_table_packing_and_padding() -> None:
+    # group 3, block_m 16: 1 token -> 3 rows, 1 tile; 6 tokens -> 18 rows, 2 tiles.
+    assert prefill_tile_table([1, 0, 6], 3, 16) == [0, 2 * 65536, 2 * 65536 + 1]
+    assert prefill_tile_table([1, 0, 6], 3, 16, pad_to=5) == [0, 131072, 131073, -1, -1]
+    assert prefill_tile_table([16, 17], 1, 16, pad_to=3) == [0, 65536, 65537]
+    assert prefill_tile_table([0, 0], 4, 64, pad_to=2) == [-1, -1]
+    assert prefill_tile_table([], 4, 64) == []
+    # The last sequence and the last tile that fit, both still non-negative int32.
+    last = prefill_tile_table([0] * 32767 + [65536 * 16], 1, 16)
+    assert last[-1] == 32767 * 65536 + 65535 == 2**31 - 1
+    with pytest.raises(ValueError, match="more than 2"):
+        prefill_tile_table([1, 0, 6], 3, 16, pad_to=2)
+    with pytest.raises(ValueError, match="32767"):
+        prefill_tile_table([0] * 32768 + [1], 1, 16)
+    with pytest.raises(ValueError, match="65536"):
+        prefill_tile_table([65536 * 16 + 1], 1, 16)
+    with pytest.raises(ValueError, match="negative"):
+        prefill_tile_table([3, -1], 1, 16)
+
+
+def best_tile_count(max_tokens: int, max_seqs: int, group: int, block_m: int) -> int:
+    """The longest table over all batches of the limits, by exhaustive dynamic programming."""
+    # best[n]: most tiles from n tokens over the sequences so far (more can only add).
+    best = [0] * (max_tokens + 1)
+    for _ in range(max_seqs):
+        best = [
+            max([best[n]] + [best[n - q] + cdiv_int(q * group, block_m) for q in range(1, n + 1)])
+            for n in range(max_tokens + 1)
+        ]
+    return best[max_tokens]
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 7, 16, 32])
+def test_prefill_tile_bound_against_exhaustive(group: int, block_m: int) -> None:
+    for max_tokens, max_seqs in [(0, 3), (5, 0), (1, 4), (7, 3), (20, 5), (40, 6), (33, 40)]:
+        bound = prefill_tile_bound(max_tokens, max_seqs, group, block_m)
+        best = best_tile_count(max_tokens, max_seqs, group, block_m)
+        assert bound >= best
+        # Never looser than the naive bound of one partial tile per sequence.
+        assert bound <= cdiv_int(max_tokens * group, block_m) + max_seqs
+        if block_m % group == 0 or group % block_m == 0:
+            assert bound == best
+        else:
+            assert bound - best <= 1 + min(max_seqs, max_tokens) * group // block_m
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    q_lens=st.lists(st.integers(0, 600), max_size=48),
+    group=st.integers(1, 8),
+    block_m=st.sampled_from([16, 32, 64, 128]),
+    spare_tokens=st.integers(0, 50),
+    spare_seqs=st.integers(0, 5),
+)
+def test_prefill_tile_bound_holds(
+    q_lens: list[int], group: int, block_m: int, spare_tokens: int, spare_seqs: int
+) -> None:
+    max_tokens, max_seqs = sum(q_lens) + spare_tokens, len(q_lens) + spare_seqs
+    bound = prefill_tile_bound(max_tokens, max_seqs, group, block_m)
+    assert len(prefill_tile_table(q_lens, group, block_m)) <= bound
+    assert len(prefill_tile_table(q_lens, group, block_m, pad_to=bound)) == bound
+    # The batch that reaches the bound when group divides block_m: one-token sequences and
+    # one long one.
+    num_seqs = min(max_seqs, max_tokens)
+    if num_seqs and block_m % group == 0:
+        worst = [1] * (num_seqs - 1) + [max_tokens - num_seqs + 1]
+        assert len(prefill_tile_table(worst, group, block_m)) == bound
+
+
+def test_prefill_tile_bound_at_a_graph_bucket() -> None:
+    # 256 tokens over 32 sequences, 4-head groups, 128-row tiles: 31 one-token sequences and
+    # one of 225 tokens (8 tiles) is the worst case.
+    block_m = prefill_block_m(256, 4, 128, torch.bfloat16)
+    assert prefill_tile_bound(256, 32, 4, block_m) == 39
+    assert len(prefill_tile_table([1] * 31 + [225], 4, block_m)) == 39
 
 
 # GPU, real shapes, bf16: 32 query heads over 8 KV heads, head_dim 128, 16-token blocks.
@@ -416,3 +581,69 @@ def test_gpu_decode_cuda_graph_replay() -> None:
         out.fill_(float("nan"))
         graph.replay()
         torch.testing.assert_close(out, decode_reference(batch, 0.1), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_prefill_tile_table_cuda_graph_replay() -> None:
+    # One graph for a bucket of 256 tokens over 32 sequences, replayed for batches of other
+    # shapes after copying their inputs and tile tables into its static buffers.
+    num_heads, num_kv_heads, head_dim, block_size, dtype = 32, 8, 128, 16, torch.bfloat16
+    max_tokens, max_seqs, max_blocks, num_blocks = 256, 32, 128, 4096
+    group, scale = num_heads // num_kv_heads, head_dim**-0.5
+    block_m = prefill_block_m(max_tokens, group, head_dim, dtype)
+    num_entries = prefill_tile_bound(max_tokens, max_seqs, group, block_m)
+    q = torch.zeros(max_tokens, num_heads, head_dim, dtype=dtype, device="cuda")
+    out = torch.empty_like(q)
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                          device="cuda")  # fmt: skip
+    v_cache = torch.zeros_like(k_cache)
+    block_tables = torch.zeros(max_seqs, max_blocks, dtype=torch.int32, device="cuda")
+    cu_q_lens = torch.zeros(max_seqs + 1, dtype=torch.int32, device="cuda")
+    kv_lens = torch.ones(max_seqs, dtype=torch.int32, device="cuda")
+    tile_table = torch.full((num_entries,), -1, dtype=torch.int32, device="cuda")
+
+    def step() -> None:
+        prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, scale,
+                                 max_tokens, out=out, tile_table=tile_table)  # fmt: skip
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    # A few sequences; all 32 (decode rows and chunks over cached prefixes); one full bucket.
+    mixed = [1] * 24 + [30, 2, 100, 1, 50, 7, 1, 20]
+    cases = [
+        ([1, 1, 180, 37, 3], [700, 1, 180, 37 + 900, 3 + 15]),
+        (mixed, [q_len + prefix for q_len, prefix in zip(mixed, range(0, 1600, 50))]),
+        ([256], [256 + 1000]),
+    ]
+    for seed, (q_lens, seq_kv_lens) in enumerate(cases):
+        batch = make_batch(q_lens, seq_kv_lens, num_heads, num_kv_heads, head_dim, block_size,
+                           dtype, device="cuda", seed=seed)  # fmt: skip
+        num_tokens, num_seqs = batch.q.shape[0], len(q_lens)
+        q[:num_tokens] = batch.q
+        k_cache[: batch.k_cache.shape[0]] = batch.k_cache
+        v_cache[: batch.v_cache.shape[0]] = batch.v_cache
+        block_tables.zero_()
+        block_tables[:num_seqs, : batch.block_tables.shape[1]] = batch.block_tables
+        cu_q_lens[: num_seqs + 1] = batch.cu_q_lens
+        cu_q_lens[num_seqs + 1 :] = num_tokens  # padding sequences: q_len 0, kv_len 1
+        kv_lens.fill_(1)
+        kv_lens[:num_seqs] = batch.kv_lens
+        table = prefill_tile_table(q_lens, group, block_m, pad_to=num_entries)
+        tile_table.copy_(torch.tensor(table, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not out[:num_tokens].isnan().any()
+        assert out[num_tokens:].isnan().all()  # padding tokens are left alone
+        torch.testing.assert_close(
+            out[:num_tokens], run_prefill_triton(batch, scale), **TOLERANCES[dtype]
+        )
+    # The public function hands the table through to the same launch.
+    eager = paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, scale,
+                                    max_tokens, tile_table=tile_table)  # fmt: skip
+    torch.testing.assert_close(eager[:num_tokens], out[:num_tokens], rtol=0, atol=0)
