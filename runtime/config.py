@@ -67,6 +67,8 @@ class ServerConfig:
     chunked_prefill_size: int = _opt(4096, "prefill token budget per step")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly")
     cuda_graph_max_bs: int = _opt(256, "largest decode batch captured in a graph")
+    cuda_graph_max_tokens: int = _opt(
+        512, "largest step that prefills still run as a CUDA graph (tokens; 0: eagerly)")
     disable_overlap_schedule: bool = _opt(
         False, "wait for each step's tokens before scheduling the next (no CPU/GPU overlap)"
     )
@@ -115,6 +117,8 @@ class ServerConfig:
                 )
         _positive(self, "port", "max_running_requests", "max_queued_requests", "page_size",
                   "chunked_prefill_size", "max_loras_per_batch", "tp_size", "cuda_graph_max_bs")
+        if self.cuda_graph_max_tokens < 0:
+            raise ConfigError("cuda_graph_max_tokens: must be >= 0 (0 runs prefill eagerly)")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ConfigError("mem_fraction_static: must be in (0, 1)")
         if self.kv_cache_cpu_bytes <= 0:

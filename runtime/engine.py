@@ -136,6 +136,7 @@ class Engine:
                 block_manager,
                 min(config.cuda_graph_max_bs, config.max_running_requests),
                 info.context_length,
+                min(config.cuda_graph_max_tokens, config.chunked_prefill_size),
             )
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,

@@ -179,3 +179,242 @@ def _fill_padded(
     indptr[n + 1 :].fill_(bucket)
     slots[:n].copy_(src_slots)
     slots[n:].fill_(-1)
+
+
+def graph_token_sizes(max_tokens: int) -> list[int]:
+    """Captured token counts of steps that prefill: every 16 up to 128, every 32 up to 256,
+    then every 64 (a bigger step is compute-bound, so padding costs in proportion and a
+    finer grid would only add captures)."""
+    if max_tokens <= 0:
+        return []
+    sizes = [*range(16, 129, 16), *range(160, 257, 32), *range(320, max_tokens + 1, 64)]
+    return sorted({s for s in sizes if s <= max_tokens} | {max_tokens})
+
+
+@dataclass
+class MixedBuffers:
+    """Static inputs of the prefill graphs: token rows up to max_tokens, sequences up to
+    max_seqs, the attention tile table and the LoRA tables, each padded per bucket."""
+
+    input_ids: torch.Tensor  # [max_tokens] int64
+    positions: torch.Tensor  # [max_tokens] int64
+    slot_mapping: torch.Tensor  # [max_tokens] int64
+    block_tables: torch.Tensor  # [max_seqs, max_blocks] int32
+    kv_lens: torch.Tensor  # [max_seqs] int32
+    cu_q_lens: torch.Tensor  # [max_seqs + 1] int32
+    logits_indices: torch.Tensor  # [max_seqs] int64
+    attn_tiles: torch.Tensor  # [max_tiles] int32
+    seg_indptr: torch.Tensor  # [max_entries + 1] int32
+    seg_slots: torch.Tensor  # [max_entries] int32
+    chunk_indptr: torch.Tensor  # [max_entries + 1] int32
+    chunk_slots: torch.Tensor  # [max_entries] int32
+    live: torch.Tensor  # [2] int32: real segments, real chunks
+
+    @classmethod
+    def allocate(
+        cls, max_tokens: int, max_seqs: int, max_blocks: int, max_tiles: int, max_entries: int,
+        device: torch.device,
+    ) -> MixedBuffers:
+        def z(*shape, dtype=torch.int32):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(
+            input_ids=z(max_tokens, dtype=torch.int64), positions=z(max_tokens, dtype=torch.int64),
+            slot_mapping=z(max_tokens, dtype=torch.int64),
+            block_tables=z(max_seqs, max_blocks), kv_lens=z(max_seqs), cu_q_lens=z(max_seqs + 1),
+            logits_indices=z(max_seqs, dtype=torch.int64),
+            attn_tiles=torch.full((max_tiles,), -1, dtype=torch.int32, device=device),
+            seg_indptr=z(max_entries + 1),
+            seg_slots=torch.full((max_entries,), -1, dtype=torch.int32, device=device),
+            chunk_indptr=z(max_entries + 1),
+            chunk_slots=torch.full((max_entries,), -1, dtype=torch.int32, device=device),
+            live=z(2),
+        )
+
+
+@dataclass(frozen=True)
+class MixedBucket:
+    """One captured shape: `tokens` query rows over at most `seqs` sequences."""
+
+    tokens: int
+    seqs: int
+    tiles: int  # attention tile-table entries
+    block_m: int  # the attention's query tile rows at max_q_len = tokens
+    segments: int  # LoRA table entries
+    chunks: int
+
+
+class MixedGraphs:
+    """Captured forwards of steps that prefill (chunks, possibly with decode rows), one per
+    (token bucket, with/without LoRA), up to the final norm: the step's real rows then go
+    through lm_head eagerly, so a graph holds no [rows, vocab] buffer and pads no logits.
+
+    A replay copies the step into the static buffers and pads the rest: padded tokens write
+    their K/V into the scratch block and belong to no sequence, padded sequences have no
+    query tokens and no attention tiles, padded LoRA entries are empty base runs.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_k: list[torch.Tensor],
+        kv_v: list[torch.Tensor],
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks: int,
+        scratch_block: int,
+        block_size: int,
+        lora_backend: str,
+        lora_chunk_size: int,
+    ) -> None:
+        from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound
+
+        self.model, self.kv_k, self.kv_v = model, kv_k, kv_v
+        p = next(model.parameters())
+        self.device = p.device
+        a = model.args
+        self.group = a.num_heads // a.num_kv_heads
+        self.max_blocks = max_blocks
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * block_size
+        self.lora_backend, self.chunk_size = lora_backend, lora_chunk_size
+        self.buckets: list[MixedBucket] = []
+        for t in graph_token_sizes(max_tokens):
+            seqs = min(t, max_seqs)
+            block_m = prefill_block_m(t, self.group, a.head_dim, p.dtype)
+            segments = seqs + 1  # one run per sequence at most, and the padding's base run
+            self.buckets.append(MixedBucket(
+                t, seqs, max(1, prefill_tile_bound(t, seqs, self.group, block_m)), block_m,
+                segments, segments + -(-t // lora_chunk_size),
+            ))
+        self.sizes = [b.tokens for b in self.buckets]
+        self.max_tokens = self.sizes[-1] if self.sizes else 0
+        self.max_seqs = max((b.seqs for b in self.buckets), default=0)
+        self.buf = MixedBuffers.allocate(
+            max(self.max_tokens, 1), max(self.max_seqs, 1), max_blocks,
+            max((b.tiles for b in self.buckets), default=1),
+            max((b.chunks for b in self.buckets), default=1), self.device,
+        )
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0
+
+    def _lora_info(self, k: MixedBucket) -> LoraBatchInfo | None:
+        lora_pool = self.model.lora_pool
+        if lora_pool is None:
+            return None
+        b = self.buf
+        return LoraBatchInfo(
+            seg_indptr=b.seg_indptr[: k.segments + 1], seg_slots=b.seg_slots[: k.segments],
+            slot_ranks=lora_pool.slot_ranks, num_segments=k.segments, max_seg_len=k.tokens,
+            chunk_indptr=b.chunk_indptr[: k.chunks + 1], chunk_slots=b.chunk_slots[: k.chunks],
+            num_chunks=k.chunks, chunk_size=self.chunk_size, backend=self.lora_backend,
+            seg_live=b.live[0:1], chunk_live=b.live[1:2],
+            entry_programs=min(k.chunks, PADDED_ENTRY_PROGRAMS),
+        )
+
+    def view(self, k: MixedBucket, lora: LoraBatchInfo | None) -> ForwardBatch:
+        b = self.buf
+        return ForwardBatch(
+            input_ids=b.input_ids[: k.tokens], positions=b.positions[: k.tokens],
+            slot_mapping=b.slot_mapping[: k.tokens], block_tables=b.block_tables[: k.seqs],
+            kv_lens=b.kv_lens[: k.seqs], cu_q_lens=b.cu_q_lens[: k.seqs + 1],
+            logits_indices=b.logits_indices[: k.seqs], max_q_len=k.tokens, is_decode=False,
+            lora=lora, lora_logits=None, attn_tiles=b.attn_tiles[: k.tiles],
+        )
+
+    @torch.inference_mode()
+    def capture(self, stream: torch.cuda.Stream, pool=None) -> None:
+        """Capture every bucket (largest first), sharing `pool` (the decode graphs')."""
+        self._clear()
+        variants = [False, True] if self.model.lora_pool is not None else [False]
+        with torch.cuda.stream(stream):
+            for k in reversed(self.buckets):
+                for with_lora in variants:
+                    fb = self.view(k, self._lora_info(k) if with_lora else None)
+                    for _ in range(2):  # warm up: Triton compiles outside the capture
+                        self.model.hidden(fb, self.kv_k, self.kv_v)
+                    stream.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, stream=stream):
+                        hidden = self.model.hidden(fb, self.kv_k, self.kv_v)
+                    if pool is None:
+                        pool = g.pool()
+                    self.graphs[(k.tokens, with_lora)] = (g, hidden)
+        stream.synchronize()
+
+    def _clear(self) -> None:
+        """Every row padding: no sequence has tokens, every token writes the scratch slot."""
+        b = self.buf
+        b.input_ids.zero_()
+        b.positions.zero_()
+        b.slot_mapping.fill_(self.scratch_slot)
+        b.block_tables.fill_(self.scratch_block)
+        b.kv_lens.fill_(1)
+        b.cu_q_lens.zero_()
+        b.logits_indices.zero_()
+        b.attn_tiles.fill_(-1)
+
+    def bucket_for(self, fb: ForwardBatch) -> MixedBucket | None:
+        """The smallest bucket that holds `fb`, or None when it must run eagerly."""
+        if (
+            fb.is_decode
+            or not self.buckets
+            or fb.num_tokens > self.max_tokens
+            or fb.sample_rows is not None  # scored prompt tokens: logits of many rows
+            or fb.block_tables.shape[1] > self.max_blocks
+            or len(fb.q_lens) != fb.batch_size
+            or (fb.lora is not None and fb.lora.chunk_size != self.chunk_size)
+        ):
+            return None
+        k = self.buckets[bisect.bisect_left(self.sizes, fb.num_tokens)]
+        return k if fb.batch_size <= k.seqs else None
+
+    def stage(self, fb: ForwardBatch, k: MixedBucket) -> ForwardBatch:
+        """Copy `fb` into the static buffers, padded to bucket `k`; returns the bucket's view
+        (also what CPU tests run eagerly)."""
+        from ops.triton_prefill_attention import prefill_tile_table
+
+        b = self.buf
+        n, bs = fb.num_tokens, fb.batch_size
+        b.input_ids[:n].copy_(fb.input_ids)
+        b.positions[:n].copy_(fb.positions)
+        b.slot_mapping[:n].copy_(fb.slot_mapping)
+        b.input_ids[n : k.tokens].zero_()
+        b.positions[n : k.tokens].zero_()
+        b.slot_mapping[n : k.tokens].fill_(self.scratch_slot)
+        width = fb.block_tables.shape[1]
+        b.block_tables[:bs, :width].copy_(fb.block_tables)
+        b.block_tables[bs : k.seqs].fill_(self.scratch_block)
+        b.kv_lens[:bs].copy_(fb.kv_lens)
+        b.kv_lens[bs : k.seqs].fill_(1)
+        b.cu_q_lens[: bs + 1].copy_(fb.cu_q_lens)
+        b.cu_q_lens[bs + 1 : k.seqs + 1].fill_(n)
+        b.logits_indices[:bs].copy_(fb.logits_indices)
+        b.logits_indices[bs : k.seqs].zero_()
+        tiles = prefill_tile_table(list(fb.q_lens), self.group, k.block_m, pad_to=k.tiles)
+        b.attn_tiles[: k.tiles].copy_(_host_int32(tiles, self.device), non_blocking=True)
+        lora = None
+        if fb.lora is not None:
+            info = fb.lora
+            _fill_padded(b.seg_indptr[: k.segments + 1], b.seg_slots[: k.segments],
+                         info.seg_indptr, info.seg_slots, k.tokens)
+            _fill_padded(b.chunk_indptr[: k.chunks + 1], b.chunk_slots[: k.chunks],
+                         info.chunk_indptr, info.chunk_slots, k.tokens)
+            assert info.counts is not None, "step tables come from build_lora_batch_info"
+            b.live.copy_(info.counts)
+            lora = self._lora_info(k)
+        return self.view(k, lora)
+
+    def replay(self, fb: ForwardBatch, k: MixedBucket) -> torch.Tensor:
+        """Run `fb` (a step that prefills) through bucket k's graph; returns logits [B, vocab]
+        fp32, lm_head run eagerly over the real rows."""
+        self.stage(fb, k)
+        g, hidden = self.graphs[(k.tokens, fb.lora is not None)]
+        g.replay()
+        self.num_replays += 1
+        return self.model.logits(hidden[: fb.batch_size], fb)
+
+
+def _host_int32(values: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int32)
+    return t.pin_memory() if device.type == "cuda" else t

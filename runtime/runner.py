@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ops.lora import DECODE_CHUNK, build_lora_batch_info
-from runtime.graphs import DecodeGraphs
+from runtime.graphs import DecodeGraphs, MixedGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -100,13 +100,15 @@ class ModelRunner:
         self.lora_chunk_size = lora_chunk_size
         self.streams = streams or Streams(device)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self._scratch: Request | None = None
 
     def enable_cuda_graphs(
-        self, block_manager: BlockManager, max_bs: int, context_length: int
+        self, block_manager: BlockManager, max_bs: int, context_length: int, max_tokens: int = 0
     ) -> None:
-        """Capture decode graphs for batch sizes up to `max_bs` (CUDA only). One KV block is
-        set aside for the padded rows of a bucket to write into."""
+        """Capture decode graphs for batch sizes up to `max_bs`, and graphs of steps that
+        prefill up to `max_tokens` tokens (0: none) over at most `max_bs` sequences (CUDA
+        only). One KV block is set aside for the padded rows of a bucket to write into."""
         if self.device.type != "cuda":
             return
         scratch = Request(rid="cuda-graph-scratch", prompt_ids=[0], params=SamplingParams())
@@ -118,6 +120,12 @@ class ModelRunner:
             self.block_size, self.lora_backend,
         )
         self.graphs.capture(self.streams.compute)
+        if max_tokens > 0:
+            self.mixed_graphs = MixedGraphs(
+                self.model, self.kv.k, self.kv.v, max_tokens, max_bs, max_blocks,
+                scratch.block_ids[0], self.block_size, self.lora_backend, self.lora_chunk_size,
+            )
+            self.mixed_graphs.capture(self.streams.compute, self.graphs.pool)
 
     @property
     def reserved_blocks(self) -> int:
@@ -215,6 +223,7 @@ class ModelRunner:
             logits_indices=self._to_device(logits_indices, torch.int64),
             max_q_len=max(plan.num_new_tokens),
             is_decode=plan.is_decode,
+            q_lens=tuple(plan.num_new_tokens),
             lora=lora,
             lora_logits=lora_logits,
             **self._prompt_scoring(sample_rows, prompt_rows, prompt_targets, prompt_owners),
@@ -236,8 +245,11 @@ class ModelRunner:
         """Enqueue forward, sampling and the copies of the results to the host; returns without
         waiting for the GPU (on CPU the work has run by the time it returns)."""
         with self.streams.use(self.streams.compute):
+            bucket = self.mixed_graphs.bucket_for(fb) if self.mixed_graphs else None
             if self.graphs is not None and self.graphs.can_run(fb):
                 logits = self.graphs.replay(fb)  # [B, vocab] fp32
+            elif bucket is not None:
+                logits = self.mixed_graphs.replay(fb, bucket)
             else:
                 logits = self.model(fb, self.kv.k, self.kv.v)
             sample_logits = logits if fb.sample_rows is None else logits[fb.sample_rows]

@@ -18,6 +18,7 @@
 #                                    the serving benchmark again
 #   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
 #   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
+#   scripts/device_session.sh mixed  (one GPU) prefill-graph tests, HF baseline, serving benchmark
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -178,5 +179,15 @@ case "${1:-}" in
     timeout 400 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -4 "$OUT/many.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many"; exit 2 ;;
+  mixed)  # one GPU: prefill graphs' tests, then the end-to-end figures they change
+    gpu_tests graphs_gpu 240 tests/test_graphs_gpu.py tests/test_attention.py
+    gpu_tests engine_gpu 100 tests/test_engine_gpu.py
+    timeout 200 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
+      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
+      --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
+    echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline.log"
+    serve_bench 170
+    rm -f "$OUT"/*.xml
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed"; exit 2 ;;
 esac

@@ -31,6 +31,9 @@ class ForwardBatch:
     prompt_owners: tuple[int, ...] = ()  # [E] index of the sequence each row belongs to
     lora: LoraBatchInfo | None = None  # per token
     lora_logits: LoraBatchInfo | None = None  # per sampled row (for lm_head LoRA)
+    # Prefill attention's query tiles (a CUDA graph's static table; None: the kernel's own grid)
+    attn_tiles: torch.Tensor | None = None
+    q_lens: tuple[int, ...] = ()  # [B] query tokens of each sequence, on the host
 
     @property
     def num_tokens(self) -> int:

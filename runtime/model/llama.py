@@ -185,7 +185,7 @@ class Attention(nn.Module):
         else:
             o = paged_prefill_attention(
                 q, k_cache, v_cache, fb.block_tables, fb.cu_q_lens, fb.kv_lens, self.scale,
-                fb.max_q_len,
+                fb.max_q_len, tile_table=fb.attn_tiles,
             )
         return o.reshape(-1, a.q_size)
 
@@ -293,6 +293,13 @@ class CausalLM(nn.Module):
 
     def forward(self, fb: ForwardBatch, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor]):
         """Returns logits [B, vocab] in fp32 for each sequence's last token of the step."""
+        return self.logits(self.hidden(fb, kv_k, kv_v), fb)
+
+    def hidden(
+        self, fb: ForwardBatch, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """The final-norm hidden states [len(logits_indices), hidden] of the rows whose logits
+        the step computes (what `logits` projects)."""
         pool = self.lora_pool if fb.lora is not None else None
         h = self.embed_tokens(fb.input_ids)  # [T, hidden]
         if pool is not None and pool.embed is not None:
@@ -307,6 +314,11 @@ class CausalLM(nn.Module):
             )
         rows = fb.logits_indices
         h, _ = self.norm.add_forward(h[rows], None if residual is None else residual[rows])
+        return h
+
+    def logits(self, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """lm_head (+ its LoRA for fb.lora_logits' rows): [rows, hidden] -> [rows, vocab] fp32."""
+        pool = self.lora_pool if fb.lora is not None else None
         logits = self.lm_head(h)  # [B, vocab]
         if pool is not None and pool.lm_head is not None:
             apply_lora(h, logits, pool.lm_head, fb.lora_logits)

@@ -1,0 +1,122 @@
+"""CUDA-graph bookkeeping that runs on any device: the captured sizes, and the prefill graphs'
+staging. A replay runs the model over the static buffers padded to a bucket; here that padded
+forward runs eagerly (no capture on CPU) and must give the unpadded step's logits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import torch
+
+from runtime.config import LoraPathSpec
+from runtime.graphs import MixedGraphs, graph_batch_sizes, graph_token_sizes
+from runtime.request import Request
+from tests.engine_utils import greedy, make_engine
+from tests.models import make_adapter, make_model, prompts, read_vocab
+
+
+def test_graph_sizes_cover_every_count():
+    for limit in (1, 7, 64, 200, 256):
+        sizes = graph_batch_sizes(limit)
+        assert sizes == sorted(sizes) and sizes[-1] == limit
+    assert graph_token_sizes(0) == []
+    for limit in (16, 100, 512, 1000):
+        sizes = graph_token_sizes(limit)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == limit
+        # a step pads to the next size: by at most 16 tokens or a quarter
+        for a, b in itertools.pairwise(sizes):
+            assert b - a <= max(16, a // 4)
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    model = make_model(root / "m", "llama", hidden=64, heads=4, kv_heads=2, inter=128)
+    adapters = [
+        make_adapter(model, root / "a0", rank=4, targets=["q_proj", "v_proj", "down_proj"],
+                     seed=1),
+        make_adapter(model, root / "a1", rank=8, targets="all-linear", seed=2),
+    ]
+    specs = tuple(LoraPathSpec(f"a{i}", str(p)) for i, p in enumerate(adapters))
+    engine = make_engine(model, lora_paths=specs, max_loras_per_batch=2, max_lora_rank=8,
+                         lora_target_modules=("all",), max_lora_chunk_size=16)
+    asyncio.run(engine.adapters.load_startup_adapters())  # steps are driven by hand below
+    return engine, read_vocab(model)
+
+
+def _mixed_plan(engine, vocab):
+    """Two steps: the first prefills three requests; the second decodes them while it
+    prefills three more (a plan with decode rows and prefill chunks, base and two adapters)."""
+    sched = engine.scheduler
+    ps = prompts(6, vocab, seed=7, lo=5, hi=30)
+    names = [None, "a0", "a1", "a1", None, "a0"]
+    reqs = [Request(rid=f"r{i}", prompt_ids=p, params=greedy(8), lora_name=n)
+            for i, (p, n) in enumerate(zip(ps, names))]
+    for r in reqs:
+        r.outputs = asyncio.Queue()  # the engine emits each sampled token into it
+    for r in reqs[:3]:
+        sched.add(r)
+    engine.adapters.poll()
+    engine.run_step_blocking(sched.schedule())
+    for r in reqs[3:]:
+        sched.add(r)
+    plan = sched.schedule()
+    assert not plan.is_decode and 1 in plan.num_new_tokens
+    return plan, reqs
+
+
+def test_mixed_graph_staging_matches_unpadded_step(lora_engine):
+    engine, vocab = lora_engine
+    runner = engine.runner
+    scratch = Request(rid="scratch", prompt_ids=[0], params=greedy(1))
+    engine.block_manager.allocate(scratch, 1)
+    graphs = MixedGraphs(
+        engine.model, engine.kv_cache.k, engine.kv_cache.v, max_tokens=128, max_seqs=8,
+        max_blocks=16, scratch_block=scratch.block_ids[0], block_size=engine.config.page_size,
+        lora_backend="csgmv", lora_chunk_size=engine.config.max_lora_chunk_size,
+    )
+    plan, reqs = _mixed_plan(engine, vocab)
+    fb = runner.prepare(plan)
+    assert fb.lora is not None and len(plan.slots) == 2
+    bucket = graphs.bucket_for(fb)
+    assert bucket is not None and bucket.tokens > fb.num_tokens and bucket.seqs > fb.batch_size
+    with torch.inference_mode():
+        eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v)
+        view = graphs.stage(fb, bucket)
+        # the padded rows are there, and inert: no sequence owns them, no adapter reads them
+        assert view.num_tokens == bucket.tokens and view.batch_size == bucket.seqs
+        assert view.cu_q_lens[fb.batch_size:].eq(fb.num_tokens).all()
+        assert view.slot_mapping[fb.num_tokens:].eq(graphs.scratch_slot).all()
+        assert view.attn_tiles is not None and int(view.attn_tiles.ge(0).sum()) > 0
+        hidden = engine.model.hidden(view, engine.kv_cache.k, engine.kv_cache.v)
+        staged = engine.model.logits(hidden[: fb.batch_size], fb)
+    torch.testing.assert_close(staged, eager, rtol=1e-4, atol=1e-4)
+    # a base-only step of the same shape stages without LoRA tables
+    for r in reqs:
+        engine.scheduler.remove(r)
+    engine.block_manager.free(scratch)
+
+
+def test_mixed_graph_bucket_refusals(lora_engine):
+    engine, vocab = lora_engine
+    scratch = Request(rid="scratch2", prompt_ids=[0], params=greedy(1))
+    engine.block_manager.allocate(scratch, 1)
+    graphs = MixedGraphs(
+        engine.model, engine.kv_cache.k, engine.kv_cache.v, max_tokens=16, max_seqs=2,
+        max_blocks=16, scratch_block=scratch.block_ids[0], block_size=engine.config.page_size,
+        lora_backend="csgmv", lora_chunk_size=engine.config.max_lora_chunk_size,
+    )
+    plan, reqs = _mixed_plan(engine, vocab)
+    fb = engine.runner.prepare(plan)
+    assert fb.num_tokens > 16 and graphs.bucket_for(fb) is None  # too many tokens: eager
+    other = MixedGraphs(
+        engine.model, engine.kv_cache.k, engine.kv_cache.v, max_tokens=256, max_seqs=2,
+        max_blocks=16, scratch_block=scratch.block_ids[0], block_size=engine.config.page_size,
+        lora_backend="csgmv", lora_chunk_size=engine.config.max_lora_chunk_size,
+    )
+    assert other.bucket_for(fb) is None  # more sequences than any bucket holds
+    for r in reqs:
+        engine.scheduler.remove(r)
+    engine.block_manager.free(scratch)
