@@ -297,32 +297,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workloads = {k: w for k, w in make_workloads(vocab, args.batch, args.prompt_len,
                                                   args.new_tokens, names, args.seed).items()
                  if k in args.variants}
-    hf = {}
-    for name, w in workloads.items():
-        hf[name] = timed(lambda n, w=w: hf_generate(peft_model, w, n, pad), w.new_tokens,
-                         w.batch, args.reps, device)
-        print(f"HF+PEFT {name:5s}: {_line(hf[name])}")
     result: dict[str, Any] = {
         "model": args.dummy_shape or str(folder), "device": str(device), "dtype": args.dtype,
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "adapters": len(names), "rank": args.rank if is_dummy else None,
-        "hf": {k: t.summary() for k, t in hf.items()},
+        "order": "engine first" if args.engine_first else "HF first",
     }
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
-    if args.compare_engine:
+    hf: dict[str, Timing] = {}
+    ours: dict[str, Timing] = {}
+
+    def run_hf() -> None:
+        for name, w in workloads.items():
+            hf[name] = timed(lambda n, w=w: hf_generate(peft_model, w, n, pad), w.new_tokens,
+                             w.batch, args.reps, device)
+            print(f"HF+PEFT {name:5s}: {_line(hf[name])}")
+
+    def run_ours() -> None:
         config = engine_config(folder, adapter_paths, device.type, args.dtype, is_dummy,
                                disable_cuda_graph=args.disable_cuda_graph)
         engine = build_engine(config, base_weights)
-        del base_weights
-        ours = run_engine(engine, workloads, args.reps)
-        for name, t in ours.items():
-            print(f"engine  {name:5s}: {_line(t)}  ({hf[name].seconds / t.seconds:.1f}x HF)")
-        result["engine"] = {k: t.summary() for k, t in ours.items()}
+        ours.update(run_engine(engine, workloads, args.reps))
         # where the engine loop's host time went, per step (ms): schedule, prepare, launch,
         # wait (blocked on the GPU), postprocess
         result["engine_loop_ms"] = engine.timings.per_step_ms()
         print("engine loop, ms a step:", _phases(result["engine_loop_ms"]))
+
+    if args.compare_engine and args.engine_first:
+        run_ours()
+    run_hf()
+    if args.compare_engine and not args.engine_first:
+        run_ours()
+    result["hf"] = {k: t.summary() for k, t in hf.items()}
+    if args.compare_engine:
+        for name, t in ours.items():
+            print(f"engine  {name:5s}: {_line(t)}  ({hf[name].seconds / t.seconds:.1f}x HF)")
+        result["engine"] = {k: t.summary() for k, t in ours.items()}
         result["comparison"] = compare(hf, ours)
         for name, c in result["comparison"].items():
             if not c["outputs_equal"]:
@@ -365,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare-engine", action="store_true",
                     help="also run our engine on the identical workload")
     ap.add_argument("--disable-cuda-graph", action="store_true", help="for our engine")
+    ap.add_argument("--engine-first", action="store_true",
+                    help="run our engine before HF (HF's model is resident either way)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU, for smoke runs")
     ap.add_argument("--out", type=Path, help="JSON results")

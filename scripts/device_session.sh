@@ -180,13 +180,25 @@ case "${1:-}" in
     echo "== many_adapters: rc $?"; tail -4 "$OUT/many.log"
     ;;
   mixed)  # one GPU: prefill graphs' tests, then the end-to-end figures they change
-    gpu_tests graphs_gpu 240 tests/test_graphs_gpu.py tests/test_attention.py
+    gpu_tests graphs_gpu 300 -x tests/test_graphs_gpu.py
+    gpu_tests attention_tile_gpu 60 tests/test_attention.py -k tile
     gpu_tests engine_gpu 100 tests/test_engine_gpu.py
     timeout 200 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
       --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
       --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
     echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline.log"
     serve_bench 170
+    rm -f "$OUT"/*.xml
+    ;;
+  mixed2)  # one GPU: prefill graphs' tests again, the HF baseline with our engine first, many
+    gpu_tests graphs_gpu 300 -x tests/test_graphs_gpu.py
+    gpu_tests attention_tile_gpu 60 tests/test_attention.py -k tile
+    timeout 170 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
+      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
+      --compare-engine --engine-first --out "$OUT/hf_baseline_ef.json" > "$OUT/hf_baseline_ef.log" 2>&1
+    echo "== hf_baseline --engine-first: rc $?"; tail -6 "$OUT/hf_baseline_ef.log"
+    timeout 150 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
+    echo "== many_adapters: rc $?"; tail -5 "$OUT/many.log"
     rm -f "$OUT"/*.xml
     ;;
   *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed"; exit 2 ;;

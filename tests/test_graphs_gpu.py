@@ -44,7 +44,7 @@ def lora_config(adapters, backend, dtype):
     specs = tuple(LoraPathSpec(f"a{i}", str(p)) for i, p in enumerate(adapters))
     return {"device": "cuda", "dtype": dtype, "mem_fraction_static": 0.05, "lora_paths": specs,
             "max_loras_per_batch": 4, "lora_backend": backend, "max_lora_rank": 16,
-            "lora_target_modules": ("all",)}
+            "lora_target_modules": ("all",), "cuda_graph_max_tokens": 128}
 
 
 NAMES = [None, "a0", "a1", "a2", "a3", None] * 4
@@ -111,7 +111,7 @@ def test_prefill_graphs_match_eager_fp32(setup, backend):
     common = lora_config(adapters, backend, "float32") | {"chunked_prefill_size": 48}
     names = NAMES[:12]
     eager, _ = outputs(model, ps, names, 24, disable_cuda_graph=True, **common)
-    engine = make_engine(model, cuda_graph_max_bs=16, cuda_graph_max_tokens=64, **common)
+    engine = make_engine(model, cuda_graph_max_bs=16, **(common | {"cuda_graph_max_tokens": 64}))
     graphed = run(run_batch(engine, ps, greedy(24), names))
     replays = engine.runner.mixed_graphs.num_replays
     del engine
@@ -130,7 +130,7 @@ def test_prefill_graph_replay_logits_bf16(setup, backend):
     from runtime.request import Request
 
     model, adapters = setup
-    engine = make_engine(model, cuda_graph_max_bs=16, cuda_graph_max_tokens=256,
+    engine = make_engine(model, cuda_graph_max_bs=16,
                          **lora_config(adapters, backend, "bfloat16"))
     run(engine.adapters.load_startup_adapters())
     sched = engine.scheduler
