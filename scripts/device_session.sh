@@ -195,8 +195,8 @@ case "${1:-}" in
     gpu_tests attention_tile_gpu 60 tests/test_attention.py -k tile
     timeout 170 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
       --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
-      --compare-engine --engine-first --out "$OUT/hf_baseline_ef.json" > "$OUT/hf_baseline_ef.log" 2>&1
-    echo "== hf_baseline --engine-first: rc $?"; tail -6 "$OUT/hf_baseline_ef.log"
+      --compare-engine --out "$OUT/hf_baseline_ef.json" > "$OUT/hf_baseline_ef.log" 2>&1
+    echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline_ef.log"
     timeout 150 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -5 "$OUT/many.log"
     rm -f "$OUT"/*.xml

@@ -206,6 +206,9 @@ def test_hf_baseline_quick_matches_engine(tiny: tuple[Path, dict[str, Path]],
         assert c["engine_over_hf_tokens_per_s"] > 0
     for summary in [*result["hf"].values(), *result["engine"].values()]:
         assert summary["output_tokens_per_s"] > 0 and summary["ms_per_step"] > 0
+    # ours runs before PEFT is attached; its loop's host time is reported by phase
+    assert result["order"] == "engine first"
+    assert result["engine_loop_ms"]["steps"] > 0 and result["engine_loop_ms"]["launch"] > 0
 
 
 def test_dummy_weights_copied_into_engine(tiny: tuple[Path, dict[str, Path]]) -> None:
@@ -246,9 +249,23 @@ def test_many_adapters_quick(tmp_path: Path) -> None:
     assert result["many"]["saturated"]["distinct_adapters"] > 4
     assert result["many"]["saturated"]["disk_loads"] > 0
     assert result["many"]["saturated"]["uploads"] > 0
+    assert result["many"]["saturated"]["loop_ms"]["steps"] == result["many"]["saturated"]["steps"]
     assert isinstance(result["keep_poisson"]["met"], bool)
     # a batch holds at most max_loras_per_batch (4) distinct adapters: with 40 adapters and
     # one request each mostly, the many-adapter batches are smaller than the few-adapter ones
     few, many = result["few"]["saturated"], result["many"]["saturated"]
     assert many["steps"] > 0 and 0 < many["prefill_step_fraction"] <= 1
     assert 1 <= many["mean_rows_per_step"] < few["mean_rows_per_step"] <= 32
+
+
+def test_loop_profile_quick() -> None:
+    """The loop profile on CPU: the measured batch's steps are timed by phase and the runner
+    thread was sampled while it launched (its frames are the model's and sampler's)."""
+    from benchmarks import loop_profile
+
+    result = loop_profile.main(["--quick", "--interval-ms", "0.2"])
+    loop = result["loop_ms"]
+    assert loop["steps"] >= 8 and loop["launch"] > 0 and result["output_tokens_per_s"] > 0
+    prof = result["runner_profile"]
+    assert prof["samples"] > 0 and prof["leaves"]
+    assert 0 < sum(share for *_, share in prof["leaves"]) <= 1.0 + 1e-6

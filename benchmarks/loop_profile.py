@@ -1,0 +1,179 @@
+"""Where the serving loop's host time goes: one batch through the engine's async loop (as the
+server runs it), the loop's phase timers a step, and a sampling profile of the runner thread
+(the thread that enqueues each step's forward, sampler and copies) taken from its Python stack
+every `--interval-ms` while the measured batch runs.
+
+    python -m benchmarks.loop_profile --out loop.json                   # 8B shapes, on the device
+    python -m benchmarks.loop_profile --quick                           # tiny model on CPU
+
+The batch runs twice: the first compiles and warms up, the second is measured and sampled.
+A sample is the runner thread's innermost frame and its four innermost frames; an idle runner
+(waiting for work) is not counted, so the shares are of the time it was launching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+
+from benchmarks.random_adapters import ALL_LINEAR
+from runtime.config import LoraPathSpec
+from runtime.engine import Engine, LoopTimings
+from runtime.request import SamplingParams
+
+RUNNER_THREAD_PREFIX = "loraserve-runner"
+
+
+class StackSampler:
+    """Samples one thread's Python stack from a daemon thread until stopped."""
+
+    def __init__(self, thread_prefix: str, interval_s: float) -> None:
+        self.prefix, self.interval = thread_prefix, interval_s
+        self.leaves: collections.Counter[str] = collections.Counter()
+        self.stacks: collections.Counter[str] = collections.Counter()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="loop-profile")
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if not names.get(ident, "").startswith(self.prefix):
+                    continue
+                frames = traceback.extract_stack(frame)
+                # An idle pool thread sits in the executor's queue wait: not launching.
+                if any(f.name == "_worker" for f in frames[-3:]):
+                    continue
+                self.samples += 1
+                leaf = frames[-1]
+                self.leaves[f"{Path(leaf.filename).name}:{leaf.lineno} {leaf.name}"] += 1
+                self.stacks[" < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-4:]))] += 1
+            time.sleep(self.interval)
+
+    def top(self, n: int) -> dict[str, Any]:
+        share = 1.0 / max(self.samples, 1)
+        return {
+            "samples": self.samples,
+            "leaves": [(k, v, round(v * share, 4)) for k, v in self.leaves.most_common(n)],
+            "stacks": [(k, v, round(v * share, 4)) for k, v in self.stacks.most_common(n)],
+        }
+
+
+def build(a: argparse.Namespace, root: Path) -> Engine:
+    from benchmarks.step_bench import make_engine
+
+    if a.quick:
+        from tests.models import make_adapter, make_model
+
+        model = make_model(root / "model", "llama", layers=2)
+        paths = [make_adapter(model, root / f"a{i}", rank=a.rank, targets="all-linear", seed=i)
+                 for i in range(a.num_adapters)]
+        opts: dict[str, Any] = {"device": "cpu", "dtype": "float32",
+                                "kv_cache_cpu_bytes": 1 << 26}
+    else:
+        from benchmarks.dummy_model import write_dummy_model
+        from benchmarks.random_adapters import write_adapter
+
+        model = write_dummy_model(a.shape, root / "model")
+        paths = [write_adapter(a.shape, root / f"a{i}", a.rank, ALL_LINEAR, seed=i)
+                 for i in range(a.num_adapters)]
+        opts = {}
+    if paths:
+        opts |= {"lora_paths": tuple(LoraPathSpec(f"a{i}", str(p)) for i, p in enumerate(paths)),
+                 "max_loras_per_batch": len(paths), "max_lora_rank": a.rank}
+    return make_engine(model, **opts)
+
+
+async def one_batch(engine: Engine, a: argparse.Namespace, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model_info.vocab_size
+    params = SamplingParams(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                            temperature=0.0)
+    names = [f"a{i % a.num_adapters}" if a.num_adapters else None for i in range(a.batch)]
+    t0 = time.perf_counter()
+    reqs = [await engine.submit(torch.randint(3, vocab - 3, (a.prompt_len,), generator=g).tolist(),
+                                params, name) for name in names]
+
+    async def drain(req) -> None:
+        async for _ in engine.stream(req):
+            pass
+
+    await asyncio.gather(*(drain(r) for r in reqs))
+    return time.perf_counter() - t0
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = build(a, Path(tmp))
+
+        async def go() -> dict[str, Any]:
+            await engine.start()
+            try:
+                await one_batch(engine, a, seed=1)  # compiles, warms the pinned-memory cache
+                engine.timings = LoopTimings()
+                with StackSampler(RUNNER_THREAD_PREFIX, a.interval_ms / 1e3) as sampler:
+                    seconds = await one_batch(engine, a, seed=2)
+                return {"seconds": seconds, "loop_ms": engine.timings.per_step_ms(),
+                        "runner_profile": sampler.top(a.top)}
+            finally:
+                await engine.stop()
+
+        result = asyncio.run(go())
+    steps = result["loop_ms"]["steps"]
+    result |= {"settings": {k: v for k, v in vars(a).items() if k != "out"},
+               "ms_per_step": 1e3 * result["seconds"] / max(steps, 1),
+               "output_tokens_per_s": a.batch * a.new_tokens / result["seconds"]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", default="llama-3.1-8b")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--num-adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--interval-ms", type=float, default=0.5)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.batch, a.prompt_len, a.new_tokens, a.num_adapters, a.rank = 8, 16, 8, 2, 4
+    result = run(a)
+    print(f"{a.batch} x {a.prompt_len}/{a.new_tokens} tokens over {a.num_adapters} adapters: "
+          f"{result['seconds']:.3f} s, {result['ms_per_step']:.2f} ms a step, "
+          f"{result['output_tokens_per_s']:.1f} output tok/s")
+    print("loop, ms a step:", ", ".join(f"{k} {v:.2f}" for k, v in result["loop_ms"].items()))
+    prof = result["runner_profile"]
+    print(f"runner thread, {prof['samples']} samples while launching; innermost frames:")
+    for name, count, share in prof["leaves"]:
+        print(f"  {100 * share:5.1f} %  {count:5d}  {name}")
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
