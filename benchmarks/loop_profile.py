@@ -1,14 +1,16 @@
 """Where the serving loop's host time goes: one batch through the engine's async loop (as the
 server runs it), the loop's phase timers a step, and a sampling profile of the runner thread
-(the thread that enqueues each step's forward, sampler and copies) taken from its Python stack
-every `--interval-ms` while the measured batch runs.
+(the thread that enqueues each step's forward, sampler and copies) and of the event loop's
+thread (schedule, prepare, postprocess), taken from their Python stacks every `--interval-ms`
+while the measured batch runs.
 
     python -m benchmarks.loop_profile --out loop.json                   # 8B shapes, on the device
     python -m benchmarks.loop_profile --quick                           # tiny model on CPU
 
 The batch runs twice: the first compiles and warms up, the second is measured and sampled.
-A sample is the runner thread's innermost frame and its four innermost frames; an idle runner
-(waiting for work) is not counted, so the shares are of the time it was launching.
+A sample is a thread's innermost frame and its four innermost frames; an idle thread is not
+counted, so the shares are of the time it was busy. `StackSampler` is also what
+`many_adapters --profile` uses.
 """
 
 from __future__ import annotations
@@ -36,13 +38,21 @@ RUNNER_THREAD_PREFIX = "loraserve-runner"
 
 
 class StackSampler:
-    """Samples one thread's Python stack from a daemon thread until stopped."""
+    """Samples the Python stacks of named threads from a daemon thread until stopped.
 
-    def __init__(self, thread_prefix: str, interval_s: float) -> None:
-        self.prefix, self.interval = thread_prefix, interval_s
-        self.leaves: collections.Counter[str] = collections.Counter()
-        self.stacks: collections.Counter[str] = collections.Counter()
-        self.samples = 0
+    threads: label -> thread-name prefix ("MainThread" for the event loop of an in-process
+    engine). A thread that is idle (a pool thread waiting for work, an event loop in its
+    selector) is not counted, so each label's shares are of the time that thread was busy.
+    """
+
+    IDLE_FRAMES = frozenset({"_worker", "select", "poll", "_run_once", "wait"})
+
+    def __init__(self, threads: dict[str, str], interval_s: float) -> None:
+        self.threads, self.interval = threads, interval_s
+        self.leaves = {k: collections.Counter[str]() for k in threads}
+        self.stacks = {k: collections.Counter[str]() for k in threads}
+        self.samples = dict.fromkeys(threads, 0)
+        self.ticks = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="loop-profile")
 
@@ -54,29 +64,57 @@ class StackSampler:
         self._stop.set()
         self._thread.join()
 
+    def _label(self, name: str) -> str | None:
+        return next((k for k, prefix in self.threads.items() if name.startswith(prefix)), None)
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.ticks += 1
             names = {t.ident: t.name for t in threading.enumerate()}
             for ident, frame in sys._current_frames().items():
-                if not names.get(ident, "").startswith(self.prefix):
+                label = self._label(names.get(ident, ""))
+                if label is None:
                     continue
                 frames = traceback.extract_stack(frame)
-                # An idle pool thread sits in the executor's queue wait: not launching.
-                if any(f.name == "_worker" for f in frames[-3:]):
+                if frames[-1].name in self.IDLE_FRAMES or any(
+                    f.name == "_worker" for f in frames[-3:]
+                ):
                     continue
-                self.samples += 1
+                self.samples[label] += 1
                 leaf = frames[-1]
-                self.leaves[f"{Path(leaf.filename).name}:{leaf.lineno} {leaf.name}"] += 1
-                self.stacks[" < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-4:]))] += 1
+                self.leaves[label][f"{Path(leaf.filename).name}:{leaf.lineno} {leaf.name}"] += 1
+                self.stacks[label][
+                    " < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-4:]))] += 1
             time.sleep(self.interval)
 
     def top(self, n: int) -> dict[str, Any]:
-        share = 1.0 / max(self.samples, 1)
-        return {
-            "samples": self.samples,
-            "leaves": [(k, v, round(v * share, 4)) for k, v in self.leaves.most_common(n)],
-            "stacks": [(k, v, round(v * share, 4)) for k, v in self.stacks.most_common(n)],
-        }
+        """Per label: busy samples, their share of all sampling ticks, the hottest innermost
+        frames and 4-frame stacks with their shares of the busy samples."""
+        out: dict[str, Any] = {}
+        for label in self.threads:
+            busy = self.samples[label]
+            share = 1.0 / max(busy, 1)
+            out[label] = {
+                "samples": busy,
+                "busy_fraction": busy / max(self.ticks, 1),
+                "leaves": [(k, v, round(v * share, 4))
+                           for k, v in self.leaves[label].most_common(n)],
+                "stacks": [(k, v, round(v * share, 4))
+                           for k, v in self.stacks[label].most_common(n)],
+            }
+        return out
+
+    def report(self, n: int = 12) -> str:
+        lines = []
+        for label, t in self.top(n).items():
+            lines.append(f"{label} thread: busy in {100 * t['busy_fraction']:.0f} % of "
+                         f"{self.ticks} samples; innermost frames:")
+            lines += [f"  {100 * share:5.1f} %  {count:6d}  {name}"
+                      for name, count, share in t["leaves"]]
+        return "\n".join(lines)
+
+
+THREADS = {"runner": RUNNER_THREAD_PREFIX, "loop": "MainThread", "adapter loads": "lora-load"}
 
 
 def build(a: argparse.Namespace, root: Path) -> Engine:
@@ -131,10 +169,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             try:
                 await one_batch(engine, a, seed=1)  # compiles, warms the pinned-memory cache
                 engine.timings = LoopTimings()
-                with StackSampler(RUNNER_THREAD_PREFIX, a.interval_ms / 1e3) as sampler:
+                with StackSampler(THREADS, a.interval_ms / 1e3) as sampler:
                     seconds = await one_batch(engine, a, seed=2)
+                print(sampler.report(a.top))
                 return {"seconds": seconds, "loop_ms": engine.timings.per_step_ms(),
-                        "runner_profile": sampler.top(a.top)}
+                        "profile": sampler.top(a.top)}
             finally:
                 await engine.stop()
 
@@ -166,10 +205,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['seconds']:.3f} s, {result['ms_per_step']:.2f} ms a step, "
           f"{result['output_tokens_per_s']:.1f} output tok/s")
     print("loop, ms a step:", ", ".join(f"{k} {v:.2f}" for k, v in result["loop_ms"].items()))
-    prof = result["runner_profile"]
-    print(f"runner thread, {prof['samples']} samples while launching; innermost frames:")
-    for name, count, share in prof["leaves"]:
-        print(f"  {100 * share:5.1f} %  {count:5d}  {name}")
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
     return result

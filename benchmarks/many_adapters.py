@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import tempfile
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve, workload
+from benchmarks.loop_profile import THREADS, StackSampler
 from benchmarks.random_adapters import clone_adapter, write_adapter
 from benchmarks.step_bench import make_engine
 from runtime.engine import Engine, LoopTimings
@@ -95,7 +97,7 @@ def build(s: Settings, model: Path, adapters: Path) -> Engine:
 
 
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, profile: bool = False) -> dict[str, Any]:
     prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
                                         engine.model_info.vocab_size)
     assert engine.adapters is not None
@@ -103,8 +105,10 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     c = engine.scheduler.counters
     steps, rows, prefill_steps = c.num_steps, c.num_rows, c.num_prefill_steps
     timings = replace(engine.timings)
-    samples, start, end = await serve(engine, prompts, loras, arrivals,
-                                      params_for(s.output_len), None)
+    with contextlib.ExitStack() as stack:
+        sampler = stack.enter_context(StackSampler(THREADS, 5e-4)) if profile else None
+        samples, start, end = await serve(engine, prompts, loras, arrivals,
+                                          params_for(s.output_len), None)
     figures = run_figures(samples, start, end)
     figures["distinct_adapters"] = len(set(loras))
     figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
@@ -120,10 +124,13 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     now = engine.timings
     figures["loop_ms"] = LoopTimings(**{
         k: getattr(now, k) - getattr(timings, k) for k in asdict(now)}).per_step_ms()
+    if sampler is not None:  # where the loop's and the runner's Python time went
+        figures["profile"] = sampler.top(15)
+        print(sampler.report(15), flush=True)
     return figures
 
 
-def run(s: Settings, root: Path, log) -> dict[str, Any]:
+def run(s: Settings, root: Path, log, profile: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, adapters = write_files(s, root)
     log(f"wrote the model and {s.num_adapters} adapters in {time.perf_counter() - t0:.1f} s")
@@ -146,7 +153,8 @@ def run(s: Settings, root: Path, log) -> dict[str, Any]:
                     f"step: " + ", ".join(f"{k} {v:.2f}" for k, v in sat["loop_ms"].items()))
             rate = LOAD_FRACTION * out["few"]["saturated"]["request_throughput"]
             for label, names in (("few", few), ("many", many)):
-                out[label]["poisson"] = await one_run(engine, s, names, rate, s.seed + 1)
+                out[label]["poisson"] = await one_run(engine, s, names, rate, s.seed + 1,
+                                                      profile)
                 p = out[label]["poisson"]
                 log(f"{label} Poisson at {rate:.2f} req/s: {p['request_throughput']:.2f} req/s, "
                     f"median TTFT {p['median_ttft_ms']:.1f} ms")
@@ -169,13 +177,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     ap.add_argument("--num-requests", type=int)
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the loop's and the runner thread's stacks in the Poisson runs")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
     if a.num_requests:
         s = replace(s, num_requests=a.num_requests)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(s, Path(tmp), lambda m: print(m, flush=True))
+        result = run(s, Path(tmp), lambda m: print(m, flush=True), a.profile)
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
     print(f"{s.num_adapters} vs {s.few_adapters} adapters of rank {s.rank} on "

@@ -19,6 +19,7 @@
 #   scripts/device_session.sh repeat (one GPU) graphs vs eager and /health latency, 3 runs each
 #   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
 #   scripts/device_session.sh mixed  (one GPU) prefill-graph tests, HF baseline, serving benchmark
+#   scripts/device_session.sh profile (one GPU) loop_profile, many_adapters --profile
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -201,5 +202,15 @@ case "${1:-}" in
     echo "== many_adapters: rc $?"; tail -5 "$OUT/many.log"
     rm -f "$OUT"/*.xml
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed"; exit 2 ;;
+  profile)  # one GPU: where the serving loop's host time goes (8 adapters at batch 32; the
+            # 1000-adapter Poisson runs), then the HF baseline
+    timeout 150 python3 -m benchmarks.loop_profile --out "$OUT/loop.json" > "$OUT/loop.log" 2>&1
+    echo "== loop_profile: rc $?"; grep -v -i "warn\|loading" "$OUT/loop.log" | tail -45
+    timeout 200 python3 -m benchmarks.many_adapters --profile --out "$OUT/many.json" \
+      > "$OUT/many.log" 2>&1
+    echo "== many_adapters --profile: rc $?"; grep -A10 "thread:" "$OUT/many.log" | tail -70
+    tail -3 "$OUT/many.log"
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile"
+     exit 2 ;;
 esac

@@ -266,6 +266,7 @@ def test_loop_profile_quick() -> None:
     result = loop_profile.main(["--quick", "--interval-ms", "0.2"])
     loop = result["loop_ms"]
     assert loop["steps"] >= 8 and loop["launch"] > 0 and result["output_tokens_per_s"] > 0
-    prof = result["runner_profile"]
-    assert prof["samples"] > 0 and prof["leaves"]
-    assert 0 < sum(share for *_, share in prof["leaves"]) <= 1.0 + 1e-6
+    runner = result["profile"]["runner"]
+    assert runner["samples"] > 0 and runner["leaves"] and 0 < runner["busy_fraction"] <= 1
+    assert 0 < sum(share for *_, share in runner["leaves"]) <= 1.0 + 1e-6
+    assert result["profile"]["loop"]["samples"] > 0  # schedule / prepare / postprocess
