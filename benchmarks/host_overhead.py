@@ -1,7 +1,11 @@
-"""Host cost of one LoRA application's kernel wrappers (apply_lora_triton), with the two kernel
-launches stubbed out: the Python an eager step pays before Triton's own launch path, 128 times a
-step for an 8B model with LoRA on every projection. Runs anywhere (CPU tensors); a host-side
-figure, not a device one.
+"""Host costs, measured on CPU tensors (host-side figures, not device ones):
+
+- one LoRA application's kernel wrappers (apply_lora_triton), the two kernel launches stubbed
+  out: the Python an eager step pays before Triton's own launch path, 128 times a step for an
+  8B model with LoRA on every projection;
+- the serving loop's per-step host work before a launch, `Scheduler.schedule` and
+  `ModelRunner.prepare`, for a decode step of `--batches` requests over 8 adapters (a tiny
+  model: these costs scale with requests and tokens, not with the model).
 
     python -m benchmarks.host_overhead --iters 2000 --rounds 7
 """
@@ -56,17 +60,66 @@ def wrapper_us(iters: int, rounds: int = 7, tokens: int = 4096, hidden: int = 40
         return 1e6 * best / iters
 
 
+def step_prep_ms(batch: int, iters: int, rounds: int = 7) -> dict[str, float]:
+    """Milliseconds a call of schedule() and of prepare() for a decode step of `batch`
+    requests of 200-300 tokens over 8 adapters, best of `rounds` rounds of `iters` calls."""
+    import asyncio
+    import tempfile
+
+    from runtime.config import LoraPathSpec
+    from runtime.request import Request, SamplingParams
+    from tests.engine_utils import make_engine
+    from tests.models import make_adapter, make_model, prompts, read_vocab
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = make_model(root / "m", "llama", layers=1, hidden=64, heads=2, kv_heads=1,
+                           inter=64)
+        specs = tuple(LoraPathSpec(f"a{i}", str(make_adapter(model, root / f"a{i}", rank=4,
+                                                              seed=i))) for i in range(8))
+        engine = make_engine(model, max_running_requests=batch, chunked_prefill_size=1 << 16,
+                             lora_paths=specs, max_loras_per_batch=8, kv_cache_cpu_bytes=1 << 28)
+        asyncio.run(engine.adapters.load_startup_adapters())
+        params = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(prompts(batch, read_vocab(model), seed=3, lo=200, hi=300)):
+            req = Request(rid=f"r{i}", prompt_ids=p, params=params, lora_name=f"a{i % 8}")
+            req.outputs = asyncio.Queue()
+            engine.scheduler.add(req)
+        engine.adapters.poll()
+        engine.run_step_blocking(engine.scheduler.schedule())  # the prefill: now all decode
+        plan = engine.scheduler.schedule()
+        assert plan is not None and plan.is_decode and len(plan.requests) == batch
+        out = {}
+        for name, call in (("schedule", engine.scheduler.schedule),
+                           ("prepare", lambda: engine.runner.prepare(plan))):
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    call()
+                best = min(best, time.perf_counter() - t0)
+            out[f"{name}_ms"] = 1e3 * best / iters
+        return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--batches", type=int, nargs="*", default=[32, 256],
+                    help="decode batches whose schedule() and prepare() are timed")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    result = {"apply_lora_triton_wrapper_us": wrapper_us(a.iters, a.rounds), "iters": a.iters,
-              "rounds": a.rounds}
+    result: dict[str, Any] = {"apply_lora_triton_wrapper_us": wrapper_us(a.iters, a.rounds),
+                              "iters": a.iters, "rounds": a.rounds, "decode_step": {}}
     print(f"apply_lora_triton, kernels stubbed: {result['apply_lora_triton_wrapper_us']:.1f} us "
           f"an application (best of {a.rounds} rounds)")
+    for batch in a.batches:
+        ms = step_prep_ms(batch, max(1, a.iters // 20), a.rounds)
+        result["decode_step"][batch] = ms
+        print(f"decode step of {batch} requests over 8 adapters: schedule "
+              f"{ms['schedule_ms']:.3f} ms, prepare {ms['prepare_ms']:.3f} ms")
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
     return result

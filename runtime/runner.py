@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ops.lora import DECODE_CHUNK, build_lora_batch_info
@@ -79,6 +80,20 @@ class InFlightStep:
         return result
 
 
+def _rows_of(step: InFlightStep | None) -> dict[int, int]:
+    """id(request) -> its row in `step` (the step in flight), empty without one."""
+    return {} if step is None else {id(r): j for j, r in enumerate(step.plan.requests)}
+
+
+def _pending_row(req: Request, tokens: list[int], prev_rows: dict[int, int]) -> int:
+    """The row of the step in flight that samples `req`'s newest input token; only that token
+    can be in flight."""
+    row = prev_rows.get(id(req))
+    if row is None or PENDING_TOKEN in tokens[:-1]:
+        raise RuntimeError(f"request {req.rid}: input token not yet sampled")
+    return row
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -138,6 +153,12 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
+    def _array_to_device(self, values: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(values)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     def prepare(self, plan: ScheduledBatch, prev: InFlightStep | None = None) -> ForwardBatch:
         """Step inputs as device tensors, copied on the compute stream (which then runs them).
         Input tokens still being sampled by `prev` (the step in flight) are read from its
@@ -146,6 +167,7 @@ class ModelRunner:
             return self._prepare(plan, prev)
 
     def _prepare(self, plan: ScheduledBatch, prev: InFlightStep | None) -> ForwardBatch:
+        requests, counts = plan.requests, plan.num_new_tokens
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -153,8 +175,9 @@ class ModelRunner:
         cu_q_lens = [0]
         logits_indices: list[int] = []
         token_slots: list[int] = []
-        max_blocks = max(len(r.block_ids) for r in plan.requests)
-        block_tables: list[list[int]] = []
+        max_blocks = max(len(r.block_ids) for r in requests)
+        # Rows padded with block 0 (never read: kv_lens bounds every sequence's reads).
+        block_tables = np.zeros((len(requests), max_blocks), dtype=np.int32)
         bs = self.block_size
         sample_rows: list[int] = []
         prompt_rows: list[int] = []
@@ -164,41 +187,55 @@ class ModelRunner:
         fill_dst: list[int] = []
         fill_src: list[int] = []
         prev_rows: dict[int, int] | None = None  # built on first need: id(request) -> row
-        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
+        num_tokens = 0
+        for i, (req, n) in enumerate(zip(requests, counts)):
             start = req.num_computed_tokens
-            tokens = req.token_slice(start, n)
-            if req.num_pending and tokens[-1] == PENDING_TOKEN:
-                # Only the newest token can be in flight, sampled by the previous step.
-                if prev_rows is None and prev is not None:
-                    prev_rows = {id(r): i for i, r in enumerate(prev.plan.requests)}
-                if PENDING_TOKEN in tokens[:-1] or id(req) not in (prev_rows or {}):
-                    raise RuntimeError(f"request {req.rid}: input token not yet sampled")
-                fill_dst.append(len(ids) + n - 1)
-                fill_src.append(prev_rows[id(req)])
-            ids.extend(tokens)
-            positions.extend(range(start, start + n))
-            slot_mapping.extend(
-                req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)
-            )
+            blocks = req.block_ids
+            block_tables[i, : len(blocks)] = blocks
+            slot = req.lora_slot
+            if n == 1:  # a decode row (or a one-token chunk): no ranges to build
+                num_prompt = len(req.prompt_ids)
+                tok = req.prompt_ids[start] if start < num_prompt else (
+                    req.output_ids[start - num_prompt])
+                if tok == PENDING_TOKEN:
+                    prev_rows = prev_rows if prev_rows is not None else _rows_of(prev)
+                    fill_dst.append(num_tokens)
+                    fill_src.append(_pending_row(req, [tok], prev_rows))
+                ids.append(tok)
+                positions.append(start)
+                slot_mapping.append(blocks[start // bs] * bs + start % bs)
+                token_slots.append(slot)
+            else:
+                tokens = req.token_slice(start, n)
+                if req.num_pending and tokens[-1] == PENDING_TOKEN:
+                    prev_rows = prev_rows if prev_rows is not None else _rows_of(prev)
+                    fill_dst.append(num_tokens + n - 1)
+                    fill_src.append(_pending_row(req, tokens, prev_rows))
+                ids.extend(tokens)
+                positions.extend(range(start, start + n))
+                slot_mapping.extend(
+                    blocks[p // bs] * bs + p % bs for p in range(start, start + n)
+                )
+                token_slots.extend([slot] * n)
             kv_lens.append(start + n)
-            for p in req.prompt_logprob_positions(start, n):  # only with return_logprob
-                prompt_rows.append(len(logits_indices))
-                logits_indices.append(cu_q_lens[-1] + p - start)
-                prompt_targets.append(req.prompt_ids[p + 1])
-                prompt_owners.append(i)
-                logits_slots.append(req.lora_slot)
-            cu_q_lens.append(cu_q_lens[-1] + n)
+            if req.return_logprob:
+                for p in req.prompt_logprob_positions(start, n):
+                    prompt_rows.append(len(logits_indices))
+                    logits_indices.append(num_tokens + p - start)
+                    prompt_targets.append(req.prompt_ids[p + 1])
+                    prompt_owners.append(i)
+                    logits_slots.append(slot)
+            num_tokens += n
+            cu_q_lens.append(num_tokens)
             sample_rows.append(len(logits_indices))
-            logits_indices.append(cu_q_lens[-1] - 1)
-            logits_slots.append(req.lora_slot)
-            token_slots.extend([req.lora_slot] * n)
-            block_tables.append(req.block_ids + [0] * (max_blocks - len(req.block_ids)))
+            logits_indices.append(num_tokens - 1)
+            logits_slots.append(slot)
         lora = lora_logits = None
         pool = self.model.lora_pool
-        if pool is not None and any(s >= 0 for s in token_slots):
+        if pool is not None and any(s >= 0 for s in logits_slots):
             # csgmv chunks: 16 rows at decode (segments are short; the graphs use 16), the
             # configured size where a step prefills (longer tiles read each adapter less often)
-            chunk = DECODE_CHUNK if len(token_slots) == len(plan.requests) else self.lora_chunk_size
+            chunk = DECODE_CHUNK if len(token_slots) == len(requests) else self.lora_chunk_size
             lora = build_lora_batch_info(
                 token_slots, pool.slot_ranks, self.lora_backend, chunk, self.device
             )
@@ -215,15 +252,13 @@ class ModelRunner:
             input_ids=input_ids,
             positions=self._to_device(positions, torch.int64),
             slot_mapping=self._to_device(slot_mapping, torch.int64),
-            block_tables=self._to_device(
-                [x for row in block_tables for x in row], torch.int32
-            ).view(len(block_tables), max_blocks),
+            block_tables=self._array_to_device(block_tables),
             kv_lens=self._to_device(kv_lens, torch.int32),
             cu_q_lens=self._to_device(cu_q_lens, torch.int32),
             logits_indices=self._to_device(logits_indices, torch.int64),
-            max_q_len=max(plan.num_new_tokens),
+            max_q_len=max(counts),
             is_decode=plan.is_decode,
-            q_lens=tuple(plan.num_new_tokens),
+            q_lens=tuple(counts),
             lora=lora,
             lora_logits=lora_logits,
             **self._prompt_scoring(sample_rows, prompt_rows, prompt_targets, prompt_owners),

@@ -131,7 +131,9 @@ class Scheduler:
                 continue
             if req.num_pending and self._reaches_limit(req):
                 continue  # its token in flight is its last: it finishes when that arrives
-            n = 1 if not req.is_prefilling else min(req.num_uncomputed_tokens, budget)
+            uncomputed = req.num_uncomputed_tokens
+            prefilling = uncomputed > 1 or not req.output_ids  # Request.is_prefilling, inlined
+            n = min(uncomputed, budget) if prefilling else 1
             if n <= 0 or not self._admit_adapter(req, slots):
                 continue
             if not self._reserve(req, n, batch):
@@ -203,6 +205,8 @@ class Scheduler:
     def _reserve(self, req: Request, n: int, batch: list[Request]) -> bool:
         """Blocks for `n` more tokens of a running request, preempting newer ones if needed."""
         need = self.bm.blocks_needed(req, req.num_computed_tokens + n)
+        if need == 0:  # most decode steps: the last block has room
+            return True
         while not self.bm.can_allocate(need):
             victim = next((r for r in reversed(self.running) if r not in batch), None)
             if victim is None:

@@ -119,5 +119,7 @@ def test_host_overhead_runs() -> None:
     """The wrapper host-cost benchmark: kernels stubbed, a positive time, nothing launched."""
     from benchmarks import host_overhead
 
-    result = host_overhead.main(["--iters", "5", "--rounds", "2"])
+    result = host_overhead.main(["--iters", "5", "--rounds", "2", "--batches", "8"])
     assert 0 < result["apply_lora_triton_wrapper_us"] < 1e5
+    step = result["decode_step"][8]
+    assert 0 < step["schedule_ms"] < 1e3 and 0 < step["prepare_ms"] < 1e3
