@@ -20,6 +20,8 @@
 #   scripts/device_session.sh many   (one GPU) the 1000-adapter benchmark
 #   scripts/device_session.sh mixed  (one GPU) prefill-graph tests, HF baseline, serving benchmark
 #   scripts/device_session.sh profile (one GPU) loop_profile, many_adapters --profile
+#   scripts/device_session.sh steps  (one GPU) engine/pipeline GPU tests, step_bench --lora with
+#                                    PDL off and on
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -211,6 +213,18 @@ case "${1:-}" in
     echo "== many_adapters --profile: rc $?"; grep -A10 "thread:" "$OUT/many.log" | tail -70
     tail -3 "$OUT/many.log"
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile"
+  steps)  # one GPU: the GPU tests of the loop's host path, then the step targets with PDL off
+          # and on (LORASERVE_ENABLE_PDL is read once a process)
+    gpu_tests engine_gpu 100 tests/test_engine_gpu.py
+    gpu_tests pipeline_gpu 100 tests/test_pipeline_gpu.py
+    timeout 170 python3 -m benchmarks.step_bench --lora --steps 20 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; tail -16 "$OUT/step_lora.log"
+    LORASERVE_ENABLE_PDL=1 timeout 170 python3 -m benchmarks.step_bench --lora --steps 20 \
+      --out "$OUT/step_lora_pdl.json" > "$OUT/step_lora_pdl.log" 2>&1
+    echo "== step_bench --lora, PDL on: rc $?"; tail -16 "$OUT/step_lora_pdl.log"
+    rm -f "$OUT"/*.xml
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps"
      exit 2 ;;
 esac
