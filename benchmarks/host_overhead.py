@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -29,6 +30,18 @@ class _NoLaunch:
 
     def __getitem__(self, grid: Any) -> Any:
         return lambda *args, **kwargs: None
+
+
+def best_of(call: Callable[[], object], iters: int, rounds: int) -> float:
+    """Seconds a call: the best of `rounds` rounds of `iters` calls (a shared machine's noise
+    only adds time)."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        best = min(best, time.perf_counter() - t0)
+    return best / iters
 
 
 def wrapper_us(iters: int, rounds: int = 7, tokens: int = 4096, hidden: int = 4096) -> float:
@@ -51,13 +64,8 @@ def wrapper_us(iters: int, rounds: int = 7, tokens: int = 4096, hidden: int = 40
             mock.patch.object(expand, "_lora_expand_kernel", _NoLaunch()):
         for _ in range(50):
             apply_lora_triton(x, A, B, y, offsets, scalings, info)
-        best = float("inf")
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                apply_lora_triton(x, A, B, y, offsets, scalings, info)
-            best = min(best, time.perf_counter() - t0)
-        return 1e6 * best / iters
+        return 1e6 * best_of(lambda: apply_lora_triton(x, A, B, y, offsets, scalings, info),
+                             iters, rounds)
 
 
 def step_prep_ms(batch: int, iters: int, rounds: int = 7) -> dict[str, float]:
@@ -89,17 +97,10 @@ def step_prep_ms(batch: int, iters: int, rounds: int = 7) -> dict[str, float]:
         engine.run_step_blocking(engine.scheduler.schedule())  # the prefill: now all decode
         plan = engine.scheduler.schedule()
         assert plan is not None and plan.is_decode and len(plan.requests) == batch
-        out = {}
-        for name, call in (("schedule", engine.scheduler.schedule),
-                           ("prepare", lambda: engine.runner.prepare(plan))):
-            best = float("inf")
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    call()
-                best = min(best, time.perf_counter() - t0)
-            out[f"{name}_ms"] = 1e3 * best / iters
-        return out
+        return {
+            "schedule_ms": 1e3 * best_of(engine.scheduler.schedule, iters, rounds),
+            "prepare_ms": 1e3 * best_of(lambda: engine.runner.prepare(plan), iters, rounds),
+        }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

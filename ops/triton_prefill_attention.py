@@ -7,6 +7,7 @@ instead hands a host-built tile table (`prefill_tile_table`), copied into a stat
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -177,7 +178,7 @@ def prefill_block_m(max_q_len: int, group: int, head_dim: int, dtype: torch.dtyp
 
 
 def prefill_tile_table(
-    q_lens: list[int], group: int, block_m: int, pad_to: int | None = None
+    q_lens: Sequence[int], group: int, block_m: int, pad_to: int | None = None
 ) -> list[int]:
     """The query tiles of a batch, one entry per (sequence, tile), for a table launch.
 

@@ -11,11 +11,13 @@ without, so a step with no adapter rows skips LoRA entirely.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ops.lora import DECODE_CHUNK, PADDED_ENTRY_PROGRAMS, LoraBatchInfo
+from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
 
@@ -25,6 +27,20 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
     so padding it costs little, while each size is one capture at startup and one graph)."""
     sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, 129, 16), *range(160, max_bs + 1, 32)]
     return sorted({s for s in sizes if s <= max_bs} | {max_bs})
+
+
+def capture_graph(
+    forward: Callable[[], torch.Tensor], stream: torch.cuda.Stream, pool
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm `forward` up twice (Triton compiles outside the capture), then capture it on
+    `stream` into memory pool `pool` (None: a new one); returns the graph and its output."""
+    for _ in range(2):
+        forward()
+    stream.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool, stream=stream):
+        out = forward()
+    return g, out
 
 
 @dataclass
@@ -118,12 +134,9 @@ class DecodeGraphs:
             for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
                 for with_lora in variants:
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
-                    for _ in range(2):  # warm up: Triton compiles outside the capture
-                        self.model(fb, self.kv_k, self.kv_v)
-                    stream.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                        logits = self.model(fb, self.kv_k, self.kv_v)
+                    g, logits = capture_graph(
+                        lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream, self.pool
+                    )
                     if self.pool is None:
                         self.pool = g.pool()
                     self.graphs[(bs, with_lora)] = (g, logits)
@@ -267,8 +280,6 @@ class MixedGraphs:
         lora_backend: str,
         lora_chunk_size: int,
     ) -> None:
-        from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound
-
         self.model, self.kv_k, self.kv_v = model, kv_k, kv_v
         p = next(model.parameters())
         self.device = p.device
@@ -331,12 +342,9 @@ class MixedGraphs:
             for k in reversed(self.buckets):
                 for with_lora in variants:
                     fb = self.view(k, self._lora_info(k) if with_lora else None)
-                    for _ in range(2):  # warm up: Triton compiles outside the capture
-                        self.model.hidden(fb, self.kv_k, self.kv_v)
-                    stream.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool, stream=stream):
-                        hidden = self.model.hidden(fb, self.kv_k, self.kv_v)
+                    g, hidden = capture_graph(
+                        lambda fb=fb: self.model.hidden(fb, self.kv_k, self.kv_v), stream, pool
+                    )
                     if pool is None:
                         pool = g.pool()
                     self.graphs[(k.tokens, with_lora)] = (g, hidden)
@@ -371,9 +379,11 @@ class MixedGraphs:
 
     def stage(self, fb: ForwardBatch, k: MixedBucket) -> ForwardBatch:
         """Copy `fb` into the static buffers, padded to bucket `k`; returns the bucket's view
-        (also what CPU tests run eagerly)."""
-        from ops.triton_prefill_attention import prefill_tile_table
+        (what the graph reads; CPU tests run it eagerly)."""
+        self._copy_in(fb, k)
+        return self.view(k, self._lora_info(k) if fb.lora is not None else None)
 
+    def _copy_in(self, fb: ForwardBatch, k: MixedBucket) -> None:
         b = self.buf
         n, bs = fb.num_tokens, fb.batch_size
         b.input_ids[:n].copy_(fb.input_ids)
@@ -391,9 +401,8 @@ class MixedGraphs:
         b.cu_q_lens[bs + 1 : k.seqs + 1].fill_(n)
         b.logits_indices[:bs].copy_(fb.logits_indices)
         b.logits_indices[bs : k.seqs].zero_()
-        tiles = prefill_tile_table(list(fb.q_lens), self.group, k.block_m, pad_to=k.tiles)
+        tiles = prefill_tile_table(fb.q_lens, self.group, k.block_m, pad_to=k.tiles)
         b.attn_tiles[: k.tiles].copy_(_host_int32(tiles, self.device), non_blocking=True)
-        lora = None
         if fb.lora is not None:
             info = fb.lora
             _fill_padded(b.seg_indptr[: k.segments + 1], b.seg_slots[: k.segments],
@@ -402,13 +411,11 @@ class MixedGraphs:
                          info.chunk_indptr, info.chunk_slots, k.tokens)
             assert info.counts is not None, "step tables come from build_lora_batch_info"
             b.live.copy_(info.counts)
-            lora = self._lora_info(k)
-        return self.view(k, lora)
 
     def replay(self, fb: ForwardBatch, k: MixedBucket) -> torch.Tensor:
         """Run `fb` (a step that prefills) through bucket k's graph; returns logits [B, vocab]
         fp32, lm_head run eagerly over the real rows."""
-        self.stage(fb, k)
+        self._copy_in(fb, k)
         g, hidden = self.graphs[(k.tokens, fb.lora is not None)]
         g.replay()
         self.num_replays += 1

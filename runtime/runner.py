@@ -147,14 +147,12 @@ class ModelRunner:
         """KV blocks held for the CUDA graphs' padded rows (never a sequence's)."""
         return len(self._scratch.block_ids) if self._scratch is not None else 0
 
-    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
-
-    def _array_to_device(self, values: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(values)
+    def _to_device(self, values: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """A host list or array on the device: through pinned memory on CUDA (no wait)."""
+        if isinstance(values, np.ndarray):
+            t = torch.from_numpy(values)
+        else:
+            t = torch.tensor(values, dtype=dtype)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
@@ -252,7 +250,7 @@ class ModelRunner:
             input_ids=input_ids,
             positions=self._to_device(positions, torch.int64),
             slot_mapping=self._to_device(slot_mapping, torch.int64),
-            block_tables=self._array_to_device(block_tables),
+            block_tables=self._to_device(block_tables, torch.int32),
             kv_lens=self._to_device(kv_lens, torch.int32),
             cu_q_lens=self._to_device(cu_q_lens, torch.int32),
             logits_indices=self._to_device(logits_indices, torch.int64),

@@ -131,9 +131,7 @@ class Scheduler:
                 continue
             if req.num_pending and self._reaches_limit(req):
                 continue  # its token in flight is its last: it finishes when that arrives
-            uncomputed = req.num_uncomputed_tokens
-            prefilling = uncomputed > 1 or not req.output_ids  # Request.is_prefilling, inlined
-            n = min(uncomputed, budget) if prefilling else 1
+            n = min(req.num_uncomputed_tokens, budget) if req.is_prefilling else 1
             if n <= 0 or not self._admit_adapter(req, slots):
                 continue
             if not self._reserve(req, n, batch):

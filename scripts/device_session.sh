@@ -57,6 +57,13 @@ serve_bench() {  # serve_bench TIMEOUT: the serving benchmark's device run (RESU
     "$OUT/serve.log" | head -40
 }
 
+hf_baseline() {  # hf_baseline TIMEOUT NAME: HF PEFT and our engine side by side (RESULTS.md)
+  timeout "$1" python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
+    --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
+    --compare-engine --out "$OUT/$2.json" > "$OUT/$2.log" 2>&1
+  echo "== hf_baseline: rc $?"; tail -8 "$OUT/$2.log"
+}
+
 start_soak() {  # in its own session so it outlives this call; pytest and its plugins apart
   mkdir -p /tmp/soak
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -98,10 +105,7 @@ case "${1:-}" in
     echo "== upload_bench: rc $?"; tail -3 "$OUT/upload.log"
     for _ in $(seq 60); do pgrep -f "tests/test_soak.py" > /dev/null || break; sleep 5; done
     echo "== soak:"; tail -8 "$SOAK_LOG"; cp "$SOAK_LOG" "$OUT/soak.log"
-    timeout 150 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
-      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
-      --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
-    echo "== hf_baseline: rc $?"; tail -8 "$OUT/hf_baseline.log"
+    hf_baseline 150 hf_baseline
     ;;
   final)  # one GPU: the GPU tests again, each file in its own process, then the benchmarks
     gpu_tests pipeline_gpu 100 -s tests/test_pipeline_gpu.py
@@ -151,10 +155,7 @@ case "${1:-}" in
     ;;
   serving)  # one GPU: the end-to-end figures
     gpu_tests lora_graph_gpu 60 tests/test_lora_ops.py -k "graph_replay or two_launches"
-    timeout 130 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
-      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
-      --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
-    echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline.log"
+    hf_baseline 130 hf_baseline
     timeout 200 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -3 "$OUT/many.log"
     rm -f "$OUT"/*.xml
@@ -186,20 +187,14 @@ case "${1:-}" in
     gpu_tests graphs_gpu 300 -x tests/test_graphs_gpu.py
     gpu_tests attention_tile_gpu 60 tests/test_attention.py -k tile
     gpu_tests engine_gpu 100 tests/test_engine_gpu.py
-    timeout 200 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
-      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
-      --compare-engine --out "$OUT/hf_baseline.json" > "$OUT/hf_baseline.log" 2>&1
-    echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline.log"
+    hf_baseline 200 hf_baseline
     serve_bench 170
     rm -f "$OUT"/*.xml
     ;;
-  mixed2)  # one GPU: prefill graphs' tests again, the HF baseline with our engine first, many
+  mixed2)  # one GPU: prefill graphs' tests again, the HF baseline, many adapters
     gpu_tests graphs_gpu 300 -x tests/test_graphs_gpu.py
     gpu_tests attention_tile_gpu 60 tests/test_attention.py -k tile
-    timeout 170 python3 -m benchmarks.hf_baseline --dummy-shape llama-3.1-8b --num-adapters 8 \
-      --rank 16 --batch 32 --prompt-len 128 --new-tokens 64 --reps 1 --variants mixed \
-      --compare-engine --out "$OUT/hf_baseline_ef.json" > "$OUT/hf_baseline_ef.log" 2>&1
-    echo "== hf_baseline: rc $?"; tail -6 "$OUT/hf_baseline_ef.log"
+    hf_baseline 170 hf_baseline_ef
     timeout 150 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -5 "$OUT/many.log"
     rm -f "$OUT"/*.xml

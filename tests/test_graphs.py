@@ -67,18 +67,33 @@ def _mixed_plan(engine, vocab):
     return plan, reqs
 
 
-def test_mixed_graph_staging_matches_unpadded_step(lora_engine):
-    engine, vocab = lora_engine
-    runner = engine.runner
-    scratch = Request(rid="scratch", prompt_ids=[0], params=greedy(1))
-    engine.block_manager.allocate(scratch, 1)
-    graphs = MixedGraphs(
-        engine.model, engine.kv_cache.k, engine.kv_cache.v, max_tokens=128, max_seqs=8,
-        max_blocks=16, scratch_block=scratch.block_ids[0], block_size=engine.config.page_size,
-        lora_backend="csgmv", lora_chunk_size=engine.config.max_lora_chunk_size,
+def _graphs(engine, scratch: Request, max_tokens: int, max_seqs: int) -> MixedGraphs:
+    """Prefill graphs of the engine's model, not captured (CPU): staging and bucket choice."""
+    return MixedGraphs(
+        engine.model, engine.kv_cache.k, engine.kv_cache.v, max_tokens=max_tokens,
+        max_seqs=max_seqs, max_blocks=16, scratch_block=scratch.block_ids[0],
+        block_size=engine.config.page_size, lora_backend="csgmv",
+        lora_chunk_size=engine.config.max_lora_chunk_size,
     )
-    plan, reqs = _mixed_plan(engine, vocab)
-    fb = runner.prepare(plan)
+
+
+@pytest.fixture
+def scratch(lora_engine):
+    """The scratch block padded rows write into; the test's requests and it are freed after."""
+    engine, _ = lora_engine
+    req = Request(rid="scratch", prompt_ids=[0], params=greedy(1))
+    engine.block_manager.allocate(req, 1)
+    yield req
+    for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+        engine.scheduler.remove(r)
+    engine.block_manager.free(req)
+
+
+def test_mixed_graph_staging_matches_unpadded_step(lora_engine, scratch):
+    engine, vocab = lora_engine
+    graphs = _graphs(engine, scratch, max_tokens=128, max_seqs=8)
+    plan, _ = _mixed_plan(engine, vocab)
+    fb = engine.runner.prepare(plan)
     assert fb.lora is not None and len(plan.slots) == 2
     bucket = graphs.bucket_for(fb)
     assert bucket is not None and bucket.tokens > fb.num_tokens and bucket.seqs > fb.batch_size
@@ -93,30 +108,13 @@ def test_mixed_graph_staging_matches_unpadded_step(lora_engine):
         hidden = engine.model.hidden(view, engine.kv_cache.k, engine.kv_cache.v)
         staged = engine.model.logits(hidden[: fb.batch_size], fb)
     torch.testing.assert_close(staged, eager, rtol=1e-4, atol=1e-4)
-    # a base-only step of the same shape stages without LoRA tables
-    for r in reqs:
-        engine.scheduler.remove(r)
-    engine.block_manager.free(scratch)
 
 
-def test_mixed_graph_bucket_refusals(lora_engine):
+def test_mixed_graph_bucket_refusals(lora_engine, scratch):
     engine, vocab = lora_engine
-    scratch = Request(rid="scratch2", prompt_ids=[0], params=greedy(1))
-    engine.block_manager.allocate(scratch, 1)
-    graphs = MixedGraphs(
-        engine.model, engine.kv_cache.k, engine.kv_cache.v, max_tokens=16, max_seqs=2,
-        max_blocks=16, scratch_block=scratch.block_ids[0], block_size=engine.config.page_size,
-        lora_backend="csgmv", lora_chunk_size=engine.config.max_lora_chunk_size,
-    )
-    plan, reqs = _mixed_plan(engine, vocab)
+    plan, _ = _mixed_plan(engine, vocab)
     fb = engine.runner.prepare(plan)
-    assert fb.num_tokens > 16 and graphs.bucket_for(fb) is None  # too many tokens: eager
-    other = MixedGraphs(
-        engine.model, engine.kv_cache.k, engine.kv_cache.v, max_tokens=256, max_seqs=2,
-        max_blocks=16, scratch_block=scratch.block_ids[0], block_size=engine.config.page_size,
-        lora_backend="csgmv", lora_chunk_size=engine.config.max_lora_chunk_size,
-    )
-    assert other.bucket_for(fb) is None  # more sequences than any bucket holds
-    for r in reqs:
-        engine.scheduler.remove(r)
-    engine.block_manager.free(scratch)
+    too_few_tokens = _graphs(engine, scratch, max_tokens=16, max_seqs=2)
+    assert fb.num_tokens > 16 and too_few_tokens.bucket_for(fb) is None  # eager
+    too_few_seqs = _graphs(engine, scratch, max_tokens=256, max_seqs=2)
+    assert too_few_seqs.bucket_for(fb) is None  # more sequences than any bucket holds
