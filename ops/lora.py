@@ -22,6 +22,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,28 +88,41 @@ def _pad(indptr: list[int], slots: list[int], count: int) -> tuple[list[int], li
     return indptr + [indptr[-1]] * extra, slots + [-1] * extra
 
 
-def build_lora_batch_info(
+@dataclass
+class LoraTables:
+    """A batch's segment and chunk tables on the host, packed for one copy to the device:
+    seg_indptr [S+1], seg_slots [S], chunk_indptr [C+1], chunk_slots [C], real counts [2], each
+    at a 16-byte boundary (`_table_spans`)."""
+
+    packed: np.ndarray  # int32
+    num_segments: int
+    num_chunks: int
+    max_seg_len: int
+    chunk_size: int
+    backend: str
+    pad_to: int | None
+
+
+def lora_tables(
     token_slots: list[int],
-    slot_ranks: Tensor,
+    num_slots: int,
     backend: str,
     chunk_size: int,
-    device: torch.device | str,
     pad_to: int | None = None,
-) -> LoraBatchInfo:
-    """Segments and chunks of a batch, built on the host and copied to `device` at once.
+) -> LoraTables:
+    """Segments and chunks of a batch (host work only; `lora_batch_info` makes the batch info
+    from the packed tables once they are on the device).
 
     token_slots: per-token GPU slot (-1 = base model) in token order; each adapter's tokens
     must be one contiguous run (ValueError otherwise; base runs may repeat).
-    slot_ranks: [num_slots] int32, kept as is when already on `device` (the pool updates it in
-    place). chunk_size: power of two in 16..128. pad_to: if given, segments and chunks are padded
-    with empty base entries to exactly this many, so grids stay fixed across CUDA-graph replays.
+    chunk_size: power of two in 16..128. pad_to: if given, segments and chunks are padded with
+    empty base entries to exactly this many, so grids stay fixed across CUDA-graph replays.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown LoRA backend {backend!r}, expected one of {BACKENDS}")
     if chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be a power of two in 16..128, got {chunk_size}")
-    num_slots = slot_ranks.shape[0]
-    if any(not -1 <= s < num_slots for s in token_slots):
+    if token_slots and not -1 <= min(token_slots) <= max(token_slots) < num_slots:
         raise ValueError(f"slot ids must be in -1..{num_slots - 1}")
     seg_indptr, seg_slots = _segments(token_slots)
     chunk_indptr, chunk_slots = _chunks(seg_indptr, seg_slots, chunk_size)
@@ -117,33 +131,74 @@ def build_lora_batch_info(
     if pad_to is not None:
         seg_indptr, seg_slots = _pad(seg_indptr, seg_slots, pad_to)
         chunk_indptr, chunk_slots = _pad(chunk_indptr, chunk_slots, pad_to)
-    num_segments, num_chunks = len(seg_slots), len(chunk_slots)
-    packed = torch.tensor(
-        seg_indptr + seg_slots + chunk_indptr + chunk_slots + live, dtype=torch.int32
+    parts = (seg_indptr, seg_slots, chunk_indptr, chunk_slots, live)
+    spans = _table_spans(len(seg_slots), len(chunk_slots))
+    packed = np.zeros(spans[-1][0] + 2, dtype=np.int32)
+    for (start, n), part in zip(spans, parts, strict=True):
+        packed[start : start + n] = part
+    return LoraTables(
+        packed, len(seg_slots), len(chunk_slots), max_seg_len, chunk_size, backend, pad_to
     )
+
+
+def _table_spans(num_segments: int, num_chunks: int) -> list[tuple[int, int]]:
+    """(start, length) in the packed int32 tables of seg_indptr, seg_slots, chunk_indptr,
+    chunk_slots and the counts. Every part starts 16-byte aligned: the kernels' compiled
+    variants are keyed on their pointers' alignment, so unaligned parts would compile new
+    variants as the segment count changes."""
+    spans, start = [], 0
+    for n in (num_segments + 1, num_segments, num_chunks + 1, num_chunks, 2):
+        spans.append((start, n))
+        start += -(-n // 4) * 4
+    return spans
+
+
+def lora_batch_info(tables: LoraTables, packed: Tensor, slot_ranks: Tensor) -> LoraBatchInfo:
+    """The batch info over `packed`, `tables.packed` as an int32 tensor on the compute device
+    (its views become the tables). slot_ranks: [num_slots] int32, kept as is when already on
+    that device (the pool updates it in place)."""
+    num_segments, num_chunks = tables.num_segments, tables.num_chunks
+    assert packed.shape == tables.packed.shape and packed.dtype == torch.int32
+    seg_indptr, seg_slots, chunk_indptr, chunk_slots, live_part = (
+        packed[start : start + n] for start, n in _table_spans(num_segments, num_chunks)
+    )
+    padded = tables.pad_to is not None
+    return LoraBatchInfo(
+        seg_indptr=seg_indptr,
+        seg_slots=seg_slots,
+        slot_ranks=slot_ranks.to(device=packed.device, dtype=torch.int32),
+        num_segments=num_segments,
+        max_seg_len=tables.max_seg_len,
+        chunk_indptr=chunk_indptr,
+        chunk_slots=chunk_slots,
+        num_chunks=num_chunks,
+        chunk_size=tables.chunk_size,
+        backend=tables.backend,
+        seg_live=live_part[0:1] if padded else None,
+        chunk_live=live_part[1:2] if padded else None,
+        entry_programs=min(tables.pad_to, PADDED_ENTRY_PROGRAMS) if padded else None,
+        counts=live_part,
+    )
+
+
+def build_lora_batch_info(
+    token_slots: list[int],
+    slot_ranks: Tensor,
+    backend: str,
+    chunk_size: int,
+    device: torch.device | str,
+    pad_to: int | None = None,
+) -> LoraBatchInfo:
+    """`lora_tables` and `lora_batch_info` with a copy of their own to `device` (the runner
+    sends the tables with the rest of a step's inputs instead)."""
+    tables = lora_tables(token_slots, slot_ranks.shape[0], backend, chunk_size, pad_to)
+    packed = torch.from_numpy(tables.packed)
     device = torch.device(device)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     else:
         packed = packed.to(device)
-    seg_part, chunk_part, live_part = packed.split([2 * num_segments + 1, 2 * num_chunks + 1, 2])
-    padded = pad_to is not None
-    return LoraBatchInfo(
-        seg_indptr=seg_part[: num_segments + 1],
-        seg_slots=seg_part[num_segments + 1 :],
-        slot_ranks=slot_ranks.to(device=device, dtype=torch.int32),
-        num_segments=num_segments,
-        max_seg_len=max_seg_len,
-        chunk_indptr=chunk_part[: num_chunks + 1],
-        chunk_slots=chunk_part[num_chunks + 1 :],
-        num_chunks=num_chunks,
-        chunk_size=chunk_size,
-        backend=backend,
-        seg_live=live_part[0:1] if padded else None,
-        chunk_live=live_part[1:2] if padded else None,
-        entry_programs=min(pad_to, PADDED_ENTRY_PROGRAMS) if padded else None,
-        counts=live_part,
-    )
+    return lora_batch_info(tables, packed, slot_ranks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ class DecodeGraphs:
             info = fb.lora
             _fill_padded(b.seg_indptr, b.seg_slots, info.seg_indptr, info.seg_slots, bucket)
             _fill_padded(b.chunk_indptr, b.chunk_slots, info.chunk_indptr, info.chunk_slots, bucket)
-            assert info.counts is not None, "decode tables come from build_lora_batch_info"
+            assert info.counts is not None, "decode tables come from lora_batch_info"
             b.live.copy_(info.counts)  # the real counts came with the table's own copy
         g, logits = self.graphs[(bucket, with_lora)]
         g.replay()
@@ -409,7 +409,7 @@ class MixedGraphs:
                          info.seg_indptr, info.seg_slots, k.tokens)
             _fill_padded(b.chunk_indptr[: k.chunks + 1], b.chunk_slots[: k.chunks],
                          info.chunk_indptr, info.chunk_slots, k.tokens)
-            assert info.counts is not None, "step tables come from build_lora_batch_info"
+            assert info.counts is not None, "step tables come from lora_batch_info"
             b.live.copy_(info.counts)
 
     def replay(self, fb: ForwardBatch, k: MixedBucket) -> torch.Tensor:

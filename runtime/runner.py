@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ops.lora import DECODE_CHUNK, build_lora_batch_info
+from ops.lora import DECODE_CHUNK, lora_batch_info, lora_tables
 from runtime.graphs import DecodeGraphs, MixedGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
@@ -25,6 +25,7 @@ from runtime.model.llama import CausalLM
 from runtime.request import PENDING_TOKEN, Request, SamplingParams
 from runtime.sampler import Sampler, SamplerOutput
 from runtime.scheduler import ScheduledBatch
+from runtime.staging import StagingRing
 from runtime.streams import Event, Streams
 
 
@@ -117,6 +118,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self._scratch: Request | None = None
+        self.staging = StagingRing(device)
 
     def enable_cuda_graphs(
         self, block_manager: BlockManager, max_bs: int, context_length: int, max_tokens: int = 0
@@ -146,16 +148,6 @@ class ModelRunner:
     def reserved_blocks(self) -> int:
         """KV blocks held for the CUDA graphs' padded rows (never a sequence's)."""
         return len(self._scratch.block_ids) if self._scratch is not None else 0
-
-    def _to_device(self, values: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        """A host list or array on the device: through pinned memory on CUDA (no wait)."""
-        if isinstance(values, np.ndarray):
-            t = torch.from_numpy(values)
-        else:
-            t = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
 
     def prepare(self, plan: ScheduledBatch, prev: InFlightStep | None = None) -> ForwardBatch:
         """Step inputs as device tensors, copied on the compute stream (which then runs them).
@@ -228,50 +220,57 @@ class ModelRunner:
             sample_rows.append(len(logits_indices))
             logits_indices.append(num_tokens - 1)
             logits_slots.append(slot)
-        lora = lora_logits = None
         pool = self.model.lora_pool
+        tables = []
         if pool is not None and any(s >= 0 for s in logits_slots):
             # csgmv chunks: 16 rows at decode (segments are short; the graphs use 16), the
             # configured size where a step prefills (longer tiles read each adapter less often)
             chunk = DECODE_CHUNK if len(token_slots) == len(requests) else self.lora_chunk_size
-            lora = build_lora_batch_info(
-                token_slots, pool.slot_ranks, self.lora_backend, chunk, self.device
-            )
-            lora_logits = build_lora_batch_info(
-                logits_slots, pool.slot_ranks, self.lora_backend, DECODE_CHUNK, self.device
-            )
-        input_ids = self._to_device(ids, torch.int64)
+            num_slots = pool.slot_ranks.shape[0]
+            tables = [
+                lora_tables(token_slots, num_slots, self.lora_backend, chunk),
+                lora_tables(logits_slots, num_slots, self.lora_backend, DECODE_CHUNK),
+            ]
+        i64, i32 = np.int64, np.int32
+        fields = [
+            (ids, i64), (positions, i64), (slot_mapping, i64), (block_tables, i32),
+            (kv_lens, i32), (cu_q_lens, i32), (logits_indices, i64), (fill_dst, i64),
+            (fill_src, i64), *((t.packed, i32) for t in tables),
+        ]
+        if prompt_rows:
+            fields += [(sample_rows, i64), (prompt_rows, i64), (prompt_targets, i64)]
+        staged = self.staging.stage(fields)
+        input_ids = staged[0]
         if fill_dst:
             assert prev is not None
-            input_ids[self._to_device(fill_dst, torch.int64)] = (
-                prev.token_ids[self._to_device(fill_src, torch.int64)]
+            input_ids[staged[7]] = prev.token_ids[staged[8]]
+        lora = lora_logits = None
+        if tables:
+            lora, lora_logits = (
+                lora_batch_info(t, packed, pool.slot_ranks)
+                for t, packed in zip(tables, staged[9:11])
             )
+        scoring = {}
+        if prompt_rows:
+            scoring = {
+                "sample_rows": staged[-3], "prompt_rows": staged[-2],
+                "prompt_targets": staged[-1], "prompt_owners": tuple(prompt_owners),
+            }
         return ForwardBatch(
             input_ids=input_ids,
-            positions=self._to_device(positions, torch.int64),
-            slot_mapping=self._to_device(slot_mapping, torch.int64),
-            block_tables=self._to_device(block_tables, torch.int32),
-            kv_lens=self._to_device(kv_lens, torch.int32),
-            cu_q_lens=self._to_device(cu_q_lens, torch.int32),
-            logits_indices=self._to_device(logits_indices, torch.int64),
+            positions=staged[1],
+            slot_mapping=staged[2],
+            block_tables=staged[3],
+            kv_lens=staged[4],
+            cu_q_lens=staged[5],
+            logits_indices=staged[6],
             max_q_len=max(counts),
             is_decode=plan.is_decode,
             q_lens=tuple(counts),
             lora=lora,
             lora_logits=lora_logits,
-            **self._prompt_scoring(sample_rows, prompt_rows, prompt_targets, prompt_owners),
+            **scoring,
         )
-
-    def _prompt_scoring(self, sample_rows, prompt_rows, prompt_targets, prompt_owners) -> dict:
-        """Extra ForwardBatch fields when some prompt tokens are scored (return_logprob)."""
-        if not prompt_rows:
-            return {}
-        return {
-            "sample_rows": self._to_device(sample_rows, torch.int64),
-            "prompt_rows": self._to_device(prompt_rows, torch.int64),
-            "prompt_targets": self._to_device(prompt_targets, torch.int64),
-            "prompt_owners": tuple(prompt_owners),
-        }
 
     @torch.inference_mode()
     def launch(self, plan: ScheduledBatch, fb: ForwardBatch) -> InFlightStep:

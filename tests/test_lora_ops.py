@@ -541,3 +541,27 @@ def test_size_helpers_match_triton() -> None:
         for b in (1, 3, 16, 128):
             assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
     assert cdiv(0, 16) == 0 and next_pow2(0) == 1
+
+
+def test_per_step_args_name_kernel_parameters() -> None:
+    """The scalars kept out of Triton's specialization key are the kernels' parameters (a
+    misspelt name would be ignored and the variants would come back)."""
+    import inspect
+
+    from ops import (
+        triton_decode_attention,
+        triton_lora_embed,
+        triton_lora_expand,
+        triton_lora_shrink,
+        triton_prefill_attention,
+    )
+
+    for module, kernel in [
+        (triton_lora_shrink, "_lora_shrink_kernel"),
+        (triton_lora_expand, "_lora_expand_kernel"),
+        (triton_lora_embed, "_lora_embed_shrink_kernel"),
+        (triton_decode_attention, "_decode_attention_kernel"),
+        (triton_prefill_attention, "_prefill_attention_kernel"),
+    ]:
+        params = inspect.signature(getattr(module, kernel).fn).parameters
+        assert module.PER_STEP_ARGS and set(module.PER_STEP_ARGS) <= set(params), kernel

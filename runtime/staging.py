@@ -1,0 +1,88 @@
+"""Step inputs to the device in one copy.
+
+A step needs a dozen small integer arrays on the device (token ids, positions, KV slots, block
+tables, the LoRA tables). Sent one by one, each costs a pinned allocation, a copy launch and
+several releases of the GIL, which the serving loop's thread pays for every step (and waits on
+whenever adapter loader threads hold the GIL). `StagingRing` writes them all into one pinned
+host buffer with numpy, sends that with one non-blocking copy on the current stream, and returns
+views of the device buffer.
+
+Buffers rotate through `depth` slots: a host slot is written again only after the event of its
+last copy has completed, and a device slot only after the work enqueued behind that copy (the
+step that read it) has run, as the stream orders it. Steps keep their views for as long as the
+work they enqueue, never across `depth` later steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from runtime.streams import Event
+
+# Bytes: every field starts where a kernel's pointer counts as aligned (Triton compiles a
+# variant per pointer alignment, so a field at an odd 8-byte offset would compile another).
+ALIGN = 16
+_TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
+class StagingRing:
+    """One host-to-device copy a step for all of its integer inputs.
+
+    device: where the views live (on CPU the "copy" is a memcpy into a separate buffer, so the
+    views never alias the host buffer that a later step rewrites). depth: buffer pairs in
+    rotation. capacity: starting bytes a slot (a bigger step grows that slot).
+    """
+
+    def __init__(self, device: torch.device, depth: int = 4, capacity: int = 1 << 16) -> None:
+        assert depth >= 2, "a step's buffers must outlive the next step's writes"
+        self.device = device
+        self.depth = depth
+        self._pin = device.type == "cuda"
+        self._host: list[torch.Tensor] = []
+        self._dev: list[torch.Tensor] = []
+        self._events: list[Event | None] = [None] * depth
+        for _ in range(depth):
+            self._host.append(self._host_buffer(capacity))
+            self._dev.append(torch.empty(capacity, dtype=torch.uint8, device=device))
+        self._next = 0
+        self.copies = 0  # host-to-device copies issued (tests count them)
+
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+
+    def stage(
+        self, fields: Sequence[tuple[Sequence[int] | np.ndarray, np.dtype | type]]
+    ) -> list[torch.Tensor]:
+        """Each (values, dtype) field as a device tensor of that dtype (int32 or int64) and the
+        values' shape (a list is 1-D), all sent in one copy on the current stream."""
+        arrays = [np.asarray(v, dtype=dt) for v, dt in fields]
+        offsets, end = [], 0
+        for a in arrays:
+            offsets.append(end)
+            end += -(-a.nbytes // ALIGN) * ALIGN
+        k = self._next
+        self._next = (k + 1) % self.depth
+        if self._events[k] is not None:
+            self._events[k].synchronize()  # its last copy has long been done in practice
+        if end > self._host[k].numel():
+            size = 1 << max(end - 1, 1).bit_length()
+            self._host[k] = self._host_buffer(size)
+            self._dev[k] = torch.empty(size, dtype=torch.uint8, device=self.device)
+        host_np = self._host[k].numpy()
+        for a, off in zip(arrays, offsets):
+            host_np[off : off + a.nbytes].view(a.dtype)[:] = a.reshape(-1)
+        dev = self._dev[k]
+        if end:
+            dev[:end].copy_(self._host[k][:end], non_blocking=self._pin)
+            self.copies += 1
+        if self._pin:
+            event = self._events[k] or Event(self.device)
+            event.record()
+            self._events[k] = event
+        return [
+            dev[off : off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
+            for a, off in zip(arrays, offsets)
+        ]
