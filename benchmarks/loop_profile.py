@@ -114,6 +114,40 @@ class StackSampler:
         return "\n".join(lines)
 
 
+class CompileLog:
+    """The Triton kernels compiled while active, through Triton's post-compile hook (chained
+    to any hook already set): a measured run that compiles is not measuring serving, and the
+    keys say which argument made a new variant. Nothing is recorded under the interpreter."""
+
+    def __init__(self) -> None:
+        self.compiles: list[tuple[str, str]] = []  # (kernel, its specialization as Triton shows it)
+        self._prev = None
+
+    def __enter__(self) -> Self:
+        import triton
+
+        self._knobs = triton.knobs.runtime
+        self._prev = self._knobs.jit_post_compile_hook
+        self._knobs.jit_post_compile_hook = self._hook
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._knobs.jit_post_compile_hook = self._prev
+
+    def _hook(self, **kw: Any) -> Any:
+        fn, spec = kw.get("fn"), kw.get("compile", {})
+        name = getattr(fn, "name", "?")
+        self.compiles.append((name, f"{kw.get('repr', '')} constants={spec.get('constants')}"))
+        return self._prev(**kw) if self._prev is not None else None
+
+    def summary(self, n_keys: int = 3) -> dict[str, Any]:
+        """Compiles per kernel, most first, with up to `n_keys` of each kernel's keys."""
+        per = collections.Counter(name for name, _ in self.compiles)
+        return {"total": len(self.compiles), "per_kernel": {
+            name: {"count": count, "keys": [k for m, k in self.compiles if m == name][:n_keys]}
+            for name, count in per.most_common()}}
+
+
 THREADS = {"runner": RUNNER_THREAD_PREFIX, "loop": "MainThread", "adapter loads": "lora-load"}
 
 
@@ -169,11 +203,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             try:
                 await one_batch(engine, a, seed=1)  # compiles, warms the pinned-memory cache
                 engine.timings = LoopTimings()
-                with StackSampler(THREADS, a.interval_ms / 1e3) as sampler:
+                with StackSampler(THREADS, a.interval_ms / 1e3) as sampler, CompileLog() as cl:
                     seconds = await one_batch(engine, a, seed=2)
                 print(sampler.report(a.top))
+                compiles = cl.summary()
+                print(f"Triton compiles during the measured batch: {compiles['total']}",
+                      {k: v["count"] for k, v in compiles["per_kernel"].items()})
                 return {"seconds": seconds, "loop_ms": engine.timings.per_step_ms(),
-                        "profile": sampler.top(a.top)}
+                        "profile": sampler.top(a.top), "compiles": compiles}
             finally:
                 await engine.stop()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve, workload
-from benchmarks.loop_profile import THREADS, StackSampler
+from benchmarks.loop_profile import THREADS, CompileLog, StackSampler
 from benchmarks.random_adapters import clone_adapter, write_adapter
 from benchmarks.step_bench import make_engine
 from runtime.engine import Engine, LoopTimings
@@ -107,10 +107,12 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     timings = replace(engine.timings)
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(StackSampler(THREADS, 5e-4)) if profile else None
+        compile_log = stack.enter_context(CompileLog())
         samples, start, end = await serve(engine, prompts, loras, arrivals,
                                           params_for(s.output_len), None)
     figures = run_figures(samples, start, end)
     figures["distinct_adapters"] = len(set(loras))
+    figures["compiles"] = compile_log.summary()  # Triton variants first met in this run
     figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
     figures["uploads"] = engine.adapters.counters.loads["gpu"] - loads["gpu"]
     # what bounds throughput: rows a step (the adapter cap limits a many-adapter batch) and
@@ -149,7 +151,8 @@ def run(s: Settings, root: Path, log, profile: bool = False) -> dict[str, Any]:
                 sat = out[label]["saturated"]
                 log(f"{label} saturated: {sat['request_throughput']:.2f} req/s, "
                     f"{sat['mean_rows_per_step']:.1f} rows a step, "
-                    f"{100 * sat['prefill_step_fraction']:.0f} % of steps prefill; loop ms a "
+                    f"{100 * sat['prefill_step_fraction']:.0f} % of steps prefill, "
+                    f"{sat['compiles']['total']} Triton compiles; loop ms a "
                     f"step: " + ", ".join(f"{k} {v:.2f}" for k, v in sat["loop_ms"].items()))
             rate = LOAD_FRACTION * out["few"]["saturated"]["request_throughput"]
             for label, names in (("few", few), ("many", many)):
@@ -157,7 +160,8 @@ def run(s: Settings, root: Path, log, profile: bool = False) -> dict[str, Any]:
                                                       profile)
                 p = out[label]["poisson"]
                 log(f"{label} Poisson at {rate:.2f} req/s: {p['request_throughput']:.2f} req/s, "
-                    f"median TTFT {p['median_ttft_ms']:.1f} ms")
+                    f"median TTFT {p['median_ttft_ms']:.1f} ms, "
+                    f"{p['compiles']['total']} Triton compiles")
             out["poisson_rate"] = rate
             return out
         finally:

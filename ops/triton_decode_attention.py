@@ -20,7 +20,12 @@ _MAX_SPLITS = 64
 _DEFAULT_SM_COUNT = 132
 
 
-@triton.jit
+# Scalars that change from step to step: Triton would otherwise compile a variant per value
+# class (1, multiple of 16, other), and eager steps would meet new ones while serving.
+PER_STEP_ARGS = ["stride_table"]
+
+
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _decode_attention_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]

@@ -12,7 +12,12 @@ import triton.language as tl
 from ops.sizes import next_pow2
 
 
-@triton.jit
+# Scalars that change from step to step: Triton would otherwise compile a variant per value
+# class (1, multiple of 16, other), and eager steps would meet new ones while serving.
+PER_STEP_ARGS = ["m_progs"]
+
+
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _lora_embed_shrink_kernel(
     ids_ptr,
     a_ptr,

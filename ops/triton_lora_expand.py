@@ -70,7 +70,12 @@ def _load_t(
     return tile
 
 
-@triton.jit
+# Scalars that change from step to step: Triton would otherwise compile a variant per value
+# class (1, multiple of 16, other), and eager steps would meet new ones while serving.
+PER_STEP_ARGS = ["num_entries", "entry_progs", "splits", "stride_ts", "m_progs"]
+
+
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _lora_expand_kernel(
     t_ptr,
     b_ptr,

@@ -34,7 +34,12 @@ from ops.sizes import cdiv, next_pow2
 MAX_PARTIAL_ROWS = 2048  # split_k * tokens: the fp32 partials stay a small L2-resident buffer
 
 
-@triton.jit
+# Scalars that change from step to step: Triton would otherwise compile a variant per value
+# class (1, multiple of 16, other), and eager steps would meet new ones while serving.
+PER_STEP_ARGS = ["num_entries", "entry_progs", "k_per_split", "stride_os", "m_progs"]
+
+
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,

@@ -25,7 +25,12 @@ _MAX_TABLE_SEQS = 1 << (31 - _TILE_BITS)
 _MAX_SEQ_TILES = 1 << _TILE_BITS
 
 
-@triton.jit
+# Scalars that change from step to step: Triton would otherwise compile a variant per value
+# class (1, multiple of 16, other), and eager steps would meet new ones while serving.
+PER_STEP_ARGS = ["stride_table"]
+
+
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _prefill_attention_kernel(
     q_ptr,  # [T, H, D]
     k_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]

@@ -272,3 +272,31 @@ def test_loop_profile_quick() -> None:
     # the loop thread and the adapter loaders are sampled too; on this tiny CPU batch they are
     # busy too briefly for a count to be assured
     assert set(result["profile"]) == {"runner", "loop", "adapter loads"}
+    assert result["compiles"]["total"] == 0  # the interpreter compiles nothing
+
+
+def test_compile_log_records_chains_and_restores() -> None:
+    """CompileLog installs Triton's post-compile hook for its block only, passes each compile on
+    to a hook set before it, and counts compiles per kernel."""
+    import triton
+
+    from benchmarks.loop_profile import CompileLog
+
+    seen = []
+    knobs = triton.knobs.runtime
+    before = knobs.jit_post_compile_hook
+    knobs.jit_post_compile_hook = lambda **kw: seen.append(kw["repr"])
+    try:
+        fn = type("Fn", (), {"name": "k1"})()
+        with CompileLog() as log:
+            for name, r in [("k1", "a"), ("k2", "b"), ("k1", "c")]:
+                fn.name = name
+                knobs.jit_post_compile_hook(key=r, repr=r, fn=fn, compile={"constants": {}},
+                                            is_manual_warmup=False, already_compiled=False)
+        summary = log.summary()
+        assert summary["total"] == 3 and seen == ["a", "b", "c"]
+        assert list(summary["per_kernel"]) == ["k1", "k2"]
+        assert summary["per_kernel"]["k1"]["count"] == 2
+        assert knobs.jit_post_compile_hook is not log._hook
+    finally:
+        knobs.jit_post_compile_hook = before
