@@ -11,7 +11,6 @@ import triton.language as tl
 
 from ops.sizes import next_pow2
 
-
 # Scalars that change from step to step: Triton would otherwise compile a variant per value
 # class (1, multiple of 16, other), and eager steps would meet new ones while serving.
 PER_STEP_ARGS = ["m_progs"]

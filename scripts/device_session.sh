@@ -22,6 +22,8 @@
 #   scripts/device_session.sh profile (one GPU) loop_profile, many_adapters --profile
 #   scripts/device_session.sh steps  (one GPU) engine/pipeline GPU tests, step_bench --lora with
 #                                    PDL off and on
+#   scripts/device_session.sh staged (one GPU) staging/graph/engine GPU tests, loop_profile
+#   scripts/device_session.sh loads  (one GPU) many_adapters --profile, the HF baseline
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -220,6 +222,22 @@ case "${1:-}" in
     echo "== step_bench --lora, PDL on: rc $?"; tail -16 "$OUT/step_lora_pdl.log"
     rm -f "$OUT"/*.xml
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps"
+  staged)  # one GPU: GPU tests of the one-copy step inputs and the kernels' specialization
+           # keys, then where the loop's host time goes with them
+    gpu_tests staging_gpu 60 tests/test_staging.py tests/test_lora_ops.py
+    gpu_tests graphs_gpu 300 -x tests/test_graphs_gpu.py
+    gpu_tests engine_gpu 100 tests/test_engine_gpu.py tests/test_pipeline_gpu.py
+    timeout 120 python3 -m benchmarks.loop_profile --out "$OUT/loop.json" > "$OUT/loop.log" 2>&1
+    echo "== loop_profile: rc $?"; grep -v -i "warn\|loading" "$OUT/loop.log" | tail -30
+    rm -f "$OUT"/*.xml
+    ;;
+  loads)  # one GPU: the 1000-adapter benchmark with its profile, then the HF baseline
+    timeout 220 python3 -m benchmarks.many_adapters --profile --out "$OUT/many.json" \
+      > "$OUT/many.log" 2>&1
+    echo "== many_adapters --profile: rc $?"; grep -A8 "thread:" "$OUT/many.log" | tail -60
+    grep -E "saturated|Poisson|keeps" "$OUT/many.log" | tail -8
+    hf_baseline 200 hf_baseline
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps|staged|loads"
      exit 2 ;;
 esac
