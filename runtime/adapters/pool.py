@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
@@ -80,6 +82,24 @@ def module_dims(shape: LoraModelShape, module: str) -> tuple[int, int]:
         LM_HEAD: (h, v),
     }
     return dims[module]
+
+
+def _group_slice(module: str) -> tuple[str, int]:
+    """The group a module is fused into, and its slice index there."""
+    if module in (EMBED, LM_HEAD):
+        return module, 0
+    group = next(g for g, ms in GROUPS.items() if module in ms)
+    return group, GROUPS[group].index(module)
+
+
+def _strided_views(
+    buf: Tensor, starts: list[int], at: int, shape: tuple[int, ...], strides: tuple[int, ...]
+) -> tuple[Tensor, ...]:
+    """Views of `shape` and `strides` in the 1-D `buf`, `at` elements past each of `starts`
+    (which must be a fixed step apart): one strided view, unbound, so two torch calls."""
+    step = starts[1] - starts[0] if len(starts) > 1 else 0
+    assert all(b - a == step for a, b in pairwise(starts))
+    return buf.as_strided((len(starts), *shape), (step, *strides), starts[0] + at).unbind(0)
 
 
 @dataclass
@@ -236,22 +256,47 @@ class LoraPool:
 
     # host copies --------------------------------------------------------------------------
 
+    @cached_property
+    def _layouts(self) -> dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, ...]]]:
+        """`_group_layout` of every group, computed once (host copies read it often)."""
+        return {g: self._group_layout(g) for g in (*GROUPS, EMBED, LM_HEAD)}
+
     def build_host(self, weights: AdapterWeights) -> HostAdapter:
         """Lay `weights` out like one slot row of the slabs, in pinned memory when the pool is
-        on CUDA. Runs in a loader thread (it copies every weight once)."""
+        on CUDA. Runs in a loader thread, whose every torch call takes the GIL from the serving
+        loop: so views come for all layers at once, and one batched copy writes (and casts)
+        every weight."""
         pin = self.device.type == "cuda"
         flat = torch.zeros(self.slot_numel, dtype=self.dtype, pin_memory=pin)
-        flat_scalings = torch.zeros(self.slot_num_scalings, dtype=torch.float32, pin_memory=pin)
+        scalings = [0.0] * self.slot_num_scalings
+        views: dict[tuple[str, int, int], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
+        dsts: list[Tensor] = []
+        srcs: list[Tensor] = []
+        for (layer, module), w in weights.modules.items():
+            group, i = _group_slice(module)
+            if (layer, group) not in self._offsets:
+                continue  # a group this pool does not hold
+            if (group, i, w.rank) not in views:
+                views[(group, i, w.rank)] = self._slice_views(flat, group, i, w.rank)
+            A, B = views[(group, i, w.rank)]
+            dsts += (A[max(layer, 0)], B[max(layer, 0)])
+            srcs += (w.A.t() if module == EMBED else w.A, w.B)
+            scalings[self._offsets[(layer, group)][1] + i] = w.scaling
+        if dsts:  # one call for every copy (and cast); it refuses empty lists
+            torch._foreach_copy_(dsts, srcs)
+        flat_scalings = torch.tensor(scalings, dtype=torch.float32)
         rank = torch.tensor([weights.rank], dtype=torch.int32)
         if pin:
-            rank = rank.pin_memory()
+            flat_scalings, rank = flat_scalings.pin_memory(), rank.pin_memory()
         layers: list[dict[str, HostGroup | None]] = [
             dict.fromkeys(self.group_names) for _ in range(self.shape.num_layers)
         ]
         embed = lm_head = None
+        groups: dict[str, list[HostGroup]] = {}
         for layer, g in self._host_groups(set(weights.modules)):
-            host = HostGroup(*self._carve(flat, flat_scalings, layer, g))
-            self._fill_group(host, layer, g, weights)
+            if g not in groups:
+                groups[g] = self._group_views(flat, flat_scalings, g)
+            host = groups[g][max(layer, 0)]
             if g == EMBED:
                 embed = host
             elif g == LM_HEAD:
@@ -261,23 +306,43 @@ class LoraPool:
         nbytes = flat.nbytes + flat_scalings.nbytes + rank.nbytes
         return HostAdapter(layers, embed, lm_head, rank, nbytes, pin, flat, flat_scalings)
 
-    def _fill_group(self, host: HostGroup, layer: int, group: str, weights: AdapterWeights) -> None:
+    def _places_of(self, group: str) -> list[tuple[int, str]]:
+        if group in (EMBED, LM_HEAD):
+            return [(GLOBAL_LAYER, group)]
+        return [(layer, group) for layer in range(self.shape.num_layers)]
+
+    def _slice_views(
+        self, flat: Tensor, group: str, i: int, rank: int
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Where a module of rank `rank` goes as slice i of `group` in a host copy's `flat`,
+        one view per layer (one in all for embed / lm_head): A [rank, in] (embed: [vocab, rank],
+        A transposed) and B [out, rank]."""
         R = self.max_rank
-        if group == EMBED:
-            w = weights.modules[(GLOBAL_LAYER, EMBED)]
-            host.A[:, : w.rank] = w.A.t()  # [vocab, r]: rows are gathered by token id
-            host.B[:, : w.rank] = w.B
-            host.scalings[0] = w.scaling
-            return
-        modules = (LM_HEAD,) if group == LM_HEAD else GROUPS[group]
-        offsets = self._group_layout(group)[2]
-        for i, m in enumerate(modules):
-            w = weights.modules.get((layer, m))
-            if w is None:
-                continue  # stays zero, scaling 0
-            host.A[i * R : i * R + w.rank] = w.A
-            host.B[offsets[i] : offsets[i + 1], : w.rank] = w.B
-            host.scalings[i] = w.scaling
+        (a_rows, a_cols), _, offsets = self._layouts[group]
+        starts = [self._offsets[p][0] for p in self._places_of(group)]
+        b_at = a_rows * a_cols + offsets[i] * R
+        B = _strided_views(flat, starts, b_at, (offsets[i + 1] - offsets[i], rank), (R, 1))
+        if group == EMBED:  # [vocab, rank]: the lookup gathers rows by token id
+            return _strided_views(flat, starts, 0, (a_rows, rank), (R, 1)), B
+        return _strided_views(flat, starts, i * R * a_cols, (rank, a_cols), (a_cols, 1)), B
+
+    def _group_views(self, flat: Tensor, flat_scalings: Tensor, group: str) -> list[HostGroup]:
+        """A group's views in a host copy (as `_carve` gives them), one per layer (one in all
+        for embed / lm_head)."""
+        a_shape, b_shape, offsets = self._layouts[group]
+        places = self._places_of(group)
+        starts = [self._offsets[p][0] for p in places]
+        scaling_starts = [self._offsets[p][1] for p in places]
+        b_at = a_shape[0] * a_shape[1]
+        return [
+            HostGroup(*views)
+            for views in zip(
+                _strided_views(flat, starts, 0, a_shape, (a_shape[1], 1)),
+                _strided_views(flat, starts, b_at, b_shape, (b_shape[1], 1)),
+                _strided_views(flat_scalings, scaling_starts, 0, (len(offsets) - 1,), (1,)),
+                strict=True,
+            )
+        ]
 
     # uploads ------------------------------------------------------------------------------
 

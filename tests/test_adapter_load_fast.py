@@ -1,0 +1,393 @@
+"""Reading an adapter into its host copy in few torch calls gives what per-tensor copies give.
+
+The reference here is the per-tensor path: every tensor read on its own with safetensors,
+converted to float32, and slice-assigned into the pool's per-group views of a zeroed host copy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
+
+from runtime.adapters.peft_format import AdapterError, load_peft_adapter
+from runtime.adapters.pool import (
+    EMBED,
+    GLOBAL_LAYER,
+    GROUPS,
+    LM_HEAD,
+    HostAdapter,
+    LoraModelShape,
+    LoraPool,
+    module_dims,
+)
+
+CPU = torch.device("cpu")
+SHAPE = LoraModelShape(
+    num_layers=3, hidden_size=32, intermediate_size=48, q_size=32, kv_size=16, vocab_size=40
+)
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# (layer, module) -> rank
+Spec = dict[tuple[int, str], int]
+
+
+def tensor_prefix(layer: int, module: str) -> str:
+    if module == EMBED:
+        return "base_model.model.model.embed_tokens"
+    if module == LM_HEAD:
+        return "base_model.model.lm_head"
+    parent = "self_attn" if module in (*GROUPS["qkv"], "o_proj") else "mlp"
+    return f"base_model.model.model.layers.{layer}.{parent}.{module}"
+
+
+def ab_names(layer: int, module: str) -> tuple[str, str]:
+    p = tensor_prefix(layer, module)
+    if module == EMBED:
+        return f"{p}.lora_embedding_A", f"{p}.lora_embedding_B"
+    return f"{p}.lora_A.weight", f"{p}.lora_B.weight"
+
+
+def random_tensors(
+    spec: Spec, seed: int, dtypes: tuple[torch.dtype, torch.dtype]
+) -> dict[str, torch.Tensor]:
+    """Fresh random A and B for every (layer, module) of `spec`, A in dtypes[0], B in [1]."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for (layer, module), r in spec.items():
+        in_f, out_f = module_dims(SHAPE, module)
+        a_name, b_name = ab_names(layer, module)
+        tensors[a_name] = torch.randn(r, in_f, generator=g).to(dtypes[0])
+        tensors[b_name] = torch.randn(out_f, r, generator=g).to(dtypes[1])
+    return tensors
+
+
+def write_config(folder: Path, spec: Spec, r: int, **extra: Any) -> None:
+    """A config whose resolved modules are exactly `spec` (ranks through rank_pattern)."""
+    modules = sorted({m for _, m in spec})
+    layers = sorted({layer for layer, _ in spec if layer != GLOBAL_LAYER})
+    patterns = {
+        tensor_prefix(layer, m).removeprefix("base_model.model."): rank
+        for (layer, m), rank in spec.items()
+        if rank != r
+    }
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": modules}
+    cfg["rank_pattern"] = patterns
+    if layers and len(layers) < SHAPE.num_layers and not {EMBED, LM_HEAD} & set(modules):
+        cfg["layers_to_transform"] = layers
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
+
+
+def write_adapter(
+    folder: Path,
+    spec: Spec,
+    r: int,
+    seed: int = 0,
+    dtypes: tuple[torch.dtype, torch.dtype] = (torch.bfloat16, torch.bfloat16),
+) -> dict[str, torch.Tensor]:
+    tensors = random_tensors(spec, seed, dtypes)
+    write_config(folder, spec, r)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return tensors
+
+
+def write_unsorted_safetensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file with the tensors in the given order and no alignment padding (the
+    format allows it; the safetensors writer sorts by dtype and would align them)."""
+    codes = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+    header: dict[str, Any] = {}
+    blobs, pos = [], 0
+    for name, t in tensors.items():
+        blob = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape)}
+        header[name]["data_offsets"] = [pos, pos + len(blob)]
+        blobs.append(blob)
+        pos += len(blob)
+    head = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def full_spec(modules: tuple[str, ...], r: int) -> Spec:
+    return {(layer, m): r for layer in range(SHAPE.num_layers) for m in modules}
+
+
+# the per-tensor reference ---------------------------------------------------------------
+
+
+def reference_weights(folder: Path, spec: Spec) -> dict[tuple[int, str], tuple[Any, ...]]:
+    """(A, B) float32 per module, read one tensor at a time."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    out = {}
+    for layer, module in spec:
+        a, b = (tensors[n].to(torch.float32) for n in ab_names(layer, module))
+        out[(layer, module)] = (a, b)
+    return out
+
+
+def reference_host(pool: LoraPool, folder: Path, spec: Spec) -> tuple[Any, ...]:
+    """The host copy's flat buffers as per-tensor slice assignments into the pool's group
+    views write them."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    flat = torch.zeros(pool.slot_numel, dtype=pool.dtype)
+    flat_scalings = torch.zeros(pool.slot_num_scalings, dtype=torch.float32)
+    R = pool.max_rank
+    for (layer, module), (a, b) in reference_weights(folder, spec).items():
+        rank = a.shape[0]
+        scaling = cfg["lora_alpha"] / rank
+        group = (
+            module
+            if module in (EMBED, LM_HEAD)
+            else next(g for g, ms in GROUPS.items() if module in ms)
+        )
+        A, B, s = pool._carve(flat, flat_scalings, layer, group)
+        offsets = pool._group_layout(group)[2]
+        i = 0 if group in (EMBED, LM_HEAD) else GROUPS[group].index(module)
+        if module == EMBED:
+            A[:, :rank] = a.t()
+        else:
+            A[i * R : i * R + rank] = a
+        B[offsets[i] : offsets[i + 1], :rank] = b
+        s[i] = scaling
+    return flat, flat_scalings
+
+
+def check_host_groups(pool: LoraPool, host: HostAdapter, spec: Spec) -> None:
+    """The per-group views of the host copy are the pool's own carving of its flat buffers."""
+    targeted = {(layer, g) for layer, g in pool._host_groups(set(spec))}
+    for layer in range(SHAPE.num_layers):
+        for g in pool.group_names:
+            got = host.layers[layer][g]
+            assert (got is not None) == ((layer, g) in targeted)
+            if got is not None:
+                want = pool._carve(host.flat, host.flat_scalings, layer, g)
+                for x, y in zip(got.__dict__.values(), want, strict=True):
+                    assert x.data_ptr() == y.data_ptr() and x.shape == y.shape
+                    assert x.stride() == y.stride()
+    for g, got in ((EMBED, host.embed), (LM_HEAD, host.lm_head)):
+        assert (got is not None) == ((GLOBAL_LAYER, g) in targeted)
+        if got is not None:
+            want = pool._carve(host.flat, host.flat_scalings, GLOBAL_LAYER, g)
+            for x, y in zip(got.__dict__.values(), want, strict=True):
+                assert x.data_ptr() == y.data_ptr() and x.shape == y.shape
+                assert x.stride() == y.stride()
+
+
+CASES: dict[str, tuple[Spec, int, tuple[str, ...], int]] = {
+    # name: (spec, config r, pool targets, pool max rank)
+    "qv_r8": (full_spec(("q_proj", "v_proj"), 8), 8, ("q_proj", "v_proj"), 8),
+    "all_linear_r4_in_r8_pool": (full_spec(ALL, 4), 4, ALL, 8),
+    "mixed_ranks": (
+        {**full_spec(ALL, 4), (1, "q_proj"): 2, (0, "up_proj"): 8, (2, "down_proj"): 1},
+        4,
+        ALL,
+        8,
+    ),
+    "some_layers": (
+        {(0, "k_proj"): 4, (2, "k_proj"): 2, (0, "o_proj"): 4, (2, "o_proj"): 4},
+        4,
+        ALL,
+        4,
+    ),
+    "embed_lm_head": (
+        {(GLOBAL_LAYER, EMBED): 4, (GLOBAL_LAYER, LM_HEAD): 2, **full_spec(("q_proj",), 4)},
+        4,
+        (EMBED, LM_HEAD, "q_proj", "gate_proj"),
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "file_dtypes",
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float32,) * 2],
+)
+def test_host_copy_equals_per_tensor_copies(
+    tmp_path: Path,
+    case: str,
+    pool_dtype: torch.dtype,
+    file_dtypes: tuple[torch.dtype, torch.dtype],
+) -> None:
+    spec, r, targets, max_rank = CASES[case]
+    write_adapter(tmp_path, spec, r, seed=len(case), dtypes=file_dtypes)
+    pool = LoraPool(SHAPE, 2, max_rank, targets, CPU, pool_dtype)
+    weights = load_peft_adapter(str(tmp_path), SHAPE)
+    for key, (a, b) in reference_weights(tmp_path, spec).items():
+        w = weights.modules[key]
+        assert w.A.dtype == w.B.dtype == torch.float32
+        assert torch.equal(w.A, a) and torch.equal(w.B, b), key
+        assert w.A.is_contiguous() and w.B.is_contiguous()
+    reference = reference_weights(tmp_path, spec)
+    assert weights.nbytes == sum(4 * (a.numel() + b.numel()) for a, b in reference.values())
+    host = pool.build_host(weights)
+    flat, flat_scalings = reference_host(pool, tmp_path, spec)
+    # byte-identical: compare the raw bytes (NaN-safe, and -0.0 differs from 0.0)
+    assert torch.equal(host.flat.view(torch.uint8), flat.view(torch.uint8))
+    assert torch.equal(host.flat_scalings, flat_scalings)
+    assert int(host.rank[0]) == max(spec.values())
+    assert host.nbytes == pool.slot_nbytes
+    check_host_groups(pool, host, spec)
+
+
+def test_misaligned_tensors(tmp_path: Path) -> None:
+    """An odd-sized fp16 tensor leaves the next fp32 one off its alignment: still read right."""
+    shape = LoraModelShape(1, 32, 48, 32, 16, 41)  # embed A [r, 41] in fp16: 82 bytes a row
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(
+            1, 41, generator=g
+        ).half(),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(32, 1, generator=g),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
+            1, 32, generator=g
+        ).half(),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(
+            32, 1, generator=g
+        ),
+    }
+    cfg = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": [EMBED, "q_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    write_unsorted_safetensors(tmp_path / "adapter_model.safetensors", tensors)
+    weights = load_peft_adapter(str(tmp_path), shape)
+    got = {(0, "q_proj"): weights.modules[(0, "q_proj")], EMBED: weights.modules[(-1, EMBED)]}
+    names = list(tensors)
+    assert torch.equal(got[EMBED].A, tensors[names[0]].float())
+    assert torch.equal(got[EMBED].B, tensors[names[1]])
+    assert torch.equal(got[(0, "q_proj")].A, tensors[names[2]].float())
+    assert torch.equal(got[(0, "q_proj")].B, tensors[names[3]])
+
+
+# refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 2, (torch.float16, torch.float32)])
+@pytest.mark.parametrize("where", [(0, "q_proj", 0), (1, "v_proj", 1), (2, "q_proj", 1)])
+def test_non_finite_names_the_tensor(
+    tmp_path: Path,
+    bad: float,
+    dtypes: tuple[torch.dtype, torch.dtype],
+    where: tuple[int, str, int],
+) -> None:
+    spec = full_spec(("q_proj", "v_proj"), 4)
+    tensors = random_tensors(spec, 1, dtypes)
+    name = ab_names(where[0], where[1])[where[2]]
+    tensors[name].view(-1)[5] = bad
+    write_config(tmp_path, spec, 4)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=f"tensor {name}: holds NaN or Inf values"):
+        load_peft_adapter(str(tmp_path), SHAPE)
+
+
+def test_non_finite_names_the_first_in_module_order(tmp_path: Path) -> None:
+    """Of two bad tensors, the error names the first in (layer, module, A then B) order, as a
+    per-tensor walk would, whatever their order in the file."""
+    spec = full_spec(("q_proj", "v_proj"), 4)
+    tensors = random_tensors(spec, 2, (torch.float32, torch.float32))
+    later, first = ab_names(2, "q_proj")[0], ab_names(1, "v_proj")[1]
+    tensors[later][0, 0] = float("nan")
+    tensors[first][3, 2] = float("inf")
+    write_config(tmp_path, spec, 4)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=f"tensor {first}: holds NaN or Inf"):
+        load_peft_adapter(str(tmp_path), SHAPE)
+
+
+def test_float64_beyond_float32_is_refused(tmp_path: Path) -> None:
+    """Weights are checked as float32: a float64 value that overflows it is refused."""
+    spec = full_spec(("q_proj",), 2)
+    tensors = random_tensors(spec, 4, (torch.float64, torch.float64))
+    name = ab_names(1, "q_proj")[0]
+    tensors[name][1, 1] = 1e300
+    write_config(tmp_path, spec, 2)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=f"tensor {name}: holds NaN or Inf"):
+        load_peft_adapter(str(tmp_path), SHAPE)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_non_float_dtype_is_refused(tmp_path: Path, dtype: torch.dtype) -> None:
+    spec = full_spec(("q_proj", "v_proj"), 4)
+    tensors = random_tensors(spec, 5, (torch.float16, torch.float32))
+    name = ab_names(1, "v_proj")[1]
+    tensors[name] = tensors[name].to(dtype)
+    write_config(tmp_path, spec, 4)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=f"tensor {name}: dtype {dtype} is not a float type"):
+        load_peft_adapter(str(tmp_path), SHAPE)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("shape", "bytes for shape"),
+        ("dtype", "unknown dtype 'X9'"),
+        ("offsets", "outside the data section"),
+    ],
+)
+def test_bad_header_is_corrupt(tmp_path: Path, edit: str, message: str) -> None:
+    spec = full_spec(("q_proj",), 2)
+    write_adapter(tmp_path, spec, 2)
+    file = tmp_path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    entry = header[ab_names(0, "q_proj")[0]]
+    if edit == "shape":
+        entry["shape"] = [entry["shape"][0], entry["shape"][1] + 1]
+    elif edit == "dtype":
+        entry["dtype"] = "X9"
+    else:
+        entry["data_offsets"] = [0, 10**9]
+    head = json.dumps(header).encode()
+    file.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + n :])
+    with pytest.raises(AdapterError, match=f"corrupt or truncated: .*{message}"):
+        load_peft_adapter(str(tmp_path), SHAPE)
+
+
+# cost -----------------------------------------------------------------------------------
+
+
+class CountTorchCalls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_torch_calls_do_not_grow_with_layers_beyond_one_view_a_tensor(tmp_path: Path) -> None:
+    """The loader's torch calls (each takes the GIL from the serving loop): about one view per
+    tensor, the rest a fixed handful, whatever the number of layers."""
+    counts = []
+    for num_layers in (2, 8):
+        shape = LoraModelShape(num_layers, 32, 48, 32, 16, 40)
+        spec = {(layer, m): 4 for layer in range(num_layers) for m in ("q_proj", "v_proj")}
+        folder = tmp_path / str(num_layers)
+        g = torch.Generator().manual_seed(num_layers)
+        tensors = {}
+        for (layer, m), r in spec.items():
+            in_f, out_f = module_dims(shape, m)
+            a_name, b_name = ab_names(layer, m)
+            tensors[a_name] = torch.randn(r, in_f, generator=g).bfloat16()
+            tensors[b_name] = torch.randn(out_f, r, generator=g).bfloat16()
+        folder.mkdir()
+        cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        pool = LoraPool(shape, 2, 8, ("q_proj", "v_proj"), CPU, torch.bfloat16)
+        with CountTorchCalls() as calls:
+            pool.build_host(load_peft_adapter(str(folder), shape))
+        counts.append((len(tensors), calls.count))
+    (n_small, c_small), (n_big, c_big) = counts
+    assert c_big - c_small <= 1.0 * (n_big - n_small), counts
+    assert c_small <= n_small + 40, counts
