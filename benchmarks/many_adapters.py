@@ -106,7 +106,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     steps, rows, prefill_steps = c.num_steps, c.num_rows, c.num_prefill_steps
     timings = replace(engine.timings)
     with contextlib.ExitStack() as stack:
-        sampler = stack.enter_context(StackSampler(THREADS, 5e-4)) if profile else None
+        sampler = stack.enter_context(StackSampler(THREADS, 2e-3)) if profile else None
         compile_log = stack.enter_context(CompileLog())
         samples, start, end = await serve(engine, prompts, loras, arrivals,
                                           params_for(s.output_len), None)
@@ -147,7 +147,8 @@ def run(s: Settings, root: Path, log, profile: bool = False) -> dict[str, Any]:
                           few, math.inf, 999)  # warm-up: kernels, the few adapters resident
             out: dict[str, Any] = {}
             for label, names in (("few", few), ("many", many)):
-                out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed)}
+                out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed,
+                                                         profile)}
                 sat = out[label]["saturated"]
                 log(f"{label} saturated: {sat['request_throughput']:.2f} req/s, "
                     f"{sat['mean_rows_per_step']:.1f} rows a step, "
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     ap.add_argument("--num-requests", type=int)
     ap.add_argument("--profile", action="store_true",
-                    help="sample the loop's and the runner thread's stacks in the Poisson runs")
+                    help="sample the loop's and the runner thread's stacks in every measured run")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL

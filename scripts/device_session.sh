@@ -232,11 +232,11 @@ case "${1:-}" in
     rm -f "$OUT"/*.xml
     ;;
   loads)  # one GPU: the 1000-adapter benchmark with its profile, then the HF baseline
-    timeout 220 python3 -m benchmarks.many_adapters --profile --out "$OUT/many.json" \
-      > "$OUT/many.log" 2>&1
-    echo "== many_adapters --profile: rc $?"; grep -A8 "thread:" "$OUT/many.log" | tail -60
-    grep -E "saturated|Poisson|keeps" "$OUT/many.log" | tail -8
     hf_baseline 200 hf_baseline
+    timeout 330 python3 -m benchmarks.many_adapters --profile --out "$OUT/many.json" \
+      > "$OUT/many.log" 2>&1
+    echo "== many_adapters --profile: rc $?"; grep -A6 "thread:" "$OUT/many.log" | tail -90
+    grep -E "saturated|Poisson|keeps" "$OUT/many.log" | tail -8
     ;;
   *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps|staged|loads"
      exit 2 ;;
