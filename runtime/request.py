@@ -261,7 +261,8 @@ class Request:
     @property
     def is_prefilling(self) -> bool:
         """True while more than the last token still needs its K/V computed."""
-        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
+        out = len(self.output_ids)  # the properties inlined: the scheduler asks every row
+        return out == 0 or len(self.prompt_ids) + out - self.num_computed_tokens > 1
 
     def prompt_logprob_positions(self, start: int, n: int) -> range:
         """Positions p in [start, start+n) whose logits score prompt token p+1 and are not

@@ -127,7 +127,7 @@ class Scheduler:
         slots: set[int] = set()
         budget = self.token_budget
         for req in list(self.running):
-            if req not in self.running:  # preempted earlier in this round
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this round
                 continue
             if req.num_pending and self._reaches_limit(req):
                 continue  # its token in flight is its last: it finishes when that arrives
