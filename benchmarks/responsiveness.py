@@ -30,7 +30,7 @@ from tests.live import free_port
 
 def percentiles(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]
     return {"n": len(s), "p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99),
             "max_ms": s[-1], "mean_ms": statistics.fmean(s)}
 

@@ -46,10 +46,10 @@ def hbm_bandwidth(nbytes: int = 4 << 30, iters: int = 20) -> float:
 
 
 def make_engine(folder: Path, **overrides) -> Engine:
-    cfg = dict(
-        model_path=str(folder), load_format="dummy", device="cuda", dtype="bfloat16",
-        mem_fraction_static=0.6, chunked_prefill_size=8192, max_running_requests=256,
-    )
+    cfg = {
+        "model_path": str(folder), "load_format": "dummy", "device": "cuda", "dtype": "bfloat16",
+        "mem_fraction_static": 0.6, "chunked_prefill_size": 8192, "max_running_requests": 256,
+    }
     cfg.update(overrides)
     return Engine.from_config(ServerConfig(**cfg))
 
@@ -292,8 +292,8 @@ def main() -> None:
         names = [p.name for p in paths]
         # Loaded below, not as startup adapters: engine.start() (the serving-loop rows) would
         # load startup adapters a second time.
-        lora_opts = dict(enable_lora=True, lora_target_modules=ALL_LINEAR,
-                         max_loras_per_batch=32, max_loaded_loras=32, max_lora_rank=a.rank)
+        lora_opts = {"enable_lora": True, "lora_target_modules": ALL_LINEAR,
+                     "max_loras_per_batch": 32, "max_loaded_loras": 32, "max_lora_rank": a.rank}
     engine = make_engine(folder, disable_cuda_graph=a.disable_cuda_graph, **lora_opts)
     if names:
         async def load_all() -> None:

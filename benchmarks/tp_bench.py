@@ -33,12 +33,13 @@ from runtime.adapters.manager import Residency
 from runtime.engine import Engine
 
 # A tiny Llama for --quick (heads and MLP divide by 2).
-TINY = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
-    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=512, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
-    tie_word_embeddings=False, torch_dtype="float32", bos_token_id=1, eos_token_id=2,
-)
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+}
 NO_GRAPHS_NOTE = ("tensor parallelism runs eagerly: CUDA graphs are refused at tp_size > 1 "
                   "(the collectives are not captured), so the tp 1 vs tp 2 ratio is eager vs "
                   "eager; tp 1 with CUDA graphs is listed for reference")
@@ -115,17 +116,17 @@ async def bench_engine(engine: Engine, a: argparse.Namespace, tp: int, paths: li
 
 
 def build(a: argparse.Namespace, folder: Path, tp: int, paths: list[Path]) -> Engine:
-    opts: dict[str, Any] = dict(
-        tp_size=tp, disable_cuda_graph=tp > 1 or a.quick, cuda_graph_max_bs=max(a.batch),
-        max_running_requests=max(a.batch),
-    )
+    opts: dict[str, Any] = {
+        "tp_size": tp, "disable_cuda_graph": tp > 1 or a.quick, "cuda_graph_max_bs": max(a.batch),
+        "max_running_requests": max(a.batch),
+    }
     if a.quick:
-        opts |= dict(device="cpu", dtype="float32", kv_cache_cpu_bytes=1 << 24)
+        opts |= {"device": "cpu", "dtype": "float32", "kv_cache_cpu_bytes": 1 << 24}
     else:
-        opts |= dict(mem_fraction_static=a.mem_fraction_static)
+        opts |= {"mem_fraction_static": a.mem_fraction_static}
     if paths:
-        opts |= dict(enable_lora=True, max_lora_rank=a.rank, lora_target_modules=ALL_LINEAR,
-                     max_loras_per_batch=len(paths), max_loaded_loras=len(paths))
+        opts |= {"enable_lora": True, "max_lora_rank": a.rank, "lora_target_modules": ALL_LINEAR,
+                     "max_loras_per_batch": len(paths), "max_loaded_loras": len(paths)}
     return make_engine(folder, **opts)
 
 

@@ -14,7 +14,7 @@ from runtime.request import Request, SamplingParams
 
 
 def make_engine(folder: Path | str, **overrides) -> Engine:
-    cfg = dict(model_path=str(folder), device="cpu", dtype="float32")
+    cfg = {"model_path": str(folder), "device": "cpu", "dtype": "float32"}
     cfg.update(overrides)
     return Engine.from_config(ServerConfig(**cfg))
 

@@ -80,12 +80,13 @@ def make_model(
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = save_tokenizer(folder)
-    common = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=tie, eos_token_id=2, bos_token_id=1,  # <|im_end|>, <|im_start|>
-        pad_token_id=0, initializer_range=0.3, rms_norm_eps=1e-6,
-    )
+    common = {
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 512, "tie_word_embeddings": tie,
+        "eos_token_id": 2, "bos_token_id": 1,  # <|im_end|>, <|im_start|>
+        "pad_token_id": 0, "initializer_range": 0.3, "rms_norm_eps": 1e-6,
+    }
     common.update(extra)
     cfg_cls, model_cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),

@@ -315,7 +315,7 @@ async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
     m.acquire("a")
     slot = await resident(m, "a")
     group = m.pool.layers[0]["qkv"]
-    q, k, v = (slice(group.slice_offsets[i], group.slice_offsets[i + 1]) for i in range(3))
+    q, _k, v = (slice(group.slice_offsets[i], group.slice_offsets[i + 1]) for i in range(3))
     assert torch.count_nonzero(group.B[slot, v]) > 0 and group.scalings[slot, 2] > 0
     m.release("a")
     write_adapter(tmp_path / "q_only", seed=7, modules=("q_proj",))
