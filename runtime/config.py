@@ -69,6 +69,9 @@ class ServerConfig:
     cuda_graph_max_bs: int = _opt(256, "largest decode batch captured in a graph")
     cuda_graph_max_tokens: int = _opt(
         512, "largest step that prefills still run as a CUDA graph (tokens; 0: eagerly)")
+    skip_server_warmup: bool = _opt(
+        False, "skip the start-up steps that compile every eager kernel variant before serving"
+    )
     disable_overlap_schedule: bool = _opt(
         False, "wait for each step's tokens before scheduling the next (no CPU/GPU overlap)"
     )

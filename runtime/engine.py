@@ -38,7 +38,7 @@ from runtime.request import (
     SamplingParams,
     new_rid,
 )
-from runtime.runner import InFlightStep, ModelRunner, StepResult
+from runtime.runner import InFlightStep, ModelRunner, StepResult, warmup_shapes
 from runtime.sampler import Sampler
 from runtime.scheduler import ScheduledBatch, Scheduler
 from runtime.streams import Event, Streams
@@ -138,6 +138,8 @@ class Engine:
                 info.context_length,
                 min(config.cuda_graph_max_tokens, config.chunked_prefill_size),
             )
+        if self.device.type == "cuda" and not config.skip_server_warmup:
+            self.warm_up()
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,
             adapters, config.enable_lora_overlap_loading, info.context_length,
@@ -163,6 +165,20 @@ class Engine:
         if adapters is not None and self.device.type != "cuda":
             # The Triton kernels only run on CUDA; on CPU every backend is the torch reference.
             log.info("LoRA backend %s runs as torch on CPU", config.lora_backend)
+
+    def warm_up(self) -> int:
+        """Compile, before serving, the kernel variants the first requests would otherwise
+        wait for: steps larger than the prefill graphs, and the lm_head over a step's rows, run
+        eagerly, and their Triton kernels compile per tile shape on first use (seconds each on
+        an 8B model). Runs at construction on CUDA unless `skip_server_warmup`; returns the
+        steps run."""
+        t0 = time.perf_counter()
+        c = self.config
+        shapes = warmup_shapes(c.chunked_prefill_size, c.max_running_requests)
+        ran = self.runner.warm_up(self.block_manager, shapes, self.model_info.vocab_size)
+        log.info("warm-up: %d steps of up to %d tokens in %.1f s", ran,
+                 c.chunked_prefill_size, time.perf_counter() - t0)
+        return ran
 
     # ---------------------------------------------------------------- construction
     @classmethod

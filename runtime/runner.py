@@ -95,6 +95,18 @@ def _pending_row(req: Request, tokens: list[int], prev_rows: dict[int, int]) -> 
     return row
 
 
+def warmup_shapes(max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
+    """(tokens, sequences) of the start-up steps: every power of two up to `max_tokens` (the
+    prefill budget) and `max_tokens` itself, each as one sequence (the longest query a tile
+    meets) and as up to `max_seqs` short ones (the most rows the lm_head and the per-row kernels
+    meet). The Triton kernels pick their tiles, split-K factor and query tile from the token
+    count and the longest query, by powers of two, so these steps meet every variant a step of
+    at most `max_tokens` tokens can."""
+    counts = sorted({1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens}
+                    | {max_tokens})
+    return sorted({(t, s) for t in counts for s in (1, min(t, max_seqs))})
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -143,6 +155,40 @@ class ModelRunner:
                 scratch.block_ids[0], self.block_size, self.lora_backend, self.lora_chunk_size,
             )
             self.mixed_graphs.capture(self.streams.compute, self.graphs.pool)
+
+    @torch.inference_mode()
+    def warm_up(self, block_manager: BlockManager, shapes: list[tuple[int, int]],
+                vocab_size: int) -> int:
+        """Run one step of each (tokens, sequences) shape on throwaway requests, with rows over
+        the base model and every adapter slot (empty slots compute nothing), so that the kernels
+        a served step can reach are compiled before serving. Their K/V goes into blocks freed
+        afterwards. A shape whose blocks do not fit is skipped. Returns the steps run."""
+        pool = self.model.lora_pool
+        slots = [-1] + list(range(pool.slot_ranks.shape[0])) if pool is not None else [-1]
+        params = SamplingParams(max_new_tokens=1, temperature=0.0)
+        ran = 0
+        for tokens, seqs in shapes:
+            lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
+            reqs = [
+                Request(rid=f"warm-up-{i}", params=params,
+                        prompt_ids=[1 + (i + j) % (vocab_size - 1) for j in range(n)])
+                for i, n in enumerate(lens)
+            ]
+            for i, req in enumerate(reqs):
+                req.lora_slot = slots[i % len(slots)]
+            reqs.sort(key=lambda r: r.lora_slot)  # a plan lists its rows by slot
+            if not block_manager.can_allocate(sum(-(-n // self.block_size) for n in lens)):
+                continue
+            try:
+                for req in reqs:
+                    block_manager.allocate(req, req.num_tokens)
+                plan = ScheduledBatch(reqs, [req.num_tokens for req in reqs])
+                self.launch(plan, self.prepare(plan)).event.synchronize()
+                ran += 1
+            finally:
+                for req in reqs:
+                    block_manager.free(req)
+        return ran
 
     @property
     def reserved_blocks(self) -> int:

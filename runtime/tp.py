@@ -694,9 +694,11 @@ class TPEngine(Engine):
         )
         kv = allocate_rank_kv(config, rm)
         tokenizer = load_tokenizer(rm.folder)
-        engine = cls(config.replace(disable_cuda_graph=True), rm.model, tokenizer, kv,
-                     BlockManager(kv.k[0].shape[0], config.page_size), adapters, streams, info,
-                     _eos_ids(tokenizer, rm.folder), metrics)
+        # No graphs and no warm-up steps at tp_size > 1: Engine's own runner would step the
+        # sharded model on rank 0 alone, while the other ranks wait for the driver.
+        engine = cls(config.replace(disable_cuda_graph=True, skip_server_warmup=True), rm.model,
+                     tokenizer, kv, BlockManager(kv.k[0].shape[0], config.page_size), adapters,
+                     streams, info, _eos_ids(tokenizer, rm.folder), metrics)
         engine.runner = TPModelRunner(
             rm.model, kv, config.page_size, engine.sampler, rm.device, config.lora_backend,
             config.max_lora_chunk_size, streams, driver=driver,

@@ -1,0 +1,90 @@
+"""Start-up warm-up: steps of every shape class a served step can reach run before serving, on
+throwaway requests that leave nothing behind; on CUDA, serving after it compiles nothing."""
+
+import asyncio
+
+import pytest
+import torch
+
+from runtime.config import LoraPathSpec
+from runtime.runner import warmup_shapes
+from tests.engine_utils import collect, greedy, make_engine, run_batch
+from tests.models import make_adapter, make_model, prompts, read_vocab
+
+
+def test_warmup_shapes_cover_every_power_of_two() -> None:
+    shapes = warmup_shapes(4096, 256)
+    tokens = sorted({t for t, _ in shapes})
+    assert tokens == [1 << i for i in range(13)]
+    assert (4096, 1) in shapes and (4096, 256) in shapes and (1, 1) in shapes
+    assert all(1 <= s <= min(t, 256) for t, s in shapes)
+    # a budget that is not a power of two is itself a shape
+    assert {t for t, _ in warmup_shapes(3000, 8)} >= {2048, 3000}
+    assert (3000, 8) in warmup_shapes(3000, 8)
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm")
+    model = make_model(root / "m", "llama")
+    specs = tuple(LoraPathSpec(f"a{i}", str(make_adapter(model, root / f"a{i}", seed=i)))
+                  for i in range(2))
+    return model, specs
+
+
+def test_warm_up_leaves_no_trace(lora_setup) -> None:
+    """Every shape runs when the KV cache has room, every block comes back, and a batch served
+    afterwards gives the tokens a fresh engine gives."""
+    model, specs = lora_setup
+    opts = {"lora_paths": specs, "max_loras_per_batch": 2, "chunked_prefill_size": 256,
+            "max_running_requests": 16}
+    ps = prompts(5, read_vocab(model), seed=4, lo=5, hi=40)
+    loras = [None, "a0", "a1", "a0", None]
+    want = asyncio.run(run_batch(make_engine(model, **opts), ps, greedy(6), loras))
+
+    engine = make_engine(model, **opts)
+    free = engine.block_manager.num_free_blocks
+    copies = engine.runner.staging.copies
+    ran = engine.warm_up()
+    assert ran == len(warmup_shapes(256, 16)) == engine.runner.staging.copies - copies
+    assert engine.block_manager.num_free_blocks == free
+    assert asyncio.run(run_batch(engine, ps, greedy(6), loras)) == want
+
+
+def test_warm_up_skips_shapes_that_do_not_fit(lora_setup) -> None:
+    """A KV cache too small for the largest shapes skips them instead of failing start-up."""
+    model, specs = lora_setup
+    engine = make_engine(model, lora_paths=specs, max_loras_per_batch=2,
+                         chunked_prefill_size=1024, kv_cache_cpu_bytes=1 << 17)
+    capacity = engine.block_manager.num_free_blocks * engine.config.page_size
+    assert capacity < 1024, "the test needs a cache smaller than the prefill budget"
+    ran = engine.warm_up()
+    assert 0 < ran < len(warmup_shapes(1024, engine.config.max_running_requests))
+    assert engine.block_manager.num_free_blocks * engine.config.page_size == capacity
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_serving_after_warm_up_compiles_nothing(lora_setup) -> None:
+    """On CUDA the engine warms up at construction; a mixed batch served afterwards (prompts
+    longer than the prefill graphs, prompt logprobs aside) meets no kernel it must compile."""
+    from benchmarks.loop_profile import CompileLog
+
+    model, specs = lora_setup
+    engine = make_engine(model, device="cuda", dtype="bfloat16", mem_fraction_static=0.05,
+                         lora_paths=specs, max_loras_per_batch=2, cuda_graph_max_tokens=64)
+    vocab = read_vocab(model)
+    ps = prompts(12, vocab, seed=5, lo=3, hi=300)
+    loras = [None, "a0", "a1"] * 4
+
+    async def go() -> None:
+        await engine.start()
+        try:
+            reqs = [await engine.submit(p, greedy(8), name) for p, name in zip(ps, loras)]
+            await asyncio.gather(*(collect(engine, r) for r in reqs))
+        finally:
+            await engine.stop()
+
+    with CompileLog() as log:
+        asyncio.run(go())
+    assert log.summary()["total"] == 0, log.summary()
