@@ -24,6 +24,8 @@
 #                                    PDL off and on
 #   scripts/device_session.sh staged (one GPU) staging/graph/engine GPU tests, loop_profile
 #   scripts/device_session.sh loads  (one GPU) many_adapters --profile, the HF baseline
+#   scripts/device_session.sh warm   (one GPU) warm-up GPU test, engine tests, serving benchmark
+#   scripts/device_session.sh many2  (one GPU) many_adapters unsampled, the HF baseline
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -238,6 +240,18 @@ case "${1:-}" in
     echo "== many_adapters --profile: rc $?"; grep -A6 "thread:" "$OUT/many.log" | tail -90
     grep -E "saturated|Poisson|keeps" "$OUT/many.log" | tail -8
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps|staged|loads"
+  warm)  # one GPU: the warm-up's GPU test (serving after it compiles nothing), the engine
+         # tests with it on, then the serving benchmark (its first requests' TTFT)
+    gpu_tests warmup_gpu 200 tests/test_warmup.py tests/test_staging.py
+    gpu_tests engine_gpu 150 tests/test_engine_gpu.py tests/test_pipeline_gpu.py
+    serve_bench 220
+    rm -f "$OUT"/*.xml
+    ;;
+  many2)  # one GPU: the 1000-adapter benchmark unsampled (it reports compiles), HF baseline
+    timeout 380 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
+    echo "== many_adapters: rc $?"; grep -E "saturated|Poisson|keeps" "$OUT/many.log" | tail -8
+    hf_baseline 190 hf_baseline
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps|staged|loads|warm|many2"
      exit 2 ;;
 esac
