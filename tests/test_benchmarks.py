@@ -300,3 +300,13 @@ def test_compile_log_records_chains_and_restores() -> None:
         assert knobs.jit_post_compile_hook is not log._hook
     finally:
         knobs.jit_post_compile_hook = before
+
+
+def test_host_overhead_step_figures() -> None:
+    """schedule, prepare and postprocess of a decode step are each timed (the smoke run CI
+    makes of host_overhead's step figures)."""
+    from benchmarks.host_overhead import step_prep_ms
+
+    ms = step_prep_ms(8, iters=20, rounds=1)
+    assert set(ms) == {"schedule_ms", "prepare_ms", "postprocess_ms"}
+    assert all(0 < v < 1e3 for v in ms.values())
