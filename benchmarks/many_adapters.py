@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     ap.add_argument("--num-requests", type=int)
+    ap.add_argument("--max-loras-per-batch", type=int,
+                    help="GPU adapter slots (S-LoRA's setting: 32); a larger cap shows what "
+                         "the kernels give when a uniform many-adapter batch may be as large "
+                         "as an 8-adapter one")
+    ap.add_argument("--max-loaded-loras", type=int, help="host copies (S-LoRA's setting: 128)")
     ap.add_argument("--profile", action="store_true",
                     help="sample the loop's and the runner thread's stacks in every measured run")
     ap.add_argument("--out", type=Path)
@@ -189,6 +194,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = QUICK if a.quick else FULL
     if a.num_requests:
         s = replace(s, num_requests=a.num_requests)
+    if a.max_loras_per_batch:
+        s = replace(s, max_loras_per_batch=a.max_loras_per_batch,
+                    max_loaded_loras=max(s.max_loaded_loras, a.max_loras_per_batch))
+    if a.max_loaded_loras:
+        s = replace(s, max_loaded_loras=a.max_loaded_loras)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(s, Path(tmp), lambda m: print(m, flush=True), a.profile)
     if a.out:

@@ -258,6 +258,18 @@ def test_many_adapters_quick(tmp_path: Path) -> None:
     assert 1 <= many["mean_rows_per_step"] < few["mean_rows_per_step"] <= 32
 
 
+def test_many_adapters_cap_flag(tmp_path: Path) -> None:
+    """--max-loras-per-batch raises the batch's adapter cap (and the host tier with it): a
+    uniform many-adapter batch then holds more rows a step than at the default cap."""
+    from benchmarks import many_adapters
+
+    wide = many_adapters.main(["--quick", "--max-loras-per-batch", "16"])
+    assert wide["settings"]["max_loras_per_batch"] == 16
+    assert wide["settings"]["max_loaded_loras"] >= 16
+    # at the quick default cap (4) a step holds about 5 rows; at 16, about 21
+    assert wide["many"]["saturated"]["mean_rows_per_step"] > 10
+
+
 def test_loop_profile_quick() -> None:
     """The loop profile on CPU: the measured batch's steps are timed by phase and the runner
     thread was sampled while it launched (its frames are the model's and sampler's)."""
