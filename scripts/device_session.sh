@@ -26,6 +26,7 @@
 #   scripts/device_session.sh loads  (one GPU) many_adapters --profile, the HF baseline
 #   scripts/device_session.sh warm   (one GPU) warm-up GPU test, engine tests, serving benchmark
 #   scripts/device_session.sh many2  (one GPU) many_adapters unsampled, the HF baseline
+#   scripts/device_session.sh manycap (one GPU) many_adapters with max_loras_per_batch 256
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -252,6 +253,12 @@ case "${1:-}" in
     echo "== many_adapters: rc $?"; grep -E "saturated|Poisson|keeps" "$OUT/many.log" | tail -8
     hf_baseline 190 hf_baseline
     ;;
-  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps|staged|loads|warm|many2"
+  manycap)  # one GPU: the 1000-adapter benchmark with a batch cap as large as the 8-adapter
+            # batch gets (S-LoRA's own setting has no cap)
+    timeout 500 python3 -m benchmarks.many_adapters --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
+    echo "== many_adapters, cap 256: rc $?"; grep -E "saturated|Poisson|keeps" "$OUT/many_cap.log" | tail -8
+    ;;
+  *) echo "usage: $0 tp|gpu1|gpu2|final|check|diag|verify|serving|qwen|repeat|many|mixed|profile|steps|staged|loads|warm|many2|manycap"
      exit 2 ;;
 esac
