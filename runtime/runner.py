@@ -95,16 +95,21 @@ def _pending_row(req: Request, tokens: list[int], prev_rows: dict[int, int]) -> 
     return row
 
 
-def warmup_shapes(max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
+def warmup_shapes(max_tokens: int, max_seqs: int, max_len: int) -> list[tuple[int, int]]:
     """(tokens, sequences) of the start-up steps: every power of two up to `max_tokens` (the
-    prefill budget) and `max_tokens` itself, each as one sequence (the longest query a tile
-    meets) and as up to `max_seqs` short ones (the most rows the lm_head and the per-row kernels
-    meet). The Triton kernels pick their tiles, split-K factor and query tile from the token
-    count and the longest query, by powers of two, so these steps meet every variant a step of
-    at most `max_tokens` tokens can."""
+    prefill budget) and `max_tokens` itself, each as few sequences as `max_len` (the context
+    length) allows (the longest query a tile meets) and as up to `max_seqs` short ones (the
+    most rows the lm_head and the per-row kernels meet). The Triton kernels pick their tiles,
+    split-K factor and query tile from the token count and the longest query, by powers of
+    two, so these steps meet every variant a step of at most `max_tokens` tokens can."""
     counts = sorted({1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens}
                     | {max_tokens})
-    return sorted({(t, s) for t in counts for s in (1, min(t, max_seqs))})
+    shapes = set()
+    for t in counts:
+        fewest = -(-t // max_len)
+        if fewest <= max_seqs:
+            shapes |= {(t, fewest), (t, max(fewest, min(t, max_seqs)))}
+    return sorted(shapes)
 
 
 class ModelRunner:

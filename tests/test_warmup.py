@@ -13,14 +13,23 @@ from tests.models import make_adapter, make_model, prompts, read_vocab
 
 
 def test_warmup_shapes_cover_every_power_of_two() -> None:
-    shapes = warmup_shapes(4096, 256)
+    shapes = warmup_shapes(4096, 256, 1 << 17)
     tokens = sorted({t for t, _ in shapes})
     assert tokens == [1 << i for i in range(13)]
     assert (4096, 1) in shapes and (4096, 256) in shapes and (1, 1) in shapes
     assert all(1 <= s <= min(t, 256) for t, s in shapes)
     # a budget that is not a power of two is itself a shape
-    assert {t for t, _ in warmup_shapes(3000, 8)} >= {2048, 3000}
-    assert (3000, 8) in warmup_shapes(3000, 8)
+    assert {t for t, _ in warmup_shapes(3000, 8, 4096)} >= {2048, 3000}
+    assert (3000, 8) in warmup_shapes(3000, 8, 4096)
+
+
+def test_warmup_shapes_keep_sequences_within_the_context() -> None:
+    """No sequence longer than the context (the rotary tables end there): a budget past it is
+    split over more sequences, and a step that would need more than max_seqs is left out."""
+    shapes = warmup_shapes(4096, 4, 512)
+    assert (4096, 1) not in shapes and (1024, 2) in shapes and (2048, 4) in shapes
+    assert all(-(-t // s) <= 512 and s <= 4 for t, s in shapes)
+    assert max(t for t, _ in shapes) == 2048  # 4096 tokens would need 8 sequences of 512
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,8 @@ def test_warm_up_leaves_no_trace(lora_setup) -> None:
     free = engine.block_manager.num_free_blocks
     copies = engine.runner.staging.copies
     ran = engine.warm_up()
-    assert ran == len(warmup_shapes(256, 16)) == engine.runner.staging.copies - copies
+    shapes = warmup_shapes(256, 16, engine.model_info.context_length)
+    assert ran == len(shapes) == engine.runner.staging.copies - copies
     assert engine.block_manager.num_free_blocks == free
     assert asyncio.run(run_batch(engine, ps, greedy(6), loras)) == want
 
@@ -59,7 +69,9 @@ def test_warm_up_skips_shapes_that_do_not_fit(lora_setup) -> None:
     capacity = engine.block_manager.num_free_blocks * engine.config.page_size
     assert capacity < 1024, "the test needs a cache smaller than the prefill budget"
     ran = engine.warm_up()
-    assert 0 < ran < len(warmup_shapes(1024, engine.config.max_running_requests))
+    shapes = warmup_shapes(1024, engine.config.max_running_requests,
+                           engine.model_info.context_length)
+    assert 0 < ran < len(shapes)
     assert engine.block_manager.num_free_blocks * engine.config.page_size == capacity
 
 
