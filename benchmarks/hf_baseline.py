@@ -326,6 +326,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # wait (blocked on the GPU), postprocess
         result["engine_loop_ms"] = engine.timings.per_step_ms()
         print("engine loop, ms a step:", _phases(result["engine_loop_ms"]))
+        if device.type == "cuda":
+            # Retries mean the caching allocator ran out and freed its cache (a device sync)
+            # to allocate: one thing to rule in or out for the slow launches seen with PEFT
+            # attached in the process (--hf-first).
+            stats = torch.cuda.memory_stats(device)
+            result["allocator"] = {k: stats.get(k, 0) for k in (
+                "num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")}
+            print("CUDA allocator during our run:", result["allocator"])
 
     if args.compare_engine and not args.hf_first:
         run_ours()
