@@ -159,8 +159,13 @@ def lora_batch_info(tables: LoraTables, packed: Tensor, slot_ranks: Tensor) -> L
     that device (the pool updates it in place)."""
     num_segments, num_chunks = tables.num_segments, tables.num_chunks
     assert packed.shape == tables.packed.shape and packed.dtype == torch.int32
+    sizes, at = [], 0  # the parts and the padding between them: one split, not five slices
+    for start, n in _table_spans(num_segments, num_chunks):
+        sizes += [start - at, n]
+        at = start + n
+    sizes.append(packed.shape[0] - at)
     seg_indptr, seg_slots, chunk_indptr, chunk_slots, live_part = (
-        packed[start : start + n] for start, n in _table_spans(num_segments, num_chunks)
+        packed.split_with_sizes(sizes)[1::2]
     )
     padded = tables.pad_to is not None
     return LoraBatchInfo(

@@ -57,12 +57,27 @@ class StagingRing:
         self, fields: Sequence[tuple[Sequence[int] | np.ndarray, np.dtype | type]]
     ) -> list[torch.Tensor]:
         """Each (values, dtype) field as a device tensor of that dtype (int32 or int64) and the
-        values' shape (a list is 1-D), all sent in one copy on the current stream."""
+        values' shape (a list is 1-D), all sent in one copy on the current stream.
+
+        The buffer holds one region a dtype, each field padded to ALIGN bytes, so the device
+        views come from one split a region: a handful of torch calls a step, whatever the
+        number of fields (each call releases the GIL the serving loop then waits to get back).
+        """
         arrays = [np.asarray(v, dtype=dt) for v, dt in fields]
-        offsets, end = [], 0
-        for a in arrays:
-            offsets.append(end)
-            end += -(-a.nbytes // ALIGN) * ALIGN
+        regions = []  # (torch dtype, byte offset, split sizes in elements, field indices)
+        end = 0
+        for np_dtype, dtype in _TORCH_DTYPES.items():
+            members = [i for i, a in enumerate(arrays) if a.dtype == np_dtype]
+            if not members:
+                continue
+            per_align = ALIGN // np_dtype.itemsize
+            sizes = []
+            for i in members:
+                n = arrays[i].size
+                sizes += [n, -n % per_align]
+            regions.append((dtype, end, sizes, members))
+            end += sum(sizes) * np_dtype.itemsize
+        assert sum(len(r[3]) for r in regions) == len(arrays), "fields must be int32 or int64"
         k = self._next
         self._next = (k + 1) % self.depth
         if self._events[k] is not None:
@@ -72,8 +87,12 @@ class StagingRing:
             self._host[k] = self._host_buffer(size)
             self._dev[k] = torch.empty(size, dtype=torch.uint8, device=self.device)
         host_np = self._host[k].numpy()
-        for a, off in zip(arrays, offsets):
-            host_np[off : off + a.nbytes].view(a.dtype)[:] = a.reshape(-1)
+        for _, offset, sizes, members in regions:
+            for i, at in zip(members, np.cumsum([0, *sizes])[::2], strict=False):
+                a = arrays[i]
+                host_np[offset + at * a.itemsize : offset + (at + a.size) * a.itemsize].view(
+                    a.dtype
+                )[:] = a.reshape(-1)
         dev = self._dev[k]
         if end:
             dev[:end].copy_(self._host[k][:end], non_blocking=self._pin)
@@ -82,7 +101,10 @@ class StagingRing:
             event = self._events[k] or Event(self.device)
             event.record()
             self._events[k] = event
-        return [
-            dev[off : off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
-            for a, off in zip(arrays, offsets)
-        ]
+        out: list[torch.Tensor] = [dev] * len(arrays)
+        for dtype, offset, sizes, members in regions:
+            nbytes = sum(sizes) * dtype.itemsize
+            parts = dev[offset : offset + nbytes].view(dtype).split_with_sizes(sizes)
+            for i, part in zip(members, parts[::2], strict=True):
+                out[i] = part if arrays[i].ndim == 1 else part.view(arrays[i].shape)
+        return out
