@@ -20,9 +20,9 @@ tile each. Neither syncs with the host, so both can be captured in CUDA graphs.
 import functools
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,11 +90,11 @@ def _pad(indptr: list[int], slots: list[int], count: int) -> tuple[list[int], li
 
 @dataclass
 class LoraTables:
-    """A batch's segment and chunk tables on the host, packed for one copy to the device:
-    seg_indptr [S+1], seg_slots [S], chunk_indptr [C+1], chunk_slots [C], real counts [2], each
-    at a 16-byte boundary (`_table_spans`)."""
+    """A batch's segment and chunk tables on the host: `parts` holds seg_indptr [S+1],
+    seg_slots [S], chunk_indptr [C+1], chunk_slots [C] and the real counts [2] (segments and
+    chunks before any padding). The runner sends them with the rest of a step's inputs."""
 
-    packed: np.ndarray  # int32
+    parts: tuple[list[int], ...]
     num_segments: int
     num_chunks: int
     max_seg_len: int
@@ -111,7 +111,7 @@ def lora_tables(
     pad_to: int | None = None,
 ) -> LoraTables:
     """Segments and chunks of a batch (host work only; `lora_batch_info` makes the batch info
-    from the packed tables once they are on the device).
+    from the parts once they are on the device).
 
     token_slots: per-token GPU slot (-1 = base model) in token order; each adapter's tokens
     must be one contiguous run (ValueError otherwise; base runs may repeat).
@@ -131,58 +131,36 @@ def lora_tables(
     if pad_to is not None:
         seg_indptr, seg_slots = _pad(seg_indptr, seg_slots, pad_to)
         chunk_indptr, chunk_slots = _pad(chunk_indptr, chunk_slots, pad_to)
-    parts = (seg_indptr, seg_slots, chunk_indptr, chunk_slots, live)
-    spans = _table_spans(len(seg_slots), len(chunk_slots))
-    packed = np.zeros(spans[-1][0] + 2, dtype=np.int32)
-    for (start, n), part in zip(spans, parts, strict=True):
-        packed[start : start + n] = part
     return LoraTables(
-        packed, len(seg_slots), len(chunk_slots), max_seg_len, chunk_size, backend, pad_to
+        (seg_indptr, seg_slots, chunk_indptr, chunk_slots, live), len(seg_slots),
+        len(chunk_slots), max_seg_len, chunk_size, backend, pad_to,
     )
 
 
-def _table_spans(num_segments: int, num_chunks: int) -> list[tuple[int, int]]:
-    """(start, length) in the packed int32 tables of seg_indptr, seg_slots, chunk_indptr,
-    chunk_slots and the counts. Every part starts 16-byte aligned: the kernels' compiled
-    variants are keyed on their pointers' alignment, so unaligned parts would compile new
-    variants as the segment count changes."""
-    spans, start = [], 0
-    for n in (num_segments + 1, num_segments, num_chunks + 1, num_chunks, 2):
-        spans.append((start, n))
-        start += -(-n // 4) * 4
-    return spans
-
-
-def lora_batch_info(tables: LoraTables, packed: Tensor, slot_ranks: Tensor) -> LoraBatchInfo:
-    """The batch info over `packed`, `tables.packed` as an int32 tensor on the compute device
-    (its views become the tables). slot_ranks: [num_slots] int32, kept as is when already on
-    that device (the pool updates it in place)."""
-    num_segments, num_chunks = tables.num_segments, tables.num_chunks
-    assert packed.shape == tables.packed.shape and packed.dtype == torch.int32
-    sizes, at = [], 0  # the parts and the padding between them: one split, not five slices
-    for start, n in _table_spans(num_segments, num_chunks):
-        sizes += [start - at, n]
-        at = start + n
-    sizes.append(packed.shape[0] - at)
-    seg_indptr, seg_slots, chunk_indptr, chunk_slots, live_part = (
-        packed.split_with_sizes(sizes)[1::2]
-    )
+def lora_batch_info(
+    tables: LoraTables, parts: Sequence[Tensor], slot_ranks: Tensor
+) -> LoraBatchInfo:
+    """The batch info over `parts`, `tables.parts` as int32 tensors on the compute device.
+    slot_ranks: [num_slots] int32, kept as is when already on that device (the pool updates it
+    in place)."""
+    seg_indptr, seg_slots, chunk_indptr, chunk_slots, counts = parts
+    assert seg_slots.shape == (tables.num_segments,) and counts.dtype == torch.int32
     padded = tables.pad_to is not None
     return LoraBatchInfo(
         seg_indptr=seg_indptr,
         seg_slots=seg_slots,
-        slot_ranks=slot_ranks.to(device=packed.device, dtype=torch.int32),
-        num_segments=num_segments,
+        slot_ranks=slot_ranks.to(device=counts.device, dtype=torch.int32),
+        num_segments=tables.num_segments,
         max_seg_len=tables.max_seg_len,
         chunk_indptr=chunk_indptr,
         chunk_slots=chunk_slots,
-        num_chunks=num_chunks,
+        num_chunks=tables.num_chunks,
         chunk_size=tables.chunk_size,
         backend=tables.backend,
-        seg_live=live_part[0:1] if padded else None,
-        chunk_live=live_part[1:2] if padded else None,
+        seg_live=counts[0:1] if padded else None,
+        chunk_live=counts[1:2] if padded else None,
         entry_programs=min(tables.pad_to, PADDED_ENTRY_PROGRAMS) if padded else None,
-        counts=live_part,
+        counts=counts,
     )
 
 
@@ -194,16 +172,17 @@ def build_lora_batch_info(
     device: torch.device | str,
     pad_to: int | None = None,
 ) -> LoraBatchInfo:
-    """`lora_tables` and `lora_batch_info` with a copy of their own to `device` (the runner
-    sends the tables with the rest of a step's inputs instead)."""
+    """`lora_tables` and `lora_batch_info` with a copy of their own to `device`, for callers
+    outside the serving loop (the runner sends the tables with the rest of a step's inputs)."""
     tables = lora_tables(token_slots, slot_ranks.shape[0], backend, chunk_size, pad_to)
-    packed = torch.from_numpy(tables.packed)
+    packed = torch.tensor([x for part in tables.parts for x in part], dtype=torch.int32)
     device = torch.device(device)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     else:
         packed = packed.to(device)
-    return lora_batch_info(tables, packed, slot_ranks)
+    parts = packed.split_with_sizes([len(part) for part in tables.parts])
+    return lora_batch_info(tables, parts, slot_ranks)
 
 
 # ---------------------------------------------------------------------------------------------

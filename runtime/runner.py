@@ -286,35 +286,38 @@ class ModelRunner:
         fields = [
             (ids, i64), (positions, i64), (slot_mapping, i64), (block_tables, i32),
             (kv_lens, i32), (cu_q_lens, i32), (logits_indices, i64), (fill_dst, i64),
-            (fill_src, i64), *((t.packed, i32) for t in tables),
+            (fill_src, i64), *((part, i32) for t in tables for part in t.parts),
         ]
         if prompt_rows:
             fields += [(sample_rows, i64), (prompt_rows, i64), (prompt_targets, i64)]
-        staged = self.staging.stage(fields)
-        input_ids = staged[0]
+        (input_ids, positions_t, slot_mapping_t, block_tables_t, kv_lens_t, cu_q_lens_t,
+         logits_indices_t, fill_dst_t, fill_src_t, *rest) = self.staging.stage(fields)
         if fill_dst:
             assert prev is not None
-            input_ids[staged[7]] = prev.token_ids[staged[8]]
+            input_ids[fill_dst_t] = prev.token_ids[fill_src_t]
         lora = lora_logits = None
         if tables:
+            n = len(tables[0].parts)
             lora, lora_logits = (
-                lora_batch_info(t, packed, pool.slot_ranks)
-                for t, packed in zip(tables, staged[9:11])
+                lora_batch_info(t, rest[k * n : (k + 1) * n], pool.slot_ranks)
+                for k, t in enumerate(tables)
             )
+            rest = rest[2 * n :]
         scoring = {}
         if prompt_rows:
+            sample_rows_t, prompt_rows_t, prompt_targets_t = rest
             scoring = {
-                "sample_rows": staged[-3], "prompt_rows": staged[-2],
-                "prompt_targets": staged[-1], "prompt_owners": tuple(prompt_owners),
+                "sample_rows": sample_rows_t, "prompt_rows": prompt_rows_t,
+                "prompt_targets": prompt_targets_t, "prompt_owners": tuple(prompt_owners),
             }
         return ForwardBatch(
             input_ids=input_ids,
-            positions=staged[1],
-            slot_mapping=staged[2],
-            block_tables=staged[3],
-            kv_lens=staged[4],
-            cu_q_lens=staged[5],
-            logits_indices=staged[6],
+            positions=positions_t,
+            slot_mapping=slot_mapping_t,
+            block_tables=block_tables_t,
+            kv_lens=kv_lens_t,
+            cu_q_lens=cu_q_lens_t,
+            logits_indices=logits_indices_t,
             max_q_len=max(counts),
             is_decode=plan.is_decode,
             q_lens=tuple(counts),

@@ -160,19 +160,13 @@ def reference_host(pool: LoraPool, folder: Path, spec: Spec) -> tuple[Any, ...]:
 def check_host_groups(pool: LoraPool, host: HostAdapter, spec: Spec) -> None:
     """The per-group views of the host copy are the pool's own carving of its flat buffers."""
     targeted = {(layer, g) for layer, g in pool._host_groups(set(spec))}
-    for layer in range(SHAPE.num_layers):
-        for g in pool.group_names:
-            got = host.layers[layer][g]
-            assert (got is not None) == ((layer, g) in targeted)
-            if got is not None:
-                want = pool._carve(host.flat, host.flat_scalings, layer, g)
-                for x, y in zip(got.__dict__.values(), want, strict=True):
-                    assert x.data_ptr() == y.data_ptr() and x.shape == y.shape
-                    assert x.stride() == y.stride()
-    for g, got in ((EMBED, host.embed), (LM_HEAD, host.lm_head)):
-        assert (got is not None) == ((GLOBAL_LAYER, g) in targeted)
+    places = [(layer, g, host.layers[layer][g])
+              for layer in range(SHAPE.num_layers) for g in pool.group_names]
+    places += [(GLOBAL_LAYER, EMBED, host.embed), (GLOBAL_LAYER, LM_HEAD, host.lm_head)]
+    for layer, g, got in places:
+        assert (got is not None) == ((layer, g) in targeted)
         if got is not None:
-            want = pool._carve(host.flat, host.flat_scalings, GLOBAL_LAYER, g)
+            want = pool._carve(host.flat, host.flat_scalings, layer, g)
             for x, y in zip(got.__dict__.values(), want, strict=True):
                 assert x.data_ptr() == y.data_ptr() and x.shape == y.shape
                 assert x.stride() == y.stride()
