@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ops.dispatch import use_triton
 from ops.store_kv import store_kv
 from ops.triton_decode_attention import decode_attention_triton
 from ops.triton_prefill_attention import prefill_attention_triton
@@ -51,7 +52,7 @@ def paged_prefill_attention(
     kv_lens[b] - q_len_b + j and attends to KV positions 0..that position.
     """
     args = (q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, scale, max_q_len)
-    if q.is_cuda:
+    if use_triton(q):
         return prefill_attention_triton(*args, tile_table=tile_table)
     return paged_prefill_attention_torch(*args)
 
@@ -70,7 +71,7 @@ def paged_decode_attention(
     k_cache, v_cache: [num_blocks, block_size, KVH, D]. block_tables: [B, max_blocks] int32.
     kv_lens: [B] int32. Returns o: [B, H, D] in q's dtype.
     """
-    if q.is_cuda:
+    if use_triton(q):
         return decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale)
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, kv_lens, scale)
 

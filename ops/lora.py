@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ops.dispatch import use_triton
+
 BACKENDS = ("csgmv", "triton")
 # Programs along the entry axis for a padded table: a CUDA graph's table is padded to its
 # bucket, so one program an entry would launch mostly empty programs at large buckets.
@@ -303,15 +305,34 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# LORASERVE_ENABLE_PDL=auto: programmatic dependent launch only for tables of at most this many
+# row programs (decode of small batches, where a step is many ~4 us LoRA kernels whose launch
+# gaps PDL hides; 1 adapter at batch 1 went from 1.30x to 1.21x the base step on the H200).
+# Large grids keep it off: their early-launched programs wait on SMs the predecessor still
+# needs (32 adapters at batch 32 went from 1.69x to 1.83x).
+PDL_AUTO_MAX_PROGRAMS = 8
+
+
 @functools.lru_cache(maxsize=16)
-def _use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch for the shrink and expand: on CUDA sm_90+ when
-    LORASERVE_ENABLE_PDL=1 (off by default until its gain is measured on the device). Each kernel
-    waits for its predecessor before touching activations, so it stays correct in eager mode and
-    inside CUDA graphs."""
-    if device.type != "cuda" or os.environ.get("LORASERVE_ENABLE_PDL", "0") != "1":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+def _pdl_mode(device: torch.device) -> str:
+    """LORASERVE_ENABLE_PDL as "0" (off, the default), "1" (always) or "auto"; "0" on CPU and
+    before sm_90."""
+    mode = os.environ.get("LORASERVE_ENABLE_PDL", "0")
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"LORASERVE_ENABLE_PDL must be 0, 1 or auto, got {mode!r}")
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return "0"
+    return mode
+
+
+def _use_pdl(device: torch.device, table: LoraRowTable | None = None) -> bool:
+    """Programmatic dependent launch for the shrink and expand of `table` (see _pdl_mode and
+    PDL_AUTO_MAX_PROGRAMS). Each kernel waits for its predecessor before touching activations,
+    so it stays correct in eager mode and inside CUDA graphs."""
+    mode = _pdl_mode(device)
+    if mode == "auto":
+        return table is not None and table.entry_progs * table.m_progs <= PDL_AUTO_MAX_PROGRAMS
+    return mode == "1"
 
 
 def _shrink_partials(
@@ -348,7 +369,7 @@ def _shrink_partials(
         num_sms=_num_sms(x.device),
         out=out,
         max_split=expand_max_splits(table.block_m, A.shape[1] // num_slices),
-        pdl=_use_pdl(x.device) if pdl is None else pdl,
+        pdl=_use_pdl(x.device, table) if pdl is None else pdl,
         blocks=blocks,
     )
 
@@ -409,7 +430,7 @@ def lora_expand_triton(
         live=table.live,
         entry_progs=table.entry_progs,
         num_sms=_num_sms(y.device),
-        pdl=_use_pdl(y.device) if pdl is None else pdl,
+        pdl=_use_pdl(y.device, table) if pdl is None else pdl,
         block_n=block_n,
     )
 
@@ -472,7 +493,7 @@ def apply_lora_triton(
 def lora_shrink(x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int) -> Tensor:
     """t = x A[slot]^T per segment. x: [T, in]; A: [num_slots, n*R, in] -> t: [T, n*R] in
     x.dtype; base rows are zero."""
-    if x.is_cuda:
+    if use_triton(x):
         return lora_shrink_triton(x, A, info, num_slices)
     return lora_shrink_torch(x, A, info, num_slices)
 
@@ -488,7 +509,7 @@ def lora_expand(
     """y[:, off_i:off_i+1] += scalings[slot, i] * t[:, i*R:(i+1)*R] @ B[slot, off_i:off_i+1, :]^T.
 
     t: [T, n*R]; B: [num_slots, N_total, R]; y: [T, N_total] in place; base rows untouched."""
-    if y.is_cuda:
+    if use_triton(y):
         lora_expand_triton(t, B, y, slice_offsets, scalings, info)
     else:
         lora_expand_torch(t, B, y, slice_offsets, scalings, info)
@@ -496,7 +517,7 @@ def lora_expand(
 
 def lora_embed_shrink(ids: Tensor, A_emb: Tensor, info: LoraBatchInfo) -> Tensor:
     """t[i] = A_emb[slot_i, ids[i]]. ids: [T]; A_emb: [num_slots, vocab, R] -> t: [T, R]."""
-    if A_emb.is_cuda:
+    if use_triton(A_emb):
         return lora_embed_shrink_triton(ids, A_emb, info)
     return lora_embed_shrink_torch(ids, A_emb, info)
 
@@ -513,7 +534,7 @@ def apply_lora(
     """y += scalings * (x A^T) B^T per segment and slice: lora_shrink then lora_expand, keeping
     the split-K sum in fp32 on CUDA. x: [T, in]; A: [num_slots, n*R, in]; B: [num_slots, N_total, R];
     y: [T, N_total] in place; scalings: [num_slots, n] float32."""
-    if y.is_cuda:
+    if use_triton(y):
         apply_lora_triton(x, A, B, y, slice_offsets, scalings, info)
     else:
         apply_lora_torch(x, A, B, y, slice_offsets, scalings, info)

@@ -21,8 +21,10 @@ _DEFAULT_SM_COUNT = 132
 
 
 # Scalars that change from step to step: Triton would otherwise compile a variant per value
-# class (1, multiple of 16, other), and eager steps would meet new ones while serving.
-PER_STEP_ARGS = ["stride_table"]
+# class (1, multiple of 16, other), and eager steps would meet new ones while serving. The
+# slice count is one of them (it follows the batch and the block-table width): a run-time
+# value, not a constexpr, so one compiled kernel serves every count.
+PER_STEP_ARGS = ["stride_table", "num_splits"]
 
 
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
@@ -32,9 +34,9 @@ def _decode_attention_kernel(
     v_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
     block_tables_ptr,  # [B, max_blocks_per_seq] int32
     kv_lens_ptr,  # [B] int32
-    o_ptr,  # [B, H, D], written only when NUM_SPLITS == 1
-    partial_o_ptr,  # [B, H, NUM_SPLITS, D] fp32, each slice's normalized output
-    partial_lse_ptr,  # [B, H, NUM_SPLITS] fp32, each slice's log2-sum-exp2
+    o_ptr,  # [B, H, D], written only when num_splits == 1
+    partial_o_ptr,  # [B, H, num_splits, D] fp32, each slice's normalized output
+    partial_lse_ptr,  # [B, H, num_splits] fp32, each slice's log2-sum-exp2
     stride_qb,
     stride_qh,
     stride_ob,
@@ -44,12 +46,12 @@ def _decode_attention_kernel(
     stride_cache_head,
     stride_table,
     scale_log2,  # softmax scale times log2(e): the kernel works in base 2
+    num_splits,  # slices of each sequence's KV range (grid axis 2)
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_H: tl.constexpr,  # GROUP padded up to a dot-friendly size
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -57,7 +59,7 @@ def _decode_attention_kernel(
     split = tl.program_id(2)
     kv_len = tl.load(kv_lens_ptr + seq)
     # Slices are whole tiles; trailing slices of a short sequence are empty.
-    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, kv_len)
 
@@ -96,7 +98,7 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         # l_i is 0 only for kv_len == 0 (a padding row of a graph bucket): write zeros.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
@@ -109,7 +111,7 @@ def _decode_attention_kernel(
         is_empty = l_i == 0.0
         out = tl.where(is_empty[:, None], 0.0, acc / tl.where(is_empty, 1.0, l_i)[:, None])
         lse = tl.where(is_empty, float("-inf"), m_i + tl.log2(tl.where(is_empty, 1.0, l_i)))
-        partial_rows = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * NUM_SPLITS
+        partial_rows = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_splits
         tl.store(
             partial_o_ptr + (partial_rows + split)[:, None] * HEAD_DIM + dims[None, :],
             out,
@@ -118,30 +120,30 @@ def _decode_attention_kernel(
         tl.store(partial_lse_ptr + partial_rows + split, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
-    partial_o_ptr,  # [B, H, NUM_SPLITS, D] fp32
-    partial_lse_ptr,  # [B, H, NUM_SPLITS] fp32
+    partial_o_ptr,  # [B, H, num_splits, D] fp32
+    partial_lse_ptr,  # [B, H, num_splits] fp32
     o_ptr,  # [B, H, D]
     stride_ob,
     stride_oh,
+    num_splits,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    BLOCK_S: tl.constexpr,  # _MAX_SPLITS rounded up to a power of two: one variant
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = (seq * tl.num_programs(1) + head).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
     dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
+    lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
     # All slices are empty only for kv_len == 0 (a padding row): then write zeros.
     lse_max = tl.max(lse, 0)
     weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
     total = tl.sum(weights, 0)
     partial = tl.load(
-        partial_o_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :],
+        partial_o_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
         mask=split_mask[:, None],
         other=0.0,
     )
@@ -269,8 +271,8 @@ def decode_attention_triton(
         num_splits = choose_num_splits(
             batch, num_kv_heads, block_tables.shape[1] * page_size, num_sms
         )
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
     # Partials are unused with one slice; a one-element placeholder keeps the signature.
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
     partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
@@ -294,12 +296,12 @@ def decode_attention_triton(
         k_cache.stride(2),
         block_tables.stride(0),
         scale * _LOG2E,
+        num_splits,
         GROUP=group,
         BLOCK_H=max(16, next_pow2(group)),
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
         # fp32 inputs keep full precision instead of silently dropping to tf32.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -312,9 +314,9 @@ def decode_attention_triton(
             o,
             o.stride(0),
             o.stride(1),
+            num_splits,
             HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=next_pow2(num_splits),
+            BLOCK_S=next_pow2(_MAX_SPLITS),
             num_warps=4,
         )
     return o

@@ -288,7 +288,7 @@ def triton_lora_expand(
         num_splits,
         *offs,
         *tiles[:3],
-        partials.stride(0),
+        partials.stride(0) if num_splits > 1 else 0,  # one split: never multiplied, one key
         partials.stride(1),
         partials.stride(2),
         B.stride(0),

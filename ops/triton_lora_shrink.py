@@ -236,7 +236,12 @@ def triton_lora_shrink(
     out_dtype = x.dtype if split_k == 1 else torch.float32
     out_shape = (split_k, num_tokens, A.shape[1])
     if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=x.device)
+        # Rows padded to a multiple of 16, so the split stride is one whatever the token count
+        # (Triton specializes integers on divisibility by 16: an odd count would compile a
+        # variant of its own, and of the expand that reads these partials, while serving).
+        rows = num_tokens + (-num_tokens % 16)
+        out = torch.empty((split_k, rows, A.shape[1]), dtype=out_dtype, device=x.device)
+        out = out[:, :num_tokens]
     assert out.shape == out_shape and out.dtype == out_dtype, f"out must be {out_shape} {out_dtype}"
     assert out.device == x.device
     if num_tokens == 0 or num_entries == 0:
@@ -260,7 +265,7 @@ def triton_lora_shrink(
         A.stride(0),
         A.stride(1),
         A.stride(2),
-        out.stride(0),
+        out.stride(0) if split_k > 1 else 0,  # one split: never multiplied, one key
         out.stride(1),
         out.stride(2),
         m_progs,

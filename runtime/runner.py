@@ -161,19 +161,27 @@ class ModelRunner:
             )
             self.mixed_graphs.capture(self.streams.compute, self.graphs.pool)
 
-    @torch.inference_mode()
     def warm_up(self, block_manager: BlockManager, shapes: list[tuple[int, int]],
                 vocab_size: int) -> int:
         """Run one step of each (tokens, sequences) shape on throwaway requests, with rows over
-        the base model and every adapter slot (empty slots compute nothing), so that the kernels
-        a served step can reach are compiled before serving. Their K/V goes into blocks freed
-        afterwards. A shape whose blocks do not fit is skipped. Returns the steps run."""
+        the base model and every adapter slot (empty slots compute nothing), each followed by
+        a decode step over the same requests, so that the kernels a served step can reach are
+        compiled before serving. Their K/V goes into blocks freed afterwards. A shape whose
+        blocks do not fit is skipped. No sequence may be longer than the context length less
+        one (the decoded token's position). Returns the steps run.
+
+        Not under inference mode: `prepare` runs outside it when serving, and a buffer it grew
+        here would otherwise be an inference tensor that serving cannot write."""
         pool = self.model.lora_pool
         slots = [-1] + list(range(pool.slot_ranks.shape[0])) if pool is not None else [-1]
-        params = SamplingParams(max_new_tokens=1, temperature=0.0)
+        params = SamplingParams(max_new_tokens=2, temperature=0.0)
         ran = 0
+        bs = self.block_size
         for tokens, seqs in shapes:
             lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
+            need = sum(-(-(n + 1) // bs) for n in lens)  # the prompt and one decoded token
+            if not block_manager.can_allocate(need):
+                continue
             reqs = [
                 Request(rid=f"warm-up-{i}", params=params,
                         prompt_ids=[1 + (i + j) % (vocab_size - 1) for j in range(n)])
@@ -182,14 +190,18 @@ class ModelRunner:
             for i, req in enumerate(reqs):
                 req.lora_slot = slots[i % len(slots)]
             reqs.sort(key=lambda r: r.lora_slot)  # a plan lists its rows by slot
-            if not block_manager.can_allocate(sum(-(-n // self.block_size) for n in lens)):
-                continue
             try:
                 for req in reqs:
-                    block_manager.allocate(req, req.num_tokens)
+                    block_manager.allocate(req, req.num_tokens + 1)
                 plan = ScheduledBatch(reqs, [req.num_tokens for req in reqs])
                 self.launch(plan, self.prepare(plan)).event.synchronize()
-                ran += 1
+                for i, req in enumerate(reqs):
+                    req.num_computed_tokens = req.num_tokens
+                    req.output_ids.append(1 + i % (vocab_size - 1))
+                plan = ScheduledBatch(reqs, [1] * len(reqs))
+                assert plan.is_decode
+                self.launch(plan, self.prepare(plan)).event.synchronize()
+                ran += 2
             finally:
                 for req in reqs:
                     block_manager.free(req)

@@ -45,13 +45,18 @@ class StagingRing:
         self._dev: list[torch.Tensor] = []
         self._events: list[Event | None] = [None] * depth
         for _ in range(depth):
-            self._host.append(self._host_buffer(capacity))
-            self._dev.append(torch.empty(capacity, dtype=torch.uint8, device=device))
+            host, dev = self._new_slot(capacity)
+            self._host.append(host)
+            self._dev.append(dev)
         self._next = 0
         self.copies = 0  # host-to-device copies issued (tests count them)
 
-    def _host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+    def _new_slot(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (host, device) buffer pair. Never inference tensors, wherever a slot grows: the
+        ring writes them in place on every step, inside inference mode or out of it."""
+        with torch.inference_mode(False):
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+            return host, torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def stage(
         self, fields: Sequence[tuple[Sequence[int] | np.ndarray, np.dtype | type]]
@@ -84,8 +89,7 @@ class StagingRing:
             self._events[k].synchronize()  # its last copy has long been done in practice
         if end > self._host[k].numel():
             size = 1 << max(end - 1, 1).bit_length()
-            self._host[k] = self._host_buffer(size)
-            self._dev[k] = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self._host[k], self._dev[k] = self._new_slot(size)
         host_np = self._host[k].numpy()
         for _, offset, sizes, members in regions:
             for i, at in zip(members, np.cumsum([0, *sizes])[::2], strict=False):

@@ -25,6 +25,9 @@
 #   scripts/device_session.sh staged (one GPU) staging/graph/engine GPU tests, loop_profile
 #   scripts/device_session.sh loads  (one GPU) many_adapters --profile, the HF baseline
 #   scripts/device_session.sh warm   (one GPU) warm-up GPU test, engine tests, serving benchmark
+#   scripts/device_session.sh warm2  (one GPU) every GPU test file the warm-up fixes touch
+#   scripts/device_session.sh pdl    (one GPU) step targets with PDL off and auto, serving
+#                                    benchmark
 #   scripts/device_session.sh many2  (one GPU) many_adapters unsampled, the HF baseline
 #   scripts/device_session.sh manycap (one GPU) many_adapters with max_loras_per_batch 256
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
@@ -240,6 +243,27 @@ case "${1:-}" in
       > "$OUT/many.log" 2>&1
     echo "== many_adapters --profile: rc $?"; grep -A6 "thread:" "$OUT/many.log" | tail -90
     grep -E "saturated|Poisson|keeps" "$OUT/many.log" | tail -8
+    ;;
+  warm2)  # one GPU: every GPU test the warm-up fixes touch (the warm-up runs in every CUDA
+          # engine; decode attention's slice count is a run-time value; the LoRA partials'
+          # split stride is one whatever the token count), each file group in its own process
+    gpu_tests warmup_gpu 150 tests/test_warmup.py tests/test_staging.py
+    gpu_tests engine_gpu 120 tests/test_engine_gpu.py tests/test_pipeline_gpu.py
+    gpu_tests attention_gpu 90 tests/test_attention.py tests/test_fused_ops.py \
+      tests/test_sampler.py tests/test_adapters.py
+    gpu_tests lora_ops_gpu 150 tests/test_lora_ops.py
+    gpu_tests graphs_gpu 150 -x tests/test_graphs_gpu.py
+    rm -f "$OUT"/*.xml
+    ;;
+  pdl)  # one GPU: the step targets with PDL off and auto (small LoRA tables only), then the
+        # serving benchmark (its first requests now meet warmed kernels)
+    timeout 170 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; tail -16 "$OUT/step_lora.log"
+    LORASERVE_ENABLE_PDL=auto timeout 170 python3 -m benchmarks.step_bench --lora --steps 10 \
+      --out "$OUT/step_lora_auto.json" > "$OUT/step_lora_auto.log" 2>&1
+    echo "== step_bench --lora, PDL auto: rc $?"; tail -16 "$OUT/step_lora_auto.log"
+    serve_bench 220
     ;;
   warm)  # one GPU: the warm-up's GPU test (serving after it compiles nothing), the engine
          # tests with it on, then the serving benchmark (its first requests' TTFT)

@@ -71,6 +71,19 @@ def test_views_survive_later_steps_within_depth(device: str) -> None:
     assert ring.copies == depth + 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_slots_grown_in_inference_mode_stay_writable(device: str) -> None:
+    """A slot that grows inside inference mode (the start-up warm-up's big steps) is still
+    written by steps staged outside it, as the serving loop stages them."""
+    ring = StagingRing(torch.device(device), depth=2, capacity=64)
+    with torch.inference_mode():
+        ring.stage([(np.arange(1000), np.int64)])
+        ring.stage([(np.arange(1000), np.int64)])
+    for _ in range(2):
+        (ids,) = ring.stage([(np.arange(900), np.int64)])
+        assert ids.tolist() == list(range(900)) and not ids.is_inference()
+
+
 def test_views_do_not_alias_the_host_buffer() -> None:
     """On CPU the views are a copy: rewriting the host slot (a step depth later) must not change
     what an earlier step still reads before then."""

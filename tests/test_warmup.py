@@ -2,13 +2,14 @@
 throwaway requests that leave nothing behind; on CUDA, serving after it compiles nothing."""
 
 import asyncio
+import os
 
 import pytest
 import torch
 
 from runtime.config import LoraPathSpec
 from runtime.runner import warmup_shapes
-from tests.engine_utils import collect, greedy, make_engine, run_batch
+from tests.engine_utils import collect, greedy, make_engine, run, run_batch
 from tests.models import make_adapter, make_model, prompts, read_vocab
 
 
@@ -55,8 +56,9 @@ def test_warm_up_leaves_no_trace(lora_setup) -> None:
     free = engine.block_manager.num_free_blocks
     copies = engine.runner.staging.copies
     ran = engine.warm_up()
-    shapes = warmup_shapes(256, 16, engine.model_info.context_length)
-    assert ran == len(shapes) == engine.runner.staging.copies - copies
+    shapes = warmup_shapes(256, 16, engine.model_info.context_length - 1)
+    # each shape's step and the decode step after it, one staging copy each
+    assert ran == 2 * len(shapes) == engine.runner.staging.copies - copies
     assert engine.block_manager.num_free_blocks == free
     assert asyncio.run(run_batch(engine, ps, greedy(6), loras)) == want
 
@@ -70,9 +72,36 @@ def test_warm_up_skips_shapes_that_do_not_fit(lora_setup) -> None:
     assert capacity < 1024, "the test needs a cache smaller than the prefill budget"
     ran = engine.warm_up()
     shapes = warmup_shapes(1024, engine.config.max_running_requests,
-                           engine.model_info.context_length)
-    assert 0 < ran < len(shapes)
+                           engine.model_info.context_length - 1)
+    assert 0 < ran < 2 * len(shapes)
     assert engine.block_manager.num_free_blocks * engine.config.page_size == capacity
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="reads kernel keys through the Triton interpreter, on CPU")
+def test_serving_after_warm_up_meets_only_warmed_kernel_variants(lora_setup, monkeypatch) -> None:
+    """Every Triton kernel launch of a served mixed workload (chunked prompts of uneven
+    lengths, base rows and two adapters, decode batches of any size, sequences long enough to
+    split decode attention) has a specialization key that a launch during the warm-up had:
+    on CUDA, none of them would compile while serving. The keys are the CUDA backend's,
+    computed from each launch's arguments (tests/kernel_keys.py)."""
+    import ops.dispatch
+    from tests.kernel_keys import KeyLog, describe
+
+    monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
+    model, specs = lora_setup
+    engine = make_engine(model, lora_paths=specs, max_loras_per_batch=2,
+                         chunked_prefill_size=128, max_running_requests=16)
+    with KeyLog() as warm:
+        engine.warm_up()
+    ps = prompts(10, read_vocab(model), seed=7, lo=1, hi=300)
+    loras = [None, "a0", "a1", "a1", None, "a0", "a0", None, "a1", None]
+    with KeyLog() as served:
+        run(run_batch(engine, ps, [greedy(2 + i % 4) for i in range(10)], loras))
+    assert served.counts().get("_lora_expand_kernel") and served.counts().get(
+        "_merge_splits_kernel"), served.counts()
+    missing = served.keys() - warm.keys()
+    assert not missing, describe(missing, warm.keys())
 
 
 @pytest.mark.gpu
@@ -99,4 +128,4 @@ def test_serving_after_warm_up_compiles_nothing(lora_setup) -> None:
 
     with CompileLog() as log:
         asyncio.run(go())
-    assert log.summary()["total"] == 0, log.summary()
+    assert not log.compiles, "\n".join(f"{name}: {key}" for name, key in log.compiles)

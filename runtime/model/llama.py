@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
+from ops.dispatch import use_triton
 from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand
 from ops.lora import apply_lora as lora_apply
 from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
@@ -89,7 +90,7 @@ def fused_kernels_enabled() -> bool:
 
 def runs_fused(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether `module` (one with a `use_fused` flag) takes its Triton path for input x."""
-    return module.use_fused and x.is_cuda
+    return module.use_fused and use_triton(x)
 
 
 class RMSNorm(nn.Module):
