@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -189,8 +190,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-loaded-loras", type=int, help="host copies (S-LoRA's setting: 128)")
     ap.add_argument("--profile", action="store_true",
                     help="sample the loop's and the runner thread's stacks in every measured run")
+    ap.add_argument("--switch-interval-ms", type=float,
+                    help="the interpreter's thread switch interval (Python's default: 5 ms), "
+                         "how long a thread waits for the GIL before asking its holder for it")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
+    if a.switch_interval_ms:
+        sys.setswitchinterval(a.switch_interval_ms / 1e3)
     s = QUICK if a.quick else FULL
     if a.num_requests:
         s = replace(s, num_requests=a.num_requests)

@@ -337,13 +337,16 @@ def main() -> None:
     pre = prefill_ms(engine, 8, 512)
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
-    result = {"shape": a.shape, "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes,
+    from ops.lora import _use_pdl
+
+    result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")), "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes,
               "decode": rows, "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}
     print(json.dumps(result, indent=2))
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
-    print(f"HBM {bw / 1e12:.2f} TB/s; weights (no embedding) {w_bytes / 1e9:.2f} GB")
+    print(f"HBM {bw / 1e12:.2f} TB/s; weights (no embedding) {w_bytes / 1e9:.2f} GB; LoRA PDL "
+          f"{'on' if result['lora_pdl'] else 'off'}")
     for r in rows:
         print(f"decode batch {r['batch']:3d}: {r['median_ms']:.2f} ms/step, floor "
               f"{r['floor_ms']:.2f} ms, ratio {r['ratio_to_floor']:.2f}")

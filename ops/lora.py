@@ -305,34 +305,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# LORASERVE_ENABLE_PDL=auto: programmatic dependent launch only for tables of at most this many
-# row programs (decode of small batches, where a step is many ~4 us LoRA kernels whose launch
-# gaps PDL hides; 1 adapter at batch 1 went from 1.30x to 1.21x the base step on the H200).
-# Large grids keep it off: their early-launched programs wait on SMs the predecessor still
-# needs (32 adapters at batch 32 went from 1.69x to 1.83x).
-PDL_AUTO_MAX_PROGRAMS = 8
-
-
 @functools.lru_cache(maxsize=16)
-def _pdl_mode(device: torch.device) -> str:
-    """LORASERVE_ENABLE_PDL as "0" (off, the default), "1" (always) or "auto"; "0" on CPU and
-    before sm_90."""
-    mode = os.environ.get("LORASERVE_ENABLE_PDL", "0")
-    if mode not in ("0", "1", "auto"):
-        raise ValueError(f"LORASERVE_ENABLE_PDL must be 0, 1 or auto, got {mode!r}")
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return "0"
-    return mode
-
-
-def _use_pdl(device: torch.device, table: LoraRowTable | None = None) -> bool:
-    """Programmatic dependent launch for the shrink and expand of `table` (see _pdl_mode and
-    PDL_AUTO_MAX_PROGRAMS). Each kernel waits for its predecessor before touching activations,
-    so it stays correct in eager mode and inside CUDA graphs."""
-    mode = _pdl_mode(device)
-    if mode == "auto":
-        return table is not None and table.entry_progs * table.m_progs <= PDL_AUTO_MAX_PROGRAMS
-    return mode == "1"
+def _use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for the shrink and expand: on CUDA sm_90+ when
+    LORASERVE_ENABLE_PDL=1 (off by default: on the H200 it helped some cases and hurt others,
+    by different amounts from run to run, benchmarks/RESULTS.md). Each kernel waits for its predecessor before touching
+    activations, so it stays correct in eager mode and inside CUDA graphs."""
+    if device.type != "cuda" or os.environ.get("LORASERVE_ENABLE_PDL", "0") != "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _shrink_partials(
@@ -369,7 +350,7 @@ def _shrink_partials(
         num_sms=_num_sms(x.device),
         out=out,
         max_split=expand_max_splits(table.block_m, A.shape[1] // num_slices),
-        pdl=_use_pdl(x.device, table) if pdl is None else pdl,
+        pdl=_use_pdl(x.device) if pdl is None else pdl,
         blocks=blocks,
     )
 
@@ -430,7 +411,7 @@ def lora_expand_triton(
         live=table.live,
         entry_progs=table.entry_progs,
         num_sms=_num_sms(y.device),
-        pdl=_use_pdl(y.device, table) if pdl is None else pdl,
+        pdl=_use_pdl(y.device) if pdl is None else pdl,
         block_n=block_n,
     )
 

@@ -26,8 +26,8 @@
 #   scripts/device_session.sh loads  (one GPU) many_adapters --profile, the HF baseline
 #   scripts/device_session.sh warm   (one GPU) warm-up GPU test, engine tests, serving benchmark
 #   scripts/device_session.sh warm2  (one GPU) every GPU test file the warm-up fixes touch
-#   scripts/device_session.sh pdl    (one GPU) step targets with PDL off and auto, serving
-#                                    benchmark
+#   scripts/device_session.sh pdl1   (one GPU) step targets with PDL on, then on Qwen2.5-7B
+#                                    shapes
 #   scripts/device_session.sh many2  (one GPU) many_adapters unsampled, the HF baseline
 #   scripts/device_session.sh manycap (one GPU) many_adapters with max_loras_per_batch 256
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
@@ -255,15 +255,13 @@ case "${1:-}" in
     gpu_tests graphs_gpu 150 -x tests/test_graphs_gpu.py
     rm -f "$OUT"/*.xml
     ;;
-  pdl)  # one GPU: the step targets with PDL off and auto (small LoRA tables only), then the
-        # serving benchmark (its first requests now meet warmed kernels)
-    timeout 170 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
-      > "$OUT/step_lora.log" 2>&1
-    echo "== step_bench --lora: rc $?"; tail -16 "$OUT/step_lora.log"
-    LORASERVE_ENABLE_PDL=auto timeout 170 python3 -m benchmarks.step_bench --lora --steps 10 \
-      --out "$OUT/step_lora_auto.json" > "$OUT/step_lora_auto.log" 2>&1
-    echo "== step_bench --lora, PDL auto: rc $?"; tail -16 "$OUT/step_lora_auto.log"
-    serve_bench 220
+  pdl1)  # one GPU: the step targets with PDL on everywhere, then on Qwen2.5-7B shapes
+    LORASERVE_ENABLE_PDL=1 timeout 170 python3 -m benchmarks.step_bench --lora --steps 10 \
+      --out "$OUT/step_lora_pdl.json" > "$OUT/step_lora_pdl.log" 2>&1
+    echo "== step_bench --lora, PDL on: rc $?"; grep -E "^(HBM|decode|prefill)" "$OUT/step_lora_pdl.log"
+    timeout 200 python3 -m benchmarks.step_bench --shape qwen2.5-7b --lora --steps 10 \
+      --out "$OUT/step_qwen.json" > "$OUT/step_qwen.log" 2>&1
+    echo "== step_bench qwen2.5-7b: rc $?"; tail -22 "$OUT/step_qwen.log"
     ;;
   warm)  # one GPU: the warm-up's GPU test (serving after it compiles nothing), the engine
          # tests with it on, then the serving benchmark (its first requests' TTFT)

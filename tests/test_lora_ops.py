@@ -566,22 +566,3 @@ def test_per_step_args_name_kernel_parameters() -> None:
         params = inspect.signature(getattr(module, kernel).fn).parameters
         assert module.PER_STEP_ARGS and set(module.PER_STEP_ARGS) <= set(params), kernel
 
-
-def test_pdl_auto_keeps_to_small_tables(monkeypatch) -> None:
-    """LORASERVE_ENABLE_PDL=auto launches dependently only tables of at most
-    PDL_AUTO_MAX_PROGRAMS row programs; 0 and 1 ignore the table; anything else is refused."""
-    from ops import lora
-
-    small = lora.LoraRowTable(torch.zeros(2), torch.zeros(1), 1, 16, 1, entry_progs=1)
-    big = lora.LoraRowTable(torch.zeros(33), torch.zeros(32), 32, 16, 1, entry_progs=32)
-    strided = lora.LoraRowTable(torch.zeros(2), torch.zeros(1), 1, 64, 9, entry_progs=1)
-    dev = torch.device("cuda")
-    read_mode = lora._pdl_mode
-    for mode, want in (("auto", [True, False, False]), ("1", [True] * 3), ("0", [False] * 3)):
-        monkeypatch.setattr(lora, "_pdl_mode", lambda d, m=mode: m)
-        assert [lora._use_pdl(dev, t) for t in (small, big, strided)] == want, mode
-    read_mode.cache_clear()
-    monkeypatch.setenv("LORASERVE_ENABLE_PDL", "yes")
-    with pytest.raises(ValueError, match="LORASERVE_ENABLE_PDL"):
-        read_mode(torch.device("cpu"))
-    read_mode.cache_clear()
