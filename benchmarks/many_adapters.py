@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import math
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -97,8 +96,48 @@ def build(s: Settings, model: Path, adapters: Path) -> Engine:
     return make_engine(model, **opts)
 
 
+def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int,
+                      window_s: float) -> dict[str, Any]:
+    """GPU time by kernel category (benchmarks.step_bench.kernel_kind) from (name, start us,
+    end us) records: ms a step over `steps` steps, and the share of the window in which at least
+    one kernel ran (near 100 %: the GPU bounds the loop; well below: the host does)."""
+    from benchmarks.step_bench import kernel_kind
+
+    by_kind: dict[str, float] = {}
+    for name, t0, t1 in kernels:
+        by_kind[kind] = by_kind.get(kind := kernel_kind(name), 0.0) + (t1 - t0) / 1e3
+    busy, edge = 0.0, -math.inf
+    for _, t0, t1 in sorted(kernels, key=lambda k: k[1]):
+        if t1 > edge:
+            busy += t1 - max(t0, edge)
+            edge = t1
+    per_step = max(1, steps)
+    return {"steps": steps, "window_s": window_s, "gpu_busy": busy / 1e6 / window_s,
+            "ms_per_step": {k: v / per_step for k, v in sorted(by_kind.items())},
+            "gpu_ms_per_step": busy / 1e3 / per_step}
+
+
+async def kernel_window(engine: Engine, start_s: float, window_s: float) -> dict[str, Any]:
+    """Every CUDA kernel the process runs from `start_s` to `start_s + window_s` into a run
+    (CUDA-graph replays included), by category (summarize_kernels)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    await asyncio.sleep(start_s)
+    steps = engine.scheduler.counters.num_steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        await asyncio.sleep(window_s)
+        wall = time.perf_counter() - t0
+        steps = engine.scheduler.counters.num_steps - steps
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == DeviceType.CUDA]
+    return summarize_kernels(kernels, steps, wall)
+
+
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
-                  seed: int, profile: bool = False) -> dict[str, Any]:
+                  seed: int, profile: bool = False,
+                  kernels: tuple[float, float] | None = None) -> dict[str, Any]:
     prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
                                         engine.model_info.vocab_size)
     assert engine.adapters is not None
@@ -109,9 +148,12 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(StackSampler(THREADS, 2e-3)) if profile else None
         compile_log = stack.enter_context(CompileLog())
+        window = asyncio.create_task(kernel_window(engine, *kernels)) if kernels else None
         samples, start, end = await serve(engine, prompts, loras, arrivals,
                                           params_for(s.output_len), None)
     figures = run_figures(samples, start, end)
+    if window is not None:  # GPU time a step by kernel category, a window into the run
+        figures["kernels"] = await window
     figures["distinct_adapters"] = len(set(loras))
     figures["compiles"] = compile_log.summary()  # Triton variants first met in this run
     figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
@@ -133,7 +175,8 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     return figures
 
 
-def run(s: Settings, root: Path, log, profile: bool = False) -> dict[str, Any]:
+def run(s: Settings, root: Path, log, profile: bool = False,
+        kernels: tuple[float, float] | None = None, poisson: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, adapters = write_files(s, root)
     log(f"wrote the model and {s.num_adapters} adapters in {time.perf_counter() - t0:.1f} s")
@@ -149,13 +192,21 @@ def run(s: Settings, root: Path, log, profile: bool = False) -> dict[str, Any]:
             out: dict[str, Any] = {}
             for label, names in (("few", few), ("many", many)):
                 out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed,
-                                                         profile)}
+                                                         profile, kernels)}
                 sat = out[label]["saturated"]
+                if "kernels" in sat:
+                    k = sat["kernels"]
+                    log(f"{label} saturated, kernels over {k['steps']} steps: GPU busy "
+                        f"{100 * k['gpu_busy']:.0f} % of {k['window_s']:.1f} s, "
+                        f"{k['gpu_ms_per_step']:.2f} ms a step: " + ", ".join(
+                            f"{c} {v:.2f}" for c, v in k["ms_per_step"].items()))
                 log(f"{label} saturated: {sat['request_throughput']:.2f} req/s, "
                     f"{sat['mean_rows_per_step']:.1f} rows a step, "
                     f"{100 * sat['prefill_step_fraction']:.0f} % of steps prefill, "
                     f"{sat['compiles']['total']} Triton compiles; loop ms a "
                     f"step: " + ", ".join(f"{k} {v:.2f}" for k, v in sat["loop_ms"].items()))
+            if not poisson:
+                return out
             rate = LOAD_FRACTION * out["few"]["saturated"]["request_throughput"]
             for label, names in (("few", few), ("many", many)):
                 out[label]["poisson"] = await one_run(engine, s, names, rate, s.seed + 1,
@@ -171,7 +222,7 @@ def run(s: Settings, root: Path, log, profile: bool = False) -> dict[str, Any]:
 
     result: dict[str, Any] = {"settings": asdict(s), **asyncio.run(go())}
     result["gpu_gb_after_release"] = free_device_memory()
-    for kind in ("saturated", "poisson"):
+    for kind in ("saturated", "poisson") if poisson else ("saturated",):
         keep = (result["many"][kind]["request_throughput"]
                 / result["few"][kind]["request_throughput"])
         result[f"keep_{kind}"] = {"ratio": keep, "goal": GOAL_KEEP, "met": keep >= GOAL_KEEP}
@@ -190,13 +241,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-loaded-loras", type=int, help="host copies (S-LoRA's setting: 128)")
     ap.add_argument("--profile", action="store_true",
                     help="sample the loop's and the runner thread's stacks in every measured run")
-    ap.add_argument("--switch-interval-ms", type=float,
-                    help="the interpreter's thread switch interval (Python's default: 5 ms), "
-                         "how long a thread waits for the GIL before asking its holder for it")
+    ap.add_argument("--kernel-window", type=float, nargs=2, metavar=("START_S", "SECONDS"),
+                    help="CUDA only: profile every kernel in this window of each saturated run "
+                         "and report GPU ms a step by kernel category and the GPU's busy share")
+    ap.add_argument("--saturated-only", action="store_true", help="skip the Poisson runs")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    if a.switch_interval_ms:
-        sys.setswitchinterval(a.switch_interval_ms / 1e3)
+    if a.kernel_window and a.quick:
+        ap.error("--kernel-window profiles CUDA kernels; --quick runs on the CPU")
     s = QUICK if a.quick else FULL
     if a.num_requests:
         s = replace(s, num_requests=a.num_requests)
@@ -206,14 +258,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.max_loaded_loras:
         s = replace(s, max_loaded_loras=a.max_loaded_loras)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(s, Path(tmp), lambda m: print(m, flush=True), a.profile)
+        result = run(s, Path(tmp), lambda m: print(m, flush=True), a.profile,
+                     tuple(a.kernel_window) if a.kernel_window else None,
+                     poisson=not a.saturated_only)
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
     print(f"{s.num_adapters} vs {s.few_adapters} adapters of rank {s.rank} on "
           f"{', '.join(TARGETS)}, {s.num_requests} requests of {s.prompt_len}/{s.output_len} "
           f"tokens, max_loras_per_batch {s.max_loras_per_batch}, max_loaded_loras "
           f"{s.max_loaded_loras}")
-    for kind in ("saturated", "poisson"):
+    for kind in ("saturated", "poisson") if not a.saturated_only else ("saturated",):
         f, m, k = result["few"][kind], result["many"][kind], result[f"keep_{kind}"]
         print(f"{kind:<10} few {f['request_throughput']:.2f} req/s, many "
               f"{m['request_throughput']:.2f} req/s ({m['disk_loads']} disk loads, "

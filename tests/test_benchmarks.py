@@ -260,10 +260,12 @@ def test_many_adapters_quick(tmp_path: Path) -> None:
 
 def test_many_adapters_cap_flag(tmp_path: Path) -> None:
     """--max-loras-per-batch raises the batch's adapter cap (and the host tier with it): a
-    uniform many-adapter batch then holds more rows a step than at the default cap."""
+    uniform many-adapter batch then holds more rows a step than at the default cap.
+    --saturated-only skips the Poisson runs."""
     from benchmarks import many_adapters
 
-    wide = many_adapters.main(["--quick", "--max-loras-per-batch", "16"])
+    wide = many_adapters.main(["--quick", "--max-loras-per-batch", "16", "--saturated-only"])
+    assert "poisson" not in wide["many"] and "keep_poisson" not in wide
     assert wide["settings"]["max_loras_per_batch"] == 16
     assert wide["settings"]["max_loaded_loras"] >= 16
     # at the quick default cap (4) a step holds about 5 rows; at 16, about 21
@@ -322,3 +324,18 @@ def test_host_overhead_step_figures() -> None:
     ms = step_prep_ms(8, iters=20, rounds=1)
     assert set(ms) == {"schedule_ms", "prepare_ms", "postprocess_ms"}
     assert all(0 < v < 1e3 for v in ms.values())
+
+
+def test_kernel_window_summary() -> None:
+    """many_adapters' kernel window: GPU time a step by category, and the busy share counts
+    overlapping kernels once (the union of their intervals)."""
+    from benchmarks.many_adapters import main, summarize_kernels
+
+    kernels = [("_lora_expand_kernel", 0.0, 400.0), ("nvjet_gemm", 200.0, 1000.0),
+               ("_rmsnorm_kernel", 1500.0, 1600.0)]  # us; 1.1 ms busy of a 2 ms window
+    k = summarize_kernels(kernels, steps=2, window_s=2e-3)
+    assert k["gpu_busy"] == pytest.approx(0.55)
+    assert k["gpu_ms_per_step"] == pytest.approx(0.55)
+    assert k["ms_per_step"] == pytest.approx({"lora expand": 0.2, "gemm": 0.4, "norm": 0.05})
+    with pytest.raises(SystemExit):
+        main(["--quick", "--kernel-window", "1", "2"])
