@@ -26,6 +26,8 @@
 #   scripts/device_session.sh loads  (one GPU) many_adapters --profile, the HF baseline
 #   scripts/device_session.sh warm   (one GPU) warm-up GPU test, engine tests, serving benchmark
 #   scripts/device_session.sh warm2  (one GPU) every GPU test file the warm-up fixes touch
+#   scripts/device_session.sh kwin   (one GPU) kernel categories inside the saturated
+#                                    many-adapter runs, caps 256 and 32
 #   scripts/device_session.sh pdl1   (one GPU) step targets with PDL on, then on Qwen2.5-7B
 #                                    shapes
 #   scripts/device_session.sh many2  (one GPU) many_adapters unsampled, the HF baseline
@@ -262,6 +264,16 @@ case "${1:-}" in
     timeout 200 python3 -m benchmarks.step_bench --shape qwen2.5-7b --lora --steps 10 \
       --out "$OUT/step_qwen.json" > "$OUT/step_qwen.log" 2>&1
     echo "== step_bench qwen2.5-7b: rc $?"; tail -22 "$OUT/step_qwen.log"
+    ;;
+  kwin)  # one GPU: GPU time a step by kernel category inside the saturated many-adapter runs,
+         # at a 256-adapter cap and at S-LoRA's 32 (is the 1000-adapter loop GPU- or host-bound?)
+    timeout 200 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 1.5 3 \
+      --max-loras-per-batch 256 --max-loaded-loras 512 --out "$OUT/many_cap_kw.json" \
+      > "$OUT/many_cap_kw.log" 2>&1
+    echo "== many_adapters cap 256, kernel window: rc $?"; grep -E "saturated" "$OUT/many_cap_kw.log"
+    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 1.5 3 \
+      --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
+    echo "== many_adapters cap 32, kernel window: rc $?"; grep -E "saturated" "$OUT/many_kw.log"
     ;;
   warm)  # one GPU: the warm-up's GPU test (serving after it compiles nothing), the engine
          # tests with it on, then the serving benchmark (its first requests' TTFT)
