@@ -77,29 +77,51 @@ def test_warm_up_skips_shapes_that_do_not_fit(lora_setup) -> None:
     assert engine.block_manager.num_free_blocks * engine.config.page_size == capacity
 
 
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "embed_tokens", "lm_head"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="reads kernel keys through the Triton interpreter, on CPU")
-def test_serving_after_warm_up_meets_only_warmed_kernel_variants(lora_setup, monkeypatch) -> None:
+def test_serving_after_warm_up_meets_only_warmed_kernel_variants(tmp_path, monkeypatch) -> None:
     """Every Triton kernel launch of a served mixed workload (chunked prompts of uneven
-    lengths, base rows and two adapters, decode batches of any size, sequences long enough to
-    split decode attention) has a specialization key that a launch during the warm-up had:
-    on CUDA, none of them would compile while serving. The keys are the CUDA backend's,
-    computed from each launch's arguments (tests/kernel_keys.py)."""
+    lengths; base rows and two adapters of ranks 8 and 16 on every projection, the embedding
+    and the lm_head; prompt logprobs; decode batches of any size; sequences long enough to split
+    decode attention) has a specialization key that a launch during the warm-up had: on CUDA,
+    none of them would compile while serving. The keys are the CUDA backend's, computed from
+    each launch's arguments (tests/kernel_keys.py)."""
     import ops.dispatch
     from tests.kernel_keys import KeyLog, describe
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
-    model, specs = lora_setup
+    model = make_model(tmp_path / "m", "llama")
+    specs = tuple(
+        LoraPathSpec(f"a{i}", str(make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i,
+                                               targets=ALL_TARGETS)))
+        for i, r in enumerate((8, 16))
+    )
     engine = make_engine(model, lora_paths=specs, max_loras_per_batch=2,
                          chunked_prefill_size=128, max_running_requests=16)
     with KeyLog() as warm:
         engine.warm_up()
     ps = prompts(10, read_vocab(model), seed=7, lo=1, hi=300)
     loras = [None, "a0", "a1", "a1", None, "a0", "a0", None, "a1", None]
+
+    async def go() -> None:
+        await engine.start()
+        try:
+            reqs = [await engine.submit(p, greedy(2 + i % 4), name, return_logprob=i % 3 == 0,
+                                        top_logprobs_num=2 if i % 6 == 0 else 0)
+                    for i, (p, name) in enumerate(zip(ps, loras))]
+            await asyncio.gather(*(collect(engine, r) for r in reqs))
+        finally:
+            await engine.stop()
+
     with KeyLog() as served:
-        run(run_batch(engine, ps, [greedy(2 + i % 4) for i in range(10)], loras))
-    assert served.counts().get("_lora_expand_kernel") and served.counts().get(
-        "_merge_splits_kernel"), served.counts()
+        run(go())
+    counts = served.counts()
+    assert all(counts.get(k) for k in ("_lora_expand_kernel", "_lora_embed_shrink_kernel",
+                                       "_merge_splits_kernel", "_decode_attention_kernel")), counts
     missing = served.keys() - warm.keys()
     assert not missing, describe(missing, warm.keys())
 
