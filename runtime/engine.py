@@ -175,7 +175,7 @@ class Engine:
         t0 = time.perf_counter()
         c = self.config
         shapes = warmup_shapes(c.chunked_prefill_size, c.max_running_requests,
-                               self.model_info.context_length - 1)  # room for a decode step
+                               max(1, self.model_info.context_length - 1))  # room to decode
         ran = self.runner.warm_up(self.block_manager, shapes, self.model_info.vocab_size)
         log.info("warm-up: %d steps of up to %d tokens in %.1f s", ran,
                  c.chunked_prefill_size, time.perf_counter() - t0)

@@ -251,7 +251,7 @@ case "${1:-}" in
           # split stride is one whatever the token count), each file group in its own process
     gpu_tests warmup_gpu 150 tests/test_warmup.py tests/test_staging.py
     gpu_tests engine_gpu 120 tests/test_engine_gpu.py tests/test_pipeline_gpu.py
-    gpu_tests attention_gpu 90 tests/test_attention.py tests/test_fused_ops.py \
+    gpu_tests attention_gpu 200 tests/test_attention.py tests/test_fused_ops.py \
       tests/test_sampler.py tests/test_adapters.py
     gpu_tests lora_ops_gpu 150 tests/test_lora_ops.py
     gpu_tests graphs_gpu 150 -x tests/test_graphs_gpu.py
