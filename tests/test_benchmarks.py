@@ -282,7 +282,8 @@ def test_loop_profile_quick() -> None:
     assert loop["steps"] >= 8 and loop["launch"] > 0 and result["output_tokens_per_s"] > 0
     runner = result["profile"]["runner"]
     assert runner["samples"] > 0 and runner["leaves"] and 0 < runner["busy_fraction"] <= 1
-    assert 0 < sum(share for *_, share in runner["leaves"]) <= 1.0 + 1e-6
+    # shares are rounded to 4 decimals, up to 15 of them: their sum may pass 1 by 15 * 5e-5
+    assert 0 < sum(share for *_, share in runner["leaves"]) <= 1.0 + 1e-3
     # the loop thread and the adapter loaders are sampled too; on this tiny CPU batch they are
     # busy too briefly for a count to be assured
     assert set(result["profile"]) == {"runner", "loop", "adapter loads"}
