@@ -71,7 +71,8 @@ def wrapper_us(iters: int, rounds: int = 7, tokens: int = 4096, hidden: int = 40
 def step_prep_ms(batch: int, iters: int, rounds: int = 7) -> dict[str, float]:
     """Milliseconds a call of schedule(), prepare() and the engine's postprocess (the sampled
     tokens into each request's stream) for a decode step of `batch` requests of 200-300 tokens
-    over 8 adapters, best of `rounds` rounds of `iters` calls (postprocess: at most 20 calls a round)."""
+    over 8 adapters, best of `rounds` rounds of `iters` calls (postprocess: at most 20 calls a
+    round)."""
     import asyncio
     import tempfile
 

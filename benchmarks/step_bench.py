@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.dummy_model import SHAPES, weight_bytes, write_dummy_model
+from ops.lora import _use_pdl
 from runtime.config import ServerConfig
 from runtime.engine import Engine
 from runtime.request import Request, SamplingParams
@@ -337,10 +338,9 @@ def main() -> None:
     pre = prefill_ms(engine, 8, 512)
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
-    from ops.lora import _use_pdl
-
-    result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")), "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes,
-              "decode": rows, "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
+    result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")),
+              "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
+              "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}
     print(json.dumps(result, indent=2))
     if a.out:

@@ -309,8 +309,9 @@ def _num_sms(device: torch.device) -> int:
 def _use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for the shrink and expand: on CUDA sm_90+ when
     LORASERVE_ENABLE_PDL=1 (off by default: on the H200 it helped some cases and hurt others,
-    by different amounts from run to run, benchmarks/RESULTS.md). Each kernel waits for its predecessor before touching
-    activations, so it stays correct in eager mode and inside CUDA graphs."""
+    by different amounts from run to run, benchmarks/RESULTS.md). Each kernel waits for its
+    predecessor before touching activations, so it stays correct in eager mode and inside CUDA
+    graphs."""
     if device.type != "cuda" or os.environ.get("LORASERVE_ENABLE_PDL", "0") != "1":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
