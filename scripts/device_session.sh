@@ -28,6 +28,8 @@
 #   scripts/device_session.sh warm2  (one GPU) every GPU test file the warm-up fixes touch
 #   scripts/device_session.sh kwin   (one GPU) kernel categories inside the saturated
 #                                    many-adapter runs, caps 256 and 32
+#   scripts/device_session.sh rows   (one GPU) recycled host rows: upload and pipeline GPU
+#                                    tests, saturated 256-cap many-adapter runs
 #   scripts/device_session.sh pdl1   (one GPU) step targets with PDL on, then on Qwen2.5-7B
 #                                    shapes
 #   scripts/device_session.sh many2  (one GPU) many_adapters unsampled, the HF baseline
@@ -274,6 +276,14 @@ case "${1:-}" in
     timeout 150 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 1.5 3 \
       --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
     echo "== many_adapters cap 32, kernel window: rc $?"; grep -E "saturated" "$OUT/many_kw.log"
+    ;;
+  rows)  # one GPU: recycled pinned host rows: the upload and pipeline GPU tests, then the
+         # saturated 256-cap many-adapter runs (whose loads pinned memory one copy at a time)
+    gpu_tests rows_gpu 100 tests/test_adapters.py tests/test_pipeline_gpu.py
+    timeout 110 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --out "$OUT/many_cap_rows.json" > "$OUT/many_cap_rows.log" 2>&1
+    echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap_rows.log"
+    rm -f "$OUT"/*.xml
     ;;
   warm)  # one GPU: the warm-up's GPU test (serving after it compiles nothing), the engine
          # tests with it on, then the serving benchmark (its first requests' TTFT)

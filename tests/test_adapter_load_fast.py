@@ -361,7 +361,8 @@ class CountTorchCalls(TorchFunctionMode):
 
 def test_torch_calls_do_not_grow_with_layers_beyond_one_view_a_tensor(tmp_path: Path) -> None:
     """The loader's torch calls (each takes the GIL from the serving loop): about one view per
-    tensor, the rest a fixed handful, whatever the number of layers."""
+    tensor, the rest a fixed handful, whatever the number of layers. Measured on a recycled
+    host row (a new chunk of rows costs a few calls a row, once)."""
     counts = []
     for num_layers in (2, 8):
         shape = LoraModelShape(num_layers, 32, 48, 32, 16, 40)
@@ -379,9 +380,85 @@ def test_torch_calls_do_not_grow_with_layers_beyond_one_view_a_tensor(tmp_path: 
         (folder / "adapter_config.json").write_text(json.dumps(cfg))
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         pool = LoraPool(shape, 2, 8, ("q_proj", "v_proj"), CPU, torch.bfloat16)
+        # dropped at once: its host row is free for the next one
+        pool.build_host(load_peft_adapter(str(folder), shape))
         with CountTorchCalls() as calls:
             pool.build_host(load_peft_adapter(str(folder), shape))
         counts.append((len(tensors), calls.count))
     (n_small, c_small), (n_big, c_big) = counts
     assert c_big - c_small <= 1.0 * (n_big - n_small), counts
     assert c_small <= n_small + 40, counts
+
+
+# recycled host rows ---------------------------------------------------------------------
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.complete = False
+
+    def query(self) -> bool:
+        return self.complete
+
+
+def test_dropped_host_copy_row_is_reused_zeroed_and_exact(tmp_path: Path) -> None:
+    """A dropped host copy's row goes to the next adapter, which reads exactly as a copy in a
+    fresh row would: the groups it does not target are zero again."""
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+    wide, narrow = full_spec(ALL, 8), full_spec(("q_proj",), 4)
+    write_adapter(tmp_path / "wide", wide, 8, seed=1)
+    write_adapter(tmp_path / "narrow", narrow, 4, seed=2)
+    first = pool.build_host(load_peft_adapter(str(tmp_path / "wide"), SHAPE))
+    row = first.flat.data_ptr()
+    assert first.flat.abs().sum() > 0
+    del first
+    second = pool.build_host(load_peft_adapter(str(tmp_path / "narrow"), SHAPE))
+    assert second.flat.data_ptr() == row and pool._host_rows.num_rows == 1
+    flat, flat_scalings = reference_host(pool, tmp_path / "narrow", narrow)
+    assert torch.equal(second.flat, flat) and torch.equal(second.flat_scalings, flat_scalings)
+    assert second.rank.tolist() == [4]
+    check_host_groups(pool, second, narrow)
+
+
+def test_row_waits_for_its_last_upload(tmp_path: Path) -> None:
+    """A dropped copy whose last upload has not completed keeps its row out of circulation
+    until the upload's event completes."""
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+    spec = full_spec(("q_proj", "v_proj"), 8)
+    write_adapter(tmp_path / "a", spec, 8)
+    weights = load_peft_adapter(str(tmp_path / "a"), SHAPE)
+    host = pool.build_host(weights)
+    row, event = host.flat.data_ptr(), FakeEvent()
+    host.lease.event = event  # what the manager's upload records
+    del host
+    other = pool.build_host(weights)
+    assert other.flat.data_ptr() != row  # still being read by the copy engine
+    del other
+    event.complete = True
+    again = [pool.build_host(weights) for _ in range(2)]
+    assert row in {h.flat.data_ptr() for h in again}
+    assert pool._host_rows.num_rows == 2
+
+
+def test_rows_come_in_growing_chunks_and_failed_builds_give_theirs_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live copies get distinct rows from chunks that double up to HOST_CHUNK_BYTES; a build
+    that fails returns its row."""
+    import runtime.adapters.pool as pool_mod
+
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+    rows = pool._host_rows
+    monkeypatch.setattr(pool_mod, "HOST_CHUNK_BYTES", 4 * rows.row_bytes)
+    spec = full_spec(("q_proj",), 8)
+    write_adapter(tmp_path / "a", spec, 8)
+    weights = load_peft_adapter(str(tmp_path / "a"), SHAPE)
+    live = [pool.build_host(weights) for _ in range(11)]
+    assert len({h.flat.data_ptr() for h in live}) == 11
+    assert rows.num_rows == 12 and rows.num_chunks == 5  # 1 + 1 + 2 + 4 + 4 rows
+    monkeypatch.setattr(pool, "_fill_host", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError):
+        pool.build_host(weights)
+    monkeypatch.undo()
+    live.append(pool.build_host(weights))
+    assert rows.num_rows == 12  # the failed build's row was the one left, and came back

@@ -18,6 +18,7 @@ here waits on the GPU: `poll()` only queries events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -608,7 +609,14 @@ class AdapterManager:
                         dst.copy_(src, non_blocking=True)
                 ready = self.streams.event()
                 ready.record(self.streams.copy)
+                # the host row is reused only after this (the last copy from it) has run
+                entry.host.lease.event = ready
         except Exception as e:  # noqa: BLE001 - a half-written slot is never used: it stays free
+            # copies enqueued before the failure may still read the host row
+            failed = self.streams.event()
+            with contextlib.suppress(Exception):
+                failed.record(self.streams.copy)
+                entry.host.lease.event = failed
             self.counters.upload_failures += 1
             entry.error = f"upload failed: {e}"
             logger.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, e)

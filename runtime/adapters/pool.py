@@ -15,16 +15,20 @@ All of a slot's buffers are views into one row of a slot-major slab ([num_slots,
 and a float32 one for the scalings), so the buffers above are strided views whose slot stride is
 a whole slot. A `HostAdapter` is one adapter laid out like one slab row (pinned when the pool is
 on CUDA; groups it does not target stay zero), so an upload is three non-blocking copies: the
-rank, the weights row, the scalings row.
+rank, the weights row, the scalings row. Host copies live in rows of `HostRows`, recycled once
+a copy is dropped and its last upload has completed, so loads stop pinning memory once the host
+tier has reached its size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -93,13 +97,17 @@ def _group_slice(module: str) -> tuple[str, int]:
 
 
 def _strided_views(
-    buf: Tensor, starts: list[int], at: int, shape: tuple[int, ...], strides: tuple[int, ...]
+    buf: Tensor, base: int, starts: list[int], at: int, shape: tuple[int, ...],
+    strides: tuple[int, ...],
 ) -> tuple[Tensor, ...]:
-    """Views of `shape` and `strides` in the 1-D `buf`, `at` elements past each of `starts`
-    (which must be a fixed step apart): one strided view, unbound, so two torch calls."""
+    """Views of `shape` and `strides` in the 1-D contiguous `buf`, which starts `base`
+    elements into its storage (a host row's offset in its chunk), `at` elements past each of
+    `starts` (which must be a fixed step apart): one strided view, unbound, so two torch
+    calls."""
     step = starts[1] - starts[0] if len(starts) > 1 else 0
     assert all(b - a == step for a, b in pairwise(starts))
-    return buf.as_strided((len(starts), *shape), (step, *strides), starts[0] + at).unbind(0)
+    offset = base + starts[0] + at
+    return buf.as_strided((len(starts), *shape), (step, *strides), offset).unbind(0)
 
 
 @dataclass
@@ -138,6 +146,85 @@ class HostAdapter:
     is_pinned: bool
     flat: Tensor  # [slot numel] every group's A and B, laid out like one row of the pool's slab
     flat_scalings: Tensor  # [slot scalings] float32, like one row of the scalings slab
+    # the HostRows row it lives in: returned when this copy is dropped, reused once `lease`'s
+    # last upload event has completed
+    lease: RowLease
+
+
+class RowLease:
+    """A host copy's claim on its row (with the row's parts as views, carved once when the
+    row was allocated), and the event after the last upload from it (the row is reused only
+    once that has completed)."""
+
+    __slots__ = ("event", "parts", "row")
+
+    def __init__(self, row: Tensor, parts: tuple[Tensor, ...]) -> None:
+        self.row = row
+        self.parts = parts
+        self.event: Any = None  # runtime.streams.Event, or None before any upload
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+
+# Pinned memory comes in chunks of up to this many bytes: the CUDA host allocator rounds every
+# allocation up to a power of two, and pinning holds the driver's locks (the serving loop's
+# launches and copies wait on them) for as long as it takes, in proportion to the bytes.
+HOST_CHUNK_BYTES = 256 << 20
+ROW_ALIGN = 256  # bytes: every row, and each of a row's three parts, starts this aligned
+
+
+class HostRows:
+    """Recycled host rows of `row_bytes` bytes, pinned when `pin`, for the host copies.
+
+    `take` returns a zeroed row; when the `HostAdapter` holding it is garbage (dropped from the
+    host tier and no upload referring to it), its row returns to the free list, to be handed
+    out again once the last upload from it has completed. Chunks grow with the number of rows
+    in use (1, 1, 2, 4, ... rows, up to HOST_CHUNK_BYTES a chunk) and are never freed, so a
+    host tier at its size makes no pinned allocation. Thread-safe: loader threads take rows,
+    and whichever thread drops a host copy gives its row back.
+    """
+
+    def __init__(
+        self, row_bytes: int, pin: bool, carve: Callable[[Tensor], tuple[Tensor, ...]]
+    ) -> None:
+        self.row_bytes = -(-row_bytes // ROW_ALIGN) * ROW_ALIGN
+        self.pin = pin
+        self.carve = carve  # a row's parts as views, made once a row (torch calls take the GIL)
+        self.num_rows = 0  # rows allocated, in use or free
+        self.num_chunks = 0
+        self._free: list[tuple[Tensor, tuple[Tensor, ...]]] = []
+        self._draining: list[RowLease] = []  # given back, their last upload maybe in flight
+        self._lock = threading.Lock()
+
+    def take(self) -> RowLease:
+        with self._lock:
+            still = []
+            for lease in self._draining:
+                if lease.done():
+                    self._free.append((lease.row, lease.parts))
+                else:
+                    still.append(lease)
+            self._draining = still
+            if not self._free:
+                self._grow()
+            row, parts = self._free.pop()
+        row.zero_()
+        return RowLease(row, parts)
+
+    def give(self, lease: RowLease) -> None:
+        with self._lock:
+            self._draining.append(lease)
+
+    def _grow(self) -> None:
+        want = max(1, self.num_rows) * self.row_bytes
+        cap = max(HOST_CHUNK_BYTES, self.row_bytes)
+        nbytes = min(1 << max(want - 1, 1).bit_length(), cap)  # what the allocator would round to
+        rows = max(1, nbytes // self.row_bytes)
+        chunk = torch.empty(rows * self.row_bytes, dtype=torch.uint8, pin_memory=self.pin)
+        self._free += [(row, self.carve(row)) for row in chunk.view(rows, self.row_bytes)]
+        self.num_rows += rows
+        self.num_chunks += 1
 
 
 class LoraPool:
@@ -267,7 +354,32 @@ class LoraPool:
         loop: so views come for all layers at once, and one batched copy writes (and casts)
         every weight."""
         pin = self.device.type == "cuda"
-        flat = torch.zeros(self.slot_numel, dtype=self.dtype, pin_memory=pin)
+        lease = self._host_rows.take()
+        try:
+            host = self._fill_host(weights, lease, pin)
+        except BaseException:
+            self._host_rows.give(lease)  # never uploaded from: free at once
+            raise
+        weakref.finalize(host, self._host_rows.give, lease)
+        return host
+
+    @cached_property
+    def _host_rows(self) -> HostRows:
+        """Rows laid out as the weights, then the scalings, then the rank, each part
+        ROW_ALIGN-aligned."""
+        at_scalings = -(-self.dtype.itemsize * self.slot_numel // ROW_ALIGN) * ROW_ALIGN
+        at_rank = at_scalings + -(-4 * self.slot_num_scalings // ROW_ALIGN) * ROW_ALIGN
+
+        def carve(row: Tensor) -> tuple[Any, ...]:
+            flat = row[:at_scalings].view(self.dtype)[: self.slot_numel]
+            scalings = row[at_scalings:at_rank].view(torch.float32)[: self.slot_num_scalings]
+            rank = row[at_rank : at_rank + 4].view(torch.int32)
+            return flat, scalings, rank, (flat.storage_offset(), scalings.storage_offset())
+
+        return HostRows(at_rank + 4, pin=self.device.type == "cuda", carve=carve)
+
+    def _fill_host(self, weights: AdapterWeights, lease: RowLease, pin: bool) -> HostAdapter:
+        flat, flat_scalings, rank, bases = lease.parts
         scalings = [0.0] * self.slot_num_scalings
         views: dict[tuple[str, int, int], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         dsts: list[Tensor] = []
@@ -277,17 +389,15 @@ class LoraPool:
             if (layer, group) not in self._offsets:
                 continue  # a group this pool does not hold
             if (group, i, w.rank) not in views:
-                views[(group, i, w.rank)] = self._slice_views(flat, group, i, w.rank)
+                views[(group, i, w.rank)] = self._slice_views(flat, bases[0], group, i, w.rank)
             A, B = views[(group, i, w.rank)]
             dsts += (A[max(layer, 0)], B[max(layer, 0)])
             srcs += (w.A.t() if module == EMBED else w.A, w.B)
             scalings[self._offsets[(layer, group)][1] + i] = w.scaling
         if dsts:  # one call for every copy (and cast); it refuses empty lists
             torch._foreach_copy_(dsts, srcs)
-        flat_scalings = torch.tensor(scalings, dtype=torch.float32)
-        rank = torch.tensor([weights.rank], dtype=torch.int32)
-        if pin:
-            flat_scalings, rank = flat_scalings.pin_memory(), rank.pin_memory()
+        flat_scalings.copy_(torch.tensor(scalings, dtype=torch.float32))
+        rank.fill_(weights.rank)
         layers: list[dict[str, HostGroup | None]] = [
             dict.fromkeys(self.group_names) for _ in range(self.shape.num_layers)
         ]
@@ -295,7 +405,7 @@ class LoraPool:
         groups: dict[str, list[HostGroup]] = {}
         for layer, g in self._host_groups(set(weights.modules)):
             if g not in groups:
-                groups[g] = self._group_views(flat, flat_scalings, g)
+                groups[g] = self._group_views(flat, flat_scalings, bases, g)
             host = groups[g][max(layer, 0)]
             if g == EMBED:
                 embed = host
@@ -304,7 +414,7 @@ class LoraPool:
             else:
                 layers[layer][g] = host
         nbytes = flat.nbytes + flat_scalings.nbytes + rank.nbytes
-        return HostAdapter(layers, embed, lm_head, rank, nbytes, pin, flat, flat_scalings)
+        return HostAdapter(layers, embed, lm_head, rank, nbytes, pin, flat, flat_scalings, lease)
 
     def _places_of(self, group: str) -> list[tuple[int, str]]:
         if group in (EMBED, LM_HEAD):
@@ -312,21 +422,26 @@ class LoraPool:
         return [(layer, group) for layer in range(self.shape.num_layers)]
 
     def _slice_views(
-        self, flat: Tensor, group: str, i: int, rank: int
+        self, flat: Tensor, base: int, group: str, i: int, rank: int
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """Where a module of rank `rank` goes as slice i of `group` in a host copy's `flat`,
-        one view per layer (one in all for embed / lm_head): A [rank, in] (embed: [vocab, rank],
-        A transposed) and B [out, rank]."""
+        """Where a module of rank `rank` goes as slice i of `group` in a host copy's `flat`
+        (`base` elements into its storage), one view per layer (one in all for embed /
+        lm_head): A [rank, in] (embed: [vocab, rank], A transposed) and B [out, rank]."""
         R = self.max_rank
         (a_rows, a_cols), _, offsets = self._layouts[group]
         starts = [self._offsets[p][0] for p in self._places_of(group)]
         b_at = a_rows * a_cols + offsets[i] * R
-        B = _strided_views(flat, starts, b_at, (offsets[i + 1] - offsets[i], rank), (R, 1))
+        B = _strided_views(
+            flat, base, starts, b_at, (offsets[i + 1] - offsets[i], rank), (R, 1)
+        )
         if group == EMBED:  # [vocab, rank]: the lookup gathers rows by token id
-            return _strided_views(flat, starts, 0, (a_rows, rank), (R, 1)), B
-        return _strided_views(flat, starts, i * R * a_cols, (rank, a_cols), (a_cols, 1)), B
+            return _strided_views(flat, base, starts, 0, (a_rows, rank), (R, 1)), B
+        A = _strided_views(flat, base, starts, i * R * a_cols, (rank, a_cols), (a_cols, 1))
+        return A, B
 
-    def _group_views(self, flat: Tensor, flat_scalings: Tensor, group: str) -> list[HostGroup]:
+    def _group_views(
+        self, flat: Tensor, flat_scalings: Tensor, bases: tuple[int, int], group: str
+    ) -> list[HostGroup]:
         """A group's views in a host copy (as `_carve` gives them), one per layer (one in all
         for embed / lm_head)."""
         a_shape, b_shape, offsets = self._layouts[group]
@@ -337,9 +452,11 @@ class LoraPool:
         return [
             HostGroup(*views)
             for views in zip(
-                _strided_views(flat, starts, 0, a_shape, (a_shape[1], 1)),
-                _strided_views(flat, starts, b_at, b_shape, (b_shape[1], 1)),
-                _strided_views(flat_scalings, scaling_starts, 0, (len(offsets) - 1,), (1,)),
+                _strided_views(flat, bases[0], starts, 0, a_shape, (a_shape[1], 1)),
+                _strided_views(flat, bases[0], starts, b_at, b_shape, (b_shape[1], 1)),
+                _strided_views(
+                    flat_scalings, bases[1], scaling_starts, 0, (len(offsets) - 1,), (1,)
+                ),
                 strict=True,
             )
         ]
