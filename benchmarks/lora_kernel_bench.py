@@ -46,7 +46,10 @@ QUICK_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads
                "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2}
 # workload name -> tokens of each adapter (adapter i in slot i, its tokens contiguous)
 WORKLOADS = {"decode_b1_a1": [1], "decode_b32_a8": [4] * 8, "decode_b32_a32": [1] * 32,
+             # a step of the 1000-adapter serving run at a 256-adapter cap
+             "decode_b240_a200": [2] * 40 + [1] * 160,
              "prefill_8x512_a8": [512] * 8}
+LOOP_MAX_ADAPTERS = 64  # the per-adapter loop launches kernels per adapter: skipped past this
 QUICK_WORKLOADS = {"decode_b1_a1": [1], "decode_b8_a4": [2] * 4, "prefill_2x32_a2": [32] * 2}
 CHUNK_SIZES = (16, 32, 64, 128)
 GATHER_LIMIT_BYTES = 8 << 30
@@ -136,6 +139,25 @@ def triton_impl(case: Case, backend: str, chunk_size: int) -> Callable[[], None]
                                  case.x.device)
     return lambda: apply_lora_triton(case.x, case.A, case.B, case.y, case.slice_offsets,
                                      case.scalings, info)
+
+
+def padded_impl(case: Case, rows_expand: bool) -> Callable[[], None]:
+    """The csgmv application as a decode CUDA graph runs it (the table padded to the token
+    count), with the row-block expand or the entry expand (ops.lora.ROWS_EXPAND_MAX_TOKENS
+    forced for the call, so a graph captures the chosen kernel)."""
+    import ops.lora
+
+    fn = tuned_impl(case, 16, case.x.shape[0])
+    limit = max(ops.lora.ROWS_EXPAND_MAX_TOKENS, case.x.shape[0]) if rows_expand else 0
+
+    def run() -> None:
+        saved, ops.lora.ROWS_EXPAND_MAX_TOKENS = ops.lora.ROWS_EXPAND_MAX_TOKENS, limit
+        try:
+            fn()
+        finally:
+            ops.lora.ROWS_EXPAND_MAX_TOKENS = saved
+
+    return run
 
 
 def gather_bmm_impl(case: Case) -> Callable[[], None]:
@@ -316,11 +338,16 @@ def implementations(case: Case, is_prefill: bool,
         impls["triton"] = triton_impl(case, "triton", 16)
         for chunk in CHUNK_SIZES if is_prefill else CHUNK_SIZES[:1]:
             impls[f"csgmv-{chunk}"] = triton_impl(case, "csgmv", chunk)
+        if not is_prefill:  # decode as its CUDA graph runs it, with each expand kernel
+            impls["pad-rows"] = padded_impl(case, rows_expand=True)
+            impls["pad-entries"] = padded_impl(case, rows_expand=False)
     gathered = gather_bytes(case)
     impls["gather-bmm"] = (gather_bmm_impl(case) if gathered <= GATHER_LIMIT_BYTES else
                            f"skipped: gathered A and B take {gathered / 2**30:.1f} GiB > "
                            f"{GATHER_LIMIT_BYTES / 2**30:g} GiB")
-    impls["loop"] = loop_impl(case)
+    num_adapters = len({s for s in case.token_slots if s >= 0})
+    impls["loop"] = (loop_impl(case) if num_adapters <= LOOP_MAX_ADAPTERS else
+                     f"skipped: {num_adapters} adapters > {LOOP_MAX_ADAPTERS}")
     return impls
 
 

@@ -33,6 +33,9 @@ BACKENDS = ("csgmv", "triton")
 # bucket, so one program an entry would launch mostly empty programs at large buckets.
 PADDED_ENTRY_PROGRAMS = 32
 DECODE_CHUNK = 16  # csgmv chunk rows of decode tables (CUDA graphs capture with it)
+# Steps of at most this many tokens expand over row blocks (triton_lora_expand_rows), larger
+# ones over the row table's entries; 0 turns the row-block expand off (benchmark comparisons).
+ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", "512"))
 
 
 @dataclass
@@ -298,6 +301,13 @@ def _entry_progs(info: LoraBatchInfo, num_entries: int) -> int:
     return max(1, min(info.entry_programs, num_entries))
 
 
+def uses_rows_expand(num_tokens: int) -> bool:
+    """Whether the expand of a step of `num_tokens` rows runs over row blocks: each program
+    covers 16 rows whatever their adapters, so many adapters of a row or two each cost no more
+    programs than one adapter (ops/triton_lora_expand.py)."""
+    return num_tokens <= ROWS_EXPAND_MAX_TOKENS
+
+
 @functools.lru_cache(maxsize=16)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -394,8 +404,15 @@ def lora_expand_triton(
     place; scalings: [num_slots, n]. pdl: programmatic dependent launch (None =
     LORASERVE_ENABLE_PDL on CUDA sm_90+). table: info's row table when the caller has it
     already; block_n: the output tile width instead of the heuristic's."""
-    from ops.triton_lora_expand import triton_lora_expand
+    from ops.triton_lora_expand import triton_lora_expand, triton_lora_expand_rows
 
+    if uses_rows_expand(y.shape[0]):
+        triton_lora_expand_rows(
+            t, B, y, tuple(slice_offsets), scalings, info.slot_ranks, info.seg_indptr,
+            info.seg_slots, info.num_segments, num_sms=_num_sms(y.device),
+            pdl=_use_pdl(y.device) if pdl is None else pdl, block_n=block_n, live=info.seg_live,
+        )
+        return
     table = table or lora_row_table(info)
     triton_lora_expand(
         t,

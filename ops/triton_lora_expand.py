@@ -310,3 +310,246 @@ def triton_lora_expand(
         num_stages=2,
         launch_pdl=pdl,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-block expand: for batches of few rows an adapter (decode over many adapters)
+#
+# The entry kernel above gives each (entry, output tile) pair a program, and each pair is a chain
+# of dependent loads (table, slot, rank, B, t, y) for a handful of rows. Over many adapters with
+# a row or two each, that is thousands of short programs (or, for a padded table, loops of them),
+# and their latency, not bytes, sets the time (H200: 27 us an application at batch 32 over 32
+# adapters against 3 us at batch 1, benchmarks/RESULTS.md). Here a program covers BLOCK_M
+# consecutive rows whatever their adapters: it finds each row's segment by counting the segments
+# that end at or before it, and
+# - when every live row of the block has one slot (long segments: prefill, few adapters), loads
+#   that slot's B tile once and multiplies it on the tensor cores;
+# - else gathers each row's own B tile (rows of one slot share it through L1) and reduces over
+#   the rank on the CUDA cores, R_CHUNK rank columns at a time.
+# Grid: (cdiv(T, BLOCK_M), output tiles of all slices together), fixed for a token count, so a
+# CUDA graph's grid holds whatever its batch's adapters are.
+
+ROWS_BLOCK_M = 16
+ROWS_BLOCK_E = 64  # segment ends compared per step of the segment search
+GATHER_ELEMENTS = 8192  # BLOCK_M * BLOCK_N * R_CHUNK of one gathered B load (64 fp32 registers
+# a thread at 4 warps)
+
+ROWS_PER_STEP_ARGS = ["num_tokens", "num_entries", "splits"]
+
+
+@triton.jit(do_not_specialize=ROWS_PER_STEP_ARGS)
+def _lora_expand_rows_kernel(
+    t_ptr,
+    b_ptr,
+    y_ptr,
+    scalings_ptr,
+    indptr_ptr,
+    slots_ptr,
+    ranks_ptr,
+    live_ptr,
+    num_tokens,
+    num_entries,
+    R,
+    splits,
+    off0,
+    off1,
+    off2,
+    off3,
+    off4,
+    tiles1,
+    tiles2,
+    tiles3,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    stride_ss,
+    stride_si,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+    GATHER_SPLIT_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    HAS_LIVE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slice_id = (pid_n >= tiles1).to(tl.int32) + (pid_n >= tiles2) + (pid_n >= tiles3)
+    tile_in_slice = pid_n - _pick(slice_id, 0, tiles1, tiles2, tiles3)
+    n_lo = _pick(slice_id, off0, off1, off2, off3)
+    n_hi = _pick(slice_id, off1, off2, off3, off4)
+    offs_n = n_lo + tile_in_slice * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_live = offs_n < n_hi
+    t_cols = t_ptr + slice_id * R * stride_tr
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_in = offs_m < num_tokens
+    if HAS_LIVE:  # a padded table: entries past the live count are never read
+        num_live = tl.load(live_ptr)
+    else:
+        num_live = num_entries
+    # each row's segment: how many live segments end at or before it (rows past them: none)
+    entry = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for e0 in range(0, num_entries, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        ends = tl.load(indptr_ptr + 1 + offs_e, mask=offs_e < num_entries, other=2147483647)
+        ends = tl.where(offs_e < num_live, ends, 2147483647)
+        entry += tl.sum((ends[None, :] <= offs_m[:, None]).to(tl.int32), axis=1)
+    slot = tl.load(slots_ptr + entry, mask=m_in & (entry < num_live), other=-1)
+    m_live = m_in & (slot >= 0)
+    if USE_PDL:
+        gdc_wait()  # t and y come from the kernels before this one
+    if tl.sum(m_live.to(tl.int32), axis=0) > 0:
+        slot_safe = tl.maximum(slot, 0)
+        rank = tl.where(m_live, tl.load(ranks_ptr + slot_safe, mask=m_live, other=0), 0)
+        scale = tl.load(
+            scalings_ptr + slot_safe * stride_ss + slice_id * stride_si, mask=m_live, other=0.0
+        )
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+        y_mask = m_live[:, None] & n_live[None, :]
+        y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+        first = tl.min(tl.where(m_live, slot, 2147483647), axis=0)
+        last = tl.max(slot, axis=0)
+        if first == last:  # one adapter in the whole block: its B tile once, on the tensor cores
+            offs_r = tl.arange(0, BLOCK_R)
+            t_tile = _load_t(
+                t_cols, offs_m, m_live, offs_r, offs_r < R, splits, stride_ts, stride_tm,
+                stride_tr, BLOCK_M, BLOCK_R, SPLIT_BLOCK,
+            )
+            t_tile = tl.where(offs_r[None, :] < rank[:, None], t_tile, 0.0)
+            b_tile = tl.load(
+                b_ptr + first.to(tl.int64) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
+                + offs_r[:, None] * stride_br,
+                mask=(offs_r < R)[:, None] & n_live[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc = tl.dot(t_tile, b_tile, input_precision=DOT_PRECISION)
+        else:  # each row its own B tile
+            b_rows = b_ptr + slot_safe[:, None, None].to(tl.int64) * stride_bs
+            b_rows += offs_n[None, :, None].to(tl.int64) * stride_bn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                offs_r = r0 + tl.arange(0, R_CHUNK)
+                t_tile = _load_t(
+                    t_cols, offs_m, m_live, offs_r, offs_r < R, splits, stride_ts, stride_tm,
+                    stride_tr, BLOCK_M, R_CHUNK, GATHER_SPLIT_BLOCK,
+                )
+                t_tile = tl.where(offs_r[None, :] < rank[:, None], t_tile, 0.0)
+                b = tl.load(
+                    b_rows + offs_r[None, None, :] * stride_br,
+                    mask=y_mask[:, :, None] & (offs_r < R)[None, None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc += tl.sum(b * t_tile[:, None, :], axis=2)
+        tl.store(
+            y_ptrs, (y_old + scale[:, None] * acc).to(y_ptr.dtype.element_ty), mask=y_mask
+        )
+
+
+def _rows_block_n(row_blocks: int, widths: list[int], num_sms: int) -> int:
+    """Widest output tile that still gives two waves of programs (32 at the least)."""
+    for block_n in (128, 64):
+        if row_blocks * sum(cdiv(w, block_n) for w in widths) >= 2 * num_sms:
+            return block_n
+    return 32
+
+
+def triton_lora_expand_rows(
+    t: torch.Tensor,
+    B: torch.Tensor,
+    y: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    num_segments: int,
+    num_sms: int = 132,
+    pdl: bool = False,
+    block_n: int | None = None,
+    live: torch.Tensor | None = None,
+) -> None:
+    """triton_lora_expand over row blocks instead of table entries (see above); same arguments,
+    with the segment table (seg_indptr [S+1], seg_slots [S] int32, -1 = base rows) in place of
+    the row table. live: [1] int32 on y's device, how many leading segments are real (a padded
+    table), or None (all of them)."""
+    num_slices = len(slice_offsets) - 1
+    assert t.dim() in (2, 3), "t must be [T, n * R] or [splits, T, n * R]"
+    partials = t if t.dim() == 3 else t.unsqueeze(0)
+    num_splits, num_tokens, t_cols = partials.shape
+    assert 1 <= num_slices <= MAX_SLICES, f"{num_slices} slices, at most {MAX_SLICES}"
+    assert B.dim() == 3 and y.dim() == 2, "B must be [num_slots, N_total, R], y [T, N_total]"
+    rank_pad = B.shape[2]
+    assert t_cols == num_slices * rank_pad, f"t has {t_cols} columns, want {num_slices}*{rank_pad}"
+    assert slice_offsets[0] == 0 and slice_offsets[-1] == B.shape[1] == y.shape[1]
+    assert all(a < b for a, b in itertools.pairwise(slice_offsets)), "empty slice"
+    assert y.shape[0] == num_tokens and num_splits >= 1
+    assert scalings.shape == (B.shape[0], num_slices), f"scalings {tuple(scalings.shape)}"
+    assert slot_ranks.shape == (B.shape[0],)
+    assert seg_indptr.shape == (num_segments + 1,) and seg_slots.shape == (num_segments,)
+    assert t.device == B.device == y.device == scalings.device == seg_indptr.device
+    assert seg_slots.device == slot_ranks.device == y.device
+    assert not pdl or y.is_cuda, "programmatic dependent launch needs CUDA"
+    assert live is None or (live.shape == (1,) and live.device == y.device)
+    if num_tokens == 0 or num_segments == 0:
+        return
+    widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
+    row_blocks = cdiv(num_tokens, ROWS_BLOCK_M)
+    block_n = block_n or _rows_block_n(row_blocks, widths, num_sms)
+    tile_counts = [cdiv(w, block_n) for w in widths]
+    tile_cum = [sum(tile_counts[: i + 1]) for i in range(num_slices)]
+    big = 1 << 30
+    tiles = tile_cum[:-1] + [big] * (MAX_SLICES - num_slices)
+    offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
+    block_r = max(16, next_pow2(rank_pad))
+    r_chunk = max(1, min(block_r, GATHER_ELEMENTS // (ROWS_BLOCK_M * block_n)))
+    low_precision = t.dtype != torch.float32 or B.dtype != torch.float32
+    _lora_expand_rows_kernel[(row_blocks, tile_cum[-1])](
+        partials,
+        B,
+        y,
+        scalings,
+        seg_indptr,
+        seg_slots,
+        slot_ranks,
+        seg_indptr if live is None else live,
+        num_tokens,
+        num_segments,
+        rank_pad,
+        num_splits,
+        *offs,
+        *tiles[:3],
+        partials.stride(0) if num_splits > 1 else 0,  # one split: never multiplied, one key
+        partials.stride(1),
+        partials.stride(2),
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        y.stride(0),
+        y.stride(1),
+        scalings.stride(0),
+        scalings.stride(1),
+        BLOCK_M=ROWS_BLOCK_M,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        R_CHUNK=r_chunk,
+        BLOCK_E=ROWS_BLOCK_E,
+        SPLIT_BLOCK=min(next_pow2(num_splits), max(1, MAX_SUM_ELEMENTS // (ROWS_BLOCK_M * block_r))),
+        GATHER_SPLIT_BLOCK=min(
+            next_pow2(num_splits), max(1, MAX_SUM_ELEMENTS // (ROWS_BLOCK_M * r_chunk))
+        ),
+        DOT_PRECISION="tf32" if low_precision else "ieee",
+        USE_PDL=pdl,
+        HAS_LIVE=live is not None,
+        num_warps=4,
+        num_stages=2,
+        launch_pdl=pdl,
+    )

@@ -41,6 +41,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 BACKENDS = [("csgmv", 16), ("csgmv", 32), ("triton", 16)]
 
 
+@pytest.fixture(params=["rows", "entries"])
+def expand_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both expand kernels: over row blocks (steps of up to ROWS_EXPAND_MAX_TOKENS tokens) and
+    over the row table's entries (larger steps)."""
+    import ops.lora
+
+    monkeypatch.setattr(ops.lora, "ROWS_EXPAND_MAX_TOKENS", 512 if request.param == "rows" else 0)
+    return request.param
+
+
 @dataclass
 class LoraGroup:
     """Pool buffers of one fused module group, rows beyond each slot's rank zeroed."""
@@ -219,6 +229,7 @@ def run_case(
 @pytest.mark.parametrize(("backend", "chunk_size"), BACKENDS, ids=["csgmv16", "csgmv32", "triton"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernels_match_reference(
+    expand_kernel: str,
     name: str, backend: str, chunk_size: int, dtype: torch.dtype
 ) -> None:
     run_case(name, dtype, backend, chunk_size, split_k=None)
@@ -255,7 +266,7 @@ def test_split_k_partials_all_written() -> None:
 
 @pytest.mark.parametrize("num_splits", [1, 3, 8, 11])
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
-def test_expand_sums_partials(backend: str, num_splits: int) -> None:
+def test_expand_sums_partials(expand_kernel: str, backend: str, num_splits: int) -> None:
     """The expand sums split-K partials as it loads them (up to 11, more than one load takes),
     reading neither base rows nor columns at or beyond a slot's rank (poisoned with NaN)."""
     ranks, rank_pad, widths = [64, 5, 1], 64, [24, 8, 8]
@@ -278,7 +289,50 @@ def test_expand_sums_partials(backend: str, num_splits: int) -> None:
     assert not y.isnan().any() and torch.equal(y[is_base], y_ref[is_base])
 
 
-def test_apply_lora_rank_sweep() -> None:
+@pytest.mark.parametrize("pad_to", [None, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rows_expand_many_adapters(pad_to: int | None, dtype: torch.dtype) -> None:
+    """The row-block expand over 40 adapters of one or two rows each between base rows: more
+    segments than one search step compares (64), row blocks that straddle segments, a pool
+    rank of 8 (under the 16 the tensor-core path multiplies), split partials whose columns
+    beyond each slot's rank are NaN, and a padded table whose entries past the live count are
+    poisoned."""
+    import ops.lora
+    from ops.triton_lora_expand import ROWS_BLOCK_E, triton_lora_expand_rows
+
+    assert ops.lora.uses_rows_expand(96)
+    ranks = [1 + slot % 8 for slot in range(40)]
+    group = make_group(ranks, 8, 8, [24, 8, 8], dtype)
+    layout = [(-1, 1)]
+    for slot in range(40):
+        layout += [(slot, 1 + slot % 2), (-1, 1)] if slot % 3 else [(slot, 2)]
+    slots = token_slots(layout)
+    info = build_lora_batch_info(slots, group.slot_ranks, "triton", 16, "cpu", pad_to=pad_to)
+    assert int(info.counts[0]) > ROWS_BLOCK_E
+    num_tokens, n = len(slots), group.num_slices
+    partials = torch.randn(3, num_tokens, n * 8)
+    view = partials.view(3, num_tokens, n, 8)
+    for i, slot in enumerate(slots):
+        view[:, i, :, ranks[slot] if slot >= 0 else 0 :] = float("nan")
+    clean = torch.where(partials.isnan(), 0.0, partials).sum(0)
+    y = torch.randn(num_tokens, 40).to(dtype)
+    y_ref = y.float()
+    lora_expand_torch(clean, group.B.float(), y_ref, group.slice_offsets, group.scalings, info)
+    if pad_to is not None:  # entries past the live count: a visit would hit slot 0 everywhere
+        live = int(info.seg_live.item())
+        info.seg_indptr[live + 1] = 0
+        info.seg_slots[live:] = 0
+    triton_lora_expand_rows(
+        partials, group.B, y, group.slice_offsets, group.scalings, group.slot_ranks,
+        info.seg_indptr, info.seg_slots, info.num_segments, live=info.seg_live,
+    )
+    torch.testing.assert_close(y.float(), y_ref, **tolerances(dtype))
+    is_base = base_rows(slots)
+    assert not y.isnan().any()
+    assert torch.equal(y[is_base].float(), y_ref[is_base])
+
+
+def test_apply_lora_rank_sweep(expand_kernel: str) -> None:
     """Ranks 1..64 in one batch over a 4-way split-K (partials summed by the expand), fp16."""
     ranks = [1, 2, 3, 7, 16, 31, 33, 64]
     group = make_group(ranks, 64, 512, [16, 8], torch.float16)
@@ -318,7 +372,9 @@ def test_split_k_heuristic_at_decode_shapes() -> None:
 
 @pytest.mark.parametrize("entry_programs", [None, 1, 2, 3])
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
-def test_padded_info_matches(backend: str, entry_programs: int | None) -> None:
+def test_padded_info_matches(
+    expand_kernel: str, backend: str, entry_programs: int | None
+) -> None:
     """Empty base entries appended for CUDA graphs change nothing, whether one program group
     takes each entry or fewer groups loop over the real ones (the count read from the device);
     entries past that count are never visited (poisoned here: a visit would corrupt y)."""
@@ -391,7 +447,9 @@ def gpu_layout(num_tokens: int, num_adapters: int) -> list[int]:
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_real_shapes(backend: str, group_name: str, rank_pad: int, num_tokens: int) -> None:
+def test_gpu_real_shapes(
+    expand_kernel: str, backend: str, group_name: str, rank_pad: int, num_tokens: int
+) -> None:
     in_dim, widths = GPU_GROUPS[group_name]
     ranks = [rank_pad, rank_pad // 2, 8, 1, rank_pad, 4, rank_pad, 2]
     group = make_group(ranks, rank_pad, in_dim, widths, torch.bfloat16, device="cuda")
@@ -455,7 +513,7 @@ def chained_layer(
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_graph_replay_decode(backend: str, batch: int, pdl: bool) -> None:
+def test_gpu_graph_replay_decode(expand_kernel: str, backend: str, batch: int, pdl: bool) -> None:
     """Decode as the runner captures it: metadata in static buffers padded to `batch` entries,
     one graph of a Llama-3.1-8B layer's four applications, replayed over 1, 8 and 32 distinct
     rank-16 adapters (and base rows); each replay equals the eager run bit for bit."""
