@@ -418,37 +418,38 @@ def _lora_expand_rows_kernel(
         y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
         first = tl.min(tl.where(m_live, slot, 2147483647), axis=0)
         last = tl.max(slot, axis=0)
+        # (the branches name their tiles apart: the compiler unifies a name's type across them)
         if first == last:  # one adapter in the whole block: its B tile once, on the tensor cores
-            offs_r = tl.arange(0, BLOCK_R)
-            t_tile = _load_t(
-                t_cols, offs_m, m_live, offs_r, offs_r < R, splits, stride_ts, stride_tm,
+            offs_rd = tl.arange(0, BLOCK_R)
+            t_dot = _load_t(
+                t_cols, offs_m, m_live, offs_rd, offs_rd < R, splits, stride_ts, stride_tm,
                 stride_tr, BLOCK_M, BLOCK_R, SPLIT_BLOCK,
             )
-            t_tile = tl.where(offs_r[None, :] < rank[:, None], t_tile, 0.0)
-            b_tile = tl.load(
+            t_dot = tl.where(offs_rd[None, :] < rank[:, None], t_dot, 0.0)
+            b_dot = tl.load(
                 b_ptr + first.to(tl.int64) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
-                + offs_r[:, None] * stride_br,
-                mask=(offs_r < R)[:, None] & n_live[None, :],
+                + offs_rd[:, None] * stride_br,
+                mask=(offs_rd < R)[:, None] & n_live[None, :],
                 other=0.0,
             ).to(tl.float32)
-            acc = tl.dot(t_tile, b_tile, input_precision=DOT_PRECISION)
+            acc = tl.dot(t_dot, b_dot, input_precision=DOT_PRECISION)
         else:  # each row its own B tile
             b_rows = b_ptr + slot_safe[:, None, None].to(tl.int64) * stride_bs
             b_rows += offs_n[None, :, None].to(tl.int64) * stride_bn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
-                offs_r = r0 + tl.arange(0, R_CHUNK)
-                t_tile = _load_t(
-                    t_cols, offs_m, m_live, offs_r, offs_r < R, splits, stride_ts, stride_tm,
+                offs_rg = r0 + tl.arange(0, R_CHUNK)
+                t_g = _load_t(
+                    t_cols, offs_m, m_live, offs_rg, offs_rg < R, splits, stride_ts, stride_tm,
                     stride_tr, BLOCK_M, R_CHUNK, GATHER_SPLIT_BLOCK,
                 )
-                t_tile = tl.where(offs_r[None, :] < rank[:, None], t_tile, 0.0)
-                b = tl.load(
-                    b_rows + offs_r[None, None, :] * stride_br,
-                    mask=y_mask[:, :, None] & (offs_r < R)[None, None, :],
+                t_g = tl.where(offs_rg[None, :] < rank[:, None], t_g, 0.0)
+                b_g = tl.load(
+                    b_rows + offs_rg[None, None, :] * stride_br,
+                    mask=y_mask[:, :, None] & (offs_rg < R)[None, None, :],
                     other=0.0,
                 ).to(tl.float32)
-                acc += tl.sum(b * t_tile[:, None, :], axis=2)
+                acc += tl.sum(b_g * t_g[:, None, :], axis=2)
         tl.store(
             y_ptrs, (y_old + scale[:, None] * acc).to(y_ptr.dtype.element_ty), mask=y_mask
         )

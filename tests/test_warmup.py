@@ -91,9 +91,12 @@ def test_serving_after_warm_up_meets_only_warmed_kernel_variants(tmp_path, monke
     none of them would compile while serving. The keys are the CUDA backend's, computed from
     each launch's arguments (tests/kernel_keys.py)."""
     import ops.dispatch
+    import ops.lora
     from tests.kernel_keys import KeyLog, describe
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
+    # steps of up to 64 tokens expand over row blocks, longer ones over table entries: both
+    monkeypatch.setattr(ops.lora, "ROWS_EXPAND_MAX_TOKENS", 64)
     model = make_model(tmp_path / "m", "llama")
     specs = tuple(
         LoraPathSpec(f"a{i}", str(make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i,
@@ -120,7 +123,8 @@ def test_serving_after_warm_up_meets_only_warmed_kernel_variants(tmp_path, monke
     with KeyLog() as served:
         run(go())
     counts = served.counts()
-    assert all(counts.get(k) for k in ("_lora_expand_kernel", "_lora_embed_shrink_kernel",
+    assert all(counts.get(k) for k in ("_lora_expand_kernel", "_lora_expand_rows_kernel",
+                                       "_lora_embed_shrink_kernel",
                                        "_merge_splits_kernel", "_decode_attention_kernel")), counts
     missing = served.keys() - warm.keys()
     assert not missing, describe(missing, warm.keys())
