@@ -301,11 +301,16 @@ def _entry_progs(info: LoraBatchInfo, num_entries: int) -> int:
     return max(1, min(info.entry_programs, num_entries))
 
 
-def uses_rows_expand(num_tokens: int) -> bool:
-    """Whether the expand of a step of `num_tokens` rows runs over row blocks: each program
-    covers 16 rows whatever their adapters, so many adapters of a row or two each cost no more
-    programs than one adapter (ops/triton_lora_expand.py)."""
-    return num_tokens <= ROWS_EXPAND_MAX_TOKENS
+def uses_rows_expand(num_tokens: int, chunk_size: int) -> bool:
+    """Whether the expand runs over row blocks (each program covers 16 rows whatever their
+    adapters, so many adapters of a row or two each cost no more programs than one; see
+    ops/triton_lora_expand.py): for steps of up to ROWS_EXPAND_MAX_TOKENS tokens, and for every
+    decode and logits table (chunks of DECODE_CHUNK rows) whatever its size, so that the entry
+    expand serves only prefill tables of more tokens, whose variants the warm-up's prefill
+    shapes meet. ROWS_EXPAND_MAX_TOKENS = 0 turns the row-block expand off."""
+    if ROWS_EXPAND_MAX_TOKENS <= 0:
+        return False
+    return num_tokens <= ROWS_EXPAND_MAX_TOKENS or chunk_size == DECODE_CHUNK
 
 
 @functools.lru_cache(maxsize=16)
@@ -406,7 +411,7 @@ def lora_expand_triton(
     already; block_n: the output tile width instead of the heuristic's."""
     from ops.triton_lora_expand import triton_lora_expand, triton_lora_expand_rows
 
-    if uses_rows_expand(y.shape[0]):
+    if uses_rows_expand(y.shape[0], info.chunk_size):
         triton_lora_expand_rows(
             t, B, y, tuple(slice_offsets), scalings, info.slot_ranks, info.seg_indptr,
             info.seg_slots, info.num_segments, num_sms=_num_sms(y.device),

@@ -36,8 +36,8 @@
 #   scripts/device_session.sh manycap (one GPU) many_adapters with max_loras_per_batch 256
 #   scripts/device_session.sh rowsx  (one GPU) the row-block LoRA expand: GPU tests of the LoRA
 #                                    ops, the LoRA kernel benchmark (both expands)
-#   scripts/device_session.sh rowsy  (one GPU) warm-up and engine GPU tests, the step targets,
-#                                    the saturated many-adapter runs at a 256 cap and at 32
+#   scripts/device_session.sh rowsy  (one GPU) warm-up, engine and LoRA graph-replay GPU tests,
+#                                    the step targets, the saturated 256-cap many-adapter run
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -298,19 +298,18 @@ case "${1:-}" in
     sed -n '/LoRA ms per step/,$p' "$OUT/lora_kernels.log"
     rm -f "$OUT"/*.xml
     ;;
-  rowsy)  # one GPU: with the row-block expand: the warm-up and engine GPU tests, the step
-          # targets, the saturated many-adapter runs (cap 256 with a late kernel window, cap 32)
+  rowsy)  # one GPU: with the row-block expand: the warm-up and engine GPU tests, the LoRA
+          # graph-replay tests, the step targets, the saturated 256-cap many-adapter run with
+          # a late kernel window
     gpu_tests engine_gpu 130 tests/test_warmup.py tests/test_engine_gpu.py tests/test_pipeline_gpu.py
+    gpu_tests lora_graph_gpu 90 tests/test_lora_ops.py -k "rows and graph_replay"
     timeout 170 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill)" "$OUT/step_lora.log"
-    timeout 160 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 8 3 \
+    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 8 3 \
       --max-loras-per-batch 256 --max-loaded-loras 512 --out "$OUT/many_cap.json" \
       > "$OUT/many_cap.log" 2>&1
     echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
-    timeout 110 python3 -m benchmarks.many_adapters --saturated-only --out "$OUT/many.json" \
-      > "$OUT/many.log" 2>&1
-    echo "== many_adapters cap 32: rc $?"; grep -E "saturated" "$OUT/many.log"
     rm -f "$OUT"/*.xml
     ;;
   warm)  # one GPU: the warm-up's GPU test (serving after it compiles nothing), the engine

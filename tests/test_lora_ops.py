@@ -300,7 +300,7 @@ def test_rows_expand_many_adapters(pad_to: int | None, dtype: torch.dtype) -> No
     import ops.lora
     from ops.triton_lora_expand import ROWS_BLOCK_E, triton_lora_expand_rows
 
-    assert ops.lora.uses_rows_expand(96)
+    assert ops.lora.uses_rows_expand(96, 32) and ops.lora.uses_rows_expand(4096, 16)
     ranks = [1 + slot % 8 for slot in range(40)]
     group = make_group(ranks, 8, 8, [24, 8, 8], dtype)
     layout = [(-1, 1)]

@@ -95,7 +95,8 @@ def test_serving_after_warm_up_meets_only_warmed_kernel_variants(tmp_path, monke
     from tests.kernel_keys import KeyLog, describe
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
-    # steps of up to 64 tokens expand over row blocks, longer ones over table entries: both
+    # steps of up to 64 tokens (and decode and logits tables) expand over row blocks, longer
+    # prefill steps over table entries: both
     monkeypatch.setattr(ops.lora, "ROWS_EXPAND_MAX_TOKENS", 64)
     model = make_model(tmp_path / "m", "llama")
     specs = tuple(
