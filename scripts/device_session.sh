@@ -301,12 +301,13 @@ case "${1:-}" in
   rowsy)  # one GPU: with the row-block expand: the warm-up and engine GPU tests, the LoRA
           # graph-replay tests, the step targets, the saturated 256-cap many-adapter run with
           # a late kernel window
-    gpu_tests engine_gpu 130 tests/test_warmup.py tests/test_engine_gpu.py tests/test_pipeline_gpu.py
-    gpu_tests lora_graph_gpu 90 tests/test_lora_ops.py -k "rows and graph_replay"
-    timeout 170 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+    gpu_tests warmup_gpu 110 tests/test_warmup.py
+    gpu_tests engine_gpu 90 tests/test_engine_gpu.py tests/test_pipeline_gpu.py
+    gpu_tests lora_graph_gpu 60 tests/test_lora_ops.py -k "rows and graph_replay"
+    timeout 160 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill)" "$OUT/step_lora.log"
-    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 8 3 \
+    timeout 140 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 8 3 \
       --max-loras-per-batch 256 --max-loaded-loras 512 --out "$OUT/many_cap.json" \
       > "$OUT/many_cap.log" 2>&1
     echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
