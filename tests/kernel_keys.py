@@ -82,3 +82,69 @@ def describe(missing: set[tuple[str, tuple]], seen: set[tuple[str, tuple]]) -> s
         diff = [(i, near[i], key[i]) for i in range(len(key)) if near[i] != key[i]]
         lines.append(f"{name}: position (seen -> now) {diff}")
     return "\n".join(lines)
+
+
+_COMPILE = r"""
+import importlib, json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+modules, keys = json.loads(sys.stdin.read())
+kernels = {}
+for name in modules:
+    for obj in vars(importlib.import_module(name)).values():
+        if isinstance(obj, triton.runtime.jit.JITFunction):
+            kernels[obj.fn.__name__] = obj
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = []
+for kernel, spec in keys:
+    fn = kernels[kernel]
+    params, options = spec[: len(fn.arg_names)], dict(spec[len(fn.arg_names) :])
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, (ty, sp)) in enumerate(zip(fn.arg_names, params)):
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = sp
+        elif sp:
+            attrs[(i,)] = backend.parse_attr(sp)
+    opts = {k: v for k, v in options.items() if v is not None}
+    try:
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts)
+    except Exception as e:  # reported, not raised: the test names every failing variant
+        out.append({"kernel": kernel, "error": f"{type(e).__name__}: {e}"[-2000:]})
+        continue
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    line = next(l for l in usage.splitlines() if "REG:" in l)
+    fields = dict(p.split(":", 1) for p in line.split() if ":" in p)
+    out.append({"kernel": kernel, "registers": int(fields["REG"]), "local": int(fields["LOCAL"])})
+print(json.dumps(out))
+"""
+
+
+def compile_for_sm90(keys: set[tuple[str, tuple]], modules: tuple[str, ...] = OPS_MODULES,
+                     timeout: float = 1800) -> list[dict]:
+    """Compile each (kernel, key) for CUDA sm_90 on this machine, as Triton would on an H200
+    (its front end, the LLVM passes and ptxas run without a GPU), in a fresh process without
+    TRITON_INTERPRET. One dict a key, in sorted key order: {"kernel", "registers", "local"
+    (bytes of spilled local memory a thread)} or {"kernel", "error"}."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    payload = json.dumps([list(modules), sorted(([k, list(s)] for k, s in keys), key=str)])
+    done = subprocess.run([sys.executable, "-c", _COMPILE], input=payload, cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the sm_90 compile process failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -89,10 +89,11 @@ def test_serving_after_warm_up_meets_only_warmed_kernel_variants(tmp_path, monke
     and the lm_head; prompt logprobs; decode batches of any size; sequences long enough to split
     decode attention) has a specialization key that a launch during the warm-up had: on CUDA,
     none of them would compile while serving. The keys are the CUDA backend's, computed from
-    each launch's arguments (tests/kernel_keys.py)."""
+    each launch's arguments (tests/kernel_keys.py). Each warm-up variant then compiles for
+    sm_90 on this machine, spilling nothing."""
     import ops.dispatch
     import ops.lora
-    from tests.kernel_keys import KeyLog, describe
+    from tests.kernel_keys import KeyLog, compile_for_sm90, describe
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
     # steps of up to 64 tokens (and decode and logits tables) expand over row blocks, longer
@@ -129,6 +130,12 @@ def test_serving_after_warm_up_meets_only_warmed_kernel_variants(tmp_path, monke
                                        "_merge_splits_kernel", "_decode_attention_kernel")), counts
     missing = served.keys() - warm.keys()
     assert not missing, describe(missing, warm.keys())
+    # every variant compiles for the H200 (the interpreter accepts code the CUDA front end
+    # rejects) and spills no registers to local memory
+    compiled = compile_for_sm90(warm.keys())
+    assert len(compiled) == len(warm.keys())
+    failed = [c for c in compiled if "error" in c or c["local"] > 0]
+    assert not failed, failed
 
 
 @pytest.mark.gpu
