@@ -24,9 +24,11 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
 
 
 class KeyLog:
-    """Keys of every launch of the kernels in `modules` while active: (kernel, key) pairs."""
+    """Keys of every launch of the kernels in `modules` while active: (kernel, key) pairs.
+    With execute=False the launches only record their keys and run nothing, so kernels can be
+    "launched" at full model shapes on the CPU (their outputs are left as they were)."""
 
-    def __init__(self, modules: tuple[str, ...] = OPS_MODULES) -> None:
+    def __init__(self, modules: tuple[str, ...] = OPS_MODULES, execute: bool = True) -> None:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
         from triton.runtime.interpreter import InterpretedFunction
@@ -44,10 +46,11 @@ class KeyLog:
                     self._binders[id(obj)] = (obj.fn.__name__, binder)
         assert self._binders, "no interpreted kernels: is TRITON_INTERPRET=1 set?"
         self.launches: list[tuple[str, tuple]] = []
+        self.execute = execute
 
     def __enter__(self) -> Self:
         run = self._orig = self._cls.run
-        binders, launches = self._binders, self.launches
+        binders, launches, execute = self._binders, self.launches, self.execute
 
         def recording_run(fn: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
             if id(fn) in binders:
@@ -55,6 +58,8 @@ class KeyLog:
                 _, spec, _ = binder(*args, **kwargs)
                 options = tuple((k, kwargs.get(k)) for k in _LAUNCH_OPTIONS)
                 launches.append((name, (*map(tuple, spec), *options)))
+                if not execute:
+                    return None
             return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
 
         self._cls.run = recording_run

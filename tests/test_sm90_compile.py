@@ -46,7 +46,19 @@ def _nvidia_backend() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its CUDA backend")
+def _compile(case: list) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(case)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+needs_backend = pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its CUDA backend")
+
+
+@needs_backend
 @pytest.mark.parametrize(
     ("block_n", "block_r", "r_chunk", "pdl"),
     [(32, 16, 16, False), (128, 64, 4, True)],  # decode at rank 16; a wide tile, rank 64, PDL
@@ -54,9 +66,68 @@ def _nvidia_backend() -> bool:
 def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int, pdl: bool):
     case = ["ops.triton_lora_expand", "_lora_expand_rows_kernel", ROWS_PTRS,
             _rows(block_n, block_r, r_chunk, pdl)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(case)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["cubin"] > 0
+    assert _compile(case)["cubin"] > 0
+
+
+LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
+                   "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
+# (tokens, rows of each adapter, table padded to, chunk rows): decode graphs over 1 to 200
+# adapters, a prefill graph, an eager prefill past the row-block expand's 512 tokens
+STEPS_8B = [
+    (1, [1], 1, 16), (32, [4] * 8, 32, 16), (32, [1] * 32, 32, 16), (256, [1] * 200, 256, 16),
+    (512, [64] * 8, 512, 32), (4096, [512] * 8, None, 32),
+]
+
+
+@needs_backend
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="records launch keys through the interpreter")
+@pytest.mark.parametrize("rank", [16, 64])
+def test_llama_8b_lora_variants_compile_for_sm90(rank: int) -> None:
+    """Every variant the LoRA, norm and SiLU*up kernels take at Llama-3.1-8B shapes in bf16
+    (decode graphs over 1 to 200 adapters, prefill steps of 512 and 4096 tokens, the embedding
+    and lm_head LoRA) compiles for sm_90 and spills nothing. The launches only record their
+    keys (KeyLog(execute=False)): the shapes are too large to interpret."""
+    import torch
+
+    from ops.lora import apply_lora_triton, build_lora_batch_info, lora_embed_shrink_triton
+    from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
+    from ops.triton_silu_mul import silu_mul_triton
+    from tests.kernel_keys import KeyLog, compile_for_sm90
+
+    bf16, slots_n = torch.bfloat16, 256
+    ranks = torch.full((slots_n,), rank, dtype=torch.int32)
+    bufs = {}
+    for name, (in_dim, widths) in {**LLAMA_8B_GROUPS, "lm_head": (4096, [128256])}.items():
+        n = len(widths)
+        bufs[name] = (torch.empty(slots_n, n * rank, in_dim, dtype=bf16),
+                      torch.empty(slots_n, sum(widths), rank, dtype=bf16),
+                      torch.ones(slots_n, n), tuple(sum(widths[:i]) for i in range(n + 1)))
+    a_emb = torch.empty(slots_n, 128256, rank, dtype=bf16)
+    with KeyLog(execute=False) as log:
+        for tokens, lengths, pad_to, chunk in STEPS_8B:
+            token_slots = [s for s, n in enumerate(lengths) for _ in range(n)]
+            info = build_lora_batch_info(token_slots, ranks, "csgmv", chunk, "cpu", pad_to=pad_to)
+            x = torch.empty(tokens, 4096, dtype=bf16)
+            add_rmsnorm_triton(x, torch.empty_like(x), torch.empty(4096, dtype=bf16), 1e-5)
+            rmsnorm_triton(x, torch.empty(4096, dtype=bf16), 1e-5)
+            silu_mul_triton(torch.empty(tokens, 2 * 14336, dtype=bf16))
+            lora_embed_shrink_triton(torch.zeros(tokens, dtype=torch.int32), a_emb, info)
+            for name, (in_dim, widths) in LLAMA_8B_GROUPS.items():
+                A, B, scalings, offsets = bufs[name]
+                apply_lora_triton(torch.empty(tokens, in_dim, dtype=bf16), A, B,
+                                  torch.empty(tokens, sum(widths), dtype=bf16), offsets,
+                                  scalings, info)
+            rows = min(tokens, 64)  # the lm_head's rows: one a sequence, as decode tables
+            logits_info = build_lora_batch_info(token_slots[:rows], ranks, "csgmv", 16, "cpu")
+            A, B, scalings, offsets = bufs["lm_head"]
+            apply_lora_triton(torch.empty(rows, 4096, dtype=bf16), A, B,
+                              torch.empty(rows, 128256, dtype=bf16), offsets, scalings,
+                              logits_info)
+    keys = log.keys()
+    assert {name for name, _ in keys} >= {"_lora_shrink_kernel", "_lora_expand_kernel",
+                                         "_lora_expand_rows_kernel", "_lora_embed_shrink_kernel",
+                                         "_rmsnorm_kernel", "_silu_mul_kernel"}
+    compiled = compile_for_sm90(keys)
+    failed = [c for c in compiled if "error" in c or c["local"] > 0]
+    assert not failed, failed
