@@ -212,6 +212,48 @@ def _expand_block_n(
     return 16 if max(widths) <= 16 else 32
 
 
+def _checked_partials(
+    t: torch.Tensor,
+    B: torch.Tensor,
+    y: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    pdl: bool,
+    live: torch.Tensor | None,
+) -> torch.Tensor:
+    """Both expand wrappers' checks of their shared arguments; t as partials [splits, T, n*R]."""
+    num_slices = len(slice_offsets) - 1
+    assert t.dim() in (2, 3), "t must be [T, n * R] or [splits, T, n * R]"
+    partials = t if t.dim() == 3 else t.unsqueeze(0)
+    num_splits, num_tokens, t_cols = partials.shape
+    assert 1 <= num_slices <= MAX_SLICES, f"{num_slices} slices, at most {MAX_SLICES}"
+    assert B.dim() == 3 and y.dim() == 2, "B must be [num_slots, N_total, R], y [T, N_total]"
+    rank_pad = B.shape[2]
+    assert t_cols == num_slices * rank_pad, f"t has {t_cols} columns, want {num_slices}*{rank_pad}"
+    assert slice_offsets[0] == 0 and slice_offsets[-1] == B.shape[1] == y.shape[1]
+    assert all(a < b for a, b in itertools.pairwise(slice_offsets)), "empty slice"
+    assert y.shape[0] == num_tokens and num_splits >= 1
+    assert scalings.shape == (B.shape[0], num_slices), f"scalings {tuple(scalings.shape)}"
+    assert slot_ranks.shape == (B.shape[0],)
+    assert t.device == B.device == y.device == scalings.device == slot_ranks.device
+    assert not pdl or y.is_cuda, "programmatic dependent launch needs CUDA"
+    assert live is None or (live.shape == (1,) and live.device == y.device)
+    return partials
+
+
+def _slice_tiles(slice_offsets: tuple[int, ...], block_n: int) -> tuple[list[int], list[int], int]:
+    """The kernels' slice arguments for tiles of block_n columns, each slice tiled on its own:
+    (off0..off4, tiles1..tiles3 (cumulative tile counts; unused slices never reached), tiles in
+    all)."""
+    num_slices = len(slice_offsets) - 1
+    counts = [cdiv(b - a, block_n) for a, b in itertools.pairwise(slice_offsets)]
+    cum = [sum(counts[: i + 1]) for i in range(num_slices)]
+    tiles = cum[:-1] + [1 << 30] * (MAX_SLICES - num_slices)
+    offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
+    return offs, tiles[:3], cum[-1]
+
+
 def triton_lora_expand(
     t: torch.Tensor,
     B: torch.Tensor,
@@ -242,37 +284,21 @@ def triton_lora_expand(
     live: [1] int32 on y's device, how many leading entries are real (a padded table), or None.
     entry_progs: programs along the entry axis, each looping over entries (0: num_entries).
     """
-    num_slices = len(slice_offsets) - 1
-    assert t.dim() in (2, 3), "t must be [T, n * R] or [splits, T, n * R]"
-    partials = t if t.dim() == 3 else t.unsqueeze(0)
-    num_splits, num_tokens, t_cols = partials.shape
-    assert 1 <= num_slices <= MAX_SLICES, f"{num_slices} slices, at most {MAX_SLICES}"
-    assert B.dim() == 3 and y.dim() == 2, "B must be [num_slots, N_total, R], y [T, N_total]"
+    partials = _checked_partials(t, B, y, slice_offsets, scalings, slot_ranks, pdl, live)
+    num_splits, num_tokens, _ = partials.shape
     rank_pad = B.shape[2]
-    assert t_cols == num_slices * rank_pad, f"t has {t_cols} columns, want {num_slices}*{rank_pad}"
-    assert slice_offsets[0] == 0 and slice_offsets[-1] == B.shape[1] == y.shape[1]
-    assert all(a < b for a, b in itertools.pairwise(slice_offsets)), "empty slice"
-    assert y.shape[0] == num_tokens and num_splits >= 1
-    assert scalings.shape == (B.shape[0], num_slices), f"scalings {tuple(scalings.shape)}"
-    assert slot_ranks.shape == (B.shape[0],)
     assert indptr.shape == (num_entries + 1,) and slots.shape == (num_entries,)
     assert block_m >= 16 and block_m & (block_m - 1) == 0 and m_progs >= 1
-    assert t.device == B.device == y.device == scalings.device == indptr.device == slots.device
-    assert not pdl or y.is_cuda, "programmatic dependent launch needs CUDA"
-    assert live is None or (live.shape == (1,) and live.device == y.device)
+    assert indptr.device == slots.device == y.device
     if num_tokens == 0 or num_entries == 0:
         return
     entry_progs = min(entry_progs or num_entries, num_entries)
     widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
     block_n = block_n or _expand_block_n(entry_progs * m_progs, widths, num_sms, num_splits)
-    tile_counts = [cdiv(w, block_n) for w in widths]
-    tile_cum = [sum(tile_counts[: i + 1]) for i in range(num_slices)]
-    big = 1 << 30
-    tiles = tile_cum[:-1] + [big] * (MAX_SLICES - num_slices)
-    offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
+    offs, tiles, num_tiles = _slice_tiles(slice_offsets, block_n)
     split_block = min(next_pow2(num_splits), expand_max_splits(block_m, rank_pad))
     low_precision = t.dtype != torch.float32 or B.dtype != torch.float32
-    grid = (entry_progs * m_progs, tile_cum[-1])
+    grid = (entry_progs * m_progs, num_tiles)
     _lora_expand_kernel[grid](
         partials,
         B,
@@ -287,7 +313,7 @@ def triton_lora_expand(
         rank_pad,
         num_splits,
         *offs,
-        *tiles[:3],
+        *tiles,
         partials.stride(0) if num_splits > 1 else 0,  # one split: never multiplied, one key
         partials.stride(1),
         partials.stride(2),
@@ -482,38 +508,21 @@ def triton_lora_expand_rows(
     with the segment table (seg_indptr [S+1], seg_slots [S] int32, -1 = base rows) in place of
     the row table. live: [1] int32 on y's device, how many leading segments are real (a padded
     table), or None (all of them)."""
-    num_slices = len(slice_offsets) - 1
-    assert t.dim() in (2, 3), "t must be [T, n * R] or [splits, T, n * R]"
-    partials = t if t.dim() == 3 else t.unsqueeze(0)
-    num_splits, num_tokens, t_cols = partials.shape
-    assert 1 <= num_slices <= MAX_SLICES, f"{num_slices} slices, at most {MAX_SLICES}"
-    assert B.dim() == 3 and y.dim() == 2, "B must be [num_slots, N_total, R], y [T, N_total]"
+    partials = _checked_partials(t, B, y, slice_offsets, scalings, slot_ranks, pdl, live)
+    num_splits, num_tokens, _ = partials.shape
     rank_pad = B.shape[2]
-    assert t_cols == num_slices * rank_pad, f"t has {t_cols} columns, want {num_slices}*{rank_pad}"
-    assert slice_offsets[0] == 0 and slice_offsets[-1] == B.shape[1] == y.shape[1]
-    assert all(a < b for a, b in itertools.pairwise(slice_offsets)), "empty slice"
-    assert y.shape[0] == num_tokens and num_splits >= 1
-    assert scalings.shape == (B.shape[0], num_slices), f"scalings {tuple(scalings.shape)}"
-    assert slot_ranks.shape == (B.shape[0],)
     assert seg_indptr.shape == (num_segments + 1,) and seg_slots.shape == (num_segments,)
-    assert t.device == B.device == y.device == scalings.device == seg_indptr.device
-    assert seg_slots.device == slot_ranks.device == y.device
-    assert not pdl or y.is_cuda, "programmatic dependent launch needs CUDA"
-    assert live is None or (live.shape == (1,) and live.device == y.device)
+    assert seg_indptr.device == seg_slots.device == y.device
     if num_tokens == 0 or num_segments == 0:
         return
     widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
     row_blocks = cdiv(num_tokens, ROWS_BLOCK_M)
     block_n = block_n or _rows_block_n(row_blocks, widths, num_sms)
-    tile_counts = [cdiv(w, block_n) for w in widths]
-    tile_cum = [sum(tile_counts[: i + 1]) for i in range(num_slices)]
-    big = 1 << 30
-    tiles = tile_cum[:-1] + [big] * (MAX_SLICES - num_slices)
-    offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
+    offs, tiles, num_tiles = _slice_tiles(slice_offsets, block_n)
     block_r = max(16, next_pow2(rank_pad))
     r_chunk = max(1, min(block_r, GATHER_ELEMENTS // (ROWS_BLOCK_M * block_n)))
     low_precision = t.dtype != torch.float32 or B.dtype != torch.float32
-    _lora_expand_rows_kernel[(row_blocks, tile_cum[-1])](
+    _lora_expand_rows_kernel[(row_blocks, num_tiles)](
         partials,
         B,
         y,
@@ -527,7 +536,7 @@ def triton_lora_expand_rows(
         rank_pad,
         num_splits,
         *offs,
-        *tiles[:3],
+        *tiles,
         partials.stride(0) if num_splits > 1 else 0,  # one split: never multiplied, one key
         partials.stride(1),
         partials.stride(2),
