@@ -196,6 +196,9 @@ KERNEL_KINDS = (  # (category, substrings of kernel names), first match wins
 )
 
 
+TOP_KERNELS = 14  # kernels by name in a profile's listing
+
+
 def kernel_kind(name: str) -> str:
     low = name.lower()
     return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other")
@@ -220,14 +223,20 @@ def profile_steps(engine: Engine, steps: int = 5, warm: bool = True) -> dict:
         engine.runner.graphs = graphs
     by_kind: dict[str, float] = {}
     count: dict[str, int] = {}
+    by_name: dict[str, list[float]] = {}  # kernel name -> [ms a step, launches a step]
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         k = kernel_kind(e.name)
-        by_kind[k] = by_kind.get(k, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
+        ms = e.time_range.elapsed_us() / 1e3 / steps
+        by_kind[k] = by_kind.get(k, 0.0) + ms
         count[k] = count.get(k, 0) + 1
+        named = by_name.setdefault(e.name[:80], [0.0, 0.0])
+        named[0] += ms
+        named[1] += 1 / steps
+    top = dict(sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS])
     return {"ms_per_step": by_kind, "kernels_per_step": {k: v / steps for k, v in count.items()},
-            "total_ms": sum(by_kind.values())}
+            "total_ms": sum(by_kind.values()), "top_kernels": top}
 
 
 def profile_cases(engine: Engine, prompt: int, names: list[str]) -> list[dict]:
@@ -258,6 +267,8 @@ def print_profile(rows: list[dict]) -> None:
         parts = ", ".join(f"{k} {r['ms_per_step'][k]:.3f} ({r['kernels_per_step'][k]:.0f})"
                           for k in kinds if k in r["ms_per_step"])
         print(f"  {r['case']}: total {r['total_ms']:.3f} ms = {parts}")
+        for name, (ms, n) in r.get("top_kernels", {}).items():
+            print(f"      {ms:8.3f} ms ({n:4.0f})  {name}")
 
 
 def main() -> None:
