@@ -462,3 +462,52 @@ def test_rows_come_in_growing_chunks_and_failed_builds_give_theirs_back(
     monkeypatch.undo()
     live.append(pool.build_host(weights))
     assert rows.num_rows == 12  # the failed build's row was the one left, and came back
+
+
+def test_reserved_rows_serve_the_tier_without_growing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reserve_host_rows allocates rows up front in chunks of up to HOST_CHUNK_BYTES; copies up
+    to that many take reserved rows, and only one past them allocates again."""
+    import runtime.adapters.pool as pool_mod
+
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+    rows = pool._host_rows
+    monkeypatch.setattr(pool_mod, "HOST_CHUNK_BYTES", 4 * rows.row_bytes)
+    pinned = pool.reserve_host_rows(7)
+    n = rows.num_rows  # the second chunk is as large as the allocator rounds 3 rows up to
+    assert 7 <= n <= 8 and rows.num_chunks == 2 and pinned == n * pool.host_row_bytes
+    assert pool.reserve_host_rows(5) == pinned  # already there
+    write_adapter(tmp_path / "a", full_spec(("q_proj",), 8), 8)
+    weights = load_peft_adapter(str(tmp_path / "a"), SHAPE)
+    live = [pool.build_host(weights) for _ in range(n)]
+    assert rows.num_chunks == 2 and len({h.flat.data_ptr() for h in live}) == n
+    live.append(pool.build_host(weights))
+    assert rows.num_chunks == 3 and rows.num_rows > n
+
+
+def test_host_tier_rows_follow_both_limits_and_refuse_what_cannot_be_pinned() -> None:
+    from runtime.adapters.manager import HOST_ROW_SLACK, host_tier_rows
+    from runtime.config import ConfigError, ServerConfig
+
+    row = 10 << 20
+    lora = {"enable_lora": True, "max_lora_rank": 8, "lora_target_modules": ("q_proj",)}
+    config = ServerConfig(**lora, max_loras_per_batch=8, max_loaded_loras=40)
+    assert host_tier_rows(config, row, None) == 40 + HOST_ROW_SLACK
+    assert host_tier_rows(config, row, 64 << 30) == 40 + HOST_ROW_SLACK
+    small = config.replace(max_lora_host_bytes=25 * row + 1)
+    assert host_tier_rows(small, row, None) == 25 + HOST_ROW_SLACK
+    default = ServerConfig(**lora, max_loras_per_batch=8)  # tier of 16 copies
+    assert host_tier_rows(default, row, None) == 16 + HOST_ROW_SLACK
+    with pytest.raises(ConfigError, match="max_loaded_loras 40.*lower max_loaded_loras"):
+        host_tier_rows(config, row, 200 << 20)
+
+
+def test_cpu_manager_pins_nothing_at_start() -> None:
+    from runtime.adapters.manager import AdapterManager
+    from runtime.config import ServerConfig
+
+    config = ServerConfig(enable_lora=True, max_lora_rank=8, lora_target_modules=("q_proj",))
+    m = AdapterManager(config, SHAPE, CPU, torch.float32, streams=None)  # type: ignore[arg-type]
+    assert m.host_rows_pinned == 0 and m.pool._host_rows.num_rows == 0
+    m.close()

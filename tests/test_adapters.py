@@ -595,8 +595,13 @@ async def _cuda_uploads(tmp_path: Path) -> None:
     )
     streams = Streams(device)
     m = AdapterManager(config, shape, device, torch.bfloat16, streams)
+    rows = m.pool._host_rows  # the tier's rows are pinned at start, so serving pins none
+    chunks = rows.num_chunks
+    assert rows.num_rows >= config.num_lora_host_slots
+    assert m.host_rows_pinned == rows.num_rows * rows.row_bytes
     for n in "abc":
         await m.load(n, str(tmp_path / n))
+    assert rows.num_chunks == chunks
     host_a = m._adapters["a"].host
     assert host_a is not None and host_a.is_pinned and host_a.layers[0]["qkv"].A.is_pinned()
     sa = m.admit("a", set(), overlap=False)

@@ -38,7 +38,7 @@ from runtime.adapters.peft_format import (
     read_adapter_config,
 )
 from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool
-from runtime.config import ServerConfig
+from runtime.config import ConfigError, ServerConfig
 from runtime.errors import HostTierFullError, UnknownAdapterError
 from runtime.streams import Event, Streams
 
@@ -146,6 +146,42 @@ def resolve_pool_spec(config: ServerConfig, num_layers: int) -> tuple[int, froze
     return rank, modules
 
 
+# Host rows pinned beyond the tier's size: rows being filled by the loader threads, and rows
+# of dropped copies whose last upload is still in flight (more are pinned on demand).
+HOST_ROW_SLACK = 4
+# The most of the machine's available memory the host tier may pin at start.
+PIN_FRACTION_LIMIT = 0.8
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def host_tier_rows(config: ServerConfig, row_bytes: int, available: int | None) -> int:
+    """Host rows to pin at start: the tier's copies (max_loaded_loras, and as many rows as
+    max_lora_host_bytes holds) and HOST_ROW_SLACK; a tier larger than PIN_FRACTION_LIMIT of the
+    `available` host memory is a configuration error."""
+    tier = min(config.num_lora_host_slots, config.max_lora_host_bytes // row_bytes)
+    rows = tier + HOST_ROW_SLACK
+    if available is not None and rows * row_bytes > PIN_FRACTION_LIMIT * available:
+        raise ConfigError(
+            f"the LoRA host tier ({tier} copies of {row_bytes / 2**20:.1f} MiB: max_loaded_loras "
+            f"{config.num_lora_host_slots}, max_lora_host_bytes {config.max_lora_host_bytes}) "
+            f"would pin {rows * row_bytes / 2**30:.1f} GiB, more than {PIN_FRACTION_LIMIT:.0%} "
+            f"of the {available / 2**30:.1f} GiB of memory available: lower max_loaded_loras "
+            "or max_lora_host_bytes"
+        )
+    return rows
+
+
 class AdapterManager:
     """Owns the slot pool and every adapter's residency. Call it from the event-loop thread only.
 
@@ -170,6 +206,7 @@ class AdapterManager:
             max_rank, targets = resolve_pool_spec(config, shape.num_layers)
             pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype)
         self.pool = pool
+        self.host_rows_pinned = self._reserve_host_rows()
         self.counters = AdapterCounters()
         # Host-to-device upload speed, learnt from finished uploads (starts conservative).
         self.upload_bytes_per_s = 10e9
@@ -186,6 +223,19 @@ class AdapterManager:
         self._clock = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load")
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _reserve_host_rows(self) -> int:
+        """Pin the host tier's rows at start (on CUDA), so that serving never pins memory:
+        pinning holds the CUDA driver's locks, stalling the runner's launches and the loop's
+        uploads for as long as it takes. Bytes pinned."""
+        if not self.pool.pins_host_rows:
+            return 0
+        rows = host_tier_rows(self.config, self.pool.host_row_bytes, _available_host_bytes())
+        t0 = time.perf_counter()
+        pinned = self.pool.reserve_host_rows(rows)
+        logger.info("pinned %.2f GiB of host memory for %d LoRA adapter copies in %.2f s",
+                    pinned / 2**30, rows, time.perf_counter() - t0)
+        return pinned
 
     # registration ------------------------------------------------------------------------
 

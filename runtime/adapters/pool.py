@@ -216,8 +216,17 @@ class HostRows:
         with self._lock:
             self._draining.append(lease)
 
-    def _grow(self) -> None:
-        want = max(1, self.num_rows) * self.row_bytes
+    def reserve(self, rows: int) -> None:
+        """Allocate rows until `rows` exist (in chunks of up to HOST_CHUNK_BYTES), so that a
+        host tier of that many copies never allocates while serving."""
+        with self._lock:
+            while self.num_rows < rows:
+                self._grow(rows - self.num_rows)
+
+    def _grow(self, rows_wanted: int = 0) -> None:
+        """Add a chunk: of `rows_wanted` rows when given, else of as many rows as exist (so
+        the rows double), at most HOST_CHUNK_BYTES and at least one row."""
+        want = (rows_wanted or max(1, self.num_rows)) * self.row_bytes
         cap = max(HOST_CHUNK_BYTES, self.row_bytes)
         nbytes = min(1 << max(want - 1, 1).bit_length(), cap)  # what the allocator would round to
         rows = max(1, nbytes // self.row_bytes)
@@ -353,7 +362,7 @@ class LoraPool:
         on CUDA. Runs in a loader thread, whose every torch call takes the GIL from the serving
         loop: so views come for all layers at once, and one batched copy writes (and casts)
         every weight."""
-        pin = self.device.type == "cuda"
+        pin = self.pins_host_rows
         lease = self._host_rows.take()
         try:
             host = self._fill_host(weights, lease, pin)
@@ -362,6 +371,23 @@ class LoraPool:
             raise
         weakref.finalize(host, self._host_rows.give, lease)
         return host
+
+    @property
+    def pins_host_rows(self) -> bool:
+        """Whether host copies live in pinned memory (on CUDA)."""
+        return self.device.type == "cuda"
+
+    def reserve_host_rows(self, rows: int) -> int:
+        """Allocate (pin, on CUDA) `rows` host rows now and return the bytes of all rows:
+        pinning while serving holds the driver's locks, stalling the serving threads'
+        launches and copies."""
+        self._host_rows.reserve(rows)
+        return self._host_rows.num_rows * self._host_rows.row_bytes
+
+    @property
+    def host_row_bytes(self) -> int:
+        """Bytes of one host copy's row (its parts aligned)."""
+        return self._host_rows.row_bytes
 
     @cached_property
     def _host_rows(self) -> HostRows:
@@ -376,7 +402,7 @@ class LoraPool:
             rank = row[at_rank : at_rank + 4].view(torch.int32)
             return flat, scalings, rank, (flat.storage_offset(), scalings.storage_offset())
 
-        return HostRows(at_rank + 4, pin=self.device.type == "cuda", carve=carve)
+        return HostRows(at_rank + 4, pin=self.pins_host_rows, carve=carve)
 
     def _fill_host(self, weights: AdapterWeights, lease: RowLease, pin: bool) -> HostAdapter:
         flat, flat_scalings, rank, bases = lease.parts
