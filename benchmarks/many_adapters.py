@@ -54,6 +54,7 @@ class Settings:
     max_running_requests: int = 256
     mem_fraction_static: float = 0.6
     seed: int = 0
+    lora_loader: str = "auto"
 
 
 FULL = Settings(shape="llama-3.1-8b", device="cuda", dtype="bfloat16")
@@ -88,6 +89,7 @@ def build(s: Settings, model: Path, adapters: Path) -> Engine:
         "lora_target_modules": TARGETS, "lora_roots": (str(adapters),),
         "lora_resolve_on_demand": True, "max_loras_per_batch": s.max_loras_per_batch,
         "max_loaded_loras": s.max_loaded_loras, "max_running_requests": s.max_running_requests,
+        "lora_loader": s.lora_loader,
     }
     if s.device == "cpu":
         opts |= {"kv_cache_cpu_bytes": 1 << 26, "disable_cuda_graph": True}
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="CUDA only: profile every kernel in this window of each saturated run "
                          "and report GPU ms a step by kernel category and the GPU's busy share")
     ap.add_argument("--saturated-only", action="store_true", help="skip the Poisson runs")
+    ap.add_argument("--lora-loader", choices=("auto", "process", "thread"), default="auto",
+                    help="where adapter files are read (the server option of that name)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if a.kernel_window and a.quick:
@@ -257,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     max_loaded_loras=max(s.max_loaded_loras, a.max_loras_per_batch))
     if a.max_loaded_loras:
         s = replace(s, max_loaded_loras=a.max_loaded_loras)
+    s = replace(s, lora_loader=a.lora_loader)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(s, Path(tmp), lambda m: print(m, flush=True), a.profile,
                      tuple(a.kernel_window) if a.kernel_window else None,

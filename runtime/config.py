@@ -34,6 +34,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "dummy")
 EVICTION_POLICIES = ("lru", "fifo")
 LORA_BACKENDS = ("csgmv", "triton")
+LORA_LOADERS = ("auto", "process", "thread")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LORA_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -84,6 +85,10 @@ class ServerConfig:
     max_lora_host_bytes: int = _opt(8 << 30, "byte budget of the host adapter tier")
     lora_eviction_policy: str = _opt("lru", "lru or fifo", choices=EVICTION_POLICIES)
     lora_backend: str = _opt("csgmv", "csgmv or triton", choices=LORA_BACKENDS)
+    lora_loader: str = _opt(
+        "auto", "where adapter files are read: process (reader processes, off the serving "
+        "GIL), thread, or auto (process on CUDA at tp_size 1)", choices=LORA_LOADERS
+    )
     max_lora_rank: int | None = _opt(None, "largest adapter rank (default: from lora_paths)")
     lora_target_modules: tuple[str, ...] | None = _opt(None, "modules with LoRA, or all")
     enable_lora_overlap_loading: bool | None = _opt(
@@ -133,6 +138,11 @@ class ServerConfig:
             raise ConfigError(
                 f"max_loaded_loras ({self.max_loaded_loras}) must be >= max_loras_per_batch "
                 f"({self.max_loras_per_batch})"
+            )
+        if self.lora_loader == "process" and self.tp_size > 1:
+            raise ConfigError(
+                "lora_loader: process is not supported at tp_size > 1 (each rank reads its "
+                "shard in threads); use auto or thread"
             )
         if self.max_lora_rank is not None and not 1 <= self.max_lora_rank <= 1024:
             raise ConfigError("max_lora_rank: must be between 1 and 1024")

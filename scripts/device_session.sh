@@ -38,6 +38,10 @@
 #                                    ops, the LoRA kernel benchmark (both expands)
 #   scripts/device_session.sh rowsy  (one GPU) warm-up, engine and LoRA graph-replay GPU tests,
 #                                    the step targets, the saturated 256-cap many-adapter run
+#   scripts/device_session.sh reader (one GPU) adapter reads in reader processes: upload,
+#                                    engine, pipeline and warm-up GPU tests, pin_stall, the
+#                                    saturated 256-cap many-adapter run with process and thread
+#                                    reads, the 32-cap run
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -280,6 +284,22 @@ case "${1:-}" in
     timeout 150 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 1.5 3 \
       --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
     echo "== many_adapters cap 32, kernel window: rc $?"; grep -E "saturated" "$OUT/many_kw.log"
+    ;;
+  reader)  # one GPU: adapter reads in reader processes (memfd host rows registered with CUDA)
+    gpu_tests reader_gpu 200 tests/test_adapters.py tests/test_engine_gpu.py \
+      tests/test_pipeline_gpu.py tests/test_warmup.py
+    timeout 60 python3 -m benchmarks.pin_stall --out "$OUT/pin_stall.json" > "$OUT/pin_stall.log" 2>&1
+    echo "== pin_stall: rc $?"; cat "$OUT/pin_stall.log"
+    for loader in process thread; do
+      timeout 120 python3 -m benchmarks.many_adapters --saturated-only --profile --lora-loader \
+        "$loader" --max-loras-per-batch 256 --max-loaded-loras 512 \
+        --out "$OUT/many_cap_$loader.json" > "$OUT/many_cap_$loader.log" 2>&1
+      echo "== many_adapters cap 256, $loader reads: rc $?"; grep -E "saturated" "$OUT/many_cap_$loader.log"
+    done
+    timeout 120 python3 -m benchmarks.many_adapters --saturated-only --out "$OUT/many32.json" \
+      > "$OUT/many32.log" 2>&1
+    echo "== many_adapters cap 32: rc $?"; grep -E "saturated" "$OUT/many32.log"
+    rm -f "$OUT"/*.xml
     ;;
   rows)  # one GPU: recycled pinned host rows: the upload and pipeline GPU tests, then the
          # saturated 256-cap many-adapter runs (whose loads pinned memory one copy at a time)

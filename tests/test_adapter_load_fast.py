@@ -456,7 +456,7 @@ def test_rows_come_in_growing_chunks_and_failed_builds_give_theirs_back(
     live = [pool.build_host(weights) for _ in range(11)]
     assert len({h.flat.data_ptr() for h in live}) == 11
     assert rows.num_rows == 12 and rows.num_chunks == 5  # 1 + 1 + 2 + 4 + 4 rows
-    monkeypatch.setattr(pool, "_fill_host", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    monkeypatch.setattr(pool, "write_host_row", lambda *a: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError):
         pool.build_host(weights)
     monkeypatch.undo()

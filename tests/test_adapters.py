@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -595,6 +596,7 @@ async def _cuda_uploads(tmp_path: Path) -> None:
     )
     streams = Streams(device)
     m = AdapterManager(config, shape, device, torch.bfloat16, streams)
+    assert m.reader is not None  # on CUDA, reader processes fill memfd rows registered pinned
     rows = m.pool._host_rows  # the tier's rows are pinned at start, so serving pins none
     chunks = rows.num_chunks
     assert rows.num_rows >= config.num_lora_host_slots
@@ -619,6 +621,16 @@ async def _cuda_uploads(tmp_path: Path) -> None:
             break
         await asyncio.sleep(0.001)
     assert m.state("a") is Residency.RESIDENT and m.ready_event(sa) is None
+    # A copy from a host row is asynchronous: queued behind ~0.2 s of copy-stream work, the
+    # call returns at once (a copy from pageable memory would wait for that work).
+    dst = torch.empty_like(host_a.flat, device=device)
+    with streams.use(streams.copy):
+        torch.cuda._sleep(400_000_000)
+        t0 = time.perf_counter()
+        dst.copy_(host_a.flat, non_blocking=True)
+        queued_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert queued_s < 0.05 and torch.equal(dst.cpu(), host_a.flat)
     torch.cuda.synchronize()
     torch.testing.assert_close(seen_a, host_a.layers[3]["down"].B.to(device))
     assert int(m.pool.slot_ranks[sb]) == 8

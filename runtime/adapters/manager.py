@@ -33,11 +33,11 @@ from runtime.adapters.paths import resolve_adapter_path, resolve_on_demand
 from runtime.adapters.peft_format import (
     AdapterConfig,
     AdapterError,
-    AdapterWeights,
     load_peft_adapter,
     read_adapter_config,
 )
 from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool
+from runtime.adapters.reader import ProcessReader
 from runtime.config import ConfigError, ServerConfig
 from runtime.errors import HostTierFullError, UnknownAdapterError
 from runtime.streams import Event, Streams
@@ -165,6 +165,17 @@ def _available_host_bytes() -> int | None:
     return None
 
 
+LOADER_WORKERS = 2  # loader threads, and reader processes where reads run in processes
+
+
+def uses_reader_processes(config: ServerConfig, pool: LoraPool) -> bool:
+    """lora_loader: "process" always, "auto" when host copies are pinned (CUDA) and the pool
+    is a whole model's (a tensor-parallel rank's shard is read in threads)."""
+    if config.lora_loader == "auto":
+        return pool.pins_host_rows and type(pool) is LoraPool
+    return config.lora_loader == "process"
+
+
 def host_tier_rows(config: ServerConfig, row_bytes: int, available: int | None) -> int:
     """Host rows to pin at start: the tier's copies (max_loaded_loras, and as many rows as
     max_lora_host_bytes holds) and HOST_ROW_SLACK; a tier larger than PIN_FRACTION_LIMIT of the
@@ -206,7 +217,14 @@ class AdapterManager:
             max_rank, targets = resolve_pool_spec(config, shape.num_layers)
             pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype)
         self.pool = pool
+        # Reads in reader processes (off this process's GIL) need host rows they can map.
+        self.reader: ProcessReader | None = None
+        in_processes = uses_reader_processes(config, pool)
+        if in_processes:
+            pool.share_host_rows()
         self.host_rows_pinned = self._reserve_host_rows()
+        if in_processes:
+            self.reader = ProcessReader(pool, shape, workers=LOADER_WORKERS)
         self.counters = AdapterCounters()
         # Host-to-device upload speed, learnt from finished uploads (starts conservative).
         self.upload_bytes_per_s = 10e9
@@ -221,7 +239,8 @@ class AdapterManager:
         self._host_waiting: dict[str, _Adapter] = {}
         self._slots = [_Slot() for _ in range(config.max_loras_per_batch)]
         self._clock = itertools.count(1)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load")
+        self._executor = ThreadPoolExecutor(max_workers=LOADER_WORKERS,
+                                            thread_name_prefix="lora-load")
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _reserve_host_rows(self) -> int:
@@ -289,7 +308,7 @@ class AdapterManager:
         except AdapterError:
             self.counters.load_failures += 1
             raise
-        self._check_compatible(name, host[1].rank, host[1].target_modules)
+        self._check_compatible(name, host[1], host[2])
         if pinned:
             self._check_pin_room(name)
         entry.last_used = next(self._clock)
@@ -312,10 +331,13 @@ class AdapterManager:
         real = resolve_adapter_path(path, roots, allow_hub)
         return real, read_adapter_config(real, self.shape.num_layers)
 
-    def _read_host(self, path: str) -> tuple[HostAdapter, AdapterWeights]:
+    def _read_host(self, path: str) -> tuple[HostAdapter, int, frozenset[str]]:
+        """Loader thread: the adapter at `path` in a host row, its rank and target modules."""
+        if self.reader is not None:
+            return self.reader.read(path)
         try:
             weights = load_peft_adapter(path, self.shape)
-            return self.pool.build_host(weights), weights
+            return self.pool.build_host(weights), weights.rank, weights.target_modules
         except AdapterError:
             raise
         except Exception as e:  # I/O or allocation failures: report, never crash the loop
@@ -362,10 +384,12 @@ class AdapterManager:
         return self.acquire(name)
 
     def close(self) -> None:
-        """Stop the loader threads (shutdown)."""
+        """Stop the loader threads and reader processes (shutdown)."""
         for task in self._tasks:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.reader is not None:
+            self.reader.close()
 
     # checks ------------------------------------------------------------------------------
 
@@ -504,10 +528,12 @@ class AdapterManager:
         t0 = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
-            host, weights = await loop.run_in_executor(self._executor, self._read_host, entry.path)
+            host, rank, targets = await loop.run_in_executor(
+                self._executor, self._read_host, entry.path
+            )
             if self._adapters.get(entry.name) is not entry:
                 return  # unloaded meanwhile
-            self._check_compatible(entry.name, weights.rank, weights.target_modules)
+            self._check_compatible(entry.name, rank, targets)
             self._make_host_room(host.nbytes, entry.name)
         except HostTierFullError:  # bytes ran out while it was read: wait for room
             self._host_waiting[entry.name] = entry

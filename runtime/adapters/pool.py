@@ -22,6 +22,8 @@ tier has reached its size.
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -153,14 +155,15 @@ class HostAdapter:
 
 class RowLease:
     """A host copy's claim on its row (with the row's parts as views, carved once when the
-    row was allocated), and the event after the last upload from it (the row is reused only
-    once that has completed)."""
+    row was allocated, and where the row lies: chunk index and byte offset), and the event
+    after the last upload from it (the row is reused only once that has completed)."""
 
-    __slots__ = ("event", "parts", "row")
+    __slots__ = ("event", "parts", "row", "where")
 
-    def __init__(self, row: Tensor, parts: tuple[Tensor, ...]) -> None:
+    def __init__(self, row: Tensor, parts: tuple[Tensor, ...], where: tuple[int, int]) -> None:
         self.row = row
         self.parts = parts
+        self.where = where
         self.event: Any = None  # runtime.streams.Event, or None before any upload
 
     def done(self) -> bool:
@@ -174,43 +177,85 @@ HOST_CHUNK_BYTES = 256 << 20
 ROW_ALIGN = 256  # bytes: every row, and each of a row's three parts, starts this aligned
 
 
+def _shared_chunk(nbytes: int, pin: bool) -> tuple[Tensor, int]:
+    """`nbytes` of host memory in a memfd (so reader processes can map it from the fd; no
+    /dev/shm size limit applies), registered with CUDA (pinned) when `pin`. The tensor and
+    the fd; the mapping lives as long as the tensor."""
+    fd = os.memfd_create("loraserve-host-rows", os.MFD_CLOEXEC)
+    os.ftruncate(fd, nbytes)
+    chunk = torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.uint8)
+    if pin:
+        # Fault the pages in first: registering untouched pages allocates them under the
+        # driver's locks (133 against 24 ms for 256 MB on the H200, stalling other threads).
+        chunk.zero_()
+        rc = torch.cuda.cudart().cudaHostRegister(chunk.data_ptr(), nbytes, 0)
+        if int(rc) != 0:
+            os.close(fd)
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed ({rc})")
+    return chunk, fd
+
+
+def _release_shared(ptrs: list[int], fds: list[int]) -> None:
+    """Unregister the registered chunks (after every copy from them has run), close the fds."""
+    if ptrs:
+        torch.cuda.synchronize()
+        for ptr in ptrs:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+    for fd in fds:
+        os.close(fd)
+
+
 class HostRows:
     """Recycled host rows of `row_bytes` bytes, pinned when `pin`, for the host copies.
 
-    `take` returns a zeroed row; when the `HostAdapter` holding it is garbage (dropped from the
-    host tier and no upload referring to it), its row returns to the free list, to be handed
-    out again once the last upload from it has completed. Chunks grow with the number of rows
-    in use (1, 1, 2, 4, ... rows, up to HOST_CHUNK_BYTES a chunk) and are never freed, so a
-    host tier at its size makes no pinned allocation. Thread-safe: loader threads take rows,
-    and whichever thread drops a host copy gives its row back.
+    `take` returns a row, zeroed unless told otherwise; when the `HostAdapter` holding it is
+    garbage (dropped from the host tier and no upload referring to it), its row returns to
+    the free list, to be handed out again once the last upload from it has completed. Chunks
+    grow with the number of rows in use (1, 1, 2, 4, ... rows, up to HOST_CHUNK_BYTES a chunk)
+    or as `reserve` asks, and are never freed, so a host tier at its size makes no pinned
+    allocation. When `shared`, chunks are memfd mappings (pinned by registering them with
+    CUDA) whose fds reader processes map (`fds`). Thread-safe: loader threads take rows, and
+    whichever thread drops a host copy gives its row back.
     """
 
     def __init__(
-        self, row_bytes: int, pin: bool, carve: Callable[[Tensor], tuple[Tensor, ...]]
+        self, row_bytes: int, pin: bool, carve: Callable[[Tensor], tuple[Tensor, ...]],
+        shared: bool = False,
     ) -> None:
         self.row_bytes = -(-row_bytes // ROW_ALIGN) * ROW_ALIGN
         self.pin = pin
+        self.shared = shared
         self.carve = carve  # a row's parts as views, made once a row (torch calls take the GIL)
         self.num_rows = 0  # rows allocated, in use or free
-        self.num_chunks = 0
-        self._free: list[tuple[Tensor, tuple[Tensor, ...]]] = []
+        self.chunk_bytes: list[int] = []
+        self.fds: list[int] = []  # shared chunks' memfds, in chunk order
+        self._registered: list[int] = []
+        self._free: list[tuple[Tensor, tuple[Tensor, ...], tuple[int, int]]] = []
         self._draining: list[RowLease] = []  # given back, their last upload maybe in flight
         self._lock = threading.Lock()
+        if shared:
+            weakref.finalize(self, _release_shared, self._registered, self.fds)
 
-    def take(self) -> RowLease:
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_bytes)
+
+    def take(self, zero: bool = True) -> RowLease:
+        """A free row (allocating a chunk if none is); `zero=False` when its filler zeroes it."""
         with self._lock:
             still = []
             for lease in self._draining:
                 if lease.done():
-                    self._free.append((lease.row, lease.parts))
+                    self._free.append((lease.row, lease.parts, lease.where))
                 else:
                     still.append(lease)
             self._draining = still
             if not self._free:
                 self._grow()
-            row, parts = self._free.pop()
-        row.zero_()
-        return RowLease(row, parts)
+            row, parts, where = self._free.pop()
+        if zero:
+            row.zero_()
+        return RowLease(row, parts, where)
 
     def give(self, lease: RowLease) -> None:
         with self._lock:
@@ -230,10 +275,21 @@ class HostRows:
         cap = max(HOST_CHUNK_BYTES, self.row_bytes)
         nbytes = min(1 << max(want - 1, 1).bit_length(), cap)  # what the allocator would round to
         rows = max(1, nbytes // self.row_bytes)
-        chunk = torch.empty(rows * self.row_bytes, dtype=torch.uint8, pin_memory=self.pin)
-        self._free += [(row, self.carve(row)) for row in chunk.view(rows, self.row_bytes)]
+        nbytes = rows * self.row_bytes
+        if self.shared:
+            chunk, fd = _shared_chunk(nbytes, self.pin)
+            self.fds.append(fd)
+            if self.pin:
+                self._registered.append(chunk.data_ptr())
+        else:
+            chunk = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        index = len(self.chunk_bytes)
+        self._free += [
+            (row, self.carve(row), (index, i * self.row_bytes))
+            for i, row in enumerate(chunk.view(rows, self.row_bytes))
+        ]
         self.num_rows += rows
-        self.num_chunks += 1
+        self.chunk_bytes.append(nbytes)
 
 
 class LoraPool:
@@ -261,6 +317,7 @@ class LoraPool:
             raise ValueError(f"unsupported LoRA target modules: {sorted(unknown)}")
         self.device = device
         self.dtype = dtype
+        self._shared_rows = False  # see share_host_rows
         self.group_names = tuple(
             g for g, ms in GROUPS.items() if any(m in self.target_modules for m in ms)
         )
@@ -362,15 +419,13 @@ class LoraPool:
         on CUDA. Runs in a loader thread, whose every torch call takes the GIL from the serving
         loop: so views come for all layers at once, and one batched copy writes (and casts)
         every weight."""
-        pin = self.pins_host_rows
         lease = self._host_rows.take()
         try:
-            host = self._fill_host(weights, lease, pin)
+            self.write_host_row(weights, lease.parts)
+            return self.adopt_host_row(lease, set(weights.modules))
         except BaseException:
             self._host_rows.give(lease)  # never uploaded from: free at once
             raise
-        weakref.finalize(host, self._host_rows.give, lease)
-        return host
 
     @property
     def pins_host_rows(self) -> bool:
@@ -402,10 +457,36 @@ class LoraPool:
             rank = row[at_rank : at_rank + 4].view(torch.int32)
             return flat, scalings, rank, (flat.storage_offset(), scalings.storage_offset())
 
-        return HostRows(at_rank + 4, pin=self.pins_host_rows, carve=carve)
+        return HostRows(at_rank + 4, pin=self.pins_host_rows, carve=carve,
+                        shared=self._shared_rows)
 
-    def _fill_host(self, weights: AdapterWeights, lease: RowLease, pin: bool) -> HostAdapter:
-        flat, flat_scalings, rank, bases = lease.parts
+    def take_host_row(self) -> RowLease:
+        """A host row for a reader process to fill (it zeroes the row itself); hand it to
+        `adopt_host_row` once filled, or back to `give_host_row`."""
+        return self._host_rows.take(zero=False)
+
+    def give_host_row(self, lease: RowLease) -> None:
+        self._host_rows.give(lease)
+
+    def share_host_rows(self) -> None:
+        """Keep host rows in memfd chunks that reader processes map (`host_row_fds`): call it
+        before the first host copy."""
+        assert "_host_rows" not in self.__dict__, "the host rows exist already"
+        self._shared_rows = True
+
+    def host_row_fds(self) -> list[tuple[int, int]]:
+        """(fd, bytes) of every shared chunk so far, in chunk order."""
+        rows = self._host_rows
+        with rows._lock:
+            return list(zip(rows.fds, rows.chunk_bytes, strict=True))
+
+    def carve_host_row(self, row: Tensor) -> tuple[Any, ...]:
+        """A row's parts (`RowLease.parts`), for a reader process's own mapping of it."""
+        return self._host_rows.carve(row)
+
+    def write_host_row(self, weights: AdapterWeights, parts: tuple[Any, ...]) -> None:
+        """Write `weights` (every weight, the scalings, the rank) into a zeroed row's parts."""
+        flat, flat_scalings, rank, bases = parts
         scalings = [0.0] * self.slot_num_scalings
         views: dict[tuple[str, int, int], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         dsts: list[Tensor] = []
@@ -424,12 +505,17 @@ class LoraPool:
             torch._foreach_copy_(dsts, srcs)
         flat_scalings.copy_(torch.tensor(scalings, dtype=torch.float32))
         rank.fill_(weights.rank)
+
+    def adopt_host_row(self, lease: RowLease, modules: set[tuple[int, str]]) -> HostAdapter:
+        """The host copy in `lease`'s filled row, of an adapter of `modules` ((layer, module)
+        keys); its row is given back when the copy is garbage."""
+        flat, flat_scalings, rank, bases = lease.parts
         layers: list[dict[str, HostGroup | None]] = [
             dict.fromkeys(self.group_names) for _ in range(self.shape.num_layers)
         ]
         embed = lm_head = None
         groups: dict[str, list[HostGroup]] = {}
-        for layer, g in self._host_groups(set(weights.modules)):
+        for layer, g in self._host_groups(modules):
             if g not in groups:
                 groups[g] = self._group_views(flat, flat_scalings, bases, g)
             host = groups[g][max(layer, 0)]
@@ -440,7 +526,10 @@ class LoraPool:
             else:
                 layers[layer][g] = host
         nbytes = flat.nbytes + flat_scalings.nbytes + rank.nbytes
-        return HostAdapter(layers, embed, lm_head, rank, nbytes, pin, flat, flat_scalings, lease)
+        host = HostAdapter(layers, embed, lm_head, rank, nbytes, self.pins_host_rows, flat,
+                           flat_scalings, lease)
+        weakref.finalize(host, self._host_rows.give, lease)
+        return host
 
     def _places_of(self, group: str) -> list[tuple[int, str]]:
         if group in (EMBED, LM_HEAD):

@@ -1,0 +1,175 @@
+"""Adapter reads in reader processes (runtime/adapters/reader.py): host copies equal to the
+in-process build's, the same errors, chunks made after start, a killed reader replaced, and
+the manager serving through them."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.adapters.manager import AdapterManager, uses_reader_processes
+from runtime.adapters.peft_format import AdapterError, load_peft_adapter
+from runtime.adapters.pool import LoraPool
+from runtime.adapters.reader import ProcessReader
+from runtime.config import ConfigError, ServerConfig
+from tests.test_adapter_load_fast import (
+    ALL,
+    CPU,
+    SHAPE,
+    check_host_groups,
+    full_spec,
+    write_adapter,
+)
+
+WIDE = full_spec(ALL, 8)
+NARROW = full_spec(("q_proj",), 4)
+
+
+@pytest.fixture
+def adapters(tmp_path: Path) -> dict[str, Path]:
+    out = {"wide": tmp_path / "wide", "narrow": tmp_path / "narrow"}
+    write_adapter(out["wide"], WIDE, 8, seed=1)
+    write_adapter(out["narrow"], NARROW, 4, seed=2)
+    return out
+
+
+def shared_pool() -> LoraPool:
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+    pool.share_host_rows()
+    return pool
+
+
+def assert_same_copy(got, want) -> None:
+    assert torch.equal(got.flat, want.flat)
+    assert torch.equal(got.flat_scalings, want.flat_scalings)
+    assert got.rank.tolist() == want.rank.tolist() and got.nbytes == want.nbytes
+
+
+def test_process_reads_equal_in_process_builds_and_reuse_rows_zeroed(
+    adapters: dict[str, Path],
+) -> None:
+    """A reader's host copy is byte-equal to the in-process build; a row reused after a wide
+    adapter holds a narrow one exactly (the reader zeroes it)."""
+    pool, ref = shared_pool(), LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+    reader = ProcessReader(pool, SHAPE, workers=1)
+    try:
+        wide, rank, targets = reader.read(str(adapters["wide"]))
+        assert rank == 8 and targets == frozenset(ALL)
+        assert_same_copy(wide, ref.build_host(load_peft_adapter(str(adapters["wide"]), SHAPE)))
+        check_host_groups(pool, wide, WIDE)
+        row = wide.flat.data_ptr()
+        del wide  # its row is free again
+        narrow, rank, targets = reader.read(str(adapters["narrow"]))
+        assert narrow.flat.data_ptr() == row and rank == 4 and targets == {"q_proj"}
+        want = ref.build_host(load_peft_adapter(str(adapters["narrow"]), SHAPE))
+        assert_same_copy(narrow, want)
+        check_host_groups(pool, narrow, NARROW)
+    finally:
+        reader.close()
+
+
+def test_reader_errors_are_the_in_process_errors(adapters: dict[str, Path]) -> None:
+    """A bad adapter fails with the message the in-process read gives, and frees its row."""
+    bad = adapters["wide"].parent / "bad"
+    write_adapter(bad, WIDE, 8, seed=3)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError) as local:
+        load_peft_adapter(str(bad), SHAPE)
+    pool = shared_pool()
+    reader = ProcessReader(pool, SHAPE, workers=1)
+    try:
+        with pytest.raises(AdapterError) as remote:
+            reader.read(str(bad))
+        assert str(remote.value) == str(local.value)
+        assert pool._host_rows.num_rows == 1
+        host, _, _ = reader.read(str(adapters["narrow"]))  # the failed read's row came back
+        assert pool._host_rows.num_rows == 1 and host.rank.tolist() == [4]
+    finally:
+        reader.close()
+
+
+def test_chunks_made_after_start_reach_the_readers(
+    adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live copies beyond the reserved rows come from new chunks, which readers map as
+    they are made: every copy reads back exactly."""
+    import runtime.adapters.pool as pool_mod
+
+    pool = shared_pool()
+    monkeypatch.setattr(pool_mod, "HOST_CHUNK_BYTES", 2 * pool.host_row_bytes)
+    pool.reserve_host_rows(2)
+    reader = ProcessReader(pool, SHAPE, workers=2)
+    try:
+        want = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16).build_host(
+            load_peft_adapter(str(adapters["wide"]), SHAPE)
+        )
+        live = [reader.read(str(adapters["wide"]))[0] for _ in range(7)]
+        assert pool._host_rows.num_chunks >= 4
+        assert len({h.flat.data_ptr() for h in live}) == 7
+        for host in live:
+            assert_same_copy(host, want)
+    finally:
+        reader.close()
+
+
+def test_a_killed_reader_fails_its_read_and_is_replaced(adapters: dict[str, Path]) -> None:
+    pool = shared_pool()
+    reader = ProcessReader(pool, SHAPE, workers=1)
+    try:
+        reader.read(str(adapters["narrow"]))  # started and serving
+        (pid,) = reader.pids()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(AdapterError, match="reader process failed"):
+            reader.read(str(adapters["narrow"]))
+        assert reader.restarts == 1 and reader.pids() != [pid]
+        host, rank, _ = reader.read(str(adapters["wide"]))
+        assert rank == 8 and host.rank.tolist() == [8]
+    finally:
+        reader.close()
+
+
+async def test_manager_serves_through_reader_processes(adapters: dict[str, Path]) -> None:
+    """lora_loader process on the CPU: loads, uploads and slot contents as with threads."""
+    from tests.test_adapters import FakeStreams
+
+    config = ServerConfig(device="cpu", enable_lora=True, max_lora_rank=8,
+                          lora_target_modules=ALL, max_loras_per_batch=2, lora_loader="process")
+    m = AdapterManager(config, SHAPE, CPU, torch.bfloat16, FakeStreams())
+    try:
+        assert m.reader is not None
+        await m.load("wide", str(adapters["wide"]))
+        await m.load("narrow", str(adapters["narrow"]))
+        ref = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+        for name in ("wide", "narrow"):
+            slot = m.admit(name, set(), overlap=False)
+            assert slot is not None
+            want = ref.build_host(load_peft_adapter(str(adapters[name]), SHAPE))
+            assert torch.equal(m.pool._slab[slot], want.flat)
+            assert torch.equal(m.pool._slab_scalings[slot], want.flat_scalings)
+        bad = adapters["wide"].parent / "bad"
+        write_adapter(bad, NARROW, 4, seed=3)
+        (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 7)
+        with pytest.raises(AdapterError, match="corrupt or truncated"):
+            await m.load("bad", str(bad))
+        assert m.counters.load_failures == 1 and m.state("wide") is not None
+    finally:
+        pids = m.reader.pids() if m.reader else []
+        m.close()
+    for pid in pids:  # the readers have exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_loader_choice() -> None:
+    base = {"enable_lora": True, "max_lora_rank": 8, "lora_target_modules": ("q_proj",)}
+    cpu_pool = LoraPool(SHAPE, 2, 8, ("q_proj",), CPU, torch.float32)
+    assert not uses_reader_processes(ServerConfig(**base), cpu_pool)  # auto: CUDA only
+    assert uses_reader_processes(ServerConfig(**base, lora_loader="process"), cpu_pool)
+    assert not uses_reader_processes(ServerConfig(**base, lora_loader="thread"), cpu_pool)
+    with pytest.raises(ConfigError, match="lora_loader: process is not supported at tp_size"):
+        ServerConfig(**base, lora_loader="process", tp_size=2)
