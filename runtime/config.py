@@ -6,6 +6,7 @@ Each field's `metadata["help"]` is the text `--help` prints. Derived values are 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,8 @@ class ServerConfig:
                 f"max_loaded_loras ({self.max_loaded_loras}) must be >= max_loras_per_batch "
                 f"({self.max_loras_per_batch})"
             )
+        if self.lora_loader == "process" and not hasattr(os, "memfd_create"):
+            raise ConfigError("lora_loader: process needs memfd_create (Linux); use thread")
         if self.lora_loader == "process" and self.tp_size > 1:
             raise ConfigError(
                 "lora_loader: process is not supported at tp_size > 1 (each rank reads its "

@@ -264,12 +264,28 @@ def test_many_adapters_cap_flag(tmp_path: Path) -> None:
     --saturated-only skips the Poisson runs."""
     from benchmarks import many_adapters
 
-    wide = many_adapters.main(["--quick", "--max-loras-per-batch", "16", "--saturated-only"])
+    wide = many_adapters.main(["--quick", "--max-loras-per-batch", "16", "--saturated-only",
+                               "--lora-loader", "process"])
     assert "poisson" not in wide["many"] and "keep_poisson" not in wide
     assert wide["settings"]["max_loras_per_batch"] == 16
+    assert wide["settings"]["lora_loader"] == "process"  # reads in reader processes on CPU
+    assert wide["many"]["saturated"]["num_completed"] == 48
+    assert wide["many"]["saturated"]["disk_loads"] > 4
     assert wide["settings"]["max_loaded_loras"] >= 16
     # at the quick default cap (4) a step holds about 5 rows; at 16, about 21
     assert wide["many"]["saturated"]["mean_rows_per_step"] > 10
+
+
+def test_gil_probe_quick() -> None:
+    """The GIL probe measures a small call alone, beside loader threads and beside reader
+    processes, and both kinds of reader really read."""
+    from benchmarks import gil_probe
+
+    result = gil_probe.main(["--quick"])
+    assert result["one_read_ms"] > 0
+    for kind in ("alone", "threads", "processes"):
+        assert result[kind]["calls"] > 0 and result[kind]["p99_us"] >= result[kind]["median_us"]
+    assert result["threads"]["loads_per_s"] > 0 and result["processes"]["loads_per_s"] > 0
 
 
 def test_loop_profile_quick() -> None:

@@ -22,6 +22,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -172,7 +173,7 @@ def uses_reader_processes(config: ServerConfig, pool: LoraPool) -> bool:
     """lora_loader: "process" always, "auto" when host copies are pinned (CUDA) and the pool
     is a whole model's (a tensor-parallel rank's shard is read in threads)."""
     if config.lora_loader == "auto":
-        return pool.pins_host_rows and type(pool) is LoraPool
+        return pool.pins_host_rows and type(pool) is LoraPool and hasattr(os, "memfd_create")
     return config.lora_loader == "process"
 
 

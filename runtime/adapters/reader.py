@@ -19,6 +19,7 @@ import mmap
 import multiprocessing
 import os
 import queue
+import signal
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -127,6 +128,7 @@ class ProcessReader:
 def _serve(conn: Connection, spec: tuple[Any, ...]) -> None:
     """A reader process: map chunks as their fds come, fill rows as reads come."""
     shape, max_rank, targets, dtype = spec
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the server's to handle
     torch.set_num_threads(READER_THREADS)
     # Layout only: on the meta device the pool allocates nothing.
     pool = LoraPool(shape, 1, max_rank, targets, torch.device("meta"), getattr(torch, dtype))
