@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,18 +119,44 @@ def test_chunks_made_after_start_reach_the_readers(
         reader.close()
 
 
-def test_a_killed_reader_fails_its_read_and_is_replaced(adapters: dict[str, Path]) -> None:
+def test_a_reader_killed_mid_read_fails_that_read_and_is_replaced(
+    adapters: dict[str, Path],
+) -> None:
     pool = shared_pool()
     reader = ProcessReader(pool, SHAPE, workers=1)
     try:
         reader.read(str(adapters["narrow"]))  # started and serving
         (pid,) = reader.pids()
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(AdapterError, match="reader process failed"):
-            reader.read(str(adapters["narrow"]))
+        os.kill(pid, signal.SIGSTOP)  # the next read is sent and waits on a reader that ...
+        with ThreadPoolExecutor(1) as ex:
+            pending = ex.submit(reader.read, str(adapters["narrow"]))
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)  # ... dies in the middle of it
+            with pytest.raises(AdapterError, match="reader process failed"):
+                pending.result(timeout=30)
         assert reader.restarts == 1 and reader.pids() != [pid]
+        assert pool._host_rows.num_rows == 1  # the failed read's row came back
         host, rank, _ = reader.read(str(adapters["wide"]))
         assert rank == 8 and host.rank.tolist() == [8]
+    finally:
+        reader.close()
+
+
+def test_a_reader_found_dead_while_idle_is_replaced_before_the_read(
+    adapters: dict[str, Path],
+) -> None:
+    pool = shared_pool()
+    reader = ProcessReader(pool, SHAPE, workers=1)
+    try:
+        reader.read(str(adapters["narrow"]))
+        (pid,) = reader.pids()
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # reaped
+            if not reader._all[0].proc.is_alive():
+                break
+            time.sleep(0.05)
+        _, rank, _ = reader.read(str(adapters["wide"]))  # no failure for a read it never had
+        assert rank == 8 and reader.restarts == 1 and reader.pids() != [pid]
     finally:
         reader.close()
 

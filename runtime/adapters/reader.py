@@ -9,8 +9,9 @@ adapter's path and its row's place go out; the child zeroes and fills the row, a
 the adapter's rank, target modules and (layer, module) keys, or the error that names what is
 wrong with it. The serving process then only makes the host copy's views.
 
-A reader that dies (killed, out of memory) fails the read it was doing with an AdapterError and
-is replaced; other reads and the server go on.
+A reader that dies (killed, out of memory) while reading fails that read with an AdapterError and
+is replaced; one found dead while idle is replaced before the next read. Other reads and the
+server go on.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class ProcessReader:
         """Read the adapter at `path` into a host row: (host copy, rank, target modules).
         Raises AdapterError, naming what is wrong, for a bad adapter or a failed reader."""
         reader = self._idle.get()
+        if not reader.proc.is_alive():  # died while idle: this read need not fail for it
+            reader = self._replace(reader)
         lease = self.pool.take_host_row()
         try:
             try:
