@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -152,7 +154,7 @@ def test_a_reader_found_dead_while_idle_is_replaced_before_the_read(
         (pid,) = reader.pids()
         os.kill(pid, signal.SIGKILL)
         for _ in range(100):  # reaped
-            if not reader._all[0].proc.is_alive():
+            if reader._all[0].proc.poll() is not None:
                 break
             time.sleep(0.05)
         _, rank, _ = reader.read(str(adapters["wide"]))  # no failure for a read it never had
@@ -191,6 +193,33 @@ async def test_manager_serves_through_reader_processes(adapters: dict[str, Path]
     for pid in pids:  # the readers have exited
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_script_without_a_main_guard_can_start_readers(adapters: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """A user's script that starts readers at top level (as building an engine does on CUDA)
+    runs once: readers do not re-run the parent's main script."""
+    script = tmp_path / "top_level.py"
+    marker = tmp_path / "runs"
+    script.write_text(
+        "import torch\n"
+        "from runtime.adapters.pool import LoraPool\n"
+        "from runtime.adapters.reader import ProcessReader\n"
+        "from tests.test_adapter_load_fast import ALL, SHAPE\n"
+        f"open({str(marker)!r}, 'a').write('run\\n')\n"
+        "pool = LoraPool(SHAPE, 2, 8, ALL, torch.device('cpu'), torch.bfloat16)\n"
+        "pool.share_host_rows()\n"
+        "reader = ProcessReader(pool, SHAPE, workers=1)\n"
+        f"host, rank, _ = reader.read({str(adapters['wide'])!r})\n"
+        "print('rank', rank)\n"
+        "reader.close()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(script)], check=False, cwd=root,
+                         capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert "rank 8" in out.stdout and marker.read_text() == "run\n"
 
 
 def test_loader_choice() -> None:

@@ -16,15 +16,17 @@ server go on.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
-import multiprocessing
 import os
 import queue
 import signal
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
@@ -38,20 +40,23 @@ STOP_TIMEOUT_S = 5.0
 
 @dataclass
 class _Reader:
-    proc: BaseProcess
+    proc: subprocess.Popen[bytes]
     conn: Connection
     chunks_sent: int = 0  # shared chunks whose fds it has
 
 
 class ProcessReader:
     """`workers` reader processes filling `pool`'s shared host rows (see the module doc).
-    `read` blocks: call it from a loader thread, at most `workers` at once usefully."""
+    `read` blocks: call it from a loader thread, at most `workers` at once usefully.
+
+    Readers are plain `python -c` children joined by a socket pair, not multiprocessing's
+    spawn: spawn re-runs the parent's main script in the child, which a script that builds an
+    engine at top level (no `if __name__ == "__main__"` guard) would then do again."""
 
     def __init__(self, pool: LoraPool, shape: LoraModelShape, workers: int = 2) -> None:
         self.pool = pool
         self._spec = (shape, pool.max_rank, tuple(sorted(pool.target_modules)),
                       str(pool.dtype).removeprefix("torch."))
-        self._ctx = multiprocessing.get_context("spawn")  # no fork of a CUDA process
         self._idle: queue.SimpleQueue[_Reader] = queue.SimpleQueue()
         self._all: list[_Reader] = []
         self.restarts = 0
@@ -59,12 +64,17 @@ class ProcessReader:
             self._idle.put(self._start())
 
     def _start(self) -> _Reader:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, args=(child, self._spec),
-                                 name="loraserve-reader", daemon=True)
-        proc.start()
-        child.close()
-        reader = _Reader(proc, parent)
+        ours, theirs = socket.socketpair()
+        code = (f"import sys; sys.path[:0] = {sys.path!r}; "
+                f"from runtime.adapters.reader import _main; _main({theirs.fileno()})")
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        conn.send(self._spec)
+        reader = _Reader(proc, conn)
         self._all.append(reader)
         return reader
 
@@ -72,7 +82,7 @@ class ProcessReader:
         """Read the adapter at `path` into a host row: (host copy, rank, target modules).
         Raises AdapterError, naming what is wrong, for a bad adapter or a failed reader."""
         reader = self._idle.get()
-        if not reader.proc.is_alive():  # died while idle: this read need not fail for it
+        if reader.proc.poll() is not None:  # died while idle: this read need not fail for it
             reader = self._replace(reader)
         lease = self.pool.take_host_row()
         try:
@@ -104,28 +114,37 @@ class ProcessReader:
 
     def _replace(self, reader: _Reader) -> _Reader:
         reader.proc.kill()
-        reader.proc.join(STOP_TIMEOUT_S)
+        reader.proc.wait(STOP_TIMEOUT_S)
         reader.conn.close()
         self._all.remove(reader)
         self.restarts += 1
         return self._start()
 
     def pids(self) -> list[int]:
-        return [r.proc.pid for r in self._all if r.proc.pid is not None]
+        return [r.proc.pid for r in self._all]
 
     def close(self) -> None:
         for reader in self._all:
-            try:
+            with contextlib.suppress(OSError):
                 reader.conn.send(("stop",))
-            except OSError:
-                pass
         for reader in self._all:
-            reader.proc.join(STOP_TIMEOUT_S)
-            if reader.proc.is_alive():
+            try:
+                reader.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
                 reader.proc.kill()
-                reader.proc.join(STOP_TIMEOUT_S)
+                reader.proc.wait(STOP_TIMEOUT_S)
             reader.conn.close()
         self._all.clear()
+
+
+def _main(fd: int) -> None:
+    """A reader process's entry: its settings come first over the socket."""
+    conn = Connection(fd)
+    try:
+        spec = conn.recv()
+    except (EOFError, OSError):
+        return
+    _serve(conn, spec)
 
 
 def _serve(conn: Connection, spec: tuple[Any, ...]) -> None:
