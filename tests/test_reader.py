@@ -222,10 +222,15 @@ def test_a_script_without_a_main_guard_can_start_readers(adapters: dict[str, Pat
     assert "rank 8" in out.stdout and marker.read_text() == "run\n"
 
 
-def test_loader_choice() -> None:
+def test_loader_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"enable_lora": True, "max_lora_rank": 8, "lora_target_modules": ("q_proj",)}
     cpu_pool = LoraPool(SHAPE, 2, 8, ("q_proj",), CPU, torch.float32)
     assert not uses_reader_processes(ServerConfig(**base), cpu_pool)  # auto: CUDA only
+    with monkeypatch.context() as m:  # a pool whose copies are pinned, as on CUDA
+        m.setattr(LoraPool, "pins_host_rows", property(lambda self: True))
+        assert uses_reader_processes(ServerConfig(**base), cpu_pool)
+        m.setattr(sys, "executable", "")  # embedded: no interpreter to start readers with
+        assert not uses_reader_processes(ServerConfig(**base), cpu_pool)
     assert uses_reader_processes(ServerConfig(**base, lora_loader="process"), cpu_pool)
     assert not uses_reader_processes(ServerConfig(**base, lora_loader="thread"), cpu_pool)
     with pytest.raises(ConfigError, match="lora_loader: process is not supported at tp_size"):

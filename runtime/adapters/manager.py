@@ -23,6 +23,7 @@ import enum
 import itertools
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -170,10 +171,12 @@ LOADER_WORKERS = 2  # loader threads, and reader processes where reads run in pr
 
 
 def uses_reader_processes(config: ServerConfig, pool: LoraPool) -> bool:
-    """lora_loader: "process" always, "auto" when host copies are pinned (CUDA) and the pool
-    is a whole model's (a tensor-parallel rank's shard is read in threads)."""
+    """lora_loader: "process" always, "auto" when host copies are pinned (CUDA), the pool is a
+    whole model's (a tensor-parallel rank's shard is read in threads) and this Python can start
+    readers (memfd_create, an interpreter to run: not so when embedded)."""
     if config.lora_loader == "auto":
-        return pool.pins_host_rows and type(pool) is LoraPool and hasattr(os, "memfd_create")
+        return (pool.pins_host_rows and type(pool) is LoraPool
+                and hasattr(os, "memfd_create") and bool(sys.executable))
     return config.lora_loader == "process"
 
 
