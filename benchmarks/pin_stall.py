@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import statistics
 import threading
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from runtime.adapters.pool import shared_chunk
 
 CHUNK = 256 << 20
 MAX_CHUNKS = 24  # 6 GiB at most per mode
@@ -61,15 +62,9 @@ def allocate(mode: str) -> tuple[Any, ...]:
         return (torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True),)
     if mode == "pageable":
         return (torch.zeros(CHUNK, dtype=torch.uint8),)
-    fd = os.memfd_create("pin-stall")
-    os.ftruncate(fd, CHUNK)
-    t = torch.frombuffer(mmap.mmap(fd, CHUNK), dtype=torch.uint8)
+    # the shared host rows' own allocation, with their pages touched first or not
+    t, fd = shared_chunk(CHUNK, pin=True, touch=mode == "touch+register")
     os.close(fd)
-    if mode == "touch+register":
-        t.zero_()  # the pages exist before the driver pins them
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), CHUNK, 0)
-    if int(rc) != 0:
-        raise RuntimeError(f"cudaHostRegister failed: {rc}")
     return (t,)
 
 

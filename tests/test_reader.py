@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,46 +122,47 @@ def test_chunks_made_after_start_reach_the_readers(
         reader.close()
 
 
-def test_a_reader_killed_mid_read_fails_that_read_and_is_replaced(
-    adapters: dict[str, Path],
-) -> None:
+@pytest.fixture
+def one_reader(adapters: dict[str, Path]) -> Iterator[tuple[LoraPool, ProcessReader, int]]:
+    """A pool, a reader process that has served one read, and its pid."""
     pool = shared_pool()
     reader = ProcessReader(pool, SHAPE, workers=1)
     try:
         reader.read(str(adapters["narrow"]))  # started and serving
         (pid,) = reader.pids()
-        os.kill(pid, signal.SIGSTOP)  # the next read is sent and waits on a reader that ...
-        with ThreadPoolExecutor(1) as ex:
-            pending = ex.submit(reader.read, str(adapters["narrow"]))
-            time.sleep(0.3)
-            os.kill(pid, signal.SIGKILL)  # ... dies in the middle of it
-            with pytest.raises(AdapterError, match="reader process failed"):
-                pending.result(timeout=30)
-        assert reader.restarts == 1 and reader.pids() != [pid]
-        assert pool._host_rows.num_rows == 1  # the failed read's row came back
-        host, rank, _ = reader.read(str(adapters["wide"]))
-        assert rank == 8 and host.rank.tolist() == [8]
+        yield pool, reader, pid
     finally:
         reader.close()
+
+
+def test_a_reader_killed_mid_read_fails_that_read_and_is_replaced(
+    adapters: dict[str, Path], one_reader: tuple[LoraPool, ProcessReader, int]
+) -> None:
+    pool, reader, pid = one_reader
+    os.kill(pid, signal.SIGSTOP)  # the next read is sent and waits on a reader that ...
+    with ThreadPoolExecutor(1) as ex:
+        pending = ex.submit(reader.read, str(adapters["narrow"]))
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)  # ... dies in the middle of it
+        with pytest.raises(AdapterError, match="reader process failed"):
+            pending.result(timeout=30)
+    assert reader.restarts == 1 and reader.pids() != [pid]
+    assert pool._host_rows.num_rows == 1  # the failed read's row came back
+    host, rank, _ = reader.read(str(adapters["wide"]))
+    assert rank == 8 and host.rank.tolist() == [8]
 
 
 def test_a_reader_found_dead_while_idle_is_replaced_before_the_read(
-    adapters: dict[str, Path],
+    adapters: dict[str, Path], one_reader: tuple[LoraPool, ProcessReader, int]
 ) -> None:
-    pool = shared_pool()
-    reader = ProcessReader(pool, SHAPE, workers=1)
-    try:
-        reader.read(str(adapters["narrow"]))
-        (pid,) = reader.pids()
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(100):  # reaped
-            if reader._all[0].proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        _, rank, _ = reader.read(str(adapters["wide"]))  # no failure for a read it never had
-        assert rank == 8 and reader.restarts == 1 and reader.pids() != [pid]
-    finally:
-        reader.close()
+    _, reader, pid = one_reader
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):  # reaped
+        if reader._all[0].proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    _, rank, _ = reader.read(str(adapters["wide"]))  # no failure for a read it never had
+    assert rank == 8 and reader.restarts == 1 and reader.pids() != [pid]
 
 
 async def test_manager_serves_through_reader_processes(adapters: dict[str, Path]) -> None:

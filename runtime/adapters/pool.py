@@ -177,17 +177,20 @@ HOST_CHUNK_BYTES = 256 << 20
 ROW_ALIGN = 256  # bytes: every row, and each of a row's three parts, starts this aligned
 
 
-def _shared_chunk(nbytes: int, pin: bool) -> tuple[Tensor, int]:
+def shared_chunk(nbytes: int, pin: bool, touch: bool = True) -> tuple[Tensor, int]:
     """`nbytes` of host memory in a memfd (so reader processes can map it from the fd; no
     /dev/shm size limit applies), registered with CUDA (pinned) when `pin`. The tensor and
-    the fd; the mapping lives as long as the tensor."""
+    the fd; the mapping lives as long as the tensor. `touch=False` registers the pages
+    untouched (benchmarks/pin_stall.py measures both)."""
     fd = os.memfd_create("loraserve-host-rows", os.MFD_CLOEXEC)
     os.ftruncate(fd, nbytes)
     chunk = torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.uint8)
     if pin:
-        # Fault the pages in first: registering untouched pages allocates them under the
-        # driver's locks (133 against 24 ms for 256 MB on the H200, stalling other threads).
-        chunk.zero_()
+        if touch:
+            # Fault the pages in first: registering untouched pages allocates them under the
+            # driver's locks (145 against 75 ms for 256 MB on the H200, and it stalls other
+            # threads' CUDA calls for as long).
+            chunk.zero_()
         rc = torch.cuda.cudart().cudaHostRegister(chunk.data_ptr(), nbytes, 0)
         if int(rc) != 0:
             os.close(fd)
@@ -261,6 +264,11 @@ class HostRows:
         with self._lock:
             self._draining.append(lease)
 
+    def shared_chunks(self) -> list[tuple[int, int]]:
+        """(fd, bytes) of every shared chunk so far, in chunk order."""
+        with self._lock:
+            return list(zip(self.fds, self.chunk_bytes, strict=True))
+
     def reserve(self, rows: int) -> None:
         """Allocate rows until `rows` exist (in chunks of up to HOST_CHUNK_BYTES), so that a
         host tier of that many copies never allocates while serving."""
@@ -277,7 +285,7 @@ class HostRows:
         rows = max(1, nbytes // self.row_bytes)
         nbytes = rows * self.row_bytes
         if self.shared:
-            chunk, fd = _shared_chunk(nbytes, self.pin)
+            chunk, fd = shared_chunk(nbytes, self.pin)
             self.fds.append(fd)
             if self.pin:
                 self._registered.append(chunk.data_ptr())
@@ -476,9 +484,7 @@ class LoraPool:
 
     def host_row_fds(self) -> list[tuple[int, int]]:
         """(fd, bytes) of every shared chunk so far, in chunk order."""
-        rows = self._host_rows
-        with rows._lock:
-            return list(zip(rows.fds, rows.chunk_bytes, strict=True))
+        return self._host_rows.shared_chunks()
 
     def carve_host_row(self, row: Tensor) -> tuple[Any, ...]:
         """A row's parts (`RowLease.parts`), for a reader process's own mapping of it."""
