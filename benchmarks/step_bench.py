@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -350,6 +351,7 @@ def main() -> None:
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
     result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")),
+              "lora_overlap": os.environ.get("LORASERVE_LORA_OVERLAP", "1") != "0",
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
               "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}
@@ -357,7 +359,8 @@ def main() -> None:
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
     print(f"HBM {bw / 1e12:.2f} TB/s; weights (no embedding) {w_bytes / 1e9:.2f} GB; LoRA PDL "
-          f"{'on' if result['lora_pdl'] else 'off'}")
+          f"{'on' if result['lora_pdl'] else 'off'}; shrink beside the projection in graphs "
+          f"{'on' if result['lora_overlap'] else 'off'}")
     for r in rows:
         print(f"decode batch {r['batch']:3d}: {r['median_ms']:.2f} ms/step, floor "
               f"{r['floor_ms']:.2f} ms, ratio {r['ratio_to_floor']:.2f}")

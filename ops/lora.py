@@ -20,7 +20,8 @@ tile each. Neither syncs with the host, so both can be captured in CUDA graphs.
 import functools
 import itertools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ DECODE_CHUNK = 16  # csgmv chunk rows of decode tables (CUDA graphs capture with
 # Steps of at most this many tokens expand over row blocks (triton_lora_expand_rows), larger
 # ones over the row table's entries; 0 turns the row-block expand off (benchmark comparisons).
 ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", "512"))
+# Inside CUDA graph captures the LoRA shrink runs on a side stream while the base projection
+# runs (linear_lora); LORASERVE_LORA_OVERLAP=0 (read when a forward is captured) captures the
+# serial path instead, for A/B runs. Eager steps run serially: at prefill the overlap measured
+# no gain (benchmarks/RESULTS.md), and at decode sizes the fork and join's host calls would
+# cost more than they hide.
 
 
 @dataclass
@@ -488,6 +494,111 @@ def apply_lora_triton(
         partials, B, y, slice_offsets, scalings, info, pdl=pdl, table=table,
         block_n=expand_block_n,
     )
+
+
+class _SideStream:
+    """A device's second stream with the two events of a fork and a join. The events are reused:
+    a wait takes the event's latest record at the time it is issued, and each record is waited
+    on before the next one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.fork = torch.cuda.Event()
+        self.join = torch.cuda.Event()
+
+
+_side_streams = threading.local()  # per thread: each thread forks from its own current stream
+
+
+def _side_stream(device: torch.device) -> _SideStream:
+    streams = _side_streams.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        side = _SideStream(device)
+        for event in (side.fork, side.join):  # created now: not inside a graph capture
+            event.record(side.stream)
+        streams[device] = side
+    return streams[device]
+
+
+def prepare_side_stream(device: torch.device | str) -> None:
+    """Create this thread's side stream and its events for `device` ahead of a CUDA graph
+    capture (creating them inside one is not a capturable call)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        _side_stream(torch.device("cuda", index))
+
+
+def overlaps_shrink(x: Tensor) -> bool:
+    """Whether linear_lora runs the shrink for input x on a side stream: on CUDA, inside a CUDA
+    graph capture, unless LORASERVE_LORA_OVERLAP=0."""
+    if not x.is_cuda or os.environ.get("LORASERVE_LORA_OVERLAP", "1") == "0":
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
+def linear_lora_overlapped(
+    x: Tensor,
+    base: Callable[[Tensor], Tensor],
+    A: Tensor,
+    B: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+) -> Tensor:
+    """base(x) + LoRA delta of x, with the shrink on a side stream while base(x) runs on the
+    current one: the shrink needs only x, so at decode its latency-bound programs run beside
+    the weight-bound projection instead of after it; the expand then adds into base's output on
+    the current stream. The partials are allocated on the current stream before the fork, and
+    the current stream waits for the shrink before the expand, so no buffer is reused while the
+    side stream may still touch it. Captured into a CUDA graph, the fork and join become
+    parallel branches."""
+    side = _side_stream(x.device)
+    main = torch.cuda.current_stream(x.device)
+    table = lora_row_table(info)
+    num_slices = len(slice_offsets) - 1
+    partials = _shrink_partials_buffer(x, A, info, num_slices, table)
+    side.fork.record(main)
+    side.stream.wait_event(side.fork)
+    with torch.cuda.stream(side.stream):
+        _shrink_partials(x, A, info, num_slices, None, out=partials, table=table)
+    side.join.record(side.stream)
+    y = base(x)
+    main.wait_event(side.join)
+    lora_expand_triton(partials, B, y, slice_offsets, scalings, info, table=table)
+    return y
+
+
+def _shrink_partials_buffer(
+    x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int, table: LoraRowTable
+) -> Tensor:
+    """The [split_k, T, n*R] buffer `_shrink_partials` would allocate for x, on the current
+    stream."""
+    from ops.triton_lora_expand import expand_max_splits
+    from ops.triton_lora_shrink import shrink_partials_buffer
+
+    return shrink_partials_buffer(
+        x, A, num_slices, table.block_m, table.m_progs, table.num_entries, table.entry_progs,
+        _num_sms(x.device), expand_max_splits(table.block_m, A.shape[1] // num_slices),
+    )
+
+
+def linear_lora(
+    x: Tensor,
+    base: Callable[[Tensor], Tensor],
+    A: Tensor,
+    B: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+) -> Tensor:
+    """base(x) + scalings * (x A^T) B^T per segment and slice: the shrink beside base(x) on a
+    side stream where `overlaps_shrink`, else base then apply_lora."""
+    if overlaps_shrink(x):
+        return linear_lora_overlapped(x, base, A, B, slice_offsets, scalings, info)
+    y = base(x)
+    apply_lora(x, A, B, y, slice_offsets, scalings, info)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -221,27 +221,21 @@ def triton_lora_shrink(
     assert live is None or (live.shape == (1,) and live.device == x.device)
     entry_progs = min(entry_progs or num_entries, num_entries)
     rank_pad = A.shape[1] // num_slices
-    block_n, block_k, fold = blocks or shrink_blocks(
-        num_tokens, rank_pad, k_dim, block_m, num_slices
+    block_n, block_k, fold, n_tiles, num_k_blocks = _tiling(
+        num_tokens, k_dim, A.shape[1], num_slices, block_m, blocks
     )
-    n_tiles = cdiv(num_slices * rank_pad if fold else rank_pad, block_n)
-    num_k_blocks = cdiv(k_dim, block_k)
     if split_k is None and out is not None:
         split_k = out.shape[0]
     if split_k is None:
-        programs = entry_progs * m_progs * (1 if fold else num_slices) * n_tiles
-        split_k = shrink_split_k(num_tokens, programs, num_k_blocks, num_sms, max_split)
+        split_k = _heuristic_split(
+            num_tokens, entry_progs * m_progs * (1 if fold else num_slices) * n_tiles,
+            num_k_blocks, num_sms, max_split,
+        )
     if out is None:
         split_k = max(1, min(split_k, num_k_blocks))  # surplus splits would only store zeros
+        out = _partials(x, A.shape[1], split_k)
     out_dtype = x.dtype if split_k == 1 else torch.float32
     out_shape = (split_k, num_tokens, A.shape[1])
-    if out is None:
-        # Rows padded to a multiple of 16, so the split stride is one whatever the token count
-        # (Triton specializes integers on divisibility by 16: an odd count would compile a
-        # variant of its own, and of the expand that reads these partials, while serving).
-        rows = num_tokens + (-num_tokens % 16)
-        out = torch.empty((split_k, rows, A.shape[1]), dtype=out_dtype, device=x.device)
-        out = out[:, :num_tokens]
     assert out.shape == out_shape and out.dtype == out_dtype, f"out must be {out_shape} {out_dtype}"
     assert out.device == x.device
     if num_tokens == 0 or num_entries == 0:
@@ -283,3 +277,58 @@ def triton_lora_shrink(
         launch_pdl=pdl,
     )
     return out
+
+
+def _tiling(
+    num_tokens: int, k_dim: int, a_rows: int, num_slices: int, block_m: int,
+    blocks: tuple[int, int, bool] | None,
+) -> tuple[int, int, bool, int, int]:
+    """(BLOCK_N, BLOCK_K, fold, column tiles, K blocks) of a shrink."""
+    rank_pad = a_rows // num_slices
+    block_n, block_k, fold = blocks or shrink_blocks(
+        num_tokens, rank_pad, k_dim, block_m, num_slices
+    )
+    n_tiles = cdiv(num_slices * rank_pad if fold else rank_pad, block_n)
+    return block_n, block_k, fold, n_tiles, cdiv(k_dim, block_k)
+
+
+def _heuristic_split(
+    num_tokens: int, programs: int, num_k_blocks: int, num_sms: int, max_split: int
+) -> int:
+    split = shrink_split_k(num_tokens, programs, num_k_blocks, num_sms, max_split)
+    return max(1, min(split, num_k_blocks))
+
+
+def _partials(x: torch.Tensor, a_rows: int, split_k: int) -> torch.Tensor:
+    """[split_k, T, a_rows] on the current stream: x.dtype for one split, else float32.
+    Rows are padded to a multiple of 16, so the split stride is one whatever the token count
+    (Triton specializes integers on divisibility by 16: an odd count would compile a variant of
+    its own, and of the expand that reads these partials, while serving)."""
+    num_tokens = x.shape[0]
+    rows = num_tokens + (-num_tokens % 16)
+    dtype = x.dtype if split_k == 1 else torch.float32
+    return torch.empty((split_k, rows, a_rows), dtype=dtype, device=x.device)[:, :num_tokens]
+
+
+def shrink_partials_buffer(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    num_slices: int,
+    block_m: int,
+    m_progs: int,
+    num_entries: int,
+    entry_progs: int = 0,
+    num_sms: int = 132,
+    max_split: int = 32,
+) -> torch.Tensor:
+    """The partials buffer triton_lora_shrink would allocate for these arguments (heuristic
+    split and tiling), allocated now on the current stream: passed back as `out`, the shrink
+    can then run on another stream while the buffer belongs to this one."""
+    num_tokens, k_dim = x.shape
+    entry_progs = min(entry_progs or num_entries, num_entries)
+    _, _, fold, n_tiles, num_k_blocks = _tiling(
+        num_tokens, k_dim, A.shape[1], num_slices, block_m, None
+    )
+    programs = entry_progs * m_progs * (1 if fold else num_slices) * n_tiles
+    split_k = _heuristic_split(num_tokens, programs, num_k_blocks, num_sms, max_split)
+    return _partials(x, A.shape[1], split_k)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ops.lora import DECODE_CHUNK, PADDED_ENTRY_PROGRAMS, LoraBatchInfo
+from ops.lora import DECODE_CHUNK, PADDED_ENTRY_PROGRAMS, LoraBatchInfo, prepare_side_stream
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -37,6 +37,7 @@ def capture_graph(
     for _ in range(2):
         forward()
     stream.synchronize()
+    prepare_side_stream(stream.device)  # LoRA shrinks fork onto it inside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, pool=pool, stream=stream):
         out = forward()

@@ -42,6 +42,9 @@
 #                                    engine, pipeline and warm-up GPU tests, pin_stall, the
 #                                    saturated 256-cap many-adapter run with process and thread
 #                                    reads, the 32-cap run
+#   scripts/device_session.sh overlap (one GPU) the LoRA shrink on a side stream in graphs: its
+#                                    GPU tests, the graph, engine, pipeline and warm-up tests,
+#                                    the step targets
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -284,6 +287,17 @@ case "${1:-}" in
     timeout 150 python3 -m benchmarks.many_adapters --saturated-only --kernel-window 1.5 3 \
       --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
     echo "== many_adapters cap 32, kernel window: rc $?"; grep -E "saturated" "$OUT/many_kw.log"
+    ;;
+  overlap)  # one GPU: the LoRA shrink on a side stream beside the base projection inside CUDA
+            # graphs: its GPU tests, graphs against eager, engine tests, the step targets
+    gpu_tests lora_overlap_gpu 90 tests/test_lora_ops.py -k "overlap or two_launches"
+    gpu_tests graphs_gpu 220 tests/test_graphs_gpu.py
+    gpu_tests engine_gpu 140 tests/test_engine_gpu.py tests/test_pipeline_gpu.py \
+      tests/test_warmup.py
+    timeout 110 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill|  graph|serving)" "$OUT/step_lora.log"
+    rm -f "$OUT"/*.xml
     ;;
   reader)  # one GPU: adapter reads in reader processes (memfd host rows registered with CUDA)
     gpu_tests reader_gpu 200 tests/test_adapters.py tests/test_engine_gpu.py \

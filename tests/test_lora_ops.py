@@ -3,6 +3,7 @@ Triton backends against the reference (CPU tensors under TRITON_INTERPRET=1; rea
 """
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from ops.lora import (
     apply_lora_torch,
     apply_lora_triton,
     build_lora_batch_info,
+    linear_lora,
+    linear_lora_overlapped,
     lora_embed_shrink,
     lora_embed_shrink_torch,
     lora_embed_shrink_triton,
@@ -29,9 +32,10 @@ from ops.lora import (
     lora_shrink,
     lora_shrink_torch,
     lora_shrink_triton,
+    overlaps_shrink,
 )
 from ops.triton_lora_expand import expand_max_splits
-from ops.triton_lora_shrink import shrink_split_k, triton_lora_shrink
+from ops.triton_lora_shrink import shrink_partials_buffer, shrink_split_k, triton_lora_shrink
 
 # the interpreter trips a numpy deprecation on every scalar index
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -585,6 +589,127 @@ def test_gpu_two_launches_per_application() -> None:
         kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         assert len(kernels) == 2, kernels
         assert "shrink" in kernels[0] and "expand" in kernels[1], kernels
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "slots_of", "pad_to"),
+    [(1, lambda n: [0], None), (32, lambda n: list(range(8)) * 4, 32),
+     (40, lambda n: [-1] * 8 + [1] * 32, None), (300, lambda n: [2] * n, None)],
+)
+def test_partials_buffer_matches_the_shrinks_own(num_tokens, slots_of, pad_to) -> None:
+    """The buffer allocated ahead for a side-stream shrink has the split, shape and dtype the
+    shrink picks for itself: the overlapped shrink is the same kernel launch."""
+    group = make_group([4, 8, 16, 2, 16, 1, 16, 3], 16, 256, [48, 16, 16], torch.float16)
+    slots = sorted(slots_of(num_tokens), key=lambda s: (s < 0, s))
+    info = build_lora_batch_info(slots, group.slot_ranks, "csgmv", 16, "cpu", pad_to=pad_to)
+    x = torch.randn(num_tokens, 256, dtype=torch.float16)
+    table = lora_row_table(info)
+    own = triton_lora_shrink(
+        x, group.A, group.slot_ranks, table.indptr, table.slots, table.num_entries, 3,
+        table.block_m, table.m_progs, live=table.live, entry_progs=table.entry_progs,
+        max_split=expand_max_splits(table.block_m, 16),
+    )
+    ahead = shrink_partials_buffer(
+        x, group.A, 3, table.block_m, table.m_progs, table.num_entries, table.entry_progs,
+        max_split=expand_max_splits(table.block_m, 16),
+    )
+    assert (ahead.shape, ahead.dtype, ahead.stride()) == (own.shape, own.dtype, own.stride())
+
+
+def test_overlap_only_inside_cuda_graph_captures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors never take the side stream (the torch references run serially), eager CUDA
+    steps neither, and LORASERVE_LORA_OVERLAP=0 turns it off in captures too."""
+    assert not overlaps_shrink(torch.zeros(4096, 8))
+    group = make_group([4, 8], 8, 32, [16], torch.float32)
+    info = build_lora_batch_info([0, 0, -1, 1], group.slot_ranks, "csgmv", 16, "cpu")
+    x, W = torch.randn(4, 32), torch.randn(16, 32)
+    y = linear_lora(x, lambda v: v @ W.T, group.A, group.B, group.slice_offsets,
+                    group.scalings, info)
+    ref = x @ W.T
+    apply_lora_torch(x, group.A, group.B, ref, group.slice_offsets, group.scalings, info)
+    torch.testing.assert_close(y, ref)
+    if torch.cuda.is_available():
+        x = torch.zeros(8, 8, device="cuda")
+        assert not overlaps_shrink(x)
+        seen = []
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            seen.append(overlaps_shrink(x))
+            monkeypatch.setenv("LORASERVE_LORA_OVERLAP", "0")
+            seen.append(overlaps_shrink(x))
+        assert seen == [True, False]
+
+
+def overlapped_layer(
+    groups: dict[str, LoraGroup],
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    info: LoraBatchInfo,
+    mode: str,
+) -> dict[str, torch.Tensor]:
+    """A Llama-3.1-8B layer's four projections with their LoRA, each reading the previous
+    one's output: serially ("0") or with the shrink on the side stream ("shrink")."""
+    outs = {}
+    for name, group in groups.items():
+        base = functools.partial(torch.nn.functional.linear, weight=weights[name])
+        args = (group.A, group.B, group.slice_offsets, group.scalings, info)
+        if mode == "shrink":
+            y = linear_lora_overlapped(x, base, *args)
+        else:
+            y = base(x)
+            apply_lora_triton(x, group.A, group.B, y, group.slice_offsets, group.scalings, info)
+        outs[name] = y
+        x = y[:, : GPU_GROUPS["down"][0] if name == "gate_up" else 4096]
+    return outs
+
+
+@pytest.mark.parametrize("batch", [1, 32, 512])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_overlapped_shrink_matches_serial(batch: int) -> None:
+    """The shrink on a side stream beside the projection gives the serial path's bits, eager
+    and replayed from a CUDA graph (fork and join as parallel branches) over changing
+    layouts."""
+    mode = "shrink"
+    groups = llama_layer_groups(32, 16)
+    weights = {
+        name: torch.randn(sum(w), d, device="cuda", dtype=torch.bfloat16) / d**0.5
+        for name, (d, w) in GPU_GROUPS.items()
+    }
+    ranks = groups["qkv"].slot_ranks
+    x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
+    layout = [-1] + token_slots([(s, 4) for s in range(7)]) + [7] * 3 if batch >= 32 else [3]
+    layout = (layout * (batch // len(layout)))[:batch] if batch > 32 else layout
+    layout = sorted(layout, key=lambda s: (s < 0, s))
+    info = build_lora_batch_info(layout, ranks, "csgmv", 16, "cuda")
+    serial = overlapped_layer(groups, weights, x, info, "0")
+    overlapped = overlapped_layer(groups, weights, x, info, mode)
+    for name in serial:
+        assert torch.equal(serial[name], overlapped[name]), name
+    if batch > 32:
+        return
+    static = build_lora_batch_info([-1] * batch, ranks, "csgmv", 16, "cuda", pad_to=batch)
+    static.num_segments = static.num_chunks = static.max_seg_len = batch
+    overlapped_layer(groups, weights, x, static, mode)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = overlapped_layer(groups, weights, x, static, mode)
+    layouts = [[5] * batch, [-1] * batch]
+    if batch == 32:
+        layouts += [list(range(32)), token_slots([(5, 20), (-1, 3), (9, 9)])]
+    for slots in layouts:
+        info = build_lora_batch_info(slots, ranks, "csgmv", 16, "cuda", pad_to=batch)
+        info.max_seg_len = batch
+        for name in ("seg_indptr", "seg_slots", "chunk_indptr", "chunk_slots", "seg_live",
+                     "chunk_live"):
+            getattr(static, name).copy_(getattr(info, name))
+        x.normal_()
+        graph.replay()
+        replayed = {name: y.clone() for name, y in captured.items()}
+        expected = overlapped_layer(groups, weights, x, info, "0")
+        for name, y in expected.items():
+            torch.testing.assert_close(replayed[name], y, atol=1e-2, rtol=1e-2, msg=name)
 
 
 def test_size_helpers_match_triton() -> None:

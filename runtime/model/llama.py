@@ -26,6 +26,7 @@ from ops.attention import paged_decode_attention, paged_prefill_attention, store
 from ops.dispatch import use_triton
 from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand
 from ops.lora import apply_lora as lora_apply
+from ops.lora import linear_lora as lora_linear
 from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
 from ops.triton_rope_store_kv import rope_store_kv_triton
 from ops.triton_silu_mul import silu_mul_triton
@@ -134,6 +135,17 @@ def apply_lora(
     lora_apply(x, group.A, group.B, y, group.slice_offsets, group.scalings, info)
 
 
+def project(
+    linear: nn.Module, x: torch.Tensor, group: LoraGroupBuffers | None,
+    info: LoraBatchInfo | None,
+) -> torch.Tensor:
+    """linear(x) + LoRA(x) for every adapter row of the step. On CUDA the shrink may run on a
+    side stream beside the projection (ops.lora.linear_lora)."""
+    if group is None or info is None:
+        return linear(x)
+    return lora_linear(x, linear, group.A, group.B, group.slice_offsets, group.scalings, info)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, half-split layout. x: [T, heads, D]; cos/sin: [T, 1, D]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -168,8 +180,7 @@ class Attention(nn.Module):
     def attend(self, x, cos, sin, k_cache, v_cache, fb: ForwardBatch, lora) -> torch.Tensor:
         """qkv projection (+ LoRA), rotary embedding, K/V store, paged attention: [T, H * D]."""
         a = self.args
-        qkv = self.qkv_proj(x)  # [T, q + 2 kv]
-        apply_lora(x, qkv, lora.get("qkv") if lora else None, fb.lora)
+        qkv = project(self.qkv_proj, x, lora.get("qkv") if lora else None, fb.lora)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
@@ -201,9 +212,7 @@ class Attention(nn.Module):
 
     def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:
         """o_proj (+ LoRA): [T, H * D] -> [T, hidden]."""
-        out = self.o_proj(o)
-        apply_lora(o, out, lora.get("o") if lora else None, fb.lora)
-        return out
+        return project(self.o_proj, o, lora.get("o") if lora else None, fb.lora)
 
 
 class MLP(nn.Module):
@@ -217,12 +226,9 @@ class MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
     ) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
-        apply_lora(x, gate_up, lora.get("gate_up") if lora else None, fb.lora)
+        gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
         h = self.silu_mul(gate_up)  # [T, inter]
-        out = self.down_proj(h)
-        apply_lora(h, out, lora.get("down") if lora else None, fb.lora)
-        return out
+        return project(self.down_proj, h, lora.get("down") if lora else None, fb.lora)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up: [T, 2 * inter] -> [T, inter]; one kernel on CUDA."""

@@ -35,7 +35,7 @@ from runtime.adapters.pool import (
     LoraPool,
 )
 from runtime.model.batch import ForwardBatch
-from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, apply_lora
+from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, apply_lora, project
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,7 @@ class ParallelMLP(MLP):
         self.tp = tp
 
     def forward(self, x, fb: ForwardBatch, lora) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * inter_l]
-        apply_lora(x, gate_up, lora.get("gate_up") if lora else None, fb.lora)
+        gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
         gate, up = gate_up.split(self.inter, dim=-1)
         h = F.silu(gate) * up  # [T, inter_l]
         out = self.tp.all_reduce(self.down_proj(h))  # [T, hidden]
