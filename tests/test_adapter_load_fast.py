@@ -221,6 +221,7 @@ def test_host_copy_equals_per_tensor_copies(
     reference = reference_weights(tmp_path, spec)
     assert weights.nbytes == sum(4 * (a.numel() + b.numel()) for a, b in reference.values())
     host = pool.build_host(weights)
+    assert "_views" not in host.__dict__  # per-group views are built on first use only
     flat, flat_scalings = reference_host(pool, tmp_path, spec)
     # byte-identical: compare the raw bytes (NaN-safe, and -0.0 differs from 0.0)
     assert torch.equal(host.flat.view(torch.uint8), flat.view(torch.uint8))

@@ -163,6 +163,8 @@ async def test_load_upload_and_residency_states(folders: dict[str, Path]) -> Non
     assert m.state("a") is Residency.RESIDENT and m.ready_event(slot) is None
     assert m.admit("a", set(), overlap=True) == slot
     assert m.list()[0].tier == "gpu" and m.list()[0].refs == 1
+    # a read and an upload build none of the host copy's per-group views
+    assert "_views" not in m._adapters["a"].host.__dict__
     assert m.counters.loads == {"host": 1, "gpu": 1}
     assert m.counters.requests_by_residency == {"gpu": 0, "host": 1, "disk": 0}
     assert {t for t, _ in m.drain_latencies()} == {"host", "gpu"} and not m.drain_latencies()

@@ -28,7 +28,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
@@ -132,25 +132,55 @@ class HostGroup:
     scalings: Tensor  # [n] float32
 
 
-@dataclass
 class HostAdapter:
     """One adapter in host memory, laid out like one pool slot.
 
     A group is None when the adapter targets none of its modules (in that layer): the upload
-    zero-fills that group's slot instead of copying zeros from host memory.
+    zero-fills that group's slot instead of copying zeros from host memory. The per-group views
+    (`layers`, `embed`, `lm_head`) are built on first use: an upload copies `flat` whole, so
+    serving never builds them (each read would otherwise make hundreds of small tensor views
+    in the serving process, each holding the GIL against the runner's launches).
     """
 
-    layers: list[dict[str, HostGroup | None]]
-    embed: HostGroup | None
-    lm_head: HostGroup | None
-    rank: Tensor  # [1] int32
-    nbytes: int
-    is_pinned: bool
-    flat: Tensor  # [slot numel] every group's A and B, laid out like one row of the pool's slab
-    flat_scalings: Tensor  # [slot scalings] float32, like one row of the scalings slab
-    # the HostRows row it lives in: returned when this copy is dropped, reused once `lease`'s
-    # last upload event has completed
-    lease: RowLease
+    def __init__(
+        self,
+        views: Callable[[], tuple[list[dict[str, HostGroup | None]], HostGroup | None,
+                                  HostGroup | None]],
+        rank: Tensor,
+        nbytes: int,
+        is_pinned: bool,
+        flat: Tensor,
+        flat_scalings: Tensor,
+        lease: RowLease,
+    ) -> None:
+        self._views_of = views
+        self.rank = rank  # [1] int32
+        self.nbytes = nbytes
+        self.is_pinned = is_pinned
+        # [slot numel] every group's A and B, laid out like one row of the pool's slab
+        self.flat = flat
+        self.flat_scalings = flat_scalings  # [slot scalings] float32, like the scalings slab row
+        # the HostRows row it lives in: returned when this copy is dropped, reused once
+        # `lease`'s last upload event has completed
+        self.lease = lease
+
+    @cached_property
+    def _views(
+        self,
+    ) -> tuple[list[dict[str, HostGroup | None]], HostGroup | None, HostGroup | None]:
+        return self._views_of()
+
+    @property
+    def layers(self) -> list[dict[str, HostGroup | None]]:
+        return self._views[0]
+
+    @property
+    def embed(self) -> HostGroup | None:
+        return self._views[1]
+
+    @property
+    def lm_head(self) -> HostGroup | None:
+        return self._views[2]
 
 
 class RowLease:
@@ -516,6 +546,16 @@ class LoraPool:
         """The host copy in `lease`'s filled row, of an adapter of `modules` ((layer, module)
         keys); its row is given back when the copy is garbage."""
         flat, flat_scalings, rank, bases = lease.parts
+        nbytes = flat.nbytes + flat_scalings.nbytes + rank.nbytes
+        views = partial(self._host_views, flat, flat_scalings, bases, modules)
+        host = HostAdapter(views, rank, nbytes, self.pins_host_rows, flat, flat_scalings, lease)
+        weakref.finalize(host, self._host_rows.give, lease)
+        return host
+
+    def _host_views(
+        self, flat: Tensor, flat_scalings: Tensor, bases: Any, modules: set[tuple[int, str]]
+    ) -> tuple[list[dict[str, HostGroup | None]], HostGroup | None, HostGroup | None]:
+        """A host copy's per-group views (HostAdapter.layers, embed, lm_head)."""
         layers: list[dict[str, HostGroup | None]] = [
             dict.fromkeys(self.group_names) for _ in range(self.shape.num_layers)
         ]
@@ -531,11 +571,7 @@ class LoraPool:
                 lm_head = host
             else:
                 layers[layer][g] = host
-        nbytes = flat.nbytes + flat_scalings.nbytes + rank.nbytes
-        host = HostAdapter(layers, embed, lm_head, rank, nbytes, self.pins_host_rows, flat,
-                           flat_scalings, lease)
-        weakref.finalize(host, self._host_rows.give, lease)
-        return host
+        return layers, embed, lm_head
 
     def _places_of(self, group: str) -> list[tuple[int, str]]:
         if group in (EMBED, LM_HEAD):
