@@ -94,6 +94,20 @@ def add_requests(engine: Engine, batch: int, prompt_len: int, loras: list[str | 
         engine.scheduler.add(req)
 
 
+def parse_lora_cases(cases: list[str]) -> list[tuple[int, int]]:
+    """["1x1", "32x8"] -> [(1, 1), (32, 8)]: batch size and distinct adapters of each case."""
+    out = []
+    for case in cases:
+        try:
+            batch, adapters = (int(v) for v in case.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--lora-cases: {case!r} is not BATCHxADAPTERS, e.g. 32x8") from None
+        if not 1 <= adapters <= min(batch, 32):
+            raise SystemExit(f"--lora-cases: {case!r} needs 1 to min(batch, 32) adapters")
+        out.append((batch, adapters))
+    return out
+
+
 def decode_step_ms(engine: Engine, batch: int, prompt_len: int, steps: int,
                    loras: list[str | None] | None = None) -> dict:
     add_requests(engine, batch, prompt_len, loras or [None])
@@ -283,12 +297,17 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true",
                     help="also measure 1, 8 and 32 distinct rank-16 adapters on all projections")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lora-cases", nargs="+", default=["1x1", "32x8", "32x32"],
+                    metavar="BATCHxADAPTERS",
+                    help="decode cases with --lora: batch size x distinct adapters (at most 32 "
+                    "and at most the batch); each case's batch also gets a base row")
     ap.add_argument("--repeat", type=int, default=1,
                     help="measure each base decode case this many times; report the median")
     ap.add_argument("--profile", action="store_true",
                     help="only a per-kernel-category GPU time breakdown of each case")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    lora_cases = parse_lora_cases(a.lora_cases) if a.lora else []
     steps = 10 if a.quick else a.steps
     bw = hbm_bandwidth()
     folder = write_dummy_model(a.shape, Path(tempfile.mkdtemp()) / a.shape)
@@ -324,7 +343,7 @@ def main() -> None:
     kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (
         c["hidden_size"] // c["num_attention_heads"]) * 2
     rows = []
-    for b in a.batch:
+    for b in sorted(set(a.batch) | {b for b, _ in lora_cases}):
         reps = [decode_step_ms(engine, b, a.prompt, steps) for _ in range(a.repeat)]
         r = dict(reps[0])
         r["median_ms"] = statistics.median(x["median_ms"] for x in reps)
@@ -338,7 +357,7 @@ def main() -> None:
         from benchmarks.random_adapters import ALL_LINEAR
         per_adapter = 2 * a.rank * sum(
             sum(_dims_bytes(c, m)) for m in ALL_LINEAR) * c["num_hidden_layers"]
-        for b, n in ((1, 1), (32, 8), (32, 32)):
+        for b, n in lora_cases:
             r = decode_step_ms(engine, b, a.prompt, steps, names[:n])
             base = next(x for x in rows if x["batch"] == b)
             r["base_median_ms"] = base["median_ms"]

@@ -356,3 +356,13 @@ def test_kernel_window_summary() -> None:
     assert k["ms_per_step"] == pytest.approx({"lora expand": 0.2, "gemm": 0.4, "norm": 0.05})
     with pytest.raises(SystemExit):
         main(["--quick", "--kernel-window", "1", "2"])
+
+
+def test_step_bench_lora_cases_parse() -> None:
+    """step_bench --lora-cases: BATCHxADAPTERS, adapters at most the batch and 32."""
+    from benchmarks.step_bench import parse_lora_cases
+
+    assert parse_lora_cases(["1x1", "32x8", "16X4"]) == [(1, 1), (32, 8), (16, 4)]
+    for bad in ("3x", "2x4", "64x33", "ax1"):
+        with pytest.raises(SystemExit, match="--lora-cases"):
+            parse_lora_cases([bad])
