@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.dummy_model import SHAPES, weight_bytes, write_dummy_model
-from ops.lora import _use_pdl
+from ops.lora import _use_pdl, overlap_enabled
 from runtime.config import ServerConfig
 from runtime.engine import Engine
 from runtime.request import Request, SamplingParams
@@ -370,7 +369,7 @@ def main() -> None:
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
     result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")),
-              "lora_overlap": os.environ.get("LORASERVE_LORA_OVERLAP", "1") != "0",
+              "lora_overlap": overlap_enabled(),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
               "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}

@@ -520,24 +520,26 @@ def _side_stream(device: torch.device) -> _SideStream:
     return streams[device]
 
 
-def prepare_side_stream(device: torch.device | str) -> None:
-    """Create this thread's side stream and its events for `device` ahead of a CUDA graph
-    capture (creating them inside one is not a capturable call)."""
-    device = torch.device(device)
+def prepare_side_stream(device: torch.device) -> None:
+    """Create this thread's side stream and its events for CUDA `device` (with its index)
+    ahead of a CUDA graph capture (creating them inside one is not a capturable call)."""
     if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        _side_stream(torch.device("cuda", index))
+        _side_stream(device)
+
+
+def overlap_enabled() -> bool:
+    """Whether CUDA graph captures run the LoRA shrink beside the projection: unless
+    LORASERVE_LORA_OVERLAP=0."""
+    return os.environ.get("LORASERVE_LORA_OVERLAP", "1") != "0"
 
 
 def overlaps_shrink(x: Tensor) -> bool:
     """Whether linear_lora runs the shrink for input x on a side stream: on CUDA, inside a CUDA
-    graph capture, unless LORASERVE_LORA_OVERLAP=0."""
-    if not x.is_cuda or os.environ.get("LORASERVE_LORA_OVERLAP", "1") == "0":
-        return False
-    return torch.cuda.is_current_stream_capturing()
+    graph capture, when `overlap_enabled` (the environment is read only inside captures)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing() and overlap_enabled()
 
 
-def linear_lora_overlapped(
+def linear_lora(
     x: Tensor,
     base: Callable[[Tensor], Tensor],
     A: Tensor,
@@ -545,14 +547,20 @@ def linear_lora_overlapped(
     slice_offsets: tuple[int, ...],
     scalings: Tensor,
     info: LoraBatchInfo,
+    overlap: bool | None = None,
 ) -> Tensor:
-    """base(x) + LoRA delta of x, with the shrink on a side stream while base(x) runs on the
-    current one: the shrink needs only x, so at decode its latency-bound programs run beside
-    the weight-bound projection instead of after it; the expand then adds into base's output on
-    the current stream. The partials are allocated on the current stream before the fork, and
-    the current stream waits for the shrink before the expand, so no buffer is reused while the
-    side stream may still touch it. Captured into a CUDA graph, the fork and join become
-    parallel branches."""
+    """base(x) + scalings * (x A^T) B^T per segment and slice. overlap (None: `overlaps_shrink`)
+    runs the shrink on a side stream while base(x) runs on the current one (CUDA only): the
+    shrink needs only x, so at decode its latency-bound programs run beside the weight-bound
+    projection instead of after it; the expand then adds into base's output on the current
+    stream. The partials are allocated on the current stream before the fork, and the current
+    stream waits for the shrink before the expand, so no buffer is reused while the side stream
+    may still touch it. Captured into a CUDA graph, the fork and join become parallel branches.
+    Without overlap: base(x), then apply_lora."""
+    if not (overlaps_shrink(x) if overlap is None else overlap):
+        y = base(x)
+        apply_lora(x, A, B, y, slice_offsets, scalings, info)
+        return y
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
     table = lora_row_table(info)
@@ -581,24 +589,6 @@ def _shrink_partials_buffer(
         x, A, num_slices, table.block_m, table.m_progs, table.num_entries, table.entry_progs,
         _num_sms(x.device), expand_max_splits(table.block_m, A.shape[1] // num_slices),
     )
-
-
-def linear_lora(
-    x: Tensor,
-    base: Callable[[Tensor], Tensor],
-    A: Tensor,
-    B: Tensor,
-    slice_offsets: tuple[int, ...],
-    scalings: Tensor,
-    info: LoraBatchInfo,
-) -> Tensor:
-    """base(x) + scalings * (x A^T) B^T per segment and slice: the shrink beside base(x) on a
-    side stream where `overlaps_shrink`, else base then apply_lora."""
-    if overlaps_shrink(x):
-        return linear_lora_overlapped(x, base, A, B, slice_offsets, scalings, info)
-    y = base(x)
-    apply_lora(x, A, B, y, slice_offsets, scalings, info)
-    return y
 
 
 # ---------------------------------------------------------------------------------------------

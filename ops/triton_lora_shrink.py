@@ -221,16 +221,12 @@ def triton_lora_shrink(
     assert live is None or (live.shape == (1,) and live.device == x.device)
     entry_progs = min(entry_progs or num_entries, num_entries)
     rank_pad = A.shape[1] // num_slices
-    block_n, block_k, fold, n_tiles, num_k_blocks = _tiling(
-        num_tokens, k_dim, A.shape[1], num_slices, block_m, blocks
+    block_n, block_k, fold, n_tiles, num_k_blocks, heuristic = _plan(
+        num_tokens, k_dim, A.shape[1], num_slices, block_m, m_progs, entry_progs, num_sms,
+        max_split, blocks,
     )
-    if split_k is None and out is not None:
-        split_k = out.shape[0]
     if split_k is None:
-        split_k = _heuristic_split(
-            num_tokens, entry_progs * m_progs * (1 if fold else num_slices) * n_tiles,
-            num_k_blocks, num_sms, max_split,
-        )
+        split_k = heuristic if out is None else out.shape[0]
     if out is None:
         split_k = max(1, min(split_k, num_k_blocks))  # surplus splits would only store zeros
         out = _partials(x, A.shape[1], split_k)
@@ -279,24 +275,21 @@ def triton_lora_shrink(
     return out
 
 
-def _tiling(
-    num_tokens: int, k_dim: int, a_rows: int, num_slices: int, block_m: int,
-    blocks: tuple[int, int, bool] | None,
-) -> tuple[int, int, bool, int, int]:
-    """(BLOCK_N, BLOCK_K, fold, column tiles, K blocks) of a shrink."""
+def _plan(
+    num_tokens: int, k_dim: int, a_rows: int, num_slices: int, block_m: int, m_progs: int,
+    entry_progs: int, num_sms: int, max_split: int, blocks: tuple[int, int, bool] | None,
+) -> tuple[int, int, bool, int, int, int]:
+    """(BLOCK_N, BLOCK_K, fold, column tiles, K blocks, heuristic split) of a shrink;
+    entry_progs as the kernel launches them."""
     rank_pad = a_rows // num_slices
     block_n, block_k, fold = blocks or shrink_blocks(
         num_tokens, rank_pad, k_dim, block_m, num_slices
     )
     n_tiles = cdiv(num_slices * rank_pad if fold else rank_pad, block_n)
-    return block_n, block_k, fold, n_tiles, cdiv(k_dim, block_k)
-
-
-def _heuristic_split(
-    num_tokens: int, programs: int, num_k_blocks: int, num_sms: int, max_split: int
-) -> int:
+    num_k_blocks = cdiv(k_dim, block_k)
+    programs = entry_progs * m_progs * (1 if fold else num_slices) * n_tiles
     split = shrink_split_k(num_tokens, programs, num_k_blocks, num_sms, max_split)
-    return max(1, min(split, num_k_blocks))
+    return block_n, block_k, fold, n_tiles, num_k_blocks, max(1, min(split, num_k_blocks))
 
 
 def _partials(x: torch.Tensor, a_rows: int, split_k: int) -> torch.Tensor:
@@ -324,11 +317,7 @@ def shrink_partials_buffer(
     """The partials buffer triton_lora_shrink would allocate for these arguments (heuristic
     split and tiling), allocated now on the current stream: passed back as `out`, the shrink
     can then run on another stream while the buffer belongs to this one."""
-    num_tokens, k_dim = x.shape
     entry_progs = min(entry_progs or num_entries, num_entries)
-    _, _, fold, n_tiles, num_k_blocks = _tiling(
-        num_tokens, k_dim, A.shape[1], num_slices, block_m, None
-    )
-    programs = entry_progs * m_progs * (1 if fold else num_slices) * n_tiles
-    split_k = _heuristic_split(num_tokens, programs, num_k_blocks, num_sms, max_split)
+    split_k = _plan(x.shape[0], x.shape[1], A.shape[1], num_slices, block_m, m_progs,
+                    entry_progs, num_sms, max_split, None)[-1]
     return _partials(x, A.shape[1], split_k)

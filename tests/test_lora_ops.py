@@ -21,7 +21,6 @@ from ops.lora import (
     apply_lora_triton,
     build_lora_batch_info,
     linear_lora,
-    linear_lora_overlapped,
     lora_embed_shrink,
     lora_embed_shrink_torch,
     lora_embed_shrink_triton,
@@ -654,7 +653,7 @@ def overlapped_layer(
         base = functools.partial(torch.nn.functional.linear, weight=weights[name])
         args = (group.A, group.B, group.slice_offsets, group.scalings, info)
         if mode == "shrink":
-            y = linear_lora_overlapped(x, base, *args)
+            y = linear_lora(x, base, *args, overlap=True)
         else:
             y = base(x)
             apply_lora_triton(x, group.A, group.B, y, group.slice_offsets, group.scalings, info)
