@@ -19,6 +19,7 @@ programs with no entry exit at once, the others wait for the shrink's partials a
 output y before touching them.
 """
 
+import dataclasses
 import itertools
 
 import torch
@@ -118,6 +119,7 @@ def _lora_expand_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     HAS_LIVE: tl.constexpr,
+    Y_FIRST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     first_entry = pid_m // m_progs
@@ -164,6 +166,10 @@ def _lora_expand_kernel(
         for m0 in range(first_row, row_end, m_progs * BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_live = offs_m < row_end
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = m_live[:, None] & n_live[None, :]
+            if Y_FIRST:  # y's load in flight while t and B load and multiply
+                y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
             t_tile = _load_t(
                 t_cols, offs_m, m_live, offs_r0, r0_live, splits, stride_ts, stride_tm,
                 stride_tr, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
@@ -182,10 +188,18 @@ def _lora_expand_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 acc = tl.dot(t_tile, b_tile, acc, input_precision=DOT_PRECISION)
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-            y_mask = m_live[:, None] & n_live[None, :]
-            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            if not Y_FIRST:
+                y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
             tl.store(y_ptrs, (y_old + scaling * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpandTuning:
+    """Launch settings of the entry expand that benchmark sweeps vary."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+    y_first: bool = False  # load y before t and B instead of after their product
 
 
 def expand_block_k(rank_pad: int) -> int:
@@ -271,6 +285,7 @@ def triton_lora_expand(
     block_n: int | None = None,
     live: torch.Tensor | None = None,
     entry_progs: int = 0,
+    tuning: ExpandTuning | None = None,
 ) -> None:
     """y[rows, off_i:off_{i+1}] += scalings[slot, i] * t[rows, i*R:i*R+rank] B[slot, off_i.., :rank]^T.
 
@@ -283,7 +298,9 @@ def triton_lora_expand(
     block_n: output tile width instead of the heuristic's (benchmark sweeps).
     live: [1] int32 on y's device, how many leading entries are real (a padded table), or None.
     entry_progs: programs along the entry axis, each looping over entries (0: num_entries).
+    tuning: launch settings instead of the defaults (benchmark sweeps).
     """
+    tuning = tuning or ExpandTuning()
     partials = _checked_partials(t, B, y, slice_offsets, scalings, slot_ranks, pdl, live)
     num_splits, num_tokens, _ = partials.shape
     rank_pad = B.shape[2]
@@ -332,8 +349,9 @@ def triton_lora_expand(
         DOT_PRECISION="tf32" if low_precision else "ieee",
         USE_PDL=pdl,
         HAS_LIVE=live is not None,
-        num_warps=4,
-        num_stages=2,
+        Y_FIRST=tuning.y_first,
+        num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages,
         launch_pdl=pdl,
     )
 
