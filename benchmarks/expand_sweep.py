@@ -1,15 +1,16 @@
 """The LoRA expand alone at prefill, over its tilings, against the read-modify-write ceiling.
 
 Prefill of 8 x 512 tokens over 8 rank-16 adapters (one adapter a sequence), each LoRA group of a
-Llama-3.1-8B layer: t as the shrink leaves it (fp32, one split), then y += s * t B^T in place by
+Llama-3.1-8B layer: t as the shrink leaves it (one split, in the activations' dtype), then y += s * t B^T in place by
 the entry expand (ops/triton_lora_expand.py) with
 
-- the table: csgmv chunks of 16..128 rows (one program a chunk, as the engine prefills), or the
-  segments with BLOCK_M rows a tile and m_progs programs a segment, each looping over its tiles;
-- the output tile width, warps, pipeline stages, and whether y is loaded before t and B;
+- the table: chunks of up to C rows (c<C>b<BLOCK_M>m<m_progs>: m_progs programs a chunk, each
+  looping over its BLOCK_M-row tiles; c32b32m1 is how the engine prefilled), or the segments
+  (s<BLOCK_M>x<m_progs>);
+- the output tile width, warps and pipeline stages;
 
 against torch's y.mul_(1) (the same bytes of y read and written, nothing else) as the ceiling a
-read-modify-write of y reaches. The engine's prefill default is c32-n128-w4-s2. Each point's y is checked against a torch reference first.
+read-modify-write of y reaches. Each point's y is checked against a torch reference first.
 "ms a step" = the four groups x 32 layers. Every time: 20 applications in a CUDA graph, median
 of 20 replays (benchmarks/lora_kernel_bench.time_cuda).
 
@@ -38,7 +39,7 @@ from benchmarks.lora_kernel_bench import (
     time_cpu,
     time_cuda,
 )
-from ops.lora import LoraRowTable, build_lora_batch_info, lora_row_table
+from ops.lora import LoraRowTable, _chunks, _segments, build_lora_batch_info, lora_row_table
 from ops.triton_lora_expand import ExpandTuning, triton_lora_expand
 
 
@@ -46,43 +47,63 @@ from ops.triton_lora_expand import ExpandTuning, triton_lora_expand
 class Point:
     """One tiling of the expand."""
 
-    table: str  # "c<chunk>" (csgmv chunks) or "s<block_m>x<m_progs>" (segments)
+    table: str  # "c<chunk>b<block_m>m<m_progs>" (chunks) or "s<block_m>x<m_progs>" (segments)
     block_n: int
     tuning: ExpandTuning
 
     @property
     def name(self) -> str:
         t = self.tuning
-        return (f"{self.table}-n{self.block_n}-w{t.num_warps}-s{t.num_stages}"
-                f"{'-yfirst' if t.y_first else ''}")
+        return f"{self.table}-n{self.block_n}-w{t.num_warps}-s{t.num_stages}"
+
+    @classmethod
+    def parse(cls, name: str) -> Point:
+        """The point a name like c256b32m2-n128-w4-s2 stands for."""
+        table, n, w, st = name.split("-")
+        return cls(table, int(n[1:]), ExpandTuning(int(w[1:]), int(st[1:])))
 
 
 def row_table(case: Case, table: str) -> LoraRowTable:
-    """The row table of `table` for the case's tokens."""
+    """The row table of `table` for the case's tokens: chunks of <chunk> rows, each swept by
+    m_progs programs of block_m-row tiles (c...), or the segments (s...)."""
+    per_prog = 0
+    if "e" in table:
+        table, per = table.split("e")
+        per_prog = int(per)
     if table.startswith("c"):
-        info = build_lora_batch_info(case.token_slots, case.slot_ranks, "csgmv", int(table[1:]),
-                                     case.x.device)
-        return lora_row_table(info)
+        chunk, rest = table[1:].split("b")
+        block_m, m_progs = (int(v) for v in rest.split("m"))
+        indptr, slots = _segments(case.token_slots)
+        chunk_indptr, chunk_slots = _chunks(indptr, slots, int(chunk))
+        device = case.x.device
+        return LoraRowTable(
+            torch.tensor(chunk_indptr, dtype=torch.int32, device=device),
+            torch.tensor(chunk_slots, dtype=torch.int32, device=device),
+            len(chunk_slots), block_m, m_progs,
+            entry_progs=-(-len(chunk_slots) // per_prog) if per_prog else 0,
+        )
     block_m, m_progs = (int(v) for v in table[1:].split("x"))
     info = build_lora_batch_info(case.token_slots, case.slot_ranks, "triton", 16, case.x.device)
     return dataclasses.replace(lora_row_table(info), block_m=block_m, m_progs=m_progs)
 
 
-def points(seg_len: int, quick: bool) -> list[Point]:
-    """The first pass: tables x tile widths x warps x y first, two stages."""
-    chunks = (16, 32) if quick else (16, 32, 64, 128)
-    tables = [f"c{c}" for c in chunks]
-    for block_m in (16, 32) if quick else (32, 64, 128):
-        tiles = max(1, seg_len // block_m)
-        tables += [f"s{block_m}x{m}" for m in sorted({1, 2, 4, tiles}) if m <= tiles]
+TABLES = ("c32b32m1", "c64b64m1", "c128b64m1", "c128b64m2", "c256b64m1", "c256b64m2",
+          "c256b64m4", "c256b32m2", "c256b32m4", "c512b64m2", "s64x2", "s32x2")
+QUICK_TABLES = ("c32b32m1", "c64b16m2", "s16x2")
+
+
+def points(quick: bool) -> list[Point]:
+    """Tables x tile widths x warps, two stages."""
     out = []
-    for table, block_n, warps, y_first in itertools.product(
-        tables, (64, 128) if quick else (64, 128, 256), (4,) if quick else (4, 8), (False, True)
+    for table, block_n, warps in itertools.product(
+        QUICK_TABLES if quick else TABLES, (64, 128) if quick else (128, 256),
+        (4,) if quick else (4, 8),
     ):
-        block_m = int(table[1:]) if table.startswith("c") else int(table[1:].split("x")[0])
+        block_m = int(table.split("b")[1].split("m")[0]) if table.startswith("c") else \
+            int(table[1:].split("x")[0].split("e")[0])
         if block_m * block_n > 4096 * warps:  # the fp32 accumulator alone past 128 registers
             continue
-        out.append(Point(table, block_n, ExpandTuning(warps, 2, y_first)))
+        out.append(Point(table, block_n, ExpandTuning(warps, 2)))
     return out
 
 
@@ -102,13 +123,14 @@ def expected(case: Case, t: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
 
 
 def run(shape: dict, lengths: list[int], rank: int, dtype: torch.dtype, device: str,
-        quick: bool, iters: int, replays: int) -> dict:
+        quick: bool, iters: int, replays: int, names: list[str] | None = None) -> dict:
     timer = time_cpu if device == "cpu" else time_cuda
     groups = layer_groups(shape)
     token_slots = [slot for slot, n in enumerate(lengths) for _ in range(n)]
     cases = {g.name: make_case(g, [rank] * len(lengths), rank, token_slots, dtype, device, seed=i)
              for i, g in enumerate(groups)}
-    ts = {name: torch.randn(len(token_slots), c.A.shape[1], device=device) / 4
+    # one split, as the shrink leaves it at prefill: t in the activations' dtype
+    ts = {name: (torch.randn(len(token_slots), c.A.shape[1], device=device) / 4).to(dtype)
           for name, c in cases.items()}
     rows: list[dict] = []
     for name, case in cases.items():
@@ -116,7 +138,7 @@ def run(shape: dict, lengths: list[int], rank: int, dtype: torch.dtype, device: 
         us = timer(lambda case=case: case.y.mul_(1.0), iters, replays)
         rows.append({"group": name, "impl": "torch-rmw", "us": us, "y_bytes": nbytes})
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
-    for point in points(max(lengths), quick):
+    for point in [Point.parse(n) for n in names] if names else points(quick):
         for name, case in cases.items():
             table, t = row_table(case, point.table), ts[name]
 
@@ -125,7 +147,7 @@ def run(shape: dict, lengths: list[int], rank: int, dtype: torch.dtype, device: 
                 triton_lora_expand(t, case.B, case.y, case.slice_offsets, case.scalings,
                                    case.slot_ranks, table.indptr, table.slots, table.num_entries,
                                    table.block_m, table.m_progs, block_n=point.block_n,
-                                   tuning=point.tuning)
+                                   entry_progs=table.entry_progs, tuning=point.tuning)
 
             y0 = case.y.clone()
             fn()
@@ -164,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--top", type=int, default=25, help="print this many fastest")
+    ap.add_argument("--points", nargs="+", help="only these points (names as printed)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if a.quick:
@@ -177,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         shape, lengths, device, dtype, iters, replays = SHAPES["llama-3.1-8b"], [512] * 8, \
             "cuda", torch.bfloat16, 20, 20
     started = time.time()
-    result = run(shape, lengths, 16 if not a.quick else 4, dtype, device, a.quick, iters, replays)
+    result = run(shape, lengths, 16 if not a.quick else 4, dtype, device, a.quick, iters, replays,
+                 a.points)
     result["settings"] = {"quick": a.quick, "lengths": lengths, "dtype": str(dtype),
                           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                           "seconds": round(time.time() - started, 1)}

@@ -34,6 +34,13 @@ BACKENDS = ("csgmv", "triton")
 # bucket, so one program an entry would launch mostly empty programs at large buckets.
 PADDED_ENTRY_PROGRAMS = 32
 DECODE_CHUNK = 16  # csgmv chunk rows of decode tables (CUDA graphs capture with it)
+# Steps that prefill cut csgmv segments into chunks of PREFILL_CHUNK_TILES tiles of chunk_size
+# rows (max_lora_chunk_size): the shrink gives each tile a program, and the entry expand gives
+# each program EXPAND_TILES consecutive tiles of one adapter, so it loads that adapter's B tile
+# once for them. At 8 x 512 tokens over 8 adapters the expand alone took 6.67 ms a step this way
+# against 7.96 with a program a tile (H200, benchmarks/RESULTS.md, expand_sweep).
+PREFILL_CHUNK_TILES = 8
+EXPAND_TILES = 4
 # Steps of at most this many tokens expand over row blocks (triton_lora_expand_rows), larger
 # ones over the row table's entries; 0 turns the row-block expand off (benchmark comparisons).
 ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", "512"))
@@ -136,7 +143,7 @@ def lora_tables(
     if token_slots and not -1 <= min(token_slots) <= max(token_slots) < num_slots:
         raise ValueError(f"slot ids must be in -1..{num_slots - 1}")
     seg_indptr, seg_slots = _segments(token_slots)
-    chunk_indptr, chunk_slots = _chunks(seg_indptr, seg_slots, chunk_size)
+    chunk_indptr, chunk_slots = _chunks(seg_indptr, seg_slots, chunk_rows(chunk_size))
     max_seg_len = max((b - a for a, b in itertools.pairwise(seg_indptr)), default=0)
     live = [len(seg_slots), len(chunk_slots)]
     if pad_to is not None:
@@ -284,12 +291,20 @@ class LoraRowTable:
     entry_progs: int = 0  # programs along entries (0: num_entries)
 
 
+def chunk_rows(chunk_size: int) -> int:
+    """Rows of a csgmv chunk: chunk_size for decode tables (DECODE_CHUNK), else
+    PREFILL_CHUNK_TILES tiles of chunk_size rows."""
+    return chunk_size if chunk_size == DECODE_CHUNK else chunk_size * PREFILL_CHUNK_TILES
+
+
 def lora_row_table(info: LoraBatchInfo) -> LoraRowTable:
-    """Rows per program for info.backend: chunks, one BLOCK_M = chunk_size tile each (csgmv), or
-    segments whose rows are strided over m_progs programs (triton)."""
+    """Rows per program for info.backend: chunks in BLOCK_M = chunk_size tiles, one program a
+    tile (csgmv), or segments whose rows are strided over m_progs programs (triton)."""
     if info.backend == "csgmv":
+        tiles = chunk_rows(info.chunk_size) // info.chunk_size
+        m_progs = max(1, min(tiles, -(-info.max_seg_len // info.chunk_size)))
         return LoraRowTable(
-            info.chunk_indptr, info.chunk_slots, info.num_chunks, info.chunk_size, 1,
+            info.chunk_indptr, info.chunk_slots, info.num_chunks, info.chunk_size, m_progs,
             info.chunk_live, _entry_progs(info, info.num_chunks),
         )
     # max_seg_len only sizes the grid; the kernels stride over all rows whatever it is
@@ -425,6 +440,8 @@ def lora_expand_triton(
         )
         return
     table = table or lora_row_table(info)
+    # csgmv: EXPAND_TILES consecutive tiles of a chunk a program (one B tile load for them)
+    m_progs = -(-table.m_progs // EXPAND_TILES) if info.backend == "csgmv" else table.m_progs
     triton_lora_expand(
         t,
         B,
@@ -436,7 +453,7 @@ def lora_expand_triton(
         table.slots,
         table.num_entries,
         table.block_m,
-        table.m_progs,
+        m_progs,
         live=table.live,
         entry_progs=table.entry_progs,
         num_sms=_num_sms(y.device),

@@ -14,6 +14,10 @@ Axis 0 has one program an entry, or, for a table padded to a CUDA graph's bucket
 programs that loop over the real entries (their count read from the device), so a large bucket
 launches no mostly-empty programs.
 
+For a table of chunks (csgmv) a program may sweep several row tiles of one chunk, loading the
+adapter's B tile once for them. With one split (ONE_SPLIT) and ranks within one BLOCK_K
+(MULTI_K off), the row loop holds no inner loop.
+
 With USE_PDL (programmatic dependent launch, sm_90+), the kernel starts while the shrink runs:
 programs with no entry exit at once, the others wait for the shrink's partials and the base
 output y before touching them.
@@ -54,8 +58,15 @@ def _load_t(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
+    ONE_SPLIT: tl.constexpr = False,
 ):
-    """[BLOCK_M, BLOCK_K] fp32 tile of t, the sum of its `splits` partials."""
+    """[BLOCK_M, BLOCK_K] fp32 tile of t, the sum of its `splits` partials (ONE_SPLIT: t has
+    one, and no loop is left around the load, so the loop that calls this may be pipelined)."""
+    if ONE_SPLIT:
+        one = offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
+        return tl.load(t_cols + one, mask=m_live[:, None] & r_live[None, :], other=0.0).to(
+            tl.float32
+        )
     offs_s = tl.arange(0, SPLIT_BLOCK)
     rows = offs_m[None, :, None].to(tl.int64) * stride_tm + offs_r[None, None, :] * stride_tr
     mask = m_live[None, :, None] & r_live[None, None, :]
@@ -119,7 +130,8 @@ def _lora_expand_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     HAS_LIVE: tl.constexpr,
-    Y_FIRST: tl.constexpr,
+    MULTI_K: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     first_entry = pid_m // m_progs
@@ -163,24 +175,24 @@ def _lora_expand_kernel(
             mask=r0_live[:, None] & n_live[None, :],
             other=0.0,
         ).to(tl.float32)
-        for m0 in range(first_row, row_end, m_progs * BLOCK_M):
+        m_step = m_progs * BLOCK_M
+        y_cols = y_ptr + offs_n[None, :] * stride_yn
+        for m0 in range(first_row, row_end, m_step):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_live = offs_m < row_end
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_ptrs = y_cols + offs_m[:, None].to(tl.int64) * stride_ym
             y_mask = m_live[:, None] & n_live[None, :]
-            if Y_FIRST:  # y's load in flight while t and B load and multiply
-                y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
             t_tile = _load_t(
                 t_cols, offs_m, m_live, offs_r0, r0_live, splits, stride_ts, stride_tm,
-                stride_tr, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
+                stride_tr, BLOCK_M, BLOCK_K, SPLIT_BLOCK, ONE_SPLIT,
             )
             acc = tl.dot(t_tile, b_first, input_precision=DOT_PRECISION)
-            for r0 in range(BLOCK_K, rank, BLOCK_K):
+            for r0 in range(BLOCK_K, rank if MULTI_K else 0, BLOCK_K):
                 offs_r = r0 + tl.arange(0, BLOCK_K)
                 r_live = offs_r < rank
                 t_tile = _load_t(
                     t_cols, offs_m, m_live, offs_r, r_live, splits, stride_ts, stride_tm,
-                    stride_tr, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
+                    stride_tr, BLOCK_M, BLOCK_K, SPLIT_BLOCK, ONE_SPLIT,
                 )
                 b_tile = tl.load(
                     b_cols + offs_r[:, None] * stride_br,
@@ -188,8 +200,7 @@ def _lora_expand_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 acc = tl.dot(t_tile, b_tile, acc, input_precision=DOT_PRECISION)
-            if not Y_FIRST:
-                y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
             tl.store(y_ptrs, (y_old + scaling * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -199,7 +210,6 @@ class ExpandTuning:
 
     num_warps: int = 4
     num_stages: int = 2
-    y_first: bool = False  # load y before t and B instead of after their product
 
 
 def expand_block_k(rank_pad: int) -> int:
@@ -349,7 +359,8 @@ def triton_lora_expand(
         DOT_PRECISION="tf32" if low_precision else "ieee",
         USE_PDL=pdl,
         HAS_LIVE=live is not None,
-        Y_FIRST=tuning.y_first,
+        MULTI_K=rank_pad > expand_block_k(rank_pad),
+        ONE_SPLIT=num_splits == 1,
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         launch_pdl=pdl,

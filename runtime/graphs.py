@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ops.lora import DECODE_CHUNK, PADDED_ENTRY_PROGRAMS, LoraBatchInfo, prepare_side_stream
+from ops.lora import (
+    DECODE_CHUNK,
+    PADDED_ENTRY_PROGRAMS,
+    LoraBatchInfo,
+    chunk_rows,
+    prepare_side_stream,
+)
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -297,7 +303,7 @@ class MixedGraphs:
             segments = seqs + 1  # one run per sequence at most, and the padding's base run
             self.buckets.append(MixedBucket(
                 t, seqs, max(1, prefill_tile_bound(t, seqs, self.group, block_m)), block_m,
-                segments, segments + -(-t // lora_chunk_size),
+                segments, segments + -(-t // chunk_rows(lora_chunk_size)),
             ))
         self.sizes = [b.tokens for b in self.buckets]
         self.max_tokens = self.sizes[-1] if self.sizes else 0

@@ -299,6 +299,35 @@ case "${1:-}" in
     echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill|  graph|serving)" "$OUT/step_lora.log"
     rm -f "$OUT"/*.xml
     ;;
+  s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
+    gpu_tests lora_gpu 150 tests/test_lora_ops.py
+    timeout 300 python3 -m benchmarks.expand_sweep --top 40 --out "$OUT/expand_sweep.json" \
+      > "$OUT/expand_sweep.log" 2>&1
+    echo "== expand_sweep: rc $?"; head -45 "$OUT/expand_sweep.log"
+    rm -f "$OUT"/*.xml
+    ;;
+  s10c)  # one GPU: the expand with several chunks a program; the LoRA kernels' GPU tests
+    pts=""
+    for t in c32b32m1 c32b32m1e4 c32b32m1e8 c32b32m1e16 c64b64m1e2 c64b64m1e4; do
+      pts="$pts $t-n128-w4-s2 $t-n256-w4-s2"
+    done
+    timeout 200 python3 -m benchmarks.expand_sweep --top 40 --points $pts c64b32m2e4-n128-w4-s2 \
+      c256b32m2-n128-w4-s2 s32x2-n128-w4-s2 c256b64m1-n256-w4-s2 --out "$OUT/expand_sweep.json" \
+      > "$OUT/expand_sweep.log" 2>&1
+    echo "== expand_sweep: rc $?"; head -45 "$OUT/expand_sweep.log"
+    gpu_tests lora_gpu 270 tests/test_lora_ops.py
+    rm -f "$OUT"/*.xml
+    ;;
+  s10d)  # one GPU: prefill chunks of several tiles: step targets, LoRA kernel, warm-up,
+          # engine and prefill-graph GPU tests
+    timeout 190 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill|  graph|serving)" "$OUT/step_lora.log"
+    gpu_tests lora_gpu 70 tests/test_lora_ops.py -k "n2-long or overlap or prefill_chunks"
+    gpu_tests warm_engine_gpu 110 tests/test_warmup.py tests/test_engine_gpu.py
+    gpu_tests graphs_prefill_gpu 120 tests/test_graphs_gpu.py -k prefill
+    rm -f "$OUT"/*.xml
+    ;;
   reader)  # one GPU: adapter reads in reader processes (memfd host rows registered with CUDA)
     gpu_tests reader_gpu 200 tests/test_adapters.py tests/test_engine_gpu.py \
       tests/test_pipeline_gpu.py tests/test_warmup.py

@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ops.lora import (
+    DECODE_CHUNK,
+    PREFILL_CHUNK_TILES,
     LoraBatchInfo,
     apply_lora,
     apply_lora_torch,
@@ -121,6 +123,25 @@ def test_build_info_segments_and_chunks() -> None:
     assert info.seg_indptr.dtype == info.chunk_slots.dtype == torch.int32
 
 
+def test_prefill_chunks_hold_several_tiles() -> None:
+    """Steps that prefill cut segments into chunks of PREFILL_CHUNK_TILES tiles of chunk_size
+    rows: the shrink gives each tile a program, the expand each program EXPAND_TILES tiles of
+    one chunk; decode tables (DECODE_CHUNK) keep a tile a chunk."""
+    slots = token_slots([(-1, 2), (3, 600), (0, 3)])
+    ranks = torch.ones(4, dtype=torch.int32)
+    info = build_lora_batch_info(slots, ranks, "csgmv", 32, "cpu")
+    rows = 32 * PREFILL_CHUNK_TILES
+    assert info.chunk_indptr.tolist() == [0, 2, 2 + rows, 2 + 2 * rows, 602, 605]
+    assert info.chunk_slots.tolist() == [-1, 3, 3, 3, 0] and info.chunk_size == 32
+    table = lora_row_table(info)
+    assert (table.block_m, table.m_progs) == (32, PREFILL_CHUNK_TILES)
+    short = build_lora_batch_info(token_slots([(0, 70), (1, 5)]), ranks, "csgmv", 32, "cpu")
+    assert lora_row_table(short).m_progs == 3  # no more programs than the longest run's tiles
+    decode = build_lora_batch_info(token_slots([(0, 40)]), ranks, "csgmv", DECODE_CHUNK, "cpu")
+    assert decode.chunk_indptr.tolist() == [0, 16, 32, 40]
+    assert lora_row_table(decode).m_progs == 1
+
+
 def test_build_info_padding_and_empty() -> None:
     ranks = torch.ones(2, dtype=torch.int32)
     info = build_lora_batch_info([1, 1, 0], ranks, "triton", 16, "cpu", pad_to=4)
@@ -188,6 +209,8 @@ CASES = {
     # past 64 tokens with every slice's columns in one shrink tile (fold)
     "n3-fold": ([16, 4, 1], 16, 40, [32, 8, 8], [(-1, 5), (0, 40), (1, 20), (-1, 3), (2, 9)]),
     "n2-fold": ([32, 5], 32, 24, [24, 40], [(1, 30), (-1, 10), (0, 33)]),
+    # a prefill segment over two csgmv chunks of PREFILL_CHUNK_TILES tiles, the second partial
+    "n2-long": ([16, 8], 16, 24, [24, 40], [(0, 300), (-1, 7), (1, 45)]),
 }
 
 
