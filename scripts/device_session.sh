@@ -328,6 +328,14 @@ case "${1:-}" in
     gpu_tests graphs_prefill_gpu 120 tests/test_graphs_gpu.py -k prefill
     rm -f "$OUT"/*.xml
     ;;
+  s10e)  # one GPU: the saturated 256-cap many-adapter run; the prefill target again (batch 1)
+    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
+    echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
+    timeout 150 python3 -m benchmarks.step_bench --lora --batch 1 --lora-cases 1x1 --steps 10 \
+      --out "$OUT/step_prefill.json" > "$OUT/step_prefill.log" 2>&1
+    echo "== step_bench: rc $?"; grep -E "^(decode|prefill)" "$OUT/step_prefill.log"
+    ;;
   reader)  # one GPU: adapter reads in reader processes (memfd host rows registered with CUDA)
     gpu_tests reader_gpu 200 tests/test_adapters.py tests/test_engine_gpu.py \
       tests/test_pipeline_gpu.py tests/test_warmup.py
