@@ -182,7 +182,7 @@ def per_step(rows: list[dict], num_groups: int, num_layers: int) -> list[dict]:
     return sorted(out, key=lambda r: r["ms_step"])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--top", type=int, default=25, help="print this many fastest")
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['impl']:44s} {r['ms_step']:8.3f} {ratio:>6s}{'' if r['ok'] else ' MISMATCH'}")
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ class ServerConfig:
         None, "on: skip requests whose adapter is uploading; off: batch them; unset: adaptive"
     )
     max_lora_chunk_size: int = _opt(
-        32, "csgmv chunk rows of steps that prefill (decode: 16): power of two, 16..128"
+        32, "csgmv tile rows of steps that prefill, in chunks of 8 tiles (decode: chunks of "
+        "16 rows): power of two, 16..128"
     )
     lora_roots: tuple[str, ...] = _opt((), "folders run-time adapter paths must lie under")
     lora_allow_hub: bool = _opt(False, "allow hub ids as run-time adapter paths")

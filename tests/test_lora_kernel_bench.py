@@ -51,6 +51,35 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
         assert steps["loop"]["lora_ms_per_step"] == pytest.approx(2 * sum(loop) / 1e3)
 
 
+POINTS = ["c32b32m1-n64-w4-s2", "c64b16m2-n64-w4-s2", "c64b16m2e2-n64-w4-s2", "s16x2-n64-w4-s2"]
+
+
+def test_expand_sweep_quick_run(tmp_path: Path) -> None:
+    """The prefill expand sweep times every point it names beside the torch ceiling, each
+    checked against the reference first."""
+    from benchmarks import expand_sweep
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the quick sweep runs the kernels in the interpreter")
+    out = tmp_path / "sweep.json"
+    expand_sweep.main(["--quick", "--points", *POINTS, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert {r["impl"] for r in saved["per_step"]} == {*POINTS, "torch-rmw"}
+    assert all(r["ok"] for r in saved["per_step"])
+    assert all(expand_sweep.Point.parse(p).name == p for p in POINTS)
+    assert {r["group"] for r in saved["rows"]} == {"qkv", "o", "gate_up", "down"}
+
+
+def test_expand_sweep_flags_a_wrong_expand(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import expand_sweep
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the quick sweep runs the kernels in the interpreter")
+    monkeypatch.setattr(expand_sweep, "triton_lora_expand", lambda *args, **kwargs: None)
+    result = expand_sweep.main(["--quick", "--points", POINTS[0]])
+    assert [r["ok"] for r in result["per_step"] if r["impl"] == POINTS[0]] == [False]
+
+
 def test_min_bytes_by_hand() -> None:
     # 2 tokens, in 8, three slices of 4 (out 12), rank 4, 2 adapters, bf16:
     # x 2*8 + weights 2*4*(3*8 + 12) + t 2*2*3*4 + y 2*2*12 = 16 + 288 + 48 + 48 = 400 values
