@@ -336,6 +336,12 @@ case "${1:-}" in
       --out "$OUT/step_prefill.json" > "$OUT/step_prefill.log" 2>&1
     echo "== step_bench: rc $?"; grep -E "^(decode|prefill)" "$OUT/step_prefill.log"
     ;;
+  s10f)  # one GPU: the saturated 256-cap many-adapter run with the loop's sampling profile
+    timeout 170 python3 -m benchmarks.many_adapters --saturated-only --profile \
+      --max-loras-per-batch 256 --max-loaded-loras 512 --out "$OUT/many_cap_prof.json" \
+      > "$OUT/many_cap_prof.log" 2>&1
+    echo "== many_adapters cap 256 --profile: rc $?"; grep -E "saturated" "$OUT/many_cap_prof.log"
+    ;;
   reader)  # one GPU: adapter reads in reader processes (memfd host rows registered with CUDA)
     gpu_tests reader_gpu 200 tests/test_adapters.py tests/test_engine_gpu.py \
       tests/test_pipeline_gpu.py tests/test_warmup.py
