@@ -342,6 +342,13 @@ case "${1:-}" in
       > "$OUT/many_cap_prof.log" 2>&1
     echo "== many_adapters cap 256 --profile: rc $?"; grep -E "saturated" "$OUT/many_cap_prof.log"
     ;;
+  s10g)  # one GPU: the saturated 256-cap many-adapter run at a 0.1 ms GIL switch interval
+    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --switch-interval-ms 0.1 \
+      --max-loras-per-batch 256 --max-loaded-loras 512 --out "$OUT/many_cap_si.json" \
+      > "$OUT/many_cap_si.log" 2>&1
+    echo "== many_adapters cap 256, switch interval 0.1 ms: rc $?"
+    grep -E "saturated|switch" "$OUT/many_cap_si.log"
+    ;;
   reader)  # one GPU: adapter reads in reader processes (memfd host rows registered with CUDA)
     gpu_tests reader_gpu 200 tests/test_adapters.py tests/test_engine_gpu.py \
       tests/test_pipeline_gpu.py tests/test_warmup.py
