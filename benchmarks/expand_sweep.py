@@ -36,10 +36,18 @@ from benchmarks.lora_kernel_bench import (
     Case,
     layer_groups,
     make_case,
+    relative_error,
     time_cpu,
     time_cuda,
 )
-from ops.lora import LoraRowTable, _chunks, _segments, build_lora_batch_info, lora_row_table
+from ops.lora import (
+    LoraRowTable,
+    _chunks,
+    _segments,
+    build_lora_batch_info,
+    lora_expand_torch,
+    lora_row_table,
+)
 from ops.triton_lora_expand import ExpandTuning, triton_lora_expand
 
 
@@ -63,18 +71,25 @@ class Point:
         return cls(table, int(n[1:]), ExpandTuning(int(w[1:]), int(st[1:])))
 
 
+def parse_table(table: str) -> tuple[int, int, int, int]:
+    """(chunk rows, 0 for segments; block_m; m_progs; chunks a program, 0 for one) of a table
+    name: c<chunk>b<block_m>m<m_progs>[e<k>] or s<block_m>x<m_progs>."""
+    table, _, per_prog = table.partition("e")
+    if table.startswith("c"):
+        chunk, rest = table[1:].split("b")
+        block_m, m_progs = rest.split("m")
+        return int(chunk), int(block_m), int(m_progs), int(per_prog or 0)
+    block_m, m_progs = table[1:].split("x")
+    return 0, int(block_m), int(m_progs), int(per_prog or 0)
+
+
 def row_table(case: Case, table: str) -> LoraRowTable:
     """The row table of `table` for the case's tokens: chunks of <chunk> rows, each swept by
     m_progs programs of block_m-row tiles (c...), or the segments (s...)."""
-    per_prog = 0
-    if "e" in table:
-        table, per = table.split("e")
-        per_prog = int(per)
-    if table.startswith("c"):
-        chunk, rest = table[1:].split("b")
-        block_m, m_progs = (int(v) for v in rest.split("m"))
+    chunk, block_m, m_progs, per_prog = parse_table(table)
+    if chunk:
         indptr, slots = _segments(case.token_slots)
-        chunk_indptr, chunk_slots = _chunks(indptr, slots, int(chunk))
+        chunk_indptr, chunk_slots = _chunks(indptr, slots, chunk)
         device = case.x.device
         return LoraRowTable(
             torch.tensor(chunk_indptr, dtype=torch.int32, device=device),
@@ -82,7 +97,6 @@ def row_table(case: Case, table: str) -> LoraRowTable:
             len(chunk_slots), block_m, m_progs,
             entry_progs=-(-len(chunk_slots) // per_prog) if per_prog else 0,
         )
-    block_m, m_progs = (int(v) for v in table[1:].split("x"))
     info = build_lora_batch_info(case.token_slots, case.slot_ranks, "triton", 16, case.x.device)
     return dataclasses.replace(lora_row_table(info), block_m=block_m, m_progs=m_progs)
 
@@ -99,26 +113,18 @@ def points(quick: bool) -> list[Point]:
         QUICK_TABLES if quick else TABLES, (64, 128) if quick else (128, 256),
         (4,) if quick else (4, 8),
     ):
-        block_m = int(table.split("b")[1].split("m")[0]) if table.startswith("c") else \
-            int(table[1:].split("x")[0].split("e")[0])
+        block_m = parse_table(table)[1]
         if block_m * block_n > 4096 * warps:  # the fp32 accumulator alone past 128 registers
             continue
         out.append(Point(table, block_n, ExpandTuning(warps, 2)))
     return out
 
 
-def expected(case: Case, t: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-    """y0 + s * t B^T per segment and slice, in fp32."""
-    y = y0.float().clone()
-    rank_pad = case.B.shape[2]
-    for slot, run in itertools.groupby(enumerate(case.token_slots), key=lambda p: p[1]):
-        rows = [r for r, _ in run]
-        if slot < 0:
-            continue
-        lo, hi = rows[0], rows[-1] + 1
-        for i, (n_lo, n_hi) in enumerate(itertools.pairwise(case.slice_offsets)):
-            t_i = t[lo:hi, i * rank_pad:(i + 1) * rank_pad].float()
-            y[lo:hi, n_lo:n_hi] += case.scalings[slot, i] * (t_i @ case.B[slot, n_lo:n_hi].float().T)
+def expected(case: Case, t: torch.Tensor) -> torch.Tensor:
+    """y + s * t B^T per segment and slice, in fp32 (the torch reference expand)."""
+    y = case.y.float().clone()
+    info = build_lora_batch_info(case.token_slots, case.slot_ranks, "triton", 16, y.device)
+    lora_expand_torch(t, case.B, y, case.slice_offsets, case.scalings, info)
     return y
 
 
@@ -138,6 +144,7 @@ def run(shape: dict, lengths: list[int], rank: int, dtype: torch.dtype, device: 
         us = timer(lambda case=case: case.y.mul_(1.0), iters, replays)
         rows.append({"group": name, "impl": "torch-rmw", "us": us, "y_bytes": nbytes})
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
+    refs = {name: expected(case, ts[name]) for name, case in cases.items()}
     for point in [Point.parse(n) for n in names] if names else points(quick):
         for name, case in cases.items():
             table, t = row_table(case, point.table), ts[name]
@@ -150,10 +157,7 @@ def run(shape: dict, lengths: list[int], rank: int, dtype: torch.dtype, device: 
                                    entry_progs=table.entry_progs, tuning=point.tuning)
 
             y0 = case.y.clone()
-            fn()
-            ref = expected(case, t, y0)
-            err = ((case.y.float() - ref).abs().max() / (ref - y0.float()).abs().max()).item()
-            case.y.copy_(y0)
+            err = relative_error(fn, case, refs[name])
             row = {"group": name, "impl": point.name, "table": point.table,
                    "block_n": point.block_n, **dataclasses.asdict(point.tuning),
                    "max_rel_err": err, "ok": err <= tol}

@@ -36,8 +36,8 @@ PADDED_ENTRY_PROGRAMS = 32
 DECODE_CHUNK = 16  # csgmv chunk rows of decode tables (CUDA graphs capture with it)
 # Steps that prefill cut csgmv segments into chunks of PREFILL_CHUNK_TILES tiles of chunk_size
 # rows (max_lora_chunk_size): the shrink gives each tile a program, and the entry expand gives
-# each program EXPAND_TILES consecutive tiles of one adapter, so it loads that adapter's B tile
-# once for them. At 8 x 512 tokens over 8 adapters the expand alone took 6.67 ms a step this way
+# each program EXPAND_TILES tiles of one chunk (every few tiles of it), so it loads that
+# adapter's B tile once for them. At 8 x 512 tokens over 8 adapters the expand alone took 6.67 ms a step this way
 # against 7.96 with a program a tile (H200, benchmarks/RESULTS.md, expand_sweep).
 PREFILL_CHUNK_TILES = 8
 EXPAND_TILES = 4
@@ -440,7 +440,7 @@ def lora_expand_triton(
         )
         return
     table = table or lora_row_table(info)
-    # csgmv: EXPAND_TILES consecutive tiles of a chunk a program (one B tile load for them)
+    # csgmv: EXPAND_TILES tiles of a chunk a program, strided (one B tile load for them)
     m_progs = -(-table.m_progs // EXPAND_TILES) if info.backend == "csgmv" else table.m_progs
     triton_lora_expand(
         t,
