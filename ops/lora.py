@@ -17,6 +17,7 @@ several when segments are long), "csgmv" cuts segments into chunks of `chunk_siz
 tile each. Neither syncs with the host, so both can be captured in CUDA graphs.
 """
 
+import contextlib
 import functools
 import itertools
 import os
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ops.dispatch import use_triton
+from ops.triton_lora_fold import LoraFold
 
 BACKENDS = ("csgmv", "triton")
 # Programs along the entry axis for a padded table: a CUDA graph's table is padded to its
@@ -49,6 +51,10 @@ ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", 
 # serial path instead, for A/B runs. Eager steps run serially: at prefill the overlap measured
 # no gain (benchmarks/RESULTS.md), and at decode sizes the fork and join's host calls would
 # cost more than they hide.
+# Inside decode graph captures (`capture_paths(fold=True)`) the groups named here leave their
+# expand to the next kernel (ops/triton_lora_fold.py); LORASERVE_LORA_FOLD lists them
+# (comma-separated, read when a forward is captured), "0" folds none.
+FOLD_GROUPS = ("qkv", "o", "gate_up", "down")
 
 
 @dataclass
@@ -544,6 +550,53 @@ def prepare_side_stream(device: torch.device) -> None:
         _side_stream(device)
 
 
+_capture = threading.local()
+
+
+@contextlib.contextmanager
+def capture_paths(fold: bool):
+    """Around a CUDA graph capture and the warm-up forwards before it (which compile its
+    kernels): inside, `folds_lora` says whether the forward folds LoRA expands into the next
+    kernels (fold: decode graphs; prefill graphs keep their expands, whose tiles share an
+    adapter's B over many rows)."""
+    before = getattr(_capture, "fold", False)
+    _capture.fold = fold
+    try:
+        yield
+    finally:
+        _capture.fold = before
+
+
+def fold_groups() -> frozenset[str]:
+    """The groups LORASERVE_LORA_FOLD names (default all of FOLD_GROUPS; "0": none)."""
+    raw = os.environ.get("LORASERVE_LORA_FOLD", ",".join(FOLD_GROUPS)).strip()
+    if raw in ("", "0"):
+        return frozenset()
+    names = frozenset(n.strip() for n in raw.split(","))
+    unknown = names - set(FOLD_GROUPS)
+    if unknown:
+        raise ValueError(f"LORASERVE_LORA_FOLD: unknown groups {sorted(unknown)}, expected some "
+                         f"of {FOLD_GROUPS}")
+    return names
+
+
+def folds_lora(x: Tensor) -> frozenset[str]:
+    """The groups whose expand a forward over x folds into the next kernel: those of
+    `fold_groups` inside `capture_paths(fold=True)` on CUDA, else none."""
+    if not (getattr(_capture, "fold", False) and use_triton(x)):
+        return frozenset()
+    return fold_groups()
+
+
+def lora_row_slots(info: LoraBatchInfo, num_tokens: int) -> Tensor:
+    """[num_tokens] int32: each row's slot from the segment table (-1: base rows and rows past
+    the table), on the device with no host sync (capturable)."""
+    rows = torch.arange(num_tokens, dtype=torch.int32, device=info.seg_indptr.device)
+    entry = torch.searchsorted(info.seg_indptr[1:], rows, right=True, out_int32=True)
+    slots = info.seg_slots[entry.clamp_(max=max(info.num_segments - 1, 0))]
+    return torch.where(entry < info.num_segments, slots, -1)
+
+
 def overlap_enabled() -> bool:
     """Whether CUDA graph captures run the LoRA shrink beside the projection: unless
     LORASERVE_LORA_OVERLAP=0."""
@@ -578,11 +631,30 @@ def linear_lora(
         y = base(x)
         apply_lora(x, A, B, y, slice_offsets, scalings, info)
         return y
+    table = lora_row_table(info)
+    y, partials = _base_and_shrink(x, base, A, info, len(slice_offsets) - 1, table, True)
+    lora_expand_triton(partials, B, y, slice_offsets, scalings, info, table=table)
+    return y
+
+
+def _base_and_shrink(
+    x: Tensor,
+    base: Callable[[Tensor], Tensor],
+    A: Tensor,
+    info: LoraBatchInfo,
+    num_slices: int,
+    table: LoraRowTable,
+    overlap: bool,
+) -> tuple[Tensor, Tensor]:
+    """(base(x), the shrink's partials), the shrink on the side stream beside base(x) when
+    `overlap` (see linear_lora), else after it."""
+    partials = _shrink_partials_buffer(x, A, info, num_slices, table)
+    if not overlap:
+        y = base(x)
+        _shrink_partials(x, A, info, num_slices, None, out=partials, table=table)
+        return y, partials
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
-    table = lora_row_table(info)
-    num_slices = len(slice_offsets) - 1
-    partials = _shrink_partials_buffer(x, A, info, num_slices, table)
     side.fork.record(main)
     side.stream.wait_event(side.fork)
     with torch.cuda.stream(side.stream):
@@ -590,7 +662,33 @@ def linear_lora(
     side.join.record(side.stream)
     y = base(x)
     main.wait_event(side.join)
-    lora_expand_triton(partials, B, y, slice_offsets, scalings, info, table=table)
+    return y, partials
+
+
+def linear_lora_fold(
+    x: Tensor,
+    base: Callable[[Tensor], Tensor],
+    A: Tensor,
+    B: Tensor,
+    slice_offsets: tuple[int, ...],
+    scalings: Tensor,
+    info: LoraBatchInfo,
+    row_slots: Tensor,
+) -> tuple[Tensor, LoraFold]:
+    """(base(x), the LoRA delta left for the next kernel): linear_lora without its expand. The
+    shrink runs beside base(x) as linear_lora runs it (inside captures, unless
+    LORASERVE_LORA_OVERLAP=0); row_slots: `lora_row_slots` of the step."""
+    table = lora_row_table(info)
+    y, partials = _base_and_shrink(
+        x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x)
+    )
+    return y, LoraFold(partials, B, scalings, row_slots, tuple(slice_offsets), info)
+
+
+def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:
+    """y += the fold's delta with a plain expand (for a consumer that does not fold); y."""
+    if fold is not None:
+        lora_expand_triton(fold.t, fold.B, y, fold.slice_offsets, fold.scalings, fold.info)
     return y
 
 

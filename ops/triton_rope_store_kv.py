@@ -11,6 +11,11 @@ half-split layout x = cat(x1, x2).
 
 Grid: (T, H + KVH). Program (t, h) rotates query head h, or for h >= H key head h - H, which it
 writes to the cache together with value head h - H.
+
+With a LoRA fold (ops/triton_lora_fold.py) q, k and v are views of the qkv projection's output
+without its LoRA delta yet: each program adds the delta of the head values it loads (slices q, k
+and v of the group), rounded to the dtype as the expand would have stored them, before the norm
+and the rotation.
 """
 
 import torch
@@ -18,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ops.sizes import next_pow2
+from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_add, lora_fold_t
 
 
 @triton.jit
@@ -70,15 +76,35 @@ def _rope_store_kv_kernel(
     stride_cache_slot,
     stride_cache_head,
     eps,
+    t_ptr,
+    b_ptr,
+    scal_ptr,
+    rslot_ptr,
+    R,
+    stride_ts,
+    stride_tm,
+    stride_bs,
+    stride_bn,
+    stride_ss,
+    stride_si,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     QK_NORM: tl.constexpr,
+    FOLD: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EVEN_R: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
     live = offs < HALF
+    q_size = num_heads * HEAD_DIM
+    kv_size = (tl.num_programs(1) - num_heads) * HEAD_DIM
+    lora_slot = -1  # the row's adapter (a fold's delta); `slot` below is its cache slot
+    if FOLD:
+        lora_slot = tl.load(rslot_ptr + t)
     cos1 = tl.load(cos_ptr + t * stride_cos + offs, mask=live, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_ptr + t * stride_cos + HALF + offs, mask=live, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + t * stride_sin + offs, mask=live, other=0.0).to(tl.float32)
@@ -87,6 +113,13 @@ def _rope_store_kv_kernel(
         src = q_ptr + t * stride_qt + head * stride_qh
         x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
+        if FOLD:
+            tq = lora_fold_t(t_ptr, t, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+            col = head * HEAD_DIM + offs
+            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tq, 0, col, live, R, stride_bs,
+                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
+            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tq, 0, col + HALF, live, R, stride_bs,
+                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, q_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
@@ -102,6 +135,21 @@ def _rope_store_kv_kernel(
         vsrc = v_ptr + t * stride_vt + kv_head * stride_vh
         v1 = tl.load(vsrc + offs, mask=live, other=0.0)
         v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
+        if FOLD:
+            tk = lora_fold_t(t_ptr, t, 1, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+            tv = lora_fold_t(t_ptr, t, 2, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+            kcol = q_size + kv_head * HEAD_DIM + offs
+            vcol = kcol + kv_size
+            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tk, 1, kcol, live, R, stride_bs,
+                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
+            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tk, 1, kcol + HALF, live, R, stride_bs,
+                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
+            v1 = lora_fold_add(v1.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2, vcol, live, R,
+                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
+                               EVEN_R).to(q_out_ptr.dtype.element_ty)
+            v2 = lora_fold_add(v2.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2, vcol + HALF, live,
+                               R, stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
+                               EVEN_R).to(q_out_ptr.dtype.element_ty)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, k_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
@@ -127,6 +175,7 @@ def rope_store_kv_triton(
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     q_out: torch.Tensor | None = None,
+    fold: LoraFold | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of q and k (after per-head RMSNorm when norm weights are given), k and
     v written into the paged cache in place; returns the rotated q.
@@ -138,6 +187,8 @@ def rope_store_kv_triton(
     slot_mapping: [T] int64 or int32, block_id * block_size + offset; negative entries skip the
     cache write. q_norm_weight, k_norm_weight: [D] in q's dtype, both or neither; eps their
     epsilon. q_out: optional [T, H, D] buffer (head rows contiguous) in q's dtype.
+    fold: the qkv projection's LoRA delta (slices q, k, v), when q, k and v are views of that
+    output [T, H*D + 2*KVH*D]; added to the values as they are loaded.
     Returns q_out: [T, H, D] in q's dtype.
     """
     _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)
@@ -153,6 +204,13 @@ def rope_store_kv_triton(
         return q_out
     half = head_dim // 2
     qk_norm = q_norm_weight is not None
+    if fold is not None:
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        if fold.slice_offsets != (0, q_size, q_size + kv_size, q_size + 2 * kv_size):
+            raise ValueError(f"fold slices {fold.slice_offsets} are not q, k and v")
+        if fold.t.shape[1] != num_tokens:
+            raise ValueError(f"fold of {fold.t.shape[1]} rows for {num_tokens} tokens")
+    args, consts = fold_args(fold, q)
     _rope_store_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
         q,
         k,
@@ -179,11 +237,15 @@ def rope_store_kv_triton(
         k_cache.stride(1),
         k_cache.stride(2),
         eps,
+        *args,
         HEAD_DIM=head_dim,
         HALF=half,
         BLOCK_HALF=next_pow2(half),
         QK_NORM=qk_norm,
-        num_warps=1,  # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses
+        **consts,
+        # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
+        # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
+        num_warps=1 if fold is None else 4,
     )
     return q_out
 

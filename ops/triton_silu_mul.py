@@ -4,6 +4,11 @@ Each value is computed in fp32; SiLU(gate) is rounded to the input dtype before 
 the unfused `F.silu(gate) * up` stores it in between.
 
 Grid: (T, cdiv(inter, BLOCK)), BLOCK columns of one row per program.
+
+With a LoRA fold (ops/triton_lora_fold.py) gate_up is the projection's output without its LoRA
+delta yet: each program adds the delta of the gate and up values it loads (slices 0 and 1),
+rounded to the dtype as the expand would have stored them, in narrower blocks (the delta's B
+tiles sit in registers).
 """
 
 import torch
@@ -11,8 +16,10 @@ import triton
 import triton.language as tl
 
 from ops.sizes import cdiv, next_pow2
+from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add, lora_fold_t
 
 _BLOCK = 1024
+_FOLD_BLOCK = 256
 
 
 @triton.jit
@@ -22,7 +29,22 @@ def _silu_mul_kernel(
     inter,
     stride_in,
     stride_out,
+    t_ptr,
+    b_ptr,
+    scal_ptr,
+    rslot_ptr,
+    R,
+    stride_ts,
+    stride_tm,
+    stride_bs,
+    stride_bn,
+    stride_ss,
+    stride_si,
     BLOCK: tl.constexpr,
+    FOLD: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EVEN_R: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -30,16 +52,27 @@ def _silu_mul_kernel(
     gate_ptr = gate_up_ptr + row * stride_in + cols
     gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
     up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
+    if FOLD:
+        slot = tl.load(rslot_ptr + row)
+        t_gate = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+        t_up = lora_fold_t(t_ptr, row, 1, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+        gate = lora_fold_add(gate, b_ptr, scal_ptr, slot, t_gate, 0, cols, live, R, stride_bs,
+                             stride_bn, stride_ss, stride_si, gate_up_ptr, BLOCK_R, EVEN_R)
+        up = lora_fold_add(up, b_ptr, scal_ptr, slot, t_up, 1, cols + inter, live, R, stride_bs,
+                           stride_bn, stride_ss, stride_si, gate_up_ptr, BLOCK_R, EVEN_R)
     dtype = out_ptr.dtype.element_ty
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
 
 
-def silu_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul_triton(
+    gate_up: torch.Tensor, out: torch.Tensor | None = None, fold: LoraFold | None = None
+) -> torch.Tensor:
     """SiLU(gate_up[:, :inter]) * gate_up[:, inter:].
 
     gate_up: [T, 2 * inter] (rows contiguous, any row stride), bf16/fp16/fp32.
     out: optional [T, inter] buffer (rows contiguous) in gate_up's dtype.
+    fold: gate_up's LoRA delta (two slices: gate, up), added to the values as they are loaded.
     Returns out: [T, inter] in gate_up's dtype.
     """
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
@@ -54,18 +87,28 @@ def silu_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> t
                          f"contiguous, got {tuple(out.shape)} {out.dtype}")
     if out.device != gate_up.device:
         raise ValueError("out must be on gate_up's device")
+    if fold is not None:
+        fold.check(gate_up)
+        if fold.slice_offsets != (0, inter, 2 * inter):
+            raise ValueError(f"fold slices {fold.slice_offsets} are not gate and up")
     if num_rows == 0 or inter == 0:
         return out
-    block = min(_BLOCK, next_pow2(inter))
-    # 8 bf16 (16 bytes) per thread for each of gate and up
-    num_warps = max(1, min(4, block // 256))
+    if fold is None:
+        block = min(_BLOCK, next_pow2(inter))
+        num_warps = max(1, min(4, block // 256))  # 8 bf16 (16 bytes) a thread for gate and up
+    else:
+        num_warps = 4
+        block = min(fold_block(fold, num_warps, _FOLD_BLOCK), next_pow2(inter))
+    args, consts = fold_args(fold, gate_up)
     _silu_mul_kernel[(num_rows, cdiv(inter, block))](
         gate_up,
         out,
         inter,
         gate_up.stride(0),
         out.stride(0),
+        *args,
         BLOCK=block,
+        **consts,
         num_warps=num_warps,
     )
     return out

@@ -20,6 +20,7 @@ from ops.lora import (
     DECODE_CHUNK,
     PADDED_ENTRY_PROGRAMS,
     LoraBatchInfo,
+    capture_paths,
     chunk_rows,
     prepare_side_stream,
 )
@@ -36,17 +37,20 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 
 def capture_graph(
-    forward: Callable[[], torch.Tensor], stream: torch.cuda.Stream, pool
+    forward: Callable[[], torch.Tensor], stream: torch.cuda.Stream, pool, fold: bool = False
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm `forward` up twice (Triton compiles outside the capture), then capture it on
-    `stream` into memory pool `pool` (None: a new one); returns the graph and its output."""
-    for _ in range(2):
-        forward()
-    stream.synchronize()
-    prepare_side_stream(stream.device)  # LoRA shrinks fork onto it inside the capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool, stream=stream):
-        out = forward()
+    `stream` into memory pool `pool` (None: a new one); returns the graph and its output.
+    fold: the forward folds LoRA expands into the next kernels (ops.lora.capture_paths), in
+    the warm-up too, so the capture compiles nothing."""
+    with capture_paths(fold):
+        for _ in range(2):
+            forward()
+        stream.synchronize()
+        prepare_side_stream(stream.device)  # LoRA shrinks fork onto it inside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool, stream=stream):
+            out = forward()
     return g, out
 
 
@@ -142,7 +146,8 @@ class DecodeGraphs:
                 for with_lora in variants:
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
                     g, logits = capture_graph(
-                        lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream, self.pool
+                        lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream, self.pool,
+                        fold=with_lora,
                     )
                     if self.pool is None:
                         self.pool = g.pool()

@@ -45,6 +45,11 @@
 #   scripts/device_session.sh overlap (one GPU) the LoRA shrink on a side stream in graphs: its
 #                                    GPU tests, the graph, engine, pipeline and warm-up tests,
 #                                    the step targets
+#   scripts/device_session.sh foldt  (one GPU) LoRA expands folded into the next kernels: the
+#                                    fold tests on CUDA, decode graphs against eager, warm-up
+#                                    and engine GPU tests
+#   scripts/device_session.sh fold   (one GPU) step targets with no fold, and with every group
+#                                    folded
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -298,6 +303,23 @@ case "${1:-}" in
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill|  graph|serving)" "$OUT/step_lora.log"
     rm -f "$OUT"/*.xml
+    ;;
+  foldt)  # one GPU: the fold kernels on CUDA (fp32/fp16 at small shapes, bf16 at 8B shapes),
+          # decode graphs (which fold) against eager steps (which expand), warm-up and engine
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -6 "$OUT/fold_tests.log"
+    gpu_tests graphs_decode_gpu 200 tests/test_graphs_gpu.py -k "not prefill"
+    gpu_tests warm_engine_gpu 150 tests/test_warmup.py tests/test_engine_gpu.py
+    rm -f "$OUT"/*.xml
+    ;;
+  fold)  # one GPU: the step targets with no fold and with every group folded, one process each
+    for mode in 0 qkv,o,gate_up,down; do
+      LORASERVE_LORA_FOLD=$mode timeout 200 python3 -m benchmarks.step_bench --lora --steps 10 \
+        --out "$OUT/step_fold_${mode//,/_}.json" > "$OUT/step_fold_${mode//,/_}.log" 2>&1
+      echo "== step_bench --lora, LORASERVE_LORA_FOLD=$mode: rc $?"
+      grep -E "^(HBM|decode|prefill|  graph|serving)" "$OUT/step_fold_${mode//,/_}.log"
+    done
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

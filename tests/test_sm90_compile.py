@@ -84,14 +84,22 @@ STEPS_8B = [
                     reason="records launch keys through the interpreter")
 @pytest.mark.parametrize("rank", [16, 64])
 def test_llama_8b_lora_variants_compile_for_sm90(rank: int) -> None:
-    """Every variant the LoRA, norm and SiLU*up kernels take at Llama-3.1-8B shapes in bf16
-    (decode graphs over 1 to 200 adapters, prefill steps of 512 and 4096 tokens, the embedding
-    and lm_head LoRA) compiles for sm_90 and spills nothing. The launches only record their
+    """Every variant the LoRA, norm, SiLU*up and rotary kernels take at Llama-3.1-8B shapes in
+    bf16 (decode graphs over 1 to 200 adapters, with their expands folded into the next
+    kernels; prefill steps of 512 and 4096 tokens, the embedding and lm_head LoRA) compiles for
+    sm_90 and spills nothing. The launches only record their
     keys (KeyLog(execute=False)): the shapes are too large to interpret."""
     import torch
 
-    from ops.lora import apply_lora_triton, build_lora_batch_info, lora_embed_shrink_triton
+    from ops.lora import (
+        LoraFold,
+        apply_lora_triton,
+        build_lora_batch_info,
+        lora_embed_shrink_triton,
+        lora_row_slots,
+    )
     from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
+    from ops.triton_rope_store_kv import rope_store_kv_triton
     from ops.triton_silu_mul import silu_mul_triton
     from tests.kernel_keys import KeyLog, compile_for_sm90
 
@@ -124,10 +132,36 @@ def test_llama_8b_lora_variants_compile_for_sm90(rank: int) -> None:
             apply_lora_triton(torch.empty(rows, 4096, dtype=bf16), A, B,
                               torch.empty(rows, 128256, dtype=bf16), offsets, scalings,
                               logits_info)
+            if chunk == 16:  # decode graphs fold the expands into the next kernels
+                _folded_consumers(tokens, info, lora_row_slots(info, tokens), bufs, LoraFold,
+                                  add_rmsnorm_triton, silu_mul_triton, rope_store_kv_triton)
     keys = log.keys()
     assert {name for name, _ in keys} >= {"_lora_shrink_kernel", "_lora_expand_kernel",
                                          "_lora_expand_rows_kernel", "_lora_embed_shrink_kernel",
-                                         "_rmsnorm_kernel", "_silu_mul_kernel"}
+                                         "_rmsnorm_kernel", "_silu_mul_kernel",
+                                         "_add_rmsnorm_fold_kernel", "_rope_store_kv_kernel"}
     compiled = compile_for_sm90(keys)
     failed = [c for c in compiled if "error" in c or c["local"] > 0]
     assert not failed, failed
+
+
+def _folded_consumers(tokens, info, row_slots, bufs, LoraFold, add_rmsnorm, silu_mul, rope_store):
+    """Launch add+RMSNorm, SiLU*up and rotary+K/V store with a fold of o, gate_up and qkv, with
+    one split of bf16 partials and with four of fp32."""
+    import torch
+
+    bf16 = torch.bfloat16
+    for splits, dtype in ((1, bf16), (4, torch.float32)):
+        def fold(name, splits=splits, dtype=dtype):
+            A, B, scalings, offsets = bufs[name]
+            t = torch.empty(splits, tokens, A.shape[1], dtype=dtype)
+            return LoraFold(t, B, scalings, row_slots, offsets, info)
+
+        x = torch.empty(tokens, 4096, dtype=bf16)
+        add_rmsnorm(x, torch.empty_like(x), torch.empty(4096, dtype=bf16), 1e-5, fold=fold("o"))
+        silu_mul(torch.empty(tokens, 2 * 14336, dtype=bf16), fold=fold("gate_up"))
+        q, k, v = torch.empty(tokens, 6144, dtype=bf16).split([4096, 1024, 1024], dim=-1)
+        cache = [torch.empty(64, 16, 8, 128, dtype=bf16) for _ in range(2)]
+        cos_sin = [torch.empty(tokens, 128, dtype=bf16) for _ in range(2)]
+        rope_store(q.view(tokens, 32, 128), k.view(tokens, 8, 128), v.view(tokens, 8, 128),
+                   *cos_sin, *cache, torch.zeros(tokens, dtype=torch.int64), fold=fold("qkv"))

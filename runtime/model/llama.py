@@ -5,7 +5,8 @@ the base model and LoRA each take one launch per fused module.
 On CUDA the elementwise work between the projections runs in fused Triton kernels, so a layer
 launches 8 kernels besides attention's and LoRA's: add+RMSNorm, qkv, rotary+K/V store, o_proj,
 add+RMSNorm, gate_up, SiLU*up, down. The residual adds are deferred into the next norm
-(`DecoderLayer.forward_deferred`). Elsewhere, or with the environment variable
+(`DecoderLayer.forward_deferred`). Inside a captured decode forward the LoRA expands are folded
+into the next of these kernels (`FoldPlan`, ops/triton_lora_fold.py). Elsewhere, or with the environment variable
 LORASERVE_DISABLE_FUSED=1 (read when each module is built; for A/B runs), the plain torch ops
 run; they are also the reference the kernels are tested against.
 
@@ -24,9 +25,18 @@ from torch import nn
 
 from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
 from ops.dispatch import use_triton
-from ops.lora import LoraBatchInfo, lora_embed_shrink, lora_expand
+from ops.lora import (
+    LoraBatchInfo,
+    apply_fold,
+    folds_lora,
+    lora_embed_shrink,
+    lora_expand,
+    lora_row_slots,
+)
 from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
+from ops.lora import linear_lora_fold as lora_linear_fold
+from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
 from ops.triton_rope_store_kv import rope_store_kv_triton
 from ops.triton_silu_mul import silu_mul_triton
@@ -110,16 +120,18 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
     def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None
+        self, x: torch.Tensor, residual: torch.Tensor | None, fold: LoraFold | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(s), s) for s = x + residual (s = x when residual is None). x, residual: [T, dim].
+        fold: x's LoRA delta, not yet added to it.
 
-        On CUDA the add and the norm are one kernel."""
+        On CUDA the add and the norm are one kernel, which also adds the fold's delta."""
         if residual is None:
+            x = apply_fold(x, fold)
             return self(x), x
         if self._fused(x):
-            return add_rmsnorm_triton(x, residual, self.weight, self.eps)
-        s = x + residual
+            return add_rmsnorm_triton(x, residual, self.weight, self.eps, fold=fold)
+        s = apply_fold(x, fold) + residual
         return self(s), s
 
     def _fused(self, x: torch.Tensor) -> bool:
@@ -144,6 +156,28 @@ def project(
     if group is None or info is None:
         return linear(x)
     return lora_linear(x, linear, group.A, group.B, group.slice_offsets, group.scalings, info)
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """A captured decode forward's LoRA folds: the groups whose expand the next kernel folds
+    in (ops.lora.folds_lora), and each row's adapter slot for those kernels."""
+
+    groups: frozenset[str]
+    row_slots: torch.Tensor  # [T] int32, -1 = base row
+
+
+def project_fold(
+    linear: nn.Module, x: torch.Tensor, group: LoraGroupBuffers | None,
+    info: LoraBatchInfo | None, name: str, plan: FoldPlan | None,
+) -> tuple[torch.Tensor, LoraFold | None]:
+    """(linear(x), its LoRA delta left for the next kernel) when `plan` folds group `name`;
+    else (project(...), None)."""
+    if group is None or info is None or plan is None or name not in plan.groups:
+        return project(linear, x, group, info), None
+    return lora_linear_fold(
+        x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots
+    )
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -177,16 +211,32 @@ class Attention(nn.Module):
         o = self.attend(x, cos, sin, k_cache, v_cache, fb, lora)  # [T, H * D]
         return self.project_out(o, fb, lora)
 
-    def attend(self, x, cos, sin, k_cache, v_cache, fb: ForwardBatch, lora) -> torch.Tensor:
-        """qkv projection (+ LoRA), rotary embedding, K/V store, paged attention: [T, H * D]."""
+    def forward_fold(
+        self, x, cos, sin, k_cache, v_cache, fb: ForwardBatch, lora, plan: FoldPlan
+    ) -> tuple[torch.Tensor, LoraFold | None]:
+        """forward with `plan`'s folds: (o_proj's output, its LoRA delta left for the next
+        norm, or None)."""
+        o = self.attend(x, cos, sin, k_cache, v_cache, fb, lora, plan)
+        return project_fold(self.o_proj, o, lora.get("o") if lora else None, fb.lora, "o", plan)
+
+    def attend(
+        self, x, cos, sin, k_cache, v_cache, fb: ForwardBatch, lora, plan: FoldPlan | None = None
+    ) -> torch.Tensor:
+        """qkv projection (+ LoRA), rotary embedding, K/V store, paged attention: [T, H * D].
+        With `plan` folding qkv, the rotary kernel adds the LoRA delta."""
         a = self.args
-        qkv = project(self.qkv_proj, x, lora.get("qkv") if lora else None, fb.lora)
+        qkv, fold = project_fold(
+            self.qkv_proj, x, lora.get("qkv") if lora else None, fb.lora, "qkv", plan
+        )
+        fused = runs_fused(self, qkv) and k_cache.dtype == qkv.dtype
+        if not fused:
+            apply_fold(qkv, fold)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        if runs_fused(self, qkv) and k_cache.dtype == qkv.dtype:
-            q = self._rope_store_fused(q, k, v, cos, sin, k_cache, v_cache, fb)
+        if fused:
+            q = self._rope_store_fused(q, k, v, cos, sin, k_cache, v_cache, fb, fold)
         else:
             if a.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
@@ -201,13 +251,14 @@ class Attention(nn.Module):
             )
         return o.reshape(-1, a.q_size)
 
-    def _rope_store_fused(self, q, k, v, cos, sin, k_cache, v_cache, fb) -> torch.Tensor:
-        """q/k norms (Qwen3), rotary embedding and the K/V store in one kernel: rotated q."""
+    def _rope_store_fused(self, q, k, v, cos, sin, k_cache, v_cache, fb, fold) -> torch.Tensor:
+        """q/k norms (Qwen3), rotary embedding and the K/V store in one kernel (adding qkv's
+        LoRA delta when `fold` is given): rotated q."""
         d = self.args.head_dim
         norms = (self.q_norm.weight, self.k_norm.weight) if self.args.qk_norm else (None, None)
         return rope_store_kv_triton(
             q, k, v, cos.reshape(-1, d), sin.reshape(-1, d), k_cache, v_cache, fb.slot_mapping,
-            *norms, eps=self.args.rms_norm_eps,
+            *norms, eps=self.args.rms_norm_eps, fold=fold,
         )
 
     def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:
@@ -230,10 +281,26 @@ class MLP(nn.Module):
         h = self.silu_mul(gate_up)  # [T, inter]
         return project(self.down_proj, h, lora.get("down") if lora else None, fb.lora)
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up: [T, 2 * inter] -> [T, inter]; one kernel on CUDA."""
+    def forward_fold(
+        self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None,
+        plan: FoldPlan,
+    ) -> tuple[torch.Tensor, LoraFold | None]:
+        """forward with `plan`'s folds: (down's output, its LoRA delta left for the next norm,
+        or None); SiLU*up adds gate_up's delta when the plan folds it."""
+        gate_up, fold = project_fold(
+            self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora, "gate_up", plan
+        )
+        h = self.silu_mul(gate_up, fold)
+        return project_fold(
+            self.down_proj, h, lora.get("down") if lora else None, fb.lora, "down", plan
+        )
+
+    def silu_mul(self, gate_up: torch.Tensor, fold: LoraFold | None = None) -> torch.Tensor:
+        """SiLU(gate) * up: [T, 2 * inter] -> [T, inter]; one kernel on CUDA, which also adds
+        gate_up's LoRA delta when `fold` is given."""
         if runs_fused(self, gate_up):
-            return silu_mul_triton(gate_up)
+            return silu_mul_triton(gate_up, fold=fold)
+        apply_fold(gate_up, fold)
         gate, up = gate_up.split(self.inter, dim=-1)
         return F.silu(gate) * up
 
@@ -247,7 +314,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, h, cos, sin, k_cache, v_cache, fb, lora):
-        x, residual = self.forward_deferred(h, None, cos, sin, k_cache, v_cache, fb, lora)
+        x, residual, _ = self.forward_deferred(h, None, cos, sin, k_cache, v_cache, fb, lora)
         return x + residual
 
     def forward_deferred(
@@ -260,14 +327,23 @@ class DecoderLayer(nn.Module):
         v_cache: torch.Tensor,
         fb: ForwardBatch,
         lora: dict[str, LoraGroupBuffers] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fold: LoraFold | None = None,
+        plan: FoldPlan | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, LoraFold | None]:
         """The layer with its residual adds left to the next norm: the input stream is
-        x + residual (x alone when residual is None); returns (x', residual') whose sum is the
-        output stream. Each norm adds the pending branch output as it normalises."""
-        x, residual = self.input_layernorm.add_forward(x, residual)
-        x = self.self_attn(x, cos, sin, k_cache, v_cache, fb, lora)
-        x, residual = self.post_attention_layernorm.add_forward(x, residual)
-        return self.mlp(x, fb, lora), residual
+        x + residual (x alone when residual is None) plus fold's delta of x when given; returns
+        (x', residual', fold') whose sum is the output stream. Each norm adds the pending branch
+        output as it normalises. With `plan`, LoRA expands are folded into the next kernels;
+        fold' is down's delta, left for the next layer's norm (else None)."""
+        x, residual = self.input_layernorm.add_forward(x, residual, fold)
+        if plan is None:
+            x = self.self_attn(x, cos, sin, k_cache, v_cache, fb, lora)
+            x, residual = self.post_attention_layernorm.add_forward(x, residual)
+            return self.mlp(x, fb, lora), residual, None
+        x, fold = self.self_attn.forward_fold(x, cos, sin, k_cache, v_cache, fb, lora, plan)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual, fold)
+        x, fold = self.mlp.forward_fold(x, fb, lora, plan)
+        return x, residual, fold
 
 
 class CausalLM(nn.Module):
@@ -314,14 +390,25 @@ class CausalLM(nn.Module):
             lora_expand(t, pool.embed.B, h, pool.embed.slice_offsets, pool.embed.scalings, fb.lora)
         cos = self.rope_cos[fb.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[fb.positions].unsqueeze(1)
-        residual = None  # the stream is h + residual
+        residual = None  # the stream is h + residual (+ fold's delta of h)
+        fold, plan = None, self._fold_plan(fb, h) if pool is not None else None
         for i, layer in enumerate(self.layers):
-            h, residual = layer.forward_deferred(
-                h, residual, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None
+            h, residual, fold = layer.forward_deferred(
+                h, residual, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None,
+                fold, plan,
             )
+        apply_fold(h, fold)  # the last down's delta: the final norm takes a gather of rows
         rows = fb.logits_indices
         h, _ = self.norm.add_forward(h[rows], None if residual is None else residual[rows])
         return h
+
+    @staticmethod
+    def _fold_plan(fb: ForwardBatch, h: torch.Tensor) -> FoldPlan | None:
+        """The forward's folds (inside a decode graph capture), or None."""
+        groups = folds_lora(h)
+        if not groups:
+            return None
+        return FoldPlan(groups, lora_row_slots(fb.lora, h.shape[0]))
 
     def logits(self, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """lm_head (+ its LoRA for fb.lora_logits' rows): [rows, hidden] -> [rows, vocab] fp32."""

@@ -1,0 +1,301 @@
+"""LoRA expands folded into the next kernel (ops/triton_lora_fold.py): each consumer kernel with a
+fold against the plain expand followed by the same kernel without one (CPU tensors under
+TRITON_INTERPRET=1 at small shapes; bf16 at Llama-3.1-8B shapes on CUDA), and a decode forward
+with every group folded against the same forward with its expands."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # before triton is imported: kernels run in the interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ops.lora import (
+    LoraFold,
+    build_lora_batch_info,
+    capture_paths,
+    fold_groups,
+    folds_lora,
+    lora_expand_torch,
+    lora_row_slots,
+)
+from ops.triton_rmsnorm import add_rmsnorm_triton
+from ops.triton_rope_store_kv import rope_store_kv_triton
+from ops.triton_silu_mul import silu_mul_triton
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+# base rows, three adapters (one of them rank 8 of the pool's 16), rows of one adapter together
+TOKEN_SLOTS = [-1, 2, 2, 0, -1, -1, 1, 1, 1, -1]
+
+
+def tol(dtype: torch.dtype) -> dict:
+    """A rounding step of the dtype: the delta's fp32 sum runs in another order."""
+    return {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+            torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+            torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2}}[dtype]
+
+
+def make_fold(slots: list[int], widths: list[int], dtype: torch.dtype, splits: int,
+              rank_pad: int = 16, num_slots: int = 3, device: str = DEVICE) -> LoraFold:
+    """A fold over output slices of `widths` as the pool and the shrink leave it: B zero past
+    each slot's rank (slot 1: rank 8, the others rank_pad), t's split-K partials (fp32 when
+    split), base rows' t garbage (NaN)."""
+    g = torch.Generator().manual_seed(0)
+    n = len(widths)
+    ranks = torch.tensor([8 if s == 1 else rank_pad for s in range(num_slots)], dtype=torch.int32)
+    B = torch.randn(num_slots, sum(widths), rank_pad, generator=g) * 0.2
+    for s, r in enumerate(ranks.tolist()):
+        B[s, :, r:] = 0
+    t = torch.randn(splits, len(slots), n * rank_pad, generator=g)
+    base = torch.tensor(slots) < 0
+    t[:, base] = float("nan")
+    scalings = torch.rand(num_slots, n, generator=g) + 0.5
+    info = build_lora_batch_info(slots, ranks.to(device), "csgmv", 16, device)
+    offsets = tuple(int(x) for x in torch.tensor([0, *widths]).cumsum(0))
+    t = t.to(dtype if splits == 1 else torch.float32).to(device)
+    return LoraFold(t, B.to(dtype).to(device), scalings.to(device),
+                    lora_row_slots(info, len(slots)), offsets, info)
+
+
+def expanded(y: torch.Tensor, fold: LoraFold) -> torch.Tensor:
+    """y plus the fold's delta by the torch expand (base rows untouched)."""
+    out = y.clone()
+    t = torch.nan_to_num(fold.t.float().sum(0), nan=0.0)  # base rows' t is never read
+    lora_expand_torch(t, fold.B, out, fold.slice_offsets, fold.scalings, fold.info)
+    return out
+
+
+def test_row_slots_follow_the_segment_table() -> None:
+    info = build_lora_batch_info(TOKEN_SLOTS, torch.tensor([16, 8, 16], dtype=torch.int32),
+                                 "csgmv", 16, "cpu", pad_to=16)
+    assert lora_row_slots(info, 10).tolist() == TOKEN_SLOTS
+    # rows past the table (a graph bucket's padding) are base rows
+    assert lora_row_slots(info, 13).tolist() == TOKEN_SLOTS + [-1, -1, -1]
+
+
+def test_fold_groups_read_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("LORASERVE_LORA_FOLD", raising=False)
+    assert fold_groups() == {"qkv", "o", "gate_up", "down"}
+    monkeypatch.setenv("LORASERVE_LORA_FOLD", "gate_up, down")
+    assert fold_groups() == {"gate_up", "down"}
+    monkeypatch.setenv("LORASERVE_LORA_FOLD", "0")
+    assert fold_groups() == frozenset()
+    monkeypatch.setenv("LORASERVE_LORA_FOLD", "qkv,mlp")
+    with pytest.raises(ValueError, match="mlp"):
+        fold_groups()
+
+
+def test_folds_only_inside_decode_captures(monkeypatch) -> None:
+    import ops.dispatch
+
+    monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
+    x = torch.zeros(2, 4)
+    assert not folds_lora(x)
+    with capture_paths(fold=True):
+        assert folds_lora(x) == fold_groups()
+        with capture_paths(fold=False):  # a prefill capture nested inside keeps its expands
+            assert not folds_lora(x)
+        assert folds_lora(x)
+    assert not folds_lora(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_add_rmsnorm_fold(dtype, splits) -> None:
+    """The fold kernel walks rows of 3000 in chunks of 2048: a partial last chunk."""
+    n = 3000
+    fold = make_fold(TOKEN_SLOTS, [n], dtype, splits)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(TOKEN_SLOTS), n, generator=g).to(dtype).to(DEVICE)
+    residual = torch.randn(len(TOKEN_SLOTS), n, generator=g).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype).to(DEVICE)
+    want, want_s = add_rmsnorm_triton(expanded(x, fold), residual, w, EPS)
+    x_before = x.clone()
+    got, got_s = add_rmsnorm_triton(x, residual.clone(), w, EPS, fold=fold)
+    torch.testing.assert_close(got_s, want_s, **tol(dtype))
+    torch.testing.assert_close(got, want, **tol(dtype))
+    assert torch.equal(x, x_before)  # the projection's output itself is left as it was
+    base = torch.tensor(TOKEN_SLOTS) < 0
+    assert torch.equal(got_s[base], want_s[base]) and torch.equal(got[base], want[base])
+
+
+def test_add_rmsnorm_fold_in_place_on_residual() -> None:
+    n = 64
+    fold = make_fold(TOKEN_SLOTS, [n], torch.float32, 2)
+    x = torch.randn(len(TOKEN_SLOTS), n, device=DEVICE)
+    residual = torch.randn(len(TOKEN_SLOTS), n, device=DEVICE)
+    w = torch.ones(n, device=DEVICE)
+    want, want_s = add_rmsnorm_triton(expanded(x, fold), residual, w, EPS)
+    got, got_s = add_rmsnorm_triton(x, residual, w, EPS, residual_out=residual, fold=fold)
+    assert got_s is residual
+    torch.testing.assert_close(got_s, want_s, **tol(torch.float32))
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("rank_pad", [16, 24])
+def test_silu_mul_fold(dtype, splits, rank_pad) -> None:
+    """Blocks of 256 columns with a partial last one; a pool rank that is no power of two."""
+    inter = 300
+    fold = make_fold(TOKEN_SLOTS, [inter, inter], dtype, splits, rank_pad)
+    g = torch.Generator().manual_seed(2)
+    gate_up = torch.randn(len(TOKEN_SLOTS), 2 * inter, generator=g).to(dtype).to(DEVICE)
+    want = silu_mul_triton(expanded(gate_up, fold))
+    got = silu_mul_triton(gate_up, fold=fold)
+    torch.testing.assert_close(got, want, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_store_kv_fold(dtype, qk_norm) -> None:
+    from tests.test_fused_ops import rope_tables
+
+    heads, kv_heads, d = 4, 2, 32
+    q_size, kv_size = heads * d, kv_heads * d
+    tokens = len(TOKEN_SLOTS)
+    fold = make_fold(TOKEN_SLOTS, [q_size, kv_size, kv_size], dtype, 2)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(tokens, q_size + 2 * kv_size, generator=g).to(dtype).to(DEVICE)
+    positions = torch.randint(0, 100, (tokens,), generator=g).to(DEVICE)
+    cos, sin = rope_tables(positions, d, dtype)
+    norms = ((1 + 0.1 * torch.randn(d, generator=g)).to(dtype).to(DEVICE),
+             (1 + 0.1 * torch.randn(d, generator=g)).to(dtype).to(DEVICE)) if qk_norm else ()
+    slots = torch.randperm(4 * 8, generator=g)[:tokens].to(DEVICE)
+    slots[4] = -1  # a row that writes no cache
+
+    def run(qkv: torch.Tensor, fold: LoraFold | None):
+        cache = [torch.zeros(4, 8, kv_heads, d, dtype=dtype, device=DEVICE) for _ in range(2)]
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q_out = rope_store_kv_triton(
+            q.view(tokens, heads, d), k.view(tokens, kv_heads, d), v.view(tokens, kv_heads, d),
+            cos, sin, *cache, slots, *norms, eps=EPS, fold=fold)
+        return q_out, *cache
+
+    want = run(expanded(qkv, fold), None)
+    got = run(qkv, fold)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol(dtype))
+
+
+def test_consumers_reject_a_fold_of_other_slices() -> None:
+    fold = make_fold(TOKEN_SLOTS, [16, 16, 16], torch.float32, 1)
+    with pytest.raises(ValueError, match="gate and up"):
+        silu_mul_triton(torch.zeros(len(TOKEN_SLOTS), 48, device=DEVICE), fold=fold)
+    with pytest.raises(ValueError, match="does not fit"):
+        silu_mul_triton(torch.zeros(len(TOKEN_SLOTS), 32, device=DEVICE), fold=fold)
+
+
+# ------------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_folded_decode_matches_expands_in_the_interpreter(arch, tmp_path, monkeypatch) -> None:
+    """A served mixed batch (base rows and two adapters of ranks 8 and 16 on every
+    projection) whose decode forwards fold every group, in the interpreter: each decode
+    forward's logits match the forward with expands, and the greedy tokens are the same."""
+    import ops.dispatch
+    from runtime.config import LoraPathSpec
+    from runtime.model import llama
+    from tests.engine_utils import greedy, make_engine, run, run_batch
+    from tests.models import make_adapter, make_model, prompts, read_vocab
+
+    monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
+    monkeypatch.delenv("LORASERVE_LORA_FOLD", raising=False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = make_model(tmp_path / "m", arch)
+    specs = tuple(
+        LoraPathSpec(f"a{i}", str(make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i,
+                                               targets=targets)))
+        for i, r in enumerate((8, 16)))
+    ps = prompts(5, read_vocab(model), seed=3, lo=3, hi=12)
+    loras = [None, "a0", "a1", "a1", "a0"]
+    forward = llama.CausalLM.forward
+    folds: list[int] = []
+    fold_linear = llama.lora_linear_fold
+
+    def counted_fold(*args, **kwargs):
+        folds.append(1)
+        return fold_linear(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "lora_linear_fold", counted_fold)
+    logits: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    tokens = {}
+    for fold in (False, True):
+        def patched(self, fb, kv_k, kv_v, fold=fold):
+            with capture_paths(fold=fold and fb.is_decode):
+                out = forward(self, fb, kv_k, kv_v)
+            if fb.is_decode:
+                logits[fold].append(out.clone())
+            return out
+
+        monkeypatch.setattr(llama.CausalLM, "forward", patched)
+        engine = make_engine(model, lora_paths=specs, max_loras_per_batch=2,
+                             max_running_requests=8)
+        tokens[fold] = run(run_batch(engine, ps, greedy(5), loras))
+    decode_forwards = len(logits[True])
+    assert decode_forwards and decode_forwards == len(logits[False])
+    assert len(folds) == 4 * 2 * decode_forwards  # every group of both layers, every forward
+    for a, b in zip(logits[True], logits[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert tokens[True] == tokens[False]
+
+
+# ------------------------------------------------------------------------------- CUDA, real shapes
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 32])
+def test_folds_at_llama_8b_shapes_on_cuda(rows) -> None:
+    """bf16 at Llama-3.1-8B shapes, rows over 8 adapters (base rows among them): each consumer
+    with a fold against the plain Triton expand and the same kernel."""
+    from ops.lora import apply_fold
+    from tests.test_fused_ops import rope_tables
+
+    hidden, inter, heads, kv_heads, d = 4096, 14336, 32, 8, 128
+    dt = torch.bfloat16
+    slots = sorted(i % 9 - 1 for i in range(rows)) if rows > 1 else [3]
+    g = torch.Generator().manual_seed(0)
+
+    def with_expand(y: torch.Tensor, fold: LoraFold) -> torch.Tensor:
+        """y plus the fold's delta by the Triton expand."""
+        clean = LoraFold(torch.nan_to_num(fold.t, nan=0.0), fold.B, fold.scalings,
+                         fold.row_slots, fold.slice_offsets, fold.info)
+        return apply_fold(y.clone(), clean)
+
+    fold = make_fold(slots, [hidden], dt, 4, num_slots=8, device="cuda")
+    y = torch.randn(rows, hidden, generator=g).to(dt).cuda()
+    res = torch.randn(rows, hidden, generator=g).to(dt).cuda()
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dt).cuda()
+    want = add_rmsnorm_triton(with_expand(y, fold), res, w, EPS)
+    got = add_rmsnorm_triton(y, res.clone(), w, EPS, fold=fold)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol(dt))
+
+    fold = make_fold(slots, [inter, inter], dt, 1, num_slots=8, device="cuda")
+    gate_up = torch.randn(rows, 2 * inter, generator=g).to(dt).cuda()
+    torch.testing.assert_close(silu_mul_triton(gate_up, fold=fold),
+                               silu_mul_triton(with_expand(gate_up, fold)), **tol(dt))
+
+    q_size, kv_size = heads * d, kv_heads * d
+    fold = make_fold(slots, [q_size, kv_size, kv_size], dt, 2, num_slots=8, device="cuda")
+    qkv = torch.randn(rows, q_size + 2 * kv_size, generator=g).to(dt).cuda()
+    cos, sin = rope_tables(torch.arange(rows, device="cuda"), d, dt)
+    smap = torch.arange(rows, device="cuda")
+
+    def run(x, f):
+        cache = [torch.zeros(rows, 1, kv_heads, d, dtype=dt, device="cuda") for _ in range(2)]
+        q, k, v = x.split([q_size, kv_size, kv_size], dim=-1)
+        out = rope_store_kv_triton(q.view(rows, heads, d), k.view(rows, kv_heads, d),
+                                   v.view(rows, kv_heads, d), cos, sin, *cache, smap, fold=f)
+        return out, *cache
+
+    for a, b in zip(run(qkv, fold), run(with_expand(qkv, fold), None)):
+        torch.testing.assert_close(a, b, **tol(dt))
