@@ -51,10 +51,14 @@ ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", 
 # serial path instead, for A/B runs. Eager steps run serially: at prefill the overlap measured
 # no gain (benchmarks/RESULTS.md), and at decode sizes the fork and join's host calls would
 # cost more than they hide.
-# Inside decode graph captures (`capture_paths(fold=True)`) the groups named here leave their
-# expand to the next kernel (ops/triton_lora_fold.py); LORASERVE_LORA_FOLD lists them
-# (comma-separated, read when a forward is captured), "0" folds none.
+# Inside decode graph captures (`capture_paths(fold=True)`) the groups LORASERVE_LORA_FOLD
+# names (comma-separated, read when a forward is captured; "0": none) leave their expand to the
+# next kernel (ops/triton_lora_fold.py). By default qkv (into rotary+K/V store) and gate_up (into
+# SiLU*up), whose consumers spread a row over many programs. Folding o and down into
+# add+RMSNorm, one program a row, made the graph forward slower at batch 1 (5.68 ms against
+# 5.38 with qkv and gate_up alone, H200, Llama-3.1-8B shapes, benchmarks/RESULTS.md).
 FOLD_GROUPS = ("qkv", "o", "gate_up", "down")
+DEFAULT_FOLD = ("qkv", "gate_up")
 
 
 @dataclass
@@ -568,8 +572,8 @@ def capture_paths(fold: bool):
 
 
 def fold_groups() -> frozenset[str]:
-    """The groups LORASERVE_LORA_FOLD names (default all of FOLD_GROUPS; "0": none)."""
-    raw = os.environ.get("LORASERVE_LORA_FOLD", ",".join(FOLD_GROUPS)).strip()
+    """The groups LORASERVE_LORA_FOLD names (default DEFAULT_FOLD; "0": none)."""
+    raw = os.environ.get("LORASERVE_LORA_FOLD", ",".join(DEFAULT_FOLD)).strip()
     if raw in ("", "0"):
         return frozenset()
     names = frozenset(n.strip() for n in raw.split(","))

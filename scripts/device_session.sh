@@ -50,6 +50,9 @@
 #                                    and engine GPU tests
 #   scripts/device_session.sh fold   (one GPU) step targets with no fold, and with every group
 #                                    folded
+#   scripts/device_session.sh foldl  (one GPU) the default folds (qkv, gate_up): fold tests on
+#                                    CUDA, decode graphs against eager, step targets, the
+#                                    saturated 256-cap many-adapter run
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -320,6 +323,20 @@ case "${1:-}" in
       echo "== step_bench --lora, LORASERVE_LORA_FOLD=$mode: rc $?"
       grep -E "^(HBM|decode|prefill|  graph|serving)" "$OUT/step_fold_${mode//,/_}.log"
     done
+    ;;
+  foldl)  # one GPU: the default folds (qkv, gate_up): their tests, decode graphs against eager,
+          # the step targets, the saturated 256-cap many-adapter run
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
+    gpu_tests graphs_decode_gpu 200 tests/test_graphs_gpu.py -k "not prefill"
+    timeout 100 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_lora.log"
+    timeout 170 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
+    echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
+    rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

@@ -81,7 +81,7 @@ def test_row_slots_follow_the_segment_table() -> None:
 
 def test_fold_groups_read_the_environment(monkeypatch) -> None:
     monkeypatch.delenv("LORASERVE_LORA_FOLD", raising=False)
-    assert fold_groups() == {"qkv", "o", "gate_up", "down"}
+    assert fold_groups() == {"qkv", "gate_up"}
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "gate_up, down")
     assert fold_groups() == {"gate_up", "down"}
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "0")
@@ -121,8 +121,10 @@ def test_add_rmsnorm_fold(dtype, splits) -> None:
     torch.testing.assert_close(got_s, want_s, **tol(dtype))
     torch.testing.assert_close(got, want, **tol(dtype))
     assert torch.equal(x, x_before)  # the projection's output itself is left as it was
+    # base rows get no delta: their sums are the plain kernel's bits (their norms are not:
+    # the fold kernel sums the squares chunk by chunk, in another order)
     base = torch.tensor(TOKEN_SLOTS) < 0
-    assert torch.equal(got_s[base], want_s[base]) and torch.equal(got[base], want[base])
+    assert torch.equal(got_s[base], want_s[base])
 
 
 def test_add_rmsnorm_fold_in_place_on_residual() -> None:
@@ -207,7 +209,7 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, tmp_path, monkey
     from tests.models import make_adapter, make_model, prompts, read_vocab
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
-    monkeypatch.delenv("LORASERVE_LORA_FOLD", raising=False)
+    monkeypatch.setenv("LORASERVE_LORA_FOLD", "qkv,o,gate_up,down")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = make_model(tmp_path / "m", arch)
     specs = tuple(
