@@ -218,13 +218,17 @@ def kernel_kind(name: str) -> str:
     return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other")
 
 
-def profile_steps(engine: Engine, steps: int = 5, warm: bool = True) -> dict:
-    """GPU time of the running batch's next `steps` steps by kernel category (torch.profiler,
-    decode run eagerly so every kernel is seen; durations are the kernels' own, the same as
-    inside a graph). Per-step milliseconds."""
+def profile_steps(engine: Engine, steps: int = 5, warm: bool = True, eager: bool = True) -> dict:
+    """GPU time of the running batch's next `steps` steps by kernel category (torch.profiler).
+    eager: decode runs without its CUDA graphs, kernel by kernel (durations are the kernels'
+    own); else the graphs replay, with what they capture (decode graphs fold LoRA expands into
+    the next kernels). Per-step milliseconds, summed over kernels: the LoRA shrinks of a graph
+    run beside the projections, so the sum can exceed the step."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs, engine.runner.graphs = engine.runner.graphs, None
+    graphs = engine.runner.graphs
+    if eager:
+        engine.runner.graphs = None
     try:
         if warm:
             one_step(engine)
@@ -253,15 +257,20 @@ def profile_steps(engine: Engine, steps: int = 5, warm: bool = True) -> dict:
             "total_ms": sum(by_kind.values()), "top_kernels": top}
 
 
-def profile_cases(engine: Engine, prompt: int, names: list[str]) -> list[dict]:
-    """profile_steps for base decode at batch 1 and 32, the adapter cases, and prefill."""
+def profile_cases(engine: Engine, prompt: int, names: list[str], eager: bool = True
+                  ) -> list[dict]:
+    """profile_steps for base decode at batch 1 and 32, the adapter cases, and prefill (not
+    with eager=False: decode graphs only)."""
     out = []
     cases = [(1, None), (32, None)] + ([(1, 1), (32, 8), (32, 32)] if names else [])
     for b, n in cases:
         add_requests(engine, b, prompt, names[:n] if n else [None])
         prefill_all(engine)
-        out.append({"case": f"decode batch {b}, {n or 0} adapters", **profile_steps(engine)})
+        out.append({"case": f"decode batch {b}, {n or 0} adapters{'' if eager else ', graphs'}",
+                    **profile_steps(engine, eager=eager)})
         clear(engine)
+    if not eager:
+        return out
     for n in (None, 8) if names else (None,):
         for warm in (True, False):  # the first round compiles the prefill shapes' kernels
             add_requests(engine, 8, 512, names[:n] if n else [None])
@@ -304,6 +313,9 @@ def main() -> None:
                     help="measure each base decode case this many times; report the median")
     ap.add_argument("--profile", action="store_true",
                     help="only a per-kernel-category GPU time breakdown of each case")
+    ap.add_argument("--profile-graphs", action="store_true",
+                    help="with --profile: the decode cases replayed from their CUDA graphs "
+                    "(else run eagerly, kernel by kernel)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     lora_cases = parse_lora_cases(a.lora_cases) if a.lora else []
@@ -332,7 +344,7 @@ def main() -> None:
                 await engine.adapters.load(p.name, str(p))
         asyncio.run(load_all())
     if a.profile:
-        prof = profile_cases(engine, a.prompt, names)
+        prof = profile_cases(engine, a.prompt, names, eager=not a.profile_graphs)
         print_profile(prof)
         if a.out:
             a.out.write_text(json.dumps({"shape": a.shape, "profile": prof}, indent=2))

@@ -8,20 +8,24 @@ it, matching the torch RMSNorm in runtime/model/llama.py.
 Grid: (T,), one program per row; the whole row sits in one block (hidden sizes up to 32K).
 
 With a LoRA fold (ops/triton_lora_fold.py) x is a projection's output whose LoRA delta was not
-added yet: the fused kernel adds it first, rounding x + delta to x's dtype as the expand would
-have stored it. That kernel walks the row in chunks (the delta's B tile of a whole row would not
-fit in registers), writes the new residual as it goes, then normalises the row it wrote.
+added yet: the fold kernel adds it first, rounding x + delta to x's dtype as the expand would
+have stored it. The delta's B tile of a whole row would not fit one program, and one program
+would read it alone, so a row is cut over several programs (grid (T, parts)): each writes its
+part of the new residual and its part's sum of squares, then counts itself in with an atomic;
+the row's last program adds the sums in a fixed order (the result does not depend on which
+program came last) and normalises the row.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ops.sizes import next_pow2
+from ops.sizes import cdiv, next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add, lora_fold_t
 
 _MAX_BLOCK = 32768
-_FOLD_CHUNK = 2048  # row elements a fold program adds the delta of at a time (at most)
+_FOLD_COLS = 256  # row elements a fold program adds the delta of (at most)
+_FOLD_WARPS = 4
 
 
 @triton.jit
@@ -63,11 +67,14 @@ def _add_rmsnorm_fold_kernel(
     w_ptr,
     out_ptr,
     res_out_ptr,
+    sums_ptr,
+    count_ptr,
     N,
     stride_x,
     stride_res,
     stride_out,
     stride_res_out,
+    stride_sums,
     eps,
     t_ptr,
     b_ptr,
@@ -81,36 +88,75 @@ def _add_rmsnorm_fold_kernel(
     stride_ss,
     stride_si,
     BLOCK: tl.constexpr,
-    CHUNK: tl.constexpr,
+    COLS: tl.constexpr,
+    PARTS: tl.constexpr,
     FOLD: tl.constexpr,
     SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
     dtype = res_out_ptr.dtype.element_ty
     slot = tl.load(rslot_ptr + row)
     t = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-    sq = tl.zeros((CHUNK,), dtype=tl.float32)
-    for c0 in range(0, N, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        live = offs < N
-        x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
-        x = lora_fold_add(x, b_ptr, scal_ptr, slot, t, 0, offs, live, R, stride_bs, stride_bn,
-                          stride_ss, stride_si, x_ptr, BLOCK_R, EVEN_R)
-        r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
-        s = (x + r).to(dtype)
-        tl.store(res_out_ptr + row * stride_res_out + offs, s, mask=live)
-        s32 = s.to(tl.float32)
-        sq += s32 * s32
-    inv_rms = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / N + eps)
-    tl.debug_barrier()  # the row's sums, written by every thread, are read back below
-    offs = tl.arange(0, BLOCK)
+    offs = part * COLS + tl.arange(0, COLS)
     live = offs < N
-    s = tl.load(res_out_ptr + row * stride_res_out + offs, mask=live, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)
-    y = (s * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (y * w).to(out_ptr.dtype.element_ty), mask=live)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
+    x = lora_fold_add(x, b_ptr, scal_ptr, slot, t, 0, offs, live, R, stride_bs, stride_bn,
+                      stride_ss, stride_si, x_ptr, BLOCK_R, EVEN_R)
+    r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
+    s = (x + r).to(dtype)
+    tl.store(res_out_ptr + row * stride_res_out + offs, s, mask=live)
+    s32 = s.to(tl.float32)
+    tl.store(sums_ptr + row * stride_sums + part, tl.sum(s32 * s32, axis=0))
+    # every thread's stores above, then one release of them with the arrival count
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+    if arrived == parts - 1:  # the row's last program: the other parts' stores are visible
+        offs_p = tl.arange(0, PARTS)
+        sums = tl.load(sums_ptr + row * stride_sums + offs_p, mask=offs_p < parts, other=0.0,
+                       cache_modifier=".cg")
+        inv_rms = 1.0 / tl.sqrt_rn(tl.sum(sums, axis=0) / N + eps)
+        # (names of their own: the compiler unifies a name's type across the branch)
+        offs_row = tl.arange(0, BLOCK)
+        in_row = offs_row < N
+        s_row = tl.load(res_out_ptr + row * stride_res_out + offs_row, mask=in_row, other=0.0,
+                        cache_modifier=".cg").to(tl.float32)
+        w = tl.load(w_ptr + offs_row, mask=in_row, other=0.0).to(tl.float32)
+        y = (s_row * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + offs_row, (y * w).to(out_ptr.dtype.element_ty),
+                 mask=in_row)
+        tl.store(count_ptr + row, 0)  # ready for the next launch
+
+
+# The fold kernel's per-row scratch, by (device, stream): partial sums of squares and arrival
+# counts (zero between launches: each row's last program resets its count). Captured graphs
+# keep pointers to it, so it only ever grows, and an outgrown one is kept alive.
+_fold_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_fold_scratch_outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _fold_scratch_for(device: torch.device, rows: int, parts: int):
+    """(sums [>= rows, >= parts] fp32, counts [>= rows] int32) for launches on the current
+    stream of `device`; allocated outside CUDA graph captures only (the warm-up forwards
+    before a capture allocate it)."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _fold_scratch.get(key)
+    if have is not None and have[1].shape[0] >= rows and have[0].shape[1] >= parts:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("add+RMSNorm fold: scratch for this many rows must exist before a "
+                           "CUDA graph capture (run the forward once first)")
+    if have is not None:
+        _fold_scratch_outgrown.append(have)
+        rows, parts = max(rows, have[1].shape[0]), max(parts, have[0].shape[1])
+    have = (torch.zeros((rows, parts), dtype=torch.float32, device=device),
+            torch.zeros((rows,), dtype=torch.int32, device=device))
+    _fold_scratch[key] = have
+    return have
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str = "x") -> None:
@@ -143,12 +189,13 @@ def _launch(
     if fold is not None:
         assert residual is not None and res_out is not None
         args, consts = fold_args(fold, x)
-        num_warps = max(1, min(16, block // 256))
-        _add_rmsnorm_fold_kernel[(num_rows,)](
-            x, residual, weight, out, res_out, n, x.stride(0), residual.stride(0), out.stride(0),
-            res_out.stride(0), eps, *args, BLOCK=block,
-            CHUNK=min(block, fold_block(fold, num_warps, _FOLD_CHUNK)), **consts,
-            num_warps=num_warps,
+        cols = min(block, fold_block(fold, _FOLD_WARPS, _FOLD_COLS))
+        parts = cdiv(n, cols)
+        sums, counts = _fold_scratch_for(x.device, num_rows, next_pow2(parts))
+        _add_rmsnorm_fold_kernel[(num_rows, parts)](
+            x, residual, weight, out, res_out, sums, counts, n, x.stride(0), residual.stride(0),
+            out.stride(0), res_out.stride(0), sums.stride(0), eps, *args, BLOCK=block,
+            COLS=cols, PARTS=next_pow2(parts), **consts, num_warps=_FOLD_WARPS,
         )
         return
     # One warp per 512 elements: at hidden 4096 in bf16, 8 warps and two 16-byte loads in

@@ -53,6 +53,10 @@
 #   scripts/device_session.sh foldl  (one GPU) the default folds (qkv, gate_up): fold tests on
 #                                    CUDA, decode graphs against eager, step targets, the
 #                                    saturated 256-cap many-adapter run
+#   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:
+#                                    fold tests on CUDA, decode graphs against eager with every
+#                                    group folded, step targets folding qkv and gate_up against
+#                                    all four, a kernel profile of the graph replays
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -336,6 +340,23 @@ case "${1:-}" in
     timeout 170 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
     echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
+    rm -f "$OUT"/*.xml
+    ;;
+  fold2)  # one GPU: add+RMSNorm's fold over several programs a row (o and down folded too)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
+    LORASERVE_LORA_FOLD=qkv,o,gate_up,down gpu_tests graphs_decode_gpu 200 \
+      tests/test_graphs_gpu.py -k "not prefill"
+    for mode in qkv,gate_up qkv,o,gate_up,down; do
+      LORASERVE_LORA_FOLD=$mode timeout 100 python3 -m benchmarks.step_bench --lora --steps 10 \
+        --out "$OUT/step_fold_${mode//,/_}.json" > "$OUT/step_fold_${mode//,/_}.log" 2>&1
+      echo "== step_bench --lora, LORASERVE_LORA_FOLD=$mode: rc $?"
+      grep -E "^(decode|prefill|  graph)" "$OUT/step_fold_${mode//,/_}.log"
+    done
+    LORASERVE_LORA_FOLD=qkv,o,gate_up,down timeout 100 python3 -m benchmarks.step_bench --lora \
+      --profile --profile-graphs --out "$OUT/profile_graphs.json" > "$OUT/profile_graphs.log" 2>&1
+    echo "== step_bench --profile --profile-graphs: rc $?"; cat "$OUT/profile_graphs.log" | tail -60
     rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
