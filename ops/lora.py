@@ -52,13 +52,14 @@ ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", 
 # no gain (benchmarks/RESULTS.md), and at decode sizes the fork and join's host calls would
 # cost more than they hide.
 # Inside decode graph captures (`capture_paths(fold=True)`) the groups LORASERVE_LORA_FOLD
-# names (comma-separated, read when a forward is captured; "0": none) leave their expand to the
-# next kernel (ops/triton_lora_fold.py). By default qkv (into rotary+K/V store) and gate_up (into
-# SiLU*up), whose consumers spread a row over many programs. Folding o and down into
-# add+RMSNorm, one program a row, made the graph forward slower at batch 1 (5.68 ms against
-# 5.38 with qkv and gate_up alone, H200, Llama-3.1-8B shapes, benchmarks/RESULTS.md).
+# names (comma-separated, read when a forward is captured; default all four, "0": none) leave
+# their expand to the next kernel (ops/triton_lora_fold.py): qkv's to rotary+K/V store, gate_up's
+# to SiLU*up, o's and down's to the next add+RMSNorm. On the H200 at Llama-3.1-8B shapes the
+# graph forward with all four took 5.32 / 6.27 / 6.89 ms at batch 1 over 1 adapter, batch 32
+# over 8 and over 32, against 5.34 / 6.36 / 7.08 folding qkv and gate_up only, and 5.46 / 6.67
+# / 8.02 with no fold (benchmarks/RESULTS.md).
 FOLD_GROUPS = ("qkv", "o", "gate_up", "down")
-DEFAULT_FOLD = ("qkv", "gate_up")
+DEFAULT_FOLD = FOLD_GROUPS
 
 
 @dataclass

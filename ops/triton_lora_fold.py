@@ -107,30 +107,37 @@ def lora_fold_t(t_ptr, row, slice_id, R, stride_ts, stride_tm,
 
 
 @triton.jit
-def lora_fold_delta(b_ptr, scal_ptr, slot, t, slice_id, cols, live, R, stride_bs, stride_bn,
-                    stride_ss, stride_si, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
-    """The delta of columns `cols` (absolute in the group's N_total, all in slice `slice_id`)
-    for a row of adapter `slot` whose t (lora_fold_t) is `t`: [len(cols)] fp32, zero where
-    `live` is false or for slot -1 (nothing is loaded then)."""
+def lora_fold_b(b_ptr, slot, cols, live, R, stride_bs, stride_bn, BLOCK_R: tl.constexpr,
+                EVEN_R: tl.constexpr):
+    """Adapter `slot`'s B rows of columns `cols`: [len(cols), BLOCK_R] fp32 (zero where `live`
+    is false, all zero for slot -1: nothing is loaded then)."""
     offs_r = tl.arange(0, BLOCK_R)
     on = live & (slot >= 0)
     slot_safe = tl.maximum(slot, 0).to(tl.int64)
     b_ptrs = b_ptr + slot_safe * stride_bs + cols[:, None].to(tl.int64) * stride_bn + offs_r[None, :]
     if EVEN_R:
-        b = tl.load(b_ptrs, mask=on[:, None], other=0.0).to(tl.float32)
-    else:
-        b = tl.load(b_ptrs, mask=on[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+        return tl.load(b_ptrs, mask=on[:, None], other=0.0).to(tl.float32)
+    return tl.load(b_ptrs, mask=on[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def lora_fold_apply(y, b, t, scal_ptr, slot, slice_id, live, stride_ss, stride_si, like_ptr):
+    """y (fp32, as loaded) plus the delta of B rows `b` (lora_fold_b) for a row whose t is `t`,
+    rounded to like_ptr's dtype as the expand stores it, back in fp32."""
+    slot_safe = tl.maximum(slot, 0).to(tl.int64)
     scale = tl.load(scal_ptr + slot_safe * stride_ss + slice_id * stride_si, mask=slot >= 0,
                     other=0.0)
     # base rows' t is whatever the partials buffer held (the shrink skips them): never used
-    return tl.where(on, tl.sum(b * t[None, :], axis=1) * scale, 0.0)
+    d = tl.where(live & (slot >= 0), tl.sum(b * t[None, :], axis=1) * scale, 0.0)
+    return (y + d).to(like_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
 def lora_fold_add(y, b_ptr, scal_ptr, slot, t, slice_id, cols, live, R, stride_bs, stride_bn,
                   stride_ss, stride_si, like_ptr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
-    """y (fp32, as loaded) plus its delta, rounded to like_ptr's dtype as the expand stores it,
-    back in fp32."""
-    d = lora_fold_delta(b_ptr, scal_ptr, slot, t, slice_id, cols, live, R, stride_bs, stride_bn,
-                        stride_ss, stride_si, BLOCK_R, EVEN_R)
-    return (y + d).to(like_ptr.dtype.element_ty).to(tl.float32)
+    """y (fp32, as loaded) plus its delta for columns `cols` (absolute in the group's N_total,
+    all in slice `slice_id`) of a row of adapter `slot` whose t (lora_fold_t) is `t`, rounded to
+    like_ptr's dtype as the expand stores it, back in fp32. Zero delta for slot -1."""
+    b = lora_fold_b(b_ptr, slot, cols, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
+    return lora_fold_apply(y, b, t, scal_ptr, slot, slice_id, live, stride_ss, stride_si,
+                           like_ptr)

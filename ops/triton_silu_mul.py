@@ -8,24 +8,58 @@ Grid: (T, cdiv(inter, BLOCK)), BLOCK columns of one row per program.
 With a LoRA fold (ops/triton_lora_fold.py) gate_up is the projection's output without its LoRA
 delta yet: each program adds the delta of the gate and up values it loads (slices 0 and 1),
 rounded to the dtype as the expand would have stored them, in narrower blocks (the delta's B
-tiles sit in registers).
+tiles sit in registers). A fold program takes a few rows one after another and loads an
+adapter's B tiles once for its consecutive rows.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ops.sizes import cdiv, next_pow2
-from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add, lora_fold_t
+from ops.triton_lora_fold import (
+    LoraFold,
+    fold_args,
+    fold_block,
+    lora_fold_apply,
+    lora_fold_b,
+    lora_fold_t,
+)
 
 _BLOCK = 1024
 _FOLD_BLOCK = 256
+# Rows a fold program takes one after another, reusing the B tiles of consecutive rows of one
+# adapter; LORASERVE_FOLD_SILU_ROWS overrides it (read at import, for A/B runs).
+FOLD_ROWS = int(os.environ.get("LORASERVE_FOLD_SILU_ROWS", "4"))
 
 
 @triton.jit
 def _silu_mul_kernel(
     gate_up_ptr,
     out_ptr,
+    inter,
+    stride_in,
+    stride_out,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = cols < inter
+    gate_ptr = gate_up_ptr + row * stride_in + cols
+    gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _silu_mul_fold_kernel(
+    gate_up_ptr,
+    out_ptr,
+    num_rows,
     inter,
     stride_in,
     stride_out,
@@ -41,28 +75,41 @@ def _silu_mul_kernel(
     stride_ss,
     stride_si,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     FOLD: tl.constexpr,
     SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """ROWS rows of BLOCK columns a program, one after another: a row of the adapter before
+    it reuses the B tiles already loaded (rows come grouped by adapter)."""
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < inter
-    gate_ptr = gate_up_ptr + row * stride_in + cols
-    gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
-    if FOLD:
-        slot = tl.load(rslot_ptr + row)
-        t_gate = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-        t_up = lora_fold_t(t_ptr, row, 1, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-        gate = lora_fold_add(gate, b_ptr, scal_ptr, slot, t_gate, 0, cols, live, R, stride_bs,
-                             stride_bn, stride_ss, stride_si, gate_up_ptr, BLOCK_R, EVEN_R)
-        up = lora_fold_add(up, b_ptr, scal_ptr, slot, t_up, 1, cols + inter, live, R, stride_bs,
-                           stride_bn, stride_ss, stride_si, gate_up_ptr, BLOCK_R, EVEN_R)
     dtype = out_ptr.dtype.element_ty
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
+    b_gate = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
+    b_up = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
+    loaded = -1
+    for i in tl.static_range(ROWS):
+        row = (tl.program_id(0) * ROWS + i).to(tl.int64)
+        if row < num_rows:
+            slot = tl.load(rslot_ptr + row)
+            if slot != loaded:
+                b_gate = lora_fold_b(b_ptr, slot, cols, live, R, stride_bs, stride_bn, BLOCK_R,
+                                     EVEN_R)
+                b_up = lora_fold_b(b_ptr, slot, cols + inter, live, R, stride_bs, stride_bn,
+                                   BLOCK_R, EVEN_R)
+                loaded = slot
+            gate_ptr = gate_up_ptr + row * stride_in + cols
+            gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
+            up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
+            t_gate = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+            t_up = lora_fold_t(t_ptr, row, 1, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+            gate = lora_fold_apply(gate, b_gate, t_gate, scal_ptr, slot, 0, live, stride_ss,
+                                   stride_si, gate_up_ptr)
+            up = lora_fold_apply(up, b_up, t_up, scal_ptr, slot, 1, live, stride_ss, stride_si,
+                                 gate_up_ptr)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
 
 
 def silu_mul_triton(
@@ -95,20 +142,17 @@ def silu_mul_triton(
         return out
     if fold is None:
         block = min(_BLOCK, next_pow2(inter))
-        num_warps = max(1, min(4, block // 256))  # 8 bf16 (16 bytes) a thread for gate and up
-    else:
-        num_warps = 4
-        block = min(fold_block(fold, num_warps, _FOLD_BLOCK), next_pow2(inter))
+        # 8 bf16 (16 bytes) per thread for each of gate and up
+        _silu_mul_kernel[(num_rows, cdiv(inter, block))](
+            gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block,
+            num_warps=max(1, min(4, block // 256)),
+        )
+        return out
+    num_warps = 4
+    block = min(fold_block(fold, num_warps, _FOLD_BLOCK), next_pow2(inter))
     args, consts = fold_args(fold, gate_up)
-    _silu_mul_kernel[(num_rows, cdiv(inter, block))](
-        gate_up,
-        out,
-        inter,
-        gate_up.stride(0),
-        out.stride(0),
-        *args,
-        BLOCK=block,
-        **consts,
-        num_warps=num_warps,
+    _silu_mul_fold_kernel[(cdiv(num_rows, FOLD_ROWS), cdiv(inter, block))](
+        gate_up, out, num_rows, inter, gate_up.stride(0), out.stride(0), *args, BLOCK=block,
+        ROWS=FOLD_ROWS, **consts, num_warps=num_warps,
     )
     return out

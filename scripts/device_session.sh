@@ -57,6 +57,10 @@
 #                                    fold tests on CUDA, decode graphs against eager with every
 #                                    group folded, step targets folding qkv and gate_up against
 #                                    all four, a kernel profile of the graph replays
+#   scripts/device_session.sh fold3  (one GPU) the default (every group folded, SiLU*up's fold
+#                                    over 4 rows a program): fold tests on CUDA, decode graphs
+#                                    against eager, warm-up and engine GPU tests, step targets
+#                                    with 4 rows and with 1
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -357,6 +361,20 @@ case "${1:-}" in
     LORASERVE_LORA_FOLD=qkv,o,gate_up,down timeout 100 python3 -m benchmarks.step_bench --lora \
       --profile --profile-graphs --out "$OUT/profile_graphs.json" > "$OUT/profile_graphs.log" 2>&1
     echo "== step_bench --profile --profile-graphs: rc $?"; cat "$OUT/profile_graphs.log" | tail -60
+    rm -f "$OUT"/*.xml
+    ;;
+  fold3)  # one GPU: the default folds, SiLU*up's fold over 4 rows a program against 1
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
+    gpu_tests graphs_decode_gpu 200 tests/test_graphs_gpu.py -k "not prefill"
+    gpu_tests warm_engine_gpu 150 tests/test_warmup.py tests/test_engine_gpu.py
+    for rows in 4 1; do
+      LORASERVE_FOLD_SILU_ROWS=$rows timeout 100 python3 -m benchmarks.step_bench --lora \
+        --steps 10 --out "$OUT/step_rows$rows.json" > "$OUT/step_rows$rows.log" 2>&1
+      echo "== step_bench --lora, SiLU*up fold rows $rows: rc $?"
+      grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_rows$rows.log"
+    done
     rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch

@@ -81,7 +81,7 @@ def test_row_slots_follow_the_segment_table() -> None:
 
 def test_fold_groups_read_the_environment(monkeypatch) -> None:
     monkeypatch.delenv("LORASERVE_LORA_FOLD", raising=False)
-    assert fold_groups() == {"qkv", "gate_up"}
+    assert fold_groups() == {"qkv", "o", "gate_up", "down"}
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "gate_up, down")
     assert fold_groups() == {"gate_up", "down"}
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "0")
