@@ -8,8 +8,8 @@ Grid: (T, cdiv(inter, BLOCK)), BLOCK columns of one row per program.
 With a LoRA fold (ops/triton_lora_fold.py) gate_up is the projection's output without its LoRA
 delta yet: each program adds the delta of the gate and up values it loads (slices 0 and 1),
 rounded to the dtype as the expand would have stored them, in narrower blocks (the delta's B
-tiles sit in registers). A fold program takes a few rows one after another and loads an
-adapter's B tiles once for its consecutive rows.
+tiles sit in registers). A fold program may take a few rows one after another (FOLD_ROWS),
+loading an adapter's B tiles once for its consecutive rows.
 """
 
 import os
@@ -31,8 +31,10 @@ from ops.triton_lora_fold import (
 _BLOCK = 1024
 _FOLD_BLOCK = 256
 # Rows a fold program takes one after another, reusing the B tiles of consecutive rows of one
-# adapter; LORASERVE_FOLD_SILU_ROWS overrides it (read at import, for A/B runs).
-FOLD_ROWS = int(os.environ.get("LORASERVE_FOLD_SILU_ROWS", "4"))
+# adapter; LORASERVE_FOLD_SILU_ROWS overrides it (read at import, for A/B runs). One: 4 rows
+# measured no gain (graph forward 6.35 against 6.30 ms at batch 32 over 8 adapters, H200,
+# benchmarks/RESULTS.md), the B tiles' re-reads hit L2.
+FOLD_ROWS = int(os.environ.get("LORASERVE_FOLD_SILU_ROWS", "1"))
 
 
 @triton.jit

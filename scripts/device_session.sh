@@ -61,6 +61,8 @@
 #                                    over 4 rows a program): fold tests on CUDA, decode graphs
 #                                    against eager, warm-up and engine GPU tests, step targets
 #                                    with 4 rows and with 1
+#   scripts/device_session.sh foldv  (one GPU) the landed folds: fold tests on CUDA, decode
+#                                    graphs against eager
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -375,6 +377,13 @@ case "${1:-}" in
       echo "== step_bench --lora, SiLU*up fold rows $rows: rc $?"
       grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_rows$rows.log"
     done
+    rm -f "$OUT"/*.xml
+    ;;
+  foldv)  # one GPU: the landed folds (SiLU*up's a row a program): their tests, decode graphs
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
+    gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
     rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch

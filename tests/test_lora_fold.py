@@ -147,8 +147,14 @@ def test_add_rmsnorm_fold_in_place_on_residual() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("rank_pad", [16, 24])
-def test_silu_mul_fold(dtype, splits, rank_pad) -> None:
-    """Blocks of 256 columns with a partial last one; a pool rank that is no power of two."""
+@pytest.mark.parametrize("rows", [1, 4])
+def test_silu_mul_fold(dtype, splits, rank_pad, rows, monkeypatch) -> None:
+    """Blocks of 256 columns with a partial last one; a pool rank that is no power of two; a
+    row a program, and 4 (adapters change inside a program's rows, the last program's rows
+    run past the table)."""
+    import ops.triton_silu_mul
+
+    monkeypatch.setattr(ops.triton_silu_mul, "FOLD_ROWS", rows)
     inter = 300
     fold = make_fold(TOKEN_SLOTS, [inter, inter], dtype, splits, rank_pad)
     g = torch.Generator().manual_seed(2)
