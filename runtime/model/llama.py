@@ -6,9 +6,9 @@ On CUDA the elementwise work between the projections runs in fused Triton kernel
 launches 8 kernels besides attention's and LoRA's: add+RMSNorm, qkv, rotary+K/V store, o_proj,
 add+RMSNorm, gate_up, SiLU*up, down. The residual adds are deferred into the next norm
 (`DecoderLayer.forward_deferred`). Inside a captured decode forward the LoRA expands are folded
-into the next of these kernels (`FoldPlan`, ops/triton_lora_fold.py). Elsewhere, or with the environment variable
-LORASERVE_DISABLE_FUSED=1 (read when each module is built; for A/B runs), the plain torch ops
-run; they are also the reference the kernels are tested against.
+into the next of these kernels (`FoldPlan`, ops/triton_lora_fold.py). Elsewhere, or with the
+environment variable LORASERVE_DISABLE_FUSED=1 (read when each module is built; for A/B runs),
+the plain torch ops run; they are also the reference the kernels are tested against.
 
 Shapes: T tokens in the step, B sequences, H query heads, KVH kv heads, D head dim.
 """
