@@ -144,6 +144,31 @@ def test_add_rmsnorm_fold_in_place_on_residual() -> None:
     torch.testing.assert_close(got, want, **tol(torch.float32))
 
 
+def test_add_rmsnorm_fold_scratch_only_grows() -> None:
+    """The fold's scratch (partial sums, arrival counts) is reused while it is large enough and
+    replaced when a launch needs more rows, the outgrown one kept alive (captured graphs may
+    still point at it); every count is back at zero after a launch."""
+    import ops.triton_rmsnorm as rms
+
+    def launch(rows: int) -> None:
+        slots = (TOKEN_SLOTS * 4)[:rows]
+        fold = make_fold(slots, [64], torch.float32, 1)
+        x = torch.randn(rows, 64, device=DEVICE)
+        add_rmsnorm_triton(x, torch.randn_like(x), torch.ones(64, device=DEVICE), EPS,
+                           fold=fold)
+
+    key = (torch.device(DEVICE), torch.cuda.current_stream().stream_id if DEVICE == "cuda" else 0)
+    launch(5)
+    first = rms._fold_scratch[key]
+    launch(3)
+    assert rms._fold_scratch[key] is first
+    outgrown = len(rms._fold_scratch_outgrown)
+    launch(first[1].shape[0] + 1)
+    _, counts = rms._fold_scratch[key]
+    assert counts.shape[0] > first[1].shape[0] and rms._fold_scratch_outgrown[outgrown] is first
+    assert not counts.any() and not first[1].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("rank_pad", [16, 24])
