@@ -56,8 +56,8 @@ ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", 
 # their expand to the next kernel (ops/triton_lora_fold.py): qkv's to rotary+K/V store, gate_up's
 # to SiLU*up, o's and down's to the next add+RMSNorm. On the H200 at Llama-3.1-8B shapes the
 # graph forward with all four took 5.32 / 6.27 / 6.89 ms at batch 1 over 1 adapter, batch 32
-# over 8 and over 32, against 5.34 / 6.36 / 7.08 folding qkv and gate_up only, and 5.46 / 6.67
-# / 8.02 with no fold (benchmarks/RESULTS.md).
+# over 8 and over 32, against 5.34 / 6.36 / 7.08 folding qkv and gate_up only in the same run;
+# an earlier run measured 5.46 / 6.67 / 8.02 with no fold (benchmarks/RESULTS.md).
 FOLD_GROUPS = ("qkv", "o", "gate_up", "down")
 DEFAULT_FOLD = FOLD_GROUPS
 
