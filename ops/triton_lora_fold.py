@@ -51,7 +51,8 @@ class LoraFold:
         _, rows, cols = self.t.shape
         num_slices = len(self.slice_offsets) - 1
         rank_pad = self.B.shape[2]
-        if y.dim() != 2 or y.shape != (rows, self.B.shape[1]) or self.slice_offsets[-1] != y.shape[1]:
+        if (y.dim() != 2 or y.shape != (rows, self.B.shape[1])
+                or self.slice_offsets[-1] != y.shape[1]):
             raise ValueError(f"fold of {rows} x {self.B.shape[1]} does not fit y {tuple(y.shape)}")
         if cols != num_slices * rank_pad or self.row_slots.shape != (rows,):
             raise ValueError("fold: t, B and row_slots disagree")
@@ -114,7 +115,8 @@ def lora_fold_b(b_ptr, slot, cols, live, R, stride_bs, stride_bn, BLOCK_R: tl.co
     offs_r = tl.arange(0, BLOCK_R)
     on = live & (slot >= 0)
     slot_safe = tl.maximum(slot, 0).to(tl.int64)
-    b_ptrs = b_ptr + slot_safe * stride_bs + cols[:, None].to(tl.int64) * stride_bn + offs_r[None, :]
+    b_ptrs = (b_ptr + slot_safe * stride_bs + cols[:, None].to(tl.int64) * stride_bn
+              + offs_r[None, :])
     if EVEN_R:
         return tl.load(b_ptrs, mask=on[:, None], other=0.0).to(tl.float32)
     return tl.load(b_ptrs, mask=on[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)

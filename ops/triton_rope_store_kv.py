@@ -116,10 +116,12 @@ def _rope_store_kv_kernel(
         if FOLD:
             tq = lora_fold_t(t_ptr, t, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
             col = head * HEAD_DIM + offs
-            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tq, 0, col, live, R, stride_bs,
-                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
-            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tq, 0, col + HALF, live, R, stride_bs,
-                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
+            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tq, 0, col, live, R,
+                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
+                               EVEN_R)
+            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tq, 0, col + HALF, live, R,
+                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
+                               EVEN_R)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, q_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
@@ -140,16 +142,18 @@ def _rope_store_kv_kernel(
             tv = lora_fold_t(t_ptr, t, 2, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
             kcol = q_size + kv_head * HEAD_DIM + offs
             vcol = kcol + kv_size
-            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tk, 1, kcol, live, R, stride_bs,
-                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
-            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tk, 1, kcol + HALF, live, R, stride_bs,
-                               stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R, EVEN_R)
-            v1 = lora_fold_add(v1.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2, vcol, live, R,
+            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tk, 1, kcol, live, R,
                                stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
-                               EVEN_R).to(q_out_ptr.dtype.element_ty)
-            v2 = lora_fold_add(v2.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2, vcol + HALF, live,
-                               R, stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
-                               EVEN_R).to(q_out_ptr.dtype.element_ty)
+                               EVEN_R)
+            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tk, 1, kcol + HALF, live, R,
+                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
+                               EVEN_R)
+            v1 = lora_fold_add(v1.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2, vcol,
+                               live, R, stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr,
+                               BLOCK_R, EVEN_R).to(q_out_ptr.dtype.element_ty)
+            v2 = lora_fold_add(v2.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2,
+                               vcol + HALF, live, R, stride_bs, stride_bn, stride_ss, stride_si,
+                               q_out_ptr, BLOCK_R, EVEN_R).to(q_out_ptr.dtype.element_ty)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, k_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
