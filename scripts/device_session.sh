@@ -63,6 +63,8 @@
 #                                    with 4 rows and with 1
 #   scripts/device_session.sh foldv  (one GPU) the landed folds: fold tests on CUDA, decode
 #                                    graphs against eager
+#   scripts/device_session.sh f12a   (one GPU) SiLU*up fold variants alone (fold_bench), ncu
+#                                    on them, the projections' GEMMs alone (gemm_bench)
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -385,6 +387,23 @@ case "${1:-}" in
     echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
     gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
     rm -f "$OUT"/*.xml
+    ;;
+  f12a)  # one GPU: SiLU*up fold variants alone, ncu on them, the projections' GEMMs alone
+    timeout 150 python3 -m benchmarks.fold_bench --out "$OUT/fold_bench.json" \
+      > "$OUT/fold_bench.log" 2>&1
+    echo "== fold_bench: rc $?"; cat "$OUT/fold_bench.log" | grep " us "
+    if command -v ncu >/dev/null; then
+      timeout 150 ncu --clock-control none --kernel-name regex:silu_mul --launch-count 12 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis \
+        python3 -m benchmarks.fold_bench --ncu --cases 32x8 > "$OUT/ncu_fold.txt" 2>&1
+      echo "== ncu: rc $?"; grep -E "silu_mul|Duration|Memory Throughput|L2 Cache Throughput|\
+Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" \
+        "$OUT/ncu_fold.txt" | head -120
+    fi
+    timeout 120 python3 -m benchmarks.gemm_bench --out "$OUT/gemm_bench.json" \
+      > "$OUT/gemm_bench.log" 2>&1
+    echo "== gemm_bench: rc $?"; cat "$OUT/gemm_bench.log"
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

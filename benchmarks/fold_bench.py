@@ -1,0 +1,149 @@
+"""SiLU*up with gate_up's LoRA delta folded in, alone: kernel variants side by side on the GPU.
+
+Decode shapes of a model (Llama-3.1-8B: intermediate 14336), rank-16 adapters, rows grouped
+by adapter as the runner orders them. Each variant's launches for `--layers` layers (each its
+own buffers, so the adapters' B tiles come from HBM as in a forward, not from L2) are captured
+in one CUDA graph; the figure is a replay's median over `--reps`, divided by the layers:
+microseconds a launch.
+
+    python -m benchmarks.fold_bench --out fold.json
+    python -m benchmarks.fold_bench --ncu     # one launch of each variant, for ncu to read
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from benchmarks.dummy_model import SHAPES
+from ops.triton_lora_fold import LoraFold
+from ops.triton_silu_mul import fold_launch, silu_mul_triton
+
+# (name, group, block, num_warps); group 0 = a row a program (the fold kernel serving uses)
+VARIANTS = [
+    ("rows b256 w4", 0, 256, 4),
+    ("rows b128 w4", 0, 128, 4),
+    ("rows b128 w2", 0, 128, 2),
+    ("rows b64 w2", 0, 64, 2),
+    ("group2 b128 w4", 2, 128, 4),
+    ("group4 b64 w4", 4, 64, 4),
+    ("group4 b128 w4", 4, 128, 4),
+    ("group4 b128 w8", 4, 128, 8),
+    ("group4 b256 w8", 4, 256, 8),
+    ("group8 b64 w4", 8, 64, 4),
+    ("group8 b128 w8", 8, 128, 8),
+]
+
+
+def parse_case(case: str) -> tuple[int, int]:
+    batch, adapters = (int(v) for v in case.lower().split("x"))
+    if not 1 <= adapters <= batch:
+        raise SystemExit(f"case {case!r}: 1 to batch adapters")
+    return batch, adapters
+
+
+def make_layers(batch: int, adapters: int, inter: int, rank: int, splits: int, layers: int,
+                base_rows: bool) -> list[dict]:
+    """Per layer: gate_up [T, 2*inter] bf16, out, and a fold over a 32-slot pool whose first
+    `adapters` slots the rows use, in runs (slot of row i: i * adapters // T)."""
+    dev, bf16 = "cuda", torch.bfloat16
+    slots = torch.tensor([-1 if base_rows else i * adapters // batch for i in range(batch)],
+                         dtype=torch.int32, device=dev)
+    out = []
+    for _ in range(layers):
+        B = torch.randn(32, 2 * inter, rank, device=dev, dtype=bf16) * 0.05
+        t = torch.randn(splits, batch, 2 * rank, device=dev) / splits
+        fold = LoraFold(t, B, torch.rand(32, 2, device=dev), slots, (0, inter, 2 * inter), None)
+        out.append({"gate_up": torch.randn(batch, 2 * inter, device=dev, dtype=bf16),
+                    "out": torch.empty(batch, inter, device=dev, dtype=bf16), "fold": fold})
+    return out
+
+
+def launcher(name: str, group: int, block: int, warps: int):
+    if name == "no fold":
+        return lambda ly: silu_mul_triton(ly["gate_up"], out=ly["out"])
+    return lambda ly: fold_launch(ly["gate_up"], ly["out"], ly["fold"], group, block, warps)
+
+
+def time_graph(fn, layers: list[dict], reps: int) -> float:
+    """Median replay of a graph of fn over every layer, microseconds a launch."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for ly in layers:  # compile and warm outside the capture
+            fn(ly)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for ly in layers:
+            fn(ly)
+    times = []
+    for i in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b))
+    return 1e3 * statistics.median(times) / len(layers)
+
+
+def check(layers: list[dict], fn) -> float:
+    """Largest |difference| between fn's output and the serving kernel's on layer 0."""
+    ly = layers[0]
+    fold_launch(ly["gate_up"], ly["out"], ly["fold"])
+    want = ly["out"].clone()
+    ly["out"].fill_(float("nan"))
+    fn(ly)
+    return (ly["out"].float() - want.float()).abs().max().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--cases", nargs="+", default=["1x1", "32x8", "32x32"],
+                    metavar="BATCHxADAPTERS")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--splits", type=int, default=16, help="shrink partials the fold sums")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
+    ap.add_argument("--ncu", action="store_true", help="one launch of each variant, untimed")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if a.quick:
+        a.layers, a.reps = 4, 5
+    inter = SHAPES[a.shape]["intermediate_size"]
+    variants = [("no fold", 0, 0, 0)] + VARIANTS
+    rows = []
+    for case in a.cases:
+        batch, adapters = parse_case(case)
+        for base_rows in (False, True):
+            layers = make_layers(batch, adapters, inter, a.rank, a.splits,
+                                 1 if a.ncu else a.layers, base_rows)
+            for name, group, block, warps in variants:
+                fn = launcher(name, group, block, warps)
+                if a.ncu:
+                    fn(layers[0])
+                    torch.cuda.synchronize()
+                    continue
+                err = None if name == "no fold" else check(layers, fn)
+                us = time_graph(fn, layers, a.reps)
+                rows.append({"case": case, "base_rows": base_rows, "variant": name,
+                             "us": us, "max_diff": err})
+                print(f"{case:>6} {'base rows' if base_rows else 'adapters ':9} {name:16} "
+                      f"{us:7.2f} us  diff {err}", flush=True)
+            del layers
+            torch.cuda.empty_cache()
+    if a.out and rows:
+        a.out.write_text(json.dumps({"shape": a.shape, "rank": a.rank, "splits": a.splits,
+                                     "layers": a.layers, "device": torch.cuda.get_device_name(),
+                                     "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The decode step's projections alone: achieved HBM bandwidth of each GEMM at decode batches.
+
+For each projection of a model shape (qkv, o, gate_up, down, lm_head), `--layers` distinct bf16
+weights (so each launch reads its weight from HBM, not L2) multiplied by a [batch, in]
+activation, captured in one CUDA graph and replayed; reported: microseconds a launch and the
+weight bytes over that time, next to a device-to-device copy's bandwidth measured in the same
+run. Layouts: `linear` is F.linear on the [out, in] weight serving uses; `mm_t` is x @ W with
+the weight stored [in, out].
+
+    python -m benchmarks.gemm_bench --out gemm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.dummy_model import SHAPES
+from benchmarks.step_bench import hbm_bandwidth
+
+
+def projections(shape: dict) -> dict[str, tuple[int, int]]:
+    """name -> (out, in)."""
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    head = shape.get("head_dim") or hidden // shape["num_attention_heads"]
+    qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * head
+    return {"qkv": (qkv, hidden), "o": (hidden, shape["num_attention_heads"] * head),
+            "gate_up": (2 * inter, hidden), "down": (hidden, inter),
+            "lm_head": (shape["vocab_size"], hidden)}
+
+
+def time_graph(fn, count: int, reps: int) -> float:
+    """Median replay of a graph of fn(0..count-1), microseconds a launch."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for i in range(count):
+            fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(count):
+            fn(i)
+    times = []
+    for i in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b))
+    return 1e3 * statistics.median(times) / count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if a.quick:
+        a.layers, a.reps = 4, 5
+    bw = hbm_bandwidth()
+    rows = []
+    for name, (n_out, n_in) in projections(SHAPES[a.shape]).items():
+        count = 2 if name == "lm_head" else a.layers
+        ws = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+        wts = [w.t().contiguous() for w in ws]
+        nbytes = 2 * n_out * n_in
+        for batch in a.batch:
+            x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
+            for layout, fn in (("linear", lambda i, x=x, ws=ws: F.linear(x, ws[i])),
+                               ("mm_t", lambda i, x=x, wts=wts: x @ wts[i])):
+                us = time_graph(fn, count, a.reps)
+                rows.append({"proj": name, "out": n_out, "in": n_in, "batch": batch,
+                             "layout": layout, "us": us, "tb_per_s": nbytes / us / 1e6,
+                             "of_copy": nbytes / us / 1e-6 / bw})
+                print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {layout:6} {us:8.1f} us "
+                      f"{nbytes / us / 1e6:5.2f} TB/s ({100 * rows[-1]['of_copy']:.0f} % of copy)",
+                      flush=True)
+        del ws, wts
+        torch.cuda.empty_cache()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    if a.out:
+        a.out.write_text(json.dumps({"shape": a.shape, "copy_bytes_per_s": bw,
+                                     "device": torch.cuda.get_device_name(), "rows": rows},
+                                    indent=2))
+
+
+if __name__ == "__main__":
+    main()
