@@ -21,21 +21,21 @@ import torch
 
 from benchmarks.dummy_model import SHAPES
 from ops.triton_lora_fold import LoraFold
+from ops.triton_rmsnorm import add_rmsnorm_triton
 from ops.triton_silu_mul import fold_launch, silu_mul_triton
 
 # (name, group, block, num_warps); group 0 = a row a program (the fold kernel serving uses)
 VARIANTS = [
     ("rows b256 w4", 0, 256, 4),
-    ("rows b128 w4", 0, 128, 4),
     ("rows b128 w2", 0, 128, 2),
-    ("rows b64 w2", 0, 64, 2),
     ("group2 b128 w4", 2, 128, 4),
-    ("group4 b64 w4", 4, 64, 4),
     ("group4 b128 w4", 4, 128, 4),
-    ("group4 b128 w8", 4, 128, 8),
-    ("group4 b256 w8", 4, 256, 8),
+    ("group8 b32 w4", 8, 32, 4),
+    ("group8 b64 w2", 8, 64, 2),
     ("group8 b64 w4", 8, 64, 4),
-    ("group8 b128 w8", 8, 128, 8),
+    ("group8 b128 w4", 8, 128, 4),
+    ("group16 b32 w4", 16, 32, 4),
+    ("group16 b64 w8", 16, 64, 8),
 ]
 
 
@@ -102,13 +102,35 @@ def check(layers: list[dict], fn) -> float:
     return (ly["out"].float() - want.float()).abs().max().item()
 
 
+def norm_layers(batch: int, adapters: int, hidden: int, rank: int, splits: int,
+                layers: int) -> list[dict]:
+    """Per layer: x, residual [T, hidden] bf16 and a one-slice fold for add+RMSNorm."""
+    dev, bf16 = "cuda", torch.bfloat16
+    slots = torch.tensor([i * adapters // batch for i in range(batch)], dtype=torch.int32,
+                         device=dev)
+    out = []
+    for _ in range(layers):
+        fold = LoraFold(torch.randn(splits, batch, rank, device=dev) / splits,
+                        torch.randn(32, hidden, rank, device=dev, dtype=bf16) * 0.05,
+                        torch.rand(32, 1, device=dev), slots, (0, hidden), None)
+        out.append({"x": torch.randn(batch, hidden, device=dev, dtype=bf16),
+                    "res": torch.randn(batch, hidden, device=dev, dtype=bf16),
+                    "w": torch.rand(hidden, device=dev, dtype=bf16) + 0.5,
+                    "out": torch.empty(batch, hidden, device=dev, dtype=bf16),
+                    "res_out": torch.empty(batch, hidden, device=dev, dtype=bf16),
+                    "fold": fold})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--cases", nargs="+", default=["1x1", "32x8", "32x32"],
                     metavar="BATCHxADAPTERS")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--splits", type=int, default=16, help="shrink partials the fold sums")
+    ap.add_argument("--splits", type=int, nargs="+", default=[1, 8],
+                    help="shrink partials the fold sums (each a run of its own)")
+    ap.add_argument("--base-rows", action="store_true", help="also every row without adapter")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
@@ -117,32 +139,47 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.layers, a.reps = 4, 5
-    inter = SHAPES[a.shape]["intermediate_size"]
+    inter, hidden = SHAPES[a.shape]["intermediate_size"], SHAPES[a.shape]["hidden_size"]
     variants = [("no fold", 0, 0, 0)] + VARIANTS
     rows = []
+
+    def record(case, splits, base_rows, name, us, err):
+        rows.append({"case": case, "splits": splits, "base_rows": base_rows, "variant": name,
+                     "us": us, "max_diff": err})
+        print(f"{case:>6} s{splits:<2} {'base rows' if base_rows else 'adapters ':9} {name:16} "
+              f"{us:7.2f} us  diff {err}", flush=True)
+
+    n_layers = 1 if a.ncu else a.layers
     for case in a.cases:
         batch, adapters = parse_case(case)
-        for base_rows in (False, True):
-            layers = make_layers(batch, adapters, inter, a.rank, a.splits,
-                                 1 if a.ncu else a.layers, base_rows)
-            for name, group, block, warps in variants:
-                fn = launcher(name, group, block, warps)
-                if a.ncu:
-                    fn(layers[0])
-                    torch.cuda.synchronize()
-                    continue
-                err = None if name == "no fold" else check(layers, fn)
-                us = time_graph(fn, layers, a.reps)
-                rows.append({"case": case, "base_rows": base_rows, "variant": name,
-                             "us": us, "max_diff": err})
-                print(f"{case:>6} {'base rows' if base_rows else 'adapters ':9} {name:16} "
-                      f"{us:7.2f} us  diff {err}", flush=True)
-            del layers
+        for splits in a.splits:
+            for base_rows in (False, True) if a.base_rows else (False,):
+                layers = make_layers(batch, adapters, inter, a.rank, splits, n_layers, base_rows)
+                for name, group, block, warps in variants:
+                    fn = launcher(name, group, block, warps)
+                    if a.ncu:
+                        fn(layers[0])
+                        torch.cuda.synchronize()
+                        continue
+                    err = None if name == "no fold" else check(layers, fn)
+                    record(case, splits, base_rows, "silu " + name, time_graph(fn, layers, a.reps),
+                           err)
+                del layers
+            if a.ncu:
+                continue
+            norms = norm_layers(batch, adapters, hidden, a.rank, splits, n_layers)
+            for name, fold in (("add+rmsnorm", False), ("add+rmsnorm fold", True)):
+                def fn(ly, fold=fold):
+                    add_rmsnorm_triton(ly["x"], ly["res"], ly["w"], 1e-5, out=ly["out"],
+                                       residual_out=ly["res_out"],
+                                       fold=ly["fold"] if fold else None)
+                record(case, splits, False, name, time_graph(fn, norms, a.reps), None)
+            del norms
             torch.cuda.empty_cache()
     if a.out and rows:
-        a.out.write_text(json.dumps({"shape": a.shape, "rank": a.rank, "splits": a.splits,
-                                     "layers": a.layers, "device": torch.cuda.get_device_name(),
-                                     "rows": rows}, indent=2))
+        a.out.write_text(json.dumps({"shape": a.shape, "rank": a.rank, "layers": a.layers,
+                                     "device": torch.cuda.get_device_name(), "rows": rows},
+                                    indent=2))
 
 
 if __name__ == "__main__":

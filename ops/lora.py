@@ -650,24 +650,33 @@ def _base_and_shrink(
     num_slices: int,
     table: LoraRowTable,
     overlap: bool,
+    presum: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(base(x), the shrink's partials), the shrink on the side stream beside base(x) when
-    `overlap` (see linear_lora), else after it."""
+    `overlap` (see linear_lora), else after it. presum: the partials summed into one split
+    there too (for consumers that would each sum them again)."""
     partials = _shrink_partials_buffer(x, A, info, num_slices, table)
+    t = partials
+    if presum and partials.shape[0] > 1:  # allocated here: the buffer belongs to this stream
+        t = partials.new_empty((1, *partials.shape[1:]))
     if not overlap:
         y = base(x)
         _shrink_partials(x, A, info, num_slices, None, out=partials, table=table)
-        return y, partials
+        if t is not partials:
+            torch.sum(partials, dim=0, keepdim=True, out=t)
+        return y, t
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
     side.fork.record(main)
     side.stream.wait_event(side.fork)
     with torch.cuda.stream(side.stream):
         _shrink_partials(x, A, info, num_slices, None, out=partials, table=table)
+        if t is not partials:
+            torch.sum(partials, dim=0, keepdim=True, out=t)
     side.join.record(side.stream)
     y = base(x)
     main.wait_event(side.join)
-    return y, partials
+    return y, t
 
 
 def linear_lora_fold(
@@ -684,10 +693,17 @@ def linear_lora_fold(
     shrink runs beside base(x) as linear_lora runs it (inside captures, unless
     LORASERVE_LORA_OVERLAP=0); row_slots: `lora_row_slots` of the step."""
     table = lora_row_table(info)
-    y, partials = _base_and_shrink(
-        x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x)
+    y, t = _base_and_shrink(
+        x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x), fold_presum()
     )
-    return y, LoraFold(partials, B, scalings, row_slots, tuple(slice_offsets), info)
+    return y, LoraFold(t, B, scalings, row_slots, tuple(slice_offsets), info)
+
+
+def fold_presum() -> bool:
+    """Whether a folded group's shrink partials are summed into one split beside the
+    projection (one small launch on the side stream), so that each consumer program loads one
+    t row instead of summing every split again: unless LORASERVE_FOLD_PRESUM=0."""
+    return os.environ.get("LORASERVE_FOLD_PRESUM", "1") != "0"
 
 
 def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:

@@ -36,6 +36,9 @@ _FOLD_GROUP_BLOCK = 128
 # measured no gain (graph forward 6.35 against 6.30 ms at batch 32 over 8 adapters, H200,
 # benchmarks/RESULTS.md), the B tiles' re-reads hit L2.
 FOLD_ROWS = int(os.environ.get("LORASERVE_FOLD_SILU_ROWS", "1"))
+# A/B (device runs): rows a program of _silu_mul_fold_group_kernel (0: the row kernel), columns
+FOLD_GROUP = int(os.environ.get("LORASERVE_FOLD_SILU_GROUP", "0"))
+FOLD_GROUP_BLOCK = int(os.environ.get("LORASERVE_FOLD_SILU_GROUP_BLOCK", "64"))
 
 
 @triton.jit
@@ -229,7 +232,7 @@ def silu_mul_triton(
             num_warps=max(1, min(4, block // 256)),
         )
         return out
-    fold_launch(gate_up, out, fold)
+    fold_launch(gate_up, out, fold, FOLD_GROUP, FOLD_GROUP_BLOCK if FOLD_GROUP else None)
     return out
 
 

@@ -65,6 +65,10 @@
 #                                    graphs against eager
 #   scripts/device_session.sh f12a   (one GPU) SiLU*up fold variants alone (fold_bench), ncu
 #                                    on them, the projections' GEMMs alone (gemm_bench)
+#   scripts/device_session.sh f12b   (one GPU) fold kernels alone over 1 and 8 splits; step
+#                                    targets: the landed folds, partials summed beside the
+#                                    projection, and SiLU*up's fold over row groups; decode
+#                                    graphs against eager
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -404,6 +408,22 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 120 python3 -m benchmarks.gemm_bench --out "$OUT/gemm_bench.json" \
       > "$OUT/gemm_bench.log" 2>&1
     echo "== gemm_bench: rc $?"; cat "$OUT/gemm_bench.log"
+    ;;
+  f12b)  # one GPU: fold kernels alone; step targets over three fold modes; decode graph tests
+    timeout 150 python3 -m benchmarks.fold_bench --out "$OUT/fold_bench.json" \
+      > "$OUT/fold_bench.log" 2>&1
+    echo "== fold_bench: rc $?"; grep " us " "$OUT/fold_bench.log"
+    for mode in landed:0:0 presum:1:0 group8:1:8; do
+      IFS=: read -r name presum group <<< "$mode"
+      LORASERVE_FOLD_PRESUM=$presum LORASERVE_FOLD_SILU_GROUP=$group timeout 120 \
+        python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_$name.json" \
+        > "$OUT/step_$name.log" 2>&1
+      echo "== step_bench --lora, $name: rc $?"
+      grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_$name.log"
+    done
+    LORASERVE_FOLD_SILU_GROUP=8 gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py \
+      -k "not prefill"
+    rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
