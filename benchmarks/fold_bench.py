@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.dummy_model import SHAPES
 from ops.triton_lora_fold import LoraFold
+from ops import triton_rmsnorm as rmsnorm
 from ops.triton_rmsnorm import add_rmsnorm_triton
 from ops.triton_silu_mul import fold_launch, silu_mul_triton
 
@@ -36,6 +37,16 @@ VARIANTS = [
     ("group8 b128 w4", 8, 128, 4),
     ("group16 b32 w4", 16, 32, 4),
     ("group16 b64 w8", 16, 64, 8),
+]
+# add+RMSNorm's fold: (name, rows a program (0: the row kernel), columns, warps)
+NORM_VARIANTS = [
+    ("norm fold rows", 0, 0, 0),
+    ("norm group2 c256 w4", 2, 256, 4),
+    ("norm group4 c128 w4", 4, 128, 4),
+    ("norm group4 c256 w8", 4, 256, 8),
+    ("norm group8 c64 w4", 8, 64, 4),
+    ("norm group8 c128 w8", 8, 128, 8),
+    ("norm group16 c64 w8", 16, 64, 8),
 ]
 
 
@@ -97,6 +108,19 @@ def check(layers: list[dict], fn) -> float:
     ly = layers[0]
     fold_launch(ly["gate_up"], ly["out"], ly["fold"])
     want = ly["out"].clone()
+    ly["out"].fill_(float("nan"))
+    fn(ly)
+    return (ly["out"].float() - want.float()).abs().max().item()
+
+
+def check_norm(layers: list[dict], fn) -> float:
+    """Largest |difference| of fn's normalised output from the row fold kernel's, layer 0."""
+    ly, group = layers[0], rmsnorm.FOLD_GROUP
+    rmsnorm.FOLD_GROUP = 0
+    add_rmsnorm_triton(ly["x"], ly["res"], ly["w"], 1e-5, out=ly["out"],
+                       residual_out=ly["res_out"], fold=ly["fold"])
+    want = ly["out"].clone()
+    rmsnorm.FOLD_GROUP = group
     ly["out"].fill_(float("nan"))
     fn(ly)
     return (ly["out"].float() - want.float()).abs().max().item()
@@ -168,12 +192,16 @@ def main() -> None:
             if a.ncu:
                 continue
             norms = norm_layers(batch, adapters, hidden, a.rank, splits, n_layers)
-            for name, fold in (("add+rmsnorm", False), ("add+rmsnorm fold", True)):
-                def fn(ly, fold=fold):
+            for name, group, cols, warps in [("add+rmsnorm", -1, 0, 0)] + NORM_VARIANTS:
+                def fn(ly, fold=group >= 0):
                     add_rmsnorm_triton(ly["x"], ly["res"], ly["w"], 1e-5, out=ly["out"],
                                        residual_out=ly["res_out"],
                                        fold=ly["fold"] if fold else None)
-                record(case, splits, False, name, time_graph(fn, norms, a.reps), None)
+                rmsnorm.FOLD_GROUP = max(group, 0)
+                rmsnorm.FOLD_GROUP_COLS, rmsnorm.FOLD_GROUP_WARPS = cols, warps
+                err = None if group < 0 else check_norm(norms, fn)
+                record(case, splits, False, name, time_graph(fn, norms, a.reps), err)
+            rmsnorm.FOLD_GROUP = 0
             del norms
             torch.cuda.empty_cache()
     if a.out and rows:

@@ -655,13 +655,15 @@ def _base_and_shrink(
     """(base(x), the shrink's partials), the shrink on the side stream beside base(x) when
     `overlap` (see linear_lora), else after it. presum: the partials summed into one split
     there too (for consumers that would each sum them again)."""
-    partials = _shrink_partials_buffer(x, A, info, num_slices, table)
+    max_split = int(os.environ.get("LORASERVE_FOLD_MAX_SPLIT", "0")) if presum else 0
+    partials = _shrink_partials_buffer(x, A, info, num_slices, table, max_split)
+    split_k = partials.shape[0]
     t = partials
-    if presum and partials.shape[0] > 1:  # allocated here: the buffer belongs to this stream
+    if presum and split_k > 1:  # allocated here: the buffer belongs to this stream
         t = partials.new_empty((1, *partials.shape[1:]))
     if not overlap:
         y = base(x)
-        _shrink_partials(x, A, info, num_slices, None, out=partials, table=table)
+        _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
         if t is not partials:
             torch.sum(partials, dim=0, keepdim=True, out=t)
         return y, t
@@ -670,7 +672,7 @@ def _base_and_shrink(
     side.fork.record(main)
     side.stream.wait_event(side.fork)
     with torch.cuda.stream(side.stream):
-        _shrink_partials(x, A, info, num_slices, None, out=partials, table=table)
+        _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
         if t is not partials:
             torch.sum(partials, dim=0, keepdim=True, out=t)
     side.join.record(side.stream)
@@ -714,16 +716,18 @@ def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:
 
 
 def _shrink_partials_buffer(
-    x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int, table: LoraRowTable
+    x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int, table: LoraRowTable,
+    max_split: int | None = None,
 ) -> Tensor:
     """The [split_k, T, n*R] buffer `_shrink_partials` would allocate for x, on the current
-    stream."""
+    stream (max_split: a lower cap on the split count than the expand's)."""
     from ops.triton_lora_expand import expand_max_splits
     from ops.triton_lora_shrink import shrink_partials_buffer
 
+    cap = expand_max_splits(table.block_m, A.shape[1] // num_slices)
     return shrink_partials_buffer(
         x, A, num_slices, table.block_m, table.m_progs, table.num_entries, table.entry_progs,
-        _num_sms(x.device), expand_max_splits(table.block_m, A.shape[1] // num_slices),
+        _num_sms(x.device), min(cap, max_split or cap),
     )
 
 

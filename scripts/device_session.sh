@@ -69,6 +69,9 @@
 #                                    targets: the landed folds, partials summed beside the
 #                                    projection, and SiLU*up's fold over row groups; decode
 #                                    graphs against eager
+#   scripts/device_session.sh f12c   (one GPU) fold kernels alone (add+RMSNorm's over row
+#                                    groups too); step targets: fewer shrink splits, and
+#                                    add+RMSNorm's fold over row groups
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -424,6 +427,20 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     LORASERVE_FOLD_SILU_GROUP=8 gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py \
       -k "not prefill"
     rm -f "$OUT"/*.xml
+    ;;
+  f12c)  # one GPU: fold kernels alone; step targets over fold modes
+    timeout 150 python3 -m benchmarks.fold_bench --splits 1 --out "$OUT/fold_bench.json" \
+      > "$OUT/fold_bench.log" 2>&1
+    echo "== fold_bench: rc $?"; grep " us " "$OUT/fold_bench.log"
+    for mode in g8:0:0 g8split2:2:0 g8split1:1:0 g8norm4:0:4; do
+      IFS=: read -r name split ngroup <<< "$mode"
+      LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_MAX_SPLIT=$split \
+        LORASERVE_FOLD_NORM_GROUP=$ngroup timeout 120 \
+        python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_$name.json" \
+        > "$OUT/step_$name.log" 2>&1
+      echo "== step_bench --lora, $name: rc $?"
+      grep -E "^(decode|prefill|  graph)" "$OUT/step_$name.log"
+    done
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
