@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.dummy_model import SHAPES
-from ops.triton_lora_fold import LoraFold
 from ops import triton_rmsnorm as rmsnorm
+from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import add_rmsnorm_triton
 from ops.triton_silu_mul import fold_launch, silu_mul_triton
 
