@@ -720,14 +720,15 @@ def _shrink_partials_buffer(
     max_split: int | None = None,
 ) -> Tensor:
     """The [split_k, T, n*R] buffer `_shrink_partials` would allocate for x, on the current
-    stream (max_split: a lower cap on the split count than the expand's)."""
+    stream (max_split: a cap on the split count other than what the expand sums in one
+    load)."""
     from ops.triton_lora_expand import expand_max_splits
     from ops.triton_lora_shrink import shrink_partials_buffer
 
-    cap = expand_max_splits(table.block_m, A.shape[1] // num_slices)
     return shrink_partials_buffer(
         x, A, num_slices, table.block_m, table.m_progs, table.num_entries, table.entry_progs,
-        _num_sms(x.device), min(cap, max_split or cap),
+        _num_sms(x.device),
+        max_split or expand_max_splits(table.block_m, A.shape[1] // num_slices),
     )
 
 

@@ -72,6 +72,8 @@
 #   scripts/device_session.sh f12c   (one GPU) fold kernels alone (add+RMSNorm's over row
 #                                    groups too); step targets: fewer shrink splits, and
 #                                    add+RMSNorm's fold over row groups
+#   scripts/device_session.sh f12d   (one GPU) step targets with folded shrinks split up to 16
+#                                    and 32 ways; a kernel profile of the graph replays
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -441,6 +443,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       echo "== step_bench --lora, $name: rc $?"
       grep -E "^(decode|prefill|  graph)" "$OUT/step_$name.log"
     done
+    ;;
+  f12d)  # one GPU: folded shrinks split further; graph-replay kernel profile
+    for split in 8 16 32; do
+      LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_MAX_SPLIT=$split timeout 120 \
+        python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_split$split.json" \
+        > "$OUT/step_split$split.log" 2>&1
+      echo "== step_bench --lora, max split $split: rc $?"
+      grep -E "^(decode|prefill|  graph)" "$OUT/step_split$split.log"
+    done
+    LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_MAX_SPLIT=${PROFILE_SPLIT:-16} timeout 150 \
+      python3 -m benchmarks.step_bench --lora --profile --profile-graphs \
+      --out "$OUT/profile_graphs.json" > "$OUT/profile_graphs.log" 2>&1
+    echo "== profile: rc $?"; tail -12 "$OUT/profile_graphs.log"
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
