@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ops.dispatch import use_triton
-from ops.triton_lora_fold import LoraFold
+from ops.triton_lora_fold import LoraFold, sum_splits
 
 BACKENDS = ("csgmv", "triton")
 # Programs along the entry axis for a padded table: a CUDA graph's table is padded to its
@@ -665,7 +665,7 @@ def _base_and_shrink(
         y = base(x)
         _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
         if t is not partials:
-            torch.sum(partials, dim=0, keepdim=True, out=t)
+            _presum(partials, t)
         return y, t
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
@@ -674,7 +674,7 @@ def _base_and_shrink(
     with torch.cuda.stream(side.stream):
         _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
         if t is not partials:
-            torch.sum(partials, dim=0, keepdim=True, out=t)
+            _presum(partials, t)
     side.join.record(side.stream)
     y = base(x)
     main.wait_event(side.join)
@@ -699,6 +699,13 @@ def linear_lora_fold(
         x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x), fold_presum()
     )
     return y, LoraFold(t, B, scalings, row_slots, tuple(slice_offsets), info)
+
+
+def _presum(partials: Tensor, t: Tensor) -> None:
+    if os.environ.get("LORASERVE_FOLD_PRESUM", "1") == "torch":  # A/B (device runs)
+        torch.sum(partials, dim=0, keepdim=True, out=t)
+    else:
+        sum_splits(partials, t)
 
 
 def fold_presum() -> bool:

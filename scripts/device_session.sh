@@ -74,6 +74,9 @@
 #                                    add+RMSNorm's fold over row groups
 #   scripts/device_session.sh f12d   (one GPU) step targets with folded shrinks split up to 16
 #                                    and 32 ways; a kernel profile of the graph replays
+#   scripts/device_session.sh f12e   (one GPU) step targets: partials summed by torch, by a
+#                                    Triton kernel, or not at all (each consumer sums them,
+#                                    split by split or as one tile)
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -456,6 +459,16 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       python3 -m benchmarks.step_bench --lora --profile --profile-graphs \
       --out "$OUT/profile_graphs.json" > "$OUT/profile_graphs.log" 2>&1
     echo "== profile: rc $?"; tail -12 "$OUT/profile_graphs.log"
+    ;;
+  f12e)  # one GPU: how a folded shrink's partials are summed
+    for mode in torch:torch:0 triton:1:0 tile:0:1 none:0:0; do
+      IFS=: read -r name presum tile <<< "$mode"
+      LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_PRESUM=$presum LORASERVE_FOLD_TILE_T=$tile \
+        timeout 120 python3 -m benchmarks.step_bench --lora --steps 10 \
+        --out "$OUT/step_$name.json" > "$OUT/step_$name.log" 2>&1
+      echo "== step_bench --lora, $name: rc $?"
+      grep -E "^(decode|prefill|  graph)" "$OUT/step_$name.log"
+    done
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
