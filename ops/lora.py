@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ops.dispatch import use_triton
-from ops.triton_lora_fold import LoraFold, sum_splits
+from ops.triton_lora_fold import LoraFold
 
 BACKENDS = ("csgmv", "triton")
 # Programs along the entry axis for a padded table: a CUDA graph's table is padded to its
@@ -655,8 +655,7 @@ def _base_and_shrink(
     """(base(x), the shrink's partials), the shrink on the side stream beside base(x) when
     `overlap` (see linear_lora), else after it. presum: the partials summed into one split
     there too (for consumers that would each sum them again)."""
-    max_split = int(os.environ.get("LORASERVE_FOLD_MAX_SPLIT", "0")) if presum else 0
-    partials = _shrink_partials_buffer(x, A, info, num_slices, table, max_split)
+    partials = _shrink_partials_buffer(x, A, info, num_slices, table)
     split_k = partials.shape[0]
     t = partials
     if presum and split_k > 1:  # allocated here: the buffer belongs to this stream
@@ -665,7 +664,7 @@ def _base_and_shrink(
         y = base(x)
         _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
         if t is not partials:
-            _presum(partials, t)
+            torch.sum(partials, dim=0, keepdim=True, out=t)
         return y, t
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
@@ -674,7 +673,7 @@ def _base_and_shrink(
     with torch.cuda.stream(side.stream):
         _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
         if t is not partials:
-            _presum(partials, t)
+            torch.sum(partials, dim=0, keepdim=True, out=t)
     side.join.record(side.stream)
     y = base(x)
     main.wait_event(side.join)
@@ -701,13 +700,6 @@ def linear_lora_fold(
     return y, LoraFold(t, B, scalings, row_slots, tuple(slice_offsets), info)
 
 
-def _presum(partials: Tensor, t: Tensor) -> None:
-    if os.environ.get("LORASERVE_FOLD_PRESUM", "1") == "torch":  # A/B (device runs)
-        torch.sum(partials, dim=0, keepdim=True, out=t)
-    else:
-        sum_splits(partials, t)
-
-
 def fold_presum() -> bool:
     """Whether a folded group's shrink partials are summed into one split beside the
     projection (one small launch on the side stream), so that each consumer program loads one
@@ -723,19 +715,16 @@ def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:
 
 
 def _shrink_partials_buffer(
-    x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int, table: LoraRowTable,
-    max_split: int | None = None,
+    x: Tensor, A: Tensor, info: LoraBatchInfo, num_slices: int, table: LoraRowTable
 ) -> Tensor:
     """The [split_k, T, n*R] buffer `_shrink_partials` would allocate for x, on the current
-    stream (max_split: a cap on the split count other than what the expand sums in one
-    load)."""
+    stream."""
     from ops.triton_lora_expand import expand_max_splits
     from ops.triton_lora_shrink import shrink_partials_buffer
 
     return shrink_partials_buffer(
         x, A, num_slices, table.block_m, table.m_progs, table.num_entries, table.entry_progs,
-        _num_sms(x.device),
-        max_split or expand_max_splits(table.block_m, A.shape[1] // num_slices),
+        _num_sms(x.device), expand_max_splits(table.block_m, A.shape[1] // num_slices),
     )
 
 

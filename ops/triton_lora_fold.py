@@ -20,7 +20,6 @@ FOLD=False (and placeholder pointers) when nothing is folded.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -93,22 +92,12 @@ def fold_args(fold: LoraFold | None, like: Tensor) -> tuple[list, dict]:
                   "EVEN_R": block_r == rank_pad}
 
 
-# A/B (device runs): load a row's split partials as one tile
-TILE_T = tl.constexpr(os.environ.get("LORASERVE_FOLD_TILE_T", "0") == "1")
-
-
 @triton.jit
 def lora_fold_t(t_ptr, row, slice_id, R, stride_ts, stride_tm,
                 SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
-    """Row `row`'s t for one slice, its split-K partials summed: [BLOCK_R] fp32. A power-of-two
-    split count loads as one [SPLITS, BLOCK_R] tile (one load, not one a split)."""
+    """Row `row`'s t for one slice, its split-K partials summed: [BLOCK_R] fp32."""
     offs_r = tl.arange(0, BLOCK_R)
     ptrs = t_ptr + row.to(tl.int64) * stride_tm + slice_id * R + offs_r
-    if SPLITS > 1 and (SPLITS & (SPLITS - 1)) == 0 and TILE_T:
-        offs_s = tl.arange(0, SPLITS)
-        tile = tl.load(ptrs[None, :] + offs_s[:, None] * stride_ts,
-                       mask=(offs_r < R)[None, :], other=0.0)
-        return tl.sum(tile.to(tl.float32), axis=0)
     t = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for s in tl.static_range(SPLITS):
         if EVEN_R:
@@ -116,30 +105,6 @@ def lora_fold_t(t_ptr, row, slice_id, R, stride_ts, stride_tm,
         else:
             t += tl.load(ptrs + s * stride_ts, mask=offs_r < R, other=0.0).to(tl.float32)
     return t
-
-
-@triton.jit
-def _sum_splits_kernel(p_ptr, out_ptr, cols, stride_ps, stride_pm, stride_om,
-                       SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    live = offs < cols
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        acc += tl.load(p_ptr + s * stride_ps + row * stride_pm + offs, mask=live, other=0.0)
-    tl.store(out_ptr + row * stride_om + offs, acc, mask=live)
-
-
-def sum_splits(partials: Tensor, out: Tensor) -> Tensor:
-    """out[0] = partials summed over their splits, in split order: [splits, T, C] fp32 ->
-    out [1, T, C] fp32 (a program a row)."""
-    splits, rows, cols = partials.shape
-    assert out.shape == (1, rows, cols) and partials.stride(2) == 1 and out.stride(2) == 1
-    if rows:
-        _sum_splits_kernel[(rows,)](partials, out, cols, partials.stride(0), partials.stride(1),
-                                    out.stride(1), SPLITS=splits,
-                                    BLOCK=max(16, next_pow2(cols)), num_warps=1)
-    return out
 
 
 @triton.jit

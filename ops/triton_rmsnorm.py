@@ -16,8 +16,6 @@ the row's last program adds the sums in a fixed order (the result does not depen
 program came last) and normalises the row.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -28,11 +26,6 @@ from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add,
 _MAX_BLOCK = 32768
 _FOLD_COLS = 256  # row elements a fold program adds the delta of (at most)
 _FOLD_WARPS = 4
-# A/B (device runs): rows a program of the grouped fold kernel (0: a row a program), its
-# columns a program and warps
-FOLD_GROUP = int(os.environ.get("LORASERVE_FOLD_NORM_GROUP", "0"))
-FOLD_GROUP_COLS = int(os.environ.get("LORASERVE_FOLD_NORM_COLS", "128"))
-FOLD_GROUP_WARPS = int(os.environ.get("LORASERVE_FOLD_NORM_WARPS", "4"))
 
 
 @triton.jit
@@ -138,111 +131,6 @@ def _add_rmsnorm_fold_kernel(
         tl.store(count_ptr + row, 0)  # ready for the next launch
 
 
-@triton.jit(do_not_specialize=["num_rows"])
-def _add_rmsnorm_fold_group_kernel(
-    x_ptr,
-    res_ptr,
-    w_ptr,
-    out_ptr,
-    res_out_ptr,
-    sums_ptr,
-    count_ptr,
-    num_rows,
-    N,
-    stride_x,
-    stride_res,
-    stride_out,
-    stride_res_out,
-    stride_sums,
-    eps,
-    t_ptr,
-    b_ptr,
-    scal_ptr,
-    rslot_ptr,
-    R,
-    stride_ts,
-    stride_tm,
-    stride_bs,
-    stride_bn,
-    stride_ss,
-    stride_si,
-    BLOCK: tl.constexpr,
-    COLS: tl.constexpr,
-    PARTS: tl.constexpr,
-    GROUP: tl.constexpr,
-    FOLD: tl.constexpr,
-    SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    EVEN_R: tl.constexpr,
-):
-    """_add_rmsnorm_fold_kernel over GROUP rows a program at once: when the group's rows with
-    an adapter share one, its B tile is loaded once for them all; the group's last program
-    (one arrival count a group) normalises its rows."""
-    group = tl.program_id(0)
-    part = tl.program_id(1)
-    parts = tl.num_programs(1)
-    dtype = res_out_ptr.dtype.element_ty
-    rows = group * GROUP + tl.arange(0, GROUP)
-    r_in = rows < num_rows
-    rows64 = rows.to(tl.int64)
-    slots = tl.load(rslot_ptr + rows, mask=r_in, other=-1)
-    lora = slots >= 0
-    slot_safe = tl.maximum(slots, 0).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_live = offs_r < R
-    t_mask = lora[:, None] & r_live[None, :]
-    t = tl.zeros((GROUP, BLOCK_R), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        t += tl.load(t_ptr + s * stride_ts + rows64[:, None] * stride_tm + offs_r[None, :],
-                     mask=t_mask, other=0.0).to(tl.float32)
-    scale = tl.load(scal_ptr + slot_safe * stride_ss, mask=lora, other=0.0)
-    offs = part * COLS + tl.arange(0, COLS)
-    live = offs < N
-    xy_mask = r_in[:, None] & live[None, :]
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + offs[None, :], mask=xy_mask,
-                other=0.0).to(tl.float32)
-    first = tl.min(tl.where(lora, slots, 2147483647), axis=0)
-    last = tl.max(slots, axis=0)
-    b_cols = offs[:, None].to(tl.int64) * stride_bn + offs_r[None, :]
-    b_mask = live[:, None] & r_live[None, :]
-    # (the branches name their tiles apart: the compiler unifies a name's type across them)
-    if first == last:  # one adapter: its B tile once for the group
-        b_one = tl.load(b_ptr + first.to(tl.int64) * stride_bs + b_cols, mask=b_mask,
-                        other=0.0).to(tl.float32)
-        d = tl.sum(t[:, None, :] * b_one[None, :, :], axis=2)
-    else:  # each row its own B tile (none for base rows)
-        b_rows = tl.load(b_ptr + slot_safe[:, None, None] * stride_bs + b_cols[None, :, :],
-                         mask=lora[:, None, None] & b_mask[None, :, :], other=0.0)
-        d = tl.sum(t[:, None, :] * b_rows.to(tl.float32), axis=2)
-    x = (x + tl.where(lora[:, None], d * scale[:, None], 0.0)).to(x_ptr.dtype.element_ty)
-    r = tl.load(res_ptr + rows64[:, None] * stride_res + offs[None, :], mask=xy_mask,
-                other=0.0).to(tl.float32)
-    s = (x.to(tl.float32) + r).to(dtype)
-    tl.store(res_out_ptr + rows64[:, None] * stride_res_out + offs[None, :], s, mask=xy_mask)
-    s32 = s.to(tl.float32)
-    tl.store(sums_ptr + rows64 * stride_sums + part, tl.sum(s32 * s32, axis=1), mask=r_in)
-    # every thread's stores above, then one release of them with the arrival count
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu")
-    if arrived == parts - 1:  # the group's last program: the other parts' stores are visible
-        offs_p = tl.arange(0, PARTS)
-        offs_row = tl.arange(0, BLOCK)
-        in_row = offs_row < N
-        w = tl.load(w_ptr + offs_row, mask=in_row, other=0.0).to(tl.float32)
-        for i in tl.static_range(GROUP):
-            row = group.to(tl.int64) * GROUP + i
-            if row < num_rows:
-                sums = tl.load(sums_ptr + row * stride_sums + offs_p, mask=offs_p < parts,
-                               other=0.0, cache_modifier=".cg")
-                inv_rms = 1.0 / tl.sqrt_rn(tl.sum(sums, axis=0) / N + eps)
-                s_row = tl.load(res_out_ptr + row * stride_res_out + offs_row, mask=in_row,
-                                other=0.0, cache_modifier=".cg").to(tl.float32)
-                y = (s_row * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
-                tl.store(out_ptr + row * stride_out + offs_row,
-                         (y * w).to(out_ptr.dtype.element_ty), mask=in_row)
-        tl.store(count_ptr + group, 0)  # ready for the next launch
-
-
 # The fold kernel's per-row scratch, by (device, stream): partial sums of squares and arrival
 # counts (zero between launches: each row's last program resets its count). Captured graphs
 # keep pointers to it, so it only ever grows, and an outgrown one is kept alive.
@@ -301,17 +189,6 @@ def _launch(
     if fold is not None:
         assert residual is not None and res_out is not None
         args, consts = fold_args(fold, x)
-        if FOLD_GROUP:
-            cols = min(block, FOLD_GROUP_COLS)
-            parts = cdiv(n, cols)
-            sums, counts = _fold_scratch_for(x.device, num_rows, next_pow2(parts))
-            _add_rmsnorm_fold_group_kernel[(cdiv(num_rows, FOLD_GROUP), parts)](
-                x, residual, weight, out, res_out, sums, counts, num_rows, n, x.stride(0),
-                residual.stride(0), out.stride(0), res_out.stride(0), sums.stride(0), eps,
-                *args, BLOCK=block, COLS=cols, PARTS=next_pow2(parts), GROUP=FOLD_GROUP,
-                **consts, num_warps=FOLD_GROUP_WARPS,
-            )
-            return
         cols = min(block, fold_block(fold, _FOLD_WARPS, _FOLD_COLS))
         parts = cdiv(n, cols)
         sums, counts = _fold_scratch_for(x.device, num_rows, next_pow2(parts))

@@ -7,38 +7,27 @@ Grid: (T, cdiv(inter, BLOCK)), BLOCK columns of one row per program.
 
 With a LoRA fold (ops/triton_lora_fold.py) gate_up is the projection's output without its LoRA
 delta yet: each program adds the delta of the gate and up values it loads (slices 0 and 1),
-rounded to the dtype as the expand would have stored them, in narrower blocks (the delta's B
-tiles sit in registers). A fold program may take a few rows one after another (FOLD_ROWS),
-loading an adapter's B tiles once for its consecutive rows.
+rounded to the dtype as the expand would have stored them. A fold program takes FOLD_GROUP
+rows of a narrower block at once (grid (cdiv(T, FOLD_GROUP), cdiv(inter, BLOCK))): their t rows
+are loaded once for all their columns, and an adapter's B tiles once for the group when its
+rows share the adapter (rows come grouped by adapter).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ops.sizes import cdiv, next_pow2
-from ops.triton_lora_fold import (
-    LoraFold,
-    fold_args,
-    fold_block,
-    lora_fold_apply,
-    lora_fold_b,
-    lora_fold_t,
-)
+from ops.triton_lora_fold import LoraFold, fold_args
 
 _BLOCK = 1024
-_FOLD_BLOCK = 256
-_FOLD_GROUP_BLOCK = 128
-# Rows a fold program takes one after another, reusing the B tiles of consecutive rows of one
-# adapter; LORASERVE_FOLD_SILU_ROWS overrides it (read at import, for A/B runs). One: 4 rows
-# measured no gain (graph forward 6.35 against 6.30 ms at batch 32 over 8 adapters, H200,
-# benchmarks/RESULTS.md), the B tiles' re-reads hit L2.
-FOLD_ROWS = int(os.environ.get("LORASERVE_FOLD_SILU_ROWS", "1"))
-# A/B (device runs): rows a program of _silu_mul_fold_group_kernel (0: the row kernel), columns
-FOLD_GROUP = int(os.environ.get("LORASERVE_FOLD_SILU_GROUP", "0"))
-FOLD_GROUP_BLOCK = int(os.environ.get("LORASERVE_FOLD_SILU_GROUP_BLOCK", "64"))
+# A fold program's rows and columns. In a sweep on the H200 (benchmarks/fold_bench.py, RESULTS.md,
+# twelfth session) 8 x 64 at 4 warps was the fastest over 8 split-K partials (8.6 against 12.3
+# us a launch at batch 32 over 8 adapters for a row of 256 columns a program); over the one
+# split serving now hands it (ops.lora.fold_presum) the two measured alike (8.6 against 8.2).
+FOLD_GROUP = 8
+_FOLD_BLOCK = 64
+_FOLD_WARPS = 4
 
 
 @triton.jit
@@ -63,63 +52,6 @@ def _silu_mul_kernel(
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _silu_mul_fold_kernel(
-    gate_up_ptr,
-    out_ptr,
-    num_rows,
-    inter,
-    stride_in,
-    stride_out,
-    t_ptr,
-    b_ptr,
-    scal_ptr,
-    rslot_ptr,
-    R,
-    stride_ts,
-    stride_tm,
-    stride_bs,
-    stride_bn,
-    stride_ss,
-    stride_si,
-    BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
-    FOLD: tl.constexpr,
-    SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    EVEN_R: tl.constexpr,
-):
-    """ROWS rows of BLOCK columns a program, one after another: a row of the adapter before
-    it reuses the B tiles already loaded (rows come grouped by adapter)."""
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < inter
-    dtype = out_ptr.dtype.element_ty
-    b_gate = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
-    b_up = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
-    loaded = -1
-    for i in tl.static_range(ROWS):
-        row = (tl.program_id(0) * ROWS + i).to(tl.int64)
-        if row < num_rows:
-            slot = tl.load(rslot_ptr + row)
-            if slot != loaded:
-                b_gate = lora_fold_b(b_ptr, slot, cols, live, R, stride_bs, stride_bn, BLOCK_R,
-                                     EVEN_R)
-                b_up = lora_fold_b(b_ptr, slot, cols + inter, live, R, stride_bs, stride_bn,
-                                   BLOCK_R, EVEN_R)
-                loaded = slot
-            gate_ptr = gate_up_ptr + row * stride_in + cols
-            gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
-            up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
-            t_gate = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-            t_up = lora_fold_t(t_ptr, row, 1, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-            gate = lora_fold_apply(gate, b_gate, t_gate, scal_ptr, slot, 0, live, stride_ss,
-                                   stride_si, gate_up_ptr)
-            up = lora_fold_apply(up, b_up, t_up, scal_ptr, slot, 1, live, stride_ss, stride_si,
-                                 gate_up_ptr)
-            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def _silu_mul_fold_group_kernel(
     gate_up_ptr,
     out_ptr,
     num_rows,
@@ -232,26 +164,19 @@ def silu_mul_triton(
             num_warps=max(1, min(4, block // 256)),
         )
         return out
-    fold_launch(gate_up, out, fold, FOLD_GROUP, FOLD_GROUP_BLOCK if FOLD_GROUP else None)
+    fold_launch(gate_up, out, fold)
     return out
 
 
-def fold_launch(gate_up: torch.Tensor, out: torch.Tensor, fold: LoraFold, group: int = 0,
-                block: int | None = None, num_warps: int = 4) -> None:
-    """Launch a SiLU*up fold (arguments checked by silu_mul_triton): group 0 takes FOLD_ROWS
-    rows a program one after another (_silu_mul_fold_kernel), group > 0 that many rows at once
-    (_silu_mul_fold_group_kernel). block: columns a program (default: what fits)."""
+def fold_launch(gate_up: torch.Tensor, out: torch.Tensor, fold: LoraFold,
+                group: int = FOLD_GROUP, block: int = _FOLD_BLOCK,
+                num_warps: int = _FOLD_WARPS) -> None:
+    """Launch the SiLU*up fold (arguments checked by silu_mul_triton) with `group` rows and
+    `block` columns a program (powers of two; other values for benchmarks.fold_bench)."""
     num_rows, inter = out.shape
     args, consts = fold_args(fold, gate_up)
-    if group:
-        block = block or min(_FOLD_GROUP_BLOCK, next_pow2(inter))
-        _silu_mul_fold_group_kernel[(cdiv(num_rows, group), cdiv(inter, block))](
-            gate_up, out, num_rows, inter, gate_up.stride(0), out.stride(0), *args, BLOCK=block,
-            GROUP=group, **consts, num_warps=num_warps,
-        )
-        return
-    block = block or min(fold_block(fold, num_warps, _FOLD_BLOCK), next_pow2(inter))
-    _silu_mul_fold_kernel[(cdiv(num_rows, FOLD_ROWS), cdiv(inter, block))](
+    block = min(block, next_pow2(inter))
+    _silu_mul_fold_kernel[(cdiv(num_rows, group), cdiv(inter, block))](
         gate_up, out, num_rows, inter, gate_up.stride(0), out.stride(0), *args, BLOCK=block,
-        ROWS=FOLD_ROWS, **consts, num_warps=num_warps,
+        GROUP=group, **consts, num_warps=num_warps,
     )

@@ -77,6 +77,12 @@
 #   scripts/device_session.sh f12e   (one GPU) step targets: partials summed by torch, by a
 #                                    Triton kernel, or not at all (each consumer sums them,
 #                                    split by split or as one tile)
+#                                    (f12b-f12e ran A/B knobs since removed: commits 5d0385f-7b5c522
+#                                    of the twelfth session; RESULTS.md)
+#   scripts/device_session.sh f12f   (one GPU) the landed folds (partials summed beside the
+#                                    projection, SiLU*up's fold over row groups): fold tests on
+#                                    CUDA, decode graphs against eager, warm-up and engine GPU
+#                                    tests, step targets, the saturated 256-cap many-adapter run
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -469,6 +475,20 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       echo "== step_bench --lora, $name: rc $?"
       grep -E "^(decode|prefill|  graph)" "$OUT/step_$name.log"
     done
+    ;;
+  f12f)  # one GPU: the landed folds: their tests, step targets, many adapters
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
+    gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
+    gpu_tests warm_engine_gpu 100 tests/test_warmup.py tests/test_engine_gpu.py
+    timeout 100 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_lora.log"
+    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
+    echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
+    rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

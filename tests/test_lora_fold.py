@@ -169,24 +169,52 @@ def test_add_rmsnorm_fold_scratch_only_grows() -> None:
     assert not counts.any() and not first[1].any()
 
 
+def test_fold_partials_are_summed_beside_the_projection(monkeypatch) -> None:
+    """linear_lora_fold hands its consumers the shrink's split-K partials summed into one
+    split (unless LORASERVE_FOLD_PRESUM=0): the same t for every row with an adapter."""
+    from ops.lora import linear_lora_fold
+
+    g = torch.Generator().manual_seed(5)
+    k_dim, widths = 512, [32, 16]
+    fold = make_fold(TOKEN_SLOTS, widths, torch.float32, 1)
+    A = (torch.randn(3, 2 * 16, k_dim, generator=g) * 0.1).to(DEVICE)
+    x = torch.randn(len(TOKEN_SLOTS), k_dim, generator=g).to(DEVICE)
+    w = torch.randn(sum(widths), k_dim, generator=g).to(DEVICE)
+
+    def run() -> LoraFold:
+        y, f = linear_lora_fold(x, lambda v: v @ w.T, A, fold.B, fold.slice_offsets,
+                                fold.scalings, fold.info, fold.row_slots)
+        torch.testing.assert_close(y, x @ w.T)
+        return f
+
+    monkeypatch.setenv("LORASERVE_FOLD_PRESUM", "0")
+    split = run().t
+    monkeypatch.setenv("LORASERVE_FOLD_PRESUM", "1")
+    summed = run().t
+    assert split.shape[0] > 1 and summed.shape == (1, *split.shape[1:])
+    lora = torch.tensor(TOKEN_SLOTS, device=DEVICE) >= 0  # base rows' partials are never written
+    torch.testing.assert_close(summed[0, lora], split.sum(0)[lora], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("rank_pad", [16, 24])
-@pytest.mark.parametrize("rows", [1, 4])
-def test_silu_mul_fold(dtype, splits, rank_pad, rows, monkeypatch) -> None:
-    """Blocks of 256 columns with a partial last one; a pool rank that is no power of two; a
-    row a program, and 4 (adapters change inside a program's rows, the last program's rows
-    run past the table)."""
-    import ops.triton_silu_mul
+@pytest.mark.parametrize("group", [1, 4])
+def test_silu_mul_fold(dtype, splits, rank_pad, group) -> None:
+    """Blocks of 64 columns with a partial last one; a pool rank that is no power of two; a
+    row a program, 4 and the default 8 (groups of one adapter and base rows, groups of
+    several adapters, groups that run past the table)."""
+    from ops.triton_silu_mul import fold_launch
 
-    monkeypatch.setattr(ops.triton_silu_mul, "FOLD_ROWS", rows)
     inter = 300
     fold = make_fold(TOKEN_SLOTS, [inter, inter], dtype, splits, rank_pad)
     g = torch.Generator().manual_seed(2)
     gate_up = torch.randn(len(TOKEN_SLOTS), 2 * inter, generator=g).to(dtype).to(DEVICE)
     want = silu_mul_triton(expanded(gate_up, fold))
-    got = silu_mul_triton(gate_up, fold=fold)
+    got = torch.full_like(want, float("nan"))
+    fold_launch(gate_up, got, fold, group=group)
     torch.testing.assert_close(got, want, **tol(dtype))
+    torch.testing.assert_close(silu_mul_triton(gate_up, fold=fold), want, **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
