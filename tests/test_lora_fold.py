@@ -150,15 +150,16 @@ def test_add_rmsnorm_fold_scratch_only_grows() -> None:
     still point at it); every count is back at zero after a launch."""
     import ops.triton_rmsnorm as rms
 
-    def launch(rows: int) -> None:
+    def launch(rows: int) -> torch.device:
         slots = (TOKEN_SLOTS * 4)[:rows]
         fold = make_fold(slots, [64], torch.float32, 1)
         x = torch.randn(rows, 64, device=DEVICE)
         add_rmsnorm_triton(x, torch.randn_like(x), torch.ones(64, device=DEVICE), EPS,
                            fold=fold)
+        return x.device  # "cuda:0", as the scratch is keyed, not "cuda"
 
-    key = (torch.device(DEVICE), torch.cuda.current_stream().stream_id if DEVICE == "cuda" else 0)
-    launch(5)
+    device = launch(5)
+    key = (device, torch.cuda.current_stream().stream_id if DEVICE == "cuda" else 0)
     first = rms._fold_scratch[key]
     launch(3)
     assert rms._fold_scratch[key] is first
