@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from benchmarks.dummy_model import SHAPES
+from benchmarks.timing import graph_us
 from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import add_rmsnorm_triton
 from ops.triton_silu_mul import fold_launch, silu_mul_triton
@@ -67,29 +67,6 @@ def launcher(name: str, group: int, block: int, warps: int):
     if name == "no fold":
         return lambda ly: silu_mul_triton(ly["gate_up"], out=ly["out"])
     return lambda ly: fold_launch(ly["gate_up"], ly["out"], ly["fold"], group, block, warps)
-
-
-def time_graph(fn, layers: list[dict], reps: int) -> float:
-    """Median replay of a graph of fn over every layer, microseconds a launch."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for ly in layers:  # compile and warm outside the capture
-            fn(ly)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for ly in layers:
-            fn(ly)
-    times = []
-    for i in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        if i >= 3:
-            times.append(a.elapsed_time(b))
-    return 1e3 * statistics.median(times) / len(layers)
 
 
 def check(layers: list[dict], fn) -> float:
@@ -162,7 +139,7 @@ def main() -> None:
                         torch.cuda.synchronize()
                         continue
                     err = None if name == "no fold" else check(layers, fn)
-                    record(case, splits, base_rows, "silu " + name, time_graph(fn, layers, a.reps),
+                    record(case, splits, base_rows, "silu " + name, graph_us(fn, layers, a.reps),
                            err)
                 del layers
             if a.ncu:
@@ -173,7 +150,7 @@ def main() -> None:
                     add_rmsnorm_triton(ly["x"], ly["res"], ly["w"], 1e-5, out=ly["out"],
                                        residual_out=ly["res_out"],
                                        fold=ly["fold"] if fold else None)
-                record(case, splits, False, name, time_graph(fn, norms, a.reps), None)
+                record(case, splits, False, name, graph_us(fn, norms, a.reps), None)
             del norms
             torch.cuda.empty_cache()
     if a.out and rows:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from benchmarks.dummy_model import SHAPES
 from benchmarks.step_bench import hbm_bandwidth
+from benchmarks.timing import graph_us
 
 
 def projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -32,29 +32,6 @@ def projections(shape: dict) -> dict[str, tuple[int, int]]:
     return {"qkv": (qkv, hidden), "o": (hidden, shape["num_attention_heads"] * head),
             "gate_up": (2 * inter, hidden), "down": (hidden, inter),
             "lm_head": (shape["vocab_size"], hidden)}
-
-
-def time_graph(fn, count: int, reps: int) -> float:
-    """Median replay of a graph of fn(0..count-1), microseconds a launch."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(count):
-            fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(count):
-            fn(i)
-    times = []
-    for i in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        if i >= 3:
-            times.append(a.elapsed_time(b))
-    return 1e3 * statistics.median(times) / count
 
 
 def main() -> None:
@@ -79,7 +56,7 @@ def main() -> None:
             x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
             for layout, fn in (("linear", lambda i, x=x, ws=ws: F.linear(x, ws[i])),
                                ("mm_t", lambda i, x=x, wts=wts: x @ wts[i])):
-                us = time_graph(fn, count, a.reps)
+                us = graph_us(fn, range(count), a.reps)
                 rows.append({"proj": name, "out": n_out, "in": n_in, "batch": batch,
                              "layout": layout, "us": us, "tb_per_s": nbytes / us / 1e6,
                              "of_copy": nbytes / us / 1e-6 / bw})
