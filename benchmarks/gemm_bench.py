@@ -5,9 +5,13 @@ weights (so each launch reads its weight from HBM, not L2) multiplied by a [batc
 activation, captured in one CUDA graph and replayed; reported: microseconds a launch and the
 weight bytes over that time, next to a device-to-device copy's bandwidth measured in the same
 run. Layouts: `linear` is F.linear on the [out, in] weight serving uses; `mm_t` is x @ W with
-the weight stored [in, out].
+the weight stored [in, out]; with --triton, ops.triton_gemv over a few tilings, each with and
+without programmatic dependent launch (the launches of a graph follow one another, so PDL
+lets each overlap the one before). Each line also gives the error against F.linear
+(relative, Frobenius).
 
     python -m benchmarks.gemm_bench --out gemm.json
+    python -m benchmarks.gemm_bench --triton --out gemm.json
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import torch.nn.functional as F
 from benchmarks.dummy_model import SHAPES
 from benchmarks.step_bench import hbm_bandwidth
 from benchmarks.timing import graph_us
+from ops.triton_gemv import gemv_triton
+
+# (W rows, K columns, warps) of ops.triton_gemv's tile for --triton
+TRITON_TILES = [(16, 512, 4), (32, 256, 4), (64, 128, 4), (32, 512, 8)]
 
 
 def projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -41,6 +49,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
+    ap.add_argument("--triton", action="store_true",
+                    help="also ops.triton_gemv over TRITON_TILES, with and without PDL")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.quick:
@@ -54,15 +64,23 @@ def main() -> None:
         nbytes = 2 * n_out * n_in
         for batch in a.batch:
             x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
-            for layout, fn in (("linear", lambda i, x=x, ws=ws: F.linear(x, ws[i])),
-                               ("mm_t", lambda i, x=x, wts=wts: x @ wts[i])):
+            cases = [("linear", lambda i, x=x, ws=ws: F.linear(x, ws[i])),
+                     ("mm_t", lambda i, x=x, wts=wts: x @ wts[i])]
+            if a.triton:
+                cases += [(f"triton n{bn} k{bk} w{nw}{' pdl' if pdl else ''}",
+                           lambda i, x=x, ws=ws, bn=bn, bk=bk, nw=nw, pdl=pdl: gemv_triton(
+                               x, ws[i], block_n=bn, block_k=bk, num_warps=nw, pdl=pdl))
+                          for bn, bk, nw in TRITON_TILES for pdl in (False, True)]
+            want = F.linear(x, ws[0]).float()
+            for layout, fn in cases:
+                err = ((fn(0).float() - want).norm() / want.norm()).item()
                 us = graph_us(fn, range(count), a.reps)
                 rows.append({"proj": name, "out": n_out, "in": n_in, "batch": batch,
                              "layout": layout, "us": us, "tb_per_s": nbytes / us / 1e6,
-                             "of_copy": nbytes / us / 1e-6 / bw})
-                print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {layout:6} {us:8.1f} us "
-                      f"{nbytes / us / 1e6:5.2f} TB/s ({100 * rows[-1]['of_copy']:.0f} % of copy)",
-                      flush=True)
+                             "of_copy": nbytes / us / 1e-6 / bw, "rel_err": err})
+                print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {layout:22} {us:8.1f} us "
+                      f"{nbytes / us / 1e6:5.2f} TB/s ({100 * rows[-1]['of_copy']:.0f} % of copy)"
+                      f" err {err:.1e}", flush=True)
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

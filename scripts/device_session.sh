@@ -83,6 +83,8 @@
 #                                    projection, SiLU*up's fold over row groups): fold tests on
 #                                    CUDA, decode graphs against eager, warm-up and engine GPU
 #                                    tests, step targets, the saturated 256-cap many-adapter run
+#   scripts/device_session.sh gemv   (one GPU) the Triton decode GEMV: its GPU tests, and
+#                                    gemm_bench with it against cuBLAS
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -488,6 +490,14 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 150 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
     echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
+    rm -f "$OUT"/*.xml
+    ;;
+  gemv)  # one GPU: the Triton decode GEMV against cuBLAS
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py > "$OUT/gemv_tests.log" 2>&1
+    echo "== gemv tests (all of them on CUDA): rc $?"; tail -3 "$OUT/gemv_tests.log"
+    timeout 300 python3 -m benchmarks.gemm_bench --triton --out "$OUT/gemm_bench.json" \
+      > "$OUT/gemm_bench.log" 2>&1
+    echo "== gemm_bench --triton: rc $?"; cat "$OUT/gemm_bench.log"
     rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch

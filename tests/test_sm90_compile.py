@@ -69,6 +69,17 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
     assert _compile(case)["cubin"] > 0
 
 
+@needs_backend
+@pytest.mark.parametrize(("block_m", "block_n", "block_k", "pdl"),
+                         [(1, 32, 256, False), (1, 16, 512, True), (32, 32, 256, True)])
+def test_gemv_compiles_for_sm90(block_m: int, block_n: int, block_k: int, pdl: bool):
+    """The decode GEMV of gemm_bench --triton: one row, and a 32-row block with PDL."""
+    case = ["ops.triton_gemv", "_gemv_kernel",
+            {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_PDL": pdl}]
+    assert _compile(case)["cubin"] > 0
+
+
 LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                    "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 # (tokens, rows of each adapter, table padded to, chunk rows): decode graphs over 1 to 200
