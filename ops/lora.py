@@ -374,10 +374,12 @@ def _shrink_partials(
     pdl: bool | None = None,
     table: LoraRowTable | None = None,
     blocks: tuple[int, int, bool] | None = None,
+    sum_out: Tensor | None = None,
 ) -> Tensor:
     """Split-K partials of the shrink, [split_k, T, n*R] (see triton_lora_shrink); the split
     count is capped at what one expand program sums in a single load. table: info's row table
-    when the caller has it already; blocks: the shrink's tiling instead of its heuristic."""
+    when the caller has it already; blocks: the shrink's tiling instead of its heuristic;
+    sum_out: [1, T, n*R] fp32 that also gets the partials' sum, added in the kernel."""
     from ops.triton_lora_expand import expand_max_splits
     from ops.triton_lora_shrink import triton_lora_shrink
 
@@ -400,6 +402,7 @@ def _shrink_partials(
         max_split=expand_max_splits(table.block_m, A.shape[1] // num_slices),
         pdl=_use_pdl(x.device) if pdl is None else pdl,
         blocks=blocks,
+        sum_out=sum_out,
     )
 
 
@@ -660,20 +663,25 @@ def _base_and_shrink(
     t = partials
     if presum and split_k > 1:  # allocated here: the buffer belongs to this stream
         t = partials.new_empty((1, *partials.shape[1:]))
+    # A/B (device runs): LORASERVE_FOLD_PRESUM=shrink sums in the shrink kernel, no torch.sum
+    in_kernel = t is not partials and os.environ.get("LORASERVE_FOLD_PRESUM") == "shrink"
+
+    def shrink() -> None:
+        _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table,
+                         sum_out=t if in_kernel else None)
+        if t is not partials and not in_kernel:
+            torch.sum(partials, dim=0, keepdim=True, out=t)
+
     if not overlap:
         y = base(x)
-        _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
-        if t is not partials:
-            torch.sum(partials, dim=0, keepdim=True, out=t)
+        shrink()
         return y, t
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
     side.fork.record(main)
     side.stream.wait_event(side.fork)
     with torch.cuda.stream(side.stream):
-        _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
-        if t is not partials:
-            torch.sum(partials, dim=0, keepdim=True, out=t)
+        shrink()
     side.join.record(side.stream)
     y = base(x)
     main.wait_event(side.join)

@@ -85,6 +85,9 @@
 #                                    tests, step targets, the saturated 256-cap many-adapter run
 #   scripts/device_session.sh gemv   (one GPU) the Triton decode GEMV: its GPU tests, and
 #                                    gemm_bench with it against cuBLAS
+#   scripts/device_session.sh sums   (one GPU) the fold tests on CUDA (the shrink's in-kernel
+#                                    split sum included); step targets with the partials summed
+#                                    by torch.sum (the default) and in the shrink kernel
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -499,6 +502,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       > "$OUT/gemm_bench.log" 2>&1
     echo "== gemm_bench --triton: rc $?"; cat "$OUT/gemm_bench.log"
     rm -f "$OUT"/*.xml
+    ;;
+  sums)  # one GPU: the folded partials summed by torch.sum against inside the shrink
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
+    i=0
+    for mode in 1 shrink 1 shrink; do  # each mode twice, alternating: the base moves between runs
+      i=$((i + 1)); run="step_sum_${i}_$mode"
+      LORASERVE_FOLD_PRESUM=$mode timeout 120 python3 -m benchmarks.step_bench --lora --steps 10 \
+        --out "$OUT/$run.json" > "$OUT/$run.log" 2>&1
+      echo "== step_bench --lora, LORASERVE_FOLD_PRESUM=$mode: rc $?"
+      grep -E "^(decode|prefill|  graph)" "$OUT/$run.log"
+    done
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

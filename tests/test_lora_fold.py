@@ -144,11 +144,15 @@ def test_add_rmsnorm_fold_in_place_on_residual() -> None:
     torch.testing.assert_close(got, want, **tol(torch.float32))
 
 
-def test_add_rmsnorm_fold_scratch_only_grows() -> None:
+def test_add_rmsnorm_fold_scratch_only_grows(monkeypatch) -> None:
     """The fold's scratch (partial sums, arrival counts) is reused while it is large enough and
     replaced when a launch needs more rows, the outgrown one kept alive (captured graphs may
-    still point at it); every count is back at zero after a launch."""
+    still point at it); every count is back at zero after a launch. (A scratch of its own:
+    earlier tests may have grown the shared one past what this test launches.)"""
     import ops.triton_rmsnorm as rms
+
+    monkeypatch.setattr(rms, "_fold_scratch", {})
+    monkeypatch.setattr(rms, "_fold_scratch_outgrown", [])
 
     def launch(rows: int) -> torch.device:
         slots = (TOKEN_SLOTS * 4)[:rows]
@@ -195,6 +199,28 @@ def test_fold_partials_are_summed_beside_the_projection(monkeypatch) -> None:
     assert split.shape[0] > 1 and summed.shape == (1, *split.shape[1:])
     lora = torch.tensor(TOKEN_SLOTS, device=DEVICE) >= 0  # base rows' partials are never written
     torch.testing.assert_close(summed[0, lora], split.sum(0)[lora], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_shrink_sums_its_splits_in_the_kernel(splits) -> None:
+    """The shrink's optional in-kernel split sum (LORASERVE_FOLD_PRESUM=shrink, an A/B on the
+    device): each tile's last split program adds the partials in split order, so the sum equals
+    the partials added one split after another, bit for bit; every arrival count is back at
+    zero after the launch."""
+    from ops.lora import _shrink_partials
+    from ops.triton_lora_shrink import split_counts
+
+    fold = make_fold(TOKEN_SLOTS, [32, 16, 16], torch.float32, 1)
+    g = torch.Generator().manual_seed(6)
+    A = (torch.randn(3, 3 * 16, 512, generator=g) * 0.1).to(DEVICE)
+    x = torch.randn(len(TOKEN_SLOTS), 512, generator=g).to(DEVICE)
+    total = torch.full((1, len(TOKEN_SLOTS), 3 * 16), float("nan"), device=DEVICE)
+    partials = _shrink_partials(x, A, fold.info, 3, splits, sum_out=total)
+    want = partials[0].clone()
+    for s in range(1, splits):
+        want += partials[s]
+    assert partials.shape[0] == splits and torch.equal(total[0], want)
+    assert not split_counts(x.device, 1).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -70,6 +70,19 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 @needs_backend
+@pytest.mark.parametrize("pdl", [False, True])
+def test_shrink_with_its_split_sum_compiles_for_sm90(pdl: bool):
+    """The shrink's in-kernel split sum (an A/B knob), decode tiling, with and without PDL."""
+    ptrs = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", "indptr_ptr": "*i32",
+            "slots_ptr": "*i32", "ranks_ptr": "*i32", "live_ptr": "*i32", "sum_ptr": "*fp32",
+            "count_ptr": "*i32"}
+    consts = {"N_TILES": 1, "NUM_SLICES": 3, "FOLD": False, "BLOCK_M": 16, "BLOCK_N": 16,
+              "BLOCK_K": 128, "DOT_PRECISION": "tf32", "USE_PDL": pdl, "HAS_LIVE": True,
+              "SUM_SPLITS": True}
+    assert _compile(["ops.triton_lora_shrink", "_lora_shrink_kernel", ptrs, consts])["cubin"] > 0
+
+
+@needs_backend
 @pytest.mark.parametrize(("block_m", "block_n", "block_k", "pdl"),
                          [(1, 32, 256, False), (1, 16, 512, True), (32, 32, 256, True)])
 def test_gemv_compiles_for_sm90(block_m: int, block_n: int, block_k: int, pdl: bool):
