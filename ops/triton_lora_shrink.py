@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
 
 MAX_PARTIAL_ROWS = 2048  # split_k * tokens: the fp32 partials stay a small L2-resident buffer
@@ -323,11 +324,8 @@ def split_counts(device: torch.device, size: int) -> torch.Tensor:
     have = _split_counts.get(device)
     if have is not None and have.shape[0] >= size:
         return have
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("LoRA shrink: split counts for this many tiles must exist before a "
-                           "CUDA graph capture (run the forward once first)")
+    outgrow(device, have, _split_counts_outgrown, "LoRA shrink: the split counts")
     if have is not None:
-        _split_counts_outgrown.append(have)
         size = max(size, 2 * have.shape[0])
     have = torch.zeros(max(size, 1), dtype=torch.int32, device=device)
     _split_counts[device] = have

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add, lora_fold_t
 
@@ -147,11 +148,8 @@ def _fold_scratch_for(device: torch.device, rows: int, parts: int):
     have = _fold_scratch.get(key)
     if have is not None and have[1].shape[0] >= rows and have[0].shape[1] >= parts:
         return have
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("add+RMSNorm fold: scratch for this many rows must exist before a "
-                           "CUDA graph capture (run the forward once first)")
+    outgrow(device, have, _fold_scratch_outgrown, "add+RMSNorm fold: the scratch")
     if have is not None:
-        _fold_scratch_outgrown.append(have)
         rows, parts = max(rows, have[1].shape[0]), max(parts, have[0].shape[1])
     have = (torch.zeros((rows, parts), dtype=torch.float32, device=device),
             torch.zeros((rows,), dtype=torch.int32, device=device))
