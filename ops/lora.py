@@ -653,18 +653,18 @@ def _base_and_shrink(
     num_slices: int,
     table: LoraRowTable,
     overlap: bool,
-    presum: bool = False,
+    presum: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(base(x), the shrink's partials), the shrink on the side stream beside base(x) when
-    `overlap` (see linear_lora), else after it. presum: the partials summed into one split
-    there too (for consumers that would each sum them again)."""
+    `overlap` (see linear_lora), else after it. presum (`fold_presum`): the partials summed
+    into one split there too (for consumers that would each sum them again), by torch.sum
+    ("sum") or inside the shrink kernel ("shrink")."""
     partials = _shrink_partials_buffer(x, A, info, num_slices, table)
     split_k = partials.shape[0]
     t = partials
     if presum and split_k > 1:  # allocated here: the buffer belongs to this stream
         t = partials.new_empty((1, *partials.shape[1:]))
-    # A/B (device runs): LORASERVE_FOLD_PRESUM=shrink sums in the shrink kernel, no torch.sum
-    in_kernel = t is not partials and os.environ.get("LORASERVE_FOLD_PRESUM") == "shrink"
+    in_kernel = t is not partials and presum == "shrink"
 
     def shrink() -> None:
         _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table,
@@ -708,11 +708,13 @@ def linear_lora_fold(
     return y, LoraFold(t, B, scalings, row_slots, tuple(slice_offsets), info)
 
 
-def fold_presum() -> bool:
-    """Whether a folded group's shrink partials are summed into one split beside the
-    projection (one small launch on the side stream), so that each consumer program loads one
-    t row instead of summing every split again: unless LORASERVE_FOLD_PRESUM=0."""
-    return os.environ.get("LORASERVE_FOLD_PRESUM", "1") != "0"
+def fold_presum() -> str | None:
+    """How a folded group's shrink partials are summed into one split beside the projection,
+    so that each consumer program loads one t row instead of summing every split again:
+    "sum" (torch.sum, one small launch on the side stream), unless LORASERVE_FOLD_PRESUM is
+    "0" (None: left split) or "shrink" (inside the shrink kernel, an A/B for the device)."""
+    mode = os.environ.get("LORASERVE_FOLD_PRESUM", "1")
+    return None if mode == "0" else "shrink" if mode == "shrink" else "sum"
 
 
 def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:

@@ -8,11 +8,12 @@ each value it loads, rounds the sum to y's dtype as the expand's store would, an
 layer launches four kernels fewer, and y makes one round trip to memory fewer.
 
 The delta of row m, column n of slice i is scalings[slot_m, i] * sum_r t[m, i*R + r] B[slot_m, n, r]
-with t the shrink's split-K partials [splits, T, n*R] (summed here), B the pool's
-[num_slots, N_total, R] and slot_m = row_slots[m] (-1: a base row, no delta). Columns past an
-adapter's rank are zero in the pool's A and B, so the sum runs over all R columns unmasked. The
-sum runs on the CUDA cores in fp32: a kernel folds a row (or a head of it) at a time, too few
-rows for the tensor cores.
+with t the shrink's split-K partials [splits, T, n*R] (summed here; serving hands one split,
+summed beside the projection: ops.lora.fold_presum), B the pool's [num_slots, N_total, R] and
+slot_m = row_slots[m] (-1: a base row, no delta). Columns past an adapter's rank are zero in the
+pool's A and B, so the sum runs over all R columns unmasked. The sum runs on the CUDA cores in
+fp32: a kernel folds a row, a head of one, or (SiLU*up) a group of 8 rows at a time, too few for
+the tensor cores.
 
 The kernels take the fold's arguments through `fold_args` and the jit helpers below, with
 FOLD=False (and placeholder pointers) when nothing is folded.
