@@ -5,17 +5,25 @@ read once per group), and one slice of the KV range. With more than one slice a 
 kernel merges the slices' partial results through their log-sum-exps.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
 
 _LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A slice shorter than this is not worth a program of its own.
 _MIN_TOKENS_PER_SPLIT = 128
+# The merged kernel's shortest slice of a sequence's own length (LORASERVE_ATTN_MIN_SPLIT, an
+# A/B knob for the device), and whether the slices merge in the kernel ("fused") or in a second
+# launch ("launch", LORASERVE_ATTN_MERGE, the A/B against the kernel before).
+_MIN_SPLIT = int(os.environ.get("LORASERVE_ATTN_MIN_SPLIT", "128"))
+_MERGE = os.environ.get("LORASERVE_ATTN_MERGE", "fused")
 _MAX_SPLITS = 64
 _DEFAULT_SM_COUNT = 132
 
@@ -120,6 +128,125 @@ def _decode_attention_kernel(
         tl.store(partial_lse_ptr + partial_rows + split, lse, mask=row_mask)
 
 
+@triton.jit(do_not_specialize=PER_STEP_ARGS + ["min_split"])
+def _decode_attention_merged_kernel(
+    q_ptr,  # [B, H, D]
+    k_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
+    v_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
+    block_tables_ptr,  # [B, max_blocks_per_seq] int32
+    kv_lens_ptr,  # [B] int32
+    o_ptr,  # [B, H, D]
+    partial_o_ptr,  # [B, H, num_splits, D] fp32, each used slice's normalized output
+    partial_lse_ptr,  # [B, H, num_splits] fp32, each used slice's log2-sum-exp2
+    count_ptr,  # [>= B * KVH] int32 arrival counts, zero between launches
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table,
+    scale_log2,  # softmax scale times log2(e): the kernel works in base 2
+    num_splits,  # programs per (sequence, KV head) (grid axis 2): at most this many slices
+    min_split,  # the shortest slice worth a program of its own, a multiple of BLOCK_N
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_H: tl.constexpr,  # GROUP padded up to a dot-friendly size
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    # The slices follow the sequence's own length, not the table's width: whole tiles, at least
+    # min_split tokens, so a short sequence uses few of its programs (the rest return at once).
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
+    used = tl.maximum(tl.cdiv(kv_len, split_len), 1)  # kv_len == 0 (padding): one, writes 0
+    if split < used:
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+        group_rows = tl.arange(0, BLOCK_H)
+        row_mask = group_rows < GROUP
+        heads = kv_head * GROUP + group_rows
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+            mask=row_mask[:, None],
+            other=0.0,
+        )
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
+        cache_head_offset = kv_head * stride_cache_head + dims[None, :]
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < end
+            pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_mask, other=0).to(tl.int64)
+            offsets = (
+                pages[:, None] * stride_cache_block
+                + (cols % PAGE_SIZE)[:, None] * (stride_cache_token)
+                + cache_head_offset
+            )
+            k = tl.load(k_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_i = m_new
+
+        o_rows = o_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        if used == 1:
+            # l_i is 0 only for kv_len == 0 (a padding row of a graph bucket): write zeros.
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
+        else:
+            # Every used slice holds at least one token, so l_i > 0.
+            partial_rows = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_splits
+            tl.store(
+                partial_o_ptr + (partial_rows + split)[:, None] * HEAD_DIM + dims[None, :],
+                acc / l_i[:, None],
+                mask=row_mask[:, None],
+            )
+            tl.store(partial_lse_ptr + partial_rows + split, m_i + tl.log2(l_i), mask=row_mask)
+            # every thread's stores above, then one release of them with the arrival count
+            tl.debug_barrier()
+            counter = count_ptr + seq * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == used - 1:
+                # The last slice to finish merges them all, in slice order (the result does not
+                # depend on which came last), through their log-sum-exps.
+                lse_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+                for j in range(used):
+                    lse_j = tl.load(partial_lse_ptr + partial_rows + j, mask=row_mask,
+                                    other=float("-inf"), cache_modifier=".cg")
+                    lse_max = tl.maximum(lse_max, lse_j)
+                lse_max = tl.where(row_mask, lse_max, 0.0)
+                total = tl.zeros([BLOCK_H], dtype=tl.float32)
+                merged = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+                for j in range(used):
+                    lse_j = tl.load(partial_lse_ptr + partial_rows + j, mask=row_mask,
+                                    other=float("-inf"), cache_modifier=".cg")
+                    weight = tl.exp2(lse_j - lse_max)
+                    part = tl.load(
+                        partial_o_ptr + (partial_rows + j)[:, None] * HEAD_DIM + dims[None, :],
+                        mask=row_mask[:, None], other=0.0, cache_modifier=".cg",
+                    )
+                    merged += part * weight[:, None]
+                    total += weight
+                merged = merged / tl.where(total == 0.0, 1.0, total)[:, None]
+                tl.store(o_rows, merged.to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
+                tl.store(counter, 0)  # ready for the next launch
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     partial_o_ptr,  # [B, H, num_splits, D] fp32
@@ -219,6 +346,26 @@ def _check_inputs(
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+# Arrival counts of the merged kernel by (device, stream), zero between launches (each
+# (sequence, KV head)'s last slice resets its count). Captured graphs keep pointers to them, so
+# they only grow, and an outgrown one is kept alive.
+_counts: dict[tuple, Tensor] = {}
+_counts_outgrown: list[Tensor] = []
+
+
+def _counts_for(device: torch.device, size: int) -> Tensor:
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _counts.get(key)
+    if have is not None and have.shape[0] >= size:
+        return have
+    outgrow(device, have, _counts_outgrown, "decode attention: the arrival counts")
+    have = torch.zeros((max(size, 0 if have is None else have.shape[0]),), dtype=torch.int32,
+                       device=device)
+    _counts[key] = have
+    return have
+
+
 def _output_buffer(out: Tensor | None, q: Tensor) -> Tensor:
     if out is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -241,6 +388,8 @@ def decode_attention_triton(
     scale: float,
     *,
     num_splits: int | None = None,
+    min_split: int | None = None,
+    merge: str | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache.
@@ -251,7 +400,11 @@ def decode_attention_triton(
     kv_lens: [B] int32; a 0 entry (padding row of a CUDA-graph bucket) gives zeros.
     scale: softmax scale.
     num_splits: slices of the KV range; by default chosen from B, KVH and the block table width,
-    never from tensor contents, so the launch is CUDA-graph capturable.
+    never from tensor contents, so the launch is CUDA-graph capturable. A sequence uses only as
+    many of them as its own length fills with slices of at least `min_split` tokens (default
+    _MIN_SPLIT; rounded up to whole KV tiles), and its last slice to finish merges them.
+    merge: "fused" (default, the above) or "launch": every slice of the table's width, merged by
+    a second kernel (the A/B against the kernel before; LORASERVE_ATTN_MERGE).
     out: optional contiguous [B, H, D] buffer in q's dtype to write into.
     Returns o: [B, H, D] in q's dtype (out when given).
     """
@@ -273,11 +426,32 @@ def decode_attention_triton(
         )
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
+    merge = _MERGE if merge is None else merge
+    if merge not in ("fused", "launch"):
+        raise ValueError(f"merge must be 'fused' or 'launch', got {merge!r}")
+    block_n, num_warps, num_stages = _launch_config(head_dim, q.dtype == torch.float32)
+    if merge == "fused":
+        min_split = _MIN_SPLIT if min_split is None else min_split
+        if min_split < 1:
+            raise ValueError(f"min_split must be positive, got {min_split}")
+        partial_shape = (batch, num_heads, num_splits)
+        partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+        partial_o = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
+        _decode_attention_merged_kernel[(batch, num_kv_heads, num_splits)](
+            q, k_cache, v_cache, block_tables, kv_lens, o, partial_o, partial_lse,
+            _counts_for(q.device, batch * num_kv_heads), q.stride(0), q.stride(1), o.stride(0),
+            o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_tables.stride(0), scale * _LOG2E, num_splits, cdiv(min_split, block_n) * block_n,
+            GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim,
+            PAGE_SIZE=page_size, BLOCK_N=block_n,
+            INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return o
     # Partials are unused with one slice; a one-element placeholder keeps the signature.
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
     partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     partial_o = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
-    block_n, num_warps, num_stages = _launch_config(head_dim, q.dtype == torch.float32)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,

@@ -88,6 +88,10 @@
 #   scripts/device_session.sh sums   (one GPU) the fold tests on CUDA (the shrink's in-kernel
 #                                    split sum included); step targets with the partials summed
 #                                    by torch.sum (the default) and in the shrink kernel
+#   scripts/device_session.sh s13a   (one GPU) decode attention merged in its kernel: its GPU
+#                                    tests (and the fold and GEMV tests, CPU-only so far);
+#                                    attn_bench; step targets with the merge fused and in a
+#                                    second launch; gemm_bench with the Triton GEMV
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -515,6 +519,25 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       echo "== step_bench --lora, LORASERVE_FOLD_PRESUM=$mode: rc $?"
       grep -E "^(decode|prefill|  graph)" "$OUT/$run.log"
     done
+    ;;
+  s13a)  # one GPU: decode attention merged in its kernel; step targets with it and without
+    gpu_tests attn_gpu 200 tests/test_attention.py
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py tests/test_gemv.py \
+      -k "not interpreter" > "$OUT/fold_gemv_tests.log" 2>&1
+    echo "== fold and GEMV tests: rc $?"; tail -3 "$OUT/fold_gemv_tests.log"
+    timeout 150 python3 -m benchmarks.attn_bench --out "$OUT/attn_bench.json" \
+      > "$OUT/attn_bench.log" 2>&1
+    echo "== attn_bench: rc $?"; grep " us " "$OUT/attn_bench.log"
+    for merge in fused launch; do
+      LORASERVE_ATTN_MERGE=$merge timeout 130 python3 -m benchmarks.step_bench --lora --steps 10 \
+        --out "$OUT/step_$merge.json" > "$OUT/step_$merge.log" 2>&1
+      echo "== step_bench --lora, LORASERVE_ATTN_MERGE=$merge: rc $?"
+      grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_$merge.log"
+    done
+    timeout 100 python3 -m benchmarks.gemm_bench --triton --out "$OUT/gemm_bench.json" \
+      > "$OUT/gemm_bench.log" 2>&1
+    echo "== gemm_bench --triton: rc $?"; cat "$OUT/gemm_bench.log"
+    rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

@@ -93,6 +93,20 @@ def test_gemv_compiles_for_sm90(block_m: int, block_n: int, block_k: int, pdl: b
     assert _compile(case)["cubin"] > 0
 
 
+@needs_backend
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str):
+    """Decode attention with its in-kernel merge (the atomic arrival count), Llama-3.1-8B heads."""
+    ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+            "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
+            "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
+            "scale_log2": "fp32"}
+    consts = {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
+              "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    case = ["ops.triton_decode_attention", "_decode_attention_merged_kernel", ptrs, consts]
+    assert _compile(case)["cubin"] > 0
+
+
 LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                    "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 # (tokens, rows of each adapter, table padded to, chunk rows): decode graphs over 1 to 200
