@@ -6,7 +6,7 @@ variant's launches over all layers are captured in one CUDA graph and replayed. 
 is as wide as a decode graph's (the model's context length), so the default slice count is the
 one serving uses. Variants: `launch` (every slice of the table's width, a second kernel merging
 them), `fused` with each --min-split (a sequence sliced by its own length, its last slice
-merging), and `fused` with one slice. Each line gives the largest error against the `launch`
+merging), and with --one-slice `fused` with one slice. Each line gives the largest error against the `launch`
 variant's output.
 
     python -m benchmarks.attn_bench --out attn.json
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--ctx", type=int, nargs="+", default=[143, 1024, 4096])
     ap.add_argument("--min-split", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--one-slice", action="store_true", help="also `fused` with one slice")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--max-gb", type=float, default=24.0, help="KV bytes a case may allocate")
     ap.add_argument("--reps", type=int, default=30)
@@ -61,7 +62,8 @@ def main() -> None:
     scale = HEAD_DIM**-0.5
     variants = [("launch", {"merge": "launch"})]
     variants += [(f"fused min {m}", {"merge": "fused", "min_split": m}) for m in a.min_split]
-    variants.append(("fused 1 slice", {"merge": "fused", "num_splits": 1}))
+    if a.one_slice:
+        variants.append(("fused 1 slice", {"merge": "fused", "num_splits": 1}))
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in a.batch:

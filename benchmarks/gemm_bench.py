@@ -5,13 +5,11 @@ weights (so each launch reads its weight from HBM, not L2) multiplied by a [batc
 activation, captured in one CUDA graph and replayed; reported: microseconds a launch and the
 weight bytes over that time, next to a device-to-device copy's bandwidth measured in the same
 run. Layouts: `linear` is F.linear on the [out, in] weight serving uses; `mm_t` is x @ W with
-the weight stored [in, out]; with --triton, ops.triton_gemv over a few tilings, each with and
-without programmatic dependent launch (the launches of a graph follow one another, so PDL
-lets each overlap the one before). Each line also gives the error against F.linear
-(relative, Frobenius).
+the weight stored [in, out]. Each line also gives the error against F.linear (relative,
+Frobenius). (A Triton GEMV with and without programmatic dependent launch was measured against
+cuBLAS here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.)
 
     python -m benchmarks.gemm_bench --out gemm.json
-    python -m benchmarks.gemm_bench --triton --out gemm.json
 """
 
 from __future__ import annotations
@@ -26,10 +24,6 @@ import torch.nn.functional as F
 from benchmarks.dummy_model import SHAPES
 from benchmarks.step_bench import hbm_bandwidth
 from benchmarks.timing import graph_us
-from ops.triton_gemv import gemv_triton
-
-# (W rows, K columns, warps) of ops.triton_gemv's tile for --triton
-TRITON_TILES = [(16, 512, 4), (32, 256, 4), (64, 128, 4), (32, 512, 8)]
 
 
 def projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -49,8 +43,6 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
-    ap.add_argument("--triton", action="store_true",
-                    help="also ops.triton_gemv over TRITON_TILES, with and without PDL")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.quick:
@@ -66,11 +58,6 @@ def main() -> None:
             x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
             cases = [("linear", lambda i, x=x, ws=ws: F.linear(x, ws[i])),
                      ("mm_t", lambda i, x=x, wts=wts: x @ wts[i])]
-            if a.triton:
-                cases += [(f"triton n{bn} k{bk} w{nw}{' pdl' if pdl else ''}",
-                           lambda i, x=x, ws=ws, bn=bn, bk=bk, nw=nw, pdl=pdl: gemv_triton(
-                               x, ws[i], block_n=bn, block_k=bk, num_warps=nw, pdl=pdl))
-                          for bn, bk, nw in TRITON_TILES for pdl in (False, True)]
             want = F.linear(x, ws[0]).float()
             for layout, fn in cases:
                 err = ((fn(0).float() - want).norm() / want.norm()).item()

@@ -156,6 +156,9 @@ def _decode_attention_merged_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # GROUP padded to a power of two: the merge's rows
+    BLOCK_S: tl.constexpr,  # num_splits' bound padded to a power of two
+    SPLIT_CHUNK: tl.constexpr,  # slices the merge loads at once
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -222,28 +225,36 @@ def _decode_attention_merged_kernel(
             counter = count_ptr + seq * tl.num_programs(1) + kv_head
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == used - 1:
-                # The last slice to finish merges them all, in slice order (the result does not
-                # depend on which came last), through their log-sum-exps.
-                lse_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-                for j in range(used):
-                    lse_j = tl.load(partial_lse_ptr + partial_rows + j, mask=row_mask,
-                                    other=float("-inf"), cache_modifier=".cg")
-                    lse_max = tl.maximum(lse_max, lse_j)
-                lse_max = tl.where(row_mask, lse_max, 0.0)
-                total = tl.zeros([BLOCK_H], dtype=tl.float32)
-                merged = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-                for j in range(used):
-                    lse_j = tl.load(partial_lse_ptr + partial_rows + j, mask=row_mask,
-                                    other=float("-inf"), cache_modifier=".cg")
-                    weight = tl.exp2(lse_j - lse_max)
-                    part = tl.load(
-                        partial_o_ptr + (partial_rows + j)[:, None] * HEAD_DIM + dims[None, :],
-                        mask=row_mask[:, None], other=0.0, cache_modifier=".cg",
-                    )
-                    merged += part * weight[:, None]
-                    total += weight
+                # The last slice to finish merges them all through their log-sum-exps, a chunk
+                # of slices at a time (a fixed order: the result does not depend on which slice
+                # came last). Rows here are the group's heads alone, not padded for tl.dot.
+                g = tl.arange(0, BLOCK_G)
+                g_mask = g < GROUP
+                merge_rows = (seq * (GROUP * tl.num_programs(1)) + kv_head * GROUP + g).to(
+                    tl.int64) * num_splits
+                all_s = tl.arange(0, BLOCK_S)
+                lses = tl.load(partial_lse_ptr + merge_rows[:, None] + all_s[None, :],
+                               mask=g_mask[:, None] & (all_s < used)[None, :],
+                               other=float("-inf"), cache_modifier=".cg")
+                lse_max = tl.where(g_mask, tl.max(lses, 1), 0.0)
+                total = tl.sum(tl.exp2(lses - lse_max[:, None]), 1)
+                merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+                for c in range(0, used, SPLIT_CHUNK):
+                    chunk = c + tl.arange(0, SPLIT_CHUNK)
+                    in_chunk = g_mask[:, None] & (chunk < used)[None, :]
+                    slots = merge_rows[:, None] + chunk[None, :]
+                    weight = tl.exp2(tl.load(partial_lse_ptr + slots, mask=in_chunk,
+                                             other=float("-inf"), cache_modifier=".cg")
+                                     - lse_max[:, None])
+                    part = tl.load(partial_o_ptr + (slots * HEAD_DIM)[:, :, None]
+                                   + dims[None, None, :], mask=in_chunk[:, :, None], other=0.0,
+                                   cache_modifier=".cg")
+                    merged += tl.sum(part * weight[:, :, None], 1)
                 merged = merged / tl.where(total == 0.0, 1.0, total)[:, None]
-                tl.store(o_rows, merged.to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
+                merge_heads = kv_head * GROUP + g
+                tl.store(o_ptr + seq.to(tl.int64) * stride_ob + merge_heads[:, None] * stride_oh
+                         + dims[None, :], merged.to(o_ptr.dtype.element_ty),
+                         mask=g_mask[:, None])
                 tl.store(counter, 0)  # ready for the next launch
 
 
@@ -346,23 +357,23 @@ def _check_inputs(
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-# Arrival counts of the merged kernel by (device, stream), zero between launches (each
-# (sequence, KV head)'s last slice resets its count). Captured graphs keep pointers to them, so
-# they only grow, and an outgrown one is kept alive.
-_counts: dict[tuple, Tensor] = {}
+# Arrival counts of the merged kernel by device, zero between launches (each (sequence, KV
+# head)'s last slice resets its count). A device's attention launches all run on its compute
+# stream, one after another, so they share one set (a capture runs on a stream of its own, and
+# finds the set its warm-up forward allocated). Captured graphs keep pointers to it, so it only
+# grows, and an outgrown one is kept alive.
+_counts: dict[torch.device, Tensor] = {}
 _counts_outgrown: list[Tensor] = []
 
 
 def _counts_for(device: torch.device, size: int) -> Tensor:
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (device, stream)
-    have = _counts.get(key)
+    have = _counts.get(device)
     if have is not None and have.shape[0] >= size:
         return have
     outgrow(device, have, _counts_outgrown, "decode attention: the arrival counts")
     have = torch.zeros((max(size, 0 if have is None else have.shape[0]),), dtype=torch.int32,
                        device=device)
-    _counts[key] = have
+    _counts[device] = have
     return have
 
 
@@ -445,6 +456,8 @@ def decode_attention_triton(
             GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim,
             PAGE_SIZE=page_size, BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
+            SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
             num_warps=num_warps, num_stages=num_stages,
         )
         return o

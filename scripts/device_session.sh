@@ -83,15 +83,17 @@
 #                                    projection, SiLU*up's fold over row groups): fold tests on
 #                                    CUDA, decode graphs against eager, warm-up and engine GPU
 #                                    tests, step targets, the saturated 256-cap many-adapter run
-#   scripts/device_session.sh gemv   (one GPU) the Triton decode GEMV: its GPU tests, and
-#                                    gemm_bench with it against cuBLAS
 #   scripts/device_session.sh sums   (one GPU) the fold tests on CUDA (the shrink's in-kernel
 #                                    split sum included); step targets with the partials summed
 #                                    by torch.sum (the default) and in the shrink kernel
 #   scripts/device_session.sh s13a   (one GPU) decode attention merged in its kernel: its GPU
 #                                    tests (and the fold and GEMV tests, CPU-only so far);
 #                                    attn_bench; step targets with the merge fused and in a
-#                                    second launch; gemm_bench with the Triton GEMV
+#                                    second launch; gemm_bench with the Triton GEMV (ran at
+#                                    511150b; the GEMV was removed after it)
+#   scripts/device_session.sh s13b   (one GPU) the merge over chunks of slices: decode attention
+#                                    GPU tests, attn_bench; step targets with the fold's
+#                                    partials summed by torch.sum and in the shrink, alternating
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -499,14 +501,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
     rm -f "$OUT"/*.xml
     ;;
-  gemv)  # one GPU: the Triton decode GEMV against cuBLAS
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py > "$OUT/gemv_tests.log" 2>&1
-    echo "== gemv tests (all of them on CUDA): rc $?"; tail -3 "$OUT/gemv_tests.log"
-    timeout 300 python3 -m benchmarks.gemm_bench --triton --out "$OUT/gemm_bench.json" \
-      > "$OUT/gemm_bench.log" 2>&1
-    echo "== gemm_bench --triton: rc $?"; cat "$OUT/gemm_bench.log"
-    rm -f "$OUT"/*.xml
-    ;;
   sums)  # one GPU: the folded partials summed by torch.sum against inside the shrink
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
       -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
@@ -537,6 +531,21 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 100 python3 -m benchmarks.gemm_bench --triton --out "$OUT/gemm_bench.json" \
       > "$OUT/gemm_bench.log" 2>&1
     echo "== gemm_bench --triton: rc $?"; cat "$OUT/gemm_bench.log"
+    rm -f "$OUT"/*.xml
+    ;;
+  s13b)  # one GPU: the in-kernel merge over chunks of slices; torch.sum against the shrink's sum
+    gpu_tests attn_gpu 150 tests/test_attention.py -k decode
+    timeout 150 python3 -m benchmarks.attn_bench --min-split 64 128 256 \
+      --out "$OUT/attn_bench.json" > "$OUT/attn_bench.log" 2>&1
+    echo "== attn_bench: rc $?"; grep " us " "$OUT/attn_bench.log"
+    i=0
+    for mode in 1 shrink 1; do
+      i=$((i + 1)); run="step_${i}_$mode"
+      LORASERVE_FOLD_PRESUM=$mode timeout 125 python3 -m benchmarks.step_bench --lora --steps 10 \
+        --out "$OUT/$run.json" > "$OUT/$run.log" 2>&1
+      echo "== step_bench --lora, LORASERVE_FOLD_PRESUM=$mode: rc $?"
+      grep -E "^(decode|prefill|  graph|serving loop)" "$OUT/$run.log" | grep -v "overlap off"
+    done
     rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch

@@ -258,7 +258,7 @@ def test_decode_fused_merge_slices_follow_length(num_splits: int, min_split: int
     batch = make_batch([1] * 6, kv_lens, 8, 2, 32, 16, torch.float32, seed=min_split)
     got = run_decode_triton(batch, 0.3, num_splits, merge="fused", min_split=min_split)
     torch.testing.assert_close(got, decode_reference(batch, 0.3), **TOLERANCES[torch.float32])
-    counts = tda._counts[(batch.q.device, 0)]
+    counts = tda._counts[batch.q.device]
     assert counts.shape[0] >= 6 * 2 and not counts.any()
 
 

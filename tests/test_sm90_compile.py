@@ -83,26 +83,18 @@ def test_shrink_with_its_split_sum_compiles_for_sm90(pdl: bool):
 
 
 @needs_backend
-@pytest.mark.parametrize(("block_m", "block_n", "block_k", "pdl"),
-                         [(1, 32, 256, False), (1, 16, 512, True), (32, 32, 256, True)])
-def test_gemv_compiles_for_sm90(block_m: int, block_n: int, block_k: int, pdl: bool):
-    """The decode GEMV of gemm_bench --triton: one row, and a 32-row block with PDL."""
-    case = ["ops.triton_gemv", "_gemv_kernel",
-            {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
-            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_PDL": pdl}]
-    assert _compile(case)["cubin"] > 0
-
-
-@needs_backend
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_merged_decode_attention_compiles_for_sm90(dtype: str):
-    """Decode attention with its in-kernel merge (the atomic arrival count), Llama-3.1-8B heads."""
+@pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 4), ("bf16", 7), ("bf16", 1)])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int):
+    """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
+    groups of 4 query heads, Qwen2.5-7B's of 7, and one."""
     ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
             "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
             "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
             "scale_log2": "fp32"}
-    consts = {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
-              "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    block_g = 1 << (group - 1).bit_length()
+    consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
+              "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g)}
     case = ["ops.triton_decode_attention", "_decode_attention_merged_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
