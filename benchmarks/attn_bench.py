@@ -4,10 +4,11 @@ For each (batch, context) case, `--layers` distinct paged KV caches (Llama-3.1-8
 heads over 8 KV heads of 128, 16-token pages, pages shuffled) and one query per sequence; each
 variant's launches over all layers are captured in one CUDA graph and replayed. The block table
 is as wide as a decode graph's (the model's context length), so the default slice count is the
-one serving uses. Variants: `launch` (every slice of the table's width, a second kernel merging
-them), `fused` with each --min-split (a sequence sliced by its own length, its last slice
-merging), and with --one-slice `fused` with one slice. Each line gives the largest error against the `launch`
-variant's output.
+one serving uses. Variants: each --min-split (the shortest slice a sequence's own length is cut
+into; its last slice merges them), and with --one-slice one slice a sequence. Each line gives
+the largest error against the first variant's output. (At commit 1ab65fa a `launch` variant
+also ran the kernel before, every slice of the table's width merged by a second kernel:
+benchmarks/RESULTS.md, thirteenth session.)
 
     python -m benchmarks.attn_bench --out attn.json
 """
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--ctx", type=int, nargs="+", default=[143, 1024, 4096])
     ap.add_argument("--min-split", type=int, nargs="+", default=[64, 128, 256, 512])
-    ap.add_argument("--one-slice", action="store_true", help="also `fused` with one slice")
+    ap.add_argument("--one-slice", action="store_true", help="also one slice a sequence")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--max-gb", type=float, default=24.0, help="KV bytes a case may allocate")
     ap.add_argument("--reps", type=int, default=30)
@@ -60,10 +61,9 @@ def main() -> None:
         a.batch, a.ctx, a.layers, a.reps = [1, 32], [143], 4, 5
     bw = hbm_bandwidth()
     scale = HEAD_DIM**-0.5
-    variants = [("launch", {"merge": "launch"})]
-    variants += [(f"fused min {m}", {"merge": "fused", "min_split": m}) for m in a.min_split]
+    variants = [(f"min split {m}", {"min_split": m}) for m in a.min_split]
     if a.one_slice:
-        variants.append(("fused 1 slice", {"merge": "fused", "num_splits": 1}))
+        variants.append(("1 slice", {"num_splits": 1}))
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in a.batch:
@@ -82,7 +82,7 @@ def main() -> None:
                 err = (got - ref).abs().max().item()
                 row = {"batch": batch, "ctx": ctx, "variant": name, "layers": layers, "us": us,
                        "kv_gbps": kv_bytes / us / 1e3, "share_of_copy": kv_bytes / us / 1e-6 / bw,
-                       "max_err_vs_launch": err}
+                       "max_err_vs_first": err}
                 rows.append(row)
                 print(f"b{batch:<3} ctx {ctx:<5} {name:<15} {us:8.2f} us  "
                       f"{row['kv_gbps']:7.0f} GB/s ({100 * row['share_of_copy']:4.1f} % of copy)"

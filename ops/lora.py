@@ -374,12 +374,10 @@ def _shrink_partials(
     pdl: bool | None = None,
     table: LoraRowTable | None = None,
     blocks: tuple[int, int, bool] | None = None,
-    sum_out: Tensor | None = None,
 ) -> Tensor:
     """Split-K partials of the shrink, [split_k, T, n*R] (see triton_lora_shrink); the split
     count is capped at what one expand program sums in a single load. table: info's row table
-    when the caller has it already; blocks: the shrink's tiling instead of its heuristic;
-    sum_out: [1, T, n*R] fp32 that also gets the partials' sum, added in the kernel."""
+    when the caller has it already; blocks: the shrink's tiling instead of its heuristic."""
     from ops.triton_lora_expand import expand_max_splits
     from ops.triton_lora_shrink import triton_lora_shrink
 
@@ -402,7 +400,6 @@ def _shrink_partials(
         max_split=expand_max_splits(table.block_m, A.shape[1] // num_slices),
         pdl=_use_pdl(x.device) if pdl is None else pdl,
         blocks=blocks,
-        sum_out=sum_out,
     )
 
 
@@ -653,23 +650,20 @@ def _base_and_shrink(
     num_slices: int,
     table: LoraRowTable,
     overlap: bool,
-    presum: str | None = None,
+    presum: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(base(x), the shrink's partials), the shrink on the side stream beside base(x) when
     `overlap` (see linear_lora), else after it. presum (`fold_presum`): the partials summed
-    into one split there too (for consumers that would each sum them again), by torch.sum
-    ("sum") or inside the shrink kernel ("shrink")."""
+    into one split there too, by torch.sum (for consumers that would each sum them again)."""
     partials = _shrink_partials_buffer(x, A, info, num_slices, table)
     split_k = partials.shape[0]
     t = partials
     if presum and split_k > 1:  # allocated here: the buffer belongs to this stream
         t = partials.new_empty((1, *partials.shape[1:]))
-    in_kernel = t is not partials and presum == "shrink"
 
     def shrink() -> None:
-        _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table,
-                         sum_out=t if in_kernel else None)
-        if t is not partials and not in_kernel:
+        _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
+        if t is not partials:
             torch.sum(partials, dim=0, keepdim=True, out=t)
 
     if not overlap:
@@ -708,13 +702,13 @@ def linear_lora_fold(
     return y, LoraFold(t, B, scalings, row_slots, tuple(slice_offsets), info)
 
 
-def fold_presum() -> str | None:
-    """How a folded group's shrink partials are summed into one split beside the projection,
-    so that each consumer program loads one t row instead of summing every split again:
-    "sum" (torch.sum, one small launch on the side stream), unless LORASERVE_FOLD_PRESUM is
-    "0" (None: left split) or "shrink" (inside the shrink kernel, an A/B for the device)."""
-    mode = os.environ.get("LORASERVE_FOLD_PRESUM", "1")
-    return None if mode == "0" else "shrink" if mode == "shrink" else "sum"
+def fold_presum() -> bool:
+    """Whether a folded group's shrink partials are summed into one split beside the
+    projection (torch.sum, one small launch on the side stream), so that each consumer program
+    loads one t row instead of summing every split again: yes unless LORASERVE_FOLD_PRESUM=0.
+    (Summing them inside the shrink kernel instead, each tile's last split adding them, measured
+    slower on the device: benchmarks/RESULTS.md, thirteenth session.)"""
+    return os.environ.get("LORASERVE_FOLD_PRESUM", "1") != "0"
 
 
 def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:

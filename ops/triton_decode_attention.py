@@ -1,11 +1,12 @@
 """Decode attention over the paged KV cache: one query per sequence, split-KV (flash decoding).
 
 Each program takes one sequence, one KV head with all the query heads that share it (so K/V are
-read once per group), and one slice of the KV range. With more than one slice a small second
-kernel merges the slices' partial results through their log-sum-exps.
+read once per group), and one slice of the KV range. The grid's slice count follows shapes only
+(capturable); each sequence cuts its own length into as few of them as it fills, and the last of
+its slices to finish (an atomic arrival count) merges their partial results through their
+log-sum-exps, in slice order. One launch: a second merge kernel cost more than the merge (a
+launch and a wave of its own; benchmarks/RESULTS.md, thirteenth session).
 """
-
-import os
 
 import torch
 import triton
@@ -17,13 +18,8 @@ from ops.sizes import cdiv, next_pow2
 
 _LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# A slice shorter than this is not worth a program of its own.
+# The grid's slices: one per this many tokens of the block table's width at most.
 _MIN_TOKENS_PER_SPLIT = 128
-# The merged kernel's shortest slice of a sequence's own length (LORASERVE_ATTN_MIN_SPLIT, an
-# A/B knob for the device), and whether the slices merge in the kernel ("fused") or in a second
-# launch ("launch", LORASERVE_ATTN_MERGE, the A/B against the kernel before).
-_MIN_SPLIT = int(os.environ.get("LORASERVE_ATTN_MIN_SPLIT", "128"))
-_MERGE = os.environ.get("LORASERVE_ATTN_MERGE", "fused")
 _MAX_SPLITS = 64
 _DEFAULT_SM_COUNT = 132
 
@@ -32,104 +28,11 @@ _DEFAULT_SM_COUNT = 132
 # class (1, multiple of 16, other), and eager steps would meet new ones while serving. The
 # slice count is one of them (it follows the batch and the block-table width): a run-time
 # value, not a constexpr, so one compiled kernel serves every count.
-PER_STEP_ARGS = ["stride_table", "num_splits"]
+PER_STEP_ARGS = ["stride_table", "num_splits", "min_split"]
 
 
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _decode_attention_kernel(
-    q_ptr,  # [B, H, D]
-    k_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
-    v_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
-    block_tables_ptr,  # [B, max_blocks_per_seq] int32
-    kv_lens_ptr,  # [B] int32
-    o_ptr,  # [B, H, D], written only when num_splits == 1
-    partial_o_ptr,  # [B, H, num_splits, D] fp32, each slice's normalized output
-    partial_lse_ptr,  # [B, H, num_splits] fp32, each slice's log2-sum-exp2
-    stride_qb,
-    stride_qh,
-    stride_ob,
-    stride_oh,
-    stride_cache_block,
-    stride_cache_token,
-    stride_cache_head,
-    stride_table,
-    scale_log2,  # softmax scale times log2(e): the kernel works in base 2
-    num_splits,  # slices of each sequence's KV range (grid axis 2)
-    GROUP: tl.constexpr,  # query heads per KV head
-    BLOCK_H: tl.constexpr,  # GROUP padded up to a dot-friendly size
-    HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    kv_len = tl.load(kv_lens_ptr + seq)
-    # Slices are whole tiles; trailing slices of a short sequence are empty.
-    split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, kv_len)
-
-    group_rows = tl.arange(0, BLOCK_H)
-    row_mask = group_rows < GROUP
-    heads = kv_head * GROUP + group_rows
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-        mask=row_mask[:, None],
-        other=0.0,
-    )
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
-    cache_head_offset = kv_head * stride_cache_head + dims[None, :]
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < end
-        pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_mask, other=0).to(tl.int64)
-        offsets = (
-            pages[:, None] * stride_cache_block
-            + (cols % PAGE_SIZE)[:, None] * (stride_cache_token)
-            + cache_head_offset
-        )
-        k = tl.load(k_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
-        s = tl.where(col_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
-
-    if num_splits == 1:
-        # l_i is 0 only for kv_len == 0 (a padding row of a graph bucket): write zeros.
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(
-            o_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-            out.to(o_ptr.dtype.element_ty),
-            mask=row_mask[:, None],
-        )
-    else:
-        # An empty slice leaves l_i == 0: store zeros and lse = -inf so the merge ignores it.
-        is_empty = l_i == 0.0
-        out = tl.where(is_empty[:, None], 0.0, acc / tl.where(is_empty, 1.0, l_i)[:, None])
-        lse = tl.where(is_empty, float("-inf"), m_i + tl.log2(tl.where(is_empty, 1.0, l_i)))
-        partial_rows = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_splits
-        tl.store(
-            partial_o_ptr + (partial_rows + split)[:, None] * HEAD_DIM + dims[None, :],
-            out,
-            mask=row_mask[:, None],
-        )
-        tl.store(partial_lse_ptr + partial_rows + split, lse, mask=row_mask)
-
-
-@triton.jit(do_not_specialize=PER_STEP_ARGS + ["min_split"])
-def _decode_attention_merged_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
     v_cache_ptr,  # [num_blocks, PAGE_SIZE, KVH, D]
@@ -258,40 +161,6 @@ def _decode_attention_merged_kernel(
                 tl.store(counter, 0)  # ready for the next launch
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(
-    partial_o_ptr,  # [B, H, num_splits, D] fp32
-    partial_lse_ptr,  # [B, H, num_splits] fp32
-    o_ptr,  # [B, H, D]
-    stride_ob,
-    stride_oh,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # _MAX_SPLITS rounded up to a power of two: one variant
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = (seq * tl.num_programs(1) + head).to(tl.int64)
-    splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < num_splits
-    dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
-    # All slices are empty only for kv_len == 0 (a padding row): then write zeros.
-    lse_max = tl.max(lse, 0)
-    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
-    total = tl.sum(weights, 0)
-    partial = tl.load(
-        partial_o_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
-        mask=split_mask[:, None],
-        other=0.0,
-    )
-    out = tl.sum(partial * weights[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(
-        o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims,
-        out.to(o_ptr.dtype.element_ty),
-    )
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_sms: int) -> int:
     """Slices of the KV range per (sequence, KV head), from shapes only (CUDA-graph safe).
 
@@ -357,7 +226,7 @@ def _check_inputs(
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-# Arrival counts of the merged kernel by device, zero between launches (each (sequence, KV
+# Arrival counts by device, zero between launches (each (sequence, KV
 # head)'s last slice resets its count). A device's attention launches all run on its compute
 # stream, one after another, so they share one set (a capture runs on a stream of its own, and
 # finds the set its warm-up forward allocated). Captured graphs keep pointers to it, so it only
@@ -399,8 +268,7 @@ def decode_attention_triton(
     scale: float,
     *,
     num_splits: int | None = None,
-    min_split: int | None = None,
-    merge: str | None = None,
+    min_split: int = 64,
     out: Tensor | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache.
@@ -412,10 +280,9 @@ def decode_attention_triton(
     scale: softmax scale.
     num_splits: slices of the KV range; by default chosen from B, KVH and the block table width,
     never from tensor contents, so the launch is CUDA-graph capturable. A sequence uses only as
-    many of them as its own length fills with slices of at least `min_split` tokens (default
-    _MIN_SPLIT; rounded up to whole KV tiles), and its last slice to finish merges them.
-    merge: "fused" (default, the above) or "launch": every slice of the table's width, merged by
-    a second kernel (the A/B against the kernel before; LORASERVE_ATTN_MERGE).
+    many of them as its own length fills with slices of at least `min_split` tokens (rounded up
+    to whole KV tiles; the default, one 64-token tile, measured best or level on the H200:
+    benchmarks/attn_bench.py), and its last slice to finish merges them.
     out: optional contiguous [B, H, D] buffer in q's dtype to write into.
     Returns o: [B, H, D] in q's dtype (out when given).
     """
@@ -437,73 +304,24 @@ def decode_attention_triton(
         )
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
-    merge = _MERGE if merge is None else merge
-    if merge not in ("fused", "launch"):
-        raise ValueError(f"merge must be 'fused' or 'launch', got {merge!r}")
+    if min_split < 1:
+        raise ValueError(f"min_split must be positive, got {min_split}")
     block_n, num_warps, num_stages = _launch_config(head_dim, q.dtype == torch.float32)
-    if merge == "fused":
-        min_split = _MIN_SPLIT if min_split is None else min_split
-        if min_split < 1:
-            raise ValueError(f"min_split must be positive, got {min_split}")
-        partial_shape = (batch, num_heads, num_splits)
-        partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
-        partial_o = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
-        _decode_attention_merged_kernel[(batch, num_kv_heads, num_splits)](
-            q, k_cache, v_cache, block_tables, kv_lens, o, partial_o, partial_lse,
-            _counts_for(q.device, batch * num_kv_heads), q.stride(0), q.stride(1), o.stride(0),
-            o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_tables.stride(0), scale * _LOG2E, num_splits, cdiv(min_split, block_n) * block_n,
-            GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim,
-            PAGE_SIZE=page_size, BLOCK_N=block_n,
-            INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
-            SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
-            num_warps=num_warps, num_stages=num_stages,
-        )
-        return o
     # Partials are unused with one slice; a one-element placeholder keeps the signature.
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
     partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     partial_o = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        kv_lens,
-        o,
-        partial_o,
-        partial_lse,
-        q.stride(0),
-        q.stride(1),
-        o.stride(0),
-        o.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        scale * _LOG2E,
-        num_splits,
-        GROUP=group,
-        BLOCK_H=max(16, next_pow2(group)),
-        HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size,
+        q, k_cache, v_cache, block_tables, kv_lens, o, partial_o, partial_lse,
+        _counts_for(q.device, batch * num_kv_heads), q.stride(0), q.stride(1), o.stride(0),
+        o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), scale * _LOG2E, num_splits, cdiv(min_split, block_n) * block_n,
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_N=block_n,
         # fp32 inputs keep full precision instead of silently dropping to tf32.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
+        SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
+        num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(batch, num_heads)](
-            partial_o,
-            partial_lse,
-            o,
-            o.stride(0),
-            o.stride(1),
-            num_splits,
-            HEAD_DIM=head_dim,
-            BLOCK_S=next_pow2(_MAX_SPLITS),
-            num_warps=4,
-        )
     return o

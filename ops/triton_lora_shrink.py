@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
 
 MAX_PARTIAL_ROWS = 2048  # split_k * tokens: the fp32 partials stay a small L2-resident buffer
@@ -66,9 +65,6 @@ def _lora_shrink_kernel(
     stride_om,
     stride_on,
     m_progs,
-    sum_ptr,
-    count_ptr,
-    stride_sm,
     N_TILES: tl.constexpr,
     NUM_SLICES: tl.constexpr,
     FOLD: tl.constexpr,
@@ -78,7 +74,6 @@ def _lora_shrink_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     HAS_LIVE: tl.constexpr,
-    SUM_SPLITS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     first_entry = pid_m // m_progs
@@ -146,21 +141,6 @@ def _lora_shrink_kernel(
                 acc.to(out_ptr.dtype.element_ty),
                 mask=m_live[:, None] & n_store[None, :],
             )
-            if SUM_SPLITS:  # the tile's last split to arrive adds all of them, in split order
-                tl.debug_barrier()  # every thread's stores, then one release of them
-                tile_id = m0 * tl.num_programs(1) + pid_n
-                arrived = tl.atomic_add(count_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-                if arrived == tl.num_programs(2) - 1:
-                    tile_cols = (slice_id * R + offs_n)[None, :] * stride_on
-                    tile_rows = offs_m[:, None].to(tl.int64)
-                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    for s in range(tl.num_programs(2)):
-                        total += tl.load(out_ptr + s * stride_os + tile_rows * stride_om
-                                         + tile_cols, mask=m_live[:, None] & n_store[None, :],
-                                         other=0.0, cache_modifier=".cg")
-                    tl.store(sum_ptr + tile_rows * stride_sm + tile_cols, total,
-                             mask=m_live[:, None] & n_store[None, :])
-                    tl.store(count_ptr + tile_id, 0)  # ready for the next launch
 
 
 def shrink_split_k(
@@ -214,7 +194,6 @@ def triton_lora_shrink(
     blocks: tuple[int, int, bool] | None = None,
     live: torch.Tensor | None = None,
     entry_progs: int = 0,
-    sum_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """t partials = x A^T per row-table entry.
 
@@ -228,9 +207,6 @@ def triton_lora_shrink(
     blocks: (BLOCK_N, BLOCK_K, fold) instead of shrink_blocks' choice (benchmark sweeps).
     live: [1] int32 on x's device, how many leading entries are real (a padded table), or None.
     entry_progs: programs along the entry axis, each looping over entries (0: num_entries).
-    sum_out: optional [1, T, num_slices * R] float32 buffer (rows contiguous) that also receives
-    the partials summed, split by split, by each tile's last split program (an arrival count in
-    `split_counts`; more than one split only). For an A/B on the device: LORASERVE_FOLD_PRESUM.
     Returns: [split_k, T, num_slices * R], x.dtype when split_k == 1 else float32; columns at or
     beyond a slot's rank and rows of base entries are zero. Partials must be summed over dim 0.
     """
@@ -258,16 +234,9 @@ def triton_lora_shrink(
     out_shape = (split_k, num_tokens, A.shape[1])
     assert out.shape == out_shape and out.dtype == out_dtype, f"out must be {out_shape} {out_dtype}"
     assert out.device == x.device
-    grid = (entry_progs * m_progs, (1 if fold else num_slices) * n_tiles, split_k)
-    counts = out
-    if sum_out is not None:
-        assert split_k > 1 and sum_out.shape == (1, *out_shape[1:]), "sum_out: [1, T, n*R]"
-        assert sum_out.dtype == torch.float32 and sum_out.stride(2) == 1
-        counts = split_counts(x.device, num_tokens * grid[1])
     if num_tokens == 0 or num_entries == 0:
-        if sum_out is not None:
-            sum_out.zero_()
         return out.zero_()
+    grid = (entry_progs * m_progs, (1 if fold else num_slices) * n_tiles, split_k)
     _lora_shrink_kernel[grid](
         x,
         A,
@@ -290,9 +259,6 @@ def triton_lora_shrink(
         out.stride(1),
         out.stride(2),
         m_progs,
-        sum_out if sum_out is not None else out,
-        counts,
-        sum_out.stride(1) if sum_out is not None else 0,
         N_TILES=n_tiles,
         NUM_SLICES=num_slices,
         FOLD=fold,
@@ -302,34 +268,11 @@ def triton_lora_shrink(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
         HAS_LIVE=live is not None,
-        SUM_SPLITS=sum_out is not None,
         num_warps=4,
         num_stages=3,
         launch_pdl=pdl,
     )
     return out
-
-
-# Arrival counts of the in-kernel split sum, by device (shrinks on a device run one at a time:
-# on the compute stream, or in graphs on its one side stream). Zero between launches: each
-# tile's last program resets its count. Captured graphs keep pointers to it, so it only grows,
-# an outgrown one kept alive.
-_split_counts: dict[torch.device, torch.Tensor] = {}
-_split_counts_outgrown: list[torch.Tensor] = []
-
-
-def split_counts(device: torch.device, size: int) -> torch.Tensor:
-    """[>= size] int32 zeros for the in-kernel split sum; allocated outside CUDA graph captures
-    only (the warm-up forwards before a capture allocate it)."""
-    have = _split_counts.get(device)
-    if have is not None and have.shape[0] >= size:
-        return have
-    outgrow(device, have, _split_counts_outgrown, "LoRA shrink: the split counts")
-    if have is not None:
-        size = max(size, 2 * have.shape[0])
-    have = torch.zeros(max(size, 1), dtype=torch.int32, device=device)
-    _split_counts[device] = have
-    return have
 
 
 def _plan(

@@ -83,9 +83,6 @@
 #                                    projection, SiLU*up's fold over row groups): fold tests on
 #                                    CUDA, decode graphs against eager, warm-up and engine GPU
 #                                    tests, step targets, the saturated 256-cap many-adapter run
-#   scripts/device_session.sh sums   (one GPU) the fold tests on CUDA (the shrink's in-kernel
-#                                    split sum included); step targets with the partials summed
-#                                    by torch.sum (the default) and in the shrink kernel
 #   scripts/device_session.sh s13a   (one GPU) decode attention merged in its kernel: its GPU
 #                                    tests (and the fold and GEMV tests, CPU-only so far);
 #                                    attn_bench; step targets with the merge fused and in a
@@ -94,6 +91,10 @@
 #   scripts/device_session.sh s13b   (one GPU) the merge over chunks of slices: decode attention
 #                                    GPU tests, attn_bench; step targets with the fold's
 #                                    partials summed by torch.sum and in the shrink, alternating
+#                                    (s13a-s13b ran A/B knobs since removed: 511150b, 1ab65fa)
+#   scripts/device_session.sh s13c   (one GPU) the landed code: decode attention, fold, decode
+#                                    graph, warm-up and engine GPU tests; step targets; the
+#                                    saturated 256-cap many-adapter run
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -501,19 +502,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
     rm -f "$OUT"/*.xml
     ;;
-  sums)  # one GPU: the folded partials summed by torch.sum against inside the shrink
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
-      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
-    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
-    i=0
-    for mode in 1 shrink 1 shrink; do  # each mode twice, alternating: the base moves between runs
-      i=$((i + 1)); run="step_sum_${i}_$mode"
-      LORASERVE_FOLD_PRESUM=$mode timeout 120 python3 -m benchmarks.step_bench --lora --steps 10 \
-        --out "$OUT/$run.json" > "$OUT/$run.log" 2>&1
-      echo "== step_bench --lora, LORASERVE_FOLD_PRESUM=$mode: rc $?"
-      grep -E "^(decode|prefill|  graph)" "$OUT/$run.log"
-    done
-    ;;
   s13a)  # one GPU: decode attention merged in its kernel; step targets with it and without
     gpu_tests attn_gpu 200 tests/test_attention.py
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py tests/test_gemv.py \
@@ -547,6 +535,22 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       grep -E "^(decode|prefill|  graph|serving loop)" "$OUT/$run.log" | grep -v "overlap off"
     done
     rm -f "$OUT"/*.xml
+    ;;
+  s13c)  # one GPU: the landed code: GPU tests, step targets, many adapters
+    gpu_tests attn_gpu 100 tests/test_attention.py -k decode
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+    echo "== fold tests: rc $?"; tail -n 3 "$OUT/fold_tests.log"
+    gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
+    gpu_tests warm_engine_gpu 100 tests/test_warmup.py tests/test_engine_gpu.py
+    timeout 110 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"
+    grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
+    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
+    echo "== many_adapters cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_cap.log"
+    rm -f "$OUT"/*.xml "$OUT"/*.log.bak
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

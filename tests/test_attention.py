@@ -233,30 +233,29 @@ def test_prefill_triton_strided_q() -> None:
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("merge", ["fused", "launch"])
 def test_decode_triton_matches_reference(
-    dtype: torch.dtype, group: int, block_size: int, num_splits: int, merge: str
+    dtype: torch.dtype, group: int, block_size: int, num_splits: int
 ) -> None:
     # kv_len 1, exactly at a block boundary, one past it, and past one 64-token KV tile.
     kv_lens = [1, 2 * block_size, 2 * block_size + 1, 70]
     batch = make_batch([1] * 4, kv_lens, 4, 4 // group, 32, block_size, dtype, seed=group)
-    # min_split 1 (one 64-token tile): the 70-token sequence takes two slices
+    # one 64-token tile a slice at least: the 70-token sequence takes two slices
     torch.testing.assert_close(
-        run_decode_triton(batch, 0.2, num_splits, merge=merge, min_split=1),
+        run_decode_triton(batch, 0.2, num_splits),
         decode_reference(batch, 0.2), **TOLERANCES[dtype],
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(("num_splits", "min_split"), [(3, 1), (7, 64), (7, 128), (5, 300)])
-def test_decode_fused_merge_slices_follow_length(num_splits: int, min_split: int) -> None:
-    """The fused kernel cuts each sequence by its own length (at least min_split tokens, whole
+def test_decode_slices_follow_length_and_merge_in_kernel(num_splits: int, min_split: int) -> None:
+    """The kernel cuts each sequence by its own length (at least min_split tokens, whole
     64-token tiles, at most num_splits slices); the slices' last program merges them, and
     leaves every arrival count at zero for the next launch."""
     from ops import triton_decode_attention as tda
 
     kv_lens = [1, 64, 65, 130, 300, 447]
     batch = make_batch([1] * 6, kv_lens, 8, 2, 32, 16, torch.float32, seed=min_split)
-    got = run_decode_triton(batch, 0.3, num_splits, merge="fused", min_split=min_split)
+    got = run_decode_triton(batch, 0.3, num_splits, min_split=min_split)
     torch.testing.assert_close(got, decode_reference(batch, 0.3), **TOLERANCES[torch.float32])
     counts = tda._counts[batch.q.device]
     assert counts.shape[0] >= 6 * 2 and not counts.any()
@@ -272,14 +271,13 @@ def test_decode_triton_head_dims_and_default_splits(head_dim: int) -> None:
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("merge", ["fused", "launch"])
-def test_decode_padding_row_gives_zeros(num_splits: int, merge: str) -> None:
+def test_decode_padding_row_gives_zeros(num_splits: int) -> None:
     # A CUDA-graph bucket pads the batch with kv_len == 0 rows; they must stay finite.
     batch = make_batch([1, 1], [9, 1], 4, 2, 32, 4, torch.float32, seed=11)
     batch.kv_lens[1] = 0
     expected = decode_reference(batch, 0.2)
     assert (expected[1] == 0).all()
-    torch.testing.assert_close(run_decode_triton(batch, 0.2, num_splits, merge=merge), expected)
+    torch.testing.assert_close(run_decode_triton(batch, 0.2, num_splits), expected)
 
 
 def test_public_functions_use_torch_on_cpu() -> None:
@@ -500,7 +498,7 @@ def _gpu_lens(seed: int, count: int, low: int, high: int) -> list[int]:
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64)])
 @pytest.mark.parametrize("batch_size", [1, 8, 32])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-@pytest.mark.parametrize(("merge", "min_split"), [("fused", None), ("fused", 64), ("launch", None)])
+@pytest.mark.parametrize("min_split", [64, 256])
 def test_gpu_decode_matches_reference(
     dtype: torch.dtype,
     num_heads: int,
@@ -508,15 +506,14 @@ def test_gpu_decode_matches_reference(
     head_dim: int,
     batch_size: int,
     num_splits: int | None,
-    merge: str,
-    min_split: int | None,
+    min_split: int,
 ) -> None:
     kv_lens = _gpu_lens(batch_size, batch_size, 1, 2048)
     kv_lens[0] = 2048
     batch = make_batch([1] * batch_size, kv_lens, num_heads, num_kv_heads, head_dim, 16, dtype,
                        device="cuda", seed=batch_size)  # fmt: skip
     torch.testing.assert_close(
-        run_decode_triton(batch, head_dim**-0.5, num_splits, merge=merge, min_split=min_split),
+        run_decode_triton(batch, head_dim**-0.5, num_splits, min_split=min_split),
         decode_reference(batch, head_dim**-0.5),
         **TOLERANCES[dtype],
     )

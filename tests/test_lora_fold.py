@@ -201,28 +201,6 @@ def test_fold_partials_are_summed_beside_the_projection(monkeypatch) -> None:
     torch.testing.assert_close(summed[0, lora], split.sum(0)[lora], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("splits", [2, 4])
-def test_shrink_sums_its_splits_in_the_kernel(splits) -> None:
-    """The shrink's optional in-kernel split sum (LORASERVE_FOLD_PRESUM=shrink, an A/B on the
-    device): each tile's last split program adds the partials in split order, so the sum equals
-    the partials added one split after another, bit for bit; every arrival count is back at
-    zero after the launch."""
-    from ops.lora import _shrink_partials
-    from ops.triton_lora_shrink import split_counts
-
-    fold = make_fold(TOKEN_SLOTS, [32, 16, 16], torch.float32, 1)
-    g = torch.Generator().manual_seed(6)
-    A = (torch.randn(3, 3 * 16, 512, generator=g) * 0.1).to(DEVICE)
-    x = torch.randn(len(TOKEN_SLOTS), 512, generator=g).to(DEVICE)
-    total = torch.full((1, len(TOKEN_SLOTS), 3 * 16), float("nan"), device=DEVICE)
-    partials = _shrink_partials(x, A, fold.info, 3, splits, sum_out=total)
-    want = partials[0].clone()
-    for s in range(1, splits):
-        want += partials[s]
-    assert partials.shape[0] == splits and torch.equal(total[0], want)
-    assert not split_counts(x.device, 1).any()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("rank_pad", [16, 24])

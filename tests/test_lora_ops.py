@@ -766,7 +766,6 @@ def test_per_step_args_name_kernel_parameters() -> None:
         (triton_lora_expand, "_lora_expand_kernel"),
         (triton_lora_embed, "_lora_embed_shrink_kernel"),
         (triton_decode_attention, "_decode_attention_kernel"),
-        (triton_decode_attention, "_decode_attention_merged_kernel"),
         (triton_prefill_attention, "_prefill_attention_kernel"),
     ]:
         params = inspect.signature(getattr(module, kernel).fn).parameters

@@ -70,19 +70,6 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 @needs_backend
-@pytest.mark.parametrize("pdl", [False, True])
-def test_shrink_with_its_split_sum_compiles_for_sm90(pdl: bool):
-    """The shrink's in-kernel split sum (an A/B knob), decode tiling, with and without PDL."""
-    ptrs = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", "indptr_ptr": "*i32",
-            "slots_ptr": "*i32", "ranks_ptr": "*i32", "live_ptr": "*i32", "sum_ptr": "*fp32",
-            "count_ptr": "*i32"}
-    consts = {"N_TILES": 1, "NUM_SLICES": 3, "FOLD": False, "BLOCK_M": 16, "BLOCK_N": 16,
-              "BLOCK_K": 128, "DOT_PRECISION": "tf32", "USE_PDL": pdl, "HAS_LIVE": True,
-              "SUM_SPLITS": True}
-    assert _compile(["ops.triton_lora_shrink", "_lora_shrink_kernel", ptrs, consts])["cubin"] > 0
-
-
-@needs_backend
 @pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 4), ("bf16", 7), ("bf16", 1)])
 def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
@@ -95,7 +82,7 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int):
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
               "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g)}
-    case = ["ops.triton_decode_attention", "_decode_attention_merged_kernel", ptrs, consts]
+    case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
 
