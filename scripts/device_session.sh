@@ -53,6 +53,8 @@
 #   scripts/device_session.sh foldl  (one GPU) the default folds (qkv, gate_up): fold tests on
 #                                    CUDA, decode graphs against eager, step targets, the
 #                                    saturated 256-cap many-adapter run
+#   scripts/device_session.sh s13d   (one GPU) HF PEFT baseline side by side, adapter upload
+#                                    bandwidth, step targets again
 #   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:
 #                                    fold tests on CUDA, decode graphs against eager with every
 #                                    group folded, step targets folding qkv and gate_up against
@@ -551,6 +553,15 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
     echo "== many_adapters cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_cap.log"
     rm -f "$OUT"/*.xml "$OUT"/*.log.bak
+    ;;
+  s13d)  # one GPU: the end-to-end baseline, upload bandwidth, step targets again
+    hf_baseline 190 hf_baseline
+    timeout 80 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; tail -n 3 "$OUT/upload.log"
+    timeout 110 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"
+    grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
