@@ -54,7 +54,9 @@ class Streams:
         self.compute: torch.cuda.Stream | None = None
         self.copy: torch.cuda.Stream | None = None
         if self.is_cuda:
-            self.compute = torch.cuda.Stream(device)
+            from ops.lora import stream_priorities
+
+            self.compute = torch.cuda.Stream(device, priority=stream_priorities()[0])
             self.copy = torch.cuda.Stream(device)
 
     def event(self) -> Event:

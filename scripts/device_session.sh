@@ -53,6 +53,9 @@
 #   scripts/device_session.sh foldl  (one GPU) the default folds (qkv, gate_up): fold tests on
 #                                    CUDA, decode graphs against eager, step targets, the
 #                                    saturated 256-cap many-adapter run
+#   scripts/device_session.sh s13e   (one GPU) step targets with the stream priorities equal,
+#                                    the side stream's raised, the compute stream's raised;
+#                                    the projections' GEMMs alone again
 #   scripts/device_session.sh s13d   (one GPU) HF PEFT baseline side by side, adapter upload
 #                                    bandwidth, step targets again
 #   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:
@@ -562,6 +565,17 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"
     grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
+    ;;
+  s13e)  # one GPU: which stream the SMs serve first
+    for prio in equal side main; do
+      LORASERVE_STREAM_PRIORITY=${prio#equal} timeout 110 python3 -m benchmarks.step_bench --lora \
+        --steps 10 --out "$OUT/step_$prio.json" > "$OUT/step_$prio.log" 2>&1
+      echo "== step_bench --lora, LORASERVE_STREAM_PRIORITY=$prio: rc $?"
+      grep -E "^(decode|prefill|  graph|serving loop)" "$OUT/step_$prio.log" | grep -v "overlap off"
+    done
+    timeout 60 python3 -m benchmarks.gemm_bench --out "$OUT/gemm_bench.json" \
+      > "$OUT/gemm_bench.log" 2>&1
+    echo "== gemm_bench: rc $?"; cat "$OUT/gemm_bench.log"
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
