@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.dummy_model import SHAPES, weight_bytes, write_dummy_model
-from ops.lora import _use_pdl, fold_groups, overlap_enabled, stream_priorities
+from ops.lora import _use_pdl, fold_groups, overlap_enabled
 from runtime.config import ServerConfig
 from runtime.engine import Engine
 from runtime.request import Request, SamplingParams
@@ -382,7 +382,6 @@ def main() -> None:
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
     result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")),
               "lora_overlap": overlap_enabled(), "lora_fold": sorted(fold_groups()),
-              "stream_priorities": list(stream_priorities()),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
               "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}

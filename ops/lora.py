@@ -530,20 +530,9 @@ class _SideStream:
     on before the next one."""
 
     def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device, priority=stream_priorities()[1])
+        self.stream = torch.cuda.Stream(device)
         self.fork = torch.cuda.Event()
         self.join = torch.cuda.Event()
-
-
-def stream_priorities() -> tuple[int, int]:
-    """(compute stream, LoRA side stream) priorities; kernels captured into a graph keep their
-    stream's (PyTorch instantiates graphs with per-node priorities). Equal by default;
-    LORASERVE_STREAM_PRIORITY=side or main raises that one (an A/B for the device: which
-    kernels the SMs take first when the side stream's shrinks and the projection compete)."""
-    mode = os.environ.get("LORASERVE_STREAM_PRIORITY", "")
-    if mode not in ("", "side", "main"):
-        raise ValueError(f"LORASERVE_STREAM_PRIORITY must be side or main, got {mode!r}")
-    return (-1 if mode == "main" else 0), (-1 if mode == "side" else 0)
 
 
 _side_streams = threading.local()  # per thread: each thread forks from its own current stream

@@ -54,9 +54,7 @@ class Streams:
         self.compute: torch.cuda.Stream | None = None
         self.copy: torch.cuda.Stream | None = None
         if self.is_cuda:
-            from ops.lora import stream_priorities
-
-            self.compute = torch.cuda.Stream(device, priority=stream_priorities()[0])
+            self.compute = torch.cuda.Stream(device)
             self.copy = torch.cuda.Stream(device)
 
     def event(self) -> Event:

@@ -55,7 +55,8 @@
 #                                    saturated 256-cap many-adapter run
 #   scripts/device_session.sh s13e   (one GPU) step targets with the stream priorities equal,
 #                                    the side stream's raised, the compute stream's raised;
-#                                    the projections' GEMMs alone again
+#                                    the projections' GEMMs alone again (ran at 1d99d76; the
+#                                    LORASERVE_STREAM_PRIORITY knob was removed after it)
 #   scripts/device_session.sh s13d   (one GPU) HF PEFT baseline side by side, adapter upload
 #                                    bandwidth, step targets again
 #   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:

@@ -638,22 +638,6 @@ def test_partials_buffer_matches_the_shrinks_own(num_tokens, slots_of, pad_to) -
     assert (ahead.shape, ahead.dtype, ahead.stride()) == (own.shape, own.dtype, own.stride())
 
 
-def test_stream_priorities_follow_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Equal by default; LORASERVE_STREAM_PRIORITY raises the side or the compute stream, and
-    anything else is refused by name."""
-    from ops.lora import stream_priorities
-
-    monkeypatch.delenv("LORASERVE_STREAM_PRIORITY", raising=False)
-    assert stream_priorities() == (0, 0)
-    monkeypatch.setenv("LORASERVE_STREAM_PRIORITY", "side")
-    assert stream_priorities() == (0, -1)
-    monkeypatch.setenv("LORASERVE_STREAM_PRIORITY", "main")
-    assert stream_priorities() == (-1, 0)
-    monkeypatch.setenv("LORASERVE_STREAM_PRIORITY", "high")
-    with pytest.raises(ValueError, match="LORASERVE_STREAM_PRIORITY"):
-        stream_priorities()
-
-
 def test_overlap_only_inside_cuda_graph_captures(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU tensors never take the side stream (the torch references run serially), eager CUDA
     steps neither, and LORASERVE_LORA_OVERLAP=0 turns it off in captures too."""
