@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
+from ops.triton_attention_tiles import load_kv_tile, softmax_tile
 
 _LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,22 +93,11 @@ def _decode_attention_kernel(
         for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < end
-            pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_mask, other=0).to(tl.int64)
-            offsets = (
-                pages[:, None] * stride_cache_block
-                + (cols % PAGE_SIZE)[:, None] * (stride_cache_token)
-                + cache_head_offset
-            )
-            k = tl.load(k_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
-            s = tl.where(col_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_i = m_new
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, col_mask,
+                                cache_head_offset, stride_cache_block, stride_cache_token,
+                                PAGE_SIZE, True)
+            m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, col_mask[None, :],
+                                         True, INPUT_PRECISION)
 
         o_rows = o_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         if used == 1:

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ops.sizes import cdiv, next_pow2
+from ops.triton_attention_tiles import load_kv_tile, softmax_tile
 
 _LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -104,21 +105,10 @@ def _prefill_attention_kernel(
     full_end = ((context_len + first_token + 1) // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         cols = n0 + cols_in_tile
-        pages = tl.load(table_row + cols // PAGE_SIZE).to(tl.int64)
-        offsets = (
-            pages[:, None] * stride_cache_block
-            + (cols % PAGE_SIZE)[:, None] * (stride_cache_token)
-            + cache_head_offset
-        )
-        k = tl.load(k_cache_ptr + offsets)
-        v = tl.load(v_cache_ptr + offsets)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, None, cache_head_offset,
+                            stride_cache_block, stride_cache_token, PAGE_SIZE, False)
+        m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, None, False,
+                                     INPUT_PRECISION)
 
     # Tiles on the diagonal: causal and sequence-end masks. Tiles wholly above it are skipped.
     diag_end = tl.minimum(kv_len, context_len + last_token + 1)
@@ -126,23 +116,12 @@ def _prefill_attention_kernel(
     for n0 in range(full_end, diag_end, BLOCK_N):
         cols = n0 + cols_in_tile
         col_mask = cols < kv_len
-        pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_mask, other=0).to(tl.int64)
-        offsets = (
-            pages[:, None] * stride_cache_block
-            + (cols % PAGE_SIZE)[:, None] * (stride_cache_token)
-            + cache_head_offset
-        )
-        k = tl.load(k_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, col_mask,
+                            cache_head_offset, stride_cache_block, stride_cache_token, PAGE_SIZE,
+                            True)
         visible = (cols[None, :] <= positions[:, None]) & col_mask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, visible, True,
+                                     INPUT_PRECISION)
 
     acc = acc / l_i[:, None]
     tl.store(

@@ -57,6 +57,8 @@
 #                                    the side stream's raised, the compute stream's raised;
 #                                    the projections' GEMMs alone again (ran at 1d99d76; the
 #                                    LORASERVE_STREAM_PRIORITY knob was removed after it)
+#   scripts/device_session.sh s13f   (one GPU) the attention kernels over their shared tile step:
+#                                    attention GPU tests, attn_bench, step targets
 #   scripts/device_session.sh s13d   (one GPU) HF PEFT baseline side by side, adapter upload
 #                                    bandwidth, step targets again
 #   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:
@@ -577,6 +579,17 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 60 python3 -m benchmarks.gemm_bench --out "$OUT/gemm_bench.json" \
       > "$OUT/gemm_bench.log" 2>&1
     echo "== gemm_bench: rc $?"; cat "$OUT/gemm_bench.log"
+    ;;
+  s13f)  # one GPU: the attention kernels over their shared tile step (ops/triton_attention_tiles)
+    gpu_tests attn_gpu 120 tests/test_attention.py
+    timeout 80 python3 -m benchmarks.attn_bench --min-split 64 --out "$OUT/attn_bench.json" \
+      > "$OUT/attn_bench.log" 2>&1
+    echo "== attn_bench: rc $?"; grep " us " "$OUT/attn_bench.log"
+    timeout 110 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
+      > "$OUT/step_lora.log" 2>&1
+    echo "== step_bench --lora: rc $?"
+    grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
+    rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
