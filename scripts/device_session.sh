@@ -59,6 +59,8 @@
 #                                    LORASERVE_STREAM_PRIORITY knob was removed after it)
 #   scripts/device_session.sh s13f   (one GPU) the attention kernels over their shared tile step:
 #                                    attention GPU tests, attn_bench, step targets
+#   scripts/device_session.sh s13g   (one GPU) down_proj stored [in, out] (LORASERVE_DOWN_T=1)
+#                                    against F.linear: step targets alternating, engine GPU tests
 #   scripts/device_session.sh s13d   (one GPU) HF PEFT baseline side by side, adapter upload
 #                                    bandwidth, step targets again
 #   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:
@@ -589,6 +591,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       > "$OUT/step_lora.log" 2>&1
     echo "== step_bench --lora: rc $?"
     grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
+    rm -f "$OUT"/*.xml
+    ;;
+  s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
+    i=0
+    for mode in 1 0 1; do
+      i=$((i + 1)); run="step_${i}_downt$mode"
+      LORASERVE_DOWN_T=$mode timeout 60 python3 -m benchmarks.step_bench --lora --steps 10 \
+        --out "$OUT/$run.json" > "$OUT/$run.log" 2>&1
+      echo "== step_bench --lora, LORASERVE_DOWN_T=$mode: rc $?"
+      grep -E "^(decode|prefill|  graph|serving loop)" "$OUT/$run.log" | grep -v "overlap off"
+      rm -f "$OUT/$run.log"
+    done
+    LORASERVE_DOWN_T=1 gpu_tests engine_gpu_downt 40 tests/test_engine_gpu.py
     rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
