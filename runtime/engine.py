@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -203,8 +202,6 @@ class Engine:
         else:
             model.load_weights(iter_safetensors(folder, dtype, str(device)))
         model.eval()
-        if os.environ.get("LORASERVE_DOWN_T") == "1":  # an A/B for the device: CausalLM docs
-            model.transpose_down()
         model.build_rope_cache(context)
         tokenizer = load_tokenizer(folder)
         streams = Streams(device)

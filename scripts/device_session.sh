@@ -61,6 +61,7 @@
 #                                    attention GPU tests, attn_bench, step targets
 #   scripts/device_session.sh s13g   (one GPU) down_proj stored [in, out] (LORASERVE_DOWN_T=1)
 #                                    against F.linear: step targets alternating, engine GPU tests
+#                                    (ran at 5c35f92; the knob was removed after it)
 #   scripts/device_session.sh s13d   (one GPU) HF PEFT baseline side by side, adapter upload
 #                                    bandwidth, step targets again
 #   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:

@@ -77,24 +77,6 @@ def test_logits_match_hf(arch_model):
         assert err < LOGIT_ATOL, f"{arch}: max logit error {err}"
 
 
-def test_down_proj_stored_transposed_matches_hf(arch_model, monkeypatch):
-    """LORASERVE_DOWN_T=1 (an A/B for the device) stores every down_proj weight [in, out]: the
-    logits stay within LOGIT_ATOL of HF's and greedy tokens identical."""
-    from runtime.model.llama import TransposedLinear
-
-    arch, folder = arch_model
-    monkeypatch.setenv("LORASERVE_DOWN_T", "1")
-    engine = make_engine(folder, page_size=4)
-    downs = [layer.mlp.down_proj for layer in engine.model.layers]
-    assert all(isinstance(d, TransposedLinear) for d in downs)
-    assert downs[0].weight_t.shape == (downs[0].in_features, downs[0].out_features)
-    vocab = read_vocab(folder)
-    p = prompts(1, vocab, seed=2, lo=20, hi=90)[0]
-    err = (engine_logits(engine, p) - hf_logits(hf_model(folder), p)).abs().max().item()
-    assert err < LOGIT_ATOL, f"{arch}: max logit error {err}"
-    assert run(run_batch(engine, [p], greedy(16)))[0] == hf_greedy(folder, p, 16)
-
-
 def test_batch_invariance(llama):
     vocab = read_vocab(llama)
     ps = prompts(16, vocab, seed=5, lo=2, hi=60)

@@ -266,22 +266,6 @@ class Attention(nn.Module):
         return project(self.o_proj, o, lora.get("o") if lora else None, fb.lora)
 
 
-class TransposedLinear(nn.Module):
-    """A bias-free projection whose weight is stored [in, out], applied as x @ w: for some decode
-    shapes cuBLAS picks a faster kernel for this layout than for F.linear on [out, in]
-    (benchmarks/gemm_bench.py). Built from a loaded nn.Linear by CausalLM.transpose_down."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("TransposedLinear takes a projection without a bias")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight_t
-
-
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -380,14 +364,6 @@ class CausalLM(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.lora_pool: LoraPool | None = None
-
-    @torch.no_grad()
-    def transpose_down(self) -> None:
-        """Store every layer's down_proj weight [in, out] (TransposedLinear), after loading: an
-        A/B for the device (LORASERVE_DOWN_T=1 in Engine.from_config), one layer at a time."""
-        for layer in self.layers:
-            if isinstance(layer.mlp.down_proj, nn.Linear):
-                layer.mlp.down_proj = TransposedLinear(layer.mlp.down_proj)
 
     def build_rope_cache(self, max_position: int) -> None:
         """cos/sin for every position, computed in fp32 then cast, as the checkpoints expect."""
