@@ -127,6 +127,33 @@ gpu_tests() {  # gpu_tests NAME TIMEOUT FILES...
   echo "== $name: rc $?"; tail -6 "$OUT/$name.log"
 }
 
+fold_tests() {  # fold_tests TIMEOUT: the LoRA fold tests on CUDA (all of them, not only -m gpu)
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
+    -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
+  echo "== fold tests: rc $?"; tail -n 3 "$OUT/fold_tests.log"
+}
+
+step_lora() {  # step_lora TIMEOUT NAME [VAR=VALUE...]: the step targets with adapters
+  local limit=$1 name=$2; shift 2
+  env "$@" timeout "$limit" python3 -m benchmarks.step_bench --lora --steps 10 \
+    --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "== step_bench --lora $*: rc $?"
+  grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+}
+
+many_cap() {  # many_cap TIMEOUT: 1000 adapters against 8, saturated, max_loras_per_batch 256
+  timeout "$1" python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+    --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
+  echo "== many_adapters cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_cap.log"
+}
+
+attn_bench() {  # attn_bench TIMEOUT ARGS...: decode attention alone
+  local limit=$1; shift
+  timeout "$limit" python3 -m benchmarks.attn_bench "$@" --out "$OUT/attn_bench.json" \
+    > "$OUT/attn_bench.log" 2>&1
+  echo "== attn_bench: rc $?"; grep " us " "$OUT/attn_bench.log"
+}
+
 serve_bench() {  # serve_bench TIMEOUT: the serving benchmark's device run (RESULTS.md)
   python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
   python3 -m benchmarks.random_adapters llama-3.1-8b /tmp/adapters --count 8 --rank 16 > /dev/null
@@ -500,17 +527,11 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     done
     ;;
   f12f)  # one GPU: the landed folds: their tests, step targets, many adapters
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
-      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
-    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
+    fold_tests 100
     gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
     gpu_tests warm_engine_gpu 100 tests/test_warmup.py tests/test_engine_gpu.py
-    timeout 100 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
-      > "$OUT/step_lora.log" 2>&1
-    echo "== step_bench --lora: rc $?"; grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_lora.log"
-    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
-      --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
-    echo "== many_adapters cap 256: rc $?"; grep -E "saturated" "$OUT/many_cap.log"
+    step_lora 100 step_lora
+    many_cap 150
     rm -f "$OUT"/*.xml
     ;;
   s13a)  # one GPU: decode attention merged in its kernel; step targets with it and without
@@ -534,50 +555,31 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     ;;
   s13b)  # one GPU: the in-kernel merge over chunks of slices; torch.sum against the shrink's sum
     gpu_tests attn_gpu 150 tests/test_attention.py -k decode
-    timeout 150 python3 -m benchmarks.attn_bench --min-split 64 128 256 \
-      --out "$OUT/attn_bench.json" > "$OUT/attn_bench.log" 2>&1
-    echo "== attn_bench: rc $?"; grep " us " "$OUT/attn_bench.log"
+    attn_bench 150 --min-split 64 128 256
     i=0
     for mode in 1 shrink 1; do
-      i=$((i + 1)); run="step_${i}_$mode"
-      LORASERVE_FOLD_PRESUM=$mode timeout 125 python3 -m benchmarks.step_bench --lora --steps 10 \
-        --out "$OUT/$run.json" > "$OUT/$run.log" 2>&1
-      echo "== step_bench --lora, LORASERVE_FOLD_PRESUM=$mode: rc $?"
-      grep -E "^(decode|prefill|  graph|serving loop)" "$OUT/$run.log" | grep -v "overlap off"
+      i=$((i + 1)); step_lora 125 "step_${i}_$mode" LORASERVE_FOLD_PRESUM=$mode
     done
     rm -f "$OUT"/*.xml
     ;;
   s13c)  # one GPU: the landed code: GPU tests, step targets, many adapters
     gpu_tests attn_gpu 100 tests/test_attention.py -k decode
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
-      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
-    echo "== fold tests: rc $?"; tail -n 3 "$OUT/fold_tests.log"
+    fold_tests 100
     gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
     gpu_tests warm_engine_gpu 100 tests/test_warmup.py tests/test_engine_gpu.py
-    timeout 110 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
-      > "$OUT/step_lora.log" 2>&1
-    echo "== step_bench --lora: rc $?"
-    grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
-    timeout 150 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
-      --max-loaded-loras 512 --out "$OUT/many_cap.json" > "$OUT/many_cap.log" 2>&1
-    echo "== many_adapters cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_cap.log"
-    rm -f "$OUT"/*.xml "$OUT"/*.log.bak
+    step_lora 110 step_lora
+    many_cap 150
+    rm -f "$OUT"/*.xml
     ;;
   s13d)  # one GPU: the end-to-end baseline, upload bandwidth, step targets again
     hf_baseline 190 hf_baseline
     timeout 80 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
     echo "== upload_bench: rc $?"; tail -n 3 "$OUT/upload.log"
-    timeout 110 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
-      > "$OUT/step_lora.log" 2>&1
-    echo "== step_bench --lora: rc $?"
-    grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
+    step_lora 110 step_lora
     ;;
   s13e)  # one GPU: which stream the SMs serve first
     for prio in equal side main; do
-      LORASERVE_STREAM_PRIORITY=${prio#equal} timeout 110 python3 -m benchmarks.step_bench --lora \
-        --steps 10 --out "$OUT/step_$prio.json" > "$OUT/step_$prio.log" 2>&1
-      echo "== step_bench --lora, LORASERVE_STREAM_PRIORITY=$prio: rc $?"
-      grep -E "^(decode|prefill|  graph|serving loop)" "$OUT/step_$prio.log" | grep -v "overlap off"
+      step_lora 110 "step_$prio" LORASERVE_STREAM_PRIORITY=${prio#equal}
     done
     timeout 60 python3 -m benchmarks.gemm_bench --out "$OUT/gemm_bench.json" \
       > "$OUT/gemm_bench.log" 2>&1
@@ -585,24 +587,15 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     ;;
   s13f)  # one GPU: the attention kernels over their shared tile step (ops/triton_attention_tiles)
     gpu_tests attn_gpu 120 tests/test_attention.py
-    timeout 80 python3 -m benchmarks.attn_bench --min-split 64 --out "$OUT/attn_bench.json" \
-      > "$OUT/attn_bench.log" 2>&1
-    echo "== attn_bench: rc $?"; grep " us " "$OUT/attn_bench.log"
-    timeout 110 python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_lora.json" \
-      > "$OUT/step_lora.log" 2>&1
-    echo "== step_bench --lora: rc $?"
-    grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_lora.log" | grep -v "overlap off"
+    attn_bench 80 --min-split 64
+    step_lora 110 step_lora
     rm -f "$OUT"/*.xml
     ;;
   s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
     i=0
     for mode in 1 0 1; do
-      i=$((i + 1)); run="step_${i}_downt$mode"
-      LORASERVE_DOWN_T=$mode timeout 60 python3 -m benchmarks.step_bench --lora --steps 10 \
-        --out "$OUT/$run.json" > "$OUT/$run.log" 2>&1
-      echo "== step_bench --lora, LORASERVE_DOWN_T=$mode: rc $?"
-      grep -E "^(decode|prefill|  graph|serving loop)" "$OUT/$run.log" | grep -v "overlap off"
-      rm -f "$OUT/$run.log"
+      i=$((i + 1)); step_lora 60 "step_${i}_downt$mode" LORASERVE_DOWN_T=$mode
+      rm -f "$OUT/step_${i}_downt$mode.log"  # a call returns eight files at most
     done
     LORASERVE_DOWN_T=1 gpu_tests engine_gpu_downt 40 tests/test_engine_gpu.py
     rm -f "$OUT"/*.xml
