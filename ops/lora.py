@@ -60,8 +60,6 @@ ROWS_EXPAND_MAX_TOKENS = int(os.environ.get("LORASERVE_ROWS_EXPAND_MAX_TOKENS", 
 # an earlier run measured 5.46 / 6.67 / 8.02 with no fold (benchmarks/RESULTS.md).
 FOLD_GROUPS = ("qkv", "o", "gate_up", "down")
 DEFAULT_FOLD = FOLD_GROUPS
-# Folded groups whose expand runs beside the projection on the side stream (side_expand_groups).
-SIDE_EXPAND: tuple[str, ...] = ()
 
 
 @dataclass
@@ -587,22 +585,6 @@ def fold_groups() -> frozenset[str]:
     return names
 
 
-def side_expand_groups() -> frozenset[str]:
-    """The folded groups whose expand runs on the side stream beside the projection, into a
-    delta buffer the consumer adds (LORASERVE_LORA_SIDE_EXPAND, comma-separated, read when a
-    forward is captured; default SIDE_EXPAND, "0": none): the consumer then loads one dense
-    tile instead of gathering each row's B and summing t against it."""
-    raw = os.environ.get("LORASERVE_LORA_SIDE_EXPAND", ",".join(SIDE_EXPAND)).strip()
-    if raw in ("", "0"):
-        return frozenset()
-    names = frozenset(n.strip() for n in raw.split(","))
-    unknown = names - set(FOLD_GROUPS)
-    if unknown:
-        raise ValueError(f"LORASERVE_LORA_SIDE_EXPAND: unknown groups {sorted(unknown)}, "
-                         f"expected some of {FOLD_GROUPS}")
-    return names
-
-
 def folds_lora(x: Tensor) -> frozenset[str]:
     """The groups whose expand a forward over x folds into the next kernel: those of
     `fold_groups` inside `capture_paths(fold=True)` on CUDA, else none."""
@@ -655,7 +637,7 @@ def linear_lora(
         apply_lora(x, A, B, y, slice_offsets, scalings, info)
         return y
     table = lora_row_table(info)
-    y, partials, _ = _base_and_shrink(x, base, A, info, len(slice_offsets) - 1, table, True)
+    y, partials = _base_and_shrink(x, base, A, info, len(slice_offsets) - 1, table, True)
     lora_expand_triton(partials, B, y, slice_offsets, scalings, info, table=table)
     return y
 
@@ -669,36 +651,25 @@ def _base_and_shrink(
     table: LoraRowTable,
     overlap: bool,
     presum: bool = False,
-    expand: tuple[Tensor, tuple[int, ...], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(base(x), the shrink's partials, the delta or None), the shrink on the side stream beside
-    base(x) when `overlap` (see linear_lora), else after it. presum (`fold_presum`): the
-    partials summed into one split there too, by torch.sum (for consumers that would each sum
-    them again). expand (B, slice_offsets, scalings): the expand runs there as well, into a
-    zeroed fp32 delta [T, N_total] (its kernel sums the partials as it loads them)."""
+) -> tuple[Tensor, Tensor]:
+    """(base(x), the shrink's partials), the shrink on the side stream beside base(x) when
+    `overlap` (see linear_lora), else after it. presum (`fold_presum`): the partials summed
+    into one split there too, by torch.sum (for consumers that would each sum them again)."""
     partials = _shrink_partials_buffer(x, A, info, num_slices, table)
     split_k = partials.shape[0]
     t = partials
-    if presum and split_k > 1 and expand is None:  # allocated here: the buffer is this stream's
+    if presum and split_k > 1:  # allocated here: the buffer belongs to this stream
         t = partials.new_empty((1, *partials.shape[1:]))
-    delta = None
-    if expand is not None:
-        delta = torch.empty((x.shape[0], expand[0].shape[1]), dtype=torch.float32,
-                            device=x.device)
 
     def shrink() -> None:
         _shrink_partials(x, A, info, num_slices, split_k, out=partials, table=table)
         if t is not partials:
             torch.sum(partials, dim=0, keepdim=True, out=t)
-        if delta is not None:
-            B, slice_offsets, scalings = expand
-            delta.zero_()
-            lora_expand_triton(partials, B, delta, slice_offsets, scalings, info, table=table)
 
     if not overlap:
         y = base(x)
         shrink()
-        return y, t, delta
+        return y, t
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
     side.fork.record(main)
@@ -708,7 +679,7 @@ def _base_and_shrink(
     side.join.record(side.stream)
     y = base(x)
     main.wait_event(side.join)
-    return y, t, delta
+    return y, t
 
 
 def linear_lora_fold(
@@ -720,19 +691,15 @@ def linear_lora_fold(
     scalings: Tensor,
     info: LoraBatchInfo,
     row_slots: Tensor,
-    side_expand: bool = False,
 ) -> tuple[Tensor, LoraFold]:
     """(base(x), the LoRA delta left for the next kernel): linear_lora without its expand. The
     shrink runs beside base(x) as linear_lora runs it (inside captures, unless
-    LORASERVE_LORA_OVERLAP=0); row_slots: `lora_row_slots` of the step. side_expand: the expand
-    runs beside base(x) too, into the fold's `delta`, which the next kernel adds as it loads
-    base(x)'s values (`side_expand_groups`)."""
+    LORASERVE_LORA_OVERLAP=0); row_slots: `lora_row_slots` of the step."""
     table = lora_row_table(info)
-    y, t, delta = _base_and_shrink(
-        x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x), fold_presum(),
-        (B, tuple(slice_offsets), scalings) if side_expand else None,
+    y, t = _base_and_shrink(
+        x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x), fold_presum()
     )
-    return y, LoraFold(t, B, scalings, row_slots, tuple(slice_offsets), info, delta)
+    return y, LoraFold(t, B, scalings, row_slots, tuple(slice_offsets), info)
 
 
 def fold_presum() -> bool:
@@ -745,11 +712,8 @@ def fold_presum() -> bool:
 
 
 def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:
-    """y += the fold's delta with a plain expand (for a consumer that does not fold), or its
-    delta buffer added (rounded to y's dtype as the expand stores it); y."""
-    if fold is not None and fold.delta is not None:
-        y.add_(fold.delta)
-    elif fold is not None:
+    """y += the fold's delta with a plain expand (for a consumer that does not fold); y."""
+    if fold is not None:
         lora_expand_triton(fold.t, fold.B, y, fold.slice_offsets, fold.scalings, fold.info)
     return y
 

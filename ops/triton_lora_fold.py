@@ -17,11 +17,6 @@ the tensor cores.
 
 The kernels take the fold's arguments through `fold_args` and the jit helpers below, with
 FOLD=False (and placeholder pointers) when nothing is folded.
-
-A fold may instead carry its delta itself (`LoraFold.delta`, [T, N_total] fp32): the groups
-ops.lora.side_expand_groups names expand on the side stream beside their projection, into that
-buffer, and the consumer adds it as it loads y (`delta_args`, `lora_fold_delta`), rounding the
-sum to y's dtype as the expand's store would. The consumer then reads no B and no t.
 """
 
 from __future__ import annotations
@@ -51,18 +46,10 @@ class LoraFold:
     row_slots: Tensor
     slice_offsets: tuple[int, ...]
     info: object  # ops.lora.LoraBatchInfo (not imported: ops.lora imports this module)
-    # [T, N_total] fp32, rows contiguous: the delta itself, expanded beside the projection
-    # (zero on base rows); the consumer adds it instead of computing it from t and B
-    delta: Tensor | None = None
 
     def check(self, y: Tensor) -> None:
         """Raise ValueError unless this fold fits output y [T, N_total]."""
         _, rows, cols = self.t.shape
-        d = self.delta
-        if d is not None and (d.shape != y.shape or d.dtype != torch.float32
-                              or d.stride(1) != 1 or d.device != y.device):
-            raise ValueError(f"fold: delta {tuple(d.shape)} {d.dtype} does not fit y "
-                             f"{tuple(y.shape)} (want fp32, rows contiguous, y's device)")
         num_slices = len(self.slice_offsets) - 1
         rank_pad = self.B.shape[2]
         if (y.dim() != 2 or y.shape != (rows, self.B.shape[1])
@@ -89,21 +76,12 @@ def fold_block(fold: LoraFold, num_warps: int, cap: int) -> int:
     return max(16, min(cap, 1 << (fits.bit_length() - 1)))
 
 
-def delta_args(fold: LoraFold | None, like: Tensor) -> tuple[list, bool]:
-    """([delta_ptr, stride_dm], HAS_DELTA) for a consumer kernel: the fold's delta buffer when
-    it carries one, else `like` as a placeholder and False."""
-    if fold is None or fold.delta is None:
-        return [like, 0], False
-    return [fold.delta, fold.delta.stride(0)], True
-
-
 def fold_args(fold: LoraFold | None, like: Tensor) -> tuple[list, dict]:
     """(positional kernel arguments, constexprs) of `fold` for a kernel taking the fold helpers'
     arguments in this order: t_ptr, b_ptr, scal_ptr, rslot_ptr, R, stride_ts, stride_tm,
     stride_bs, stride_bn, stride_ss, stride_si; constexprs FOLD, SPLITS, BLOCK_R, EVEN_R.
-    Without a fold, or for one that carries its delta (`delta_args` passes that), `like` stands
-    in for every pointer and FOLD is False."""
-    if fold is None or fold.delta is not None:
+    Without a fold, `like` stands in for every pointer and FOLD is False."""
+    if fold is None:
         return [like, like, like, like, 1, 0, 0, 0, 0, 0, 0], {
             "FOLD": False, "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True}
     t, B, s = fold.t, fold.B, fold.scalings
@@ -166,11 +144,3 @@ def lora_fold_add(y, b_ptr, scal_ptr, slot, t, slice_id, cols, live, R, stride_b
     b = lora_fold_b(b_ptr, slot, cols, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
     return lora_fold_apply(y, b, t, scal_ptr, slot, slice_id, live, stride_ss, stride_si,
                            like_ptr)
-
-
-@triton.jit
-def lora_fold_delta(y, d_ptr, row, cols, live, stride_dm, like_ptr):
-    """y (fp32, as loaded) plus row `row`'s delta (fp32) at columns `cols`, rounded to like_ptr's
-    dtype as the expand stores it, back in fp32."""
-    d = tl.load(d_ptr + row.to(tl.int64) * stride_dm + cols, mask=live, other=0.0)
-    return (y + d).to(like_ptr.dtype.element_ty).to(tl.float32)

@@ -13,9 +13,7 @@ have stored it. The delta's B tile of a whole row would not fit one program, and
 would read it alone, so a row is cut over several programs (grid (T, parts)): each writes its
 part of the new residual and its part's sum of squares, then counts itself in with an atomic;
 the row's last program adds the sums in a fixed order (the result does not depend on which
-program came last) and normalises the row. A fold that carries its delta (expanded beside the
-projection) takes the one-program-a-row kernel instead, which adds the delta row to x as it
-loads it.
+program came last) and normalises the row.
 """
 
 import torch
@@ -24,15 +22,7 @@ import triton.language as tl
 
 from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
-from ops.triton_lora_fold import (
-    LoraFold,
-    delta_args,
-    fold_args,
-    fold_block,
-    lora_fold_add,
-    lora_fold_delta,
-    lora_fold_t,
-)
+from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add, lora_fold_t
 
 _MAX_BLOCK = 32768
 _FOLD_COLS = 256  # row elements a fold program adds the delta of (at most)
@@ -52,18 +42,13 @@ def _rmsnorm_kernel(
     stride_out,
     stride_res_out,
     eps,
-    d_ptr,
-    stride_d,
     HAS_RESIDUAL: tl.constexpr,
-    HAS_DELTA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     live = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
-    if HAS_DELTA:  # a LoRA delta expanded beside the projection: x + delta as its store rounds
-        x = lora_fold_delta(x, d_ptr, row, offs, live, stride_d, x_ptr)
     w = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
@@ -199,7 +184,7 @@ def _launch(
     if num_rows == 0:
         return
     block = next_pow2(n)
-    if fold is not None and fold.delta is None:
+    if fold is not None:
         assert residual is not None and res_out is not None
         args, consts = fold_args(fold, x)
         cols = min(block, fold_block(fold, _FOLD_WARPS, _FOLD_COLS))
@@ -216,7 +201,6 @@ def _launch(
     num_warps = max(1, min(16, block // 512))
     res = residual if residual is not None else x
     res_o = res_out if res_out is not None else out
-    d_args, has_delta = delta_args(fold, x)
     _rmsnorm_kernel[(num_rows,)](
         x,
         res,
@@ -229,9 +213,7 @@ def _launch(
         out.stride(0),
         res_o.stride(0),
         eps,
-        *d_args,
         HAS_RESIDUAL=residual is not None,
-        HAS_DELTA=has_delta,
         BLOCK=block,
         num_warps=num_warps,
     )

@@ -15,8 +15,7 @@ writes to the cache together with value head h - H.
 With a LoRA fold (ops/triton_lora_fold.py) q, k and v are views of the qkv projection's output
 without its LoRA delta yet: each program adds the delta of the head values it loads (slices q, k
 and v of the group), rounded to the dtype as the expand would have stored them, before the norm
-and the rotation. A fold that carries its delta (expanded beside the projection) has each
-program add the delta's values instead, with no B or t to load.
+and the rotation.
 """
 
 import torch
@@ -24,14 +23,7 @@ import triton
 import triton.language as tl
 
 from ops.sizes import next_pow2
-from ops.triton_lora_fold import (
-    LoraFold,
-    delta_args,
-    fold_args,
-    lora_fold_add,
-    lora_fold_delta,
-    lora_fold_t,
-)
+from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_add, lora_fold_t
 
 
 @triton.jit
@@ -95,8 +87,6 @@ def _rope_store_kv_kernel(
     stride_bn,
     stride_ss,
     stride_si,
-    d_ptr,
-    stride_d,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -105,7 +95,6 @@ def _rope_store_kv_kernel(
     SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
-    HAS_DELTA: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -133,10 +122,6 @@ def _rope_store_kv_kernel(
             x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tq, 0, col + HALF, live, R,
                                stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
                                EVEN_R)
-        if HAS_DELTA:
-            col = head * HEAD_DIM + offs
-            x1 = lora_fold_delta(x1, d_ptr, t, col, live, stride_d, q_out_ptr)
-            x2 = lora_fold_delta(x2, d_ptr, t, col + HALF, live, stride_d, q_out_ptr)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, q_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
@@ -169,15 +154,6 @@ def _rope_store_kv_kernel(
             v2 = lora_fold_add(v2.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2,
                                vcol + HALF, live, R, stride_bs, stride_bn, stride_ss, stride_si,
                                q_out_ptr, BLOCK_R, EVEN_R).to(q_out_ptr.dtype.element_ty)
-        if HAS_DELTA:
-            kcol = q_size + kv_head * HEAD_DIM + offs
-            vcol = kcol + kv_size
-            x1 = lora_fold_delta(x1, d_ptr, t, kcol, live, stride_d, q_out_ptr)
-            x2 = lora_fold_delta(x2, d_ptr, t, kcol + HALF, live, stride_d, q_out_ptr)
-            v1 = lora_fold_delta(v1.to(tl.float32), d_ptr, t, vcol, live, stride_d,
-                                 q_out_ptr).to(q_out_ptr.dtype.element_ty)
-            v2 = lora_fold_delta(v2.to(tl.float32), d_ptr, t, vcol + HALF, live, stride_d,
-                                 q_out_ptr).to(q_out_ptr.dtype.element_ty)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, k_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
@@ -238,13 +214,7 @@ def rope_store_kv_triton(
             raise ValueError(f"fold slices {fold.slice_offsets} are not q, k and v")
         if fold.t.shape[1] != num_tokens:
             raise ValueError(f"fold of {fold.t.shape[1]} rows for {num_tokens} tokens")
-        d = fold.delta
-        if d is not None and (d.shape != (num_tokens, q_size + 2 * kv_size)
-                              or d.dtype != torch.float32 or d.stride(1) != 1
-                              or d.device != q.device):
-            raise ValueError(f"fold: delta {tuple(d.shape)} {d.dtype} does not fit qkv")
     args, consts = fold_args(fold, q)
-    d_args, has_delta = delta_args(fold, q)
     _rope_store_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
         q,
         k,
@@ -272,16 +242,14 @@ def rope_store_kv_triton(
         k_cache.stride(2),
         eps,
         *args,
-        *d_args,
         HEAD_DIM=head_dim,
         HALF=half,
         BLOCK_HALF=next_pow2(half),
         QK_NORM=qk_norm,
         **consts,
-        HAS_DELTA=has_delta,
         # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
         # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
-        num_warps=4 if consts["FOLD"] else 1,
+        num_warps=1 if fold is None else 4,
     )
     return q_out
 

@@ -10,8 +10,7 @@ delta yet: each program adds the delta of the gate and up values it loads (slice
 rounded to the dtype as the expand would have stored them. A fold program takes FOLD_GROUP
 rows of a narrower block at once (grid (cdiv(T, FOLD_GROUP), cdiv(inter, BLOCK))): their t rows
 are loaded once for all their columns, and an adapter's B tiles once for the group when its
-rows share the adapter (rows come grouped by adapter). A fold that carries its delta (expanded
-beside the projection) takes the plain kernel, which adds the delta as it loads the values.
+rows share the adapter (rows come grouped by adapter).
 """
 
 import torch
@@ -19,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ops.sizes import cdiv, next_pow2
-from ops.triton_lora_fold import LoraFold, delta_args, fold_args, lora_fold_delta
+from ops.triton_lora_fold import LoraFold, fold_args
 
 _BLOCK = 1024
 # A fold program's rows and columns. In a sweep on the H200 (benchmarks/fold_bench.py, RESULTS.md,
@@ -38,10 +37,7 @@ def _silu_mul_kernel(
     inter,
     stride_in,
     stride_out,
-    d_ptr,
-    stride_d,
     BLOCK: tl.constexpr,
-    HAS_DELTA: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -49,9 +45,6 @@ def _silu_mul_kernel(
     gate_ptr = gate_up_ptr + row * stride_in + cols
     gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
     up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
-    if HAS_DELTA:  # a LoRA delta expanded beside the projection: each value as its store rounds
-        gate = lora_fold_delta(gate, d_ptr, row, cols, live, stride_d, gate_up_ptr)
-        up = lora_fold_delta(up, d_ptr, row, cols + inter, live, stride_d, gate_up_ptr)
     dtype = out_ptr.dtype.element_ty
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
@@ -163,13 +156,12 @@ def silu_mul_triton(
             raise ValueError(f"fold slices {fold.slice_offsets} are not gate and up")
     if num_rows == 0 or inter == 0:
         return out
-    if fold is None or fold.delta is not None:
+    if fold is None:
         block = min(_BLOCK, next_pow2(inter))
-        d_args, has_delta = delta_args(fold, gate_up)
         # 8 bf16 (16 bytes) per thread for each of gate and up
         _silu_mul_kernel[(num_rows, cdiv(inter, block))](
-            gate_up, out, inter, gate_up.stride(0), out.stride(0), *d_args, BLOCK=block,
-            HAS_DELTA=has_delta, num_warps=max(1, min(4, block // 256)),
+            gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block,
+            num_warps=max(1, min(4, block // 256)),
         )
         return out
     fold_launch(gate_up, out, fold)

@@ -106,9 +106,6 @@
 #   scripts/device_session.sh s13c   (one GPU) the landed code: decode attention, fold, decode
 #                                    graph, warm-up and engine GPU tests; step targets; the
 #                                    saturated 256-cap many-adapter run
-#   scripts/device_session.sh s14a   (one GPU) LoRA expands beside their projections
-#                                    (LORASERVE_LORA_SIDE_EXPAND): the fold tests on CUDA, step
-#                                    targets with none, gate_up and down, all four, alternating
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -593,14 +590,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     attn_bench 80 --min-split 64
     step_lora 110 step_lora
     rm -f "$OUT"/*.xml
-    ;;
-  s14a)  # one GPU: LoRA expands beside their projections, consumers adding a delta buffer
-    fold_tests 110
-    i=0
-    for side in 0 gate_up,down qkv,o,gate_up,down 0 gate_up,down; do
-      i=$((i + 1)); step_lora 70 "step_${i}_side" LORASERVE_LORA_SIDE_EXPAND=$side
-      rm -f "$OUT/step_${i}_side.log"  # a call returns eight files at most
-    done
     ;;
   s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
     i=0

@@ -71,15 +71,6 @@ def expanded(y: torch.Tensor, fold: LoraFold) -> torch.Tensor:
     return out
 
 
-def with_delta(fold: LoraFold, y: torch.Tensor) -> LoraFold:
-    """The fold carrying its delta for output y, fp32, as the side stream's expand leaves it
-    (zero on base rows)."""
-    from dataclasses import replace
-
-    delta = expanded(torch.zeros(y.shape, dtype=torch.float32, device=y.device), fold)
-    return replace(fold, delta=delta)
-
-
 def test_row_slots_follow_the_segment_table() -> None:
     info = build_lora_batch_info(TOKEN_SLOTS, torch.tensor([16, 8, 16], dtype=torch.int32),
                                  "csgmv", 16, "cpu", pad_to=16)
@@ -98,20 +89,6 @@ def test_fold_groups_read_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "qkv,mlp")
     with pytest.raises(ValueError, match="mlp"):
         fold_groups()
-
-
-def test_side_expand_groups_read_the_environment(monkeypatch) -> None:
-    from ops.lora import SIDE_EXPAND, side_expand_groups
-
-    monkeypatch.delenv("LORASERVE_LORA_SIDE_EXPAND", raising=False)
-    assert side_expand_groups() == frozenset(SIDE_EXPAND)
-    monkeypatch.setenv("LORASERVE_LORA_SIDE_EXPAND", "gate_up, down")
-    assert side_expand_groups() == {"gate_up", "down"}
-    monkeypatch.setenv("LORASERVE_LORA_SIDE_EXPAND", "0")
-    assert side_expand_groups() == frozenset()
-    monkeypatch.setenv("LORASERVE_LORA_SIDE_EXPAND", "mlp")
-    with pytest.raises(ValueError, match="LORASERVE_LORA_SIDE_EXPAND.*mlp"):
-        side_expand_groups()
 
 
 def test_folds_only_inside_decode_captures(monkeypatch) -> None:
@@ -277,85 +254,6 @@ def test_rope_store_kv_fold(dtype, qk_norm) -> None:
         torch.testing.assert_close(a, b, **tol(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_consumers_add_a_side_expanded_delta(dtype) -> None:
-    """A fold that carries its delta: each consumer adds the delta buffer as it loads y, and
-    gives what the same kernel gives on y with the delta added by the expand; nothing of B or
-    t is read (both NaN here)."""
-    from dataclasses import replace
-
-    from tests.test_fused_ops import rope_tables
-
-    def no_b(fold: LoraFold, y: torch.Tensor) -> LoraFold:
-        f = with_delta(fold, y)
-        return replace(f, t=torch.full_like(f.t, float("nan")),
-                       B=torch.full_like(f.B, float("nan")))
-
-    g = torch.Generator().manual_seed(6)
-    rows = len(TOKEN_SLOTS)
-    n = 3000
-    fold = make_fold(TOKEN_SLOTS, [n], dtype, 1)
-    x = torch.randn(rows, n, generator=g).to(dtype).to(DEVICE)
-    residual = torch.randn(rows, n, generator=g).to(dtype).to(DEVICE)
-    w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype).to(DEVICE)
-    want = add_rmsnorm_triton(expanded(x, fold), residual, w, EPS)
-    got = add_rmsnorm_triton(x, residual.clone(), w, EPS, fold=no_b(fold, x))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **tol(dtype))
-
-    inter = 300
-    fold = make_fold(TOKEN_SLOTS, [inter, inter], dtype, 2)
-    gate_up = torch.randn(rows, 2 * inter, generator=g).to(dtype).to(DEVICE)
-    torch.testing.assert_close(silu_mul_triton(gate_up, fold=no_b(fold, gate_up)),
-                               silu_mul_triton(expanded(gate_up, fold)), **tol(dtype))
-
-    heads, kv_heads, d = 4, 2, 32
-    q_size, kv_size = heads * d, kv_heads * d
-    fold = make_fold(TOKEN_SLOTS, [q_size, kv_size, kv_size], dtype, 1)
-    qkv = torch.randn(rows, q_size + 2 * kv_size, generator=g).to(dtype).to(DEVICE)
-    cos, sin = rope_tables(torch.arange(rows, device=DEVICE), d, dtype)
-    smap = torch.arange(rows, device=DEVICE)
-
-    def run(x, f):
-        cache = [torch.zeros(rows, 1, kv_heads, d, dtype=dtype, device=DEVICE) for _ in range(2)]
-        q, k, v = x.split([q_size, kv_size, kv_size], dim=-1)
-        out = rope_store_kv_triton(q.view(rows, heads, d), k.view(rows, kv_heads, d),
-                                   v.view(rows, kv_heads, d), cos, sin, *cache, smap, fold=f)
-        return out, *cache
-
-    for a, b in zip(run(qkv, no_b(fold, qkv)), run(expanded(qkv, fold), None)):
-        torch.testing.assert_close(a, b, **tol(dtype))
-
-    # apply_fold (a consumer that does not fold) adds the buffer
-    from ops.lora import apply_fold
-
-    torch.testing.assert_close(apply_fold(x.clone(), no_b(make_fold(TOKEN_SLOTS, [n], dtype, 1),
-                                                          x)),
-                               expanded(x, make_fold(TOKEN_SLOTS, [n], dtype, 1)), **tol(dtype))
-
-
-def test_side_expand_leaves_the_delta_in_the_fold() -> None:
-    """linear_lora_fold(side_expand=True) expands the shrink's partials into an fp32 delta
-    buffer, zero on base rows, equal to the torch expand of the same fold."""
-    from ops.lora import linear_lora_fold
-
-    g = torch.Generator().manual_seed(7)
-    k_dim, widths = 512, [32, 16]
-    fold = make_fold(TOKEN_SLOTS, widths, torch.float32, 1)
-    A = (torch.randn(3, 2 * 16, k_dim, generator=g) * 0.1).to(DEVICE)
-    x = torch.randn(len(TOKEN_SLOTS), k_dim, generator=g).to(DEVICE)
-    w = torch.randn(sum(widths), k_dim, generator=g).to(DEVICE)
-    args = (x, lambda v: v @ w.T, A, fold.B, fold.slice_offsets, fold.scalings, fold.info,
-            fold.row_slots)
-    y, plain = linear_lora_fold(*args)
-    assert plain.delta is None
-    y2, side = linear_lora_fold(*args, side_expand=True)
-    torch.testing.assert_close(y2, y)
-    assert side.delta is not None and side.delta.dtype == torch.float32
-    torch.testing.assert_close(side.delta, with_delta(plain, y).delta, rtol=1e-5, atol=1e-5)
-    assert not side.delta[torch.tensor(TOKEN_SLOTS, device=DEVICE) < 0].any()
-
-
 def test_consumers_reject_a_fold_of_other_slices() -> None:
     fold = make_fold(TOKEN_SLOTS, [16, 16, 16], torch.float32, 1)
     with pytest.raises(ValueError, match="gate and up"):
@@ -367,14 +265,11 @@ def test_consumers_reject_a_fold_of_other_slices() -> None:
 # ------------------------------------------------------------------------------- the model
 
 
-@pytest.mark.parametrize(("arch", "side"), [("llama", "0"), ("qwen3", "0"),
-                                            ("llama", "qkv,o,gate_up,down")])
-def test_folded_decode_matches_expands_in_the_interpreter(arch, side, tmp_path,
-                                                          monkeypatch) -> None:
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_folded_decode_matches_expands_in_the_interpreter(arch, tmp_path, monkeypatch) -> None:
     """A served mixed batch (base rows and two adapters of ranks 8 and 16 on every
     projection) whose decode forwards fold every group, in the interpreter: each decode
-    forward's logits match the forward with expands, and the greedy tokens are the same.
-    side: the groups whose expand runs beside the projection into a delta buffer."""
+    forward's logits match the forward with expands, and the greedy tokens are the same."""
     import ops.dispatch
     from runtime.config import LoraPathSpec
     from runtime.model import llama
@@ -383,7 +278,6 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, side, tmp_path,
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "qkv,o,gate_up,down")
-    monkeypatch.setenv("LORASERVE_LORA_SIDE_EXPAND", side)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = make_model(tmp_path / "m", arch)
     specs = tuple(
@@ -397,9 +291,8 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, side, tmp_path,
     fold_linear = llama.lora_linear_fold
 
     def counted_fold(*args, **kwargs):
-        y, f = fold_linear(*args, **kwargs)
-        folds.append(f.delta is not None)
-        return y, f
+        folds.append(1)
+        return fold_linear(*args, **kwargs)
 
     monkeypatch.setattr(llama, "lora_linear_fold", counted_fold)
     logits: dict[bool, list[torch.Tensor]] = {True: [], False: []}
@@ -419,7 +312,6 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, side, tmp_path,
     decode_forwards = len(logits[True])
     assert decode_forwards and decode_forwards == len(logits[False])
     assert len(folds) == 4 * 2 * decode_forwards  # every group of both layers, every forward
-    assert all(folds) if side != "0" else not any(folds)
     for a, b in zip(logits[True], logits[False]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert tokens[True] == tokens[False]
@@ -456,15 +348,10 @@ def test_folds_at_llama_8b_shapes_on_cuda(rows) -> None:
     got = add_rmsnorm_triton(y, res.clone(), w, EPS, fold=fold)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tol(dt))
-    got = add_rmsnorm_triton(y, res.clone(), w, EPS, fold=with_delta(fold, y))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **tol(dt))
 
     fold = make_fold(slots, [inter, inter], dt, 1, num_slots=8, device="cuda")
     gate_up = torch.randn(rows, 2 * inter, generator=g).to(dt).cuda()
     torch.testing.assert_close(silu_mul_triton(gate_up, fold=fold),
-                               silu_mul_triton(with_expand(gate_up, fold)), **tol(dt))
-    torch.testing.assert_close(silu_mul_triton(gate_up, fold=with_delta(fold, gate_up)),
                                silu_mul_triton(with_expand(gate_up, fold)), **tol(dt))
 
     q_size, kv_size = heads * d, kv_heads * d
@@ -481,6 +368,4 @@ def test_folds_at_llama_8b_shapes_on_cuda(rows) -> None:
         return out, *cache
 
     for a, b in zip(run(qkv, fold), run(with_expand(qkv, fold), None)):
-        torch.testing.assert_close(a, b, **tol(dt))
-    for a, b in zip(run(qkv, with_delta(fold, qkv)), run(with_expand(qkv, fold), None)):
         torch.testing.assert_close(a, b, **tol(dt))

@@ -164,23 +164,15 @@ def test_llama_8b_lora_variants_compile_for_sm90(rank: int) -> None:
 
 def _folded_consumers(tokens, info, row_slots, bufs, LoraFold, add_rmsnorm, silu_mul, rope_store):
     """Launch add+RMSNorm, SiLU*up and rotary+K/V store with a fold of o, gate_up and qkv, with
-    one split of bf16 partials, with four of fp32, and carrying its delta (expanded beside the
-    projection)."""
+    one split of bf16 partials and with four of fp32."""
     import torch
 
-    from ops.lora import lora_expand_triton
-
     bf16 = torch.bfloat16
-    for splits, dtype, side in ((1, bf16, False), (4, torch.float32, False),
-                                (4, torch.float32, True)):
-        def fold(name, splits=splits, dtype=dtype, side=side):
+    for splits, dtype in ((1, bf16), (4, torch.float32)):
+        def fold(name, splits=splits, dtype=dtype):
             A, B, scalings, offsets = bufs[name]
             t = torch.empty(splits, tokens, A.shape[1], dtype=dtype)
-            delta = None
-            if side:  # the side stream's expand into the fp32 delta
-                delta = torch.empty(tokens, B.shape[1])
-                lora_expand_triton(t, B, delta, offsets, scalings, info)
-            return LoraFold(t, B, scalings, row_slots, offsets, info, delta)
+            return LoraFold(t, B, scalings, row_slots, offsets, info)
 
         x = torch.empty(tokens, 4096, dtype=bf16)
         add_rmsnorm(x, torch.empty_like(x), torch.empty(4096, dtype=bf16), 1e-5, fold=fold("o"))

@@ -32,7 +32,6 @@ from ops.lora import (
     lora_embed_shrink,
     lora_expand,
     lora_row_slots,
-    side_expand_groups,
 )
 from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
@@ -166,9 +165,6 @@ class FoldPlan:
 
     groups: frozenset[str]
     row_slots: torch.Tensor  # [T] int32, -1 = base row
-    # of those groups, the ones whose expand runs beside the projection into a delta buffer
-    # (ops.lora.side_expand_groups)
-    side: frozenset[str] = frozenset()
 
 
 def project_fold(
@@ -180,8 +176,7 @@ def project_fold(
     if group is None or info is None or plan is None or name not in plan.groups:
         return project(linear, x, group, info), None
     return lora_linear_fold(
-        x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
-        side_expand=name in plan.side,
+        x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots
     )
 
 
@@ -413,7 +408,7 @@ class CausalLM(nn.Module):
         groups = folds_lora(h)
         if not groups:
             return None
-        return FoldPlan(groups, lora_row_slots(fb.lora, h.shape[0]), side_expand_groups() & groups)
+        return FoldPlan(groups, lora_row_slots(fb.lora, h.shape[0]))
 
     def logits(self, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """lm_head (+ its LoRA for fb.lora_logits' rows): [rows, hidden] -> [rows, vocab] fp32."""
