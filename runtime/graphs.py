@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ops import l2_prefetch
 from ops.lora import (
     DECODE_CHUNK,
     PADDED_ENTRY_PROGRAMS,
@@ -48,6 +49,8 @@ def capture_graph(
             forward()
         stream.synchronize()
         prepare_side_stream(stream.device)  # LoRA shrinks fork onto it inside the capture
+        if fold:  # decode graphs: weights prefetched into L2 fork onto a stream of their own
+            l2_prefetch.prepare(stream.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool, stream=stream):
             out = forward()
