@@ -109,6 +109,8 @@
 #   scripts/device_session.sh s14b   (one GPU) weights prefetched into L2 beside latency-bound
 #                                    kernels (LORASERVE_L2_PREFETCH): its GPU tests,
 #                                    l2_prefetch_bench, step targets with and without, alternating
+#   scripts/device_session.sh s14c   (one GPU) the pipelined skinny GEMM: its GPU tests,
+#                                    gemm_bench --skinny
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -604,6 +606,13 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       i=$((i + 1)); step_lora $((i == 1 ? 100 : 70)) "step_${i}_l2" LORASERVE_L2_PREFETCH=$mb
       rm -f "$OUT/step_${i}_l2.log"  # a call returns eight files at most
     done
+    rm -f "$OUT"/*.xml
+    ;;
+  s14c)  # one GPU: the pipelined skinny GEMM against cuBLAS
+    gpu_tests skinny_gpu 120 tests/test_skinny_gemm.py
+    timeout 300 python3 -m benchmarks.gemm_bench --skinny --out "$OUT/gemm_skinny.json" \
+      > "$OUT/gemm_skinny.log" 2>&1
+    echo "== gemm_bench --skinny: rc $?"; cat "$OUT/gemm_skinny.log"
     rm -f "$OUT"/*.xml
     ;;
   s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
