@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ops import l2_prefetch
 from ops.lora import (
     DECODE_CHUNK,
     PADDED_ENTRY_PROGRAMS,
@@ -49,8 +48,6 @@ def capture_graph(
             forward()
         stream.synchronize()
         prepare_side_stream(stream.device)  # LoRA shrinks fork onto it inside the capture
-        if fold:  # decode graphs: weights prefetched into L2 fork onto a stream of their own
-            l2_prefetch.prepare(stream.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool, stream=stream):
             out = forward()

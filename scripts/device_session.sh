@@ -106,9 +106,6 @@
 #   scripts/device_session.sh s13c   (one GPU) the landed code: decode attention, fold, decode
 #                                    graph, warm-up and engine GPU tests; step targets; the
 #                                    saturated 256-cap many-adapter run
-#   scripts/device_session.sh s14b   (one GPU) weights prefetched into L2 beside latency-bound
-#                                    kernels (LORASERVE_L2_PREFETCH): its GPU tests,
-#                                    l2_prefetch_bench, step targets with and without, alternating
 #   scripts/device_session.sh s14c   (one GPU) the pipelined skinny GEMM: its GPU tests,
 #                                    gemm_bench --skinny
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
@@ -594,18 +591,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests attn_gpu 120 tests/test_attention.py
     attn_bench 80 --min-split 64
     step_lora 110 step_lora
-    rm -f "$OUT"/*.xml
-    ;;
-  s14b)  # one GPU: weights prefetched into L2 beside latency-bound kernels
-    gpu_tests prefetch_gpu 120 tests/test_l2_prefetch.py
-    timeout 120 python3 -m benchmarks.l2_prefetch_bench --out "$OUT/l2_prefetch.json" \
-      > "$OUT/l2_prefetch.log" 2>&1
-    echo "== l2_prefetch_bench: rc $?"; grep "prefetch" "$OUT/l2_prefetch.log"
-    i=0
-    for mb in 0 o:32 o:32,gate_up:8,down:8,qkv:8 0 o:32,gate_up:8,down:8,qkv:8; do
-      i=$((i + 1)); step_lora $((i == 1 ? 100 : 70)) "step_${i}_l2" LORASERVE_L2_PREFETCH=$mb
-      rm -f "$OUT/step_${i}_l2.log"  # a call returns eight files at most
-    done
     rm -f "$OUT"/*.xml
     ;;
   s14c)  # one GPU: the pipelined skinny GEMM against cuBLAS

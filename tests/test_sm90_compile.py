@@ -86,14 +86,6 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int):
     assert _compile(case)["cubin"] > 0
 
 
-@needs_backend
-def test_l2_prefetch_compiles_for_sm90():
-    """The L2 prefetch's inline PTX (cp.async.bulk.prefetch.L2) assembles for sm_90."""
-    case = ["ops.l2_prefetch", "_l2_prefetch_kernel", {"ptr": "*bf16"},
-            {"CHUNK": 65536, "PER_PROGRAM": 32}]
-    assert _compile(case)["cubin"] > 0
-
-
 LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                    "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 # (tokens, rows of each adapter, table padded to, chunk rows): decode graphs over 1 to 200

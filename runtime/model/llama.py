@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops import l2_prefetch
 from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
 from ops.dispatch import use_triton
 from ops.lora import (
@@ -229,7 +228,6 @@ class Attention(nn.Module):
         qkv, fold = project_fold(
             self.qkv_proj, x, lora.get("qkv") if lora else None, fb.lora, "qkv", plan
         )
-        l2_prefetch.after(self.o_proj.weight, "o")  # beside rotary + attention
         fused = runs_fused(self, qkv) and k_cache.dtype == qkv.dtype
         if not fused:
             apply_fold(qkv, fold)
@@ -280,7 +278,6 @@ class MLP(nn.Module):
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
     ) -> torch.Tensor:
         gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
-        l2_prefetch.after(self.down_proj.weight, "down")
         h = self.silu_mul(gate_up)  # [T, inter]
         return project(self.down_proj, h, lora.get("down") if lora else None, fb.lora)
 
@@ -293,7 +290,6 @@ class MLP(nn.Module):
         gate_up, fold = project_fold(
             self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora, "gate_up", plan
         )
-        l2_prefetch.after(self.down_proj.weight, "down")
         h = self.silu_mul(gate_up, fold)
         return project_fold(
             self.down_proj, h, lora.get("down") if lora else None, fb.lora, "down", plan
@@ -342,11 +338,9 @@ class DecoderLayer(nn.Module):
         x, residual = self.input_layernorm.add_forward(x, residual, fold)
         if plan is None:
             x = self.self_attn(x, cos, sin, k_cache, v_cache, fb, lora)
-            l2_prefetch.after(self.mlp.gate_up_proj.weight, "gate_up")
             x, residual = self.post_attention_layernorm.add_forward(x, residual)
             return self.mlp(x, fb, lora), residual, None
         x, fold = self.self_attn.forward_fold(x, cos, sin, k_cache, v_cache, fb, lora, plan)
-        l2_prefetch.after(self.mlp.gate_up_proj.weight, "gate_up")
         x, residual = self.post_attention_layernorm.add_forward(x, residual, fold)
         x, fold = self.mlp.forward_fold(x, fb, lora, plan)
         return x, residual, fold
@@ -398,14 +392,11 @@ class CausalLM(nn.Module):
         sin = self.rope_sin[fb.positions].unsqueeze(1)
         residual = None  # the stream is h + residual (+ fold's delta of h)
         fold, plan = None, self._fold_plan(fb, h) if pool is not None else None
-        with l2_prefetch.forward(h):  # decode graph captures: weights into L2 beside small kernels
-            for i, layer in enumerate(self.layers):
-                h, residual, fold = layer.forward_deferred(
-                    h, residual, cos, sin, kv_k[i], kv_v[i], fb,
-                    pool.layers[i] if pool else None, fold, plan,
-                )
-                if i + 1 < len(self.layers):  # beside the next layer's first norm
-                    l2_prefetch.after(self.layers[i + 1].self_attn.qkv_proj.weight, "qkv")
+        for i, layer in enumerate(self.layers):
+            h, residual, fold = layer.forward_deferred(
+                h, residual, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None,
+                fold, plan,
+            )
         apply_fold(h, fold)  # the last down's delta: the final norm takes a gather of rows
         rows = fb.logits_indices
         h, _ = self.norm.add_forward(h[rows], None if residual is None else residual[rows])
