@@ -1,7 +1,7 @@
 """A decode projection as a pipelined Triton GEMM: y = x W^T for few rows of x (decode batches).
 
-Not on the serving path yet: `benchmarks/gemm_bench.py --skinny` times it against cuBLAS on the
-device. Each decode GEMM under cuBLAS ran 2-6 us longer than its weight bytes take at copy
+Inside decode graph captures (`decode_linear`) it takes the projections whose shapes measured
+faster than cuBLAS (`benchmarks/gemm_bench.py --skinny`, benchmarks/RESULTS.md). Each decode GEMM under cuBLAS ran 2-6 us longer than its weight bytes take at copy
 bandwidth (H200, benchmarks/RESULTS.md): at batch 1 the o projection (32 MB) took 13.4 us, 2.5
 TB/s of the 4.26 a copy reaches. A GEMM this thin is a stream of W, and streaming at full
 bandwidth needs many bytes in flight: each program takes BLOCK_N rows of W over all of K in tiles
@@ -10,11 +10,18 @@ asynchronous copies into shared memory, or the tensor memory accelerator with TM
 (padded to 16 for the tensor cores; the multiply costs nothing beside the stream) come from L2.
 """
 
+import os
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+from torch import nn
 
 from ops.sizes import cdiv, next_pow2
+
+# Decode rows it takes (gemm_bench measured batches 1 and 32).
+MAX_ROWS = 32
 
 
 @triton.jit
@@ -120,3 +127,50 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps,
     )
     return out
+
+
+def decode_tile(n: int, rows: int) -> tuple[int, int, int] | None:
+    """(block_n, block_k, stages) for a decode projection of n outputs over `rows` rows, or
+    None where cuBLAS measured as fast. On the H200 at Llama-3.1-8B shapes (gemm_bench
+    --skinny, fourteenth session), against cuBLAS's F.linear, us: o (4096 x 4096) 11.7 / 12.2
+    against 13.6 / 13.8 at batch 1 / 32 with 32 x 256 tiles; qkv (6144) 15.0 / 16.0 against
+    15.8 / 16.6 with 64 x 256; down (4096 x 14336) 31.2 / 33.4 against 35.7 / 34.1; lm_head
+    (128256) 238.6 / 252.0 against 249.7 / 270.7 with 64 x 128. gate_up (28672) measured
+    level at best (cuBLAS streams it at 98 % of copy bandwidth): left to cuBLAS."""
+    if rows > MAX_ROWS:
+        return None
+    if n <= 4096:
+        return 32, 256, 4
+    if n <= 8192:
+        return 64, 256, 4
+    if n >= 65536:
+        return 64, 128, 4
+    return None
+
+
+def enabled() -> bool:
+    """LORASERVE_SKINNY_GEMM: "1" (default) lets decode graphs use the skinny GEMM, "0" keeps
+    cuBLAS for every projection (A/B runs)."""
+    return os.environ.get("LORASERVE_SKINNY_GEMM", "1") != "0"
+
+
+def decode_linear(linear: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The projection to run for decode input x: the skinny GEMM over linear's weight inside a
+    decode graph capture (ops.lora.in_decode_capture) when its shape has a `decode_tile`, for
+    a plain bias-free nn.Linear in bf16/fp16 on CUDA sm_90+ (on CPU tensors, whose kernels run
+    in the interpreter only in tests, any dtype); else linear itself."""
+    from ops.dispatch import use_triton
+    from ops.lora import in_decode_capture
+
+    w = getattr(linear, "weight", None)
+    if (type(linear) is not nn.Linear or linear.bias is not None or not enabled()
+            or not in_decode_capture() or not use_triton(x) or w.dtype != x.dtype):
+        return linear
+    if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16)
+                      or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return linear
+    tile = decode_tile(w.shape[0], x.shape[0])
+    if tile is None:
+        return linear
+    block_n, block_k, stages = tile
+    return lambda v: skinny_gemm(v, w, block_n=block_n, block_k=block_k, stages=stages)
