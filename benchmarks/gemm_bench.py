@@ -7,11 +7,9 @@ weight bytes over that time, next to a device-to-device copy's bandwidth measure
 run. Layouts: `linear` is F.linear on the [out, in] weight serving uses; `mm_t` is x @ W with
 the weight stored [in, out]. Each line also gives the error against F.linear (relative,
 Frobenius). (A Triton GEMV with and without programmatic dependent launch was measured against
-cuBLAS here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.) With --skinny,
-ops.triton_skinny_gemm over SKINNY_TILES too.
+cuBLAS here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.)
 
     python -m benchmarks.gemm_bench --out gemm.json
-    python -m benchmarks.gemm_bench --skinny --out gemm.json
 """
 
 from __future__ import annotations
@@ -26,14 +24,6 @@ import torch.nn.functional as F
 from benchmarks.dummy_model import SHAPES
 from benchmarks.step_bench import hbm_bandwidth
 from benchmarks.timing import graph_us
-from ops.triton_skinny_gemm import skinny_gemm
-
-# (W rows, K columns, tiles in flight, warps, TMA) of ops.triton_skinny_gemm's tile for --skinny
-SKINNY_TILES = [
-    (64, 128, 4, 4, False), (64, 256, 4, 4, False), (32, 256, 4, 4, False),
-    (16, 256, 6, 4, False), (128, 128, 3, 4, False), (64, 128, 4, 4, True),
-    (64, 256, 3, 4, True), (32, 256, 4, 4, True),
-]
 
 
 def projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -53,8 +43,6 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
-    ap.add_argument("--skinny", action="store_true",
-                    help="also ops.triton_skinny_gemm over SKINNY_TILES")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.quick:
@@ -70,12 +58,6 @@ def main() -> None:
             x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
             cases = [("linear", lambda i, x=x, ws=ws: F.linear(x, ws[i])),
                      ("mm_t", lambda i, x=x, wts=wts: x @ wts[i])]
-            if a.skinny:
-                cases += [(f"skinny n{bn} k{bk} s{st} w{nw}{' tma' if tma else ''}",
-                           lambda i, x=x, ws=ws, bn=bn, bk=bk, st=st, nw=nw, tma=tma: skinny_gemm(
-                               x, ws[i], block_n=bn, block_k=bk, stages=st, num_warps=nw,
-                               tma=tma))
-                          for bn, bk, st, nw, tma in SKINNY_TILES]
             want = F.linear(x, ws[0]).float()
             for layout, fn in cases:
                 err = ((fn(0).float() - want).norm() / want.norm()).item()

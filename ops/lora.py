@@ -572,12 +572,6 @@ def capture_paths(fold: bool):
         _capture.fold = before
 
 
-def in_decode_capture() -> bool:
-    """Whether this thread is inside `capture_paths(fold=True)` (a decode graph's capture or
-    the warm-up forwards before it, which compile its kernels)."""
-    return getattr(_capture, "fold", False)
-
-
 def fold_groups() -> frozenset[str]:
     """The groups LORASERVE_LORA_FOLD names (default DEFAULT_FOLD; "0": none)."""
     raw = os.environ.get("LORASERVE_LORA_FOLD", ",".join(DEFAULT_FOLD)).strip()

@@ -106,11 +106,6 @@
 #   scripts/device_session.sh s13c   (one GPU) the landed code: decode attention, fold, decode
 #                                    graph, warm-up and engine GPU tests; step targets; the
 #                                    saturated 256-cap many-adapter run
-#   scripts/device_session.sh s14c   (one GPU) the pipelined skinny GEMM: its GPU tests,
-#                                    gemm_bench --skinny
-#   scripts/device_session.sh s14d   (one GPU) decode projections through the skinny GEMM:
-#                                    its GPU tests, decode graph, warm-up and engine GPU tests;
-#                                    step targets with it on, off, on
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -594,24 +589,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests attn_gpu 120 tests/test_attention.py
     attn_bench 80 --min-split 64
     step_lora 110 step_lora
-    rm -f "$OUT"/*.xml
-    ;;
-  s14c)  # one GPU: the pipelined skinny GEMM against cuBLAS
-    gpu_tests skinny_gpu 120 tests/test_skinny_gemm.py
-    timeout 300 python3 -m benchmarks.gemm_bench --skinny --out "$OUT/gemm_skinny.json" \
-      > "$OUT/gemm_skinny.log" 2>&1
-    echo "== gemm_bench --skinny: rc $?"; cat "$OUT/gemm_skinny.log"
-    rm -f "$OUT"/*.xml
-    ;;
-  s14d)  # one GPU: decode projections through the skinny GEMM (LORASERVE_SKINNY_GEMM)
-    gpu_tests skinny_gpu 60 tests/test_skinny_gemm.py
-    i=0
-    for on in 1 0 1; do
-      i=$((i + 1)); step_lora $((i == 1 ? 100 : 70)) "step_${i}_skinny$on" LORASERVE_SKINNY_GEMM=$on
-      rm -f "$OUT/step_${i}_skinny$on.log"  # a call returns eight files at most
-    done
-    gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
-    gpu_tests warm_engine_gpu 120 tests/test_warmup.py tests/test_engine_gpu.py
     rm -f "$OUT"/*.xml
     ;;
   s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
