@@ -43,8 +43,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
+    ap.add_argument("--blas", choices=["cublas", "cublaslt"],
+                    help="torch's preferred BLAS library for the run (default: torch's own)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.blas:
+        torch.backends.cuda.preferred_blas_library(a.blas)
     if a.quick:
         a.layers, a.reps = 4, 5
     bw = hbm_bandwidth()

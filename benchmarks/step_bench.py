@@ -316,8 +316,12 @@ def main() -> None:
     ap.add_argument("--profile-graphs", action="store_true",
                     help="with --profile: the decode cases replayed from their CUDA graphs "
                     "(else run eagerly, kernel by kernel)")
+    ap.add_argument("--blas", choices=["cublas", "cublaslt"],
+                    help="torch's preferred BLAS library for the run (default: torch's own)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.blas:
+        torch.backends.cuda.preferred_blas_library(a.blas)
     lora_cases = parse_lora_cases(a.lora_cases) if a.lora else []
     steps = 10 if a.quick else a.steps
     bw = hbm_bandwidth()
@@ -384,7 +388,8 @@ def main() -> None:
               "lora_overlap": overlap_enabled(), "lora_fold": sorted(fold_groups()),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
               "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
-              "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name()}
+              "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name(),
+              "blas": a.blas or "default"}
     print(json.dumps(result, indent=2))
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))

@@ -106,6 +106,8 @@
 #   scripts/device_session.sh s13c   (one GPU) the landed code: decode attention, fold, decode
 #                                    graph, warm-up and engine GPU tests; step targets; the
 #                                    saturated 256-cap many-adapter run
+#   scripts/device_session.sh s14e   (one GPU) cuBLASLt against torch's default BLAS route: the
+#                                    projections alone (gemm_bench), step targets with each
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -590,6 +592,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     attn_bench 80 --min-split 64
     step_lora 110 step_lora
     rm -f "$OUT"/*.xml
+    ;;
+  s14e)  # one GPU: torch's preferred BLAS library, default against cuBLASLt
+    for blas in default cublaslt; do
+      timeout 60 python3 -m benchmarks.gemm_bench $([ "$blas" = default ] || echo "--blas $blas") --out "$OUT/gemm_$blas.json" \
+        > "$OUT/gemm_$blas.log" 2>&1
+      echo "== gemm_bench $blas: rc $?"; grep linear "$OUT/gemm_$blas.log"
+    done
+    for blas in cublaslt default; do
+      timeout 100 python3 -m benchmarks.step_bench --lora --steps 10 $([ "$blas" = default ] || echo "--blas $blas") \
+        --out "$OUT/step_$blas.json" > "$OUT/step_$blas.log" 2>&1
+      echo "== step_bench --lora $blas: rc $?"
+      grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_$blas.log"
+    done
     ;;
   s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
     i=0
