@@ -108,6 +108,8 @@
 #                                    saturated 256-cap many-adapter run
 #   scripts/device_session.sh s14e   (one GPU) cuBLASLt against torch's default BLAS route: the
 #                                    projections alone (gemm_bench), step targets with each
+#   scripts/device_session.sh s14f   (one GPU) base decode steps alone, cuBLASLt and torch's
+#                                    default BLAS route alternating, two processes each
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Every part has its own time limit so the call always reports; results land under $OUT.
@@ -604,6 +606,18 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
         --out "$OUT/step_$blas.json" > "$OUT/step_$blas.log" 2>&1
       echo "== step_bench --lora $blas: rc $?"
       grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/step_$blas.log"
+    done
+    ;;
+  s14f)  # one GPU: base decode only, cuBLASLt against the default, alternating
+    i=0
+    for blas in cublaslt default cublaslt default; do
+      i=$((i + 1))
+      timeout 60 python3 -m benchmarks.step_bench --steps 10 \
+        $([ "$blas" = default ] || echo "--blas $blas") --out "$OUT/base_${i}_$blas.json" \
+        > "$OUT/base_${i}_$blas.log" 2>&1
+      echo "== step_bench $blas: rc $?"
+      grep -E "^(decode|  graph|serving loop)" "$OUT/base_${i}_$blas.log" | grep -v "overlap off"
+      rm -f "$OUT/base_${i}_$blas.log"
     done
     ;;
   s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
