@@ -11,6 +11,8 @@ without, so a step with no adapter rows skips LoRA entirely.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +36,36 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
     so padding it costs little, while each size is one capture at startup and one graph)."""
     sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, 129, 16), *range(160, max_bs + 1, 32)]
     return sorted({s for s in sizes if s <= max_bs} | {max_bs})
+
+
+def decode_blas(bs: int, with_lora: bool) -> str | None:
+    """The BLAS library a decode graph is captured with: "cublaslt" for base-only graphs of
+    at least LORASERVE_DECODE_CUBLASLT_MIN_BS rows (opt-in, unset or 0: off), else None (torch's
+    own route). On the H200 cuBLASLt picked faster o and down kernels at batch 32 and took
+    0.12-0.18 ms off the serving loop's base step there, was level or slower at batch 1, and
+    gained nothing over 8 adapters (benchmarks/RESULTS.md, fourteenth session)."""
+    raw = os.environ.get("LORASERVE_DECODE_CUBLASLT_MIN_BS", "0").strip() or "0"
+    try:
+        min_bs = int(raw)
+    except ValueError:
+        raise ValueError(f"LORASERVE_DECODE_CUBLASLT_MIN_BS: {raw!r} is not an integer") from None
+    if min_bs <= 0 or with_lora or bs < min_bs:
+        return None
+    return "cublaslt"
+
+
+@contextlib.contextmanager
+def blas_library(name: str | None):
+    """torch's preferred BLAS library set to `name` inside (None: left as it is)."""
+    if name is None:
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def capture_graph(
@@ -145,10 +177,11 @@ class DecodeGraphs:
             for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
                 for with_lora in variants:
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
-                    g, logits = capture_graph(
-                        lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream, self.pool,
-                        fold=with_lora,
-                    )
+                    with blas_library(decode_blas(bs, with_lora)):
+                        g, logits = capture_graph(
+                            lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
+                            self.pool, fold=with_lora,
+                        )
                     if self.pool is None:
                         self.pool = g.pool()
                     self.graphs[(bs, with_lora)] = (g, logits)

@@ -17,6 +17,25 @@ from tests.engine_utils import greedy, make_engine
 from tests.models import make_adapter, make_model, prompts, read_vocab
 
 
+def test_decode_blas_is_opt_in_for_base_graphs(monkeypatch):
+    """cuBLASLt only when LORASERVE_DECODE_CUBLASLT_MIN_BS asks, for base-only decode graphs
+    of at least that many rows; a bad value is an error that names the setting."""
+    from runtime.graphs import blas_library, decode_blas
+
+    monkeypatch.delenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", raising=False)
+    assert decode_blas(32, False) is None
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "16")
+    assert decode_blas(16, False) == "cublaslt" and decode_blas(64, False) == "cublaslt"
+    assert decode_blas(8, False) is None and decode_blas(32, True) is None
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "0")
+    assert decode_blas(32, False) is None
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "big")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_CUBLASLT_MIN_BS"):
+        decode_blas(32, False)
+    with blas_library(None):  # nothing to set
+        pass
+
+
 def test_graph_sizes_cover_every_count():
     for limit in (1, 7, 64, 200, 256):
         sizes = graph_batch_sizes(limit)

@@ -67,6 +67,22 @@ def test_graphs_match_eager_fp32(setup, backend):
     assert graph_base == eager_base
 
 
+def test_base_graphs_captured_with_cublaslt_match_eager_fp32(setup, monkeypatch):
+    """fp32, base rows only: decode graphs captured with cuBLASLt
+    (LORASERVE_DECODE_CUBLASLT_MIN_BS=1) give eager decode's greedy tokens, and the capture
+    leaves torch's preferred BLAS library as it was."""
+    model, adapters = setup
+    ps = prompts(6, read_vocab(model), seed=5, lo=4, hi=60)
+    common = lora_config(adapters, "csgmv", "float32")
+    base = [None] * 6
+    eager, _ = outputs(model, ps, base, 16, disable_cuda_graph=True, **common)
+    before = torch.backends.cuda.preferred_blas_library()
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "1")
+    graphed, used = outputs(model, ps, base, 16, cuda_graph_max_bs=32, **common)
+    assert used and graphed == eager
+    assert torch.backends.cuda.preferred_blas_library() == before
+
+
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_graph_replay_logits_bf16(setup, backend):
     """bf16: a graph replay of a mixed decode step gives the eager forward's logits within
