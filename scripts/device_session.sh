@@ -53,56 +53,22 @@
 #   scripts/device_session.sh foldl  (one GPU) the default folds (qkv, gate_up): fold tests on
 #                                    CUDA, decode graphs against eager, step targets, the
 #                                    saturated 256-cap many-adapter run
-#   scripts/device_session.sh s13e   (one GPU) step targets with the stream priorities equal,
-#                                    the side stream's raised, the compute stream's raised;
-#                                    the projections' GEMMs alone again (ran at 1d99d76; the
-#                                    LORASERVE_STREAM_PRIORITY knob was removed after it)
 #   scripts/device_session.sh s13f   (one GPU) the attention kernels over their shared tile step:
 #                                    attention GPU tests, attn_bench, step targets
-#   scripts/device_session.sh s13g   (one GPU) down_proj stored [in, out] (LORASERVE_DOWN_T=1)
-#                                    against F.linear: step targets alternating, engine GPU tests
-#                                    (ran at 5c35f92; the knob was removed after it)
 #   scripts/device_session.sh s13d   (one GPU) HF PEFT baseline side by side, adapter upload
 #                                    bandwidth, step targets again
 #   scripts/device_session.sh fold2  (one GPU) add+RMSNorm's fold over several programs a row:
 #                                    fold tests on CUDA, decode graphs against eager with every
 #                                    group folded, step targets folding qkv and gate_up against
 #                                    all four, a kernel profile of the graph replays
-#   scripts/device_session.sh fold3  (one GPU) the default (every group folded, SiLU*up's fold
-#                                    over 4 rows a program): fold tests on CUDA, decode graphs
-#                                    against eager, warm-up and engine GPU tests, step targets
-#                                    with 4 rows and with 1
 #   scripts/device_session.sh foldv  (one GPU) the landed folds: fold tests on CUDA, decode
 #                                    graphs against eager
 #   scripts/device_session.sh f12a   (one GPU) SiLU*up fold variants alone (fold_bench), ncu
 #                                    on them, the projections' GEMMs alone (gemm_bench)
-#   scripts/device_session.sh f12b   (one GPU) fold kernels alone over 1 and 8 splits; step
-#                                    targets: the landed folds, partials summed beside the
-#                                    projection, and SiLU*up's fold over row groups; decode
-#                                    graphs against eager
-#   scripts/device_session.sh f12c   (one GPU) fold kernels alone (add+RMSNorm's over row
-#                                    groups too); step targets: fewer shrink splits, and
-#                                    add+RMSNorm's fold over row groups
-#   scripts/device_session.sh f12d   (one GPU) step targets with folded shrinks split up to 16
-#                                    and 32 ways; a kernel profile of the graph replays
-#   scripts/device_session.sh f12e   (one GPU) step targets: partials summed by torch, by a
-#                                    Triton kernel, or not at all (each consumer sums them,
-#                                    split by split or as one tile)
-#                                    (f12b-f12e ran A/B knobs since removed: commits 5d0385f-7b5c522
-#                                    of the twelfth session; RESULTS.md)
 #   scripts/device_session.sh f12f   (one GPU) the landed folds (partials summed beside the
 #                                    projection, SiLU*up's fold over row groups): fold tests on
 #                                    CUDA, decode graphs against eager, warm-up and engine GPU
 #                                    tests, step targets, the saturated 256-cap many-adapter run
-#   scripts/device_session.sh s13a   (one GPU) decode attention merged in its kernel: its GPU
-#                                    tests (and the fold and GEMV tests, CPU-only so far);
-#                                    attn_bench; step targets with the merge fused and in a
-#                                    second launch; gemm_bench with the Triton GEMV (ran at
-#                                    511150b; the GEMV was removed after it)
-#   scripts/device_session.sh s13b   (one GPU) the merge over chunks of slices: decode attention
-#                                    GPU tests, attn_bench; step targets with the fold's
-#                                    partials summed by torch.sum and in the shrink, alternating
-#                                    (s13a-s13b ran A/B knobs since removed: 511150b, 1ab65fa)
 #   scripts/device_session.sh s13c   (one GPU) the landed code: decode attention, fold, decode
 #                                    graph, warm-up and engine GPU tests; step targets; the
 #                                    saturated 256-cap many-adapter run
@@ -112,6 +78,8 @@
 #                                    default BLAS route alternating, two processes each
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
+# Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
+# s14a-s14d) are in the commits benchmarks/RESULTS.md names for their runs.
 # Every part has its own time limit so the call always reports; results land under $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -439,20 +407,6 @@ case "${1:-}" in
     echo "== step_bench --profile --profile-graphs: rc $?"; cat "$OUT/profile_graphs.log" | tail -60
     rm -f "$OUT"/*.xml
     ;;
-  fold3)  # one GPU: the default folds, SiLU*up's fold over 4 rows a program against 1
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
-      -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
-    echo "== fold tests: rc $?"; tail -3 "$OUT/fold_tests.log"
-    gpu_tests graphs_decode_gpu 200 tests/test_graphs_gpu.py -k "not prefill"
-    gpu_tests warm_engine_gpu 150 tests/test_warmup.py tests/test_engine_gpu.py
-    for rows in 4 1; do
-      LORASERVE_FOLD_SILU_ROWS=$rows timeout 100 python3 -m benchmarks.step_bench --lora \
-        --steps 10 --out "$OUT/step_rows$rows.json" > "$OUT/step_rows$rows.log" 2>&1
-      echo "== step_bench --lora, SiLU*up fold rows $rows: rc $?"
-      grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_rows$rows.log"
-    done
-    rm -f "$OUT"/*.xml
-    ;;
   foldv)  # one GPU: the landed folds (SiLU*up's a row a program): their tests, decode graphs
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py \
       -k "not interpreter" > "$OUT/fold_tests.log" 2>&1
@@ -477,93 +431,12 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       > "$OUT/gemm_bench.log" 2>&1
     echo "== gemm_bench: rc $?"; cat "$OUT/gemm_bench.log"
     ;;
-  f12b)  # one GPU: fold kernels alone; step targets over three fold modes; decode graph tests
-    timeout 150 python3 -m benchmarks.fold_bench --out "$OUT/fold_bench.json" \
-      > "$OUT/fold_bench.log" 2>&1
-    echo "== fold_bench: rc $?"; grep " us " "$OUT/fold_bench.log"
-    for mode in landed:0:0 presum:1:0 group8:1:8; do
-      IFS=: read -r name presum group <<< "$mode"
-      LORASERVE_FOLD_PRESUM=$presum LORASERVE_FOLD_SILU_GROUP=$group timeout 120 \
-        python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_$name.json" \
-        > "$OUT/step_$name.log" 2>&1
-      echo "== step_bench --lora, $name: rc $?"
-      grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_$name.log"
-    done
-    LORASERVE_FOLD_SILU_GROUP=8 gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py \
-      -k "not prefill"
-    rm -f "$OUT"/*.xml
-    ;;
-  f12c)  # one GPU: fold kernels alone; step targets over fold modes
-    timeout 150 python3 -m benchmarks.fold_bench --splits 1 --out "$OUT/fold_bench.json" \
-      > "$OUT/fold_bench.log" 2>&1
-    echo "== fold_bench: rc $?"; grep " us " "$OUT/fold_bench.log"
-    for mode in g8:0:0 g8split2:2:0 g8split1:1:0 g8norm4:0:4; do
-      IFS=: read -r name split ngroup <<< "$mode"
-      LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_MAX_SPLIT=$split \
-        LORASERVE_FOLD_NORM_GROUP=$ngroup timeout 120 \
-        python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_$name.json" \
-        > "$OUT/step_$name.log" 2>&1
-      echo "== step_bench --lora, $name: rc $?"
-      grep -E "^(decode|prefill|  graph)" "$OUT/step_$name.log"
-    done
-    ;;
-  f12d)  # one GPU: folded shrinks split further; graph-replay kernel profile
-    for split in 8 16 32; do
-      LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_MAX_SPLIT=$split timeout 120 \
-        python3 -m benchmarks.step_bench --lora --steps 10 --out "$OUT/step_split$split.json" \
-        > "$OUT/step_split$split.log" 2>&1
-      echo "== step_bench --lora, max split $split: rc $?"
-      grep -E "^(decode|prefill|  graph)" "$OUT/step_split$split.log"
-    done
-    LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_MAX_SPLIT=${PROFILE_SPLIT:-16} timeout 150 \
-      python3 -m benchmarks.step_bench --lora --profile --profile-graphs \
-      --out "$OUT/profile_graphs.json" > "$OUT/profile_graphs.log" 2>&1
-    echo "== profile: rc $?"; tail -12 "$OUT/profile_graphs.log"
-    ;;
-  f12e)  # one GPU: how a folded shrink's partials are summed
-    for mode in torch:torch:0 triton:1:0 tile:0:1 none:0:0; do
-      IFS=: read -r name presum tile <<< "$mode"
-      LORASERVE_FOLD_SILU_GROUP=8 LORASERVE_FOLD_PRESUM=$presum LORASERVE_FOLD_TILE_T=$tile \
-        timeout 120 python3 -m benchmarks.step_bench --lora --steps 10 \
-        --out "$OUT/step_$name.json" > "$OUT/step_$name.log" 2>&1
-      echo "== step_bench --lora, $name: rc $?"
-      grep -E "^(decode|prefill|  graph)" "$OUT/step_$name.log"
-    done
-    ;;
   f12f)  # one GPU: the landed folds: their tests, step targets, many adapters
     fold_tests 100
     gpu_tests graphs_decode_gpu 170 tests/test_graphs_gpu.py -k "not prefill"
     gpu_tests warm_engine_gpu 100 tests/test_warmup.py tests/test_engine_gpu.py
     step_lora 100 step_lora
     many_cap 150
-    rm -f "$OUT"/*.xml
-    ;;
-  s13a)  # one GPU: decode attention merged in its kernel; step targets with it and without
-    gpu_tests attn_gpu 200 tests/test_attention.py
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py tests/test_gemv.py \
-      -k "not interpreter" > "$OUT/fold_gemv_tests.log" 2>&1
-    echo "== fold and GEMV tests: rc $?"; tail -3 "$OUT/fold_gemv_tests.log"
-    timeout 150 python3 -m benchmarks.attn_bench --out "$OUT/attn_bench.json" \
-      > "$OUT/attn_bench.log" 2>&1
-    echo "== attn_bench: rc $?"; grep " us " "$OUT/attn_bench.log"
-    for merge in fused launch; do
-      LORASERVE_ATTN_MERGE=$merge timeout 130 python3 -m benchmarks.step_bench --lora --steps 10 \
-        --out "$OUT/step_$merge.json" > "$OUT/step_$merge.log" 2>&1
-      echo "== step_bench --lora, LORASERVE_ATTN_MERGE=$merge: rc $?"
-      grep -E "^(HBM|decode|prefill|  graph)" "$OUT/step_$merge.log"
-    done
-    timeout 100 python3 -m benchmarks.gemm_bench --triton --out "$OUT/gemm_bench.json" \
-      > "$OUT/gemm_bench.log" 2>&1
-    echo "== gemm_bench --triton: rc $?"; cat "$OUT/gemm_bench.log"
-    rm -f "$OUT"/*.xml
-    ;;
-  s13b)  # one GPU: the in-kernel merge over chunks of slices; torch.sum against the shrink's sum
-    gpu_tests attn_gpu 150 tests/test_attention.py -k decode
-    attn_bench 150 --min-split 64 128 256
-    i=0
-    for mode in 1 shrink 1; do
-      i=$((i + 1)); step_lora 125 "step_${i}_$mode" LORASERVE_FOLD_PRESUM=$mode
-    done
     rm -f "$OUT"/*.xml
     ;;
   s13c)  # one GPU: the landed code: GPU tests, step targets, many adapters
@@ -580,14 +453,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 80 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
     echo "== upload_bench: rc $?"; tail -n 3 "$OUT/upload.log"
     step_lora 110 step_lora
-    ;;
-  s13e)  # one GPU: which stream the SMs serve first
-    for prio in equal side main; do
-      step_lora 110 "step_$prio" LORASERVE_STREAM_PRIORITY=${prio#equal}
-    done
-    timeout 60 python3 -m benchmarks.gemm_bench --out "$OUT/gemm_bench.json" \
-      > "$OUT/gemm_bench.log" 2>&1
-    echo "== gemm_bench: rc $?"; cat "$OUT/gemm_bench.log"
     ;;
   s13f)  # one GPU: the attention kernels over their shared tile step (ops/triton_attention_tiles)
     gpu_tests attn_gpu 120 tests/test_attention.py
@@ -619,15 +484,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       grep -E "^(decode|  graph|serving loop)" "$OUT/base_${i}_$blas.log" | grep -v "overlap off"
       rm -f "$OUT/base_${i}_$blas.log"
     done
-    ;;
-  s13g)  # one GPU: down_proj stored [in, out] against F.linear on [out, in]
-    i=0
-    for mode in 1 0 1; do
-      i=$((i + 1)); step_lora 60 "step_${i}_downt$mode" LORASERVE_DOWN_T=$mode
-      rm -f "$OUT/step_${i}_downt$mode.log"  # a call returns eight files at most
-    done
-    LORASERVE_DOWN_T=1 gpu_tests engine_gpu_downt 40 tests/test_engine_gpu.py
-    rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
