@@ -76,6 +76,10 @@
 #                                    projections alone (gemm_bench), step targets with each
 #   scripts/device_session.sh s14f   (one GPU) base decode steps alone, cuBLASLt and torch's
 #                                    default BLAS route alternating, two processes each
+#   scripts/device_session.sh s15a   (one GPU, prepared for the next session) base decode graphs
+#                                    captured with cuBLASLt from batch 16: the decode graph GPU
+#                                    tests (the cuBLASLt one among them), step targets with
+#                                    LORASERVE_DECODE_CUBLASLT_MIN_BS=16 and unset, alternating
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -484,6 +488,16 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       grep -E "^(decode|  graph|serving loop)" "$OUT/base_${i}_$blas.log" | grep -v "overlap off"
       rm -f "$OUT/base_${i}_$blas.log"
     done
+    ;;
+  s15a)  # one GPU: cuBLASLt for base-only decode graphs of batch 16 and more
+    gpu_tests graphs_decode_gpu 200 tests/test_graphs_gpu.py -k "not prefill"
+    i=0
+    for min_bs in 16 0 16 0; do
+      i=$((i + 1)); step_lora $((i == 1 ? 100 : 70)) "step_${i}_lt$min_bs" \
+        LORASERVE_DECODE_CUBLASLT_MIN_BS=$min_bs
+      rm -f "$OUT/step_${i}_lt$min_bs.log"  # a call returns eight files at most
+    done
+    rm -f "$OUT"/*.xml
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
