@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ops.pdl import resolve, wait_then_release
 from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
 from ops.triton_attention_tiles import load_kv_tile, softmax_tile
@@ -63,6 +64,7 @@ def _decode_attention_kernel(
     BLOCK_G: tl.constexpr,  # GROUP padded to a power of two: the merge's rows
     BLOCK_S: tl.constexpr,  # num_splits' bound padded to a power of two
     SPLIT_CHUNK: tl.constexpr,  # slices the merge loads at once
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (ops/pdl.py)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -72,6 +74,8 @@ def _decode_attention_kernel(
     # min_split tokens, so a short sequence uses few of its programs (the rest return at once).
     split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     used = tl.maximum(tl.cdiv(kv_len, split_len), 1)  # kv_len == 0 (padding): one, writes 0
+    # kv_lens is a step input, written before the layers run: read before the wait
+    wait_then_release(USE_PDL)
     if split < used:
         start = split * split_len
         end = tl.minimum(start + split_len, kv_len)
@@ -260,6 +264,7 @@ def decode_attention_triton(
     num_splits: int | None = None,
     min_split: int = 64,
     out: Tensor | None = None,
+    pdl: bool | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache.
 
@@ -274,6 +279,7 @@ def decode_attention_triton(
     to whole KV tiles; the default, one 64-token tile, measured best or level on the H200:
     benchmarks/attn_bench.py), and its last slice to finish merges them.
     out: optional contiguous [B, H, D] buffer in q's dtype to write into.
+    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
     Returns o: [B, H, D] in q's dtype (out when given).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)
@@ -297,6 +303,7 @@ def decode_attention_triton(
     if min_split < 1:
         raise ValueError(f"min_split must be positive, got {min_split}")
     block_n, num_warps, num_stages = _launch_config(head_dim, q.dtype == torch.float32)
+    pdl = resolve(pdl, q)
     # Partials are unused with one slice; a one-element placeholder keeps the signature.
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
     partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
@@ -312,6 +319,6 @@ def decode_attention_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
-        num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return o

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.pdl import resolve, wait_then_release
 from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add, lora_fold_t
@@ -44,12 +45,14 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     live = offs < N
+    w = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)  # no kernel writes it
+    wait_then_release(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
         # the residual stream is stored in its dtype: normalise the rounded sum
@@ -95,11 +98,13 @@ def _add_rmsnorm_fold_kernel(
     SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
     dtype = res_out_ptr.dtype.element_ty
+    wait_then_release(USE_PDL)
     slot = tl.load(rslot_ptr + row)
     t = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
     offs = part * COLS + tl.arange(0, COLS)
@@ -179,11 +184,13 @@ def _launch(
     out: torch.Tensor,
     res_out: torch.Tensor | None,
     fold: LoraFold | None = None,
+    pdl: bool | None = None,
 ) -> None:
     num_rows, n = x.shape
     if num_rows == 0:
         return
     block = next_pow2(n)
+    pdl = resolve(pdl, x)
     if fold is not None:
         assert residual is not None and res_out is not None
         args, consts = fold_args(fold, x)
@@ -193,7 +200,8 @@ def _launch(
         _add_rmsnorm_fold_kernel[(num_rows, parts)](
             x, residual, weight, out, res_out, sums, counts, n, x.stride(0), residual.stride(0),
             out.stride(0), res_out.stride(0), sums.stride(0), eps, *args, BLOCK=block,
-            COLS=cols, PARTS=next_pow2(parts), **consts, num_warps=_FOLD_WARPS,
+            COLS=cols, PARTS=next_pow2(parts), **consts, USE_PDL=pdl, num_warps=_FOLD_WARPS,
+            launch_pdl=pdl,
         )
         return
     # One warp per 512 elements: at hidden 4096 in bf16, 8 warps and two 16-byte loads in
@@ -215,7 +223,9 @@ def _launch(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
+        USE_PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
 
 
@@ -231,17 +241,19 @@ def _output(out: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tenso
 
 
 def rmsnorm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """weight * rmsnorm(x), normalised in fp32.
 
     x: [T, N] (rows contiguous, any row stride), bf16/fp16/fp32. weight: [N], x's dtype.
     out: optional [T, N] buffer (rows contiguous) in x's dtype.
+    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
     Returns out: [T, N] in x's dtype.
     """
     _check(x, weight)
     out = _output(out, x, "out")
-    _launch(x, None, weight, eps, out, None)
+    _launch(x, None, weight, eps, out, None, pdl=pdl)
     return out
 
 
@@ -253,6 +265,7 @@ def add_rmsnorm_triton(
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
     fold: LoraFold | None = None,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """s = x + residual (rounded to x's dtype); returns (weight * rmsnorm(s), s).
 
@@ -260,7 +273,8 @@ def add_rmsnorm_triton(
     weight: [N] in x's dtype. out, residual_out: optional [T, N] buffers (rows contiguous) in
     x's dtype for the norm and for s; residual_out may be residual itself (each element is read
     before it is written, by the same program). fold: x's LoRA delta, added to x first (x
-    itself is not written). Returns (out, residual_out).
+    itself is not written). pdl: programmatic dependent launch (ops/pdl.py; None:
+    LORASERVE_LAYER_PDL). Returns (out, residual_out).
     """
     _check(x, weight)
     _check(residual, weight, "residual")
@@ -270,5 +284,5 @@ def add_rmsnorm_triton(
     residual_out = _output(residual_out, x, "residual_out")
     if fold is not None:
         fold.check(x)
-    _launch(x, residual, weight, eps, out, residual_out, fold)
+    _launch(x, residual, weight, eps, out, residual_out, fold, pdl)
     return out, residual_out

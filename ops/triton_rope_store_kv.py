@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.pdl import resolve, wait_then_release
 from ops.sizes import next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_add, lora_fold_t
 
@@ -95,9 +96,11 @@ def _rope_store_kv_kernel(
     SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    wait_then_release(USE_PDL)
     offs = tl.arange(0, BLOCK_HALF)
     live = offs < HALF
     q_size = num_heads * HEAD_DIM
@@ -180,6 +183,7 @@ def rope_store_kv_triton(
     eps: float = 1e-6,
     q_out: torch.Tensor | None = None,
     fold: LoraFold | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of q and k (after per-head RMSNorm when norm weights are given), k and
     v written into the paged cache in place; returns the rotated q.
@@ -193,6 +197,7 @@ def rope_store_kv_triton(
     epsilon. q_out: optional [T, H, D] buffer (head rows contiguous) in q's dtype.
     fold: the qkv projection's LoRA delta (slices q, k, v), when q, k and v are views of that
     output [T, H*D + 2*KVH*D]; added to the values as they are loaded.
+    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
     Returns q_out: [T, H, D] in q's dtype.
     """
     _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)
@@ -215,6 +220,7 @@ def rope_store_kv_triton(
         if fold.t.shape[1] != num_tokens:
             raise ValueError(f"fold of {fold.t.shape[1]} rows for {num_tokens} tokens")
     args, consts = fold_args(fold, q)
+    pdl = resolve(pdl, q)
     _rope_store_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
         q,
         k,
@@ -247,6 +253,8 @@ def rope_store_kv_triton(
         BLOCK_HALF=next_pow2(half),
         QK_NORM=qk_norm,
         **consts,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
         # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
         # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
         num_warps=1 if fold is None else 4,

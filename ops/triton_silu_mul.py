@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.pdl import resolve, wait_then_release
 from ops.sizes import cdiv, next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args
 
@@ -38,10 +39,12 @@ def _silu_mul_kernel(
     stride_in,
     stride_out,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < inter
+    wait_then_release(USE_PDL)
     gate_ptr = gate_up_ptr + row * stride_in + cols
     gate = tl.load(gate_ptr, mask=live, other=0.0).to(tl.float32)
     up = tl.load(gate_ptr + inter, mask=live, other=0.0).to(tl.float32)
@@ -75,6 +78,7 @@ def _silu_mul_fold_kernel(
     SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """GROUP rows of BLOCK columns a program, all loaded at once. When the group's rows with an
     adapter share one (rows come grouped by adapter), its B tiles are loaded once for them all;
@@ -86,6 +90,7 @@ def _silu_mul_fold_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_live = offs_r < R
     dtype = out_ptr.dtype.element_ty
+    wait_then_release(USE_PDL)
     slots = tl.load(rslot_ptr + rows, mask=r_in, other=-1)
     lora = slots >= 0
     slot_safe = tl.maximum(slots, 0).to(tl.int64)
@@ -129,13 +134,15 @@ def _silu_mul_fold_kernel(
 
 
 def silu_mul_triton(
-    gate_up: torch.Tensor, out: torch.Tensor | None = None, fold: LoraFold | None = None
+    gate_up: torch.Tensor, out: torch.Tensor | None = None, fold: LoraFold | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """SiLU(gate_up[:, :inter]) * gate_up[:, inter:].
 
     gate_up: [T, 2 * inter] (rows contiguous, any row stride), bf16/fp16/fp32.
     out: optional [T, inter] buffer (rows contiguous) in gate_up's dtype.
     fold: gate_up's LoRA delta (two slices: gate, up), added to the values as they are loaded.
+    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
     Returns out: [T, inter] in gate_up's dtype.
     """
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
@@ -156,21 +163,22 @@ def silu_mul_triton(
             raise ValueError(f"fold slices {fold.slice_offsets} are not gate and up")
     if num_rows == 0 or inter == 0:
         return out
+    pdl = resolve(pdl, gate_up)
     if fold is None:
         block = min(_BLOCK, next_pow2(inter))
         # 8 bf16 (16 bytes) per thread for each of gate and up
         _silu_mul_kernel[(num_rows, cdiv(inter, block))](
-            gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block,
-            num_warps=max(1, min(4, block // 256)),
+            gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl,
+            num_warps=max(1, min(4, block // 256)), launch_pdl=pdl,
         )
         return out
-    fold_launch(gate_up, out, fold)
+    fold_launch(gate_up, out, fold, pdl=pdl)
     return out
 
 
 def fold_launch(gate_up: torch.Tensor, out: torch.Tensor, fold: LoraFold,
                 group: int = FOLD_GROUP, block: int = _FOLD_BLOCK,
-                num_warps: int = _FOLD_WARPS) -> None:
+                num_warps: int = _FOLD_WARPS, pdl: bool = False) -> None:
     """Launch the SiLU*up fold (arguments checked by silu_mul_triton) with `group` rows and
     `block` columns a program (powers of two; other values for benchmarks.fold_bench)."""
     num_rows, inter = out.shape
@@ -178,5 +186,5 @@ def fold_launch(gate_up: torch.Tensor, out: torch.Tensor, fold: LoraFold,
     block = min(block, next_pow2(inter))
     _silu_mul_fold_kernel[(cdiv(num_rows, group), cdiv(inter, block))](
         gate_up, out, num_rows, inter, gate_up.stride(0), out.stride(0), *args, BLOCK=block,
-        GROUP=group, **consts, num_warps=num_warps,
+        GROUP=group, **consts, USE_PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )

@@ -83,6 +83,30 @@ def test_base_graphs_captured_with_cublaslt_match_eager_fp32(setup, monkeypatch)
     assert torch.backends.cuda.preferred_blas_library() == before
 
 
+def test_graphs_with_layer_pdl_match_eager_fp32(setup, monkeypatch):
+    """fp32, mixed base + 4 adapters (the folds' norm and SiLU*up kernels among them): decode
+    graphs whose layer kernels launch with PDL (LORASERVE_LAYER_PDL=1) give the greedy tokens
+    of eager decode without it."""
+    from ops.pdl import layer_pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    model, adapters = setup
+    ps = prompts(24, read_vocab(model), seed=7, lo=4, hi=60)
+    common = lora_config(adapters, "csgmv", "float32")
+    layer_pdl.cache_clear()
+    eager, _ = outputs(model, ps, NAMES, 24, disable_cuda_graph=True, **common)
+    monkeypatch.setenv("LORASERVE_LAYER_PDL", "1")
+    layer_pdl.cache_clear()
+    try:
+        assert layer_pdl(torch.device("cuda"))
+        graphed, used = outputs(model, ps, NAMES, 24, cuda_graph_max_bs=32, **common)
+    finally:
+        monkeypatch.delenv("LORASERVE_LAYER_PDL")
+        layer_pdl.cache_clear()
+    assert used and graphed == eager
+
+
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_graph_replay_logits_bf16(setup, backend):
     """bf16: a graph replay of a mixed decode step gives the eager forward's logits within

@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (PDL, CUDA sm_90+) for the decoder layer's own kernels.
+
+A kernel launched with PDL may be scheduled before the kernel ahead of it on the stream has
+finished: its programs become resident and wait (`gdc_wait`) for that kernel's completion and
+memory flush before they read anything it wrote, so the launch and the programs' start overlap
+the kernel before. Each of the layer's kernels (add+RMSNorm, rotary + K/V store, decode
+attention, SiLU*up) waits first, then lets the next kernel launch (`gdc_launch_dependents`):
+every kernel on the stream has waited for its own predecessor before its successor may start,
+so each one still sees every earlier kernel's writes. A kernel that was not launched with PDL
+passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary stream order.
+
+LORASERVE_LAYER_PDL=1 turns it on (read once a process; off by default until measured faster on
+the device: benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@functools.lru_cache(maxsize=16)
+def layer_pdl(device: torch.device) -> bool:
+    """Whether the layer kernels on `device` launch with PDL: CUDA sm_90+ and
+    LORASERVE_LAYER_PDL=1."""
+    raw = os.environ.get("LORASERVE_LAYER_PDL", "0").strip() or "0"
+    if raw not in ("0", "1"):
+        raise ValueError(f"LORASERVE_LAYER_PDL: {raw!r} is neither 0 nor 1")
+    if raw == "0" or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def resolve(pdl: bool | None, t: torch.Tensor) -> bool:
+    """A wrapper's `pdl` argument: None follows `layer_pdl`; True needs a CUDA sm_90+ tensor."""
+    if pdl is None:
+        return layer_pdl(t.device)
+    if pdl and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
+        raise ValueError("programmatic dependent launch needs a CUDA device of sm_90 or later")
+    return pdl
+
+
+@triton.jit
+def wait_then_release(USE_PDL: tl.constexpr):
+    """With USE_PDL: wait for the kernel before (its writes visible), then let the next kernel
+    launch. Everything a kernel reads that an earlier kernel may write comes after this."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
