@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.dummy_model import SHAPES, weight_bytes, write_dummy_model
 from ops.lora import _use_pdl, fold_groups, overlap_enabled
+from ops.pdl import layer_pdl
 from runtime.config import ServerConfig
 from runtime.engine import Engine
 from runtime.request import Request, SamplingParams
@@ -385,6 +386,7 @@ def main() -> None:
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
     result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")),
+              "layer_pdl": layer_pdl(torch.device("cuda")),
               "lora_overlap": overlap_enabled(), "lora_fold": sorted(fold_groups()),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
               "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
@@ -396,7 +398,8 @@ def main() -> None:
     print(f"HBM {bw / 1e12:.2f} TB/s; weights (no embedding) {w_bytes / 1e9:.2f} GB; LoRA PDL "
           f"{'on' if result['lora_pdl'] else 'off'}; shrink beside the projection in graphs "
           f"{'on' if result['lora_overlap'] else 'off'}; expands folded in decode graphs: "
-          f"{', '.join(result['lora_fold']) or 'none'}")
+          f"{', '.join(result['lora_fold']) or 'none'}; layer kernels with PDL in decode graphs "
+          f"{'on' if result['layer_pdl'] else 'off'}")
     for r in rows:
         print(f"decode batch {r['batch']:3d}: {r['median_ms']:.2f} ms/step, floor "
               f"{r['floor_ms']:.2f} ms, ratio {r['ratio_to_floor']:.2f}")

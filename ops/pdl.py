@@ -9,26 +9,45 @@ every kernel on the stream has waited for its own predecessor before its success
 so each one still sees every earlier kernel's writes. A kernel that was not launched with PDL
 passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary stream order.
 
-LORASERVE_LAYER_PDL=1 turns it on (read once a process; off by default until measured faster on
-the device: benchmarks/RESULTS.md).
+The layer kernels launch with it inside decode graph captures (`decode_scope`, entered by
+runtime/graphs.py) on CUDA sm_90+, unless LORASERVE_LAYER_PDL=0 (read once a process). On the
+H200 it took 0.07-0.09 ms off the serving loop's base decode step and 0.15 ms off one adapter's
+at batch 1, while prefill with it ran 2 % slower (benchmarks/RESULTS.md, fifteenth session):
+prefill and eager forwards launch without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def decode_scope(on: bool = True):
+    """Inside (with on): the layer kernels launch with PDL where `layer_pdl` allows (decode
+    graph captures and the warm-up forwards before them)."""
+    before = getattr(_scope, "on", False)
+    _scope.on = on
+    try:
+        yield
+    finally:
+        _scope.on = before
+
 
 @functools.lru_cache(maxsize=16)
 def layer_pdl(device: torch.device) -> bool:
-    """Whether the layer kernels on `device` launch with PDL: CUDA sm_90+ and
-    LORASERVE_LAYER_PDL=1."""
-    raw = os.environ.get("LORASERVE_LAYER_PDL", "0").strip() or "0"
+    """Whether the layer kernels on `device` may launch with PDL: CUDA sm_90+ unless
+    LORASERVE_LAYER_PDL=0."""
+    raw = os.environ.get("LORASERVE_LAYER_PDL", "1").strip() or "1"
     if raw not in ("0", "1"):
         raise ValueError(f"LORASERVE_LAYER_PDL: {raw!r} is neither 0 nor 1")
     if raw == "0" or device.type != "cuda":
@@ -37,9 +56,10 @@ def layer_pdl(device: torch.device) -> bool:
 
 
 def resolve(pdl: bool | None, t: torch.Tensor) -> bool:
-    """A wrapper's `pdl` argument: None follows `layer_pdl`; True needs a CUDA sm_90+ tensor."""
+    """A wrapper's `pdl` argument: None launches with PDL inside `decode_scope` where
+    `layer_pdl` allows; True needs a CUDA sm_90+ tensor."""
     if pdl is None:
-        return layer_pdl(t.device)
+        return getattr(_scope, "on", False) and layer_pdl(t.device)
     if pdl and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
         raise ValueError("programmatic dependent launch needs a CUDA device of sm_90 or later")
     return pdl

@@ -26,6 +26,7 @@ from ops.lora import (
     chunk_rows,
     prepare_side_stream,
 )
+from ops.pdl import decode_scope
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -69,13 +70,15 @@ def blas_library(name: str | None):
 
 
 def capture_graph(
-    forward: Callable[[], torch.Tensor], stream: torch.cuda.Stream, pool, fold: bool = False
+    forward: Callable[[], torch.Tensor], stream: torch.cuda.Stream, pool, fold: bool = False,
+    decode: bool = False,
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm `forward` up twice (Triton compiles outside the capture), then capture it on
     `stream` into memory pool `pool` (None: a new one); returns the graph and its output.
     fold: the forward folds LoRA expands into the next kernels (ops.lora.capture_paths), in
-    the warm-up too, so the capture compiles nothing."""
-    with capture_paths(fold):
+    the warm-up too, so the capture compiles nothing. decode: a decode forward, whose layer
+    kernels launch with programmatic dependent launch (ops.pdl.decode_scope)."""
+    with capture_paths(fold), decode_scope(decode):
         for _ in range(2):
             forward()
         stream.synchronize()
@@ -180,7 +183,7 @@ class DecodeGraphs:
                     with blas_library(decode_blas(bs, with_lora)):
                         g, logits = capture_graph(
                             lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
-                            self.pool, fold=with_lora,
+                            self.pool, fold=with_lora, decode=True,
                         )
                     if self.pool is None:
                         self.pool = g.pool()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.pdl import layer_pdl, resolve
+from ops.pdl import decode_scope, layer_pdl, resolve
 from ops.triton_decode_attention import decode_attention_triton
 from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
 from ops.triton_rope_store_kv import rope_store_kv_triton
@@ -24,13 +24,23 @@ def fresh_switch():
     layer_pdl.cache_clear()
 
 
-def test_switch_is_off_by_default_and_on_cpu(monkeypatch, fresh_switch):
+def test_switch_is_on_by_default_off_on_cpu_and_outside_decode(monkeypatch, fresh_switch):
     monkeypatch.delenv("LORASERVE_LAYER_PDL", raising=False)
-    assert not layer_pdl(torch.device("cpu"))
-    monkeypatch.setenv("LORASERVE_LAYER_PDL", "1")
-    layer_pdl.cache_clear()
     assert not layer_pdl(torch.device("cpu"))  # CUDA sm_90+ only
-    assert not resolve(None, torch.zeros(1))
+    if torch.cuda.is_available():
+        assert layer_pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+        t = torch.zeros(1, device="cuda")
+        assert not resolve(None, t)  # outside a decode capture: no PDL
+        with decode_scope():
+            assert resolve(None, t) == layer_pdl(t.device)
+            with decode_scope(False):
+                assert not resolve(None, t)
+        monkeypatch.setenv("LORASERVE_LAYER_PDL", "0")
+        layer_pdl.cache_clear()
+        with decode_scope():
+            assert not resolve(None, t)
+    with decode_scope():
+        assert not resolve(None, torch.zeros(1))
 
 
 def test_switch_rejects_other_values(monkeypatch, fresh_switch):
