@@ -23,7 +23,14 @@ import triton.language as tl
 from ops.pdl import resolve, wait_then_release
 from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
-from ops.triton_lora_fold import LoraFold, fold_args, fold_block, lora_fold_add, lora_fold_t
+from ops.triton_lora_fold import (
+    LoraFold,
+    fold_args,
+    fold_block,
+    lora_fold_apply,
+    lora_fold_b,
+    lora_fold_t,
+)
 
 _MAX_BLOCK = 32768
 _FOLD_COLS = 256  # row elements a fold program adds the delta of (at most)
@@ -104,14 +111,16 @@ def _add_rmsnorm_fold_kernel(
     part = tl.program_id(1)
     parts = tl.num_programs(1)
     dtype = res_out_ptr.dtype.element_ty
-    wait_then_release(USE_PDL)
-    slot = tl.load(rslot_ptr + row)
-    t = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
     offs = part * COLS + tl.arange(0, COLS)
     live = offs < N
+    # before the wait (PDL): the row's adapter and its B rows, which no kernel of the layers
+    # writes; after it, x, t and the residual
+    slot = tl.load(rslot_ptr + row)
+    b = lora_fold_b(b_ptr, slot, offs, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
+    wait_then_release(USE_PDL)
+    t = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
     x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
-    x = lora_fold_add(x, b_ptr, scal_ptr, slot, t, 0, offs, live, R, stride_bs, stride_bn,
-                      stride_ss, stride_si, x_ptr, BLOCK_R, EVEN_R)
+    x = lora_fold_apply(x, b, t, scal_ptr, slot, 0, live, stride_ss, stride_si, x_ptr)
     r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
     s = (x + r).to(dtype)
     tl.store(res_out_ptr + row * stride_res_out + offs, s, mask=live)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ops.pdl import resolve, wait_then_release
 from ops.sizes import next_pow2
-from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_add, lora_fold_t
+from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_apply, lora_fold_b, lora_fold_t
 
 
 @triton.jit
@@ -100,11 +100,12 @@ def _rope_store_kv_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    wait_then_release(USE_PDL)
     offs = tl.arange(0, BLOCK_HALF)
     live = offs < HALF
     q_size = num_heads * HEAD_DIM
     kv_size = (tl.num_programs(1) - num_heads) * HEAD_DIM
+    # Before the wait (PDL): what no kernel of the layers writes (the rotary rows, the row's
+    # adapter and cache slots, the adapter's B rows); after it, the projection's output and t.
     lora_slot = -1  # the row's adapter (a fold's delta); `slot` below is its cache slot
     if FOLD:
         lora_slot = tl.load(rslot_ptr + t)
@@ -113,18 +114,22 @@ def _rope_store_kv_kernel(
     sin1 = tl.load(sin_ptr + t * stride_sin + offs, mask=live, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + t * stride_sin + HALF + offs, mask=live, other=0.0).to(tl.float32)
     if head < num_heads:
+        col = head * HEAD_DIM + offs
+        if FOLD:
+            bq1 = lora_fold_b(b_ptr, lora_slot, col, live, R, stride_bs, stride_bn, BLOCK_R,
+                              EVEN_R)
+            bq2 = lora_fold_b(b_ptr, lora_slot, col + HALF, live, R, stride_bs, stride_bn,
+                              BLOCK_R, EVEN_R)
+        wait_then_release(USE_PDL)
         src = q_ptr + t * stride_qt + head * stride_qh
         x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
         if FOLD:
             tq = lora_fold_t(t_ptr, t, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-            col = head * HEAD_DIM + offs
-            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tq, 0, col, live, R,
-                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
-                               EVEN_R)
-            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tq, 0, col + HALF, live, R,
-                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
-                               EVEN_R)
+            x1 = lora_fold_apply(x1, bq1, tq, scal_ptr, lora_slot, 0, live, stride_ss,
+                                 stride_si, q_out_ptr)
+            x2 = lora_fold_apply(x2, bq2, tq, scal_ptr, lora_slot, 0, live, stride_ss,
+                                 stride_si, q_out_ptr)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, q_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
@@ -134,6 +139,18 @@ def _rope_store_kv_kernel(
     else:
         kv_head = head - num_heads
         slot = tl.load(slot_ptr + t)
+        kcol = q_size + kv_head * HEAD_DIM + offs
+        vcol = kcol + kv_size
+        if FOLD:
+            bk1 = lora_fold_b(b_ptr, lora_slot, kcol, live, R, stride_bs, stride_bn, BLOCK_R,
+                              EVEN_R)
+            bk2 = lora_fold_b(b_ptr, lora_slot, kcol + HALF, live, R, stride_bs, stride_bn,
+                              BLOCK_R, EVEN_R)
+            bv1 = lora_fold_b(b_ptr, lora_slot, vcol, live, R, stride_bs, stride_bn, BLOCK_R,
+                              EVEN_R)
+            bv2 = lora_fold_b(b_ptr, lora_slot, vcol + HALF, live, R, stride_bs, stride_bn,
+                              BLOCK_R, EVEN_R)
+        wait_then_release(USE_PDL)
         src = k_ptr + t * stride_kt + kv_head * stride_kh
         x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
@@ -143,20 +160,14 @@ def _rope_store_kv_kernel(
         if FOLD:
             tk = lora_fold_t(t_ptr, t, 1, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
             tv = lora_fold_t(t_ptr, t, 2, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-            kcol = q_size + kv_head * HEAD_DIM + offs
-            vcol = kcol + kv_size
-            x1 = lora_fold_add(x1, b_ptr, scal_ptr, lora_slot, tk, 1, kcol, live, R,
-                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
-                               EVEN_R)
-            x2 = lora_fold_add(x2, b_ptr, scal_ptr, lora_slot, tk, 1, kcol + HALF, live, R,
-                               stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr, BLOCK_R,
-                               EVEN_R)
-            v1 = lora_fold_add(v1.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2, vcol,
-                               live, R, stride_bs, stride_bn, stride_ss, stride_si, q_out_ptr,
-                               BLOCK_R, EVEN_R).to(q_out_ptr.dtype.element_ty)
-            v2 = lora_fold_add(v2.to(tl.float32), b_ptr, scal_ptr, lora_slot, tv, 2,
-                               vcol + HALF, live, R, stride_bs, stride_bn, stride_ss, stride_si,
-                               q_out_ptr, BLOCK_R, EVEN_R).to(q_out_ptr.dtype.element_ty)
+            x1 = lora_fold_apply(x1, bk1, tk, scal_ptr, lora_slot, 1, live, stride_ss,
+                                 stride_si, q_out_ptr)
+            x2 = lora_fold_apply(x2, bk2, tk, scal_ptr, lora_slot, 1, live, stride_ss,
+                                 stride_si, q_out_ptr)
+            v1 = lora_fold_apply(v1.to(tl.float32), bv1, tv, scal_ptr, lora_slot, 2, live,
+                                 stride_ss, stride_si, q_out_ptr).to(q_out_ptr.dtype.element_ty)
+            v2 = lora_fold_apply(v2.to(tl.float32), bv2, tv, scal_ptr, lora_slot, 2, live,
+                                 stride_ss, stride_si, q_out_ptr).to(q_out_ptr.dtype.element_ty)
         if QK_NORM:
             x1, x2 = _head_norm(x1, x2, k_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
         o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)

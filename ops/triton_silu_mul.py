@@ -53,6 +53,19 @@ def _silu_mul_kernel(
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
 
 
+@triton.jit
+def _fold_t_rows(t_rows, t_mask, R, stride_ts, GROUP: tl.constexpr, SPLITS: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """The group's t rows of the gate and up slices, their split-K partials summed:
+    ([GROUP, BLOCK_R], [GROUP, BLOCK_R]) fp32."""
+    t_gate = tl.zeros((GROUP, BLOCK_R), dtype=tl.float32)
+    t_up = tl.zeros((GROUP, BLOCK_R), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        t_gate += tl.load(t_rows + s * stride_ts, mask=t_mask, other=0.0).to(tl.float32)
+        t_up += tl.load(t_rows + s * stride_ts + R, mask=t_mask, other=0.0).to(tl.float32)
+    return t_gate, t_up
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _silu_mul_fold_kernel(
     gate_up_ptr,
@@ -90,23 +103,17 @@ def _silu_mul_fold_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_live = offs_r < R
     dtype = out_ptr.dtype.element_ty
-    wait_then_release(USE_PDL)
+    # Before the wait (PDL): the rows' adapters, scalings and B tiles, which no kernel of the
+    # layers writes; after it, gate_up and t.
     slots = tl.load(rslot_ptr + rows, mask=r_in, other=-1)
     lora = slots >= 0
     slot_safe = tl.maximum(slots, 0).to(tl.int64)
     t_rows = t_ptr + rows[:, None].to(tl.int64) * stride_tm + offs_r[None, :]
     t_mask = lora[:, None] & r_live[None, :]
-    t_gate = tl.zeros((GROUP, BLOCK_R), dtype=tl.float32)
-    t_up = tl.zeros((GROUP, BLOCK_R), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        t_gate += tl.load(t_rows + s * stride_ts, mask=t_mask, other=0.0).to(tl.float32)
-        t_up += tl.load(t_rows + s * stride_ts + R, mask=t_mask, other=0.0).to(tl.float32)
     scale_gate = tl.load(scal_ptr + slot_safe * stride_ss, mask=lora, other=0.0)
     scale_up = tl.load(scal_ptr + slot_safe * stride_ss + stride_si, mask=lora, other=0.0)
     xy = rows[:, None].to(tl.int64) * stride_in + cols[None, :]
     xy_mask = r_in[:, None] & live[None, :]
-    gate = tl.load(gate_up_ptr + xy, mask=xy_mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + xy + inter, mask=xy_mask, other=0.0).to(tl.float32)
     first = tl.min(tl.where(lora, slots, 2147483647), axis=0)
     last = tl.max(slots, axis=0)
     b_cols = cols[:, None].to(tl.int64) * stride_bn + offs_r[None, :]
@@ -116,15 +123,21 @@ def _silu_mul_fold_kernel(
         b_one = b_ptr + first.to(tl.int64) * stride_bs + b_cols
         bg1 = tl.load(b_one, mask=b_mask, other=0.0).to(tl.float32)
         bu1 = tl.load(b_one + inter * stride_bn, mask=b_mask, other=0.0).to(tl.float32)
+        wait_then_release(USE_PDL)
+        t_gate, t_up = _fold_t_rows(t_rows, t_mask, R, stride_ts, GROUP, SPLITS, BLOCK_R)
         d_gate = tl.sum(t_gate[:, None, :] * bg1[None, :, :], axis=2)
         d_up = tl.sum(t_up[:, None, :] * bu1[None, :, :], axis=2)
     else:  # each row its own B tiles (none for base rows)
         b_rows = b_ptr + slot_safe[:, None, None] * stride_bs + b_cols[None, :, :]
         g_mask = lora[:, None, None] & b_mask[None, :, :]
         bgr = tl.load(b_rows, mask=g_mask, other=0.0).to(tl.float32)
-        d_gate = tl.sum(t_gate[:, None, :] * bgr, axis=2)
         bur = tl.load(b_rows + inter * stride_bn, mask=g_mask, other=0.0).to(tl.float32)
+        wait_then_release(USE_PDL)
+        t_gate, t_up = _fold_t_rows(t_rows, t_mask, R, stride_ts, GROUP, SPLITS, BLOCK_R)
+        d_gate = tl.sum(t_gate[:, None, :] * bgr, axis=2)
         d_up = tl.sum(t_up[:, None, :] * bur, axis=2)
+    gate = tl.load(gate_up_ptr + xy, mask=xy_mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + xy + inter, mask=xy_mask, other=0.0).to(tl.float32)
     gate = (gate + tl.where(lora[:, None], d_gate * scale_gate[:, None], 0.0)).to(dtype)
     up = (up + tl.where(lora[:, None], d_up * scale_up[:, None], 0.0)).to(dtype)
     gate = gate.to(tl.float32)
