@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ops.triton_argmax import greedy_argmax
 from runtime.request import Request
 
 _NEG_INF = float("-inf")
@@ -161,15 +162,16 @@ class Sampler:
             logits.view(-1).index_fill_(0, self._upload(flat, torch.int64), _NEG_INF)
 
     def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:
-        """[B] int64 tokens from processed logits [B, V]."""
+        """[B] int64 tokens from processed logits [B, V]. Greedy rows take the row argmax
+        (ops/triton_argmax.py on CUDA: one torch reduce kernel takes a whole row to one SM)."""
         sample_rows = [i for i, r in enumerate(requests) if not r.params.is_greedy]
         if not sample_rows:
-            return logits.argmax(dim=-1)
+            return greedy_argmax(logits)
         if len(sample_rows) == len(requests):
             return self._sample(logits, requests)
         rows_t = self._upload(sample_rows, torch.int64)
         sampled = self._sample(logits.index_select(0, rows_t), [requests[i] for i in sample_rows])
-        return logits.argmax(dim=-1).index_copy_(0, rows_t, sampled)
+        return greedy_argmax(logits).index_copy_(0, rows_t, sampled)
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
         """[S] int64 tokens drawn from logits [S, V], every row with temperature > 0."""

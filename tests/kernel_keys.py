@@ -18,7 +18,7 @@ from typing import Any, Self
 OPS_MODULES = (
     "ops.triton_decode_attention", "ops.triton_prefill_attention", "ops.triton_lora_shrink",
     "ops.triton_lora_expand", "ops.triton_lora_embed", "ops.triton_rmsnorm",
-    "ops.triton_rope_store_kv", "ops.triton_silu_mul",
+    "ops.triton_rope_store_kv", "ops.triton_silu_mul", "ops.triton_argmax",
 )
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
 

@@ -127,7 +127,8 @@ def test_serving_after_warm_up_meets_only_warmed_kernel_variants(tmp_path, monke
     counts = served.counts()
     assert all(counts.get(k) for k in ("_lora_expand_kernel", "_lora_expand_rows_kernel",
                                        "_lora_embed_shrink_kernel",
-                                       "_decode_attention_kernel")), counts
+                                       "_decode_attention_kernel", "_argmax_partial_kernel",
+                                       "_argmax_final_kernel")), counts
     missing = served.keys() - warm.keys()
     assert not missing, describe(missing, warm.keys())
     # every variant compiles for the H200 (the interpreter accepts code the CUDA front end
