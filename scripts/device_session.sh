@@ -84,6 +84,11 @@
 #                                    tests, decode graph GPU tests (PDL and cuBLASLt ones
 #                                    among them), step targets with LORASERVE_LAYER_PDL=1 and
 #                                    unset, alternating
+#   scripts/device_session.sh s16b   (one GPU) layer PDL by default in decode graphs, folds
+#                                    loading B before the wait, greedy's Triton argmax: their
+#                                    GPU tests, the fold tests on CUDA, argmax_bench, step
+#                                    targets by default and with LORASERVE_LAYER_PDL=0,
+#                                    alternating
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -511,6 +516,20 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       rm -f "$OUT/step_${i}_pdl$pdl.log"  # a call returns eight files at most
     done
     rm -f "$OUT"/*.xml
+    ;;
+  s16b)  # one GPU: layer PDL by default, B loads before the wait, the Triton argmax
+    gpu_tests s16b_gpu 330 tests/test_pdl.py tests/test_argmax.py tests/test_fused_ops.py \
+      tests/test_graphs_gpu.py -k "not prefill"
+    fold_tests 150
+    timeout 60 python3 -m benchmarks.argmax_bench --block 2048 4096 8192 \
+      --out "$OUT/argmax.json" > "$OUT/argmax.log" 2>&1
+    echo "== argmax_bench: rc $?"; tail -16 "$OUT/argmax.log"
+    i=0
+    for pdl in 1 0 1 0; do
+      i=$((i + 1)); step_lora $((i == 1 ? 100 : 75)) "step_${i}_pdl$pdl" LORASERVE_LAYER_PDL=$pdl
+      rm -f "$OUT/step_${i}_pdl$pdl.log"  # a call returns eight files at most
+    done
+    rm -f "$OUT"/*.xml "$OUT/argmax.log"
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

@@ -70,10 +70,13 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 @needs_backend
-@pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 4), ("bf16", 7), ("bf16", 1)])
-def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int):
+@pytest.mark.parametrize(("dtype", "group", "pdl"),
+                         [("bf16", 4, False), ("bf16", 4, True), ("fp32", 4, False),
+                          ("bf16", 7, False), ("bf16", 1, False)])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
-    groups of 4 query heads, Qwen2.5-7B's of 7, and one."""
+    groups of 4 query heads, Qwen2.5-7B's of 7, and one; with programmatic dependent launch
+    (decode graphs) and without."""
     ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
             "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
             "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
@@ -81,7 +84,7 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int):
     block_g = 1 << (group - 1).bit_length()
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
-              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g)}
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
@@ -152,7 +155,7 @@ def test_llama_8b_lora_variants_compile_for_sm90(rank: int) -> None:
             if chunk == 16:  # decode graphs fold the expands into the next kernels
                 _folded_consumers(tokens, info, lora_row_slots(info, tokens), bufs, LoraFold,
                                   add_rmsnorm_triton, silu_mul_triton, rope_store_kv_triton)
-    keys = log.keys()
+    keys = _with_layer_pdl(log.keys())
     assert {name for name, _ in keys} >= {"_lora_shrink_kernel", "_lora_expand_kernel",
                                          "_lora_expand_rows_kernel", "_lora_embed_shrink_kernel",
                                          "_rmsnorm_kernel", "_silu_mul_kernel",
@@ -160,6 +163,34 @@ def test_llama_8b_lora_variants_compile_for_sm90(rank: int) -> None:
     compiled = compile_for_sm90(keys)
     failed = [c for c in compiled if "error" in c or c["local"] > 0]
     assert not failed, failed
+
+
+LAYER_KERNELS = {"ops.triton_rmsnorm": ("_rmsnorm_kernel", "_add_rmsnorm_fold_kernel"),
+                 "ops.triton_silu_mul": ("_silu_mul_kernel", "_silu_mul_fold_kernel"),
+                 "ops.triton_rope_store_kv": ("_rope_store_kv_kernel",)}
+
+
+def _with_layer_pdl(keys: set) -> set:
+    """keys plus, for each layer kernel's key, the one decode graphs launch it with: USE_PDL
+    and launch_pdl on (the CPU launches record them off)."""
+    import importlib
+    import inspect
+
+    positions = {}
+    for module, names in LAYER_KERNELS.items():
+        for name in names:
+            fn = getattr(importlib.import_module(module), name).fn
+            positions[name] = list(inspect.signature(fn).parameters).index("USE_PDL")
+    out = set(keys)
+    for name, spec in keys:
+        if name in positions:
+            i = positions[name]
+            assert spec[i] == ("constexpr", False), spec[i]
+            pdl = [*spec[:i], ("constexpr", True), *spec[i + 1:]]
+            pdl = [("launch_pdl", True) if p == ("launch_pdl", None) or p == ("launch_pdl", False)
+                   else p for p in pdl]
+            out.add((name, tuple(pdl)))
+    return out
 
 
 def _folded_consumers(tokens, info, row_slots, bufs, LoraFold, add_rmsnorm, silu_mul, rope_store):
