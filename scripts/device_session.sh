@@ -89,6 +89,9 @@
 #                                    GPU tests, the fold tests on CUDA, argmax_bench, step
 #                                    targets by default and with LORASERVE_LAYER_PDL=0,
 #                                    alternating
+#   scripts/device_session.sh s16c   (one GPU) decode graph replays in bf16: with layer PDL
+#                                    against without, bit for bit; against eager, with PDL and
+#                                    without
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -530,6 +533,16 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       rm -f "$OUT/step_${i}_pdl$pdl.log"  # a call returns eight files at most
     done
     rm -f "$OUT"/*.xml "$OUT/argmax.log"
+    ;;
+  s16c)  # one GPU: bf16 decode graph replays with layer PDL against without, and eager
+    timeout 240 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_graphs_gpu.py \
+      -k "replay" > "$OUT/replay_pdl.log" 2>&1
+    echo "== replay tests, layer PDL on: rc $?"
+    grep -E "bf16 graph against eager|passed|failed|max \|diff\|" "$OUT/replay_pdl.log" | head -20
+    LORASERVE_LAYER_PDL=0 timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider \
+      tests/test_graphs_gpu.py -k "replay_logits" > "$OUT/replay_nopdl.log" 2>&1
+    echo "== replay logits tests, layer PDL off: rc $?"
+    grep -E "bf16 graph against eager|passed|failed" "$OUT/replay_nopdl.log" | head -20
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py

@@ -104,18 +104,16 @@ def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
     assert used and graphed == eager
 
 
-@pytest.mark.parametrize("backend", ["csgmv", "triton"])
-def test_graph_replay_logits_bf16(setup, backend):
-    """bf16: a graph replay of a mixed decode step gives the eager forward's logits within
-    bf16 rounding. (Token identity across graph padding is not expected in bf16: a bucket pads
-    the batch, which changes the matmul shapes and so their rounding.)"""
+def mixed_decode_step(setup, backend):
+    """A bf16 engine with decode graphs, and a decode step (ForwardBatch) of 21 requests over
+    base rows and 4 adapters, rebuilt from the state prefill and a few decode steps left."""
     from runtime.scheduler import ScheduledBatch
 
     model, adapters = setup
     ps = prompts(21, read_vocab(model), seed=4, lo=4, hi=60)
     engine = make_engine(model, cuda_graph_max_bs=32, **lora_config(adapters, backend, "bfloat16"))
 
-    async def prefill_then_compare():
+    async def prefill_then_stop():
         await engine.start()
         reqs = [await engine.submit(p, greedy(64), n) for p, n in zip(ps, NAMES)]
         while any(not r.output_ids for r in reqs):
@@ -123,20 +121,61 @@ def test_graph_replay_logits_bf16(setup, backend):
         await engine.stop()  # requests are aborted, but their KV blocks are still readable
         return reqs
 
-    reqs = run(prefill_then_compare())
+    reqs = run(prefill_then_stop())
     for r in reqs:  # rebuild the decode state the aborted requests had
         engine.block_manager.allocate(r, r.num_tokens)
         r.num_computed_tokens = r.num_tokens - 1
         r.lora_slot = engine.adapters.slot_of(r.lora_name) if r.lora_name else -1
     reqs.sort(key=lambda r: r.lora_slot)
-    plan = ScheduledBatch(reqs, [1] * len(reqs))
-    fb = engine.runner.prepare(plan)
+    return engine, engine.runner.prepare(ScheduledBatch(reqs, [1] * len(reqs)))
+
+
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_graph_replay_logits_bf16(setup, backend):
+    """bf16: a graph replay of a mixed decode step gives the eager forward's logits within
+    bf16 rounding. (Token identity across graph padding is not expected in bf16: a bucket pads
+    the batch, which changes the matmul shapes and so their rounding.)"""
+    engine, fb = mixed_decode_step(setup, backend)
     with torch.inference_mode():
         eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
         graph = engine.runner.graphs.replay(fb).clone()
     rel = ((graph - eager).abs().max() / eager.abs().max()).item()
+    print(f"bf16 graph against eager, {backend}: max |diff| / max |logit| {rel:.4f}")
     assert rel < 2e-2, rel
     assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, monkeypatch):
+    """bf16, a mixed decode step: the decode graph whose layer kernels launch with PDL (the
+    default) and one captured with LORASERVE_LAYER_PDL=0 give the same logits, bit for bit
+    (the same kernels on the same data; a kernel reading before its predecessor's writes
+    landed would differ)."""
+    from ops.pdl import layer_pdl
+    from runtime.graphs import DecodeGraphs
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    engine, fb = mixed_decode_step(setup, backend)
+    assert layer_pdl(torch.device("cuda"))
+    g = engine.runner.graphs
+    with torch.inference_mode():
+        with_pdl = [g.replay(fb).clone() for _ in range(3)]
+    monkeypatch.setenv("LORASERVE_LAYER_PDL", "0")
+    layer_pdl.cache_clear()
+    try:
+        plain = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
+                             engine.runner.block_size, g.lora_backend)
+        plain.capture(engine.runner.streams.compute)
+    finally:
+        monkeypatch.delenv("LORASERVE_LAYER_PDL")
+        layer_pdl.cache_clear()
+    with torch.inference_mode():
+        without = plain.replay(fb).clone()
+    torch.cuda.synchronize()
+    for got in with_pdl:
+        diff = (got.float() - without.float()).abs().max().item()
+        assert torch.equal(got, without), f"max |diff| {diff}"
 
 
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
