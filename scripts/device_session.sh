@@ -92,6 +92,9 @@
 #   scripts/device_session.sh s16c   (one GPU) decode graph replays in bf16: with layer PDL
 #                                    against without, bit for bit; against eager, with PDL and
 #                                    without
+#   scripts/device_session.sh s16d   (one GPU) the landed code: a kernel profile of the decode
+#                                    graph replays, the HF PEFT baseline side by side, the step
+#                                    targets
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -543,6 +546,14 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       tests/test_graphs_gpu.py -k "replay_logits" > "$OUT/replay_nopdl.log" 2>&1
     echo "== replay logits tests, layer PDL off: rc $?"
     grep -E "bf16 graph against eager|passed|failed" "$OUT/replay_nopdl.log" | head -20
+    ;;
+  s16d)  # one GPU: graph-replay profile, end-to-end baseline, step targets at HEAD
+    timeout 200 python3 -m benchmarks.step_bench --lora --profile --profile-graphs \
+      --out "$OUT/profile_graphs.json" > "$OUT/profile_graphs.log" 2>&1
+    echo "== profile (graphs): rc $?"; grep -E "^  decode" "$OUT/profile_graphs.log"
+    hf_baseline 190 hf_baseline
+    step_lora 110 step_lora
+    rm -f "$OUT/profile_graphs.log"
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
