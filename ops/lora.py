@@ -17,7 +17,6 @@ several when segments are long), "csgmv" cuts segments into chunks of `chunk_siz
 tile each. Neither syncs with the host, so both can be captured in CUDA graphs.
 """
 
-import contextlib
 import functools
 import itertools
 import os
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ops.dispatch import use_triton
+from ops.scoped import ThreadSetting
 from ops.triton_lora_fold import LoraFold
 
 BACKENDS = ("csgmv", "triton")
@@ -555,21 +555,15 @@ def prepare_side_stream(device: torch.device) -> None:
         _side_stream(device)
 
 
-_capture = threading.local()
+_capture_fold = ThreadSetting(False)
 
 
-@contextlib.contextmanager
 def capture_paths(fold: bool):
     """Around a CUDA graph capture and the warm-up forwards before it (which compile its
     kernels): inside, `folds_lora` says whether the forward folds LoRA expands into the next
     kernels (fold: decode graphs; prefill graphs keep their expands, whose tiles share an
     adapter's B over many rows)."""
-    before = getattr(_capture, "fold", False)
-    _capture.fold = fold
-    try:
-        yield
-    finally:
-        _capture.fold = before
+    return _capture_fold.set(fold)
 
 
 def fold_groups() -> frozenset[str]:
@@ -588,7 +582,7 @@ def fold_groups() -> frozenset[str]:
 def folds_lora(x: Tensor) -> frozenset[str]:
     """The groups whose expand a forward over x folds into the next kernel: those of
     `fold_groups` inside `capture_paths(fold=True)` on CUDA, else none."""
-    if not (getattr(_capture, "fold", False) and use_triton(x)):
+    if not (_capture_fold.get() and use_triton(x)):
         return frozenset()
     return fold_groups()
 

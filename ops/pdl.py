@@ -18,29 +18,23 @@ prefill and eager forwards launch without it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-_scope = threading.local()
+from ops.scoped import ThreadSetting
+
+_in_decode = ThreadSetting(False)
 
 
-@contextlib.contextmanager
 def decode_scope(on: bool = True):
     """Inside (with on): the layer kernels launch with PDL where `layer_pdl` allows (decode
     graph captures and the warm-up forwards before them)."""
-    before = getattr(_scope, "on", False)
-    _scope.on = on
-    try:
-        yield
-    finally:
-        _scope.on = before
+    return _in_decode.set(on)
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,7 +53,7 @@ def resolve(pdl: bool | None, t: torch.Tensor) -> bool:
     """A wrapper's `pdl` argument: None launches with PDL inside `decode_scope` where
     `layer_pdl` allows; True needs a CUDA sm_90+ tensor."""
     if pdl is None:
-        return getattr(_scope, "on", False) and layer_pdl(t.device)
+        return _in_decode.get() and layer_pdl(t.device)
     if pdl and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
         raise ValueError("programmatic dependent launch needs a CUDA device of sm_90 or later")
     return pdl

@@ -8,10 +8,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # before triton is imported: kernels run in the interpreter on CPU tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import ops.dispatch
 from ops.triton_argmax import argmax_triton, greedy_argmax
 from runtime.request import Request, SamplingParams, new_rid
