@@ -11,9 +11,9 @@ passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary st
 
 The layer kernels launch with it inside decode graph captures (`decode_scope`, entered by
 runtime/graphs.py) on CUDA sm_90+, unless LORASERVE_LAYER_PDL=0 (read once a process). On the
-H200 it took 0.07-0.09 ms off the serving loop's base decode step and 0.15 ms off one adapter's
-at batch 1, while prefill with it ran 2 % slower (benchmarks/RESULTS.md, fifteenth session):
-prefill and eager forwards launch without it.
+H200 it took 0.09-0.11 ms off the serving loop's base decode step and 0.13-0.19 ms off one
+adapter's at batch 1, while prefill with it ran 2 % slower (benchmarks/RESULTS.md, fifteenth
+session): prefill and eager forwards launch without it.
 """
 
 from __future__ import annotations
