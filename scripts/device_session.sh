@@ -95,6 +95,10 @@
 #   scripts/device_session.sh s16d   (one GPU) the landed code: a kernel profile of the decode
 #                                    graph replays, the HF PEFT baseline side by side, the step
 #                                    targets
+#   scripts/device_session.sh s17a   (one GPU, prepared for the next session) under layer PDL:
+#                                    step targets by default, with the LoRA kernels launched
+#                                    with PDL (LORASERVE_ENABLE_PDL=1), with the fold's partials
+#                                    left split (LORASERVE_FOLD_PRESUM=0), and by default again
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -554,6 +558,14 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     hf_baseline 190 hf_baseline
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
+    ;;
+  s17a)  # one GPU: LoRA-kernel PDL and the fold's presum, A/B under layer PDL
+    i=0
+    for knob in NONE=1 LORASERVE_ENABLE_PDL=1 LORASERVE_FOLD_PRESUM=0 NONE=2; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
+      step_lora $((i == 1 ? 100 : 75)) "$name" "$knob"
+      rm -f "$OUT/$name.log"  # a call returns eight files at most
+    done
     ;;
   s10b)  # one GPU: the LoRA kernels' GPU tests; the prefill expand sweep with row prefetch
     gpu_tests lora_gpu 150 tests/test_lora_ops.py
