@@ -279,7 +279,8 @@ def decode_attention_triton(
     to whole KV tiles; the default, one 64-token tile, measured best or level on the H200:
     benchmarks/attn_bench.py), and its last slice to finish merges them.
     out: optional contiguous [B, H, D] buffer in q's dtype to write into.
-    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
+    pdl: programmatic dependent launch (ops/pdl.py; None:
+    inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     Returns o: [B, H, D] in q's dtype (out when given).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)

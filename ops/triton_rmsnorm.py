@@ -257,7 +257,8 @@ def rmsnorm_triton(
 
     x: [T, N] (rows contiguous, any row stride), bf16/fp16/fp32. weight: [N], x's dtype.
     out: optional [T, N] buffer (rows contiguous) in x's dtype.
-    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
+    pdl: programmatic dependent launch (ops/pdl.py; None:
+    inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     Returns out: [T, N] in x's dtype.
     """
     _check(x, weight)
@@ -282,8 +283,8 @@ def add_rmsnorm_triton(
     weight: [N] in x's dtype. out, residual_out: optional [T, N] buffers (rows contiguous) in
     x's dtype for the norm and for s; residual_out may be residual itself (each element is read
     before it is written, by the same program). fold: x's LoRA delta, added to x first (x
-    itself is not written). pdl: programmatic dependent launch (ops/pdl.py; None:
-    LORASERVE_LAYER_PDL). Returns (out, residual_out).
+    itself is not written). pdl: programmatic dependent launch (ops/pdl.py; None: inside
+    decode graph captures, unless LORASERVE_LAYER_PDL=0). Returns (out, residual_out).
     """
     _check(x, weight)
     _check(residual, weight, "residual")

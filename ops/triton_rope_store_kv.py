@@ -208,7 +208,8 @@ def rope_store_kv_triton(
     epsilon. q_out: optional [T, H, D] buffer (head rows contiguous) in q's dtype.
     fold: the qkv projection's LoRA delta (slices q, k, v), when q, k and v are views of that
     output [T, H*D + 2*KVH*D]; added to the values as they are loaded.
-    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
+    pdl: programmatic dependent launch (ops/pdl.py; None:
+    inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     Returns q_out: [T, H, D] in q's dtype.
     """
     _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)

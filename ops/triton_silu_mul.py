@@ -155,7 +155,8 @@ def silu_mul_triton(
     gate_up: [T, 2 * inter] (rows contiguous, any row stride), bf16/fp16/fp32.
     out: optional [T, inter] buffer (rows contiguous) in gate_up's dtype.
     fold: gate_up's LoRA delta (two slices: gate, up), added to the values as they are loaded.
-    pdl: programmatic dependent launch (ops/pdl.py; None: LORASERVE_LAYER_PDL).
+    pdl: programmatic dependent launch (ops/pdl.py; None:
+    inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     Returns out: [T, inter] in gate_up's dtype.
     """
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
