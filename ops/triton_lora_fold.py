@@ -16,7 +16,10 @@ fp32: a kernel folds a row, a head of one, or (SiLU*up) a group of 8 rows at a t
 the tensor cores.
 
 The kernels take the fold's arguments through `fold_args` and the jit helpers below, with
-FOLD=False (and placeholder pointers) when nothing is folded.
+FOLD=False (and placeholder pointers) when nothing is folded. A consumer loads its B rows
+(`lora_fold_b`) before it waits on the kernel ahead (ops/pdl.py: no layer kernel writes B), and
+its t (`lora_fold_t`) and the projection's output after, then adds the delta
+(`lora_fold_apply`).
 """
 
 from __future__ import annotations
@@ -134,13 +137,3 @@ def lora_fold_apply(y, b, t, scal_ptr, slot, slice_id, live, stride_ss, stride_s
     d = tl.where(live & (slot >= 0), tl.sum(b * t[None, :], axis=1) * scale, 0.0)
     return (y + d).to(like_ptr.dtype.element_ty).to(tl.float32)
 
-
-@triton.jit
-def lora_fold_add(y, b_ptr, scal_ptr, slot, t, slice_id, cols, live, R, stride_bs, stride_bn,
-                  stride_ss, stride_si, like_ptr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
-    """y (fp32, as loaded) plus its delta for columns `cols` (absolute in the group's N_total,
-    all in slice `slice_id`) of a row of adapter `slot` whose t (lora_fold_t) is `t`, rounded to
-    like_ptr's dtype as the expand stores it, back in fp32. Zero delta for slot -1."""
-    b = lora_fold_b(b_ptr, slot, cols, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
-    return lora_fold_apply(y, b, t, scal_ptr, slot, slice_id, live, stride_ss, stride_si,
-                           like_ptr)
