@@ -83,17 +83,25 @@ def _argmax_final_kernel(
     tl.store(out_ptr + row, idx.to(tl.int64))
 
 
-def _check(logits: torch.Tensor, block: int) -> None:
+def _refusal(logits: torch.Tensor) -> str | None:
+    """Why the kernels cannot take `logits`, or None."""
     if logits.dim() != 2:
-        raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
+        return f"logits must be [B, V], got {tuple(logits.shape)}"
     if logits.dtype not in _DTYPES:
-        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+        return f"logits must be float32, bfloat16 or float16, got {logits.dtype}"
     if logits.shape[1] == 0:
-        raise ValueError("logits have no columns: argmax of an empty row")
+        return "logits have no columns: argmax of an empty row"
     if logits.shape[1] > _INT32_MAX:
-        raise ValueError(f"rows of {logits.shape[1]} entries exceed int32 indices")
+        return f"rows of {logits.shape[1]} entries exceed int32 indices"
     if logits.stride(1) != 1:
-        raise ValueError("logits rows must be contiguous")
+        return "logits rows must be contiguous"
+    return None
+
+
+def _check(logits: torch.Tensor, block: int) -> None:
+    refusal = _refusal(logits)
+    if refusal is not None:
+        raise ValueError(refusal)
     if block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
     if cdiv(logits.shape[1], block) > _MAX_PARTIALS:
@@ -140,7 +148,6 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) of [B, V] logits: the Triton kernels where ops.dispatch.use_triton
     says so and they take the tensor (2-D, rows contiguous, a float dtype they read, V > 0),
     else torch."""
-    if (use_triton(logits) and logits.dim() == 2 and logits.dtype in _DTYPES
-            and 0 < logits.shape[1] <= _INT32_MAX and logits.stride(1) == 1):
+    if use_triton(logits) and _refusal(logits) is None:
         return argmax_triton(logits)
     return logits.argmax(dim=-1)
