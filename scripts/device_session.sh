@@ -80,10 +80,6 @@
 #                                    captured with cuBLASLt from batch 16: the decode graph GPU
 #                                    tests (the cuBLASLt one among them), step targets with
 #                                    LORASERVE_DECODE_CUBLASLT_MIN_BS=16 and unset, alternating
-#   scripts/device_session.sh s16a   (one GPU) the layer kernels launched with PDL: their GPU
-#                                    tests, decode graph GPU tests (PDL and cuBLASLt ones
-#                                    among them), step targets with LORASERVE_LAYER_PDL=1 and
-#                                    unset, alternating
 #   scripts/device_session.sh s16b   (one GPU) layer PDL by default in decode graphs, folds
 #                                    loading B before the wait, greedy's Triton argmax: their
 #                                    GPU tests, the fold tests on CUDA, argmax_bench, step
@@ -102,7 +98,8 @@
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
-# s14a-s14d) are in the commits benchmarks/RESULTS.md names for their runs.
+# s14a-s14d), or that s16b repeats (s16a), are in the commits benchmarks/RESULTS.md names for
+# their runs.
 # Every part has its own time limit so the call always reports; results land under $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -515,15 +512,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       i=$((i + 1)); step_lora $((i == 1 ? 100 : 70)) "step_${i}_lt$min_bs" \
         LORASERVE_DECODE_CUBLASLT_MIN_BS=$min_bs
       rm -f "$OUT/step_${i}_lt$min_bs.log"  # a call returns eight files at most
-    done
-    rm -f "$OUT"/*.xml
-    ;;
-  s16a)  # one GPU: the layer kernels with programmatic dependent launch against without
-    gpu_tests pdl_gpu 300 tests/test_pdl.py tests/test_graphs_gpu.py -k "not prefill"
-    i=0
-    for pdl in 1 0 1 0; do
-      i=$((i + 1)); step_lora $((i == 1 ? 100 : 75)) "step_${i}_pdl$pdl" LORASERVE_LAYER_PDL=$pdl
-      rm -f "$OUT/step_${i}_pdl$pdl.log"  # a call returns eight files at most
     done
     rm -f "$OUT"/*.xml
     ;;
