@@ -5,7 +5,9 @@ heads over 8 KV heads of 128, 16-token pages, pages shuffled) and one query per 
 variant's launches over all layers are captured in one CUDA graph and replayed. The block table
 is as wide as a decode graph's (the model's context length), so the default slice count is the
 one serving uses. Variants: each --min-split (the shortest slice a sequence's own length is cut
-into; its last slice merges them), and with --one-slice one slice a sequence. Each line gives
+into; its last slice merges them), with --one-slice one slice a sequence, and with --configs
+each launch configuration (BLOCK_N x num_warps x num_stages) at each --splits slice count (0:
+the default count), min split 64. Each line gives
 the largest error against the first variant's output. (At commit 1ab65fa a `launch` variant
 also ran the kernel before, every slice of the table's width merged by a second kernel:
 benchmarks/RESULTS.md, thirteenth session.)
@@ -51,6 +53,10 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, nargs="+", default=[143, 1024, 4096])
     ap.add_argument("--min-split", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--one-slice", action="store_true", help="also one slice a sequence")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="launch configurations BLOCK_NxWARPSxSTAGES, e.g. 64x4x3")
+    ap.add_argument("--splits", type=int, nargs="+", default=[0],
+                    help="slice counts for --configs (0: the default count)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--max-gb", type=float, default=24.0, help="KV bytes a case may allocate")
     ap.add_argument("--reps", type=int, default=30)
@@ -64,6 +70,13 @@ def main() -> None:
     variants = [(f"min split {m}", {"min_split": m}) for m in a.min_split]
     if a.one_slice:
         variants.append(("1 slice", {"num_splits": 1}))
+    for text in a.configs:
+        config = tuple(int(x) for x in text.split("x"))
+        if len(config) != 3:
+            ap.error(f"--configs takes BLOCK_NxWARPSxSTAGES, got {text!r}")
+        for splits in a.splits:
+            kw = {"config": config, **({"num_splits": splits} if splits else {})}
+            variants.append((f"{text} s{splits or 'auto'}", kw))
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in a.batch:
@@ -84,7 +97,7 @@ def main() -> None:
                        "kv_gbps": kv_bytes / us / 1e3, "share_of_copy": kv_bytes / us / 1e-6 / bw,
                        "max_err_vs_first": err}
                 rows.append(row)
-                print(f"b{batch:<3} ctx {ctx:<5} {name:<15} {us:8.2f} us  "
+                print(f"b{batch:<3} ctx {ctx:<5} {name:<17} {us:8.2f} us  "
                       f"{row['kv_gbps']:7.0f} GB/s ({100 * row['share_of_copy']:4.1f} % of copy)"
                       f"  err {err:.2e}", flush=True)
             del items

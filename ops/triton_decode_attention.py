@@ -265,6 +265,7 @@ def decode_attention_triton(
     min_split: int = 64,
     out: Tensor | None = None,
     pdl: bool | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache.
 
@@ -281,6 +282,8 @@ def decode_attention_triton(
     out: optional contiguous [B, H, D] buffer in q's dtype to write into.
     pdl: programmatic dependent launch (ops/pdl.py; None:
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
+    config: (BLOCK_N, num_warps, num_stages) instead of the measured default (benchmarks sweep
+    it: benchmarks/attn_bench.py --configs).
     Returns o: [B, H, D] in q's dtype (out when given).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)
@@ -303,7 +306,11 @@ def decode_attention_triton(
         raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
     if min_split < 1:
         raise ValueError(f"min_split must be positive, got {min_split}")
-    block_n, num_warps, num_stages = _launch_config(head_dim, q.dtype == torch.float32)
+    if config is None:
+        config = _launch_config(head_dim, q.dtype == torch.float32)
+    block_n, num_warps, num_stages = config
+    if block_n not in (16, 32, 64, 128) or num_warps not in (1, 2, 4, 8) or num_stages < 1:
+        raise ValueError(f"config (BLOCK_N, num_warps, num_stages) out of range: {config}")
     pdl = resolve(pdl, q)
     # Partials are unused with one slice; a one-element placeholder keeps the signature.
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)

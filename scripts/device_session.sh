@@ -547,6 +547,11 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
+  s18a)  # one GPU: decode attention's launch configurations and slice counts; then s17a
+    attn_bench 180 --batch 1 8 32 --ctx 143 1024 --min-split 64 --reps 20 --configs 64x4x3 \
+      64x4x1 64x4x2 64x8x1 32x4x1 32x2x1 16x2x1 128x8x1 128x4x1 --splits 0 1 4 8
+    "$0" s17a
+    ;;
   s17a)  # one GPU: LoRA-kernel PDL and the fold's presum, A/B under layer PDL
     i=0
     for knob in NONE=1 LORASERVE_ENABLE_PDL=1 LORASERVE_FOLD_PRESUM=0 NONE=2; do

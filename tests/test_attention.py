@@ -261,6 +261,21 @@ def test_decode_slices_follow_length_and_merge_in_kernel(num_splits: int, min_sp
     assert counts.shape[0] >= 6 * 2 and not counts.any()
 
 
+@pytest.mark.parametrize("config", [(16, 2, 1), (32, 4, 2), (128, 8, 1)])
+def test_decode_launch_configs(config: tuple[int, int, int]) -> None:
+    """Other tile widths and warp counts (benchmarks/attn_bench.py --configs) compute the same
+    attention: slices of whole tiles of the given width, merged in the kernel."""
+    batch = make_batch([1] * 3, [5, 130, 300], 8, 2, 32, 16, torch.float32, seed=config[0])
+    got = run_decode_triton(batch, 0.3, 4, config=config)
+    torch.testing.assert_close(got, decode_reference(batch, 0.3), **TOLERANCES[torch.float32])
+
+
+def test_decode_rejects_bad_config() -> None:
+    batch = make_batch([1], [5], 4, 2, 32, 4, torch.float32)
+    with pytest.raises(ValueError, match="config"):
+        run_decode_triton(batch, 0.3, 1, config=(48, 4, 2))
+
+
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
 def test_decode_triton_head_dims_and_default_splits(head_dim: int) -> None:
     batch = make_batch([1] * 3, [5, 130, 16], 8, 2, head_dim, 8, torch.float16, seed=head_dim)
