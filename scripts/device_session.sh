@@ -547,6 +547,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
+  s18b)  # one GPU: the skinny GEMM with PDL and its L2 prefetch: GPU tests, then the step A/B
+    gpu_tests skinny 150 tests/test_skinny_gemm.py tests/test_graphs_gpu.py -k "skinny or pdl"
+    rm -f "$OUT"/*.xml
+    i=0
+    for knob in LORASERVE_SKINNY_GEMM=0 LORASERVE_SKINNY_GEMM=all \
+        "LORASERVE_SKINNY_GEMM=all LORASERVE_SKINNY_PREFETCH_MB=0" LORASERVE_SKINNY_GEMM=0 \
+        LORASERVE_SKINNY_GEMM=all; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      # shellcheck disable=SC2086
+      step_lora $((i == 1 ? 100 : 75)) "$name" $knob
+      rm -f "$OUT/$name.log"
+    done
+    ;;
   s18a)  # one GPU: decode attention's launch configurations and slice counts; then s17a
     attn_bench 180 --batch 1 8 32 --ctx 143 1024 --min-split 64 --reps 20 --configs 64x4x3 \
       64x4x1 64x4x2 64x8x1 32x4x1 32x2x1 16x2x1 128x8x1 128x4x1 --splits 0 1 4 8
