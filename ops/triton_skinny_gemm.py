@@ -144,6 +144,8 @@ def decode_tile(n: int, rows: int) -> tuple[int, int, int] | None:
         return 64, 256, 4
     if n >= 65536:
         return 64, 128, 4
+    if os.environ.get("LORASERVE_SKINNY_GATE_UP", "0") == "1":  # A/B: gate_up too
+        return 64, 256, 4
     return None
 
 

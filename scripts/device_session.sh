@@ -547,6 +547,22 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
+  s18c)  # one GPU: base decode over batches 1-32, skinny GEMM off / on (prefetch 0, 2 MB; gate_up)
+    i=0
+    for knob in LORASERVE_SKINNY_GEMM=0 "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0" \
+        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0 LORASERVE_SKINNY_GATE_UP=1" \
+        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=2" LORASERVE_SKINNY_GEMM=0 \
+        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0" \
+        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0 LORASERVE_SKINNY_GATE_UP=1"; do
+      i=$((i + 1)); name="base_${i}"
+      # shellcheck disable=SC2086
+      env $knob timeout $((i == 1 ? 110 : 80)) python3 -m benchmarks.step_bench --steps 10 \
+        --batch 1 2 4 8 16 32 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== base step_bench $knob: rc $?"
+      grep -E "^(decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+      rm -f "$OUT/$name.log"
+    done
+    ;;
   s18b)  # one GPU: the skinny GEMM with PDL and its L2 prefetch: GPU tests, then the step A/B
     gpu_tests skinny 150 tests/test_skinny_gemm.py tests/test_graphs_gpu.py -k "skinny or pdl"
     rm -f "$OUT"/*.xml
