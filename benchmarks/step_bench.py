@@ -219,7 +219,24 @@ def kernel_kind(name: str) -> str:
     return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other")
 
 
-def profile_steps(engine: Engine, steps: int = 5, warm: bool = True, eager: bool = True) -> dict:
+def kernel_timeline(prof) -> list[list]:
+    """The profiled kernels in start order as [stream, name (48 characters), start us (from the
+    first kernel), duration us], from the profiler's trace."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())
+    kernels = [e for e in trace.get("traceEvents", [])
+               if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "ts" in e]
+    if not kernels:
+        return []
+    t0 = min(float(e["ts"]) for e in kernels)
+    rows = [[e.get("args", {}).get("stream", e.get("tid")), e.get("name", "")[:48],
+             round(float(e["ts"]) - t0, 2), round(float(e.get("dur", 0.0)), 2)] for e in kernels]
+    return sorted(rows, key=lambda r: r[2])
+
+
+def profile_steps(engine: Engine, steps: int = 5, warm: bool = True, eager: bool = True,
+                  timeline: bool = False) -> dict:
     """GPU time of the running batch's next `steps` steps by kernel category (torch.profiler).
     eager: decode runs without its CUDA graphs, kernel by kernel (durations are the kernels'
     own); else the graphs replay, with what they capture (decode graphs fold LoRA expands into
@@ -254,21 +271,24 @@ def profile_steps(engine: Engine, steps: int = 5, warm: bool = True, eager: bool
         named[0] += ms
         named[1] += 1 / steps
     top = dict(sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS])
-    return {"ms_per_step": by_kind, "kernels_per_step": {k: v / steps for k, v in count.items()},
-            "total_ms": sum(by_kind.values()), "top_kernels": top}
+    out = {"ms_per_step": by_kind, "kernels_per_step": {k: v / steps for k, v in count.items()},
+           "total_ms": sum(by_kind.values()), "top_kernels": top}
+    if timeline:
+        out["timeline"] = kernel_timeline(prof)
+    return out
 
 
-def profile_cases(engine: Engine, prompt: int, names: list[str], eager: bool = True
-                  ) -> list[dict]:
+def profile_cases(engine: Engine, prompt: int, names: list[str], eager: bool = True,
+                  timeline: bool = False) -> list[dict]:
     """profile_steps for base decode at batch 1 and 32, the adapter cases, and prefill (not
-    with eager=False: decode graphs only)."""
+    with eager=False: decode graphs only); timeline: with each decode case's kernel timeline."""
     out = []
     cases = [(1, None), (32, None)] + ([(1, 1), (32, 8), (32, 32)] if names else [])
     for b, n in cases:
         add_requests(engine, b, prompt, names[:n] if n else [None])
         prefill_all(engine)
         out.append({"case": f"decode batch {b}, {n or 0} adapters{'' if eager else ', graphs'}",
-                    **profile_steps(engine, eager=eager)})
+                    **profile_steps(engine, eager=eager, timeline=timeline)})
         clear(engine)
     if not eager:
         return out
@@ -317,6 +337,9 @@ def main() -> None:
     ap.add_argument("--profile-graphs", action="store_true",
                     help="with --profile: the decode cases replayed from their CUDA graphs "
                     "(else run eagerly, kernel by kernel)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="with --profile: also each decode case's kernels in start order, with "
+                    "their streams (from the profiler's trace)")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"],
                     help="torch's preferred BLAS library for the run (default: torch's own)")
     ap.add_argument("--out", type=Path)
@@ -349,7 +372,8 @@ def main() -> None:
                 await engine.adapters.load(p.name, str(p))
         asyncio.run(load_all())
     if a.profile:
-        prof = profile_cases(engine, a.prompt, names, eager=not a.profile_graphs)
+        prof = profile_cases(engine, a.prompt, names, eager=not a.profile_graphs,
+                             timeline=a.timeline)
         print_profile(prof)
         if a.out:
             a.out.write_text(json.dumps({"shape": a.shape, "profile": prof}, indent=2))

@@ -547,6 +547,12 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
+  s18d)  # one GPU: kernel timelines of the decode graphs (streams, starts, durations)
+    timeout 200 python3 -m benchmarks.step_bench --lora --profile --profile-graphs --timeline \
+      --out "$OUT/timeline.json" > "$OUT/timeline.log" 2>&1
+    echo "== timeline: rc $?"; grep -E "total" "$OUT/timeline.log"
+    gzip -9 "$OUT/timeline.json"; ls -la "$OUT"
+    ;;
   s18c)  # one GPU: base decode over batches 1-32, skinny GEMM off / on (prefetch 0, 2 MB; gate_up)
     i=0
     for knob in LORASERVE_SKINNY_GEMM=0 "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0" \

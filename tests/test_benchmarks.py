@@ -366,3 +366,23 @@ def test_step_bench_lora_cases_parse() -> None:
     for bad in ("3x", "2x4", "64x33", "ax1"):
         with pytest.raises(SystemExit, match="--lora-cases"):
             parse_lora_cases([bad])
+
+
+def test_step_bench_kernel_timeline() -> None:
+    """--timeline reads the profiler's trace: kernels (and copies) only, in start order, times
+    from the first one, with their streams."""
+    from benchmarks.step_bench import kernel_timeline
+
+    events = [
+        {"cat": "kernel", "name": "gemm", "ts": 105.0, "dur": 10.0, "args": {"stream": 7}},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 90.0, "dur": 50.0},
+        {"cat": "kernel", "name": "shrink", "ts": 100.5, "dur": 3.25, "args": {"stream": 9}},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 120.0, "dur": 1.0, "tid": 7},
+    ]
+
+    class Prof:
+        def export_chrome_trace(self, path: str) -> None:
+            Path(path).write_text(json.dumps({"traceEvents": events}))
+
+    assert kernel_timeline(Prof()) == [[9, "shrink", 0.0, 3.25], [7, "gemm", 4.5, 10.0],
+                                       [7, "Memcpy DtoD", 19.5, 1.0]]
