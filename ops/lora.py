@@ -667,15 +667,11 @@ def _base_and_shrink(
     side = _side_stream(x.device)
     main = torch.cuda.current_stream(x.device)
     side.fork.record(main)
-    base_first = os.environ.get("LORASERVE_SHRINK_ORDER", "") == "after"  # A/B knob (s18e)
-    if base_first:
-        y = base(x)
     side.stream.wait_event(side.fork)
     with torch.cuda.stream(side.stream):
         shrink()
     side.join.record(side.stream)
-    if not base_first:
-        y = base(x)
+    y = base(x)
     main.wait_event(side.join)
     return y, t
 

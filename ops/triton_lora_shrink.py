@@ -24,8 +24,6 @@ kernel on the stream finishes: it reads only the row table before `gdc_wait`, an
 expand launch early so the expand can fetch its B tiles meanwhile.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -153,11 +151,10 @@ def shrink_split_k(
     (programs of empty or base entries are cheap but not free), the partials within
     MAX_PARTIAL_ROWS rows and the split count within `max_split` (what the expand sums in one
     load)."""
-    waves = float(os.environ.get("LORASERVE_SHRINK_WAVES", "8"))  # A/B knob (s18e)
     split = 1
     while (
         split * 2 <= min(num_k_blocks, max_split)
-        and num_programs * split * 2 <= waves * num_sms
+        and num_programs * split * 2 <= 8 * num_sms
         and num_tokens * split * 2 <= MAX_PARTIAL_ROWS
     ):
         split *= 2

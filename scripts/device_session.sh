@@ -547,15 +547,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
-  s18e)  # one GPU: the shrink's waves (fewer splits at 32 adapters) and its capture order, A/B
-    i=0
-    for knob in NONE=1 LORASERVE_SHRINK_WAVES=1 LORASERVE_SHRINK_ORDER=after NONE=2 \
-        LORASERVE_SHRINK_WAVES=1; do
-      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
-      step_lora $((i == 1 ? 100 : 75)) "$name" "$knob"
-      rm -f "$OUT/$name.log"
-    done
-    ;;
   s18d)  # one GPU: kernel timelines of the decode graphs (streams, starts, durations)
     timeout 200 python3 -m benchmarks.step_bench --lora --profile --profile-graphs --timeline \
       --out "$OUT/timeline.json" > "$OUT/timeline.log" 2>&1
