@@ -24,6 +24,8 @@ kernel on the stream finishes: it reads only the row table before `gdc_wait`, an
 expand launch early so the expand can fetch its B tiles meanwhile.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -167,7 +169,8 @@ def shrink_blocks(
     """(BLOCK_N, BLOCK_K, fold) of the shrink: narrow rank tiles at decode sizes (more programs,
     fewer bytes each); past decode sizes, every slice's columns in one tile when they fit in 64
     (fold: x is read once for all slices), wider K tiles while the tile stays small."""
-    fold = num_tokens > 64 and num_slices > 1 and num_slices * rank_pad <= 64
+    fold_decode = os.environ.get("LORASERVE_SHRINK_FOLD_DECODE", "0") == "1"  # A/B knob (s18f)
+    fold = (num_tokens > 64 or fold_decode) and num_slices > 1 and num_slices * rank_pad <= 64
     if fold:
         block_n = max(16, next_pow2(num_slices * rank_pad))
     else:

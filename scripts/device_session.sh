@@ -547,6 +547,12 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
+  s18f)  # one GPU: the decode shrink with its slices folded into one tile, twice (this
+    # session's other processes give the landed code's spread)
+    step_lora 100 step_1_fold LORASERVE_SHRINK_FOLD_DECODE=1
+    step_lora 85 step_2_fold LORASERVE_SHRINK_FOLD_DECODE=1
+    rm -f "$OUT"/*.log
+    ;;
   s18d)  # one GPU: kernel timelines of the decode graphs (streams, starts, durations)
     timeout 200 python3 -m benchmarks.step_bench --lora --profile --profile-graphs --timeline \
       --out "$OUT/timeline.json" > "$OUT/timeline.log" 2>&1

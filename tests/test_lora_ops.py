@@ -5,6 +5,7 @@ Triton backends against the reference (CPU tensors under TRITON_INTERPRET=1; rea
 import dataclasses
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -771,3 +772,15 @@ def test_per_step_args_name_kernel_parameters() -> None:
         params = inspect.signature(getattr(module, kernel).fn).parameters
         assert module.PER_STEP_ARGS and set(module.PER_STEP_ARGS) <= set(params), kernel
 
+
+
+@pytest.mark.parametrize("fold_decode", ["0", "1"])
+def test_decode_shrink_with_slices_folded(monkeypatch, fold_decode: str) -> None:
+    """LORASERVE_SHRINK_FOLD_DECODE=1 (an A/B knob of the device session) folds every slice's
+    columns into one shrink tile at decode sizes too: the same t and LoRA output."""
+    monkeypatch.setenv("LORASERVE_SHRINK_FOLD_DECODE", fold_decode)
+    CASES_DECODE = {"n3-decode": ([16, 4, 8], 16, 40, [32, 8, 8],
+                                  [(0, 1), (-1, 1), (2, 1), (1, 1), (-1, 1)])}
+    monkeypatch.setattr(sys.modules[__name__], "CASES", {**CASES, **CASES_DECODE})
+    for split_k in (None, 2):
+        run_case("n3-decode", torch.float32, "csgmv", 16, split_k)
