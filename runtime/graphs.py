@@ -28,7 +28,6 @@ from ops.lora import (
 )
 from ops.pdl import decode_scope
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
-from ops.triton_skinny_gemm import graph_scope
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
 
@@ -181,7 +180,7 @@ class DecodeGraphs:
             for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
                 for with_lora in variants:
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
-                    with blas_library(decode_blas(bs, with_lora)), graph_scope(with_lora):
+                    with blas_library(decode_blas(bs, with_lora)):
                         g, logits = capture_graph(
                             lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
                             self.pool, fold=with_lora, decode=True,

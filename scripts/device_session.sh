@@ -91,14 +91,20 @@
 #   scripts/device_session.sh s16d   (one GPU) the landed code: a kernel profile of the decode
 #                                    graph replays, the HF PEFT baseline side by side, the step
 #                                    targets
-#   scripts/device_session.sh s17a   (one GPU, prepared for the next session) under layer PDL:
-#                                    step targets by default, with the LoRA kernels launched
-#                                    with PDL (LORASERVE_ENABLE_PDL=1), with the fold's partials
-#                                    left split (LORASERVE_FOLD_PRESUM=0), and by default again
+#   scripts/device_session.sh s17a   (one GPU) under layer PDL: step targets by default, with
+#                                    the LoRA kernels launched with PDL (LORASERVE_ENABLE_PDL=1),
+#                                    with the fold's partials left split
+#                                    (LORASERVE_FOLD_PRESUM=0), and by default again
+#   scripts/device_session.sh s18a   (one GPU) decode attention's launch configurations and
+#                                    slice counts (attn_bench --configs), then s17a
+#   scripts/device_session.sh s18d   (one GPU) kernel timelines of the decode graph replays
+#                                    (step_bench --profile --profile-graphs --timeline)
+#   scripts/device_session.sh s18f   (one GPU) step targets with the decode shrink's slices
+#                                    folded into one tile (LORASERVE_SHRINK_FOLD_DECODE=1), twice
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
-# s14a-s14d), or that s16b repeats (s16a), are in the commits benchmarks/RESULTS.md names for
+# s14a-s14d, s18b, s18c, s18e), or that s16b repeats (s16a), are in the commits benchmarks/RESULTS.md names for
 # their runs.
 # Every part has its own time limit so the call always reports; results land under $OUT.
 set -u
@@ -558,35 +564,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --out "$OUT/timeline.json" > "$OUT/timeline.log" 2>&1
     echo "== timeline: rc $?"; grep -E "total" "$OUT/timeline.log"
     gzip -9 "$OUT/timeline.json"; ls -la "$OUT"
-    ;;
-  s18c)  # one GPU: base decode over batches 1-32, skinny GEMM off / on (prefetch 0, 2 MB; gate_up)
-    i=0
-    for knob in LORASERVE_SKINNY_GEMM=0 "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0" \
-        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0 LORASERVE_SKINNY_GATE_UP=1" \
-        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=2" LORASERVE_SKINNY_GEMM=0 \
-        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0" \
-        "LORASERVE_SKINNY_GEMM=base LORASERVE_SKINNY_PREFETCH_MB=0 LORASERVE_SKINNY_GATE_UP=1"; do
-      i=$((i + 1)); name="base_${i}"
-      # shellcheck disable=SC2086
-      env $knob timeout $((i == 1 ? 110 : 80)) python3 -m benchmarks.step_bench --steps 10 \
-        --batch 1 2 4 8 16 32 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-      echo "== base step_bench $knob: rc $?"
-      grep -E "^(decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
-      rm -f "$OUT/$name.log"
-    done
-    ;;
-  s18b)  # one GPU: the skinny GEMM with PDL and its L2 prefetch: GPU tests, then the step A/B
-    gpu_tests skinny 150 tests/test_skinny_gemm.py tests/test_graphs_gpu.py -k "skinny or pdl"
-    rm -f "$OUT"/*.xml
-    i=0
-    for knob in LORASERVE_SKINNY_GEMM=0 LORASERVE_SKINNY_GEMM=all \
-        "LORASERVE_SKINNY_GEMM=all LORASERVE_SKINNY_PREFETCH_MB=0" LORASERVE_SKINNY_GEMM=0 \
-        LORASERVE_SKINNY_GEMM=all; do
-      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
-      # shellcheck disable=SC2086
-      step_lora $((i == 1 ? 100 : 75)) "$name" $knob
-      rm -f "$OUT/$name.log"
-    done
     ;;
   s18a)  # one GPU: decode attention's launch configurations and slice counts; then s17a
     attn_bench 180 --batch 1 8 32 --ctx 143 1024 --min-split 64 --reps 20 --configs 64x4x3 \

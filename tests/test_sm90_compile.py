@@ -89,19 +89,6 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     assert _compile(case)["cubin"] > 0
 
 
-@needs_backend
-@pytest.mark.parametrize(("rows", "prefetch", "pdl"), [(1, 2048, True), (32, 0, True),
-                                                       (32, 0, False)])
-def test_skinny_gemm_compiles_for_sm90(rows: int, prefetch: int, pdl: bool):
-    """The decode GEMM with programmatic dependent launch and its L2 prefetch's inline PTX
-    (cp.async.bulk.prefetch.L2), and without them."""
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
-    consts = {"BLOCK_M": max(16, rows), "BLOCK_N": 32, "BLOCK_K": 256, "STAGES": 4,
-              "PREFETCH_BYTES": prefetch, "USE_PDL": pdl}
-    out = _compile(["ops.triton_skinny_gemm", "_skinny_gemm_kernel", ptrs, consts])
-    assert out["cubin"] > 0 and out["shared"] <= 227 * 1024
-
-
 LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                    "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 # (tokens, rows of each adapter, table padded to, chunk rows): decode graphs over 1 to 200

@@ -40,7 +40,6 @@ from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
 from ops.triton_rope_store_kv import rope_store_kv_triton
 from ops.triton_silu_mul import silu_mul_triton
-from ops.triton_skinny_gemm import decode_linear
 from runtime.adapters.pool import LoraGroupBuffers, LoraPool
 from runtime.model.batch import ForwardBatch
 from runtime.model.loader import ModelLoadError, inv_freq, rope_params
@@ -154,10 +153,9 @@ def project(
 ) -> torch.Tensor:
     """linear(x) + LoRA(x) for every adapter row of the step. On CUDA the shrink may run on a
     side stream beside the projection (ops.lora.linear_lora)."""
-    base = decode_linear(linear, x)
     if group is None or info is None:
-        return base(x)
-    return lora_linear(x, base, group.A, group.B, group.slice_offsets, group.scalings, info)
+        return linear(x)
+    return lora_linear(x, linear, group.A, group.B, group.slice_offsets, group.scalings, info)
 
 
 @dataclass(frozen=True)
@@ -178,8 +176,7 @@ def project_fold(
     if group is None or info is None or plan is None or name not in plan.groups:
         return project(linear, x, group, info), None
     return lora_linear_fold(
-        x, decode_linear(linear, x), group.A, group.B, group.slice_offsets, group.scalings, info,
-        plan.row_slots,
+        x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots
     )
 
 
@@ -416,7 +413,7 @@ class CausalLM(nn.Module):
     def logits(self, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """lm_head (+ its LoRA for fb.lora_logits' rows): [rows, hidden] -> [rows, vocab] fp32."""
         pool = self.lora_pool if fb.lora is not None else None
-        logits = decode_linear(self.lm_head, h)(h)  # [B, vocab]
+        logits = self.lm_head(h)  # [B, vocab]
         if pool is not None and pool.lm_head is not None:
             apply_lora(h, logits, pool.lm_head, fb.lora_logits)
         return logits.float()
