@@ -176,6 +176,12 @@ def shrink_blocks(
     else:
         block_n = 16 if num_tokens <= 64 else min(64, max(16, next_pow2(rank_pad)))
     block_k = 128 if block_m * block_n <= 1024 else 64
+    decode_k = os.environ.get("LORASERVE_SHRINK_DECODE_BLOCK_K", "")  # A/B knob (s18g)
+    if decode_k and num_tokens <= 64:
+        block_k = int(decode_k)
+        if block_k < 16 or block_k & (block_k - 1):
+            raise ValueError(f"LORASERVE_SHRINK_DECODE_BLOCK_K: {decode_k!r} is not a power of "
+                             "two of at least 16")
     return block_n, min(block_k, max(16, next_pow2(k_dim))), fold
 
 

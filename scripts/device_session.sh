@@ -101,6 +101,8 @@
 #                                    (step_bench --profile --profile-graphs --timeline)
 #   scripts/device_session.sh s18f   (one GPU) step targets with the decode shrink's slices
 #                                    folded into one tile (LORASERVE_SHRINK_FOLD_DECODE=1), twice
+#   scripts/device_session.sh s18g   (one GPU) step targets with the decode shrink's K tile at
+#                                    512 columns (LORASERVE_SHRINK_DECODE_BLOCK_K=512), once
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -552,6 +554,10 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     hf_baseline 190 hf_baseline
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
+    ;;
+  s18g)  # one GPU: step targets with the decode shrink's K tile at 512 (one process)
+    step_lora 130 step_1_k512 LORASERVE_SHRINK_DECODE_BLOCK_K=512
+    rm -f "$OUT"/*.log
     ;;
   s18f)  # one GPU: the decode shrink with its slices folded into one tile, twice (this
     # session's other processes give the landed code's spread)

@@ -784,3 +784,15 @@ def test_decode_shrink_with_slices_folded(monkeypatch, fold_decode: str) -> None
     monkeypatch.setattr(sys.modules[__name__], "CASES", {**CASES, **CASES_DECODE})
     for split_k in (None, 2):
         run_case("n3-decode", torch.float32, "csgmv", 16, split_k)
+
+
+@pytest.mark.parametrize("block_k", ["32", "64"])
+def test_decode_shrink_with_wider_k_tiles(monkeypatch, block_k: str) -> None:
+    """LORASERVE_SHRINK_DECODE_BLOCK_K (an A/B knob of the device session) sets the decode
+    shrink's K tile: the same t and LoRA output, split or not."""
+    monkeypatch.setenv("LORASERVE_SHRINK_DECODE_BLOCK_K", block_k)
+    for split_k in (None, 2):
+        run_case("n1-decode", torch.float32, "csgmv", 16, split_k)
+    monkeypatch.setenv("LORASERVE_SHRINK_DECODE_BLOCK_K", "48")
+    with pytest.raises(ValueError, match="power of two"):
+        run_case("n1-decode", torch.float32, "csgmv", 16, None)
