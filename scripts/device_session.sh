@@ -101,8 +101,11 @@
 #                                    (step_bench --profile --profile-graphs --timeline)
 #   scripts/device_session.sh s18f   (one GPU) step targets with the decode shrink's slices
 #                                    folded into one tile (LORASERVE_SHRINK_FOLD_DECODE=1), twice
-#   scripts/device_session.sh s18g   (one GPU) step targets with the decode shrink's K tile at
-#                                    512 columns (LORASERVE_SHRINK_DECODE_BLOCK_K=512), once
+#   scripts/device_session.sh s18g   (one GPU, prepared for the next session) the decode shrink
+#                                    alone over its knobs (shrink_bench), then step targets by
+#                                    default, with its K tile at 512 columns
+#                                    (LORASERVE_SHRINK_DECODE_BLOCK_K=512) and with its slices
+#                                    folded (LORASERVE_SHRINK_FOLD_DECODE=1), alternating
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -555,9 +558,17 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
-  s18g)  # one GPU: step targets with the decode shrink's K tile at 512 (one process)
-    step_lora 130 step_1_k512 LORASERVE_SHRINK_DECODE_BLOCK_K=512
-    rm -f "$OUT"/*.log
+  s18g)  # one GPU (prepared): the decode shrink alone over its knobs, then the step A/B
+    timeout 200 python3 -m benchmarks.shrink_bench --out "$OUT/shrink_bench.json" \
+      > "$OUT/shrink_bench.log" 2>&1
+    echo "== shrink_bench: rc $?"; grep " us " "$OUT/shrink_bench.log"
+    i=0
+    for knob in NONE=1 LORASERVE_SHRINK_DECODE_BLOCK_K=512 LORASERVE_SHRINK_FOLD_DECODE=1 NONE=2 \
+        LORASERVE_SHRINK_DECODE_BLOCK_K=512; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
+      step_lora $((i == 1 ? 100 : 75)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s18f)  # one GPU: the decode shrink with its slices folded into one tile, twice (this
     # session's other processes give the landed code's spread)

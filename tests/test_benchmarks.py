@@ -386,3 +386,26 @@ def test_step_bench_kernel_timeline() -> None:
 
     assert kernel_timeline(Prof()) == [[9, "shrink", 0.0, 3.25], [7, "gemm", 4.5, 10.0],
                                        [7, "Memcpy DtoD", 19.5, 1.0]]
+
+
+@pytest.mark.parametrize("variant", ["default", "k32", "fold", "fold+k32"])
+def test_shrink_bench_variants_compute_the_shrink(variant: str) -> None:
+    """shrink_bench's variants (the decode shrink's knobs set through the environment) give
+    the shrink's t, through the Triton kernel under the interpreter at a small shape."""
+    import os
+
+    from benchmarks import shrink_bench as sb
+    from ops.lora import lora_shrink_torch
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton shrink on CPU tensors under TRITON_INTERPRET=1")
+    assert sb.variant_env("fold+k512") == {"LORASERVE_SHRINK_FOLD_DECODE": "1",
+                                           "LORASERVE_SHRINK_DECODE_BLOCK_K": "512"}
+    with pytest.raises(SystemExit, match="bogus"):
+        sb.variant_env("fold+bogus")
+    ly = sb.make_layers(6, 3, 96, 3, 4, 1, device="cpu", dtype=torch.float32)[0]
+    with sb.environment(sb.variant_env(variant)):
+        t = sb.shrink(ly)
+    want = lora_shrink_torch(ly["x"], ly["A"], ly["info"], 3)
+    torch.testing.assert_close(t[0].float(), want.float(), rtol=1e-3, atol=1e-3)
+    assert sb.a_bytes(32, 3, 16, 4096) == 32 * 3 * 16 * 4096 * 2

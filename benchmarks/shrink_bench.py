@@ -1,0 +1,157 @@
+"""The decode LoRA shrink alone, as a decode graph runs it on its side stream: the split-K shrink
+and the partials' sum (ops.lora._base_and_shrink without the projection), on the GPU.
+
+Over 32 adapters at batch 32 the shrink ran at 1.4 TB/s and each projection started only as
+the shrink's programs drained (benchmarks/RESULTS.md, sixteenth session): its time is on the
+decode step's path. This times it by LoRA group (qkv, o, gate_up, down at the model's shapes,
+rank-16 adapters on all of them) for decode cases BATCHxADAPTERS, rows grouped by adapter as
+the runner orders them. Each variant's launches for `--layers` layers (each with its own
+adapter pool and input, so A comes from HBM as in a forward) are captured in one CUDA graph; the
+figure is a replay's median over `--reps`, divided by the layers: microseconds a launch, and the
+A bytes the distinct adapters hold over that time.
+
+Variants set the shrink's knobs through the environment while their graph is captured:
+"default", "k256"/"k512" (LORASERVE_SHRINK_DECODE_BLOCK_K), "fold"
+(LORASERVE_SHRINK_FOLD_DECODE=1), and combinations joined by "+" ("fold+k512").
+
+    python -m benchmarks.shrink_bench --out shrink.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from benchmarks.dummy_model import SHAPES
+from benchmarks.timing import graph_us
+
+DEFAULT_VARIANTS = ["default", "k256", "k512", "fold", "fold+k512"]
+
+
+def variant_env(name: str) -> dict[str, str]:
+    """The environment a variant name sets: parts joined by '+'."""
+    env: dict[str, str] = {}
+    for part in name.split("+"):
+        if part == "default":
+            continue
+        if part == "fold":
+            env["LORASERVE_SHRINK_FOLD_DECODE"] = "1"
+        elif part.startswith("k") and part[1:].isdigit():
+            env["LORASERVE_SHRINK_DECODE_BLOCK_K"] = part[1:]
+        else:
+            raise SystemExit(f"variant {name!r}: {part!r} is none of default, fold, k<N>")
+    return env
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    keys = ("LORASERVE_SHRINK_FOLD_DECODE", "LORASERVE_SHRINK_DECODE_BLOCK_K")
+    before = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def groups(shape: str) -> dict[str, tuple[int, int]]:
+    """LoRA group -> (input width, slices) at a model shape."""
+    c = SHAPES[shape]
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    return {"qkv": (hidden, 3), "o": (hidden, 1), "gate_up": (hidden, 2), "down": (inter, 1)}
+
+
+def parse_case(case: str) -> tuple[int, int]:
+    batch, adapters = (int(v) for v in case.lower().split("x"))
+    if not 1 <= adapters <= batch:
+        raise SystemExit(f"case {case!r}: 1 to batch adapters")
+    return batch, adapters
+
+
+def a_bytes(adapters: int, slices: int, rank: int, in_dim: int) -> int:
+    """A bytes the step's distinct adapters hold for one group (bf16)."""
+    return adapters * slices * rank * in_dim * 2
+
+
+def make_layers(batch: int, adapters: int, in_dim: int, slices: int, rank: int, layers: int,
+                device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Per layer: x [batch, in_dim], an adapter pool A [adapters, slices * rank, in_dim], and
+    the step's LoRA tables (rows i * adapters // batch)."""
+    from ops.lora import build_lora_batch_info, lora_row_table
+
+    dev, bf16 = device, dtype
+    ranks = torch.full((adapters,), rank, dtype=torch.int32, device=dev)
+    token_slots = [i * adapters // batch for i in range(batch)]
+    info = build_lora_batch_info(token_slots, ranks, "csgmv", 16, dev, pad_to=batch)
+    table = lora_row_table(info)
+    return [{"x": torch.randn(batch, in_dim, device=dev, dtype=bf16),
+             "A": torch.randn(adapters, slices * rank, in_dim, device=dev, dtype=bf16) * 0.02,
+             "info": info, "table": table, "slices": slices} for _ in range(layers)]
+
+
+def shrink(ly: dict) -> torch.Tensor:
+    from ops.lora import _base_and_shrink
+
+    _, t = _base_and_shrink(ly["x"], lambda v: v, ly["A"], ly["info"], ly["slices"], ly["table"],
+                            overlap=False, presum=True)
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--cases", nargs="+", default=["1x1", "32x8", "32x32"],
+                    metavar="BATCHxADAPTERS")
+    ap.add_argument("--groups", nargs="+", default=["qkv", "o", "gate_up", "down"])
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if a.quick:
+        a.layers, a.reps = 4, 5
+    envs = {v: variant_env(v) for v in a.variants}
+    shapes = groups(a.shape)
+    rows = []
+    for case in a.cases:
+        batch, adapters = parse_case(case)
+        for group in a.groups:
+            in_dim, slices = shapes[group]
+            layers = make_layers(batch, adapters, in_dim, slices, a.rank, a.layers)
+            nbytes = a_bytes(adapters, slices, a.rank, in_dim)
+            ref = None
+            for name, env in envs.items():
+                with environment(env):
+                    us = graph_us(shrink, layers, a.reps)
+                    t = shrink(layers[0]).float()
+                ref = t if ref is None else ref
+                err = (t[0] - ref[0]).abs().max().item()  # the summed split (presum)
+                rows.append({"case": case, "group": group, "variant": name, "us": us,
+                             "a_bytes": nbytes, "tb_per_s": nbytes / us / 1e6,
+                             "max_diff_vs_first": err})
+                print(f"{case:>6} {group:8} {name:10} {us:7.2f} us  "
+                      f"{nbytes / us / 1e6:5.2f} TB/s of A  diff {err:.2e}", flush=True)
+            del layers
+            torch.cuda.empty_cache()
+    if a.out and rows:
+        a.out.write_text(json.dumps({"shape": a.shape, "rank": a.rank, "layers": a.layers,
+                                     "device": torch.cuda.get_device_name(), "rows": rows},
+                                    indent=2))
+
+
+if __name__ == "__main__":
+    main()
