@@ -105,7 +105,7 @@
 #                                    alone over its knobs (shrink_bench), then step targets by
 #                                    default, with its K tile at 512 columns
 #                                    (LORASERVE_SHRINK_DECODE_BLOCK_K=512) and with its slices
-#                                    folded (LORASERVE_SHRINK_FOLD_DECODE=1), alternating
+#                                    folded (LORASERVE_SHRINK_FOLD_DECODE=1), about 8 minutes
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -559,11 +559,11 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     rm -f "$OUT/profile_graphs.log"
     ;;
   s18g)  # one GPU (prepared): the decode shrink alone over its knobs, then the step A/B
-    timeout 200 python3 -m benchmarks.shrink_bench --out "$OUT/shrink_bench.json" \
+    timeout 150 python3 -m benchmarks.shrink_bench --out "$OUT/shrink_bench.json" \
       > "$OUT/shrink_bench.log" 2>&1
     echo "== shrink_bench: rc $?"; grep " us " "$OUT/shrink_bench.log"
     i=0
-    for knob in NONE=1 LORASERVE_SHRINK_DECODE_BLOCK_K=512 LORASERVE_SHRINK_FOLD_DECODE=1 NONE=2 \
+    for knob in NONE=1 LORASERVE_SHRINK_DECODE_BLOCK_K=512 LORASERVE_SHRINK_FOLD_DECODE=1 \
         LORASERVE_SHRINK_DECODE_BLOCK_K=512; do
       i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
       step_lora $((i == 1 ? 100 : 75)) "$name" "$knob"
