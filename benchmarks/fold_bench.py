@@ -13,13 +13,12 @@ microseconds a launch.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from benchmarks.dummy_model import SHAPES
-from benchmarks.timing import graph_us
+from benchmarks.timing import graph_us, write_kernel_rows
 from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import add_rmsnorm_triton
 from ops.triton_silu_mul import fold_launch, silu_mul_triton
@@ -44,6 +43,18 @@ def parse_case(case: str) -> tuple[int, int]:
     if not 1 <= adapters <= batch:
         raise SystemExit(f"case {case!r}: 1 to batch adapters")
     return batch, adapters
+
+
+def kernel_args(ap: argparse.ArgumentParser) -> None:
+    """The options the decode-kernel benchmarks (fold_bench, shrink_bench) share."""
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--cases", nargs="+", default=["1x1", "32x8", "32x32"],
+                    metavar="BATCHxADAPTERS")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
+    ap.add_argument("--out", type=Path)
 
 
 def make_layers(batch: int, adapters: int, inter: int, rank: int, splits: int, layers: int,
@@ -101,18 +112,11 @@ def norm_layers(batch: int, adapters: int, hidden: int, rank: int, splits: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    ap.add_argument("--cases", nargs="+", default=["1x1", "32x8", "32x32"],
-                    metavar="BATCHxADAPTERS")
-    ap.add_argument("--rank", type=int, default=16)
+    kernel_args(ap)
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 8],
                     help="shrink partials the fold sums (each a run of its own)")
     ap.add_argument("--base-rows", action="store_true", help="also every row without adapter")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
     ap.add_argument("--ncu", action="store_true", help="one launch of each variant, untimed")
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.quick:
         a.layers, a.reps = 4, 5
@@ -154,9 +158,7 @@ def main() -> None:
             del norms
             torch.cuda.empty_cache()
     if a.out and rows:
-        a.out.write_text(json.dumps({"shape": a.shape, "rank": a.rank, "layers": a.layers,
-                                     "device": torch.cuda.get_device_name(), "rows": rows},
-                                    indent=2))
+        write_kernel_rows(a.out, a.shape, a.rank, a.layers, rows)
 
 
 if __name__ == "__main__":

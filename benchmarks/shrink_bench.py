@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from benchmarks.dummy_model import SHAPES
-from benchmarks.timing import graph_us
+from benchmarks.fold_bench import kernel_args, parse_case
+from benchmarks.timing import graph_us, write_kernel_rows
 
 DEFAULT_VARIANTS = ["default", "k256", "k512", "fold", "fold+k512"]
 
@@ -73,13 +72,6 @@ def groups(shape: str) -> dict[str, tuple[int, int]]:
     return {"qkv": (hidden, 3), "o": (hidden, 1), "gate_up": (hidden, 2), "down": (inter, 1)}
 
 
-def parse_case(case: str) -> tuple[int, int]:
-    batch, adapters = (int(v) for v in case.lower().split("x"))
-    if not 1 <= adapters <= batch:
-        raise SystemExit(f"case {case!r}: 1 to batch adapters")
-    return batch, adapters
-
-
 def a_bytes(adapters: int, slices: int, rank: int, in_dim: int) -> int:
     """A bytes the step's distinct adapters hold for one group (bf16)."""
     return adapters * slices * rank * in_dim * 2
@@ -111,16 +103,9 @@ def shrink(ly: dict) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    ap.add_argument("--cases", nargs="+", default=["1x1", "32x8", "32x32"],
-                    metavar="BATCHxADAPTERS")
+    kernel_args(ap)
     ap.add_argument("--groups", nargs="+", default=["qkv", "o", "gate_up", "down"])
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.quick:
         a.layers, a.reps = 4, 5
@@ -148,9 +133,7 @@ def main() -> None:
             del layers
             torch.cuda.empty_cache()
     if a.out and rows:
-        a.out.write_text(json.dumps({"shape": a.shape, "rank": a.rank, "layers": a.layers,
-                                     "device": torch.cuda.get_device_name(), "rows": rows},
-                                    indent=2))
+        write_kernel_rows(a.out, a.shape, a.rank, a.layers, rows)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,13 @@ def graph_us(fn: Callable, items: Sequence, reps: int) -> float:
         if i >= 3:
             times.append(a.elapsed_time(b))
     return 1e3 * statistics.median(times) / len(items)
+
+
+def write_kernel_rows(path, shape: str, rank: int, layers: int, rows: list[dict]) -> None:
+    """A kernel benchmark's rows as JSON, with the model shape, rank, layer count and device."""
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps({"shape": shape, "rank": rank, "layers": layers,
+                                      "device": torch.cuda.get_device_name(), "rows": rows},
+                                     indent=2))
