@@ -168,17 +168,20 @@ def shrink_blocks(
 ) -> tuple[int, int, bool]:
     """(BLOCK_N, BLOCK_K, fold) of the shrink: narrow rank tiles at decode sizes (more programs,
     fewer bytes each); past decode sizes, every slice's columns in one tile when they fit in 64
-    (fold: x is read once for all slices), wider K tiles while the tile stays small."""
-    fold_decode = os.environ.get("LORASERVE_SHRINK_FOLD_DECODE", "0") == "1"  # A/B knob (s18f)
+    (fold: x is read once for all slices), wider K tiles while the tile stays small.
+    Two opt-in A/B knobs for decode sizes (measured in benchmarks/RESULTS.md, sixteenth
+    session, or prepared for the next): LORASERVE_SHRINK_FOLD_DECODE=1 folds there too, and
+    LORASERVE_SHRINK_DECODE_BLOCK_K sets the K tile."""
+    fold_decode = os.environ.get("LORASERVE_SHRINK_FOLD_DECODE", "0") == "1"
     fold = (num_tokens > 64 or fold_decode) and num_slices > 1 and num_slices * rank_pad <= 64
     if fold:
         block_n = max(16, next_pow2(num_slices * rank_pad))
     else:
         block_n = 16 if num_tokens <= 64 else min(64, max(16, next_pow2(rank_pad)))
     block_k = 128 if block_m * block_n <= 1024 else 64
-    decode_k = os.environ.get("LORASERVE_SHRINK_DECODE_BLOCK_K", "")  # A/B knob (s18g)
+    decode_k = os.environ.get("LORASERVE_SHRINK_DECODE_BLOCK_K", "").strip()
     if decode_k and num_tokens <= 64:
-        block_k = int(decode_k)
+        block_k = int(decode_k) if decode_k.isdigit() else 0
         if block_k < 16 or block_k & (block_k - 1):
             raise ValueError(f"LORASERVE_SHRINK_DECODE_BLOCK_K: {decode_k!r} is not a power of "
                              "two of at least 16")

@@ -793,6 +793,7 @@ def test_decode_shrink_with_wider_k_tiles(monkeypatch, block_k: str) -> None:
     monkeypatch.setenv("LORASERVE_SHRINK_DECODE_BLOCK_K", block_k)
     for split_k in (None, 2):
         run_case("n1-decode", torch.float32, "csgmv", 16, split_k)
-    monkeypatch.setenv("LORASERVE_SHRINK_DECODE_BLOCK_K", "48")
-    with pytest.raises(ValueError, match="power of two"):
-        run_case("n1-decode", torch.float32, "csgmv", 16, None)
+    for bad in ("48", "wide"):
+        monkeypatch.setenv("LORASERVE_SHRINK_DECODE_BLOCK_K", bad)
+        with pytest.raises(ValueError, match="power of two"):
+            run_case("n1-decode", torch.float32, "csgmv", 16, None)
