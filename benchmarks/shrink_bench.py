@@ -12,7 +12,8 @@ A bytes the distinct adapters hold over that time.
 
 Variants set the shrink's knobs through the environment while their graph is captured:
 "default", "k256"/"k512" (LORASERVE_SHRINK_DECODE_BLOCK_K), "fold"
-(LORASERVE_SHRINK_FOLD_DECODE=1), and combinations joined by "+" ("fold+k512").
+(LORASERVE_SHRINK_FOLD_DECODE=1), "eager" (LORASERVE_SHRINK_EAGER=1), and combinations joined
+by "+" ("eager+fold+k512").
 
     python -m benchmarks.shrink_bench --out shrink.json
 """
@@ -30,7 +31,8 @@ from benchmarks.dummy_model import SHAPES
 from benchmarks.fold_bench import kernel_args, parse_case
 from benchmarks.timing import graph_us, write_kernel_rows
 
-DEFAULT_VARIANTS = ["default", "k256", "k512", "fold", "fold+k512"]
+DEFAULT_VARIANTS = ["default", "k256", "k512", "fold", "fold+k512", "eager", "eager+k512",
+                    "eager+fold+k512"]
 
 
 def variant_env(name: str) -> dict[str, str]:
@@ -41,16 +43,19 @@ def variant_env(name: str) -> dict[str, str]:
             continue
         if part == "fold":
             env["LORASERVE_SHRINK_FOLD_DECODE"] = "1"
+        elif part == "eager":
+            env["LORASERVE_SHRINK_EAGER"] = "1"
         elif part.startswith("k") and part[1:].isdigit():
             env["LORASERVE_SHRINK_DECODE_BLOCK_K"] = part[1:]
         else:
-            raise SystemExit(f"variant {name!r}: {part!r} is none of default, fold, k<N>")
+            raise SystemExit(f"variant {name!r}: {part!r} is none of default, fold, eager, k<N>")
     return env
 
 
 @contextlib.contextmanager
 def environment(env: dict[str, str]) -> Iterator[None]:
-    keys = ("LORASERVE_SHRINK_FOLD_DECODE", "LORASERVE_SHRINK_DECODE_BLOCK_K")
+    keys = ("LORASERVE_SHRINK_FOLD_DECODE", "LORASERVE_SHRINK_DECODE_BLOCK_K",
+            "LORASERVE_SHRINK_EAGER")
     before = {k: os.environ.get(k) for k in keys}
     for k in keys:
         os.environ.pop(k, None)

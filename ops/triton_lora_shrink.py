@@ -76,6 +76,7 @@ def _lora_shrink_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     HAS_LIVE: tl.constexpr,
+    EAGER: tl.constexpr,  # A loads wait on the slot only (module docstring, `eager_loads`)
 ):
     pid_m = tl.program_id(0)
     first_entry = pid_m // m_progs
@@ -89,9 +90,9 @@ def _lora_shrink_kernel(
         slice_id = pid_n // N_TILES
         n_start = (pid_n % N_TILES) * BLOCK_N
 
-    if HAS_LIVE:
+    if HAS_LIVE and not EAGER:
         num_live = tl.load(live_ptr)
-    else:
+    else:  # EAGER: a padded table's extra entries are empty base runs, cheap to visit
         num_live = num_entries
     if USE_PDL:
         gdc_launch_dependents()
@@ -110,13 +111,20 @@ def _lora_shrink_kernel(
         # base rows (slot -1) get rank 0: no weight reads, zeros stored
         rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
         if FOLD:  # column c is slice c // R, rank column c % R
-            n_live = (offs_n < NUM_SLICES * R) & (offs_n % R < rank)
-            k_hi = tl.where(rank > 0, k_end, k_lo)
             n_store = offs_n < NUM_SLICES * R
+            n_rank = n_store & (offs_n % R < rank)
         else:
-            n_live = offs_n < rank
-            k_hi = tl.where(n_start < rank, k_end, k_lo)
             n_store = offs_n < R
+            n_rank = offs_n < rank
+        if EAGER:  # load every column of a slot's tile; columns past its rank are zeroed after
+            n_live = n_store
+            k_hi = tl.where(slot >= 0, k_end, k_lo)
+        elif FOLD:
+            n_live = n_rank
+            k_hi = tl.where(rank > 0, k_end, k_lo)
+        else:
+            n_live = n_rank
+            k_hi = tl.where(n_start < rank, k_end, k_lo)
         a_rows = (
             a_ptr + slot.to(tl.int64) * stride_as + (slice_id * R + offs_n)[None, :] * stride_ar
         )
@@ -138,11 +146,22 @@ def _lora_shrink_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
+            if EAGER:
+                acc = tl.where(n_rank[None, :], acc, 0.0)
             tl.store(
                 out_cols + offs_m[:, None].to(tl.int64) * stride_om,
                 acc.to(out_ptr.dtype.element_ty),
                 mask=m_live[:, None] & n_store[None, :],
             )
+
+
+def eager_loads(num_tokens: int) -> bool:
+    """LORASERVE_SHRINK_EAGER=1 (an opt-in A/B knob, for decode sizes of up to 64 tokens): the
+    kernel's A loads wait on the entry's slot alone, not on its rank nor on a padded table's
+    live count, which cuts two dependent round trips to memory out of a program's start; the
+    columns past the slot's rank are loaded too and zeroed after the product (more bytes only
+    where a pool holds ranks below its padded rank)."""
+    return num_tokens <= 64 and os.environ.get("LORASERVE_SHRINK_EAGER", "0") == "1"
 
 
 def shrink_split_k(
@@ -280,6 +299,7 @@ def triton_lora_shrink(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
         HAS_LIVE=live is not None,
+        EAGER=eager_loads(num_tokens),
         num_warps=4,
         num_stages=3,
         launch_pdl=pdl,

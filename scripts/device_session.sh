@@ -103,9 +103,9 @@
 #                                    folded into one tile (LORASERVE_SHRINK_FOLD_DECODE=1), twice
 #   scripts/device_session.sh s18g   (one GPU, prepared for the next session) the decode shrink
 #                                    alone over its knobs (shrink_bench), then step targets by
-#                                    default, with its K tile at 512 columns
-#                                    (LORASERVE_SHRINK_DECODE_BLOCK_K=512) and with its slices
-#                                    folded (LORASERVE_SHRINK_FOLD_DECODE=1), about 8 minutes
+#                                    default, with its A loads waiting on the slot alone
+#                                    (LORASERVE_SHRINK_EAGER=1, twice) and with its K tile at 512
+#                                    columns (LORASERVE_SHRINK_DECODE_BLOCK_K=512), about 8 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -563,8 +563,9 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       > "$OUT/shrink_bench.log" 2>&1
     echo "== shrink_bench: rc $?"; grep " us " "$OUT/shrink_bench.log"
     i=0
-    for knob in NONE=1 LORASERVE_SHRINK_DECODE_BLOCK_K=512 LORASERVE_SHRINK_FOLD_DECODE=1 \
-        LORASERVE_SHRINK_DECODE_BLOCK_K=512; do
+    # the step A/B: the landed code, then the variants shrink_bench should favour (edit to suit)
+    for knob in NONE=1 LORASERVE_SHRINK_EAGER=1 LORASERVE_SHRINK_DECODE_BLOCK_K=512 \
+        LORASERVE_SHRINK_EAGER=1; do
       i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
       step_lora $((i == 1 ? 100 : 75)) "$name" "$knob"
       rm -f "$OUT/$name.log"

@@ -388,7 +388,7 @@ def test_step_bench_kernel_timeline() -> None:
                                        [7, "Memcpy DtoD", 19.5, 1.0]]
 
 
-@pytest.mark.parametrize("variant", ["default", "k32", "fold", "fold+k32"])
+@pytest.mark.parametrize("variant", ["default", "k32", "fold", "fold+k32", "eager+fold+k32"])
 def test_shrink_bench_variants_compute_the_shrink(variant: str) -> None:
     """shrink_bench's variants (the decode shrink's knobs set through the environment) give
     the shrink's t, through the Triton kernel under the interpreter at a small shape."""

@@ -400,11 +400,14 @@ def test_split_k_heuristic_at_decode_shapes() -> None:
 @pytest.mark.parametrize("entry_programs", [None, 1, 2, 3])
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_padded_info_matches(
-    expand_kernel: str, backend: str, entry_programs: int | None
+    expand_kernel: str, backend: str, entry_programs: int | None, monkeypatch
 ) -> None:
     """Empty base entries appended for CUDA graphs change nothing, whether one program group
     takes each entry or fewer groups loop over the real ones (the count read from the device);
-    entries past that count are never visited (poisoned here: a visit would corrupt y)."""
+    entries past that count are never visited (poisoned here: a visit would corrupt y). The
+    opt-in eager shrink (LORASERVE_SHRINK_EAGER=1) does visit them, relying on the padding
+    being the empty base entries lora_tables and the graph buffers write: it is left off."""
+    monkeypatch.delenv("LORASERVE_SHRINK_EAGER", raising=False)
     group = make_group([4, 16, 8], 16, 32, [16, 16, 8], torch.float32)
     slots = token_slots([(-1, 2), (1, 3), (-1, 1), (0, 2), (2, 20)])
     info = build_lora_batch_info(slots, group.slot_ranks, backend, 16, "cpu", pad_to=9)
@@ -797,3 +800,29 @@ def test_decode_shrink_with_wider_k_tiles(monkeypatch, block_k: str) -> None:
         monkeypatch.setenv("LORASERVE_SHRINK_DECODE_BLOCK_K", bad)
         with pytest.raises(ValueError, match="power of two"):
             run_case("n1-decode", torch.float32, "csgmv", 16, None)
+
+
+@pytest.mark.parametrize("fold_decode", ["0", "1"])
+@pytest.mark.parametrize("eager", ["0", "1"])
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_decode_shrink_ignores_rows_past_rank(monkeypatch, backend: str, eager: str,
+                                              fold_decode: str) -> None:
+    """A pool slot's rows past its adapter's rank hold anything (NaN here): the decode shrink
+    neither reads them nor lets them into t, whether it masks its A loads by rank or, with
+    LORASERVE_SHRINK_EAGER=1, loads them and zeroes their columns after the product; over a
+    table padded for a graph (the eager kernel visits the padding's empty base entries)."""
+    monkeypatch.setenv("LORASERVE_SHRINK_EAGER", eager)
+    monkeypatch.setenv("LORASERVE_SHRINK_FOLD_DECODE", fold_decode)
+    ranks = [1, 3, 16, 7]
+    group = make_group(ranks, 16, 96, [32, 8, 8], torch.float32)
+    pool = group.A.view(len(ranks), 3, 16, 96)
+    for slot, rank in enumerate(ranks):
+        pool[slot, :, rank:] = float("nan")
+    slots = token_slots([(-1, 2), (0, 3), (2, 1), (-1, 1), (1, 4), (3, 2)])
+    info = build_lora_batch_info(slots, group.slot_ranks, backend, 16, "cpu", pad_to=12)
+    x = torch.randn(len(slots), 96)
+    want = lora_shrink_torch(x, group.A, info, 3)
+    for split_k in (None, 2):
+        got = lora_shrink_triton(x, group.A, info, 3, split_k=split_k)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

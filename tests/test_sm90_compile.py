@@ -102,14 +102,23 @@ STEPS_8B = [
 @needs_backend
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="records launch keys through the interpreter")
-@pytest.mark.parametrize("rank", [16, 64])
-def test_llama_8b_lora_variants_compile_for_sm90(rank: int) -> None:
+@pytest.mark.parametrize(("rank", "knobs"), [
+    (16, {}), (64, {}),
+    # the decode shrink's opt-in A/B variants
+    (16, {"LORASERVE_SHRINK_EAGER": "1", "LORASERVE_SHRINK_FOLD_DECODE": "1",
+          "LORASERVE_SHRINK_DECODE_BLOCK_K": "512"}),
+    (16, {"LORASERVE_SHRINK_EAGER": "1", "LORASERVE_SHRINK_DECODE_BLOCK_K": "256"}),
+], ids=["r16", "r64", "r16-eager-fold-k512", "r16-eager-k256"])
+def test_llama_8b_lora_variants_compile_for_sm90(rank: int, knobs: dict, monkeypatch) -> None:
     """Every variant the LoRA, norm, SiLU*up and rotary kernels take at Llama-3.1-8B shapes in
     bf16 (decode graphs over 1 to 200 adapters, with their expands folded into the next
     kernels; prefill steps of 512 and 4096 tokens, the embedding and lm_head LoRA) compiles for
-    sm_90 and spills nothing. The launches only record their
-    keys (KeyLog(execute=False)): the shapes are too large to interpret."""
+    sm_90 and spills nothing; so do the decode shrink's opt-in variants. The launches only
+    record their keys (KeyLog(execute=False)): the shapes are too large to interpret."""
     import torch
+
+    for name, value in knobs.items():
+        monkeypatch.setenv(name, value)
 
     from ops.lora import (
         LoraFold,
