@@ -76,7 +76,7 @@ def _lora_shrink_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     HAS_LIVE: tl.constexpr,
-    EAGER: tl.constexpr,  # A loads wait on the slot only (module docstring, `eager_loads`)
+    EAGER: tl.constexpr,  # A loads wait on the slot alone (`eager_loads`)
 ):
     pid_m = tl.program_id(0)
     first_entry = pid_m // m_progs

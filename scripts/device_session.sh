@@ -109,8 +109,8 @@
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
-# s14a-s14d, s18b, s18c, s18e), or that s16b repeats (s16a), are in the commits benchmarks/RESULTS.md names for
-# their runs.
+# s14a-s14d, s18b, s18c, s18e), or that s16b repeats (s16a), are in the commits
+# benchmarks/RESULTS.md names for their runs.
 # Every part has its own time limit so the call always reports; results land under $OUT.
 set -u
 cd "$(dirname "$0")/.."
