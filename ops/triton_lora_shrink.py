@@ -191,15 +191,16 @@ def shrink_blocks(
     Two opt-in A/B knobs for decode sizes (measured in benchmarks/RESULTS.md, sixteenth
     session, or prepared for the next): LORASERVE_SHRINK_FOLD_DECODE=1 folds there too, and
     LORASERVE_SHRINK_DECODE_BLOCK_K sets the K tile."""
-    fold_decode = os.environ.get("LORASERVE_SHRINK_FOLD_DECODE", "0") == "1"
-    fold = (num_tokens > 64 or fold_decode) and num_slices > 1 and num_slices * rank_pad <= 64
+    decode = num_tokens <= 64  # the knobs are read at decode sizes only (no cost at prefill)
+    fold_decode = decode and os.environ.get("LORASERVE_SHRINK_FOLD_DECODE", "0") == "1"
+    fold = (not decode or fold_decode) and num_slices > 1 and num_slices * rank_pad <= 64
     if fold:
         block_n = max(16, next_pow2(num_slices * rank_pad))
     else:
         block_n = 16 if num_tokens <= 64 else min(64, max(16, next_pow2(rank_pad)))
     block_k = 128 if block_m * block_n <= 1024 else 64
-    decode_k = os.environ.get("LORASERVE_SHRINK_DECODE_BLOCK_K", "").strip()
-    if decode_k and num_tokens <= 64:
+    decode_k = os.environ.get("LORASERVE_SHRINK_DECODE_BLOCK_K", "").strip() if decode else ""
+    if decode_k:
         block_k = int(decode_k) if decode_k.isdigit() else 0
         if block_k < 16 or block_k & (block_k - 1):
             raise ValueError(f"LORASERVE_SHRINK_DECODE_BLOCK_K: {decode_k!r} is not a power of "

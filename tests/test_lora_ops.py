@@ -5,7 +5,6 @@ Triton backends against the reference (CPU tensors under TRITON_INTERPRET=1; rea
 import dataclasses
 import functools
 import os
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -207,6 +206,7 @@ CASES = {
     "n3-qkv": ([64, 8, 1], 64, 40, [32, 8, 8], [(-1, 1), (2, 3), (0, 40), (1, 1), (-1, 17)]),
     "n3-r256": ([256, 32], 256, 24, [16, 24, 8], [(0, 17), (-1, 3), (1, 5)]),
     "n1-decode": ([16, 64, 1, 8], 64, 32, [48], [(3, 1), (0, 1), (-1, 1), (2, 1), (1, 1)]),
+    "n3-decode": ([16, 4, 8], 16, 40, [32, 8, 8], [(0, 1), (-1, 1), (2, 1), (1, 1), (-1, 1)]),
     # past 64 tokens with every slice's columns in one shrink tile (fold)
     "n3-fold": ([16, 4, 1], 16, 40, [32, 8, 8], [(-1, 5), (0, 40), (1, 20), (-1, 3), (2, 9)]),
     "n2-fold": ([32, 5], 32, 24, [24, 40], [(1, 30), (-1, 10), (0, 33)]),
@@ -782,9 +782,6 @@ def test_decode_shrink_with_slices_folded(monkeypatch, fold_decode: str) -> None
     """LORASERVE_SHRINK_FOLD_DECODE=1 (an A/B knob of the device session) folds every slice's
     columns into one shrink tile at decode sizes too: the same t and LoRA output."""
     monkeypatch.setenv("LORASERVE_SHRINK_FOLD_DECODE", fold_decode)
-    CASES_DECODE = {"n3-decode": ([16, 4, 8], 16, 40, [32, 8, 8],
-                                  [(0, 1), (-1, 1), (2, 1), (1, 1), (-1, 1)])}
-    monkeypatch.setattr(sys.modules[__name__], "CASES", {**CASES, **CASES_DECODE})
     for split_k in (None, 2):
         run_case("n3-decode", torch.float32, "csgmv", 16, split_k)
 
