@@ -106,6 +106,11 @@
 #                                    default, with its A loads waiting on the slot alone
 #                                    (LORASERVE_SHRINK_EAGER=1, twice) and with its K tile at 512
 #                                    columns (LORASERVE_SHRINK_DECODE_BLOCK_K=512), about 8 min
+#   scripts/device_session.sh s19a   (one GPU) the decode shrink beside its projection, dot and
+#                                    GEMV forms, with launch resources; then the step A/B of the
+#                                    landed code against the best GEMV variant, about 9 min
+#   scripts/device_session.sh s19b   (one GPU) the decode shrink beside its projection against
+#                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -557,6 +562,39 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     hf_baseline 190 hf_baseline
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
+    ;;
+  s19b)  # one GPU: the decode shrink beside its projection against the stacked GEMM (the
+    # adapter pool's A rows under the projection's weight, one cuBLAS GEMM for both)
+    timeout 240 python3 -m benchmarks.shrink_bench --beside --layers 16 --variants default gemm \
+      --cases 1x1 32x8 32x32 --out "$OUT/stacked.json" > "$OUT/stacked.log" 2>&1
+    echo "== shrink_bench --beside: rc $?"; grep -E " us" "$OUT/stacked.log"
+    grep -E "^(qkv|o|gate_up|down) gemm" "$OUT/stacked.log" | cut -c1-200
+    ;;
+  s19a)  # one GPU: the decode shrink beside its projection over the dot and GEMV forms, with
+    # each kernel's launch resources; then the step A/B, the landed code against the GEMV
+    # variant with the least time over the projections at 32 adapters, twice each
+    timeout 240 python3 -m benchmarks.shrink_bench --beside --layers 16 --variants default eager \
+      gemv1 gemv2 gemv4 gemv1+k64 gemv2+k64 gemv4+k64 --out "$OUT/beside.json" \
+      > "$OUT/beside.log" 2>&1
+    echo "== shrink_bench --beside: rc $?"; grep -E " us|grid" "$OUT/beside.log" | cut -c1-150
+    best=$(python3 -c "
+import json, collections
+rows = json.load(open('$OUT/beside.json'))['rows']
+tot = collections.Counter()
+for r in rows:
+    if r['case'] == '32x32' and r['variant'].startswith('gemv'):
+        tot[r['variant']] += r['over_proj_us']
+print(min(tot, key=tot.get))" 2>/dev/null || echo gemv1)
+    echo "== step A/B against $best"
+    env_best=$(python3 -c "from benchmarks.shrink_bench import variant_env as v; import sys
+print(' '.join(f'{k}={x}' for k, x in v(sys.argv[1]).items()))" "$best")
+    i=0
+    for knob in NONE=1 "$env_best" NONE=2 "$env_best"; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      # shellcheck disable=SC2086  # env_best may set several variables
+      step_lora $((i == 1 ? 100 : 75)) "$name" $knob
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s18g)  # one GPU (prepared): the decode shrink alone over its knobs, then the step A/B
     timeout 150 python3 -m benchmarks.shrink_bench --out "$OUT/shrink_bench.json" \

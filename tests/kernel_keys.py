@@ -127,7 +127,8 @@ for kernel, spec in keys:
                                text=True, check=True).stdout
     line = next(l for l in usage.splitlines() if "REG:" in l)
     fields = dict(p.split(":", 1) for p in line.split() if ":" in p)
-    out.append({"kernel": kernel, "registers": int(fields["REG"]), "local": int(fields["LOCAL"])})
+    out.append({"kernel": kernel, "registers": int(fields["REG"]), "local": int(fields["LOCAL"]),
+                "shared": k.metadata.shared})
 print(json.dumps(out))
 """
 
@@ -137,7 +138,7 @@ def compile_for_sm90(keys: set[tuple[str, tuple]], modules: tuple[str, ...] = OP
     """Compile each (kernel, key) for CUDA sm_90 on this machine, as Triton would on an H200
     (its front end, the LLVM passes and ptxas run without a GPU), in a fresh process without
     TRITON_INTERPRET. One dict a key, in sorted key order: {"kernel", "registers", "local"
-    (bytes of spilled local memory a thread)} or {"kernel", "error"}."""
+    (bytes of spilled local memory a thread), "shared" (bytes a program)} or {"kernel", "error"}."""
     import json
     import os
     import subprocess

@@ -409,3 +409,22 @@ def test_shrink_bench_variants_compute_the_shrink(variant: str) -> None:
     want = lora_shrink_torch(ly["x"], ly["A"], ly["info"], 3)
     torch.testing.assert_close(t[0].float(), want.float(), rtol=1e-3, atol=1e-3)
     assert sb.a_bytes(32, 3, 16, 4096) == 32 * 3 * 16 * 4096 * 2
+
+
+def test_shrink_bench_stacked_gemm_gives_each_rows_t() -> None:
+    """shrink_bench's "gemm" variant (one GEMM over the projection's weight with the adapter
+    pool's A rows under it) yields each row's t from its own slot's columns, base rows zero:
+    the shrink's t."""
+    from benchmarks import shrink_bench as sb
+    from ops.lora import lora_shrink_torch
+
+    ly = sb.make_layers(6, 3, 96, 3, 4, 1, device="cpu", dtype=torch.float32)[0]
+    ly["info"].seg_slots[0] = -1  # a base run: its rows get zeros
+    ly["W"] = torch.randn(40, 96)
+    ly["WA"] = torch.cat([ly["W"], ly["A"].reshape(-1, 96)])
+    out = sb.stacked(ly)
+    torch.testing.assert_close(out[:, :40], sb.projection(ly))
+    t = sb.own_slot_columns(out[:, 40:], ly["info"], ly["A"].shape[1])
+    want = lora_shrink_torch(ly["x"], ly["A"], ly["info"], 3)
+    torch.testing.assert_close(t[0], want, rtol=1e-4, atol=1e-4)
+    assert sb.variant_env("gemm+eager") == {"LORASERVE_SHRINK_EAGER": "1"}
