@@ -2,6 +2,7 @@
 
 The reference here is the per-tensor path: every tensor read on its own with safetensors,
 converted to float32, and slice-assigned into the pool's per-group views of a zeroed host copy.
+A pool with stacked groups holds, after the same uploads, what a flat pool holds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from runtime.adapters.peft_format import AdapterError, load_peft_adapter
@@ -158,7 +161,8 @@ def reference_host(pool: LoraPool, folder: Path, spec: Spec) -> tuple[Any, ...]:
 
 
 def check_host_groups(pool: LoraPool, host: HostAdapter, spec: Spec) -> None:
-    """The per-group views of the host copy are the pool's own carving of its flat buffers."""
+    """The per-group views of the host copy are the pool's own carving of its flat buffers
+    (and of its stacked groups' A regions)."""
     targeted = {(layer, g) for layer, g in pool._host_groups(set(spec))}
     places = [(layer, g, host.layers[layer][g])
               for layer in range(SHAPE.num_layers) for g in pool.group_names]
@@ -166,7 +170,7 @@ def check_host_groups(pool: LoraPool, host: HostAdapter, spec: Spec) -> None:
     for layer, g, got in places:
         assert (got is not None) == ((layer, g) in targeted)
         if got is not None:
-            want = pool._carve(host.flat, host.flat_scalings, layer, g)
+            want = pool._carve(host.flat, host.flat_scalings, layer, g, host.stacks)
             for x, y in zip(got.__dict__.values(), want, strict=True):
                 assert x.data_ptr() == y.data_ptr() and x.shape == y.shape
                 assert x.stride() == y.stride()
@@ -512,3 +516,197 @@ def test_cpu_manager_pins_nothing_at_start() -> None:
     m = AdapterManager(config, SHAPE, CPU, torch.float32, streams=None)  # type: ignore[arg-type]
     assert m.host_rows_pinned == 0 and m.pool._host_rows.num_rows == 0
     m.close()
+
+
+# stacked groups -------------------------------------------------------------------------
+
+
+def upload(pool: LoraPool, slot: int, host: HostAdapter) -> None:
+    """What the manager's upload does with `slot_copies`, on the CPU."""
+    for dst, src in pool.slot_copies(slot, host):
+        if src is None:
+            dst.zero_()
+        else:
+            dst.copy_(src)
+
+
+def assert_same_slots(got: LoraPool, want: LoraPool) -> None:
+    """Every group's A, B and scalings, of every slot and layer, and the slot ranks."""
+    pairs = [(got.layers[layer][g], want.layers[layer][g])
+             for layer in range(SHAPE.num_layers) for g in want.group_names]
+    pairs += [(got.embed, want.embed), (got.lm_head, want.lm_head)]
+    for x, y in pairs:
+        assert x is not None and y is not None
+        assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+        assert torch.equal(x.scalings, y.scalings)
+    assert torch.equal(got.slot_ranks, want.slot_ranks)
+
+
+STACKINGS = [("qkv", "down"), ("qkv", "o", "gate_up", "down")]
+EVERY = (*ALL, EMBED, LM_HEAD)
+
+
+@pytest.mark.parametrize("stacked", STACKINGS)
+def test_stacked_pool_holds_what_the_flat_pool_holds(
+    tmp_path: Path, stacked: tuple[str, ...]
+) -> None:
+    """A stacked group's A lives in its stack, not the slab: the same uploads (each one copy
+    more a stack) leave every group's buffers as a flat pool's, an upload clears what the
+    slot's last adapter left, and the stacks' base rows stay as they were. Host copies are as
+    large as a slot, and their views hold the flat pool's host copies' values."""
+    specs = {
+        "wide": CASES["mixed_ranks"][0],
+        "some": CASES["some_layers"][0],
+        "narrow": CASES["embed_lm_head"][0],
+    }
+    for i, (name, spec) in enumerate(specs.items()):
+        write_adapter(tmp_path / name, spec, 4, seed=i)
+    flat = LoraPool(SHAPE, 2, 8, EVERY, CPU, torch.bfloat16)
+    pool = LoraPool(SHAPE, 2, 8, EVERY, CPU, torch.bfloat16, stacked=stacked)
+    assert pool.stacked == tuple(g for g in GROUPS if g in stacked)
+    assert pool.slot_numel + pool.slot_stack_numel == flat.slot_numel
+    assert pool.slot_nbytes == flat.slot_nbytes
+    for layer in range(SHAPE.num_layers):
+        for g in pool.group_names:
+            group = pool.layers[layer][g]
+            if g not in stacked:
+                assert group.stack is None
+                continue
+            (nR, K), (N, _), _ = pool._group_layout(g)
+            assert pool.stacks[g].shape == (SHAPE.num_layers, N + 2 * nR, K)
+            assert group.stack is not None
+            assert group.stack.data_ptr() == pool.stacks[g][layer].data_ptr()
+            assert group.A.data_ptr() == group.stack[N:].data_ptr()
+            assert group.A.shape == (2, nR, K)
+            group.stack[:N] = float(layer + 1)  # stands for the base weight
+    base = {g: s[:, : s.shape[1] - 2 * pool._layouts[g][0][0]].clone()
+            for g, s in pool.stacks.items()}
+    hosts = {}
+    for name, spec in specs.items():
+        weights = load_peft_adapter(str(tmp_path / name), SHAPE)
+        hosts[name] = (pool.build_host(weights), flat.build_host(weights))
+        host, want = hosts[name]
+        assert host.nbytes == pool.slot_nbytes
+        assert set(host.stacks) == set(stacked)
+        check_host_groups(pool, host, spec)
+        views = [(host.layers[layer][g], want.layers[layer][g])
+                 for layer in range(SHAPE.num_layers) for g in pool.group_names]
+        for x, y in [*views, (host.embed, want.embed), (host.lm_head, want.lm_head)]:
+            assert (x is None) == (y is None)
+            if x is not None and y is not None:
+                assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+                assert torch.equal(x.scalings, y.scalings)
+    for slot, name in ((0, "wide"), (1, "some"), (0, "narrow")):  # narrow replaces wide
+        host, want = hosts[name]
+        assert len(pool.slot_copies(slot, host)) == 3 + len(stacked)
+        upload(pool, slot, host)
+        upload(flat, slot, want)
+        assert_same_slots(pool, flat)
+        if name == "wide":
+            assert all(torch.count_nonzero(pool._stack_a[g][:, 0]) > 0 for g in stacked)
+    for g in stacked:  # narrow targets q_proj only: the rest of slot 0's A rows are clear
+        rows = slice(pool.max_rank, None) if g == "qkv" else slice(None)
+        assert torch.count_nonzero(pool._stack_a[g][:, 0, rows]) == 0
+        assert torch.equal(pool.stacks[g][:, : base[g].shape[1]], base[g])
+
+
+def linear(in_f: int, out_f: int, seed: int, bias: bool = False,
+           dtype: torch.dtype = torch.float32) -> nn.Linear:
+    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g))
+    return lin
+
+
+def base_linears() -> list[dict[str, nn.Module]]:
+    """Every layer's bias-free base linears of each group, as the model fuses them."""
+    h, i, q, kv = SHAPE.hidden_size, SHAPE.intermediate_size, SHAPE.q_size, SHAPE.kv_size
+    dims = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    return [{g: linear(*d, seed=10 * layer + n) for n, (g, d) in enumerate(dims.items())}
+            for layer in range(SHAPE.num_layers)]
+
+
+def test_adopted_base_weights_live_in_the_stack_and_one_gemm_gives_base_and_shrink(
+    tmp_path: Path,
+) -> None:
+    """After adopt_base_weights the stacked linears' weights are the stacks' top rows (same
+    outputs), other groups' linears are left alone, uploads keep off the base rows, and one
+    F.linear over a layer's stack gives [linear(x), x A_s^T for each slot s] side by side."""
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.float32, stacked=("qkv", "down"))
+    linears = base_linears()
+    g = torch.Generator().manual_seed(5)
+    xs = {name: torch.randn(5, lin.in_features, generator=g)
+          for name, lin in linears[0].items() if isinstance(lin, nn.Linear)}
+    before = [{name: lin(xs[name]) for name, lin in layer.items()} for layer in linears]
+    o_weight = linears[1]["o"].weight
+    pool.adopt_base_weights(linears)
+    assert linears[1]["o"].weight is o_weight
+    for i, (name, spec) in enumerate((("wide", full_spec(ALL, 8)),
+                                      ("mixed", CASES["mixed_ranks"][0]))):
+        write_adapter(tmp_path / name, spec, 4, seed=i)
+        upload(pool, i, pool.build_host(load_peft_adapter(str(tmp_path / name), SHAPE)))
+    for layer, layer_linears in enumerate(linears):
+        for name in pool.stacked:
+            lin, group = layer_linears[name], pool.layers[layer][name]
+            assert group.stack is not None
+            N = group.slice_offsets[-1]
+            assert lin.weight.data_ptr() == group.stack.data_ptr()
+            assert lin.weight.shape == (N, group.stack.shape[1])
+            assert not lin.weight.requires_grad
+            x = xs[name]
+            torch.testing.assert_close(lin(x), before[layer][name], rtol=0, atol=0)
+            out = F.linear(x, group.stack)
+            torch.testing.assert_close(out[:, :N], before[layer][name])
+            for slot in range(2):
+                assert torch.count_nonzero(group.A[slot]) > 0
+                rows = out[:, N + slot * group.A.shape[1] : N + (slot + 1) * group.A.shape[1]]
+                torch.testing.assert_close(rows, x @ group.A[slot].t())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("shape", r"stacked group qkv, layer 1: base weight \(63, 32\)"),
+        ("dtype", r"stacked group down, layer 0: .*torch.bfloat16"),
+        ("bias", "stacked group qkv, layer 2: the base linear has a bias"),
+        ("missing", "stacked group down, layer 2: no base linear given"),
+        ("layers", "2 layers of linears, the pool has 3"),
+    ],
+)
+def test_adopt_base_weights_refuses_what_does_not_fit(edit: str, message: str) -> None:
+    """A wrong shape, dtype, a bias or a missing linear is refused naming the group and
+    layer, before any weight moves."""
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.float32, stacked=("qkv", "down"))
+    linears = base_linears()
+    h, i = SHAPE.hidden_size, SHAPE.intermediate_size
+    if edit == "shape":
+        linears[1]["qkv"] = linear(h, 63, seed=1)
+    elif edit == "dtype":
+        linears[0]["down"] = linear(i, h, seed=1, dtype=torch.bfloat16)
+    elif edit == "bias":
+        linears[2]["qkv"] = linear(h, pool.layers[2]["qkv"].slice_offsets[-1], 1, bias=True)
+    elif edit == "missing":
+        del linears[2]["down"]
+    else:
+        linears = linears[:2]
+    ptrs = [lin.weight.data_ptr() for layer in linears for lin in layer.values()]
+    with pytest.raises(ValueError, match=message):
+        pool.adopt_base_weights(linears)
+    assert [lin.weight.data_ptr() for layer in linears for lin in layer.values()] == ptrs
+    assert all(torch.count_nonzero(s) == 0 for s in pool.stacks.values())
+
+
+@pytest.mark.parametrize(
+    ("stacked", "message"),
+    [
+        ((LM_HEAD,), r"stacked: \['lm_head'\] are not layer groups"),
+        (("qkv", "mlp"), r"stacked: \['mlp'\] are not layer groups"),
+        (("qkv", "gate_up"), r"stacked: the pool holds no \['gate_up'\] group"),
+    ],
+)
+def test_stacked_names_only_layer_groups_the_pool_holds(
+    stacked: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        LoraPool(SHAPE, 2, 8, ("q_proj", "v_proj", LM_HEAD), CPU, torch.float32, stacked=stacked)

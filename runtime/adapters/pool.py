@@ -18,6 +18,18 @@ on CUDA; groups it does not target stay zero), so an upload is three non-blockin
 rank, the weights row, the scalings row. Host copies live in rows of `HostRows`, recycled once
 a copy is dropped and its last upload has completed, so loads stop pinning memory once the host
 tier has reached its size.
+
+Stacked groups (`stacked`): a layer group's A may live instead below the base model's weight
+of its projection, in a per-group stack [num_layers, N + num_slots * n*R, in] (N the group's
+output rows, slot s's A in rows N + s*n*R .. N + (s+1)*n*R, laid out as above), whose top rows
+become the base linear's weight (`adopt_base_weights`). At decode one GEMM over [W; A] then gives
+the projection and every slot's shrink output at once. A shrink kernel beside the projection
+does not run with it: the projections' cuBLAS kernels take a whole multiprocessor each (all 64K
+registers), so the shrink runs before them, and on the H200 at 32 adapters the side-stream
+shrink costs 28.8 us a layer over the projections, the stacked GEMM 11.5. The slab then holds
+only B and the scalings of a stacked group; a host copy holds, after its slab row, one region
+[num_layers, n*R, in] per stacked group, so a slot's A of that group is one more copy (into a
+strided view of the stack). Tensor-parallel shards never stack.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
 from itertools import pairwise
@@ -121,6 +133,9 @@ class LoraGroupBuffers:
     scalings: Tensor  # [num_slots, n] float32
     slice_offsets: tuple[int, ...]  # len n+1: row offsets of each slice in B
     num_slices: int
+    # a stacked group's layer of its stack, [N_total + num_slots*n*R, in]: the base weight in
+    # rows :N_total, then A (which is a view of these rows); None when not stacked
+    stack: Tensor | None = None
 
 
 @dataclass
@@ -137,9 +152,10 @@ class HostAdapter:
 
     A group is None when the adapter targets none of its modules (in that layer): the upload
     zero-fills that group's slot instead of copying zeros from host memory. The per-group views
-    (`layers`, `embed`, `lm_head`) are built on first use: an upload copies `flat` whole, so
-    serving never builds them (each read would otherwise make hundreds of small tensor views
-    in the serving process, each holding the GIL against the runner's launches).
+    (`layers`, `embed`, `lm_head`) are built on first use: an upload copies `flat` (and each of
+    `stacks`) whole, so serving never builds them (each read would otherwise make hundreds of
+    small tensor views in the serving process, each holding the GIL against the runner's
+    launches).
     """
 
     def __init__(
@@ -152,14 +168,19 @@ class HostAdapter:
         flat: Tensor,
         flat_scalings: Tensor,
         lease: RowLease,
+        stacks: dict[str, Tensor] | None = None,
     ) -> None:
         self._views_of = views
         self.rank = rank  # [1] int32
         self.nbytes = nbytes
         self.is_pinned = is_pinned
-        # [slot numel] every group's A and B, laid out like one row of the pool's slab
+        # [slot numel] every group's A (but stacked groups') and B, laid out like one row of the
+        # pool's slab
         self.flat = flat
         self.flat_scalings = flat_scalings  # [slot scalings] float32, like the scalings slab row
+        # per stacked group, its A for every layer [num_layers, n*R, in], like one slot's rows
+        # of the pool's stack
+        self.stacks: dict[str, Tensor] = stacks if stacks is not None else {}
         # the HostRows row it lives in: returned when this copy is dropped, reused once
         # `lease`'s last upload event has completed
         self.lease = lease
@@ -204,7 +225,7 @@ class RowLease:
 # allocation up to a power of two, and pinning holds the driver's locks (the serving loop's
 # launches and copies wait on them) for as long as it takes, in proportion to the bytes.
 HOST_CHUNK_BYTES = 256 << 20
-ROW_ALIGN = 256  # bytes: every row, and each of a row's three parts, starts this aligned
+ROW_ALIGN = 256  # bytes: every row, and each of a row's parts, starts this aligned
 
 
 def shared_chunk(nbytes: int, pin: bool, touch: bool = True) -> tuple[Tensor, int]:
@@ -335,6 +356,8 @@ class LoraPool:
 
     layers[l] holds only the groups with a module in `target_modules`; embed / lm_head are None
     unless targeted. slot_ranks[s] is the rank of the adapter in slot s (its max over modules).
+    `stacked` names layer groups whose A lives in `stacks[group]` below room for the base
+    weight (see the module docstring), in the pool's group order in `self.stacked`.
     """
 
     def __init__(
@@ -345,6 +368,7 @@ class LoraPool:
         target_modules: Iterable[str],
         device: torch.device,
         dtype: torch.dtype,
+        stacked: Iterable[str] = (),
     ) -> None:
         self.shape = shape
         self.num_slots = num_slots
@@ -359,9 +383,22 @@ class LoraPool:
         self.group_names = tuple(
             g for g, ms in GROUPS.items() if any(m in self.target_modules for m in ms)
         )
-        # Slot-major: one row of `_slab` (and of `_slab_scalings`) holds a whole slot, so an
-        # upload is one copy of a host buffer laid out the same way; every group's A and B are
-        # views into it, [num_slots, ...] with the slot stride of the slab.
+        wanted = set(stacked)
+        not_groups = sorted(wanted - GROUPS.keys())
+        if not_groups:
+            raise ValueError(
+                f"stacked: {not_groups} are not layer groups (those are {', '.join(GROUPS)})"
+            )
+        not_held = sorted(wanted - set(self.group_names))
+        if not_held:
+            raise ValueError(
+                f"stacked: the pool holds no {not_held} group (no target module of it)"
+            )
+        self.stacked: tuple[str, ...] = tuple(g for g in self.group_names if g in wanted)
+        # Slot-major: one row of `_slab` (and of `_slab_scalings`) holds a whole slot but its
+        # stacked A rows, so an upload is one copy of a host buffer laid out the same way (and
+        # one per stack); every group's A and B are views into it, [num_slots, ...] with the
+        # slot stride of the slab.
         self._places: list[tuple[int, str]] = [
             (layer, g) for layer in range(shape.num_layers) for g in self.group_names
         ]
@@ -369,15 +406,24 @@ class LoraPool:
         self._offsets: dict[tuple[int, str], tuple[int, int]] = {}
         numel = num_scalings = 0
         for place in self._places:
-            a_shape, b_shape, offsets = self._group_layout(place[1])
+            _, b_shape, offsets = self._layouts[place[1]]
             self._offsets[place] = (numel, num_scalings)
-            numel += a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
+            numel += self._slab_a_numel(place[1]) + b_shape[0] * b_shape[1]
             num_scalings += len(offsets) - 1
         self.slot_numel, self.slot_num_scalings = numel, num_scalings
         self._slab = torch.zeros((num_slots, numel), dtype=dtype, device=device)
         self._slab_scalings = torch.zeros(
             (num_slots, num_scalings), dtype=torch.float32, device=device
         )
+        # [num_layers, N + num_slots * n*R, in] per stacked group: the base weight, then A
+        self.stacks: dict[str, Tensor] = {}
+        self._stack_a: dict[str, Tensor] = {}  # the A rows: [num_layers, num_slots, n*R, in]
+        for g in self.stacked:
+            (nR, K), (N, _), _ = self._layouts[g]
+            stack = torch.zeros((shape.num_layers, N + num_slots * nR, K), dtype=dtype,
+                                device=device)
+            self.stacks[g] = stack
+            self._stack_a[g] = stack[:, N:].unflatten(1, (num_slots, nR))
         self.layers: list[dict[str, LoraGroupBuffers]] = [
             {g: self._view(layer, g) for g in self.group_names} for layer in range(shape.num_layers)
         ]
@@ -400,26 +446,43 @@ class LoraPool:
             offsets.append(offsets[-1] + module_dims(self.shape, m)[1])
         return (len(modules) * R, in_features), (offsets[-1], R), tuple(offsets)
 
+    def _slab_a_numel(self, group: str) -> int:
+        """Elements of a group's A in one slab row (and one layer): none for a stacked group,
+        whose stack holds it."""
+        if group in self.stacked:
+            return 0
+        a_shape = self._layouts[group][0]
+        return a_shape[0] * a_shape[1]
+
     def _carve(
-        self, flat: Tensor, flat_scalings: Tensor, layer: int, group: str
+        self, flat: Tensor, flat_scalings: Tensor, layer: int, group: str,
+        stack_a: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Views of one group's A, B and scalings in a slot-layout buffer: the slabs
-        ([num_slots, ...] views) or one host copy (a single slot's views)."""
+        ([num_slots, ...] views) or one host copy (a single slot's views). A stacked group's A
+        comes from `stack_a[group]`, its A for every layer: [num_layers, num_slots, n*R, in] in
+        the stacks, [num_layers, n*R, in] in a host copy."""
         a_shape, b_shape, offsets = self._group_layout(group)
         pos, spos = self._offsets[(layer, group)]
-        na, nb, ns = a_shape[0] * a_shape[1], b_shape[0] * b_shape[1], len(offsets) - 1
+        na, nb, ns = self._slab_a_numel(group), b_shape[0] * b_shape[1], len(offsets) - 1
         lead = flat.shape[:-1]
+        if group in self.stacked:
+            assert stack_a is not None, f"{group} is stacked: its A is not in the slab"
+            A = stack_a[group][layer]
+        else:
+            A = flat[..., pos : pos + na].view(*lead, *a_shape)
         return (
-            flat[..., pos : pos + na].view(*lead, *a_shape),
+            A,
             flat[..., pos + na : pos + na + nb].view(*lead, *b_shape),
             flat_scalings[..., spos : spos + ns],
         )
 
     def _view(self, layer: int, group: str) -> LoraGroupBuffers:
-        """The group's buffers as views of the slabs."""
-        A, B, scalings = self._carve(self._slab, self._slab_scalings, layer, group)
+        """The group's buffers as views of the slabs (and of its stack when stacked)."""
+        A, B, scalings = self._carve(self._slab, self._slab_scalings, layer, group, self._stack_a)
         offsets = self._group_layout(group)[2]
-        return LoraGroupBuffers(A, B, scalings, offsets, len(offsets) - 1)
+        stack = self.stacks[group][layer] if group in self.stacks else None
+        return LoraGroupBuffers(A, B, scalings, offsets, len(offsets) - 1, stack)
 
     def _host_groups(self, targets: set[tuple[int, str]]) -> list[tuple[int, str]]:
         """The (layer, group) pairs an adapter targeting `targets` needs in host memory."""
@@ -440,10 +503,54 @@ class LoraPool:
         return self.slot_nbytes
 
     @property
+    def slot_stack_numel(self) -> int:
+        """Elements of one slot's A rows in all stacks (every layer)."""
+        return sum(self.shape.num_layers * self._layouts[g][0][0] * self._layouts[g][0][1]
+                   for g in self.stacked)
+
+    @property
     def slot_nbytes(self) -> int:
-        """Bytes of one slot across all buffers (and of one adapter's host copy)."""
+        """Bytes of one slot across all buffers, stacks included (and of one adapter's host
+        copy)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 4 + elem * self.slot_numel + 4 * self.slot_num_scalings
+        return 4 + elem * (self.slot_numel + self.slot_stack_numel) + 4 * self.slot_num_scalings
+
+    # base weights -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def adopt_base_weights(self, linears: Sequence[Mapping[str, torch.nn.Module]]) -> None:
+        """Move every stacked group's base weight into the top rows of its stack: linears[l][g]
+        is layer l's bias-free nn.Linear of group g (weight [N, in]), whose weight is copied
+        into stacks[g][l, :N] and becomes that view (same values, so the linear's output is
+        unchanged; its old storage is dropped). Call it once the base weights are loaded.
+        Raises ValueError, naming the group and layer, for a missing linear, a bias, or a
+        weight of another shape, dtype or device than the stack; nothing moves then."""
+        if self.stacked and len(linears) != self.shape.num_layers:
+            raise ValueError(f"adopt_base_weights: {len(linears)} layers of linears, the pool "
+                             f"has {self.shape.num_layers}")
+        moves: list[tuple[torch.nn.Module, Tensor]] = []
+        for g in self.stacked:
+            n = self._layouts[g][1][0]
+            for layer in range(self.shape.num_layers):
+                where = f"stacked group {g}, layer {layer}"
+                if g not in linears[layer]:  # (an nn.ModuleDict has no `get`)
+                    raise ValueError(f"{where}: no base linear given")
+                module = linears[layer][g]
+                if getattr(module, "bias", None) is not None:
+                    raise ValueError(f"{where}: the base linear has a bias (only bias-free "
+                                     "projections can be stacked)")
+                weight, top = module.weight, self.stacks[g][layer, :n]
+                if (weight.shape, weight.dtype, weight.device) != (top.shape, top.dtype,
+                                                                    top.device):
+                    raise ValueError(
+                        f"{where}: base weight {tuple(weight.shape)} {weight.dtype} on "
+                        f"{weight.device}, the stack holds {tuple(top.shape)} {top.dtype} on "
+                        f"{top.device}"
+                    )
+                moves.append((module, top))
+        for module, top in moves:
+            top.copy_(module.weight)
+            module.weight = torch.nn.Parameter(top, requires_grad=False)
 
     # host copies --------------------------------------------------------------------------
 
@@ -484,16 +591,30 @@ class LoraPool:
 
     @cached_property
     def _host_rows(self) -> HostRows:
-        """Rows laid out as the weights, then the scalings, then the rank, each part
-        ROW_ALIGN-aligned."""
-        at_scalings = -(-self.dtype.itemsize * self.slot_numel // ROW_ALIGN) * ROW_ALIGN
-        at_rank = at_scalings + -(-4 * self.slot_num_scalings // ROW_ALIGN) * ROW_ALIGN
+        """Rows laid out as the weights (the slab row's part), each stacked group's A
+        [num_layers, n*R, in], the scalings, then the rank, each part ROW_ALIGN-aligned."""
+        def aligned(nbytes: int) -> int:
+            return -(-nbytes // ROW_ALIGN) * ROW_ALIGN
+
+        item = self.dtype.itemsize
+        at_stacks = at = aligned(item * self.slot_numel)
+        regions: list[tuple[str, int, tuple[int, int, int]]] = []
+        for g in self.stacked:
+            (nR, K) = self._layouts[g][0]
+            regions.append((g, at, (self.shape.num_layers, nR, K)))
+            at += aligned(item * self.shape.num_layers * nR * K)
+        at_scalings = at
+        at_rank = at_scalings + aligned(4 * self.slot_num_scalings)
 
         def carve(row: Tensor) -> tuple[Any, ...]:
-            flat = row[:at_scalings].view(self.dtype)[: self.slot_numel]
+            flat = row[:at_stacks].view(self.dtype)[: self.slot_numel]
             scalings = row[at_scalings:at_rank].view(torch.float32)[: self.slot_num_scalings]
             rank = row[at_rank : at_rank + 4].view(torch.int32)
-            return flat, scalings, rank, (flat.storage_offset(), scalings.storage_offset())
+            stacks = {
+                g: row[pos : pos + item * L * nR * K].view(self.dtype).view(L, nR, K)
+                for g, pos, (L, nR, K) in regions
+            }
+            return flat, scalings, rank, (flat.storage_offset(), scalings.storage_offset()), stacks
 
         return HostRows(at_rank + 4, pin=self.pins_host_rows, carve=carve,
                         shared=self._shared_rows)
@@ -522,7 +643,7 @@ class LoraPool:
 
     def write_host_row(self, weights: AdapterWeights, parts: tuple[Any, ...]) -> None:
         """Write `weights` (every weight, the scalings, the rank) into a zeroed row's parts."""
-        flat, flat_scalings, rank, bases = parts
+        flat, flat_scalings, rank, bases, stacks = parts
         scalings = [0.0] * self.slot_num_scalings
         views: dict[tuple[str, int, int], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         dsts: list[Tensor] = []
@@ -532,7 +653,9 @@ class LoraPool:
             if (layer, group) not in self._offsets:
                 continue  # a group this pool does not hold
             if (group, i, w.rank) not in views:
-                views[(group, i, w.rank)] = self._slice_views(flat, bases[0], group, i, w.rank)
+                views[(group, i, w.rank)] = self._slice_views(
+                    flat, bases[0], stacks, group, i, w.rank
+                )
             A, B = views[(group, i, w.rank)]
             dsts += (A[max(layer, 0)], B[max(layer, 0)])
             srcs += (w.A.t() if module == EMBED else w.A, w.B)
@@ -545,15 +668,18 @@ class LoraPool:
     def adopt_host_row(self, lease: RowLease, modules: set[tuple[int, str]]) -> HostAdapter:
         """The host copy in `lease`'s filled row, of an adapter of `modules` ((layer, module)
         keys); its row is given back when the copy is garbage."""
-        flat, flat_scalings, rank, bases = lease.parts
+        flat, flat_scalings, rank, bases, stacks = lease.parts
         nbytes = flat.nbytes + flat_scalings.nbytes + rank.nbytes
-        views = partial(self._host_views, flat, flat_scalings, bases, modules)
-        host = HostAdapter(views, rank, nbytes, self.pins_host_rows, flat, flat_scalings, lease)
+        nbytes += sum(a.nbytes for a in stacks.values())
+        views = partial(self._host_views, flat, flat_scalings, bases, stacks, modules)
+        host = HostAdapter(views, rank, nbytes, self.pins_host_rows, flat, flat_scalings, lease,
+                           stacks)
         weakref.finalize(host, self._host_rows.give, lease)
         return host
 
     def _host_views(
-        self, flat: Tensor, flat_scalings: Tensor, bases: Any, modules: set[tuple[int, str]]
+        self, flat: Tensor, flat_scalings: Tensor, bases: Any, stacks: dict[str, Tensor],
+        modules: set[tuple[int, str]],
     ) -> tuple[list[dict[str, HostGroup | None]], HostGroup | None, HostGroup | None]:
         """A host copy's per-group views (HostAdapter.layers, embed, lm_head)."""
         layers: list[dict[str, HostGroup | None]] = [
@@ -563,7 +689,7 @@ class LoraPool:
         groups: dict[str, list[HostGroup]] = {}
         for layer, g in self._host_groups(modules):
             if g not in groups:
-                groups[g] = self._group_views(flat, flat_scalings, bases, g)
+                groups[g] = self._group_views(flat, flat_scalings, bases, stacks, g)
             host = groups[g][max(layer, 0)]
             if g == EMBED:
                 embed = host
@@ -579,25 +705,28 @@ class LoraPool:
         return [(layer, group) for layer in range(self.shape.num_layers)]
 
     def _slice_views(
-        self, flat: Tensor, base: int, group: str, i: int, rank: int
+        self, flat: Tensor, base: int, stacks: dict[str, Tensor], group: str, i: int, rank: int
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Where a module of rank `rank` goes as slice i of `group` in a host copy's `flat`
-        (`base` elements into its storage), one view per layer (one in all for embed /
-        lm_head): A [rank, in] (embed: [vocab, rank], A transposed) and B [out, rank]."""
+        (`base` elements into its storage) and `stacks`, one view per layer (one in all for
+        embed / lm_head): A [rank, in] (embed: [vocab, rank], A transposed) and B [out, rank]."""
         R = self.max_rank
         (a_rows, a_cols), _, offsets = self._layouts[group]
         starts = [self._offsets[p][0] for p in self._places_of(group)]
-        b_at = a_rows * a_cols + offsets[i] * R
+        b_at = self._slab_a_numel(group) + offsets[i] * R
         B = _strided_views(
             flat, base, starts, b_at, (offsets[i + 1] - offsets[i], rank), (R, 1)
         )
         if group == EMBED:  # [vocab, rank]: the lookup gathers rows by token id
             return _strided_views(flat, base, starts, 0, (a_rows, rank), (R, 1)), B
+        if group in self.stacked:  # [num_layers, n*R, in]
+            return stacks[group][:, i * R : i * R + rank].unbind(0), B
         A = _strided_views(flat, base, starts, i * R * a_cols, (rank, a_cols), (a_cols, 1))
         return A, B
 
     def _group_views(
-        self, flat: Tensor, flat_scalings: Tensor, bases: tuple[int, int], group: str
+        self, flat: Tensor, flat_scalings: Tensor, bases: tuple[int, int],
+        stacks: dict[str, Tensor], group: str,
     ) -> list[HostGroup]:
         """A group's views in a host copy (as `_carve` gives them), one per layer (one in all
         for embed / lm_head)."""
@@ -605,11 +734,15 @@ class LoraPool:
         places = self._places_of(group)
         starts = [self._offsets[p][0] for p in places]
         scaling_starts = [self._offsets[p][1] for p in places]
-        b_at = a_shape[0] * a_shape[1]
+        if group in self.stacked:
+            As = stacks[group].unbind(0)
+        else:
+            As = _strided_views(flat, bases[0], starts, 0, a_shape, (a_shape[1], 1))
+        b_at = self._slab_a_numel(group)
         return [
             HostGroup(*views)
             for views in zip(
-                _strided_views(flat, bases[0], starts, 0, a_shape, (a_shape[1], 1)),
+                As,
                 _strided_views(flat, bases[0], starts, b_at, b_shape, (b_shape[1], 1)),
                 _strided_views(
                     flat_scalings, bases[1], scaling_starts, 0, (len(offsets) - 1,), (1,)
@@ -622,9 +755,14 @@ class LoraPool:
 
     def slot_copies(self, slot: int, host: HostAdapter) -> list[tuple[Tensor, Tensor | None]]:
         """(destination, source) pairs that write `host` into `slot`: the rank, the slot's row
-        of the weight slab, its row of the scalings slab. Issue them on the copy stream."""
-        return [
+        of the weight slab, its row of the scalings slab, then per stacked group the slot's A
+        rows of every layer ([num_layers, n*R, in], strided: on CUDA the copy stages through a
+        contiguous device buffer, all on the current stream). Issue them on the copy stream."""
+        copies: list[tuple[Tensor, Tensor | None]] = [
             (self.slot_ranks[slot : slot + 1], host.rank),
             (self._slab[slot], host.flat),
             (self._slab_scalings[slot], host.flat_scalings),
         ]
+        for g in self.stacked:
+            copies.append((self._stack_a[g][:, slot], host.stacks[g]))
+        return copies
