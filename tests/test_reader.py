@@ -42,8 +42,8 @@ def adapters(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def shared_pool() -> LoraPool:
-    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+def shared_pool(stacked: tuple[str, ...] = ()) -> LoraPool:
+    pool = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16, stacked=stacked)
     pool.share_host_rows()
     return pool
 
@@ -51,20 +51,28 @@ def shared_pool() -> LoraPool:
 def assert_same_copy(got, want) -> None:
     assert torch.equal(got.flat, want.flat)
     assert torch.equal(got.flat_scalings, want.flat_scalings)
+    assert got.stacks.keys() == want.stacks.keys()
+    for g, a in got.stacks.items():
+        assert torch.equal(a, want.stacks[g])
     assert got.rank.tolist() == want.rank.tolist() and got.nbytes == want.nbytes
 
 
+@pytest.mark.parametrize("stacked", [(), ("qkv", "down")])
 def test_process_reads_equal_in_process_builds_and_reuse_rows_zeroed(
-    adapters: dict[str, Path],
+    adapters: dict[str, Path], stacked: tuple[str, ...]
 ) -> None:
-    """A reader's host copy is byte-equal to the in-process build; a row reused after a wide
-    adapter holds a narrow one exactly (the reader zeroes it)."""
-    pool, ref = shared_pool(), LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16)
+    """A reader's host copy is byte-equal to the in-process build (stacked groups' A regions
+    too: the reader's pool has the serving pool's layout); a row reused after a wide adapter
+    holds a narrow one exactly (the reader zeroes it)."""
+    pool = shared_pool(stacked)
+    ref = LoraPool(SHAPE, 2, 8, ALL, CPU, torch.bfloat16, stacked=stacked)
     reader = ProcessReader(pool, SHAPE, workers=1)
     try:
         wide, rank, targets = reader.read(str(adapters["wide"]))
         assert rank == 8 and targets == frozenset(ALL)
         assert_same_copy(wide, ref.build_host(load_peft_adapter(str(adapters["wide"]), SHAPE)))
+        assert wide.nbytes == pool.slot_nbytes
+        assert all(torch.count_nonzero(a) > 0 for a in wide.stacks.values())
         check_host_groups(pool, wide, WIDE)
         row = wide.flat.data_ptr()
         del wide  # its row is free again

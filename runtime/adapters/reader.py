@@ -55,8 +55,9 @@ class ProcessReader:
 
     def __init__(self, pool: LoraPool, shape: LoraModelShape, workers: int = 2) -> None:
         self.pool = pool
+        # the layout of `pool`'s host rows: the readers' own pools are built from it
         self._spec = (shape, pool.max_rank, tuple(sorted(pool.target_modules)),
-                      str(pool.dtype).removeprefix("torch."))
+                      str(pool.dtype).removeprefix("torch."), pool.stacked)
         self._idle: queue.SimpleQueue[_Reader] = queue.SimpleQueue()
         self._all: list[_Reader] = []
         self.restarts = 0
@@ -149,11 +150,12 @@ def _main(fd: int) -> None:
 
 def _serve(conn: Connection, spec: tuple[Any, ...]) -> None:
     """A reader process: map chunks as their fds come, fill rows as reads come."""
-    shape, max_rank, targets, dtype = spec
+    shape, max_rank, targets, dtype, stacked = spec
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the server's to handle
     torch.set_num_threads(READER_THREADS)
     # Layout only: on the meta device the pool allocates nothing.
-    pool = LoraPool(shape, 1, max_rank, targets, torch.device("meta"), getattr(torch, dtype))
+    pool = LoraPool(shape, 1, max_rank, targets, torch.device("meta"), getattr(torch, dtype),
+                    stacked)
     row_bytes = pool.host_row_bytes
     chunks: list[torch.Tensor] = []
     while True:
