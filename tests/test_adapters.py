@@ -98,7 +98,9 @@ def folders(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def make_manager(streams: Streams | None = None, **kw: Any) -> AdapterManager:
+def make_manager(
+    streams: Streams | None = None, stacked: tuple[str, ...] = (), **kw: Any
+) -> AdapterManager:
     base: dict[str, Any] = {
         "device": "cpu",
         "enable_lora": True,
@@ -107,7 +109,8 @@ def make_manager(streams: Streams | None = None, **kw: Any) -> AdapterManager:
         "max_loras_per_batch": 2,
     }
     config = ServerConfig(**{**base, **kw})
-    return AdapterManager(config, SHAPE, CPU, torch.float32, streams or FakeStreams())
+    return AdapterManager(config, SHAPE, CPU, torch.float32, streams or FakeStreams(),
+                          stacked=stacked)
 
 
 def slot_q_a(manager: AdapterManager, slot: int, layer: int = 0) -> torch.Tensor:
@@ -329,6 +332,39 @@ async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
     assert await resident(m, "q_only") == slot  # a was evicted from the only slot
     assert torch.count_nonzero(group.B[slot, v]) == 0 and group.scalings[slot, 2] == 0
     assert torch.count_nonzero(group.B[slot, q]) > 0 and group.scalings[slot, 0] > 0
+    assert m.pool.slot_nbytes == entry.host.nbytes
+    m.release("q_only")
+
+
+async def test_stacked_upload_clears_what_the_last_adapter_left(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """With qkv stacked, a slot's A rows live in the stack below the base weight: an upload is
+    one copy more, writes them there, clears the rows the previous occupant left (v's), and
+    leaves the base weight's rows as they were."""
+    m = make_manager(max_loras_per_batch=1, stacked=("qkv",))
+    assert m.pool.stacked == ("qkv",)
+    group, stack = m.pool.layers[0]["qkv"], m.pool.stacks["qkv"]
+    N, R = group.slice_offsets[-1], m.pool.max_rank
+    stack[:, :N] = 3.0  # stands for the base weight
+    await m.load("a", str(folders["a"]))  # q_proj and v_proj
+    m.acquire("a")
+    slot = await resident(m, "a")
+    v = slice(2 * R, 3 * R)
+    assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
+    assert torch.count_nonzero(stack[:, N + slot * 3 * R :][:, v]) > 0
+    m.release("a")
+    write_adapter(tmp_path / "q_only", seed=7, modules=("q_proj",))
+    await m.load("q_only", str(tmp_path / "q_only"))
+    entry = m._adapters["q_only"]
+    assert len(m.pool.slot_copies(slot, entry.host)) == 4
+    m.acquire("q_only")
+    assert await resident(m, "q_only") == slot  # a was evicted from the only slot
+    assert torch.equal(slot_q_a(m, slot)[:2], q_a(tmp_path / "q_only"))
+    assert torch.count_nonzero(group.A[slot, 2:]) == 0  # q beyond rank 2, and all of v
+    assert torch.count_nonzero(m.pool.layers[1]["qkv"].A[slot, R:]) == 0
+    assert group.scalings[slot, 2] == 0 and group.scalings[slot, 0] > 0
+    assert bool((stack[:, :N] == 3.0).all())
     assert m.pool.slot_nbytes == entry.host.nbytes
     m.release("q_only")
 

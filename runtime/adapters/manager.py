@@ -211,15 +211,18 @@ class AdapterManager:
         dtype: torch.dtype,
         streams: Streams,
         pool: LoraPool | None = None,
+        stacked: Iterable[str] = (),
     ) -> None:
         """pool: the GPU slots to manage (tensor parallelism passes a rank's shard); by default
-        one built from `shape` and the config."""
+        one built from `shape` and the config, with the layer groups `stacked` names stacked
+        (see runtime.adapters.pool; a pool passed in keeps its own)."""
         self.config = config
         self.shape = shape
         self.streams = streams
         if pool is None:
             max_rank, targets = resolve_pool_spec(config, shape.num_layers)
-            pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype)
+            pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype,
+                            stacked)
         self.pool = pool
         # Reads in reader processes (off this process's GIL) need host rows they can map.
         self.reader: ProcessReader | None = None
