@@ -685,10 +685,27 @@ def linear_lora_fold(
     scalings: Tensor,
     info: LoraBatchInfo,
     row_slots: Tensor,
+    stack: Tensor | None = None,
 ) -> tuple[Tensor, LoraFold]:
     """(base(x), the LoRA delta left for the next kernel): linear_lora without its expand. The
     shrink runs beside base(x) as linear_lora runs it (inside captures, unless
-    LORASERVE_LORA_OVERLAP=0); row_slots: `lora_row_slots` of the step."""
+    LORASERVE_LORA_OVERLAP=0); row_slots: `lora_row_slots` of the step.
+
+    stack: the pool's stacked buffer of this group and layer ([N + num_slots * n*R, in]: the
+    base weight's rows, then every slot's A; runtime/adapters/pool.py), whose first N rows are
+    base's weight: then one GEMM over it gives base(x) and every slot's t, and there is no
+    shrink launch. (On the H200 the projections' cuBLAS kernels take a whole multiprocessor a
+    program, so a shrink beside them runs before them, not with them: at 32 adapters the stacked
+    GEMM costs 11.5 us a layer over the projections, the shrink 28.8; benchmarks/RESULTS.md.)"""
+    if stack is not None:
+        n_out, t_cols = slice_offsets[-1], A.shape[1]
+        if stack.shape != (n_out + A.shape[0] * t_cols, x.shape[1]):
+            raise ValueError(f"stack {tuple(stack.shape)} does not hold {n_out} base rows and "
+                             f"{A.shape[0]} slots of {t_cols} A rows over {x.shape[1]} inputs")
+        y_all = torch.nn.functional.linear(x, stack)
+        fold = LoraFold(y_all[:, n_out:].unsqueeze(0), B, scalings, row_slots,
+                        tuple(slice_offsets), info, t_slot_stride=t_cols)
+        return y_all[:, :n_out], fold
     table = lora_row_table(info)
     y, t = _base_and_shrink(
         x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x), fold_presum()
@@ -708,8 +725,21 @@ def fold_presum() -> bool:
 def apply_fold(y: Tensor, fold: LoraFold | None) -> Tensor:
     """y += the fold's delta with a plain expand (for a consumer that does not fold); y."""
     if fold is not None:
-        lora_expand_triton(fold.t, fold.B, y, fold.slice_offsets, fold.scalings, fold.info)
+        lora_expand_triton(fold_rows_t(fold), fold.B, y, fold.slice_offsets, fold.scalings,
+                           fold.info)
     return y
+
+
+def fold_rows_t(fold: LoraFold) -> Tensor:
+    """The fold's t as the expand reads it, [splits, T, n*R]: a stacked t
+    (`LoraFold.t_slot_stride`) narrowed to each row's own slot (base rows read slot 0's
+    columns, which the expand never uses)."""
+    if not fold.t_slot_stride:
+        return fold.t
+    width = fold.t_slot_stride
+    cols = fold.row_slots.clamp(min=0).long()[:, None] * width
+    cols = cols + torch.arange(width, device=cols.device)
+    return fold.t[0].gather(1, cols).unsqueeze(0)
 
 
 def _shrink_partials_buffer(

@@ -41,7 +41,9 @@ class LoraFold:
     t: the shrink's partials [splits, T, n*R]; B: [num_slots, N_total, R]; scalings:
     [num_slots, n] float32; row_slots: [T] int32 (-1 = no LoRA); slice_offsets: the group's
     output slices; info: the step's batch info, for `ops.lora.apply_fold` (a plain expand) where
-    a consumer cannot fold."""
+    a consumer cannot fold. t_slot_stride: 0, or for a stacked t (`ops.lora.linear_lora_fold`
+    over a pool's stack: one split [1, T, num_slots * n*R], every slot's t for every row) n*R,
+    so that row m reads the columns of its own slot row_slots[m]."""
 
     t: Tensor
     B: Tensor
@@ -49,6 +51,7 @@ class LoraFold:
     row_slots: Tensor
     slice_offsets: tuple[int, ...]
     info: object  # ops.lora.LoraBatchInfo (not imported: ops.lora imports this module)
+    t_slot_stride: int = 0
 
     def check(self, y: Tensor) -> None:
         """Raise ValueError unless this fold fits output y [T, N_total]."""
@@ -58,7 +61,12 @@ class LoraFold:
         if (y.dim() != 2 or y.shape != (rows, self.B.shape[1])
                 or self.slice_offsets[-1] != y.shape[1]):
             raise ValueError(f"fold of {rows} x {self.B.shape[1]} does not fit y {tuple(y.shape)}")
-        if cols != num_slices * rank_pad or self.row_slots.shape != (rows,):
+        slots = self.B.shape[0] if self.t_slot_stride else 1
+        if self.t_slot_stride not in (0, num_slices * rank_pad) or (
+                self.t_slot_stride and self.t.shape[0] != 1):
+            raise ValueError(f"fold: t slot stride {self.t_slot_stride} of a {num_slices} x "
+                             f"{rank_pad} group")
+        if cols != slots * num_slices * rank_pad or self.row_slots.shape != (rows,):
             raise ValueError("fold: t, B and row_slots disagree")
         if self.scalings.shape != (self.B.shape[0], num_slices):
             raise ValueError(f"fold: scalings {tuple(self.scalings.shape)}")
@@ -82,26 +90,29 @@ def fold_block(fold: LoraFold, num_warps: int, cap: int) -> int:
 def fold_args(fold: LoraFold | None, like: Tensor) -> tuple[list, dict]:
     """(positional kernel arguments, constexprs) of `fold` for a kernel taking the fold helpers'
     arguments in this order: t_ptr, b_ptr, scal_ptr, rslot_ptr, R, stride_ts, stride_tm,
-    stride_bs, stride_bn, stride_ss, stride_si; constexprs FOLD, SPLITS, BLOCK_R, EVEN_R.
+    stride_tslot, stride_bs, stride_bn, stride_ss, stride_si; constexprs FOLD, SPLITS, BLOCK_R,
+    EVEN_R.
     Without a fold, `like` stands in for every pointer and FOLD is False."""
     if fold is None:
-        return [like, like, like, like, 1, 0, 0, 0, 0, 0, 0], {
+        return [like, like, like, like, 1, 0, 0, 0, 0, 0, 0, 0], {
             "FOLD": False, "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True}
     t, B, s = fold.t, fold.B, fold.scalings
     rank_pad = B.shape[2]
     block_r = max(16, next_pow2(rank_pad))
-    args = [t, B, s, fold.row_slots, rank_pad, t.stride(0), t.stride(1), B.stride(0),
-            B.stride(1), s.stride(0), s.stride(1)]
+    args = [t, B, s, fold.row_slots, rank_pad, t.stride(0), t.stride(1), fold.t_slot_stride,
+            B.stride(0), B.stride(1), s.stride(0), s.stride(1)]
     return args, {"FOLD": True, "SPLITS": t.shape[0], "BLOCK_R": block_r,
                   "EVEN_R": block_r == rank_pad}
 
 
 @triton.jit
-def lora_fold_t(t_ptr, row, slice_id, R, stride_ts, stride_tm,
+def lora_fold_t(t_ptr, row, slot, slice_id, R, stride_ts, stride_tm, stride_tslot,
                 SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
-    """Row `row`'s t for one slice, its split-K partials summed: [BLOCK_R] fp32."""
+    """Row `row`'s t for one slice, its split-K partials summed: [BLOCK_R] fp32. With a slot
+    stride (a stacked t, `LoraFold.t_slot_stride`) the row's own slot's columns."""
     offs_r = tl.arange(0, BLOCK_R)
-    ptrs = t_ptr + row.to(tl.int64) * stride_tm + slice_id * R + offs_r
+    ptrs = (t_ptr + row.to(tl.int64) * stride_tm + tl.maximum(slot, 0).to(tl.int64) * stride_tslot
+            + slice_id * R + offs_r)
     t = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for s in tl.static_range(SPLITS):
         if EVEN_R:

@@ -94,6 +94,7 @@ def _add_rmsnorm_fold_kernel(
     R,
     stride_ts,
     stride_tm,
+    stride_tslot,
     stride_bs,
     stride_bn,
     stride_ss,
@@ -118,7 +119,8 @@ def _add_rmsnorm_fold_kernel(
     slot = tl.load(rslot_ptr + row)
     b = lora_fold_b(b_ptr, slot, offs, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
     wait_then_release(USE_PDL)
-    t = lora_fold_t(t_ptr, row, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+    t = lora_fold_t(t_ptr, row, slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS, BLOCK_R,
+                    EVEN_R)
     x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
     x = lora_fold_apply(x, b, t, scal_ptr, slot, 0, live, stride_ss, stride_si, x_ptr)
     r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)

@@ -84,6 +84,7 @@ def _rope_store_kv_kernel(
     R,
     stride_ts,
     stride_tm,
+    stride_tslot,
     stride_bs,
     stride_bn,
     stride_ss,
@@ -125,7 +126,8 @@ def _rope_store_kv_kernel(
         x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
         if FOLD:
-            tq = lora_fold_t(t_ptr, t, 0, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+            tq = lora_fold_t(t_ptr, t, lora_slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS,
+                             BLOCK_R, EVEN_R)
             x1 = lora_fold_apply(x1, bq1, tq, scal_ptr, lora_slot, 0, live, stride_ss,
                                  stride_si, q_out_ptr)
             x2 = lora_fold_apply(x2, bq2, tq, scal_ptr, lora_slot, 0, live, stride_ss,
@@ -158,8 +160,10 @@ def _rope_store_kv_kernel(
         v1 = tl.load(vsrc + offs, mask=live, other=0.0)
         v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
         if FOLD:
-            tk = lora_fold_t(t_ptr, t, 1, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
-            tv = lora_fold_t(t_ptr, t, 2, R, stride_ts, stride_tm, SPLITS, BLOCK_R, EVEN_R)
+            tk = lora_fold_t(t_ptr, t, lora_slot, 1, R, stride_ts, stride_tm, stride_tslot, SPLITS,
+                             BLOCK_R, EVEN_R)
+            tv = lora_fold_t(t_ptr, t, lora_slot, 2, R, stride_ts, stride_tm, stride_tslot, SPLITS,
+                             BLOCK_R, EVEN_R)
             x1 = lora_fold_apply(x1, bk1, tk, scal_ptr, lora_slot, 1, live, stride_ss,
                                  stride_si, q_out_ptr)
             x2 = lora_fold_apply(x2, bk2, tk, scal_ptr, lora_slot, 1, live, stride_ss,

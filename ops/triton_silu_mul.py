@@ -81,6 +81,7 @@ def _silu_mul_fold_kernel(
     R,
     stride_ts,
     stride_tm,
+    stride_tslot,
     stride_bs,
     stride_bn,
     stride_ss,
@@ -108,7 +109,8 @@ def _silu_mul_fold_kernel(
     slots = tl.load(rslot_ptr + rows, mask=r_in, other=-1)
     lora = slots >= 0
     slot_safe = tl.maximum(slots, 0).to(tl.int64)
-    t_rows = t_ptr + rows[:, None].to(tl.int64) * stride_tm + offs_r[None, :]
+    t_rows = (t_ptr + rows[:, None].to(tl.int64) * stride_tm + slot_safe[:, None] * stride_tslot
+              + offs_r[None, :])
     t_mask = lora[:, None] & r_live[None, :]
     scale_gate = tl.load(scal_ptr + slot_safe * stride_ss, mask=lora, other=0.0)
     scale_up = tl.load(scal_ptr + slot_safe * stride_ss + stride_si, mask=lora, other=0.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -212,7 +213,10 @@ class Engine:
                 intermediate_size=args.intermediate_size, q_size=args.q_size,
                 kv_size=args.kv_size, vocab_size=args.vocab_size,
             )
-            adapters = AdapterManager(config, shape, device, dtype, streams)
+            adapters = AdapterManager(config, shape, device, dtype, streams,
+                                      stacked=lora_stack_groups(args))
+            if adapters.pool.stacks:  # the base weights move under their groups' A slots
+                adapters.pool.adopt_base_weights(model.lora_linears())
             model.lora_pool = adapters.pool
         kv, bm = _allocate_kv(config, args, dtype, device)
         info = ModelInfo(
@@ -688,6 +692,17 @@ class Engine:
             if self.adapters is not None:
                 self._report_adapters(force=True)
         self._last_log = (now, self._generated_tokens)
+
+
+def lora_stack_groups(args: ModelArgs) -> tuple[str, ...]:
+    """The LoRA layer groups whose adapter A the pool stacks under the base weight's rows, so
+    that a decode graph takes one GEMM for a projection and every slot's shrink
+    (ops.lora.linear_lora_fold): with LORASERVE_LORA_STACK=1 (an opt-in A/B knob), every
+    group but a qkv with a bias (Qwen2's: the stacked GEMM adds none); else none. The pool
+    keeps the ones it holds."""
+    if os.environ.get("LORASERVE_LORA_STACK", "0") != "1":
+        return ()
+    return tuple(g for g in ("qkv", "o", "gate_up", "down") if not (g == "qkv" and args.qkv_bias))
 
 
 def _build_model(args: ModelArgs, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:

@@ -111,6 +111,8 @@
 #                                    landed code against the best GEMV variant, about 9 min
 #   scripts/device_session.sh s19b   (one GPU) the decode shrink beside its projection against
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
+#   scripts/device_session.sh s19c   (one GPU) the pool's stacks: GPU tests (graphs, folds,
+#                                    CUDA uploads), then the step A/B against the landed code
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -562,6 +564,18 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     hf_baseline 190 hf_baseline
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
+    ;;
+  s19c)  # one GPU: the pool's stacks (LORASERVE_LORA_STACK=1): their GPU tests, then the step
+    # A/B against the landed code, two processes each, alternating
+    gpu_tests graphs_gpu 300 tests/test_graphs_gpu.py -k "match_eager_fp32 or logits_bf16"
+    fold_tests 150
+    gpu_tests adapters_gpu 120 tests/test_adapters.py -k cuda
+    i=0
+    for knob in NONE=1 LORASERVE_LORA_STACK=1 NONE=2 LORASERVE_LORA_STACK=1; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
+      step_lora $((i == 1 ? 100 : 80)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s19b)  # one GPU: the decode shrink beside its projection against the stacked GEMM (the
     # adapter pool's A rows under the projection's weight, one cuBLAS GEMM for both)

@@ -620,7 +620,7 @@ def write_full_adapter(folder: Path, shape: LoraModelShape, r: int, seed: int) -
     save_file(t, str(folder / "adapter_model.safetensors"))
 
 
-async def _cuda_uploads(tmp_path: Path) -> None:
+async def _cuda_uploads(tmp_path: Path, stacked: tuple[str, ...]) -> None:
     device = torch.device("cuda")
     shape, R = LLAMA8B_4L, 16
     for i, n in enumerate("abc"):
@@ -633,7 +633,8 @@ async def _cuda_uploads(tmp_path: Path) -> None:
         max_loras_per_batch=2,
     )
     streams = Streams(device)
-    m = AdapterManager(config, shape, device, torch.bfloat16, streams)
+    m = AdapterManager(config, shape, device, torch.bfloat16, streams, stacked=stacked)
+    assert m.pool.stacked == stacked
     assert m.reader is not None  # on CUDA, reader processes fill memfd rows registered pinned
     rows = m.pool._host_rows  # the tier's rows are pinned at start, so serving pins none
     chunks = rows.num_chunks
@@ -669,6 +670,16 @@ async def _cuda_uploads(tmp_path: Path) -> None:
         queued_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     assert queued_s < 0.05 and torch.equal(dst.cpu(), host_a.flat)
+    for g in stacked:  # into a strided region of a stack: staged on the device, still queued
+        rows = host_a.stacks[g].shape[1]
+        dst = torch.zeros_like(m.pool.stacks[g])[:, -rows:]
+        with streams.use(streams.copy):
+            torch.cuda._sleep(400_000_000)
+            t0 = time.perf_counter()
+            dst.copy_(host_a.stacks[g], non_blocking=True)
+            queued_s = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        assert queued_s < 0.05 and torch.equal(dst.cpu(), host_a.stacks[g])
     torch.cuda.synchronize()
     torch.testing.assert_close(seen_a, host_a.layers[3]["down"].B.to(device))
     assert int(m.pool.slot_ranks[sb]) == 8
@@ -700,9 +711,12 @@ async def _cuda_uploads(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_uploads_real_shapes(tmp_path: Path) -> None:
-    """Pinned host copies, copy-stream uploads, ready and last-use events on an H200."""
-    asyncio.run(_cuda_uploads(tmp_path))
+@pytest.mark.parametrize("stacked", [(), ("qkv", "down")])
+def test_cuda_uploads_real_shapes(tmp_path: Path, stacked: tuple[str, ...]) -> None:
+    """Pinned host copies, copy-stream uploads, ready and last-use events on an H200; with
+    stacked groups too, whose A goes by a copy into a strided region of the stack, still
+    asynchronous and still behind the last-use event."""
+    asyncio.run(_cuda_uploads(tmp_path, stacked))
 
 
 async def test_adaptive_overlap_waits_only_for_short_uploads(folders: dict[str, Path]) -> None:

@@ -50,9 +50,13 @@ def lora_config(adapters, backend, dtype):
 NAMES = [None, "a0", "a1", "a2", "a3", None] * 4
 
 
+@pytest.mark.parametrize("stack", ["0", "1"])
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
-def test_graphs_match_eager_fp32(setup, backend):
-    """fp32: identical tokens with graphs on and off, mixed base + 4 adapters of ranks 1..16."""
+def test_graphs_match_eager_fp32(setup, backend, stack, monkeypatch):
+    """fp32: identical tokens with graphs on and off, mixed base + 4 adapters of ranks 1..16;
+    with the pool's stacks too (LORASERVE_LORA_STACK=1: graphs take one GEMM for a projection
+    and every slot's shrink, eager steps the shrink kernel over the stacks' A)."""
+    monkeypatch.setenv("LORASERVE_LORA_STACK", stack)
     model, adapters = setup
     ps = prompts(24, read_vocab(model), seed=3, lo=4, hi=60)
     common = lora_config(adapters, backend, "float32")
@@ -130,20 +134,24 @@ def mixed_decode_step(setup, backend):
     return engine, engine.runner.prepare(ScheduledBatch(reqs, [1] * len(reqs)))
 
 
+@pytest.mark.parametrize("stack", ["0", "1"])
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
-def test_graph_replay_logits_bf16(setup, backend):
+def test_graph_replay_logits_bf16(setup, backend, stack, monkeypatch):
     """bf16: a graph replay of a mixed decode step gives the eager forward's logits within
     bf16 rounding. (Token identity across graph padding is not expected in bf16: a bucket pads
     the batch, which changes the matmul shapes and so their rounding.) On the H200 the largest
     difference over the largest logit measured 0.016-0.031 from run to run (the decode state
     the requests reached before the stop varies), so the bound is 0.04; the graph with layer
-    PDL is bit for bit the one without (the test below)."""
+    PDL is bit for bit the one without (the test below). With the pool's stacks
+    (LORASERVE_LORA_STACK=1) the graph's t is the stacked GEMM's, rounded to bf16."""
+    monkeypatch.setenv("LORASERVE_LORA_STACK", stack)
     engine, fb = mixed_decode_step(setup, backend)
     with torch.inference_mode():
         eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
         graph = engine.runner.graphs.replay(fb).clone()
     rel = ((graph - eager).abs().max() / eager.abs().max()).item()
-    print(f"bf16 graph against eager, {backend}: max |diff| / max |logit| {rel:.4f}")
+    print(f"bf16 graph against eager, {backend}, stack {stack}: max |diff| / max |logit| "
+          f"{rel:.4f}")
     assert rel < 4e-2, rel
     assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9
 

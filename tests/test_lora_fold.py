@@ -254,6 +254,97 @@ def test_rope_store_kv_fold(dtype, qk_norm) -> None:
         torch.testing.assert_close(a, b, **tol(dtype))
 
 
+def stacked(fold: LoraFold) -> LoraFold:
+    """The fold with its t laid out as a stacked GEMM leaves it (ops.lora.linear_lora_fold
+    over a pool stack): [1, T, num_slots * n*R], each row's t in its own slot's columns and
+    NaN in every other slot's (a read of them would show)."""
+    import dataclasses
+
+    splits, rows, width = fold.t.shape
+    assert splits == 1
+    num_slots = fold.B.shape[0]
+    t = torch.full((1, rows, num_slots * width), float("nan"), dtype=fold.t.dtype,
+                   device=fold.t.device)
+    for m, slot in enumerate(fold.row_slots.tolist()):
+        if slot >= 0:
+            t[0, m, slot * width:(slot + 1) * width] = fold.t[0, m]
+    return dataclasses.replace(fold, t=t, t_slot_stride=width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_consumers_read_a_stacked_t_by_row_slot(dtype) -> None:
+    """Each consumer given the stacked layout of a fold's t (every slot's columns for every
+    row, LoraFold.t_slot_stride) gives the bits it gives for the fold itself: it reads its
+    row's own slot's columns and nothing else (the others are NaN); so does apply_fold's plain
+    expand."""
+    from ops.lora import apply_fold
+    from ops.triton_silu_mul import fold_launch
+    from tests.test_fused_ops import rope_tables
+
+    g = torch.Generator().manual_seed(6)
+    rows = len(TOKEN_SLOTS)
+    fold = make_fold(TOKEN_SLOTS, [96], dtype, 1)
+    x = torch.randn(rows, 96, generator=g).to(dtype).to(DEVICE)
+    res = torch.randn(rows, 96, generator=g).to(dtype).to(DEVICE)
+    w = torch.ones(96, dtype=dtype, device=DEVICE)
+    outs = [add_rmsnorm_triton(x, res.clone(), w, EPS, fold=f) for f in (fold, stacked(fold))]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert torch.equal(apply_fold(x.clone(), fold), apply_fold(x.clone(), stacked(fold)))
+
+    fold = make_fold(TOKEN_SLOTS, [80, 80], dtype, 1, rank_pad=24)
+    gate_up = torch.randn(rows, 160, generator=g).to(dtype).to(DEVICE)
+    for group in (1, 4):
+        outs = [torch.empty(rows, 80, dtype=dtype, device=DEVICE) for _ in range(2)]
+        for out, f in zip(outs, (fold, stacked(fold))):
+            fold_launch(gate_up, out, f, group=group)
+        assert torch.equal(*outs)
+
+    heads, kv_heads, d = 4, 2, 32
+    fold = make_fold(TOKEN_SLOTS, [heads * d, kv_heads * d, kv_heads * d], dtype, 1)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g).to(dtype).to(DEVICE)
+    cos, sin = rope_tables(torch.arange(rows, device=DEVICE), d, dtype)
+    cache_slots = torch.arange(rows, device=DEVICE)
+
+    def rope(f: LoraFold):
+        cache = [torch.zeros(2, 8, kv_heads, d, dtype=dtype, device=DEVICE) for _ in range(2)]
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q_out = rope_store_kv_triton(q.view(rows, heads, d), k.view(rows, kv_heads, d),
+                                     v.view(rows, kv_heads, d), cos, sin, *cache, cache_slots,
+                                     eps=EPS, fold=f)
+        return q_out, *cache
+
+    assert all(torch.equal(a, b) for a, b in zip(rope(fold), rope(stacked(fold))))
+
+
+def test_stacked_linear_fold_is_one_gemm_over_weight_and_slots() -> None:
+    """linear_lora_fold over a stack ([W; every slot's A]) returns x W^T as a view of one GEMM
+    and a stacked t whose row m, slot s columns are x_m A_s^T; a stack of another shape, or a
+    slot stride that is not the group's t width, is refused."""
+    import dataclasses
+
+    from ops.lora import linear_lora_fold
+
+    g = torch.Generator().manual_seed(7)
+    k_dim, widths, rank_pad = 64, [32, 16], 16
+    fold = make_fold(TOKEN_SLOTS, widths, torch.float32, 1)
+    A = torch.randn(3, 2 * rank_pad, k_dim, generator=g).to(DEVICE)
+    W = torch.randn(sum(widths), k_dim, generator=g).to(DEVICE)
+    x = torch.randn(len(TOKEN_SLOTS), k_dim, generator=g).to(DEVICE)
+    stack = torch.cat([W, A.reshape(-1, k_dim)])
+    y, f = linear_lora_fold(x, lambda v: v @ W.T, A, fold.B, fold.slice_offsets, fold.scalings,
+                            fold.info, fold.row_slots, stack=stack)
+    torch.testing.assert_close(y, x @ W.T)
+    assert f.t_slot_stride == 2 * rank_pad and f.t.shape == (1, len(TOKEN_SLOTS), 3 * 32)
+    for s in range(3):
+        torch.testing.assert_close(f.t[0, :, s * 32:(s + 1) * 32], x @ A[s].T)
+    f.check(y)
+    with pytest.raises(ValueError, match="does not hold"):
+        linear_lora_fold(x, lambda v: v @ W.T, A, fold.B, fold.slice_offsets, fold.scalings,
+                         fold.info, fold.row_slots, stack=stack[1:])
+    with pytest.raises(ValueError, match="slot stride"):
+        dataclasses.replace(f, t_slot_stride=16).check(y)
+
+
 def test_consumers_reject_a_fold_of_other_slices() -> None:
     fold = make_fold(TOKEN_SLOTS, [16, 16, 16], torch.float32, 1)
     with pytest.raises(ValueError, match="gate and up"):
@@ -265,11 +356,14 @@ def test_consumers_reject_a_fold_of_other_slices() -> None:
 # ------------------------------------------------------------------------------- the model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_folded_decode_matches_expands_in_the_interpreter(arch, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(("arch", "stack"), [("llama", "0"), ("qwen3", "0"), ("llama", "1")])
+def test_folded_decode_matches_expands_in_the_interpreter(arch, stack, tmp_path,
+                                                          monkeypatch) -> None:
     """A served mixed batch (base rows and two adapters of ranks 8 and 16 on every
     projection) whose decode forwards fold every group, in the interpreter: each decode
-    forward's logits match the forward with expands, and the greedy tokens are the same."""
+    forward's logits match the forward with expands, and the greedy tokens are the same; also
+    with the pool's stacks (LORASERVE_LORA_STACK=1), where the folding forwards take one GEMM
+    for each projection and every slot's shrink."""
     import ops.dispatch
     from runtime.config import LoraPathSpec
     from runtime.model import llama
@@ -278,6 +372,7 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, tmp_path, monkey
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "qkv,o,gate_up,down")
+    monkeypatch.setenv("LORASERVE_LORA_STACK", stack)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = make_model(tmp_path / "m", arch)
     specs = tuple(
@@ -291,7 +386,7 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, tmp_path, monkey
     fold_linear = llama.lora_linear_fold
 
     def counted_fold(*args, **kwargs):
-        folds.append(1)
+        folds.append(kwargs.get("stack") is not None)
         return fold_linear(*args, **kwargs)
 
     monkeypatch.setattr(llama, "lora_linear_fold", counted_fold)
@@ -312,6 +407,7 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, tmp_path, monkey
     decode_forwards = len(logits[True])
     assert decode_forwards and decode_forwards == len(logits[False])
     assert len(folds) == 4 * 2 * decode_forwards  # every group of both layers, every forward
+    assert all(folds) if stack == "1" else not any(folds)
     for a, b in zip(logits[True], logits[False]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert tokens[True] == tokens[False]

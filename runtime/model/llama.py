@@ -172,11 +172,13 @@ def project_fold(
     info: LoraBatchInfo | None, name: str, plan: FoldPlan | None,
 ) -> tuple[torch.Tensor, LoraFold | None]:
     """(linear(x), its LoRA delta left for the next kernel) when `plan` folds group `name`;
-    else (project(...), None)."""
+    else (project(...), None). A group the pool stacks (its A under the base weight's rows in
+    one buffer) takes one GEMM for both."""
     if group is None or info is None or plan is None or name not in plan.groups:
         return project(linear, x, group, info), None
     return lora_linear_fold(
-        x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots
+        x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
+        stack=group.stack,
     )
 
 
@@ -364,6 +366,13 @@ class CausalLM(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.lora_pool: LoraPool | None = None
+
+    def lora_linears(self) -> list[dict[str, nn.Linear]]:
+        """Per layer, the projection of each LoRA layer group (qkv, o, gate_up, down): what a
+        pool stacks its A under (LoraPool.adopt_base_weights)."""
+        return [{"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
+                 "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
+                for layer in self.layers]
 
     def build_rope_cache(self, max_position: int) -> None:
         """cos/sin for every position, computed in fp32 then cast, as the checkpoints expect."""
