@@ -566,6 +566,30 @@ def capture_paths(fold: bool):
     return _capture_fold.set(fold)
 
 
+_capture_stack = ThreadSetting(False)
+
+
+def stack_paths(stack: bool):
+    """Around a decode graph capture (and its warm-up): inside, `stacks_lora` says whether the
+    forward takes a stacked group's projection and shrink as one GEMM over the pool's stack
+    (runtime/graphs.py captures both ways and picks per step: `stack_wins`)."""
+    return _capture_stack.set(stack)
+
+
+def stacks_lora() -> bool:
+    return _capture_stack.get()
+
+
+def stack_wins(num_segments: int, num_slots: int) -> bool:
+    """Whether a decode step over `num_segments` row segments (distinct adapters, base rows one
+    more) runs faster as the stacked GEMM, which reads every one of the pool's `num_slots`
+    slots' A, than with the shrink kernel, whose cost grows with the distinct adapters: from
+    a third of the slots on. (On the H200, Llama-3.1-8B shapes, rank 16, a 32-slot pool: the
+    stacked GEMM took 11.5 us a layer over the projections; the shrink 5.2 over one adapter,
+    10.4 over 8, 28.8 over 32; benchmarks/RESULTS.md, seventeenth session.)"""
+    return 3 * num_segments >= num_slots
+
+
 def fold_groups() -> frozenset[str]:
     """The groups LORASERVE_LORA_FOLD names (default DEFAULT_FOLD; "0": none)."""
     raw = os.environ.get("LORASERVE_LORA_FOLD", ",".join(DEFAULT_FOLD)).strip()

@@ -25,6 +25,8 @@ from ops.lora import (
     capture_paths,
     chunk_rows,
     prepare_side_stream,
+    stack_paths,
+    stack_wins,
 )
 from ops.pdl import decode_scope
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
@@ -133,7 +135,9 @@ class GraphBuffers:
 
 
 class DecodeGraphs:
-    """Captured decode forwards, one per (bucket size, with/without LoRA)."""
+    """Captured decode forwards, one per (bucket size, variant): without LoRA (False), with it
+    (True), and, where the pool stacks groups, with the stacked GEMMs ("stacked": from the
+    buckets on whose rows can span enough adapters for `stack_wins`)."""
 
     def __init__(
         self,
@@ -154,7 +158,7 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_bs)
         self.buf = GraphBuffers.allocate(max_bs, max_blocks, self.device)
         self.lora_backend = lora_backend
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool | str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def _lora_info(self, bs: int) -> LoraBatchInfo | None:
@@ -175,19 +179,26 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self, stream: torch.cuda.Stream) -> None:
         self._pad_from(0)
-        variants = [False, True] if self.model.lora_pool is not None else [False]
+        lora_pool = self.model.lora_pool
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
-                for with_lora in variants:
+                variants: list[bool | str] = [False]
+                if lora_pool is not None:
+                    variants.append(True)
+                    if lora_pool.stacks and stack_wins(bs, lora_pool.num_slots):
+                        variants.append("stacked")
+                for variant in variants:
+                    with_lora = variant is not False
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
-                    with blas_library(decode_blas(bs, with_lora)):
+                    with blas_library(decode_blas(bs, with_lora)), \
+                            stack_paths(variant == "stacked"):
                         g, logits = capture_graph(
                             lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
                             self.pool, fold=with_lora, decode=True,
                         )
                     if self.pool is None:
                         self.pool = g.pool()
-                    self.graphs[(bs, with_lora)] = (g, logits)
+                    self.graphs[(bs, variant)] = (g, logits)
         stream.synchronize()
 
     def can_run(self, fb: ForwardBatch) -> bool:
@@ -224,7 +235,11 @@ class DecodeGraphs:
             _fill_padded(b.chunk_indptr, b.chunk_slots, info.chunk_indptr, info.chunk_slots, bucket)
             assert info.counts is not None, "decode tables come from lora_batch_info"
             b.live.copy_(info.counts)  # the real counts came with the table's own copy
-        g, logits = self.graphs[(bucket, with_lora)]
+        variant: bool | str = with_lora
+        if with_lora and (bucket, "stacked") in self.graphs and stack_wins(
+                fb.lora.num_segments, self.model.lora_pool.num_slots):
+            variant = "stacked"
+        g, logits = self.graphs[(bucket, variant)]
         g.replay()
         return logits[:bs]
 
@@ -354,7 +369,7 @@ class MixedGraphs:
             max((b.tiles for b in self.buckets), default=1),
             max((b.chunks for b in self.buckets), default=1), self.device,
         )
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool | str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
 
     def _lora_info(self, k: MixedBucket) -> LoraBatchInfo | None:

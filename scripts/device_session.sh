@@ -113,6 +113,8 @@
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
 #   scripts/device_session.sh s19c   (one GPU) the pool's stacks: GPU tests (graphs, folds,
 #                                    CUDA uploads), then the step A/B against the landed code
+#   scripts/device_session.sh s19d   (one GPU) the stacked graphs chosen per step: GPU tests,
+#                                    step targets by default and stacked twice, about 6 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -564,6 +566,18 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     hf_baseline 190 hf_baseline
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
+    ;;
+  s19d)  # one GPU: the stacked graphs chosen per step (stack_wins): their GPU tests, then the
+    # step targets by default and with LORASERVE_LORA_STACK=1 twice
+    gpu_tests graphs_gpu 200 "tests/test_graphs_gpu.py::test_graphs_match_eager_fp32[csgmv-1]" \
+      "tests/test_graphs_gpu.py::test_graphs_match_eager_fp32[triton-1]" \
+      "tests/test_graphs_gpu.py::test_graph_replay_logits_bf16[csgmv-1]"
+    i=0
+    for knob in NONE=1 LORASERVE_LORA_STACK=1 LORASERVE_LORA_STACK=1; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
+      step_lora $((i == 1 ? 100 : 80)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s19c)  # one GPU: the pool's stacks (LORASERVE_LORA_STACK=1): their GPU tests, then the step
     # A/B against the landed code, two processes each, alternating

@@ -146,6 +146,8 @@ def test_graph_replay_logits_bf16(setup, backend, stack, monkeypatch):
     (LORASERVE_LORA_STACK=1) the graph's t is the stacked GEMM's, rounded to bf16."""
     monkeypatch.setenv("LORASERVE_LORA_STACK", stack)
     engine, fb = mixed_decode_step(setup, backend)
+    stacked = [k for k in engine.runner.graphs.graphs if k[1] == "stacked"]
+    assert bool(stacked) == (stack == "1")
     with torch.inference_mode():
         eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
         graph = engine.runner.graphs.replay(fb).clone()

@@ -20,6 +20,9 @@ from ops.lora import (
     folds_lora,
     lora_expand_torch,
     lora_row_slots,
+    stack_paths,
+    stack_wins,
+    stacks_lora,
 )
 from ops.triton_rmsnorm import add_rmsnorm_triton
 from ops.triton_rope_store_kv import rope_store_kv_triton
@@ -345,6 +348,19 @@ def test_stacked_linear_fold_is_one_gemm_over_weight_and_slots() -> None:
         dataclasses.replace(f, t_slot_stride=16).check(y)
 
 
+def test_stacked_gemm_is_chosen_from_a_third_of_the_slots() -> None:
+    """Graphs take the stacked GEMM inside stack_paths(True) only, and decode steps choose it
+    once their segments reach a third of the pool's slots."""
+    assert not stacks_lora()
+    with stack_paths(True):
+        assert stacks_lora()
+        with stack_paths(False):
+            assert not stacks_lora()
+    assert not stacks_lora()
+    assert next(n for n in range(1, 33) if stack_wins(n, 32)) == 11
+    assert not stack_wins(2, 8) and stack_wins(3, 8) and stack_wins(1, 1)
+
+
 def test_consumers_reject_a_fold_of_other_slices() -> None:
     fold = make_fold(TOKEN_SLOTS, [16, 16, 16], torch.float32, 1)
     with pytest.raises(ValueError, match="gate and up"):
@@ -394,7 +410,7 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, stack, tmp_path,
     tokens = {}
     for fold in (False, True):
         def patched(self, fb, kv_k, kv_v, fold=fold):
-            with capture_paths(fold=fold and fb.is_decode):
+            with capture_paths(fold=fold and fb.is_decode), stack_paths(stack == "1"):
                 out = forward(self, fb, kv_k, kv_v)
             if fb.is_decode:
                 logits[fold].append(out.clone())

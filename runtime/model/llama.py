@@ -32,6 +32,7 @@ from ops.lora import (
     lora_embed_shrink,
     lora_expand,
     lora_row_slots,
+    stacks_lora,
 )
 from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
@@ -178,7 +179,7 @@ def project_fold(
         return project(linear, x, group, info), None
     return lora_linear_fold(
         x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
-        stack=group.stack,
+        stack=group.stack if stacks_lora() else None,
     )
 
 
