@@ -214,9 +214,11 @@ class Engine:
                 kv_size=args.kv_size, vocab_size=args.vocab_size,
             )
             adapters = AdapterManager(config, shape, device, dtype, streams,
-                                      stacked=lora_stack_groups(args))
+                                      stacked=lora_stack_groups(args, device))
             if adapters.pool.stacks:  # the base weights move under their groups' A slots
                 adapters.pool.adopt_base_weights(model.lora_linears())
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # the weights' old blocks, before the KV cache
             model.lora_pool = adapters.pool
         kv, bm = _allocate_kv(config, args, dtype, device)
         info = ModelInfo(
@@ -694,13 +696,17 @@ class Engine:
         self._last_log = (now, self._generated_tokens)
 
 
-def lora_stack_groups(args: ModelArgs) -> tuple[str, ...]:
+def lora_stack_groups(args: ModelArgs, device: torch.device) -> tuple[str, ...]:
     """The LoRA layer groups whose adapter A the pool stacks under the base weight's rows, so
-    that a decode graph takes one GEMM for a projection and every slot's shrink
-    (ops.lora.linear_lora_fold): with LORASERVE_LORA_STACK=1 (an opt-in A/B knob), every
-    group but a qkv with a bias (Qwen2's: the stacked GEMM adds none); else none. The pool
-    keeps the ones it holds."""
-    if os.environ.get("LORASERVE_LORA_STACK", "0") != "1":
+    that a decode graph can take one GEMM for a projection and every slot's shrink
+    (ops.lora.linear_lora_fold, chosen per step by ops.lora.stack_wins): every group but a
+    qkv with a bias (Qwen2's: the stacked GEMM adds none), on CUDA (where decode graphs fold
+    LoRA), unless LORASERVE_LORA_STACK=0; LORASERVE_LORA_STACK=1 stacks on any device. The
+    pool keeps the ones it holds. (Tensor parallelism builds its own pools, unstacked.)"""
+    raw = os.environ.get("LORASERVE_LORA_STACK", "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"LORASERVE_LORA_STACK: {raw!r} is not 0 or 1")
+    if raw == "0" or (raw == "" and device.type != "cuda"):
         return ()
     return tuple(g for g in ("qkv", "o", "gate_up", "down") if not (g == "qkv" and args.qkv_bias))
 

@@ -289,3 +289,25 @@ def test_prompt_logprobs_match_hf(llama, tmp_path, chunk):
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3
         top_ids = [t for t, _ in first.input_top_logprobs[1]]
         assert top_ids == ref[0].topk(2).indices.tolist()
+
+
+def test_lora_stack_groups(monkeypatch):
+    """Every layer group is stacked on CUDA, none elsewhere, a biased qkv never;
+    LORASERVE_LORA_STACK=0 turns stacking off, =1 on for any device, anything else is refused."""
+    from types import SimpleNamespace
+
+    from runtime.engine import lora_stack_groups
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    llama, qwen2 = SimpleNamespace(qkv_bias=False), SimpleNamespace(qkv_bias=True)
+    monkeypatch.delenv("LORASERVE_LORA_STACK", raising=False)
+    assert lora_stack_groups(llama, cuda) == ("qkv", "o", "gate_up", "down")
+    assert lora_stack_groups(qwen2, cuda) == ("o", "gate_up", "down")
+    assert lora_stack_groups(llama, cpu) == ()
+    monkeypatch.setenv("LORASERVE_LORA_STACK", "0")
+    assert lora_stack_groups(llama, cuda) == ()
+    monkeypatch.setenv("LORASERVE_LORA_STACK", "1")
+    assert lora_stack_groups(llama, cpu) == ("qkv", "o", "gate_up", "down")
+    monkeypatch.setenv("LORASERVE_LORA_STACK", "yes")
+    with pytest.raises(ValueError, match="LORASERVE_LORA_STACK"):
+        lora_stack_groups(llama, cpu)
