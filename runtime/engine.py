@@ -213,12 +213,16 @@ class Engine:
                 intermediate_size=args.intermediate_size, q_size=args.q_size,
                 kv_size=args.kv_size, vocab_size=args.vocab_size,
             )
-            adapters = AdapterManager(config, shape, device, dtype, streams,
-                                      stacked=lora_stack_groups(args, device))
-            if adapters.pool.stacks:  # the base weights move under their groups' A slots
-                adapters.pool.adopt_base_weights(model.lora_linears())
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # the weights' old blocks, before the KV cache
+            stacked = lora_stack_groups(args, device)
+            parked = _park_on_host(model.lora_linears(), stacked, device)
+            adapters = AdapterManager(config, shape, device, dtype, streams, stacked=stacked)
+            # the base weights move under their groups' A slots; those of groups the pool does
+            # not hold (no target module of theirs) come back from the host
+            adapters.pool.adopt_base_weights(model.lora_linears())
+            for module in parked:
+                if module.weight.device != device:
+                    module.weight = torch.nn.Parameter(module.weight.to(device),
+                                                       requires_grad=False)
             model.lora_pool = adapters.pool
         kv, bm = _allocate_kv(config, args, dtype, device)
         info = ModelInfo(
@@ -709,6 +713,20 @@ def lora_stack_groups(args: ModelArgs, device: torch.device) -> tuple[str, ...]:
     if raw == "0" or (raw == "" and device.type != "cuda"):
         return ()
     return tuple(g for g in ("qkv", "o", "gate_up", "down") if not (g == "qkv" and args.qkv_bias))
+
+
+def _park_on_host(linears: list[dict[str, torch.nn.Module]], groups: tuple[str, ...],
+                  device: torch.device) -> list[torch.nn.Module]:
+    """Move the base weights of `groups` (the pool's stacks will hold them) to the host and
+    free their GPU memory, so that the stacks, allocated next, never sit beside a second copy
+    of them (an 8B model's four groups are 13 GB); the modules moved."""
+    if device.type != "cuda" or not groups:
+        return []
+    moved = [layer[g] for layer in linears for g in groups]
+    for module in moved:
+        module.weight = torch.nn.Parameter(module.weight.detach().cpu(), requires_grad=False)
+    torch.cuda.empty_cache()
+    return moved
 
 
 def _build_model(args: ModelArgs, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:

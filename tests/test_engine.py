@@ -311,3 +311,26 @@ def test_lora_stack_groups(monkeypatch):
     monkeypatch.setenv("LORASERVE_LORA_STACK", "yes")
     with pytest.raises(ValueError, match="LORASERVE_LORA_STACK"):
         lora_stack_groups(llama, cpu)
+
+
+def test_park_on_host_moves_only_stacked_groups_on_cuda(monkeypatch):
+    """Before a CUDA pool allocates its stacks, the base weights they will hold go to the host
+    (and the freed blocks back to the device), the other groups stay; nothing moves elsewhere.
+    (On this CPU machine the weights already live on the host: the test checks which modules
+    get parked, their values, and the cache release.)"""
+    from runtime.engine import _park_on_host
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(1))
+    layers = [{g: torch.nn.Linear(4, 3, bias=False) for g in ("qkv", "o", "gate_up", "down")}
+              for _ in range(2)]
+    before = [{g: m.weight.detach().clone() for g, m in layer.items()} for layer in layers]
+    assert _park_on_host(layers, ("qkv", "down"), torch.device("cpu")) == []
+    assert not released
+    moved = _park_on_host(layers, ("qkv", "down"), torch.device("cuda"))
+    assert moved == [layers[0]["qkv"], layers[0]["down"], layers[1]["qkv"], layers[1]["down"]]
+    assert released == [1]
+    for layer, old in zip(layers, before):
+        for g, m in layer.items():
+            assert m.weight.device.type == "cpu" and torch.equal(m.weight, old[g])
+            assert m.weight.requires_grad == (m not in moved)  # parked ones are new parameters

@@ -522,9 +522,11 @@ class LoraPool:
         """Move every stacked group's base weight into the top rows of its stack: linears[l][g]
         is layer l's bias-free nn.Linear of group g (weight [N, in]), whose weight is copied
         into stacks[g][l, :N] and becomes that view (same values, so the linear's output is
-        unchanged; its old storage is dropped). Call it once the base weights are loaded.
-        Raises ValueError, naming the group and layer, for a missing linear, a bias, or a
-        weight of another shape, dtype or device than the stack; nothing moves then."""
+        unchanged; its old storage is dropped). Call it once the base weights are loaded; a
+        weight may wait on another device (the engine parks them on the host meanwhile, so the
+        stacks never sit beside a second copy of them on the GPU). Raises ValueError, naming the
+        group and layer, for a missing linear, a bias, or a weight of another shape or dtype
+        than the stack; nothing moves then."""
         if self.stacked and len(linears) != self.shape.num_layers:
             raise ValueError(f"adopt_base_weights: {len(linears)} layers of linears, the pool "
                              f"has {self.shape.num_layers}")
@@ -540,12 +542,10 @@ class LoraPool:
                     raise ValueError(f"{where}: the base linear has a bias (only bias-free "
                                      "projections can be stacked)")
                 weight, top = module.weight, self.stacks[g][layer, :n]
-                if (weight.shape, weight.dtype, weight.device) != (top.shape, top.dtype,
-                                                                    top.device):
+                if (weight.shape, weight.dtype) != (top.shape, top.dtype):
                     raise ValueError(
-                        f"{where}: base weight {tuple(weight.shape)} {weight.dtype} on "
-                        f"{weight.device}, the stack holds {tuple(top.shape)} {top.dtype} on "
-                        f"{top.device}"
+                        f"{where}: base weight {tuple(weight.shape)} {weight.dtype}, the stack "
+                        f"holds {tuple(top.shape)} {top.dtype}"
                     )
                 moves.append((module, top))
         for module, top in moves:
