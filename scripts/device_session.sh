@@ -101,25 +101,25 @@
 #                                    (step_bench --profile --profile-graphs --timeline)
 #   scripts/device_session.sh s18f   (one GPU) step targets with the decode shrink's slices
 #                                    folded into one tile (LORASERVE_SHRINK_FOLD_DECODE=1), twice
-#   scripts/device_session.sh s18g   (one GPU, prepared for the next session) the decode shrink
+#   scripts/device_session.sh s18g   (one GPU) the decode shrink
 #                                    alone over its knobs (shrink_bench), then step targets by
 #                                    default, with its A loads waiting on the slot alone
 #                                    (LORASERVE_SHRINK_EAGER=1, twice) and with its K tile at 512
 #                                    columns (LORASERVE_SHRINK_DECODE_BLOCK_K=512), about 8 min
-#   scripts/device_session.sh s19a   (one GPU) the decode shrink beside its projection, dot and
-#                                    GEMV forms, with launch resources; then the step A/B of the
-#                                    landed code against the best GEMV variant, about 9 min
 #   scripts/device_session.sh s19b   (one GPU) the decode shrink beside its projection against
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
-#   scripts/device_session.sh s19c   (one GPU) the pool's stacks: GPU tests (graphs, folds,
-#                                    CUDA uploads), then the step A/B against the landed code
 #   scripts/device_session.sh s19d   (one GPU) the stacked graphs chosen per step: GPU tests,
-#                                    step targets by default and stacked twice, about 6 min
+#                                    step targets without stacks and by default twice, 6 min
+#   scripts/device_session.sh s20a   (one GPU, prepared for the next session) the targets the
+#                                    pool's stacks may move, by default: adapter uploads, the HF
+#                                    baseline, many adapters, step targets; about 9 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
 # s14a-s14d, s18b, s18c, s18e), or that s16b repeats (s16a), are in the commits
-# benchmarks/RESULTS.md names for their runs.
+# benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
+# code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
+# 14c2b30.)
 # Every part has its own time limit so the call always reports; results land under $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -567,25 +567,23 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_lora 110 step_lora
     rm -f "$OUT/profile_graphs.log"
     ;;
-  s19d)  # one GPU: the stacked graphs chosen per step (stack_wins): their GPU tests, then the
-    # step targets by default and with LORASERVE_LORA_STACK=1 twice
+  s20a)  # one GPU (prepared): the targets measured before the pool's stacks became the default
+    timeout 80 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; tail -3 "$OUT/upload.log"
+    hf_baseline 150 hf_baseline
+    timeout 200 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
+    echo "== many_adapters: rc $?"; tail -3 "$OUT/many.log"
+    step_lora 100 step_default NONE=1
+    rm -f "$OUT"/*.xml
+    ;;
+  s19d)  # one GPU: the stacked graphs chosen per step (stack_wins; the default since this
+    # phase ran with LORASERVE_LORA_STACK=1): their GPU tests, then the step targets without
+    # stacks (LORASERVE_LORA_STACK=0) and with them twice
     gpu_tests graphs_gpu 200 "tests/test_graphs_gpu.py::test_graphs_match_eager_fp32[csgmv-1]" \
       "tests/test_graphs_gpu.py::test_graphs_match_eager_fp32[triton-1]" \
       "tests/test_graphs_gpu.py::test_graph_replay_logits_bf16[csgmv-1]"
     i=0
-    for knob in NONE=1 LORASERVE_LORA_STACK=1 LORASERVE_LORA_STACK=1; do
-      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
-      step_lora $((i == 1 ? 100 : 80)) "$name" "$knob"
-      rm -f "$OUT/$name.log"
-    done
-    ;;
-  s19c)  # one GPU: the pool's stacks (LORASERVE_LORA_STACK=1): their GPU tests, then the step
-    # A/B against the landed code, two processes each, alternating
-    gpu_tests graphs_gpu 300 tests/test_graphs_gpu.py -k "match_eager_fp32 or logits_bf16"
-    fold_tests 150
-    gpu_tests adapters_gpu 120 tests/test_adapters.py -k cuda
-    i=0
-    for knob in NONE=1 LORASERVE_LORA_STACK=1 NONE=2 LORASERVE_LORA_STACK=1; do
+    for knob in LORASERVE_LORA_STACK=0 NONE=1 NONE=2; do
       i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
       step_lora $((i == 1 ? 100 : 80)) "$name" "$knob"
       rm -f "$OUT/$name.log"
@@ -597,32 +595,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --cases 1x1 32x8 32x32 --out "$OUT/stacked.json" > "$OUT/stacked.log" 2>&1
     echo "== shrink_bench --beside: rc $?"; grep -E " us" "$OUT/stacked.log"
     grep -E "^(qkv|o|gate_up|down) gemm" "$OUT/stacked.log" | cut -c1-200
-    ;;
-  s19a)  # one GPU: the decode shrink beside its projection over the dot and GEMV forms, with
-    # each kernel's launch resources; then the step A/B, the landed code against the GEMV
-    # variant with the least time over the projections at 32 adapters, twice each
-    timeout 240 python3 -m benchmarks.shrink_bench --beside --layers 16 --variants default eager \
-      gemv1 gemv2 gemv4 gemv1+k64 gemv2+k64 gemv4+k64 --out "$OUT/beside.json" \
-      > "$OUT/beside.log" 2>&1
-    echo "== shrink_bench --beside: rc $?"; grep -E " us|grid" "$OUT/beside.log" | cut -c1-150
-    best=$(python3 -c "
-import json, collections
-rows = json.load(open('$OUT/beside.json'))['rows']
-tot = collections.Counter()
-for r in rows:
-    if r['case'] == '32x32' and r['variant'].startswith('gemv'):
-        tot[r['variant']] += r['over_proj_us']
-print(min(tot, key=tot.get))" 2>/dev/null || echo gemv1)
-    echo "== step A/B against $best"
-    env_best=$(python3 -c "from benchmarks.shrink_bench import variant_env as v; import sys
-print(' '.join(f'{k}={x}' for k, x in v(sys.argv[1]).items()))" "$best")
-    i=0
-    for knob in NONE=1 "$env_best" NONE=2 "$env_best"; do
-      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
-      # shellcheck disable=SC2086  # env_best may set several variables
-      step_lora $((i == 1 ? 100 : 75)) "$name" $knob
-      rm -f "$OUT/$name.log"
-    done
     ;;
   s18g)  # one GPU (prepared): the decode shrink alone over its knobs, then the step A/B
     timeout 150 python3 -m benchmarks.shrink_bench --out "$OUT/shrink_bench.json" \
