@@ -310,61 +310,43 @@ async def test_upload_failure_leaves_no_half_written_slot(folders: dict[str, Pat
     assert torch.count_nonzero(a_rows[2:]) == 0 and torch.count_nonzero(a_rows[:2]) > 0
 
 
+@pytest.mark.parametrize("stacked", [(), ("qkv",)], ids=["slab", "stacked"])
 async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
-    folders: dict[str, Path], tmp_path: Path
+    folders: dict[str, Path], tmp_path: Path, stacked: tuple[str, ...]
 ) -> None:
     """A slot is one row of the pool's slab: an upload is three copies (rank, weights,
     scalings), and it overwrites everything the previous occupant wrote, so slices the new
-    adapter does not target read zero with scaling 0."""
-    m = make_manager(max_loras_per_batch=1)
+    adapter does not target read zero with scaling 0. A stacked group's A rows live in its
+    stack below the base weight: one copy more, which writes them there, clears the rows the
+    previous occupant left (v's) and leaves the base weight's rows as they were."""
+    m = make_manager(max_loras_per_batch=1, stacked=stacked)
+    assert m.pool.stacked == stacked
+    group = m.pool.layers[0]["qkv"]
+    N, R = group.slice_offsets[-1], m.pool.max_rank
+    stack = m.pool.stacks.get("qkv")
+    if stack is not None:
+        stack[:, :N] = 3.0  # stands for the base weight
+    q, _k, v = (slice(group.slice_offsets[i], group.slice_offsets[i + 1]) for i in range(3))
+    v_a = slice(2 * R, 3 * R)
     await m.load("a", str(folders["a"]))  # q_proj and v_proj
     m.acquire("a")
     slot = await resident(m, "a")
-    group = m.pool.layers[0]["qkv"]
-    q, _k, v = (slice(group.slice_offsets[i], group.slice_offsets[i + 1]) for i in range(3))
     assert torch.count_nonzero(group.B[slot, v]) > 0 and group.scalings[slot, 2] > 0
+    assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
+    assert torch.count_nonzero(group.A[slot, v_a]) > 0
     m.release("a")
     write_adapter(tmp_path / "q_only", seed=7, modules=("q_proj",))
     await m.load("q_only", str(tmp_path / "q_only"))
     entry = m._adapters["q_only"]
-    assert len(m.pool.slot_copies(slot, entry.host)) == 3
+    assert len(m.pool.slot_copies(slot, entry.host)) == 3 + len(stacked)
     m.acquire("q_only")
     assert await resident(m, "q_only") == slot  # a was evicted from the only slot
     assert torch.count_nonzero(group.B[slot, v]) == 0 and group.scalings[slot, 2] == 0
     assert torch.count_nonzero(group.B[slot, q]) > 0 and group.scalings[slot, 0] > 0
-    assert m.pool.slot_nbytes == entry.host.nbytes
-    m.release("q_only")
-
-
-async def test_stacked_upload_clears_what_the_last_adapter_left(
-    folders: dict[str, Path], tmp_path: Path
-) -> None:
-    """With qkv stacked, a slot's A rows live in the stack below the base weight: an upload is
-    one copy more, writes them there, clears the rows the previous occupant left (v's), and
-    leaves the base weight's rows as they were."""
-    m = make_manager(max_loras_per_batch=1, stacked=("qkv",))
-    assert m.pool.stacked == ("qkv",)
-    group, stack = m.pool.layers[0]["qkv"], m.pool.stacks["qkv"]
-    N, R = group.slice_offsets[-1], m.pool.max_rank
-    stack[:, :N] = 3.0  # stands for the base weight
-    await m.load("a", str(folders["a"]))  # q_proj and v_proj
-    m.acquire("a")
-    slot = await resident(m, "a")
-    v = slice(2 * R, 3 * R)
-    assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
-    assert torch.count_nonzero(stack[:, N + slot * 3 * R :][:, v]) > 0
-    m.release("a")
-    write_adapter(tmp_path / "q_only", seed=7, modules=("q_proj",))
-    await m.load("q_only", str(tmp_path / "q_only"))
-    entry = m._adapters["q_only"]
-    assert len(m.pool.slot_copies(slot, entry.host)) == 4
-    m.acquire("q_only")
-    assert await resident(m, "q_only") == slot  # a was evicted from the only slot
     assert torch.equal(slot_q_a(m, slot)[:2], q_a(tmp_path / "q_only"))
     assert torch.count_nonzero(group.A[slot, 2:]) == 0  # q beyond rank 2, and all of v
     assert torch.count_nonzero(m.pool.layers[1]["qkv"].A[slot, R:]) == 0
-    assert group.scalings[slot, 2] == 0 and group.scalings[slot, 0] > 0
-    assert bool((stack[:, :N] == 3.0).all())
+    assert stack is None or bool((stack[:, :N] == 3.0).all())
     assert m.pool.slot_nbytes == entry.host.nbytes
     m.release("q_only")
 
