@@ -369,7 +369,7 @@ class MixedGraphs:
             max((b.tiles for b in self.buckets), default=1),
             max((b.chunks for b in self.buckets), default=1), self.device,
         )
-        self.graphs: dict[tuple[int, bool | str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
 
     def _lora_info(self, k: MixedBucket) -> LoraBatchInfo | None:
