@@ -94,16 +94,18 @@ def add_requests(engine: Engine, batch: int, prompt_len: int, loras: list[str | 
         engine.scheduler.add(req)
 
 
-def parse_lora_cases(cases: list[str]) -> list[tuple[int, int]]:
-    """["1x1", "32x8"] -> [(1, 1), (32, 8)]: batch size and distinct adapters of each case."""
+def parse_lora_cases(cases: list[str], slots: int = 32) -> list[tuple[int, int]]:
+    """["1x1", "32x8"] -> [(1, 1), (32, 8)]: batch size and distinct adapters of each case
+    (at most the batch, and at most `slots`, the pool's max_loras_per_batch)."""
     out = []
     for case in cases:
         try:
             batch, adapters = (int(v) for v in case.lower().split("x"))
         except ValueError:
             raise SystemExit(f"--lora-cases: {case!r} is not BATCHxADAPTERS, e.g. 32x8") from None
-        if not 1 <= adapters <= min(batch, 32):
-            raise SystemExit(f"--lora-cases: {case!r} needs 1 to min(batch, 32) adapters")
+        if not 1 <= adapters <= min(batch, slots):
+            raise SystemExit(f"--lora-cases: {case!r} needs 1 to min(batch, {slots}) adapters "
+                             "(--max-loras-per-batch)")
         out.append((batch, adapters))
     return out
 
@@ -330,6 +332,10 @@ def main() -> None:
                     metavar="BATCHxADAPTERS",
                     help="decode cases with --lora: batch size x distinct adapters (at most 32 "
                     "and at most the batch); each case's batch also gets a base row")
+    ap.add_argument("--max-loras-per-batch", type=int, default=32, choices=range(8, 33),
+                    metavar="8-32",
+                    help="the pool's slots with --lora (the targets name 8 for the 8-adapter "
+                    "case and 32 for the 32-adapter one: stacked pools read every slot's A)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="measure each base decode case this many times; report the median")
     ap.add_argument("--profile", action="store_true",
@@ -346,7 +352,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.blas:
         torch.backends.cuda.preferred_blas_library(a.blas)
-    lora_cases = parse_lora_cases(a.lora_cases) if a.lora else []
+    lora_cases = parse_lora_cases(a.lora_cases, a.max_loras_per_batch) if a.lora else []
     steps = 10 if a.quick else a.steps
     bw = hbm_bandwidth()
     folder = write_dummy_model(a.shape, Path(tempfile.mkdtemp()) / a.shape)
@@ -364,7 +370,8 @@ def main() -> None:
         # Loaded below, not as startup adapters: engine.start() (the serving-loop rows) would
         # load startup adapters a second time.
         lora_opts = {"enable_lora": True, "lora_target_modules": ALL_LINEAR,
-                     "max_loras_per_batch": 32, "max_loaded_loras": 32, "max_lora_rank": a.rank}
+                     "max_loras_per_batch": a.max_loras_per_batch, "max_loaded_loras": 32,
+                     "max_lora_rank": a.rank}
     engine = make_engine(folder, disable_cuda_graph=a.disable_cuda_graph, **lora_opts)
     if names:
         async def load_all() -> None:
@@ -415,7 +422,7 @@ def main() -> None:
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
               "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name(),
-              "blas": a.blas or "default"}
+              "blas": a.blas or "default", "max_loras_per_batch": a.max_loras_per_batch}
     print(json.dumps(result, indent=2))
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))

@@ -112,7 +112,9 @@
 #                                    step targets without stacks and by default twice, 6 min
 #   scripts/device_session.sh s20a   (one GPU, prepared for the next session) the targets the
 #                                    pool's stacks may move, by default: adapter uploads, the HF
-#                                    baseline, many adapters, step targets; about 9 min
+#                                    baseline, many adapters; about 8 min
+#   scripts/device_session.sh s20b   (one GPU, prepared) step targets in the pools they name:
+#                                    32 slots and 8 slots, twice each; about 7 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -573,8 +575,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     hf_baseline 150 hf_baseline
     timeout 200 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -3 "$OUT/many.log"
-    step_lora 100 step_default NONE=1
     rm -f "$OUT"/*.xml
+    ;;
+  s20b)  # one GPU (prepared): the step targets in the pools they name, twice each, alternating:
+    # 32 slots (the 32-adapter target), 8 slots (max_loras_per_batch 8: the 8-adapter target,
+    # which then takes the stacked graphs, and one adapter at batch 1)
+    for i in 1 2; do
+      step_lora $((i == 1 ? 110 : 85)) "step_${i}_32slots" NONE=1
+      timeout 85 python3 -m benchmarks.step_bench --lora --steps 10 --max-loras-per-batch 8 \
+        --lora-cases 1x1 32x8 --out "$OUT/step_${i}_8slots.json" > "$OUT/step_${i}_8slots.log" 2>&1
+      echo "== step_bench --lora --max-loras-per-batch 8: rc $?"
+      grep -E "^(decode|  graph|serving loop)" "$OUT/step_${i}_8slots.log" | grep -v "overlap off"
+      rm -f "$OUT"/step_*.log
+    done
     ;;
   s19d)  # one GPU: the stacked graphs chosen per step (stack_wins; the default since this
     # phase ran with LORASERVE_LORA_STACK=1): their GPU tests, then the step targets without

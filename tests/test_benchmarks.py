@@ -359,13 +359,17 @@ def test_kernel_window_summary() -> None:
 
 
 def test_step_bench_lora_cases_parse() -> None:
-    """step_bench --lora-cases: BATCHxADAPTERS, adapters at most the batch and 32."""
+    """step_bench --lora-cases: BATCHxADAPTERS, adapters at most the batch and the pool's slots
+    (--max-loras-per-batch, 32 by default)."""
     from benchmarks.step_bench import parse_lora_cases
 
     assert parse_lora_cases(["1x1", "32x8", "16X4"]) == [(1, 1), (32, 8), (16, 4)]
     for bad in ("3x", "2x4", "64x33", "ax1"):
         with pytest.raises(SystemExit, match="--lora-cases"):
             parse_lora_cases([bad])
+    assert parse_lora_cases(["32x8"], slots=8) == [(32, 8)]
+    with pytest.raises(SystemExit, match="max-loras-per-batch"):
+        parse_lora_cases(["32x9"], slots=8)
 
 
 def test_step_bench_kernel_timeline() -> None:
