@@ -84,10 +84,12 @@ def environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def groups(shape: str) -> dict[str, tuple[int, int]]:
-    """LoRA group -> (input width, slices) at a model shape."""
-    c = SHAPES[shape]
-    hidden, inter = c["hidden_size"], c["intermediate_size"]
-    return {"qkv": (hidden, 3), "o": (hidden, 1), "gate_up": (hidden, 2), "down": (inter, 1)}
+    """LoRA group -> (input width, slices) at a model shape (the pool's groups over the
+    projections' widths)."""
+    from runtime.adapters.pool import GROUPS
+
+    widths = projections(SHAPES[shape])
+    return {g: (widths[g][1], len(modules)) for g, modules in GROUPS.items()}
 
 
 def a_bytes(adapters: int, slices: int, rank: int, in_dim: int) -> int:

@@ -413,6 +413,8 @@ def test_shrink_bench_variants_compute_the_shrink(variant: str) -> None:
     want = lora_shrink_torch(ly["x"], ly["A"], ly["info"], 3)
     torch.testing.assert_close(t[0].float(), want.float(), rtol=1e-3, atol=1e-3)
     assert sb.a_bytes(32, 3, 16, 4096) == 32 * 3 * 16 * 4096 * 2
+    assert sb.groups("llama-3.1-8b") == {"qkv": (4096, 3), "o": (4096, 1),
+                                         "gate_up": (4096, 2), "down": (14336, 1)}
 
 
 def test_shrink_bench_stacked_gemm_gives_each_rows_t() -> None:
