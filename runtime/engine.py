@@ -10,15 +10,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from runtime.adapters.manager import AdapterInfo, AdapterManager, Residency
-from runtime.adapters.pool import LoraModelShape
+from runtime.adapters.manager import AdapterInfo, AdapterManager, Residency, resolve_pool_spec
+from runtime.adapters.pool import GROUPS, LAYER_MODULES, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
 from runtime.errors import EngineStoppedError, QueueFullError, ValidationError
 from runtime.kv_cache import BlockManager, KVCache
@@ -213,16 +213,13 @@ class Engine:
                 intermediate_size=args.intermediate_size, q_size=args.q_size,
                 kv_size=args.kv_size, vocab_size=args.vocab_size,
             )
-            stacked = lora_stack_groups(args, device)
-            parked = _park_on_host(model.lora_linears(), stacked, device)
-            adapters = AdapterManager(config, shape, device, dtype, streams, stacked=stacked)
-            # the base weights move under their groups' A slots; those of groups the pool does
-            # not hold (no target module of theirs) come back from the host
-            adapters.pool.adopt_base_weights(model.lora_linears())
-            for module in parked:
-                if module.weight.device != device:
-                    module.weight = torch.nn.Parameter(module.weight.to(device),
-                                                       requires_grad=False)
+            max_rank, targets = resolve_pool_spec(config, args.num_layers)
+            stacked = lora_stack_groups(args, device, targets)
+            _park_on_host(model.lora_linears(), stacked, device)
+            pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype,
+                            stacked)
+            pool.adopt_base_weights(model.lora_linears())  # under their groups' A slots
+            adapters = AdapterManager(config, shape, device, dtype, streams, pool=pool)
             model.lora_pool = adapters.pool
         kv, bm = _allocate_kv(config, args, dtype, device)
         info = ModelInfo(
@@ -700,19 +697,23 @@ class Engine:
         self._last_log = (now, self._generated_tokens)
 
 
-def lora_stack_groups(args: ModelArgs, device: torch.device) -> tuple[str, ...]:
+def lora_stack_groups(args: ModelArgs, device: torch.device,
+                      targets: Iterable[str] = LAYER_MODULES) -> tuple[str, ...]:
     """The LoRA layer groups whose adapter A the pool stacks under the base weight's rows, so
     that a decode graph can take one GEMM for a projection and every slot's shrink
     (ops.lora.linear_lora_fold, chosen per step by ops.lora.stack_wins): every group but a
     qkv with a bias (Qwen2's: the stacked GEMM adds none), on CUDA (where decode graphs fold
-    LoRA), unless LORASERVE_LORA_STACK=0; LORASERVE_LORA_STACK=1 stacks on any device. The
-    pool keeps the ones it holds. (Tensor parallelism builds its own pools, unstacked.)"""
+    LoRA), unless LORASERVE_LORA_STACK=0; LORASERVE_LORA_STACK=1 stacks on any device; only
+    groups with a module among the pool's `targets`. (Tensor parallelism builds its own pools,
+    unstacked.)"""
     raw = os.environ.get("LORASERVE_LORA_STACK", "").strip()
     if raw not in ("", "0", "1"):
         raise ValueError(f"LORASERVE_LORA_STACK: {raw!r} is not 0 or 1")
     if raw == "0" or (raw == "" and device.type != "cuda"):
         return ()
-    return tuple(g for g in ("qkv", "o", "gate_up", "down") if not (g == "qkv" and args.qkv_bias))
+    targets = frozenset(targets)
+    return tuple(g for g, modules in GROUPS.items()
+                 if not targets.isdisjoint(modules) and not (g == "qkv" and args.qkv_bias))
 
 
 def _park_on_host(linears: list[dict[str, torch.nn.Module]], groups: tuple[str, ...],

@@ -304,6 +304,7 @@ def test_lora_stack_groups(monkeypatch):
     assert lora_stack_groups(llama, cuda) == ("qkv", "o", "gate_up", "down")
     assert lora_stack_groups(qwen2, cuda) == ("o", "gate_up", "down")
     assert lora_stack_groups(llama, cpu) == ()
+    assert lora_stack_groups(llama, cuda, ("q_proj", "v_proj", "down_proj")) == ("qkv", "down")
     monkeypatch.setenv("LORASERVE_LORA_STACK", "0")
     assert lora_stack_groups(llama, cuda) == ()
     monkeypatch.setenv("LORASERVE_LORA_STACK", "1")

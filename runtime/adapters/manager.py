@@ -38,7 +38,7 @@ from runtime.adapters.peft_format import (
     load_peft_adapter,
     read_adapter_config,
 )
-from runtime.adapters.pool import ALL_MODULES, GROUPS, HostAdapter, LoraModelShape, LoraPool
+from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool
 from runtime.adapters.reader import ProcessReader
 from runtime.config import ConfigError, ServerConfig
 from runtime.errors import HostTierFullError, UnknownAdapterError
@@ -214,16 +214,15 @@ class AdapterManager:
         stacked: Iterable[str] = (),
     ) -> None:
         """pool: the GPU slots to manage (tensor parallelism passes a rank's shard); by default
-        one built from `shape` and the config, with those of the layer groups `stacked` names
-        that it holds stacked (see runtime.adapters.pool; a pool passed in keeps its own)."""
+        one built from `shape` and the config, with the layer groups `stacked` names stacked
+        (see runtime.adapters.pool; a pool passed in keeps its own)."""
         self.config = config
         self.shape = shape
         self.streams = streams
         if pool is None:
             max_rank, targets = resolve_pool_spec(config, shape.num_layers)
-            held = [g for g in stacked if any(m in targets for m in GROUPS.get(g, (g,)))]
             pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype,
-                            held)
+                            stacked)
         self.pool = pool
         # Reads in reader processes (off this process's GIL) need host rows they can map.
         self.reader: ProcessReader | None = None
