@@ -198,6 +198,21 @@ class Engine:
         context = min(config.context_length or args.max_position, args.max_position)
         torch.manual_seed(config.random_seed)
         model = _build_model(args, hf_config, dtype, device)
+        pool = None
+        if config.is_lora_enabled:
+            # The pool comes before the weights: the groups it stacks hold their base weights
+            # in their stacks, which the checkpoint is then loaded into in place.
+            shape = LoraModelShape(
+                num_layers=args.num_layers, hidden_size=args.hidden_size,
+                intermediate_size=args.intermediate_size, q_size=args.q_size,
+                kv_size=args.kv_size, vocab_size=args.vocab_size,
+            )
+            max_rank, targets = resolve_pool_spec(config, args.num_layers)
+            stacked = lora_stack_groups(args, device, targets)
+            _release_weights(model.lora_linears(), stacked, device)
+            pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype,
+                            stacked)
+            pool.adopt_base_weights(model.lora_linears())  # under their groups' A slots
         if config.load_format == "dummy":
             model.init_dummy(config.random_seed)
         else:
@@ -207,19 +222,8 @@ class Engine:
         tokenizer = load_tokenizer(folder)
         streams = Streams(device)
         adapters = None
-        if config.is_lora_enabled:
-            shape = LoraModelShape(
-                num_layers=args.num_layers, hidden_size=args.hidden_size,
-                intermediate_size=args.intermediate_size, q_size=args.q_size,
-                kv_size=args.kv_size, vocab_size=args.vocab_size,
-            )
-            max_rank, targets = resolve_pool_spec(config, args.num_layers)
-            stacked = lora_stack_groups(args, device, targets)
-            _park_on_host(model.lora_linears(), stacked, device)
-            pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype,
-                            stacked)
-            pool.adopt_base_weights(model.lora_linears())  # under their groups' A slots
-            adapters = AdapterManager(config, shape, device, dtype, streams, pool=pool)
+        if pool is not None:
+            adapters = AdapterManager(config, pool.shape, device, dtype, streams, pool=pool)
             model.lora_pool = adapters.pool
         kv, bm = _allocate_kv(config, args, dtype, device)
         info = ModelInfo(
@@ -716,18 +720,18 @@ def lora_stack_groups(args: ModelArgs, device: torch.device,
                  if not targets.isdisjoint(modules) and not (g == "qkv" and args.qkv_bias))
 
 
-def _park_on_host(linears: list[dict[str, torch.nn.Module]], groups: tuple[str, ...],
-                  device: torch.device) -> list[torch.nn.Module]:
-    """Move the base weights of `groups` (the pool's stacks will hold them) to the host and
-    free their GPU memory, so that the stacks, allocated next, never sit beside a second copy
-    of them (an 8B model's four groups are 13 GB); the modules moved."""
-    if device.type != "cuda" or not groups:
-        return []
-    moved = [layer[g] for layer in linears for g in groups]
-    for module in moved:
-        module.weight = torch.nn.Parameter(module.weight.detach().cpu(), requires_grad=False)
-    torch.cuda.empty_cache()
-    return moved
+def _release_weights(linears: list[dict[str, torch.nn.Module]], groups: tuple[str, ...],
+                     device: torch.device) -> list[torch.nn.Module]:
+    """Before the pool allocates its stacks, drop the (not yet loaded) base weights of
+    `groups`, which the stacks will hold: each becomes a meta tensor of its shape and dtype,
+    and on CUDA the freed blocks go back to the device, so the stacks never sit beside a
+    second copy of them (an 8B model's four groups are 13 GB). Returns the modules released."""
+    released = [layer[g] for layer in linears for g in groups]
+    for module in released:
+        module.weight = torch.nn.Parameter(module.weight.detach().to("meta"), requires_grad=False)
+    if released and device.type == "cuda":
+        torch.cuda.empty_cache()
+    return released
 
 
 def _build_model(args: ModelArgs, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:

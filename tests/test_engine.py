@@ -314,24 +314,52 @@ def test_lora_stack_groups(monkeypatch):
         lora_stack_groups(llama, cpu)
 
 
-def test_park_on_host_moves_only_stacked_groups_on_cuda(monkeypatch):
-    """Before a CUDA pool allocates its stacks, the base weights they will hold go to the host
-    (and the freed blocks back to the device), the other groups stay; nothing moves elsewhere.
-    (On this CPU machine the weights already live on the host: the test checks which modules
-    get parked, their values, and the cache release.)"""
-    from runtime.engine import _park_on_host
+def test_release_weights_drops_only_stacked_groups(monkeypatch):
+    """Before the pool allocates its stacks, the base weights they will hold become meta
+    tensors of their shapes and dtypes (and on CUDA the freed blocks go back to the device);
+    the other groups keep theirs."""
+    from runtime.engine import _release_weights
 
     released = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(1))
     layers = [{g: torch.nn.Linear(4, 3, bias=False) for g in ("qkv", "o", "gate_up", "down")}
               for _ in range(2)]
     before = [{g: m.weight.detach().clone() for g, m in layer.items()} for layer in layers]
-    assert _park_on_host(layers, ("qkv", "down"), torch.device("cpu")) == []
+    assert _release_weights(layers, (), torch.device("cuda")) == []
     assert not released
-    moved = _park_on_host(layers, ("qkv", "down"), torch.device("cuda"))
+    moved = _release_weights(layers, ("qkv", "down"), torch.device("cpu"))
     assert moved == [layers[0]["qkv"], layers[0]["down"], layers[1]["qkv"], layers[1]["down"]]
-    assert released == [1]
+    assert not released  # only CUDA has a cache to give back
     for layer, old in zip(layers, before):
         for g, m in layer.items():
-            assert m.weight.device.type == "cpu" and torch.equal(m.weight, old[g])
-            assert m.weight.requires_grad == (m not in moved)  # parked ones are new parameters
+            if m in moved:
+                assert m.weight.is_meta and m.weight.shape == (3, 4) and not m.weight.requires_grad
+            else:
+                assert torch.equal(m.weight, old[g])
+    _release_weights(layers, ("o",), torch.device("cuda"))
+    assert released == [1]
+
+
+def test_stacked_engine_loads_the_checkpoint_into_its_stacks(llama, monkeypatch):
+    """With stacks (LORASERVE_LORA_STACK=1) the engine builds its pool before the weights and
+    loads the checkpoint straight into the stacks' top rows: every stacked projection's weight
+    is a view of its stack and equals the checkpoint's, and the logits are those of the engine
+    without stacks."""
+    from runtime.adapters.pool import GROUPS
+
+    def build(stack: str):
+        monkeypatch.setenv("LORASERVE_LORA_STACK", stack)
+        return make_engine(llama, enable_lora=True, max_lora_rank=8, max_loras_per_batch=2,
+                           lora_target_modules=["all"])
+
+    plain, stacked = build("0"), build("1")
+    assert not plain.adapters.pool.stacked
+    assert stacked.adapters.pool.stacked == tuple(GROUPS)
+    for layer, (a, b) in enumerate(zip(plain.model.lora_linears(),
+                                       stacked.model.lora_linears())):
+        for g in GROUPS:
+            assert b[g].weight.data_ptr() == stacked.adapters.pool.stacks[g][layer].data_ptr()
+            assert torch.equal(b[g].weight, a[g].weight)
+    tokens = prompts(1, read_vocab(llama), seed=2)[0]
+    torch.testing.assert_close(engine_logits(stacked, tokens), engine_logits(plain, tokens),
+                               rtol=1e-5, atol=1e-5)

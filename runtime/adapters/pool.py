@@ -522,11 +522,12 @@ class LoraPool:
         """Move every stacked group's base weight into the top rows of its stack: linears[l][g]
         is layer l's bias-free nn.Linear of group g (weight [N, in]), whose weight is copied
         into stacks[g][l, :N] and becomes that view (same values, so the linear's output is
-        unchanged; its old storage is dropped). Call it once the base weights are loaded; a
-        weight may wait on another device (the engine parks them on the host meanwhile, so the
-        stacks never sit beside a second copy of them on the GPU). Raises ValueError, naming the
-        group and layer, for a missing linear, a bias, or a weight of another shape or dtype
-        than the stack; nothing moves then."""
+        unchanged; its old storage is dropped). A weight on the meta device has no values to
+        copy: it just becomes the view, for the checkpoint to be loaded into in place (the
+        engine releases them so before the stacks are allocated, so that the GPU never holds a
+        second copy of them). Raises ValueError, naming the group and layer, for a missing
+        linear, a bias, or a weight of another shape or dtype than the stack; nothing moves
+        then."""
         if self.stacked and len(linears) != self.shape.num_layers:
             raise ValueError(f"adopt_base_weights: {len(linears)} layers of linears, the pool "
                              f"has {self.shape.num_layers}")
@@ -549,7 +550,8 @@ class LoraPool:
                     )
                 moves.append((module, top))
         for module, top in moves:
-            top.copy_(module.weight)
+            if not module.weight.is_meta:
+                top.copy_(module.weight)
             module.weight = torch.nn.Parameter(top, requires_grad=False)
 
     # host copies --------------------------------------------------------------------------
