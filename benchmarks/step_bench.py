@@ -372,7 +372,17 @@ def main() -> None:
         lora_opts = {"enable_lora": True, "lora_target_modules": ALL_LINEAR,
                      "max_loras_per_batch": a.max_loras_per_batch, "max_loaded_loras": 32,
                      "max_lora_rank": a.rank}
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     engine = make_engine(folder, disable_cuda_graph=a.disable_cuda_graph, **lora_opts)
+    startup = {"seconds": time.perf_counter() - t0,
+               "allocated_gib": torch.cuda.memory_allocated() / 2**30,
+               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "stacked": list(engine.adapters.pool.stacked) if engine.adapters else []}
+    print(f"engine built in {startup['seconds']:.1f} s (warm-up and graph capture included), "
+          f"GPU memory {startup['allocated_gib']:.2f} GiB allocated, peak "
+          f"{startup['peak_allocated_gib']:.2f}; stacked groups: {startup['stacked']}",
+          flush=True)
     if names:
         async def load_all() -> None:
             for p in paths:
@@ -416,7 +426,7 @@ def main() -> None:
     pre = prefill_ms(engine, 8, 512)
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
-    result = {"shape": a.shape, "lora_pdl": _use_pdl(torch.device("cuda")),
+    result = {"shape": a.shape, "startup": startup, "lora_pdl": _use_pdl(torch.device("cuda")),
               "layer_pdl": layer_pdl(torch.device("cuda")),
               "lora_overlap": overlap_enabled(), "lora_fold": sorted(fold_groups()),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,

@@ -16,6 +16,7 @@ import gc
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -81,9 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
         paths = [clone_adapter(one, root / "copies" / f"r{rank}-{i}")
                  for i in range(a.uploads + 2)]
         specs = tuple(LoraPathSpec(p.name, str(p)) for p in paths)
+        t0 = time.perf_counter()
         engine = make_engine(folder, lora_paths=specs, max_loras_per_batch=2,
                              max_loaded_loras=len(specs), max_lora_rank=rank,
                              disable_cuda_graph=True)
+        print(f"rank {rank}: engine built in {time.perf_counter() - t0:.1f} s", flush=True)
 
         async def load_all(engine=engine, specs=specs) -> None:
             for s in specs:

@@ -115,6 +115,9 @@
 #                                    baseline, many adapters; about 8 min
 #   scripts/device_session.sh s20b   (one GPU, prepared) step targets in the pools they name:
 #                                    32 slots and 8 slots, twice each; about 7 min
+#   scripts/device_session.sh s21a   (one GPU) the engine built with its pool before the
+#                                    weights: engine GPU tests, uploads, 1000 adapters at cap 256
+#   scripts/device_session.sh s21c   (one GPU) the other GPU test files, a process each
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -152,7 +155,7 @@ step_lora() {  # step_lora TIMEOUT NAME [VAR=VALUE...]: the step targets with ad
   env "$@" timeout "$limit" python3 -m benchmarks.step_bench --lora --steps 10 \
     --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   echo "== step_bench --lora $*: rc $?"
-  grep -E "^(HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+  grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
 }
 
 many_cap() {  # many_cap TIMEOUT: 1000 adapters against 8, saturated, max_loras_per_batch 256
@@ -576,6 +579,22 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 200 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
     echo "== many_adapters: rc $?"; tail -3 "$OUT/many.log"
     rm -f "$OUT"/*.xml
+    ;;
+  s21a)  # one GPU: the engine built with the pool before the weights (loaded into the stacks
+    # in place), its GPU tests; adapter uploads; 1000 adapters at a 256-adapter cap
+    gpu_tests engine_gpu 150 tests/test_engine_gpu.py
+    timeout 150 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; grep -E "^(rank|pinned)" "$OUT/upload.log"
+    many_cap 240
+    rm -f "$OUT"/*.xml
+    ;;
+  s21c)  # one GPU: the GPU test files s21a left out, each in its own process
+    gpu_tests lora_ops_gpu 200 tests/test_lora_ops.py
+    gpu_tests graphs_gpu 200 tests/test_graphs_gpu.py
+    gpu_tests pipeline_gpu 100 tests/test_pipeline_gpu.py
+    gpu_tests fused_gpu 100 tests/test_fused_ops.py
+    rm -f "$OUT"/*.xml
+    if [ "$SECONDS" -lt 320 ]; then many_cap 240; fi  # a second run, where time is left
     ;;
   s20b)  # one GPU (prepared): the step targets in the pools they name, twice each, alternating:
     # 32 slots (the 32-adapter target), 8 slots (max_loras_per_batch 8: the 8-adapter target,
