@@ -573,7 +573,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     rm -f "$OUT/profile_graphs.log"
     ;;
   s20a)  # one GPU (prepared): the targets measured before the pool's stacks became the default
-    timeout 80 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    timeout 150 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
     echo "== upload_bench: rc $?"; tail -3 "$OUT/upload.log"
     hf_baseline 150 hf_baseline
     timeout 200 python3 -m benchmarks.many_adapters --out "$OUT/many.json" > "$OUT/many.log" 2>&1
