@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -128,7 +130,7 @@ def expected_report(vocab: int) -> dict[str, Any]:
 def worker_main(
     rank: int, init_method: str, cfg: ServerConfig, report: str, read_delay_s: float = 0.0
 ) -> None:
-    from runtime.tp import build_worker, init_tp, worker_loop
+    from runtime.tp import build_worker, end_worker_process, init_tp, worker_loop
 
     tp = init_tp(rank, TP, init_method, torch.device("cpu"), TIMEOUT)
     try:
@@ -140,6 +142,7 @@ def worker_main(
         worker_loop(worker)
     finally:
         dist.destroy_process_group()
+    end_worker_process()  # as run_worker does
 
 
 def with_worker(cfg: ServerConfig, report: Path, body: Any, read_delay_s: float = 0.0) -> Any:
@@ -297,3 +300,16 @@ def test_tp_bench_quick(tmp_path: Path) -> None:
     assert all(r["median_ms"] > 0 and not r["cuda_graphs"] for r in result["rows"])
     assert {(s["batch"], s["adapters"]) for s in result["summary"]} == cases
     assert all(s["tp2_ms"] and s["speedup_tp2_vs_tp1_eager"] for s in result["summary"])
+
+
+def test_end_worker_process_flushes_and_exits_zero() -> None:
+    """A worker that shut down cleanly leaves at once with status 0 and its output flushed
+    (stdout to a pipe is block-buffered: a bare os._exit would lose it)."""
+    code = ("import logging, sys; from runtime.tp import end_worker_process; "
+            "logging.basicConfig(stream=sys.stderr); print('done', end=''); "
+            "logging.getLogger('w').warning('logged'); end_worker_process(); print('never')")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "done"
+    assert "logged" in out.stderr
