@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import time
@@ -308,8 +309,9 @@ def test_end_worker_process_flushes_and_exits_zero() -> None:
     code = ("import logging, sys; from runtime.tp import end_worker_process; "
             "logging.basicConfig(stream=sys.stderr); print('done', end=''); "
             "logging.getLogger('w').warning('logged'); end_worker_process(); print('never')")
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[1], env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "done"
     assert "logged" in out.stderr
