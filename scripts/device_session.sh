@@ -118,6 +118,9 @@
 #   scripts/device_session.sh s21a   (one GPU) the engine built with its pool before the
 #                                    weights: engine GPU tests, uploads, 1000 adapters at cap 256
 #   scripts/device_session.sh s21c   (one GPU) the other GPU test files, a process each
+#   scripts/device_session.sh s22a   (one GPU, prepared) step targets with base-only decode
+#                                    graphs from 16 rows captured with cuBLASLt, against the
+#                                    default, two processes each; about 4 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -595,6 +598,16 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests fused_gpu 100 tests/test_fused_ops.py
     rm -f "$OUT"/*.xml
     if [ "$SECONDS" -lt 320 ]; then many_cap 240; fi  # a second run, where time is left
+    ;;
+  s22a)  # one GPU (prepared): base-only decode graphs of 16 rows and more captured with
+    # cuBLASLt (LORASERVE_DECODE_CUBLASLT_MIN_BS=16; faster o and down at batch 32 in the
+    # fourteenth session) against the default, two processes each, alternating; about 4 min
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_CUBLASLT_MIN_BS=16 NONE=2 LORASERVE_DECODE_CUBLASLT_MIN_BS=16; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
+      step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s20b)  # one GPU (prepared): the step targets in the pools they name, twice each, alternating:
     # 32 slots (the 32-adapter target), 8 slots (max_loras_per_batch 8: the 8-adapter target,
