@@ -5,8 +5,9 @@ weights (so each launch reads its weight from HBM, not L2) multiplied by a [batc
 activation, captured in one CUDA graph and replayed; reported: microseconds a launch and the
 weight bytes over that time, next to a device-to-device copy's bandwidth measured in the same
 run. Layouts: `linear` is F.linear on the [out, in] weight serving uses; `mm_t` is x @ W with
-the weight stored [in, out]. Each line also gives the error against F.linear (relative,
-Frobenius). (A Triton GEMV with and without programmatic dependent launch was measured against
+the weight stored [in, out]; with `--lt-algos N`, each of up to N algorithms cuBLASLt's
+heuristic offers (benchmarks/blaslt.py, by ctypes), with its tile, split-K count and
+reduction scheme. Each line also gives the error against F.linear (relative, Frobenius). (A Triton GEMV with and without programmatic dependent launch was measured against
 cuBLAS here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.)
 
     python -m benchmarks.gemm_bench --out gemm.json
@@ -36,6 +37,33 @@ def projections(shape: dict) -> dict[str, tuple[int, int]]:
             "lm_head": (shape["vocab_size"], hidden)}
 
 
+def lt_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
+            count: int, reps: int, nbytes: int, bw: float) -> list[dict]:
+    """Each cuBLASLt heuristic algorithm for y = x W^T over the weights `ws`, timed as the
+    F.linear rows are, with its config and its error against F.linear."""
+    from benchmarks.blaslt import LtLinear
+
+    batch, (n_out, n_in) = x.shape[0], ws[0].shape
+    lt = LtLinear(batch, n_out, n_in, x.dtype, count=count)
+    y = torch.empty(batch, n_out, device=x.device, dtype=x.dtype)
+    rows = []
+    for i in range(len(lt.algos)):
+        try:
+            err = ((lt.run(i, x, ws[0], y).float() - want).norm() / want.norm()).item()
+            us = graph_us(lambda j, i=i: lt.run(i, x, ws[j], y), range(len(ws)), reps)
+        except RuntimeError as e:  # an algorithm that fails to launch: say so, go on
+            print(f"{name:8} b{batch:<3} lt:{i} failed: {e}", flush=True)
+            continue
+        config = lt.config(i)
+        rows.append({"proj": name, "out": n_out, "in": n_in, "batch": batch,
+                     "layout": f"lt:{i}", "us": us, "tb_per_s": nbytes / us / 1e6,
+                     "of_copy": nbytes / us / 1e-6 / bw, "rel_err": err, "config": config})
+        print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {'lt:' + str(i):22} {us:8.1f} us "
+              f"{nbytes / us / 1e6:5.2f} TB/s ({100 * rows[-1]['of_copy']:.0f} % of copy) "
+              f"err {err:.1e} {config}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -45,6 +73,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 layers, 5 replays")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"],
                     help="torch's preferred BLAS library for the run (default: torch's own)")
+    ap.add_argument("--lt-algos", type=int, default=0, metavar="N",
+                    help="also time each of up to N algorithms cuBLASLt's heuristic offers for "
+                         "the [out, in] layout (benchmarks/blaslt.py), with their configs")
+    ap.add_argument("--proj", nargs="+", help="only these projections")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.blas:
@@ -54,6 +86,8 @@ def main() -> None:
     bw = hbm_bandwidth()
     rows = []
     for name, (n_out, n_in) in projections(SHAPES[a.shape]).items():
+        if a.proj and name not in a.proj:
+            continue
         count = 2 if name == "lm_head" else a.layers
         ws = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
         wts = [w.t().contiguous() for w in ws]
@@ -72,6 +106,8 @@ def main() -> None:
                 print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {layout:22} {us:8.1f} us "
                       f"{nbytes / us / 1e6:5.2f} TB/s ({100 * rows[-1]['of_copy']:.0f} % of copy)"
                       f" err {err:.1e}", flush=True)
+            if a.lt_algos:
+                rows += lt_rows(name, ws, x, want, a.lt_algos, a.reps, nbytes, bw)
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

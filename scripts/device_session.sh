@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s22a   (one GPU, prepared) step targets with base-only decode
 #                                    graphs from 16 rows captured with cuBLASLt, against the
 #                                    default, two processes each; about 4 min
+#   scripts/device_session.sh s22b   (one GPU, prepared) cuBLASLt's heuristic algorithms for
+#                                    each decode projection against F.linear (gemm_bench
+#                                    --lt-algos); about 3 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -608,6 +611,28 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
       rm -f "$OUT/$name.log"
     done
+    ;;
+  s22b)  # one GPU (prepared): cuBLASLt's heuristic algorithms for each decode projection at
+    # batches 1 and 32 against F.linear (which algorithm, split-K or not, is fastest alone);
+    # first the binding's GPU test (its results against F.linear, eager and in a graph)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_benchmarks.py -k blaslt \
+      > "$OUT/blaslt_test.log" 2>&1
+    echo "== blaslt tests: rc $?"; tail -5 "$OUT/blaslt_test.log"
+    timeout 300 python3 -m benchmarks.gemm_bench --lt-algos 24 --proj qkv o gate_up down \
+      --out "$OUT/gemm_lt.json" > "$OUT/gemm_lt.log" 2>&1
+    echo "== gemm_bench --lt-algos: rc $?"; grep -E " (linear|lt:0) " "$OUT/gemm_lt.log"
+    python3 - "$OUT/gemm_lt.json" <<'PY' || true
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+for key in sorted({(r["proj"], r["batch"]) for r in rows}):
+    mine = [r for r in rows if (r["proj"], r["batch"]) == key]
+    lin = next(r for r in mine if r["layout"] == "linear")
+    best = min((r for r in mine if r["layout"].startswith("lt:")), key=lambda r: r["us"],
+               default=None)
+    if best:
+        print(key, "linear %.1f us, best %s %.1f us %s" % (lin["us"], best["layout"],
+              best["us"], best.get("config")))
+PY
     ;;
   s20b)  # one GPU (prepared): the step targets in the pools they name, twice each, alternating:
     # 32 slots (the 32-adapter target), 8 slots (max_loras_per_batch 8: the 8-adapter target,

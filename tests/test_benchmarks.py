@@ -434,3 +434,58 @@ def test_shrink_bench_stacked_gemm_gives_each_rows_t() -> None:
     want = lora_shrink_torch(ly["x"], ly["A"], ly["info"], 3)
     torch.testing.assert_close(t[0], want, rtol=1e-4, atol=1e-4)
     assert sb.variant_env("gemm+eager") == {"LORASERVE_SHRINK_EAGER": "1"}
+
+
+def test_blaslt_problem_and_structs() -> None:
+    """gemm_bench's cuBLASLt view of y = x W^T: D (out x batch, column-major) = W^T-op times
+    x, leading dimensions from the row-major tensors; the heuristic result is the C struct's
+    96 bytes; without CUDA the binding refuses with a message."""
+    import ctypes
+
+    from benchmarks import blaslt
+
+    p = blaslt.problem(32, 4096, 14336)
+    assert (p.transa, p.transb) == (blaslt.OP_T, blaslt.OP_N)
+    assert (p.m, p.n, p.k) == (4096, 32, 14336)
+    assert (p.lda, p.ldb, p.ldd) == (14336, 14336, 4096)
+    assert ctypes.sizeof(blaslt.MatmulAlgo) == 64
+    assert ctypes.sizeof(blaslt.HeuristicResult) == 96
+    with pytest.raises(ValueError, match="positive"):
+        blaslt.problem(0, 8, 8)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            blaslt.LtLinear(1, 8, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 32])
+def test_blaslt_algorithms_match_linear(batch: int) -> None:
+    """Every algorithm cuBLASLt's heuristic offers for a decode projection (bf16, o's shape)
+    gives F.linear's result, eagerly and replayed in a CUDA graph."""
+    from benchmarks.blaslt import LtLinear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    want = torch.nn.functional.linear(x, w).float()
+    lt = LtLinear(batch, 4096, 4096, torch.bfloat16, count=16)
+    assert lt.algos, "the heuristic offered no algorithm"
+    y = torch.empty(batch, 4096, device="cuda", dtype=torch.bfloat16)
+    for i in range(len(lt.algos)):
+        y.zero_()
+        err = (lt.run(i, x, w, y).float() - want).norm() / want.norm()
+        assert err < 1e-2, (i, lt.config(i), err.item())
+        y.zero_()
+        stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            lt.run(i, x, w, y)  # warm, outside the capture
+        torch.cuda.synchronize()
+        y.zero_()
+        with torch.cuda.graph(graph, stream=stream):
+            lt.run(i, x, w, y)
+        graph.replay()
+        torch.cuda.synchronize()
+        err = (y.float() - want).norm() / want.norm()
+        assert err < 1e-2, (i, lt.config(i), err.item())
