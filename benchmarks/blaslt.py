@@ -5,7 +5,8 @@ kernel and a reduce for o and down); `torch.backends.cuda.preferred_blas_library
 takes cuBLASLt's first. This module asks cuBLASLt's heuristic for up to `count` algorithms of
 y = x W^T (x [M, K], W [N, K], y [M, N], row-major, bf16 or fp16, fp32 accumulation) and runs
 any one of them on torch's current stream, so `benchmarks/gemm_bench.py --lt-algos` can time
-each in a CUDA graph beside F.linear. Nothing in serving uses it.
+each in a CUDA graph beside F.linear, and `benchmarks/step_bench.py --lt-plan` can capture the
+decode graphs with the fastest ones (`install_plan`). Nothing in serving uses it.
 
 Row-major y = x W^T is, in cuBLASLt's column-major terms, D (N x M, ld N) = op(A) B with A
 the weight seen as a K x N matrix (ld K) transposed, and B = x seen as K x M (ld K).
@@ -14,6 +15,7 @@ the weight seen as a K x N matrix (ld K) transposed, and B = x seen as K x M (ld
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -189,3 +191,59 @@ class LtLinear:
             vp(self.workspace.data_ptr()), ctypes.c_size_t(self.workspace.numel()), stream),
             "matmul")
         return y
+
+
+def best_plan(rows: list[dict], min_gain: float = 0.03) -> list[dict]:
+    """From gemm_bench rows (`--lt-algos`): for each projection and batch whose fastest cuBLASLt
+    algorithm beats F.linear by more than `min_gain`, {out, in, batch, algo, us, linear_us}."""
+    plan = []
+    for key in sorted({(r["proj"], r["batch"]) for r in rows}):
+        mine = [r for r in rows if (r["proj"], r["batch"]) == key]
+        linear = next((r for r in mine if r["layout"] == "linear"), None)
+        lts = [r for r in mine if r["layout"].startswith("lt:")]
+        if linear is None or not lts:
+            continue
+        best = min(lts, key=lambda r: r["us"])
+        if best["us"] < (1 - min_gain) * linear["us"]:
+            plan.append({"proj": key[0], "out": best["out"], "in": best["in"],
+                         "batch": key[1], "algo": int(best["layout"][3:]), "us": best["us"],
+                         "linear_us": linear["us"]})
+    return plan
+
+
+def install_plan(plan: list[dict], dtype: torch.dtype = torch.bfloat16,
+                 count: int = 24) -> Callable[[], None]:
+    """Benchmarks only: from now on, every bias-free nn.Linear whose (out, in, rows) has an
+    entry in `plan` runs that cuBLASLt algorithm while a CUDA graph is being captured (so the
+    decode graphs take it), and F.linear otherwise. `count` must be the one the plan was
+    measured with (the algorithms are the heuristic's list, by index). Returns the function
+    that puts F.linear back."""
+    lts = {(p["out"], p["in"], p["batch"]): (LtLinear(p["batch"], p["out"], p["in"], dtype,
+                                                      count=count), p["algo"]) for p in plan}
+    for (n_out, n_in, batch), (lt, algo) in lts.items():  # load each kernel before a capture
+        if not 0 <= algo < len(lt.algos):
+            raise ValueError(f"plan: algorithm {algo} for {n_out}x{n_in} at batch {batch}, the "
+                             f"heuristic offers {len(lt.algos)} (measured with another count?)")
+        lt.run(algo, torch.zeros(batch, n_in, device="cuda", dtype=dtype),
+               torch.zeros(n_out, n_in, device="cuda", dtype=dtype),
+               torch.empty(batch, n_out, device="cuda", dtype=dtype))
+    torch.cuda.synchronize()
+    original = torch.nn.Linear.forward
+
+    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        entry = None
+        if (self.bias is None and x.dim() == 2 and x.is_cuda and x.dtype == dtype
+                and torch.cuda.is_current_stream_capturing()):
+            entry = lts.get((self.out_features, self.in_features, x.shape[0]))
+        if entry is None or not x.is_contiguous():
+            return original(self, x)
+        lt, algo = entry
+        y = torch.empty(x.shape[0], self.out_features, device=x.device, dtype=x.dtype)
+        return lt.run(algo, x, self.weight, y)
+
+    torch.nn.Linear.forward = forward
+
+    def uninstall() -> None:
+        torch.nn.Linear.forward = original
+
+    return uninstall

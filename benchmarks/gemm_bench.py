@@ -76,6 +76,10 @@ def main() -> None:
     ap.add_argument("--lt-algos", type=int, default=0, metavar="N",
                     help="also time each of up to N algorithms cuBLASLt's heuristic offers for "
                          "the [out, in] layout (benchmarks/blaslt.py), with their configs")
+    ap.add_argument("--plan-out", type=Path,
+                    help="with --lt-algos: write the projections and batches whose fastest "
+                         "cuBLASLt algorithm beats F.linear by over 3 %% (for step_bench "
+                         "--lt-plan)")
     ap.add_argument("--proj", nargs="+", help="only these projections")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -111,6 +115,14 @@ def main() -> None:
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    if a.lt_algos and a.plan_out:
+        from benchmarks.blaslt import best_plan
+
+        plan = best_plan(rows)
+        a.plan_out.write_text(json.dumps({"lt_algos": a.lt_algos, "plan": plan}, indent=2))
+        for p in plan:
+            print(f"plan: {p['proj']} b{p['batch']} lt:{p['algo']} {p['us']:.1f} us against "
+                  f"F.linear's {p['linear_us']:.1f}")
     if a.out:
         a.out.write_text(json.dumps({"shape": a.shape, "copy_bytes_per_s": bw,
                                      "device": torch.cuda.get_device_name(), "rows": rows},

@@ -348,8 +348,19 @@ def main() -> None:
                     "their streams (from the profiler's trace)")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"],
                     help="torch's preferred BLAS library for the run (default: torch's own)")
+    ap.add_argument("--lt-plan", type=Path,
+                    help="a plan from gemm_bench --plan-out: decode graphs capture those "
+                         "projections with their fastest cuBLASLt algorithm (benchmarks/"
+                         "blaslt.py; benchmarks only)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    lt_plan = None
+    if a.lt_plan:
+        from benchmarks.blaslt import install_plan
+
+        lt_plan = json.loads(a.lt_plan.read_text())
+        install_plan(lt_plan["plan"], count=lt_plan["lt_algos"])
+        print(f"cuBLASLt plan: {len(lt_plan['plan'])} projection/batch entries", flush=True)
     if a.blas:
         torch.backends.cuda.preferred_blas_library(a.blas)
     lora_cases = parse_lora_cases(a.lora_cases, a.max_loras_per_batch) if a.lora else []
@@ -426,7 +437,7 @@ def main() -> None:
     pre = prefill_ms(engine, 8, 512)
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
-    result = {"shape": a.shape, "startup": startup, "lora_pdl": _use_pdl(torch.device("cuda")),
+    result = {"shape": a.shape, "startup": startup, "lt_plan": lt_plan, "lora_pdl": _use_pdl(torch.device("cuda")),
               "layer_pdl": layer_pdl(torch.device("cuda")),
               "lora_overlap": overlap_enabled(), "lora_fold": sorted(fold_groups()),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,

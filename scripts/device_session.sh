@@ -123,7 +123,9 @@
 #                                    default, two processes each; about 4 min
 #   scripts/device_session.sh s22b   (one GPU, prepared) cuBLASLt's heuristic algorithms for
 #                                    each decode projection against F.linear (gemm_bench
-#                                    --lt-algos); about 3 min
+#                                    --lt-algos), then, where one wins, the step targets with
+#                                    the decode graphs taking it (step_bench --lt-plan) against
+#                                    without, two processes each; about 7 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -618,21 +620,23 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_benchmarks.py -k blaslt \
       > "$OUT/blaslt_test.log" 2>&1
     echo "== blaslt tests: rc $?"; tail -5 "$OUT/blaslt_test.log"
-    timeout 300 python3 -m benchmarks.gemm_bench --lt-algos 24 --proj qkv o gate_up down \
-      --out "$OUT/gemm_lt.json" > "$OUT/gemm_lt.log" 2>&1
-    echo "== gemm_bench --lt-algos: rc $?"; grep -E " (linear|lt:0) " "$OUT/gemm_lt.log"
-    python3 - "$OUT/gemm_lt.json" <<'PY' || true
-import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-for key in sorted({(r["proj"], r["batch"]) for r in rows}):
-    mine = [r for r in rows if (r["proj"], r["batch"]) == key]
-    lin = next(r for r in mine if r["layout"] == "linear")
-    best = min((r for r in mine if r["layout"].startswith("lt:")), key=lambda r: r["us"],
-               default=None)
-    if best:
-        print(key, "linear %.1f us, best %s %.1f us %s" % (lin["us"], best["layout"],
-              best["us"], best.get("config")))
-PY
+    timeout 240 python3 -m benchmarks.gemm_bench --lt-algos 24 --proj qkv o gate_up down \
+      --plan-out "$OUT/lt_plan.json" --out "$OUT/gemm_lt.json" > "$OUT/gemm_lt.log" 2>&1
+    echo "== gemm_bench --lt-algos: rc $?"; grep -E " (linear|lt:0) |^plan:" "$OUT/gemm_lt.log"
+    # then the step targets with the plan's algorithms in the decode graphs, against without
+    if [ -s "$OUT/lt_plan.json" ] && grep -q '"algo"' "$OUT/lt_plan.json"; then
+      i=0
+      for plan in none "$OUT/lt_plan.json" none "$OUT/lt_plan.json"; do
+        i=$((i + 1)); extra=(); name="step_${i}_lt_off"
+        if [ "$plan" != none ]; then extra=(--lt-plan "$plan"); name="step_${i}_lt_on"; fi
+        timeout $((i == 1 ? 110 : 85)) python3 -m benchmarks.step_bench --lora --steps 10 \
+          "${extra[@]}" --out "$OUT/$name.json" > "$OUT/step_$i.log" 2>&1
+        echo "== step_bench --lora ${extra[*]}: rc $?"
+        grep -E "^(cuBLASLt plan|engine built|decode|  graph|serving loop)" "$OUT/step_$i.log" \
+          | grep -v "overlap off"
+        rm -f "$OUT/step_$i.log"
+      done
+    fi
     ;;
   s20b)  # one GPU (prepared): the step targets in the pools they name, twice each, alternating:
     # 32 slots (the 32-adapter target), 8 slots (max_loras_per_batch 8: the 8-adapter target,

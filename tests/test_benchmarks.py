@@ -457,6 +457,23 @@ def test_blaslt_problem_and_structs() -> None:
             blaslt.LtLinear(1, 8, 8)
 
 
+def test_blaslt_best_plan_keeps_only_clear_wins() -> None:
+    """A plan entry for each projection and batch whose fastest cuBLASLt algorithm beats
+    F.linear by more than the margin, naming that algorithm; none elsewhere."""
+    from benchmarks.blaslt import best_plan
+
+    def row(proj, batch, layout, us):
+        return {"proj": proj, "out": 8, "in": 4, "batch": batch, "layout": layout, "us": us}
+
+    rows = [row("o", 1, "linear", 10.0), row("o", 1, "lt:0", 10.1), row("o", 1, "lt:3", 8.0),
+            row("o", 32, "linear", 10.0), row("o", 32, "lt:0", 9.8),
+            row("qkv", 1, "linear", 5.0), row("qkv", 1, "mm_t", 1.0)]
+    plan = best_plan(rows)
+    assert plan == [{"proj": "o", "out": 8, "in": 4, "batch": 1, "algo": 3, "us": 8.0,
+                     "linear_us": 10.0}]
+    assert best_plan(rows, min_gain=0.0)[1]["batch"] == 32
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 32])
@@ -489,3 +506,35 @@ def test_blaslt_algorithms_match_linear(batch: int) -> None:
         torch.cuda.synchronize()
         err = (y.float() - want).norm() / want.norm()
         assert err < 1e-2, (i, lt.config(i), err.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blaslt_plan_takes_the_algorithm_in_captures_only(monkeypatch) -> None:
+    """With a plan installed, a bias-free nn.Linear of a planned shape runs the planned
+    cuBLASLt algorithm while a graph is captured (same result as F.linear) and F.linear
+    eagerly; uninstalling puts F.linear back."""
+    from benchmarks import blaslt
+
+    calls = []
+    run = blaslt.LtLinear.run
+    monkeypatch.setattr(blaslt.LtLinear, "run",
+                        lambda self, i, *a: calls.append(i) or run(self, i, *a))
+    lin = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, lin.weight).float()
+    original = torch.nn.Linear.forward
+    uninstall = blaslt.install_plan([{"out": 4096, "in": 4096, "batch": 1, "algo": 0}])
+    try:
+        lin(x)
+        assert calls == []
+        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = lin(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert calls == [0]
+        assert ((y.float() - want).norm() / want.norm()).item() < 1e-2
+    finally:
+        uninstall()
+    assert torch.nn.Linear.forward is original
