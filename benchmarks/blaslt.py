@@ -28,7 +28,7 @@ OP_N, OP_T = 0, 1
 DESC_TRANSA, DESC_TRANSB = 3, 4
 # cublasLtMatmulPreferenceAttributes_t
 PREF_MAX_WORKSPACE_BYTES = 1
-# cublasLtMatmulAlgoConfigAttributes_t, each a uint32 but the id (int32)
+# cublasLtMatmulAlgoConfigAttributes_t: 32-bit values but the 16-bit shape ids
 CONFIG_ATTRS = {"algo_id": 0, "tile_id": 1, "splitk_num": 2, "reduction_scheme": 3,
                 "cta_swizzling": 4, "custom_option": 5, "stages_id": 6, "inner_shape_id": 7,
                 "cluster_shape_id": 8}
@@ -164,12 +164,15 @@ class LtLinear:
         """Algorithm i's id, tile, split-K count, reduction scheme, ... and its waves."""
         out: dict[str, int] = {}
         for name, attr in CONFIG_ATTRS.items():
-            value, written = ctypes.c_uint32(0), ctypes.c_size_t(0)
-            status = self.lib.cublasLtMatmulAlgoConfigGetAttribute(
-                ctypes.byref(self.algos[i].algo), attr,
-                ctypes.cast(ctypes.byref(value), ctypes.c_void_p), 4, ctypes.byref(written))
-            if status == 0:
-                out[name] = int(value.value)
+            for kind in (ctypes.c_uint32, ctypes.c_uint16):  # the shape ids are 16-bit
+                value, written = kind(0), ctypes.c_size_t(0)
+                status = self.lib.cublasLtMatmulAlgoConfigGetAttribute(
+                    ctypes.byref(self.algos[i].algo), attr,
+                    ctypes.cast(ctypes.byref(value), ctypes.c_void_p), ctypes.sizeof(kind),
+                    ctypes.byref(written))
+                if status == 0:
+                    out[name] = int(value.value)
+                    break
         out["workspace_bytes"] = int(self.algos[i].workspace_size)
         return out
 
