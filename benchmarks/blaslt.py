@@ -15,6 +15,7 @@ the weight seen as a K x N matrix (ld K) transposed, and B = x seen as K x M (ld
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,9 +82,11 @@ def _library_path() -> str:
     raise RuntimeError("cuBLASLt is not loaded in this process (torch without CUDA?)")
 
 
-def _open(path: str) -> ctypes.CDLL:
-    """The library with the signatures this module calls (sizes and 64-bit values exact)."""
-    lib = ctypes.CDLL(path)
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """torch's libcublasLt with the signatures this module calls (sizes and 64-bit values
+    exact), opened once."""
+    lib = ctypes.CDLL(_library_path())
     vp, pp, i32, u64, i64, size = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                    ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64,
                                    ctypes.c_size_t)
@@ -124,7 +127,7 @@ class LtLinear:
             raise RuntimeError("LtLinear needs CUDA")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
-        self.lib = lib = _open(_library_path())
+        self.lib = lib = _lib()
         self.p = p = problem(batch, n_out, n_in)
         self.shape = (batch, n_out, n_in)
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device="cuda")

@@ -7,8 +7,9 @@ weight bytes over that time, next to a device-to-device copy's bandwidth measure
 run. Layouts: `linear` is F.linear on the [out, in] weight serving uses; `mm_t` is x @ W with
 the weight stored [in, out]; with `--lt-algos N`, each of up to N algorithms cuBLASLt's
 heuristic offers (benchmarks/blaslt.py, by ctypes), with its tile, split-K count and
-reduction scheme. Each line also gives the error against F.linear (relative, Frobenius). (A Triton GEMV with and without programmatic dependent launch was measured against
-cuBLAS here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.)
+reduction scheme. Each line also gives the error against F.linear (relative, Frobenius).
+(A Triton GEMV with and without programmatic dependent launch was measured against cuBLAS
+here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.)
 
     python -m benchmarks.gemm_bench --out gemm.json
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,30 +39,40 @@ def projections(shape: dict) -> dict[str, tuple[int, int]]:
             "lm_head": (shape["vocab_size"], hidden)}
 
 
+def timed_row(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
+              layout: str, fn: Callable[[int], torch.Tensor], reps: int, bw: float,
+              **extra: object) -> dict:
+    """fn(i) (x times weight i) timed over every weight in one graph, with its error against
+    F.linear's `want`: the row, printed as it comes."""
+    batch, (n_out, n_in) = x.shape[0], ws[0].shape
+    nbytes = ws[0].numel() * ws[0].element_size()
+    err = ((fn(0).float() - want).norm() / want.norm()).item()
+    us = graph_us(fn, range(len(ws)), reps)
+    row = {"proj": name, "out": n_out, "in": n_in, "batch": batch, "layout": layout, "us": us,
+           "tb_per_s": nbytes / us / 1e6, "of_copy": nbytes / us / 1e-6 / bw, "rel_err": err,
+           **extra}
+    print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {layout:22} {us:8.1f} us "
+          f"{nbytes / us / 1e6:5.2f} TB/s ({100 * row['of_copy']:.0f} % of copy) err {err:.1e}"
+          + (f" {extra}" if extra else ""), flush=True)
+    return row
+
+
 def lt_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
-            count: int, reps: int, nbytes: int, bw: float) -> list[dict]:
+            count: int, reps: int, bw: float) -> list[dict]:
     """Each cuBLASLt heuristic algorithm for y = x W^T over the weights `ws`, timed as the
-    F.linear rows are, with its config and its error against F.linear."""
+    F.linear rows are, with its config."""
     from benchmarks.blaslt import LtLinear
 
-    batch, (n_out, n_in) = x.shape[0], ws[0].shape
-    lt = LtLinear(batch, n_out, n_in, x.dtype, count=count)
-    y = torch.empty(batch, n_out, device=x.device, dtype=x.dtype)
+    lt = LtLinear(x.shape[0], *ws[0].shape, x.dtype, count=count)
+    y = torch.empty(x.shape[0], ws[0].shape[0], device=x.device, dtype=x.dtype)
     rows = []
     for i in range(len(lt.algos)):
         try:
-            err = ((lt.run(i, x, ws[0], y).float() - want).norm() / want.norm()).item()
-            us = graph_us(lambda j, i=i: lt.run(i, x, ws[j], y), range(len(ws)), reps)
+            rows.append(timed_row(name, ws, x, want, f"lt:{i}",
+                                  lambda j, i=i: lt.run(i, x, ws[j], y), reps, bw,
+                                  config=lt.config(i)))
         except RuntimeError as e:  # an algorithm that fails to launch: say so, go on
-            print(f"{name:8} b{batch:<3} lt:{i} failed: {e}", flush=True)
-            continue
-        config = lt.config(i)
-        rows.append({"proj": name, "out": n_out, "in": n_in, "batch": batch,
-                     "layout": f"lt:{i}", "us": us, "tb_per_s": nbytes / us / 1e6,
-                     "of_copy": nbytes / us / 1e-6 / bw, "rel_err": err, "config": config})
-        print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {'lt:' + str(i):22} {us:8.1f} us "
-              f"{nbytes / us / 1e6:5.2f} TB/s ({100 * rows[-1]['of_copy']:.0f} % of copy) "
-              f"err {err:.1e} {config}", flush=True)
+            print(f"{name:8} b{x.shape[0]:<3} lt:{i} failed: {e}", flush=True)
     return rows
 
 
@@ -95,23 +107,15 @@ def main() -> None:
         count = 2 if name == "lm_head" else a.layers
         ws = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
         wts = [w.t().contiguous() for w in ws]
-        nbytes = 2 * n_out * n_in
         for batch in a.batch:
             x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
             cases = [("linear", lambda i, x=x, ws=ws: F.linear(x, ws[i])),
                      ("mm_t", lambda i, x=x, wts=wts: x @ wts[i])]
             want = F.linear(x, ws[0]).float()
             for layout, fn in cases:
-                err = ((fn(0).float() - want).norm() / want.norm()).item()
-                us = graph_us(fn, range(count), a.reps)
-                rows.append({"proj": name, "out": n_out, "in": n_in, "batch": batch,
-                             "layout": layout, "us": us, "tb_per_s": nbytes / us / 1e6,
-                             "of_copy": nbytes / us / 1e-6 / bw, "rel_err": err})
-                print(f"{name:8} {n_out:6}x{n_in:5} b{batch:<3} {layout:22} {us:8.1f} us "
-                      f"{nbytes / us / 1e6:5.2f} TB/s ({100 * rows[-1]['of_copy']:.0f} % of copy)"
-                      f" err {err:.1e}", flush=True)
+                rows.append(timed_row(name, ws, x, want, layout, fn, a.reps, bw))
             if a.lt_algos:
-                rows += lt_rows(name, ws, x, want, a.lt_algos, a.reps, nbytes, bw)
+                rows += lt_rows(name, ws, x, want, a.lt_algos, a.reps, bw)
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -437,7 +437,8 @@ def main() -> None:
     pre = prefill_ms(engine, 8, 512)
     pre_lora = prefill_ms(engine, 8, 512, loras=names[:8]) if names else None
     loop_rows = asyncio.run(loop_decode_ab(engine, a.batch, a.prompt, steps, names))
-    result = {"shape": a.shape, "startup": startup, "lt_plan": lt_plan, "lora_pdl": _use_pdl(torch.device("cuda")),
+    result = {"shape": a.shape, "startup": startup, "lt_plan": lt_plan,
+              "lora_pdl": _use_pdl(torch.device("cuda")),
               "layer_pdl": layer_pdl(torch.device("cuda")),
               "lora_overlap": overlap_enabled(), "lora_fold": sorted(fold_groups()),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
