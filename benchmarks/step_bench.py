@@ -280,6 +280,101 @@ def profile_steps(engine: Engine, steps: int = 5, warm: bool = True, eager: bool
     return out
 
 
+def gpu_gaps(timeline: list[list], steps: int, min_gap_us: float = 2.0,
+             top: int = 12) -> dict:
+    """Where the device idles, from kernel_timeline rows ([stream, name, start us, duration
+    us]): busy time (the union of every stream's kernels and copies) and idle time, per step
+    over `steps` steps, and the idle gaps of at least `min_gap_us` grouped by the kernels either
+    side of them (the `top` largest groups by idle time)."""
+    if not timeline:
+        return {"steps": steps, "span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
+    rows = sorted(timeline, key=lambda r: r[2])
+    busy = 0.0
+    cur_start, cur_end, cur_last = rows[0][2], rows[0][2] + rows[0][3], rows[0][1]
+    groups: dict[tuple[str, str], list[float]] = {}
+    for _, name, start, dur in rows[1:]:
+        end = start + dur
+        if start > cur_end:  # the device idled from cur_end to start
+            busy += cur_end - cur_start
+            gap = start - cur_end
+            if gap >= min_gap_us:
+                g = groups.setdefault((cur_last, name), [0.0, 0])
+                g[0] += gap
+                g[1] += 1
+            cur_start, cur_end, cur_last = start, end, name
+        elif end >= cur_end:
+            cur_end, cur_last = end, name
+    busy += cur_end - cur_start
+    span = rows[-1][2] + rows[-1][3] - rows[0][2]
+    span = max(span, cur_end - rows[0][2])
+    n = max(steps, 1)
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"steps": steps, "span_us": span / n, "busy_us": busy / n, "idle_us": (span - busy) / n,
+            "gaps": [{"after": a, "before": b, "us_per_step": round(t / n, 2), "count": c}
+                     for (a, b), (t, c) in ranked]}
+
+
+async def profile_loop(engine: Engine, batch: int, prompt_len: int, steps: int,
+                       loras: list[str | None] | None = None) -> dict:
+    """The serving loop (engine.start) decoding `batch` requests, profiled for `steps` tokens
+    after 12 warm-up tokens: the token gap, and where the device idles between the kernels of
+    consecutive steps (gpu_gaps over the profiler's kernels and copies, every stream)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(2)
+    vocab = engine.model_info.vocab_size
+    loras = loras or [None]
+    params = SamplingParams(max_new_tokens=steps + 40, temperature=0.0, ignore_eos=True)
+    reqs = [await engine.submit(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+                                params, loras[i % len(loras)]) for i in range(batch)]
+    # CPU activity where CUDA's is missing (a smoke run on the CPU: no kernels to read)
+    prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available()
+                               else ProfilerActivity.CPU])
+    stamps: list[float] = []
+
+    async def drain(i: int) -> None:
+        async for _ in engine.stream(reqs[i]):
+            if i:
+                continue
+            stamps.append(time.perf_counter())
+            if len(stamps) == 12:
+                prof.start()
+            elif len(stamps) == 12 + steps:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                prof.stop()
+
+    await asyncio.gather(*(drain(i) for i in range(batch)))
+    gaps = [b - a for a, b in itertools.pairwise(stamps[11:12 + steps])]
+    out = gpu_gaps(kernel_timeline(prof), steps)
+    return {"batch": batch, "adapters": len({x for x in loras if x}),
+            "token_gap_ms": 1e3 * statistics.median(gaps), **out}
+
+
+async def profile_loop_cases(engine: Engine, batches: list[int], prompt_len: int, steps: int,
+                             names: list[str]) -> list[dict]:
+    """profile_loop for base decode at each batch, then one adapter at batch 1 and eight at
+    batch 32 when adapters are loaded."""
+    await engine.start()
+    try:
+        cases = [(b, None) for b in batches] + ([(1, 1), (32, 8)] if names else [])
+        return [await profile_loop(engine, b, prompt_len, steps, names[:n] if n else None)
+                for b, n in cases]
+    finally:
+        await engine.stop()
+
+
+def print_loop_profile(rows: list[dict]) -> None:
+    print("serving loop, device time a step (us): busy / idle, and the largest idle gaps")
+    for r in rows:
+        print(f"  batch {r['batch']}, {r['adapters']} adapters: token gap "
+              f"{r['token_gap_ms']:.3f} ms; span {r['span_us']:.1f} = busy {r['busy_us']:.1f} + "
+              f"idle {r['idle_us']:.1f}")
+        for gap in r["gaps"][:6]:
+            print(f"      {gap['us_per_step']:7.2f} us/step ({gap['count']:4d})  after "
+                  f"{gap['after'][:40]!r} before {gap['before'][:40]!r}")
+
+
 def profile_cases(engine: Engine, prompt: int, names: list[str], eager: bool = True,
                   timeline: bool = False) -> list[dict]:
     """profile_steps for base decode at batch 1 and 32, the adapter cases, and prefill (not
@@ -346,6 +441,9 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="with --profile: also each decode case's kernels in start order, with "
                     "their streams (from the profiler's trace)")
+    ap.add_argument("--profile-loop", action="store_true",
+                    help="only where the device idles in the serving loop's decode steps: base "
+                    "at each --batch, and with --lora 1 adapter at batch 1 and 8 at batch 32")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"],
                     help="torch's preferred BLAS library for the run (default: torch's own)")
     ap.add_argument("--lt-plan", type=Path,
@@ -399,6 +497,13 @@ def main() -> None:
             for p in paths:
                 await engine.adapters.load(p.name, str(p))
         asyncio.run(load_all())
+    if a.profile_loop:
+        loop_prof = asyncio.run(profile_loop_cases(engine, a.batch, a.prompt, steps, names))
+        print_loop_profile(loop_prof)
+        if a.out:
+            a.out.write_text(json.dumps({"shape": a.shape, "lt_plan": lt_plan,
+                                         "profile_loop": loop_prof}, indent=2))
+        return
     if a.profile:
         prof = profile_cases(engine, a.prompt, names, eager=not a.profile_graphs,
                              timeline=a.timeline)

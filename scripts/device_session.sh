@@ -126,6 +126,12 @@
 #                                    --lt-algos), then, where one wins, the step targets with
 #                                    the decode graphs taking it (step_bench --lt-plan) against
 #                                    without, two processes each; about 7 min
+#   scripts/device_session.sh s23a   (one GPU) where the device idles in the serving loop's
+#                                    decode steps (step_bench --profile-loop), by default and
+#                                    with s22b's cuBLASLt plan; about 4 min
+#   scripts/device_session.sh s23b   (one GPU) 1000 adapters against 8 at cap 256: every kernel
+#                                    of a window into each saturated run (GPU busy share, ms a
+#                                    step by kernel category), then the run unprofiled; 5 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -603,6 +609,25 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests fused_gpu 100 tests/test_fused_ops.py
     rm -f "$OUT"/*.xml
     if [ "$SECONDS" -lt 320 ]; then many_cap 240; fi  # a second run, where time is left
+    ;;
+  s23a)  # one GPU: the serving loop's decode steps profiled (busy and idle device time a
+    # step, the largest idle gaps and the kernels either side), by default and with the
+    # cuBLASLt plan s22b measured (faster graph forward at batch 1, the loop's step level)
+    for plan in none benchmarks/results/lt_plan_22b.json; do
+      extra=(); name=loop_prof_default
+      if [ "$plan" != none ]; then extra=(--lt-plan "$plan"); name=loop_prof_lt; fi
+      timeout 150 python3 -m benchmarks.step_bench --lora --profile-loop --steps 50 \
+        "${extra[@]}" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== step_bench --profile-loop ${extra[*]}: rc $?"
+      sed -n "/^serving loop, device time/,\$p" "$OUT/$name.log" | head -40; tail -2 "$OUT/$name.log"
+    done
+    ;;
+  s23b)  # one GPU: where a 1000-adapter step at cap 256 spends its time against an
+    # 8-adapter one (the profiler slows both runs: its throughputs are not the target's)
+    timeout 200 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --kernel-window 2 3 --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
+    echo "== many_adapters --kernel-window: rc $?"; grep -E "saturated|keeps" "$OUT/many_kw.log"
+    many_cap 170
     ;;
   s22a)  # one GPU (prepared): base-only decode graphs of 16 rows and more captured with
     # cuBLASLt (LORASERVE_DECODE_CUBLASLT_MIN_BS=16; faster o and down at batch 32 in the

@@ -392,6 +392,51 @@ def test_step_bench_kernel_timeline() -> None:
                                        [7, "Memcpy DtoD", 19.5, 1.0]]
 
 
+def test_step_bench_gpu_gaps() -> None:
+    """--profile-loop: busy time is the union of every stream's kernels (overlaps count once),
+    idle the rest of the span; gaps of at least the threshold are grouped by the kernels either
+    side, largest first, per step."""
+    from benchmarks.step_bench import gpu_gaps
+
+    timeline = [  # [stream, name, start, duration]
+        [7, "gemm", 0.0, 10.0],
+        [9, "shrink", 2.0, 3.0],     # inside gemm: no gap
+        [7, "norm", 12.0, 2.0],      # 2 us after gemm
+        [7, "argmax", 14.5, 1.0],    # 0.5 us: under the threshold
+        [7, "copy", 25.5, 1.0],      # 10 us after argmax
+        [9, "gemm", 26.0, 4.0],      # overlaps copy, ends later
+        [7, "norm", 32.0, 1.0],      # 2 us after that gemm
+        [7, "argmax", 33.0, 1.0],
+        [7, "copy", 44.0, 2.0],      # 10 us after argmax
+    ]
+    out = gpu_gaps(timeline, steps=2, min_gap_us=1.0)
+    assert out["span_us"] == pytest.approx(46.0 / 2)
+    assert out["busy_us"] == pytest.approx((10 + 2 + 1 + 4.5 + 2 + 2) / 2)
+    assert out["idle_us"] == pytest.approx((2 + 0.5 + 10 + 2 + 10) / 2)
+    assert out["gaps"] == [
+        {"after": "argmax", "before": "copy", "us_per_step": 10.0, "count": 2},
+        {"after": "gemm", "before": "norm", "us_per_step": 2.0, "count": 2},
+    ]
+    assert gpu_gaps([], steps=3)["busy_us"] == 0.0
+
+
+def test_step_bench_profile_loop_runs_the_serving_loop(
+        tiny: tuple[Path, dict[str, Path]]) -> None:
+    """--profile-loop drives the serving loop: a token gap a case and the gap summary's fields
+    (on the CPU the profiler sees no kernels, so the device figures are zero)."""
+    import asyncio
+
+    from benchmarks.step_bench import make_engine, profile_loop_cases
+
+    model, _ = tiny
+    engine = make_engine(model, device="cpu", dtype="float32", max_running_requests=4)
+    rows = asyncio.run(profile_loop_cases(engine, [1, 2], 8, 3, []))
+    assert [(r["batch"], r["adapters"]) for r in rows] == [(1, 0), (2, 0)]
+    for r in rows:
+        assert r["token_gap_ms"] > 0 and r["steps"] == 3
+        assert r["busy_us"] == r["idle_us"] == 0.0 and r["gaps"] == []
+
+
 @pytest.mark.parametrize("variant", ["default", "k32", "fold", "fold+k32", "eager+fold+k32"])
 def test_shrink_bench_variants_compute_the_shrink(variant: str) -> None:
     """shrink_bench's variants (the decode shrink's knobs set through the environment) give
