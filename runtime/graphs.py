@@ -41,18 +41,28 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_bs} | {max_bs})
 
 
+DECODE_CUBLASLT_MIN_BS = 16  # LORASERVE_DECODE_CUBLASLT_MIN_BS's default
+
+
 def decode_blas(bs: int, with_lora: bool) -> str | None:
-    """The BLAS library a decode graph is captured with: "cublaslt" for base-only graphs of
-    at least LORASERVE_DECODE_CUBLASLT_MIN_BS rows (opt-in, unset or 0: off), else None (torch's
-    own route). On the H200 cuBLASLt picked faster o and down kernels at batch 32 and took
-    0.12-0.18 ms off the serving loop's base step there, was level or slower at batch 1, and
-    gained nothing over 8 adapters (benchmarks/RESULTS.md, fourteenth session)."""
-    raw = os.environ.get("LORASERVE_DECODE_CUBLASLT_MIN_BS", "0").strip() or "0"
+    """The BLAS library a decode graph is captured with: "cublaslt" for graphs of at least
+    LORASERVE_DECODE_CUBLASLT_MIN_BS rows (default 16; 0 turns it off), base-only and LoRA
+    graphs alike unless LORASERVE_DECODE_CUBLASLT_LORA=0; else None (torch's own route).
+
+    On the H200 (benchmarks/RESULTS.md, nineteenth session, six processes a setting)
+    cuBLASLt picks faster o and down kernels at batch 32: the serving loop's base step there
+    took 4.96-5.02 ms against 5.04-5.09, the 32-adapter graph forward 6.08 against 6.23-6.27,
+    and the 8-adapter step was level in a 32-slot pool and 0.03-0.07 ms faster in an 8-slot
+    one. Below 16 rows it was level or slower (fourteenth session)."""
+    raw = os.environ.get("LORASERVE_DECODE_CUBLASLT_MIN_BS", "").strip()
     try:
-        min_bs = int(raw)
+        min_bs = int(raw) if raw else DECODE_CUBLASLT_MIN_BS
     except ValueError:
         raise ValueError(f"LORASERVE_DECODE_CUBLASLT_MIN_BS: {raw!r} is not an integer") from None
-    if min_bs <= 0 or with_lora or bs < min_bs:
+    lora_raw = os.environ.get("LORASERVE_DECODE_CUBLASLT_LORA", "1").strip() or "1"
+    if lora_raw not in ("0", "1"):
+        raise ValueError(f"LORASERVE_DECODE_CUBLASLT_LORA: {lora_raw!r} is neither 0 nor 1")
+    if min_bs <= 0 or (with_lora and lora_raw == "0") or bs < min_bs:
         return None
     return "cublaslt"
 

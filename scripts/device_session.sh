@@ -132,6 +132,13 @@
 #   scripts/device_session.sh s23b   (one GPU) 1000 adapters against 8 at cap 256: every kernel
 #                                    of a window into each saturated run (GPU busy share, ms a
 #                                    step by kernel category), then the run unprofiled; 5 min
+#   scripts/device_session.sh s23c   (one GPU) decode graphs from 16 rows captured with cuBLASLt,
+#                                    base-only and LoRA graphs too, against the default: the
+#                                    cuBLASLt graph tests, then the step targets, two processes a
+#                                    setting, alternating; about 7 min
+#   scripts/device_session.sh s23d   (one GPU) the 8-slot pool's step targets (max_loras_per_batch
+#                                    8) with decode graphs from 16 rows captured with cuBLASLt
+#                                    (LoRA graphs too) against the default, two processes each
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -628,6 +635,34 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --kernel-window 2 3 --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
     echo "== many_adapters --kernel-window: rc $?"; grep -E "saturated|keeps" "$OUT/many_kw.log"
     many_cap 170
+    ;;
+  s23c)  # one GPU: cuBLASLt for decode graphs from 16 rows, base-only (s22a: 0.06-0.08 ms
+    # off the loop's b32 base step, the 8-adapter step level) and LoRA graphs too
+    # (LORASERVE_DECODE_CUBLASLT_LORA=1), against the default; first their GPU tests
+    gpu_tests cublaslt_tests 120 tests/test_graphs_gpu.py -k cublaslt
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_CUBLASLT_MIN_BS=16 \
+        "LORASERVE_DECODE_CUBLASLT_MIN_BS=16 LORASERVE_DECODE_CUBLASLT_LORA=1" NONE=2 \
+        LORASERVE_DECODE_CUBLASLT_MIN_BS=16 \
+        "LORASERVE_DECODE_CUBLASLT_MIN_BS=16 LORASERVE_DECODE_CUBLASLT_LORA=1"; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      # shellcheck disable=SC2086  # a knob may be two settings
+      step_lora $((i == 1 ? 110 : 85)) "$name" $knob
+      rm -f "$OUT/$name.log"
+    done
+    ;;
+  s23d)  # one GPU: s23c's setting in the 8-slot pool the 8-adapter target names
+    i=0
+    for knob in NONE=1 "LORASERVE_DECODE_CUBLASLT_MIN_BS=16 LORASERVE_DECODE_CUBLASLT_LORA=1" \
+        NONE=2 "LORASERVE_DECODE_CUBLASLT_MIN_BS=16 LORASERVE_DECODE_CUBLASLT_LORA=1"; do
+      i=$((i + 1)); name="step8_${i}_$(echo "$knob" | tr '= ' '__')"
+      # shellcheck disable=SC2086  # a knob may be two settings
+      env $knob timeout $((i == 1 ? 110 : 70)) python3 -m benchmarks.step_bench --lora --steps 10 \
+        --max-loras-per-batch 8 --lora-cases 1x1 32x8 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== step_bench --lora --max-loras-per-batch 8 $knob: rc $?"
+      grep -E "^(decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s22a)  # one GPU (prepared): base-only decode graphs of 16 rows and more captured with
     # cuBLASLt (LORASERVE_DECODE_CUBLASLT_MIN_BS=16; faster o and down at batch 32 in the

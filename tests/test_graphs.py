@@ -17,18 +17,26 @@ from tests.engine_utils import greedy, make_engine
 from tests.models import make_adapter, make_model, prompts, read_vocab
 
 
-def test_decode_blas_is_opt_in_for_base_graphs(monkeypatch):
-    """cuBLASLt only when LORASERVE_DECODE_CUBLASLT_MIN_BS asks, for base-only decode graphs
-    of at least that many rows; a bad value is an error that names the setting."""
+def test_decode_blas_from_16_rows_by_default(monkeypatch):
+    """cuBLASLt for decode graphs of at least LORASERVE_DECODE_CUBLASLT_MIN_BS rows (16 by
+    default, 0: never), base-only and LoRA graphs alike unless LORASERVE_DECODE_CUBLASLT_LORA=0;
+    a bad value is an error that names the setting."""
     from runtime.graphs import blas_library, decode_blas
 
     monkeypatch.delenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", raising=False)
-    assert decode_blas(32, False) is None
-    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "16")
-    assert decode_blas(16, False) == "cublaslt" and decode_blas(64, False) == "cublaslt"
-    assert decode_blas(8, False) is None and decode_blas(32, True) is None
+    monkeypatch.delenv("LORASERVE_DECODE_CUBLASLT_LORA", raising=False)
+    assert decode_blas(16, False) == "cublaslt" and decode_blas(32, True) == "cublaslt"
+    assert decode_blas(8, False) is None and decode_blas(15, True) is None
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_LORA", "0")  # base-only graphs
+    assert decode_blas(32, False) == "cublaslt" and decode_blas(32, True) is None
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_LORA", "yes")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_CUBLASLT_LORA"):
+        decode_blas(32, True)
+    monkeypatch.delenv("LORASERVE_DECODE_CUBLASLT_LORA")
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "4")
+    assert decode_blas(4, True) == "cublaslt" and decode_blas(2, False) is None
     monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "0")
-    assert decode_blas(32, False) is None
+    assert decode_blas(64, False) is None and decode_blas(64, True) is None
     monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "big")
     with pytest.raises(ValueError, match="LORASERVE_DECODE_CUBLASLT_MIN_BS"):
         decode_blas(32, False)

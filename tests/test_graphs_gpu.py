@@ -71,18 +71,22 @@ def test_graphs_match_eager_fp32(setup, backend, stack, monkeypatch):
     assert graph_base == eager_base
 
 
-def test_base_graphs_captured_with_cublaslt_match_eager_fp32(setup, monkeypatch):
-    """fp32, base rows only: decode graphs captured with cuBLASLt
-    (LORASERVE_DECODE_CUBLASLT_MIN_BS=1) give eager decode's greedy tokens, and the capture
-    leaves torch's preferred BLAS library as it was."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_graphs_captured_with_cublaslt_match_eager_fp32(setup, lora, monkeypatch):
+    """fp32: decode graphs captured with cuBLASLt (LORASERVE_DECODE_CUBLASLT_MIN_BS=1; base
+    rows only, or mixed base + 4 adapters with LORASERVE_DECODE_CUBLASLT_LORA=1, stacked and
+    shrink graphs both) give eager decode's greedy tokens, and the capture leaves torch's
+    preferred BLAS library as it was."""
     model, adapters = setup
-    ps = prompts(6, read_vocab(model), seed=5, lo=4, hi=60)
+    ps = prompts(12 if lora else 6, read_vocab(model), seed=5, lo=4, hi=60)
     common = lora_config(adapters, "csgmv", "float32")
-    base = [None] * 6
-    eager, _ = outputs(model, ps, base, 16, disable_cuda_graph=True, **common)
+    names = NAMES[:12] if lora else [None] * 6
+    monkeypatch.setenv("LORASERVE_LORA_STACK", "1")
+    eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
     before = torch.backends.cuda.preferred_blas_library()
     monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "1")
-    graphed, used = outputs(model, ps, base, 16, cuda_graph_max_bs=32, **common)
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_LORA", "1" if lora else "0")
+    graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
     assert used and graphed == eager
     assert torch.backends.cuda.preferred_blas_library() == before
 
