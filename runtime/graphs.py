@@ -49,11 +49,11 @@ def decode_blas(bs: int, with_lora: bool) -> str | None:
     LORASERVE_DECODE_CUBLASLT_MIN_BS rows (default 16; 0 turns it off), base-only and LoRA
     graphs alike unless LORASERVE_DECODE_CUBLASLT_LORA=0; else None (torch's own route).
 
-    On the H200 (benchmarks/RESULTS.md, nineteenth session, six processes a setting)
-    cuBLASLt picks faster o and down kernels at batch 32: the serving loop's base step there
-    took 4.96-5.02 ms against 5.04-5.09, the 32-adapter graph forward 6.08 against 6.23-6.27,
-    and the 8-adapter step was level in a 32-slot pool and 0.03-0.07 ms faster in an 8-slot
-    one. Below 16 rows it was level or slower (fourteenth session)."""
+    On the H200 (benchmarks/RESULTS.md, nineteenth session: eight processes with it, six
+    without) cuBLASLt picks faster o and down kernels at batch 32: the serving loop's base step
+    there took 4.96-5.02 ms against 5.04-5.09, the 32-adapter graph forward 6.08 against
+    6.23-6.27, and the 8-adapter step was level in a 32-slot pool and 0.03-0.08 ms faster in an
+    8-slot one. Below 16 rows it was level or slower (fourteenth session)."""
     raw = os.environ.get("LORASERVE_DECODE_CUBLASLT_MIN_BS", "").strip()
     try:
         min_bs = int(raw) if raw else DECODE_CUBLASLT_MIN_BS
