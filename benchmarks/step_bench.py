@@ -125,25 +125,34 @@ def decode_step_ms(engine: Engine, batch: int, prompt_len: int, steps: int,
             "graph_forward_ms": fwd, "adapters": len({x for x in (loras or [None]) if x})}
 
 
+async def decode_in_loop(engine: Engine, batch: int, prompt_len: int, max_new: int,
+                         loras: list[str | None], seed: int, on_token) -> None:
+    """Submit `batch` random prompts to the serving loop (engine.start), greedy, `max_new`
+    tokens each, adapters round-robin from `loras`; drain them all, calling on_token() at each
+    token of the first request."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model_info.vocab_size
+    params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
+    reqs = [await engine.submit(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+                                params, loras[i % len(loras)]) for i in range(batch)]
+
+    async def drain(i: int) -> None:
+        async for _ in engine.stream(reqs[i]):
+            if i == 0:
+                on_token()
+
+    await asyncio.gather(*(drain(i) for i in range(batch)))
+
+
 async def loop_decode_ms(engine: Engine, batch: int, prompt_len: int, steps: int,
                          loras: list[str | None] | None = None) -> dict:
     """Steady-state decode time per step through the serving loop itself (engine.start):
     the gap between one request's consecutive tokens, median over `steps` tokens after 10
     warm-up tokens, with every request of the batch decoding."""
-    g = torch.Generator().manual_seed(1)
-    vocab = engine.model_info.vocab_size
     loras = loras or [None]
-    params = SamplingParams(max_new_tokens=steps + 20, temperature=0.0, ignore_eos=True)
-    reqs = [await engine.submit(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
-                                params, loras[i % len(loras)]) for i in range(batch)]
     stamps: list[float] = []
-
-    async def drain(i: int) -> None:
-        async for _ in engine.stream(reqs[i]):
-            if i == 0:
-                stamps.append(time.perf_counter())
-
-    await asyncio.gather(*(drain(i) for i in range(batch)))
+    await decode_in_loop(engine, batch, prompt_len, steps + 20, loras, 1,
+                         lambda: stamps.append(time.perf_counter()))
     gaps = [b - a for a, b in itertools.pairwise(stamps[10:])][:steps]
     return {"batch": batch, "median_ms": 1e3 * statistics.median(gaps),
             "adapters": len({x for x in loras if x})}
@@ -321,30 +330,22 @@ async def profile_loop(engine: Engine, batch: int, prompt_len: int, steps: int,
     consecutive steps (gpu_gaps over the profiler's kernels and copies, every stream)."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = torch.Generator().manual_seed(2)
-    vocab = engine.model_info.vocab_size
     loras = loras or [None]
-    params = SamplingParams(max_new_tokens=steps + 40, temperature=0.0, ignore_eos=True)
-    reqs = [await engine.submit(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
-                                params, loras[i % len(loras)]) for i in range(batch)]
     # CPU activity where CUDA's is missing (a smoke run on the CPU: no kernels to read)
     prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available()
                                else ProfilerActivity.CPU])
     stamps: list[float] = []
 
-    async def drain(i: int) -> None:
-        async for _ in engine.stream(reqs[i]):
-            if i:
-                continue
-            stamps.append(time.perf_counter())
-            if len(stamps) == 12:
-                prof.start()
-            elif len(stamps) == 12 + steps:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                prof.stop()
+    def on_token() -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) == 12:
+            prof.start()
+        elif len(stamps) == 12 + steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            prof.stop()
 
-    await asyncio.gather(*(drain(i) for i in range(batch)))
+    await decode_in_loop(engine, batch, prompt_len, steps + 40, loras, 2, on_token)
     gaps = [b - a for a, b in itertools.pairwise(stamps[11:12 + steps])]
     out = gpu_gaps(kernel_timeline(prof), steps)
     return {"batch": batch, "adapters": len({x for x in loras if x}),

@@ -423,10 +423,11 @@ def test_step_bench_gpu_gaps() -> None:
 def test_step_bench_profile_loop_runs_the_serving_loop(
         tiny: tuple[Path, dict[str, Path]]) -> None:
     """--profile-loop drives the serving loop: a token gap a case and the gap summary's fields
-    (on the CPU the profiler sees no kernels, so the device figures are zero)."""
+    (on the CPU the profiler sees no kernels, so the device figures are zero); so do the step
+    targets' loop rows."""
     import asyncio
 
-    from benchmarks.step_bench import make_engine, profile_loop_cases
+    from benchmarks.step_bench import loop_decode_ab, make_engine, profile_loop_cases
 
     model, _ = tiny
     engine = make_engine(model, device="cpu", dtype="float32", max_running_requests=4)
@@ -435,6 +436,11 @@ def test_step_bench_profile_loop_runs_the_serving_loop(
     for r in rows:
         assert r["token_gap_ms"] > 0 and r["steps"] == 3
         assert r["busy_us"] == r["idle_us"] == 0.0 and r["gaps"] == []
+    # the step targets' loop rows drive the same loop: overlap on and off, a token gap each
+    engine = make_engine(model, device="cpu", dtype="float32", max_running_requests=4)
+    rows = asyncio.run(loop_decode_ab(engine, [2], 8, 3, []))
+    assert [(r["batch"], r["overlap"]) for r in rows] == [(2, True), (2, False)]
+    assert all(r["median_ms"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("variant", ["default", "k32", "fold", "fold+k32", "eager+fold+k32"])
