@@ -1,9 +1,59 @@
-"""The KV-tile step shared by the decode and prefill attention kernels (inlined into each):
+"""What the decode and prefill attention kernels share: the KV-tile step (inlined into each:
 gather one tile of K and V through the block table, and fold it into the running online
-softmax, in base 2."""
+softmax, in base 2), and their wrappers' checks of q and the caches and of an output buffer."""
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_q_and_caches(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_layout: str) -> None:
+    """q ([q_layout], last dim contiguous) against k_cache and v_cache ([num_blocks,
+    block_size, KVH, D], contiguous): head dims, head grouping, block size and dtype."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be {q_layout}, got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, KVH, D], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, page_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
+    if page_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+        raise ValueError(f"block_size must be a power of two in 1..128, got {page_size}")
+    if q.dtype not in _FLOAT_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(
+            "q, k_cache, v_cache must share one dtype of float16/bfloat16/float32, got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if q.stride(2) != 1:
+        raise ValueError("q's last dimension must be contiguous")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+
+
+def output_buffer(out: Tensor | None, q: Tensor) -> Tensor:
+    """`out` checked to be a contiguous buffer of q's shape, dtype and device; a new one when
+    None."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
 
 
 @triton.jit

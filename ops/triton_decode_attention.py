@@ -16,10 +16,14 @@ from torch import Tensor
 from ops.pdl import resolve, wait_then_release
 from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
-from ops.triton_attention_tiles import load_kv_tile, softmax_tile
+from ops.triton_attention_tiles import (
+    check_q_and_caches,
+    load_kv_tile,
+    output_buffer,
+    softmax_tile,
+)
 
 _LOG2E = 1.4426950408889634
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The grid's slices: one per this many tokens of the block table's width at most.
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
@@ -178,32 +182,8 @@ def _launch_config(head_dim: int, is_fp32: bool) -> tuple[int, int, int]:
 def _check_inputs(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, kv_lens: Tensor
 ) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, KVH, D], "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    batch, num_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if head_dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
-    if page_size not in (1, 2, 4, 8, 16, 32, 64, 128):
-        raise ValueError(f"block_size must be a power of two in 1..128, got {page_size}")
-    if q.dtype not in _FLOAT_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(
-            "q, k_cache, v_cache must share one dtype of float16/bfloat16/float32, got "
-            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
-        )
-    if q.stride(2) != 1:
-        raise ValueError("q's last dimension must be contiguous")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
+    check_q_and_caches(q, k_cache, v_cache, "[B, H, D]")
+    batch = q.shape[0]
     if block_tables.shape[:1] != (batch,) or block_tables.dim() != 2:
         raise ValueError(
             f"block_tables must be [B={batch}, max_blocks], got {tuple(block_tables.shape)}"
@@ -238,19 +218,6 @@ def _counts_for(device: torch.device, size: int) -> Tensor:
                        device=device)
     _counts[device] = have
     return have
-
-
-def _output_buffer(out: Tensor | None, q: Tensor) -> Tensor:
-    if out is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(
-            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} "
-            f"{out.dtype} on {out.device}"
-        )
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    return out
 
 
 def decode_attention_triton(
@@ -290,7 +257,7 @@ def decode_attention_triton(
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    o = _output_buffer(out, q)
+    o = output_buffer(out, q)
     if batch == 0:
         return o
     if num_splits is None:

@@ -15,10 +15,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ops.sizes import cdiv, next_pow2
-from ops.triton_attention_tiles import load_kv_tile, softmax_tile
+from ops.triton_attention_tiles import (
+    check_q_and_caches,
+    load_kv_tile,
+    output_buffer,
+    softmax_tile,
+)
 
 _LOG2E = 1.4426950408889634
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A tile-table entry packs (sequence, query tile) as seq * 2**16 + tile: both fit one
 # non-negative int32, and the kernel unpacks them with a shift and a mask.
 _TILE_BITS = 16
@@ -230,32 +234,7 @@ def _check_inputs(
     max_q_len: int,
     tile_table: Tensor | None,
 ) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be [T, H, D], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, KVH, D], "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    _, page_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if head_dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
-    if page_size not in (1, 2, 4, 8, 16, 32, 64, 128):
-        raise ValueError(f"block_size must be a power of two in 1..128, got {page_size}")
-    if q.dtype not in _FLOAT_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(
-            "q, k_cache, v_cache must share one dtype of float16/bfloat16/float32, got "
-            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
-        )
-    if q.stride(2) != 1:
-        raise ValueError("q's last dimension must be contiguous")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
+    check_q_and_caches(q, k_cache, v_cache, "[T, H, D]")
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
         raise ValueError(
             f"block_tables must be [B, max_blocks] int32, got {tuple(block_tables.shape)} "
@@ -289,19 +268,6 @@ def _check_inputs(
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if not isinstance(max_q_len, int) or max_q_len < 1:
         raise ValueError(f"max_q_len must be a positive python int, got {max_q_len!r}")
-
-
-def _output_buffer(out: Tensor | None, q: Tensor) -> Tensor:
-    if out is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(
-            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} "
-            f"{out.dtype} on {out.device}"
-        )
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    return out
 
 
 def prefill_attention_triton(
@@ -340,7 +306,7 @@ def prefill_attention_triton(
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     batch = block_tables.shape[0]
-    o = _output_buffer(out, q)
+    o = output_buffer(out, q)
     if num_tokens == 0 or batch == 0:
         return o
     group = num_heads // num_kv_heads

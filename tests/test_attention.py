@@ -335,6 +335,12 @@ def test_wrappers_reject_bad_inputs() -> None:
     with pytest.raises(ValueError, match="out"):
         decode_attention_triton(batch.q[:2], *args[1:4], batch.kv_lens, 0.2,
                                 out=torch.empty(2, 4, 16))  # fmt: skip
+    with pytest.raises(ValueError, match=r"q must be \[B, H, D\]"):
+        decode_attention_triton(batch.q[0], *args[1:4], batch.kv_lens, 0.2)
+    with pytest.raises(ValueError, match=r"q must be \[T, H, D\]"):
+        prefill_attention_triton(batch.q[0], *args[1:])
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        prefill_attention_triton(*args, out=torch.empty(4, 3, 32).transpose(0, 1))
     table = torch.tensor([0, 1, 65536, -1], dtype=torch.int32)
     for bad_table in (table.long(), table.view(2, 2), table[::2]):
         with pytest.raises(ValueError, match="tile_table"):
