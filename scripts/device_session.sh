@@ -139,6 +139,11 @@
 #   scripts/device_session.sh s23d   (one GPU) the 8-slot pool's step targets (max_loras_per_batch
 #                                    8) with decode graphs from 16 rows captured with cuBLASLt
 #                                    (LoRA graphs too) against the default, two processes each
+#   scripts/device_session.sh s24a   (one GPU, prepared) decode attention loading each slice's
+#                                    first KV tile before its PDL wait (LORASERVE_ATTN_EARLY_KV=1):
+#                                    the PDL chain tests (the hazard: bit for bit against the
+#                                    chain without PDL, eager and in a graph), then the step
+#                                    targets against the default, two processes each; 5 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -635,6 +640,16 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --kernel-window 2 3 --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
     echo "== many_adapters --kernel-window: rc $?"; grep -E "saturated|keeps" "$OUT/many_kw.log"
     many_cap 170
+    ;;
+  s24a)  # one GPU (prepared): each slice's first KV tile loaded before decode attention's
+    # PDL wait (the load overlaps rotary + K/V store), against the default
+    gpu_tests pdl_tests 150 tests/test_pdl.py
+    i=0
+    for knob in NONE=1 LORASERVE_ATTN_EARLY_KV=1 NONE=2 LORASERVE_ATTN_EARLY_KV=1; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
+      step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s23c)  # one GPU: cuBLASLt for decode graphs from 16 rows, base-only (s22a: 0.06-0.08 ms
     # off the loop's b32 base step, the 8-adapter step level) and LoRA graphs too
