@@ -82,32 +82,35 @@ def _decode_attention_kernel(
     # min_split tokens, so a short sequence uses few of its programs (the rest return at once).
     split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     used = tl.maximum(tl.cdiv(kv_len, split_len), 1)  # kv_len == 0 (padding): one, writes 0
-    start = split * split_len
-    end = tl.minimum(start + split_len, kv_len)
-    dims = tl.arange(0, HEAD_DIM)
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
-    cache_head_offset = kv_head * stride_cache_head + dims[None, :]
-    first_cols = start + tl.arange(0, BLOCK_N)
     if EARLY_KV:
         # The slice's first tile, all but the newest position, before the wait: the kernel
         # ahead (rotary + K/V store) writes only position kv_len - 1 of each sequence, and
         # every earlier kernel had finished when that one let this one launch (ops/pdl.py).
+        # The block table is a step input, like kv_lens.
+        early_start = split * split_len
+        early_cols = early_start + tl.arange(0, BLOCK_N)
+        early_end = tl.minimum(tl.minimum(early_start + split_len, kv_len), kv_len - 1)
         k_first, v_first = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, table_row, first_cols,
-            (first_cols < tl.minimum(end, kv_len - 1)) & (split < used), cache_head_offset,
-            stride_cache_block, stride_cache_token, PAGE_SIZE, True)
-    # kv_lens and the block table are step inputs, written before the layers run: read before
-    # the wait
+            k_cache_ptr, v_cache_ptr, block_tables_ptr + seq.to(tl.int64) * stride_table,
+            early_cols, (early_cols < early_end) & (split < used),
+            kv_head * stride_cache_head + tl.arange(0, HEAD_DIM)[None, :], stride_cache_block,
+            stride_cache_token, PAGE_SIZE, True)
+    # kv_lens is a step input, written before the layers run: read before the wait
     wait_then_release(USE_PDL)
     if split < used:
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
         group_rows = tl.arange(0, BLOCK_H)
         row_mask = group_rows < GROUP
         heads = kv_head * GROUP + group_rows
+        dims = tl.arange(0, HEAD_DIM)
         q = tl.load(
             q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
             mask=row_mask[:, None],
             other=0.0,
         )
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
+        cache_head_offset = kv_head * stride_cache_head + dims[None, :]
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -118,14 +121,14 @@ def _decode_attention_kernel(
             if start < end:  # not a padding row (kv_len 0)
                 # the newest position, when this tile holds it, now that the kernel ahead is
                 # done
-                newest = first_cols == kv_len - 1
-                k_new, v_new = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, first_cols,
+                newest = early_cols == kv_len - 1
+                k_new, v_new = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, early_cols,
                                             newest, cache_head_offset, stride_cache_block,
                                             stride_cache_token, PAGE_SIZE, True)
                 k_first = tl.where(newest[:, None], k_new, k_first)
                 v_first = tl.where(newest[:, None], v_new, v_first)
                 m_i, l_i, acc = softmax_tile(q, k_first, v_first, m_i, l_i, acc, scale_log2,
-                                             (first_cols < end)[None, :], True,
+                                             (early_cols < end)[None, :], True,
                                              INPUT_PRECISION)
                 loop_start = start + BLOCK_N
         for n0 in range(loop_start, end, BLOCK_N):
