@@ -7,7 +7,10 @@ weight bytes over that time, next to a device-to-device copy's bandwidth measure
 run. Layouts: `linear` is F.linear on the [out, in] weight serving uses; `mm_t` is x @ W with
 the weight stored [in, out]; with `--lt-algos N`, each of up to N algorithms cuBLASLt's
 heuristic offers (benchmarks/blaslt.py, by ctypes), with its tile, split-K count and
-reduction scheme. Each line also gives the error against F.linear (relative, Frobenius).
+reduction scheme; with `--split-k S...`, one batched GEMM over S slices of the input dimension
+with fp32 partials (what a consumer kernel that sums them would need instead of cuBLAS's
+split-K reduce launch), alone and with torch's sum. Each line also gives the error against
+F.linear (relative, Frobenius).
 (A Triton GEMV with and without programmatic dependent launch was measured against cuBLAS
 here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.)
 
@@ -41,12 +44,15 @@ def projections(shape: dict) -> dict[str, tuple[int, int]]:
 
 def timed_row(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
               layout: str, fn: Callable[[int], torch.Tensor], reps: int, bw: float,
+              result: Callable[[torch.Tensor], torch.Tensor] | None = None,
               **extra: object) -> dict:
     """fn(i) (x times weight i) timed over every weight in one graph, with its error against
-    F.linear's `want`: the row, printed as it comes."""
+    F.linear's `want` (of result(fn(0)) where fn gives partials to be summed): the row,
+    printed as it comes."""
     batch, (n_out, n_in) = x.shape[0], ws[0].shape
     nbytes = ws[0].numel() * ws[0].element_size()
-    err = ((fn(0).float() - want).norm() / want.norm()).item()
+    got = fn(0) if result is None else result(fn(0))
+    err = ((got.float() - want).norm() / want.norm()).item()
     us = graph_us(fn, range(len(ws)), reps)
     row = {"proj": name, "out": n_out, "in": n_in, "batch": batch, "layout": layout, "us": us,
            "tb_per_s": nbytes / us / 1e6, "of_copy": nbytes / us / 1e-6 / bw, "rel_err": err,
@@ -55,6 +61,42 @@ def timed_row(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Te
           f"{nbytes / us / 1e6:5.2f} TB/s ({100 * row['of_copy']:.0f} % of copy) err {err:.1e}"
           + (f" {extra}" if extra else ""), flush=True)
     return row
+
+
+def splitk_views(x: torch.Tensor, w: torch.Tensor, splits: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] and w [N, K] as `splits` slices of K, without copies: ([S, T, K/S], [S, K/S, N])
+    for one batched GEMM whose [S, T, N] outputs sum to x @ w.T (split-K with the partials left
+    for the next kernel to add, instead of cuBLAS's reduce launch)."""
+    (t, k), n = x.shape, w.shape[0]
+    if k % splits:
+        raise ValueError(f"split-K: {k} columns do not split into {splits}")
+    return (x.view(t, splits, k // splits).transpose(0, 1),
+            w.view(n, splits, k // splits).permute(1, 2, 0))
+
+
+def splitk_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
+                splits: list[int], reps: int, bw: float) -> list[dict]:
+    """One batched GEMM over K slices with fp32 outputs (torch.bmm out_dtype), timed as the
+    F.linear rows are: the partials alone (`bmm_kS`), and with torch summing them
+    (`bmm_kS+sum`)."""
+    rows = []
+    for sp in splits:
+        if ws[0].shape[1] % sp:
+            continue
+        views = [splitk_views(x, w, sp) for w in ws]
+
+        def partials(i: int, views=views) -> torch.Tensor:
+            return torch.bmm(*views[i], out_dtype=torch.float32)
+
+        try:
+            rows.append(timed_row(name, ws, x, want, f"bmm_k{sp}", partials, reps, bw,
+                                  result=lambda p: p.sum(0)))
+            rows.append(timed_row(name, ws, x, want, f"bmm_k{sp}+sum",
+                                  lambda i, partials=partials: partials(i).sum(0), reps, bw))
+        except RuntimeError as e:  # torch without bmm's out_dtype here: say so, go on
+            print(f"{name:8} b{x.shape[0]:<3} bmm_k{sp} failed: {e}", flush=True)
+    return rows
 
 
 def lt_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
@@ -92,6 +134,9 @@ def main() -> None:
                     help="with --lt-algos: write the projections and batches whose fastest "
                          "cuBLASLt algorithm beats F.linear by over 3 %% (for step_bench "
                          "--lt-plan)")
+    ap.add_argument("--split-k", type=int, nargs="*", default=[], metavar="S",
+                    help="also time each projection as one batched GEMM over S slices of its "
+                         "input dimension with fp32 partials (splitk_views)")
     ap.add_argument("--proj", nargs="+", help="only these projections")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -116,6 +161,8 @@ def main() -> None:
                 rows.append(timed_row(name, ws, x, want, layout, fn, a.reps, bw))
             if a.lt_algos:
                 rows += lt_rows(name, ws, x, want, a.lt_algos, a.reps, bw)
+            if a.split_k:
+                rows += splitk_rows(name, ws, x, want, a.split_k, a.reps, bw)
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

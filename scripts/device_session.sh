@@ -144,6 +144,9 @@
 #                                    the PDL chain tests (the hazard: bit for bit against the
 #                                    chain without PDL, eager and in a graph), then the step
 #                                    targets against the default, two processes each; 5 min
+#   scripts/device_session.sh s24b   (one GPU, prepared) o, down and qkv as one batched GEMM over
+#                                    2-4 slices of K with fp32 partials (gemm_bench --split-k)
+#                                    against F.linear with cuBLAS's split-K reduce; 2 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -640,6 +643,14 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --kernel-window 2 3 --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
     echo "== many_adapters --kernel-window: rc $?"; grep -E "saturated|keeps" "$OUT/many_kw.log"
     many_cap 170
+    ;;
+  s24b)  # one GPU (prepared): split-K as one batched GEMM with fp32 partials, the reduce
+    # left to the next kernel (o's and down's consumer is add+RMSNorm): is the GEMM part as
+    # fast as cuBLAS's split-K kernel without its reduce launch?
+    timeout 200 python3 -m benchmarks.gemm_bench --split-k 2 3 4 --proj o down qkv \
+      --out "$OUT/gemm_splitk.json" > "$OUT/gemm_splitk.log" 2>&1
+    echo "== gemm_bench --split-k: rc $?"; grep -E " (linear|bmm_k[0-9]+(\+sum)?) |failed" \
+      "$OUT/gemm_splitk.log"
     ;;
   s24a)  # one GPU (prepared): each slice's first KV tile loaded before decode attention's
     # PDL wait (the load overlaps rotary + K/V store), against the default
