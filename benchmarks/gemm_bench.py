@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from benchmarks.dummy_model import SHAPES
 from benchmarks.step_bench import hbm_bandwidth
 from benchmarks.timing import graph_us
+from ops.splitk import splitk_linear
 
 
 def projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -63,31 +64,18 @@ def timed_row(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Te
     return row
 
 
-def splitk_views(x: torch.Tensor, w: torch.Tensor, splits: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K] and w [N, K] as `splits` slices of K, without copies: ([S, T, K/S], [S, K/S, N])
-    for one batched GEMM whose [S, T, N] outputs sum to x @ w.T (split-K with the partials left
-    for the next kernel to add, instead of cuBLAS's reduce launch)."""
-    (t, k), n = x.shape, w.shape[0]
-    if k % splits:
-        raise ValueError(f"split-K: {k} columns do not split into {splits}")
-    return (x.view(t, splits, k // splits).transpose(0, 1),
-            w.view(n, splits, k // splits).permute(1, 2, 0))
-
-
 def splitk_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
                 splits: list[int], reps: int, bw: float) -> list[dict]:
-    """One batched GEMM over K slices with fp32 outputs (torch.bmm out_dtype), timed as the
-    F.linear rows are: the partials alone (`bmm_kS`), and with torch summing them
-    (`bmm_kS+sum`)."""
+    """The projection as serving's opt-in split-K runs it (ops.splitk.splitk_linear: one
+    batched GEMM over K slices with fp32 outputs), timed as the F.linear rows are: the
+    partials alone (`bmm_kS`), and with torch summing them (`bmm_kS+sum`)."""
     rows = []
     for sp in splits:
         if ws[0].shape[1] % sp:
             continue
-        views = [splitk_views(x, w, sp) for w in ws]
 
-        def partials(i: int, views=views) -> torch.Tensor:
-            return torch.bmm(*views[i], out_dtype=torch.float32)
+        def partials(i: int, sp=sp) -> torch.Tensor:
+            return splitk_linear(x, ws[i], sp)
 
         try:
             rows.append(timed_row(name, ws, x, want, f"bmm_k{sp}", partials, reps, bw,

@@ -49,10 +49,12 @@ def _rmsnorm_kernel(
     stride_res,
     stride_out,
     stride_res_out,
+    stride_xs,
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
+    X_SPLITS: tl.constexpr,  # x is this many fp32 partials to sum (split-K), or 1: x itself
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -60,6 +62,11 @@ def _rmsnorm_kernel(
     w = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)  # no kernel writes it
     wait_then_release(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
+    if X_SPLITS > 1:
+        for sp in tl.static_range(1, X_SPLITS):
+            x += tl.load(x_ptr + sp * stride_xs + row * stride_x + offs, mask=live, other=0.0)
+        # the projection's output as its GEMM would have stored it, in the stream's dtype
+        x = x.to(res_out_ptr.dtype.element_ty).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
         # the residual stream is stored in its dtype: normalise the rounded sum
@@ -231,10 +238,12 @@ def _launch(
         res.stride(0),
         out.stride(0),
         res_o.stride(0),
+        0,
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         USE_PDL=pdl,
+        X_SPLITS=1,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
@@ -297,4 +306,38 @@ def add_rmsnorm_triton(
     if fold is not None:
         fold.check(x)
     _launch(x, residual, weight, eps, out, residual_out, fold, pdl)
+    return out, residual_out
+
+
+def add_rmsnorm_partials_triton(
+    partials: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    pdl: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rmsnorm_triton for a projection left as split-K partials: x = the sum of
+    `partials` (fp32 [S, T, N], rows contiguous; ops.splitk), rounded to residual's dtype as
+    the projection's GEMM would have stored it, then s = x + residual as there. Returns
+    (weight * rmsnorm(s), s), both new [T, N] in residual's dtype."""
+    if partials.dim() != 3 or partials.dtype != torch.float32 or partials.stride(2) != 1:
+        raise ValueError(f"partials must be fp32 [S, T, N] with contiguous rows, got "
+                         f"{partials.dtype} {tuple(partials.shape)}")
+    _check(residual, weight, "residual")
+    if partials.shape[1:] != residual.shape or partials.device != residual.device:
+        raise ValueError(f"partials {tuple(partials.shape)} on {partials.device} must be "
+                         f"[S, *{tuple(residual.shape)}] on {residual.device}")
+    out = _output(None, residual, "out")
+    residual_out = _output(None, residual, "residual_out")
+    num_rows, n = residual.shape
+    if num_rows == 0:
+        return out, residual_out
+    block = next_pow2(n)
+    pdl = resolve(pdl, residual)
+    _rmsnorm_kernel[(num_rows,)](
+        partials, residual, weight, out, residual_out, n, partials.stride(1),
+        residual.stride(0), out.stride(0), residual_out.stride(0), partials.stride(0), eps,
+        HAS_RESIDUAL=True, BLOCK=block, USE_PDL=pdl, X_SPLITS=partials.shape[0],
+        num_warps=max(1, min(16, block // 512)), launch_pdl=pdl,
+    )
     return out, residual_out

@@ -29,6 +29,7 @@ from ops.lora import (
     stack_wins,
 )
 from ops.pdl import decode_scope
+from ops.splitk import decode_splits, splitk_scope
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -201,7 +202,8 @@ class DecodeGraphs:
                     with_lora = variant is not False
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
                     with blas_library(decode_blas(bs, with_lora)), \
-                            stack_paths(variant == "stacked"):
+                            stack_paths(variant == "stacked"), \
+                            splitk_scope(0 if with_lora else decode_splits()):
                         g, logits = capture_graph(
                             lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
                             self.pool, fold=with_lora, decode=True,

@@ -146,7 +146,10 @@
 #                                    targets against the default, two processes each; 5 min
 #   scripts/device_session.sh s24b   (one GPU, prepared) o, down and qkv as one batched GEMM over
 #                                    2-4 slices of K with fp32 partials (gemm_bench --split-k)
-#                                    against F.linear with cuBLAS's split-K reduce; 2 min
+#                                    against F.linear with cuBLAS's split-K reduce; then, the
+#                                    split-K decode graphs' GPU tests and the step targets with
+#                                    LORASERVE_DECODE_SPLITK=2 against the default, two
+#                                    processes each; about 7 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -185,6 +188,17 @@ step_lora() {  # step_lora TIMEOUT NAME [VAR=VALUE...]: the step targets with ad
     --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   echo "== step_bench --lora $*: rc $?"
   grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+}
+
+step_ab() {  # step_ab VAR=VALUE...: the step targets by default and with the settings,
+  # alternating, two processes each (the first process gets more time: it compiles)
+  local i=0 knob name
+  for knob in NONE=1 "$*" NONE=2 "$*"; do
+    i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+    # shellcheck disable=SC2086  # the settings are separate words
+    step_lora $((i == 1 ? 110 : 85)) "$name" $knob
+    rm -f "$OUT/$name.log"
+  done
 }
 
 many_cap() {  # many_cap TIMEOUT: 1000 adapters against 8, saturated, max_loras_per_batch 256
@@ -647,20 +661,18 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
   s24b)  # one GPU (prepared): split-K as one batched GEMM with fp32 partials, the reduce
     # left to the next kernel (o's and down's consumer is add+RMSNorm): is the GEMM part as
     # fast as cuBLAS's split-K kernel without its reduce launch?
-    timeout 200 python3 -m benchmarks.gemm_bench --split-k 2 3 4 --proj o down qkv \
+    timeout 150 python3 -m benchmarks.gemm_bench --split-k 2 3 4 --proj o down qkv \
       --out "$OUT/gemm_splitk.json" > "$OUT/gemm_splitk.log" 2>&1
     echo "== gemm_bench --split-k: rc $?"; grep -E " (linear|bmm_k[0-9]+(\+sum)?) |failed" \
       "$OUT/gemm_splitk.log"
+    # base-only decode graphs whose o and down leave the partials to the next norm
+    gpu_tests splitk_tests 120 tests/test_graphs_gpu.py -k splitk
+    step_ab LORASERVE_DECODE_SPLITK=2
     ;;
   s24a)  # one GPU (prepared): each slice's first KV tile loaded before decode attention's
     # PDL wait (the load overlaps rotary + K/V store), against the default
     gpu_tests pdl_tests 150 tests/test_pdl.py
-    i=0
-    for knob in NONE=1 LORASERVE_ATTN_EARLY_KV=1 NONE=2 LORASERVE_ATTN_EARLY_KV=1; do
-      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
-      step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
-      rm -f "$OUT/$name.log"
-    done
+    step_ab LORASERVE_ATTN_EARLY_KV=1
     ;;
   s23c)  # one GPU: cuBLASLt for decode graphs from 16 rows, base-only (s22a: 0.06-0.08 ms
     # off the loop's b32 base step, the 8-adapter step level) and LoRA graphs too
@@ -693,12 +705,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
   s22a)  # one GPU (prepared): base-only decode graphs of 16 rows and more captured with
     # cuBLASLt (LORASERVE_DECODE_CUBLASLT_MIN_BS=16; faster o and down at batch 32 in the
     # fourteenth session) against the default, two processes each, alternating; about 4 min
-    i=0
-    for knob in NONE=1 LORASERVE_DECODE_CUBLASLT_MIN_BS=16 NONE=2 LORASERVE_DECODE_CUBLASLT_MIN_BS=16; do
-      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '=' '_')"
-      step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
-      rm -f "$OUT/$name.log"
-    done
+    step_ab LORASERVE_DECODE_CUBLASLT_MIN_BS=16
     ;;
   s22b)  # one GPU (prepared): cuBLASLt's heuristic algorithms for each decode projection at
     # batches 1 and 32 against F.linear (which algorithm, split-K or not, is fastest alone);

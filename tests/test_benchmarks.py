@@ -392,23 +392,6 @@ def test_step_bench_kernel_timeline() -> None:
                                        [7, "Memcpy DtoD", 19.5, 1.0]]
 
 
-def test_gemm_bench_splitk_views_sum_to_the_projection() -> None:
-    """--split-k: the views are the input and weight's K slices, copies of nothing, and their
-    batched products sum to x @ w.T; a K that does not split is an error."""
-    from benchmarks.gemm_bench import splitk_views
-
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(3, 48, generator=g), torch.randn(20, 48, generator=g)
-    for s in (1, 2, 3, 4):
-        xs, wsl = splitk_views(x, w, s)
-        assert xs.shape == (s, 3, 48 // s) and wsl.shape == (s, 48 // s, 20)
-        assert xs.data_ptr() == x.data_ptr() and wsl.data_ptr() == w.data_ptr()
-        torch.testing.assert_close(torch.bmm(xs, wsl).sum(0), x @ w.T, rtol=1e-5, atol=1e-5)
-        assert torch.equal(xs[s - 1], x[:, (s - 1) * 48 // s:])
-    with pytest.raises(ValueError, match="split-K"):
-        splitk_views(x, w, 5)
-
-
 def test_step_bench_gpu_gaps() -> None:
     """--profile-loop: busy time is the union of every stream's kernels (overlaps count once),
     idle the rest of the span; gaps of at least the threshold are grouped by the kernels either

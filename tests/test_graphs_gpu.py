@@ -91,6 +91,34 @@ def test_graphs_captured_with_cublaslt_match_eager_fp32(setup, lora, monkeypatch
     assert torch.backends.cuda.preferred_blas_library() == before
 
 
+def test_base_graphs_with_splitk_partials_match_eager_fp32(setup, monkeypatch):
+    """fp32: base-only decode graphs whose o and down projections leave split-K partials for
+    the next norm (LORASERVE_DECODE_SPLITK=2, ops/splitk.py) give eager decode's greedy tokens,
+    over base rows alone and mixed with 4 adapters (whose graphs keep plain projections)."""
+    model, adapters = setup
+    common = lora_config(adapters, "csgmv", "float32")
+    for names, n in (([None] * 6, 6), (NAMES[:12], 12)):
+        ps = prompts(n, read_vocab(model), seed=6, lo=4, hi=60)
+        monkeypatch.delenv("LORASERVE_DECODE_SPLITK", raising=False)
+        eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
+        monkeypatch.setenv("LORASERVE_DECODE_SPLITK", "2")
+        graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
+        assert used and graphed == eager
+
+
+def test_base_graph_with_splitk_partials_logits_bf16(setup, monkeypatch):
+    """bf16 (the partials through torch.bmm's fp32 out_dtype): a base-only decode step's graph
+    replay gives the eager forward's logits within the bound of the bf16 replay test below."""
+    monkeypatch.setenv("LORASERVE_DECODE_SPLITK", "2")
+    engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 21)
+    with torch.inference_mode():
+        eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
+        graph = engine.runner.graphs.replay(fb).clone()
+    rel = ((graph - eager).abs().max() / eager.abs().max()).item()
+    print(f"bf16 split-K graph against eager: max |diff| / max |logit| {rel:.4f}")
+    assert rel < 4e-2, rel
+
+
 def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
     """fp32, mixed base + 4 adapters: decode graphs whose layer kernels launch without
     programmatic dependent launch (LORASERVE_LAYER_PDL=0; the default launches them with it,
@@ -112,9 +140,10 @@ def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
     assert used and graphed == eager
 
 
-def mixed_decode_step(setup, backend):
+def mixed_decode_step(setup, backend, names=None):
     """A bf16 engine with decode graphs, and a decode step (ForwardBatch) of 21 requests over
-    base rows and 4 adapters, rebuilt from the state prefill and a few decode steps left."""
+    base rows and 4 adapters (or over `names`), rebuilt from the state prefill and a few decode
+    steps left."""
     from runtime.scheduler import ScheduledBatch
 
     model, adapters = setup
@@ -123,7 +152,7 @@ def mixed_decode_step(setup, backend):
 
     async def prefill_then_stop():
         await engine.start()
-        reqs = [await engine.submit(p, greedy(64), n) for p, n in zip(ps, NAMES)]
+        reqs = [await engine.submit(p, greedy(64), n) for p, n in zip(ps, names or NAMES)]
         while any(not r.output_ids for r in reqs):
             await asyncio.sleep(0.01)
         await engine.stop()  # requests are aborted, but their KV blocks are still readable

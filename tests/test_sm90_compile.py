@@ -94,6 +94,18 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     assert _compile(case)["cubin"] > 0
 
 
+@needs_backend
+@pytest.mark.parametrize("splits", [2, 4])
+def test_add_rmsnorm_over_splitk_partials_compiles_for_sm90(splits: int):
+    """add+RMSNorm summing a projection's fp32 split-K partials (ops/splitk.py,
+    LORASERVE_DECODE_SPLITK) at Llama-3.1-8B's hidden size, with PDL as decode graphs launch
+    it."""
+    ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+            "res_out_ptr": "*bf16", "eps": "fp32"}
+    consts = {"HAS_RESIDUAL": True, "BLOCK": 4096, "USE_PDL": True, "X_SPLITS": splits}
+    assert _compile(["ops.triton_rmsnorm", "_rmsnorm_kernel", ptrs, consts])["cubin"] > 0
+
+
 LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                    "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 # (tokens, rows of each adapter, table padded to, chunk rows): decode graphs over 1 to 200

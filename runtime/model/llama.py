@@ -37,8 +37,13 @@ from ops.lora import (
 from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
 from ops.lora import linear_lora_fold as lora_linear_fold
+from ops.splitk import splitk_linear, splits_for
 from ops.triton_lora_fold import LoraFold
-from ops.triton_rmsnorm import add_rmsnorm_triton, rmsnorm_triton
+from ops.triton_rmsnorm import (
+    add_rmsnorm_partials_triton,
+    add_rmsnorm_triton,
+    rmsnorm_triton,
+)
 from ops.triton_rope_store_kv import rope_store_kv_triton
 from ops.triton_silu_mul import silu_mul_triton
 from runtime.adapters.pool import LoraGroupBuffers, LoraPool
@@ -124,9 +129,17 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, fold: LoraFold | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(s), s) for s = x + residual (s = x when residual is None). x, residual: [T, dim].
-        fold: x's LoRA delta, not yet added to it.
+        fold: x's LoRA delta, not yet added to it. x may also be a projection's split-K
+        partials, fp32 [S, T, dim] (ops/splitk.py; with a residual, without a fold).
 
-        On CUDA the add and the norm are one kernel, which also adds the fold's delta."""
+        On CUDA the add and the norm are one kernel, which also adds the fold's delta or sums
+        the partials."""
+        if x.dim() == 3:
+            assert residual is not None and fold is None, "split-K partials: a residual alone"
+            if runs_fused(self, residual) and residual.dtype == self.weight.dtype:
+                return add_rmsnorm_partials_triton(x, residual, self.weight, self.eps)
+            s = x.sum(0).to(residual.dtype) + residual
+            return self(s), s
         if residual is None:
             x = apply_fold(x, fold)
             return self(x), x
@@ -150,11 +163,16 @@ def apply_lora(
 
 def project(
     linear: nn.Module, x: torch.Tensor, group: LoraGroupBuffers | None,
-    info: LoraBatchInfo | None,
+    info: LoraBatchInfo | None, partials: bool = False,
 ) -> torch.Tensor:
     """linear(x) + LoRA(x) for every adapter row of the step. On CUDA the shrink may run on a
-    side stream beside the projection (ops.lora.linear_lora)."""
+    side stream beside the projection (ops.lora.linear_lora). partials: a caller whose output
+    goes to a norm's add_forward takes split-K partials, fp32 [S, T, out], where a base-only
+    decode graph's capture asks for them (ops/splitk.py)."""
     if group is None or info is None:
+        splits = splits_for(linear, x) if partials else 0
+        if splits:
+            return splitk_linear(x, linear.weight, splits)
         return linear(x)
     return lora_linear(x, linear, group.A, group.B, group.slice_offsets, group.scalings, info)
 
@@ -265,8 +283,8 @@ class Attention(nn.Module):
         )
 
     def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:
-        """o_proj (+ LoRA): [T, H * D] -> [T, hidden]."""
-        return project(self.o_proj, o, lora.get("o") if lora else None, fb.lora)
+        """o_proj (+ LoRA): [T, H * D] -> [T, hidden] (or its split-K partials: project)."""
+        return project(self.o_proj, o, lora.get("o") if lora else None, fb.lora, partials=True)
 
 
 class MLP(nn.Module):
@@ -282,7 +300,9 @@ class MLP(nn.Module):
     ) -> torch.Tensor:
         gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
         h = self.silu_mul(gate_up)  # [T, inter]
-        return project(self.down_proj, h, lora.get("down") if lora else None, fb.lora)
+        # [T, hidden], or its split-K partials for the next norm (project)
+        return project(self.down_proj, h, lora.get("down") if lora else None, fb.lora,
+                       partials=True)
 
     def forward_fold(
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None,
@@ -318,6 +338,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, k_cache, v_cache, fb, lora):
         x, residual, _ = self.forward_deferred(h, None, cos, sin, k_cache, v_cache, fb, lora)
+        if x.dim() == 3:  # down's split-K partials (ops/splitk.py)
+            x = x.sum(0).to(residual.dtype)
         return x + residual
 
     def forward_deferred(
@@ -409,7 +431,8 @@ class CausalLM(nn.Module):
             )
         apply_fold(h, fold)  # the last down's delta: the final norm takes a gather of rows
         rows = fb.logits_indices
-        h, _ = self.norm.add_forward(h[rows], None if residual is None else residual[rows])
+        h = h[:, rows] if h.dim() == 3 else h[rows]  # down's split-K partials: [S, T, hidden]
+        h, _ = self.norm.add_forward(h, None if residual is None else residual[rows])
         return h
 
     @staticmethod
