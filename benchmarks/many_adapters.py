@@ -104,16 +104,12 @@ def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int,
     """GPU time by kernel category (benchmarks.step_bench.kernel_kind) from (name, start us,
     end us) records: ms a step over `steps` steps, and the share of the window in which at least
     one kernel ran (near 100 %: the GPU bounds the loop; well below: the host does)."""
-    from benchmarks.step_bench import kernel_kind
+    from benchmarks.step_bench import gpu_gaps, kernel_kind
 
     by_kind: dict[str, float] = {}
     for name, t0, t1 in kernels:
         by_kind[kind] = by_kind.get(kind := kernel_kind(name), 0.0) + (t1 - t0) / 1e3
-    busy, edge = 0.0, -math.inf
-    for _, t0, t1 in sorted(kernels, key=lambda k: k[1]):
-        if t1 > edge:
-            busy += t1 - max(t0, edge)
-            edge = t1
+    busy = gpu_gaps([[None, name, t0, t1 - t0] for name, t0, t1 in kernels], 1)["busy_us"]
     per_step = max(1, steps)
     return {"steps": steps, "window_s": window_s, "gpu_busy": busy / 1e6 / window_s,
             "ms_per_step": {k: v / per_step for k, v in sorted(by_kind.items())},

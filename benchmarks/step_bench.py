@@ -314,8 +314,7 @@ def gpu_gaps(timeline: list[list], steps: int, min_gap_us: float = 2.0,
         elif end >= cur_end:
             cur_end, cur_last = end, name
     busy += cur_end - cur_start
-    span = rows[-1][2] + rows[-1][3] - rows[0][2]
-    span = max(span, cur_end - rows[0][2])
+    span = cur_end - rows[0][2]  # cur_end: the latest end of all
     n = max(steps, 1)
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
     return {"steps": steps, "span_us": span / n, "busy_us": busy / n, "idle_us": (span - busy) / n,

@@ -29,10 +29,6 @@ def splitk_scope(splits: int):
     return _splits.set(splits)
 
 
-def active_splits() -> int:
-    return _splits.get()
-
-
 def decode_splits() -> int:
     """LORASERVE_DECODE_SPLITK: the slices of base-only decode graphs' o and down projections
     (0: off, the default)."""
@@ -68,8 +64,14 @@ def splitk_linear(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.T
 
 def splits_for(linear: torch.nn.Module, x: torch.Tensor) -> int:
     """The slices `linear(x)` is split into in the current scope, or 0 (a plain projection)."""
-    splits = active_splits()
+    splits = _splits.get()
     if (splits < 2 or type(linear) is not torch.nn.Linear or linear.bias is not None
             or x.dim() != 2 or x.shape[1] % splits or not linear.weight.is_contiguous()):
         return 0
     return splits
+
+
+def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The projection the partials [S, T, N] stand for, [T, N] in `dtype` (the torch paths;
+    add+RMSNorm's kernel sums them as it loads them)."""
+    return partials.sum(0).to(dtype)

@@ -204,7 +204,7 @@ def _launch(
     fold: LoraFold | None = None,
     pdl: bool | None = None,
 ) -> None:
-    num_rows, n = x.shape
+    num_rows, n = x.shape[-2:]  # x may be split-K partials [S, T, N] (no fold then)
     if num_rows == 0:
         return
     block = next_pow2(n)
@@ -234,16 +234,16 @@ def _launch(
         out,
         res_o,
         n,
-        x.stride(0),
+        x.stride(-2),
         res.stride(0),
         out.stride(0),
         res_o.stride(0),
-        0,
+        x.stride(0) if x.dim() == 3 else 0,
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         USE_PDL=pdl,
-        X_SPLITS=1,
+        X_SPLITS=x.shape[0] if x.dim() == 3 else 1,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
@@ -329,15 +329,5 @@ def add_rmsnorm_partials_triton(
                          f"[S, *{tuple(residual.shape)}] on {residual.device}")
     out = _output(None, residual, "out")
     residual_out = _output(None, residual, "residual_out")
-    num_rows, n = residual.shape
-    if num_rows == 0:
-        return out, residual_out
-    block = next_pow2(n)
-    pdl = resolve(pdl, residual)
-    _rmsnorm_kernel[(num_rows,)](
-        partials, residual, weight, out, residual_out, n, partials.stride(1),
-        residual.stride(0), out.stride(0), residual_out.stride(0), partials.stride(0), eps,
-        HAS_RESIDUAL=True, BLOCK=block, USE_PDL=pdl, X_SPLITS=partials.shape[0],
-        num_warps=max(1, min(16, block // 512)), launch_pdl=pdl,
-    )
+    _launch(partials, residual, weight, eps, out, residual_out, pdl=pdl)
     return out, residual_out

@@ -37,7 +37,7 @@ from ops.lora import (
 from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
 from ops.lora import linear_lora_fold as lora_linear_fold
-from ops.splitk import splitk_linear, splits_for
+from ops.splitk import splitk_linear, splits_for, sum_partials
 from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import (
     add_rmsnorm_partials_triton,
@@ -138,7 +138,7 @@ class RMSNorm(nn.Module):
             assert residual is not None and fold is None, "split-K partials: a residual alone"
             if runs_fused(self, residual) and residual.dtype == self.weight.dtype:
                 return add_rmsnorm_partials_triton(x, residual, self.weight, self.eps)
-            s = x.sum(0).to(residual.dtype) + residual
+            s = sum_partials(x, residual.dtype) + residual
             return self(s), s
         if residual is None:
             x = apply_fold(x, fold)
@@ -339,7 +339,7 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, k_cache, v_cache, fb, lora):
         x, residual, _ = self.forward_deferred(h, None, cos, sin, k_cache, v_cache, fb, lora)
         if x.dim() == 3:  # down's split-K partials (ops/splitk.py)
-            x = x.sum(0).to(residual.dtype)
+            x = sum_partials(x, residual.dtype)
         return x + residual
 
     def forward_deferred(
