@@ -8,9 +8,6 @@ log-sum-exps, in slice order. One launch: a second merge kernel cost more than t
 launch and a wave of its own; benchmarks/RESULTS.md, thirteenth session).
 """
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -72,7 +69,6 @@ def _decode_attention_kernel(
     BLOCK_S: tl.constexpr,  # num_splits' bound padded to a power of two
     SPLIT_CHUNK: tl.constexpr,  # slices the merge loads at once
     USE_PDL: tl.constexpr,  # programmatic dependent launch (ops/pdl.py)
-    EARLY_KV: tl.constexpr,  # load the slice's first tile before the wait (early_kv_enabled)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,19 +78,6 @@ def _decode_attention_kernel(
     # min_split tokens, so a short sequence uses few of its programs (the rest return at once).
     split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     used = tl.maximum(tl.cdiv(kv_len, split_len), 1)  # kv_len == 0 (padding): one, writes 0
-    if EARLY_KV:
-        # The slice's first tile, all but the newest position, before the wait: the kernel
-        # ahead (rotary + K/V store) writes only position kv_len - 1 of each sequence, and
-        # every earlier kernel had finished when that one let this one launch (ops/pdl.py).
-        # The block table is a step input, like kv_lens.
-        early_start = split * split_len
-        early_cols = early_start + tl.arange(0, BLOCK_N)
-        early_end = tl.minimum(tl.minimum(early_start + split_len, kv_len), kv_len - 1)
-        k_first, v_first = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, block_tables_ptr + seq.to(tl.int64) * stride_table,
-            early_cols, (early_cols < early_end) & (split < used),
-            kv_head * stride_cache_head + tl.arange(0, HEAD_DIM)[None, :], stride_cache_block,
-            stride_cache_token, PAGE_SIZE, True)
     # kv_lens is a step input, written before the layers run: read before the wait
     wait_then_release(USE_PDL)
     if split < used:
@@ -115,23 +98,7 @@ def _decode_attention_kernel(
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-        loop_start = start
-        # constexpr first (k_first exists only with it), then the run-time test
-        if EARLY_KV:  # noqa: SIM102
-            if start < end:  # not a padding row (kv_len 0)
-                # the newest position, when this tile holds it, now that the kernel ahead is
-                # done
-                newest = early_cols == kv_len - 1
-                k_new, v_new = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, early_cols,
-                                            newest, cache_head_offset, stride_cache_block,
-                                            stride_cache_token, PAGE_SIZE, True)
-                k_first = tl.where(newest[:, None], k_new, k_first)
-                v_first = tl.where(newest[:, None], v_new, v_first)
-                m_i, l_i, acc = softmax_tile(q, k_first, v_first, m_i, l_i, acc, scale_log2,
-                                             (early_cols < end)[None, :], True,
-                                             INPUT_PRECISION)
-                loop_start = start + BLOCK_N
-        for n0 in range(loop_start, end, BLOCK_N):
+        for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < end
             k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, col_mask,
@@ -190,16 +157,6 @@ def _decode_attention_kernel(
                          + dims[None, :], merged.to(o_ptr.dtype.element_ty),
                          mask=g_mask[:, None])
                 tl.store(counter, 0)  # ready for the next launch
-
-
-@functools.lru_cache(maxsize=1)
-def early_kv_enabled() -> bool:
-    """LORASERVE_ATTN_EARLY_KV=1: decode attention loads each slice's first KV tile before its
-    PDL wait (opt-in A/B knob; read once a process)."""
-    raw = os.environ.get("LORASERVE_ATTN_EARLY_KV", "0").strip() or "0"
-    if raw not in ("0", "1"):
-        raise ValueError(f"LORASERVE_ATTN_EARLY_KV: {raw!r} is neither 0 nor 1")
-    return raw == "1"
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_sms: int) -> int:
@@ -276,7 +233,6 @@ def decode_attention_triton(
     out: Tensor | None = None,
     pdl: bool | None = None,
     config: tuple[int, int, int] | None = None,
-    early_kv: bool | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache.
 
@@ -295,9 +251,6 @@ def decode_attention_triton(
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     config: (BLOCK_N, num_warps, num_stages) instead of the measured default (benchmarks sweep
     it: benchmarks/attn_bench.py --configs).
-    early_kv: each program loads its slice's first KV tile (all but the newest position)
-    before it waits on the kernel ahead, so the load overlaps that kernel under PDL (None:
-    LORASERVE_ATTN_EARLY_KV, off unless set to 1; an A/B knob not yet measured on a GPU).
     Returns o: [B, H, D] in q's dtype (out when given).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)
@@ -341,7 +294,6 @@ def decode_attention_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
-        USE_PDL=pdl, EARLY_KV=early_kv_enabled() if early_kv is None else early_kv,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return o

@@ -261,44 +261,6 @@ def test_decode_slices_follow_length_and_merge_in_kernel(num_splits: int, min_sp
     assert counts.shape[0] >= 6 * 2 and not counts.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("num_splits", "block_size", "group"), [(1, 16, 4), (3, 4, 2),
-                                                                  (7, 1, 1), (4, 16, 2)])
-def test_decode_early_kv_matches_reference(dtype: torch.dtype, num_splits: int,
-                                           block_size: int, group: int) -> None:
-    """With each slice's first KV tile loaded before the PDL wait (LORASERVE_ATTN_EARLY_KV),
-    the newest position loaded after it: the same attention, for lengths whose newest position
-    falls in a slice's first tile, later in it, in a later tile, a padding row (kv_len 0) and
-    kv_len 1; arrival counts left at zero."""
-    from ops import triton_decode_attention as tda
-
-    kv_lens = [0, 1, 2, 63, 64, 65, 128, 130, 300]
-    batch = make_batch([1] * 9, kv_lens, 8, 8 // group, 32, block_size, dtype, seed=num_splits)
-    expected = decode_reference(batch, 0.3)
-    got = run_decode_triton(batch, 0.3, num_splits, early_kv=True)
-    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
-    assert (got[0] == 0).all()
-    assert not tda._counts[batch.q.device].any()
-
-
-def test_early_kv_setting(monkeypatch) -> None:
-    """LORASERVE_ATTN_EARLY_KV: off unless 1; any other value is an error naming it."""
-    from ops.triton_decode_attention import early_kv_enabled
-
-    try:
-        for raw, want in (("", False), ("0", False), ("1", True)):
-            monkeypatch.setenv("LORASERVE_ATTN_EARLY_KV", raw)
-            early_kv_enabled.cache_clear()
-            assert early_kv_enabled() is want
-        monkeypatch.setenv("LORASERVE_ATTN_EARLY_KV", "on")
-        early_kv_enabled.cache_clear()
-        with pytest.raises(ValueError, match="LORASERVE_ATTN_EARLY_KV"):
-            early_kv_enabled()
-    finally:
-        monkeypatch.delenv("LORASERVE_ATTN_EARLY_KV")
-        early_kv_enabled.cache_clear()
-
-
 @pytest.mark.parametrize("config", [(16, 2, 1), (32, 4, 2), (128, 8, 1)])
 def test_decode_launch_configs(config: tuple[int, int, int]) -> None:
     """Other tile widths and warp counts (benchmarks/attn_bench.py --configs) compute the same
