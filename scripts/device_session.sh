@@ -139,21 +139,23 @@
 #   scripts/device_session.sh s23d   (one GPU) the 8-slot pool's step targets (max_loras_per_batch
 #                                    8) with decode graphs from 16 rows captured with cuBLASLt
 #                                    (LoRA graphs too) against the default, two processes each
-#   scripts/device_session.sh s24a   (one GPU, prepared) decode attention loading each slice's
-#                                    first KV tile before its PDL wait (LORASERVE_ATTN_EARLY_KV=1):
-#                                    the PDL chain tests (the hazard: bit for bit against the
-#                                    chain without PDL, eager and in a graph), then the step
-#                                    targets against the default, two processes each; 5 min
 #   scripts/device_session.sh s24b   (one GPU, prepared) o, down and qkv as one batched GEMM over
 #                                    2-4 slices of K with fp32 partials (gemm_bench --split-k)
 #                                    against F.linear with cuBLAS's split-K reduce; then, the
 #                                    split-K decode graphs' GPU tests and the step targets with
 #                                    LORASERVE_DECODE_SPLITK=2 against the default, two
 #                                    processes each; about 7 min
+#   scripts/device_session.sh s25a   (one GPU) the decode graphs' kernels by name, by default
+#                                    and with LORASERVE_DECODE_SPLITK=2 (s24b: the batched GEMM
+#                                    wins alone, not in the graph); about 2 min
+#   scripts/device_session.sh s25b   (one GPU) o_proj's weight prefetched into L2 by the rotary
+#                                    kernel (LORASERVE_L2_PREFETCH=1): the PDL chain tests, the
+#                                    decode graphs' kernels with it, the step targets against
+#                                    the default, two processes each; about 7 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
-# s14a-s14d, s18b, s18c, s18e), or that s16b repeats (s16a), are in the commits
+# s14a-s14d, s18b, s18c, s18e, s24a: the early KV tile, whose A/B s25a also ran), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
@@ -669,10 +671,24 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests splitk_tests 120 tests/test_graphs_gpu.py -k splitk
     step_ab LORASERVE_DECODE_SPLITK=2
     ;;
-  s24a)  # one GPU (prepared): each slice's first KV tile loaded before decode attention's
-    # PDL wait (the load overlaps rotary + K/V store), against the default
+  s25a)  # one GPU: where split-K partials lose their GEMM-alone gain in the graph (kernel
+    # time by name, base decode graphs)
     gpu_tests pdl_tests 150 tests/test_pdl.py
-    step_ab LORASERVE_ATTN_EARLY_KV=1
+    for knob in NONE=1 LORASERVE_DECODE_SPLITK=2; do
+      name="prof_$(echo "$knob" | tr '= ' '__')"
+      env "$knob" timeout 120 python3 -m benchmarks.step_bench --profile --profile-graphs \
+        --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== step_bench --profile --profile-graphs $knob: rc $?"
+      sed -n "/^GPU ms a step/,\$p" "$OUT/$name.log" | head -34
+    done
+    ;;
+  s25b)  # one GPU: o_proj's weight streamed into L2 while rotary and attention run
+    gpu_tests pdl_tests 150 tests/test_pdl.py
+    LORASERVE_L2_PREFETCH=1 timeout 120 python3 -m benchmarks.step_bench --profile \
+      --profile-graphs --out "$OUT/prof_prefetch.json" > "$OUT/prof_prefetch.log" 2>&1
+    echo "== step_bench --profile --profile-graphs LORASERVE_L2_PREFETCH=1: rc $?"
+    sed -n "/^GPU ms a step/,\$p" "$OUT/prof_prefetch.log" | head -34
+    step_ab LORASERVE_L2_PREFETCH=1
     ;;
   s23c)  # one GPU: cuBLASLt for decode graphs from 16 rows, base-only (s22a: 0.06-0.08 ms
     # off the loop's b32 base step, the 8-adapter step level) and LoRA graphs too

@@ -75,9 +75,11 @@ def make_layers(n: int, dtype: torch.dtype) -> list[dict]:
             for _ in range(n)]
 
 
-def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, early_kv: bool = False):
+def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, prefetch: bool = False):
     """Decoder layers as the decode forward runs them: each kernel reads its predecessor's
-    output (norm -> GEMM -> rotary/store -> attention -> GEMM -> norm -> GEMM -> SiLU -> GEMM)."""
+    output (norm -> GEMM -> rotary/store -> attention -> GEMM -> norm -> GEMM -> SiLU -> GEMM).
+    prefetch: the rotary kernel is given o's weight to prefetch into L2 (it does where PDL and
+    LORASERVE_L2_PREFETCH are on)."""
     residual = torch.zeros_like(h)
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     for ly, (k_cache, v_cache) in zip(layers, caches):
@@ -87,9 +89,8 @@ def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, early_kv:
         t = h.shape[0]
         q = rope_store_kv_triton(q.view(t, HEADS, HEAD_DIM), k.view(t, KV_HEADS, HEAD_DIM),
                                  v.view(t, KV_HEADS, HEAD_DIM), cos, sin, k_cache, v_cache,
-                                 slots, pdl=pdl)
-        o = decode_attention_triton(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5, pdl=pdl,
-                                    early_kv=early_kv)
+                                 slots, pdl=pdl, prefetch=ly["o"] if prefetch else None)
+        o = decode_attention_triton(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5, pdl=pdl)
         x, residual = add_rmsnorm_triton(F.linear(o.reshape(t, q_size), ly["o"]), residual,
                                          ly["n2"], 1e-5, pdl=pdl)
         h = F.linear(silu_mul_triton(F.linear(x, ly["gate_up"]), pdl=pdl), ly["down"])
@@ -98,15 +99,16 @@ def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, early_kv:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("early_kv", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("batch", [1, 32])
-def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, early_kv):
-    """The chain with PDL, eagerly and replayed from a graph, bit for bit the chain without;
-    with early_kv, attention loads its first KV tile before its wait (the newest position,
-    which the kernel ahead writes, after it: the eager run starts from caches whose newest
-    slot holds other values)."""
+def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, prefetch, monkeypatch):
+    """The chain with PDL, eagerly and replayed from a graph, bit for bit the chain without
+    (the eager run starts from caches whose newest slot holds other values); with prefetch,
+    the rotary kernel prefetches o's weight into L2 (LORASERVE_L2_PREFETCH=1), which must
+    change nothing."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
+    monkeypatch.setattr("ops.triton_rope_store_kv.l2_prefetch_enabled", lambda: prefetch)
     dtype, n_layers = torch.bfloat16, 4
     layers = make_layers(n_layers, dtype)
     ctx = 300  # tokens already in each sequence's cache, the new one is the 301st
@@ -134,13 +136,13 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, early_kv):
     pdl_caches = caches_copy()
     static_h = h_in.clone()
     first = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True,
-                  early_kv=early_kv)  # compiles
+                  prefetch=prefetch)  # compiles
     torch.cuda.synchronize()
     assert torch.equal(first, ref)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True,
-                    early_kv=early_kv)
+                    prefetch=prefetch)
     for _ in range(3):  # replays rewrite the same cache slots with the same values
         graph.replay()
     torch.cuda.synchronize()
@@ -154,3 +156,44 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, early_kv):
     ref2 = chain(h2, layers, caches_copy(), cos, sin, slots, tables, lens, pdl=False)
     torch.cuda.synchronize()
     assert torch.equal(out, ref2)
+
+
+# ------------------------------------------------------------------------ L2 prefetch (CPU)
+
+
+def test_l2_prefetch_switch(monkeypatch):
+    from ops.l2_prefetch import l2_prefetch_enabled
+
+    try:
+        for raw, want in (("", False), ("0", False), ("1", True)):
+            monkeypatch.setenv("LORASERVE_L2_PREFETCH", raw)
+            l2_prefetch_enabled.cache_clear()
+            assert l2_prefetch_enabled() is want
+        monkeypatch.setenv("LORASERVE_L2_PREFETCH", "yes")
+        l2_prefetch_enabled.cache_clear()
+        with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH"):
+            l2_prefetch_enabled()
+    finally:
+        l2_prefetch_enabled.cache_clear()
+
+
+def test_l2_prefetch_layout():
+    from ops.l2_prefetch import FLAT_CHUNK, prefetch_args, prefetch_layout
+
+    # Llama-3.1-8B's o_proj, contiguous bf16: 32 KiB pieces, 1024 of them
+    assert prefetch_layout((4096, 4096), (4096, 1), 2, 0x1000) == (1024, FLAT_CHUNK, FLAT_CHUNK)
+    # a view of rows inside a wider tensor (a stacked weight): row by row, at its stride
+    assert prefetch_layout((4096, 4096), (4160, 1), 2, 0x1000) == (4096, 8192, 8320)
+    # contiguous, but its bytes are no multiple of the piece: its own rows
+    assert prefetch_layout((3, 1000), (1000, 1), 2, 0x1000) == (3, 2000, 2000)
+    with pytest.raises(ValueError, match="aligned"):
+        prefetch_layout((4, 12), (12, 1), 2, 0x1000)  # 24-byte rows
+    with pytest.raises(ValueError, match="aligned"):
+        prefetch_layout((4, 16), (16, 1), 2, 0x1008)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        prefetch_layout((4, 16), (1, 4), 2, 0x1000)
+    assert prefetch_args(None, True) == ([0, 0, 0, 0], {"PREFETCH": False})
+    w = torch.zeros(64, 64)
+    assert prefetch_args(w, False) == ([0, 0, 0, 0], {"PREFETCH": False})
+    with pytest.raises(ValueError, match="CUDA"):
+        prefetch_args(w, True)

@@ -70,17 +70,13 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 @needs_backend
-@pytest.mark.parametrize(("dtype", "group", "pdl", "early_kv"),
-                         [("bf16", 4, False, False), ("bf16", 4, True, False),
-                          ("fp32", 4, False, False), ("bf16", 7, False, False),
-                          ("bf16", 1, False, False), ("bf16", 4, True, True),
-                          ("bf16", 7, True, True)])
-def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool,
-                                                   early_kv: bool):
+@pytest.mark.parametrize(("dtype", "group", "pdl"),
+                         [("bf16", 4, False), ("bf16", 4, True), ("fp32", 4, False),
+                          ("bf16", 7, False), ("bf16", 1, False)])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
     groups of 4 query heads, Qwen2.5-7B's of 7, and one; with programmatic dependent launch
-    (decode graphs) and without; with the first KV tile loaded before the wait
-    (LORASERVE_ATTN_EARLY_KV)."""
+    (decode graphs) and without."""
     ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
             "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
             "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
@@ -88,8 +84,7 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     block_g = 1 << (group - 1).bit_length()
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
-              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
-              "EARLY_KV": early_kv}
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
@@ -104,6 +99,24 @@ def test_add_rmsnorm_over_splitk_partials_compiles_for_sm90(splits: int):
             "res_out_ptr": "*bf16", "eps": "fp32"}
     consts = {"HAS_RESIDUAL": True, "BLOCK": 4096, "USE_PDL": True, "X_SPLITS": splits}
     assert _compile(["ops.triton_rmsnorm", "_rmsnorm_kernel", ptrs, consts])["cubin"] > 0
+
+
+@needs_backend
+@pytest.mark.parametrize("fold", [False, True])
+def test_rope_store_kv_with_l2_prefetch_compiles_for_sm90(fold: bool):
+    """Rotary + K/V store issuing bulk L2 prefetches of o_proj's weight
+    (LORASERVE_L2_PREFETCH, ops/l2_prefetch.py) with PDL as decode graphs launch it, with and
+    without qkv's LoRA fold: ptxas takes the inline cp.async.bulk.prefetch."""
+    ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
+                                 "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr",
+                                 "b_ptr")}
+    ptrs.update({"slot_ptr": "*i64", "t_ptr": "*fp32", "scal_ptr": "*fp32", "rslot_ptr": "*i32",
+                 "eps": "fp32", "pf_addr": "i64"})
+    consts = {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "FOLD": fold,
+              "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True, "USE_PDL": True, "PREFETCH": True,
+              "PF_LANES": 128}
+    assert _compile(["ops.triton_rope_store_kv", "_rope_store_kv_kernel", ptrs,
+                     consts])["cubin"] > 0
 
 
 LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),

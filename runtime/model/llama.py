@@ -279,7 +279,7 @@ class Attention(nn.Module):
         norms = (self.q_norm.weight, self.k_norm.weight) if self.args.qk_norm else (None, None)
         return rope_store_kv_triton(
             q, k, v, cos.reshape(-1, d), sin.reshape(-1, d), k_cache, v_cache, fb.slot_mapping,
-            *norms, eps=self.args.rms_norm_eps, fold=fold,
+            *norms, eps=self.args.rms_norm_eps, fold=fold, prefetch=self.o_proj.weight,
         )
 
     def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:

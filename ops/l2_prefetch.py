@@ -1,0 +1,88 @@
+"""L2 prefetch of the next projection's weights from the layer kernel ahead of it (opt-in, decode
+graphs on sm_90+).
+
+At decode batches a step reads every weight once, and the device streams weights only while a
+GEMM runs: during the layer's own kernels (rotary + K/V store, decode attention, the norms,
+SiLU*up) the memory bus idles. Here a layer kernel that runs before a projection issues bulk L2
+prefetches (`cp.async.bulk.prefetch.L2.global`, sm_90) of that projection's weight, so the
+bytes stream in while the kernels in between run and the GEMM finds them in L2. The rotary +
+K/V store kernel prefetches all of o_proj (32 MiB for Llama-3.1-8B, under the H200's 50 MiB L2),
+which then has decode attention's time to arrive.
+
+A prefetch is a hint: it reads, never writes, and the GEMM reads the same bytes whether they are
+in L2 or not, so results cannot change. `LORASERVE_L2_PREFETCH=1` turns it on (read once a
+process; default off until measured); it applies where the layer kernels launch with PDL
+(decode graph captures on sm_90+, ops/pdl.py), never under the interpreter, which cannot run
+inline PTX.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK_ALIGN = 16  # cp.async.bulk.prefetch: 16-byte aligned address, size a multiple of 16
+FLAT_CHUNK = 32768  # a contiguous weight is prefetched in pieces of this many bytes
+
+
+@functools.lru_cache(maxsize=1)
+def l2_prefetch_enabled() -> bool:
+    """LORASERVE_L2_PREFETCH: 1 prefetches o_proj's weight from the rotary kernel in decode
+    graphs; 0 (the default) does not."""
+    raw = os.environ.get("LORASERVE_L2_PREFETCH", "0").strip() or "0"
+    if raw not in ("0", "1"):
+        raise ValueError(f"LORASERVE_L2_PREFETCH: {raw!r} is neither 0 nor 1")
+    return raw == "1"
+
+
+def prefetch_layout(shape: tuple[int, int], strides: tuple[int, int], element_size: int,
+                    address: int) -> tuple[int, int, int]:
+    """(rows, bytes a row, bytes between rows) `l2_prefetch` covers a 2-D tensor with: its own
+    rows, or for a contiguous tensor FLAT_CHUNK-byte pieces where they divide it (fewer, larger
+    prefetches). The rows must be contiguous and 16-byte aligned."""
+    rows, cols = shape
+    row_bytes, stride_bytes = cols * element_size, strides[0] * element_size
+    if strides[1] != 1 and cols > 1:
+        raise ValueError(f"L2 prefetch needs contiguous rows, got strides {strides}")
+    if address % CHUNK_ALIGN or row_bytes % CHUNK_ALIGN or (rows > 1 and stride_bytes % CHUNK_ALIGN):
+        raise ValueError(f"L2 prefetch needs {CHUNK_ALIGN}-byte aligned rows: address "
+                         f"{address:#x}, row {row_bytes} B, stride {stride_bytes} B")
+    if (rows == 1 or stride_bytes == row_bytes) and (rows * row_bytes) % FLAT_CHUNK == 0:
+        return rows * row_bytes // FLAT_CHUNK, FLAT_CHUNK, FLAT_CHUNK
+    return rows, row_bytes, stride_bytes
+
+
+def prefetch_args(weight: torch.Tensor | None, on: bool) -> tuple[list, dict]:
+    """(positional kernel arguments pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes; constexpr
+    PREFETCH) for a kernel calling `l2_prefetch` on a 2-D CUDA tensor (`prefetch_layout`).
+    Off (`on` False, or no weight): zeros and PREFETCH False."""
+    if not on or weight is None:
+        return [0, 0, 0, 0], {"PREFETCH": False}
+    if weight.dim() != 2 or not weight.is_cuda:
+        raise ValueError(f"L2 prefetch needs a 2-D CUDA tensor, got {tuple(weight.shape)} on "
+                         f"{weight.device}")
+    layout = prefetch_layout(tuple(weight.shape), weight.stride(), weight.element_size(),
+                             weight.data_ptr())
+    return [weight.data_ptr(), *layout], {"PREFETCH": True}
+
+
+@triton.jit
+def l2_prefetch(pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes, pid, nprogs,
+                LANES: tl.constexpr):
+    """Program `pid` of `nprogs` issues bulk L2 prefetches of its share of the rows
+    [pf_addr + r * pf_stride_bytes, + pf_row_bytes), r < pf_rows: one row a lane a round, LANES
+    lanes (one a thread: LANES = 32 * num_warps)."""
+    lanes = tl.arange(0, LANES)
+    for first in range(pid * LANES, pf_rows, nprogs * LANES):
+        r = first + lanes
+        addr = pf_addr + r.to(tl.int64) * pf_stride_bytes
+        tl.inline_asm_elementwise(
+            asm="{ .reg .pred p; setp.ne.b32 p, $3, 0; "
+                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            constraints="=r,l,r,r",
+            args=[addr, (pf_row_bytes + r * 0).to(tl.int32), (r < pf_rows).to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
