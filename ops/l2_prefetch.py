@@ -1,19 +1,22 @@
-"""L2 prefetch of the next projection's weights from the layer kernel ahead of it (opt-in, decode
+"""L2 prefetch of the next projection's weight from the layer kernel ahead of it (opt-in, decode
 graphs on sm_90+).
 
 At decode batches a step reads every weight once, and the device streams weights only while a
 GEMM runs: during the layer's own kernels (rotary + K/V store, decode attention, the norms,
 SiLU*up) the memory bus idles. Here a layer kernel that runs before a projection issues bulk L2
-prefetches (`cp.async.bulk.prefetch.L2.global`, sm_90) of that projection's weight, so the
-bytes stream in while the kernels in between run and the GEMM finds them in L2. The rotary +
-K/V store kernel prefetches all of o_proj (32 MiB for Llama-3.1-8B, under the H200's 50 MiB L2),
-which then has decode attention's time to arrive.
+prefetches (`cp.async.bulk.prefetch.L2.global`, sm_90) of that projection's weight after its own
+work, so the bytes stream in while the kernels in between run and the GEMM finds them in L2:
+
+- o_proj, all of it (32 MiB for Llama-3.1-8B, under the H200's 50 MiB L2), from rotary + K/V
+  store: it has rotary's and decode attention's time to arrive;
+- qkv, gate_up and down, their first LORASERVE_L2_PREFETCH_HEAD_MB MiB (default 8: what about
+  2 µs of copy bandwidth brings in), from the input norm, the post-attention norm and SiLU*up.
 
 A prefetch is a hint: it reads, never writes, and the GEMM reads the same bytes whether they are
-in L2 or not, so results cannot change. `LORASERVE_L2_PREFETCH=1` turns it on (read once a
-process; default off until measured); it applies where the layer kernels launch with PDL
-(decode graph captures on sm_90+, ops/pdl.py), never under the interpreter, which cannot run
-inline PTX.
+in L2 or not, so results cannot change. `LORASERVE_L2_PREFETCH` names the projections (`o`,
+`qkv`, `gate_up`, `down`, comma-separated; `all`; `1` is `o`; `0` or unset: none, the default
+until measured). It applies where the layer kernels launch with PDL (decode graph captures on
+sm_90+, ops/pdl.py), never under the interpreter, which cannot run inline PTX.
 """
 
 from __future__ import annotations
@@ -25,18 +28,55 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.sizes import cdiv
+
 CHUNK_ALIGN = 16  # cp.async.bulk.prefetch: 16-byte aligned address, size a multiple of 16
 FLAT_CHUNK = 32768  # a contiguous weight is prefetched in pieces of this many bytes
+TARGETS = ("qkv", "o", "gate_up", "down")
 
 
 @functools.lru_cache(maxsize=1)
-def l2_prefetch_enabled() -> bool:
-    """LORASERVE_L2_PREFETCH: 1 prefetches o_proj's weight from the rotary kernel in decode
-    graphs; 0 (the default) does not."""
+def l2_prefetch_targets() -> frozenset[str]:
+    """LORASERVE_L2_PREFETCH: the projections whose weight the kernel ahead prefetches."""
     raw = os.environ.get("LORASERVE_L2_PREFETCH", "0").strip() or "0"
-    if raw not in ("0", "1"):
-        raise ValueError(f"LORASERVE_L2_PREFETCH: {raw!r} is neither 0 nor 1")
-    return raw == "1"
+    if raw == "0":
+        return frozenset()
+    if raw == "1":
+        return frozenset({"o"})
+    if raw == "all":
+        return frozenset(TARGETS)
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"LORASERVE_L2_PREFETCH: {raw!r}: name projections among "
+                         f"{', '.join(TARGETS)} (or all, 1 for o, 0 for none)")
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=1)
+def l2_prefetch_head_bytes() -> int:
+    """LORASERVE_L2_PREFETCH_HEAD_MB (default 8): MiB of qkv's, gate_up's and down's weight
+    prefetched."""
+    raw = os.environ.get("LORASERVE_L2_PREFETCH_HEAD_MB", "8").strip() or "8"
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"LORASERVE_L2_PREFETCH_HEAD_MB: {raw!r} is not an integer") from None
+    if mib < 1:
+        raise ValueError(f"LORASERVE_L2_PREFETCH_HEAD_MB: {mib} (1 or more)")
+    return mib << 20
+
+
+def prefetch_for(weight: torch.Tensor, target: str) -> torch.Tensor | None:
+    """What the kernel ahead of projection `target` (one of TARGETS) prefetches of its
+    `weight` [N, K] under the setting: None (not named), all of o's, the first rows of the
+    others' covering l2_prefetch_head_bytes (a view)."""
+    if target not in l2_prefetch_targets():
+        return None
+    if target == "o":
+        return weight
+    row_bytes = weight.shape[1] * weight.element_size()
+    return weight[: max(1, min(weight.shape[0], cdiv(l2_prefetch_head_bytes(), row_bytes)))]
 
 
 def prefetch_layout(shape: tuple[int, int], strides: tuple[int, int], element_size: int,
@@ -56,18 +96,19 @@ def prefetch_layout(shape: tuple[int, int], strides: tuple[int, int], element_si
     return rows, row_bytes, stride_bytes
 
 
-def prefetch_args(weight: torch.Tensor | None, on: bool) -> tuple[list, dict]:
-    """(positional kernel arguments pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes; constexpr
-    PREFETCH) for a kernel calling `l2_prefetch` on a 2-D CUDA tensor (`prefetch_layout`).
-    Off (`on` False, or no weight): zeros and PREFETCH False."""
+def prefetch_args(weight: torch.Tensor | None, on: bool, lanes: int) -> tuple[list, dict]:
+    """(positional kernel arguments pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes;
+    constexprs PREFETCH, PF_LANES) for a kernel calling `l2_prefetch` on a 2-D CUDA tensor
+    (`prefetch_layout`) with `lanes` threads a program. Off (`on` False, or no weight): zeros
+    and PREFETCH False."""
     if not on or weight is None:
-        return [0, 0, 0, 0], {"PREFETCH": False}
+        return [0, 0, 0, 0], {"PREFETCH": False, "PF_LANES": lanes}
     if weight.dim() != 2 or not weight.is_cuda:
         raise ValueError(f"L2 prefetch needs a 2-D CUDA tensor, got {tuple(weight.shape)} on "
                          f"{weight.device}")
     layout = prefetch_layout(tuple(weight.shape), weight.stride(), weight.element_size(),
                              weight.data_ptr())
-    return [weight.data_ptr(), *layout], {"PREFETCH": True}
+    return [weight.data_ptr(), *layout], {"PREFETCH": True, "PF_LANES": lanes}
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.l2_prefetch import l2_prefetch, l2_prefetch_enabled, prefetch_args
+from ops.l2_prefetch import l2_prefetch, prefetch_args
 from ops.pdl import resolve, wait_then_release
 from ops.sizes import next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_apply, lora_fold_b, lora_fold_t
@@ -226,8 +226,8 @@ def rope_store_kv_triton(
     output [T, H*D + 2*KVH*D]; added to the values as they are loaded.
     pdl: programmatic dependent launch (ops/pdl.py; None:
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
-    prefetch: the next projection's weight (o_proj's), prefetched into L2 when the kernel
-    launches with PDL and LORASERVE_L2_PREFETCH=1 (ops/l2_prefetch.py).
+    prefetch: the next projection's weight (o_proj's: ops/l2_prefetch.py `prefetch_for`),
+    prefetched into L2 when the kernel launches with PDL.
     Returns q_out: [T, H, D] in q's dtype.
     """
     _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)
@@ -251,10 +251,10 @@ def rope_store_kv_triton(
             raise ValueError(f"fold of {fold.t.shape[1]} rows for {num_tokens} tokens")
     args, consts = fold_args(fold, q)
     pdl = resolve(pdl, q)
-    pf_args, pf_consts = prefetch_args(prefetch, pdl and l2_prefetch_enabled())
     # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B tiles
     # (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
     num_warps = 1 if fold is None else 4
+    pf_args, pf_consts = prefetch_args(prefetch, pdl, 32 * num_warps)
     _rope_store_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
         q,
         k,
@@ -290,7 +290,6 @@ def rope_store_kv_triton(
         **consts,
         USE_PDL=pdl,
         **pf_consts,
-        PF_LANES=32 * num_warps,
         launch_pdl=pdl,
         num_warps=num_warps,
     )

@@ -148,10 +148,11 @@
 #   scripts/device_session.sh s25a   (one GPU) the decode graphs' kernels by name, by default
 #                                    and with LORASERVE_DECODE_SPLITK=2 (s24b: the batched GEMM
 #                                    wins alone, not in the graph); about 2 min
-#   scripts/device_session.sh s25b   (one GPU) o_proj's weight prefetched into L2 by the rotary
-#                                    kernel (LORASERVE_L2_PREFETCH=1): the PDL chain tests, the
-#                                    decode graphs' kernels with it, the step targets against
-#                                    the default, two processes each; about 7 min
+#   scripts/device_session.sh s25b   (one GPU, prepared) the next projection's weight prefetched
+#                                    into L2 by the layer kernel ahead (LORASERVE_L2_PREFETCH):
+#                                    its GPU tests (bit for bit without it), the base graphs'
+#                                    kernels with all four, then the step targets by default,
+#                                    with o alone and with all four, two processes each; 8 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -682,13 +683,22 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       sed -n "/^GPU ms a step/,\$p" "$OUT/$name.log" | head -34
     done
     ;;
-  s25b)  # one GPU: o_proj's weight streamed into L2 while rotary and attention run
-    gpu_tests pdl_tests 150 tests/test_pdl.py
-    LORASERVE_L2_PREFETCH=1 timeout 120 python3 -m benchmarks.step_bench --profile \
+  s25b)  # one GPU (prepared): o_proj's weight streamed into L2 while rotary and attention
+    # run, and the first 8 MiB of qkv's, gate_up's and down's while the norms and SiLU*up run
+    gpu_tests prefetch_tests 240 tests/test_pdl.py tests/test_lora_fold.py \
+      tests/test_graphs_gpu.py -k "prefetch or chain"
+    LORASERVE_L2_PREFETCH=all timeout 100 python3 -m benchmarks.step_bench --profile \
       --profile-graphs --out "$OUT/prof_prefetch.json" > "$OUT/prof_prefetch.log" 2>&1
-    echo "== step_bench --profile --profile-graphs LORASERVE_L2_PREFETCH=1: rc $?"
+    echo "== step_bench --profile --profile-graphs LORASERVE_L2_PREFETCH=all: rc $?"
     sed -n "/^GPU ms a step/,\$p" "$OUT/prof_prefetch.log" | head -34
-    step_ab LORASERVE_L2_PREFETCH=1
+    i=0
+    for knob in NONE=1 LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH=all NONE=2 \
+        LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH=all; do
+      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      if [ "$SECONDS" -gt 500 ]; then echo "== step_bench $knob: skipped, out of time"; continue; fi
+      step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s23c)  # one GPU: cuBLASLt for decode graphs from 16 rows, base-only (s22a: 0.06-0.08 ms
     # off the loop's b32 base step, the 8-adapter step level) and LoRA graphs too

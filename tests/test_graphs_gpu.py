@@ -225,6 +225,37 @@ def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, 
 
 
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_graph_replay_with_l2_prefetch_is_bitwise_the_one_without(setup, backend, monkeypatch):
+    """bf16, a mixed decode step: a decode graph captured with every layer kernel prefetching
+    the next projection's weight into L2 (LORASERVE_L2_PREFETCH=all, ops/l2_prefetch.py) gives
+    the default graph's logits bit for bit (a prefetch only reads)."""
+    from ops.l2_prefetch import l2_prefetch_targets
+    from runtime.graphs import DecodeGraphs
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("cp.async.bulk.prefetch and PDL need sm_90+")
+    engine, fb = mixed_decode_step(setup, backend)
+    g = engine.runner.graphs
+    with torch.inference_mode():
+        plain = g.replay(fb).clone()
+    monkeypatch.setenv("LORASERVE_L2_PREFETCH", "all")
+    l2_prefetch_targets.cache_clear()
+    try:
+        assert len(l2_prefetch_targets()) == 4
+        pf = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
+                          engine.runner.block_size, g.lora_backend)
+        pf.capture(engine.runner.streams.compute)
+    finally:
+        monkeypatch.delenv("LORASERVE_L2_PREFETCH")
+        l2_prefetch_targets.cache_clear()
+    with torch.inference_mode():
+        got = [pf.replay(fb).clone() for _ in range(3)]
+    torch.cuda.synchronize()
+    for logits in got:
+        assert torch.equal(logits, plain), f"max |diff| {(logits - plain).abs().max().item()}"
+
+
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_prefill_graphs_match_eager_fp32(setup, backend):
     """fp32: steps that prefill in small chunks next to decode rows run as prefill graphs and
     give the eager engine's tokens, base rows and 4 adapters mixed."""

@@ -481,3 +481,55 @@ def test_folds_at_llama_8b_shapes_on_cuda(rows) -> None:
 
     for a, b in zip(run(qkv, fold), run(with_expand(qkv, fold), None)):
         torch.testing.assert_close(a, b, **tol(dt))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 32])
+def test_fold_consumers_prefetching_change_nothing(rows) -> None:
+    """With PDL, each fold consumer issuing L2 prefetches of a weight (ops/l2_prefetch.py:
+    whole and contiguous, and the first rows of one) gives bit for bit what it gives without."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("cp.async.bulk.prefetch and PDL need sm_90+")
+    from tests.test_fused_ops import rope_tables
+
+    hidden, inter, heads, kv_heads, d = 4096, 14336, 32, 8, 128
+    dt = torch.bfloat16
+    slots = sorted(i % 9 - 1 for i in range(rows)) if rows > 1 else [3]
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(4096, 4096, generator=g).to(dt).cuda()
+    targets = (weight, weight[:1000])  # flat 32 KiB pieces; 8 KiB rows
+
+    fold = make_fold(slots, [hidden], dt, 4, num_slots=8, device="cuda")
+    y = torch.randn(rows, hidden, generator=g).to(dt).cuda()
+    res = torch.randn(rows, hidden, generator=g).to(dt).cuda()
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dt).cuda()
+    want = add_rmsnorm_triton(y, res.clone(), w, EPS, fold=fold, pdl=True)
+    for pf in targets:
+        got = add_rmsnorm_triton(y, res.clone(), w, EPS, fold=fold, pdl=True, prefetch=pf)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    fold = make_fold(slots, [inter, inter], dt, 1, num_slots=8, device="cuda")
+    gate_up = torch.randn(rows, 2 * inter, generator=g).to(dt).cuda()
+    want = silu_mul_triton(gate_up, fold=fold, pdl=True)
+    for pf in targets:
+        assert torch.equal(silu_mul_triton(gate_up, fold=fold, pdl=True, prefetch=pf), want)
+
+    q_size, kv_size = heads * d, kv_heads * d
+    fold = make_fold(slots, [q_size, kv_size, kv_size], dt, 2, num_slots=8, device="cuda")
+    qkv = torch.randn(rows, q_size + 2 * kv_size, generator=g).to(dt).cuda()
+    cos, sin = rope_tables(torch.arange(rows, device="cuda"), d, dt)
+    smap = torch.arange(rows, device="cuda")
+
+    def run(pf):
+        cache = [torch.zeros(rows, 1, kv_heads, d, dtype=dt, device="cuda") for _ in range(2)]
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        out = rope_store_kv_triton(q.view(rows, heads, d), k.view(rows, kv_heads, d),
+                                   v.view(rows, kv_heads, d), cos, sin, *cache, smap, fold=fold,
+                                   pdl=True, prefetch=pf)
+        return out, *cache
+
+    want = run(None)
+    for pf in targets:
+        assert all(torch.equal(a, b) for a, b in zip(run(pf), want))
+    torch.cuda.synchronize()

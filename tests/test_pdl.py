@@ -78,22 +78,27 @@ def make_layers(n: int, dtype: torch.dtype) -> list[dict]:
 def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, prefetch: bool = False):
     """Decoder layers as the decode forward runs them: each kernel reads its predecessor's
     output (norm -> GEMM -> rotary/store -> attention -> GEMM -> norm -> GEMM -> SiLU -> GEMM).
-    prefetch: the rotary kernel is given o's weight to prefetch into L2 (it does where PDL and
-    LORASERVE_L2_PREFETCH are on)."""
+    prefetch: each layer kernel ahead of a GEMM is given that GEMM's weight to prefetch into L2
+    (ops/l2_prefetch.py: all of o's, the first rows of the others', as serving does), which it
+    does where PDL is on."""
     residual = torch.zeros_like(h)
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     for ly, (k_cache, v_cache) in zip(layers, caches):
-        x, residual = add_rmsnorm_triton(h, residual, ly["n1"], 1e-5, pdl=pdl)
+        pf = {name: (ly[name] if name == "o" else ly[name][:100]) if prefetch else None
+              for name in ("qkv", "o", "gate_up", "down")}
+        x, residual = add_rmsnorm_triton(h, residual, ly["n1"], 1e-5, pdl=pdl,
+                                         prefetch=pf["qkv"])
         qkv = F.linear(x, ly["qkv"])
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         t = h.shape[0]
         q = rope_store_kv_triton(q.view(t, HEADS, HEAD_DIM), k.view(t, KV_HEADS, HEAD_DIM),
                                  v.view(t, KV_HEADS, HEAD_DIM), cos, sin, k_cache, v_cache,
-                                 slots, pdl=pdl, prefetch=ly["o"] if prefetch else None)
+                                 slots, pdl=pdl, prefetch=pf["o"])
         o = decode_attention_triton(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5, pdl=pdl)
         x, residual = add_rmsnorm_triton(F.linear(o.reshape(t, q_size), ly["o"]), residual,
-                                         ly["n2"], 1e-5, pdl=pdl)
-        h = F.linear(silu_mul_triton(F.linear(x, ly["gate_up"]), pdl=pdl), ly["down"])
+                                         ly["n2"], 1e-5, pdl=pdl, prefetch=pf["gate_up"])
+        h = F.linear(silu_mul_triton(F.linear(x, ly["gate_up"]), pdl=pdl, prefetch=pf["down"]),
+                     ly["down"])
     return rmsnorm_triton(h + residual, layers[-1]["n1"], 1e-5, pdl=pdl)
 
 
@@ -101,14 +106,13 @@ def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, prefetch:
 @needs_cuda
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("batch", [1, 32])
-def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, prefetch, monkeypatch):
+def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, prefetch):
     """The chain with PDL, eagerly and replayed from a graph, bit for bit the chain without
     (the eager run starts from caches whose newest slot holds other values); with prefetch,
-    the rotary kernel prefetches o's weight into L2 (LORASERVE_L2_PREFETCH=1), which must
-    change nothing."""
+    the layer kernels prefetch the next GEMM's weight into L2 (LORASERVE_L2_PREFETCH), which
+    must change nothing."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
-    monkeypatch.setattr("ops.triton_rope_store_kv.l2_prefetch_enabled", lambda: prefetch)
     dtype, n_layers = torch.bfloat16, 4
     layers = make_layers(n_layers, dtype)
     ctx = 300  # tokens already in each sequence's cache, the new one is the 301st
@@ -161,20 +165,54 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, prefetch, monkey
 # ------------------------------------------------------------------------ L2 prefetch (CPU)
 
 
-def test_l2_prefetch_switch(monkeypatch):
-    from ops.l2_prefetch import l2_prefetch_enabled
+def test_l2_prefetch_setting(monkeypatch):
+    from ops.l2_prefetch import TARGETS, l2_prefetch_head_bytes, l2_prefetch_targets
+
+    def targets(raw):
+        monkeypatch.setenv("LORASERVE_L2_PREFETCH", raw)
+        l2_prefetch_targets.cache_clear()
+        return l2_prefetch_targets()
 
     try:
-        for raw, want in (("", False), ("0", False), ("1", True)):
-            monkeypatch.setenv("LORASERVE_L2_PREFETCH", raw)
-            l2_prefetch_enabled.cache_clear()
-            assert l2_prefetch_enabled() is want
-        monkeypatch.setenv("LORASERVE_L2_PREFETCH", "yes")
-        l2_prefetch_enabled.cache_clear()
-        with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH"):
-            l2_prefetch_enabled()
+        assert targets("") == targets("0") == frozenset()
+        assert targets("1") == {"o"}
+        assert targets("all") == set(TARGETS)
+        assert targets(" o, down ") == {"o", "down"}
+        for bad in ("yes", "o,up", ","):
+            with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH"):
+                targets(bad)
+        for raw, want in (("", 8 << 20), ("3", 3 << 20)):
+            monkeypatch.setenv("LORASERVE_L2_PREFETCH_HEAD_MB", raw)
+            l2_prefetch_head_bytes.cache_clear()
+            assert l2_prefetch_head_bytes() == want
+        for bad in ("0", "x"):
+            monkeypatch.setenv("LORASERVE_L2_PREFETCH_HEAD_MB", bad)
+            l2_prefetch_head_bytes.cache_clear()
+            with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH_HEAD_MB"):
+                l2_prefetch_head_bytes()
     finally:
-        l2_prefetch_enabled.cache_clear()
+        l2_prefetch_targets.cache_clear()
+        l2_prefetch_head_bytes.cache_clear()
+
+
+def test_prefetch_for_names_whole_o_and_the_others_heads(monkeypatch):
+    from ops.l2_prefetch import l2_prefetch_head_bytes, l2_prefetch_targets, prefetch_for
+
+    w = torch.zeros(512, 1024, dtype=torch.bfloat16)  # 2 KiB rows
+    monkeypatch.setenv("LORASERVE_L2_PREFETCH", "o,down")
+    monkeypatch.setenv("LORASERVE_L2_PREFETCH_HEAD_MB", "1")
+    l2_prefetch_targets.cache_clear()
+    l2_prefetch_head_bytes.cache_clear()
+    try:
+        assert prefetch_for(w, "o") is w
+        head = prefetch_for(w, "down")
+        assert head.shape == (512, 1024) and head.data_ptr() == w.data_ptr()  # 1 MiB: all
+        big = torch.zeros(4096, 1024, dtype=torch.bfloat16)
+        assert prefetch_for(big, "down").shape == (512, 1024)  # the first MiB
+        assert prefetch_for(w, "qkv") is None and prefetch_for(w, "gate_up") is None
+    finally:
+        l2_prefetch_targets.cache_clear()
+        l2_prefetch_head_bytes.cache_clear()
 
 
 def test_l2_prefetch_layout():
@@ -192,8 +230,9 @@ def test_l2_prefetch_layout():
         prefetch_layout((4, 16), (16, 1), 2, 0x1008)
     with pytest.raises(ValueError, match="contiguous rows"):
         prefetch_layout((4, 16), (1, 4), 2, 0x1000)
-    assert prefetch_args(None, True) == ([0, 0, 0, 0], {"PREFETCH": False})
+    off = ([0, 0, 0, 0], {"PREFETCH": False, "PF_LANES": 32})
+    assert prefetch_args(None, True, 32) == off
     w = torch.zeros(64, 64)
-    assert prefetch_args(w, False) == ([0, 0, 0, 0], {"PREFETCH": False})
+    assert prefetch_args(w, False, 32) == off
     with pytest.raises(ValueError, match="CUDA"):
-        prefetch_args(w, True)
+        prefetch_args(w, True, 32)

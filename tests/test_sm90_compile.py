@@ -97,26 +97,48 @@ def test_add_rmsnorm_over_splitk_partials_compiles_for_sm90(splits: int):
     it."""
     ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
             "res_out_ptr": "*bf16", "eps": "fp32"}
-    consts = {"HAS_RESIDUAL": True, "BLOCK": 4096, "USE_PDL": True, "X_SPLITS": splits}
+    consts = {"HAS_RESIDUAL": True, "BLOCK": 4096, "USE_PDL": True, "X_SPLITS": splits,
+              "PREFETCH": False, "PF_LANES": 256}
     assert _compile(["ops.triton_rmsnorm", "_rmsnorm_kernel", ptrs, consts])["cubin"] > 0
 
 
+_FOLD_PTRS = {"t_ptr": "*fp32", "b_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32",
+              "pf_addr": "i64"}
+_FOLD_OFF = {"FOLD": False, "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True}
+_L2_PREFETCH_CASES = {
+    "rope": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
+        **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
+                                "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
+        "slot_ptr": "*i64", "eps": "fp32"},
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False}),
+    "norm": ("ops.triton_rmsnorm", "_rmsnorm_kernel", {
+        "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+        "res_out_ptr": "*bf16", "eps": "fp32"},
+        {"HAS_RESIDUAL": True, "BLOCK": 4096, "X_SPLITS": 1}),
+    "norm_fold": ("ops.triton_rmsnorm", "_add_rmsnorm_fold_kernel", {
+        "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+        "res_out_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "eps": "fp32"},
+        {"BLOCK": 4096, "COLS": 256, "PARTS": 16}),
+    "silu": ("ops.triton_silu_mul", "_silu_mul_kernel", {"gate_up_ptr": "*bf16",
+                                                         "out_ptr": "*bf16"}, {"BLOCK": 1024}),
+    "silu_fold": ("ops.triton_silu_mul", "_silu_mul_fold_kernel", {
+        "gate_up_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 64, "GROUP": 8}),
+}
+
+
 @needs_backend
-@pytest.mark.parametrize("fold", [False, True])
-def test_rope_store_kv_with_l2_prefetch_compiles_for_sm90(fold: bool):
-    """Rotary + K/V store issuing bulk L2 prefetches of o_proj's weight
-    (LORASERVE_L2_PREFETCH, ops/l2_prefetch.py) with PDL as decode graphs launch it, with and
-    without qkv's LoRA fold: ptxas takes the inline cp.async.bulk.prefetch."""
-    ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
-                                 "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr",
-                                 "b_ptr")}
-    ptrs.update({"slot_ptr": "*i64", "t_ptr": "*fp32", "scal_ptr": "*fp32", "rslot_ptr": "*i32",
-                 "eps": "fp32", "pf_addr": "i64"})
-    consts = {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "FOLD": fold,
-              "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True, "USE_PDL": True, "PREFETCH": True,
-              "PF_LANES": 128}
-    assert _compile(["ops.triton_rope_store_kv", "_rope_store_kv_kernel", ptrs,
-                     consts])["cubin"] > 0
+@pytest.mark.parametrize(("kernel", "fold"), [
+    ("rope", False), ("rope", True), ("norm", False), ("norm_fold", False), ("norm_fold", True),
+    ("silu", False), ("silu_fold", False), ("silu_fold", True)])
+def test_layer_kernels_with_l2_prefetch_compile_for_sm90(kernel: str, fold: bool):
+    """The layer kernels issuing bulk L2 prefetches of the next projection's weight
+    (LORASERVE_L2_PREFETCH, ops/l2_prefetch.py) with PDL as decode graphs launch them, with
+    and without a LoRA fold where they take one: ptxas takes the inline
+    cp.async.bulk.prefetch."""
+    module, name, ptrs, consts = _L2_PREFETCH_CASES[kernel]
+    fold_consts = {} if kernel in ("norm", "silu") else {**_FOLD_OFF, "FOLD": fold}
+    consts = {**consts, **fold_consts, "USE_PDL": True, "PREFETCH": True, "PF_LANES": 128}
+    assert _compile([module, name, {**_FOLD_PTRS, **ptrs}, consts])["cubin"] > 0
 
 
 LLAMA_8B_GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
