@@ -179,7 +179,8 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                 start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = _completion_logprobs(g, engine.tokenizer, start, text_offset[g.index])
+                    logprobs = _completion_logprobs(g, engine.tokenizer, start,
+                                                    text_offset[g.index])
                 text_offset[g.index] += len(delta)
                 if delta or g.finished or logprobs:
                     choice = _choice(g.index, delta, finish_reason(g), logprobs)

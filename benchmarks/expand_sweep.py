@@ -1,8 +1,8 @@
 """The LoRA expand alone at prefill, over its tilings, against the read-modify-write ceiling.
 
 Prefill of 8 x 512 tokens over 8 rank-16 adapters (one adapter a sequence), each LoRA group of a
-Llama-3.1-8B layer: t as the shrink leaves it (one split, in the activations' dtype), then y += s * t B^T in place by
-the entry expand (ops/triton_lora_expand.py) with
+Llama-3.1-8B layer: t as the shrink leaves it (one split, in the activations' dtype), then
+y += s * t B^T in place by the entry expand (ops/triton_lora_expand.py) with
 
 - the table: chunks of up to C rows (c<C>b<BLOCK_M>m<m_progs>: m_progs programs a chunk, each
   looping over its BLOCK_M-row tiles; c32b32m1 is how the engine prefilled), or the segments

@@ -21,7 +21,7 @@ implementation's y is checked against apply_lora_torch in fp32: max |y - ref| ov
 |LoRA delta| of the reference must stay within 2e-2 (bf16), else the row is flagged MISMATCH.
 
     python -m benchmarks.lora_kernel_bench --out lora_kernels.json
-    python -m benchmarks.lora_kernel_bench --quick   # CPU smoke run (Triton under TRITON_INTERPRET=1)
+    python -m benchmarks.lora_kernel_bench --quick   # CPU smoke (Triton, TRITON_INTERPRET=1)
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ def prefetch_layout(shape: tuple[int, int], strides: tuple[int, int], element_si
     row_bytes, stride_bytes = cols * element_size, strides[0] * element_size
     if strides[1] != 1 and cols > 1:
         raise ValueError(f"L2 prefetch needs contiguous rows, got strides {strides}")
-    if address % CHUNK_ALIGN or row_bytes % CHUNK_ALIGN or (rows > 1 and stride_bytes % CHUNK_ALIGN):
+    strided = rows > 1 and stride_bytes % CHUNK_ALIGN
+    if address % CHUNK_ALIGN or row_bytes % CHUNK_ALIGN or strided:
         raise ValueError(f"L2 prefetch needs {CHUNK_ALIGN}-byte aligned rows: address "
                          f"{address:#x}, row {row_bytes} B, stride {stride_bytes} B")
     if (rows == 1 or stride_bytes == row_bytes) and (rows * row_bytes) % FLAT_CHUNK == 0:

@@ -39,8 +39,8 @@ DECODE_CHUNK = 16  # csgmv chunk rows of decode tables (CUDA graphs capture with
 # Steps that prefill cut csgmv segments into chunks of PREFILL_CHUNK_TILES tiles of chunk_size
 # rows (max_lora_chunk_size): the shrink gives each tile a program, and the entry expand gives
 # each program EXPAND_TILES tiles of one chunk (every few tiles of it), so it loads that
-# adapter's B tile once for them. At 8 x 512 tokens over 8 adapters the expand alone took 6.67 ms a step this way
-# against 7.96 with a program a tile (H200, benchmarks/RESULTS.md, expand_sweep).
+# adapter's B tile once for them. At 8 x 512 tokens over 8 adapters the expand alone took 6.67 ms
+# a step this way against 7.96 with a program a tile (H200, benchmarks/RESULTS.md, expand_sweep).
 PREFILL_CHUNK_TILES = 8
 EXPAND_TILES = 4
 # Steps of at most this many tokens expand over row blocks (triton_lora_expand_rows), larger
@@ -250,7 +250,8 @@ def lora_expand_torch(
     scalings: Tensor,
     info: LoraBatchInfo,
 ) -> None:
-    """y[:, off_i:off_i+1] += scalings[slot, i] * t[:, i*R : i*R+rank] B[slot, off_i:off_i+1, :rank]^T.
+    """y[:, off_i:off_i+1] += scalings[slot, i] * t[:, i*R : i*R+rank]
+    B[slot, off_i:off_i+1, :rank]^T.
 
     t: [T, n*R]; B: [num_slots, N_total, R]; y: [T, N_total] in place; base rows untouched."""
     rank_pad = B.shape[2]
@@ -826,8 +827,8 @@ def apply_lora(
     info: LoraBatchInfo,
 ) -> None:
     """y += scalings * (x A^T) B^T per segment and slice: lora_shrink then lora_expand, keeping
-    the split-K sum in fp32 on CUDA. x: [T, in]; A: [num_slots, n*R, in]; B: [num_slots, N_total, R];
-    y: [T, N_total] in place; scalings: [num_slots, n] float32."""
+    the split-K sum in fp32 on CUDA. x: [T, in]; A: [num_slots, n*R, in];
+    B: [num_slots, N_total, R]; y: [T, N_total] in place; scalings: [num_slots, n] float32."""
     if use_triton(y):
         apply_lora_triton(x, A, B, y, slice_offsets, scalings, info)
     else:

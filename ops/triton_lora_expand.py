@@ -297,7 +297,8 @@ def triton_lora_expand(
     entry_progs: int = 0,
     tuning: ExpandTuning | None = None,
 ) -> None:
-    """y[rows, off_i:off_{i+1}] += scalings[slot, i] * t[rows, i*R:i*R+rank] B[slot, off_i.., :rank]^T.
+    """y[rows, off_i:off_{i+1}] += scalings[slot, i] * t[rows, i*R:i*R+rank]
+    B[slot, off_i.., :rank]^T.
 
     t: [T, n * R] in any float dtype, or split-K partials [splits, T, n * R] that are summed.
     B: [num_slots, N_total, R]. y: [T, N_total], updated in place (any strides).
@@ -581,7 +582,8 @@ def triton_lora_expand_rows(
         BLOCK_R=block_r,
         R_CHUNK=r_chunk,
         BLOCK_E=ROWS_BLOCK_E,
-        SPLIT_BLOCK=min(next_pow2(num_splits), max(1, MAX_SUM_ELEMENTS // (ROWS_BLOCK_M * block_r))),
+        SPLIT_BLOCK=min(next_pow2(num_splits),
+                        max(1, MAX_SUM_ELEMENTS // (ROWS_BLOCK_M * block_r))),
         GATHER_SPLIT_BLOCK=min(
             next_pow2(num_splits), max(1, MAX_SUM_ELEMENTS // (ROWS_BLOCK_M * r_chunk))
         ),

@@ -1,9 +1,9 @@
 """Build a `ServerConfig` from a TOML file and command-line flags (flags override the file).
 
-Every `ServerConfig` field is a TOML key (`max_loras_per_batch`) and a flag (`--max-loras-per-batch`,
-the underscore spelling accepted too). Booleans are presence flags; the tri-state
-`enable_lora_overlap_loading` has `--enable-lora-overlap-loading` / `--disable-...`. List options
-take several values. Mistakes raise `ConfigError` naming the option.
+Every `ServerConfig` field is a TOML key (`max_loras_per_batch`) and a flag
+(`--max-loras-per-batch`, the underscore spelling accepted too). Booleans are presence flags; the
+tri-state `enable_lora_overlap_loading` has `--enable-lora-overlap-loading` / `--disable-...`.
+List options take several values. Mistakes raise `ConfigError` naming the option.
 """
 
 from __future__ import annotations
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="TOML", help="server config file; flags override it")
     for opt in _options():
         spellings = [opt.flag] + ([f"--{opt.name}"] if "_" in opt.name else [])
-        text = opt.help + (f" (default: {opt.default})" if opt.default not in (None, (), "") else "")
+        shown = opt.default not in (None, (), "")
+        text = opt.help + (f" (default: {opt.default})" if shown else "")
         if opt.is_tristate:
             stem = opt.name.removeprefix("enable_")
             p.add_argument(*spellings, dest=opt.name, action="store_true",

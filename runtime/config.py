@@ -169,7 +169,8 @@ class ServerConfig:
                 "adapters can be pinned"
             )
         if self.is_lora_enabled and not self.lora_paths:
-            missing = [n for n in ("max_lora_rank", "lora_target_modules") if getattr(self, n) is None]
+            missing = [n for n in ("max_lora_rank", "lora_target_modules")
+                       if getattr(self, n) is None]
             if missing:
                 raise ConfigError(
                     f"enable_lora without lora_paths needs {' and '.join(missing)} "

@@ -38,7 +38,8 @@ class ScheduledBatch:
 
     @property
     def is_decode(self) -> bool:
-        return all(n == 1 and not r.is_prefilling for r, n in zip(self.requests, self.num_new_tokens))
+        return all(n == 1 and not r.is_prefilling
+                   for r, n in zip(self.requests, self.num_new_tokens))
 
     @property
     def slots(self) -> set[int]:

@@ -104,7 +104,8 @@ def make_model(
     with torch.no_grad():  # biases and norms non-trivial, so a wrong mapping shows up
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name
+                        else 0.1 * torch.randn_like(p))
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -119,7 +119,8 @@ def test_seeded_sampling_is_reproducible(llama):
     sp = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=1234)
     a = run(run_batch(make_engine(llama), [p], sp))[0]
     others = prompts(5, vocab, seed=12)
-    b = run(run_batch(make_engine(llama), [p] + others, [sp] + [SamplingParams(max_new_tokens=24)] * 5))[0]
+    b = run(run_batch(make_engine(llama), [p] + others,
+                      [sp] + [SamplingParams(max_new_tokens=24)] * 5))[0]
     c = run(run_batch(make_engine(llama), [p], SamplingParams(max_new_tokens=24, seed=99)))[0]
     assert a == b
     assert a != c

@@ -82,7 +82,8 @@ async def make_client(aiohttp_client, folders):
 
     async def make(**overrides):
         cfg = {"model_path": str(folders["model"]), "device": DEVICE, "dtype": "float32",
-               "kv_cache_cpu_bytes": 1 << 23, "mem_fraction_static": 0.2, "max_lora_rank": 8, "served_model_name": "tiny",
+               "kv_cache_cpu_bytes": 1 << 23, "mem_fraction_static": 0.2, "max_lora_rank": 8,
+               "served_model_name": "tiny",
                "lora_target_modules": ("q_proj", "v_proj"), "max_loras_per_batch": 3,
                "lora_paths": tuple(LoraPathSpec(n, str(folders[n])) for n in STABLE + CHURNED)}
         cfg.update(overrides)

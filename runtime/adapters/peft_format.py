@@ -276,7 +276,8 @@ def _check_targets(cfg: dict[str, Any], num_layers: int) -> None:
             if not any(n == t or n.endswith(f".{t}") for n in supported):
                 raise AdapterError(
                     f"target_modules: {t!r} is not a supported module of this model "
-                    f"({num_layers} layers; supported: {', '.join((*LAYER_MODULES, EMBED, LM_HEAD))})"
+                    f"({num_layers} layers; supported: "
+                    f"{', '.join((*LAYER_MODULES, EMBED, LM_HEAD))})"
                 )
     elif targets.lower() != "all-linear":
         for n in _other_module_names(num_layers):
