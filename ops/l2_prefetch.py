@@ -7,10 +7,15 @@ SiLU*up) the memory bus idles. Here a layer kernel that runs before a projection
 prefetches (`cp.async.bulk.prefetch.L2.global`, sm_90) of that projection's weight after its own
 work, so the bytes stream in while the kernels in between run and the GEMM finds them in L2:
 
-- o_proj, all of it (32 MiB for Llama-3.1-8B, under the H200's 50 MiB L2), from rotary + K/V
-  store: it has rotary's and decode attention's time to arrive;
+- o_proj, all of it (32 MiB for Llama-3.1-8B, under the H200's 50 MiB L2) or its first
+  LORASERVE_L2_PREFETCH_O_MB MiB, from rotary + K/V store: it has rotary's and decode
+  attention's time to arrive;
 - qkv, gate_up and down, their first LORASERVE_L2_PREFETCH_HEAD_MB MiB (default 8: what about
   2 µs of copy bandwidth brings in), from the input norm, the post-attention norm and SiLU*up.
+
+The eighteenth session's skinny Triton GEMM prefetched the first 2-8 MB of its own W rows
+before its PDL wait and never gained by it (benchmarks/RESULTS.md); here cuBLAS's GEMMs are
+untouched and o's prefetch has attention's whole run to land.
 
 A prefetch is a hint: it reads, never writes, and the GEMM reads the same bytes whether they are
 in L2 or not, so results cannot change. `LORASERVE_L2_PREFETCH` names the projections (`o`,
@@ -53,30 +58,42 @@ def l2_prefetch_targets() -> frozenset[str]:
     return frozenset(names)
 
 
+def _mib(name: str, default: str, least: int) -> int:
+    raw = os.environ.get(name, default).strip() or default
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: {raw!r} is not an integer") from None
+    if mib < least:
+        raise ValueError(f"{name}: {mib} ({least} or more)")
+    return mib << 20
+
+
 @functools.lru_cache(maxsize=1)
 def l2_prefetch_head_bytes() -> int:
     """LORASERVE_L2_PREFETCH_HEAD_MB (default 8): MiB of qkv's, gate_up's and down's weight
     prefetched."""
-    raw = os.environ.get("LORASERVE_L2_PREFETCH_HEAD_MB", "8").strip() or "8"
-    try:
-        mib = int(raw)
-    except ValueError:
-        raise ValueError(f"LORASERVE_L2_PREFETCH_HEAD_MB: {raw!r} is not an integer") from None
-    if mib < 1:
-        raise ValueError(f"LORASERVE_L2_PREFETCH_HEAD_MB: {mib} (1 or more)")
-    return mib << 20
+    return _mib("LORASERVE_L2_PREFETCH_HEAD_MB", "8", 1)
+
+
+@functools.lru_cache(maxsize=1)
+def l2_prefetch_o_bytes() -> int:
+    """LORASERVE_L2_PREFETCH_O_MB: MiB of o_proj's weight prefetched (default 0: all of it;
+    a bound, to measure whether the whole 32 MiB stays in L2 until o's GEMM reads it)."""
+    return _mib("LORASERVE_L2_PREFETCH_O_MB", "0", 0)
 
 
 def prefetch_for(weight: torch.Tensor, target: str) -> torch.Tensor | None:
     """What the kernel ahead of projection `target` (one of TARGETS) prefetches of its
-    `weight` [N, K] under the setting: None (not named), all of o's, the first rows of the
-    others' covering l2_prefetch_head_bytes (a view)."""
+    `weight` [N, K] under the setting: None (not named), else its first rows covering
+    l2_prefetch_o_bytes (o; 0: all of it) or l2_prefetch_head_bytes (the others), a view."""
     if target not in l2_prefetch_targets():
         return None
-    if target == "o":
+    cap = l2_prefetch_o_bytes() if target == "o" else l2_prefetch_head_bytes()
+    if cap == 0:
         return weight
     row_bytes = weight.shape[1] * weight.element_size()
-    return weight[: max(1, min(weight.shape[0], cdiv(l2_prefetch_head_bytes(), row_bytes)))]
+    return weight[: max(1, min(weight.shape[0], cdiv(cap, row_bytes)))]
 
 
 def prefetch_layout(shape: tuple[int, int], strides: tuple[int, int], element_size: int,

@@ -151,8 +151,9 @@
 #   scripts/device_session.sh s25b   (one GPU, prepared) the next projection's weight prefetched
 #                                    into L2 by the layer kernel ahead (LORASERVE_L2_PREFETCH):
 #                                    its GPU tests (bit for bit without it), the base graphs'
-#                                    kernels with all four, then the step targets by default,
-#                                    with o alone and with all four, two processes each; 8 min
+#                                    kernels with all four, then base decode steps by default,
+#                                    with o (whole, and its first 16 MiB) and with all four,
+#                                    two processes each; about 8 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -691,12 +692,18 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --profile-graphs --out "$OUT/prof_prefetch.json" > "$OUT/prof_prefetch.log" 2>&1
     echo "== step_bench --profile --profile-graphs LORASERVE_L2_PREFETCH=all: rc $?"
     sed -n "/^GPU ms a step/,\$p" "$OUT/prof_prefetch.log" | head -34
-    i=0
-    for knob in NONE=1 LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH=all NONE=2 \
-        LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH=all; do
-      i=$((i + 1)); name="step_${i}_$(echo "$knob" | tr '= ' '__')"
-      if [ "$SECONDS" -gt 500 ]; then echo "== step_bench $knob: skipped, out of time"; continue; fi
-      step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
+    i=0  # base-only steps (the target prefetching is for), a setting a process, alternating
+    for knob in NONE=1 LORASERVE_L2_PREFETCH=o "LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH_O_MB=16" \
+        LORASERVE_L2_PREFETCH=all NONE=2 LORASERVE_L2_PREFETCH=o \
+        "LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH_O_MB=16" LORASERVE_L2_PREFETCH=all; do
+      i=$((i + 1)); name="base_${i}_$(echo "$knob" | tr '= ' '__')"
+      if [ "$SECONDS" -gt 540 ]; then echo "== step_bench $knob: skipped, out of time"; continue; fi
+      # shellcheck disable=SC2086  # a knob may be two settings
+      env $knob timeout $((i == 1 ? 100 : 70)) python3 -m benchmarks.step_bench --steps 10 \
+        --out "$OUT/$name.json" \
+        > "$OUT/$name.log" 2>&1
+      echo "== step_bench $knob: rc $?"
+      grep -E "^(engine built|decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
       rm -f "$OUT/$name.log"
     done
     ;;

@@ -196,23 +196,38 @@ def test_l2_prefetch_setting(monkeypatch):
 
 
 def test_prefetch_for_names_whole_o_and_the_others_heads(monkeypatch):
-    from ops.l2_prefetch import l2_prefetch_head_bytes, l2_prefetch_targets, prefetch_for
+    from ops.l2_prefetch import (
+        l2_prefetch_head_bytes,
+        l2_prefetch_o_bytes,
+        l2_prefetch_targets,
+        prefetch_for,
+    )
+
+    def clear():
+        for f in (l2_prefetch_targets, l2_prefetch_head_bytes, l2_prefetch_o_bytes):
+            f.cache_clear()
 
     w = torch.zeros(512, 1024, dtype=torch.bfloat16)  # 2 KiB rows
+    big = torch.zeros(4096, 1024, dtype=torch.bfloat16)
     monkeypatch.setenv("LORASERVE_L2_PREFETCH", "o,down")
     monkeypatch.setenv("LORASERVE_L2_PREFETCH_HEAD_MB", "1")
-    l2_prefetch_targets.cache_clear()
-    l2_prefetch_head_bytes.cache_clear()
+    monkeypatch.delenv("LORASERVE_L2_PREFETCH_O_MB", raising=False)
+    clear()
     try:
-        assert prefetch_for(w, "o") is w
+        assert prefetch_for(big, "o") is big  # o: all of it by default
         head = prefetch_for(w, "down")
         assert head.shape == (512, 1024) and head.data_ptr() == w.data_ptr()  # 1 MiB: all
-        big = torch.zeros(4096, 1024, dtype=torch.bfloat16)
         assert prefetch_for(big, "down").shape == (512, 1024)  # the first MiB
         assert prefetch_for(w, "qkv") is None and prefetch_for(w, "gate_up") is None
+        monkeypatch.setenv("LORASERVE_L2_PREFETCH_O_MB", "2")
+        clear()
+        assert prefetch_for(big, "o").shape == (1024, 1024)  # o's first 2 MiB
+        monkeypatch.setenv("LORASERVE_L2_PREFETCH_O_MB", "-1")
+        clear()
+        with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH_O_MB"):
+            prefetch_for(big, "o")
     finally:
-        l2_prefetch_targets.cache_clear()
-        l2_prefetch_head_bytes.cache_clear()
+        clear()
 
 
 def test_l2_prefetch_layout():
