@@ -154,6 +154,10 @@
 #                                    kernels with all four, then base decode steps by default,
 #                                    with o (whole, and its first 16 MiB) and with all four,
 #                                    two processes each; about 8 min
+#   scripts/device_session.sh s25c SETTING   (one GPU, prepared) the step targets with adapters
+#                                    (step_bench --lora) by default and with SETTING (say
+#                                    "LORASERVE_L2_PREFETCH=o"), two processes each; then 1000
+#                                    adapters at cap 256 with it; about 8 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -661,6 +665,12 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --kernel-window 2 3 --out "$OUT/many_kw.json" > "$OUT/many_kw.log" 2>&1
     echo "== many_adapters --kernel-window: rc $?"; grep -E "saturated|keeps" "$OUT/many_kw.log"
     many_cap 170
+    ;;
+  s25c)  # one GPU (prepared): what s25b's winner does to the LoRA targets and many adapters
+    [ -n "${2:-}" ] || { echo "s25c needs a setting, say LORASERVE_L2_PREFETCH=o"; exit 2; }
+    step_ab "$2"
+    # shellcheck disable=SC2086  # the setting may be several words
+    if [ "$SECONDS" -lt 420 ]; then (export $2; many_cap 170); fi
     ;;
   s24b)  # one GPU (prepared): split-K as one batched GEMM with fp32 partials, the reduce
     # left to the next kernel (o's and down's consumer is add+RMSNorm): is the GEMM part as
