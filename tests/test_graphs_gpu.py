@@ -191,6 +191,27 @@ def test_graph_replay_logits_bf16(setup, backend, stack, monkeypatch):
     assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9
 
 
+def recaptured(engine, name: str, value: str, cached, monkeypatch, inside=None):
+    """A second set of the engine's decode graphs, captured with the environment setting
+    name=value; `cached` is the setting's cached reader, cleared around the capture, and
+    `inside` runs just before it."""
+    from runtime.graphs import DecodeGraphs
+
+    g = engine.runner.graphs
+    monkeypatch.setenv(name, value)
+    cached.cache_clear()
+    try:
+        if inside is not None:
+            inside()
+        other = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
+                             engine.runner.block_size, g.lora_backend)
+        other.capture(engine.runner.streams.compute)
+    finally:
+        monkeypatch.delenv(name)
+        cached.cache_clear()
+    return other
+
+
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, monkeypatch):
     """bf16, a mixed decode step: the decode graph whose layer kernels launch with PDL (the
@@ -198,7 +219,6 @@ def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, 
     (the same kernels on the same data; a kernel reading before its predecessor's writes
     landed would differ)."""
     from ops.pdl import layer_pdl
-    from runtime.graphs import DecodeGraphs
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
@@ -207,15 +227,7 @@ def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, 
     g = engine.runner.graphs
     with torch.inference_mode():
         with_pdl = [g.replay(fb).clone() for _ in range(3)]
-    monkeypatch.setenv("LORASERVE_LAYER_PDL", "0")
-    layer_pdl.cache_clear()
-    try:
-        plain = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
-                             engine.runner.block_size, g.lora_backend)
-        plain.capture(engine.runner.streams.compute)
-    finally:
-        monkeypatch.delenv("LORASERVE_LAYER_PDL")
-        layer_pdl.cache_clear()
+    plain = recaptured(engine, "LORASERVE_LAYER_PDL", "0", layer_pdl, monkeypatch)
     with torch.inference_mode():
         without = plain.replay(fb).clone()
     torch.cuda.synchronize()
@@ -229,25 +241,17 @@ def test_graph_replay_with_l2_prefetch_is_bitwise_the_one_without(setup, backend
     """bf16, a mixed decode step: a decode graph captured with every layer kernel prefetching
     the next projection's weight into L2 (LORASERVE_L2_PREFETCH=all, ops/l2_prefetch.py) gives
     the default graph's logits bit for bit (a prefetch only reads)."""
-    from ops.l2_prefetch import l2_prefetch_targets
-    from runtime.graphs import DecodeGraphs
+    from ops.l2_prefetch import TARGETS, l2_prefetch_targets
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("cp.async.bulk.prefetch and PDL need sm_90+")
     engine, fb = mixed_decode_step(setup, backend)
-    g = engine.runner.graphs
     with torch.inference_mode():
-        plain = g.replay(fb).clone()
-    monkeypatch.setenv("LORASERVE_L2_PREFETCH", "all")
-    l2_prefetch_targets.cache_clear()
-    try:
-        assert len(l2_prefetch_targets()) == 4
-        pf = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
-                          engine.runner.block_size, g.lora_backend)
-        pf.capture(engine.runner.streams.compute)
-    finally:
-        monkeypatch.delenv("LORASERVE_L2_PREFETCH")
-        l2_prefetch_targets.cache_clear()
+        plain = engine.runner.graphs.replay(fb).clone()
+    seen = []  # the setting as the capture read it
+    pf = recaptured(engine, "LORASERVE_L2_PREFETCH", "all", l2_prefetch_targets, monkeypatch,
+                    lambda: seen.append(l2_prefetch_targets()))
+    assert seen == [frozenset(TARGETS)]
     with torch.inference_mode():
         got = [pf.replay(fb).clone() for _ in range(3)]
     torch.cuda.synchronize()
