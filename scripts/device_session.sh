@@ -207,6 +207,11 @@ step_ab() {  # step_ab VAR=VALUE...: the step targets by default and with the se
     step_lora $((i == 1 ? 110 : 85)) "$name" $knob
     rm -f "$OUT/$name.log"
   done
+  step_table "$OUT"/step_[0-9]_*.json
+}
+
+step_table() {  # step_table FILES...: the step targets of step_bench runs, a row a process
+  python3 -m benchmarks.step_table "$@" 2>&1 || echo "== step_table: failed"
 }
 
 many_cap() {  # many_cap TIMEOUT: 1000 adapters against 8, saturated, max_loras_per_batch 256
@@ -716,6 +721,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       grep -E "^(engine built|decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
       rm -f "$OUT/$name.log"
     done
+    step_table "$OUT"/base_[0-9]_*.json
     ;;
   s23c)  # one GPU: cuBLASLt for decode graphs from 16 rows, base-only (s22a: 0.06-0.08 ms
     # off the loop's b32 base step, the 8-adapter step level) and LoRA graphs too

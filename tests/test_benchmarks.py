@@ -591,3 +591,44 @@ def test_blaslt_plan_takes_the_algorithm_in_captures_only(monkeypatch) -> None:
     finally:
         uninstall()
     assert torch.nn.Linear.forward is original
+
+
+def test_step_table_targets_and_ranges(tmp_path: Path, capsys) -> None:
+    """step_table: the targets of a step_bench run (loop ÷ floor, adapter ratios by graph and
+    loop, 32 adapters against base plus their bytes, prefill), '-' for cases a base-only run
+    lacks, and each column's range."""
+    from benchmarks import step_table
+
+    full = {
+        "hbm_bytes_per_s": 4e12,
+        "decode": [{"batch": 1, "floor_ms": 3.5, "graph_forward_ms": 4.6},
+                   {"batch": 32, "floor_ms": 4.0, "graph_forward_ms": 5.0}],
+        "decode_lora": [{"batch": 1, "adapters": 1, "graph_forward_ms": 5.06},
+                        {"batch": 32, "adapters": 8, "graph_forward_ms": 5.5},
+                        {"batch": 32, "adapters": 32, "graph_forward_ms": 6.0,
+                         "adapter_bytes": 2e9}],
+        "decode_loop": [{"batch": 1, "adapters": 0, "overlap": True, "median_ms": 4.55},
+                        {"batch": 1, "adapters": 0, "overlap": False, "median_ms": 9.0},
+                        {"batch": 32, "adapters": 0, "overlap": True, "median_ms": 5.2},
+                        {"batch": 1, "adapters": 1, "overlap": True, "median_ms": 5.005},
+                        {"batch": 32, "adapters": 8, "overlap": True, "median_ms": 5.98}],
+        "prefill_8x512": {"median_ms": 100.0}, "prefill_8x512_8_adapters": {"median_ms": 112.0},
+    }
+    row = step_table.target_row(full)
+    want = {"loop_b1": 4.55, "floor_b1": 1.3, "loop_b32": 5.2, "floor_b32": 1.3,
+            "graph_b1": 4.6, "graph_b32": 5.0, "one_graph": 1.1, "one_loop": 1.1,
+            "eight_graph": 1.1, "eight_loop": 1.15, "many_bytes": 6.0 / 5.5, "prefill": 1.12}
+    assert row == pytest.approx(want)
+    base = {k: full[k] for k in ("hbm_bytes_per_s", "decode", "prefill_8x512")}
+    base["decode_loop"] = full["decode_loop"][:3]
+    base["decode"] = [dict(d, floor_ms=d["floor_ms"] * 1.1) for d in full["decode"]]
+    slim = step_table.target_row(base)
+    assert slim["one_graph"] is None and slim["many_bytes"] is None and slim["prefill"] is None
+    assert slim["floor_b1"] == pytest.approx(4.55 / 3.85)
+    (tmp_path / "a.json").write_text(json.dumps(full))
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    step_table.main([f"default={tmp_path / 'a.json'}", str(tmp_path / "b.json")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| default | 4.550 | 1.300 |")
+    assert lines[3].startswith("| b | 4.550 | 1.182 |") and " - |" in lines[3]
+    assert lines[4].startswith("| range | 4.550 | 1.182-1.300 |")
