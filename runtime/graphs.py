@@ -68,6 +68,16 @@ def decode_blas(bs: int, with_lora: bool) -> str | None:
     return "cublaslt"
 
 
+def graph_splits(bs: int, with_lora: bool) -> int:
+    """The split-K slices of a decode graph's o and down projections (ops/splitk.py): those
+    LORASERVE_DECODE_SPLITK sets for base-only graphs on torch's own BLAS route, else 0. On the
+    H200 (twentieth session) the partials took 0.03-0.04 ms off the loop's batch-1 step; at
+    batch 32, where cuBLASLt's o and down kernels do not split K, they added 0.03-0.06 ms."""
+    if with_lora or decode_blas(bs, with_lora) is not None:
+        return 0
+    return decode_splits()
+
+
 @contextlib.contextmanager
 def blas_library(name: str | None):
     """torch's preferred BLAS library set to `name` inside (None: left as it is)."""
@@ -203,7 +213,7 @@ class DecodeGraphs:
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
                     with blas_library(decode_blas(bs, with_lora)), \
                             stack_paths(variant == "stacked"), \
-                            splitk_scope(0 if with_lora else decode_splits()):
+                            splitk_scope(graph_splits(bs, with_lora)):
                         g, logits = capture_graph(
                             lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
                             self.pool, fold=with_lora, decode=True,

@@ -45,6 +45,21 @@ def test_decode_splits_setting(monkeypatch) -> None:
             decode_splits()
 
 
+def test_graph_splits_only_base_graphs_on_torchs_route(monkeypatch) -> None:
+    """Split-K applies to base-only decode graphs below the cuBLASLt threshold (where cuBLAS
+    splits K with a reduce launch of its own), never to LoRA graphs or cuBLASLt's."""
+    from runtime.graphs import graph_splits
+
+    monkeypatch.setenv("LORASERVE_DECODE_SPLITK", "2")
+    monkeypatch.delenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", raising=False)
+    assert [graph_splits(bs, False) for bs in (1, 8, 15, 16, 32)] == [2, 2, 2, 0, 0]
+    assert graph_splits(1, True) == 0
+    monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "0")  # cuBLASLt off: every batch
+    assert graph_splits(32, False) == 2
+    monkeypatch.delenv("LORASERVE_DECODE_SPLITK")
+    assert graph_splits(1, False) == 0
+
+
 def test_splits_only_inside_the_scope_for_plain_bias_free_linears() -> None:
     lin = torch.nn.Linear(48, 20, bias=False)
     x = torch.zeros(3, 48)
