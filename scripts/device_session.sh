@@ -158,6 +158,9 @@
 #                                    (step_bench --lora) by default and with SETTING (say
 #                                    "LORASERVE_L2_PREFETCH=o"), two processes each; then 1000
 #                                    adapters at cap 256 with it; about 8 min
+#   scripts/device_session.sh s25d   (one GPU, prepared) split-K partials (LORASERVE_DECODE_SPLITK=2,
+#                                    now below the cuBLASLt threshold only) at batches 1-8,
+#                                    base-only, against the default, two processes each; 3 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -676,6 +679,17 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     step_ab "$2"
     # shellcheck disable=SC2086  # the setting may be several words
     if [ "$SECONDS" -lt 420 ]; then (export $2; many_cap 170); fi
+    ;;
+  s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_SPLITK=2 NONE=2 LORASERVE_DECODE_SPLITK=2; do
+      i=$((i + 1)); name="base_${i}_$(echo "$knob" | tr '= ' '__')"
+      env "$knob" timeout $((i == 1 ? 100 : 70)) python3 -m benchmarks.step_bench --steps 10 \
+        --batch 1 2 4 8 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== step_bench --batch 1 2 4 8 $knob: rc $?"
+      grep -E "^(decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+      rm -f "$OUT/$name.log"
+    done
     ;;
   s24b)  # one GPU (prepared): split-K as one batched GEMM with fp32 partials, the reduce
     # left to the next kernel (o's and down's consumer is add+RMSNorm): is the GEMM part as
