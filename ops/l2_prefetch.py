@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.settings import env_int
 from ops.sizes import cdiv
 
 CHUNK_ALIGN = 16  # cp.async.bulk.prefetch: 16-byte aligned address, size a multiple of 16
@@ -58,29 +59,18 @@ def l2_prefetch_targets() -> frozenset[str]:
     return frozenset(names)
 
 
-def _mib(name: str, default: str, least: int) -> int:
-    raw = os.environ.get(name, default).strip() or default
-    try:
-        mib = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}: {raw!r} is not an integer") from None
-    if mib < least:
-        raise ValueError(f"{name}: {mib} ({least} or more)")
-    return mib << 20
-
-
 @functools.lru_cache(maxsize=1)
 def l2_prefetch_head_bytes() -> int:
     """LORASERVE_L2_PREFETCH_HEAD_MB (default 8): MiB of qkv's, gate_up's and down's weight
     prefetched."""
-    return _mib("LORASERVE_L2_PREFETCH_HEAD_MB", "8", 1)
+    return env_int("LORASERVE_L2_PREFETCH_HEAD_MB", 8, least=1) << 20
 
 
 @functools.lru_cache(maxsize=1)
 def l2_prefetch_o_bytes() -> int:
     """LORASERVE_L2_PREFETCH_O_MB: MiB of o_proj's weight prefetched (default 0: all of it;
     a bound, to measure whether the whole 32 MiB stays in L2 until o's GEMM reads it)."""
-    return _mib("LORASERVE_L2_PREFETCH_O_MB", "0", 0)
+    return env_int("LORASERVE_L2_PREFETCH_O_MB", 0, least=0) << 20
 
 
 def prefetch_for(weight: torch.Tensor, target: str) -> torch.Tensor | None:

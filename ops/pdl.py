@@ -19,7 +19,6 @@ session): prefill and eager forwards launch without it.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -27,6 +26,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ops.scoped import ThreadSetting
+from ops.settings import env_flag
 
 _in_decode = ThreadSetting(False)
 
@@ -41,10 +41,7 @@ def decode_scope(on: bool = True):
 def layer_pdl(device: torch.device) -> bool:
     """Whether the layer kernels on `device` may launch with PDL: CUDA sm_90+ unless
     LORASERVE_LAYER_PDL=0."""
-    raw = os.environ.get("LORASERVE_LAYER_PDL", "1").strip() or "1"
-    if raw not in ("0", "1"):
-        raise ValueError(f"LORASERVE_LAYER_PDL: {raw!r} is neither 0 nor 1")
-    if raw == "0" or device.type != "cuda":
+    if not env_flag("LORASERVE_LAYER_PDL", True) or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 

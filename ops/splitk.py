@@ -17,11 +17,10 @@ the batches between were not measured.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ops.scoped import ThreadSetting
+from ops.settings import env_int
 
 _splits = ThreadSetting(0)
 
@@ -35,11 +34,7 @@ def splitk_scope(splits: int):
 def decode_splits() -> int:
     """LORASERVE_DECODE_SPLITK: the slices of base-only decode graphs' o and down projections
     (0: off, the default)."""
-    raw = os.environ.get("LORASERVE_DECODE_SPLITK", "0").strip() or "0"
-    try:
-        splits = int(raw)
-    except ValueError:
-        raise ValueError(f"LORASERVE_DECODE_SPLITK: {raw!r} is not an integer") from None
+    splits = env_int("LORASERVE_DECODE_SPLITK", 0)
     if splits == 1 or splits < 0:
         raise ValueError(f"LORASERVE_DECODE_SPLITK: {splits} slices (0: off, or 2 and more)")
     return splits

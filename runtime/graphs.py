@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from ops.lora import (
     stack_wins,
 )
 from ops.pdl import decode_scope
+from ops.settings import env_flag, env_int
 from ops.splitk import decode_splits, splitk_scope
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
@@ -55,15 +55,9 @@ def decode_blas(bs: int, with_lora: bool) -> str | None:
     there took 4.96-5.02 ms against 5.04-5.09, the 32-adapter graph forward 6.08 against
     6.23-6.27, and the 8-adapter step was level in a 32-slot pool and 0.03-0.08 ms faster in an
     8-slot one. Below 16 rows it was level or slower (fourteenth session)."""
-    raw = os.environ.get("LORASERVE_DECODE_CUBLASLT_MIN_BS", "").strip()
-    try:
-        min_bs = int(raw) if raw else DECODE_CUBLASLT_MIN_BS
-    except ValueError:
-        raise ValueError(f"LORASERVE_DECODE_CUBLASLT_MIN_BS: {raw!r} is not an integer") from None
-    lora_raw = os.environ.get("LORASERVE_DECODE_CUBLASLT_LORA", "1").strip() or "1"
-    if lora_raw not in ("0", "1"):
-        raise ValueError(f"LORASERVE_DECODE_CUBLASLT_LORA: {lora_raw!r} is neither 0 nor 1")
-    if min_bs <= 0 or (with_lora and lora_raw == "0") or bs < min_bs:
+    min_bs = env_int("LORASERVE_DECODE_CUBLASLT_MIN_BS", DECODE_CUBLASLT_MIN_BS)
+    lora_too = env_flag("LORASERVE_DECODE_CUBLASLT_LORA", True)
+    if min_bs <= 0 or (with_lora and not lora_too) or bs < min_bs:
         return None
     return "cublaslt"
 
