@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.l2_prefetch import l2_prefetch, prefetch_args
 from ops.pdl import resolve, wait_then_release
 from ops.scratch import outgrow
 from ops.sizes import cdiv, next_pow2
@@ -52,16 +51,10 @@ def _rmsnorm_kernel(
     stride_res_out,
     stride_xs,
     eps,
-    pf_addr,
-    pf_rows,
-    pf_row_bytes,
-    pf_stride_bytes,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
     X_SPLITS: tl.constexpr,  # x is this many fp32 partials to sum (split-K), or 1: x itself
-    PREFETCH: tl.constexpr,  # the next projection's weight into L2 (ops/l2_prefetch.py)
-    PF_LANES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -83,9 +76,6 @@ def _rmsnorm_kernel(
     inv_rms = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps)
     y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (y * w).to(out_ptr.dtype.element_ty), mask=live)
-    if PREFETCH:
-        l2_prefetch(pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes, tl.program_id(0),
-                    tl.num_programs(0), PF_LANES)
 
 
 @triton.jit
@@ -116,10 +106,6 @@ def _add_rmsnorm_fold_kernel(
     stride_bn,
     stride_ss,
     stride_si,
-    pf_addr,
-    pf_rows,
-    pf_row_bytes,
-    pf_stride_bytes,
     BLOCK: tl.constexpr,
     COLS: tl.constexpr,
     PARTS: tl.constexpr,
@@ -128,8 +114,6 @@ def _add_rmsnorm_fold_kernel(
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    PF_LANES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -169,9 +153,6 @@ def _add_rmsnorm_fold_kernel(
         tl.store(out_ptr + row * stride_out + offs_row, (y * w).to(out_ptr.dtype.element_ty),
                  mask=in_row)
         tl.store(count_ptr + row, 0)  # ready for the next launch
-    if PREFETCH:
-        l2_prefetch(pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes,
-                    tl.program_id(0) * parts + part, tl.num_programs(0) * parts, PF_LANES)
 
 
 # The fold kernel's per-row scratch, by (device, stream): partial sums of squares and arrival
@@ -222,7 +203,6 @@ def _launch(
     res_out: torch.Tensor | None,
     fold: LoraFold | None = None,
     pdl: bool | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> None:
     num_rows, n = x.shape[-2:]  # x may be split-K partials [S, T, N] (no fold then)
     if num_rows == 0:
@@ -235,12 +215,11 @@ def _launch(
         cols = min(block, fold_block(fold, _FOLD_WARPS, _FOLD_COLS))
         parts = cdiv(n, cols)
         sums, counts = _fold_scratch_for(x.device, num_rows, next_pow2(parts))
-        pf_args, pf_consts = prefetch_args(prefetch, pdl, 32 * _FOLD_WARPS)
         _add_rmsnorm_fold_kernel[(num_rows, parts)](
             x, residual, weight, out, res_out, sums, counts, n, x.stride(0), residual.stride(0),
-            out.stride(0), res_out.stride(0), sums.stride(0), eps, *args, *pf_args, BLOCK=block,
-            COLS=cols, PARTS=next_pow2(parts), **consts, USE_PDL=pdl, **pf_consts,
-            num_warps=_FOLD_WARPS, launch_pdl=pdl,
+            out.stride(0), res_out.stride(0), sums.stride(0), eps, *args, BLOCK=block,
+            COLS=cols, PARTS=next_pow2(parts), **consts, USE_PDL=pdl, num_warps=_FOLD_WARPS,
+            launch_pdl=pdl,
         )
         return
     # One warp per 512 elements: at hidden 4096 in bf16, 8 warps and two 16-byte loads in
@@ -248,7 +227,6 @@ def _launch(
     num_warps = max(1, min(16, block // 512))
     res = residual if residual is not None else x
     res_o = res_out if res_out is not None else out
-    pf_args, pf_consts = prefetch_args(prefetch, pdl, 32 * num_warps)
     _rmsnorm_kernel[(num_rows,)](
         x,
         res,
@@ -262,12 +240,10 @@ def _launch(
         res_o.stride(0),
         x.stride(0) if x.dim() == 3 else 0,
         eps,
-        *pf_args,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         USE_PDL=pdl,
         X_SPLITS=x.shape[0] if x.dim() == 3 else 1,
-        **pf_consts,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
@@ -286,7 +262,7 @@ def _output(out: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tenso
 
 def rmsnorm_triton(
     x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
-    pdl: bool | None = None, prefetch: torch.Tensor | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """weight * rmsnorm(x), normalised in fp32.
 
@@ -294,13 +270,11 @@ def rmsnorm_triton(
     out: optional [T, N] buffer (rows contiguous) in x's dtype.
     pdl: programmatic dependent launch (ops/pdl.py; None:
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
-    prefetch: the next projection's weight (or its first rows) to prefetch into L2 when the
-    kernel launches with PDL (ops/l2_prefetch.py `prefetch_for`).
     Returns out: [T, N] in x's dtype.
     """
     _check(x, weight)
     out = _output(out, x, "out")
-    _launch(x, None, weight, eps, out, None, pdl=pdl, prefetch=prefetch)
+    _launch(x, None, weight, eps, out, None, pdl=pdl)
     return out
 
 
@@ -313,7 +287,6 @@ def add_rmsnorm_triton(
     residual_out: torch.Tensor | None = None,
     fold: LoraFold | None = None,
     pdl: bool | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """s = x + residual (rounded to x's dtype); returns (weight * rmsnorm(s), s).
 
@@ -322,8 +295,7 @@ def add_rmsnorm_triton(
     x's dtype for the norm and for s; residual_out may be residual itself (each element is read
     before it is written, by the same program). fold: x's LoRA delta, added to x first (x
     itself is not written). pdl: programmatic dependent launch (ops/pdl.py; None: inside
-    decode graph captures, unless LORASERVE_LAYER_PDL=0). prefetch: as rmsnorm_triton's.
-    Returns (out, residual_out).
+    decode graph captures, unless LORASERVE_LAYER_PDL=0). Returns (out, residual_out).
     """
     _check(x, weight)
     _check(residual, weight, "residual")
@@ -333,7 +305,7 @@ def add_rmsnorm_triton(
     residual_out = _output(residual_out, x, "residual_out")
     if fold is not None:
         fold.check(x)
-    _launch(x, residual, weight, eps, out, residual_out, fold, pdl, prefetch)
+    _launch(x, residual, weight, eps, out, residual_out, fold, pdl)
     return out, residual_out
 
 
@@ -343,7 +315,6 @@ def add_rmsnorm_partials_triton(
     weight: torch.Tensor,
     eps: float,
     pdl: bool | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """add_rmsnorm_triton for a projection left as split-K partials: x = the sum of
     `partials` (fp32 [S, T, N], rows contiguous; ops.splitk), rounded to residual's dtype as
@@ -358,5 +329,5 @@ def add_rmsnorm_partials_triton(
                          f"[S, *{tuple(residual.shape)}] on {residual.device}")
     out = _output(None, residual, "out")
     residual_out = _output(None, residual, "residual_out")
-    _launch(partials, residual, weight, eps, out, residual_out, pdl=pdl, prefetch=prefetch)
+    _launch(partials, residual, weight, eps, out, residual_out, pdl=pdl)
     return out, residual_out

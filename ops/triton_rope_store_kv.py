@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.l2_prefetch import l2_prefetch, prefetch_args
 from ops.pdl import resolve, wait_then_release
 from ops.sizes import next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_apply, lora_fold_b, lora_fold_t
@@ -90,10 +89,6 @@ def _rope_store_kv_kernel(
     stride_bn,
     stride_ss,
     stride_si,
-    pf_addr,
-    pf_rows,
-    pf_row_bytes,
-    pf_stride_bytes,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -103,8 +98,6 @@ def _rope_store_kv_kernel(
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    PF_LANES: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -189,10 +182,6 @@ def _rope_store_kv_kernel(
         tl.store(k_cache_ptr + row + HALF + offs, o2.to(cache_dtype), mask=store)
         tl.store(v_cache_ptr + row + offs, v1.to(cache_dtype), mask=store)
         tl.store(v_cache_ptr + row + HALF + offs, v2.to(cache_dtype), mask=store)
-    if PREFETCH:  # the next projection's weight (o_proj), after the wait: qkv's GEMM is done
-        l2_prefetch(pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes,
-                    tl.program_id(0) * tl.num_programs(1) + head,
-                    tl.num_programs(0) * tl.num_programs(1), PF_LANES)
 
 
 def rope_store_kv_triton(
@@ -210,7 +199,6 @@ def rope_store_kv_triton(
     q_out: torch.Tensor | None = None,
     fold: LoraFold | None = None,
     pdl: bool | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of q and k (after per-head RMSNorm when norm weights are given), k and
     v written into the paged cache in place; returns the rotated q.
@@ -226,8 +214,6 @@ def rope_store_kv_triton(
     output [T, H*D + 2*KVH*D]; added to the values as they are loaded.
     pdl: programmatic dependent launch (ops/pdl.py; None:
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
-    prefetch: the next projection's weight (o_proj's: ops/l2_prefetch.py `prefetch_for`),
-    prefetched into L2 when the kernel launches with PDL.
     Returns q_out: [T, H, D] in q's dtype.
     """
     _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)
@@ -251,10 +237,6 @@ def rope_store_kv_triton(
             raise ValueError(f"fold of {fold.t.shape[1]} rows for {num_tokens} tokens")
     args, consts = fold_args(fold, q)
     pdl = resolve(pdl, q)
-    # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B tiles
-    # (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
-    num_warps = 1 if fold is None else 4
-    pf_args, pf_consts = prefetch_args(prefetch, pdl, 32 * num_warps)
     _rope_store_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
         q,
         k,
@@ -282,16 +264,16 @@ def rope_store_kv_triton(
         k_cache.stride(2),
         eps,
         *args,
-        *pf_args,
         HEAD_DIM=head_dim,
         HALF=half,
         BLOCK_HALF=next_pow2(half),
         QK_NORM=qk_norm,
         **consts,
         USE_PDL=pdl,
-        **pf_consts,
         launch_pdl=pdl,
-        num_warps=num_warps,
+        # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
+        # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
+        num_warps=1 if fold is None else 4,
     )
     return q_out
 

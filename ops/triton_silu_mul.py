@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.l2_prefetch import l2_prefetch, prefetch_args
 from ops.pdl import resolve, wait_then_release
 from ops.sizes import cdiv, next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args
@@ -39,14 +38,8 @@ def _silu_mul_kernel(
     inter,
     stride_in,
     stride_out,
-    pf_addr,
-    pf_rows,
-    pf_row_bytes,
-    pf_stride_bytes,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # the next projection's weight into L2 (ops/l2_prefetch.py)
-    PF_LANES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -58,10 +51,6 @@ def _silu_mul_kernel(
     dtype = out_ptr.dtype.element_ty
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=live)
-    if PREFETCH:
-        l2_prefetch(pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes,
-                    tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                    tl.num_programs(0) * tl.num_programs(1), PF_LANES)
 
 
 @triton.jit
@@ -97,10 +86,6 @@ def _silu_mul_fold_kernel(
     stride_bn,
     stride_ss,
     stride_si,
-    pf_addr,
-    pf_rows,
-    pf_row_bytes,
-    pf_stride_bytes,
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
     FOLD: tl.constexpr,
@@ -108,8 +93,6 @@ def _silu_mul_fold_kernel(
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    PF_LANES: tl.constexpr,
 ):
     """GROUP rows of BLOCK columns a program, all loaded at once. When the group's rows with an
     adapter share one (rows come grouped by adapter), its B tiles are loaded once for them all;
@@ -163,15 +146,11 @@ def _silu_mul_fold_kernel(
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
              (act * up.to(tl.float32)).to(dtype), mask=xy_mask)
-    if PREFETCH:
-        l2_prefetch(pf_addr, pf_rows, pf_row_bytes, pf_stride_bytes,
-                    tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                    tl.num_programs(0) * tl.num_programs(1), PF_LANES)
 
 
 def silu_mul_triton(
     gate_up: torch.Tensor, out: torch.Tensor | None = None, fold: LoraFold | None = None,
-    pdl: bool | None = None, prefetch: torch.Tensor | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """SiLU(gate_up[:, :inter]) * gate_up[:, inter:].
 
@@ -180,8 +159,6 @@ def silu_mul_triton(
     fold: gate_up's LoRA delta (two slices: gate, up), added to the values as they are loaded.
     pdl: programmatic dependent launch (ops/pdl.py; None:
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
-    prefetch: the next projection's weight (or its first rows) to prefetch into L2 when the
-    kernel launches with PDL (ops/l2_prefetch.py `prefetch_for`).
     Returns out: [T, inter] in gate_up's dtype.
     """
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
@@ -206,29 +183,24 @@ def silu_mul_triton(
     if fold is None:
         block = min(_BLOCK, next_pow2(inter))
         # 8 bf16 (16 bytes) per thread for each of gate and up
-        num_warps = max(1, min(4, block // 256))
-        pf_args, pf_consts = prefetch_args(prefetch, pdl, 32 * num_warps)
         _silu_mul_kernel[(num_rows, cdiv(inter, block))](
-            gate_up, out, inter, gate_up.stride(0), out.stride(0), *pf_args, BLOCK=block,
-            USE_PDL=pdl, **pf_consts, num_warps=num_warps, launch_pdl=pdl,
+            gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl,
+            num_warps=max(1, min(4, block // 256)), launch_pdl=pdl,
         )
         return out
-    fold_launch(gate_up, out, fold, pdl=pdl, prefetch=prefetch)
+    fold_launch(gate_up, out, fold, pdl=pdl)
     return out
 
 
 def fold_launch(gate_up: torch.Tensor, out: torch.Tensor, fold: LoraFold,
                 group: int = FOLD_GROUP, block: int = _FOLD_BLOCK,
-                num_warps: int = _FOLD_WARPS, pdl: bool = False,
-                prefetch: torch.Tensor | None = None) -> None:
+                num_warps: int = _FOLD_WARPS, pdl: bool = False) -> None:
     """Launch the SiLU*up fold (arguments checked by silu_mul_triton) with `group` rows and
     `block` columns a program (powers of two; other values for benchmarks.fold_bench)."""
     num_rows, inter = out.shape
     args, consts = fold_args(fold, gate_up)
-    pf_args, pf_consts = prefetch_args(prefetch, pdl, 32 * num_warps)
     block = min(block, next_pow2(inter))
     _silu_mul_fold_kernel[(cdiv(num_rows, group), cdiv(inter, block))](
-        gate_up, out, num_rows, inter, gate_up.stride(0), out.stride(0), *args, *pf_args,
-        BLOCK=block, GROUP=group, **consts, USE_PDL=pdl, **pf_consts, num_warps=num_warps,
-        launch_pdl=pdl,
+        gate_up, out, num_rows, inter, gate_up.stride(0), out.stride(0), *args, BLOCK=block,
+        GROUP=group, **consts, USE_PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )

@@ -148,23 +148,17 @@
 #   scripts/device_session.sh s25a   (one GPU) the decode graphs' kernels by name, by default
 #                                    and with LORASERVE_DECODE_SPLITK=2 (s24b: the batched GEMM
 #                                    wins alone, not in the graph); about 2 min
-#   scripts/device_session.sh s25b   (one GPU, prepared) the next projection's weight prefetched
-#                                    into L2 by the layer kernel ahead (LORASERVE_L2_PREFETCH):
-#                                    its GPU tests (bit for bit without it), the base graphs'
-#                                    kernels with all four, then base decode steps by default,
-#                                    with o (whole, and its first 16 MiB) and with all four,
-#                                    two processes each; about 8 min
-#   scripts/device_session.sh s25c SETTING   (one GPU, prepared) the step targets with adapters
-#                                    (step_bench --lora) by default and with SETTING (say
-#                                    "LORASERVE_L2_PREFETCH=o"), two processes each; then 1000
-#                                    adapters at cap 256 with it; about 8 min
 #   scripts/device_session.sh s25d   (one GPU, prepared) split-K partials (LORASERVE_DECODE_SPLITK=2,
 #                                    now below the cuBLASLt threshold only) at batches 1-8,
 #                                    base-only, against the default, two processes each; 3 min
+#   scripts/device_session.sh s26a   (one GPU) the layer kernels' GPU tests without the L2
+#                                    prefetch (PDL chain, folds at Llama shapes, graphs with
+#                                    and without PDL), then s25d; about 6 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
-# s14a-s14d, s18b, s18c, s18e, s24a: the early KV tile, whose A/B s25a also ran), or that s16b repeats (s16a), are in the commits
+# s14a-s14d, s18b, s18c, s18e, s24a: the early KV tile, whose A/B s25a also ran; s25b, s25c:
+# L2 prefetch from the layer kernels), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
@@ -674,11 +668,11 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     echo "== many_adapters --kernel-window: rc $?"; grep -E "saturated|keeps" "$OUT/many_kw.log"
     many_cap 170
     ;;
-  s25c)  # one GPU (prepared): what s25b's winner does to the LoRA targets and many adapters
-    [ -n "${2:-}" ] || { echo "s25c needs a setting, say LORASERVE_L2_PREFETCH=o"; exit 2; }
-    step_ab "$2"
-    # shellcheck disable=SC2086  # the setting may be several words
-    if [ "$SECONDS" -lt 420 ]; then (export $2; many_cap 170); fi
+  s26a)  # one GPU: the layer kernels back to their form before the L2 prefetch (its
+    # arguments gone), their GPU tests; then split-K over the batches it applies to (s25d)
+    gpu_tests layer_kernel_tests 200 tests/test_pdl.py tests/test_lora_fold.py \
+      tests/test_graphs_gpu.py -k "pdl or chain or fold"
+    "$0" s25d
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
     i=0
@@ -712,30 +706,6 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       echo "== step_bench --profile --profile-graphs $knob: rc $?"
       sed -n "/^GPU ms a step/,\$p" "$OUT/$name.log" | head -34
     done
-    ;;
-  s25b)  # one GPU (prepared): o_proj's weight streamed into L2 while rotary and attention
-    # run, and the first 8 MiB of qkv's, gate_up's and down's while the norms and SiLU*up run
-    gpu_tests prefetch_tests 240 tests/test_pdl.py tests/test_lora_fold.py \
-      tests/test_graphs_gpu.py -k "prefetch or chain"
-    LORASERVE_L2_PREFETCH=all timeout 100 python3 -m benchmarks.step_bench --profile \
-      --profile-graphs --out "$OUT/prof_prefetch.json" > "$OUT/prof_prefetch.log" 2>&1
-    echo "== step_bench --profile --profile-graphs LORASERVE_L2_PREFETCH=all: rc $?"
-    sed -n "/^GPU ms a step/,\$p" "$OUT/prof_prefetch.log" | head -34
-    i=0  # base-only steps (the target prefetching is for), a setting a process, alternating
-    for knob in NONE=1 LORASERVE_L2_PREFETCH=o "LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH_O_MB=16" \
-        LORASERVE_L2_PREFETCH=all NONE=2 LORASERVE_L2_PREFETCH=o \
-        "LORASERVE_L2_PREFETCH=o LORASERVE_L2_PREFETCH_O_MB=16" LORASERVE_L2_PREFETCH=all; do
-      i=$((i + 1)); name="base_${i}_$(echo "$knob" | tr '= ' '__')"
-      if [ "$SECONDS" -gt 540 ]; then echo "== step_bench $knob: skipped, out of time"; continue; fi
-      # shellcheck disable=SC2086  # a knob may be two settings
-      env $knob timeout $((i == 1 ? 100 : 70)) python3 -m benchmarks.step_bench --steps 10 \
-        --out "$OUT/$name.json" \
-        > "$OUT/$name.log" 2>&1
-      echo "== step_bench $knob: rc $?"
-      grep -E "^(engine built|decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_[0-9]_*.json
     ;;
   s23c)  # one GPU: cuBLASLt for decode graphs from 16 rows, base-only (s22a: 0.06-0.08 ms
     # off the loop's b32 base step, the 8-adapter step level) and LoRA graphs too

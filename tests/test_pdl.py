@@ -75,42 +75,32 @@ def make_layers(n: int, dtype: torch.dtype) -> list[dict]:
             for _ in range(n)]
 
 
-def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, prefetch: bool = False):
+def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool):
     """Decoder layers as the decode forward runs them: each kernel reads its predecessor's
-    output (norm -> GEMM -> rotary/store -> attention -> GEMM -> norm -> GEMM -> SiLU -> GEMM).
-    prefetch: each layer kernel ahead of a GEMM is given that GEMM's weight to prefetch into L2
-    (ops/l2_prefetch.py: all of o's, the first rows of the others', as serving does), which it
-    does where PDL is on."""
+    output (norm -> GEMM -> rotary/store -> attention -> GEMM -> norm -> GEMM -> SiLU -> GEMM)."""
     residual = torch.zeros_like(h)
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     for ly, (k_cache, v_cache) in zip(layers, caches):
-        pf = {name: (ly[name] if name == "o" else ly[name][:100]) if prefetch else None
-              for name in ("qkv", "o", "gate_up", "down")}
-        x, residual = add_rmsnorm_triton(h, residual, ly["n1"], 1e-5, pdl=pdl,
-                                         prefetch=pf["qkv"])
+        x, residual = add_rmsnorm_triton(h, residual, ly["n1"], 1e-5, pdl=pdl)
         qkv = F.linear(x, ly["qkv"])
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         t = h.shape[0]
         q = rope_store_kv_triton(q.view(t, HEADS, HEAD_DIM), k.view(t, KV_HEADS, HEAD_DIM),
                                  v.view(t, KV_HEADS, HEAD_DIM), cos, sin, k_cache, v_cache,
-                                 slots, pdl=pdl, prefetch=pf["o"])
+                                 slots, pdl=pdl)
         o = decode_attention_triton(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5, pdl=pdl)
         x, residual = add_rmsnorm_triton(F.linear(o.reshape(t, q_size), ly["o"]), residual,
-                                         ly["n2"], 1e-5, pdl=pdl, prefetch=pf["gate_up"])
-        h = F.linear(silu_mul_triton(F.linear(x, ly["gate_up"]), pdl=pdl, prefetch=pf["down"]),
-                     ly["down"])
+                                         ly["n2"], 1e-5, pdl=pdl)
+        h = F.linear(silu_mul_triton(F.linear(x, ly["gate_up"]), pdl=pdl), ly["down"])
     return rmsnorm_triton(h + residual, layers[-1]["n1"], 1e-5, pdl=pdl)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("batch", [1, 32])
-def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, prefetch):
+def test_layer_chain_with_pdl_in_a_graph_matches_without(batch):
     """The chain with PDL, eagerly and replayed from a graph, bit for bit the chain without
-    (the eager run starts from caches whose newest slot holds other values); with prefetch,
-    the layer kernels prefetch the next GEMM's weight into L2 (LORASERVE_L2_PREFETCH), which
-    must change nothing."""
+    (the eager run starts from caches whose newest slot holds other values)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
     dtype, n_layers = torch.bfloat16, 4
@@ -139,14 +129,12 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, prefetch):
 
     pdl_caches = caches_copy()
     static_h = h_in.clone()
-    first = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True,
-                  prefetch=prefetch)  # compiles
+    first = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True)  # compiles
     torch.cuda.synchronize()
     assert torch.equal(first, ref)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True,
-                    prefetch=prefetch)
+        out = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True)
     for _ in range(3):  # replays rewrite the same cache slots with the same values
         graph.replay()
     torch.cuda.synchronize()
@@ -160,94 +148,3 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch, prefetch):
     ref2 = chain(h2, layers, caches_copy(), cos, sin, slots, tables, lens, pdl=False)
     torch.cuda.synchronize()
     assert torch.equal(out, ref2)
-
-
-# ------------------------------------------------------------------------ L2 prefetch (CPU)
-
-
-def test_l2_prefetch_setting(monkeypatch):
-    from ops.l2_prefetch import TARGETS, l2_prefetch_head_bytes, l2_prefetch_targets
-
-    def targets(raw):
-        monkeypatch.setenv("LORASERVE_L2_PREFETCH", raw)
-        l2_prefetch_targets.cache_clear()
-        return l2_prefetch_targets()
-
-    try:
-        assert targets("") == targets("0") == frozenset()
-        assert targets("1") == {"o"}
-        assert targets("all") == set(TARGETS)
-        assert targets(" o, down ") == {"o", "down"}
-        for bad in ("yes", "o,up", ","):
-            with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH"):
-                targets(bad)
-        for raw, want in (("", 8 << 20), ("3", 3 << 20)):
-            monkeypatch.setenv("LORASERVE_L2_PREFETCH_HEAD_MB", raw)
-            l2_prefetch_head_bytes.cache_clear()
-            assert l2_prefetch_head_bytes() == want
-        for bad in ("0", "x"):
-            monkeypatch.setenv("LORASERVE_L2_PREFETCH_HEAD_MB", bad)
-            l2_prefetch_head_bytes.cache_clear()
-            with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH_HEAD_MB"):
-                l2_prefetch_head_bytes()
-    finally:
-        l2_prefetch_targets.cache_clear()
-        l2_prefetch_head_bytes.cache_clear()
-
-
-def test_prefetch_for_names_whole_o_and_the_others_heads(monkeypatch):
-    from ops.l2_prefetch import (
-        l2_prefetch_head_bytes,
-        l2_prefetch_o_bytes,
-        l2_prefetch_targets,
-        prefetch_for,
-    )
-
-    def clear():
-        for f in (l2_prefetch_targets, l2_prefetch_head_bytes, l2_prefetch_o_bytes):
-            f.cache_clear()
-
-    w = torch.zeros(512, 1024, dtype=torch.bfloat16)  # 2 KiB rows
-    big = torch.zeros(4096, 1024, dtype=torch.bfloat16)
-    monkeypatch.setenv("LORASERVE_L2_PREFETCH", "o,down")
-    monkeypatch.setenv("LORASERVE_L2_PREFETCH_HEAD_MB", "1")
-    monkeypatch.delenv("LORASERVE_L2_PREFETCH_O_MB", raising=False)
-    clear()
-    try:
-        assert prefetch_for(big, "o") is big  # o: all of it by default
-        head = prefetch_for(w, "down")
-        assert head.shape == (512, 1024) and head.data_ptr() == w.data_ptr()  # 1 MiB: all
-        assert prefetch_for(big, "down").shape == (512, 1024)  # the first MiB
-        assert prefetch_for(w, "qkv") is None and prefetch_for(w, "gate_up") is None
-        monkeypatch.setenv("LORASERVE_L2_PREFETCH_O_MB", "2")
-        clear()
-        assert prefetch_for(big, "o").shape == (1024, 1024)  # o's first 2 MiB
-        monkeypatch.setenv("LORASERVE_L2_PREFETCH_O_MB", "-1")
-        clear()
-        with pytest.raises(ValueError, match="LORASERVE_L2_PREFETCH_O_MB"):
-            prefetch_for(big, "o")
-    finally:
-        clear()
-
-
-def test_l2_prefetch_layout():
-    from ops.l2_prefetch import FLAT_CHUNK, prefetch_args, prefetch_layout
-
-    # Llama-3.1-8B's o_proj, contiguous bf16: 32 KiB pieces, 1024 of them
-    assert prefetch_layout((4096, 4096), (4096, 1), 2, 0x1000) == (1024, FLAT_CHUNK, FLAT_CHUNK)
-    # a view of rows inside a wider tensor (a stacked weight): row by row, at its stride
-    assert prefetch_layout((4096, 4096), (4160, 1), 2, 0x1000) == (4096, 8192, 8320)
-    # contiguous, but its bytes are no multiple of the piece: its own rows
-    assert prefetch_layout((3, 1000), (1000, 1), 2, 0x1000) == (3, 2000, 2000)
-    with pytest.raises(ValueError, match="aligned"):
-        prefetch_layout((4, 12), (12, 1), 2, 0x1000)  # 24-byte rows
-    with pytest.raises(ValueError, match="aligned"):
-        prefetch_layout((4, 16), (16, 1), 2, 0x1008)
-    with pytest.raises(ValueError, match="contiguous rows"):
-        prefetch_layout((4, 16), (1, 4), 2, 0x1000)
-    off = ([0, 0, 0, 0], {"PREFETCH": False, "PF_LANES": 32})
-    assert prefetch_args(None, True, 32) == off
-    w = torch.zeros(64, 64)
-    assert prefetch_args(w, False, 32) == off
-    with pytest.raises(ValueError, match="CUDA"):
-        prefetch_args(w, True, 32)

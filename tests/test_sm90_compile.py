@@ -97,15 +97,13 @@ def test_add_rmsnorm_over_splitk_partials_compiles_for_sm90(splits: int):
     it."""
     ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
             "res_out_ptr": "*bf16", "eps": "fp32"}
-    consts = {"HAS_RESIDUAL": True, "BLOCK": 4096, "USE_PDL": True, "X_SPLITS": splits,
-              "PREFETCH": False, "PF_LANES": 256}
+    consts = {"HAS_RESIDUAL": True, "BLOCK": 4096, "USE_PDL": True, "X_SPLITS": splits}
     assert _compile(["ops.triton_rmsnorm", "_rmsnorm_kernel", ptrs, consts])["cubin"] > 0
 
 
-_FOLD_PTRS = {"t_ptr": "*fp32", "b_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32",
-              "pf_addr": "i64"}
+_FOLD_PTRS = {"t_ptr": "*fp32", "b_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32"}
 _FOLD_OFF = {"FOLD": False, "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True}
-_L2_PREFETCH_CASES = {
+_LAYER_CASES = {
     "rope": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
         **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
                                 "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
@@ -130,14 +128,12 @@ _L2_PREFETCH_CASES = {
 @pytest.mark.parametrize(("kernel", "fold"), [
     ("rope", False), ("rope", True), ("norm", False), ("norm_fold", False), ("norm_fold", True),
     ("silu", False), ("silu_fold", False), ("silu_fold", True)])
-def test_layer_kernels_with_l2_prefetch_compile_for_sm90(kernel: str, fold: bool):
-    """The layer kernels issuing bulk L2 prefetches of the next projection's weight
-    (LORASERVE_L2_PREFETCH, ops/l2_prefetch.py) with PDL as decode graphs launch them, with
-    and without a LoRA fold where they take one: ptxas takes the inline
-    cp.async.bulk.prefetch."""
-    module, name, ptrs, consts = _L2_PREFETCH_CASES[kernel]
+def test_layer_kernels_with_pdl_compile_for_sm90(kernel: str, fold: bool):
+    """The layer kernels with PDL as decode graphs launch them, with and without a LoRA fold
+    where they take one."""
+    module, name, ptrs, consts = _LAYER_CASES[kernel]
     fold_consts = {} if kernel in ("norm", "silu") else {**_FOLD_OFF, "FOLD": fold}
-    consts = {**consts, **fold_consts, "USE_PDL": True, "PREFETCH": True, "PF_LANES": 128}
+    consts = {**consts, **fold_consts, "USE_PDL": True}
     assert _compile([module, name, {**_FOLD_PTRS, **ptrs}, consts])["cubin"] > 0
 
 

@@ -25,7 +25,6 @@ from torch import nn
 
 from ops.attention import paged_decode_attention, paged_prefill_attention, store_kv
 from ops.dispatch import use_triton
-from ops.l2_prefetch import prefetch_for
 from ops.lora import (
     LoraBatchInfo,
     apply_fold,
@@ -118,40 +117,34 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.use_fused = fused_kernels_enabled()
 
-    def forward(self, x: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        """prefetch: the next projection's weight for the kernel to prefetch into L2
-        (ops/l2_prefetch.py; CUDA decode graphs only)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused(x):
-            return rmsnorm_triton(x, self.weight, self.eps, prefetch=prefetch)
+            return rmsnorm_triton(x, self.weight, self.eps)
         # Normalise in fp32, scale in the input dtype (the checkpoints were trained that way).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
     def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, fold: LoraFold | None = None,
-        prefetch: torch.Tensor | None = None,
+        self, x: torch.Tensor, residual: torch.Tensor | None, fold: LoraFold | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(s), s) for s = x + residual (s = x when residual is None). x, residual: [T, dim].
         fold: x's LoRA delta, not yet added to it. x may also be a projection's split-K
         partials, fp32 [S, T, dim] (ops/splitk.py; with a residual, without a fold).
-        prefetch: as forward's.
 
         On CUDA the add and the norm are one kernel, which also adds the fold's delta or sums
         the partials."""
         if x.dim() == 3:
             assert residual is not None and fold is None, "split-K partials: a residual alone"
             if runs_fused(self, residual) and residual.dtype == self.weight.dtype:
-                return add_rmsnorm_partials_triton(x, residual, self.weight, self.eps,
-                                                   prefetch=prefetch)
+                return add_rmsnorm_partials_triton(x, residual, self.weight, self.eps)
             s = sum_partials(x, residual.dtype) + residual
             return self(s), s
         if residual is None:
             x = apply_fold(x, fold)
-            return self(x, prefetch), x
+            return self(x), x
         if self._fused(x):
-            return add_rmsnorm_triton(x, residual, self.weight, self.eps, fold=fold,
-                                      prefetch=prefetch)
+            return add_rmsnorm_triton(x, residual, self.weight, self.eps, fold=fold)
         s = apply_fold(x, fold) + residual
         return self(s), s
 
@@ -287,7 +280,6 @@ class Attention(nn.Module):
         return rope_store_kv_triton(
             q, k, v, cos.reshape(-1, d), sin.reshape(-1, d), k_cache, v_cache, fb.slot_mapping,
             *norms, eps=self.args.rms_norm_eps, fold=fold,
-            prefetch=prefetch_for(self.o_proj.weight, "o"),
         )
 
     def project_out(self, o: torch.Tensor, fb: ForwardBatch, lora) -> torch.Tensor:
@@ -330,8 +322,7 @@ class MLP(nn.Module):
         """SiLU(gate) * up: [T, 2 * inter] -> [T, inter]; one kernel on CUDA, which also adds
         gate_up's LoRA delta when `fold` is given."""
         if runs_fused(self, gate_up):
-            return silu_mul_triton(gate_up, fold=fold,
-                                   prefetch=prefetch_for(self.down_proj.weight, "down"))
+            return silu_mul_triton(gate_up, fold=fold)
         apply_fold(gate_up, fold)
         gate, up = gate_up.split(self.inter, dim=-1)
         return F.silu(gate) * up
@@ -369,16 +360,13 @@ class DecoderLayer(nn.Module):
         (x', residual', fold') whose sum is the output stream. Each norm adds the pending branch
         output as it normalises. With `plan`, LoRA expands are folded into the next kernels;
         fold' is down's delta, left for the next layer's norm (else None)."""
-        qkv_head = prefetch_for(self.self_attn.qkv_proj.weight, "qkv")  # ops/l2_prefetch.py
-        gate_up_head = prefetch_for(self.mlp.gate_up_proj.weight, "gate_up")
-        x, residual = self.input_layernorm.add_forward(x, residual, fold, qkv_head)
+        x, residual = self.input_layernorm.add_forward(x, residual, fold)
         if plan is None:
             x = self.self_attn(x, cos, sin, k_cache, v_cache, fb, lora)
-            x, residual = self.post_attention_layernorm.add_forward(x, residual,
-                                                                    prefetch=gate_up_head)
+            x, residual = self.post_attention_layernorm.add_forward(x, residual)
             return self.mlp(x, fb, lora), residual, None
         x, fold = self.self_attn.forward_fold(x, cos, sin, k_cache, v_cache, fb, lora, plan)
-        x, residual = self.post_attention_layernorm.add_forward(x, residual, fold, gate_up_head)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual, fold)
         x, fold = self.mlp.forward_fold(x, fb, lora, plan)
         return x, residual, fold
 
