@@ -154,6 +154,9 @@
 #   scripts/device_session.sh s26a   (one GPU) the layer kernels' GPU tests without the L2
 #                                    prefetch (PDL chain, folds at Llama shapes, graphs with
 #                                    and without PDL), then s25d; about 6 min
+#   scripts/device_session.sh s26b   (one GPU) the end-to-end targets at this code: adapter
+#                                    uploads, the HF PEFT baseline, 1000 adapters at cap 256;
+#                                    about 8 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -673,6 +676,13 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests layer_kernel_tests 200 tests/test_pdl.py tests/test_lora_fold.py \
       tests/test_graphs_gpu.py -k "pdl or chain or fold"
     "$0" s25d
+    ;;
+  s26b)  # one GPU: the targets s20a and many_cap measure, at the code without the prefetch
+    timeout 150 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; grep -E "^(rank|pinned)" "$OUT/upload.log"
+    hf_baseline 150 hf_baseline
+    many_cap 200
+    rm -f "$OUT"/*.xml
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
     i=0
