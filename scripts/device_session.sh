@@ -157,6 +157,8 @@
 #   scripts/device_session.sh s26b   (one GPU) the end-to-end targets at this code: adapter
 #                                    uploads, the HF PEFT baseline, 1000 adapters at cap 256;
 #                                    about 8 min
+#   scripts/device_session.sh s26c   (one GPU) 1000 adapters at cap 256, two more runs (s26b's
+#                                    kept 87 %, the nineteenth session's 91 %); about 6 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -683,6 +685,13 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     hf_baseline 150 hf_baseline
     many_cap 200
     rm -f "$OUT"/*.xml
+    ;;
+  s26c)  # one GPU: the many-adapter target's spread, two runs
+    for run in 1 2; do
+      if [ "$SECONDS" -gt 330 ]; then echo "== many_cap run $run: skipped, out of time"; break; fi
+      many_cap 200
+      mv "$OUT/many_cap.json" "$OUT/many_cap_$run.json"; mv "$OUT/many_cap.log" "$OUT/many_cap_$run.log"
+    done
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
     i=0
