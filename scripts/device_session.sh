@@ -159,6 +159,9 @@
 #                                    about 8 min
 #   scripts/device_session.sh s26c   (one GPU) 1000 adapters at cap 256, two more runs (s26b's
 #                                    kept 87 %, the nineteenth session's 91 %); about 6 min
+#   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
+#                                    runner's stacks sampled (where the many-adapter step's
+#                                    launch time goes); about 4 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -692,6 +695,12 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       many_cap 200
       mv "$OUT/many_cap.json" "$OUT/many_cap_$run.json"; mv "$OUT/many_cap.log" "$OUT/many_cap_$run.log"
     done
+    ;;
+  s26d)  # one GPU: s26b/s26c's many-adapter step launches 11.5-12.9 ms against 6.1-7.0 over
+    # 8 adapters: the host stacks of both runs
+    timeout 300 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
+    echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
     i=0
