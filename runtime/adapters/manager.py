@@ -85,6 +85,10 @@ class AdapterCounters:
     )
     load_failures: int = 0
     upload_failures: int = 0
+    # Host time the serving thread spent enqueueing uploads (the copies are asynchronous on
+    # the copy stream; this is what issuing them costs the loop), in total and the longest.
+    upload_enqueue_s: float = 0.0
+    upload_enqueue_max_s: float = 0.0
     # (tier, name) of the most recent evictions, oldest first: tests check the policy's order.
     recent_evictions: list[tuple[str, str]] = field(default_factory=list)
     # (tier, seconds) of completed loads not yet drained by the metrics exporter.
@@ -679,6 +683,7 @@ class AdapterManager:
         s = self._slots[slot]
         copies = self.pool.slot_copies(slot, entry.host)
         started = time.monotonic()
+        enqueue_t0 = time.perf_counter()
         try:
             with self.streams.use(self.streams.copy):
                 if s.last_use is not None:
@@ -706,6 +711,9 @@ class AdapterManager:
             if entry.pinned:
                 self._pins_waiting.add(entry.name)
             return None
+        enqueue = time.perf_counter() - enqueue_t0
+        self.counters.upload_enqueue_s += enqueue
+        self.counters.upload_enqueue_max_s = max(self.counters.upload_enqueue_max_s, enqueue)
         s.owner, s.ready, s.upload_started = entry, ready, started
         s.upload_bytes = entry.host.nbytes
         s.assigned_at = next(self._clock)
