@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,24 @@ async def kernel_window(engine: Engine, start_s: float, window_s: float) -> dict
     return summarize_kernels(kernels, steps, wall)
 
 
+@contextlib.contextmanager
+def gc_pause_log(pauses: list[float]) -> Iterator[None]:
+    """Append the duration of every garbage collection while inside to `pauses`."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses.append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(callback)
+
+
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int, profile: bool = False,
                   kernels: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -143,11 +163,14 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     counters = engine.adapters.counters
     loads = dict(counters.loads)
     enqueue_s, counters.upload_enqueue_max_s = counters.upload_enqueue_s, 0.0
+    parts_s = dict(counters.upload_enqueue_parts_s)
+    gc_pauses: list[float] = []  # the collector's pauses in this run, any thread
     c = engine.scheduler.counters
     steps, rows, prefill_steps = c.num_steps, c.num_rows, c.num_prefill_steps
     timings = replace(engine.timings)
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(StackSampler(THREADS, 2e-3)) if profile else None
+        stack.enter_context(gc_pause_log(gc_pauses))
         compile_log = stack.enter_context(CompileLog())
         window = asyncio.create_task(kernel_window(engine, *kernels)) if kernels else None
         samples, start, end = await serve(engine, prompts, loras, arrivals,
@@ -163,7 +186,12 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     figures["upload_enqueue_ms"] = {
         "total": 1e3 * (counters.upload_enqueue_s - enqueue_s),
         "mean": 1e3 * (counters.upload_enqueue_s - enqueue_s) / max(1, figures["uploads"]),
-        "max": 1e3 * counters.upload_enqueue_max_s}
+        "max": 1e3 * counters.upload_enqueue_max_s,
+        "parts_total": {k: 1e3 * (v - parts_s[k])
+                        for k, v in counters.upload_enqueue_parts_s.items()},
+        "parts_of_max": {k: 1e3 * v for k, v in counters.upload_enqueue_max_parts_s.items()}}
+    figures["gc_pause_ms"] = {"count": len(gc_pauses), "total": 1e3 * sum(gc_pauses),
+                              "max": 1e3 * max(gc_pauses, default=0.0)}
     # what bounds throughput: rows a step (the adapter cap limits a many-adapter batch) and
     # how many steps prefill (those run eagerly on CUDA)
     figures["steps"] = c.num_steps - steps
@@ -294,6 +322,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"each on average, at most {m['upload_enqueue_ms']['max']:.2f}): keeps "
               f"{100 * k['ratio']:.0f}% "
               f"(goal >= {100 * GOAL_KEEP:.0f}%: {'MET' if k['met'] else 'NOT MET'})")
+        for name, r in (("few", f), ("many", m)):
+            up, gcp = r["upload_enqueue_ms"], r["gc_pause_ms"]
+            print(f"  {name}: upload enqueue ms by part, total "
+                  + ", ".join(f"{p} {v:.1f}" for p, v in up["parts_total"].items())
+                  + "; the longest upload's "
+                  + ", ".join(f"{p} {v:.2f}" for p, v in up["parts_of_max"].items())
+                  + f"; {gcp['count']} garbage collections, {gcp['total']:.1f} ms, the longest "
+                  f"{gcp['max']:.2f}")
     return result
 
 

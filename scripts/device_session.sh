@@ -162,6 +162,8 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s26e   (one GPU) one 1000-adapter run at cap 256 with the upload
+#                                    enqueue time by part and the garbage collector's pauses
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -701,6 +703,9 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 300 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
+    ;;
+  s26e)  # one GPU: where a many-adapter upload's 2 ms (up to 350) of loop time goes
+    many_cap 130; grep -E "^  (few|many):" "$OUT/many_cap.log"
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
     i=0

@@ -171,6 +171,9 @@ async def test_load_upload_and_residency_states(folders: dict[str, Path]) -> Non
     assert m.counters.loads == {"host": 1, "gpu": 1}
     # issuing the one upload's copies took host time, counted once
     assert 0 < m.counters.upload_enqueue_max_s == m.counters.upload_enqueue_s
+    parts = m.counters.upload_enqueue_parts_s
+    assert parts == m.counters.upload_enqueue_max_parts_s and parts["copies"] > 0
+    assert sum(parts.values()) == pytest.approx(m.counters.upload_enqueue_s)
     assert m.counters.requests_by_residency == {"gpu": 0, "host": 1, "disk": 0}
     assert {t for t, _ in m.drain_latencies()} == {"host", "gpu"} and not m.drain_latencies()
     assert int(m.pool.slot_ranks[slot]) == 2

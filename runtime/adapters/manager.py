@@ -73,6 +73,9 @@ class AdapterInfo:
     error: str | None
 
 
+UPLOAD_PARTS = ("wait", "copies", "event")
+
+
 @dataclass
 class AdapterCounters:
     """Cumulative counts for metrics. Tiers: "host" = disk -> host, "gpu" = host -> GPU."""
@@ -89,6 +92,12 @@ class AdapterCounters:
     # the copy stream; this is what issuing them costs the loop), in total and the longest.
     upload_enqueue_s: float = 0.0
     upload_enqueue_max_s: float = 0.0
+    # the same by part: waiting on the slot's last use, the copies, the ready event; totals
+    # and the longest upload's
+    upload_enqueue_parts_s: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(UPLOAD_PARTS, 0.0))
+    upload_enqueue_max_parts_s: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(UPLOAD_PARTS, 0.0))
     # (tier, name) of the most recent evictions, oldest first: tests check the policy's order.
     recent_evictions: list[tuple[str, str]] = field(default_factory=list)
     # (tier, seconds) of completed loads not yet drained by the metrics exporter.
@@ -688,6 +697,7 @@ class AdapterManager:
             with self.streams.use(self.streams.copy):
                 if s.last_use is not None:
                     s.last_use.wait(self.streams.copy)
+                t_wait = time.perf_counter()
                 for i, (dst, src) in enumerate(copies):
                     if self.upload_fault is not None and i == len(copies) // 2:
                         self.upload_fault(entry.name, slot)
@@ -695,6 +705,7 @@ class AdapterManager:
                         dst.zero_()
                     else:
                         dst.copy_(src, non_blocking=True)
+                t_copies = time.perf_counter()
                 ready = self.streams.event()
                 ready.record(self.streams.copy)
                 # the host row is reused only after this (the last copy from it) has run
@@ -711,14 +722,22 @@ class AdapterManager:
             if entry.pinned:
                 self._pins_waiting.add(entry.name)
             return None
-        enqueue = time.perf_counter() - enqueue_t0
-        self.counters.upload_enqueue_s += enqueue
-        self.counters.upload_enqueue_max_s = max(self.counters.upload_enqueue_max_s, enqueue)
+        self._count_enqueue(enqueue_t0, t_wait, t_copies, time.perf_counter())
         s.owner, s.ready, s.upload_started = entry, ready, started
         s.upload_bytes = entry.host.nbytes
         s.assigned_at = next(self._clock)
         entry.slot, entry.error = slot, None
         return slot
+
+    def _count_enqueue(self, t0: float, t_wait: float, t_copies: float, t_end: float) -> None:
+        c = self.counters
+        parts = dict(zip(UPLOAD_PARTS, (t_wait - t0, t_copies - t_wait, t_end - t_copies),
+                         strict=True))
+        for k, v in parts.items():
+            c.upload_enqueue_parts_s[k] += v
+        c.upload_enqueue_s += t_end - t0
+        if t_end - t0 > c.upload_enqueue_max_s:
+            c.upload_enqueue_max_s, c.upload_enqueue_max_parts_s = t_end - t0, parts
 
     def _free_slot(self, slot: int) -> None:
         s = self._slots[slot]
