@@ -502,17 +502,18 @@ class LoraPool:
         del targets
         return self.slot_nbytes
 
-    @property
+    @cached_property
     def slot_stack_numel(self) -> int:
         """Elements of one slot's A rows in all stacks (every layer)."""
         return sum(self.shape.num_layers * self._layouts[g][0][0] * self._layouts[g][0][1]
                    for g in self.stacked)
 
-    @property
+    @cached_property
     def slot_nbytes(self) -> int:
         """Bytes of one slot across all buffers, stacks included (and of one adapter's host
-        copy)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        copy). Fixed once the pool is built: cached, as every adapter load asks for it on the
+        serving loop."""
+        elem = self.dtype.itemsize
         return 4 + elem * (self.slot_numel + self.slot_stack_numel) + 4 * self.slot_num_scalings
 
     # base weights -------------------------------------------------------------------------
