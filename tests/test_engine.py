@@ -364,3 +364,37 @@ def test_stacked_engine_loads_the_checkpoint_into_its_stacks(llama, monkeypatch)
     tokens = prompts(1, read_vocab(llama), seed=2)[0]
     torch.testing.assert_close(engine_logits(stacked, tokens), engine_logits(plain, tokens),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_start_freezes_startup_objects_and_stop_thaws_them(llama, monkeypatch):
+    """Serving allocates, and a full collection would walk every object the model and its
+    libraries left alive (a pause in which no thread runs): the engine freezes them as it
+    starts, collects first, and thaws them as it stops; LORASERVE_GC_FREEZE=0 leaves the
+    collector alone."""
+    import gc
+
+    gc.unfreeze()
+    seen = []
+    engine = make_engine(llama)
+
+    async def serve():
+        await engine.start()
+        seen.append((gc.get_freeze_count(), len(gc.get_objects())))
+        req = await engine.submit([1, 2, 3], greedy(4))
+        assert len(await collect(engine, req)) == 4
+        await engine.stop()
+
+    run(serve())
+    frozen, left = seen[0]
+    assert frozen > 10_000 and left < frozen  # the model and libraries, out of the walk
+    assert gc.get_freeze_count() == 0
+
+    monkeypatch.setenv("LORASERVE_GC_FREEZE", "0")
+    seen.clear()
+    engine = make_engine(llama)
+    run(serve())
+    assert seen[0][0] == 0
+    monkeypatch.setenv("LORASERVE_GC_FREEZE", "yes")
+    engine = make_engine(llama)
+    with pytest.raises(ValueError, match="LORASERVE_GC_FREEZE"):
+        run(engine.start())
