@@ -136,6 +136,12 @@ async def kernel_window(engine: Engine, start_s: float, window_s: float) -> dict
     return summarize_kernels(kernels, steps, wall)
 
 
+def counters_thread(engine: Engine) -> bool:
+    """Whether the engine's uploads are issued on the upload thread (LORASERVE_UPLOAD_THREAD),
+    whose time the enqueue counters then are, not the loop's."""
+    return engine.adapters is not None and engine.adapters._uploader is not None
+
+
 @contextlib.contextmanager
 def gc_pause_log(pauses: list[float]) -> Iterator[None]:
     """Append the duration of every garbage collection while inside to `pauses`."""
@@ -182,7 +188,8 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     figures["compiles"] = compile_log.summary()  # Triton variants first met in this run
     figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
     figures["uploads"] = engine.adapters.counters.loads["gpu"] - loads["gpu"]
-    # host time the loop spent issuing those uploads' copies (they run on the copy stream)
+    # host time spent issuing those uploads' copies (they run on the copy stream)
+    figures["upload_issuer"] = "upload thread" if counters_thread(engine) else "loop"
     figures["upload_enqueue_ms"] = {
         "total": 1e3 * (counters.upload_enqueue_s - enqueue_s),
         "mean": 1e3 * (counters.upload_enqueue_s - enqueue_s) / max(1, figures["uploads"]),
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f, m, k = result["few"][kind], result["many"][kind], result[f"keep_{kind}"]
         print(f"{kind:<10} few {f['request_throughput']:.2f} req/s, many "
               f"{m['request_throughput']:.2f} req/s ({m['disk_loads']} disk loads, "
-              f"{m['uploads']} uploads; issuing them took the loop "
+              f"{m['uploads']} uploads; issuing them took the {m['upload_issuer']} "
               f"{m['upload_enqueue_ms']['total']:.0f} ms, {m['upload_enqueue_ms']['mean']:.2f} "
               f"each on average, at most {m['upload_enqueue_ms']['max']:.2f}): keeps "
               f"{100 * k['ratio']:.0f}% "

@@ -10,6 +10,7 @@ Only `Event.synchronize` blocks the calling thread (for shutdown and tests).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -40,6 +41,41 @@ class Event:
         """Block the calling thread until the event completes (shutdown and tests only)."""
         if self._event is not None:
             self._event.synchronize()
+
+
+class IssuedEvent:
+    """The ready event of work another thread issues later (adapter uploads on the upload
+    thread): incomplete until that thread has recorded it and said so (an unrecorded CUDA
+    event reads as complete), and never complete when the work failed."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.failed = False
+        self._issued = threading.Event()
+
+    @property
+    def issued(self) -> bool:
+        return self._issued.is_set()
+
+    def record(self, stream: torch.cuda.Stream | None = None) -> None:
+        self.event.record(stream)
+
+    def set_issued(self, failed: bool = False) -> None:
+        """Called by the issuing thread after `record`, or after the work failed."""
+        self.failed = failed
+        self._issued.set()
+
+    def query(self) -> bool:
+        return self._issued.is_set() and not self.failed and self.event.query()
+
+    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        """As Event.wait; only once issued (before, there is nothing recorded to wait on)."""
+        assert self.issued and not self.failed, "waiting on work not issued"
+        self.event.wait(stream)
+
+    def synchronize(self) -> None:
+        self._issued.wait()
+        self.event.synchronize()
 
 
 class Streams:

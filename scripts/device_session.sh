@@ -162,10 +162,11 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
-#   scripts/device_session.sh s26e   (one GPU) 1000 adapters at cap 256 with the upload enqueue
-#                                    time by part and the collector's pauses, startup objects
-#                                    frozen (default) or not (LORASERVE_GC_FREEZE=0), two
-#                                    processes each; about 7 min
+#   scripts/device_session.sh s26e   (one GPU, prepared) the upload thread's GPU tests; 1000
+#                                    adapters at cap 256 with the upload enqueue time by part
+#                                    and the collector's pauses: by default (startup objects
+#                                    frozen), LORASERVE_GC_FREEZE=0, LORASERVE_UPLOAD_THREAD=1,
+#                                    two processes each; about 9 min
 #   scripts/device_session.sh gpu2   churn / doc-example, HF baseline, responsiveness on GPU 0;
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
@@ -706,18 +707,22 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
     ;;
-  s26e)  # one GPU: where a many-adapter upload's 2 ms (up to 350) of loop time goes, with
-    # the startup objects frozen out of the collector's walk (the default) and without
+  s26e)  # one GPU (prepared): where a many-adapter upload's 2 ms (up to 350) of loop time
+    # goes: the upload thread's GPU test, then 1000 adapters at cap 256 by default (startup
+    # objects frozen), without the freeze, and with uploads issued on the upload thread
+    gpu_tests upload_thread_tests 150 tests/test_pipeline_gpu.py -k overlap_loading
     i=0
-    for knob in NONE=1 LORASERVE_GC_FREEZE=0 NONE=2 LORASERVE_GC_FREEZE=0; do
+    for knob in NONE=1 LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1 NONE=2 \
+        LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1; do
       i=$((i + 1))
-      if [ "$SECONDS" -gt 420 ]; then echo "== many_cap $knob: skipped, out of time"; break; fi
+      if [ "$SECONDS" -gt 480 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
       env "$knob" timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters \
         --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 \
         --out "$OUT/many_cap_$i.json" > "$OUT/many_cap_$i.log" 2>&1
       echo "== many_adapters cap 256 $knob: rc $?"
       grep -E "saturated|keeps|^  (few|many):" "$OUT/many_cap_$i.log"
     done
+    rm -f "$OUT"/*.xml
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
     i=0

@@ -315,6 +315,78 @@ async def test_upload_failure_leaves_no_half_written_slot(folders: dict[str, Pat
     assert torch.count_nonzero(a_rows[2:]) == 0 and torch.count_nonzero(a_rows[:2]) > 0
 
 
+async def test_upload_thread_issues_off_the_loop(folders: dict[str, Path], monkeypatch) -> None:
+    """LORASERVE_UPLOAD_THREAD=1: the copies are enqueued on the upload thread. Until it has
+    recorded the ready event, the slot is UPLOADING and nothing joins a batch on it (not even
+    with overlap off, where the compute stream would wait on an event not yet recorded), and
+    the host row stays out of reuse; then as without the thread. The caller never waits for
+    the copies."""
+    import threading
+
+    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
+    m = make_manager()
+    try:
+        await m.load("a", str(folders["a"]))
+        gate, entered, threads = threading.Event(), threading.Event(), []
+
+        def hold(name: str, slot: int) -> None:  # mid-copies, on the upload thread
+            threads.append(threading.current_thread().name)
+            entered.set()
+            assert gate.wait(5)
+
+        m.upload_fault = hold
+        m.acquire("a")  # returns while the upload thread is held mid-copies
+        assert entered.wait(5) and threads[0].startswith("lora-upload")
+        slot = m.slot_of("a")
+        assert slot is not None and m.state("a") is Residency.UPLOADING
+        lease = m._adapters["a"].host.lease
+        assert m.admit("a", set(), overlap=False) is None and not lease.done()
+        m.poll()
+        assert m.state("a") is Residency.UPLOADING
+        gate.set()
+        m.flush_uploads()
+        assert m.admit("a", set(), overlap=False) == slot
+        m.poll()
+        assert m.state("a") is Residency.RESIDENT and lease.done()
+        assert m.counters.loads["gpu"] == 1 and m.counters.upload_enqueue_s > 0
+        assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
+    finally:
+        m.close()
+
+
+async def test_upload_thread_failure_frees_the_slot_at_the_next_poll(
+    folders: dict[str, Path], monkeypatch
+) -> None:
+    """A copy failing on the upload thread: the slot never reads as ready, the next poll frees
+    it and reports the failure as one on the loop is reported; a later upload succeeds."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
+    m = make_manager()
+    try:
+        await m.load("a", str(folders["a"]))
+
+        def fail(name: str, slot: int) -> None:
+            raise RuntimeError("simulated copy failure")
+
+        m.upload_fault = fail
+        m.acquire("a")
+        m.flush_uploads()
+        slot = m.slot_of("a")
+        assert slot is not None and m.state("a") is Residency.UPLOADING
+        assert m.admit("a", set(), overlap=True) is None  # failed: never ready
+        m.poll()
+        assert m.state("a") is Residency.IN_HOST and m.slot_of("a") is None
+        assert "simulated copy failure" in (m.load_error("a") or "")
+        assert m.counters.upload_failures == 1 and m.counters.loads["gpu"] == 0
+        m.upload_fault = None
+        assert m.admit("a", set(), overlap=False) is None  # its upload is handed to the thread
+        m.flush_uploads()
+        slot = await resident(m, "a")
+        assert m.load_error("a") is None
+        assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("stacked", [(), ("qkv",)], ids=["slab", "stacked"])
 async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
     folders: dict[str, Path], tmp_path: Path, stacked: tuple[str, ...]

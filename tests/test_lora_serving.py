@@ -111,8 +111,12 @@ def metric(metrics: ServingMetrics, name: str, **labels: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_more_adapters_than_slots(setup: dict[str, Any]) -> None:
-    """3x as many adapters as slots, requests interleaved; one adapter pinned."""
+@pytest.mark.parametrize("upload_thread", [False, True], ids=["loop", "upload_thread"])
+def test_more_adapters_than_slots(setup: dict[str, Any], upload_thread: bool, monkeypatch) -> None:
+    """3x as many adapters as slots, requests interleaved; one adapter pinned. Uploads issued
+    by the loop, and by the upload thread (LORASERVE_UPLOAD_THREAD=1)."""
+    if upload_thread:
+        monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
     pinned = NAMES[0]
     pairs: list[Pair] = [(name, i) for i, name in enumerate(NAMES * 2)]
     pairs += [(None, 18), (None, 19)]
@@ -148,6 +152,7 @@ def test_more_adapters_than_slots(setup: dict[str, Any]) -> None:
     assert pinned not in {n for _, n in counters.recent_evictions}
     assert len(set(pinned_slots)) == 1 and pinned_slots[0] is not None, "the pinned slot moved"
     assert manager.state(pinned).value == "resident"
+    assert (manager._uploader is not None) == upload_thread
     assert sum(a.refs for a in manager.list()) == 0
     assert all(s.locks == 0 for s in manager._slots)
     # metrics: every request counted once by residency at arrival; loads and evictions exported

@@ -48,8 +48,14 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("overlap_loading", [True, False, None])
-def test_overlap_loading_matches_synchronous_path(setup, overlap_loading):  # noqa: F811
+@pytest.mark.parametrize(("overlap_loading", "upload_thread"),
+                         [(True, False), (False, False), (None, False), (True, True),
+                          (False, True)])
+def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, upload_thread,  # noqa: F811
+                                                  monkeypatch):
+    """4 adapters through 2 slots, uploads overlapping compute, against one request at a time
+    without overlap; uploads issued by the loop, or by the upload thread
+    (LORASERVE_UPLOAD_THREAD=1) for the engine under test."""
     model, adapters = setup
     ps = prompts(len(NAMES), read_vocab(model), seed=5, lo=4, hi=60)
     common = lora_config(adapters, "csgmv", "float32")
@@ -57,8 +63,11 @@ def test_overlap_loading_matches_synchronous_path(setup, overlap_loading):  # no
     ref = run(one_at_a_time(ref_engine, ps, NAMES))
     del ref_engine
     free_gpu()
+    if upload_thread:
+        monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
     engine = make_engine(model, **{**common, "max_loras_per_batch": 2,
                                    "enable_lora_overlap_loading": overlap_loading})
+    assert (engine.adapters._uploader is not None) == upload_thread
     assert engine.runner.graphs is not None
     out = run(all_at_once(engine, ps, NAMES))
     uploads = engine.adapters.counters.loads["gpu"]
