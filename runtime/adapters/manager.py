@@ -41,7 +41,7 @@ from runtime.adapters.peft_format import (
     load_peft_adapter,
     read_adapter_config,
 )
-from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool
+from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool, RowLease
 from runtime.adapters.reader import ProcessReader
 from runtime.config import ConfigError, ServerConfig
 from runtime.errors import HostTierFullError, UnknownAdapterError
@@ -717,9 +717,10 @@ class AdapterManager:
             ready = IssuedEvent(self.streams.event())
             # the host row is reused only after the copies from it have run
             entry.host.lease.event = ready
-            self._uploader.submit(self._issue, entry, slot, copies, s.last_use, ready)
+            self._uploader.submit(self._issue, entry, slot, copies, s.last_use, entry.host.lease,
+                                  ready)
         else:
-            ready = self._issue(entry, slot, copies, s.last_use, None)
+            ready = self._issue(entry, slot, copies, s.last_use, entry.host.lease, None)
             if ready is None:
                 return None  # a half-written slot is never used: it stays free
         s.owner, s.ready, s.upload_started = entry, ready, started
@@ -729,11 +730,14 @@ class AdapterManager:
         return slot
 
     def _issue(self, entry: _Adapter, slot: int, copies: list[tuple[Tensor, Tensor | None]],
-               last_use: Event | None, issued: IssuedEvent | None) -> Event | None:
-        """Enqueue `copies` on the copy stream after `last_use` and record the ready event
-        (`issued`'s on the upload thread). Returns it, or None when the upload failed: here
-        the failure is reported at once, on the upload thread queued for poll()."""
-        assert entry.host is not None
+               last_use: Event | None, lease: RowLease, issued: IssuedEvent | None,
+               ) -> Event | None:
+        """Enqueue `copies` (from the host row `lease` holds) on the copy stream after
+        `last_use` and record the ready event (`issued`'s on the upload thread). Returns it, or
+        None when the upload failed: here the failure is reported at once, on the upload
+        thread queued for poll(). (On the thread, `entry` may have been unloaded meanwhile:
+        `copies` keep its host row alive, and the row is not reused before the event
+        `lease` holds completes.)"""
         t0 = time.perf_counter()
         try:
             with self.streams.use(self.streams.copy):
@@ -751,14 +755,13 @@ class AdapterManager:
                 ready = self.streams.event() if issued is None else issued.event
                 ready.record(self.streams.copy)
                 if issued is None:
-                    # the host row is reused only after this (the last copy from it) has run
-                    entry.host.lease.event = ready
+                    lease.event = ready  # the row is reused only after its last copy has run
         except Exception as e:  # noqa: BLE001 - reported per adapter, the slot stays unused
             # copies enqueued before the failure may still read the host row
             failed = self.streams.event()
             with contextlib.suppress(Exception):
                 failed.record(self.streams.copy)
-                entry.host.lease.event = failed
+                lease.event = failed
             if issued is None:
                 self._upload_failed(entry, slot, e)
             else:
