@@ -387,6 +387,43 @@ async def test_upload_thread_failure_frees_the_slot_at_the_next_poll(
         m.close()
 
 
+async def test_upload_thread_job_outlives_an_unload(folders: dict[str, Path], monkeypatch) -> None:
+    """An adapter unloaded while its upload waits on the upload thread: the unload frees its
+    slot and host copy at once, the row is not handed out again before the job has issued its
+    copies, and the slot then serves the next adapter."""
+    import threading
+
+    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
+    m = make_manager(max_loras_per_batch=1)
+    try:
+        await m.load("a", str(folders["a"]))
+        gate, entered = threading.Event(), threading.Event()
+
+        def hold(name: str, slot: int) -> None:
+            entered.set()
+            assert gate.wait(5)
+
+        m.upload_fault = hold
+        m.acquire("a")
+        assert entered.wait(5)
+        lease = m._adapters["a"].host.lease
+        m.release("a")
+        await m.unload("a")
+        assert "a" not in m and not lease.done()
+        gate.set()
+        m.flush_uploads()
+        assert lease.done()
+        m.upload_fault = None
+        await m.load("b", str(folders["b"]))
+        m.admit("b", set(), overlap=False)
+        m.flush_uploads()
+        slot = await resident(m, "b")
+        assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["b"]))
+        assert m.counters.upload_failures == 0
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("stacked", [(), ("qkv",)], ids=["slab", "stacked"])
 async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
     folders: dict[str, Path], tmp_path: Path, stacked: tuple[str, ...]
