@@ -91,8 +91,9 @@ class AdapterCounters:
     )
     load_failures: int = 0
     upload_failures: int = 0
-    # Host time the serving thread spent enqueueing uploads (the copies are asynchronous on
-    # the copy stream; this is what issuing them costs the loop), in total and the longest.
+    # Host time spent enqueueing uploads (the copies are asynchronous on the copy stream; this
+    # is what issuing them costs the loop, or the upload thread with LORASERVE_UPLOAD_THREAD),
+    # in total and the longest.
     upload_enqueue_s: float = 0.0
     upload_enqueue_max_s: float = 0.0
     # the same by part: waiting on the slot's last use, the copies, the ready event; totals
