@@ -136,7 +136,7 @@ async def kernel_window(engine: Engine, start_s: float, window_s: float) -> dict
     return summarize_kernels(kernels, steps, wall)
 
 
-def counters_thread(engine: Engine) -> bool:
+def uploads_on_thread(engine: Engine) -> bool:
     """Whether the engine's uploads are issued on the upload thread (LORASERVE_UPLOAD_THREAD),
     whose time the enqueue counters then are, not the loop's."""
     return engine.adapters is not None and engine.adapters._uploader is not None
@@ -169,6 +169,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     counters = engine.adapters.counters
     loads = dict(counters.loads)
     enqueue_s, counters.upload_enqueue_max_s = counters.upload_enqueue_s, 0.0
+    counters.upload_enqueue_max_parts_s = dict.fromkeys(counters.upload_enqueue_parts_s, 0.0)
     parts_s = dict(counters.upload_enqueue_parts_s)
     gc_pauses: list[float] = []  # the collector's pauses in this run, any thread
     c = engine.scheduler.counters
@@ -189,7 +190,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
     figures["uploads"] = engine.adapters.counters.loads["gpu"] - loads["gpu"]
     # host time spent issuing those uploads' copies (they run on the copy stream)
-    figures["upload_issuer"] = "upload thread" if counters_thread(engine) else "loop"
+    figures["upload_issuer"] = "upload thread" if uploads_on_thread(engine) else "loop"
     figures["upload_enqueue_ms"] = {
         "total": 1e3 * (counters.upload_enqueue_s - enqueue_s),
         "mean": 1e3 * (counters.upload_enqueue_s - enqueue_s) / max(1, figures["uploads"]),
