@@ -187,8 +187,8 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
         figures["kernels"] = await window
     figures["distinct_adapters"] = len(set(loras))
     figures["compiles"] = compile_log.summary()  # Triton variants first met in this run
-    figures["disk_loads"] = engine.adapters.counters.loads["host"] - loads["host"]
-    figures["uploads"] = engine.adapters.counters.loads["gpu"] - loads["gpu"]
+    figures["disk_loads"] = counters.loads["host"] - loads["host"]
+    figures["uploads"] = counters.loads["gpu"] - loads["gpu"]
     # host time spent issuing those uploads' copies (they run on the copy stream)
     figures["upload_issuer"] = "upload thread" if uploads_on_thread(engine) else "loop"
     figures["upload_enqueue_ms"] = {

@@ -9,10 +9,10 @@ stored it.
 
 `LORASERVE_DECODE_SPLITK=S` (S >= 2; unset or 0: off) turns it on for base-only decode graphs
 on torch's own BLAS route, below LORASERVE_DECODE_CUBLASLT_MIN_BS rows (runtime/graphs.py
-`graph_splits`). On the H200 (benchmarks/RESULTS.md, twentieth session) S=2 took 0.03-0.04 ms
-off the serving loop's batch-1 step and added 0.03-0.06 ms at batch 32, where cuBLASLt's
-kernels do not split K and the norms' fp32 loads cost more; so it stays off by default, and
-the batches between were not measured.
+`graph_splits`). On the H200 (benchmarks/RESULTS.md) S=2 took 0.03-0.04 ms off the serving
+loop's batch-1 step and added 0.03-0.06 ms at batch 32, where cuBLASLt's kernels do not split
+K and the norms' fp32 loads cost more (twentieth session); at batches 1, 2, 4 and 8 the loop's
+step was level with it (twenty-first session). So it stays off by default.
 """
 
 from __future__ import annotations

@@ -191,24 +191,6 @@ def test_graph_replay_logits_bf16(setup, backend, stack, monkeypatch):
     assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9
 
 
-def recaptured(engine, name: str, value: str, cached, monkeypatch):
-    """A second set of the engine's decode graphs, captured with the environment setting
-    name=value; `cached` is the setting's cached reader, cleared around the capture."""
-    from runtime.graphs import DecodeGraphs
-
-    g = engine.runner.graphs
-    monkeypatch.setenv(name, value)
-    cached.cache_clear()
-    try:
-        other = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
-                             engine.runner.block_size, g.lora_backend)
-        other.capture(engine.runner.streams.compute)
-    finally:
-        monkeypatch.delenv(name)
-        cached.cache_clear()
-    return other
-
-
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, monkeypatch):
     """bf16, a mixed decode step: the decode graph whose layer kernels launch with PDL (the
@@ -216,6 +198,7 @@ def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, 
     (the same kernels on the same data; a kernel reading before its predecessor's writes
     landed would differ)."""
     from ops.pdl import layer_pdl
+    from runtime.graphs import DecodeGraphs
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
@@ -224,7 +207,15 @@ def test_graph_replay_with_layer_pdl_is_bitwise_the_one_without(setup, backend, 
     g = engine.runner.graphs
     with torch.inference_mode():
         with_pdl = [g.replay(fb).clone() for _ in range(3)]
-    plain = recaptured(engine, "LORASERVE_LAYER_PDL", "0", layer_pdl, monkeypatch)
+    monkeypatch.setenv("LORASERVE_LAYER_PDL", "0")
+    layer_pdl.cache_clear()
+    try:
+        plain = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
+                             engine.runner.block_size, g.lora_backend)
+        plain.capture(engine.runner.streams.compute)
+    finally:
+        monkeypatch.delenv("LORASERVE_LAYER_PDL")
+        layer_pdl.cache_clear()
     with torch.inference_mode():
         without = plain.replay(fb).clone()
     torch.cuda.synchronize()
