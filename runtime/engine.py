@@ -57,7 +57,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 def freeze_startup_objects() -> bool:
     """Collect, then move every object alive now (the model, the imported libraries: some 400k
     objects) out of the cyclic garbage collector's reach, as the engine starts serving: a full
-    collection walks them all (222 ms on the 2-core CPU box) while no thread runs, and the
+    collection walks them all (0.18-0.22 s on the 2-core CPU box) while no thread runs, and the
     allocations of serving (requests, on-demand adapter loads) set one off from time to time.
     Objects freed by their reference counts are freed as before. LORASERVE_GC_FREEZE=0 leaves
     the collector as it is. Returns whether it froze."""
