@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import faulthandler
 import json
+import re
 import sys
 import tempfile
 import threading
@@ -70,7 +73,7 @@ class StackSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.ticks += 1
-            names = {t.ident: t.name for t in threading.enumerate()}
+            names = self._names | {t.ident: t.name for t in threading.enumerate()}
             for ident, frame in sys._current_frames().items():
                 label = self._label(names.get(ident, ""))
                 if label is None:
@@ -111,6 +114,75 @@ class StackSampler:
                          f"{self.ticks} samples; innermost frames:")
             lines += [f"  {100 * share:5.1f} %  {count:6d}  {name}"
                       for name, count, share in t["leaves"]]
+        return "\n".join(lines)
+
+
+# a thread blocked in one of these (innermost frame) is idle in a stall dump
+IDLE = re.compile(r"(wait|_wait_for_tstate_lock|select|get|recv_bytes|_recv|accept|_worker) "
+                  r"\((threading|selectors|queue|connection|socket|thread)\.py")
+
+
+class LoopStallDumps:
+    """Every thread's Python stack whenever the event loop stays away for `after_s` or more.
+
+    A task re-arms faulthandler's watchdog every `every_s`; the watchdog is a C thread that
+    needs no GIL, so it dumps the stacks mid-stall even while another thread holds the GIL (a
+    sampler in Python would only run after it). `stalls` holds (seconds into the window, the
+    loop's gap, {thread name: innermost frames}) for each stall, in order.
+    """
+
+    def __init__(self, after_s: float = 0.1, every_s: float = 0.01, frames: int = 6) -> None:
+        self.after_s, self.every_s, self.frames = after_s, every_s, frames
+        self.stalls: list[tuple[float, float, dict[str, list[str]]]] = []
+
+    async def __aenter__(self) -> Self:
+        self._file = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in __aexit__
+        self._gaps: list[tuple[float, float]] = []
+        self._names = {t.ident: t.name for t in threading.enumerate()}
+        self._task = asyncio.create_task(self._rearm())
+        return self
+
+    async def _rearm(self) -> None:
+        start = time.perf_counter()
+        while True:
+            faulthandler.dump_traceback_later(self.after_s, file=self._file)
+            armed = time.perf_counter()
+            await asyncio.sleep(self.every_s)
+            if (gap := time.perf_counter() - armed) >= self.after_s:
+                self._gaps.append((armed - start, gap))
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        faulthandler.cancel_dump_traceback_later()
+        self._file.seek(0)
+        dumps = [d for d in self._file.read().split("Timeout (") if d.strip()]
+        self._file.close()
+        names = self._names | {t.ident: t.name for t in threading.enumerate()}
+        self.unmatched = len(dumps) != len(self._gaps)  # a gap at the threshold, in a race
+        for (at, gap), dump in zip(self._gaps, dumps, strict=False):
+            threads: dict[str, list[str]] = {}
+            frames: list[str] = []
+            for line in dump.splitlines():
+                if m := re.search(r"[Tt]hread (0x[0-9a-f]+)", line):
+                    frames = threads.setdefault(names.get(int(m.group(1), 16), m.group(1)), [])
+                elif line.strip().startswith("File") and len(frames) < self.frames:
+                    frames.append(re.sub(r'File "(?:[^"]*/)?([^"/]+)", line (\d+) in (\S+)',
+                                         r"\3 (\1:\2)", line.strip()))
+            self.stalls.append((at, gap, threads))
+
+    def report(self, top: int = 3) -> str:
+        """The `top` longest stalls, each thread's innermost frames."""
+        lines = [f"{len(self.stalls)} loop stalls of {1e3 * self.after_s:.0f} ms or more"
+                 + (" (a dump and a gap unmatched: pairs may be off)" if self.unmatched else "")]
+        for at, gap, threads in sorted(self.stalls, key=lambda x: -x[1])[:top]:
+            lines.append(f"  {1e3 * gap:.0f} ms at {at:.2f} s:")
+            idle = [name for name, frames in threads.items() if frames and IDLE.match(frames[0])]
+            for name, frames in threads.items():
+                if name not in idle:
+                    lines.append(f"    {name}: " + " <- ".join(frames))
+            lines.append(f"    waiting on a lock, a queue or a socket: {', '.join(idle)}")
         return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve, workload
-from benchmarks.loop_profile import THREADS, CompileLog, StackSampler
+from benchmarks.loop_profile import THREADS, CompileLog, LoopStallDumps, StackSampler
 from benchmarks.random_adapters import clone_adapter, write_adapter
 from benchmarks.step_bench import make_engine
 from runtime.engine import Engine, LoopTimings
@@ -160,9 +160,25 @@ def gc_pause_log(pauses: list[float]) -> Iterator[None]:
         gc.callbacks.remove(callback)
 
 
+# the CUDA caching allocator's counters a run reports: device allocations and frees (a free
+# synchronizes the device), and retries after a failed allocation (which free the cache)
+ALLOCATOR_STATS = ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                   "num_sync_all_streams")
+
+
+def allocator_stats(engine: Engine) -> dict[str, int]:
+    if engine.device.type != "cuda":
+        return {}
+    import torch
+
+    stats = torch.cuda.memory_stats(engine.device)
+    return {k: stats.get(k, 0) for k in ALLOCATOR_STATS}
+
+
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int, profile: bool = False,
-                  kernels: tuple[float, float] | None = None) -> dict[str, Any]:
+                  kernels: tuple[float, float] | None = None,
+                  stall_dumps_s: float | None = None) -> dict[str, Any]:
     prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
                                         engine.model_info.vocab_size)
     assert engine.adapters is not None
@@ -175,14 +191,22 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     c = engine.scheduler.counters
     steps, rows, prefill_steps = c.num_steps, c.num_rows, c.num_prefill_steps
     timings = replace(engine.timings)
-    with contextlib.ExitStack() as stack:
+    allocator = allocator_stats(engine)
+    async with contextlib.AsyncExitStack() as stack:
         sampler = stack.enter_context(StackSampler(THREADS, 2e-3)) if profile else None
+        stalls = (await stack.enter_async_context(LoopStallDumps(stall_dumps_s))
+                  if stall_dumps_s else None)
         stack.enter_context(gc_pause_log(gc_pauses))
         compile_log = stack.enter_context(CompileLog())
         window = asyncio.create_task(kernel_window(engine, *kernels)) if kernels else None
         samples, start, end = await serve(engine, prompts, loras, arrivals,
                                           params_for(s.output_len), None)
     figures = run_figures(samples, start, end)
+    figures["allocator"] = {k: v - allocator[k] for k, v in allocator_stats(engine).items()}
+    if stalls is not None:  # every thread's stack in the loop's longest stalls
+        figures["loop_stalls"] = [{"at_s": at, "ms": 1e3 * gap, "threads": threads}
+                                  for at, gap, threads in stalls.stalls]
+        print(stalls.report(), flush=True)
     if window is not None:  # GPU time a step by kernel category, a window into the run
         figures["kernels"] = await window
     figures["distinct_adapters"] = len(set(loras))
@@ -218,7 +242,8 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
 
 
 def run(s: Settings, root: Path, log, profile: bool = False,
-        kernels: tuple[float, float] | None = None, poisson: bool = True) -> dict[str, Any]:
+        kernels: tuple[float, float] | None = None, poisson: bool = True,
+        stall_dumps_s: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, adapters = write_files(s, root)
     log(f"wrote the model and {s.num_adapters} adapters in {time.perf_counter() - t0:.1f} s")
@@ -234,7 +259,7 @@ def run(s: Settings, root: Path, log, profile: bool = False,
             out: dict[str, Any] = {}
             for label, names in (("few", few), ("many", many)):
                 out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed,
-                                                         profile, kernels)}
+                                                         profile, kernels, stall_dumps_s)}
                 sat = out[label]["saturated"]
                 if "kernels" in sat:
                     k = sat["kernels"]
@@ -286,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--kernel-window", type=float, nargs=2, metavar=("START_S", "SECONDS"),
                     help="CUDA only: profile every kernel in this window of each saturated run "
                          "and report GPU ms a step by kernel category and the GPU's busy share")
+    ap.add_argument("--stall-dumps-ms", type=float,
+                    help="dump every thread's stack whenever the event loop stays away this "
+                         "long in a saturated run (faulthandler's watchdog, no GIL needed)")
     ap.add_argument("--saturated-only", action="store_true", help="skip the Poisson runs")
     ap.add_argument("--lora-loader", choices=("auto", "process", "thread"), default="auto",
                     help="where adapter files are read (the server option of that name)")
@@ -312,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         result = run(s, Path(tmp), lambda m: print(m, flush=True), a.profile,
                      tuple(a.kernel_window) if a.kernel_window else None,
-                     poisson=not a.saturated_only)
+                     poisson=not a.saturated_only,
+                     stall_dumps_s=a.stall_dumps_ms / 1e3 if a.stall_dumps_ms else None)
     result["switch_interval_s"] = sys.getswitchinterval()  # as the engine left it
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
@@ -337,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + "; the longest upload's "
                   + ", ".join(f"{p} {v:.2f}" for p, v in up["parts_of_max"].items())
                   + f"; {gcp['count']} garbage collections, {gcp['total']:.1f} ms, the longest "
-                  f"{gcp['max']:.2f}")
+                  f"{gcp['max']:.2f}" + "".join(f"; {k} {v}" for k, v in r["allocator"].items()))
     return result
 
 

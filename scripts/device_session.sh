@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s27a   (one GPU) 1000 adapters at cap 256 with every thread's stack
+#                                    dumped in the loop's stalls of 100 ms or more, two
+#                                    processes; about 4 min
 #   scripts/device_session.sh s26e   (one GPU, prepared) the upload thread's GPU tests; 1000
 #                                    adapters at cap 256 with the upload enqueue time by part
 #                                    and the collector's pauses: by default (startup objects
@@ -706,6 +709,17 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 300 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
+    ;;
+  s27a)  # one GPU: what the other threads do while an upload holds the loop 300 ms: 1000
+    # adapters at cap 256, every thread's stack dumped whenever the loop stays away 100 ms,
+    # and the caching allocator's device allocations, frees and retries a run; two processes
+    for i in 1 2; do
+      timeout $((i == 1 ? 150 : 110)) python3 -m benchmarks.many_adapters --saturated-only \
+        --max-loras-per-batch 256 --max-loaded-loras 512 --stall-dumps-ms 100 \
+        --out "$OUT/many_stalls_$i.json" > "$OUT/many_stalls_$i.log" 2>&1
+      echo "== many_adapters cap 256 --stall-dumps-ms 100: rc $?"
+      grep -vE "^(\[W|Writing|Loading)" "$OUT/many_stalls_$i.log" | tail -60
+    done
     ;;
   s26e)  # one GPU (prepared): where a many-adapter upload's 2 ms (up to 350) of loop time
     # goes: the upload thread's GPU test, then 1000 adapters at cap 256 by default (startup

@@ -7,8 +7,10 @@ adapters) through both endpoints; the baseline runs --quick on a tiny model, and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,6 +306,53 @@ def test_loop_profile_quick() -> None:
     # busy too briefly for a count to be assured
     assert set(result["profile"]) == {"runner", "loop", "adapter loads"}
     assert result["compiles"]["total"] == 0  # the interpreter compiles nothing
+
+
+def test_loop_stall_dumps_catch_the_stall_and_the_other_threads() -> None:
+    """A loop blocked for 250 ms is one stall, dumped while it lasts: the loop's frame is the
+    blocking call's, a busy thread's frames are its work's, an idle one is counted idle; a
+    loop that keeps coming back within the threshold makes no dump."""
+    import threading
+
+    from benchmarks.loop_profile import IDLE, LoopStallDumps
+
+    stop = threading.Event()
+
+    def busy_worker() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    async def go() -> tuple[LoopStallDumps, LoopStallDumps]:
+        worker = threading.Thread(target=busy_worker, name="busy-worker")
+        idle = threading.Thread(target=stop.wait, name="idle-worker")
+        worker.start()
+        idle.start()
+        try:
+            async with LoopStallDumps(after_s=0.1) as quiet:
+                for _ in range(10):
+                    await asyncio.sleep(0.01)
+            async with LoopStallDumps(after_s=0.1) as stalled:
+                await asyncio.sleep(0.03)
+                time.sleep(0.25)  # the stall
+                await asyncio.sleep(0.03)
+        finally:
+            stop.set()
+            worker.join()
+            idle.join()
+        return quiet, stalled
+
+    quiet, stalled = asyncio.run(go())
+    assert quiet.stalls == []
+    assert len(stalled.stalls) == 1 and not stalled.unmatched
+    at, gap, threads = stalled.stalls[0]
+    assert 0.24 <= gap < 1.0 and 0 <= at < 0.2
+    assert "time.sleep(0.25)" not in threads["MainThread"][0]  # frames, not source lines
+    assert threads["MainThread"][0].startswith("go (test_benchmarks.py:")
+    assert any(f.startswith("busy_worker (") for f in threads["busy-worker"])
+    assert IDLE.match(threads["idle-worker"][0])
+    report = stalled.report()
+    assert report.startswith("1 loop stalls of 100 ms or more")
+    assert "busy-worker: " in report and "idle-worker" in report.splitlines()[-1]
 
 
 def test_compile_log_records_chains_and_restores() -> None:
