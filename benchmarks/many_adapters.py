@@ -251,8 +251,10 @@ def run(s: Settings, root: Path, log, profile: bool = False,
     many = [f"lora{i}" for i in range(s.num_adapters)]
 
     async def go() -> dict[str, Any]:
+        t_build = time.perf_counter()
         engine = build(s, model, adapters)
         await engine.start()
+        log(f"engine built and started in {time.perf_counter() - t_build:.1f} s")
         try:
             await one_run(engine, replace(s, num_requests=2 * s.few_adapters, output_len=4),
                           few, math.inf, 999)  # warm-up: kernels, the few adapters resident

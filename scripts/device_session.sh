@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s27b   (one GPU) the GEMM kernels F.linear picks by prefill token
+#                                    count against the warm-up's; 1000 adapters at cap 256 with
+#                                    CUDA_MODULE_LOADING=EAGER and the stall dumps; about 6 min
 #   scripts/device_session.sh s27a   (one GPU) 1000 adapters at cap 256 with every thread's stack
 #                                    dumped in the loop's stalls of 100 ms or more, two
 #                                    processes; about 4 min
@@ -709,6 +712,21 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 300 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
+    ;;
+  s27b)  # one GPU: are the loop's stalls CUDA loading kernels lazily mid-serving? The GEMM
+    # kernels F.linear picks at every 8th prefill token count against those the warm-up's
+    # powers of two run; then 1000 adapters at cap 256 with every kernel loaded at start
+    # (CUDA_MODULE_LOADING=EAGER) and the stall dumps, two processes
+    timeout 120 python3 -m benchmarks.gemm_kernels --out "$OUT/gemm_kernels.json" \
+      > "$OUT/gemm_kernels.log" 2>&1
+    echo "== gemm_kernels: rc $?"; cat "$OUT/gemm_kernels.log" | cut -c1-170 | head -150
+    for i in 1 2; do
+      CUDA_MODULE_LOADING=EAGER timeout $((i == 1 ? 200 : 150)) python3 -m benchmarks.many_adapters \
+        --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 --stall-dumps-ms 100 \
+        --out "$OUT/many_eager_$i.json" > "$OUT/many_eager_$i.log" 2>&1
+      echo "== many_adapters cap 256 CUDA_MODULE_LOADING=EAGER: rc $?"
+      grep -vE "^(\[W|Writing|Loading)" "$OUT/many_eager_$i.log" | tail -40
+    done
     ;;
   s27a)  # one GPU: what the other threads do while an upload holds the loop 300 ms: 1000
     # adapters at cap 256, every thread's stack dumped whenever the loop stays away 100 ms,
