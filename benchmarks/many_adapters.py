@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import math
 import sys
@@ -37,6 +38,7 @@ from benchmarks.step_bench import make_engine
 from runtime.engine import Engine, LoopTimings
 
 LOAD_FRACTION = 0.8
+TIMELINE_EVERY_S = 0.1  # a run's counters are read this often (its timeline)
 GOAL_KEEP = 0.9  # the many-adapter workload keeps >= 90% of the 8-adapter throughput
 TARGETS = ("q_proj", "v_proj")
 
@@ -175,6 +177,40 @@ def allocator_stats(engine: Engine) -> dict[str, int]:
     return {k: stats.get(k, 0) for k in ALLOCATOR_STATS}
 
 
+def timeline_point(engine: Engine, start: float) -> tuple[float, ...]:
+    """(seconds since `start`, disk loads, uploads, steps, rows, prefill steps), cumulative."""
+    assert engine.adapters is not None
+    loads, c = engine.adapters.counters.loads, engine.scheduler.counters
+    return (time.perf_counter() - start, loads["host"], loads["gpu"], c.num_steps, c.num_rows,
+            c.num_prefill_steps)
+
+
+async def count_timeline(engine: Engine, start: float, out: list[tuple[float, ...]]) -> None:
+    """Append a timeline_point every TIMELINE_EVERY_S until cancelled."""
+    while True:
+        out.append(timeline_point(engine, start))
+        await asyncio.sleep(TIMELINE_EVERY_S)
+
+
+def timeline_table(points: list[tuple[float, ...]], samples: list[Any], start: float,
+                   every_s: float) -> list[dict[str, float]]:
+    """Per `every_s` bucket of a run: disk loads, uploads, steps, rows a step, prefill steps
+    (from count_timeline's points), and first tokens and completions (from the samples)."""
+    rows = []
+    stride = max(1, round(every_s / TIMELINE_EVERY_S))
+    for a, b in itertools.pairwise(points[:-1:stride] + points[-1:]):
+        d = [y - x for x, y in zip(a, b, strict=True)]
+        t0, t1 = a[0], b[0]
+        rows.append({
+            "t": t0, "disk_loads": d[1], "uploads": d[2], "steps": d[3],
+            "rows_per_step": d[4] / max(1, d[3]), "prefill_steps": d[5],
+            "first_tokens": sum(x.first_token is not None and t0 <= x.first_token - start < t1
+                                for x in samples),
+            "completions": sum(x.finished is not None and t0 <= x.finished - start < t1
+                               for x in samples)})
+    return rows
+
+
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int, profile: bool = False,
                   kernels: tuple[float, float] | None = None,
@@ -199,9 +235,14 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
         stack.enter_context(gc_pause_log(gc_pauses))
         compile_log = stack.enter_context(CompileLog())
         window = asyncio.create_task(kernel_window(engine, *kernels)) if kernels else None
+        points: list[tuple[float, ...]] = []
+        counting = asyncio.create_task(count_timeline(engine, time.perf_counter(), points))
         samples, start, end = await serve(engine, prompts, loras, arrivals,
                                           params_for(s.output_len), None)
+        counting.cancel()
+        points.append(timeline_point(engine, start))  # the last, partial bucket's end
     figures = run_figures(samples, start, end)
+    figures["timeline"] = timeline_table(points, samples, start, 0.5)
     figures["allocator"] = {k: v - allocator[k] for k, v in allocator_stats(engine).items()}
     if stalls is not None:  # every thread's stack in the loop's longest stalls
         figures["loop_stalls"] = [{"at_s": at, "ms": 1e3 * gap, "threads": threads}
@@ -269,6 +310,11 @@ def run(s: Settings, root: Path, log, profile: bool = False,
                         f"{100 * k['gpu_busy']:.0f} % of {k['window_s']:.1f} s, "
                         f"{k['gpu_ms_per_step']:.2f} ms a step: " + ", ".join(
                             f"{c} {v:.2f}" for c, v in k["ms_per_step"].items()))
+                log(f"{label} saturated, by half second (t s: disk loads, uploads, steps, "
+                    "rows a step, prefill steps, first tokens, completions): " + "; ".join(
+                        f"{r['t']:.1f}: {r['disk_loads']} {r['uploads']} {r['steps']} "
+                        f"{r['rows_per_step']:.0f} {r['prefill_steps']} {r['first_tokens']} "
+                        f"{r['completions']}" for r in sat["timeline"]))
                 log(f"{label} saturated: {sat['request_throughput']:.2f} req/s, "
                     f"{sat['mean_rows_per_step']:.1f} rows a step, "
                     f"{100 * sat['prefill_step_fraction']:.0f} % of steps prefill, "

@@ -252,6 +252,13 @@ def test_many_adapters_quick(tmp_path: Path) -> None:
     assert result["many"]["saturated"]["disk_loads"] > 0
     assert result["many"]["saturated"]["uploads"] > 0
     assert result["many"]["saturated"]["loop_ms"]["steps"] == result["many"]["saturated"]["steps"]
+    for label in ("few", "many"):  # the timeline's buckets add up to the run's totals
+        r = result[label]["saturated"]
+        line = r["timeline"]
+        assert line and [b["t"] for b in line] == sorted(b["t"] for b in line)
+        assert sum(b["completions"] for b in line) == r["num_completed"]
+        assert sum(b["uploads"] for b in line) == r["uploads"]
+        assert sum(b["steps"] for b in line) == r["steps"]
     assert isinstance(result["keep_poisson"]["met"], bool)
     # a batch holds at most max_loras_per_batch (4) distinct adapters: with 40 adapters and
     # one request each mostly, the many-adapter batches are smaller than the few-adapter ones
