@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -614,6 +615,44 @@ async def test_roots_apply_to_runtime_loads(folders: dict[str, Path], tmp_path: 
         await m.acquire_or_resolve("nope")
     await asyncio.gather(m.acquire_or_resolve("d"), m.acquire_or_resolve("d"))
     assert [i.refs for i in m.list() if i.name == "d"] == [2]
+
+
+async def test_on_demand_burst_reads_before_all_resolved(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of requests for new names: the first adapter's read starts before the last
+    name is resolved (reads never queue behind every resolve and config read of the burst), and
+    concurrent requests for one name resolve it once."""
+    import runtime.adapters.manager as manager_module
+
+    root = tmp_path / "burst"
+    names = [f"n{i}" for i in range(8)]
+    for name in names:
+        shutil.copytree(folders["a"], root / name)
+    m = make_manager(lora_roots=(str(root),), lora_resolve_on_demand=True,
+                     max_loras_per_batch=8, max_loaded_loras=8)
+    events: list[str] = []
+    resolve, read_host = manager_module.resolve_on_demand, m._read_host
+
+    def slow_resolve(name: str, roots: tuple[str, ...]) -> str | None:
+        time.sleep(0.02)
+        events.append(f"resolve {name}")
+        return resolve(name, roots)
+
+    def logged_read(path: str) -> Any:
+        events.append(f"read {Path(path).name}")
+        return read_host(path)
+
+    monkeypatch.setattr(manager_module, "resolve_on_demand", slow_resolve)
+    monkeypatch.setattr(m, "_read_host", logged_read)
+    await asyncio.gather(*(m.acquire_or_resolve(n) for n in names + names[:3]))
+    resolves = [i for i, e in enumerate(events) if e.startswith("resolve")]
+    assert len(resolves) == len(names)  # n0-n2's second requests shared the first's resolve
+    assert events.index("read n0") < events.index("resolve n7"), events
+    assert sorted(e for e in events if e.startswith("read")) == [f"read {n}" for n in names]
+    assert {i.name: i.refs for i in m.list()} == {n: 1 + (n in names[:3]) for n in names}
+    assert m._resolving == {}
+    m.close()
 
 
 def test_paths_with_roots(tmp_path: Path) -> None:

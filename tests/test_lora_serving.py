@@ -147,7 +147,10 @@ def test_more_adapters_than_slots(setup: dict[str, Any], upload_thread: bool, mo
     for (name, i), out, want in zip(pairs, outs, expected):
         assert out == want, f"{name} on prompt {i}: differs from its solo output"
     c, counters = engine.scheduler.counters, manager.counters
-    assert c.max_adapters_in_step == NUM_SLOTS and c.num_mixed_adapter_steps > 0
+    # a step holds every slot's adapter; on the upload thread, a step leaves out an upload
+    # not yet issued, and every three-adapter step may have met one (seen in one run in five)
+    assert c.num_mixed_adapter_steps > 0
+    assert c.max_adapters_in_step == NUM_SLOTS or upload_thread and c.max_adapters_in_step >= 2
     assert counters.evictions["gpu"] >= len(NAMES) - NUM_SLOTS
     assert pinned not in {n for _, n in counters.recent_evictions}
     assert len(set(pinned_slots)) == 1 and pinned_slots[0] is not None, "the pinned slot moved"
