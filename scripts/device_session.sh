@@ -162,6 +162,8 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s27d   (one GPU) 1000 adapters at cap 256, on-demand metadata on its
+#                                    own thread, up to three processes; about 5 min
 #   scripts/device_session.sh s27c   (one GPU) 1000 adapters at cap 256, each run's timeline by
 #                                    half second, two processes; about 4 min
 #   scripts/device_session.sh s27b   (one GPU) the GEMM kernels F.linear picks by prefill token
@@ -714,6 +716,17 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 300 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
+    ;;
+  s27d)  # one GPU: 1000 adapters at cap 256 after on-demand resolves moved off the read
+    # threads (one metadata job a name), with the timeline, up to three processes
+    for i in 1 2 3; do
+      if [ "$SECONDS" -gt 200 ]; then echo "== many_cap $i: skipped, out of time"; continue; fi
+      timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters --saturated-only \
+        --max-loras-per-batch 256 --max-loaded-loras 512 \
+        --out "$OUT/many_meta_$i.json" > "$OUT/many_meta_$i.log" 2>&1
+      echo "== many_adapters cap 256 (metadata thread): rc $?"
+      grep -vE "^(\[W|Writing|Loading)" "$OUT/many_meta_$i.log" | tail -12
+    done
     ;;
   s27c)  # one GPU: when the 1000-adapter run loses its time: 1000 adapters at cap 256 with
     # each saturated run's timeline by half second (disk loads, uploads, steps, rows a step,
