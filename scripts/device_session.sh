@@ -720,7 +720,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
   s27d)  # one GPU: 1000 adapters at cap 256 after on-demand resolves moved off the read
     # threads (one metadata job a name), with the timeline, up to three processes
     for i in 1 2 3; do
-      if [ "$SECONDS" -gt 200 ]; then echo "== many_cap $i: skipped, out of time"; continue; fi
+      if [ "$SECONDS" -gt 130 ]; then echo "== many_cap $i: skipped, out of time"; continue; fi
       timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters --saturated-only \
         --max-loras-per-batch 256 --max-loaded-loras 512 \
         --out "$OUT/many_meta_$i.json" > "$OUT/many_meta_$i.log" 2>&1
