@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s28a   (one GPU, prepared) 1000 adapters at cap 256 with two reader
+#                                    processes against four (LORASERVE_LOADER_WORKERS), two
+#                                    processes each; about 6 min
 #   scripts/device_session.sh s27d   (one GPU) 1000 adapters at cap 256, on-demand metadata on its
 #                                    own thread, up to three processes; about 5 min
 #   scripts/device_session.sh s27c   (one GPU) 1000 adapters at cap 256, each run's timeline by
@@ -716,6 +719,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 300 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
+    ;;
+  s28a)  # one GPU (prepared): the 1000-adapter load ramp with more readers: cap 256, two
+    # reader processes (the default) against four, alternating, two processes each
+    i=0
+    for knob in NONE=1 LORASERVE_LOADER_WORKERS=4 NONE=2 LORASERVE_LOADER_WORKERS=4; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 420 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
+      env "$knob" timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters \
+        --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 \
+        --out "$OUT/many_readers_$i.json" > "$OUT/many_readers_$i.log" 2>&1
+      echo "== many_adapters cap 256 $knob: rc $?"
+      grep -E "^many saturated|keeps" "$OUT/many_readers_$i.log"
+    done
     ;;
   s27d)  # one GPU: 1000 adapters at cap 256 after on-demand resolves moved off the read
     # threads (one metadata job a name), with the timeline, up to three processes

@@ -655,6 +655,21 @@ async def test_on_demand_burst_reads_before_all_resolved(
     m.close()
 
 
+async def test_loader_workers_setting(folders: dict[str, Path], monkeypatch) -> None:
+    """LORASERVE_LOADER_WORKERS sets how many reads run at once (loader threads here); a value
+    under 1 or not a number is an error naming it."""
+    monkeypatch.setenv("LORASERVE_LOADER_WORKERS", "3")
+    m = make_manager(max_loras_per_batch=4)
+    assert m.loader_workers == 3 and m._executor._max_workers == 3
+    await asyncio.gather(*(m.load(n, str(folders[n])) for n in ("a", "b", "c")))
+    assert {i.name for i in m.list()} == {"a", "b", "c"}
+    m.close()
+    for bad, message in (("0", "LORASERVE_LOADER_WORKERS: 0 "), ("two", "not an integer")):
+        monkeypatch.setenv("LORASERVE_LOADER_WORKERS", bad)
+        with pytest.raises(ValueError, match=message):
+            make_manager()
+
+
 def test_paths_with_roots(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "ok" / "inner").mkdir(parents=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ops.settings import env_flag
+from ops.settings import env_flag, env_int
 from runtime.adapters.paths import resolve_adapter_path, resolve_on_demand
 from runtime.adapters.peft_format import (
     AdapterConfig,
@@ -186,7 +186,9 @@ def _available_host_bytes() -> int | None:
     return None
 
 
-LOADER_WORKERS = 2  # loader threads, and reader processes where reads run in processes
+# loader threads, and reader processes where reads run in processes (LORASERVE_LOADER_WORKERS
+# sets another count, for A/B runs)
+LOADER_WORKERS = 2
 
 
 def uses_reader_processes(config: ServerConfig, pool: LoraPool) -> bool:
@@ -243,6 +245,7 @@ class AdapterManager:
             pool = LoraPool(shape, config.max_loras_per_batch, max_rank, targets, device, dtype,
                             stacked)
         self.pool = pool
+        self.loader_workers = env_int("LORASERVE_LOADER_WORKERS", LOADER_WORKERS, least=1)
         # Reads in reader processes (off this process's GIL) need host rows they can map.
         self.reader: ProcessReader | None = None
         in_processes = uses_reader_processes(config, pool)
@@ -250,7 +253,7 @@ class AdapterManager:
             pool.share_host_rows()
         self.host_rows_pinned = self._reserve_host_rows()
         if in_processes:
-            self.reader = ProcessReader(pool, shape, workers=LOADER_WORKERS)
+            self.reader = ProcessReader(pool, shape, workers=self.loader_workers)
         self.counters = AdapterCounters()
         # Host-to-device upload speed, learnt from finished uploads (starts conservative).
         self.upload_bytes_per_s = 10e9
@@ -275,12 +278,12 @@ class AdapterManager:
         self._host_waiting: dict[str, _Adapter] = {}
         self._slots = [_Slot() for _ in range(config.max_loras_per_batch)]
         self._clock = itertools.count(1)
-        # Reads (the heavy part: into a host row) on LOADER_WORKERS threads; the small file
+        # Reads (the heavy part: into a host row) on loader_workers threads; the small file
         # work before each (resolving an on-demand name, reading and checking the config) on a
         # thread of its own. On one FIFO pool, a burst of requests for N new adapters queued
         # N resolves, then N config reads, ahead of the first read: on the H200, 395 new
         # adapters at once finished no read in the first half second.
-        self._executor = ThreadPoolExecutor(max_workers=LOADER_WORKERS,
+        self._executor = ThreadPoolExecutor(max_workers=self.loader_workers,
                                             thread_name_prefix="lora-load")
         self._meta_executor = ThreadPoolExecutor(max_workers=1,
                                                  thread_name_prefix="lora-load-meta")
