@@ -297,8 +297,15 @@ async def test_pins(folders: dict[str, Path]) -> None:
     assert [i.pinned for i in m.list()] == [True, True, False, False, False]
 
 
-async def test_upload_failure_leaves_no_half_written_slot(folders: dict[str, Path]) -> None:
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_copy", "foreach"])
+async def test_upload_failure_leaves_no_half_written_slot(
+    folders: dict[str, Path], foreach: bool, monkeypatch
+) -> None:
+    """A copy failing midway (LORASERVE_UPLOAD_FOREACH=1: between the two foreach halves)
+    leaves the slot unused; the next upload writes it whole."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if foreach else "0")
     m = make_manager()
+    assert m._foreach_copies is foreach
     await m.load("a", str(folders["a"]))
 
     def fail(name: str, slot: int) -> None:
@@ -425,15 +432,19 @@ async def test_upload_thread_job_outlives_an_unload(folders: dict[str, Path], mo
         m.close()
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_copy", "foreach"])
 @pytest.mark.parametrize("stacked", [(), ("qkv",)], ids=["slab", "stacked"])
 async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
-    folders: dict[str, Path], tmp_path: Path, stacked: tuple[str, ...]
+    folders: dict[str, Path], tmp_path: Path, stacked: tuple[str, ...], foreach: bool,
+    monkeypatch,
 ) -> None:
     """A slot is one row of the pool's slab: an upload is three copies (rank, weights,
     scalings), and it overwrites everything the previous occupant wrote, so slices the new
     adapter does not target read zero with scaling 0. A stacked group's A rows live in its
     stack below the base weight: one copy more, which writes them there, clears the rows the
-    previous occupant left (v's) and leaves the base weight's rows as they were."""
+    previous occupant left (v's) and leaves the base weight's rows as they were. The same
+    with the copies in one foreach call (LORASERVE_UPLOAD_FOREACH=1)."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if foreach else "0")
     m = make_manager(max_loras_per_batch=1, stacked=stacked)
     assert m.pool.stacked == stacked
     group = m.pool.layers[0]["qkv"]
@@ -861,11 +872,15 @@ async def _cuda_uploads(tmp_path: Path, stacked: tuple[str, ...]) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_copy", "foreach"])
 @pytest.mark.parametrize("stacked", [(), ("qkv", "down")])
-def test_cuda_uploads_real_shapes(tmp_path: Path, stacked: tuple[str, ...]) -> None:
+def test_cuda_uploads_real_shapes(tmp_path: Path, stacked: tuple[str, ...], foreach: bool,
+                                  monkeypatch) -> None:
     """Pinned host copies, copy-stream uploads, ready and last-use events on an H200; with
     stacked groups too, whose A goes by a copy into a strided region of the stack, still
-    asynchronous and still behind the last-use event."""
+    asynchronous and still behind the last-use event; and with an upload's copies in one
+    foreach call (LORASERVE_UPLOAD_FOREACH=1)."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if foreach else "0")
     asyncio.run(_cuda_uploads(tmp_path, stacked))
 
 

@@ -340,7 +340,7 @@ def test_loop_stall_dumps_catch_the_stall_and_the_other_threads() -> None:
                     await asyncio.sleep(0.01)
             async with LoopStallDumps(after_s=0.1) as stalled:
                 await asyncio.sleep(0.03)
-                time.sleep(0.25)  # the stall
+                time.sleep(0.25)  # noqa: ASYNC251 - the stall, on purpose
                 await asyncio.sleep(0.03)
         finally:
             stop.set()

@@ -111,12 +111,14 @@ def metric(metrics: ServingMetrics, name: str, **labels: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("upload_thread", [False, True], ids=["loop", "upload_thread"])
-def test_more_adapters_than_slots(setup: dict[str, Any], upload_thread: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("mode", ["loop", "upload_thread", "foreach"])
+def test_more_adapters_than_slots(setup: dict[str, Any], mode: str, monkeypatch) -> None:
     """3x as many adapters as slots, requests interleaved; one adapter pinned. Uploads issued
-    by the loop, and by the upload thread (LORASERVE_UPLOAD_THREAD=1)."""
-    if upload_thread:
-        monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
+    by the loop, by the upload thread (LORASERVE_UPLOAD_THREAD=1), and by the loop in one
+    foreach copy each (LORASERVE_UPLOAD_FOREACH=1)."""
+    upload_thread = mode == "upload_thread"
+    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1" if upload_thread else "0")
+    monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if mode == "foreach" else "0")
     pinned = NAMES[0]
     pairs: list[Pair] = [(name, i) for i, name in enumerate(NAMES * 2)]
     pairs += [(None, 18), (None, 19)]
@@ -156,6 +158,7 @@ def test_more_adapters_than_slots(setup: dict[str, Any], upload_thread: bool, mo
     assert len(set(pinned_slots)) == 1 and pinned_slots[0] is not None, "the pinned slot moved"
     assert manager.state(pinned).value == "resident"
     assert (manager._uploader is not None) == upload_thread
+    assert manager._foreach_copies == (mode == "foreach")
     assert sum(a.refs for a in manager.list()) == 0
     assert all(s.locks == 0 for s in manager._slots)
     # metrics: every request counted once by residency at arrival; loads and evictions exported

@@ -48,14 +48,16 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize(("overlap_loading", "upload_thread"),
-                         [(True, False), (False, False), (None, False), (True, True),
-                          (False, True)])
+@pytest.mark.parametrize(("overlap_loading", "upload_thread", "foreach"),
+                         [(True, False, False), (False, False, False), (None, False, False),
+                          (True, True, False), (False, True, False), (True, False, True),
+                          (None, False, True)])
 def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, upload_thread,  # noqa: F811
-                                                  monkeypatch):
+                                                  foreach, monkeypatch):
     """4 adapters through 2 slots, uploads overlapping compute, against one request at a time
-    without overlap; uploads issued by the loop, or by the upload thread
-    (LORASERVE_UPLOAD_THREAD=1) for the engine under test."""
+    without overlap; uploads issued by the loop, by the upload thread
+    (LORASERVE_UPLOAD_THREAD=1), or by the loop in one foreach copy each
+    (LORASERVE_UPLOAD_FOREACH=1) for the engine under test."""
     model, adapters = setup
     ps = prompts(len(NAMES), read_vocab(model), seed=5, lo=4, hi=60)
     common = lora_config(adapters, "csgmv", "float32")
@@ -65,9 +67,12 @@ def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, upload
     free_gpu()
     if upload_thread:
         monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
+    if foreach:
+        monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1")
     engine = make_engine(model, **{**common, "max_loras_per_batch": 2,
                                    "enable_lora_overlap_loading": overlap_loading})
     assert (engine.adapters._uploader is not None) == upload_thread
+    assert engine.adapters._foreach_copies == foreach
     assert engine.runner.graphs is not None
     out = run(all_at_once(engine, ps, NAMES))
     uploads = engine.adapters.counters.loads["gpu"]
