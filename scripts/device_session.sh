@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s28b   (one GPU, prepared) the foreach upload's GPU tests; 1000
+#                                    adapters at cap 256 by default against
+#                                    LORASERVE_UPLOAD_FOREACH=1, two processes each; about 8 min
 #   scripts/device_session.sh s28a   (one GPU, prepared) 1000 adapters at cap 256 with two reader
 #                                    processes against four (LORASERVE_LOADER_WORKERS), two
 #                                    processes each; about 6 min
@@ -719,6 +722,24 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 300 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
+    ;;
+  s28b)  # one GPU (prepared): an upload's copies in one foreach call: its GPU tests (copy-stream
+    # uploads at real shapes, and serving through 2 slots against the synchronous path), then
+    # 1000 adapters at cap 256 by default against LORASERVE_UPLOAD_FOREACH=1, alternating, two
+    # processes each, with the enqueue time by part
+    gpu_tests upload_foreach_tests 200 tests/test_adapters.py tests/test_pipeline_gpu.py \
+      -k "cuda_uploads or overlap_loading"
+    i=0
+    for knob in NONE=1 LORASERVE_UPLOAD_FOREACH=1 NONE=2 LORASERVE_UPLOAD_FOREACH=1; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 480 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
+      env "$knob" timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters \
+        --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 \
+        --out "$OUT/many_foreach_$i.json" > "$OUT/many_foreach_$i.log" 2>&1
+      echo "== many_adapters cap 256 $knob: rc $?"
+      grep -E "^many saturated|keeps|^  many:" "$OUT/many_foreach_$i.log"
+    done
+    rm -f "$OUT"/*.xml
     ;;
   s28a)  # one GPU (prepared): the 1000-adapter load ramp with more readers: cap 256, two
     # reader processes (the default) against four, alternating, two processes each
