@@ -4,7 +4,8 @@ A probe thread stands in for the runner thread: it makes one small torch call at
 gives the GIL up and must get it back, as a kernel launch does) and times it, alone, while
 loader threads read rank-8 q/v adapters of Llama-3.1-8B shape into host rows in this process
 (`lora_loader = "thread"`), and while reader processes do (`"process"`). The switch interval
-is the engine's (0.5 ms).
+is the engine's (0.5 ms). Then the time to issue an upload's copies one call a copy and in one
+foreach call, beside 0, 1 and 2 threads running Python (`upload_calls`).
 
     python -m benchmarks.gil_probe --out gil_probe.json
     python -m benchmarks.gil_probe --quick
@@ -72,6 +73,39 @@ def with_readers(read: Callable[[], object], seconds: float, workers: int) -> di
     return {**r, "loads_per_s": count[0] / (seconds + 0.2)}
 
 
+def upload_calls(seconds: float, busy_threads: int) -> dict[str, float]:
+    """µs to issue one upload's four copies (small CPU tensors: the call, not the bytes, is
+    timed, as on CUDA where the copies are asynchronous) one call a copy, as the manager does
+    by default, and in one foreach call (LORASERVE_UPLOAD_FOREACH=1), beside `busy_threads`
+    threads running Python (the runner, the loaders)."""
+    dst = [torch.empty(64) for _ in range(4)]
+    src = [torch.ones(64) for _ in range(4)]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(100))
+
+    def timed(issue: Callable[[], object]) -> float:
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            issue()
+            calls += 1
+        return (time.perf_counter() - t0) / calls * 1e6
+
+    threads = [threading.Thread(target=spin) for _ in range(busy_threads)]
+    for t in threads:
+        t.start()
+    try:
+        return {"per_copy_us": timed(lambda: [d.copy_(x, non_blocking=True)
+                                              for d, x in zip(dst, src, strict=True)]),
+                "foreach_us": timed(lambda: torch._foreach_copy_(dst, src, non_blocking=True))}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -102,7 +136,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                LOADER_WORKERS)
         finally:
             reader.close()
+    result["upload_calls"] = {n: upload_calls(seconds, n) for n in (0, 1, 2)}
     print(f"one read in this process: {result['one_read_ms']:.1f} ms")
+    for n, r in result["upload_calls"].items():
+        print(f"an upload's 4 copies beside {n} busy Python threads: {r['per_copy_us']:.1f} µs "
+              f"one call a copy, {r['foreach_us']:.1f} µs in one foreach call")
     for k in ("alone", "threads", "processes"):
         r = result[k]
         loads = f", {r['loads_per_s']:.0f} reads/s" if "loads_per_s" in r else ""

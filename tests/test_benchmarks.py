@@ -287,7 +287,7 @@ def test_many_adapters_cap_flag(tmp_path: Path) -> None:
 
 def test_gil_probe_quick() -> None:
     """The GIL probe measures a small call alone, beside loader threads and beside reader
-    processes, and both kinds of reader really read."""
+    processes, and both kinds of reader really read; and an upload's copies' issue."""
     from benchmarks import gil_probe
 
     result = gil_probe.main(["--quick"])
@@ -295,6 +295,10 @@ def test_gil_probe_quick() -> None:
     for kind in ("alone", "threads", "processes"):
         assert result[kind]["calls"] > 0 and result[kind]["p99_us"] >= result[kind]["median_us"]
     assert result["threads"]["loads_per_s"] > 0 and result["processes"]["loads_per_s"] > 0
+    # an upload's copies timed both ways beside 0, 1 and 2 busy threads
+    assert sorted(result["upload_calls"]) == [0, 1, 2]
+    assert all(r["per_copy_us"] > 0 and r["foreach_us"] > 0
+               for r in result["upload_calls"].values())
 
 
 def test_loop_profile_quick() -> None:
