@@ -655,6 +655,12 @@ class TPAdapterManager(AdapterManager):
         s.ready = GatheredReady(s.ready, self.driver, slot, generation)
         return slot
 
+    @staticmethod
+    def _own_ready(ready: Any) -> Any:
+        """Rank 0's own ready event inside the gathered flag: a failure issuing it (on the
+        upload thread, or at a batch's poll) then frees the slot, as on one GPU."""
+        return ready.local if isinstance(ready, GatheredReady) else ready
+
     def admit(
         self, name: str, batch_slots: set[int], overlap: bool | None, max_wait_s: float = 0.0
     ) -> int | None:

@@ -162,9 +162,11 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
-#   scripts/device_session.sh s28b   (one GPU, prepared) the foreach upload's GPU tests; 1000
-#                                    adapters at cap 256 by default against
-#                                    LORASERVE_UPLOAD_FOREACH=1, two processes each; about 8 min
+#   scripts/device_session.sh s28b   (one GPU, prepared) the GPU tests of the upload modes
+#                                    (foreach, batched at each poll); about 5 min
+#   scripts/device_session.sh s28c   (one GPU, prepared) 1000 adapters at cap 256 by default,
+#                                    LORASERVE_UPLOAD_BATCH=1, LORASERVE_UPLOAD_FOREACH=1, two
+#                                    processes each; about 8 min
 #   scripts/device_session.sh s28a   (one GPU, prepared) 1000 adapters at cap 256 with two reader
 #                                    processes against four (LORASERVE_LOADER_WORKERS), two
 #                                    processes each; about 6 min
@@ -723,23 +725,28 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
     ;;
-  s28b)  # one GPU (prepared): an upload's copies in one foreach call: its GPU tests (copy-stream
-    # uploads at real shapes, and serving through 2 slots against the synchronous path), then
-    # 1000 adapters at cap 256 by default against LORASERVE_UPLOAD_FOREACH=1, alternating, two
-    # processes each, with the enqueue time by part
-    gpu_tests upload_foreach_tests 200 tests/test_adapters.py tests/test_pipeline_gpu.py \
+  s28b)  # one GPU (prepared): the GPU tests of an upload's copies in one foreach call
+    # (LORASERVE_UPLOAD_FOREACH) and of uploads issued together at each poll
+    # (LORASERVE_UPLOAD_BATCH): copy-stream uploads at real shapes, serving through 2 slots
+    # against the synchronous path (every upload mode)
+    gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
+    rm -f "$OUT"/*.xml
+    ;;
+  s28c)  # one GPU (prepared): 1000 adapters at cap 256 by default, with uploads issued
+    # together at each poll, and with each upload's copies in one foreach call, alternating,
+    # two processes each, with the enqueue time by part
     i=0
-    for knob in NONE=1 LORASERVE_UPLOAD_FOREACH=1 NONE=2 LORASERVE_UPLOAD_FOREACH=1; do
+    for knob in NONE=1 LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1 NONE=2 \
+        LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1; do
       i=$((i + 1))
-      if [ "$SECONDS" -gt 480 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
+      if [ "$SECONDS" -gt 500 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
       env "$knob" timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters \
         --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 \
-        --out "$OUT/many_foreach_$i.json" > "$OUT/many_foreach_$i.log" 2>&1
+        --out "$OUT/many_upload_$i.json" > "$OUT/many_upload_$i.log" 2>&1
       echo "== many_adapters cap 256 $knob: rc $?"
-      grep -E "^many saturated|keeps|^  many:" "$OUT/many_foreach_$i.log"
+      grep -E "^many saturated|keeps|^  many:" "$OUT/many_upload_$i.log"
     done
-    rm -f "$OUT"/*.xml
     ;;
   s28a)  # one GPU (prepared): the 1000-adapter load ramp with more readers: cap 256, two
     # reader processes (the default) against four, alternating, two processes each

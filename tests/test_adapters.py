@@ -323,6 +323,67 @@ async def test_upload_failure_leaves_no_half_written_slot(
     assert torch.count_nonzero(a_rows[2:]) == 0 and torch.count_nonzero(a_rows[:2]) > 0
 
 
+async def test_batched_uploads_issue_together_at_the_next_poll(
+    folders: dict[str, Path], monkeypatch
+) -> None:
+    """LORASERVE_UPLOAD_BATCH=1: uploads started between two polls wait unissued (their slots
+    UPLOADING, joining no batch even with overlap off, their host rows out of reuse); the next
+    poll issues them in one go, sharing one ready event, and they hold what they should."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1")
+    m = make_manager()
+    await m.load("a", str(folders["a"]))
+    await m.load("b", str(folders["b"]))
+    m.acquire("a")
+    m.acquire("b")
+    sa, sb = m.slot_of("a"), m.slot_of("b")
+    assert sa is not None and sb is not None and sa != sb
+    assert m.state("a") is m.state("b") is Residency.UPLOADING
+    lease = m._adapters["a"].host.lease
+    assert m.admit("a", set(), overlap=False) is None and not lease.done()
+    assert len(m._pending_uploads) == 2 and m.counters.upload_enqueue_s == 0
+    ra, rb = m._slots[sa].ready, m._slots[sb].ready
+    m.poll()
+    assert m._pending_uploads == [] and ra.issued and rb.issued and ra.event is rb.event
+    assert m.state("a") is m.state("b") is Residency.RESIDENT and lease.done()
+    assert m.admit("a", set(), overlap=False) == sa
+    assert torch.equal(slot_q_a(m, sa)[:2], q_a(folders["a"]))
+    assert torch.equal(slot_q_a(m, sb)[:2], q_a(folders["b"]))
+    assert m.counters.loads["gpu"] == 2 and m.counters.upload_enqueue_s > 0
+    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
+    with pytest.raises(ValueError, match="exclusive"):
+        make_manager()
+
+
+async def test_batched_upload_failure_frees_every_slot_of_the_batch(
+    folders: dict[str, Path], monkeypatch
+) -> None:
+    """A batch that fails while the poll issues it fails each of its uploads as one issued on
+    the loop would: slots freed, adapters back IN_HOST with their error, counted; a later
+    request retries."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1")
+    m = make_manager()
+    await m.load("a", str(folders["a"]))
+    await m.load("b", str(folders["b"]))
+
+    def fail(name: str, slot: int) -> None:
+        raise RuntimeError("simulated copy failure")
+
+    m.upload_fault = fail
+    m.acquire("a")
+    m.acquire("b")
+    m.poll()
+    for n in "ab":
+        assert m.state(n) is Residency.IN_HOST and m.slot_of(n) is None
+        assert "simulated copy failure" in (m.load_error(n) or "")
+    assert m.counters.upload_failures == 2 and all(s.owner is None for s in m._slots)
+    m.upload_fault = None
+    assert m.admit("a", set(), overlap=False) is None  # started, not yet issued
+    m.poll()
+    slot = m.admit("a", set(), overlap=False)
+    assert slot is not None and m.state("a") is Residency.RESIDENT and m.load_error("a") is None
+    assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
+
+
 async def test_upload_thread_issues_off_the_loop(folders: dict[str, Path], monkeypatch) -> None:
     """LORASERVE_UPLOAD_THREAD=1: the copies are enqueued on the upload thread. Until it has
     recorded the ready event, the slot is UPLOADING and nothing joins a batch on it (not even

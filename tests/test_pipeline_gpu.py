@@ -48,16 +48,19 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize(("overlap_loading", "upload_thread", "foreach"),
-                         [(True, False, False), (False, False, False), (None, False, False),
-                          (True, True, False), (False, True, False), (True, False, True),
-                          (None, False, True)])
-def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, upload_thread,  # noqa: F811
-                                                  foreach, monkeypatch):
+@pytest.mark.parametrize(("overlap_loading", "mode"),
+                         [(True, "loop"), (False, "loop"), (None, "loop"),
+                          (True, "upload_thread"), (False, "upload_thread"),
+                          (True, "foreach"), (None, "foreach"), (False, "batch"),
+                          (None, "batch")])
+def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, mode,  # noqa: F811
+                                                  monkeypatch):
     """4 adapters through 2 slots, uploads overlapping compute, against one request at a time
     without overlap; uploads issued by the loop, by the upload thread
-    (LORASERVE_UPLOAD_THREAD=1), or by the loop in one foreach copy each
-    (LORASERVE_UPLOAD_FOREACH=1) for the engine under test."""
+    (LORASERVE_UPLOAD_THREAD=1), by the loop in one foreach copy each
+    (LORASERVE_UPLOAD_FOREACH=1), or together at each poll (LORASERVE_UPLOAD_BATCH=1) for
+    the engine under test."""
+    upload_thread, foreach = mode == "upload_thread", mode == "foreach"
     model, adapters = setup
     ps = prompts(len(NAMES), read_vocab(model), seed=5, lo=4, hi=60)
     common = lora_config(adapters, "csgmv", "float32")
@@ -69,10 +72,13 @@ def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, upload
         monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
     if foreach:
         monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1")
+    if mode == "batch":
+        monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1")
     engine = make_engine(model, **{**common, "max_loras_per_batch": 2,
                                    "enable_lora_overlap_loading": overlap_loading})
     assert (engine.adapters._uploader is not None) == upload_thread
     assert engine.adapters._foreach_copies == foreach
+    assert engine.adapters._batch_uploads == (mode == "batch")
     assert engine.runner.graphs is not None
     out = run(all_at_once(engine, ps, NAMES))
     uploads = engine.adapters.counters.loads["gpu"]

@@ -218,6 +218,18 @@ def host_tier_rows(config: ServerConfig, row_bytes: int, available: int | None) 
     return rows
 
 
+@dataclass
+class _PendingUpload:
+    """An upload waiting for the next poll to issue it (LORASERVE_UPLOAD_BATCH)."""
+
+    entry: _Adapter
+    slot: int
+    copies: list[tuple[Tensor, Tensor | None]]
+    last_use: Event | None
+    lease: RowLease
+    ready: IssuedEvent
+
+
 class AdapterManager:
     """Owns the slot pool and every adapter's residency. Call it from the event-loop thread only.
 
@@ -271,6 +283,16 @@ class AdapterManager:
         # loaders run Python: an upload's issue averaged 1.8-3.3 ms in the 1000-adapter run
         # on the H200, against 0.25-0.5 ms for the 8-adapter run's one upload.
         self._foreach_copies = env_flag("LORASERVE_UPLOAD_FOREACH", False)
+        # LORASERVE_UPLOAD_BATCH=1 (opt-in, for A/B runs): uploads wait, unissued, for the next
+        # poll(), which issues all of them in one go on the loop: one wait a distinct last-use
+        # event, one foreach copy and one ready event they share, however many there are (a
+        # burst of new adapters starts tens of uploads between two polls). Like the upload
+        # thread's, an unissued upload's slot joins no batch.
+        self._batch_uploads = env_flag("LORASERVE_UPLOAD_BATCH", False)
+        if self._batch_uploads and self._uploader is not None:
+            raise ValueError("LORASERVE_UPLOAD_BATCH and LORASERVE_UPLOAD_THREAD are exclusive: "
+                             "set at most one")
+        self._pending_uploads: list[_PendingUpload] = []
         self._failed_uploads: queue.SimpleQueue[
             tuple[_Adapter, int, IssuedEvent, Exception]] = queue.SimpleQueue()
         self._adapters: dict[str, _Adapter] = {}
@@ -627,8 +649,11 @@ class AdapterManager:
     # GPU slots ---------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Mark finished uploads RESIDENT and retry pinned uploads. Never blocks."""
-        if self._uploader is not None:
+        """Issue the uploads waiting for it (LORASERVE_UPLOAD_BATCH), mark finished uploads
+        RESIDENT and retry pinned uploads. Never blocks."""
+        if self._pending_uploads:
+            self._issue_pending()
+        if self._uploader is not None or self._batch_uploads:
             self._drain_failed_uploads()
         for slot in self._slots:
             if slot.owner is not None and slot.ready is not None and slot.ready.query():
@@ -752,7 +777,12 @@ class AdapterManager:
         copies = self.pool.slot_copies(slot, entry.host)
         started = time.monotonic()
         ready: Event | IssuedEvent | None
-        if self._uploader is not None:
+        if self._batch_uploads:
+            ready = IssuedEvent(self.streams.event())
+            entry.host.lease.event = ready
+            self._pending_uploads.append(
+                _PendingUpload(entry, slot, copies, s.last_use, entry.host.lease, ready))
+        elif self._uploader is not None:
             ready = IssuedEvent(self.streams.event())
             # the host row is reused only after the copies from it have run
             entry.host.lease.event = ready
@@ -815,6 +845,40 @@ class AdapterManager:
             issued.set_issued()
         return ready
 
+    def _issue_pending(self) -> None:
+        """Issue every upload waiting for this poll in one go (LORASERVE_UPLOAD_BATCH): on the
+        copy stream, a wait on each distinct last-use event, one foreach copy and zero, and
+        one ready event recorded for all. A failure fails them all, reported as the upload
+        thread's are (their slots freed, their adapters' errors set)."""
+        jobs, self._pending_uploads = self._pending_uploads, []
+        t0 = time.perf_counter()
+        try:
+            with self.streams.use(self.streams.copy):
+                waited: set[int] = set()
+                for job in jobs:
+                    if job.last_use is not None and id(job.last_use) not in waited:
+                        waited.add(id(job.last_use))
+                        job.last_use.wait(self.streams.copy)
+                t_wait = time.perf_counter()
+                self._copy_together(jobs[0].entry, jobs[0].slot,
+                                    [c for job in jobs for c in job.copies])
+                t_copies = time.perf_counter()
+                shared = jobs[0].ready.event
+                shared.record(self.streams.copy)
+        except Exception as e:  # noqa: BLE001 - reported per adapter, the slots stay unused
+            failed = self.streams.event()
+            with contextlib.suppress(Exception):
+                failed.record(self.streams.copy)
+            for job in jobs:
+                job.lease.event = failed  # copies enqueued before the failure may still read
+                self._failed_uploads.put((job.entry, job.slot, job.ready, e))
+                job.ready.set_issued(failed=True)
+            return
+        self._count_enqueue(t0, t_wait, t_copies, time.perf_counter())
+        for job in jobs:
+            job.ready.event = shared
+            job.ready.set_issued()
+
     def _copy_together(self, entry: _Adapter, slot: int,
                        copies: list[tuple[Tensor, Tensor | None]]) -> None:
         """`copies` as one foreach copy and one foreach zero (the test hook `upload_fault`, when
@@ -841,10 +905,18 @@ class AdapterManager:
             self._pins_waiting.add(entry.name)
 
     def flush_uploads(self) -> None:
-        """Block until the upload thread has issued every upload handed to it (tests; a no-op
-        without the thread)."""
+        """Issue every upload not yet issued: block until the upload thread has issued those
+        handed to it, or issue those waiting for the next poll (tests; a no-op otherwise)."""
+        if self._pending_uploads:
+            self._issue_pending()
         if self._uploader is not None:
             self._uploader.submit(lambda: None).result()
+
+    @staticmethod
+    def _own_ready(ready: Event | IssuedEvent | None) -> Event | IssuedEvent | None:
+        """The ready event this manager's `_upload` made, out of what a slot holds (tensor
+        parallelism wraps it)."""
+        return ready
 
     def _drain_failed_uploads(self) -> None:
         """Free the slots of uploads that failed on the upload thread (still theirs) and report
@@ -854,7 +926,7 @@ class AdapterManager:
                 entry, slot, ready, e = self._failed_uploads.get_nowait()
             except queue.Empty:
                 return
-            if self._slots[slot].ready is ready:
+            if self._own_ready(self._slots[slot].ready) is ready:  # not since replaced
                 self._free_slot(slot)
             self._upload_failed(entry, slot, e)
 
