@@ -73,7 +73,7 @@ class StackSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.ticks += 1
-            names = self._names | {t.ident: t.name for t in threading.enumerate()}
+            names = {t.ident: t.name for t in threading.enumerate()}
             for ident, frame in sys._current_frames().items():
                 label = self._label(names.get(ident, ""))
                 if label is None:

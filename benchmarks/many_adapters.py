@@ -138,10 +138,9 @@ async def kernel_window(engine: Engine, start_s: float, window_s: float) -> dict
     return summarize_kernels(kernels, steps, wall)
 
 
-def uploads_on_thread(engine: Engine) -> bool:
-    """Whether the engine's uploads are issued on the upload thread (LORASERVE_UPLOAD_THREAD),
-    whose time the enqueue counters then are, not the loop's."""
-    return engine.adapters is not None and engine.adapters._uploader is not None
+# who spends the upload enqueue time, by the manager's upload mode
+UPLOAD_ISSUERS = {"loop": "loop", "foreach": "loop (a foreach call an upload)",
+                  "batch": "loop (together at each poll)", "thread": "upload thread"}
 
 
 @contextlib.contextmanager
@@ -255,7 +254,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
     figures["disk_loads"] = counters.loads["host"] - loads["host"]
     figures["uploads"] = counters.loads["gpu"] - loads["gpu"]
     # host time spent issuing those uploads' copies (they run on the copy stream)
-    figures["upload_issuer"] = "upload thread" if uploads_on_thread(engine) else "loop"
+    figures["upload_issuer"] = UPLOAD_ISSUERS[engine.adapters.upload_mode]
     figures["upload_enqueue_ms"] = {
         "total": 1e3 * (counters.upload_enqueue_s - enqueue_s),
         "mean": 1e3 * (counters.upload_enqueue_s - enqueue_s) / max(1, figures["uploads"]),

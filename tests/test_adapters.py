@@ -305,7 +305,7 @@ async def test_upload_failure_leaves_no_half_written_slot(
     leaves the slot unused; the next upload writes it whole."""
     monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if foreach else "0")
     m = make_manager()
-    assert m._foreach_copies is foreach
+    assert m.upload_mode == ("foreach" if foreach else "loop")
     await m.load("a", str(folders["a"]))
 
     def fail(name: str, slot: int) -> None:

@@ -161,9 +161,7 @@ def test_more_adapters_than_slots(setup: dict[str, Any], mode: str, monkeypatch)
     assert pinned not in {n for _, n in counters.recent_evictions}
     assert len(set(pinned_slots)) == 1 and pinned_slots[0] is not None, "the pinned slot moved"
     assert manager.state(pinned).value == "resident"
-    assert (manager._uploader is not None) == upload_thread
-    assert manager._foreach_copies == (mode == "foreach")
-    assert manager._batch_uploads == (mode == "batch")
+    assert manager.upload_mode == ("thread" if upload_thread else mode)
     assert sum(a.refs for a in manager.list()) == 0
     assert all(s.locks == 0 for s in manager._slots)
     # metrics: every request counted once by residency at arrival; loads and evictions exported

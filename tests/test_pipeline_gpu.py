@@ -76,9 +76,7 @@ def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, mode, 
         monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1")
     engine = make_engine(model, **{**common, "max_loras_per_batch": 2,
                                    "enable_lora_overlap_loading": overlap_loading})
-    assert (engine.adapters._uploader is not None) == upload_thread
-    assert engine.adapters._foreach_copies == foreach
-    assert engine.adapters._batch_uploads == (mode == "batch")
+    assert engine.adapters.upload_mode == ("thread" if upload_thread else mode)
     assert engine.runner.graphs is not None
     out = run(all_at_once(engine, ps, NAMES))
     uploads = engine.adapters.counters.loads["gpu"]

@@ -904,6 +904,16 @@ class AdapterManager:
         if entry.pinned:
             self._pins_waiting.add(entry.name)
 
+    @property
+    def upload_mode(self) -> str:
+        """How uploads are issued: "loop" (one call a copy, as each starts), "foreach" (one call
+        an upload), "batch" (together at the next poll) or "thread" (on the upload thread)."""
+        if self._uploader is not None:
+            return "thread"
+        if self._batch_uploads:
+            return "batch"
+        return "foreach" if self._foreach_copies else "loop"
+
     def flush_uploads(self) -> None:
         """Issue every upload not yet issued: block until the upload thread has issued those
         handed to it, or issue those waiting for the next poll (tests; a no-op otherwise)."""
