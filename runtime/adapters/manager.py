@@ -929,8 +929,9 @@ class AdapterManager:
         return ready
 
     def _drain_failed_uploads(self) -> None:
-        """Free the slots of uploads that failed on the upload thread (still theirs) and report
-        the failures, as a failure issuing on the loop would have been."""
+        """Free the slots of uploads that failed on the upload thread or in a batch issued at
+        poll (still theirs) and report the failures, as a failure issuing one upload on the
+        loop would have been."""
         while True:
             try:
                 entry, slot, ready, e = self._failed_uploads.get_nowait()
