@@ -238,6 +238,23 @@ step_ab() {  # step_ab VAR=VALUE...: the step targets by default and with the se
   step_table "$OUT"/step_[0-9]_*.json
 }
 
+many_ab() {  # many_ab NAME GUARD_S VAR=VALUE...: 1000 adapters at cap 256, saturated, one
+  # process per setting in the order given (NONE=n: the defaults), each skipped once the call
+  # is GUARD_S seconds in; $MANY_ARGS adds arguments. The first process gets more time (it
+  # builds the engine on a cold machine). Results: $OUT/many_NAME_i.json / .log
+  local name=$1 guard=$2 i=0 knob; shift 2
+  for knob in "$@"; do
+    i=$((i + 1))
+    if [ "$SECONDS" -gt "$guard" ]; then echo "== many_ab $knob: skipped, out of time"; continue; fi
+    # shellcheck disable=SC2086  # MANY_ARGS holds separate words
+    env "$knob" timeout $((i == 1 ? 200 : 110)) python3 -m benchmarks.many_adapters \
+      --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 ${MANY_ARGS:-} \
+      --out "$OUT/many_${name}_$i.json" > "$OUT/many_${name}_$i.log" 2>&1
+    echo "== many_adapters cap 256 $knob${MANY_ARGS:+ $MANY_ARGS}: rc $?"
+    grep -vE "^(\[W|Writing|Loading|wrote|GIL|1000 vs)" "$OUT/many_${name}_$i.log" | tail -40
+  done
+}
+
 step_table() {  # step_table FILES...: the step targets of step_bench runs, a row a process
   python3 -m benchmarks.step_table "$@" 2>&1 || echo "== step_table: failed"
 }
@@ -736,52 +753,21 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
   s28c)  # one GPU (prepared): 1000 adapters at cap 256 by default, with uploads issued
     # together at each poll, and with each upload's copies in one foreach call, alternating,
     # two processes each, with the enqueue time by part
-    i=0
-    for knob in NONE=1 LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1 NONE=2 \
-        LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 500 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
-      env "$knob" timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters \
-        --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 \
-        --out "$OUT/many_upload_$i.json" > "$OUT/many_upload_$i.log" 2>&1
-      echo "== many_adapters cap 256 $knob: rc $?"
-      grep -E "^many saturated|keeps|^  many:" "$OUT/many_upload_$i.log"
-    done
+    many_ab upload 500 NONE=1 LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1 NONE=2 \
+      LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1
     ;;
   s28a)  # one GPU (prepared): the 1000-adapter load ramp with more readers: cap 256, two
     # reader processes (the default) against four, alternating, two processes each
-    i=0
-    for knob in NONE=1 LORASERVE_LOADER_WORKERS=4 NONE=2 LORASERVE_LOADER_WORKERS=4; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 420 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
-      env "$knob" timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters \
-        --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 \
-        --out "$OUT/many_readers_$i.json" > "$OUT/many_readers_$i.log" 2>&1
-      echo "== many_adapters cap 256 $knob: rc $?"
-      grep -E "^many saturated|keeps" "$OUT/many_readers_$i.log"
-    done
+    many_ab readers 420 NONE=1 LORASERVE_LOADER_WORKERS=4 NONE=2 LORASERVE_LOADER_WORKERS=4
     ;;
   s27d)  # one GPU: 1000 adapters at cap 256 after on-demand resolves moved off the read
     # threads (one metadata job a name), with the timeline, up to three processes
-    for i in 1 2 3; do
-      if [ "$SECONDS" -gt 130 ]; then echo "== many_cap $i: skipped, out of time"; continue; fi
-      timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters --saturated-only \
-        --max-loras-per-batch 256 --max-loaded-loras 512 \
-        --out "$OUT/many_meta_$i.json" > "$OUT/many_meta_$i.log" 2>&1
-      echo "== many_adapters cap 256 (metadata thread): rc $?"
-      grep -vE "^(\[W|Writing|Loading)" "$OUT/many_meta_$i.log" | tail -12
-    done
+    many_ab meta 130 NONE=1 NONE=2 NONE=3
     ;;
   s27c)  # one GPU: when the 1000-adapter run loses its time: 1000 adapters at cap 256 with
     # each saturated run's timeline by half second (disk loads, uploads, steps, rows a step,
     # prefill steps, first tokens, completions), two processes
-    for i in 1 2; do
-      timeout $((i == 1 ? 150 : 110)) python3 -m benchmarks.many_adapters --saturated-only \
-        --max-loras-per-batch 256 --max-loaded-loras 512 \
-        --out "$OUT/many_timeline_$i.json" > "$OUT/many_timeline_$i.log" 2>&1
-      echo "== many_adapters cap 256 (timeline): rc $?"
-      grep -vE "^(\[W|Writing|Loading)" "$OUT/many_timeline_$i.log" | tail -12
-    done
+    many_ab timeline 600 NONE=1 NONE=2
     ;;
   s27b)  # one GPU: are the loop's stalls CUDA loading kernels lazily mid-serving? The GEMM
     # kernels F.linear picks at every 8th prefill token count against those the warm-up's
@@ -789,41 +775,21 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     # (CUDA_MODULE_LOADING=EAGER) and the stall dumps, two processes
     timeout 120 python3 -m benchmarks.gemm_kernels --out "$OUT/gemm_kernels.json" \
       > "$OUT/gemm_kernels.log" 2>&1
-    echo "== gemm_kernels: rc $?"; cat "$OUT/gemm_kernels.log" | cut -c1-170 | head -150
-    for i in 1 2; do
-      CUDA_MODULE_LOADING=EAGER timeout $((i == 1 ? 200 : 150)) python3 -m benchmarks.many_adapters \
-        --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 --stall-dumps-ms 100 \
-        --out "$OUT/many_eager_$i.json" > "$OUT/many_eager_$i.log" 2>&1
-      echo "== many_adapters cap 256 CUDA_MODULE_LOADING=EAGER: rc $?"
-      grep -vE "^(\[W|Writing|Loading)" "$OUT/many_eager_$i.log" | tail -40
-    done
+    echo "== gemm_kernels: rc $?"; cut -c1-170 "$OUT/gemm_kernels.log" | head -150
+    MANY_ARGS="--stall-dumps-ms 100" many_ab eager 600 CUDA_MODULE_LOADING=EAGER \
+      CUDA_MODULE_LOADING=EAGER
     ;;
   s27a)  # one GPU: what the other threads do while an upload holds the loop 300 ms: 1000
     # adapters at cap 256, every thread's stack dumped whenever the loop stays away 100 ms,
     # and the caching allocator's device allocations, frees and retries a run; two processes
-    for i in 1 2; do
-      timeout $((i == 1 ? 150 : 110)) python3 -m benchmarks.many_adapters --saturated-only \
-        --max-loras-per-batch 256 --max-loaded-loras 512 --stall-dumps-ms 100 \
-        --out "$OUT/many_stalls_$i.json" > "$OUT/many_stalls_$i.log" 2>&1
-      echo "== many_adapters cap 256 --stall-dumps-ms 100: rc $?"
-      grep -vE "^(\[W|Writing|Loading)" "$OUT/many_stalls_$i.log" | tail -60
-    done
+    MANY_ARGS="--stall-dumps-ms 100" many_ab stalls 600 NONE=1 NONE=2
     ;;
   s26e)  # one GPU (prepared): where a many-adapter upload's 2 ms (up to 350) of loop time
     # goes: the upload thread's GPU test, then 1000 adapters at cap 256 by default (startup
     # objects frozen), without the freeze, and with uploads issued on the upload thread
     gpu_tests upload_thread_tests 150 tests/test_pipeline_gpu.py -k overlap_loading
-    i=0
-    for knob in NONE=1 LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1 NONE=2 \
-        LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 480 ]; then echo "== many_cap $knob: skipped, out of time"; continue; fi
-      env "$knob" timeout $((i == 1 ? 150 : 100)) python3 -m benchmarks.many_adapters \
-        --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 \
-        --out "$OUT/many_cap_$i.json" > "$OUT/many_cap_$i.log" 2>&1
-      echo "== many_adapters cap 256 $knob: rc $?"
-      grep -E "saturated|keeps|^  (few|many):" "$OUT/many_cap_$i.log"
-    done
+    many_ab cap 480 NONE=1 LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1 NONE=2 \
+      LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1
     rm -f "$OUT"/*.xml
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to
