@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -184,11 +185,25 @@ def timeline_point(engine: Engine, start: float) -> tuple[float, ...]:
             c.num_prefill_steps)
 
 
-async def count_timeline(engine: Engine, start: float, out: list[tuple[float, ...]]) -> None:
-    """Append a timeline_point every TIMELINE_EVERY_S until cancelled."""
-    while True:
-        out.append(timeline_point(engine, start))
-        await asyncio.sleep(TIMELINE_EVERY_S)
+@contextlib.contextmanager
+def count_timeline(engine: Engine, out: list[tuple[float, ...]]) -> Iterator[None]:
+    """Append a timeline_point every TIMELINE_EVERY_S while inside, from a thread of its own:
+    a task on the loop would sample late whenever the loop stalls (the counters are plain
+    integers, read without the loop's help)."""
+    start, stop = time.perf_counter(), threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(TIMELINE_EVERY_S * (len(out) + 1) - (time.perf_counter() - start)):
+            out.append(timeline_point(engine, start))
+
+    out.append(timeline_point(engine, start))
+    thread = threading.Thread(target=sample, name="many-timeline", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def timeline_table(points: list[tuple[float, ...]], samples: list[Any], start: float,
@@ -235,10 +250,9 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
         compile_log = stack.enter_context(CompileLog())
         window = asyncio.create_task(kernel_window(engine, *kernels)) if kernels else None
         points: list[tuple[float, ...]] = []
-        counting = asyncio.create_task(count_timeline(engine, time.perf_counter(), points))
-        samples, start, end = await serve(engine, prompts, loras, arrivals,
-                                          params_for(s.output_len), None)
-        counting.cancel()
+        with count_timeline(engine, points):
+            samples, start, end = await serve(engine, prompts, loras, arrivals,
+                                              params_for(s.output_len), None)
         points.append(timeline_point(engine, start))  # the last, partial bucket's end
     figures = run_figures(samples, start, end)
     figures["timeline"] = timeline_table(points, samples, start, 0.5)
