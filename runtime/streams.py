@@ -44,9 +44,10 @@ class Event:
 
 
 class IssuedEvent:
-    """The ready event of work another thread issues later (adapter uploads on the upload
-    thread): incomplete until that thread has recorded it and said so (an unrecorded CUDA
-    event reads as complete), and never complete when the work failed."""
+    """The ready event of work issued later (adapter uploads on the upload thread, or at the
+    next poll): incomplete until the issuer has recorded it and said so (an unrecorded CUDA
+    event reads as complete), and never complete when the work failed. The issuer may set
+    `event` to the one it recorded (a batch shares one)."""
 
     def __init__(self, event: Event) -> None:
         self.event = event
@@ -61,7 +62,7 @@ class IssuedEvent:
         self.event.record(stream)
 
     def set_issued(self, failed: bool = False) -> None:
-        """Called by the issuing thread after `record`, or after the work failed."""
+        """Called by the issuer after recording `event`, or after the work failed."""
         self.failed = failed
         self._issued.set()
 

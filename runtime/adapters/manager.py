@@ -219,15 +219,17 @@ def host_tier_rows(config: ServerConfig, row_bytes: int, available: int | None) 
 
 
 @dataclass
-class _PendingUpload:
-    """An upload waiting for the next poll to issue it (LORASERVE_UPLOAD_BATCH)."""
+class _UploadJob:
+    """One upload's copies into `slot` (from the host row `lease` holds), after `last_use`.
+    `ready`: the IssuedEvent it reports through when issued later (on the upload thread, or
+    at the next poll with LORASERVE_UPLOAD_BATCH); None when issued at once on the loop."""
 
     entry: _Adapter
     slot: int
     copies: list[tuple[Tensor, Tensor | None]]
     last_use: Event | None
     lease: RowLease
-    ready: IssuedEvent
+    ready: IssuedEvent | None
 
 
 class AdapterManager:
@@ -292,7 +294,7 @@ class AdapterManager:
         if self._batch_uploads and self._uploader is not None:
             raise ValueError("LORASERVE_UPLOAD_BATCH and LORASERVE_UPLOAD_THREAD are exclusive: "
                              "set at most one")
-        self._pending_uploads: list[_PendingUpload] = []
+        self._pending_uploads: list[_UploadJob] = []
         self._failed_uploads: queue.SimpleQueue[
             tuple[_Adapter, int, IssuedEvent, Exception]] = queue.SimpleQueue()
         self._adapters: dict[str, _Adapter] = {}
@@ -770,26 +772,26 @@ class AdapterManager:
         return min(cands, key=order)
 
     def _upload(self, entry: _Adapter, slot: int) -> int | None:
-        """Enqueue host -> slot copies on the copy stream, after the slot's last use: here, or
-        on the upload thread (LORASERVE_UPLOAD_THREAD), which poll() hears failures from."""
+        """Enqueue host -> slot copies on the copy stream, after the slot's last use: here, at
+        the next poll (LORASERVE_UPLOAD_BATCH), or on the upload thread
+        (LORASERVE_UPLOAD_THREAD); poll() hears the failures of the last two."""
         assert entry.host is not None
         s = self._slots[slot]
-        copies = self.pool.slot_copies(slot, entry.host)
+        later = self._batch_uploads or self._uploader is not None
+        job = _UploadJob(entry, slot, self.pool.slot_copies(slot, entry.host), s.last_use,
+                         entry.host.lease, IssuedEvent(self.streams.event()) if later else None)
         started = time.monotonic()
-        ready: Event | IssuedEvent | None
-        if self._batch_uploads:
-            ready = IssuedEvent(self.streams.event())
-            entry.host.lease.event = ready
-            self._pending_uploads.append(
-                _PendingUpload(entry, slot, copies, s.last_use, entry.host.lease, ready))
-        elif self._uploader is not None:
-            ready = IssuedEvent(self.streams.event())
+        ready: Event | IssuedEvent | None = job.ready
+        if job.ready is not None:
             # the host row is reused only after the copies from it have run
-            entry.host.lease.event = ready
-            self._uploader.submit(self._issue, entry, slot, copies, s.last_use, entry.host.lease,
-                                  ready)
+            job.lease.event = job.ready
+            if self._batch_uploads:
+                self._pending_uploads.append(job)
+            else:
+                assert self._uploader is not None
+                self._uploader.submit(self._issue, [job])
         else:
-            ready = self._issue(entry, slot, copies, s.last_use, entry.host.lease, None)
+            ready = self._issue([job])
             if ready is None:
                 return None  # a half-written slot is never used: it stays free
         s.owner, s.ready, s.upload_started = entry, ready, started
@@ -798,59 +800,14 @@ class AdapterManager:
         entry.slot, entry.error = slot, None
         return slot
 
-    def _issue(self, entry: _Adapter, slot: int, copies: list[tuple[Tensor, Tensor | None]],
-               last_use: Event | None, lease: RowLease, issued: IssuedEvent | None,
-               ) -> Event | None:
-        """Enqueue `copies` (from the host row `lease` holds) on the copy stream after
-        `last_use` and record the ready event (`issued`'s on the upload thread). Returns it, or
-        None when the upload failed: here the failure is reported at once, on the upload
-        thread queued for poll(). (On the thread, `entry` may have been unloaded meanwhile:
-        `copies` keep its host row alive, and the row is not reused before the event
-        `lease` holds completes.)"""
-        t0 = time.perf_counter()
-        try:
-            with self.streams.use(self.streams.copy):
-                if last_use is not None:
-                    last_use.wait(self.streams.copy)
-                t_wait = time.perf_counter()
-                if self._foreach_copies:
-                    self._copy_together(entry, slot, copies)
-                else:
-                    for i, (dst, src) in enumerate(copies):
-                        if self.upload_fault is not None and i == len(copies) // 2:
-                            self.upload_fault(entry.name, slot)
-                        if src is None:
-                            dst.zero_()
-                        else:
-                            dst.copy_(src, non_blocking=True)
-                t_copies = time.perf_counter()
-                ready = self.streams.event() if issued is None else issued.event
-                ready.record(self.streams.copy)
-                if issued is None:
-                    lease.event = ready  # the row is reused only after its last copy has run
-        except Exception as e:  # noqa: BLE001 - reported per adapter, the slot stays unused
-            # copies enqueued before the failure may still read the host row
-            failed = self.streams.event()
-            with contextlib.suppress(Exception):
-                failed.record(self.streams.copy)
-                lease.event = failed
-            if issued is None:
-                self._upload_failed(entry, slot, e)
-            else:
-                self._failed_uploads.put((entry, slot, issued, e))  # before set_issued: poll()
-                issued.set_issued(failed=True)
-            return None
-        self._count_enqueue(t0, t_wait, t_copies, time.perf_counter())
-        if issued is not None:
-            issued.set_issued()
-        return ready
-
-    def _issue_pending(self) -> None:
-        """Issue every upload waiting for this poll in one go (LORASERVE_UPLOAD_BATCH): on the
-        copy stream, a wait on each distinct last-use event, one foreach copy and zero, and
-        one ready event recorded for all. A failure fails them all, reported as the upload
-        thread's are (their slots freed, their adapters' errors set)."""
-        jobs, self._pending_uploads = self._pending_uploads, []
+    def _issue(self, jobs: list[_UploadJob]) -> Event | None:
+        """Enqueue `jobs` on the copy stream: a wait on each distinct last-use event, the
+        copies (one call a copy; with LORASERVE_UPLOAD_FOREACH or LORASERVE_UPLOAD_BATCH one
+        foreach call for them all), and one ready event recorded for all. Returns it, or None
+        when the copies failed, which fails every job: one issued here is reported at once,
+        one issued later is queued for poll() (which frees its slot). (Issued later, a job's
+        adapter may have been unloaded meanwhile: its copies keep the host row alive, and the
+        row is not reused before the event its lease holds completes.)"""
         t0 = time.perf_counter()
         try:
             with self.streams.use(self.streams.copy):
@@ -860,24 +817,48 @@ class AdapterManager:
                         waited.add(id(job.last_use))
                         job.last_use.wait(self.streams.copy)
                 t_wait = time.perf_counter()
-                self._copy_together(jobs[0].entry, jobs[0].slot,
-                                    [c for job in jobs for c in job.copies])
+                copies = [c for job in jobs for c in job.copies]
+                if self._foreach_copies or self._batch_uploads:
+                    self._copy_together(jobs[0].entry, jobs[0].slot, copies)
+                else:
+                    for i, (dst, src) in enumerate(copies):
+                        if self.upload_fault is not None and i == len(copies) // 2:
+                            self.upload_fault(jobs[0].entry.name, jobs[0].slot)
+                        if src is None:
+                            dst.zero_()
+                        else:
+                            dst.copy_(src, non_blocking=True)
                 t_copies = time.perf_counter()
-                shared = jobs[0].ready.event
-                shared.record(self.streams.copy)
+                first = jobs[0].ready
+                ready = self.streams.event() if first is None else first.event
+                ready.record(self.streams.copy)
         except Exception as e:  # noqa: BLE001 - reported per adapter, the slots stay unused
+            # copies enqueued before the failure may still read the host rows
             failed = self.streams.event()
             with contextlib.suppress(Exception):
                 failed.record(self.streams.copy)
+                for job in jobs:
+                    job.lease.event = failed
             for job in jobs:
-                job.lease.event = failed  # copies enqueued before the failure may still read
-                self._failed_uploads.put((job.entry, job.slot, job.ready, e))
-                job.ready.set_issued(failed=True)
-            return
+                if job.ready is None:
+                    self._upload_failed(job.entry, job.slot, e)
+                else:  # queued before set_issued: poll() then finds it
+                    self._failed_uploads.put((job.entry, job.slot, job.ready, e))
+                    job.ready.set_issued(failed=True)
+            return None
         self._count_enqueue(t0, t_wait, t_copies, time.perf_counter())
         for job in jobs:
-            job.ready.event = shared
-            job.ready.set_issued()
+            if job.ready is None:
+                job.lease.event = ready  # the row is reused only after its last copy has run
+            else:
+                job.ready.event = ready
+                job.ready.set_issued()
+        return ready
+
+    def _issue_pending(self) -> None:
+        """Issue every upload waiting for this poll in one go (LORASERVE_UPLOAD_BATCH)."""
+        jobs, self._pending_uploads = self._pending_uploads, []
+        self._issue(jobs)
 
     def _copy_together(self, entry: _Adapter, slot: int,
                        copies: list[tuple[Tensor, Tensor | None]]) -> None:
