@@ -76,7 +76,7 @@ def with_readers(read: Callable[[], object], seconds: float, workers: int) -> di
 def upload_calls(seconds: float, busy_threads: int) -> dict[str, float]:
     """µs to issue one upload's four copies (small CPU tensors: the call, not the bytes, is
     timed, as on CUDA where the copies are asynchronous) one call a copy, as the manager does
-    by default, and in one foreach call (LORASERVE_UPLOAD_FOREACH=1), beside `busy_threads`
+    with LORASERVE_UPLOAD_BATCH=0, and in one foreach call (as batched), beside `busy_threads`
     threads running Python (the runner, the loaders)."""
     dst = [torch.empty(64) for _ in range(4)]
     src = [torch.ones(64) for _ in range(4)]

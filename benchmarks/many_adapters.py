@@ -140,8 +140,7 @@ async def kernel_window(engine: Engine, start_s: float, window_s: float) -> dict
 
 
 # who spends the upload enqueue time, by the manager's upload mode
-UPLOAD_ISSUERS = {"loop": "loop", "foreach": "loop (a foreach call an upload)",
-                  "batch": "loop (together at each poll)", "thread": "upload thread"}
+UPLOAD_ISSUERS = {"loop": "loop", "batch": "loop (together at each poll or admission)"}
 
 
 @contextlib.contextmanager

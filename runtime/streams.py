@@ -10,7 +10,6 @@ Only `Event.synchronize` blocks the calling thread (for shutdown and tests).
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -44,38 +43,32 @@ class Event:
 
 
 class IssuedEvent:
-    """The ready event of work issued later (adapter uploads on the upload thread, or at the
-    next poll): incomplete until the issuer has recorded it and said so (an unrecorded CUDA
-    event reads as complete), and never complete when the work failed. The issuer may set
-    `event` to the one it recorded (a batch shares one)."""
+    """The ready event of work issued later (adapter uploads waiting for the next poll or
+    admission): incomplete until the issuer has recorded an event and set it here (a batch of
+    uploads shares one), and never complete when the work failed. Loop-thread only."""
 
-    def __init__(self, event: Event) -> None:
-        self.event = event
+    def __init__(self) -> None:
+        self.event: Event | None = None
         self.failed = False
-        self._issued = threading.Event()
+        self.issued = False
 
-    @property
-    def issued(self) -> bool:
-        return self._issued.is_set()
-
-    def record(self, stream: torch.cuda.Stream | None = None) -> None:
-        self.event.record(stream)
-
-    def set_issued(self, failed: bool = False) -> None:
-        """Called by the issuer after recording `event`, or after the work failed."""
-        self.failed = failed
-        self._issued.set()
+    def set_issued(self, event: Event | None, failed: bool = False) -> None:
+        """Called by the issuer with the event it recorded, or after the work failed."""
+        self.event, self.failed, self.issued = event, failed, True
 
     def query(self) -> bool:
-        return self._issued.is_set() and not self.failed and self.event.query()
+        return self.issued and not self.failed and self.event is not None and self.event.query()
 
     def wait(self, stream: torch.cuda.Stream | None = None) -> None:
         """As Event.wait; only once issued (before, there is nothing recorded to wait on)."""
-        assert self.issued and not self.failed, "waiting on work not issued"
+        assert self.issued and not self.failed and self.event is not None, (
+            "waiting on work not issued")
         self.event.wait(stream)
 
     def synchronize(self) -> None:
-        self._issued.wait()
+        """As Event.synchronize; only once issued (nothing else would ever issue it)."""
+        assert self.issued and not self.failed and self.event is not None, (
+            "waiting on work not issued")
         self.event.synchronize()
 
 

@@ -657,8 +657,8 @@ class TPAdapterManager(AdapterManager):
 
     @staticmethod
     def _own_ready(ready: Any) -> Any:
-        """Rank 0's own ready event inside the gathered flag: a failure issuing it (on the
-        upload thread, or at a batch's poll) then frees the slot, as on one GPU."""
+        """Rank 0's own ready event inside the gathered flag: a failure issuing it (in the
+        batch issued at a poll) then frees the slot, as on one GPU."""
         return ready.local if isinstance(ready, GatheredReady) else ready
 
     def admit(

@@ -162,6 +162,11 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s29b   (one GPU) uploads batched by default and issued by a
+#                                    request's admission: GPU tests, upload bandwidth, 1000
+#                                    adapters against LORASERVE_UPLOAD_BATCH=0; about 8 min
+#   scripts/device_session.sh s29a   (one GPU) 1000 adapters at cap 256: default, batched
+#                                    uploads, four readers, both; two processes each; 5 min
 #   scripts/device_session.sh s28b   (one GPU, prepared) the GPU tests of the upload modes
 #                                    (foreach, batched at each poll); about 5 min
 #   scripts/device_session.sh s28c   (one GPU, prepared) 1000 adapters at cap 256 by default,
@@ -247,11 +252,13 @@ many_ab() {  # many_ab NAME GUARD_S VAR=VALUE...: 1000 adapters at cap 256, satu
     i=$((i + 1))
     if [ "$SECONDS" -gt "$guard" ]; then echo "== many_ab $knob: skipped, out of time"; continue; fi
     # shellcheck disable=SC2086  # MANY_ARGS holds separate words
-    env "$knob" timeout $((i == 1 ? 200 : 110)) python3 -m benchmarks.many_adapters \
+    # shellcheck disable=SC2086  # a setting may hold several VAR=VALUE words
+    env $knob timeout $((i == 1 ? 200 : 110)) python3 -m benchmarks.many_adapters \
       --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 ${MANY_ARGS:-} \
-      --out "$OUT/many_${name}_$i.json" > "$OUT/many_${name}_$i.log" 2>&1
+      --out "$OUT/many_${name}_$i.json" > "/tmp/many_${name}_$i.log" 2>&1
     echo "== many_adapters cap 256 $knob${MANY_ARGS:+ $MANY_ARGS}: rc $?"
-    grep -vE "^(\[W|Writing|Loading|wrote|GIL|1000 vs)" "$OUT/many_${name}_$i.log" | tail -40
+    # the summary only: the rest is in the JSON, and the call returns a few files at most
+    grep -E "keeps|^  many: upload" "/tmp/many_${name}_$i.log" | tail -4
   done
 }
 
@@ -759,6 +766,22 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
   s28a)  # one GPU (prepared): the 1000-adapter load ramp with more readers: cap 256, two
     # reader processes (the default) against four, alternating, two processes each
     many_ab readers 420 NONE=1 LORASERVE_LOADER_WORKERS=4 NONE=2 LORASERVE_LOADER_WORKERS=4
+    ;;
+  s29b)  # one GPU: uploads batched by default, now also issued by a request's admission:
+    # their GPU tests (both modes), the upload bandwidth, then 1000 adapters at cap 256 by
+    # default against LORASERVE_UPLOAD_BATCH=0 (one call a copy as each starts), alternating
+    gpu_tests upload_tests 300 tests/test_adapters.py tests/test_pipeline_gpu.py \
+      -k "cuda_uploads or overlap_loading"
+    rm -f "$OUT"/*.xml
+    timeout 120 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > /tmp/upload.log 2>&1
+    echo "== upload_bench: rc $?"; tail -3 /tmp/upload.log
+    many_ab admit 560 NONE=1 LORASERVE_UPLOAD_BATCH=0 NONE=2 LORASERVE_UPLOAD_BATCH=0
+    ;;
+  s29a)  # one GPU: 1000 adapters at cap 256 by default, with uploads issued together at each
+    # poll, with four readers, and with both, alternating, two processes each
+    many_ab batch 470 NONE=1 LORASERVE_UPLOAD_BATCH=1 LORASERVE_LOADER_WORKERS=4 \
+      "LORASERVE_UPLOAD_BATCH=1 LORASERVE_LOADER_WORKERS=4" NONE=2 LORASERVE_UPLOAD_BATCH=1 \
+      LORASERVE_LOADER_WORKERS=4 "LORASERVE_UPLOAD_BATCH=1 LORASERVE_LOADER_WORKERS=4"
     ;;
   s27d)  # one GPU: 1000 adapters at cap 256 after on-demand resolves moved off the read
     # threads (one metadata job a name), with the timeline, up to three processes

@@ -23,7 +23,7 @@ from runtime.adapters.paths import resolve_adapter_path, resolve_on_demand
 from runtime.adapters.peft_format import AdapterError
 from runtime.adapters.pool import LoraModelShape
 from runtime.config import LoraPathSpec, ServerConfig
-from runtime.streams import Event, Streams
+from runtime.streams import Event, IssuedEvent, Streams
 
 CPU = torch.device("cpu")
 SHAPE = LoraModelShape(
@@ -159,7 +159,8 @@ async def test_load_upload_and_residency_states(folders: dict[str, Path]) -> Non
     assert slot is not None
     assert m.admit("a", set(), overlap=True) is None  # overlap on: wait for the upload
     assert m.admit("a", set(), overlap=False) == slot  # overlap off: queued upload is enough
-    assert m.ready_event(slot) is streams.events[-1]
+    ready = m.ready_event(slot)  # issued by that admission, which waited for no poll
+    assert isinstance(ready, IssuedEvent) and ready.issued and ready.event is streams.events[-1]
     m.poll()
     assert m.state("a") is Residency.UPLOADING
     streams.events[-1].is_done = True
@@ -297,15 +298,16 @@ async def test_pins(folders: dict[str, Path]) -> None:
     assert [i.pinned for i in m.list()] == [True, True, False, False, False]
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per_copy", "foreach"])
+@pytest.mark.parametrize("mode", ["batch", "loop"])
 async def test_upload_failure_leaves_no_half_written_slot(
-    folders: dict[str, Path], foreach: bool, monkeypatch
+    folders: dict[str, Path], mode: str, monkeypatch
 ) -> None:
-    """A copy failing midway (LORASERVE_UPLOAD_FOREACH=1: between the two foreach halves)
-    leaves the slot unused; the next upload writes it whole."""
-    monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if foreach else "0")
+    """A copy failing midway (batched, the default: between the two foreach halves; with
+    LORASERVE_UPLOAD_BATCH=0 between two copy calls) leaves the slot unused, and the admission
+    that issued it hears at once; the next upload writes it whole."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1" if mode == "batch" else "0")
     m = make_manager()
-    assert m.upload_mode == ("foreach" if foreach else "loop")
+    assert m.upload_mode == mode
     await m.load("a", str(folders["a"]))
 
     def fail(name: str, slot: int) -> None:
@@ -323,14 +325,12 @@ async def test_upload_failure_leaves_no_half_written_slot(
     assert torch.count_nonzero(a_rows[2:]) == 0 and torch.count_nonzero(a_rows[:2]) > 0
 
 
-async def test_batched_uploads_issue_together_at_the_next_poll(
-    folders: dict[str, Path], monkeypatch
-) -> None:
-    """LORASERVE_UPLOAD_BATCH=1: uploads started between two polls wait unissued (their slots
-    UPLOADING, joining no batch even with overlap off, their host rows out of reuse); the next
-    poll issues them in one go, sharing one ready event, and they hold what they should."""
-    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1")
+async def test_batched_uploads_issue_together_at_the_next_poll(folders: dict[str, Path]) -> None:
+    """By default uploads started between two polls wait unissued (their slots UPLOADING, their
+    host rows out of reuse); the next poll issues them in one go, sharing one ready event, and
+    they hold what they should."""
     m = make_manager()
+    assert m.upload_mode == "batch"
     await m.load("a", str(folders["a"]))
     await m.load("b", str(folders["b"]))
     m.acquire("a")
@@ -339,9 +339,9 @@ async def test_batched_uploads_issue_together_at_the_next_poll(
     assert sa is not None and sb is not None and sa != sb
     assert m.state("a") is m.state("b") is Residency.UPLOADING
     lease = m._adapters["a"].host.lease
-    assert m.admit("a", set(), overlap=False) is None and not lease.done()
-    assert len(m._pending_uploads) == 2 and m.counters.upload_enqueue_s == 0
     ra, rb = m._slots[sa].ready, m._slots[sb].ready
+    assert not ra.issued and not ra.query() and not lease.done()
+    assert len(m._pending_uploads) == 2 and m.counters.upload_enqueue_s == 0
     m.poll()
     assert m._pending_uploads == [] and ra.issued and rb.issued and ra.event is rb.event
     assert m.state("a") is m.state("b") is Residency.RESIDENT and lease.done()
@@ -349,18 +349,45 @@ async def test_batched_uploads_issue_together_at_the_next_poll(
     assert torch.equal(slot_q_a(m, sa)[:2], q_a(folders["a"]))
     assert torch.equal(slot_q_a(m, sb)[:2], q_a(folders["b"]))
     assert m.counters.loads["gpu"] == 2 and m.counters.upload_enqueue_s > 0
-    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
-    with pytest.raises(ValueError, match="exclusive"):
-        make_manager()
+
+
+@pytest.mark.parametrize("overlap", [False, None, True])
+async def test_admission_issues_the_waiting_uploads(
+    folders: dict[str, Path], overlap: bool | None
+) -> None:
+    """A request's admission does not wait for the next poll: it issues every upload waiting
+    (its adapter's and the others', in one go) and then admits as for an upload in flight:
+    with overlap off at once, adaptive while the upload should end within the wait, with
+    overlap on only once it has completed."""
+    streams = FakeStreams()
+    streams.auto_done = False
+    m = make_manager(streams)
+    await m.load("a", str(folders["a"]))
+    await m.load("b", str(folders["b"]))
+    m.acquire("b")  # a prefetch, say: waits for the next poll
+    sb = m.slot_of("b")
+    assert sb is not None and len(m._pending_uploads) == 1
+    m.upload_bytes_per_s = 1e18
+    slot = m.admit("a", set(), overlap=overlap, max_wait_s=0.01)
+    sa = m.slot_of("a")
+    assert sa is not None and m._pending_uploads == []
+    ra, rb = m._slots[sa].ready, m._slots[sb].ready
+    assert ra.issued and rb.issued and ra.event is rb.event and len(streams.events) == 1
+    assert slot == (None if overlap else sa)
+    streams.events[-1].is_done = True
+    assert m.admit("a", set(), overlap=True) == sa
+    m.poll()
+    assert m.state("a") is m.state("b") is Residency.RESIDENT
+    assert torch.equal(slot_q_a(m, sa)[:2], q_a(folders["a"]))
+    assert torch.equal(slot_q_a(m, sb)[:2], q_a(folders["b"]))
 
 
 async def test_batched_upload_failure_frees_every_slot_of_the_batch(
-    folders: dict[str, Path], monkeypatch
+    folders: dict[str, Path]
 ) -> None:
     """A batch that fails while the poll issues it fails each of its uploads as one issued on
-    the loop would: slots freed, adapters back IN_HOST with their error, counted; a later
+    its own would: slots freed, adapters back IN_HOST with their error, counted; a later
     request retries."""
-    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1")
     m = make_manager()
     await m.load("a", str(folders["a"]))
     await m.load("b", str(folders["b"]))
@@ -377,126 +404,43 @@ async def test_batched_upload_failure_frees_every_slot_of_the_batch(
         assert "simulated copy failure" in (m.load_error(n) or "")
     assert m.counters.upload_failures == 2 and all(s.owner is None for s in m._slots)
     m.upload_fault = None
-    assert m.admit("a", set(), overlap=False) is None  # started, not yet issued
-    m.poll()
     slot = m.admit("a", set(), overlap=False)
-    assert slot is not None and m.state("a") is Residency.RESIDENT and m.load_error("a") is None
+    assert slot is not None and m.load_error("a") is None
+    m.poll()
+    assert m.state("a") is Residency.RESIDENT
     assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
 
 
-async def test_upload_thread_issues_off_the_loop(folders: dict[str, Path], monkeypatch) -> None:
-    """LORASERVE_UPLOAD_THREAD=1: the copies are enqueued on the upload thread. Until it has
-    recorded the ready event, the slot is UPLOADING and nothing joins a batch on it (not even
-    with overlap off, where the compute stream would wait on an event not yet recorded), and
-    the host row stays out of reuse; then as without the thread. The caller never waits for
-    the copies."""
-    import threading
-
-    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
-    m = make_manager()
-    try:
-        await m.load("a", str(folders["a"]))
-        gate, entered, threads = threading.Event(), threading.Event(), []
-
-        def hold(name: str, slot: int) -> None:  # mid-copies, on the upload thread
-            threads.append(threading.current_thread().name)
-            entered.set()
-            assert gate.wait(5)
-
-        m.upload_fault = hold
-        m.acquire("a")  # returns while the upload thread is held mid-copies
-        assert entered.wait(5) and threads[0].startswith("lora-upload")
-        slot = m.slot_of("a")
-        assert slot is not None and m.state("a") is Residency.UPLOADING
-        lease = m._adapters["a"].host.lease
-        assert m.admit("a", set(), overlap=False) is None and not lease.done()
-        m.poll()
-        assert m.state("a") is Residency.UPLOADING
-        gate.set()
-        m.flush_uploads()
-        assert m.admit("a", set(), overlap=False) == slot
-        m.poll()
-        assert m.state("a") is Residency.RESIDENT and lease.done()
-        assert m.counters.loads["gpu"] == 1 and m.counters.upload_enqueue_s > 0
-        assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
-    finally:
-        m.close()
+async def test_unload_issues_a_waiting_upload(folders: dict[str, Path]) -> None:
+    """An adapter unloaded while its upload waits for the next poll: the unload issues it (so
+    no later upload into the slot shares a batch with it), frees its slot and host copy, its
+    host row is handed out again only after those copies have run, and the slot then serves
+    the next adapter whole."""
+    streams = FakeStreams()
+    streams.auto_done = False
+    m = make_manager(streams, max_loras_per_batch=1)
+    await m.load("a", str(folders["a"]))
+    m.acquire("a")
+    lease = m._adapters["a"].host.lease
+    assert len(m._pending_uploads) == 1 and not lease.done()
+    m.release("a")
+    await m.unload("a")
+    assert "a" not in m and m._pending_uploads == [] and not lease.done()
+    streams.events[-1].is_done = True
+    assert lease.done()
+    await m.load("b", str(folders["b"]))
+    m.acquire("b")
+    m.poll()
+    streams.events[-1].is_done = True
+    slot = await resident(m, "b")
+    assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["b"]))
+    assert m.counters.upload_failures == 0
 
 
-async def test_upload_thread_failure_frees_the_slot_at_the_next_poll(
-    folders: dict[str, Path], monkeypatch
-) -> None:
-    """A copy failing on the upload thread: the slot never reads as ready, the next poll frees
-    it and reports the failure as one on the loop is reported; a later upload succeeds."""
-    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
-    m = make_manager()
-    try:
-        await m.load("a", str(folders["a"]))
-
-        def fail(name: str, slot: int) -> None:
-            raise RuntimeError("simulated copy failure")
-
-        m.upload_fault = fail
-        m.acquire("a")
-        m.flush_uploads()
-        slot = m.slot_of("a")
-        assert slot is not None and m.state("a") is Residency.UPLOADING
-        assert m.admit("a", set(), overlap=True) is None  # failed: never ready
-        m.poll()
-        assert m.state("a") is Residency.IN_HOST and m.slot_of("a") is None
-        assert "simulated copy failure" in (m.load_error("a") or "")
-        assert m.counters.upload_failures == 1 and m.counters.loads["gpu"] == 0
-        m.upload_fault = None
-        assert m.admit("a", set(), overlap=False) is None  # its upload is handed to the thread
-        m.flush_uploads()
-        slot = await resident(m, "a")
-        assert m.load_error("a") is None
-        assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["a"]))
-    finally:
-        m.close()
-
-
-async def test_upload_thread_job_outlives_an_unload(folders: dict[str, Path], monkeypatch) -> None:
-    """An adapter unloaded while its upload waits on the upload thread: the unload frees its
-    slot and host copy at once, the row is not handed out again before the job has issued its
-    copies, and the slot then serves the next adapter."""
-    import threading
-
-    monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
-    m = make_manager(max_loras_per_batch=1)
-    try:
-        await m.load("a", str(folders["a"]))
-        gate, entered = threading.Event(), threading.Event()
-
-        def hold(name: str, slot: int) -> None:
-            entered.set()
-            assert gate.wait(5)
-
-        m.upload_fault = hold
-        m.acquire("a")
-        assert entered.wait(5)
-        lease = m._adapters["a"].host.lease
-        m.release("a")
-        await m.unload("a")
-        assert "a" not in m and not lease.done()
-        gate.set()
-        m.flush_uploads()
-        assert lease.done()
-        m.upload_fault = None
-        await m.load("b", str(folders["b"]))
-        m.admit("b", set(), overlap=False)
-        m.flush_uploads()
-        slot = await resident(m, "b")
-        assert torch.equal(slot_q_a(m, slot)[:2], q_a(folders["b"]))
-        assert m.counters.upload_failures == 0
-    finally:
-        m.close()
-
-
-@pytest.mark.parametrize("foreach", [False, True], ids=["per_copy", "foreach"])
+@pytest.mark.parametrize("mode", ["batch", "loop"])
 @pytest.mark.parametrize("stacked", [(), ("qkv",)], ids=["slab", "stacked"])
 async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
-    folders: dict[str, Path], tmp_path: Path, stacked: tuple[str, ...], foreach: bool,
+    folders: dict[str, Path], tmp_path: Path, stacked: tuple[str, ...], mode: str,
     monkeypatch,
 ) -> None:
     """A slot is one row of the pool's slab: an upload is three copies (rank, weights,
@@ -504,8 +448,9 @@ async def test_upload_is_one_row_and_clears_what_the_last_adapter_left(
     adapter does not target read zero with scaling 0. A stacked group's A rows live in its
     stack below the base weight: one copy more, which writes them there, clears the rows the
     previous occupant left (v's) and leaves the base weight's rows as they were. The same
-    with the copies in one foreach call (LORASERVE_UPLOAD_FOREACH=1)."""
-    monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if foreach else "0")
+    with the copies in one foreach call (batched, the default) and one call a copy
+    (LORASERVE_UPLOAD_BATCH=0)."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1" if mode == "batch" else "0")
     m = make_manager(max_loras_per_batch=1, stacked=stacked)
     assert m.pool.stacked == stacked
     group = m.pool.layers[0]["qkv"]
@@ -933,15 +878,15 @@ async def _cuda_uploads(tmp_path: Path, stacked: tuple[str, ...]) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("foreach", [False, True], ids=["per_copy", "foreach"])
+@pytest.mark.parametrize("mode", ["batch", "loop"])
 @pytest.mark.parametrize("stacked", [(), ("qkv", "down")])
-def test_cuda_uploads_real_shapes(tmp_path: Path, stacked: tuple[str, ...], foreach: bool,
+def test_cuda_uploads_real_shapes(tmp_path: Path, stacked: tuple[str, ...], mode: str,
                                   monkeypatch) -> None:
     """Pinned host copies, copy-stream uploads, ready and last-use events on an H200; with
     stacked groups too, whose A goes by a copy into a strided region of the stack, still
-    asynchronous and still behind the last-use event; and with an upload's copies in one
-    foreach call (LORASERVE_UPLOAD_FOREACH=1)."""
-    monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1" if foreach else "0")
+    asynchronous and still behind the last-use event; batched in one foreach call (the
+    default) and one call a copy (LORASERVE_UPLOAD_BATCH=0)."""
+    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1" if mode == "batch" else "0")
     asyncio.run(_cuda_uploads(tmp_path, stacked))
 
 

@@ -49,18 +49,13 @@ def free_gpu() -> None:
 
 
 @pytest.mark.parametrize(("overlap_loading", "mode"),
-                         [(True, "loop"), (False, "loop"), (None, "loop"),
-                          (True, "upload_thread"), (False, "upload_thread"),
-                          (True, "foreach"), (None, "foreach"), (False, "batch"),
-                          (None, "batch")])
+                         [(True, "batch"), (False, "batch"), (None, "batch"),
+                          (True, "loop"), (False, "loop"), (None, "loop")])
 def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, mode,  # noqa: F811
                                                   monkeypatch):
     """4 adapters through 2 slots, uploads overlapping compute, against one request at a time
-    without overlap; uploads issued by the loop, by the upload thread
-    (LORASERVE_UPLOAD_THREAD=1), by the loop in one foreach copy each
-    (LORASERVE_UPLOAD_FOREACH=1), or together at each poll (LORASERVE_UPLOAD_BATCH=1) for
-    the engine under test."""
-    upload_thread, foreach = mode == "upload_thread", mode == "foreach"
+    without overlap; uploads issued together at each poll or admission (the default) or
+    one call a copy as each starts (LORASERVE_UPLOAD_BATCH=0) for the engine under test."""
     model, adapters = setup
     ps = prompts(len(NAMES), read_vocab(model), seed=5, lo=4, hi=60)
     common = lora_config(adapters, "csgmv", "float32")
@@ -68,15 +63,10 @@ def test_overlap_loading_matches_synchronous_path(setup, overlap_loading, mode, 
     ref = run(one_at_a_time(ref_engine, ps, NAMES))
     del ref_engine
     free_gpu()
-    if upload_thread:
-        monkeypatch.setenv("LORASERVE_UPLOAD_THREAD", "1")
-    if foreach:
-        monkeypatch.setenv("LORASERVE_UPLOAD_FOREACH", "1")
-    if mode == "batch":
-        monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1")
+    monkeypatch.setenv("LORASERVE_UPLOAD_BATCH", "1" if mode == "batch" else "0")
     engine = make_engine(model, **{**common, "max_loras_per_batch": 2,
                                    "enable_lora_overlap_loading": overlap_loading})
-    assert engine.adapters.upload_mode == ("thread" if upload_thread else mode)
+    assert engine.adapters.upload_mode == mode
     assert engine.runner.graphs is not None
     out = run(all_at_once(engine, ps, NAMES))
     uploads = engine.adapters.counters.loads["gpu"]

@@ -319,13 +319,13 @@ def test_end_worker_process_flushes_and_exits_zero() -> None:
 
 def test_failed_unissued_upload_frees_a_gathered_slot() -> None:
     """Under tensor parallelism a slot's ready flag is rank 0's event wrapped with the workers'
-    reports: a failure issuing rank 0's copies (upload thread, batched issue) is matched
+    reports: a failure issuing rank 0's copies (a batch issued at a poll) is matched
     through the wrapper, so the slot is freed as on one GPU, not left uploading forever."""
     from runtime.adapters.manager import AdapterManager
-    from runtime.streams import Event, IssuedEvent
+    from runtime.streams import IssuedEvent
     from runtime.tp import GatheredReady, TPAdapterManager
 
-    own = IssuedEvent(Event(torch.device("cpu")))
+    own = IssuedEvent()
     gathered = GatheredReady(own, driver=None, slot=0, generation=1)  # type: ignore[arg-type]
     assert TPAdapterManager._own_ready(gathered) is own
     assert TPAdapterManager._own_ready(own) is own and TPAdapterManager._own_ready(None) is None

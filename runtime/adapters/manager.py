@@ -92,8 +92,7 @@ class AdapterCounters:
     load_failures: int = 0
     upload_failures: int = 0
     # Host time spent enqueueing uploads (the copies are asynchronous on the copy stream; this
-    # is what issuing them costs the loop, or the upload thread with LORASERVE_UPLOAD_THREAD),
-    # in total and the longest.
+    # is what issuing them costs the loop), in total and the longest.
     upload_enqueue_s: float = 0.0
     upload_enqueue_max_s: float = 0.0
     # the same by part: waiting on the slot's last use, the copies, the ready event; totals
@@ -134,8 +133,8 @@ class _Slot:
         self.unlocked = asyncio.Event()
         self.unlocked.set()
         self.last_use: Event | None = None
-        # set while the upload may still be running (an IssuedEvent when the upload thread
-        # enqueues it)
+        # set while the upload may still be running (an IssuedEvent while it waits, unissued,
+        # for the next poll or admission)
         self.ready: Event | IssuedEvent | None = None
         self.assigned_at = 0
         self.upload_started = 0.0
@@ -221,8 +220,8 @@ def host_tier_rows(config: ServerConfig, row_bytes: int, available: int | None) 
 @dataclass
 class _UploadJob:
     """One upload's copies into `slot` (from the host row `lease` holds), after `last_use`.
-    `ready`: the IssuedEvent it reports through when issued later (on the upload thread, or
-    at the next poll with LORASERVE_UPLOAD_BATCH); None when issued at once on the loop."""
+    `ready`: the IssuedEvent it reports through when issued later (with the uploads waiting
+    for the next poll, the default); None when issued at once (LORASERVE_UPLOAD_BATCH=0)."""
 
     entry: _Adapter
     slot: int
@@ -273,27 +272,16 @@ class AdapterManager:
         self.upload_bytes_per_s = 10e9
         # Test hook: called in the middle of every upload; raising simulates a failed upload.
         self.upload_fault: Callable[[str, int], None] | None = None
-        # LORASERVE_UPLOAD_THREAD=1: uploads' copies are enqueued on a thread of their own, so
-        # the serving loop does not wait for it (the copies are asynchronous, yet issuing them
-        # took the loop 1.8-2.6 ms an upload in the 1000-adapter benchmark on the H200)
-        self._uploader: ThreadPoolExecutor | None = None
-        if env_flag("LORASERVE_UPLOAD_THREAD", False):
-            self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-upload")
-        # LORASERVE_UPLOAD_FOREACH=1 (opt-in, for A/B runs): an upload's copies go in one
-        # torch call, which gives the GIL up once instead of once a copy. Each give-up costs
-        # the issuing thread up to a switch interval to get it back while the runner and the
-        # loaders run Python: an upload's issue averaged 1.8-3.3 ms in the 1000-adapter run
-        # on the H200, against 0.25-0.5 ms for the 8-adapter run's one upload.
-        self._foreach_copies = env_flag("LORASERVE_UPLOAD_FOREACH", False)
-        # LORASERVE_UPLOAD_BATCH=1 (opt-in, for A/B runs): uploads wait, unissued, for the next
-        # poll(), which issues all of them in one go on the loop: one wait a distinct last-use
-        # event, one foreach copy and one ready event they share, however many there are (a
-        # burst of new adapters starts tens of uploads between two polls). Like the upload
-        # thread's, an unissued upload's slot joins no batch.
-        self._batch_uploads = env_flag("LORASERVE_UPLOAD_BATCH", False)
-        if self._batch_uploads and self._uploader is not None:
-            raise ValueError("LORASERVE_UPLOAD_BATCH and LORASERVE_UPLOAD_THREAD are exclusive: "
-                             "set at most one")
+        # Uploads wait, unissued, for the next poll(), or for a request's admission in the
+        # scheduler, whichever comes first; then every upload waiting is issued in one go: one
+        # wait a distinct last-use event, one foreach copy and one ready event they share. Both
+        # places run while the runner thread is between launches. An upload issued as it starts
+        # (LORASERVE_UPLOAD_BATCH=0: one copy call a copy) is often started by a disk read's
+        # completion, which the loop runs while the runner launches a step; issuing the copies
+        # then took the loop 200-356 ms at times in the 1000-adapter benchmark on the H200
+        # (1.0-1.3 s of a 7 s run in all), against 4-5 ms at most and about 20 ms in all
+        # batched (benchmarks/RESULTS.md). An unissued upload's slot joins no batch.
+        self._batch_uploads = env_flag("LORASERVE_UPLOAD_BATCH", True)
         self._pending_uploads: list[_UploadJob] = []
         self._failed_uploads: queue.SimpleQueue[
             tuple[_Adapter, int, IssuedEvent, Exception]] = queue.SimpleQueue()
@@ -484,8 +472,6 @@ class AdapterManager:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._meta_executor.shutdown(wait=False, cancel_futures=True)
-        if self._uploader is not None:
-            self._uploader.shutdown(wait=True)  # copies already issued stay valid
         if self.reader is not None:
             self.reader.close()
 
@@ -651,11 +637,11 @@ class AdapterManager:
     # GPU slots ---------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Issue the uploads waiting for it (LORASERVE_UPLOAD_BATCH), mark finished uploads
+        """Issue the uploads waiting for it, mark finished uploads
         RESIDENT and retry pinned uploads. Never blocks."""
         if self._pending_uploads:
             self._issue_pending()
-        if self._uploader is not None or self._batch_uploads:
+        if self._batch_uploads:
             self._drain_failed_uploads()
         for slot in self._slots:
             if slot.owner is not None and slot.ready is not None and slot.ready.query():
@@ -725,7 +711,12 @@ class AdapterManager:
         assert entry.slot is not None
         ready = self._slots[entry.slot].ready
         if isinstance(ready, IssuedEvent) and not ready.issued:
-            return None  # the upload thread has not enqueued its copies yet: nothing to wait on
+            # waiting for the next poll: a request wants it now, and the runner is between
+            # launches (the scheduler runs then), so issue it, with every other one waiting
+            self._issue_pending()
+            self._drain_failed_uploads()
+            if entry.slot is None or ready.failed:
+                return None  # its copies failed: the slot is free again
         uploading = ready is not None and overlap is not False and not ready.query()
         if uploading and (overlap or self.upload_remaining_s(entry.slot) > max_wait_s):
             return None
@@ -772,24 +763,20 @@ class AdapterManager:
         return min(cands, key=order)
 
     def _upload(self, entry: _Adapter, slot: int) -> int | None:
-        """Enqueue host -> slot copies on the copy stream, after the slot's last use: here, at
-        the next poll (LORASERVE_UPLOAD_BATCH), or on the upload thread
-        (LORASERVE_UPLOAD_THREAD); poll() hears the failures of the last two."""
+        """Enqueue host -> slot copies on the copy stream, after the slot's last use: at the
+        next poll or admission (the default; poll() hears of their failures), or here
+        (LORASERVE_UPLOAD_BATCH=0)."""
         assert entry.host is not None
         s = self._slots[slot]
-        later = self._batch_uploads or self._uploader is not None
+        later = self._batch_uploads
         job = _UploadJob(entry, slot, self.pool.slot_copies(slot, entry.host), s.last_use,
-                         entry.host.lease, IssuedEvent(self.streams.event()) if later else None)
+                         entry.host.lease, IssuedEvent() if later else None)
         started = time.monotonic()
         ready: Event | IssuedEvent | None = job.ready
         if job.ready is not None:
             # the host row is reused only after the copies from it have run
             job.lease.event = job.ready
-            if self._batch_uploads:
-                self._pending_uploads.append(job)
-            else:
-                assert self._uploader is not None
-                self._uploader.submit(self._issue, [job])
+            self._pending_uploads.append(job)
         else:
             ready = self._issue([job])
             if ready is None:
@@ -802,10 +789,10 @@ class AdapterManager:
 
     def _issue(self, jobs: list[_UploadJob]) -> Event | None:
         """Enqueue `jobs` on the copy stream: a wait on each distinct last-use event, the
-        copies (one call a copy; with LORASERVE_UPLOAD_FOREACH or LORASERVE_UPLOAD_BATCH one
-        foreach call for them all), and one ready event recorded for all. Returns it, or None
-        when the copies failed, which fails every job: one issued here is reported at once,
-        one issued later is queued for poll() (which frees its slot). (Issued later, a job's
+        copies (one foreach call for them all; one call a copy with LORASERVE_UPLOAD_BATCH=0),
+        and one ready event recorded for all. Returns it, or None when the copies failed,
+        which fails every job: one issued as it starts is reported at once, one that waited
+        is queued for poll() (which frees its slot). (Issued later, a job's
         adapter may have been unloaded meanwhile: its copies keep the host row alive, and the
         row is not reused before the event its lease holds completes.)"""
         t0 = time.perf_counter()
@@ -818,7 +805,7 @@ class AdapterManager:
                         job.last_use.wait(self.streams.copy)
                 t_wait = time.perf_counter()
                 copies = [c for job in jobs for c in job.copies]
-                if self._foreach_copies or self._batch_uploads:
+                if self._batch_uploads:
                     self._copy_together(jobs[0].entry, jobs[0].slot, copies)
                 else:
                     for i, (dst, src) in enumerate(copies):
@@ -829,8 +816,7 @@ class AdapterManager:
                         else:
                             dst.copy_(src, non_blocking=True)
                 t_copies = time.perf_counter()
-                first = jobs[0].ready
-                ready = self.streams.event() if first is None else first.event
+                ready = self.streams.event()
                 ready.record(self.streams.copy)
         except Exception as e:  # noqa: BLE001 - reported per adapter, the slots stay unused
             # copies enqueued before the failure may still read the host rows
@@ -842,23 +828,23 @@ class AdapterManager:
             for job in jobs:
                 if job.ready is None:
                     self._upload_failed(job.entry, job.slot, e)
-                else:  # queued before set_issued: poll() then finds it
+                else:  # poll() (or the admission that issued it) frees its slot
                     self._failed_uploads.put((job.entry, job.slot, job.ready, e))
-                    job.ready.set_issued(failed=True)
+                    job.ready.set_issued(None, failed=True)
             return None
         self._count_enqueue(t0, t_wait, t_copies, time.perf_counter())
         for job in jobs:
             if job.ready is None:
                 job.lease.event = ready  # the row is reused only after its last copy has run
             else:
-                job.ready.event = ready
-                job.ready.set_issued()
+                job.ready.set_issued(ready)
         return ready
 
     def _issue_pending(self) -> None:
-        """Issue every upload waiting for this poll in one go (LORASERVE_UPLOAD_BATCH)."""
+        """Issue every upload waiting for the next poll in one go."""
         jobs, self._pending_uploads = self._pending_uploads, []
-        self._issue(jobs)
+        if jobs:
+            self._issue(jobs)
 
     def _copy_together(self, entry: _Adapter, slot: int,
                        copies: list[tuple[Tensor, Tensor | None]]) -> None:
@@ -887,21 +873,13 @@ class AdapterManager:
 
     @property
     def upload_mode(self) -> str:
-        """How uploads are issued: "loop" (one call a copy, as each starts), "foreach" (one call
-        an upload), "batch" (together at the next poll) or "thread" (on the upload thread)."""
-        if self._uploader is not None:
-            return "thread"
-        if self._batch_uploads:
-            return "batch"
-        return "foreach" if self._foreach_copies else "loop"
+        """How uploads are issued: "batch" (together at the next poll or admission, the
+        default) or "loop" (one call a copy, as each starts: LORASERVE_UPLOAD_BATCH=0)."""
+        return "batch" if self._batch_uploads else "loop"
 
     def flush_uploads(self) -> None:
-        """Issue every upload not yet issued: block until the upload thread has issued those
-        handed to it, or issue those waiting for the next poll (tests; a no-op otherwise)."""
-        if self._pending_uploads:
-            self._issue_pending()
-        if self._uploader is not None:
-            self._uploader.submit(lambda: None).result()
+        """Issue every upload waiting for the next poll (tests; a no-op otherwise)."""
+        self._issue_pending()
 
     @staticmethod
     def _own_ready(ready: Event | IssuedEvent | None) -> Event | IssuedEvent | None:
@@ -910,8 +888,8 @@ class AdapterManager:
         return ready
 
     def _drain_failed_uploads(self) -> None:
-        """Free the slots of uploads that failed on the upload thread or in a batch issued at
-        poll (still theirs) and report the failures, as a failure issuing one upload on the
+        """Free the slots of uploads that failed in a batch issued at a poll or admission
+        (still theirs) and report the failures, as a failure issuing one upload on the
         loop would have been."""
         while True:
             try:
@@ -934,6 +912,12 @@ class AdapterManager:
 
     def _free_slot(self, slot: int) -> None:
         s = self._slots[slot]
+        ready = self._own_ready(s.ready)
+        if isinstance(ready, IssuedEvent) and not ready.issued:
+            # an unload while its upload waits: issue it now, so that no later upload into
+            # this slot can share a batch with it (a batch's zeroing runs after its copies)
+            # and its host row is out of reuse only until those copies have run
+            self._issue_pending()
         if s.owner is not None:
             s.owner.slot = None
         s.owner, s.ready = None, None
