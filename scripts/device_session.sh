@@ -167,14 +167,12 @@
 #                                    adapters against LORASERVE_UPLOAD_BATCH=0; about 8 min
 #   scripts/device_session.sh s29a   (one GPU) 1000 adapters at cap 256: default, batched
 #                                    uploads, four readers, both; two processes each; 5 min
-#   scripts/device_session.sh s28b   (one GPU, prepared) the GPU tests of the upload modes
-#                                    (foreach, batched at each poll); about 5 min
-#   scripts/device_session.sh s28c   (one GPU, prepared) 1000 adapters at cap 256 by default,
-#                                    LORASERVE_UPLOAD_BATCH=1, LORASERVE_UPLOAD_FOREACH=1, two
-#                                    processes each; about 8 min
-#   scripts/device_session.sh s28a   (one GPU, prepared) 1000 adapters at cap 256 with two reader
-#                                    processes against four (LORASERVE_LOADER_WORKERS), two
-#                                    processes each; about 6 min
+#   scripts/device_session.sh s28b   (one GPU) the GPU tests of the upload modes then present;
+#                                    about 3 min (ran 2dd71a2; the upload thread and one foreach
+#                                    call an upload are since removed)
+#   (s28c, 1000 adapters one call a copy against batched at each poll and one foreach call an
+#    upload, ran at 2dd71a2 and is removed with the foreach mode; s28a, two readers against
+#    four, never ran: s29a covers it)
 #   scripts/device_session.sh s27d   (one GPU) 1000 adapters at cap 256, on-demand metadata on its
 #                                    own thread, up to three processes; about 5 min
 #   scripts/device_session.sh s27c   (one GPU) 1000 adapters at cap 256, each run's timeline by
@@ -749,23 +747,11 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       --max-loaded-loras 512 --profile --out "$OUT/many_prof.json" > "$OUT/many_prof.log" 2>&1
     echo "== many_adapters --profile cap 256: rc $?"; grep -E "saturated|keeps" "$OUT/many_prof.log"
     ;;
-  s28b)  # one GPU (prepared): the GPU tests of an upload's copies in one foreach call
-    # (LORASERVE_UPLOAD_FOREACH) and of uploads issued together at each poll
-    # (LORASERVE_UPLOAD_BATCH): copy-stream uploads at real shapes, serving through 2 slots
-    # against the synchronous path (every upload mode)
+  s28b)  # one GPU: the GPU tests of every upload mode: copy-stream uploads at real shapes,
+    # serving through 2 slots against the synchronous path
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
-    ;;
-  s28c)  # one GPU (prepared): 1000 adapters at cap 256 by default, with uploads issued
-    # together at each poll, and with each upload's copies in one foreach call, alternating,
-    # two processes each, with the enqueue time by part
-    many_ab upload 500 NONE=1 LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1 NONE=2 \
-      LORASERVE_UPLOAD_BATCH=1 LORASERVE_UPLOAD_FOREACH=1
-    ;;
-  s28a)  # one GPU (prepared): the 1000-adapter load ramp with more readers: cap 256, two
-    # reader processes (the default) against four, alternating, two processes each
-    many_ab readers 420 NONE=1 LORASERVE_LOADER_WORKERS=4 NONE=2 LORASERVE_LOADER_WORKERS=4
     ;;
   s29b)  # one GPU: uploads batched by default, now also issued by a request's admission:
     # their GPU tests (both modes), the upload bandwidth, then 1000 adapters at cap 256 by
