@@ -205,6 +205,53 @@ def count_timeline(engine: Engine, out: list[tuple[float, ...]]) -> Iterator[Non
         thread.join()
 
 
+@contextlib.contextmanager
+def step_trace(engine: Engine, limit: int, out: list[dict[str, Any]]) -> Iterator[None]:
+    """Record the first `limit` steps the loop schedules while inside, as each is admitted:
+    when (perf_counter), its rows, tokens, prefilling rows and distinct adapter slots, the
+    queue then (waiting, running), the adapters read and uploaded since entering, the loop's
+    host time by phase so far (ms; a step's phases are the differences to the next record)."""
+    admitted = engine._on_admitted
+    assert engine.adapters is not None
+    loads, sched, timings = engine.adapters.counters.loads, engine.scheduler, engine.timings
+    host0, gpu0 = loads["host"], loads["gpu"]
+
+    def trace(plan: Any) -> None:
+        if len(out) < limit:
+            out.append({
+                "t": time.perf_counter(), "rows": len(plan.requests),
+                "tokens": plan.num_tokens,
+                "prefill_rows": sum(r.is_prefilling for r in plan.requests),
+                "adapters": len(plan.slots), "waiting": sched.num_waiting,
+                "running": sched.num_running, "disk_loads": loads["host"] - host0,
+                "uploads": loads["gpu"] - gpu0,
+                "loop_ms": {k: 1e3 * getattr(timings, k) for k in STEP_PHASES}})
+        admitted(plan)
+
+    engine._on_admitted = trace  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del engine._on_admitted  # the class's method again
+
+
+STEP_PHASES = ("schedule", "prepare", "launch", "wait", "postprocess")
+
+
+def step_trace_table(trace: list[dict[str, Any]], start: float) -> list[dict[str, Any]]:
+    """step_trace's records with `t` from the run's start and each step's host ms by phase
+    (to the next record; the last record, without a next, keeps none)."""
+    rows = []
+    for i, r in enumerate(trace):
+        row = {**r, "t": r["t"] - start}
+        del row["loop_ms"]
+        if i + 1 < len(trace):
+            nxt = trace[i + 1]["loop_ms"]
+            row["loop_ms"] = {k: nxt[k] - r["loop_ms"][k] for k in STEP_PHASES}
+        rows.append(row)
+    return rows
+
+
 def timeline_table(points: list[tuple[float, ...]], samples: list[Any], start: float,
                    every_s: float) -> list[dict[str, float]]:
     """Per `every_s` bucket of a run: disk loads, uploads, steps, rows a step, prefill steps
@@ -227,7 +274,7 @@ def timeline_table(points: list[tuple[float, ...]], samples: list[Any], start: f
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int, profile: bool = False,
                   kernels: tuple[float, float] | None = None,
-                  stall_dumps_s: float | None = None) -> dict[str, Any]:
+                  stall_dumps_s: float | None = None, trace_steps: int = 0) -> dict[str, Any]:
     prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
                                         engine.model_info.vocab_size)
     assert engine.adapters is not None
@@ -249,12 +296,17 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
         compile_log = stack.enter_context(CompileLog())
         window = asyncio.create_task(kernel_window(engine, *kernels)) if kernels else None
         points: list[tuple[float, ...]] = []
+        trace: list[dict[str, Any]] = []
+        if trace_steps:
+            stack.enter_context(step_trace(engine, trace_steps, trace))
         with count_timeline(engine, points):
             samples, start, end = await serve(engine, prompts, loras, arrivals,
                                               params_for(s.output_len), None)
         points.append(timeline_point(engine, start))  # the last, partial bucket's end
     figures = run_figures(samples, start, end)
     figures["timeline"] = timeline_table(points, samples, start, 0.5)
+    if trace_steps:
+        figures["step_trace"] = step_trace_table(trace, start)
     figures["allocator"] = {k: v - allocator[k] for k, v in allocator_stats(engine).items()}
     if stalls is not None:  # every thread's stack in the loop's longest stalls
         figures["loop_stalls"] = [{"at_s": at, "ms": 1e3 * gap, "threads": threads}
@@ -296,7 +348,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
 
 def run(s: Settings, root: Path, log, profile: bool = False,
         kernels: tuple[float, float] | None = None, poisson: bool = True,
-        stall_dumps_s: float | None = None) -> dict[str, Any]:
+        stall_dumps_s: float | None = None, trace_steps: int = 0) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, adapters = write_files(s, root)
     log(f"wrote the model and {s.num_adapters} adapters in {time.perf_counter() - t0:.1f} s")
@@ -314,8 +366,21 @@ def run(s: Settings, root: Path, log, profile: bool = False,
             out: dict[str, Any] = {}
             for label, names in (("few", few), ("many", many)):
                 out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed,
-                                                         profile, kernels, stall_dumps_s)}
+                                                         profile, kernels, stall_dumps_s,
+                                                         trace_steps)}
                 sat = out[label]["saturated"]
+                if "step_trace" in sat:
+                    log(f"{label} saturated, its first steps (t ms: rows, tokens, prefilling "
+                        "rows, adapters, waiting, running, disk loads, uploads so far; host ms "
+                        "schedule+prepare, launch, wait, postprocess): " + "; ".join(
+                            f"{1e3 * r['t']:.0f}: {r['rows']} {r['tokens']} "
+                            f"{r['prefill_rows']} {r['adapters']} {r['waiting']} "
+                            f"{r['running']} {r['disk_loads']} {r['uploads']}" + (
+                                "; {:.1f} {:.1f} {:.1f} {:.1f}".format(
+                                    r["loop_ms"]["schedule"] + r["loop_ms"]["prepare"],
+                                    r["loop_ms"]["launch"], r["loop_ms"]["wait"],
+                                    r["loop_ms"]["postprocess"]) if "loop_ms" in r else "")
+                            for r in sat["step_trace"]))
                 if "kernels" in sat:
                     k = sat["kernels"]
                     log(f"{label} saturated, kernels over {k['steps']} steps: GPU busy "
@@ -375,6 +440,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="dump every thread's stack whenever the event loop stays away this "
                          "long in a saturated run (faulthandler's watchdog, no GIL needed)")
     ap.add_argument("--saturated-only", action="store_true", help="skip the Poisson runs")
+    ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
+                    help="record the first N steps of each saturated run as they are admitted "
+                         "(rows, tokens, adapters, queue, loads so far, host ms by phase)")
     ap.add_argument("--lora-loader", choices=("auto", "process", "thread"), default="auto",
                     help="where adapter files are read (the server option of that name)")
     ap.add_argument("--switch-interval-ms", type=float,
@@ -401,7 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run(s, Path(tmp), lambda m: print(m, flush=True), a.profile,
                      tuple(a.kernel_window) if a.kernel_window else None,
                      poisson=not a.saturated_only,
-                     stall_dumps_s=a.stall_dumps_ms / 1e3 if a.stall_dumps_ms else None)
+                     stall_dumps_s=a.stall_dumps_ms / 1e3 if a.stall_dumps_ms else None,
+                     trace_steps=a.trace_steps)
     result["switch_interval_s"] = sys.getswitchinterval()  # as the engine left it
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))

@@ -162,6 +162,8 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s29c   (one GPU) the first 60 steps of the 1000- and 8-adapter
+#                                    runs at cap 256, as admitted; about 2 min
 #   scripts/device_session.sh s29b   (one GPU) uploads batched by default and issued by a
 #                                    request's admission: GPU tests, upload bandwidth, 1000
 #                                    adapters against LORASERVE_UPLOAD_BATCH=0; about 8 min
@@ -752,6 +754,13 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
+    ;;
+  s29c)  # one GPU: the first 60 steps of the 1000-adapter run and of the 8-adapter run, as
+    # admitted (rows, tokens, adapters, queue, loads, host ms by phase): where the first wave's
+    # 0.3-0.5 s goes
+    timeout 220 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+      --max-loaded-loras 512 --trace-steps 60 --out "$OUT/many_trace.json" > /tmp/trace.log 2>&1
+    echo "== many_adapters --trace-steps 60: rc $?"; grep -E "first steps|keeps" /tmp/trace.log
     ;;
   s29b)  # one GPU: uploads batched by default, now also issued by a request's admission:
     # their GPU tests (both modes), the upload bandwidth, then 1000 adapters at cap 256 by

@@ -270,11 +270,19 @@ def test_many_adapters_quick(tmp_path: Path) -> None:
 def test_many_adapters_cap_flag(tmp_path: Path) -> None:
     """--max-loras-per-batch raises the batch's adapter cap (and the host tier with it): a
     uniform many-adapter batch then holds more rows a step than at the default cap.
-    --saturated-only skips the Poisson runs."""
+    --saturated-only skips the Poisson runs. --trace-steps records each run's first steps."""
     from benchmarks import many_adapters
 
     wide = many_adapters.main(["--quick", "--max-loras-per-batch", "16", "--saturated-only",
-                               "--lora-loader", "process"])
+                               "--lora-loader", "process", "--trace-steps", "5"])
+    trace = wide["many"]["saturated"]["step_trace"]
+    assert len(trace) == 5 and [r["t"] for r in trace] == sorted(r["t"] for r in trace)
+    assert trace[0]["prefill_rows"] == trace[0]["rows"] > 0  # the first step prefills
+    assert sum(r["tokens"] for r in trace) >= sum(r["rows"] for r in trace)
+    assert all("loop_ms" in r for r in trace[:-1]) and "loop_ms" not in trace[-1]
+    assert trace[-1]["uploads"] >= trace[0]["uploads"] >= 0
+    assert all(r["loop_ms"]["launch"] > 0 for r in trace[:-1])
+    assert wide["few"]["saturated"]["step_trace"][0]["adapters"] >= 1
     assert "poisson" not in wide["many"] and "keep_poisson" not in wide
     assert wide["settings"]["max_loras_per_batch"] == 16
     assert wide["settings"]["lora_loader"] == "process"  # reads in reader processes on CPU
