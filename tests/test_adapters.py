@@ -133,6 +133,12 @@ async def resident(manager: AdapterManager, name: str, batch: set[int] | None = 
     return slot
 
 
+def assert_host_tally(m: AdapterManager) -> None:
+    """The host tier's running tally matches its copies counted afresh."""
+    held = [a.host for a in m._adapters.values() if a.host is not None]
+    assert m._host_usage() == (len(held), sum(h.nbytes for h in held))
+
+
 async def wait_state(manager: AdapterManager, name: str, state: Residency) -> None:
     for _ in range(500):
         if manager.state(name) is state:
@@ -512,6 +518,10 @@ async def test_host_tier_eviction_and_transparent_reload(
     want[:2] = q_a(folders["a"])
     torch.testing.assert_close(slot_q_a(m, slot), want)
     m.release("a")
+    assert_host_tally(m)
+    await m.unload("b")
+    assert_host_tally(m)
+    assert m._host_usage()[0] == 2
 
 
 async def test_host_copies_that_queued_requests_need_are_kept(folders: dict[str, Path]) -> None:
@@ -547,6 +557,7 @@ async def test_host_copies_that_queued_requests_need_are_kept(folders: dict[str,
     assert m.counters.loads["host"] == 5  # e read once more, a and b never
     for n in "abcde":
         m.release(n)
+    assert_host_tally(m)
 
 
 async def test_failed_load_changes_nothing(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -562,6 +573,7 @@ async def test_failed_load_changes_nothing(folders: dict[str, Path], tmp_path: P
         await m.load("c", str(bad))
     assert m.list() == before and m.counters.evictions["host"] == 0
     assert "c" not in m
+    assert_host_tally(m)
     await m.load("c", str(folders["c"]))
     assert "c" in m
 

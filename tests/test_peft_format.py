@@ -266,6 +266,35 @@ def test_rank_and_alpha_patterns_resolve_like_peft(
             assert cfg.modules[key].scaling == pytest.approx(scaling), (name, key)
 
 
+def test_config_resolution_is_remembered_by_content(tmp_path: Path) -> None:
+    """Folders whose configs say the same thing (keys in any order) resolve once; a different
+    config or layer count resolves anew; a refused config is refused each time, and the same
+    folder fixed afterwards reads as fixed."""
+    from runtime.adapters import peft_format
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    make_adapter(a, 1, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    make_adapter(b, 2, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    cfg_b = json.loads((b / "adapter_config.json").read_text())
+    (b / "adapter_config.json").write_text(json.dumps(dict(reversed(list(cfg_b.items())))))
+    make_adapter(c, 3, r=4, lora_alpha=4, target_modules=["q_proj"])
+    peft_format._checked_config_of.cache_clear()
+    first = read_adapter_config(str(a), SHAPE.num_layers)
+    assert read_adapter_config(str(b), SHAPE.num_layers) is first
+    info = peft_format._checked_config_of.cache_info()
+    assert (info.hits, info.misses) == (1, 1)
+    other = read_adapter_config(str(c), SHAPE.num_layers)
+    assert other != first and other.rank == 4 and other.target_modules == {"q_proj"}
+    fewer = read_adapter_config(str(a), SHAPE.num_layers - 1)
+    assert len(fewer.modules) < len(first.modules)
+    edit_config(c, bias="all")
+    for _ in range(2):
+        with pytest.raises(AdapterError, match="bias"):
+            read_adapter_config(str(c), SHAPE.num_layers)
+    edit_config(c, bias="none")
+    assert read_adapter_config(str(c), SHAPE.num_layers) == other
+
+
 def test_fan_in_fan_out_does_not_transpose(tmp_path: Path) -> None:
     """PEFT keeps A [r, in] / B [out, r] whatever fan_in_fan_out says (it resets the flag for
     linear layers), so a hand-made file with the flag loads exactly as PEFT loads it."""

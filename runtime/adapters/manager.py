@@ -107,15 +107,27 @@ class AdapterCounters:
     pending_latencies: list[tuple[str, float]] = field(default_factory=list)
 
 
+class _HostTally:
+    """Host copies held by a manager's adapters, and their bytes, kept as `_Adapter.host`
+    changes: the host tier's room is checked at every load, and summing it over every adapter
+    took the loop 0.4 ms a load with 600 adapters registered (on the CPU box)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.nbytes = 0
+
+
 class _Adapter:
     """Bookkeeping of one registered adapter name."""
 
-    def __init__(self, name: str, path: str, pinned: bool, config: AdapterConfig) -> None:
+    def __init__(self, name: str, path: str, pinned: bool, config: AdapterConfig,
+                 tally: _HostTally) -> None:
         self.name = name
         self.path = path
         self.pinned = pinned
         self.config = config
-        self.host: HostAdapter | None = None
+        self._tally = tally
+        self._host: HostAdapter | None = None
         self.load_task: asyncio.Task[None] | None = None
         self.slot: int | None = None
         self.refs = 0
@@ -124,6 +136,20 @@ class _Adapter:
         self.idle.set()
         self.last_used = 0
         self.error: str | None = None
+
+    @property
+    def host(self) -> HostAdapter | None:
+        """The adapter's copy in the host tier (None: on disk only)."""
+        return self._host
+
+    @host.setter
+    def host(self, host: HostAdapter | None) -> None:
+        t = self._tally
+        if self._host is not None:
+            t.count, t.nbytes = t.count - 1, t.nbytes - self._host.nbytes
+        if host is not None:
+            t.count, t.nbytes = t.count + 1, t.nbytes + host.nbytes
+        self._host = host
 
 
 class _Slot:
@@ -286,6 +312,7 @@ class AdapterManager:
         self._failed_uploads: queue.SimpleQueue[
             tuple[_Adapter, int, IssuedEvent, Exception]] = queue.SimpleQueue()
         self._adapters: dict[str, _Adapter] = {}
+        self._host_tally = _HostTally()  # the host copies of the adapters in _adapters
         self._loading: dict[str, asyncio.Future[None]] = {}  # first loads in progress
         # on-demand names being resolved (their config read) on the metadata thread
         self._resolving: dict[str, asyncio.Future[tuple[str, str, AdapterConfig] | None]] = {}
@@ -368,7 +395,7 @@ class AdapterManager:
         except HostTierFullError:
             if pinned:
                 raise  # a pinned adapter must be in host memory now; others may wait on disk
-        entry = _Adapter(name, real, pinned, cfg)
+        entry = _Adapter(name, real, pinned, cfg, self._host_tally)
         t0 = time.monotonic()
         try:
             host = await loop.run_in_executor(self._executor, self._read_host, real)
@@ -518,8 +545,13 @@ class AdapterManager:
         return sorted(cands, key=lambda a: (a.refs > 0, a.last_used))
 
     def _host_usage(self) -> tuple[int, int]:
-        held = [a.host for a in self._adapters.values() if a.host is not None]
-        return len(held), sum(h.nbytes for h in held)
+        """Host copies held, and their bytes."""
+        return self._host_tally.count, self._host_tally.nbytes
+
+    def _host_fits(self, count: int, used: int, nbytes: int) -> bool:
+        """Whether one more host copy of `nbytes` fits beside `count` copies using `used`."""
+        return (count + 1 <= self.config.num_lora_host_slots
+                and used + nbytes <= self.config.max_lora_host_bytes)
 
     def _check_host_room(self, name: str, nbytes: int) -> None:
         budget = self.config.max_lora_host_bytes
@@ -529,6 +561,8 @@ class AdapterManager:
                 f"max_lora_host_bytes ({budget})"
             )
         count, used = self._host_usage()
+        if self._host_fits(count, used, nbytes):
+            return  # the common case: no eviction, so no walk of every adapter for victims
         evictable = self._host_evictable(name)
         min_count = count - len(evictable)
         min_used = used - sum(a.host.nbytes for a in evictable if a.host is not None)
@@ -542,11 +576,11 @@ class AdapterManager:
     def _make_host_room(self, nbytes: int, keep: str) -> None:
         """Drop host copies (unreferenced first, then LRU) until one of `nbytes` fits."""
         self._check_host_room(keep, nbytes)
-        evictable = self._host_evictable(keep)
         count, used = self._host_usage()
-        while count + 1 > self.config.num_lora_host_slots or (
-            used + nbytes > self.config.max_lora_host_bytes
-        ):
+        if self._host_fits(count, used, nbytes):
+            return
+        evictable = self._host_evictable(keep)
+        while not self._host_fits(count, used, nbytes):
             victim = evictable.pop(0)
             assert victim.host is not None
             count, used = count - 1, used - victim.host.nbytes
