@@ -293,6 +293,17 @@ def test_many_adapters_cap_flag(tmp_path: Path) -> None:
     assert wide["many"]["saturated"]["mean_rows_per_step"] > 10
 
 
+def test_load_threads_quick() -> None:
+    """The per-thread CPU time of on-demand loads: every name loads into the host tier, and
+    the tally is by thread name."""
+    from benchmarks import load_threads
+
+    result = load_threads.main(["--quick"])
+    assert result["names"] == 12 and result["host_copies"] == 13  # and lora0, loaded first
+    assert all(v > 0 for v in result["cpu_ms_a_load"].values())
+    assert result["wall_s"] > 0
+
+
 def test_gil_probe_quick() -> None:
     """The GIL probe measures a small call alone, beside loader threads and beside reader
     processes, and both kinds of reader really read; and an upload's copies' issue."""
