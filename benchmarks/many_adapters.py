@@ -235,7 +235,7 @@ def step_trace(engine: Engine, limit: int, out: list[dict[str, Any]]) -> Iterato
         del engine._on_admitted  # the class's method again
 
 
-STEP_PHASES = ("schedule", "prepare", "launch", "wait", "postprocess")
+STEP_PHASES = ("schedule", "prepare", "launch", "launch_cpu", "wait", "postprocess")
 
 
 def step_trace_table(trace: list[dict[str, Any]], start: float) -> list[dict[str, Any]]:
@@ -372,14 +372,16 @@ def run(s: Settings, root: Path, log, profile: bool = False,
                 if "step_trace" in sat:
                     log(f"{label} saturated, its first steps (t ms: rows, tokens, prefilling "
                         "rows, adapters, waiting, running, disk loads, uploads so far; host ms "
-                        "schedule+prepare, launch, wait, postprocess): " + "; ".join(
+                        "schedule+prepare, launch (the runner's CPU in it), wait, "
+                        "postprocess): " + "; ".join(
                             f"{1e3 * r['t']:.0f}: {r['rows']} {r['tokens']} "
                             f"{r['prefill_rows']} {r['adapters']} {r['waiting']} "
                             f"{r['running']} {r['disk_loads']} {r['uploads']}" + (
-                                "; {:.1f} {:.1f} {:.1f} {:.1f}".format(
+                                "; {:.1f} {:.1f} ({:.1f}) {:.1f} {:.1f}".format(
                                     r["loop_ms"]["schedule"] + r["loop_ms"]["prepare"],
-                                    r["loop_ms"]["launch"], r["loop_ms"]["wait"],
-                                    r["loop_ms"]["postprocess"]) if "loop_ms" in r else "")
+                                    r["loop_ms"]["launch"], r["loop_ms"]["launch_cpu"],
+                                    r["loop_ms"]["wait"], r["loop_ms"]["postprocess"])
+                                if "loop_ms" in r else "")
                             for r in sat["step_trace"]))
                 if "kernels" in sat:
                     k = sat["kernels"]

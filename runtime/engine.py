@@ -95,6 +95,9 @@ class LoopTimings:
     launch: float = 0.0  # enqueueing the forward and sampler (runner thread)
     wait: float = 0.0
     postprocess: float = 0.0
+    # CPU time the runner thread spent in those launches: the rest of `launch` it waited (for
+    # the GIL while other threads ran Python, or in the driver)
+    launch_cpu: float = 0.0
 
     def per_step_ms(self) -> dict[str, float]:
         n = max(self.steps, 1)
@@ -487,7 +490,7 @@ class Engine:
             t0 = time.perf_counter()
             fb = self.runner.prepare(plan, prev)
             t1 = time.perf_counter()
-            step = await loop.run_in_executor(self._thread, self.runner.launch, plan, fb)
+            step = await loop.run_in_executor(self._thread, self._launch_counted, plan, fb)
             t.prepare += t1 - t0
             t.launch += time.perf_counter() - t1
             t.steps += 1
@@ -503,6 +506,14 @@ class Engine:
         self._record_use(slots)
         self._advance(step)
         return step
+
+    def _launch_counted(self, plan: ScheduledBatch, fb: Any) -> InFlightStep:
+        """Runner thread: runner.launch, its CPU time counted (timings.launch_cpu)."""
+        c0 = time.thread_time()
+        try:
+            return self.runner.launch(plan, fb)
+        finally:
+            self.timings.launch_cpu += time.thread_time() - c0
 
     @staticmethod
     def _advance(step: InFlightStep) -> None:

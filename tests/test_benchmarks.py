@@ -282,6 +282,9 @@ def test_many_adapters_cap_flag(tmp_path: Path) -> None:
     assert all("loop_ms" in r for r in trace[:-1]) and "loop_ms" not in trace[-1]
     assert trace[-1]["uploads"] >= trace[0]["uploads"] >= 0
     assert all(r["loop_ms"]["launch"] > 0 for r in trace[:-1])
+    # the runner's CPU time in a launch is part of the launch's wall time
+    assert all(0 < r["loop_ms"]["launch_cpu"] <= r["loop_ms"]["launch"] + 0.5
+               for r in trace[:-1])
     assert wide["few"]["saturated"]["step_trace"][0]["adapters"] >= 1
     assert "poisson" not in wide["many"] and "keep_poisson" not in wide
     assert wide["settings"]["max_loras_per_batch"] == 16
