@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s30a   (one GPU, prepared) the engine's GPU tests, then the
+#                                    1000-adapter run's first 60 steps twice (launch CPU time,
+#                                    after the config cache); about 8 min
 #   scripts/device_session.sh s29c   (one GPU) the first 60 steps of the 1000- and 8-adapter
 #                                    runs at cap 256, as admitted; about 2 min
 #   scripts/device_session.sh s29b   (one GPU) uploads batched by default and issued by a
@@ -754,6 +757,20 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
+    ;;
+  s30a)  # one GPU (prepared): the engine's GPU tests (the launch now counts the runner's CPU
+    # time), then the 1000-adapter run's first 60 steps twice, after the config cache and the
+    # host tally (c23af31): does the first prefill launch still take 344 ms, and how much of
+    # each launch is the runner's own CPU time?
+    gpu_tests engine_tests 300 tests/test_engine_gpu.py tests/test_pipeline_gpu.py
+    rm -f "$OUT"/*.xml
+    for i in 1 2; do
+      timeout 200 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+        --max-loaded-loras 512 --trace-steps 60 --out "$OUT/many_trace_$i.json" \
+        > "/tmp/trace_$i.log" 2>&1
+      echo "== many_adapters --trace-steps 60 ($i): rc $?"
+      grep -E "first steps|keeps" "/tmp/trace_$i.log" | cut -c1-2500
+    done
     ;;
   s29c)  # one GPU: the first 60 steps of the 1000-adapter run and of the 8-adapter run, as
     # admitted (rows, tokens, adapters, queue, loads, host ms by phase): where the first wave's
