@@ -671,8 +671,8 @@ class AdapterManager:
     # GPU slots ---------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Issue the uploads waiting for it, mark finished uploads
-        RESIDENT and retry pinned uploads. Never blocks."""
+        """Issue the uploads waiting for it, mark finished uploads RESIDENT and retry pinned
+        uploads. Never blocks."""
         if self._pending_uploads:
             self._issue_pending()
         if self._batch_uploads:
@@ -826,9 +826,8 @@ class AdapterManager:
         copies (one foreach call for them all; one call a copy with LORASERVE_UPLOAD_BATCH=0),
         and one ready event recorded for all. Returns it, or None when the copies failed,
         which fails every job: one issued as it starts is reported at once, one that waited
-        is queued for poll() (which frees its slot). (Issued later, a job's
-        adapter may have been unloaded meanwhile: its copies keep the host row alive, and the
-        row is not reused before the event its lease holds completes.)"""
+        is queued for poll() (which frees its slot). (An unload issues its adapter's waiting
+        upload before it frees the slot: `_free_slot`.)"""
         t0 = time.perf_counter()
         try:
             with self.streams.use(self.streams.copy):
