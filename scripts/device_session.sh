@@ -165,6 +165,8 @@
 #   scripts/device_session.sh s30a   (one GPU, prepared) the engine's GPU tests, then the
 #                                    1000-adapter run's first 60 steps twice (launch CPU time,
 #                                    after the config cache); about 8 min
+#   scripts/device_session.sh s30b   (one GPU, prepared) the GIL switch interval 0.05 ms against
+#                                    0.5 in the 1000-adapter run, two processes each; 5 min
 #   scripts/device_session.sh s29c   (one GPU) the first 60 steps of the 1000- and 8-adapter
 #                                    runs at cap 256, as admitted; about 2 min
 #   scripts/device_session.sh s29b   (one GPU) uploads batched by default and issued by a
@@ -770,6 +772,21 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
         > "/tmp/trace_$i.log" 2>&1
       echo "== many_adapters --trace-steps 60 ($i): rc $?"
       grep -E "first steps|keeps" "/tmp/trace_$i.log" | cut -c1-2500
+    done
+    ;;
+  s30b)  # one GPU (prepared): the GIL's switch interval at 0.05 ms against the engine's 0.5:
+    # a launch that gives the GIL up waits at most an interval to get it back while another
+    # thread runs Python. 1000 adapters at cap 256, first 30 steps traced, alternating, two
+    # processes each
+    for i in 1 2 3 4; do
+      if [ "$SECONDS" -gt 420 ]; then echo "== run $i: skipped, out of time"; continue; fi
+      args=""; [ $((i % 2)) -eq 0 ] && args="--switch-interval-ms 0.05"
+      # shellcheck disable=SC2086  # args holds separate words
+      timeout 150 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+        --max-loaded-loras 512 --trace-steps 30 $args --out "$OUT/many_si_$i.json" \
+        > "/tmp/si_$i.log" 2>&1
+      echo "== many_adapters ${args:-at the engine interval} ($i): rc $?"
+      grep -E "keeps|GIL switch" "/tmp/si_$i.log"
     done
     ;;
   s29c)  # one GPU: the first 60 steps of the 1000-adapter run and of the 8-adapter run, as
