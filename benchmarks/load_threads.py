@@ -3,7 +3,8 @@
 Every Python thread busy beside the runner delays its launches: each torch call gives the GIL
 up and must get it back. This registers N on-demand adapter names at once (clones of one
 rank-4 q/v adapter of a tiny model with `--layers` layers: what the manager does per name in
-Python scales with the layers, not the widths), with reads in reader processes as served, and
+Python scales with the layers, not the widths), with reads in reader processes and the startup
+objects out of the garbage collector's reach as served (LORASERVE_GC_FREEZE), and
 reports the CPU milliseconds a load each thread of this process spent (from
 /proc/self/task/*/stat, ticks of 10 ms: use a few hundred names).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import tempfile
@@ -25,6 +27,7 @@ from typing import Any
 
 from benchmarks.random_adapters import clone_adapter
 from benchmarks.step_bench import make_engine
+from runtime.engine import freeze_startup_objects
 
 
 def cpu_ticks_by_thread() -> dict[str, int]:
@@ -58,6 +61,7 @@ def measure(names: int, layers: int, root: Path) -> dict[str, Any]:
         kv_cache_cpu_bytes=1 << 26, disable_cuda_graph=True, lora_loader="process")
     manager = engine.adapters
     assert manager is not None
+    froze = freeze_startup_objects()  # as a started engine does (LORASERVE_GC_FREEZE)
 
     async def go() -> tuple[float, dict[str, int], dict[str, int]]:
         await manager.acquire_or_resolve("lora0")  # the reader processes are up
@@ -70,10 +74,12 @@ def measure(names: int, layers: int, root: Path) -> dict[str, Any]:
         wall, before, after = asyncio.run(go())
     finally:
         manager.close()
+        if froze:
+            gc.unfreeze()
     ms = 1e3 / os.sysconf("SC_CLK_TCK")
     per_load = {k: (v - before.get(k, 0)) * ms / names for k, v in after.items()
                 if v > before.get(k, 0)}
-    return {"names": names, "layers": layers, "wall_s": wall,
+    return {"names": names, "layers": layers, "wall_s": wall, "gc_frozen": froze,
             "host_copies": manager._host_usage()[0],
             "cpu_ms_a_load": dict(sorted(per_load.items(), key=lambda kv: -kv[1]))}
 
