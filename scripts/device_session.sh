@@ -190,7 +190,9 @@
 #   scripts/device_session.sh s27a   (one GPU) 1000 adapters at cap 256 with every thread's stack
 #                                    dumped in the loop's stalls of 100 ms or more, two
 #                                    processes; about 4 min
-#   scripts/device_session.sh s26e   (one GPU, prepared) the upload thread's GPU tests; 1000
+#   scripts/device_session.sh s26e   (one GPU; ran at 62e977b: the upload thread it A/Bs is
+#                                    since removed, so LORASERVE_UPLOAD_THREAD does nothing now)
+#                                    the upload thread's GPU tests; 1000
 #                                    adapters at cap 256 with the upload enqueue time by part
 #                                    and the collector's pauses: by default (startup objects
 #                                    frozen), LORASERVE_GC_FREEZE=0, LORASERVE_UPLOAD_THREAD=1,
