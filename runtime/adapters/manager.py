@@ -23,7 +23,6 @@ import enum
 import itertools
 import logging
 import os
-import queue
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -309,8 +308,6 @@ class AdapterManager:
         # batched (benchmarks/RESULTS.md). An unissued upload's slot joins no batch.
         self._batch_uploads = env_flag("LORASERVE_UPLOAD_BATCH", True)
         self._pending_uploads: list[_UploadJob] = []
-        self._failed_uploads: queue.SimpleQueue[
-            tuple[_Adapter, int, IssuedEvent, Exception]] = queue.SimpleQueue()
         self._adapters: dict[str, _Adapter] = {}
         self._host_tally = _HostTally()  # the host copies of the adapters in _adapters
         self._loading: dict[str, asyncio.Future[None]] = {}  # first loads in progress
@@ -673,10 +670,7 @@ class AdapterManager:
     def poll(self) -> None:
         """Issue the uploads waiting for it, mark finished uploads RESIDENT and retry pinned
         uploads. Never blocks."""
-        if self._pending_uploads:
-            self._issue_pending()
-        if self._batch_uploads:
-            self._drain_failed_uploads()
+        self._issue_pending()
         for slot in self._slots:
             if slot.owner is not None and slot.ready is not None and slot.ready.query():
                 slot.ready = None
@@ -748,7 +742,6 @@ class AdapterManager:
             # waiting for the next poll: a request wants it now, and the runner is between
             # launches (the scheduler runs then), so issue it, with every other one waiting
             self._issue_pending()
-            self._drain_failed_uploads()
             if entry.slot is None or ready.failed:
                 return None  # its copies failed: the slot is free again
         uploading = ready is not None and overlap is not False and not ready.query()
@@ -798,13 +791,11 @@ class AdapterManager:
 
     def _upload(self, entry: _Adapter, slot: int) -> int | None:
         """Enqueue host -> slot copies on the copy stream, after the slot's last use: at the
-        next poll or admission (the default; poll() hears of their failures), or here
-        (LORASERVE_UPLOAD_BATCH=0)."""
+        next poll or admission (the default), or here (LORASERVE_UPLOAD_BATCH=0)."""
         assert entry.host is not None
         s = self._slots[slot]
-        later = self._batch_uploads
         job = _UploadJob(entry, slot, self.pool.slot_copies(slot, entry.host), s.last_use,
-                         entry.host.lease, IssuedEvent() if later else None)
+                         entry.host.lease, IssuedEvent() if self._batch_uploads else None)
         started = time.monotonic()
         ready: Event | IssuedEvent | None = job.ready
         if job.ready is not None:
@@ -825,8 +816,8 @@ class AdapterManager:
         """Enqueue `jobs` on the copy stream: a wait on each distinct last-use event, the
         copies (one foreach call for them all; one call a copy with LORASERVE_UPLOAD_BATCH=0),
         and one ready event recorded for all. Returns it, or None when the copies failed,
-        which fails every job: one issued as it starts is reported at once, one that waited
-        is queued for poll() (which frees its slot). (An unload issues its adapter's waiting
+        which fails every job and reports each failure: a job that waited gives its slot
+        back (one issued as it starts never had it). (An unload issues its adapter's waiting
         upload before it frees the slot: `_free_slot`.)"""
         t0 = time.perf_counter()
         try:
@@ -859,11 +850,11 @@ class AdapterManager:
                 for job in jobs:
                     job.lease.event = failed
             for job in jobs:
-                if job.ready is None:
-                    self._upload_failed(job.entry, job.slot, e)
-                else:  # poll() (or the admission that issued it) frees its slot
-                    self._failed_uploads.put((job.entry, job.slot, job.ready, e))
+                if job.ready is not None:
                     job.ready.set_issued(None, failed=True)
+                    if self._own_ready(self._slots[job.slot].ready) is job.ready:
+                        self._free_slot(job.slot)  # still its slot: a half-written slot is free
+                self._upload_failed(job.entry, job.slot, e)
             return None
         self._count_enqueue(t0, t_wait, t_copies, time.perf_counter())
         for job in jobs:
@@ -917,21 +908,8 @@ class AdapterManager:
     @staticmethod
     def _own_ready(ready: Event | IssuedEvent | None) -> Event | IssuedEvent | None:
         """The ready event this manager's `_upload` made, out of what a slot holds (tensor
-        parallelism wraps it)."""
+        parallelism wraps it): a failed batch finds its slots by it."""
         return ready
-
-    def _drain_failed_uploads(self) -> None:
-        """Free the slots of uploads that failed in a batch issued at a poll or admission
-        (still theirs) and report the failures, as a failure issuing one upload on the
-        loop would have been."""
-        while True:
-            try:
-                entry, slot, ready, e = self._failed_uploads.get_nowait()
-            except queue.Empty:
-                return
-            if self._own_ready(self._slots[slot].ready) is ready:  # not since replaced
-                self._free_slot(slot)
-            self._upload_failed(entry, slot, e)
 
     def _count_enqueue(self, t0: float, t_wait: float, t_copies: float, t_end: float) -> None:
         c = self.counters
