@@ -205,6 +205,10 @@ def count_timeline(engine: Engine, out: list[tuple[float, ...]]) -> Iterator[Non
         thread.join()
 
 
+# the loop's phases a step trace records (every LoopTimings field but the step count)
+STEP_PHASES = tuple(k for k in asdict(LoopTimings()) if k != "steps")
+
+
 @contextlib.contextmanager
 def step_trace(engine: Engine, limit: int, out: list[dict[str, Any]]) -> Iterator[None]:
     """Record the first `limit` steps the loop schedules while inside, as each is admitted:
@@ -233,9 +237,6 @@ def step_trace(engine: Engine, limit: int, out: list[dict[str, Any]]) -> Iterato
         yield
     finally:
         del engine._on_admitted  # the class's method again
-
-
-STEP_PHASES = ("schedule", "prepare", "launch", "launch_cpu", "wait", "postprocess")
 
 
 def step_trace_table(trace: list[dict[str, Any]], start: float) -> list[dict[str, Any]]:
