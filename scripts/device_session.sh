@@ -253,13 +253,12 @@ step_ab() {  # step_ab VAR=VALUE...: the step targets by default and with the se
 many_ab() {  # many_ab NAME GUARD_S VAR=VALUE...: 1000 adapters at cap 256, saturated, one
   # process per setting in the order given (NONE=n: the defaults), each skipped once the call
   # is GUARD_S seconds in; $MANY_ARGS adds arguments. The first process gets more time (it
-  # builds the engine on a cold machine). Results: $OUT/many_NAME_i.json / .log
+  # builds the engine on a cold machine). Results: $OUT/many_NAME_i.json (logs in /tmp)
   local name=$1 guard=$2 i=0 knob; shift 2
   for knob in "$@"; do
     i=$((i + 1))
     if [ "$SECONDS" -gt "$guard" ]; then echo "== many_ab $knob: skipped, out of time"; continue; fi
-    # shellcheck disable=SC2086  # MANY_ARGS holds separate words
-    # shellcheck disable=SC2086  # a setting may hold several VAR=VALUE words
+    # shellcheck disable=SC2086  # MANY_ARGS and a setting (VAR=VALUE...) hold separate words
     env $knob timeout $((i == 1 ? 200 : 110)) python3 -m benchmarks.many_adapters \
       --saturated-only --max-loras-per-batch 256 --max-loaded-loras 512 ${MANY_ARGS:-} \
       --out "$OUT/many_${name}_$i.json" > "/tmp/many_${name}_$i.log" 2>&1
