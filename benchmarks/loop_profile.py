@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Self
 
@@ -38,6 +37,18 @@ from runtime.engine import Engine, LoopTimings
 from runtime.request import SamplingParams
 
 RUNNER_THREAD_PREFIX = "loraserve-runner"
+
+
+def innermost(frame: Any, depth: int) -> list[tuple[str, str, int]]:
+    """A stack's `depth` innermost frames, innermost first, as (function, file name, line).
+    Read off the frame objects: traceback's extraction stats each file (linecache), and every
+    stat gives the GIL away, which a sampler then waits a switch interval to get back."""
+    out = []
+    while frame is not None and len(out) < depth:
+        code = frame.f_code
+        out.append((code.co_name, Path(code.co_filename).name, frame.f_lineno))
+        frame = frame.f_back
+    return out
 
 
 class StackSampler:
@@ -78,16 +89,15 @@ class StackSampler:
                 label = self._label(names.get(ident, ""))
                 if label is None:
                     continue
-                frames = traceback.extract_stack(frame)
-                if frames[-1].name in self.IDLE_FRAMES or any(
-                    f.name == "_worker" for f in frames[-3:]
+                frames = innermost(frame, 4)
+                if frames[0][0] in self.IDLE_FRAMES or any(
+                    name == "_worker" for name, _, _ in frames[:3]
                 ):
                     continue
                 self.samples[label] += 1
-                leaf = frames[-1]
-                self.leaves[label][f"{Path(leaf.filename).name}:{leaf.lineno} {leaf.name}"] += 1
-                self.stacks[label][
-                    " < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-4:]))] += 1
+                name, file, line = frames[0]
+                self.leaves[label][f"{file}:{line} {name}"] += 1
+                self.stacks[label][" < ".join(f"{n}:{ln}" for n, _, ln in frames)] += 1
             time.sleep(self.interval)
 
     def top(self, n: int) -> dict[str, Any]:
@@ -114,6 +124,102 @@ class StackSampler:
                          f"{self.ticks} samples; innermost frames:")
             lines += [f"  {100 * share:5.1f} %  {count:6d}  {name}"
                       for name, count, share in t["leaves"]]
+        return "\n".join(lines)
+
+
+class LongLaunches:
+    """The runner thread's Python stacks inside every launch that takes `threshold_s` or more.
+
+    Wraps `engine._launch_counted` on the instance while inside; a daemon thread samples the
+    runner's innermost `depth` frames every `interval_s` while a launch runs, and a launch's
+    samples are kept only if it ran long. A long launch's CPU time cannot tell Python work from
+    a spin: CUDA's default schedule spins in a synchronising call. The stacks can: Python work,
+    a torch call that waits (a synchronising op, a full launch queue, a driver lock), a Triton
+    compile. A sampler needs the GIL, so a launch that holds it in C shows few samples and a
+    long `max_gap_ms`. Pinned host allocations (the caching host allocator growing) are counted
+    a launch too.
+    """
+
+    def __init__(self, engine: Engine, threshold_s: float, interval_s: float = 1e-3,
+                 depth: int = 6) -> None:
+        self.engine, self.threshold, self.interval, self.depth = (engine, threshold_s,
+                                                                  interval_s, depth)
+        self.long: list[dict[str, Any]] = []
+        self.launches = 0
+        self._stacks: collections.Counter[str] | None = None  # the running launch's samples
+        self._gaps: list[float] = []
+        self._ident = 0
+        self._active = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="launch-sampler")
+
+    def __enter__(self) -> Self:
+        self._orig = self.engine._launch_counted
+        self.engine._launch_counted = self._launch  # type: ignore[method-assign]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engine._launch_counted  # the class's method again
+        self._stop.set()
+        self._active.set()
+        self._thread.join()
+
+    @staticmethod
+    def _pinned() -> dict[str, float]:
+        if not torch.cuda.is_available():
+            return {}
+        st = torch.cuda.host_memory_stats()
+        return {"allocs": st.get("num_host_alloc", 0),
+                "alloc_ms": st.get("host_alloc_time.total", 0) / 1e3,
+                "frees": st.get("num_host_free", 0)}
+
+    def _launch(self, plan: Any, fb: Any) -> Any:
+        self.launches += 1
+        pinned = self._pinned()
+        stacks = self._stacks = collections.Counter()
+        gaps = self._gaps = []
+        self._ident = threading.get_ident()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self._active.set()
+        try:
+            return self._orig(plan, fb)
+        finally:
+            self._active.clear()
+            dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            if dt >= self.threshold:
+                after = self._pinned()
+                n = sum(stacks.values())
+                self.long.append({
+                    "launch": self.launches, "ms": 1e3 * dt, "cpu_ms": 1e3 * cpu,
+                    "rows": len(plan.requests), "tokens": plan.num_tokens, "samples": n,
+                    "max_gap_ms": 1e3 * max(gaps, default=dt),
+                    "pinned": {k: after[k] - pinned[k] for k in after},
+                    "stacks": [(k, round(v / max(n, 1), 3)) for k, v in stacks.most_common(6)]})
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.is_set():
+            if not self._active.wait(0.05):
+                continue
+            stacks, gaps = self._stacks, self._gaps
+            frame = sys._current_frames().get(self._ident)
+            now = time.perf_counter()
+            if frame is not None and stacks is not None and self._active.is_set():
+                gaps.append(now - last)
+                stacks[" < ".join(f"{name} ({file}:{line})"
+                                  for name, file, line in innermost(frame, self.depth))] += 1
+            last = now
+            time.sleep(self.interval)
+
+    def report(self, top: int = 3) -> str:
+        head = f"{len(self.long)} of {self.launches} launches took {1e3 * self.threshold:.0f} ms"
+        lines = [head + " or more"]
+        for r in self.long:
+            lines.append(f"  launch {r['launch']}: {r['ms']:.0f} ms ({r['cpu_ms']:.0f} CPU), "
+                         f"{r['rows']} rows, {r['tokens']} tokens, {r['samples']} samples "
+                         f"(longest gap {r['max_gap_ms']:.1f} ms), pinned {r['pinned']}")
+            lines += [f"    {100 * share:5.1f} %  {k}" for k, share in r["stacks"][:top]]
         return "\n".join(lines)
 
 

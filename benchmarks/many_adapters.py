@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.churn_bench import free_device_memory, params_for, run_figures, serve, workload
-from benchmarks.loop_profile import THREADS, CompileLog, LoopStallDumps, StackSampler
+from benchmarks.loop_profile import (
+    THREADS,
+    CompileLog,
+    LongLaunches,
+    LoopStallDumps,
+    StackSampler,
+)
 from benchmarks.random_adapters import clone_adapter, write_adapter
 from benchmarks.step_bench import make_engine
 from runtime.engine import Engine, LoopTimings
@@ -275,7 +281,8 @@ def timeline_table(points: list[tuple[float, ...]], samples: list[Any], start: f
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int, profile: bool = False,
                   kernels: tuple[float, float] | None = None,
-                  stall_dumps_s: float | None = None, trace_steps: int = 0) -> dict[str, Any]:
+                  stall_dumps_s: float | None = None, trace_steps: int = 0,
+                  long_launch_s: float | None = None) -> dict[str, Any]:
     prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
                                         engine.model_info.vocab_size)
     assert engine.adapters is not None
@@ -300,6 +307,8 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
         trace: list[dict[str, Any]] = []
         if trace_steps:
             stack.enter_context(step_trace(engine, trace_steps, trace))
+        launches = (stack.enter_context(LongLaunches(engine, long_launch_s))
+                    if long_launch_s else None)
         with count_timeline(engine, points):
             samples, start, end = await serve(engine, prompts, loras, arrivals,
                                               params_for(s.output_len), None)
@@ -313,6 +322,9 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
         figures["loop_stalls"] = [{"at_s": at, "ms": 1e3 * gap, "threads": threads}
                                   for at, gap, threads in stalls.stalls]
         print(stalls.report(), flush=True)
+    if launches is not None:  # the runner's stacks in its long launches
+        figures["long_launches"] = launches.long
+        print(launches.report(), flush=True)
     if window is not None:  # GPU time a step by kernel category, a window into the run
         figures["kernels"] = await window
     figures["distinct_adapters"] = len(set(loras))
@@ -349,7 +361,8 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
 
 def run(s: Settings, root: Path, log, profile: bool = False,
         kernels: tuple[float, float] | None = None, poisson: bool = True,
-        stall_dumps_s: float | None = None, trace_steps: int = 0) -> dict[str, Any]:
+        stall_dumps_s: float | None = None, trace_steps: int = 0,
+        long_launch_s: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, adapters = write_files(s, root)
     log(f"wrote the model and {s.num_adapters} adapters in {time.perf_counter() - t0:.1f} s")
@@ -368,7 +381,7 @@ def run(s: Settings, root: Path, log, profile: bool = False,
             for label, names in (("few", few), ("many", many)):
                 out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed,
                                                          profile, kernels, stall_dumps_s,
-                                                         trace_steps)}
+                                                         trace_steps, long_launch_s)}
                 sat = out[label]["saturated"]
                 if "step_trace" in sat:
                     log(f"{label} saturated, its first steps (t ms: rows, tokens, prefilling "
@@ -446,6 +459,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
                     help="record the first N steps of each saturated run as they are admitted "
                          "(rows, tokens, adapters, queue, loads so far, host ms by phase)")
+    ap.add_argument("--long-launch-ms", type=float,
+                    help="sample the runner's stack in every launch of each saturated run and "
+                         "report those of launches this long (and their pinned allocations)")
     ap.add_argument("--lora-loader", choices=("auto", "process", "thread"), default="auto",
                     help="where adapter files are read (the server option of that name)")
     ap.add_argument("--switch-interval-ms", type=float,
@@ -473,7 +489,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      tuple(a.kernel_window) if a.kernel_window else None,
                      poisson=not a.saturated_only,
                      stall_dumps_s=a.stall_dumps_ms / 1e3 if a.stall_dumps_ms else None,
-                     trace_steps=a.trace_steps)
+                     trace_steps=a.trace_steps,
+                     long_launch_s=a.long_launch_ms / 1e3 if a.long_launch_ms else None)
     result["switch_interval_s"] = sys.getswitchinterval()  # as the engine left it
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))

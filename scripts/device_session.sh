@@ -162,7 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
-#   scripts/device_session.sh s30a   (one GPU, prepared) the engine's GPU tests, then the
+#   scripts/device_session.sh s30c   (one GPU) the runner's stacks in every launch of 50 ms or
+#                                    more, 1000 adapters at cap 256, two processes; 4 min
+#   scripts/device_session.sh s30a   (one GPU) the engine's GPU tests, then the
 #                                    1000-adapter run's first 60 steps twice (launch CPU time,
 #                                    after the config cache); about 8 min
 #   scripts/device_session.sh s30b   (one GPU, prepared) the GIL switch interval 0.05 ms against
@@ -761,7 +763,19 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
     ;;
-  s30a)  # one GPU (prepared): the engine's GPU tests (the launch now counts the runner's CPU
+  s30c)  # one GPU: s30a's long prefill launches (190-400 ms) are the runner's CPU time, not a
+    # wait for the GIL; CUDA's default schedule spins in a synchronising call, so that CPU time
+    # may be a wait for the GPU all the same. The runner's stacks inside each launch of 50 ms or
+    # more say which, two processes
+    for i in 1 2; do
+      timeout 200 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
+        --max-loaded-loras 512 --long-launch-ms 50 --out "$OUT/many_long_$i.json" \
+        > "/tmp/long_$i.log" 2>&1
+      echo "== many_adapters --long-launch-ms 50 ($i): rc $?"
+      grep -E -A3 "keeps|launches took|^  launch" "/tmp/long_$i.log" | grep -v "^--" | cut -c1-400
+    done
+    ;;
+  s30a)  # one GPU: the engine's GPU tests (the launch now counts the runner's CPU
     # time), then the 1000-adapter run's first 60 steps twice, after the config cache and the
     # host tally (c23af31): does the first prefill launch still take 344 ms, and how much of
     # each launch is the runner's own CPU time?

@@ -341,6 +341,47 @@ def test_loop_profile_quick() -> None:
     assert result["compiles"]["total"] == 0  # the interpreter compiles nothing
 
 
+def test_long_launches_keep_only_long_launches_and_their_stacks() -> None:
+    """A launch past the threshold is kept with the runner's frames at the time (here a
+    Python busy loop it called, and a sleep's caller); a short one is counted, not kept; the
+    engine's method is its own again afterwards."""
+    from types import SimpleNamespace
+
+    from benchmarks.loop_profile import LongLaunches
+
+    def spin_for(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    def sleep_for(seconds: float) -> None:
+        time.sleep(seconds)
+
+    class FakeEngine:
+        def _launch_counted(self, plan, fb):
+            fb(plan.seconds)
+            return plan.seconds
+
+    engine = FakeEngine()
+
+    def plan(seconds: float) -> SimpleNamespace:
+        return SimpleNamespace(seconds=seconds, requests=[0, 1], num_tokens=7)
+
+    with LongLaunches(engine, threshold_s=0.05, interval_s=1e-3) as launches:  # type: ignore[arg-type]
+        assert engine._launch_counted(plan(0.002), spin_for) == 0.002
+        engine._launch_counted(plan(0.12), spin_for)
+        engine._launch_counted(plan(0.08), sleep_for)
+    assert "_launch_counted" not in vars(engine)
+    assert launches.launches == 3 and [r["launch"] for r in launches.long] == [2, 3]
+    spun, slept = launches.long
+    assert spun["ms"] >= 120 and spun["cpu_ms"] >= 60 and spun["rows"] == 2
+    assert slept["cpu_ms"] < 0.5 * slept["ms"]
+    assert spun["samples"] >= 10 and slept["samples"] >= 10
+    assert spun["stacks"][0][0].startswith("spin_for")
+    assert slept["stacks"][0][0].startswith("sleep_for")
+    assert "2 of 3 launches took 50 ms or more" in launches.report()
+
+
 def test_loop_stall_dumps_catch_the_stall_and_the_other_threads() -> None:
     """A loop blocked for 250 ms is one stall, dumped while it lasts: the loop's frame is the
     blocking call's, a busy thread's frames are its work's, an idle one is counted idle; a
