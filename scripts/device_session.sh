@@ -162,6 +162,8 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s30d   (one GPU) does F.linear's first call at a token count wait
+#                                    for the device? lazy and eager module loading; 3 min
 #   scripts/device_session.sh s30c   (one GPU) the runner's stacks in every launch of 50 ms or
 #                                    more, 1000 adapters at cap 256, two processes; 4 min
 #   scripts/device_session.sh s30a   (one GPU) the engine's GPU tests, then the
@@ -762,6 +764,16 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
+    ;;
+  s30d)  # one GPU: s30c's long launches wait inside one cuBLAS call (the lm_head's, or a
+    # projection's) for about the device work queued. Does a first call at a token count wait
+    # for the device, with CUDA's lazy module loading and with eager?
+    for mode in LAZY EAGER; do
+      CUDA_MODULE_LOADING=$mode timeout 240 python3 -m benchmarks.gemm_kernels --first-use \
+        --max-tokens 8192 --out "$OUT/first_use_$mode.json" > "/tmp/first_use_$mode.log" 2>&1
+      echo "== gemm_kernels --first-use, CUDA_MODULE_LOADING=$mode: rc $?"
+      cut -c1-600 "/tmp/first_use_$mode.log" | tail -8
+    done
     ;;
   s30c)  # one GPU: s30a's long prefill launches (190-400 ms) are the runner's CPU time, not a
     # wait for the GIL; CUDA's default schedule spins in a synchronising call, so that CPU time
