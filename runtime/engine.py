@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ops.settings import env_flag
+from ops.settings import env_flag, env_int
 from runtime.adapters.manager import AdapterInfo, AdapterManager, Residency, resolve_pool_spec
 from runtime.adapters.pool import GROUPS, LAYER_MODULES, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
@@ -52,6 +52,11 @@ STEP_LOG_INTERVAL_S = 10.0
 
 # How long a thread may hold the GIL while another waits for it (see Engine.start).
 GIL_SWITCH_INTERVAL_S = 0.0005
+
+# Eager prefill steps are padded to a multiple of this many tokens (ModelRunner.
+# enable_token_grid); LORASERVE_EAGER_TOKEN_GRID sets another (0: no padding). The default
+# matches the prefill graphs' grid above 256 tokens: at most 63 padded tokens a step.
+TOKEN_GRID_ENV, TOKEN_GRID = "LORASERVE_EAGER_TOKEN_GRID", 64
 
 
 def freeze_startup_objects() -> bool:
@@ -162,7 +167,13 @@ class Engine:
                 info.context_length,
                 min(config.cuda_graph_max_tokens, config.chunked_prefill_size),
             )
-        if self.device.type == "cuda" and not config.skip_server_warmup:
+        # Eager prefill steps on a token grid that the warm-up covers (ModelRunner.
+        # enable_token_grid): by default where the warm-up runs, which is where it pays.
+        warms = self.device.type == "cuda" and not config.skip_server_warmup
+        grid = env_int(TOKEN_GRID_ENV, TOKEN_GRID if warms else 0, least=0)
+        if grid:
+            self.runner.enable_token_grid(block_manager, grid, config.chunked_prefill_size)
+        if warms:
             self.warm_up()
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,
@@ -202,8 +213,14 @@ class Engine:
         shapes = warmup_shapes(c.chunked_prefill_size, c.max_running_requests,
                                max(1, self.model_info.context_length - 1))  # room to decode
         ran = self.runner.warm_up(self.block_manager, shapes, self.model_info.vocab_size)
-        log.info("warm-up: %d steps of up to %d tokens in %.1f s", ran,
-                 c.chunked_prefill_size, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        # cuBLAS waits for the device the first time it runs a kernel: every GEMM a served
+        # step can meet runs here (the eager steps' token grid, lm_head over a step's rows)
+        sizes = self.runner.grid_sizes()
+        calls = self.runner.warm_up_gemms(sizes, c.max_running_requests)
+        log.info("warm-up: %d steps of up to %d tokens in %.1f s; %d GEMMs over %d token "
+                 "counts in %.1f s", ran, c.chunked_prefill_size, t1 - t0, calls, len(sizes),
+                 time.perf_counter() - t1)
         return ran
 
     # ---------------------------------------------------------------- construction

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from ops.lora import DECODE_CHUNK, lora_batch_info, lora_tables
 from runtime.graphs import DecodeGraphs, MixedGraphs
@@ -136,6 +137,82 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self._scratch: Request | None = None
         self.staging = StagingRing(device)
+        # Eager steps that prefill are padded to a multiple of token_grid tokens (0: not
+        # padded) above graph_tokens (what the prefill graphs take) up to grid_max (the
+        # prefill budget, itself a size): see enable_token_grid.
+        self.token_grid = self.graph_tokens = self.grid_max = 0
+
+    def _ensure_scratch(self, block_manager: BlockManager) -> int:
+        """The scratch block padded rows write their K/V into (never a sequence's, never
+        read), taken on first need."""
+        if self._scratch is None:
+            scratch = Request(rid="cuda-graph-scratch", prompt_ids=[0], params=SamplingParams())
+            block_manager.allocate(scratch, 1)
+            self._scratch = scratch
+        return self._scratch.block_ids[0]
+
+    def enable_token_grid(self, block_manager: BlockManager, grid: int, max_tokens: int) -> None:
+        """Pad every eager step that prefills more than the prefill graphs take to a multiple
+        of `grid` tokens (or to `max_tokens`, the prefill budget, where the multiple would pass
+        it). cuBLAS picks its GEMM kernel by the token count, and the first call of a kernel
+        makes the host wait for the work queued on the device (benchmarks/gemm_kernels.py
+        --first-use), which a served step must not do: on a grid, `grid_sizes` are all the
+        counts an eager prefill can meet, and `warm_up_gemms` runs each at start. The padded
+        tokens write their K/V into the scratch block and belong to no sequence (as a prefill
+        graph's padding)."""
+        if grid < 1 or max_tokens < 1:
+            raise ValueError(f"token grid {grid} and budget {max_tokens} must be positive")
+        self._ensure_scratch(block_manager)
+        self.token_grid, self.grid_max = grid, max_tokens
+        self.graph_tokens = self.mixed_graphs.max_tokens if self.mixed_graphs else 0
+
+    def grid_sizes(self) -> list[int]:
+        """The token counts of padded eager steps (none without a grid)."""
+        g, top = self.token_grid, self.grid_max
+        if not g or top <= self.graph_tokens:
+            return []
+        first = self.graph_tokens // g * g + g
+        return sorted({*range(first, top, g), top})
+
+    def _padded_count(self, n: int) -> int:
+        """The tokens an eager step of `n` (that prefills) runs as: n itself without a grid,
+        at most the prefill graphs' size, or past the budget (a step the grid never meets)."""
+        g = self.token_grid
+        if not g or n <= self.graph_tokens or n > self.grid_max:
+            return n
+        return min(-(-n // g) * g, self.grid_max)
+
+    @torch.inference_mode()
+    def warm_up_gemms(self, counts: list[int], rows: int) -> int:
+        """Call every distinct projection of the first layer on each of `counts` tokens and on
+        1..`rows` (an eager decode step's tokens), and lm_head on 1..`rows` rows (a step's
+        sampled rows), as the forward calls them: then no served step meets a cuBLAS kernel
+        for the first time (see enable_token_grid). Returns the calls made."""
+        counts = sorted({*counts, *range(1, rows + 1)})
+        linears: dict[tuple, nn.Linear] = {}
+        for m in self.model.layers[0].modules():
+            if isinstance(m, nn.Linear):
+                w = m.weight
+                linears.setdefault((w.shape, w.stride(), w.dtype, m.bias is not None), m)
+        calls = 0
+        with self.streams.use(self.streams.compute):
+            inputs: dict[tuple, torch.Tensor] = {}
+            for lin in linears.values():
+                key = (lin.in_features, lin.weight.dtype)
+                if key not in inputs:
+                    inputs[key] = lin.weight.new_zeros((max(counts, default=1), key[0]))
+                for n in counts:
+                    lin(inputs[key][:n])
+                    calls += 1
+            inputs.clear()
+            head = self.model.lm_head
+            x = head.weight.new_zeros((rows, head.in_features))
+            for n in range(1, rows + 1):
+                head(x[:n])
+                calls += 1
+            if self.streams.compute is not None:
+                self.streams.compute.synchronize()
+        return calls
 
     def enable_cuda_graphs(
         self, block_manager: BlockManager, max_bs: int, context_length: int, max_tokens: int = 0
@@ -145,19 +222,17 @@ class ModelRunner:
         only). One KV block is set aside for the padded rows of a bucket to write into."""
         if self.device.type != "cuda":
             return
-        scratch = Request(rid="cuda-graph-scratch", prompt_ids=[0], params=SamplingParams())
-        block_manager.allocate(scratch, 1)
-        self._scratch = scratch
+        scratch = self._ensure_scratch(block_manager)
         max_blocks = -(-context_length // self.block_size)
         self.graphs = DecodeGraphs(
-            self.model, self.kv.k, self.kv.v, max_bs, max_blocks, scratch.block_ids[0],
+            self.model, self.kv.k, self.kv.v, max_bs, max_blocks, scratch,
             self.block_size, self.lora_backend,
         )
         self.graphs.capture(self.streams.compute)
         if max_tokens > 0:
             self.mixed_graphs = MixedGraphs(
                 self.model, self.kv.k, self.kv.v, max_tokens, max_bs, max_blocks,
-                scratch.block_ids[0], self.block_size, self.lora_backend, self.lora_chunk_size,
+                scratch, self.block_size, self.lora_backend, self.lora_chunk_size,
             )
             self.mixed_graphs.capture(self.streams.compute, self.graphs.pool)
 
@@ -283,6 +358,12 @@ class ModelRunner:
             sample_rows.append(len(logits_indices))
             logits_indices.append(num_tokens - 1)
             logits_slots.append(slot)
+        if not plan.is_decode and (pad := self._padded_count(num_tokens) - num_tokens):
+            # tokens of no sequence: their K/V goes to the scratch slot, never read
+            ids.extend([0] * pad)
+            positions.extend([0] * pad)
+            slot_mapping.extend([self._scratch.block_ids[0] * bs] * pad)
+            token_slots.extend([-1] * pad)
         pool = self.model.lora_pool
         tables = []
         if pool is not None and any(s >= 0 for s in logits_slots):

@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s31a   (one GPU) eager prefill on a token grid the warm-up's GEMMs
+#                                    cover: its GPU tests, then 1000 adapters at cap 256 with
+#                                    and without the grid, long launches shown; about 9 min
 #   scripts/device_session.sh s30d   (one GPU) does F.linear's first call at a token count wait
 #                                    for the device? lazy and eager module loading; 3 min
 #   scripts/device_session.sh s30c   (one GPU) the runner's stacks in every launch of 50 ms or
@@ -764,6 +767,16 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
+    ;;
+  s31a)  # one GPU: s30d found that cuBLAS waits for the device at a kernel's first call. Eager
+    # prefill steps now pad to a 64-token grid whose GEMMs the warm-up runs: the GPU tests
+    # (grid, warm-up, engine), then 1000 adapters at cap 256 by default against
+    # LORASERVE_EAGER_TOKEN_GRID=0, each with the runner's launches of 50 ms or more
+    gpu_tests grid_tests 400 tests/test_token_grid.py tests/test_warmup.py tests/test_engine_gpu.py
+    rm -f "$OUT"/*.xml
+    MANY_ARGS="--long-launch-ms 50" many_ab grid 600 NONE=1 LORASERVE_EAGER_TOKEN_GRID=0 NONE=2 \
+      LORASERVE_EAGER_TOKEN_GRID=0
+    grep -HE "engine built|launches took" /tmp/many_grid_*.log
     ;;
   s30d)  # one GPU: s30c's long launches wait inside one cuBLAS call (the lm_head's, or a
     # projection's) for about the device work queued. Does a first call at a token count wait

@@ -1,0 +1,169 @@
+"""Eager prefill steps on a token grid (ModelRunner.enable_token_grid): padded steps give the
+tokens and logits of unpadded ones, the grid's counts are what the runner pads to, and the
+start-up GEMM warm-up runs every GEMM a served step then meets (cuBLAS makes the host wait for
+the device the first time it runs a kernel). On CPU the grid is off unless
+LORASERVE_EAGER_TOKEN_GRID sets one; these tests set it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.config import LoraPathSpec
+from runtime.engine import TOKEN_GRID_ENV
+from runtime.request import Request, SamplingParams
+from runtime.scheduler import ScheduledBatch
+from tests.engine_utils import engine_logits, greedy, make_engine, run_batch
+from tests.models import make_adapter, make_model, prompts, read_vocab
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    model = make_model(root / "m", "llama")
+    specs = tuple(LoraPathSpec(f"a{i}", str(make_adapter(model, root / f"a{i}", seed=i)))
+                  for i in range(2))
+    return model, specs
+
+
+OPTS = {"max_loras_per_batch": 2, "chunked_prefill_size": 100, "max_running_requests": 8}
+
+
+def engine_with_grid(monkeypatch, setup, grid: int):
+    model, specs = setup
+    monkeypatch.setenv(TOKEN_GRID_ENV, str(grid))
+    return make_engine(model, lora_paths=specs, **OPTS)
+
+
+def test_grid_sizes_and_padded_counts(monkeypatch, setup) -> None:
+    """Every multiple of the grid past the prefill graphs' tokens, then the budget; a count
+    pads to the next of them, and one the graphs take (or past the budget) runs as it is."""
+    runner = engine_with_grid(monkeypatch, setup, 16).runner
+    assert runner.token_grid == 16 and runner.grid_max == 100 and runner.graph_tokens == 0
+    assert runner.grid_sizes() == [16, 32, 48, 64, 80, 96, 100]
+    runner.graph_tokens = 40  # as if prefill graphs took up to 40 tokens
+    assert runner.grid_sizes() == [48, 64, 80, 96, 100]
+    pads = {n: runner._padded_count(n) for n in (1, 40, 41, 48, 49, 96, 97, 100, 101)}
+    assert pads == {1: 1, 40: 40, 41: 48, 48: 48, 49: 64, 96: 96, 97: 100, 100: 100, 101: 101}
+    assert all(runner._padded_count(n) in runner.grid_sizes() for n in range(41, 101))
+
+
+def test_no_grid_without_the_setting_on_cpu(setup) -> None:
+    model, specs = setup
+    runner = make_engine(model, lora_paths=specs, **OPTS).runner
+    assert runner.token_grid == 0 and runner.grid_sizes() == []
+    assert runner._padded_count(37) == 37
+
+
+def test_padded_prefill_tokens_belong_to_no_sequence(monkeypatch, setup) -> None:
+    """A 37-token prefill step runs as 48 tokens: the 11 padded ones write the scratch slot,
+    sit past the last sequence and in a base LoRA run; a decode step is not padded."""
+    engine = engine_with_grid(monkeypatch, setup, 16)
+    runner, bm = engine.runner, engine.block_manager
+    reqs = [Request(rid=f"r{i}", prompt_ids=list(range(1, n + 1)), params=SamplingParams())
+            for i, n in enumerate((20, 17))]
+    reqs[0].lora_slot, reqs[1].lora_slot = 0, 1
+    for r in reqs:
+        bm.allocate(r, r.num_tokens + 1)
+    try:
+        fb = runner.prepare(ScheduledBatch(reqs, [20, 17]))
+        assert fb.num_tokens == 48 and fb.cu_q_lens.tolist() == [0, 20, 37]
+        scratch = runner._scratch.block_ids[0] * engine.config.page_size
+        assert fb.slot_mapping[37:].tolist() == [scratch] * 11
+        assert fb.input_ids[37:].tolist() == [0] * 11 and fb.positions[37:].tolist() == [0] * 11
+        assert fb.logits_indices.tolist() == [19, 36]
+        seg = fb.lora.seg_indptr.tolist()
+        assert seg[-1] == 48 and fb.lora.seg_slots.tolist()[-1] == -1
+        for r in reqs:
+            r.num_computed_tokens = r.num_tokens
+            r.output_ids.append(5)
+        fb = runner.prepare(ScheduledBatch(reqs, [1, 1]))
+        assert fb.is_decode and fb.num_tokens == 2
+    finally:
+        for r in reqs:
+            bm.free(r)
+
+
+def test_padded_steps_serve_what_unpadded_steps_serve(monkeypatch, setup) -> None:
+    """Greedy tokens of a batch over the base model and two adapters, identical with and
+    without the grid, and each prompt's logits at every position within 1e-5 (fp32 on CPU: a
+    padded GEMM may block its sums differently)."""
+    model, _ = setup
+    ps = prompts(6, read_vocab(model), seed=7, lo=5, hi=60)
+    loras = [None, "a0", "a1", "a0", None, "a1"]
+    out = {}
+    logits = {}
+    for grid in (0, 16):
+        engine = engine_with_grid(monkeypatch, setup, grid)
+        out[grid] = asyncio.run(run_batch(engine, ps, greedy(5), loras))
+        logits[grid] = [engine_logits(engine, p, slot) for p, slot in zip(ps, [-1, 0, 1, 0, -1, 1])]
+    assert out[16] == out[0]
+    for a, b in zip(logits[0], logits[16]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@contextlib.contextmanager
+def linear_calls(monkeypatch) -> Iterator[set[tuple[tuple[int, ...], ...]]]:
+    """(weight shape, input shape) of every F.linear call while inside, from any thread (the
+    engine's forward runs on its runner thread)."""
+    calls: set[tuple[tuple[int, ...], ...]] = set()
+    linear = F.linear
+
+    def record(x, weight, *args, **kw):
+        calls.add((tuple(weight.shape), tuple(x.shape)))
+        return linear(x, weight, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(F, "linear", record)
+        yield calls
+
+
+def test_warm_up_runs_every_gemm_a_served_batch_meets(monkeypatch, setup) -> None:
+    """Every (weight, input) shape of F.linear in a served batch of prompts of many lengths
+    (chunked by the budget, over the base model and both adapters) was called by the GEMM
+    warm-up first."""
+    model, _ = setup
+    engine = engine_with_grid(monkeypatch, setup, 16)
+    with linear_calls(monkeypatch) as warm:
+        calls = engine.runner.warm_up_gemms(engine.runner.grid_sizes(), 8)
+    counts = set(engine.runner.grid_sizes()) | set(range(1, 9))  # and decode steps' rows
+    assert calls == len(warm) == 4 * len(counts) + 8  # 4 projections, then lm_head
+    ps = prompts(12, read_vocab(model), seed=3, lo=3, hi=150)
+    with linear_calls(monkeypatch) as served:
+        asyncio.run(run_batch(engine, ps, greedy(4), [None, "a0", "a1"] * 4))
+    token_counts = {x[0] for w, x in served if w[0] != engine.model_info.vocab_size}
+    assert len(token_counts) > 3 and max(token_counts) > 16  # prefill steps of several sizes
+    assert served <= warm, served - warm
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_serving_meets_only_gemms_the_warm_up_ran(monkeypatch, setup) -> None:
+    """On CUDA the grid is on by default: every F.linear shape of a served mixed batch (prompts
+    longer than the prefill graphs, chunked by the budget, decode batches of every size) was
+    called at construction (the warm-up, the graph captures), so no served step waits for the
+    device on a cuBLAS kernel's first call; and the batch's greedy tokens (fp32) are those of an
+    engine without the grid."""
+    model, specs = setup
+    monkeypatch.delenv(TOKEN_GRID_ENV, raising=False)
+    opts = {"device": "cuda", "dtype": "float32", "mem_fraction_static": 0.05,
+            "lora_paths": specs, "max_loras_per_batch": 2, "cuda_graph_max_tokens": 64,
+            "chunked_prefill_size": 512, "max_running_requests": 16}
+    with linear_calls(monkeypatch) as warm:
+        engine = make_engine(model, **opts)
+    assert engine.runner.token_grid == 64 and engine.runner.grid_sizes()[0] == 128
+    ps = prompts(12, read_vocab(model), seed=5, lo=3, hi=700)
+    loras = [None, "a0", "a1"] * 4
+    with linear_calls(monkeypatch) as served:
+        got = asyncio.run(run_batch(engine, ps, greedy(5), loras))
+    prefill_counts = {x[0] for _, x in served if x[0] > 64}
+    assert len(prefill_counts) > 2 and all(n % 64 == 0 or n == 512 for n in prefill_counts)
+    assert served <= warm, served - warm
+    monkeypatch.setenv(TOKEN_GRID_ENV, "0")
+    assert asyncio.run(run_batch(make_engine(model, **opts), ps, greedy(5), loras)) == got
