@@ -774,7 +774,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     # LORASERVE_EAGER_TOKEN_GRID=0, each with the runner's launches of 50 ms or more
     gpu_tests grid_tests 400 tests/test_token_grid.py tests/test_warmup.py tests/test_engine_gpu.py
     rm -f "$OUT"/*.xml
-    MANY_ARGS="--long-launch-ms 50" many_ab grid 600 NONE=1 LORASERVE_EAGER_TOKEN_GRID=0 NONE=2 \
+    MANY_ARGS="--long-launch-ms 50" many_ab grid 470 NONE=1 LORASERVE_EAGER_TOKEN_GRID=0 NONE=2 \
       LORASERVE_EAGER_TOKEN_GRID=0
     grep -HE "engine built|launches took" /tmp/many_grid_*.log
     ;;
