@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s31b   (one GPU) s31a's failed GPU tests again (one test's two
+#                                    engines at once), then 1000 adapters with and without the
+#                                    grid, two processes each, the first 40 steps traced; 7 min
 #   scripts/device_session.sh s31a   (one GPU) eager prefill on a token grid the warm-up's GEMMs
 #                                    cover: its GPU tests, then 1000 adapters at cap 256 with
 #                                    and without the grid, long launches shown; about 9 min
@@ -767,6 +770,15 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
+    ;;
+  s31b)  # one GPU: s31a's GPU tests failed on the grid test's second engine (two engines'
+    # KV caches at once; the next files' engines then had no room either). Again, then the
+    # 1000-adapter A/B (s31a: the grid's runs kept 89 and 91 %, without 94 and 93 %)
+    gpu_tests grid_tests 300 tests/test_token_grid.py tests/test_warmup.py tests/test_engine_gpu.py
+    rm -f "$OUT"/*.xml
+    MANY_ARGS="--long-launch-ms 100 --trace-steps 40" many_ab grid 400 NONE=1 \
+      LORASERVE_EAGER_TOKEN_GRID=0 NONE=2 LORASERVE_EAGER_TOKEN_GRID=0
+    grep -HE "launches took" /tmp/many_grid_*.log
     ;;
   s31a)  # one GPU: s30d found that cuBLAS waits for the device at a kernel's first call. Eager
     # prefill steps now pad to a 64-token grid whose GEMMs the warm-up runs: the GPU tests
