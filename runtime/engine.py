@@ -53,10 +53,11 @@ STEP_LOG_INTERVAL_S = 10.0
 # How long a thread may hold the GIL while another waits for it (see Engine.start).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
-# Eager prefill steps are padded to a multiple of this many tokens (ModelRunner.
-# enable_token_grid); LORASERVE_EAGER_TOKEN_GRID sets another (0: no padding). The default
-# matches the prefill graphs' grid above 256 tokens: at most 63 padded tokens a step.
-TOKEN_GRID_ENV, TOKEN_GRID = "LORASERVE_EAGER_TOKEN_GRID", 64
+# LORASERVE_EAGER_TOKEN_GRID=N pads eager prefill steps to a multiple of N tokens
+# (ModelRunner.enable_token_grid; 64 matches the prefill graphs' grid above 256 tokens). Off
+# by default: on the device it removed the first served steps' waits on cuBLAS, but the
+# 1000-adapter run kept 89-94 % with it against 93-95 % without (benchmarks/RESULTS.md).
+TOKEN_GRID_ENV = "LORASERVE_EAGER_TOKEN_GRID"
 
 
 def freeze_startup_objects() -> bool:
@@ -167,13 +168,11 @@ class Engine:
                 info.context_length,
                 min(config.cuda_graph_max_tokens, config.chunked_prefill_size),
             )
-        # Eager prefill steps on a token grid that the warm-up covers (ModelRunner.
-        # enable_token_grid): by default where the warm-up runs, which is where it pays.
-        warms = self.device.type == "cuda" and not config.skip_server_warmup
-        grid = env_int(TOKEN_GRID_ENV, TOKEN_GRID if warms else 0, least=0)
-        if grid:
+        # Eager prefill steps on a token grid that the warm-up covers (opt-in; see
+        # TOKEN_GRID_ENV)
+        if grid := env_int(TOKEN_GRID_ENV, 0, least=0):
             self.runner.enable_token_grid(block_manager, grid, config.chunked_prefill_size)
-        if warms:
+        if self.device.type == "cuda" and not config.skip_server_warmup:
             self.warm_up()
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,

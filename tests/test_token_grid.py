@@ -2,7 +2,7 @@
 tokens and logits of unpadded ones, the grid's counts are what the runner pads to, and the
 start-up GEMM warm-up runs every GEMM a served step then meets (cuBLAS makes the host wait for
 the device the first time it runs a kernel). On CPU the grid is off unless
-LORASERVE_EAGER_TOKEN_GRID sets one; these tests set it."""
+LORASERVE_EAGER_TOKEN_GRID sets one (on CUDA too, so far); these tests set it."""
 
 from __future__ import annotations
 
@@ -143,30 +143,42 @@ def test_warm_up_runs_every_gemm_a_served_batch_meets(monkeypatch, setup) -> Non
     assert served <= warm, served - warm
 
 
+def serve_on_cuda(model, specs, grid: int, groups: list[list[list[int]]]):
+    """(F.linear shapes at construction, F.linear shapes while serving, greedy tokens, the
+    grid's sizes) of an engine on CUDA serving each group of prompts as one batch. The engine
+    is gone on return: a failing assertion must not keep its KV cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TOKEN_GRID_ENV, str(grid))
+        with linear_calls(mp) as warm:
+            engine = make_engine(model, device="cuda", dtype="float32",
+                                 mem_fraction_static=0.05, lora_paths=specs,
+                                 max_loras_per_batch=2, cuda_graph_max_tokens=64,
+                                 chunked_prefill_size=512, max_running_requests=16)
+        sizes = engine.runner.grid_sizes()
+        tokens = []
+        with linear_calls(mp) as served:
+            for group in groups:
+                loras = [(None, "a0", "a1")[i % 3] for i in range(len(group))]
+                tokens += asyncio.run(run_batch(engine, group, greedy(5), loras))
+    del engine
+    gc.collect()
+    return warm, served, tokens, sizes
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_serving_meets_only_gemms_the_warm_up_ran(monkeypatch, setup) -> None:
-    """On CUDA the grid is on by default: every F.linear shape of a served mixed batch (prompts
-    longer than the prefill graphs, chunked by the budget, decode batches of every size) was
-    called at construction (the warm-up, the graph captures), so no served step waits for the
-    device on a cuBLAS kernel's first call; and the batch's greedy tokens (fp32) are those of an
-    engine without the grid."""
+def test_cuda_serving_meets_only_gemms_the_warm_up_ran(setup) -> None:
+    """On CUDA with a 64-token grid, every F.linear shape of served batches (prefill
+    steps of many sizes past the prefill graphs', chunked by the budget; decode batches of
+    every size) was called at construction (the warm-up, the graph captures), so no served step
+    waits for the device on a cuBLAS kernel's first call; and the greedy tokens (fp32) are those
+    of an engine without the grid."""
     model, specs = setup
-    monkeypatch.delenv(TOKEN_GRID_ENV, raising=False)
-    opts = {"device": "cuda", "dtype": "float32", "mem_fraction_static": 0.05,
-            "lora_paths": specs, "max_loras_per_batch": 2, "cuda_graph_max_tokens": 64,
-            "chunked_prefill_size": 512, "max_running_requests": 16}
-    with linear_calls(monkeypatch) as warm:
-        engine = make_engine(model, **opts)
-    assert engine.runner.token_grid == 64 and engine.runner.grid_sizes()[0] == 128
-    ps = prompts(12, read_vocab(model), seed=5, lo=3, hi=450)  # the context is 512
-    loras = [None, "a0", "a1"] * 4
-    with linear_calls(monkeypatch) as served:
-        got = asyncio.run(run_batch(engine, ps, greedy(5), loras))
+    ps = prompts(12, read_vocab(model), seed=5, lo=70, hi=450)  # the context is 512
+    groups = [ps[:1], ps[1:2], ps[2:4], ps[4:7], ps[7:]]  # steps of several sizes
+    warm, served, got, sizes = serve_on_cuda(model, specs, 64, groups)
+    assert sizes[0] == 128 and sizes[-1] == 512
     prefill_counts = {x[0] for _, x in served if x[0] > 64}
-    assert len(prefill_counts) > 2 and all(n % 64 == 0 or n == 512 for n in prefill_counts)
+    assert len(prefill_counts) > 2 and prefill_counts <= set(sizes), prefill_counts
     assert served <= warm, served - warm
-    del engine  # its KV cache: the next engine's budget is the fraction less what is allocated
-    gc.collect()
-    monkeypatch.setenv(TOKEN_GRID_ENV, "0")
-    assert asyncio.run(run_batch(make_engine(model, **opts), ps, greedy(5), loras)) == got
+    assert serve_on_cuda(model, specs, 0, groups)[2] == got
