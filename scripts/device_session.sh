@@ -162,6 +162,9 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s31c   (one GPU, prepared) the grid's GPU test and the warm-up's,
+#                                    then the first 2 s of the 1000-adapter run's kernels with
+#                                    and without the grid; about 6 min
 #   scripts/device_session.sh s31b   (one GPU) s31a's failed GPU tests again (one test's two
 #                                    engines at once), then 1000 adapters with and without the
 #                                    grid, two processes each, the first 40 steps traced; 7 min
@@ -770,6 +773,14 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
+    ;;
+  s31c)  # one GPU (prepared): the grid's GPU test (it now sets the grid, opt-in since s31b) and
+    # the warm-up's; then where the grid's first wave lost 120-150 ms in s31b: the GPU time by
+    # kernel category and the device's busy share over the first 2 s, with and without it
+    gpu_tests grid_tests 300 tests/test_token_grid.py tests/test_warmup.py
+    rm -f "$OUT"/*.xml
+    MANY_ARGS="--kernel-window 0 2" many_ab window 420 LORASERVE_EAGER_TOKEN_GRID=64 NONE=1 \
+      LORASERVE_EAGER_TOKEN_GRID=64 NONE=2
     ;;
   s31b)  # one GPU: s31a's GPU tests failed on the grid test's second engine (two engines'
     # KV caches at once; the next files' engines then had no room either). Again, then the
