@@ -21,6 +21,14 @@ def env_int(name: str, default: int, least: int | None = None) -> int:
     return value
 
 
+def reject_removed(removed: dict[str, str]) -> None:
+    """A setting that no longer exists but is set is an error naming it and what replaced it
+    (`removed`: name -> why), not a knob that silently does nothing."""
+    for name, why in removed.items():
+        if os.environ.get(name, "").strip():
+            raise ValueError(f"{name} was removed: {why}; unset it")
+
+
 def env_flag(name: str, default: bool) -> bool:
     """Whether switch `name` is on: "1" on, "0" off, unset or blank `default`; anything else
     is an error naming it."""

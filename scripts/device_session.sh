@@ -204,7 +204,7 @@
 #                                    dumped in the loop's stalls of 100 ms or more, two
 #                                    processes; about 4 min
 #   scripts/device_session.sh s26e   (one GPU; ran at 62e977b: the upload thread it A/Bs is
-#                                    since removed, so LORASERVE_UPLOAD_THREAD does nothing now)
+#                                    since removed, and LORASERVE_UPLOAD_THREAD is an error now)
 #                                    the upload thread's GPU tests; 1000
 #                                    adapters at cap 256 with the upload enqueue time by part
 #                                    and the collector's pauses: by default (startup objects
@@ -903,8 +903,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     # goes: the upload thread's GPU test, then 1000 adapters at cap 256 by default (startup
     # objects frozen), without the freeze, and with uploads issued on the upload thread
     gpu_tests upload_thread_tests 150 tests/test_pipeline_gpu.py -k overlap_loading
-    many_ab cap 480 NONE=1 LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1 NONE=2 \
-      LORASERVE_GC_FREEZE=0 LORASERVE_UPLOAD_THREAD=1
+    many_ab cap 480 NONE=1 LORASERVE_GC_FREEZE=0 NONE=2 LORASERVE_GC_FREEZE=0
     rm -f "$OUT"/*.xml
     ;;
   s25d)  # one GPU (prepared): split-K partials over the batches they now apply to

@@ -304,6 +304,17 @@ async def test_pins(folders: dict[str, Path]) -> None:
     assert [i.pinned for i in m.list()] == [True, True, False, False, False]
 
 
+@pytest.mark.parametrize("name", ["LORASERVE_UPLOAD_THREAD", "LORASERVE_UPLOAD_FOREACH"])
+def test_removed_upload_settings_are_errors(name: str, monkeypatch) -> None:
+    """A removed upload setting, set, stops the adapter manager with a message naming it (it
+    would otherwise do nothing, silently); set blank, it is unset."""
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(ValueError, match=f"{name} was removed: .*; unset it"):
+        make_manager()
+    monkeypatch.setenv(name, " ")
+    assert make_manager().upload_mode == "batch"
+
+
 @pytest.mark.parametrize("mode", ["batch", "loop"])
 async def test_upload_failure_leaves_no_half_written_slot(
     folders: dict[str, Path], mode: str, monkeypatch

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ops.settings import env_flag, env_int
+from ops.settings import env_flag, env_int, reject_removed
 from runtime.adapters.paths import resolve_adapter_path, resolve_on_demand
 from runtime.adapters.peft_format import (
     AdapterConfig,
@@ -76,6 +76,14 @@ class AdapterInfo:
 
 
 UPLOAD_PARTS = ("wait", "copies", "event")
+
+# Upload settings that A/B-tested ways of issuing uploads, since removed (they gave nothing on
+# the device): setting one is an error, not a silent no-op
+REMOVED_UPLOAD_SETTINGS = {
+    "LORASERVE_UPLOAD_THREAD": "uploads are issued on the loop, batched "
+                               "(LORASERVE_UPLOAD_BATCH=0 issues each as it starts)",
+    "LORASERVE_UPLOAD_FOREACH": "batched uploads take one foreach copy for them all",
+}
 
 
 @dataclass
@@ -307,6 +315,7 @@ class AdapterManager:
         # (1.0-1.3 s of a 7 s run in all), against 4-5 ms at most and about 20 ms in all
         # batched (benchmarks/RESULTS.md). An unissued upload's slot joins no batch.
         self._batch_uploads = env_flag("LORASERVE_UPLOAD_BATCH", True)
+        reject_removed(REMOVED_UPLOAD_SETTINGS)
         self._pending_uploads: list[_UploadJob] = []
         self._adapters: dict[str, _Adapter] = {}
         self._host_tally = _HostTally()  # the host copies of the adapters in _adapters
