@@ -216,20 +216,22 @@ STEP_PHASES = tuple(k for k in asdict(LoopTimings()) if k != "steps")
 
 
 @contextlib.contextmanager
-def step_trace(engine: Engine, limit: int, out: list[dict[str, Any]]) -> Iterator[None]:
-    """Record the first `limit` steps the loop schedules while inside, as each is admitted:
-    when (perf_counter), its rows, tokens, prefilling rows and distinct adapter slots, the
-    queue then (waiting, running), the adapters read and uploaded since entering, the loop's
-    host time by phase so far (ms; a step's phases are the differences to the next record)."""
+def step_trace(engine: Engine, steps: range, out: list[dict[str, Any]]) -> Iterator[None]:
+    """Record the steps the loop schedules while inside whose index (0: the first) is in
+    `steps`, as each is admitted: its index, when (perf_counter), its rows, tokens, prefilling
+    rows and distinct adapter slots, the queue then (waiting, running), the adapters read and
+    uploaded since entering, the loop's host time by phase so far (ms; a step's phases are the
+    differences to the next record)."""
     admitted = engine._on_admitted
     assert engine.adapters is not None
     loads, sched, timings = engine.adapters.counters.loads, engine.scheduler, engine.timings
     host0, gpu0 = loads["host"], loads["gpu"]
+    seen = itertools.count()
 
     def trace(plan: Any) -> None:
-        if len(out) < limit:
+        if (i := next(seen)) in steps:
             out.append({
-                "t": time.perf_counter(), "rows": len(plan.requests),
+                "step": i, "t": time.perf_counter(), "rows": len(plan.requests),
                 "tokens": plan.num_tokens,
                 "prefill_rows": sum(r.is_prefilling for r in plan.requests),
                 "adapters": len(plan.slots), "waiting": sched.num_waiting,
@@ -281,7 +283,7 @@ def timeline_table(points: list[tuple[float, ...]], samples: list[Any], start: f
 async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int, profile: bool = False,
                   kernels: tuple[float, float] | None = None,
-                  stall_dumps_s: float | None = None, trace_steps: int = 0,
+                  stall_dumps_s: float | None = None, trace_steps: range = range(0),
                   long_launch_s: float | None = None) -> dict[str, Any]:
     prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
                                         engine.model_info.vocab_size)
@@ -361,7 +363,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
 
 def run(s: Settings, root: Path, log, profile: bool = False,
         kernels: tuple[float, float] | None = None, poisson: bool = True,
-        stall_dumps_s: float | None = None, trace_steps: int = 0,
+        stall_dumps_s: float | None = None, trace_steps: range = range(0),
         long_launch_s: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, adapters = write_files(s, root)
@@ -384,7 +386,8 @@ def run(s: Settings, root: Path, log, profile: bool = False,
                                                          trace_steps, long_launch_s)}
                 sat = out[label]["saturated"]
                 if "step_trace" in sat:
-                    log(f"{label} saturated, its first steps (t ms: rows, tokens, prefilling "
+                    log(f"{label} saturated, steps {trace_steps.start}-{trace_steps.stop - 1} "
+                        "(t ms: rows, tokens, prefilling "
                         "rows, adapters, waiting, running, disk loads, uploads so far; host ms "
                         "schedule+prepare, launch (the runner's CPU in it), wait, "
                         "postprocess): " + "; ".join(
@@ -457,8 +460,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "long in a saturated run (faulthandler's watchdog, no GIL needed)")
     ap.add_argument("--saturated-only", action="store_true", help="skip the Poisson runs")
     ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
-                    help="record the first N steps of each saturated run as they are admitted "
-                         "(rows, tokens, adapters, queue, loads so far, host ms by phase)")
+                    help="record N steps of each saturated run as they are admitted (rows, "
+                         "tokens, adapters, queue, loads so far, host ms by phase)")
+    ap.add_argument("--trace-from", type=int, default=0, metavar="K",
+                    help="--trace-steps: the first step recorded (0: the run's first)")
     ap.add_argument("--long-launch-ms", type=float,
                     help="sample the runner's stack in every launch of each saturated run and "
                          "report those of launches this long (and their pinned allocations)")
@@ -489,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      tuple(a.kernel_window) if a.kernel_window else None,
                      poisson=not a.saturated_only,
                      stall_dumps_s=a.stall_dumps_ms / 1e3 if a.stall_dumps_ms else None,
-                     trace_steps=a.trace_steps,
+                     trace_steps=range(a.trace_from, a.trace_from + a.trace_steps),
                      long_launch_s=a.long_launch_ms / 1e3 if a.long_launch_ms else None)
     result["switch_interval_s"] = sys.getswitchinterval()  # as the engine left it
     if a.out:

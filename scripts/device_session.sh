@@ -162,6 +162,8 @@
 #   scripts/device_session.sh s26d   (one GPU) 1000 adapters at cap 256 with the loop's and
 #                                    runner's stacks sampled (where the many-adapter step's
 #                                    launch time goes); about 4 min
+#   scripts/device_session.sh s31d   (one GPU, prepared) the second wave of the 1000- and
+#                                    8-adapter runs traced (steps 120-199), two processes; 3 min
 #   scripts/device_session.sh s31c   (one GPU, prepared) the grid's GPU test and the warm-up's,
 #                                    then the first 2 s of the 1000-adapter run's kernels with
 #                                    and without the grid; about 6 min
@@ -774,6 +776,12 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
     ;;
+  s31d)  # one GPU (prepared): by the timelines of s30a-s31b the 1000-adapter run now loses more
+    # in its second wave (first requests finishing, 143 uploads into freed slots) than in its
+    # first: decode resumed about 0.28 s later than over 8 adapters. Steps 120-199 traced
+    MANY_ARGS="--trace-from 120 --trace-steps 80" many_ab wave2 300 NONE=1 NONE=2
+    grep -hE "saturated, steps" /tmp/many_wave2_1.log | cut -c1-3000
+    ;;
   s31c)  # one GPU (prepared): the grid's GPU test (it now sets the grid, opt-in since s31b) and
     # the warm-up's; then where the grid's first wave lost 120-150 ms in s31b: the GPU time by
     # kernel category and the device's busy share over the first 2 s, with and without it
@@ -834,7 +842,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
         --max-loaded-loras 512 --trace-steps 60 --out "$OUT/many_trace_$i.json" \
         > "/tmp/trace_$i.log" 2>&1
       echo "== many_adapters --trace-steps 60 ($i): rc $?"
-      grep -E "first steps|keeps" "/tmp/trace_$i.log" | cut -c1-2500
+      grep -E "saturated, steps|keeps" "/tmp/trace_$i.log" | cut -c1-2500
     done
     ;;
   s30b)  # one GPU (prepared): the GIL's switch interval at 0.05 ms against the engine's 0.5:
@@ -857,7 +865,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     # 0.3-0.5 s goes
     timeout 220 python3 -m benchmarks.many_adapters --saturated-only --max-loras-per-batch 256 \
       --max-loaded-loras 512 --trace-steps 60 --out "$OUT/many_trace.json" > /tmp/trace.log 2>&1
-    echo "== many_adapters --trace-steps 60: rc $?"; grep -E "first steps|keeps" /tmp/trace.log
+    echo "== many_adapters --trace-steps 60: rc $?"; grep -E "saturated, steps|keeps" /tmp/trace.log
     ;;
   s29b)  # one GPU: uploads batched by default, now also issued by a request's admission:
     # their GPU tests (both modes), the upload bandwidth, then 1000 adapters at cap 256 by

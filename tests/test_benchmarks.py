@@ -267,6 +267,36 @@ def test_many_adapters_quick(tmp_path: Path) -> None:
     assert 1 <= many["mean_rows_per_step"] < few["mean_rows_per_step"] <= 32
 
 
+def test_step_trace_records_the_steps_in_its_range() -> None:
+    """Steps 2 and 3 of a range(2, 4) trace, with their indices and the queue and loads at
+    each; every admitted plan still reaches the engine's own hook; the hook is the class's
+    again afterwards."""
+    from types import SimpleNamespace
+
+    from benchmarks.many_adapters import STEP_PHASES, step_trace
+
+    seen: list[int] = []
+
+    class FakeEngine:
+        def _on_admitted(self, plan) -> None:
+            seen.append(plan.num_tokens)
+
+    engine = FakeEngine()
+    engine.adapters = SimpleNamespace(counters=SimpleNamespace(loads={"host": 3, "gpu": 1}))
+    engine.scheduler = SimpleNamespace(num_waiting=7, num_running=2)
+    engine.timings = SimpleNamespace(**dict.fromkeys(STEP_PHASES, 0.0))
+    out: list[dict] = []
+    with step_trace(engine, range(2, 4), out):  # type: ignore[arg-type]
+        for n in range(6):
+            engine.adapters.counters.loads["host"] += 1
+            engine._on_admitted(SimpleNamespace(requests=[SimpleNamespace(is_prefilling=True)],
+                                                num_tokens=10 + n, slots={0}))
+    assert seen == [10, 11, 12, 13, 14, 15]
+    assert [(r["step"], r["tokens"], r["disk_loads"]) for r in out] == [(2, 12, 3), (3, 13, 4)]
+    assert out[0]["waiting"] == 7 and out[0]["prefill_rows"] == 1
+    assert "_on_admitted" not in vars(engine)
+
+
 def test_many_adapters_cap_flag(tmp_path: Path) -> None:
     """--max-loras-per-batch raises the batch's adapter cap (and the host tier with it): a
     uniform many-adapter batch then holds more rows a step than at the default cap.
