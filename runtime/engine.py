@@ -226,6 +226,8 @@ class Engine:
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: Any = None) -> Engine:
         if config.tp_size > 1:  # rank 0 here, the other ranks in processes it spawns
+            if env_int(TOKEN_GRID_ENV, 0, least=0):  # the ranks' runners pad no steps
+                raise ValueError(f"{TOKEN_GRID_ENV}: not supported at tp_size > 1; unset it")
             from runtime.tp import TPEngine
 
             return TPEngine.launch(config, metrics)

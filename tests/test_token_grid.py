@@ -109,6 +109,51 @@ def test_padded_steps_serve_what_unpadded_steps_serve(monkeypatch, setup) -> Non
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_padded_steps_score_prompts_as_unpadded_steps(monkeypatch, setup) -> None:
+    """Prompt log-probs and top candidates, and each sampled token's log-prob, of requests
+    asking for them (their steps take the logits of many rows), within 1e-5 with and without
+    the grid; the same tokens."""
+    model, _ = setup
+    ps = prompts(4, read_vocab(model), seed=11, lo=20, hi=70)
+    loras = [None, "a0", "a1", None]
+
+    async def go(engine):
+        await engine.start()
+        try:
+            reqs = [await engine.submit(p, greedy(3), name, return_logprob=True,
+                                        top_logprobs_num=2) for p, name in zip(ps, loras)]
+            outs = []
+            for req in reqs:
+                got = {"tokens": [], "logprobs": [], "input": None}
+                async for o in engine.stream(req):
+                    got["tokens"] += o.new_token_ids
+                    got["logprobs"] += o.new_logprobs or []
+                    if o.input_logprobs is not None:
+                        got["input"] = (o.input_logprobs, o.input_top_logprobs)
+                outs.append(got)
+            return outs
+        finally:
+            await engine.stop()
+
+    plain, padded = (asyncio.run(go(engine_with_grid(monkeypatch, setup, g))) for g in (0, 16))
+    for a, b in zip(plain, padded):
+        assert a["tokens"] == b["tokens"] and len(a["logprobs"]) == 3
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
+        (lp_a, top_a), (lp_b, top_b) = a["input"], b["input"]
+        assert lp_a[0] is None and lp_b[0] is None and len(lp_a) == len(lp_b) > 19
+        assert lp_a[1:] == pytest.approx(lp_b[1:], abs=1e-5)
+        assert [[t for t, _ in row] for row in top_a] == [[t for t, _ in row] for row in top_b]
+
+
+def test_grid_is_rejected_with_tensor_parallelism(monkeypatch, setup) -> None:
+    """The ranks' runners pad no steps: the setting at tp_size > 1 is an error naming it,
+    before any rank starts."""
+    model, _ = setup
+    monkeypatch.setenv(TOKEN_GRID_ENV, "64")
+    with pytest.raises(ValueError, match=f"{TOKEN_GRID_ENV}: not supported at tp_size > 1"):
+        make_engine(model, tp_size=2)
+
+
 @contextlib.contextmanager
 def linear_calls(monkeypatch) -> Iterator[set[tuple[tuple[int, ...], ...]]]:
     """(weight shape, input shape) of every F.linear call while inside, from any thread (the
