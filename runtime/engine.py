@@ -213,8 +213,9 @@ class Engine:
                                max(1, self.model_info.context_length - 1))  # room to decode
         ran = self.runner.warm_up(self.block_manager, shapes, self.model_info.vocab_size)
         t1 = time.perf_counter()
-        # cuBLAS waits for the device the first time it runs a kernel: every GEMM a served
-        # step can meet runs here (the eager steps' token grid, lm_head over a step's rows)
+        # cuBLAS waits for the device the first time it runs a kernel: the GEMMs of eager
+        # decode steps and of lm_head over a step's rows run here, and with the token grid
+        # those of every eager prefill step
         sizes = self.runner.grid_sizes()
         calls = self.runner.warm_up_gemms(sizes, c.max_running_requests)
         log.info("warm-up: %d steps of up to %d tokens in %.1f s; %d GEMMs over %d token "

@@ -186,8 +186,9 @@ class ModelRunner:
     def warm_up_gemms(self, counts: list[int], rows: int) -> int:
         """Call every distinct projection of the first layer on each of `counts` tokens and on
         1..`rows` (an eager decode step's tokens), and lm_head on 1..`rows` rows (a step's
-        sampled rows), as the forward calls them: then no served step meets a cuBLAS kernel
-        for the first time (see enable_token_grid). Returns the calls made."""
+        sampled rows), as the forward calls them, so that served steps of those counts meet no
+        cuBLAS kernel for the first time (see enable_token_grid; with the grid's sizes as
+        `counts`, no eager step does). Returns the calls made."""
         counts = sorted({*counts, *range(1, rows + 1)})
         linears: dict[tuple, nn.Linear] = {}
         for m in self.model.layers[0].modules():
