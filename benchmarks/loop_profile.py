@@ -149,6 +149,7 @@ class LongLaunches:
         self._stacks: collections.Counter[str] | None = None  # the running launch's samples
         self._gaps: list[float] = []
         self._ident = 0
+        self._started = 0.0  # perf_counter at the running launch's start
         self._active = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="launch-sampler")
@@ -177,10 +178,11 @@ class LongLaunches:
     def _launch(self, plan: Any, fb: Any) -> Any:
         self.launches += 1
         pinned = self._pinned()
-        stacks = self._stacks = collections.Counter()
-        gaps = self._gaps = []
         self._ident = threading.get_ident()
         t0, c0 = time.perf_counter(), time.thread_time()
+        self._started = t0  # before the new counter, which tells the sampler a launch began
+        gaps = self._gaps = []
+        stacks = self._stacks = collections.Counter()
         self._active.set()
         try:
             return self._orig(plan, fb)
@@ -198,11 +200,13 @@ class LongLaunches:
                     "stacks": [(k, round(v / max(n, 1), 3)) for k, v in stacks.most_common(6)]})
 
     def _run(self) -> None:
-        last = time.perf_counter()
+        last, current = 0.0, None
         while not self._stop.is_set():
             if not self._active.wait(0.05):
                 continue
             stacks, gaps = self._stacks, self._gaps
+            if stacks is not current:  # a new launch: its first gap counts from its start
+                last, current = self._started, stacks
             frame = sys._current_frames().get(self._ident)
             now = time.perf_counter()
             if frame is not None and stacks is not None and self._active.is_set():
