@@ -148,3 +148,14 @@ def make_adapter(
                 p.normal_(0, scale)
     peft_model.save_pretrained(out)
     return out
+
+
+def model_with_adapters(root: Path, count: int = 2):
+    """A tiny llama (make_model) under root/m and `count` default adapters of it, a0, a1, ...
+    (seeds 0, 1, ...), as (model folder, lora_paths specs)."""
+    from runtime.config import LoraPathSpec
+
+    model = make_model(root / "m", "llama")
+    specs = tuple(LoraPathSpec(f"a{i}", str(make_adapter(model, root / f"a{i}", seed=i)))
+                  for i in range(count))
+    return model, specs

@@ -15,21 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.config import LoraPathSpec
 from runtime.engine import TOKEN_GRID_ENV
 from runtime.request import Request, SamplingParams
 from runtime.scheduler import ScheduledBatch
 from tests.engine_utils import engine_logits, greedy, make_engine, run_batch
-from tests.models import make_adapter, make_model, prompts, read_vocab
+from tests.models import model_with_adapters, prompts, read_vocab
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grid")
-    model = make_model(root / "m", "llama")
-    specs = tuple(LoraPathSpec(f"a{i}", str(make_adapter(model, root / f"a{i}", seed=i)))
-                  for i in range(2))
-    return model, specs
+    return model_with_adapters(tmp_path_factory.mktemp("grid"))
 
 
 OPTS = {"max_loras_per_batch": 2, "chunked_prefill_size": 100, "max_running_requests": 8}

@@ -10,7 +10,7 @@ import torch
 from runtime.config import LoraPathSpec
 from runtime.runner import warmup_shapes
 from tests.engine_utils import collect, greedy, make_engine, run, run_batch
-from tests.models import make_adapter, make_model, prompts, read_vocab
+from tests.models import make_adapter, make_model, model_with_adapters, prompts, read_vocab
 
 
 def test_warmup_shapes_cover_every_power_of_two() -> None:
@@ -35,11 +35,7 @@ def test_warmup_shapes_keep_sequences_within_the_context() -> None:
 
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("warm")
-    model = make_model(root / "m", "llama")
-    specs = tuple(LoraPathSpec(f"a{i}", str(make_adapter(model, root / f"a{i}", seed=i)))
-                  for i in range(2))
-    return model, specs
+    return model_with_adapters(tmp_path_factory.mktemp("warm"))
 
 
 def test_warm_up_leaves_no_trace(lora_setup) -> None:
