@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from runtime.engine import TOKEN_GRID_ENV
 from runtime.request import Request, SamplingParams
 from runtime.scheduler import ScheduledBatch
-from tests.engine_utils import engine_logits, greedy, make_engine, run_batch
+from tests.engine_utils import collect, engine_logits, greedy, make_engine, run_batch
 from tests.models import model_with_adapters, prompts, read_vocab
 
 
@@ -183,23 +183,35 @@ def test_warm_up_runs_every_gemm_a_served_batch_meets(monkeypatch, setup) -> Non
     assert served <= warm, served - warm
 
 
-def serve_on_cuda(model, specs, grid: int, groups: list[list[list[int]]]):
+def serve_on_cuda(model, specs, grid: int, groups: list[list[list[int]]], device: str = "cuda"):
     """(F.linear shapes at construction, F.linear shapes while serving, greedy tokens, the
     grid's sizes) of an engine on CUDA serving each group of prompts as one batch. The engine
     is gone on return: a failing assertion must not keep its KV cache."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TOKEN_GRID_ENV, str(grid))
         with linear_calls(mp) as warm:
-            engine = make_engine(model, device="cuda", dtype="float32",
+            engine = make_engine(model, device=device, dtype="float32",
                                  mem_fraction_static=0.05, lora_paths=specs,
                                  max_loras_per_batch=2, cuda_graph_max_tokens=64,
                                  chunked_prefill_size=512, max_running_requests=16)
+            if device == "cpu":  # CUDA warms up at construction
+                engine.warm_up()
         sizes = engine.runner.grid_sizes()
-        tokens = []
+
+        async def go(engine) -> list[list[int]]:
+            await engine.start()
+            try:
+                out = []
+                for group in groups:  # a batch at a time, each batch's steps its own
+                    reqs = [await engine.submit(p, greedy(5), (None, "a0", "a1")[i % 3])
+                            for i, p in enumerate(group)]
+                    out += await asyncio.gather(*(collect(engine, r) for r in reqs))
+                return out
+            finally:
+                await engine.stop()
+
         with linear_calls(mp) as served:
-            for group in groups:
-                loras = [(None, "a0", "a1")[i % 3] for i in range(len(group))]
-                tokens += asyncio.run(run_batch(engine, group, greedy(5), loras))
+            tokens = asyncio.run(go(engine))
     del engine
     gc.collect()
     return warm, served, tokens, sizes
