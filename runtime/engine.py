@@ -102,7 +102,8 @@ class LoopTimings:
     wait: float = 0.0
     postprocess: float = 0.0
     # CPU time the runner thread spent in those launches: the rest of `launch` it waited (for
-    # the GIL while other threads ran Python, or in the driver)
+    # the GIL while other threads ran Python, or blocked in the driver). CUDA spins in a
+    # synchronising call, so a wait there counts as CPU time (many_adapters --long-launch-ms)
     launch_cpu: float = 0.0
 
     def per_step_ms(self) -> dict[str, float]:

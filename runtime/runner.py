@@ -146,7 +146,7 @@ class ModelRunner:
         """The scratch block padded rows write their K/V into (never a sequence's, never
         read), taken on first need."""
         if self._scratch is None:
-            scratch = Request(rid="cuda-graph-scratch", prompt_ids=[0], params=SamplingParams())
+            scratch = Request(rid="padding-scratch", prompt_ids=[0], params=SamplingParams())
             block_manager.allocate(scratch, 1)
             self._scratch = scratch
         return self._scratch.block_ids[0]
@@ -195,22 +195,19 @@ class ModelRunner:
             if isinstance(m, nn.Linear):
                 w = m.weight
                 linears.setdefault((w.shape, w.stride(), w.dtype, m.bias is not None), m)
+        runs = [(lin, counts) for lin in linears.values()]
+        runs.append((self.model.lm_head, range(1, rows + 1)))
         calls = 0
         with self.streams.use(self.streams.compute):
-            inputs: dict[tuple, torch.Tensor] = {}
-            for lin in linears.values():
+            inputs: dict[tuple, torch.Tensor] = {}  # zeros by (in features, dtype), shared
+            for lin, ns in runs:
                 key = (lin.in_features, lin.weight.dtype)
                 if key not in inputs:
                     inputs[key] = lin.weight.new_zeros((max(counts, default=1), key[0]))
-                for n in counts:
+                for n in ns:
                     lin(inputs[key][:n])
                     calls += 1
             inputs.clear()
-            head = self.model.lm_head
-            x = head.weight.new_zeros((rows, head.in_features))
-            for n in range(1, rows + 1):
-                head(x[:n])
-                calls += 1
             if self.streams.compute is not None:
                 self.streams.compute.synchronize()
         return calls
@@ -285,7 +282,8 @@ class ModelRunner:
 
     @property
     def reserved_blocks(self) -> int:
-        """KV blocks held for the CUDA graphs' padded rows (never a sequence's)."""
+        """KV blocks held for padded rows, the CUDA graphs' and the token grid's (never a
+        sequence's)."""
         return len(self._scratch.block_ids) if self._scratch is not None else 0
 
     def prepare(self, plan: ScheduledBatch, prev: InFlightStep | None = None) -> ForwardBatch:
