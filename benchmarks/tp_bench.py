@@ -1,12 +1,13 @@
 """Decode-step time at tensor-parallel size 1 against 2, on dummy weights, base and with many
 distinct adapters resident.
 
-One engine per tp size, built once (tp 1 first, then tp 2 with rank 1 in a spawned process),
-adapters written once and all made resident before any timing. A step is timed on the host
-clock around schedule → prepare → forward (and, at tp 2, the plan's broadcast and the
-collectives) → sample → tokens on the host: the median over --steps decode steps after
-warm-up. Tensor parallelism runs eagerly (CUDA graphs are refused at tp_size > 1), so tp 1 is
-measured eagerly too, and with CUDA graphs as well for reference.
+One engine per tp size (tp 1 first, then tp 2 with rank 1 in a spawned process), adapters
+written once and all made resident before any timing. A step is timed on the host clock around
+schedule → prepare → forward (and, at tp 2, the plan's broadcast and the collectives) → sample
+→ tokens on the host: the median over --steps decode steps after warm-up. Each engine runs its
+decode steps through CUDA graphs (every rank's, collectives captured inside, at tp 2), then
+tp 1 eagerly as well; `--tp2-eager` builds a second tp-2 engine without graphs (every rank
+must take the same path, so one engine cannot switch).
 
     python -m benchmarks.tp_bench --out tp.json          # Llama-3.1-8B shapes, two GPUs
     python -m benchmarks.tp_bench --quick --out tp.json  # tiny model, CPU and gloo, < 1 min
@@ -40,9 +41,8 @@ TINY = {
     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
     "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
 }
-NO_GRAPHS_NOTE = ("tensor parallelism runs eagerly: CUDA graphs are refused at tp_size > 1 "
-                  "(the collectives are not captured), so the tp 1 vs tp 2 ratio is eager vs "
-                  "eager; tp 1 with CUDA graphs is listed for reference")
+GRAPHS_NOTE = ("decode steps replay CUDA graphs at both tp sizes (at tp 2 on every rank, "
+               "their all-reduces captured inside); steps that prefill run eagerly at tp 2")
 RESIDENT_TIMEOUT_S = 300.0
 
 
@@ -94,13 +94,16 @@ def cases(a: argparse.Namespace, names: list[str]) -> list[tuple[int, list[str] 
 
 
 async def bench_engine(engine: Engine, a: argparse.Namespace, tp: int, paths: list[Path],
-                       graphs: bool) -> list[dict[str, Any]]:
-    """Every case on one engine: with its CUDA graphs first (if any), then eagerly."""
+                       eager_too: bool) -> list[dict[str, Any]]:
+    """Every case on one engine: with its CUDA graphs first (if any), then, with `eager_too`
+    (tp 1 only: the ranks of a tp-2 engine take one path), eagerly."""
     rows = []
     try:
         upload_s = await make_resident(engine, paths) if paths else 0.0
         names = [p.name for p in paths]
-        modes = [True, False] if graphs and engine.runner.graphs is not None else [False]
+        modes = [True] if engine.runner.graphs is not None else []
+        if eager_too or not modes:
+            modes.append(False)
         for with_graphs in modes:
             if not with_graphs:
                 engine.runner.graphs = None  # eager from here on
@@ -115,9 +118,11 @@ async def bench_engine(engine: Engine, a: argparse.Namespace, tp: int, paths: li
     return rows
 
 
-def build(a: argparse.Namespace, folder: Path, tp: int, paths: list[Path]) -> Engine:
+def build(a: argparse.Namespace, folder: Path, tp: int, paths: list[Path],
+          graphs: bool = True) -> Engine:
     opts: dict[str, Any] = {
-        "tp_size": tp, "disable_cuda_graph": tp > 1 or a.quick, "cuda_graph_max_bs": max(a.batch),
+        "tp_size": tp, "disable_cuda_graph": a.quick or not graphs,
+        "cuda_graph_max_bs": max(a.batch),
         "max_running_requests": max(a.batch),
     }
     if a.quick:
@@ -131,17 +136,20 @@ def build(a: argparse.Namespace, folder: Path, tp: int, paths: list[Path]) -> En
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """tp 1 eager vs tp 2 per (batch, adapters), with tp 1's graph time when measured."""
+    """Per (batch, adapters): each tp size's step with and without graphs where measured, and
+    tp 2's speed-up over tp 1 like for like (graphs where both have them, else eager)."""
     by = {(r["tp"], r["cuda_graphs"], r["batch"], r["adapters"]): r["median_ms"] for r in rows}
     out = []
-    for r in rows:
-        if r["tp"] != 1 or r["cuda_graphs"]:
-            continue
-        key = (r["batch"], r["adapters"])
-        tp2 = by.get((2, False, *key))
-        out.append({"batch": key[0], "adapters": key[1], "tp1_eager_ms": r["median_ms"],
-                    "tp1_graphs_ms": by.get((1, True, *key)), "tp2_ms": tp2,
-                    "speedup_tp2_vs_tp1_eager": r["median_ms"] / tp2 if tp2 else None})
+    for key in dict.fromkeys((r["batch"], r["adapters"]) for r in rows):
+        s = {"batch": key[0], "adapters": key[1]}
+        for tp in (1, 2):
+            for graphs, name in ((True, "graphs"), (False, "eager")):
+                s[f"tp{tp}_{name}_ms"] = by.get((tp, graphs, *key))
+        mode = "graphs" if s["tp1_graphs_ms"] and s["tp2_graphs_ms"] else "eager"
+        tp1, tp2 = s[f"tp1_{mode}_ms"], s[f"tp2_{mode}_ms"]
+        s["speedup_mode"] = mode
+        s["speedup_tp2_vs_tp1"] = tp1 / tp2 if tp1 and tp2 else None
+        out.append(s)
     return out
 
 
@@ -156,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--adapters", type=int, default=32, help="distinct adapters (0: base only)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--mem-fraction-static", type=float, default=0.35)
-    ap.add_argument("--no-tp1-graphs", action="store_true", help="skip tp 1 with CUDA graphs")
+    ap.add_argument("--tp2-eager", action="store_true",
+                    help="also a tp-2 engine without CUDA graphs (a second build)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny model on CPU over gloo, few steps (a smoke run, < 1 min)")
     ap.add_argument("--out", type=Path)
@@ -173,12 +182,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         paths = write_adapters(shape, Path(tmp) / "adapters", a.adapters, a.rank)
         rows: list[dict[str, Any]] = []
         leftover: dict[int, int] = {}  # GPU bytes still allocated before each engine
-        for tp in sorted(a.tp):
+        builds = [(tp, True) for tp in sorted(a.tp)]
+        if a.tp2_eager and 2 in a.tp and not a.quick:
+            builds.append((2, False))
+        for tp, graphs in builds:
             if torch.cuda.is_available():
-                leftover[tp] = torch.cuda.memory_allocated()
-            engine = build(a, folder, tp, paths)
-            graphs = tp == 1 and not a.no_tp1_graphs
-            rows += asyncio.run(bench_engine(engine, a, tp, paths, graphs))
+                leftover[f"tp{tp}{'' if graphs else ' eager'}"] = torch.cuda.memory_allocated()
+            engine = build(a, folder, tp, paths, graphs)
+            rows += asyncio.run(bench_engine(engine, a, tp, paths, eager_too=tp == 1))
             del engine
             gc.collect()
             if torch.cuda.is_available():
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": "cpu (gloo)" if a.quick else torch.cuda.get_device_name(),
         "dtype": "float32" if a.quick else "bfloat16", "prompt": a.prompt,
         "adapter_rank": a.rank, "adapter_targets": list(ALL_LINEAR),
-        "cuda_graphs_at_tp_gt_1": False, "cuda_graphs_note": NO_GRAPHS_NOTE,
+        "cuda_graphs_at_tp_gt_1": not a.quick, "cuda_graphs_note": GRAPHS_NOTE,
         "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
         "gpu_bytes_allocated_before_engine": leftover, "rows": rows, "summary": summarize(rows),
         "wall_s": time.perf_counter() - t_start,
@@ -204,14 +215,15 @@ def print_table(result: dict[str, Any]) -> None:
         return "-" if x is None else f"{x:8.2f}"
 
     print(f"decode step, {result['shape']} on {result['device']}, median ms "
-          f"(no CUDA graphs at tp 2; wall {result['wall_s']:.0f} s)")
-    print(f"{'batch':>5} {'adapters':>8} {'tp1 eager':>10} {'tp1 graphs':>10} {'tp2':>8} "
-          f"{'tp1/tp2':>8}")
+          f"(wall {result['wall_s']:.0f} s)")
+    print(f"{'batch':>5} {'adapters':>8} {'tp1 graphs':>10} {'tp2 graphs':>10} "
+          f"{'tp1 eager':>10} {'tp2 eager':>10} {'tp1/tp2':>8}")
     for s in result["summary"]:
-        ratio = s["speedup_tp2_vs_tp1_eager"]
-        print(f"{s['batch']:>5} {s['adapters']:>8} {ms(s['tp1_eager_ms']):>10} "
-              f"{ms(s['tp1_graphs_ms']):>10} {ms(s['tp2_ms']):>8} "
-              f"{'-' if ratio is None else f'{ratio:.2f}x':>8}")
+        ratio = s["speedup_tp2_vs_tp1"]
+        print(f"{s['batch']:>5} {s['adapters']:>8} {ms(s['tp1_graphs_ms']):>10} "
+              f"{ms(s['tp2_graphs_ms']):>10} {ms(s['tp1_eager_ms']):>10} "
+              f"{ms(s['tp2_eager_ms']):>10} "
+              f"{'-' if ratio is None else f'{ratio:.2f}x ' + s['speedup_mode']:>8}")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,7 @@ class DecodeGraphs:
         self.lora_backend = lora_backend
         self.graphs: dict[tuple[int, bool | str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.num_replays = 0
 
     def _lora_info(self, bs: int) -> LoraBatchInfo | None:
         lora_pool = self.model.lora_pool
@@ -257,6 +258,7 @@ class DecodeGraphs:
             variant = "stacked"
         g, logits = self.graphs[(bucket, variant)]
         g.replay()
+        self.num_replays += 1
         return logits[:bs]
 
 

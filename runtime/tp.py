@@ -12,6 +12,11 @@ one lock, and each worker handles its messages one at a time in a single thread.
   all-reduce of every worker's per-slot report (copy done, copy failed, generation). Rank 0 keeps
   a slot UPLOADING until its own copy event and every worker's report say done, so admission
   waits for all ranks without the event loop ever waiting on a collective or the GPU.
+- CAPTURE (rank 0's constructor, before anything else runs): the decode graphs' shape (largest
+  batch, block-table width, scratch block); then every rank captures the same buckets in the
+  same order, so the collectives of the warm-up forwards pair, and so do those inside the
+  graphs at each replay. A decode step the graphs hold replays them on every rank, an
+  all-reduce of each bucket's padded rows; any other step runs eagerly everywhere.
 - SHUTDOWN (the thread that stops the engine): then a barrier.
 
 A worker reads an adapter in a loader thread (no collectives there), then enqueues the copies of
@@ -46,6 +51,7 @@ from runtime.adapters.peft_format import load_peft_adapter
 from runtime.adapters.pool import HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
 from runtime.engine import Engine, ModelInfo, _eos_ids, resolve_device
+from runtime.graphs import DecodeGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import ModelArgs
@@ -65,11 +71,13 @@ from runtime.streams import Event, Streams
 log = logging.getLogger("loraserve.tp")
 
 HEADER_LEN = 16
-MSG_STEP, MSG_SYNC, MSG_SHUTDOWN = 1, 2, 3
+MSG_STEP, MSG_SYNC, MSG_SHUTDOWN, MSG_CAPTURE = 1, 2, 3, 4
 # header fields of a step
 (H_KIND, H_TOKENS, H_SEQS, H_MAX_BLOCKS, H_MAX_Q, H_DECODE, H_LOGITS, H_LORA, H_SEG, H_SEG_LEN,
  H_CHUNKS, H_SEG_L, H_SEG_LEN_L, H_CHUNKS_L, H_CHUNK_SIZE, H_PAYLOAD) = range(HEADER_LEN)
 H_COMMANDS = 1  # header field of a sync: how many uploads its payload carries
+# header fields of a capture
+H_MAX_BS, H_GRAPH_BLOCKS, H_SCRATCH = 1, 2, 3
 # Rows of a sync's report, per slot, summed over the workers.
 R_DONE, R_FAILED, R_GEN = range(3)
 # NVLink multicast can take a host's GPUs out of service: always off, whatever the caller set.
@@ -239,6 +247,14 @@ class TPDriver:
             self._send(header, payload)
             yield
 
+    @contextmanager
+    def capture(self, max_bs: int, max_blocks: int, scratch_block: int) -> Iterator[None]:
+        """Have every worker capture decode graphs of this shape while the block captures rank
+        0's (the same buckets, in the same order: their collectives pair)."""
+        with self._lock:
+            self._send([MSG_CAPTURE, max_bs, max_blocks, scratch_block], None)
+            yield
+
     # uploads -----------------------------------------------------------------------------
 
     def request_upload(self, slot: int, path: str) -> int:
@@ -377,8 +393,10 @@ def unpack_step(
     if h[H_LORA]:
         assert slot_ranks is not None
         r = [t.to(torch.int32) for t in rest]
+        # the real entry counts, which a decode graph's replay copies into its static tables
+        counts = torch.tensor([h[H_SEG], h[H_CHUNKS]], dtype=torch.int32).to(payload.device)
         lora = LoraBatchInfo(r[0], r[1], slot_ranks, h[H_SEG], h[H_SEG_LEN], r[2], r[3],
-                             h[H_CHUNKS], h[H_CHUNK_SIZE], backend)
+                             h[H_CHUNKS], h[H_CHUNK_SIZE], backend, counts=counts)
         lora_logits = LoraBatchInfo(r[4], r[5], slot_ranks, h[H_SEG_L], h[H_SEG_LEN_L], r[6],
                                     r[7], h[H_CHUNKS_L], h[H_CHUNK_SIZE], backend)
     return ForwardBatch(
@@ -430,6 +448,7 @@ class Worker:
     loader: ThreadPoolExecutor
     uploads: dict[int, SlotUpload] = field(default_factory=dict)
     last_step: Event | None = None  # recorded after the last step this rank enqueued
+    graphs: DecodeGraphs | None = None  # captured at rank 0's word (MSG_CAPTURE)
     # Test hook: runs in the loader thread before each read (raising fails the upload).
     read_hook: Callable[[str, int], None] | None = None
 
@@ -467,6 +486,8 @@ def worker_loop(worker: Worker) -> None:
             if h[H_KIND] == MSG_STEP:
                 _worker_step(worker, h, payload.to(device))
                 _advance_uploads(worker)
+            elif h[H_KIND] == MSG_CAPTURE:
+                _worker_capture(worker, h)
             elif h[H_KIND] == MSG_SYNC:
                 for slot, gen, path in unpack_uploads(payload.tolist(), h[H_COMMANDS]):
                     _start_upload(worker, slot, gen, path)
@@ -480,9 +501,27 @@ def worker_loop(worker: Worker) -> None:
 def _worker_step(worker: Worker, h: list[int], payload: torch.Tensor) -> None:
     pool = worker.pool
     fb = unpack_step(h, payload, pool.slot_ranks if pool else None, worker.config.lora_backend)
-    worker.rank_model.model(fb, worker.kv.k, worker.kv.v)  # the logits are rank 0's to sample
+    # the logits are rank 0's to sample; rank 0 takes the graphs for the same steps
+    if worker.graphs is not None and worker.graphs.can_run(fb):
+        worker.graphs.replay(fb)
+    else:
+        worker.rank_model.model(fb, worker.kv.k, worker.kv.v)
     worker.last_step = worker.streams.event()
     worker.last_step.record()
+
+
+def _worker_capture(worker: Worker, h: list[int]) -> None:
+    """Capture this rank's decode graphs, of the shape rank 0 sent, as rank 0 captures its own."""
+    worker.graphs = decode_graphs(worker.rank_model.model, worker.kv, h[H_MAX_BS],
+                                  h[H_GRAPH_BLOCKS], h[H_SCRATCH], worker.config)
+    worker.graphs.capture(worker.streams.compute)
+
+
+def decode_graphs(model: ParallelCausalLM, kv: KVCache, max_bs: int, max_blocks: int,
+                  scratch_block: int, config: ServerConfig) -> DecodeGraphs:
+    """One rank's decode graphs (to capture): every rank builds them alike."""
+    return DecodeGraphs(model, kv.k, kv.v, max_bs, max_blocks, scratch_block, config.page_size,
+                        config.lora_backend)
 
 
 def _start_upload(worker: Worker, slot: int, generation: int, path: str) -> None:
@@ -587,15 +626,29 @@ def spawn_workers(config: ServerConfig, init_method: str) -> list[Any]:
 
 
 class TPModelRunner(ModelRunner):
-    """Broadcasts each step's plan before running rank 0's own shard. No CUDA graphs (the
-    collectives run eagerly)."""
+    """Broadcasts each step's plan before running rank 0's own shard. Decode steps replay CUDA
+    graphs captured on every rank, collectives inside; steps that prefill run eagerly."""
 
-    def __init__(self, *args: Any, driver: TPDriver, **kw: Any) -> None:
+    def __init__(self, *args: Any, driver: TPDriver, config: ServerConfig, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.driver = driver
+        self.config = config
 
-    def enable_cuda_graphs(self, block_manager: BlockManager, max_bs: int, context: int) -> None:
-        return
+    def enable_cuda_graphs(
+        self, block_manager: BlockManager, max_bs: int, context_length: int, max_tokens: int = 0
+    ) -> None:
+        """Decode graphs up to `max_bs` rows on every rank (CUDA only). `max_tokens` is
+        ignored: the prefill graphs capture the single-GPU model's `hidden`, which the
+        tensor-parallel model does not split, so steps that prefill stay eager."""
+        if self.device.type != "cuda":
+            return
+        scratch = self._ensure_scratch(block_manager)
+        max_blocks = -(-context_length // self.block_size)
+        assert isinstance(self.model, ParallelCausalLM)
+        with self.driver.capture(max_bs, max_blocks, scratch):
+            self.graphs = decode_graphs(self.model, self.kv, max_bs, max_blocks, scratch,
+                                        self.config)
+            self.graphs.capture(self.streams.compute)
 
     def launch(self, plan: ScheduledBatch, fb: ForwardBatch) -> InFlightStep:
         # The plan was copied (and filled from the step in flight) on the compute stream:
@@ -715,17 +768,24 @@ class TPEngine(Engine):
         )
         kv = allocate_rank_kv(config, rm)
         tokenizer = load_tokenizer(rm.folder)
-        # No graphs and no warm-up steps at tp_size > 1: Engine's own runner would step the
-        # sharded model on rank 0 alone, while the other ranks wait for the driver.
+        # Engine's own runner would step the sharded model on rank 0 alone while the other
+        # ranks wait for the driver: it captures no graphs and runs no warm-up steps. The
+        # tensor-parallel runner that replaces it captures the decode graphs on every rank.
         engine = cls(config.replace(disable_cuda_graph=True, skip_server_warmup=True), rm.model,
                      tokenizer, kv, BlockManager(kv.k[0].shape[0], config.page_size), adapters,
                      streams, info, _eos_ids(tokenizer, rm.folder), metrics)
+        engine.config = config.replace(skip_server_warmup=True)
         engine.runner = TPModelRunner(
             rm.model, kv, config.page_size, engine.sampler, rm.device, config.lora_backend,
-            config.max_lora_chunk_size, streams, driver=driver,
+            config.max_lora_chunk_size, streams, driver=driver, config=config,
         )
         engine.driver = driver
         engine.workers = []
+        if not config.disable_cuda_graph:
+            engine.runner.enable_cuda_graphs(
+                engine.block_manager, min(config.cuda_graph_max_bs, config.max_running_requests),
+                rm.context,
+            )
         return engine
 
     @classmethod

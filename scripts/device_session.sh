@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device session in phases, each one device call on a 2-GPU machine (nvidia-h200-x2):
 #   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs
+#   scripts/device_session.sh s32tp  tp 2 with CUDA graphs: the tensor-parallel GPU tests, tp_bench
+#   scripts/device_session.sh s32g   (one GPU) tp decode graphs over a one-rank group, graph tests
 #   scripts/device_session.sh gpu1   the >= 10-minute soak started in the background on GPU 1;
 #                                    the TP parity tests again; GPU tests and step benchmarks
 #                                    on GPU 0
@@ -774,6 +776,21 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     # serving through 2 slots against the synchronous path
     gpu_tests upload_modes_tests 400 tests/test_adapters.py tests/test_pipeline_gpu.py \
       -k "cuda_uploads or overlap_loading"
+    rm -f "$OUT"/*.xml
+    ;;
+  s32tp)  # two GPUs (nvidia-h200-x2): tp 2 decode steps replay CUDA graphs captured on both
+    # ranks, their all-reduces inside: the tensor-parallel GPU tests (the graphs' fp32 tokens
+    # against tp 1 among them), then tp_bench with graphs at both sizes
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    gpu_tests tp_gpu 300 tests/test_tp_gpu.py
+    rm -f "$OUT"/*.xml
+    timeout 270 python3 -m benchmarks.tp_bench --out "$OUT/tp_bench.json" > "$OUT/tp_bench.log" 2>&1
+    echo "== tp_bench: rc $?"; tail -8 "$OUT/tp_bench.log"
+    ;;
+  s32g)  # one GPU: the tensor-parallel decode graphs over a one-rank NCCL group (capture and
+    # replay with the collectives inside; fp32 tokens against the single-GPU engine), and the
+    # decode graph tests (DecodeGraphs now counts its replays)
+    gpu_tests tp_graphs 300 tests/test_tp_graphs_gpu.py tests/test_graphs_gpu.py
     rm -f "$OUT"/*.xml
     ;;
   s31d)  # one GPU (prepared): by the timelines of s30a-s31b the 1000-adapter run now loses more

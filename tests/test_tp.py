@@ -294,13 +294,14 @@ def test_tp_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "tp.json"
     result = main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert result["cuda_graphs_at_tp_gt_1"] is False and "CUDA graphs" in result["cuda_graphs_note"]
+    assert result["cuda_graphs_at_tp_gt_1"] is False  # no CUDA here: both tp sizes eager
     cases = {(1, 0), (4, 0), (1, 1), (4, 4)}  # (batch, distinct adapters)
     got = {(r["tp"], r["batch"], r["adapters"]) for r in result["rows"]}
     assert got == {(tp, *c) for tp in (1, 2) for c in cases}
     assert all(r["median_ms"] > 0 and not r["cuda_graphs"] for r in result["rows"])
     assert {(s["batch"], s["adapters"]) for s in result["summary"]} == cases
-    assert all(s["tp2_ms"] and s["speedup_tp2_vs_tp1_eager"] for s in result["summary"])
+    assert all(s["tp2_eager_ms"] and s["speedup_mode"] == "eager" and s["speedup_tp2_vs_tp1"]
+               and s["tp1_graphs_ms"] is None for s in result["summary"])
 
 
 def test_end_worker_process_flushes_and_exits_zero() -> None:
@@ -330,3 +331,66 @@ def test_failed_unissued_upload_frees_a_gathered_slot() -> None:
     assert TPAdapterManager._own_ready(gathered) is own
     assert TPAdapterManager._own_ready(own) is own and TPAdapterManager._own_ready(None) is None
     assert AdapterManager._own_ready(gathered) is gathered  # one GPU: nothing wraps it
+
+
+def test_decode_step_unpacks_with_real_counts_and_takes_the_workers_graphs() -> None:
+    """A decode plan of 3 rows over 2 adapters and the base, packed by rank 0 and unpacked on a
+    worker: its LoRA table carries the real entry counts a decode graph's replay copies into its
+    padded tables, and the worker replays its graphs exactly where they hold the step (rank 0's
+    runner makes the same choice: `DecodeGraphs.can_run`)."""
+    from ops.lora import build_lora_batch_info
+    from runtime.model.batch import ForwardBatch
+    from runtime.tp import _worker_step, pack_step, unpack_step
+
+    ranks = torch.tensor([4, 4, 4], dtype=torch.int32)
+    info = build_lora_batch_info([-1, 0, 2], ranks, "csgmv", 16, "cpu")
+    fb = ForwardBatch(
+        input_ids=torch.tensor([5, 6, 7]), positions=torch.tensor([3, 9, 4]),
+        slot_mapping=torch.tensor([3, 25, 36]),
+        block_tables=torch.tensor([[0, 0], [1, 3], [4, 0]], dtype=torch.int32),
+        kv_lens=torch.tensor([4, 10, 5], dtype=torch.int32),
+        cu_q_lens=torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+        logits_indices=torch.tensor([0, 1, 2]), max_q_len=1, is_decode=True,
+        lora=info, lora_logits=info,
+    )
+    header, payload = pack_step(fb)
+    got = unpack_step(header + [0] * (16 - len(header)), payload, ranks, "csgmv")
+    assert got.lora is not None and got.lora.counts is not None
+    assert got.lora.counts.tolist() == info.counts.tolist() == [3, 3]
+    assert torch.equal(got.block_tables, fb.block_tables) and got.is_decode
+
+    class Graphs:  # what the worker asks of its DecodeGraphs
+        def __init__(self, holds: bool) -> None:
+            self.holds, self.replayed = holds, []
+
+        def can_run(self, step: ForwardBatch) -> bool:
+            return self.holds
+
+        def replay(self, step: ForwardBatch) -> None:
+            self.replayed.append(step.batch_size)
+
+    class Model:
+        def __init__(self) -> None:
+            self.ran = 0
+
+        def __call__(self, step: ForwardBatch, k: Any, v: Any) -> None:
+            self.ran += 1
+
+    class Fake:  # the Worker fields _worker_step reads
+        def __init__(self, holds: bool) -> None:
+            self.pool = type("Pool", (), {"slot_ranks": ranks})()
+            self.config = ServerConfig(model_path="unused", lora_backend="csgmv")
+            self.graphs, self.rank_model = Graphs(holds), type("RM", (), {"model": Model()})()
+            self.kv = type("KV", (), {"k": [], "v": []})()
+            self.streams = type("S", (), {"event": staticmethod(lambda: _NoEvent())})()
+            self.last_step = None
+
+    for holds in (True, False):
+        w = Fake(holds)
+        _worker_step(w, header + [0] * (16 - len(header)), payload)
+        assert (w.graphs.replayed, w.rank_model.model.ran) == (([3], 0) if holds else ([], 1))
+
+
+class _NoEvent:
+    def record(self) -> None:
+        pass

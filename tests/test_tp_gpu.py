@@ -147,6 +147,29 @@ def test_fp32_tokens_match_tp1(setup: dict[str, Any]) -> None:
     assert got == want
 
 
+def served_with_graphs(setup: dict[str, Any], **kw: Any) -> tuple[dict[str, Any], int]:
+    """(serve's tokens, decode graph replays on rank 0) of an fp32 engine with CUDA graphs."""
+    engine = Engine.from_config(config(setup, "float32", disable_cuda_graph=False,
+                                       cuda_graph_max_bs=8, **kw))
+    try:
+        out = run(serve(engine, setup, probe=False))
+        assert engine.runner.graphs is not None
+        return out, engine.runner.graphs.num_replays
+    finally:
+        del engine
+
+
+def test_decode_graphs_give_tp1_tokens(setup: dict[str, Any]) -> None:
+    """tp 2 decode steps replay CUDA graphs on both ranks, all-reduces inside: fp32 greedy
+    tokens of base and mixed batches equal tp 1's eager ones. Seven prompts: the buckets pad
+    their rows (the padded all-reduce must pair on both ranks)."""
+    seven = setup | {"prompts": setup["prompts"][:7]}
+    want = run(serve(Engine.from_config(config(seven, "float32")), seven, probe=False))
+    got, replays = served_with_graphs(seven, tp_size=TP)
+    assert replays >= 2 * (NEW_TOKENS - 1) - 2  # nearly every decode step of both batches
+    assert got == want
+
+
 def test_bf16_logits_and_first_tokens_close_to_tp1(setup: dict[str, Any]) -> None:
     want = run(serve(Engine.from_config(config(setup, "bfloat16")), setup, probe=True))
     got = run(serve(Engine.from_config(config(setup, "bfloat16", tp_size=TP)), setup,

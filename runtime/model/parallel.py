@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ops.lora import LoraBatchInfo, lora_expand, lora_shrink
 from runtime.adapters.peft_format import AdapterWeights, LoraModuleWeights
@@ -50,9 +49,15 @@ class TPGroup:
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., n] on each rank -> [..., world_size * n], rank order."""
+        """[..., n] on each rank -> [..., world_size * n], rank order. On CUDA one NCCL
+        all-gather into one buffer (what a decode graph captures); gloo gathers a list."""
+        x = x.contiguous()
+        if x.is_cuda:
+            out = x.new_empty((self.world_size, *x.shape))
+            dist.all_gather_into_tensor(out, x)
+            return torch.cat(out.unbind(0), dim=-1)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts, dim=-1)
 
 
@@ -143,8 +148,7 @@ class ParallelMLP(MLP):
 
     def forward(self, x, fb: ForwardBatch, lora) -> torch.Tensor:
         gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
-        gate, up = gate_up.split(self.inter, dim=-1)
-        h = F.silu(gate) * up  # [T, inter_l]
+        h = self.silu_mul(gate_up)  # [T, inter_l]: one kernel on CUDA
         out = self.tp.all_reduce(self.down_proj(h))  # [T, hidden]
         _row_parallel_lora(h, out, lora.get("down") if lora else None, fb.lora, self.tp)
         return out
