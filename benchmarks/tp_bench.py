@@ -32,6 +32,7 @@ from benchmarks.random_adapters import ALL_LINEAR, clone_adapter, write_adapter
 from benchmarks.step_bench import decode_step_ms, make_engine
 from runtime.adapters.manager import Residency
 from runtime.engine import Engine
+from runtime.tp import TP_GRAPHS_ENV
 
 # A tiny Llama for --quick (heads and MLP divide by 2).
 TINY = {
@@ -125,6 +126,8 @@ def build(a: argparse.Namespace, folder: Path, tp: int, paths: list[Path],
         "cuda_graph_max_bs": max(a.batch),
         "max_running_requests": max(a.batch),
     }
+    # decode graphs at tp 2 are opt-in (runtime.tp.TP_GRAPHS_ENV); the workers follow rank 0
+    os.environ[TP_GRAPHS_ENV] = "1" if graphs else "0"
     if a.quick:
         opts |= {"device": "cpu", "dtype": "float32", "kv_cache_cpu_bytes": 1 << 24}
     else:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ops.lora import LoraBatchInfo
+from ops.settings import env_flag
 from runtime.adapters.manager import AdapterManager, resolve_pool_spec
 from runtime.adapters.peft_format import load_peft_adapter
 from runtime.adapters.pool import HostAdapter, LoraModelShape, LoraPool
@@ -83,6 +84,9 @@ R_DONE, R_FAILED, R_GEN = range(3)
 # NVLink multicast can take a host's GPUs out of service: always off, whatever the caller set.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                  "NVSHMEM_DISABLE_NVLS": "1"}
+# Decode graphs at tp_size > 1, opt-in until they have run on two GPUs: "1" captures them on
+# every rank (disable_cuda_graph still turns them off); unset or "0", every step runs eagerly.
+TP_GRAPHS_ENV = "LORASERVE_TP_CUDA_GRAPHS"
 # While uploads are in flight, rank 0 syncs this often (each sync holds off steps briefly).
 SYNC_INTERVAL_S = 0.002
 
@@ -770,18 +774,20 @@ class TPEngine(Engine):
         tokenizer = load_tokenizer(rm.folder)
         # Engine's own runner would step the sharded model on rank 0 alone while the other
         # ranks wait for the driver: it captures no graphs and runs no warm-up steps. The
-        # tensor-parallel runner that replaces it captures the decode graphs on every rank.
+        # tensor-parallel runner that replaces it captures the decode graphs on every rank
+        # (TP_GRAPHS_ENV).
+        graphs = not config.disable_cuda_graph and env_flag(TP_GRAPHS_ENV, False)
         engine = cls(config.replace(disable_cuda_graph=True, skip_server_warmup=True), rm.model,
                      tokenizer, kv, BlockManager(kv.k[0].shape[0], config.page_size), adapters,
                      streams, info, _eos_ids(tokenizer, rm.folder), metrics)
-        engine.config = config.replace(skip_server_warmup=True)
+        engine.config = config.replace(disable_cuda_graph=not graphs, skip_server_warmup=True)
         engine.runner = TPModelRunner(
             rm.model, kv, config.page_size, engine.sampler, rm.device, config.lora_backend,
             config.max_lora_chunk_size, streams, driver=driver, config=config,
         )
         engine.driver = driver
         engine.workers = []
-        if not config.disable_cuda_graph:
+        if graphs:
             engine.runner.enable_cuda_graphs(
                 engine.block_manager, min(config.cuda_graph_max_bs, config.max_running_requests),
                 rm.context,

@@ -793,6 +793,11 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests tp_graphs 300 tests/test_tp_graphs_gpu.py tests/test_graphs_gpu.py
     rm -f "$OUT"/*.xml
     ;;
+  s32h)  # one GPU: s32g's tensor-parallel graph test again, graphs now opt-in at tp_size > 1
+    # (LORASERVE_TP_CUDA_GRAPHS, which the test sets)
+    gpu_tests tp_graphs 200 tests/test_tp_graphs_gpu.py
+    rm -f "$OUT"/*.xml
+    ;;
   s31d)  # one GPU (prepared): by the timelines of s30a-s31b the 1000-adapter run now loses more
     # in its second wave (first requests finishing, 143 uploads into freed slots) than in its
     # first: decode resumed about 0.28 s later than over 8 adapters. Steps 120-199 traced

@@ -34,7 +34,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(autouse=True)
-def free_gpu() -> Iterator[None]:
+def free_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("LORASERVE_TP_CUDA_GRAPHS", "1")  # opt-in (runtime.tp.TP_GRAPHS_ENV)
     yield
     gc.collect()
     torch.cuda.empty_cache()
