@@ -159,3 +159,21 @@ def model_with_adapters(root: Path, count: int = 2):
     specs = tuple(LoraPathSpec(f"a{i}", str(make_adapter(model, root / f"a{i}", seed=i)))
                   for i in range(count))
     return model, specs
+
+
+# Every module a tensor-parallel test's adapters target.
+TP_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+              "lm_head")
+
+
+def tp_model_with_adapters(root: Path, hidden: int, inter: int, ranks: tuple[int, int, int]):
+    """A tiny llama that splits over 2 ranks (2 layers, 4 q heads over 2 kv heads) with an odd
+    vocabulary (321: a padded vocab shard), under root/model, and three adapters of it with
+    ranks `ranks` (seeds 1-3): "all" on TP_TARGETS, "attn" on q, v and o, "mlp" on gate, down
+    and lm_head. Returns (model folder, {name: adapter folder})."""
+    folder = make_model(root / "model", "llama", hidden=hidden, layers=2, heads=4, kv_heads=2,
+                        inter=inter, vocab_size=321)
+    targets = {"all": list(TP_TARGETS), "attn": ["q_proj", "v_proj", "o_proj"],
+               "mlp": ["gate_proj", "down_proj", "lm_head"]}
+    return folder, {name: make_adapter(folder, root / name, rank=r, targets=t, seed=seed)
+                    for seed, ((name, t), r) in enumerate(zip(targets.items(), ranks), start=1)}

@@ -25,13 +25,13 @@ from runtime.config import LoraPathSpec, ServerConfig
 from runtime.engine import Engine
 from runtime.model.parallel import local_vocab
 from tests.engine_utils import collect, greedy, run
-from tests.models import make_adapter, make_model, prompts, read_vocab
+from tests.models import TP_TARGETS, prompts, read_vocab, tp_model_with_adapters
 
 TP = 2
 NEW_TOKENS = 8
 RANK = 4
 NUM_SLOTS = 3
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+TARGETS = TP_TARGETS
 HIDDEN, HEADS, KV_HEADS, INTER, LAYERS = 64, 4, 2, 128, 2
 TIMEOUT = timedelta(seconds=120)
 
@@ -39,15 +39,7 @@ TIMEOUT = timedelta(seconds=120)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("tp")
-    folder = make_model(root / "model", "llama", hidden=HIDDEN, layers=LAYERS, heads=HEADS,
-                        kv_heads=KV_HEADS, inter=INTER, vocab_size=321)  # odd: a padded shard
-    adapters = {
-        "all": make_adapter(folder, root / "all", rank=4, targets=list(TARGETS), seed=1),
-        "attn": make_adapter(folder, root / "attn", rank=2,
-                             targets=["q_proj", "v_proj", "o_proj"], seed=2),
-        "mlp": make_adapter(folder, root / "mlp", rank=3,
-                            targets=["gate_proj", "down_proj", "lm_head"], seed=3),
-    }
+    folder, adapters = tp_model_with_adapters(root, HIDDEN, INTER, (4, 2, 3))
     return {"folder": folder, "adapters": adapters,
             "prompts": prompts(8, read_vocab(folder), seed=5, lo=3, hi=20)}
 

@@ -24,7 +24,7 @@ from runtime.model.batch import ForwardBatch
 from runtime.request import Request, SamplingParams
 from runtime.scheduler import ScheduledBatch
 from tests.engine_utils import collect, greedy, run
-from tests.models import make_adapter, make_model, prompts, read_vocab
+from tests.models import TP_TARGETS, prompts, read_vocab, tp_model_with_adapters
 
 # NVLink multicast off before anything initialises NCCL (runtime.tp forces it again).
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -39,7 +39,7 @@ TP = 2
 NEW_TOKENS = 16
 RANK = 8
 NUM_SLOTS = 3
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+TARGETS = TP_TARGETS
 # max |tp2 - tp1| / max |tp1| over every position, both bf16. At tp 2 the row-parallel partial
 # sums (o_proj, down_proj, the LoRA rank-r intermediates) are rounded to bf16 before the
 # all-reduce, one extra rounding per layer that tp 1 does not make: the first H200 run measured
@@ -59,15 +59,7 @@ def free_gpu() -> Iterator[None]:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("tp_gpu")
     # head_dim 32; per rank 2 q heads and 1 kv head; odd vocabulary: a padded vocab shard
-    folder = make_model(root / "model", "llama", hidden=128, layers=2, heads=4, kv_heads=2,
-                        inter=256, vocab_size=321)
-    adapters = {
-        "all": make_adapter(folder, root / "all", rank=8, targets=list(TARGETS), seed=1),
-        "attn": make_adapter(folder, root / "attn", rank=4,
-                             targets=["q_proj", "v_proj", "o_proj"], seed=2),
-        "mlp": make_adapter(folder, root / "mlp", rank=2,
-                            targets=["gate_proj", "down_proj", "lm_head"], seed=3),
-    }
+    folder, adapters = tp_model_with_adapters(root, 128, 256, (8, 4, 2))
     return {"folder": folder, "adapters": adapters,
             "prompts": prompts(8, read_vocab(folder), seed=5, lo=5, hi=60)}
 

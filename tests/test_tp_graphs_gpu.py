@@ -19,7 +19,7 @@ import torch.distributed as dist
 from runtime.config import LoraPathSpec, ServerConfig
 from runtime.engine import Engine
 from tests.engine_utils import collect, greedy, run
-from tests.models import make_adapter, make_model, prompts, read_vocab
+from tests.models import TP_TARGETS, prompts, read_vocab, tp_model_with_adapters
 
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                    "NVSHMEM_DISABLE_NVLS": "1"})
@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 NEW_TOKENS = 12
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+TARGETS = TP_TARGETS
 
 
 @pytest.fixture(autouse=True)
@@ -44,15 +44,7 @@ def free_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("tp_graphs")
-    folder = make_model(root / "model", "llama", hidden=128, layers=2, heads=4, kv_heads=2,
-                        inter=256, vocab_size=321)
-    adapters = {
-        "all": make_adapter(folder, root / "all", rank=8, targets=list(TARGETS), seed=1),
-        "attn": make_adapter(folder, root / "attn", rank=4,
-                             targets=["q_proj", "v_proj", "o_proj"], seed=2),
-        "mlp": make_adapter(folder, root / "mlp", rank=2,
-                            targets=["gate_proj", "down_proj", "lm_head"], seed=3),
-    }
+    folder, adapters = tp_model_with_adapters(root, 128, 256, (8, 4, 2))
     # seven prompts: the decode buckets pad a row
     return {"folder": folder, "adapters": adapters,
             "prompts": prompts(7, read_vocab(folder), seed=5, lo=5, hi=60)}
