@@ -7,6 +7,7 @@ from aiohttp import web
 
 from api.app import ENGINE, json_response
 from api.errors import ApiError
+from api.openai import base_names
 from api.protocol import LoadAdapterRequest, UnloadAdapterRequest, decode_body
 
 routes = web.RouteTableDef()
@@ -28,6 +29,9 @@ def _check_name(name: str) -> None:
 async def load_lora_adapter(request: web.Request) -> web.Response:
     body = await decode_body(request, LoadAdapterRequest)
     _check_name(body.lora_name)
+    if body.lora_name in base_names(request):  # `model` names the base model by it
+        raise ApiError(400, f"lora_name: {body.lora_name!r} is the base model's name",
+                       param="lora_name")
     if not body.lora_path:
         raise ApiError(400, "lora_path: must not be empty", param="lora_path")
     await request.app[ENGINE].load_adapter(body.lora_name, body.lora_path, pinned=body.pinned)

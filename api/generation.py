@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 
+from api.errors import ApiError
 from api.textstream import TextStream
 from runtime.request import FinishReason, Request, RequestOutput, SamplingParams
 
@@ -92,6 +93,10 @@ class Generation:
 
 async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
     """Submit every spec, or none: a failure aborts the ones already submitted."""
+    limit = engine.config.max_queued_requests
+    if len(specs) > limit:  # could never queue, however long the client retried
+        raise ApiError(400, f"{len(specs)} generations in one request (its prompts times n); "
+                            f"the server queues at most {limit} (max_queued_requests)")
     for spec in specs:  # validate all first so a bad last item queues nothing
         spec.params.validate(engine.model_info.vocab_size)
     gens: list[Generation] = []

@@ -239,7 +239,9 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await decode_body(request, DetokenizeRequest)
-    vocab = len(engine.tokenizer)
+    # the model's vocabulary, which may be padded past the tokenizer's: the model can emit
+    # those ids (they decode to nothing), so they come back here
+    vocab = engine.model_info.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise ApiError(400, f"tokens: ids out of range [0, {vocab}): {bad[:5]}", param="tokens")

@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
 
 The adapter is chosen by `model`: the base model's name, "<base>:<adapter>" or a bare adapter
-name. Unknown names are 404 `model_not_found`.
+name. Unknown names are 404 `model_not_found`. As on SGLang's routes, a body may name it in
+`lora_path` instead (a list: one per prompt of a completion, null the base model); then
+`model` only counts in its "<base>:<adapter>" form, which wins.
 """
 
 from __future__ import annotations
@@ -48,7 +50,21 @@ def resolve_adapter(request: web.Request, model: str | None) -> str | None:
     return model  # a bare adapter name: the engine says whether it knows it
 
 
-def _specs(body: OpenAISampling, prompts: list[list[int]], lora: str | None,
+def resolve_loras(request: web.Request, body: OpenAISampling, count: int) -> list[str | None]:
+    """The adapter of each of `count` prompts: `model`'s (resolve_adapter), or where the body
+    gives `lora_path` and `model` is not "<base>:<adapter>", lora_path's (SGLang's order)."""
+    model, paths = body.model, body.lora_path
+    if paths is None or (model and ":" in model and model not in base_names(request)):
+        return [resolve_adapter(request, model)] * count
+    if not isinstance(paths, list):
+        paths = [paths] * count
+    elif len(paths) != count:
+        raise ApiError(400, f"lora_path: {len(paths)} items for {count} prompts",
+                       param="lora_path")
+    return [p or None for p in paths]
+
+
+def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | None],
            max_tokens: list[int], logprobs: int | None) -> list[GenSpec]:
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
@@ -63,7 +79,8 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], lora: str | None,
             i = p * n + j
             rid = None if body.rid is None else (body.rid if total == 1 else f"{body.rid}-{i}")
             specs.append(GenSpec(
-                prompt, body.to_params(max_tokens[p], seed_offset=j), lora_name=lora, rid=rid,
+                prompt, body.to_params(max_tokens[p], seed_offset=j), lora_name=loras[p],
+                rid=rid,
                 return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0,
                 trim_stop=not body.no_stop_trim,
             ))
@@ -94,10 +111,11 @@ def _header(kind: str, rid: str, model: str) -> dict[str, Any]:
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, CompletionRequest)
-    lora = resolve_adapter(request, body.model)
-    prompts, texts = _completion_prompts(body.prompt, engine.tokenizer)
+    prompts, texts = _completion_prompts(body.prompt, engine.tokenizer,
+                                         engine.model_info.vocab_size)
+    loras = resolve_loras(request, body, len(prompts))
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    specs = _specs(body, prompts, lora, [max_tokens] * len(prompts), body.logprobs)
+    specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs)
     n = len(specs) // len(prompts)
     echo = [texts[i // n] if body.echo else "" for i in range(len(specs))]
     gens = await submit_all(engine, specs)
@@ -117,9 +135,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return json_response({**header, "choices": choices, "usage": usage(gens, n)})
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
+def _completion_prompts(prompt: Any, tokenizer: Any,
+                        vocab: int) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt: a string, a list of strings, a list of token ids or
-    a list of such lists (never a mix)."""
+    a list of such lists (never a mix). Ids run over the model's `vocab` (which may be padded
+    past the tokenizer's), as on /generate."""
     items = prompt if isinstance(prompt, list) else [prompt]
     if items and all(isinstance(p, int) for p in items):
         items = [items]
@@ -127,7 +147,6 @@ def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], l
         raise ApiError(400, "prompt: must not be empty", param="prompt")
     if all(isinstance(p, str) for p in items):
         return [tokenizer.encode(p) for p in items], list(items)
-    vocab = len(tokenizer)
     if not all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in items):
         raise ApiError(400, "prompt: mixes strings, token ids and lists of token ids",
                        param="prompt")
@@ -202,7 +221,7 @@ def _choice(index: int, text: str, reason: str | None = None,
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, ChatRequest)
-    lora = resolve_adapter(request, body.model)
+    loras = resolve_loras(request, body, 1)
     prompt = chat_prompt(body, engine.tokenizer)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -211,7 +230,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    specs = _specs(body, [prompt], lora, [limit], logprobs)
+    specs = _specs(body, [prompt], loras, [limit], logprobs)
     gens = await submit_all(engine, specs)
     header = _header("chat.completion", f"chatcmpl-{uuid.uuid4().hex}",
                      body.model or base_names(request)[0])

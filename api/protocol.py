@@ -106,6 +106,9 @@ class OpenAISampling(msgspec.Struct):
     skip_special_tokens: bool | None = None
     no_stop_trim: bool = False
     rid: str | None = None
+    # SGLang's: the adapter when `model` names none ("<base>:<adapter>" wins); a list gives
+    # each prompt of a completion its own, null the base model
+    lora_path: str | list[str | None] | None = None
 
     def to_params(self, max_new_tokens: int, seed_offset: int) -> SamplingParams:
         given = {

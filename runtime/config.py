@@ -148,6 +148,12 @@ class ServerConfig:
                 "lora_loader: process is not supported at tp_size > 1 (each rank reads its "
                 "shard in threads); use auto or thread"
             )
+        if self.enable_lora_overlap_loading is False and self.tp_size > 1:
+            raise ConfigError(
+                "enable_lora_overlap_loading: false is not supported at tp_size > 1 (a worker's "
+                "upload may still wait on its disk read, so adapters always join batches once "
+                "every rank has them); leave it unset"
+            )
         if self.max_lora_rank is not None and not 1 <= self.max_lora_rank <= 1024:
             raise ConfigError("max_lora_rank: must be between 1 and 1024")
         if self.lora_target_modules is not None:
@@ -163,6 +169,9 @@ class ServerConfig:
                 raise ConfigError(f"lora_paths: adapter name {n!r} must be non-empty without ':'")
         if len(set(names)) != len(names):
             raise ConfigError("lora_paths: adapter names must be unique")
+        taken = sorted(set(names) & {self.model_path, self.model_name})
+        if taken:
+            raise ConfigError(f"lora_paths: adapter name {taken[0]!r} is the base model's name")
         if sum(p.pinned for p in self.lora_paths) > self.max_loras_per_batch - 1:
             raise ConfigError(
                 f"lora_paths: at most max_loras_per_batch - 1 = {self.max_loras_per_batch - 1} "

@@ -202,6 +202,26 @@ async def test_tokenize_detokenize(client) -> None:
     assert r.status == 400
 
 
+async def test_ids_of_a_padded_vocabulary(aiohttp_client, tiny, tmp_path) -> None:
+    """A model whose vocabulary is padded past its tokenizer's (324 against 320) can emit the
+    padding ids: /detokenize and a completion's prompt ids take them (they decode to nothing),
+    as /generate's input_ids do; ids past the model's vocabulary stay a 400."""
+    model = make_model(tmp_path / "padded", vocab_size=324)
+    config = server_config((model, tiny[1]), lora_paths=(), enable_lora=False)
+    metrics = ServingMetrics()
+    client = await aiohttp_client(create_app(Engine.from_config(config, metrics), config, metrics))
+    r = await client.post("/detokenize", json={"tokens": [321, 323]})
+    assert r.status == 200 and (await r.json())["text"] == ""
+    for route, body in (("/v1/completions", {"prompt": [5, 322], "max_tokens": 1}),
+                        ("/generate", {"input_ids": [5, 322], "sampling_params": {
+                            "max_new_tokens": 1}})):
+        assert (await client.post(route, json=body)).status == 200, route
+    r = await client.post("/detokenize", json={"tokens": [324]})
+    assert r.status == 400
+    r = await client.post("/v1/completions", json={"prompt": [324], "max_tokens": 1})
+    assert r.status == 400 and (await r.json())["error"]["param"] == "prompt"
+
+
 async def test_abort_request(client) -> None:
     body = {"text": "x", "rid": "long-1", "stream": True,
             "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
@@ -285,6 +305,21 @@ async def test_queue_full_503(make_client) -> None:
     assert (await r.json())["error"]["message"]
     client.app[ENGINE].hold.set()
     assert (await first).status == 200
+
+
+async def test_request_larger_than_the_queue_is_400(make_client) -> None:
+    """A request of more generations than the server ever queues fails at once with a 400
+    (a 503 would have the client retry forever); the server then serves as before."""
+    client = await make_client(max_queued_requests=3)
+    for route, body in (("/generate", {"text": ["a", "b", "c", "d"]}),
+                        ("/v1/completions", {"prompt": ["a", "b"], "n": 2, "max_tokens": 1}),
+                        ("/v1/chat/completions", {"n": 4, "max_tokens": 1,
+                                                  "messages": [{"role": "user", "content": "a"}]})):
+        r = await client.post(route, json=body)
+        assert r.status == 400, (route, await r.text())
+        assert "max_queued_requests" in await r.text()
+    r = await client.post("/v1/completions", json={"prompt": ["a"], "n": 3, "max_tokens": 1})
+    assert r.status == 200 and len((await r.json())["choices"]) == 3
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -427,6 +462,49 @@ async def test_unknown_model_404(client, model: str) -> None:
     assert (await r.json())["error"]["code"] == "model_not_found"
 
 
+async def test_openai_lora_path_names_the_adapter(client) -> None:
+    """SGLang's `lora_path` on the OpenAI routes: what `model` "<base>:<adapter>" gives, per
+    prompt in a list, with `model`'s adapter winning; an unknown one is refused."""
+    async def texts(route: str, **body) -> list[tuple[str, list[float]]]:
+        """Each choice's text and token log-probs (the tiny adapter moves these, not always
+        the argmax)."""
+        if route == "chat":
+            body |= {"messages": [{"role": "user", "content": "Say something"}], "logprobs": True}
+        else:
+            body = {"prompt": "Say something", "logprobs": 0} | body
+        r = await client.post(f"/v1/{'chat/completions' if route == 'chat' else 'completions'}",
+                              json={"max_tokens": 6, "temperature": 0, **body})
+        assert r.status == 200, await r.text()
+        choices = (await r.json())["choices"]
+        if route == "chat":
+            return [(c["message"]["content"], [t["logprob"] for t in c["logprobs"]["content"]])
+                    for c in choices]
+        return [(c["text"], c["logprobs"]["token_logprobs"]) for c in choices]
+
+    def same(a: list[tuple[str, list[float]]], b: list[tuple[str, list[float]]]) -> bool:
+        """Same texts, log-probs within 1e-4 (a batch sums in another order)."""
+        return len(a) == len(b) and all(
+            ta == tb and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+            for (ta, la), (tb, lb) in zip(a, b))
+
+    for route in ("chat", "completions"):
+        adapter = await texts(route, model="tiny:a1")
+        base = await texts(route, model="tiny")
+        assert not same(adapter, base)  # the adapter changes the output
+        assert same(await texts(route, lora_path="a1"), adapter)
+        assert same(await texts(route, model="tiny", lora_path="a1"), adapter)
+        assert same(await texts(route, model="default", lora_path="a1"), adapter)  # SGLang's
+        assert same(await texts(route, model="tiny:a1", lora_path="nope"), adapter)  # model wins
+        assert same(await texts(route, lora_path=["a1"]), adapter)
+    # completions (the loop's last route): a prompt list takes a list, one adapter each
+    both = await texts("completions", prompt=["Say something"] * 3, lora_path=["a1", None, ""])
+    assert same(both, adapter + base + base)
+    r = await client.post("/v1/completions", json={"prompt": ["x", "y"], "lora_path": ["a1"]})
+    assert r.status == 400 and (await r.json())["error"]["param"] == "lora_path"
+    r = await client.post("/v1/completions", json={"prompt": "x", "lora_path": "nope"})
+    assert r.status in (400, 404), await r.text()
+
+
 async def test_models(client) -> None:
     r = await client.get("/v1/models")
     body = await r.json()
@@ -481,10 +559,12 @@ async def test_load_unload_adapter(client, tiny) -> None:
     ("/load_lora_adapter", {"lora_name": "a1", "lora_path": "/no/such/folder"}),
     ("/load_lora_adapter", {"lora_name": "x:y", "lora_path": "/tmp"}),
     ("/load_lora_adapter", {"lora_path": "/tmp"}),
+    ("/load_lora_adapter", {"lora_name": "tiny", "lora_path": "ADAPTER"}),  # the base's name
     ("/unload_lora_adapter", {"lora_name": "never-loaded"}),
     ("/v1/unload_lora_adapter", {"lora_name": 3}),
 ])
-async def test_admin_failures(client, path: str, body: dict) -> None:
+async def test_admin_failures(client, tiny, path: str, body: dict) -> None:
+    body = {k: str(tiny[1]) if v == "ADAPTER" else v for k, v in body.items()}
     r = await client.post(path, json=body)
     assert r.status == 400
     out = await r.json()

@@ -106,6 +106,9 @@ lora_paths = [
      "max_lora_rank"),
     (["--mem-fraction-static", "2"], "mem_fraction_static"),
     (["--max-loaded-loras", "2", "--max-loras-per-batch", "4"], "max_loaded_loras"),
+    (["--tp-size", "2", "--disable-lora-overlap-loading"], "enable_lora_overlap_loading"),
+    (["--model-path", "/m", "--lora-paths", "/m=/x"], "base model's name"),
+    (["--served-model-name", "s", "--lora-paths", "s=/x"], "base model's name"),
     (["--port"], "--port"),
 ])
 def test_bad_flags_name_the_option(argv: list[str], option: str) -> None:
