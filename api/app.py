@@ -3,12 +3,15 @@ lifecycle (started in cleanup_ctx, drained on shutdown)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -40,6 +43,8 @@ ENGINE = web.AppKey["Engine"]("loraserve.engine")
 CONFIG = web.AppKey(ServerConfig.__name__, ServerConfig)
 METRICS = web.AppKey["ServingMetrics"]("loraserve.metrics")
 LIFECYCLE = web.AppKey("loraserve.lifecycle", Lifecycle)
+TOKENIZER_THREAD = web.AppKey("loraserve.tokenizer_thread", ThreadPoolExecutor)
+R = TypeVar("R")
 
 ADMIN_PATHS = frozenset({
     "/load_lora_adapter", "/unload_lora_adapter",
@@ -63,6 +68,8 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServingMetrics, *,
     app[CONFIG] = config
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle(drain_timeout=drain_timeout, started_at=int(time.time()))
+    app[TOKENIZER_THREAD] = ThreadPoolExecutor(max_workers=1,
+                                               thread_name_prefix="loraserve-tokenize")
     app.add_routes(native.routes)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
@@ -75,6 +82,17 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[ENGINE].start()
     yield
     await _stop_engine(app, 0.0)
+    app[TOKENIZER_THREAD].shutdown(wait=False, cancel_futures=True)
+
+
+async def off_loop(request: web.Request, fn: Callable[..., R], *args: Any) -> R:
+    """fn(*args) in the front end's tokenizer thread: tokenizing a prompt (megabytes of text
+    take seconds) and rendering a chat template. A large one then delays other requests'
+    tokenizing, never the event loop, which streams every answer and drives the engine. One
+    thread: a fast tokenizer is not shared across threads that encode at once."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app[TOKENIZER_THREAD],
+                                      functools.partial(fn, *args))
 
 
 async def _drain(app: web.Application) -> None:

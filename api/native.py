@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from api import sse
-from api.app import ENGINE, LIFECYCLE, METRICS, json_response
+from api.app import ENGINE, LIFECYCLE, METRICS, json_response, off_loop
 from api.errors import ApiError, Style
 from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
 from api.protocol import (
@@ -36,7 +36,7 @@ HEALTH_GENERATE_TIMEOUT_S = 30.0
 async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, GenerateRequest)
-    specs, is_batch = generate_specs(body, engine.tokenizer)
+    specs, is_batch = await off_loop(request, generate_specs, body, engine.tokenizer)
     gens = await submit_all(engine, specs)
     if body.stream:
         return await _stream(request, gens, is_batch, body.return_text_in_logprobs)
@@ -229,7 +229,8 @@ async def tokenize(request: web.Request) -> web.Response:
     def ids(t: str) -> list[int]:
         return enc.encode(t, add_special_tokens=body.add_special_tokens)
 
-    tokens: Any = [ids(t) for t in text] if isinstance(text, list) else ids(text)
+    tokens: Any = await off_loop(
+        request, lambda: [ids(t) for t in text] if isinstance(text, list) else ids(text))
     count: Any = [len(t) for t in tokens] if isinstance(text, list) else len(tokens)
     return json_response({"tokens": tokens, "count": count,
                           "max_model_len": engine.model_info.context_length})

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from api import sse
-from api.app import CONFIG, ENGINE, LIFECYCLE, json_response
+from api.app import CONFIG, ENGINE, LIFECYCLE, json_response, off_loop
 from api.errors import ApiError, Style
 from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
 from api.protocol import ChatRequest, CompletionRequest, OpenAISampling, decode_body
@@ -111,8 +111,8 @@ def _header(kind: str, rid: str, model: str) -> dict[str, Any]:
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, CompletionRequest)
-    prompts, texts = _completion_prompts(body.prompt, engine.tokenizer,
-                                         engine.model_info.vocab_size)
+    prompts, texts = await off_loop(request, _completion_prompts, body.prompt, engine.tokenizer,
+                                    engine.model_info.vocab_size)
     loras = resolve_loras(request, body, len(prompts))
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs)
@@ -222,7 +222,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, ChatRequest)
     loras = resolve_loras(request, body, 1)
-    prompt = chat_prompt(body, engine.tokenizer)
+    if body.chat_template is not None and not request.app[CONFIG].trust_request_chat_template:
+        # a template is code the server runs (a loop of a billion steps is a short one)
+        raise ApiError(400, "chat_template: a request's own chat template is refused; the "
+                            "server takes them with --trust-request-chat-template",
+                       param="chat_template")
+    prompt = await off_loop(request, chat_prompt, body, engine.tokenizer)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     if limit is None:  # unset: up to the context length

@@ -99,6 +99,9 @@ class ServerConfig:
         32, "csgmv tile rows of steps that prefill, in chunks of 8 tiles (decode: chunks of "
         "16 rows): power of two, 16..128"
     )
+    trust_request_chat_template: bool = _opt(
+        False, "render a chat_template sent with a chat request (it runs on the server)"
+    )
     lora_roots: tuple[str, ...] = _opt((), "folders run-time adapter paths must lie under")
     lora_allow_hub: bool = _opt(False, "allow hub ids as run-time adapter paths")
     lora_resolve_on_demand: bool = _opt(False, "load unknown adapter names found under lora_roots")

@@ -432,7 +432,8 @@ async def test_chat_stream(client) -> None:
     assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
 
 
-async def test_chat_custom_template_and_errors(client) -> None:
+async def test_chat_custom_template_and_errors(make_client) -> None:
+    client = await make_client(trust_request_chat_template=True)
     r = await client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
         "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ suffix }}",
@@ -503,6 +504,44 @@ async def test_openai_lora_path_names_the_adapter(client) -> None:
     assert r.status == 400 and (await r.json())["error"]["param"] == "lora_path"
     r = await client.post("/v1/completions", json={"prompt": "x", "lora_path": "nope"})
     assert r.status in (400, 404), await r.text()
+
+
+async def test_request_chat_template_needs_trust(client) -> None:
+    """A chat template is code the server runs: refused unless the server trusts them, and the
+    server goes on serving."""
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+        "chat_template": "{% for i in range(10**9) %}{% endfor %}"})
+    assert r.status == 400 and (await r.json())["error"]["param"] == "chat_template"
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status == 200
+
+
+async def test_long_prompts_are_tokenized_off_the_loop(client) -> None:
+    """Tokenizing megabytes of text takes a while; it runs in the tokenizer thread, so the
+    event loop (every stream, the engine) goes on meanwhile."""
+    import time
+
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.005)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        r = await client.post("/generate", json={"text": "ab cd, ef! " * 200_000})
+        took = time.perf_counter() - t0
+        assert r.status == 400 and "context" in (await r.json())["error"]["message"]
+    finally:
+        ticker.cancel()
+    gaps = [b - a for a, b in zip(ticks, ticks[1:]) if b > t0]
+    assert took > 0.2, f"the prompt tokenized in {took:.3f} s: too short to tell"
+    assert max(gaps) < took / 2, (max(gaps), took)
 
 
 async def test_models(client) -> None:
