@@ -371,6 +371,10 @@ CONFIG_REFUSALS = [
     ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern['q_proj']: must be finite"),
     ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
     ({"target_modules": "(["}, "invalid regular expression"),
+    # PEFT refuses a layer filter with a string target (it would be ignored)
+    ({"target_modules": r".*\.q_proj", "layers_to_transform": [0]}, "layers_to_transform"),
+    ({"target_modules": "all-linear", "layers_pattern": "layers"}, "layers_pattern"),
+    ({"use_rslora": "false"}, "use_rslora: must be true or false"),
     # lm_head matches by equality (no layer filter, as in PEFT); embed_tokens is filtered out
     ({"layers_to_transform": [0], "layers_pattern": "h"}, "embedding_A: its module is not in"),
 ]

@@ -266,6 +266,15 @@ def _check_options(cfg: dict[str, Any]) -> None:
         raise AdapterError(f"target_modules: must be a non-empty list or string, got {targets!r}")
     if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
         raise AdapterError(f"target_modules: must hold strings, got {targets!r}")
+    if isinstance(targets, str):
+        # PEFT refuses these with a string target too (a regular expression, or "all-linear"):
+        # its layer filter applies to a list of names only
+        for key in ("layers_to_transform", "layers_pattern"):
+            if not _is_unset(cfg.get(key)):
+                raise AdapterError(f"{key}: cannot be used with target_modules given as a string "
+                                   f"({targets!r}); list the module names instead")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterError(f"use_rslora: must be true or false, got {cfg['use_rslora']!r}")
 
 
 def _check_targets(cfg: dict[str, Any], num_layers: int) -> None:
