@@ -78,8 +78,11 @@ def from_exception(exc: BaseException, style: Style) -> ApiError | None:
         return ApiError(400, str(exc), param=exc.field_name)
     if isinstance(exc, UnknownAdapterError):
         if style is Style.OPENAI:
-            return ApiError(404, str(exc), code="model_not_found", param="model")
-        return ApiError(400, f"lora_path: {exc}", param="lora_path")
+            message = str(exc) if exc.name is None else (
+                f"The model `{exc.name}` does not exist ({exc})")
+            return ApiError(404, message, code="model_not_found", param="model")
+        field = "lora_name" if style is Style.ADMIN else "lora_path"
+        return ApiError(400, f"{field}: {exc}", param=field)
     if isinstance(exc, AdapterError):
         return ApiError(400, str(exc))
     if isinstance(exc, QueueFullError):

@@ -24,7 +24,12 @@ class HostTierFullError(AdapterError):
 
 
 class UnknownAdapterError(AdapterError):
-    """A request or unload names an adapter that is not registered (HTTP 404 for models)."""
+    """A request or unload names an adapter that is not registered, or is being unloaded
+    (HTTP 404 for models). `name`: the adapter's name."""
+
+    def __init__(self, message: str, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class QueueFullError(RuntimeError):

@@ -460,7 +460,8 @@ async def test_chat_custom_template_and_errors(make_client) -> None:
 async def test_unknown_model_404(client, model: str) -> None:
     r = await client.post("/v1/completions", json={"model": model, "prompt": "x"})
     assert r.status == 404
-    assert (await r.json())["error"]["code"] == "model_not_found"
+    err = (await r.json())["error"]
+    assert err["code"] == "model_not_found" and "does not exist" in err["message"]
 
 
 async def test_openai_lora_path_names_the_adapter(client) -> None:
@@ -606,6 +607,8 @@ async def test_admin_failures(client, tiny, path: str, body: dict) -> None:
     body = {k: str(tiny[1]) if v == "ADAPTER" else v for k, v in body.items()}
     r = await client.post(path, json=body)
     assert r.status == 400
+    if body.get("lora_name") == "never-loaded":  # the field the request named it in
+        assert (await r.json())["error_message"].startswith("lora_name:")
     out = await r.json()
     assert out["success"] is False and out["error_message"]
     assert "a1" in out["loaded_adapters"]

@@ -448,7 +448,7 @@ class AdapterManager:
         drop, then free its slot and host memory. The name can then be loaded again."""
         entry = self._adapters.get(name)
         if entry is None or entry.is_closing:
-            raise UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded")
+            raise _unknown(name, entry)
         entry.is_closing = True
         await entry.idle.wait()
         while entry.slot is not None and self._slots[entry.slot].locks:
@@ -481,7 +481,7 @@ class AdapterManager:
                 raise UnknownAdapterError(
                     f"LoRA adapter {name!r} has never been loaded, and no adapter folder of "
                     f"that name lies directly under lora_roots {list(self.config.lora_roots)} "
-                    "(on-demand names must be plain folder names)"
+                    "(on-demand names must be plain folder names)", name
                 )
             if name not in self._adapters:
                 if name in self._loading:
@@ -601,7 +601,7 @@ class AdapterManager:
         the adapter was when the request arrived: "gpu", "host" or "disk"."""
         entry = self._adapters.get(name)
         if entry is None or entry.is_closing:
-            raise UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded")
+            raise _unknown(name, entry)
         entry.refs += 1
         entry.idle.clear()
         entry.last_used = next(self._clock)
@@ -738,7 +738,7 @@ class AdapterManager:
         """
         entry = self._adapters.get(name)
         if entry is None:
-            raise UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded")
+            raise _unknown(name, entry)
         if entry.slot is None:
             if entry.host is None:
                 self._ensure_loading(entry)
@@ -1040,3 +1040,11 @@ def _check_name(name: str) -> None:
         )
     if any(not c.isprintable() for c in name):
         raise AdapterError(f"lora_name: {name!r} must not hold control characters")
+
+
+def _unknown(name: str, entry: _Adapter | None) -> UnknownAdapterError:
+    """The error for a name with no adapter to use: none registered (`entry` None), or one
+    being unloaded (its name is not free again until the unload ends)."""
+    if entry is None:
+        return UnknownAdapterError(f"LoRA adapter {name!r} has never been loaded", name)
+    return UnknownAdapterError(f"LoRA adapter {name!r} is being unloaded", name)
