@@ -66,6 +66,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "code": self.status}}
 
 
+# SamplingParams' names of fields the OpenAI routes take under OpenAI's names
+_OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
 def from_exception(exc: BaseException, style: Style) -> ApiError | None:
     """The HTTP error for an engine or decoding exception; None for anything else (a bug)."""
     if isinstance(exc, ApiError):
@@ -75,7 +79,12 @@ def from_exception(exc: BaseException, style: Style) -> ApiError | None:
     if isinstance(exc, msgspec.DecodeError):
         return ApiError(400, f"invalid JSON: {exc}")
     if isinstance(exc, ValidationError):
-        return ApiError(400, str(exc), param=exc.field_name)
+        field = exc.field_name
+        if style is Style.OPENAI and field in _OPENAI_FIELDS:  # the name the request used
+            message = str(exc).removeprefix(f"{field}: ")
+            field = _OPENAI_FIELDS[field]
+            return ApiError(400, f"{field}: {message}", param=field)
+        return ApiError(400, str(exc), param=field)
     if isinstance(exc, UnknownAdapterError):
         if style is Style.OPENAI:
             message = str(exc) if exc.name is None else (

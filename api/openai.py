@@ -64,14 +64,38 @@ def resolve_loras(request: web.Request, body: OpenAISampling, count: int) -> lis
     return [p or None for p in paths]
 
 
+def refuse_unsupported(body: OpenAISampling) -> None:
+    """A 400 naming the first OpenAI field set that loraserve does not implement (serving the
+    request without it would answer another question than the one asked)."""
+    fmt = body.response_format
+    unsupported = [
+        ("logit_bias", bool(body.logit_bias), "per-token logit biases are not supported"),
+        ("response_format", fmt is not None and fmt.get("type", "text") != "text",
+         'only {"type": "text"} is supported (no constrained decoding)'),
+        ("tools", bool(body.tools), "tool calling is not supported"),
+        ("functions", bool(body.functions), "function calling is not supported"),
+    ]
+    if isinstance(body, CompletionRequest):
+        n = 1 if body.n is None else body.n
+        unsupported += [
+            ("suffix", bool(body.suffix), "insertion (suffix) is not supported"),
+            ("best_of", body.best_of is not None and body.best_of != n,
+             "must equal n: choices are not ranked"),
+        ]
+    for field, is_set, why in unsupported:
+        if is_set:
+            raise ApiError(400, f"{field}: {why}", param=field)
+
+
 def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | None],
            max_tokens: list[int], logprobs: int | None) -> list[GenSpec]:
+    refuse_unsupported(body)
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}", param="n")
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-        raise ApiError(400, f"logprobs: must be between 0 and {MAX_TOP_LOGPROBS}",
-                       param="logprobs")
+        field = "top_logprobs" if isinstance(body, ChatRequest) else "logprobs"
+        raise ApiError(400, f"{field}: must be between 0 and {MAX_TOP_LOGPROBS}", param=field)
     total = len(prompts) * n
     specs = []
     for p, prompt in enumerate(prompts):

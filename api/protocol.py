@@ -109,6 +109,13 @@ class OpenAISampling(msgspec.Struct):
     # SGLang's: the adapter when `model` names none ("<base>:<adapter>" wins); a list gives
     # each prompt of a completion its own, null the base model
     lora_path: str | list[str | None] | None = None
+    # OpenAI's fields that would change the output and that loraserve does not implement:
+    # decoded so that a request setting them is refused by name (api/openai.py), not served
+    # as if they were absent
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
 
     def to_params(self, max_new_tokens: int, seed_offset: int) -> SamplingParams:
         given = {
@@ -125,8 +132,9 @@ class OpenAISampling(msgspec.Struct):
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
-            # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat.
-            "seed": None if self.seed is None else self.seed + seed_offset,
+            # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat
+            # (wrapped past the largest seed, 2**64 - 1).
+            "seed": None if self.seed is None else _wrapped_seed(self.seed + seed_offset),
         }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
@@ -135,10 +143,16 @@ class OpenAISampling(msgspec.Struct):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _wrapped_seed(seed: int) -> int:
+    return seed - (1 << 64) if seed >= 1 << 64 else seed
+
+
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str | int | list[int]] = ""
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None  # refused when set (see OpenAISampling)
+    best_of: int | None = None  # refused unless it equals n
 
 
 class ChatRequest(OpenAISampling):

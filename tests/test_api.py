@@ -545,6 +545,38 @@ async def test_long_prompts_are_tokenized_off_the_loop(client) -> None:
     assert max(gaps) < took / 2, (max(gaps), took)
 
 
+@pytest.mark.parametrize("route, body, param", [
+    ("completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions"),
+    ("completions", {"suffix": " end"}, "suffix"),
+    ("completions", {"best_of": 3, "n": 2}, "best_of"),
+    ("chat", {"max_tokens": 2**40}, "max_tokens"),
+    ("completions", {"min_tokens": -1}, "min_tokens"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+])
+async def test_openai_fields_refused_by_their_name(client, route: str, body: dict,
+                                                   param: str) -> None:
+    """A field that would change the answer and that loraserve does not implement is a 400
+    naming it, as is a bad value, under the name the request used (not served as if absent)."""
+    if route == "chat":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]} | body
+    else:
+        path, body = "/v1/completions", {"prompt": "x"} | body
+    r = await client.post(path, json={"max_tokens": 2} | body)
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == param and err["message"].startswith(param), err
+
+
+async def test_openai_accepts_neutral_values_and_wraps_seeds(client) -> None:
+    for body in ({"response_format": {"type": "text"}, "tools": [], "logit_bias": {}},
+                 {"best_of": 2, "n": 2, "suffix": ""},
+                 {"seed": 2**64 - 1, "n": 2, "temperature": 1.0}):
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2} | body)
+        assert r.status == 200, (body, await r.text())
+
+
 async def test_models(client) -> None:
     r = await client.get("/v1/models")
     body = await r.json()
