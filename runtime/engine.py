@@ -538,12 +538,18 @@ class Engine:
     @staticmethod
     def _advance(step: InFlightStep) -> None:
         """Count a launched step's tokens as computed and reserve the output each sampling row
-        will resolve (a placeholder until the step's tokens reach the host)."""
+        will resolve (a placeholder until the step's tokens reach the host). A request with
+        max_new_tokens 0 reserves none: like SGLang, it only prefills its prompt (to score it,
+        with return_logprob) and finishes when the step completes."""
         for i, (req, n) in enumerate(zip(step.plan.requests, step.plan.num_new_tokens)):
             if req.is_finished:  # aborted while the launch ran
                 continue
             req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:  # not a prefill chunk: samples
+            if req.num_computed_tokens < req.num_tokens:  # a prefill chunk: samples nothing
+                continue
+            if req.params.max_new_tokens == 0:
+                step.prompt_only.append(i)
+            else:
                 step.out_index[i] = req.add_pending()
 
     async def _complete(self, loop: asyncio.AbstractEventLoop, step: InFlightStep) -> None:
@@ -664,6 +670,11 @@ class Engine:
         for i, lp, top in result.prompt_logprobs:
             plan.requests[i].input_logprobs.append(lp)
             plan.requests[i].input_top_logprobs.append(top)
+        for i in step.prompt_only:  # after the prompt logprobs, whose last ones this step scored
+            req = plan.requests[i]
+            if not req.is_finished:
+                self._finish(req, FinishReason.LENGTH)
+                self._emit(req, [], None, None, with_prompt_logprobs=req.return_logprob)
         for i, index in step.out_index.items():
             req = plan.requests[i]
             if req.is_finished:  # aborted, or stopped by an earlier step, while this one ran
@@ -702,7 +713,10 @@ class Engine:
             return self._finish(req, FinishReason.LENGTH)
 
     def _match_stop_string(self, req: Request) -> str | None:
-        longest = max(len(s) for s in req.params.stop)
+        """The first stop string in the text of the newest output tokens, if any. A byte-level
+        BPE may spend a token on each UTF-8 byte (an emoji is 4), so the window holds as many
+        tokens as the longest stop string has bytes, and 2 more."""
+        longest = max(len(s.encode()) for s in req.params.stop)
         tail = self.tokenizer.decode(
             req.resolved_output_ids[-(longest + 2):],
             skip_special_tokens=req.params.skip_special_tokens,

@@ -25,6 +25,9 @@ class ValidationError(ValueError):
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 512
+# Temperatures below this choose greedily, as 0 does (SGLang's sampling epsilon): logits divided
+# by a tiny one overflow float32 to ±inf (or divide by 0, under 1.4e-45), which draws nonsense.
+GREEDY_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -54,7 +57,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

@@ -52,6 +52,9 @@ class InFlightStep:
     host: dict[str, torch.Tensor]  # pinned (CUDA) or plain (CPU) host copies
     # For each plan row that samples a token the engine keeps: output index it resolves.
     out_index: dict[int, int] = field(default_factory=dict)
+    # Plan rows whose prompt it completes that keep no token (max_new_tokens 0): they finish
+    # when it completes.
+    prompt_only: list[int] = field(default_factory=list)
     top_n: list[int] = field(default_factory=list)
     prompt_owners: tuple[int, ...] = ()
     prompt_top_n: list[int] = field(default_factory=list)

@@ -44,9 +44,10 @@ class Sampler:
 
     Order per row: repetition penalty (prompt and output tokens), frequency and presence
     penalties (output tokens), eos and stop ids masked while under min_new_tokens; then greedy
-    argmax when temperature is 0 or top_k is 1, else temperature, top-k, top-p, min-p and a
-    draw. A request with a seed draws from its own generator (kept on `request.generator`), so
-    its tokens do not depend on the rest of the batch; other rows share one generator.
+    argmax when temperature is under 1e-6 (SamplingParams.is_greedy) or top_k is 1, else
+    temperature, top-k, top-p, min-p and a draw. A request with a seed draws from its own
+    generator (kept on `request.generator`), so its tokens do not depend on the rest of the
+    batch; other rows share one generator.
     """
 
     def __init__(
@@ -174,7 +175,8 @@ class Sampler:
         return greedy_argmax(logits).index_copy_(0, rows_t, sampled)
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
-        """[S] int64 tokens drawn from logits [S, V], every row with temperature > 0."""
+        """[S] int64 tokens drawn from logits [S, V], no row greedy (so every temperature is at
+        least GREEDY_TEMPERATURE, which float32 holds)."""
         vocab = self.vocab_size
         params = [r.params for r in reqs]
         # Disabled limits become values that keep every token: top_k = V, top_p above 1.

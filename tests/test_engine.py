@@ -3,13 +3,15 @@ counters. CPU, float32: greedy tokens must be identical, logits within LOGIT_ATO
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 
 import pytest
 import torch
 
-from runtime.request import FinishReason, SamplingParams
+from runtime.request import FinishReason, RequestOutput, SamplingParams
+from runtime.sampler import SamplerOutput
 from tests.engine_utils import (
     collect,
     engine_logits,
@@ -290,6 +292,153 @@ def test_prompt_logprobs_match_hf(llama, tmp_path, chunk):
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3
         top_ids = [t for t, _ in first.input_top_logprobs[1]]
         assert top_ids == ref[0].topk(2).indices.tolist()
+
+
+async def all_outputs(engine, reqs) -> list[list[RequestOutput]]:
+    """Every output each request streams, until it finishes."""
+
+    async def outputs(req):
+        return [o async for o in engine.stream(req)]
+
+    return list(await asyncio.gather(*(outputs(r) for r in reqs)))
+
+
+def assert_only_prefilled(outputs: list[RequestOutput]) -> None:
+    """A max_new_tokens 0 request streams one output, its last, with no token."""
+    assert len(outputs) == 1
+    (out,) = outputs
+    assert out.finished and out.finish_reason == FinishReason.LENGTH
+    assert out.new_token_ids == [] and out.output_token_ids == [] and not out.new_logprobs
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_zero_new_tokens_only_prefill(llama, chunk):
+    """max_new_tokens 0 prefills the prompt and stops without a token (SGLang): the prompt
+    logprobs still come, from every prefill chunk, and nothing stays behind."""
+    vocab = read_vocab(llama)
+    p = prompts(1, vocab, seed=41, lo=20, hi=30)[0]
+    engine = make_engine(llama, chunked_prefill_size=chunk)
+
+    async def go():
+        await engine.start()
+        try:
+            plain = await engine.submit(p, SamplingParams(max_new_tokens=0))
+            scored = await engine.submit(p, SamplingParams(max_new_tokens=0),
+                                         return_logprob=True, top_logprobs_num=2)
+            outs = await all_outputs(engine, [plain, scored])
+            assert engine.block_manager.num_used_blocks == 0
+            assert not engine.requests and not engine.scheduler.has_work
+            return outs
+        finally:
+            await engine.stop()
+
+    plain, scored = run(go())
+    assert_only_prefilled(plain)
+    assert_only_prefilled(scored)
+    assert plain[0].input_logprobs is None
+    out = scored[0]
+    assert out.input_logprobs is not None and len(out.input_logprobs) == len(p)
+    assert out.input_logprobs[0] is None
+    ref = torch.log_softmax(hf_logits(hf_model(llama), p), dim=-1)
+    want = [ref[i, p[i + 1]].item() for i in range(len(p) - 1)]
+    assert max(abs(a - b) for a, b in zip(out.input_logprobs[1:], want)) < 1e-3
+    assert [t for t, _ in out.input_top_logprobs[1]] == ref[0].topk(2).indices.tolist()
+    assert engine.stats().generated_tokens == 0
+
+
+def test_zero_new_tokens_leave_the_batch_alone(llama):
+    """Requests for no tokens, between greedy and seeded ones in the same steps (overlapped,
+    prefill chunked), change none of their tokens."""
+    vocab = read_vocab(llama)
+    ps = prompts(5, vocab, seed=43, lo=10, hi=40)
+    seeded = SamplingParams(max_new_tokens=12, temperature=0.8, seed=7)
+    params = [greedy(12), SamplingParams(max_new_tokens=0), seeded,
+              SamplingParams(max_new_tokens=0), greedy(12)]
+    kept = [0, 2, 4]
+    alone = run(run_batch(make_engine(llama, chunked_prefill_size=32),
+                          [ps[i] for i in kept], [params[i] for i in kept]))
+    engine = make_engine(llama, chunked_prefill_size=32)
+
+    async def go():
+        await engine.start()
+        try:
+            reqs = [await engine.submit(p, sp, return_logprob=sp.max_new_tokens == 0)
+                    for p, sp in zip(ps, params)]
+            return await all_outputs(engine, reqs)
+        finally:
+            await engine.stop()
+
+    outs = run(go())
+    assert [outs[i][-1].output_token_ids for i in kept] == alone
+    for i in (1, 3):
+        assert_only_prefilled(outs[i])
+        assert len(outs[i][0].input_logprobs) == len(ps[i])
+    assert engine.stats().generated_tokens == 3 * 12
+    assert engine.block_manager.num_used_blocks == 0
+    assert engine.scheduler.counters.max_batch_size >= 3, "the requests never shared a step"
+
+
+def test_zero_new_tokens_still_bound_min_new_tokens(llama):
+    from runtime.errors import ValidationError
+
+    engine = make_engine(llama)
+
+    async def go():
+        with pytest.raises(ValidationError, match="min_new_tokens"):
+            await engine.submit([5, 6, 7], SamplingParams(max_new_tokens=0, min_new_tokens=1))
+
+    run(go())
+
+
+def test_temperatures_under_the_epsilon_are_greedy(llama):
+    """1e-39 (0 in the sampler's float32) once drew pad tokens; every temperature under 1e-6
+    now chooses like 0, and 0.7 with a seed still samples."""
+    vocab = read_vocab(llama)
+    p = prompts(1, vocab, seed=45)[0]
+    temperatures = [0.0, 1e-39, 1e-7, 0.0, 0.7]
+    params = [SamplingParams(max_new_tokens=16, min_new_tokens=16, temperature=t, seed=3)
+              for t in temperatures]
+    outs = run(run_batch(make_engine(llama), [p] * len(params), params))
+    ref = run(run_batch(make_engine(llama), [p], greedy(16)))[0]
+    assert outs[:4] == [ref] * 4
+    assert outs[4] != ref
+
+
+class ScriptedSampler:
+    """Stands in for the engine's sampler: the k-th output token of request `rid` is
+    scripts[rid][k], whatever the logits."""
+
+    def __init__(self, scripts: dict[str, list[int]]) -> None:
+        self.scripts = scripts
+
+    def __call__(self, logits: torch.Tensor, requests) -> SamplerOutput:
+        ids = [self.scripts[r.rid][r.num_output_tokens] for r in requests]
+        return SamplerOutput(torch.tensor(ids, device=logits.device))
+
+
+@pytest.mark.parametrize("stop", ["😀", "😀😀", "x 😀😀"])
+def test_stop_strings_of_multibyte_characters(llama, stop):
+    """The byte-level tokenizer spends 4 tokens on an emoji, more than a stop string has
+    characters: the engine must still stop on the token that completes it."""
+    engine = make_engine(llama)
+    tok = engine.tokenizer
+    assert len(tok.encode("😀", add_special_tokens=False)) == 4
+    script = tok.encode("ab 😀 x 😀😀 fox", add_special_tokens=False)
+    want = next(script[:k] for k in range(1, len(script) + 1) if stop in tok.decode(script[:k]))
+    engine.runner.sampler = ScriptedSampler({"scripted": script})
+
+    async def go():
+        await engine.start()
+        try:
+            req = await engine.submit([5, 6, 7], SamplingParams(
+                max_new_tokens=len(script), stop=[stop], ignore_eos=True), rid="scripted")
+            return [o async for o in engine.stream(req)][-1]
+        finally:
+            await engine.stop()
+
+    out = run(go())
+    assert out.finish_reason == FinishReason.STOP and out.matched_stop == stop
+    assert out.output_token_ids == want
 
 
 def test_lora_stack_groups(monkeypatch):

@@ -181,6 +181,26 @@ def test_tight_truncation_is_greedy(params: dict[str, float]) -> None:
     assert torch.equal(sampler(logits, requests).token_ids, logits.argmax(dim=-1))
 
 
+def test_temperatures_under_the_epsilon_are_greedy() -> None:
+    """Below 1e-6 a temperature chooses like 0 (SGLang's epsilon): divided by 1e-39 (or 1e-46,
+    0 in float32) the logits became ±inf and the draw nonsense. 0.7 with a seed still samples."""
+    logits = torch.randn(64, 40) * 0.3  # flat: a sampled row strays from the argmax
+    logits.scatter_add_(1, logits.argmax(dim=-1, keepdim=True), torch.full((64, 1), 0.01))
+    greedy = logits.argmax(dim=-1)
+    sampler = Sampler(40, set(), CPU)
+    state = sampler._generator.get_state()
+    for temperature in (1e-39, 1e-46, 1e-7, 0.0):
+        requests = [make_request(temperature=temperature) for _ in range(64)]
+        assert all(r.params.is_greedy for r in requests)
+        assert torch.equal(sampler(logits, requests).token_ids, greedy), temperature
+    assert torch.equal(sampler._generator.get_state(), state)  # nothing was drawn
+    assert not SamplingParams(temperature=1e-6).is_greedy
+    sampled = sampler(logits, [make_request(temperature=0.7, seed=s) for s in range(64)])
+    assert (sampled.token_ids != greedy).sum() > 16
+    again = sampler(logits, [make_request(temperature=0.7, seed=s) for s in range(64)])
+    assert torch.equal(again.token_ids, sampled.token_ids)
+
+
 def test_top_k_keeps_only_the_best() -> None:
     logits = torch.randn(8, 30)
     logits = logits.repeat(500, 1)
