@@ -112,7 +112,7 @@ def parse_lora_path(value: Any, name: str = "lora_paths") -> LoraPathSpec:
     if "=" in value:
         lora_name, lora_path = value.split("=", 1)
         return LoraPathSpec(lora_name, lora_path)
-    return LoraPathSpec(Path(value.rstrip("/")).name, value)
+    return LoraPathSpec(value, value)  # named by its path as written, as SGLang names it
 
 
 def _convert(opt: _Option, value: Any, from_cli: bool) -> Any:

@@ -49,7 +49,8 @@ def test_lists_and_lora_path_forms(tmp_path: Path) -> None:
         "--lora-target-modules", "q_proj", "v_proj", "--max-lora-rank", "8",
         "--lora-roots", "/r1", "/r2", "--max-loras-per-batch", "3",
     ])
-    assert c.lora_paths == (LoraPathSpec("a", "/x"), LoraPathSpec("b", "/models/b/"),
+    # a bare path names its adapter by itself, as SGLang does (requests then send the path)
+    assert c.lora_paths == (LoraPathSpec("a", "/x"), LoraPathSpec("/models/b/", "/models/b/"),
                             LoraPathSpec("c", "/z", True))
     assert c.lora_target_modules == ("q_proj", "v_proj")
     assert c.lora_roots == ("/r1", "/r2")
@@ -88,7 +89,7 @@ lora_paths = [
     assert c.lora_roots == (str(tmp_path / "adapters"),)
     one, hub, two = c.lora_paths
     assert one == LoraPathSpec("one", str(tmp_path / "adapters" / "one"))
-    assert hub == LoraPathSpec("hub-adapter", "org/hub-adapter")  # hub ids stay as they are
+    assert hub == LoraPathSpec("org/hub-adapter", "org/hub-adapter")  # hub ids stay as they are
     assert two == LoraPathSpec("two", str(tmp_path / "adapters" / "two"), True)
     bundled = write(tmp_path, 'model_path = "bundled:smollm2-135m-instruct"\n')
     assert load_toml(bundled)["model_path"] == "bundled:smollm2-135m-instruct"
