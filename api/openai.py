@@ -152,11 +152,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
     choices = [{
         "index": g.index,
         "text": echo[g.index] + g.text.text,
-        "logprobs": _completion_logprobs(g, tok, 0, len(echo[g.index]))
-        if body.logprobs is not None else None,
+        "logprobs": _logprobs_of(g, tok, len(echo[g.index]), body),
         "finish_reason": finish_reason(g),
     } for g in gens]
     return json_response({**header, "choices": choices, "usage": usage(gens, n)})
+
+
+def _logprobs_of(g: Generation, tok: Any, offset: int,
+                 body: CompletionRequest) -> dict[str, Any] | None:
+    """A whole completion's logprobs (None unless asked for), the prompt's first with echo."""
+    if body.logprobs is None:
+        return None
+    out = _completion_logprobs(g, tok, 0, offset)
+    return _echo_logprobs(g, tok, out) if body.echo else out
 
 
 def _completion_prompts(prompt: Any, tokenizer: Any,
@@ -189,6 +197,26 @@ def _top_by_text(tok: Any, tops: list[tuple[int, float]]) -> dict[str, float]:
     return out
 
 
+def _echo_logprobs(g: Generation, tok: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """`out` (the output tokens' logprobs) after the prompt tokens' own, as OpenAI answers
+    `echo` with `logprobs`: the first prompt token has none; offsets count from 0."""
+    prompt = g.request.prompt_ids
+    tokens = [tok.decode([t]) for t in prompt]
+    offsets, offset = [], 0
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    lps = (g.input_logprobs + [None] * len(prompt))[:len(prompt)]
+    lps[0] = None
+    top = None
+    if out["top_logprobs"] is not None:
+        tops = (g.input_top_logprobs + [[]] * len(prompt))[:len(prompt)]
+        top = [None] + [_top_by_text(tok, t) for t in tops[1:]]
+        top += out["top_logprobs"]
+    return {"tokens": tokens + out["tokens"], "token_logprobs": lps + out["token_logprobs"],
+            "top_logprobs": top, "text_offset": offsets + out["text_offset"]}
+
+
 def _completion_logprobs(g: Generation, tok: Any, start: int, offset: int) -> dict[str, Any]:
     """OpenAI's completions logprobs for output tokens [start:]; offsets start at `offset`."""
     tokens = [tok.decode([t]) for t in g.output_ids[start:]]
@@ -212,11 +240,15 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
     text_offset = [len(e) for e in echo]
     resp = await sse.start(request)
 
+    # with logprobs the echo waits for the prompt's, which come with the first output
+    to_echo = {g.index for g in gens if echo[g.index]}
+
     async def produce() -> None:
         for g in gens:
-            if echo[g.index]:
+            if g.index in to_echo and body.logprobs is None:
                 await sse.send(resp, {**header, "choices": [_choice(g.index, echo[g.index])],
                                       **extra})
+                to_echo.discard(g.index)
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
                 start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
@@ -224,7 +256,17 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                 if body.logprobs is not None:
                     logprobs = _completion_logprobs(g, engine.tokenizer, start,
                                                     text_offset[g.index])
-                text_offset[g.index] += len(delta)
+                    if g.index in to_echo:  # the echo chunk carries the prompt's logprobs
+                        to_echo.discard(g.index)
+                        empty = {"tokens": [], "token_logprobs": [], "text_offset": [],
+                                 "top_logprobs": [] if logprobs["top_logprobs"] is not None
+                                 else None}
+                        await sse.send(resp, {**header, **extra, "choices": [_choice(
+                            g.index, echo[g.index], None,
+                            _echo_logprobs(g, engine.tokenizer, empty))]})
+                    # offsets run over each token's own text, as in the whole answer (the
+                    # chunk's text may hold back bytes of an unfinished character)
+                    text_offset[g.index] += sum(len(t) for t in logprobs["tokens"])
                 if delta or g.finished or logprobs:
                     choice = _choice(g.index, delta, finish_reason(g), logprobs)
                     await sse.send(resp, {**header, "choices": [choice], **extra})

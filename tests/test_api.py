@@ -577,6 +577,39 @@ async def test_openai_accepts_neutral_values_and_wraps_seeds(client) -> None:
         assert r.status == 200, (body, await r.text())
 
 
+async def test_streamed_text_offsets_equal_the_whole_answers(client) -> None:
+    """A streamed completion's logprobs give each token the text offset the non-streamed
+    answer gives it, also where a chunk holds back bytes of an unfinished character."""
+    body = {"prompt": "Say", "max_tokens": 24, "temperature": 0, "logprobs": 0, "echo": True}
+    whole = (await (await client.post("/v1/completions", json=body)).json())["choices"][0]
+    r = await client.post("/v1/completions", json=body | {"stream": True})
+    streamed = [e["choices"][0]["logprobs"] for e in sse_events(await r.text())
+                if e["choices"] and e["choices"][0]["logprobs"]]
+    assert [o for lp in streamed for o in lp["text_offset"]] == whole["logprobs"]["text_offset"]
+    assert [t for lp in streamed for t in lp["tokens"]] == whole["logprobs"]["tokens"]
+    assert [x for lp in streamed for x in lp["token_logprobs"]] == \
+        whole["logprobs"]["token_logprobs"]
+
+
+async def test_echo_logprobs_score_the_prompt(client) -> None:
+    """`echo` with `logprobs`: the prompt's tokens come first with their own log-probs (the
+    first token has none), as OpenAI answers it, and the output's follow."""
+    prompt = "The quick brown fox"
+    ids = (await (await client.post("/tokenize", json={"text": prompt})).json())["tokens"]
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    plain = (await (await client.post("/v1/completions", json=body)).json())["choices"][0]
+    echoed = (await (await client.post("/v1/completions", json=body | {"echo": True}))
+              .json())["choices"][0]
+    lp, k = echoed["logprobs"], len(ids)
+    assert echoed["text"] == prompt + plain["text"]
+    assert "".join(lp["tokens"][:k]) == prompt and lp["tokens"][k:] == plain["logprobs"]["tokens"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in lp["token_logprobs"][1:k])
+    assert all(len(t) >= 1 for t in lp["top_logprobs"][1:k])
+    assert lp["text_offset"][:k] == [len("".join(lp["tokens"][:i])) for i in range(k)]
+    assert lp["token_logprobs"][k:] == plain["logprobs"]["token_logprobs"]
+
+
 async def test_models(client) -> None:
     r = await client.get("/v1/models")
     body = await r.json()
