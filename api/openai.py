@@ -69,7 +69,6 @@ def refuse_unsupported(body: OpenAISampling) -> None:
     request without it would answer another question than the one asked)."""
     fmt = body.response_format
     unsupported = [
-        ("logit_bias", bool(body.logit_bias), "per-token logit biases are not supported"),
         ("response_format", fmt is not None and fmt.get("type", "text") != "text",
          'only {"type": "text"} is supported (no constrained decoding)'),
         ("tools", bool(body.tools), "tool calling is not supported"),

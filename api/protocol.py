@@ -33,6 +33,7 @@ class NativeSampling(msgspec.Struct):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     seed: int | None = None
+    logit_bias: dict[str, float] | None = None
     no_stop_trim: bool = False
 
     def to_params(self) -> SamplingParams:
@@ -109,10 +110,10 @@ class OpenAISampling(msgspec.Struct):
     # SGLang's: the adapter when `model` names none ("<base>:<adapter>" wins); a list gives
     # each prompt of a completion its own, null the base model
     lora_path: str | list[str | None] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string) -> bias, -100..100
     # OpenAI's fields that would change the output and that loraserve does not implement:
     # decoded so that a request setting them is refused by name (api/openai.py), not served
     # as if they were absent
-    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
@@ -132,6 +133,7 @@ class OpenAISampling(msgspec.Struct):
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
+            "logit_bias": self.logit_bias,
             # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat
             # (wrapped past the largest seed, 2**64 - 1).
             "seed": None if self.seed is None else _wrapped_seed(self.seed + seed_offset),

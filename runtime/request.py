@@ -25,6 +25,7 @@ class ValidationError(ValueError):
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 512
+MAX_LOGIT_BIAS = 1024
 # Temperatures below this choose greedily, as 0 does (SGLang's sampling epsilon): logits divided
 # by a tiny one overflow float32 to ±inf (or divide by 0, under 1.4e-45), which draws nonsense.
 GREEDY_TEMPERATURE = 1e-6
@@ -48,12 +49,20 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # token id -> a value added to its logit before choosing (OpenAI's and SGLang's
+    # logit_bias; JSON keys arrive as strings of digits)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {
+                int(k) if isinstance(k, str) and k.strip().isdigit() else k: v
+                for k, v in self.logit_bias.items()
+            }
 
     @property
     def is_greedy(self) -> bool:
@@ -103,6 +112,13 @@ class SamplingParams:
             raise ValidationError("stop_token_ids", "at most 1024 ids")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0, hi=(vocab_size - 1) if vocab_size else 1 << 31)
+        if not isinstance(self.logit_bias, dict):
+            raise ValidationError("logit_bias", "must map token ids to numbers")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValidationError("logit_bias", f"at most {MAX_LOGIT_BIAS} token ids")
+        for t, b in self.logit_bias.items():
+            _check_int("logit_bias", t, lo=0, hi=(vocab_size - 1) if vocab_size else 1 << 31)
+            _check_float("logit_bias", b, lo=-100.0, hi=100.0)
         if not isinstance(self.ignore_eos, bool):
             raise ValidationError("ignore_eos", "must be a boolean")
         if not isinstance(self.skip_special_tokens, bool):

@@ -43,7 +43,8 @@ class Sampler:
     """Chooses one token per row of a logits batch, each row with its request's parameters.
 
     Order per row: repetition penalty (prompt and output tokens), frequency and presence
-    penalties (output tokens), eos and stop ids masked while under min_new_tokens; then greedy
+    penalties (output tokens), logit_bias, eos and stop ids masked while under min_new_tokens;
+    then greedy
     argmax when temperature is under 1e-6 (SamplingParams.is_greedy) or top_k is 1, else
     temperature, top-k, top-p, min-p and a draw. A request with a seed draws from its own
     generator (kept on `request.generator`), so its tokens do not depend on the rest of the
@@ -91,14 +92,17 @@ class Sampler:
         Returns `logits` itself when no row needs either, else a new tensor.
         """
         penalty_rows = [i for i, r in enumerate(requests) if r.params.has_penalties]
+        bias_rows = [i for i, r in enumerate(requests) if r.params.logit_bias]
         masked_rows = [
             i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_new_tokens
         ]
-        if not penalty_rows and not masked_rows:
+        if not penalty_rows and not bias_rows and not masked_rows:
             return logits
         logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if penalty_rows:
             self._apply_penalties(logits, requests, penalty_rows)
+        if bias_rows:
+            self._add_logit_bias(logits, requests, bias_rows)
         if masked_rows:
             self._mask_stop_ids(logits, requests, masked_rows)
         return logits
@@ -148,6 +152,18 @@ class Sampler:
                 self._prompt_seen[r] = seen
             rows.append(seen)
         return torch.stack(rows)
+
+    def _add_logit_bias(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
+        """Add, in place, each given row's logit_bias to the contiguous logits [B, V]."""
+        vocab = self.vocab_size
+        flat: list[int] = []
+        values: list[float] = []
+        for i in rows:
+            for t, b in requests[i].params.logit_bias.items():
+                flat.append(i * vocab + t)
+                values.append(float(b))
+        logits.view(-1).index_add_(0, self._upload(flat, torch.int64),
+                                   self._upload(values, torch.float32))
 
     def _mask_stop_ids(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
         """Set, in place, the eos and stop-token logits of the given rows of the contiguous

@@ -546,7 +546,9 @@ async def test_long_prompts_are_tokenized_off_the_loop(client) -> None:
 
 
 @pytest.mark.parametrize("route, body, param", [
-    ("completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("chat", {"logit_bias": {"100000": 1}}, "logit_bias"),
+    ("completions", {"logit_bias": {"x": 1}}, "logit_bias"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat", {"functions": [{"name": "f"}]}, "functions"),
@@ -567,6 +569,21 @@ async def test_openai_fields_refused_by_their_name(client, route: str, body: dic
     r = await client.post(path, json={"max_tokens": 2} | body)
     err = (await r.json())["error"]
     assert r.status == 400 and err["param"] == param and err["message"].startswith(param), err
+
+
+async def test_logit_bias_on_both_apis(client) -> None:
+    """logit_bias (token ids as strings): +100 on one id makes every greedy token that id."""
+    r = await client.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 4, "temperature": 0, "logit_bias": {"42": 100}})
+    assert r.status == 200
+    r = await client.post("/generate", json={"text": "x", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0, "logit_bias": {"42": 100}}})
+    assert (await r.json())["output_ids"] == [42] * 4
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "temperature": 0,
+        "logprobs": True, "logit_bias": {"42": 100}})
+    ids = [t["token"] for t in (await r.json())["choices"][0]["logprobs"]["content"]]
+    assert len(ids) == 3 and len(set(ids)) == 1
 
 
 async def test_openai_accepts_neutral_values_and_wraps_seeds(client) -> None:

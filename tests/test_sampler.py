@@ -161,6 +161,34 @@ def test_min_new_tokens_masks_eos_and_stop_ids(ignore_eos: bool) -> None:
     assert torch.equal(got, torch.stack([masked, masked, row, row]))
 
 
+def test_logit_bias_moves_its_rows_alone() -> None:
+    """logit_bias adds to its ids' logits before choosing: +100 takes the greedy choice,
+    -100 bans the argmax; rows without one, and the logprobs (of the raw distribution), are
+    untouched; JSON's string keys count as ids."""
+    logits = torch.randn(3, 20) * 2
+    top = logits.argmax(dim=-1)
+    requests = [make_request(temperature=0.0, logit_bias={"7": 100}, return_logprob=True),
+                make_request(temperature=0.0, logit_bias={int(top[1]): -100.0}),
+                make_request(temperature=0.0)]
+    out = Sampler(20, set(), CPU)(logits, requests)
+    second = logits[1].clone()
+    second[top[1]] = float("-inf")
+    assert out.token_ids.tolist() == [7, int(second.argmax()), int(top[2])]
+    assert torch.allclose(out.logprobs[0], torch.log_softmax(logits[0], -1)[7])
+    drawn = Sampler(20, set(), CPU)(logits[:1].expand(400, 20).contiguous(),
+                                    [make_request(temperature=1.0, logit_bias={3: 100.0})
+                                     for _ in range(400)])
+    assert (drawn.token_ids == 3).all()
+
+
+@pytest.mark.parametrize("bias", [{50: 1.0}, {3: 101.0}, {"x": 1.0}, {-1: 1.0}])
+def test_logit_bias_out_of_range_names_the_field(bias: dict) -> None:
+    from runtime.request import ValidationError
+
+    with pytest.raises(ValidationError, match="logit_bias"):
+        SamplingParams(logit_bias=bias).validate(50)
+
+
 def test_top_k_one_is_greedy() -> None:
     logits = torch.randn(32, 40) * 0.3
     requests = [make_request(temperature=1.5, top_k=1) for _ in range(32)]
@@ -394,7 +422,7 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
     prompt = tuple(range(0, 4000, 3))
     kinds = [
         {"temperature": 0.0},
-        {"temperature": 0.8, "top_p": 0.9, "top_k": 50},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "logit_bias": {5: 2.0, 17: -100.0}},
         {"temperature": 1.0, "min_p": 0.05, "seed": 11},
         {
             "temperature": 0.7,
