@@ -798,6 +798,12 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests tp_graphs 200 tests/test_tp_graphs_gpu.py
     rm -f "$OUT"/*.xml
     ;;
+  s32e)  # one GPU: the session's GPU-path changes on the device: the sampler (logit_bias in its
+    # no-host-sync test; temperatures under 1e-6 greedy), the engine (max_new_tokens 0 only
+    # prefills), and the tensor-parallel decode graphs over a one-rank group, at the final code
+    gpu_tests final_gpu 420 tests/test_sampler.py tests/test_engine_gpu.py tests/test_tp_graphs_gpu.py
+    rm -f "$OUT"/*.xml
+    ;;
   s31d)  # one GPU (prepared): by the timelines of s30a-s31b the 1000-adapter run now loses more
     # in its second wave (first requests finishing, 143 uploads into freed slots) than in its
     # first: decode resumed about 0.28 s later than over 8 adapters. Steps 120-199 traced
