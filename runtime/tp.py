@@ -49,7 +49,7 @@ from ops.lora import LoraBatchInfo
 from ops.settings import env_flag
 from runtime.adapters.manager import AdapterManager, resolve_pool_spec
 from runtime.adapters.peft_format import load_peft_adapter
-from runtime.adapters.pool import HostAdapter, LoraModelShape, LoraPool
+from runtime.adapters.pool import EMBED, HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
 from runtime.engine import Engine, ModelInfo, _eos_ids, resolve_device
 from runtime.graphs import DecodeGraphs
@@ -197,8 +197,22 @@ def _comm_device(device: torch.device) -> torch.device:
 
 def _pool(config: ServerConfig, rm: RankModel, tp: TPGroup) -> ShardedLoraPool:
     max_rank, targets = resolve_pool_spec(config, rm.full_args.num_layers)
-    return ShardedLoraPool(rm.lora_shape, tp, config.max_loras_per_batch, max_rank, targets,
-                           rm.device, rm.dtype)
+    return ShardedLoraPool(rm.lora_shape, tp, config.max_loras_per_batch, max_rank,
+                           tp_targets(config, targets, log_it=tp.rank == 0), rm.device, rm.dtype)
+
+
+def tp_targets(config: ServerConfig, targets: frozenset[str],
+               log_it: bool = True) -> frozenset[str]:
+    """The pool's target modules at tp_size > 1: `lora_target_modules` "all" there means every
+    module tensor parallelism adapts (SGLang's "all" works at any size), so embed_tokens is
+    left out, said in the log; an adapter that adapts it is then refused at its load, by name.
+    embed_tokens named explicitly stays, for ShardedLoraPool to refuse."""
+    if EMBED not in targets or "all" not in (config.lora_target_modules or ()):
+        return targets
+    if log_it:
+        log.warning("lora_target_modules all: %s is left out at tp_size %d (not supported "
+                    "there); an adapter that adapts it is refused", EMBED, config.tp_size)
+    return targets - {EMBED}
 
 
 # ------------------------------------------------------------------------------------ messages

@@ -386,3 +386,18 @@ def test_decode_step_unpacks_with_real_counts_and_takes_the_workers_graphs() -> 
 class _NoEvent:
     def record(self) -> None:
         pass
+
+
+def test_all_targets_leave_embed_tokens_out_at_tp() -> None:
+    """SGLang's lora_target_modules "all" starts a tensor-parallel server: embed_tokens (which
+    tensor parallelism does not adapt) is left out; named explicitly it stays, to be refused."""
+    from runtime.adapters.manager import resolve_pool_spec
+    from runtime.adapters.pool import ALL_MODULES, EMBED
+    from runtime.tp import tp_targets
+
+    base = {"model_path": "unused", "tp_size": 2, "enable_lora": True, "max_lora_rank": 8}
+    every = ServerConfig(**base, lora_target_modules=("all",))
+    _, targets = resolve_pool_spec(every, 2)
+    assert targets == ALL_MODULES and tp_targets(every, targets) == ALL_MODULES - {EMBED}
+    named = ServerConfig(**base, lora_target_modules=("q_proj", EMBED))
+    assert tp_targets(named, frozenset({"q_proj", EMBED})) == {"q_proj", EMBED}
