@@ -88,8 +88,9 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
 async def off_loop(request: web.Request, fn: Callable[..., R], *args: Any) -> R:
     """fn(*args) in the front end's tokenizer thread: tokenizing a prompt (megabytes of text
     take seconds) and rendering a chat template. A large one then delays other requests'
-    tokenizing, never the event loop, which streams every answer and drives the engine. One
-    thread: a fast tokenizer is not shared across threads that encode at once."""
+    tokenizing, never the event loop, which streams every answer and drives the engine. Every
+    encode runs here, in one thread; the loop keeps the per-token decodes of the streams (a
+    token or a few each), which only read the tokenizer."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(request.app[TOKENIZER_THREAD],
                                       functools.partial(fn, *args))

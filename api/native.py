@@ -184,7 +184,7 @@ async def health_generate(request: web.Request) -> web.Response:
     """Run one greedy token through the whole engine."""
     engine = request.app[ENGINE]
     tok = engine.tokenizer
-    prompt = tok.encode("ping") or [tok.bos_token_id or 0]
+    prompt = await off_loop(request, tok.encode, "ping") or [tok.bos_token_id or 0]
     spec = GenSpec(prompt, SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
                    rid=None)
     gens = await submit_all(engine, [spec])

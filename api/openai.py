@@ -21,6 +21,7 @@ from api.app import CONFIG, ENGINE, LIFECYCLE, json_response, off_loop
 from api.errors import ApiError, Style
 from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
 from api.protocol import ChatRequest, CompletionRequest, OpenAISampling, decode_body
+from runtime.errors import UnknownAdapterError
 from runtime.request import FinishReason
 
 log = logging.getLogger("loraserve.api")
@@ -50,12 +51,19 @@ def resolve_adapter(request: web.Request, model: str | None) -> str | None:
     return model  # a bare adapter name: the engine says whether it knows it
 
 
+def from_lora_path(request: web.Request, body: OpenAISampling) -> bool:
+    """Whether the body's adapters come from its `lora_path` (resolve_loras), not `model`."""
+    model = body.model
+    return body.lora_path is not None and not (
+        model and ":" in model and model not in base_names(request))
+
+
 def resolve_loras(request: web.Request, body: OpenAISampling, count: int) -> list[str | None]:
     """The adapter of each of `count` prompts: `model`'s (resolve_adapter), or where the body
     gives `lora_path` and `model` is not "<base>:<adapter>", lora_path's (SGLang's order)."""
-    model, paths = body.model, body.lora_path
-    if paths is None or (model and ":" in model and model not in base_names(request)):
-        return [resolve_adapter(request, model)] * count
+    paths = body.lora_path
+    if not from_lora_path(request, body):
+        return [resolve_adapter(request, body.model)] * count
     if not isinstance(paths, list):
         paths = [paths] * count
     elif len(paths) != count:
@@ -84,6 +92,18 @@ def refuse_unsupported(body: OpenAISampling) -> None:
     for field, is_set, why in unsupported:
         if is_set:
             raise ApiError(400, f"{field}: {why}", param=field)
+
+
+async def submit_openai(request: web.Request, body: OpenAISampling,
+                        specs: list[GenSpec]) -> list[Generation]:
+    """submit_all; an unknown adapter named in `lora_path` is a 400 naming that field, as on
+    /generate (one named by `model` stays OpenAI's 404 model_not_found)."""
+    try:
+        return await submit_all(request.app[ENGINE], specs)
+    except UnknownAdapterError as e:
+        if from_lora_path(request, body):
+            raise ApiError(400, f"lora_path: {e}", param="lora_path") from None
+        raise
 
 
 def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | None],
@@ -141,7 +161,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs)
     n = len(specs) // len(prompts)
     echo = [texts[i // n] if body.echo else "" for i in range(len(specs))]
-    gens = await submit_all(engine, specs)
+    gens = await submit_openai(request, body, specs)
     header = _header("text_completion", f"cmpl-{uuid.uuid4().hex}", body.model or
                      base_names(request)[0])
     if body.stream:
@@ -151,10 +171,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
     choices = [{
         "index": g.index,
         "text": echo[g.index] + g.text.text,
-        "logprobs": _logprobs_of(g, tok, len(echo[g.index]), body),
+        "logprobs": _logprobs_of(g, tok, _output_offset(g, tok, echo[g.index], body), body),
         "finish_reason": finish_reason(g),
     } for g in gens]
     return json_response({**header, "choices": choices, "usage": usage(gens, n)})
+
+
+def _output_offset(g: Generation, tok: Any, echo: str, body: CompletionRequest) -> int:
+    """Where the output tokens' text offsets start: after the echoed prompt, which with
+    logprobs is counted in its tokens' own texts (as their offsets are: a BOS token decodes
+    to text the prompt string does not hold)."""
+    if echo and body.logprobs is not None:
+        return sum(len(tok.decode([t])) for t in g.request.prompt_ids)
+    return len(echo)
 
 
 def _logprobs_of(g: Generation, tok: Any, offset: int,
@@ -197,8 +226,9 @@ def _top_by_text(tok: Any, tops: list[tuple[int, float]]) -> dict[str, float]:
 
 
 def _echo_logprobs(g: Generation, tok: Any, out: dict[str, Any]) -> dict[str, Any]:
-    """`out` (the output tokens' logprobs) after the prompt tokens' own, as OpenAI answers
-    `echo` with `logprobs`: the first prompt token has none; offsets count from 0."""
+    """`out` (the output tokens' logprobs, offsets from _output_offset) after the prompt
+    tokens' own, as OpenAI answers `echo` with `logprobs`: the first prompt token has none;
+    offsets count from 0 over the tokens' texts."""
     prompt = g.request.prompt_ids
     tokens = [tok.decode([t]) for t in prompt]
     offsets, offset = [], 0
@@ -236,7 +266,7 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
     engine = request.app[ENGINE]
     extra = {"usage": None} if body.include_usage else {}
     sent_tokens = [0] * len(gens)
-    text_offset = [len(e) for e in echo]
+    text_offset = [_output_offset(g, engine.tokenizer, echo[g.index], body) for g in gens]
     resp = await sse.start(request)
 
     # with logprobs the echo waits for the prompt's, which come with the first output
@@ -301,7 +331,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     specs = _specs(body, [prompt], loras, [limit], logprobs)
-    gens = await submit_all(engine, specs)
+    gens = await submit_openai(request, body, specs)
     header = _header("chat.completion", f"chatcmpl-{uuid.uuid4().hex}",
                      body.model or base_names(request)[0])
     if body.stream:

@@ -60,7 +60,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {
-                int(k) if isinstance(k, str) and k.strip().isdigit() else k: v
+                # ASCII digits only: str.isdigit also passes "²", which int() refuses
+                int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
                 for k, v in self.logit_bias.items()
             }
 

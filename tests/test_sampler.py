@@ -181,7 +181,7 @@ def test_logit_bias_moves_its_rows_alone() -> None:
     assert (drawn.token_ids == 3).all()
 
 
-@pytest.mark.parametrize("bias", [{50: 1.0}, {3: 101.0}, {"x": 1.0}, {-1: 1.0}])
+@pytest.mark.parametrize("bias", [{50: 1.0}, {3: 101.0}, {"x": 1.0}, {-1: 1.0}, {"²": 1.0}])
 def test_logit_bias_out_of_range_names_the_field(bias: dict) -> None:
     from runtime.request import ValidationError
 

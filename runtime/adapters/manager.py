@@ -40,7 +40,14 @@ from runtime.adapters.peft_format import (
     load_peft_adapter,
     read_adapter_config,
 )
-from runtime.adapters.pool import ALL_MODULES, HostAdapter, LoraModelShape, LoraPool, RowLease
+from runtime.adapters.pool import (
+    ALL_MODULES,
+    EMBED,
+    HostAdapter,
+    LoraModelShape,
+    LoraPool,
+    RowLease,
+)
 from runtime.adapters.reader import ProcessReader
 from runtime.config import ConfigError, ServerConfig
 from runtime.errors import HostTierFullError, UnknownAdapterError
@@ -518,6 +525,11 @@ class AdapterManager:
                 f"least {rank}"
             )
         missing = modules - self.pool.target_modules
+        if missing and EMBED in missing and self.config.tp_size > 1:
+            raise AdapterError(
+                f"LoRA adapter {name!r} adapts {EMBED}, which tensor parallelism does not "
+                "support (tp_size > 1)"
+            )
         if missing:
             raise AdapterError(
                 f"LoRA adapter {name!r} is incompatible with the adapter pool: it targets "
