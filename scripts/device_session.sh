@@ -804,6 +804,14 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     gpu_tests final_gpu 420 tests/test_sampler.py tests/test_engine_gpu.py tests/test_tp_graphs_gpu.py
     rm -f "$OUT"/*.xml
     ;;
+  s32c)  # one GPU: S-LoRA's cap as the issue states it (max_loras_per_batch 32, max_loaded_loras
+    # 128) over a queue 16 times deeper (8192 requests, about 8 a adapter): with 512 (half a
+    # request an adapter) 32 adapters hold about 40 rows, and the cap bounds the batch
+    timeout 380 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
+      --out "$OUT/many_cap32_8192.json" > /tmp/cap32.log 2>&1
+    echo "== many_adapters cap 32, 8192 requests: rc $?"
+    grep -E "saturated|keeps" /tmp/cap32.log | cut -c1-600
+    ;;
   s31d)  # one GPU (prepared): by the timelines of s30a-s31b the 1000-adapter run now loses more
     # in its second wave (first requests finishing, 143 uploads into freed slots) than in its
     # first: decode resumed about 0.28 s later than over 8 adapters. Steps 120-199 traced
