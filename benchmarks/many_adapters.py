@@ -102,6 +102,8 @@ def build(s: Settings, model: Path, adapters: Path) -> Engine:
         "lora_resolve_on_demand": True, "max_loras_per_batch": s.max_loras_per_batch,
         "max_loaded_loras": s.max_loaded_loras, "max_running_requests": s.max_running_requests,
         "lora_loader": s.lora_loader,
+        # a saturated run submits every request at once: the queue must hold them all
+        "max_queued_requests": max(4096, s.num_requests),
     }
     if s.device == "cpu":
         opts |= {"kv_cache_cpu_bytes": 1 << 26, "disable_cuda_graph": True}

@@ -810,7 +810,7 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     timeout 380 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
       --out "$OUT/many_cap32_8192.json" > /tmp/cap32.log 2>&1
     echo "== many_adapters cap 32, 8192 requests: rc $?"
-    grep -E "saturated|keeps" /tmp/cap32.log | cut -c1-600
+    grep -E "saturated|keeps|Error" /tmp/cap32.log | cut -c1-600; tail -3 /tmp/cap32.log
     ;;
   s31d)  # one GPU (prepared): by the timelines of s30a-s31b the 1000-adapter run now loses more
     # in its second wave (first requests finishing, 143 uploads into freed slots) than in its
