@@ -279,6 +279,12 @@ class Request:
         return self.num_tokens - self.num_computed_tokens
 
     @property
+    def awaits_finish(self) -> bool:
+        """Its prompt is all computed or in flight and it samples nothing (max_new_tokens 0):
+        the step in flight finishes it."""
+        return self.params.max_new_tokens == 0 and self.num_computed_tokens >= self.num_tokens
+
+    @property
     def is_prefilling(self) -> bool:
         """True while more than the last token still needs its K/V computed."""
         out = len(self.output_ids)  # the properties inlined: the scheduler asks every row

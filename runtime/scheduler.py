@@ -207,8 +207,13 @@ class Scheduler:
         if need == 0:  # most decode steps: the last block has room
             return True
         while not self.bm.can_allocate(need):
-            victim = next((r for r in reversed(self.running) if r not in batch), None)
-            if victim is None:
+            # Never a request whose whole work is in flight with nothing to sample
+            # (max_new_tokens 0): it frees its blocks when that step completes, and preempted it
+            # would prefill again. While one holds blocks, `req` waits for them rather than
+            # giving up its own.
+            victim = next((r for r in reversed(self.running) if r not in batch
+                           and not r.awaits_finish), None)
+            if victim is None or (victim is req and any(r.awaits_finish for r in self.running)):
                 return False
             self.preempt(victim)
             if victim is req:

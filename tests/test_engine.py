@@ -547,3 +547,33 @@ def test_start_freezes_startup_objects_and_stop_thaws_them(llama, monkeypatch):
     engine = make_engine(llama)
     with pytest.raises(ValueError, match="LORASERVE_GC_FREEZE"):
         run(engine.start())
+
+
+def test_a_prompt_only_request_in_flight_is_not_preempted() -> None:
+    """A max_new_tokens 0 request whose prefill is in flight frees its blocks when that step
+    completes: a decode that needs a block waits for that, instead of preempting it (which
+    would prefill its prompt again)."""
+    from runtime.kv_cache import BlockManager
+    from runtime.request import Request, SamplingParams
+    from runtime.scheduler import Scheduler
+
+    bm = BlockManager(num_blocks=3, block_size=4)
+    s = Scheduler(bm, max_running_requests=8, chunked_prefill_size=64)
+    decoding = Request(rid="d", prompt_ids=[5] * 4, params=SamplingParams(max_new_tokens=4))
+    prompt_only = Request(rid="p", prompt_ids=[6] * 4, params=SamplingParams(max_new_tokens=0))
+    s.add(decoding)
+    s.add(prompt_only)
+    first = s.schedule()
+    assert first is not None and first.num_new_tokens == [4, 4]
+    for req in (decoding, prompt_only):  # what Engine._advance does at launch
+        req.num_computed_tokens += 4
+    decoding.add_pending()
+    assert prompt_only.awaits_finish and not decoding.awaits_finish
+    other = Request(rid="o", prompt_ids=[7] * 4, params=SamplingParams())
+    bm.allocate(other, 4)  # the last free block, held outside the queues
+    # the decode row needs another block; the only running holder is the prompt-only request
+    assert s.schedule() is None
+    assert s.counters.num_preemptions == 0 and prompt_only in s.running
+    s.remove(prompt_only)  # its step completed: it finished and freed its block
+    second = s.schedule()
+    assert second is not None and second.requests == [decoding]
