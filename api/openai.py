@@ -171,28 +171,28 @@ async def completions(request: web.Request) -> web.StreamResponse:
     choices = [{
         "index": g.index,
         "text": echo[g.index] + g.text.text,
-        "logprobs": _logprobs_of(g, tok, _output_offset(g, tok, echo[g.index], body), body),
+        "logprobs": _logprobs_of(g, tok, echo[g.index], body),
         "finish_reason": finish_reason(g),
     } for g in gens]
     return json_response({**header, "choices": choices, "usage": usage(gens, n)})
 
 
-def _output_offset(g: Generation, tok: Any, echo: str, body: CompletionRequest) -> int:
-    """Where the output tokens' text offsets start: after the echoed prompt, which with
-    logprobs is counted in its tokens' own texts (as their offsets are: a BOS token decodes
-    to text the prompt string does not hold)."""
-    if echo and body.logprobs is not None:
-        return sum(len(tok.decode([t])) for t in g.request.prompt_ids)
-    return len(echo)
+def _prompt_texts(g: Generation, tok: Any) -> list[str]:
+    """Each prompt token's own text: what an echo with logprobs lists, and counts its offsets
+    over (a BOS token decodes to text the prompt string does not hold)."""
+    return [tok.decode([t]) for t in g.request.prompt_ids]
 
 
-def _logprobs_of(g: Generation, tok: Any, offset: int,
+def _logprobs_of(g: Generation, tok: Any, echo: str,
                  body: CompletionRequest) -> dict[str, Any] | None:
     """A whole completion's logprobs (None unless asked for), the prompt's first with echo."""
     if body.logprobs is None:
         return None
-    out = _completion_logprobs(g, tok, 0, offset)
-    return _echo_logprobs(g, tok, out) if body.echo else out
+    if not echo:
+        return _completion_logprobs(g, tok, 0, 0)
+    texts = _prompt_texts(g, tok)
+    out = _completion_logprobs(g, tok, 0, sum(len(t) for t in texts))
+    return _echo_logprobs(g, tok, texts, out)
 
 
 def _completion_prompts(prompt: Any, tokenizer: Any,
@@ -225,12 +225,12 @@ def _top_by_text(tok: Any, tops: list[tuple[int, float]]) -> dict[str, float]:
     return out
 
 
-def _echo_logprobs(g: Generation, tok: Any, out: dict[str, Any]) -> dict[str, Any]:
-    """`out` (the output tokens' logprobs, offsets from _output_offset) after the prompt
-    tokens' own, as OpenAI answers `echo` with `logprobs`: the first prompt token has none;
-    offsets count from 0 over the tokens' texts."""
+def _echo_logprobs(g: Generation, tok: Any, tokens: list[str],
+                   out: dict[str, Any]) -> dict[str, Any]:
+    """`out` (the output tokens' logprobs, offsets from the end of `tokens`, the prompt
+    tokens' texts) after the prompt tokens' own, as OpenAI answers `echo` with `logprobs`:
+    the first prompt token has none; offsets count from 0 over the tokens' texts."""
     prompt = g.request.prompt_ids
-    tokens = [tok.decode([t]) for t in prompt]
     offsets, offset = [], 0
     for text in tokens:
         offsets.append(offset)
@@ -266,7 +266,11 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
     engine = request.app[ENGINE]
     extra = {"usage": None} if body.include_usage else {}
     sent_tokens = [0] * len(gens)
-    text_offset = [_output_offset(g, engine.tokenizer, echo[g.index], body) for g in gens]
+    # with logprobs, offsets run over the prompt tokens' own texts (_prompt_texts)
+    prompt_texts = {g.index: _prompt_texts(g, engine.tokenizer) for g in gens
+                    if echo[g.index] and body.logprobs is not None}
+    text_offset = [sum(len(t) for t in prompt_texts[g.index]) if g.index in prompt_texts
+                   else len(echo[g.index]) for g in gens]
     resp = await sse.start(request)
 
     # with logprobs the echo waits for the prompt's, which come with the first output
@@ -292,7 +296,8 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                                  else None}
                         await sse.send(resp, {**header, **extra, "choices": [_choice(
                             g.index, echo[g.index], None,
-                            _echo_logprobs(g, engine.tokenizer, empty))]})
+                            _echo_logprobs(g, engine.tokenizer, prompt_texts[g.index],
+                                           empty))]})
                     # offsets run over each token's own text, as in the whole answer (the
                     # chunk's text may hold back bytes of an unfinished character)
                     text_offset[g.index] += sum(len(t) for t in logprobs["tokens"])

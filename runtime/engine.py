@@ -547,7 +547,7 @@ class Engine:
             req.num_computed_tokens += n
             if req.num_computed_tokens < req.num_tokens:  # a prefill chunk: samples nothing
                 continue
-            if req.params.max_new_tokens == 0:
+            if req.awaits_finish:
                 step.prompt_only.append(i)
             else:
                 step.out_index[i] = req.add_pending()

@@ -229,13 +229,17 @@ class ModelRunner:
             self.model, self.kv.k, self.kv.v, max_bs, max_blocks, scratch,
             self.block_size, self.lora_backend,
         )
-        self.graphs.capture(self.streams.compute)
+        self._capture_decode(self.graphs)
         if max_tokens > 0:
             self.mixed_graphs = MixedGraphs(
                 self.model, self.kv.k, self.kv.v, max_tokens, max_bs, max_blocks,
                 scratch, self.block_size, self.lora_backend, self.lora_chunk_size,
             )
             self.mixed_graphs.capture(self.streams.compute, self.graphs.pool)
+
+    def _capture_decode(self, graphs: DecodeGraphs) -> None:
+        """Capture `graphs` on the compute stream (tensor parallelism: on every rank)."""
+        graphs.capture(self.streams.compute)
 
     def warm_up(self, block_manager: BlockManager, shapes: list[tuple[int, int]],
                 vocab_size: int) -> int:

@@ -44,11 +44,10 @@ class Sampler:
 
     Order per row: repetition penalty (prompt and output tokens), frequency and presence
     penalties (output tokens), logit_bias, eos and stop ids masked while under min_new_tokens;
-    then greedy
-    argmax when temperature is under 1e-6 (SamplingParams.is_greedy) or top_k is 1, else
-    temperature, top-k, top-p, min-p and a draw. A request with a seed draws from its own
-    generator (kept on `request.generator`), so its tokens do not depend on the rest of the
-    batch; other rows share one generator.
+    then greedy argmax when temperature is under 1e-6 (SamplingParams.is_greedy) or top_k is
+    1, else temperature, top-k, top-p, min-p and a draw. A request with a seed draws from its
+    own generator (kept on `request.generator`), so its tokens do not depend on the rest of
+    the batch; other rows share one generator.
     """
 
     def __init__(

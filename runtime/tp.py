@@ -530,16 +530,11 @@ def _worker_step(worker: Worker, h: list[int], payload: torch.Tensor) -> None:
 
 def _worker_capture(worker: Worker, h: list[int]) -> None:
     """Capture this rank's decode graphs, of the shape rank 0 sent, as rank 0 captures its own."""
-    worker.graphs = decode_graphs(worker.rank_model.model, worker.kv, h[H_MAX_BS],
-                                  h[H_GRAPH_BLOCKS], h[H_SCRATCH], worker.config)
+    kv, config = worker.kv, worker.config
+    worker.graphs = DecodeGraphs(worker.rank_model.model, kv.k, kv.v, h[H_MAX_BS],
+                                 h[H_GRAPH_BLOCKS], h[H_SCRATCH], config.page_size,
+                                 config.lora_backend)  # as rank 0's runner builds its own
     worker.graphs.capture(worker.streams.compute)
-
-
-def decode_graphs(model: ParallelCausalLM, kv: KVCache, max_bs: int, max_blocks: int,
-                  scratch_block: int, config: ServerConfig) -> DecodeGraphs:
-    """One rank's decode graphs (to capture): every rank builds them alike."""
-    return DecodeGraphs(model, kv.k, kv.v, max_bs, max_blocks, scratch_block, config.page_size,
-                        config.lora_backend)
 
 
 def _start_upload(worker: Worker, slot: int, generation: int, path: str) -> None:
@@ -647,10 +642,9 @@ class TPModelRunner(ModelRunner):
     """Broadcasts each step's plan before running rank 0's own shard. Decode steps replay CUDA
     graphs captured on every rank, collectives inside; steps that prefill run eagerly."""
 
-    def __init__(self, *args: Any, driver: TPDriver, config: ServerConfig, **kw: Any) -> None:
+    def __init__(self, *args: Any, driver: TPDriver, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.driver = driver
-        self.config = config
 
     def enable_cuda_graphs(
         self, block_manager: BlockManager, max_bs: int, context_length: int, max_tokens: int = 0
@@ -658,15 +652,12 @@ class TPModelRunner(ModelRunner):
         """Decode graphs up to `max_bs` rows on every rank (CUDA only). `max_tokens` is
         ignored: the prefill graphs capture the single-GPU model's `hidden`, which the
         tensor-parallel model does not split, so steps that prefill stay eager."""
-        if self.device.type != "cuda":
-            return
-        scratch = self._ensure_scratch(block_manager)
-        max_blocks = -(-context_length // self.block_size)
-        assert isinstance(self.model, ParallelCausalLM)
-        with self.driver.capture(max_bs, max_blocks, scratch):
-            self.graphs = decode_graphs(self.model, self.kv, max_bs, max_blocks, scratch,
-                                        self.config)
-            self.graphs.capture(self.streams.compute)
+        super().enable_cuda_graphs(block_manager, max_bs, context_length, 0)
+
+    def _capture_decode(self, graphs: DecodeGraphs) -> None:
+        """Have every worker capture graphs of the same shape while rank 0 captures its own."""
+        with self.driver.capture(graphs.max_bs, graphs.max_blocks, graphs.scratch_block):
+            graphs.capture(self.streams.compute)
 
     def launch(self, plan: ScheduledBatch, fb: ForwardBatch) -> InFlightStep:
         # The plan was copied (and filled from the step in flight) on the compute stream:
@@ -797,7 +788,7 @@ class TPEngine(Engine):
         engine.config = config.replace(disable_cuda_graph=not graphs, skip_server_warmup=True)
         engine.runner = TPModelRunner(
             rm.model, kv, config.page_size, engine.sampler, rm.device, config.lora_backend,
-            config.max_lora_chunk_size, streams, driver=driver, config=config,
+            config.max_lora_chunk_size, streams, driver=driver,
         )
         engine.driver = driver
         engine.workers = []
