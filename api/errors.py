@@ -9,6 +9,7 @@ Three shapes, chosen by route:
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 import msgspec
@@ -66,8 +67,20 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "code": self.status}}
 
 
-# SamplingParams' names of fields the OpenAI routes take under OpenAI's names
-_OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+# SamplingParams' names of fields the OpenAI routes take under OpenAI's names (a chat request
+# may name its limit max_completion_tokens instead: OpenAISampling.field_names)
+OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def renamed(exc: ValidationError, names: dict[str, str]) -> ApiError:
+    """A 400 for `exc` that names fields as the request spelled them: `names` maps
+    SamplingParams' names to the request's, in `param` and wherever the message says them
+    ("min_new_tokens: must not exceed max_new_tokens")."""
+    message = str(exc)
+    if exc.field_name in names:  # others' messages may quote the request's own text
+        for field, name in names.items():
+            message = re.sub(rf"\b{field}\b", name, message)
+    return ApiError(400, message, param=names.get(exc.field_name, exc.field_name))
 
 
 def from_exception(exc: BaseException, style: Style) -> ApiError | None:
@@ -79,12 +92,7 @@ def from_exception(exc: BaseException, style: Style) -> ApiError | None:
     if isinstance(exc, msgspec.DecodeError):
         return ApiError(400, f"invalid JSON: {exc}")
     if isinstance(exc, ValidationError):
-        field = exc.field_name
-        if style is Style.OPENAI and field in _OPENAI_FIELDS:  # the name the request used
-            message = str(exc).removeprefix(f"{field}: ")
-            field = _OPENAI_FIELDS[field]
-            return ApiError(400, f"{field}: {message}", param=field)
-        return ApiError(400, str(exc), param=field)
+        return renamed(exc, OPENAI_FIELDS if style is Style.OPENAI else {})
     if isinstance(exc, UnknownAdapterError):
         if style is Style.OPENAI:
             message = str(exc) if exc.name is None else (

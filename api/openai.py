@@ -18,10 +18,10 @@ from aiohttp import web
 
 from api import sse
 from api.app import CONFIG, ENGINE, LIFECYCLE, json_response, off_loop
-from api.errors import ApiError, Style
+from api.errors import ApiError, Style, renamed
 from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
 from api.protocol import ChatRequest, CompletionRequest, OpenAISampling, decode_body
-from runtime.errors import UnknownAdapterError
+from runtime.errors import UnknownAdapterError, ValidationError
 from runtime.request import FinishReason
 
 log = logging.getLogger("loraserve.api")
@@ -97,9 +97,12 @@ def refuse_unsupported(body: OpenAISampling) -> None:
 async def submit_openai(request: web.Request, body: OpenAISampling,
                         specs: list[GenSpec]) -> list[Generation]:
     """submit_all; an unknown adapter named in `lora_path` is a 400 naming that field, as on
-    /generate (one named by `model` stays OpenAI's 404 model_not_found)."""
+    /generate (one named by `model` stays OpenAI's 404 model_not_found); a value out of range
+    is a 400 naming the field as the body spelled it (max_completion_tokens or max_tokens)."""
     try:
         return await submit_all(request.app[ENGINE], specs)
+    except ValidationError as e:
+        raise renamed(e, body.field_names) from None
     except UnknownAdapterError as e:
         if from_lora_path(request, body):
             raise ApiError(400, f"lora_path: {e}", param="lora_path") from None

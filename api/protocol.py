@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from api.errors import OPENAI_FIELDS
 from runtime.request import SamplingParams
 
 T = TypeVar("T")
@@ -144,6 +145,12 @@ class OpenAISampling(msgspec.Struct):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def field_names(self) -> dict[str, str]:
+        """SamplingParams' names of the fields this request spelled otherwise -> its names (an
+        error names the field the client sent)."""
+        return dict(OPENAI_FIELDS)
+
 
 def _wrapped_seed(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 64 else seed
@@ -166,6 +173,13 @@ class ChatRequest(OpenAISampling):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        names = super().field_names
+        if self.max_completion_tokens is not None:  # it wins over max_tokens
+            names["max_new_tokens"] = "max_completion_tokens"
+        return names
 
 
 async def decode_body(request: web.Request, kind: type[T]) -> T:

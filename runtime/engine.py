@@ -22,7 +22,13 @@ from ops.settings import env_flag, env_int
 from runtime.adapters.manager import AdapterInfo, AdapterManager, Residency, resolve_pool_spec
 from runtime.adapters.pool import GROUPS, LAYER_MODULES, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
-from runtime.errors import EngineStoppedError, QueueFullError, ValidationError
+from runtime.errors import (
+    AdapterError,
+    EngineStoppedError,
+    QueueFullError,
+    UnknownAdapterError,
+    ValidationError,
+)
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.llama import CausalLM, ModelArgs
 from runtime.model.loader import (
@@ -192,6 +198,8 @@ class Engine:
         self.timings = LoopTimings()
         self.overlap_schedule = not config.disable_overlap_schedule  # benchmarks flip it
         self._accepting = True
+        # Unloads draining their adapter's requests, whoever waits for them (unload_adapter)
+        self._unloads: set[asyncio.Task[None]] = set()
         self._generated_tokens = 0
         self._last_log = (time.monotonic(), 0)
         # Where each queued request's adapter was at arrival, reported when it is admitted.
@@ -318,6 +326,8 @@ class Engine:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        for task in list(self._unloads):  # a slot a cancelled step held stays locked
+            task.cancel()
         self._thread.shutdown(wait=True)
         self._waiter.shutdown(wait=True)
         if self.adapters is not None:
@@ -345,8 +355,10 @@ class Engine:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are already queued")
         residency = "base"
         if lora_name is not None:
-            if self.adapters is None:
-                raise ValidationError("lora_path", "LoRA is not enabled on this server")
+            if self.adapters is None:  # no adapter of that name, as for an unknown one
+                raise UnknownAdapterError(
+                    f"LoRA adapter {lora_name!r} does not exist: LoRA is not enabled on this "
+                    "server", lora_name)
             residency = await self.adapters.acquire_or_resolve(lora_name)
         req = Request(
             rid=rid or new_rid(), prompt_ids=list(prompt_ids), params=params,
@@ -416,14 +428,27 @@ class Engine:
     async def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
         if self.adapters is None:
             raise ValidationError("lora_name", "LoRA is not enabled on this server")
+        if name not in self.adapters and name in self.loaded_adapters():
+            raise AdapterError(f"LoRA adapter {name!r} is being unloaded (its requests are "
+                               "draining); load it again once the unload has answered")
         await self.adapters.load(name, path, pinned)
         self._report_adapters(force=True)
 
     async def unload_adapter(self, name: str) -> None:
+        """Unload `name` once its requests have drained. The unload runs to its end even if
+        the caller stops waiting (an HTTP client that disconnects cancels its handler):
+        cancelled half-way, it left the name refusing requests, unloads and loads for good."""
         if self.adapters is None:
             raise ValidationError("lora_name", "LoRA is not enabled on this server")
-        await self.adapters.unload(name)
-        self._report_adapters(force=True)
+        task = asyncio.ensure_future(self.adapters.unload(name))
+        self._unloads.add(task)
+        task.add_done_callback(self._unload_done)
+        await asyncio.shield(task)
+
+    def _unload_done(self, task: asyncio.Task[None]) -> None:
+        self._unloads.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            self._report_adapters(force=True)
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list() if self.adapters else []

@@ -464,6 +464,43 @@ async def test_unknown_model_404(client, model: str) -> None:
     assert err["code"] == "model_not_found" and "does not exist" in err["message"]
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_unknown_model_404_without_lora(make_client, route: str) -> None:
+    # A server without LoRA has no adapters: an unknown `model` is OpenAI's 404, as with LoRA
+    # on (it was a 400 naming `lora_path`, a field the request never sent).
+    client = await make_client(enable_lora=False, lora_paths=())
+    body = {"model": "gpt-4", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    r = await client.post(route, json=body)
+    assert r.status == 404, await r.text()
+    err = (await r.json())["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert "`gpt-4` does not exist" in err["message"]
+    r = await client.post(route, json={**body, "model": "tiny", "max_tokens": 1})
+    assert r.status == 200
+    r = await client.post("/generate", json={"text": "x", "lora_path": "a1"})
+    assert r.status == 400
+    assert (await r.json())["error"]["message"].startswith("lora_path:")
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"max_completion_tokens": -1}, "max_completion_tokens", "max_completion_tokens: must be"),
+    ({"max_completion_tokens": 1 << 30, "max_tokens": 5}, "max_completion_tokens",
+     "max_completion_tokens: must be"),
+    ({"max_tokens": -1}, "max_tokens", "max_tokens: must be"),
+    ({"max_completion_tokens": 2, "min_tokens": 5}, "min_tokens",
+     "min_tokens: must not exceed max_completion_tokens"),
+    ({"max_tokens": 2, "min_tokens": 5}, "min_tokens", "min_tokens: must not exceed max_tokens"),
+])
+async def test_chat_errors_name_the_field_sent(client, body: dict, param: str,
+                                               message: str) -> None:
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], **body})
+    assert r.status == 400
+    err = (await r.json())["error"]
+    assert err["param"] == param and err["message"].startswith(message), err
+    assert "max_new_tokens" not in err["message"]
+
+
 async def test_openai_lora_path_names_the_adapter(client) -> None:
     """SGLang's `lora_path` on the OpenAI routes: what `model` "<base>:<adapter>" gives, per
     prompt in a list, with `model`'s adapter winning; an unknown one is refused."""
