@@ -24,6 +24,12 @@ class AdapterAdmission(Protocol):
         self, name: str, batch_slots: set[int], overlap: bool | None, max_wait_s: float = 0.0
     ) -> int | None: ...
 
+    def slot_of(self, name: str) -> int | None: ...
+
+    def has_slot_for(self, batch_slots: set[int]) -> bool: ...
+
+    def drain_slot(self, steps_left: dict[int, int]) -> int | None: ...
+
 
 @dataclass
 class ScheduledBatch:
@@ -61,8 +67,11 @@ class SchedulerCounters:
     history: list[int] = field(default_factory=list)  # batch size of recent steps
 
 
-# A request waiting behind others is passed over at most this many scheduling rounds; then
-# admission stops taking requests behind it until it fits (no adapter waits forever).
+# A request waiting behind others is passed over at most this many scheduling rounds; then it
+# is starved: requests behind it join only with adapters that already hold a GPU slot, and one
+# of those slots (the one whose rows finish soonest) takes no new requests until it empties and
+# the starved request's adapter can have it. No adapter waits forever, and the batch keeps
+# the rows of the other slots' adapters meanwhile.
 MAX_PASSED_OVER = 64
 # Adaptive overlap loading: the longest a batch may wait on an upload, as a fraction of a step.
 ADAPTIVE_WAIT_FRACTION = 0.5
@@ -148,23 +157,39 @@ class Scheduler:
     def _admit_waiting(
         self, batch: list[Request], counts: list[int], slots: set[int], budget: int
     ) -> None:
+        """Admit waiting requests in queue order, passing over those whose adapter cannot join.
+        A pass-over costs a set lookup or two: the queue may hold thousands of requests for
+        adapters without a slot, and each round scans it whole."""
         skipped: list[Request] = []
         num_admitted = 0
+        refused: set[str] = set()  # adapters that cannot join this round (it only takes slots)
+        no_new_slot = False  # every slot is held by the batch: adapters without one wait
+        starved = False  # a request ahead was passed over MAX_PASSED_OVER rounds
+        drain: int | None = None  # the slot left to empty for it
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token in flight: recompute once it has arrived
-            n = min(req.num_uncomputed_tokens, budget)
-            need = self.bm.blocks_needed(req, req.num_computed_tokens + n)
-            if not self.bm.can_allocate(need + self._watermark()):
-                break
-            if not self._admit_adapter(req, slots):
-                self.waiting.popleft()
-                skipped.append(req)
-                if req.passed_over >= MAX_PASSED_OVER:
-                    break  # fairness: nothing behind it is admitted until it fits
-                continue
+            name = req.lora_name
+            joins = name is None or not (
+                name in refused or self._waits_for_slot(name, no_new_slot, starved, drain))
+            if joins:
+                n = min(req.num_uncomputed_tokens, budget)
+                need = self.bm.blocks_needed(req, req.num_computed_tokens + n)
+                if not self.bm.can_allocate(need + self._watermark()):
+                    break
+                joins = self._admit_adapter(req, slots)
             self.waiting.popleft()
+            if not joins:
+                assert name is not None and self.adapters is not None
+                skipped.append(req)
+                refused.add(name)
+                if not no_new_slot and self.adapters.slot_of(name) is None:
+                    no_new_slot = not self.adapters.has_slot_for(slots)
+                if not starved and req.passed_over >= MAX_PASSED_OVER:
+                    starved = True
+                    drain = self._drain_slot(batch)
+                continue
             self.bm.allocate(req, req.num_computed_tokens + n)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -174,9 +199,33 @@ class Scheduler:
             num_admitted += 1
         if num_admitted:  # only rounds where others went ahead count against the bound
             for req in skipped:
-                req.passed_over += 1
+                req.passed_over = min(req.passed_over + 1, MAX_PASSED_OVER)
         if skipped:
             self.waiting.extendleft(reversed(skipped))
+
+    def _waits_for_slot(self, name: str, no_new_slot: bool, starved: bool,
+                        drain: int | None) -> bool:
+        """Whether `name` is kept out of this round for want of a slot: it holds none and none
+        can be had, or a request ahead is starved and it holds none (the next freed is that
+        request's) or holds the one being drained for it."""
+        if not (no_new_slot or starved) or self.adapters is None:
+            return False
+        held = self.adapters.slot_of(name)
+        return held is None or (starved and held == drain)
+
+    def _drain_slot(self, batch: list[Request]) -> int | None:
+        """The slot to empty for a starved request: of those the batch's rows hold, the one
+        that empties soonest (its rows' most tokens left to generate the fewest) whose adapter
+        may be evicted. A slot its adapter just took has all its rows' tokens left, so it keeps
+        taking its queued requests."""
+        if self.adapters is None:
+            return None
+        left: dict[int, int] = {}
+        for r in batch:
+            if r.lora_slot >= 0:
+                n = max(r.params.max_new_tokens - r.num_output_tokens, 0)
+                left[r.lora_slot] = max(left.get(r.lora_slot, 0), n)
+        return self.adapters.drain_slot(left)
 
     def _reaches_limit(self, req: Request) -> bool:
         """The request's outputs, counting those in flight, already reach a length limit."""

@@ -778,6 +778,15 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
       -k "cuda_uploads or overlap_loading"
     rm -f "$OUT"/*.xml
     ;;
+  s33a)  # one GPU: s32c again after the scheduler change (a waiting request whose adapter
+    # cannot join is passed over for a set lookup, not an adapter-manager call each: s32c's
+    # 8192-request run asked the manager about every queued request every step, and its
+    # 1000-adapter half did not finish in 230 s)
+    timeout 500 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
+      --out "$OUT/many_cap32_8192.json" > /tmp/cap32.log 2>&1
+    echo "== many_adapters cap 32, 8192 requests: rc $?"
+    grep -E "saturated:|keeps|Error|engine built" /tmp/cap32.log | cut -c1-600; tail -2 /tmp/cap32.log | cut -c1-400
+    ;;
   s32tp)  # two GPUs (nvidia-h200-x2): tp 2 decode steps replay CUDA graphs captured on both
     # ranks, their all-reduces inside: the tensor-parallel GPU tests (the graphs' fp32 tokens
     # against tp 1 among them), then tp_bench with graphs at both sizes

@@ -304,6 +304,24 @@ async def test_pins(folders: dict[str, Path]) -> None:
     assert [i.pinned for i in m.list()] == [True, True, False, False, False]
 
 
+async def test_slot_queries_for_the_scheduler(folders: dict[str, Path]) -> None:
+    """has_slot_for: a free slot, or one outside the batch to evict; drain_slot: of a batch's
+    slots, the one whose rows end soonest, never a pinned adapter's."""
+    m = make_manager(max_loras_per_batch=3)
+    await m.load("a", str(folders["a"]), pinned=True)
+    m.poll()
+    assert m.has_slot_for(set())  # two slots free
+    for n in "bc":
+        await m.load(n, str(folders[n]))
+        await resident(m, n)
+    sa, sb, sc = (m.slot_of(n) for n in "abc")
+    assert m.has_slot_for({sb})  # c's slot may be evicted
+    assert not m.has_slot_for({sb, sc})  # a is pinned, b and c in the batch
+    assert m.drain_slot({sa: 1, sb: 9, sc: 4}) == sc
+    assert m.drain_slot({sa: 1, sb: 3}) == sb
+    assert m.drain_slot({sa: 1}) is None
+
+
 @pytest.mark.parametrize("name", ["LORASERVE_UPLOAD_THREAD", "LORASERVE_UPLOAD_FOREACH"])
 def test_removed_upload_settings_are_errors(name: str, monkeypatch) -> None:
     """A removed upload setting, set, stops the adapter manager with a message naming it (it

@@ -786,6 +786,20 @@ class AdapterManager:
             logger.debug("evicted LoRA adapter %s from GPU slot %d", victim.name, slot)
         return self._upload(entry, slot)
 
+    def has_slot_for(self, batch_slots: set[int]) -> bool:
+        """Whether an adapter without a slot could have one next to `batch_slots`: a free slot,
+        or one to evict."""
+        return (any(s.owner is None for s in self._slots)
+                or self._victim(batch_slots, is_prefetch=False) is not None)
+
+    def drain_slot(self, steps_left: dict[int, int]) -> int | None:
+        """Of the slots in `steps_left` (a batch's slots, each with the most tokens its rows
+        have left to generate), the one to empty for a request that waited too long: the
+        soonest empty among those whose adapter may be evicted (not pinned); None if none may."""
+        cands = [i for i in steps_left if (owner := self._slots[i].owner) is not None
+                 and not owner.pinned]
+        return min(cands, key=lambda i: (steps_left[i], i)) if cands else None
+
     def _victim(self, batch_slots: set[int], is_prefetch: bool) -> int | None:
         """The slot to evict: unlocked, unpinned, resident, outside the batch. Prefetches only
         take slots nobody references; otherwise unreferenced slots go first."""
