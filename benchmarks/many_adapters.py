@@ -193,15 +193,26 @@ def timeline_point(engine: Engine, start: float) -> tuple[float, ...]:
 
 
 @contextlib.contextmanager
-def count_timeline(engine: Engine, out: list[tuple[float, ...]]) -> Iterator[None]:
+def count_timeline(engine: Engine, out: list[tuple[float, ...]],
+                   progress_s: float = 0.0) -> Iterator[None]:
     """Append a timeline_point every TIMELINE_EVERY_S while inside, from a thread of its own:
     a task on the loop would sample late whenever the loop stalls (the counters are plain
-    integers, read without the loop's help)."""
+    integers, read without the loop's help). With progress_s, print the counters that often
+    (a run cut short by a time limit still tells how far it got)."""
     start, stop = time.perf_counter(), threading.Event()
+    printed = [0.0]
 
     def sample() -> None:
         while not stop.wait(TIMELINE_EVERY_S * (len(out) + 1) - (time.perf_counter() - start)):
-            out.append(timeline_point(engine, start))
+            point = timeline_point(engine, start)
+            out.append(point)
+            if progress_s and point[0] - printed[0] >= progress_s:
+                _, loads, uploads, steps, rows, _ = (b - a for a, b in zip(out[0], point))
+                print(f"  at {point[0]:.0f} s: {steps} steps, "
+                      f"{rows / max(steps, 1):.1f} rows a step, {loads} disk loads, "
+                      f"{uploads} uploads, {engine.scheduler.num_running} running, "
+                      f"{engine.scheduler.num_waiting} waiting", flush=True)
+                printed[0] = point[0]
 
     out.append(timeline_point(engine, start))
     thread = threading.Thread(target=sample, name="many-timeline", daemon=True)
@@ -286,7 +297,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
                   seed: int, profile: bool = False,
                   kernels: tuple[float, float] | None = None,
                   stall_dumps_s: float | None = None, trace_steps: range = range(0),
-                  long_launch_s: float | None = None) -> dict[str, Any]:
+                  long_launch_s: float | None = None, progress_s: float = 0.0) -> dict[str, Any]:
     prompts, loras, arrivals = workload(s.prompt_len, names, s.num_requests, rate, seed,
                                         engine.model_info.vocab_size)
     assert engine.adapters is not None
@@ -313,7 +324,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
             stack.enter_context(step_trace(engine, trace_steps, trace))
         launches = (stack.enter_context(LongLaunches(engine, long_launch_s))
                     if long_launch_s else None)
-        with count_timeline(engine, points):
+        with count_timeline(engine, points, progress_s):
             samples, start, end = await serve(engine, prompts, loras, arrivals,
                                               params_for(s.output_len), None)
         points.append(timeline_point(engine, start))  # the last, partial bucket's end
@@ -366,7 +377,7 @@ async def one_run(engine: Engine, s: Settings, names: list[str], rate: float,
 def run(s: Settings, root: Path, log, profile: bool = False,
         kernels: tuple[float, float] | None = None, poisson: bool = True,
         stall_dumps_s: float | None = None, trace_steps: range = range(0),
-        long_launch_s: float | None = None) -> dict[str, Any]:
+        long_launch_s: float | None = None, progress_s: float = 0.0) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, adapters = write_files(s, root)
     log(f"wrote the model and {s.num_adapters} adapters in {time.perf_counter() - t0:.1f} s")
@@ -385,7 +396,8 @@ def run(s: Settings, root: Path, log, profile: bool = False,
             for label, names in (("few", few), ("many", many)):
                 out[label] = {"saturated": await one_run(engine, s, names, math.inf, s.seed,
                                                          profile, kernels, stall_dumps_s,
-                                                         trace_steps, long_launch_s)}
+                                                         trace_steps, long_launch_s,
+                                                         progress_s)}
                 sat = out[label]["saturated"]
                 if "step_trace" in sat:
                     log(f"{label} saturated, steps {trace_steps.start}-{trace_steps.stop - 1} "
@@ -474,6 +486,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--switch-interval-ms", type=float,
                     help="CPython's GIL switch interval for the runs (the engine lowers it to "
                          "0.5 ms at start, and keeps a lower one set before)")
+    ap.add_argument("--output-len", type=int, help="new tokens a request (default 128)")
+    ap.add_argument("--progress-s", type=float, default=0.0, metavar="S",
+                    help="print the counters of each saturated run every S seconds")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if a.switch_interval_ms is not None:
@@ -485,6 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = QUICK if a.quick else FULL
     if a.num_requests:
         s = replace(s, num_requests=a.num_requests)
+    if a.output_len:
+        s = replace(s, output_len=a.output_len)
     if a.max_loras_per_batch:
         s = replace(s, max_loras_per_batch=a.max_loras_per_batch,
                     max_loaded_loras=max(s.max_loaded_loras, a.max_loras_per_batch))
@@ -497,7 +514,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      poisson=not a.saturated_only,
                      stall_dumps_s=a.stall_dumps_ms / 1e3 if a.stall_dumps_ms else None,
                      trace_steps=range(a.trace_from, a.trace_from + a.trace_steps),
-                     long_launch_s=a.long_launch_ms / 1e3 if a.long_launch_ms else None)
+                     long_launch_s=a.long_launch_ms / 1e3 if a.long_launch_ms else None,
+                     progress_s=a.progress_s)
     result["switch_interval_s"] = sys.getswitchinterval()  # as the engine left it
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
