@@ -30,6 +30,10 @@ class AdapterAdmission(Protocol):
 
     def drain_slot(self, steps_left: dict[int, int]) -> int | None: ...
 
+    def needs_only_slot(self, name: str) -> bool: ...
+
+    def hurry(self, name: str) -> None: ...
+
 
 @dataclass
 class ScheduledBatch:
@@ -68,10 +72,11 @@ class SchedulerCounters:
 
 
 # A request waiting behind others is passed over at most this many scheduling rounds; then it
-# is starved: requests behind it join only with adapters that already hold a GPU slot, and one
-# of those slots (the one whose rows finish soonest) takes no new requests until it empties and
-# the starved request's adapter can have it. No adapter waits forever, and the batch keeps
-# the rows of the other slots' adapters meanwhile.
+# is starved. Once its adapter is in host memory, requests behind it join only with adapters
+# that already hold a GPU slot, and one of those slots (the one whose rows finish soonest) takes
+# no new requests until it empties and the starved request's adapter can have it; before that,
+# its adapter's read goes first. No adapter waits forever, and the batch keeps the rows of the
+# other slots' adapters meanwhile.
 MAX_PASSED_OVER = 64
 # Adaptive overlap loading: the longest a batch may wait on an upload, as a fraction of a step.
 ADAPTIVE_WAIT_FRACTION = 0.5
@@ -149,23 +154,29 @@ class Scheduler:
             batch.append(req)
             counts.append(n)
             budget -= n
-        self._admit_waiting(batch, counts, slots, budget)
+        if self._admit_waiting(batch, counts, slots, budget) and not batch:
+            # A starved request held every new slot and nothing could run: never let that stop
+            # the server (its adapter may not be able to use a slot yet); the others go.
+            self._admit_waiting(batch, counts, slots, budget, fair=False)
         if not batch:
             return None
         return self._finish_plan(batch, counts)
 
     def _admit_waiting(
-        self, batch: list[Request], counts: list[int], slots: set[int], budget: int
-    ) -> None:
+        self, batch: list[Request], counts: list[int], slots: set[int], budget: int,
+        fair: bool = True,
+    ) -> bool:
         """Admit waiting requests in queue order, passing over those whose adapter cannot join.
         A pass-over costs a set lookup or two: the queue may hold thousands of requests for
-        adapters without a slot, and each round scans it whole."""
+        adapters without a slot, and each round scans it whole. Returns whether a starved
+        request held back the requests behind it (never when not `fair`)."""
         skipped: list[Request] = []
         num_admitted = 0
         refused: set[str] = set()  # adapters that cannot join this round (it only takes slots)
         no_new_slot = False  # every slot is held by the batch: adapters without one wait
-        starved = False  # a request ahead was passed over MAX_PASSED_OVER rounds
+        starved = False  # a request ahead, passed over MAX_PASSED_OVER rounds, needs a slot
         drain: int | None = None  # the slot left to empty for it
+        hurried = False  # one such request's adapter is still read from disk: it goes first
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             if req.num_pending:
@@ -186,9 +197,17 @@ class Scheduler:
                 refused.add(name)
                 if not no_new_slot and self.adapters.slot_of(name) is None:
                     no_new_slot = not self.adapters.has_slot_for(slots)
-                if not starved and req.passed_over >= MAX_PASSED_OVER:
-                    starved = True
-                    drain = self._drain_slot(batch)
+                if fair and not starved and req.passed_over >= MAX_PASSED_OVER:
+                    if self.adapters.needs_only_slot(name):
+                        starved = True
+                        drain = self._drain_slot(batch)
+                    elif not hurried:
+                        # Its adapter waits for a host row. Others keep taking slots: once an
+                        # adapter holds one, its host copy may go, so that row frees (held for
+                        # a slot, the rows of adapters whose requests wait could all stay taken,
+                        # and nothing would ever run again).
+                        self.adapters.hurry(name)
+                        hurried = True
                 continue
             self.bm.allocate(req, req.num_computed_tokens + n)
             req.status = RequestStatus.RUNNING
@@ -202,6 +221,7 @@ class Scheduler:
                 req.passed_over = min(req.passed_over + 1, MAX_PASSED_OVER)
         if skipped:
             self.waiting.extendleft(reversed(skipped))
+        return starved
 
     def _waits_for_slot(self, name: str, no_new_slot: bool, starved: bool,
                         drain: int | None) -> bool:

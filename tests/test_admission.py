@@ -14,15 +14,24 @@ from runtime.scheduler import MAX_PASSED_OVER, Scheduler
 
 class SlotTable:
     """The scheduler's view of an adapter manager: `num_slots` GPU slots, an adapter takes a
-    free one or evicts the least recently used one outside the batch; every adapter is in host
-    memory and uploads at once. Pinned adapters are never evicted."""
+    free one or evicts the least recently used one outside the batch, and uploads at once.
+    Every adapter is in host memory, unless `host_rows` is given: then at most that many are,
+    an adapter not among them is read at the next poll that finds a row (reads in request
+    order, a hurried one first), and the copy of an adapter whose requests wait while it holds
+    no slot is never dropped (it would be read again); `refs` counts those requests."""
 
-    def __init__(self, num_slots: int, pinned: tuple[str, ...] = ()) -> None:
+    def __init__(self, num_slots: int, pinned: tuple[str, ...] = (),
+                 host_rows: int | None = None,
+                 refs: Callable[[str], int] | None = None) -> None:
         self.owner: list[str | None] = [None] * num_slots
         self.last_used = [0] * num_slots
         self.pinned = set(pinned)
         self.clock = 0
         self.admit_calls = 0
+        self.host_rows = host_rows
+        self.host: dict[str, None] = {}  # in read order
+        self.reads: dict[str, None] = {}  # waiting for a host row
+        self.refs = refs or (lambda name: 1)
 
     def admit(self, name: str, batch_slots: set[int], overlap: bool | None,
               max_wait_s: float = 0.0) -> int | None:
@@ -30,12 +39,32 @@ class SlotTable:
         self.clock += 1
         slot = self.slot_of(name)
         if slot is None:
+            if not self.in_host(name):
+                self.reads.setdefault(name)
+                return None
             slot = self._free_or_victim(batch_slots)
             if slot is None:
                 return None
             self.owner[slot] = name
         self.last_used[slot] = self.clock
         return slot
+
+    def in_host(self, name: str) -> bool:
+        return self.host_rows is None or name in self.host
+
+    def poll(self) -> None:
+        """Read waiting adapters into the rows that copies may leave."""
+        if self.host_rows is None:
+            return
+        for name in list(self.reads):
+            if len(self.host) >= self.host_rows:
+                droppable = [a for a in self.host
+                             if self.refs(a) == 0 or self.slot_of(a) is not None]
+                if not droppable:
+                    return
+                del self.host[droppable[0]]
+            del self.reads[name]
+            self.host[name] = None
 
     def slot_of(self, name: str) -> int | None:
         return self.owner.index(name) if name in self.owner else None
@@ -46,6 +75,13 @@ class SlotTable:
     def drain_slot(self, steps_left: dict[int, int]) -> int | None:
         cands = [i for i in steps_left if self.owner[i] not in self.pinned]
         return min(cands, key=lambda i: (steps_left[i], i)) if cands else None
+
+    def needs_only_slot(self, name: str) -> bool:
+        return self.slot_of(name) is None and self.in_host(name)
+
+    def hurry(self, name: str) -> None:
+        if name in self.reads:
+            self.reads = {name: None, **self.reads}
 
     def _free_or_victim(self, batch_slots: set[int]) -> int | None:
         if None in self.owner:
@@ -60,11 +96,17 @@ def simulate(sched: Scheduler, max_steps: int = 100_000,
     """Run the queues to empty as the engine would (every planned token computed at once);
     the step each request was first admitted at."""
     admitted: dict[str, int] = {}
-    step = 0
+    step = idle = 0
     while sched.has_work:
         assert step < max_steps, "the queues never emptied"
+        if isinstance(sched.adapters, SlotTable):
+            sched.adapters.poll()
         plan = sched.schedule()
-        assert plan is not None, "work left but nothing schedulable"
+        if plan is None:  # waiting on reads: the engine polls again
+            idle += 1
+            assert idle < 5, "work left but nothing schedulable, round after round"
+            continue
+        idle = 0
         for req, n in zip(plan.requests, plan.num_new_tokens):
             admitted.setdefault(req.rid, step)
             req.num_computed_tokens += n
@@ -229,3 +271,44 @@ def test_base_requests_behind_a_starved_one_still_join() -> None:
     sched = scheduler(num_slots=2, max_running=16, reqs=reqs)
     admitted = simulate(sched)
     assert len(admitted) == len(reqs)
+
+
+def test_a_starved_request_whose_adapter_is_on_disk_blocks_nobody() -> None:
+    """Nothing runs; the queue's head is starved and its adapter waits for a host row; both
+    rows hold adapters whose requests wait without a slot (their copies stay). Those adapters
+    must still take slots (their copies may then go, and the row frees), and the head's read
+    goes first. (Holding every new slot for the starved request there admitted nothing, ever:
+    the 1000-adapter benchmark at 32 slots and 128 host copies stopped so on the H200.)"""
+    sched = scheduler(num_slots=2, max_running=16, reqs=[])
+    head = Request(rid="head", prompt_ids=[3] * 4, lora_name="a",
+                   params=SamplingParams(max_new_tokens=4))
+    head.passed_over = MAX_PASSED_OVER
+    behind = [Request(rid=f"q{i}", prompt_ids=[3] * 4, lora_name="bc"[i % 2],
+                      params=SamplingParams(max_new_tokens=4)) for i in range(6)]
+    for r in (head, *behind):
+        sched.add(r)
+
+    def refs(name: str) -> int:
+        return sum(r.lora_name == name for r in (*sched.waiting, *sched.running))
+
+    table = SlotTable(2, host_rows=2, refs=refs)
+    table.host = {"b": None, "c": None}
+    table.reads = {"x": None, "y": None, "a": None}  # a's read was queued last
+    sched.adapters = table
+    plan = sched.schedule()
+    assert plan is not None and {r.rid for r in plan.requests} == {r.rid for r in behind}
+    assert next(iter(table.reads)) == "a"
+    for _ in range(20):  # b's and c's requests run to their end; their copies may go
+        for req, n in zip(plan.requests, plan.num_new_tokens):
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= req.num_tokens:
+                req.output_ids.append(1)
+                if len(req.output_ids) >= req.params.max_new_tokens:
+                    sched.remove(req)
+        table.poll()
+        plan = sched.schedule()
+        if plan is not None and head in plan.requests:
+            break
+        assert plan is not None
+    assert plan is not None and head in plan.requests
+    assert table.in_host("a") and table.slot_of("a") is not None

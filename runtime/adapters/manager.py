@@ -792,6 +792,23 @@ class AdapterManager:
         return (any(s.owner is None for s in self._slots)
                 or self._victim(batch_slots, is_prefetch=False) is not None)
 
+    def needs_only_slot(self, name: str) -> bool:
+        """Whether `name`'s host copy is ready and it holds no slot: a freed slot is all a
+        request for it waits for."""
+        entry = self._adapters.get(name)
+        return entry is not None and entry.slot is None and entry.host is not None
+
+    def hurry(self, name: str) -> None:
+        """A request for `name` has waited too long and its adapter is not in host memory: its
+        read goes first when the tier has room (the reads wait in request order otherwise)."""
+        entry = self._adapters.get(name)
+        if entry is None or entry.host is not None or entry.load_task is not None:
+            return
+        if name not in self._host_waiting:
+            self._ensure_loading(entry)
+        elif next(iter(self._host_waiting)) != name:
+            self._host_waiting = {name: entry, **self._host_waiting}
+
     def drain_slot(self, steps_left: dict[int, int]) -> int | None:
         """Of the slots in `steps_left` (a batch's slots, each with the most tokens its rows
         have left to generate), the one to empty for a request that waited too long: the
