@@ -788,8 +788,10 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     grep -E "saturated:|keeps|Error|engine built" /tmp/cap32.log | cut -c1-600; tail -2 /tmp/cap32.log | cut -c1-400
     ;;
   s33b)  # one GPU: s33a ran out of time in its 1000-adapter half and said nothing of it: 64
-    # new tokens a request (the 8-adapter half took 100 s at 128), the counters every 10 s
-    timeout 470 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
+    # new tokens a request (the 8-adapter half took 100 s at 128), the counters every 10 s.
+    # First the pipeline's GPU tests (admission over real copy-stream events)
+    gpu_tests pipeline 120 tests/test_pipeline_gpu.py
+    timeout 420 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
       --output-len 64 --progress-s 10 --out "$OUT/many_cap32_8192_64.json" > /tmp/cap32.log 2>&1
     echo "== many_adapters cap 32, 8192 requests of 256/64: rc $?"
     grep -E "saturated:|keeps|Error|engine built|^  at |wrote" /tmp/cap32.log | cut -c1-600
