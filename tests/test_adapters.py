@@ -749,6 +749,7 @@ def test_paths_with_roots(tmp_path: Path) -> None:
         "org/model": "hub ids are refused",
         "missing": "hub ids are refused",
         "": "non-empty",
+        "ok\x00": "NUL character",
     }
     for path, message in refusals.items():
         with pytest.raises(AdapterError, match=message):

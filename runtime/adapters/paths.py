@@ -35,8 +35,10 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...], allow_hub: bool) -> 
     roots: folders the adapter must lie in (empty: any local folder). A string that is not a
     local folder is a hub id, fetched with huggingface_hub only when `allow_hub`.
     """
-    if not path or "\x00" in path:
+    if not path:
         raise AdapterError("lora_path: must be a non-empty path")
+    if "\x00" in path:
+        raise AdapterError("lora_path: must not contain a NUL character")
     if roots:
         real = _resolve_under_roots(path, roots)
         if real is not None:
