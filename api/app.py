@@ -18,6 +18,7 @@ from aiohttp import web
 
 from api.errors import ApiError, Style, from_exception
 from api.generation import ClientGone
+from api.tokenbytes import TokenBytes
 from runtime.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ CONFIG = web.AppKey(ServerConfig.__name__, ServerConfig)
 METRICS = web.AppKey["ServingMetrics"]("loraserve.metrics")
 LIFECYCLE = web.AppKey("loraserve.lifecycle", Lifecycle)
 TOKENIZER_THREAD = web.AppKey("loraserve.tokenizer_thread", ThreadPoolExecutor)
+TOKEN_BYTES = web.AppKey("loraserve.token_bytes", TokenBytes)
 R = TypeVar("R")
 
 ADMIN_PATHS = frozenset({
@@ -70,6 +72,7 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServingMetrics, *,
     app[LIFECYCLE] = Lifecycle(drain_timeout=drain_timeout, started_at=int(time.time()))
     app[TOKENIZER_THREAD] = ThreadPoolExecutor(max_workers=1,
                                                thread_name_prefix="loraserve-tokenize")
+    app[TOKEN_BYTES] = TokenBytes(engine.tokenizer)
     app.add_routes(native.routes)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)

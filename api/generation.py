@@ -108,7 +108,7 @@ async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
             )
             text = TextStream(engine.tokenizer, spec.params.skip_special_tokens,
                               spec.params.stop, spec.trim_stop)
-            gens.append(Generation(i, req, text, prompt_tokens=len(spec.prompt_ids)))
+            gens.append(Generation(i, req, text, prompt_tokens=len(req.prompt_ids)))
     except BaseException:
         for g in gens:
             engine.abort(g.rid)

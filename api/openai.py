@@ -17,10 +17,11 @@ from typing import Any
 from aiohttp import web
 
 from api import sse
-from api.app import CONFIG, ENGINE, LIFECYCLE, json_response, off_loop
+from api.app import CONFIG, ENGINE, LIFECYCLE, TOKEN_BYTES, json_response, off_loop
 from api.errors import ApiError, Style, renamed
 from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
 from api.protocol import ChatRequest, CompletionRequest, OpenAISampling, decode_body
+from api.tokenbytes import TokenBytes
 from runtime.errors import UnknownAdapterError, ValidationError
 from runtime.request import FinishReason
 
@@ -94,6 +95,13 @@ def refuse_unsupported(body: OpenAISampling) -> None:
             raise ApiError(400, f"{field}: {why}", param=field)
 
 
+def refuse_stream_options_without_stream(body: OpenAISampling) -> None:
+    """A 400 for `stream_options` on a request that does not stream (OpenAI refuses it)."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options: only allowed when stream is true",
+                       param="stream_options")
+
+
 async def submit_openai(request: web.Request, body: OpenAISampling,
                         specs: list[GenSpec]) -> list[Generation]:
     """submit_all; an unknown adapter named in `lora_path` is a 400 naming that field, as on
@@ -140,6 +148,42 @@ def finish_reason(g: Generation) -> str | None:
                                                                           "abort")
 
 
+def abort_error(request: web.Request, g: Generation) -> ApiError:
+    """Why `g` was aborted, as an OpenAI error: 503 while the server shuts down, else 500
+    (a failed adapter load, an internal error, an abort by rid)."""
+    status = 503 if request.app[LIFECYCLE].is_stopping else 500
+    return ApiError(status, f"choice {g.index} was aborted: {g.error or 'aborted'}",
+                    code="request_aborted")
+
+
+def aborted(gens: list[Generation]) -> list[Generation]:
+    return [g for g in gens if g.finished and g.finish_reason is FinishReason.ABORT]
+
+
+def refuse_if_nothing_generated(request: web.Request, gens: list[Generation]) -> None:
+    """A whole answer whose every choice was aborted before its first token is the error of
+    the first; an abort after some tokens keeps the tokens (the choice says why: with_abort)."""
+    failed = aborted(gens)
+    if failed and len(failed) == len(gens) and not any(g.output_ids for g in gens):
+        raise abort_error(request, failed[0])
+
+
+def with_abort(request: web.Request, g: Generation, choice: dict[str, Any]) -> dict[str, Any]:
+    """`choice`, with an `error` object saying why when its generation was aborted."""
+    if g.finished and g.finish_reason is FinishReason.ABORT:
+        choice["error"] = abort_error(request, g).body(Style.OPENAI)["error"]
+    return choice
+
+
+async def send_abort_error(request: web.Request, resp: web.StreamResponse,
+                           gens: list[Generation]) -> None:
+    """At the end of a stream (before [DONE]): an error event for the first aborted choice,
+    which OpenAI clients raise."""
+    failed = aborted(gens)
+    if failed:
+        await sse.send(resp, abort_error(request, failed[0]).body(Style.OPENAI))
+
+
 def usage(gens: list[Generation], n: int) -> dict[str, int]:
     prompt = sum(g.prompt_tokens for g in gens[::n])  # each prompt counts once, whatever n
     completion = sum(g.completion_tokens for g in gens)
@@ -157,6 +201,7 @@ def _header(kind: str, rid: str, model: str) -> dict[str, Any]:
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, CompletionRequest)
+    refuse_stream_options_without_stream(body)
     prompts, texts = await off_loop(request, _completion_prompts, body.prompt, engine.tokenizer,
                                     engine.model_info.vocab_size)
     loras = resolve_loras(request, body, len(prompts))
@@ -170,13 +215,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if body.stream:
         return await _stream_completions(request, gens, header, echo, body, n)
     await unless_disconnected(request, collect(engine, gens))
+    refuse_if_nothing_generated(request, gens)
     tok = engine.tokenizer
-    choices = [{
+    choices = [with_abort(request, g, {
         "index": g.index,
         "text": echo[g.index] + g.text.text,
         "logprobs": _logprobs_of(g, tok, echo[g.index], body),
         "finish_reason": finish_reason(g),
-    } for g in gens]
+    }) for g in gens]
     return json_response({**header, "choices": choices, "usage": usage(gens, n)})
 
 
@@ -309,6 +355,7 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                     await sse.send(resp, {**header, "choices": [choice], **extra})
         if body.include_usage:
             await sse.send(resp, {**header, "choices": [], "usage": usage(gens, n)})
+        await send_abort_error(request, resp, gens)
 
     return await sse.run(request, resp, produce(), Style.OPENAI)
 
@@ -324,6 +371,7 @@ def _choice(index: int, text: str, reason: str | None = None,
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, ChatRequest)
+    refuse_stream_options_without_stream(body)
     loras = resolve_loras(request, body, 1)
     if body.chat_template is not None and not request.app[CONFIG].trust_request_chat_template:
         # a template is code the server runs (a loop of a billion steps is a short one)
@@ -346,12 +394,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         header["object"] = "chat.completion.chunk"
         return await _stream_chat(request, gens, header, body)
     await unless_disconnected(request, collect(engine, gens))
-    choices = [{
+    refuse_if_nothing_generated(request, gens)
+    choices = [with_abort(request, g, {
         "index": g.index,
         "message": {"role": "assistant", "content": g.text.text},
-        "logprobs": _chat_logprobs(g, engine.tokenizer, 0) if body.logprobs else None,
+        "logprobs": _chat_logprobs(g, engine.tokenizer, request.app[TOKEN_BYTES], 0)
+        if body.logprobs else None,
         "finish_reason": finish_reason(g),
-    } for g in gens]
+    }) for g in gens]
     return json_response({**header, "choices": choices, "usage": usage(gens, len(gens))})
 
 
@@ -392,10 +442,12 @@ def _message(m: dict[str, Any], i: int) -> dict[str, Any]:
     return m
 
 
-def _chat_logprobs(g: Generation, tok: Any, start: int) -> dict[str, Any]:
+def _chat_logprobs(g: Generation, tok: Any, token_bytes: TokenBytes,
+                   start: int) -> dict[str, Any]:
+    """OpenAI's chat logprobs for output tokens [start:]; `bytes` are each token's own raw
+    bytes (part of a character for a token that splits one), not its text's."""
     def entry(t: int, lp: float) -> dict[str, Any]:
-        s = tok.decode([t])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"token": tok.decode([t]), "logprob": lp, "bytes": token_bytes(t)}
 
     content = []
     for k, (t, lp) in enumerate(zip(g.output_ids[start:], g.logprobs[start:], strict=False)):
@@ -422,13 +474,15 @@ async def _stream_chat(request: web.Request, gens: list[Generation], header: dic
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
                 start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
-                logprobs = _chat_logprobs(g, engine.tokenizer, start) if body.logprobs else None
+                logprobs = _chat_logprobs(g, engine.tokenizer, request.app[TOKEN_BYTES],
+                                          start) if body.logprobs else None
                 if delta or logprobs:
                     await sse.send(resp, chunk(g.index, {"content": delta}, None, logprobs))
                 if g.finished:
                     await sse.send(resp, chunk(g.index, {}, finish_reason(g)))
         if body.include_usage:
             await sse.send(resp, {**header, "choices": [], "usage": usage(gens, len(gens))})
+        await send_abort_error(request, resp, gens)
 
     return await sse.run(request, resp, produce(), Style.OPENAI)
 

@@ -39,7 +39,8 @@ class NativeSampling(msgspec.Struct):
 
     def to_params(self) -> SamplingParams:
         given = {f: getattr(self, f) for f in self.__struct_fields__ if f != "no_stop_trim"}
-        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None},
+                              is_max_new_tokens_default=self.max_new_tokens is None)
 
 
 class GenerateRequest(msgspec.Struct):

@@ -78,6 +78,10 @@ class ServerConfig:
         False, "wait for each step's tokens before scheduling the next (no CPU/GPU overlap)"
     )
     random_seed: int = _opt(0, "seed for dummy weights and unseeded sampling")
+    allow_auto_truncate: bool = _opt(
+        False, "cut a prompt longer than the context (keeping its start) and a requested "
+        "max_new_tokens past the context to fit, instead of refusing the request (400)"
+    )
     # LoRA
     enable_lora: bool = _opt(False, "enable LoRA (implied by lora_paths)")
     lora_paths: tuple[LoraPathSpec, ...] = _opt((), "startup adapters")

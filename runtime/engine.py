@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -350,7 +350,7 @@ class Engine:
         EngineStoppedError; on success the request holds a name reference on its adapter."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down")
-        self._validate(prompt_ids, params, rid, top_logprobs_num)
+        prompt_ids, params = self._validate(prompt_ids, params, rid, top_logprobs_num)
         if self.scheduler.num_waiting >= self.config.max_queued_requests:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are already queued")
         residency = "base"
@@ -375,7 +375,8 @@ class Engine:
 
     def _validate(
         self, prompt_ids: list[int], params: SamplingParams, rid: str | None, top_n: int
-    ) -> None:
+    ) -> tuple[list[int], SamplingParams]:
+        """Check a request; return the prompt and parameters it runs with (_fit_context)."""
         params.validate(self.model_info.vocab_size)
         if not prompt_ids:
             raise ValidationError("prompt", "the prompt is empty")
@@ -383,18 +384,54 @@ class Engine:
         if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 or t >= vocab
                for t in prompt_ids):
             raise ValidationError("input_ids", f"token ids must be integers in [0, {vocab})")
-        ctx = self.model_info.context_length
-        if len(prompt_ids) >= ctx:
-            raise ValidationError(
-                "prompt", f"{len(prompt_ids)} prompt tokens do not fit the context of {ctx}"
-            )
-        max_blocks = self.block_manager.num_blocks * self.config.page_size
-        if len(prompt_ids) + 1 > max_blocks:
-            raise ValidationError("prompt", f"{len(prompt_ids)} tokens exceed the KV cache")
         if rid is not None and rid in self.requests:
             raise ValidationError("rid", f"a request with rid {rid!r} is already running")
         if not 0 <= top_n <= 20:
             raise ValidationError("top_logprobs_num", "must be between 0 and 20")
+        return self._fit_context(prompt_ids, params)
+
+    def _fit_context(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[list[int], SamplingParams]:
+        """The prompt and parameters a request runs with, so that prompt + new tokens stay
+        within the context length (and the prompt within the KV cache).
+
+        A prompt that leaves no room to generate, or a max_new_tokens the client asked for
+        past the context, is a ValidationError; with `allow_auto_truncate` the prompt keeps
+        its first tokens instead and max_new_tokens (min_new_tokens with it) is lowered to the
+        room left. A max_new_tokens the client left to its default
+        (`SamplingParams.is_max_new_tokens_default`) is lowered to the room left in either
+        mode."""
+        ctx = self.model_info.context_length
+        kv_tokens = self.block_manager.num_blocks * self.config.page_size
+        longest = min(ctx, kv_tokens) - 1  # a prompt leaves room for at least one new token
+        truncate = self.config.allow_auto_truncate
+        hint = " (or start the server with --allow-auto-truncate to cut the request to fit)"
+        n = len(prompt_ids)
+        if n > longest:
+            if not truncate:
+                what = f"the context length of {ctx}" if n >= ctx else (
+                    f"the KV cache of {kv_tokens}")
+                raise ValidationError(
+                    "prompt", f"{n} prompt tokens leave no room to generate within {what} "
+                    f"tokens: shorten the prompt{hint}")
+            log.warning("prompt of %d tokens cut to its first %d (allow_auto_truncate)", n,
+                        longest)
+            prompt_ids = prompt_ids[:longest]
+            n = longest
+        room = ctx - n
+        if params.max_new_tokens <= room:
+            return prompt_ids, params
+        if not (truncate or params.is_max_new_tokens_default):
+            raise ValidationError(
+                "max_new_tokens", f"{n} prompt tokens + max_new_tokens {params.max_new_tokens}"
+                f" = {n + params.max_new_tokens} tokens exceed the context length of {ctx} "
+                f"tokens: ask for at most {room} new tokens or shorten the prompt{hint}")
+        if not params.is_max_new_tokens_default:
+            log.warning("max_new_tokens %d lowered to %d: %d prompt tokens in a context of %d "
+                        "(allow_auto_truncate)", params.max_new_tokens, room, n, ctx)
+        return prompt_ids, replace(
+            params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
 
     async def stream(self, req: Request) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes; stopping early aborts it."""

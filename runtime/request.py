@@ -52,6 +52,9 @@ class SamplingParams:
     # token id -> a value added to its logit before choosing (OpenAI's and SGLang's
     # logit_bias; JSON keys arrive as strings of digits)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # max_new_tokens is the default, not a number the client asked for: past the context it
+    # is lowered to the room left instead of refusing the request (Engine._fit_context)
+    is_max_new_tokens_default: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -665,6 +665,142 @@ async def test_echo_logprobs_score_the_prompt(client) -> None:
     assert lp["token_logprobs"][k:] == plain["logprobs"]["token_logprobs"]
 
 
+# ---------------------------------------------------------------- context length
+
+CHAT_X = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/generate", {"input_ids": [5] * 60, "sampling_params": {"max_new_tokens": 5}},
+     "max_new_tokens"),
+    ("/v1/completions", {"prompt": [5] * 60, "max_tokens": 5}, "max_tokens"),
+    ("/v1/completions", {"prompt": [5] * 60}, "max_tokens"),  # OpenAI's default of 16
+    ("/v1/chat/completions", {"messages": CHAT_X, "max_tokens": 64}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT_X, "max_tokens": 1,
+                              "max_completion_tokens": 64}, "max_completion_tokens"),
+])
+async def test_new_tokens_past_the_context_are_400(make_client, route: str, body: dict,
+                                                   param: str) -> None:
+    """Prompt + requested new tokens over the context: a 400 naming the field the client
+    sent (or, for the completions default, would have), not an answer cut short."""
+    client = await make_client(context_length=64)
+    r = await client.post(route, json=body)
+    assert r.status == 400, await r.text()
+    err = (await r.json())["error"]
+    assert err["message"].startswith(f"{param}: ") and "context length of 64" in err["message"]
+    assert "max_new_tokens" not in err["message"] or param == "max_new_tokens"
+    if route != "/generate":
+        assert err["param"] == param
+    assert not client.app[ENGINE].requests
+
+
+async def test_unset_limits_run_up_to_the_context(make_client) -> None:
+    """A native request without max_new_tokens and a chat request without max_tokens still
+    generate up to the context; a request that fits exactly runs."""
+    client = await make_client(context_length=64)
+    r = await client.post("/generate", json={"input_ids": [5] * 60, "sampling_params": {
+        "ignore_eos": True}})
+    meta = (await r.json())["meta_info"]
+    assert r.status == 200 and meta["finish_reason"] == {"type": "length", "length": 4}
+    r = await client.post("/v1/chat/completions", json={"messages": CHAT_X, "ignore_eos": True})
+    use = (await r.json())["usage"]
+    assert r.status == 200 and use["prompt_tokens"] + use["completion_tokens"] == 64
+    r = await client.post("/v1/completions", json={"prompt": [5] * 60, "max_tokens": 4,
+                                                   "ignore_eos": True})
+    assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 4
+
+
+async def test_allow_auto_truncate(make_client) -> None:
+    """--allow-auto-truncate: requested new tokens past the context are lowered to the room
+    left, and a prompt past the context keeps its first context - 1 tokens."""
+    client = await make_client(context_length=64, allow_auto_truncate=True)
+    r = await client.post("/v1/completions", json={"prompt": [5] * 60, "max_tokens": 50,
+                                                   "ignore_eos": True})
+    body = await r.json()
+    assert r.status == 200 and body["usage"]["completion_tokens"] == 4
+    assert body["choices"][0]["finish_reason"] == "length"
+    r = await client.post("/generate", json={"input_ids": list(range(3, 103)), "sampling_params":
+                                             {"max_new_tokens": 8, "ignore_eos": True}})
+    meta = (await r.json())["meta_info"]
+    assert r.status == 200 and (meta["prompt_tokens"], meta["completion_tokens"]) == (63, 1)
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": CHAT_X, "max_tokens": 1}),
+])
+async def test_stream_options_need_stream(client, route: str, body: dict) -> None:
+    for stream in ({}, {"stream": False}):
+        r = await client.post(route, json=body | stream | {
+            "stream_options": {"include_usage": True}})
+        assert r.status == 400
+        err = (await r.json())["error"]
+        assert err["param"] == "stream_options" and "stream" in err["message"]
+    r = await client.post(route, json=body | {"stream_options": None})
+    assert r.status == 200
+
+
+# ---------------------------------------------------------------- aborts
+
+def fail_launches(engine, after: int = 0) -> None:
+    """Make every step launch after the first `after` raise, as an internal error would."""
+    launch, calls = engine.runner.launch, itertools.count()
+
+    def failing(*args, **kwargs):
+        if next(calls) >= after:
+            raise RuntimeError("boom")
+        return launch(*args, **kwargs)
+
+    engine.runner.launch = failing
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": CHAT_X, "max_tokens": 4}),
+])
+async def test_openai_abort_says_why(client, route: str, body: dict) -> None:
+    """An aborted request on the OpenAI routes carries its reason: an error response when
+    nothing was generated; streamed, an error event before [DONE]."""
+    fail_launches(client.app[ENGINE])
+    r = await client.post(route, json=body)
+    assert r.status == 500, await r.text()
+    err = (await r.json())["error"]
+    assert "boom" in err["message"] and err["type"] == "server_error"
+    assert err["code"] == "request_aborted"
+    r = await client.post(route, json=body | {"stream": True})
+    assert r.status == 200
+    events = sse_events(await r.text())
+    assert "boom" in events[-1]["error"]["message"]
+    finals = [e for e in events[:-1] if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert [e["choices"][0]["finish_reason"] for e in finals] == ["abort"]
+
+
+async def test_openai_abort_after_tokens_keeps_them(client) -> None:
+    """Aborted after some tokens: the answer keeps them, and the choice says why."""
+    fail_launches(client.app[ENGINE], after=3)
+    r = await client.post("/v1/chat/completions", json={
+        "messages": CHAT_X, "max_tokens": 20, "ignore_eos": True})
+    body = await r.json()
+    assert r.status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "abort" and body["usage"]["completion_tokens"] >= 1
+    assert "boom" in choice["error"]["message"]
+
+
+async def test_openai_client_sees_the_abort(client) -> None:
+    openai = pytest.importorskip("openai")
+    fail_launches(client.app[ENGINE])
+    api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused",
+                             max_retries=0)
+    with pytest.raises(openai.InternalServerError, match="boom"):
+        await api.chat.completions.create(model="tiny", max_tokens=3, messages=CHAT_X)
+    with pytest.raises(openai.APIError, match="boom"):
+        async for _ in await api.chat.completions.create(
+                model="tiny", max_tokens=3, stream=True, messages=CHAT_X):
+            pass
+    await api.close()
+
+
 async def test_models(client) -> None:
     r = await client.get("/v1/models")
     body = await r.json()

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from api import create_app
+from api.app import ENGINE
 from api.textstream import TextStream
+from api.tokenbytes import BYTE_OF_CHAR, PieceKind, TokenBytes
 from metrics import ServingMetrics
 from runtime.config import ServerConfig
 from tests._fake_engine import FakeEngine, build_tiny_tokenizer
@@ -85,6 +87,61 @@ async def test_streamed_deltas_add_up(fake_client) -> None:
     assert chunks[-1]["text"] == "Hello wörld 🙂 the "
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": "end"}
     assert all("\ufffd" not in c["text"] for c in chunks)
+
+
+async def test_chat_logprob_bytes_are_the_tokens_own(fake_client) -> None:
+    """Chat logprobs `bytes` hold each token's raw bytes, also for a token that holds part of
+    a multi-byte character (they were U+FFFD's bytes): joined, they are the text."""
+    n = len(fake_client.app[ENGINE].script)
+    for stream in (False, True):
+        r = await fake_client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": n, "logprobs": True,
+            "top_logprobs": 2, "stream": stream})
+        if stream:
+            chunks = [json.loads(b[6:]) for b in (await r.text()).split("\n\n")
+                      if b.startswith("data: {")]
+            content = [c for ch in chunks if ch["choices"] and ch["choices"][0]["logprobs"]
+                       for c in ch["choices"][0]["logprobs"]["content"]]
+        else:
+            content = (await r.json())["choices"][0]["logprobs"]["content"]
+        assert len(content) == n
+        assert bytes(b for c in content for b in c["bytes"]).decode() == TEXT
+        partial = [c for c in content if c["token"] == "\ufffd"]
+        assert len(partial) == 6  # ö in 2 tokens, 🙂 in 4
+        assert all(len(c["bytes"]) == 1 and c["bytes"] != list("\ufffd".encode())
+                   for c in partial)
+        # the fake engine's first candidate is the token itself: its bytes too
+        assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)
+
+
+def test_token_bytes_of_each_tokenizer_kind(tok) -> None:
+    """Byte-level BPE pieces map back through the byte alphabet; sentencepiece byte-fallback
+    pieces <0xNN> are that byte and others their text with U+2581 as a space; special tokens
+    and tokenizers of no known kind give their decoded text's bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    assert set(BYTE_OF_CHAR) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert sorted(BYTE_OF_CHAR.values()) == list(range(256))
+    byte_level = TokenBytes(tok)
+    assert byte_level.kind is PieceKind.BYTE_LEVEL
+    ids = tok.encode(TEXT)
+    assert b"".join(byte_level.raw(t) for t in ids) == TEXT.encode()
+    assert byte_level.raw(tok.eos_token_id) == b"<|im_end|>"
+
+    vocab = {"<unk>": 0, "\u2581the": 1, "é": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    fallback = TokenBytes(PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>"))
+    assert fallback.kind is PieceKind.BYTE_FALLBACK
+    assert fallback(3 + 0xE2) == [0xE2] and fallback(1) == list(b" the")
+    assert fallback.raw(2) == "é".encode()  # not byte 0xE9, which é stands for in byte-level
+
+    wp = Tokenizer(models.WordPiece(vocab={"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+    wp.decoder = decoders.WordPiece()
+    text = TokenBytes(PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]"))
+    assert text.kind is PieceKind.TEXT and text(1) == list(b"hi")
 
 
 async def test_unknown_adapter_maps_to_404_and_400(fake_client) -> None:

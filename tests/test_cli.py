@@ -57,6 +57,17 @@ def test_lists_and_lora_path_forms(tmp_path: Path) -> None:
     assert c.is_lora_enabled
 
 
+def test_allow_auto_truncate_flag_and_key(tmp_path: Path) -> None:
+    """SGLang's option name: off by default, a presence flag (either spelling), a TOML key."""
+    assert parse_args([]).allow_auto_truncate is False
+    assert parse_args(["--allow-auto-truncate"]).allow_auto_truncate is True
+    assert parse_args(["--allow_auto_truncate"]).allow_auto_truncate is True
+    cfg = write(tmp_path, "allow_auto_truncate = true\n")
+    assert parse_args(["--config", str(cfg)]).allow_auto_truncate is True
+    with pytest.raises(ConfigError, match="allow_auto_truncate"):
+        load_toml(write(tmp_path, 'allow_auto_truncate = "yes"\n'))
+
+
 def test_booleans_tristate_sizes() -> None:
     c = parse_args(["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all",
                     "--disable-cuda-graph", "--max-lora-host-bytes", "2GiB",

@@ -223,10 +223,58 @@ def test_context_and_prompt_checks(llama):
     assert engine.model_info.context_length == 64
 
 
-def test_generation_stops_at_context_length(llama):
+def test_new_tokens_past_the_context_are_refused(llama):
+    """prompt + max_new_tokens over the context is refused, naming max_new_tokens (it was cut
+    at the context without a word); one that fits exactly runs to its end."""
+    from runtime.errors import ValidationError
+
     engine = make_engine(llama, context_length=40)
-    out = run(run_batch(engine, [[5] * 30], SamplingParams(max_new_tokens=100, temperature=0)))
+
+    async def go():
+        with pytest.raises(ValidationError, match=r"^max_new_tokens: 30 prompt tokens \+ "
+                           r"max_new_tokens 11 = 41 tokens exceed the context length of 40"):
+            await engine.submit([5] * 30, SamplingParams(max_new_tokens=11))
+        assert not engine.requests
+
+    run(go())
+    assert [len(o) for o in run(run_batch(engine, [[5] * 30], greedy(10)))] == [10]
+
+
+def test_default_max_new_tokens_stops_at_context_length(llama):
+    """A max_new_tokens the client left to its default is lowered to the room the context
+    leaves, with or without allow_auto_truncate."""
+    engine = make_engine(llama, context_length=40)
+    params = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True,
+                            is_max_new_tokens_default=True)
+    out = run(run_batch(engine, [[5] * 30], params))
     assert len(out[0]) == 10
+    assert params.max_new_tokens == 100  # the caller's object is left as it was
+
+
+def test_allow_auto_truncate_fits_the_request(llama):
+    """With allow_auto_truncate, max_new_tokens past the context is lowered to the room left
+    (min_new_tokens with it), and a prompt past the context keeps its first context - 1
+    tokens, with room for one new token: its token is the one that head alone gets."""
+    engine = make_engine(llama, context_length=40, allow_auto_truncate=True)
+    long_prompt = list(range(3, 53))
+
+    async def go():
+        await engine.start()
+        try:
+            fits = await engine.submit([5] * 30, greedy(100))
+            cut = await engine.submit(long_prompt, greedy(4))
+            assert (fits.params.max_new_tokens, fits.params.min_new_tokens) == (10, 10)
+            assert cut.prompt_ids == long_prompt[:39] and cut.params.max_new_tokens == 1
+            outs = [await collect(engine, r) for r in (fits, cut)]
+            assert fits.finish_reason is FinishReason.LENGTH
+            return outs
+        finally:
+            await engine.stop()
+
+    fits, cut = run(go())
+    assert len(fits) == 10 and len(cut) == 1
+    engine = make_engine(llama, context_length=40)
+    assert run(run_batch(engine, [long_prompt[:39]], greedy(1))) == [cut]
 
 
 def test_projection_biases_rejected(tmp_path):
