@@ -58,5 +58,6 @@ async def lora_adapters(request: web.Request) -> web.Response:
         "rank": a.rank,
         "target_modules": list(a.target_modules),
         "in_flight_requests": a.refs,
+        "unloading": a.unloading,
     } for a in request.app[ENGINE].list_adapters()]
     return json_response({"adapters": adapters})

@@ -495,9 +495,11 @@ def _model_cards(request: web.Request) -> list[dict[str, Any]]:
     info = engine.model_info
     cards = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve",
               "root": info.model_path, "parent": None, "max_model_len": info.context_length}]
-    for name, path in engine.loaded_adapters().items():
-        cards.append({"id": name, "object": "model", "created": created,
-                      "owned_by": "loraserve", "root": path, "parent": base,
+    for a in engine.list_adapters():
+        if a.unloading:  # requests for it are refused (404) already
+            continue
+        cards.append({"id": a.name, "object": "model", "created": created,
+                      "owned_by": "loraserve", "root": a.path, "parent": base,
                       "max_model_len": info.context_length})
     return cards
 

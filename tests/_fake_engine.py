@@ -108,6 +108,7 @@ class FakeAdapterInfo:
     rank: int
     target_modules: tuple[str, ...]
     refs: int
+    unloading: bool = False
 
 
 @dataclass

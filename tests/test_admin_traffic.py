@@ -120,6 +120,13 @@ async def test_unload_drains_in_flight_streams_while_others_are_served(client, f
     body = await r.json()
     assert r.status == 400 and body["success"] is False
     assert "being unloaded" in body["error_message"], body
+    # ... /v1/models lists it no more, and the admin listing says it is unloading ...
+    models = {m["id"] for m in (await (await client.get("/v1/models")).json())["data"]}
+    assert "a1" not in models and "a2" in models
+    r = await client.get("/v1/models/a1")
+    assert r.status == 404
+    listed = {a["name"]: a for a in (await (await client.get("/lora_adapters")).json())["adapters"]}
+    assert listed["a1"]["unloading"] is True and listed["a2"]["unloading"] is False
     # ... and the others are served as before
     assert await ids(client, "a2") == alone["a2"]
     await ids(client, None)

@@ -80,6 +80,7 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     refs: int
     error: str | None
+    unloading: bool = False  # its requests drain; new ones are refused
 
 
 UPLOAD_PARTS = ("wait", "copies", "event")
@@ -1055,6 +1056,7 @@ class AdapterManager:
                 target_modules=tuple(sorted(a.config.target_modules)),
                 refs=a.refs,
                 error=a.error,
+                unloading=a.is_closing,
             )
             for a in self._adapters.values()
         ]
