@@ -107,7 +107,8 @@ async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
                 return_logprob=spec.return_logprob, top_logprobs_num=spec.top_logprobs_num,
             )
             text = TextStream(engine.tokenizer, spec.params.skip_special_tokens,
-                              spec.params.stop, spec.trim_stop)
+                              spec.params.stop, spec.trim_stop,
+                              spec.params.spaces_between_special_tokens)
             gens.append(Generation(i, req, text, prompt_tokens=len(req.prompt_ids)))
     except BaseException:
         for g in gens:

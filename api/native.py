@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -29,6 +30,7 @@ routes = web.RouteTableDef()
 V = TypeVar("V")
 
 MAX_TOP_LOGPROBS = 20
+MAX_N = 128  # samples per input (sampling_params.n), as the OpenAI routes' n
 HEALTH_GENERATE_TIMEOUT_S = 30.0
 
 
@@ -36,24 +38,31 @@ HEALTH_GENERATE_TIMEOUT_S = 30.0
 async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, GenerateRequest)
-    specs, is_batch = await off_loop(request, generate_specs, body, engine.tokenizer)
-    gens = await submit_all(engine, specs)
+    items, is_batch = await off_loop(request, generate_items, body, engine.tokenizer)
+    gens = await submit_all(engine, [it.spec for it in items])
+    with_text = bool(body.return_text_in_logprobs)
     if body.stream:
-        return await _stream(request, gens, is_batch, body.return_text_in_logprobs)
+        return await _stream(request, gens, items, is_batch, with_text)
     await unless_disconnected(request, collect(engine, gens))
-    results = [result(g, body.return_text_in_logprobs, engine.tokenizer) for g in gens]
+    results = [result(g, with_text, engine.tokenizer, items[g.index].logprob_start_len)
+               for g in gens]
     return json_response(results if is_batch else results[0])
 
 
-async def _stream(request: web.Request, gens: list[Generation], is_batch: bool,
-                  with_text: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, gens: list[Generation], items: list[NativeItem],
+                  is_batch: bool, with_text: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     resp = await sse.start(request)
+    num_sent = [0] * len(gens)  # output tokens each generation's last chunk carried
 
     async def produce() -> None:
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, _ in outputs:
-                chunk = result(g, with_text, engine.tokenizer)
+                item = items[g.index]
+                if not _is_chunk_due(g, num_sent[g.index], item.stream_interval):
+                    continue
+                num_sent[g.index] = g.completion_tokens
+                chunk = result(g, with_text, engine.tokenizer, item.logprob_start_len)
                 if is_batch:
                     chunk["index"] = g.index
                 await sse.send(resp, chunk)
@@ -61,31 +70,158 @@ async def _stream(request: web.Request, gens: list[Generation], is_batch: bool,
     return await sse.run(request, resp, produce(), Style.NATIVE)
 
 
-def generate_specs(body: GenerateRequest, tokenizer: Any) -> tuple[list[GenSpec], bool]:
-    """The requests a /generate body asks for, and whether the answer is a list."""
+def _is_chunk_due(g: Generation, num_sent: int, interval: int) -> bool:
+    """A chunk goes out for the first tokens, then every `interval` tokens, and at the end."""
+    return (interval <= 1 or g.finished or num_sent == 0
+            or g.completion_tokens - num_sent >= interval)
+
+
+@dataclass
+class NativeItem:
+    """One generation a /generate body asks for: what to submit, and how to answer."""
+
+    spec: GenSpec
+    logprob_start_len: int = -1  # first prompt position with logprobs; -1: the last one
+    stream_interval: int = 1
+
+
+# SGLang's /generate fields that loraserve does not implement, with SGLang's default: a body
+# that sets one to anything else is refused by name rather than served as if it were unset.
+UNSUPPORTED_FIELDS: tuple[tuple[str, object], ...] = (
+    ("input_embeds", None), ("image_data", None), ("video_data", None), ("audio_data", None),
+    ("mm_hashes", None), ("mm_content_hashes", None), ("use_audio_in_video", False),
+    ("video_config", None), ("modalities", None), ("token_ids_logprob", None),
+    ("return_sampling_mask", False), ("return_flat_raw_top_logprobs", False),
+    ("return_flat_raw_top_logprobs_b64", False), ("log_metrics", True),
+    ("return_hidden_states", False), ("return_routed_experts", False),
+    ("routed_experts_start_len", 0), ("return_indexer_topk", False), ("session_id", None),
+    ("session_params", None), ("lora_id", None), ("custom_logit_processor", None),
+    ("positional_embed_overrides", None), ("bootstrap_host", None), ("bootstrap_port", None),
+    ("bootstrap_room", None), ("bootstrap_pair_key", None), ("decode_tp_size", None),
+    ("routing_key", None), ("conversation_id", None), ("http_worker_ipc", None),
+    ("background", False), ("require_reasoning", False), ("max_thinking_tokens", None),
+    ("priority", None), ("custom_labels", None), ("return_bytes", False),
+    ("return_entropy", False), ("return_prompt_token_ids", False),
+    ("external_trace_header", None), ("received_time", None),
+    ("need_wait_for_mm_inputs", None), ("num_items_assigned", None), ("encoder_urls", None),
+    ("max_dynamic_patch", None), ("min_dynamic_patch", None),
+    ("image_max_dynamic_patch", None), ("video_max_dynamic_patch", None),
+    ("images_config", None), ("multi_item_delimiter_indices", None),
+)
+UNSUPPORTED_SAMPLING = ("stop_regex", "json_schema", "regex", "ebnf", "structural_tag",
+                        "custom_params")
+
+
+def _is_set(value: object, default: object) -> bool:
+    """Whether a field holds something other than its default (null, the default itself, and
+    lists or objects holding only those count as unset)."""
+    if value is None or value == default:
+        return False
+    if isinstance(value, list):
+        return any(_is_set(v, default) for v in value)
+    if isinstance(value, dict):
+        return any(_is_set(v, None) for v in value.values())
+    return True
+
+
+def refuse_unsupported(body: GenerateRequest, sampling: list[NativeSampling]) -> None:
+    """A 400 naming the first SGLang field set that loraserve does not implement."""
+    for name, default in UNSUPPORTED_FIELDS:
+        if _is_set(getattr(body, name), default):
+            raise ApiError(400, f"{name} is not supported by loraserve", param=name)
+    for s in sampling:
+        for name in UNSUPPORTED_SAMPLING:
+            if _is_set(getattr(s, name), None):
+                raise ApiError(400, f"sampling_params.{name} is not supported by loraserve",
+                               param=f"sampling_params.{name}")
+    for name in ("routed_dp_rank", "data_parallel_rank"):
+        if getattr(body, name) not in (None, 0):
+            raise ApiError(400, f"{name}: loraserve runs one data-parallel rank, 0",
+                           param=name)
+
+
+def generate_items(body: GenerateRequest, tokenizer: Any) -> tuple[list[NativeItem], bool]:
+    """The generations a /generate body asks for (n per input, input-major), and whether the
+    answer is a list (a list of inputs, or n > 1)."""
     prompts, is_batch = _prompts(body, tokenizer)
-    n = len(prompts)
-    sampling = _aligned(body.sampling_params, n, "sampling_params", NativeSampling())
-    loras = _aligned(body.lora_path, n, "lora_path", None)
-    rids = _aligned(body.rid, n, "rid", None, broadcast=False)
-    logprob = _aligned(body.return_logprob, n, "return_logprob", False)
-    top = _aligned(body.top_logprobs_num, n, "top_logprobs_num", 0)
-    specs = []
+    num_inputs = len(prompts)
+    sampling = _aligned(body.sampling_params, num_inputs, "sampling_params", NativeSampling())
+    refuse_unsupported(body, sampling)
+    n = _samples_per_input(sampling)
+    loras = _aligned(body.lora_path, num_inputs, "lora_path", None)
+    logprob = _aligned(body.return_logprob, num_inputs, "return_logprob", False)
+    starts = _aligned(body.logprob_start_len, num_inputs, "logprob_start_len", -1)
+    top = _aligned(body.top_logprobs_num, num_inputs, "top_logprobs_num", 0)
+    _aligned(body.cache_salt, num_inputs, "cache_salt", None)
+    _aligned(body.extra_key, num_inputs, "extra_key", None)
+    is_batch = is_batch or n > 1
+    rids = _rids(body.rid, num_inputs, n, is_batch)
+    items = []
     for i, prompt in enumerate(prompts):
-        if not 0 <= top[i] <= MAX_TOP_LOGPROBS:
-            raise ApiError(400, f"top_logprobs_num: must be between 0 and {MAX_TOP_LOGPROBS}",
-                           param="top_logprobs_num")
-        specs.append(GenSpec(
-            prompt, _params(sampling[i]), lora_name=loras[i] or None, rid=rids[i],
-            return_logprob=logprob[i], top_logprobs_num=top[i],
-            trim_stop=not sampling[i].no_stop_trim,
-        ))
-    return specs, is_batch
+        s = sampling[i]
+        _check_item(s, prompt, top[i], starts[i] if logprob[i] else -1)
+        for j in range(n):
+            spec = GenSpec(
+                prompt, _params(s, j), lora_name=loras[i] or None, rid=rids[i * n + j],
+                return_logprob=logprob[i], top_logprobs_num=top[i],
+                trim_stop=not s.no_stop_trim,
+            )
+            items.append(NativeItem(spec, starts[i], s.stream_interval or 1))
+    return items, is_batch
 
 
-def _params(s: NativeSampling) -> SamplingParams:
+def _samples_per_input(sampling: list[NativeSampling]) -> int:
+    counts = {1 if s.n is None else s.n for s in sampling}
+    if len(counts) > 1:
+        raise ApiError(400, "sampling_params.n: must be the same for every input",
+                       param="sampling_params.n")
+    n = counts.pop()
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"sampling_params.n: must be between 1 and {MAX_N}",
+                       param="sampling_params.n")
+    return n
+
+
+def _check_item(s: NativeSampling, prompt: list[int], top: int, logprob_start: int) -> None:
+    """Per-input checks of fields the engine does not see (`logprob_start` is -1 when no
+    logprobs are returned: it is then unused, as on SGLang)."""
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs_num: must be between 0 and {MAX_TOP_LOGPROBS}",
+                       param="top_logprobs_num")
+    if not -1 <= logprob_start < len(prompt):
+        raise ApiError(400, f"logprob_start_len: must be -1 (the last prompt token) or a "
+                       f"prompt position below the prompt's {len(prompt)} tokens, got "
+                       f"{logprob_start}", param="logprob_start_len")
+    if s.stream_interval is not None and not 1 <= s.stream_interval <= 1 << 20:
+        raise ApiError(400, "sampling_params.stream_interval: must be between 1 and "
+                       f"{1 << 20}", param="sampling_params.stream_interval")
+    if None not in (s.seed, s.sampling_seed) and s.seed != s.sampling_seed:
+        raise ApiError(400, "sampling_params.sampling_seed: differs from seed (give one)",
+                       param="sampling_params.sampling_seed")
+
+
+def _rids(rid: str | list[str] | None, num_inputs: int, n: int,
+          is_batch: bool) -> list[str | None]:
+    """One rid per generation: a string for a list answer is a prefix (`<rid>_<k>` for the
+    k-th generation, as SGLang does), a list names each input (`<rid>_<j>` for its sample j
+    when n > 1); rids must not repeat within a request."""
+    total = num_inputs * n
+    if rid is None:
+        return [None] * total
+    if isinstance(rid, str):
+        rids = [f"{rid}_{k}" for k in range(total)] if is_batch else [rid]
+    else:
+        if len(rid) != num_inputs:
+            raise ApiError(400, f"rid: {len(rid)} items for {num_inputs} inputs", param="rid")
+        rids = [r if n == 1 else f"{r}_{j}" for r in rid for j in range(n)]
+    if len(set(rids)) != len(rids):
+        raise ApiError(400, "rid: the same rid twice in one request", param="rid")
+    return list(rids)
+
+
+def _params(s: NativeSampling, seed_offset: int) -> SamplingParams:
     try:
-        return s.to_params()
+        return s.to_params(seed_offset)
     except TypeError as e:  # unreachable with the Struct's types; kept as a client error
         raise ApiError(400, f"sampling_params: {e}", param="sampling_params") from None
 
@@ -107,8 +243,7 @@ def _prompts(body: GenerateRequest, tokenizer: Any) -> tuple[list[list[int]], bo
                    "lists", param="input_ids")
 
 
-def _aligned(value: V | list[V] | None, n: int, name: str, default: V,
-             broadcast: bool = True) -> list[V]:
+def _aligned(value: V | list[V] | None, n: int, name: str, default: V) -> list[V]:
     """One value per input: a list must match the inputs; a single value is repeated."""
     if value is None:
         return [default] * n
@@ -116,8 +251,6 @@ def _aligned(value: V | list[V] | None, n: int, name: str, default: V,
         if len(value) != n:
             raise ApiError(400, f"{name}: {len(value)} items for {n} inputs", param=name)
         return [default if v is None else v for v in value]
-    if not broadcast and n > 1:
-        raise ApiError(400, f"{name}: a list of inputs needs a list of {name}s", param=name)
     return [value] * n
 
 
@@ -132,8 +265,11 @@ def finish_reason(g: Generation) -> dict[str, Any] | None:
     return {"type": "abort", "message": g.error or "aborted"}
 
 
-def result(g: Generation, with_text: bool, tokenizer: Any) -> dict[str, Any]:
-    """One /generate result (also each streamed chunk: text and ids so far)."""
+def result(g: Generation, with_text: bool, tokenizer: Any,
+           logprob_start_len: int = -1) -> dict[str, Any]:
+    """One /generate result (also each streamed chunk: text and ids so far). Prompt logprobs
+    start at `logprob_start_len` (-1: the last prompt token), whose own logprob is null, as
+    SGLang writes them."""
     meta: dict[str, Any] = {
         "id": g.rid,
         "finish_reason": finish_reason(g),
@@ -146,20 +282,30 @@ def result(g: Generation, with_text: bool, tokenizer: Any) -> dict[str, Any]:
         def text(t: int) -> str | None:
             return tokenizer.decode([t]) if with_text else None
         prompt = g.request.prompt_ids
+        start = _logprob_start(logprob_start_len, len(prompt))
+        input_lps = [None, *g.input_logprobs[start + 1:]] if g.input_logprobs else []
         meta["input_token_logprobs"] = [
-            [lp, t, text(t)] for lp, t in zip(g.input_logprobs, prompt, strict=False)
+            [lp, t, text(t)] for lp, t in zip(input_lps, prompt[start:], strict=False)
         ]
         meta["output_token_logprobs"] = [
             [lp, t, text(t)] for lp, t in zip(g.logprobs, g.output_ids, strict=False)
         ]
         if g.request.top_logprobs_num > 0:
+            input_tops = [[], *g.input_top_logprobs[start + 1:]] if g.input_top_logprobs else []
             meta["input_top_logprobs"] = [
-                [[lp, t, text(t)] for t, lp in tops] or None for tops in g.input_top_logprobs
+                [[lp, t, text(t)] for t, lp in tops] or None for tops in input_tops
             ]
             meta["output_top_logprobs"] = [
                 [[lp, t, text(t)] for t, lp in tops] for tops in g.top_logprobs
             ]
     return {"text": g.text.text, "output_ids": list(g.output_ids), "meta_info": meta}
+
+
+def _logprob_start(logprob_start_len: int, num_prompt_tokens: int) -> int:
+    """The first prompt position with logprobs (a prompt cut to fit the context by
+    allow_auto_truncate may end before the position asked for)."""
+    last = max(num_prompt_tokens - 1, 0)
+    return last if logprob_start_len < 0 else min(logprob_start_len, last)
 
 
 @routes.post("/abort_request")

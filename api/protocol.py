@@ -18,9 +18,13 @@ T = TypeVar("T")
 
 
 class NativeSampling(msgspec.Struct):
-    """The native `sampling_params` object; names as in SamplingParams."""
+    """The native `sampling_params` object; names as in SamplingParams and SGLang's.
 
-    max_new_tokens: int | None = None
+    `max_new_tokens` left out is the default (128, lowered to the room left in the context);
+    JSON null asks for no limit but the context, as on SGLang. Every other null is "not given".
+    """
+
+    max_new_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
     min_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -33,26 +37,134 @@ class NativeSampling(msgspec.Struct):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
     seed: int | None = None
+    sampling_seed: int | None = None  # SGLang's name for seed
     logit_bias: dict[str, float] | None = None
-    no_stop_trim: bool = False
+    no_stop_trim: bool | None = None
+    n: int | None = None  # samples per input (api/native.py expands them)
+    stream_interval: int | None = None  # tokens between streamed chunks (api/native.py)
+    # SGLang's fields that change the output and that loraserve does not implement: decoded
+    # whatever their type, so that setting one is a 400 naming it (api/native.py), never
+    # served as if it were absent
+    stop_regex: Any = None
+    json_schema: Any = None
+    regex: Any = None
+    ebnf: Any = None
+    structural_tag: Any = None
+    custom_params: Any = None
 
-    def to_params(self) -> SamplingParams:
-        given = {f: getattr(self, f) for f in self.__struct_fields__ if f != "no_stop_trim"}
+    def to_params(self, seed_offset: int = 0) -> SamplingParams:
+        """The engine's parameters; sample `seed_offset` of n draws with seed + seed_offset
+        (wrapped past the largest seed, as on the OpenAI routes), so the samples differ but
+        repeat."""
+        seed = self.sampling_seed if self.seed is None else self.seed
+        given = {
+            "max_new_tokens": NO_TOKEN_LIMIT if self.max_new_tokens is None else (
+                None if self.max_new_tokens is msgspec.UNSET else self.max_new_tokens),
+            "min_new_tokens": self.min_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+            "logit_bias": self.logit_bias,
+            "seed": None if seed is None else _wrapped_seed(seed + seed_offset),
+        }
+        is_default = self.max_new_tokens is msgspec.UNSET or self.max_new_tokens is None
         return SamplingParams(**{k: v for k, v in given.items() if v is not None},
-                              is_max_new_tokens_default=self.max_new_tokens is None)
+                              is_max_new_tokens_default=is_default)
+
+
+# `max_new_tokens: null`: no limit but the context (the engine lowers it to the room left)
+NO_TOKEN_LIMIT = 1 << 20
 
 
 class GenerateRequest(msgspec.Struct):
+    """The /generate body, SGLang's GenerateReqInput. Fields SGLang does not have are
+    ignored; SGLang's own fields are all decoded, and those loraserve does not implement are
+    refused by name when set (api/native.py: UNSUPPORTED_FIELDS)."""
+
     text: str | list[str] | None = None
     input_ids: list[int | list[int]] | None = None
     sampling_params: NativeSampling | list[NativeSampling] | None = None
     lora_path: str | list[str | None] | None = None
-    stream: bool = False
+    stream: bool | None = None
     rid: str | list[str] | None = None
     return_logprob: bool | list[bool] | None = None
+    logprob_start_len: int | list[int] | None = None
     top_logprobs_num: int | list[int] | None = None
-    return_text_in_logprobs: bool = False
+    return_text_in_logprobs: bool | None = None
+    # Asked-for properties that already hold here: no prefix cache is shared between requests
+    # (cache_salt, extra_key), no request's text is ever logged (no_logs), and there is one
+    # data-parallel rank, 0 (routed_dp_rank and its old name data_parallel_rank).
+    cache_salt: str | list[str] | None = None
+    extra_key: str | list[str] | None = None
+    no_logs: bool | None = None
+    routed_dp_rank: int | None = None
+    data_parallel_rank: int | None = None
+    # Hints SGLang documents as such (prefill/decode disaggregation, KV routing), which change
+    # no output; there is nothing here to act on them.
+    disagg_prefill_dp_rank: int | None = None
+    kv_router_hint: dict[str, Any] | None = None
+    # Refused when set to anything but SGLang's default (api/native.py: UNSUPPORTED_FIELDS).
+    input_embeds: Any = None
+    image_data: Any = None
+    video_data: Any = None
+    audio_data: Any = None
+    mm_hashes: Any = None
+    mm_content_hashes: Any = None
+    use_audio_in_video: Any = None
+    video_config: Any = None
+    modalities: Any = None
+    token_ids_logprob: Any = None
+    return_sampling_mask: Any = None
+    return_flat_raw_top_logprobs: Any = None
+    return_flat_raw_top_logprobs_b64: Any = None
+    log_metrics: Any = None
+    return_hidden_states: Any = None
+    return_routed_experts: Any = None
+    routed_experts_start_len: Any = None
+    return_indexer_topk: Any = None
+    session_id: Any = None
+    session_params: Any = None
+    lora_id: Any = None
+    custom_logit_processor: Any = None
+    positional_embed_overrides: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    bootstrap_pair_key: Any = None
+    decode_tp_size: Any = None
+    routing_key: Any = None
+    conversation_id: Any = None
+    http_worker_ipc: Any = None
+    background: Any = None
+    require_reasoning: Any = None
+    max_thinking_tokens: Any = None
+    priority: Any = None
+    custom_labels: Any = None
+    return_bytes: Any = None
+    return_entropy: Any = None
+    return_prompt_token_ids: Any = None
+    external_trace_header: Any = None
+    received_time: Any = None
+    need_wait_for_mm_inputs: Any = None
+    num_items_assigned: Any = None
+    encoder_urls: Any = None
+    max_dynamic_patch: Any = None
+    min_dynamic_patch: Any = None
+    image_max_dynamic_patch: Any = None
+    video_max_dynamic_patch: Any = None
+    images_config: Any = None
+    multi_item_delimiter_indices: Any = None
 
 
 class AbortRequest(msgspec.Struct):

@@ -3,7 +3,9 @@
 Text is decoded over a short window of recent tokens, so each step costs O(window), and a
 window whose text ends in U+FFFD (an incomplete UTF-8 sequence) is held until the next token
 completes it. Text that could be the start of a stop string is held back too, so a stream never
-sends characters it later has to take back; the stop string itself is cut from the output.
+sends characters it later has to take back; the stop string itself is cut from the output, and
+so is a stop token (a stop token id or EOS) that ended the generation, unless trimming is off
+(`no_stop_trim`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ class TextStream:
     """Turns a growing list of output token ids into text that only ever grows."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True,
-                 stop: list[str] | None = None, trim_stop: bool = True) -> None:
+                 stop: list[str] | None = None, trim_stop: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
         self.stop = list(stop or []) if trim_stop else []
+        self.trim_stop = trim_stop
         self.token_ids: list[int] = []
         self._decoded = ""  # stable text of token_ids[:read_offset]
         self._prefix_offset = 0
@@ -29,8 +34,9 @@ class TextStream:
         self.is_stopped = False  # a stop string was found; nothing more is emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False,
+            spaces_between_special_tokens=self.spaces_between_special_tokens)
 
     def _advance(self, final: bool) -> None:
         prefix = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
@@ -43,6 +49,8 @@ class TextStream:
     def push(self, new_token_ids: list[int], finished: bool = False,
              matched_stop: int | str | None = None) -> str:
         """Add tokens; return the text newly safe to show (a delta, possibly empty)."""
+        if finished and self.trim_stop and _is_token(matched_stop) and new_token_ids:
+            new_token_ids = new_token_ids[:-1]  # the stop token that ended it is not text
         self.token_ids.extend(new_token_ids)
         if self.is_stopped:
             return ""
@@ -76,3 +84,7 @@ class TextStream:
                     longest = k
                     break
         return longest
+
+
+def _is_token(matched_stop: int | str | None) -> bool:
+    return isinstance(matched_stop, int) and not isinstance(matched_stop, bool)

@@ -49,6 +49,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # passed to the tokenizer's decode with skip_special_tokens (tokenizers that ignore it,
+    # such as the fast ones, decode as they always do)
+    spaces_between_special_tokens: bool = True
     # token id -> a value added to its logit before choosing (OpenAI's and SGLang's
     # logit_bias; JSON keys arrive as strings of digits)
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -127,6 +130,8 @@ class SamplingParams:
             raise ValidationError("ignore_eos", "must be a boolean")
         if not isinstance(self.skip_special_tokens, bool):
             raise ValidationError("skip_special_tokens", "must be a boolean")
+        if not isinstance(self.spaces_between_special_tokens, bool):
+            raise ValidationError("spaces_between_special_tokens", "must be a boolean")
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:

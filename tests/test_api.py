@@ -127,7 +127,8 @@ async def test_generate_batch_aligned_lists(client) -> None:
 async def test_generate_input_ids_and_logprobs(client) -> None:
     r = await client.post("/generate", json={
         "input_ids": [[5, 6, 7], [8, 9]], "sampling_params": {"max_new_tokens": 3},
-        "return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True,
+        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2,
+        "return_text_in_logprobs": True,
     })
     body = await r.json()
     assert r.status == 200, body
@@ -250,7 +251,7 @@ async def test_abort_request(client) -> None:
     (b'{"input_ids": []}', "input_ids"),
     (b'{"input_ids": [1, [2]]}', "input_ids"),
     (b'{"text": ["a", "b"], "lora_path": ["a1"]}', "lora_path"),
-    (b'{"text": ["a", "b"], "rid": "same"}', "rid"),
+    (b'{"text": ["a", "b"], "rid": ["same", "same"]}', "rid"),
     (b'{"text": "x", "lora_path": "no-such-adapter"}', "lora_path"),
     (b'{"text": "x", "top_logprobs_num": 99}', "top_logprobs_num"),
     (b'[1, 2]', None),
