@@ -82,6 +82,13 @@ def refuse_unsupported(body: OpenAISampling) -> None:
          'only {"type": "text"} is supported (no constrained decoding)'),
         ("tools", bool(body.tools), "tool calling is not supported"),
         ("functions", bool(body.functions), "function calling is not supported"),
+        ("tool_choice", body.tool_choice not in (None, "none", "auto"),
+         "tool calling is not supported"),
+        *((name, getattr(body, name) is not None, "constrained decoding is not supported")
+          for name in ("regex", "json_schema", "ebnf", "structural_tag")),
+        ("stop_regex", bool(body.stop_regex), "regex stop conditions are not supported"),
+        ("custom_logit_processor", body.custom_logit_processor is not None,
+         "custom logit processors are not supported"),
     ]
     if isinstance(body, CompletionRequest):
         n = 1 if body.n is None else body.n

@@ -231,6 +231,14 @@ class OpenAISampling(msgspec.Struct):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # SGLang's extensions of these routes that loraserve does not implement, refused likewise
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
+    stop_regex: str | list[str] | None = None
+    custom_logit_processor: str | None = None
 
     def to_params(self, max_new_tokens: int, seed_offset: int) -> SamplingParams:
         given = {

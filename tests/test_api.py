@@ -595,6 +595,13 @@ async def test_long_prompts_are_tokenized_off_the_loop(client) -> None:
     ("chat", {"max_tokens": 2**40}, "max_tokens"),
     ("completions", {"min_tokens": -1}, "min_tokens"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"regex": "[ab]+"}, "regex"),
+    ("completions", {"json_schema": "{}"}, "json_schema"),
+    ("completions", {"ebnf": "root ::= 'a'"}, "ebnf"),
+    ("chat", {"structural_tag": "{}"}, "structural_tag"),
+    ("completions", {"stop_regex": ["a+"]}, "stop_regex"),
+    ("chat", {"custom_logit_processor": "x"}, "custom_logit_processor"),
 ])
 async def test_openai_fields_refused_by_their_name(client, route: str, body: dict,
                                                    param: str) -> None:
@@ -625,7 +632,8 @@ async def test_logit_bias_on_both_apis(client) -> None:
 
 
 async def test_openai_accepts_neutral_values_and_wraps_seeds(client) -> None:
-    for body in ({"response_format": {"type": "text"}, "tools": [], "logit_bias": {}},
+    for body in ({"response_format": {"type": "text"}, "tools": [], "logit_bias": {},
+                  "tool_choice": "none", "stop_regex": []},
                  {"best_of": 2, "n": 2, "suffix": ""},
                  {"seed": 2**64 - 1, "n": 2, "temperature": 1.0}):
         r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2} | body)
