@@ -58,29 +58,14 @@ class NativeSampling(msgspec.Struct):
         """The engine's parameters; sample `seed_offset` of n draws with seed + seed_offset
         (wrapped past the largest seed, as on the OpenAI routes), so the samples differ but
         repeat."""
-        seed = self.sampling_seed if self.seed is None else self.seed
-        given = {
-            "max_new_tokens": NO_TOKEN_LIMIT if self.max_new_tokens is None else (
-                None if self.max_new_tokens is msgspec.UNSET else self.max_new_tokens),
-            "min_new_tokens": self.min_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "frequency_penalty": self.frequency_penalty,
-            "presence_penalty": self.presence_penalty,
-            "repetition_penalty": self.repetition_penalty,
-            "stop": self.stop,
-            "stop_token_ids": self.stop_token_ids,
-            "ignore_eos": self.ignore_eos,
-            "skip_special_tokens": self.skip_special_tokens,
-            "spaces_between_special_tokens": self.spaces_between_special_tokens,
-            "logit_bias": self.logit_bias,
-            "seed": None if seed is None else _wrapped_seed(seed + seed_offset),
-        }
         is_default = self.max_new_tokens is msgspec.UNSET or self.max_new_tokens is None
-        return SamplingParams(**{k: v for k, v in given.items() if v is not None},
-                              is_max_new_tokens_default=is_default)
+        return _sampling_params(
+            self, self.sampling_seed if self.seed is None else self.seed, seed_offset,
+            max_new_tokens=NO_TOKEN_LIMIT if self.max_new_tokens is None else (
+                None if self.max_new_tokens is msgspec.UNSET else self.max_new_tokens),
+            min_new_tokens=self.min_new_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            is_max_new_tokens_default=is_default)
 
 
 # `max_new_tokens: null`: no limit but the context (the engine lowers it to the room left)
@@ -241,26 +226,9 @@ class OpenAISampling(msgspec.Struct):
     custom_logit_processor: str | None = None
 
     def to_params(self, max_new_tokens: int, seed_offset: int) -> SamplingParams:
-        given = {
-            "max_new_tokens": max_new_tokens,
-            "min_new_tokens": self.min_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "frequency_penalty": self.frequency_penalty,
-            "presence_penalty": self.presence_penalty,
-            "repetition_penalty": self.repetition_penalty,
-            "stop": self.stop,
-            "stop_token_ids": self.stop_token_ids,
-            "ignore_eos": self.ignore_eos,
-            "skip_special_tokens": self.skip_special_tokens,
-            "logit_bias": self.logit_bias,
-            # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat
-            # (wrapped past the largest seed, 2**64 - 1).
-            "seed": None if self.seed is None else _wrapped_seed(self.seed + seed_offset),
-        }
-        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat
+        return _sampling_params(self, self.seed, seed_offset, max_new_tokens=max_new_tokens,
+                               min_new_tokens=self.min_tokens)
 
     @property
     def include_usage(self) -> bool:
@@ -271,6 +239,23 @@ class OpenAISampling(msgspec.Struct):
         """SamplingParams' names of the fields this request spelled otherwise -> its names (an
         error names the field the client sent)."""
         return dict(OPENAI_FIELDS)
+
+
+# SamplingParams' fields that both APIs name as SamplingParams does
+_SHARED_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+    "logit_bias",
+)
+
+
+def _sampling_params(body: Any, seed: int | None, seed_offset: int,
+                    **given: Any) -> SamplingParams:
+    """SamplingParams from `body`'s fields of _SHARED_SAMPLING_FIELDS and `given`, a None being
+    "not given"; the seed is seed + seed_offset, wrapped past the largest seed (2**64 - 1)."""
+    fields = {name: getattr(body, name) for name in _SHARED_SAMPLING_FIELDS} | given
+    fields["seed"] = None if seed is None else _wrapped_seed(seed + seed_offset)
+    return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _wrapped_seed(seed: int) -> int:
