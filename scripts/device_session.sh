@@ -797,6 +797,20 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     grep -E "saturated:|keeps|Error|engine built|^  at |wrote" /tmp/cap32.log | cut -c1-600
     tail -2 /tmp/cap32.log | cut -c1-300
     ;;
+  s35a)  # one GPU: s33b's keep (96 % at 64 new tokens) at the issue's 128 new tokens, the
+    # counters every 10 s
+    timeout 420 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
+      --progress-s 10 --out "$OUT/many_cap32_8192_128.json" > /tmp/cap32.log 2>&1
+    echo "== many_adapters cap 32, 8192 requests of 256/128: rc $?"
+    grep -E "saturated:|keeps|Error|engine built|^  at |wrote" /tmp/cap32.log | cut -c1-600
+    tail -2 /tmp/cap32.log | cut -c1-300
+    ;;
+  s35b)  # one GPU: the pipeline's GPU tests with each case's time (s33b's 120 s limit struck
+    # after 5 of its 6 cases)
+    gpu_tests pipeline 400 --durations=0 tests/test_pipeline_gpu.py
+    grep -E "s call|passed|failed" "$OUT/pipeline.log" | head -20
+    rm -f "$OUT"/*.xml
+    ;;
   s32tp)  # two GPUs (nvidia-h200-x2): tp 2 decode steps replay CUDA graphs captured on both
     # ranks, their all-reduces inside: the tensor-parallel GPU tests (the graphs' fp32 tokens
     # against tp 1 among them), then tp_bench with graphs at both sizes
