@@ -35,6 +35,7 @@ class GenSpec:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     trim_stop: bool = True
+    logprob_start: int = 1  # the first prompt token whose logprob is scored (Engine.submit)
 
 
 @dataclass
@@ -105,6 +106,7 @@ async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
             req = await engine.submit(
                 spec.prompt_ids, spec.params, lora_name=spec.lora_name, rid=spec.rid,
                 return_logprob=spec.return_logprob, top_logprobs_num=spec.top_logprobs_num,
+                logprob_start=spec.logprob_start,
             )
             text = TextStream(engine.tokenizer, spec.params.skip_special_tokens,
                               spec.params.stop, spec.trim_stop,

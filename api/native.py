@@ -165,6 +165,8 @@ def generate_items(body: GenerateRequest, tokenizer: Any) -> tuple[list[NativeIt
                 prompt, _params(s, j), lora_name=loras[i] or None, rid=rids[i * n + j],
                 return_logprob=logprob[i], top_logprobs_num=top[i],
                 trim_stop=not s.no_stop_trim,
+                # result() lists logprobs from the token after the start (its own is null)
+                logprob_start=_logprob_start(starts[i], len(prompt)) + 1,
             )
             items.append(NativeItem(spec, starts[i], s.stream_interval or 1))
     return items, is_batch

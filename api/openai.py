@@ -125,7 +125,9 @@ async def submit_openai(request: web.Request, body: OpenAISampling,
 
 
 def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | None],
-           max_tokens: list[int], logprobs: int | None) -> list[GenSpec]:
+           max_tokens: list[int], logprobs: int | None, echo: bool = False) -> list[GenSpec]:
+    """The generations to submit. The prompt's own logprobs are scored only for an echo (the
+    rest of the time no answer carries them, and scoring costs a logits row a prompt token)."""
     refuse_unsupported(body)
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
@@ -143,7 +145,7 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | Non
                 prompt, body.to_params(max_tokens[p], seed_offset=j), lora_name=loras[p],
                 rid=rid,
                 return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0,
-                trim_stop=not body.no_stop_trim,
+                trim_stop=not body.no_stop_trim, logprob_start=1 if echo else len(prompt),
             ))
     return specs
 
@@ -213,7 +215,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                     engine.model_info.vocab_size)
     loras = resolve_loras(request, body, len(prompts))
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs)
+    specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs,
+                   echo=bool(body.echo))
     n = len(specs) // len(prompts)
     echo = [texts[i // n] if body.echo else "" for i in range(len(specs))]
     gens = await submit_openai(request, body, specs)

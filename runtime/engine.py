@@ -345,9 +345,15 @@ class Engine:
         rid: str | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        logprob_start: int = 1,
     ) -> Request:
         """Validate and enqueue. Raises ValidationError, AdapterError, QueueFullError or
-        EngineStoppedError; on success the request holds a name reference on its adapter."""
+        EngineStoppedError; on success the request holds a name reference on its adapter.
+
+        With `return_logprob`, the prompt tokens from `logprob_start` on are scored (the first
+        token never is; a start at or past the prompt's end scores none): the positions before
+        it get no logits row, so a client asking for the last prompt token's logprob, or for
+        the output's alone, does not pay for the whole prompt's [tokens, vocab] logits."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down")
         prompt_ids, params = self._validate(prompt_ids, params, rid, top_logprobs_num)
@@ -364,6 +370,10 @@ class Engine:
             rid=rid or new_rid(), prompt_ids=list(prompt_ids), params=params,
             lora_name=lora_name, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
         )
+        skipped = min(max(logprob_start, 1), len(req.prompt_ids))
+        if skipped > 1:  # scoring starts where these end (Request.prompt_logprob_positions)
+            req.input_logprobs = [None] * skipped
+            req.input_top_logprobs = [[] for _ in range(skipped)]
         req.outputs = asyncio.Queue()
         self.requests[req.rid] = req
         self._residency[req.rid] = residency

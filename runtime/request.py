@@ -300,7 +300,8 @@ class Request:
 
     def prompt_logprob_positions(self, start: int, n: int) -> range:
         """Positions p in [start, start+n) whose logits score prompt token p+1 and are not
-        scored yet (a recompute after preemption scores nothing twice)."""
+        scored yet (a recompute after preemption scores nothing twice, and the tokens before
+        the submit's `logprob_start` come pre-filled with None)."""
         if not self.return_logprob:
             return range(0)
         lo = max(start, len(self.input_logprobs) - 1)

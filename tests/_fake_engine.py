@@ -151,6 +151,7 @@ class FakeEngine:
         self.is_running = False
         self.is_stopped = False
         self.submitted: list[Request] = []
+        self.logprob_starts: dict[str, int] = {}  # rid -> the logprob_start it was given
         self.hold = asyncio.Event()  # cleared: requests wait before their first token
         self.hold.set()
 
@@ -173,7 +174,10 @@ class FakeEngine:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams,
                      lora_name: str | None = None, rid: str | None = None,
-                     return_logprob: bool = False, top_logprobs_num: int = 0) -> Request:
+                     return_logprob: bool = False, top_logprobs_num: int = 0,
+                     logprob_start: int = 1) -> Request:
+        """As Engine.submit; it scores no prompt token, so `logprob_start` is only kept
+        (`logprob_starts`, by rid) for tests of what the routes ask for."""
         if self.is_stopped:
             raise EngineStoppedError("engine is stopped")
         params.validate(self.model_info.vocab_size)
@@ -190,6 +194,7 @@ class FakeEngine:
         req = Request(rid or new_rid(), list(prompt_ids), params, lora_name, return_logprob,
                       top_logprobs_num)
         req.outputs = asyncio.Queue()
+        self.logprob_starts[req.rid] = logprob_start
         live = _Live(req, self.script)
         self.live[req.rid] = live
         self.submitted.append(req)

@@ -671,7 +671,11 @@ async def test_echo_logprobs_score_the_prompt(client) -> None:
     assert all(len(t) >= 1 for t in lp["top_logprobs"][1:k])
     # every offset, the output's too, runs over the tokens' own texts
     assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
-    assert lp["token_logprobs"][k:] == plain["logprobs"]["token_logprobs"]
+    # without echo no prompt row is scored: the output's come from a smaller lm_head batch,
+    # equal within rounding
+    assert all(abs(a - b) < 1e-4
+               for a, b in zip(lp["token_logprobs"][k:], plain["logprobs"]["token_logprobs"],
+                               strict=True))
 
 
 # ---------------------------------------------------------------- context length

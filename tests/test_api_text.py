@@ -169,3 +169,31 @@ def test_dashboard_queries_known_metrics() -> None:
         for target in panel["targets"]:
             for name in re.findall(r"loraserve:[a-z_:]+", target["expr"]):
                 assert name in exported, (panel["title"], name)
+
+
+async def test_routes_score_only_the_prompt_logprobs_they_answer(fake_client) -> None:
+    """The engine is asked for the prompt's logprobs only where the answer carries them: on
+    /generate from the token after logprob_start_len (whose own is null; the default -1 asks
+    for none), all of them for an OpenAI echo, none for any other OpenAI answer."""
+    engine = fake_client.app[ENGINE]
+    prompt = [5, 6, 7, 8, 9]
+
+    async def start_of(route: str, body: dict) -> int:
+        before = len(engine.submitted)
+        r = await fake_client.post(route, json=body)
+        assert r.status == 200, await r.text()
+        (req,) = engine.submitted[before:]
+        return engine.logprob_starts[req.rid]
+
+    native = {"input_ids": prompt, "return_logprob": True, "sampling_params": {"max_new_tokens": 1}}
+    assert await start_of("/generate", native) == len(prompt)  # the last token's own is null
+    assert await start_of("/generate", native | {"logprob_start_len": 0}) == 1
+    assert await start_of("/generate", native | {"logprob_start_len": 2}) == 3
+    completion = {"prompt": prompt, "max_tokens": 1, "logprobs": 1}
+    assert await start_of("/v1/completions", completion) == len(prompt)
+    assert await start_of("/v1/completions", completion | {"echo": True}) == 1
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "logprobs": True}
+    before = len(engine.submitted)
+    assert (await fake_client.post("/v1/chat/completions", json=chat)).status == 200
+    (req,) = engine.submitted[before:]
+    assert engine.logprob_starts[req.rid] == req.num_prompt_tokens

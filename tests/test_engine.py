@@ -342,6 +342,48 @@ def test_prompt_logprobs_match_hf(llama, tmp_path, chunk):
         assert top_ids == ref[0].topk(2).indices.tolist()
 
 
+@pytest.mark.parametrize("chunk", [512, 7])
+@pytest.mark.parametrize("start", [1, 2, 9, 10_000])
+def test_prompt_logprobs_from_a_start_score_only_those_tokens(llama, monkeypatch, chunk, start):
+    """`logprob_start` (SGLang's logprob_start_len + 1; past the prompt for OpenAI answers
+    without echo) scores the prompt tokens from there on and gives the runner no logits row
+    for the positions before it: the tokens before get None, the rest HF's logprobs."""
+    from runtime.request import Request
+
+    vocab = read_vocab(llama)
+    p = prompts(1, vocab, seed=37, lo=20, hi=30)[0]
+    engine = make_engine(llama, chunked_prefill_size=chunk)
+    scored: set[int] = set()
+    positions = Request.prompt_logprob_positions
+
+    def spy(self, begin, n):
+        rows = positions(self, begin, n)
+        scored.update(rows)
+        return rows
+
+    monkeypatch.setattr(Request, "prompt_logprob_positions", spy)
+
+    async def go():
+        await engine.start()
+        try:
+            req = await engine.submit(p, greedy(2), return_logprob=True, top_logprobs_num=1,
+                                      logprob_start=start)
+            return [o async for o in engine.stream(req)]
+        finally:
+            await engine.stop()
+
+    first = run(go())[0]
+    skipped = min(start, len(p))
+    assert scored == set(range(skipped - 1, len(p) - 1))
+    assert len(first.input_logprobs) == len(first.input_top_logprobs) == len(p)
+    assert first.input_logprobs[:skipped] == [None] * skipped
+    assert first.input_top_logprobs[:skipped] == [[]] * skipped
+    ref = torch.log_softmax(hf_logits(hf_model(llama), p), dim=-1)
+    want = [ref[i - 1, p[i]].item() for i in range(skipped, len(p))]
+    got = first.input_logprobs[skipped:]
+    assert len(got) == len(want) and all(abs(a - b) < 1e-3 for a, b in zip(got, want))
+
+
 async def all_outputs(engine, reqs) -> list[list[RequestOutput]]:
     """Every output each request streams, until it finishes."""
 
