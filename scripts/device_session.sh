@@ -811,6 +811,27 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     grep -E "s call|passed|failed" "$OUT/pipeline.log" | head -20
     rm -f "$OUT"/*.xml
     ;;
+  s35c)  # one GPU: the rotary + K/V store inside decode attention (one launch fewer a layer,
+    # the default now): its GPU tests (bit for bit against the two kernels at Llama-3.1-8B's
+    # heads; decode graphs and PDL chains with it), then the step targets by default and with
+    # LORASERVE_DECODE_ROPE_ATTENTION=0 (the two kernels), alternating
+    # the small-shape cases too (not GPU-marked: on CUDA their programs run concurrently)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_lora_fold.py -k decode_rope \
+      > "$OUT/rope_attention_small.log" 2>&1
+    echo "== decode_rope small shapes on CUDA: rc $?"; tail -2 "$OUT/rope_attention_small.log"
+    gpu_tests rope_attention_tests 200 tests/test_lora_fold.py tests/test_graphs_gpu.py \
+      tests/test_pdl.py tests/test_attention.py
+    rm -f "$OUT"/*.xml
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_ROPE_ATTENTION=0 NONE=2 LORASERVE_DECODE_ROPE_ATTENTION=0; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 490 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      step_lora $((i == 1 ? 110 : 85)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step_[0-9]_*.json
+    ;;
   s32tp)  # two GPUs (nvidia-h200-x2): tp 2 decode steps replay CUDA graphs captured on both
     # ranks, their all-reduces inside: the tensor-parallel GPU tests (the graphs' fp32 tokens
     # against tp 1 among them), then tp_bench with graphs at both sizes

@@ -481,3 +481,81 @@ def test_folds_at_llama_8b_shapes_on_cuda(rows) -> None:
 
     for a, b in zip(run(qkv, fold), run(with_expand(qkv, fold), None)):
         torch.testing.assert_close(a, b, **tol(dt))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("qk_norm", "with_fold", "num_splits"),
+                         [(False, False, 1), (False, True, 3), (True, True, 2),
+                          (True, False, 4)])
+def test_decode_rope_attention_is_rope_store_then_attention(dtype, qk_norm, with_fold,
+                                                            num_splits) -> None:
+    """The rotary + K/V store inside decode attention (decode_rope_attention_triton) gives
+    exactly the two kernels' results, one after the other: the output, and the caches with
+    each sequence's new key and value in its slot. Sequences over one and several slices and a
+    padding row (kv_len 0, no cache write); with a LoRA fold and q/k norms or without."""
+    kv_lens = [5, 1, 0, 37, 16, 9, 64, 2, 20, 3]
+    fold = TOKEN_SLOTS if with_fold else None
+    # 16-token tiles and slices: up to 4 slices a sequence, so the new token's is not the first
+    split = {"num_splits": num_splits, "min_split": 16, "config": (16, 4, 1)}
+    check_decode_rope_attention(4, 2, 32, 8, kv_lens, dtype, qk_norm, fold, split, DEVICE)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("batch", "with_fold"), [(1, False), (1, True), (32, False),
+                                                  (32, True)])
+def test_decode_rope_attention_at_llama_8b_shapes_on_cuda(batch, with_fold) -> None:
+    """As above in bf16 at Llama-3.1-8B's heads over 143-token contexts, the default split
+    and tiling (several slices a sequence at batch 1), over 8 adapters and base rows."""
+    kv_lens = [143 - i % 5 for i in range(batch)]
+    slots = sorted(i % 9 - 1 for i in range(batch)) if batch > 1 else [3]
+    check_decode_rope_attention(32, 8, 128, 16, kv_lens, torch.bfloat16, False,
+                                slots if with_fold else None, {}, "cuda")
+
+
+def check_decode_rope_attention(heads: int, kv_heads: int, d: int, page: int, lens: list[int],
+                                dtype: torch.dtype, qk_norm: bool, fold_slots: list[int] | None,
+                                split: dict, device: str) -> None:
+    """decode_rope_attention_triton against rope_store_kv_triton then decode_attention_triton,
+    bit for bit: output and caches. Row 2, where there is one, is a padding row that writes no
+    cache."""
+    from ops.triton_decode_attention import decode_attention_triton, decode_rope_attention_triton
+    from tests.test_fused_ops import rope_tables
+
+    q_size, kv_size = heads * d, kv_heads * d
+    kv_lens = torch.tensor(lens, dtype=torch.int32)
+    batch = kv_lens.numel()
+    fold = None
+    if fold_slots is not None:
+        fold = make_fold(fold_slots, [q_size, kv_size, kv_size], dtype, 2,
+                         num_slots=max(3, max(fold_slots) + 1), device=device)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(batch, q_size + 2 * kv_size, generator=g).to(dtype).to(device)
+    cos, sin = rope_tables((kv_lens - 1).clamp(min=0).to(device), d, dtype)
+    norms = ((1 + 0.1 * torch.randn(d, generator=g)).to(dtype).to(device),
+             (1 + 0.1 * torch.randn(d, generator=g)).to(dtype).to(device)) if qk_norm else ()
+    width = -(-max(lens) // page)  # pages a sequence's table row holds
+    tables = torch.randperm(batch * width, generator=g).view(batch, width).to(torch.int32)
+    pos = (kv_lens - 1).clamp(min=0).long()
+    slots = tables[torch.arange(batch), pos // page].long() * page + pos % page
+    if batch > 2:
+        slots[2] = -1
+    cache0 = [torch.randn(batch * width, page, kv_heads, d, generator=g).to(dtype).to(device)
+              for _ in range(2)]
+    tables, kv_lens, slots = tables.to(device), kv_lens.to(device), slots.to(device)
+    scale = d ** -0.5
+
+    def views(y):
+        q, k, v = y.split([q_size, kv_size, kv_size], dim=-1)
+        return q.view(batch, heads, d), k.view(batch, kv_heads, d), v.view(batch, kv_heads, d)
+
+    cache = [c.clone() for c in cache0]
+    q_rot = rope_store_kv_triton(*views(qkv), cos, sin, *cache, slots, *norms, eps=EPS,
+                                 fold=fold)
+    want = decode_attention_triton(q_rot, *cache, tables, kv_lens, scale, **split)
+    fused_cache = [c.clone() for c in cache0]
+    got = decode_rope_attention_triton(*views(qkv), cos, sin, *fused_cache, slots, tables,
+                                       kv_lens, scale, *norms, eps=EPS, fold=fold, **split)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(fused_cache, cache))
+    assert not torch.equal(cache[0], cache0[0])  # the new keys were written
