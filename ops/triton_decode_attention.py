@@ -6,14 +6,6 @@ read once per group), and one slice of the KV range. The grid's slice count foll
 its slices to finish (an atomic arrival count) merges their partial results through their
 log-sum-exps, in slice order. One launch: a second merge kernel cost more than the merge (a
 launch and a wave of its own; benchmarks/RESULTS.md, thirteenth session).
-
-`decode_rope_attention_triton` runs the layer's rotary + K/V store (ops/triton_rope_store_kv.py,
-its LoRA fold and q/k norms too) inside this kernel, on the qkv projection's output as it is:
-each program rotates its group's query heads into a scratch q, and the program of a sequence's
-last slice (the one whose tiles hold the new token) rotates and stores the token's key and
-value, then reads them back with its tiles (a CTA barrier orders its own writes before its
-reads; no other program reads the new token's row). Decode forwards save the rotary kernel's
-launch and its turn in the layer's chain of dependent kernels.
 """
 
 import torch
@@ -30,8 +22,6 @@ from ops.triton_attention_tiles import (
     output_buffer,
     softmax_tile,
 )
-from ops.triton_lora_fold import LoraFold, fold_args
-from ops.triton_rope_store_kv import check_rope_inputs, rope_kv_head, rope_q_head, rope_rows
 
 _LOG2E = 1.4426950408889634
 # The grid's slices: one per this many tokens of the block table's width at most.
@@ -69,38 +59,6 @@ def _decode_attention_kernel(
     scale_log2,  # softmax scale times log2(e): the kernel works in base 2
     num_splits,  # programs per (sequence, KV head) (grid axis 2): at most this many slices
     min_split,  # the shortest slice worth a program of its own, a multiple of BLOCK_N
-    # ROPE: q_ptr is a scratch the programs write their rotated heads to, from these (the
-    # arguments of ops/triton_rope_store_kv.py's kernel; token t is sequence seq)
-    q_raw_ptr,
-    k_ptr,
-    v_ptr,
-    cos_ptr,
-    sin_ptr,
-    slot_ptr,
-    q_norm_ptr,
-    k_norm_ptr,
-    stride_qrt,
-    stride_qrh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_cos,
-    stride_sin,
-    stride_cache_slot,
-    eps,
-    t_ptr,
-    b_ptr,
-    scal_ptr,
-    rslot_ptr,
-    R,
-    stride_ts,
-    stride_tm,
-    stride_tslot,
-    stride_bs,
-    stride_bn,
-    stride_ss,
-    stride_si,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_H: tl.constexpr,  # GROUP padded up to a dot-friendly size
     HEAD_DIM: tl.constexpr,
@@ -111,14 +69,6 @@ def _decode_attention_kernel(
     BLOCK_S: tl.constexpr,  # num_splits' bound padded to a power of two
     SPLIT_CHUNK: tl.constexpr,  # slices the merge loads at once
     USE_PDL: tl.constexpr,  # programmatic dependent launch (ops/pdl.py)
-    ROPE: tl.constexpr,  # rotary + K/V store first (decode_rope_attention_triton)
-    HALF: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    QK_NORM: tl.constexpr,
-    FOLD: tl.constexpr,
-    SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    EVEN_R: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -128,37 +78,9 @@ def _decode_attention_kernel(
     # min_split tokens, so a short sequence uses few of its programs (the rest return at once).
     split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     used = tl.maximum(tl.cdiv(kv_len, split_len), 1)  # kv_len == 0 (padding): one, writes 0
-    if ROPE:  # step inputs too: the rotary rows, the cache slot, the row's adapter
-        t = seq.to(tl.int64)
-        offs_h = tl.arange(0, BLOCK_HALF)
-        live_h = offs_h < HALF
-        cos1, cos2, sin1, sin2 = rope_rows(cos_ptr, sin_ptr, t, stride_cos, stride_sin, offs_h,
-                                           live_h, HALF)
-        slot = tl.load(slot_ptr + t)
-        lora_slot = -1
-        if FOLD:
-            lora_slot = tl.load(rslot_ptr + t)
     # kv_lens is a step input, written before the layers run: read before the wait
     wait_then_release(USE_PDL)
     if split < used:
-        if ROPE:
-            for h in tl.static_range(GROUP):  # (not `g`: the merge's rows below)
-                rope_q_head(q_raw_ptr, q_ptr, t, kv_head * GROUP + h, cos1, cos2, sin1, sin2,
-                            offs_h, live_h, stride_qrt, stride_qrh, stride_qb, stride_qh,
-                            q_norm_ptr, eps, lora_slot, t_ptr, b_ptr, scal_ptr, R, stride_ts,
-                            stride_tm, stride_tslot, stride_bs, stride_bn, stride_ss, stride_si,
-                            HEAD_DIM, HALF, QK_NORM, FOLD, SPLITS, BLOCK_R, EVEN_R)
-            if split == used - 1:  # the slice whose tiles hold the new token
-                num_kv_heads = tl.num_programs(1)
-                rope_kv_head(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, t, kv_head, slot,
-                             num_kv_heads * GROUP * HEAD_DIM, num_kv_heads * HEAD_DIM, cos1,
-                             cos2, sin1, sin2, offs_h, live_h, stride_kt, stride_kh, stride_vt,
-                             stride_vh, stride_cache_slot, stride_cache_head, k_norm_ptr, eps,
-                             lora_slot, t_ptr, b_ptr, scal_ptr, R, stride_ts, stride_tm,
-                             stride_tslot, stride_bs, stride_bn, stride_ss, stride_si, q_ptr,
-                             HEAD_DIM, HALF, QK_NORM, FOLD, SPLITS, BLOCK_R, EVEN_R)
-            # every thread's q and K/V writes above before any thread's reads below
-            tl.debug_barrier()
         start = split * split_len
         end = tl.minimum(start + split_len, kv_len)
         group_rows = tl.arange(0, BLOCK_H)
@@ -332,74 +254,6 @@ def decode_attention_triton(
     Returns o: [B, H, D] in q's dtype (out when given).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)
-    rope_args = [q] * 8 + [0] * 9 + [1.0]  # placeholders: ROPE is off
-    fold, consts = fold_args(None, q)
-    consts = {**consts, "ROPE": False, "HALF": 1, "BLOCK_HALF": 1, "QK_NORM": False}
-    return _launch(q, k_cache, v_cache, block_tables, kv_lens, scale, num_splits, min_split,
-                   out, pdl, config, rope_args + fold, consts)
-
-
-def decode_rope_attention_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slot_mapping: Tensor,
-    block_tables: Tensor,
-    kv_lens: Tensor,
-    scale: float,
-    q_norm_weight: Tensor | None = None,
-    k_norm_weight: Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    fold: LoraFold | None = None,
-    num_splits: int | None = None,
-    min_split: int = 64,
-    out: Tensor | None = None,
-    pdl: bool | None = None,
-    config: tuple[int, int, int] | None = None,
-) -> Tensor:
-    """ops.triton_rope_store_kv.rope_store_kv_triton then decode_attention_triton, in one
-    launch: q, k, v (views of the qkv projection's output, or of its LoRA-less output with
-    `fold`), cos, sin, slot_mapping, the norm weights and eps as the first takes them (token b
-    is sequence b, slot_mapping[b] the cache slot of its position kv_lens[b] - 1); the caches,
-    block tables, kv_lens, scale and the launch options as the second. k and v land in the
-    cache as the first writes them. Returns o: [B, H, D] in q's dtype.
-    """
-    check_rope_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight,
-                      k_norm_weight)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    if fold is not None:
-        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        if fold.slice_offsets != (0, q_size, q_size + kv_size, q_size + 2 * kv_size):
-            raise ValueError(f"fold slices {fold.slice_offsets} are not q, k and v")
-        if fold.t.shape[1] != batch:
-            raise ValueError(f"fold of {fold.t.shape[1]} rows for {batch} sequences")
-    rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _check_inputs(rotated, k_cache, v_cache, block_tables, kv_lens)
-    qk_norm = q_norm_weight is not None
-    rope_args = [
-        q, k, v, cos, sin, slot_mapping, q_norm_weight if qk_norm else q,
-        k_norm_weight if qk_norm else q, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(1), eps,
-    ]
-    fold_list, consts = fold_args(fold, q)
-    half = head_dim // 2
-    consts = {**consts, "ROPE": True, "HALF": half, "BLOCK_HALF": next_pow2(half),
-              "QK_NORM": qk_norm}
-    return _launch(rotated, k_cache, v_cache, block_tables, kv_lens, scale, num_splits,
-                   min_split, out, pdl, config, rope_args + fold_list, consts)
-
-
-def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, kv_lens: Tensor,
-            scale: float, num_splits: int | None, min_split: int, out: Tensor | None,
-            pdl: bool | None, config: tuple[int, int, int] | None, rope_args: list,
-            rope_consts: dict) -> Tensor:
-    """The kernel's launch: q is the query (with ROPE, the scratch the programs rotate into)."""
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -434,7 +288,6 @@ def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, k
         _counts_for(q.device, batch * num_kv_heads), q.stride(0), q.stride(1), o.stride(0),
         o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), scale * _LOG2E, num_splits, cdiv(min_split, block_n) * block_n,
-        *rope_args,
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_N=block_n,
         # fp32 inputs keep full precision instead of silently dropping to tf32.
@@ -442,6 +295,5 @@ def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, k
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
         USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
-        **rope_consts,
     )
     return o

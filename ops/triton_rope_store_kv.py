@@ -51,97 +51,6 @@ def _rotate(x1, x2, cos1, cos2, sin1, sin2, like_ptr):
 
 
 @triton.jit
-def rope_rows(cos_ptr, sin_ptr, t, stride_cos, stride_sin, offs, live, HALF: tl.constexpr):
-    """Token t's rotary table rows as halves, fp32: (cos1, cos2, sin1, sin2)."""
-    cos1 = tl.load(cos_ptr + t * stride_cos + offs, mask=live, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + t * stride_cos + HALF + offs, mask=live, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + t * stride_sin + offs, mask=live, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + t * stride_sin + HALF + offs, mask=live, other=0.0).to(tl.float32)
-    return cos1, cos2, sin1, sin2
-
-
-@triton.jit
-def rope_q_head(q_ptr, q_out_ptr, t, head, cos1, cos2, sin1, sin2, offs, live, stride_qt,
-                stride_qh, stride_qot, stride_qoh, q_norm_ptr, eps, lora_slot, t_ptr, b_ptr,
-                scal_ptr, R, stride_ts, stride_tm, stride_tslot, stride_bs, stride_bn, stride_ss,
-                stride_si, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
-                FOLD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
-                EVEN_R: tl.constexpr):
-    """Token t's query head `head`: (its LoRA delta, its norm,) the rotation, stored to q_out.
-    Reads the projection's output: after the PDL wait."""
-    src = q_ptr + t * stride_qt + head * stride_qh
-    x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
-    if FOLD:
-        col = head * HEAD_DIM + offs
-        bq1 = lora_fold_b(b_ptr, lora_slot, col, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
-        bq2 = lora_fold_b(b_ptr, lora_slot, col + HALF, live, R, stride_bs, stride_bn, BLOCK_R,
-                          EVEN_R)
-        tq = lora_fold_t(t_ptr, t, lora_slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS,
-                         BLOCK_R, EVEN_R)
-        x1 = lora_fold_apply(x1, bq1, tq, scal_ptr, lora_slot, 0, live, stride_ss, stride_si,
-                             q_out_ptr)
-        x2 = lora_fold_apply(x2, bq2, tq, scal_ptr, lora_slot, 0, live, stride_ss, stride_si,
-                             q_out_ptr)
-    if QK_NORM:
-        x1, x2 = _head_norm(x1, x2, q_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
-    o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
-    dst = q_out_ptr + t * stride_qot + head * stride_qoh
-    tl.store(dst + offs, o1, mask=live)
-    tl.store(dst + HALF + offs, o2, mask=live)
-
-
-@triton.jit
-def rope_kv_head(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, t, kv_head, slot, q_size, kv_size,
-                 cos1, cos2, sin1, sin2, offs, live, stride_kt, stride_kh, stride_vt, stride_vh,
-                 stride_cache_slot, stride_cache_head, k_norm_ptr, eps, lora_slot, t_ptr, b_ptr,
-                 scal_ptr, R, stride_ts, stride_tm, stride_tslot, stride_bs, stride_bn, stride_ss,
-                 stride_si, like_ptr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                 QK_NORM: tl.constexpr, FOLD: tl.constexpr, SPLITS: tl.constexpr,
-                 BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
-    """Token t's key head `kv_head` (delta, norm, rotation) and value head (delta) written to
-    the cache at `slot` (none when negative). like_ptr: a pointer of the projection's dtype.
-    Reads the projection's output: after the PDL wait."""
-    src = k_ptr + t * stride_kt + kv_head * stride_kh
-    x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
-    vsrc = v_ptr + t * stride_vt + kv_head * stride_vh
-    v1 = tl.load(vsrc + offs, mask=live, other=0.0)
-    v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
-    if FOLD:
-        kcol = q_size + kv_head * HEAD_DIM + offs
-        vcol = kcol + kv_size
-        bk1 = lora_fold_b(b_ptr, lora_slot, kcol, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
-        bk2 = lora_fold_b(b_ptr, lora_slot, kcol + HALF, live, R, stride_bs, stride_bn, BLOCK_R,
-                          EVEN_R)
-        bv1 = lora_fold_b(b_ptr, lora_slot, vcol, live, R, stride_bs, stride_bn, BLOCK_R, EVEN_R)
-        bv2 = lora_fold_b(b_ptr, lora_slot, vcol + HALF, live, R, stride_bs, stride_bn, BLOCK_R,
-                          EVEN_R)
-        tk = lora_fold_t(t_ptr, t, lora_slot, 1, R, stride_ts, stride_tm, stride_tslot, SPLITS,
-                         BLOCK_R, EVEN_R)
-        tv = lora_fold_t(t_ptr, t, lora_slot, 2, R, stride_ts, stride_tm, stride_tslot, SPLITS,
-                         BLOCK_R, EVEN_R)
-        x1 = lora_fold_apply(x1, bk1, tk, scal_ptr, lora_slot, 1, live, stride_ss, stride_si,
-                             like_ptr)
-        x2 = lora_fold_apply(x2, bk2, tk, scal_ptr, lora_slot, 1, live, stride_ss, stride_si,
-                             like_ptr)
-        v1 = lora_fold_apply(v1.to(tl.float32), bv1, tv, scal_ptr, lora_slot, 2, live,
-                             stride_ss, stride_si, like_ptr).to(like_ptr.dtype.element_ty)
-        v2 = lora_fold_apply(v2.to(tl.float32), bv2, tv, scal_ptr, lora_slot, 2, live,
-                             stride_ss, stride_si, like_ptr).to(like_ptr.dtype.element_ty)
-    if QK_NORM:
-        x1, x2 = _head_norm(x1, x2, k_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
-    o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, like_ptr)
-    cache_dtype = k_cache_ptr.dtype.element_ty
-    row = slot.to(tl.int64) * stride_cache_slot + kv_head * stride_cache_head
-    store = live & (slot >= 0)
-    tl.store(k_cache_ptr + row + offs, o1.to(cache_dtype), mask=store)
-    tl.store(k_cache_ptr + row + HALF + offs, o2.to(cache_dtype), mask=store)
-    tl.store(v_cache_ptr + row + offs, v1.to(cache_dtype), mask=store)
-    tl.store(v_cache_ptr + row + HALF + offs, v2.to(cache_dtype), mask=store)
-
-
-@triton.jit
 def _rope_store_kv_kernel(
     q_ptr,
     k_ptr,
@@ -194,32 +103,85 @@ def _rope_store_kv_kernel(
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
     live = offs < HALF
+    q_size = num_heads * HEAD_DIM
+    kv_size = (tl.num_programs(1) - num_heads) * HEAD_DIM
     # Before the wait (PDL): what no kernel of the layers writes (the rotary rows, the row's
-    # adapter and cache slots); after it, the projection's output, t and the adapter's B rows
-    # (decode graphs take ops/triton_decode_attention.py's fused path: this kernel's wait
-    # order matters little where it still runs).
+    # adapter and cache slots, the adapter's B rows); after it, the projection's output and t.
     lora_slot = -1  # the row's adapter (a fold's delta); `slot` below is its cache slot
     if FOLD:
         lora_slot = tl.load(rslot_ptr + t)
-    cos1, cos2, sin1, sin2 = rope_rows(cos_ptr, sin_ptr, t, stride_cos, stride_sin, offs, live,
-                                       HALF)
+    cos1 = tl.load(cos_ptr + t * stride_cos + offs, mask=live, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * stride_cos + HALF + offs, mask=live, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * stride_sin + offs, mask=live, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * stride_sin + HALF + offs, mask=live, other=0.0).to(tl.float32)
     if head < num_heads:
+        col = head * HEAD_DIM + offs
+        if FOLD:
+            bq1 = lora_fold_b(b_ptr, lora_slot, col, live, R, stride_bs, stride_bn, BLOCK_R,
+                              EVEN_R)
+            bq2 = lora_fold_b(b_ptr, lora_slot, col + HALF, live, R, stride_bs, stride_bn,
+                              BLOCK_R, EVEN_R)
         wait_then_release(USE_PDL)
-        rope_q_head(q_ptr, q_out_ptr, t, head, cos1, cos2, sin1, sin2, offs, live, stride_qt,
-                    stride_qh, stride_qot, stride_qoh, q_norm_ptr, eps, lora_slot, t_ptr, b_ptr,
-                    scal_ptr, R, stride_ts, stride_tm, stride_tslot, stride_bs, stride_bn,
-                    stride_ss, stride_si, HEAD_DIM, HALF, QK_NORM, FOLD, SPLITS, BLOCK_R, EVEN_R)
+        src = q_ptr + t * stride_qt + head * stride_qh
+        x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
+        if FOLD:
+            tq = lora_fold_t(t_ptr, t, lora_slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS,
+                             BLOCK_R, EVEN_R)
+            x1 = lora_fold_apply(x1, bq1, tq, scal_ptr, lora_slot, 0, live, stride_ss,
+                                 stride_si, q_out_ptr)
+            x2 = lora_fold_apply(x2, bq2, tq, scal_ptr, lora_slot, 0, live, stride_ss,
+                                 stride_si, q_out_ptr)
+        if QK_NORM:
+            x1, x2 = _head_norm(x1, x2, q_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
+        o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
+        dst = q_out_ptr + t * stride_qot + head * stride_qoh
+        tl.store(dst + offs, o1, mask=live)
+        tl.store(dst + HALF + offs, o2, mask=live)
     else:
         kv_head = head - num_heads
         slot = tl.load(slot_ptr + t)
+        kcol = q_size + kv_head * HEAD_DIM + offs
+        vcol = kcol + kv_size
+        if FOLD:
+            bk1 = lora_fold_b(b_ptr, lora_slot, kcol, live, R, stride_bs, stride_bn, BLOCK_R,
+                              EVEN_R)
+            bk2 = lora_fold_b(b_ptr, lora_slot, kcol + HALF, live, R, stride_bs, stride_bn,
+                              BLOCK_R, EVEN_R)
+            bv1 = lora_fold_b(b_ptr, lora_slot, vcol, live, R, stride_bs, stride_bn, BLOCK_R,
+                              EVEN_R)
+            bv2 = lora_fold_b(b_ptr, lora_slot, vcol + HALF, live, R, stride_bs, stride_bn,
+                              BLOCK_R, EVEN_R)
         wait_then_release(USE_PDL)
-        rope_kv_head(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, t, kv_head, slot,
-                     num_heads * HEAD_DIM, (tl.num_programs(1) - num_heads) * HEAD_DIM, cos1,
-                     cos2, sin1, sin2, offs, live, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cache_slot, stride_cache_head, k_norm_ptr, eps, lora_slot, t_ptr,
-                     b_ptr, scal_ptr, R, stride_ts, stride_tm, stride_tslot, stride_bs,
-                     stride_bn, stride_ss, stride_si, q_out_ptr, HEAD_DIM, HALF, QK_NORM, FOLD,
-                     SPLITS, BLOCK_R, EVEN_R)
+        src = k_ptr + t * stride_kt + kv_head * stride_kh
+        x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
+        vsrc = v_ptr + t * stride_vt + kv_head * stride_vh
+        v1 = tl.load(vsrc + offs, mask=live, other=0.0)
+        v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
+        if FOLD:
+            tk = lora_fold_t(t_ptr, t, lora_slot, 1, R, stride_ts, stride_tm, stride_tslot, SPLITS,
+                             BLOCK_R, EVEN_R)
+            tv = lora_fold_t(t_ptr, t, lora_slot, 2, R, stride_ts, stride_tm, stride_tslot, SPLITS,
+                             BLOCK_R, EVEN_R)
+            x1 = lora_fold_apply(x1, bk1, tk, scal_ptr, lora_slot, 1, live, stride_ss,
+                                 stride_si, q_out_ptr)
+            x2 = lora_fold_apply(x2, bk2, tk, scal_ptr, lora_slot, 1, live, stride_ss,
+                                 stride_si, q_out_ptr)
+            v1 = lora_fold_apply(v1.to(tl.float32), bv1, tv, scal_ptr, lora_slot, 2, live,
+                                 stride_ss, stride_si, q_out_ptr).to(q_out_ptr.dtype.element_ty)
+            v2 = lora_fold_apply(v2.to(tl.float32), bv2, tv, scal_ptr, lora_slot, 2, live,
+                                 stride_ss, stride_si, q_out_ptr).to(q_out_ptr.dtype.element_ty)
+        if QK_NORM:
+            x1, x2 = _head_norm(x1, x2, k_norm_ptr, offs, live, eps, HEAD_DIM, HALF)
+        o1, o2 = _rotate(x1, x2, cos1, cos2, sin1, sin2, q_out_ptr)
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        row = slot.to(tl.int64) * stride_cache_slot + kv_head * stride_cache_head
+        store = live & (slot >= 0)
+        tl.store(k_cache_ptr + row + offs, o1.to(cache_dtype), mask=store)
+        tl.store(k_cache_ptr + row + HALF + offs, o2.to(cache_dtype), mask=store)
+        tl.store(v_cache_ptr + row + offs, v1.to(cache_dtype), mask=store)
+        tl.store(v_cache_ptr + row + HALF + offs, v2.to(cache_dtype), mask=store)
 
 
 def rope_store_kv_triton(
@@ -254,8 +216,7 @@ def rope_store_kv_triton(
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     Returns q_out: [T, H, D] in q's dtype.
     """
-    check_rope_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight,
-                      k_norm_weight)
+    _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if q_out is None:
@@ -317,7 +278,7 @@ def rope_store_kv_triton(
     return q_out
 
 
-def check_rope_inputs(
+def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -261,18 +261,6 @@ def test_disable_fused_env_is_read_when_modules_are_built(monkeypatch):
     assert fused_flags(off) == [False] * 6
 
 
-def test_decode_rope_attention_env_is_read_when_attention_is_built(monkeypatch):
-    """LORASERVE_DECODE_ROPE_ATTENTION=0 keeps decode's rotary + K/V store a kernel of its own
-    (for A/B runs); unset, it runs inside decode attention; another value names the setting."""
-    monkeypatch.delenv("LORASERVE_DECODE_ROPE_ATTENTION", raising=False)
-    assert DecoderLayer(tiny_args()).self_attn.rope_in_attention
-    monkeypatch.setenv("LORASERVE_DECODE_ROPE_ATTENTION", "0")
-    assert not DecoderLayer(tiny_args()).self_attn.rope_in_attention
-    monkeypatch.setenv("LORASERVE_DECODE_ROPE_ATTENTION", "yes")
-    with pytest.raises(ValueError, match="LORASERVE_DECODE_ROPE_ATTENTION"):
-        DecoderLayer(tiny_args())
-
-
 def test_add_forward_on_cpu_is_the_unfused_sum_and_norm():
     norm = RMSNorm(32, EPS)
     x, residual = torch.randn(3, 32), torch.randn(3, 32)
@@ -284,9 +272,8 @@ def test_add_forward_on_cpu_is_the_unfused_sum_and_norm():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_fused_model_path_matches_torch_path_in_the_interpreter(arch, tmp_path, monkeypatch):
-    """The fused wiring (deferred residual adds, rotary+store, at decode inside attention,
-    SiLU*up, final add+norm) forced on for CPU tensors: prefill logits and greedy decode tokens
-    match the torch path."""
+    """The fused wiring (deferred residual adds, rotary+store, SiLU*up, final add+norm) forced
+    on for CPU tensors: prefill logits and greedy decode tokens match the torch path."""
     from tests.engine_utils import engine_logits, greedy, make_engine, run, run_batch
     from tests.models import make_model, prompts, read_vocab
 
@@ -294,7 +281,7 @@ def test_fused_model_path_matches_torch_path_in_the_interpreter(arch, tmp_path, 
     ps = prompts(3, read_vocab(folder), seed=5, lo=3, hi=20)
     calls: dict[str, int] = {}
     for name in ("rmsnorm_triton", "add_rmsnorm_triton", "rope_store_kv_triton",
-                 "decode_rope_attention_triton", "silu_mul_triton"):
+                 "silu_mul_triton"):
         monkeypatch.setattr(llama, name, counted(getattr(llama, name), name, calls))
     logits, tokens = {}, {}
     for fused in (True, False):
@@ -304,13 +291,11 @@ def test_fused_model_path_matches_torch_path_in_the_interpreter(arch, tmp_path, 
         logits[fused] = engine_logits(engine, ps[0])
         tokens[fused] = run(run_batch(engine, ps, greedy(6)))
         if fused:
-            assert len(calls) == 5, calls
+            assert len(calls) == 4, calls
             forwards = calls["rmsnorm_triton"]  # layer 0's input norm, once per forward
             # per forward: 2 layers x 2 adds+norms - layer 0's first + the final norm
             assert calls["add_rmsnorm_triton"] == 4 * forwards
-            # the rotary + store: its own kernel at prefill, inside attention at decode
-            rope = calls["rope_store_kv_triton"] + calls["decode_rope_attention_triton"]
-            assert rope == calls["silu_mul_triton"] == 2 * forwards
+            assert calls["rope_store_kv_triton"] == calls["silu_mul_triton"] == 2 * forwards
             calls.clear()
     assert not calls
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)

@@ -84,28 +84,7 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     block_g = 1 << (group - 1).bit_length()
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
-              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
-              "ROPE": False, "HALF": 1, "BLOCK_HALF": 1, "QK_NORM": False,
-              "FOLD": False, "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True}
-    case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
-    assert _compile(case)["cubin"] > 0
-
-
-@needs_backend
-@pytest.mark.parametrize(("fold", "qk_norm"), [(False, False), (True, False), (True, True)])
-def test_decode_rope_attention_compiles_for_sm90(fold: bool, qk_norm: bool):
-    """Decode attention with the rotary + K/V store inside (decode graphs' default), at
-    Llama-3.1-8B's heads with PDL: base, with a LoRA fold, and with Qwen3's q/k norms."""
-    ptrs = {**{n: "*bf16" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "o_ptr", "q_raw_ptr",
-                                   "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr",
-                                   "k_norm_ptr")},
-            "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "partial_o_ptr": "*fp32",
-            "partial_lse_ptr": "*fp32", "count_ptr": "*i32", "scale_log2": "fp32",
-            "slot_ptr": "*i64", "eps": "fp32", **_FOLD_PTRS}
-    consts = {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
-              "INPUT_PRECISION": "tf32", "BLOCK_G": 4, "BLOCK_S": 64, "SPLIT_CHUNK": 16,
-              "USE_PDL": True, "ROPE": True, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": qk_norm,
-              **_FOLD_OFF, "FOLD": fold}
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 

@@ -37,9 +37,7 @@ from ops.lora import (
 from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
 from ops.lora import linear_lora_fold as lora_linear_fold
-from ops.settings import env_flag
 from ops.splitk import splitk_linear, splits_for, sum_partials
-from ops.triton_decode_attention import decode_rope_attention_triton
 from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import (
     add_rmsnorm_partials_triton,
@@ -220,8 +218,6 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.scale = args.head_dim**-0.5
         self.use_fused = fused_kernels_enabled()
-        # decode: the rotary + K/V store inside decode attention (one launch fewer a layer)
-        self.rope_in_attention = env_flag("LORASERVE_DECODE_ROPE_ATTENTION", True)
 
     def forward(
         self,
@@ -260,15 +256,6 @@ class Attention(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        if fused and fb.is_decode and self.rope_in_attention:
-            d = a.head_dim
-            norms = (self.q_norm.weight, self.k_norm.weight) if a.qk_norm else (None, None)
-            o = decode_rope_attention_triton(
-                q, k, v, cos.reshape(-1, d), sin.reshape(-1, d), k_cache, v_cache,
-                fb.slot_mapping, fb.block_tables, fb.kv_lens, self.scale, *norms,
-                eps=a.rms_norm_eps, fold=fold,
-            )
-            return o.reshape(-1, a.q_size)
         if fused:
             q = self._rope_store_fused(q, k, v, cos, sin, k_cache, v_cache, fb, fold)
         else:
