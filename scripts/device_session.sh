@@ -811,8 +811,8 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     grep -E "s call|passed|failed" "$OUT/pipeline.log" | head -20
     rm -f "$OUT"/*.xml
     ;;
-  s35c)  # one GPU: the rotary + K/V store inside decode attention (one launch fewer a layer,
-    # the default now): its GPU tests (bit for bit against the two kernels at Llama-3.1-8B's
+  s35c)  # one GPU, at baf1e27 (the code was reverted after this run): the rotary + K/V store
+    # inside decode attention (one launch fewer a layer, the default there): its GPU tests (bit for bit against the two kernels at Llama-3.1-8B's
     # heads; decode graphs and PDL chains with it), then the step targets by default and with
     # LORASERVE_DECODE_ROPE_ATTENTION=0 (the two kernels), alternating
     # the small-shape cases too (not GPU-marked: on CUDA their programs run concurrently)
