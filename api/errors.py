@@ -8,6 +8,7 @@ Three shapes, chosen by route:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from typing import Any
@@ -21,6 +22,7 @@ from runtime.errors import (
     UnknownAdapterError,
     ValidationError,
 )
+from runtime.request import SamplingParams
 
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_STOPPED_S = 5
@@ -70,17 +72,25 @@ class ApiError(Exception):
 # SamplingParams' names of fields the OpenAI routes take under OpenAI's names (a chat request
 # may name its limit max_completion_tokens instead: OpenAISampling.field_names)
 OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_SAMPLING_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def renamed(exc: ValidationError, names: dict[str, str]) -> ApiError:
-    """A 400 for `exc` that names fields as the request spelled them: `names` maps
-    SamplingParams' names to the request's, in `param` and wherever the message says them
-    ("min_new_tokens: must not exceed max_new_tokens")."""
+    """A 400 for `exc` that names fields as the request spelled them: `names` maps the
+    engine's names to the request's, in `param`, in the message's leading field name, and, for
+    SamplingParams' names, wherever the message says them ("min_new_tokens: must not exceed
+    max_new_tokens"). The prompt's name stays a plain word inside the message ("600 prompt
+    tokens leave no room"), however the request called its prompt."""
+    field = exc.field_name
+    name = names.get(field, field)
     message = str(exc)
-    if exc.field_name in names:  # others' messages may quote the request's own text
-        for field, name in names.items():
-            message = re.sub(rf"\b{field}\b", name, message)
-    return ApiError(400, message, param=names.get(exc.field_name, exc.field_name))
+    if field in names:  # others' messages may quote the request's own text
+        for engine_name, request_name in names.items():
+            if engine_name in _SAMPLING_FIELD_NAMES:
+                message = re.sub(rf"\b{engine_name}\b", request_name, message)
+        if message.startswith(f"{field}: "):
+            message = f"{name}: {message[len(field) + 2:]}"
+    return ApiError(400, message, param=name)
 
 
 def from_exception(exc: BaseException, style: Style) -> ApiError | None:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from api import sse
 from api.app import ENGINE, LIFECYCLE, METRICS, json_response, off_loop
-from api.errors import ApiError, Style
+from api.errors import ApiError, Style, renamed
 from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
 from api.protocol import (
     AbortRequest,
@@ -23,6 +23,7 @@ from api.protocol import (
     TokenizeRequest,
     decode_body,
 )
+from runtime.errors import ValidationError
 from runtime.request import FinishReason, SamplingParams
 
 log = logging.getLogger("loraserve.api")
@@ -39,7 +40,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, GenerateRequest)
     items, is_batch = await off_loop(request, generate_items, body, engine.tokenizer)
-    gens = await submit_all(engine, [it.spec for it in items])
+    try:
+        gens = await submit_all(engine, [it.spec for it in items])
+    except ValidationError as e:  # the engine's "prompt" is the field the body gave it in
+        raise renamed(e, {"prompt": "text" if body.text is not None else "input_ids"}) from None
     with_text = bool(body.return_text_in_logprobs)
     if body.stream:
         return await _stream(request, gens, items, is_batch, with_text)

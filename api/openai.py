@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -73,40 +74,166 @@ def resolve_loras(request: web.Request, body: OpenAISampling, count: int) -> lis
     return [p or None for p in paths]
 
 
+_CONSTRAINED = "constrained decoding is not supported"
+_MULTIMODAL = "multimodal inputs are not supported"
+_DISAGGREGATION = "prefill/decode disaggregation is not supported"
+_EXTRA_OUTPUT = "this extra output is not supported"
+_LOGIT_PROCESSORS = "custom logit processors are not supported"
+
+# Fields of both routes (OpenAI's, and vLLM's and SGLang's extensions) that loraserve does not
+# implement: each with the values that ask for nothing (null always does, and so does a list
+# holding only such values) and why any other value is refused. Serving the request without
+# the field would answer another question than the one asked.
+UNSUPPORTED_FIELDS: tuple[tuple[str, tuple[object, ...], str], ...] = (
+    ("service_tier", ("auto", "default"), "loraserve has one service tier, default"),
+    ("store", (False,), "answers are not stored"),
+    ("use_beam_search", (False,), "beam search is not supported"),
+    ("length_penalty", (1.0,), "beam search is not supported"),
+    ("prompt_logprobs", (), "not supported (echo with logprobs scores the prompt)"),
+    ("allowed_token_ids", (), "token allow-lists are not supported"),
+    ("bad_words", (), "bad words are not supported"),
+    ("logprob_token_ids", (), "logprobs of chosen token ids are not supported"),
+    ("watermarking", (False,), "watermarking is not supported"),
+    *((name, (), _CONSTRAINED) for name in (
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+        "guided_decoding_backend", "guided_whitespace_pattern", "regex", "json_schema", "ebnf",
+        "structural_tag")),
+    ("stop_regex", (), "regex stop conditions are not supported"),
+    ("custom_logit_processor", (), _LOGIT_PROCESSORS),
+    ("custom_params", ({},), _LOGIT_PROCESSORS),
+    ("logits_processors", (), _LOGIT_PROCESSORS),
+    ("vllm_xargs", ({},), "custom extensions are not supported"),
+    ("repetition_detection", (), "repetition detection is not supported"),
+    ("thinking_token_budget", (-1,), "thinking budgets are not supported"),
+    ("priority", (0,), "priority scheduling is not supported"),
+    ("session_id", (), "sessions are not supported"),
+    ("session_params", (), "sessions are not supported"),
+    ("return_tokens_as_token_ids", (False,), _EXTRA_OUTPUT),
+    ("return_token_ids", (False,), _EXTRA_OUTPUT + " (/generate returns output_ids)"),
+    ("return_prompt_text", (False,), _EXTRA_OUTPUT),
+    ("return_hidden_states", (False,), _EXTRA_OUTPUT),
+    ("return_routed_experts", (False,), _EXTRA_OUTPUT),
+    ("routed_experts_start_len", (0,), _EXTRA_OUTPUT),
+    ("routed_experts_prompt_start", (0,), _EXTRA_OUTPUT),
+    ("return_cached_tokens_details", (False,), _EXTRA_OUTPUT),
+    *((name, (), _DISAGGREGATION) for name in (
+        "kv_transfer_params", "ec_transfer_params", "bootstrap_host", "bootstrap_port",
+        "bootstrap_room")),
+    ("mm_processor_kwargs", ({},), _MULTIMODAL),
+    ("media_io_kwargs", ({},), _MULTIMODAL),
+    ("images_config", (), _MULTIMODAL),
+    ("custom_labels", ({},), "custom metric labels are not supported"),
+)
+UNSUPPORTED_CHAT_FIELDS: tuple[tuple[str, tuple[object, ...], str], ...] = (
+    ("tools", (), "tool calling is not supported"),
+    ("tool_choice", ("none", "auto"), "tool calling is not supported"),
+    ("functions", (), "function calling is not supported"),
+    ("function_call", ("none", "auto"), "function calling is not supported"),
+    ("audio", (), "audio output is not supported"),
+    ("modalities", ("text",), "only text output is supported"),
+    ("verbosity", (), "verbosity control is not supported"),
+    ("web_search_options", (), "web search is not supported"),
+    ("include_reasoning", (True,), "no reasoning parser separates reasoning from answers"),
+    ("reasoning", (), "not supported (reasoning_effort is, for templates that read it)"),
+    ("task", (), "quick-instruction tasks are not supported"),
+    ("input_ids", (), "chat renders its messages (/v1/completions takes token ids)"),
+    ("return_prompt_token_ids", (False,), _EXTRA_OUTPUT),
+    ("return_meta_info", (False,), _EXTRA_OUTPUT),
+    ("max_dynamic_patch", (), _MULTIMODAL),
+    ("min_dynamic_patch", (), _MULTIMODAL),
+    ("use_audio_in_video", (False,), _MULTIMODAL),
+)
+UNSUPPORTED_COMPLETION_FIELDS: tuple[tuple[str, tuple[object, ...], str], ...] = (
+    ("suffix", ("",), "insertion (suffix) is not supported"),
+    ("prompt_embeds", (), "prompt embeddings are not supported"),
+)
+MAX_STREAM_INTERVAL = 1 << 20
+
+
+def _asks_for_something(value: object, neutral: tuple[object, ...]) -> bool:
+    """Whether `value` asks for something: null, the `neutral` values and lists holding only
+    those ask for nothing."""
+    if value is None or value in neutral:
+        return False
+    if isinstance(value, list):
+        return any(_asks_for_something(v, neutral) for v in value)
+    return True
+
+
 def refuse_unsupported(body: OpenAISampling) -> None:
-    """A 400 naming the first OpenAI field set that loraserve does not implement (serving the
-    request without it would answer another question than the one asked)."""
-    fmt = body.response_format
-    unsupported = [
-        ("response_format", fmt is not None and fmt.get("type", "text") != "text",
-         'only {"type": "text"} is supported (no constrained decoding)'),
-        ("tools", bool(body.tools), "tool calling is not supported"),
-        ("functions", bool(body.functions), "function calling is not supported"),
-        ("tool_choice", body.tool_choice not in (None, "none", "auto"),
-         "tool calling is not supported"),
-        *((name, getattr(body, name) is not None, "constrained decoding is not supported")
-          for name in ("regex", "json_schema", "ebnf", "structural_tag")),
-        ("stop_regex", bool(body.stop_regex), "regex stop conditions are not supported"),
-        ("custom_logit_processor", body.custom_logit_processor is not None,
-         "custom logit processors are not supported"),
-    ]
-    if isinstance(body, CompletionRequest):
-        n = 1 if body.n is None else body.n
-        unsupported += [
-            ("suffix", bool(body.suffix), "insertion (suffix) is not supported"),
-            ("best_of", body.best_of is not None and body.best_of != n,
-             "must equal n: choices are not ranked"),
-        ]
-    for field, is_set, why in unsupported:
-        if is_set:
+    """A 400 naming the first field set that loraserve does not implement, or a served field
+    whose value it cannot serve; checked before any work is done for the request."""
+    table = UNSUPPORTED_FIELDS + (UNSUPPORTED_CHAT_FIELDS if isinstance(body, ChatRequest)
+                                  else UNSUPPORTED_COMPLETION_FIELDS)
+    for field, neutral, why in table:
+        if _asks_for_something(getattr(body, field), neutral):
             raise ApiError(400, f"{field}: {why}", param=field)
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise ApiError(400, 'response_format: only {"type": "text"} is supported (no '
+                            "constrained decoding)", param="response_format")
+    n = 1 if body.n is None else body.n
+    if body.best_of is not None and body.best_of != n:
+        raise ApiError(400, "best_of: must equal n: choices are not ranked", param="best_of")
+    for field in ("routed_dp_rank", "data_parallel_rank"):
+        if getattr(body, field) not in (None, 0):
+            raise ApiError(400, f"{field}: loraserve runs one data-parallel rank, 0",
+                           param=field)
+    _check_served(body)
 
 
-def refuse_stream_options_without_stream(body: OpenAISampling) -> None:
-    """A 400 for `stream_options` on a request that does not stream (OpenAI refuses it)."""
-    if body.stream_options is not None and not body.stream:
+def _check_served(body: OpenAISampling) -> None:
+    """400s for served fields whose values are out of range or contradict each other."""
+    options = body.stream_options
+    if options is not None and not body.stream:  # as on OpenAI's API
         raise ApiError(400, "stream_options: only allowed when stream is true",
                        param="stream_options")
+    if options is not None and options.continuous_usage_stats and not options.include_usage:
+        raise ApiError(400, "stream_options.continuous_usage_stats: needs include_usage: true",
+                       param="stream_options.continuous_usage_stats")
+    k = body.truncate_prompt_tokens
+    if k is not None and k != -1 and k < 1:
+        raise ApiError(400, "truncate_prompt_tokens: must be -1 (the context length) or at "
+                            "least 1", param="truncate_prompt_tokens")
+    if body.truncation_side is not None:
+        if body.truncation_side not in ("left", "right"):
+            raise ApiError(400, 'truncation_side: must be "left" or "right"',
+                           param="truncation_side")
+        if k is None:
+            raise ApiError(400, "truncation_side: only applies with truncate_prompt_tokens",
+                           param="truncation_side")
+    interval = body.stream_interval
+    if interval is not None and not 1 <= interval <= MAX_STREAM_INTERVAL:
+        raise ApiError(400, f"stream_interval: must be between 1 and {MAX_STREAM_INTERVAL}",
+                       param="stream_interval")
+    if None not in (body.rid, body.request_id) and body.rid != body.request_id:
+        raise ApiError(400, "request_id: differs from rid (give one)", param="request_id")
+    if isinstance(body, ChatRequest):
+        if body.continue_final_message and body.add_generation_prompt:
+            raise ApiError(400, "continue_final_message: cannot be combined with "
+                                "add_generation_prompt: true", param="continue_final_message")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+
+
+def truncated(prompt: list[int], body: OpenAISampling, context_length: int) -> list[int]:
+    """`prompt` cut to `truncate_prompt_tokens` (-1: the context length): its last tokens, or
+    its first with truncation_side "right"."""
+    k = body.truncate_prompt_tokens
+    if k is None:
+        return prompt
+    k = context_length if k == -1 else k
+    if len(prompt) <= k:
+        return prompt
+    return prompt[:k] if body.truncation_side == "right" else prompt[-k:]
+
+
+def check_aligned_hints(body: OpenAISampling, count: int) -> None:
+    """cache_salt and extra_key (accepted: README) given as lists hold one value a prompt."""
+    for field in ("cache_salt", "extra_key"):
+        value = getattr(body, field)
+        if isinstance(value, list) and len(value) != count:
+            raise ApiError(400, f"{field}: {len(value)} items for {count} prompts", param=field)
 
 
 async def submit_openai(request: web.Request, body: OpenAISampling,
@@ -128,7 +255,6 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | Non
            max_tokens: list[int], logprobs: int | None, echo: bool = False) -> list[GenSpec]:
     """The generations to submit. The prompt's own logprobs are scored only for an echo (the
     rest of the time no answer carries them, and scoring costs a logits row a prompt token)."""
-    refuse_unsupported(body)
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}", param="n")
@@ -136,16 +262,17 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | Non
         field = "top_logprobs" if isinstance(body, ChatRequest) else "logprobs"
         raise ApiError(400, f"{field}: must be between 0 and {MAX_TOP_LOGPROBS}", param=field)
     total = len(prompts) * n
+    base_rid = body.rid if body.rid is not None else body.request_id
     specs = []
     for p, prompt in enumerate(prompts):
         for j in range(n):
             i = p * n + j
-            rid = None if body.rid is None else (body.rid if total == 1 else f"{body.rid}-{i}")
+            rid = None if base_rid is None else (base_rid if total == 1 else f"{base_rid}-{i}")
             specs.append(GenSpec(
                 prompt, body.to_params(max_tokens[p], seed_offset=j), lora_name=loras[p],
                 rid=rid,
                 return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0,
-                trim_stop=not body.no_stop_trim, logprob_start=1 if echo else len(prompt),
+                trim_stop=body.trim_stop, logprob_start=1 if echo else len(prompt),
             ))
     return specs
 
@@ -200,8 +327,28 @@ def usage(gens: list[Generation], n: int) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-def _header(kind: str, rid: str, model: str) -> dict[str, Any]:
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": model}
+def _header(request: web.Request, kind: str, prefix: str,
+            body: OpenAISampling) -> dict[str, Any]:
+    """The fields every answer and chunk starts with; its id is "<prefix>-<request_id>" for a
+    body that gives vLLM's request_id, else random."""
+    rid = body.request_id if body.request_id is not None else uuid.uuid4().hex
+    return {"id": f"{prefix}-{rid}", "object": kind, "created": int(time.time()),
+            "model": body.model or base_names(request)[0]}
+
+
+def _is_chunk_due(g: Generation, num_sent: int, interval: int | None) -> bool:
+    """Whether a streamed choice sends what it holds: its first tokens, then every
+    `stream_interval` tokens, and its end."""
+    return (interval is None or interval <= 1 or g.finished or num_sent == 0
+            or g.completion_tokens - num_sent >= interval)
+
+
+def _usage_extra(body: OpenAISampling, gens: list[Generation], n: int) -> dict[str, Any]:
+    """The `usage` key of a streamed chunk: none without include_usage, the usage so far with
+    continuous_usage_stats, else null (the last chunk carries it)."""
+    if not body.include_usage:
+        return {}
+    return {"usage": usage(gens, n) if body.continuous_usage else None}
 
 
 # ---------------------------------------------------------------- completions
@@ -210,18 +357,19 @@ def _header(kind: str, rid: str, model: str) -> dict[str, Any]:
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, CompletionRequest)
-    refuse_stream_options_without_stream(body)
-    prompts, texts = await off_loop(request, _completion_prompts, body.prompt, engine.tokenizer,
-                                    engine.model_info.vocab_size)
+    refuse_unsupported(body)
+    info = engine.model_info
+    prompts, texts = await off_loop(request, _completion_prompts, body, engine.tokenizer,
+                                    info.vocab_size, info.context_length)
     loras = resolve_loras(request, body, len(prompts))
+    check_aligned_hints(body, len(prompts))
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs,
                    echo=bool(body.echo))
     n = len(specs) // len(prompts)
     echo = [texts[i // n] if body.echo else "" for i in range(len(specs))]
     gens = await submit_openai(request, body, specs)
-    header = _header("text_completion", f"cmpl-{uuid.uuid4().hex}", body.model or
-                     base_names(request)[0])
+    header = _header(request, "text_completion", "cmpl", body)
     if body.stream:
         return await _stream_completions(request, gens, header, echo, body, n)
     await unless_disconnected(request, collect(engine, gens))
@@ -254,25 +402,33 @@ def _logprobs_of(g: Generation, tok: Any, echo: str,
     return _echo_logprobs(g, tok, texts, out)
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any,
-                        vocab: int) -> tuple[list[list[int]], list[str]]:
+def _completion_prompts(body: CompletionRequest, tokenizer: Any, vocab: int,
+                        context_length: int) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt: a string, a list of strings, a list of token ids or
-    a list of such lists (never a mix). Ids run over the model's `vocab` (which may be padded
-    past the tokenizer's), as on /generate."""
-    items = prompt if isinstance(prompt, list) else [prompt]
+    a list of such lists (never a mix), cut to truncate_prompt_tokens. Ids run over the
+    model's `vocab` (which may be padded past the tokenizer's), as on /generate."""
+    items = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     if items and all(isinstance(p, int) for p in items):
         items = [items]
     if not items:
         raise ApiError(400, "prompt: must not be empty", param="prompt")
     if all(isinstance(p, str) for p in items):
-        return [tokenizer.encode(p) for p in items], list(items)
-    if not all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in items):
+        special = body.add_special_tokens is not False  # true unless the body says false
+        ids = [tokenizer.encode(p, add_special_tokens=special) for p in items]
+        texts = list(items)
+    elif not all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in items):
         raise ApiError(400, "prompt: mixes strings, token ids and lists of token ids",
                        param="prompt")
-    if any(not 0 <= t < vocab for p in items for t in p):
+    elif any(not 0 <= t < vocab for p in items for t in p):
         raise ApiError(400, f"prompt: token ids must be integers in [0, {vocab})",
                        param="prompt")
-    return items, [tokenizer.decode(p) for p in items]
+    else:
+        ids, texts = items, [tokenizer.decode(p) for p in items]
+    cut = [truncated(p, body, context_length) for p in ids]
+    # an echo repeats the prompt the model saw
+    texts = [text if len(c) == len(p) else tokenizer.decode(c)
+             for text, c, p in zip(texts, cut, ids, strict=True)]
+    return cut, texts
 
 
 def _top_by_text(tok: Any, tops: list[tuple[int, float]]) -> dict[str, float]:
@@ -323,8 +479,8 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                               header: dict[str, Any], echo: list[str], body: CompletionRequest,
                               n: int) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    extra = {"usage": None} if body.include_usage else {}
     sent_tokens = [0] * len(gens)
+    pending = [""] * len(gens)  # text not sent yet (stream_interval)
     # with logprobs, offsets run over the prompt tokens' own texts (_prompt_texts)
     prompt_texts = {g.index: _prompt_texts(g, engine.tokenizer) for g in gens
                     if echo[g.index] and body.logprobs is not None}
@@ -335,15 +491,21 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
     # with logprobs the echo waits for the prompt's, which come with the first output
     to_echo = {g.index for g in gens if echo[g.index]}
 
+    async def send(choice: dict[str, Any]) -> None:
+        await sse.send(resp, {**header, "choices": [choice], **_usage_extra(body, gens, n)})
+
     async def produce() -> None:
         for g in gens:
             if g.index in to_echo and body.logprobs is None:
-                await sse.send(resp, {**header, "choices": [_choice(g.index, echo[g.index])],
-                                      **extra})
+                await send(_choice(g.index, echo[g.index]))
                 to_echo.discard(g.index)
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
+                pending[g.index] += delta
+                if not _is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
+                    continue
                 start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
+                text, pending[g.index] = pending[g.index], ""
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = _completion_logprobs(g, engine.tokenizer, start,
@@ -353,16 +515,13 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                         empty = {"tokens": [], "token_logprobs": [], "text_offset": [],
                                  "top_logprobs": [] if logprobs["top_logprobs"] is not None
                                  else None}
-                        await sse.send(resp, {**header, **extra, "choices": [_choice(
-                            g.index, echo[g.index], None,
-                            _echo_logprobs(g, engine.tokenizer, prompt_texts[g.index],
-                                           empty))]})
+                        await send(_choice(g.index, echo[g.index], None, _echo_logprobs(
+                            g, engine.tokenizer, prompt_texts[g.index], empty)))
                     # offsets run over each token's own text, as in the whole answer (the
                     # chunk's text may hold back bytes of an unfinished character)
                     text_offset[g.index] += sum(len(t) for t in logprobs["tokens"])
-                if delta or g.finished or logprobs:
-                    choice = _choice(g.index, delta, finish_reason(g), logprobs)
-                    await sse.send(resp, {**header, "choices": [choice], **extra})
+                if text or g.finished or logprobs:
+                    await send(_choice(g.index, text, finish_reason(g), logprobs))
         if body.include_usage:
             await sse.send(resp, {**header, "choices": [], "usage": usage(gens, n)})
         await send_abort_error(request, resp, gens)
@@ -381,33 +540,33 @@ def _choice(index: int, text: str, reason: str | None = None,
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await decode_body(request, ChatRequest)
-    refuse_stream_options_without_stream(body)
+    refuse_unsupported(body)
     loras = resolve_loras(request, body, 1)
+    check_aligned_hints(body, 1)
     if body.chat_template is not None and not request.app[CONFIG].trust_request_chat_template:
         # a template is code the server runs (a loop of a billion steps is a short one)
         raise ApiError(400, "chat_template: a request's own chat template is refused; the "
                             "server takes them with --trust-request-chat-template",
                        param="chat_template")
     prompt = await off_loop(request, chat_prompt, body, engine.tokenizer)
+    prompt = truncated(prompt, body, engine.model_info.context_length)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     if limit is None:  # unset: up to the context length
         limit = max(engine.model_info.context_length - len(prompt), 1)
-    if body.top_logprobs is not None and not body.logprobs:
-        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     specs = _specs(body, [prompt], loras, [limit], logprobs)
     gens = await submit_openai(request, body, specs)
-    header = _header("chat.completion", f"chatcmpl-{uuid.uuid4().hex}",
-                     body.model or base_names(request)[0])
+    header = _header(request, "chat.completion", "chatcmpl", body)
+    echo = _chat_echo(body)
     if body.stream:
         header["object"] = "chat.completion.chunk"
-        return await _stream_chat(request, gens, header, body)
+        return await _stream_chat(request, gens, header, body, echo)
     await unless_disconnected(request, collect(engine, gens))
     refuse_if_nothing_generated(request, gens)
     choices = [with_abort(request, g, {
         "index": g.index,
-        "message": {"role": "assistant", "content": g.text.text},
+        "message": {"role": "assistant", "content": echo + g.text.text},
         "logprobs": _chat_logprobs(g, engine.tokenizer, request.app[TOKEN_BYTES], 0)
         if body.logprobs else None,
         "finish_reason": finish_reason(g),
@@ -420,17 +579,62 @@ def chat_prompt(body: ChatRequest, tokenizer: Any) -> list[int]:
     if not body.messages:
         raise ApiError(400, "messages: must not be empty", param="messages")
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
-    kwargs = dict(body.chat_template_kwargs or {})
+    kwargs = {**(body.chat_template_kwargs or {}), **_template_fields(body, tokenizer)}
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, chat_template=body.chat_template,
-            add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
-            continue_final_message=body.continue_final_message, **kwargs,
+            add_generation_prompt=_adds_generation_prompt(body),
+            continue_final_message=bool(body.continue_final_message), **kwargs,
         )
     except Exception as e:  # noqa: BLE001 - a template error is the request's mistake
         raise ApiError(400, f"chat template failed: {type(e).__name__}: {e}",
                        param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+
+
+def _adds_generation_prompt(body: ChatRequest) -> bool:
+    """add_generation_prompt: true unless the body says false or continues its last message."""
+    return body.add_generation_prompt is not False and not body.continue_final_message
+
+
+def _template_fields(body: ChatRequest, tokenizer: Any) -> dict[str, Any]:
+    """`documents` and `reasoning_effort`, which the chat template receives as variables of
+    those names. A template that never reads one would ignore it: setting it is then a 400
+    naming it."""
+    source = _template_source(body, tokenizer)
+    fields = {}
+    for field in ("documents", "reasoning_effort"):
+        value = getattr(body, field)
+        if value is None or value == []:
+            continue
+        if not re.search(rf"\b{field}\b", source):
+            raise ApiError(400, f"{field}: the chat template does not read it", param=field)
+        fields[field] = value
+    return fields
+
+
+def _template_source(body: ChatRequest, tokenizer: Any) -> str:
+    """The text of the chat template that renders `body`: the request's (or, for a tokenizer
+    with named templates, the one it names), else the tokenizer's default one."""
+    stored = tokenizer.chat_template
+    if isinstance(stored, dict):
+        if body.chat_template in stored:
+            return stored[body.chat_template]
+        if body.chat_template is None:
+            return stored.get("default", "")
+    return body.chat_template or stored or ""
+
+
+def _chat_echo(body: ChatRequest) -> str:
+    """vLLM's chat `echo`: the answer starts with the last message's text when that message
+    has the answer's role (the assistant's after a generation prompt; without one, the answer
+    continues the last message, whatever its role)."""
+    if not body.echo:
+        return ""
+    last = _message(body.messages[-1], len(body.messages) - 1)
+    if _adds_generation_prompt(body) and last["role"] != "assistant":
+        return ""
+    return last.get("content") or ""
 
 
 def _message(m: dict[str, Any], i: int) -> dict[str, Any]:
@@ -467,27 +671,33 @@ def _chat_logprobs(g: Generation, tok: Any, token_bytes: TokenBytes,
 
 
 async def _stream_chat(request: web.Request, gens: list[Generation], header: dict[str, Any],
-                       body: ChatRequest) -> web.StreamResponse:
+                       body: ChatRequest, echo: str) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    extra = {"usage": None} if body.include_usage else {}
     sent_tokens = [0] * len(gens)
+    pending = [""] * len(gens)  # text not sent yet (stream_interval)
     resp = await sse.start(request)
 
     def chunk(index: int, delta: dict[str, Any], reason: str | None = None,
               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return {**header, "choices": [choice], **extra}
+        return {**header, "choices": [choice], **_usage_extra(body, gens, len(gens))}
 
     async def produce() -> None:
         for g in gens:
             await sse.send(resp, chunk(g.index, {"role": "assistant", "content": ""}))
+            if echo:
+                await sse.send(resp, chunk(g.index, {"content": echo}))
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
+                pending[g.index] += delta
+                if not _is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
+                    continue
                 start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
+                text, pending[g.index] = pending[g.index], ""
                 logprobs = _chat_logprobs(g, engine.tokenizer, request.app[TOKEN_BYTES],
                                           start) if body.logprobs else None
-                if delta or logprobs:
-                    await sse.send(resp, chunk(g.index, {"content": delta}, None, logprobs))
+                if text or logprobs:
+                    await sse.send(resp, chunk(g.index, {"content": text}, None, logprobs))
                 if g.finished:
                     await sse.send(resp, chunk(g.index, {}, finish_reason(g)))
         if body.include_usage:

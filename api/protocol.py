@@ -179,64 +179,148 @@ class UnloadAdapterRequest(msgspec.Struct):
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+    include_usage: bool | None = None
+    # vLLM's and SGLang's: with include_usage, every chunk carries the usage so far
+    continuous_usage_stats: bool | None = None
+    # OpenAI's: random padding in each chunk against length side channels (a hint, README)
+    include_obfuscation: bool | None = None
 
 
 class OpenAISampling(msgspec.Struct):
-    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's and extensions)."""
+    """Fields shared by /v1/completions and /v1/chat/completions: OpenAI's, and the extensions
+    vLLM's and SGLang's OpenAI servers take. Each is served, refused by name when set to
+    anything but a value that asks for nothing (api/openai.py: UNSUPPORTED_FIELDS), or a hint
+    the README lists."""
 
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
+    best_of: int | None = None  # refused unless it equals n (choices are not ranked)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    # extensions (SGLang accepts these on its OpenAI routes too)
-    top_k: int | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string) -> bias, -100..100
+    # extensions (vLLM and SGLang accept these on their OpenAI routes too)
+    top_k: int | None = None  # 0 or -1: the whole vocabulary, as on vLLM
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
-    no_stop_trim: bool = False
-    rid: str | None = None
+    spaces_between_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None  # SGLang's name for include_stop_str_in_output
+    include_stop_str_in_output: bool | None = None
+    # the prompt's last k tokens (its first with truncation_side "right"); -1: the context
+    truncate_prompt_tokens: int | None = None
+    truncation_side: str | None = None
+    add_special_tokens: bool | None = None  # default: completions true, chat false
+    stream_interval: int | None = None  # output tokens between streamed chunks
+    rid: str | None = None  # SGLang's name for the engine request's id
+    request_id: str | None = None  # vLLM's; the answer's id is then "cmpl-<request_id>"
     # SGLang's: the adapter when `model` names none ("<base>:<adapter>" wins); a list gives
     # each prompt of a completion its own, null the base model
     lora_path: str | list[str | None] | None = None
-    logit_bias: dict[str, float] | None = None  # token id (a string) -> bias, -100..100
-    # OpenAI's fields that would change the output and that loraserve does not implement:
-    # decoded so that a request setting them is refused by name (api/openai.py), not served
-    # as if they were absent
+    # Hints that change no output (README): the end user, for abuse monitoring (any value,
+    # as clients send what they like), and prefix-cache isolation, which already holds here
+    # (no prefix cache is shared between requests)
+    user: Any = None
+    cache_salt: str | list[str] | None = None
+    extra_key: str | list[str] | None = None
+    # SGLang's data-parallel routing: one rank here, 0 (others are refused); and its hints
+    # for prefill/decode disaggregation and n-gram speculation, which change no output
+    routed_dp_rank: int | None = None
+    data_parallel_rank: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+    ngram_corpus_id: str | list[str | None] | None = None
+    # vLLM's options of its render endpoints, which its generation routes ignore by its own
+    # description
+    return_token_offsets: bool | None = None
+    return_mm_kwargs: bool | None = None
+    # OpenAI's structured outputs: only {"type": "text"} is served (api/openai.py)
     response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    # SGLang's extensions of these routes that loraserve does not implement, refused likewise
-    regex: str | None = None
-    json_schema: str | None = None
-    ebnf: str | None = None
-    structural_tag: str | None = None
-    stop_regex: str | list[str] | None = None
-    custom_logit_processor: str | None = None
+    # Fields that would change the output or the answer's shape and that loraserve does not
+    # implement: decoded whatever their type so that setting one is refused by name
+    # (api/openai.py: UNSUPPORTED_FIELDS), never served as if it were absent.
+    service_tier: Any = None
+    store: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    prompt_logprobs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logprob_token_ids: Any = None
+    watermarking: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    regex: Any = None
+    json_schema: Any = None
+    ebnf: Any = None
+    structural_tag: Any = None
+    stop_regex: Any = None
+    custom_logit_processor: Any = None
+    custom_params: Any = None
+    logits_processors: Any = None
+    vllm_xargs: Any = None
+    repetition_detection: Any = None
+    thinking_token_budget: Any = None
+    priority: Any = None
+    session_id: Any = None
+    session_params: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
+    return_prompt_text: Any = None
+    return_hidden_states: Any = None
+    return_routed_experts: Any = None
+    routed_experts_start_len: Any = None
+    routed_experts_prompt_start: Any = None
+    return_cached_tokens_details: Any = None
+    kv_transfer_params: Any = None
+    ec_transfer_params: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    mm_processor_kwargs: Any = None
+    media_io_kwargs: Any = None
+    images_config: Any = None
+    custom_labels: Any = None
 
     def to_params(self, max_new_tokens: int, seed_offset: int) -> SamplingParams:
         # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat
         return _sampling_params(self, self.seed, seed_offset, max_new_tokens=max_new_tokens,
-                               min_new_tokens=self.min_tokens)
+                               min_new_tokens=self.min_tokens,
+                               top_k=-1 if self.top_k == 0 else self.top_k,
+                               spaces_between_special_tokens=self.spaces_between_special_tokens)
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every streamed chunk carries the usage so far."""
+        options = self.stream_options
+        return options is not None and bool(options.include_usage
+                                            and options.continuous_usage_stats)
+
+    @property
+    def trim_stop(self) -> bool:
+        """Whether the stop string (or stop token) that ended a choice is cut from its text."""
+        return not (self.no_stop_trim or self.include_stop_str_in_output)
 
     @property
     def field_names(self) -> dict[str, str]:
-        """SamplingParams' names of the fields this request spelled otherwise -> its names (an
+        """The engine's names of the fields this request spelled otherwise -> its names (an
         error names the field the client sent)."""
         return dict(OPENAI_FIELDS)
 
@@ -265,26 +349,62 @@ def _wrapped_seed(seed: int) -> int:
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str | int | list[int]] = ""
     logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None  # refused when set (see OpenAISampling)
-    best_of: int | None = None  # refused unless it equals n
+    echo: bool | None = None
+    suffix: Any = None  # refused when set (api/openai.py)
+    prompt_embeds: Any = None  # vLLM's; refused when set
 
 
 class ChatRequest(OpenAISampling):
     messages: list[dict[str, Any]] = []
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None  # default true; false with continue_final_message
+    continue_final_message: bool | None = None
+    # vLLM's: the answer starts with the last message's text when it has the answer's role
+    echo: bool | None = None
+    # passed to the chat template, which must read them (api/openai.py: _template_fields)
+    documents: list[dict[str, Any]] | None = None
+    reasoning_effort: str | float | None = None
+    # Hints that change no output (README): tool calls that are refused anyway, OpenAI's
+    # caching and abuse-monitoring keys, a predicted output (it only makes OpenAI's answer
+    # faster), and SGLang's reasoning split, which without a reasoning parser leaves the whole
+    # answer in `content`, as here
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
+    # Refused when set (api/openai.py: UNSUPPORTED_CHAT_FIELDS)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    include_reasoning: Any = None
+    reasoning: Any = None
+    task: Any = None
+    input_ids: Any = None
+    return_prompt_token_ids: Any = None
+    return_meta_info: Any = None
+    max_dynamic_patch: Any = None
+    min_dynamic_patch: Any = None
+    use_audio_in_video: Any = None
 
     @property
     def field_names(self) -> dict[str, str]:
         names = super().field_names
         if self.max_completion_tokens is not None:  # it wins over max_tokens
             names["max_new_tokens"] = "max_completion_tokens"
+        names["prompt"] = "messages"  # the prompt is the rendered messages
         return names
 
 
