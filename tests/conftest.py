@@ -22,3 +22,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """A tiny random Llama and a LoRA adapter of it, (model folder, adapter folder), one pair
+    a test module (a module may define its own `tiny`)."""
+    from tests._fake_engine import build_tiny_adapter
+    from tests.models import make_model
+
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    model = make_model(root / "model")
+    return model, build_tiny_adapter(model, root / "adapter")
+
+
+@pytest.fixture
+def make_client(aiohttp_client, tiny):
+    """`await make_client(**overrides)`: a test client of the app over a real engine (or
+    `engine_cls`) on `tiny`, with tests/served.py's settings and the overrides."""
+    from api import create_app
+    from metrics import ServingMetrics
+    from runtime.engine import Engine
+    from tests.served import server_config
+
+    async def make(engine_cls=Engine, **overrides):
+        config = server_config(tiny, **overrides)
+        metrics = ServingMetrics()
+        engine = engine_cls.from_config(config, metrics)
+        return await aiohttp_client(create_app(engine, config, metrics))
+    return make
+
+
+@pytest.fixture
+async def client(make_client):
+    """A test client over the real engine with the default settings (make_client)."""
+    return await make_client()

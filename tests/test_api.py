@@ -18,44 +18,12 @@ import pytest
 from api import create_app
 from api.app import ENGINE
 from metrics import ServingMetrics
-from runtime.config import LoraPathSpec, ServerConfig
 from runtime.engine import Engine
-from tests._fake_engine import FakeEngine, build_tiny_adapter, describe
+from tests._fake_engine import FakeEngine, describe
 from tests.models import make_model
+from tests.served import server_config, sse_events
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("api")
-    model = make_model(root / "model")
-    return model, build_tiny_adapter(model, root / "adapter")
-
-
-def server_config(tiny: tuple[Path, Path], **overrides) -> ServerConfig:
-    model, adapter = tiny
-    cfg = {"model_path": str(model), "device": "cpu", "dtype": "float32",
-           "kv_cache_cpu_bytes": 1 << 24, "enable_lora": True, "max_lora_rank": 8,
-           "lora_target_modules": ("q_proj", "v_proj"), "served_model_name": "tiny",
-           "lora_paths": (LoraPathSpec("a1", str(adapter)),)}
-    cfg.update(overrides)
-    return ServerConfig(**cfg)
-
-
-@pytest.fixture
-def make_client(aiohttp_client, tiny):
-    async def make(engine_cls=Engine, **overrides):
-        config = server_config(tiny, **overrides)
-        metrics = ServingMetrics()
-        engine = engine_cls.from_config(config, metrics)
-        return await aiohttp_client(create_app(engine, config, metrics))
-    return make
-
-
-@pytest.fixture
-async def client(make_client):
-    return await make_client()
 
 
 def check_golden(name: str, body: object) -> None:
@@ -65,18 +33,6 @@ def check_golden(name: str, body: object) -> None:
     if os.environ.get("LORASERVE_UPDATE_GOLDEN") or not path.exists():
         path.write_text(json.dumps(shape, indent=1, sort_keys=True) + "\n")
     assert shape == json.loads(path.read_text()), f"shape of {name} changed"
-
-
-def sse_events(text: str) -> list[object]:
-    """Parse a `data: ...\\n\\n` stream; [DONE] must come last, exactly once."""
-    assert text.endswith("data: [DONE]\n\n")
-    events = []
-    for block in text.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        data = block.removeprefix("data: ")
-        events.append(data if data == "[DONE]" else json.loads(data))
-    assert events.count("[DONE]") == 1
-    return events[:-1]
 
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0}

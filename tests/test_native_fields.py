@@ -8,40 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from api import create_app
 from api.app import ENGINE
 from api.native import UNSUPPORTED_FIELDS, UNSUPPORTED_SAMPLING
 from api.textstream import TextStream
-from metrics import ServingMetrics
-from runtime.engine import Engine
-from tests._fake_engine import build_tiny_adapter
-from tests.models import make_model
-from tests.test_api import server_config, sse_events
+from tests.served import sse_events
 
 SAMPLED = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True}
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("native")
-    model = make_model(root / "model")
-    return model, build_tiny_adapter(model, root / "adapter")
-
-
-@pytest.fixture
-def make_client(aiohttp_client, tiny):
-    async def make(**overrides):
-        config = server_config(tiny, **overrides)
-        metrics = ServingMetrics()
-        engine = Engine.from_config(config, metrics)
-        return await aiohttp_client(create_app(engine, config, metrics))
-    return make
-
-
-@pytest.fixture
-async def client(make_client):
-    return await make_client()
 
 
 async def generate(client, body: dict) -> tuple[int, object]:

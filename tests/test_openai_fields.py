@@ -19,37 +19,13 @@ from api.openai import (
 )
 from metrics import ServingMetrics
 from runtime.config import ServerConfig
-from runtime.engine import Engine
-from tests._fake_engine import FakeEngine, build_tiny_adapter, build_tiny_tokenizer
-from tests.models import make_model
-from tests.test_api import server_config, sse_events
+from tests._fake_engine import FakeEngine, build_tiny_tokenizer
+from tests.served import sse_events
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "Say something"}]
 GREEDY = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("openai_fields")
-    model = make_model(root / "model")
-    return model, build_tiny_adapter(model, root / "adapter")
-
-
-@pytest.fixture
-def make_client(aiohttp_client, tiny):
-    async def make(**overrides):
-        config = server_config(tiny, **overrides)
-        metrics = ServingMetrics()
-        engine = Engine.from_config(config, metrics)
-        return await aiohttp_client(create_app(engine, config, metrics))
-    return make
-
-
-@pytest.fixture
-async def client(make_client):
-    return await make_client()
 
 
 @pytest.fixture

@@ -8,15 +8,7 @@ import asyncio
 import gc
 import time
 
-import pytest
-
-from api import create_app
 from api.app import ENGINE
-from metrics import ServingMetrics
-from runtime.config import LoraPathSpec, ServerConfig
-from runtime.engine import Engine
-from tests._fake_engine import build_tiny_adapter
-from tests.models import make_model
 
 TIMEOUT_S = 120.0
 RSS_GROWTH_BOUND_MB = 64  # after a warm-up burst; a leak of 1 KiB per request would show
@@ -29,29 +21,6 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("overload")
-    model = make_model(root / "model")
-    return model, build_tiny_adapter(model, root / "adapter")
-
-
-@pytest.fixture
-def make_client(aiohttp_client, tiny):
-    async def make(**overrides):
-        model, adapter = tiny
-        cfg = {"model_path": str(model), "device": "cpu", "dtype": "float32",
-               "kv_cache_cpu_bytes": 1 << 24, "max_lora_rank": 8, "served_model_name": "tiny",
-               "lora_target_modules": ("q_proj", "v_proj"),
-               "lora_paths": (LoraPathSpec("a1", str(adapter)),)}
-        cfg.update(overrides)
-        config = ServerConfig(**cfg)
-        metrics = ServingMetrics()
-        engine = Engine.from_config(config, metrics)
-        return await aiohttp_client(create_app(engine, config, metrics))
-    return make
 
 
 def body(i: int, n: int) -> dict:
