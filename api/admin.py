@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from api.app import ENGINE, json_response
+from api.app import ENGINE, LIFECYCLE, json_response
 from api.errors import ApiError
 from api.openai import base_names
 from api.protocol import LoadAdapterRequest, UnloadAdapterRequest, decode_body
+from runtime.errors import EngineStoppedError
 
 routes = web.RouteTableDef()
 
@@ -16,6 +19,12 @@ routes = web.RouteTableDef()
 def _ok(request: web.Request) -> web.Response:
     return json_response({"success": True, "error_message": "",
                           "loaded_adapters": request.app[ENGINE].loaded_adapters()})
+
+
+def _check_running(request: web.Request) -> None:
+    """Adapters are neither loaded nor unloaded once shutdown has begun (a 503)."""
+    if request.app[LIFECYCLE].is_stopping:
+        raise EngineStoppedError("the server is shutting down")
 
 
 def _check_name(name: str) -> None:
@@ -28,6 +37,7 @@ def _check_name(name: str) -> None:
 @routes.post("/v1/load_lora_adapter")
 async def load_lora_adapter(request: web.Request) -> web.Response:
     body = await decode_body(request, LoadAdapterRequest)
+    _check_running(request)
     _check_name(body.lora_name)
     if body.lora_name in base_names(request):  # `model` names the base model by it
         raise ApiError(400, f"lora_name: {body.lora_name!r} is the base model's name",
@@ -42,8 +52,16 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
 @routes.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(request: web.Request) -> web.Response:
     body = await decode_body(request, UnloadAdapterRequest)
+    _check_running(request)
     _check_name(body.lora_name)
-    await request.app[ENGINE].unload_adapter(body.lora_name)  # returns once drained
+    try:
+        await request.app[ENGINE].unload_adapter(body.lora_name)  # returns once drained
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the client left
+        # the engine's shutdown stopped the drain: answer, not a dropped connection
+        raise EngineStoppedError("the server shut down before the unload finished") from None
     return _ok(request)
 
 

@@ -549,7 +549,8 @@ def _read_shard(worker: Worker, slot: int, path: str) -> HostAdapter:
     if worker.read_hook is not None:
         worker.read_hook(path, slot)
     assert worker.pool is not None, "LoRA is not enabled"
-    weights = load_peft_adapter(path, worker.rank_model.lora_shape)
+    # values the pool's dtype cannot hold are refused, as on rank 0's reads
+    weights = load_peft_adapter(path, worker.rank_model.lora_shape, worker.pool.dtype)
     return worker.pool.build_host(weights)
 
 

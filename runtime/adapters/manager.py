@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -50,10 +51,11 @@ from runtime.adapters.pool import (
 )
 from runtime.adapters.reader import ProcessReader
 from runtime.config import ConfigError, ServerConfig
-from runtime.errors import HostTierFullError, UnknownAdapterError
+from runtime.errors import EngineStoppedError, HostTierFullError, UnknownAdapterError
 from runtime.streams import Event, IssuedEvent, Streams
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R")
 
 MAX_NAME_CHARS = 256
 MAX_RECENT_EVICTIONS = 256
@@ -347,6 +349,7 @@ class AdapterManager:
         self._meta_executor = ThreadPoolExecutor(max_workers=1,
                                                  thread_name_prefix="lora-load-meta")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._is_closed = False  # close() ran: loads are refused
 
     def _reserve_host_rows(self) -> int:
         """Pin the host tier's rows at start (on CUDA), so that serving never pins memory:
@@ -376,6 +379,8 @@ class AdapterManager:
         pinned, start its upload. A failed load changes nothing. `config`: the resolved path
         and config already read (as `_read_config` gives them), for an on-demand load."""
         _check_name(name)
+        if self._is_closed:
+            raise EngineStoppedError("the server is shutting down: adapters cannot be loaded")
         if name in self._adapters or name in self._loading:
             raise AdapterError(f"LoRA adapter {name!r} is already loaded")
         if pinned:
@@ -397,10 +402,9 @@ class AdapterManager:
 
     async def _load_new(self, name: str, path: str, pinned: bool, trusted: bool,
                         config: tuple[str, AdapterConfig] | None) -> _Adapter:
-        loop = asyncio.get_running_loop()
         roots = () if trusted else self.config.lora_roots
         allow_hub = trusted or self.config.lora_allow_hub
-        real, cfg = config or await loop.run_in_executor(
+        real, cfg = config or await self._off_loop(
             self._meta_executor, self._read_config, path, roots, allow_hub
         )
         self._check_compatible(name, cfg.rank, cfg.target_modules)
@@ -412,7 +416,7 @@ class AdapterManager:
         entry = _Adapter(name, real, pinned, cfg, self._host_tally)
         t0 = time.monotonic()
         try:
-            host = await loop.run_in_executor(self._executor, self._read_host, real)
+            host = await self._off_loop(self._executor, self._read_host, real)
         except AdapterError:
             self.counters.load_failures += 1
             raise
@@ -433,6 +437,22 @@ class AdapterManager:
         self._count_load("host", time.monotonic() - t0)
         return entry
 
+    async def _off_loop(self, executor: ThreadPoolExecutor, fn: Callable[..., R],
+                        *args: Any) -> R:
+        """fn(*args) on `executor`. Once `close` has shut it down, a job it cancelled, or one
+        asked for after, is EngineStoppedError (a 503), not a cancelled or failed handler."""
+        if self._is_closed:
+            raise EngineStoppedError("the server is shutting down: adapters cannot be loaded")
+        future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._is_closed and future.cancelled() and not (task and task.cancelling()):
+                raise EngineStoppedError(
+                    "the server is shutting down: the adapter load was stopped") from None
+            raise
+
     def _read_config(
         self, path: str, roots: tuple[str, ...], allow_hub: bool
     ) -> tuple[str, AdapterConfig]:
@@ -444,7 +464,7 @@ class AdapterManager:
         if self.reader is not None:
             return self.reader.read(path)
         try:
-            weights = load_peft_adapter(path, self.shape)
+            weights = load_peft_adapter(path, self.shape, self.pool.dtype)
             return self.pool.build_host(weights), weights.rank, weights.target_modules
         except AdapterError:
             raise
@@ -455,6 +475,9 @@ class AdapterManager:
         """Stop new references to `name` at once, wait for its references and slot locks to
         drop, then free its slot and host memory. The name can then be loaded again."""
         entry = self._adapters.get(name)
+        if entry is None and name in self._loading:
+            raise AdapterError(f"LoRA adapter {name!r} is still loading; unload it once its "
+                               "load has answered")
         if entry is None or entry.is_closing:
             raise _unknown(name, entry)
         entry.is_closing = True
@@ -478,6 +501,8 @@ class AdapterManager:
             # one job each, not a resolve each and then a config read each behind all of them
             job = self._resolving.get(name)
             if job is None:
+                if self._is_closed:
+                    raise EngineStoppedError("the server is shutting down")
                 job = asyncio.get_running_loop().run_in_executor(
                     self._meta_executor, self._resolve, name)
                 self._resolving[name] = job
@@ -508,7 +533,9 @@ class AdapterManager:
                                         self.config.lora_allow_hub)
 
     def close(self) -> None:
-        """Stop the loader threads and reader processes (shutdown)."""
+        """Stop the loader threads and reader processes (shutdown). Later loads are refused
+        with EngineStoppedError."""
+        self._is_closed = True
         for task in self._tasks:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -1078,13 +1105,18 @@ class AdapterManager:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or ":" in name or len(name) > MAX_NAME_CHARS:
+    if isinstance(name, str) and len(name) > MAX_NAME_CHARS:  # not echoed: it may be huge
+        raise AdapterError(f"lora_name: must be at most {MAX_NAME_CHARS} characters "
+                           f"(got {len(name)})")
+    if not isinstance(name, str) or not name or ":" in name:
         raise AdapterError(
             f"lora_name: {name!r} must be a non-empty name without ':' "
             f"(at most {MAX_NAME_CHARS} characters)"
         )
-    if any(not c.isprintable() for c in name):
+    if not name.isprintable():
         raise AdapterError(f"lora_name: {name!r} must not hold control characters")
+    if name != name.strip():  # " a" and "a" would look alike in every listing and log
+        raise AdapterError(f"lora_name: {name!r} must not begin or end with a space")
 
 
 def _unknown(name: str, entry: _Adapter | None) -> UnknownAdapterError:

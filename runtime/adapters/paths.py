@@ -1,7 +1,8 @@
 """Where a run-time adapter path may point.
 
 With `lora_roots` set, an adapter folder must lie inside one of them after every symlink is
-resolved; relative paths are taken relative to each root in turn. Hub ids (`org/name`) are
+resolved, and so must the adapter files in it that are links; relative paths are taken
+relative to each root in turn. Hub ids (`org/name`) are
 fetched only when `lora_allow_hub` is on. Blocking (filesystem, maybe network): call these from
 a worker thread.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from runtime.adapters.peft_format import CONFIG_FILE, AdapterError
+from runtime.adapters.peft_format import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, AdapterError
 
 _FORBIDDEN = ("/proc", "/sys", "/dev")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -42,11 +43,13 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...], allow_hub: bool) -> 
     if roots:
         real = _resolve_under_roots(path, roots)
         if real is not None:
+            _check_files(path, real, [os.path.realpath(r) for r in roots])
             return real
     elif os.path.isdir(path):
         real = os.path.realpath(path)
         if _is_forbidden(real):
             raise AdapterError(f"lora_path: {path!r} points into a system folder")
+        _check_files(path, real, [])
         return real
     if not _is_hub_id(path):
         where = f"inside lora_roots {list(roots)}" if roots else "a local folder"
@@ -57,6 +60,21 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...], allow_hub: bool) -> 
             "(start the server with --lora-allow-hub to fetch them)"
         )
     return _download(path)
+
+
+def _check_files(path: str, folder: str, real_roots: list[str]) -> None:
+    """Refuse adapter files in `folder` that are links to files outside `real_roots` (when
+    given) or into a system folder: the folder alone being inside the roots would let whoever
+    can write there make the server read any file it can."""
+    for name in (CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE):
+        file = os.path.join(folder, name)
+        if not os.path.islink(file):
+            continue
+        real = os.path.realpath(file)
+        if _is_forbidden(real):
+            raise AdapterError(f"lora_path: {path!r}: {name} points into a system folder")
+        if real_roots and not any(_inside(real, r) for r in real_roots):
+            raise AdapterError(f"lora_path: {path!r}: {name} links outside lora_roots")
 
 
 def _resolve_under_roots(path: str, roots: tuple[str, ...]) -> str | None:
@@ -80,10 +98,13 @@ def _resolve_under_roots(path: str, roots: tuple[str, ...]) -> str | None:
 
 
 def _download(repo_id: str) -> str:
+    """The local snapshot of hub repository `repo_id`, with only an adapter's files: a repo
+    may hold anything else (a whole model, checkpoints), which would all be downloaded."""
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=repo_id)
+        return snapshot_download(repo_id=repo_id,
+                                 allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE])
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one clear error
         raise AdapterError(f"lora_path: cannot fetch hub adapter {repo_id!r}: {e}") from None
 
@@ -92,6 +113,8 @@ def resolve_on_demand(name: str, roots: tuple[str, ...]) -> str | None:
     """The folder `<root>/<name>` holding an adapter config, for on-demand loading of an
     unknown adapter name; None when no root has one. `name` must be a plain folder name."""
     if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name:
+        return None
+    if not name.isprintable():  # a NUL (which os.path refuses) or other control character
         return None
     for root in roots:
         real_root = os.path.realpath(root)

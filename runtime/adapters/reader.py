@@ -174,7 +174,7 @@ def _serve(conn: Connection, spec: tuple[Any, ...]) -> None:
         try:
             row = chunks[index][offset : offset + row_bytes]
             row.zero_()
-            weights = load_peft_adapter(path, shape)
+            weights = load_peft_adapter(path, shape, getattr(torch, dtype))
             pool.write_host_row(weights, pool.carve_host_row(row))
             reply: tuple[Any, ...] = ("ok", weights.rank, weights.target_modules,
                                       list(weights.modules))
