@@ -17,9 +17,10 @@ import msgspec
 from aiohttp import web
 
 from api.errors import ApiError, Style, from_exception
-from api.generation import ClientGone
+from api.generation import SUBMITTED, ClientGone
 from api.tokenbytes import TokenBytes
 from runtime.config import ServerConfig
+from runtime.request import Request
 
 if TYPE_CHECKING:
     from metrics import ServingMetrics
@@ -64,7 +65,7 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServingMetrics, *,
 
     app = web.Application(
         client_max_size=config.max_request_bytes,
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, auth_middleware, abandoned_middleware],
     )
     app[ENGINE] = engine
     app[CONFIG] = config
@@ -146,6 +147,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
     loaded = request.app[ENGINE].loaded_adapters() if style is Style.ADMIN else None
     return json_response(err.body(style, loaded), status=err.status, headers=err.headers)
+
+
+@web.middleware
+async def abandoned_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No engine request outlives the handler that submitted it. Its answer is whole when the
+    handler returns, so a request still unfinished then was left behind: its client went away
+    in a way that reached the handler as an error instead of a cancellation (a stream's first
+    write to a connection closing just as the prompt was tokenized), and nobody reads it. It
+    is aborted, not run to its end for nobody and counted as served."""
+    owned: list[Request] = []
+    token = SUBMITTED.set(owned)
+    try:
+        return await handler(request)
+    finally:
+        SUBMITTED.reset(token)
+        for req in owned:
+            if not req.is_finished:
+                request.app[ENGINE].abort(req.rid)
 
 
 def bearer_token(request: web.Request) -> str | None:

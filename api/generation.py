@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from api.errors import ApiError
 from api.textstream import TextStream
+from runtime.engine import Submission
 from runtime.request import FinishReason, Request, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DISCONNECT_POLL_S = 0.5
+
+# The engine requests submitted while one HTTP request is handled: api.app's middleware sets
+# a list per HTTP request and aborts whatever it holds unfinished when the handler ends.
+SUBMITTED: contextvars.ContextVar[list[Request] | None] = contextvars.ContextVar(
+    "loraserve_submitted", default=None)
 
 
 @dataclass
@@ -93,30 +100,29 @@ class Generation:
 
 
 async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
-    """Submit every spec, or none: a failure aborts the ones already submitted."""
+    """Submit every spec, or none: a spec that fails leaves nothing of the others queued.
+    Within an HTTP handler the requests are its own: any still unfinished when it ends is
+    aborted (api.app.abandoned_middleware)."""
     limit = engine.config.max_queued_requests
     if len(specs) > limit:  # could never queue, however long the client retried
         raise ApiError(400, f"{len(specs)} generations in one request (its prompts times n); "
                             f"the server queues at most {limit} (max_queued_requests)")
     for spec in specs:  # validate all first so a bad last item queues nothing
         spec.params.validate(engine.model_info.vocab_size)
-    gens: list[Generation] = []
-    try:
-        for i, spec in enumerate(specs):
-            req = await engine.submit(
-                spec.prompt_ids, spec.params, lora_name=spec.lora_name, rid=spec.rid,
-                return_logprob=spec.return_logprob, top_logprobs_num=spec.top_logprobs_num,
-                logprob_start=spec.logprob_start,
-            )
-            text = TextStream(engine.tokenizer, spec.params.skip_special_tokens,
-                              spec.params.stop, spec.trim_stop,
-                              spec.params.spaces_between_special_tokens)
-            gens.append(Generation(i, req, text, prompt_tokens=len(req.prompt_ids)))
-    except BaseException:
-        for g in gens:
-            engine.abort(g.rid)
-        raise
-    return gens
+    reqs = await engine.submit_many([Submission(
+        s.prompt_ids, s.params, s.lora_name, s.rid, s.return_logprob, s.top_logprobs_num,
+        s.logprob_start) for s in specs])
+    owned = SUBMITTED.get()
+    if owned is not None:
+        owned.extend(reqs)
+    return [Generation(i, req, _text_stream(engine, spec), prompt_tokens=len(req.prompt_ids))
+            for i, (spec, req) in enumerate(zip(specs, reqs, strict=True))]
+
+
+def _text_stream(engine: Engine, spec: GenSpec) -> TextStream:
+    p = spec.params
+    return TextStream(engine.tokenizer, p.skip_special_tokens, p.stop, spec.trim_stop,
+                      p.spaces_between_special_tokens)
 
 
 async def follow(engine: Engine, gens: list[Generation]) -> AsyncIterator[tuple[Generation, str]]:

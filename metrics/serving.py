@@ -54,7 +54,8 @@ class ServingMetrics:
         self.kv_usage = Gauge(PREFIX + "kv_cache_usage", "Fraction of KV blocks in use",
                               registry=r)
         self.lora_requests = Counter(PREFIX + "lora_requests", "Admitted requests by where "
-                                     "their adapter was at admission", ["residency"], registry=r)
+                                     "their adapter was when they arrived", ["residency"],
+                                     registry=r)
         self.lora_loads = Counter(PREFIX + "lora_loads", "Adapter loads into a tier", ["tier"],
                                   registry=r)
         self.lora_evictions = Counter(PREFIX + "lora_evictions", "Adapter evictions from a tier",
@@ -65,8 +66,11 @@ class ServingMetrics:
         self.lora_adapters = Gauge(PREFIX + "lora_adapters", "Adapters resident per tier",
                                    ["tier"], registry=r)
         self.lora_pinned = Gauge(PREFIX + "lora_pinned_adapters", "Pinned adapters", registry=r)
+        # by finish reason too: an aborted request (a client that left, an abort by rid, a
+        # failed adapter load) is not a served one
         self.adapter_requests = Counter(PREFIX + "adapter_requests", "Finished requests per "
-                                        "adapter", ["adapter"], registry=r)
+                                        "adapter and finish reason", ["adapter", "finish_reason"],
+                                        registry=r)
         self.adapter_generation_tokens = Counter(PREFIX + "adapter_generation_tokens",
                                                  "Generated tokens per adapter", ["adapter"],
                                                  registry=r)
@@ -109,7 +113,7 @@ class ServingMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.requests.labels(finish_reason).inc()
-        self.adapter_requests.labels(label).inc()
+        self.adapter_requests.labels(label, finish_reason).inc()
         self.adapter_generation_tokens.labels(label).inc(completion_tokens)
 
     def set_running_waiting(self, running: int, waiting: int) -> None:

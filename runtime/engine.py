@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -128,6 +128,19 @@ class EngineStats:
     num_preemptions: int
     generated_tokens: int
     tokens_per_second: float
+
+
+@dataclass
+class Submission:
+    """One request for `Engine.submit_many`: `Engine.submit`'s arguments."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora_name: str | None = None
+    rid: str | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start: int = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -354,33 +367,82 @@ class Engine:
         token never is; a start at or past the prompt's end scores none): the positions before
         it get no logits row, so a client asking for the last prompt token's logprob, or for
         the output's alone, does not pay for the whole prompt's [tokens, vocab] logits."""
+        (req,) = await self.submit_many([Submission(
+            prompt_ids, params, lora_name, rid, return_logprob, top_logprobs_num,
+            logprob_start)])
+        return req
+
+    async def submit_many(self, items: Sequence[Submission]) -> list[Request]:
+        """Submit every item, or none (as `submit`, whose errors it raises). Every item is
+        validated and takes its adapter's name reference before any is queued, so one that
+        fails (an unknown adapter, a bad prompt, a rid in use) leaves no trace: nothing of
+        the others is queued, run, or counted in the metrics as an aborted request."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down")
-        prompt_ids, params = self._validate(prompt_ids, params, rid, top_logprobs_num)
-        if self.scheduler.num_waiting >= self.config.max_queued_requests:
+        checked = []
+        for i, item in enumerate(items):
+            checked.append(self._validate(item.prompt_ids, item.params, item.rid,
+                                          item.top_logprobs_num))
+            if item.rid is not None and any(o.rid == item.rid for o in items[:i]):
+                raise ValidationError("rid", f"the rid {item.rid!r} twice in one request")
+        self._check_room(len(items))
+        reqs: list[Request] = []
+        residencies: list[str] = []
+        try:
+            for item, (prompt_ids, params) in zip(items, checked, strict=True):
+                req = self._new_request(item, prompt_ids, params)
+                residencies.append(await self._acquire(item.lora_name))
+                reqs.append(req)
+            # An adapter's load or on-demand resolve may have been awaited: check again what
+            # another submit or a shutdown may have changed meanwhile.
+            self._check_room(len(items))
+            for req in reqs:
+                if req.rid in self.requests:
+                    raise ValidationError("rid", f"a request with rid {req.rid!r} is already "
+                                          "running")
+        except BaseException:
+            for req in reqs:
+                if req.lora_name is not None and self.adapters is not None:
+                    self.adapters.release(req.lora_name)
+            raise
+        for req, residency in zip(reqs, residencies, strict=True):
+            self.requests[req.rid] = req
+            self._residency[req.rid] = residency
+            self.scheduler.add(req)
+            if self.metrics is not None:
+                self.metrics.request_queued(req.lora_name)
+        self._wake.set()
+        return reqs
+
+    def _check_room(self, num_items: int) -> None:
+        if not self._accepting:
+            raise EngineStoppedError("the server is shutting down")
+        if self.scheduler.num_waiting + num_items > self.config.max_queued_requests:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are already queued")
-        residency = "base"
-        if lora_name is not None:
-            if self.adapters is None:  # no adapter of that name, as for an unknown one
-                raise UnknownAdapterError(
-                    f"LoRA adapter {lora_name!r} does not exist: LoRA is not enabled on this "
-                    "server", lora_name)
-            residency = await self.adapters.acquire_or_resolve(lora_name)
+
+    async def _acquire(self, lora_name: str | None) -> str:
+        """Take a request's name reference on `lora_name`; where the adapter was ("base"
+        for the base model)."""
+        if lora_name is None:
+            return "base"
+        if self.adapters is None:  # no adapter of that name, as for an unknown one
+            raise UnknownAdapterError(
+                f"LoRA adapter {lora_name!r} does not exist: LoRA is not enabled on this "
+                "server", lora_name)
+        return await self.adapters.acquire_or_resolve(lora_name)
+
+    @staticmethod
+    def _new_request(item: Submission, prompt_ids: list[int], params: SamplingParams) -> Request:
         req = Request(
-            rid=rid or new_rid(), prompt_ids=list(prompt_ids), params=params,
-            lora_name=lora_name, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
+            rid=item.rid or new_rid(), prompt_ids=list(prompt_ids), params=params,
+            lora_name=item.lora_name, return_logprob=item.return_logprob,
+            top_logprobs_num=item.top_logprobs_num,
         )
-        skipped = min(max(logprob_start, 1), len(req.prompt_ids))
+        skipped = min(max(item.logprob_start, 1), len(req.prompt_ids))
         if skipped > 1:  # scoring starts where these end (Request.prompt_logprob_positions)
             req.input_logprobs = [None] * skipped
             req.input_top_logprobs = [[] for _ in range(skipped)]
         req.outputs = asyncio.Queue()
-        self.requests[req.rid] = req
-        self._residency[req.rid] = residency
-        self.scheduler.add(req)
-        if self.metrics is not None:
-            self.metrics.request_queued(lora_name)
-        self._wake.set()
         return req
 
     def _validate(
@@ -475,6 +537,8 @@ class Engine:
     async def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
         if self.adapters is None:
             raise ValidationError("lora_name", "LoRA is not enabled on this server")
+        if not self._accepting:  # as submit: nothing new once the drain has begun
+            raise EngineStoppedError("the server is shutting down")
         if name not in self.adapters and name in self.loaded_adapters():
             raise AdapterError(f"LoRA adapter {name!r} is being unloaded (its requests are "
                                "draining); load it again once the unload has answered")

@@ -203,6 +203,21 @@ class FakeEngine:
         live.task = asyncio.create_task(self._run(live))
         return req
 
+    async def submit_many(self, items) -> list[Request]:
+        """As Engine.submit_many, all or none: one submit each, the ones already submitted
+        aborted when an item fails."""
+        reqs: list[Request] = []
+        try:
+            for it in items:
+                reqs.append(await self.submit(it.prompt_ids, it.params, it.lora_name, it.rid,
+                                              it.return_logprob, it.top_logprobs_num,
+                                              it.logprob_start))
+        except BaseException:
+            for req in reqs:
+                self.abort(req.rid)
+            raise
+        return reqs
+
     async def _run(self, live: _Live) -> None:
         req, p = live.request, live.request.params
         await self.hold.wait()

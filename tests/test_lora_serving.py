@@ -354,3 +354,27 @@ async def collect_last(engine: Engine, req: Any) -> Any:
     async for out in engine.stream(req):
         last = out
     return last
+
+
+def test_no_adapter_loads_once_the_engine_drains(setup: dict[str, Any]) -> None:
+    """Engine.load_adapter refuses like submit once stop() has begun (the HTTP admin route
+    answers 503 before it gets here; Python callers got a load into a draining engine)."""
+    from runtime.errors import EngineStoppedError
+
+    engine = serving_engine(setup, lora_paths=specs(setup, [NAMES[1]]))
+
+    async def go() -> None:
+        await engine.start()
+        req = await engine.submit(setup["prompts"][0], greedy(200), NAMES[1])
+        stream = engine.stream(req)
+        await anext(stream)  # it runs: the drain waits for it
+        stopping = asyncio.create_task(engine.stop(drain_timeout=30.0))
+        await asyncio.sleep(0.01)
+        assert not stopping.done()
+        with pytest.raises(EngineStoppedError, match="shutting down"):
+            await engine.load_adapter(NAMES[2], str(setup["paths"][NAMES[2]]))
+        assert NAMES[2] not in engine.adapters
+        assert (await collect(engine, req))  # the running request still finishes
+        await stopping
+
+    run(go())
