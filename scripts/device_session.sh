@@ -832,6 +832,14 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     done
     step_table "$OUT"/step_[0-9]_*.json
     ;;
+  s35d)  # one GPU: the session's host-side changes on the device's serving path (adapter
+    # reads checked against the pool's dtype, prompt logprobs scored from logprob_start): the
+    # GPU tests of adapters, the engine, the pipeline and the warm-up, each case's time
+    gpu_tests serving_tests 400 --durations=15 tests/test_adapters.py tests/test_engine_gpu.py \
+      tests/test_pipeline_gpu.py tests/test_warmup.py
+    grep -E "s call|passed|failed|Error" "$OUT/serving_tests.log" | head -24
+    rm -f "$OUT"/*.xml
+    ;;
   s32tp)  # two GPUs (nvidia-h200-x2): tp 2 decode steps replay CUDA graphs captured on both
     # ranks, their all-reduces inside: the tensor-parallel GPU tests (the graphs' fp32 tokens
     # against tp 1 among them), then tp_bench with graphs at both sizes
