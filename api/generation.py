@@ -16,7 +16,7 @@ from aiohttp import web
 from api.errors import ApiError
 from api.textstream import TextStream
 from runtime.engine import Submission
-from runtime.request import FinishReason, Request, RequestOutput, SamplingParams
+from runtime.request import FinishReason, Request, RequestOutput
 
 if TYPE_CHECKING:
     from runtime.engine import Engine
@@ -32,17 +32,10 @@ SUBMITTED: contextvars.ContextVar[list[Request] | None] = contextvars.ContextVar
 
 
 @dataclass
-class GenSpec:
-    """One request to submit."""
+class GenSpec(Submission):
+    """One request to submit (Engine.submit's arguments), and how its text is cut."""
 
-    prompt_ids: list[int]
-    params: SamplingParams
-    lora_name: str | None = None
-    rid: str | None = None
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
     trim_stop: bool = True
-    logprob_start: int = 1  # the first prompt token whose logprob is scored (Engine.submit)
 
 
 @dataclass
@@ -109,9 +102,7 @@ async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
                             f"the server queues at most {limit} (max_queued_requests)")
     for spec in specs:  # validate all first so a bad last item queues nothing
         spec.params.validate(engine.model_info.vocab_size)
-    reqs = await engine.submit_many([Submission(
-        s.prompt_ids, s.params, s.lora_name, s.rid, s.return_logprob, s.top_logprobs_num,
-        s.logprob_start) for s in specs])
+    reqs = await engine.submit_many(specs)
     owned = SUBMITTED.get()
     if owned is not None:
         owned.extend(reqs)
