@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DISCONNECT_POLL_S = 0.5
+MAX_STREAM_INTERVAL = 1 << 20  # output tokens between streamed chunks, at most
+
+
+def is_chunk_due(g: Generation, num_sent: int, interval: int | None) -> bool:
+    """Whether a streamed generation sends what it holds (`stream_interval` on either API):
+    its first tokens, then every `interval` tokens (None or 1: every step), and its end."""
+    return (interval is None or interval <= 1 or g.finished or num_sent == 0
+            or g.completion_tokens - num_sent >= interval)
 
 # The engine requests submitted while one HTTP request is handled: api.app's middleware sets
 # a list per HTTP request and aborts whatever it holds unfinished when the handler ends.

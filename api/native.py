@@ -14,7 +14,16 @@ from aiohttp import web
 from api import sse
 from api.app import ENGINE, LIFECYCLE, METRICS, json_response, off_loop
 from api.errors import ApiError, Style, renamed
-from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
+from api.generation import (
+    MAX_STREAM_INTERVAL,
+    Generation,
+    GenSpec,
+    collect,
+    follow,
+    is_chunk_due,
+    submit_all,
+    unless_disconnected,
+)
 from api.protocol import (
     AbortRequest,
     DetokenizeRequest,
@@ -63,7 +72,7 @@ async def _stream(request: web.Request, gens: list[Generation], items: list[Nati
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, _ in outputs:
                 item = items[g.index]
-                if not _is_chunk_due(g, num_sent[g.index], item.stream_interval):
+                if not is_chunk_due(g, num_sent[g.index], item.stream_interval):
                     continue
                 num_sent[g.index] = g.completion_tokens
                 chunk = result(g, with_text, engine.tokenizer, item.logprob_start_len)
@@ -72,12 +81,6 @@ async def _stream(request: web.Request, gens: list[Generation], items: list[Nati
                 await sse.send(resp, chunk)
 
     return await sse.run(request, resp, produce(), Style.NATIVE)
-
-
-def _is_chunk_due(g: Generation, num_sent: int, interval: int) -> bool:
-    """A chunk goes out for the first tokens, then every `interval` tokens, and at the end."""
-    return (interval <= 1 or g.finished or num_sent == 0
-            or g.completion_tokens - num_sent >= interval)
 
 
 @dataclass
@@ -198,9 +201,9 @@ def _check_item(s: NativeSampling, prompt: list[int], top: int, logprob_start: i
         raise ApiError(400, f"logprob_start_len: must be -1 (the last prompt token) or a "
                        f"prompt position below the prompt's {len(prompt)} tokens, got "
                        f"{logprob_start}", param="logprob_start_len")
-    if s.stream_interval is not None and not 1 <= s.stream_interval <= 1 << 20:
+    if s.stream_interval is not None and not 1 <= s.stream_interval <= MAX_STREAM_INTERVAL:
         raise ApiError(400, "sampling_params.stream_interval: must be between 1 and "
-                       f"{1 << 20}", param="sampling_params.stream_interval")
+                       f"{MAX_STREAM_INTERVAL}", param="sampling_params.stream_interval")
     if None not in (s.seed, s.sampling_seed) and s.seed != s.sampling_seed:
         raise ApiError(400, "sampling_params.sampling_seed: differs from seed (give one)",
                        param="sampling_params.sampling_seed")

@@ -20,7 +20,16 @@ from aiohttp import web
 from api import sse
 from api.app import CONFIG, ENGINE, LIFECYCLE, TOKEN_BYTES, json_response, off_loop
 from api.errors import ApiError, Style, renamed
-from api.generation import Generation, GenSpec, collect, follow, submit_all, unless_disconnected
+from api.generation import (
+    MAX_STREAM_INTERVAL,
+    Generation,
+    GenSpec,
+    collect,
+    follow,
+    is_chunk_due,
+    submit_all,
+    unless_disconnected,
+)
 from api.protocol import ChatRequest, CompletionRequest, OpenAISampling, decode_body
 from api.tokenbytes import TokenBytes
 from runtime.errors import UnknownAdapterError, ValidationError
@@ -147,7 +156,6 @@ UNSUPPORTED_COMPLETION_FIELDS: tuple[tuple[str, tuple[object, ...], str], ...] =
     ("suffix", ("",), "insertion (suffix) is not supported"),
     ("prompt_embeds", (), "prompt embeddings are not supported"),
 )
-MAX_STREAM_INTERVAL = 1 << 20
 
 
 def _asks_for_something(value: object, neutral: tuple[object, ...]) -> bool:
@@ -336,13 +344,6 @@ def _header(request: web.Request, kind: str, prefix: str,
             "model": body.model or base_names(request)[0]}
 
 
-def _is_chunk_due(g: Generation, num_sent: int, interval: int | None) -> bool:
-    """Whether a streamed choice sends what it holds: its first tokens, then every
-    `stream_interval` tokens, and its end."""
-    return (interval is None or interval <= 1 or g.finished or num_sent == 0
-            or g.completion_tokens - num_sent >= interval)
-
-
 def _usage_extra(body: OpenAISampling, gens: list[Generation], n: int) -> dict[str, Any]:
     """The `usage` key of a streamed chunk: none without include_usage, the usage so far with
     continuous_usage_stats, else null (the last chunk carries it)."""
@@ -502,7 +503,7 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
                 pending[g.index] += delta
-                if not _is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
+                if not is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
                     continue
                 start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
                 text, pending[g.index] = pending[g.index], ""
@@ -690,7 +691,7 @@ async def _stream_chat(request: web.Request, gens: list[Generation], header: dic
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
                 pending[g.index] += delta
-                if not _is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
+                if not is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
                     continue
                 start, sent_tokens[g.index] = sent_tokens[g.index], len(g.output_ids)
                 text, pending[g.index] = pending[g.index], ""
