@@ -75,23 +75,28 @@ def make_layers(n: int, dtype: torch.dtype) -> list[dict]:
             for _ in range(n)]
 
 
-def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool):
+def plain_linear(x, w, pdl: bool):
+    return F.linear(x, w)
+
+
+def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool, linear=plain_linear):
     """Decoder layers as the decode forward runs them: each kernel reads its predecessor's
-    output (norm -> GEMM -> rotary/store -> attention -> GEMM -> norm -> GEMM -> SiLU -> GEMM)."""
+    output (norm -> GEMM -> rotary/store -> attention -> GEMM -> norm -> GEMM -> SiLU -> GEMM).
+    linear(x, w, pdl): the projections (cuBLAS's, which launch without PDL, by default)."""
     residual = torch.zeros_like(h)
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     for ly, (k_cache, v_cache) in zip(layers, caches):
         x, residual = add_rmsnorm_triton(h, residual, ly["n1"], 1e-5, pdl=pdl)
-        qkv = F.linear(x, ly["qkv"])
+        qkv = linear(x, ly["qkv"], pdl)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         t = h.shape[0]
         q = rope_store_kv_triton(q.view(t, HEADS, HEAD_DIM), k.view(t, KV_HEADS, HEAD_DIM),
                                  v.view(t, KV_HEADS, HEAD_DIM), cos, sin, k_cache, v_cache,
                                  slots, pdl=pdl)
         o = decode_attention_triton(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5, pdl=pdl)
-        x, residual = add_rmsnorm_triton(F.linear(o.reshape(t, q_size), ly["o"]), residual,
+        x, residual = add_rmsnorm_triton(linear(o.reshape(t, q_size), ly["o"], pdl), residual,
                                          ly["n2"], 1e-5, pdl=pdl)
-        h = F.linear(silu_mul_triton(F.linear(x, ly["gate_up"]), pdl=pdl), ly["down"])
+        h = linear(silu_mul_triton(linear(x, ly["gate_up"], pdl), pdl=pdl), ly["down"], pdl)
     return rmsnorm_triton(h + residual, layers[-1]["n1"], 1e-5, pdl=pdl)
 
 
@@ -101,6 +106,12 @@ def chain(h, layers, caches, cos, sin, slots, tables, lens, pdl: bool):
 def test_layer_chain_with_pdl_in_a_graph_matches_without(batch):
     """The chain with PDL, eagerly and replayed from a graph, bit for bit the chain without
     (the eager run starts from caches whose newest slot holds other values)."""
+    check_chain_with_pdl(batch)
+
+
+def check_chain_with_pdl(batch: int, linear=plain_linear) -> None:
+    """The chain (projections by `linear`) with PDL, eagerly and from a graph, bit for bit
+    the chain without."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
     dtype, n_layers = torch.bfloat16, 4
@@ -125,16 +136,19 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch):
 
     h_in = torch.randn(batch, HIDDEN, device="cuda").to(dtype)
     ref_caches = caches_copy()
-    ref = chain(h_in, layers, ref_caches, cos, sin, slots, tables, lens, pdl=False)
+    ref = chain(h_in, layers, ref_caches, cos, sin, slots, tables, lens, pdl=False,
+                linear=linear)
 
     pdl_caches = caches_copy()
     static_h = h_in.clone()
-    first = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True)  # compiles
+    first = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True,
+                  linear=linear)  # compiles
     torch.cuda.synchronize()
     assert torch.equal(first, ref)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True)
+        out = chain(static_h, layers, pdl_caches, cos, sin, slots, tables, lens, pdl=True,
+                    linear=linear)
     for _ in range(3):  # replays rewrite the same cache slots with the same values
         graph.replay()
     torch.cuda.synchronize()
@@ -145,6 +159,7 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch):
     h2 = torch.randn(batch, HIDDEN, device="cuda").to(dtype)
     static_h.copy_(h2)
     graph.replay()
-    ref2 = chain(h2, layers, caches_copy(), cos, sin, slots, tables, lens, pdl=False)
+    ref2 = chain(h2, layers, caches_copy(), cos, sin, slots, tables, lens, pdl=False,
+                 linear=linear)
     torch.cuda.synchronize()
     assert torch.equal(out, ref2)

@@ -101,6 +101,24 @@ def test_add_rmsnorm_over_splitk_partials_compiles_for_sm90(splits: int):
     assert _compile(["ops.triton_rmsnorm", "_rmsnorm_kernel", ptrs, consts])["cubin"] > 0
 
 
+@needs_backend
+@pytest.mark.parametrize(("block_n", "block_k", "rows", "even", "lora"),
+                         [(4, 4096, 1, True, False), (1, 16384, 1, False, False),
+                          (4, 4096, 8, True, False), (4, 4096, 1, True, True),
+                          (1, 16384, 2, False, True)])
+def test_decode_gemv_compiles_for_sm90(block_n: int, block_k: int, rows: int, even: bool,
+                                       lora: bool):
+    """ops/triton_decode_gemv.py at Llama-3.1-8B's tilings (qkv/o/gate_up: 4 rows of 4096;
+    down: one of 14336, masked to 16384), with PDL as decode graphs launch it, with the LoRA
+    shrink's programs and without."""
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+            "a_ptr": "*bf16", "slots_ptr": "*i32" if lora else "*bf16", "t_ptr": "*bf16"}
+    consts = {"ROWS": rows, "BLOCK_N": block_n, "BLOCK_K": block_k, "HAS_BIAS": False,
+              "HAS_LORA": lora, "USE_PDL": True, "EVEN_N": True, "EVEN_K": even}
+    case = ["ops.triton_decode_gemv", "_decode_gemv_kernel", ptrs, consts]
+    assert _compile(case)["cubin"] > 0
+
+
 _FOLD_PTRS = {"t_ptr": "*fp32", "b_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32"}
 _FOLD_OFF = {"FOLD": False, "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True}
 _LAYER_CASES = {

@@ -37,7 +37,9 @@ from ops.lora import (
 from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
 from ops.lora import linear_lora_fold as lora_linear_fold
+from ops.pdl import resolve as pdl_resolve
 from ops.splitk import splitk_linear, splits_for, sum_partials
+from ops.triton_decode_gemv import MAX_K, decode_gemv, decode_gemv_lora, decode_gemv_rows
 from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import (
     add_rmsnorm_partials_triton,
@@ -173,8 +175,24 @@ def project(
         splits = splits_for(linear, x) if partials else 0
         if splits:
             return splitk_linear(x, linear.weight, splits)
-        return linear(x)
+        return base_linear(linear, x)
     return lora_linear(x, linear, group.A, group.B, group.slice_offsets, group.scalings, info)
+
+
+def takes_gemv(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Whether linear(x) runs as ops/triton_decode_gemv.py's kernel: in a decode graph's
+    forward (its layer kernels launching with PDL, ops/pdl.py) of at most LORASERVE_DECODE_GEMV
+    rows (default 1), for an nn.Linear with a contiguous weight."""
+    return (type(linear) is nn.Linear and x.dim() == 2 and 1 <= x.shape[0] <= decode_gemv_rows()
+            and x.shape[1] <= MAX_K and x.stride(1) == 1 and linear.weight.is_contiguous()
+            and x.dtype == linear.weight.dtype and pdl_resolve(None, x))
+
+
+def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x), as ops/triton_decode_gemv.py's kernel where `takes_gemv`."""
+    if takes_gemv(linear, x):
+        return decode_gemv(x, linear.weight, linear.bias, pdl=True)
+    return linear(x)
 
 
 @dataclass(frozen=True)
@@ -195,9 +213,17 @@ def project_fold(
     one buffer) takes one GEMM for both."""
     if group is None or info is None or plan is None or name not in plan.groups:
         return project(linear, x, group, info), None
+    stack = group.stack if stacks_lora() else None
+    if stack is None and takes_gemv(linear, x) and group.A.stride(2) == 1:
+        # the projection and the shrink in one launch, both reading their weights before
+        # the PDL wait (a shrink beside it on a side stream would wait for its programs)
+        y, t = decode_gemv_lora(x, linear.weight, linear.bias, group.A, plan.row_slots,
+                                pdl=True)
+        return y, LoraFold(t, group.B, group.scalings, plan.row_slots,
+                           tuple(group.slice_offsets), info)
     return lora_linear_fold(
         x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
-        stack=group.stack if stacks_lora() else None,
+        stack=stack,
     )
 
 
