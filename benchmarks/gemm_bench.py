@@ -12,7 +12,10 @@ with fp32 partials (what a consumer kernel that sums them would need instead of 
 split-K reduce launch), alone and with torch's sum. Each line also gives the error against
 F.linear (relative, Frobenius).
 (A Triton GEMV with and without programmatic dependent launch was measured against cuBLAS
-here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.)
+here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.) With `--gemv
+TILE:WARPS ...`, ops/triton_decode_gemv.py's kernel (batches of at most 8 rows) at each tiling,
+launched plainly and with PDL, and, as decode graphs run a projection, behind a PDL add+RMSNorm
+that writes its input: `norm+linear` against `norm+gemv`, the pair timed.
 
     python -m benchmarks.gemm_bench --out gemm.json
 """
@@ -106,6 +109,42 @@ def lt_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tens
     return rows
 
 
+def gemv_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
+              tilings: list[str], reps: int, bw: float) -> list[dict]:
+    """ops/triton_decode_gemv.py's kernel at each TILE:WARPS, timed as the F.linear rows are,
+    plain and with PDL; then each behind the add+RMSNorm that writes its input (PDL, as in a
+    decode graph), against F.linear behind it."""
+    from ops.triton_decode_gemv import MAX_ROWS, decode_gemv
+    from ops.triton_rmsnorm import add_rmsnorm_triton
+
+    if x.shape[0] > MAX_ROWS:
+        return []
+    rows = []
+    pdl = torch.cuda.get_device_capability()[0] >= 9
+    res = torch.randn_like(x)
+    norm_w = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+
+    def normed() -> torch.Tensor:
+        return add_rmsnorm_triton(x, res, norm_w, 1e-5, pdl=pdl)[0]
+
+    want_n = F.linear(normed(), ws[0]).float()
+    rows.append(timed_row(name, ws, x, want_n, "norm+linear",
+                          lambda i: F.linear(normed(), ws[i]), reps, bw))
+    for spec in tilings:
+        tile, warps = (int(v) for v in spec.split(":"))
+        for with_pdl in (False, True) if pdl else (False,):
+            label = f"gemv t{tile} w{warps}" + (" pdl" if with_pdl else "")
+            rows.append(timed_row(
+                name, ws, x, want, label,
+                lambda i, t=tile, w=warps, p=with_pdl: decode_gemv(x, ws[i], pdl=p, tile=t,
+                                                                   warps=w), reps, bw))
+        rows.append(timed_row(
+            name, ws, x, want_n, f"norm+gemv t{tile} w{warps}",
+            lambda i, t=tile, w=warps: decode_gemv(normed(), ws[i], pdl=pdl, tile=t, warps=w),
+            reps, bw))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -125,6 +164,9 @@ def main() -> None:
     ap.add_argument("--split-k", type=int, nargs="*", default=[], metavar="S",
                     help="also time each projection as one batched GEMM over S slices of its "
                          "input dimension with fp32 partials (splitk_views)")
+    ap.add_argument("--gemv", nargs="*", default=[], metavar="TILE:WARPS",
+                    help="also time ops/triton_decode_gemv.py's kernel at these tilings "
+                         "(W elements a program, warps), batches of at most 8 rows")
     ap.add_argument("--proj", nargs="+", help="only these projections")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -151,6 +193,8 @@ def main() -> None:
                 rows += lt_rows(name, ws, x, want, a.lt_algos, a.reps, bw)
             if a.split_k:
                 rows += splitk_rows(name, ws, x, want, a.split_k, a.reps, bw)
+            if a.gemv:
+                rows += gemv_rows(name, ws, x, want, a.gemv, a.reps, bw)
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

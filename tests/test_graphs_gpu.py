@@ -119,6 +119,35 @@ def test_base_graph_with_splitk_partials_logits_bf16(setup, monkeypatch):
     assert rel < 4e-2, rel
 
 
+def test_graphs_with_decode_gemv_match_eager_fp32(setup, monkeypatch):
+    """fp32: decode graphs of at most 8 rows whose projections run ops/triton_decode_gemv.py's
+    kernel (LORASERVE_DECODE_GEMV=8; weights loaded before each PDL wait) give eager decode's
+    greedy tokens, over base rows alone and mixed with 4 adapters (the kernel as the LoRA
+    path's base projection)."""
+    model, adapters = setup
+    common = lora_config(adapters, "csgmv", "float32")
+    for names, n in (([None] * 6, 6), (NAMES[:8], 8)):
+        ps = prompts(n, read_vocab(model), seed=8, lo=4, hi=60)
+        monkeypatch.delenv("LORASERVE_DECODE_GEMV", raising=False)
+        eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
+        monkeypatch.setenv("LORASERVE_DECODE_GEMV", "8")
+        graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
+        assert used and graphed == eager
+
+
+def test_graph_with_decode_gemv_logits_bf16(setup, monkeypatch):
+    """bf16, a mixed decode step of 8 requests: the graph replay with the decode GEMV gives
+    the eager forward's logits within the bound of the bf16 replay test below."""
+    monkeypatch.setenv("LORASERVE_DECODE_GEMV", "8")
+    engine, fb = mixed_decode_step(setup, "csgmv", names=NAMES[:8])
+    with torch.inference_mode():
+        eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
+        graph = engine.runner.graphs.replay(fb).clone()
+    rel = ((graph - eager).abs().max() / eager.abs().max()).item()
+    print(f"bf16 decode GEMV graph against eager: max |diff| / max |logit| {rel:.4f}")
+    assert rel < 4e-2, rel
+
+
 def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
     """fp32, mixed base + 4 adapters: decode graphs whose layer kernels launch without
     programmatic dependent launch (LORASERVE_LAYER_PDL=0; the default launches them with it,
