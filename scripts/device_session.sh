@@ -832,6 +832,68 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     done
     step_table "$OUT"/step_[0-9]_*.json
     ;;
+  s36a)  # one GPU: the decode GEMV that loads its weight before its PDL wait
+    # (ops/triton_decode_gemv.py, LORASERVE_DECODE_GEMV): its GPU tests (Llama shapes against
+    # F.linear, the PDL layer chain bit for bit, decode graphs against eager), the projections
+    # alone at batch 1 over four tilings, then the step targets by default and with it at one row
+    gpu_tests gemv_tests 170 tests/test_decode_gemv.py tests/test_pdl.py \
+      tests/test_graphs_gpu.py -k "gemv or chain"
+    rm -f "$OUT"/*.xml
+    timeout 100 python3 -m benchmarks.gemm_bench --batch 1 --proj qkv o gate_up down \
+      --gemv 16384:8 8192:4 32768:8 16384:4 --out "$OUT/gemm_gemv.json" > "$OUT/gemm_gemv.log" 2>&1
+    echo "== gemm_bench --gemv: rc $?"; grep -E " us |copy bandwidth" "$OUT/gemm_gemv.log"
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_GEMV=1; do
+      i=$((i + 1))
+      name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      step_lora $((i == 1 ? 110 : 95)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step_[0-9]_*.json
+    ;;
+  s36b)  # one GPU: the decode GEMV with the LoRA shrink in the same launch (folded groups):
+    # its GPU tests, the step targets by default and with LORASERVE_DECODE_GEMV=1, then base
+    # decode at batches 1-8 by default and with it up to 8 rows
+    gpu_tests gemv_tests 170 tests/test_decode_gemv.py tests/test_pdl.py \
+      tests/test_graphs_gpu.py -k "gemv or chain"
+    rm -f "$OUT"/*.xml
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_GEMV=1; do
+      i=$((i + 1))
+      name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      step_lora $((i == 1 ? 110 : 95)) "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step_[0-9]_*.json
+    for knob in NONE=1 LORASERVE_DECODE_GEMV=8; do
+      name="base_$(echo "$knob" | tr '= ' '__')"
+      env "$knob" timeout 80 python3 -m benchmarks.step_bench --steps 10 --batch 1 2 4 8 \
+        --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== base steps $knob: rc $?"
+      grep -E "^(decode|  graph|serving loop)" "$OUT/$name.log"
+    done
+    ;;
+  s36c)  # one GPU: the batch-1 decode GEMV by default (LORASERVE_DECODE_GEMV=1): the GPU
+    # tests of decode graphs, the engine, the warm-up, PDL, the folds and the GEMV, then the
+    # step targets by default and with LORASERVE_DECODE_GEMV=0 (cuBLAS), one process each
+    gpu_tests default_tests 330 --durations=8 tests/test_decode_gemv.py tests/test_pdl.py \
+      tests/test_graphs_gpu.py tests/test_engine_gpu.py tests/test_warmup.py tests/test_lora_fold.py
+    grep -E "passed|failed|Error" "$OUT/default_tests.log" | head -12
+    rm -f "$OUT"/*.xml
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_GEMV=0; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 450 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step_${i}_$(echo "$knob" | tr '= ' '__')"
+      step_lora 95 "$name" "$knob"
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step_[0-9]_*.json
+    ;;
+  s36d)  # one GPU: the step targets with the batch-1 decode GEMV (default) and without
+    # (LORASERVE_DECODE_GEMV=0), alternating, two processes each
+    step_ab LORASERVE_DECODE_GEMV=0
+    ;;
   s35d)  # one GPU: the session's host-side changes on the device's serving path (adapter
     # reads checked against the pool's dtype, prompt logprobs scored from logprob_start): the
     # GPU tests of adapters, the engine, the pipeline and the warm-up, each case's time
