@@ -590,3 +590,113 @@ def test_hub_adapters_fetch_only_adapter_files(monkeypatch: pytest.MonkeyPatch,
     assert resolve_adapter_path("org/adapter", (), True) == str(tmp_path)
     assert asked["repo_id"] == "org/adapter"
     assert sorted(asked.get("allow_patterns") or []) == sorted([BIN, CONFIG, WEIGHTS])
+
+
+# ---------------------------------------------------------------- re-reads from disk
+
+async def generate(client, lora: str) -> tuple[int, dict[str, Any]]:
+    """POST /generate for `lora`; (status, body). Fails on a request that hangs."""
+    try:
+        r = await asyncio.wait_for(client.post("/generate", json={
+            "text": "Paris is", "lora_path": lora, "sampling_params": GREEDY}), TIMEOUT_S)
+    except TimeoutError:
+        pytest.fail(f"a request for {lora} hung for {TIMEOUT_S} s")
+    return r.status, await r.json()
+
+
+def abort_message(body: dict[str, Any]) -> str:
+    reason = body["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort", body
+    return reason["message"]
+
+
+async def evict_to_disk(client, setup: Setup, loaded: set[str]) -> None:
+    """Push every other adapter out of host memory (max_loaded_loras 2) and out of the GPU
+    slots (max_loras_per_batch 2): load two fillers and serve them."""
+    for name in ("filler1", "filler2"):
+        status, message = await load(client, setup.good, name)
+        assert status == 200, message
+        loaded.add(name)
+        await ids(client, name)
+    tiers = {a.name: a.tier for a in client.app[ENGINE].adapters.list()}
+    assert {n for n, t in tiers.items() if t != "disk"} == {"filler1", "filler2"}, tiers
+
+
+async def test_reread_repeats_the_path_checks(make_client, setup) -> None:
+    """A run-time adapter whose host copy was dropped is read again from disk: the folder
+    or a file in it swapped for a link out of lora_roots (or into /proc) after the first load
+    was read (the checks ran at the first load only), and so was an adapter of another rank.
+    Now that re-read is refused as a failed load is: its request ends with the reason, nothing
+    is held, and a1 keeps serving."""
+    client = await make_client(max_loaded_loras=2)
+    expected = await ids(client, "a1")
+
+    def link_out(folder: Path, file: str) -> None:
+        (folder / file).rename(setup.outside / f"{folder.name}-{file}")
+        os.symlink(setup.outside / f"{folder.name}-{file}", folder / file)
+
+    def folder_out(folder: Path) -> None:
+        shutil.move(folder, setup.outside / folder.name)
+        os.symlink(setup.outside / folder.name, folder)
+
+    def to_proc(folder: Path) -> None:
+        (folder / WEIGHTS).unlink()
+        os.symlink("/proc/self/environ", folder / WEIGHTS)
+
+    rank8 = make_adapter(setup.model, setup.outside / "rank8", rank=8, seed=3)
+
+    def other_rank(folder: Path) -> None:
+        for file in (CONFIG, WEIGHTS):
+            shutil.copyfile(rank8 / file, folder / file)
+
+    swaps: dict[str, tuple[Any, str]] = {  # case: (the swap, a word of the refusal)
+        "weights link out": (lambda f: link_out(f, WEIGHTS), f"{WEIGHTS} links outside"),
+        "config link out": (lambda f: link_out(f, CONFIG), f"{CONFIG} links outside"),
+        "folder link out": (folder_out, "no longer the folder"),
+        "weights to /proc": (to_proc, "system folder"),
+        "rank changed": (other_rank, "changed on disk"),
+    }
+    names = {case: f"r{i}" for i, case in enumerate(swaps)}
+    folders = {case: setup.copy(f"reread{i}") for i, case in enumerate(swaps)}
+    for case, name in names.items():
+        status, message = await load(client, folders[case], name)
+        assert status == 200, message
+    loaded = {"a1", *names.values()}
+    on_demand = setup.copy("reread_on_demand")  # loaded by a request naming its folder
+    status, body = await generate(client, on_demand.name)
+    assert status == 200 and body["meta_info"]["finish_reason"]["type"] == "length", body
+    loaded.add(on_demand.name)
+    await evict_to_disk(client, setup, loaded)
+    for case, (swap, _) in swaps.items():
+        swap(folders[case])
+    folder_out(on_demand)
+    cases = {names[case]: word for case, (_, word) in swaps.items()}
+    cases[on_demand.name] = "no longer the folder"
+    for name, word in cases.items():
+        status, body = await generate(client, name)
+        assert status == 200, body
+        message = abort_message(body)
+        assert "could not be loaded" in message and word in message, (name, message)
+        assert_nothing_held(client, loaded)
+        assert await ids(client, "a1") == expected, name
+
+
+async def test_reread_of_startup_adapters_skips_lora_roots(make_client, setup) -> None:
+    """Startup adapters (lora_paths) are the operator's: their re-read is not held to
+    lora_roots, as their first load was not, but a file swapped for a link into a system
+    folder is still refused."""
+    trusted, jailed = setup.outside / "trusted", setup.outside / "trusted_proc"
+    for folder in (trusted, jailed):
+        shutil.copytree(setup.good, folder)
+    client = await make_client(max_loaded_loras=2, lora_paths=(
+        LoraPathSpec("t1", str(trusted)), LoraPathSpec("t2", str(jailed))))
+    expected = await ids(client, "t1")
+    await evict_to_disk(client, setup, {"t1", "t2"})
+    (trusted / WEIGHTS).rename(setup.outside / "trusted.safetensors")
+    os.symlink(setup.outside / "trusted.safetensors", trusted / WEIGHTS)
+    (jailed / WEIGHTS).unlink()
+    os.symlink("/proc/self/environ", jailed / WEIGHTS)
+    assert await ids(client, "t1") == expected
+    status, body = await generate(client, "t2")
+    assert status == 200 and "system folder" in abort_message(body), body
+

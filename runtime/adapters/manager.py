@@ -34,7 +34,12 @@ import torch
 from torch import Tensor
 
 from ops.settings import env_flag, env_int, reject_removed
-from runtime.adapters.paths import resolve_adapter_path, resolve_on_demand
+from runtime.adapters.paths import (
+    AdapterFolder,
+    recheck_adapter_folder,
+    resolve_adapter_folder,
+    resolve_on_demand,
+)
 from runtime.adapters.peft_format import (
     AdapterConfig,
     AdapterError,
@@ -137,10 +142,11 @@ class _HostTally:
 class _Adapter:
     """Bookkeeping of one registered adapter name."""
 
-    def __init__(self, name: str, path: str, pinned: bool, config: AdapterConfig,
+    def __init__(self, name: str, folder: AdapterFolder, pinned: bool, config: AdapterConfig,
                  tally: _HostTally) -> None:
         self.name = name
-        self.path = path
+        self.folder = folder  # what a re-read checks again
+        self.path = folder.real
         self.pinned = pinned
         self.config = config
         self._tally = tally
@@ -331,7 +337,8 @@ class AdapterManager:
         self._host_tally = _HostTally()  # the host copies of the adapters in _adapters
         self._loading: dict[str, asyncio.Future[None]] = {}  # first loads in progress
         # on-demand names being resolved (their config read) on the metadata thread
-        self._resolving: dict[str, asyncio.Future[tuple[str, str, AdapterConfig] | None]] = {}
+        self._resolving: dict[
+            str, asyncio.Future[tuple[str, AdapterFolder, AdapterConfig] | None]] = {}
         self._loading_pinned: set[str] = set()
         self._pins_waiting: set[str] = set()  # pinned adapters still without a slot
         # Reloads from disk waiting, in request order, for room in the host tier: the room is
@@ -373,10 +380,10 @@ class AdapterManager:
 
     async def load(
         self, name: str, path: str, pinned: bool = False, *, trusted: bool = False,
-        config: tuple[str, AdapterConfig] | None = None,
+        config: tuple[AdapterFolder, AdapterConfig] | None = None,
     ) -> None:
         """Register adapter `name` from `path`, read it into host memory (in a thread) and, if
-        pinned, start its upload. A failed load changes nothing. `config`: the resolved path
+        pinned, start its upload. A failed load changes nothing. `config`: the checked folder
         and config already read (as `_read_config` gives them), for an on-demand load."""
         _check_name(name)
         if self._is_closed:
@@ -401,10 +408,10 @@ class AdapterManager:
         logger.info("loaded LoRA adapter %s from %s (rank %d)", name, entry.path, entry.config.rank)
 
     async def _load_new(self, name: str, path: str, pinned: bool, trusted: bool,
-                        config: tuple[str, AdapterConfig] | None) -> _Adapter:
+                        config: tuple[AdapterFolder, AdapterConfig] | None) -> _Adapter:
         roots = () if trusted else self.config.lora_roots
         allow_hub = trusted or self.config.lora_allow_hub
-        real, cfg = config or await self._off_loop(
+        folder, cfg = config or await self._off_loop(
             self._meta_executor, self._read_config, path, roots, allow_hub
         )
         self._check_compatible(name, cfg.rank, cfg.target_modules)
@@ -413,10 +420,10 @@ class AdapterManager:
         except HostTierFullError:
             if pinned:
                 raise  # a pinned adapter must be in host memory now; others may wait on disk
-        entry = _Adapter(name, real, pinned, cfg, self._host_tally)
+        entry = _Adapter(name, folder, pinned, cfg, self._host_tally)
         t0 = time.monotonic()
         try:
-            host = await self._off_loop(self._executor, self._read_host, real)
+            host = await self._off_loop(self._executor, self._read_host, folder.real)
         except AdapterError:
             self.counters.load_failures += 1
             raise
@@ -455,9 +462,9 @@ class AdapterManager:
 
     def _read_config(
         self, path: str, roots: tuple[str, ...], allow_hub: bool
-    ) -> tuple[str, AdapterConfig]:
-        real = resolve_adapter_path(path, roots, allow_hub)
-        return real, read_adapter_config(real, self.shape.num_layers)
+    ) -> tuple[AdapterFolder, AdapterConfig]:
+        folder = resolve_adapter_folder(path, roots, allow_hub)
+        return folder, read_adapter_config(folder.real, self.shape.num_layers)
 
     def _read_host(self, path: str) -> tuple[HostAdapter, int, frozenset[str]]:
         """Loader thread: the adapter at `path` in a host row, its rank and target modules."""
@@ -470,6 +477,12 @@ class AdapterManager:
             raise
         except Exception as e:  # I/O or allocation failures: report, never crash the loop
             raise AdapterError(f"cannot read adapter at {path}: {e}") from e
+
+    def _reread_host(self, folder: AdapterFolder) -> tuple[HostAdapter, int, frozenset[str]]:
+        """Loader thread: `_read_host` of an adapter read before, once its folder passes the
+        checks of its first load again (see recheck_adapter_folder)."""
+        recheck_adapter_folder(folder)
+        return self._read_host(folder.real)
 
     async def unload(self, name: str) -> None:
         """Stop new references to `name` at once, wait for its references and slot locks to
@@ -523,8 +536,8 @@ class AdapterManager:
                     await self.load(name, found[0], config=found[1:])
         return self.acquire(name)
 
-    def _resolve(self, name: str) -> tuple[str, str, AdapterConfig] | None:
-        """Metadata thread: `<lora_root>/<name>`, its resolved path and its config (as `load`
+    def _resolve(self, name: str) -> tuple[str, AdapterFolder, AdapterConfig] | None:
+        """Metadata thread: `<lora_root>/<name>`, its checked folder and its config (as `load`
         of that folder reads them), or None when no root holds such a folder."""
         path = resolve_on_demand(name, self.config.lora_roots)
         if path is None:
@@ -688,21 +701,25 @@ class AdapterManager:
         task.add_done_callback(self._tasks.discard)
 
     async def _reload(self, entry: _Adapter) -> None:
-        """Read an adapter evicted from host memory back from its path."""
+        """Read an adapter evicted from host memory back from its folder, checked again. A
+        failure ends in `entry.error`, with which the engine aborts its queued requests."""
         t0 = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
             host, rank, targets = await loop.run_in_executor(
-                self._executor, self._read_host, entry.path
+                self._executor, self._reread_host, entry.folder
             )
             if self._adapters.get(entry.name) is not entry:
                 return  # unloaded meanwhile
-            self._check_compatible(entry.name, rank, targets)
+            _check_unchanged(entry, rank, targets)
             self._make_host_room(host.nbytes, entry.name)
         except HostTierFullError:  # bytes ran out while it was read: wait for room
             self._host_waiting[entry.name] = entry
             return
         except Exception as e:  # noqa: BLE001 - keep the loop alive; reported per adapter
+            # a copy read but refused gives its host row back now, not once the log record
+            # that holds `e` (whose traceback holds this frame) is dropped
+            host = None
             self.counters.load_failures += 1
             entry.error = f"reload failed: {e}"
             logger.error("reload of LoRA adapter %s failed: %s", entry.name, e)
@@ -1117,6 +1134,19 @@ def _check_name(name: str) -> None:
         raise AdapterError(f"lora_name: {name!r} must not hold control characters")
     if name != name.strip():  # " a" and "a" would look alike in every listing and log
         raise AdapterError(f"lora_name: {name!r} must not begin or end with a space")
+
+
+def _check_unchanged(entry: _Adapter, rank: int, targets: frozenset[str]) -> None:
+    """Refuse a re-read of `entry` that is not the adapter registered (checked against the
+    pool, listed and counted with its rank and target modules): another adapter put in its
+    folder since is loaded by name anew, not slipped in under the old one's checks."""
+    was = entry.config
+    if (rank, targets) != (was.rank, was.target_modules):
+        raise AdapterError(
+            f"LoRA adapter {entry.name!r} changed on disk since it was loaded (rank {was.rank}, "
+            f"targets {', '.join(sorted(was.target_modules))}; now rank {rank}, targets "
+            f"{', '.join(sorted(targets))}): unload it and load it again"
+        )
 
 
 def _unknown(name: str, entry: _Adapter | None) -> UnknownAdapterError:

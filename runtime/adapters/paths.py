@@ -3,14 +3,16 @@
 With `lora_roots` set, an adapter folder must lie inside one of them after every symlink is
 resolved, and so must the adapter files in it that are links; relative paths are taken
 relative to each root in turn. Hub ids (`org/name`) are
-fetched only when `lora_allow_hub` is on. Blocking (filesystem, maybe network): call these from
-a worker thread.
+fetched only when `lora_allow_hub` is on. A folder read again later (its host copy was dropped)
+is checked again first (`recheck_adapter_folder`). Blocking (filesystem, maybe network): call
+these from a worker thread.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 from runtime.adapters.peft_format import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, AdapterError
 
@@ -30,12 +32,26 @@ def _is_hub_id(path: str) -> bool:
     return _HUB_ID_RE.fullmatch(path) is not None and ".." not in path
 
 
+@dataclass(frozen=True)
+class AdapterFolder:
+    """An adapter's real local folder, and the lora_roots it was checked against (empty: none,
+    as for an operator's startup adapter or a hub snapshot): what a re-read repeats."""
+
+    real: str
+    roots: tuple[str, ...]
+
+
 def resolve_adapter_path(path: str, roots: tuple[str, ...], allow_hub: bool) -> str:
     """The real local folder for adapter `path`, or AdapterError saying why it is refused.
 
     roots: folders the adapter must lie in (empty: any local folder). A string that is not a
     local folder is a hub id, fetched with huggingface_hub only when `allow_hub`.
     """
+    return resolve_adapter_folder(path, roots, allow_hub).real
+
+
+def resolve_adapter_folder(path: str, roots: tuple[str, ...], allow_hub: bool) -> AdapterFolder:
+    """`resolve_adapter_path`, with the roots the folder was checked against."""
     if not path:
         raise AdapterError("lora_path: must be a non-empty path")
     if "\x00" in path:
@@ -44,13 +60,13 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...], allow_hub: bool) -> 
         real = _resolve_under_roots(path, roots)
         if real is not None:
             _check_files(path, real, [os.path.realpath(r) for r in roots])
-            return real
+            return AdapterFolder(real, roots)
     elif os.path.isdir(path):
         real = os.path.realpath(path)
         if _is_forbidden(real):
             raise AdapterError(f"lora_path: {path!r} points into a system folder")
         _check_files(path, real, [])
-        return real
+        return AdapterFolder(real, ())
     if not _is_hub_id(path):
         where = f"inside lora_roots {list(roots)}" if roots else "a local folder"
         raise AdapterError(f"lora_path: {path!r} is not {where}")
@@ -59,7 +75,31 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...], allow_hub: bool) -> 
             f"lora_path: {path!r} is not a local adapter folder, and hub ids are refused "
             "(start the server with --lora-allow-hub to fetch them)"
         )
-    return _download(path)
+    return AdapterFolder(_download(path), ())
+
+
+def recheck_adapter_folder(folder: AdapterFolder) -> None:
+    """The checks the first load made of `folder`, made again before it is read again (its
+    host copy was dropped): whoever can write inside a root could otherwise swap the folder,
+    or a file in it, for a link after that load, and have any file read.
+
+    It is the folder the first load checked that is read again, never the path it was asked
+    for resolved afresh: that would follow whatever links lie along the path now, to another
+    folder than the one loaded (and fetch a hub id from the network again). A folder whose
+    real path is no longer itself (a link, or a folder moved away and a link put in its
+    place, somewhere along it) is refused; its files are checked as at the first load, and a
+    folder checked against no roots is still refused the system folders. (A swap between
+    this check and the read is not caught, as at the first load.)"""
+    real = os.path.realpath(folder.real)
+    if real != folder.real:
+        raise AdapterError(f"lora_path: {folder.real!r} is no longer the folder that was "
+                           f"loaded (it now leads to {real!r})")
+    if _is_forbidden(real):
+        raise AdapterError(f"lora_path: {real!r} points into a system folder")
+    real_roots = [os.path.realpath(r) for r in folder.roots]
+    if real_roots and not any(_inside(real, r) for r in real_roots):
+        raise AdapterError(f"lora_path: {real!r} escapes lora_roots {list(folder.roots)}")
+    _check_files(real, real, real_roots)
 
 
 def _check_files(path: str, folder: str, real_roots: list[str]) -> None:
@@ -103,10 +143,11 @@ def _download(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=repo_id,
-                                 allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE])
+        snapshot = snapshot_download(repo_id=repo_id,
+                                     allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE])
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one clear error
         raise AdapterError(f"lora_path: cannot fetch hub adapter {repo_id!r}: {e}") from None
+    return os.path.realpath(snapshot)  # real, as a local folder's: a re-read expects it
 
 
 def resolve_on_demand(name: str, roots: tuple[str, ...]) -> str | None:
