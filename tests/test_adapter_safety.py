@@ -700,3 +700,102 @@ async def test_reread_of_startup_adapters_skips_lora_roots(make_client, setup) -
     status, body = await generate(client, "t2")
     assert status == 200 and "system folder" in abort_message(body), body
 
+
+# ---------------------------------------------------------------- failed on-demand loads
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, attr: str) -> list[str]:
+    """Record each call of owner.attr (its first argument) while still making it."""
+    calls: list[str] = []
+    real = getattr(owner, attr)
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(str(args[0]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, attr, counted)
+    return calls
+
+
+async def test_failed_on_demand_loads_are_remembered(make_client, setup, monkeypatch) -> None:
+    """A request naming a folder whose config fails read that config again on every request,
+    on the one thread every load's config read waits for: a planted slow config (a regular
+    expression at its 1 s budget) cost that second per request. The failure is remembered:
+    the same 400 at once while the folder is unchanged; a fixed folder loads on the next
+    request, and an admin load of the name is never answered from the memory."""
+    import runtime.adapters.manager as manager_module
+
+    slow = setup.with_config(exclude_modules=REDOS)
+    client = await make_client()
+    reads = count_calls(monkeypatch, manager_module, "read_adapter_config")
+    first = await client.post("/generate", json={"text": "x", "lora_path": slow.name})
+    first_body = await first.json()
+    assert first.status == 400 and "takes too long" in first_body["error"]["message"]
+    assert len(reads) == 1
+    t0 = time.monotonic()
+    for _ in range(4):
+        r = await client.post("/generate", json={"text": "x", "lora_path": slow.name})
+        assert (r.status, await r.json()) == (first.status, first_body)
+    assert len(reads) == 1 and time.monotonic() - t0 < 2.0  # each read took its second
+    # the operator fixes the folder: the next request loads it
+    shutil.copyfile(setup.good / CONFIG, slow / CONFIG)
+    status, body = await generate(client, slow.name)
+    assert status == 200 and body["meta_info"]["finish_reason"]["type"] == "length", body
+    assert len(reads) == 2
+    # an admin load is never answered from the memory, and clears it
+    broken = setup.with_config(use_dora=True)
+    for _ in range(2):
+        r = await client.post("/generate", json={"text": "x", "lora_path": broken.name})
+        assert r.status == 400 and "use_dora" in (await r.json())["error"]["message"]
+    assert len(reads) == 3
+    status, message = await load(client, broken, broken.name)
+    assert status == 400 and "use_dora" in message and len(reads) == 4
+    r = await client.post("/generate", json={"text": "x", "lora_path": broken.name})
+    assert r.status == 400 and len(reads) == 5
+    assert_nothing_held(client, {"a1", slow.name})
+
+
+async def test_failed_on_demand_weights_are_remembered(make_client, setup, monkeypatch) -> None:
+    """The same for a folder whose config passes and whose weights fail (read on a loader
+    thread each time), until the memory's time is up."""
+    client = await make_client()
+    reads = count_calls(monkeypatch, client.app[ENGINE].adapters, "_read_host")
+    folder = setup.copy()
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+    messages = set()
+    for _ in range(3):
+        r = await client.post("/generate", json={"text": "x", "lora_path": folder.name})
+        assert r.status == 400
+        messages.add((await r.json())["error"]["message"])
+    assert len(reads) == 1 and len(messages) == 1 and "truncated" in messages.pop()
+    import runtime.adapters.failures as failures_module
+
+    monkeypatch.setattr(failures_module, "FAILURE_MEMORY_S", 0.0)
+    r = await client.post("/generate", json={"text": "x", "lora_path": folder.name})
+    assert r.status == 400 and len(reads) == 2
+    assert_nothing_held(client, {"a1"})
+
+
+def test_failure_memory_is_bounded_and_keyed_by_the_folder(tmp_path, monkeypatch) -> None:
+    """The memory holds the most recent MAX_REMEMBERED_FAILURES names; a failure stands only
+    for the folder it was read from, unchanged, and only a refused adapter is remembered."""
+    from runtime.adapters import failures
+    from runtime.errors import HostTierFullError
+
+    monkeypatch.setattr(failures, "MAX_REMEMBERED_FAILURES", 3)
+    memory = failures.FailedLoads()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / CONFIG).write_text("{}")
+    where = (str(folder), failures.folder_signature(str(folder)))
+    for i in range(5):
+        memory.remember(f"n{i}", *where, AdapterError(f"e{i}"))
+    assert [memory.error(f"n{i}", *where) for i in range(2)] == [None, None]
+    assert str(memory.error("n4", *where)) == "e4"
+    assert memory.error("n3", str(tmp_path), where[1]) is None  # another folder
+    (folder / CONFIG).write_text('{"r": 4}')  # the operator's fix
+    assert memory.error("n2", str(folder), failures.folder_signature(str(folder))) is None
+    memory.remember("full", *where, HostTierFullError("no room now"))
+    assert memory.error("full", *where) is None
+    memory.forget("n4")
+    assert memory.error("n4", *where) is None

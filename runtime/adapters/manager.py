@@ -28,12 +28,13 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 from ops.settings import env_flag, env_int, reject_removed
+from runtime.adapters.failures import FailedLoads, Signature, folder_signature
 from runtime.adapters.paths import (
     AdapterFolder,
     recheck_adapter_folder,
@@ -266,6 +267,14 @@ def host_tier_rows(config: ServerConfig, row_bytes: int, available: int | None) 
     return rows
 
 
+class _Found(NamedTuple):
+    """An on-demand name's folder as `_resolve` found it."""
+
+    path: str  # <lora_root>/<name>, resolved
+    signature: Signature  # its stat signature before the config was read
+    config: tuple[AdapterFolder, AdapterConfig]  # as `_read_config` gives them
+
+
 @dataclass
 class _UploadJob:
     """One upload's copies into `slot` (from the host row `lease` holds), after `last_use`.
@@ -337,8 +346,8 @@ class AdapterManager:
         self._host_tally = _HostTally()  # the host copies of the adapters in _adapters
         self._loading: dict[str, asyncio.Future[None]] = {}  # first loads in progress
         # on-demand names being resolved (their config read) on the metadata thread
-        self._resolving: dict[
-            str, asyncio.Future[tuple[str, AdapterFolder, AdapterConfig] | None]] = {}
+        self._resolving: dict[str, asyncio.Future[_Found | None]] = {}
+        self._failed = FailedLoads()  # on-demand names whose load failed, for a while
         self._loading_pinned: set[str] = set()
         self._pins_waiting: set[str] = set()  # pinned adapters still without a slot
         # Reloads from disk waiting, in request order, for room in the host tier: the room is
@@ -383,9 +392,11 @@ class AdapterManager:
         config: tuple[AdapterFolder, AdapterConfig] | None = None,
     ) -> None:
         """Register adapter `name` from `path`, read it into host memory (in a thread) and, if
-        pinned, start its upload. A failed load changes nothing. `config`: the checked folder
-        and config already read (as `_read_config` gives them), for an on-demand load."""
+        pinned, start its upload. A failed load changes nothing (but for forgetting a failed
+        on-demand load of `name`: the next request tries it again). `config`: the checked
+        folder and config already read (as `_read_config` gives them), for an on-demand load."""
         _check_name(name)
+        self._failed.forget(name)
         if self._is_closed:
             raise EngineStoppedError("the server is shutting down: adapters cannot be loaded")
         if name in self._adapters or name in self._loading:
@@ -533,17 +544,36 @@ class AdapterManager:
                 if name in self._loading:
                     await asyncio.shield(self._loading[name])
                 else:
-                    await self.load(name, found[0], config=found[1:])
+                    await self._load_found(name, found)
         return self.acquire(name)
 
-    def _resolve(self, name: str) -> tuple[str, AdapterFolder, AdapterConfig] | None:
-        """Metadata thread: `<lora_root>/<name>`, its checked folder and its config (as `load`
-        of that folder reads them), or None when no root holds such a folder."""
+    def _resolve(self, name: str) -> _Found | None:
+        """Metadata thread: `<lora_root>/<name>` with its stat signature, checked folder and
+        config (as `load` of that folder reads them), or None when no root holds such a
+        folder. A failure is remembered (see runtime.adapters.failures), and raised again
+        without a read while it stands: the stats that tell cost microseconds, here as the
+        resolve's own do, off the loop (a root on a network file system may stall them)."""
         path = resolve_on_demand(name, self.config.lora_roots)
         if path is None:
             return None
-        return path, *self._read_config(path, self.config.lora_roots,
-                                        self.config.lora_allow_hub)
+        signature = folder_signature(path)  # before the read: a fix made meanwhile is seen
+        remembered = self._failed.error(name, path, signature)
+        if remembered is not None:
+            raise remembered
+        try:
+            config = self._read_config(path, self.config.lora_roots, self.config.lora_allow_hub)
+        except AdapterError as e:
+            self._failed.remember(name, path, signature, e)
+            raise
+        return _Found(path, signature, config)
+
+    async def _load_found(self, name: str, found: _Found) -> None:
+        """`load` of an on-demand name `_resolve` found; a failure is remembered as there."""
+        try:
+            await self.load(name, found.path, config=found.config)
+        except AdapterError as e:
+            self._failed.remember(name, found.path, found.signature, e)
+            raise
 
     def close(self) -> None:
         """Stop the loader threads and reader processes (shutdown). Later loads are refused
