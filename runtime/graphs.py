@@ -30,6 +30,8 @@ from ops.lora import (
 from ops.pdl import decode_scope
 from ops.settings import env_flag, env_int
 from ops.splitk import decode_splits, splitk_scope
+from ops.triton_decode_gemm import decode_gemm_rows, gemm_splits
+from ops.triton_decode_gemv import decode_gemv_rows
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -66,8 +68,14 @@ def graph_splits(bs: int, with_lora: bool) -> int:
     """The split-K slices of a decode graph's o and down projections (ops/splitk.py): those
     LORASERVE_DECODE_SPLITK sets for base-only graphs on torch's own BLAS route, else 0. On the
     H200 (twentieth session) the partials took 0.03-0.04 ms off the loop's batch-1 step; at
-    batch 32, where cuBLASLt's o and down kernels do not split K, they added 0.03-0.06 ms."""
-    if with_lora or decode_blas(bs, with_lora) is not None:
+    batch 32, where cuBLASLt's o and down kernels do not split K, they added 0.03-0.06 ms.
+    Base-only graphs whose projections take ops/triton_decode_gemm.py's kernel split as
+    LORASERVE_DECODE_GEMM_SPLIT says instead."""
+    if with_lora:
+        return 0
+    if decode_gemv_rows() < bs <= decode_gemm_rows():
+        return gemm_splits()  # the Triton GEMM's own split (ops/triton_decode_gemm.py)
+    if decode_blas(bs, with_lora) is not None:
         return 0
     return decode_splits()
 

@@ -148,6 +148,41 @@ def test_graph_with_decode_gemv_logits_bf16(setup, monkeypatch):
     assert rel < 4e-2, rel
 
 
+def test_graphs_with_decode_gemm_match_eager_fp32(setup, monkeypatch):
+    """fp32: decode graphs of 2-32 rows whose base projections run ops/triton_decode_gemm.py's
+    tensor-core kernel (LORASERVE_DECODE_GEMM=32 at a tiling that divides the test model's K,
+    o and down as 2 slices of fp32 partials the next norm sums) give eager decode's greedy
+    tokens, over base rows alone and mixed with 4 adapters."""
+    model, adapters = setup
+    common = lora_config(adapters, "csgmv", "float32")
+    for names, n in (([None] * 24, 24), (NAMES[:8], 8)):
+        ps = prompts(n, read_vocab(model), seed=9, lo=4, hi=60)
+        for knob in ("LORASERVE_DECODE_GEMM", "LORASERVE_DECODE_GEMM_SPLIT",
+                     "LORASERVE_DECODE_GEMM_TILE"):
+            monkeypatch.delenv(knob, raising=False)
+        eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:32:64:4:2")
+        graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
+        assert used and graphed == eager
+
+
+def test_graph_with_decode_gemm_logits_bf16(setup, monkeypatch):
+    """bf16, a base-only decode step of 21 requests: the graph replay with the decode GEMM
+    (o and down split in 2) gives the eager forward's logits within the bf16 replay bound."""
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:32:64:4:2")
+    engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 24)
+    with torch.inference_mode():
+        eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
+        graph = engine.runner.graphs.replay(fb).clone()
+    rel = ((graph - eager).abs().max() / eager.abs().max()).item()
+    print(f"bf16 decode GEMM graph against eager: max |diff| / max |logit| {rel:.4f}")
+    assert rel < 4e-2, rel
+
+
 def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
     """fp32, mixed base + 4 adapters: decode graphs whose layer kernels launch without
     programmatic dependent launch (LORASERVE_LAYER_PDL=0; the default launches them with it,

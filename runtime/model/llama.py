@@ -39,6 +39,7 @@ from ops.lora import linear_lora as lora_linear
 from ops.lora import linear_lora_fold as lora_linear_fold
 from ops.pdl import resolve as pdl_resolve
 from ops.splitk import splitk_linear, splits_for, sum_partials
+from ops.triton_decode_gemm import MAX_WEIGHT_ELEMS, decode_gemm, decode_gemm_rows, gemm_fits
 from ops.triton_decode_gemv import MAX_K, decode_gemv, decode_gemv_lora, decode_gemv_rows
 from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import (
@@ -173,6 +174,8 @@ def project(
     decode graph's capture asks for them (ops/splitk.py)."""
     if group is None or info is None:
         splits = splits_for(linear, x) if partials else 0
+        if splits and takes_gemm(linear, x, splits):
+            return decode_gemm(x, linear.weight, pdl=True, split=splits)
         if splits:
             return splitk_linear(x, linear.weight, splits)
         return base_linear(linear, x)
@@ -188,10 +191,25 @@ def takes_gemv(linear: nn.Module, x: torch.Tensor) -> bool:
             and x.dtype == linear.weight.dtype and pdl_resolve(None, x))
 
 
+def takes_gemm(linear: nn.Module, x: torch.Tensor, splits: int = 1) -> bool:
+    """Whether linear(x) (over `splits` slices of K) runs as ops/triton_decode_gemm.py's
+    kernel: as `takes_gemv`, for the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default
+    0: none) where its tiling divides K, for weights of at most MAX_WEIGHT_ELEMS."""
+    return (type(linear) is nn.Linear and x.dim() == 2
+            and linear.weight.numel() <= MAX_WEIGHT_ELEMS
+            and decode_gemv_rows() < x.shape[0] <= decode_gemm_rows()
+            and gemm_fits(x.shape[0], x.shape[1], splits) and x.stride(1) == 1
+            and linear.weight.is_contiguous() and x.dtype == linear.weight.dtype
+            and pdl_resolve(None, x))
+
+
 def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """linear(x), as ops/triton_decode_gemv.py's kernel where `takes_gemv`."""
+    """linear(x), as ops/triton_decode_gemv.py's kernel where `takes_gemv`, or
+    ops/triton_decode_gemm.py's where `takes_gemm`."""
     if takes_gemv(linear, x):
         return decode_gemv(x, linear.weight, linear.bias, pdl=True)
+    if takes_gemm(linear, x):
+        return decode_gemm(x, linear.weight, linear.bias, pdl=True)
     return linear(x)
 
 

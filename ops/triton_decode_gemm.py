@@ -1,0 +1,206 @@
+"""Decode projections of 2-64 rows on tensor cores, their first weight tile read before the
+kernel ahead of them finishes (opt-in: LORASERVE_DECODE_GEMM).
+
+ops/triton_decode_gemv.py holds a program's whole slice of W in registers before its PDL wait;
+that is one row's sums on the CUDA cores, slower than cuBLAS from 2 rows on. Here y = x W^T runs
+as MMAs with W's rows as the MMA's M (y^T = W x^T: a decode batch is too thin to fill an M of
+64, W's rows are not), x's rows padded to 16, 32 or 64 as the MMA's N. Each program owns
+BLOCK_N of W's rows (over a slice of K when split, below) and loads its first PRE_K columns of
+them before the wait for the kernel ahead (ops/pdl.py): W is no kernel's output. After the
+wait it reads x, lets the next kernel launch, and streams the rest of its W rows in BLOCK_K
+tiles through Triton's software pipeline.
+
+`split` > 1 gives each program a 1/split slice of K and returns fp32 partials [split, M, N]
+that the next add+RMSNorm sums (ops/splitk.py, ops/triton_rmsnorm.py
+`add_rmsnorm_partials_triton`): for o and down, whose N alone makes too few programs.
+
+On the H200 at batch 32 (benchmarks/RESULTS.md, twenty-ninth session) the default tiling
+behind add+RMSNorm took qkv 16.9 us against cuBLAS's 19.1, o as two slices 10.5 against 14.0
+alone, down as two slices 30.3 against 34.0; loading 256 columns ahead of the wait (PRE_K)
+was slower, since it leaves shared memory for one stage fewer. The serving loop's base step
+at batch 32 took 4.85 ms against 5.04. gate_up stays on cuBLAS (MAX_WEIGHT_ELEMS).
+
+`LORASERVE_DECODE_GEMM=R` (default 0: off, as LoRA graphs' projections do not take it yet)
+sends base projections of decode graphs of 2..R rows here on CUDA sm_90+
+(runtime/model/llama.py `takes_gemm`);
+`LORASERVE_DECODE_GEMM_TILE=BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES` overrides the tiling and
+`LORASERVE_DECODE_GEMM_SPLIT=S` splits o and down (runtime/graphs.py `graph_splits`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ops.settings import env_int
+from ops.sizes import cdiv, next_pow2
+
+MAX_ROWS = 64
+DEFAULT_TILING = (64, 256, 0, 4, 4)  # BLOCK_N, BLOCK_K, PRE_K, warps, stages
+SMEM_BUDGET = 200 * 1024  # the pipeline's shared memory a program may take (H200: 227 KB)
+# Weights of more elements stay on cuBLAS: gate_up (28672 x 4096) streamed at 96-97 % of copy
+# bandwidth there at batch 32 and at 89-94 % here (H200, benchmarks/RESULTS.md).
+MAX_WEIGHT_ELEMS = 64 << 20
+
+
+@triton.jit
+def _decode_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K_SLICE,  # K's columns a program covers (K / split)
+    stride_xm,
+    stride_wn,
+    stride_ys,
+    stride_ym,
+    MP: tl.constexpr,  # x's rows padded to a power of two >= 16
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRE_K: tl.constexpr,  # columns of W loaded before the wait (a multiple of BLOCK_K, or 0)
+    HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    EVEN_N: tl.constexpr,  # BLOCK_N divides N
+    PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (unused for 16-bit)
+    STAGES: tl.constexpr,  # W and x tiles in flight in the loop (Triton's software pipeline)
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    k_base = pid_s * K_SLICE
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, MP)
+    if EVEN_N:
+        n_live = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        n_live = offs_n < N
+    m_live = offs_m < M
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k_base
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + k_base
+    acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
+    if PRE_K > 0:
+        # W is no kernel's output: its first PRE_K columns are in flight before the wait
+        offs_p = tl.arange(0, PRE_K)
+        w0 = tl.load(w_rows + offs_p[None, :], mask=n_live[:, None], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()  # x comes from the kernel ahead
+        gdc_launch_dependents()
+    if PRE_K > 0:
+        x0 = tl.load(x_rows + offs_p[None, :], mask=m_live[:, None], other=0.0)
+        acc = tl.dot(w0, tl.trans(x0), acc, input_precision=PRECISION)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in tl.range(PRE_K, K_SLICE, BLOCK_K, num_stages=STAGES):
+        w = tl.load(w_rows + k + offs_k[None, :], mask=n_live[:, None], other=0.0)
+        x = tl.load(x_rows + k + offs_k[None, :], mask=m_live[:, None], other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += bias[:, None]
+    y = y_ptr + pid_s * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
+
+
+def gemm_tiling(spec: str | None = None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, PRE_K, warps, stages) from `spec` or LORASERVE_DECODE_GEMM_TILE
+    ("64:128:256:4:4"), else DEFAULT_TILING."""
+    spec = spec or os.environ.get("LORASERVE_DECODE_GEMM_TILE", "")
+    if not spec:
+        return DEFAULT_TILING
+    parts = spec.split(":")
+    try:
+        block_n, block_k, pre_k, warps, stages = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"decode GEMM tiling {spec!r}: want BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES "
+                         "(integers)") from None
+    for name, v in (("BLOCK_N", block_n), ("BLOCK_K", block_k)):
+        if v < 16 or v != next_pow2(v):
+            raise ValueError(f"decode GEMM tiling {spec!r}: {name} must be a power of two >= 16")
+    if pre_k < 0 or pre_k % block_k or (pre_k and pre_k != next_pow2(pre_k)):
+        raise ValueError(f"decode GEMM tiling {spec!r}: PRE_K must be 0 or a power-of-two "
+                         "multiple of BLOCK_K")
+    if warps < 1 or stages < 1:
+        raise ValueError(f"decode GEMM tiling {spec!r}: warps and stages must be >= 1")
+    return block_n, block_k, pre_k, warps, stages
+
+
+def gemm_fits(rows: int, k_dim: int, split: int = 1, tiling=None) -> bool:
+    """Whether `decode_gemm` takes `rows` x `k_dim` over `split` slices at this tiling."""
+    _, block_k, pre_k, _, _ = tiling or gemm_tiling()
+    if not 1 <= rows <= MAX_ROWS or split < 1 or k_dim % split:
+        return False
+    k_slice = k_dim // split
+    return k_slice % block_k == 0 and k_slice >= pre_k
+
+
+def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                pdl: bool = False, split: int = 1, tiling: str | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias) for 1 <= M <= MAX_ROWS: [M, N] in x's dtype, or with
+    split > 1 fp32 partials [split, M, N] whose sum it is (no bias then). fp32 accumulation.
+    pdl: launch as a programmatic dependent of the kernel ahead (CUDA sm_90+; ops/pdl.py).
+    tiling: "BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES" (`gemm_tiling`)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
+    rows, k_dim = x.shape
+    n_dim = weight.shape[0]
+    tile = gemm_tiling(tiling)
+    block_n, block_k, pre_k, warps, stages = tile
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"decode_gemm takes 1 to {MAX_ROWS} rows, got {rows}")
+    if not gemm_fits(rows, k_dim, split, tile):
+        raise ValueError(f"decode_gemm: {k_dim} input columns over {split} slices do not tile "
+                         f"by BLOCK_K {block_k} with {pre_k} loaded ahead")
+    if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype != weight.dtype:
+        raise ValueError("decode_gemm: x's rows contiguous, weight contiguous, one dtype")
+    if bias is not None and (split > 1 or bias.shape != (n_dim,) or not bias.is_contiguous()):
+        raise ValueError(f"decode_gemm: bias must be contiguous [{n_dim}], and only unsplit")
+    if split > 1:
+        out = torch.empty((split, rows, n_dim), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((1, rows, n_dim), dtype=x.dtype, device=x.device)
+    mp = max(16, next_pow2(rows))
+    stages = pipeline_stages(tile, mp, x.element_size())
+    extra = {"launch_pdl": True} if pdl else {}
+    grid = (cdiv(n_dim, block_n), split)
+    _decode_gemm_kernel[grid](
+        x, weight, bias if bias is not None else weight, out,
+        rows, n_dim, k_dim // split,
+        x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
+        MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
+        HAS_BIAS=bias is not None, USE_PDL=pdl, EVEN_N=n_dim % block_n == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        STAGES=stages, num_warps=warps, **extra,
+    )
+    return out if split > 1 else out[0]
+
+
+def pipeline_stages(tiling, mp: int, elem: int) -> int:
+    """The tiling's stages, fewer where W's and x's tiles in flight would pass SMEM_BUDGET
+    (64 rows of x at BLOCK_K 256 and 4 stages take 256 KB: no launch)."""
+    block_n, block_k, pre_k, _, stages = tiling
+    per_stage = (block_n + mp) * block_k * elem
+    budget = SMEM_BUDGET - (block_n + mp) * pre_k * elem
+    return max(1, min(stages, budget // per_stage))
+
+
+def decode_gemm_rows() -> int:
+    """LORASERVE_DECODE_GEMM: the most rows a base-only decode graph's projections take this
+    kernel for (default 0: off)."""
+    rows = env_int("LORASERVE_DECODE_GEMM", 0)
+    if not 0 <= rows <= MAX_ROWS:
+        raise ValueError(f"LORASERVE_DECODE_GEMM: {rows} rows (0: off, up to {MAX_ROWS})")
+    return rows
+
+
+def gemm_splits() -> int:
+    """LORASERVE_DECODE_GEMM_SPLIT: the slices of K for o and down where they take this kernel
+    (0 or 1, the default: unsplit; their next add+RMSNorm sums the partials)."""
+    splits = env_int("LORASERVE_DECODE_GEMM_SPLIT", 0)
+    if splits < 0:
+        raise ValueError(f"LORASERVE_DECODE_GEMM_SPLIT: {splits} slices (0 or 1: unsplit)")
+    return splits if splits >= 2 else 0

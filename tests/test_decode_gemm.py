@@ -1,0 +1,218 @@
+"""ops/triton_decode_gemm.py: decode projections of a few to 64 rows on tensor cores, their
+first weight tile loaded before the PDL wait. Sums and split-K partials against F.linear (the
+interpreter on the CPU, the device at Llama-3.1-8B shapes), the tiling and row settings, which
+projections take it, and on the device a layer chain with it under PDL bit for bit the chain
+without PDL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ops.dispatch
+from ops.triton_decode_gemm import (
+    DEFAULT_TILING,
+    decode_gemm,
+    decode_gemm_rows,
+    gemm_fits,
+    gemm_splits,
+    gemm_tiling,
+    pipeline_stages,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rows", "n", "k", "bias", "tiling"), [
+    (2, 64, 64, False, "16:16:32:4:2"),    # rows padded to 16, W's first half ahead of the wait
+    (17, 40, 96, True, "16:32:32:4:2"),    # rows padded to 32, N masked, a bias (Qwen2's qkv)
+    (32, 48, 64, False, "32:16:0:4:2"),    # nothing loaded ahead: the loop alone
+    (64, 16, 64, False, "16:16:64:4:2"),   # the most rows; all of K loaded ahead, no loop
+])
+def test_sums_match_linear(dtype, rows, n, k, bias, tiling):
+    g = torch.Generator().manual_seed(rows * 100 + n)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    got = decode_gemm(x, w, b, tiling=tiling)
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.dtype == dtype and got.shape == (rows, n)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * k ** 0.5)
+
+
+@pytest.mark.parametrize(("rows", "split", "tiling"), [
+    (3, 2, "16:16:16:4:2"), (32, 4, "16:16:0:4:2")])
+def test_split_k_partials_sum_to_linear(rows, split, tiling):
+    """split > 1: fp32 partials [split, M, N], slice s the product over K's s-th slice."""
+    g = torch.Generator().manual_seed(split)
+    x = torch.randn(rows, 128, generator=g).half()
+    w = torch.randn(32, 128, generator=g).half()
+    parts = decode_gemm(x, w, split=split, tiling=tiling)
+    assert parts.shape == (split, rows, 32) and parts.dtype == torch.float32
+    kk = 128 // split
+    for s in range(split):
+        want = x[:, s * kk:(s + 1) * kk].float() @ w[:, s * kk:(s + 1) * kk].float().T
+        assert torch.allclose(parts[s], want, rtol=1e-3, atol=1e-3), s
+
+
+def test_x_rows_may_be_strided():
+    """x as a view of every other row of a wider buffer (a graph's static input)."""
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randn(8, 96, generator=g)
+    x = buf[::2, :64]
+    w = torch.randn(32, 64, generator=g)
+    assert torch.allclose(decode_gemm(x, w, tiling="16:16:32:4:2"), x @ w.T, atol=1e-4)
+
+
+def test_tiling(monkeypatch):
+    monkeypatch.delenv("LORASERVE_DECODE_GEMM_TILE", raising=False)
+    assert gemm_tiling() == DEFAULT_TILING
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "32:256:512:8:3")
+    assert gemm_tiling() == (32, 256, 512, 8, 3)
+    for bad, why in (("32:256", "BLOCK_N:BLOCK_K"), ("24:256:512:8:3", "BLOCK_N"),
+                     ("32:8:0:4:2", "BLOCK_K"), ("32:64:96:4:2", "PRE_K"),
+                     ("32:64:64:0:2", "warps")):
+        with pytest.raises(ValueError, match=why):
+            gemm_tiling(bad)
+    # Llama-3.1-8B's K (4096, 14336) tiles at the default, also as 2 slices; a K of 200 not
+    tile = DEFAULT_TILING
+    assert gemm_fits(32, 4096, 1, tile) and gemm_fits(32, 14336, 2, tile)
+    assert not gemm_fits(32, 200, 1, tile) and not gemm_fits(65, 4096, 1, tile)
+    assert not gemm_fits(8, 256, 1, (64, 128, 512, 4, 4))  # K narrower than loaded ahead
+    # the pipeline's stages within SMEM_BUDGET: 64 rows at BLOCK_K 256 get 3 of 4 (256 KB)
+    assert pipeline_stages((64, 256, 0, 4, 4), 32, 2) == 4
+    assert pipeline_stages((64, 256, 0, 4, 4), 64, 2) == 3
+    assert pipeline_stages((64, 256, 256, 4, 4), 32, 2) == 3
+
+
+def test_bad_input_is_refused():
+    w = torch.zeros(16, 64)
+    t = "16:16:32:4:2"
+    with pytest.raises(ValueError, match="do not multiply"):
+        decode_gemm(torch.zeros(1, 8), w, tiling=t)
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        decode_gemm(torch.zeros(65, 64), w, tiling=t)
+    with pytest.raises(ValueError, match="one dtype"):
+        decode_gemm(torch.zeros(2, 64, dtype=torch.float16), w, tiling=t)
+    with pytest.raises(ValueError, match="bias"):
+        decode_gemm(torch.zeros(2, 64), w, torch.zeros(16), split=2, tiling=t)
+    with pytest.raises(ValueError, match="do not tile"):
+        decode_gemm(torch.zeros(2, 64), w, split=3, tiling=t)
+
+
+def test_settings(monkeypatch):
+    for name, fn in (("LORASERVE_DECODE_GEMM", decode_gemm_rows),
+                     ("LORASERVE_DECODE_GEMM_SPLIT", gemm_splits)):
+        monkeypatch.delenv(name, raising=False)
+        assert fn() == 0
+        monkeypatch.setenv(name, "-1")
+        with pytest.raises(ValueError, match=name):
+            fn()
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
+    assert decode_gemm_rows() == 32
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "65")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM"):
+        decode_gemm_rows()
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "1")
+    assert gemm_splits() == 0
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
+    assert gemm_splits() == 2
+
+
+def test_which_projections_take_it(monkeypatch, triton_on_cpu):
+    """runtime/model/llama.py: inside a decode forward where layer PDL applies, rows above the
+    GEMV's and up to LORASERVE_DECODE_GEMM take this kernel (o and down as split-K partials
+    when the graph's scope splits); nn.Linear everywhere else. runtime/graphs.py
+    `graph_splits` gives base-only graphs in its rows LORASERVE_DECODE_GEMM_SPLIT."""
+    from ops.pdl import decode_scope
+    from ops.splitk import splitk_scope
+    from runtime import graphs
+    from runtime.model import llama
+
+    calls = []
+    real = llama.decode_gemm
+
+    def spy(x, w, b=None, pdl=False, split=1):
+        calls.append((x.shape[0], pdl, split))
+        return real(x, w, b, split=split)  # the interpreter: no PDL on the CPU
+
+    def in_decode():
+        from ops.pdl import _in_decode as flag
+        return flag.get()
+
+    monkeypatch.setattr(llama, "decode_gemm", spy)
+    gemv_rows = []
+    monkeypatch.setattr(llama, "decode_gemv",
+                        lambda x, w, b=None, pdl=False: gemv_rows.append(x.shape[0]) or x)
+    monkeypatch.setattr(llama, "pdl_resolve", lambda pdl, t: pdl is None and in_decode())
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:16:32:4:2")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMV", "1")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "8")
+    lin = nn.Linear(64, 32, bias=True)
+    plain = nn.Linear(64, 32, bias=False)
+    x = torch.randn(4, 64)
+    monkeypatch.setattr(llama, "MAX_WEIGHT_ELEMS", 32 * 64)
+    with torch.no_grad():
+        want = lin(x)
+        assert torch.allclose(llama.base_linear(lin, x), want)  # outside a decode forward
+        assert calls == []
+        with decode_scope():
+            assert torch.allclose(llama.base_linear(lin, x), want, atol=1e-4)
+            assert calls == [(4, True, 1)]
+            llama.base_linear(lin, torch.randn(9, 64))  # more rows than the setting
+            llama.base_linear(lin, torch.randn(1, 64))  # the GEMV's row
+            assert len(calls) == 1 and gemv_rows == [1]
+            with splitk_scope(2):
+                parts = llama.project(plain, x, None, None, partials=True)
+                assert calls[-1] == (4, True, 2) and parts.shape == (2, 4, 32)
+                assert torch.allclose(parts.sum(0), plain(x), atol=1e-4)
+            llama.base_linear(nn.Linear(64, 48), x)  # a weight above MAX_WEIGHT_ELEMS
+            monkeypatch.setenv("LORASERVE_DECODE_GEMM", "0")
+            llama.base_linear(lin, x)
+            assert len(calls) == 2
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
+    assert graphs.graph_splits(32, with_lora=False) == 2
+    assert graphs.graph_splits(32, with_lora=True) == 0
+    assert graphs.graph_splits(40, with_lora=False) == 0  # cuBLASLt's rows: no split there
+
+
+# ------------------------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [2, 8, 32, 64])
+def test_llama_8b_projections_bf16(rows):
+    """bf16 at Llama-3.1-8B's projections, unsplit and (o, down) in 2 slices: within bf16
+    rounding of F.linear (fp32 sums both)."""
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    for n, k, split in ((6144, 4096, 1), (4096, 4096, 2), (28672, 4096, 1), (4096, 14336, 2)):
+        x = torch.randn(rows, k, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        want = F.linear(x.float(), w.float())
+        for s in {1, split}:
+            got = decode_gemm(x, w, split=s)
+            got = got.sum(0) if s > 1 else got.float()
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < 4e-3, (n, k, s, rel)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("batch", [4, 32])
+def test_layer_chain_with_gemm_under_pdl_in_a_graph_matches_without(batch):
+    """tests/test_pdl.py's layer chain with every projection this kernel: with PDL (each
+    projection's first W tile loaded before its wait), eagerly and from a graph, bit for bit
+    the same chain launched without PDL."""
+    from tests.test_pdl import check_chain_with_pdl
+
+    check_chain_with_pdl(batch, linear=lambda x, w, pdl: decode_gemm(x, w, pdl=pdl))
