@@ -15,7 +15,9 @@ F.linear (relative, Frobenius).
 here at commit 511150b, `--triton`, and dropped: benchmarks/RESULTS.md.) With `--gemv
 TILE:WARPS ...`, ops/triton_decode_gemv.py's kernel (batches of at most 8 rows) at each tiling,
 launched plainly and with PDL, and, as decode graphs run a projection, behind a PDL add+RMSNorm
-that writes its input: `norm+linear` against `norm+gemv`, the pair timed.
+that writes its input: `norm+linear` against `norm+gemv`, the pair timed. `--gemm
+BN:BK:PRE:WARPS:STAGES ...` does the same for ops/triton_decode_gemm.py's tensor-core kernel
+(up to 64 rows), and with `--gemm-split S ...` times it over S slices of K too.
 
     python -m benchmarks.gemm_bench --out gemm.json
 """
@@ -145,6 +147,49 @@ def gemv_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Te
     return rows
 
 
+def gemm_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
+              tilings: list[str], splits: list[int], reps: int, bw: float) -> list[dict]:
+    """ops/triton_decode_gemm.py's kernel at each BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES, plain and
+    with PDL, behind the PDL add+RMSNorm that writes its input (against F.linear behind it),
+    and with PDL over each of `splits` slices of K (fp32 partials; their sum checked)."""
+    from ops.triton_decode_gemm import MAX_ROWS, decode_gemm, gemm_fits, gemm_tiling
+    from ops.triton_rmsnorm import add_rmsnorm_triton
+
+    if x.shape[0] > MAX_ROWS:
+        return []
+    rows = []
+    pdl = torch.cuda.get_device_capability()[0] >= 9
+    res = torch.randn_like(x)
+    norm_w = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+
+    def normed() -> torch.Tensor:
+        return add_rmsnorm_triton(x, res, norm_w, 1e-5, pdl=pdl)[0]
+
+    want_n = F.linear(normed(), ws[0]).float()
+    rows.append(timed_row(name, ws, x, want_n, "norm+linear",
+                          lambda i: F.linear(normed(), ws[i]), reps, bw))
+    for spec in tilings:
+        if not gemm_fits(x.shape[0], x.shape[1], 1, gemm_tiling(spec)):
+            continue
+        for with_pdl in (False, True) if pdl else (False,):
+            label = f"gemm {spec}" + (" pdl" if with_pdl else "")
+            rows.append(timed_row(
+                name, ws, x, want, label,
+                lambda i, t=spec, p=with_pdl: decode_gemm(x, ws[i], pdl=p, tiling=t),
+                reps, bw))
+        rows.append(timed_row(
+            name, ws, x, want_n, f"norm+gemm {spec}",
+            lambda i, t=spec: decode_gemm(normed(), ws[i], pdl=pdl, tiling=t), reps, bw))
+        for sp in splits:
+            if not gemm_fits(x.shape[0], x.shape[1], sp, gemm_tiling(spec)):
+                continue
+            rows.append(timed_row(
+                name, ws, x, want, f"gemm {spec} split{sp} pdl",
+                lambda i, t=spec, s=sp: decode_gemm(x, ws[i], pdl=pdl, split=s, tiling=t),
+                reps, bw, result=lambda out: out.sum(0)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -167,6 +212,11 @@ def main() -> None:
     ap.add_argument("--gemv", nargs="*", default=[], metavar="TILE:WARPS",
                     help="also time ops/triton_decode_gemv.py's kernel at these tilings "
                          "(W elements a program, warps), batches of at most 8 rows")
+    ap.add_argument("--gemm", nargs="*", default=[], metavar="BN:BK:PRE:WARPS:STAGES",
+                    help="also time ops/triton_decode_gemm.py's kernel at these tilings "
+                         "(batches of at most 64 rows)")
+    ap.add_argument("--gemm-split", type=int, nargs="*", default=[], metavar="S",
+                    help="with --gemm: also over S slices of K (fp32 partials)")
     ap.add_argument("--proj", nargs="+", help="only these projections")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -195,6 +245,8 @@ def main() -> None:
                 rows += splitk_rows(name, ws, x, want, a.split_k, a.reps, bw)
             if a.gemv:
                 rows += gemv_rows(name, ws, x, want, a.gemv, a.reps, bw)
+            if a.gemm:
+                rows += gemm_rows(name, ws, x, want, a.gemm, a.gemm_split, a.reps, bw)
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

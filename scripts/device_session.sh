@@ -832,6 +832,79 @@ Achieved Occupancy|Registers Per|Stall Long|Stall L1TEX|Warp Cycles Per Issued" 
     done
     step_table "$OUT"/step_[0-9]_*.json
     ;;
+  s37b)  # one GPU: ops/triton_decode_gemm.py for qkv, o and down only (gate_up stays on
+    # cuBLAS), its stages kept within shared memory: its GPU tests and decode graph tests, the
+    # three projections alone at batch 32 over seven tilings (o/down in 2 and 4 slices), then
+    # the step targets by default and with it up to 32 rows at the tiling that won
+    gpu_tests gemm_tests 200 tests/test_decode_gemm.py tests/test_graphs_gpu.py -k "gemm"
+    rm -f "$OUT"/*.xml
+    timeout 170 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o down \
+      --gemm 64:256:0:4:4 32:256:0:4:4 64:256:0:4:2 32:256:0:4:2 32:128:0:4:4 64:256:256:4:3 \
+      16:256:0:4:4 --gemm-split 2 4 --out "$OUT/gemm_gemm.json" > "$OUT/gemm_gemm.log" 2>&1
+    echo "== gemm_bench --gemm: rc $?"; grep -E " us |copy bandwidth" "$OUT/gemm_gemm.log"
+    tile=$(python3 - "$OUT/gemm_gemm.json" <<'PY'
+import json, sys, collections
+rows = json.load(open(sys.argv[1]))["rows"]
+want = {("qkv", "norm+gemm {}"), ("o", "gemm {} split2 pdl"), ("down", "gemm {} split2 pdl")}
+tot, seen = collections.defaultdict(float), collections.Counter()
+for r in rows:
+    parts = r["layout"].split()
+    if len(parts) < 2 or not parts[0].endswith("gemm"):
+        continue
+    t = parts[1]
+    if (r["proj"], r["layout"].replace(t, "{}")) in want:
+        tot[t] += r["us"]; seen[t] += 1
+ok = {t: v for t, v in tot.items() if seen[t] == 3}
+print(min(ok, key=ok.get) if ok else "64:256:0:4:4")
+PY
+)
+    echo "== step tiling: $tile"
+    i=0
+    for knob in NONE=1 "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_TILE=$tile LORASERVE_DECODE_GEMM_SPLIT=2" \
+        "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_TILE=$tile"; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 480 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step_${i}_$(echo "$knob" | cut -d' ' -f1,3 | tr '= ' '__')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      step_lora $((i == 1 ? 110 : 90)) "$name" $knob
+      tail -4 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step_[0-9]_*.json
+    ;;
+  s37a)  # one GPU: ops/triton_decode_gemm.py, the tensor-core decode projection that loads its
+    # first W tile before its PDL wait (LORASERVE_DECODE_GEMM): its GPU tests, the projections
+    # alone at batch 32 over five tilings (and o/down split in 2), then the step targets by
+    # default and with it up to 64 rows at the tiling that won behind add+RMSNorm
+    gpu_tests gemm_tests 150 tests/test_decode_gemm.py tests/test_pdl.py -k "gemm or chain"
+    rm -f "$OUT"/*.xml
+    timeout 170 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o gate_up down \
+      --gemm 64:128:256:4:4 64:128:512:8:4 32:128:256:4:4 128:128:256:8:3 64:256:0:4:4 \
+      --gemm-split 2 --out "$OUT/gemm_gemm.json" > "$OUT/gemm_gemm.log" 2>&1
+    echo "== gemm_bench --gemm: rc $?"; grep -E " us |copy bandwidth" "$OUT/gemm_gemm.log"
+    tile=$(python3 - "$OUT/gemm_gemm.json" <<'PY'
+import json, sys, collections
+rows = json.load(open(sys.argv[1]))["rows"]
+tot = collections.defaultdict(float)
+for r in rows:
+    if r["layout"].startswith("norm+gemm "):
+        tot[r["layout"].split()[1]] += r["us"]
+print(min(tot, key=tot.get) if tot else "64:128:256:4:4")
+PY
+)
+    echo "== step tiling: $tile"
+    i=0
+    for knob in NONE=1 "LORASERVE_DECODE_GEMM=64 LORASERVE_DECODE_GEMM_TILE=$tile" \
+        "LORASERVE_DECODE_GEMM=64 LORASERVE_DECODE_GEMM_TILE=$tile LORASERVE_DECODE_GEMM_SPLIT=2"; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 470 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step_${i}_$(echo "$knob" | cut -d' ' -f1,3 | tr '= ' '__')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      step_lora $((i == 1 ? 110 : 90)) "$name" $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step_[0-9]_*.json
+    ;;
   s36a)  # one GPU: the decode GEMV that loads its weight before its PDL wait
     # (ops/triton_decode_gemv.py, LORASERVE_DECODE_GEMV): its GPU tests (Llama shapes against
     # F.linear, the PDL layer chain bit for bit, decode graphs against eager), the projections
