@@ -711,6 +711,7 @@ def linear_lora_fold(
     info: LoraBatchInfo,
     row_slots: Tensor,
     stack: Tensor | None = None,
+    stack_mm: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, LoraFold]:
     """(base(x), the LoRA delta left for the next kernel): linear_lora without its expand. The
     shrink runs beside base(x) as linear_lora runs it (inside captures, unless
@@ -721,13 +722,14 @@ def linear_lora_fold(
     base's weight: then one GEMM over it gives base(x) and every slot's t, and there is no
     shrink launch. (On the H200 the projections' cuBLAS kernels take a whole multiprocessor a
     program, so a shrink beside them runs before them, not with them: at 32 adapters the stacked
-    GEMM costs 11.5 us a layer over the projections, the shrink 28.8; benchmarks/RESULTS.md.)"""
+    GEMM costs 11.5 us a layer over the projections, the shrink 28.8; benchmarks/RESULTS.md.)
+    stack_mm(x, stack): that GEMM, if not F.linear (the decode GEMM, runtime/model/llama.py)."""
     if stack is not None:
         n_out, t_cols = slice_offsets[-1], A.shape[1]
         if stack.shape != (n_out + A.shape[0] * t_cols, x.shape[1]):
             raise ValueError(f"stack {tuple(stack.shape)} does not hold {n_out} base rows and "
                              f"{A.shape[0]} slots of {t_cols} A rows over {x.shape[1]} inputs")
-        y_all = torch.nn.functional.linear(x, stack)
+        y_all = (stack_mm or torch.nn.functional.linear)(x, stack)
         fold = LoraFold(y_all[:, n_out:].unsqueeze(0), B, scalings, row_slots,
                         tuple(slice_offsets), info, t_slot_stride=t_cols)
         return y_all[:, :n_out], fold

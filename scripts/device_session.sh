@@ -872,6 +872,29 @@ PY
     done
     step_table "$OUT"/step_[0-9]_*.json
     ;;
+  s37c)  # one GPU: the GPU tests of decode graphs (batch-1 GEMV by default, the opt-in GEMM),
+    # the engine, the warm-up, adapter uploads (re-reads checked again), the pipeline and the
+    # LoRA folds, at the session's last commit
+    gpu_tests final_tests 470 --durations=12 tests/test_graphs_gpu.py tests/test_engine_gpu.py \
+      tests/test_warmup.py tests/test_adapters.py tests/test_pipeline_gpu.py tests/test_lora_fold.py
+    grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
+    rm -f "$OUT"/*.xml
+    ;;
+  s37d)  # one GPU: the decode GEMM in base and LoRA graphs (LoRA stacks through it) against
+    # the default, in the 8-slot pool the 8-adapter target names, one process each
+    for knob in NONE=1 "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_SPLIT=2"; do
+      i=$(( ${i:-0} + 1 ))
+      if [ "$SECONDS" -gt 250 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step8_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '= ' '__')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      env $knob timeout $((i == 1 ? 130 : 100)) python3 -m benchmarks.step_bench --lora --steps 10 \
+        --max-loras-per-batch 8 --lora-cases 1x1 32x8 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== step_bench 8 slots $knob: rc $?"
+      grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+      tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
+    done
+    step_table "$OUT"/step8_[0-9]_*.json
+    ;;
   s37a)  # one GPU: ops/triton_decode_gemm.py, the tensor-core decode projection that loads its
     # first W tile before its PDL wait (LORASERVE_DECODE_GEMM): its GPU tests, the projections
     # alone at batch 32 over five tilings (and o/down split in 2), then the step targets by

@@ -176,6 +176,9 @@ def test_which_projections_take_it(monkeypatch, triton_on_cpu):
                 assert calls[-1] == (4, True, 2) and parts.shape == (2, 4, 32)
                 assert torch.allclose(parts.sum(0), plain(x), atol=1e-4)
             llama.base_linear(nn.Linear(64, 48), x)  # a weight above MAX_WEIGHT_ELEMS
+            # a LoRA stack (project_fold's stack_mm) as any weight: by its size
+            assert llama.gemm_takes_weight(torch.zeros(32, 64), x)
+            assert not llama.gemm_takes_weight(torch.zeros(48, 64), x)
             monkeypatch.setenv("LORASERVE_DECODE_GEMM", "0")
             llama.base_linear(lin, x)
             assert len(calls) == 2

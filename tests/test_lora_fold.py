@@ -341,6 +341,14 @@ def test_stacked_linear_fold_is_one_gemm_over_weight_and_slots() -> None:
     for s in range(3):
         torch.testing.assert_close(f.t[0, :, s * 32:(s + 1) * 32], x @ A[s].T)
     f.check(y)
+    # stack_mm (the decode GEMM in decode graphs) computes that one GEMM instead of F.linear
+    seen = []
+    y2, f2 = linear_lora_fold(x, lambda v: v @ W.T, A, fold.B, fold.slice_offsets,
+                              fold.scalings, fold.info, fold.row_slots, stack=stack,
+                              stack_mm=lambda v, w: seen.append(w.shape) or v @ w.T)
+    assert seen == [stack.shape]
+    torch.testing.assert_close(y2, y)
+    torch.testing.assert_close(f2.t, f.t)
     with pytest.raises(ValueError, match="does not hold"):
         linear_lora_fold(x, lambda v: v @ W.T, A, fold.B, fold.slice_offsets, fold.scalings,
                          fold.info, fold.row_slots, stack=stack[1:])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -193,14 +194,18 @@ def takes_gemv(linear: nn.Module, x: torch.Tensor) -> bool:
 
 def takes_gemm(linear: nn.Module, x: torch.Tensor, splits: int = 1) -> bool:
     """Whether linear(x) (over `splits` slices of K) runs as ops/triton_decode_gemm.py's
-    kernel: as `takes_gemv`, for the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default
-    0: none) where its tiling divides K, for weights of at most MAX_WEIGHT_ELEMS."""
-    return (type(linear) is nn.Linear and x.dim() == 2
-            and linear.weight.numel() <= MAX_WEIGHT_ELEMS
+    kernel: an nn.Linear whose weight `gemm_takes_weight`."""
+    return type(linear) is nn.Linear and gemm_takes_weight(linear.weight, x, splits)
+
+
+def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1) -> bool:
+    """Whether x @ weight^T runs as ops/triton_decode_gemm.py's kernel: as `takes_gemv`, for
+    the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default 0: none) where its tiling
+    divides K, for weights (or LoRA stacks) of at most MAX_WEIGHT_ELEMS."""
+    return (x.dim() == 2 and weight.numel() <= MAX_WEIGHT_ELEMS
             and decode_gemv_rows() < x.shape[0] <= decode_gemm_rows()
             and gemm_fits(x.shape[0], x.shape[1], splits) and x.stride(1) == 1
-            and linear.weight.is_contiguous() and x.dtype == linear.weight.dtype
-            and pdl_resolve(None, x))
+            and weight.is_contiguous() and x.dtype == weight.dtype and pdl_resolve(None, x))
 
 
 def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -239,9 +244,13 @@ def project_fold(
                                 pdl=True)
         return y, LoraFold(t, group.B, group.scalings, plan.row_slots,
                            tuple(group.slice_offsets), info)
+    stack_mm = None
+    if stack is not None and gemm_takes_weight(stack, x):
+        # the stacked GEMM (base rows, then every slot's A) as the decode GEMM, with PDL
+        stack_mm = partial(decode_gemm, pdl=True)
     return lora_linear_fold(
         x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
-        stack=stack,
+        stack=stack, stack_mm=stack_mm,
     )
 
 
