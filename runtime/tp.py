@@ -9,9 +9,10 @@ one lock, and each worker handles its messages one at a time in a single thread.
 - STEP (rank 0's runner thread): the plan, then the forward's all-reduces and logits gather,
   all under the lock. Sampling happens on rank 0 only.
 - SYNC (rank 0's upload thread, `TPDriver`): the uploads queued since the last sync, then one
-  all-reduce of every worker's per-slot report (copy done, copy failed, generation). Rank 0 keeps
-  a slot UPLOADING until its own copy event and every worker's report say done, so admission
-  waits for all ranks without the event loop ever waiting on a collective or the GPU.
+  all-reduce of every worker's per-slot report (copy done, copy failed, generation, read
+  refused). Rank 0 keeps a slot UPLOADING until its own copy event and every worker's report
+  say done, so admission waits for all ranks without the event loop ever waiting on a
+  collective or the GPU.
 - CAPTURE (rank 0's constructor, before anything else runs): the decode graphs' shape (largest
   batch, block-table width, scratch block); then every rank captures the same buckets in the
   same order, so the collectives of the warm-up forwards pair, and so do those inside the
@@ -21,7 +22,11 @@ one lock, and each worker handles its messages one at a time in a single thread.
 
 A worker reads an adapter in a loader thread (no collectives there), then enqueues the copies of
 its shard on its copy stream from pinned host memory, after its last enqueued step, and reports
-the slot done once the copies' event has completed.
+the slot done once the copies' event has completed. It reads the adapter from disk at every
+upload, long after rank 0 checked it at its first load: right before each read it repeats those
+checks (the folder and its files against the lora_roots of that load, `recheck_adapter_folder`)
+and after it the adapter's rank and target modules, which the upload message carries; a refused
+read fails the upload everywhere, as any failed read does, said as refused.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ import torch.distributed as dist
 
 from ops.lora import LoraBatchInfo
 from ops.settings import env_flag
-from runtime.adapters.manager import AdapterManager, resolve_pool_spec
-from runtime.adapters.peft_format import load_peft_adapter
+from runtime.adapters.manager import AdapterManager, check_unchanged, resolve_pool_spec
+from runtime.adapters.paths import AdapterFolder, recheck_adapter_folder
+from runtime.adapters.peft_format import AdapterError, load_peft_adapter
 from runtime.adapters.pool import EMBED, HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
 from runtime.engine import Engine, ModelInfo, _eos_ids, resolve_device
@@ -80,7 +86,8 @@ H_COMMANDS = 1  # header field of a sync: how many uploads its payload carries
 # header fields of a capture
 H_MAX_BS, H_GRAPH_BLOCKS, H_SCRATCH = 1, 2, 3
 # Rows of a sync's report, per slot, summed over the workers.
-R_DONE, R_FAILED, R_GEN = range(3)
+R_DONE, R_FAILED, R_GEN, R_REFUSED = range(4)
+REPORT_ROWS = 4
 # NVLink multicast can take a host's GPUs out of service: always off, whatever the caller set.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                  "NVSHMEM_DISABLE_NVLS": "1"}
@@ -219,6 +226,25 @@ def tp_targets(config: ServerConfig, targets: frozenset[str],
 
 
 @dataclass(frozen=True)
+class AdapterOnDisk:
+    """What a worker's read of an adapter repeats of its first load on rank 0: the real folder
+    with the lora_roots it was checked against, and the rank and target modules it had."""
+
+    name: str
+    folder: AdapterFolder
+    rank: int
+    targets: frozenset[str]
+
+    @property
+    def path(self) -> str:
+        return self.folder.real
+
+
+class ReadRefused(AdapterError):
+    """A worker's read of an adapter refused: it no longer passes its first load's checks."""
+
+
+@dataclass(frozen=True)
 class UploadOutcome:
     """How an upload ended on every worker: error None when all copied it."""
 
@@ -242,7 +268,7 @@ class TPDriver:
         self.is_broken = False  # a collective failed: no more messages can be paired
         self._lock = threading.Lock()  # one message and its collectives at a time
         self._cond = threading.Condition()  # guards the upload bookkeeping below
-        self._queued: list[tuple[int, int, str]] = []  # (slot, generation, path) not yet sent
+        self._queued: list[tuple[int, int, AdapterOnDisk]] = []  # (slot, generation, what)
         self._sent: dict[int, int] = {}  # slot -> generation sent, awaiting the reports
         self._outcomes: dict[int, tuple[int, UploadOutcome]] = {}  # slot -> (generation, ...)
         self._generations = itertools.count(1)
@@ -275,16 +301,16 @@ class TPDriver:
 
     # uploads -----------------------------------------------------------------------------
 
-    def request_upload(self, slot: int, path: str) -> int:
-        """Queue an upload of the adapter at `path` into `slot` on every worker; returns its
-        generation, which `outcome` takes. A later request for the slot supersedes it."""
+    def request_upload(self, slot: int, adapter: AdapterOnDisk) -> int:
+        """Queue an upload of `adapter` into `slot` on every worker; returns its generation,
+        which `outcome` takes. A later request for the slot supersedes it."""
         with self._cond:
             generation = next(self._generations)
             if self.is_closed or self.is_broken:
                 error = UploadOutcome("the tensor-parallel group is not running")
                 self._outcomes[slot] = (generation, error)
                 return generation
-            self._queued.append((slot, generation, path))
+            self._queued.append((slot, generation, adapter))
             self._outcomes.pop(slot, None)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -329,16 +355,13 @@ class TPDriver:
                 if self._sent and not self._queued and not self.is_closed:
                     self._cond.wait(SYNC_INTERVAL_S)
 
-    def _sync(self, commands: list[tuple[int, int, str]]) -> tuple[Any, torch.Tensor]:
+    def _sync(self, commands: list[tuple[int, int, AdapterOnDisk]]) -> tuple[Any, torch.Tensor]:
         """Issue one SYNC message: the new uploads, then the all-reduce of the workers' reports
-        [3, num_slots] (returned in flight, with its work handle)."""
-        values: list[int] = []
-        for slot, gen, path in commands:
-            raw = os.fsencode(path)
-            values += [slot, gen, len(raw), *raw]
+        [REPORT_ROWS, num_slots] (returned in flight, with its work handle)."""
+        values = pack_uploads(commands)
         payload = torch.tensor(values, dtype=torch.int64) if values else None
         self._send([MSG_SYNC, len(commands)], payload)
-        report = torch.zeros(3, self.num_slots, dtype=torch.int64, device=self.device)
+        report = torch.zeros(REPORT_ROWS, self.num_slots, dtype=torch.int64, device=self.device)
         # Rank 0 adds zeros: its own copy is its manager's event.
         return dist.all_reduce(report, async_op=True), report
 
@@ -351,6 +374,13 @@ class TPDriver:
             failed = report[R_FAILED][slot]
             if failed:
                 error = f"upload failed on {failed} tensor-parallel rank(s)"
+                if report[R_REFUSED][slot]:
+                    error += (
+                        f": {report[R_REFUSED][slot]} refused to read the adapter, which no "
+                        "longer passes the checks of its first load (its folder or a file in "
+                        "it swapped for a link out of lora_roots or into a system folder, or "
+                        "another rank or target modules in it; that rank's log says which)"
+                    )
                 self._outcomes[slot] = (gen, UploadOutcome(error))
             elif report[R_DONE][slot] == workers:
                 self._outcomes[slot] = (gen, UploadOutcome(None))
@@ -425,13 +455,35 @@ def unpack_step(
     )
 
 
-def unpack_uploads(values: list[int], count: int) -> list[tuple[int, int, str]]:
-    """The (slot, generation, path) uploads of a sync's payload."""
+def pack_uploads(commands: list[tuple[int, int, AdapterOnDisk]]) -> list[int]:
+    """A sync's payload: per upload, [slot, generation, rank, roots, targets], then the name,
+    the folder, each root and each target module, each as [length, *bytes]."""
+    values: list[int] = []
+    for slot, gen, a in commands:
+        values += [slot, gen, a.rank, len(a.folder.roots), len(a.targets)]
+        for text in (a.name, a.folder.real, *a.folder.roots, *sorted(a.targets)):
+            raw = os.fsencode(text)
+            values += [len(raw), *raw]
+    return values
+
+
+def unpack_uploads(values: list[int], count: int) -> list[tuple[int, int, AdapterOnDisk]]:
+    """The (slot, generation, adapter) uploads of a sync's payload (`pack_uploads`)."""
     out, i = [], 0
+
+    def text() -> str:
+        nonlocal i
+        n = values[i]
+        i += 1 + n
+        return os.fsdecode(bytes(values[i - n : i]))
+
     for _ in range(count):
-        slot, gen, n = values[i : i + 3]
-        out.append((slot, gen, os.fsdecode(bytes(values[i + 3 : i + 3 + n]))))
-        i += 3 + n
+        slot, gen, rank, roots, targets = values[i : i + 5]
+        i += 5
+        name, real = text(), text()
+        folder = AdapterFolder(real, tuple(text() for _ in range(roots)))
+        adapter = AdapterOnDisk(name, folder, rank, frozenset(text() for _ in range(targets)))
+        out.append((slot, gen, adapter))
     return out
 
 
@@ -447,6 +499,7 @@ class SlotUpload:
     host: HostAdapter | None = None  # kept alive until the copies have run
     ready: Event | None = None  # recorded on the copy stream after the copies
     failed: bool = False
+    refused: bool = False  # failed: the read was refused (ReadRefused)
 
     @property
     def is_done(self) -> bool:
@@ -507,8 +560,8 @@ def worker_loop(worker: Worker) -> None:
             elif h[H_KIND] == MSG_CAPTURE:
                 _worker_capture(worker, h)
             elif h[H_KIND] == MSG_SYNC:
-                for slot, gen, path in unpack_uploads(payload.tolist(), h[H_COMMANDS]):
-                    _start_upload(worker, slot, gen, path)
+                for slot, gen, adapter in unpack_uploads(payload.tolist(), h[H_COMMANDS]):
+                    _start_upload(worker, slot, gen, adapter)
                 _advance_uploads(worker)
                 dist.all_reduce(_report(worker, comm))
     finally:
@@ -537,20 +590,35 @@ def _worker_capture(worker: Worker, h: list[int]) -> None:
     worker.graphs.capture(worker.streams.compute)
 
 
-def _start_upload(worker: Worker, slot: int, generation: int, path: str) -> None:
-    """Begin reading this rank's shard of the adapter at `path` (supersedes the slot's last
-    upload: a read still running for it is ignored when it ends)."""
-    read = worker.loader.submit(_read_shard, worker, slot, path)
+def _start_upload(worker: Worker, slot: int, generation: int, adapter: AdapterOnDisk) -> None:
+    """Begin reading this rank's shard of `adapter` (supersedes the slot's last upload: a read
+    still running for it is ignored when it ends)."""
+    read = worker.loader.submit(_read_shard, worker, slot, adapter)
     worker.uploads[slot] = SlotUpload(generation, read)
 
 
-def _read_shard(worker: Worker, slot: int, path: str) -> HostAdapter:
-    """Loader thread: read the adapter and lay out this rank's shard in (pinned) host memory."""
+def _read_shard(worker: Worker, slot: int, adapter: AdapterOnDisk) -> HostAdapter:
+    """Loader thread: read the adapter and lay out this rank's shard in (pinned) host memory.
+
+    Rank 0 checked the adapter at its first load; this read may come much later (every upload
+    reads from disk), when whoever can write inside a root could have swapped the folder, or a
+    file in it, for a link, or put another adapter in it. So the checks of that load are made
+    again right before the read, and the rank and target modules compared after it: a refusal
+    raises ReadRefused (a swap between the check and the read is not caught, as on rank 0)."""
     if worker.read_hook is not None:
-        worker.read_hook(path, slot)
+        worker.read_hook(adapter.path, slot)
     assert worker.pool is not None, "LoRA is not enabled"
+    try:
+        recheck_adapter_folder(adapter.folder)
+    except AdapterError as e:
+        raise ReadRefused(str(e)) from None
     # values the pool's dtype cannot hold are refused, as on rank 0's reads
-    weights = load_peft_adapter(path, worker.rank_model.lora_shape, worker.pool.dtype)
+    weights = load_peft_adapter(adapter.path, worker.rank_model.lora_shape, worker.pool.dtype)
+    try:
+        check_unchanged(adapter.name, adapter.rank, adapter.targets, weights.rank,
+                        weights.target_modules)
+    except AdapterError as e:
+        raise ReadRefused(str(e)) from None
     return worker.pool.build_host(weights)
 
 
@@ -562,6 +630,9 @@ def _advance_uploads(worker: Worker) -> None:
             try:
                 up.host = read.result()
                 up.ready = _copy_into_slot(worker, slot, up.host)
+            except ReadRefused as e:  # reported to rank 0 in the next sync, as refused
+                log.error("rank %d: upload into slot %d refused: %s", worker.tp.rank, slot, e)
+                up.failed, up.refused, up.host = True, True, None
             except Exception:  # reported to rank 0 in the next sync
                 log.exception("rank %d: upload into slot %d failed", worker.tp.rank, slot)
                 up.failed, up.host = True, None
@@ -590,12 +661,14 @@ def _copy_into_slot(worker: Worker, slot: int, host: HostAdapter) -> Event:
 
 
 def _report(worker: Worker, device: torch.device) -> torch.Tensor:
-    """[3, num_slots] int64: per slot, its latest upload is done / failed, and its generation."""
-    report = torch.zeros(3, worker.config.max_loras_per_batch, dtype=torch.int64)
+    """[REPORT_ROWS, num_slots] int64: per slot, its latest upload is done / failed, its
+    generation, and whether its read was refused."""
+    report = torch.zeros(REPORT_ROWS, worker.config.max_loras_per_batch, dtype=torch.int64)
     for slot, up in worker.uploads.items():
         report[R_DONE, slot] = int(up.is_done)
         report[R_FAILED, slot] = int(up.failed)
         report[R_GEN, slot] = up.generation
+        report[R_REFUSED, slot] = int(up.refused)
     return report.to(device)
 
 
@@ -714,7 +787,9 @@ class TPAdapterManager(AdapterManager):
             return None
         s = self._slots[slot]
         assert s.ready is not None
-        generation = self.driver.request_upload(slot, entry.path)
+        adapter = AdapterOnDisk(entry.name, entry.folder, entry.config.rank,
+                                entry.config.target_modules)
+        generation = self.driver.request_upload(slot, adapter)
         s.ready = GatheredReady(s.ready, self.driver, slot, generation)
         return slot
 

@@ -278,6 +278,102 @@ def test_launch_and_failed_upload_on_a_worker(
     assert tokens == attn
 
 
+def test_worker_reads_repeat_the_path_checks(
+    setup: dict[str, Any], want: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    """Every upload has each worker read the adapter from disk, long after rank 0 checked its
+    folder at the first load. Once its slot is taken, a run-time adapter under lora_roots whose
+    weights were swapped for a link out of the roots, whose folder was swapped for a link, or
+    whose files now hold another rank and targets, was read by rank 1 as it was (only rank 0's
+    reads repeated the checks). Now rank 1 refuses the read: the request ends with the reason,
+    the other adapters keep serving, and the restored adapter serves again."""
+    import shutil
+
+    attn = want["mixed"][2]  # "attn", prompt 2
+    prompt = setup["prompts"][2]
+    roots, outside = tmp_path / "roots", tmp_path / "outside"
+    outside.mkdir()
+    names = ("linked", "moved", "rerank")
+    for name in names:
+        shutil.copytree(setup["adapters"]["attn"], roots / name)
+    weights = "adapter_model.safetensors"
+    engine = Engine.from_config(config(setup, tp_size=TP, lora_roots=(str(roots),)))
+
+    def link_weights_out() -> None:
+        shutil.copyfile(roots / "linked" / weights, outside / weights)
+        (roots / "linked" / weights).unlink()
+        os.symlink(outside / weights, roots / "linked" / weights)
+
+    def link_folder_out() -> None:
+        shutil.move(roots / "moved", outside / "moved")
+        os.symlink(outside / "moved", roots / "moved")
+
+    def other_rank() -> None:
+        for file in ("adapter_config.json", weights):
+            shutil.copyfile(setup["adapters"]["mlp"] / file, roots / "rerank" / file)
+
+    async def serve_each(loras: list[str]) -> list[Any]:
+        reqs = [await engine.submit(prompt, greedy(NEW_TOKENS), lo) for lo in loras]
+        outs = []
+        for req in reqs:
+            last = None
+            async for out in engine.stream(req):
+                last = out
+            outs.append(last)
+        return outs
+
+    async def go() -> dict[str, Any]:
+        assert engine.adapters is not None
+        await engine.start()
+        try:
+            for name in names:
+                await engine.load_adapter(name, name)  # relative to the root
+            first = [o.output_token_ids for o in await serve_each(list(names))]
+            # the startup adapters take every slot (NUM_SLOTS): the next use uploads again
+            await serve_each(list(setup["adapters"]))
+            states = [engine.adapters.state(n) for n in names]
+            link_weights_out()
+            link_folder_out()
+            other_rank()
+            refused, still = {}, []
+            for name in names:
+                [out] = await serve_each([name])
+                refused[name] = (out.finished, out.error or "", out.output_token_ids)
+                [out] = await serve_each(["attn"])
+                still.append(out.output_token_ids)
+            (roots / "linked" / weights).unlink()
+            shutil.copyfile(outside / weights, roots / "linked" / weights)
+            [restored] = await serve_each(["linked"])
+            return {"first": first, "states": states, "refused": refused, "still": still,
+                    "restored": restored.output_token_ids}
+        finally:
+            await engine.stop()
+
+    got = run(go())
+    assert got["first"] == [attn] * len(names)
+    assert got["states"] == [Residency.IN_HOST] * len(names)
+    for name, (finished, error, tokens) in got["refused"].items():
+        assert finished and not tokens, (name, error, tokens)
+        assert "could not be loaded" in error and "upload failed on 1 tensor-parallel rank" \
+            in error and "refused" in error, (name, error)
+    assert got["still"] == [attn] * len(names)
+    assert got["restored"] == attn
+
+
+def test_upload_messages_carry_what_a_worker_checks() -> None:
+    """A sync's uploads reach the worker with the folder, the lora_roots it was checked
+    against, the rank and the target modules of the first load, byte for byte."""
+    from runtime.adapters.paths import AdapterFolder
+    from runtime.tp import AdapterOnDisk, pack_uploads, unpack_uploads
+
+    odd = os.fsdecode(b"/srv/lora/caf\xe9")  # not UTF-8: as os.listdir would give it
+    sent = [
+        (2, 7, AdapterOnDisk("caf\u00e9", AdapterFolder(odd, ("/srv/lora", "rel/x")), 8,
+                             frozenset({"q_proj", "v_proj"}))),
+        (0, 8, AdapterOnDisk("s", AdapterFolder("/opt/a", ()), 4, frozenset())),
+    ]
+    assert unpack_uploads(pack_uploads(sent), len(sent)) == sent
+
 
 def test_tp_bench_quick(tmp_path: Path) -> None:
     """The tensor-parallel step benchmark's smoke run: tiny model, CPU, gloo, both tp sizes."""

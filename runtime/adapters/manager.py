@@ -1170,11 +1170,17 @@ def _check_unchanged(entry: _Adapter, rank: int, targets: frozenset[str]) -> Non
     """Refuse a re-read of `entry` that is not the adapter registered (checked against the
     pool, listed and counted with its rank and target modules): another adapter put in its
     folder since is loaded by name anew, not slipped in under the old one's checks."""
-    was = entry.config
-    if (rank, targets) != (was.rank, was.target_modules):
+    check_unchanged(entry.name, entry.config.rank, entry.config.target_modules, rank, targets)
+
+
+def check_unchanged(name: str, was_rank: int, was_targets: frozenset[str], rank: int,
+                    targets: frozenset[str]) -> None:
+    """`_check_unchanged` of adapter `name`, first loaded with `was_rank` and `was_targets`
+    (a tensor-parallel worker's read of it checks the same)."""
+    if (rank, targets) != (was_rank, was_targets):
         raise AdapterError(
-            f"LoRA adapter {entry.name!r} changed on disk since it was loaded (rank {was.rank}, "
-            f"targets {', '.join(sorted(was.target_modules))}; now rank {rank}, targets "
+            f"LoRA adapter {name!r} changed on disk since it was loaded (rank {was_rank}, "
+            f"targets {', '.join(sorted(was_targets))}; now rank {rank}, targets "
             f"{', '.join(sorted(targets))}): unload it and load it again"
         )
 

@@ -3,8 +3,9 @@
 With `lora_roots` set, an adapter folder must lie inside one of them after every symlink is
 resolved, and so must the adapter files in it that are links; relative paths are taken
 relative to each root in turn. Hub ids (`org/name`) are
-fetched only when `lora_allow_hub` is on. A folder read again later (its host copy was dropped)
-is checked again first (`recheck_adapter_folder`). Blocking (filesystem, maybe network): call
+fetched only when `lora_allow_hub` is on. A folder read again later (its host copy was dropped,
+or a tensor-parallel worker reads it for an upload) is checked again first
+(`recheck_adapter_folder`). Blocking (filesystem, maybe network): call
 these from a worker thread.
 """
 
@@ -80,8 +81,9 @@ def resolve_adapter_folder(path: str, roots: tuple[str, ...], allow_hub: bool) -
 
 def recheck_adapter_folder(folder: AdapterFolder) -> None:
     """The checks the first load made of `folder`, made again before it is read again (its
-    host copy was dropped): whoever can write inside a root could otherwise swap the folder,
-    or a file in it, for a link after that load, and have any file read.
+    host copy was dropped; on a tensor-parallel worker, at every upload): whoever can write
+    inside a root could otherwise swap the folder, or a file in it, for a link after that
+    load, and have any file read.
 
     It is the folder the first load checked that is read again, never the path it was asked
     for resolved afresh: that would follow whatever links lie along the path now, to another
