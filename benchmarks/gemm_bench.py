@@ -111,17 +111,13 @@ def lt_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tens
     return rows
 
 
-def gemv_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
-              tilings: list[str], reps: int, bw: float) -> list[dict]:
-    """ops/triton_decode_gemv.py's kernel at each TILE:WARPS, timed as the F.linear rows are,
-    plain and with PDL; then each behind the add+RMSNorm that writes its input (PDL, as in a
-    decode graph), against F.linear behind it."""
-    from ops.triton_decode_gemv import MAX_ROWS, decode_gemv
+def behind_norm(name: str, ws: list[torch.Tensor], x: torch.Tensor, reps: int, bw: float
+                ) -> tuple[bool, Callable[[], torch.Tensor], torch.Tensor, dict]:
+    """What a decode graph runs before a projection: (whether PDL applies, the add+RMSNorm
+    launch that writes the projection's input (with PDL where it applies), F.linear of its
+    output, and the row timing that pair)."""
     from ops.triton_rmsnorm import add_rmsnorm_triton
 
-    if x.shape[0] > MAX_ROWS:
-        return []
-    rows = []
     pdl = torch.cuda.get_device_capability()[0] >= 9
     res = torch.randn_like(x)
     norm_w = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
@@ -130,8 +126,22 @@ def gemv_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Te
         return add_rmsnorm_triton(x, res, norm_w, 1e-5, pdl=pdl)[0]
 
     want_n = F.linear(normed(), ws[0]).float()
-    rows.append(timed_row(name, ws, x, want_n, "norm+linear",
-                          lambda i: F.linear(normed(), ws[i]), reps, bw))
+    row = timed_row(name, ws, x, want_n, "norm+linear", lambda i: F.linear(normed(), ws[i]),
+                    reps, bw)
+    return pdl, normed, want_n, row
+
+
+def gemv_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Tensor,
+              tilings: list[str], reps: int, bw: float) -> list[dict]:
+    """ops/triton_decode_gemv.py's kernel at each TILE:WARPS, timed as the F.linear rows are,
+    plain and with PDL; then each behind the add+RMSNorm that writes its input (PDL, as in a
+    decode graph), against F.linear behind it."""
+    from ops.triton_decode_gemv import MAX_ROWS, decode_gemv
+
+    if x.shape[0] > MAX_ROWS:
+        return []
+    pdl, normed, want_n, row = behind_norm(name, ws, x, reps, bw)
+    rows = [row]
     for spec in tilings:
         tile, warps = (int(v) for v in spec.split(":"))
         for with_pdl in (False, True) if pdl else (False,):
@@ -153,21 +163,11 @@ def gemm_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Te
     with PDL, behind the PDL add+RMSNorm that writes its input (against F.linear behind it),
     and with PDL over each of `splits` slices of K (fp32 partials; their sum checked)."""
     from ops.triton_decode_gemm import MAX_ROWS, decode_gemm, gemm_fits, gemm_tiling
-    from ops.triton_rmsnorm import add_rmsnorm_triton
 
     if x.shape[0] > MAX_ROWS:
         return []
-    rows = []
-    pdl = torch.cuda.get_device_capability()[0] >= 9
-    res = torch.randn_like(x)
-    norm_w = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
-
-    def normed() -> torch.Tensor:
-        return add_rmsnorm_triton(x, res, norm_w, 1e-5, pdl=pdl)[0]
-
-    want_n = F.linear(normed(), ws[0]).float()
-    rows.append(timed_row(name, ws, x, want_n, "norm+linear",
-                          lambda i: F.linear(normed(), ws[i]), reps, bw))
+    pdl, normed, want_n, row = behind_norm(name, ws, x, reps, bw)
+    rows = [row]
     for spec in tilings:
         if not gemm_fits(x.shape[0], x.shape[1], 1, gemm_tiling(spec)):
             continue

@@ -255,6 +255,22 @@ step_lora() {  # step_lora TIMEOUT NAME [VAR=VALUE...]: the step targets with ad
   grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
 }
 
+step_each() {  # step_each GUARD_S SETTINGS...: the step targets, one process per argument
+  # (each a space-separated VAR=VALUE list; NONE=n: the defaults), skipped once the call is
+  # GUARD_S seconds in; a failed process's last lines are printed; then their table
+  local guard=$1 i=0 knob name; shift
+  for knob in "$@"; do
+    i=$((i + 1))
+    if [ "$SECONDS" -gt "$guard" ]; then echo "== process $i: skipped, out of time"; break; fi
+    name="step_${i}_$(echo "$knob" | cut -d' ' -f1,3 | tr '= ' '__')"
+    # shellcheck disable=SC2086  # the settings are separate words
+    step_lora $((i == 1 ? 110 : 90)) "$name" $knob
+    tail -4 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
+    rm -f "$OUT/$name.log"
+  done
+  step_table "$OUT"/step_[0-9]_*.json
+}
+
 step_ab() {  # step_ab VAR=VALUE...: the step targets by default and with the settings,
   # alternating, two processes each (the first process gets more time: it compiles)
   local i=0 knob name
@@ -859,18 +875,9 @@ print(min(ok, key=ok.get) if ok else "64:256:0:4:4")
 PY
 )
     echo "== step tiling: $tile"
-    i=0
-    for knob in NONE=1 "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_TILE=$tile LORASERVE_DECODE_GEMM_SPLIT=2" \
-        "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_TILE=$tile"; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 480 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="step_${i}_$(echo "$knob" | cut -d' ' -f1,3 | tr '= ' '__')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      step_lora $((i == 1 ? 110 : 90)) "$name" $knob
-      tail -4 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/step_[0-9]_*.json
+    step_each 480 NONE=1 \
+      "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_TILE=$tile LORASERVE_DECODE_GEMM_SPLIT=2" \
+      "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_TILE=$tile"
     ;;
   s37c)  # one GPU: the GPU tests of decode graphs (batch-1 GEMV by default, the opt-in GEMM),
     # the engine, the warm-up, adapter uploads (re-reads checked again), the pipeline and the
@@ -916,17 +923,8 @@ print(min(tot, key=tot.get) if tot else "64:128:256:4:4")
 PY
 )
     echo "== step tiling: $tile"
-    i=0
-    for knob in NONE=1 "LORASERVE_DECODE_GEMM=64 LORASERVE_DECODE_GEMM_TILE=$tile" \
-        "LORASERVE_DECODE_GEMM=64 LORASERVE_DECODE_GEMM_TILE=$tile LORASERVE_DECODE_GEMM_SPLIT=2"; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 470 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="step_${i}_$(echo "$knob" | cut -d' ' -f1,3 | tr '= ' '__')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      step_lora $((i == 1 ? 110 : 90)) "$name" $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/step_[0-9]_*.json
+    step_each 470 NONE=1 "LORASERVE_DECODE_GEMM=64 LORASERVE_DECODE_GEMM_TILE=$tile" \
+      "LORASERVE_DECODE_GEMM=64 LORASERVE_DECODE_GEMM_TILE=$tile LORASERVE_DECODE_GEMM_SPLIT=2"
     ;;
   s36a)  # one GPU: the decode GEMV that loads its weight before its PDL wait
     # (ops/triton_decode_gemv.py, LORASERVE_DECODE_GEMV): its GPU tests (Llama shapes against
@@ -938,14 +936,7 @@ PY
     timeout 100 python3 -m benchmarks.gemm_bench --batch 1 --proj qkv o gate_up down \
       --gemv 16384:8 8192:4 32768:8 16384:4 --out "$OUT/gemm_gemv.json" > "$OUT/gemm_gemv.log" 2>&1
     echo "== gemm_bench --gemv: rc $?"; grep -E " us |copy bandwidth" "$OUT/gemm_gemv.log"
-    i=0
-    for knob in NONE=1 LORASERVE_DECODE_GEMV=1; do
-      i=$((i + 1))
-      name="step_${i}_$(echo "$knob" | tr '= ' '__')"
-      step_lora $((i == 1 ? 110 : 95)) "$name" "$knob"
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/step_[0-9]_*.json
+    step_each 600 NONE=1 LORASERVE_DECODE_GEMV=1
     ;;
   s36b)  # one GPU: the decode GEMV with the LoRA shrink in the same launch (folded groups):
     # its GPU tests, the step targets by default and with LORASERVE_DECODE_GEMV=1, then base
@@ -953,14 +944,7 @@ PY
     gpu_tests gemv_tests 170 tests/test_decode_gemv.py tests/test_pdl.py \
       tests/test_graphs_gpu.py -k "gemv or chain"
     rm -f "$OUT"/*.xml
-    i=0
-    for knob in NONE=1 LORASERVE_DECODE_GEMV=1; do
-      i=$((i + 1))
-      name="step_${i}_$(echo "$knob" | tr '= ' '__')"
-      step_lora $((i == 1 ? 110 : 95)) "$name" "$knob"
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/step_[0-9]_*.json
+    step_each 600 NONE=1 LORASERVE_DECODE_GEMV=1
     for knob in NONE=1 LORASERVE_DECODE_GEMV=8; do
       name="base_$(echo "$knob" | tr '= ' '__')"
       env "$knob" timeout 80 python3 -m benchmarks.step_bench --steps 10 --batch 1 2 4 8 \

@@ -57,3 +57,11 @@ def make_client(aiohttp_client, tiny):
 async def client(make_client):
     """A test client over the real engine with the default settings (make_client)."""
     return await make_client()
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Triton kernels where ops.dispatch would take torch's path on the CPU (the interpreter)."""
+    import ops.dispatch
+
+    monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ops.dispatch
 from ops.triton_decode_gemm import (
     DEFAULT_TILING,
     decode_gemm,
@@ -23,11 +22,6 @@ from ops.triton_decode_gemm import (
 )
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

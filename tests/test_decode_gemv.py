@@ -10,15 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ops.dispatch
 from ops.triton_decode_gemv import decode_gemv, decode_gemv_lora, decode_gemv_rows, gemv_tiling
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -95,13 +95,22 @@ def test_base_graphs_with_splitk_partials_match_eager_fp32(setup, monkeypatch):
     """fp32: base-only decode graphs whose o and down projections leave split-K partials for
     the next norm (LORASERVE_DECODE_SPLITK=2, ops/splitk.py) give eager decode's greedy tokens,
     over base rows alone and mixed with 4 adapters (whose graphs keep plain projections)."""
+    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 6, 6), (NAMES[:12], 12)), seed=6,
+                            LORASERVE_DECODE_SPLITK="2")
+
+
+def graphs_match_eager_fp32(setup, monkeypatch, cases, seed, **settings):
+    """For each (names, n) of `cases`: n prompts decoded 16 tokens over `names` in fp32 (csgmv),
+    eagerly with `settings` unset, then from decode graphs with them: the same greedy tokens."""
     model, adapters = setup
     common = lora_config(adapters, "csgmv", "float32")
-    for names, n in (([None] * 6, 6), (NAMES[:12], 12)):
-        ps = prompts(n, read_vocab(model), seed=6, lo=4, hi=60)
-        monkeypatch.delenv("LORASERVE_DECODE_SPLITK", raising=False)
+    for names, n in cases:
+        ps = prompts(n, read_vocab(model), seed=seed, lo=4, hi=60)
+        for name in settings:
+            monkeypatch.delenv(name, raising=False)
         eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
-        monkeypatch.setenv("LORASERVE_DECODE_SPLITK", "2")
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
         graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
         assert used and graphed == eager
 
@@ -111,12 +120,7 @@ def test_base_graph_with_splitk_partials_logits_bf16(setup, monkeypatch):
     replay gives the eager forward's logits within the bound of the bf16 replay test below."""
     monkeypatch.setenv("LORASERVE_DECODE_SPLITK", "2")
     engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 21)
-    with torch.inference_mode():
-        eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
-        graph = engine.runner.graphs.replay(fb).clone()
-    rel = ((graph - eager).abs().max() / eager.abs().max()).item()
-    print(f"bf16 split-K graph against eager: max |diff| / max |logit| {rel:.4f}")
-    assert rel < 4e-2, rel
+    replay_within_bf16_bound(engine, fb, "bf16 split-K graph")
 
 
 def test_graphs_with_decode_gemv_match_eager_fp32(setup, monkeypatch):
@@ -124,15 +128,8 @@ def test_graphs_with_decode_gemv_match_eager_fp32(setup, monkeypatch):
     kernel (LORASERVE_DECODE_GEMV=8; weights loaded before each PDL wait) give eager decode's
     greedy tokens, over base rows alone and mixed with 4 adapters (the kernel as the LoRA
     path's base projection)."""
-    model, adapters = setup
-    common = lora_config(adapters, "csgmv", "float32")
-    for names, n in (([None] * 6, 6), (NAMES[:8], 8)):
-        ps = prompts(n, read_vocab(model), seed=8, lo=4, hi=60)
-        monkeypatch.delenv("LORASERVE_DECODE_GEMV", raising=False)
-        eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
-        monkeypatch.setenv("LORASERVE_DECODE_GEMV", "8")
-        graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
-        assert used and graphed == eager
+    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 6, 6), (NAMES[:8], 8)), seed=8,
+                            LORASERVE_DECODE_GEMV="8")
 
 
 def test_graph_with_decode_gemv_logits_bf16(setup, monkeypatch):
@@ -140,32 +137,17 @@ def test_graph_with_decode_gemv_logits_bf16(setup, monkeypatch):
     the eager forward's logits within the bound of the bf16 replay test below."""
     monkeypatch.setenv("LORASERVE_DECODE_GEMV", "8")
     engine, fb = mixed_decode_step(setup, "csgmv", names=NAMES[:8])
-    with torch.inference_mode():
-        eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
-        graph = engine.runner.graphs.replay(fb).clone()
-    rel = ((graph - eager).abs().max() / eager.abs().max()).item()
-    print(f"bf16 decode GEMV graph against eager: max |diff| / max |logit| {rel:.4f}")
-    assert rel < 4e-2, rel
+    replay_within_bf16_bound(engine, fb, "bf16 decode GEMV graph")
 
 
 def test_graphs_with_decode_gemm_match_eager_fp32(setup, monkeypatch):
     """fp32: decode graphs of 2-32 rows whose base projections run ops/triton_decode_gemm.py's
     tensor-core kernel (LORASERVE_DECODE_GEMM=32 at a tiling that divides the test model's K,
     o and down as 2 slices of fp32 partials the next norm sums) give eager decode's greedy
-    tokens, over base rows alone and mixed with 4 adapters."""
-    model, adapters = setup
-    common = lora_config(adapters, "csgmv", "float32")
-    for names, n in (([None] * 24, 24), (NAMES[:8], 8)):
-        ps = prompts(n, read_vocab(model), seed=9, lo=4, hi=60)
-        for knob in ("LORASERVE_DECODE_GEMM", "LORASERVE_DECODE_GEMM_SPLIT",
-                     "LORASERVE_DECODE_GEMM_TILE"):
-            monkeypatch.delenv(knob, raising=False)
-        eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
-        monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
-        monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
-        monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:32:64:4:2")
-        graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
-        assert used and graphed == eager
+    tokens, over base rows alone and mixed with 4 adapters (their stacked groups through it)."""
+    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 24, 24), (NAMES[:8], 8)), seed=9,
+                            LORASERVE_DECODE_GEMM="32", LORASERVE_DECODE_GEMM_SPLIT="2",
+                            LORASERVE_DECODE_GEMM_TILE="16:32:64:4:2")
 
 
 def test_graph_with_decode_gemm_logits_bf16(setup, monkeypatch):
@@ -175,12 +157,7 @@ def test_graph_with_decode_gemm_logits_bf16(setup, monkeypatch):
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:32:64:4:2")
     engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 24)
-    with torch.inference_mode():
-        eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
-        graph = engine.runner.graphs.replay(fb).clone()
-    rel = ((graph - eager).abs().max() / eager.abs().max()).item()
-    print(f"bf16 decode GEMM graph against eager: max |diff| / max |logit| {rel:.4f}")
-    assert rel < 4e-2, rel
+    replay_within_bf16_bound(engine, fb, "bf16 decode GEMM graph")
 
 
 def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
@@ -245,12 +222,17 @@ def test_graph_replay_logits_bf16(setup, backend, stack, monkeypatch):
     engine, fb = mixed_decode_step(setup, backend)
     stacked = [k for k in engine.runner.graphs.graphs if k[1] == "stacked"]
     assert bool(stacked) == (stack == "1")
+    replay_within_bf16_bound(engine, fb, f"bf16 graph, {backend}, stack {stack},")
+
+
+def replay_within_bf16_bound(engine, fb, label):
+    """The decode graph's replay of `fb` gives the eager forward's logits within 4e-2 of the
+    largest logit."""
     with torch.inference_mode():
         eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).clone()
         graph = engine.runner.graphs.replay(fb).clone()
     rel = ((graph - eager).abs().max() / eager.abs().max()).item()
-    print(f"bf16 graph against eager, {backend}, stack {stack}: max |diff| / max |logit| "
-          f"{rel:.4f}")
+    print(f"{label} against eager: max |diff| / max |logit| {rel:.4f}")
     assert rel < 4e-2, rel
     assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9
 
