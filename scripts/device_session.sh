@@ -881,7 +881,7 @@ PY
     ;;
   s37c)  # one GPU: the GPU tests of decode graphs (batch-1 GEMV by default, the opt-in GEMM),
     # the engine and the warm-up, at the session's last commit (what its device time leaves)
-    gpu_tests final_tests 300 --durations=12 tests/test_graphs_gpu.py tests/test_engine_gpu.py \
+    gpu_tests final_tests 230 --durations=12 tests/test_graphs_gpu.py tests/test_engine_gpu.py \
       tests/test_warmup.py
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
