@@ -880,9 +880,10 @@ PY
       "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_TILE=$tile"
     ;;
   s37c)  # one GPU: the GPU tests of decode graphs (batch-1 GEMV by default, the opt-in GEMM),
-    # the engine and the warm-up, at the session's last commit (what its device time leaves)
-    gpu_tests final_tests 230 --durations=12 tests/test_graphs_gpu.py tests/test_engine_gpu.py \
-      tests/test_warmup.py
+    # the engine, the warm-up, adapter uploads (re-reads checked again), the pipeline and the
+    # LoRA folds
+    gpu_tests final_tests 460 --durations=15 tests/test_graphs_gpu.py tests/test_engine_gpu.py \
+      tests/test_warmup.py tests/test_lora_fold.py tests/test_adapters.py tests/test_pipeline_gpu.py
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
     ;;
