@@ -887,6 +887,32 @@ PY
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
     ;;
+  s38a)  # one GPU: the pipeline GPU tests s37c's 460 s left (41 of 44 passed there), the
+    # decode GEMM in LoRA graphs in the 8-slot pool (s37d), qkv's GEMM over wider row tiles and
+    # slices of K alone
+    timeout 150 python3 -m pytest -v -m gpu -p no:cacheprovider --durations=8 \
+      tests/test_pipeline_gpu.py > "$OUT/pipeline_tests.log" 2>&1
+    echo "== pipeline tests: rc $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|s call" \
+      "$OUT/pipeline_tests.log" | cut -c1-150 | tail -22
+    for knob in NONE=1 "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_SPLIT=2"; do
+      i=$(( ${i:-0} + 1 ))
+      if [ "$SECONDS" -gt 420 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step8_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '= ' '__')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      env $knob timeout $((i == 1 ? 130 : 110)) python3 -m benchmarks.step_bench --lora --steps 10 \
+        --max-loras-per-batch 8 --lora-cases 1x1 32x8 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "== step_bench 8 slots $knob: rc $?"
+      grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+      tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
+    done
+    step_table "$OUT"/step8_[0-9]_*.json
+    if [ "$SECONDS" -lt 470 ]; then
+      timeout $((560 - SECONDS)) python3 -m benchmarks.gemm_bench --batch 32 --proj qkv \
+        --gemm 64:256:0:4:4 128:128:256:8:3 128:128:0:8:4 128:128:0:8:3 128:64:0:8:6 \
+        64:128:0:4:6 --gemm-split 2 4 --out "$OUT/gemm_qkv.json" > "$OUT/gemm_qkv.log" 2>&1
+      echo "== gemm_bench qkv: rc $?"; grep -E " us |copy bandwidth" "$OUT/gemm_qkv.log"
+    fi
+    ;;
   s37d)  # one GPU: the decode GEMM in base and LoRA graphs (LoRA stacks through it) against
     # the default, in the 8-slot pool the 8-adapter target names, one process each
     for knob in NONE=1 "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_SPLIT=2"; do
