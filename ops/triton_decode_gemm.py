@@ -1,5 +1,5 @@
-"""Decode projections of 2-64 rows on tensor cores, their first weight tile read before the
-kernel ahead of them finishes (opt-in: LORASERVE_DECODE_GEMM).
+"""Decode projections of 2-64 rows on tensor cores, launched with PDL (decode graphs of 2-32
+rows by default: LORASERVE_DECODE_GEMM).
 
 ops/triton_decode_gemv.py holds a program's whole slice of W in registers before its PDL wait;
 that is one row's sums on the CUDA cores, slower than cuBLAS from 2 rows on. Here y = x W^T runs
@@ -20,11 +20,16 @@ alone, down as two slices 30.3 against 34.0; loading 256 columns ahead of the wa
 was slower, since it leaves shared memory for one stage fewer. The serving loop's base step
 at batch 32 took 4.85 ms against 5.04. gate_up stays on cuBLAS (MAX_WEIGHT_ELEMS).
 
-`LORASERVE_DECODE_GEMM=R` (default 0: off, as LoRA graphs' projections do not take it yet)
-sends base projections of decode graphs of 2..R rows here on CUDA sm_90+
-(runtime/model/llama.py `takes_gemm`);
+`LORASERVE_DECODE_GEMM=R` (default 32; 0: off) sends the projections of decode graphs of
+2..R rows here on CUDA sm_90+ (runtime/model/llama.py `takes_gemm`): base projections and
+LoRA groups' stacks (the base rows over every slot's A), where the tiling divides K and the
+weight has at most MAX_WEIGHT_ELEMS elements; others stay on cuBLAS.
 `LORASERVE_DECODE_GEMM_TILE=BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES` overrides the tiling and
-`LORASERVE_DECODE_GEMM_SPLIT=S` splits o and down (runtime/graphs.py `graph_splits`).
+`LORASERVE_DECODE_GEMM_SPLIT=S` (default 2; 1: unsplit) splits base-only graphs' o and down
+(runtime/graphs.py `graph_splits`). Thirtieth session (H200, one process each): with it the
+serving loop's base step at batch 32 took 4.70 ms against 4.98 without (1.28 of the floor
+against 1.36), the 8-adapter step in the 8-slot pool 1.14 of that base in the loop (1.11 in
+the graph) against 1.11 (1.14) of the slower one.
 """
 
 from __future__ import annotations
@@ -188,19 +193,24 @@ def pipeline_stages(tiling, mp: int, elem: int) -> int:
     return max(1, min(stages, budget // per_stage))
 
 
+DEFAULT_ROWS = 32  # batch 32's base step 0.28 ms shorter on the H200 (thirtieth session)
+DEFAULT_SPLITS = 2
+
+
 def decode_gemm_rows() -> int:
-    """LORASERVE_DECODE_GEMM: the most rows a base-only decode graph's projections take this
-    kernel for (default 0: off)."""
-    rows = env_int("LORASERVE_DECODE_GEMM", 0)
+    """LORASERVE_DECODE_GEMM: the most rows a decode graph's projections take this kernel for
+    (default DEFAULT_ROWS; 0: off)."""
+    rows = env_int("LORASERVE_DECODE_GEMM", DEFAULT_ROWS)
     if not 0 <= rows <= MAX_ROWS:
         raise ValueError(f"LORASERVE_DECODE_GEMM: {rows} rows (0: off, up to {MAX_ROWS})")
     return rows
 
 
 def gemm_splits() -> int:
-    """LORASERVE_DECODE_GEMM_SPLIT: the slices of K for o and down where they take this kernel
-    (0 or 1, the default: unsplit; their next add+RMSNorm sums the partials)."""
-    splits = env_int("LORASERVE_DECODE_GEMM_SPLIT", 0)
+    """LORASERVE_DECODE_GEMM_SPLIT: the slices of K for base-only graphs' o and down where they
+    take this kernel (default DEFAULT_SPLITS; 0 or 1: unsplit); the next add+RMSNorm sums the
+    partials."""
+    splits = env_int("LORASERVE_DECODE_GEMM_SPLIT", DEFAULT_SPLITS)
     if splits < 0:
         raise ValueError(f"LORASERVE_DECODE_GEMM_SPLIT: {splits} slices (0 or 1: unsplit)")
     return splits if splits >= 2 else 0

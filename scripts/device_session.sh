@@ -887,6 +887,21 @@ PY
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
     ;;
+  s38b)  # one GPU: the decode GEMM on by default (2-32 rows, o and down of base graphs in 2
+    # slices): the step targets in the 32-slot pool by default and with it off, the 8-slot pool
+    # by default again, then its GPU tests (what the call's time leaves)
+    step_each 330 NONE=1 LORASERVE_DECODE_GEMM=0
+    if [ "$SECONDS" -lt 360 ]; then
+      timeout 115 python3 -m benchmarks.step_bench --lora --steps 10 --max-loras-per-batch 8 \
+        --lora-cases 1x1 32x8 --out "$OUT/step8_3_NONE_1.json" > "$OUT/step8_3.log" 2>&1
+      echo "== step_bench 8 slots: rc $?"; step_table "$OUT"/step8_3_NONE_1.json
+    fi
+    if [ "$SECONDS" -lt 470 ]; then
+      gpu_tests gemm_tests $((575 - SECONDS)) tests/test_decode_gemm.py tests/test_graphs_gpu.py \
+        -k "gemm"
+      rm -f "$OUT"/*.xml
+    fi
+    ;;
   s38a)  # one GPU: the pipeline GPU tests s37c's 460 s left (41 of 44 passed there), the
     # decode GEMM in LoRA graphs in the 8-slot pool (s37d), qkv's GEMM over wider row tiles and
     # slices of K alone

@@ -104,9 +104,11 @@ def test_bad_input_is_refused():
 
 
 def test_settings(monkeypatch):
-    for name, fn in (("LORASERVE_DECODE_GEMM", decode_gemm_rows),
-                     ("LORASERVE_DECODE_GEMM_SPLIT", gemm_splits)):
+    for name, fn, default in (("LORASERVE_DECODE_GEMM", decode_gemm_rows, 32),
+                              ("LORASERVE_DECODE_GEMM_SPLIT", gemm_splits, 2)):
         monkeypatch.delenv(name, raising=False)
+        assert fn() == default
+        monkeypatch.setenv(name, "0")
         assert fn() == 0
         monkeypatch.setenv(name, "-1")
         with pytest.raises(ValueError, match=name):
@@ -169,6 +171,14 @@ def test_which_projections_take_it(monkeypatch, triton_on_cpu):
                 parts = llama.project(plain, x, None, None, partials=True)
                 assert calls[-1] == (4, True, 2) and parts.shape == (2, 4, 32)
                 assert torch.allclose(parts.sum(0), plain(x), atol=1e-4)
+                # the GEMM's rows, a weight whose K (40) its tiling does not divide: one
+                # plain projection, not torch's split-K partials
+                odd = nn.Linear(40, 32, bias=False)
+                y = llama.project(odd, torch.randn(4, 40), None, None, partials=True)
+                assert y.shape == (4, 32) and calls[-1] == (4, True, 2)
+                # outside the GEMM's rows torch's split-K (LORASERVE_DECODE_SPLITK) stays
+                parts = llama.project(plain, torch.randn(9, 64), None, None, partials=True)
+                assert parts.shape == (2, 9, 32) and len(calls) == 2
             llama.base_linear(nn.Linear(64, 48), x)  # a weight above MAX_WEIGHT_ELEMS
             # a LoRA stack (project_fold's stack_mm) as any weight: by its size
             assert llama.gemm_takes_weight(torch.zeros(32, 64), x)

@@ -177,8 +177,10 @@ def project(
         splits = splits_for(linear, x) if partials else 0
         if splits and takes_gemm(linear, x, splits):
             return decode_gemm(x, linear.weight, pdl=True, split=splits)
-        if splits:
+        if splits and not in_gemm_rows(x):
             return splitk_linear(x, linear.weight, splits)
+        # the GEMM's split where the GEMM does not take this projection (its K does not tile,
+        # its weight is too large, no PDL): one unsplit projection, as without the split
         return base_linear(linear, x)
     return lora_linear(x, linear, group.A, group.B, group.slice_offsets, group.scalings, info)
 
@@ -198,12 +200,16 @@ def takes_gemm(linear: nn.Module, x: torch.Tensor, splits: int = 1) -> bool:
     return type(linear) is nn.Linear and gemm_takes_weight(linear.weight, x, splits)
 
 
+def in_gemm_rows(x: torch.Tensor) -> bool:
+    """Whether x's rows are above the GEMV's and up to LORASERVE_DECODE_GEMM (default 32)."""
+    return decode_gemv_rows() < x.shape[0] <= decode_gemm_rows()
+
+
 def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1) -> bool:
     """Whether x @ weight^T runs as ops/triton_decode_gemm.py's kernel: as `takes_gemv`, for
-    the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default 0: none) where its tiling
+    the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default 32) where its tiling
     divides K, for weights (or LoRA stacks) of at most MAX_WEIGHT_ELEMS."""
-    return (x.dim() == 2 and weight.numel() <= MAX_WEIGHT_ELEMS
-            and decode_gemv_rows() < x.shape[0] <= decode_gemm_rows()
+    return (x.dim() == 2 and weight.numel() <= MAX_WEIGHT_ELEMS and in_gemm_rows(x)
             and gemm_fits(x.shape[0], x.shape[1], splits) and x.stride(1) == 1
             and weight.is_contiguous() and x.dtype == weight.dtype and pdl_resolve(None, x))
 
