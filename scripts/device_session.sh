@@ -887,6 +887,11 @@ PY
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
     ;;
+  s38c)  # one GPU: the 8-slot pool's step targets by default (the decode GEMM on) once more
+    timeout 120 python3 -m benchmarks.step_bench --lora --steps 10 --max-loras-per-batch 8 \
+      --lora-cases 1x1 32x8 --out "$OUT/step8_4_NONE_1.json" > "$OUT/step8_4.log" 2>&1
+    echo "== step_bench 8 slots: rc $?"; step_table "$OUT"/step8_4_NONE_1.json
+    ;;
   s38b)  # one GPU: the decode GEMM on by default (2-32 rows, o and down of base graphs in 2
     # slices): the step targets in the 32-slot pool by default and with it off, the 8-slot pool
     # by default again, then its GPU tests (what the call's time leaves)
