@@ -31,6 +31,12 @@ def splitk_scope(splits: int):
     return _splits.set(splits)
 
 
+def scope_splits() -> int:
+    """The slices `splitk_scope` set (0 outside one): >= 2 only inside a base-only decode
+    graph's capture whose o and down split."""
+    return _splits.get()
+
+
 def decode_splits() -> int:
     """LORASERVE_DECODE_SPLITK: the slices of base-only decode graphs' o and down projections
     (0: off, the default)."""

@@ -206,6 +206,27 @@ def decode_gemm_rows() -> int:
     return rows
 
 
+def qkv_gemm_splits() -> int:
+    """LORASERVE_DECODE_GEMM_QKV_SPLIT: the slices of K for qkv in base-only decode graphs
+    whose o and down split (default 0 or 1: unsplit); the rotary kernel sums the partials
+    (ops/triton_rope_store_kv.py). Opt-in: qkv alone at batch 32 took 15.6 us over 2 slices
+    at 128:128:256:8:3 against 16.8 unsplit at the default tiling (H200, thirtieth session);
+    the step is not yet measured."""
+    splits = env_int("LORASERVE_DECODE_GEMM_QKV_SPLIT", 0)
+    if splits < 0:
+        raise ValueError(f"LORASERVE_DECODE_GEMM_QKV_SPLIT: {splits} slices (0 or 1: unsplit)")
+    return splits if splits >= 2 else 0
+
+
+def qkv_gemm_tiling() -> str | None:
+    """LORASERVE_DECODE_GEMM_QKV_TILE: split qkv's tiling (BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES;
+    default: every projection's, `gemm_tiling`), checked here."""
+    spec = os.environ.get("LORASERVE_DECODE_GEMM_QKV_TILE", "") or None
+    if spec is not None:
+        gemm_tiling(spec)
+    return spec
+
+
 def gemm_splits() -> int:
     """LORASERVE_DECODE_GEMM_SPLIT: the slices of K for base-only graphs' o and down where they
     take this kernel (default DEFAULT_SPLITS; 0 or 1: unsplit); the next add+RMSNorm sums the

@@ -12,6 +12,10 @@ half-split layout x = cat(x1, x2).
 Grid: (T, H + KVH). Program (t, h) rotates query head h, or for h >= H key head h - H, which it
 writes to the cache together with value head h - H.
 
+q, k and v may also be a projection's split-K partials, fp32 [S, T, heads, D] views (ops/
+triton_decode_gemm.py over S slices of K): each program sums its head's S values and rounds
+the sum to the output dtype, as the unsplit projection would have stored it.
+
 With a LoRA fold (ops/triton_lora_fold.py) q, k and v are views of the qkv projection's output
 without its LoRA delta yet: each program adds the delta of the head values it loads (slices q, k
 and v of the group), rounded to the dtype as the expand would have stored them, before the norm
@@ -37,6 +41,18 @@ def _head_norm(x1, x2, w_ptr, offs, live, eps, HEAD_DIM: tl.constexpr, HALF: tl.
     y1 = (x1 * inv_rms).to(dtype).to(tl.float32) * w1
     y2 = (x2 * inv_rms).to(dtype).to(tl.float32) * w2
     return y1.to(dtype).to(tl.float32), y2.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _load_half(src, offs, live, stride_part, PARTS: tl.constexpr, like_ptr):
+    """One half of a head row, fp32: loaded, or with PARTS > 1 its split-K partials summed in
+    slice order and rounded to like_ptr's dtype (what the unsplit projection stores)."""
+    if PARTS == 1:
+        return tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
+    x = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
+    for p in tl.static_range(1, PARTS):
+        x += tl.load(src + p * stride_part + offs, mask=live, other=0.0).to(tl.float32)
+    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -89,6 +105,7 @@ def _rope_store_kv_kernel(
     stride_bn,
     stride_ss,
     stride_si,
+    stride_part,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -98,6 +115,7 @@ def _rope_store_kv_kernel(
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PARTS: tl.constexpr,  # split-K partials of q, k and v summed as they are loaded (1: none)
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -123,8 +141,8 @@ def _rope_store_kv_kernel(
                               BLOCK_R, EVEN_R)
         wait_then_release(USE_PDL)
         src = q_ptr + t * stride_qt + head * stride_qh
-        x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
+        x1 = _load_half(src, offs, live, stride_part, PARTS, q_out_ptr)
+        x2 = _load_half(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
         if FOLD:
             tq = lora_fold_t(t_ptr, t, lora_slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS,
                              BLOCK_R, EVEN_R)
@@ -154,11 +172,16 @@ def _rope_store_kv_kernel(
                               BLOCK_R, EVEN_R)
         wait_then_release(USE_PDL)
         src = k_ptr + t * stride_kt + kv_head * stride_kh
-        x1 = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + offs, mask=live, other=0.0).to(tl.float32)
+        x1 = _load_half(src, offs, live, stride_part, PARTS, q_out_ptr)
+        x2 = _load_half(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
         vsrc = v_ptr + t * stride_vt + kv_head * stride_vh
-        v1 = tl.load(vsrc + offs, mask=live, other=0.0)
-        v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
+        if PARTS == 1:
+            v1 = tl.load(vsrc + offs, mask=live, other=0.0)
+            v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
+        else:
+            out_dtype = q_out_ptr.dtype.element_ty
+            v1 = _load_half(vsrc, offs, live, stride_part, PARTS, q_out_ptr).to(out_dtype)
+            v2 = _load_half(vsrc + HALF, offs, live, stride_part, PARTS, q_out_ptr).to(out_dtype)
         if FOLD:
             tk = lora_fold_t(t_ptr, t, lora_slot, 1, R, stride_ts, stride_tm, stride_tslot, SPLITS,
                              BLOCK_R, EVEN_R)
@@ -204,25 +227,35 @@ def rope_store_kv_triton(
     v written into the paged cache in place; returns the rotated q.
 
     q: [T, H, D]; k, v: [T, KVH, D]; any token and head strides, head rows contiguous (views of
-    the fused qkv projection work as they are), one dtype: bf16/fp16/fp32.
-    cos, sin: [T, D] (rows contiguous, any row stride) in q's dtype, the rotary table rows of each
-    token's position. k_cache, v_cache: [num_blocks, block_size, KVH, D], contiguous, same dtype.
+    the fused qkv projection work as they are), one dtype: bf16/fp16/fp32. Or the projection's
+    split-K partials: q [S, T, H, D], k, v [S, T, KVH, D], fp32, one slice stride (views of
+    the partials [S, T, H*D + 2*KVH*D]), summed and rounded to cos's dtype as they are loaded
+    (no fold then).
+    cos, sin: [T, D] (rows contiguous, any row stride) in q's dtype (the output dtype with
+    partials), the rotary table rows of each token's position.
+    k_cache, v_cache: [num_blocks, block_size, KVH, D], contiguous, same dtype.
     slot_mapping: [T] int64 or int32, block_id * block_size + offset; negative entries skip the
-    cache write. q_norm_weight, k_norm_weight: [D] in q's dtype, both or neither; eps their
-    epsilon. q_out: optional [T, H, D] buffer (head rows contiguous) in q's dtype.
+    cache write. q_norm_weight, k_norm_weight: [D] in the output dtype, both or neither; eps
+    their epsilon. q_out: optional [T, H, D] buffer (head rows contiguous) in the output dtype.
     fold: the qkv projection's LoRA delta (slices q, k, v), when q, k and v are views of that
     output [T, H*D + 2*KVH*D]; added to the values as they are loaded.
     pdl: programmatic dependent launch (ops/pdl.py; None:
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
-    Returns q_out: [T, H, D] in q's dtype.
+    Returns q_out: [T, H, D] in q's dtype (cos's with partials).
     """
-    _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight)
+    parts, part_stride = 1, 0
+    if q.dim() == 4:
+        parts, part_stride = _check_partials(q, k, v, fold)
+        q, k, v = q[0], k[0], v[0]
+    out_dtype = cos.dtype if parts > 1 else q.dtype
+    _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight,
+                  out_dtype)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if q_out is None:
-        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q_out.shape != q.shape or q_out.dtype != q.dtype or q_out.stride(2) != 1:
-        raise ValueError(f"q_out must be {tuple(q.shape)} {q.dtype} with contiguous head rows")
+        q_out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    if q_out.shape != q.shape or q_out.dtype != out_dtype or q_out.stride(2) != 1:
+        raise ValueError(f"q_out must be {tuple(q.shape)} {out_dtype} with contiguous head rows")
     if q_out.device != q.device:
         raise ValueError("q_out must be on q's device")
     if num_tokens == 0:
@@ -264,18 +297,35 @@ def rope_store_kv_triton(
         k_cache.stride(2),
         eps,
         *args,
+        part_stride,
         HEAD_DIM=head_dim,
         HALF=half,
         BLOCK_HALF=next_pow2(half),
         QK_NORM=qk_norm,
         **consts,
         USE_PDL=pdl,
+        PARTS=parts,
         launch_pdl=pdl,
         # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
         # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
         num_warps=1 if fold is None else 4,
     )
     return q_out
+
+
+def _check_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    fold: LoraFold | None) -> tuple[int, int]:
+    """(S, slice stride) of split-K partials q [S, T, H, D], k and v [S, T, KVH, D]."""
+    if k.dim() != 4 or v.dim() != 4 or not q.shape[0] == k.shape[0] == v.shape[0] >= 2:
+        raise ValueError(f"split-K partials: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
+                         f"{tuple(v.shape)} must all be [S >= 2, T, heads, D]")
+    if any(x.dtype != torch.float32 for x in (q, k, v)):
+        raise ValueError("split-K partials must be fp32")
+    if not q.stride(0) == k.stride(0) == v.stride(0):
+        raise ValueError("split-K partials of q, k and v must share one slice stride")
+    if fold is not None:
+        raise ValueError("split-K partials take no LoRA fold")
+    return q.shape[0], q.stride(0)
 
 
 def _check_inputs(
@@ -289,6 +339,7 @@ def _check_inputs(
     slot_mapping: torch.Tensor,
     q_norm_weight: torch.Tensor | None,
     k_norm_weight: torch.Tensor | None,
+    out_dtype: torch.dtype,
 ) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"q must be [T, H, D], k and v [T, KVH, D], got {tuple(q.shape)}, "
@@ -299,8 +350,9 @@ def _check_inputs(
                          "(D must be even)")
     if any(x.stride(2) != 1 for x in (q, k, v)):
         raise ValueError("q, k and v head rows must be contiguous")
-    if any(x.dtype != q.dtype for x in (k, v, cos, sin)):
-        raise ValueError("q, k, v, cos and sin must share one dtype")
+    if any(x.dtype != q.dtype for x in (k, v)) or any(x.dtype != out_dtype for x in (cos, sin)):
+        raise ValueError("q, k, v, cos and sin must share one dtype (cos and sin the output's "
+                         "with partials)")
     for name, x in (("cos", cos), ("sin", sin)):
         if x.shape != (num_tokens, head_dim) or x.stride(1) != 1:
             raise ValueError(f"{name} must be [T={num_tokens}, D={head_dim}] with contiguous "
@@ -319,9 +371,9 @@ def _check_inputs(
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("give both q_norm_weight and k_norm_weight, or neither")
     for w in (q_norm_weight, k_norm_weight):
-        if w is not None and (w.shape != (head_dim,) or w.dtype != q.dtype
+        if w is not None and (w.shape != (head_dim,) or w.dtype != out_dtype
                               or not w.is_contiguous()):
-            raise ValueError(f"q/k norm weights must be contiguous [D={head_dim}] in {q.dtype}")
+            raise ValueError(f"q/k norm weights must be contiguous [D={head_dim}] in {out_dtype}")
     tensors = [q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight]
     if len({x.device for x in tensors if x is not None}) != 1:
         raise ValueError("all tensors must be on one device")

@@ -112,6 +112,9 @@
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
 #   scripts/device_session.sh s19d   (one GPU) the stacked graphs chosen per step: GPU tests,
 #                                    step targets without stacks and by default twice, 6 min
+#   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
+#                                    kernel: its CUDA tests, attention slices at batch 32, the
+#                                    step targets with it and without, alternating; ~9 min
 #   scripts/device_session.sh s20a   (one GPU, prepared for the next session) the targets the
 #                                    pool's stacks may move, by default: adapter uploads, the HF
 #                                    baseline, many adapters; about 8 min
@@ -886,6 +889,19 @@ PY
       tests/test_warmup.py tests/test_lora_fold.py tests/test_adapters.py tests/test_pipeline_gpu.py
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
+    ;;
+  s39a)  # one GPU: qkv's GEMM over 2 slices of K summed by the rotary kernel
+    # (LORASERVE_DECODE_GEMM_QKV_SPLIT, opt-in): its tests on CUDA, decode attention at batch
+    # 32 in one slice a sequence against the default count, then the step targets by default
+    # and with the split at the tiling that won alone (128:128:256:8:3), alternating
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
+      tests/test_graphs_gpu.py -k "partials or qkv_split" > "$OUT/qkv_tests.log" 2>&1
+    echo "== qkv split tests: rc $?"; tail -3 "$OUT/qkv_tests.log"
+    timeout 60 python3 -m benchmarks.attn_bench --batch 32 --ctx 143 1024 4096 --min-split 64 \
+      --one-slice --out "$OUT/attn_bench.json" > "$OUT/attn_bench.log" 2>&1
+    echo "== attn_bench: rc $?"; grep -E "us|slice" "$OUT/attn_bench.log" | head -12
+    qkv="LORASERVE_DECODE_GEMM_QKV_SPLIT=2 LORASERVE_DECODE_GEMM_QKV_TILE=128:128:256:8:3"
+    step_each 480 NONE=1 "$qkv" NONE=2 "$qkv"
     ;;
   s38c)  # one GPU: the 8-slot pool's step targets by default (the decode GEMM on) once more
     timeout 120 python3 -m benchmarks.step_bench --lora --steps 10 --max-loras-per-batch 8 \

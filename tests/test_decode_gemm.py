@@ -19,6 +19,8 @@ from ops.triton_decode_gemm import (
     gemm_splits,
     gemm_tiling,
     pipeline_stages,
+    qkv_gemm_splits,
+    qkv_gemm_tiling,
 )
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -191,6 +193,68 @@ def test_which_projections_take_it(monkeypatch, triton_on_cpu):
     assert graphs.graph_splits(32, with_lora=False) == 2
     assert graphs.graph_splits(32, with_lora=True) == 0
     assert graphs.graph_splits(40, with_lora=False) == 0  # cuBLASLt's rows: no split there
+
+
+def test_qkv_split_settings(monkeypatch):
+    monkeypatch.delenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", raising=False)
+    monkeypatch.delenv("LORASERVE_DECODE_GEMM_QKV_TILE", raising=False)
+    assert qkv_gemm_splits() == 0 and qkv_gemm_tiling() is None
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", "2")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "128:128:256:8:3")
+    assert qkv_gemm_splits() == 2 and qkv_gemm_tiling() == "128:128:256:8:3"
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", "1")
+    assert qkv_gemm_splits() == 0
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", "-2")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_QKV_SPLIT"):
+        qkv_gemm_splits()
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "100:128:0:4:4")
+    with pytest.raises(ValueError, match="power of two"):
+        qkv_gemm_tiling()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
+def test_qkv_partials_summed_by_rotary_match_unsplit(arch, tmp_path, monkeypatch, triton_on_cpu):
+    """The model's forward with every projection of up to 32 rows through the GEMM in the
+    interpreter (PDL resolved as in a decode graph, fused kernels on), in a split scope: with
+    LORASERVE_DECODE_GEMM_QKV_SPLIT=2, qkv leaves 2 fp32 partials that the rotary kernel sums
+    (Qwen3's q/k norms after the sum); prefill logits and greedy tokens match qkv unsplit
+    (fp32). Qwen2's qkv has a bias: it stays unsplit."""
+    from runtime.model import llama
+    from tests.engine_utils import engine_logits, greedy, make_engine, run, run_batch
+    from tests.models import make_model, prompts, read_vocab
+
+    folder = make_model(tmp_path, arch)
+    ps = prompts(3, read_vocab(folder), seed=6, lo=3, hi=12)
+    calls = []
+    real = llama.decode_gemm
+
+    def spy(x, w, b=None, pdl=False, split=1, tiling=None):
+        calls.append((w.shape[0], split, tiling))
+        return real(x, w, b, split=split, tiling=tiling)  # the interpreter: no PDL on the CPU
+
+    monkeypatch.setattr(llama, "decode_gemm", spy)
+    monkeypatch.setattr(llama, "runs_fused", lambda m, x: m.use_fused)
+    monkeypatch.setattr(llama, "pdl_resolve", lambda pdl, t: True)
+    monkeypatch.setattr(llama, "scope_splits", lambda: 2)  # as inside a base graph's capture
+    monkeypatch.setenv("LORASERVE_DECODE_GEMV", "0")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:16:32:4:2")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "32:16:0:4:2")
+    qkv_rows = 64 + 2 * 32  # the tiny model: hidden 64, 4 heads over 2 KV heads
+    logits, tokens = {}, {}
+    for split in ("0", "2"):
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", split)
+        calls.clear()
+        engine = make_engine(folder)
+        logits[split] = engine_logits(engine, ps[0])
+        tokens[split] = run(run_batch(engine, ps, greedy(5)))
+        qkv_splits = {c for c in calls if c[0] == qkv_rows}
+        if split == "2" and arch != "qwen2":
+            assert qkv_splits == {(qkv_rows, 2, "32:16:0:4:2")}, qkv_splits
+        else:
+            assert qkv_splits == {(qkv_rows, 1, None)}, qkv_splits
+    torch.testing.assert_close(logits["2"], logits["0"], rtol=1e-4, atol=1e-4)
+    assert tokens["2"] == tokens["0"]
 
 
 # ------------------------------------------------------------------------------- CUDA

@@ -234,6 +234,49 @@ def test_rope_store_kv_checks_inputs():
         rope_store_kv_triton(q, k, v, cos.half(), sin, kc, vc, slots)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_store_kv_sums_split_k_partials(parts, qk_norm):
+    """q, k, v as a qkv projection's fp32 split-K partials [S, T, ...]: the same q, K and V as
+    the kernel given the partials' sum rounded to the output dtype (fp16), bit for bit."""
+    t, heads, kv_heads, d, dtype = 5, 4, 2, 16, torch.float16
+    _, _, _, cos, sin, slots, weights, cache_shape = make_rope_case(
+        t, heads, kv_heads, d, dtype, qk_norm, 8, 4, DEVICE)
+    q_size, kv_size = heads * d, kv_heads * d
+    partials = torch.randn(parts, t, q_size + 2 * kv_size, device=DEVICE)
+    summed = partials[0].clone()
+    for p in range(1, parts):  # the kernel's order: slice by slice
+        summed += partials[p]
+    summed = summed.to(dtype)
+
+    def views(x):
+        q, k, v = x.split([q_size, kv_size, kv_size], dim=-1)
+        lead = x.shape[:-1]
+        return q.view(*lead, heads, d), k.view(*lead, kv_heads, d), v.view(*lead, kv_heads, d)
+
+    nan = float("nan")
+    caches = [torch.full(cache_shape, nan, dtype=dtype, device=DEVICE) for _ in range(4)]
+    got = rope_store_kv_triton(*views(partials), cos, sin, caches[0], caches[1], slots,
+                               *weights, EPS)
+    want = rope_store_kv_triton(*views(summed), cos, sin, caches[2], caches[3], slots,
+                                *weights, EPS)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(caches[0].nan_to_num(0.0), caches[2].nan_to_num(0.0))
+    assert torch.equal(caches[1].nan_to_num(0.0), caches[3].nan_to_num(0.0))
+    assert torch.equal(caches[0].isnan(), caches[2].isnan())
+    # what it refuses: 16-bit partials, one slice, mismatched slices, a fold
+    q, k, v = views(partials)
+    kc, vc = caches[:2]
+    with pytest.raises(ValueError, match="fp32"):
+        rope_store_kv_triton(q.half(), k.half(), v.half(), cos, sin, kc, vc, slots)
+    with pytest.raises(ValueError, match="S >= 2"):
+        rope_store_kv_triton(q[:1], k[:1], v[:1], cos, sin, kc, vc, slots)
+    with pytest.raises(ValueError, match="S >= 2"):
+        rope_store_kv_triton(q, k[:1], v, cos, sin, kc, vc, slots)
+    with pytest.raises(ValueError, match="no LoRA fold"):
+        rope_store_kv_triton(q, k, v, cos, sin, kc, vc, slots, fold=object())
+
+
 # ------------------------------------------------------------------------------- the model
 
 

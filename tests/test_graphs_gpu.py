@@ -93,10 +93,11 @@ def test_graphs_captured_with_cublaslt_match_eager_fp32(setup, lora, monkeypatch
 
 def test_base_graphs_with_splitk_partials_match_eager_fp32(setup, monkeypatch):
     """fp32: base-only decode graphs whose o and down projections leave split-K partials for
-    the next norm (LORASERVE_DECODE_SPLITK=2, ops/splitk.py) give eager decode's greedy tokens,
-    over base rows alone and mixed with 4 adapters (whose graphs keep plain projections)."""
+    the next norm (LORASERVE_DECODE_SPLITK=2, ops/splitk.py, on torch's BLAS route: the
+    decode GEMM off) give eager decode's greedy tokens, over base rows alone and mixed with 4
+    adapters (whose graphs keep plain projections)."""
     graphs_match_eager_fp32(setup, monkeypatch, (([None] * 6, 6), (NAMES[:12], 12)), seed=6,
-                            LORASERVE_DECODE_SPLITK="2")
+                            LORASERVE_DECODE_SPLITK="2", LORASERVE_DECODE_GEMM="0")
 
 
 def graphs_match_eager_fp32(setup, monkeypatch, cases, seed, **settings):
@@ -119,6 +120,7 @@ def test_base_graph_with_splitk_partials_logits_bf16(setup, monkeypatch):
     """bf16 (the partials through torch.bmm's fp32 out_dtype): a base-only decode step's graph
     replay gives the eager forward's logits within the bound of the bf16 replay test below."""
     monkeypatch.setenv("LORASERVE_DECODE_SPLITK", "2")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "0")  # torch's BLAS route
     engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 21)
     replay_within_bf16_bound(engine, fb, "bf16 split-K graph")
 
@@ -158,6 +160,29 @@ def test_graph_with_decode_gemm_logits_bf16(setup, monkeypatch):
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:32:64:4:2")
     engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 24)
     replay_within_bf16_bound(engine, fb, "bf16 decode GEMM graph")
+
+
+QKV_SPLIT = {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_SPLIT": "2",
+             "LORASERVE_DECODE_GEMM_TILE": "16:32:64:4:2",
+             "LORASERVE_DECODE_GEMM_QKV_SPLIT": "2",
+             "LORASERVE_DECODE_GEMM_QKV_TILE": "32:32:0:4:2"}
+
+
+def test_graphs_with_qkv_split_match_eager_fp32(setup, monkeypatch):
+    """fp32: base-only decode graphs whose qkv GEMM leaves 2 slices of fp32 partials that the
+    rotary kernel sums (LORASERVE_DECODE_GEMM_QKV_SPLIT=2; o and down split too) give eager
+    decode's greedy tokens; mixed with 4 adapters qkv stays unsplit."""
+    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 24, 24), (NAMES[:8], 8)), seed=10,
+                            **QKV_SPLIT)
+
+
+def test_graph_with_qkv_split_logits_bf16(setup, monkeypatch):
+    """bf16, a base-only decode step of 24 requests: the graph replay with qkv's partials
+    summed by the rotary kernel gives the eager forward's logits within the bf16 bound."""
+    for name, value in QKV_SPLIT.items():
+        monkeypatch.setenv(name, value)
+    engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 24)
+    replay_within_bf16_bound(engine, fb, "bf16 qkv split graph")
 
 
 def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):

@@ -142,7 +142,13 @@ _LAYER_CASES = {
         **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
                                 "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
         "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False}),
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1}),
+    "rope_parts": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
+        **{n: "*bf16" for n in ("cos_ptr", "sin_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr",
+                                "q_norm_ptr", "k_norm_ptr")},
+        **{n: "*fp32" for n in ("q_ptr", "k_ptr", "v_ptr")},
+        "slot_ptr": "*i64", "eps": "fp32"},
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": True, "PARTS": 2}),
     "norm": ("ops.triton_rmsnorm", "_rmsnorm_kernel", {
         "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
         "res_out_ptr": "*bf16", "eps": "fp32"},
@@ -160,8 +166,8 @@ _LAYER_CASES = {
 
 @needs_backend
 @pytest.mark.parametrize(("kernel", "fold"), [
-    ("rope", False), ("rope", True), ("norm", False), ("norm_fold", False), ("norm_fold", True),
-    ("silu", False), ("silu_fold", False), ("silu_fold", True)])
+    ("rope", False), ("rope", True), ("rope_parts", False), ("norm", False), ("norm_fold", False),
+    ("norm_fold", True), ("silu", False), ("silu_fold", False), ("silu_fold", True)])
 def test_layer_kernels_with_pdl_compile_for_sm90(kernel: str, fold: bool):
     """The layer kernels with PDL as decode graphs launch them, with and without a LoRA fold
     where they take one."""

@@ -47,11 +47,20 @@ def test_decode_splits_setting(monkeypatch) -> None:
 
 def test_graph_splits_only_base_graphs_on_torchs_route(monkeypatch) -> None:
     """Split-K applies to base-only decode graphs below the cuBLASLt threshold (where cuBLAS
-    splits K with a reduce launch of its own), never to LoRA graphs or cuBLASLt's."""
+    splits K with a reduce launch of its own), never to LoRA graphs or cuBLASLt's. The decode
+    GEMM's rows (2-32 by default) split as LORASERVE_DECODE_GEMM_SPLIT says (default 2)."""
     from runtime.graphs import graph_splits
 
+    monkeypatch.delenv("LORASERVE_DECODE_SPLITK", raising=False)
+    for name in ("LORASERVE_DECODE_GEMM", "LORASERVE_DECODE_GEMM_SPLIT", "LORASERVE_DECODE_GEMV",
+                 "LORASERVE_DECODE_CUBLASLT_MIN_BS"):
+        monkeypatch.delenv(name, raising=False)
+    assert [graph_splits(bs, False) for bs in (1, 2, 16, 32, 33)] == [0, 2, 2, 2, 0]
+    assert graph_splits(16, True) == 0
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "1")
+    assert graph_splits(16, False) == 0
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "0")  # torch's BLAS route at every batch
     monkeypatch.setenv("LORASERVE_DECODE_SPLITK", "2")
-    monkeypatch.delenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", raising=False)
     assert [graph_splits(bs, False) for bs in (1, 8, 15, 16, 32)] == [2, 2, 2, 0, 0]
     assert graph_splits(1, True) == 0
     monkeypatch.setenv("LORASERVE_DECODE_CUBLASLT_MIN_BS", "0")  # cuBLASLt off: every batch
@@ -127,6 +136,8 @@ def test_forward_with_partials_matches_the_plain_forward(tmp_path, monkeypatch,
             return fn(*args, **kwargs)
         return call
 
+    # torch's BLAS route: in the decode GEMM's rows a split it does not take runs unsplit
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "0")
     monkeypatch.setattr(llama, "splitk_linear", counted("linear", llama.splitk_linear))
     monkeypatch.setattr(llama, "add_rmsnorm_partials_triton",
                         counted("norm", llama.add_rmsnorm_partials_triton))

@@ -39,8 +39,16 @@ from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
 from ops.lora import linear_lora_fold as lora_linear_fold
 from ops.pdl import resolve as pdl_resolve
-from ops.splitk import splitk_linear, splits_for, sum_partials
-from ops.triton_decode_gemm import MAX_WEIGHT_ELEMS, decode_gemm, decode_gemm_rows, gemm_fits
+from ops.splitk import scope_splits, splitk_linear, splits_for, sum_partials
+from ops.triton_decode_gemm import (
+    MAX_WEIGHT_ELEMS,
+    decode_gemm,
+    decode_gemm_rows,
+    gemm_fits,
+    gemm_tiling,
+    qkv_gemm_splits,
+    qkv_gemm_tiling,
+)
 from ops.triton_decode_gemv import MAX_K, decode_gemv, decode_gemv_lora, decode_gemv_rows
 from ops.triton_lora_fold import LoraFold
 from ops.triton_rmsnorm import (
@@ -194,10 +202,22 @@ def takes_gemv(linear: nn.Module, x: torch.Tensor) -> bool:
             and x.dtype == linear.weight.dtype and pdl_resolve(None, x))
 
 
-def takes_gemm(linear: nn.Module, x: torch.Tensor, splits: int = 1) -> bool:
-    """Whether linear(x) (over `splits` slices of K) runs as ops/triton_decode_gemm.py's
-    kernel: an nn.Linear whose weight `gemm_takes_weight`."""
-    return type(linear) is nn.Linear and gemm_takes_weight(linear.weight, x, splits)
+def takes_gemm(linear: nn.Module, x: torch.Tensor, splits: int = 1,
+               tiling: str | None = None) -> bool:
+    """Whether linear(x) (over `splits` slices of K, at `tiling` or the default) runs as
+    ops/triton_decode_gemm.py's kernel: an nn.Linear whose weight `gemm_takes_weight`."""
+    return type(linear) is nn.Linear and gemm_takes_weight(linear.weight, x, splits, tiling)
+
+
+def qkv_parts(linear: nn.Module, x: torch.Tensor) -> int:
+    """The slices of K qkv's projection leaves for the rotary kernel to sum: in a base-only
+    decode graph whose o and down split (ops/splitk.py `scope_splits`), as
+    LORASERVE_DECODE_GEMM_QKV_SPLIT asks (default: 0, unsplit), where the GEMM takes it at
+    LORASERVE_DECODE_GEMM_QKV_TILE's tiling and it has no bias; else 0."""
+    splits = qkv_gemm_splits()
+    if splits < 2 or scope_splits() < 2 or getattr(linear, "bias", None) is not None:
+        return 0
+    return splits if takes_gemm(linear, x, splits, qkv_gemm_tiling()) else 0
 
 
 def in_gemm_rows(x: torch.Tensor) -> bool:
@@ -205,12 +225,14 @@ def in_gemm_rows(x: torch.Tensor) -> bool:
     return decode_gemv_rows() < x.shape[0] <= decode_gemm_rows()
 
 
-def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1) -> bool:
+def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1,
+                      tiling: str | None = None) -> bool:
     """Whether x @ weight^T runs as ops/triton_decode_gemm.py's kernel: as `takes_gemv`, for
     the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default 32) where its tiling
     divides K, for weights (or LoRA stacks) of at most MAX_WEIGHT_ELEMS."""
     return (x.dim() == 2 and weight.numel() <= MAX_WEIGHT_ELEMS and in_gemm_rows(x)
-            and gemm_fits(x.shape[0], x.shape[1], splits) and x.stride(1) == 1
+            and gemm_fits(x.shape[0], x.shape[1], splits, gemm_tiling(tiling))
+            and x.stride(1) == 1
             and weight.is_contiguous() and x.dtype == weight.dtype and pdl_resolve(None, x))
 
 
@@ -305,16 +327,25 @@ class Attention(nn.Module):
         """qkv projection (+ LoRA), rotary embedding, K/V store, paged attention: [T, H * D].
         With `plan` folding qkv, the rotary kernel adds the LoRA delta."""
         a = self.args
-        qkv, fold = project_fold(
-            self.qkv_proj, x, lora.get("qkv") if lora else None, fb.lora, "qkv", plan
-        )
-        fused = runs_fused(self, qkv) and k_cache.dtype == qkv.dtype
+        parts = 0 if lora else qkv_parts(self.qkv_proj, x)
+        if parts:  # fp32 partials [S, T, N] that the rotary kernel sums
+            qkv = decode_gemm(x, self.qkv_proj.weight, pdl=True, split=parts,
+                              tiling=qkv_gemm_tiling())
+            fold = None
+        else:
+            qkv, fold = project_fold(
+                self.qkv_proj, x, lora.get("qkv") if lora else None, fb.lora, "qkv", plan
+            )
+        fused = runs_fused(self, qkv) and k_cache.dtype == x.dtype
+        if qkv.dim() == 3 and not fused:
+            qkv = sum_partials(qkv, x.dtype)
         if not fused:
             apply_fold(qkv, fold)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = q.view(-1, a.num_heads, a.head_dim)
-        k = k.view(-1, a.num_kv_heads, a.head_dim)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        lead = qkv.shape[:-1]  # [T], or [S, T] for partials
+        q = q.view(*lead, a.num_heads, a.head_dim)
+        k = k.view(*lead, a.num_kv_heads, a.head_dim)
+        v = v.view(*lead, a.num_kv_heads, a.head_dim)
         if fused:
             q = self._rope_store_fused(q, k, v, cos, sin, k_cache, v_cache, fb, fold)
         else:
