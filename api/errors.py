@@ -17,6 +17,7 @@ import msgspec
 
 from runtime.errors import (
     AdapterError,
+    AdapterReadError,
     EngineStoppedError,
     QueueFullError,
     UnknownAdapterError,
@@ -110,6 +111,9 @@ def from_exception(exc: BaseException, style: Style) -> ApiError | None:
             return ApiError(404, message, code="model_not_found", param="model")
         field = "lora_name" if style is Style.ADMIN else "lora_path"
         return ApiError(400, f"{field}: {exc}", param=field)
+    if isinstance(exc, AdapterReadError):  # the machine's I/O, not the request: retry
+        return ApiError(503, str(exc), code="adapter_read_failed",
+                        headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)})
     if isinstance(exc, AdapterError):
         return ApiError(400, str(exc))
     if isinstance(exc, QueueFullError):

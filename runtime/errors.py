@@ -6,6 +6,7 @@ from runtime.request import ValidationError
 
 __all__ = [
     "AdapterError",
+    "AdapterReadError",
     "EngineStoppedError",
     "HostTierFullError",
     "QueueFullError",
@@ -16,6 +17,12 @@ __all__ = [
 
 class AdapterError(ValueError):
     """An adapter operation failed: bad files, incompatible with the pool, name in use..."""
+
+
+class AdapterReadError(AdapterError):
+    """An adapter's files could not be read for the machine's reasons, not the adapter's (an
+    I/O error, a stale network handle, no memory or file handles left): HTTP 503, and an
+    on-demand load's failure memory (runtime.adapters.failures) does not keep it."""
 
 
 class HostTierFullError(AdapterError):

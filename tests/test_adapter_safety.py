@@ -776,6 +776,60 @@ async def test_failed_on_demand_weights_are_remembered(make_client, setup, monke
     assert_nothing_held(client, {"a1"})
 
 
+@pytest.mark.parametrize("what", ["config", "weights"])
+async def test_machine_read_errors_answer_503_and_are_not_remembered(
+        make_client, setup, monkeypatch, what: str) -> None:
+    """An I/O error of the machine's (EIO here) reading an on-demand adapter's config or
+    weights answers 503 with Retry-After, not a 400 blaming the request, and is not kept by
+    the failure memory: the next request reads again and, the disk back, loads it. A refused
+    file (a link out of the roots, no permission) stays a 400 (tests above)."""
+    import errno
+
+    import runtime.adapters.manager as manager_module
+    from runtime.adapters import peft_format
+
+    client = await make_client()
+    folder = setup.copy()
+    target = folder / (CONFIG if what == "config" else WEIGHTS)
+    real_open = peft_format._open_regular
+    failing = {"on": True}
+
+    def flaky_open(file, *args, **kwargs):
+        if failing["on"] and Path(file) == target:
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(peft_format, "_open_regular", flaky_open)
+    if what == "config":
+        reads = count_calls(monkeypatch, manager_module, "read_adapter_config")
+    else:
+        reads = count_calls(monkeypatch, client.app[ENGINE].adapters, "_read_host")
+    for n in (1, 2):
+        r = await client.post("/generate", json={"text": "x", "lora_path": folder.name})
+        body = await r.json()
+        assert r.status == 503 and r.headers.get("Retry-After") == "1", body
+        assert "Input/output error" in body["error"]["message"], body
+        assert len(reads) == n  # read again: not answered from the memory
+    failing["on"] = False
+    status, body = await generate(client, folder.name)
+    assert status == 200 and body["meta_info"]["finish_reason"]["type"] == "length", body
+    assert_nothing_held(client, {"a1", folder.name})
+
+
+def test_read_errors_by_errno() -> None:
+    """peft_format.read_error: the machine's errnos give AdapterReadError, the rest (a link
+    refused, no permission, not a directory) the plain AdapterError of a refused adapter."""
+    import errno
+
+    from runtime.adapters.peft_format import read_error
+    from runtime.errors import AdapterReadError
+
+    for code in (errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENOMEM):
+        assert type(read_error("x", OSError(code, "m"))) is AdapterReadError
+    for code in (errno.ELOOP, errno.EACCES, errno.ENOTDIR, errno.EISDIR):
+        assert type(read_error("x", OSError(code, "m"))) is AdapterError
+
+
 def test_failure_memory_is_bounded_and_keyed_by_the_folder(tmp_path, monkeypatch) -> None:
     """The memory holds the most recent MAX_REMEMBERED_FAILURES names; a failure stands only
     for the folder it was read from, unchanged, and only a refused adapter is remembered."""

@@ -77,7 +77,8 @@ class FailedLoads:
                  error: AdapterError) -> None:
         """Remember that `name`, from `folder` as `signature` found it before the read, failed
         with `error`. Only a plain AdapterError (the adapter is refused): a full host tier
-        passes, and a missing folder costs no read."""
+        and the machine's read errors (AdapterReadError: EIO, a stale handle...) pass, and a
+        missing folder costs no read."""
         if type(error) is not AdapterError:
             return
         with self._lock:

@@ -17,6 +17,7 @@ LoRA tensors its header declares, checked against the model before its data is r
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -40,7 +41,7 @@ from runtime.adapters.pool import (
     LoraModelShape,
     module_dims,
 )
-from runtime.errors import AdapterError
+from runtime.errors import AdapterError, AdapterReadError
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -420,7 +421,7 @@ def read_adapter_config(path: str, num_layers: int) -> AdapterConfig:
     except FileNotFoundError:
         raise AdapterError(f"{CONFIG_FILE}: missing in {path}") from None
     except OSError as e:
-        raise AdapterError(f"{CONFIG_FILE}: cannot read {file}: {e}") from None
+        raise read_error(f"{CONFIG_FILE}: cannot read {file}", e) from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{CONFIG_FILE}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
@@ -632,7 +633,9 @@ class _TensorFile:
             if len(raw) != header_len:
                 raise ValueError("the file changed while being read")
             return _parse_header(raw, size - 8 - header_len), 8 + header_len
-        except (OSError, ValueError, TypeError, OverflowError, RecursionError) as e:
+        except OSError as e:
+            raise read_error(f"{SAFETENSORS_FILE}: cannot read", e) from None
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:
             raise AdapterError(f"{SAFETENSORS_FILE}: corrupt or truncated: {e}") from None
 
     @staticmethod
@@ -666,7 +669,9 @@ class _TensorFile:
                 f.readinto(data.numpy()) != data.numel()
             ):
                 raise ValueError("the file changed while being read")
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise read_error(f"{SAFETENSORS_FILE}: cannot read", e) from None
+        except ValueError as e:
             raise AdapterError(f"{SAFETENSORS_FILE}: corrupt or truncated: {e}") from None
         finally:
             self.close()
@@ -722,6 +727,19 @@ class _TensorFile:
         return runs, tensors
 
 
+# errno values that say the machine could not read, not that the adapter is wrong
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM, errno.ESTALE,
+                              errno.ETIMEDOUT, errno.ENFILE, errno.EMFILE, errno.ENOBUFS,
+                              errno.EBUSY})
+
+
+def read_error(message: str, e: OSError) -> AdapterError:
+    """The error for an OSError `e` while reading adapter files: AdapterReadError where its
+    errno is the machine's (TRANSIENT_ERRNOS), else AdapterError (a link, no permission...)."""
+    cls = AdapterReadError if e.errno in TRANSIENT_ERRNOS else AdapterError
+    return cls(f"{message}: {e}")
+
+
 def _open_weights(file: str, what: str) -> IO[bytes] | None:
     """`file` opened if it is a regular file; None if it is missing."""
     try:
@@ -729,7 +747,7 @@ def _open_weights(file: str, what: str) -> IO[bytes] | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise AdapterError(f"{what}: cannot read: {e}") from None
+        raise read_error(f"{what}: cannot read", e) from None
 
 
 def _expected_shapes(

@@ -33,6 +33,7 @@ import torch
 
 from runtime.adapters.peft_format import AdapterError, load_peft_adapter
 from runtime.adapters.pool import HostAdapter, LoraModelShape, LoraPool
+from runtime.errors import AdapterReadError
 
 READER_THREADS = 2  # torch intra-op threads of a reader (conversions of large adapters)
 STOP_TIMEOUT_S = 5.0
@@ -97,7 +98,7 @@ class ProcessReader:
                     f"cannot read adapter at {path}: its reader process failed ({e!r})"
                 ) from None
             if reply[0] == "error":
-                raise AdapterError(reply[1])
+                raise (AdapterReadError if reply[2] else AdapterError)(reply[1])
         except BaseException:
             self.pool.give_host_row(lease)
             raise
@@ -179,7 +180,7 @@ def _serve(conn: Connection, spec: tuple[Any, ...]) -> None:
             reply: tuple[Any, ...] = ("ok", weights.rank, weights.target_modules,
                                       list(weights.modules))
         except AdapterError as e:
-            reply = ("error", str(e))
+            reply = ("error", str(e), isinstance(e, AdapterReadError))
         except Exception as e:  # noqa: BLE001 - I/O, memory: reported for this adapter only
-            reply = ("error", f"cannot read adapter at {path}: {e}")
+            reply = ("error", f"cannot read adapter at {path}: {e}", False)
         conn.send(reply)
