@@ -274,6 +274,16 @@ step_each() {  # step_each GUARD_S SETTINGS...: the step targets, one process pe
   step_table "$OUT"/step_[0-9]_*.json
 }
 
+step8() {  # step8 NAME LIMIT [VAR=VALUE...]: the step targets in the 8-slot pool the
+  # 8-adapter target names (1 adapter at batch 1, 8 at batch 32), one process
+  local name=$1 limit=$2; shift 2
+  env "$@" timeout "$limit" python3 -m benchmarks.step_bench --lora --steps 10 \
+    --max-loras-per-batch 8 --lora-cases 1x1 32x8 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "== step_bench 8 slots $*: rc $?"
+  grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+  tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
+}
+
 step_ab() {  # step_ab VAR=VALUE...: the step targets by default and with the settings,
   # alternating, two processes each (the first process gets more time: it compiles)
   local i=0 knob name
@@ -904,18 +914,14 @@ PY
     step_each 480 NONE=1 "$qkv" NONE=2 "$qkv"
     ;;
   s38c)  # one GPU: the 8-slot pool's step targets by default (the decode GEMM on) once more
-    timeout 120 python3 -m benchmarks.step_bench --lora --steps 10 --max-loras-per-batch 8 \
-      --lora-cases 1x1 32x8 --out "$OUT/step8_4_NONE_1.json" > "$OUT/step8_4.log" 2>&1
-    echo "== step_bench 8 slots: rc $?"; step_table "$OUT"/step8_4_NONE_1.json
+    step8 step8_4_NONE_1 120 NONE=1; step_table "$OUT"/step8_4_NONE_1.json
     ;;
   s38b)  # one GPU: the decode GEMM on by default (2-32 rows, o and down of base graphs in 2
     # slices): the step targets in the 32-slot pool by default and with it off, the 8-slot pool
     # by default again, then its GPU tests (what the call's time leaves)
     step_each 330 NONE=1 LORASERVE_DECODE_GEMM=0
     if [ "$SECONDS" -lt 360 ]; then
-      timeout 115 python3 -m benchmarks.step_bench --lora --steps 10 --max-loras-per-batch 8 \
-        --lora-cases 1x1 32x8 --out "$OUT/step8_3_NONE_1.json" > "$OUT/step8_3.log" 2>&1
-      echo "== step_bench 8 slots: rc $?"; step_table "$OUT"/step8_3_NONE_1.json
+      step8 step8_3_NONE_1 115 NONE=1; step_table "$OUT"/step8_3_NONE_1.json
     fi
     if [ "$SECONDS" -lt 470 ]; then
       gpu_tests gemm_tests $((575 - SECONDS)) tests/test_decode_gemm.py tests/test_graphs_gpu.py \
@@ -930,17 +936,9 @@ PY
       tests/test_pipeline_gpu.py > "$OUT/pipeline_tests.log" 2>&1
     echo "== pipeline tests: rc $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|s call" \
       "$OUT/pipeline_tests.log" | cut -c1-150 | tail -22
-    for knob in NONE=1 "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_SPLIT=2"; do
-      i=$(( ${i:-0} + 1 ))
-      if [ "$SECONDS" -gt 420 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="step8_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '= ' '__')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      env $knob timeout $((i == 1 ? 130 : 110)) python3 -m benchmarks.step_bench --lora --steps 10 \
-        --max-loras-per-batch 8 --lora-cases 1x1 32x8 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-      echo "== step_bench 8 slots $knob: rc $?"
-      grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
-      tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
-    done
+    step8 step8_1_NONE_1 130 NONE=1
+    [ "$SECONDS" -lt 420 ] && step8 step8_2_LORASERVE_DECODE_GEMM_32 110 LORASERVE_DECODE_GEMM=32 \
+      LORASERVE_DECODE_GEMM_SPLIT=2
     step_table "$OUT"/step8_[0-9]_*.json
     if [ "$SECONDS" -lt 470 ]; then
       timeout $((560 - SECONDS)) python3 -m benchmarks.gemm_bench --batch 32 --proj qkv \
@@ -951,17 +949,9 @@ PY
     ;;
   s37d)  # one GPU: the decode GEMM in base and LoRA graphs (LoRA stacks through it) against
     # the default, in the 8-slot pool the 8-adapter target names, one process each
-    for knob in NONE=1 "LORASERVE_DECODE_GEMM=32 LORASERVE_DECODE_GEMM_SPLIT=2"; do
-      i=$(( ${i:-0} + 1 ))
-      if [ "$SECONDS" -gt 250 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="step8_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '= ' '__')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      env $knob timeout $((i == 1 ? 130 : 100)) python3 -m benchmarks.step_bench --lora --steps 10 \
-        --max-loras-per-batch 8 --lora-cases 1x1 32x8 --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-      echo "== step_bench 8 slots $knob: rc $?"
-      grep -E "^(engine built|HBM|decode|prefill|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
-      tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
-    done
+    step8 step8_1_NONE_1 130 NONE=1
+    [ "$SECONDS" -lt 250 ] && step8 step8_2_LORASERVE_DECODE_GEMM_32 100 LORASERVE_DECODE_GEMM=32 \
+      LORASERVE_DECODE_GEMM_SPLIT=2
     step_table "$OUT"/step8_[0-9]_*.json
     ;;
   s37a)  # one GPU: ops/triton_decode_gemm.py, the tensor-core decode projection that loads its

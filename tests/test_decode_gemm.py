@@ -107,7 +107,8 @@ def test_bad_input_is_refused():
 
 def test_settings(monkeypatch):
     for name, fn, default in (("LORASERVE_DECODE_GEMM", decode_gemm_rows, 32),
-                              ("LORASERVE_DECODE_GEMM_SPLIT", gemm_splits, 2)):
+                              ("LORASERVE_DECODE_GEMM_SPLIT", gemm_splits, 2),
+                              ("LORASERVE_DECODE_GEMM_QKV_SPLIT", qkv_gemm_splits, 0)):
         monkeypatch.delenv(name, raising=False)
         assert fn() == default
         monkeypatch.setenv(name, "0")
@@ -120,10 +121,19 @@ def test_settings(monkeypatch):
     monkeypatch.setenv("LORASERVE_DECODE_GEMM", "65")
     with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM"):
         decode_gemm_rows()
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "1")
-    assert gemm_splits() == 0
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
-    assert gemm_splits() == 2
+    for fn, name in ((gemm_splits, "LORASERVE_DECODE_GEMM_SPLIT"),
+                     (qkv_gemm_splits, "LORASERVE_DECODE_GEMM_QKV_SPLIT")):
+        monkeypatch.setenv(name, "1")
+        assert fn() == 0
+        monkeypatch.setenv(name, "2")
+        assert fn() == 2
+    monkeypatch.delenv("LORASERVE_DECODE_GEMM_QKV_TILE", raising=False)
+    assert qkv_gemm_tiling() is None
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "128:128:256:8:3")
+    assert qkv_gemm_tiling() == "128:128:256:8:3"
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "100:128:0:4:4")
+    with pytest.raises(ValueError, match="power of two"):
+        qkv_gemm_tiling()
 
 
 def test_which_projections_take_it(monkeypatch, triton_on_cpu):
@@ -193,23 +203,6 @@ def test_which_projections_take_it(monkeypatch, triton_on_cpu):
     assert graphs.graph_splits(32, with_lora=False) == 2
     assert graphs.graph_splits(32, with_lora=True) == 0
     assert graphs.graph_splits(40, with_lora=False) == 0  # cuBLASLt's rows: no split there
-
-
-def test_qkv_split_settings(monkeypatch):
-    monkeypatch.delenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", raising=False)
-    monkeypatch.delenv("LORASERVE_DECODE_GEMM_QKV_TILE", raising=False)
-    assert qkv_gemm_splits() == 0 and qkv_gemm_tiling() is None
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", "2")
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "128:128:256:8:3")
-    assert qkv_gemm_splits() == 2 and qkv_gemm_tiling() == "128:128:256:8:3"
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", "1")
-    assert qkv_gemm_splits() == 0
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_SPLIT", "-2")
-    with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_QKV_SPLIT"):
-        qkv_gemm_splits()
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "100:128:0:4:4")
-    with pytest.raises(ValueError, match="power of two"):
-        qkv_gemm_tiling()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
