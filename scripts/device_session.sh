@@ -114,7 +114,8 @@
 #                                    step targets without stacks and by default twice, 6 min
 #   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
 #                                    kernel: its CUDA tests, attention slices at batch 32, the
-#                                    step targets with it and without, alternating; ~9 min
+#                                    step targets with it, with one attention slice a sequence
+#                                    at batch 32, with both and with neither; ~9 min
 #   scripts/device_session.sh s20a   (one GPU, prepared for the next session) the targets the
 #                                    pool's stacks may move, by default: adapter uploads, the HF
 #                                    baseline, many adapters; about 8 min
@@ -902,8 +903,9 @@ PY
     ;;
   s39a)  # one GPU: qkv's GEMM over 2 slices of K summed by the rotary kernel
     # (LORASERVE_DECODE_GEMM_QKV_SPLIT, opt-in): its tests on CUDA, decode attention at batch
-    # 32 in one slice a sequence against the default count, then the step targets by default
-    # and with the split at the tiling that won alone (128:128:256:8:3), alternating
+    # 32 in one slice a sequence against the default count, then the step targets by default,
+    # with the split at the tiling that won alone (128:128:256:8:3), with decode attention
+    # aiming at one program an SM (one slice a sequence at batch 32), and with both
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
       tests/test_graphs_gpu.py -k "partials or qkv_split" > "$OUT/qkv_tests.log" 2>&1
     echo "== qkv split tests: rc $?"; tail -3 "$OUT/qkv_tests.log"
@@ -911,7 +913,8 @@ PY
       --one-slice --out "$OUT/attn_bench.json" > "$OUT/attn_bench.log" 2>&1
     echo "== attn_bench: rc $?"; grep -E "us|slice" "$OUT/attn_bench.log" | head -12
     qkv="LORASERVE_DECODE_GEMM_QKV_SPLIT=2 LORASERVE_DECODE_GEMM_QKV_TILE=128:128:256:8:3"
-    step_each 480 NONE=1 "$qkv" NONE=2 "$qkv"
+    attn=LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM=1
+    step_each 470 NONE=1 "$qkv" "$attn" "$qkv $attn"
     ;;
   s38c)  # one GPU: the 8-slot pool's step targets by default (the decode GEMM on) once more
     step8 step8_4_NONE_1 120 NONE=1; step_table "$OUT"/step8_4_NONE_1.json

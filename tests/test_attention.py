@@ -309,11 +309,20 @@ def test_public_functions_use_torch_on_cpu() -> None:
     torch.testing.assert_close(out, decode_reference(decode, 0.2), rtol=0, atol=0)
 
 
-def test_choose_num_splits() -> None:
+def test_choose_num_splits(monkeypatch) -> None:
+    monkeypatch.delenv("LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM", raising=False)
+    assert choose_num_splits(batch=32, num_kv_heads=8, max_kv_capacity=4096, num_sms=132) == 2
     assert choose_num_splits(batch=64, num_kv_heads=8, max_kv_capacity=4096, num_sms=132) == 1
     assert choose_num_splits(batch=1, num_kv_heads=8, max_kv_capacity=4096, num_sms=132) == 32
     # A short block table caps the slices: no slice under 128 tokens of capacity.
     assert choose_num_splits(batch=1, num_kv_heads=8, max_kv_capacity=256, num_sms=132) == 2
+    # one program per SM as the aim: batch 32's 256 (sequence, KV head) pairs take one slice
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM", "1")
+    assert choose_num_splits(batch=32, num_kv_heads=8, max_kv_capacity=4096, num_sms=132) == 1
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_kv_capacity=4096, num_sms=132) == 17
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM", "0")
+    with pytest.raises(ValueError, match="PROGRAMS_PER_SM"):
+        choose_num_splits(batch=1, num_kv_heads=8, max_kv_capacity=4096, num_sms=132)
 
 
 def test_wrappers_reject_bad_inputs() -> None:
