@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 
-def env_int(name: str, default: int, least: int | None = None) -> int:
-    """The integer `name` is set to (unset or blank: `default`); not an integer, or under
-    `least`, is an error naming it."""
+def env_int(name: str, default: int, least: int | None = None, most: int | None = None) -> int:
+    """The integer `name` is set to (unset or blank: `default`); not an integer, under `least`
+    or over `most`, is an error naming it."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -18,6 +18,8 @@ def env_int(name: str, default: int, least: int | None = None) -> int:
         raise ValueError(f"{name}: {raw!r} is not an integer") from None
     if least is not None and value < least:
         raise ValueError(f"{name}: {value} ({least} or more)")
+    if most is not None and value > most:
+        raise ValueError(f"{name}: {value} ({most} at most)")
     return value
 
 

@@ -169,9 +169,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_s
     12.7 us a layer alone over 143 tokens on the H200, thirteenth session; opt-in until a
     step measures it.)
     """
-    per_sm = env_int("LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM", 2)
-    if per_sm < 1:
-        raise ValueError(f"LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM: {per_sm} (at least 1)")
+    per_sm = env_int("LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM", 2, least=1)
     num_programs = max(1, batch * num_kv_heads)
     wanted = cdiv(per_sm * num_sms, num_programs)
     useful = cdiv(max_kv_capacity, _MIN_TOKENS_PER_SPLIT)

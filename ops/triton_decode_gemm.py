@@ -43,6 +43,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
+from ops.triton_decode_gemv import decode_gemv_rows
 
 MAX_ROWS = 64
 DEFAULT_TILING = (64, 256, 0, 4, 4)  # BLOCK_N, BLOCK_K, PRE_K, warps, stages
@@ -200,10 +201,19 @@ DEFAULT_SPLITS = 2
 def decode_gemm_rows() -> int:
     """LORASERVE_DECODE_GEMM: the most rows a decode graph's projections take this kernel for
     (default DEFAULT_ROWS; 0: off)."""
-    rows = env_int("LORASERVE_DECODE_GEMM", DEFAULT_ROWS)
-    if not 0 <= rows <= MAX_ROWS:
-        raise ValueError(f"LORASERVE_DECODE_GEMM: {rows} rows (0: off, up to {MAX_ROWS})")
-    return rows
+    return env_int("LORASERVE_DECODE_GEMM", DEFAULT_ROWS, least=0, most=MAX_ROWS)
+
+
+def in_gemm_rows(rows: int) -> bool:
+    """Whether a decode forward of `rows` rows is this kernel's: above the GEMV's
+    (LORASERVE_DECODE_GEMV) and up to LORASERVE_DECODE_GEMM."""
+    return decode_gemv_rows() < rows <= decode_gemm_rows()
+
+
+def _slices(name: str, default: int) -> int:
+    """A slice-count setting: 0 or 1 mean unsplit (0 returned)."""
+    splits = env_int(name, default, least=0)
+    return splits if splits >= 2 else 0
 
 
 def qkv_gemm_splits() -> int:
@@ -212,10 +222,7 @@ def qkv_gemm_splits() -> int:
     (ops/triton_rope_store_kv.py). Opt-in: qkv alone at batch 32 took 15.6 us over 2 slices
     at 128:128:256:8:3 against 16.8 unsplit at the default tiling (H200, thirtieth session);
     the step is not yet measured."""
-    splits = env_int("LORASERVE_DECODE_GEMM_QKV_SPLIT", 0)
-    if splits < 0:
-        raise ValueError(f"LORASERVE_DECODE_GEMM_QKV_SPLIT: {splits} slices (0 or 1: unsplit)")
-    return splits if splits >= 2 else 0
+    return _slices("LORASERVE_DECODE_GEMM_QKV_SPLIT", 0)
 
 
 def qkv_gemm_tiling() -> str | None:
@@ -231,7 +238,4 @@ def gemm_splits() -> int:
     """LORASERVE_DECODE_GEMM_SPLIT: the slices of K for base-only graphs' o and down where they
     take this kernel (default DEFAULT_SPLITS; 0 or 1: unsplit); the next add+RMSNorm sums the
     partials."""
-    splits = env_int("LORASERVE_DECODE_GEMM_SPLIT", DEFAULT_SPLITS)
-    if splits < 0:
-        raise ValueError(f"LORASERVE_DECODE_GEMM_SPLIT: {splits} slices (0 or 1: unsplit)")
-    return splits if splits >= 2 else 0
+    return _slices("LORASERVE_DECODE_GEMM_SPLIT", DEFAULT_SPLITS)

@@ -200,7 +200,4 @@ def _launch(x, weight, bias, A, row_slots, pdl, tile, warps):
 def decode_gemv_rows() -> int:
     """LORASERVE_DECODE_GEMV: the most rows a decode graph's projections take this kernel for
     (default DEFAULT_ROWS; 0: off)."""
-    rows = env_int("LORASERVE_DECODE_GEMV", DEFAULT_ROWS)
-    if not 0 <= rows <= MAX_ROWS:
-        raise ValueError(f"LORASERVE_DECODE_GEMV: {rows} rows (0: off, up to {MAX_ROWS})")
-    return rows
+    return env_int("LORASERVE_DECODE_GEMV", DEFAULT_ROWS, least=0, most=MAX_ROWS)

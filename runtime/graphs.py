@@ -30,8 +30,7 @@ from ops.lora import (
 from ops.pdl import decode_scope
 from ops.settings import env_flag, env_int
 from ops.splitk import decode_splits, splitk_scope
-from ops.triton_decode_gemm import decode_gemm_rows, gemm_splits
-from ops.triton_decode_gemv import decode_gemv_rows
+from ops.triton_decode_gemm import gemm_splits, in_gemm_rows
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -73,7 +72,7 @@ def graph_splits(bs: int, with_lora: bool) -> int:
     LORASERVE_DECODE_GEMM_SPLIT says instead."""
     if with_lora:
         return 0
-    if decode_gemv_rows() < bs <= decode_gemm_rows():
+    if in_gemm_rows(bs):
         return gemm_splits()  # the Triton GEMM's own split (ops/triton_decode_gemm.py)
     if decode_blas(bs, with_lora) is not None:
         return 0

@@ -43,9 +43,9 @@ from ops.splitk import scope_splits, splitk_linear, splits_for, sum_partials
 from ops.triton_decode_gemm import (
     MAX_WEIGHT_ELEMS,
     decode_gemm,
-    decode_gemm_rows,
     gemm_fits,
     gemm_tiling,
+    in_gemm_rows,
     qkv_gemm_splits,
     qkv_gemm_tiling,
 )
@@ -185,7 +185,7 @@ def project(
         splits = splits_for(linear, x) if partials else 0
         if splits and takes_gemm(linear, x, splits):
             return decode_gemm(x, linear.weight, pdl=True, split=splits)
-        if splits and not in_gemm_rows(x):
+        if splits and not in_gemm_rows(x.shape[0]):
             return splitk_linear(x, linear.weight, splits)
         # the GEMM's split where the GEMM does not take this projection (its K does not tile,
         # its weight is too large, no PDL): one unsplit projection, as without the split
@@ -214,15 +214,12 @@ def qkv_parts(linear: nn.Module, x: torch.Tensor) -> int:
     decode graph whose o and down split (ops/splitk.py `scope_splits`), as
     LORASERVE_DECODE_GEMM_QKV_SPLIT asks (default: 0, unsplit), where the GEMM takes it at
     LORASERVE_DECODE_GEMM_QKV_TILE's tiling and it has no bias; else 0."""
+    if scope_splits() < 2 or getattr(linear, "bias", None) is not None:
+        return 0  # (the scope first: this runs in every forward, prefill's too)
     splits = qkv_gemm_splits()
-    if splits < 2 or scope_splits() < 2 or getattr(linear, "bias", None) is not None:
+    if splits < 2:
         return 0
     return splits if takes_gemm(linear, x, splits, qkv_gemm_tiling()) else 0
-
-
-def in_gemm_rows(x: torch.Tensor) -> bool:
-    """Whether x's rows are above the GEMV's and up to LORASERVE_DECODE_GEMM (default 32)."""
-    return decode_gemv_rows() < x.shape[0] <= decode_gemm_rows()
 
 
 def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1,
@@ -230,10 +227,11 @@ def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1,
     """Whether x @ weight^T runs as ops/triton_decode_gemm.py's kernel: as `takes_gemv`, for
     the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default 32) where its tiling
     divides K, for weights (or LoRA stacks) of at most MAX_WEIGHT_ELEMS."""
-    return (x.dim() == 2 and weight.numel() <= MAX_WEIGHT_ELEMS and in_gemm_rows(x)
+    # PDL first: outside a decode graph's capture it ends the check before the settings' reads
+    return (x.dim() == 2 and pdl_resolve(None, x) and weight.numel() <= MAX_WEIGHT_ELEMS
+            and in_gemm_rows(x.shape[0])
             and gemm_fits(x.shape[0], x.shape[1], splits, gemm_tiling(tiling))
-            and x.stride(1) == 1
-            and weight.is_contiguous() and x.dtype == weight.dtype and pdl_resolve(None, x))
+            and x.stride(1) == 1 and weight.is_contiguous() and x.dtype == weight.dtype)
 
 
 def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
