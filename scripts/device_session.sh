@@ -112,6 +112,8 @@
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
 #   scripts/device_session.sh s19d   (one GPU) the stacked graphs chosen per step: GPU tests,
 #                                    step targets without stacks and by default twice, 6 min
+#   scripts/device_session.sh s39b   (one GPU) batch 32's base graph by kernel with the GEMM on;
+#                                    the qkv split's GPU tests and the last graph replays
 #   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
 #                                    kernel: its CUDA tests, attention slices at batch 32, the
 #                                    step targets with it, with one attention slice a sequence
@@ -901,6 +903,19 @@ PY
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
     ;;
+  s39b)  # one GPU: where batch 32's base graph spends its step with the decode GEMM on by
+    # default (kernel time by name), then the GPU tests s38's calls and s39a's did not reach:
+    # the qkv split's, the last 8 graph replays
+    timeout 140 python3 -m benchmarks.step_bench --profile --profile-graphs --timeline \
+      --out "$OUT/prof_default.json" > "$OUT/prof_default.log" 2>&1
+    echo "== step_bench --profile --profile-graphs: rc $?"
+    sed -n "/^GPU ms a step/,\$p" "$OUT/prof_default.log" | head -60
+    timeout $((560 - SECONDS)) python3 -m pytest -v -p no:cacheprovider tests/test_graphs_gpu.py \
+      tests/test_fused_ops.py -k "qkv_split or partials or (replay_logits_bf16 and triton) \
+      or bitwise or prefill_graph" > "$OUT/graph_tests.log" 2>&1
+    echo "== graph tests: rc $?"; grep -E "PASSED|FAILED|ERROR|passed|failed" \
+      "$OUT/graph_tests.log" | cut -c1-150 | tail -30
+    ;;
   s39a)  # one GPU: qkv's GEMM over 2 slices of K summed by the rotary kernel
     # (LORASERVE_DECODE_GEMM_QKV_SPLIT, opt-in): its tests on CUDA, decode attention at batch
     # 32 in one slice a sequence against the default count, then the step targets by default,
@@ -1236,7 +1251,7 @@ PY
     gpu_tests pdl_tests 150 tests/test_pdl.py
     for knob in NONE=1 LORASERVE_DECODE_SPLITK=2; do
       name="prof_$(echo "$knob" | tr '= ' '__')"
-      env "$knob" timeout 120 python3 -m benchmarks.step_bench --profile --profile-graphs \
+      env "$knob" timeout 120 python3 -m benchmarks.step_bench --profile --profile-graphs --timeline \
         --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
       echo "== step_bench --profile --profile-graphs $knob: rc $?"
       sed -n "/^GPU ms a step/,\$p" "$OUT/$name.log" | head -34
