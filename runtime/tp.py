@@ -25,8 +25,10 @@ its shard on its copy stream from pinned host memory, after its last enqueued st
 the slot done once the copies' event has completed. It reads the adapter from disk at every
 upload, long after rank 0 checked it at its first load: right before each read it repeats those
 checks (the folder and its files against the lora_roots of that load, `recheck_adapter_folder`)
-and after it the adapter's rank and target modules, which the upload message carries; a refused
-read fails the upload everywhere, as any failed read does, said as refused.
+and compares its files' stat signature with rank 0's read's, before and after it, and the
+adapter's rank and target modules after it, all of which the upload message carries: weights
+rewritten in place are refused, not sharded beside rank 0's older copy. A refused read fails
+the upload everywhere, as any failed read does, said as refused.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ import torch.distributed as dist
 
 from ops.lora import LoraBatchInfo
 from ops.settings import env_flag
-from runtime.adapters.manager import AdapterManager, check_unchanged, resolve_pool_spec
+from runtime.adapters.failures import files_signature, signature_digest
+from runtime.adapters.manager import (
+    AdapterManager,
+    check_same_files,
+    check_unchanged,
+    resolve_pool_spec,
+)
 from runtime.adapters.paths import AdapterFolder, recheck_adapter_folder
 from runtime.adapters.peft_format import AdapterError, load_peft_adapter
 from runtime.adapters.pool import EMBED, HostAdapter, LoraModelShape, LoraPool
@@ -228,12 +236,14 @@ def tp_targets(config: ServerConfig, targets: frozenset[str],
 @dataclass(frozen=True)
 class AdapterOnDisk:
     """What a worker's read of an adapter repeats of its first load on rank 0: the real folder
-    with the lora_roots it was checked against, and the rank and target modules it had."""
+    with the lora_roots it was checked against, the rank and target modules it had, and the
+    digest of its files' stat signature then (`signature_digest`)."""
 
     name: str
     folder: AdapterFolder
     rank: int
     targets: frozenset[str]
+    signature: int
 
     @property
     def path(self) -> str:
@@ -378,8 +388,9 @@ class TPDriver:
                     error += (
                         f": {report[R_REFUSED][slot]} refused to read the adapter, which no "
                         "longer passes the checks of its first load (its folder or a file in "
-                        "it swapped for a link out of lora_roots or into a system folder, or "
-                        "another rank or target modules in it; that rank's log says which)"
+                        "it swapped for a link out of lora_roots or into a system folder, "
+                        "another rank or target modules in it, or its files rewritten since "
+                        "rank 0 read them; that rank's log says which)"
                     )
                 self._outcomes[slot] = (gen, UploadOutcome(error))
             elif report[R_DONE][slot] == workers:
@@ -456,11 +467,11 @@ def unpack_step(
 
 
 def pack_uploads(commands: list[tuple[int, int, AdapterOnDisk]]) -> list[int]:
-    """A sync's payload: per upload, [slot, generation, rank, roots, targets], then the name,
-    the folder, each root and each target module, each as [length, *bytes]."""
+    """A sync's payload: per upload, [slot, generation, rank, signature, roots, targets], then
+    the name, the folder, each root and each target module, each as [length, *bytes]."""
     values: list[int] = []
     for slot, gen, a in commands:
-        values += [slot, gen, a.rank, len(a.folder.roots), len(a.targets)]
+        values += [slot, gen, a.rank, a.signature, len(a.folder.roots), len(a.targets)]
         for text in (a.name, a.folder.real, *a.folder.roots, *sorted(a.targets)):
             raw = os.fsencode(text)
             values += [len(raw), *raw]
@@ -478,11 +489,12 @@ def unpack_uploads(values: list[int], count: int) -> list[tuple[int, int, Adapte
         return os.fsdecode(bytes(values[i - n : i]))
 
     for _ in range(count):
-        slot, gen, rank, roots, targets = values[i : i + 5]
-        i += 5
+        slot, gen, rank, signature, roots, targets = values[i : i + 6]
+        i += 6
         name, real = text(), text()
         folder = AdapterFolder(real, tuple(text() for _ in range(roots)))
-        adapter = AdapterOnDisk(name, folder, rank, frozenset(text() for _ in range(targets)))
+        adapter = AdapterOnDisk(name, folder, rank, frozenset(text() for _ in range(targets)),
+                                signature)
         out.append((slot, gen, adapter))
     return out
 
@@ -610,6 +622,8 @@ def _read_shard(worker: Worker, slot: int, adapter: AdapterOnDisk) -> HostAdapte
     assert worker.pool is not None, "LoRA is not enabled"
     try:
         recheck_adapter_folder(adapter.folder)
+        before = signature_digest(files_signature(adapter.path))
+        check_same_files(adapter.name, adapter.signature, before)
     except AdapterError as e:
         raise ReadRefused(str(e)) from None
     # values the pool's dtype cannot hold are refused, as on rank 0's reads
@@ -617,6 +631,7 @@ def _read_shard(worker: Worker, slot: int, adapter: AdapterOnDisk) -> HostAdapte
     try:
         check_unchanged(adapter.name, adapter.rank, adapter.targets, weights.rank,
                         weights.target_modules)
+        check_same_files(adapter.name, before, signature_digest(files_signature(adapter.path)))
     except AdapterError as e:
         raise ReadRefused(str(e)) from None
     return worker.pool.build_host(weights)
@@ -788,7 +803,7 @@ class TPAdapterManager(AdapterManager):
         s = self._slots[slot]
         assert s.ready is not None
         adapter = AdapterOnDisk(entry.name, entry.folder, entry.config.rank,
-                                entry.config.target_modules)
+                                entry.config.target_modules, signature_digest(entry.signature))
         generation = self.driver.request_upload(slot, adapter)
         s.ready = GatheredReady(s.ready, self.driver, slot, generation)
         return slot

@@ -625,9 +625,10 @@ async def evict_to_disk(client, setup: Setup, loaded: set[str]) -> None:
 async def test_reread_repeats_the_path_checks(make_client, setup) -> None:
     """A run-time adapter whose host copy was dropped is read again from disk: the folder
     or a file in it swapped for a link out of lora_roots (or into /proc) after the first load
-    was read (the checks ran at the first load only), and so was an adapter of another rank.
-    Now that re-read is refused as a failed load is: its request ends with the reason, nothing
-    is held, and a1 keeps serving."""
+    was read (the checks ran at the first load only), and so was an adapter of another rank,
+    and weights rewritten in place (same rank and targets: the name then served other weights
+    than it was loaded with). Now that re-read is refused as a failed load is: its request
+    ends with the reason, nothing is held, and a1 keeps serving."""
     client = await make_client(max_loaded_loras=2)
     expected = await ids(client, "a1")
 
@@ -649,12 +650,18 @@ async def test_reread_repeats_the_path_checks(make_client, setup) -> None:
         for file in (CONFIG, WEIGHTS):
             shutil.copyfile(rank8 / file, folder / file)
 
+    reseeded = make_adapter(setup.model, setup.outside / "reseeded", seed=7)  # as good's
+
+    def rewrite(folder: Path) -> None:
+        shutil.copyfile(reseeded / WEIGHTS, folder / WEIGHTS)
+
     swaps: dict[str, tuple[Any, str]] = {  # case: (the swap, a word of the refusal)
         "weights link out": (lambda f: link_out(f, WEIGHTS), f"{WEIGHTS} links outside"),
         "config link out": (lambda f: link_out(f, CONFIG), f"{CONFIG} links outside"),
         "folder link out": (folder_out, "no longer the folder"),
         "weights to /proc": (to_proc, "system folder"),
         "rank changed": (other_rank, "changed on disk"),
+        "weights rewritten": (rewrite, "files were rewritten"),
     }
     names = {case: f"r{i}" for i, case in enumerate(swaps)}
     folders = {case: setup.copy(f"reread{i}") for i, case in enumerate(swaps)}
@@ -679,6 +686,30 @@ async def test_reread_repeats_the_path_checks(make_client, setup) -> None:
         assert "could not be loaded" in message and word in message, (name, message)
         assert_nothing_held(client, loaded)
         assert await ids(client, "a1") == expected, name
+
+
+async def test_files_changed_during_a_read_fail_it(make_client, setup, monkeypatch) -> None:
+    """A read whose files' stat signature after it is not the one before it may mix two
+    versions of the weights: the load fails with the reason, holds nothing, and the same
+    folder loads once its files hold still."""
+    from runtime.adapters import manager as manager_module
+
+    client = await make_client()
+    real, calls = manager_module.files_signature, []
+
+    def moving(folder: str) -> Any:  # the signature after each read differs from before it
+        calls.append(folder)
+        return real(folder) + ((len(calls), 0, 0),)
+
+    monkeypatch.setattr(manager_module, "files_signature", moving)
+    folder = setup.copy()
+    status, message = await load(client, folder, "torn")
+    assert status == 400 and "changed while they were read" in message, message
+    assert len(calls) == 2, calls
+    assert_nothing_held(client, {"a1"})
+    monkeypatch.setattr(manager_module, "files_signature", real)
+    status, message = await load(client, folder, "torn")
+    assert status == 200, message
 
 
 async def test_reread_of_startup_adapters_skips_lora_roots(make_client, setup) -> None:

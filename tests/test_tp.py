@@ -25,7 +25,7 @@ from runtime.config import LoraPathSpec, ServerConfig
 from runtime.engine import Engine
 from runtime.model.parallel import local_vocab
 from tests.engine_utils import collect, greedy, run
-from tests.models import TP_TARGETS, prompts, read_vocab, tp_model_with_adapters
+from tests.models import TP_TARGETS, make_adapter, prompts, read_vocab, tp_model_with_adapters
 
 TP = 2
 NEW_TOKENS = 8
@@ -245,9 +245,10 @@ def test_slow_worker_upload_does_not_block_the_loop(
 def test_launch_and_failed_upload_on_a_worker(
     setup: dict[str, Any], want: dict[str, list[list[int]]], tmp_path: Path
 ) -> None:
-    """Engine.from_config spawns rank 1 itself. An adapter whose files vanish after rank 0 read
-    them fails to upload on rank 1, which fails the request everywhere; once the files are back
-    the adapter serves the same tokens as at tp_size 1."""
+    """Engine.from_config spawns rank 1 itself. An adapter whose weights file vanishes after
+    rank 0 read it fails to upload on rank 1, which fails the request everywhere; once the very
+    file is back (moved back: the same stat signature) the adapter serves the same tokens as at
+    tp_size 1."""
     import shutil
 
     attn = want["mixed"][2]  # "attn", prompt 2
@@ -260,13 +261,13 @@ def test_launch_and_failed_upload_on_a_worker(
         await engine.start()
         try:
             await engine.load_adapter("late", str(late))
-            saved = weights.read_bytes()
-            weights.unlink()
+            away = tmp_path / "away.safetensors"
+            os.rename(weights, away)
             req = await engine.submit(setup["prompts"][2], greedy(NEW_TOKENS), "late")
             last = None
             async for out in engine.stream(req):
                 last = out
-            weights.write_bytes(saved)
+            os.rename(away, weights)
             req = await engine.submit(setup["prompts"][2], greedy(NEW_TOKENS), "late")
             return last, await collect(engine, req)
         finally:
@@ -285,23 +286,24 @@ def test_worker_reads_repeat_the_path_checks(
     folder at the first load. Once its slot is taken, a run-time adapter under lora_roots whose
     weights were swapped for a link out of the roots, whose folder was swapped for a link, or
     whose files now hold another rank and targets, was read by rank 1 as it was (only rank 0's
-    reads repeated the checks). Now rank 1 refuses the read: the request ends with the reason,
-    the other adapters keep serving, and the restored adapter serves again."""
+    reads repeated the checks), and so were weights rewritten in place with the same rank and
+    targets (rank 1 then sharded other weights than rank 0 kept). Now rank 1 refuses the read:
+    the request ends with the reason, the other adapters keep serving, and the adapter whose
+    very files are put back serves again."""
     import shutil
 
     attn = want["mixed"][2]  # "attn", prompt 2
     prompt = setup["prompts"][2]
     roots, outside = tmp_path / "roots", tmp_path / "outside"
     outside.mkdir()
-    names = ("linked", "moved", "rerank")
+    names = ("linked", "moved", "rerank", "rewritten")
     for name in names:
         shutil.copytree(setup["adapters"]["attn"], roots / name)
     weights = "adapter_model.safetensors"
     engine = Engine.from_config(config(setup, tp_size=TP, lora_roots=(str(roots),)))
 
     def link_weights_out() -> None:
-        shutil.copyfile(roots / "linked" / weights, outside / weights)
-        (roots / "linked" / weights).unlink()
+        os.rename(roots / "linked" / weights, outside / weights)
         os.symlink(outside / weights, roots / "linked" / weights)
 
     def link_folder_out() -> None:
@@ -311,6 +313,12 @@ def test_worker_reads_repeat_the_path_checks(
     def other_rank() -> None:
         for file in ("adapter_config.json", weights):
             shutil.copyfile(setup["adapters"]["mlp"] / file, roots / "rerank" / file)
+
+    reseeded = make_adapter(setup["folder"], tmp_path / "reseeded", rank=2, seed=9,
+                            targets=["q_proj", "v_proj", "o_proj"])  # attn's rank and targets
+
+    def rewrite() -> None:
+        shutil.copyfile(reseeded / weights, roots / "rewritten" / weights)
 
     async def serve_each(loras: list[str]) -> list[Any]:
         reqs = [await engine.submit(prompt, greedy(NEW_TOKENS), lo) for lo in loras]
@@ -335,14 +343,15 @@ def test_worker_reads_repeat_the_path_checks(
             link_weights_out()
             link_folder_out()
             other_rank()
+            rewrite()
             refused, still = {}, []
             for name in names:
                 [out] = await serve_each([name])
                 refused[name] = (out.finished, out.error or "", out.output_token_ids)
                 [out] = await serve_each(["attn"])
                 still.append(out.output_token_ids)
-            (roots / "linked" / weights).unlink()
-            shutil.copyfile(outside / weights, roots / "linked" / weights)
+            (roots / "linked" / weights).unlink()  # the same file back: same stat signature
+            os.rename(outside / weights, roots / "linked" / weights)
             [restored] = await serve_each(["linked"])
             return {"first": first, "states": states, "refused": refused, "still": still,
                     "restored": restored.output_token_ids}
@@ -362,15 +371,16 @@ def test_worker_reads_repeat_the_path_checks(
 
 def test_upload_messages_carry_what_a_worker_checks() -> None:
     """A sync's uploads reach the worker with the folder, the lora_roots it was checked
-    against, the rank and the target modules of the first load, byte for byte."""
+    against, the rank, the target modules and the files' signature digest of the first load,
+    byte for byte."""
     from runtime.adapters.paths import AdapterFolder
     from runtime.tp import AdapterOnDisk, pack_uploads, unpack_uploads
 
     odd = os.fsdecode(b"/srv/lora/caf\xe9")  # not UTF-8: as os.listdir would give it
     sent = [
         (2, 7, AdapterOnDisk("caf\u00e9", AdapterFolder(odd, ("/srv/lora", "rel/x")), 8,
-                             frozenset({"q_proj", "v_proj"}))),
-        (0, 8, AdapterOnDisk("s", AdapterFolder("/opt/a", ()), 4, frozenset())),
+                             frozenset({"q_proj", "v_proj"}), (1 << 56) - 1)),
+        (0, 8, AdapterOnDisk("s", AdapterFolder("/opt/a", ()), 4, frozenset(), 0)),
     ]
     assert unpack_uploads(pack_uploads(sent), len(sent)) == sent
 

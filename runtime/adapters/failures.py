@@ -11,6 +11,7 @@ signature), for FAILURE_MEMORY_S at most.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -32,16 +33,30 @@ Signature = tuple[tuple[int, int, int] | None, ...]
 def folder_signature(folder: str) -> Signature:
     """The stat signature of `folder`: replacing, editing or adding an adapter file changes it.
     Blocking (a few stats): call it from a worker thread."""
-    out: list[tuple[int, int, int] | None] = []
-    for path in (folder, *(os.path.join(folder, f) for f in (CONFIG_FILE, SAFETENSORS_FILE,
-                                                               BIN_FILE))):
-        try:
-            st = os.stat(path)
-        except (OSError, ValueError):
-            out.append(None)
-            continue
-        out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
+    return (_stat(folder), *files_signature(folder))
+
+
+def files_signature(folder: str) -> Signature:
+    """The stat signature of the adapter files in `folder` (not of the folder itself, whose
+    time changes with any file added beside them): rewriting, replacing, adding or removing
+    one changes it. Blocking (a few stats): call it from a worker thread."""
+    return tuple(_stat(os.path.join(folder, f)) for f in (CONFIG_FILE, SAFETENSORS_FILE,
+                                                          BIN_FILE))
+
+
+def signature_digest(signature: Signature) -> int:
+    """A signature as one non-negative int64 (56 bits), to send to other ranks: inode numbers
+    may not fit an int64 themselves."""
+    return int.from_bytes(hashlib.blake2b(repr(signature).encode(), digest_size=7).digest(),
+                          "little")
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 @dataclass(frozen=True)

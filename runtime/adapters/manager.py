@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ops.settings import env_flag, env_int, reject_removed
-from runtime.adapters.failures import FailedLoads, Signature, folder_signature
+from runtime.adapters.failures import FailedLoads, Signature, files_signature, folder_signature
 from runtime.adapters.paths import (
     AdapterFolder,
     recheck_adapter_folder,
@@ -160,6 +160,9 @@ class _Adapter:
         self.idle.set()
         self.last_used = 0
         self.error: str | None = None
+        # the adapter files' stat signature at the read that registered it: a re-read (after
+        # the host copy was dropped, or a tensor-parallel worker's) of other files is refused
+        self.signature: Signature = ()
 
     @property
     def host(self) -> HostAdapter | None:
@@ -441,6 +444,7 @@ class AdapterManager:
         self._check_compatible(name, host[1], host[2])
         if pinned:
             self._check_pin_room(name)
+        entry.signature = host[3]
         entry.last_used = next(self._clock)
         try:
             self._make_host_room(host[0].nbytes, name)
@@ -477,19 +481,30 @@ class AdapterManager:
         folder = resolve_adapter_folder(path, roots, allow_hub)
         return folder, read_adapter_config(folder.real, self.shape.num_layers)
 
-    def _read_host(self, path: str) -> tuple[HostAdapter, int, frozenset[str]]:
-        """Loader thread: the adapter at `path` in a host row, its rank and target modules."""
+    def _read_host(self, path: str) -> tuple[HostAdapter, int, frozenset[str], Signature]:
+        """Loader thread: the adapter at `path` in a host row, its rank and target modules,
+        and its files' stat signature (what a later read compares: `_check_unchanged`). A file
+        that changed during the read (the signature before it is not the one after) fails it:
+        the read may mix two versions."""
+        before = files_signature(path)
         if self.reader is not None:
-            return self.reader.read(path)
-        try:
-            weights = load_peft_adapter(path, self.shape, self.pool.dtype)
-            return self.pool.build_host(weights), weights.rank, weights.target_modules
-        except AdapterError:
-            raise
-        except Exception as e:  # I/O or allocation failures: report, never crash the loop
-            raise AdapterError(f"cannot read adapter at {path}: {e}") from e
+            host, rank, targets = self.reader.read(path)
+        else:
+            try:
+                weights = load_peft_adapter(path, self.shape, self.pool.dtype)
+                host = self.pool.build_host(weights)
+                rank, targets = weights.rank, weights.target_modules
+            except AdapterError:
+                raise
+            except Exception as e:  # I/O or allocation failures: report, never crash the loop
+                raise AdapterError(f"cannot read adapter at {path}: {e}") from e
+        if files_signature(path) != before:
+            raise AdapterError(f"the adapter files at {path} changed while they were read; "
+                               "load the adapter again once they are written")
+        return host, rank, targets, before
 
-    def _reread_host(self, folder: AdapterFolder) -> tuple[HostAdapter, int, frozenset[str]]:
+    def _reread_host(self, folder: AdapterFolder
+                     ) -> tuple[HostAdapter, int, frozenset[str], Signature]:
         """Loader thread: `_read_host` of an adapter read before, once its folder passes the
         checks of its first load again (see recheck_adapter_folder)."""
         recheck_adapter_folder(folder)
@@ -736,12 +751,12 @@ class AdapterManager:
         t0 = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
-            host, rank, targets = await loop.run_in_executor(
+            host, rank, targets, signature = await loop.run_in_executor(
                 self._executor, self._reread_host, entry.folder
             )
             if self._adapters.get(entry.name) is not entry:
                 return  # unloaded meanwhile
-            _check_unchanged(entry, rank, targets)
+            _check_unchanged(entry, rank, targets, signature)
             self._make_host_room(host.nbytes, entry.name)
         except HostTierFullError:  # bytes ran out while it was read: wait for room
             self._host_waiting[entry.name] = entry
@@ -1166,11 +1181,14 @@ def _check_name(name: str) -> None:
         raise AdapterError(f"lora_name: {name!r} must not begin or end with a space")
 
 
-def _check_unchanged(entry: _Adapter, rank: int, targets: frozenset[str]) -> None:
+def _check_unchanged(entry: _Adapter, rank: int, targets: frozenset[str],
+                     signature: Signature) -> None:
     """Refuse a re-read of `entry` that is not the adapter registered (checked against the
     pool, listed and counted with its rank and target modules): another adapter put in its
-    folder since is loaded by name anew, not slipped in under the old one's checks."""
+    folder since is loaded by name anew, not slipped in under the old one's checks; nor are
+    its files rewritten since in place (the name would serve other weights than it did)."""
     check_unchanged(entry.name, entry.config.rank, entry.config.target_modules, rank, targets)
+    check_same_files(entry.name, entry.signature, signature)
 
 
 def check_unchanged(name: str, was_rank: int, was_targets: frozenset[str], rank: int,
@@ -1182,6 +1200,16 @@ def check_unchanged(name: str, was_rank: int, was_targets: frozenset[str], rank:
             f"LoRA adapter {name!r} changed on disk since it was loaded (rank {was_rank}, "
             f"targets {', '.join(sorted(was_targets))}; now rank {rank}, targets "
             f"{', '.join(sorted(targets))}): unload it and load it again"
+        )
+
+
+def check_same_files(name: str, was: Signature | int, now: Signature | int) -> None:
+    """Refuse a read of adapter `name` whose files' stat signature (or its digest, from
+    another rank) is not the one of the read that registered it."""
+    if was != now:
+        raise AdapterError(
+            f"LoRA adapter {name!r} changed on disk since it was loaded (its files were "
+            "rewritten, replaced, added or removed): unload it and load it again"
         )
 
 
