@@ -282,7 +282,8 @@ def profile_steps(engine: Engine, steps: int = 5, warm: bool = True, eager: bool
         named[0] += ms
         named[1] += 1 / steps
     top = dict(sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS])
-    out = {"ms_per_step": by_kind, "kernels_per_step": {k: v / steps for k, v in count.items()},
+    out = {"steps": steps,
+           "ms_per_step": by_kind, "kernels_per_step": {k: v / steps for k, v in count.items()},
            "total_ms": sum(by_kind.values()), "top_kernels": top}
     if timeline:
         out["timeline"] = kernel_timeline(prof)
@@ -320,6 +321,32 @@ def gpu_gaps(timeline: list[list], steps: int, min_gap_us: float = 2.0,
     return {"steps": steps, "span_us": span / n, "busy_us": busy / n, "idle_us": (span - busy) / n,
             "gaps": [{"after": a, "before": b, "us_per_step": round(t / n, 2), "count": c}
                      for (a, b), (t, c) in ranked]}
+
+
+def frontier_by_kernel(timeline: list[list], steps: int) -> dict:
+    """Which kernels move the step's end, from kernel_timeline rows ([stream, name, start us,
+    duration us]) in start order: each kernel's share is how far its end moves the latest end
+    so far (a kernel launched early through PDL, waiting on the one ahead, counts only what it
+    runs past it), idle time where the device runs nothing; per step over `steps` steps, by
+    kernel name (its first 40 characters), largest first."""
+    rows = sorted(timeline, key=lambda r: r[2])
+    if not rows:
+        return {"span_us": 0.0, "idle_us": 0.0, "kernels": []}
+    start = frontier = rows[0][2]
+    idle = 0.0
+    share: dict[str, list[float]] = {}  # name -> [us, launches]
+    for _, name, begin, dur in rows:
+        end = begin + dur
+        idle += max(0.0, begin - frontier)
+        s = share.setdefault(name[:40], [0.0, 0])
+        s[0] += max(0.0, end - max(frontier, begin))
+        s[1] += 1
+        frontier = max(frontier, end)
+    n = max(steps, 1)
+    ranked = sorted(share.items(), key=lambda kv: -kv[1][0])
+    return {"span_us": (frontier - start) / n, "idle_us": idle / n,
+            "kernels": [{"name": k, "us_per_step": round(v[0] / n, 2),
+                         "per_step": v[1] / n} for k, v in ranked]}
 
 
 async def profile_loop(engine: Engine, batch: int, prompt_len: int, steps: int,
@@ -410,6 +437,12 @@ def print_profile(rows: list[dict]) -> None:
         print(f"  {r['case']}: total {r['total_ms']:.3f} ms = {parts}")
         for name, (ms, n) in r.get("top_kernels", {}).items():
             print(f"      {ms:8.3f} ms ({n:4.0f})  {name}")
+        if r.get("timeline"):
+            f = frontier_by_kernel(r["timeline"], r.get("steps", 5))
+            print(f"    what moves the step's end (us a step; span {f['span_us']:.1f}, idle "
+                  f"{f['idle_us']:.1f}):")
+            for k in f["kernels"][:TOP_KERNELS]:
+                print(f"      {k['us_per_step']:8.1f} us ({k['per_step']:4.0f})  {k['name']}")
 
 
 def main() -> None:

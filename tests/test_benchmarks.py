@@ -545,6 +545,22 @@ def test_step_bench_kernel_timeline() -> None:
                                        [7, "Memcpy DtoD", 19.5, 1.0]]
 
 
+def test_step_bench_frontier_by_kernel() -> None:
+    """Each kernel's share of the step is how far it moves the latest end: a kernel launched
+    early (PDL) under the one ahead counts only what it runs past it; gaps are idle."""
+    from benchmarks.step_bench import frontier_by_kernel
+
+    timeline = [  # [stream, name, start us, duration us], two steps
+        [7, "gemm", 0.0, 10.0], [7, "norm", 8.0, 4.0], [7, "gemm", 12.0, 10.0],
+        [7, "gemm", 30.0, 10.0], [7, "norm", 38.0, 4.0], [7, "gemm", 42.0, 10.0],
+    ]
+    out = frontier_by_kernel(timeline, steps=2)
+    assert out["span_us"] == 26.0 and out["idle_us"] == 4.0
+    assert out["kernels"] == [{"name": "gemm", "us_per_step": 20.0, "per_step": 2.0},
+                              {"name": "norm", "us_per_step": 2.0, "per_step": 1.0}]
+    assert frontier_by_kernel([], 2)["kernels"] == []
+
+
 def test_step_bench_gpu_gaps() -> None:
     """--profile-loop: busy time is the union of every stream's kernels (overlaps count once),
     idle the rest of the span; gaps of at least the threshold are grouped by the kernels either
