@@ -165,9 +165,9 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_s
 
     Aims for about LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM programs per SM (default 2), never
     slices shorter than _MIN_TOKENS_PER_SPLIT tokens of the block table's capacity, at most
-    _MAX_SPLITS. (At batch 32 over 8 KV heads, 1 gives each sequence one slice: 11.7 against
-    12.7 us a layer alone over 143 tokens on the H200, thirteenth session; opt-in until a
-    step measures it.)
+    _MAX_SPLITS. (At batch 32 over 8 KV heads, 1 gives each sequence one slice: 11.5 against
+    12.6 us a layer alone over 143 tokens on the H200, but the serving loop's base step was
+    level, 4.71 against 4.72 ms: thirty-first session.)
     """
     per_sm = env_int("LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM", 2, least=1)
     num_programs = max(1, batch * num_kv_heads)
