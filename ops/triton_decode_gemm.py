@@ -30,6 +30,11 @@ weight has at most MAX_WEIGHT_ELEMS elements; others stay on cuBLAS.
 serving loop's base step at batch 32 took 4.70 ms against 4.98 without (1.28 of the floor
 against 1.36), the 8-adapter step in the 8-slot pool 1.14 of that base in the loop (1.11 in
 the graph) against 1.11 (1.14) of the slower one.
+
+Down's GEMM computing SiLU(gate) * up as it loaded its input from gate_up (one launch fewer a
+layer) was bit for bit the two kernels, but every program recomputed SiLU over its slice of K:
+the serving loop's base step at batch 32 took 6.23 ms against 4.80 (thirty-first session), and
+it was removed.
 """
 
 from __future__ import annotations
@@ -54,21 +59,6 @@ MAX_WEIGHT_ELEMS = 64 << 20
 
 
 @triton.jit
-def _load_x(x_cols, live, up_off, SILU_IN: tl.constexpr):
-    """x's tile at `x_cols` ([rows, columns] pointers): as stored, or with SILU_IN
-    SiLU(gate) * up of the gate_up row it points into (up `up_off` columns after gate), each
-    value computed and rounded as ops/triton_silu_mul.py stores it."""
-    if SILU_IN:
-        gate = tl.load(x_cols, mask=live, other=0.0)
-        dtype = gate.dtype
-        gate = gate.to(tl.float32)
-        up = tl.load(x_cols + up_off, mask=live, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        return (act * up).to(dtype)
-    return tl.load(x_cols, mask=live, other=0.0)
-
-
-@triton.jit
 def _decode_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -77,7 +67,6 @@ def _decode_gemm_kernel(
     M,
     N,
     K_SLICE,  # K's columns a program covers (K / split)
-    up_off,  # SILU_IN: the up half's offset in x's rows (K)
     stride_xm,
     stride_wn,
     stride_ys,
@@ -91,7 +80,6 @@ def _decode_gemm_kernel(
     EVEN_N: tl.constexpr,  # BLOCK_N divides N
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (unused for 16-bit)
     STAGES: tl.constexpr,  # W and x tiles in flight in the loop (Triton's software pipeline)
-    SILU_IN: tl.constexpr,  # x is gate_up [M, 2K]: the GEMM's input is SiLU(gate) * up
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -116,12 +104,12 @@ def _decode_gemm_kernel(
         gdc_wait()  # x comes from the kernel ahead
         gdc_launch_dependents()
     if PRE_K > 0:
-        x0 = _load_x(x_rows + offs_p[None, :], m_live[:, None], up_off, SILU_IN)
+        x0 = tl.load(x_rows + offs_p[None, :], mask=m_live[:, None], other=0.0)
         acc = tl.dot(w0, tl.trans(x0), acc, input_precision=PRECISION)
     offs_k = tl.arange(0, BLOCK_K)
     for k in tl.range(PRE_K, K_SLICE, BLOCK_K, num_stages=STAGES):
         w = tl.load(w_rows + k + offs_k[None, :], mask=n_live[:, None], other=0.0)
-        x = _load_x(x_rows + k + offs_k[None, :], m_live[:, None], up_off, SILU_IN)
+        x = tl.load(x_rows + k + offs_k[None, :], mask=m_live[:, None], other=0.0)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += bias[:, None]
@@ -162,18 +150,14 @@ def gemm_fits(rows: int, k_dim: int, split: int = 1, tiling=None) -> bool:
 
 
 def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                pdl: bool = False, split: int = 1, tiling: str | None = None,
-                silu_in: bool = False) -> torch.Tensor:
+                pdl: bool = False, split: int = 1, tiling: str | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias) for 1 <= M <= MAX_ROWS: [M, N] in x's dtype, or with
     split > 1 fp32 partials [split, M, N] whose sum it is (no bias then). fp32 accumulation.
     pdl: launch as a programmatic dependent of the kernel ahead (CUDA sm_90+; ops/pdl.py).
-    tiling: "BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES" (`gemm_tiling`).
-    silu_in: x is gate_up [M, 2K] and the product is SiLU(gate) * up @ weight^T, the SiLU*up
-    computed and rounded as ops/triton_silu_mul.py's kernel stores it (bit for bit its GEMM)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (1 + silu_in):
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply"
-                         + (" (x: gate_up, twice weight's columns)" if silu_in else ""))
-    rows, k_dim = x.shape[0], weight.shape[1]
+    tiling: "BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES" (`gemm_tiling`)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
+    rows, k_dim = x.shape
     n_dim = weight.shape[0]
     tile = gemm_tiling(tiling)
     block_n, block_k, pre_k, warps, stages = tile
@@ -191,29 +175,27 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     else:
         out = torch.empty((1, rows, n_dim), dtype=x.dtype, device=x.device)
     mp = max(16, next_pow2(rows))
-    stages = pipeline_stages(tile, mp, x.element_size(), silu_in)
+    stages = pipeline_stages(tile, mp, x.element_size())
     extra = {"launch_pdl": True} if pdl else {}
     grid = (cdiv(n_dim, block_n), split)
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out,
-        rows, n_dim, k_dim // split, k_dim,
+        rows, n_dim, k_dim // split,
         x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
         MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
         HAS_BIAS=bias is not None, USE_PDL=pdl, EVEN_N=n_dim % block_n == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        STAGES=stages, SILU_IN=silu_in, num_warps=warps, **extra,
+        STAGES=stages, num_warps=warps, **extra,
     )
     return out if split > 1 else out[0]
 
 
-def pipeline_stages(tiling, mp: int, elem: int, silu_in: bool = False) -> int:
+def pipeline_stages(tiling, mp: int, elem: int) -> int:
     """The tiling's stages, fewer where W's and x's tiles in flight would pass SMEM_BUDGET
-    (64 rows of x at BLOCK_K 256 and 4 stages take 256 KB: no launch). silu_in: x's tiles
-    are gate's and up's, two a stage."""
+    (64 rows of x at BLOCK_K 256 and 4 stages take 256 KB: no launch)."""
     block_n, block_k, pre_k, _, stages = tiling
-    x_rows = mp * (2 if silu_in else 1)
-    per_stage = (block_n + x_rows) * block_k * elem
-    budget = SMEM_BUDGET - (block_n + x_rows) * pre_k * elem
+    per_stage = (block_n + mp) * block_k * elem
+    budget = SMEM_BUDGET - (block_n + mp) * pre_k * elem
     return max(1, min(stages, budget // per_stage))
 
 
@@ -263,11 +245,3 @@ def gemm_splits() -> int:
     take this kernel (default DEFAULT_SPLITS; 0 or 1: unsplit); the next add+RMSNorm sums the
     partials."""
     return _slices("LORASERVE_DECODE_GEMM_SPLIT", DEFAULT_SPLITS)
-
-
-def silu_in_gemm() -> bool:
-    """LORASERVE_DECODE_GEMM_SILU=1: down's GEMM reads gate_up and computes SiLU(gate) * up as
-    it loads its input (`decode_gemm` silu_in), in decode forwards where no LoRA adapts down:
-    one launch fewer a layer (runtime/model/llama.py `silu_down_splits`). Opt-in (default 0)
-    until measured: each program recomputes SiLU for its slice of K."""
-    return env_int("LORASERVE_DECODE_GEMM_SILU", 0, least=0, most=1) == 1

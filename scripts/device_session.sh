@@ -112,10 +112,8 @@
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
 #   scripts/device_session.sh s19d   (one GPU) the stacked graphs chosen per step: GPU tests,
 #                                    step targets without stacks and by default twice, 6 min
-#   scripts/device_session.sh s39b   (one GPU) batch 32's base graph by kernel with the GEMM on;
-#                                    SiLU*up inside down's GEMM: its GPU tests, step targets
-#   scripts/device_session.sh s39c   (one GPU) SiLU*up inside down's GEMM, stages cut to fit:
-#                                    its GPU tests, the step targets with it and without
+#   scripts/device_session.sh s39b   (one GPU) batch 32's base graph by kernel with the GEMM on,
+#                                    and which kernels move the step's end; about 2 min
 #   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
 #                                    kernel: its CUDA tests, attention slices at batch 32, the
 #                                    step targets with it, with one attention slice a sequence
@@ -226,7 +224,8 @@
 #                                    then waits for the soak and returns its log
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
 # s14a-s14d, s18b, s18c, s18e, s24a: the early KV tile, whose A/B s25a also ran; s25b, s25c:
-# L2 prefetch from the layer kernels), or that s16b repeats (s16a), are in the commits
+# L2 prefetch from the layer kernels; s39c and s39b's second half: SiLU*up inside down's
+# GEMM, at f010a54 and 35ece63), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
@@ -906,27 +905,11 @@ PY
     rm -f "$OUT"/*.xml
     ;;
   s39b)  # one GPU: where batch 32's base graph spends its step with the decode GEMM on by
-    # default (kernel time by name, with its timeline), SiLU*up inside down's GEMM
-    # (LORASERVE_DECODE_GEMM_SILU=1, opt-in): its GPU tests, then the step targets with it
-    # against the default, one process each
+    # default (kernel time by name, and which kernels move the step's end, from the timeline)
     timeout 140 python3 -m benchmarks.step_bench --profile --profile-graphs --timeline \
       --out "$OUT/prof_default.json" > "$OUT/prof_default.log" 2>&1
     echo "== step_bench --profile --profile-graphs: rc $?"
-    sed -n "/^GPU ms a step/,\$p" "$OUT/prof_default.log" | head -40
-    timeout 150 python3 -m pytest -v -p no:cacheprovider tests/test_decode_gemm.py \
-      tests/test_graphs_gpu.py -k "silu" > "$OUT/silu_tests.log" 2>&1
-    echo "== SiLU-in-down tests: rc $?"; grep -E "PASSED|FAILED|ERROR|passed|failed" \
-      "$OUT/silu_tests.log" | cut -c1-150 | tail -12
-    step_each 480 NONE=1 LORASERVE_DECODE_GEMM_SILU=1
-    ;;
-  s39c)  # one GPU: SiLU*up inside down's GEMM with its stages cut to fit shared memory (s39b's
-    # process could not launch it): its GPU tests, then the step targets with it, by default,
-    # and with it again
-    timeout 130 python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_graphs_gpu.py \
-      -k "silu" > "$OUT/silu_tests.log" 2>&1
-    echo "== SiLU-in-down tests: rc $?"; grep -E "PASSED|FAILED|ERROR|passed|failed" \
-      "$OUT/silu_tests.log" | cut -c1-150 | tail -6
-    step_each 400 LORASERVE_DECODE_GEMM_SILU=1 NONE=1 LORASERVE_DECODE_GEMM_SILU=1
+    sed -n "/^GPU ms a step/,\$p" "$OUT/prof_default.log" | head -60
     ;;
   s39a)  # one GPU: qkv's GEMM over 2 slices of K summed by the rotary kernel
     # (LORASERVE_DECODE_GEMM_QKV_SPLIT, opt-in): its tests on CUDA, decode attention at batch

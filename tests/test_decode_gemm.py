@@ -21,7 +21,6 @@ from ops.triton_decode_gemm import (
     pipeline_stages,
     qkv_gemm_splits,
     qkv_gemm_tiling,
-    silu_in_gemm,
 )
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -61,26 +60,6 @@ def test_split_k_partials_sum_to_linear(rows, split, tiling):
         assert torch.allclose(parts[s], want, rtol=1e-3, atol=1e-3), s
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("rows", "split", "tiling"), [
-    (3, 1, "16:16:32:4:2"), (32, 2, "16:16:0:4:2"), (17, 4, "16:16:16:4:2")])
-def test_silu_in_is_bit_for_bit_silu_mul_then_gemm(dtype, rows, split, tiling):
-    """silu_in: x is gate_up [M, 2K] (a view of a wider buffer's rows here), and the product
-    takes SiLU(gate) * up computed and rounded as ops/triton_silu_mul.py stores it: the same
-    bits as that kernel's output through the GEMM, unsplit and as partials."""
-    from ops.triton_silu_mul import silu_mul_triton
-
-    g = torch.Generator().manual_seed(rows + split)
-    buf = torch.randn(rows, 2 * 64 + 8, generator=g).mul(3).to(dtype)
-    gate_up = buf[:, :128]
-    w = torch.randn(24, 64, generator=g).to(dtype)
-    got = decode_gemm(gate_up, w, split=split, tiling=tiling, silu_in=True)
-    want = decode_gemm(silu_mul_triton(gate_up), w, split=split, tiling=tiling)
-    assert got.dtype == want.dtype and torch.equal(got, want)
-    with pytest.raises(ValueError, match="twice weight's columns"):
-        decode_gemm(gate_up[:, :96], w, tiling=tiling, silu_in=True)
-
-
 def test_x_rows_may_be_strided():
     """x as a view of every other row of a wider buffer (a graph's static input)."""
     g = torch.Generator().manual_seed(3)
@@ -109,8 +88,6 @@ def test_tiling(monkeypatch):
     assert pipeline_stages((64, 256, 0, 4, 4), 32, 2) == 4
     assert pipeline_stages((64, 256, 0, 4, 4), 64, 2) == 3
     assert pipeline_stages((64, 256, 256, 4, 4), 32, 2) == 3
-    # SiLU*up's input: gate's and up's tiles a stage (245760 bytes at 4 did not launch)
-    assert pipeline_stages((64, 256, 0, 4, 4), 32, 2, silu_in=True) == 3
 
 
 def test_bad_input_is_refused():
@@ -150,13 +127,6 @@ def test_settings(monkeypatch):
         assert fn() == 0
         monkeypatch.setenv(name, "2")
         assert fn() == 2
-    monkeypatch.delenv("LORASERVE_DECODE_GEMM_SILU", raising=False)
-    assert not silu_in_gemm()
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SILU", "1")
-    assert silu_in_gemm()
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_SILU", "2")
-    with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_SILU"):
-        silu_in_gemm()
     monkeypatch.delenv("LORASERVE_DECODE_GEMM_QKV_TILE", raising=False)
     assert qkv_gemm_tiling() is None
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_QKV_TILE", "128:128:256:8:3")
@@ -278,56 +248,6 @@ def test_qkv_partials_summed_by_rotary_match_unsplit(arch, tmp_path, monkeypatch
             assert qkv_splits == {(qkv_rows, 1, None)}, qkv_splits
     torch.testing.assert_close(logits["2"], logits["0"], rtol=1e-4, atol=1e-4)
     assert tokens["2"] == tokens["0"]
-
-
-@pytest.mark.parametrize("scope", [0, 2])
-def test_silu_in_down_matches_silu_mul_kernel(scope, tmp_path, monkeypatch, triton_on_cpu):
-    """The model's forward with every projection of up to 32 rows through the GEMM in the
-    interpreter (PDL resolved as in a decode graph, fused kernels on), unsplit and in a split
-    scope: with LORASERVE_DECODE_GEMM_SILU=1 down's GEMM reads gate_up and no SiLU*up kernel
-    runs; prefill logits are the same bits and greedy tokens the same as without (fp32)."""
-    from ops import splitk
-    from ops.scoped import ThreadSetting
-    from runtime.model import llama
-    from tests.engine_utils import engine_logits, greedy, make_engine, run, run_batch
-    from tests.models import make_model, prompts, read_vocab
-
-    folder = make_model(tmp_path, "llama")
-    ps = prompts(3, read_vocab(folder), seed=8, lo=3, hi=12)
-    calls, silu_calls = [], []
-    real, real_silu = llama.decode_gemm, llama.silu_mul_triton
-
-    def spy(x, w, b=None, pdl=False, split=1, tiling=None, silu_in=False):
-        calls.append((w.shape[1], split, silu_in))
-        return real(x, w, b, split=split, tiling=tiling, silu_in=silu_in)  # no PDL on a CPU
-
-    def silu_spy(gate_up, *args, **kw):
-        silu_calls.append(gate_up.shape[0])
-        return real_silu(gate_up, *args, **kw)
-
-    monkeypatch.setattr(llama, "decode_gemm", spy)
-    monkeypatch.setattr(llama, "silu_mul_triton", silu_spy)
-    monkeypatch.setattr(llama, "runs_fused", lambda m, x: m.use_fused)
-    monkeypatch.setattr(llama, "pdl_resolve", lambda pdl, t: True)
-    monkeypatch.setattr(splitk, "_splits", ThreadSetting(scope))  # as in a base graph's capture
-    monkeypatch.setenv("LORASERVE_DECODE_GEMV", "0")
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:16:32:4:2")
-    inter = 128  # the tiny model's intermediate size
-    logits, tokens = {}, {}
-    for on in ("0", "1"):
-        monkeypatch.setenv("LORASERVE_DECODE_GEMM_SILU", on)
-        calls.clear()
-        silu_calls.clear()
-        engine = make_engine(folder)
-        logits[on] = engine_logits(engine, ps[0])
-        tokens[on] = run(run_batch(engine, ps, greedy(5)))
-        downs = {c for c in calls if c[0] == inter}
-        assert downs == {(inter, max(scope, 1), on == "1")}, downs
-        # prefill's rows past the GEMM's 32 and decode's without the setting run the kernel
-        assert all(t > 32 for t in silu_calls) if on == "1" else silu_calls, silu_calls
-    assert torch.equal(logits["1"], logits["0"])
-    assert tokens["1"] == tokens["0"]
 
 
 # ------------------------------------------------------------------------------- CUDA

@@ -185,27 +185,6 @@ def test_graph_with_qkv_split_logits_bf16(setup, monkeypatch):
     replay_within_bf16_bound(engine, fb, "bf16 qkv split graph")
 
 
-SILU_IN = {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_SPLIT": "2",
-           "LORASERVE_DECODE_GEMM_TILE": "16:32:64:4:2", "LORASERVE_DECODE_GEMM_SILU": "1"}
-
-
-def test_graphs_with_silu_in_down_match_eager_fp32(setup, monkeypatch):
-    """fp32: base-only decode graphs whose down GEMM computes SiLU*up from gate_up
-    (LORASERVE_DECODE_GEMM_SILU=1; o and down in 2 slices) give eager decode's greedy tokens;
-    mixed with 8 adapters the SiLU*up kernel stays."""
-    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 24, 24), (NAMES[:8], 8)), seed=11,
-                            **SILU_IN)
-
-
-def test_graph_with_silu_in_down_logits_bf16(setup, monkeypatch):
-    """bf16, a base-only decode step of 24 requests: the graph replay with SiLU*up inside
-    down's GEMM gives the eager forward's logits within the bf16 bound."""
-    for name, value in SILU_IN.items():
-        monkeypatch.setenv(name, value)
-    engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 24)
-    replay_within_bf16_bound(engine, fb, "bf16 SiLU-in-down graph")
-
-
 def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
     """fp32, mixed base + 4 adapters: decode graphs whose layer kernels launch without
     programmatic dependent launch (LORASERVE_LAYER_PDL=0; the default launches them with it,

@@ -120,20 +120,17 @@ def test_decode_gemv_compiles_for_sm90(block_n: int, block_k: int, rows: int, ev
 
 
 @needs_backend
-@pytest.mark.parametrize(("mp", "block_n", "block_k", "pre_k", "y", "silu"),
-                         [(32, 64, 256, 0, "bf16", False), (16, 32, 256, 512, "fp32", False),
-                          (64, 128, 128, 0, "bf16", False), (32, 64, 256, 0, "fp32", True),
-                          (32, 64, 128, 256, "fp32", True)])
-def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_k: int, y: str,
-                                       silu: bool):
+@pytest.mark.parametrize(("mp", "block_n", "block_k", "pre_k", "y"),
+                         [(32, 64, 256, 0, "bf16"), (16, 32, 256, 512, "fp32"),
+                          (64, 128, 128, 0, "bf16")])
+def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_k: int, y: str):
     """ops/triton_decode_gemm.py with PDL as decode graphs launch it: batch 32 at the default
     tiling, split-K partials (fp32 out) with half a K slice ahead of the wait, 64 rows with
-    none ahead, and down's partials reading SiLU*up from gate_up (with and without columns
-    ahead of the wait)."""
+    none ahead."""
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": f"*{y}"}
     consts = {"MP": mp, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
               "HAS_BIAS": False, "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32",
-              "STAGES": 4 if mp < 64 else 3, "SILU_IN": silu}
+              "STAGES": 4 if mp < 64 else 3}
     case = ["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 

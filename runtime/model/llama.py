@@ -48,7 +48,6 @@ from ops.triton_decode_gemm import (
     in_gemm_rows,
     qkv_gemm_splits,
     qkv_gemm_tiling,
-    silu_in_gemm,
 )
 from ops.triton_decode_gemv import MAX_K, decode_gemv, decode_gemv_lora, decode_gemv_rows
 from ops.triton_lora_fold import LoraFold
@@ -223,26 +222,6 @@ def qkv_parts(linear: nn.Module, x: torch.Tensor) -> int:
     return splits if takes_gemm(linear, x, splits, qkv_gemm_tiling()) else 0
 
 
-def silu_down_splits(linear: nn.Module, gate_up: torch.Tensor) -> int:
-    """How down's GEMM takes SiLU(gate) * up straight from gate_up (`decode_gemm` silu_in) where
-    LORASERVE_DECODE_GEMM_SILU asks: 0 where it does not; else the slices of K, those of the
-    split scope (a base-only decode graph's o and down, ops/splitk.py) or 1, as `project`
-    would run down over SiLU*up's [T, inter]. The caller leaves down's own LoRA out (its
-    shrink reads SiLU*up)."""
-    if (type(linear) is not nn.Linear or linear.bias is not None or gate_up.dim() != 2
-            or not pdl_resolve(None, gate_up) or not silu_in_gemm()):
-        return 0  # (PDL first: outside a decode graph's capture no setting is read)
-    inter = linear.weight.shape[1]
-    if gate_up.shape[1] != 2 * inter:
-        return 0
-    h = gate_up[:, :inter]  # SiLU*up's shape and strides (a view: nothing runs)
-    splits = splits_for(linear, h)
-    for s in (splits, 1) if splits else (1,):
-        if takes_gemm(linear, h, s):
-            return s
-    return 0
-
-
 def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1,
                       tiling: str | None = None) -> bool:
     """Whether x @ weight^T runs as ops/triton_decode_gemm.py's kernel: as `takes_gemv`, for
@@ -408,11 +387,6 @@ class MLP(nn.Module):
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
     ) -> torch.Tensor:
         gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
-        if not (lora and lora.get("down") is not None and fb.lora is not None):
-            splits = silu_down_splits(self.down_proj, gate_up)
-            if splits:  # SiLU*up computed inside down's GEMM (its fp32 partials when split)
-                return decode_gemm(gate_up, self.down_proj.weight, pdl=True, split=splits,
-                                   silu_in=True)
         h = self.silu_mul(gate_up)  # [T, inter]
         # [T, hidden], or its split-K partials for the next norm (project)
         return project(self.down_proj, h, lora.get("down") if lora else None, fb.lora,
