@@ -65,7 +65,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, gens: list[Generation], items: list[NativeItem],
                   is_batch: bool, with_text: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    resp = await sse.start(request)
+    # the headers go out at once, as SGLang's do: an abort before any token is a chunk in-band
+    # (finish_reason abort), as the answer without streaming carries it too
+    resp = sse.start(request)
+    await resp.response()
     num_sent = [0] * len(gens)  # output tokens each generation's last chunk carried
 
     async def produce() -> None:

@@ -319,7 +319,7 @@ def with_abort(request: web.Request, g: Generation, choice: dict[str, Any]) -> d
     return choice
 
 
-async def send_abort_error(request: web.Request, resp: web.StreamResponse,
+async def send_abort_error(request: web.Request, resp: sse.Stream,
                            gens: list[Generation]) -> None:
     """At the end of a stream (before [DONE]): an error event for the first aborted choice,
     which OpenAI clients raise."""
@@ -487,7 +487,9 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                     if echo[g.index] and body.logprobs is not None}
     text_offset = [sum(len(t) for t in prompt_texts[g.index]) if g.index in prompt_texts
                    else len(echo[g.index]) for g in gens]
-    resp = await sse.start(request)
+    # the headers go out with the first chunk, once the first output came: a request aborted
+    # before it is the error's status, as without streaming (refuse_if_nothing_generated)
+    resp = sse.start(request)
 
     # with logprobs the echo waits for the prompt's, which come with the first output
     to_echo = {g.index for g in gens if echo[g.index]}
@@ -495,13 +497,20 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
     async def send(choice: dict[str, Any]) -> None:
         await sse.send(resp, {**header, "choices": [choice], **_usage_extra(body, gens, n)})
 
-    async def produce() -> None:
+    async def open_stream() -> None:  # at the first output: the echoes without logprobs
+        refuse_if_nothing_generated(request, gens)
         for g in gens:
             if g.index in to_echo and body.logprobs is None:
                 await send(_choice(g.index, echo[g.index]))
                 to_echo.discard(g.index)
+
+    async def produce() -> None:
+        opened = False
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
+                if not opened:
+                    opened = True
+                    await open_stream()
                 pending[g.index] += delta
                 if not is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
                     continue
@@ -523,6 +532,8 @@ async def _stream_completions(request: web.Request, gens: list[Generation],
                     text_offset[g.index] += sum(len(t) for t in logprobs["tokens"])
                 if text or g.finished or logprobs:
                     await send(_choice(g.index, text, finish_reason(g), logprobs))
+        if not opened:
+            await open_stream()
         if body.include_usage:
             await sse.send(resp, {**header, "choices": [], "usage": usage(gens, n)})
         await send_abort_error(request, resp, gens)
@@ -676,20 +687,29 @@ async def _stream_chat(request: web.Request, gens: list[Generation], header: dic
     engine = request.app[ENGINE]
     sent_tokens = [0] * len(gens)
     pending = [""] * len(gens)  # text not sent yet (stream_interval)
-    resp = await sse.start(request)
+    # the headers go out with the first chunk, once the first output came: a request aborted
+    # before it is the error's status, as without streaming (refuse_if_nothing_generated)
+    resp = sse.start(request)
 
     def chunk(index: int, delta: dict[str, Any], reason: str | None = None,
               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {**header, "choices": [choice], **_usage_extra(body, gens, len(gens))}
 
-    async def produce() -> None:
+    async def open_stream() -> None:  # at the first output: each choice's role (and echo)
+        refuse_if_nothing_generated(request, gens)
         for g in gens:
             await sse.send(resp, chunk(g.index, {"role": "assistant", "content": ""}))
             if echo:
                 await sse.send(resp, chunk(g.index, {"content": echo}))
+
+    async def produce() -> None:
+        opened = False
         async with contextlib.aclosing(follow(engine, gens)) as outputs:
             async for g, delta in outputs:
+                if not opened:
+                    opened = True
+                    await open_stream()
                 pending[g.index] += delta
                 if not is_chunk_due(g, sent_tokens[g.index], body.stream_interval):
                     continue
@@ -701,6 +721,8 @@ async def _stream_chat(request: web.Request, gens: list[Generation], header: dic
                     await sse.send(resp, chunk(g.index, {"content": text}, None, logprobs))
                 if g.finished:
                     await sse.send(resp, chunk(g.index, {}, finish_reason(g)))
+        if not opened:
+            await open_stream()
         if body.include_usage:
             await sse.send(resp, {**header, "choices": [], "usage": usage(gens, len(gens))})
         await send_abort_error(request, resp, gens)

@@ -615,8 +615,10 @@ def _read_shard(worker: Worker, slot: int, adapter: AdapterOnDisk) -> HostAdapte
     Rank 0 checked the adapter at its first load; this read may come much later (every upload
     reads from disk), when whoever can write inside a root could have swapped the folder, or a
     file in it, for a link, or put another adapter in it. So the checks of that load are made
-    again right before the read, and the rank and target modules compared after it: a refusal
-    raises ReadRefused (a swap between the check and the read is not caught, as on rank 0)."""
+    again right before the read, the files' stat signature compared with rank 0's read's
+    before and after it (a file swapped or rewritten since, between the checks and the read
+    too, has another), and the rank and target modules after it: a refusal raises
+    ReadRefused."""
     if worker.read_hook is not None:
         worker.read_hook(adapter.path, slot)
     assert worker.pool is not None, "LoRA is not enabled"

@@ -697,18 +697,49 @@ async def test_files_changed_during_a_read_fail_it(make_client, setup, monkeypat
     client = await make_client()
     real, calls = manager_module.files_signature, []
 
-    def moving(folder: str) -> Any:  # the signature after each read differs from before it
+    def moving(folder: str) -> Any:  # the checks', the read's before, then after: another
         calls.append(folder)
-        return real(folder) + ((len(calls), 0, 0),)
+        return real(folder) + ((len(calls) >= 3, 0, 0),)
 
     monkeypatch.setattr(manager_module, "files_signature", moving)
     folder = setup.copy()
     status, message = await load(client, folder, "torn")
     assert status == 400 and "changed while they were read" in message, message
-    assert len(calls) == 2, calls
+    assert len(calls) == 3, calls
     assert_nothing_held(client, {"a1"})
     monkeypatch.setattr(manager_module, "files_signature", real)
     status, message = await load(client, folder, "torn")
+    assert status == 200, message
+
+
+async def test_swap_between_the_checks_and_the_read_is_refused(make_client, setup,
+                                                                monkeypatch) -> None:
+    """A first load checks the folder and its files (links out of lora_roots, system folders)
+    on the metadata thread, then reads the weights later on a loader thread. A weights file
+    swapped in between for a link out of the roots was read as it was (here a valid adapter
+    outside the roots: the load succeeded). Now the read compares the files' stat signature
+    with the one taken right after the checks: the load is refused and holds nothing, and the
+    folder loads once its file is back."""
+    client = await make_client()
+    m = client.app[ENGINE].adapters
+    folder = setup.copy()
+    parked = setup.outside / "parked.safetensors"
+    real_read = m._read_host
+
+    def swap_then_read(path: str, *args: Any) -> Any:
+        (folder / WEIGHTS).rename(parked)
+        os.symlink(setup.outside / "other.safetensors", folder / WEIGHTS)
+        return real_read(path, *args)
+
+    shutil.copyfile(setup.other / WEIGHTS, setup.outside / "other.safetensors")
+    monkeypatch.setattr(m, "_read_host", swap_then_read)
+    status, message = await load(client, folder, "swapped")
+    assert status == 400 and "changed after the folder's checks" in message, message
+    assert_nothing_held(client, {"a1"})
+    monkeypatch.setattr(m, "_read_host", real_read)
+    (folder / WEIGHTS).unlink()
+    parked.rename(folder / WEIGHTS)  # the very file: the same signature
+    status, message = await load(client, folder, "swapped")
     assert status == 200, message
 
 

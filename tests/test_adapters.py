@@ -697,9 +697,9 @@ async def test_on_demand_burst_reads_before_all_resolved(
         events.append(f"resolve {name}")
         return resolve(name, roots)
 
-    def logged_read(path: str) -> Any:
+    def logged_read(path: str, *args: Any) -> Any:
         events.append(f"read {Path(path).name}")
-        return read_host(path)
+        return read_host(path, *args)
 
     monkeypatch.setattr(manager_module, "resolve_on_demand", slow_resolve)
     monkeypatch.setattr(m, "_read_host", logged_read)

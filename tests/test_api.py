@@ -729,17 +729,30 @@ def fail_launches(engine, after: int = 0) -> None:
 ])
 async def test_openai_abort_says_why(client, route: str, body: dict) -> None:
     """An aborted request on the OpenAI routes carries its reason: an error response when
-    nothing was generated; streamed, an error event before [DONE]."""
-    fail_launches(client.app[ENGINE])
-    r = await client.post(route, json=body)
-    assert r.status == 500, await r.text()
-    err = (await r.json())["error"]
-    assert "boom" in err["message"] and err["type"] == "server_error"
-    assert err["code"] == "request_aborted"
-    r = await client.post(route, json=body | {"stream": True})
+    nothing was generated, streamed or not (a stream's status line waits for its first
+    output: before, a stream aborted before it answered 200 and an error event, which clients
+    do not retry as they do a status); streamed after some tokens, an error event before
+    [DONE]."""
+    engine = client.app[ENGINE]
+    launch = engine.runner.launch
+    for stream in (False, True):
+        engine.runner.launch = launch
+        fail_launches(engine)
+        r = await client.post(route, json=body | {"stream": stream})
+        assert r.status == 500, await r.text()
+        assert r.content_type == "application/json"
+        err = (await r.json())["error"]
+        assert "boom" in err["message"] and err["type"] == "server_error"
+        assert err["code"] == "request_aborted"
+    engine.runner.launch = launch
+    fail_launches(engine, after=3)  # prefill and two decode steps run
+    r = await client.post(route, json=body | {"stream": True, "max_tokens": 16, "ignore_eos": True})
     assert r.status == 200
     events = sse_events(await r.text())
     assert "boom" in events[-1]["error"]["message"]
+    texts = [e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content")
+             for e in events[:-1] if e["choices"]]
+    assert any(texts), events  # tokens came before the abort
     finals = [e for e in events[:-1] if e["choices"] and e["choices"][0]["finish_reason"]]
     assert [e["choices"][0]["finish_reason"] for e in finals] == ["abort"]
 

@@ -464,12 +464,13 @@ def read_openai(ledger: Ledger, plan: Plan, status: int, raw: bytes) -> list[tup
     where = f"{plan.path} {plan.behaviour} {json.dumps(plan.body)[:160]}"
     n = len(plan.labels)
     chat = plan.path.endswith("chat/completions")
+    if status != 200:  # every choice aborted before its first token: streamed or not
+        body = json.loads(raw)
+        ledger.check(plan.behaviour.startswith("abort") and status == 500
+                     and body["error"]["code"] == "request_aborted", f"{where}: {body}")
+        return [(plan.labels[0], "abort", 0, plan.prompt_tokens, False)]
     if not plan.stream:
         body = json.loads(raw)
-        if status != 200:
-            ledger.check(plan.behaviour.startswith("abort") and status == 500
-                         and body["error"]["code"] == "request_aborted", f"{where}: {body}")
-            return [(plan.labels[0], "abort", 0, plan.prompt_tokens, False)]
         choices = sorted(body["choices"], key=lambda c: c["index"])
         ledger.check([c["index"] for c in choices] == list(range(n)), f"{where}: choices")
         reasons = [c["finish_reason"] for c in choices]
@@ -937,9 +938,9 @@ async def test_one_rid_twice_while_an_adapter_loads(client, folders) -> None:
     gate = threading.Event()
     read_host = adapters._read_host
 
-    def slow_read(path: str):  # the loader thread holds the load until the gate opens
+    def slow_read(path: str, *args):  # the loader thread holds the load until the gate opens
         gate.wait(30)
-        return read_host(path)
+        return read_host(path, *args)
 
     adapters._read_host = slow_read
     load = asyncio.ensure_future(client.post("/load_lora_adapter", json={

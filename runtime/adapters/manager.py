@@ -270,12 +270,20 @@ def host_tier_rows(config: ServerConfig, row_bytes: int, available: int | None) 
     return rows
 
 
+class _Checked(NamedTuple):
+    """An adapter folder as `_read_config` checked and read it."""
+
+    folder: AdapterFolder
+    config: AdapterConfig
+    files: Signature  # its files' stat signature right after the folder's checks
+
+
 class _Found(NamedTuple):
     """An on-demand name's folder as `_resolve` found it."""
 
     path: str  # <lora_root>/<name>, resolved
     signature: Signature  # its stat signature before the config was read
-    config: tuple[AdapterFolder, AdapterConfig]  # as `_read_config` gives them
+    config: _Checked
 
 
 @dataclass
@@ -392,7 +400,7 @@ class AdapterManager:
 
     async def load(
         self, name: str, path: str, pinned: bool = False, *, trusted: bool = False,
-        config: tuple[AdapterFolder, AdapterConfig] | None = None,
+        config: _Checked | None = None,
     ) -> None:
         """Register adapter `name` from `path`, read it into host memory (in a thread) and, if
         pinned, start its upload. A failed load changes nothing (but for forgetting a failed
@@ -422,10 +430,10 @@ class AdapterManager:
         logger.info("loaded LoRA adapter %s from %s (rank %d)", name, entry.path, entry.config.rank)
 
     async def _load_new(self, name: str, path: str, pinned: bool, trusted: bool,
-                        config: tuple[AdapterFolder, AdapterConfig] | None) -> _Adapter:
+                        config: _Checked | None) -> _Adapter:
         roots = () if trusted else self.config.lora_roots
         allow_hub = trusted or self.config.lora_allow_hub
-        folder, cfg = config or await self._off_loop(
+        folder, cfg, checked_files = config or await self._off_loop(
             self._meta_executor, self._read_config, path, roots, allow_hub
         )
         self._check_compatible(name, cfg.rank, cfg.target_modules)
@@ -437,7 +445,8 @@ class AdapterManager:
         entry = _Adapter(name, folder, pinned, cfg, self._host_tally)
         t0 = time.monotonic()
         try:
-            host = await self._off_loop(self._executor, self._read_host, folder.real)
+            host = await self._off_loop(self._executor, self._read_host, folder.real,
+                                        checked_files)
         except AdapterError:
             self.counters.load_failures += 1
             raise
@@ -475,18 +484,26 @@ class AdapterManager:
                     "the server is shutting down: the adapter load was stopped") from None
             raise
 
-    def _read_config(
-        self, path: str, roots: tuple[str, ...], allow_hub: bool
-    ) -> tuple[AdapterFolder, AdapterConfig]:
+    def _read_config(self, path: str, roots: tuple[str, ...], allow_hub: bool) -> _Checked:
+        """Metadata thread: the folder at `path` checked (resolve_adapter_folder), its files'
+        stat signature right after the checks (the weights' read compares it: a file swapped
+        between the checks and the read, for a link out of the roots say, is refused), and
+        its config read."""
         folder = resolve_adapter_folder(path, roots, allow_hub)
-        return folder, read_adapter_config(folder.real, self.shape.num_layers)
+        files = files_signature(folder.real)
+        return _Checked(folder, read_adapter_config(folder.real, self.shape.num_layers), files)
 
-    def _read_host(self, path: str) -> tuple[HostAdapter, int, frozenset[str], Signature]:
+    def _read_host(self, path: str, checked: Signature | None = None
+                   ) -> tuple[HostAdapter, int, frozenset[str], Signature]:
         """Loader thread: the adapter at `path` in a host row, its rank and target modules,
         and its files' stat signature (what a later read compares: `_check_unchanged`). A file
         that changed during the read (the signature before it is not the one after) fails it:
-        the read may mix two versions."""
+        the read may mix two versions; so does one changed since the folder's checks, when
+        `checked` gives the signature they saw."""
         before = files_signature(path)
+        if checked is not None and before != checked:
+            raise AdapterError(f"the adapter files at {path} changed after the folder's checks "
+                               "and before their read; load the adapter again")
         if self.reader is not None:
             host, rank, targets = self.reader.read(path)
         else:

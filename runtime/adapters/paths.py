@@ -90,8 +90,9 @@ def recheck_adapter_folder(folder: AdapterFolder) -> None:
     folder than the one loaded (and fetch a hub id from the network again). A folder whose
     real path is no longer itself (a link, or a folder moved away and a link put in its
     place, somewhere along it) is refused; its files are checked as at the first load, and a
-    folder checked against no roots is still refused the system folders. (A swap between
-    this check and the read is not caught, as at the first load.)"""
+    folder checked against no roots is still refused the system folders. (A file swapped
+    between this check and the read has another stat signature than the first load's read:
+    the manager's re-read and a worker's read compare it.)"""
     real = os.path.realpath(folder.real)
     if real != folder.real:
         raise AdapterError(f"lora_path: {folder.real!r} is no longer the folder that was "
