@@ -19,7 +19,7 @@ from aiohttp import web
 
 from api import sse
 from api.app import CONFIG, ENGINE, LIFECYCLE, TOKEN_BYTES, json_response, off_loop
-from api.errors import ApiError, Style, renamed
+from api.errors import RETRY_AFTER_QUEUE_FULL_S, ApiError, Style, renamed
 from api.generation import (
     MAX_STREAM_INTERVAL,
     Generation,
@@ -293,11 +293,15 @@ def finish_reason(g: Generation) -> str | None:
 
 
 def abort_error(request: web.Request, g: Generation) -> ApiError:
-    """Why `g` was aborted, as an OpenAI error: 503 while the server shuts down, else 500
-    (a failed adapter load, an internal error, an abort by rid)."""
+    """Why `g` was aborted, as an OpenAI error: 503 while the server shuts down or for a
+    transient reason (an adapter's re-read hit the machine's read error: with Retry-After),
+    else 500 (a failed adapter load, an internal error, an abort by rid)."""
+    message = f"choice {g.index} was aborted: {g.error or 'aborted'}"
+    if g.request.error_retryable:
+        return ApiError(503, message, code="request_aborted",
+                        headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)})
     status = 503 if request.app[LIFECYCLE].is_stopping else 500
-    return ApiError(status, f"choice {g.index} was aborted: {g.error or 'aborted'}",
-                    code="request_aborted")
+    return ApiError(status, message, code="request_aborted")
 
 
 def aborted(gens: list[Generation]) -> list[Generation]:

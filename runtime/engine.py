@@ -525,10 +525,13 @@ class Engine:
         async for out in self.stream(req):
             yield out
 
-    def abort(self, rid: str, message: str = "aborted") -> bool:
+    def abort(self, rid: str, message: str = "aborted", retryable: bool = False) -> bool:
+        """Abort request `rid` with `message`; retryable: the reason is transient (the answer
+        may be retried, a 503 on the OpenAI routes)."""
         req = self.requests.get(rid)
         if req is None or req.is_finished:
             return False
+        req.error_retryable = retryable
         self._finish(req, FinishReason.ABORT, error=message)
         self._emit(req, [], None, None)
         return True
@@ -769,7 +772,8 @@ class Engine:
                 continue
             error = self.adapters.load_error(name)
             if error is not None and self.adapters.state(name) not in on_gpu:
-                self.abort(req.rid, f"LoRA adapter {name!r} could not be loaded: {error}")
+                self.abort(req.rid, f"LoRA adapter {name!r} could not be loaded: {error}",
+                           retryable=self.adapters.load_error_retryable(name))
 
     def _report_adapters(self, force: bool = False) -> None:
         """Hand the manager's load latencies and evictions to the metrics (draining them even

@@ -214,6 +214,8 @@ class Request:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     matched_stop: int | str | None = None
+    error: str | None = None  # why an aborted request was aborted
+    error_retryable: bool = False  # that reason was transient (a machine read error): a 503
     first_token_time: float | None = None
     last_token_time: float | None = None
     admitted_time: float | None = None

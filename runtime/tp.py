@@ -838,7 +838,7 @@ class TPAdapterManager(AdapterManager):
         assert entry is not None
         self._free_slot(slot)
         self.counters.upload_failures += 1
-        entry.error = error
+        entry.fail(error)
         log.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, error)
         if entry.pinned:
             self._pins_waiting.add(entry.name)

@@ -878,6 +878,44 @@ async def test_machine_read_errors_answer_503_and_are_not_remembered(
     assert_nothing_held(client, {"a1", folder.name})
 
 
+async def test_reread_read_errors_answer_503(make_client, setup, monkeypatch) -> None:
+    """An evicted adapter's re-read that hits the machine's read error (EIO) ends its
+    requests as the load's read error answers: 503 with Retry-After on the OpenAI routes,
+    streamed too (before, a 500 blaming nothing the client could retry); the native route's
+    abort chunk says why. The disk back, the adapter serves again."""
+    import errno
+
+    from runtime.adapters import peft_format
+
+    client = await make_client(max_loaded_loras=2)
+    folder = setup.copy()
+    status, message = await load(client, folder, "flaky")
+    assert status == 200, message
+    await ids(client, "flaky")
+    await evict_to_disk(client, setup, {"a1", "flaky"})
+    real_open = peft_format._open_regular
+    failing = {"on": True}
+
+    def flaky_open(file, *args, **kwargs):
+        if failing["on"] and Path(file) == folder / WEIGHTS:
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(peft_format, "_open_regular", flaky_open)
+    body = {"model": "flaky", "prompt": "Paris is", "max_tokens": 3, "temperature": 0}
+    for stream in (False, True):
+        r = await asyncio.wait_for(client.post("/v1/completions", json=body | {
+            "stream": stream}), TIMEOUT_S)
+        err = (await r.json())["error"]
+        assert r.status == 503 and r.headers.get("Retry-After") == "1", (stream, err)
+        assert err["code"] == "request_aborted" and "Input/output error" in err["message"]
+    status, answer = await generate(client, "flaky")
+    assert status == 200 and "Input/output error" in abort_message(answer), answer
+    failing["on"] = False
+    r = await client.post("/v1/completions", json=body)
+    assert r.status == 200, await r.text()
+
+
 def test_read_errors_by_errno() -> None:
     """peft_format.read_error: the machine's errnos give AdapterReadError, the rest (a link
     refused, no permission, not a directory) the plain AdapterError of a refused adapter."""

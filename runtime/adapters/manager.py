@@ -57,7 +57,12 @@ from runtime.adapters.pool import (
 )
 from runtime.adapters.reader import ProcessReader
 from runtime.config import ConfigError, ServerConfig
-from runtime.errors import EngineStoppedError, HostTierFullError, UnknownAdapterError
+from runtime.errors import (
+    AdapterReadError,
+    EngineStoppedError,
+    HostTierFullError,
+    UnknownAdapterError,
+)
 from runtime.streams import Event, IssuedEvent, Streams
 
 logger = logging.getLogger(__name__)
@@ -159,10 +164,16 @@ class _Adapter:
         self.idle = asyncio.Event()  # set while refs == 0
         self.idle.set()
         self.last_used = 0
-        self.error: str | None = None
+        self.error: str | None = None  # the last load or upload failure (`fail`), until cleared
+        self.error_retryable = False  # that failure was the machine's read error
         # the adapter files' stat signature at the read that registered it: a re-read (after
         # the host copy was dropped, or a tensor-parallel worker's) of other files is refused
         self.signature: Signature = ()
+
+    def fail(self, error: str, retryable: bool = False) -> None:
+        """Record a failed load or upload; retryable: a machine read error (AdapterReadError),
+        which the requests it ends report as such (a 503 the client may retry)."""
+        self.error, self.error_retryable = error, retryable
 
     @property
     def host(self) -> HostAdapter | None:
@@ -783,7 +794,7 @@ class AdapterManager:
             # that holds `e` (whose traceback holds this frame) is dropped
             host = None
             self.counters.load_failures += 1
-            entry.error = f"reload failed: {e}"
+            entry.fail(f"reload failed: {e}", retryable=isinstance(e, AdapterReadError))
             logger.error("reload of LoRA adapter %s failed: %s", entry.name, e)
             return
         finally:
@@ -1049,7 +1060,7 @@ class AdapterManager:
 
     def _upload_failed(self, entry: _Adapter, slot: int, e: Exception) -> None:
         self.counters.upload_failures += 1
-        entry.error = f"upload failed: {e}"
+        entry.fail(f"upload failed: {e}")
         logger.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, e)
         if entry.pinned:
             self._pins_waiting.add(entry.name)
@@ -1149,6 +1160,11 @@ class AdapterManager:
         """The last load or upload error of `name` (the scheduler may abort its requests)."""
         entry = self._adapters.get(name)
         return entry.error if entry is not None else None
+
+    def load_error_retryable(self, name: str) -> bool:
+        """Whether `load_error(name)` is the machine's read error (EIO, a stale handle...)."""
+        entry = self._adapters.get(name)
+        return entry is not None and entry.error is not None and entry.error_retryable
 
     def list(self) -> list[AdapterInfo]:
         return [
