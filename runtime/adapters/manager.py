@@ -531,15 +531,12 @@ class AdapterManager:
                                "load the adapter again once they are written")
         return host, rank, targets, before
 
-    def _reread_host(self, name: str, folder: AdapterFolder, signature: Signature
+    def _reread_host(self, folder: AdapterFolder
                      ) -> tuple[HostAdapter, int, frozenset[str], Signature]:
-        """Loader thread: `_read_host` of adapter `name` read before, once its folder passes
-        the checks of its first load again (see recheck_adapter_folder) and its files still
-        have that read's stat signature (checked before the read: files rewritten since are
-        refused without reading them)."""
+        """Loader thread: `_read_host` of an adapter read before, once its folder passes the
+        checks of its first load again (see recheck_adapter_folder)."""
         recheck_adapter_folder(folder)
-        check_same_files(name, signature, files_signature(folder.real))
-        return self._read_host(folder.real, signature)
+        return self._read_host(folder.real)
 
     async def unload(self, name: str) -> None:
         """Stop new references to `name` at once, wait for its references and slot locks to
@@ -782,12 +779,12 @@ class AdapterManager:
         t0 = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
-            host, rank, targets, _ = await loop.run_in_executor(
-                self._executor, self._reread_host, entry.name, entry.folder, entry.signature
+            host, rank, targets, signature = await loop.run_in_executor(
+                self._executor, self._reread_host, entry.folder
             )
             if self._adapters.get(entry.name) is not entry:
                 return  # unloaded meanwhile
-            _check_unchanged(entry, rank, targets)
+            _check_unchanged(entry, rank, targets, signature)
             self._make_host_room(host.nbytes, entry.name)
         except HostTierFullError:  # bytes ran out while it was read: wait for room
             self._host_waiting[entry.name] = entry
@@ -1217,12 +1214,14 @@ def _check_name(name: str) -> None:
         raise AdapterError(f"lora_name: {name!r} must not begin or end with a space")
 
 
-def _check_unchanged(entry: _Adapter, rank: int, targets: frozenset[str]) -> None:
+def _check_unchanged(entry: _Adapter, rank: int, targets: frozenset[str],
+                     signature: Signature) -> None:
     """Refuse a re-read of `entry` that is not the adapter registered (checked against the
     pool, listed and counted with its rank and target modules): another adapter put in its
-    folder since is loaded by name anew, not slipped in under the old one's checks. (Files
-    rewritten in place since are refused before the read: `_reread_host`.)"""
+    folder since is loaded by name anew, not slipped in under the old one's checks; nor are
+    its files rewritten since in place (the name would serve other weights than it did)."""
     check_unchanged(entry.name, entry.config.rank, entry.config.target_modules, rank, targets)
+    check_same_files(entry.name, entry.signature, signature)
 
 
 def check_unchanged(name: str, was_rank: int, was_targets: frozenset[str], rank: int,
@@ -1239,8 +1238,7 @@ def check_unchanged(name: str, was_rank: int, was_targets: frozenset[str], rank:
 
 def check_same_files(name: str, was: Signature | int, now: Signature | int) -> None:
     """Refuse a read of adapter `name` whose files' stat signature (or its digest, from
-    another rank) is not the one of the read that registered it: its files were rewritten in
-    place since, and the name would serve other weights than it was loaded with."""
+    another rank) is not the one of the read that registered it."""
     if was != now:
         raise AdapterError(
             f"LoRA adapter {name!r} changed on disk since it was loaded (its files were "
