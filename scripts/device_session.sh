@@ -112,6 +112,10 @@
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
 #   scripts/device_session.sh s19d   (one GPU) the stacked graphs chosen per step: GPU tests,
 #                                    step targets without stacks and by default twice, 6 min
+#   scripts/device_session.sh s40a   (one GPU) uploads, the HF PEFT baseline, the 8-slot pool's
+#                                    step targets, the 32-slot ones once more; about 9 min
+#   scripts/device_session.sh s40b   (one GPU) the issue's many-adapter setting at 64 new
+#                                    tokens, the 32-slot step targets once more; about 8 min
 #   scripts/device_session.sh s39b   (one GPU) batch 32's base graph by kernel with the GEMM on,
 #                                    and which kernels move the step's end; about 2 min
 #   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
@@ -903,6 +907,26 @@ PY
       tests/test_warmup.py tests/test_lora_fold.py tests/test_adapters.py tests/test_pipeline_gpu.py
     grep -E "s call|passed|failed|Error" "$OUT/final_tests.log" | head -30
     rm -f "$OUT"/*.xml
+    ;;
+  s40a)  # one GPU: the end-to-end targets not re-measured since the decode GEMM went on by
+    # default (adapter uploads, the HF PEFT baseline), the 8-slot pool's targets, then the
+    # 32-slot step targets once more (the 32-adapter case's spread); about 9 min
+    timeout 150 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; grep -E "^(rank|pinned)" "$OUT/upload.log"
+    hf_baseline 150 hf_baseline
+    step8 step8_1_NONE_1 120 NONE=1
+    [ "$SECONDS" -lt 470 ] && step_each 470 NONE=1
+    step_table "$OUT"/step8_1_NONE_1.json
+    ;;
+  s40b)  # one GPU: the issue's many-adapter setting (1000 rank-8 q/v adapters against 8,
+    # max_loras_per_batch 32, max_loaded_loras 128, 8192 requests of 256/64), then the 32-slot
+    # step targets once more; about 8 min
+    timeout 330 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
+      --output-len 64 --progress-s 10 --out "$OUT/many_cap32_8192_64.json" > /tmp/cap32.log 2>&1
+    echo "== many_adapters cap 32, 8192 requests of 256/64: rc $?"
+    grep -E "saturated:|keeps|Error|engine built|wrote" /tmp/cap32.log | cut -c1-600
+    tail -2 /tmp/cap32.log | cut -c1-300
+    [ "$SECONDS" -lt 460 ] && step_each 460 NONE=2
     ;;
   s39b)  # one GPU: where batch 32's base graph spends its step with the decode GEMM on by
     # default (kernel time by name, and which kernels move the step's end, from the timeline)
