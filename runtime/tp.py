@@ -66,6 +66,7 @@ from runtime.adapters.peft_format import AdapterError, load_peft_adapter
 from runtime.adapters.pool import EMBED, HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
 from runtime.engine import Engine, ModelInfo, _eos_ids, resolve_device
+from runtime.errors import AdapterReadError
 from runtime.graphs import DecodeGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
@@ -94,8 +95,8 @@ H_COMMANDS = 1  # header field of a sync: how many uploads its payload carries
 # header fields of a capture
 H_MAX_BS, H_GRAPH_BLOCKS, H_SCRATCH = 1, 2, 3
 # Rows of a sync's report, per slot, summed over the workers.
-R_DONE, R_FAILED, R_GEN, R_REFUSED = range(4)
-REPORT_ROWS = 4
+R_DONE, R_FAILED, R_GEN, R_REFUSED, R_READ_ERROR = range(5)
+REPORT_ROWS = 5
 # NVLink multicast can take a host's GPUs out of service: always off, whatever the caller set.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                  "NVSHMEM_DISABLE_NVLS": "1"}
@@ -256,9 +257,12 @@ class ReadRefused(AdapterError):
 
 @dataclass(frozen=True)
 class UploadOutcome:
-    """How an upload ended on every worker: error None when all copied it."""
+    """How an upload ended on every worker: error None when all copied it. retryable: some
+    worker's read met the machine's read error (AdapterReadError: EIO, a stale handle...), so
+    the same upload may succeed later, as such an error on rank 0's own read."""
 
     error: str | None
+    retryable: bool = False
 
 
 class TPDriver:
@@ -392,7 +396,11 @@ class TPDriver:
                         "another rank or target modules in it, or its files rewritten since "
                         "rank 0 read them; that rank's log says which)"
                     )
-                self._outcomes[slot] = (gen, UploadOutcome(error))
+                retryable = bool(report[R_READ_ERROR][slot])
+                if retryable:
+                    error += (f": {report[R_READ_ERROR][slot]} could not read the adapter's "
+                              "files (the machine's read error; that rank's log says which)")
+                self._outcomes[slot] = (gen, UploadOutcome(error, retryable))
             elif report[R_DONE][slot] == workers:
                 self._outcomes[slot] = (gen, UploadOutcome(None))
             else:
@@ -512,6 +520,7 @@ class SlotUpload:
     ready: Event | None = None  # recorded on the copy stream after the copies
     failed: bool = False
     refused: bool = False  # failed: the read was refused (ReadRefused)
+    read_error: bool = False  # failed: the machine's read error (AdapterReadError)
 
     @property
     def is_done(self) -> bool:
@@ -626,6 +635,8 @@ def _read_shard(worker: Worker, slot: int, adapter: AdapterOnDisk) -> HostAdapte
         recheck_adapter_folder(adapter.folder)
         before = signature_digest(files_signature(adapter.path))
         check_same_files(adapter.name, adapter.signature, before)
+    except AdapterReadError:
+        raise  # the machine's, not the adapter's: the upload may succeed later
     except AdapterError as e:
         raise ReadRefused(str(e)) from None
     # values the pool's dtype cannot hold are refused, as on rank 0's reads
@@ -650,6 +661,10 @@ def _advance_uploads(worker: Worker) -> None:
             except ReadRefused as e:  # reported to rank 0 in the next sync, as refused
                 log.error("rank %d: upload into slot %d refused: %s", worker.tp.rank, slot, e)
                 up.failed, up.refused, up.host = True, True, None
+            except AdapterReadError as e:  # reported to rank 0 in the next sync, retryable
+                log.error("rank %d: upload into slot %d could not read the adapter: %s",
+                          worker.tp.rank, slot, e)
+                up.failed, up.read_error, up.host = True, True, None
             except Exception:  # reported to rank 0 in the next sync
                 log.exception("rank %d: upload into slot %d failed", worker.tp.rank, slot)
                 up.failed, up.host = True, None
@@ -679,13 +694,14 @@ def _copy_into_slot(worker: Worker, slot: int, host: HostAdapter) -> Event:
 
 def _report(worker: Worker, device: torch.device) -> torch.Tensor:
     """[REPORT_ROWS, num_slots] int64: per slot, its latest upload is done / failed, its
-    generation, and whether its read was refused."""
+    generation, whether its read was refused, and whether it met the machine's read error."""
     report = torch.zeros(REPORT_ROWS, worker.config.max_loras_per_batch, dtype=torch.int64)
     for slot, up in worker.uploads.items():
         report[R_DONE, slot] = int(up.is_done)
         report[R_FAILED, slot] = int(up.failed)
         report[R_GEN, slot] = up.generation
         report[R_REFUSED, slot] = int(up.refused)
+        report[R_READ_ERROR, slot] = int(up.read_error)
     return report.to(device)
 
 
@@ -829,16 +845,17 @@ class TPAdapterManager(AdapterManager):
             if isinstance(s.ready, GatheredReady) and s.owner is not None:
                 outcome = s.ready.outcome
                 if outcome is not None and outcome.error is not None:
-                    self._fail_upload(slot, outcome.error)
+                    self._fail_upload(slot, outcome.error, outcome.retryable)
         super().poll()
 
-    def _fail_upload(self, slot: int, error: str) -> None:
-        """Free the slot (no batch has read it), keep the host copy; a later request retries."""
+    def _fail_upload(self, slot: int, error: str, retryable: bool = False) -> None:
+        """Free the slot (no batch has read it), keep the host copy; a later request retries.
+        retryable: a worker's read met the machine's read error (its requests answer 503)."""
         entry = self._slots[slot].owner
         assert entry is not None
         self._free_slot(slot)
         self.counters.upload_failures += 1
-        entry.fail(error)
+        entry.fail(error, retryable)
         log.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, error)
         if entry.pinned:
             self._pins_waiting.add(entry.name)

@@ -6,6 +6,7 @@ UPLOADING on rank 0 without blocking the event loop; a failed one fails everywhe
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -121,7 +122,8 @@ def expected_report(vocab: int) -> dict[str, Any]:
 
 
 def worker_main(
-    rank: int, init_method: str, cfg: ServerConfig, report: str, read_delay_s: float = 0.0
+    rank: int, init_method: str, cfg: ServerConfig, report: str, read_delay_s: float = 0.0,
+    eio_flag: str = "",
 ) -> None:
     from runtime.tp import build_worker, end_worker_process, init_tp, worker_loop
 
@@ -132,19 +134,29 @@ def worker_main(
         Path(report).write_text(json.dumps(shards))
         if read_delay_s:
             worker.read_hook = lambda path, slot: time.sleep(read_delay_s)
+        if eio_flag:  # the machine's read error on every read while the flag file exists
+            worker.read_hook = lambda path, slot: _eio_while(eio_flag, path)
         worker_loop(worker)
     finally:
         dist.destroy_process_group()
     end_worker_process()  # as run_worker does
 
 
-def with_worker(cfg: ServerConfig, report: Path, body: Any, read_delay_s: float = 0.0) -> Any:
+def _eio_while(flag: str, path: str) -> None:
+    from runtime.adapters.peft_format import read_error
+
+    if os.path.exists(flag):
+        raise read_error(f"could not read {path}", OSError(errno.EIO, "Input/output error"))
+
+
+def with_worker(cfg: ServerConfig, report: Path, body: Any, read_delay_s: float = 0.0,
+                eio_flag: str = "") -> Any:
     """Run rank 1 in a spawned process and `body(engine)` as rank 0; body's result."""
     from runtime.tp import TPEngine, free_init_method, init_tp
 
     init_method = free_init_method()
     worker = mp.get_context("spawn").Process(
-        target=worker_main, args=(1, init_method, cfg, str(report), read_delay_s)
+        target=worker_main, args=(1, init_method, cfg, str(report), read_delay_s, eio_flag)
     )
     worker.start()
     try:
@@ -240,6 +252,41 @@ def test_slow_worker_upload_does_not_block_the_loop(
     assert got["admitted"] >= delay  # only after rank 1 reported its copy done
     assert got["lora"] == want["mixed"][2]
     assert got["max_gap_s"] < 0.5, got["max_gap_s"]  # the loop never waited on the upload
+
+
+def test_worker_read_error_answers_retryable(
+    setup: dict[str, Any], want: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    """Rank 1's read of an adapter meets the machine's read error (EIO) while rank 0's read
+    went through. Before, the upload failed as any other ("upload failed on 1 rank") and its
+    request answered 500; the same error on rank 0's own read answers 503 with Retry-After.
+    Now the worker reports it as a read error: the request ends saying so, marked retryable
+    (a 503), and once the machine reads again the adapter serves tp_size 1's tokens."""
+    flag = tmp_path / "eio"
+    flag.touch()
+    prompt = setup["prompts"][2]  # "attn" in the mixed batch
+
+    async def go(engine: Engine) -> tuple[Any, bool, list[int]]:
+        await engine.start()
+        try:
+            req = await engine.submit(prompt, greedy(NEW_TOKENS), "attn")
+            last = None
+            async for out in engine.stream(req):
+                last = out
+            flag.unlink()
+            tokens = await collect(engine, await engine.submit(prompt, greedy(NEW_TOKENS),
+                                                               "attn"))
+            return last, req.error_retryable, tokens
+        finally:
+            await engine.stop()
+
+    last, retryable, tokens = with_worker(config(setup, tp_size=TP), tmp_path / "rank1.json",
+                                          lambda engine: run(go(engine)), eio_flag=str(flag))
+    assert last is not None and last.finished and not last.output_token_ids
+    assert "upload failed on 1 tensor-parallel rank" in (last.error or "")
+    assert "could not read the adapter's files" in (last.error or ""), last.error
+    assert retryable
+    assert tokens == want["mixed"][2]
 
 
 def test_launch_and_failed_upload_on_a_worker(
