@@ -116,6 +116,10 @@
 #                                    step targets, the 32-slot ones once more; about 9 min
 #   scripts/device_session.sh s40b   (one GPU) the issue's many-adapter setting at 64 new
 #                                    tokens, the 32-slot step targets once more; about 8 min
+#   scripts/device_session.sh s40c   (one GPU) the decode GEMM's stream-K form: GPU tests, decode
+#                                    graph tests, the projections alone, step targets with it,
+#                                    without, and with o and down unsplit; about 10 min
+#   scripts/device_session.sh s40d   (one GPU) s40c's step A/B again; about 5 min
 #   scripts/device_session.sh s39b   (one GPU) batch 32's base graph by kernel with the GEMM on,
 #                                    and which kernels move the step's end; about 2 min
 #   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
@@ -927,6 +931,26 @@ PY
     grep -E "saturated:|keeps|Error|engine built|wrote" /tmp/cap32.log | cut -c1-600
     tail -2 /tmp/cap32.log | cut -c1-300
     [ "$SECONDS" -lt 460 ] && step_each 460 NONE=2
+    ;;
+  s40c)  # one GPU: the decode GEMM's stream-K form (unsplit projections whose blocks of W's
+    # rows fill under 0.9 of the SMs, qkv at batch 32: 132 programs over equal runs of units
+    # instead of 96): its GPU tests and decode graphs with it against eager, the projections
+    # alone at batch 32 with it and without, then the step targets by default (on), with
+    # LORASERVE_DECODE_GEMM_STREAMK=0, and with o and down unsplit (so in the stream-K form
+    # too: LORASERVE_DECODE_GEMM_SPLIT=1); about 10 min
+    timeout 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gemm.py \
+      > "$OUT/gemm_tests.log" 2>&1
+    echo "== decode GEMM GPU tests: rc $?"; tail -3 "$OUT/gemm_tests.log"
+    timeout 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs_gpu.py \
+      -k "streamk" > "$OUT/graph_tests.log" 2>&1
+    echo "== stream-K graph tests: rc $?"; tail -3 "$OUT/graph_tests.log"
+    timeout 100 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o down \
+      --gemm 64:256:0:4:4 --gemm-split 2 --out "$OUT/gemm_streamk.json" > "$OUT/gemm_streamk.log" 2>&1
+    echo "== gemm_bench: rc $?"; grep -E " us |copy bandwidth" "$OUT/gemm_streamk.log"
+    step_each 480 NONE=1 LORASERVE_DECODE_GEMM_STREAMK=0 LORASERVE_DECODE_GEMM_SPLIT=1 NONE=2
+    ;;
+  s40d)  # one GPU: s40c's step A/B again, alternating
+    step_each 330 LORASERVE_DECODE_GEMM_STREAMK=0 NONE=1 LORASERVE_DECODE_GEMM_STREAMK=0
     ;;
   s39b)  # one GPU: where batch 32's base graph spends its step with the decode GEMM on by
     # default (kernel time by name, and which kernels move the step's end, from the timeline)
