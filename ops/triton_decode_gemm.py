@@ -156,36 +156,36 @@ def _decode_gemm_streamk_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_b = tl.arange(0, BLOCK_N)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
     if USE_PDL:
         gdc_wait()  # x comes from the kernel ahead
         gdc_launch_dependents()
-    for u in tl.range(start, end, num_stages=STAGES):
-        blk = u // TILES
-        k0 = (u - blk * TILES) * BLOCK_K
+    # One pipelined loop a block the run touches (two at most where programs >= blocks), with
+    # no branch inside it: a store under a branch in the loop kept each MMA waiting.
+    for blk in range(start // TILES, (end - 1) // TILES + 1):
         offs_n = blk * BLOCK_N + offs_b
         if EVEN_N:
             n_live = tl.full((BLOCK_N,), 1, tl.int1)
         else:
             n_live = offs_n < N
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 + offs_k[None, :],
-                    mask=n_live[:, None], other=0.0)
-        x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_live[:, None], other=0.0)
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-        if (k0 + BLOCK_K == TILES * BLOCK_K) | (u == end - 1):
-            # the run's last unit of this block (the block's last, or this program's last)
-            first = ((blk * TILES + 1) * progs - 1) // UNITS  # the program of its first unit
-            last = ((blk * TILES + TILES) * progs - 1) // UNITS  # ... and of its last
-            out_mask = n_live[:, None] & m_live[None, :]
-            if first == last:
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[:, None]
-                tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
-                         acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-            else:
-                tl.store(ws_ptr + ((pid - first) * M + offs_m[None, :]) * N + offs_n[:, None],
-                         acc, mask=out_mask)
-            acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
+        w_rows = w_ptr + offs_n[:, None] * stride_wn
+        k_lo = (tl.maximum(start, blk * TILES) - blk * TILES) * BLOCK_K
+        k_hi = (tl.minimum(end, blk * TILES + TILES) - blk * TILES) * BLOCK_K
+        acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            w = tl.load(w_rows + k0 + offs_k[None, :], mask=n_live[:, None], other=0.0)
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_live[:, None], other=0.0)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        first = ((blk * TILES + 1) * progs - 1) // UNITS  # the program of its first unit
+        last = ((blk * TILES + TILES) * progs - 1) // UNITS  # ... and of its last
+        out_mask = n_live[:, None] & m_live[None, :]
+        if first == last:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
+                     acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.store(ws_ptr + ((pid - first) * M + offs_m[None, :]) * N + offs_n[:, None],
+                     acc, mask=out_mask)
     # Each shared block's last program to arrive sums its partials, in program order (the sum
     # does not depend on which arrived last), and resets its count for the next launch.
     tl.debug_barrier()  # every thread's partial stores, then one release with the count

@@ -120,6 +120,8 @@
 #                                    graph tests, the projections alone, step targets with it,
 #                                    without, and with o and down unsplit; about 10 min
 #   scripts/device_session.sh s40d   (one GPU) s40c's step A/B again; about 5 min
+#   scripts/device_session.sh s40e   (one GPU) the stream-K form with a loop a block: GPU tests,
+#                                    the projections alone, step targets with it and without
 #   scripts/device_session.sh s39b   (one GPU) batch 32's base graph by kernel with the GEMM on,
 #                                    and which kernels move the step's end; about 2 min
 #   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
@@ -951,6 +953,18 @@ PY
     ;;
   s40d)  # one GPU: s40c's step A/B again, alternating
     step_each 330 LORASERVE_DECODE_GEMM_STREAMK=0 NONE=1 LORASERVE_DECODE_GEMM_STREAMK=0
+    ;;
+  s40e)  # one GPU: s40c's stream-K form with one pipelined loop a block it touches (s40c's
+    # one loop over every unit, with the block's store under a branch inside it, lost: qkv
+    # alone 19.0 us against 16.7): its GPU tests, the projections alone, then the step targets
+    # by default (on) and with LORASERVE_DECODE_GEMM_STREAMK=0; about 6 min
+    timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gemm.py \
+      -k "streamk or llama" > "$OUT/gemm_tests.log" 2>&1
+    echo "== decode GEMM GPU tests: rc $?"; tail -2 "$OUT/gemm_tests.log"
+    timeout 80 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o down \
+      --gemm 64:256:0:4:4 --out "$OUT/gemm_streamk.json" > "$OUT/gemm_streamk.log" 2>&1
+    echo "== gemm_bench: rc $?"; grep -E "gemm|copy bandwidth" "$OUT/gemm_streamk.log"
+    step_each 230 NONE=1 LORASERVE_DECODE_GEMM_STREAMK=0
     ;;
   s39b)  # one GPU: where batch 32's base graph spends its step with the decode GEMM on by
     # default (kernel time by name, and which kernels move the step's end, from the timeline)
