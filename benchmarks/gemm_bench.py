@@ -168,25 +168,18 @@ def gemm_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Te
         return []
     pdl, normed, want_n, row = behind_norm(name, ws, x, reps, bw)
     rows = [row]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     for spec in tilings:
         if not gemm_fits(x.shape[0], x.shape[1], 1, gemm_tiling(spec)):
             continue
-        # one program a block of W's rows (programs=0), and the stream-K form over every SM
-        # ("streamk"; PRE_K 0 only), whichever the default would pick
-        forms = [(0, "")] + ([(sms, " streamk")] if gemm_tiling(spec)[2] == 0 else [])
-        for progs, tag in forms:
-            for with_pdl in (False, True) if pdl else (False,):
-                label = f"gemm {spec}" + (" pdl" if with_pdl else "") + tag
-                rows.append(timed_row(
-                    name, ws, x, want, label,
-                    lambda i, t=spec, p=with_pdl, n=progs: decode_gemm(
-                        x, ws[i], pdl=p, tiling=t, programs=n),
-                    reps, bw))
+        for with_pdl in (False, True) if pdl else (False,):
+            label = f"gemm {spec}" + (" pdl" if with_pdl else "")
             rows.append(timed_row(
-                name, ws, x, want_n, f"norm+gemm {spec}{tag}",
-                lambda i, t=spec, n=progs: decode_gemm(normed(), ws[i], pdl=pdl, tiling=t,
-                                                       programs=n), reps, bw))
+                name, ws, x, want, label,
+                lambda i, t=spec, p=with_pdl: decode_gemm(x, ws[i], pdl=p, tiling=t),
+                reps, bw))
+        rows.append(timed_row(
+            name, ws, x, want_n, f"norm+gemm {spec}",
+            lambda i, t=spec: decode_gemm(normed(), ws[i], pdl=pdl, tiling=t), reps, bw))
         for sp in splits:
             if not gemm_fits(x.shape[0], x.shape[1], sp, gemm_tiling(spec)):
                 continue

@@ -46,7 +46,6 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ops.scratch import outgrow
 from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_decode_gemv import decode_gemv_rows
@@ -57,9 +56,6 @@ SMEM_BUDGET = 200 * 1024  # the pipeline's shared memory a program may take (H20
 # Weights of more elements stay on cuBLAS: gate_up (28672 x 4096) streamed at 96-97 % of copy
 # bandwidth there at batch 32 and at 89-94 % here (H200, benchmarks/RESULTS.md).
 MAX_WEIGHT_ELEMS = 64 << 20
-# Unsplit projections whose blocks of W's rows fill fewer than this share of the SMs take the
-# stream-K form (qkv at batch 32 on the H200: 96 blocks of 64 rows for 132 SMs).
-STREAMK_BELOW = 0.9
 
 
 @triton.jit
@@ -121,97 +117,6 @@ def _decode_gemm_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
 
 
-@triton.jit
-def _decode_gemm_streamk_kernel(
-    x_ptr,
-    w_ptr,
-    b_ptr,
-    y_ptr,
-    ws_ptr,  # [slots, M, N] fp32: the partial sums of blocks that several programs share
-    count_ptr,  # [>= blocks] int32 arrival counts, zero between launches
-    M,
-    N,
-    TILES,  # BLOCK_K tiles of K: a block's units
-    UNITS,  # blocks * TILES
-    stride_xm,
-    stride_wn,
-    stride_ym,
-    MP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    USE_PDL: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    # The units (BLOCK_N rows of W over one BLOCK_K tile of K), block-major, in equal runs a
-    # program: program p takes [p * UNITS // P, (p + 1) * UNITS // P).
-    pid = tl.program_id(0).to(tl.int64)
-    progs = tl.num_programs(0).to(tl.int64)
-    start = pid * UNITS // progs
-    end = (pid + 1) * UNITS // progs
-    offs_m = tl.arange(0, MP)
-    m_live = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, BLOCK_N)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    if USE_PDL:
-        gdc_wait()  # x comes from the kernel ahead
-        gdc_launch_dependents()
-    # One pipelined loop a block the run touches (two at most where programs >= blocks), with
-    # no branch inside it: a store under a branch in the loop kept each MMA waiting.
-    for blk in range(start // TILES, (end - 1) // TILES + 1):
-        offs_n = blk * BLOCK_N + offs_b
-        if EVEN_N:
-            n_live = tl.full((BLOCK_N,), 1, tl.int1)
-        else:
-            n_live = offs_n < N
-        w_rows = w_ptr + offs_n[:, None] * stride_wn
-        k_lo = (tl.maximum(start, blk * TILES) - blk * TILES) * BLOCK_K
-        k_hi = (tl.minimum(end, blk * TILES + TILES) - blk * TILES) * BLOCK_K
-        acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            w = tl.load(w_rows + k0 + offs_k[None, :], mask=n_live[:, None], other=0.0)
-            x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_live[:, None], other=0.0)
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-        first = ((blk * TILES + 1) * progs - 1) // UNITS  # the program of its first unit
-        last = ((blk * TILES + TILES) * progs - 1) // UNITS  # ... and of its last
-        out_mask = n_live[:, None] & m_live[None, :]
-        if first == last:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
-                     acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.store(ws_ptr + ((pid - first) * M + offs_m[None, :]) * N + offs_n[:, None],
-                     acc, mask=out_mask)
-    # Each shared block's last program to arrive sums its partials, in program order (the sum
-    # does not depend on which arrived last), and resets its count for the next launch.
-    tl.debug_barrier()  # every thread's partial stores, then one release with the count
-    for blk in range(start // TILES, (end - 1) // TILES + 1):
-        first = ((blk * TILES + 1) * progs - 1) // UNITS
-        last = ((blk * TILES + TILES) * progs - 1) // UNITS
-        if first != last:
-            arrived = tl.atomic_add(count_ptr + blk, 1, sem="acq_rel", scope="gpu")
-            if arrived == last - first:
-                offs_n = blk * BLOCK_N + offs_b
-                if EVEN_N:
-                    n_live = tl.full((BLOCK_N,), 1, tl.int1)
-                else:
-                    n_live = offs_n < N
-                out_mask = n_live[:, None] & m_live[None, :]
-                total = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-                for slot in range(last - first + 1):
-                    total += tl.load(ws_ptr + (slot * M + offs_m[None, :]) * N + offs_n[:, None],
-                                     mask=out_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)[:, None]
-                tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
-                         total.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.store(count_ptr + blk, 0)
-
-
 def gemm_tiling(spec: str | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, PRE_K, warps, stages) from `spec` or LORASERVE_DECODE_GEMM_TILE
     ("64:128:256:4:4"), else DEFAULT_TILING."""
@@ -245,14 +150,11 @@ def gemm_fits(rows: int, k_dim: int, split: int = 1, tiling=None) -> bool:
 
 
 def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                pdl: bool = False, split: int = 1, tiling: str | None = None,
-                programs: int | None = None) -> torch.Tensor:
+                pdl: bool = False, split: int = 1, tiling: str | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias) for 1 <= M <= MAX_ROWS: [M, N] in x's dtype, or with
     split > 1 fp32 partials [split, M, N] whose sum it is (no bias then). fp32 accumulation.
     pdl: launch as a programmatic dependent of the kernel ahead (CUDA sm_90+; ops/pdl.py).
-    tiling: "BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES" (`gemm_tiling`).
-    programs: unsplit, with nothing loaded ahead of the wait, the stream-K form's program count
-    (0: one program a block of W's rows; None: `streamk_programs`)."""
+    tiling: "BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES" (`gemm_tiling`)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
     rows, k_dim = x.shape
@@ -268,21 +170,13 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError("decode_gemm: x's rows contiguous, weight contiguous, one dtype")
     if bias is not None and (split > 1 or bias.shape != (n_dim,) or not bias.is_contiguous()):
         raise ValueError(f"decode_gemm: bias must be contiguous [{n_dim}], and only unsplit")
-    mp = max(16, next_pow2(rows))
-    stages = pipeline_stages(tile, mp, x.element_size())
-    extra = {"launch_pdl": True} if pdl else {}
-    if programs and (split > 1 or pre_k):
-        raise ValueError("decode_gemm: the stream-K form is unsplit, with nothing loaded ahead "
-                         f"(split {split}, PRE_K {pre_k})")
-    if split == 1 and pre_k == 0:
-        if programs is None:
-            programs = streamk_programs(n_dim, k_dim, block_n, block_k, x.device)
-        if programs:
-            return _decode_gemm_streamk(x, weight, bias, programs, tile, mp, stages, pdl, extra)
     if split > 1:
         out = torch.empty((split, rows, n_dim), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((1, rows, n_dim), dtype=x.dtype, device=x.device)
+    mp = max(16, next_pow2(rows))
+    stages = pipeline_stages(tile, mp, x.element_size())
+    extra = {"launch_pdl": True} if pdl else {}
     grid = (cdiv(n_dim, block_n), split)
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out,
@@ -294,85 +188,6 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         STAGES=stages, num_warps=warps, **extra,
     )
     return out if split > 1 else out[0]
-
-
-def streamk_setting() -> float:
-    """LORASERVE_DECODE_GEMM_STREAMK: the share of the SMs below which an unsplit projection's
-    blocks of W's rows take the stream-K form (default STREAMK_BELOW; 0: never)."""
-    raw = os.environ.get("LORASERVE_DECODE_GEMM_STREAMK", "")
-    if not raw:
-        return STREAMK_BELOW
-    try:
-        share = float(raw)
-    except ValueError:
-        raise ValueError(f"LORASERVE_DECODE_GEMM_STREAMK={raw!r}: want a share of the SMs "
-                         "(0 turns the stream-K form off)") from None
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"LORASERVE_DECODE_GEMM_STREAMK={raw!r}: want a share in [0, 1]")
-    return share
-
-
-def streamk_programs(n_dim: int, k_dim: int, block_n: int, block_k: int,
-                     device: torch.device) -> int:
-    """The stream-K form's programs for an unsplit N x K projection on `device` (CUDA: one an
-    SM), or 0 where its blocks of BLOCK_N rows fill LORASERVE_DECODE_GEMM_STREAMK's share of
-    the SMs or more (one program a block then), or off the GPU."""
-    if device.type != "cuda":
-        return 0
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if cdiv(n_dim, block_n) >= streamk_setting() * sms:
-        return 0
-    return min(sms, cdiv(n_dim, block_n) * (k_dim // block_k))
-
-
-def streamk_slots(blocks: int, tiles: int, programs: int) -> int:
-    """The most programs that share one block of W's rows when `programs` take blocks x tiles
-    units in equal runs (the kernel's partition)."""
-    units = blocks * tiles
-    owner = [((b * tiles + 1) * programs - 1) // units for b in range(blocks)]
-    end = [((b * tiles + tiles) * programs - 1) // units for b in range(blocks)]
-    return max(e - f + 1 for f, e in zip(owner, end))
-
-
-# Arrival counts of the stream-K form's shared blocks by device, zero between launches (each
-# block's last program resets its count). Its launches run in decode graphs on the device's
-# compute stream, one after another, and share one set; captured graphs keep pointers to it,
-# so it only grows, and an outgrown one is kept alive.
-_counts: dict[torch.device, torch.Tensor] = {}
-_counts_outgrown: list[torch.Tensor] = []
-
-
-def _counts_for(device: torch.device, size: int) -> torch.Tensor:
-    have = _counts.get(device)
-    if have is not None and have.shape[0] >= size:
-        return have
-    outgrow(device, have, _counts_outgrown, "decode GEMM: the stream-K arrival counts")
-    have = torch.zeros((max(size, 1024),), dtype=torch.int32, device=device)
-    _counts[device] = have
-    return have
-
-
-def _decode_gemm_streamk(x, weight, bias, programs, tile, mp, stages, pdl, extra):
-    """decode_gemm's unsplit product as `programs` programs over equal runs of its units."""
-    rows, k_dim = x.shape
-    n_dim = weight.shape[0]
-    block_n, block_k, _, warps, _ = tile
-    blocks, tiles = cdiv(n_dim, block_n), k_dim // block_k
-    programs = min(programs, blocks * tiles)
-    slots = streamk_slots(blocks, tiles, programs)
-    out = torch.empty((rows, n_dim), dtype=x.dtype, device=x.device)
-    ws = torch.empty((slots, rows, n_dim) if slots > 1 else (1,), dtype=torch.float32,
-                     device=x.device)
-    _decode_gemm_streamk_kernel[(programs,)](
-        x, weight, bias if bias is not None else weight, out, ws,
-        _counts_for(x.device, blocks), rows, n_dim, tiles, blocks * tiles,
-        x.stride(0), weight.stride(0), out.stride(0),
-        MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, USE_PDL=pdl,
-        EVEN_N=n_dim % block_n == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        STAGES=stages, num_warps=warps, **extra,
-    )
-    return out
 
 
 def pipeline_stages(tiling, mp: int, elem: int) -> int:

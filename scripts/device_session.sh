@@ -235,7 +235,8 @@
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
 # s14a-s14d, s18b, s18c, s18e, s24a: the early KV tile, whose A/B s25a also ran; s25b, s25c:
 # L2 prefetch from the layer kernels; s39c and s39b's second half: SiLU*up inside down's
-# GEMM, at f010a54 and 35ece63), or that s16b repeats (s16a), are in the commits
+# GEMM, at f010a54 and 35ece63; s40c, s40d and s40e: the decode GEMM's stream-K form, at
+# 4eb2bc5 and 21cd2dd, below for the record: they need that code), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)

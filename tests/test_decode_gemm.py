@@ -21,9 +21,6 @@ from ops.triton_decode_gemm import (
     pipeline_stages,
     qkv_gemm_splits,
     qkv_gemm_tiling,
-    streamk_programs,
-    streamk_setting,
-    streamk_slots,
 )
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -61,62 +58,6 @@ def test_split_k_partials_sum_to_linear(rows, split, tiling):
     for s in range(split):
         want = x[:, s * kk:(s + 1) * kk].float() @ w[:, s * kk:(s + 1) * kk].float().T
         assert torch.allclose(parts[s], want, rtol=1e-3, atol=1e-3), s
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("rows", "n", "k", "bias", "tiling", "programs", "slots"), [
-    (2, 64, 128, False, "16:16:0:4:2", 5, 2),    # 4 blocks of 8 units over 5 programs
-    (17, 40, 96, True, "16:32:0:4:2", 7, 3),     # N masked, a bias; 3 programs share a block
-    (32, 48, 64, False, "32:16:0:4:2", 3, 2),    # 2 blocks of 4 units over 3 programs
-    (5, 64, 64, True, "16:16:0:4:2", 64, 4),     # more programs than units: one unit each
-    (3, 32, 64, False, "16:16:0:4:2", 2, 1),     # a program a block: no block shared
-])
-def test_streamk_sums_match_linear(dtype, rows, n, k, bias, tiling, programs, slots):
-    """The stream-K form (equal runs of W's row-block x K-tile units a program, shared blocks
-    summed in program order by their last program): F.linear within rounding, the same as
-    one program a block within fp32 reassociation, bit for bit the same on a second launch,
-    and every arrival count back at zero."""
-    from ops import triton_decode_gemm as mod
-    from ops.sizes import cdiv
-
-    block_n, block_k = (int(v) for v in tiling.split(":")[:2])
-    assert streamk_slots(cdiv(n, block_n), k // block_k, min(programs, cdiv(n, block_n)
-                         * (k // block_k))) == slots
-    g = torch.Generator().manual_seed(rows * 10 + programs)
-    x = torch.randn(rows, k, generator=g).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    got = decode_gemm(x, w, b, tiling=tiling, programs=programs)
-    again = decode_gemm(x, w, b, tiling=tiling, programs=programs)
-    blocks = decode_gemm(x, w, b, tiling=tiling, programs=0)
-    want = F.linear(x.float(), w.float(), None if b is None else b.float())
-    assert got.dtype == dtype and got.shape == (rows, n)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * k ** 0.5)
-    assert torch.allclose(got.float(), blocks.float(), rtol=tol, atol=tol * k ** 0.5)
-    assert torch.equal(got, again)
-    assert not mod._counts[x.device].any()
-
-
-def test_streamk_choice(monkeypatch):
-    """Off the GPU and where the blocks fill the setting's share of the SMs, one program a
-    block; the setting's bad values are refused by name; the form is unsplit only."""
-    monkeypatch.delenv("LORASERVE_DECODE_GEMM_STREAMK", raising=False)
-    assert streamk_setting() == 0.9
-    assert streamk_programs(6144, 4096, 64, 256, torch.device("cpu")) == 0
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_STREAMK", "0")
-    assert streamk_setting() == 0.0
-    for bad in ("yes", "1.5", "-1"):
-        monkeypatch.setenv("LORASERVE_DECODE_GEMM_STREAMK", bad)
-        with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_STREAMK"):
-            streamk_setting()
-    x, w = torch.randn(2, 64), torch.randn(32, 64)
-    with pytest.raises(ValueError, match="stream-K form is unsplit"):
-        decode_gemm(x, w, split=2, tiling="16:16:0:4:2", programs=4)
-    with pytest.raises(ValueError, match="stream-K form is unsplit"):
-        decode_gemm(x, w, tiling="16:16:16:4:2", programs=4)
-    # H200: qkv (96 blocks of 64 rows) and unsplit o / down (64) take it; gate_up (448) not
-    assert streamk_slots(96, 16, 132) == 3
 
 
 def test_x_rows_may_be_strided():
@@ -327,39 +268,6 @@ def test_llama_8b_projections_bf16(rows):
             got = got.sum(0) if s > 1 else got.float()
             rel = ((got - want).norm() / want.norm()).item()
             assert rel < 4e-3, (n, k, s, rel)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("rows", [2, 16, 32])
-def test_streamk_at_llama_8b_shapes(rows, monkeypatch):
-    """bf16 at Llama-3.1-8B's qkv and unsplit o and down, the stream-K form over every SM:
-    within bf16 rounding of F.linear, level with one program a block, the same bits replayed
-    from a CUDA graph, and the default picks it for qkv and not for gate_up."""
-    monkeypatch.delenv("LORASERVE_DECODE_GEMM_STREAMK", raising=False)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    block_n, block_k = DEFAULT_TILING[:2]
-    assert streamk_programs(6144, 4096, block_n, block_k, torch.device("cuda")) == sms
-    assert streamk_programs(28672, 4096, block_n, block_k, torch.device("cuda")) == 0
-    g = torch.Generator(device="cuda").manual_seed(rows)
-    for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):
-        x = torch.randn(rows, k, device="cuda", generator=g).to(torch.bfloat16)
-        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-        b = (torch.randn(n, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-        want = F.linear(x.float(), w.float(), b.float())
-        got = decode_gemm(x, w, b, programs=sms)
-        blocks = decode_gemm(x, w, b, programs=0)
-        for out in (got, blocks):
-            rel = ((out.float() - want).norm() / want.norm()).item()
-            assert rel < 4e-3, (n, k, rel)
-        graph = torch.cuda.CUDAGraph()
-        decode_gemm(x, w, b, programs=sms)  # compiled before the capture
-        with torch.cuda.graph(graph):
-            replayed = decode_gemm(x, w, b, programs=sms)
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(replayed, got), (n, k)
 
 
 @pytest.mark.gpu

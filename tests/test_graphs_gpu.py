@@ -162,28 +162,6 @@ def test_graph_with_decode_gemm_logits_bf16(setup, monkeypatch):
     replay_within_bf16_bound(engine, fb, "bf16 decode GEMM graph")
 
 
-STREAMK = {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_SPLIT": "2",
-           "LORASERVE_DECODE_GEMM_TILE": "16:32:0:4:2", "LORASERVE_DECODE_GEMM_STREAMK": "1"}
-
-
-def test_graphs_with_streamk_gemm_match_eager_fp32(setup, monkeypatch):
-    """fp32: decode graphs whose unsplit projections run the decode GEMM's stream-K form (every
-    projection of the test model has fewer blocks of W's rows than the SMs: qkv in base-only
-    graphs, and the stacked qkv, o and down mixed with 4 adapters, each block shared by
-    several programs and summed by its last) give eager decode's greedy tokens."""
-    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 24, 24), (NAMES[:8], 8)), seed=11,
-                            **STREAMK)
-
-
-def test_graph_with_streamk_gemm_logits_bf16(setup, monkeypatch):
-    """bf16, a mixed decode step of 8 requests: the graph replay with the stream-K form gives
-    the eager forward's logits within the bf16 replay bound."""
-    for name, value in STREAMK.items():
-        monkeypatch.setenv(name, value)
-    engine, fb = mixed_decode_step(setup, "csgmv", names=NAMES[:8])
-    replay_within_bf16_bound(engine, fb, "bf16 stream-K decode GEMM graph")
-
-
 QKV_SPLIT = {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_SPLIT": "2",
              "LORASERVE_DECODE_GEMM_TILE": "16:32:64:4:2",
              "LORASERVE_DECODE_GEMM_QKV_SPLIT": "2",

@@ -135,21 +135,6 @@ def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_
     assert _compile(case)["cubin"] > 0
 
 
-@needs_backend
-@pytest.mark.parametrize(("mp", "bias", "even_n"), [(32, False, True), (16, True, False)])
-def test_decode_gemm_streamk_compiles_for_sm90(mp: int, bias: bool, even_n: bool):
-    """The stream-K form as decode graphs launch it: batch 32 at the default tiling (qkv), and a
-    bias over a masked last block (Qwen2's qkv), with its software pipeline and shared memory
-    within the H200's."""
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-            "ws_ptr": "*fp32", "count_ptr": "*i32"}
-    consts = {"MP": mp, "BLOCK_N": 64, "BLOCK_K": 256, "HAS_BIAS": bias, "USE_PDL": True,
-              "EVEN_N": even_n, "PRECISION": "tf32", "STAGES": 4}
-    case = ["ops.triton_decode_gemm", "_decode_gemm_streamk_kernel", ptrs, consts]
-    done = _compile(case)
-    assert done["cubin"] > 0 and done["shared"] <= 227 * 1024, done
-
-
 _FOLD_PTRS = {"t_ptr": "*fp32", "b_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32"}
 _FOLD_OFF = {"FOLD": False, "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True}
 _LAYER_CASES = {
