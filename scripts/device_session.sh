@@ -116,12 +116,6 @@
 #                                    step targets, the 32-slot ones once more; about 9 min
 #   scripts/device_session.sh s40b   (one GPU) the issue's many-adapter setting at 64 new
 #                                    tokens, the 32-slot step targets once more; about 8 min
-#   scripts/device_session.sh s40c   (one GPU) the decode GEMM's stream-K form: GPU tests, decode
-#                                    graph tests, the projections alone, step targets with it,
-#                                    without, and with o and down unsplit; about 10 min
-#   scripts/device_session.sh s40d   (one GPU) s40c's step A/B again; about 5 min
-#   scripts/device_session.sh s40e   (one GPU) the stream-K form with a loop a block: GPU tests,
-#                                    the projections alone, step targets with it and without
 #   scripts/device_session.sh s39b   (one GPU) batch 32's base graph by kernel with the GEMM on,
 #                                    and which kernels move the step's end; about 2 min
 #   scripts/device_session.sh s39a   (one GPU, prepared) qkv over 2 slices summed by the rotary
@@ -235,8 +229,8 @@
 # Phases that A/B-tested knobs since removed (fold3, f12b-f12e, s13a, s13b, s13e, s13g,
 # s14a-s14d, s18b, s18c, s18e, s24a: the early KV tile, whose A/B s25a also ran; s25b, s25c:
 # L2 prefetch from the layer kernels; s39c and s39b's second half: SiLU*up inside down's
-# GEMM, at f010a54 and 35ece63; s40c, s40d and s40e: the decode GEMM's stream-K form, at
-# 4eb2bc5 and 21cd2dd, below for the record: they need that code), or that s16b repeats (s16a), are in the commits
+# GEMM, at f010a54 and 35ece63; s40c and s40e: the decode GEMM's stream-K form, at
+# 4eb2bc5 and 21cd2dd), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
@@ -934,38 +928,6 @@ PY
     grep -E "saturated:|keeps|Error|engine built|wrote" /tmp/cap32.log | cut -c1-600
     tail -2 /tmp/cap32.log | cut -c1-300
     [ "$SECONDS" -lt 460 ] && step_each 460 NONE=2
-    ;;
-  s40c)  # one GPU: the decode GEMM's stream-K form (unsplit projections whose blocks of W's
-    # rows fill under 0.9 of the SMs, qkv at batch 32: 132 programs over equal runs of units
-    # instead of 96): its GPU tests and decode graphs with it against eager, the projections
-    # alone at batch 32 with it and without, then the step targets by default (on), with
-    # LORASERVE_DECODE_GEMM_STREAMK=0, and with o and down unsplit (so in the stream-K form
-    # too: LORASERVE_DECODE_GEMM_SPLIT=1); about 10 min
-    timeout 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gemm.py \
-      > "$OUT/gemm_tests.log" 2>&1
-    echo "== decode GEMM GPU tests: rc $?"; tail -3 "$OUT/gemm_tests.log"
-    timeout 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs_gpu.py \
-      -k "streamk" > "$OUT/graph_tests.log" 2>&1
-    echo "== stream-K graph tests: rc $?"; tail -3 "$OUT/graph_tests.log"
-    timeout 100 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o down \
-      --gemm 64:256:0:4:4 --gemm-split 2 --out "$OUT/gemm_streamk.json" > "$OUT/gemm_streamk.log" 2>&1
-    echo "== gemm_bench: rc $?"; grep -E " us |copy bandwidth" "$OUT/gemm_streamk.log"
-    step_each 480 NONE=1 LORASERVE_DECODE_GEMM_STREAMK=0 LORASERVE_DECODE_GEMM_SPLIT=1 NONE=2
-    ;;
-  s40d)  # one GPU: s40c's step A/B again, alternating
-    step_each 330 LORASERVE_DECODE_GEMM_STREAMK=0 NONE=1 LORASERVE_DECODE_GEMM_STREAMK=0
-    ;;
-  s40e)  # one GPU: s40c's stream-K form with one pipelined loop a block it touches (s40c's
-    # one loop over every unit, with the block's store under a branch inside it, lost: qkv
-    # alone 19.0 us against 16.7): its GPU tests, the projections alone, then the step targets
-    # by default (on) and with LORASERVE_DECODE_GEMM_STREAMK=0; about 6 min
-    timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gemm.py \
-      -k "streamk or llama" > "$OUT/gemm_tests.log" 2>&1
-    echo "== decode GEMM GPU tests: rc $?"; tail -2 "$OUT/gemm_tests.log"
-    timeout 80 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o down \
-      --gemm 64:256:0:4:4 --out "$OUT/gemm_streamk.json" > "$OUT/gemm_streamk.log" 2>&1
-    echo "== gemm_bench: rc $?"; grep -E "gemm|copy bandwidth" "$OUT/gemm_streamk.log"
-    step_each 230 NONE=1 LORASERVE_DECODE_GEMM_STREAMK=0
     ;;
   s39b)  # one GPU: where batch 32's base graph spends its step with the decode GEMM on by
     # default (kernel time by name, and which kernels move the step's end, from the timeline)
