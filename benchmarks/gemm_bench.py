@@ -17,7 +17,9 @@ TILE:WARPS ...`, ops/triton_decode_gemv.py's kernel (batches of at most 8 rows) 
 launched plainly and with PDL, and, as decode graphs run a projection, behind a PDL add+RMSNorm
 that writes its input: `norm+linear` against `norm+gemv`, the pair timed. `--gemm
 BN:BK:PRE:WARPS:STAGES ...` does the same for ops/triton_decode_gemm.py's tensor-core kernel
-(up to 64 rows), and with `--gemm-split S ...` times it over S slices of K too.
+(up to 64 rows), and with `--gemm-split S ...` times it over S slices of K too. `--gate-up
+BN:BK:PRE:WARPS:STAGES ...` times gate_up with SiLU*up after it, as two launches and as the
+decode GEMM's one (`decode_gemm_silu_mul`).
 
     python -m benchmarks.gemm_bench --out gemm.json
 """
@@ -190,6 +192,42 @@ def gemm_rows(name: str, ws: list[torch.Tensor], x: torch.Tensor, want: torch.Te
     return rows
 
 
+def gate_up_rows(ws: list[torch.Tensor], x: torch.Tensor, tilings: list[str], reps: int,
+                 bw: float) -> list[dict]:
+    """gate_up and SiLU*up, as a decode graph runs them behind the PDL add+RMSNorm that writes
+    their input: F.linear then ops/triton_silu_mul.py (the default), the decode GEMM then it,
+    and ops/triton_decode_gemm.py `decode_gemm_silu_mul` (one launch) at each tiling. The
+    error is against SiLU(gate) * up in fp32."""
+    from ops.triton_decode_gemm import (
+        MAX_ROWS,
+        decode_gemm,
+        decode_gemm_silu_mul,
+        gemm_fits,
+        gemm_tiling,
+    )
+    from ops.triton_silu_mul import silu_mul_triton
+
+    if x.shape[0] > MAX_ROWS:
+        return []
+    pdl, normed, _, _ = behind_norm("gate_up", ws, x, reps, bw)
+    gate, up = F.linear(normed(), ws[0]).float().chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    rows = [timed_row("gate_up", ws, x, want, "norm+linear+silu",
+                      lambda i: silu_mul_triton(F.linear(normed(), ws[i]), pdl=pdl), reps, bw)]
+    for spec in tilings:
+        if not gemm_fits(x.shape[0], x.shape[1], 1, gemm_tiling(spec)):
+            continue
+        rows.append(timed_row(
+            "gate_up", ws, x, want, f"norm+gemm+silu {spec}",
+            lambda i, t=spec: silu_mul_triton(decode_gemm(normed(), ws[i], pdl=pdl, tiling=t),
+                                              pdl=pdl), reps, bw))
+        rows.append(timed_row(
+            "gate_up", ws, x, want, f"norm+gemm_silu {spec}",
+            lambda i, t=spec: decode_gemm_silu_mul(normed(), ws[i], pdl=pdl, tiling=t),
+            reps, bw))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -217,6 +255,10 @@ def main() -> None:
                          "(batches of at most 64 rows)")
     ap.add_argument("--gemm-split", type=int, nargs="*", default=[], metavar="S",
                     help="with --gemm: also over S slices of K (fp32 partials)")
+    ap.add_argument("--gate-up", nargs="*", default=[], metavar="BN:BK:PRE:WARPS:STAGES",
+                    help="also time gate_up with SiLU*up behind add+RMSNorm: F.linear and the "
+                         "decode GEMM each then the SiLU*up kernel, and both in one launch "
+                         "(decode_gemm_silu_mul) at these tilings")
     ap.add_argument("--proj", nargs="+", help="only these projections")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -247,6 +289,8 @@ def main() -> None:
                 rows += gemv_rows(name, ws, x, want, a.gemv, a.reps, bw)
             if a.gemm:
                 rows += gemm_rows(name, ws, x, want, a.gemm, a.gemm_split, a.reps, bw)
+            if a.gate_up and name == "gate_up":
+                rows += gate_up_rows(ws, x, a.gate_up, a.reps, bw)
         del ws, wts
         torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

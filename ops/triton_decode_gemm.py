@@ -80,18 +80,27 @@ def _decode_gemm_kernel(
     EVEN_N: tl.constexpr,  # BLOCK_N divides N
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (unused for 16-bit)
     STAGES: tl.constexpr,  # W and x tiles in flight in the loop (Triton's software pipeline)
+    SILU_MUL: tl.constexpr,  # W is gate_up [2N, K]: y = SiLU(gate) * up [M, N] (no bias, split)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     k_base = pid_s * K_SLICE
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SILU_MUL:
+        # BLOCK_N / 2 gate rows over the matching up rows (N further on) in one tile: an MMA
+        # whose output holds both factors of the program's BLOCK_N / 2 columns of y
+        offs_r = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * (BLOCK_N // 2) + offs_r % (BLOCK_N // 2)
+        w_idx = offs_n + (offs_r >= BLOCK_N // 2).to(tl.int32) * N
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_idx = offs_n
     offs_m = tl.arange(0, MP)
     if EVEN_N:
         n_live = tl.full((BLOCK_N,), 1, tl.int1)
     else:
         n_live = offs_n < N
     m_live = offs_m < M
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k_base
+    w_rows = w_ptr + w_idx[:, None].to(tl.int64) * stride_wn + k_base
     x_rows = x_ptr + offs_m[:, None] * stride_xm + k_base
     acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
     if PRE_K > 0:
@@ -113,8 +122,20 @@ def _decode_gemm_kernel(
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += bias[:, None]
-    y = y_ptr + pid_s * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
+    if SILU_MUL:
+        # as the projection stores gate_up and ops/triton_silu_mul.py computes from it: each
+        # factor rounded to y's dtype, SiLU in fp32 rounded before the product
+        dtype = y_ptr.dtype.element_ty
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N // 2, MP)), (1, 2, 0)))
+        gate = gate.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        out = act * up.to(dtype).to(tl.float32)
+        offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        y = y_ptr + offs_m[None, :] * stride_ym + offs_c[:, None]
+        tl.store(y, out.to(dtype), mask=(offs_c < N)[:, None] & m_live[None, :])
+    else:
+        y = y_ptr + pid_s * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
 
 
 def gemm_tiling(spec: str | None = None) -> tuple[int, int, int, int, int]:
@@ -185,9 +206,65 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
         HAS_BIAS=bias is not None, USE_PDL=pdl, EVEN_N=n_dim % block_n == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        STAGES=stages, num_warps=warps, **extra,
+        STAGES=stages, SILU_MUL=False, num_warps=warps, **extra,
     )
     return out if split > 1 else out[0]
+
+
+def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False,
+                         tiling: str | None = None) -> torch.Tensor:
+    """SiLU(x gate^T) * (x up^T) for gate_up's weight [2 * inter, K] (gate's rows, then up's)
+    and 1 <= M <= MAX_ROWS rows of x: [M, inter] in x's dtype, bit for bit `decode_gemm` into
+    gate_up and ops/triton_silu_mul.py after it, in one launch. A program takes BLOCK_N / 2 of
+    gate's rows and the matching up rows. pdl, tiling: as `decode_gemm` (tiling default
+    LORASERVE_DECODE_GATE_UP_TILE, then `gemm_tiling`'s)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
+    rows, k_dim = x.shape
+    if weight.shape[0] % 2:
+        raise ValueError(f"gate_up's weight has an odd number of rows ({weight.shape[0]})")
+    inter = weight.shape[0] // 2
+    tile = gemm_tiling(tiling or gate_up_tiling())
+    block_n, block_k, pre_k, warps, _ = tile
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"decode_gemm_silu_mul takes 1 to {MAX_ROWS} rows, got {rows}")
+    if not gemm_fits(rows, k_dim, 1, tile):
+        raise ValueError(f"decode_gemm_silu_mul: {k_dim} input columns do not tile by "
+                         f"BLOCK_K {block_k} with {pre_k} loaded ahead")
+    if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype != weight.dtype:
+        raise ValueError("decode_gemm_silu_mul: x's rows contiguous, weight contiguous, one dtype")
+    half = block_n // 2
+    out = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
+    mp = max(16, next_pow2(rows))
+    extra = {"launch_pdl": True} if pdl else {}
+    _decode_gemm_kernel[(cdiv(inter, half), 1)](
+        x, weight, weight, out,
+        rows, inter, k_dim,
+        x.stride(0), weight.stride(0), 0, out.stride(0),
+        MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
+        HAS_BIAS=False, USE_PDL=pdl, EVEN_N=inter % half == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        STAGES=pipeline_stages(tile, mp, x.element_size()), SILU_MUL=True,
+        num_warps=warps, **extra,
+    )
+    return out
+
+
+def gate_up_tiling() -> str | None:
+    """LORASERVE_DECODE_GATE_UP_TILE: `decode_gemm_silu_mul`'s tiling (BLOCK_N:BLOCK_K:PRE_K:
+    WARPS:STAGES, BLOCK_N W rows a program: half gate's, half up's; default: every
+    projection's, `gemm_tiling`), checked here."""
+    spec = os.environ.get("LORASERVE_DECODE_GATE_UP_TILE", "") or None
+    if spec is not None:
+        gemm_tiling(spec)
+    return spec
+
+
+def gate_up_gemm() -> bool:
+    """LORASERVE_DECODE_GATE_UP=1: decode graphs' gate_up without LoRA on it runs as
+    `decode_gemm_silu_mul` where the decode GEMM takes its rows (default 0: cuBLAS, then the
+    SiLU*up kernel)."""
+    return env_int("LORASERVE_DECODE_GATE_UP", 0, least=0, most=1) == 1
 
 
 def pipeline_stages(tiling, mp: int, elem: int) -> int:

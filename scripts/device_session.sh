@@ -112,6 +112,10 @@
 #                                    the stacked GEMM ([W; A] in one cuBLAS call), about 2 min
 #   scripts/device_session.sh s19d   (one GPU) the stacked graphs chosen per step: GPU tests,
 #                                    step targets without stacks and by default twice, 6 min
+#   scripts/device_session.sh s41a   (one GPU) gate_up and SiLU*up in one decode GEMM launch
+#                                    (LORASERVE_DECODE_GATE_UP): its CUDA tests, gate_up alone
+#                                    over tilings, base steps at batch 32 with it and without,
+#                                    alternating; about 9 min
 #   scripts/device_session.sh s40a   (one GPU) uploads, the HF PEFT baseline, the 8-slot pool's
 #                                    step targets, the 32-slot ones once more; about 9 min
 #   scripts/device_session.sh s40b   (one GPU) the issue's many-adapter setting at 64 new
@@ -371,7 +375,36 @@ start_soak() {  # in its own session so it outlives this call; pytest and its pl
   sleep 20; echo "== soak started:"; tail -3 "$SOAK_LOG"
 }
 
+step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 and 32 alone
+  local name=$1 limit=$2; shift 2
+  env "$@" timeout "$limit" python3 -m benchmarks.step_bench --steps 10 \
+    --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "== step_bench base $*: rc $?"
+  grep -E "^(HBM|decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+  tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
+}
+
 case "${1:-}" in
+  s41a)  # one GPU: gate_up's projection and SiLU*up as one decode GEMM launch
+    # (LORASERVE_DECODE_GATE_UP=1, opt-in): its CUDA tests, gate_up alone behind add+RMSNorm
+    # over tilings, then base decode steps with it at two tilings and without, alternating
+    gpu_tests gate_up_tests 150 tests/test_gate_up_gemm.py tests/test_graphs_gpu.py -k "gate_up"
+    rm -f "$OUT"/*.xml
+    timeout 120 python3 -m benchmarks.gemm_bench --batch 32 --proj gate_up \
+      --gate-up 64:256:0:4:4 64:128:0:4:4 64:128:0:4:6 128:128:0:8:3 128:64:0:8:6 32:256:0:4:4 \
+      --out "$OUT/gemm_gate_up.json" > "$OUT/gemm_gate_up.log" 2>&1
+    echo "== gemm_bench --gate-up: rc $?"; grep -E " us |copy|rror" "$OUT/gemm_gate_up.log"
+    gu=LORASERVE_DECODE_GATE_UP=1
+    i=0
+    for knob in NONE=1 "$gu" "$gu LORASERVE_DECODE_GATE_UP_TILE=128:128:0:8:3" NONE=2 "$gu" \
+        "$gu LORASERVE_DECODE_GATE_UP_TILE=128:128:0:8:3" NONE=3 "$gu"; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 500 ]; then echo "== process $i: skipped, out of time"; break; fi
+      # shellcheck disable=SC2086  # the settings are separate words
+      step_base "base_${i}_$(echo "$knob" | cut -d' ' -f1,2 | tr '= ' '__')" $((i == 1 ? 100 : 75)) $knob
+    done
+    step_table "$OUT"/base_[0-9]_*.json
+    ;;
   tp)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     gpu_tests tp_gpu 200 tests/test_tp_gpu.py

@@ -185,6 +185,61 @@ def test_graph_with_qkv_split_logits_bf16(setup, monkeypatch):
     replay_within_bf16_bound(engine, fb, "bf16 qkv split graph")
 
 
+GATE_UP = {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_SPLIT": "2",
+           "LORASERVE_DECODE_GEMM_TILE": "16:32:64:4:2", "LORASERVE_DECODE_GATE_UP": "1",
+           "LORASERVE_DECODE_GATE_UP_TILE": "32:32:0:4:2"}
+
+
+def count_gate_up_launches(monkeypatch) -> list[int]:
+    """Each `decode_gemm_silu_mul` call's rows from here on (a graph's capture calls it)."""
+    from runtime.model import llama
+
+    rows, real = [], llama.decode_gemm_silu_mul
+
+    def spy(x, w, **kw):
+        rows.append(x.shape[0])
+        return real(x, w, **kw)
+
+    monkeypatch.setattr(llama, "decode_gemm_silu_mul", spy)
+    return rows
+
+
+def test_graphs_with_gate_up_gemm_match_eager_fp32(setup, monkeypatch):
+    """fp32: decode graphs whose gate_up and SiLU*up run as one launch
+    (LORASERVE_DECODE_GATE_UP=1) give eager decode's greedy tokens: base rows alone, mixed
+    with 4 adapters (one on the MLP: gate_up there keeps its LoRA and two launches), and mixed
+    with adapters on attention alone in a pool without gate_up, whose graphs take it."""
+    rows = count_gate_up_launches(monkeypatch)
+    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 24, 24), (NAMES[:8], 8)), seed=11,
+                            **GATE_UP)
+    assert rows and set(rows) <= set(range(2, 33)), rows
+    model, adapters = setup
+    common = lora_config(adapters[:2], "csgmv", "float32")
+    common["lora_target_modules"] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    ps = prompts(12, read_vocab(model), seed=12, lo=4, hi=60)
+    names = [None, "a0", "a1"] * 4
+    for name in GATE_UP:
+        monkeypatch.delenv(name, raising=False)
+    eager, _ = outputs(model, ps, names, 16, disable_cuda_graph=True, **common)
+    for name, value in GATE_UP.items():
+        monkeypatch.setenv(name, value)
+    rows.clear()
+    graphed, used = outputs(model, ps, names, 16, cuda_graph_max_bs=32, **common)
+    assert used and graphed == eager
+    assert rows, "no LoRA graph took the fused gate_up"
+
+
+def test_graph_with_gate_up_gemm_logits_bf16(setup, monkeypatch):
+    """bf16, a base-only decode step of 24 requests: the graph replay with gate_up and SiLU*up
+    in one launch gives the eager forward's logits within the bf16 replay bound."""
+    for name, value in GATE_UP.items():
+        monkeypatch.setenv(name, value)
+    rows = count_gate_up_launches(monkeypatch)
+    engine, fb = mixed_decode_step(setup, "csgmv", names=[None] * 24)
+    assert rows
+    replay_within_bf16_bound(engine, fb, "bf16 gate_up GEMM graph")
+
+
 def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
     """fp32, mixed base + 4 adapters: decode graphs whose layer kernels launch without
     programmatic dependent launch (LORASERVE_LAYER_PDL=0; the default launches them with it,

@@ -43,6 +43,9 @@ from ops.splitk import scope_splits, splitk_linear, splits_for, sum_partials
 from ops.triton_decode_gemm import (
     MAX_WEIGHT_ELEMS,
     decode_gemm,
+    decode_gemm_silu_mul,
+    gate_up_gemm,
+    gate_up_tiling,
     gemm_fits,
     gemm_tiling,
     in_gemm_rows,
@@ -234,6 +237,20 @@ def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1,
             and x.stride(1) == 1 and weight.is_contiguous() and x.dtype == weight.dtype)
 
 
+def takes_gate_up_gemm(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Whether gate_up's projection of x and SiLU*up after it run as one
+    `decode_gemm_silu_mul` launch: LORASERVE_DECODE_GATE_UP=1, a bias-free nn.Linear, in a
+    decode graph's rows the GEMM takes (`gemm_takes_weight` but for MAX_WEIGHT_ELEMS) at
+    LORASERVE_DECODE_GATE_UP_TILE's tiling."""
+    if type(linear) is not nn.Linear or linear.bias is not None or x.dim() != 2:
+        return False
+    # PDL first: outside a decode graph's capture it ends the check before the settings' reads
+    weight = linear.weight
+    return (pdl_resolve(None, x) and gate_up_gemm() and in_gemm_rows(x.shape[0])
+            and gemm_fits(x.shape[0], x.shape[1], 1, gemm_tiling(gate_up_tiling()))
+            and x.stride(1) == 1 and weight.is_contiguous() and x.dtype == weight.dtype)
+
+
 def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(x), as ops/triton_decode_gemv.py's kernel where `takes_gemv`, or
     ops/triton_decode_gemm.py's where `takes_gemm`."""
@@ -386,11 +403,23 @@ class MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
     ) -> torch.Tensor:
-        gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
-        h = self.silu_mul(gate_up)  # [T, inter]
+        h = self.activation(x, fb, lora)  # [T, inter]
         # [T, hidden], or its split-K partials for the next norm (project)
         return project(self.down_proj, h, lora.get("down") if lora else None, fb.lora,
                        partials=True)
+
+    def activation(
+        self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None
+    ) -> torch.Tensor:
+        """SiLU(gate) * up of x's gate_up projection (+ its LoRA): [T, inter]. One launch
+        where gate_up has no LoRA and `takes_gate_up_gemm`, else the projection and then
+        `silu_mul`."""
+        group = lora.get("gate_up") if lora else None
+        if (group is None or fb.lora is None) and self.use_fused \
+                and takes_gate_up_gemm(self.gate_up_proj, x):
+            return decode_gemm_silu_mul(x, self.gate_up_proj.weight, pdl=True,
+                                        tiling=gate_up_tiling())
+        return self.silu_mul(project(self.gate_up_proj, x, group, fb.lora))
 
     def forward_fold(
         self, x: torch.Tensor, fb: ForwardBatch, lora: dict[str, LoraGroupBuffers] | None,
@@ -398,10 +427,12 @@ class MLP(nn.Module):
     ) -> tuple[torch.Tensor, LoraFold | None]:
         """forward with `plan`'s folds: (down's output, its LoRA delta left for the next norm,
         or None); SiLU*up adds gate_up's delta when the plan folds it."""
-        gate_up, fold = project_fold(
-            self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora, "gate_up", plan
-        )
-        h = self.silu_mul(gate_up, fold)
+        group = lora.get("gate_up") if lora else None
+        if group is None or fb.lora is None or "gate_up" not in plan.groups:
+            h = self.activation(x, fb, lora)
+        else:
+            gate_up, fold = project_fold(self.gate_up_proj, x, group, fb.lora, "gate_up", plan)
+            h = self.silu_mul(gate_up, fold)
         return project_fold(
             self.down_proj, h, lora.get("down") if lora else None, fb.lora, "down", plan
         )

@@ -34,7 +34,7 @@ from runtime.adapters.pool import (
     LoraPool,
 )
 from runtime.model.batch import ForwardBatch
-from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, apply_lora, project
+from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, apply_lora
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,7 @@ class ParallelMLP(MLP):
         self.tp = tp
 
     def forward(self, x, fb: ForwardBatch, lora) -> torch.Tensor:
-        gate_up = project(self.gate_up_proj, x, lora.get("gate_up") if lora else None, fb.lora)
-        h = self.silu_mul(gate_up)  # [T, inter_l]: one kernel on CUDA
+        h = self.activation(x, fb, lora)  # [T, inter_l]
         out = self.tp.all_reduce(self.down_proj(h))  # [T, hidden]
         _row_parallel_lora(h, out, lora.get("down") if lora else None, fb.lora, self.tp)
         return out
