@@ -116,6 +116,8 @@
 #                                    (LORASERVE_DECODE_GATE_UP): its CUDA tests, gate_up alone
 #                                    over tilings, base steps at batch 32 with it and without,
 #                                    alternating; about 9 min
+#   scripts/device_session.sh s41b   (one GPU) base steps by default and with the one-launch
+#                                    gate_up at three tilings, alternating, three rounds
 #   scripts/device_session.sh s40a   (one GPU) uploads, the HF PEFT baseline, the 8-slot pool's
 #                                    step targets, the 32-slot ones once more; about 9 min
 #   scripts/device_session.sh s40b   (one GPU) the issue's many-adapter setting at 64 new
@@ -404,6 +406,25 @@ case "${1:-}" in
       step_base "base_${i}_$(echo "$knob" | cut -d' ' -f1,2 | tr '= ' '__')" $((i == 1 ? 100 : 75)) $knob
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s41b)  # one GPU: base decode steps by default and with gate_up's one launch at the three
+    # tilings that led alone in s41a (64:128:0:4:4, 128:64:0:8:6) and in the step
+    # (128:128:0:8:3), alternating, up to three rounds (names without ':': $OUT takes them)
+    gu=LORASERVE_DECODE_GATE_UP=1
+    i=0
+    for round in 1 2 3; do
+      for knob in NONE=$round "$gu LORASERVE_DECODE_GATE_UP_TILE=128:128:0:8:3" \
+          "$gu LORASERVE_DECODE_GATE_UP_TILE=64:128:0:4:4" \
+          "$gu LORASERVE_DECODE_GATE_UP_TILE=128:64:0:8:6"; do
+        i=$((i + 1))
+        if [ "$SECONDS" -gt 530 ]; then echo "== process $i: skipped, out of time"; break 2; fi
+        tile=$(echo "$knob" | sed -n 's/.*TILE=\([0-9]*\):\([0-9]*\):.*/t\1x\2/p')
+        # shellcheck disable=SC2086  # the settings are separate words
+        step_base "base_${i}_${tile:-default}" $((i == 1 ? 100 : 70)) $knob
+        rm -f "$OUT/base_${i}_${tile:-default}.log"
+      done
+    done
+    step_table "$OUT"/base_*.json
     ;;
   tp)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
