@@ -250,21 +250,33 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
     return out
 
 
-def gate_up_tiling() -> str | None:
+DEFAULT_GATE_UP_TILING = "64:128:0:4:4"  # the serving loop's fastest of four (s41a/s41b)
+
+
+def gate_up_tiling() -> str:
     """LORASERVE_DECODE_GATE_UP_TILE: `decode_gemm_silu_mul`'s tiling (BLOCK_N:BLOCK_K:PRE_K:
-    WARPS:STAGES, BLOCK_N W rows a program: half gate's, half up's; default: every
-    projection's, `gemm_tiling`), checked here."""
-    spec = os.environ.get("LORASERVE_DECODE_GATE_UP_TILE", "") or None
-    if spec is not None:
-        gemm_tiling(spec)
+    WARPS:STAGES, BLOCK_N W rows a program: half gate's, half up's; default
+    DEFAULT_GATE_UP_TILING), checked here."""
+    spec = os.environ.get("LORASERVE_DECODE_GATE_UP_TILE", "") or DEFAULT_GATE_UP_TILING
+    gemm_tiling(spec)
     return spec
 
 
 def gate_up_gemm() -> bool:
-    """LORASERVE_DECODE_GATE_UP=1: decode graphs' gate_up without LoRA on it runs as
-    `decode_gemm_silu_mul` where the decode GEMM takes its rows (default 0: cuBLAS, then the
-    SiLU*up kernel)."""
-    return env_int("LORASERVE_DECODE_GATE_UP", 0, least=0, most=1) == 1
+    """LORASERVE_DECODE_GATE_UP (default 1; 0: off): decode graphs' gate_up without LoRA on it
+    runs as `decode_gemm_silu_mul` where the decode GEMM takes its rows; off, cuBLAS and then
+    the SiLU*up kernel."""
+    return env_int("LORASERVE_DECODE_GATE_UP", 1, least=0, most=1) == 1
+
+
+def large_gemm_tiling() -> str | None:
+    """LORASERVE_DECODE_GEMM_LARGE=BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES (default unset: off):
+    weights and LoRA stacks above MAX_WEIGHT_ELEMS (gate_up's, with every slot's A under it)
+    take this kernel too, at this tiling, where it takes their rows; checked here."""
+    spec = os.environ.get("LORASERVE_DECODE_GEMM_LARGE", "") or None
+    if spec is not None:
+        gemm_tiling(spec)
+    return spec
 
 
 def pipeline_stages(tiling, mp: int, elem: int) -> int:

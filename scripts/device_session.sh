@@ -118,6 +118,9 @@
 #                                    alternating; about 9 min
 #   scripts/device_session.sh s41b   (one GPU) base steps by default and with the one-launch
 #                                    gate_up at three tilings, alternating, three rounds
+#   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
+#                                    the decode GEMM paths; the 8-slot pool's targets by default
+#                                    and with gate_up's LoRA stacks on the GEMM, alternating
 #   scripts/device_session.sh s40a   (one GPU) uploads, the HF PEFT baseline, the 8-slot pool's
 #                                    step targets, the 32-slot ones once more; about 9 min
 #   scripts/device_session.sh s40b   (one GPU) the issue's many-adapter setting at 64 new
@@ -406,6 +409,24 @@ case "${1:-}" in
       step_base "base_${i}_$(echo "$knob" | cut -d' ' -f1,2 | tr '= ' '__')" $((i == 1 ? 100 : 75)) $knob
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s41c)  # one GPU: gate_up and SiLU*up in one launch by default (64:128:0:4:4): the decode
+    # GEMM's GPU tests, then the 8-slot pool's targets by default and with the LoRA stacks
+    # above MAX_WEIGHT_ELEMS (gate_up's) on the decode GEMM (LORASERVE_DECODE_GEMM_LARGE)
+    gpu_tests gemm_tests 170 tests/test_gate_up_gemm.py tests/test_decode_gemm.py \
+      tests/test_graphs_gpu.py -k "gate_up or large or gemm or qkv_split or pdl"
+    rm -f "$OUT"/*.xml
+    large=LORASERVE_DECODE_GEMM_LARGE=64:128:0:4:4
+    i=0
+    for knob in NONE=1 "$large" NONE=2 "$large"; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 470 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step8_${i}_$(echo "$knob" | cut -d= -f1 | tr 'A-Z' 'a-z')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      step8 "$name" $((i == 1 ? 120 : 100)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step8_*.json
     ;;
   s41b)  # one GPU: base decode steps by default and with gate_up's one launch at the three
     # tilings that led alone in s41a (64:128:0:4:4, 128:64:0:8:6) and in the step

@@ -149,9 +149,9 @@ def test_which_projections_take_it(monkeypatch, triton_on_cpu):
     calls = []
     real = llama.decode_gemm
 
-    def spy(x, w, b=None, pdl=False, split=1):
+    def spy(x, w, b=None, pdl=False, split=1, tiling=None):
         calls.append((x.shape[0], pdl, split))
-        return real(x, w, b, split=split)  # the interpreter: no PDL on the CPU
+        return real(x, w, b, split=split, tiling=tiling)  # the interpreter: no PDL on the CPU
 
     def in_decode():
         from ops.pdl import _in_decode as flag
@@ -191,13 +191,27 @@ def test_which_projections_take_it(monkeypatch, triton_on_cpu):
                 # outside the GEMM's rows torch's split-K (LORASERVE_DECODE_SPLITK) stays
                 parts = llama.project(plain, torch.randn(9, 64), None, None, partials=True)
                 assert parts.shape == (2, 9, 32) and len(calls) == 2
-            llama.base_linear(nn.Linear(64, 48), x)  # a weight above MAX_WEIGHT_ELEMS
+            big = nn.Linear(64, 48)
+            llama.base_linear(big, x)  # a weight above MAX_WEIGHT_ELEMS
             # a LoRA stack (project_fold's stack_mm) as any weight: by its size
             assert llama.gemm_takes_weight(torch.zeros(32, 64), x)
             assert not llama.gemm_takes_weight(torch.zeros(48, 64), x)
+            assert len(calls) == 2 and llama.weight_tiling(big.weight) is None
+            # LORASERVE_DECODE_GEMM_LARGE: larger weights too, at its tiling
+            monkeypatch.setenv("LORASERVE_DECODE_GEMM_LARGE", "32:16:0:4:2")
+            assert llama.weight_tiling(big.weight) == "32:16:0:4:2"
+            assert llama.weight_tiling(lin.weight) is None
+            assert llama.gemm_takes_weight(torch.zeros(48, 64), x)
+            assert not llama.gemm_takes_weight(torch.zeros(48, 64), x, tiling="16:16:32:4:2")
+            assert torch.allclose(llama.base_linear(big, x), big(x), atol=1e-4)
+            assert len(calls) == 3
+            monkeypatch.setenv("LORASERVE_DECODE_GEMM_LARGE", "32:24:0:4:2")
+            with pytest.raises(ValueError, match="BLOCK_K"):
+                llama.gemm_takes_weight(torch.zeros(48, 64), x)
+            monkeypatch.delenv("LORASERVE_DECODE_GEMM_LARGE")
             monkeypatch.setenv("LORASERVE_DECODE_GEMM", "0")
             llama.base_linear(lin, x)
-            assert len(calls) == 2
+            assert len(calls) == 3
     monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_SPLIT", "2")
     assert graphs.graph_splits(32, with_lora=False) == 2

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.triton_decode_gemm import (
+    DEFAULT_GATE_UP_TILING,
     decode_gemm,
     decode_gemm_silu_mul,
     gate_up_gemm,
@@ -69,9 +70,9 @@ def test_bad_input_is_refused(monkeypatch):
 def test_settings(monkeypatch):
     monkeypatch.delenv("LORASERVE_DECODE_GATE_UP", raising=False)
     monkeypatch.delenv("LORASERVE_DECODE_GATE_UP_TILE", raising=False)
-    assert gate_up_gemm() is False and gate_up_tiling() is None
-    monkeypatch.setenv("LORASERVE_DECODE_GATE_UP", "1")
-    assert gate_up_gemm() is True
+    assert gate_up_gemm() is True and gate_up_tiling() == DEFAULT_GATE_UP_TILING
+    monkeypatch.setenv("LORASERVE_DECODE_GATE_UP", "0")
+    assert gate_up_gemm() is False
     for bad in ("2", "yes"):
         monkeypatch.setenv("LORASERVE_DECODE_GATE_UP", bad)
         with pytest.raises(ValueError, match="LORASERVE_DECODE_GATE_UP"):

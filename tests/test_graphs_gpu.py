@@ -229,6 +229,27 @@ def test_graphs_with_gate_up_gemm_match_eager_fp32(setup, monkeypatch):
     assert rows, "no LoRA graph took the fused gate_up"
 
 
+def test_graphs_with_large_stacks_on_the_gemm_match_eager_fp32(setup, monkeypatch):
+    """fp32, base rows mixed with 4 adapters: with LORASERVE_DECODE_GEMM_LARGE set, the LoRA
+    stacks above MAX_WEIGHT_ELEMS (here gate_up's, the limit lowered under it) run on the
+    decode GEMM at that tiling, and decode graphs give eager decode's greedy tokens."""
+    from runtime.model import llama
+
+    tilings = []
+    real = llama.decode_gemm
+
+    def spy(x, w, b=None, pdl=False, split=1, tiling=None):
+        tilings.append((w.shape[0], tiling))
+        return real(x, w, b, pdl=pdl, split=split, tiling=tiling)
+
+    monkeypatch.setattr(llama, "decode_gemm", spy)
+    monkeypatch.setattr(llama, "MAX_WEIGHT_ELEMS", 60000)  # gate_up's 512 x 128 and its stack
+    graphs_match_eager_fp32(setup, monkeypatch, ((NAMES[:8], 8),), seed=13,
+                            LORASERVE_DECODE_GEMM="32", LORASERVE_DECODE_GEMM_TILE="16:32:64:4:2",
+                            LORASERVE_DECODE_GEMM_LARGE="32:64:0:4:3")
+    assert any(n > 512 and t == "32:64:0:4:3" for n, t in tilings), set(tilings)
+
+
 def test_graph_with_gate_up_gemm_logits_bf16(setup, monkeypatch):
     """bf16, a base-only decode step of 24 requests: the graph replay with gate_up and SiLU*up
     in one launch gives the eager forward's logits within the bf16 replay bound."""

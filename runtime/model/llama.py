@@ -49,6 +49,7 @@ from ops.triton_decode_gemm import (
     gemm_fits,
     gemm_tiling,
     in_gemm_rows,
+    large_gemm_tiling,
     qkv_gemm_splits,
     qkv_gemm_tiling,
 )
@@ -229,12 +230,26 @@ def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1,
                       tiling: str | None = None) -> bool:
     """Whether x @ weight^T runs as ops/triton_decode_gemm.py's kernel: as `takes_gemv`, for
     the rows above the GEMV's up to LORASERVE_DECODE_GEMM (default 32) where its tiling
-    divides K, for weights (or LoRA stacks) of at most MAX_WEIGHT_ELEMS."""
+    divides K, for weights (or LoRA stacks) of at most MAX_WEIGHT_ELEMS, and larger ones at
+    LORASERVE_DECODE_GEMM_LARGE's tiling where that is set (`weight_tiling`)."""
     # PDL first: outside a decode graph's capture it ends the check before the settings' reads
-    return (x.dim() == 2 and pdl_resolve(None, x) and weight.numel() <= MAX_WEIGHT_ELEMS
-            and in_gemm_rows(x.shape[0])
+    if x.dim() != 2 or not pdl_resolve(None, x):
+        return False
+    if weight.numel() > MAX_WEIGHT_ELEMS:
+        if tiling is not None:
+            return False
+        tiling = large_gemm_tiling()
+        if tiling is None:
+            return False
+    return (in_gemm_rows(x.shape[0])
             and gemm_fits(x.shape[0], x.shape[1], splits, gemm_tiling(tiling))
             and x.stride(1) == 1 and weight.is_contiguous() and x.dtype == weight.dtype)
+
+
+def weight_tiling(weight: torch.Tensor) -> str | None:
+    """The tiling `decode_gemm` takes `weight` at where `gemm_takes_weight`: above
+    MAX_WEIGHT_ELEMS LORASERVE_DECODE_GEMM_LARGE's, else the default (None)."""
+    return large_gemm_tiling() if weight.numel() > MAX_WEIGHT_ELEMS else None
 
 
 def takes_gate_up_gemm(linear: nn.Module, x: torch.Tensor) -> bool:
@@ -257,7 +272,8 @@ def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if takes_gemv(linear, x):
         return decode_gemv(x, linear.weight, linear.bias, pdl=True)
     if takes_gemm(linear, x):
-        return decode_gemm(x, linear.weight, linear.bias, pdl=True)
+        return decode_gemm(x, linear.weight, linear.bias, pdl=True,
+                           tiling=weight_tiling(linear.weight))
     return linear(x)
 
 
@@ -290,7 +306,7 @@ def project_fold(
     stack_mm = None
     if stack is not None and gemm_takes_weight(stack, x):
         # the stacked GEMM (base rows, then every slot's A) as the decode GEMM, with PDL
-        stack_mm = partial(decode_gemm, pdl=True)
+        stack_mm = partial(decode_gemm, pdl=True, tiling=weight_tiling(stack))
     return lora_linear_fold(
         x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
         stack=stack, stack_mm=stack_mm,
