@@ -269,13 +269,18 @@ def gate_up_gemm() -> bool:
     return env_int("LORASERVE_DECODE_GATE_UP", 1, least=0, most=1) == 1
 
 
+DEFAULT_LARGE_TILING = "64:128:0:4:4"  # gate_up's LoRA stacks: s41c, the 8-slot pool
+
+
 def large_gemm_tiling() -> str | None:
-    """LORASERVE_DECODE_GEMM_LARGE=BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES (default unset: off):
-    weights and LoRA stacks above MAX_WEIGHT_ELEMS (gate_up's, with every slot's A under it)
-    take this kernel too, at this tiling, where it takes their rows; checked here."""
-    spec = os.environ.get("LORASERVE_DECODE_GEMM_LARGE", "") or None
-    if spec is not None:
-        gemm_tiling(spec)
+    """LORASERVE_DECODE_GEMM_LARGE=BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES (default
+    DEFAULT_LARGE_TILING; 0: off, cuBLAS): weights and LoRA stacks above MAX_WEIGHT_ELEMS
+    (gate_up's stack: its weight with every slot's A under it) take this kernel too, at this
+    tiling, where it takes their rows; checked here."""
+    spec = os.environ.get("LORASERVE_DECODE_GEMM_LARGE", "").strip() or DEFAULT_LARGE_TILING
+    if spec == "0":
+        return None
+    gemm_tiling(spec)
     return spec
 
 

@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s41d   (one GPU) gate_up's LoRA stacks on the decode GEMM by
+#                                    default: the graph tests s41c's time left, the 32-slot
+#                                    step targets
 #   scripts/device_session.sh s40a   (one GPU) uploads, the HF PEFT baseline, the 8-slot pool's
 #                                    step targets, the 32-slot ones once more; about 9 min
 #   scripts/device_session.sh s40b   (one GPU) the issue's many-adapter setting at 64 new
@@ -409,6 +412,12 @@ case "${1:-}" in
       step_base "base_${i}_$(echo "$knob" | cut -d' ' -f1,2 | tr '= ' '__')" $((i == 1 ? 100 : 75)) $knob
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s41d)  # one GPU: gate_up's LoRA stacks on the decode GEMM by default (64:128:0:4:4): the
+    # graph tests s41c's call did not reach, then the 32-slot step targets
+    gpu_tests graph_tests 190 tests/test_graphs_gpu.py -k "gate_up or large"
+    rm -f "$OUT"/*.xml
+    step_each 330 NONE=1
     ;;
   s41c)  # one GPU: gate_up and SiLU*up in one launch by default (64:128:0:4:4): the decode
     # GEMM's GPU tests, then the 8-slot pool's targets by default and with the LoRA stacks

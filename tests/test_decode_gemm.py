@@ -192,7 +192,8 @@ def test_which_projections_take_it(monkeypatch, triton_on_cpu):
                 parts = llama.project(plain, torch.randn(9, 64), None, None, partials=True)
                 assert parts.shape == (2, 9, 32) and len(calls) == 2
             big = nn.Linear(64, 48)
-            llama.base_linear(big, x)  # a weight above MAX_WEIGHT_ELEMS
+            monkeypatch.setenv("LORASERVE_DECODE_GEMM_LARGE", "0")
+            llama.base_linear(big, x)  # a weight above MAX_WEIGHT_ELEMS: cuBLAS, when off
             # a LoRA stack (project_fold's stack_mm) as any weight: by its size
             assert llama.gemm_takes_weight(torch.zeros(32, 64), x)
             assert not llama.gemm_takes_weight(torch.zeros(48, 64), x)

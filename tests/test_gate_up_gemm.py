@@ -13,10 +13,12 @@ from torch import nn
 
 from ops.triton_decode_gemm import (
     DEFAULT_GATE_UP_TILING,
+    DEFAULT_LARGE_TILING,
     decode_gemm,
     decode_gemm_silu_mul,
     gate_up_gemm,
     gate_up_tiling,
+    large_gemm_tiling,
 )
 from ops.triton_silu_mul import silu_mul_triton
 
@@ -82,6 +84,14 @@ def test_settings(monkeypatch):
     monkeypatch.setenv("LORASERVE_DECODE_GATE_UP_TILE", "128:100:0:8:3")
     with pytest.raises(ValueError, match="BLOCK_K"):
         gate_up_tiling()
+    # the tiling of weights and LoRA stacks above MAX_WEIGHT_ELEMS (gate_up's stacks)
+    monkeypatch.delenv("LORASERVE_DECODE_GEMM_LARGE", raising=False)
+    assert large_gemm_tiling() == DEFAULT_LARGE_TILING
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_LARGE", "0")
+    assert large_gemm_tiling() is None
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_LARGE", "64:128")
+    with pytest.raises(ValueError, match="BLOCK_N:BLOCK_K"):
+        large_gemm_tiling()
 
 
 def test_which_forwards_take_it(monkeypatch, triton_on_cpu):
