@@ -18,7 +18,18 @@ On the H200 at batch 32 (benchmarks/RESULTS.md, twenty-ninth session) the defaul
 behind add+RMSNorm took qkv 16.9 us against cuBLAS's 19.1, o as two slices 10.5 against 14.0
 alone, down as two slices 30.3 against 34.0; loading 256 columns ahead of the wait (PRE_K)
 was slower, since it leaves shared memory for one stage fewer. The serving loop's base step
-at batch 32 took 4.85 ms against 5.04. gate_up stays on cuBLAS (MAX_WEIGHT_ELEMS).
+at batch 32 took 4.85 ms against 5.04.
+
+gate_up, above MAX_WEIGHT_ELEMS, runs here with SiLU*up in the epilogue (`SILU_MUL`,
+`decode_gemm_silu_mul`): a program's tile is BLOCK_N / 2 of gate's rows over the matching up
+rows, so one MMA accumulates both factors of its columns of SiLU(gate) * up, and the SiLU*up
+launch and gate_up's intermediate go. LORASERVE_DECODE_GATE_UP (default 1) sends decode
+graphs' gate_up here where it has no LoRA in the step, at LORASERVE_DECODE_GATE_UP_TILE
+(default DEFAULT_GATE_UP_TILING). Thirty-third session (H200, one process each): the serving
+loop's base step at batch 32 took 4.66-4.69 ms against 4.79-4.86 without, in three rounds.
+Larger weights without it (gate_up's LoRA stacks: its rows over every slot's A) run here at
+LORASERVE_DECODE_GEMM_LARGE's tiling (default DEFAULT_LARGE_TILING; 0: cuBLAS): the 8-slot
+pool's 8-adapter loop step took 5.19-5.20 ms against 5.29-5.31 on cuBLAS.
 
 `LORASERVE_DECODE_GEMM=R` (default 32; 0: off) sends the projections of decode graphs of
 2..R rows here on CUDA sm_90+ (runtime/model/llama.py `takes_gemm`): base projections and
@@ -53,8 +64,9 @@ from ops.triton_decode_gemv import decode_gemv_rows
 MAX_ROWS = 64
 DEFAULT_TILING = (64, 256, 0, 4, 4)  # BLOCK_N, BLOCK_K, PRE_K, warps, stages
 SMEM_BUDGET = 200 * 1024  # the pipeline's shared memory a program may take (H200: 227 KB)
-# Weights of more elements stay on cuBLAS: gate_up (28672 x 4096) streamed at 96-97 % of copy
-# bandwidth there at batch 32 and at 89-94 % here (H200, benchmarks/RESULTS.md).
+# Weights of more elements take LORASERVE_DECODE_GEMM_LARGE's tiling (or cuBLAS, with it 0):
+# gate_up (28672 x 4096) alone streamed at 96-97 % of copy bandwidth on cuBLAS at batch 32, at
+# 89-94 % here at the default tiling (H200, benchmarks/RESULTS.md).
 MAX_WEIGHT_ELEMS = 64 << 20
 
 
