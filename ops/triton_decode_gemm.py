@@ -276,8 +276,9 @@ def gate_up_tiling() -> str:
 
 def gate_up_gemm() -> bool:
     """LORASERVE_DECODE_GATE_UP (default 1; 0: off): decode graphs' gate_up without LoRA on it
-    runs as `decode_gemm_silu_mul` where the decode GEMM takes its rows; off, cuBLAS and then
-    the SiLU*up kernel."""
+    runs as `decode_gemm_silu_mul` where the decode GEMM takes its rows; off, as any weight
+    above MAX_WEIGHT_ELEMS (LORASERVE_DECODE_GEMM_LARGE: this kernel, or cuBLAS), then the
+    SiLU*up kernel."""
     return env_int("LORASERVE_DECODE_GATE_UP", 1, least=0, most=1) == 1
 
 

@@ -409,7 +409,9 @@ case "${1:-}" in
       i=$((i + 1))
       if [ "$SECONDS" -gt 500 ]; then echo "== process $i: skipped, out of time"; break; fi
       # shellcheck disable=SC2086  # the settings are separate words
-      step_base "base_${i}_$(echo "$knob" | cut -d' ' -f1,2 | tr '= ' '__')" $((i == 1 ? 100 : 75)) $knob
+      name="base_${i}_$(echo "$knob" | cut -d' ' -f1,2 | tr '=: ' '___')"  # no ':' ($OUT)
+      step_base "$name" $((i == 1 ? 100 : 75)) $knob
+      rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
     ;;
