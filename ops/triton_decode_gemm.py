@@ -51,6 +51,7 @@ it was removed.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -93,6 +94,15 @@ def _decode_gemm_kernel(
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (unused for 16-bit)
     STAGES: tl.constexpr,  # W and x tiles in flight in the loop (Triton's software pipeline)
     SILU_MUL: tl.constexpr,  # W is gate_up [2N, K]: y = SiLU(gate) * up [M, N] (no bias, split)
+    # gate_up's LoRA added before SiLU (with SILU_MUL; `GateUpFold`): t's partials
+    # [T_SPLITS, M, num_slots * 2R] from the kernel ahead, B [num_slots, 2N, R], scalings
+    # [num_slots, 2], each row's slot (-1: none)
+    t_ptr=None, fb_ptr=None, scal_ptr=None, rslot_ptr=None, R=0, stride_tsplit=0,
+    stride_tm=0, t_slot_stride=0, stride_bs=0, stride_bn=0, stride_ss=0, stride_si=0,
+    FOLD: tl.constexpr = False,
+    T_SPLITS: tl.constexpr = 1,
+    BLOCK_R: tl.constexpr = 16,  # R padded to a power of two
+    R_CHUNK: tl.constexpr = 4,  # rank columns a step of the epilogue's sum
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -122,7 +132,10 @@ def _decode_gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_live, other=0.0).to(tl.float32)
     if USE_PDL:
-        gdc_wait()  # x comes from the kernel ahead
+        if not FOLD:
+            gdc_wait()  # x comes from the kernel ahead
+        # (FOLD: the kernel ahead is t's GEMM, which waited for x's producer before it let
+        # this grid launch, so x is complete; this grid waits for t before its epilogue)
         gdc_launch_dependents()
     if PRE_K > 0:
         x0 = tl.load(x_rows + offs_p[None, :], mask=m_live[:, None], other=0.0)
@@ -138,6 +151,34 @@ def _decode_gemm_kernel(
         # as the projection stores gate_up and ops/triton_silu_mul.py computes from it: each
         # factor rounded to y's dtype, SiLU in fp32 rounded before the product
         dtype = y_ptr.dtype.element_ty
+        if FOLD:
+            # as ops/triton_silu_mul.py's fold: each value's delta added to it as the projection
+            # stored it, the sum rounded to y's dtype (t rounded as the stacked GEMM stores it)
+            if USE_PDL:
+                gdc_wait()  # t comes from the kernel ahead
+            slots = tl.load(rslot_ptr + offs_m, mask=m_live, other=-1)
+            lora = slots >= 0
+            s_safe = tl.maximum(slots, 0).to(tl.int64)
+            up_row = (offs_r >= BLOCK_N // 2).to(tl.int64)  # each tile row's slice: gate 0, up 1
+            live2 = n_live[:, None] & lora[None, :]
+            scale = tl.load(scal_ptr + s_safe[None, :] * stride_ss + up_row[:, None] * stride_si,
+                            mask=live2, other=0.0)
+            b_base = (fb_ptr + s_safe[None, :, None] * stride_bs
+                      + w_idx[:, None, None].to(tl.int64) * stride_bn)
+            t_base = (t_ptr + offs_m[None, :, None].to(tl.int64) * stride_tm
+                      + s_safe[None, :, None] * t_slot_stride + up_row[:, None, None] * R)
+            delta = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
+            for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                offs_c = r0 + tl.arange(0, R_CHUNK)
+                live3 = live2[:, :, None] & (offs_c < R)[None, None, :]
+                bv = tl.load(b_base + offs_c[None, None, :], mask=live3, other=0.0)
+                tv = tl.zeros((BLOCK_N, MP, R_CHUNK), dtype=tl.float32)
+                for sp in tl.static_range(T_SPLITS):
+                    tv += tl.load(t_base + sp * stride_tsplit + offs_c[None, None, :], mask=live3,
+                                  other=0.0).to(tl.float32)
+                tv = tv.to(dtype).to(tl.float32)
+                delta += tl.sum(bv.to(tl.float32) * tv, axis=2)
+            acc = acc.to(dtype).to(tl.float32) + tl.where(live2, delta * scale, 0.0)
         gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N // 2, MP)), (1, 2, 0)))
         gate = gate.to(dtype).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -223,13 +264,49 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out if split > 1 else out[0]
 
 
+@dataclass(frozen=True)
+class GateUpFold:
+    """gate_up's LoRA for `decode_gemm_silu_mul` to add before SiLU: the shrink of every slot
+    for every row, t [splits, M, num_slots * 2R] (its slices of K summed there, fp32 or x's
+    dtype; slot s's columns from s*2R: gate's R, then up's), B [num_slots, 2 * inter, R]
+    (gate's rows, then up's), scalings [num_slots, 2] float32 and each row's slot (row_slots
+    [M] int32, -1: a base row). With PDL, t must come from the kernel launched just ahead, one
+    that waits for x's producer before it lets the next launch (`decode_gemm` with pdl)."""
+
+    t: torch.Tensor
+    B: torch.Tensor
+    scalings: torch.Tensor
+    row_slots: torch.Tensor
+
+    def check(self, rows: int, inter: int, device: torch.device) -> None:
+        """Raise ValueError unless this fold fits `rows` rows of gate_up over `inter`."""
+        t, b, s = self.t, self.B, self.scalings
+        if b.dim() != 3 or b.shape[1] != 2 * inter or b.stride(2) != 1:
+            raise ValueError(f"fold B {tuple(b.shape)}: want [num_slots, {2 * inter}, R], rank "
+                             "columns contiguous")
+        slots, rank = b.shape[0], b.shape[2]
+        if t.dim() != 3 or tuple(t.shape[1:]) != (rows, slots * 2 * rank) or t.stride(2) != 1:
+            raise ValueError(f"fold t {tuple(t.shape)}: want [splits, {rows}, "
+                             f"{slots * 2 * rank}] (every slot's gate and up ranks a row)")
+        if tuple(s.shape) != (slots, 2) or s.dtype != torch.float32:
+            raise ValueError(f"fold scalings {tuple(s.shape)} {s.dtype}: want [{slots}, 2] "
+                             "float32")
+        if tuple(self.row_slots.shape) != (rows,) or self.row_slots.dtype != torch.int32:
+            raise ValueError(f"fold row_slots {tuple(self.row_slots.shape)} "
+                             f"{self.row_slots.dtype}: want [{rows}] int32")
+        if any(v.device != device for v in (t, b, s, self.row_slots)):
+            raise ValueError("fold tensors must be on x's device")
+
+
 def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False,
-                         tiling: str | None = None) -> torch.Tensor:
+                         tiling: str | None = None,
+                         fold: GateUpFold | None = None) -> torch.Tensor:
     """SiLU(x gate^T) * (x up^T) for gate_up's weight [2 * inter, K] (gate's rows, then up's)
     and 1 <= M <= MAX_ROWS rows of x: [M, inter] in x's dtype, bit for bit `decode_gemm` into
     gate_up and ops/triton_silu_mul.py after it, in one launch. A program takes BLOCK_N / 2 of
     gate's rows and the matching up rows. pdl, tiling: as `decode_gemm` (tiling default
-    LORASERVE_DECODE_GATE_UP_TILE, then `gemm_tiling`'s)."""
+    LORASERVE_DECODE_GATE_UP_TILE). fold: gate_up's LoRA, added to each value before SiLU as
+    ops/triton_silu_mul.py's fold adds it (`GateUpFold`)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
     rows, k_dim = x.shape
@@ -249,6 +326,17 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
     out = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
     mp = max(16, next_pow2(rows))
     extra = {"launch_pdl": True} if pdl else {}
+    if fold is not None:
+        fold.check(rows, inter, x.device)
+        t, b, sc = fold.t, fold.B, fold.scalings
+        rank = b.shape[2]
+        block_r = next_pow2(rank)
+        extra.update(
+            t_ptr=t, fb_ptr=b, scal_ptr=sc, rslot_ptr=fold.row_slots, R=rank,
+            stride_tsplit=t.stride(0), stride_tm=t.stride(1), t_slot_stride=2 * rank,
+            stride_bs=b.stride(0), stride_bn=b.stride(1), stride_ss=sc.stride(0),
+            stride_si=sc.stride(1), FOLD=True, T_SPLITS=t.shape[0], BLOCK_R=block_r,
+            R_CHUNK=min(4, block_r))
     _decode_gemm_kernel[(cdiv(inter, half), 1)](
         x, weight, weight, out,
         rows, inter, k_dim,
@@ -280,6 +368,14 @@ def gate_up_gemm() -> bool:
     above MAX_WEIGHT_ELEMS (LORASERVE_DECODE_GEMM_LARGE: this kernel, or cuBLAS), then the
     SiLU*up kernel."""
     return env_int("LORASERVE_DECODE_GATE_UP", 1, least=0, most=1) == 1
+
+
+def gate_up_fold_splits() -> int:
+    """LORASERVE_DECODE_GATE_UP_FOLD=S (default 0: off): in decode graphs whose plan folds
+    gate_up's LoRA over the pool's stack, every slot's shrink runs first as this kernel over
+    the stack's A rows in S slices of K (1: unsplit), and `decode_gemm_silu_mul` adds the
+    delta before SiLU (`GateUpFold`), in place of the stacked GEMM and SiLU*up's fold."""
+    return env_int("LORASERVE_DECODE_GATE_UP_FOLD", 0, least=0, most=64)
 
 
 DEFAULT_LARGE_TILING = "64:128:0:4:4"  # gate_up's LoRA stacks: s41c, the 8-slot pool

@@ -121,6 +121,11 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s42a   (one GPU, prepared) gate_up's LoRA added in its one launch
+#                                    (LORASERVE_DECODE_GATE_UP_FOLD): its GPU tests, the 8-slot
+#                                    pool's targets with it and without, alternating; ~9 min
+#   scripts/device_session.sh s42b   (one GPU, prepared) the 32-slot targets with it and
+#                                    without, alternating; about 8 min
 #   scripts/device_session.sh s41d   (one GPU) gate_up's LoRA stacks on the decode GEMM by
 #                                    default: the graph tests s41c's time left, the 32-slot
 #                                    step targets
@@ -414,6 +419,25 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s42a)  # one GPU: every slot's gate_up shrink as the decode GEMM over the stack's A rows in
+    # 8 slices of K, then gate_up + LoRA + SiLU*up in one launch (LORASERVE_DECODE_GATE_UP_FOLD,
+    # opt-in): its GPU tests, then the 8-slot pool's targets by default and with it
+    gpu_tests fold_tests 170 tests/test_gate_up_gemm.py tests/test_graphs_gpu.py -k "fold"
+    rm -f "$OUT"/*.xml
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_GATE_UP_FOLD=8 NONE=2 LORASERVE_DECODE_GATE_UP_FOLD=8; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 470 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="step8_${i}_$(echo "$knob" | tr 'A-Z=' 'a-z_')"
+      step8 "$name" $((i == 1 ? 120 : 100)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/step8_*.json
+    ;;
+  s42b)  # one GPU: the 32-slot step targets by default and with gate_up's LoRA in its one
+    # launch (LORASERVE_DECODE_GATE_UP_FOLD=8), alternating
+    step_each 440 NONE=1 LORASERVE_DECODE_GATE_UP_FOLD=8 NONE=2 LORASERVE_DECODE_GATE_UP_FOLD=8
     ;;
   s41d)  # one GPU: gate_up's LoRA stacks on the decode GEMM by default (64:128:0:4:4): the
     # graph tests s41c's call did not reach, then the 32-slot step targets

@@ -14,8 +14,10 @@ from torch import nn
 from ops.triton_decode_gemm import (
     DEFAULT_GATE_UP_TILING,
     DEFAULT_LARGE_TILING,
+    GateUpFold,
     decode_gemm,
     decode_gemm_silu_mul,
+    gate_up_fold_splits,
     gate_up_gemm,
     gate_up_tiling,
     large_gemm_tiling,
@@ -51,6 +53,64 @@ def test_matches_gate_up_then_silu_mul(dtype, rows, inter, k, tiling):
     torch.testing.assert_close(got.float(), F.silu(gate) * up, rtol=4 * tol, atol=4 * tol)
 
 
+def stacked_reference(x, w, a, b, sc, rs, tiling=None):
+    """What the one launch with a fold stands for: the pool's stacked GEMM (gate_up's rows,
+    then every slot's A) and SiLU*up folding the delta (ops/triton_silu_mul.py)."""
+    from ops.triton_lora_fold import LoraFold
+
+    inter = w.shape[0] // 2
+    y_all = decode_gemm(x, torch.cat([w, a]), tiling=tiling)
+    fold = LoraFold(y_all[:, 2 * inter:].unsqueeze(0).contiguous(), b, sc, rs,
+                    (0, inter, 2 * inter), None, t_slot_stride=a.shape[0] // b.shape[0])
+    return silu_mul_triton(y_all[:, :2 * inter].contiguous(), fold=fold)
+
+
+def fold_case(dtype, rows, inter, k, rank, slots, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = (torch.randn(2 * inter, k, generator=g) * 0.3).to(dtype)
+    a = (torch.randn(slots * 2 * rank, k, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(slots, 2 * inter, rank, generator=g) * 0.3).to(dtype)
+    sc = torch.rand(slots, 2, generator=g) + 0.5
+    rs = torch.randint(-1, slots, (rows,), generator=g).to(torch.int32)
+    return [v.to(device) for v in (x, w, a, b, sc, rs)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rows", "inter", "k", "rank", "slots", "tiling", "splits"), [
+    (5, 40, 64, 4, 3, "16:16:32:4:2", 2),   # t in 2 fp32 partials; inter masked
+    (17, 64, 96, 6, 2, "32:32:0:4:2", 1),   # t unsplit in x's dtype; a rank padded to 8
+])
+def test_fold_matches_stacked_gemm_then_silu_fold(dtype, rows, inter, k, rank, slots, tiling,
+                                                  splits):
+    """With gate_up's LoRA (`GateUpFold`: t from the decode GEMM over every slot's A, in
+    slices of K): as the stacked GEMM and SiLU*up's fold, for base rows and several adapters'
+    rows mixed (fp16 bit for bit in the interpreter)."""
+    x, w, a, b, sc, rs = fold_case(dtype, rows, inter, k, rank, slots, rows)
+    t = decode_gemm(x, a, split=splits, tiling=tiling)
+    t = t if splits > 1 else t.unsqueeze(0)
+    got = decode_gemm_silu_mul(x, w, tiling=tiling, fold=GateUpFold(t, b, sc, rs))
+    want = stacked_reference(x, w, a, b, sc, rs, tiling)
+    tol = 1e-4 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    plain = decode_gemm_silu_mul(x, w, tiling=tiling)  # base rows: no delta
+    base = rs < 0
+    torch.testing.assert_close(got[base], plain[base], rtol=tol, atol=tol)
+    assert not torch.allclose(got[~base], plain[~base], atol=1e-2)
+
+
+def test_fold_input_is_checked():
+    x, w, _, b, sc, rs = fold_case(torch.float32, 4, 16, 32, 4, 2, 1)
+    t = torch.zeros(1, 4, 16)
+    t_ = "16:16:32:4:2"
+    for fold, why in ((GateUpFold(t, b[:, :8], sc, rs), "fold B"),
+                      (GateUpFold(t[:, :, :8], b, sc, rs), "fold t"),
+                      (GateUpFold(t, b, sc.double(), rs), "fold scalings"),
+                      (GateUpFold(t, b, sc, rs.long()), "fold row_slots")):
+        with pytest.raises(ValueError, match=why):
+            decode_gemm_silu_mul(x, w, tiling=t_, fold=fold)
+
+
 def test_bad_input_is_refused(monkeypatch):
     t = "16:16:32:4:2"
     with pytest.raises(ValueError, match="do not multiply"):
@@ -84,6 +144,13 @@ def test_settings(monkeypatch):
     monkeypatch.setenv("LORASERVE_DECODE_GATE_UP_TILE", "128:100:0:8:3")
     with pytest.raises(ValueError, match="BLOCK_K"):
         gate_up_tiling()
+    monkeypatch.delenv("LORASERVE_DECODE_GATE_UP_FOLD", raising=False)
+    assert gate_up_fold_splits() == 0
+    monkeypatch.setenv("LORASERVE_DECODE_GATE_UP_FOLD", "8")
+    assert gate_up_fold_splits() == 8
+    monkeypatch.setenv("LORASERVE_DECODE_GATE_UP_FOLD", "-1")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GATE_UP_FOLD"):
+        gate_up_fold_splits()
     # the tiling of weights and LoRA stacks above MAX_WEIGHT_ELEMS (gate_up's stacks)
     monkeypatch.delenv("LORASERVE_DECODE_GEMM_LARGE", raising=False)
     assert large_gemm_tiling() == DEFAULT_LARGE_TILING
@@ -194,3 +261,20 @@ def test_llama_8b_gate_up_bit_for_bit(rows, tiling):
     ref = F.silu(gate) * up
     rel = ((got.float() - ref).norm() / ref.norm()).item()
     assert rel < 8e-3, rel
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [8, 32])
+def test_llama_8b_gate_up_fold_bf16(rows):
+    """bf16 at Llama-3.1-8B's gate_up over 8 slots of rank 16, rows mixed over them and base
+    rows, t in 8 slices of K, with and without PDL: within bf16 rounding of the stacked GEMM
+    and SiLU*up's fold."""
+    x, w, a, b, sc, rs = fold_case(torch.bfloat16, rows, 14336, 4096, 16, 8, rows, "cuda")
+    w, a, b = w * 0.1, a * 0.1, b * 0.1
+    want = stacked_reference(x, w, a, b, sc, rs).float()
+    t = decode_gemm(x, a, split=8)
+    for pdl in (False, True):
+        got = decode_gemm_silu_mul(x, w, pdl=pdl, fold=GateUpFold(t, b, sc, rs)).float()
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 1e-2, (pdl, rel)

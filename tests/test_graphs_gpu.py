@@ -250,6 +250,37 @@ def test_graphs_with_large_stacks_on_the_gemm_match_eager_fp32(setup, monkeypatc
     assert any(n > 512 and t == "32:64:0:4:3" for n, t in tilings), set(tilings)
 
 
+def test_graphs_with_gate_up_fold_match_eager_fp32(setup, monkeypatch):
+    """fp32, base rows mixed with 4 adapters (one on gate and up): with
+    LORASERVE_DECODE_GATE_UP_FOLD=2 the stacked graphs take every slot's shrink as the decode
+    GEMM over the stack's A rows in 2 slices, then gate_up with SiLU*up adding the delta in one
+    launch; decode graphs give eager decode's greedy tokens."""
+    from runtime.model import llama
+
+    folds = []
+    real = llama.decode_gemm_silu_mul
+
+    def spy(x, w, pdl=False, tiling=None, fold=None):
+        folds.append(fold is not None)
+        return real(x, w, pdl=pdl, tiling=tiling, fold=fold)
+
+    monkeypatch.setattr(llama, "decode_gemm_silu_mul", spy)
+    graphs_match_eager_fp32(setup, monkeypatch, ((NAMES[:8], 8), (NAMES, 24)), seed=14,
+                            LORASERVE_DECODE_GEMM="32", LORASERVE_DECODE_GEMM_TILE="16:32:64:4:2",
+                            LORASERVE_DECODE_GATE_UP_FOLD="2")
+    assert any(folds), "no graph took gate_up's fold"
+
+
+def test_graph_with_gate_up_fold_logits_bf16(setup, monkeypatch):
+    """bf16, a mixed decode step of 21 requests over 4 adapters: the graph replay with gate_up's
+    LoRA added in its one launch gives the eager forward's logits within the bf16 bound."""
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:32:64:4:2")
+    monkeypatch.setenv("LORASERVE_DECODE_GATE_UP_FOLD", "2")
+    engine, fb = mixed_decode_step(setup, "csgmv")
+    replay_within_bf16_bound(engine, fb, "bf16 gate_up fold graph")
+
+
 def test_graph_with_gate_up_gemm_logits_bf16(setup, monkeypatch):
     """bf16, a base-only decode step of 24 requests: the graph replay with gate_up and SiLU*up
     in one launch gives the eager forward's logits within the bf16 replay bound."""

@@ -42,8 +42,10 @@ from ops.pdl import resolve as pdl_resolve
 from ops.splitk import scope_splits, splitk_linear, splits_for, sum_partials
 from ops.triton_decode_gemm import (
     MAX_WEIGHT_ELEMS,
+    GateUpFold,
     decode_gemm,
     decode_gemm_silu_mul,
+    gate_up_fold_splits,
     gate_up_gemm,
     gate_up_tiling,
     gemm_fits,
@@ -446,12 +448,36 @@ class MLP(nn.Module):
         group = lora.get("gate_up") if lora else None
         if group is None or fb.lora is None or "gate_up" not in plan.groups:
             h = self.activation(x, fb, lora)
+        elif (h := self.activation_folded(x, group, plan)) is not None:
+            pass
         else:
             gate_up, fold = project_fold(self.gate_up_proj, x, group, fb.lora, "gate_up", plan)
             h = self.silu_mul(gate_up, fold)
         return project_fold(
             self.down_proj, h, lora.get("down") if lora else None, fb.lora, "down", plan
         )
+
+    def activation_folded(
+        self, x: torch.Tensor, group: LoraGroupBuffers, plan: FoldPlan
+    ) -> torch.Tensor | None:
+        """SiLU(gate) * up with gate_up's LoRA, as two launches where
+        LORASERVE_DECODE_GATE_UP_FOLD asks and the decode GEMM takes them: every slot's shrink
+        over the pool's stacked A rows, then `decode_gemm_silu_mul` adding each row's delta
+        before SiLU. None where it does not apply."""
+        splits = gate_up_fold_splits()
+        stack = group.stack if stacks_lora() else None
+        if (not splits or stack is None or not self.use_fused or group.num_slices != 2
+                or not takes_gate_up_gemm(self.gate_up_proj, x)):
+            return None
+        n_out = group.slice_offsets[-1]
+        a_rows = stack[n_out:]
+        if not gemm_takes_weight(a_rows, x, splits):
+            return None
+        t = decode_gemm(x, a_rows, pdl=True, split=splits)
+        fold = GateUpFold(t if splits > 1 else t.unsqueeze(0), group.B, group.scalings,
+                          plan.row_slots)
+        return decode_gemm_silu_mul(x, stack[:n_out], pdl=True, tiling=gate_up_tiling(),
+                                    fold=fold)
 
     def silu_mul(self, gate_up: torch.Tensor, fold: LoraFold | None = None) -> torch.Tensor:
         """SiLU(gate) * up: [T, 2 * inter] -> [T, inter]; one kernel on CUDA, which also adds
