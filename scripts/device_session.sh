@@ -126,6 +126,8 @@
 #                                    pool's targets with it and without, alternating; ~9 min
 #   scripts/device_session.sh s42b   (one GPU, prepared) the 32-slot targets with it and
 #                                    without, alternating; about 8 min
+#   scripts/device_session.sh s42c   (one GPU, prepared) base steps with qkv, o and down at the
+#                                    gate_up's tiling (64:128:0:4:4) and by default, 3 rounds
 #   scripts/device_session.sh s41d   (one GPU) gate_up's LoRA stacks on the decode GEMM by
 #                                    default: the graph tests s41c's time left, the 32-slot
 #                                    step targets
@@ -438,6 +440,22 @@ case "${1:-}" in
   s42b)  # one GPU: the 32-slot step targets by default and with gate_up's LoRA in its one
     # launch (LORASERVE_DECODE_GATE_UP_FOLD=8), alternating
     step_each 440 NONE=1 LORASERVE_DECODE_GATE_UP_FOLD=8 NONE=2 LORASERVE_DECODE_GATE_UP_FOLD=8
+    ;;
+  s42c)  # one GPU: base decode steps by default and with every decode GEMM projection at
+    # 64:128:0:4:4 (the tiling gate_up's one launch won at; the twenty-ninth session's sweep of
+    # qkv, o and down did not include it), alternating, three rounds
+    i=0
+    for round in 1 2 3; do
+      for knob in NONE=$round LORASERVE_DECODE_GEMM_TILE=64:128:0:4:4; do
+        i=$((i + 1))
+        if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break 2; fi
+        name="base_${i}_$(echo "$knob" | cut -d= -f1 | tr 'A-Z' 'a-z')"
+        # shellcheck disable=SC2086  # the settings are separate words
+        step_base "$name" $((i == 1 ? 100 : 70)) $knob
+        rm -f "$OUT/$name.log"
+      done
+    done
+    step_table "$OUT"/base_*.json
     ;;
   s41d)  # one GPU: gate_up's LoRA stacks on the decode GEMM by default (64:128:0:4:4): the
     # graph tests s41c's call did not reach, then the 32-slot step targets
