@@ -120,17 +120,23 @@ def test_decode_gemv_compiles_for_sm90(block_n: int, block_k: int, rows: int, ev
 
 
 @needs_backend
-@pytest.mark.parametrize(("mp", "block_n", "block_k", "pre_k", "y"),
-                         [(32, 64, 256, 0, "bf16"), (16, 32, 256, 512, "fp32"),
-                          (64, 128, 128, 0, "bf16")])
-def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_k: int, y: str):
+@pytest.mark.parametrize(("mp", "block_n", "block_k", "pre_k", "y", "epilogue"),
+                         [(32, 64, 256, 0, "bf16", ""), (16, 32, 256, 512, "fp32", ""),
+                          (64, 128, 128, 0, "bf16", ""), (32, 64, 128, 0, "bf16", "silu"),
+                          (32, 64, 128, 0, "bf16", "silu+fold")])
+def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_k: int, y: str,
+                                       epilogue: str):
     """ops/triton_decode_gemm.py with PDL as decode graphs launch it: batch 32 at the default
     tiling, split-K partials (fp32 out) with half a K slice ahead of the wait, 64 rows with
-    none ahead."""
+    none ahead; gate_up with SiLU*up in the epilogue at its default tiling, and with its LoRA
+    folded in (t over 8 slices, rank 16)."""
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": f"*{y}"}
     consts = {"MP": mp, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
               "HAS_BIAS": False, "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32",
-              "STAGES": 4 if mp < 64 else 3}
+              "STAGES": 4 if mp < 64 else 3, "SILU_MUL": "silu" in epilogue,
+              "FOLD": "fold" in epilogue, "T_SPLITS": 8, "BLOCK_R": 16, "R_CHUNK": 4}
+    if "fold" in epilogue:
+        ptrs.update(t_ptr="*fp32", fb_ptr="*bf16", scal_ptr="*fp32", rslot_ptr="*i32")
     case = ["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
