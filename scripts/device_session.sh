@@ -312,6 +312,21 @@ step8() {  # step8 NAME LIMIT [VAR=VALUE...]: the step targets in the 8-slot poo
   tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
 }
 
+step8_each() {  # step8_each GUARD_S SETTINGS...: step8, one process per argument (each a
+  # space-separated VAR=VALUE list; NONE=n: the defaults), skipped once the call is GUARD_S
+  # seconds in; then their table (result names without ':', which $OUT does not take back)
+  local guard=$1 i=0 knob name; shift
+  for knob in "$@"; do
+    i=$((i + 1))
+    if [ "$SECONDS" -gt "$guard" ]; then echo "== process $i: skipped, out of time"; break; fi
+    name="step8_${i}_$(echo "$knob" | cut -d= -f1 | tr 'A-Z' 'a-z')"
+    # shellcheck disable=SC2086  # the settings are separate words
+    step8 "$name" $((i == 1 ? 120 : 100)) $knob
+    rm -f "$OUT/$name.log"
+  done
+  step_table "$OUT"/step8_*.json
+}
+
 step_ab() {  # step_ab VAR=VALUE...: the step targets by default and with the settings,
   # alternating, two processes each (the first process gets more time: it compiles)
   local i=0 knob name
@@ -427,15 +442,7 @@ case "${1:-}" in
     # opt-in): its GPU tests, then the 8-slot pool's targets by default and with it
     gpu_tests fold_tests 170 tests/test_gate_up_gemm.py tests/test_graphs_gpu.py -k "fold"
     rm -f "$OUT"/*.xml
-    i=0
-    for knob in NONE=1 LORASERVE_DECODE_GATE_UP_FOLD=8 NONE=2 LORASERVE_DECODE_GATE_UP_FOLD=8; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 470 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="step8_${i}_$(echo "$knob" | tr 'A-Z=' 'a-z_')"
-      step8 "$name" $((i == 1 ? 120 : 100)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/step8_*.json
+    step8_each 470 NONE=1 LORASERVE_DECODE_GATE_UP_FOLD=8 NONE=2 LORASERVE_DECODE_GATE_UP_FOLD=8
     ;;
   s42b)  # one GPU: the 32-slot step targets by default and with gate_up's LoRA in its one
     # launch (LORASERVE_DECODE_GATE_UP_FOLD=8), alternating
@@ -470,16 +477,7 @@ case "${1:-}" in
       tests/test_graphs_gpu.py -k "gate_up or large or gemm"
     rm -f "$OUT"/*.xml
     large=LORASERVE_DECODE_GEMM_LARGE=64:128:0:4:4
-    i=0
-    for knob in NONE=1 "$large" NONE=2 "$large"; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 470 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="step8_${i}_$(echo "$knob" | cut -d= -f1 | tr 'A-Z' 'a-z')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      step8 "$name" $((i == 1 ? 120 : 100)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/step8_*.json
+    step8_each 470 NONE=1 "$large" NONE=2 "$large"
     ;;
   s41b)  # one GPU: base decode steps by default and with gate_up's one launch at the three
     # tilings that led alone in s41a (64:128:0:4:4, 128:64:0:8:6) and in the step
