@@ -223,25 +223,33 @@ def gemm_fits(rows: int, k_dim: int, split: int = 1, tiling=None) -> bool:
     return k_slice % block_k == 0 and k_slice >= pre_k
 
 
+def check_operands(name: str, x: torch.Tensor, weight: torch.Tensor, split: int,
+                   tile: tuple[int, int, int, int, int]) -> None:
+    """Raise ValueError unless x [M, K] and weight [N, K] are `name`'s to take over `split`
+    slices of K at `tile`: 1 <= M <= MAX_ROWS, K tiled, x's rows and weight contiguous, one
+    dtype."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
+    rows, k_dim = x.shape
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"{name} takes 1 to {MAX_ROWS} rows, got {rows}")
+    if not gemm_fits(rows, k_dim, split, tile):
+        raise ValueError(f"{name}: {k_dim} input columns over {split} slices do not tile by "
+                         f"BLOCK_K {tile[1]} with {tile[2]} loaded ahead")
+    if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype != weight.dtype:
+        raise ValueError(f"{name}: x's rows contiguous, weight contiguous, one dtype")
+
+
 def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 pdl: bool = False, split: int = 1, tiling: str | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias) for 1 <= M <= MAX_ROWS: [M, N] in x's dtype, or with
     split > 1 fp32 partials [split, M, N] whose sum it is (no bias then). fp32 accumulation.
     pdl: launch as a programmatic dependent of the kernel ahead (CUDA sm_90+; ops/pdl.py).
     tiling: "BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES" (`gemm_tiling`)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
-    rows, k_dim = x.shape
-    n_dim = weight.shape[0]
     tile = gemm_tiling(tiling)
-    block_n, block_k, pre_k, warps, stages = tile
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"decode_gemm takes 1 to {MAX_ROWS} rows, got {rows}")
-    if not gemm_fits(rows, k_dim, split, tile):
-        raise ValueError(f"decode_gemm: {k_dim} input columns over {split} slices do not tile "
-                         f"by BLOCK_K {block_k} with {pre_k} loaded ahead")
-    if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype != weight.dtype:
-        raise ValueError("decode_gemm: x's rows contiguous, weight contiguous, one dtype")
+    check_operands("decode_gemm", x, weight, split, tile)
+    (rows, k_dim), n_dim = x.shape, weight.shape[0]
+    block_n, block_k, pre_k, warps, _ = tile
     if bias is not None and (split > 1 or bias.shape != (n_dim,) or not bias.is_contiguous()):
         raise ValueError(f"decode_gemm: bias must be contiguous [{n_dim}], and only unsplit")
     if split > 1:
@@ -307,21 +315,13 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
     gate's rows and the matching up rows. pdl, tiling: as `decode_gemm` (tiling default
     LORASERVE_DECODE_GATE_UP_TILE). fold: gate_up's LoRA, added to each value before SiLU as
     ops/triton_silu_mul.py's fold adds it (`GateUpFold`)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
-    rows, k_dim = x.shape
+    tile = gemm_tiling(tiling or gate_up_tiling())
+    check_operands("decode_gemm_silu_mul", x, weight, 1, tile)
     if weight.shape[0] % 2:
         raise ValueError(f"gate_up's weight has an odd number of rows ({weight.shape[0]})")
+    rows, k_dim = x.shape
     inter = weight.shape[0] // 2
-    tile = gemm_tiling(tiling or gate_up_tiling())
     block_n, block_k, pre_k, warps, _ = tile
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"decode_gemm_silu_mul takes 1 to {MAX_ROWS} rows, got {rows}")
-    if not gemm_fits(rows, k_dim, 1, tile):
-        raise ValueError(f"decode_gemm_silu_mul: {k_dim} input columns do not tile by "
-                         f"BLOCK_K {block_k} with {pre_k} loaded ahead")
-    if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype != weight.dtype:
-        raise ValueError("decode_gemm_silu_mul: x's rows contiguous, weight contiguous, one dtype")
     half = block_n // 2
     out = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
     mp = max(16, next_pow2(rows))

@@ -243,6 +243,13 @@ def gemm_takes_weight(weight: torch.Tensor, x: torch.Tensor, splits: int = 1,
         tiling = large_gemm_tiling()
         if tiling is None:
             return False
+    return gemm_shapes_fit(weight, x, splits, tiling)
+
+
+def gemm_shapes_fit(weight: torch.Tensor, x: torch.Tensor, splits: int,
+                    tiling: str | None) -> bool:
+    """Whether the decode GEMM takes x's rows (above the GEMV's, up to LORASERVE_DECODE_GEMM)
+    and x @ weight^T's layout over `splits` slices of K at `tiling` (None: the default)."""
     return (in_gemm_rows(x.shape[0])
             and gemm_fits(x.shape[0], x.shape[1], splits, gemm_tiling(tiling))
             and x.stride(1) == 1 and weight.is_contiguous() and x.dtype == weight.dtype)
@@ -262,10 +269,8 @@ def takes_gate_up_gemm(linear: nn.Module, x: torch.Tensor) -> bool:
     if type(linear) is not nn.Linear or linear.bias is not None or x.dim() != 2:
         return False
     # PDL first: outside a decode graph's capture it ends the check before the settings' reads
-    weight = linear.weight
-    return (pdl_resolve(None, x) and gate_up_gemm() and in_gemm_rows(x.shape[0])
-            and gemm_fits(x.shape[0], x.shape[1], 1, gemm_tiling(gate_up_tiling()))
-            and x.stride(1) == 1 and weight.is_contiguous() and x.dtype == weight.dtype)
+    return (pdl_resolve(None, x) and gate_up_gemm()
+            and gemm_shapes_fit(linear.weight, x, 1, gate_up_tiling()))
 
 
 def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -435,8 +440,7 @@ class MLP(nn.Module):
         group = lora.get("gate_up") if lora else None
         if (group is None or fb.lora is None) and self.use_fused \
                 and takes_gate_up_gemm(self.gate_up_proj, x):
-            return decode_gemm_silu_mul(x, self.gate_up_proj.weight, pdl=True,
-                                        tiling=gate_up_tiling())
+            return decode_gemm_silu_mul(x, self.gate_up_proj.weight, pdl=True)
         return self.silu_mul(project(self.gate_up_proj, x, group, fb.lora))
 
     def forward_fold(
@@ -476,8 +480,7 @@ class MLP(nn.Module):
         t = decode_gemm(x, a_rows, pdl=True, split=splits)
         fold = GateUpFold(t if splits > 1 else t.unsqueeze(0), group.B, group.scalings,
                           plan.row_slots)
-        return decode_gemm_silu_mul(x, stack[:n_out], pdl=True, tiling=gate_up_tiling(),
-                                    fold=fold)
+        return decode_gemm_silu_mul(x, stack[:n_out], pdl=True, fold=fold)
 
     def silu_mul(self, gate_up: torch.Tensor, fold: LoraFold | None = None) -> torch.Tensor:
         """SiLU(gate) * up: [T, 2 * inter] -> [T, inter]; one kernel on CUDA, which also adds
