@@ -121,7 +121,10 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
-#   scripts/device_session.sh s42a   (one GPU, prepared) gate_up's LoRA added in its one launch
+#   scripts/device_session.sh s42d   (one GPU) the 32-slot targets, the 32-adapter graph's
+#                                    kernel timeline, base steps with qkv/o/down at
+#                                    64:128:0:4:4 and without, the 32-slot targets again
+#   scripts/device_session.sh s42a   (one GPU) gate_up's LoRA added in its one launch
 #                                    (LORASERVE_DECODE_GATE_UP_FOLD): its GPU tests, the 8-slot
 #                                    pool's targets with it and without, alternating; ~9 min
 #   scripts/device_session.sh s42b   (one GPU, prepared) the 32-slot targets with it and
@@ -436,6 +439,28 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s42d)  # one GPU: the 32-slot targets at the defaults, where the 32-adapter graph spends its
+    # step (kernel time by name, what moves the step's end), base steps with every decode
+    # GEMM projection at 64:128:0:4:4 and by default, the 32-slot targets again
+    step_lora 110 step_1_none NONE=1
+    rm -f "$OUT/step_1_none.log"
+    timeout 170 python3 -m benchmarks.step_bench --lora --profile --profile-graphs --timeline \
+      --out /tmp/prof_lora.json > "$OUT/prof_lora.log" 2>&1
+    echo "== step_bench --lora --profile --profile-graphs: rc $?"
+    grep -E "total|what moves" "$OUT/prof_lora.log"
+    i=0
+    for knob in LORASERVE_DECODE_GEMM_TILE=64:128:0:4:4 NONE=1 LORASERVE_DECODE_GEMM_TILE=64:128:0:4:4 NONE=2; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 470 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="base_${i}_$(echo "$knob" | cut -d= -f1 | tr 'A-Z' 'a-z')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      step_base "$name" 70 $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/base_*.json
+    if [ "$SECONDS" -lt 480 ]; then step_lora 95 step_2_none NONE=2; rm -f "$OUT/step_2_none.log"; fi
+    step_table "$OUT"/step_*.json
     ;;
   s42a)  # one GPU: every slot's gate_up shrink as the decode GEMM over the stack's A rows in
     # 8 slices of K, then gate_up + LoRA + SiLU*up in one launch (LORASERVE_DECODE_GATE_UP_FOLD,
