@@ -723,16 +723,21 @@ def linear_lora_fold(
     shrink launch. (On the H200 the projections' cuBLAS kernels take a whole multiprocessor a
     program, so a shrink beside them runs before them, not with them: at 32 adapters the stacked
     GEMM costs 11.5 us a layer over the projections, the shrink 28.8; benchmarks/RESULTS.md.)
-    stack_mm(x, stack): that GEMM, if not F.linear (the decode GEMM, runtime/model/llama.py)."""
+    stack_mm(x, stack): that GEMM, if not F.linear (the decode GEMM, runtime/model/llama.py);
+    it may return split-K partials, fp32 [S, T, N + num_slots * n*R]: then base(x) is returned
+    as its partials [S, T, N] for the next norm to sum, and the fold's t keeps S splits."""
     if stack is not None:
         n_out, t_cols = slice_offsets[-1], A.shape[1]
         if stack.shape != (n_out + A.shape[0] * t_cols, x.shape[1]):
             raise ValueError(f"stack {tuple(stack.shape)} does not hold {n_out} base rows and "
                              f"{A.shape[0]} slots of {t_cols} A rows over {x.shape[1]} inputs")
         y_all = (stack_mm or torch.nn.functional.linear)(x, stack)
-        fold = LoraFold(y_all[:, n_out:].unsqueeze(0), B, scalings, row_slots,
-                        tuple(slice_offsets), info, t_slot_stride=t_cols)
-        return y_all[:, :n_out], fold
+        if y_all.dim() == 2:
+            y_all = y_all.unsqueeze(0)
+        fold = LoraFold(y_all[:, :, n_out:], B, scalings, row_slots, tuple(slice_offsets), info,
+                        t_slot_stride=t_cols)
+        y = y_all[:, :, :n_out]
+        return (y if y.shape[0] > 1 else y[0]), fold
     table = lora_row_table(info)
     y, t = _base_and_shrink(
         x, base, A, info, len(slice_offsets) - 1, table, overlaps_shrink(x), fold_presum()
@@ -766,7 +771,9 @@ def fold_rows_t(fold: LoraFold) -> Tensor:
     width = fold.t_slot_stride
     cols = fold.row_slots.clamp(min=0).long()[:, None] * width
     cols = cols + torch.arange(width, device=cols.device)
-    return fold.t[0].gather(1, cols).unsqueeze(0)
+    # split-K partials of a stacked GEMM: their sum, as the unsplit GEMM would have stored it
+    t = fold.t[0] if fold.t.shape[0] == 1 else fold.t.sum(0).to(fold.B.dtype)
+    return t.gather(1, cols).unsqueeze(0)
 
 
 def _shrink_partials_buffer(

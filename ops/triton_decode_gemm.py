@@ -424,6 +424,15 @@ def _slices(name: str, default: int) -> int:
     return splits if splits >= 2 else 0
 
 
+def lora_gemm_splits() -> int:
+    """LORASERVE_DECODE_GEMM_LORA_SPLIT: the slices of K for o's and down's stacked GEMM (base
+    rows, then every slot's A) in LoRA decode graphs that fold their expands (default 0 or 1:
+    unsplit); the next add+RMSNorm sums the partials of both and adds the delta. Unsplit,
+    a stack's 4608 rows make 72 programs of 64 rows on the H200's 132 SMs, down's each over
+    all 14336 columns."""
+    return _slices("LORASERVE_DECODE_GEMM_LORA_SPLIT", 0)
+
+
 def qkv_gemm_splits() -> int:
     """LORASERVE_DECODE_GEMM_QKV_SPLIT: the slices of K for qkv in base-only decode graphs
     whose o and down split (default 0 or 1: unsplit); the rotary kernel sums the partials

@@ -42,8 +42,9 @@ class LoraFold:
     [num_slots, n] float32; row_slots: [T] int32 (-1 = no LoRA); slice_offsets: the group's
     output slices; info: the step's batch info, for `ops.lora.apply_fold` (a plain expand) where
     a consumer cannot fold. t_slot_stride: 0, or for a stacked t (`ops.lora.linear_lora_fold`
-    over a pool's stack: one split [1, T, num_slots * n*R], every slot's t for every row) n*R,
-    so that row m reads the columns of its own slot row_slots[m]."""
+    over a pool's stack: [splits, T, num_slots * n*R], every slot's t for every row; more than
+    one split where the stacked GEMM leaves split-K partials) n*R, so that row m reads the
+    columns of its own slot row_slots[m]."""
 
     t: Tensor
     B: Tensor
@@ -62,8 +63,7 @@ class LoraFold:
                 or self.slice_offsets[-1] != y.shape[1]):
             raise ValueError(f"fold of {rows} x {self.B.shape[1]} does not fit y {tuple(y.shape)}")
         slots = self.B.shape[0] if self.t_slot_stride else 1
-        if self.t_slot_stride not in (0, num_slices * rank_pad) or (
-                self.t_slot_stride and self.t.shape[0] != 1):
+        if self.t_slot_stride not in (0, num_slices * rank_pad):
             raise ValueError(f"fold: t slot stride {self.t_slot_stride} of a {num_slices} x "
                              f"{rank_pad} group")
         if cols != slots * num_slices * rank_pad or self.row_slots.shape != (rows,):

@@ -93,6 +93,7 @@ def _add_rmsnorm_fold_kernel(
     stride_out,
     stride_res_out,
     stride_sums,
+    stride_xs,
     eps,
     t_ptr,
     b_ptr,
@@ -114,6 +115,7 @@ def _add_rmsnorm_fold_kernel(
     BLOCK_R: tl.constexpr,
     EVEN_R: tl.constexpr,
     USE_PDL: tl.constexpr,
+    X_SPLITS: tl.constexpr = 1,  # x is this many fp32 partials to sum (split-K), or 1: x itself
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -129,7 +131,12 @@ def _add_rmsnorm_fold_kernel(
     t = lora_fold_t(t_ptr, row, slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS, BLOCK_R,
                     EVEN_R)
     x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
-    x = lora_fold_apply(x, b, t, scal_ptr, slot, 0, live, stride_ss, stride_si, x_ptr)
+    if X_SPLITS > 1:
+        for sp in tl.static_range(1, X_SPLITS):
+            x += tl.load(x_ptr + sp * stride_xs + row * stride_x + offs, mask=live, other=0.0)
+        # the projection's output as its GEMM would have stored it, in the stream's dtype
+        x = x.to(dtype).to(tl.float32)
+    x = lora_fold_apply(x, b, t, scal_ptr, slot, 0, live, stride_ss, stride_si, res_out_ptr)
     r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
     s = (x + r).to(dtype)
     tl.store(res_out_ptr + row * stride_res_out + offs, s, mask=live)
@@ -204,7 +211,7 @@ def _launch(
     fold: LoraFold | None = None,
     pdl: bool | None = None,
 ) -> None:
-    num_rows, n = x.shape[-2:]  # x may be split-K partials [S, T, N] (no fold then)
+    num_rows, n = x.shape[-2:]  # x may be split-K partials [S, T, N]
     if num_rows == 0:
         return
     block = next_pow2(n)
@@ -216,10 +223,10 @@ def _launch(
         parts = cdiv(n, cols)
         sums, counts = _fold_scratch_for(x.device, num_rows, next_pow2(parts))
         _add_rmsnorm_fold_kernel[(num_rows, parts)](
-            x, residual, weight, out, res_out, sums, counts, n, x.stride(0), residual.stride(0),
-            out.stride(0), res_out.stride(0), sums.stride(0), eps, *args, BLOCK=block,
-            COLS=cols, PARTS=next_pow2(parts), **consts, USE_PDL=pdl, num_warps=_FOLD_WARPS,
-            launch_pdl=pdl,
+            x, residual, weight, out, res_out, sums, counts, n, x.stride(-2), residual.stride(0),
+            out.stride(0), res_out.stride(0), sums.stride(0), x.stride(0) if x.dim() == 3 else 0,
+            eps, *args, BLOCK=block, COLS=cols, PARTS=next_pow2(parts), **consts, USE_PDL=pdl,
+            X_SPLITS=x.shape[0] if x.dim() == 3 else 1, num_warps=_FOLD_WARPS, launch_pdl=pdl,
         )
         return
     # One warp per 512 elements: at hidden 4096 in bf16, 8 warps and two 16-byte loads in
@@ -314,11 +321,13 @@ def add_rmsnorm_partials_triton(
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
+    fold: LoraFold | None = None,
     pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """add_rmsnorm_triton for a projection left as split-K partials: x = the sum of
-    `partials` (fp32 [S, T, N], rows contiguous; ops.splitk), rounded to residual's dtype as
-    the projection's GEMM would have stored it, then s = x + residual as there. Returns
+    `partials` (fp32 [S, T, N], rows contiguous, any row and split strides; ops.splitk),
+    rounded to residual's dtype as the projection's GEMM would have stored it, plus fold's
+    delta when given (rounded as there), then s = x + residual as there. Returns
     (weight * rmsnorm(s), s), both new [T, N] in residual's dtype."""
     if partials.dim() != 3 or partials.dtype != torch.float32 or partials.stride(2) != 1:
         raise ValueError(f"partials must be fp32 [S, T, N] with contiguous rows, got "
@@ -327,7 +336,9 @@ def add_rmsnorm_partials_triton(
     if partials.shape[1:] != residual.shape or partials.device != residual.device:
         raise ValueError(f"partials {tuple(partials.shape)} on {partials.device} must be "
                          f"[S, *{tuple(residual.shape)}] on {residual.device}")
+    if fold is not None:
+        fold.check(residual)
     out = _output(None, residual, "out")
     residual_out = _output(None, residual, "residual_out")
-    _launch(partials, residual, weight, eps, out, residual_out, pdl=pdl)
+    _launch(partials, residual, weight, eps, out, residual_out, fold, pdl)
     return out, residual_out

@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s42e   (one GPU) o's and down's stacked LoRA GEMMs over 2 slices
+#                                    of K: GPU graph tests, 32-slot and 8-slot targets with and
+#                                    without; about 9 min
 #   scripts/device_session.sh s42d   (one GPU) the 32-slot targets, the 32-adapter graph's
 #                                    kernel timeline, base steps with qkv/o/down at
 #                                    64:128:0:4:4 and without, the 32-slot targets again
@@ -439,6 +442,19 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s42e)  # one GPU: o's and down's stacked LoRA GEMMs over 2 slices of K
+    # (LORASERVE_DECODE_GEMM_LORA_SPLIT=2, opt-in): its GPU graph tests, then the 32-slot and
+    # the 8-slot pools' targets with it and without
+    gpu_tests split_tests 160 tests/test_graphs_gpu.py -k "split_lora"
+    rm -f "$OUT"/*.xml
+    sp=LORASERVE_DECODE_GEMM_LORA_SPLIT=2
+    step_lora 110 step_1_split "$sp"; rm -f "$OUT/step_1_split.log"
+    [ "$SECONDS" -lt 380 ] && { step_lora 90 step_2_none NONE=1; rm -f "$OUT/step_2_none.log"; }
+    step_table "$OUT"/step_*.json
+    [ "$SECONDS" -lt 420 ] && { step8 step8_1_split 95 "$sp"; rm -f "$OUT/step8_1_split.log"; }
+    [ "$SECONDS" -lt 490 ] && { step8 step8_2_none 95 NONE=1; rm -f "$OUT/step8_2_none.log"; }
+    step_table "$OUT"/step8_*.json
     ;;
   s42d)  # one GPU: the 32-slot targets at the defaults, where the 32-adapter graph spends its
     # step (kernel time by name, what moves the step's end), base steps with every decode

@@ -250,6 +250,50 @@ def test_graphs_with_large_stacks_on_the_gemm_match_eager_fp32(setup, monkeypatc
     assert any(n > 512 and t == "32:64:0:4:3" for n, t in tilings), set(tilings)
 
 
+def count_split_stacks(monkeypatch) -> list:
+    """Record (weight rows, split) of each decode GEMM launch over a LoRA stack in graphs."""
+    from runtime.model import llama
+
+    launches = []
+    real = llama.decode_gemm
+
+    def spy(x, w, b=None, pdl=False, split=1, tiling=None):
+        launches.append((w.shape[0], split))
+        return real(x, w, b, pdl=pdl, split=split, tiling=tiling)
+
+    monkeypatch.setattr(llama, "decode_gemm", spy)
+    return launches
+
+
+LORA_SPLIT = {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_TILE": "16:32:64:4:2",
+              "LORASERVE_LORA_STACK": "1", "LORASERVE_DECODE_GEMM_LORA_SPLIT": "2"}
+
+
+def test_graphs_with_split_lora_stacks_match_eager_fp32(setup, monkeypatch):
+    """fp32, base rows mixed with 4 adapters (two on o or down): with
+    LORASERVE_DECODE_GEMM_LORA_SPLIT=2 the stacked graphs' o and down GEMMs leave split-K
+    partials of the projection and of every slot's t, which the next add+RMSNorm sums and
+    folds (the last layer's down: summed before the final norm); decode graphs give eager
+    decode's greedy tokens."""
+    launches = count_split_stacks(monkeypatch)
+    graphs_match_eager_fp32(setup, monkeypatch, ((NAMES[:8], 8), (NAMES, 24)), seed=15,
+                            **LORA_SPLIT)
+    # o's stack: 128 base rows and 4 slots of 16 A rows; down's the same
+    assert (128 + 4 * 16, 2) in launches, set(launches)
+
+
+def test_graph_with_split_lora_stacks_logits_bf16(setup, monkeypatch):
+    """bf16, a mixed decode step of 21 requests over 4 adapters: the stacked graph replay with
+    o's and down's stacks split gives the eager forward's logits within the bf16 bound."""
+    for name, value in LORA_SPLIT.items():
+        monkeypatch.setenv(name, value)
+    launches = count_split_stacks(monkeypatch)
+    engine, fb = mixed_decode_step(setup, "csgmv")
+    assert (128 + 4 * 16, 2) in launches, set(launches)
+    assert any(k[1] == "stacked" for k in engine.runner.graphs.graphs)
+    replay_within_bf16_bound(engine, fb, "bf16 split LoRA stacks graph")
+
+
 def test_graphs_with_gate_up_fold_match_eager_fp32(setup, monkeypatch):
     """fp32, base rows mixed with 4 adapters (one on gate and up): with
     LORASERVE_DECODE_GATE_UP_FOLD=2 the stacked graphs take every slot's shrink as the decode

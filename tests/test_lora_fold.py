@@ -259,18 +259,18 @@ def test_rope_store_kv_fold(dtype, qk_norm) -> None:
 
 def stacked(fold: LoraFold) -> LoraFold:
     """The fold with its t laid out as a stacked GEMM leaves it (ops.lora.linear_lora_fold
-    over a pool stack): [1, T, num_slots * n*R], each row's t in its own slot's columns and
-    NaN in every other slot's (a read of them would show)."""
+    over a pool stack): [splits, T, num_slots * n*R] (more than one split: a split stacked
+    GEMM's partials), each row's t in its own slot's columns and NaN in every other slot's (a
+    read of them would show)."""
     import dataclasses
 
     splits, rows, width = fold.t.shape
-    assert splits == 1
     num_slots = fold.B.shape[0]
-    t = torch.full((1, rows, num_slots * width), float("nan"), dtype=fold.t.dtype,
+    t = torch.full((splits, rows, num_slots * width), float("nan"), dtype=fold.t.dtype,
                    device=fold.t.device)
     for m, slot in enumerate(fold.row_slots.tolist()):
         if slot >= 0:
-            t[0, m, slot * width:(slot + 1) * width] = fold.t[0, m]
+            t[:, m, slot * width:(slot + 1) * width] = fold.t[:, m]
     return dataclasses.replace(fold, t=t, t_slot_stride=width)
 
 

@@ -162,7 +162,12 @@ _LAYER_CASES = {
     "norm_fold": ("ops.triton_rmsnorm", "_add_rmsnorm_fold_kernel", {
         "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
         "res_out_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "eps": "fp32"},
-        {"BLOCK": 4096, "COLS": 256, "PARTS": 16}),
+        {"BLOCK": 4096, "COLS": 256, "PARTS": 16, "X_SPLITS": 1}),
+    # o's or down's split stacked LoRA GEMM (LORASERVE_DECODE_GEMM_LORA_SPLIT): fp32 partials
+    "norm_fold_partials": ("ops.triton_rmsnorm", "_add_rmsnorm_fold_kernel", {
+        "x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+        "res_out_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "eps": "fp32"},
+        {"BLOCK": 4096, "COLS": 256, "PARTS": 16, "X_SPLITS": 2}),
     "silu": ("ops.triton_silu_mul", "_silu_mul_kernel", {"gate_up_ptr": "*bf16",
                                                          "out_ptr": "*bf16"}, {"BLOCK": 1024}),
     "silu_fold": ("ops.triton_silu_mul", "_silu_mul_fold_kernel", {
@@ -173,7 +178,8 @@ _LAYER_CASES = {
 @needs_backend
 @pytest.mark.parametrize(("kernel", "fold"), [
     ("rope", False), ("rope", True), ("rope_parts", False), ("norm", False), ("norm_fold", False),
-    ("norm_fold", True), ("silu", False), ("silu_fold", False), ("silu_fold", True)])
+    ("norm_fold", True), ("norm_fold_partials", True), ("silu", False), ("silu_fold", False),
+    ("silu_fold", True)])
 def test_layer_kernels_with_pdl_compile_for_sm90(kernel: str, fold: bool):
     """The layer kernels with PDL as decode graphs launch them, with and without a LoRA fold
     where they take one."""

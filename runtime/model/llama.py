@@ -52,6 +52,7 @@ from ops.triton_decode_gemm import (
     gemm_tiling,
     in_gemm_rows,
     large_gemm_tiling,
+    lora_gemm_splits,
     qkv_gemm_splits,
     qkv_gemm_tiling,
 )
@@ -148,15 +149,15 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(s), s) for s = x + residual (s = x when residual is None). x, residual: [T, dim].
         fold: x's LoRA delta, not yet added to it. x may also be a projection's split-K
-        partials, fp32 [S, T, dim] (ops/splitk.py; with a residual, without a fold).
+        partials, fp32 [S, T, dim] (ops/splitk.py; with a residual).
 
         On CUDA the add and the norm are one kernel, which also adds the fold's delta or sums
         the partials."""
         if x.dim() == 3:
-            assert residual is not None and fold is None, "split-K partials: a residual alone"
+            assert residual is not None, "split-K partials: with a residual"
             if runs_fused(self, residual) and residual.dtype == self.weight.dtype:
-                return add_rmsnorm_partials_triton(x, residual, self.weight, self.eps)
-            s = sum_partials(x, residual.dtype) + residual
+                return add_rmsnorm_partials_triton(x, residual, self.weight, self.eps, fold=fold)
+            s = apply_fold(sum_partials(x, residual.dtype), fold) + residual
             return self(s), s
         if residual is None:
             x = apply_fold(x, fold)
@@ -295,13 +296,15 @@ class FoldPlan:
 
 def project_fold(
     linear: nn.Module, x: torch.Tensor, group: LoraGroupBuffers | None,
-    info: LoraBatchInfo | None, name: str, plan: FoldPlan | None,
+    info: LoraBatchInfo | None, name: str, plan: FoldPlan | None, partials: bool = False,
 ) -> tuple[torch.Tensor, LoraFold | None]:
     """(linear(x), its LoRA delta left for the next kernel) when `plan` folds group `name`;
     else (project(...), None). A group the pool stacks (its A under the base weight's rows in
-    one buffer) takes one GEMM for both."""
+    one buffer) takes one GEMM for both. partials: the caller's output goes to a norm's
+    add_forward, which takes split-K partials [S, T, out] (and a fold over their t): a stacked
+    GEMM on the decode GEMM splits as LORASERVE_DECODE_GEMM_LORA_SPLIT asks."""
     if group is None or info is None or plan is None or name not in plan.groups:
-        return project(linear, x, group, info), None
+        return project(linear, x, group, info, partials=partials), None
     stack = group.stack if stacks_lora() else None
     if stack is None and takes_gemv(linear, x) and group.A.stride(2) == 1:
         # the projection and the shrink in one launch, both reading their weights before
@@ -313,7 +316,11 @@ def project_fold(
     stack_mm = None
     if stack is not None and gemm_takes_weight(stack, x):
         # the stacked GEMM (base rows, then every slot's A) as the decode GEMM, with PDL
-        stack_mm = partial(decode_gemm, pdl=True, tiling=weight_tiling(stack))
+        splits = lora_gemm_splits() if partials and linear.bias is None else 0
+        if splits and not gemm_takes_weight(stack, x, splits):
+            splits = 0
+        stack_mm = partial(decode_gemm, pdl=True, tiling=weight_tiling(stack),
+                           split=max(splits, 1))
     return lora_linear_fold(
         x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
         stack=stack, stack_mm=stack_mm,
@@ -357,7 +364,8 @@ class Attention(nn.Module):
         """forward with `plan`'s folds: (o_proj's output, its LoRA delta left for the next
         norm, or None)."""
         o = self.attend(x, cos, sin, k_cache, v_cache, fb, lora, plan)
-        return project_fold(self.o_proj, o, lora.get("o") if lora else None, fb.lora, "o", plan)
+        return project_fold(self.o_proj, o, lora.get("o") if lora else None, fb.lora, "o", plan,
+                            partials=True)
 
     def attend(
         self, x, cos, sin, k_cache, v_cache, fb: ForwardBatch, lora, plan: FoldPlan | None = None
@@ -458,7 +466,8 @@ class MLP(nn.Module):
             gate_up, fold = project_fold(self.gate_up_proj, x, group, fb.lora, "gate_up", plan)
             h = self.silu_mul(gate_up, fold)
         return project_fold(
-            self.down_proj, h, lora.get("down") if lora else None, fb.lora, "down", plan
+            self.down_proj, h, lora.get("down") if lora else None, fb.lora, "down", plan,
+            partials=True,
         )
 
     def activation_folded(
@@ -593,6 +602,8 @@ class CausalLM(nn.Module):
                 h, residual, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None,
                 fold, plan,
             )
+        if fold is not None and h.dim() == 3:  # down's split-K partials and their delta
+            h = sum_partials(h, residual.dtype)
         apply_fold(h, fold)  # the last down's delta: the final norm takes a gather of rows
         rows = fb.logits_indices
         h = h[:, rows] if h.dim() == 3 else h[rows]  # down's split-K partials: [S, T, hidden]

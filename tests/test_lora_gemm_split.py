@@ -1,0 +1,187 @@
+"""o's and down's stacked LoRA GEMM over slices of K in folding decode graphs
+(LORASERVE_DECODE_GEMM_LORA_SPLIT): the GEMM leaves fp32 partials of the projection and of
+every slot's t; add+RMSNorm sums both and adds the delta (CPU tensors under TRITON_INTERPRET=1;
+the decode graphs on CUDA are in tests/test_graphs_gpu.py)."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # before triton is imported: kernels run in the interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ops.lora import LoraFold, fold_rows_t, linear_lora_fold
+from ops.triton_decode_gemm import lora_gemm_splits
+from ops.triton_rmsnorm import add_rmsnorm_partials_triton, add_rmsnorm_triton
+from tests.test_lora_fold import DEVICE, EPS, TOKEN_SLOTS, make_fold, stacked, tol
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_setting(monkeypatch) -> None:
+    monkeypatch.delenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", raising=False)
+    assert lora_gemm_splits() == 0
+    for raw, want in (("2", 2), ("4", 4), ("1", 0), ("0", 0)):
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", raw)
+        assert lora_gemm_splits() == want
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", "-1")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_LORA_SPLIT"):
+        lora_gemm_splits()
+
+
+def split_stack_output(fold: LoraFold, n: int, seed: int) -> tuple[torch.Tensor, LoraFold]:
+    """A split stacked GEMM's output as the norm gets it: x's partials [S, T, n] and the
+    stacked fold's t [S, T, slots * n*R], both views of one fp32 [S, T, n + slots * n*R]."""
+    st = stacked(fold)
+    splits, rows, cols = st.t.shape
+    g = torch.Generator().manual_seed(seed)
+    y_all = torch.empty(splits, rows, n + cols, device=DEVICE)
+    y_all[:, :, :n] = torch.randn(splits, rows, n, generator=g).to(DEVICE)
+    y_all[:, :, n:] = st.t
+    return y_all[:, :, :n], dataclasses.replace(st, t=y_all[:, :, n:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [2, 3])
+def test_add_rmsnorm_sums_partials_and_folds(dtype, splits) -> None:
+    """add+RMSNorm over the partials of a split stacked GEMM (strided views of its output)
+    with the fold over their t: the bits of the kernel given the partials' sum rounded to the
+    stream's dtype and the same fold, for 2 splits (whose fp32 sum has one order); within a
+    rounding step for 3. Rows of 3000 take the fold kernel's parts, the last partial."""
+    n = 3000
+    fold = make_fold(TOKEN_SLOTS, [n], dtype, splits)
+    x, fold = split_stack_output(fold, n, seed=splits)
+    g = torch.Generator().manual_seed(11)
+    residual = torch.randn(len(TOKEN_SLOTS), n, generator=g).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype).to(DEVICE)
+    got, got_s = add_rmsnorm_partials_triton(x, residual, w, EPS, fold=fold)
+    want, want_s = add_rmsnorm_triton(x.sum(0).to(dtype), residual, w, EPS, fold=fold)
+    if splits == 2:
+        assert torch.equal(got_s, want_s) and torch.equal(got, want)
+    torch.testing.assert_close(got_s, want_s, **tol(dtype))
+    torch.testing.assert_close(got, want, **tol(dtype))
+    # the torch path of a norm that does not fuse: the partials summed, the plain expand
+    from ops.lora import apply_fold
+
+    plain_s = apply_fold(x.sum(0).to(dtype), fold) + residual
+    torch.testing.assert_close(got_s, plain_s, **tol(dtype))
+    with pytest.raises(ValueError, match="does not fit"):
+        add_rmsnorm_partials_triton(x[:, :, :64], residual[:, :64], w[:64], EPS, fold=fold)
+
+
+def test_norm_module_takes_partials_with_a_fold(monkeypatch, triton_on_cpu) -> None:
+    """RMSNorm.add_forward with partials and a fold: the fused kernel where the norm fuses,
+    else the partials' sum with the plain expand; the two agree."""
+    from runtime.model import llama
+
+    n, dtype = 96, torch.float32
+    fold = make_fold(TOKEN_SLOTS, [n], dtype, 2)
+    x, fold = split_stack_output(fold, n, seed=4)
+    residual = torch.randn(len(TOKEN_SLOTS), n).to(DEVICE)
+    norm = llama.RMSNorm(n, EPS).to(DEVICE)
+    monkeypatch.setattr(llama, "runs_fused", lambda m, t: True)
+    fused = norm.add_forward(x, residual, fold)
+    monkeypatch.setattr(llama, "runs_fused", lambda m, t: False)
+    plain = norm.add_forward(x, residual, fold)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **tol(dtype))
+
+
+def test_linear_fold_keeps_a_split_stack_gemms_partials() -> None:
+    """linear_lora_fold whose stack_mm returns split-K partials: base(x) as its partials
+    [S, T, N] (summing to x W^T) and a stacked fold whose t keeps the S splits (summing to
+    each slot's x A^T); the plain expand's t is their sum in B's dtype."""
+    g = torch.Generator().manual_seed(7)
+    k_dim, widths, rank_pad = 64, [32, 16], 16
+    fold = make_fold(TOKEN_SLOTS, widths, torch.float32, 1)
+    A = torch.randn(3, 2 * rank_pad, k_dim, generator=g).to(DEVICE)
+    W = torch.randn(sum(widths), k_dim, generator=g).to(DEVICE)
+    x = torch.randn(len(TOKEN_SLOTS), k_dim, generator=g).to(DEVICE)
+    stack = torch.cat([W, A.reshape(-1, k_dim)])
+
+    def split_mm(v, w):  # two slices of K, fp32 partials, as the decode GEMM leaves them
+        return torch.stack([v[:, :32] @ w[:, :32].T, v[:, 32:] @ w[:, 32:].T])
+
+    y, f = linear_lora_fold(x, lambda v: v @ W.T, A, fold.B, fold.slice_offsets,
+                            fold.scalings, fold.info, fold.row_slots, stack=stack,
+                            stack_mm=split_mm)
+    assert y.shape == (2, len(TOKEN_SLOTS), sum(widths))
+    torch.testing.assert_close(y.sum(0), x @ W.T)
+    assert f.t.shape == (2, len(TOKEN_SLOTS), 3 * 32) and f.t_slot_stride == 32
+    for s in range(3):
+        torch.testing.assert_close(f.t.sum(0)[:, s * 32:(s + 1) * 32], x @ A[s].T)
+    f.check(y[0])
+    rows_t = fold_rows_t(f)
+    assert rows_t.shape == (1, len(TOKEN_SLOTS), 32)
+    for m, slot in enumerate(f.row_slots.tolist()):
+        if slot >= 0:
+            torch.testing.assert_close(rows_t[0, m], x[m] @ A[slot].T)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decode_with_split_stacks_matches_unsplit(arch, tmp_path, monkeypatch,
+                                                  triton_on_cpu) -> None:
+    """A served mixed batch (base rows and two adapters on every projection) whose decode
+    forwards fold every group over the pool's stacks on the decode GEMM (the interpreter; PDL
+    resolved as in a decode graph): with o's and down's stacked GEMMs over 2 slices of K,
+    each decode forward's logits match the unsplit forward's and the greedy tokens are the
+    same; the last layer's down partials reach the final norm summed."""
+    from ops.lora import capture_paths, stack_paths
+    from runtime.config import LoraPathSpec
+    from runtime.model import llama
+    from tests.engine_utils import greedy, make_engine, run, run_batch
+    from tests.models import make_adapter, make_model, prompts, read_vocab
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = make_model(tmp_path / "m", arch)
+    specs = tuple(
+        LoraPathSpec(f"a{i}", str(make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i,
+                                               targets=targets)))
+        for i, r in enumerate((8, 16)))
+    ps = prompts(4, read_vocab(model), seed=5, lo=3, hi=12)
+    loras = [None, "a0", "a1", "a1"]
+    launches = []
+    plain = llama.decode_gemm
+
+    def spy(x, w, b=None, pdl=False, split=1, tiling=None):
+        launches.append((w.shape[0], split))
+        return plain(x, w, b, split=split, tiling=tiling)  # the interpreter: no PDL
+
+    monkeypatch.setattr(llama, "decode_gemm", spy)
+    monkeypatch.setattr(llama, "runs_fused", lambda m, x: m.use_fused)
+    monkeypatch.setattr(llama, "pdl_resolve", lambda pdl, t: True)
+    monkeypatch.setenv("LORASERVE_LORA_FOLD", "qkv,o,gate_up,down")
+    monkeypatch.setenv("LORASERVE_LORA_STACK", "1")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMV", "0")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM", "32")
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:16:32:4:2")
+    monkeypatch.setenv("LORASERVE_DECODE_GATE_UP", "0")
+    forward = llama.CausalLM.forward
+    logits: dict[str, list[torch.Tensor]] = {"0": [], "2": []}
+    tokens = {}
+    for split in ("0", "2"):
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", split)
+
+        def patched(self, fb, kv_k, kv_v, split=split):
+            with capture_paths(fold=fb.is_decode), stack_paths(fb.is_decode):
+                out = forward(self, fb, kv_k, kv_v)
+            if fb.is_decode:
+                logits[split].append(out.clone())
+            return out
+
+        monkeypatch.setattr(llama.CausalLM, "forward", patched)
+        launches.clear()
+        engine = make_engine(model, lora_paths=specs, max_loras_per_batch=2,
+                             max_running_requests=8)
+        tokens[split] = run(run_batch(engine, ps, greedy(5), loras))
+        o_rows = engine.model.layers[0].self_attn.o_proj.weight.shape[0]
+        stack_rows = o_rows + 2 * 16  # the pool's 2 slots of max rank 16
+        splits = {s for n, s in launches if n == stack_rows}
+        assert splits == ({2} if split == "2" else {1}), (split, set(launches))
+    assert logits["0"] and len(logits["0"]) == len(logits["2"])
+    for a, b in zip(logits["2"], logits["0"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert tokens["2"] == tokens["0"]
