@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s42f   (one GPU) the 8-slot targets with the split stacks by
+#                                    default and without; about 4 min
 #   scripts/device_session.sh s42e   (one GPU) o's and down's stacked LoRA GEMMs over 2 slices
 #                                    of K: GPU graph tests, 32-slot and 8-slot targets with and
 #                                    without; about 9 min
@@ -442,6 +444,10 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s42f)  # one GPU: the 8-slot pool's targets with o's and down's stacks split by default
+    # (where the grid is one wave) and without (LORASERVE_DECODE_GEMM_LORA_SPLIT=0)
+    step8_each 230 NONE=1 LORASERVE_DECODE_GEMM_LORA_SPLIT=0
     ;;
   s42e)  # one GPU: o's and down's stacked LoRA GEMMs over 2 slices of K
     # (LORASERVE_DECODE_GEMM_LORA_SPLIT=2, opt-in): its GPU graph tests, then the 32-slot and

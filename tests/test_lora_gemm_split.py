@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ops.lora import LoraFold, fold_rows_t, linear_lora_fold
-from ops.triton_decode_gemm import lora_gemm_splits
+from ops.triton_decode_gemm import lora_gemm_splits, one_wave_split
 from ops.triton_rmsnorm import add_rmsnorm_partials_triton, add_rmsnorm_triton
 from tests.test_lora_fold import DEVICE, EPS, TOKEN_SLOTS, make_fold, stacked, tol
 
@@ -23,13 +23,26 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def test_setting(monkeypatch) -> None:
     monkeypatch.delenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", raising=False)
-    assert lora_gemm_splits() == 0
+    assert lora_gemm_splits() == 2
     for raw, want in (("2", 2), ("4", 4), ("1", 0), ("0", 0)):
         monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", raw)
         assert lora_gemm_splits() == want
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", "-1")
     with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_LORA_SPLIT"):
         lora_gemm_splits()
+
+
+def test_split_only_where_the_grid_is_one_wave() -> None:
+    """Llama-3.1-8B's o and down stacks at the default tiling (64 rows a program) on 132
+    multiprocessors: an 8-slot pool's (4096 + 8 x 16 rows) split in 2 (132 programs), a
+    32-slot pool's (4608 rows: 144) and a 16-slot pool's (4352: 136) do not."""
+    cpu = torch.device("cpu")
+    assert one_wave_split(4096 + 8 * 16, 2, cpu) == 2
+    assert one_wave_split(4096 + 32 * 16, 2, cpu) == 0
+    assert one_wave_split(4096 + 16 * 16, 2, cpu) == 0
+    assert one_wave_split(4096 + 8 * 16, 4, cpu) == 0
+    assert one_wave_split(4096, 2, cpu, "128:256:0:8:3") == 2
+    assert one_wave_split(4096, 0, cpu) == 0
 
 
 def split_stack_output(fold: LoraFold, n: int, seed: int) -> tuple[torch.Tensor, LoraFold]:

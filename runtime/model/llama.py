@@ -53,6 +53,7 @@ from ops.triton_decode_gemm import (
     in_gemm_rows,
     large_gemm_tiling,
     lora_gemm_splits,
+    one_wave_split,
     qkv_gemm_splits,
     qkv_gemm_tiling,
 )
@@ -302,7 +303,8 @@ def project_fold(
     else (project(...), None). A group the pool stacks (its A under the base weight's rows in
     one buffer) takes one GEMM for both. partials: the caller's output goes to a norm's
     add_forward, which takes split-K partials [S, T, out] (and a fold over their t): a stacked
-    GEMM on the decode GEMM splits as LORASERVE_DECODE_GEMM_LORA_SPLIT asks."""
+    GEMM on the decode GEMM splits as LORASERVE_DECODE_GEMM_LORA_SPLIT asks, where its grid
+    stays one wave."""
     if group is None or info is None or plan is None or name not in plan.groups:
         return project(linear, x, group, info, partials=partials), None
     stack = group.stack if stacks_lora() else None
@@ -317,6 +319,8 @@ def project_fold(
     if stack is not None and gemm_takes_weight(stack, x):
         # the stacked GEMM (base rows, then every slot's A) as the decode GEMM, with PDL
         splits = lora_gemm_splits() if partials and linear.bias is None else 0
+        if splits:
+            splits = one_wave_split(stack.shape[0], splits, x.device, weight_tiling(stack))
         if splits and not gemm_takes_weight(stack, x, splits):
             splits = 0
         stack_mm = partial(decode_gemm, pdl=True, tiling=weight_tiling(stack),
