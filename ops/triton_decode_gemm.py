@@ -100,10 +100,11 @@ def _decode_gemm_kernel(
     # [num_slots, 2], each row's slot (-1: none)
     t_ptr=None, fb_ptr=None, scal_ptr=None, rslot_ptr=None, R=0, stride_tsplit=0,
     stride_tm=0, t_slot_stride=0, stride_bs=0, stride_bn=0, stride_ss=0, stride_si=0,
+    NUM_SLOTS=1,
     FOLD: tl.constexpr = False,
     T_SPLITS: tl.constexpr = 1,
     BLOCK_R: tl.constexpr = 16,  # R padded to a power of two
-    R_CHUNK: tl.constexpr = 4,  # rank columns a step of the epilogue's sum
+    BLOCK_C: tl.constexpr = 64,  # slots' rank columns an MMA of the epilogue takes
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -154,31 +155,44 @@ def _decode_gemm_kernel(
         dtype = y_ptr.dtype.element_ty
         if FOLD:
             # as ops/triton_silu_mul.py's fold: each value's delta added to it as the projection
-            # stored it, the sum rounded to y's dtype (t rounded as the stacked GEMM stores it)
+            # stored it, the sum rounded to y's dtype (t rounded as the stacked GEMM stores it).
+            # The delta as MMAs over every slot's rank columns (B [tile rows, slots * R] by t
+            # [rows, slots * R], each row's t kept in its own slot's columns, zero elsewhere):
+            # one for gate's t and one for up's, each tile row taking its half's
             if USE_PDL:
                 gdc_wait()  # t comes from the kernel ahead
             slots = tl.load(rslot_ptr + offs_m, mask=m_live, other=-1)
+            up_row = offs_r >= BLOCK_N // 2  # each tile row's slice: gate or up
+            offs_c = tl.arange(0, BLOCK_C)
+            d_gate = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
+            d_up = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
+            t_rows = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm
+            for c0 in tl.range(0, NUM_SLOTS * BLOCK_R, BLOCK_C, num_stages=1):
+                col = c0 + offs_c
+                c_slot = col // BLOCK_R
+                c_rank = col % BLOCK_R
+                c_live = (c_slot < NUM_SLOTS) & (c_rank < R)
+                bv = tl.load(fb_ptr + c_slot[None, :].to(tl.int64) * stride_bs
+                             + w_idx[:, None].to(tl.int64) * stride_bn + c_rank[None, :],
+                             mask=n_live[:, None] & c_live[None, :], other=0.0)
+                own = (slots[:, None] == c_slot[None, :]) & c_live[None, :]
+                t_cols = t_rows + c_slot[None, :].to(tl.int64) * t_slot_stride + c_rank[None, :]
+                tg = tl.zeros((MP, BLOCK_C), dtype=tl.float32)
+                tu = tl.zeros((MP, BLOCK_C), dtype=tl.float32)
+                for sp in tl.static_range(T_SPLITS):
+                    tg += tl.load(t_cols + sp * stride_tsplit, mask=own, other=0.0).to(tl.float32)
+                    tu += tl.load(t_cols + sp * stride_tsplit + R, mask=own,
+                                  other=0.0).to(tl.float32)
+                tg = tg.to(bv.dtype)
+                tu = tu.to(bv.dtype)
+                d_gate = tl.dot(bv, tl.trans(tg), d_gate, input_precision=PRECISION)
+                d_up = tl.dot(bv, tl.trans(tu), d_up, input_precision=PRECISION)
             lora = slots >= 0
             s_safe = tl.maximum(slots, 0).to(tl.int64)
-            up_row = (offs_r >= BLOCK_N // 2).to(tl.int64)  # each tile row's slice: gate 0, up 1
             live2 = n_live[:, None] & lora[None, :]
-            scale = tl.load(scal_ptr + s_safe[None, :] * stride_ss + up_row[:, None] * stride_si,
-                            mask=live2, other=0.0)
-            b_base = (fb_ptr + s_safe[None, :, None] * stride_bs
-                      + w_idx[:, None, None].to(tl.int64) * stride_bn)
-            t_base = (t_ptr + offs_m[None, :, None].to(tl.int64) * stride_tm
-                      + s_safe[None, :, None] * t_slot_stride + up_row[:, None, None] * R)
-            delta = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-            for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
-                offs_c = r0 + tl.arange(0, R_CHUNK)
-                live3 = live2[:, :, None] & (offs_c < R)[None, None, :]
-                bv = tl.load(b_base + offs_c[None, None, :], mask=live3, other=0.0)
-                tv = tl.zeros((BLOCK_N, MP, R_CHUNK), dtype=tl.float32)
-                for sp in tl.static_range(T_SPLITS):
-                    tv += tl.load(t_base + sp * stride_tsplit + offs_c[None, None, :], mask=live3,
-                                  other=0.0).to(tl.float32)
-                tv = tv.to(dtype).to(tl.float32)
-                delta += tl.sum(bv.to(tl.float32) * tv, axis=2)
+            scale = tl.load(scal_ptr + s_safe[None, :] * stride_ss
+                            + up_row[:, None].to(tl.int64) * stride_si, mask=live2, other=0.0)
+            delta = tl.where(up_row[:, None], d_up, d_gate)
             acc = acc.to(dtype).to(tl.float32) + tl.where(live2, delta * scale, 0.0)
         gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N // 2, MP)), (1, 2, 0)))
         gate = gate.to(dtype).to(tl.float32)
@@ -336,8 +350,8 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
             t_ptr=t, fb_ptr=b, scal_ptr=sc, rslot_ptr=fold.row_slots, R=rank,
             stride_tsplit=t.stride(0), stride_tm=t.stride(1), t_slot_stride=2 * rank,
             stride_bs=b.stride(0), stride_bn=b.stride(1), stride_ss=sc.stride(0),
-            stride_si=sc.stride(1), FOLD=True, T_SPLITS=t.shape[0], BLOCK_R=block_r,
-            R_CHUNK=min(4, block_r))
+            stride_si=sc.stride(1), NUM_SLOTS=b.shape[0], FOLD=True, T_SPLITS=t.shape[0],
+            BLOCK_R=block_r, BLOCK_C=max(16, min(64, block_r * next_pow2(b.shape[0]))))
     _decode_gemm_kernel[(cdiv(inter, half), 1)](
         x, weight, weight, out,
         rows, inter, k_dim,

@@ -80,12 +80,14 @@ def fold_case(dtype, rows, inter, k, rank, slots, seed, device="cpu"):
 @pytest.mark.parametrize(("rows", "inter", "k", "rank", "slots", "tiling", "splits"), [
     (5, 40, 64, 4, 3, "16:16:32:4:2", 2),   # t in 2 fp32 partials; inter masked
     (17, 64, 96, 6, 2, "32:32:0:4:2", 1),   # t unsplit in x's dtype; a rank padded to 8
+    (24, 32, 96, 16, 5, "32:16:32:4:2", 3),  # 5 slots' 80 rank columns: 2 MMAs, one masked
 ])
 def test_fold_matches_stacked_gemm_then_silu_fold(dtype, rows, inter, k, rank, slots, tiling,
                                                   splits):
     """With gate_up's LoRA (`GateUpFold`: t from the decode GEMM over every slot's A, in
-    slices of K): as the stacked GEMM and SiLU*up's fold, for base rows and several adapters'
-    rows mixed (fp16 bit for bit in the interpreter)."""
+    slices of K; the delta as MMAs over 64 of the slots' rank columns at a time): as the
+    stacked GEMM and SiLU*up's fold, for base rows and several adapters' rows mixed (fp16 bit
+    for bit in the interpreter)."""
     x, w, a, b, sc, rs = fold_case(dtype, rows, inter, k, rank, slots, rows)
     t = decode_gemm(x, a, split=splits, tiling=tiling)
     t = t if splits > 1 else t.unsqueeze(0)
