@@ -462,13 +462,43 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def one_wave_split(rows: int, splits: int, device: torch.device, tiling=None) -> int:
-    """`splits` where the decode GEMM's grid over a weight of `rows` rows at `tiling` (None:
-    the default) and `splits` slices of K has at most one program a multiprocessor (its
-    pipeline takes most of one's shared memory), else 0: a second wave of a few programs
-    costs more than the slices gain."""
-    block_n = gemm_tiling(tiling)[0]
-    return splits if splits >= 2 and cdiv(rows, block_n) * splits <= num_sms(device) else 0
+SMEM_PER_SM = 228 * 1024  # an H100/H200 multiprocessor's shared memory
+SMEM_RESERVED = 1024  # of it, the driver's a resident program
+
+
+def resident_programs(tiling, rows: int, elem: int) -> int:
+    """How many of the decode GEMM's programs at `tiling` over `rows` rows of `elem`-byte
+    values a multiprocessor holds at once, by the shared memory of their pipelines."""
+    block_n, block_k, pre_k, _, _ = tiling
+    mp = max(16, next_pow2(rows))
+    stages = pipeline_stages(tiling, mp, elem)
+    smem = (block_n + mp) * (block_k * stages + pre_k) * elem + SMEM_RESERVED
+    return max(1, SMEM_PER_SM // smem)
+
+
+def one_wave_split(n_rows: int, splits: int, x: torch.Tensor, tiling=None) -> int:
+    """`splits` where the decode GEMM's grid over a weight of `n_rows` rows at `tiling` (None:
+    the default) and `splits` slices of K, for x's rows, fits one wave: its programs at most
+    the multiprocessors times the programs each holds (`resident_programs`); else 0. (A
+    second wave of a few programs costs more than the slices gain.)"""
+    if splits < 2:
+        return 0
+    tile = gemm_tiling(tiling)
+    programs = cdiv(n_rows, tile[0]) * splits
+    fits = num_sms(x.device) * resident_programs(tile, x.shape[0], x.element_size())
+    return splits if programs <= fits else 0
+
+
+def lora_split_tiling() -> str | None:
+    """LORASERVE_DECODE_GEMM_LORA_TILE (BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES; default: the
+    stack's own tiling): the tiling of o's and down's stacks where they split
+    (`lora_gemm_splits`), checked here. A tiling whose pipeline leaves room for two programs
+    a multiprocessor (64:128:0:4:4 at 32 rows) lets a 32-slot pool's 144 programs run as one
+    wave."""
+    spec = os.environ.get("LORASERVE_DECODE_GEMM_LORA_TILE", "") or None
+    if spec is not None:
+        gemm_tiling(spec)
+    return spec
 
 
 def qkv_gemm_splits() -> int:

@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s43b   (one GPU, prepared) o's and down's split stacks at
+#                                    64:128:0:4:4 (the 32-slot pool's split as one wave): GPU
+#                                    tests, 32-slot and 8-slot targets with and without; ~9 min
 #   scripts/device_session.sh s43a   (one GPU, prepared) gate_up's LoRA in its one launch with
 #                                    the MMA epilogue: GPU tests, 8-slot targets with it and
 #                                    without, the 32-slot targets with it; about 9 min
@@ -447,6 +450,18 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s43b)  # one GPU: o's and down's stacks split at 64:128:0:4:4
+    # (LORASERVE_DECODE_GEMM_LORA_TILE, opt-in; two programs a multiprocessor, so the
+    # 32-slot pool's 144 split programs are one wave): the GPU tests, then the 32-slot and the
+    # 8-slot targets with it and without
+    gpu_tests split_tests 150 tests/test_graphs_gpu.py -k "split_lora"
+    rm -f "$OUT"/*.xml
+    lt=LORASERVE_DECODE_GEMM_LORA_TILE=64:128:0:4:4
+    step_each 330 "$lt" NONE=1 "$lt"
+    [ "$SECONDS" -lt 420 ] && { step8 step8_1_tile 95 "$lt"; rm -f "$OUT/step8_1_tile.log"; }
+    [ "$SECONDS" -lt 490 ] && { step8 step8_2_none 95 NONE=1; rm -f "$OUT/step8_2_none.log"; }
+    step_table "$OUT"/step8_*.json
     ;;
   s43a)  # one GPU: gate_up's LoRA in its one launch with the MMA epilogue
     # (LORASERVE_DECODE_GATE_UP_FOLD=8, opt-in): its GPU tests, then the 8-slot pool's targets

@@ -251,7 +251,7 @@ def test_graphs_with_large_stacks_on_the_gemm_match_eager_fp32(setup, monkeypatc
 
 
 def count_split_stacks(monkeypatch) -> list:
-    """Record (weight rows, split) of each decode GEMM launch over a LoRA stack in graphs."""
+    """Record (weight rows, split) of each decode GEMM launch in graphs."""
     from runtime.model import llama
 
     launches = []
@@ -269,15 +269,17 @@ LORA_SPLIT = {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_TILE": "16:3
               "LORASERVE_LORA_STACK": "1", "LORASERVE_DECODE_GEMM_LORA_SPLIT": "2"}
 
 
-def test_graphs_with_split_lora_stacks_match_eager_fp32(setup, monkeypatch):
+@pytest.mark.parametrize("tile", ["", "32:32:0:4:3"])
+def test_graphs_with_split_lora_stacks_match_eager_fp32(setup, tile, monkeypatch):
     """fp32, base rows mixed with 4 adapters (two on o or down): with
     LORASERVE_DECODE_GEMM_LORA_SPLIT=2 the stacked graphs' o and down GEMMs leave split-K
     partials of the projection and of every slot's t, which the next add+RMSNorm sums and
     folds (the last layer's down: summed before the final norm); decode graphs give eager
-    decode's greedy tokens."""
+    decode's greedy tokens. Also at a split tiling of their own
+    (LORASERVE_DECODE_GEMM_LORA_TILE)."""
     launches = count_split_stacks(monkeypatch)
     graphs_match_eager_fp32(setup, monkeypatch, ((NAMES[:8], 8), (NAMES, 24)), seed=15,
-                            **LORA_SPLIT)
+                            LORASERVE_DECODE_GEMM_LORA_TILE=tile, **LORA_SPLIT)
     # o's stack: 128 base rows and 4 slots of 16 A rows; down's the same
     assert (128 + 4 * 16, 2) in launches, set(launches)
 

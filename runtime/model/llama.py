@@ -53,6 +53,7 @@ from ops.triton_decode_gemm import (
     in_gemm_rows,
     large_gemm_tiling,
     lora_gemm_splits,
+    lora_split_tiling,
     one_wave_split,
     qkv_gemm_splits,
     qkv_gemm_tiling,
@@ -318,13 +319,16 @@ def project_fold(
     stack_mm = None
     if stack is not None and gemm_takes_weight(stack, x):
         # the stacked GEMM (base rows, then every slot's A) as the decode GEMM, with PDL
+        tiling = weight_tiling(stack)
         splits = lora_gemm_splits() if partials and linear.bias is None else 0
         if splits:
-            splits = one_wave_split(stack.shape[0], splits, x.device, weight_tiling(stack))
-        if splits and not gemm_takes_weight(stack, x, splits):
-            splits = 0
-        stack_mm = partial(decode_gemm, pdl=True, tiling=weight_tiling(stack),
-                           split=max(splits, 1))
+            split_tiling = lora_split_tiling() or tiling
+            splits = one_wave_split(stack.shape[0], splits, x, split_tiling)
+            if splits and gemm_takes_weight(stack, x, splits, split_tiling):
+                tiling = split_tiling
+            else:
+                splits = 0
+        stack_mm = partial(decode_gemm, pdl=True, tiling=tiling, split=max(splits, 1))
     return lora_linear_fold(
         x, linear, group.A, group.B, group.slice_offsets, group.scalings, info, plan.row_slots,
         stack=stack, stack_mm=stack_mm,
