@@ -730,6 +730,55 @@ def end_worker_process() -> NoReturn:
     os._exit(0)
 
 
+WATCH_INTERVAL_S = 0.5
+
+
+def exit_for_dead_worker(rank: int, exitcode: int) -> NoReturn:
+    """Rank 0's answer to a worker that exited while the group was serving: say which and how,
+    then end this process (status 1). Its next collective would wait for the missing rank
+    until NCCL's timeout (10 minutes), and a group without one of its ranks serves nothing."""
+    log.critical("tensor-parallel worker rank %d exited with status %s; rank 0 cannot go on "
+                 "without it and exits (the worker's own output above says why)", rank, exitcode)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(1)
+
+
+class WorkerWatch:
+    """Rank 0's watch over its worker processes (ranks 1..N-1 in order), from their spawn until
+    `disarm` (before a shutdown asks them to exit): the first one seen exited calls
+    `on_death(rank, exitcode)` (default `exit_for_dead_worker`) from the watch's thread, once.
+    A worker that fails while rank 0 waits in a collective (an exception in graph capture, out
+    of memory, killed) otherwise leaves rank 0 blocked there until NCCL's timeout."""
+
+    def __init__(self, procs: list[Any], on_death: Callable[[int, int], Any] | None = None,
+                 interval_s: float = WATCH_INTERVAL_S) -> None:
+        self.procs = procs
+        self.on_death = on_death or exit_for_dead_worker
+        self.interval_s = interval_s
+        self._disarmed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loraserve-tp-watch", daemon=True)
+
+    def start(self) -> WorkerWatch:
+        self._thread.start()
+        return self
+
+    def disarm(self) -> None:
+        """Stop watching: the workers may exit from now on (a shutdown, or rank 0's failed
+        startup killing them)."""
+        self._disarmed.set()
+
+    def _run(self) -> None:
+        while not self._disarmed.wait(self.interval_s):
+            for rank, p in enumerate(self.procs, start=1):
+                code = p.exitcode
+                if code is not None and not self._disarmed.is_set():
+                    self.on_death(rank, code)
+                    return
+
+
 def spawn_workers(config: ServerConfig, init_method: str) -> list[Any]:
     """Start ranks 1..tp_size-1 as processes (spawned: CUDA and threads do not survive fork)."""
     ctx = mp.get_context("spawn")
@@ -866,6 +915,7 @@ class TPEngine(Engine):
 
     driver: TPDriver
     workers: list[Any]
+    watch: WorkerWatch | None = None  # launch's: from_group's caller watches its own workers
 
     @classmethod
     def from_group(cls, config: ServerConfig, tp: TPGroup, metrics: Any = None) -> TPEngine:
@@ -920,20 +970,26 @@ class TPEngine(Engine):
             os.environ.update(MULTICAST_OFF)  # the workers inherit it
         init_method = free_init_method()
         procs = spawn_workers(config, init_method)
+        # a worker failing while rank 0 builds (its graph captures pair collectives) or serves
+        watch = WorkerWatch(procs).start()
         try:
             tp = init_tp(0, config.tp_size, init_method, rank_device(config, 0))
             engine = cls.from_group(config, tp, metrics)
         except BaseException:
+            watch.disarm()
             for p in procs:  # they may be waiting on a collective rank 0 will never join
                 p.kill()
             if dist.is_initialized():
                 dist.destroy_process_group()
             raise
         engine.workers = procs
+        engine.watch = watch
         return engine
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         await super().stop(drain_timeout)
+        if self.watch is not None:
+            self.watch.disarm()  # the shutdown below ends the workers
         try:  # a collective and a barrier: off the event loop
             await asyncio.to_thread(self.driver.shutdown)
         except RuntimeError as e:  # a worker already gone (killed with the process group)

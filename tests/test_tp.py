@@ -463,6 +463,56 @@ def test_end_worker_process_flushes_and_exits_zero() -> None:
     assert "logged" in out.stderr
 
 
+class FakeWorker:
+    """A worker process as WorkerWatch sees it: its exit status, None while it runs."""
+
+    def __init__(self) -> None:
+        self.exitcode: int | None = None
+
+
+def test_worker_watch_reports_the_first_worker_to_exit_once() -> None:
+    """Rank 0's watch names the first worker it sees exited (rank and status), once; after
+    `disarm` (a shutdown) an exit is no news."""
+    from runtime.tp import WorkerWatch
+
+    procs = [FakeWorker(), FakeWorker()]
+    seen: list[tuple[int, int]] = []
+    watch = WorkerWatch(procs, on_death=lambda r, c: seen.append((r, c)), interval_s=0.01)
+    watch.start()
+    time.sleep(0.1)
+    assert seen == []
+    procs[1].exitcode = -9  # rank 2, killed
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    procs[0].exitcode = 1
+    time.sleep(0.1)
+    assert seen == [(2, -9)]
+
+    procs = [FakeWorker()]
+    seen.clear()
+    watch = WorkerWatch(procs, on_death=lambda r, c: seen.append((r, c)), interval_s=0.01)
+    watch.start()
+    watch.disarm()
+    procs[0].exitcode = 0
+    time.sleep(0.1)
+    assert seen == []
+
+
+def test_dead_worker_ends_rank_0_with_a_message() -> None:
+    """The watch's default answer: rank 0 logs which worker exited and how, then exits with
+    status 1 at once (its next collective would wait on the missing rank until NCCL's
+    timeout)."""
+    code = ("import time; from runtime.tp import WorkerWatch\n"
+            "class P:\n    exitcode = 5\n"
+            "WorkerWatch([P()], interval_s=0.01).start(); time.sleep(30); print('never')")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert "never" not in out.stdout
+    assert "worker rank 1 exited with status 5" in out.stderr, out.stderr
+
+
 def test_failed_unissued_upload_frees_a_gathered_slot() -> None:
     """Under tensor parallelism a slot's ready flag is rank 0's event wrapped with the workers'
     reports: a failure issuing rank 0's copies (a batch issued at a poll) is matched
