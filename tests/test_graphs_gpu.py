@@ -235,30 +235,23 @@ def test_graphs_with_large_stacks_on_the_gemm_match_eager_fp32(setup, monkeypatc
     decode GEMM at that tiling, and decode graphs give eager decode's greedy tokens."""
     from runtime.model import llama
 
-    tilings = []
-    real = llama.decode_gemm
-
-    def spy(x, w, b=None, pdl=False, split=1, tiling=None):
-        tilings.append((w.shape[0], tiling))
-        return real(x, w, b, pdl=pdl, split=split, tiling=tiling)
-
-    monkeypatch.setattr(llama, "decode_gemm", spy)
+    launches = count_gemm_launches(monkeypatch)
     monkeypatch.setattr(llama, "MAX_WEIGHT_ELEMS", 60000)  # gate_up's 512 x 128 and its stack
     graphs_match_eager_fp32(setup, monkeypatch, ((NAMES[:8], 8),), seed=13,
                             LORASERVE_DECODE_GEMM="32", LORASERVE_DECODE_GEMM_TILE="16:32:64:4:2",
                             LORASERVE_DECODE_GEMM_LARGE="32:64:0:4:3")
-    assert any(n > 512 and t == "32:64:0:4:3" for n, t in tilings), set(tilings)
+    assert any(n > 512 and t == "32:64:0:4:3" for n, _, t in launches), set(launches)
 
 
-def count_split_stacks(monkeypatch) -> list:
-    """Record (weight rows, split) of each decode GEMM launch in graphs."""
+def count_gemm_launches(monkeypatch) -> list:
+    """Record (weight rows, split, tiling) of each decode GEMM launch in graphs."""
     from runtime.model import llama
 
     launches = []
     real = llama.decode_gemm
 
     def spy(x, w, b=None, pdl=False, split=1, tiling=None):
-        launches.append((w.shape[0], split))
+        launches.append((w.shape[0], split, tiling))
         return real(x, w, b, pdl=pdl, split=split, tiling=tiling)
 
     monkeypatch.setattr(llama, "decode_gemm", spy)
@@ -277,11 +270,11 @@ def test_graphs_with_split_lora_stacks_match_eager_fp32(setup, tile, monkeypatch
     folds (the last layer's down: summed before the final norm); decode graphs give eager
     decode's greedy tokens. Also at a split tiling of their own
     (LORASERVE_DECODE_GEMM_LORA_TILE)."""
-    launches = count_split_stacks(monkeypatch)
+    launches = count_gemm_launches(monkeypatch)
     graphs_match_eager_fp32(setup, monkeypatch, ((NAMES[:8], 8), (NAMES, 24)), seed=15,
                             LORASERVE_DECODE_GEMM_LORA_TILE=tile, **LORA_SPLIT)
     # o's stack: 128 base rows and 4 slots of 16 A rows; down's the same
-    assert (128 + 4 * 16, 2) in launches, set(launches)
+    assert (128 + 4 * 16, 2, tile or None) in launches, set(launches)
 
 
 def test_graph_with_split_lora_stacks_logits_bf16(setup, monkeypatch):
@@ -289,9 +282,9 @@ def test_graph_with_split_lora_stacks_logits_bf16(setup, monkeypatch):
     o's and down's stacks split gives the eager forward's logits within the bf16 bound."""
     for name, value in LORA_SPLIT.items():
         monkeypatch.setenv(name, value)
-    launches = count_split_stacks(monkeypatch)
+    launches = count_gemm_launches(monkeypatch)
     engine, fb = mixed_decode_step(setup, "csgmv")
-    assert (128 + 4 * 16, 2) in launches, set(launches)
+    assert (128 + 4 * 16, 2, None) in launches, set(launches)
     assert any(k[1] == "stacked" for k in engine.runner.graphs.graphs)
     replay_within_bf16_bound(engine, fb, "bf16 split LoRA stacks graph")
 

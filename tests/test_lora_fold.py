@@ -319,6 +319,18 @@ def test_consumers_read_a_stacked_t_by_row_slot(dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(rope(fold), rope(stacked(fold))))
 
 
+def stack_case() -> tuple:
+    """(fold, A, W, x, stack): a two-slice group (32 and 16 outputs) of 3 slots at rank 16
+    over 64 inputs, and the pool's stack of it ([W; every slot's A]), fp32."""
+    g = torch.Generator().manual_seed(7)
+    k_dim, widths, rank_pad = 64, [32, 16], 16
+    fold = make_fold(TOKEN_SLOTS, widths, torch.float32, 1)
+    A = torch.randn(3, 2 * rank_pad, k_dim, generator=g).to(DEVICE)
+    W = torch.randn(sum(widths), k_dim, generator=g).to(DEVICE)
+    x = torch.randn(len(TOKEN_SLOTS), k_dim, generator=g).to(DEVICE)
+    return fold, A, W, x, torch.cat([W, A.reshape(-1, k_dim)])
+
+
 def test_stacked_linear_fold_is_one_gemm_over_weight_and_slots() -> None:
     """linear_lora_fold over a stack ([W; every slot's A]) returns x W^T as a view of one GEMM
     and a stacked t whose row m, slot s columns are x_m A_s^T; a stack of another shape, or a
@@ -327,13 +339,8 @@ def test_stacked_linear_fold_is_one_gemm_over_weight_and_slots() -> None:
 
     from ops.lora import linear_lora_fold
 
-    g = torch.Generator().manual_seed(7)
-    k_dim, widths, rank_pad = 64, [32, 16], 16
-    fold = make_fold(TOKEN_SLOTS, widths, torch.float32, 1)
-    A = torch.randn(3, 2 * rank_pad, k_dim, generator=g).to(DEVICE)
-    W = torch.randn(sum(widths), k_dim, generator=g).to(DEVICE)
-    x = torch.randn(len(TOKEN_SLOTS), k_dim, generator=g).to(DEVICE)
-    stack = torch.cat([W, A.reshape(-1, k_dim)])
+    fold, A, W, x, stack = stack_case()
+    rank_pad = A.shape[1] // 2
     y, f = linear_lora_fold(x, lambda v: v @ W.T, A, fold.B, fold.slice_offsets, fold.scalings,
                             fold.info, fold.row_slots, stack=stack)
     torch.testing.assert_close(y, x @ W.T)
@@ -380,6 +387,21 @@ def test_consumers_reject_a_fold_of_other_slices() -> None:
 # ------------------------------------------------------------------------------- the model
 
 
+def model_with_two_adapters(tmp_path, arch: str) -> tuple:
+    """(model folder, LoraPathSpecs): a tiny `arch` model and adapters a0 (rank 8) and a1
+    (rank 16) on every projection."""
+    from runtime.config import LoraPathSpec
+    from tests.models import make_adapter, make_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = make_model(tmp_path / "m", arch)
+    specs = tuple(
+        LoraPathSpec(f"a{i}", str(make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i,
+                                               targets=targets)))
+        for i, r in enumerate((8, 16)))
+    return model, specs
+
+
 @pytest.mark.parametrize(("arch", "stack"), [("llama", "0"), ("qwen3", "0"), ("llama", "1")])
 def test_folded_decode_matches_expands_in_the_interpreter(arch, stack, tmp_path,
                                                           monkeypatch) -> None:
@@ -389,20 +411,14 @@ def test_folded_decode_matches_expands_in_the_interpreter(arch, stack, tmp_path,
     with the pool's stacks (LORASERVE_LORA_STACK=1), where the folding forwards take one GEMM
     for each projection and every slot's shrink."""
     import ops.dispatch
-    from runtime.config import LoraPathSpec
     from runtime.model import llama
     from tests.engine_utils import greedy, make_engine, run, run_batch
-    from tests.models import make_adapter, make_model, prompts, read_vocab
+    from tests.models import prompts, read_vocab
 
     monkeypatch.setattr(ops.dispatch, "TRITON_ON_CPU", True)
     monkeypatch.setenv("LORASERVE_LORA_FOLD", "qkv,o,gate_up,down")
     monkeypatch.setenv("LORASERVE_LORA_STACK", stack)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = make_model(tmp_path / "m", arch)
-    specs = tuple(
-        LoraPathSpec(f"a{i}", str(make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i,
-                                               targets=targets)))
-        for i, r in enumerate((8, 16)))
+    model, specs = model_with_two_adapters(tmp_path, arch)
     ps = prompts(5, read_vocab(model), seed=3, lo=3, hi=12)
     loras = [None, "a0", "a1", "a1", "a0"]
     forward = llama.CausalLM.forward

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 from ops.lora import LoraFold, fold_rows_t, linear_lora_fold
 from ops.triton_decode_gemm import lora_gemm_splits, one_wave_split
 from ops.triton_rmsnorm import add_rmsnorm_partials_triton, add_rmsnorm_triton
-from tests.test_lora_fold import DEVICE, EPS, TOKEN_SLOTS, make_fold, stacked, tol
+from tests.test_lora_fold import DEVICE, EPS, TOKEN_SLOTS, make_fold, stack_case, stacked, tol
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -121,13 +121,8 @@ def test_linear_fold_keeps_a_split_stack_gemms_partials() -> None:
     """linear_lora_fold whose stack_mm returns split-K partials: base(x) as its partials
     [S, T, N] (summing to x W^T) and a stacked fold whose t keeps the S splits (summing to
     each slot's x A^T); the plain expand's t is their sum in B's dtype."""
-    g = torch.Generator().manual_seed(7)
-    k_dim, widths, rank_pad = 64, [32, 16], 16
-    fold = make_fold(TOKEN_SLOTS, widths, torch.float32, 1)
-    A = torch.randn(3, 2 * rank_pad, k_dim, generator=g).to(DEVICE)
-    W = torch.randn(sum(widths), k_dim, generator=g).to(DEVICE)
-    x = torch.randn(len(TOKEN_SLOTS), k_dim, generator=g).to(DEVICE)
-    stack = torch.cat([W, A.reshape(-1, k_dim)])
+    fold, A, W, x, stack = stack_case()
+    widths = [32, 16]
 
     def split_mm(v, w):  # two slices of K, fp32 partials, as the decode GEMM leaves them
         return torch.stack([v[:, :32] @ w[:, :32].T, v[:, 32:] @ w[:, 32:].T])
@@ -157,17 +152,12 @@ def test_decode_with_split_stacks_matches_unsplit(arch, tmp_path, monkeypatch,
     each decode forward's logits match the unsplit forward's and the greedy tokens are the
     same; the last layer's down partials reach the final norm summed."""
     from ops.lora import capture_paths, stack_paths
-    from runtime.config import LoraPathSpec
     from runtime.model import llama
     from tests.engine_utils import greedy, make_engine, run, run_batch
-    from tests.models import make_adapter, make_model, prompts, read_vocab
+    from tests.models import prompts, read_vocab
+    from tests.test_lora_fold import model_with_two_adapters
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = make_model(tmp_path / "m", arch)
-    specs = tuple(
-        LoraPathSpec(f"a{i}", str(make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i,
-                                               targets=targets)))
-        for i, r in enumerate((8, 16)))
+    model, specs = model_with_two_adapters(tmp_path, arch)
     ps = prompts(4, read_vocab(model), seed=5, lo=3, hi=12)
     loras = [None, "a0", "a1", "a1"]
     launches = []
