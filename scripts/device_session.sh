@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s43c   (one GPU, prepared) batch 32's base graph by kernel at the
+#                                    current defaults; about 2 min
 #   scripts/device_session.sh s43b   (one GPU, prepared) o's and down's split stacks at
 #                                    64:128:0:4:4 (the 32-slot pool's split as one wave): GPU
 #                                    tests, 32-slot and 8-slot targets with and without; ~9 min
@@ -450,6 +452,13 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s43c)  # one GPU: where batch 32's base graph spends its step at the current defaults (the
+    # one-launch gate_up; kernel time by name, and which kernels move the step's end)
+    timeout 140 python3 -m benchmarks.step_bench --profile --profile-graphs --timeline \
+      --out /tmp/prof_base.json > "$OUT/prof_base.log" 2>&1
+    echo "== step_bench --profile --profile-graphs: rc $?"
+    sed -n "/decode batch 32, 0 adapters, graphs/,/decode batch 1, 1 adapters/p" "$OUT/prof_base.log"
     ;;
   s43b)  # one GPU: o's and down's stacks split at 64:128:0:4:4
     # (LORASERVE_DECODE_GEMM_LORA_TILE, opt-in; two programs a multiprocessor, so the
