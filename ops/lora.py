@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ops.dispatch import use_triton
+from ops.dispatch import num_sms, use_triton
 from ops.scoped import ThreadSetting
 from ops.triton_lora_fold import LoraFold
 
@@ -347,13 +347,6 @@ def uses_rows_expand(num_tokens: int, chunk_size: int) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # interpreter runs: size grids as for an H200
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=16)
 def _use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for the shrink and expand: on CUDA sm_90+ when
     LORASERVE_ENABLE_PDL=1 (off by default: on the H200 it helped some cases and hurt others,
@@ -396,7 +389,7 @@ def _shrink_partials(
         live=table.live,
         entry_progs=table.entry_progs,
         split_k=split_k,
-        num_sms=_num_sms(x.device),
+        num_sms=num_sms(x.device),
         out=out,
         max_split=expand_max_splits(table.block_m, A.shape[1] // num_slices),
         pdl=_use_pdl(x.device) if pdl is None else pdl,
@@ -447,7 +440,7 @@ def lora_expand_triton(
     if uses_rows_expand(y.shape[0], info.chunk_size):
         triton_lora_expand_rows(
             t, B, y, tuple(slice_offsets), scalings, info.slot_ranks, info.seg_indptr,
-            info.seg_slots, info.num_segments, num_sms=_num_sms(y.device),
+            info.seg_slots, info.num_segments, num_sms=num_sms(y.device),
             pdl=_use_pdl(y.device) if pdl is None else pdl, block_n=block_n, live=info.seg_live,
         )
         return
@@ -468,7 +461,7 @@ def lora_expand_triton(
         m_progs,
         live=table.live,
         entry_progs=table.entry_progs,
-        num_sms=_num_sms(y.device),
+        num_sms=num_sms(y.device),
         pdl=_use_pdl(y.device) if pdl is None else pdl,
         block_n=block_n,
     )
@@ -786,7 +779,7 @@ def _shrink_partials_buffer(
 
     return shrink_partials_buffer(
         x, A, num_slices, table.block_m, table.m_progs, table.num_entries, table.entry_progs,
-        _num_sms(x.device), expand_max_splits(table.block_m, A.shape[1] // num_slices),
+        num_sms(x.device), expand_max_splits(table.block_m, A.shape[1] // num_slices),
     )
 
 

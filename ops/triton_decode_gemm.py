@@ -50,7 +50,6 @@ it was removed.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -59,6 +58,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ops.dispatch import num_sms
 from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_decode_gemv import decode_gemv_rows
@@ -452,14 +452,6 @@ def lora_gemm_splits() -> int:
     loop against 5.32 (H200, thirty-fourth session). A 32-slot pool's (4608 rows, 144
     programs over 2 slices) lost: 6.38 ms against 6.09 for the 32-adapter graph."""
     return _slices("LORASERVE_DECODE_GEMM_LORA_SPLIT", DEFAULT_LORA_SPLITS)
-
-
-@functools.lru_cache(maxsize=16)
-def num_sms(device: torch.device) -> int:
-    """The device's multiprocessors (132, an H200's, for CPU tensors: interpreter runs)."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 SMEM_PER_SM = 228 * 1024  # an H100/H200 multiprocessor's shared memory

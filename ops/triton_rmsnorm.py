@@ -38,6 +38,19 @@ _FOLD_WARPS = 4
 
 
 @triton.jit
+def load_x(ptrs, live, stride_xs, X_SPLITS: tl.constexpr, like_ptr):
+    """A row's values of x in fp32: x itself, or the sum of its X_SPLITS fp32 split-K
+    partials (`stride_xs` apart) rounded to like_ptr's dtype, as the projection's GEMM would
+    have stored it."""
+    x = tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
+    if X_SPLITS > 1:
+        for sp in tl.static_range(1, X_SPLITS):
+            x += tl.load(ptrs + sp * stride_xs, mask=live, other=0.0)
+        x = x.to(like_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr,
     res_ptr,
@@ -61,12 +74,7 @@ def _rmsnorm_kernel(
     live = offs < N
     w = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)  # no kernel writes it
     wait_then_release(USE_PDL)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
-    if X_SPLITS > 1:
-        for sp in tl.static_range(1, X_SPLITS):
-            x += tl.load(x_ptr + sp * stride_xs + row * stride_x + offs, mask=live, other=0.0)
-        # the projection's output as its GEMM would have stored it, in the stream's dtype
-        x = x.to(res_out_ptr.dtype.element_ty).to(tl.float32)
+    x = load_x(x_ptr + row * stride_x + offs, live, stride_xs, X_SPLITS, res_out_ptr)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
         # the residual stream is stored in its dtype: normalise the rounded sum
@@ -130,12 +138,7 @@ def _add_rmsnorm_fold_kernel(
     wait_then_release(USE_PDL)
     t = lora_fold_t(t_ptr, row, slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS, BLOCK_R,
                     EVEN_R)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=live, other=0.0).to(tl.float32)
-    if X_SPLITS > 1:
-        for sp in tl.static_range(1, X_SPLITS):
-            x += tl.load(x_ptr + sp * stride_xs + row * stride_x + offs, mask=live, other=0.0)
-        # the projection's output as its GEMM would have stored it, in the stream's dtype
-        x = x.to(dtype).to(tl.float32)
+    x = load_x(x_ptr + row * stride_x + offs, live, stride_xs, X_SPLITS, res_out_ptr)
     x = lora_fold_apply(x, b, t, scal_ptr, slot, 0, live, stride_ss, stride_si, res_out_ptr)
     r = tl.load(res_ptr + row * stride_res + offs, mask=live, other=0.0).to(tl.float32)
     s = (x + r).to(dtype)
