@@ -105,6 +105,8 @@ def _decode_gemm_kernel(
     T_SPLITS: tl.constexpr = 1,
     BLOCK_R: tl.constexpr = 16,  # R padded to a power of two
     BLOCK_C: tl.constexpr = 64,  # slots' rank columns an MMA of the epilogue takes
+    FOLD_STAGES: tl.constexpr = 1,  # the epilogue's B and t tiles in flight
+    EVEN_R: tl.constexpr = False,  # R == BLOCK_R
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -164,14 +166,18 @@ def _decode_gemm_kernel(
             slots = tl.load(rslot_ptr + offs_m, mask=m_live, other=-1)
             up_row = offs_r >= BLOCK_N // 2  # each tile row's slice: gate or up
             offs_c = tl.arange(0, BLOCK_C)
+            # (each slot's rank columns as whole runs of BLOCK_R, so that B's and t's tiles load
+            # as vectors and Triton's pipeline copies them ahead)
+            c_rank = offs_c % BLOCK_R
             d_gate = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
             d_up = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
             t_rows = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm
-            for c0 in tl.range(0, NUM_SLOTS * BLOCK_R, BLOCK_C, num_stages=1):
-                col = c0 + offs_c
-                c_slot = col // BLOCK_R
-                c_rank = col % BLOCK_R
-                c_live = (c_slot < NUM_SLOTS) & (c_rank < R)
+            for c0 in tl.range(0, NUM_SLOTS * BLOCK_R, BLOCK_C, num_stages=FOLD_STAGES):
+                c_slot = c0 // BLOCK_R + offs_c // BLOCK_R
+                if EVEN_R:
+                    c_live = c_slot < NUM_SLOTS
+                else:
+                    c_live = (c_slot < NUM_SLOTS) & (c_rank < R)
                 bv = tl.load(fb_ptr + c_slot[None, :].to(tl.int64) * stride_bs
                              + w_idx[:, None].to(tl.int64) * stride_bn + c_rank[None, :],
                              mask=n_live[:, None] & c_live[None, :], other=0.0)
@@ -346,12 +352,14 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
         t, b, sc = fold.t, fold.B, fold.scalings
         rank = b.shape[2]
         block_r = next_pow2(rank)
+        block_c = max(16, block_r, min(64, block_r * next_pow2(b.shape[0])))  # whole slots
         extra.update(
             t_ptr=t, fb_ptr=b, scal_ptr=sc, rslot_ptr=fold.row_slots, R=rank,
             stride_tsplit=t.stride(0), stride_tm=t.stride(1), t_slot_stride=2 * rank,
             stride_bs=b.stride(0), stride_bn=b.stride(1), stride_ss=sc.stride(0),
             stride_si=sc.stride(1), NUM_SLOTS=b.shape[0], FOLD=True, T_SPLITS=t.shape[0],
-            BLOCK_R=block_r, BLOCK_C=max(16, min(64, block_r * next_pow2(b.shape[0]))))
+            BLOCK_R=block_r, BLOCK_C=block_c, EVEN_R=rank == block_r,
+            FOLD_STAGES=fold_stages(tile, mp, block_c, x.element_size(), t.element_size()))
     _decode_gemm_kernel[(cdiv(inter, half), 1)](
         x, weight, weight, out,
         rows, inter, k_dim,
@@ -415,6 +423,15 @@ def pipeline_stages(tiling, mp: int, elem: int) -> int:
     per_stage = (block_n + mp) * block_k * elem
     budget = SMEM_BUDGET - (block_n + mp) * pre_k * elem
     return max(1, min(stages, budget // per_stage))
+
+
+def fold_stages(tiling, mp: int, block_c: int, elem: int, t_elem: int) -> int:
+    """The stages of `decode_gemm_silu_mul`'s fold epilogue (B's and t's tiles in flight): the
+    tiling's, fewer where they would pass SMEM_BUDGET. (The epilogue's buffers take the main
+    loop's shared memory again once it ends.)"""
+    block_n, _, _, _, stages = tiling
+    per_stage = block_n * block_c * elem + 2 * mp * block_c * t_elem
+    return max(1, min(stages, SMEM_BUDGET // per_stage))
 
 
 DEFAULT_ROWS = 32  # batch 32's base step 0.28 ms shorter on the H200 (thirtieth session)

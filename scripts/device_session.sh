@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s44a   (one GPU) gate_up's LoRA in its one launch, the fold
+#                                    epilogue's tiles as vectors, pipelined: GPU tests, the
+#                                    8-slot and 32-slot targets with it and without; ~9 min
 #   scripts/device_session.sh s43c   (one GPU, prepared) batch 32's base graph by kernel at the
 #                                    current defaults; about 2 min
 #   scripts/device_session.sh s43b   (one GPU, prepared) o's and down's split stacks at
@@ -452,6 +455,19 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s44a)  # one GPU: gate_up's LoRA in its one launch, the epilogue's B and t tiles loaded as
+    # vectors and pipelined (LORASERVE_DECODE_GATE_UP_FOLD=8, opt-in): its GPU tests, then the
+    # 8-slot and the 32-slot pools' targets with it and without
+    gpu_tests fold_tests 170 tests/test_gate_up_gemm.py tests/test_graphs_gpu.py -k "fold"
+    rm -f "$OUT"/*.xml
+    fo=LORASERVE_DECODE_GATE_UP_FOLD=8
+    [ "$SECONDS" -lt 260 ] && { step8 step8_1_fold 110 "$fo"; rm -f "$OUT/step8_1_fold.log"; }
+    [ "$SECONDS" -lt 350 ] && { step8 step8_2_none 95 NONE=1; rm -f "$OUT/step8_2_none.log"; }
+    step_table "$OUT"/step8_*.json
+    [ "$SECONDS" -lt 430 ] && { step_lora 100 step_1_fold "$fo"; rm -f "$OUT/step_1_fold.log"; }
+    [ "$SECONDS" -lt 500 ] && { step_lora 95 step_2_none NONE=1; rm -f "$OUT/step_2_none.log"; }
+    step_table "$OUT"/step_*.json
     ;;
   s43c)  # one GPU: where batch 32's base graph spends its step at the current defaults (the
     # one-launch gate_up; kernel time by name, and which kernels move the step's end)

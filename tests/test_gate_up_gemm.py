@@ -81,6 +81,7 @@ def fold_case(dtype, rows, inter, k, rank, slots, seed, device="cpu"):
     (5, 40, 64, 4, 3, "16:16:32:4:2", 2),   # t in 2 fp32 partials; inter masked
     (17, 64, 96, 6, 2, "32:32:0:4:2", 1),   # t unsplit in x's dtype; a rank padded to 8
     (24, 32, 96, 16, 5, "32:16:32:4:2", 3),  # 5 slots' 80 rank columns: 2 MMAs, one masked
+    (6, 32, 64, 72, 2, "32:32:0:4:2", 1),   # a rank past 64: a slot's 128 columns an MMA
 ])
 def test_fold_matches_stacked_gemm_then_silu_fold(dtype, rows, inter, k, rank, slots, tiling,
                                                   splits):
@@ -267,12 +268,12 @@ def test_llama_8b_gate_up_bit_for_bit(rows, tiling):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("rows", [8, 32])
-def test_llama_8b_gate_up_fold_bf16(rows):
-    """bf16 at Llama-3.1-8B's gate_up over 8 slots of rank 16, rows mixed over them and base
-    rows, t in 8 slices of K, with and without PDL: within bf16 rounding of the stacked GEMM
-    and SiLU*up's fold."""
-    x, w, a, b, sc, rs = fold_case(torch.bfloat16, rows, 14336, 4096, 16, 8, rows, "cuda")
+@pytest.mark.parametrize(("rows", "slots"), [(8, 8), (32, 8), (32, 32)])
+def test_llama_8b_gate_up_fold_bf16(rows, slots):
+    """bf16 at Llama-3.1-8B's gate_up over 8 or 32 slots of rank 16, rows mixed over them and
+    base rows, t in 8 slices of K, with and without PDL: within bf16 rounding of the stacked
+    GEMM and SiLU*up's fold."""
+    x, w, a, b, sc, rs = fold_case(torch.bfloat16, rows, 14336, 4096, 16, slots, rows, "cuda")
     w, a, b = w * 0.1, a * 0.1, b * 0.1
     want = stacked_reference(x, w, a, b, sc, rs).float()
     t = decode_gemm(x, a, split=8)

@@ -134,7 +134,8 @@ def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_
     consts = {"MP": mp, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
               "HAS_BIAS": False, "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32",
               "STAGES": 4 if mp < 64 else 3, "SILU_MUL": "silu" in epilogue,
-              "FOLD": "fold" in epilogue, "T_SPLITS": 8, "BLOCK_R": 16, "BLOCK_C": 64}
+              "FOLD": "fold" in epilogue, "T_SPLITS": 8, "BLOCK_R": 16, "BLOCK_C": 64,
+              "FOLD_STAGES": 4, "EVEN_R": True}
     if "fold" in epilogue:
         ptrs.update(t_ptr="*fp32", fb_ptr="*bf16", scal_ptr="*fp32", rslot_ptr="*i32")
     case = ["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts]
