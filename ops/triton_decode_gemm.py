@@ -359,7 +359,8 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
             stride_bs=b.stride(0), stride_bn=b.stride(1), stride_ss=sc.stride(0),
             stride_si=sc.stride(1), NUM_SLOTS=b.shape[0], FOLD=True, T_SPLITS=t.shape[0],
             BLOCK_R=block_r, BLOCK_C=block_c, EVEN_R=rank == block_r,
-            FOLD_STAGES=fold_stages(tile, mp, block_c, x.element_size(), t.element_size()))
+            FOLD_STAGES=fold_stages(tile, mp, block_c, x.element_size(), t.element_size(),
+                                    t.shape[0]))
     _decode_gemm_kernel[(cdiv(inter, half), 1)](
         x, weight, weight, out,
         rows, inter, k_dim,
@@ -425,13 +426,15 @@ def pipeline_stages(tiling, mp: int, elem: int) -> int:
     return max(1, min(stages, budget // per_stage))
 
 
-def fold_stages(tiling, mp: int, block_c: int, elem: int, t_elem: int) -> int:
-    """The stages of `decode_gemm_silu_mul`'s fold epilogue (B's and t's tiles in flight): the
-    tiling's, fewer where they would pass SMEM_BUDGET. (The epilogue's buffers take the main
-    loop's shared memory again once it ends.)"""
-    block_n, _, _, _, stages = tiling
-    per_stage = block_n * block_c * elem + 2 * mp * block_c * t_elem
-    return max(1, min(stages, SMEM_BUDGET // per_stage))
+def fold_stages(tiling, mp: int, block_c: int, elem: int, t_elem: int, t_splits: int) -> int:
+    """The stages of `decode_gemm_silu_mul`'s fold epilogue (B's tile and t's gate and up tiles
+    of every slice in flight, a buffer each): the tiling's, fewer where they would pass the
+    main loop's shared memory, which the epilogue takes again once that loop ends (more would
+    take more: 8 slices of t at 4 stages asked 424 KB of the H200's 227). 1: loaded in turn."""
+    block_n, block_k, pre_k, _, stages = tiling
+    main = (block_n + mp) * (block_k * pipeline_stages(tiling, mp, elem) + pre_k) * elem
+    per_stage = block_n * block_c * elem + 2 * t_splits * mp * block_c * t_elem
+    return max(1, min(stages, main // per_stage))
 
 
 DEFAULT_ROWS = 32  # batch 32's base step 0.28 ms shorter on the H200 (thirtieth session)

@@ -312,7 +312,7 @@ step_each() {  # step_each GUARD_S SETTINGS...: the step targets, one process pe
   for knob in "$@"; do
     i=$((i + 1))
     if [ "$SECONDS" -gt "$guard" ]; then echo "== process $i: skipped, out of time"; break; fi
-    name="step_${i}_$(echo "$knob" | cut -d' ' -f1,3 | tr '= ' '__')"
+    name="step_${i}_$(echo "$knob" | cut -d' ' -f1,3 | tr '=: ' '___')"
     # shellcheck disable=SC2086  # the settings are separate words
     step_lora $((i == 1 ? 110 : 90)) "$name" $knob
     tail -4 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"

@@ -18,12 +18,15 @@ import json, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import importlib
-module, kernel, ptrs, constexprs = json.loads(sys.argv[1])
+module, kernel, ptrs, constexprs, *aligned = json.loads(sys.argv[1])
 fn = getattr(importlib.import_module(module), kernel)
 names = list(fn.arg_names)
 signature = {n: ptrs.get(n, "constexpr" if n in constexprs else "i32") for n in names}
 consts = {(names.index(n),): v for n, v in constexprs.items()}
-k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+# arguments a launch specializes as multiples of 16 (pointers, strides): the pipeline's loads
+# are asynchronous copies only where their addresses are known aligned
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (aligned[0] if aligned else [])}
+k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                    target=GPUTarget("cuda", 90, 32))
 print(json.dumps({"cubin": len(k.asm["cubin"]), "shared": k.metadata.shared}))
 """
@@ -140,6 +143,39 @@ def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_
         ptrs.update(t_ptr="*fp32", fb_ptr="*bf16", scal_ptr="*fp32", rslot_ptr="*i32")
     case = ["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
+
+
+@needs_backend
+@pytest.mark.parametrize("t_splits", [1, 2, 8])
+def test_gate_up_fold_epilogue_fits_shared_memory(t_splits: int):
+    """gate_up's one launch with its LoRA folded in at batch 32 over 8 slots of rank 16, its
+    pointers and strides aligned as a launch specializes them (so both loops pipeline): the
+    epilogue's stages (`fold_stages`) keep the kernel within the main loop's shared memory, so
+    two programs still share a multiprocessor (8 slices of t at 4 stages asked 424 KB)."""
+    from ops.triton_decode_gemm import (
+        SMEM_PER_SM,
+        fold_stages,
+        gate_up_tiling,
+        gemm_tiling,
+        pipeline_stages,
+    )
+    tile = gemm_tiling(gate_up_tiling())
+    block_n, block_k, pre_k, warps, _ = tile
+    stages = pipeline_stages(tile, 32, 2)
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+            "t_ptr": "*fp32", "fb_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32"}
+    consts = {"MP": 32, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
+              "HAS_BIAS": False, "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32",
+              "STAGES": stages, "SILU_MUL": True, "FOLD": True, "T_SPLITS": t_splits,
+              "BLOCK_R": 16, "BLOCK_C": 64, "EVEN_R": True,
+              "FOLD_STAGES": fold_stages(tile, 32, 64, 2, 4, t_splits)}
+    aligned = [n for n in ptrs] + ["K_SLICE", "stride_xm", "stride_wn", "stride_ym",
+                                   "stride_tsplit", "stride_tm", "t_slot_stride", "stride_bs",
+                                   "stride_bn"]
+    main = (block_n + 32) * (block_k * stages + pre_k) * 2
+    shared = _compile(["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts,
+                       aligned])["shared"]
+    assert shared <= main and 2 * (shared + 1024) <= SMEM_PER_SM, (shared, main)
 
 
 _FOLD_PTRS = {"t_ptr": "*fp32", "b_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32"}
