@@ -160,7 +160,7 @@ def test_gate_up_fold_epilogue_fits_shared_memory(t_splits: int):
         pipeline_stages,
     )
     tile = gemm_tiling(gate_up_tiling())
-    block_n, block_k, pre_k, warps, _ = tile
+    block_n, block_k, pre_k, _, _ = tile
     stages = pipeline_stages(tile, 32, 2)
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
             "t_ptr": "*fp32", "fb_ptr": "*bf16", "scal_ptr": "*fp32", "rslot_ptr": "*i32"}
