@@ -80,7 +80,7 @@ def _decode_gemm_kernel(
     y_ptr,
     M,
     N,
-    K_SLICE,  # K's columns a program covers (K / split)
+    K_STEPS,  # K / BLOCK_K: the grid's slices (axis 1) take as even shares of them as divide
     stride_xm,
     stride_wn,
     stride_ys,
@@ -110,7 +110,9 @@ def _decode_gemm_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    k_base = pid_s * K_SLICE
+    n_split = tl.num_programs(1)
+    k_base = (pid_s * K_STEPS // n_split) * BLOCK_K
+    k_len = ((pid_s + 1) * K_STEPS // n_split) * BLOCK_K - k_base
     if SILU_MUL:
         # BLOCK_N / 2 gate rows over the matching up rows (N further on) in one tile: an MMA
         # whose output holds both factors of the program's BLOCK_N / 2 columns of y
@@ -145,7 +147,7 @@ def _decode_gemm_kernel(
         x0 = tl.load(x_rows + offs_p[None, :], mask=m_live[:, None], other=0.0)
         acc = tl.dot(w0, tl.trans(x0), acc, input_precision=PRECISION)
     offs_k = tl.arange(0, BLOCK_K)
-    for k in tl.range(PRE_K, K_SLICE, BLOCK_K, num_stages=STAGES):
+    for k in tl.range(PRE_K, k_len, BLOCK_K, num_stages=STAGES):
         w = tl.load(w_rows + k + offs_k[None, :], mask=n_live[:, None], other=0.0)
         x = tl.load(x_rows + k + offs_k[None, :], mask=m_live[:, None], other=0.0)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
@@ -236,12 +238,14 @@ def gemm_tiling(spec: str | None = None) -> tuple[int, int, int, int, int]:
 
 
 def gemm_fits(rows: int, k_dim: int, split: int = 1, tiling=None) -> bool:
-    """Whether `decode_gemm` takes `rows` x `k_dim` over `split` slices at this tiling."""
+    """Whether `decode_gemm` takes `rows` x `k_dim` over `split` slices at this tiling: K in
+    whole BLOCK_K steps, each slice at least a step and PRE_K's columns (slices take
+    K / BLOCK_K / split steps, rounded down or up)."""
     _, block_k, pre_k, _, _ = tiling or gemm_tiling()
-    if not 1 <= rows <= MAX_ROWS or split < 1 or k_dim % split:
+    if not 1 <= rows <= MAX_ROWS or split < 1 or k_dim % block_k:
         return False
-    k_slice = k_dim // split
-    return k_slice % block_k == 0 and k_slice >= pre_k
+    least = (k_dim // block_k // split) * block_k
+    return least >= max(block_k, pre_k)
 
 
 def check_operands(name: str, x: torch.Tensor, weight: torch.Tensor, split: int,
@@ -283,7 +287,7 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     grid = (cdiv(n_dim, block_n), split)
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out,
-        rows, n_dim, k_dim // split,
+        rows, n_dim, k_dim // block_k,
         x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
         MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
         HAS_BIAS=bias is not None, USE_PDL=pdl, EVEN_N=n_dim % block_n == 0,
@@ -363,7 +367,7 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
                                     t.shape[0]))
     _decode_gemm_kernel[(cdiv(inter, half), 1)](
         x, weight, weight, out,
-        rows, inter, k_dim,
+        rows, inter, k_dim // block_k,
         x.stride(0), weight.stride(0), 0, out.stride(0),
         MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
         HAS_BIAS=False, USE_PDL=pdl, EVEN_N=inter % half == 0,
@@ -459,18 +463,18 @@ def _slices(name: str, default: int) -> int:
     return splits if splits >= 2 else 0
 
 
-DEFAULT_LORA_SPLITS = 2
+DEFAULT_LORA_SPLITS = 4
+WIDE_LORA_TILING = "128:128:0:8:4"  # 160 KB of pipeline at 32 rows: one program an SM
 
 
 def lora_gemm_splits() -> int:
-    """LORASERVE_DECODE_GEMM_LORA_SPLIT: the slices of K for o's and down's stacked GEMM (base
-    rows, then every slot's A) in LoRA decode graphs that fold their expands, where the split
-    grid fits one wave (`one_wave_split`; default DEFAULT_LORA_SPLITS; 0 or 1: unsplit); the
-    next add+RMSNorm sums the partials of both and adds the delta. Unsplit, an 8-slot pool's
-    stacks (4224 rows) make 66 programs of 64 rows on the H200's 132 SMs, down's each over all
-    14336 columns: over 2 slices the 8-adapter step at batch 32 took 5.18 ms in the serving
-    loop against 5.32 (H200, thirty-fourth session). A 32-slot pool's (4608 rows, 144
-    programs over 2 slices) lost: 6.38 ms against 6.09 for the 32-adapter graph."""
+    """LORASERVE_DECODE_GEMM_LORA_SPLIT: the most slices of K for o's and down's stacked GEMM
+    (base rows, then every slot's A) in LoRA decode graphs that fold their expands (default
+    DEFAULT_LORA_SPLITS; 0 or 1: unsplit); `lora_split_plan` picks the slices and the tiling,
+    and the next add+RMSNorm sums the partials of both and adds the delta. Unsplit, an 8-slot
+    pool's stacks (4224 rows) make 66 programs of 64 rows on the H200's 132 SMs, down's each
+    over all 14336 columns: over 2 slices the 8-adapter step at batch 32 took 5.18 ms in the
+    serving loop against 5.32 (H200, thirty-fourth session)."""
     return _slices("LORASERVE_DECODE_GEMM_LORA_SPLIT", DEFAULT_LORA_SPLITS)
 
 
@@ -488,25 +492,53 @@ def resident_programs(tiling, rows: int, elem: int) -> int:
     return max(1, SMEM_PER_SM // smem)
 
 
-def one_wave_split(n_rows: int, splits: int, x: torch.Tensor, tiling=None) -> int:
-    """`splits` where the decode GEMM's grid over a weight of `n_rows` rows at `tiling` (None:
-    the default) and `splits` slices of K, for x's rows, fits one wave: its programs at most
-    the multiprocessors times the programs each holds (`resident_programs`); else 0. (A
-    second wave of a few programs costs more than the slices gain.)"""
-    if splits < 2:
-        return 0
-    tile = gemm_tiling(tiling)
-    programs = cdiv(n_rows, tile[0]) * splits
-    fits = num_sms(x.device) * resident_programs(tile, x.shape[0], x.element_size())
-    return splits if programs <= fits else 0
+def sm_share(n_rows: int, k_dim: int, splits: int, tile, sms: int) -> int:
+    """The weight elements the busiest multiprocessor streams for the decode GEMM's grid over
+    `n_rows` x `k_dim` at `tile` in `splits` slices of K: its programs (the grid spread over
+    `sms`) times a program's rows times its slice's columns (the widest slice)."""
+    block_n, block_k = tile[0], tile[1]
+    programs = cdiv(n_rows, block_n) * splits
+    return cdiv(programs, sms) * block_n * cdiv(k_dim // block_k, splits) * block_k
+
+
+def lora_split_plan(n_rows: int, k_dim: int, x: torch.Tensor,
+                    tiling: str | None = None) -> tuple[str | None, int]:
+    """(tiling, slices) for o's or down's stack of `n_rows` x `k_dim` over x's rows: among the
+    stack's own tiling (`tiling`; None: the default) and WIDE_LORA_TILING (128 rows a program;
+    LORASERVE_DECODE_GEMM_LORA_TILE in place of both where set), and 2 up to
+    `lora_gemm_splits` slices whose grid is one wave (its programs at most the multiprocessors
+    times those each holds, `resident_programs`: a second wave of a few programs cost more
+    than the slices gained), the one whose busiest multiprocessor streams the least
+    (`sm_share`; ties: fewer slices, the stack's tiling). (tiling, 0): unsplit, where no
+    split streams less. An 8-slot pool's stacks (4224 rows) at batch 32 on 132 SMs: 2
+    slices at the default tiling (132 programs); a 32-slot pool's (4608 rows: 144 programs
+    at 64 rows over 2 slices): 3 slices of 128 rows (108 programs), the busiest multiprocessor
+    streaming about 0.69 of what the unsplit grid's does."""
+    most = lora_gemm_splits()
+    own = gemm_tiling(tiling)
+    sms = num_sms(x.device)
+    rows, elem = x.shape[0], x.element_size()
+    best = (sm_share(n_rows, k_dim, 1, own, sms), 1, 0), tiling
+    if most < 2 or not gemm_fits(rows, k_dim, 1, own):
+        return tiling, 0
+    named = lora_split_tiling()
+    for rank, spec in enumerate((named,) if named else (tiling, WIDE_LORA_TILING)):
+        tile = gemm_tiling(spec)
+        fits = sms * resident_programs(tile, rows, elem)
+        for splits in range(2, most + 1):
+            if cdiv(n_rows, tile[0]) * splits > fits:
+                break
+            if gemm_fits(rows, k_dim, splits, tile):
+                key = (sm_share(n_rows, k_dim, splits, tile, sms), splits, rank)
+                best = min(best, (key, spec), key=lambda b: b[0])
+    (_, splits, _), spec = best
+    return (spec, splits) if splits > 1 else (tiling, 0)
 
 
 def lora_split_tiling() -> str | None:
-    """LORASERVE_DECODE_GEMM_LORA_TILE (BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES; default: the
-    stack's own tiling): the tiling of o's and down's stacks where they split
-    (`lora_gemm_splits`), checked here. A tiling whose pipeline leaves room for two programs
-    a multiprocessor (64:128:0:4:4 at 32 rows) lets a 32-slot pool's 144 programs run as one
-    wave."""
+    """LORASERVE_DECODE_GEMM_LORA_TILE (BLOCK_N:BLOCK_K:PRE_K:WARPS:STAGES; default: none):
+    the one tiling of o's and down's stacks where they split (`lora_split_plan`), checked
+    here."""
     spec = os.environ.get("LORASERVE_DECODE_GEMM_LORA_TILE", "") or None
     if spec is not None:
         gemm_tiling(spec)

@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s44b   (one GPU) o's and down's stacks split as lora_split_plan
+#                                    picks: GPU tests, the 32-slot targets with it and with at
+#                                    most 2 slices; the fold epilogue's test and 8-slot step
 #   scripts/device_session.sh s44a   (one GPU) gate_up's LoRA in its one launch, the fold
 #                                    epilogue's tiles as vectors, pipelined: GPU tests, the
 #                                    8-slot and 32-slot targets with it and without; ~9 min
@@ -455,6 +458,22 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s44b)  # one GPU: o's and down's stacks split as `lora_split_plan` picks (a 32-slot pool's:
+    # 3 uneven slices of 128 rows, 108 programs): the GPU tests, the 32-slot targets with it
+    # and with at most 2 slices (unsplit there, as before); then gate_up's fold epilogue
+    # within its shared memory: its kernel test and the 8-slot targets with it
+    gpu_tests split_tests 200 tests/test_decode_gemm.py tests/test_graphs_gpu.py \
+      -k "3_slices or split_lora"
+    rm -f "$OUT"/*.xml
+    [ "$SECONDS" -lt 230 ] && { step_lora 100 step_1_plan NONE=1; rm -f "$OUT/step_1_plan.log"; }
+    [ "$SECONDS" -lt 330 ] && { step_lora 95 step_2_most2 LORASERVE_DECODE_GEMM_LORA_SPLIT=2
+      rm -f "$OUT/step_2_most2.log"; }
+    step_table "$OUT"/step_*.json
+    [ "$SECONDS" -lt 380 ] && gpu_tests fold_tests 60 tests/test_gate_up_gemm.py -k fold_bf16
+    rm -f "$OUT"/*.xml
+    [ "$SECONDS" -lt 420 ] && { step8 step8_1_fold 95 LORASERVE_DECODE_GATE_UP_FOLD=8
+      rm -f "$OUT/step8_1_fold.log"; }
     ;;
   s44a)  # one GPU: gate_up's LoRA in its one launch, the epilogue's B and t tiles loaded as
     # vectors and pipelined (LORASERVE_DECODE_GATE_UP_FOLD=8, opt-in): its GPU tests, then the

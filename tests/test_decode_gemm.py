@@ -45,19 +45,24 @@ def test_sums_match_linear(dtype, rows, n, k, bias, tiling):
     assert torch.allclose(got.float(), want, rtol=tol, atol=tol * k ** 0.5)
 
 
-@pytest.mark.parametrize(("rows", "split", "tiling"), [
-    (3, 2, "16:16:16:4:2"), (32, 4, "16:16:0:4:2")])
-def test_split_k_partials_sum_to_linear(rows, split, tiling):
-    """split > 1: fp32 partials [split, M, N], slice s the product over K's s-th slice."""
+@pytest.mark.parametrize(("rows", "split", "tiling", "bounds"), [
+    (3, 2, "16:16:16:4:2", (0, 64, 128)), (32, 4, "16:16:0:4:2", (0, 32, 64, 96, 128)),
+    # 8 steps of 16 over 3 slices: 2, 3 and 3 steps (the first loads one ahead of the wait)
+    (5, 3, "16:16:16:4:2", (0, 32, 80, 128)), (16, 3, "32:32:0:4:2", (0, 32, 64, 128))])
+def test_split_k_partials_sum_to_linear(rows, split, tiling, bounds):
+    """split > 1: fp32 partials [split, M, N], slice s the product over K's s-th slice; where
+    the split does not divide K's BLOCK_K steps, slice s takes steps [s*n//split,
+    (s+1)*n//split)."""
     g = torch.Generator().manual_seed(split)
     x = torch.randn(rows, 128, generator=g).half()
     w = torch.randn(32, 128, generator=g).half()
     parts = decode_gemm(x, w, split=split, tiling=tiling)
     assert parts.shape == (split, rows, 32) and parts.dtype == torch.float32
-    kk = 128 // split
     for s in range(split):
-        want = x[:, s * kk:(s + 1) * kk].float() @ w[:, s * kk:(s + 1) * kk].float().T
+        lo, hi = bounds[s], bounds[s + 1]
+        want = x[:, lo:hi].float() @ w[:, lo:hi].float().T
         assert torch.allclose(parts[s], want, rtol=1e-3, atol=1e-3), s
+    assert torch.allclose(parts.sum(0), x.float() @ w.float().T, rtol=1e-3, atol=1e-2)
 
 
 def test_x_rows_may_be_strided():
@@ -84,6 +89,11 @@ def test_tiling(monkeypatch):
     assert gemm_fits(32, 4096, 1, tile) and gemm_fits(32, 14336, 2, tile)
     assert not gemm_fits(32, 200, 1, tile) and not gemm_fits(65, 4096, 1, tile)
     assert not gemm_fits(8, 256, 1, (64, 128, 512, 4, 4))  # K narrower than loaded ahead
+    # slices of uneven steps: 4096 at BLOCK_K 128 in 3 (10, 11, 11); not more slices than steps
+    assert gemm_fits(32, 4096, 3, (128, 128, 0, 8, 4))
+    assert not gemm_fits(32, 256, 3, (64, 128, 0, 4, 4))
+    assert not gemm_fits(32, 640, 3, (64, 128, 256, 4, 4))  # a slice of 1 step, PRE_K 2
+
     # the pipeline's stages within SMEM_BUDGET: 64 rows at BLOCK_K 256 get 3 of 4 (256 KB)
     assert pipeline_stages((64, 256, 0, 4, 4), 32, 2) == 4
     assert pipeline_stages((64, 256, 0, 4, 4), 64, 2) == 3
@@ -283,6 +293,25 @@ def test_llama_8b_projections_bf16(rows):
             got = got.sum(0) if s > 1 else got.float()
             rel = ((got - want).norm() / want.norm()).item()
             assert rel < 4e-3, (n, k, s, rel)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_llama_8b_lora_stacks_in_3_slices_bf16():
+    """bf16, a 32-slot pool's o and down stacks (4608 rows) at batch 32 as `lora_split_plan`
+    takes them on the H200: 3 slices of K (uneven: 32 and 112 steps of 128) at
+    WIDE_LORA_TILING, within bf16 rounding of F.linear."""
+    from ops.triton_decode_gemm import WIDE_LORA_TILING
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for k in (4096, 14336):
+        x = torch.randn(32, k, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(4608, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        got = decode_gemm(x, w, split=3, tiling=WIDE_LORA_TILING)
+        assert got.shape == (3, 32, 4608)
+        want = F.linear(x.float(), w.float())
+        rel = ((got.sum(0) - want).norm() / want.norm()).item()
+        assert rel < 4e-3, (k, rel)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ops.lora import LoraFold, fold_rows_t, linear_lora_fold
-from ops.triton_decode_gemm import lora_gemm_splits, one_wave_split
+from ops.triton_decode_gemm import lora_gemm_splits, lora_split_plan
 from ops.triton_rmsnorm import add_rmsnorm_partials_triton, add_rmsnorm_triton
 from tests.test_lora_fold import DEVICE, EPS, TOKEN_SLOTS, make_fold, stack_case, stacked, tol
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def test_setting(monkeypatch) -> None:
     monkeypatch.delenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", raising=False)
-    assert lora_gemm_splits() == 2
+    assert lora_gemm_splits() == 4
     for raw, want in (("2", 2), ("4", 4), ("1", 0), ("0", 0)):
         monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", raw)
         assert lora_gemm_splits() == want
@@ -32,28 +32,50 @@ def test_setting(monkeypatch) -> None:
         lora_gemm_splits()
 
 
-def test_split_only_where_the_grid_is_one_wave(monkeypatch) -> None:
-    """Llama-3.1-8B's o and down stacks at batch 32 in bf16 on 132 multiprocessors. At the
-    default tiling (64 rows a program, 192 KB of pipeline: one program a multiprocessor) an
-    8-slot pool's (4096 + 8 x 16 rows) split in 2 (132 programs), a 32-slot pool's (4608 rows:
-    144) and a 16-slot pool's (4352: 136) do not. At 64:128:0:4:4 (96 KB: two a
-    multiprocessor) the 32-slot pool's split fits; LORASERVE_DECODE_GEMM_LORA_TILE names it."""
-    from ops.triton_decode_gemm import gemm_tiling, lora_split_tiling, resident_programs
+def test_split_plan(monkeypatch) -> None:
+    """Llama-3.1-8B's o (K 4096) and down (K 14336) stacks at batch 32 in bf16 on 132
+    multiprocessors (CPU tensors count as an H200's). An 8-slot pool's (4096 + 8 x 16 rows):
+    2 slices at the default tiling, 132 programs of 64 rows. A 32-slot pool's (4608 rows) would
+    make 144 over 2 slices there (one program a multiprocessor: a second wave); 3 slices of
+    128 rows make 108, the busiest multiprocessor streaming 128 x 11 x 128 of the weight
+    against 64 x 4096 unsplit. Slices at most LORASERVE_DECODE_GEMM_LORA_SPLIT;
+    LORASERVE_DECODE_GEMM_LORA_TILE the one split tiling."""
+    from ops.triton_decode_gemm import (
+        WIDE_LORA_TILING,
+        gemm_tiling,
+        lora_split_tiling,
+        resident_programs,
+        sm_share,
+    )
 
+    for name in ("LORASERVE_DECODE_GEMM_LORA_SPLIT", "LORASERVE_DECODE_GEMM_LORA_TILE"):
+        monkeypatch.delenv(name, raising=False)
     x = torch.empty(32, 4096, dtype=torch.bfloat16)
     assert resident_programs(gemm_tiling(None), 32, 2) == 1
     assert resident_programs(gemm_tiling("64:128:0:4:4"), 32, 2) == 2
-    assert one_wave_split(4096 + 8 * 16, 2, x) == 2
-    assert one_wave_split(4096 + 32 * 16, 2, x) == 0
-    assert one_wave_split(4096 + 16 * 16, 2, x) == 0
-    assert one_wave_split(4096 + 8 * 16, 4, x) == 0
-    assert one_wave_split(4096 + 32 * 16, 2, x, "64:128:0:4:4") == 2
-    assert one_wave_split(4096 + 32 * 16, 4, x, "64:128:0:4:4") == 0
-    assert one_wave_split(4096, 0, x) == 0
-    monkeypatch.delenv("LORASERVE_DECODE_GEMM_LORA_TILE", raising=False)
+    assert resident_programs(gemm_tiling(WIDE_LORA_TILING), 32, 2) == 1
+    for k in (4096, 14336):
+        assert lora_split_plan(4096 + 8 * 16, k, x) == (None, 2)
+        assert lora_split_plan(4096 + 32 * 16, k, x) == (WIDE_LORA_TILING, 3)
+        assert lora_split_plan(4096 + 16 * 16, k, x) == (WIDE_LORA_TILING, 3)
+    wide = gemm_tiling(WIDE_LORA_TILING)
+    assert sm_share(4608, 4096, 3, wide, 132) == 128 * 11 * 128
+    assert sm_share(4608, 4096, 1, gemm_tiling(None), 132) == 64 * 4096
+    assert sm_share(4608, 4096, 2, gemm_tiling(None), 132) == 2 * 64 * 2048  # two a busy SM
+    # a stack the kernel cannot take (K of 200): unsplit; a small one: the most slices
+    assert lora_split_plan(4096, 200, x) == (None, 0)
+    assert lora_split_plan(64, 4096, x, "64:256:0:4:4") == ("64:256:0:4:4", 4)
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", "2")
+    assert lora_split_plan(4096 + 32 * 16, 4096, x) == (None, 0)  # 3 slices needed
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_SPLIT", "1")
+    assert lora_split_plan(4096 + 8 * 16, 4096, x) == (None, 0)
+    monkeypatch.delenv("LORASERVE_DECODE_GEMM_LORA_SPLIT")
     assert lora_split_tiling() is None
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_TILE", "64:128:0:4:4")
     assert lora_split_tiling() == "64:128:0:4:4"
+    # two programs a multiprocessor at that tiling: the 32-slot pool's 216 over 3 slices fit
+    # (the busiest SM holds two of 64 x 11 steps), 4 slices' 288 do not
+    assert lora_split_plan(4096 + 32 * 16, 4096, x) == ("64:128:0:4:4", 3)
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_LORA_TILE", "64:100:0:4:4")
     with pytest.raises(ValueError, match="BLOCK_K"):
         lora_split_tiling()
@@ -148,7 +170,7 @@ def test_decode_with_split_stacks_matches_unsplit(arch, tmp_path, monkeypatch,
                                                   triton_on_cpu) -> None:
     """A served mixed batch (base rows and two adapters on every projection) whose decode
     forwards fold every group over the pool's stacks on the decode GEMM (the interpreter; PDL
-    resolved as in a decode graph): with o's and down's stacked GEMMs over 2 slices of K,
+    resolved as in a decode graph): with o's and down's stacked GEMMs over 2 or 3 slices of K,
     each decode forward's logits match the unsplit forward's and the greedy tokens are the
     same; the last layer's down partials reach the final norm summed."""
     from ops.lora import capture_paths, stack_paths
@@ -177,8 +199,9 @@ def test_decode_with_split_stacks_matches_unsplit(arch, tmp_path, monkeypatch,
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_TILE", "16:16:32:4:2")
     monkeypatch.setenv("LORASERVE_DECODE_GATE_UP", "0")
     forward = llama.CausalLM.forward
-    # unsplit; in 2 slices; in 2 slices at a tiling of their own (llama only: CI time)
-    runs = ("0", "2", "2@32:16:0:4:2") if arch == "llama" else ("0", "2")
+    # unsplit; in 2 slices; in 3 at a tiling of their own, K's steps shared unevenly (llama
+    # only: CI time)
+    runs = ("0", "2", "3@16:16:0:4:2") if arch == "llama" else ("0", "2")
     logits: dict[str, list[torch.Tensor]] = {run: [] for run in runs}
     tokens = {}
     for split in runs:
@@ -201,7 +224,10 @@ def test_decode_with_split_stacks_matches_unsplit(arch, tmp_path, monkeypatch,
         o_rows = engine.model.layers[0].self_attn.o_proj.weight.shape[0]
         stack_rows = o_rows + 2 * 16  # the pool's 2 slots of max rank 16
         seen = {(s, t) for n, s, t in launches if n == stack_rows}
-        assert seen == ({(2, tile or None)} if slices == "2" else {(1, None)}), (split, seen)
+        want = {(1, None)} if slices == "0" else {(int(slices), tile or None)}
+        if slices == "3":  # o's 4 steps of K: 3 slices take 2 steps as 2 do, so o takes 2
+            want = {(2, tile), (3, tile)}
+        assert seen == want, (split, seen)
     for split in runs[1:]:
         assert logits["0"] and len(logits["0"]) == len(logits[split])
         for a, b in zip(logits[split], logits["0"]):

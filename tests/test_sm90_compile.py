@@ -125,13 +125,14 @@ def test_decode_gemv_compiles_for_sm90(block_n: int, block_k: int, rows: int, ev
 @needs_backend
 @pytest.mark.parametrize(("mp", "block_n", "block_k", "pre_k", "y", "epilogue"),
                          [(32, 64, 256, 0, "bf16", ""), (16, 32, 256, 512, "fp32", ""),
-                          (64, 128, 128, 0, "bf16", ""), (32, 64, 128, 0, "bf16", "silu"),
+                          (64, 128, 128, 0, "bf16", ""), (32, 128, 128, 0, "fp32", ""),
+                          (32, 64, 128, 0, "bf16", "silu"),
                           (32, 64, 128, 0, "bf16", "silu+fold")])
 def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_k: int, y: str,
                                        epilogue: str):
     """ops/triton_decode_gemm.py with PDL as decode graphs launch it: batch 32 at the default
     tiling, split-K partials (fp32 out) with half a K slice ahead of the wait, 64 rows with
-    none ahead; gate_up with SiLU*up in the epilogue at its default tiling, and with its LoRA
+    none ahead, a LoRA stack's partials at WIDE_LORA_TILING's 128 rows; gate_up with SiLU*up in the epilogue at its default tiling, and with its LoRA
     folded in (t over 8 slices, rank 16)."""
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": f"*{y}"}
     consts = {"MP": mp, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
@@ -169,7 +170,7 @@ def test_gate_up_fold_epilogue_fits_shared_memory(t_splits: int):
               "STAGES": stages, "SILU_MUL": True, "FOLD": True, "T_SPLITS": t_splits,
               "BLOCK_R": 16, "BLOCK_C": 64, "EVEN_R": True,
               "FOLD_STAGES": fold_stages(tile, 32, 64, 2, 4, t_splits)}
-    aligned = [n for n in ptrs] + ["K_SLICE", "stride_xm", "stride_wn", "stride_ym",
+    aligned = [n for n in ptrs] + ["stride_xm", "stride_wn", "stride_ym",
                                    "stride_tsplit", "stride_tm", "t_slot_stride", "stride_bs",
                                    "stride_bn"]
     main = (block_n + 32) * (block_k * stages + pre_k) * 2
@@ -204,7 +205,7 @@ _LAYER_CASES = {
     "norm_fold_partials": ("ops.triton_rmsnorm", "_add_rmsnorm_fold_kernel", {
         "x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
         "res_out_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "eps": "fp32"},
-        {"BLOCK": 4096, "COLS": 256, "PARTS": 16, "X_SPLITS": 2}),
+        {"BLOCK": 4096, "COLS": 256, "PARTS": 16, "X_SPLITS": 3}),
     "silu": ("ops.triton_silu_mul", "_silu_mul_kernel", {"gate_up_ptr": "*bf16",
                                                          "out_ptr": "*bf16"}, {"BLOCK": 1024}),
     "silu_fold": ("ops.triton_silu_mul", "_silu_mul_fold_kernel", {

@@ -52,9 +52,7 @@ from ops.triton_decode_gemm import (
     gemm_tiling,
     in_gemm_rows,
     large_gemm_tiling,
-    lora_gemm_splits,
-    lora_split_tiling,
-    one_wave_split,
+    lora_split_plan,
     qkv_gemm_splits,
     qkv_gemm_tiling,
 )
@@ -304,8 +302,8 @@ def project_fold(
     else (project(...), None). A group the pool stacks (its A under the base weight's rows in
     one buffer) takes one GEMM for both. partials: the caller's output goes to a norm's
     add_forward, which takes split-K partials [S, T, out] (and a fold over their t): a stacked
-    GEMM on the decode GEMM splits as LORASERVE_DECODE_GEMM_LORA_SPLIT asks, where its grid
-    stays one wave."""
+    GEMM on the decode GEMM splits as `lora_split_plan` picks (LORASERVE_DECODE_GEMM_LORA_SPLIT
+    the most slices)."""
     if group is None or info is None or plan is None or name not in plan.groups:
         return project(linear, x, group, info, partials=partials), None
     stack = group.stack if stacks_lora() else None
@@ -320,10 +318,9 @@ def project_fold(
     if stack is not None and gemm_takes_weight(stack, x):
         # the stacked GEMM (base rows, then every slot's A) as the decode GEMM, with PDL
         tiling = weight_tiling(stack)
-        splits = lora_gemm_splits() if partials and linear.bias is None else 0
-        if splits:
-            split_tiling = lora_split_tiling() or tiling
-            splits = one_wave_split(stack.shape[0], splits, x, split_tiling)
+        splits = 0
+        if partials and linear.bias is None:
+            split_tiling, splits = lora_split_plan(*stack.shape, x, tiling)
             if splits and gemm_takes_weight(stack, x, splits, split_tiling):
                 tiling = split_tiling
             else:
