@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s45a   (one GPU, prepared) the 32-slot targets with the split
+#                                    plan and with at most 2 slices, alternating, 4 processes;
+#                                    the 8-slot targets at the defaults; about 9 min
 #   scripts/device_session.sh s44b   (one GPU) o's and down's stacks split as lora_split_plan
 #                                    picks: GPU tests, the 32-slot targets with it and with at
 #                                    most 2 slices; the fold epilogue's test and 8-slot step
@@ -458,6 +461,12 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s45a)  # one GPU: the 32-slot targets with `lora_split_plan` (3 slices of 128 rows for o's
+    # and down's stacks) and with at most 2 slices (unsplit there), alternating; then the
+    # 8-slot targets at the defaults (their split unchanged, through the uneven-K kernel)
+    step_each 420 NONE=1 LORASERVE_DECODE_GEMM_LORA_SPLIT=2 NONE=2 LORASERVE_DECODE_GEMM_LORA_SPLIT=2
+    [ "$SECONDS" -lt 500 ] && { step8 step8_1_none 95 NONE=1; rm -f "$OUT/step8_1_none.log"; }
     ;;
   s44b)  # one GPU: o's and down's stacks split as `lora_split_plan` picks (a 32-slot pool's:
     # 3 uneven slices of 128 rows, 108 programs): the GPU tests, the 32-slot targets with it
