@@ -135,9 +135,6 @@
 #   scripts/device_session.sh s43b   (one GPU, prepared) o's and down's split stacks at
 #                                    64:128:0:4:4 (the 32-slot pool's split as one wave): GPU
 #                                    tests, 32-slot and 8-slot targets with and without; ~9 min
-#   scripts/device_session.sh s43a   (one GPU, prepared) gate_up's LoRA in its one launch with
-#                                    the MMA epilogue: GPU tests, 8-slot targets with it and
-#                                    without, the 32-slot targets with it; about 9 min
 #   scripts/device_session.sh s42f   (one GPU) the 8-slot targets with the split stacks by
 #                                    default and without; about 4 min
 #   scripts/device_session.sh s42e   (one GPU) o's and down's stacked LoRA GEMMs over 2 slices
@@ -515,18 +512,6 @@ case "${1:-}" in
     [ "$SECONDS" -lt 420 ] && { step8 step8_1_tile 95 "$lt"; rm -f "$OUT/step8_1_tile.log"; }
     [ "$SECONDS" -lt 490 ] && { step8 step8_2_none 95 NONE=1; rm -f "$OUT/step8_2_none.log"; }
     step_table "$OUT"/step8_*.json
-    ;;
-  s43a)  # one GPU: gate_up's LoRA in its one launch with the MMA epilogue
-    # (LORASERVE_DECODE_GATE_UP_FOLD=8, opt-in): its GPU tests, then the 8-slot pool's targets
-    # and the 32-slot ones with it and without
-    gpu_tests fold_tests 170 tests/test_gate_up_gemm.py tests/test_graphs_gpu.py -k "fold"
-    rm -f "$OUT"/*.xml
-    fo=LORASERVE_DECODE_GATE_UP_FOLD=8
-    [ "$SECONDS" -lt 300 ] && { step8 step8_1_fold 110 "$fo"; rm -f "$OUT/step8_1_fold.log"; }
-    [ "$SECONDS" -lt 390 ] && { step8 step8_2_none 95 NONE=1; rm -f "$OUT/step8_2_none.log"; }
-    step_table "$OUT"/step8_*.json
-    [ "$SECONDS" -lt 480 ] && { step_lora 100 step_1_fold "$fo"; rm -f "$OUT/step_1_fold.log"; }
-    step_table "$OUT"/step_*.json
     ;;
   s42f)  # one GPU: the 8-slot pool's targets with o's and down's stacks split by default
     # (where the grid is one wave) and without (LORASERVE_DECODE_GEMM_LORA_SPLIT=0)
