@@ -518,9 +518,9 @@ def lora_split_plan(n_rows: int, k_dim: int, x: torch.Tensor,
     own = gemm_tiling(tiling)
     sms = num_sms(x.device)
     rows, elem = x.shape[0], x.element_size()
-    best = (sm_share(n_rows, k_dim, 1, own, sms), 1, 0), tiling
     if most < 2 or not gemm_fits(rows, k_dim, 1, own):
         return tiling, 0
+    best = (sm_share(n_rows, k_dim, 1, own, sms), 1, 0), tiling  # unsplit at its own tiling
     named = lora_split_tiling()
     for rank, spec in enumerate((named,) if named else (tiling, WIDE_LORA_TILING)):
         tile = gemm_tiling(spec)
