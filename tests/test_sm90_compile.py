@@ -132,8 +132,9 @@ def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_
                                        epilogue: str):
     """ops/triton_decode_gemm.py with PDL as decode graphs launch it: batch 32 at the default
     tiling, split-K partials (fp32 out) with half a K slice ahead of the wait, 64 rows with
-    none ahead, a LoRA stack's partials at WIDE_LORA_TILING's 128 rows; gate_up with SiLU*up in the epilogue at its default tiling, and with its LoRA
-    folded in (t over 8 slices, rank 16)."""
+    none ahead, a LoRA stack's partials at WIDE_LORA_TILING's 128 rows; gate_up with SiLU*up
+    in the epilogue at its default tiling, and with its LoRA folded in (t over 8 slices, rank
+    16)."""
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": f"*{y}"}
     consts = {"MP": mp, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
               "HAS_BIAS": False, "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32",
