@@ -430,15 +430,21 @@ def pipeline_stages(tiling, mp: int, elem: int) -> int:
     return max(1, min(stages, budget // per_stage))
 
 
+def pipeline_smem(tiling, mp: int, elem: int) -> int:
+    """The shared memory of the decode GEMM's main loop at `tiling` over `mp` padded rows of
+    `elem`-byte values: its stages' W and x tiles (`pipeline_stages`) and PRE_K's."""
+    block_n, block_k, pre_k, _, _ = tiling
+    return (block_n + mp) * (block_k * pipeline_stages(tiling, mp, elem) + pre_k) * elem
+
+
 def fold_stages(tiling, mp: int, block_c: int, elem: int, t_elem: int, t_splits: int) -> int:
     """The stages of `decode_gemm_silu_mul`'s fold epilogue (B's tile and t's gate and up tiles
     of every slice in flight, a buffer each): the tiling's, fewer where they would pass the
     main loop's shared memory, which the epilogue takes again once that loop ends (more would
     take more: 8 slices of t at 4 stages asked 424 KB of the H200's 227). 1: loaded in turn."""
-    block_n, block_k, pre_k, _, stages = tiling
-    main = (block_n + mp) * (block_k * pipeline_stages(tiling, mp, elem) + pre_k) * elem
+    block_n, _, _, _, stages = tiling
     per_stage = block_n * block_c * elem + 2 * t_splits * mp * block_c * t_elem
-    return max(1, min(stages, main // per_stage))
+    return max(1, min(stages, pipeline_smem(tiling, mp, elem) // per_stage))
 
 
 DEFAULT_ROWS = 32  # batch 32's base step 0.28 ms shorter on the H200 (thirtieth session)
@@ -485,10 +491,7 @@ SMEM_RESERVED = 1024  # of it, the driver's a resident program
 def resident_programs(tiling, rows: int, elem: int) -> int:
     """How many of the decode GEMM's programs at `tiling` over `rows` rows of `elem`-byte
     values a multiprocessor holds at once, by the shared memory of their pipelines."""
-    block_n, block_k, pre_k, _, _ = tiling
-    mp = max(16, next_pow2(rows))
-    stages = pipeline_stages(tiling, mp, elem)
-    smem = (block_n + mp) * (block_k * stages + pre_k) * elem + SMEM_RESERVED
+    smem = pipeline_smem(tiling, max(16, next_pow2(rows)), elem) + SMEM_RESERVED
     return max(1, SMEM_PER_SM // smem)
 
 
@@ -520,18 +523,17 @@ def lora_split_plan(n_rows: int, k_dim: int, x: torch.Tensor,
     rows, elem = x.shape[0], x.element_size()
     if most < 2 or not gemm_fits(rows, k_dim, 1, own):
         return tiling, 0
-    best = (sm_share(n_rows, k_dim, 1, own, sms), 1, 0), tiling  # unsplit at its own tiling
+    # (what the busiest SM streams, slices, the tiling's rank), tiling: unsplit at its own first
+    options = [((sm_share(n_rows, k_dim, 1, own, sms), 1, 0), tiling)]
     named = lora_split_tiling()
     for rank, spec in enumerate((named,) if named else (tiling, WIDE_LORA_TILING)):
         tile = gemm_tiling(spec)
         fits = sms * resident_programs(tile, rows, elem)
-        for splits in range(2, most + 1):
-            if cdiv(n_rows, tile[0]) * splits > fits:
-                break
-            if gemm_fits(rows, k_dim, splits, tile):
-                key = (sm_share(n_rows, k_dim, splits, tile, sms), splits, rank)
-                best = min(best, (key, spec), key=lambda b: b[0])
-    (_, splits, _), spec = best
+        options += [((sm_share(n_rows, k_dim, splits, tile, sms), splits, rank), spec)
+                    for splits in range(2, most + 1)
+                    if cdiv(n_rows, tile[0]) * splits <= fits
+                    and gemm_fits(rows, k_dim, splits, tile)]
+    (_, splits, _), spec = min(options, key=lambda o: o[0])
     return (spec, splits) if splits > 1 else (tiling, 0)
 
 

@@ -159,6 +159,7 @@ def test_gate_up_fold_epilogue_fits_shared_memory(t_splits: int):
         fold_stages,
         gate_up_tiling,
         gemm_tiling,
+        pipeline_smem,
         pipeline_stages,
     )
     tile = gemm_tiling(gate_up_tiling())
@@ -174,7 +175,7 @@ def test_gate_up_fold_epilogue_fits_shared_memory(t_splits: int):
     aligned = [n for n in ptrs] + ["stride_xm", "stride_wn", "stride_ym",
                                    "stride_tsplit", "stride_tm", "t_slot_stride", "stride_bs",
                                    "stride_bn"]
-    main = (block_n + 32) * (block_k * stages + pre_k) * 2
+    main = pipeline_smem(tile, 32, 2)
     shared = _compile(["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts,
                        aligned])["shared"]
     assert shared <= main and 2 * (shared + 1024) <= SMEM_PER_SM, (shared, main)
