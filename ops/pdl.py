@@ -6,7 +6,8 @@ memory flush before they read anything it wrote, so the launch and the programs'
 the kernel before. Each of the layer's kernels (add+RMSNorm, rotary + K/V store, decode
 attention, SiLU*up) waits first, then lets the next kernel launch (`gdc_launch_dependents`):
 every kernel on the stream has waited for its own predecessor before its successor may start,
-so each one still sees every earlier kernel's writes. A kernel that was not launched with PDL
+so each one still sees every earlier kernel's writes. (The rotary kernel may release its
+successor first, LORASERVE_ROPE_EARLY_RELEASE: `release_early`.) A kernel that was not launched with PDL
 passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary stream order.
 
 The layer kernels launch with it inside decode graph captures (`decode_scope`, entered by
@@ -63,3 +64,23 @@ def wait_then_release(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def release_early(USE_PDL: tl.constexpr, EARLY: tl.constexpr):
+    """With USE_PDL and EARLY: let the next kernel launch now, before this one's wait (pair it
+    with `wait_after(USE_PDL, EARLY)`). The next kernel's programs may then become resident
+    while the kernel before this one still runs; its wait still returns only once this kernel
+    has completed, and this kernel completes only after its own wait, so it still sees every
+    earlier kernel's writes. What it may do before its wait must not read this kernel's."""
+    if USE_PDL and EARLY:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def wait_after(USE_PDL: tl.constexpr, RELEASED: tl.constexpr):
+    """`wait_then_release`, less the release where `release_early` already made it."""
+    if USE_PDL:
+        gdc_wait()
+        if not RELEASED:
+            gdc_launch_dependents()

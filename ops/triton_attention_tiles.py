@@ -111,3 +111,43 @@ def softmax_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
     return m_new, l_i, acc
+
+
+
+@triton.jit
+def bulk_prefetch_l2(ptrs, nbytes, live):
+    """One bulk L2 prefetch (`cp.async.bulk.prefetch.L2`, sm_90) of `nbytes` from each live
+    pointer (16-byte aligned, `nbytes` a multiple of 16): a hint that reads nothing into the
+    program. Inline PTX: the interpreter cannot run it."""
+    tl.inline_asm_elementwise(
+        asm="{ .reg .pred p; setp.ne.b32 p, $3, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        constraints="=r,l,r,r",
+        args=[ptrs.to(tl.int64), nbytes, live.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_kv_rows(
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,  # the sequence's block-table row
+    start,  # first KV position
+    end,  # one past the last (start >= end: none)
+    head_offset,  # the KV head's offset within a token's row, in elements
+    stride_cache_block,
+    stride_cache_token,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_BYTES: tl.constexpr,  # a head's row: HEAD_DIM elements, a multiple of 16 bytes
+):
+    """L2 prefetches of the K and V rows of the positions [start, end) for one KV head, BLOCK_N
+    positions a round (`bulk_prefetch_l2`, one a row)."""
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        live = cols < end
+        pages = tl.load(table_row + cols // PAGE_SIZE, mask=live, other=0).to(tl.int64)
+        rows = pages * stride_cache_block + (cols % PAGE_SIZE) * stride_cache_token + head_offset
+        nbytes = tl.full([BLOCK_N], ROW_BYTES, tl.int32)
+        bulk_prefetch_l2(k_cache_ptr + rows, nbytes, live)
+        bulk_prefetch_l2(v_cache_ptr + rows, nbytes, live)

@@ -121,6 +121,10 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s46a   (one GPU) decode attention's K/V rows prefetched into L2
+#                                    before its PDL wait, with the rotary kernel's early
+#                                    release and without: GPU tests, base steps alternating
+#                                    with the default, two rounds; about 9 min
 #   scripts/device_session.sh s45a   (one GPU, prepared) the 32-slot targets with the split
 #                                    plan and with at most 2 slices, alternating, 4 processes;
 #                                    the 8-slot targets at the defaults; about 9 min
@@ -458,6 +462,33 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s46a)  # one GPU: decode attention's L2 prefetch of its cached K/V rows before its PDL wait
+    # (LORASERVE_DECODE_ATTN_PREFETCH=1), with the rotary kernel releasing attention before
+    # its own wait (LORASERVE_ROPE_EARLY_RELEASE=1) and without: the GPU tests (bit for bit
+    # chains, graphs against eager), then base decode steps alternating with the default
+    gpu_tests pf_tests 170 tests/test_pdl.py tests/test_graphs_gpu.py -k "kv_prefetch"
+    rm -f "$OUT"/*.xml
+    pf=LORASERVE_DECODE_ATTN_PREFETCH=1
+    i=0
+    for round in 1 2; do
+      for label in none early prefetch; do
+        case $label in
+          none) knob=NONE=$round ;;
+          early) knob="$pf LORASERVE_ROPE_EARLY_RELEASE=1" ;;
+          *) knob=$pf ;;
+        esac
+        i=$((i + 1))
+        if [ "$SECONDS" -gt 500 ]; then echo "== process $i: skipped, out of time"; break 2; fi
+        name="base_${i}_$label"
+        # shellcheck disable=SC2086  # the settings are separate words
+        step_base "$name" $((i == 1 ? 100 : 70)) $knob
+        rm -f "$OUT/$name.log"
+      done
+    done
+    [ "$SECONDS" -lt 510 ] && { step_base base_7_ppsm1 70 $pf LORASERVE_ROPE_EARLY_RELEASE=1 \
+      LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM=1; rm -f "$OUT/base_7_ppsm1.log"; }
+    step_table "$OUT"/base_*.json
     ;;
   s45a)  # one GPU: the 32-slot targets with `lora_split_plan` (3 slices of 128 rows for o's
     # and down's stacks) and with at most 2 slices (unsplit there), alternating; then the

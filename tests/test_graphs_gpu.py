@@ -100,6 +100,15 @@ def test_base_graphs_with_splitk_partials_match_eager_fp32(setup, monkeypatch):
                             LORASERVE_DECODE_SPLITK="2", LORASERVE_DECODE_GEMM="0")
 
 
+def test_graphs_with_kv_prefetch_match_eager_fp32(setup, monkeypatch):
+    """fp32: decode graphs whose attention prefetches its cached K/V rows into L2 before its
+    PDL wait, released early by the rotary kernel (LORASERVE_DECODE_ATTN_PREFETCH=1,
+    LORASERVE_ROPE_EARLY_RELEASE=1), give eager decode's greedy tokens, over base rows alone and
+    mixed with 4 adapters (the rotary kernel folding qkv's LoRA delta)."""
+    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 6, 6), (NAMES[:12], 12)), seed=16,
+                            LORASERVE_DECODE_ATTN_PREFETCH="1", LORASERVE_ROPE_EARLY_RELEASE="1")
+
+
 def graphs_match_eager_fp32(setup, monkeypatch, cases, seed, **settings):
     """For each (names, n) of `cases`: n prompts decoded 16 tokens over `names` in fp32 (csgmv),
     eagerly with `settings` unset, then from decode graphs with them: the same greedy tokens."""

@@ -73,13 +73,17 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 @needs_backend
-@pytest.mark.parametrize(("dtype", "group", "pdl"),
-                         [("bf16", 4, False), ("bf16", 4, True), ("fp32", 4, False),
-                          ("bf16", 7, False), ("bf16", 1, False)])
-def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool):
+@pytest.mark.parametrize(("dtype", "group", "pdl", "prefetch"),
+                         [("bf16", 4, False, False), ("bf16", 4, True, False),
+                          ("fp32", 4, False, False), ("bf16", 7, False, False),
+                          ("bf16", 1, False, False), ("bf16", 4, True, True),
+                          ("fp32", 7, True, True)])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool,
+                                                   prefetch: bool):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
     groups of 4 query heads, Qwen2.5-7B's of 7, and one; with programmatic dependent launch
-    (decode graphs) and without."""
+    (decode graphs) and without; with the K/V rows' L2 prefetch before the PDL wait (its
+    inline PTX: ptxas checks it here, the interpreter cannot run it)."""
     ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
             "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
             "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
@@ -87,7 +91,9 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     block_g = 1 << (group - 1).bit_length()
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
-              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl}
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
+              "PREFETCH_KV": prefetch, "ROW_BYTES": 128 * (4 if dtype == "fp32" else 2),
+              "PREFETCH_BLOCK": 128}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
@@ -188,13 +194,22 @@ _LAYER_CASES = {
         **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
                                 "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
         "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1}),
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1,
+         "EARLY_RELEASE": False}),
+    # LORASERVE_ROPE_EARLY_RELEASE: the release before the wait
+    "rope_early": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
+        **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
+                                "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
+        "slot_ptr": "*i64", "eps": "fp32"},
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1,
+         "EARLY_RELEASE": True}),
     "rope_parts": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
         **{n: "*bf16" for n in ("cos_ptr", "sin_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr",
                                 "q_norm_ptr", "k_norm_ptr")},
         **{n: "*fp32" for n in ("q_ptr", "k_ptr", "v_ptr")},
         "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": True, "PARTS": 2}),
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": True, "PARTS": 2,
+         "EARLY_RELEASE": False}),
     "norm": ("ops.triton_rmsnorm", "_rmsnorm_kernel", {
         "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
         "res_out_ptr": "*bf16", "eps": "fp32"},
@@ -217,7 +232,8 @@ _LAYER_CASES = {
 
 @needs_backend
 @pytest.mark.parametrize(("kernel", "fold"), [
-    ("rope", False), ("rope", True), ("rope_parts", False), ("norm", False), ("norm_fold", False),
+    ("rope", False), ("rope", True), ("rope_early", False), ("rope_early", True),
+    ("rope_parts", False), ("norm", False), ("norm_fold", False),
     ("norm_fold", True), ("norm_fold_partials", True), ("silu", False), ("silu_fold", False),
     ("silu_fold", True)])
 def test_layer_kernels_with_pdl_compile_for_sm90(kernel: str, fold: bool):
