@@ -7,8 +7,9 @@ the kernel before. Each of the layer's kernels (add+RMSNorm, rotary + K/V store,
 attention, SiLU*up) waits first, then lets the next kernel launch (`gdc_launch_dependents`):
 every kernel on the stream has waited for its own predecessor before its successor may start,
 so each one still sees every earlier kernel's writes. (The rotary kernel may release its
-successor first, LORASERVE_ROPE_EARLY_RELEASE: `release_early`.) A kernel that was not launched with PDL
-passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary stream order.
+successor first, LORASERVE_ROPE_EARLY_RELEASE: `release_early`.) A kernel that was not launched
+with PDL passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary stream
+order.
 
 The layer kernels launch with it inside decode graph captures (`decode_scope`, entered by
 runtime/graphs.py) on CUDA sm_90+, unless LORASERVE_LAYER_PDL=0 (read once a process). On the

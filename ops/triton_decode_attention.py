@@ -88,12 +88,12 @@ def _decode_attention_kernel(
     dims = tl.arange(0, HEAD_DIM)
     if PREFETCH_KV:
         # Before the wait: ask L2 for the slice's cached K/V rows. Every one but the newest was
-        # written by an earlier step; the newest is the rotary kernel's to write, after it.
-        if split < used:
-            prefetch_kv_rows(k_cache_ptr, v_cache_ptr, table_row, start,
-                             tl.minimum(start + split_len, kv_len - 1),
-                             kv_head * stride_cache_head, stride_cache_block,
-                             stride_cache_token, PAGE_SIZE, PREFETCH_BLOCK, ROW_BYTES)
+        # written by an earlier step; the newest is the rotary kernel's to write, after it. (An
+        # unused slice starts at or past kv_len: an empty range.)
+        prefetch_kv_rows(k_cache_ptr, v_cache_ptr, table_row, start,
+                         tl.minimum(start + split_len, kv_len - 1), kv_head * stride_cache_head,
+                         stride_cache_block, stride_cache_token, PAGE_SIZE, PREFETCH_BLOCK,
+                         ROW_BYTES)
     # kv_lens and the block tables are step inputs, written before the layers run: read
     # before the wait
     wait_then_release(USE_PDL)
