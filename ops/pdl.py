@@ -6,10 +6,8 @@ memory flush before they read anything it wrote, so the launch and the programs'
 the kernel before. Each of the layer's kernels (add+RMSNorm, rotary + K/V store, decode
 attention, SiLU*up) waits first, then lets the next kernel launch (`gdc_launch_dependents`):
 every kernel on the stream has waited for its own predecessor before its successor may start,
-so each one still sees every earlier kernel's writes. (The rotary kernel may release its
-successor first, LORASERVE_ROPE_EARLY_RELEASE: `release_early`.) A kernel that was not launched
-with PDL passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary stream
-order.
+so each one still sees every earlier kernel's writes. A kernel that was not launched with PDL
+passes `gdc_wait` at once; cuBLAS's GEMMs, launched without it, keep ordinary stream order.
 
 The layer kernels launch with it inside decode graph captures (`decode_scope`, entered by
 runtime/graphs.py) on CUDA sm_90+, unless LORASERVE_LAYER_PDL=0 (read once a process). On the
@@ -68,20 +66,14 @@ def wait_then_release(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def release_early(USE_PDL: tl.constexpr, EARLY: tl.constexpr):
-    """With USE_PDL and EARLY: let the next kernel launch now, before this one's wait (pair it
-    with `wait_after(USE_PDL, EARLY)`). The next kernel's programs may then become resident
-    while the kernel before this one still runs; its wait still returns only once this kernel
-    has completed, and this kernel completes only after its own wait, so it still sees every
-    earlier kernel's writes. What it may do before its wait must not read this kernel's."""
-    if USE_PDL and EARLY:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def wait_after(USE_PDL: tl.constexpr, RELEASED: tl.constexpr):
-    """`wait_then_release`, less the release where `release_early` already made it."""
-    if USE_PDL:
-        gdc_wait()
-        if not RELEASED:
-            gdc_launch_dependents()
+def bulk_prefetch_l2(ptrs, nbytes, live):
+    """One bulk L2 prefetch (`cp.async.bulk.prefetch.L2`, sm_90) of `nbytes` from each live
+    pointer (16-byte aligned, `nbytes` a multiple of 16): a hint that reads nothing into the
+    program, for what a kernel may ask for before its wait (what no kernel of the step writes).
+    Inline PTX: the interpreter cannot run it."""
+    tl.inline_asm_elementwise(
+        asm="{ .reg .pred p; setp.ne.b32 p, $3, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        constraints="=r,l,r,r",
+        args=[ptrs.to(tl.int64), nbytes, live.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)

@@ -15,13 +15,12 @@ from torch import Tensor
 
 from ops.pdl import resolve, wait_then_release
 from ops.scratch import outgrow
-from ops.settings import env_flag, env_int
+from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_attention_tiles import (
     check_q_and_caches,
     load_kv_tile,
     output_buffer,
-    prefetch_kv_rows,
     softmax_tile,
 )
 
@@ -71,9 +70,6 @@ def _decode_attention_kernel(
     BLOCK_S: tl.constexpr,  # num_splits' bound padded to a power of two
     SPLIT_CHUNK: tl.constexpr,  # slices the merge loads at once
     USE_PDL: tl.constexpr,  # programmatic dependent launch (ops/pdl.py)
-    PREFETCH_KV: tl.constexpr,  # L2 prefetch of the cached K/V rows before the PDL wait
-    ROW_BYTES: tl.constexpr,  # a head's K or V row in bytes (the prefetch's size)
-    PREFETCH_BLOCK: tl.constexpr,  # positions a prefetch round: one a thread
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -83,30 +79,21 @@ def _decode_attention_kernel(
     # min_split tokens, so a short sequence uses few of its programs (the rest return at once).
     split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     used = tl.maximum(tl.cdiv(kv_len, split_len), 1)  # kv_len == 0 (padding): one, writes 0
-    start = split * split_len
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
-    dims = tl.arange(0, HEAD_DIM)
-    if PREFETCH_KV:
-        # Before the wait: ask L2 for the slice's cached K/V rows. Every one but the newest was
-        # written by an earlier step; the newest is the rotary kernel's to write, after it. (An
-        # unused slice starts at or past kv_len: an empty range.)
-        prefetch_kv_rows(k_cache_ptr, v_cache_ptr, table_row, start,
-                         tl.minimum(start + split_len, kv_len - 1), kv_head * stride_cache_head,
-                         stride_cache_block, stride_cache_token, PAGE_SIZE, PREFETCH_BLOCK,
-                         ROW_BYTES)
-    # kv_lens and the block tables are step inputs, written before the layers run: read
-    # before the wait
+    # kv_lens is a step input, written before the layers run: read before the wait
     wait_then_release(USE_PDL)
     if split < used:
+        start = split * split_len
         end = tl.minimum(start + split_len, kv_len)
         group_rows = tl.arange(0, BLOCK_H)
         row_mask = group_rows < GROUP
         heads = kv_head * GROUP + group_rows
+        dims = tl.arange(0, HEAD_DIM)
         q = tl.load(
             q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
             mask=row_mask[:, None],
             other=0.0,
         )
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
         cache_head_offset = kv_head * stride_cache_head + dims[None, :]
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -171,15 +158,6 @@ def _decode_attention_kernel(
                          + dims[None, :], merged.to(o_ptr.dtype.element_ty),
                          mask=g_mask[:, None])
                 tl.store(counter, 0)  # ready for the next launch
-
-
-def kv_prefetch_enabled() -> bool:
-    """LORASERVE_DECODE_ATTN_PREFETCH=1: where decode attention launches with PDL (decode
-    graphs on sm_90+), each program asks L2 for its slice's cached K/V rows before it waits
-    for the kernel ahead (the rotary kernel, which writes only the newest row), so the rows
-    stream in while that kernel, and with LORASERVE_ROPE_EARLY_RELEASE the projection ahead of
-    it, still run. A hint: the results are the same bit for bit. Off by default until measured."""
-    return env_flag("LORASERVE_DECODE_ATTN_PREFETCH", False)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_sms: int) -> int:
@@ -306,12 +284,6 @@ def decode_attention_triton(
     if block_n not in (16, 32, 64, 128) or num_warps not in (1, 2, 4, 8) or num_stages < 1:
         raise ValueError(f"config (BLOCK_N, num_warps, num_stages) out of range: {config}")
     pdl = resolve(pdl, q)
-    prefetch = kv_prefetch_enabled() and pdl  # a bad value is an error either way
-    row_bytes = head_dim * k_cache.element_size()
-    if prefetch and (row_bytes % 16 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16
-                     or k_cache.stride(2) * k_cache.element_size() % 16):
-        raise ValueError(f"LORASERVE_DECODE_ATTN_PREFETCH needs 16-byte aligned K/V rows of a "
-                         f"multiple of 16 bytes, got {row_bytes}-byte rows; unset it")
     # Partials are unused with one slice; a one-element placeholder keeps the signature.
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
     partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
@@ -327,8 +299,6 @@ def decode_attention_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
-        USE_PDL=pdl, PREFETCH_KV=prefetch, ROW_BYTES=row_bytes,
-        PREFETCH_BLOCK=32 * num_warps, num_warps=num_warps,
-        num_stages=num_stages, launch_pdl=pdl,
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return o

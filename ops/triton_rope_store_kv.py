@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.pdl import release_early, resolve, wait_after
-from ops.settings import env_flag
+from ops.pdl import resolve, wait_then_release
 from ops.sizes import next_pow2
 from ops.triton_lora_fold import LoraFold, fold_args, lora_fold_apply, lora_fold_b, lora_fold_t
 
@@ -117,9 +116,7 @@ def _rope_store_kv_kernel(
     EVEN_R: tl.constexpr,
     USE_PDL: tl.constexpr,
     PARTS: tl.constexpr,  # split-K partials of q, k and v summed as they are loaded (1: none)
-    EARLY_RELEASE: tl.constexpr,  # the next kernel may launch before this one's wait
 ):
-    release_early(USE_PDL, EARLY_RELEASE)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
@@ -142,7 +139,7 @@ def _rope_store_kv_kernel(
                               EVEN_R)
             bq2 = lora_fold_b(b_ptr, lora_slot, col + HALF, live, R, stride_bs, stride_bn,
                               BLOCK_R, EVEN_R)
-        wait_after(USE_PDL, EARLY_RELEASE)
+        wait_then_release(USE_PDL)
         src = q_ptr + t * stride_qt + head * stride_qh
         x1 = _load_half(src, offs, live, stride_part, PARTS, q_out_ptr)
         x2 = _load_half(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
@@ -173,7 +170,7 @@ def _rope_store_kv_kernel(
                               EVEN_R)
             bv2 = lora_fold_b(b_ptr, lora_slot, vcol + HALF, live, R, stride_bs, stride_bn,
                               BLOCK_R, EVEN_R)
-        wait_after(USE_PDL, EARLY_RELEASE)
+        wait_then_release(USE_PDL)
         src = k_ptr + t * stride_kt + kv_head * stride_kh
         x1 = _load_half(src, offs, live, stride_part, PARTS, q_out_ptr)
         x2 = _load_half(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
@@ -208,15 +205,6 @@ def _rope_store_kv_kernel(
         tl.store(k_cache_ptr + row + HALF + offs, o2.to(cache_dtype), mask=store)
         tl.store(v_cache_ptr + row + offs, v1.to(cache_dtype), mask=store)
         tl.store(v_cache_ptr + row + HALF + offs, v2.to(cache_dtype), mask=store)
-
-
-def early_release_enabled() -> bool:
-    """LORASERVE_ROPE_EARLY_RELEASE=1: where the rotary kernel launches with PDL (decode
-    graphs), it lets decode attention launch before it waits for the qkv projection, so
-    attention's programs become resident as the projection's finish and, with
-    LORASERVE_DECODE_ATTN_PREFETCH, prefetch their K/V rows meanwhile. Off by default until
-    measured."""
-    return env_flag("LORASERVE_ROPE_EARLY_RELEASE", False)
 
 
 def rope_store_kv_triton(
@@ -317,7 +305,6 @@ def rope_store_kv_triton(
         **consts,
         USE_PDL=pdl,
         PARTS=parts,
-        EARLY_RELEASE=early_release_enabled() and pdl,
         launch_pdl=pdl,
         # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
         # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads

@@ -121,10 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
-#   scripts/device_session.sh s46a   (one GPU) decode attention's K/V rows prefetched into L2
-#                                    before its PDL wait, with the rotary kernel's early
-#                                    release and without: GPU tests, base steps alternating
-#                                    with the default, two rounds; about 9 min
+#   scripts/device_session.sh s46b   (one GPU) the decode GEMM's W rows asked of L2 before its
+#                                    PDL wait, 2 KB and 8 KB a row: GPU tests, base steps
+#                                    alternating with the default, two rounds; about 9 min
 #   scripts/device_session.sh s45a   (one GPU, prepared) the 32-slot targets with the split
 #                                    plan and with at most 2 slices, alternating, 4 processes;
 #                                    the 8-slot targets at the defaults; about 9 min
@@ -275,7 +274,8 @@
 # s14a-s14d, s18b, s18c, s18e, s24a: the early KV tile, whose A/B s25a also ran; s25b, s25c:
 # L2 prefetch from the layer kernels; s39c and s39b's second half: SiLU*up inside down's
 # GEMM, at f010a54 and 35ece63; s40c and s40e: the decode GEMM's stream-K form, at
-# 4eb2bc5 and 21cd2dd), or that s16b repeats (s16a), are in the commits
+# 4eb2bc5 and 21cd2dd; s46a: decode attention's L2 prefetch of its K/V rows and the rotary
+# kernel's early release, at ce1e21f), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
@@ -463,31 +463,21 @@ case "${1:-}" in
     done
     step_table "$OUT"/base_[0-9]_*.json
     ;;
-  s46a)  # one GPU: decode attention's L2 prefetch of its cached K/V rows before its PDL wait
-    # (LORASERVE_DECODE_ATTN_PREFETCH=1), with the rotary kernel releasing attention before
-    # its own wait (LORASERVE_ROPE_EARLY_RELEASE=1) and without: the GPU tests (bit for bit
-    # chains, graphs against eager), then base decode steps alternating with the default
-    gpu_tests pf_tests 170 tests/test_pdl.py tests/test_graphs_gpu.py -k "kv_prefetch"
+  s46b)  # one GPU: each decode GEMM program asks L2 for its W rows' first bytes before its PDL
+    # wait (LORASERVE_DECODE_GEMM_L2_PRE): the GPU tests (bit for bit chains, graphs against
+    # eager), then base decode steps at 2 KB and 8 KB a row alternating with the default
+    gpu_tests l2pre_tests 170 tests/test_decode_gemm.py tests/test_graphs_gpu.py \
+      -k "chain_with_gemm or l2_pre"
     rm -f "$OUT"/*.xml
-    pf=LORASERVE_DECODE_ATTN_PREFETCH=1
     i=0
     for round in 1 2; do
-      for label in none early prefetch; do
-        case $label in
-          none) knob=NONE=$round ;;
-          early) knob="$pf LORASERVE_ROPE_EARLY_RELEASE=1" ;;
-          *) knob=$pf ;;
-        esac
+      for pre in 0 2048 8192; do
         i=$((i + 1))
         if [ "$SECONDS" -gt 500 ]; then echo "== process $i: skipped, out of time"; break 2; fi
-        name="base_${i}_$label"
-        # shellcheck disable=SC2086  # the settings are separate words
-        step_base "$name" $((i == 1 ? 100 : 70)) $knob
-        rm -f "$OUT/$name.log"
+        step_base "base_${i}_l2pre_$pre" $((i == 1 ? 100 : 70)) LORASERVE_DECODE_GEMM_L2_PRE=$pre
+        rm -f "$OUT/base_${i}_l2pre_$pre.log"
       done
     done
-    [ "$SECONDS" -lt 510 ] && { step_base base_7_ppsm1 70 $pf LORASERVE_ROPE_EARLY_RELEASE=1 \
-      LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM=1; rm -f "$OUT/base_7_ppsm1.log"; }
     step_table "$OUT"/base_*.json
     ;;
   s45a)  # one GPU: the 32-slot targets with `lora_split_plan` (3 slices of 128 rows for o's

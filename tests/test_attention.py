@@ -261,19 +261,6 @@ def test_decode_slices_follow_length_and_merge_in_kernel(num_splits: int, min_sp
     assert counts.shape[0] >= 6 * 2 and not counts.any()
 
 
-def test_kv_prefetch_acts_only_before_a_pdl_wait(monkeypatch) -> None:
-    """LORASERVE_DECODE_ATTN_PREFETCH is a 0/1 switch, and where attention launches without
-    PDL (here: the interpreter, which cannot run the prefetch's inline PTX) it issues none:
-    the same attention as without it."""
-    batch = make_batch([1] * 3, [5, 130, 300], 8, 2, 32, 16, torch.float32, seed=4)
-    want = run_decode_triton(batch, 0.3, 3)
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_PREFETCH", "1")
-    torch.testing.assert_close(run_decode_triton(batch, 0.3, 3), want, rtol=0, atol=0)
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_PREFETCH", "on")
-    with pytest.raises(ValueError, match="LORASERVE_DECODE_ATTN_PREFETCH"):
-        run_decode_triton(batch, 0.3, 3, pdl=False)
-
-
 @pytest.mark.parametrize("config", [(16, 2, 1), (32, 4, 2), (128, 8, 1)])
 def test_decode_launch_configs(config: tuple[int, int, int]) -> None:
     """Other tile widths and warp counts (benchmarks/attn_bench.py --configs) compute the same

@@ -109,21 +109,6 @@ def test_layer_chain_with_pdl_in_a_graph_matches_without(batch):
     check_chain_with_pdl(batch)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("batch", [1, 32])
-@pytest.mark.parametrize("early", ["0", "1"])
-def test_layer_chain_with_kv_prefetch_matches_without(batch, early, monkeypatch):
-    """Decode attention prefetching its cached K/V rows into L2 before its PDL wait
-    (LORASERVE_DECODE_ATTN_PREFETCH), with the rotary kernel releasing it before its own wait
-    (LORASERVE_ROPE_EARLY_RELEASE) and without: the chain eagerly and from a graph, bit for bit
-    the chain without PDL (whose caches' newest rows start from other values: a prefetch of
-    the row the rotary kernel writes would show)."""
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_PREFETCH", "1")
-    monkeypatch.setenv("LORASERVE_ROPE_EARLY_RELEASE", early)
-    check_chain_with_pdl(batch)
-
-
 def check_chain_with_pdl(batch: int, linear=plain_linear) -> None:
     """The chain (projections by `linear`) with PDL, eagerly and from a graph, bit for bit
     the chain without."""

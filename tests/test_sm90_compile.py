@@ -73,17 +73,13 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 @needs_backend
-@pytest.mark.parametrize(("dtype", "group", "pdl", "prefetch"),
-                         [("bf16", 4, False, False), ("bf16", 4, True, False),
-                          ("fp32", 4, False, False), ("bf16", 7, False, False),
-                          ("bf16", 1, False, False), ("bf16", 4, True, True),
-                          ("fp32", 7, True, True)])
-def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool,
-                                                   prefetch: bool):
+@pytest.mark.parametrize(("dtype", "group", "pdl"),
+                         [("bf16", 4, False), ("bf16", 4, True), ("fp32", 4, False),
+                          ("bf16", 7, False), ("bf16", 1, False)])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
     groups of 4 query heads, Qwen2.5-7B's of 7, and one; with programmatic dependent launch
-    (decode graphs) and without; with the K/V rows' L2 prefetch before the PDL wait (its
-    inline PTX: ptxas checks it here, the interpreter cannot run it)."""
+    (decode graphs) and without."""
     ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
             "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
             "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
@@ -91,9 +87,7 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     block_g = 1 << (group - 1).bit_length()
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
-              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
-              "PREFETCH_KV": prefetch, "ROW_BYTES": 128 * (4 if dtype == "fp32" else 2),
-              "PREFETCH_BLOCK": 128}
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
@@ -133,20 +127,22 @@ def test_decode_gemv_compiles_for_sm90(block_n: int, block_k: int, rows: int, ev
                          [(32, 64, 256, 0, "bf16", ""), (16, 32, 256, 512, "fp32", ""),
                           (64, 128, 128, 0, "bf16", ""), (32, 128, 128, 0, "fp32", ""),
                           (32, 64, 128, 0, "bf16", "silu"),
-                          (32, 64, 128, 0, "bf16", "silu+fold")])
+                          (32, 64, 128, 0, "bf16", "silu+fold"),
+                          (32, 64, 256, 0, "bf16", "l2"), (32, 64, 128, 0, "bf16", "silu+l2")])
 def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_k: int, y: str,
                                        epilogue: str):
     """ops/triton_decode_gemm.py with PDL as decode graphs launch it: batch 32 at the default
     tiling, split-K partials (fp32 out) with half a K slice ahead of the wait, 64 rows with
     none ahead, a LoRA stack's partials at WIDE_LORA_TILING's 128 rows; gate_up with SiLU*up
     in the epilogue at its default tiling, and with its LoRA folded in (t over 8 slices, rank
-    16)."""
+    16); with W's first 2 KB a row asked of L2 before the wait (LORASERVE_DECODE_GEMM_L2_PRE:
+    its inline PTX, which the interpreter cannot run)."""
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": f"*{y}"}
     consts = {"MP": mp, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
               "HAS_BIAS": False, "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32",
               "STAGES": 4 if mp < 64 else 3, "SILU_MUL": "silu" in epilogue,
               "FOLD": "fold" in epilogue, "T_SPLITS": 8, "BLOCK_R": 16, "BLOCK_C": 64,
-              "FOLD_STAGES": 4, "EVEN_R": True}
+              "FOLD_STAGES": 4, "EVEN_R": True, "L2_PRE": 2048 if "l2" in epilogue else 0}
     if "fold" in epilogue:
         ptrs.update(t_ptr="*fp32", fb_ptr="*bf16", scal_ptr="*fp32", rslot_ptr="*i32")
     case = ["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts]
@@ -194,22 +190,13 @@ _LAYER_CASES = {
         **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
                                 "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
         "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1,
-         "EARLY_RELEASE": False}),
-    # LORASERVE_ROPE_EARLY_RELEASE: the release before the wait
-    "rope_early": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
-        **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
-                                "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
-        "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1,
-         "EARLY_RELEASE": True}),
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1}),
     "rope_parts": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
         **{n: "*bf16" for n in ("cos_ptr", "sin_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr",
                                 "q_norm_ptr", "k_norm_ptr")},
         **{n: "*fp32" for n in ("q_ptr", "k_ptr", "v_ptr")},
         "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": True, "PARTS": 2,
-         "EARLY_RELEASE": False}),
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": True, "PARTS": 2}),
     "norm": ("ops.triton_rmsnorm", "_rmsnorm_kernel", {
         "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
         "res_out_ptr": "*bf16", "eps": "fp32"},
@@ -232,8 +219,7 @@ _LAYER_CASES = {
 
 @needs_backend
 @pytest.mark.parametrize(("kernel", "fold"), [
-    ("rope", False), ("rope", True), ("rope_early", False), ("rope_early", True),
-    ("rope_parts", False), ("norm", False), ("norm_fold", False),
+    ("rope", False), ("rope", True), ("rope_parts", False), ("norm", False), ("norm_fold", False),
     ("norm_fold", True), ("norm_fold_partials", True), ("silu", False), ("silu_fold", False),
     ("silu_fold", True)])
 def test_layer_kernels_with_pdl_compile_for_sm90(kernel: str, fold: bool):
