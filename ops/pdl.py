@@ -63,17 +63,3 @@ def wait_then_release(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def bulk_prefetch_l2(ptrs, nbytes, live):
-    """One bulk L2 prefetch (`cp.async.bulk.prefetch.L2`, sm_90) of `nbytes` from each live
-    pointer (16-byte aligned, `nbytes` a multiple of 16): a hint that reads nothing into the
-    program, for what a kernel may ask for before its wait (what no kernel of the step writes).
-    Inline PTX: the interpreter cannot run it."""
-    tl.inline_asm_elementwise(
-        asm="{ .reg .pred p; setp.ne.b32 p, $3, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        constraints="=r,l,r,r",
-        args=[ptrs.to(tl.int64), nbytes, live.to(tl.int32)],
-        dtype=tl.int32, is_pure=False, pack=1)

@@ -59,7 +59,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ops.dispatch import num_sms
-from ops.pdl import bulk_prefetch_l2
 from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_decode_gemv import decode_gemv_rows
@@ -108,7 +107,6 @@ def _decode_gemm_kernel(
     BLOCK_C: tl.constexpr = 64,  # slots' rank columns an MMA of the epilogue takes
     FOLD_STAGES: tl.constexpr = 1,  # the epilogue's B and t tiles in flight
     EVEN_R: tl.constexpr = False,  # R == BLOCK_R
-    L2_PRE: tl.constexpr = 0,  # bytes of each W row's slice asked of L2 before the wait
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -133,12 +131,6 @@ def _decode_gemm_kernel(
     w_rows = w_ptr + w_idx[:, None].to(tl.int64) * stride_wn + k_base
     x_rows = x_ptr + offs_m[:, None] * stride_xm + k_base
     acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-    if L2_PRE > 0:
-        # W is no kernel's output: its slice's first L2_PRE bytes a row stream into L2 while
-        # the kernel ahead runs, without a register or shared-memory buffer of their own
-        pre_bytes = tl.minimum(k_len * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), L2_PRE)
-        bulk_prefetch_l2(w_ptr + w_idx.to(tl.int64) * stride_wn + k_base,
-                         tl.full((BLOCK_N,), 0, tl.int32) + pre_bytes, n_live)
     if PRE_K > 0:
         # W is no kernel's output: its first PRE_K columns are in flight before the wait
         offs_p = tl.arange(0, PRE_K)
@@ -222,22 +214,6 @@ def _decode_gemm_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
 
 
-def l2_pre_bytes() -> int:
-    """LORASERVE_DECODE_GEMM_L2_PRE=B (default 0: none): where the decode GEMM launches with
-    PDL, each program asks L2 for the first B bytes of each of its W rows' slice of K before its
-    wait (a multiple of 16), so they stream in while the kernel ahead still runs. To measure."""
-    value = env_int("LORASERVE_DECODE_GEMM_L2_PRE", 0, least=0)
-    if value % 16:
-        raise ValueError(f"LORASERVE_DECODE_GEMM_L2_PRE: {value} is not a multiple of 16 bytes")
-    return value
-
-
-def check_prefetchable(weight: torch.Tensor) -> None:
-    """Bulk L2 prefetches of W's rows need each row 16-byte aligned."""
-    if weight.data_ptr() % 16 or (weight.stride(0) * weight.element_size()) % 16:
-        raise ValueError("LORASERVE_DECODE_GEMM_L2_PRE needs W's rows 16-byte aligned; unset it")
-
-
 def gemm_tiling(spec: str | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, PRE_K, warps, stages) from `spec` or LORASERVE_DECODE_GEMM_TILE
     ("64:128:256:4:4"), else DEFAULT_TILING."""
@@ -308,10 +284,6 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     mp = max(16, next_pow2(rows))
     stages = pipeline_stages(tile, mp, x.element_size())
     extra = {"launch_pdl": True} if pdl else {}
-    l2_pre = l2_pre_bytes() if pdl else 0
-    if l2_pre:
-        check_prefetchable(weight)
-        extra["L2_PRE"] = l2_pre
     grid = (cdiv(n_dim, block_n), split)
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out,
@@ -379,10 +351,6 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
     out = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
     mp = max(16, next_pow2(rows))
     extra = {"launch_pdl": True} if pdl else {}
-    l2_pre = l2_pre_bytes() if pdl else 0
-    if l2_pre:
-        check_prefetchable(weight)
-        extra["L2_PRE"] = l2_pre
     if fold is not None:
         fold.check(rows, inter, x.device)
         t, b, sc = fold.t, fold.B, fold.scalings

@@ -121,9 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
-#   scripts/device_session.sh s46b   (one GPU) the decode GEMM's W rows asked of L2 before its
-#                                    PDL wait, 2 KB and 8 KB a row: GPU tests, base steps
-#                                    alternating with the default, two rounds; about 9 min
+#   scripts/device_session.sh s46c   (one GPU) adapter uploads, the HF PEFT baseline, the
+#                                    issue's many-adapter setting, at this code; about 9 min
 #   scripts/device_session.sh s45a   (one GPU, prepared) the 32-slot targets with the split
 #                                    plan and with at most 2 slices, alternating, 4 processes;
 #                                    the 8-slot targets at the defaults; about 9 min
@@ -275,7 +274,8 @@
 # L2 prefetch from the layer kernels; s39c and s39b's second half: SiLU*up inside down's
 # GEMM, at f010a54 and 35ece63; s40c and s40e: the decode GEMM's stream-K form, at
 # 4eb2bc5 and 21cd2dd; s46a: decode attention's L2 prefetch of its K/V rows and the rotary
-# kernel's early release, at ce1e21f), or that s16b repeats (s16a), are in the commits
+# kernel's early release, at ce1e21f; s46b: the decode GEMM's L2 prefetch of its W rows before
+# its wait, at 5c9d56a), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
@@ -463,22 +463,17 @@ case "${1:-}" in
     done
     step_table "$OUT"/base_[0-9]_*.json
     ;;
-  s46b)  # one GPU: each decode GEMM program asks L2 for its W rows' first bytes before its PDL
-    # wait (LORASERVE_DECODE_GEMM_L2_PRE): the GPU tests (bit for bit chains, graphs against
-    # eager), then base decode steps at 2 KB and 8 KB a row alternating with the default
-    gpu_tests l2pre_tests 170 tests/test_decode_gemm.py tests/test_graphs_gpu.py \
-      -k "chain_with_gemm or l2_pre"
-    rm -f "$OUT"/*.xml
-    i=0
-    for round in 1 2; do
-      for pre in 0 2048 8192; do
-        i=$((i + 1))
-        if [ "$SECONDS" -gt 500 ]; then echo "== process $i: skipped, out of time"; break 2; fi
-        step_base "base_${i}_l2pre_$pre" $((i == 1 ? 100 : 70)) LORASERVE_DECODE_GEMM_L2_PRE=$pre
-        rm -f "$OUT/base_${i}_l2pre_$pre.log"
-      done
-    done
-    step_table "$OUT"/base_*.json
+  s46c)  # one GPU: the end-to-end targets last measured in the thirty-second session, at this
+    # code: adapter uploads, the HF PEFT baseline side by side, the issue's many-adapter
+    # setting (1000 rank-8 q/v adapters against 8 at max_loras_per_batch 32); about 9 min
+    timeout 100 python3 -m benchmarks.upload_bench --out "$OUT/upload.json" > "$OUT/upload.log" 2>&1
+    echo "== upload_bench: rc $?"; grep -E "^(rank|pinned)" "$OUT/upload.log"
+    hf_baseline 150 hf_baseline
+    timeout 300 python3 -m benchmarks.many_adapters --saturated-only --num-requests 8192 \
+      --output-len 64 --progress-s 10 --out "$OUT/many_cap32_8192_64.json" > /tmp/cap32.log 2>&1
+    echo "== many_adapters cap 32, 8192 requests of 256/64: rc $?"
+    grep -E "saturated:|keeps|Error|engine built|wrote" /tmp/cap32.log | cut -c1-600
+    tail -2 /tmp/cap32.log | cut -c1-300
     ;;
   s45a)  # one GPU: the 32-slot targets with `lora_split_plan` (3 slices of 128 rows for o's
     # and down's stacks) and with at most 2 slices (unsplit there), alternating; then the

@@ -314,34 +314,13 @@ def test_llama_8b_lora_stacks_in_3_slices_bf16():
         assert rel < 4e-3, (k, rel)
 
 
-def test_l2_pre_setting(monkeypatch):
-    """LORASERVE_DECODE_GEMM_L2_PRE: bytes, a multiple of 16, 0 by default; launches without
-    PDL (here: the interpreter, which cannot run the prefetch's PTX) ask L2 for none."""
-    from ops.triton_decode_gemm import l2_pre_bytes
-
-    monkeypatch.delenv("LORASERVE_DECODE_GEMM_L2_PRE", raising=False)
-    assert l2_pre_bytes() == 0
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_L2_PRE", "2048")
-    assert l2_pre_bytes() == 2048
-    g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(4, 256, generator=g), torch.randn(64, 256, generator=g)
-    torch.testing.assert_close(decode_gemm(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
-    for bad, why in (("24", "multiple of 16"), ("-16", "or more"), ("2k", "not an integer")):
-        monkeypatch.setenv("LORASERVE_DECODE_GEMM_L2_PRE", bad)
-        with pytest.raises(ValueError, match=why):
-            l2_pre_bytes()
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("batch", [4, 32])
-@pytest.mark.parametrize("l2_pre", ["", "2048"])
-def test_layer_chain_with_gemm_under_pdl_in_a_graph_matches_without(batch, l2_pre, monkeypatch):
+def test_layer_chain_with_gemm_under_pdl_in_a_graph_matches_without(batch):
     """tests/test_pdl.py's layer chain with every projection this kernel: with PDL (each
-    projection's first W tile loaded before its wait; with LORASERVE_DECODE_GEMM_L2_PRE, its W
-    rows' first 2 KB asked of L2 too), eagerly and from a graph, bit for bit the same chain
-    launched without PDL."""
+    projection's first W tile loaded before its wait), eagerly and from a graph, bit for bit
+    the same chain launched without PDL."""
     from tests.test_pdl import check_chain_with_pdl
 
-    monkeypatch.setenv("LORASERVE_DECODE_GEMM_L2_PRE", l2_pre)
     check_chain_with_pdl(batch, linear=lambda x, w, pdl: decode_gemm(x, w, pdl=pdl))

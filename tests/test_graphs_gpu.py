@@ -100,15 +100,6 @@ def test_base_graphs_with_splitk_partials_match_eager_fp32(setup, monkeypatch):
                             LORASERVE_DECODE_SPLITK="2", LORASERVE_DECODE_GEMM="0")
 
 
-def test_graphs_with_gemm_l2_pre_match_eager_fp32(setup, monkeypatch):
-    """fp32: decode graphs whose decode GEMMs ask L2 for their W rows' first 2 KB before their
-    PDL wait (LORASERVE_DECODE_GEMM_L2_PRE=2048; gate_up's one launch with SiLU*up and the LoRA
-    stacks' GEMMs too) give eager decode's greedy tokens, over base rows alone and mixed with 4
-    adapters."""
-    graphs_match_eager_fp32(setup, monkeypatch, (([None] * 6, 6), (NAMES[:12], 12)), seed=17,
-                            LORASERVE_DECODE_GEMM_L2_PRE="2048")
-
-
 def graphs_match_eager_fp32(setup, monkeypatch, cases, seed, **settings):
     """For each (names, n) of `cases`: n prompts decoded 16 tokens over `names` in fp32 (csgmv),
     eagerly with `settings` unset, then from decode graphs with them: the same greedy tokens."""

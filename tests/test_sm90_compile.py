@@ -127,22 +127,20 @@ def test_decode_gemv_compiles_for_sm90(block_n: int, block_k: int, rows: int, ev
                          [(32, 64, 256, 0, "bf16", ""), (16, 32, 256, 512, "fp32", ""),
                           (64, 128, 128, 0, "bf16", ""), (32, 128, 128, 0, "fp32", ""),
                           (32, 64, 128, 0, "bf16", "silu"),
-                          (32, 64, 128, 0, "bf16", "silu+fold"),
-                          (32, 64, 256, 0, "bf16", "l2"), (32, 64, 128, 0, "bf16", "silu+l2")])
+                          (32, 64, 128, 0, "bf16", "silu+fold")])
 def test_decode_gemm_compiles_for_sm90(mp: int, block_n: int, block_k: int, pre_k: int, y: str,
                                        epilogue: str):
     """ops/triton_decode_gemm.py with PDL as decode graphs launch it: batch 32 at the default
     tiling, split-K partials (fp32 out) with half a K slice ahead of the wait, 64 rows with
     none ahead, a LoRA stack's partials at WIDE_LORA_TILING's 128 rows; gate_up with SiLU*up
     in the epilogue at its default tiling, and with its LoRA folded in (t over 8 slices, rank
-    16); with W's first 2 KB a row asked of L2 before the wait (LORASERVE_DECODE_GEMM_L2_PRE:
-    its inline PTX, which the interpreter cannot run)."""
+    16)."""
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": f"*{y}"}
     consts = {"MP": mp, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRE_K": pre_k,
               "HAS_BIAS": False, "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32",
               "STAGES": 4 if mp < 64 else 3, "SILU_MUL": "silu" in epilogue,
               "FOLD": "fold" in epilogue, "T_SPLITS": 8, "BLOCK_R": 16, "BLOCK_C": 64,
-              "FOLD_STAGES": 4, "EVEN_R": True, "L2_PRE": 2048 if "l2" in epilogue else 0}
+              "FOLD_STAGES": 4, "EVEN_R": True}
     if "fold" in epilogue:
         ptrs.update(t_ptr="*fp32", fb_ptr="*bf16", scal_ptr="*fp32", rslot_ptr="*i32")
     case = ["ops.triton_decode_gemm", "_decode_gemm_kernel", ptrs, consts]
