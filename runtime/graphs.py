@@ -502,7 +502,7 @@ class MixedGraphs:
 
     def replay(self, fb: ForwardBatch, k: MixedBucket) -> torch.Tensor:
         """Run `fb` (a step that prefills) through bucket k's graph; returns logits [B, vocab]
-        fp32, lm_head run eagerly over the real rows."""
+        in the model's dtype, lm_head run eagerly over the real rows."""
         self._copy_in(fb, k)
         g, hidden = self.graphs[(k.tokens, fb.lora is not None)]
         g.replay()

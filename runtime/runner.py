@@ -432,7 +432,7 @@ class ModelRunner:
         with self.streams.use(self.streams.compute):
             bucket = self.mixed_graphs.bucket_for(fb) if self.mixed_graphs else None
             if self.graphs is not None and self.graphs.can_run(fb):
-                logits = self.graphs.replay(fb)  # [B, vocab] fp32
+                logits = self.graphs.replay(fb)  # [B, vocab] in the model's dtype
             elif bucket is not None:
                 logits = self.mixed_graphs.replay(fb, bucket)
             else:

@@ -39,6 +39,14 @@ class SamplerOutput:
     top_logprobs: tuple[Tensor, Tensor] | None = None
 
 
+def _plain_greedy(r: Request) -> bool:
+    """A greedy row with no penalty, bias or stop mask to apply and no log-probs to return."""
+    p = r.params
+    return (p.is_greedy and not p.has_penalties and not p.logit_bias
+            and r.num_output_tokens >= p.min_new_tokens and not r.return_logprob
+            and r.top_logprobs_num <= 0)
+
+
 class Sampler:
     """Chooses one token per row of a logits batch, each row with its request's parameters.
 
@@ -64,7 +72,8 @@ class Sampler:
         self._nothing_seen: Tensor | None = None
 
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
-        """Sample row i of `logits` ([B, >= vocab_size], any float dtype) for requests[i].
+        """Sample row i of `logits` ([B, >= vocab_size], any float dtype; upcast to fp32 where
+        a row needs processing or log-probs) for requests[i].
 
         Columns at or past vocab_size (padding of the output layer) are never chosen. The
         input is not modified.
@@ -73,6 +82,10 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         if logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, vocab is {self.vocab_size}")
+        if all(_plain_greedy(r) for r in requests):
+            # nothing to process and no log-probs: the argmax of the logits as they came (a
+            # bf16 row's upcast changes no order), without an fp32 copy of the batch's rows
+            return SamplerOutput(greedy_argmax(logits[:, : self.vocab_size]))
         raw = logits[:, : self.vocab_size].float()  # [B, V]; may alias the input, never written
         token_ids = self._choose(self.penalize(raw, requests), requests)
         output = SamplerOutput(token_ids)

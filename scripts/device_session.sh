@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s46d   (one GPU) logits in the model's dtype: GPU parity and
+#                                    graph tests, batch 32's base graph by kernel; about 4 min
 #   scripts/device_session.sh s46c   (one GPU) adapter uploads, the HF PEFT baseline, the
 #                                    issue's many-adapter setting, at this code; about 9 min
 #   scripts/device_session.sh s45a   (one GPU, prepared) the 32-slot targets with the split
@@ -462,6 +464,16 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s46d)  # one GPU: logits in the model's dtype, greedy steps' argmax on them (no fp32 copy of
+    # the batch's logits): GPU parity and graph tests, then batch 32's base graph by kernel
+    gpu_tests logits_tests 110 tests/test_engine_gpu.py tests/test_graphs_gpu.py \
+      -k "hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv)"
+    rm -f "$OUT"/*.xml
+    timeout 130 python3 -m benchmarks.step_bench --profile --profile-graphs --timeline \
+      --out /tmp/prof_base.json > "$OUT/prof_base.log" 2>&1
+    echo "== step_bench --profile --profile-graphs: rc $?"
+    sed -n "/decode batch 32, 0 adapters, graphs/,/decode batch 1, 1 adapters/p" "$OUT/prof_base.log"
     ;;
   s46c)  # one GPU: the end-to-end targets last measured in the thirty-second session, at this
     # code: adapter uploads, the HF PEFT baseline side by side, the issue's many-adapter

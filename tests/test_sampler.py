@@ -59,6 +59,32 @@ def test_greedy_is_argmax_and_draws_nothing(dtype: torch.dtype) -> None:
     assert out.logprobs is None and out.top_logprobs is None
 
 
+def test_plain_greedy_rows_take_the_argmax_of_the_logits_as_they_came(monkeypatch) -> None:
+    """A batch of greedy rows with nothing to process and no log-probs takes the argmax of the
+    logits in their own dtype (no fp32 copy of the batch); a row with a penalty, a stop mask
+    under min_new_tokens, or log-probs sends the batch through the fp32 path, with the same
+    greedy choice where nothing changes it."""
+    from runtime import sampler as sampler_mod
+
+    seen: list[torch.dtype] = []
+    real = sampler_mod.greedy_argmax
+    monkeypatch.setattr(sampler_mod, "greedy_argmax", lambda x: seen.append(x.dtype) or real(x))
+    logits = (torch.randn(4, 52) * 3).to(torch.bfloat16)
+    logits[:, 50:] = 100.0  # padding columns past the vocabulary: never chosen
+    want = logits[:, :50].float().argmax(dim=-1)
+    sampler = Sampler(50, {0}, CPU)
+    plain = [make_request(temperature=0.0) for _ in range(4)]
+    assert torch.equal(sampler(logits, plain).token_ids, want) and seen == [torch.bfloat16]
+    for odd in (make_request(temperature=0.0, return_logprob=True),
+                make_request(temperature=0.0, top_logprobs_num=2),
+                make_request(temperature=0.0, repetition_penalty=1.0 + 1e-9),
+                make_request(temperature=0.0, min_new_tokens=1)):
+        seen.clear()
+        out = sampler(logits, [*plain[:3], odd])
+        assert seen == [torch.float32], odd
+        assert torch.equal(out.token_ids[:3], want[:3])
+
+
 def test_greedy_ties_pick_lowest_id() -> None:
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
     out = Sampler(4, set(), CPU)(logits, [make_request(temperature=0.0) for _ in range(2)])
