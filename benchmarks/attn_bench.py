@@ -2,15 +2,15 @@
 
 For each (batch, context) case, `--layers` distinct paged KV caches (Llama-3.1-8B heads: 32 query
 heads over 8 KV heads of 128, 16-token pages, pages shuffled) and one query per sequence; each
-variant's launches over all layers are captured in one CUDA graph and replayed. The block table
-is as wide as a decode graph's (the model's context length), so the default slice count is the
-one serving uses. Variants: each --min-split (the shortest slice a sequence's own length is cut
-into; its last slice merges them), with --one-slice one slice a sequence, and with --configs
-each launch configuration (BLOCK_N x num_warps x num_stages) at each --splits slice count (0:
-the default count), min split 64. Each line gives
-the largest error against the first variant's output. (At commit 1ab65fa a `launch` variant
-also ran the kernel before, every slice of the table's width merged by a second kernel:
-benchmarks/RESULTS.md, thirteenth session.)
+variant's launches over all layers are captured in one CUDA graph and replayed (`--ncu`: one
+layer, each variant launched once, untimed, for Nsight Compute). The block table is as wide as
+a decode graph's (the model's context length), so the default slice count is the one serving
+uses. Variants: each --min-split (the shortest slice a sequence's own length is cut into; its
+last slice merges them), with --one-slice one slice a sequence, and with --configs each launch
+configuration (BLOCK_N x num_warps x num_stages) at each --splits slice count (0: the default
+count), min split 64. Each line gives the largest error against the first variant's output.
+(At commit 1ab65fa a `launch` variant also ran the kernel before, every slice of the table's
+width merged by a second kernel: benchmarks/RESULTS.md, thirteenth session.)
 
     python -m benchmarks.attn_bench --out attn.json
 """
@@ -61,10 +61,14 @@ def main() -> None:
     ap.add_argument("--max-gb", type=float, default=24.0, help="KV bytes a case may allocate")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="batch 1 and 32, context 143, 4 layers")
+    ap.add_argument("--ncu", action="store_true",
+                    help="one layer, each variant launched once, untimed (for Nsight Compute)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.quick:
         a.batch, a.ctx, a.layers, a.reps = [1, 32], [143], 4, 5
+    if a.ncu:
+        a.layers = 1
     bw = hbm_bandwidth()
     scale = HEAD_DIM**-0.5
     variants = [(f"min split {m}", {"min_split": m}) for m in a.min_split]
@@ -89,6 +93,11 @@ def main() -> None:
                 def run(item, kw=kw):
                     q, k, v, table, lens, out = item
                     decode_attention_triton(q, k, v, table, lens, scale, out=out, **kw)
+                if a.ncu:
+                    run(items[0])
+                    torch.cuda.synchronize()
+                    print(f"b{batch:<3} ctx {ctx:<5} {name}: launched once", flush=True)
+                    continue
                 us = graph_us(run, items, a.reps)
                 got = items[0][5].float().clone()
                 ref = got if ref is None else ref

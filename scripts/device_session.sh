@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s48a   (one GPU) decode attention under Nsight Compute at batch
+#                                    32 and 1 over 143 tokens (default and one slice); ~3 min
 #   scripts/device_session.sh s46d   (one GPU) logits in the model's dtype: GPU parity and
 #                                    graph tests, batch 32's base graph by kernel; about 4 min
 #   scripts/device_session.sh s46c   (one GPU) adapter uploads, the HF PEFT baseline, the
@@ -277,7 +279,8 @@
 # GEMM, at f010a54 and 35ece63; s40c and s40e: the decode GEMM's stream-K form, at
 # 4eb2bc5 and 21cd2dd; s46a: decode attention's L2 prefetch of its K/V rows and the rotary
 # kernel's early release, at ce1e21f; s46b: the decode GEMM's L2 prefetch of its W rows before
-# its wait, at 5c9d56a), or that s16b repeats (s16a), are in the commits
+# its wait, at 5c9d56a; s47a: base decode with the norms folded into the GEMMs' epilogues,
+# branch norm-fold at 4c71d7d, not merged), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
@@ -464,6 +467,40 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s48a)  # one GPU: where decode attention's time goes at batch 32 over a short context
+    # (about 3x its KV bytes' time): Nsight Compute's sections, one launch a variant
+    for b in 32 1; do
+      timeout 200 ncu --clock-control none --kernel-name regex:_decode_attention --section \
+        SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
+        python3 -m benchmarks.attn_bench --ncu --batch "$b" --ctx 143 --min-split 64 \
+        --one-slice > "$OUT/ncu_attn_b$b.txt" 2>&1
+      echo "== ncu attention batch $b: rc $?"
+      grep -E "attn_bench|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Block Limit|Theoretical Occ|Grid Size|==PROF==|Error" \
+        "$OUT/ncu_attn_b$b.txt" | head -60
+    done
+    # the decode GEMM at batch 32 as the base graph runs it: qkv unsplit, o and down over 2
+    # slices (one launch each after a warm-up), gate_up with SiLU*up
+    timeout 150 ncu --clock-control none --kernel-name regex:_decode_gemm --launch-skip 3 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+      --section MemoryWorkloadAnalysis python3 -c "
+import torch
+from ops.triton_decode_gemm import decode_gemm, decode_gemm_silu_mul
+x = {k: torch.randn(32, k, device='cuda', dtype=torch.bfloat16) for k in (4096, 14336)}
+for n, k, split in ((6144, 4096, 1), (4096, 4096, 2), (4096, 14336, 2)):
+    w = torch.randn(n, k, device='cuda', dtype=torch.bfloat16)
+    decode_gemm(x[k], w, split=split)
+for n, k, split in ((6144, 4096, 1), (4096, 4096, 2), (4096, 14336, 2)):
+    w = torch.randn(n, k, device='cuda', dtype=torch.bfloat16)
+    decode_gemm(x[k], w, split=split)
+w = torch.randn(28672, 4096, device='cuda', dtype=torch.bfloat16)
+decode_gemm_silu_mul(x[4096], w)
+torch.cuda.synchronize()
+" > "$OUT/ncu_gemm_b32.txt" 2>&1
+    echo "== ncu decode GEMM batch 32: rc $?"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Grid Size|Error" \
+      "$OUT/ncu_gemm_b32.txt" | head -40
     ;;
   s46d)  # one GPU: logits in the model's dtype, greedy steps' argmax on them (no fp32 copy of
     # the batch's logits): GPU parity and graph tests, then batch 32's base graph by kernel
