@@ -8,9 +8,9 @@ a decode graph's (the model's context length), so the default slice count is the
 uses. Variants: each --min-split (the shortest slice a sequence's own length is cut into; its
 last slice merges them), with --one-slice one slice a sequence, and with --configs each launch
 configuration (BLOCK_N x num_warps x num_stages) at each --splits slice count (0: the default
-count), min split 64. Each line gives the largest error against the first variant's output.
-(At commit 1ab65fa a `launch` variant also ran the kernel before, every slice of the table's
-width merged by a second kernel: benchmarks/RESULTS.md, thirteenth session.)
+count), min split --config-min-split (64). Each line gives the largest error against the first
+variant's output. (At commit 1ab65fa a `launch` variant also ran the kernel before, every slice
+of the table's width merged by a second kernel: benchmarks/RESULTS.md, thirteenth session.)
 
     python -m benchmarks.attn_bench --out attn.json
 """
@@ -57,6 +57,8 @@ def main() -> None:
                     help="launch configurations BLOCK_NxWARPSxSTAGES, e.g. 64x4x3")
     ap.add_argument("--splits", type=int, nargs="+", default=[0],
                     help="slice counts for --configs (0: the default count)")
+    ap.add_argument("--config-min-split", type=int, default=64,
+                    help="the shortest slice for --configs (rounded up to whole BLOCK_N tiles)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--max-gb", type=float, default=24.0, help="KV bytes a case may allocate")
     ap.add_argument("--reps", type=int, default=30)
@@ -79,7 +81,8 @@ def main() -> None:
         if len(config) != 3:
             ap.error(f"--configs takes BLOCK_NxWARPSxSTAGES, got {text!r}")
         for splits in a.splits:
-            kw = {"config": config, **({"num_splits": splits} if splits else {})}
+            kw = {"config": config, "min_split": a.config_min_split,
+                  **({"num_splits": splits} if splits else {})}
             variants.append((f"{text} s{splits or 'auto'}", kw))
     rows = []
     gen = torch.Generator().manual_seed(0)

@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s48b   (one GPU) decode attention alone over launch configurations
+#                                    of one and two warps and slice counts; about 4 min
 #   scripts/device_session.sh s48a   (one GPU) decode attention under Nsight Compute at batch
 #                                    32 and 1 over 143 tokens (default and one slice); ~3 min
 #   scripts/device_session.sh s46d   (one GPU) logits in the model's dtype: GPU parity and
@@ -467,6 +469,12 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s48b)  # one GPU: decode attention alone at configurations s48a's profile points to (a warp a
+    # program: no barriers between warps), over slice counts
+    attn_bench 400 --batch 32 1 --ctx 143 1024 --min-split 64 --reps 20 --config-min-split 16 \
+      --configs 64x4x3 64x4x2 64x8x3 64x2x3 32x2x3 32x1x3 32x1x2 16x1x3 16x1x2 \
+      --splits 0 4 8 16
     ;;
   s48a)  # one GPU: where decode attention's time goes at batch 32 over a short context
     # (about 3x its KV bytes' time): Nsight Compute's sections, one launch a variant
