@@ -39,14 +39,6 @@ class SamplerOutput:
     top_logprobs: tuple[Tensor, Tensor] | None = None
 
 
-def _plain_greedy(r: Request) -> bool:
-    """A greedy row with no penalty, bias or stop mask to apply and no log-probs to return."""
-    p = r.params
-    return (p.is_greedy and not p.has_penalties and not p.logit_bias
-            and r.num_output_tokens >= p.min_new_tokens and not r.return_logprob
-            and r.top_logprobs_num <= 0)
-
-
 class Sampler:
     """Chooses one token per row of a logits batch, each row with its request's parameters.
 
@@ -82,14 +74,16 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         if logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, vocab is {self.vocab_size}")
-        if all(_plain_greedy(r) for r in requests):
-            # nothing to process and no log-probs: the argmax of the logits as they came (a
-            # bf16 row's upcast changes no order), without an fp32 copy of the batch's rows
-            return SamplerOutput(greedy_argmax(logits[:, : self.vocab_size]))
-        raw = logits[:, : self.vocab_size].float()  # [B, V]; may alias the input, never written
+        view = logits[:, : self.vocab_size]
+        wants_logprobs = any(r.return_logprob or r.top_logprobs_num > 0 for r in requests)
+        if not wants_logprobs and all(r.params.is_greedy for r in requests):
+            # the argmax of the logits as they came where no row has anything to process (a
+            # bf16 row's upcast changes no order): no fp32 copy of the batch's rows
+            return SamplerOutput(greedy_argmax(self.penalize(view, requests)))
+        raw = view.float()  # [B, V]; may alias the input, never written
         token_ids = self._choose(self.penalize(raw, requests), requests)
         output = SamplerOutput(token_ids)
-        if any(r.return_logprob or r.top_logprobs_num > 0 for r in requests):
+        if wants_logprobs:
             logprobs = torch.log_softmax(raw, dim=-1)  # [B, V]
             output.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
             num_top = min(max(r.top_logprobs_num for r in requests), self.vocab_size)
@@ -101,7 +95,8 @@ class Sampler:
     def penalize(self, logits: Tensor, requests: list[Request]) -> Tensor:
         """[B, V] float32 logits after penalties and the min_new_tokens masks.
 
-        Returns `logits` itself when no row needs either, else a new tensor.
+        Returns `logits` itself (in its own dtype) when no row needs either, else a new
+        float32 tensor.
         """
         penalty_rows = [i for i, r in enumerate(requests) if r.params.has_penalties]
         bias_rows = [i for i, r in enumerate(requests) if r.params.logit_bias]

@@ -62,8 +62,8 @@ def test_greedy_is_argmax_and_draws_nothing(dtype: torch.dtype) -> None:
 def test_plain_greedy_rows_take_the_argmax_of_the_logits_as_they_came(monkeypatch) -> None:
     """A batch of greedy rows with nothing to process and no log-probs takes the argmax of the
     logits in their own dtype (no fp32 copy of the batch); a row with a penalty, a stop mask
-    under min_new_tokens, or log-probs sends the batch through the fp32 path, with the same
-    greedy choice where nothing changes it."""
+    under min_new_tokens, a logit bias, log-probs or sampling sends the batch through the fp32
+    path, with the same greedy choice where nothing changes it."""
     from runtime import sampler as sampler_mod
 
     seen: list[torch.dtype] = []
@@ -78,11 +78,16 @@ def test_plain_greedy_rows_take_the_argmax_of_the_logits_as_they_came(monkeypatc
     for odd in (make_request(temperature=0.0, return_logprob=True),
                 make_request(temperature=0.0, top_logprobs_num=2),
                 make_request(temperature=0.0, repetition_penalty=1.0 + 1e-9),
-                make_request(temperature=0.0, min_new_tokens=1)):
+                make_request(temperature=0.0, min_new_tokens=1),
+                make_request(temperature=0.0, logit_bias={7: 0.5})):
         seen.clear()
         out = sampler(logits, [*plain[:3], odd])
         assert seen == [torch.float32], odd
         assert torch.equal(out.token_ids[:3], want[:3])
+    # a sampled row takes its own path; the greedy rows' choice is the same there
+    seen.clear()
+    out = sampler(logits, [*plain[:3], make_request(temperature=1.0, seed=3)])
+    assert seen == [torch.float32] and torch.equal(out.token_ids[:3], want[:3])
 
 
 def test_greedy_ties_pick_lowest_id() -> None:
