@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s48c   (one GPU) the sampler's greedy path through penalize: the
+#                                    sampler's and engine parity's GPU tests, graph replays
 #   scripts/device_session.sh s48b   (one GPU) decode attention alone over launch configurations
 #                                    of one and two warps and slice counts; about 4 min
 #   scripts/device_session.sh s48a   (one GPU) decode attention under Nsight Compute at batch
@@ -469,6 +471,13 @@ case "${1:-}" in
       rm -f "$OUT/$name.log"  # (and few files: $OUT takes a few)
     done
     step_table "$OUT"/base_[0-9]_*.json
+    ;;
+  s48c)  # one GPU: greedy steps take greedy_argmax(penalize(logits)) (bf16 where no row has
+    # anything to process): the sampler's GPU test (no host sync over every path), greedy tokens
+    # against HF for the four architectures, decode graphs against eager
+    gpu_tests sampler_tests 300 tests/test_sampler.py tests/test_engine_gpu.py \
+      tests/test_graphs_gpu.py \
+      -k "cuda_mixed_batch or hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv)"
     ;;
   s48b)  # one GPU: decode attention alone at configurations s48a's profile points to (a warp a
     # program: no barriers between warps), over slice counts
