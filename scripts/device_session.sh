@@ -123,6 +123,8 @@
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
 #   scripts/device_session.sh s48c   (one GPU) the sampler's greedy path through penalize: the
 #                                    sampler's and engine parity's GPU tests, graph replays
+#   scripts/device_session.sh s48d   (one GPU) the decode graph tests over a decode state built
+#                                    step by step (the same in every run); about 5 min
 #   scripts/device_session.sh s48b   (one GPU) decode attention alone over launch configurations
 #                                    of one and two warps and slice counts; about 4 min
 #   scripts/device_session.sh s48a   (one GPU) decode attention under Nsight Compute at batch
@@ -478,6 +480,13 @@ case "${1:-}" in
     gpu_tests sampler_tests 300 tests/test_sampler.py tests/test_engine_gpu.py \
       tests/test_graphs_gpu.py \
       -k "cuda_mixed_batch or hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv)"
+    ;;
+  s48d)  # one GPU: every decode graph test, mixed_decode_step's state now built one blocking
+    # step at a time (it was left to timing: one bf16 replay in seven over its bound)
+    timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_graphs_gpu.py \
+      > "$OUT/graph_tests.log" 2>&1
+    echo "== graph tests: rc $?"; grep -E "against eager|passed|failed" "$OUT/graph_tests.log"
+    grep -E "^(FAILED|ERROR)" "$OUT/graph_tests.log" | head
     ;;
   s48b)  # one GPU: decode attention alone at configurations s48a's profile points to (a warp a
     # program: no barriers between warps), over slice counts
