@@ -123,8 +123,9 @@
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
 #   scripts/device_session.sh s48c   (one GPU) the sampler's greedy path through penalize: the
 #                                    sampler's and engine parity's GPU tests, graph replays
-#   scripts/device_session.sh s48d   (one GPU) the decode graph tests over a decode state built
-#                                    step by step (the same in every run); about 5 min
+#   scripts/device_session.sh s48d   (one GPU, ran at a5b066b's test file, since reverted) the
+#                                    decode graph tests over a decode state built one blocking
+#                                    step at a time; more than 8 min
 #   scripts/device_session.sh s48b   (one GPU) decode attention alone over launch configurations
 #                                    of one and two warps and slice counts; about 4 min
 #   scripts/device_session.sh s48a   (one GPU) decode attention under Nsight Compute at batch
@@ -481,8 +482,8 @@ case "${1:-}" in
       tests/test_graphs_gpu.py \
       -k "cuda_mixed_batch or hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv)"
     ;;
-  s48d)  # one GPU: every decode graph test, mixed_decode_step's state now built one blocking
-    # step at a time (it was left to timing: one bf16 replay in seven over its bound)
+  s48d)  # one GPU: every decode graph test (at a5b066b, mixed_decode_step's state built one
+    # blocking step at a time; reverted: the split LoRA stacks' bf16 replay measured 0.099 there)
     timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_graphs_gpu.py \
       > "$OUT/graph_tests.log" 2>&1
     echo "== graph tests: rc $?"; grep -E "against eager|passed|failed" "$OUT/graph_tests.log"

@@ -355,30 +355,30 @@ def test_graphs_without_layer_pdl_match_eager_fp32(setup, monkeypatch):
 
 
 def mixed_decode_step(setup, backend, names=None):
-    """A bf16 engine with decode graphs, and the decode step (ForwardBatch) its scheduler plans
-    once 21 requests over base rows and 4 adapters (or over `names`) are all prefilled. The
-    steps before it run one at a time (`run_step_blocking`), so every run checks the same state.
-    (A stop after the first token of each, as before, left the state to timing: the bf16
-    replay test below measured 0.011-0.031 in six runs and 0.063 in a seventh.)"""
-    from runtime.request import Request
+    """A bf16 engine with decode graphs, and a decode step (ForwardBatch) of 21 requests over
+    base rows and 4 adapters (or over `names`), rebuilt from the state prefill and a few decode
+    steps left."""
+    from runtime.scheduler import ScheduledBatch
 
     model, adapters = setup
     ps = prompts(21, read_vocab(model), seed=4, lo=4, hi=60)
     engine = make_engine(model, cuda_graph_max_bs=32, **lora_config(adapters, backend, "bfloat16"))
-    run(engine.adapters.load_startup_adapters())
-    sched = engine.scheduler
-    reqs = [Request(rid=f"m{i}", prompt_ids=p, params=greedy(64), lora_name=n)
-            for i, (p, n) in enumerate(zip(ps, names or NAMES))]
-    for r in reqs:
-        r.outputs = asyncio.Queue()
-        sched.add(r)
-    plan = sched.schedule()
-    while plan is None or not (plan.is_decode and len(plan.requests) == len(reqs)):
-        if plan is not None:
-            engine.run_step_blocking(plan)
-        engine.adapters.poll()
-        plan = sched.schedule()
-    return engine, engine.runner.prepare(plan)
+
+    async def prefill_then_stop():
+        await engine.start()
+        reqs = [await engine.submit(p, greedy(64), n) for p, n in zip(ps, names or NAMES)]
+        while any(not r.output_ids for r in reqs):
+            await asyncio.sleep(0.01)
+        await engine.stop()  # requests are aborted, but their KV blocks are still readable
+        return reqs
+
+    reqs = run(prefill_then_stop())
+    for r in reqs:  # rebuild the decode state the aborted requests had
+        engine.block_manager.allocate(r, r.num_tokens)
+        r.num_computed_tokens = r.num_tokens - 1
+        r.lora_slot = engine.adapters.slot_of(r.lora_name) if r.lora_name else -1
+    reqs.sort(key=lambda r: r.lora_slot)
+    return engine, engine.runner.prepare(ScheduledBatch(reqs, [1] * len(reqs)))
 
 
 @pytest.mark.parametrize("stack", ["0", "1"])
