@@ -8,8 +8,7 @@ a decode graph's (the model's context length), so the default slice count is the
 uses. Variants: each --min-split (the shortest slice a sequence's own length is cut into; its
 last slice merges them), with --one-slice one slice a sequence, and with --configs each launch
 configuration (BLOCK_N x num_warps x num_stages) at each --splits slice count (0: the default
-count) and each --warp-splits (a tile's softmax over that many chunks), min split
---config-min-split (64). Each line gives the largest error against the first
+count), min split --config-min-split (64). Each line gives the largest error against the first
 variant's output. (At commit 1ab65fa a `launch` variant also ran the kernel before, every slice
 of the table's width merged by a second kernel: benchmarks/RESULTS.md, thirteenth session.)
 
@@ -58,8 +57,6 @@ def main() -> None:
                     help="launch configurations BLOCK_NxWARPSxSTAGES, e.g. 64x4x3")
     ap.add_argument("--splits", type=int, nargs="+", default=[0],
                     help="slice counts for --configs (0: the default count)")
-    ap.add_argument("--warp-splits", type=int, nargs="+", default=[1],
-                    help="chunks a KV tile's softmax runs over, for --configs (1: one)")
     ap.add_argument("--config-min-split", type=int, default=64,
                     help="the shortest slice for --configs (rounded up to whole BLOCK_N tiles)")
     ap.add_argument("--layers", type=int, default=32)
@@ -84,11 +81,9 @@ def main() -> None:
         if len(config) != 3:
             ap.error(f"--configs takes BLOCK_NxWARPSxSTAGES, got {text!r}")
         for splits in a.splits:
-            for warp_split in a.warp_splits:
-                kw = {"config": config, "min_split": a.config_min_split,
-                      "warp_split": warp_split, **({"num_splits": splits} if splits else {})}
-                variants.append((f"{text} s{splits or 'auto'}"
-                                 + (f" w{warp_split}" if warp_split > 1 else ""), kw))
+            kw = {"config": config, "min_split": a.config_min_split,
+                  **({"num_splits": splits} if splits else {})}
+            variants.append((f"{text} s{splits or 'auto'}", kw))
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in a.batch:

@@ -70,7 +70,6 @@ def _decode_attention_kernel(
     BLOCK_S: tl.constexpr,  # num_splits' bound padded to a power of two
     SPLIT_CHUNK: tl.constexpr,  # slices the merge loads at once
     USE_PDL: tl.constexpr,  # programmatic dependent launch (ops/pdl.py)
-    WARP_SPLIT: tl.constexpr = 1,  # independent softmax chunks a tile (1: one softmax a tile)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -97,23 +96,17 @@ def _decode_attention_kernel(
         table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
         cache_head_offset = kv_head * stride_cache_head + dims[None, :]
 
-        if WARP_SPLIT == 1:
-            m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-            for n0 in range(start, end, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_mask = cols < end
-                k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, col_mask,
-                                    cache_head_offset, stride_cache_block, stride_cache_token,
-                                    PAGE_SIZE, True)
-                m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2,
-                                             col_mask[None, :], True, INPUT_PRECISION)
-        else:
-            m_i, l_i, acc = _split_softmax(q, k_cache_ptr, v_cache_ptr, table_row, start, end,
-                                           cache_head_offset, stride_cache_block,
-                                           stride_cache_token, scale_log2, BLOCK_H, HEAD_DIM,
-                                           PAGE_SIZE, BLOCK_N, WARP_SPLIT, INPUT_PRECISION)
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < end
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, col_mask,
+                                cache_head_offset, stride_cache_block, stride_cache_token,
+                                PAGE_SIZE, True)
+            m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, col_mask[None, :],
+                                         True, INPUT_PRECISION)
 
         o_rows = o_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         if used == 1:
@@ -165,47 +158,6 @@ def _decode_attention_kernel(
                          + dims[None, :], merged.to(o_ptr.dtype.element_ty),
                          mask=g_mask[:, None])
                 tl.store(counter, 0)  # ready for the next launch
-
-
-@triton.jit
-def _split_softmax(q, k_cache_ptr, v_cache_ptr, table_row, start, end, cache_head_offset,
-                   stride_cache_block, stride_cache_token, scale_log2, BLOCK_H: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   W: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(m_i, l_i, acc) over [start, end) with each tile cut into W chunks of BLOCK_N / W tokens,
-    each chunk its own running softmax (a batched dot over the chunks), combined once at the
-    end: no reduction crosses chunks inside the loop."""
-    NW: tl.constexpr = BLOCK_N // W
-    q3 = tl.broadcast_to(q[None, :, :], (W, BLOCK_H, HEAD_DIM))
-    m3 = tl.full([W, BLOCK_H], float("-inf"), dtype=tl.float32)
-    l3 = tl.zeros([W, BLOCK_H], dtype=tl.float32)
-    acc3 = tl.zeros([W, BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    offs = tl.reshape(tl.arange(0, BLOCK_N), (W, NW))
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + offs  # [W, NW]
-        col_mask = cols < end
-        pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_mask, other=0).to(tl.int64)
-        rows = pages * stride_cache_block + (cols % PAGE_SIZE) * stride_cache_token
-        offsets = rows[:, :, None] + cache_head_offset[None, :, :]
-        k = tl.load(k_cache_ptr + offsets, mask=col_mask[:, :, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=col_mask[:, :, None], other=0.0)
-        s = tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=INPUT_PRECISION) * scale_log2
-        s = tl.where(col_mask[:, None, :], s, float("-inf"))
-        m_new = tl.maximum(m3, tl.max(s, 2))
-        # a chunk with no visible token yet keeps m = -inf: shift by 0 there, not by -inf
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m3 - shift)
-        p = tl.exp2(s - shift[:, :, None])
-        l3 = l3 * alpha + tl.sum(p, 2)
-        acc3 = acc3 * alpha[:, :, None] + tl.dot(p.to(v.dtype), v,
-                                                 input_precision=INPUT_PRECISION)
-        m3 = m_new
-    m_i = tl.max(m3, 0)
-    shift = tl.where(m_i == float("-inf"), 0.0, m_i)
-    w = tl.exp2(m3 - shift[None, :])
-    l_i = tl.sum(l3 * w, 0)
-    acc = tl.sum(acc3 * w[:, :, None], 0)
-    return m_i, l_i, acc
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_sms: int) -> int:
@@ -286,7 +238,6 @@ def decode_attention_triton(
     out: Tensor | None = None,
     pdl: bool | None = None,
     config: tuple[int, int, int] | None = None,
-    warp_split: int | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache.
 
@@ -305,9 +256,6 @@ def decode_attention_triton(
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     config: (BLOCK_N, num_warps, num_stages) instead of the measured default (benchmarks sweep
     it: benchmarks/attn_bench.py --configs).
-    warp_split: cut each KV tile into this many chunks, each with its own running softmax,
-    combined once after the loop (`_split_softmax`; None: LORASERVE_DECODE_ATTN_WARP_SPLIT,
-    default 1, one softmax a tile). Each chunk is at least 16 tokens.
     Returns o: [B, H, D] in q's dtype (out when given).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)
@@ -335,11 +283,6 @@ def decode_attention_triton(
     block_n, num_warps, num_stages = config
     if block_n not in (16, 32, 64, 128) or num_warps not in (1, 2, 4, 8) or num_stages < 1:
         raise ValueError(f"config (BLOCK_N, num_warps, num_stages) out of range: {config}")
-    if warp_split is None:
-        warp_split = env_int("LORASERVE_DECODE_ATTN_WARP_SPLIT", 1, least=1)
-    if warp_split not in (1, 2, 4, 8) or (warp_split > 1 and block_n // warp_split < 16):
-        raise ValueError(f"warp_split must be 1, 2, 4 or 8 with chunks of at least 16 of the "
-                         f"tile's {block_n} tokens, got {warp_split}")
     pdl = resolve(pdl, q)
     # Partials are unused with one slice; a one-element placeholder keeps the signature.
     partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
@@ -356,7 +299,6 @@ def decode_attention_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
-        USE_PDL=pdl, WARP_SPLIT=warp_split, num_warps=num_warps, num_stages=num_stages,
-        launch_pdl=pdl,
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return o

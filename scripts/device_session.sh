@@ -123,9 +123,6 @@
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
 #   scripts/device_session.sh s48c   (one GPU) the sampler's greedy path through penalize: the
 #                                    sampler's and engine parity's GPU tests, graph replays
-#   scripts/device_session.sh s48e   (one GPU) decode attention's softmax over chunks of a tile
-#                                    (LORASERVE_DECODE_ATTN_WARP_SPLIT): GPU tests, alone, base
-#                                    steps as time allows; about 4 min
 #   scripts/device_session.sh s48d   (one GPU, ran at a5b066b's test file, since reverted) the
 #                                    decode graph tests over a decode state built one blocking
 #                                    step at a time; more than 8 min
@@ -484,22 +481,6 @@ case "${1:-}" in
     gpu_tests sampler_tests 300 tests/test_sampler.py tests/test_engine_gpu.py \
       tests/test_graphs_gpu.py \
       -k "cuda_mixed_batch or hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv)"
-    ;;
-  s48e)  # one GPU: each KV tile's softmax over chunks with their own running max, combined
-    # after the loop (2 block barriers a tile against 9 in the sm_90 SASS)
-    gpu_tests warp_tests 80 tests/test_attention.py -k "gpu_decode_warp_split"
-    rm -f "$OUT"/*.xml
-    attn_bench 80 --batch 32 1 --ctx 143 1024 --min-split 64 --reps 20 --configs 64x4x3 \
-      --splits 0 1 --warp-splits 1 2 4
-    i=0
-    for knob in LORASERVE_DECODE_ATTN_WARP_SPLIT=4 NONE=1 LORASERVE_DECODE_ATTN_WARP_SPLIT=4 NONE=2; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 190 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | cut -d= -f1 | tr 'A-Z' 'a-z')"
-      step_base "$name" $((i == 1 ? 80 : 45)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
     ;;
   s48d)  # one GPU: every decode graph test (at a5b066b, mixed_decode_step's state built one
     # blocking step at a time; reverted: the split LoRA stacks' bf16 replay measured 0.099 there)

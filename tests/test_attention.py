@@ -270,40 +270,6 @@ def test_decode_launch_configs(config: tuple[int, int, int]) -> None:
     torch.testing.assert_close(got, decode_reference(batch, 0.3), **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("warp_split", "config", "num_splits"),
-                         [(4, (64, 4, 3), 1), (4, (64, 4, 3), 3), (2, (32, 2, 2), 4),
-                          (2, (64, 4, 3), None)])
-def test_decode_warp_split_matches_reference(dtype: torch.dtype, warp_split: int,
-                                             config: tuple[int, int, int],
-                                             num_splits: int | None) -> None:
-    """Each KV tile cut into chunks with their own running softmax, combined after the loop,
-    is the same attention: lengths whose last tile leaves chunks with no token (5, 130, 143),
-    whole tiles (64, 128), slices merged in the kernel, a padding row (kv_len 0) of zeros."""
-    batch = make_batch([1] * 6, [5, 64, 130, 143, 128, 1], 8, 2, 32, 16, dtype,
-                       seed=warp_split + config[0])
-    batch.kv_lens[5] = 0
-    expected = decode_reference(batch, 0.3)
-    got = run_decode_triton(batch, 0.3, num_splits, config=config, warp_split=warp_split)
-    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
-    assert (got[5] == 0).all()
-
-
-def test_decode_warp_split_setting_and_bounds(monkeypatch) -> None:
-    """LORASERVE_DECODE_ATTN_WARP_SPLIT picks the split where the call names none; a split
-    whose chunks would hold fewer than 16 tokens, or not 1, 2, 4 or 8, is refused."""
-    batch = make_batch([1] * 2, [70, 9], 8, 2, 32, 16, torch.float32, seed=5)
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WARP_SPLIT", "4")
-    torch.testing.assert_close(run_decode_triton(batch, 0.3, 2), decode_reference(batch, 0.3),
-                               **TOLERANCES[torch.float32])
-    for bad, config in ((3, None), (4, (32, 2, 2)), (8, (64, 4, 3))):
-        with pytest.raises(ValueError, match="warp_split"):
-            run_decode_triton(batch, 0.3, 1, config=config, warp_split=bad)
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WARP_SPLIT", "3")
-    with pytest.raises(ValueError, match="warp_split"):
-        run_decode_triton(batch, 0.3, 1)
-
-
 def test_decode_rejects_bad_config() -> None:
     batch = make_batch([1], [5], 4, 2, 32, 4, torch.float32)
     with pytest.raises(ValueError, match="config"):
@@ -554,28 +520,6 @@ def test_prefill_tile_bound_at_a_graph_bucket() -> None:
 def _gpu_lens(seed: int, count: int, low: int, high: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(low, high + 1, (count,), generator=gen).tolist()
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("warp_split", [2, 4])
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(32, 8), (28, 4)])
-@pytest.mark.parametrize("batch_size", [1, 32])
-@pytest.mark.parametrize("num_splits", [None, 1])
-def test_gpu_decode_warp_split_matches_reference(warp_split: int, num_heads: int,
-                                                 num_kv_heads: int, batch_size: int,
-                                                 num_splits: int | None) -> None:
-    """bf16 on the device, each KV tile's softmax over 2 or 4 chunks: Llama-3.1-8B's heads and
-    Qwen2.5-7B's (groups of 7), short and long sequences, the default slices and one."""
-    kv_lens = _gpu_lens(batch_size + 7, batch_size, 1, 1100)
-    kv_lens[0] = 143
-    batch = make_batch([1] * batch_size, kv_lens, num_heads, num_kv_heads, 128, 16,
-                       torch.bfloat16, device="cuda", seed=batch_size + warp_split)
-    torch.testing.assert_close(
-        run_decode_triton(batch, 128**-0.5, num_splits, warp_split=warp_split),
-        decode_reference(batch, 128**-0.5),
-        **TOLERANCES[torch.bfloat16],
-    )
 
 
 @pytest.mark.gpu

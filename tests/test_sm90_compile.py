@@ -73,15 +73,13 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 @needs_backend
-@pytest.mark.parametrize(("dtype", "group", "pdl", "warp_split"),
-                         [("bf16", 4, False, 1), ("bf16", 4, True, 1), ("fp32", 4, False, 1),
-                          ("bf16", 7, False, 1), ("bf16", 1, False, 1), ("bf16", 4, True, 4),
-                          ("fp32", 7, False, 2)])
-def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool,
-                                                   warp_split: int):
+@pytest.mark.parametrize(("dtype", "group", "pdl"),
+                         [("bf16", 4, False), ("bf16", 4, True), ("fp32", 4, False),
+                          ("bf16", 7, False), ("bf16", 1, False)])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
     groups of 4 query heads, Qwen2.5-7B's of 7, and one; with programmatic dependent launch
-    (decode graphs) and without; each tile's softmax whole or over chunks (WARP_SPLIT)."""
+    (decode graphs) and without."""
     ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
             "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
             "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
@@ -89,8 +87,7 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     block_g = 1 << (group - 1).bit_length()
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
-              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
-              "WARP_SPLIT": warp_split}
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
