@@ -287,7 +287,8 @@
 # 4eb2bc5 and 21cd2dd; s46a: decode attention's L2 prefetch of its K/V rows and the rotary
 # kernel's early release, at ce1e21f; s46b: the decode GEMM's L2 prefetch of its W rows before
 # its wait, at 5c9d56a; s47a: base decode with the norms folded into the GEMMs' epilogues,
-# branch norm-fold at 4c71d7d, not merged), or that s16b repeats (s16a), are in the commits
+# branch norm-fold at 4c71d7d, not merged; s48e: decode attention's softmax over chunks of a
+# KV tile, at 75c236e), or that s16b repeats (s16a), are in the commits
 # benchmarks/RESULTS.md names for their runs. (s19a measured a GEMV form of the shrink whose
 # code was not kept, RESULTS.md describes it; s19c stacked every LoRA decode graph, at commit
 # 14c2b30.)
