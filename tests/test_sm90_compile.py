@@ -362,3 +362,26 @@ def _folded_consumers(tokens, info, row_slots, bufs, LoraFold, add_rmsnorm, silu
         cos_sin = [torch.empty(tokens, 128, dtype=bf16) for _ in range(2)]
         rope_store(q.view(tokens, 32, 128), k.view(tokens, 8, 128), v.view(tokens, 8, 128),
                    *cos_sin, *cache, torch.zeros(tokens, dtype=torch.int64), fold=fold("qkv"))
+
+
+@needs_backend
+def test_sass_stats_counts_the_attention_loops(tmp_path: Path):
+    """benchmarks/sass_stats.py: decode attention's KV loop is found with its MMAs and block
+    barriers; a narrower tile needs less shared memory; an unknown constexpr is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def stats(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "benchmarks.sass_stats", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600, check=False)
+
+    wide, narrow = tmp_path / "wide.json", tmp_path / "narrow.json"
+    assert stats("--out", str(wide)).returncode == 0
+    assert stats("--const", "BLOCK_N=32", "--warps", "2", "--out", str(narrow)).returncode == 0
+    wide_s, narrow_s = json.loads(wide.read_text()), json.loads(narrow.read_text())
+    kv_loop = max(wide_s["loops"], key=lambda loop: loop["mma"])
+    assert kv_loop["mma"] > 0 and kv_loop["barriers"] > 0
+    assert 0 < kv_loop["instructions"] < wide_s["instructions"]
+    assert narrow_s["shared_bytes"] < wide_s["shared_bytes"]
+    refused = stats("--const", "NO_SUCH=1")
+    assert refused.returncode != 0 and "NO_SUCH" in refused.stderr

@@ -1,0 +1,151 @@
+"""The attention kernels compiled for the H200 (CUDA sm_90) on the CPU, counted by instruction.
+
+Decode attention at batch 32 over a short context is bound by each warp's chain of instructions,
+not by its bytes (benchmarks/RESULTS.md, thirty-seventh session), so what a change does to that
+chain can be read before a device call: Triton's front end and ptxas run without a GPU. The
+kernel is compiled as a launch specialises it (pointers and strides known multiples of 16) at
+Llama-3.1-8B's heads in bf16, disassembled with the cuobjdump Triton ships, and each loop
+(a backward branch) reported with its instruction count, block barriers (BAR.SYNC) and MMAs
+(HMMA, or HGMMA for Hopper's warpgroup form). Run it without TRITON_INTERPRET.
+
+    python -m benchmarks.sass_stats --kernel decode
+    python -m benchmarks.sass_stats --kernel decode --const BLOCK_N=32 --warps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+KERNELS = {
+    "decode": ("ops.triton_decode_attention", "_decode_attention_kernel", {
+        "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+        "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": "*bf16",
+        "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
+        "scale_log2": "fp32"}, {
+        "GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
+        "INPUT_PRECISION": "tf32", "BLOCK_G": 4, "BLOCK_S": 64, "SPLIT_CHUNK": 16,
+        "USE_PDL": True}),
+    "prefill": ("ops.triton_prefill_attention", "_prefill_attention_kernel", {
+        "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+        "block_tables_ptr": "*i32", "cu_q_lens_ptr": "*i32", "kv_lens_ptr": "*i32",
+        "o_ptr": "*bf16", "tile_table_ptr": "*i32", "scale_log2": "fp32"}, {
+        "GROUP": 4, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
+        "INPUT_PRECISION": "tf32", "TILE_BITS": 16, "USE_TABLE": True}),
+}
+# per-step arguments stay unspecialised at launch (the kernels' do_not_specialize)
+_UNSPECIALISED = {"stride_table", "num_splits", "min_split"}
+
+
+def _value(text: str) -> object:
+    """A --const value: true/false, an integer, else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[bytes, int]:
+    """(cubin, shared bytes) of `kernel` for sm_90 at its defaults overridden by `consts`."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, ptrs, defaults = KERNELS[kernel]
+    fn = getattr(importlib.import_module(module), name)
+    names = list(fn.arg_names)
+    consts = {**defaults, **consts}
+    unknown = sorted(set(consts) - set(names))
+    if unknown:
+        raise ValueError(f"{name} takes no constexpr {', '.join(unknown)}")
+    signature = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in names}
+    aligned = [n for n in names if n not in consts and n not in _UNSPECIALISED
+               and (n.endswith("_ptr") or n.startswith("stride_"))]
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(names.index(n),): v for n, v in consts.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return compiled.asm["cubin"], compiled.metadata.shared
+
+
+def instructions(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of every SASS instruction in the cubin."""
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def _opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def loop_stats(ins: list[tuple[int, str]]) -> dict:
+    """The total count and, for each loop (a backward branch), its instructions, block
+    barriers and MMAs."""
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            start = int(m.group(1), 16)
+            ops = [_opcode(t) for a, t in ins if start <= a <= addr]
+            loops.append({"start": hex(start), "end": hex(addr), "instructions": len(ops),
+                          "barriers": ops.count("BAR"),
+                          "mma": ops.count("HMMA") + ops.count("HGMMA")})
+    return {"instructions": len(ins), "loops": loops}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", choices=sorted(KERNELS), default="decode")
+    ap.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
+                    help="a constexpr over the kernel's default here (repeatable)")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    consts = {}
+    for item in a.const:
+        name, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--const takes NAME=VALUE, got {item!r}")
+        consts[name] = _value(value)
+    cubin, shared = compile_cubin(a.kernel, consts, a.warps, a.stages)
+    stats = {"kernel": a.kernel, "consts": consts, "warps": a.warps, "stages": a.stages,
+             "shared_bytes": shared, **loop_stats(instructions(cubin))}
+    print(f"{a.kernel} {consts or 'defaults'}, {a.warps} warps, {a.stages} stages: "
+          f"{stats['instructions']} instructions, {shared} B shared")
+    for loop in stats["loops"]:
+        print(f"  loop {loop['start']}-{loop['end']}: {loop['instructions']} instructions, "
+              f"{loop['barriers']} barriers, {loop['mma']} MMAs")
+    if a.out:
+        a.out.write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+if __name__ == "__main__":
+    main()
