@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ops.settings import env_flag
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -56,32 +58,70 @@ def output_buffer(out: Tensor | None, q: Tensor) -> Tensor:
     return out
 
 
+def wide_offsets(k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether a cache's element offsets can pass 2**31 - 1, so the KV tile load must compute
+    them in 64 bits (a layer's cache of a 2**31 elements is 4 GiB in bf16: no default
+    configuration comes near it)."""
+    return max(k_cache.numel(), v_cache.numel()) >= 2**31
+
+
+def lean_offsets() -> bool:
+    """LORASERVE_ATTN_LEAN (default 1; 0: the earlier index arithmetic, kept for A/B runs):
+    the KV tile load finds pages and slots with unsigned shifts and masks and, unless
+    wide_offsets says otherwise, computes cache offsets in 32 bits."""
+    return env_flag("LORASERVE_ATTN_LEAN", True)
+
+
 @triton.jit
 def load_kv_tile(
     k_cache_ptr,
     v_cache_ptr,
     table_row,  # the sequence's block-table row
     cols,  # [BLOCK_N] KV positions
-    col_mask,  # [BLOCK_N] positions inside the sequence (unused when not MASKED)
+    end,  # positions at or past it lie outside the sequence (unused when not MASKED)
     cache_head_offset,  # [1, HEAD_DIM]: the KV head's offset plus the dims
     stride_cache_block,
     stride_cache_token,
     PAGE_SIZE: tl.constexpr,
     MASKED: tl.constexpr,  # False: every position of the tile lies inside the sequence
+    LEAN: tl.constexpr,  # unsigned page arithmetic, no load masks (below)
+    WIDE: tl.constexpr,  # cache offsets in 64 bits (a cache of 2**31 elements or more)
 ):
-    """(k, v), each [BLOCK_N, HEAD_DIM]; masked-out positions load zeros."""
-    if MASKED:
-        pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_mask, other=0).to(tl.int64)
+    """(k, v), each [BLOCK_N, HEAD_DIM]. Positions at or past `end` load zeros or, when LEAN,
+    the K and V of position end - 1 (the caller masks their scores: a finite V times a zero
+    weight adds nothing).
+
+    Positions are signed int32, so `cols // PAGE_SIZE` and `cols % PAGE_SIZE` round toward
+    zero with a sign fix-up each; as unsigned they are one shift and one mask. A masked load
+    is predicated copy by copy; a position clamped to the sequence's last is one min and
+    leaves every load unmasked. Offsets in 32 bits spare each address its 64-bit
+    multiply-adds. (The KV loop's instruction chain bounds decode attention at short contexts:
+    benchmarks/RESULTS.md, thirty-seventh session.)
+    """
+    if LEAN:
+        if MASKED:
+            cols = tl.minimum(cols, end - 1)
+        positions = cols.to(tl.uint32)
+        slots = (positions // PAGE_SIZE).to(tl.int32)
+        within = (positions % PAGE_SIZE).to(tl.int32)
+        pages = tl.load(table_row + slots)
     else:
-        pages = tl.load(table_row + cols // PAGE_SIZE).to(tl.int64)
+        slots = cols // PAGE_SIZE
+        within = cols % PAGE_SIZE
+        if MASKED:
+            pages = tl.load(table_row + slots, mask=cols < end, other=0)
+        else:
+            pages = tl.load(table_row + slots)
+    if WIDE or not LEAN:
+        pages = pages.to(tl.int64)
     offsets = (
         pages[:, None] * stride_cache_block
-        + (cols % PAGE_SIZE)[:, None] * stride_cache_token
+        + within[:, None] * stride_cache_token
         + cache_head_offset
     )
-    if MASKED:
-        k = tl.load(k_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=col_mask[:, None], other=0.0)
+    if MASKED and not LEAN:
+        k = tl.load(k_cache_ptr + offsets, mask=(cols < end)[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=(cols < end)[:, None], other=0.0)
     else:
         k = tl.load(k_cache_ptr + offsets)
         v = tl.load(v_cache_ptr + offsets)

@@ -19,9 +19,11 @@ from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_attention_tiles import (
     check_q_and_caches,
+    lean_offsets,
     load_kv_tile,
     output_buffer,
     softmax_tile,
+    wide_offsets,
 )
 
 _LOG2E = 1.4426950408889634
@@ -70,6 +72,8 @@ def _decode_attention_kernel(
     BLOCK_S: tl.constexpr,  # num_splits' bound padded to a power of two
     SPLIT_CHUNK: tl.constexpr,  # slices the merge loads at once
     USE_PDL: tl.constexpr,  # programmatic dependent launch (ops/pdl.py)
+    LEAN: tl.constexpr,  # the KV tile load's unsigned page arithmetic (load_kv_tile)
+    WIDE: tl.constexpr,  # the KV tile load's 64-bit cache offsets (load_kv_tile)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -102,9 +106,9 @@ def _decode_attention_kernel(
         for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < end
-            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, col_mask,
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, end,
                                 cache_head_offset, stride_cache_block, stride_cache_token,
-                                PAGE_SIZE, True)
+                                PAGE_SIZE, True, LEAN, WIDE)
             m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, col_mask[None, :],
                                          True, INPUT_PRECISION)
 
@@ -299,6 +303,7 @@ def decode_attention_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
-        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        USE_PDL=pdl, LEAN=lean_offsets(), WIDE=wide_offsets(k_cache, v_cache),
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return o

@@ -17,9 +17,11 @@ from torch import Tensor
 from ops.sizes import cdiv, next_pow2
 from ops.triton_attention_tiles import (
     check_q_and_caches,
+    lean_offsets,
     load_kv_tile,
     output_buffer,
     softmax_tile,
+    wide_offsets,
 )
 
 _LOG2E = 1.4426950408889634
@@ -62,6 +64,8 @@ def _prefill_attention_kernel(
     INPUT_PRECISION: tl.constexpr,
     TILE_BITS: tl.constexpr,
     USE_TABLE: tl.constexpr,  # grid (P, KVH) over the tile table instead of (tiles, KVH, B)
+    LEAN: tl.constexpr,  # the KV tile load's unsigned page arithmetic (load_kv_tile)
+    WIDE: tl.constexpr,  # the KV tile load's 64-bit cache offsets (load_kv_tile)
 ):
     kv_head = tl.program_id(1)
     if USE_TABLE:
@@ -110,7 +114,8 @@ def _prefill_attention_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         cols = n0 + cols_in_tile
         k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, None, cache_head_offset,
-                            stride_cache_block, stride_cache_token, PAGE_SIZE, False)
+                            stride_cache_block, stride_cache_token, PAGE_SIZE, False, LEAN,
+                            WIDE)
         m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, None, False,
                                      INPUT_PRECISION)
 
@@ -120,9 +125,9 @@ def _prefill_attention_kernel(
     for n0 in range(full_end, diag_end, BLOCK_N):
         cols = n0 + cols_in_tile
         col_mask = cols < kv_len
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, col_mask,
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, cols, kv_len,
                             cache_head_offset, stride_cache_block, stride_cache_token, PAGE_SIZE,
-                            True)
+                            True, LEAN, WIDE)
         visible = (cols[None, :] <= positions[:, None]) & col_mask[None, :]
         m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, visible, True,
                                      INPUT_PRECISION)
@@ -346,6 +351,8 @@ def prefill_attention_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         TILE_BITS=_TILE_BITS,
         USE_TABLE=tile_table is not None,
+        LEAN=lean_offsets(),
+        WIDE=wide_offsets(k_cache, v_cache),
         num_warps=num_warps,
         num_stages=num_stages,
     )

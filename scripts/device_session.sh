@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s49a   (one GPU) the KV tile load's lean index arithmetic: the
+#                                    attention, parity and graph GPU tests, decode attention
+#                                    alone with it and without, base steps alternating; ~8 min
 #   scripts/device_session.sh s48c   (one GPU) the sampler's greedy path through penalize: the
 #                                    sampler's and engine parity's GPU tests, graph replays
 #   scripts/device_session.sh s48d   (one GPU, ran at a5b066b's test file, since reverted) the
@@ -454,6 +457,32 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
 }
 
 case "${1:-}" in
+  s49a)  # one GPU: the KV tile load's positions as unsigned shifts and masks, clamped to the
+    # sequence instead of masked loads, offsets in 32 bits (LORASERVE_ATTN_LEAN, default 1):
+    # its GPU tests (attention against the reference over a NaN-poisoned cache, greedy tokens
+    # against HF, decode graphs against eager), decode attention alone with it and without,
+    # then base steps by default and with LORASERVE_ATTN_LEAN=0, alternating, three rounds
+    gpu_tests attn_tests 220 tests/test_attention.py tests/test_engine_gpu.py \
+      tests/test_graphs_gpu.py -k "test_gpu_ or hf_on_cuda or (test_graphs_match_eager and csgmv)"
+    rm -f "$OUT"/*.xml
+    for lean in 1 0; do
+      LORASERVE_ATTN_LEAN=$lean timeout 120 python3 -m benchmarks.attn_bench --batch 32 1 \
+        --ctx 143 1024 --min-split 64 --one-slice --reps 20 --out "$OUT/attn_lean$lean.json" \
+        > /tmp/attn_lean$lean.log 2>&1
+      echo "== attn_bench LORASERVE_ATTN_LEAN=$lean: rc $?"; grep " us " /tmp/attn_lean$lean.log
+    done
+    i=0
+    for knob in NONE=1 LORASERVE_ATTN_LEAN=0 NONE=2 LORASERVE_ATTN_LEAN=0 NONE=3 \
+        LORASERVE_ATTN_LEAN=0; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="base_${i}_$(echo "$knob" | tr '=' '_')"
+      step_base "$name" $((i == 1 ? 100 : 75)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/base_*.json
+    (cd "$OUT" && tar czf base_49a.tgz base_*.json && rm -f base_*.json)
+    ;;
   s41a)  # one GPU: gate_up's projection and SiLU*up as one decode GEMM launch
     # (LORASERVE_DECODE_GATE_UP=1, opt-in): its CUDA tests, gate_up alone behind add+RMSNorm
     # over tilings, then base decode steps with it at two tilings and without, alternating

@@ -295,6 +295,41 @@ def test_decode_padding_row_gives_zeros(num_splits: int) -> None:
     torch.testing.assert_close(run_decode_triton(batch, 0.2, num_splits), expected)
 
 
+@pytest.mark.parametrize("form", ["lean", "wide", "signed"])
+def test_kv_tile_index_forms(monkeypatch, form: str) -> None:
+    """Every form of the KV tile load's index arithmetic (ops/triton_attention_tiles.py
+    load_kv_tile) gives the reference's attention, decode and prefill, over a NaN-poisoned
+    cache: the lean default clamps a tile's positions past the sequence to its last one (never
+    reading the NaN slots past it in its last block, nor the table's garbage past its blocks),
+    its 64-bit offsets (caches of 2**31 elements or more), and the signed form that
+    LORASERVE_ATTN_LEAN=0 restores, which masks those loads."""
+    from ops import triton_decode_attention as tda
+    from ops import triton_prefill_attention as tpa
+
+    monkeypatch.setenv("LORASERVE_ATTN_LEAN", "0" if form == "signed" else "1")
+    for module in (tda, tpa):
+        monkeypatch.setattr(module, "wide_offsets", lambda k, v: form == "wide")
+    # ends mid-block and mid-tile, at a block boundary, one token, past two 64-token tiles
+    kv_lens = [37, 48, 1, 150]
+    batch = make_batch([1] * 4, kv_lens, 8, 2, 32, 16, torch.float16, seed=5)
+    torch.testing.assert_close(run_decode_triton(batch, 0.2, 3), decode_reference(batch, 0.2),
+                               **TOLERANCES[torch.float16])
+    batch = make_batch(PREFILL_Q_LENS, PREFILL_KV_LENS, 8, 2, 32, 16, torch.float16, seed=6)
+    torch.testing.assert_close(run_prefill_triton(batch, 0.2), prefill_reference(batch, 0.2),
+                               **TOLERANCES[torch.float16])
+
+
+def test_wide_offsets_threshold() -> None:
+    """A layer's cache of 2**31 elements or more takes the 64-bit offsets; one element fewer
+    keeps 32-bit ones (meta tensors: nothing is allocated)."""
+    from ops.triton_attention_tiles import wide_offsets
+
+    small = torch.empty((2**31 - 1,), device="meta")
+    large = torch.empty((2**31,), device="meta")
+    assert not wide_offsets(small, small)
+    assert wide_offsets(large, small) and wide_offsets(small, large)
+
+
 def test_public_functions_use_torch_on_cpu() -> None:
     batch = make_batch([3, 1], [3, 6], 4, 2, 32, 4, torch.float32, seed=2)
     out = paged_prefill_attention(

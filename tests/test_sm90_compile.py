@@ -72,14 +72,23 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
     assert _compile(case)["cubin"] > 0
 
 
+# The KV tile load's index arithmetic (ops/triton_attention_tiles.py load_kv_tile): the lean
+# default, its 64-bit offsets for caches of 2**31 elements or more, the earlier signed form.
+INDEX_FORMS = {"lean": {"LEAN": True, "WIDE": False}, "wide": {"LEAN": True, "WIDE": True},
+               "signed": {"LEAN": False, "WIDE": False}}
+
+
 @needs_backend
-@pytest.mark.parametrize(("dtype", "group", "pdl"),
-                         [("bf16", 4, False), ("bf16", 4, True), ("fp32", 4, False),
-                          ("bf16", 7, False), ("bf16", 1, False)])
-def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool):
+@pytest.mark.parametrize(("dtype", "group", "pdl", "index"),
+                         [("bf16", 4, False, "lean"), ("bf16", 4, True, "lean"),
+                          ("fp32", 4, False, "lean"), ("bf16", 7, False, "lean"),
+                          ("bf16", 1, False, "lean"), ("bf16", 4, True, "wide"),
+                          ("bf16", 4, True, "signed")])
+def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool,
+                                                   index: str):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
     groups of 4 query heads, Qwen2.5-7B's of 7, and one; with programmatic dependent launch
-    (decode graphs) and without."""
+    (decode graphs) and without; each form of the KV tile load's index arithmetic."""
     ptrs = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
             "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": f"*{dtype}",
             "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
@@ -87,8 +96,24 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     block_g = 1 << (group - 1).bit_length()
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
-              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl}
+              "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
+              **INDEX_FORMS[index]}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
+    assert _compile(case)["cubin"] > 0
+
+
+@needs_backend
+@pytest.mark.parametrize("index", sorted(INDEX_FORMS))
+def test_prefill_attention_compiles_for_sm90(index: str):
+    """Prefill attention over its tile table at Llama-3.1-8B's heads in bf16, each form of the
+    KV tile load's index arithmetic."""
+    ptrs = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+            "block_tables_ptr": "*i32", "cu_q_lens_ptr": "*i32", "kv_lens_ptr": "*i32",
+            "o_ptr": "*bf16", "tile_table_ptr": "*i32", "scale_log2": "fp32"}
+    consts = {"GROUP": 4, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
+              "INPUT_PRECISION": "tf32", "TILE_BITS": 16, "USE_TABLE": True,
+              **INDEX_FORMS[index]}
+    case = ["ops.triton_prefill_attention", "_prefill_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
 
