@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ops.settings import env_flag
+from ops.settings import env_int
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -65,11 +65,12 @@ def wide_offsets(k_cache: Tensor, v_cache: Tensor) -> bool:
     return max(k_cache.numel(), v_cache.numel()) >= 2**31
 
 
-def lean_offsets() -> bool:
-    """LORASERVE_ATTN_LEAN (default 1; 0: the earlier index arithmetic, kept for A/B runs):
-    the KV tile load finds pages and slots with unsigned shifts and masks and, unless
-    wide_offsets says otherwise, computes cache offsets in 32 bits."""
-    return env_flag("LORASERVE_ATTN_LEAN", True)
+def lean_offsets() -> int:
+    """LORASERVE_ATTN_LEAN (default 2; 0: the earlier index arithmetic, kept for A/B runs):
+    from 1 the KV tile load finds pages and slots with unsigned shifts and masks and, unless
+    wide_offsets says otherwise, computes cache offsets in 32 bits; at 2 it also clamps a
+    tile's positions past the sequence to its last one instead of masking its loads."""
+    return env_int("LORASERVE_ATTN_LEAN", 2, least=0, most=2)
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def load_kv_tile(
     stride_cache_token,
     PAGE_SIZE: tl.constexpr,
     MASKED: tl.constexpr,  # False: every position of the tile lies inside the sequence
-    LEAN: tl.constexpr,  # unsigned page arithmetic, no load masks (below)
+    LEAN: tl.constexpr,  # 1: unsigned page arithmetic, 32-bit offsets; 2: also no load masks
     WIDE: tl.constexpr,  # cache offsets in 64 bits (a cache of 2**31 elements or more)
 ):
     """(k, v), each [BLOCK_N, HEAD_DIM]. Positions at or past `end` load zeros or, when LEAN,
@@ -98,13 +99,16 @@ def load_kv_tile(
     multiply-adds. (The KV loop's instruction chain bounds decode attention at short contexts:
     benchmarks/RESULTS.md, thirty-seventh session.)
     """
-    if LEAN:
-        if MASKED:
+    if LEAN >= 1:
+        if MASKED and LEAN >= 2:
             cols = tl.minimum(cols, end - 1)
         positions = cols.to(tl.uint32)
         slots = (positions // PAGE_SIZE).to(tl.int32)
         within = (positions % PAGE_SIZE).to(tl.int32)
-        pages = tl.load(table_row + slots)
+        if MASKED and LEAN < 2:
+            pages = tl.load(table_row + slots, mask=cols < end, other=0)
+        else:
+            pages = tl.load(table_row + slots)
     else:
         slots = cols // PAGE_SIZE
         within = cols % PAGE_SIZE
@@ -112,14 +116,14 @@ def load_kv_tile(
             pages = tl.load(table_row + slots, mask=cols < end, other=0)
         else:
             pages = tl.load(table_row + slots)
-    if WIDE or not LEAN:
+    if WIDE or LEAN == 0:
         pages = pages.to(tl.int64)
     offsets = (
         pages[:, None] * stride_cache_block
         + within[:, None] * stride_cache_token
         + cache_head_offset
     )
-    if MASKED and not LEAN:
+    if MASKED and LEAN < 2:
         k = tl.load(k_cache_ptr + offsets, mask=(cols < end)[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offsets, mask=(cols < end)[:, None], other=0.0)
     else:

@@ -121,6 +121,10 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s49b   (one GPU) the KV tile load's lean forms at batch 1: the
+#                                    attention GPU tests with masked loads, the decode graphs
+#                                    by kernel with clamped positions and signed arithmetic,
+#                                    base steps over the three forms alternating; ~8 min
 #   scripts/device_session.sh s49a   (one GPU) the KV tile load's lean index arithmetic: the
 #                                    attention, parity and graph GPU tests, decode attention
 #                                    alone with it and without, base steps alternating; ~8 min
@@ -457,6 +461,31 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
 }
 
 case "${1:-}" in
+  s49b)  # one GPU: s49a's loop at batch 1 ran 0.05 ms slower with the lean KV tile load (and
+    # level at batch 32), while attention alone ran faster at both. Its masked form's GPU
+    # tests, the decode graphs by kernel (LORASERVE_ATTN_LEAN 2 and 0), then base steps over
+    # the forms (2: clamped, the default; 1: lean, masked loads; 0: signed), alternating
+    LORASERVE_ATTN_LEAN=1 gpu_tests attn_masked_tests 100 tests/test_attention.py
+    rm -f "$OUT"/*.xml
+    for lean in 2 0; do
+      LORASERVE_ATTN_LEAN=$lean timeout 130 python3 -m benchmarks.step_bench --profile \
+        --profile-graphs --out /tmp/prof_$lean.json > "$OUT/prof_lean$lean.log" 2>&1
+      echo "== step_bench --profile --profile-graphs LORASERVE_ATTN_LEAN=$lean: rc $?"
+      grep -E "decode batch (1|32), 0 adapters, graphs|_decode_attention|_decode_gemv|_rope|_rmsnorm|span" \
+        "$OUT/prof_lean$lean.log" | head -24
+    done
+    i=0
+    for knob in LORASERVE_ATTN_LEAN=1 NONE=1 LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=1 NONE=2 \
+        LORASERVE_ATTN_LEAN=0; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="base_${i}_$(echo "$knob" | tr '=' '_')"
+      step_base "$name" $((i == 1 ? 100 : 75)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/base_*.json
+    (cd "$OUT" && tar czf base_49b.tgz base_*.json && rm -f base_*.json)
+    ;;
   s49a)  # one GPU: the KV tile load's positions as unsigned shifts and masks, clamped to the
     # sequence instead of masked loads, offsets in 32 bits (LORASERVE_ATTN_LEAN, default 1):
     # its GPU tests (attention against the reference over a NaN-poisoned cache, greedy tokens

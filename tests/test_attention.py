@@ -295,18 +295,19 @@ def test_decode_padding_row_gives_zeros(num_splits: int) -> None:
     torch.testing.assert_close(run_decode_triton(batch, 0.2, num_splits), expected)
 
 
-@pytest.mark.parametrize("form", ["lean", "wide", "signed"])
+@pytest.mark.parametrize("form", ["lean", "masked", "wide", "signed"])
 def test_kv_tile_index_forms(monkeypatch, form: str) -> None:
     """Every form of the KV tile load's index arithmetic (ops/triton_attention_tiles.py
     load_kv_tile) gives the reference's attention, decode and prefill, over a NaN-poisoned
     cache: the lean default clamps a tile's positions past the sequence to its last one (never
-    reading the NaN slots past it in its last block, nor the table's garbage past its blocks),
-    its 64-bit offsets (caches of 2**31 elements or more), and the signed form that
-    LORASERVE_ATTN_LEAN=0 restores, which masks those loads."""
+    reading the NaN slots past it in its last block, nor the table's garbage past its blocks);
+    LORASERVE_ATTN_LEAN=1 keeps the lean arithmetic but masks those loads; the default's
+    64-bit offsets (caches of 2**31 elements or more); the signed form LORASERVE_ATTN_LEAN=0
+    restores."""
     from ops import triton_decode_attention as tda
     from ops import triton_prefill_attention as tpa
 
-    monkeypatch.setenv("LORASERVE_ATTN_LEAN", "0" if form == "signed" else "1")
+    monkeypatch.setenv("LORASERVE_ATTN_LEAN", {"signed": "0", "masked": "1"}.get(form, "2"))
     for module in (tda, tpa):
         monkeypatch.setattr(module, "wide_offsets", lambda k, v: form == "wide")
     # ends mid-block and mid-tile, at a block boundary, one token, past two 64-token tiles
@@ -317,6 +318,16 @@ def test_kv_tile_index_forms(monkeypatch, form: str) -> None:
     batch = make_batch(PREFILL_Q_LENS, PREFILL_KV_LENS, 8, 2, 32, 16, torch.float16, seed=6)
     torch.testing.assert_close(run_prefill_triton(batch, 0.2), prefill_reference(batch, 0.2),
                                **TOLERANCES[torch.float16])
+
+
+def test_lean_setting_is_checked(monkeypatch) -> None:
+    from ops.triton_attention_tiles import lean_offsets
+
+    monkeypatch.delenv("LORASERVE_ATTN_LEAN", raising=False)
+    assert lean_offsets() == 2
+    monkeypatch.setenv("LORASERVE_ATTN_LEAN", "3")
+    with pytest.raises(ValueError, match="LORASERVE_ATTN_LEAN"):
+        lean_offsets()
 
 
 def test_wide_offsets_threshold() -> None:

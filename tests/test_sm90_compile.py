@@ -73,17 +73,18 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 # The KV tile load's index arithmetic (ops/triton_attention_tiles.py load_kv_tile): the lean
-# default, its 64-bit offsets for caches of 2**31 elements or more, the earlier signed form.
-INDEX_FORMS = {"lean": {"LEAN": True, "WIDE": False}, "wide": {"LEAN": True, "WIDE": True},
-               "signed": {"LEAN": False, "WIDE": False}}
+# default (clamped positions), lean with masked loads, the default's 64-bit offsets for caches
+# of 2**31 elements or more, the earlier signed form.
+INDEX_FORMS = {"lean": {"LEAN": 2, "WIDE": False}, "masked": {"LEAN": 1, "WIDE": False},
+               "wide": {"LEAN": 2, "WIDE": True}, "signed": {"LEAN": 0, "WIDE": False}}
 
 
 @needs_backend
 @pytest.mark.parametrize(("dtype", "group", "pdl", "index"),
                          [("bf16", 4, False, "lean"), ("bf16", 4, True, "lean"),
                           ("fp32", 4, False, "lean"), ("bf16", 7, False, "lean"),
-                          ("bf16", 1, False, "lean"), ("bf16", 4, True, "wide"),
-                          ("bf16", 4, True, "signed")])
+                          ("bf16", 1, False, "lean"), ("bf16", 4, True, "masked"),
+                          ("bf16", 4, True, "wide"), ("bf16", 4, True, "signed")])
 def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: bool,
                                                    index: str):
     """Decode attention with its in-kernel merge (the atomic arrival count): Llama-3.1-8B's
