@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s49c   (one GPU) qkv over 4 slices of K at three programs an SM:
+#                                    qkv alone behind add+RMSNorm over tilings and slices, its
+#                                    GPU tests, base steps with it and without alternating
 #   scripts/device_session.sh s49b   (one GPU) the KV tile load's lean forms at batch 1: the
 #                                    attention GPU tests with masked loads, the decode graphs
 #                                    by kernel with clamped positions and signed arithmetic,
@@ -461,6 +464,31 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
 }
 
 case "${1:-}" in
+  s49c)  # one GPU: qkv's 96 programs of 64 rows leave 36 of 132 SMs idle and each busy one
+    # streams 64 x 4096 weights; over 4 slices of K at 64:128:0:4:3 (72 KB of pipeline: three
+    # programs an SM) its 384 programs are one wave and the busiest SM streams 3 x 64 x 1024,
+    # 0.75 of that (the thirty-first session's 2 slices at 128 rows kept it level)
+    timeout 100 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv \
+      --gemm 64:256:0:4:4 64:128:0:4:3 64:128:0:4:4 128:128:256:8:3 --gemm-split 2 4 \
+      --out "$OUT/gemm_qkv.json" > /tmp/gemm_qkv.log 2>&1
+    echo "== gemm_bench qkv: rc $?"; grep -E " us |copy|rror" /tmp/gemm_qkv.log | head -40
+    qs="LORASERVE_DECODE_GEMM_QKV_SPLIT=4 LORASERVE_DECODE_GEMM_QKV_TILE=64:128:0:4:3"
+    # shellcheck disable=SC2086  # the settings are separate words
+    env $qs gpu_tests qkv_split_tests 150 tests/test_graphs_gpu.py tests/test_fused_ops.py \
+      -k "test_graphs_match_eager and csgmv or rope or replay_logits_bf16 and csgmv"
+    rm -f "$OUT"/*.xml
+    i=0
+    for knob in NONE=1 "$qs" NONE=2 "$qs" NONE=3 "$qs"; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 500 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="base_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=' '_')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      step_base "$name" $((i == 1 ? 100 : 75)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/base_*.json
+    (cd "$OUT" && tar czf base_49c.tgz base_*.json && rm -f base_*.json)
+    ;;
   s49b)  # one GPU: s49a's loop at batch 1 ran 0.05 ms slower with the lean KV tile load (and
     # level at batch 32), while attention alone ran faster at both. Its masked form's GPU
     # tests, the decode graphs by kernel (LORASERVE_ATTN_LEAN 2 and 0), then base steps over
