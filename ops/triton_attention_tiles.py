@@ -66,11 +66,17 @@ def wide_offsets(k_cache: Tensor, v_cache: Tensor) -> bool:
 
 
 def lean_offsets() -> int:
-    """LORASERVE_ATTN_LEAN (default 2; 0: the earlier index arithmetic, kept for A/B runs):
-    from 1 the KV tile load finds pages and slots with unsigned shifts and masks and, unless
-    wide_offsets says otherwise, computes cache offsets in 32 bits; at 2 it also clamps a
-    tile's positions past the sequence to its last one instead of masking its loads."""
-    return env_int("LORASERVE_ATTN_LEAN", 2, least=0, most=2)
+    """LORASERVE_ATTN_LEAN (default 0, opt-in): from 1 the KV tile load finds pages and slots
+    with unsigned shifts and masks and, unless wide_offsets says otherwise, computes cache
+    offsets in 32 bits; at 2 it also clamps a tile's positions past the sequence to its last
+    one instead of masking its loads. The sm_90 KV loop of decode attention drops from 533
+    instructions a tile to 407 (1) and 353 (2), and decode attention alone ran 12.40 us a
+    layer at 2 against 12.74 at batch 32 over 143 tokens; but in the decode graphs, behind
+    PDL, it ran longer (0.274 ms a step at batch 1 against 0.218, 0.446 at batch 32 against
+    0.431), and the serving loop's base step was 0.05 ms longer at batch 1 at 1 and 2 and level
+    at batch 32 (H200, thirty-eighth session: benchmarks/RESULTS.md). Why the graphs lose
+    what the kernel alone gains is not known."""
+    return env_int("LORASERVE_ATTN_LEAN", 0, least=0, most=2)
 
 
 @triton.jit
@@ -88,7 +94,7 @@ def load_kv_tile(
     LEAN: tl.constexpr,  # 1: unsigned page arithmetic, 32-bit offsets; 2: also no load masks
     WIDE: tl.constexpr,  # cache offsets in 64 bits (a cache of 2**31 elements or more)
 ):
-    """(k, v), each [BLOCK_N, HEAD_DIM]. Positions at or past `end` load zeros or, when LEAN,
+    """(k, v), each [BLOCK_N, HEAD_DIM]. Positions at or past `end` load zeros or, at LEAN 2,
     the K and V of position end - 1 (the caller masks their scores: a finite V times a zero
     weight adds nothing).
 

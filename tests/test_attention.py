@@ -299,11 +299,10 @@ def test_decode_padding_row_gives_zeros(num_splits: int) -> None:
 def test_kv_tile_index_forms(monkeypatch, form: str) -> None:
     """Every form of the KV tile load's index arithmetic (ops/triton_attention_tiles.py
     load_kv_tile) gives the reference's attention, decode and prefill, over a NaN-poisoned
-    cache: the lean default clamps a tile's positions past the sequence to its last one (never
-    reading the NaN slots past it in its last block, nor the table's garbage past its blocks);
-    LORASERVE_ATTN_LEAN=1 keeps the lean arithmetic but masks those loads; the default's
-    64-bit offsets (caches of 2**31 elements or more); the signed form LORASERVE_ATTN_LEAN=0
-    restores."""
+    cache: LORASERVE_ATTN_LEAN=2 clamps a tile's positions past the sequence to its last one
+    (never reading the NaN slots past it in its last block, nor the table's garbage past its
+    blocks), with 32-bit offsets and with 64-bit ones (caches of 2**31 elements or more); 1
+    keeps its unsigned arithmetic but masks those loads; the signed default (0) masks them."""
     from ops import triton_decode_attention as tda
     from ops import triton_prefill_attention as tpa
 
@@ -324,7 +323,7 @@ def test_lean_setting_is_checked(monkeypatch) -> None:
     from ops.triton_attention_tiles import lean_offsets
 
     monkeypatch.delenv("LORASERVE_ATTN_LEAN", raising=False)
-    assert lean_offsets() == 2
+    assert lean_offsets() == 0
     monkeypatch.setenv("LORASERVE_ATTN_LEAN", "3")
     with pytest.raises(ValueError, match="LORASERVE_ATTN_LEAN"):
         lean_offsets()

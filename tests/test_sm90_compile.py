@@ -73,8 +73,8 @@ def test_rows_expand_compiles_for_sm90(block_n: int, block_r: int, r_chunk: int,
 
 
 # The KV tile load's index arithmetic (ops/triton_attention_tiles.py load_kv_tile): the lean
-# default (clamped positions), lean with masked loads, the default's 64-bit offsets for caches
-# of 2**31 elements or more, the earlier signed form.
+# form (clamped positions), lean with masked loads, the clamped form's 64-bit offsets for caches
+# of 2**31 elements or more, the signed default.
 INDEX_FORMS = {"lean": {"LEAN": 2, "WIDE": False}, "masked": {"LEAN": 1, "WIDE": False},
                "wide": {"LEAN": 2, "WIDE": True}, "signed": {"LEAN": 0, "WIDE": False}}
 
