@@ -180,6 +180,20 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_s
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
+def choose_min_split(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """The shortest slice worth a program of its own, in tokens, from shapes only.
+
+    Where the batch's (sequence, KV head) programs alone fill every SM once, a short sequence
+    gains little from more programs and pays a second program's start and the merge: such
+    grids take LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT (default 256; 64 keeps every grid at one
+    tile), so sequences up to that length run in one slice and longer ones split as before.
+    Narrower grids take one 64-token tile, so a short batch spreads over the SMs.
+    """
+    if batch * num_kv_heads >= num_sms:
+        return env_int("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", 256, least=1)
+    return 64
+
+
 def _launch_config(head_dim: int, is_fp32: bool) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the main decode kernel, measured on an H200.
 
@@ -238,7 +252,7 @@ def decode_attention_triton(
     scale: float,
     *,
     num_splits: int | None = None,
-    min_split: int = 64,
+    min_split: int | None = None,
     out: Tensor | None = None,
     pdl: bool | None = None,
     config: tuple[int, int, int] | None = None,
@@ -253,8 +267,8 @@ def decode_attention_triton(
     num_splits: slices of the KV range; by default chosen from B, KVH and the block table width,
     never from tensor contents, so the launch is CUDA-graph capturable. A sequence uses only as
     many of them as its own length fills with slices of at least `min_split` tokens (rounded up
-    to whole KV tiles; the default, one 64-token tile, measured best or level on the H200:
-    benchmarks/attn_bench.py), and its last slice to finish merges them.
+    to whole KV tiles; by default `choose_min_split`'s, from shapes), and its last slice to
+    finish merges them.
     out: optional contiguous [B, H, D] buffer in q's dtype to write into.
     pdl: programmatic dependent launch (ops/pdl.py; None:
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
@@ -269,15 +283,17 @@ def decode_attention_triton(
     o = output_buffer(out, q)
     if batch == 0:
         return o
+    num_sms = (
+        torch.cuda.get_device_properties(q.device).multi_processor_count
+        if q.is_cuda
+        else _DEFAULT_SM_COUNT
+    )
     if num_splits is None:
-        num_sms = (
-            torch.cuda.get_device_properties(q.device).multi_processor_count
-            if q.is_cuda
-            else _DEFAULT_SM_COUNT
-        )
         num_splits = choose_num_splits(
             batch, num_kv_heads, block_tables.shape[1] * page_size, num_sms
         )
+    if min_split is None:
+        min_split = choose_min_split(batch, num_kv_heads, num_sms)
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
     if min_split < 1:

@@ -121,6 +121,10 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s49e   (one GPU) decode attention's 256-token slices at least
+#                                    where a batch's programs fill the SMs: attention GPU
+#                                    tests, attention alone over contexts, base steps with it
+#                                    and with 64, alternating; ~6 min
 #   scripts/device_session.sh s49d   (one GPU) base steps by default, with one decode attention
 #                                    slice a sequence at batch 32, and with that and the lean
 #                                    KV tile load, alternating, three rounds; ~7 min
@@ -467,6 +471,27 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
 }
 
 case "${1:-}" in
+  s49e)  # one GPU: s49d's one slice a sequence gained 0.02-0.10 ms at batch 32 over 143
+    # tokens, but one slice loses over long contexts (the thirty-first session: 40.6 against
+    # 38.3 us over 1024 tokens). Slices of 256 tokens at least where the batch's programs fill
+    # the SMs keep short sequences whole and split long ones as before
+    gpu_tests attn_tests 120 tests/test_attention.py
+    rm -f "$OUT"/*.xml
+    timeout 90 python3 -m benchmarks.attn_bench --batch 32 --ctx 143 256 512 1024 \
+      --min-split 64 256 --one-slice --reps 20 --out "$OUT/attn_49e.json" > /tmp/attn.log 2>&1
+    echo "== attn_bench: rc $?"; grep " us " /tmp/attn.log
+    i=0
+    for knob in NONE=1 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64 NONE=2 \
+        LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64 NONE=3 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 360 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="base_${i}_$(echo "$knob" | tr '=' '_' | sed 's/LORASERVE_//g')"
+      step_base "$name" $((i == 1 ? 100 : 70)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/base_*.json
+    (cd "$OUT" && tar czf base_49e.tgz base_*.json && rm -f base_*.json)
+    ;;
   s49d)  # one GPU: decode attention alone at batch 32 over 143 tokens took 11.16 us a layer in
     # one slice a sequence with the lean KV tile load (LORASERVE_ATTN_LEAN=2) against 12.74 by
     # default (s49a), 0.05 ms a step; the thirty-first session's one process each of one slice

@@ -26,7 +26,7 @@ from ops.attention import (
     prefill_attention_triton,
     store_kv,
 )
-from ops.triton_decode_attention import choose_num_splits
+from ops.triton_decode_attention import choose_min_split, choose_num_splits
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -370,6 +370,36 @@ def test_choose_num_splits(monkeypatch) -> None:
         choose_num_splits(batch=1, num_kv_heads=8, max_kv_capacity=4096, num_sms=132)
 
 
+def test_choose_min_split(monkeypatch) -> None:
+    """Grids whose (sequence, KV head) programs fill every SM take 256-token slices at least
+    (LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT); narrower ones one 64-token tile."""
+    monkeypatch.delenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", raising=False)
+    assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 256
+    assert choose_min_split(batch=17, num_kv_heads=8, num_sms=132) == 256
+    assert choose_min_split(batch=16, num_kv_heads=8, num_sms=132) == 64
+    assert choose_min_split(batch=1, num_kv_heads=8, num_sms=132) == 64
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "64")
+    assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 64
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "0")
+    with pytest.raises(ValueError, match="WIDE_MIN_SPLIT"):
+        choose_min_split(batch=32, num_kv_heads=8, num_sms=132)
+
+
+def test_decode_wide_grid_takes_longer_slices(monkeypatch) -> None:
+    """A batch whose programs fill the SMs (34 sequences x 4 KV heads on the CPU's assumed 132)
+    runs sequences up to 256 tokens in one slice and longer ones in slices of 256 or more,
+    merged in the kernel: the reference's attention either way."""
+    monkeypatch.delenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", raising=False)
+    kv_lens = [[1, 100, 256, 257, 300, 600][i % 6] for i in range(34)]
+    batch = make_batch([1] * 34, kv_lens, 8, 4, 16, 16, torch.float32, seed=3)
+    expected = decode_reference(batch, 0.3)
+    torch.testing.assert_close(run_decode_triton(batch, 0.3, None), expected,
+                               **TOLERANCES[torch.float32])
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "64")
+    torch.testing.assert_close(run_decode_triton(batch, 0.3, None), expected,
+                               **TOLERANCES[torch.float32])
+
+
 def test_wrappers_reject_bad_inputs() -> None:
     batch = make_batch([2, 1], [4, 3], 4, 2, 32, 4, torch.float32)
     args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
@@ -573,7 +603,7 @@ def _gpu_lens(seed: int, count: int, low: int, high: int) -> list[int]:
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64)])
 @pytest.mark.parametrize("batch_size", [1, 8, 32])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-@pytest.mark.parametrize("min_split", [64, 256])
+@pytest.mark.parametrize("min_split", [None, 64, 256])  # None: choose_min_split
 def test_gpu_decode_matches_reference(
     dtype: torch.dtype,
     num_heads: int,
@@ -581,7 +611,7 @@ def test_gpu_decode_matches_reference(
     head_dim: int,
     batch_size: int,
     num_splits: int | None,
-    min_split: int,
+    min_split: int | None,
 ) -> None:
     kv_lens = _gpu_lens(batch_size, batch_size, 1, 2048)
     kv_lens[0] = 2048
