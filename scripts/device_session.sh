@@ -484,7 +484,7 @@ case "${1:-}" in
     for knob in NONE=1 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64 NONE=2 \
         LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64 NONE=3 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64; do
       i=$((i + 1))
-      if [ "$SECONDS" -gt 360 ]; then echo "== process $i: skipped, out of time"; break; fi
+      if [ "$SECONDS" -gt 320 ]; then echo "== process $i: skipped, out of time"; break; fi
       name="base_${i}_$(echo "$knob" | tr '=' '_' | sed 's/LORASERVE_//g')"
       step_base "$name" $((i == 1 ? 100 : 70)) $knob
       rm -f "$OUT/$name.log"
