@@ -181,16 +181,20 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_s
 
 
 def choose_min_split(batch: int, num_kv_heads: int, num_sms: int) -> int:
-    """The shortest slice worth a program of its own, in tokens, from shapes only.
+    """The shortest slice worth a program of its own, in tokens, from shapes only: one 64-token
+    tile, or for grids whose (sequence, KV head) programs alone fill every SM
+    LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT (opt-in; default 64), which keeps sequences up to
+    that length in one slice (no second program, no merge) and splits longer ones as before.
 
-    Where the batch's (sequence, KV head) programs alone fill every SM once, a short sequence
-    gains little from more programs and pays a second program's start and the merge: such
-    grids take LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT (default 256; 64 keeps every grid at one
-    tile), so sequences up to that length run in one slice and longer ones split as before.
-    Narrower grids take one 64-token tile, so a short batch spreads over the SMs.
+    At 256, decode attention alone at batch 32 took 12.33 us a layer over 143 tokens against
+    12.66, 15.29 against 15.44 over 256, 23.40 against 23.26 over 512, level over 1024; the
+    serving loop's base step at batch 32 was level (4.586-4.614 ms against 4.598-4.614, three
+    processes each; H200, thirty-eighth session, benchmarks/RESULTS.md). One slice a sequence
+    outright (LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM=1) took 11.50 over 143 tokens but 40.70
+    against 38.39 over 1024.
     """
     if batch * num_kv_heads >= num_sms:
-        return env_int("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", 256, least=1)
+        return env_int("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", 64, least=1)
     return 64
 
 

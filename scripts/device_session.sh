@@ -475,14 +475,14 @@ case "${1:-}" in
     # tokens, but one slice loses over long contexts (the thirty-first session: 40.6 against
     # 38.3 us over 1024 tokens). Slices of 256 tokens at least where the batch's programs fill
     # the SMs keep short sequences whole and split long ones as before
-    gpu_tests attn_tests 120 tests/test_attention.py
+    LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256 gpu_tests attn_tests 120 tests/test_attention.py
     rm -f "$OUT"/*.xml
     timeout 90 python3 -m benchmarks.attn_bench --batch 32 --ctx 143 256 512 1024 \
       --min-split 64 256 --one-slice --reps 20 --out "$OUT/attn_49e.json" > /tmp/attn.log 2>&1
     echo "== attn_bench: rc $?"; grep " us " /tmp/attn.log
     i=0
-    for knob in NONE=1 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64 NONE=2 \
-        LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64 NONE=3 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64; do
+    w=LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT  # 256 was the default when it ran (NONE_n), 64 since
+    for knob in $w=256 $w=64 $w=256 $w=64 $w=256 $w=64; do
       i=$((i + 1))
       if [ "$SECONDS" -gt 320 ]; then echo "== process $i: skipped, out of time"; break; fi
       name="base_${i}_$(echo "$knob" | tr '=' '_' | sed 's/LORASERVE_//g')"
@@ -546,8 +546,8 @@ case "${1:-}" in
         "$OUT/prof_lean$lean.log" | head -24
     done
     i=0
-    for knob in LORASERVE_ATTN_LEAN=1 NONE=1 LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=1 NONE=2 \
-        LORASERVE_ATTN_LEAN=0; do
+    for knob in LORASERVE_ATTN_LEAN=1 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0 \
+        LORASERVE_ATTN_LEAN=1 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0; do  # (NONE_n: 2 then)
       i=$((i + 1))
       if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
       name="base_${i}_$(echo "$knob" | tr '=' '_')"
@@ -558,11 +558,12 @@ case "${1:-}" in
     (cd "$OUT" && tar czf base_49b.tgz base_*.json && rm -f base_*.json)
     ;;
   s49a)  # one GPU: the KV tile load's positions as unsigned shifts and masks, clamped to the
-    # sequence instead of masked loads, offsets in 32 bits (LORASERVE_ATTN_LEAN, default 1):
+    # sequence instead of masked loads, offsets in 32 bits (LORASERVE_ATTN_LEAN=2; the default
+    # when it ran at 6619701, opt-in since):
     # its GPU tests (attention against the reference over a NaN-poisoned cache, greedy tokens
     # against HF, decode graphs against eager), decode attention alone with it and without,
     # then base steps by default and with LORASERVE_ATTN_LEAN=0, alternating, three rounds
-    gpu_tests attn_tests 220 tests/test_attention.py tests/test_engine_gpu.py \
+    LORASERVE_ATTN_LEAN=2 gpu_tests attn_tests 220 tests/test_attention.py tests/test_engine_gpu.py \
       tests/test_graphs_gpu.py -k "test_gpu_ or hf_on_cuda or (test_graphs_match_eager and csgmv)"
     rm -f "$OUT"/*.xml
     for lean in 1 0; do
@@ -572,11 +573,11 @@ case "${1:-}" in
       echo "== attn_bench LORASERVE_ATTN_LEAN=$lean: rc $?"; grep " us " /tmp/attn_lean$lean.log
     done
     i=0
-    for knob in NONE=1 LORASERVE_ATTN_LEAN=0 NONE=2 LORASERVE_ATTN_LEAN=0 NONE=3 \
-        LORASERVE_ATTN_LEAN=0; do
+    for knob in LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=2 \
+        LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0; do
       i=$((i + 1))
       if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | tr '=' '_')"
+      name="base_${i}_$(echo "$knob" | tr '=' '_')"  # (at 6619701: NONE_n for the lean load)
       step_base "$name" $((i == 1 ? 100 : 75)) $knob
       rm -f "$OUT/$name.log"
     done

@@ -371,15 +371,15 @@ def test_choose_num_splits(monkeypatch) -> None:
 
 
 def test_choose_min_split(monkeypatch) -> None:
-    """Grids whose (sequence, KV head) programs fill every SM take 256-token slices at least
-    (LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT); narrower ones one 64-token tile."""
+    """One 64-token tile by default; LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT sets it for grids
+    whose (sequence, KV head) programs fill every SM, only those."""
     monkeypatch.delenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", raising=False)
+    assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 64
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "256")
     assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 256
     assert choose_min_split(batch=17, num_kv_heads=8, num_sms=132) == 256
     assert choose_min_split(batch=16, num_kv_heads=8, num_sms=132) == 64
     assert choose_min_split(batch=1, num_kv_heads=8, num_sms=132) == 64
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "64")
-    assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 64
     monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "0")
     with pytest.raises(ValueError, match="WIDE_MIN_SPLIT"):
         choose_min_split(batch=32, num_kv_heads=8, num_sms=132)
@@ -387,17 +387,16 @@ def test_choose_min_split(monkeypatch) -> None:
 
 def test_decode_wide_grid_takes_longer_slices(monkeypatch) -> None:
     """A batch whose programs fill the SMs (34 sequences x 4 KV heads on the CPU's assumed 132)
-    runs sequences up to 256 tokens in one slice and longer ones in slices of 256 or more,
-    merged in the kernel: the reference's attention either way."""
-    monkeypatch.delenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", raising=False)
+    with LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256 runs sequences up to 256 tokens in one slice
+    and longer ones in slices of 256 or more, merged in the kernel: the reference's attention,
+    as by default."""
     kv_lens = [[1, 100, 256, 257, 300, 600][i % 6] for i in range(34)]
     batch = make_batch([1] * 34, kv_lens, 8, 4, 16, 16, torch.float32, seed=3)
     expected = decode_reference(batch, 0.3)
-    torch.testing.assert_close(run_decode_triton(batch, 0.3, None), expected,
-                               **TOLERANCES[torch.float32])
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "64")
-    torch.testing.assert_close(run_decode_triton(batch, 0.3, None), expected,
-                               **TOLERANCES[torch.float32])
+    for wide in ("256", ""):
+        monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", wide)
+        torch.testing.assert_close(run_decode_triton(batch, 0.3, None), expected,
+                                   **TOLERANCES[torch.float32])
 
 
 def test_wrappers_reject_bad_inputs() -> None:
