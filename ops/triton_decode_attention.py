@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ops.pdl import resolve, wait_then_release
 from ops.scratch import outgrow
-from ops.settings import env_int
+from ops.settings import env_flag, env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_attention_tiles import (
     check_q_and_caches,
@@ -74,6 +74,7 @@ def _decode_attention_kernel(
     USE_PDL: tl.constexpr,  # programmatic dependent launch (ops/pdl.py)
     LEAN: tl.constexpr,  # the KV tile load's unsigned page arithmetic (load_kv_tile)
     WIDE: tl.constexpr,  # the KV tile load's 64-bit cache offsets (load_kv_tile)
+    IDLE_EXIT: tl.constexpr,  # slices past the sequence leave before the PDL wait
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -83,6 +84,11 @@ def _decode_attention_kernel(
     # min_split tokens, so a short sequence uses few of its programs (the rest return at once).
     split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     used = tl.maximum(tl.cdiv(kv_len, split_len), 1)  # kv_len == 0 (padding): one, writes 0
+    if IDLE_EXIT:  # noqa: SIM102 (a constexpr: `and` would not fold with a tensor)
+        # A slice past the sequence's own reads and writes nothing: it leaves before the wait,
+        # at its launch behind the kernel ahead, not after it.
+        if split >= used:
+            return
     # kv_lens is a step input, written before the layers run: read before the wait
     wait_then_release(USE_PDL)
     if split < used:
@@ -324,6 +330,7 @@ def decode_attention_triton(
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
         USE_PDL=pdl, LEAN=lean_offsets(), WIDE=wide_offsets(k_cache, v_cache),
+        IDLE_EXIT=env_flag("LORASERVE_DECODE_ATTN_IDLE_EXIT", False),
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return o

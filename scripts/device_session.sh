@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s49f   (one GPU) idle attention slices leaving before the PDL
+#                                    wait with 256-token slices: decode attention GPU tests,
+#                                    base steps with them and by default, alternating; ~3 min
 #   scripts/device_session.sh s49e   (one GPU) decode attention's 256-token slices at least
 #                                    where a batch's programs fill the SMs: attention GPU
 #                                    tests, attention alone over contexts, base steps with it
@@ -471,6 +474,25 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
 }
 
 case "${1:-}" in
+  s49f)  # one GPU: one slice a sequence gained in the loop at batch 32 (s49d) where 256-token
+    # slices, the same work with the second slice's programs idle, were level (s49e): idle
+    # programs that leave before the PDL wait (LORASERVE_DECODE_ATTN_IDLE_EXIT=1) leave at
+    # their launch, behind the rotary kernel. Short of device time: results land one by one
+    ie="LORASERVE_DECODE_ATTN_IDLE_EXIT=1 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256"
+    # shellcheck disable=SC2086  # the settings are separate words
+    env $ie timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py \
+      -k "gpu_decode_matches_reference and None" > "$OUT/idle_tests.log" 2>&1
+    echo "== idle exit attention tests: rc $?"; tail -2 "$OUT/idle_tests.log"
+    i=0
+    for knob in "$ie" NONE=1 "$ie" NONE=2; do
+      i=$((i + 1))
+      name="base_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=' '_' | sed 's/LORASERVE_//g')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      step_base "$name" $((i == 1 ? 90 : 60)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/base_*.json
+    ;;
   s49e)  # one GPU: s49d's one slice a sequence gained 0.02-0.10 ms at batch 32 over 143
     # tokens, but one slice loses over long contexts (the thirty-first session: 40.6 against
     # 38.3 us over 1024 tokens). Slices of 256 tokens at least where the batch's programs fill

@@ -399,6 +399,24 @@ def test_decode_wide_grid_takes_longer_slices(monkeypatch) -> None:
                                    **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("wide", ["", "256"])
+def test_decode_idle_slices_exit_early(monkeypatch, wide: str) -> None:
+    """LORASERVE_DECODE_ATTN_IDLE_EXIT=1: slices past a sequence's own leave before the PDL
+    wait; the rest compute and merge the reference's attention and leave every arrival count
+    at zero (7 slices a sequence, most idle; with 256-token slices in a grid that fills the
+    SMs, more)."""
+    from ops import triton_decode_attention as tda
+
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_IDLE_EXIT", "1")
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", wide)
+    kv_lens = [[0, 1, 64, 65, 300, 600][i % 6] for i in range(34)]
+    batch = make_batch([1] * 34, kv_lens, 8, 4, 16, 16, torch.float32, seed=4)
+    expected = decode_reference(batch, 0.3)
+    torch.testing.assert_close(run_decode_triton(batch, 0.3, 7), expected,
+                               **TOLERANCES[torch.float32])
+    assert not tda._counts[batch.q.device].any()
+
+
 def test_wrappers_reject_bad_inputs() -> None:
     batch = make_batch([2, 1], [4, 3], 4, 2, 32, 4, torch.float32)
     args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_q_lens,
