@@ -330,6 +330,9 @@ def decode_attention_triton(
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
         USE_PDL=pdl, LEAN=lean_offsets(), WIDE=wide_offsets(k_cache, v_cache),
+        # opt-in: with LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256, batch 32's base step in the
+        # serving loop took 4.585-4.588 ms against 4.602-4.655 (two rounds, H200,
+        # benchmarks/RESULTS.md thirty-eighth session); the decode graph tests have yet to run
         IDLE_EXIT=env_flag("LORASERVE_DECODE_ATTN_IDLE_EXIT", False),
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )

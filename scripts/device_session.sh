@@ -121,6 +121,10 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s50a   (one GPU, prepared for the next session) idle attention
+#                                    slices leaving before the PDL wait over 256-token slices:
+#                                    attention, parity and decode graph GPU tests with them,
+#                                    base steps with them and by default, four rounds; ~9 min
 #   scripts/device_session.sh s49f   (one GPU) idle attention slices leaving before the PDL
 #                                    wait with 256-token slices: decode attention GPU tests,
 #                                    base steps with them and by default, alternating; ~3 min
@@ -474,6 +478,29 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
 }
 
 case "${1:-}" in
+  s50a)  # one GPU: s49f's two rounds of LORASERVE_DECODE_ATTN_IDLE_EXIT=1 with
+    # LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256 gave batch 32's loop 1.232 and 1.250 of its
+    # floor against 1.270 and 1.256: its GPU tests where PDL runs (decode graphs against eager,
+    # greedy tokens against HF), then four rounds against the default
+    ie="LORASERVE_DECODE_ATTN_IDLE_EXIT=1 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256"
+    # shellcheck disable=SC2086  # the settings are separate words
+    env $ie timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py \
+      tests/test_engine_gpu.py tests/test_graphs_gpu.py \
+      -k "test_gpu_decode or hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv)" \
+      > "$OUT/idle_tests.log" 2>&1
+    echo "== idle exit GPU tests: rc $?"; tail -4 "$OUT/idle_tests.log"
+    i=0
+    for knob in NONE=1 "$ie" NONE=2 "$ie" NONE=3 "$ie" NONE=4 "$ie"; do
+      i=$((i + 1))
+      if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
+      name="base_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=' '_' | sed 's/LORASERVE_//g')"
+      # shellcheck disable=SC2086  # the settings are separate words
+      step_base "$name" $((i == 1 ? 100 : 65)) $knob
+      rm -f "$OUT/$name.log"
+    done
+    step_table "$OUT"/base_*.json
+    (cd "$OUT" && tar czf base_50a.tgz base_*.json && rm -f base_*.json)
+    ;;
   s49f)  # one GPU: one slice a sequence gained in the loop at batch 32 (s49d) where 256-token
     # slices, the same work with the second slice's programs idle, were level (s49e): idle
     # programs that leave before the PDL wait (LORASERVE_DECODE_ATTN_IDLE_EXIT=1) leave at
