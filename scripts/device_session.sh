@@ -375,18 +375,24 @@ step8() {  # step8 NAME LIMIT [VAR=VALUE...]: the step targets in the 8-slot poo
   tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
 }
 
-step8_each() {  # step8_each GUARD_S SETTINGS...: step8, one process per argument (each a
-  # space-separated VAR=VALUE list; NONE=n: the defaults), skipped once the call is GUARD_S
-  # seconds in; then their table (result names without ':', which $OUT does not take back)
-  local guard=$1 i=0 knob name; shift
+each_process() {  # each_process RUNNER PREFIX GUARD_S FIRST_S LATER_S SETTINGS...: RUNNER
+  # (called as RUNNER NAME LIMIT SETTING...), one process per argument (each a space-separated
+  # VAR=VALUE list; NONE=n: the defaults), skipped once the call is GUARD_S seconds in; the
+  # first process gets FIRST_S (it compiles), the rest LATER_S; results PREFIX_i_SETTING, named
+  # without '=' or ':' (which $OUT does not take back)
+  local runner=$1 prefix=$2 guard=$3 first=$4 later=$5 i=0 knob name; shift 5
   for knob in "$@"; do
     i=$((i + 1))
     if [ "$SECONDS" -gt "$guard" ]; then echo "== process $i: skipped, out of time"; break; fi
-    name="step8_${i}_$(echo "$knob" | cut -d= -f1 | tr 'A-Z' 'a-z')"
+    name="${prefix}_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=:' '__' | sed 's/LORASERVE_//g')"
     # shellcheck disable=SC2086  # the settings are separate words
-    step8 "$name" $((i == 1 ? 120 : 100)) $knob
+    "$runner" "$name" $((i == 1 ? first : later)) $knob
     rm -f "$OUT/$name.log"
   done
+}
+
+step8_each() {  # step8_each GUARD_S SETTINGS...: step8, one process per argument; their table
+  each_process step8 step8 "$1" 120 100 "${@:2}"
   step_table "$OUT"/step8_*.json
 }
 
@@ -477,6 +483,16 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
   tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
 }
 
+base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per argument;
+  # their table, and their JSON in one archive $OUT/base_TAG.tgz ($OUT takes few files back;
+  # TAG -: left as they are, each there as soon as its process ends)
+  each_process step_base base "$1" 100 70 "${@:3}"
+  step_table "$OUT"/base_*.json
+  if [ "$2" != - ]; then
+    (cd "$OUT" && tar czf "base_$2.tgz" base_*.json && rm -f base_*.json)
+  fi
+}
+
 case "${1:-}" in
   s50a)  # one GPU: s49f's two rounds of LORASERVE_DECODE_ATTN_IDLE_EXIT=1 with
     # LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256 gave batch 32's loop 1.232 and 1.250 of its
@@ -489,17 +505,7 @@ case "${1:-}" in
       -k "test_gpu_decode or hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv)" \
       > "$OUT/idle_tests.log" 2>&1
     echo "== idle exit GPU tests: rc $?"; tail -4 "$OUT/idle_tests.log"
-    i=0
-    for knob in NONE=1 "$ie" NONE=2 "$ie" NONE=3 "$ie" NONE=4 "$ie"; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=' '_' | sed 's/LORASERVE_//g')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      step_base "$name" $((i == 1 ? 100 : 65)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
-    (cd "$OUT" && tar czf base_50a.tgz base_*.json && rm -f base_*.json)
+    base_each 520 50a NONE=1 "$ie" NONE=2 "$ie" NONE=3 "$ie" NONE=4 "$ie"
     ;;
   s49f)  # one GPU: one slice a sequence gained in the loop at batch 32 (s49d) where 256-token
     # slices, the same work with the second slice's programs idle, were level (s49e): idle
@@ -510,15 +516,7 @@ case "${1:-}" in
     env $ie timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py \
       -k "gpu_decode_matches_reference and None" > "$OUT/idle_tests.log" 2>&1
     echo "== idle exit attention tests: rc $?"; tail -2 "$OUT/idle_tests.log"
-    i=0
-    for knob in "$ie" NONE=1 "$ie" NONE=2; do
-      i=$((i + 1))
-      name="base_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=' '_' | sed 's/LORASERVE_//g')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      step_base "$name" $((i == 1 ? 90 : 60)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
+    base_each 600 - "$ie" NONE=1 "$ie" NONE=2
     ;;
   s49e)  # one GPU: s49d's one slice a sequence gained 0.02-0.10 ms at batch 32 over 143
     # tokens, but one slice loses over long contexts (the thirty-first session: 40.6 against
@@ -529,35 +527,16 @@ case "${1:-}" in
     timeout 90 python3 -m benchmarks.attn_bench --batch 32 --ctx 143 256 512 1024 \
       --min-split 64 256 --one-slice --reps 20 --out "$OUT/attn_49e.json" > /tmp/attn.log 2>&1
     echo "== attn_bench: rc $?"; grep " us " /tmp/attn.log
-    i=0
     w=LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT  # 256 was the default when it ran (NONE_n), 64 since
-    for knob in $w=256 $w=64 $w=256 $w=64 $w=256 $w=64; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 320 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | tr '=' '_' | sed 's/LORASERVE_//g')"
-      step_base "$name" $((i == 1 ? 100 : 70)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
-    (cd "$OUT" && tar czf base_49e.tgz base_*.json && rm -f base_*.json)
+    base_each 320 49e $w=256 $w=64 $w=256 $w=64 $w=256 $w=64
     ;;
   s49d)  # one GPU: decode attention alone at batch 32 over 143 tokens took 11.16 us a layer in
     # one slice a sequence with the lean KV tile load (LORASERVE_ATTN_LEAN=2) against 12.74 by
     # default (s49a), 0.05 ms a step; the thirty-first session's one process each of one slice
     # (old arithmetic) was level. Base steps over the three, alternating, three rounds
     one=LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM=1
-    i=0
-    for knob in NONE=1 "$one" "$one LORASERVE_ATTN_LEAN=2" NONE=2 "$one" \
-        "$one LORASERVE_ATTN_LEAN=2" NONE=3 "$one" "$one LORASERVE_ATTN_LEAN=2"; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 480 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | tr '= ' '__' | sed 's/LORASERVE_//g')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      step_base "$name" $((i == 1 ? 100 : 70)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
-    (cd "$OUT" && tar czf base_49d.tgz base_*.json && rm -f base_*.json)
+    base_each 480 49d NONE=1 "$one" "$one LORASERVE_ATTN_LEAN=2" NONE=2 "$one" \
+      "$one LORASERVE_ATTN_LEAN=2" NONE=3 "$one" "$one LORASERVE_ATTN_LEAN=2"
     ;;
   s49c)  # one GPU: qkv's 96 programs of 64 rows leave 36 of 132 SMs idle and each busy one
     # streams 64 x 4096 weights; over 4 slices of K at 64:128:0:4:3 (72 KB of pipeline: three
@@ -569,17 +548,7 @@ case "${1:-}" in
     echo "== gemm_bench qkv: rc $?"; grep -E " us |copy|rror" /tmp/gemm_qkv.log | head -40
     qs="LORASERVE_DECODE_GEMM_QKV_SPLIT=4 LORASERVE_DECODE_GEMM_QKV_TILE=64:128:0:4:3"
     # (its GPU tests, called here through env, did not run: gpu_tests is a shell function)
-    i=0
-    for knob in NONE=1 "$qs" NONE=2 "$qs" NONE=3 "$qs"; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 500 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=' '_')"
-      # shellcheck disable=SC2086  # the settings are separate words
-      step_base "$name" $((i == 1 ? 100 : 75)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
-    (cd "$OUT" && tar czf base_49c.tgz base_*.json && rm -f base_*.json)
+    base_each 500 49c NONE=1 "$qs" NONE=2 "$qs" NONE=3 "$qs"   # (the lean load on in all)
     ;;
   s49b)  # one GPU: s49a's loop at batch 1 ran 0.05 ms slower with the lean KV tile load (and
     # level at batch 32), while attention alone ran faster at both. Its masked form's GPU
@@ -594,17 +563,8 @@ case "${1:-}" in
       grep -E "decode batch (1|32), 0 adapters, graphs|_decode_attention|_decode_gemv|_rope|_rmsnorm|span" \
         "$OUT/prof_lean$lean.log" | head -24
     done
-    i=0
-    for knob in LORASERVE_ATTN_LEAN=1 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0 \
-        LORASERVE_ATTN_LEAN=1 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0; do  # (NONE_n: 2 then)
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | tr '=' '_')"
-      step_base "$name" $((i == 1 ? 100 : 75)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
-    (cd "$OUT" && tar czf base_49b.tgz base_*.json && rm -f base_*.json)
+    base_each 520 49b LORASERVE_ATTN_LEAN=1 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0 \
+      LORASERVE_ATTN_LEAN=1 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0   # (NONE_n: 2 then)
     ;;
   s49a)  # one GPU: the KV tile load's positions as unsigned shifts and masks, clamped to the
     # sequence instead of masked loads, offsets in 32 bits (LORASERVE_ATTN_LEAN=2; the default
@@ -621,17 +581,8 @@ case "${1:-}" in
         > /tmp/attn_lean$lean.log 2>&1
       echo "== attn_bench LORASERVE_ATTN_LEAN=$lean: rc $?"; grep " us " /tmp/attn_lean$lean.log
     done
-    i=0
-    for knob in LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=2 \
-        LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0; do
-      i=$((i + 1))
-      if [ "$SECONDS" -gt 520 ]; then echo "== process $i: skipped, out of time"; break; fi
-      name="base_${i}_$(echo "$knob" | tr '=' '_')"  # (at 6619701: NONE_n for the lean load)
-      step_base "$name" $((i == 1 ? 100 : 75)) $knob
-      rm -f "$OUT/$name.log"
-    done
-    step_table "$OUT"/base_*.json
-    (cd "$OUT" && tar czf base_49a.tgz base_*.json && rm -f base_*.json)
+    base_each 520 49a LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=2 \
+      LORASERVE_ATTN_LEAN=0 LORASERVE_ATTN_LEAN=2 LORASERVE_ATTN_LEAN=0   # (NONE_n: 2 then)
     ;;
   s41a)  # one GPU: gate_up's projection and SiLU*up as one decode GEMM launch
     # (LORASERVE_DECODE_GATE_UP=1, opt-in): its CUDA tests, gate_up alone behind add+RMSNorm
