@@ -53,13 +53,27 @@ def _value(text: str) -> object:
         return text
 
 
-def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[bytes, int]:
-    """(cubin, shared bytes) of `kernel` for sm_90 at its defaults overridden by `consts`."""
-    import importlib
-
+def compile_for_sm90(fn, ptrs: dict, constexprs: dict, aligned=(), **options):
+    """`fn` (a @triton.jit kernel) compiled for sm_90, as a launch would specialise it: `ptrs`
+    the types of its pointers and float scalars (other arguments i32), `constexprs` its
+    constexpr values, `aligned` the arguments known multiples of 16 (pointers, strides: the
+    pipeline's loads are asynchronous copies only where their addresses are known aligned),
+    `options` Triton's (num_warps, num_stages). Shared with tests/test_sm90_compile.py."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    signature = {n: ptrs.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[bytes, int]:
+    """(cubin, shared bytes) of `kernel` for sm_90 at its defaults overridden by `consts`."""
+    import importlib
 
     module, name, ptrs, defaults = KERNELS[kernel]
     fn = getattr(importlib.import_module(module), name)
@@ -68,14 +82,9 @@ def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[b
     unknown = sorted(set(consts) - set(names))
     if unknown:
         raise ValueError(f"{name} takes no constexpr {', '.join(unknown)}")
-    signature = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in names}
     aligned = [n for n in names if n not in consts and n not in _UNSPECIALISED
                and (n.endswith("_ptr") or n.startswith("stride_"))]
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(n),): v for n, v in consts.items()},
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+    compiled = compile_for_sm90(fn, ptrs, consts, aligned, num_warps=warps, num_stages=stages)
     return compiled.asm["cubin"], compiled.metadata.shared
 
 

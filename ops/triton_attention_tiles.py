@@ -105,23 +105,19 @@ def load_kv_tile(
     multiply-adds. (The KV loop's instruction chain bounds decode attention at short contexts:
     benchmarks/RESULTS.md, thirty-seventh session.)
     """
+    if MASKED and LEAN >= 2:
+        cols = tl.minimum(cols, end - 1)
     if LEAN >= 1:
-        if MASKED and LEAN >= 2:
-            cols = tl.minimum(cols, end - 1)
         positions = cols.to(tl.uint32)
         slots = (positions // PAGE_SIZE).to(tl.int32)
         within = (positions % PAGE_SIZE).to(tl.int32)
-        if MASKED and LEAN < 2:
-            pages = tl.load(table_row + slots, mask=cols < end, other=0)
-        else:
-            pages = tl.load(table_row + slots)
     else:
         slots = cols // PAGE_SIZE
         within = cols % PAGE_SIZE
-        if MASKED:
-            pages = tl.load(table_row + slots, mask=cols < end, other=0)
-        else:
-            pages = tl.load(table_row + slots)
+    if MASKED and LEAN < 2:
+        pages = tl.load(table_row + slots, mask=cols < end, other=0)
+    else:
+        pages = tl.load(table_row + slots)
     if WIDE or LEAN == 0:
         pages = pages.to(tl.int64)
     offsets = (

@@ -293,17 +293,18 @@ def decode_attention_triton(
     o = output_buffer(out, q)
     if batch == 0:
         return o
-    num_sms = (
-        torch.cuda.get_device_properties(q.device).multi_processor_count
-        if q.is_cuda
-        else _DEFAULT_SM_COUNT
-    )
-    if num_splits is None:
-        num_splits = choose_num_splits(
-            batch, num_kv_heads, block_tables.shape[1] * page_size, num_sms
+    if num_splits is None or min_split is None:
+        num_sms = (
+            torch.cuda.get_device_properties(q.device).multi_processor_count
+            if q.is_cuda
+            else _DEFAULT_SM_COUNT
         )
-    if min_split is None:
-        min_split = choose_min_split(batch, num_kv_heads, num_sms)
+        if num_splits is None:
+            num_splits = choose_num_splits(
+                batch, num_kv_heads, block_tables.shape[1] * page_size, num_sms
+            )
+        if min_split is None:
+            min_split = choose_min_split(batch, num_kv_heads, num_sms)
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
     if min_split < 1:

@@ -14,20 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 COMPILE = r"""
-import json, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import importlib
+import importlib, json, sys
+from benchmarks.sass_stats import compile_for_sm90
 module, kernel, ptrs, constexprs, *aligned = json.loads(sys.argv[1])
 fn = getattr(importlib.import_module(module), kernel)
-names = list(fn.arg_names)
-signature = {n: ptrs.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-consts = {(names.index(n),): v for n, v in constexprs.items()}
-# arguments a launch specializes as multiples of 16 (pointers, strides): the pipeline's loads
-# are asynchronous copies only where their addresses are known aligned
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (aligned[0] if aligned else [])}
-k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32))
+k = compile_for_sm90(fn, ptrs, constexprs, aligned[0] if aligned else ())
 print(json.dumps({"cubin": len(k.asm["cubin"]), "shared": k.metadata.shared}))
 """
 
