@@ -373,9 +373,11 @@ async def profile_loop(engine: Engine, batch: int, prompt_len: int, steps: int,
 
     await decode_in_loop(engine, batch, prompt_len, steps + 40, loras, 2, on_token)
     gaps = [b - a for a, b in itertools.pairwise(stamps[11:12 + steps])]
-    out = gpu_gaps(kernel_timeline(prof), steps)
+    timeline = kernel_timeline(prof)
+    out = gpu_gaps(timeline, steps)
     return {"batch": batch, "adapters": len({x for x in loras if x}),
-            "token_gap_ms": 1e3 * statistics.median(gaps), **out}
+            "token_gap_ms": 1e3 * statistics.median(gaps), **out,
+            "frontier": frontier_by_kernel(timeline, steps)}
 
 
 async def profile_loop_cases(engine: Engine, batches: list[int], prompt_len: int, steps: int,
@@ -400,6 +402,10 @@ def print_loop_profile(rows: list[dict]) -> None:
         for gap in r["gaps"][:6]:
             print(f"      {gap['us_per_step']:7.2f} us/step ({gap['count']:4d})  after "
                   f"{gap['after'][:40]!r} before {gap['before'][:40]!r}")
+        if r.get("frontier"):
+            print("    what moves the step's end (us a step):")
+            for k in r["frontier"]["kernels"][:TOP_KERNELS]:
+                print(f"      {k['us_per_step']:8.1f} us ({k['per_step']:4.0f})  {k['name']}")
 
 
 def profile_cases(engine: Engine, prompt: int, names: list[str], eager: bool = True,

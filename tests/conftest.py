@@ -24,6 +24,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def release_device_memory(request: pytest.FixtureRequest):
+    """After each GPU test, free what it left on the device. A failed test's engine stays
+    referenced from the traceback pytest keeps for post-mortem debugging (sys.last_value and
+    friends), and with it the KV cache the next test's engine sizes its own by
+    (mem_fraction_static less what is allocated): one failure would fail the tests after it
+    with "no room for a single KV block"."""
+    yield
+    if not HAS_CUDA or request.node.get_closest_marker("gpu") is None:
+        return
+    import gc
+    import sys
+
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """A tiny random Llama and a LoRA adapter of it, (model folder, adapter folder), one pair

@@ -605,6 +605,7 @@ def test_step_bench_profile_loop_runs_the_serving_loop(
     for r in rows:
         assert r["token_gap_ms"] > 0 and r["steps"] == 3
         assert r["busy_us"] == r["idle_us"] == 0.0 and r["gaps"] == []
+        assert r["frontier"]["kernels"] == []  # what moves the step's end, kernel by kernel
     # the step targets' loop rows drive the same loop: overlap on and off, a token gap each
     engine = make_engine(model, device="cpu", dtype="float32", max_running_requests=4)
     rows = asyncio.run(loop_decode_ab(engine, [2], 8, 3, []))

@@ -385,12 +385,10 @@ def mixed_decode_step(setup, backend, names=None):
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_graph_replay_logits_bf16(setup, backend, stack, monkeypatch):
     """bf16: a graph replay of a mixed decode step gives the eager forward's logits within
-    bf16 rounding. (Token identity across graph padding is not expected in bf16: a bucket pads
-    the batch, which changes the matmul shapes and so their rounding.) On the H200 the largest
-    difference over the largest logit measured 0.016-0.031 from run to run (the decode state
-    the requests reached before the stop varies), so the bound is 0.04; the graph with layer
-    PDL is bit for bit the one without (the test below). With the pool's stacks
-    (LORASERVE_LORA_STACK=1) the graph's t is the stacked GEMM's, rounded to bf16."""
+    bf16 rounding (BF16_REPLAY_BOUND). (Token identity across graph padding is not expected in
+    bf16: a bucket pads the batch, which changes the matmul shapes and so their rounding.) The
+    graph with layer PDL is bit for bit the one without (the test below). With the pool's
+    stacks (LORASERVE_LORA_STACK=1) the graph's t is the stacked GEMM's, rounded to bf16."""
     monkeypatch.setenv("LORASERVE_LORA_STACK", stack)
     engine, fb = mixed_decode_step(setup, backend)
     stacked = [k for k in engine.runner.graphs.graphs if k[1] == "stacked"]
@@ -398,15 +396,26 @@ def test_graph_replay_logits_bf16(setup, backend, stack, monkeypatch):
     replay_within_bf16_bound(engine, fb, f"bf16 graph, {backend}, stack {stack},")
 
 
+# How far a bf16 graph replay's logits may sit from the eager forward's, as the largest
+# difference over the largest logit. On the H200 it measured 0.011-0.031 in most runs, 0.063
+# in two (the decode state the requests reach before the engine stops varies with timing) and
+# 0.099 over a state built one blocking step at a time (benchmarks/RESULTS.md, thirty-seventh
+# and thirty-ninth sessions): these random adapters (B drawn at 0.3, alpha 2r) dominate the
+# activations, and the graph rounds their t to bf16 where eager keeps fp32. An adapter
+# dropped or taken for another moves a row's logits by 0.47-1.37 of its largest logit (HF and
+# PEFT in fp32 on this module's model and adapters), so the bound still tells them apart.
+BF16_REPLAY_BOUND = 0.12
+
+
 def replay_within_bf16_bound(engine, fb, label):
-    """The decode graph's replay of `fb` gives the eager forward's logits within 4e-2 of the
-    largest logit."""
+    """The decode graph's replay of `fb` gives the eager forward's logits within
+    BF16_REPLAY_BOUND of the largest logit, and the same argmax in nine rows of ten."""
     with torch.inference_mode():
         eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).float()
         graph = engine.runner.graphs.replay(fb).float()
     rel = ((graph - eager).abs().max() / eager.abs().max()).item()
     print(f"{label} against eager: max |diff| / max |logit| {rel:.4f}")
-    assert rel < 4e-2, rel
+    assert rel < BF16_REPLAY_BOUND, rel
     assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9
 
 
@@ -502,5 +511,5 @@ def test_prefill_graph_replay_logits_bf16(setup, backend):
         eager = engine.model(fb, engine.kv_cache.k, engine.kv_cache.v).float()
         graph = engine.runner.mixed_graphs.replay(fb, bucket).float()
     rel = ((graph - eager).abs().max() / eager.abs().max()).item()
-    assert rel < 4e-2, rel
+    assert rel < BF16_REPLAY_BOUND, rel
     assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9
