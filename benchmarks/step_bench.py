@@ -24,7 +24,7 @@ from benchmarks.dummy_model import SHAPES, weight_bytes, write_dummy_model
 from ops.lora import _use_pdl, fold_groups, overlap_enabled
 from ops.pdl import layer_pdl
 from runtime.config import ServerConfig
-from runtime.engine import Engine
+from runtime.engine import Engine, LoopTimings
 from runtime.request import Request, SamplingParams
 
 
@@ -148,14 +148,23 @@ async def loop_decode_ms(engine: Engine, batch: int, prompt_len: int, steps: int
                          loras: list[str | None] | None = None) -> dict:
     """Steady-state decode time per step through the serving loop itself (engine.start):
     the gap between one request's consecutive tokens, median over `steps` tokens after 10
-    warm-up tokens, with every request of the batch decoding."""
+    warm-up tokens, with every request of the batch decoding; and the loop's host time a step
+    over those tokens by phase (LoopTimings: little `wait` means the host bounds the loop)."""
     loras = loras or [None]
     stamps: list[float] = []
-    await decode_in_loop(engine, batch, prompt_len, steps + 20, loras, 1,
-                         lambda: stamps.append(time.perf_counter()))
+    host: dict[str, float] = {}
+
+    def on_token() -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) == 10:
+            engine.timings = LoopTimings()
+        elif len(stamps) == 10 + steps:
+            host.update(engine.timings.per_step_ms())
+
+    await decode_in_loop(engine, batch, prompt_len, steps + 20, loras, 1, on_token)
     gaps = [b - a for a, b in itertools.pairwise(stamps[10:])][:steps]
     return {"batch": batch, "median_ms": 1e3 * statistics.median(gaps),
-            "adapters": len({x for x in loras if x})}
+            "adapters": len({x for x in loras if x}), "host_ms": host}
 
 
 async def loop_decode_ab(engine: Engine, batches: list[int], prompt_len: int, steps: int,
@@ -609,6 +618,9 @@ def main() -> None:
     for r in loop_rows:
         print(f"serving loop, batch {r['batch']:3d}, {r['adapters']:2d} adapters, overlap "
               f"{'on ' if r['overlap'] else 'off'}: {r['median_ms']:.2f} ms/token")
+        if r.get("host_ms"):
+            print("  loop host ms a step: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in r["host_ms"].items() if k != "steps"))
     print(f"prefill 8x512: {pre['median_ms']:.1f} ms")
     if pre_lora:
         print(f"prefill 8x512 over 8 adapters: {pre_lora['median_ms']:.1f} ms "

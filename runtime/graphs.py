@@ -201,7 +201,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, stream: torch.cuda.Stream) -> None:
-        self._pad_from(0)
+        self._pad_rows(0)
         lora_pool = self.model.lora_pool
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
@@ -232,13 +232,17 @@ class DecodeGraphs:
             and fb.block_tables.shape[1] <= self.max_blocks
         )
 
-    def _pad_from(self, n: int) -> None:
+    def _pad_rows(self, n: int, end: int | None = None) -> None:
+        """Rows n to `end` (all rows by default) as padding: token 0 at position 0 of one
+        scratch-block token, its K/V written to the scratch slot. A bucket's graph reads its
+        own rows only, so a replay pads up to its bucket and a full bucket pads nothing (five
+        fill launches a step less at the buckets' sizes)."""
         b = self.buf
-        b.input_ids[n:].zero_()
-        b.positions[n:].zero_()
-        b.slot_mapping[n:].fill_(self.scratch_slot)
-        b.block_tables[n:].fill_(self.scratch_block)
-        b.kv_lens[n:].fill_(1)
+        b.input_ids[n:end].zero_()
+        b.positions[n:end].zero_()
+        b.slot_mapping[n:end].fill_(self.scratch_slot)
+        b.block_tables[n:end].fill_(self.scratch_block)
+        b.kv_lens[n:end].fill_(1)
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
         """Run `fb` (a decode step) through the bucket's graph; returns logits [bs, vocab]."""
@@ -251,7 +255,8 @@ class DecodeGraphs:
         width = fb.block_tables.shape[1]
         b.block_tables[:bs, :width].copy_(fb.block_tables)
         b.kv_lens[:bs].copy_(fb.kv_lens)
-        self._pad_from(bs)
+        if bs < bucket:
+            self._pad_rows(bs, bucket)
         with_lora = fb.lora is not None
         if with_lora:
             info = fb.lora

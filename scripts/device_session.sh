@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s50c   (one GPU) the decode graphs without padding fills for rows
+#                                    no graph reads: graph GPU tests, base steps with the
+#                                    loop's host time by phase, against the fills; ~7 min
 #   scripts/device_session.sh s50b   (one GPU) the decode graph tests with idle attention slices
 #                                    leaving before the PDL wait, the bf16 replays by default,
 #                                    the serving loop's batch 32 profiled with them and without
@@ -483,7 +486,7 @@ step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 a
   env "$@" timeout "$limit" python3 -m benchmarks.step_bench --steps 10 \
     --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   echo "== step_bench base $*: rc $?"
-  grep -E "^(HBM|decode|  graph|serving loop)" "$OUT/$name.log" | grep -v "overlap off"
+  grep -E "^(HBM|decode|  graph|serving loop|  loop host)" "$OUT/$name.log" | grep -v "overlap off"
   tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
 }
 
@@ -498,6 +501,24 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s50c)  # one GPU: s50b's loop profile at batch 32 has the device idle about 33 us a step at
+    # the step's edges, and around 30 us of small launches there; five of them (the decode
+    # graph's padding fills) fill rows no graph reads. The graph GPU tests without them, then
+    # base steps with the loop's host time by phase (is batch 32's loop bound by the host?),
+    # against the padding fills put back (runtime/graphs.py patched between processes)
+    gpu_tests graphs_pad 240 tests/test_graphs_gpu.py \
+      -k "graphs_match_eager_fp32 or replay_logits_bf16 or layer_pdl_is_bitwise"
+    cp runtime/graphs.py /tmp/graphs_new.py
+    sed 's/^        if bs < bucket:$/        if True:  # s50c: the fills of every row/; s/self._pad_rows(bs, bucket)/self._pad_rows(bs)/' \
+      /tmp/graphs_new.py > /tmp/graphs_old.py
+    grep -c "if True:  # s50c" /tmp/graphs_old.py
+    for round in 1 2; do
+      cp /tmp/graphs_new.py runtime/graphs.py; base_each 540 - "NONE=new$round"
+      cp /tmp/graphs_old.py runtime/graphs.py; base_each 540 - "NONE=fills$round"
+    done
+    cp /tmp/graphs_new.py runtime/graphs.py
+    (cd "$OUT" && tar czf base_50c.tgz base_*.json && rm -f base_*.json)
+    ;;
   s50b)  # one GPU: s50a's four rounds of idle attention slices leaving before the PDL wait
     # were level in the loop at batch 32 (4.597-4.633 ms against 4.597-4.634) while the graph
     # forward alone was 0.09 ms shorter in each: what the loop's device time does with it. And

@@ -611,6 +611,8 @@ def test_step_bench_profile_loop_runs_the_serving_loop(
     rows = asyncio.run(loop_decode_ab(engine, [2], 8, 3, []))
     assert [(r["batch"], r["overlap"]) for r in rows] == [(2, True), (2, False)]
     assert all(r["median_ms"] > 0 for r in rows)
+    for r in rows:  # the loop's host time a step by phase, over the measured tokens
+        assert r["host_ms"]["steps"] >= 2 and r["host_ms"]["launch"] > 0
 
 
 @pytest.mark.parametrize("variant", ["default", "k32", "fold", "fold+k32", "eager+fold+k32"])
