@@ -30,7 +30,7 @@ KERNELS = {
         "GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
         "INPUT_PRECISION": "tf32", "BLOCK_G": 4, "BLOCK_S": 64, "SPLIT_CHUNK": 16,
         "USE_PDL": True, "LEAN": 0, "WIDE": False,
-        "IDLE_EXIT": False}),
+        "IDLE_EXIT": True}),
     "prefill": ("ops.triton_prefill_attention", "_prefill_attention_kernel", {
         "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
         "block_tables_ptr": "*i32", "cu_q_lens_ptr": "*i32", "kv_lens_ptr": "*i32",

@@ -189,18 +189,19 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_capacity: int, num_s
 def choose_min_split(batch: int, num_kv_heads: int, num_sms: int) -> int:
     """The shortest slice worth a program of its own, in tokens, from shapes only: one 64-token
     tile, or for grids whose (sequence, KV head) programs alone fill every SM
-    LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT (opt-in; default 64), which keeps sequences up to
-    that length in one slice (no second program, no merge) and splits longer ones as before.
+    LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT (default 256), which keeps sequences up to that
+    length in one slice (no second program, no merge) and splits longer ones as before.
 
     At 256, decode attention alone at batch 32 took 12.33 us a layer over 143 tokens against
-    12.66, 15.29 against 15.44 over 256, 23.40 against 23.26 over 512, level over 1024; the
-    serving loop's base step at batch 32 was level (4.586-4.614 ms against 4.598-4.614, three
-    processes each; H200, thirty-eighth session, benchmarks/RESULTS.md). One slice a sequence
-    outright (LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM=1) took 11.50 over 143 tokens but 40.70
-    against 38.39 over 1024.
+    12.66 at 64, 15.29 against 15.44 over 256, 23.40 against 23.26 over 512, level over 1024
+    (H200, thirty-eighth session, benchmarks/RESULTS.md). With the idle slices it leaves
+    leaving before the PDL wait (LORASERVE_DECODE_ATTN_IDLE_EXIT, on by default), attention
+    moved batch 32's loop step end by 375 us against 393 (thirty-ninth session's profile of the
+    serving loop). One slice a sequence outright (LORASERVE_DECODE_ATTN_PROGRAMS_PER_SM=1) took
+    11.50 over 143 tokens but 40.70 against 38.39 over 1024.
     """
     if batch * num_kv_heads >= num_sms:
-        return env_int("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", 64, least=1)
+        return env_int("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", 256, least=1)
     return 64
 
 
@@ -331,10 +332,10 @@ def decode_attention_triton(
         BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
         SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
         USE_PDL=pdl, LEAN=lean_offsets(), WIDE=wide_offsets(k_cache, v_cache),
-        # opt-in: with LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256, batch 32's base step in the
-        # serving loop took 4.585-4.588 ms against 4.602-4.655 (two rounds, H200,
-        # benchmarks/RESULTS.md thirty-eighth session); the decode graph tests have yet to run
-        IDLE_EXIT=env_flag("LORASERVE_DECODE_ATTN_IDLE_EXIT", False),
+        # on by default (LORASERVE_DECODE_ATTN_IDLE_EXIT=0 waits in every slice): in the
+        # serving loop's profile at batch 32, attention moved the step's end 375 us against 393
+        # without (H200, benchmarks/RESULTS.md thirty-ninth session)
+        IDLE_EXIT=env_flag("LORASERVE_DECODE_ATTN_IDLE_EXIT", True),
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return o

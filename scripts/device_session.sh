@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s50d   (one GPU) idle attention slices' early exit and 256-token
+#                                    slices by default: their GPU tests, base steps by default
+#                                    and with the old settings, alternating; ~8 min
 #   scripts/device_session.sh s50c   (one GPU) the decode graphs without padding fills for rows
 #                                    no graph reads: graph GPU tests, base steps with the
 #                                    loop's host time by phase, against the fills; ~7 min
@@ -501,6 +504,15 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s50d)  # one GPU: idle attention slices leaving before the PDL wait and 256-token slices
+    # where a batch's programs fill the SMs, now the defaults (s50b: attention moved batch
+    # 32's loop step end 375 us against 393): their GPU tests, then base steps by default and
+    # with the old settings, alternating
+    old="LORASERVE_DECODE_ATTN_IDLE_EXIT=0 LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=64"
+    gpu_tests defaults 230 tests/test_attention.py tests/test_engine_gpu.py tests/test_graphs_gpu.py \
+      -k "test_gpu_decode or hf_on_cuda or (test_graphs_match_eager and csgmv) or (replay_logits_bf16 and csgmv) or layer_pdl_is_bitwise"
+    base_each 500 50d NONE=1 "$old" NONE=2 "$old" NONE=3
+    ;;
   s50c)  # one GPU: s50b's loop profile at batch 32 has the device idle about 33 us a step at
     # the step's edges, and around 30 us of small launches there; five of them (the decode
     # graph's padding fills) fill rows no graph reads. The graph GPU tests without them, then

@@ -371,14 +371,17 @@ def test_choose_num_splits(monkeypatch) -> None:
 
 
 def test_choose_min_split(monkeypatch) -> None:
-    """One 64-token tile by default; LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT sets it for grids
+    """One 64-token tile, but 256 tokens (LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT) for grids
     whose (sequence, KV head) programs fill every SM, only those."""
     monkeypatch.delenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", raising=False)
-    assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 64
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "256")
     assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 256
     assert choose_min_split(batch=17, num_kv_heads=8, num_sms=132) == 256
     assert choose_min_split(batch=16, num_kv_heads=8, num_sms=132) == 64
+    assert choose_min_split(batch=1, num_kv_heads=8, num_sms=132) == 64
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "64")
+    assert choose_min_split(batch=32, num_kv_heads=8, num_sms=132) == 64
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "128")
+    assert choose_min_split(batch=17, num_kv_heads=8, num_sms=132) == 128
     assert choose_min_split(batch=1, num_kv_heads=8, num_sms=132) == 64
     monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", "0")
     with pytest.raises(ValueError, match="WIDE_MIN_SPLIT"):
@@ -387,27 +390,28 @@ def test_choose_min_split(monkeypatch) -> None:
 
 def test_decode_wide_grid_takes_longer_slices(monkeypatch) -> None:
     """A batch whose programs fill the SMs (34 sequences x 4 KV heads on the CPU's assumed 132)
-    with LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT=256 runs sequences up to 256 tokens in one slice
-    and longer ones in slices of 256 or more, merged in the kernel: the reference's attention,
-    as by default."""
+    by default (LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT 256) runs sequences up to 256 tokens in
+    one slice and longer ones in slices of 256 or more, merged in the kernel: the reference's
+    attention, as with one 64-token tile at least."""
     kv_lens = [[1, 100, 256, 257, 300, 600][i % 6] for i in range(34)]
     batch = make_batch([1] * 34, kv_lens, 8, 4, 16, 16, torch.float32, seed=3)
     expected = decode_reference(batch, 0.3)
-    for wide in ("256", ""):
+    for wide in ("", "64"):
         monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", wide)
         torch.testing.assert_close(run_decode_triton(batch, 0.3, None), expected,
                                    **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("wide", ["", "256"])
-def test_decode_idle_slices_exit_early(monkeypatch, wide: str) -> None:
-    """LORASERVE_DECODE_ATTN_IDLE_EXIT=1: slices past a sequence's own leave before the PDL
-    wait; the rest compute and merge the reference's attention and leave every arrival count
-    at zero (7 slices a sequence, most idle; with 256-token slices in a grid that fills the
-    SMs, more)."""
+@pytest.mark.parametrize("wide", ["64", ""])
+@pytest.mark.parametrize("idle_exit", ["", "0"])
+def test_decode_idle_slices_exit_early(monkeypatch, wide: str, idle_exit: str) -> None:
+    """By default (LORASERVE_DECODE_ATTN_IDLE_EXIT) slices past a sequence's own leave before
+    the PDL wait, and with it 0 after; either way the rest compute and merge the reference's
+    attention and leave every arrival count at zero (7 slices a sequence, most idle; with
+    256-token slices, the default in a grid that fills the SMs, more)."""
     from ops import triton_decode_attention as tda
 
-    monkeypatch.setenv("LORASERVE_DECODE_ATTN_IDLE_EXIT", "1")
+    monkeypatch.setenv("LORASERVE_DECODE_ATTN_IDLE_EXIT", idle_exit)
     monkeypatch.setenv("LORASERVE_DECODE_ATTN_WIDE_MIN_SPLIT", wide)
     kv_lens = [[0, 1, 64, 65, 300, 600][i % 6] for i in range(34)]
     batch = make_batch([1] * 34, kv_lens, 8, 4, 16, 16, torch.float32, seed=4)

@@ -89,7 +89,7 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
               "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
-              "IDLE_EXIT": index == "signed", **INDEX_FORMS[index]}
+              "IDLE_EXIT": index != "wide", **INDEX_FORMS[index]}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 
