@@ -31,6 +31,7 @@ from ops.pdl import decode_scope
 from ops.settings import env_flag, env_int
 from ops.splitk import decode_splits, splitk_scope
 from ops.triton_decode_gemm import gemm_splits, in_gemm_rows
+from ops.triton_graph_inputs import write_graph_inputs
 from ops.triton_prefill_attention import prefill_block_m, prefill_tile_bound, prefill_tile_table
 from runtime.model.batch import ForwardBatch
 from runtime.model.llama import CausalLM
@@ -244,11 +245,20 @@ class DecodeGraphs:
         b.block_tables[n:end].fill_(self.scratch_block)
         b.kv_lens[n:end].fill_(1)
 
-    def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Run `fb` (a decode step) through the bucket's graph; returns logits [bs, vocab]."""
-        bs = fb.batch_size
-        bucket = self.sizes[bisect.bisect_left(self.sizes, bs)]
+    def _write_inputs(self, fb: ForwardBatch, bucket: int) -> None:
+        """The static inputs of `fb`'s rows and the padding up to `bucket`: from a zero-copy
+        step's pinned host rows in one kernel (which also fills its pending tokens), else by
+        copies from the staged device rows."""
         b = self.buf
+        if fb.host_staged:
+            names = ("input_ids", "positions", "slot_mapping", "kv_lens", "block_tables")
+            write_graph_inputs(
+                {k: getattr(b, k) for k in names}, {k: getattr(fb, k) for k in names},
+                fb.pending_src, fb.pending_tokens, bucket, self.scratch_slot,
+                self.scratch_block,
+            )
+            return
+        bs = fb.batch_size
         b.input_ids[:bs].copy_(fb.input_ids)
         b.positions[:bs].copy_(fb.positions)
         b.slot_mapping[:bs].copy_(fb.slot_mapping)
@@ -257,6 +267,13 @@ class DecodeGraphs:
         b.kv_lens[:bs].copy_(fb.kv_lens)
         if bs < bucket:
             self._pad_rows(bs, bucket)
+
+    def replay(self, fb: ForwardBatch) -> torch.Tensor:
+        """Run `fb` (a decode step) through the bucket's graph; returns logits [bs, vocab]."""
+        bs = fb.batch_size
+        bucket = self.sizes[bisect.bisect_left(self.sizes, bs)]
+        self._write_inputs(fb, bucket)
+        b = self.buf
         with_lora = fb.lora is not None
         if with_lora:
             info = fb.lora

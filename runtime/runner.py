@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ops.lora import DECODE_CHUNK, lora_batch_info, lora_tables
+from ops.settings import env_flag
 from runtime.graphs import DecodeGraphs, MixedGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
@@ -140,6 +141,9 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self._scratch: Request | None = None
         self.staging = StagingRing(device)
+        # Base-only decode steps a decode graph runs leave their rows in pinned host memory,
+        # read by the graph's input kernel (opt-in; see _zero_copy_step)
+        self.zero_copy = env_flag("LORASERVE_DECODE_ZERO_COPY", False)
         # Eager steps that prefill are padded to a multiple of token_grid tokens (0: not
         # padded) above graph_tokens (what the prefill graphs take) up to grid_max (the
         # prefill budget, itself a size): see enable_token_grid.
@@ -382,6 +386,9 @@ class ModelRunner:
                 lora_tables(logits_slots, num_slots, self.lora_backend, DECODE_CHUNK),
             ]
         i64, i32 = np.int64, np.int32
+        if self._zero_copy_step(plan, block_tables.shape[1], tables, prompt_rows):
+            return self._host_staged(plan, ids, positions, slot_mapping, block_tables, kv_lens,
+                                     fill_dst, fill_src, prev)
         fields = [
             (ids, i64), (positions, i64), (slot_mapping, i64), (block_tables, i32),
             (kv_lens, i32), (cu_q_lens, i32), (logits_indices, i64), (fill_dst, i64),
@@ -425,15 +432,53 @@ class ModelRunner:
             **scoring,
         )
 
+    def _zero_copy_step(self, plan: ScheduledBatch, width: int, tables: list,
+                        prompt_rows: list[int]) -> bool:
+        """Whether a step leaves its rows in pinned host memory for the decode graph's input
+        kernel (ops/triton_graph_inputs.py): with LORASERVE_DECODE_ZERO_COPY=1, a decode step
+        without LoRA tables or scored prompt tokens that a decode graph takes (its batch and
+        block table within the graphs'). Its input copies, the pending-token fill and the
+        padding become that one kernel. Other steps stage and copy as before."""
+        g = self.graphs
+        return (self.zero_copy and g is not None and plan.is_decode and not tables
+                and not prompt_rows and len(plan.requests) <= g.max_bs and width <= g.max_blocks)
+
+    def _host_staged(self, plan: ScheduledBatch, ids: list[int], positions: list[int],
+                     slot_mapping: list[int], block_tables: np.ndarray, kv_lens: list[int],
+                     fill_dst: list[int], fill_src: list[int],
+                     prev: InFlightStep | None) -> ForwardBatch:
+        """A zero-copy decode step's ForwardBatch: its rows as views of the staging ring's
+        pinned host buffer, a pending token's row pointing into the step in flight's tokens."""
+        pending = np.full(len(ids), -1, dtype=np.int64)
+        if fill_dst:
+            assert prev is not None
+            pending[fill_dst] = fill_src  # decode: token index == row index
+        i64, i32 = np.int64, np.int32
+        ids_t, pos_t, slot_t, bt_t, kvl_t, pending_t = self.staging.stage(
+            [(ids, i64), (positions, i64), (slot_mapping, i64), (block_tables, i32),
+             (kv_lens, i32), (pending, i64)], copy=False)
+        n = len(ids)
+        return ForwardBatch(
+            input_ids=ids_t, positions=pos_t, slot_mapping=slot_t, block_tables=bt_t,
+            kv_lens=kvl_t, cu_q_lens=self.graphs.buf.cu_q_lens[: n + 1],
+            logits_indices=self.graphs.buf.logits_indices[:n], max_q_len=1, is_decode=True,
+            q_lens=tuple(plan.num_new_tokens), host_staged=True, pending_src=pending_t,
+            pending_tokens=prev.token_ids if fill_dst else None,
+            staging_slot=self.staging.last_slot,
+        )
+
     @torch.inference_mode()
     def launch(self, plan: ScheduledBatch, fb: ForwardBatch) -> InFlightStep:
         """Enqueue forward, sampling and the copies of the results to the host; returns without
         waiting for the GPU (on CPU the work has run by the time it returns)."""
         with self.streams.use(self.streams.compute):
-            bucket = self.mixed_graphs.bucket_for(fb) if self.mixed_graphs else None
-            if self.graphs is not None and self.graphs.can_run(fb):
+            if fb.host_staged:  # only the decode graph's input kernel reads its rows
+                logits = self.graphs.replay(fb)
+                self.staging.record_use(fb.staging_slot)
+            elif self.graphs is not None and self.graphs.can_run(fb):
                 logits = self.graphs.replay(fb)  # [B, vocab] in the model's dtype
-            elif bucket is not None:
+            elif (bucket := self.mixed_graphs.bucket_for(fb) if self.mixed_graphs
+                  else None) is not None:
                 logits = self.mixed_graphs.replay(fb, bucket)
             else:
                 logits = self.model(fb, self.kv.k, self.kv.v)

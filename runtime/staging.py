@@ -49,6 +49,7 @@ class StagingRing:
             self._host.append(host)
             self._dev.append(dev)
         self._next = 0
+        self.last_slot = 0  # the slot the latest stage() wrote
         self.copies = 0  # host-to-device copies issued (tests count them)
 
     def _new_slot(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +60,16 @@ class StagingRing:
             return host, torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def stage(
-        self, fields: Sequence[tuple[Sequence[int] | np.ndarray, np.dtype | type]]
+        self, fields: Sequence[tuple[Sequence[int] | np.ndarray, np.dtype | type]],
+        copy: bool = True,
     ) -> list[torch.Tensor]:
         """Each (values, dtype) field as a device tensor of that dtype (int32 or int64) and the
         values' shape (a list is 1-D), all sent in one copy on the current stream.
+
+        copy=False: no copy; the views are of the slot's pinned host buffer, for a kernel that
+        reads mapped host memory (ops/triton_graph_inputs.py). The caller then calls
+        `record_use(self.last_slot)` once that kernel is enqueued: the slot is written again
+        only after it has run.
 
         The buffer holds one region a dtype, each field padded to ALIGN bytes, so the device
         views come from one split a region: a handful of torch calls a step, whatever the
@@ -97,14 +104,15 @@ class StagingRing:
                 host_np[offset + at * a.itemsize : offset + (at + a.size) * a.itemsize].view(
                     a.dtype
                 )[:] = a.reshape(-1)
-        dev = self._dev[k]
-        if end:
-            dev[:end].copy_(self._host[k][:end], non_blocking=self._pin)
-            self.copies += 1
-        if self._pin:
-            event = self._events[k] or Event(self.device)
-            event.record()
-            self._events[k] = event
+        self.last_slot = k
+        if copy:
+            dev = self._dev[k]
+            if end:
+                dev[:end].copy_(self._host[k][:end], non_blocking=self._pin)
+                self.copies += 1
+            self.record_use(k)
+        else:  # the caller's record_use(k) follows the kernel that reads the host buffer
+            dev = self._host[k]
         out: list[torch.Tensor] = [dev] * len(arrays)
         for dtype, offset, sizes, members in regions:
             nbytes = sum(sizes) * dtype.itemsize
@@ -112,3 +120,11 @@ class StagingRing:
             for i, part in zip(members, parts[::2], strict=True):
                 out[i] = part if arrays[i].ndim == 1 else part.view(arrays[i].shape)
         return out
+
+    def record_use(self, slot: int) -> None:
+        """Mark `slot` in use by the work enqueued so far on the current stream: its host
+        buffer is written again only after that work has run (a no-op off CUDA)."""
+        if self._pin:
+            event = self._events[slot] or Event(self.device)
+            event.record()
+            self._events[slot] = event

@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s51a   (one GPU, prepared for the next session) zero-copy decode
+#                                    steps: the input kernel's and the graph tests with it,
+#                                    base steps with it and without, the loop profiled; ~8 min
 #   scripts/device_session.sh s50d   (one GPU) idle attention slices' early exit and 256-token
 #                                    slices by default: their GPU tests, base steps by default
 #                                    and with the old settings, alternating; ~8 min
@@ -504,6 +507,24 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s51a)  # one GPU (prepared for the next session): zero-copy decode steps
+    # (LORASERVE_DECODE_ZERO_COPY=1: the graph's input kernel reads the step's rows from pinned
+    # host memory, in place of about eight launches and the copy engine's hand-offs, about 50
+    # us of batch 32's step in s50b's loop profile): the input kernel's tests on CUDA (pinned
+    # rows), the loop's tokens against eager, the graph and parity tests with it; base steps
+    # with it and without, alternating; the loop profiled with it
+    zc="LORASERVE_DECODE_ZERO_COPY=1"
+    env $zc timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graph_inputs.py \
+      tests/test_graphs_gpu.py tests/test_engine_gpu.py \
+      -k "test_graph_inputs or (graphs_match_eager_fp32 and csgmv) or hf_on_cuda" \
+      > "$OUT/zero_copy_tests.log" 2>&1
+    echo "== zero-copy tests: rc $?"; tail -5 "$OUT/zero_copy_tests.log"
+    base_each 420 51a NONE=1 "$zc" NONE=2 "$zc"
+    env $zc timeout 110 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \
+      --out "$OUT/loop_prof_zc_51a.json" > /tmp/loop_prof_zc.log 2>&1
+    echo "== step_bench --profile-loop $zc: rc $?"
+    sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof_zc.log | head -24
+    ;;
   s50d)  # one GPU: idle attention slices leaving before the PDL wait and 256-token slices
     # where a batch's programs fill the SMs, now the defaults (s50b: attention moved batch
     # 32's loop step end 375 us against 393): their GPU tests, then base steps by default and

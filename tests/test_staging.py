@@ -120,3 +120,21 @@ def test_engine_sends_one_copy_a_step(tmp_path) -> None:
     asyncio.run(go())
     assert engine.timings.steps >= 4
     assert engine.runner.staging.copies == engine.timings.steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uncopied_fields_are_views_of_the_host_slot(device: str) -> None:
+    """copy=False (zero-copy decode steps): no copy; the views are of the slot's host buffer
+    (pinned on CUDA, for a kernel that reads mapped host memory), with the same dtypes, shapes
+    and alignment; last_slot names the slot for record_use, and the ring moves on as before."""
+    ring = StagingRing(torch.device(device), depth=2, capacity=64)
+    table = np.arange(6, dtype=np.int32).reshape(2, 3)
+    ids, tab = ring.stage([([5, -1], np.int64), (table, np.int32)], copy=False)
+    assert ring.copies == 0 and ring.last_slot == 0
+    assert ids.device.type == "cpu" and ids.tolist() == [5, -1] and tab.tolist() == table.tolist()
+    assert ids.is_pinned() == (device == "cuda")
+    assert ids.data_ptr() % 16 == 0 and tab.data_ptr() % 16 == 0
+    ring.record_use(ring.last_slot)
+    (dev,) = ring.stage([([1, 2], np.int64)])
+    assert ring.copies == 1 and ring.last_slot == 1 and dev.device.type == device
+    assert ids.tolist() == [5, -1]  # the other slot: the earlier step's rows are intact

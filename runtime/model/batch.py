@@ -34,6 +34,14 @@ class ForwardBatch:
     # Prefill attention's query tiles (a CUDA graph's static table; None: the kernel's own grid)
     attn_tiles: torch.Tensor | None = None
     q_lens: tuple[int, ...] = ()  # [B] query tokens of each sequence, on the host
+    # A zero-copy decode step (LORASERVE_DECODE_ZERO_COPY, runtime/runner.py): the rows above
+    # are views of the staging ring's pinned host buffer (slot staging_slot), which only the
+    # decode graph's input kernel reads; row i's token is pending_tokens[pending_src[i]] where
+    # that is >= 0 (the step in flight is still sampling it)
+    host_staged: bool = False
+    pending_src: torch.Tensor | None = None
+    pending_tokens: torch.Tensor | None = None
+    staging_slot: int = -1
 
     @property
     def num_tokens(self) -> int:
