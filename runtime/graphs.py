@@ -227,11 +227,11 @@ class DecodeGraphs:
         stream.synchronize()
 
     def can_run(self, fb: ForwardBatch) -> bool:
-        return (
-            fb.is_decode
-            and fb.batch_size <= self.max_bs
-            and fb.block_tables.shape[1] <= self.max_blocks
-        )
+        return fb.is_decode and self.holds(fb.batch_size, fb.block_tables.shape[1])
+
+    def holds(self, batch: int, width: int) -> bool:
+        """Whether a decode step of `batch` rows and a `width`-block table fits the graphs."""
+        return batch <= self.max_bs and width <= self.max_blocks
 
     def _pad_rows(self, n: int, end: int | None = None) -> None:
         """Rows n to `end` (all rows by default) as padding: token 0 at position 0 of one

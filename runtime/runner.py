@@ -385,10 +385,10 @@ class ModelRunner:
                 lora_tables(token_slots, num_slots, self.lora_backend, chunk),
                 lora_tables(logits_slots, num_slots, self.lora_backend, DECODE_CHUNK),
             ]
-        i64, i32 = np.int64, np.int32
         if self._zero_copy_step(plan, block_tables.shape[1], tables, prompt_rows):
             return self._host_staged(plan, ids, positions, slot_mapping, block_tables, kv_lens,
                                      fill_dst, fill_src, prev)
+        i64, i32 = np.int64, np.int32
         fields = [
             (ids, i64), (positions, i64), (slot_mapping, i64), (block_tables, i32),
             (kv_lens, i32), (cu_q_lens, i32), (logits_indices, i64), (fill_dst, i64),
@@ -439,9 +439,8 @@ class ModelRunner:
         without LoRA tables or scored prompt tokens that a decode graph takes (its batch and
         block table within the graphs'). Its input copies, the pending-token fill and the
         padding become that one kernel. Other steps stage and copy as before."""
-        g = self.graphs
-        return (self.zero_copy and g is not None and plan.is_decode and not tables
-                and not prompt_rows and len(plan.requests) <= g.max_bs and width <= g.max_blocks)
+        return (self.zero_copy and self.graphs is not None and plan.is_decode and not tables
+                and not prompt_rows and self.graphs.holds(len(plan.requests), width))
 
     def _host_staged(self, plan: ScheduledBatch, ids: list[int], positions: list[int],
                      slot_mapping: list[int], block_tables: np.ndarray, kv_lens: list[int],
@@ -472,13 +471,13 @@ class ModelRunner:
         """Enqueue forward, sampling and the copies of the results to the host; returns without
         waiting for the GPU (on CPU the work has run by the time it returns)."""
         with self.streams.use(self.streams.compute):
-            if fb.host_staged:  # only the decode graph's input kernel reads its rows
-                logits = self.graphs.replay(fb)
-                self.staging.record_use(fb.staging_slot)
-            elif self.graphs is not None and self.graphs.can_run(fb):
+            bucket = self.mixed_graphs.bucket_for(fb) if self.mixed_graphs else None
+            # a zero-copy step passes can_run by construction (_zero_copy_step: graphs.holds)
+            if self.graphs is not None and self.graphs.can_run(fb):
                 logits = self.graphs.replay(fb)  # [B, vocab] in the model's dtype
-            elif (bucket := self.mixed_graphs.bucket_for(fb) if self.mixed_graphs
-                  else None) is not None:
+                if fb.host_staged:  # its input kernel, which reads the ring's slot, is enqueued
+                    self.staging.record_use(fb.staging_slot)
+            elif bucket is not None:
                 logits = self.mixed_graphs.replay(fb, bucket)
             else:
                 logits = self.model(fb, self.kv.k, self.kv.v)

@@ -105,18 +105,18 @@ class StagingRing:
                     a.dtype
                 )[:] = a.reshape(-1)
         self.last_slot = k
+        # the views' buffer: the device slot after one copy, or (copy=False) the host slot, whose
+        # record_use(k) the caller makes after the kernel that reads it
+        base = self._dev[k] if copy else self._host[k]
         if copy:
-            dev = self._dev[k]
             if end:
-                dev[:end].copy_(self._host[k][:end], non_blocking=self._pin)
+                base[:end].copy_(self._host[k][:end], non_blocking=self._pin)
                 self.copies += 1
             self.record_use(k)
-        else:  # the caller's record_use(k) follows the kernel that reads the host buffer
-            dev = self._host[k]
-        out: list[torch.Tensor] = [dev] * len(arrays)
+        out: list[torch.Tensor] = [base] * len(arrays)
         for dtype, offset, sizes, members in regions:
             nbytes = sum(sizes) * dtype.itemsize
-            parts = dev[offset : offset + nbytes].view(dtype).split_with_sizes(sizes)
+            parts = base[offset : offset + nbytes].view(dtype).split_with_sizes(sizes)
             for i, part in zip(members, parts[::2], strict=True):
                 out[i] = part if arrays[i].ndim == 1 else part.view(arrays[i].shape)
         return out
