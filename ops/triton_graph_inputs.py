@@ -53,16 +53,25 @@ def _graph_inputs_kernel(
     cols = tl.arange(0, BLOCK_W)
     dst_row = bt_dst + row.to(tl.int64) * stride_dst
     if row < batch:
+        # every load before any store: a store may alias a later load as far as the compiler
+        # knows, so interleaving them would make each host-memory read wait on the last one's
+        # round trip over the bus
         token = tl.load(ids_src + row)
         pending = tl.load(pending_src + row)
+        pos = tl.load(pos_src + row)
+        slot = tl.load(slot_src + row)
+        kvl = tl.load(kvl_src + row)
+        src_row = bt_src + row.to(tl.int64) * stride_src
+        keep = cols < width
+        first = tl.load(src_row + cols, mask=keep)
         if pending >= 0:
             token = tl.load(prev_tokens + pending)
         tl.store(ids_dst + row, token)
-        tl.store(pos_dst + row, tl.load(pos_src + row))
-        tl.store(slot_dst + row, tl.load(slot_src + row))
-        tl.store(kvl_dst + row, tl.load(kvl_src + row))
-        src_row = bt_src + row.to(tl.int64) * stride_src
-        for c0 in range(0, width, BLOCK_W):
+        tl.store(pos_dst + row, pos)
+        tl.store(slot_dst + row, slot)
+        tl.store(kvl_dst + row, kvl)
+        tl.store(dst_row + cols, first, mask=keep)
+        for c0 in range(BLOCK_W, width, BLOCK_W):
             c = c0 + cols
             keep = c < width
             tl.store(dst_row + c, tl.load(src_row + c, mask=keep), mask=keep)

@@ -3,11 +3,11 @@
 `prepare` turns the scheduler's plan into a `ForwardBatch` of plain tensors (built on the host,
 copied with one non-blocking transfer each). A decode row whose input token is still being
 sampled by the step in flight takes it from that step's device tensor, so step N+1 is prepared
-and launched before step N's tokens reach the host. `launch` enqueues the forward, the sampler
-and non-blocking copies of the results into pinned host buffers, records an event after them and
-returns at once: nothing here waits on the GPU. `InFlightStep.result()` reads the host buffers
-once the event has completed. Nothing here touches Request state except reading it; the engine
-applies the results.
+and launched before step N's tokens reach the host. `launch` enqueues the forward and the sampler
+on the compute stream and non-blocking copies of the results into pinned host buffers on the
+readback stream, records an event after them and returns at once: nothing here waits on the
+GPU. `InFlightStep.result()` reads the host buffers once the event has completed. Nothing here
+touches Request state except reading it; the engine applies the results.
 """
 
 from __future__ import annotations
@@ -144,6 +144,9 @@ class ModelRunner:
         # Base-only decode steps a decode graph runs leave their rows in pinned host memory,
         # read by the graph's input kernel (opt-in; see _zero_copy_step)
         self.zero_copy = env_flag("LORASERVE_DECODE_ZERO_COPY", False)
+        # A step's results go to the host on the readback stream (see _read_back); 0 puts the
+        # copies on the compute stream, behind the sampler and ahead of the next step
+        self.readback = env_flag("LORASERVE_READBACK_STREAM", True)
         # Eager steps that prefill are padded to a multiple of token_grid tokens (0: not
         # padded) above graph_tokens (what the prefill graphs take) up to grid_max (the
         # prefill budget, itself a size): see enable_token_grid.
@@ -494,9 +497,30 @@ class ModelRunner:
             )
             if fb.sample_rows is not None:
                 self._score_prompt(logits, fb, plan.requests, dev, step)
+            self._read_back(dev, step)
+            return step
+
+    def _read_back(self, dev: dict[str, torch.Tensor], step: InFlightStep) -> None:
+        """Copy the step's results `dev` into pinned host buffers and record `step.event` after
+        them. On CUDA the copies run on the readback stream once the compute stream has sampled:
+        on the compute stream the next step's first kernel would wait for the copy engine (the
+        copy's start and the kernel after it each left the device idle about 5 µs of batch 32's
+        step on the H200, benchmarks/RESULTS.md fortieth session). The event still follows all
+        of the step's compute work. The results' device memory, the compute stream's, is marked
+        in use by the readback stream until the copies finish."""
+        rb = self.streams.readback if self.readback else None
+        if rb is None:
             step.host = {k: self._to_host(v) for k, v in dev.items()}
             step.event.record(self.streams.compute)
-            return step
+            return
+        sampled = Event(self.device)
+        sampled.record(self.streams.compute)
+        sampled.wait(rb)
+        with self.streams.use(rb):
+            for v in dev.values():
+                v.record_stream(rb)
+            step.host = {k: self._to_host(v) for k, v in dev.items()}
+        step.event.record(rb)
 
     def _score_prompt(
         self, logits: torch.Tensor, fb: ForwardBatch, requests: list[Request],

@@ -1,8 +1,9 @@
 """CUDA streams and events behind a thin wrapper that is a no-op on CPU.
 
-The engine runs forward passes on a compute stream and adapter uploads on a copy stream; events
-order the two on the GPU. On CPU every operation is synchronous, so the same code paths run in
-CI: events are always complete and waits do nothing.
+The engine runs forward passes on a compute stream, adapter uploads on a copy stream and each
+step's results back to the host on a readback stream; events order them on the GPU. On CPU
+every operation is synchronous, so the same code paths run in CI: events are always complete
+and waits do nothing.
 
 Only `Event.synchronize` blocks the calling thread (for shutdown and tests).
 """
@@ -73,9 +74,11 @@ class IssuedEvent:
 
 
 class Streams:
-    """The engine's two streams: `compute` (forward passes) and `copy` (adapter uploads).
+    """The engine's streams: `compute` (forward passes), `copy` (adapter uploads) and
+    `readback` (each step's results to the host, so the next step's kernels do not queue
+    behind the copy engine).
 
-    Both are None on CPU, where `use(None)` is a no-op context.
+    All are None on CPU, where `use(None)` is a no-op context.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -83,9 +86,11 @@ class Streams:
         self.is_cuda = device.type == "cuda"
         self.compute: torch.cuda.Stream | None = None
         self.copy: torch.cuda.Stream | None = None
+        self.readback: torch.cuda.Stream | None = None
         if self.is_cuda:
             self.compute = torch.cuda.Stream(device)
             self.copy = torch.cuda.Stream(device)
+            self.readback = torch.cuda.Stream(device)
 
     def event(self) -> Event:
         """A new, unrecorded event on this device."""

@@ -121,7 +121,10 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
-#   scripts/device_session.sh s51a   (one GPU, prepared for the next session) zero-copy decode
+#   scripts/device_session.sh s51b   (one GPU) results read back on their own stream, the
+#                                    input kernel's loads first: GPU tests of the loop, graphs,
+#                                    pipeline; base steps with it, with zero-copy, without; ~9 min
+#   scripts/device_session.sh s51a   (one GPU) zero-copy decode
 #                                    steps: the input kernel's and the graph tests with it,
 #                                    base steps with it and without, the loop profiled; ~8 min
 #   scripts/device_session.sh s50d   (one GPU) idle attention slices' early exit and 256-token
@@ -507,6 +510,26 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s51b)  # one GPU: each step's results copied to the host on a readback stream (the compute
+    # stream's next kernel no longer waits behind the copy: s51a's loop profile has about 10 us
+    # of batch 32's step idle around that copy) and the input kernel's loads ahead of its
+    # stores (9.2 us a step in s51a, host-memory reads one after another): the GPU tests of
+    # the loop, the graphs, the pipeline and the input kernel; base steps with the readback
+    # stream (the new default), with it and zero-copy steps, and without it, alternating; the
+    # loop profiled with both
+    zc="LORASERVE_DECODE_ZERO_COPY=1" old="LORASERVE_READBACK_STREAM=0"
+    gpu_tests readback 260 tests/test_overlap.py tests/test_graph_inputs.py \
+      tests/test_engine_gpu.py tests/test_pipeline_gpu.py tests/test_sampler.py \
+      tests/test_graphs_gpu.py -k "not (graphs_match_eager and sgmv and not csgmv)"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_graph_inputs.py \
+      > "$OUT/input_kernel.log" 2>&1
+    echo "== input kernel tests (pinned rows): rc $?"; tail -2 "$OUT/input_kernel.log"
+    base_each 560 51b NONE=1 "$zc" "$old" NONE=2 "$zc" "$old"
+    env $zc timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \
+      --out "$OUT/loop_prof_rb_zc_51b.json" > /tmp/loop_prof_zc.log 2>&1
+    echo "== step_bench --profile-loop $zc: rc $?"
+    sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof_zc.log | head -24
+    ;;
   s51a)  # one GPU (prepared for the next session): zero-copy decode steps
     # (LORASERVE_DECODE_ZERO_COPY=1: the graph's input kernel reads the step's rows from pinned
     # host memory, in place of about eight launches and the copy engine's hand-offs, about 50

@@ -18,10 +18,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MAX_BS, MAX_BLOCKS, SCRATCH_BLOCK, PAGE = 8, 6, 5, 4
 
 
-def bare_graphs() -> DecodeGraphs:
+def bare_graphs(max_blocks: int = MAX_BLOCKS) -> DecodeGraphs:
     """A DecodeGraphs' static buffers and padding values, without a model or captures."""
     g = object.__new__(DecodeGraphs)
-    g.buf = GraphBuffers.allocate(MAX_BS, MAX_BLOCKS, DEVICE)
+    g.buf = GraphBuffers.allocate(MAX_BS, max_blocks, DEVICE)
     for name in ("input_ids", "positions", "slot_mapping", "kv_lens", "block_tables"):
         getattr(g.buf, name).fill_(77)  # stale values from an earlier step
     g.scratch_block, g.scratch_slot = SCRATCH_BLOCK, SCRATCH_BLOCK * PAGE
@@ -48,13 +48,15 @@ def fb_of(rows: dict, **kw) -> ForwardBatch:
                         max_q_len=1, is_decode=True, **kw)
 
 
-@pytest.mark.parametrize(("batch", "bucket", "width"), [(3, 4, 3), (4, 4, 6), (1, 8, 1),
-                                                        (8, 8, 2)])
+@pytest.mark.parametrize(("batch", "bucket", "width", "max_blocks"),
+                         [(3, 4, 3, MAX_BLOCKS), (4, 4, 6, MAX_BLOCKS), (1, 8, 1, MAX_BLOCKS),
+                          (8, 8, 2, MAX_BLOCKS), (3, 4, 300, 300)])
 def test_input_kernel_writes_what_the_copies_and_fills_write(batch: int, bucket: int,
-                                                             width: int) -> None:
+                                                             width: int, max_blocks: int) -> None:
     """Rows under the batch: the staged rows, a pending row's token from the step in flight;
     rows up to the bucket: the padding; rows past it: untouched. Against the copy path fed the
-    same rows with the pending tokens already filled in."""
+    same rows with the pending tokens already filled in. Tables wider than the kernel's tile
+    (300 blocks) take its loop over the rest of the row."""
     rows = staged_rows(batch, width, DEVICE, pin=DEVICE.type == "cuda")
     prev = torch.arange(100, 100 + MAX_BS, device=DEVICE)  # the step in flight's tokens
     pending = torch.full((batch,), -1, dtype=torch.int64)
@@ -63,9 +65,9 @@ def test_input_kernel_writes_what_the_copies_and_fills_write(batch: int, bucket:
     rows["input_ids"][pending >= 0] = -1  # the placeholder the host stages
     filled["input_ids"][(pending >= 0).to(DEVICE)] = prev[pending[pending >= 0].to(DEVICE)]
 
-    expected = bare_graphs()
+    expected = bare_graphs(max_blocks)
     expected._write_inputs(fb_of(filled), bucket)
-    got = bare_graphs()
+    got = bare_graphs(max_blocks)
     got._write_inputs(fb_of(rows, host_staged=True, pending_src=pending.pin_memory()
                             if DEVICE.type == "cuda" else pending, pending_tokens=prev), bucket)
     if DEVICE.type == "cuda":

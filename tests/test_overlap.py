@@ -7,6 +7,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from runtime.request import SamplingParams
 from tests.engine_utils import collect, greedy, make_engine, run, run_batch
@@ -178,3 +179,46 @@ def test_start_sets_the_gil_switch_interval(llama):
         assert run(start_stop()) == pytest.approx(GIL_SWITCH_INTERVAL_S)
     finally:
         sys.setswitchinterval(before)
+
+
+async def run_scored(engine, ps, params) -> list[tuple[list[int], list[float], list]]:
+    """Tokens, log-probs and top-3 candidates of every request, all submitted at once."""
+    await engine.start()
+    try:
+        reqs = [await engine.submit(p, sp, return_logprob=True, top_logprobs_num=3)
+                for p, sp in zip(ps, params)]
+        outs = await asyncio.gather(*(collect(engine, r) for r in reqs))
+        return [(o, r.logprobs, r.top_logprobs) for o, r in zip(outs, reqs)]
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_results_come_back_on_the_readback_stream(llama, monkeypatch):
+    """On CUDA a step's results are copied to the host on the readback stream, after the
+    compute stream has sampled them, and the overlapped loop's tokens, log-probs and top
+    candidates are those of copies on the compute stream (LORASERVE_READBACK_STREAM=0)."""
+    vocab = read_vocab(llama)
+    ps = prompts(6, vocab, seed=13, lo=5, hi=40)
+    params = [greedy(n) for n in (20, 7, 15, 1, 12, 20)]
+    params[2] = SamplingParams(max_new_tokens=15, temperature=0.8, top_k=20, seed=3)
+    cfg = {"device": "cuda", "mem_fraction_static": 0.05}
+    monkeypatch.setenv("LORASERVE_READBACK_STREAM", "0")
+    on_compute = make_engine(llama, **cfg)
+    ref = run(run_scored(on_compute, ps, params))
+    monkeypatch.delenv("LORASERVE_READBACK_STREAM")
+    engine = make_engine(llama, **cfg)
+    runner = engine.runner
+    streams = []
+    to_host = runner._to_host
+    monkeypatch.setattr(runner, "_to_host",
+                        lambda t: streams.append(torch.cuda.current_stream()) or to_host(t))
+    out = run(run_scored(engine, ps, params))
+    assert [o[0] for o in out] == [r[0] for r in ref]
+    for (_, lp, top), (_, ref_lp, ref_top) in zip(out, ref):
+        assert lp == pytest.approx(ref_lp, abs=1e-5)  # fp32; identical unless batches differ
+        assert [[i for i, _ in t] for t in top] == [[i for i, _ in t] for t in ref_top]
+    assert engine.num_overlapped_steps > 5
+    assert streams and all(s == runner.streams.readback for s in streams)
+    assert runner.streams.readback not in (runner.streams.compute, runner.streams.copy)
