@@ -6,9 +6,10 @@ filled in, and the rows between the batch and its bucket padded. Done with torch
 host-to-device copy, a gather and an index-put for the pending tokens, five copies and the
 padding fills: eight or more launches, each with the device idle at the copy engine's hand-offs
 (about 20 µs of batch 32's step outside the graph on the H200, benchmarks/RESULTS.md
-thirty-ninth session). With LORASERVE_DECODE_ZERO_COPY=1 (opt-in, runtime/runner.py) the step's
-rows stay in the staging ring's pinned host buffer and this kernel reads them from there
-(mapped host memory: no copy launch) and writes every static row of the bucket itself.
+thirty-ninth session). A zero-copy decode step (runtime/runner.py; LORASERVE_DECODE_ZERO_COPY=0
+turns them off) leaves its rows in the staging ring's pinned host buffer and this kernel reads
+them from there (mapped host memory: no copy launch) and writes every static row of the bucket
+itself (5.5 µs of batch 32's step, fortieth session).
 
 One program a row of the bucket: rows under the batch copy their staged values (a pending
 token taken from the tokens of the step in flight), the rest get the padding the graphs

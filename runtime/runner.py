@@ -142,8 +142,8 @@ class ModelRunner:
         self._scratch: Request | None = None
         self.staging = StagingRing(device)
         # Base-only decode steps a decode graph runs leave their rows in pinned host memory,
-        # read by the graph's input kernel (opt-in; see _zero_copy_step)
-        self.zero_copy = env_flag("LORASERVE_DECODE_ZERO_COPY", False)
+        # read by the graph's input kernel (see _zero_copy_step; 0 stages and copies them)
+        self.zero_copy = env_flag("LORASERVE_DECODE_ZERO_COPY", True)
         # A step's results go to the host on the readback stream (see _read_back); 0 puts the
         # copies on the compute stream, behind the sampler and ahead of the next step
         self.readback = env_flag("LORASERVE_READBACK_STREAM", True)
@@ -438,7 +438,7 @@ class ModelRunner:
     def _zero_copy_step(self, plan: ScheduledBatch, width: int, tables: list,
                         prompt_rows: list[int]) -> bool:
         """Whether a step leaves its rows in pinned host memory for the decode graph's input
-        kernel (ops/triton_graph_inputs.py): with LORASERVE_DECODE_ZERO_COPY=1, a decode step
+        kernel (ops/triton_graph_inputs.py): unless LORASERVE_DECODE_ZERO_COPY=0, a decode step
         without LoRA tables or scored prompt tokens that a decode graph takes (its batch and
         block table within the graphs'). Its input copies, the pending-token fill and the
         padding become that one kernel. Other steps stage and copy as before."""

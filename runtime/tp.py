@@ -800,9 +800,10 @@ class TPModelRunner(ModelRunner):
 
     def __init__(self, *args: Any, driver: TPDriver, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        if self.zero_copy:
+        if os.environ.get("LORASERVE_DECODE_ZERO_COPY", "").strip() == "1":
             raise ValueError("LORASERVE_DECODE_ZERO_COPY=1 is not supported with tp_size > 1: "
                              "each step's plan is broadcast from its device tensors")
+        self.zero_copy = False  # by default: decode steps stage and copy their rows
         self.driver = driver
 
     def enable_cuda_graphs(

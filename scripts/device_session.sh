@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s51c   (one GPU) zero-copy decode steps and the readback stream by
+#                                    default: their GPU tests, base steps with both and
+#                                    without, alternating; ~6 min
 #   scripts/device_session.sh s51b   (one GPU) results read back on their own stream, the
 #                                    input kernel's loads first: GPU tests of the loop, graphs,
 #                                    pipeline; base steps with it, with zero-copy, without; ~9 min
@@ -510,6 +513,24 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s51c)  # one GPU: zero-copy decode steps and the readback stream by default (s51b: batch 32's
+    # loop 4.572-4.605 with them against 4.599-4.621 without): the readback test (failed in
+    # s51b, its log lost to the phase's time limit) first, then the input kernel's, parity's,
+    # the pipeline's and the graphs' GPU tests at the new defaults; base steps by default and
+    # with both off, alternating
+    old="LORASERVE_DECODE_ZERO_COPY=0 LORASERVE_READBACK_STREAM=0"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+      tests/test_overlap.py tests/test_graph_inputs.py tests/test_engine_gpu.py \
+      tests/test_pipeline_gpu.py tests/test_sampler.py tests/test_graphs_gpu.py \
+      -k "readback_stream or test_graph_inputs or (hf_on_cuda and (llama or qwen3) and fp32) \
+          or (overlap_loading and None-loop) or cuda_mixed_batch \
+          or (graphs_match_eager_fp32 and csgmv-0) or base_graphs_with_splitk_partials_match \
+          or graph_with_decode_gemm_logits_bf16 or (replay_logits_bf16 and csgmv-0)" \
+      > "$OUT/defaults_tests.log" 2>&1
+    echo "== default tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/defaults_tests.log" | tail -8
+    grep -q "^FAILED\|^ERROR" "$OUT/defaults_tests.log" && sed -n "/= FAILURES =/,/short test summary/p" "$OUT/defaults_tests.log" | tail -60
+    base_each 560 51c NONE=1 "$old" NONE=2 "$old"
+    ;;
   s51b)  # one GPU: each step's results copied to the host on a readback stream (the compute
     # stream's next kernel no longer waits behind the copy: s51a's loop profile has about 10 us
     # of batch 32's step idle around that copy) and the input kernel's loads ahead of its

@@ -1,6 +1,7 @@
 """The decode graph's input kernel (ops/triton_graph_inputs.py) and the zero-copy decode steps
-that use it (LORASERVE_DECODE_ZERO_COPY=1): the static buffers it writes are the ones the
-copies and padding fills write, and the serving loop's greedy tokens do not change. On the CPU
+that use it (the default; LORASERVE_DECODE_ZERO_COPY=0 stages and copies): the static buffers
+it writes are the ones the copies and padding fills write, and the serving loop's greedy tokens
+do not change. On the CPU
 the kernel runs under the Triton interpreter and a decode "graph" is the model run over the
 static buffers; on CUDA the kernel reads the staged rows from pinned host memory."""
 
@@ -154,9 +155,14 @@ def test_zero_copy_steps_keep_greedy_tokens(tmp_path, monkeypatch) -> None:
 
 def test_zero_copy_is_refused_with_tensor_parallelism(monkeypatch) -> None:
     """LORASERVE_DECODE_ZERO_COPY=1 with tp_size > 1 is an error naming the setting (rank 0
-    broadcasts each step's plan from its device tensors)."""
+    broadcasts each step's plan from its device tensors); by default a tensor-parallel runner
+    stages and copies, while a single-GPU one takes zero-copy steps."""
     from runtime import tp
+    from runtime.runner import ModelRunner
 
+    monkeypatch.delenv("LORASERVE_DECODE_ZERO_COPY", raising=False)
+    assert ModelRunner(None, None, 16, None, torch.device("cpu")).zero_copy
+    assert not tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None).zero_copy
     monkeypatch.setenv("LORASERVE_DECODE_ZERO_COPY", "1")
     with pytest.raises(ValueError, match="LORASERVE_DECODE_ZERO_COPY"):
         tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None)

@@ -378,6 +378,7 @@ def mixed_decode_step(setup, backend, names=None):
         r.num_computed_tokens = r.num_tokens - 1
         r.lora_slot = engine.adapters.slot_of(r.lora_name) if r.lora_name else -1
     reqs.sort(key=lambda r: r.lora_slot)
+    engine.runner.zero_copy = False  # the eager forward reads the step's rows too: on the device
     return engine, engine.runner.prepare(ScheduledBatch(reqs, [1] * len(reqs)))
 
 

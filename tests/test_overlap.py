@@ -183,12 +183,20 @@ def test_start_sets_the_gil_switch_interval(llama):
 
 async def run_scored(engine, ps, params) -> list[tuple[list[int], list[float], list]]:
     """Tokens, log-probs and top-3 candidates of every request, all submitted at once."""
+
+    async def scored(req) -> tuple[list[int], list[float], list]:
+        tokens, lps, tops = [], [], []
+        async for o in engine.stream(req):
+            tokens = o.output_token_ids
+            lps += o.new_logprobs or []
+            tops += o.new_top_logprobs or []
+        return tokens, lps, tops
+
     await engine.start()
     try:
         reqs = [await engine.submit(p, sp, return_logprob=True, top_logprobs_num=3)
                 for p, sp in zip(ps, params)]
-        outs = await asyncio.gather(*(collect(engine, r) for r in reqs))
-        return [(o, r.logprobs, r.top_logprobs) for o, r in zip(outs, reqs)]
+        return list(await asyncio.gather(*(scored(r) for r in reqs)))
     finally:
         await engine.stop()
 
@@ -216,7 +224,8 @@ def test_results_come_back_on_the_readback_stream(llama, monkeypatch):
                         lambda t: streams.append(torch.cuda.current_stream()) or to_host(t))
     out = run(run_scored(engine, ps, params))
     assert [o[0] for o in out] == [r[0] for r in ref]
-    for (_, lp, top), (_, ref_lp, ref_top) in zip(out, ref):
+    for (tokens, lp, top), (_, ref_lp, ref_top) in zip(out, ref):
+        assert len(lp) == len(top) == len(tokens) > 0
         assert lp == pytest.approx(ref_lp, abs=1e-5)  # fp32; identical unless batches differ
         assert [[i for i, _ in t] for t in top] == [[i for i, _ in t] for t in ref_top]
     assert engine.num_overlapped_steps > 5

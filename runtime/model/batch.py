@@ -34,7 +34,7 @@ class ForwardBatch:
     # Prefill attention's query tiles (a CUDA graph's static table; None: the kernel's own grid)
     attn_tiles: torch.Tensor | None = None
     q_lens: tuple[int, ...] = ()  # [B] query tokens of each sequence, on the host
-    # A zero-copy decode step (LORASERVE_DECODE_ZERO_COPY, runtime/runner.py): the rows above
+    # A zero-copy decode step (runtime/runner.py, _zero_copy_step): the rows above
     # are views of the staging ring's pinned host buffer (slot staging_slot), which only the
     # decode graph's input kernel reads; row i's token is pending_tokens[pending_src[i]] where
     # that is >= 0 (the step in flight is still sampling it)
