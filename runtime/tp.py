@@ -804,6 +804,9 @@ class TPModelRunner(ModelRunner):
             raise ValueError("LORASERVE_DECODE_ZERO_COPY=1 is not supported with tp_size > 1: "
                              "each step's plan is broadcast from its device tensors")
         self.zero_copy = False  # by default: decode steps stage and copy their rows
+        # rank 0's results go back on its compute stream, the path the two-GPU tests ran
+        # (the readback stream has not run under tensor parallelism)
+        self.readback = False
         self.driver = driver
 
     def enable_cuda_graphs(

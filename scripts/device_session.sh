@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s51d   (one GPU) the readback test, more graph and parity tests at
+#                                    the new defaults, the loop profiled, base steps; ~6 min
 #   scripts/device_session.sh s51c   (one GPU) zero-copy decode steps and the readback stream by
 #                                    default: their GPU tests, base steps with both and
 #                                    without, alternating; ~6 min
@@ -513,6 +515,24 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s51d)  # one GPU: the readback test with the first engine's memory released (s51c: the second
+    # engine found no room for its KV cache), more graph-against-eager and parity tests at the
+    # new defaults; batch 32's loop profiled at them; base steps by default and with both off
+    old="LORASERVE_DECODE_ZERO_COPY=0 LORASERVE_READBACK_STREAM=0"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+      tests/test_overlap.py tests/test_engine_gpu.py tests/test_graphs_gpu.py \
+      -k "readback_stream or (hf_on_cuda and (mistral or qwen2) and fp32) \
+          or graphs_with_decode_gemv_match or graphs_with_qkv_split_match \
+          or graphs_without_layer_pdl_match or graphs_with_gate_up_gemm_match" \
+      > "$OUT/defaults_tests2.log" 2>&1
+    echo "== default tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/defaults_tests2.log" | tail -8
+    grep -q "^FAILED\|^ERROR" "$OUT/defaults_tests2.log" && sed -n "/= FAILURES =/,/short test summary/p" "$OUT/defaults_tests2.log" | tail -40
+    timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \
+      --out "$OUT/loop_prof_51d.json" > /tmp/loop_prof.log 2>&1
+    echo "== step_bench --profile-loop: rc $?"
+    sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -24
+    base_each 500 51d NONE=1 "$old" NONE=2 "$old"
+    ;;
   s51c)  # one GPU: zero-copy decode steps and the readback stream by default (s51b: batch 32's
     # loop 4.572-4.605 with them against 4.599-4.621 without): the readback test (failed in
     # s51b, its log lost to the phase's time limit) first, then the input kernel's, parity's,

@@ -156,13 +156,15 @@ def test_zero_copy_steps_keep_greedy_tokens(tmp_path, monkeypatch) -> None:
 def test_zero_copy_is_refused_with_tensor_parallelism(monkeypatch) -> None:
     """LORASERVE_DECODE_ZERO_COPY=1 with tp_size > 1 is an error naming the setting (rank 0
     broadcasts each step's plan from its device tensors); by default a tensor-parallel runner
-    stages and copies, while a single-GPU one takes zero-copy steps."""
+    stages and copies (and reads its results back on the compute stream), while a single-GPU
+    one takes zero-copy steps."""
     from runtime import tp
     from runtime.runner import ModelRunner
 
     monkeypatch.delenv("LORASERVE_DECODE_ZERO_COPY", raising=False)
     assert ModelRunner(None, None, 16, None, torch.device("cpu")).zero_copy
-    assert not tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None).zero_copy
+    tp_runner = tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None)
+    assert not tp_runner.zero_copy and not tp_runner.readback
     monkeypatch.setenv("LORASERVE_DECODE_ZERO_COPY", "1")
     with pytest.raises(ValueError, match="LORASERVE_DECODE_ZERO_COPY"):
         tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None)

@@ -1,9 +1,11 @@
 """The overlapped loop: step N+1 is scheduled, prepared and launched before step N's tokens are
-on the host, and the result is exactly what one-step-at-a-time gives. CPU, float32."""
+on the host, and the result is exactly what one-step-at-a-time gives. CPU, float32 (and on
+CUDA, the results' copies on the readback stream)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -213,8 +215,9 @@ def test_results_come_back_on_the_readback_stream(llama, monkeypatch):
     params[2] = SamplingParams(max_new_tokens=15, temperature=0.8, top_k=20, seed=3)
     cfg = {"device": "cuda", "mem_fraction_static": 0.05}
     monkeypatch.setenv("LORASERVE_READBACK_STREAM", "0")
-    on_compute = make_engine(llama, **cfg)
-    ref = run(run_scored(on_compute, ps, params))
+    ref = run(run_scored(make_engine(llama, **cfg), ps, params))
+    gc.collect()  # that engine's KV cache, before this one sizes its own
+    torch.cuda.empty_cache()
     monkeypatch.delenv("LORASERVE_READBACK_STREAM")
     engine = make_engine(llama, **cfg)
     runner = engine.runner
