@@ -27,7 +27,7 @@ from runtime.model.llama import CausalLM
 from runtime.request import PENDING_TOKEN, Request, SamplingParams
 from runtime.sampler import Sampler, SamplerOutput
 from runtime.scheduler import ScheduledBatch
-from runtime.staging import StagingRing
+from runtime.staging import ResultRing, StagingRing
 from runtime.streams import Event, Streams
 
 
@@ -147,6 +147,10 @@ class ModelRunner:
         # A step's results go to the host on the readback stream (see _read_back); 0 puts the
         # copies on the compute stream, behind the sampler and ahead of the next step
         self.readback = env_flag("LORASERVE_READBACK_STREAM", True)
+        # Opt-in: a kernel on the compute stream writes the results into pinned host memory
+        # (_write_back), no copy at all; it takes precedence over the readback stream
+        self.readback_kernel = env_flag("LORASERVE_READBACK_KERNEL", False)
+        self.results = ResultRing(device) if self.readback_kernel else None
         # Eager steps that prefill are padded to a multiple of token_grid tokens (0: not
         # padded) above graph_tokens (what the prefill graphs take) up to grid_max (the
         # prefill budget, itself a size): see enable_token_grid.
@@ -508,6 +512,9 @@ class ModelRunner:
         step on the H200, benchmarks/RESULTS.md fortieth session). The event still follows all
         of the step's compute work. The results' device memory, the compute stream's, is marked
         in use by the readback stream until the copies finish."""
+        if self.results is not None:
+            self._write_back(dev, step)
+            return
         rb = self.streams.readback if self.readback else None
         if rb is None:
             step.host = {k: self._to_host(v) for k, v in dev.items()}
@@ -535,6 +542,28 @@ class ModelRunner:
         k = max(step.prompt_top_n)
         if k > 0:
             dev["prompt_top_values"], dev["prompt_top_ids"] = lp.topk(k, dim=-1)
+
+    def _write_back(self, dev: dict[str, torch.Tensor], step: InFlightStep) -> None:
+        """LORASERVE_READBACK_KERNEL=1: the results `dev` written into a slot of the result
+        ring's pinned host memory by one kernel each on the compute stream
+        (ops/triton_host_write.py), `step.event` recorded after them there: the step uses no
+        copy engine and no second stream. Its host views hold until the ring's depth of later
+        steps have taken slots. CPU tensors are copied into the slot (use_triton: the kernel
+        under the interpreter), so the ring's slots serve CPU runs the same way."""
+        from ops.dispatch import use_triton
+        from ops.triton_host_write import write_to_host
+
+        assert self.results is not None
+        values = [v.contiguous() for v in dev.values()]
+        slot, host = self.results.take(values)
+        for v, h in zip(values, host, strict=True):
+            if use_triton(v):
+                write_to_host(v, h)
+            else:
+                h.copy_(v)
+        self.results.record_use(slot)
+        step.host = dict(zip(dev, host, strict=True))
+        step.event.record(self.streams.compute)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy of `t`: pinned and non-blocking on CUDA (valid once the step's event

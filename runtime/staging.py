@@ -128,3 +128,52 @@ class StagingRing:
             event = self._events[slot] or Event(self.device)
             event.record()
             self._events[slot] = event
+
+
+class ResultRing:
+    """Pinned host buffers that kernels write a step's results into (ops/triton_host_write.py),
+    in `depth` slots: a slot is handed out again only after the event recorded behind its last
+    writes has completed, so a step's host views stay valid until `depth` later steps have
+    taken slots (the engine reads a step's results before it launches the one after next).
+    Owned here rather than taken from torch's pinned allocator, which does not know that a
+    kernel writes its blocks and could hand one out again while a write is in flight."""
+
+    def __init__(self, device: torch.device, depth: int = 4, capacity: int = 1 << 12) -> None:
+        assert depth >= 3, "a step's results are read after the next step has taken a slot"
+        self._pin = device.type == "cuda"
+        self.device = device
+        self.depth = depth
+        self._host = [self._new(capacity) for _ in range(depth)]
+        self._events: list[Event | None] = [None] * depth
+        self._next = 0
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+
+    def take(self, like: Sequence[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+        """The next slot and, carved from it, one host tensor of each tensor's shape and dtype
+        (each at an ALIGN-byte offset). The caller enqueues the writes into them, then
+        `record_use(slot)`."""
+        k = self._next
+        self._next = (k + 1) % self.depth
+        if self._events[k] is not None:
+            self._events[k].synchronize()  # its step's results have long been read in practice
+        offsets, end = [], 0
+        for t in like:
+            offsets.append(end)
+            end += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        if end > self._host[k].numel():
+            self._host[k] = self._new(1 << max(end - 1, 1).bit_length())
+        buf = self._host[k]
+        out = [buf[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+               for t, at in zip(like, offsets, strict=True)]
+        return k, out
+
+    def record_use(self, slot: int) -> None:
+        """Mark `slot` written by the work enqueued so far on the current stream (a no-op off
+        CUDA)."""
+        if self._pin:
+            event = self._events[slot] or Event(self.device)
+            event.record()
+            self._events[slot] = event

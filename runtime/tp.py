@@ -807,6 +807,9 @@ class TPModelRunner(ModelRunner):
         # rank 0's results go back on its compute stream, the path the two-GPU tests ran
         # (the readback stream has not run under tensor parallelism)
         self.readback = False
+        if self.results is not None:
+            raise ValueError("LORASERVE_READBACK_KERNEL=1 is not supported with tp_size > 1: "
+                             "rank 0 copies its results on its compute stream")
         self.driver = driver
 
     def enable_cuda_graphs(
