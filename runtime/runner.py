@@ -484,6 +484,8 @@ class ModelRunner:
                 logits = self.graphs.replay(fb)  # [B, vocab] in the model's dtype
                 if fb.host_staged:  # its input kernel, which reads the ring's slot, is enqueued
                     self.staging.record_use(fb.staging_slot)
+            elif fb.host_staged:  # its rows are in host memory, which no other path reads
+                raise RuntimeError("a zero-copy decode step that the decode graphs cannot run")
             elif bucket is not None:
                 logits = self.mixed_graphs.replay(fb, bucket)
             else:

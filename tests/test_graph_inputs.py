@@ -153,6 +153,20 @@ def test_zero_copy_steps_keep_greedy_tokens(tmp_path, monkeypatch) -> None:
     assert {bs for bs, _ in staged} >= {9, 8}  # bucket 16 padded; smaller batches too
 
 
+def test_a_zero_copy_step_never_runs_eagerly(tmp_path) -> None:
+    """A step whose rows are in host memory that the decode graphs cannot run is an error, not
+    an eager forward over host tensors."""
+    from runtime.scheduler import ScheduledBatch
+
+    engine = make_engine(make_model(tmp_path / "m"), max_running_requests=4)
+    graphs = with_model_graphs(engine, 8)
+    graphs.max_bs = 1  # a batch of 2 no longer fits
+    fb = fb_of(staged_rows(2, 3, torch.device("cpu")), host_staged=True,
+               pending_src=torch.full((2,), -1))
+    with pytest.raises(RuntimeError, match="zero-copy"):
+        engine.runner.launch(ScheduledBatch([], []), fb)
+
+
 def test_zero_copy_is_refused_with_tensor_parallelism(monkeypatch) -> None:
     """LORASERVE_DECODE_ZERO_COPY=1 with tp_size > 1 is an error naming the setting (rank 0
     broadcasts each step's plan from its device tensors); by default a tensor-parallel runner
