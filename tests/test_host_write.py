@@ -6,17 +6,19 @@ kernel runs under the Triton interpreter; on CUDA it writes pinned host memory."
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
 from ops.triton_host_write import write_to_host
-from runtime.request import SamplingParams
 from runtime.staging import ALIGN, ResultRing
-from tests.engine_utils import greedy, make_engine, run
-from tests.models import make_model, prompts, read_vocab
-from tests.test_overlap import run_scored
+from tests.engine_utils import make_engine, run
+from tests.models import make_model
+from tests.test_overlap import (
+    assert_same_scores,
+    run_scored,
+    scored_case,
+    scored_with_copies_on_compute,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PIN = DEVICE.type == "cuda"
@@ -79,13 +81,6 @@ def llama(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("llama"), "llama", layers=3)
 
 
-def scored_case(llama):
-    ps = prompts(6, read_vocab(llama), seed=13, lo=5, hi=40)
-    params = [greedy(n) for n in (20, 7, 15, 1, 12, 20)]
-    params[2] = SamplingParams(max_new_tokens=15, temperature=0.8, top_k=20, seed=3)
-    return ps, params
-
-
 def test_loop_with_results_written_by_kernel(llama, monkeypatch) -> None:
     """The overlapped loop (CPU: results copied into the ring's slots) gives what one step at a
     time with copies gives: tokens, log-probs and top candidates; no step copies through
@@ -111,10 +106,7 @@ def test_results_written_by_kernel_on_cuda(llama, monkeypatch) -> None:
     host memory on the compute stream."""
     ps, params = scored_case(llama)
     cfg = {"device": "cuda", "mem_fraction_static": 0.05}
-    monkeypatch.setenv("LORASERVE_READBACK_STREAM", "0")
-    ref = run(run_scored(make_engine(llama, **cfg), ps, params))
-    gc.collect()  # that engine's KV cache, before this one sizes its own
-    torch.cuda.empty_cache()
+    ref = scored_with_copies_on_compute(llama, ps, params, cfg, monkeypatch)
     monkeypatch.setenv("LORASERVE_READBACK_KERNEL", "1")
     engine = make_engine(llama, **cfg)
     runner = engine.runner
@@ -123,12 +115,7 @@ def test_results_written_by_kernel_on_cuda(llama, monkeypatch) -> None:
     write_back = runner._write_back
     monkeypatch.setattr(runner, "_write_back", lambda dev, step: streams.append(
         torch.cuda.current_stream()) or write_back(dev, step))
-    out = run(run_scored(engine, ps, params))
-    assert [o[0] for o in out] == [r[0] for r in ref]
-    for (tokens, lp, top), (_, ref_lp, ref_top) in zip(out, ref):
-        assert len(lp) == len(top) == len(tokens) > 0
-        assert lp == pytest.approx(ref_lp, abs=1e-5)  # fp32; identical unless batches differ
-        assert [[i for i, _ in t] for t in top] == [[i for i, _ in t] for t in ref_top]
+    assert_same_scores(run(run_scored(engine, ps, params)), ref)
     assert engine.num_overlapped_steps > 5
     assert streams and all(s == runner.streams.compute for s in streams)
     assert all(h.is_pinned() for h in runner.results._host)

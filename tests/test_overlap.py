@@ -203,34 +203,51 @@ async def run_scored(engine, ps, params) -> list[tuple[list[int], list[float], l
         await engine.stop()
 
 
+def scored_case(llama) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Six prompts, greedy but for one seeded top-k sample, one of a single token."""
+    ps = prompts(6, read_vocab(llama), seed=13, lo=5, hi=40)
+    params = [greedy(n) for n in (20, 7, 15, 1, 12, 20)]
+    params[2] = SamplingParams(max_new_tokens=15, temperature=0.8, top_k=20, seed=3)
+    return ps, params
+
+
+def scored_with_copies_on_compute(llama, ps, params, cfg, monkeypatch) -> list:
+    """run_scored on a CUDA engine copying its results on the compute stream; its memory
+    released before the caller's engine sizes its KV cache."""
+    monkeypatch.setenv("LORASERVE_READBACK_STREAM", "0")
+    ref = run(run_scored(make_engine(llama, **cfg), ps, params))
+    gc.collect()
+    torch.cuda.empty_cache()
+    monkeypatch.delenv("LORASERVE_READBACK_STREAM")
+    return ref
+
+
+def assert_same_scores(out: list, ref: list) -> None:
+    """The same tokens and top candidates; log-probs within fp32 noise (identical unless the
+    two runs batched differently)."""
+    assert [o[0] for o in out] == [r[0] for r in ref]
+    for (tokens, lp, top), (_, ref_lp, ref_top) in zip(out, ref):
+        assert len(lp) == len(top) == len(tokens) > 0
+        assert lp == pytest.approx(ref_lp, abs=1e-5)
+        assert [[i for i, _ in t] for t in top] == [[i for i, _ in t] for t in ref_top]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
 def test_results_come_back_on_the_readback_stream(llama, monkeypatch):
     """On CUDA a step's results are copied to the host on the readback stream, after the
     compute stream has sampled them, and the overlapped loop's tokens, log-probs and top
     candidates are those of copies on the compute stream (LORASERVE_READBACK_STREAM=0)."""
-    vocab = read_vocab(llama)
-    ps = prompts(6, vocab, seed=13, lo=5, hi=40)
-    params = [greedy(n) for n in (20, 7, 15, 1, 12, 20)]
-    params[2] = SamplingParams(max_new_tokens=15, temperature=0.8, top_k=20, seed=3)
+    ps, params = scored_case(llama)
     cfg = {"device": "cuda", "mem_fraction_static": 0.05}
-    monkeypatch.setenv("LORASERVE_READBACK_STREAM", "0")
-    ref = run(run_scored(make_engine(llama, **cfg), ps, params))
-    gc.collect()  # that engine's KV cache, before this one sizes its own
-    torch.cuda.empty_cache()
-    monkeypatch.delenv("LORASERVE_READBACK_STREAM")
+    ref = scored_with_copies_on_compute(llama, ps, params, cfg, monkeypatch)
     engine = make_engine(llama, **cfg)
     runner = engine.runner
     streams = []
     to_host = runner._to_host
     monkeypatch.setattr(runner, "_to_host",
                         lambda t: streams.append(torch.cuda.current_stream()) or to_host(t))
-    out = run(run_scored(engine, ps, params))
-    assert [o[0] for o in out] == [r[0] for r in ref]
-    for (tokens, lp, top), (_, ref_lp, ref_top) in zip(out, ref):
-        assert len(lp) == len(top) == len(tokens) > 0
-        assert lp == pytest.approx(ref_lp, abs=1e-5)  # fp32; identical unless batches differ
-        assert [[i for i, _ in t] for t in top] == [[i for i, _ in t] for t in ref_top]
+    assert_same_scores(run(run_scored(engine, ps, params)), ref)
     assert engine.num_overlapped_steps > 5
     assert streams and all(s == runner.streams.readback for s in streams)
     assert runner.streams.readback not in (runner.streams.compute, runner.streams.copy)
