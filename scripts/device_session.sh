@@ -122,8 +122,9 @@
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
 #   scripts/device_session.sh s52a   (one GPU, prepared for the next session) results written
-#                                    to pinned host memory by a kernel: its tests on CUDA, base
-#                                    steps with it and by default, the loop profiled; ~8 min
+#                                    to pinned host memory by a kernel: its tests on CUDA, the
+#                                    graph start alone (graph_gap), base steps with it and by
+#                                    default, the loop profiled; ~9 min
 #   scripts/device_session.sh s51d   (one GPU) the readback test, more graph and parity tests at
 #                                    the new defaults, the loop profiled, base steps; ~6 min
 #   scripts/device_session.sh s51c   (one GPU) zero-copy decode steps and the readback stream by
@@ -523,11 +524,14 @@ case "${1:-}" in
     # second stream in the step (s51b/s51d: with the readback stream the graph's start came
     # 21-45 us after the input kernel in about half the steps, 12 us with the copy on the
     # compute stream): its tests on CUDA (pinned buffers, the loop's tokens and log-probs
-    # against copies), base steps with it and by default alternating, the loop profiled with it
+    # against copies); a graph's start after the kernel ahead of it alone, by graph size and
+    # what runs beside it (benchmarks/graph_gap.py); base steps with it and by default
+    # alternating, the loop profiled with it
     rk="LORASERVE_READBACK_KERNEL=1"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_host_write.py \
       tests/test_overlap.py -k "test_host_write or readback_stream" > "$OUT/readback_kernel_tests.log" 2>&1
     echo "== readback kernel tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/readback_kernel_tests.log" | tail -8
+    timeout 90 python3 -m benchmarks.graph_gap --out "$OUT/graph_gap_52a.json" 2>&1 | tail -14
     base_each 480 52a NONE=1 "$rk" NONE=2 "$rk" NONE=3 "$rk"
     env $rk timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \
       --out "$OUT/loop_prof_rk_52a.json" > /tmp/loop_prof.log 2>&1

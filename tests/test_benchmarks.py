@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -587,6 +588,30 @@ def test_step_bench_gpu_gaps() -> None:
         {"after": "gemm", "before": "norm", "us_per_step": 2.0, "count": 2},
     ]
     assert gpu_gaps([], steps=3)["busy_us"] == 0.0
+
+
+def test_graph_gap_reads_each_graphs_start() -> None:
+    """graph_gap: the gap from each kernel ahead of a graph to the graph's first kernel, what
+    runs between them (a copy on another stream) and the graph's later kernels aside; a kernel
+    with no graph after it gives none; without a GPU the script says it needs one."""
+    from benchmarks import graph_gap
+    from benchmarks.graph_gap import NODE, PRED, graph_starts
+
+    timeline = [  # [stream, name, start, duration]
+        [7, PRED, 0.0, 2.0],
+        [9, "Memcpy DtoH (Device -> Pinned)", 3.0, 1.0],
+        [7, NODE, 14.0, 1.0],        # 12 us after the kernel ahead
+        [7, NODE, 15.5, 1.0],        # the graph's second kernel
+        [7, PRED, 20.0, 1.5],
+        [7, NODE, 42.5, 1.0],        # 21 us
+        [7, PRED, 50.0, 1.0],        # no graph after it
+    ]
+    assert graph_starts(timeline) == pytest.approx([12.0, 21.0])
+    assert graph_starts([]) == []
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a GPU"), \
+                mock.patch("sys.argv", ["graph_gap", "--quick"]):
+            graph_gap.main()
 
 
 def test_step_bench_profile_loop_runs_the_serving_loop(

@@ -122,6 +122,25 @@ def test_add_rmsnorm_over_splitk_partials_compiles_for_sm90(splits: int):
 
 
 @needs_backend
+@pytest.mark.parametrize("case", [
+    ["ops.triton_host_write", "_host_write_kernel", {"src": "*i32", "dst": "*i32"},
+     {"BLOCK": 64}],
+    ["ops.triton_host_write", "_host_write_kernel", {"src": "*u8", "dst": "*u8"},
+     {"BLOCK": 1024}],
+    ["ops.triton_graph_inputs", "_graph_inputs_kernel",
+     {**{n: "*i64" for n in ("ids_src", "pos_src", "slot_src", "pending_src", "prev_tokens",
+                             "ids_dst", "pos_dst", "slot_dst")},
+      **{n: "*i32" for n in ("kvl_src", "bt_src", "kvl_dst", "bt_dst")}}, {"BLOCK_W": 128}],
+    ["benchmarks.graph_gap", "_gap_pred_kernel", {"x": "*fp32", "host": "*fp32"},
+     {"WRITE_HOST": True, "BLOCK": 64}],
+], ids=["host_write_words", "host_write_bytes", "graph_inputs", "graph_gap_pred"])
+def test_step_edge_kernels_compile_for_sm90(case: list):
+    """The kernels at a decode step's edges: the results written into host memory (words and
+    bytes), the graph's inputs from host memory, graph_gap's kernel ahead of a graph."""
+    assert _compile(case)["cubin"] > 0
+
+
+@needs_backend
 @pytest.mark.parametrize(("block_n", "block_k", "rows", "even", "lora"),
                          [(4, 4096, 1, True, False), (1, 16384, 1, False, False),
                           (4, 4096, 8, True, False), (4, 4096, 1, True, True),
