@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ops.dispatch import use_triton
 from ops.lora import DECODE_CHUNK, lora_batch_info, lora_tables
 from ops.settings import env_flag
+from ops.triton_host_write import write_to_host
 from runtime.graphs import DecodeGraphs, MixedGraphs
 from runtime.kv_cache import BlockManager, KVCache
 from runtime.model.batch import ForwardBatch
@@ -149,8 +151,7 @@ class ModelRunner:
         self.readback = env_flag("LORASERVE_READBACK_STREAM", True)
         # Opt-in: a kernel on the compute stream writes the results into pinned host memory
         # (_write_back), no copy at all; it takes precedence over the readback stream
-        self.readback_kernel = env_flag("LORASERVE_READBACK_KERNEL", False)
-        self.results = ResultRing(device) if self.readback_kernel else None
+        self.results = ResultRing(device) if env_flag("LORASERVE_READBACK_KERNEL", False) else None
         # Eager steps that prefill are padded to a multiple of token_grid tokens (0: not
         # padded) above graph_tokens (what the prefill graphs take) up to grid_max (the
         # prefill budget, itself a size): see enable_token_grid.
@@ -518,18 +519,15 @@ class ModelRunner:
             self._write_back(dev, step)
             return
         rb = self.streams.readback if self.readback else None
-        if rb is None:
-            step.host = {k: self._to_host(v) for k, v in dev.items()}
-            step.event.record(self.streams.compute)
-            return
-        sampled = Event(self.device)
-        sampled.record(self.streams.compute)
-        sampled.wait(rb)
-        with self.streams.use(rb):
+        if rb is not None:
+            sampled = Event(self.device)
+            sampled.record(self.streams.compute)
+            sampled.wait(rb)
             for v in dev.values():
                 v.record_stream(rb)
+        with self.streams.use(rb):  # None (no readback stream): the compute stream, current
             step.host = {k: self._to_host(v) for k, v in dev.items()}
-        step.event.record(rb)
+        step.event.record(rb or self.streams.compute)
 
     def _score_prompt(
         self, logits: torch.Tensor, fb: ForwardBatch, requests: list[Request],
@@ -552,9 +550,6 @@ class ModelRunner:
         copy engine and no second stream. Its host views hold until the ring's depth of later
         steps have taken slots. CPU tensors are copied into the slot (use_triton: the kernel
         under the interpreter), so the ring's slots serve CPU runs the same way."""
-        from ops.dispatch import use_triton
-        from ops.triton_host_write import write_to_host
-
         assert self.results is not None
         values = [v.contiguous() for v in dev.values()]
         slot, host = self.results.take(values)

@@ -28,7 +28,36 @@ ALIGN = 16
 _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
 
 
-class StagingRing:
+class _Slots:
+    """`depth` buffer slots taken in turn, each with the event of the work that last used it:
+    a slot is taken again only once that work has run (a no-op off CUDA, where work is done by
+    the time it is enqueued)."""
+
+    def __init__(self, device: torch.device, depth: int) -> None:
+        self.device = device
+        self.depth = depth
+        self._pin = device.type == "cuda"
+        self._events: list[Event | None] = [None] * depth
+        self._next = 0
+
+    def _take_slot(self) -> int:
+        """The next slot, once the work that last used it has run (long done in practice)."""
+        k = self._next
+        self._next = (k + 1) % self.depth
+        if self._events[k] is not None:
+            self._events[k].synchronize()
+        return k
+
+    def record_use(self, slot: int) -> None:
+        """Mark `slot` in use by the work enqueued so far on the current stream: it is taken
+        again only after that work has run (a no-op off CUDA)."""
+        if self._pin:
+            event = self._events[slot] or Event(self.device)
+            event.record()
+            self._events[slot] = event
+
+
+class StagingRing(_Slots):
     """One host-to-device copy a step for all of its integer inputs.
 
     device: where the views live (on CPU the "copy" is a memcpy into a separate buffer, so the
@@ -38,17 +67,13 @@ class StagingRing:
 
     def __init__(self, device: torch.device, depth: int = 4, capacity: int = 1 << 16) -> None:
         assert depth >= 2, "a step's buffers must outlive the next step's writes"
-        self.device = device
-        self.depth = depth
-        self._pin = device.type == "cuda"
+        super().__init__(device, depth)
         self._host: list[torch.Tensor] = []
         self._dev: list[torch.Tensor] = []
-        self._events: list[Event | None] = [None] * depth
         for _ in range(depth):
             host, dev = self._new_slot(capacity)
             self._host.append(host)
             self._dev.append(dev)
-        self._next = 0
         self.last_slot = 0  # the slot the latest stage() wrote
         self.copies = 0  # host-to-device copies issued (tests count them)
 
@@ -90,10 +115,7 @@ class StagingRing:
             regions.append((dtype, end, sizes, members))
             end += sum(sizes) * np_dtype.itemsize
         assert sum(len(r[3]) for r in regions) == len(arrays), "fields must be int32 or int64"
-        k = self._next
-        self._next = (k + 1) % self.depth
-        if self._events[k] is not None:
-            self._events[k].synchronize()  # its last copy has long been done in practice
+        k = self._take_slot()
         if end > self._host[k].numel():
             size = 1 << max(end - 1, 1).bit_length()
             self._host[k], self._dev[k] = self._new_slot(size)
@@ -121,16 +143,8 @@ class StagingRing:
                 out[i] = part if arrays[i].ndim == 1 else part.view(arrays[i].shape)
         return out
 
-    def record_use(self, slot: int) -> None:
-        """Mark `slot` in use by the work enqueued so far on the current stream: its host
-        buffer is written again only after that work has run (a no-op off CUDA)."""
-        if self._pin:
-            event = self._events[slot] or Event(self.device)
-            event.record()
-            self._events[slot] = event
 
-
-class ResultRing:
+class ResultRing(_Slots):
     """Pinned host buffers that kernels write a step's results into (ops/triton_host_write.py),
     in `depth` slots: a slot is handed out again only after the event recorded behind its last
     writes has completed, so a step's host views stay valid until `depth` later steps have
@@ -140,12 +154,8 @@ class ResultRing:
 
     def __init__(self, device: torch.device, depth: int = 4, capacity: int = 1 << 12) -> None:
         assert depth >= 3, "a step's results are read after the next step has taken a slot"
-        self._pin = device.type == "cuda"
-        self.device = device
-        self.depth = depth
+        super().__init__(device, depth)
         self._host = [self._new(capacity) for _ in range(depth)]
-        self._events: list[Event | None] = [None] * depth
-        self._next = 0
 
     def _new(self, nbytes: int) -> torch.Tensor:
         with torch.inference_mode(False):
@@ -155,10 +165,7 @@ class ResultRing:
         """The next slot and, carved from it, one host tensor of each tensor's shape and dtype
         (each at an ALIGN-byte offset). The caller enqueues the writes into them, then
         `record_use(slot)`."""
-        k = self._next
-        self._next = (k + 1) % self.depth
-        if self._events[k] is not None:
-            self._events[k].synchronize()  # its step's results have long been read in practice
+        k = self._take_slot()
         offsets, end = [], 0
         for t in like:
             offsets.append(end)
@@ -169,11 +176,3 @@ class ResultRing:
         out = [buf[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                for t, at in zip(like, offsets, strict=True)]
         return k, out
-
-    def record_use(self, slot: int) -> None:
-        """Mark `slot` written by the work enqueued so far on the current stream (a no-op off
-        CUDA)."""
-        if self._pin:
-            event = self._events[slot] or Event(self.device)
-            event.record()
-            self._events[slot] = event

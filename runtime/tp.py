@@ -800,7 +800,7 @@ class TPModelRunner(ModelRunner):
 
     def __init__(self, *args: Any, driver: TPDriver, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        if os.environ.get("LORASERVE_DECODE_ZERO_COPY", "").strip() == "1":
+        if env_flag("LORASERVE_DECODE_ZERO_COPY", False):  # set to 1, not the default
             raise ValueError("LORASERVE_DECODE_ZERO_COPY=1 is not supported with tp_size > 1: "
                              "each step's plan is broadcast from its device tensors")
         self.zero_copy = False  # by default: decode steps stage and copy their rows
