@@ -146,12 +146,12 @@ class ModelRunner:
         # Base-only decode steps a decode graph runs leave their rows in pinned host memory,
         # read by the graph's input kernel (see _zero_copy_step; 0 stages and copies them)
         self.zero_copy = env_flag("LORASERVE_DECODE_ZERO_COPY", True)
-        # A step's results go to the host on the readback stream (see _read_back); 0 puts the
-        # copies on the compute stream, behind the sampler and ahead of the next step
+        # A kernel on the compute stream writes a step's results into pinned host memory
+        # (_write_back), no copy at all; LORASERVE_READBACK_KERNEL=0 copies them instead
+        self.results = ResultRing(device) if env_flag("LORASERVE_READBACK_KERNEL", True) else None
+        # Copies (kernel readback off) run on the readback stream (see _read_back); 0 puts
+        # them on the compute stream, behind the sampler and ahead of the next step
         self.readback = env_flag("LORASERVE_READBACK_STREAM", True)
-        # Opt-in: a kernel on the compute stream writes the results into pinned host memory
-        # (_write_back), no copy at all; it takes precedence over the readback stream
-        self.results = ResultRing(device) if env_flag("LORASERVE_READBACK_KERNEL", False) else None
         # Eager steps that prefill are padded to a multiple of token_grid tokens (0: not
         # padded) above graph_tokens (what the prefill graphs take) up to grid_max (the
         # prefill budget, itself a size): see enable_token_grid.
@@ -544,12 +544,16 @@ class ModelRunner:
             dev["prompt_top_values"], dev["prompt_top_ids"] = lp.topk(k, dim=-1)
 
     def _write_back(self, dev: dict[str, torch.Tensor], step: InFlightStep) -> None:
-        """LORASERVE_READBACK_KERNEL=1: the results `dev` written into a slot of the result
-        ring's pinned host memory by one kernel each on the compute stream
-        (ops/triton_host_write.py), `step.event` recorded after them there: the step uses no
-        copy engine and no second stream. Its host views hold until the ring's depth of later
-        steps have taken slots. CPU tensors are copied into the slot (use_triton: the kernel
-        under the interpreter), so the ring's slots serve CPU runs the same way."""
+        """The default (LORASERVE_READBACK_KERNEL=0: copies, _read_back): the results `dev`
+        written into a slot of the result ring's pinned host memory by one kernel each on the
+        compute stream (ops/triton_host_write.py), `step.event` recorded after them there: the
+        step uses no copy engine and no second stream (batch 32's step 0.003-0.041 ms shorter
+        than with the readback stream in three pairs of processes on the H200, and the next
+        graph's start 16 µs after its input kernel in every step, against 21-45 in about half
+        of them: benchmarks/RESULTS.md, forty-first session). Its host views hold until the
+        ring's depth of later steps have taken slots. CPU tensors are copied into the slot
+        (use_triton: the kernel under the interpreter), so the ring's slots serve CPU runs the
+        same way."""
         assert self.results is not None
         values = [v.contiguous() for v in dev.values()]
         slot, host = self.results.take(values)

@@ -1,8 +1,9 @@
 """Results written into host memory by a kernel (ops/triton_host_write.py, the result ring in
-runtime/staging.py, LORASERVE_READBACK_KERNEL=1): the kernel writes what a copy writes for
-every result dtype; the ring's views hold a step's results until its depth of later steps;
-the overlapped loop's tokens, log-probs and top candidates are those of copies. On the CPU the
-kernel runs under the Triton interpreter; on CUDA it writes pinned host memory."""
+runtime/staging.py; the default, LORASERVE_READBACK_KERNEL=0 copies): the kernel writes what a
+copy writes for every result dtype; the ring's views hold a step's results until its depth of
+later steps; the overlapped loop's tokens, log-probs and top candidates are those of copies.
+On the CPU the kernel runs under the Triton interpreter; on CUDA it writes pinned host
+memory."""
 
 from __future__ import annotations
 
@@ -84,10 +85,14 @@ def llama(tmp_path_factory):
 def test_loop_with_results_written_by_kernel(llama, monkeypatch) -> None:
     """The overlapped loop (CPU: results copied into the ring's slots) gives what one step at a
     time with copies gives: tokens, log-probs and top candidates; no step copies through
-    _to_host."""
+    _to_host. The kernel readback is the default."""
     ps, params = scored_case(llama)
-    ref = run(run_scored(make_engine(llama, disable_overlap_schedule=True), ps, params))
-    monkeypatch.setenv("LORASERVE_READBACK_KERNEL", "1")
+    with monkeypatch.context() as m:
+        m.setenv("LORASERVE_READBACK_KERNEL", "0")
+        ref_engine = make_engine(llama, disable_overlap_schedule=True)
+        assert ref_engine.runner.results is None
+        ref = run(run_scored(ref_engine, ps, params))
+    monkeypatch.delenv("LORASERVE_READBACK_KERNEL", raising=False)
     engine = make_engine(llama)
     monkeypatch.setattr(engine.runner, "_to_host", lambda t: pytest.fail("copied"))
     written = []
@@ -101,13 +106,13 @@ def test_loop_with_results_written_by_kernel(llama, monkeypatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
 def test_results_written_by_kernel_on_cuda(llama, monkeypatch) -> None:
-    """On the device: with LORASERVE_READBACK_KERNEL=1 the overlapped loop's tokens, log-probs
-    and top candidates are those of copies on the compute stream, the kernel writing pinned
-    host memory on the compute stream."""
+    """On the device, by default: the overlapped loop's tokens, log-probs and top candidates
+    are those of copies on the compute stream, the kernel writing pinned host memory on the
+    compute stream."""
     ps, params = scored_case(llama)
     cfg = {"device": "cuda", "mem_fraction_static": 0.05}
     ref = scored_with_copies_on_compute(llama, ps, params, cfg, monkeypatch)
-    monkeypatch.setenv("LORASERVE_READBACK_KERNEL", "1")
+    monkeypatch.delenv("LORASERVE_READBACK_KERNEL", raising=False)
     engine = make_engine(llama, **cfg)
     runner = engine.runner
     monkeypatch.setattr(runner, "_to_host", lambda t: pytest.fail("copied"))
@@ -122,8 +127,15 @@ def test_results_written_by_kernel_on_cuda(llama, monkeypatch) -> None:
 
 
 def test_kernel_readback_is_refused_with_tensor_parallelism(monkeypatch) -> None:
+    """A single-GPU runner writes its results by kernel by default; a tensor-parallel one
+    copies them, and refuses an explicit LORASERVE_READBACK_KERNEL=1 naming it."""
     from runtime import tp
+    from runtime.runner import ModelRunner
 
+    monkeypatch.delenv("LORASERVE_READBACK_KERNEL", raising=False)
+    assert ModelRunner(None, None, 16, None, torch.device("cpu")).results is not None
+    tp_runner = tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None)
+    assert tp_runner.results is None
     monkeypatch.setenv("LORASERVE_READBACK_KERNEL", "1")
     with pytest.raises(ValueError, match="LORASERVE_READBACK_KERNEL"):
         tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None)

@@ -1,6 +1,6 @@
 """The overlapped loop: step N+1 is scheduled, prepared and launched before step N's tokens are
 on the host, and the result is exactly what one-step-at-a-time gives. CPU, float32 (and on
-CUDA, the results' copies on the readback stream)."""
+CUDA, the results' copies on the readback stream when the kernel readback is off)."""
 
 from __future__ import annotations
 
@@ -212,13 +212,15 @@ def scored_case(llama) -> tuple[list[list[int]], list[SamplingParams]]:
 
 
 def scored_with_copies_on_compute(llama, ps, params, cfg, monkeypatch) -> list:
-    """run_scored on a CUDA engine copying its results on the compute stream; its memory
-    released before the caller's engine sizes its KV cache."""
-    monkeypatch.setenv("LORASERVE_READBACK_STREAM", "0")
-    ref = run(run_scored(make_engine(llama, **cfg), ps, params))
+    """run_scored on a CUDA engine copying its results on the compute stream (no kernel
+    readback, no readback stream); its memory released before the caller's engine sizes its KV
+    cache. The caller's settings of both switches are left as they were."""
+    with monkeypatch.context() as m:
+        m.setenv("LORASERVE_READBACK_KERNEL", "0")
+        m.setenv("LORASERVE_READBACK_STREAM", "0")
+        ref = run(run_scored(make_engine(llama, **cfg), ps, params))
     gc.collect()
     torch.cuda.empty_cache()
-    monkeypatch.delenv("LORASERVE_READBACK_STREAM")
     return ref
 
 
@@ -235,12 +237,14 @@ def assert_same_scores(out: list, ref: list) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
 def test_results_come_back_on_the_readback_stream(llama, monkeypatch):
-    """On CUDA a step's results are copied to the host on the readback stream, after the
-    compute stream has sampled them, and the overlapped loop's tokens, log-probs and top
-    candidates are those of copies on the compute stream (LORASERVE_READBACK_STREAM=0)."""
+    """On CUDA with the kernel readback off (LORASERVE_READBACK_KERNEL=0) a step's results are
+    copied to the host on the readback stream, after the compute stream has sampled them, and
+    the overlapped loop's tokens, log-probs and top candidates are those of copies on the
+    compute stream (LORASERVE_READBACK_STREAM=0)."""
     ps, params = scored_case(llama)
     cfg = {"device": "cuda", "mem_fraction_static": 0.05}
     ref = scored_with_copies_on_compute(llama, ps, params, cfg, monkeypatch)
+    monkeypatch.setenv("LORASERVE_READBACK_KERNEL", "0")
     engine = make_engine(llama, **cfg)
     runner = engine.runner
     streams = []
