@@ -9,6 +9,10 @@ matches them: norm (fp32, rounded, then scaled by the weight and rounded), and f
 round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) = cat(-x2, x1) for the
 half-split layout x = cat(x1, x2).
 
+The rotary rows are either given per token (cos, sin [T, D]) or gathered by the kernel from
+the whole tables by each token's position (positions [T]): a step then launches no gathers of
+its own ahead of the layers.
+
 Grid: (T, H + KVH). Program (t, h) rotates query head h, or for h >= H key head h - H, which it
 writes to the cache together with value head h - H.
 
@@ -73,6 +77,7 @@ def _rope_store_kv_kernel(
     v_ptr,
     cos_ptr,
     sin_ptr,
+    pos_ptr,
     slot_ptr,
     q_out_ptr,
     k_cache_ptr,
@@ -116,6 +121,7 @@ def _rope_store_kv_kernel(
     EVEN_R: tl.constexpr,
     USE_PDL: tl.constexpr,
     PARTS: tl.constexpr,  # split-K partials of q, k and v summed as they are loaded (1: none)
+    GATHER: tl.constexpr,  # cos and sin are whole tables, read at row positions[t] (else t)
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -123,15 +129,19 @@ def _rope_store_kv_kernel(
     live = offs < HALF
     q_size = num_heads * HEAD_DIM
     kv_size = (tl.num_programs(1) - num_heads) * HEAD_DIM
-    # Before the wait (PDL): what no kernel of the layers writes (the rotary rows, the row's
-    # adapter and cache slots, the adapter's B rows); after it, the projection's output and t.
+    # Before the wait (PDL): what no kernel of the layers writes (the positions and rotary
+    # rows, the row's adapter and cache slots, the adapter's B rows); after it, the
+    # projection's output and t.
     lora_slot = -1  # the row's adapter (a fold's delta); `slot` below is its cache slot
     if FOLD:
         lora_slot = tl.load(rslot_ptr + t)
-    cos1 = tl.load(cos_ptr + t * stride_cos + offs, mask=live, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + t * stride_cos + HALF + offs, mask=live, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + t * stride_sin + offs, mask=live, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + t * stride_sin + HALF + offs, mask=live, other=0.0).to(tl.float32)
+    row = t
+    if GATHER:
+        row = tl.load(pos_ptr + t).to(tl.int64)
+    cos1 = tl.load(cos_ptr + row * stride_cos + offs, mask=live, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + row * stride_cos + HALF + offs, mask=live, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + row * stride_sin + offs, mask=live, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + row * stride_sin + HALF + offs, mask=live, other=0.0).to(tl.float32)
     if head < num_heads:
         col = head * HEAD_DIM + offs
         if FOLD:
@@ -222,6 +232,7 @@ def rope_store_kv_triton(
     q_out: torch.Tensor | None = None,
     fold: LoraFold | None = None,
     pdl: bool | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of q and k (after per-head RMSNorm when norm weights are given), k and
     v written into the paged cache in place; returns the rotated q.
@@ -232,7 +243,9 @@ def rope_store_kv_triton(
     the partials [S, T, H*D + 2*KVH*D]), summed and rounded to cos's dtype as they are loaded
     (no fold then).
     cos, sin: [T, D] (rows contiguous, any row stride) in q's dtype (the output dtype with
-    partials), the rotary table rows of each token's position.
+    partials), the rotary table rows of each token's position; or, with `positions` ([T] int32
+    or int64, each below P), the whole tables [P, D], which the kernel reads at row
+    positions[t] for token t.
     k_cache, v_cache: [num_blocks, block_size, KVH, D], contiguous, same dtype.
     slot_mapping: [T] int64 or int32, block_id * block_size + offset; negative entries skip the
     cache write. q_norm_weight, k_norm_weight: [D] in the output dtype, both or neither; eps
@@ -249,7 +262,7 @@ def rope_store_kv_triton(
         q, k, v = q[0], k[0], v[0]
     out_dtype = cos.dtype if parts > 1 else q.dtype
     _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight,
-                  out_dtype)
+                  out_dtype, positions)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if q_out is None:
@@ -276,6 +289,7 @@ def rope_store_kv_triton(
         v,
         cos,
         sin,
+        positions if positions is not None else slot_mapping,
         slot_mapping,
         q_out,
         k_cache,
@@ -305,6 +319,7 @@ def rope_store_kv_triton(
         **consts,
         USE_PDL=pdl,
         PARTS=parts,
+        GATHER=positions is not None,
         launch_pdl=pdl,
         # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
         # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
@@ -340,6 +355,7 @@ def _check_inputs(
     q_norm_weight: torch.Tensor | None,
     k_norm_weight: torch.Tensor | None,
     out_dtype: torch.dtype,
+    positions: torch.Tensor | None = None,
 ) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"q must be [T, H, D], k and v [T, KVH, D], got {tuple(q.shape)}, "
@@ -353,10 +369,16 @@ def _check_inputs(
     if any(x.dtype != q.dtype for x in (k, v)) or any(x.dtype != out_dtype for x in (cos, sin)):
         raise ValueError("q, k, v, cos and sin must share one dtype (cos and sin the output's "
                          "with partials)")
+    rows = num_tokens if positions is None else cos.shape[0]
     for name, x in (("cos", cos), ("sin", sin)):
-        if x.shape != (num_tokens, head_dim) or x.stride(1) != 1:
-            raise ValueError(f"{name} must be [T={num_tokens}, D={head_dim}] with contiguous "
-                             f"rows, got {tuple(x.shape)}")
+        if x.shape != (rows, head_dim) or x.stride(1) != 1:
+            want = f"T={num_tokens}" if positions is None else "P (as cos)"
+            raise ValueError(f"{name} must be [{want}, D={head_dim}] with contiguous rows, got "
+                             f"{tuple(x.shape)}")
+    if positions is not None and (positions.shape != (num_tokens,)
+                                  or positions.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"positions must be [T={num_tokens}] int32/int64, got "
+                         f"{tuple(positions.shape)} {positions.dtype}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
         raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, KVH, D], "
                          f"one dtype, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -374,6 +396,7 @@ def _check_inputs(
         if w is not None and (w.shape != (head_dim,) or w.dtype != out_dtype
                               or not w.is_contiguous()):
             raise ValueError(f"q/k norm weights must be contiguous [D={head_dim}] in {out_dtype}")
-    tensors = [q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight]
+    tensors = [q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight,
+               positions]
     if len({x.device for x in tensors if x is not None}) != 1:
         raise ValueError("all tensors must be on one device")

@@ -217,6 +217,30 @@ def test_rope_store_kv_one_token_int32_slots():
     assert torch.equal(v_cache, ref_v)
 
 
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_store_kv_reads_the_tables_at_positions(pos_dtype, qk_norm):
+    """With positions the kernel reads the whole tables at each token's row: the same q, K and
+    V as the gathered rows give, bit for bit, over repeated and out-of-order positions."""
+    dtype = torch.float16
+    q, k, v, _, _, slots, (q_w, k_w), cache_shape = make_rope_case(
+        6, 4, 2, 16, dtype, qk_norm, 8, 4, DEVICE
+    )
+    cos_table, sin_table = rope_tables(torch.arange(50, device=DEVICE), 16, dtype)
+    positions = torch.tensor([49, 3, 3, 0, 17, 8], device=DEVICE)
+    caches = [torch.zeros(cache_shape, dtype=dtype, device=DEVICE) for _ in range(4)]
+    got = rope_store_kv_triton(q, k, v, cos_table, sin_table, caches[0], caches[1], slots, q_w,
+                               k_w, EPS, positions=positions.to(pos_dtype))
+    want = rope_store_kv_triton(q, k, v, cos_table[positions], sin_table[positions], caches[2],
+                                caches[3], slots, q_w, k_w, EPS)
+    assert torch.equal(got, want)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    ref = rope_store_reference(q, k, v, cos_table[positions], sin_table[positions],
+                               torch.zeros_like(caches[0]), torch.zeros_like(caches[1]), slots,
+                               q_w, k_w)
+    torch.testing.assert_close(got, ref, **tol(dtype))
+
+
 def test_rope_store_kv_checks_inputs():
     q, k, v, cos, sin, slots, (q_w, _), cache_shape = make_rope_case(
         3, 4, 2, 16, torch.float32, True, 2, 4, DEVICE
@@ -232,6 +256,13 @@ def test_rope_store_kv_checks_inputs():
         rope_store_kv_triton(q, k, v, cos, sin, kc[:, :, :1], vc[:, :, :1], slots)
     with pytest.raises(ValueError, match="one dtype"):
         rope_store_kv_triton(q, k, v, cos.half(), sin, kc, vc, slots)
+    positions = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="positions must be"):
+        rope_store_kv_triton(q, k, v, cos, sin, kc, vc, slots, positions=positions[:2])
+    with pytest.raises(ValueError, match="positions must be"):
+        rope_store_kv_triton(q, k, v, cos, sin, kc, vc, slots, positions=positions.float())
+    with pytest.raises(ValueError, match="sin must be"):
+        rope_store_kv_triton(q, k, v, cos, sin[:2], kc, vc, slots, positions=positions)
 
 
 @pytest.mark.parametrize("parts", [2, 3])

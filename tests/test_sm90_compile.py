@@ -223,14 +223,16 @@ _LAYER_CASES = {
     "rope": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
         **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
                                 "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")},
-        "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1}),
+        "slot_ptr": "*i64", "pos_ptr": "*i64", "eps": "fp32"},
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "PARTS": 1,
+         "GATHER": True}),
     "rope_parts": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
         **{n: "*bf16" for n in ("cos_ptr", "sin_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr",
                                 "q_norm_ptr", "k_norm_ptr")},
         **{n: "*fp32" for n in ("q_ptr", "k_ptr", "v_ptr")},
-        "slot_ptr": "*i64", "eps": "fp32"},
-        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": True, "PARTS": 2}),
+        "slot_ptr": "*i64", "pos_ptr": "*i64", "eps": "fp32"},
+        {"HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": True, "PARTS": 2,
+         "GATHER": True}),
     "norm": ("ops.triton_rmsnorm", "_rmsnorm_kernel", {
         "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
         "res_out_ptr": "*bf16", "eps": "fp32"},

@@ -34,7 +34,7 @@ from runtime.adapters.pool import (
     LoraPool,
 )
 from runtime.model.batch import ForwardBatch
-from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, apply_lora
+from runtime.model.llama import MLP, Attention, CausalLM, ModelArgs, RotaryRows, apply_lora
 
 
 @dataclass(frozen=True)
@@ -173,10 +173,9 @@ class ParallelCausalLM(CausalLM):
         outside = (local_ids < 0) | (local_ids >= self.args.vocab_size)
         h = self.embed_tokens(local_ids.masked_fill(outside, 0))  # [T, hidden] partial
         h = self.tp.all_reduce(h.masked_fill(outside[:, None], 0.0))
-        cos = self.rope_cos[fb.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.rope_sin[fb.positions].unsqueeze(1)
+        rope = RotaryRows(self.rope_cos, self.rope_sin, fb.positions)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None)
+            h = layer(h, rope, kv_k[i], kv_v[i], fb, pool.layers[i] if pool else None)
         h = self.norm(h[fb.logits_indices])  # [B, hidden]
         logits = self.lm_head(h)  # [B, vocab_l]
         if pool is not None and pool.lm_head is not None:
