@@ -121,7 +121,11 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
-#   scripts/device_session.sh s52a   (one GPU, prepared for the next session) results written
+#   scripts/device_session.sh s52b   (one GPU) the kernel readback by default, the rotary
+#                                    tables read at each position, no final gathers at decode:
+#                                    GPU tests, base steps against the tree before (.ab/prev)
+#                                    and with copies, alternating; the loop profiled; ~7 min
+#   scripts/device_session.sh s52a   (one GPU) results written
 #                                    to pinned host memory by a kernel: its tests on CUDA, the
 #                                    graph start alone (graph_gap), base steps with it and by
 #                                    default, the loop profiled; ~9 min
@@ -409,7 +413,7 @@ each_process() {  # each_process RUNNER PREFIX GUARD_S FIRST_S LATER_S SETTINGS.
   for knob in "$@"; do
     i=$((i + 1))
     if [ "$SECONDS" -gt "$guard" ]; then echo "== process $i: skipped, out of time"; break; fi
-    name="${prefix}_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=:' '__' | sed 's/LORASERVE_//g')"
+    name="${prefix}_${i}_$(echo "$knob" | cut -d' ' -f1 | tr '=:/' '___' | sed 's/LORASERVE_//g')"
     # shellcheck disable=SC2086  # the settings are separate words
     "$runner" "$name" $((i == 1 ? first : later)) $knob
     rm -f "$OUT/$name.log"
@@ -499,10 +503,12 @@ start_soak() {  # in its own session so it outlives this call; pytest and its pl
   sleep 20; echo "== soak started:"; tail -3 "$SOAK_LOG"
 }
 
-step_base() {  # step_base NAME LIMIT [VAR=VALUE...]: base decode at batches 1 and 32 alone
-  local name=$1 limit=$2; shift 2
-  env "$@" timeout "$limit" python3 -m benchmarks.step_bench --steps 10 \
-    --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+step_base() {  # step_base NAME LIMIT [SRC=DIR] [VAR=VALUE...]: base decode at batches 1 and 32
+  # alone; SRC=DIR runs the step bench of the tree in DIR (another commit's, as ab_tree writes)
+  local name=$1 limit=$2 src=.; shift 2
+  case "${1:-}" in SRC=*) src=${1#SRC=}; shift ;; esac
+  (cd "$src" && env "$@" timeout "$limit" python3 -m benchmarks.step_bench --steps 10 \
+    --out "$OUT/$name.json") > "$OUT/$name.log" 2>&1
   echo "== step_bench base $*: rc $?"
   grep -E "^(HBM|decode|  graph|serving loop|  loop host)" "$OUT/$name.log" | grep -v "overlap off"
   tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
@@ -519,6 +525,26 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s52b)  # one GPU: the kernel readback by default, the rotary kernel reading the tables at each
+    # position and the decode graph's final norm without gathers (no switch: the tree before
+    # that change, .ab/prev, runs beside it; make it with
+    # `mkdir -p .ab/prev && git archive 5f634c0 runtime ops benchmarks ':!benchmarks/results'
+    # | tar -x -C .ab/prev` and carry .ab): their GPU tests (the rotary kernel on CUDA, the
+    # kernel readback by default, HF parity, graphs against eager), base steps by default,
+    # from .ab/prev and with copies on the readback stream, alternating; the loop profiled
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_fused_ops.py \
+      tests/test_host_write.py tests/test_overlap.py tests/test_engine_gpu.py tests/test_graphs_gpu.py \
+      -k "rope or test_host_write or readback_stream or hf_on_cuda \
+          or (graphs_match_eager_fp32 and csgmv) or graphs_with_qkv_split_match" \
+      > "$OUT/tests_52b.log" 2>&1
+    echo "== tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_52b.log" | tail -10
+    rb="LORASERVE_READBACK_KERNEL=0"
+    base_each 420 52b NONE=1 SRC=.ab/prev "$rb" NONE=2 SRC=.ab/prev "$rb" NONE=3 SRC=.ab/prev "$rb"
+    timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \
+      --out "$OUT/loop_prof_52b.json" > /tmp/loop_prof.log 2>&1
+    echo "== step_bench --profile-loop: rc $?"
+    sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -24
+    ;;
   s52a)  # one GPU (prepared for the next session): results written into pinned host memory
     # by a kernel on the compute stream (LORASERVE_READBACK_KERNEL=1), no copy engine and no
     # second stream in the step (s51b/s51d: with the readback stream the graph's start came
