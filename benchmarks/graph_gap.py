@@ -13,9 +13,13 @@ graph's start after the kernel ahead of it. Cases by what runs beside it:
   the compute stream);
 - stream: that copy on a second stream after an event from the first (the readback stream);
 - host_write: the kernel stores 256 bytes into pinned host memory instead (results written by a
-  kernel, LORASERVE_READBACK_KERNEL=1).
+  kernel, the default).
 
-    python -m benchmarks.graph_gap --nodes 1 64 300 --out graph_gap.json
+With --pdl on (or both) the graph's kernels after its first launch with programmatic dependent
+launch, each waiting on the one before, as the decode graphs' layer kernels do (their first
+kernel, the embedding's gather, launches without).
+
+    python -m benchmarks.graph_gap --nodes 1 64 300 --pdl both --out graph_gap.json
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.step_bench import kernel_timeline
+from ops.pdl import wait_then_release
 
 CASES = ("none", "copy", "stream", "host_write")
 PRED, NODE = "_gap_pred_kernel", "_gap_node_kernel"
@@ -45,9 +50,10 @@ def _gap_pred_kernel(x, host, n, WRITE_HOST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gap_node_kernel(y, n, BLOCK: tl.constexpr):
+def _gap_node_kernel(y, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     keep = offs < n
+    wait_then_release(USE_PDL)
     tl.store(y + offs, tl.load(y + offs, mask=keep) * 2 + 1, mask=keep)
 
 
@@ -66,9 +72,9 @@ def graph_starts(timeline: list[list]) -> list[float]:
     return gaps
 
 
-def measure(nodes: int, case: str, reps: int) -> dict:
+def measure(nodes: int, case: str, reps: int, pdl: bool = False) -> dict:
     """One case: `reps` rounds of the kernel, what the case puts beside it, and a graph of
-    `nodes` kernels, profiled."""
+    `nodes` kernels (after the first, with programmatic dependent launch if `pdl`), profiled."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device("cuda")
@@ -79,11 +85,14 @@ def measure(nodes: int, case: str, reps: int) -> dict:
     write_host = case == "host_write"
     with torch.cuda.stream(main):
         _gap_pred_kernel[(1,)](x, host, 64, WRITE_HOST=write_host, BLOCK=64)
-        _gap_node_kernel[(1,)](y, 64, BLOCK=64)
+        _gap_node_kernel[(1,)](y, 64, BLOCK=64, USE_PDL=False)
+        if pdl:
+            _gap_node_kernel[(1,)](y, 64, BLOCK=64, USE_PDL=True, launch_pdl=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=main):
-            for _ in range(nodes):
-                _gap_node_kernel[(1,)](y, 64, BLOCK=64)
+            for i in range(nodes):
+                on = pdl and i > 0
+                _gap_node_kernel[(1,)](y, 64, BLOCK=64, USE_PDL=on, launch_pdl=on)
     torch.cuda.synchronize()
     events = [torch.cuda.Event() for _ in range(reps)]
     with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.cuda.stream(main):
@@ -103,7 +112,7 @@ def measure(nodes: int, case: str, reps: int) -> dict:
     if not gaps:
         raise RuntimeError(f"{nodes} nodes, {case}: no graph start in the profile")
     q = statistics.quantiles(gaps, n=10) if len(gaps) > 1 else [gaps[0]] * 9
-    return {"nodes": nodes, "case": case, "rounds": len(gaps),
+    return {"nodes": nodes, "case": case, "pdl": pdl, "rounds": len(gaps),
             "median_us": round(statistics.median(gaps), 2), "p10_us": round(q[0], 2),
             "p90_us": round(q[-1], 2)}
 
@@ -114,6 +123,8 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 64, 300])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--pdl", choices=("off", "on", "both"), default="off",
+                    help="the graph's kernels after its first with programmatic dependent launch")
     ap.add_argument("--quick", action="store_true", help="10 rounds, one size")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -121,10 +132,12 @@ def main() -> None:
         raise SystemExit("graph_gap measures CUDA graphs: it needs a GPU")
     if a.quick:
         a.reps, a.nodes = 10, a.nodes[:1]
-    rows = [measure(n, c, a.reps) for n in a.nodes for c in a.cases]
+    pdls = {"off": [False], "on": [True], "both": [False, True]}[a.pdl]
+    rows = [measure(n, c, a.reps, p) for n in a.nodes for c in a.cases for p in pdls]
     print("graph start after the kernel ahead of it (us): median [p10, p90]")
     for r in rows:
-        print(f"  {r['nodes']:4d} nodes, {r['case']:10s}: {r['median_us']:7.2f} "
+        print(f"  {r['nodes']:4d} nodes, {r['case']:10s}{' pdl' if r['pdl'] else '    '}: "
+              f"{r['median_us']:7.2f} "
               f"[{r['p10_us']:.2f}, {r['p90_us']:.2f}] over {r['rounds']} rounds")
     if a.out:
         with open(a.out, "w") as f:

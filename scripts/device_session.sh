@@ -530,14 +530,18 @@ case "${1:-}" in
     # that change, .ab/prev, runs beside it; make it with
     # `mkdir -p .ab/prev && git archive 5f634c0 runtime ops benchmarks ':!benchmarks/results'
     # | tar -x -C .ab/prev` and carry .ab): their GPU tests (the rotary kernel on CUDA, the
-    # kernel readback by default, HF parity, graphs against eager), base steps by default,
-    # from .ab/prev and with copies on the readback stream, alternating; the loop profiled
+    # kernel readback by default, HF parity, graphs against eager); a graph's start after a
+    # kernel with its kernels launched with PDL and without (the decode graph's start is 16 us
+    # after its input kernel, graph_gap's graphs 5.7); base steps by default, from .ab/prev
+    # and with copies on the readback stream, alternating; the loop profiled
     timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_fused_ops.py \
       tests/test_host_write.py tests/test_overlap.py tests/test_engine_gpu.py tests/test_graphs_gpu.py \
       -k "rope or test_host_write or readback_stream or hf_on_cuda \
           or (graphs_match_eager_fp32 and csgmv) or graphs_with_qkv_split_match" \
       > "$OUT/tests_52b.log" 2>&1
     echo "== tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_52b.log" | tail -10
+    timeout 60 python3 -m benchmarks.graph_gap --nodes 300 --cases none host_write --pdl both \
+      --out "$OUT/graph_gap_52b.json" 2>&1 | tail -5
     rb="LORASERVE_READBACK_KERNEL=0"
     base_each 420 52b NONE=1 SRC=.ab/prev "$rb" NONE=2 SRC=.ab/prev "$rb" NONE=3 SRC=.ab/prev "$rb"
     timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \

@@ -133,10 +133,13 @@ def test_add_rmsnorm_over_splitk_partials_compiles_for_sm90(splits: int):
       **{n: "*i32" for n in ("kvl_src", "bt_src", "kvl_dst", "bt_dst")}}, {"BLOCK_W": 128}],
     ["benchmarks.graph_gap", "_gap_pred_kernel", {"x": "*fp32", "host": "*fp32"},
      {"WRITE_HOST": True, "BLOCK": 64}],
-], ids=["host_write_words", "host_write_bytes", "graph_inputs", "graph_gap_pred"])
+    ["benchmarks.graph_gap", "_gap_node_kernel", {"y": "*fp32"}, {"BLOCK": 64, "USE_PDL": True}],
+], ids=["host_write_words", "host_write_bytes", "graph_inputs", "graph_gap_pred",
+        "graph_gap_node_pdl"])
 def test_step_edge_kernels_compile_for_sm90(case: list):
     """The kernels at a decode step's edges: the results written into host memory (words and
-    bytes), the graph's inputs from host memory, graph_gap's kernel ahead of a graph."""
+    bytes), the graph's inputs from host memory, graph_gap's kernel ahead of a graph and its
+    graph's kernel with PDL."""
     assert _compile(case)["cubin"] > 0
 
 
