@@ -239,13 +239,19 @@ def kernel_kind(name: str) -> str:
     return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other")
 
 
-def kernel_timeline(prof) -> list[list]:
-    """The profiled kernels in start order as [stream, name (48 characters), start us (from the
-    first kernel), duration us], from the profiler's trace."""
+def trace_events(prof) -> list[dict]:
+    """The profiler's trace events (its Chrome trace's traceEvents)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.loads(Path(f.name).read_text())
-    kernels = [e for e in trace.get("traceEvents", [])
+        return json.loads(Path(f.name).read_text()).get("traceEvents", [])
+
+
+def kernel_timeline(prof, events: list[dict] | None = None) -> list[list]:
+    """The profiled kernels in start order as [stream, name (48 characters), start us (from the
+    first kernel), duration us], from the profiler's trace (`events`, else exported from
+    `prof`)."""
+    events = trace_events(prof) if events is None else events
+    kernels = [e for e in events
                if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "ts" in e]
     if not kernels:
         return []
@@ -358,17 +364,58 @@ def frontier_by_kernel(timeline: list[list], steps: int) -> dict:
                          "per_step": v[1] / n} for k, v in ranked]}
 
 
+def graph_launch_leads(events: list[dict]) -> dict:
+    """When the host launched each CUDA graph against the device, from the profiler's trace
+    with CPU activity: for every cudaGraphLaunch call, `lead`: from the call's return to the end
+    of the kernel ahead of the graph's first kernel on its stream (negative: the device had
+    finished that kernel before the host had launched the graph, so the gap before the graph
+    is the host's); `start`: from that kernel's end to the graph's first kernel. Medians and
+    10th/90th percentiles in µs, and how many launches came after the kernel ahead had ended."""
+    calls = {e["args"]["correlation"]: e for e in events
+             if e.get("cat") == "cuda_runtime" and "GraphLaunch" in e.get("name", "")
+             and "correlation" in e.get("args", {})}
+    work = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+                   and "ts" in e), key=lambda e: float(e["ts"]))
+    leads, starts, seen = [], [], set()
+    last_end: dict = {}  # stream -> end of its latest work item so far
+    for e in work:
+        stream = e.get("args", {}).get("stream", e.get("tid"))
+        corr = e.get("args", {}).get("correlation")
+        if corr in calls and corr not in seen and stream in last_end:
+            seen.add(corr)
+            call = calls[corr]
+            call_end = float(call["ts"]) + float(call.get("dur", 0.0))
+            leads.append(last_end[stream] - call_end)
+            starts.append(float(e["ts"]) - last_end[stream])
+        last_end[stream] = max(last_end.get(stream, 0.0), float(e["ts"]) + float(e.get("dur", 0)))
+
+    def spread(xs: list[float]) -> dict:
+        if not xs:
+            return {"median": 0.0, "p10": 0.0, "p90": 0.0}
+        q = statistics.quantiles(xs, n=10) if len(xs) > 1 else [xs[0]] * 9
+        return {"median": round(statistics.median(xs), 2), "p10": round(q[0], 2),
+                "p90": round(q[-1], 2)}
+
+    return {"launches": len(leads), "late": sum(x < 0 for x in leads), "lead_us": spread(leads),
+            "start_us": spread(starts)}
+
+
 async def profile_loop(engine: Engine, batch: int, prompt_len: int, steps: int,
-                       loras: list[str | None] | None = None) -> dict:
+                       loras: list[str | None] | None = None, host: bool = False) -> dict:
     """The serving loop (engine.start) decoding `batch` requests, profiled for `steps` tokens
     after 12 warm-up tokens: the token gap, and where the device idles between the kernels of
-    consecutive steps (gpu_gaps over the profiler's kernels and copies, every stream)."""
+    consecutive steps (gpu_gaps over the profiler's kernels and copies, every stream). host:
+    the host's calls too, and when it launched each graph (graph_launch_leads; the profiler's
+    CPU activity adds host time of its own)."""
     from torch.profiler import ProfilerActivity, profile
 
     loras = loras or [None]
     # CPU activity where CUDA's is missing (a smoke run on the CPU: no kernels to read)
-    prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available()
-                               else ProfilerActivity.CPU])
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
+    if host and cuda:
+        activities.append(ProfilerActivity.CPU)
+    prof = profile(activities=activities)
     stamps: list[float] = []
 
     def on_token() -> None:
@@ -382,21 +429,25 @@ async def profile_loop(engine: Engine, batch: int, prompt_len: int, steps: int,
 
     await decode_in_loop(engine, batch, prompt_len, steps + 40, loras, 2, on_token)
     gaps = [b - a for a, b in itertools.pairwise(stamps[11:12 + steps])]
-    timeline = kernel_timeline(prof)
+    events = trace_events(prof)
+    timeline = kernel_timeline(prof, events)
     out = gpu_gaps(timeline, steps)
+    if host:
+        out["graph_launch"] = graph_launch_leads(events)
     return {"batch": batch, "adapters": len({x for x in loras if x}),
             "token_gap_ms": 1e3 * statistics.median(gaps), **out,
             "frontier": frontier_by_kernel(timeline, steps)}
 
 
 async def profile_loop_cases(engine: Engine, batches: list[int], prompt_len: int, steps: int,
-                             names: list[str]) -> list[dict]:
+                             names: list[str], host: bool = False) -> list[dict]:
     """profile_loop for base decode at each batch, then one adapter at batch 1 and eight at
     batch 32 when adapters are loaded."""
     await engine.start()
     try:
         cases = [(b, None) for b in batches] + ([(1, 1), (32, 8)] if names else [])
-        return [await profile_loop(engine, b, prompt_len, steps, names[:n] if n else None)
+        return [await profile_loop(engine, b, prompt_len, steps, names[:n] if n else None,
+                                   host)
                 for b, n in cases]
     finally:
         await engine.stop()
@@ -411,6 +462,12 @@ def print_loop_profile(rows: list[dict]) -> None:
         for gap in r["gaps"][:6]:
             print(f"      {gap['us_per_step']:7.2f} us/step ({gap['count']:4d})  after "
                   f"{gap['after'][:40]!r} before {gap['before'][:40]!r}")
+        if r.get("graph_launch"):
+            g = r["graph_launch"]
+            print(f"    graph launches: {g['launches']}, {g['late']} after the kernel ahead had "
+                  f"ended; host lead {g['lead_us']['median']} us [{g['lead_us']['p10']}, "
+                  f"{g['lead_us']['p90']}], start after it {g['start_us']['median']} us "
+                  f"[{g['start_us']['p10']}, {g['start_us']['p90']}]")
         if r.get("frontier"):
             print("    what moves the step's end (us a step):")
             for k in r["frontier"]["kernels"][:TOP_KERNELS]:
@@ -492,6 +549,9 @@ def main() -> None:
     ap.add_argument("--profile-loop", action="store_true",
                     help="only where the device idles in the serving loop's decode steps: base "
                     "at each --batch, and with --lora 1 adapter at batch 1 and 8 at batch 32")
+    ap.add_argument("--profile-host", action="store_true",
+                    help="with --profile-loop: the host's calls too, and how far ahead of the "
+                    "device the host launched each CUDA graph")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"],
                     help="torch's preferred BLAS library for the run (default: torch's own)")
     ap.add_argument("--lt-plan", type=Path,
@@ -546,7 +606,8 @@ def main() -> None:
                 await engine.adapters.load(p.name, str(p))
         asyncio.run(load_all())
     if a.profile_loop:
-        loop_prof = asyncio.run(profile_loop_cases(engine, a.batch, a.prompt, steps, names))
+        loop_prof = asyncio.run(profile_loop_cases(engine, a.batch, a.prompt, steps, names,
+                                                   a.profile_host))
         print_loop_profile(loop_prof)
         if a.out:
             a.out.write_text(json.dumps({"shape": a.shape, "lt_plan": lt_plan,

@@ -121,6 +121,9 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s52c   (one GPU) the rotary test again, when the host launches
+#                                    each decode graph (--profile-host), base steps against
+#                                    .ab/prev, three rounds; ~5 min
 #   scripts/device_session.sh s52b   (one GPU) the kernel readback by default, the rotary
 #                                    tables read at each position, no final gathers at decode:
 #                                    GPU tests, base steps against the tree before (.ab/prev)
@@ -525,6 +528,19 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s52c)  # one GPU: the rotary test s52b failed (its caches were on the CPU) on CUDA; when the
+    # host launches each decode graph against the device (--profile-host: the graph's start
+    # is 16-18 us after its input kernel, a graph_gap graph's 1.9-5.7, so is the host late?);
+    # base steps by default and from .ab/prev (as s52b), alternating, three rounds
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_fused_ops.py \
+      -k "rope" > "$OUT/tests_52c.log" 2>&1
+    echo "== tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_52c.log" | tail -6
+    timeout 120 python3 -m benchmarks.step_bench --profile-loop --profile-host --batch 32 \
+      --steps 50 --out "$OUT/loop_prof_host_52c.json" > /tmp/loop_prof.log 2>&1
+    echo "== step_bench --profile-loop --profile-host: rc $?"
+    sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -24
+    base_each 330 52c NONE=1 SRC=.ab/prev NONE=2 SRC=.ab/prev NONE=3 SRC=.ab/prev
+    ;;
   s52b)  # one GPU: the kernel readback by default, the rotary kernel reading the tables at each
     # position and the decode graph's final norm without gathers (no switch: the tree before
     # that change, .ab/prev, runs beside it; make it with

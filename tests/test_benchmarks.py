@@ -546,6 +546,37 @@ def test_step_bench_kernel_timeline() -> None:
                                        [7, "Memcpy DtoD", 19.5, 1.0]]
 
 
+def test_step_bench_graph_launch_leads() -> None:
+    """--profile-host: each cudaGraphLaunch call against the graph's first kernel (by the
+    call's correlation id) and the kernel ahead of it on its stream: a call that returned
+    before that kernel ended leads by the difference, one after it is late (negative); the
+    graph's later kernels and the other streams' work do not count."""
+    from benchmarks.step_bench import graph_launch_leads
+
+    def kernel(name, ts, dur, corr, stream=7):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur,
+                "args": {"stream": stream, "correlation": corr}}
+
+    def launch(ts, dur, corr):
+        return {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": ts, "dur": dur,
+                "args": {"correlation": corr}}
+
+    events = [
+        launch(10.0, 5.0, 100), kernel("inputs", 50.0, 5.0, 99), kernel("embed", 71.0, 2.0, 100),
+        kernel("norm", 73.0, 2.0, 100), kernel("copy", 60.0, 30.0, 98, stream=9),
+        launch(120.0, 5.0, 200), kernel("inputs", 100.0, 5.0, 199),
+        kernel("embed", 130.0, 2.0, 200),
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1.0, "dur": 1.0,
+         "args": {"correlation": 99}},
+    ]
+    out = graph_launch_leads(events)
+    assert out["launches"] == 2 and out["late"] == 1
+    leads, starts = sorted([55.0 - 15.0, 105.0 - 125.0]), sorted([16.0, 25.0])
+    assert out["lead_us"]["median"] == pytest.approx(sum(leads) / 2)
+    assert out["start_us"]["median"] == pytest.approx(sum(starts) / 2)
+    assert graph_launch_leads([])["launches"] == 0
+
+
 def test_step_bench_frontier_by_kernel() -> None:
     """Each kernel's share of the step is how far it moves the latest end: a kernel launched
     early (PDL) under the one ahead counts only what it runs past it; gaps are idle."""
@@ -625,12 +656,13 @@ def test_step_bench_profile_loop_runs_the_serving_loop(
 
     model, _ = tiny
     engine = make_engine(model, device="cpu", dtype="float32", max_running_requests=4)
-    rows = asyncio.run(profile_loop_cases(engine, [1, 2], 8, 3, []))
+    rows = asyncio.run(profile_loop_cases(engine, [1, 2], 8, 3, [], host=True))
     assert [(r["batch"], r["adapters"]) for r in rows] == [(1, 0), (2, 0)]
     for r in rows:
         assert r["token_gap_ms"] > 0 and r["steps"] == 3
         assert r["busy_us"] == r["idle_us"] == 0.0 and r["gaps"] == []
         assert r["frontier"]["kernels"] == []  # what moves the step's end, kernel by kernel
+        assert r["graph_launch"]["launches"] == 0  # --profile-host: no graphs on the CPU
     # the step targets' loop rows drive the same loop: overlap on and off, a token gap each
     engine = make_engine(model, device="cpu", dtype="float32", max_running_requests=4)
     rows = asyncio.run(loop_decode_ab(engine, [2], 8, 3, []))

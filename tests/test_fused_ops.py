@@ -208,8 +208,7 @@ def test_rope_store_kv_one_token_int32_slots():
     q, k, v, cos, sin, slots, _, cache_shape = make_rope_case(
         1, 2, 1, 16, torch.float32, False, 2, 4, DEVICE
     )
-    k_cache, v_cache = torch.zeros(cache_shape), torch.zeros(cache_shape)
-    ref_k, ref_v = torch.zeros(cache_shape), torch.zeros(cache_shape)
+    k_cache, v_cache, ref_k, ref_v = (torch.zeros(cache_shape, device=DEVICE) for _ in range(4))
     got = rope_store_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slots.int())
     ref = rope_store_reference(q, k, v, cos, sin, ref_k, ref_v, slots, None, None)
     torch.testing.assert_close(got, ref)
