@@ -310,22 +310,24 @@ def gpu_gaps(timeline: list[list], steps: int, min_gap_us: float = 2.0,
     """Where the device idles, from kernel_timeline rows ([stream, name, start us, duration
     us]): busy time (the union of every stream's kernels and copies) and idle time, per step
     over `steps` steps, and the idle gaps of at least `min_gap_us` grouped by the kernels either
-    side of them (the `top` largest groups by idle time)."""
+    side of them (the `top` largest groups by idle time), each with its median and largest
+    gap."""
     if not timeline:
         return {"steps": steps, "span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
     rows = sorted(timeline, key=lambda r: r[2])
     busy = 0.0
     cur_start, cur_end, cur_last = rows[0][2], rows[0][2] + rows[0][3], rows[0][1]
-    groups: dict[tuple[str, str], list[float]] = {}
+    groups: dict[tuple[str, str], list] = {}  # (before, after) -> [total, count, gaps]
     for _, name, start, dur in rows[1:]:
         end = start + dur
         if start > cur_end:  # the device idled from cur_end to start
             busy += cur_end - cur_start
             gap = start - cur_end
             if gap >= min_gap_us:
-                g = groups.setdefault((cur_last, name), [0.0, 0])
+                g = groups.setdefault((cur_last, name), [0.0, 0, []])
                 g[0] += gap
                 g[1] += 1
+                g[2].append(gap)
             cur_start, cur_end, cur_last = start, end, name
         elif end >= cur_end:
             cur_end, cur_last = end, name
@@ -334,8 +336,9 @@ def gpu_gaps(timeline: list[list], steps: int, min_gap_us: float = 2.0,
     n = max(steps, 1)
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
     return {"steps": steps, "span_us": span / n, "busy_us": busy / n, "idle_us": (span - busy) / n,
-            "gaps": [{"after": a, "before": b, "us_per_step": round(t / n, 2), "count": c}
-                     for (a, b), (t, c) in ranked]}
+            "gaps": [{"after": a, "before": b, "us_per_step": round(t / n, 2), "count": c,
+                      "median_us": round(statistics.median(g), 2), "max_us": round(max(g), 2)}
+                     for (a, b), (t, c, g) in ranked]}
 
 
 def frontier_by_kernel(timeline: list[list], steps: int) -> dict:
@@ -460,8 +463,9 @@ def print_loop_profile(rows: list[dict]) -> None:
               f"{r['token_gap_ms']:.3f} ms; span {r['span_us']:.1f} = busy {r['busy_us']:.1f} + "
               f"idle {r['idle_us']:.1f}")
         for gap in r["gaps"][:6]:
-            print(f"      {gap['us_per_step']:7.2f} us/step ({gap['count']:4d})  after "
-                  f"{gap['after'][:40]!r} before {gap['before'][:40]!r}")
+            print(f"      {gap['us_per_step']:7.2f} us/step ({gap['count']:4d}; median "
+                  f"{gap.get('median_us', 0.0):.1f}, largest {gap.get('max_us', 0.0):.1f})  "
+                  f"after {gap['after'][:40]!r} before {gap['before'][:40]!r}")
         if r.get("graph_launch"):
             g = r["graph_launch"]
             print(f"    graph launches: {g['launches']}, {g['late']} after the kernel ahead had "

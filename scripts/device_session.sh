@@ -121,6 +121,8 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
+#   scripts/device_session.sh s52d   (one GPU) the loop profiled three times, once with the
+#                                    host's calls: each idle gap's median and largest; ~3 min
 #   scripts/device_session.sh s52c   (one GPU) the rotary test again, when the host launches
 #                                    each decode graph (--profile-host), base steps against
 #                                    .ab/prev, three rounds; ~5 min
@@ -528,6 +530,19 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s52d)  # one GPU: the loop profiled by default, with the host's calls, and by default again,
+    # each idle gap group with its median and largest gap (s52c: with the host's calls the gap
+    # before the decode graph averaged 8.8 us a step but its start's median was 2.9; without
+    # them it averaged 16-18: steady, or a few long stalls?)
+    for k in 1 host 2; do
+      flag=""; [ "$k" = host ] && flag="--profile-host"
+      # shellcheck disable=SC2086  # flag: one word or none
+      timeout 100 python3 -m benchmarks.step_bench --profile-loop $flag --batch 32 --steps 50 \
+        --out "$OUT/loop_prof_${k}_52d.json" > /tmp/loop_prof.log 2>&1
+      echo "== step_bench --profile-loop $flag: rc $?"
+      sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -8
+    done
+    ;;
   s52c)  # one GPU: the rotary test s52b failed (its caches were on the CPU) on CUDA; when the
     # host launches each decode graph against the device (--profile-host: the graph's start
     # is 16-18 us after its input kernel, a graph_gap graph's 1.9-5.7, so is the host late?);

@@ -609,14 +609,21 @@ def test_step_bench_gpu_gaps() -> None:
         [7, "norm", 32.0, 1.0],      # 2 us after that gemm
         [7, "argmax", 33.0, 1.0],
         [7, "copy", 44.0, 2.0],      # 10 us after argmax
+        [7, "norm", 47.0, 1.0],      # 1 us after copy
+        [7, "argmax", 48.0, 1.0],
+        [7, "copy", 79.0, 1.0],      # 30 us after argmax
     ]
-    out = gpu_gaps(timeline, steps=2, min_gap_us=1.0)
-    assert out["span_us"] == pytest.approx(46.0 / 2)
-    assert out["busy_us"] == pytest.approx((10 + 2 + 1 + 4.5 + 2 + 2) / 2)
-    assert out["idle_us"] == pytest.approx((2 + 0.5 + 10 + 2 + 10) / 2)
+    out = gpu_gaps(timeline, steps=3, min_gap_us=1.0)
+    assert out["span_us"] == pytest.approx(80.0 / 3)
+    assert out["busy_us"] == pytest.approx((10 + 2 + 1 + 4.5 + 2 + 2 + 2 + 1) / 3)
+    assert out["idle_us"] == pytest.approx((2 + 0.5 + 10 + 2 + 10 + 1 + 30) / 3)
     assert out["gaps"] == [
-        {"after": "argmax", "before": "copy", "us_per_step": 10.0, "count": 2},
-        {"after": "gemm", "before": "norm", "us_per_step": 2.0, "count": 2},
+        {"after": "argmax", "before": "copy", "us_per_step": pytest.approx(50.0 / 3, abs=0.01),
+         "count": 3, "median_us": 10.0, "max_us": 30.0},
+        {"after": "gemm", "before": "norm", "us_per_step": pytest.approx(4.0 / 3, abs=0.01),
+         "count": 2, "median_us": 2.0, "max_us": 2.0},
+        {"after": "copy", "before": "norm", "us_per_step": pytest.approx(1.0 / 3, abs=0.01),
+         "count": 1, "median_us": 1.0, "max_us": 1.0},
     ]
     assert gpu_gaps([], steps=3)["busy_us"] == 0.0
 
