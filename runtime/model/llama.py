@@ -631,7 +631,8 @@ class CausalLM(nn.Module):
         apply_fold(h, fold)  # the last down's delta: the final norm takes a gather of rows
         rows = fb.logits_indices
         # A decode step's rows are its tokens, 0..T-1, in order (one a sequence, no scored
-        # prompt rows): no gathers (two a decode graph before, about 5.5 µs of batch 32's step)
+        # prompt rows): no gathers (a gather and an index a decode graph before, about 5.5 µs
+        # of batch 32's step on the H200)
         if not (fb.is_decode and rows.shape[0] == h.shape[-2]):
             h = h[:, rows] if h.dim() == 3 else h[rows]  # down's split-K partials: [S, T, hidden]
             residual = None if residual is None else residual[rows]
