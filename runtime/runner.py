@@ -547,10 +547,10 @@ class ModelRunner:
         """The default (LORASERVE_READBACK_KERNEL=0: copies, _read_back): the results `dev`
         written into a slot of the result ring's pinned host memory by one kernel each on the
         compute stream (ops/triton_host_write.py), `step.event` recorded after them there: the
-        step uses no copy engine and no second stream (batch 32's step 0.003-0.041 ms shorter
-        than with the readback stream in three pairs of processes on the H200, and the next
-        graph's start 16 µs after its input kernel in every step, against 21-45 in about half
-        of them: benchmarks/RESULTS.md, forty-first session). Its host views hold until the
+        step uses no copy engine, no second stream and no pinned allocation (on the H200 the
+        next graph's start came 16-18 µs after its input kernel in every step, against 21-45
+        in about half of them with the readback stream; batch 32's step was level with it
+        within noise: benchmarks/RESULTS.md, forty-first session). Its host views hold until the
         ring's depth of later steps have taken slots. CPU tensors are copied into the slot
         (use_triton: the kernel under the interpreter), so the ring's slots serve CPU runs the
         same way."""
