@@ -21,16 +21,20 @@ import re
 import subprocess
 from pathlib import Path
 
+# Decode attention's rotary arguments (decode_rope_attention_triton; --const ROPE=true)
+ROPE_PTRS = {"k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+             "pos_ptr": "*i64", "slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16",
+             "eps": "fp32"}
 KERNELS = {
     "decode": ("ops.triton_decode_attention", "_decode_attention_kernel", {
         "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
         "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": "*bf16",
         "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
-        "scale_log2": "fp32"}, {
+        "scale_log2": "fp32", **ROPE_PTRS}, {
         "GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
         "INPUT_PRECISION": "tf32", "BLOCK_G": 4, "BLOCK_S": 64, "SPLIT_CHUNK": 16,
         "USE_PDL": True, "LEAN": 0, "WIDE": False,
-        "IDLE_EXIT": True}),
+        "IDLE_EXIT": True, "ROPE": False, "PARTS": 1, "QK_NORM": False}),
     "prefill": ("ops.triton_prefill_attention", "_prefill_attention_kernel", {
         "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
         "block_tables_ptr": "*i32", "cu_q_lens_ptr": "*i32", "kv_lens_ptr": "*i32",

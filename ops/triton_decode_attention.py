@@ -6,6 +6,13 @@ read once per group), and one slice of the KV range. The grid's slice count foll
 its slices to finish (an atomic arrival count) merges their partial results through their
 log-sum-exps, in slice order. One launch: a second merge kernel cost more than the merge (a
 launch and a wave of its own; benchmarks/RESULTS.md, thirteenth session).
+
+`decode_rope_attention_triton` (opt-in, LORASERVE_DECODE_ATTN_ROPE=1) also does the rotary
+kernel's work (ops/triton_rope_store_kv.py) in the same launch: each program rotates its
+group's query heads from the qkv projection's output (after Qwen3's q/k norms, summing split-K
+partials), reads the cache up to the token before the new one, and the program whose slice
+holds the new token rotates its key, stores it and its value into the cache and adds them to
+its softmax from registers. A layer then launches one kernel fewer at decode.
 """
 
 import torch
@@ -25,6 +32,7 @@ from ops.triton_attention_tiles import (
     softmax_tile,
     wide_offsets,
 )
+from ops.triton_rope_store_kv import check_rope_args
 
 _LOG2E = 1.4426950408889634
 # The grid's slices: one per this many tokens of the block table's width at most.
@@ -38,6 +46,33 @@ _DEFAULT_SM_COUNT = 132
 # slice count is one of them (it follows the batch and the block-table width): a run-time
 # value, not a constexpr, so one compiled kernel serves every count.
 PER_STEP_ARGS = ["stride_table", "num_splits", "min_split"]
+
+
+@triton.jit
+def _rope_rows(src, offs, offs_sw, sign, stride_part, cos, sin, w, w_sw, eps,
+               PARTS: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr,
+               AXIS: tl.constexpr, like_ptr, mask):
+    """Head rows of the qkv projection's output rotated as ops/triton_rope_store_kv.py rotates
+    them, each step rounded to like_ptr's dtype: x loaded at `offs` (head rows along AXIS's
+    other dimension, or one row with AXIS 0), rotate_half(x) as x at the swapped halves
+    (`offs_sw`) times `sign`; split-K partials (PARTS > 1) summed and rounded first, then the
+    per-head RMSNorm with QK_NORM (weights w, and w_sw at the swapped halves). Returns the
+    rotated rows in like_ptr's dtype."""
+    dtype = like_ptr.dtype.element_ty
+    x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    xs = tl.load(src + offs_sw, mask=mask, other=0.0).to(tl.float32)
+    for p in tl.static_range(1, PARTS):
+        x += tl.load(src + p * stride_part + offs, mask=mask, other=0.0).to(tl.float32)
+        xs += tl.load(src + p * stride_part + offs_sw, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(dtype).to(tl.float32)
+    xs = xs.to(dtype).to(tl.float32)
+    if QK_NORM:
+        inv_rms = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=AXIS, keep_dims=True) / HEAD_DIM + eps)
+        x = ((x * inv_rms).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+        xs = ((xs * inv_rms).to(dtype).to(tl.float32) * w_sw).to(dtype).to(tl.float32)
+    a = (x * cos).to(dtype).to(tl.float32)
+    b = (sign * xs * sin).to(dtype).to(tl.float32)
+    return (a + b).to(dtype)
 
 
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
@@ -62,6 +97,24 @@ def _decode_attention_kernel(
     scale_log2,  # softmax scale times log2(e): the kernel works in base 2
     num_splits,  # programs per (sequence, KV head) (grid axis 2): at most this many slices
     min_split,  # the shortest slice worth a program of its own, a multiple of BLOCK_N
+    # ROPE only (else placeholders): the new token's key and value heads (views of the qkv
+    # projection's output, or of its split-K partials' first slice), the rotary tables, the
+    # tokens' positions and cache slots, the q/k norm weights
+    k_new_ptr,
+    v_new_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_part,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
+    pos_ptr,
+    slot_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    eps,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_H: tl.constexpr,  # GROUP padded up to a dot-friendly size
     HEAD_DIM: tl.constexpr,
@@ -75,6 +128,9 @@ def _decode_attention_kernel(
     LEAN: tl.constexpr,  # the KV tile load's unsigned page arithmetic (load_kv_tile)
     WIDE: tl.constexpr,  # the KV tile load's 64-bit cache offsets (load_kv_tile)
     IDLE_EXIT: tl.constexpr,  # slices past the sequence leave before the PDL wait
+    ROPE: tl.constexpr,  # q rotated here, the new token's K/V stored here (module docstring)
+    PARTS: tl.constexpr,  # ROPE: split-K partials of q, k and v summed as they are loaded
+    QK_NORM: tl.constexpr,  # ROPE: per-head RMSNorm of q and k before the rotation
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,20 +145,43 @@ def _decode_attention_kernel(
         # at its launch behind the kernel ahead, not after it.
         if split >= used:
             return
+    dims = tl.arange(0, HEAD_DIM)
+    if ROPE:
+        # step inputs and weights, which no kernel of the layers writes: read before the wait
+        half = HEAD_DIM // 2
+        dims_sw = tl.where(dims < half, dims + half, dims - half)
+        sign = tl.where(dims < half, -1.0, 1.0)
+        pos = tl.load(pos_ptr + seq).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * stride_cos + dims).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_cos + dims).to(tl.float32)
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        qw = cos  # the weights are unused without QK_NORM
+        qw_sw = cos
+        kw = cos
+        kw_sw = cos
+        if QK_NORM:
+            qw = tl.load(q_norm_ptr + dims).to(tl.float32)
+            qw_sw = tl.load(q_norm_ptr + dims_sw).to(tl.float32)
+            kw = tl.load(k_norm_ptr + dims).to(tl.float32)
+            kw_sw = tl.load(k_norm_ptr + dims_sw).to(tl.float32)
     # kv_lens is a step input, written before the layers run: read before the wait
     wait_then_release(USE_PDL)
     if split < used:
         start = split * split_len
-        end = tl.minimum(start + split_len, kv_len)
+        # with ROPE the new token (the last) comes from registers, not from the cache
+        end = tl.minimum(start + split_len, kv_len - 1 if ROPE else kv_len)
         group_rows = tl.arange(0, BLOCK_H)
         row_mask = group_rows < GROUP
         heads = kv_head * GROUP + group_rows
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(
-            q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-            mask=row_mask[:, None],
-            other=0.0,
-        )
+        q_rows = q_ptr + seq.to(tl.int64) * stride_qb
+        if ROPE:
+            q = _rope_rows(q_rows, heads[:, None] * stride_qh + dims[None, :],
+                           heads[:, None] * stride_qh + dims_sw[None, :], sign[None, :],
+                           stride_part, cos[None, :], sin[None, :], qw[None, :], qw_sw[None, :],
+                           eps, PARTS, QK_NORM, HEAD_DIM, 1, cos_ptr, row_mask[:, None])
+        else:
+            q = tl.load(q_rows + heads[:, None] * stride_qh + dims[None, :],
+                        mask=row_mask[:, None], other=0.0)
         table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
         cache_head_offset = kv_head * stride_cache_head + dims[None, :]
 
@@ -117,6 +196,34 @@ def _decode_attention_kernel(
                                 PAGE_SIZE, True, LEAN, WIDE)
             m_i, l_i, acc = softmax_tile(q, k, v, m_i, l_i, acc, scale_log2, col_mask[None, :],
                                          True, INPUT_PRECISION)
+        if ROPE and split == used - 1:
+            # The slice that holds the new token: its key rotated, key and value into the
+            # cache, and both into the softmax as the cache holds them. A padding row
+            # (kv_len 0) stores them too, as the rotary kernel would, and attends to nothing.
+            cache_dtype = k_cache_ptr.dtype.element_ty
+            k_row = k_new_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh
+            k_new = _rope_rows(k_row, dims, dims_sw, sign, stride_part, cos, sin, kw, kw_sw,
+                               eps, PARTS, QK_NORM, HEAD_DIM, 0, cos_ptr, dims < HEAD_DIM)
+            v_row = v_new_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh
+            v_new = tl.load(v_row + dims).to(tl.float32)
+            for p in tl.static_range(1, PARTS):
+                v_new += tl.load(v_row + p * stride_part + dims).to(tl.float32)
+            k_new = k_new.to(cache_dtype)
+            v_new = v_new.to(cos_ptr.dtype.element_ty).to(cache_dtype)
+            cache_row = slot * stride_cache_token + kv_head * stride_cache_head + dims
+            keep = (dims < HEAD_DIM) & (slot >= 0)
+            tl.store(k_cache_ptr + cache_row, k_new, mask=keep)
+            tl.store(v_cache_ptr + cache_row, v_new, mask=keep)
+            if kv_len > 0:
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp2(m_i - m_new)
+                p_new = tl.exp2(s_new - m_new)
+                l_i = l_i * alpha + p_new
+                acc = (acc * alpha[:, None]
+                       + p_new.to(cache_dtype).to(tl.float32)[:, None]
+                       * v_new.to(tl.float32)[None, :])
+                m_i = m_new
 
         o_rows = o_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         if used == 1:
@@ -288,12 +395,120 @@ def decode_attention_triton(
     Returns o: [B, H, D] in q's dtype (out when given).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, kv_lens)
-    batch, num_heads, head_dim = q.shape
+    o = output_buffer(out, q)
+    return _launch(q, o, k_cache, v_cache, block_tables, kv_lens, scale, num_splits, min_split,
+                   pdl, config, None)
+
+
+def decode_rope_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    kv_lens: Tensor,
+    scale: float,
+    q_norm_weight: Tensor | None = None,
+    k_norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    num_splits: int | None = None,
+    min_split: int | None = None,
+    pdl: bool | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> Tensor:
+    """rope_store_kv_triton (with `positions`) then decode_attention_triton, in one launch.
+
+    q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, the norm weights and eps as
+    rope_store_kv_triton takes them (no LoRA fold: a fold's delta goes through the rotary
+    kernel); block_tables, kv_lens, scale and the launch options as decode_attention_triton
+    takes them, query b at position kv_lens[b] - 1 (positions[b] for its rotation). The new
+    token's key and value go into the cache at its slot (none for a negative slot) and into the
+    softmax as the cache holds them. Returns o: [B, H, D] in the output dtype (q's, or cos's
+    with split-K partials)."""
+    parts, part_stride, q, k, v = check_rope_args(q, k, v, cos, sin, k_cache, v_cache,
+                                                  slot_mapping, q_norm_weight, k_norm_weight,
+                                                  positions)
+    o = torch.empty(q.shape, dtype=cos.dtype, device=q.device)
+    _check_inputs(o, k_cache, v_cache, block_tables, kv_lens)
+    if cos.stride(0) != sin.stride(0):
+        raise ValueError("cos and sin must share one row stride")
+    qk_norm = q_norm_weight is not None
+    rope = {
+        "args": (k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), part_stride, cos, sin,
+                 cos.stride(0), positions, slot_mapping,
+                 q_norm_weight if qk_norm else cos, k_norm_weight if qk_norm else cos, eps),
+        "consts": {"ROPE": True, "PARTS": parts, "QK_NORM": qk_norm},
+    }
+    return _launch(q, o, k_cache, v_cache, block_tables, kv_lens, scale, num_splits, min_split,
+                   pdl, config, rope)
+
+
+def _launch(q: Tensor, o: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+            kv_lens: Tensor, scale: float, num_splits: int | None, min_split: int | None,
+            pdl: bool | None, config: tuple[int, int, int] | None, rope: dict | None) -> Tensor:
+    """The decode attention kernel over checked inputs, into `o` (its shape and dtype the
+    attention's); `rope`: decode_rope_attention_triton's arguments and constants, or None."""
+    batch, num_heads, head_dim = o.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    o = output_buffer(out, q)
     if batch == 0:
         return o
+    if num_splits is None or min_split is None:
+        num_sms = (
+            torch.cuda.get_device_properties(q.device).multi_processor_count
+            if q.is_cuda
+            else _DEFAULT_SM_COUNT
+        )
+        if num_splits is None:
+            num_splits = choose_num_splits(
+                batch, num_kv_heads, block_tables.shape[1] * page_size, num_sms
+            )
+        if min_split is None:
+            min_split = choose_min_split(batch, num_kv_heads, num_sms)
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
+    if min_split < 1:
+        raise ValueError(f"min_split must be positive, got {min_split}")
+    if config is None:
+        config = _launch_config(head_dim, o.dtype == torch.float32)
+    block_n, num_warps, num_stages = config
+    if block_n not in (16, 32, 64, 128) or num_warps not in (1, 2, 4, 8) or num_stages < 1:
+        raise ValueError(f"config (BLOCK_N, num_warps, num_stages) out of range: {config}")
+    pdl = resolve(pdl, q)
+    # Partials are unused with one slice; a one-element placeholder keeps the signature.
+    partial_shape = (batch, num_heads, num_splits) if num_splits > 1 else (1, 1, 1)
+    partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    partial_o = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
+    if rope is None:  # placeholders of the ROPE arguments (never read)
+        rope = {"args": (q, q, 0, 0, 0, 0, 0, q, q, 0, kv_lens, kv_lens, q, q, 0.0),
+                "consts": {"ROPE": False, "PARTS": 1, "QK_NORM": False}}
+    _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, kv_lens, o, partial_o, partial_lse,
+        _counts_for(q.device, batch * num_kv_heads), q.stride(0), q.stride(1), o.stride(0),
+        o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), scale * _LOG2E, num_splits, cdiv(min_split, block_n) * block_n,
+        *rope["args"],
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        # fp32 inputs keep full precision instead of silently dropping to tf32.
+        INPUT_PRECISION="ieee" if o.dtype == torch.float32 else "tf32",
+        BLOCK_G=next_pow2(group), BLOCK_S=next_pow2(_MAX_SPLITS),
+        SPLIT_CHUNK=max(2, 64 // next_pow2(group)),
+        USE_PDL=pdl, LEAN=lean_offsets(), WIDE=wide_offsets(k_cache, v_cache),
+        # on by default (LORASERVE_DECODE_ATTN_IDLE_EXIT=0 waits in every slice): in the
+        # serving loop's profile at batch 32, attention moved the step's end 375 us against 393
+        # without (H200, benchmarks/RESULTS.md thirty-ninth session)
+        IDLE_EXIT=env_flag("LORASERVE_DECODE_ATTN_IDLE_EXIT", True),
+        **rope["consts"],
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    )
+    return o
     if num_splits is None or min_split is None:
         num_sms = (
             torch.cuda.get_device_properties(q.device).multi_processor_count

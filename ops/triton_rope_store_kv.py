@@ -256,13 +256,10 @@ def rope_store_kv_triton(
     inside decode graph captures, unless LORASERVE_LAYER_PDL=0).
     Returns q_out: [T, H, D] in q's dtype (cos's with partials).
     """
-    parts, part_stride = 1, 0
-    if q.dim() == 4:
-        parts, part_stride = _check_partials(q, k, v, fold)
-        q, k, v = q[0], k[0], v[0]
+    parts, part_stride, q, k, v = check_rope_args(q, k, v, cos, sin, k_cache, v_cache,
+                                                  slot_mapping, q_norm_weight, k_norm_weight,
+                                                  positions, fold)
     out_dtype = cos.dtype if parts > 1 else q.dtype
-    _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight,
-                  out_dtype, positions)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if q_out is None:
@@ -326,6 +323,24 @@ def rope_store_kv_triton(
         num_warps=1 if fold is None else 4,
     )
     return q_out
+
+
+def check_rope_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
+    positions: torch.Tensor | None, fold: LoraFold | None = None,
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rope_store_kv_triton's arguments checked (ValueError naming what is wrong): (split-K
+    slices S, 1 without partials; their slice stride; q, k and v, the partials' first slice)."""
+    parts, part_stride = 1, 0
+    if q.dim() == 4:
+        parts, part_stride = _check_partials(q, k, v, fold)
+        q, k, v = q[0], k[0], v[0]
+    out_dtype = cos.dtype if parts > 1 else q.dtype
+    _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight,
+                  out_dtype, positions)
+    return parts, part_stride, q, k, v
 
 
 def _check_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -121,7 +121,11 @@
 #   scripts/device_session.sh s41c   (one GPU) the one-launch gate_up by default: GPU tests of
 #                                    the decode GEMM paths; the 8-slot pool's targets by default
 #                                    and with gate_up's LoRA stacks on the GEMM, alternating
-#   scripts/device_session.sh s52d   (one GPU) the loop profiled three times, once with the
+#   scripts/device_session.sh s53a   (one GPU, prepared for the next session) the rotary
+#                                    kernel's work inside decode attention: GPU tests, base
+#                                    steps with it and by default, three rounds, the loop
+#                                    profiled with it and by default; ~8 min
+#   scripts/device_session.sh s52d   (one GPU, prepared) the loop profiled three times, once with the
 #                                    host's calls: each idle gap's median and largest; ~3 min
 #   scripts/device_session.sh s52c   (one GPU) the rotary test again, when the host launches
 #                                    each decode graph (--profile-host), base steps against
@@ -530,6 +534,31 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  s53a)  # one GPU (prepared for the next session): the rotary kernel's work inside decode
+    # attention (LORASERVE_DECODE_ATTN_ROPE=1, one launch a layer fewer; its SASS is 336
+    # instructions longer outside the KV loop, 2296 against 1960): its GPU tests (the kernel
+    # against the two launches in bf16 at Llama-3.1-8B's heads with PDL and without, fp32
+    # tokens against HF for the four architectures and graphs against eager with it on); base
+    # steps by default and with it, alternating, three rounds; the loop profiled with it, and by
+    # default with the gap groups' medians (s52d's question)
+    ar="LORASERVE_DECODE_ATTN_ROPE=1"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
+      > "$OUT/rope_attention_tests.log" 2>&1
+    echo "== rope attention tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_attention_tests.log" | tail -6
+    env $ar timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_engine_gpu.py \
+      tests/test_graphs_gpu.py -k "(hf_on_cuda and fp32) or (graphs_match_eager_fp32 and csgmv)" \
+      > "$OUT/rope_attention_model_tests.log" 2>&1
+    echo "== $ar model tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_attention_model_tests.log" | tail -6
+    base_each 400 53a NONE=1 "$ar" NONE=2 "$ar" NONE=3 "$ar"
+    for k in ar default; do
+      set=""; [ "$k" = ar ] && set="$ar"
+      # shellcheck disable=SC2086  # set: one word or none
+      env $set timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \
+        --out "$OUT/loop_prof_${k}_53a.json" > /tmp/loop_prof.log 2>&1
+      echo "== step_bench --profile-loop $set: rc $?"
+      sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -16
+    done
+    ;;
   s52d)  # one GPU: the loop profiled by default, with the host's calls, and by default again,
     # each idle gap group with its median and largest gap (s52c: with the host's calls the gap
     # before the decode graph averaged 8.8 us a step but its start's median was 2.9; without

@@ -89,7 +89,30 @@ def test_merged_decode_attention_compiles_for_sm90(dtype: str, group: int, pdl: 
     consts = {"GROUP": group, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
               "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_G": block_g,
               "BLOCK_S": 64, "SPLIT_CHUNK": max(2, 64 // block_g), "USE_PDL": pdl,
-              "IDLE_EXIT": index != "wide", **INDEX_FORMS[index]}
+              "IDLE_EXIT": index != "wide", **INDEX_FORMS[index], "ROPE": False, "PARTS": 1,
+              "QK_NORM": False}
+    case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
+    assert _compile(case)["cubin"] > 0
+
+
+@needs_backend
+@pytest.mark.parametrize(("parts", "qk_norm", "pdl"), [(1, False, True), (2, True, True),
+                                                       (1, True, False)])
+def test_rope_decode_attention_compiles_for_sm90(parts: int, qk_norm: bool, pdl: bool):
+    """Decode attention with the rotary kernel's work inside (LORASERVE_DECODE_ATTN_ROPE=1) at
+    Llama-3.1-8B's heads in bf16: q/k/v as qkv's output or its fp32 split-K partials, Qwen3's
+    q/k norms, with PDL as decode graphs launch it and without."""
+    from benchmarks.sass_stats import ROPE_PTRS
+
+    src = "fp32" if parts > 1 else "bf16"
+    ptrs = {"q_ptr": f"*{src}", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+            "block_tables_ptr": "*i32", "kv_lens_ptr": "*i32", "o_ptr": "*bf16",
+            "partial_o_ptr": "*fp32", "partial_lse_ptr": "*fp32", "count_ptr": "*i32",
+            "scale_log2": "fp32", **ROPE_PTRS, "k_new_ptr": f"*{src}", "v_new_ptr": f"*{src}"}
+    consts = {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_N": 64,
+              "INPUT_PRECISION": "tf32", "BLOCK_G": 4, "BLOCK_S": 64, "SPLIT_CHUNK": 16,
+              "USE_PDL": pdl, "IDLE_EXIT": True, **INDEX_FORMS["lean"], "ROPE": True,
+              "PARTS": parts, "QK_NORM": qk_norm}
     case = ["ops.triton_decode_attention", "_decode_attention_kernel", ptrs, consts]
     assert _compile(case)["cubin"] > 0
 

@@ -39,7 +39,9 @@ from ops.lora import apply_lora as lora_apply
 from ops.lora import linear_lora as lora_linear
 from ops.lora import linear_lora_fold as lora_linear_fold
 from ops.pdl import resolve as pdl_resolve
+from ops.settings import env_flag
 from ops.splitk import scope_splits, splitk_linear, splits_for, sum_partials
+from ops.triton_decode_attention import decode_rope_attention_triton
 from ops.triton_decode_gemm import (
     MAX_WEIGHT_ELEMS,
     GateUpFold,
@@ -367,6 +369,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.scale = args.head_dim**-0.5
         self.use_fused = fused_kernels_enabled()
+        # Opt-in: at decode the rotary kernel's work runs inside decode attention's launch
+        # (ops/triton_decode_attention.py decode_rope_attention_triton), one launch a layer fewer
+        self.rope_in_attention = env_flag("LORASERVE_DECODE_ATTN_ROPE", False)
 
     def forward(
         self,
@@ -415,6 +420,14 @@ class Attention(nn.Module):
         q = q.view(*lead, a.num_heads, a.head_dim)
         k = k.view(*lead, a.num_kv_heads, a.head_dim)
         v = v.view(*lead, a.num_kv_heads, a.head_dim)
+        if fused and fb.is_decode and fold is None and self.rope_in_attention:
+            norms = (self.q_norm.weight, self.k_norm.weight) if a.qk_norm else (None, None)
+            o = decode_rope_attention_triton(
+                q, k, v, rope.cos_table, rope.sin_table, rope.positions, k_cache, v_cache,
+                fb.slot_mapping, fb.block_tables, fb.kv_lens, self.scale, *norms,
+                eps=a.rms_norm_eps,
+            )
+            return o.reshape(-1, a.q_size)
         if fused:
             q = self._rope_store_fused(q, k, v, rope, k_cache, v_cache, fb, fold)
         else:
