@@ -548,9 +548,9 @@ class ModelRunner:
         written into a slot of the result ring's pinned host memory by one kernel each on the
         compute stream (ops/triton_host_write.py), `step.event` recorded after them there: the
         step uses no copy engine, no second stream and no pinned allocation (on the H200 the
-        next graph's start came 16-18 µs after its input kernel in every step, against 21-45
-        in about half of them with the readback stream; batch 32's step was level with it
-        within noise: benchmarks/RESULTS.md, forty-first session). Its host views hold until the
+        next graph's start came 16-18 µs a step after its input kernel on average, where the
+        readback stream left 21-45 µs in about half the steps; batch 32's step was level with
+        it within noise: benchmarks/RESULTS.md, forty-first session). Its host views hold until the
         ring's depth of later steps have taken slots. CPU tensors are copied into the slot
         (use_triton: the kernel under the interpreter), so the ring's slots serve CPU runs the
         same way."""
