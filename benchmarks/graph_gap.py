@@ -17,7 +17,10 @@ graph's start after the kernel ahead of it. Cases by what runs beside it:
 
 With --pdl on (or both) the graph's kernels after its first launch with programmatic dependent
 launch, each waiting on the one before, as the decode graphs' layer kernels do (their first
-kernel, the embedding's gather, launches without).
+kernel, the embedding's gather, launches without). Such graphs started sooner at the median but
+100 µs or more late in a tenth of the rounds (forty-first session); --copies 2 captures the graph
+twice and replays the copies in turn, as a serving loop could with two graph executables a
+bucket, to see whether those late starts follow replaying one executable back to back.
 
     python -m benchmarks.graph_gap --nodes 1 64 300 --pdl both --out graph_gap.json
 """
@@ -72,9 +75,10 @@ def graph_starts(timeline: list[list]) -> list[float]:
     return gaps
 
 
-def measure(nodes: int, case: str, reps: int, pdl: bool = False) -> dict:
+def measure(nodes: int, case: str, reps: int, pdl: bool = False, copies: int = 1) -> dict:
     """One case: `reps` rounds of the kernel, what the case puts beside it, and a graph of
-    `nodes` kernels (after the first, with programmatic dependent launch if `pdl`), profiled."""
+    `nodes` kernels (after the first, with programmatic dependent launch if `pdl`; `copies`
+    captures of it replayed in turn), profiled."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device("cuda")
@@ -88,11 +92,14 @@ def measure(nodes: int, case: str, reps: int, pdl: bool = False) -> dict:
         _gap_node_kernel[(1,)](y, 64, BLOCK=64, USE_PDL=False)
         if pdl:
             _gap_node_kernel[(1,)](y, 64, BLOCK=64, USE_PDL=True, launch_pdl=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=main):
-            for i in range(nodes):
-                on = pdl and i > 0
-                _gap_node_kernel[(1,)](y, 64, BLOCK=64, USE_PDL=on, launch_pdl=on)
+        graphs = []
+        for _ in range(copies):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=main):
+                for i in range(nodes):
+                    on = pdl and i > 0
+                    _gap_node_kernel[(1,)](y, 64, BLOCK=64, USE_PDL=on, launch_pdl=on)
+            graphs.append(graph)
     torch.cuda.synchronize()
     events = [torch.cuda.Event() for _ in range(reps)]
     with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.cuda.stream(main):
@@ -106,15 +113,16 @@ def measure(nodes: int, case: str, reps: int, pdl: bool = False) -> dict:
                 side.wait_event(events[i])
                 with torch.cuda.stream(side):
                     host.copy_(x, non_blocking=True)
-            graph.replay()
+            graphs[i % copies].replay()
         torch.cuda.synchronize()
     gaps = graph_starts(kernel_timeline(prof))
     if not gaps:
         raise RuntimeError(f"{nodes} nodes, {case}: no graph start in the profile")
     q = statistics.quantiles(gaps, n=10) if len(gaps) > 1 else [gaps[0]] * 9
-    return {"nodes": nodes, "case": case, "pdl": pdl, "rounds": len(gaps),
+    return {"nodes": nodes, "case": case, "pdl": pdl, "copies": copies, "rounds": len(gaps),
             "median_us": round(statistics.median(gaps), 2), "p10_us": round(q[0], 2),
-            "p90_us": round(q[-1], 2)}
+            "p90_us": round(q[-1], 2), "mean_us": round(statistics.fmean(gaps), 2),
+            "max_us": round(max(gaps), 2), "over_20us": sum(g > 20.0 for g in gaps)}
 
 
 def main() -> None:
@@ -125,6 +133,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--pdl", choices=("off", "on", "both"), default="off",
                     help="the graph's kernels after its first with programmatic dependent launch")
+    ap.add_argument("--copies", type=int, nargs="+", default=[1],
+                    help="captures of the graph replayed in turn (each count a case)")
     ap.add_argument("--quick", action="store_true", help="10 rounds, one size")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -132,13 +142,18 @@ def main() -> None:
         raise SystemExit("graph_gap measures CUDA graphs: it needs a GPU")
     if a.quick:
         a.reps, a.nodes = 10, a.nodes[:1]
+    if min(a.copies) < 1:
+        raise SystemExit("--copies: at least one capture")
     pdls = {"off": [False], "on": [True], "both": [False, True]}[a.pdl]
-    rows = [measure(n, c, a.reps, p) for n in a.nodes for c in a.cases for p in pdls]
-    print("graph start after the kernel ahead of it (us): median [p10, p90]")
+    rows = [measure(n, c, a.reps, p, k) for n in a.nodes for c in a.cases for p in pdls
+            for k in a.copies]
+    print("graph start after the kernel ahead of it (us): median [p10, p90], mean, largest, "
+          "rounds over 20 us")
     for r in rows:
-        print(f"  {r['nodes']:4d} nodes, {r['case']:10s}{' pdl' if r['pdl'] else '    '}: "
-              f"{r['median_us']:7.2f} "
-              f"[{r['p10_us']:.2f}, {r['p90_us']:.2f}] over {r['rounds']} rounds")
+        print(f"  {r['nodes']:4d} nodes, {r['case']:10s}{' pdl' if r['pdl'] else '    '}"
+              f" x{r['copies']}: {r['median_us']:7.2f} "
+              f"[{r['p10_us']:.2f}, {r['p90_us']:.2f}], {r['mean_us']:.2f}, {r['max_us']:.2f}, "
+              f"{r['over_20us']} of {r['rounds']}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"rows": rows}, f, indent=1)

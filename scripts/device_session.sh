@@ -540,7 +540,8 @@ case "${1:-}" in
     # against the two launches in bf16 at Llama-3.1-8B's heads with PDL and without, fp32
     # tokens against HF for the four architectures and graphs against eager with it on); base
     # steps by default and with it, alternating, three rounds; the loop profiled with it, and by
-    # default with the gap groups' medians (s52d's question)
+    # default with the gap groups' medians (s52d's question); graph_gap's PDL graphs replayed
+    # as one executable and as two in turn (s52b: a tenth of their starts 100 us or more late)
     ar="LORASERVE_DECODE_ATTN_ROPE=1"
     timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
       > "$OUT/rope_attention_tests.log" 2>&1
@@ -549,6 +550,8 @@ case "${1:-}" in
       tests/test_graphs_gpu.py -k "(hf_on_cuda and fp32) or (graphs_match_eager_fp32 and csgmv)" \
       > "$OUT/rope_attention_model_tests.log" 2>&1
     echo "== $ar model tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_attention_model_tests.log" | tail -6
+    timeout 90 python3 -m benchmarks.graph_gap --nodes 300 --cases none --pdl both --copies 1 2 \
+      --reps 200 --out "$OUT/graph_gap_53a.json" 2>&1 | tail -5
     base_each 400 53a NONE=1 "$ar" NONE=2 "$ar" NONE=3 "$ar"
     for k in ar default; do
       set=""; [ "$k" = ar ] && set="$ar"
