@@ -160,7 +160,14 @@ class GraphBuffers:
 class DecodeGraphs:
     """Captured decode forwards, one per (bucket size, variant): without LoRA (False), with it
     (True), and, where the pool stacks groups, with the stacked GEMMs ("stacked": from the
-    buckets on whose rows can span enough adapters for `stack_wins`)."""
+    buckets on whose rows can span enough adapters for `stack_wins`).
+
+    LORASERVE_DECODE_GRAPH_COPIES=N (opt-in, default 1) captures each N times and replays the
+    copies in turn, so no executable is launched twice in a row: graphs whose kernels launch
+    with PDL started 100 µs or more after the kernel ahead in a tenth of benchmarks/graph_gap.py's
+    rounds on the H200 (forty-first session), and the serving loop's gap before the decode graph
+    averaged 16-18 µs a step against a 2.9 µs median; whether that follows replaying one
+    executable back to back is what the copies test (phase s53a)."""
 
     def __init__(
         self,
@@ -182,6 +189,12 @@ class DecodeGraphs:
         self.buf = GraphBuffers.allocate(max_bs, max_blocks, self.device)
         self.lora_backend = lora_backend
         self.graphs: dict[tuple[int, bool | str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # LORASERVE_DECODE_GRAPH_COPIES: the further captures of each key, and the copy its
+        # next replay takes (0: the one in `graphs`)
+        self.copies = env_int("LORASERVE_DECODE_GRAPH_COPIES", 1, least=1, most=4)
+        self.spares: dict[tuple[int, bool | str], list[tuple[torch.cuda.CUDAGraph,
+                                                             torch.Tensor]]] = {}
+        self._turn: dict[tuple[int, bool | str], int] = {}
         self.pool = None
         self.num_replays = 0
 
@@ -214,16 +227,20 @@ class DecodeGraphs:
                 for variant in variants:
                     with_lora = variant is not False
                     fb = self.buf.view(bs, self._lora_info(bs) if with_lora else None)
-                    with blas_library(decode_blas(bs, with_lora)), \
-                            stack_paths(variant == "stacked"), \
-                            splitk_scope(graph_splits(bs, with_lora)):
-                        g, logits = capture_graph(
-                            lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
-                            self.pool, fold=with_lora, decode=True,
-                        )
-                    if self.pool is None:
-                        self.pool = g.pool()
-                    self.graphs[(bs, variant)] = (g, logits)
+                    for copy in range(self.copies):
+                        with blas_library(decode_blas(bs, with_lora)), \
+                                stack_paths(variant == "stacked"), \
+                                splitk_scope(graph_splits(bs, with_lora)):
+                            g, logits = capture_graph(
+                                lambda fb=fb: self.model(fb, self.kv_k, self.kv_v), stream,
+                                self.pool, fold=with_lora, decode=True,
+                            )
+                        if self.pool is None:
+                            self.pool = g.pool()
+                        if copy == 0:
+                            self.graphs[(bs, variant)] = (g, logits)
+                        else:
+                            self.spares.setdefault((bs, variant), []).append((g, logits))
         stream.synchronize()
 
     def can_run(self, fb: ForwardBatch) -> bool:
@@ -285,10 +302,19 @@ class DecodeGraphs:
         if with_lora and (bucket, "stacked") in self.graphs and stack_wins(
                 fb.lora.num_segments, self.model.lora_pool.num_slots):
             variant = "stacked"
-        g, logits = self.graphs[(bucket, variant)]
+        g, logits = self._take((bucket, variant))
         g.replay()
         self.num_replays += 1
         return logits[:bs]
+
+    def _take(self, key: tuple[int, bool | str]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of `key` whose turn it is: its copies in rotation (one without spares)."""
+        spares = self.spares.get(key)
+        if not spares:
+            return self.graphs[key]
+        turn = self._turn.get(key, 0)
+        self._turn[key] = (turn + 1) % (len(spares) + 1)
+        return self.graphs[key] if turn == 0 else spares[turn - 1]
 
 
 def _fill_padded(

@@ -124,7 +124,10 @@
 #   scripts/device_session.sh s53a   (one GPU, prepared for the next session) the rotary
 #                                    kernel's work inside decode attention: GPU tests, base
 #                                    steps with it and by default, three rounds, the loop
-#                                    profiled with it and by default; ~8 min
+#                                    profiled with it and by default; ~7 min
+#   scripts/device_session.sh s53b   (one GPU, prepared) the decode graphs' copies replayed in
+#                                    turn: graph_gap's copies, graph tests, base steps with
+#                                    them and by default, three rounds, the loop profiled; ~6 min
 #   scripts/device_session.sh s52d   (one GPU, prepared) the loop profiled three times, once with the
 #                                    host's calls: each idle gap's median and largest; ~3 min
 #   scripts/device_session.sh s52c   (one GPU) the rotary test again, when the host launches
@@ -523,6 +526,20 @@ step_base() {  # step_base NAME LIMIT [SRC=DIR] [VAR=VALUE...]: base decode at b
   tail -3 "$OUT/$name.log" | grep -iE "error|Traceback" && tail -25 "$OUT/$name.log"
 }
 
+loop_profiles() {  # loop_profiles TAG CASE...: batch 32's serving loop profiled, one process a
+  # CASE (NAME:VAR=VALUE..., or NAME for the defaults), into $OUT/loop_prof_NAME_TAG.json
+  local tag=$1 case name; shift
+  for case in "$@"; do
+    name=${case%%:*}
+    local settings=""; [ "$case" != "$name" ] && settings=${case#*:}
+    # shellcheck disable=SC2086  # the settings are separate words
+    env $settings timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 \
+      --steps 50 --out "$OUT/loop_prof_${name}_$tag.json" > /tmp/loop_prof.log 2>&1
+    echo "== step_bench --profile-loop $settings: rc $?"
+    sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -16
+  done
+}
+
 base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per argument;
   # their table, and their JSON in one archive $OUT/base_TAG.tgz ($OUT takes few files back;
   # TAG -: left as they are, each there as soon as its process ends)
@@ -540,8 +557,7 @@ case "${1:-}" in
     # against the two launches in bf16 at Llama-3.1-8B's heads with PDL and without, fp32
     # tokens against HF for the four architectures and graphs against eager with it on); base
     # steps by default and with it, alternating, three rounds; the loop profiled with it, and by
-    # default with the gap groups' medians (s52d's question); graph_gap's PDL graphs replayed
-    # as one executable and as two in turn (s52b: a tenth of their starts 100 us or more late)
+    # default with the gap groups' medians (s52d's question)
     ar="LORASERVE_DECODE_ATTN_ROPE=1"
     timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
       > "$OUT/rope_attention_tests.log" 2>&1
@@ -550,17 +566,25 @@ case "${1:-}" in
       tests/test_graphs_gpu.py -k "(hf_on_cuda and fp32) or (graphs_match_eager_fp32 and csgmv)" \
       > "$OUT/rope_attention_model_tests.log" 2>&1
     echo "== $ar model tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_attention_model_tests.log" | tail -6
+    base_each 420 53a NONE=1 "$ar" NONE=2 "$ar" NONE=3 "$ar"
+    loop_profiles 53a "ar:$ar" default
+    ;;
+  s53b)  # one GPU (prepared for the next session): the decode graphs captured twice and
+    # replayed in turn (LORASERVE_DECODE_GRAPH_COPIES=2), so no executable launches twice in a
+    # row: graph_gap's PDL graphs started 100 us or more late in a tenth of the rounds (s52b),
+    # and the loop's gap before the decode graph averaged 16-18 us against a 2.9 us median
+    # (s52c). graph_gap with one executable and two in turn; the graph tests with the copies;
+    # base steps by default and with them, alternating, three rounds; the loop profiled with them
+    cp2="LORASERVE_DECODE_GRAPH_COPIES=2"
     timeout 90 python3 -m benchmarks.graph_gap --nodes 300 --cases none --pdl both --copies 1 2 \
-      --reps 200 --out "$OUT/graph_gap_53a.json" 2>&1 | tail -5
-    base_each 400 53a NONE=1 "$ar" NONE=2 "$ar" NONE=3 "$ar"
-    for k in ar default; do
-      set=""; [ "$k" = ar ] && set="$ar"
-      # shellcheck disable=SC2086  # set: one word or none
-      env $set timeout 100 python3 -m benchmarks.step_bench --profile-loop --batch 32 --steps 50 \
-        --out "$OUT/loop_prof_${k}_53a.json" > /tmp/loop_prof.log 2>&1
-      echo "== step_bench --profile-loop $set: rc $?"
-      sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -16
-    done
+      --reps 200 --out "$OUT/graph_gap_53b.json" 2>&1 | tail -5
+    env $cp2 timeout 150 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+      tests/test_graphs_gpu.py tests/test_graph_inputs.py \
+      -k "(graphs_match_eager_fp32 and csgmv) or zero_copy_steps_keep_greedy_tokens_on_cuda" \
+      > "$OUT/graph_copies_tests.log" 2>&1
+    echo "== $cp2 tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/graph_copies_tests.log" | tail -6
+    base_each 420 53b NONE=1 "$cp2" NONE=2 "$cp2" NONE=3 "$cp2"
+    loop_profiles 53b "cp2:$cp2"
     ;;
   s52d)  # one GPU: the loop profiled by default, with the host's calls, and by default again,
     # each idle gap group with its median and largest gap (s52c: with the host's calls the gap

@@ -7,6 +7,8 @@ static buffers; on CUDA the kernel reads the staged rows from pinned host memory
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -151,6 +153,37 @@ def test_zero_copy_steps_keep_greedy_tokens(tmp_path, monkeypatch) -> None:
     assert graphs.num_replays == len(staged) > 5
     assert any(pending for _, pending in staged)  # the loop overlapped those steps
     assert {bs for bs, _ in staged} >= {9, 8}  # bucket 16 padded; smaller batches too
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU stand-ins for the graphs")
+def test_graph_copies_replay_in_turn(tmp_path, monkeypatch) -> None:
+    """LORASERVE_DECODE_GRAPH_COPIES=2: a bucket's two captures replay in turn, never one twice
+    in a row, and the loop's greedy tokens are the eager engine's; the setting is checked."""
+    model = make_model(tmp_path / "m")
+    ps = prompts(4, read_vocab(model), seed=2, lo=3, hi=12)
+    params = [greedy(n) for n in (6, 9, 4, 9)]
+    eager = run(run_batch(make_engine(model, max_running_requests=4), ps, params))
+    monkeypatch.setenv("LORASERVE_DECODE_GRAPH_COPIES", "2")
+    engine = make_engine(model, max_running_requests=4)
+    graphs = with_model_graphs(engine, 4)
+    assert graphs.copies == 2
+    order = []
+    for bs in graphs.sizes:
+        for graph, name in ((graphs.graphs[(bs, False)][0], "a"), (ModelGraph(graphs, bs), "b")):
+            replay = graph.replay
+            graph.replay = lambda replay=replay, name=name, bs=bs: (order.append((bs, name)),
+                                                                   replay())
+            if name == "b":
+                graphs.spares[(bs, False)] = [(graph, graph.logits)]
+    assert run(run_batch(engine, ps, params)) == eager
+    assert len(order) == graphs.num_replays > 5
+    for bs in graphs.sizes:
+        names = [n for b, n in order if b == bs]
+        assert all(x != y for x, y in itertools.pairwise(names)), (bs, names)
+    assert {n for _, n in order} == {"a", "b"}
+    monkeypatch.setenv("LORASERVE_DECODE_GRAPH_COPIES", "0")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GRAPH_COPIES"):
+        with_model_graphs(make_engine(model, max_running_requests=4), 4)
 
 
 def test_a_zero_copy_step_never_runs_eagerly(tmp_path) -> None:
