@@ -167,7 +167,8 @@ class DecodeGraphs:
     with PDL started 100 µs or more after the kernel ahead in a tenth of benchmarks/graph_gap.py's
     rounds on the H200 (forty-first session), and the serving loop's gap before the decode graph
     averaged 16-18 µs a step against a 2.9 µs median; whether that follows replaying one
-    executable back to back is what the copies test (phase s53a)."""
+    executable back to back is what the copies test (phase s53b). Tensor-parallel runners
+    refuse more than one."""
 
     def __init__(
         self,

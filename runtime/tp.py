@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from ops.lora import LoraBatchInfo
-from ops.settings import env_flag
+from ops.settings import env_flag, env_int
 from runtime.adapters.failures import files_signature, signature_digest
 from runtime.adapters.manager import (
     AdapterManager,
@@ -811,6 +811,9 @@ class TPModelRunner(ModelRunner):
             raise ValueError("LORASERVE_READBACK_KERNEL=1 is not supported with tp_size > 1: "
                              "rank 0 copies its results on its compute stream")
         self.results = None  # by default: copies, not the kernel readback
+        if env_int("LORASERVE_DECODE_GRAPH_COPIES", 1, least=1) > 1:  # not run on two GPUs
+            raise ValueError("LORASERVE_DECODE_GRAPH_COPIES above 1 is not supported with "
+                             "tp_size > 1: each rank captures one decode graph a bucket")
         self.driver = driver
 
     def enable_cuda_graphs(

@@ -181,6 +181,10 @@ def test_graph_copies_replay_in_turn(tmp_path, monkeypatch) -> None:
         names = [n for b, n in order if b == bs]
         assert all(x != y for x, y in itertools.pairwise(names)), (bs, names)
     assert {n for _, n in order} == {"a", "b"}
+    from runtime import tp
+
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GRAPH_COPIES"):
+        tp.TPModelRunner(None, None, 16, None, torch.device("cpu"), driver=None)
     monkeypatch.setenv("LORASERVE_DECODE_GRAPH_COPIES", "0")
     with pytest.raises(ValueError, match="LORASERVE_DECODE_GRAPH_COPIES"):
         with_model_graphs(make_engine(model, max_running_requests=4), 4)
