@@ -53,7 +53,7 @@ def make_case(lens: list[int], heads: int, kv_heads: int, head_dim: int, dtype: 
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(*lead, heads, head_dim)
     k, v = k.view(*lead, kv_heads, head_dim), v.view(*lead, kv_heads, head_dim)
-    cos, sin = rope_tables(torch.arange(64), head_dim, dtype)
+    cos, sin = rope_tables(torch.arange(max(lens) + 8), head_dim, dtype)  # the whole tables
     dev = [x.to(DEVICE) for x in (q, k, v, cos, sin, positions, slots, tables, k_cache, v_cache)]
     return dev + [torch.tensor(lens, dtype=torch.int32, device=DEVICE)]
 
