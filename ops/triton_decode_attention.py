@@ -32,7 +32,7 @@ from ops.triton_attention_tiles import (
     softmax_tile,
     wide_offsets,
 )
-from ops.triton_rope_store_kv import check_rope_args
+from ops.triton_rope_store_kv import check_rope_args, load_parts
 
 _LOG2E = 1.4426950408889634
 # The grid's slices: one per this many tokens of the block table's width at most.
@@ -59,13 +59,8 @@ def _rope_rows(src, offs, offs_sw, sign, stride_part, cos, sin, w, w_sw, eps,
     per-head RMSNorm with QK_NORM (weights w, and w_sw at the swapped halves). Returns the
     rotated rows in like_ptr's dtype."""
     dtype = like_ptr.dtype.element_ty
-    x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    xs = tl.load(src + offs_sw, mask=mask, other=0.0).to(tl.float32)
-    for p in tl.static_range(1, PARTS):
-        x += tl.load(src + p * stride_part + offs, mask=mask, other=0.0).to(tl.float32)
-        xs += tl.load(src + p * stride_part + offs_sw, mask=mask, other=0.0).to(tl.float32)
-    x = x.to(dtype).to(tl.float32)
-    xs = xs.to(dtype).to(tl.float32)
+    x = load_parts(src, offs, mask, stride_part, PARTS, like_ptr)
+    xs = load_parts(src, offs_sw, mask, stride_part, PARTS, like_ptr)
     if QK_NORM:
         inv_rms = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=AXIS, keep_dims=True) / HEAD_DIM + eps)
         x = ((x * inv_rms).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
@@ -205,9 +200,7 @@ def _decode_attention_kernel(
             k_new = _rope_rows(k_row, dims, dims_sw, sign, stride_part, cos, sin, kw, kw_sw,
                                eps, PARTS, QK_NORM, HEAD_DIM, 0, cos_ptr, dims < HEAD_DIM)
             v_row = v_new_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh
-            v_new = tl.load(v_row + dims).to(tl.float32)
-            for p in tl.static_range(1, PARTS):
-                v_new += tl.load(v_row + p * stride_part + dims).to(tl.float32)
+            v_new = load_parts(v_row, dims, dims < HEAD_DIM, stride_part, PARTS, cos_ptr)
             k_new = k_new.to(cache_dtype)
             v_new = v_new.to(cos_ptr.dtype.element_ty).to(cache_dtype)
             cache_row = slot * stride_cache_token + kv_head * stride_cache_head + dims

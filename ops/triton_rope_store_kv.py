@@ -48,9 +48,11 @@ def _head_norm(x1, x2, w_ptr, offs, live, eps, HEAD_DIM: tl.constexpr, HALF: tl.
 
 
 @triton.jit
-def _load_half(src, offs, live, stride_part, PARTS: tl.constexpr, like_ptr):
-    """One half of a head row, fp32: loaded, or with PARTS > 1 its split-K partials summed in
-    slice order and rounded to like_ptr's dtype (what the unsplit projection stores)."""
+def load_parts(src, offs, live, stride_part, PARTS: tl.constexpr, like_ptr):
+    """Values of the qkv projection's output at `offs` (any shape; here one half of a head
+    row, in decode attention whole head rows), fp32: loaded, or with PARTS > 1 its split-K
+    partials summed in slice order and rounded to like_ptr's dtype (what the unsplit
+    projection stores)."""
     if PARTS == 1:
         return tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
     x = tl.load(src + offs, mask=live, other=0.0).to(tl.float32)
@@ -151,8 +153,8 @@ def _rope_store_kv_kernel(
                               BLOCK_R, EVEN_R)
         wait_then_release(USE_PDL)
         src = q_ptr + t * stride_qt + head * stride_qh
-        x1 = _load_half(src, offs, live, stride_part, PARTS, q_out_ptr)
-        x2 = _load_half(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
+        x1 = load_parts(src, offs, live, stride_part, PARTS, q_out_ptr)
+        x2 = load_parts(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
         if FOLD:
             tq = lora_fold_t(t_ptr, t, lora_slot, 0, R, stride_ts, stride_tm, stride_tslot, SPLITS,
                              BLOCK_R, EVEN_R)
@@ -182,16 +184,16 @@ def _rope_store_kv_kernel(
                               BLOCK_R, EVEN_R)
         wait_then_release(USE_PDL)
         src = k_ptr + t * stride_kt + kv_head * stride_kh
-        x1 = _load_half(src, offs, live, stride_part, PARTS, q_out_ptr)
-        x2 = _load_half(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
+        x1 = load_parts(src, offs, live, stride_part, PARTS, q_out_ptr)
+        x2 = load_parts(src + HALF, offs, live, stride_part, PARTS, q_out_ptr)
         vsrc = v_ptr + t * stride_vt + kv_head * stride_vh
         if PARTS == 1:
             v1 = tl.load(vsrc + offs, mask=live, other=0.0)
             v2 = tl.load(vsrc + HALF + offs, mask=live, other=0.0)
         else:
             out_dtype = q_out_ptr.dtype.element_ty
-            v1 = _load_half(vsrc, offs, live, stride_part, PARTS, q_out_ptr).to(out_dtype)
-            v2 = _load_half(vsrc + HALF, offs, live, stride_part, PARTS, q_out_ptr).to(out_dtype)
+            v1 = load_parts(vsrc, offs, live, stride_part, PARTS, q_out_ptr).to(out_dtype)
+            v2 = load_parts(vsrc + HALF, offs, live, stride_part, PARTS, q_out_ptr).to(out_dtype)
         if FOLD:
             tk = lora_fold_t(t_ptr, t, lora_slot, 1, R, stride_ts, stride_tm, stride_tslot, SPLITS,
                              BLOCK_R, EVEN_R)

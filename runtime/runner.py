@@ -3,11 +3,12 @@
 `prepare` turns the scheduler's plan into a `ForwardBatch` of plain tensors (built on the host,
 copied with one non-blocking transfer each). A decode row whose input token is still being
 sampled by the step in flight takes it from that step's device tensor, so step N+1 is prepared
-and launched before step N's tokens reach the host. `launch` enqueues the forward and the sampler
-on the compute stream and non-blocking copies of the results into pinned host buffers on the
-readback stream, records an event after them and returns at once: nothing here waits on the
-GPU. `InFlightStep.result()` reads the host buffers once the event has completed. Nothing here
-touches Request state except reading it; the engine applies the results.
+and launched before step N's tokens reach the host. `launch` enqueues the forward, the sampler
+and the kernels that write the results into pinned host buffers on the compute stream (or, with
+LORASERVE_READBACK_KERNEL=0, non-blocking copies of them on the readback stream), records an
+event after them and returns at once: nothing here waits on the GPU. `InFlightStep.result()`
+reads the host buffers once the event has completed. Nothing here touches Request state except
+reading it; the engine applies the results.
 """
 
 from __future__ import annotations
@@ -504,20 +505,21 @@ class ModelRunner:
             )
             if fb.sample_rows is not None:
                 self._score_prompt(logits, fb, plan.requests, dev, step)
-            self._read_back(dev, step)
+            if self.results is not None:
+                self._write_back(dev, step)
+            else:
+                self._read_back(dev, step)
             return step
 
     def _read_back(self, dev: dict[str, torch.Tensor], step: InFlightStep) -> None:
-        """Copy the step's results `dev` into pinned host buffers and record `step.event` after
-        them. On CUDA the copies run on the readback stream once the compute stream has sampled:
-        on the compute stream the next step's first kernel would wait for the copy engine (the
-        copy's start and the kernel after it each left the device idle about 5 µs of batch 32's
-        step on the H200, benchmarks/RESULTS.md fortieth session). The event still follows all
-        of the step's compute work. The results' device memory, the compute stream's, is marked
-        in use by the readback stream until the copies finish."""
-        if self.results is not None:
-            self._write_back(dev, step)
-            return
+        """LORASERVE_READBACK_KERNEL=0: copy the step's results `dev` into pinned host buffers
+        and record `step.event` after them. On CUDA the copies run on the readback stream once
+        the compute stream has sampled: on the compute stream the next step's first kernel
+        would wait for the copy engine (the copy's start and the kernel after it each left the
+        device idle about 5 µs of batch 32's step on the H200, benchmarks/RESULTS.md fortieth
+        session). The event still follows all of the step's compute work. The results' device
+        memory, the compute stream's, is marked in use by the readback stream until the copies
+        finish."""
         rb = self.streams.readback if self.readback else None
         if rb is not None:
             sampled = Event(self.device)
@@ -544,8 +546,8 @@ class ModelRunner:
             dev["prompt_top_values"], dev["prompt_top_ids"] = lp.topk(k, dim=-1)
 
     def _write_back(self, dev: dict[str, torch.Tensor], step: InFlightStep) -> None:
-        """The default (LORASERVE_READBACK_KERNEL=0: copies, _read_back): the results `dev`
-        written into a slot of the result ring's pinned host memory by one kernel each on the
+        """By default (LORASERVE_READBACK_KERNEL=0 copies instead: _read_back): the results
+        `dev` written into a slot of the result ring's pinned host memory by one kernel each on the
         compute stream (ops/triton_host_write.py), `step.event` recorded after them there: the
         step uses no copy engine, no second stream and no pinned allocation (on the H200 the
         next graph's start came 16-18 µs a step after its input kernel on average, where the

@@ -1,7 +1,8 @@
 """CUDA streams and events behind a thin wrapper that is a no-op on CPU.
 
-The engine runs forward passes on a compute stream, adapter uploads on a copy stream and each
-step's results back to the host on a readback stream; events order them on the GPU. On CPU
+The engine runs forward passes on a compute stream and adapter uploads on a copy stream; with
+LORASERVE_READBACK_KERNEL=0 each step's results go back to the host on a readback stream (by
+default a kernel on the compute stream writes them). Events order them on the GPU. On CPU
 every operation is synchronous, so the same code paths run in CI: events are always complete
 and waits do nothing.
 
@@ -75,8 +76,8 @@ class IssuedEvent:
 
 class Streams:
     """The engine's streams: `compute` (forward passes), `copy` (adapter uploads) and
-    `readback` (each step's results to the host, so the next step's kernels do not queue
-    behind the copy engine).
+    `readback` (each step's results copied to the host when the kernel readback is off, so
+    the next step's kernels do not queue behind the copy engine).
 
     All are None on CPU, where `use(None)` is a no-op context.
     """
