@@ -75,6 +75,45 @@ def compile_for_sm90(fn, ptrs: dict, constexprs: dict, aligned=(), **options):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
+                     silu_mul: bool = False, bias: bool = False, pdl: bool = True,
+                     partials: bool = False):
+    """ops/gluon_decode_gemm.py's kernel compiled for sm_90 as `tma_gemm_launch` would launch it
+    for x [rows, k] bf16 and a weight of n rows (gate_up's 2 * inter with silu_mul), at the
+    decode GEMM's `tiling` (its stages cut to fit as there); `partials`: y is a split's fp32
+    partials. Shared with tests/test_gluon_decode_gemm.py."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from ops.gluon_decode_gemm import _descriptors, _tma_gemm_kernel
+    from ops.sizes import next_pow2
+    from ops.triton_decode_gemm import gemm_tiling, pipeline_stages
+
+    tile = gemm_tiling(tiling)
+    block_n, block_k, _, warps, _ = tile
+    mp = max(16, next_pow2(rows))
+    # meta tensors: the descriptors' types need shapes and dtypes, not memory
+    x = torch.empty(rows, k, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(n, k, dtype=torch.bfloat16, device="meta")
+    w_desc, x_desc = _descriptors(x, w, block_n // 2 if silu_mul else block_n, mp, block_k)
+    fn = _tma_gemm_kernel
+    names = list(fn.arg_names)
+    consts = {"BLOCK_N": block_n, "STAGES": pipeline_stages(tile, mp, 2), "HAS_BIAS": bias,
+              "USE_PDL": pdl, "SILU_MUL": silu_mul, "num_warps": warps}
+    types = {"w_desc": mangle_type(w_desc), "x_desc": mangle_type(x_desc), "b_ptr": "*bf16",
+             "y_ptr": "*fp32" if partials else "*bf16"}
+    signature = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
+    source = GluonASTSource(
+        fn=fn, signature=signature,
+        constexprs={(names.index(nm),): v for nm, v in consts.items()},
+        attrs={(names.index(nm),): [["tt.divisibility", 16]]
+               for nm in ("b_ptr", "y_ptr", "stride_ys", "stride_ym")})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
 def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[bytes, int]:
     """(cubin, shared bytes) of `kernel` for sm_90 at its defaults overridden by `consts`."""
     import importlib

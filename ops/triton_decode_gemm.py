@@ -59,6 +59,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ops.dispatch import num_sms
+from ops.gluon_decode_gemm import tma_gemm_launch, tma_gemm_on, tma_takes
 from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_decode_gemv import decode_gemv_rows
@@ -214,6 +215,15 @@ def _decode_gemm_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
 
 
+def _tma(x: torch.Tensor, weight: torch.Tensor, tile) -> bool:
+    """Whether this launch goes to ops/gluon_decode_gemm.py (LORASERVE_DECODE_GEMM_TMA=1,
+    operands its copies take, nothing loaded ahead by PRE_K and W's tile rows in whole
+    warpgroup MMAs: 16 a warp)."""
+    block_n, _, pre_k, warps, _ = tile
+    return (tma_gemm_on() and pre_k == 0 and block_n % (16 * warps) == 0
+            and tma_takes(x, weight))
+
+
 def gemm_tiling(spec: str | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, PRE_K, warps, stages) from `spec` or LORASERVE_DECODE_GEMM_TILE
     ("64:128:256:4:4"), else DEFAULT_TILING."""
@@ -283,6 +293,9 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         out = torch.empty((1, rows, n_dim), dtype=x.dtype, device=x.device)
     mp = max(16, next_pow2(rows))
     stages = pipeline_stages(tile, mp, x.element_size())
+    if _tma(x, weight, tile):
+        tma_gemm_launch(x, weight, bias, out, split, block_n, block_k, warps, stages, pdl)
+        return out if split > 1 else out[0]
     extra = {"launch_pdl": True} if pdl else {}
     grid = (cdiv(n_dim, block_n), split)
     _decode_gemm_kernel[grid](
@@ -350,6 +363,10 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
     half = block_n // 2
     out = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
     mp = max(16, next_pow2(rows))
+    if fold is None and _tma(x, weight, tile):
+        tma_gemm_launch(x, weight, None, out, 1, block_n, block_k, warps,
+                        pipeline_stages(tile, mp, x.element_size()), pdl, silu_mul=True)
+        return out
     extra = {"launch_pdl": True} if pdl else {}
     if fold is not None:
         fold.check(rows, inter, x.device)

@@ -128,6 +128,10 @@
 #   scripts/device_session.sh s53b   (one GPU, prepared) the decode graphs' copies replayed in
 #                                    turn: graph_gap's copies, graph tests, base steps with
 #                                    them and by default, three rounds, the loop profiled; ~6 min
+#   scripts/device_session.sh s53c   (one GPU, prepared) the decode GEMM with W's first tiles
+#                                    before the PDL wait (Gluon): GPU tests, model tests with
+#                                    it, the projections alone with it and without, base steps
+#                                    with it and by default, three rounds, the loop; ~8 min
 #   scripts/device_session.sh s52d   (one GPU, prepared) the loop profiled three times, once with the
 #                                    host's calls: each idle gap's median and largest; ~3 min
 #   scripts/device_session.sh s52c   (one GPU) the rotary test again, when the host launches
@@ -585,6 +589,29 @@ case "${1:-}" in
     echo "== $cp2 tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/graph_copies_tests.log" | tail -6
     base_each 420 53b NONE=1 "$cp2" NONE=2 "$cp2" NONE=3 "$cp2"
     loop_profiles 53b "cp2:$cp2"
+    ;;
+  s53c)  # one GPU (prepared for the next session): the decode GEMM with W's first tiles in
+    # flight before the PDL wait (LORASERVE_DECODE_GEMM_TMA=1, ops/gluon_decode_gemm.py): its
+    # GPU tests (bit for bit the Triton kernel at Llama-3.1-8B's projections and gate_up, the
+    # PDL chain in a graph), fp32 tokens against HF and graphs against eager with it on; the
+    # projections alone behind a PDL add+RMSNorm with it and without; base steps by default and
+    # with it, alternating, three rounds; the loop profiled with it
+    tma="LORASERVE_DECODE_GEMM_TMA=1"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
+      > "$OUT/tma_gemm_tests.log" 2>&1
+    echo "== tma gemm tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_gemm_tests.log" | tail -8
+    env $tma timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_engine_gpu.py \
+      tests/test_graphs_gpu.py -k "(hf_on_cuda and fp32) or (graphs_match_eager_fp32 and csgmv)" \
+      > "$OUT/tma_gemm_model_tests.log" 2>&1
+    echo "== $tma model tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_gemm_model_tests.log" | tail -6
+    for s in NONE=1 "$tma"; do
+      env $s timeout 120 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o down gate_up \
+        --gemm 64:256:0:4:4 --gemm-split 2 --gate-up 64:128:0:4:4 \
+        --out "$OUT/gemm_${s%%=*}_53c.json" > /tmp/gemm_bench.log 2>&1
+      echo "== gemm_bench $s: rc $?"; grep -vE "^\s*$" /tmp/gemm_bench.log | head -30
+    done
+    base_each 360 53c NONE=1 "$tma" NONE=2 "$tma" NONE=3 "$tma"
+    loop_profiles 53c "tma:$tma"
     ;;
   s52d)  # one GPU: the loop profiled by default, with the host's calls, and by default again,
     # each idle gap group with its median and largest gap (s52c: with the host's calls the gap

@@ -19,7 +19,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("graphs")
+    return make_setup(tmp_path_factory.mktemp("graphs"))
+
+
+def make_setup(root):
+    """A small Llama and four adapters of ranks 1-16 over different projections, under root:
+    (model path, adapter paths)."""
     model = make_model(root / "m", "llama", hidden=128, heads=4, kv_heads=2, inter=256)
     ranks = [1, 4, 8, 16]
     targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -1,0 +1,247 @@
+"""ops/gluon_decode_gemm.py: the decode GEMM with W's first tiles in flight before the PDL wait
+(LORASERVE_DECODE_GEMM_TMA=1). On the CPU: the kernel compiled for sm_90 issues W's copies, and
+only W's, ahead of the wait, and the wrappers keep the Triton kernel where it cannot run. On the
+device: bit for bit the Triton kernel at Llama-3.1-8B's projections (unsplit with and without a
+bias, split-K partials, gate_up with SiLU*up), masked rows and columns, and the PDL layer chain
+in a graph bit for bit the chain without PDL."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops.triton_decode_gemm as tdg
+from ops.gluon_decode_gemm import tma_gemm_on, tma_takes
+from ops.triton_decode_gemm import decode_gemm, decode_gemm_silu_mul
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+PTX = r"""
+import json, sys
+from benchmarks.sass_stats import compile_tma_gemm
+kw = json.loads(sys.argv[1])
+k = compile_tma_gemm(**kw)
+print(json.dumps({"ptx": k.asm["ptx"], "shared": k.metadata.shared}))
+"""
+
+
+def _nvidia_backend() -> bool:
+    try:
+        import triton.backends.nvidia  # noqa: F401
+        from triton.experimental.gluon.language.nvidia.hopper import tma  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ptx(**kw) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", PTX, json.dumps(kw)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its CUDA backend or Gluon")
+@pytest.mark.parametrize(("case", "stages"), [
+    # qkv at batch 32 with Qwen2's bias, 4 stages of 64 x 256
+    ({"rows": 32, "n": 6144, "k": 4096, "bias": True}, 4),
+    # o's split-K partials at batch 2 (x's rows padded to 16)
+    ({"rows": 2, "n": 4096, "k": 4096, "partials": True}, 4),
+    # gate_up with SiLU*up: two copies a stage (gate's rows, up's rows), 4 stages of 64 x 128
+    ({"rows": 32, "n": 2 * 14336, "k": 4096, "tiling": "64:128:0:4:4", "silu_mul": True}, 4),
+])
+def test_w_tiles_are_in_flight_before_the_wait(case, stages):
+    """The compiled kernel issues its first `stages` tiles of W (tensor-memory copies) before
+    griddepcontrol.wait, no copy of x before it, and x's first tiles right after the release;
+    it fits the H200's shared memory."""
+    out = _ptx(**case)
+    ptx = out["ptx"]
+    assert out["shared"] <= 227 * 1024
+    wait = ptx.index("griddepcontrol.wait")
+    release = ptx.index("griddepcontrol.launch_dependents")
+    assert wait < release
+    copy = re.compile(r"cp\.async\.bulk\.tensor\.2d\S*\s+\[[^\]]+\],\s*\[(%rd\d+),")
+    before = [m.group(1) for m in copy.finditer(ptx[:wait])]
+    w_copies = stages * (2 if case.get("silu_mul") else 1)
+    assert len(before) == w_copies, before
+    assert len(set(before)) == 1  # one descriptor: W's
+    loop = ptx.index("mbarrier.try_wait", release)
+    after = [m.group(1) for m in copy.finditer(ptx[release:loop])]
+    assert len(after) == stages and set(after).isdisjoint(before), after
+
+
+def test_wrappers_keep_the_triton_kernel_where_it_cannot_run(monkeypatch):
+    """With the setting on, CPU tensors (and fp32 anywhere) go to the Triton kernel: its
+    results, not an error."""
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 64, generator=g).half()
+    w = torch.randn(32, 64, generator=g).half()
+    assert not tma_takes(x, w) and not tma_takes(x.float(), w.float())
+    got = decode_gemm(x, w, tiling="16:16:0:4:2")
+    assert torch.allclose(got.float(), x.float() @ w.float().T, rtol=2e-3, atol=2e-2)
+    wg = torch.randn(64, 64, generator=g).half()
+    got = decode_gemm_silu_mul(x, wg, tiling="16:16:0:4:2")
+    gate, up = (x.float() @ wg.float().T).split(32, dim=-1)
+    assert torch.allclose(got.float(), F.silu(gate) * up, rtol=1e-2, atol=2e-2)
+
+
+def test_setting(monkeypatch):
+    from ops import gluon_decode_gemm as gdg
+
+    for value, want in (("", False), ("0", False), ("1", True)):
+        gdg._tma_flag.cache_clear()
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA", value)
+        assert tma_gemm_on() is want
+    gdg._tma_flag.cache_clear()
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA", "2")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_TMA"):
+        tma_gemm_on()
+    gdg._tma_flag.cache_clear()
+
+
+def _both(monkeypatch, fn, *args, **kw):
+    """fn(*args, **kw) by the Triton kernel, then by this one."""
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: False)
+    want = fn(*args, **kw)
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
+    return want, fn(*args, **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [2, 8, 32])
+def test_llama_8b_projections_bit_for_bit(rows, monkeypatch):
+    """bf16 at Llama-3.1-8B's projections, unsplit (qkv with a bias too) and o and down in 2
+    slices, with PDL and without: bit for bit the Triton kernel, within bf16 rounding of
+    F.linear."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs sm_90+")
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    for n, k, split, bias in ((6144, 4096, 1, False), (6144, 4096, 1, True),
+                              (4096, 4096, 2, False), (4096, 14336, 2, False)):
+        x = torch.randn(rows, k, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+        assert tma_takes(x, w)
+        for pdl in (False, True):
+            want, got = _both(monkeypatch, decode_gemm, x, w, b, pdl=pdl, split=split)
+            assert torch.equal(got, want), (n, k, split, bias, pdl,
+                                            (got.float() - want.float()).abs().max().item())
+        ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+        got = got.sum(0) if split > 1 else got.float()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert rel < 4e-3, (n, k, split, rel)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [2, 8, 32])
+@pytest.mark.parametrize("tiling", [None, "128:128:0:8:3"])
+def test_llama_8b_gate_up_bit_for_bit(rows, tiling, monkeypatch):
+    """bf16 at Llama-3.1-8B's gate_up with SiLU*up, with PDL and without: bit for bit the
+    Triton kernel."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs sm_90+")
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(2 * 14336, 4096, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    for pdl in (False, True):
+        want, got = _both(monkeypatch, decode_gemm_silu_mul, x, w, pdl=pdl, tiling=tiling)
+        assert torch.equal(got, want), (pdl, (got.float() - want.float()).abs().max().item())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_rows_and_columns(dtype, monkeypatch):
+    """N not a multiple of BLOCK_N (the copies fill W's missing rows with zeros), 3 rows of x
+    padded to 16, K's 7 steps of 256 unsplit and over 3 slices (2, 2 and 3 steps: fewer than
+    the stages), gate_up's inter not a multiple of half a tile: bit for bit the Triton
+    kernel."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs sm_90+")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(3, 1792, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(200, 1792, device="cuda", generator=g) * 0.05).to(dtype)
+    for split in (1, 3):
+        want, got = _both(monkeypatch, decode_gemm, x, w, split=split, tiling="64:256:0:4:4")
+        assert torch.equal(got, want), split
+    wg = (torch.randn(2 * 100, 1792, device="cuda", generator=g) * 0.05).to(dtype)
+    want, got = _both(monkeypatch, decode_gemm_silu_mul, x, wg, tiling="64:128:0:4:4")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("batch", [4, 32])
+def test_layer_chain_under_pdl_in_a_graph_matches_without(batch, monkeypatch):
+    """tests/test_pdl.py's layer chain with every projection this kernel: with PDL (W's first
+    tiles in flight before each wait), eagerly and from a graph, bit for bit the chain
+    without PDL."""
+    from tests.test_pdl import check_chain_with_pdl
+
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
+    check_chain_with_pdl(batch, linear=lambda x, w, pdl: decode_gemm(x, w, pdl=pdl))
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory):
+    from tests.test_graphs_gpu import make_setup
+
+    return make_setup(tmp_path_factory.mktemp("tma"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mixed", [False, True])
+def test_decode_graph_with_it_is_bitwise_the_one_without(small_llama, mixed, monkeypatch):
+    """bf16, a decode step of 21 requests (base rows alone, or mixed over 4 adapters) of a
+    small Llama whose decode graphs run the decode GEMM (qkv, o and down in 2 slices, gate_up
+    with SiLU*up; 2 of K's 4 steps a slice: fewer than the stages): graphs captured with this
+    kernel give the logits of those captured with the Triton kernel, bit for bit."""
+    from runtime.graphs import DecodeGraphs
+    from tests.test_graphs_gpu import mixed_decode_step
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs sm_90+")
+    for name, value in {"LORASERVE_DECODE_GEMM": "32", "LORASERVE_DECODE_GEMM_SPLIT": "2",
+                        "LORASERVE_DECODE_GEMM_TILE": "64:32:0:4:2",
+                        "LORASERVE_DECODE_GATE_UP": "1",
+                        "LORASERVE_DECODE_GATE_UP_TILE": "64:32:0:4:2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: False)
+    engine, fb = mixed_decode_step(small_llama, "csgmv", names=None if mixed else [None] * 24)
+    g = engine.runner.graphs
+    with torch.inference_mode():
+        want = g.replay(fb).clone()
+    launches = []
+
+    def counted(*args, **kw):
+        launches.append(kw.get("silu_mul", False))
+        return launch(*args, **kw)
+
+    launch = tdg.tma_gemm_launch
+    monkeypatch.setattr(tdg, "tma_gemm_launch", counted)
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
+    tma = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
+                       engine.runner.block_size, g.lora_backend)
+    tma.capture(engine.runner.streams.compute)
+    assert True in launches and False in launches  # gate_up's and the others
+    with torch.inference_mode():
+        got = [tma.replay(fb).clone() for _ in range(2)]
+    torch.cuda.synchronize()
+    for logits in got:
+        diff = (logits.float() - want.float()).abs().max().item()
+        assert torch.equal(logits, want), f"max |diff| {diff}"
