@@ -88,7 +88,7 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    from ops.gluon_decode_gemm import _descriptors, _tma_gemm_kernel
+    from ops.gluon_decode_gemm import _descriptors, _tma_gemm_kernel, tma_stages
     from ops.sizes import next_pow2
     from ops.triton_decode_gemm import gemm_tiling, pipeline_stages
 
@@ -101,7 +101,8 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
     w_desc, x_desc = _descriptors(x, w, block_n // 2 if silu_mul else block_n, mp, block_k)
     fn = _tma_gemm_kernel
     names = list(fn.arg_names)
-    consts = {"BLOCK_N": block_n, "STAGES": pipeline_stages(tile, mp, 2), "HAS_BIAS": bias,
+    stages = tma_stages(pipeline_stages(tile, mp, 2), block_n, block_k, mp, 2)
+    consts = {"BLOCK_N": block_n, "STAGES": stages, "HAS_BIAS": bias,
               "USE_PDL": pdl, "SILU_MUL": silu_mul, "num_warps": warps}
     types = {"w_desc": mangle_type(w_desc), "x_desc": mangle_type(x_desc), "b_ptr": "*bf16",
              "y_ptr": "*fp32" if partials else "*bf16"}

@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ops.settings import env_flag
+from ops.settings import env_flag, env_int
 from ops.sizes import cdiv, next_pow2
 
 TMA_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -182,6 +182,21 @@ def _tma_flag() -> bool:
     return env_flag("LORASERVE_DECODE_GEMM_TMA", False)
 
 
+def tma_stages(stages: int, block_n: int, block_k: int, mp: int, elem: int) -> int:
+    """The stages a launch takes: the decode GEMM's (`pipeline_stages`), fewer where W's and
+    x's tiles in flight would pass LORASERVE_DECODE_GEMM_TMA_SMEM KB (default 200, the decode
+    GEMM's own budget). At 150, o's programs (3 stages of 64 x 256: 144 KB) fit beside two of
+    decode attention's (39 KB each), so they can copy W while attention runs; at 4 stages
+    (192 KB) they wait for its programs to leave their SM."""
+    per_stage = (block_n + mp) * block_k * elem
+    return max(1, min(stages, _tma_smem_kb() * 1024 // per_stage))
+
+
+@functools.lru_cache(maxsize=1)
+def _tma_smem_kb() -> int:
+    return env_int("LORASERVE_DECODE_GEMM_TMA_SMEM", 200, least=16, most=227)
+
+
 def tma_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this kernel can take x @ weight^T: both on CUDA sm_90+, one 16-bit dtype, and
     the tensor-memory copies' rules (16-byte aligned bases and row strides, contiguous rows)."""
@@ -206,8 +221,9 @@ def tma_gemm_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     out: torch.Tensor, split: int, block_n: int, block_k: int, warps: int,
                     stages: int, pdl: bool, silu_mul: bool = False) -> None:
     """Launch the kernel into `out` ([split, M, N] fp32 partials for split > 1, [1, M, N] or
-    [M, N] in x's dtype otherwise; with silu_mul [M, inter]): the caller has checked the
-    operands as ops/triton_decode_gemm.py's wrappers do (`check_operands`) and `tma_takes`."""
+    [M, N] in x's dtype otherwise; with silu_mul [M, inter]) at `stages` or fewer
+    (`tma_stages`): the caller has checked the operands as ops/triton_decode_gemm.py's
+    wrappers do (`check_operands`) and `tma_takes`."""
     rows, k_dim = x.shape
     mp = max(16, next_pow2(rows))
     if silu_mul:
@@ -217,6 +233,7 @@ def tma_gemm_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         n_dim, w_rows = weight.shape[0], block_n
         grid = (cdiv(n_dim, block_n), split)
     w_desc, x_desc = _descriptors(x, weight, w_rows, mp, block_k)
+    stages = tma_stages(stages, block_n, block_k, mp, x.element_size())
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     extra = {"launch_pdl": True} if pdl else {}
     _tma_gemm_kernel[grid](

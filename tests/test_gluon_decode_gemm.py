@@ -111,6 +111,27 @@ def test_setting(monkeypatch):
     gdg._tma_flag.cache_clear()
 
 
+def test_stages_under_the_shared_memory_setting(monkeypatch):
+    """LORASERVE_DECODE_GEMM_TMA_SMEM (KB) caps the stages: at 150, batch 32's 64 x 256 tiles
+    (48 KB a stage) take 3 (o beside two decode attention programs), gate_up's 64 x 128 (24 KB)
+    keep 4, 128 x 256 tiles over 64 rows (96 KB) 1; by default (200) 4, 4 and 2; never fewer
+    than one."""
+    from ops import gluon_decode_gemm as gdg
+
+    cases = {"": (4, 4, 2), "150": (3, 4, 1), "40": (1, 1, 1)}
+    for value, want in cases.items():
+        gdg._tma_smem_kb.cache_clear()
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA_SMEM", value)
+        got = (gdg.tma_stages(4, 64, 256, 32, 2), gdg.tma_stages(4, 64, 128, 32, 2),
+               gdg.tma_stages(4, 128, 256, 64, 2))
+        assert got == want, (value, got)
+    gdg._tma_smem_kb.cache_clear()
+    monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA_SMEM", "300")
+    with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_TMA_SMEM"):
+        gdg.tma_stages(4, 64, 256, 32, 2)
+    gdg._tma_smem_kb.cache_clear()
+
+
 def _both(monkeypatch, fn, *args, **kw):
     """fn(*args, **kw) by the Triton kernel, then by this one."""
     monkeypatch.setattr(tdg, "tma_gemm_on", lambda: False)
