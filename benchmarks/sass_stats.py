@@ -10,6 +10,9 @@ Llama-3.1-8B's heads in bf16, disassembled with the cuobjdump Triton ships, and 
 
     python -m benchmarks.sass_stats --kernel decode
     python -m benchmarks.sass_stats --kernel decode --const BLOCK_N=32 --warps 2
+
+`--kernel tma_gemm` compiles ops/gluon_decode_gemm.py's decode GEMM instead (its --const names
+`compile_tma_gemm`'s arguments: rows, n, k, tiling, silu_mul, bias, partials).
 """
 
 from __future__ import annotations
@@ -112,7 +115,10 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
         constexprs={(names.index(nm),): v for nm, v in consts.items()},
         attrs={(names.index(nm),): [["tt.divisibility", 16]]
                for nm in ("b_ptr", "y_ptr", "stride_ys", "stride_ym")})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps})
+    compiled.stages = stages  # (for the report: a launch's stages are a constexpr)
+    return compiled
 
 
 def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[bytes, int]:
@@ -174,7 +180,10 @@ def loop_stats(ins: list[tuple[int, str]]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=sorted(KERNELS), default="decode")
+    ap.add_argument("--kernel", choices=sorted(KERNELS) + ["tma_gemm"], default="decode",
+                    help="tma_gemm: ops/gluon_decode_gemm.py's kernel, its --const names "
+                         "compile_tma_gemm's arguments (rows, n, k, tiling, silu_mul, bias, "
+                         "partials; default qkv at batch 32)")
     ap.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
                     help="a constexpr over the kernel's default here (repeatable)")
     ap.add_argument("--warps", type=int, default=4)
@@ -189,7 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep:
             ap.error(f"--const takes NAME=VALUE, got {item!r}")
         consts[name] = _value(value)
-    cubin, shared = compile_cubin(a.kernel, consts, a.warps, a.stages)
+    if a.kernel == "tma_gemm":
+        kw = {"rows": 32, "n": 6144, "k": 4096, **consts}
+        try:
+            compiled = compile_tma_gemm(**kw)
+        except TypeError as e:
+            ap.error(f"tma_gemm: {e}")
+        cubin, shared = compiled.asm["cubin"], compiled.metadata.shared
+        a.warps, a.stages = compiled.metadata.num_warps, compiled.stages
+    else:
+        cubin, shared = compile_cubin(a.kernel, consts, a.warps, a.stages)
     stats = {"kernel": a.kernel, "consts": consts, "warps": a.warps, "stages": a.stages,
              "shared_bytes": shared, **loop_stats(instructions(cubin))}
     print(f"{a.kernel} {consts or 'defaults'}, {a.warps} warps, {a.stages} stages: "
