@@ -229,9 +229,11 @@ def small_llama(tmp_path_factory):
 @pytest.mark.parametrize("mixed", [False, True])
 def test_decode_graph_with_it_is_bitwise_the_one_without(small_llama, mixed, monkeypatch):
     """bf16, a decode step of 21 requests (base rows alone, or mixed over 4 adapters) of a
-    small Llama whose decode graphs run the decode GEMM (qkv, o and down in 2 slices, gate_up
-    with SiLU*up; 2 of K's 4 steps a slice: fewer than the stages): graphs captured with this
-    kernel give the logits of those captured with the Triton kernel, bit for bit."""
+    small Llama whose decode graphs run the decode GEMM (base-only graphs: qkv, o and down in
+    2 slices, 2 of K's 4 steps a slice, fewer than the stages, gate_up with SiLU*up; LoRA
+    graphs: the projections without LoRA in the step and the LoRA groups' stacks): graphs
+    captured with this kernel give the logits of those captured with the Triton kernel, bit
+    for bit."""
     from runtime.graphs import DecodeGraphs
     from tests.test_graphs_gpu import mixed_decode_step
 
@@ -259,7 +261,8 @@ def test_decode_graph_with_it_is_bitwise_the_one_without(small_llama, mixed, mon
     tma = DecodeGraphs(g.model, g.kv_k, g.kv_v, g.max_bs, g.max_blocks, g.scratch_block,
                        engine.runner.block_size, g.lora_backend)
     tma.capture(engine.runner.streams.compute)
-    assert True in launches and False in launches  # gate_up's and the others
+    # every bucket's base-only and LoRA graphs: gate_up with SiLU*up among them
+    assert True in launches and False in launches
     with torch.inference_mode():
         got = [tma.replay(fb).clone() for _ in range(2)]
     torch.cuda.synchronize()
