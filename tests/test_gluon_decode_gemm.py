@@ -231,7 +231,7 @@ def test_decode_graph_with_it_is_bitwise_the_one_without(small_llama, mixed, mon
     """bf16, a decode step of 21 requests (base rows alone, or mixed over 4 adapters) of a
     small Llama whose decode graphs run the decode GEMM (base-only graphs: qkv, o and down in
     2 slices, 2 of K's 4 steps a slice, fewer than the stages, gate_up with SiLU*up; LoRA
-    graphs: the projections without LoRA in the step and the LoRA groups' stacks): graphs
+    graphs: whichever base projections and LoRA stacks the GEMM takes there): graphs
     captured with this kernel give the logits of those captured with the Triton kernel, bit
     for bit."""
     from runtime.graphs import DecodeGraphs
