@@ -25,8 +25,12 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ops.carveout import install as _install_carveout
 from ops.scoped import ThreadSetting
 from ops.settings import env_flag
+
+# LORASERVE_LAYER_CARVEOUT (ops/carveout.py): before any layer kernel (each imports this) loads
+_install_carveout()
 
 _in_decode = ThreadSetting(False)
 

@@ -592,18 +592,22 @@ case "${1:-}" in
     ;;
   s53c)  # one GPU (prepared for the next session): the decode GEMM with W's first tiles in
     # flight before the PDL wait (LORASERVE_DECODE_GEMM_TMA=1, ops/gluon_decode_gemm.py), at
-    # its default stages and at 150 KB (o's programs then fit beside two of attention's): its
-    # GPU tests (bit for bit the Triton kernel at Llama-3.1-8B's projections and gate_up, the
-    # PDL chain in a graph, a small Llama's decode graphs); the projections alone behind a PDL
-    # add+RMSNorm each way; base steps by default and with each, alternating, two rounds; the
-    # loop profiled with each
+    # its default stages, at 150 KB (o's programs then fit beside two of attention's) and at
+    # 150 KB with the layer kernels preferring the largest shared-memory carveout
+    # (LORASERVE_LAYER_CARVEOUT=1): its GPU tests (bit for bit the Triton kernel at
+    # Llama-3.1-8B's projections and gate_up, the PDL chain in a graph, a small Llama's decode
+    # graphs) and the carveout's; base steps by default and with each, alternating, two
+    # rounds; the loop profiled with two; the projections alone behind a PDL add+RMSNorm each
+    # way while time remains
     tma="LORASERVE_DECODE_GEMM_TMA=1"
     t150="LORASERVE_DECODE_GEMM_TMA_SMEM=150 LORASERVE_DECODE_GEMM_TMA=1"  # (named by its first)
+    # and with the layer kernels preferring the largest shared-memory carveout (ops/carveout.py)
+    t150c="LORASERVE_LAYER_CARVEOUT=1 LORASERVE_DECODE_GEMM_TMA_SMEM=150 LORASERVE_DECODE_GEMM_TMA=1"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
-      > "$OUT/tma_gemm_tests.log" 2>&1
+      tests/test_carveout.py > "$OUT/tma_gemm_tests.log" 2>&1
     echo "== tma gemm tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_gemm_tests.log" | tail -8
-    base_each 400 53c NONE=1 "$tma" "$t150" NONE=2 "$tma" "$t150"
-    loop_profiles 53c "tma:$tma" "t150:$t150"
+    base_each 420 53c NONE=1 "$tma" "$t150" "$t150c" NONE=2 "$tma" "$t150" "$t150c"
+    loop_profiles 53c "tma:$tma" "t150c:$t150c"
     g=0
     for s in NONE=1 "$tma" "$t150"; do
       g=$((g + 1))

@@ -1,0 +1,84 @@
+"""The layer kernels between the decode GEMMs asking for the SM's largest shared-memory carveout
+(opt-in: LORASERVE_LAYER_CARVEOUT=1, read once a process).
+
+An SM splits its on-chip memory between L1 and shared memory, and changes the split only when
+nothing runs on it. Triton asks for the shared-memory side (CU_FUNC_CACHE_PREFER_SHARED) only for
+kernels of more than 48 KB of it, so decode attention (39 KB a program), the rotary kernel, the
+norms and SiLU*up launch with the driver's default, and an SM that picked up one of their programs
+when idle may keep a split whose shared memory cannot also hold a decode GEMM's program (144-192
+KB). The GEMM's programs, launched with PDL while such a kernel still runs, then wait for the SM
+to empty before they can start copying W (ops/gluon_decode_gemm.py issues W's first tiles
+before its wait for that reason). With this setting each of those kernels, as it is loaded,
+prefers the largest carveout (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 100 %), so the
+SMs keep room for the GEMM beside them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+from ops.settings import env_flag
+
+# the kernels that run between a decode layer's GEMMs (their Triton names)
+LAYER_KERNELS = frozenset({
+    "_rmsnorm_kernel", "_add_rmsnorm_fold_kernel", "_rope_store_kv_kernel",
+    "_decode_attention_kernel", "_silu_mul_kernel", "_silu_mul_fold_kernel",
+})
+_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # CUfunction_attribute
+_MAX_SHARED = 100  # CU_SHAREDMEM_CARVEOUT_MAX_SHARED: percent of the SM's memory
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.cuFuncSetAttribute.restype = ctypes.c_int
+    lib.cuFuncGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int,
+                                       ctypes.c_void_p]
+    lib.cuFuncGetAttribute.restype = ctypes.c_int
+    return lib
+
+
+def set_carveout(function: int, percent: int = _MAX_SHARED) -> None:
+    """Set a loaded kernel's (a CUfunction handle's) preferred shared-memory carveout."""
+    err = _libcuda().cuFuncSetAttribute(function, _PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+    if err:
+        raise RuntimeError(f"cuFuncSetAttribute(preferred carveout {percent}) failed: {err}")
+
+
+def carveout_of(function: int) -> int:
+    """A loaded kernel's preferred shared-memory carveout (-1: the driver's default)."""
+    value = ctypes.c_int()
+    err = _libcuda().cuFuncGetAttribute(ctypes.byref(value), _PREFERRED_SHARED_MEMORY_CARVEOUT,
+                                        function)
+    if err:
+        raise RuntimeError(f"cuFuncGetAttribute(preferred carveout) failed: {err}")
+    return value.value
+
+
+def _on_load(module, function, name, metadata_group, hash) -> None:
+    """Triton's kernel-load hook: a layer kernel prefers the largest shared-memory carveout."""
+    if function and name in LAYER_KERNELS:
+        set_carveout(function)
+
+
+def layer_carveout_on() -> bool:
+    """LORASERVE_LAYER_CARVEOUT=1 (default 0)."""
+    return env_flag("LORASERVE_LAYER_CARVEOUT", False)
+
+
+def install(on: bool | None = None) -> bool:
+    """Add the load hook to Triton's when `on` (default: the setting); returns whether it is
+    installed. Kernels loaded before stay as they are: the layer kernels' modules call this at
+    import, before any of them loads."""
+    import triton
+
+    hooks = triton.knobs.runtime.kernel_load_end_hook
+    if on is None:
+        on = layer_carveout_on()
+    if on:
+        hooks.add(_on_load)
+    else:
+        hooks.remove(_on_load)
+    return on
