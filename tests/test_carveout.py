@@ -1,22 +1,15 @@
 """ops/carveout.py: LORASERVE_LAYER_CARVEOUT=1 makes the layer kernels between the decode GEMMs
 prefer the SM's largest shared-memory carveout as Triton loads them. On the CPU: the hook
 installs with the setting and asks for the carveout of those kernels only. On the device: a
-fresh process's add+RMSNorm and decode attention, once launched, prefer 100 % shared memory,
-and without the setting keep the driver's default."""
+fresh process's RMSNorm kernel, once launched, prefers 100 % shared memory with the setting,
+and something else (the driver's default) without it."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ops import carveout
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_hook_installs_with_the_setting_and_takes_the_layer_kernels(monkeypatch):
@@ -74,14 +67,8 @@ print(json.dumps({name: carveout.carveout_of(f) for name, f in loaded.items()}))
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("on", ["0", "1"])
 def test_a_fresh_process_loads_the_norm_with_it(on):
-    import json
+    from tests.test_sm90_compile import run_without_interpreter
 
-    env = {**os.environ, "LORASERVE_LAYER_CARVEOUT": on,
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = run_without_interpreter(PROBE, None, LORASERVE_LAYER_CARVEOUT=on)
     assert "_rmsnorm_kernel" in got, got
     assert (got["_rmsnorm_kernel"] == 100) is (on == "1"), got

@@ -7,12 +7,7 @@ in a graph bit for bit the chain without PDL."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +16,8 @@ import torch.nn.functional as F
 import ops.triton_decode_gemm as tdg
 from ops.gluon_decode_gemm import tma_gemm_on, tma_takes
 from ops.triton_decode_gemm import decode_gemm, decode_gemm_silu_mul
+from tests.test_sm90_compile import run_without_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 PTX = r"""
@@ -44,12 +39,7 @@ def _nvidia_backend() -> bool:
 
 
 def _ptx(**kw) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", PTX, json.dumps(kw)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_without_interpreter(PTX, kw)
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its CUDA backend or Gluon")

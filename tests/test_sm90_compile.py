@@ -40,13 +40,20 @@ def _nvidia_backend() -> bool:
     return True
 
 
-def _compile(case: list) -> dict:
+def run_without_interpreter(script: str, arg, **env_extra: str):
+    """Run `script` in a fresh process from the checkout, without TRITON_INTERPRET (and with
+    `env_extra` set), the JSON of `arg` its argv[1]; returns its last line of output as JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(case)], cwd=ROOT, env=env,
+    env.update(env_extra)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compile(case: list) -> dict:
+    return run_without_interpreter(COMPILE, case)
 
 
 needs_backend = pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its CUDA backend")
