@@ -11,8 +11,9 @@ Llama-3.1-8B's heads in bf16, disassembled with the cuobjdump Triton ships, and 
     python -m benchmarks.sass_stats --kernel decode
     python -m benchmarks.sass_stats --kernel decode --const BLOCK_N=32 --warps 2
 
-`--kernel tma_gemm` compiles ops/gluon_decode_gemm.py's decode GEMM instead (its --const names
-`compile_tma_gemm`'s arguments: rows, n, k, tiling, silu_mul, bias, partials).
+`--kernel decode_gemm` compiles ops/triton_decode_gemm.py's decode GEMM as batch 32's qkv
+launches it (pass --stages 4), and `--kernel tma_gemm` ops/gluon_decode_gemm.py's (its --const
+names `compile_tma_gemm`'s arguments: rows, n, k, tiling, silu_mul, bias, partials).
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ KERNELS = {
         "GROUP": 4, "HEAD_DIM": 128, "PAGE_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
         "INPUT_PRECISION": "tf32", "TILE_BITS": 16, "USE_TABLE": True, "LEAN": 0,
         "WIDE": False}),
+    # ops/triton_decode_gemm.py's kernel as batch 32's qkv launches it (64:256 tiles, MP 32)
+    "decode_gemm": ("ops.triton_decode_gemm", "_decode_gemm_kernel", {
+        "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}, {
+        "MP": 32, "BLOCK_N": 64, "BLOCK_K": 256, "PRE_K": 0, "HAS_BIAS": False,
+        "USE_PDL": True, "EVEN_N": True, "PRECISION": "tf32", "STAGES": 4, "SILU_MUL": False,
+        **{n: None for n in ("t_ptr", "fb_ptr", "scal_ptr", "rslot_ptr")},
+        **{n: 0 for n in ("R", "stride_tsplit", "stride_tm", "t_slot_stride", "stride_bs",
+                          "stride_bn", "stride_ss", "stride_si")},
+        "NUM_SLOTS": 1, "FOLD": False, "T_SPLITS": 1, "BLOCK_R": 16, "BLOCK_C": 64,
+        "FOLD_STAGES": 1, "EVEN_R": False}),
 }
 # per-step arguments stay unspecialised at launch (the kernels' do_not_specialize)
 _UNSPECIALISED = {"stride_table", "num_splits", "min_split"}
