@@ -1,5 +1,6 @@
 """The decode GEMM with W's first tiles in flight before the PDL wait (Gluon, CUDA sm_90+;
-opt-in: LORASERVE_DECODE_GEMM_TMA=1).
+opt-in: LORASERVE_DECODE_GEMM_TMA=1, which ops/triton_decode_gemm.py reads; this module, which
+needs Triton's Gluon, is imported only then).
 
 ops/triton_decode_gemm.py streams W through Triton's software pipeline, whose first tiles are
 issued only after the wait for the kernel ahead (ops/pdl.py): the pipeline's loads of x and W
@@ -35,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ops.settings import env_flag, env_int
+from ops.settings import env_int
 from ops.sizes import cdiv, next_pow2
 
 TMA_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -169,17 +170,6 @@ def _tma_gemm_kernel(
             val = val + bias[:, None]
         ptrs = y_ptr + pid_s * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
         gl.store(ptrs, val.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
-
-
-def tma_gemm_on() -> bool:
-    """LORASERVE_DECODE_GEMM_TMA=1 (default 0): the decode GEMM's unfolded launches on CUDA
-    sm_90+ in 16-bit dtypes run this kernel (read once a process)."""
-    return _tma_flag()
-
-
-@functools.lru_cache(maxsize=1)
-def _tma_flag() -> bool:
-    return env_flag("LORASERVE_DECODE_GEMM_TMA", False)
 
 
 def tma_stages(stages: int, block_n: int, block_k: int, mp: int, elem: int) -> int:

@@ -54,6 +54,7 @@ it was removed.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -63,8 +64,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ops.dispatch import num_sms
-from ops.gluon_decode_gemm import tma_gemm_launch, tma_gemm_on, tma_takes
-from ops.settings import env_int
+from ops.settings import env_flag, env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_decode_gemv import decode_gemv_rows
 
@@ -219,13 +219,37 @@ def _decode_gemm_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_live[:, None] & m_live[None, :])
 
 
+def tma_gemm_on() -> bool:
+    """LORASERVE_DECODE_GEMM_TMA=1 (default 0): the wrappers' unfolded launches on CUDA sm_90+
+    in 16-bit dtypes run ops/gluon_decode_gemm.py's kernel (read once a process)."""
+    return _tma_flag()
+
+
+@functools.lru_cache(maxsize=1)
+def _tma_flag() -> bool:
+    return env_flag("LORASERVE_DECODE_GEMM_TMA", False)
+
+
 def _tma(x: torch.Tensor, weight: torch.Tensor, tile) -> bool:
     """Whether this launch goes to ops/gluon_decode_gemm.py (LORASERVE_DECODE_GEMM_TMA=1,
     operands its copies take, nothing loaded ahead by PRE_K and W's tile rows in whole
-    warpgroup MMAs: 16 a warp)."""
+    warpgroup MMAs: 16 a warp). That module needs Triton's Gluon: imported only here."""
     block_n, _, pre_k, warps, _ = tile
-    return (tma_gemm_on() and pre_k == 0 and block_n % (16 * warps) == 0
-            and tma_takes(x, weight))
+    if not (tma_gemm_on() and pre_k == 0 and block_n % (16 * warps) == 0):
+        return False
+    try:
+        from ops.gluon_decode_gemm import tma_takes
+    except ImportError as e:
+        raise RuntimeError(f"LORASERVE_DECODE_GEMM_TMA=1 needs Triton's Gluon (Triton 3.5 or "
+                           f"later; this one: {triton.__version__}): {e}") from e
+    return tma_takes(x, weight)
+
+
+def tma_gemm_launch(*args, **kw) -> None:
+    """ops/gluon_decode_gemm.py `tma_gemm_launch` (imported at the first launch)."""
+    from ops.gluon_decode_gemm import tma_gemm_launch as launch
+
+    launch(*args, **kw)
 
 
 def gemm_tiling(spec: str | None = None) -> tuple[int, int, int, int, int]:

@@ -324,3 +324,20 @@ def test_layer_chain_with_gemm_under_pdl_in_a_graph_matches_without(batch):
     from tests.test_pdl import check_chain_with_pdl
 
     check_chain_with_pdl(batch, linear=lambda x, w, pdl: decode_gemm(x, w, pdl=pdl))
+
+
+def test_tma_setting_without_gluon_names_what_is_missing(monkeypatch):
+    """LORASERVE_DECODE_GEMM_TMA=1 where ops/gluon_decode_gemm.py cannot be imported (a Triton
+    without Gluon): an error naming the setting, not a silent fallback; off, that module is
+    never imported."""
+    import sys
+
+    import ops.triton_decode_gemm as tdg
+
+    monkeypatch.setitem(sys.modules, "ops.gluon_decode_gemm", None)  # import fails
+    x, w = torch.zeros(2, 64).half(), torch.zeros(32, 64).half()
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: False)
+    assert decode_gemm(x, w, tiling="64:16:0:4:2").shape == (2, 32)
+    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
+    with pytest.raises(RuntimeError, match="LORASERVE_DECODE_GEMM_TMA=1 needs Triton's Gluon"):
+        decode_gemm(x, w, tiling="64:16:0:4:2")

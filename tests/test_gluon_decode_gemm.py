@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+
 import ops.triton_decode_gemm as tdg
-from ops.gluon_decode_gemm import tma_gemm_on, tma_takes
-from ops.triton_decode_gemm import decode_gemm, decode_gemm_silu_mul
+from ops.gluon_decode_gemm import tma_takes
+from ops.triton_decode_gemm import decode_gemm, decode_gemm_silu_mul, tma_gemm_on
 from tests.test_sm90_compile import run_without_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -88,17 +90,15 @@ def test_wrappers_keep_the_triton_kernel_where_it_cannot_run(monkeypatch):
 
 
 def test_setting(monkeypatch):
-    from ops import gluon_decode_gemm as gdg
-
     for value, want in (("", False), ("0", False), ("1", True)):
-        gdg._tma_flag.cache_clear()
+        tdg._tma_flag.cache_clear()
         monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA", value)
         assert tma_gemm_on() is want
-    gdg._tma_flag.cache_clear()
+    tdg._tma_flag.cache_clear()
     monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA", "2")
     with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_TMA"):
         tma_gemm_on()
-    gdg._tma_flag.cache_clear()
+    tdg._tma_flag.cache_clear()
 
 
 def test_stages_under_the_shared_memory_setting(monkeypatch):
