@@ -74,11 +74,15 @@ def install(on: bool | None = None) -> bool:
     import, before any of them loads."""
     import triton
 
-    hooks = triton.knobs.runtime.kernel_load_end_hook
     if on is None:
         on = layer_carveout_on()
-    if on:
-        hooks.add(_on_load)
-    else:
-        hooks.remove(_on_load)
-    return on
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)  # (Triton 3.4 on)
+    if not on:
+        if runtime is not None:
+            runtime.kernel_load_end_hook.remove(_on_load)
+        return False
+    if runtime is None:
+        raise RuntimeError(f"LORASERVE_LAYER_CARVEOUT=1 needs Triton's kernel-load hook (Triton "
+                           f"3.4 or later; this one: {triton.__version__})")
+    runtime.kernel_load_end_hook.add(_on_load)
+    return True
