@@ -603,6 +603,17 @@ case "${1:-}" in
     t150="LORASERVE_DECODE_GEMM_TMA_SMEM=150 LORASERVE_DECODE_GEMM_TMA=1"  # (named by its first)
     # and with the layer kernels preferring the largest shared-memory carveout (ops/carveout.py)
     t150c="LORASERVE_LAYER_CARVEOUT=1 LORASERVE_DECODE_GEMM_TMA_SMEM=150 LORASERVE_DECODE_GEMM_TMA=1"
+    # a smoke case first: a kernel that hangs on its barriers or faults would cost every
+    # step process below its whole limit, so they run only if it passes
+    timeout 90 python3 -m pytest -v -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
+      -k "masked and bfloat16" > "$OUT/tma_gemm_smoke.log" 2>&1
+    smoke=$?
+    echo "== tma gemm smoke: rc $smoke"; tail -15 "$OUT/tma_gemm_smoke.log"
+    if [ "$smoke" -ne 0 ]; then  # the carveout's own test, and nothing that runs the kernel
+      timeout 60 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_carveout.py \
+        2>&1 | tail -4
+      echo "== the smoke case failed: no further tests, no step processes"; exit 0
+    fi
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
       tests/test_carveout.py > "$OUT/tma_gemm_tests.log" 2>&1
     echo "== tma gemm tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_gemm_tests.log" | tail -8
