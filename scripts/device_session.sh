@@ -592,17 +592,20 @@ case "${1:-}" in
     ;;
   s53c)  # one GPU (prepared for the next session): the decode GEMM with W's first tiles in
     # flight before the PDL wait (LORASERVE_DECODE_GEMM_TMA=1, ops/gluon_decode_gemm.py), at
-    # its default stages, at 150 KB (o's programs then fit beside two of attention's) and at
-    # 150 KB with the layer kernels preferring the largest shared-memory carveout
-    # (LORASERVE_LAYER_CARVEOUT=1): its GPU tests (bit for bit the Triton kernel at
+    # its default stages, and with the layer kernels preferring the largest shared-memory
+    # carveout (LORASERVE_LAYER_CARVEOUT=1) at 150 KB (o's programs then fit beside two of
+    # attention's) and at 100 KB: its GPU tests (bit for bit the Triton kernel at
     # Llama-3.1-8B's projections and gate_up, the PDL chain in a graph, a small Llama's decode
     # graphs) and the carveout's; base steps by default and with each, alternating, two
-    # rounds; the loop profiled with two; the projections alone behind a PDL add+RMSNorm each
-    # way while time remains
+    # rounds; the loop profiled with two; the projections alone behind a PDL add+RMSNorm
+    # while time remains
     tma="LORASERVE_DECODE_GEMM_TMA=1"
     t150="LORASERVE_DECODE_GEMM_TMA_SMEM=150 LORASERVE_DECODE_GEMM_TMA=1"  # (named by its first)
-    # and with the layer kernels preferring the largest shared-memory carveout (ops/carveout.py)
+    # with the layer kernels preferring the largest shared-memory carveout (ops/carveout.py), at
+    # 150 KB and at 100 KB (2 stages of 64 x 256: down's programs fit beside one of gate_up's,
+    # o's beside three of attention's)
     t150c="LORASERVE_LAYER_CARVEOUT=1 LORASERVE_DECODE_GEMM_TMA_SMEM=150 LORASERVE_DECODE_GEMM_TMA=1"
+    t100c="LORASERVE_DECODE_GEMM_TMA_SMEM=100 LORASERVE_LAYER_CARVEOUT=1 LORASERVE_DECODE_GEMM_TMA=1"
     # a smoke case first: a kernel that hangs on its barriers or faults would cost every
     # step process below its whole limit, so they run only if it passes
     timeout 90 python3 -m pytest -v -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
@@ -617,18 +620,20 @@ case "${1:-}" in
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
       tests/test_carveout.py > "$OUT/tma_gemm_tests.log" 2>&1
     echo "== tma gemm tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_gemm_tests.log" | tail -8
-    base_each 420 53c NONE=1 "$tma" "$t150" "$t150c" NONE=2 "$tma" "$t150" "$t150c"
+    base_each 430 53c NONE=1 "$tma" "$t150c" "$t100c" NONE=2 "$tma" "$t150c" "$t100c"
     loop_profiles 53c "tma:$tma" "t150c:$t150c"
     g=0
-    for s in NONE=1 "$tma" "$t150"; do
+    for s in NONE=1 "$tma" "$t150" "$t100c"; do
       g=$((g + 1))
       if [ "$SECONDS" -gt 520 ]; then echo "== gemm_bench $s: skipped, out of time"; break; fi
       # shellcheck disable=SC2086  # the settings are separate words
       env $s timeout 60 python3 -m benchmarks.gemm_bench --batch 32 --proj qkv o down gate_up \
         --layers 8 --reps 10 --gemm 64:256:0:4:4 --gemm-split 2 --gate-up 64:128:0:4:4 \
         --out "$OUT/gemm_${g}_53c.json" > /tmp/gemm_bench.log 2>&1
-      echo "== gemm_bench $s: rc $?"; grep -vE "^\s*$" /tmp/gemm_bench.log | head -30
+      echo "== gemm_bench $s: rc $?"; grep -vE "^\s*$" /tmp/gemm_bench.log | head -14
     done
+    (cd "$OUT" && ls gemm_*_53c.json >/dev/null 2>&1 && tar czf gemm_53c.tgz gemm_*_53c.json \
+      && rm -f gemm_*_53c.json)
     ;;
   s52d)  # one GPU: the loop profiled by default, with the host's calls, and by default again,
     # each idle gap group with its median and largest gap (s52c: with the host's calls the gap
