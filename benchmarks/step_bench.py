@@ -341,30 +341,46 @@ def gpu_gaps(timeline: list[list], steps: int, min_gap_us: float = 2.0,
                      for (a, b), (t, c, g) in ranked]}
 
 
-def frontier_by_kernel(timeline: list[list], steps: int) -> dict:
+def frontier_by_kernel(timeline: list[list], steps: int, key=None) -> dict:
     """Which kernels move the step's end, from kernel_timeline rows ([stream, name, start us,
     duration us]) in start order: each kernel's share is how far its end moves the latest end
     so far (a kernel launched early through PDL, waiting on the one ahead, counts only what it
     runs past it), idle time where the device runs nothing; per step over `steps` steps, by
-    kernel name (its first 40 characters), largest first."""
+    kernel name (its first 40 characters; or by key(row before, row)), largest first."""
     rows = sorted(timeline, key=lambda r: r[2])
     if not rows:
         return {"span_us": 0.0, "idle_us": 0.0, "kernels": []}
     start = frontier = rows[0][2]
     idle = 0.0
     share: dict[str, list[float]] = {}  # name -> [us, launches]
-    for _, name, begin, dur in rows:
+    before = None
+    for row in rows:
+        _, name, begin, dur = row
         end = begin + dur
         idle += max(0.0, begin - frontier)
-        s = share.setdefault(name[:40], [0.0, 0])
+        s = share.setdefault(name[:40] if key is None else key(before, row), [0.0, 0])
         s[0] += max(0.0, end - max(frontier, begin))
         s[1] += 1
         frontier = max(frontier, end)
+        before = row
     n = max(steps, 1)
     ranked = sorted(share.items(), key=lambda kv: -kv[1][0])
     return {"span_us": (frontier - start) / n, "idle_us": idle / n,
             "kernels": [{"name": k, "us_per_step": round(v[0] / n, 2),
                          "per_step": v[1] / n} for k, v in ranked]}
+
+
+def gemm_by_place(timeline: list[list], steps: int) -> list[dict]:
+    """The GEMM kernels' shares of the step's end (frontier_by_kernel) by the kind of kernel
+    just before each: in a base decode layer, after the norm qkv and gate_up, after attention
+    o, after a GEMM down (one kernel name serves all four)."""
+    def place(before, row) -> str:
+        if kernel_kind(row[1]) != "gemm":
+            return "(not a GEMM)"
+        return "after " + (kernel_kind(before[1]) if before is not None else "nothing")
+
+    kernels = frontier_by_kernel(timeline, steps, key=place)["kernels"]
+    return [k for k in kernels if k["name"] != "(not a GEMM)"]
 
 
 def graph_launch_leads(events: list[dict]) -> dict:
@@ -439,7 +455,8 @@ async def profile_loop(engine: Engine, batch: int, prompt_len: int, steps: int,
         out["graph_launch"] = graph_launch_leads(events)
     return {"batch": batch, "adapters": len({x for x in loras if x}),
             "token_gap_ms": 1e3 * statistics.median(gaps), **out,
-            "frontier": frontier_by_kernel(timeline, steps)}
+            "frontier": frontier_by_kernel(timeline, steps),
+            "gemm_by_place": gemm_by_place(timeline, steps)}
 
 
 async def profile_loop_cases(engine: Engine, batches: list[int], prompt_len: int, steps: int,
@@ -476,6 +493,10 @@ def print_loop_profile(rows: list[dict]) -> None:
             print("    what moves the step's end (us a step):")
             for k in r["frontier"]["kernels"][:TOP_KERNELS]:
                 print(f"      {k['us_per_step']:8.1f} us ({k['per_step']:4.0f})  {k['name']}")
+        if r.get("gemm_by_place"):
+            print("    GEMMs by the kernel before them: " + ", ".join(
+                f"{k['name']} {k['us_per_step']:.1f} us ({k['per_step']:.0f})"
+                for k in r["gemm_by_place"]))
 
 
 def profile_cases(engine: Engine, prompt: int, names: list[str], eager: bool = True,

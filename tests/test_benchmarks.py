@@ -593,6 +593,24 @@ def test_step_bench_frontier_by_kernel() -> None:
     assert frontier_by_kernel([], 2)["kernels"] == []
 
 
+def test_step_bench_gemm_by_place() -> None:
+    """The GEMMs' shares of the step's end by the kind of kernel before each (one kernel name
+    serves qkv, o, gate_up and down): after the norm, after attention, after a GEMM."""
+    from benchmarks.step_bench import gemm_by_place
+
+    timeline = [  # one layer: norm, qkv, rotary, attention, o, norm, gate_up, down
+        [7, "_rmsnorm_kernel", 0.0, 2.0], [7, "_tma_gemm_kernel", 1.0, 10.0],
+        [7, "_rope_store_kv_kernel", 11.0, 2.0], [7, "_decode_attention_kernel", 13.0, 12.0],
+        [7, "_tma_gemm_kernel", 20.0, 9.0], [7, "_rmsnorm_kernel", 29.0, 2.0],
+        [7, "_tma_gemm_kernel", 31.0, 50.0], [7, "_tma_gemm_kernel", 80.0, 30.0],
+    ]
+    got = {k["name"]: (k["us_per_step"], k["per_step"]) for k in gemm_by_place(timeline, 1)}
+    # qkv moves the end 9 us past the norm's, gate_up 50; o 4 past attention's; down 29
+    assert got == {"after norm": (59.0, 2.0), "after gemm": (29.0, 1.0),
+                   "after attention": (4.0, 1.0)}
+    assert gemm_by_place([], 1) == []
+
+
 def test_step_bench_gpu_gaps() -> None:
     """--profile-loop: busy time is the union of every stream's kernels (overlaps count once),
     idle the rest of the span; gaps of at least the threshold are grouped by the kernels either
