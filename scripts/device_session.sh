@@ -541,6 +541,7 @@ loop_profiles() {  # loop_profiles TAG CASE...: batch 32's serving loop profiled
       --steps 50 --out "$OUT/loop_prof_${name}_$tag.json" > /tmp/loop_prof.log 2>&1
     echo "== step_bench --profile-loop $settings: rc $?"
     sed -n "/^serving loop, device time/,\$p" /tmp/loop_prof.log | head -16
+    grep -m1 "GEMMs by the kernel before" /tmp/loop_prof.log
   done
 }
 
