@@ -1,16 +1,17 @@
 """The layer kernels between the decode GEMMs asking for the SM's largest shared-memory carveout
 (opt-in: LORASERVE_LAYER_CARVEOUT=1, read once a process).
 
-An SM splits its on-chip memory between L1 and shared memory, and changes the split only when
-nothing runs on it. Triton asks for the shared-memory side (CU_FUNC_CACHE_PREFER_SHARED) only for
-kernels of more than 48 KB of it, so decode attention (39 KB a program), the rotary kernel, the
-norms and SiLU*up launch with the driver's default, and an SM that picked up one of their programs
-when idle may keep a split whose shared memory cannot also hold a decode GEMM's program (144-192
-KB). The GEMM's programs, launched with PDL while such a kernel still runs, then wait for the SM
-to empty before they can start copying W (ops/gluon_decode_gemm.py issues W's first tiles
-before its wait for that reason). With this setting each of those kernels, as it is loaded,
-prefers the largest carveout (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 100 %), so the
-SMs keep room for the GEMM beside them.
+An SM divides its on-chip memory between L1 and shared memory; the driver sets the division from
+the preferences of the kernels it places there, and a program fits beside others only if the
+division in force leaves it the shared memory it needs. Triton asks for the shared-memory side
+(CU_FUNC_CACHE_PREFER_SHARED) only for kernels of more than 48 KB of it, so decode attention (39
+KB a program), the rotary kernel, the norms and SiLU*up launch with the driver's default, and an
+SM set up for one of them may have no room for a decode GEMM's program (144-192 KB) launched
+with PDL beside it: that program then waits for the SM to empty before it can copy W
+(ops/gluon_decode_gemm.py issues W's first tiles before its wait for this overlap). With this
+setting each of those kernels, as it is loaded, prefers the largest carveout
+(CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 100 %). The driver takes it as a hint;
+whether it changes anything on the H200 is what phase s53c measures.
 """
 
 from __future__ import annotations
