@@ -81,6 +81,8 @@ def compile_for_sm90(fn, ptrs: dict, constexprs: dict, aligned=(), **options):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if fn.is_gluon():  # (a Gluon kernel's source builds its module itself)
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     names = list(fn.arg_names)
     signature = {n: ptrs.get(n, "constexpr" if n in constexprs else "i32") for n in names}
     source = ASTSource(fn=fn, signature=signature,
@@ -97,9 +99,6 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
     decode GEMM's `tiling` (its stages cut to fit as there); `partials`: y is a split's fp32
     partials. Shared with tests/test_gluon_decode_gemm.py."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     from ops.gluon_decode_gemm import _descriptors, _tma_gemm_kernel, tma_stages
@@ -113,21 +112,13 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
     x = torch.empty(rows, k, dtype=torch.bfloat16, device="meta")
     w = torch.empty(n, k, dtype=torch.bfloat16, device="meta")
     w_desc, x_desc = _descriptors(x, w, block_n // 2 if silu_mul else block_n, mp, block_k)
-    fn = _tma_gemm_kernel
-    names = list(fn.arg_names)
     stages = tma_stages(pipeline_stages(tile, mp, 2), block_n, block_k, mp, 2)
     consts = {"BLOCK_N": block_n, "STAGES": stages, "HAS_BIAS": bias,
               "USE_PDL": pdl, "SILU_MUL": silu_mul, "num_warps": warps}
     types = {"w_desc": mangle_type(w_desc), "x_desc": mangle_type(x_desc), "b_ptr": "*bf16",
              "y_ptr": "*fp32" if partials else "*bf16"}
-    signature = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
-    source = GluonASTSource(
-        fn=fn, signature=signature,
-        constexprs={(names.index(nm),): v for nm, v in consts.items()},
-        attrs={(names.index(nm),): [["tt.divisibility", 16]]
-               for nm in ("b_ptr", "y_ptr", "stride_ys", "stride_ym")})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps})
+    compiled = compile_for_sm90(_tma_gemm_kernel, types, consts,
+                                ("b_ptr", "y_ptr", "stride_ys", "stride_ym"), num_warps=warps)
     compiled.stages = stages  # (for the report: a launch's stages are a constexpr)
     return compiled
 

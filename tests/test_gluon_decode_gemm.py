@@ -19,7 +19,7 @@ pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
 import ops.triton_decode_gemm as tdg
 from ops.gluon_decode_gemm import tma_takes
 from ops.triton_decode_gemm import decode_gemm, decode_gemm_silu_mul, tma_gemm_on
-from tests.test_sm90_compile import run_without_interpreter
+from tests.test_sm90_compile import needs_backend, run_without_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -32,20 +32,11 @@ print(json.dumps({"ptx": k.asm["ptx"], "shared": k.metadata.shared}))
 """
 
 
-def _nvidia_backend() -> bool:
-    try:
-        import triton.backends.nvidia  # noqa: F401
-        from triton.experimental.gluon.language.nvidia.hopper import tma  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _ptx(**kw) -> dict:
     return run_without_interpreter(PTX, kw)
 
 
-@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its CUDA backend or Gluon")
+@needs_backend  # (Gluon: the module's importorskip)
 @pytest.mark.parametrize(("case", "stages"), [
     # qkv at batch 32 with Qwen2's bias, 4 stages of 64 x 256
     ({"rows": 32, "n": 6144, "k": 4096, "bias": True}, 4),
