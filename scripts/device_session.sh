@@ -128,6 +128,9 @@
 #   scripts/device_session.sh s53b   (one GPU, prepared) the decode graphs' copies replayed in
 #                                    turn: graph_gap's copies, graph tests, base steps with
 #                                    them and by default, three rounds, the loop profiled; ~6 min
+#   AB_SET="A=1 B=2" scripts/device_session.sh ab   (one GPU) base steps by default and with
+#                                    the settings, alternating, AB_ROUNDS rounds (3); the loop
+#                                    profiled with them and by default; ~7 min
 #   scripts/device_session.sh s53c   (one GPU, prepared) the decode GEMM with W's first tiles
 #                                    before the PDL wait (Gluon), two stage budgets: GPU tests,
 #                                    the projections alone, base steps with each and by
@@ -556,6 +559,15 @@ base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per a
 }
 
 case "${1:-}" in
+  ab)  # one GPU: base steps by default and with $AB_SET (one case: settings separated by
+    # spaces), alternating, $AB_ROUNDS rounds (default 3); the loop profiled with them and by
+    # default; for settings that won apart, measured together before they become defaults
+    : "${AB_SET:?ab: set AB_SET to the settings, e.g. AB_SET=\"A=1 B=2\"}"
+    cases=()
+    for r in $(seq 1 "${AB_ROUNDS:-3}"); do cases+=("NONE=$r" "$AB_SET"); done
+    base_each 420 ab "${cases[@]}"
+    loop_profiles ab "set:$AB_SET" default
+    ;;
   s53a)  # one GPU (prepared for the next session): the rotary kernel's work inside decode
     # attention (LORASERVE_DECODE_ATTN_ROPE=1, one launch a layer fewer; its SASS is 336
     # instructions longer outside the KV loop, 2296 against 1960): its GPU tests (the kernel
