@@ -55,6 +55,7 @@ it was removed.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -67,6 +68,8 @@ from ops.dispatch import num_sms
 from ops.settings import env_flag, env_int
 from ops.sizes import cdiv, next_pow2
 from ops.triton_decode_gemv import decode_gemv_rows
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 64
 DEFAULT_TILING = (64, 256, 0, 4, 4)  # BLOCK_N, BLOCK_K, PRE_K, warps, stages
@@ -220,29 +223,44 @@ def _decode_gemm_kernel(
 
 
 def tma_gemm_on() -> bool:
-    """LORASERVE_DECODE_GEMM_TMA=1 (default 0): the wrappers' unfolded launches on CUDA sm_90+
-    in 16-bit dtypes run ops/gluon_decode_gemm.py's kernel (read once a process)."""
+    """LORASERVE_DECODE_GEMM_TMA (default 1; 0: off): the wrappers' unfolded launches on CUDA
+    sm_90+ in 16-bit dtypes run ops/gluon_decode_gemm.py's kernel (read once a process). By
+    default only where Triton has Gluon (3.5 or later); set to 1, a Triton without it is an
+    error naming the setting."""
     return _tma_flag()
 
 
 @functools.lru_cache(maxsize=1)
 def _tma_flag() -> bool:
-    return env_flag("LORASERVE_DECODE_GEMM_TMA", False)
+    return env_flag("LORASERVE_DECODE_GEMM_TMA", True)
 
 
-def _tma(x: torch.Tensor, weight: torch.Tensor, tile) -> bool:
-    """Whether this launch goes to ops/gluon_decode_gemm.py (LORASERVE_DECODE_GEMM_TMA=1,
-    operands its copies take, nothing loaded ahead by PRE_K and W's tile rows in whole
-    warpgroup MMAs: 16 a warp). That module needs Triton's Gluon: imported only here."""
-    block_n, _, pre_k, warps, _ = tile
-    if not (tma_gemm_on() and pre_k == 0 and block_n % (16 * warps) == 0):
-        return False
+@functools.lru_cache(maxsize=1)
+def _tma_takes_fn():
+    """ops/gluon_decode_gemm.py's `tma_takes`, or None where Triton has no Gluon and the
+    setting is the default (the Triton kernel then, said once in the log)."""
     try:
         from ops.gluon_decode_gemm import tma_takes
     except ImportError as e:
-        raise RuntimeError(f"LORASERVE_DECODE_GEMM_TMA=1 needs Triton's Gluon (Triton 3.5 or "
-                           f"later; this one: {triton.__version__}): {e}") from e
-    return tma_takes(x, weight)
+        if os.environ.get("LORASERVE_DECODE_GEMM_TMA", "").strip() == "1":
+            raise RuntimeError(f"LORASERVE_DECODE_GEMM_TMA=1 needs Triton's Gluon (Triton 3.5 "
+                               f"or later; this one: {triton.__version__}): {e}") from e
+        log.warning("decode GEMM: Triton %s has no Gluon (%s); the Triton kernel runs every "
+                    "projection (LORASERVE_DECODE_GEMM_TMA=0 says so and hides this)",
+                    triton.__version__, e)
+        return None
+    return tma_takes
+
+
+def _tma(x: torch.Tensor, weight: torch.Tensor, tile) -> bool:
+    """Whether this launch goes to ops/gluon_decode_gemm.py (LORASERVE_DECODE_GEMM_TMA, on by
+    default: CUDA operands its copies take, nothing loaded ahead by PRE_K and W's tile rows in
+    whole warpgroup MMAs: 16 a warp). That module needs Triton's Gluon: imported only here."""
+    block_n, _, pre_k, warps, _ = tile
+    if not (x.is_cuda and tma_gemm_on() and pre_k == 0 and block_n % (16 * warps) == 0):
+        return False
+    takes = _tma_takes_fn()
+    return takes is not None and takes(x, weight)
 
 
 def tma_gemm_launch(*args, **kw) -> None:

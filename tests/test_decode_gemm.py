@@ -326,18 +326,28 @@ def test_layer_chain_with_gemm_under_pdl_in_a_graph_matches_without(batch):
     check_chain_with_pdl(batch, linear=lambda x, w, pdl: decode_gemm(x, w, pdl=pdl))
 
 
-def test_tma_setting_without_gluon_names_what_is_missing(monkeypatch):
-    """LORASERVE_DECODE_GEMM_TMA=1 where ops/gluon_decode_gemm.py cannot be imported (a Triton
-    without Gluon): an error naming the setting, not a silent fallback; off, that module is
-    never imported."""
+def test_tma_setting_without_gluon_names_what_is_missing(monkeypatch, caplog):
+    """Where ops/gluon_decode_gemm.py cannot be imported (a Triton without Gluon):
+    LORASERVE_DECODE_GEMM_TMA=1 is an error naming the setting, not a silent fallback; by
+    default the Triton kernel runs and the log says why; CPU operands never import it."""
     import sys
 
     import ops.triton_decode_gemm as tdg
 
     monkeypatch.setitem(sys.modules, "ops.gluon_decode_gemm", None)  # import fails
     x, w = torch.zeros(2, 64).half(), torch.zeros(32, 64).half()
-    monkeypatch.setattr(tdg, "tma_gemm_on", lambda: False)
-    assert decode_gemm(x, w, tiling="64:16:0:4:2").shape == (2, 32)
     monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
-    with pytest.raises(RuntimeError, match="LORASERVE_DECODE_GEMM_TMA=1 needs Triton's Gluon"):
-        decode_gemm(x, w, tiling="64:16:0:4:2")
+    tdg._tma_takes_fn.cache_clear()
+    assert decode_gemm(x, w, tiling="64:16:0:4:2").shape == (2, 32)  # CPU: the Triton kernel
+    assert tdg._tma_takes_fn.cache_info().currsize == 0
+    try:
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA", "1")
+        with pytest.raises(RuntimeError, match="LORASERVE_DECODE_GEMM_TMA=1 needs Triton's Gluon"):
+            tdg._tma_takes_fn()
+        tdg._tma_takes_fn.cache_clear()
+        monkeypatch.delenv("LORASERVE_DECODE_GEMM_TMA")
+        with caplog.at_level("WARNING", logger="ops.triton_decode_gemm"):
+            assert tdg._tma_takes_fn() is None
+        assert "has no Gluon" in caplog.text and "LORASERVE_DECODE_GEMM_TMA=0" in caplog.text
+    finally:
+        tdg._tma_takes_fn.cache_clear()

@@ -8,6 +8,7 @@ bit for bit those captured with the Triton kernel."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -66,23 +67,30 @@ def test_w_tiles_are_in_flight_before_the_wait(case, stages):
 
 
 def test_wrappers_keep_the_triton_kernel_where_it_cannot_run(monkeypatch):
-    """With the setting on, CPU tensors (and fp32 anywhere) go to the Triton kernel: its
-    results, not an error."""
+    """With the setting on, CPU tensors, fp32 anywhere and W tiles of rows that are no whole
+    warpgroup MMA go to the Triton kernel: its results, not an error. (On a CUDA machine
+    without the interpreter the operands are CUDA's: the Triton kernel takes no CPU tensor.)"""
     monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
+    on_cpu = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+    dev = "cpu" if on_cpu else "cuda"
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 64, generator=g).half()
-    w = torch.randn(32, 64, generator=g).half()
-    assert not tma_takes(x, w) and not tma_takes(x.float(), w.float())
+    x = torch.randn(3, 64, generator=g).half().to(dev)
+    w = torch.randn(32, 64, generator=g).half().to(dev)
+    assert not tma_takes(x.float(), w.float())
+    if on_cpu:
+        assert not tma_takes(x, w)
+    # 16-row tiles over 4 warps: no whole warpgroup MMA, so the Triton kernel on CUDA too
+    assert not tdg._tma(x, w, (16, 16, 0, 4, 2))
     got = decode_gemm(x, w, tiling="16:16:0:4:2")
     assert torch.allclose(got.float(), x.float() @ w.float().T, rtol=2e-3, atol=2e-2)
-    wg = torch.randn(64, 64, generator=g).half()
+    wg = torch.randn(64, 64, generator=g).half().to(dev)
     got = decode_gemm_silu_mul(x, wg, tiling="16:16:0:4:2")
     gate, up = (x.float() @ wg.float().T).split(32, dim=-1)
     assert torch.allclose(got.float(), F.silu(gate) * up, rtol=1e-2, atol=2e-2)
 
 
 def test_setting(monkeypatch):
-    for value, want in (("", False), ("0", False), ("1", True)):
+    for value, want in (("", True), ("0", False), ("1", True)):
         tdg._tma_flag.cache_clear()
         monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA", value)
         assert tma_gemm_on() is want
