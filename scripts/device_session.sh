@@ -128,9 +128,9 @@
 #   scripts/device_session.sh s53b   (one GPU, prepared) the decode graphs' copies replayed in
 #                                    turn: graph_gap's copies, graph tests, base steps with
 #                                    them and by default, three rounds, the loop profiled; ~6 min
-#   scripts/device_session.sh s53d   (one GPU) the Gluon decode GEMM by default: its tests on
-#                                    CUDA, bf16 logits against HF, base steps with it and
-#                                    without, two rounds; the 8-adapter target; ~7 min
+#   scripts/device_session.sh s53d   (one GPU) the Gluon decode GEMM by default: its wrapper
+#                                    test on CUDA, base steps with it and without, two rounds;
+#                                    the 8-adapter target; ~5 min
 #   AB_SET="A=1 B=2" scripts/device_session.sh ab   (one GPU) base steps by default and with
 #                                    the settings, alternating, AB_ROUNDS rounds (3); the loop
 #                                    profiled with them and by default; ~7 min
@@ -607,20 +607,17 @@ case "${1:-}" in
     loop_profiles 53b "cp2:$cp2"
     ;;
   s53d)  # one GPU: the Gluon decode GEMM by default (s53c: batch 32's loop 4.583-4.584 ms
-    # with it against 4.655-4.693 without): its wrapper and decode graph tests on CUDA, bf16
-    # logits against HF for the four architectures (Qwen2's biases through it); base steps by
-    # default and with LORASERVE_DECODE_GEMM_TMA=0, alternating, two rounds; the 8-adapter
-    # target in the 8-slot pool by default (its folded steps keep the Triton kernel, the base
-    # step it is measured against moves) while time remains
+    # with it against 4.655-4.693 without; its bit-for-bit tests passed there): the wrapper
+    # test s53c failed (it ran CPU tensors through the Triton kernel on CUDA) with CUDA
+    # operands; base steps by default and with LORASERVE_DECODE_GEMM_TMA=0, alternating, two
+    # rounds; the 8-adapter target in the 8-slot pool by default (its folded steps keep the
+    # Triton kernel, the base step it is measured against moves) while time remains
     off="LORASERVE_DECODE_GEMM_TMA=0"
-    timeout 80 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
-      -k "wrappers or decode_graph or layer_chain" > "$OUT/tma_default_tests.log" 2>&1
-    echo "== tma gemm tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_default_tests.log" | tail -6
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_engine_gpu.py \
-      -k "bf16_logits_close_to_hf_on_cuda" > "$OUT/tma_default_hf.log" 2>&1
-    echo "== bf16 HF tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_default_hf.log" | tail -6
-    base_each 300 53d NONE=1 "$off" NONE=2 "$off"
-    if [ "$SECONDS" -lt 370 ]; then step8 step8_53d 100; else echo "== step8: skipped, out of time"; fi
+    timeout 50 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_gluon_decode_gemm.py \
+      -k "wrappers" > "$OUT/tma_default_tests.log" 2>&1
+    echo "== tma gemm wrapper test: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tma_default_tests.log" | tail -6
+    base_each 220 53d NONE=1 "$off" NONE=2 "$off"
+    if [ "$SECONDS" -lt 240 ]; then step8 step8_53d 100; else echo "== step8: skipped, out of time"; fi
     ;;
   s53c)  # one GPU (prepared for the next session): the decode GEMM with W's first tiles in
     # flight before the PDL wait (LORASERVE_DECODE_GEMM_TMA=1, ops/gluon_decode_gemm.py), at
