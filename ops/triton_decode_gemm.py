@@ -235,6 +235,17 @@ def _tma_flag() -> bool:
     return env_flag("LORASERVE_DECODE_GEMM_TMA", True)
 
 
+def tma_gate_up_on() -> bool:
+    """LORASERVE_DECODE_GEMM_TMA_GATE_UP (default 1; 0: `decode_gemm_silu_mul` keeps the
+    Triton kernel while the other projections take ops/gluon_decode_gemm.py's)."""
+    return _tma_gate_up_flag()
+
+
+@functools.lru_cache(maxsize=1)
+def _tma_gate_up_flag() -> bool:
+    return env_flag("LORASERVE_DECODE_GEMM_TMA_GATE_UP", True)
+
+
 @functools.lru_cache(maxsize=1)
 def _tma_takes_fn():
     """ops/gluon_decode_gemm.py's `tma_takes`, or None where Triton has no Gluon and the
@@ -409,7 +420,7 @@ def decode_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, pdl: bool = Fals
     half = block_n // 2
     out = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
     mp = max(16, next_pow2(rows))
-    if fold is None and _tma(x, weight, tile):
+    if fold is None and tma_gate_up_on() and _tma(x, weight, tile):
         tma_gemm_launch(x, weight, None, out, 1, block_n, block_k, warps,
                         pipeline_stages(tile, mp, x.element_size()), pdl, silu_mul=True)
         return out

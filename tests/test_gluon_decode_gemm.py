@@ -33,6 +33,13 @@ print(json.dumps({"ptx": k.asm["ptx"], "shared": k.metadata.shared}))
 """
 
 
+def _triton_device() -> str:
+    """Where the Triton kernel can run this test's tensors: the CPU under the interpreter,
+    else CUDA."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+    return "cpu" if interpreted else "cuda"
+
+
 def _ptx(**kw) -> dict:
     return run_without_interpreter(PTX, kw)
 
@@ -71,8 +78,8 @@ def test_wrappers_keep_the_triton_kernel_where_it_cannot_run(monkeypatch):
     warpgroup MMA go to the Triton kernel: its results, not an error. (On a CUDA machine
     without the interpreter the operands are CUDA's: the Triton kernel takes no CPU tensor.)"""
     monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
-    on_cpu = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
-    dev = "cpu" if on_cpu else "cuda"
+    dev = _triton_device()
+    on_cpu = dev == "cpu"
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 64, generator=g).half().to(dev)
     w = torch.randn(32, 64, generator=g).half().to(dev)
@@ -99,6 +106,29 @@ def test_setting(monkeypatch):
     with pytest.raises(ValueError, match="LORASERVE_DECODE_GEMM_TMA"):
         tma_gemm_on()
     tdg._tma_flag.cache_clear()
+
+
+def test_gate_up_setting_keeps_the_triton_kernel_for_silu_mul(monkeypatch):
+    """LORASERVE_DECODE_GEMM_TMA_GATE_UP=0: `decode_gemm_silu_mul` never launches the Gluon
+    kernel, where `decode_gemm` still does (the launch recorded, not run)."""
+    for value, want in (("", True), ("0", False), ("1", True)):
+        tdg._tma_gate_up_flag.cache_clear()
+        monkeypatch.setenv("LORASERVE_DECODE_GEMM_TMA_GATE_UP", value)
+        assert tdg.tma_gate_up_on() is want
+    tdg._tma_gate_up_flag.cache_clear()
+    launches = []
+    monkeypatch.setattr(tdg, "_tma", lambda x, w, tile: True)
+    monkeypatch.setattr(tdg, "tma_gemm_launch", lambda *a, **kw: launches.append(kw))
+    monkeypatch.setattr(tdg, "tma_gate_up_on", lambda: False)
+    dev = _triton_device()
+    x = torch.randn(3, 64).half().to(dev)
+    got = decode_gemm_silu_mul(x, torch.randn(64, 64).half().to(dev), tiling="16:16:0:4:2")
+    assert launches == [] and got.shape == (3, 32)
+    decode_gemm(x, torch.randn(32, 64).half().to(dev), tiling="16:16:0:4:2")
+    assert len(launches) == 1
+    monkeypatch.setattr(tdg, "tma_gate_up_on", lambda: True)
+    decode_gemm_silu_mul(x, torch.randn(64, 64).half().to(dev), tiling="16:16:0:4:2")
+    assert launches[-1] == {"silu_mul": True}
 
 
 def test_stages_under_the_shared_memory_setting(monkeypatch):
