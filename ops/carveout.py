@@ -11,7 +11,9 @@ with PDL beside it: that program then waits for the SM to empty before it can co
 (ops/gluon_decode_gemm.py issues W's first tiles before its wait for this overlap). With this
 setting each of those kernels, as it is loaded, prefers the largest carveout
 (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 100 %). The driver takes it as a hint;
-whether it changes anything on the H200 is what phase s53c measures.
+on the H200 it gained nothing (forty-third session: with it and 3-stage GEMMs batch 32's loop
+step took 4.672-4.674 ms against 4.583-4.584 with 4 stages without it, and batch 1 took
+0.08 ms longer), so it stays opt-in.
 """
 
 from __future__ import annotations

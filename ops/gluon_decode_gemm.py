@@ -1,6 +1,6 @@
 """The decode GEMM with W's first tiles in flight before the PDL wait (Gluon, CUDA sm_90+;
-opt-in: LORASERVE_DECODE_GEMM_TMA=1, which ops/triton_decode_gemm.py reads; this module, which
-needs Triton's Gluon, is imported only then).
+by default: LORASERVE_DECODE_GEMM_TMA, which ops/triton_decode_gemm.py reads; this module,
+which needs Triton's Gluon, is imported at the first launch that can take it).
 
 ops/triton_decode_gemm.py streams W through Triton's software pipeline, whose first tiles are
 issued only after the wait for the kernel ahead (ops/pdl.py): the pipeline's loads of x and W

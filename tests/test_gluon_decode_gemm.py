@@ -1,10 +1,10 @@
 """ops/gluon_decode_gemm.py: the decode GEMM with W's first tiles in flight before the PDL wait
-(LORASERVE_DECODE_GEMM_TMA=1). On the CPU: the kernel compiled for sm_90 issues W's copies, and
-only W's, ahead of the wait, and the wrappers keep the Triton kernel where it cannot run. On the
-device: bit for bit the Triton kernel at Llama-3.1-8B's projections (unsplit with and without a
-bias, split-K partials, gate_up with SiLU*up), masked rows and columns, the PDL layer chain in
-a graph bit for bit the chain without PDL, and a small Llama's decode graphs captured with it
-bit for bit those captured with the Triton kernel."""
+(LORASERVE_DECODE_GEMM_TMA, on by default). On the CPU: the kernel compiled for sm_90 issues
+W's copies, and only W's, ahead of the wait, and the wrappers keep the Triton kernel where it
+cannot run. On the device: bit for bit the Triton kernel at Llama-3.1-8B's projections
+(unsplit with and without a bias, split-K partials, gate_up with SiLU*up), masked rows and
+columns, the PDL layer chain in a graph bit for bit the chain without PDL, and a small Llama's
+decode graphs captured with it bit for bit those captured with the Triton kernel."""
 
 from __future__ import annotations
 
