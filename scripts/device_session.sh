@@ -128,6 +128,9 @@
 #   scripts/device_session.sh s53b   (one GPU, prepared) the decode graphs' copies replayed in
 #                                    turn: graph_gap's copies, graph tests, base steps with
 #                                    them and by default, three rounds, the loop profiled; ~6 min
+#   scripts/device_session.sh s54a   (one GPU, prepared) every step target at the defaults:
+#                                    the 32-slot and 8-slot pools' targets by default and
+#                                    without the Gluon GEMM, alternating; base steps; ~9 min
 #   scripts/device_session.sh s53d   (one GPU) the Gluon decode GEMM by default: its wrapper
 #                                    test on CUDA, base steps with it, without, and with
 #                                    gate_up on the Triton kernel, two rounds;
@@ -606,6 +609,17 @@ case "${1:-}" in
     echo "== $cp2 tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/graph_copies_tests.log" | tail -6
     base_each 420 53b NONE=1 "$cp2" NONE=2 "$cp2" NONE=3 "$cp2"
     loop_profiles 53b "cp2:$cp2"
+    ;;
+  s54a)  # one GPU (prepared for the next session): every step target at the defaults since
+    # s53d (the Gluon decode GEMM for base-only steps, whose faster base the adapter targets
+    # are measured against, while folded steps keep the Triton kernel): the 32-slot pool's
+    # (1 adapter, 32 adapters against base + their bytes, prefill over 8) and the 8-slot
+    # pool's (8 adapters), by default and with LORASERVE_DECODE_GEMM_TMA=0, alternating; base
+    # steps by default while time remains
+    off="LORASERVE_DECODE_GEMM_TMA=0"
+    step_each 300 NONE=1 "$off" NONE=2
+    step8_each 480 NONE=1 "$off" NONE=2
+    base_each 540 54a NONE=1 NONE=2
     ;;
   s53d)  # one GPU: the Gluon decode GEMM by default (s53c: batch 32's loop 4.583-4.584 ms
     # with it against 4.655-4.693 without; its bit-for-bit tests passed there): the wrapper
