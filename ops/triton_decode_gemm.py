@@ -45,7 +45,8 @@ the graph) against 1.11 (1.14) of the slower one.
 `LORASERVE_DECODE_GEMM_TMA` (default 1; 0: off) sends the wrappers' unfolded launches on CUDA
 sm_90+ in 16-bit dtypes to ops/gluon_decode_gemm.py: the same products with W's first tiles
 copied before the PDL wait, which this kernel's pipeline cannot place there (H200, batch 32's
-loop step: 4.583-4.584 ms against 4.655-4.693, benchmarks/RESULTS.md, forty-third session).
+loop step: 4.583-4.584 ms against 4.655-4.693 in one call, level in another, the graph forward
+faster in every pair; benchmarks/RESULTS.md, forty-third session).
 
 Down's GEMM computing SiLU(gate) * up as it loaded its input from gate_up (one launch fewer a
 layer) was bit for bit the two kernels, but every program recomputed SiLU over its slice of K:
