@@ -8,7 +8,6 @@ decode graphs captured with it bit for bit those captured with the Triton kernel
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -23,6 +22,8 @@ from ops.triton_decode_gemm import decode_gemm, decode_gemm_silu_mul, tma_gemm_o
 from tests.test_sm90_compile import needs_backend, run_without_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# where the Triton kernel runs the wrapper tests' tensors (the interpreter's on the CPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 PTX = r"""
 import json, sys
@@ -31,13 +32,6 @@ kw = json.loads(sys.argv[1])
 k = compile_tma_gemm(**kw)
 print(json.dumps({"ptx": k.asm["ptx"], "shared": k.metadata.shared}))
 """
-
-
-def _triton_device() -> str:
-    """Where the Triton kernel can run this test's tensors: the CPU under the interpreter,
-    else CUDA."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
-    return "cpu" if interpreted else "cuda"
 
 
 def _ptx(**kw) -> dict:
@@ -78,11 +72,10 @@ def test_wrappers_keep_the_triton_kernel_where_it_cannot_run(monkeypatch):
     warpgroup MMA go to the Triton kernel: its results, not an error. (On a CUDA machine
     without the interpreter the operands are CUDA's: the Triton kernel takes no CPU tensor.)"""
     monkeypatch.setattr(tdg, "tma_gemm_on", lambda: True)
-    dev = _triton_device()
-    on_cpu = dev == "cpu"
+    on_cpu = DEVICE == "cpu"
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 64, generator=g).half().to(dev)
-    w = torch.randn(32, 64, generator=g).half().to(dev)
+    x = torch.randn(3, 64, generator=g).half().to(DEVICE)
+    w = torch.randn(32, 64, generator=g).half().to(DEVICE)
     assert not tma_takes(x.float(), w.float())
     if on_cpu:
         assert not tma_takes(x, w)
@@ -90,7 +83,7 @@ def test_wrappers_keep_the_triton_kernel_where_it_cannot_run(monkeypatch):
     assert not tdg._tma(x, w, (16, 16, 0, 4, 2))
     got = decode_gemm(x, w, tiling="16:16:0:4:2")
     assert torch.allclose(got.float(), x.float() @ w.float().T, rtol=2e-3, atol=2e-2)
-    wg = torch.randn(64, 64, generator=g).half().to(dev)
+    wg = torch.randn(64, 64, generator=g).half().to(DEVICE)
     got = decode_gemm_silu_mul(x, wg, tiling="16:16:0:4:2")
     gate, up = (x.float() @ wg.float().T).split(32, dim=-1)
     assert torch.allclose(got.float(), F.silu(gate) * up, rtol=1e-2, atol=2e-2)
@@ -120,14 +113,13 @@ def test_gate_up_setting_keeps_the_triton_kernel_for_silu_mul(monkeypatch):
     monkeypatch.setattr(tdg, "_tma", lambda x, w, tile: True)
     monkeypatch.setattr(tdg, "tma_gemm_launch", lambda *a, **kw: launches.append(kw))
     monkeypatch.setattr(tdg, "tma_gate_up_on", lambda: False)
-    dev = _triton_device()
-    x = torch.randn(3, 64).half().to(dev)
-    got = decode_gemm_silu_mul(x, torch.randn(64, 64).half().to(dev), tiling="16:16:0:4:2")
+    x = torch.randn(3, 64).half().to(DEVICE)
+    got = decode_gemm_silu_mul(x, torch.randn(64, 64).half().to(DEVICE), tiling="16:16:0:4:2")
     assert launches == [] and got.shape == (3, 32)
-    decode_gemm(x, torch.randn(32, 64).half().to(dev), tiling="16:16:0:4:2")
+    decode_gemm(x, torch.randn(32, 64).half().to(DEVICE), tiling="16:16:0:4:2")
     assert len(launches) == 1
     monkeypatch.setattr(tdg, "tma_gate_up_on", lambda: True)
-    decode_gemm_silu_mul(x, torch.randn(64, 64).half().to(dev), tiling="16:16:0:4:2")
+    decode_gemm_silu_mul(x, torch.randn(64, 64).half().to(DEVICE), tiling="16:16:0:4:2")
     assert launches[-1] == {"silu_mul": True}
 
 
