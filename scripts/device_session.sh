@@ -132,9 +132,9 @@
 #                                    the 32-slot and 8-slot pools' targets by default and
 #                                    without the Gluon GEMM, alternating; base steps; ~9 min
 #   scripts/device_session.sh s53d   (one GPU) the Gluon decode GEMM by default: its wrapper
-#                                    test on CUDA, base steps with it, without, and with
-#                                    gate_up on the Triton kernel, two rounds;
-#                                    the 8-adapter target; ~5 min
+#                                    tests on CUDA, base steps with it and without, two
+#                                    rounds; the 8-adapter target; gate_up on the Triton
+#                                    kernel once; ~5 min
 #   AB_SET="A=1 B=2" scripts/device_session.sh ab   (one GPU) base steps by default and with
 #                                    the settings, alternating, AB_ROUNDS rounds (3); the loop
 #                                    profiled with them and by default; ~7 min
