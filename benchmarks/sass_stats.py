@@ -136,7 +136,10 @@ def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[b
         raise ValueError(f"{name} takes no constexpr {', '.join(unknown)}")
     aligned = [n for n in names if n not in consts and n not in _UNSPECIALISED
                and (n.endswith("_ptr") or n.startswith("stride_"))]
-    compiled = compile_for_sm90(fn, ptrs, consts, aligned, num_warps=warps, num_stages=stages)
+    # decode attention with the rotation compiles without FMA contraction, as it launches
+    fusion = not (kernel == "decode" and consts.get("ROPE"))
+    compiled = compile_for_sm90(fn, ptrs, consts, aligned, num_warps=warps, num_stages=stages,
+                                enable_fp_fusion=fusion)
     return compiled.asm["cubin"], compiled.metadata.shared
 
 

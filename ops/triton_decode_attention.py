@@ -12,7 +12,9 @@ kernel's work (ops/triton_rope_store_kv.py) in the same launch: each program rot
 group's query heads from the qkv projection's output (after Qwen3's q/k norms, summing split-K
 partials), reads the cache up to the token before the new one, and the program whose slice
 holds the new token rotates its key, stores it and its value into the cache and adds them to
-its softmax from registers. A layer then launches one kernel fewer at decode.
+its softmax from registers. A layer then launches one kernel fewer at decode. That variant
+compiles without FMA contraction, as the rotary kernel does, so both round the rotation the same
+way (with it each fused a different product into the sum, and the caches differed in last bits).
 """
 
 import torch
@@ -500,5 +502,7 @@ def _launch(q: Tensor, o: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         IDLE_EXIT=env_flag("LORASERVE_DECODE_ATTN_IDLE_EXIT", True),
         **rope["consts"],
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        # the rotation rounded as the rotary kernel rounds it (module docstring)
+        enable_fp_fusion=not rope["consts"]["ROPE"],
     )
     return o

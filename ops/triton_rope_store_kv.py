@@ -7,7 +7,8 @@ write). Optionally each q and k head is RMS-normalised over D first (per-head q/
 Every step rounds to the input dtype where the unfused torch ops store a tensor, so the result
 matches them: norm (fp32, rounded, then scaled by the weight and rounded), and for rope
 round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) = cat(-x2, x1) for the
-half-split layout x = cat(x1, x2).
+half-split layout x = cat(x1, x2). The kernel compiles without FMA contraction, which would
+fuse one product into the sum unrounded (rope_store_kv_triton's launch says what it did).
 
 The rotary rows are either given per token (cos, sin [T, D]) or gathered by the kernel from
 the whole tables by each token's position (positions [T]): a step then launches no gathers of
@@ -323,6 +324,13 @@ def rope_store_kv_triton(
         # a head is 2 * BLOCK_HALF values: one warp covers it in wide accesses; a fold's B
         # tiles (2 * BLOCK_HALF * BLOCK_R values a slice) take more threads
         num_warps=1 if fold is None else 4,
+        # No FMA contraction: with it, sm_90's compile turned round(round(x * cos) +
+        # round(rotate_half(x) * sin)) into fma(x, cos, round(rotate_half(x) * sin)), one
+        # product left unrounded (the PTX of the fp16 and bf16 variants: fma.rn.f16), so the
+        # kernel no longer rounded as the model's torch rotary (and HF's) rounds, and decode
+        # attention's own rotation (LORASERVE_DECODE_ATTN_ROPE) fused the other product.
+        # Without it: mul.rn, mul.rn, add.rn, each rounded as documented above.
+        enable_fp_fusion=False,
     )
     return q_out
 

@@ -20,7 +20,7 @@ OPS_MODULES = (
     "ops.triton_lora_expand", "ops.triton_lora_embed", "ops.triton_rmsnorm",
     "ops.triton_rope_store_kv", "ops.triton_silu_mul", "ops.triton_argmax",
 )
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "enable_fp_fusion")
 
 
 class KeyLog:
@@ -90,7 +90,7 @@ def describe(missing: set[tuple[str, tuple]], seen: set[tuple[str, tuple]]) -> s
 
 
 _COMPILE = r"""
-import importlib, json, os, subprocess, sys, tempfile
+import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
@@ -128,7 +128,8 @@ for kernel, spec in keys:
     line = next(l for l in usage.splitlines() if "REG:" in l)
     fields = dict(p.split(":", 1) for p in line.split() if ":" in p)
     out.append({"kernel": kernel, "registers": int(fields["REG"]), "local": int(fields["LOCAL"]),
-                "shared": k.metadata.shared})
+                "shared": k.metadata.shared,
+                "half_fma": len(re.findall(r"fma\.rn\.(?:bf16|f16)", k.asm["ptx"]))})
 print(json.dumps(out))
 """
 
@@ -138,7 +139,8 @@ def compile_for_sm90(keys: set[tuple[str, tuple]], modules: tuple[str, ...] = OP
     """Compile each (kernel, key) for CUDA sm_90 on this machine, as Triton would on an H200
     (its front end, the LLVM passes and ptxas run without a GPU), in a fresh process without
     TRITON_INTERPRET. One dict a key, in sorted key order: {"kernel", "registers", "local"
-    (bytes of spilled local memory a thread), "shared" (bytes a program)} or {"kernel", "error"}."""
+    (bytes of spilled local memory a thread), "shared" (bytes a program), "half_fma" (fp16 and
+    bf16 FMAs in its PTX)} or {"kernel", "error"}."""
     import json
     import os
     import subprocess

@@ -456,3 +456,42 @@ def test_sass_stats_counts_the_attention_loops(tmp_path: Path):
     assert narrow_s["shared_bytes"] < wide_s["shared_bytes"]
     refused = stats("--const", "NO_SUCH=1")
     assert refused.returncode != 0 and "NO_SUCH" in refused.stderr
+
+
+@needs_backend
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="records launch keys through the interpreter")
+def test_rotation_rounds_each_product_as_launched() -> None:
+    """The rotary kernel and decode attention's variant with the rotation inside
+    (LORASERVE_DECODE_ATTN_ROPE), compiled for sm_90 with their launches' own options at
+    Llama-3.1-8B's heads in bf16, round each product of the rotation: no bf16 FMA in their PTX.
+    The same keys with FMA contraction on fuse a product into the sum, each kernel its own
+    (their caches then differed in last bits on the H200): the check can fail."""
+    import torch
+
+    from ops.triton_decode_attention import decode_rope_attention_triton
+    from ops.triton_rope_store_kv import rope_store_kv_triton
+    from tests.kernel_keys import KeyLog, compile_for_sm90
+
+    bf16, heads, kv_heads, d, page, batch = torch.bfloat16, 32, 8, 128, 16, 4
+    qkv = torch.zeros(batch, (heads + 2 * kv_heads) * d, dtype=bf16)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = q.view(batch, heads, d), k.view(batch, kv_heads, d), v.view(batch, kv_heads, d)
+    cos = sin = torch.zeros(64, d, dtype=bf16)
+    k_cache, v_cache = (torch.zeros(16, page, kv_heads, d, dtype=bf16) for _ in range(2))
+    positions, slots = torch.arange(batch), torch.arange(batch)
+    tables = torch.arange(16, dtype=torch.int32).view(batch, 4)
+    kv_lens = torch.full((batch,), 5, dtype=torch.int32)
+    with KeyLog(execute=False) as log:
+        rope_store_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slots, positions=positions)
+        decode_rope_attention_triton(q, k, v, cos, sin, positions, k_cache, v_cache, slots,
+                                     tables, kv_lens, d ** -0.5)
+    keys = log.keys()
+    assert sorted(name for name, _ in keys) == ["_decode_attention_kernel",
+                                                "_rope_store_kv_kernel"]
+    assert all(("enable_fp_fusion", False) in spec for _, spec in keys), keys
+    fused = {(name, tuple(("enable_fp_fusion", True) if p == ("enable_fp_fusion", False) else p
+                          for p in spec)) for name, spec in keys}
+    as_launched, with_fusion = compile_for_sm90(keys), compile_for_sm90(fused)
+    assert [c.get("half_fma") for c in as_launched] == [0, 0], as_launched
+    assert all(c.get("half_fma", 0) > 0 for c in with_fusion), with_fusion
