@@ -128,7 +128,8 @@
 #   scripts/device_session.sh s53b   (one GPU, prepared) the decode graphs' copies replayed in
 #                                    turn: graph_gap's copies, graph tests, base steps with
 #                                    them and by default, three rounds, the loop profiled; ~6 min
-#   scripts/device_session.sh s54a   (one GPU, prepared) every step target at the defaults:
+#   scripts/device_session.sh s54a   (one GPU, prepared) the rotary tests on CUDA; every step
+#                                    target at the defaults:
 #                                    the 32-slot and 8-slot pools' targets by default and
 #                                    without the Gluon GEMM, alternating; base steps; ~9 min
 #   scripts/device_session.sh s53d   (one GPU) the Gluon decode GEMM by default: its wrapper
@@ -615,7 +616,13 @@ case "${1:-}" in
     # are measured against, while folded steps keep the Triton kernel): the 32-slot pool's
     # (1 adapter, 32 adapters against base + their bytes, prefill over 8) and the 8-slot
     # pool's (8 adapters), by default and with LORASERVE_DECODE_GEMM_TMA=0, alternating; base
-    # steps by default while time remains
+    # steps by default while time remains. First the rotary tests on CUDA: both rotary
+    # kernels compile without FMA contraction since the forty-fourth session (the rotary
+    # kernel now bit for bit torch's rotation, decode attention's ROPE variant bit for bit the
+    # two launches; neither yet run on a GPU)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
+      tests/test_fused_ops.py -k rope > "$OUT/rope_tests_54a.log" 2>&1
+    echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_54a.log" | tail -12
     off="LORASERVE_DECODE_GEMM_TMA=0"
     step_each 300 NONE=1 "$off" NONE=2
     step8_each 480 NONE=1 "$off" NONE=2
