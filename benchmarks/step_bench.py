@@ -23,6 +23,7 @@ import torch
 from benchmarks.dummy_model import SHAPES, weight_bytes, write_dummy_model
 from ops.lora import _use_pdl, fold_groups, overlap_enabled
 from ops.pdl import layer_pdl
+from ops.triton_decode_gemm import tma_gemm_state
 from runtime.config import ServerConfig
 from runtime.engine import Engine, LoopTimings
 from runtime.request import Request, SamplingParams
@@ -680,6 +681,7 @@ def main() -> None:
               "lora_pdl": _use_pdl(torch.device("cuda")),
               "layer_pdl": layer_pdl(torch.device("cuda")),
               "lora_overlap": overlap_enabled(), "lora_fold": sorted(fold_groups()),
+              "decode_gemm": tma_gemm_state(),
               "hbm_bytes_per_s": bw, "weight_bytes_no_embed": w_bytes, "decode": rows,
               "decode_loop": loop_rows, "decode_lora": lora_rows, "prefill_8x512": pre,
               "prefill_8x512_8_adapters": pre_lora, "device": torch.cuda.get_device_name(),
@@ -691,7 +693,8 @@ def main() -> None:
           f"{'on' if result['lora_pdl'] else 'off'}; shrink beside the projection in graphs "
           f"{'on' if result['lora_overlap'] else 'off'}; expands folded in decode graphs: "
           f"{', '.join(result['lora_fold']) or 'none'}; layer kernels with PDL in decode graphs "
-          f"{'on' if result['layer_pdl'] else 'off'}")
+          f"{'on' if result['layer_pdl'] else 'off'}; unfolded decode GEMMs: "
+          f"{result['decode_gemm']}")
     for r in rows:
         print(f"decode batch {r['batch']:3d}: {r['median_ms']:.2f} ms/step, floor "
               f"{r['floor_ms']:.2f} ms, ratio {r['ratio_to_floor']:.2f}")

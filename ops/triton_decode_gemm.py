@@ -248,6 +248,15 @@ def _tma_gate_up_flag() -> bool:
     return env_flag("LORASERVE_DECODE_GEMM_TMA_GATE_UP", True)
 
 
+def tma_gemm_state() -> str:
+    """What runs the unfolded decode GEMMs on CUDA (for benchmark records): "gluon", "gluon,
+    gate_up on triton" (LORASERVE_DECODE_GEMM_TMA_GATE_UP=0) or "triton" (the setting off, or a
+    Triton without Gluon)."""
+    if not tma_gemm_on() or _tma_takes_fn() is None:
+        return "triton"
+    return "gluon" if tma_gate_up_on() else "gluon, gate_up on triton"
+
+
 @functools.lru_cache(maxsize=1)
 def _tma_takes_fn():
     """ops/gluon_decode_gemm.py's `tma_takes`, or None where Triton has no Gluon and the

@@ -349,5 +349,18 @@ def test_tma_setting_without_gluon_names_what_is_missing(monkeypatch, caplog):
         with caplog.at_level("WARNING", logger="ops.triton_decode_gemm"):
             assert tdg._tma_takes_fn() is None
         assert "has no Gluon" in caplog.text and "LORASERVE_DECODE_GEMM_TMA=0" in caplog.text
+        assert tdg.tma_gemm_state() == "triton"  # what step_bench records then
     finally:
         tdg._tma_takes_fn.cache_clear()
+
+
+def test_tma_gemm_state_says_which_kernel_runs(monkeypatch):
+    """step_bench's record of the unfolded decode GEMMs' kernel follows both settings."""
+    import ops.triton_decode_gemm as tdg
+
+    monkeypatch.setattr(tdg, "_tma_takes_fn", lambda: (lambda x, w: True))
+    for on, gate_up, want in ((True, True, "gluon"), (True, False, "gluon, gate_up on triton"),
+                              (False, True, "triton"), (False, False, "triton")):
+        monkeypatch.setattr(tdg, "tma_gemm_on", lambda on=on: on)
+        monkeypatch.setattr(tdg, "tma_gate_up_on", lambda g=gate_up: g)
+        assert tdg.tma_gemm_state() == want
