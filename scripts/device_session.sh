@@ -128,8 +128,11 @@
 #   scripts/device_session.sh s53b   (one GPU, prepared) the decode graphs' copies replayed in
 #                                    turn: graph_gap's copies, graph tests, base steps with
 #                                    them and by default, three rounds, the loop profiled; ~6 min
-#   scripts/device_session.sh s54a   (one GPU, prepared) the rotary tests on CUDA; every step
-#                                    target at the defaults:
+#   scripts/device_session.sh s54b   (one GPU, prepared) the rotary kernels without FMA
+#                                    contraction: their tests on CUDA, parity with HF by
+#                                    default and with LORASERVE_DECODE_ATTN_ROPE=1, base steps
+#                                    with it and by default, alternating; ~6 min
+#   scripts/device_session.sh s54a   (one GPU, prepared) every step target at the defaults:
 #                                    the 32-slot and 8-slot pools' targets by default and
 #                                    without the Gluon GEMM, alternating; base steps; ~9 min
 #   scripts/device_session.sh s53d   (one GPU) the Gluon decode GEMM by default: its wrapper
@@ -611,18 +614,35 @@ case "${1:-}" in
     base_each 420 53b NONE=1 "$cp2" NONE=2 "$cp2" NONE=3 "$cp2"
     loop_profiles 53b "cp2:$cp2"
     ;;
+  s54b)  # one GPU (prepared for the next session): both rotary kernels compile without FMA
+    # contraction since the forty-fourth session (with it each fused a different product of
+    # the rotation into its sum: the caches of s53a's bit-for-bit tests differed). Their
+    # tests on CUDA (the rotary kernel now bit for bit torch's rotation, decode attention's
+    # ROPE variant the two launches'); HF parity on CUDA by default (the rotary kernel is on
+    # the default path) and with the ROPE variant, with the decode graphs against eager;
+    # base steps with the variant and by default, alternating, while time remains
+    ar="LORASERVE_DECODE_ATTN_ROPE=1"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
+      tests/test_fused_ops.py -k rope > "$OUT/rope_tests_54b.log" 2>&1
+    echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_54b.log" | tail -12
+    # by default bf16 logits too (8 HF tests, 3 graph tests); the variant as s53a ran it (7
+    # tests, 130 s there)
+    for case in "NONE=1:180:hf_on_cuda" "$ar:150:hf_on_cuda and fp32"; do
+      IFS=: read -r knob limit sel <<< "$case"
+      # shellcheck disable=SC2086  # the setting is one word
+      env $knob timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+        tests/test_engine_gpu.py tests/test_graphs_gpu.py \
+        -k "($sel) or (graphs_match_eager_fp32 and csgmv)" >> "$OUT/parity_54b.log" 2>&1
+      echo "== parity $knob: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/parity_54b.log" | tail -4
+    done
+    base_each 540 54b NONE=1 "$ar" NONE=2 "$ar"
+    ;;
   s54a)  # one GPU (prepared for the next session): every step target at the defaults since
     # s53d (the Gluon decode GEMM for base-only steps, whose faster base the adapter targets
     # are measured against, while folded steps keep the Triton kernel): the 32-slot pool's
     # (1 adapter, 32 adapters against base + their bytes, prefill over 8) and the 8-slot
     # pool's (8 adapters), by default and with LORASERVE_DECODE_GEMM_TMA=0, alternating; base
-    # steps by default while time remains. First the rotary tests on CUDA: both rotary
-    # kernels compile without FMA contraction since the forty-fourth session (the rotary
-    # kernel now bit for bit torch's rotation, decode attention's ROPE variant bit for bit the
-    # two launches; neither yet run on a GPU)
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
-      tests/test_fused_ops.py -k rope > "$OUT/rope_tests_54a.log" 2>&1
-    echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_54a.log" | tail -12
+    # steps by default while time remains
     off="LORASERVE_DECODE_GEMM_TMA=0"
     step_each 300 NONE=1 "$off" NONE=2
     step8_each 480 NONE=1 "$off" NONE=2
