@@ -14,7 +14,7 @@ partials), reads the cache up to the token before the new one, and the program w
 holds the new token rotates its key, stores it and its value into the cache and adds them to
 its softmax from registers. A layer then launches one kernel fewer at decode. That variant
 compiles without FMA contraction, as the rotary kernel does, so both round the rotation the same
-way (with it each fused a different product into the sum, and the caches differed in last bits).
+way (with it each fused products into sums its own way, and the caches differed in last bits).
 """
 
 import torch

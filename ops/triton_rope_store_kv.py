@@ -326,9 +326,9 @@ def rope_store_kv_triton(
         num_warps=1 if fold is None else 4,
         # No FMA contraction: with it, sm_90's compile turned round(round(x * cos) +
         # round(rotate_half(x) * sin)) into fma(x, cos, round(rotate_half(x) * sin)), one
-        # product left unrounded (the PTX of the fp16 and bf16 variants: fma.rn.f16), so the
-        # kernel no longer rounded as the model's torch rotary (and HF's) rounds, and decode
-        # attention's own rotation (LORASERVE_DECODE_ATTN_ROPE) fused the other product.
+        # product left unrounded (fma.rn.f16 and fma.rn.bf16 in the PTX), so the kernel no
+        # longer rounded as the model's torch rotary (and HF's) rounds, and decode attention's
+        # own rotation (LORASERVE_DECODE_ATTN_ROPE) contracted its own way (fma.rn.bf16x2).
         # Without it: mul.rn, mul.rn, add.rn, each rounded as documented above.
         enable_fp_fusion=False,
     )
