@@ -18,7 +18,9 @@ as the MMA's M and x's rows, padded to MP (the copies fill rows past M with zero
 fp32 accumulation; an unsplit projection's y in x's dtype (plus its bias), a split one's fp32
 partials [split, M, N] over even shares of K's steps, and with SILU_MUL gate_up's product
 SiLU(gate) * up (a program's tile is BLOCK_N / 2 gate rows over the matching up rows, two
-copies a stage), rounded as there. No LoRA fold: steps with one keep the Triton kernel.
+copies a stage), rounded as there. LoRA decode steps' stacked GEMMs (base rows over every
+slot's A) come here like any `decode_gemm`; there is no LoRA fold epilogue, so gate_up's fold
+inside its GEMM (LORASERVE_DECODE_GATE_UP_FOLD, opt-in) keeps the Triton kernel.
 """
 
 from __future__ import annotations

@@ -638,8 +638,8 @@ case "${1:-}" in
     base_each 540 54b NONE=1 "$ar" NONE=2 "$ar"
     ;;
   s54a)  # one GPU (prepared for the next session): every step target at the defaults since
-    # s53d (the Gluon decode GEMM for base-only steps, whose faster base the adapter targets
-    # are measured against, while folded steps keep the Triton kernel): the 32-slot pool's
+    # s53d (the Gluon decode GEMM, in base steps and in LoRA steps' stacked GEMMs; the
+    # adapter targets are measured against the faster base): the 32-slot pool's
     # (1 adapter, 32 adapters against base + their bytes, prefill over 8) and the 8-slot
     # pool's (8 adapters), by default and with LORASERVE_DECODE_GEMM_TMA=0, alternating; base
     # steps by default while time remains
