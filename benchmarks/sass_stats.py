@@ -14,6 +14,12 @@ Llama-3.1-8B's heads in bf16, disassembled with the cuobjdump Triton ships, and 
 `--kernel decode_gemm` compiles ops/triton_decode_gemm.py's decode GEMM as batch 32's qkv
 launches it (pass --stages 4), and `--kernel tma_gemm` ops/gluon_decode_gemm.py's (its --const
 names `compile_tma_gemm`'s arguments: rows, n, k, tiling, silu_mul, bias, partials).
+`--kernel rope` compiles the rotary kernel (ops/triton_rope_store_kv.py) as a decode step
+launches it (pass --warps 1). Each kernel compiles with FMA contraction as its launch asks
+(`--fp-fusion 0/1` overrides), and the report counts the fp16/bf16 FMAs in its PTX:
+
+    python -m benchmarks.sass_stats --kernel rope --warps 1 --fp-fusion 1
+    python -m benchmarks.sass_stats --kernel decode --const ROPE=true --const LEAN=2 --stages 2
 """
 
 from __future__ import annotations
@@ -56,6 +62,16 @@ KERNELS = {
                           "stride_bn", "stride_ss", "stride_si")},
         "NUM_SLOTS": 1, "FOLD": False, "T_SPLITS": 1, "BLOCK_R": 16, "BLOCK_C": 64,
         "FOLD_STAGES": 1, "EVEN_R": False}),
+    # the rotary kernel as decode steps launch it: the whole tables read at each position
+    "rope": ("ops.triton_rope_store_kv", "_rope_store_kv_kernel", {
+        **{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
+                                "k_cache_ptr", "v_cache_ptr", "q_norm_ptr", "k_norm_ptr",
+                                "b_ptr")},
+        "t_ptr": "*fp32", "scal_ptr": "*fp32", "rslot_ptr": "*i32", "slot_ptr": "*i64",
+        "pos_ptr": "*i64", "eps": "fp32"}, {
+        "HEAD_DIM": 128, "HALF": 64, "BLOCK_HALF": 64, "QK_NORM": False, "FOLD": False,
+        "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True, "USE_PDL": True, "PARTS": 1,
+        "GATHER": True}),
 }
 # per-step arguments stay unspecialised at launch (the kernels' do_not_specialize)
 _UNSPECIALISED = {"stride_table", "num_splits", "min_split"}
@@ -123,8 +139,20 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
     return compiled
 
 
-def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[bytes, int]:
-    """(cubin, shared bytes) of `kernel` for sm_90 at its defaults overridden by `consts`."""
+def launch_fusion(kernel: str, consts: dict) -> bool:
+    """Whether `kernel`'s launch at `consts` compiles with FMA contraction: the rotary kernel
+    never, decode attention as ops/triton_decode_attention.py `fp_fusion` says."""
+    from ops.triton_decode_attention import fp_fusion
+
+    if kernel == "rope":
+        return False
+    return fp_fusion(bool(consts.get("ROPE"))) if kernel == "decode" else True
+
+
+def compile_kernel(kernel: str, consts: dict, warps: int, stages: int,
+                   fusion: bool | None = None):
+    """`kernel` compiled for sm_90 at its defaults overridden by `consts`, with FMA
+    contraction as its launch takes it (`launch_fusion`) unless `fusion` says."""
     import importlib
 
     module, name, ptrs, defaults = KERNELS[kernel]
@@ -136,11 +164,15 @@ def compile_cubin(kernel: str, consts: dict, warps: int, stages: int) -> tuple[b
         raise ValueError(f"{name} takes no constexpr {', '.join(unknown)}")
     aligned = [n for n in names if n not in consts and n not in _UNSPECIALISED
                and (n.endswith("_ptr") or n.startswith("stride_"))]
-    # decode attention with the rotation compiles without FMA contraction, as it launches
-    fusion = not (kernel == "decode" and consts.get("ROPE"))
-    compiled = compile_for_sm90(fn, ptrs, consts, aligned, num_warps=warps, num_stages=stages,
-                                enable_fp_fusion=fusion)
-    return compiled.asm["cubin"], compiled.metadata.shared
+    if fusion is None:
+        fusion = launch_fusion(kernel, consts)
+    return compile_for_sm90(fn, ptrs, consts, aligned, num_warps=warps, num_stages=stages,
+                            enable_fp_fusion=fusion)
+
+
+def half_fmas(ptx: str) -> int:
+    """fp16/bf16 fused multiply-adds (packed ones too) in `ptx`."""
+    return len(re.findall(r"fma\.rn\.(?:bf16|f16)", ptx))
 
 
 def instructions(cubin: bytes) -> list[tuple[int, str]]:
@@ -193,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a constexpr over the kernel's default here (repeatable)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--fp-fusion", type=int, choices=(0, 1),
+                    help="FMA contraction off or on (default: as the kernel's launch takes it)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -209,14 +243,18 @@ def main(argv: list[str] | None = None) -> dict:
             compiled = compile_tma_gemm(**kw)
         except TypeError as e:
             ap.error(f"tma_gemm: {e}")
-        cubin, shared = compiled.asm["cubin"], compiled.metadata.shared
         a.warps, a.stages = compiled.metadata.num_warps, compiled.stages
     else:
-        cubin, shared = compile_cubin(a.kernel, consts, a.warps, a.stages)
+        fusion = None if a.fp_fusion is None else bool(a.fp_fusion)
+        compiled = compile_kernel(a.kernel, consts, a.warps, a.stages, fusion)
+    shared = compiled.metadata.shared
     stats = {"kernel": a.kernel, "consts": consts, "warps": a.warps, "stages": a.stages,
-             "shared_bytes": shared, **loop_stats(instructions(cubin))}
-    print(f"{a.kernel} {consts or 'defaults'}, {a.warps} warps, {a.stages} stages: "
-          f"{stats['instructions']} instructions, {shared} B shared")
+             "fp_fusion": compiled.metadata.enable_fp_fusion, "shared_bytes": shared,
+             "ptx_half_fmas": half_fmas(compiled.asm["ptx"]),
+             **loop_stats(instructions(compiled.asm["cubin"]))}
+    print(f"{a.kernel} {consts or 'defaults'}, {a.warps} warps, {a.stages} stages, FMA "
+          f"contraction {'on' if stats['fp_fusion'] else 'off'}: {stats['instructions']} "
+          f"instructions, {shared} B shared, {stats['ptx_half_fmas']} fp16/bf16 FMAs in the PTX")
     for loop in stats["loops"]:
         print(f"  loop {loop['start']}-{loop['end']}: {loop['instructions']} instructions, "
               f"{loop['barriers']} barriers, {loop['mma']} MMAs")

@@ -444,6 +444,12 @@ def decode_rope_attention_triton(
                    pdl, config, rope)
 
 
+def fp_fusion(rope: bool) -> bool:
+    """Whether a launch compiles with FMA contraction (Triton's default): not the variant with
+    the rotation inside, which rounds it as the rotary kernel does (module docstring)."""
+    return not rope
+
+
 def _launch(q: Tensor, o: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
             kv_lens: Tensor, scale: float, num_splits: int | None, min_split: int | None,
             pdl: bool | None, config: tuple[int, int, int] | None, rope: dict | None) -> Tensor:
@@ -502,7 +508,6 @@ def _launch(q: Tensor, o: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         IDLE_EXIT=env_flag("LORASERVE_DECODE_ATTN_IDLE_EXIT", True),
         **rope["consts"],
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
-        # the rotation rounded as the rotary kernel rounds it (module docstring)
-        enable_fp_fusion=not rope["consts"]["ROPE"],
+        enable_fp_fusion=fp_fusion(rope["consts"]["ROPE"]),
     )
     return o

@@ -90,8 +90,9 @@ def describe(missing: set[tuple[str, tuple]], seen: set[tuple[str, tuple]]) -> s
 
 
 _COMPILE = r"""
-import importlib, json, os, re, subprocess, sys, tempfile
+import importlib, json, os, subprocess, sys, tempfile
 import triton
+from benchmarks.sass_stats import half_fmas
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
@@ -129,7 +130,7 @@ for kernel, spec in keys:
     fields = dict(p.split(":", 1) for p in line.split() if ":" in p)
     out.append({"kernel": kernel, "registers": int(fields["REG"]), "local": int(fields["LOCAL"]),
                 "shared": k.metadata.shared,
-                "half_fma": len(re.findall(r"fma\.rn\.(?:bf16|f16)", k.asm["ptx"]))})
+                "half_fma": half_fmas(k.asm["ptx"])})
 print(json.dumps(out))
 """
 
