@@ -4,9 +4,10 @@ Decode attention at batch 32 over a short context is bound by each warp's chain 
 not by its bytes (benchmarks/RESULTS.md, thirty-seventh session), so what a change does to that
 chain can be read before a device call: Triton's front end and ptxas run without a GPU. The
 kernel is compiled as a launch specialises it (pointers and strides known multiples of 16) at
-Llama-3.1-8B's heads in bf16, disassembled with the cuobjdump Triton ships, and each loop
-(a backward branch) reported with its instruction count, block barriers (BAR.SYNC) and MMAs
-(HMMA, or HGMMA for Hopper's warpgroup form). Run it without TRITON_INTERPRET.
+Llama-3.1-8B's heads in bf16 (`--dtype fp16`: float16), disassembled with the cuobjdump Triton
+ships, and each loop (a backward branch) reported with its instruction count, block barriers
+(BAR.SYNC) and MMAs (HMMA, or HGMMA for Hopper's warpgroup form). Run it without
+TRITON_INTERPRET.
 
     python -m benchmarks.sass_stats --kernel decode
     python -m benchmarks.sass_stats --kernel decode --const BLOCK_N=32 --warps 2
@@ -16,9 +17,11 @@ launches it (pass --stages 4), and `--kernel tma_gemm` ops/gluon_decode_gemm.py'
 names `compile_tma_gemm`'s arguments: rows, n, k, tiling, silu_mul, bias, partials).
 `--kernel rope` compiles the rotary kernel (ops/triton_rope_store_kv.py) as a decode step
 launches it (pass --warps 1). Each kernel compiles with FMA contraction as its launch asks
-(`--fp-fusion 0/1` overrides), and the report counts the fp16/bf16 FMAs in its PTX:
+(`--fp-fusion 0/1` overrides), and the report counts the fp16/bf16 FMAs in its PTX.
+`--dtype fp16` compiles any of them for a model served in float16:
 
     python -m benchmarks.sass_stats --kernel rope --warps 1 --fp-fusion 1
+    python -m benchmarks.sass_stats --kernel rope --warps 1 --fp-fusion 1 --dtype fp16
     python -m benchmarks.sass_stats --kernel decode --const ROPE=true --const LEAN=2 --stages 2
 """
 
@@ -73,6 +76,8 @@ KERNELS = {
         "SPLITS": 1, "BLOCK_R": 16, "EVEN_R": True, "USE_PDL": True, "PARTS": 1,
         "GATHER": True}),
 }
+# the 16-bit dtypes a model is served in (--dtype), as Triton names them
+DTYPES = ("bf16", "fp16")
 # per-step arguments stay unspecialised at launch (the kernels' do_not_specialize)
 _UNSPECIALISED = {"stride_table", "num_splits", "min_split"}
 
@@ -109,11 +114,11 @@ def compile_for_sm90(fn, ptrs: dict, constexprs: dict, aligned=(), **options):
 
 def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
                      silu_mul: bool = False, bias: bool = False, pdl: bool = True,
-                     partials: bool = False):
+                     partials: bool = False, dtype: str = "bf16"):
     """ops/gluon_decode_gemm.py's kernel compiled for sm_90 as `tma_gemm_launch` would launch it
-    for x [rows, k] bf16 and a weight of n rows (gate_up's 2 * inter with silu_mul), at the
-    decode GEMM's `tiling` (its stages cut to fit as there); `partials`: y is a split's fp32
-    partials. Shared with tests/test_gluon_decode_gemm.py."""
+    for x [rows, k] in `dtype` (bf16 or fp16) and a weight of n rows (gate_up's 2 * inter with
+    silu_mul), at the decode GEMM's `tiling` (its stages cut to fit as there); `partials`: y is
+    a split's fp32 partials. Shared with tests/test_gluon_decode_gemm.py."""
     import torch
     from triton.runtime.jit import mangle_type
 
@@ -125,14 +130,17 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
     block_n, block_k, _, warps, _ = tile
     mp = max(16, next_pow2(rows))
     # meta tensors: the descriptors' types need shapes and dtypes, not memory
-    x = torch.empty(rows, k, dtype=torch.bfloat16, device="meta")
-    w = torch.empty(n, k, dtype=torch.bfloat16, device="meta")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    x = torch.empty(rows, k, dtype=torch_dtype, device="meta")
+    w = torch.empty(n, k, dtype=torch_dtype, device="meta")
     w_desc, x_desc = _descriptors(x, w, block_n // 2 if silu_mul else block_n, mp, block_k)
     stages = tma_stages(pipeline_stages(tile, mp, 2), block_n, block_k, mp, 2)
     consts = {"BLOCK_N": block_n, "STAGES": stages, "HAS_BIAS": bias,
               "USE_PDL": pdl, "SILU_MUL": silu_mul, "num_warps": warps}
-    types = {"w_desc": mangle_type(w_desc), "x_desc": mangle_type(x_desc), "b_ptr": "*bf16",
-             "y_ptr": "*fp32" if partials else "*bf16"}
+    types = {"w_desc": mangle_type(w_desc), "x_desc": mangle_type(x_desc), "b_ptr": f"*{dtype}",
+             "y_ptr": "*fp32" if partials else f"*{dtype}"}
     compiled = compile_for_sm90(_tma_gemm_kernel, types, consts,
                                 ("b_ptr", "y_ptr", "stride_ys", "stride_ym"), num_warps=warps)
     compiled.stages = stages  # (for the report: a launch's stages are a constexpr)
@@ -149,13 +157,22 @@ def launch_fusion(kernel: str, consts: dict) -> bool:
     return fp_fusion(bool(consts.get("ROPE"))) if kernel == "decode" else True
 
 
+def with_dtype(ptrs: dict, dtype: str) -> dict:
+    """`ptrs` (the kernels' bf16 pointer types) with their bf16 tensors in `dtype`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    return {n: f"*{dtype}" if t == "*bf16" else t for n, t in ptrs.items()}
+
+
 def compile_kernel(kernel: str, consts: dict, warps: int, stages: int,
-                   fusion: bool | None = None):
-    """`kernel` compiled for sm_90 at its defaults overridden by `consts`, with FMA
-    contraction as its launch takes it (`launch_fusion`) unless `fusion` says."""
+                   fusion: bool | None = None, dtype: str = "bf16"):
+    """`kernel` compiled for sm_90 at its defaults overridden by `consts`, its activations,
+    weights and caches in `dtype` (bf16 or fp16), with FMA contraction as its launch takes it
+    (`launch_fusion`) unless `fusion` says."""
     import importlib
 
     module, name, ptrs, defaults = KERNELS[kernel]
+    ptrs = with_dtype(ptrs, dtype)
     fn = getattr(importlib.import_module(module), name)
     names = list(fn.arg_names)
     consts = {**defaults, **consts}
@@ -227,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--fp-fusion", type=int, choices=(0, 1),
                     help="FMA contraction off or on (default: as the kernel's launch takes it)")
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16",
+                    help="the activations', weights' and caches' dtype (the served model's)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--const takes NAME=VALUE, got {item!r}")
         consts[name] = _value(value)
     if a.kernel == "tma_gemm":
-        kw = {"rows": 32, "n": 6144, "k": 4096, **consts}
+        kw = {"rows": 32, "n": 6144, "k": 4096, "dtype": a.dtype, **consts}
         try:
             compiled = compile_tma_gemm(**kw)
         except TypeError as e:
@@ -246,13 +265,14 @@ def main(argv: list[str] | None = None) -> dict:
         a.warps, a.stages = compiled.metadata.num_warps, compiled.stages
     else:
         fusion = None if a.fp_fusion is None else bool(a.fp_fusion)
-        compiled = compile_kernel(a.kernel, consts, a.warps, a.stages, fusion)
+        compiled = compile_kernel(a.kernel, consts, a.warps, a.stages, fusion, a.dtype)
     shared = compiled.metadata.shared
-    stats = {"kernel": a.kernel, "consts": consts, "warps": a.warps, "stages": a.stages,
+    stats = {"kernel": a.kernel, "dtype": a.dtype, "consts": consts, "warps": a.warps,
+             "stages": a.stages,
              "fp_fusion": compiled.metadata.enable_fp_fusion, "shared_bytes": shared,
              "ptx_half_fmas": half_fmas(compiled.asm["ptx"]),
              **loop_stats(instructions(compiled.asm["cubin"]))}
-    print(f"{a.kernel} {consts or 'defaults'}, {a.warps} warps, {a.stages} stages, FMA "
+    print(f"{a.kernel} {a.dtype} {consts or 'defaults'}, {a.warps} warps, {a.stages} stages, FMA "
           f"contraction {'on' if stats['fp_fusion'] else 'off'}: {stats['instructions']} "
           f"instructions, {shared} B shared, {stats['ptx_half_fmas']} fp16/bf16 FMAs in the PTX")
     for loop in stats["loops"]:

@@ -495,3 +495,27 @@ def test_rotation_rounds_each_product_as_launched() -> None:
     as_launched, with_fusion = compile_for_sm90(keys), compile_for_sm90(fused)
     assert [c.get("half_fma") for c in as_launched] == [0, 0], as_launched
     assert all(c.get("half_fma", 0) > 0 for c in with_fusion), with_fusion
+
+
+DTYPE_FMAS = r"""
+import json, re, sys
+from benchmarks.sass_stats import compile_kernel, compile_tma_gemm
+out = {}
+for dtype in ("bf16", "fp16"):
+    ptx = compile_kernel("rope", {}, 1, 3, True, dtype).asm["ptx"]
+    out[dtype] = {t: len(re.findall(rf"fma\.rn\.{t}\b", ptx)) for t in ("bf16", "f16")}
+    gemm = compile_tma_gemm(32, 512, 256, dtype=dtype).asm["ptx"]
+    out[dtype]["gemm_mma"] = sorted(set(re.findall(r"wgmma\.\S*\.(bf16|f16)\b", gemm)))
+print(json.dumps(out))
+"""
+
+
+@needs_backend
+def test_sass_stats_compiles_either_16_bit_dtype() -> None:
+    """benchmarks/sass_stats.py's --dtype: the rotary kernel with contraction on fuses float16
+    products in fp16 and bfloat16 ones in bf16 (the fp16 reading in RESULTS' forty-fourth
+    section needs it), and the Gluon GEMM's warpgroup MMAs take the dtype asked for."""
+    found = run_without_interpreter(DTYPE_FMAS, None)
+    assert found["bf16"]["bf16"] > 0 and found["bf16"]["f16"] == 0, found
+    assert found["fp16"]["f16"] > 0 and found["fp16"]["bf16"] == 0, found
+    assert found["bf16"]["gemm_mma"] == ["bf16"] and found["fp16"]["gemm_mma"] == ["f16"], found
