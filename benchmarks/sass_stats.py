@@ -18,10 +18,11 @@ names `compile_tma_gemm`'s arguments: rows, n, k, tiling, silu_mul, bias, partia
 `--kernel rope` compiles the rotary kernel (ops/triton_rope_store_kv.py) as a decode step
 launches it (pass --warps 1). Each kernel compiles with FMA contraction as its launch asks
 (`--fp-fusion 0/1` overrides), and the report counts the fp16/bf16 FMAs in its PTX.
-`--dtype fp16` compiles any of them for a model served in float16:
+`--dtype fp16` compiles any of them for a model served in float16, and `--ptx FILE` writes the
+PTX that the FMAs were counted in:
 
     python -m benchmarks.sass_stats --kernel rope --warps 1 --fp-fusion 1
-    python -m benchmarks.sass_stats --kernel rope --warps 1 --fp-fusion 1 --dtype fp16
+    python -m benchmarks.sass_stats --kernel rope --warps 1 --fp-fusion 1 --dtype fp16 --ptx r.ptx
     python -m benchmarks.sass_stats --kernel decode --const ROPE=true --const LEAN=2 --stages 2
 """
 
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=DTYPES, default="bf16",
                     help="the activations', weights' and caches' dtype (the served model's)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--ptx", type=Path, help="also write the kernel's PTX here")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{loop['barriers']} barriers, {loop['mma']} MMAs")
     if a.out:
         a.out.write_text(json.dumps(stats, indent=1))
+    if a.ptx:
+        a.ptx.write_text(compiled.asm["ptx"])
     return stats
 
 

@@ -438,7 +438,8 @@ def _folded_consumers(tokens, info, row_slots, bufs, LoraFold, add_rmsnorm, silu
 @needs_backend
 def test_sass_stats_counts_the_attention_loops(tmp_path: Path):
     """benchmarks/sass_stats.py: decode attention's KV loop is found with its MMAs and block
-    barriers; a narrower tile needs less shared memory; an unknown constexpr is refused."""
+    barriers; a narrower tile needs less shared memory; an unknown constexpr is refused; --ptx
+    writes the kernel's PTX."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
 
@@ -446,8 +447,9 @@ def test_sass_stats_counts_the_attention_loops(tmp_path: Path):
         return subprocess.run([sys.executable, "-m", "benchmarks.sass_stats", *args], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600, check=False)
 
-    wide, narrow = tmp_path / "wide.json", tmp_path / "narrow.json"
-    assert stats("--out", str(wide)).returncode == 0
+    wide, narrow, ptx = tmp_path / "wide.json", tmp_path / "narrow.json", tmp_path / "k.ptx"
+    assert stats("--out", str(wide), "--ptx", str(ptx)).returncode == 0
+    assert ".entry _decode_attention_kernel" in ptx.read_text()
     assert stats("--const", "BLOCK_N=32", "--warps", "2", "--out", str(narrow)).returncode == 0
     wide_s, narrow_s = json.loads(wide.read_text()), json.loads(narrow.read_text())
     kv_loop = max(wide_s["loops"], key=lambda loop: loop["mma"])
