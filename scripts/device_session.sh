@@ -136,6 +136,9 @@
 #   scripts/device_session.sh s54a   (one GPU, prepared) every step target at the defaults:
 #                                    the 32-slot and 8-slot pools' targets by default and
 #                                    without the Gluon GEMM, alternating; base steps; ~9 min
+#   scripts/device_session.sh s54c   (one GPU, prepared) the soak on CUDA at today's
+#                                    default (480 s of 6 clients with churn; first since the
+#                                    second device session); ~9 min
 #   scripts/device_session.sh s53d   (one GPU) the Gluon decode GEMM by default: its wrapper
 #                                    tests on CUDA, base steps with it and without, two
 #                                    rounds; the 8-adapter target; gate_up on the Triton
@@ -641,6 +644,15 @@ case "${1:-}" in
     # launch's 65.2; not yet measured in the loop)
     gu="LORASERVE_DECODE_GEMM_TMA_GATE_UP=0"
     base_each 510 54b NONE=1 "$ar" "$gu" NONE=2 "$ar" "$gu"
+    ;;
+  s54c)  # one GPU (prepared for the next session): the soak on CUDA at today's default decode
+    # step (the Gluon GEMM, folded LoRA steps, the rotary kernel without contraction, CUDA
+    # graphs, the copy stream, the overlapped loop); it last ran on a GPU in the second device
+    # session. 6 clients for 480 s, churn included, every answer checked against its adapter's
+    # tokens alone, then the RSS bound and the leak check
+    LORASERVE_TEST_DEVICE=cuda LORASERVE_SOAK_SECONDS=480 timeout 580 python3 -m pytest -q -s \
+      -p no:cacheprovider -rf --tb=short tests/test_soak.py::test_soak > "$OUT/soak_54c.log" 2>&1
+    echo "== soak on CUDA: rc $?"; grep -E "^soak:|passed|failed|^(FAILED|ERROR)" "$OUT/soak_54c.log" | tail -6
     ;;
   s54a)  # one GPU (prepared for the next session): every step target at the defaults since
     # s53d (the Gluon decode GEMM, in base steps and in LoRA steps' stacked GEMMs; the
