@@ -99,7 +99,6 @@ UNSUPPORTED_FIELDS: tuple[tuple[str, tuple[object, ...], str], ...] = (
     ("use_beam_search", (False,), "beam search is not supported"),
     ("length_penalty", (1.0,), "beam search is not supported"),
     ("prompt_logprobs", (), "not supported (echo with logprobs scores the prompt)"),
-    ("allowed_token_ids", (), "token allow-lists are not supported"),
     ("bad_words", (), "bad words are not supported"),
     ("logprob_token_ids", (), "logprobs of chosen token ids are not supported"),
     ("watermarking", (False,), "watermarking is not supported"),

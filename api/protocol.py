@@ -206,6 +206,7 @@ class OpenAISampling(msgspec.Struct):
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (a string) -> bias, -100..100
     # extensions (vLLM and SGLang accept these on their OpenAI routes too)
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be chosen
     top_k: int | None = None  # 0 or -1: the whole vocabulary, as on vLLM
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -252,7 +253,6 @@ class OpenAISampling(msgspec.Struct):
     use_beam_search: Any = None
     length_penalty: Any = None
     prompt_logprobs: Any = None
-    allowed_token_ids: Any = None
     bad_words: Any = None
     logprob_token_ids: Any = None
     watermarking: Any = None
@@ -299,6 +299,7 @@ class OpenAISampling(msgspec.Struct):
         # n > 1 with a seed: choice i uses seed + i, so the choices differ but repeat
         return _sampling_params(self, self.seed, seed_offset, max_new_tokens=max_new_tokens,
                                min_new_tokens=self.min_tokens,
+                               allowed_token_ids=self.allowed_token_ids,
                                top_k=-1 if self.top_k == 0 else self.top_k,
                                spaces_between_special_tokens=self.spaces_between_special_tokens)
 

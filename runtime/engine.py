@@ -460,6 +460,14 @@ class Engine:
             raise ValidationError("rid", f"a request with rid {rid!r} is already running")
         if not 0 <= top_n <= 20:
             raise ValidationError("top_logprobs_num", "must be between 0 and 20")
+        allowed = params.allowed_token_ids
+        if allowed and params.min_new_tokens > 0 and set(allowed) <= (
+                set(params.stop_token_ids) | self.eos_token_ids):
+            # under min_new_tokens the sampler masks these ids: nothing would be left to choose
+            # (its message names no other field: the two APIs spell min_new_tokens apart)
+            raise ValidationError("allowed_token_ids", "holds only stop and end-of-sequence "
+                                  "ids, none of which may be chosen before the minimum of "
+                                  "new tokens")
         return self._fit_context(prompt_ids, params)
 
     def _fit_context(

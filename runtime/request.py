@@ -26,6 +26,7 @@ class ValidationError(ValueError):
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 512
 MAX_LOGIT_BIAS = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # beyond any vocabulary served here (Llama 3's is 128256)
 # Temperatures below this choose greedily, as 0 does (SGLang's sampling epsilon): logits divided
 # by a tiny one overflow float32 to ±inf (or divide by 0, under 1.4e-45), which draws nonsense.
 GREEDY_TEMPERATURE = 1e-6
@@ -55,6 +56,8 @@ class SamplingParams:
     # token id -> a value added to its logit before choosing (OpenAI's and SGLang's
     # logit_bias; JSON keys arrive as strings of digits)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # the only ids that may be chosen (vLLM's allowed_token_ids); None: every id
+    allowed_token_ids: list[int] | None = None
     # max_new_tokens is the default, not a number the client asked for: past the context it
     # is lowered to the room left instead of refusing the request (Engine._fit_context)
     is_max_new_tokens_default: bool = False
@@ -126,6 +129,15 @@ class SamplingParams:
         for t, b in self.logit_bias.items():
             _check_int("logit_bias", t, lo=0, hi=(vocab_size - 1) if vocab_size else 1 << 31)
             _check_float("logit_bias", b, lo=-100.0, hi=100.0)
+        if self.allowed_token_ids is not None:
+            allowed = self.allowed_token_ids
+            if not isinstance(allowed, list) or not allowed:
+                raise ValidationError("allowed_token_ids", "must be a non-empty list of token ids")
+            if len(allowed) > MAX_ALLOWED_TOKEN_IDS:
+                raise ValidationError("allowed_token_ids", f"at most {MAX_ALLOWED_TOKEN_IDS} ids")
+            for t in allowed:
+                _check_int("allowed_token_ids", t, lo=0,
+                           hi=(vocab_size - 1) if vocab_size else 1 << 31)
         if not isinstance(self.ignore_eos, bool):
             raise ValidationError("ignore_eos", "must be a boolean")
         if not isinstance(self.skip_special_tokens, bool):

@@ -43,7 +43,8 @@ class Sampler:
     """Chooses one token per row of a logits batch, each row with its request's parameters.
 
     Order per row: repetition penalty (prompt and output tokens), frequency and presence
-    penalties (output tokens), logit_bias, eos and stop ids masked while under min_new_tokens;
+    penalties (output tokens), logit_bias, eos and stop ids masked while under min_new_tokens,
+    every id outside allowed_token_ids masked;
     then greedy argmax when temperature is under 1e-6 (SamplingParams.is_greedy) or top_k is
     1, else temperature, top-k, top-p, min-p and a draw. A request with a seed draws from its
     own generator (kept on `request.generator`), so its tokens do not depend on the rest of
@@ -61,6 +62,8 @@ class Sampler:
         self._generator.manual_seed(seed)
         # Per request, [V] bool: which ids its prompt holds. Built once, dropped with the request.
         self._prompt_seen: weakref.WeakKeyDictionary[Request, Tensor] = weakref.WeakKeyDictionary()
+        # Per request with allowed_token_ids, [V] bool: the ids it may choose. Built once.
+        self._allowed: weakref.WeakKeyDictionary[Request, Tensor] = weakref.WeakKeyDictionary()
         self._nothing_seen: Tensor | None = None
 
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
@@ -103,7 +106,8 @@ class Sampler:
         masked_rows = [
             i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_new_tokens
         ]
-        if not penalty_rows and not bias_rows and not masked_rows:
+        allowed_rows = [i for i, r in enumerate(requests) if r.params.allowed_token_ids]
+        if not penalty_rows and not bias_rows and not masked_rows and not allowed_rows:
             return logits
         logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if penalty_rows:
@@ -112,6 +116,8 @@ class Sampler:
             self._add_logit_bias(logits, requests, bias_rows)
         if masked_rows:
             self._mask_stop_ids(logits, requests, masked_rows)
+        if allowed_rows:
+            self._keep_allowed(logits, requests, allowed_rows)
         return logits
 
     def _apply_penalties(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
@@ -184,6 +190,26 @@ class Sampler:
             # index_fill_ takes the value as a scalar; assigning through advanced indexing
             # would copy it to the device from pageable memory, which waits for the device.
             logits.view(-1).index_fill_(0, self._upload(flat, torch.int64), _NEG_INF)
+
+    def _keep_allowed(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
+        """Set, in place, every logit of the given rows of logits [B, V] outside their
+        request's allowed_token_ids to -inf. (Engine refuses an allow-list that the
+        min_new_tokens masks would leave empty, so every row keeps a finite logit.)"""
+        keep = []
+        for i in rows:
+            r = requests[i]
+            mask = self._allowed.get(r)
+            if mask is None:
+                mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=logits.device)
+                mask.index_fill_(0, self._upload(r.params.allowed_token_ids, torch.int64), True)
+                self._allowed[r] = mask
+            keep.append(mask)
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(~torch.stack(keep), _NEG_INF)
+            return
+        rows_t = self._upload(rows, torch.int64)
+        subset = logits.index_select(0, rows_t).masked_fill_(~torch.stack(keep), _NEG_INF)
+        logits.index_copy_(0, rows_t, subset)
 
     def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:
         """[B] int64 tokens from processed logits [B, V]. Greedy rows take the row argmax

@@ -587,6 +587,42 @@ async def test_logit_bias_on_both_apis(client) -> None:
     assert len(ids) == 3 and len(set(ids)) == 1
 
 
+async def test_allowed_token_ids_on_the_openai_routes(client) -> None:
+    """vLLM's allowed_token_ids: every token chosen, greedy and sampled, is one of them, on
+    both routes; bad lists, and one that min_tokens would leave empty, are a 400 naming it."""
+    from api.tokenbytes import TokenBytes
+
+    engine = client.app[ENGINE]
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 6, "ignore_eos": True}
+    r = await client.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 4, "temperature": 0, "allowed_token_ids": [42]})
+    assert (await r.json())["choices"][0]["text"] == engine.tokenizer.decode([42] * 4)
+    token_bytes = TokenBytes(engine.tokenizer)
+    allowed = [42, 43, 97, 120]
+    plain = await (await client.post("/v1/chat/completions", json=chat | {
+        "temperature": 0, "logprobs": True})).json()
+    own = {tuple(token_bytes(t)) for t in allowed}
+    assert {tuple(t["bytes"]) for t in plain["choices"][0]["logprobs"]["content"]} - own
+    for temperature in (0, 1.5):
+        body = await (await client.post("/v1/chat/completions", json=chat | {
+            "temperature": temperature, "n": 3, "seed": 7, "logprobs": True,
+            "allowed_token_ids": allowed})).json()
+        for choice in body["choices"]:
+            got = [tuple(t["bytes"]) for t in choice["logprobs"]["content"]]
+            assert len(got) == 6 and set(got) <= own, (temperature, got)
+    eos = sorted(engine.eos_token_ids)
+    for bad in ([], [10**6], "42", [1.5]):
+        r = await client.post("/v1/completions", json={
+            "prompt": "x", "max_tokens": 2, "allowed_token_ids": bad})
+        err = (await r.json())["error"]
+        assert r.status == 400 and err["param"].startswith("allowed_token_ids"), (bad, err)
+    r = await client.post("/v1/chat/completions", json=chat | {
+        "allowed_token_ids": eos, "min_tokens": 2})
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == "allowed_token_ids", err
+    assert "minimum of new tokens" in err["message"], err
+
+
 async def test_openai_accepts_neutral_values_and_wraps_seeds(client) -> None:
     for body in ({"response_format": {"type": "text"}, "tools": [], "logit_bias": {},
                   "tool_choice": "none", "stop_regex": []},

@@ -215,6 +215,9 @@ def valid_body(draw: st.DrawFn, path: str, vocab: int, names: Callable[[], str])
         body["stream"] = draw(st.booleans())
         if body["stream"] and draw(st.booleans()):
             body["stream_options"] = {"include_usage": draw(st.booleans())}
+        if draw(st.integers(0, 3)) == 0:
+            body["allowed_token_ids"] = draw(st.lists(st.integers(0, vocab - 1), min_size=1,
+                                                      max_size=5))
         if path == "/v1/completions":
             body["prompt"] = draw(st.one_of(SAFE_TEXT, st.lists(SAFE_TEXT, min_size=1,
                                                                 max_size=2), token_ids(vocab),
@@ -309,6 +312,8 @@ def mutations(vocab: int) -> list[Mutation]:
         (chat, ("top_logprobs",), st.sampled_from([-1, 21, 2 ** 40])),
         (chat, ("n",), st.sampled_from([0, 129])),
         (chat, ("model",), st.just("nope:nope")),
+        (chat, ("allowed_token_ids",), st.one_of(st.just([]), bad_ids.map(lambda t: [5, t]),
+                                                 st.just(["5"]), st.just(5))),
         ("/tokenize", ("text",), st.one_of(st.integers(), st.just([1]), st.just({"a": "b"}))),
         ("/tokenize", ("add_special_tokens",), NOT_BOOL),
         ("/detokenize", ("tokens",), st.one_of(bad_ids.map(lambda t: [1, t]), st.just(["a"]),

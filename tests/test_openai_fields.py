@@ -93,7 +93,7 @@ def _fields(route: str) -> tuple[tuple[str, tuple[object, ...], str], ...]:
     (COMPLETIONS, "use_beam_search", True),
     (CHAT, "length_penalty", 0.5),
     (COMPLETIONS, "prompt_logprobs", 0),
-    (CHAT, "allowed_token_ids", [5, 6]),
+    (CHAT, "logprob_token_ids", [5, 6]),
     (COMPLETIONS, "bad_words", ["the"]),
     (CHAT, "thinking_token_budget", 100),
     (COMPLETIONS, "logits_processors", ["my.module.Processor"]),

@@ -220,6 +220,48 @@ def test_logit_bias_out_of_range_names_the_field(bias: dict) -> None:
         SamplingParams(logit_bias=bias).validate(50)
 
 
+def test_allowed_token_ids_keep_their_rows_to_them() -> None:
+    """allowed_token_ids: a greedy row takes the best of its ids, a sampled row draws only its
+    ids and as often as their renormalised probabilities say; rows without a list are
+    untouched, and the logprobs stay those of the raw distribution. The mask is built once
+    per request."""
+    logits = torch.randn(3, 30) * 2
+    order = logits[0].argsort(descending=True)
+    worst_three = [int(t) for t in order[-3:]]
+    requests = [make_request(temperature=0.0, allowed_token_ids=worst_three, return_logprob=True),
+                make_request(temperature=0.0, allowed_token_ids=[5]),
+                make_request(temperature=0.0)]
+    sampler = Sampler(30, {0}, CPU)
+    out = sampler(logits, requests)
+    assert out.token_ids.tolist() == [worst_three[0], 5, int(logits[2].argmax())]
+    assert torch.allclose(out.logprobs[0], torch.log_softmax(logits[0], -1)[worst_three[0]])
+    assert sampler(logits, requests).token_ids.tolist() == out.token_ids.tolist()
+    assert len(sampler._allowed) == 2  # one mask each, kept across steps
+
+    allowed = [2, 11, 17, 23, 29, 3]
+    row = torch.randn(30)
+    n = 6000
+    draws = [make_request(temperature=1.0, allowed_token_ids=allowed) for _ in range(n)]
+    tokens = Sampler(30, set(), CPU)(row.expand(n, 30).contiguous(), draws).token_ids
+    expected = torch.zeros(30)
+    expected[allowed] = row[allowed].softmax(-1)
+    assert chi_square(tokens, expected) < CHI_SQUARE_LIMIT
+    # beside rows without a list, and with min_new_tokens masking one of the ids (eos, 3)
+    mixed = [make_request(temperature=1.0, allowed_token_ids=allowed, min_new_tokens=2)
+             if i % 2 else make_request(temperature=0.0) for i in range(400)]
+    picked = Sampler(30, {3}, CPU)(row.expand(400, 30).contiguous(), mixed).token_ids
+    assert set(picked[1::2].tolist()) <= set(allowed) - {3}
+    assert (picked[0::2] == row.argmax()).all()
+
+
+@pytest.mark.parametrize("allowed", [[], [30], [-1], ["5"], [True], 5, [1] * ((1 << 18) + 1)])
+def test_allowed_token_ids_out_of_range_names_the_field(allowed: object) -> None:
+    from runtime.request import ValidationError
+
+    with pytest.raises(ValidationError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=allowed).validate(30)
+
+
 def test_top_k_one_is_greedy() -> None:
     logits = torch.randn(32, 40) * 0.3
     requests = [make_request(temperature=1.5, top_k=1) for _ in range(32)]
@@ -461,7 +503,8 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
             "frequency_penalty": 0.5,
             "min_new_tokens": 2,
         },
-        {"temperature": 1.0, "presence_penalty": 0.4, "top_p": 0.95, "seed": 12},
+        {"temperature": 1.0, "presence_penalty": 0.4, "top_p": 0.95, "seed": 12,
+         "allowed_token_ids": list(range(100, 4100, 7))},
     ]
     requests = [
         make_request(
@@ -470,7 +513,7 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
         for i in range(batch)
     ]
     logits = torch.randn(steps, batch, vocab, device=device).to(torch.bfloat16) * 3
-    sampler(logits[0], requests)  # first call builds the seeded generators and prompt masks
+    sampler(logits[0], requests)  # first call builds the seeded generators and the masks
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -481,6 +524,7 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
         greedy = logits[s, ::5].float().argmax(dim=-1)
         assert torch.equal(out.token_ids[::5], greedy)
         assert out.token_ids.device.type == "cuda" and (out.token_ids < vocab).all()
+        assert set(out.token_ids[4::5].tolist()) <= set(kinds[4]["allowed_token_ids"])
         raw = torch.log_softmax(logits[s].float(), dim=-1)
         torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
 
