@@ -90,7 +90,8 @@ def parse_size(text: str | int, name: str) -> int:
 
 
 def parse_lora_path(value: Any, name: str = "lora_paths") -> LoraPathSpec:
-    """`name=path`, a bare path (name = folder name), a JSON object string or a TOML table."""
+    """`name=path`, a bare path (named by the path as written), a JSON object string or a TOML
+    table."""
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
             value = json.loads(value)
