@@ -44,7 +44,8 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
                        param="lora_name")
     if not body.lora_path:
         raise ApiError(400, "lora_path: must not be empty", param="lora_path")
-    await request.app[ENGINE].load_adapter(body.lora_name, body.lora_path, pinned=body.pinned)
+    await request.app[ENGINE].load_adapter(body.lora_name, body.lora_path, pinned=body.pinned,
+                                           inplace=body.load_inplace)
     return _ok(request)
 
 
@@ -77,5 +78,6 @@ async def lora_adapters(request: web.Request) -> web.Response:
         "target_modules": list(a.target_modules),
         "in_flight_requests": a.refs,
         "unloading": a.unloading,
+        "replaced": a.replaced,
     } for a in request.app[ENGINE].list_adapters()]
     return json_response({"adapters": adapters})

@@ -172,6 +172,9 @@ class LoadAdapterRequest(msgspec.Struct):
     lora_name: str
     lora_path: str
     pinned: bool = False
+    # vLLM's: replace a loaded lora_name with the adapter at lora_path; requests already
+    # holding the old version finish on it (AdapterManager.load)
+    load_inplace: bool = False
 
 
 class UnloadAdapterRequest(msgspec.Struct):

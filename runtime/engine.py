@@ -23,7 +23,6 @@ from runtime.adapters.manager import AdapterInfo, AdapterManager, Residency, res
 from runtime.adapters.pool import GROUPS, LAYER_MODULES, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
 from runtime.errors import (
-    AdapterError,
     EngineStoppedError,
     QueueFullError,
     UnknownAdapterError,
@@ -391,7 +390,8 @@ class Engine:
         try:
             for item, (prompt_ids, params) in zip(items, checked, strict=True):
                 req = self._new_request(item, prompt_ids, params)
-                residencies.append(await self._acquire(item.lora_name))
+                residency, req.adapter_key = await self._acquire(item.lora_name)
+                residencies.append(residency)
                 reqs.append(req)
             # An adapter's load or on-demand resolve may have been awaited: check again what
             # another submit or a shutdown may have changed meanwhile.
@@ -402,8 +402,8 @@ class Engine:
                                           "running")
         except BaseException:
             for req in reqs:
-                if req.lora_name is not None and self.adapters is not None:
-                    self.adapters.release(req.lora_name)
+                if req.adapter is not None and self.adapters is not None:
+                    self.adapters.release(req.adapter)
             raise
         for req, residency in zip(reqs, residencies, strict=True):
             self.requests[req.rid] = req
@@ -420,16 +420,19 @@ class Engine:
         if self.scheduler.num_waiting + num_items > self.config.max_queued_requests:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are already queued")
 
-    async def _acquire(self, lora_name: str | None) -> str:
-        """Take a request's name reference on `lora_name`; where the adapter was ("base"
-        for the base model)."""
+    async def _acquire(self, lora_name: str | None) -> tuple[str, str | None]:
+        """Take a request's reference on the version `lora_name` serves: where the adapter
+        was ("base" for the base model), and the version's key (None for the base model)."""
         if lora_name is None:
-            return "base"
+            return "base", None
         if self.adapters is None:  # no adapter of that name, as for an unknown one
             raise UnknownAdapterError(
                 f"LoRA adapter {lora_name!r} does not exist: LoRA is not enabled on this "
                 "server", lora_name)
-        return await self.adapters.acquire_or_resolve(lora_name)
+        residency = await self.adapters.acquire_or_resolve(lora_name)
+        # (acquire_or_resolve's last step, acquire, and this run with no await between: the
+        # version acquired is the one the name serves now)
+        return residency, self.adapters.key_of(lora_name)
 
     @staticmethod
     def _new_request(item: Submission, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -545,15 +548,15 @@ class Engine:
         return True
 
     # ---------------------------------------------------------------- adapters
-    async def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
+    async def load_adapter(self, name: str, path: str, pinned: bool = False,
+                           inplace: bool = False) -> None:
+        """Load adapter `name` from `path`; `inplace` replaces a loaded `name` with a new
+        version, its requests in flight finishing on the old one (AdapterManager.load)."""
         if self.adapters is None:
             raise ValidationError("lora_name", "LoRA is not enabled on this server")
         if not self._accepting:  # as submit: nothing new once the drain has begun
             raise EngineStoppedError("the server is shutting down")
-        if name not in self.adapters and name in self.loaded_adapters():
-            raise AdapterError(f"LoRA adapter {name!r} is being unloaded (its requests are "
-                               "draining); load it again once the unload has answered")
-        await self.adapters.load(name, path, pinned)
+        await self.adapters.load(name, path, pinned, inplace=inplace)
         self._report_adapters(force=True)
 
     async def unload_adapter(self, name: str) -> None:
@@ -576,7 +579,9 @@ class Engine:
         return self.adapters.list() if self.adapters else []
 
     def loaded_adapters(self) -> dict[str, str]:
-        return {a.name: a.path for a in self.list_adapters()}
+        """name -> path of each adapter name (being unloaded too; not the versions a load in
+        place replaced, whose requests drain)."""
+        return {a.name: a.path for a in self.list_adapters() if not a.replaced}
 
     def stats(self) -> EngineStats:
         c = self.scheduler.counters
@@ -775,13 +780,13 @@ class Engine:
         self._seen_failures = failures
         on_gpu = (Residency.RESIDENT, Residency.UPLOADING)
         for req in list(self.scheduler.waiting):
-            name = req.lora_name
-            if name is None:
+            key = req.adapter
+            if key is None:
                 continue
-            error = self.adapters.load_error(name)
-            if error is not None and self.adapters.state(name) not in on_gpu:
-                self.abort(req.rid, f"LoRA adapter {name!r} could not be loaded: {error}",
-                           retryable=self.adapters.load_error_retryable(name))
+            error = self.adapters.load_error(key)
+            if error is not None and self.adapters.state(key) not in on_gpu:
+                self.abort(req.rid, f"LoRA adapter {req.lora_name!r} could not be loaded: "
+                           f"{error}", retryable=self.adapters.load_error_retryable(key))
 
     def _report_adapters(self, force: bool = False) -> None:
         """Hand the manager's load latencies and evictions to the metrics (draining them even
@@ -880,8 +885,8 @@ class Engine:
         self.scheduler.remove(req)
         self.requests.pop(req.rid, None)
         self._residency.pop(req.rid, None)
-        if req.lora_name is not None and self.adapters is not None:
-            self.adapters.release(req.lora_name)
+        if req.adapter is not None and self.adapters is not None:
+            self.adapters.release(req.adapter)
         if self.metrics is not None:
             self.metrics.request_finished(
                 req.lora_name, req.num_prompt_tokens, req.num_output_tokens,

@@ -218,6 +218,9 @@ class Request:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # the key of the adapter version it holds (AdapterManager.key_of) when that is not
+    # lora_name: a load in place gave the name a new version after this request took the old
+    adapter_key: str | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -243,6 +246,11 @@ class Request:
     # Output tokens still being sampled by a launched step: the last `num_pending` entries of
     # output_ids are PENDING_TOKEN until that step's tokens reach the host.
     num_pending: int = 0
+
+    @property
+    def adapter(self) -> str | None:
+        """The key of the adapter version this request runs with (None: the base model)."""
+        return self.lora_name if self.adapter_key is None else self.adapter_key
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -181,7 +181,7 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token in flight: recompute once it has arrived
-            name = req.lora_name
+            name = req.adapter  # the version's key (AdapterManager.key_of)
             joins = name is None or not (
                 name in refused or self._waits_for_slot(name, no_new_slot, starved, drain))
             if joins:
@@ -257,13 +257,13 @@ class Scheduler:
         return min(len(self.running), max(1, self.bm.num_blocks // 100))
 
     def _admit_adapter(self, req: Request, slots: set[int]) -> bool:
-        if req.lora_name is None:
+        if req.adapter is None:
             req.lora_slot = -1
             return True
         if self.adapters is None:
             raise RuntimeError("a LoRA request reached a scheduler without adapters")
         max_wait = ADAPTIVE_WAIT_FRACTION * self.step_time_s
-        slot = self.adapters.admit(req.lora_name, slots, self.overlap, max_wait)
+        slot = self.adapters.admit(req.adapter, slots, self.overlap, max_wait)
         if slot is None:
             return False
         req.lora_slot = slot

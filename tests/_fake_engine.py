@@ -109,6 +109,7 @@ class FakeAdapterInfo:
     target_modules: tuple[str, ...]
     refs: int
     unloading: bool = False
+    replaced: bool = False
 
 
 @dataclass
@@ -291,8 +292,9 @@ class FakeEngine:
         self._emit(live.request, [], FinishReason.ABORT, None, error="aborted")
         return True
 
-    async def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
-        if name in self.adapters:
+    async def load_adapter(self, name: str, path: str, pinned: bool = False,
+                           inplace: bool = False) -> None:
+        if name in self.adapters and not inplace:
             raise AdapterError(f"adapter {name!r} is already loaded")
         if not Path(path).exists():
             raise AdapterError(f"no adapter at {path!r}")

@@ -642,6 +642,116 @@ async def test_unload_pinned_frees_its_pin(folders: dict[str, Path]) -> None:
     await m.load("b", str(folders["b"]), pinned=True)
 
 
+# load in place (load_inplace) ---------------------------------------------------------------
+
+
+async def test_load_in_place_serves_new_requests_while_old_ones_drain(
+        folders: dict[str, Path]) -> None:
+    """A load in place of a name whose version a request holds: the name serves the new
+    version at once (its own key, slot and weights), the old one keeps serving the request
+    that holds it, listed as replaced, and is unloaded (slot and host copy freed) once that
+    request releases it and its last batch is done. The admin listing's `loaded_adapters`
+    names the name once, with the new path."""
+    m = make_manager(max_loras_per_batch=3)
+    await m.load("a", str(folders["a"]))
+    m.acquire("a")
+    old_key = m.key_of("a")
+    old_slot = await resident(m, "a")
+    await m.load("a", str(folders["b"]), inplace=True)
+    new_key = m.key_of("a")
+    assert new_key != old_key and ":" in new_key
+    assert "a" in m and not m.is_unloading("a")
+    listed = {i.path: (i.unloading, i.replaced, i.refs) for i in m.list()}
+    assert listed == {os.path.realpath(folders["a"]): (True, True, 1),
+                      os.path.realpath(folders["b"]): (False, False, 0)}
+    assert m.admit(old_key, set(), overlap=False) == old_slot  # the old request still runs
+    torch.testing.assert_close(slot_q_a(m, old_slot)[:2], q_a(folders["a"]))
+    m.acquire("a")
+    new_slot = await resident(m, new_key)
+    assert new_slot != old_slot
+    torch.testing.assert_close(slot_q_a(m, new_slot)[:2], q_a(folders["b"]))
+    m.lock([old_slot])
+    m.release(old_key)
+    await asyncio.sleep(0.01)
+    assert len(m.list()) == 2  # its last batch is still in flight
+    m.unlock([old_slot])
+    await asyncio.sleep(0.01)
+    assert [(i.path, i.replaced) for i in m.list()] == [(os.path.realpath(folders["b"]), False)]
+    assert m._slots[old_slot].owner is None
+    assert_host_tally(m)
+    # again: the second version drains its request; the third takes the name's own key,
+    # free again; one more, with no request holding the version it replaces, is gone at once
+    await m.load("a", str(folders["c"]), inplace=True)
+    assert m.key_of("a") == "a"
+    m.release(new_key)  # the request that held the second version
+    await asyncio.sleep(0.01)
+    assert [i.path for i in m.list()] == [os.path.realpath(folders["c"])]
+    assert m._slots[new_slot].owner is None
+    await m.load("a", str(folders["d"]), inplace=True)
+    await asyncio.sleep(0.01)
+    assert [(i.path, i.refs) for i in m.list()] == [(os.path.realpath(folders["d"]), 0)]
+    await m.unload("a")
+    assert m.list() == [] and "a" not in m
+    assert_host_tally(m)
+
+
+async def test_load_in_place_refusals_change_nothing(folders: dict[str, Path]) -> None:
+    """Without load_inplace a loaded name is refused as before; a load in place whose adapter
+    is bad (a rank over the pool's, a missing folder) leaves the old version serving; an
+    unload while the name is replaced is refused, and so is a second load in place; a load
+    in place of a name not loaded is a plain load."""
+    m = make_manager()
+    await m.load("a", str(folders["a"]))
+    with pytest.raises(AdapterError, match="already loaded"):
+        await m.load("a", str(folders["b"]))
+    for bad in (folders["big_rank"], folders["a"].parent / "missing"):
+        with pytest.raises(AdapterError):
+            await m.load("a", str(bad), inplace=True)
+    assert [(i.name, i.path, i.replaced) for i in m.list()] == [
+        ("a", os.path.realpath(folders["a"]), False)]
+    assert m.key_of("a") == "a"
+    m.acquire("a")
+    slow = asyncio.Event()
+    read = m._read_host
+
+    def held_read(*args: Any) -> Any:  # (a loader thread)
+        while not slow.is_set():
+            time.sleep(0.005)
+        return read(*args)
+
+    m._read_host = held_read  # type: ignore[method-assign]
+    replacing = asyncio.create_task(m.load("a", str(folders["b"]), inplace=True))
+    await asyncio.sleep(0.05)
+    with pytest.raises(AdapterError, match="still loading"):
+        await m.unload("a")
+    with pytest.raises(AdapterError, match="still loading"):
+        await m.load("a", str(folders["c"]), inplace=True)
+    assert m.key_of("a") == "a"  # requests keep getting the old version meanwhile
+    slow.set()
+    await asyncio.wait_for(replacing, 5)
+    assert m.key_of("a") != "a"
+    m.release("a")
+    await m.load("z", str(folders["d"]), inplace=True)
+    assert m.key_of("z") == "z"
+
+
+async def test_load_in_place_moves_the_pin(folders: dict[str, Path]) -> None:
+    """A pinned name loaded in place, pinned: the pin moves to the new version (the pool's
+    one pin is not counted twice), and the old version, unpinned, drains."""
+    m = make_manager()
+    await m.load("a", str(folders["a"]), pinned=True)
+    m.acquire("a")
+    old_key = m.key_of("a")
+    await m.load("a", str(folders["b"]), pinned=True, inplace=True)
+    pins = {i.path: i.pinned for i in m.list()}
+    assert pins == {os.path.realpath(folders["a"]): False, os.path.realpath(folders["b"]): True}
+    with pytest.raises(AdapterError, match="starvation"):
+        await m.load("c", str(folders["c"]), pinned=True)
+    m.release(old_key)
+    await asyncio.sleep(0.01)
+    assert [(i.path, i.pinned) for i in m.list()] == [(os.path.realpath(folders["b"]), True)]
+
+
 # startup, roots, on-demand -------------------------------------------------------------------
 
 

@@ -868,6 +868,45 @@ async def test_load_unload_adapter(client, tiny) -> None:
     assert r.status == 200 and "a2" not in (await r.json())["loaded_adapters"]
 
 
+async def test_load_adapter_in_place(client, tiny, tmp_path) -> None:
+    """vLLM's load_inplace on /load_lora_adapter: a loaded name is refused without it and
+    replaced with it (the listing then holds the name once, from its new folder, and requests
+    get the new weights); a bad folder in place leaves the old version serving."""
+    import torch
+
+    from tests._fake_engine import build_tiny_adapter
+
+    model, adapter = tiny
+    torch.manual_seed(77)
+    other = build_tiny_adapter(model, tmp_path / "other")
+    await client.post("/load_lora_adapter", json={"lora_name": "b", "lora_path": str(other)})
+    ask = {"text": "x", "sampling_params": {"max_new_tokens": 6, "temperature": 0,
+                                            "ignore_eos": True}}
+    a1_ids = (await (await client.post("/generate", json=ask | {"lora_path": "a1"})).json())
+    b_ids = (await (await client.post("/generate", json=ask | {"lora_path": "b"})).json())
+    assert a1_ids["output_ids"] != b_ids["output_ids"]
+    body = {"lora_name": "a1", "lora_path": str(other)}
+    r = await client.post("/load_lora_adapter", json=body)
+    assert r.status == 400 and "already loaded" in (await r.json())["error_message"]
+    r = await client.post("/load_lora_adapter", json=body | {"lora_path": "/no/such/folder",
+                                                             "load_inplace": True})
+    assert r.status == 400 and (await r.json())["loaded_adapters"]["a1"] == str(adapter)
+    r = await client.post("/v1/load_lora_adapter", json=body | {"load_inplace": True})
+    out = await r.json()
+    assert r.status == 200 and out["loaded_adapters"]["a1"] == str(other), out
+    got = (await (await client.post("/generate", json=ask | {"lora_path": "a1"})).json())
+    assert got["output_ids"] == b_ids["output_ids"]
+    for _ in range(100):  # the replaced version, which no request held, is unloaded
+        listing = (await (await client.get("/lora_adapters")).json())["adapters"]
+        if len(listing) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted((a["name"], a["path"], a["replaced"]) for a in listing) == [
+        ("a1", str(other), False), ("b", str(other), False)]
+    r = await client.post("/load_lora_adapter", json=body | {"load_inplace": "yes"})
+    assert r.status == 400
+
+
 @pytest.mark.parametrize("path, body", [
     ("/load_lora_adapter", {"lora_name": "bad", "lora_path": "/no/such/folder"}),
     ("/load_lora_adapter", {"lora_name": "a1", "lora_path": "/no/such/folder"}),

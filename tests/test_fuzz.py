@@ -249,7 +249,8 @@ def valid_body(draw: st.DrawFn, path: str, vocab: int, names: Callable[[], str])
         spelling = draw(st.sampled_from(["relative", "absolute", "dotted"]))
         where = {"relative": "a1", "absolute": "{root}/a1", "dotted": "./a1/../a1"}[spelling]
         return Case(path, enc({"lora_name": name, "lora_path": where,
-                               "pinned": draw(st.booleans())}), "valid", "load+unload")
+                               "pinned": draw(st.booleans()),
+                               "load_inplace": draw(st.booleans())}), "valid", "load+unload")
     else:  # /unload_lora_adapter is valid only after a load: covered by load+unload
         return Case(path, enc({"lora_name": "a1-never-" + names()}), "invalid", "unknown name")
     if draw(st.booleans()):
@@ -328,6 +329,7 @@ def mutations(vocab: int) -> list[Mutation]:
                                                                           "x" * 300, "a\nb"]),
                                                          NOT_STR)),
         ("/load_lora_adapter", ("pinned",), NOT_BOOL),
+        ("/load_lora_adapter", ("load_inplace",), NOT_BOOL),
         ("/unload_lora_adapter", ("lora_name",), st.one_of(st.sampled_from(["", "a:b", "zz"]),
                                                            NOT_STR)),
     ]

@@ -10,6 +10,7 @@ metrics.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,52 @@ def test_unload_while_requests_run(setup: dict[str, Any]) -> None:
             await engine.load_adapter(first, str(setup["paths"][later]))
             req = await engine.submit(p[3], greedy(NEW_TOKENS), first)
             assert await collect(engine, req) == expected_after[0]
+        finally:
+            await engine.stop()
+
+    run(go())
+
+
+def test_load_in_place_while_requests_run(setup: dict[str, Any]) -> None:
+    """vLLM's load_inplace: a name loaded anew while its requests run. Those finish with the
+    old version's tokens; a request submitted once the load answered gets the new version's,
+    in the same batches; the old version is unloaded once its requests are done."""
+    first, other, later = NAMES[1], NAMES[2], NAMES[5]
+    engine = serving_engine(setup, lora_paths=specs(setup, [first, other]), max_loras_per_batch=3)
+    manager = engine.adapters
+    assert manager is not None
+    running_pairs: list[Pair] = [(first, 0), (first, 1), (other, 2)]
+    expected = solo(setup, running_pairs, n=40)
+    expected_after = solo(setup, [(later, 3)], n=16)
+
+    async def go() -> None:
+        await engine.start()
+        try:
+            p = setup["prompts"]
+            reqs = [await engine.submit(p[i], greedy(40), name) for name, i in running_pairs]
+            stream = engine.stream(reqs[0])
+            assert not (await anext(stream)).finished  # the requests run
+            await engine.load_adapter(first, str(setup["paths"][later]), inplace=True)
+            fresh = await engine.submit(p[3], greedy(16), first)
+            listed = {a.path: a.replaced for a in manager.list() if a.name == first}
+            assert listed == {os.path.realpath(setup["paths"][first]): True,
+                              os.path.realpath(setup["paths"][later]): False}
+            rest = [o async for o in stream]
+            outs = [rest[-1].output_token_ids]
+            outs += [await collect(engine, r) for r in reqs[1:]]
+            assert outs == expected  # the running requests finished on the old version
+            assert await collect(engine, fresh) == expected_after[0]
+            for _ in range(200):
+                if len(manager.list()) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert sorted((a.name, a.path) for a in manager.list()) == sorted([
+                (first, os.path.realpath(setup["paths"][later])),
+                (other, os.path.realpath(setup["paths"][other]))])
+            assert engine.loaded_adapters()[first] == os.path.realpath(setup["paths"][later])
+            assert manager._host_usage()[0] == 2, "the old version's host copy was not freed"
+            owners = sorted(s.owner.name for s in manager._slots if s.owner is not None)
+            assert owners == sorted([first, other]), "the old version's slot was not freed"
         finally:
             await engine.stop()
 

@@ -326,6 +326,35 @@ def test_launch_and_failed_upload_on_a_worker(
     assert tokens == attn
 
 
+def test_load_in_place_shards_each_version(
+    setup: dict[str, Any], want: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    """A load in place at tp_size 2 while a request runs on the old version: every rank
+    reads the new version into its own slot, the running request finishes with the old
+    adapter's tp_size 1 tokens and a request submitted after with the new one's."""
+    first, second = list(setup["adapters"])[:2]
+    at = {name: mixed(setup).index(name) for name in (first, second)}
+    engine = Engine.from_config(config(setup, tp_size=TP, lora_paths=()))
+
+    async def go() -> tuple[list[int], list[int]]:
+        await engine.start()
+        try:
+            await engine.load_adapter("live", str(setup["adapters"][first]))
+            old = await engine.submit(setup["prompts"][at[first]], greedy(NEW_TOKENS), "live")
+            stream = engine.stream(old)
+            await anext(stream)
+            await engine.load_adapter("live", str(setup["adapters"][second]), inplace=True)
+            new = await engine.submit(setup["prompts"][at[second]], greedy(NEW_TOKENS), "live")
+            last = [o async for o in stream][-1]
+            return last.output_token_ids, await collect(engine, new)
+        finally:
+            await engine.stop()
+
+    old_tokens, new_tokens = run(go())
+    assert old_tokens == want["mixed"][at[first]]
+    assert new_tokens == want["mixed"][at[second]]
+
+
 def test_worker_reads_repeat_the_path_checks(
     setup: dict[str, Any], want: dict[str, list[list[int]]], tmp_path: Path
 ) -> None:

@@ -94,6 +94,9 @@ class AdapterInfo:
     refs: int
     error: str | None
     unloading: bool = False  # its requests drain; new ones are refused
+    # a version replaced by a load in place (load_inplace): its requests drain on it while new
+    # ones get the version that replaced it
+    replaced: bool = False
 
 
 UPLOAD_PARTS = ("wait", "copies", "event")
@@ -146,11 +149,16 @@ class _HostTally:
 
 
 class _Adapter:
-    """Bookkeeping of one registered adapter name."""
+    """Bookkeeping of one registered adapter version: the name's, or one that a load in place
+    replaced and whose requests still drain."""
 
     def __init__(self, name: str, folder: AdapterFolder, pinned: bool, config: AdapterConfig,
-                 tally: _HostTally) -> None:
+                 tally: _HostTally, key: str | None = None) -> None:
         self.name = name
+        # what requests hold it by (AdapterManager.key_of): the name, or for a version loaded
+        # in place while another held the name, "<name>:<n>" (no name holds a ':')
+        self.key = key or name
+        self.replaced = False
         self.folder = folder  # what a re-read checks again
         self.path = folder.real
         self.pinned = pinned
@@ -364,14 +372,18 @@ class AdapterManager:
         self._batch_uploads = env_flag("LORASERVE_UPLOAD_BATCH", True)
         reject_removed(REMOVED_UPLOAD_SETTINGS)
         self._pending_uploads: list[_UploadJob] = []
+        # every version by key: the names' own, and replaced ones while their requests drain
         self._adapters: dict[str, _Adapter] = {}
+        self._current: dict[str, str] = {}  # name -> the key of the version it serves
+        self._versions = itertools.count(2)
         self._host_tally = _HostTally()  # the host copies of the adapters in _adapters
         self._loading: dict[str, asyncio.Future[None]] = {}  # first loads in progress
+        self._replacing: set[str] = set()  # names being loaded in place
         # on-demand names being resolved (their config read) on the metadata thread
         self._resolving: dict[str, asyncio.Future[_Found | None]] = {}
         self._failed = FailedLoads()  # on-demand names whose load failed, for a while
         self._loading_pinned: set[str] = set()
-        self._pins_waiting: set[str] = set()  # pinned adapters still without a slot
+        self._pins_waiting: set[str] = set()  # keys of pinned adapters still without a slot
         # Reloads from disk waiting, in request order, for room in the host tier: the room is
         # held by adapters that queued requests still need (their copies are never dropped).
         self._host_waiting: dict[str, _Adapter] = {}
@@ -411,20 +423,37 @@ class AdapterManager:
 
     async def load(
         self, name: str, path: str, pinned: bool = False, *, trusted: bool = False,
-        config: _Checked | None = None,
+        config: _Checked | None = None, inplace: bool = False,
     ) -> None:
         """Register adapter `name` from `path`, read it into host memory (in a thread) and, if
         pinned, start its upload. A failed load changes nothing (but for forgetting a failed
         on-demand load of `name`: the next request tries it again). `config`: the checked
-        folder and config already read (as `_read_config` gives them), for an on-demand load."""
+        folder and config already read (as `_read_config` gives them), for an on-demand load.
+
+        `inplace` (vLLM's load_inplace) with `name` loaded: the new version is read beside the
+        one serving, then takes the name at once: requests submitted from then on get it,
+        while those already holding the old version finish on it, which is then unloaded as
+        `unload` would (its pin, if any, goes with the name). Until the read ends, requests
+        keep getting the old version; a failed read leaves it serving."""
         _check_name(name)
         self._failed.forget(name)
         if self._is_closed:
             raise EngineStoppedError("the server is shutting down: adapters cannot be loaded")
-        if name in self._adapters or name in self._loading:
-            raise AdapterError(f"LoRA adapter {name!r} is already loaded")
+        current = self._named(name)
+        if current is not None and current.is_closing:
+            raise AdapterError(f"LoRA adapter {name!r} is being unloaded (its requests are "
+                               "draining); load it again once the unload has answered")
+        if not inplace and (current is not None or name in self._loading):
+            raise AdapterError(f"LoRA adapter {name!r} is already loaded (load_inplace: true "
+                               "replaces it)")
+        if name in self._loading or name in self._replacing:
+            raise AdapterError(f"LoRA adapter {name!r} is still loading; load it in place "
+                               "once that load has answered")
         if pinned:
             self._check_pin_room(name)
+        if current is not None:
+            await self._load_in_place(current, path, pinned, trusted)
+            return
         done = asyncio.get_running_loop().create_future()
         self._loading[name] = done
         if pinned:
@@ -435,10 +464,55 @@ class AdapterManager:
             del self._loading[name]
             self._loading_pinned.discard(name)
             done.set_result(None)
-        self._adapters[name] = entry
-        if pinned and self._take_slot(entry, set(), is_prefetch=False) is None:
-            self._pins_waiting.add(name)  # poll() retries
+        self._register(entry)
         logger.info("loaded LoRA adapter %s from %s (rank %d)", name, entry.path, entry.config.rank)
+
+    async def _load_in_place(self, current: _Adapter, path: str, pinned: bool,
+                             trusted: bool) -> None:
+        """`load` of a name that `current` serves, with inplace: see there."""
+        name = current.name
+        self._replacing.add(name)
+        if pinned:
+            self._loading_pinned.add(name)
+        try:
+            entry = await self._load_new(name, path, pinned, trusted, None)
+        finally:
+            self._replacing.discard(name)
+            self._loading_pinned.discard(name)
+        if self._is_closed:
+            raise EngineStoppedError("the server is shutting down: adapters cannot be loaded")
+        # (unload refuses a name being replaced, so `current` still serves it)
+        assert self._named(name) is current and not current.is_closing
+        current.is_closing = current.replaced = True
+        current.pinned = False  # the pin is the name's: the new version holds it
+        self._pins_waiting.discard(current.key)
+        self._register(entry)
+        task = asyncio.get_running_loop().create_task(self._drain(current))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        logger.info("loaded LoRA adapter %s in place from %s (rank %d); the version it "
+                    "replaced drains %d requests", name, entry.path, entry.config.rank,
+                    current.refs)
+
+    def _register(self, entry: _Adapter) -> None:
+        """Make `entry` the version its name serves, under a key no version holds."""
+        if entry.name in self._adapters:  # a replaced version of the name drains under it
+            entry.key = f"{entry.name}:{next(self._versions)}"
+        self._adapters[entry.key] = entry
+        self._current[entry.name] = entry.key
+        if entry.pinned and self._take_slot(entry, set(), is_prefetch=False) is None:
+            self._pins_waiting.add(entry.key)  # poll() retries
+
+    def _named(self, name: str) -> _Adapter | None:
+        """The version `name` serves (closing while it is unloaded), if any."""
+        key = self._current.get(name)
+        return None if key is None else self._adapters.get(key)
+
+    def key_of(self, name: str) -> str:
+        """The key of the version `name` serves, which a request that acquired it holds it by
+        (`release`, `admit`, `slot_of`... take keys): a load in place gives the name a new
+        version while the old one's requests still drain on it."""
+        return self._current[name]
 
     async def _load_new(self, name: str, path: str, pinned: bool, trusted: bool,
                         config: _Checked | None) -> _Adapter:
@@ -541,28 +615,38 @@ class AdapterManager:
     async def unload(self, name: str) -> None:
         """Stop new references to `name` at once, wait for its references and slot locks to
         drop, then free its slot and host memory. The name can then be loaded again."""
-        entry = self._adapters.get(name)
-        if entry is None and name in self._loading:
+        entry = self._named(name)
+        if (entry is None and name in self._loading) or name in self._replacing:
             raise AdapterError(f"LoRA adapter {name!r} is still loading; unload it once its "
                                "load has answered")
         if entry is None or entry.is_closing:
             raise _unknown(name, entry)
         entry.is_closing = True
+        await self._drain(entry)
+        logger.info("unloaded LoRA adapter %s", name)
+
+    async def _drain(self, entry: _Adapter) -> None:
+        """Wait for a closing version's references and slot locks to drop, then free its slot
+        and host memory and forget it (its name too, unless a newer version serves it)."""
         await entry.idle.wait()
         while entry.slot is not None and self._slots[entry.slot].locks:
             await self._slots[entry.slot].unlocked.wait()
         if entry.slot is not None:
             self._free_slot(entry.slot)
         entry.host = None
-        del self._adapters[name]
-        logger.info("unloaded LoRA adapter %s", name)
+        del self._adapters[entry.key]
+        if self._current.get(entry.name) == entry.key:
+            del self._current[entry.name]
+        if entry.replaced:
+            logger.info("the replaced version of LoRA adapter %s drained and was unloaded",
+                        entry.name)
 
     async def acquire_or_resolve(self, name: str) -> str:
         """`acquire`, loading an unknown name first from `<lora_root>/<name>` when
         lora_resolve_on_demand is on. Returns the adapter's tier as `acquire` does."""
         if name in self._loading:
             await asyncio.shield(self._loading[name])
-        entry = self._adapters.get(name)
+        entry = self._named(name)
         if (entry is None or entry.is_closing) and self.config.lora_resolve_on_demand:
             # one job a name, shared by its concurrent requests: a burst of new names queues
             # one job each, not a resolve each and then a config read each behind all of them
@@ -583,7 +667,7 @@ class AdapterManager:
                     f"that name lies directly under lora_roots {list(self.config.lora_roots)} "
                     "(on-demand names must be plain folder names)", name
                 )
-            if name not in self._adapters:
+            if self._named(name) is None:
                 if name in self._loading:
                     await asyncio.shield(self._loading[name])
                 else:
@@ -653,7 +737,8 @@ class AdapterManager:
 
     def _check_pin_room(self, name: str) -> None:
         limit = self.config.max_loras_per_batch - 1
-        pinned = sum(a.pinned for a in self._adapters.values())
+        # (a name loaded in place: its pin moves to the new version, so it is not counted twice)
+        pinned = sum(a.pinned and a.name != name for a in self._adapters.values())
         pinned += len(self._loading_pinned - {name})
         if pinned + 1 > limit:
             raise AdapterError(
@@ -723,9 +808,10 @@ class AdapterManager:
     # request references ------------------------------------------------------------------
 
     def acquire(self, name: str) -> str:
-        """Take a request's reference on `name` and prefetch it toward the GPU. Returns where
-        the adapter was when the request arrived: "gpu", "host" or "disk"."""
-        entry = self._adapters.get(name)
+        """Take a request's reference on the version `name` serves (`key_of` gives its key)
+        and prefetch it toward the GPU. Returns where the adapter was when the request
+        arrived: "gpu", "host" or "disk"."""
+        entry = self._named(name)
         if entry is None or entry.is_closing:
             raise _unknown(name, entry)
         entry.refs += 1
@@ -741,11 +827,11 @@ class AdapterManager:
             self._take_slot(entry, set(), is_prefetch=True)
         return tier
 
-    def release(self, name: str) -> None:
-        """Drop a request's reference on `name` (at finish or abort)."""
-        entry = self._adapters.get(name)
+    def release(self, key: str) -> None:
+        """Drop a request's reference on the version `key` (at finish or abort)."""
+        entry = self._adapters.get(key)
         if entry is None or entry.refs <= 0:
-            logger.error("release of LoRA adapter %s without a reference", name)
+            logger.error("release of LoRA adapter %s without a reference", key)
             return
         entry.refs -= 1
         if entry.refs == 0:
@@ -762,10 +848,10 @@ class AdapterManager:
     def _ensure_loading(self, entry: _Adapter) -> None:
         if entry.host is not None or entry.load_task is not None:
             return
-        if entry.name in self._host_waiting:
+        if entry.key in self._host_waiting:
             return  # poll() starts it in its turn
         if self._host_room() < 1:
-            self._host_waiting[entry.name] = entry
+            self._host_waiting[entry.key] = entry
             return
         entry.error = None  # a new attempt: the last failure no longer stands
         task = asyncio.get_running_loop().create_task(self._reload(entry))
@@ -782,12 +868,12 @@ class AdapterManager:
             host, rank, targets, signature = await loop.run_in_executor(
                 self._executor, self._reread_host, entry.folder
             )
-            if self._adapters.get(entry.name) is not entry:
+            if self._adapters.get(entry.key) is not entry:
                 return  # unloaded meanwhile
             _check_unchanged(entry, rank, targets, signature)
             self._make_host_room(host.nbytes, entry.name)
         except HostTierFullError:  # bytes ran out while it was read: wait for room
-            self._host_waiting[entry.name] = entry
+            self._host_waiting[entry.key] = entry
             return
         except Exception as e:  # noqa: BLE001 - keep the loop alive; reported per adapter
             # a copy read but refused gives its host row back now, not once the log record
@@ -817,25 +903,25 @@ class AdapterManager:
                 self._count_load("gpu", seconds)
                 self._learn_bandwidth(slot.upload_bytes, seconds)
         self._start_waiting_reloads()
-        for name in list(self._pins_waiting):
-            entry = self._adapters.get(name)
+        for key in list(self._pins_waiting):
+            entry = self._adapters.get(key)
             is_done = entry is None or entry.slot is not None
             if is_done or (entry.host is not None and self._take_slot(entry, set(), False)):
-                self._pins_waiting.discard(name)
+                self._pins_waiting.discard(key)
 
     def _start_waiting_reloads(self) -> None:
         """Start queued reloads, oldest first, while the host tier has room."""
         if not self._host_waiting:
             return
         room = self._host_room()
-        for name, entry in list(self._host_waiting.items()):
-            live = self._adapters.get(name) is entry and not entry.is_closing
+        for key, entry in list(self._host_waiting.items()):
+            live = self._adapters.get(key) is entry and not entry.is_closing
             if not live or entry.refs == 0 or entry.host is not None or entry.slot is not None:
-                del self._host_waiting[name]
+                del self._host_waiting[key]
                 continue
             if room < 1:
                 return
-            del self._host_waiting[name]
+            del self._host_waiting[key]
             self._ensure_loading(entry)
             room -= 1
 
@@ -854,9 +940,10 @@ class AdapterManager:
         return max(0.0, s.upload_bytes / self.upload_bytes_per_s - elapsed)
 
     def admit(
-        self, name: str, batch_slots: set[int], overlap: bool | None, max_wait_s: float = 0.0
+        self, key: str, batch_slots: set[int], overlap: bool | None, max_wait_s: float = 0.0
     ) -> int | None:
-        """The slot of `name` if a request for it can join the batch being built, else None.
+        """The slot of version `key` (`key_of`) if a request for it can join the batch being
+        built, else None.
 
         Joins when RESIDENT; while its upload is queued on the copy stream (the compute stream
         then waits on the upload's ready event): always with overlap False, never with overlap
@@ -866,9 +953,9 @@ class AdapterManager:
         locked, pinned, uploading or in batch_slots) and its upload starts. Call it first for
         the batch's running requests, so their slots are in batch_slots.
         """
-        entry = self._adapters.get(name)
+        entry = self._adapters.get(key)
         if entry is None:
-            raise _unknown(name, entry)
+            raise _unknown(key, entry)
         if entry.slot is None:
             if entry.host is None:
                 self._ensure_loading(entry)
@@ -910,22 +997,23 @@ class AdapterManager:
         return (any(s.owner is None for s in self._slots)
                 or self._victim(batch_slots, is_prefetch=False) is not None)
 
-    def needs_only_slot(self, name: str) -> bool:
-        """Whether `name`'s host copy is ready and it holds no slot: a freed slot is all a
-        request for it waits for."""
-        entry = self._adapters.get(name)
+    def needs_only_slot(self, key: str) -> bool:
+        """Whether version `key`'s host copy is ready and it holds no slot: a freed slot is
+        all a request for it waits for."""
+        entry = self._adapters.get(key)
         return entry is not None and entry.slot is None and entry.host is not None
 
-    def hurry(self, name: str) -> None:
-        """A request for `name` has waited too long and its adapter is not in host memory: its
-        read goes first when the tier has room (the reads wait in request order otherwise)."""
-        entry = self._adapters.get(name)
+    def hurry(self, key: str) -> None:
+        """A request for version `key` has waited too long and its adapter is not in host
+        memory: its read goes first when the tier has room (the reads wait in request order
+        otherwise)."""
+        entry = self._adapters.get(key)
         if entry is None or entry.host is not None or entry.load_task is not None:
             return
-        if name not in self._host_waiting:
+        if key not in self._host_waiting:
             self._ensure_loading(entry)
-        elif next(iter(self._host_waiting)) != name:
-            self._host_waiting = {name: entry, **self._host_waiting}
+        elif next(iter(self._host_waiting)) != key:
+            self._host_waiting = {key: entry, **self._host_waiting}
 
     def drain_slot(self, steps_left: dict[int, int]) -> int | None:
         """Of the slots in `steps_left` (a batch's slots, each with the most tokens its rows
@@ -1129,10 +1217,11 @@ class AdapterManager:
 
     # introspection -----------------------------------------------------------------------
 
-    def state(self, name: str) -> Residency:
-        entry = self._adapters.get(name)
+    def state(self, key: str) -> Residency:
+        """Where version `key` (a name's key is the name until a load in place) stands."""
+        entry = self._adapters.get(key)
         if entry is None:
-            return Residency.LOADING if name in self._loading else Residency.REGISTERED
+            return Residency.LOADING if key in self._loading else Residency.REGISTERED
         return self._state(entry)
 
     def _state(self, entry: _Adapter) -> Residency:
@@ -1149,21 +1238,28 @@ class AdapterManager:
         return "host" if entry.host is not None else "disk"
 
     def __contains__(self, name: str) -> bool:
-        entry = self._adapters.get(name)
+        """Whether `name` serves requests (registered, not being unloaded)."""
+        entry = self._named(name)
         return entry is not None and not entry.is_closing
 
-    def slot_of(self, name: str) -> int | None:
-        entry = self._adapters.get(name)
+    def is_unloading(self, name: str) -> bool:
+        """Whether `name` is being unloaded (its requests drain; it cannot be loaded yet)."""
+        entry = self._named(name)
+        return entry is not None and entry.is_closing
+
+    def slot_of(self, key: str) -> int | None:
+        entry = self._adapters.get(key)
         return entry.slot if entry is not None else None
 
-    def load_error(self, name: str) -> str | None:
-        """The last load or upload error of `name` (the scheduler may abort its requests)."""
-        entry = self._adapters.get(name)
+    def load_error(self, key: str) -> str | None:
+        """The last load or upload error of version `key` (the scheduler may abort its
+        requests)."""
+        entry = self._adapters.get(key)
         return entry.error if entry is not None else None
 
-    def load_error_retryable(self, name: str) -> bool:
-        """Whether `load_error(name)` is the machine's read error (EIO, a stale handle...)."""
-        entry = self._adapters.get(name)
+    def load_error_retryable(self, key: str) -> bool:
+        """Whether `load_error(key)` is the machine's read error (EIO, a stale handle...)."""
+        entry = self._adapters.get(key)
         return entry is not None and entry.error is not None and entry.error_retryable
 
     def list(self) -> list[AdapterInfo]:
@@ -1179,6 +1275,7 @@ class AdapterManager:
                 refs=a.refs,
                 error=a.error,
                 unloading=a.is_closing,
+                replaced=a.replaced,
             )
             for a in self._adapters.values()
         ]
@@ -1232,7 +1329,8 @@ def check_unchanged(name: str, was_rank: int, was_targets: frozenset[str], rank:
         raise AdapterError(
             f"LoRA adapter {name!r} changed on disk since it was loaded (rank {was_rank}, "
             f"targets {', '.join(sorted(was_targets))}; now rank {rank}, targets "
-            f"{', '.join(sorted(targets))}): unload it and load it again"
+            f"{', '.join(sorted(targets))}): load it again in place (load_inplace), or "
+            "unload it and load it again"
         )
 
 
@@ -1242,7 +1340,8 @@ def check_same_files(name: str, was: Signature | int, now: Signature | int) -> N
     if was != now:
         raise AdapterError(
             f"LoRA adapter {name!r} changed on disk since it was loaded (its files were "
-            "rewritten, replaced, added or removed): unload it and load it again"
+            "rewritten, replaced, added or removed): load it again in place (load_inplace), "
+            "or unload it and load it again"
         )
 
 
