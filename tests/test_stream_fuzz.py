@@ -642,7 +642,9 @@ async def run_plan(client, plan: Plan, ledger: Ledger) -> None:
 
 
 async def churn_spares(client, loras: Path, stop: asyncio.Event, ledger: Ledger) -> int:
-    """Load and unload adapters that no request uses, until `stop`; returns the cycles."""
+    """Load and unload adapters that no request uses, and load one that requests use again
+    in place from its own folder (the same weights: every answer keeps its tokens, while the
+    requests holding the old version drain on it), until `stop`; returns the cycles."""
     cycles = 0
     while not stop.is_set():
         for name in SPARES:
@@ -652,6 +654,11 @@ async def churn_spares(client, loras: Path, stop: asyncio.Event, ledger: Ledger)
             await asyncio.sleep(0.01)
             r = await client.post("/unload_lora_adapter", json={"lora_name": name})
             ledger.check(r.status == 200, f"unload {name}: {r.status} {await r.text()}")
+        if cycles % 4 == 3:  # (each version keeps a host copy while its requests queue)
+            used = ADAPTERS[cycles // 4 % len(ADAPTERS)]
+            r = await client.post("/load_lora_adapter", json={
+                "lora_name": used, "lora_path": str(loras / used), "load_inplace": True})
+            ledger.check(r.status == 200, f"load {used} in place: {r.status} {await r.text()}")
         cycles += 1
     return cycles
 
@@ -845,7 +852,7 @@ async def fuzz_round(client, folders, seed: int, count: int, vanish: bool) -> Le
     assert not ledger.problems, "\n".join(ledger.problems[:20])
     stats = engine.stats()
     print(f"\nstream fuzz seed {seed}: {len(plans)} plans, {dict(ledger.outcomes)}, "
-          f"{cycles} spare load/unload cycles, {stats.num_steps} steps, "
+          f"{cycles} spare load/unload cycles (and loads in place), {stats.num_steps} steps, "
           f"{stats.num_preemptions} preemptions, {alone} answers the same alone")
     return ledger
 
