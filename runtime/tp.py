@@ -921,7 +921,7 @@ class TPAdapterManager(AdapterManager):
         entry.fail(error, retryable)
         log.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, error)
         if entry.pinned:
-            self._pins_waiting.add(entry.name)
+            self._pins_waiting.add(entry.key)
 
 
 class TPEngine(Engine):

@@ -735,6 +735,26 @@ async def test_load_in_place_refusals_change_nothing(folders: dict[str, Path]) -
     assert m.key_of("z") == "z"
 
 
+async def test_pinned_version_retries_a_failed_upload_by_its_key(
+        folders: dict[str, Path]) -> None:
+    """A pinned version loaded in place (its key "<name>:<n>", its predecessor still held)
+    whose upload fails is retried by the next polls until it holds a slot, by its own key."""
+    m = make_manager(max_loras_per_batch=3)
+    await m.load("a", str(folders["a"]), pinned=True)
+    m.acquire("a")
+    m.upload_fault = lambda name, slot: (_ for _ in ()).throw(RuntimeError("copy failed"))
+    await m.load("a", str(folders["b"]), pinned=True, inplace=True)
+    key = m.key_of("a")
+    m.poll()  # issues the pinned upload, which fails
+    assert key != "a" and m.counters.upload_failures >= 1
+    assert m.state(key) is not Residency.RESIDENT
+    m.upload_fault = None
+    for _ in range(3):  # no request asks for it: only the pin's retry uploads it
+        m.poll()
+    assert m.slot_of(key) is not None and m.state(key) is Residency.RESIDENT
+    torch.testing.assert_close(slot_q_a(m, m.slot_of(key))[:2], q_a(folders["b"]))
+
+
 async def test_load_in_place_moves_the_pin(folders: dict[str, Path]) -> None:
     """A pinned name loaded in place, pinned: the pin moves to the new version (the pool's
     one pin is not counted twice), and the old version, unpinned, drains."""

@@ -1151,7 +1151,7 @@ class AdapterManager:
         entry.fail(f"upload failed: {e}")
         logger.error("upload of LoRA adapter %s to slot %d failed: %s", entry.name, slot, e)
         if entry.pinned:
-            self._pins_waiting.add(entry.name)
+            self._pins_waiting.add(entry.key)
 
     @property
     def upload_mode(self) -> str:
