@@ -99,7 +99,6 @@ UNSUPPORTED_FIELDS: tuple[tuple[str, tuple[object, ...], str], ...] = (
     ("use_beam_search", (False,), "beam search is not supported"),
     ("length_penalty", (1.0,), "beam search is not supported"),
     ("prompt_logprobs", (), "not supported (echo with logprobs scores the prompt)"),
-    ("bad_words", (), "bad words are not supported"),
     ("logprob_token_ids", (), "logprobs of chosen token ids are not supported"),
     ("watermarking", (False,), "watermarking is not supported"),
     *((name, (), _CONSTRAINED) for name in (
@@ -258,10 +257,32 @@ async def submit_openai(request: web.Request, body: OpenAISampling,
         raise
 
 
+MAX_BAD_WORD_CHARS = 512
+
+
+def bad_words_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
+    """vLLM's bad_words as token sequences (tokenizer thread): each word as it would open the
+    text, and as it would follow a space when that is another sequence of as many tokens (the
+    same word as a tokenizer splits it mid-text: "Paris" and " Paris" are different tokens)."""
+    out: list[list[int]] = []
+    for word in words or ():
+        if not word.strip() or len(word) > MAX_BAD_WORD_CHARS:
+            raise ApiError(400, f"bad_words: each word must hold 1 to {MAX_BAD_WORD_CHARS} "
+                                "characters, not only spaces", param="bad_words")
+        first = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        for ids in (first, spaced):
+            if ids and ids not in out and (ids is first or len(ids) == len(first)):
+                out.append(ids)
+    return out
+
+
 def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | None],
-           max_tokens: list[int], logprobs: int | None, echo: bool = False) -> list[GenSpec]:
+           max_tokens: list[int], logprobs: int | None, echo: bool = False,
+           bad_words: list[list[int]] | None = None) -> list[GenSpec]:
     """The generations to submit. The prompt's own logprobs are scored only for an echo (the
-    rest of the time no answer carries them, and scoring costs a logits row a prompt token)."""
+    rest of the time no answer carries them, and scoring costs a logits row a prompt token).
+    `bad_words`: the body's, as bad_words_ids gives them."""
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}", param="n")
@@ -275,8 +296,10 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | Non
         for j in range(n):
             i = p * n + j
             rid = None if base_rid is None else (base_rid if total == 1 else f"{base_rid}-{i}")
+            params = body.to_params(max_tokens[p], seed_offset=j)
+            params.bad_words_ids = list(bad_words or [])
             specs.append(GenSpec(
-                prompt, body.to_params(max_tokens[p], seed_offset=j), lora_name=loras[p],
+                prompt, params, lora_name=loras[p],
                 rid=rid,
                 return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0,
                 trim_stop=body.trim_stop, logprob_start=1 if echo else len(prompt),
@@ -368,8 +391,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     loras = resolve_loras(request, body, len(prompts))
     check_aligned_hints(body, len(prompts))
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    bad = await off_loop(request, bad_words_ids, body.bad_words, engine.tokenizer) \
+        if body.bad_words else None
     specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs,
-                   echo=bool(body.echo))
+                   echo=bool(body.echo), bad_words=bad)
     n = len(specs) // len(prompts)
     echo = [texts[i // n] if body.echo else "" for i in range(len(specs))]
     gens = await submit_openai(request, body, specs)
@@ -570,7 +595,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if limit is None:  # unset: up to the context length
         limit = max(engine.model_info.context_length - len(prompt), 1)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    specs = _specs(body, [prompt], loras, [limit], logprobs)
+    bad = await off_loop(request, bad_words_ids, body.bad_words, engine.tokenizer) \
+        if body.bad_words else None
+    specs = _specs(body, [prompt], loras, [limit], logprobs, bad_words=bad)
     gens = await submit_openai(request, body, specs)
     header = _header(request, "chat.completion", "chatcmpl", body)
     echo = _chat_echo(body)

@@ -210,6 +210,7 @@ class OpenAISampling(msgspec.Struct):
     logit_bias: dict[str, float] | None = None  # token id (a string) -> bias, -100..100
     # extensions (vLLM and SGLang accept these on their OpenAI routes too)
     allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be chosen
+    bad_words: list[str] | None = None  # vLLM's: words that may not be generated
     top_k: int | None = None  # 0 or -1: the whole vocabulary, as on vLLM
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -256,7 +257,6 @@ class OpenAISampling(msgspec.Struct):
     use_beam_search: Any = None
     length_penalty: Any = None
     prompt_logprobs: Any = None
-    bad_words: Any = None
     logprob_token_ids: Any = None
     watermarking: Any = None
     structured_outputs: Any = None

@@ -647,7 +647,7 @@ class Engine:
         """Whether the next step may be scheduled before `step`'s tokens are on the host."""
         if not self.overlap_schedule:
             return False
-        return not any(r.params.has_penalties for r in step.plan.requests)
+        return not any(r.params.reads_outputs for r in step.plan.requests)
 
     async def _launch(
         self, loop: asyncio.AbstractEventLoop, plan: ScheduledBatch, prev: InFlightStep | None

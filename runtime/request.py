@@ -27,6 +27,8 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 512
 MAX_LOGIT_BIAS = 1024
 MAX_ALLOWED_TOKEN_IDS = 1 << 18  # beyond any vocabulary served here (Llama 3's is 128256)
+MAX_BAD_WORDS_IDS = 256  # token sequences: a word gives one or two (with a leading space)
+MAX_BAD_WORD_TOKENS = 64
 # Temperatures below this choose greedily, as 0 does (SGLang's sampling epsilon): logits divided
 # by a tiny one overflow float32 to ±inf (or divide by 0, under 1.4e-45), which draws nonsense.
 GREEDY_TEMPERATURE = 1e-6
@@ -58,6 +60,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     # the only ids that may be chosen (vLLM's allowed_token_ids); None: every id
     allowed_token_ids: list[int] | None = None
+    # token sequences that may not be generated (vLLM's bad_words, tokenized by the API): the
+    # last id of each is banned where the output so far ends with the ones before it
+    bad_words_ids: list[list[int]] = field(default_factory=list)
     # max_new_tokens is the default, not a number the client asked for: past the context it
     # is lowered to the room left instead of refusing the request (Engine._fit_context)
     is_max_new_tokens_default: bool = False
@@ -85,6 +90,12 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
         )
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Whether choosing a token reads the tokens generated before it (penalties, bad
+        words of several tokens): the next step then waits for this one's tokens."""
+        return self.has_penalties or any(len(w) > 1 for w in self.bad_words_ids)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValidationError naming the first field whose value is out of range."""
@@ -129,6 +140,14 @@ class SamplingParams:
         for t, b in self.logit_bias.items():
             _check_int("logit_bias", t, lo=0, hi=(vocab_size - 1) if vocab_size else 1 << 31)
             _check_float("logit_bias", b, lo=-100.0, hi=100.0)
+        if len(self.bad_words_ids) > MAX_BAD_WORDS_IDS:
+            raise ValidationError("bad_words", f"at most {MAX_BAD_WORDS_IDS // 2} words")
+        for word in self.bad_words_ids:
+            if not word or len(word) > MAX_BAD_WORD_TOKENS:
+                raise ValidationError("bad_words", f"each word must be 1 to "
+                                      f"{MAX_BAD_WORD_TOKENS} tokens, got {len(word)}")
+            for t in word:
+                _check_int("bad_words", t, lo=0, hi=(vocab_size - 1) if vocab_size else 1 << 31)
         if self.allowed_token_ids is not None:
             allowed = self.allowed_token_ids
             if not isinstance(allowed, list) or not allowed:

@@ -44,7 +44,7 @@ class Sampler:
 
     Order per row: repetition penalty (prompt and output tokens), frequency and presence
     penalties (output tokens), logit_bias, eos and stop ids masked while under min_new_tokens,
-    every id outside allowed_token_ids masked;
+    bad words' banned ids masked, every id outside allowed_token_ids masked;
     then greedy argmax when temperature is under 1e-6 (SamplingParams.is_greedy) or top_k is
     1, else temperature, top-k, top-p, min-p and a draw. A request with a seed draws from its
     own generator (kept on `request.generator`), so its tokens do not depend on the rest of
@@ -96,10 +96,11 @@ class Sampler:
         return output
 
     def penalize(self, logits: Tensor, requests: list[Request]) -> Tensor:
-        """[B, V] float32 logits after penalties and the min_new_tokens masks.
+        """[B, V] float32 logits after penalties, logit_bias and the masks (min_new_tokens'
+        stop ids, bad words, allowed_token_ids).
 
-        Returns `logits` itself (in its own dtype) when no row needs either, else a new
-        float32 tensor.
+        Returns `logits` itself (in its own dtype) when no row needs any, else a new float32
+        tensor.
         """
         penalty_rows = [i for i, r in enumerate(requests) if r.params.has_penalties]
         bias_rows = [i for i, r in enumerate(requests) if r.params.logit_bias]
@@ -107,17 +108,25 @@ class Sampler:
             i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_new_tokens
         ]
         allowed_rows = [i for i, r in enumerate(requests) if r.params.allowed_token_ids]
-        if not penalty_rows and not bias_rows and not masked_rows and not allowed_rows:
+        banned = self._bad_words_banned(requests)
+        if not (penalty_rows or bias_rows or masked_rows or allowed_rows or banned):
             return logits
         logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if penalty_rows:
             self._apply_penalties(logits, requests, penalty_rows)
         if bias_rows:
             self._add_logit_bias(logits, requests, bias_rows)
+        # an allow-list's rows before the stop and bad-word masks, should those leave none of
+        # its ids to choose
+        unmasked = None
+        if allowed_rows and (masked_rows or banned):
+            unmasked = logits.index_select(0, self._upload(allowed_rows, torch.int64))
         if masked_rows:
             self._mask_stop_ids(logits, requests, masked_rows)
+        if banned:
+            logits.view(-1).index_fill_(0, self._upload(banned, torch.int64), _NEG_INF)
         if allowed_rows:
-            self._keep_allowed(logits, requests, allowed_rows)
+            self._keep_allowed(logits, requests, allowed_rows, unmasked)
         return logits
 
     def _apply_penalties(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
@@ -191,10 +200,30 @@ class Sampler:
             # would copy it to the device from pageable memory, which waits for the device.
             logits.view(-1).index_fill_(0, self._upload(flat, torch.int64), _NEG_INF)
 
-    def _keep_allowed(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
+    def _bad_words_banned(self, requests: list[Request]) -> list[int]:
+        """Positions in the flattened logits [B, V] that bad words ban: each word's last id,
+        where the row's output so far ends with the ids before it (a one-token word always)."""
+        vocab = self.vocab_size
+        flat: list[int] = []
+        for i, r in enumerate(requests):
+            words = r.params.bad_words_ids
+            if not words:
+                continue
+            out = r.output_ids
+            for w in words:
+                k = len(w) - 1
+                if k == 0 or (len(out) >= k and out[len(out) - k:] == w[:k]):
+                    flat.append(i * vocab + w[-1])
+        return flat
+
+    def _keep_allowed(self, logits: Tensor, requests: list[Request], rows: list[int],
+                      unmasked: Tensor | None = None) -> None:
         """Set, in place, every logit of the given rows of logits [B, V] outside their
-        request's allowed_token_ids to -inf. (Engine refuses an allow-list that the
-        min_new_tokens masks would leave empty, so every row keeps a finite logit.)"""
+        request's allowed_token_ids to -inf. A row whose stop and bad-word masks left none of
+        its ids takes them as `unmasked` ([len(rows), V], those rows before the masks) has
+        them: the allow-list is the one constraint always kept (the engine refuses the
+        allow-lists that min_new_tokens alone would empty; bad words of several tokens can
+        ban every allowed id at some step). On the device, without a host sync."""
         keep = []
         for i in rows:
             r = requests[i]
@@ -204,11 +233,15 @@ class Sampler:
                 mask.index_fill_(0, self._upload(r.params.allowed_token_ids, torch.int64), True)
                 self._allowed[r] = mask
             keep.append(mask)
-        if len(rows) == logits.shape[0]:
-            logits.masked_fill_(~torch.stack(keep), _NEG_INF)
+        outside = ~torch.stack(keep)
+        if len(rows) == logits.shape[0] and unmasked is None:
+            logits.masked_fill_(outside, _NEG_INF)
             return
         rows_t = self._upload(rows, torch.int64)
-        subset = logits.index_select(0, rows_t).masked_fill_(~torch.stack(keep), _NEG_INF)
+        subset = logits.index_select(0, rows_t).masked_fill_(outside, _NEG_INF)
+        if unmasked is not None:
+            emptied = (subset == _NEG_INF).all(dim=-1, keepdim=True)
+            subset = torch.where(emptied, unmasked.masked_fill_(outside, _NEG_INF), subset)
         logits.index_copy_(0, rows_t, subset)
 
     def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:

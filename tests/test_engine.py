@@ -189,6 +189,35 @@ def test_stop_conditions(llama):
     run(go())
 
 
+def test_bad_words_of_two_tokens_under_the_overlapped_loop(llama):
+    """A bad word of two tokens: its second is banned right after its first, which the step
+    choosing it must see (so it does not overlap the step that generated the first); a
+    one-token word is never generated."""
+    vocab = read_vocab(llama)
+    p = prompts(1, vocab, seed=21)[0]
+    free = run(run_batch(make_engine(llama), [p], greedy(12)))[0]
+    pair = free[2:4]
+
+    async def go():
+        engine = make_engine(llama)
+        assert engine.overlap_schedule
+        await engine.start()
+        try:
+            r = await engine.submit(p, SamplingParams(max_new_tokens=12, temperature=0,
+                                                      bad_words_ids=[pair]))
+            out = [o async for o in engine.stream(r)][-1].output_token_ids
+            assert out[:3] == free[:3] and out[3] != free[3]
+            assert all(out[i:i + 2] != pair for i in range(len(out) - 1))
+            r = await engine.submit(p, SamplingParams(max_new_tokens=12, temperature=0,
+                                                      bad_words_ids=[[free[0]]]))
+            out = [o async for o in engine.stream(r)][-1].output_token_ids
+            assert free[0] not in out and out != free
+        finally:
+            await engine.stop()
+
+    run(go())
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("temperature", -1.0), ("top_p", 1.5), ("top_k", 0), ("max_new_tokens", -3),

@@ -218,6 +218,9 @@ def valid_body(draw: st.DrawFn, path: str, vocab: int, names: Callable[[], str])
         if draw(st.integers(0, 3)) == 0:
             body["allowed_token_ids"] = draw(st.lists(st.integers(0, vocab - 1), min_size=1,
                                                       max_size=5))
+        if draw(st.integers(0, 3)) == 0:
+            body["bad_words"] = draw(st.lists(st.sampled_from(["the", " a", "hello world", "é"]),
+                                              min_size=1, max_size=2))
         if path == "/v1/completions":
             body["prompt"] = draw(st.one_of(SAFE_TEXT, st.lists(SAFE_TEXT, min_size=1,
                                                                 max_size=2), token_ids(vocab),
@@ -313,6 +316,8 @@ def mutations(vocab: int) -> list[Mutation]:
         (chat, ("top_logprobs",), st.sampled_from([-1, 21, 2 ** 40])),
         (chat, ("n",), st.sampled_from([0, 129])),
         (chat, ("model",), st.just("nope:nope")),
+        (cmp, ("bad_words",), st.one_of(st.just([""]), st.just(["x" * 600]), st.just("the"),
+                                        st.just([5]))),
         (chat, ("allowed_token_ids",), st.one_of(st.just([]), bad_ids.map(lambda t: [5, t]),
                                                  st.just(["5"]), st.just(5))),
         ("/tokenize", ("text",), st.one_of(st.integers(), st.just([1]), st.just({"a": "b"}))),

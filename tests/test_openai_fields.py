@@ -94,7 +94,6 @@ def _fields(route: str) -> tuple[tuple[str, tuple[object, ...], str], ...]:
     (CHAT, "length_penalty", 0.5),
     (COMPLETIONS, "prompt_logprobs", 0),
     (CHAT, "logprob_token_ids", [5, 6]),
-    (COMPLETIONS, "bad_words", ["the"]),
     (CHAT, "thinking_token_budget", 100),
     (COMPLETIONS, "logits_processors", ["my.module.Processor"]),
     (CHAT, "custom_logit_processor", ["x", None]),
@@ -376,3 +375,23 @@ async def test_prompt_too_long_names_the_field_sent(make_client, route: str, bod
     if route != "/generate":
         assert err["param"] == param
     assert not client.app[ENGINE].requests
+
+
+@pytest.mark.parametrize("route", [CHAT, COMPLETIONS])
+async def test_bad_words_reach_the_engine_as_token_sequences(fake, route: str) -> None:
+    """vLLM's bad_words: each word as it opens a text and, where that is as many tokens, as it
+    follows a space; every choice gets them; a blank or huge word, or a word that is not a
+    string, is a 400 naming the field."""
+    from api.openai import bad_words_ids
+
+    engine = fake.app[ENGINE]
+    tok = engine.tokenizer
+    status, body = await post(fake, route, n=2, bad_words=["hello", " world"])
+    assert status == 200, body
+    want = bad_words_ids(["hello", " world"], tok)
+    assert tok.encode("hello", add_special_tokens=False) in want
+    assert tok.encode("world", add_special_tokens=False) in want
+    assert [r.params.bad_words_ids for r in engine.submitted] == [want, want]
+    for bad in ([""], ["   "], ["x" * 513], [5], "hello"):
+        status, body = await post(fake, route, bad_words=bad)
+        assert status == 400 and body["error"]["param"].startswith("bad_words"), (bad, body)

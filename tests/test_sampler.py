@@ -254,6 +254,37 @@ def test_allowed_token_ids_keep_their_rows_to_them() -> None:
     assert (picked[0::2] == row.argmax()).all()
 
 
+def test_bad_words_ban_the_token_that_completes_them() -> None:
+    """bad_words_ids: a one-token word is never chosen; a longer word's last token only where
+    the output so far ends with the rest of it; rows without words are untouched. A word
+    that would leave an allow-list nothing leaves its ids choosable (the allow-list wins)."""
+    logits = torch.zeros(4, 20)
+    logits[:, 7] = 5.0  # everyone's favourite
+    logits[:, 9] = 4.0  # then this
+    logits[:, 11] = 3.0
+    requests = [make_request(temperature=0.0, bad_words_ids=[[7]]),
+                make_request(temperature=0.0, output=(3, 4), bad_words_ids=[[3, 4, 7], [4, 9]]),
+                make_request(temperature=0.0, output=(3, 5), bad_words_ids=[[3, 4, 7]]),
+                make_request(temperature=0.0)]
+    out = Sampler(20, set(), CPU)(logits, requests)
+    assert out.token_ids.tolist() == [9, 11, 7, 7]
+    assert not requests[0].params.reads_outputs and requests[1].params.reads_outputs
+    fallback = [make_request(temperature=0.0, allowed_token_ids=[7, 9], output=(2,),
+                             bad_words_ids=[[7], [2, 9]]),
+                make_request(temperature=1.0, allowed_token_ids=[9], bad_words_ids=[[9]]),
+                make_request(temperature=0.0, allowed_token_ids=[9, 11], bad_words_ids=[[9]])]
+    out = Sampler(20, set(), CPU)(logits[:3], fallback)
+    assert out.token_ids.tolist() == [7, 9, 11]
+
+
+@pytest.mark.parametrize("words", [[[]], [[20]], [["x"]], [[1] * 65], [[1]] * 257])
+def test_bad_words_out_of_range_name_the_field(words: object) -> None:
+    from runtime.request import ValidationError
+
+    with pytest.raises(ValidationError, match="bad_words"):
+        SamplingParams(bad_words_ids=words).validate(20)
+
+
 @pytest.mark.parametrize("allowed", [[], [30], [-1], ["5"], [True], 5, [1] * ((1 << 18) + 1)])
 def test_allowed_token_ids_out_of_range_names_the_field(allowed: object) -> None:
     from runtime.request import ValidationError
@@ -502,6 +533,7 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
             "repetition_penalty": 1.2,
             "frequency_penalty": 0.5,
             "min_new_tokens": 2,
+            "bad_words_ids": [[5], [17, 18]],
         },
         {"temperature": 1.0, "presence_penalty": 0.4, "top_p": 0.95, "seed": 12,
          "allowed_token_ids": list(range(100, 4100, 7))},
@@ -525,6 +557,7 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
         assert torch.equal(out.token_ids[::5], greedy)
         assert out.token_ids.device.type == "cuda" and (out.token_ids < vocab).all()
         assert set(out.token_ids[4::5].tolist()) <= set(kinds[4]["allowed_token_ids"])
+        assert 5 not in out.token_ids[3::5].tolist()
         raw = torch.log_softmax(logits[s].float(), dim=-1)
         torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
 
