@@ -247,42 +247,68 @@ def test_adapter_with_only_queued_requests_can_be_evicted(setup: dict[str, Any])
     assert manager.counters.recent_evictions[0] == ("gpu", a2)
 
 
+# the adapter whose requests run, another beside it, and the adapter its name is loaded with
+# after (test_unload_while_requests_run, test_load_in_place_while_requests_run)
+FIRST, OTHER, LATER = NAMES[1], NAMES[2], NAMES[5]
+RUNNING: list[Pair] = [(FIRST, 0), (FIRST, 1), (OTHER, 2)]
+
+
+class Running:
+    """RUNNING's requests on an engine with FIRST and OTHER loaded: their tokens alone, and
+    LATER's for prompt 3."""
+
+    def __init__(self, setup: dict[str, Any], slots: int) -> None:
+        self.setup = setup
+        self.engine = serving_engine(setup, lora_paths=specs(setup, [FIRST, OTHER]),
+                                     max_loras_per_batch=slots)
+        assert self.engine.adapters is not None
+        self.manager = self.engine.adapters
+        self.expected = solo(setup, RUNNING, n=40)
+        self.expected_after = solo(setup, [(LATER, 3)])[0]
+
+    async def start(self) -> None:
+        """Submit RUNNING's requests and wait for the first one's first token."""
+        p = self.setup["prompts"]
+        self.reqs = [await self.engine.submit(p[i], greedy(40), name) for name, i in RUNNING]
+        self.stream = self.engine.stream(self.reqs[0])
+        assert not (await anext(self.stream)).finished  # the requests run
+
+    async def finish(self) -> None:
+        """Their tokens once done: each as the adapter it started with gives alone."""
+        rest = [o async for o in self.stream]
+        outs = [rest[-1].output_token_ids]
+        outs += [await collect(self.engine, r) for r in self.reqs[1:]]
+        assert outs == self.expected
+
+    async def later(self) -> None:
+        """A request for FIRST's name gets LATER's tokens."""
+        req = await self.engine.submit(self.setup["prompts"][3], greedy(NEW_TOKENS), FIRST)
+        assert await collect(self.engine, req) == self.expected_after
+
+
 def test_unload_while_requests_run(setup: dict[str, Any]) -> None:
-    first, other, later = NAMES[1], NAMES[2], NAMES[5]
-    engine = serving_engine(setup, lora_paths=specs(setup, [first, other]), max_loras_per_batch=2)
-    manager = engine.adapters
-    assert manager is not None
-    running_pairs: list[Pair] = [(first, 0), (first, 1), (other, 2)]
-    expected = solo(setup, running_pairs, n=40)
-    expected_after = solo(setup, [(later, 3)])
+    case = Running(setup, slots=2)
+    engine, manager = case.engine, case.manager
 
     async def go() -> None:
         await engine.start()
         try:
-            p = setup["prompts"]
-            reqs = [await engine.submit(p[i], greedy(40), name) for name, i in running_pairs]
-            stream = engine.stream(reqs[0])
-            first_out = await anext(stream)  # the request runs
-            assert not first_out.finished
-            unload = asyncio.create_task(engine.unload_adapter(first))
+            await case.start()
+            unload = asyncio.create_task(engine.unload_adapter(FIRST))
             await asyncio.sleep(0.01)
             assert not unload.done(), "unload returned while its requests still ran"
             with pytest.raises(UnknownAdapterError, match="is being unloaded"):
-                await engine.submit(p[4], greedy(4), first)
-            rest = [o async for o in stream]
-            outs = [rest[-1].output_token_ids]
-            outs += [await collect(engine, r) for r in reqs[1:]]
-            assert outs == expected  # the running requests finished correctly
+                await engine.submit(setup["prompts"][4], greedy(4), FIRST)
+            await case.finish()  # the running requests finished correctly
             await asyncio.wait_for(unload, 10)
-            assert first not in manager and manager.slot_of(first) is None
-            assert [a.name for a in manager.list()] == [other]
+            assert FIRST not in manager and manager.slot_of(FIRST) is None
+            assert [a.name for a in manager.list()] == [OTHER]
             owners = [s.owner.name for s in manager._slots if s.owner is not None]
-            assert owners == [other], "the unloaded adapter's slot was not freed"
+            assert owners == [OTHER], "the unloaded adapter's slot was not freed"
             assert manager._host_usage()[0] == 1, "its host copy was not freed"
             # the name again, with another adapter's files: serves that adapter
-            await engine.load_adapter(first, str(setup["paths"][later]))
-            req = await engine.submit(p[3], greedy(NEW_TOKENS), first)
-            assert await collect(engine, req) == expected_after[0]
+            await engine.load_adapter(FIRST, str(setup["paths"][LATER]))
+            await case.later()
         finally:
             await engine.stop()
 
@@ -293,42 +319,30 @@ def test_load_in_place_while_requests_run(setup: dict[str, Any]) -> None:
     """vLLM's load_inplace: a name loaded anew while its requests run. Those finish with the
     old version's tokens; a request submitted once the load answered gets the new version's,
     in the same batches; the old version is unloaded once its requests are done."""
-    first, other, later = NAMES[1], NAMES[2], NAMES[5]
-    engine = serving_engine(setup, lora_paths=specs(setup, [first, other]), max_loras_per_batch=3)
-    manager = engine.adapters
-    assert manager is not None
-    running_pairs: list[Pair] = [(first, 0), (first, 1), (other, 2)]
-    expected = solo(setup, running_pairs, n=40)
-    expected_after = solo(setup, [(later, 3)], n=16)
+    case = Running(setup, slots=3)
+    engine, manager, paths = case.engine, case.manager, setup["paths"]
 
     async def go() -> None:
         await engine.start()
         try:
-            p = setup["prompts"]
-            reqs = [await engine.submit(p[i], greedy(40), name) for name, i in running_pairs]
-            stream = engine.stream(reqs[0])
-            assert not (await anext(stream)).finished  # the requests run
-            await engine.load_adapter(first, str(setup["paths"][later]), inplace=True)
-            fresh = await engine.submit(p[3], greedy(16), first)
-            listed = {a.path: a.replaced for a in manager.list() if a.name == first}
-            assert listed == {os.path.realpath(setup["paths"][first]): True,
-                              os.path.realpath(setup["paths"][later]): False}
-            rest = [o async for o in stream]
-            outs = [rest[-1].output_token_ids]
-            outs += [await collect(engine, r) for r in reqs[1:]]
-            assert outs == expected  # the running requests finished on the old version
-            assert await collect(engine, fresh) == expected_after[0]
+            await case.start()
+            await engine.load_adapter(FIRST, str(paths[LATER]), inplace=True)
+            fresh = asyncio.create_task(case.later())
+            listed = {a.path: a.replaced for a in manager.list() if a.name == FIRST}
+            assert listed == {os.path.realpath(paths[FIRST]): True,
+                              os.path.realpath(paths[LATER]): False}
+            await case.finish()  # the running requests finished on the old version
+            await fresh
             for _ in range(200):
                 if len(manager.list()) == 2:
                     break
                 await asyncio.sleep(0.01)
             assert sorted((a.name, a.path) for a in manager.list()) == sorted([
-                (first, os.path.realpath(setup["paths"][later])),
-                (other, os.path.realpath(setup["paths"][other]))])
-            assert engine.loaded_adapters()[first] == os.path.realpath(setup["paths"][later])
+                (FIRST, os.path.realpath(paths[LATER])), (OTHER, os.path.realpath(paths[OTHER]))])
+            assert engine.loaded_adapters()[FIRST] == os.path.realpath(paths[LATER])
             assert manager._host_usage()[0] == 2, "the old version's host copy was not freed"
             owners = sorted(s.owner.name for s in manager._slots if s.owner is not None)
-            assert owners == sorted([first, other]), "the old version's slot was not freed"
+            assert owners == sorted([FIRST, OTHER]), "the old version's slot was not freed"
         finally:
             await engine.stop()
 
