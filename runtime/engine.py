@@ -170,6 +170,8 @@ class Engine:
         self.kv_cache = kv_cache
         self.block_manager = block_manager
         self.adapters = adapters
+        if adapters is not None:
+            adapters.on_version_drained = lambda: self._report_adapters(force=True)
         self.streams = streams
         self.model_info = info
         self.eos_token_ids = eos_token_ids

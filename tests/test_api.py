@@ -894,8 +894,6 @@ async def test_load_adapter_in_place(client, tiny, tmp_path) -> None:
     r = await client.post("/v1/load_lora_adapter", json=body | {"load_inplace": True})
     out = await r.json()
     assert r.status == 200 and out["loaded_adapters"]["a1"] == str(other), out
-    got = (await (await client.post("/generate", json=ask | {"lora_path": "a1"})).json())
-    assert got["output_ids"] == b_ids["output_ids"]
     for _ in range(100):  # the replaced version, which no request held, is unloaded
         listing = (await (await client.get("/lora_adapters")).json())["adapters"]
         if len(listing) == 2:
@@ -903,6 +901,12 @@ async def test_load_adapter_in_place(client, tiny, tmp_path) -> None:
         await asyncio.sleep(0.01)
     assert sorted((a["name"], a["path"], a["replaced"]) for a in listing) == [
         ("a1", str(other), False), ("b", str(other), False)]
+    # the per-tier gauges count it no more, with no traffic since to refresh them
+    metrics = (await (await client.get("/metrics")).text()).splitlines()
+    by_tier = [line for line in metrics if line.startswith("loraserve:lora_adapters{")]
+    assert sum(float(line.split()[-1]) for line in by_tier) == 2, by_tier
+    got = (await (await client.post("/generate", json=ask | {"lora_path": "a1"})).json())
+    assert got["output_ids"] == b_ids["output_ids"]
     r = await client.post("/load_lora_adapter", json=body | {"load_inplace": "yes"})
     assert r.status == 400
 

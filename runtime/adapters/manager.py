@@ -360,6 +360,9 @@ class AdapterManager:
         self.upload_bytes_per_s = 10e9
         # Test hook: called in the middle of every upload; raising simulates a failed upload.
         self.upload_fault: Callable[[str, int], None] | None = None
+        # Called when a version that a load in place replaced has drained and is gone (the
+        # engine refreshes the per-tier gauges then: nothing else would, on an idle server)
+        self.on_version_drained: Callable[[], None] | None = None
         # Uploads wait, unissued, for the next poll(), or for a request's admission in the
         # scheduler, whichever comes first; then every upload waiting is issued in one go: one
         # wait a distinct last-use event, one foreach copy and one ready event they share. Both
@@ -640,6 +643,8 @@ class AdapterManager:
         if entry.replaced:
             logger.info("the replaced version of LoRA adapter %s drained and was unloaded",
                         entry.name)
+            if self.on_version_drained is not None:
+                self.on_version_drained()
 
     async def acquire_or_resolve(self, name: str) -> str:
         """`acquire`, loading an unknown name first from `<lora_root>/<name>` when
