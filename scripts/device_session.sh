@@ -630,6 +630,10 @@ case "${1:-}" in
     timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
       tests/test_fused_ops.py -k rope > "$OUT/rope_tests_54b.log" 2>&1
     echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_54b.log" | tail -12
+    # the CUDA sampler test's allow-list and bad-word rows (forty-fifth session), no host sync
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_sampler.py \
+      -k cuda >> "$OUT/rope_tests_54b.log" 2>&1
+    echo "== CUDA sampler test: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_54b.log" | tail -3
     # by default bf16 logits too (8 HF tests, 3 graph tests); the variant as s53a ran it (7
     # tests, 130 s there)
     for case in "NONE=1:180:hf_on_cuda" "$ar:150:hf_on_cuda and fp32"; do
