@@ -201,8 +201,16 @@ async def one_request(client, expected, rng: random.Random, tally: Tally,
 
 async def churn(client, folders, stop: asyncio.Event, rng: random.Random, pause: float,
                 tally: Tally) -> None:
-    """Unload and reload the churned adapters (sometimes pinned) until told to stop."""
+    """Unload and reload the churned adapters (sometimes pinned), and load a stable one again
+    in place from its own folder (its answers keep their tokens while its requests drain on
+    the old version), until told to stop."""
     while not stop.is_set():
+        stable = rng.choice(STABLE)
+        r = await asyncio.wait_for(client.post("/load_lora_adapter", json={
+            "lora_name": stable, "lora_path": str(folders[stable]), "load_inplace": True}),
+            REQUEST_TIMEOUT_S)
+        assert r.status == 200, await r.text()
+        tally.counts["loads_in_place"] += 1
         name = rng.choice(CHURNED)
         r = await asyncio.wait_for(client.post("/unload_lora_adapter", json={"lora_name": name}),
                                    REQUEST_TIMEOUT_S)
@@ -231,7 +239,8 @@ async def workers(client, expected, seconds: float, num_workers: int, tally: Tal
 
 async def settle(engine) -> None:
     for _ in range(500):
-        if not engine.requests and not engine.scheduler.has_work:
+        if not engine.requests and not engine.scheduler.has_work and not any(
+                a.replaced for a in engine.list_adapters()):  # versions replaced drained
             return
         await asyncio.sleep(0.02)
 
@@ -245,7 +254,7 @@ def check_clean(engine) -> None:
     owners = [s.owner for s in manager._slots]
     for i, owner in enumerate(owners):
         if owner is not None:
-            assert owner.slot == i and manager._adapters.get(owner.name) is owner
+            assert owner.slot == i and manager._adapters.get(owner.key) is owner
     resident, free = sum(o is not None for o in owners), sum(o is None for o in owners)
     assert resident + free == len(manager._slots)
     assert all(s.locks == 0 for s in manager._slots)
@@ -296,7 +305,7 @@ async def test_soak(make_client, folders) -> None:
     gc.collect()
     rss["end"] = rss_mb()
     elapsed = time.monotonic() - t0
-    requests = tally.total - tally.counts["churn_cycles"]
+    requests = tally.total - tally.counts["churn_cycles"] - tally.counts["loads_in_place"]
     print(f"\nsoak: {elapsed:.0f}s, {requests} requests {dict(tally.counts)}, "
           f"RSS {rss.get('warm', 0):.1f} -> {rss['end']:.1f} MiB; samples (s, MiB) {samples}")
     assert not tally.problems, tally.problems[:10]
