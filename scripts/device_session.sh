@@ -652,8 +652,9 @@ case "${1:-}" in
   s54c)  # one GPU (prepared for the next session): the soak on CUDA at today's default decode
     # step (the Gluon GEMM, folded LoRA steps, the rotary kernel without contraction, CUDA
     # graphs, the copy stream, the overlapped loop); it last ran on a GPU in the second device
-    # session. 6 clients for 480 s, churn included, every answer checked against its adapter's
-    # tokens alone, then the RSS bound and the leak check
+    # session. 6 clients for 480 s, churn included (unloads and reloads, and loads in place of
+    # adapters in use, new in the forty-fifth session), every answer checked against its
+    # adapter's tokens alone, then the RSS bound and the leak check
     LORASERVE_TEST_DEVICE=cuda LORASERVE_SOAK_SECONDS=480 timeout 580 python3 -m pytest -q -s \
       -p no:cacheprovider -rf --tb=short tests/test_soak.py::test_soak > "$OUT/soak_54c.log" 2>&1
     echo "== soak on CUDA: rc $?"; grep -E "^soak:|passed|failed|^(FAILED|ERROR)" "$OUT/soak_54c.log" | tail -6
