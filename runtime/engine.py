@@ -608,8 +608,9 @@ class Engine:
         Step N+1's decode rows read the tokens step N is still sampling straight from the
         device, so the GPU runs the steps back to back while the CPU schedules, prepares and
         postprocesses. Without overlap (`disable_overlap_schedule`, or a step in flight whose
-        requests use repetition/frequency/presence penalties, which need the host's token
-        lists) each step completes before the next one is scheduled.
+        requests use repetition/frequency/presence penalties or bad words of several tokens,
+        which read the host's token lists) each step completes before the next one is
+        scheduled.
         """
         loop = asyncio.get_running_loop()
         inflight: InFlightStep | None = None
