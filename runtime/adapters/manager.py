@@ -4,8 +4,10 @@ States: REGISTERED (on disk only) -> LOADING (disk -> host, in a loader thread) 
 UPLOADING (host -> GPU on the copy stream) -> RESIDENT, and back down on eviction.
 
 Two holds, never confused:
-- a request's NAME REFERENCE (`acquire` ... `release`), from submit to finish or abort. Unload
-  stops new references at once and waits for the count to reach zero;
+- a request's REFERENCE on an adapter version (`acquire` by name ... `release` by the version's
+  key, `key_of`), from submit to finish or abort. Unload stops new references at once and
+  waits for the count to reach zero; a load in place gives the name a new version and unloads
+  the old one so once its references are gone;
 - a slot LOCK (`lock` ... `unlock`), only while a batch that reads the slot is in flight.
   Queued requests lock nothing, so a busy adapter never starves the others of slots.
 
