@@ -277,6 +277,13 @@ def bad_words_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
     return out
 
 
+async def _bad_words(request: web.Request, body: OpenAISampling) -> list[list[int]] | None:
+    """The body's bad_words as bad_words_ids gives them, tokenized off the loop (None: none)."""
+    if not body.bad_words:
+        return None
+    return await off_loop(request, bad_words_ids, body.bad_words, request.app[ENGINE].tokenizer)
+
+
 def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | None],
            max_tokens: list[int], logprobs: int | None, echo: bool = False,
            bad_words: list[list[int]] | None = None) -> list[GenSpec]:
@@ -391,8 +398,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     loras = resolve_loras(request, body, len(prompts))
     check_aligned_hints(body, len(prompts))
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    bad = await off_loop(request, bad_words_ids, body.bad_words, engine.tokenizer) \
-        if body.bad_words else None
+    bad = await _bad_words(request, body)
     specs = _specs(body, prompts, loras, [max_tokens] * len(prompts), body.logprobs,
                    echo=bool(body.echo), bad_words=bad)
     n = len(specs) // len(prompts)
@@ -595,8 +601,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if limit is None:  # unset: up to the context length
         limit = max(engine.model_info.context_length - len(prompt), 1)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    bad = await off_loop(request, bad_words_ids, body.bad_words, engine.tokenizer) \
-        if body.bad_words else None
+    bad = await _bad_words(request, body)
     specs = _specs(body, [prompt], loras, [limit], logprobs, bad_words=bad)
     gens = await submit_openai(request, body, specs)
     header = _header(request, "chat.completion", "chatcmpl", body)

@@ -131,8 +131,7 @@ def compile_tma_gemm(rows: int, n: int, k: int, tiling: str = "64:256:0:4:4",
     block_n, block_k, _, warps, _ = tile
     mp = max(16, next_pow2(rows))
     # meta tensors: the descriptors' types need shapes and dtypes, not memory
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     x = torch.empty(rows, k, dtype=torch_dtype, device="meta")
     w = torch.empty(n, k, dtype=torch_dtype, device="meta")
@@ -158,10 +157,14 @@ def launch_fusion(kernel: str, consts: dict) -> bool:
     return fp_fusion(bool(consts.get("ROPE"))) if kernel == "decode" else True
 
 
-def with_dtype(ptrs: dict, dtype: str) -> dict:
-    """`ptrs` (the kernels' bf16 pointer types) with their bf16 tensors in `dtype`."""
+def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+
+
+def with_dtype(ptrs: dict, dtype: str) -> dict:
+    """`ptrs` (the kernels' bf16 pointer types) with their bf16 tensors in `dtype`."""
+    _check_dtype(dtype)
     return {n: f"*{dtype}" if t == "*bf16" else t for n, t in ptrs.items()}
 
 

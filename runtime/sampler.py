@@ -118,15 +118,16 @@ class Sampler:
             self._add_logit_bias(logits, requests, bias_rows)
         # an allow-list's rows before the stop and bad-word masks, should those leave none of
         # its ids to choose
-        unmasked = None
+        allowed_t = unmasked = None
         if allowed_rows and (masked_rows or banned):
-            unmasked = logits.index_select(0, self._upload(allowed_rows, torch.int64))
+            allowed_t = self._upload(allowed_rows, torch.int64)
+            unmasked = logits.index_select(0, allowed_t)
         if masked_rows:
             self._mask_stop_ids(logits, requests, masked_rows)
         if banned:
             logits.view(-1).index_fill_(0, self._upload(banned, torch.int64), _NEG_INF)
         if allowed_rows:
-            self._keep_allowed(logits, requests, allowed_rows, unmasked)
+            self._keep_allowed(logits, requests, allowed_rows, allowed_t, unmasked)
         return logits
 
     def _apply_penalties(self, logits: Tensor, requests: list[Request], rows: list[int]) -> None:
@@ -217,13 +218,14 @@ class Sampler:
         return flat
 
     def _keep_allowed(self, logits: Tensor, requests: list[Request], rows: list[int],
-                      unmasked: Tensor | None = None) -> None:
+                      rows_t: Tensor | None = None, unmasked: Tensor | None = None) -> None:
         """Set, in place, every logit of the given rows of logits [B, V] outside their
-        request's allowed_token_ids to -inf. A row whose stop and bad-word masks left none of
-        its ids takes them as `unmasked` ([len(rows), V], those rows before the masks) has
-        them: the allow-list is the one constraint always kept (the engine refuses the
-        allow-lists that min_new_tokens alone would empty; bad words of several tokens can
-        ban every allowed id at some step). On the device, without a host sync."""
+        request's allowed_token_ids to -inf. `rows_t`: `rows` on the device, if uploaded
+        already. `unmasked` ([len(rows), V]): those rows before the stop and bad-word masks; a
+        row that the masks left with none of its ids takes its ids' logits from there, so the
+        allow-list is the one constraint always kept (the engine refuses the allow-lists that
+        min_new_tokens alone would empty; bad words of several tokens can ban every allowed id
+        at some step). On the device, without a host sync."""
         keep = []
         for i in rows:
             r = requests[i]
@@ -237,7 +239,8 @@ class Sampler:
         if len(rows) == logits.shape[0] and unmasked is None:
             logits.masked_fill_(outside, _NEG_INF)
             return
-        rows_t = self._upload(rows, torch.int64)
+        if rows_t is None:
+            rows_t = self._upload(rows, torch.int64)
         subset = logits.index_select(0, rows_t).masked_fill_(outside, _NEG_INF)
         if unmasked is not None:
             emptied = (subset == _NEG_INF).all(dim=-1, keepdim=True)
