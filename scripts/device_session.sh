@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One device session in phases, each one device call on a 2-GPU machine (nvidia-h200-x2):
+#   scripts/device_session.sh s55a   (one GPU) rotary and sampler tests on CUDA, every step
+#                                    target at the default, HF parity while time remains
 #   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs
 #   scripts/device_session.sh s32tp  tp 2 with CUDA graphs: the tensor-parallel GPU tests, tp_bench
 #   scripts/device_session.sh s32g   (one GPU) tp decode graphs over a one-rank group, graph tests
@@ -648,6 +650,32 @@ case "${1:-}" in
     # launch's 65.2; not yet measured in the loop)
     gu="LORASERVE_DECODE_GEMM_TMA_GATE_UP=0"
     base_each 510 54b NONE=1 "$ar" "$gu" NONE=2 "$ar" "$gu"
+    ;;
+  s55a)  # one GPU: s54b's and s54a's essentials in one call, for a session whose device time
+    # buys one or two calls: the rotary kernels' tests on CUDA (both without FMA contraction
+    # since the forty-fourth session, the rotary kernel on every default step) and the CUDA
+    # sampler test; every step target at the default (the 32-slot pool's, the 8-slot pool's,
+    # base decode against its floor); then HF parity on CUDA by default with the decode
+    # graphs against eager, while time remains
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
+      tests/test_fused_ops.py -k rope > "$OUT/rope_tests_55a.log" 2>&1
+    echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_55a.log" | tail -12
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_sampler.py \
+      -k cuda >> "$OUT/rope_tests_55a.log" 2>&1
+    echo "== CUDA sampler test: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_55a.log" | tail -3
+    step_each 200 NONE=1
+    step8_each 320 NONE=1
+    base_each 420 55a NONE=1
+    left=$((585 - SECONDS))
+    if [ "$left" -gt 60 ]; then
+      timeout "$left" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+        tests/test_engine_gpu.py tests/test_graphs_gpu.py \
+        -k "hf_on_cuda or (graphs_match_eager_fp32 and csgmv)" > "$OUT/parity_55a.log" 2>&1
+      echo "== parity by default: rc $? (limit ${left} s)"
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/parity_55a.log" | tail -4
+    else
+      echo "== parity by default: skipped, out of time"
+    fi
     ;;
   s54c)  # one GPU (prepared for the next session): the soak on CUDA at today's default decode
     # step (the Gluon GEMM, folded LoRA steps, the rotary kernel without contraction, CUDA
