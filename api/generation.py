@@ -58,6 +58,7 @@ class Generation:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    input_ranks: list[int | None] = field(default_factory=list)  # with prompt_logprob_ranks
     prompt_tokens: int = 0
     cached_tokens: int = 0
     finished: bool = False
@@ -89,6 +90,7 @@ class Generation:
         if out.input_logprobs is not None:
             self.input_logprobs = out.input_logprobs
             self.input_top_logprobs = out.input_top_logprobs or []
+            self.input_ranks = out.input_ranks or []
         self.prompt_tokens = out.prompt_tokens
         self.cached_tokens = out.cached_tokens
         if out.finished:

@@ -98,7 +98,6 @@ UNSUPPORTED_FIELDS: tuple[tuple[str, tuple[object, ...], str], ...] = (
     ("store", (False,), "answers are not stored"),
     ("use_beam_search", (False,), "beam search is not supported"),
     ("length_penalty", (1.0,), "beam search is not supported"),
-    ("prompt_logprobs", (), "not supported (echo with logprobs scores the prompt)"),
     ("logprob_token_ids", (), "logprobs of chosen token ids are not supported"),
     ("watermarking", (False,), "watermarking is not supported"),
     *((name, (), _CONSTRAINED) for name in (
@@ -194,6 +193,14 @@ def _check_served(body: OpenAISampling) -> None:
     if options is not None and not body.stream:  # as on OpenAI's API
         raise ApiError(400, "stream_options: only allowed when stream is true",
                        param="stream_options")
+    prompt_lps = body.prompt_logprobs
+    if prompt_lps is not None and not 0 <= prompt_lps <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"prompt_logprobs: must be between 0 and {MAX_TOP_LOGPROBS}"
+                            + (" (-1, the whole vocabulary, is not served)"
+                               if prompt_lps == -1 else ""), param="prompt_logprobs")
+    if prompt_lps is not None and body.stream:  # as on vLLM
+        raise ApiError(400, "prompt_logprobs: not available when stream is true",
+                       param="prompt_logprobs")
     if options is not None and options.continuous_usage_stats and not options.include_usage:
         raise ApiError(400, "stream_options.continuous_usage_stats: needs include_usage: true",
                        param="stream_options.continuous_usage_stats")
@@ -287,9 +294,10 @@ async def _bad_words(request: web.Request, body: OpenAISampling) -> list[list[in
 def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | None],
            max_tokens: list[int], logprobs: int | None, echo: bool = False,
            bad_words: list[list[int]] | None = None) -> list[GenSpec]:
-    """The generations to submit. The prompt's own logprobs are scored only for an echo (the
-    rest of the time no answer carries them, and scoring costs a logits row a prompt token).
-    `bad_words`: the body's, as bad_words_ids gives them."""
+    """The generations to submit. The prompt's own logprobs are scored only for an echo with
+    logprobs or for prompt_logprobs (the rest of the time no answer carries them, and scoring
+    costs a logits row a prompt token); its top candidates, as many as the larger of the two
+    asks for. `bad_words`: the body's, as bad_words_ids gives them."""
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}", param="n")
@@ -297,6 +305,10 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | Non
         field = "top_logprobs" if isinstance(body, ChatRequest) else "logprobs"
         raise ApiError(400, f"{field}: must be between 0 and {MAX_TOP_LOGPROBS}", param=field)
     total = len(prompts) * n
+    scores_prompt = body.prompt_logprobs is not None or (echo and logprobs is not None)
+    prompt_top = None  # top_logprobs_num's
+    if body.prompt_logprobs is not None:
+        prompt_top = max(body.prompt_logprobs, (logprobs or 0) if echo else 0)
     base_rid = body.rid if body.rid is not None else body.request_id
     specs = []
     for p, prompt in enumerate(prompts):
@@ -308,8 +320,11 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | Non
             specs.append(GenSpec(
                 prompt, params, lora_name=loras[p],
                 rid=rid,
-                return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0,
-                trim_stop=body.trim_stop, logprob_start=1 if echo else len(prompt),
+                return_logprob=logprobs is not None or body.prompt_logprobs is not None,
+                top_logprobs_num=logprobs or 0, trim_stop=body.trim_stop,
+                logprob_start=1 if scores_prompt else len(prompt),
+                prompt_top_logprobs_num=prompt_top,
+                prompt_logprob_ranks=body.prompt_logprobs is not None,
             ))
     return specs
 
@@ -415,6 +430,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "text": echo[g.index] + g.text.text,
         "logprobs": _logprobs_of(g, tok, echo[g.index], body),
         "finish_reason": finish_reason(g),
+        **_prompt_logprobs_key(g, tok, body),
     }) for g in gens]
     return json_response({**header, "choices": choices, "usage": usage(gens, n)})
 
@@ -435,6 +451,35 @@ def _logprobs_of(g: Generation, tok: Any, echo: str,
     texts = _prompt_texts(g, tok)
     out = _completion_logprobs(g, tok, 0, sum(len(t) for t in texts))
     return _echo_logprobs(g, tok, texts, out)
+
+
+def _prompt_logprobs_key(g: Generation, tok: Any, body: OpenAISampling) -> dict[str, Any]:
+    """{"prompt_logprobs": ...} when the body asks for them, else nothing."""
+    if body.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": prompt_logprobs(g, tok, body.prompt_logprobs)}
+
+
+def prompt_logprobs(g: Generation, tok: Any, k: int) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs: for each prompt token after the first (whose entry is null),
+    {token id: {"logprob", "rank", "decoded_token"}} for the token itself (its rank: how many
+    tokens were likelier, plus 1) and then its `k` likeliest candidates (ranks 1..k), each id
+    once. None when the request ended before its prompt was scored (an abort)."""
+    prompt = g.request.prompt_ids
+    if len(g.input_logprobs) < len(prompt) or len(g.input_ranks) < len(prompt):
+        return None
+
+    def entry(t: int, lp: float, rank: int) -> dict[str, Any]:
+        # a -inf logprob is not JSON: vLLM writes -9999.0
+        return {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": tok.decode([t])}
+
+    out: list[dict[str, Any] | None] = [None]
+    for p in range(1, len(prompt)):
+        tokens = {str(prompt[p]): entry(prompt[p], g.input_logprobs[p], g.input_ranks[p])}
+        for j, (t, lp) in enumerate(g.input_top_logprobs[p][:k]):
+            tokens.setdefault(str(t), entry(t, lp, j + 1))
+        out.append(tokens)
+    return out
 
 
 def _completion_prompts(body: CompletionRequest, tokenizer: Any, vocab: int,
@@ -490,7 +535,8 @@ def _echo_logprobs(g: Generation, tok: Any, tokens: list[str],
     top = None
     if out["top_logprobs"] is not None:
         tops = (g.input_top_logprobs + [[]] * len(prompt))[:len(prompt)]
-        top = [None] + [_top_by_text(tok, t) for t in tops[1:]]
+        k = g.request.top_logprobs_num  # prompt_logprobs may have asked for more
+        top = [None] + [_top_by_text(tok, t[:k]) for t in tops[1:]]
         top += out["top_logprobs"]
     return {"tokens": tokens + out["tokens"], "token_logprobs": lps + out["token_logprobs"],
             "top_logprobs": top, "text_offset": offsets + out["text_offset"]}
@@ -618,7 +664,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if body.logprobs else None,
         "finish_reason": finish_reason(g),
     }) for g in gens]
-    return json_response({**header, "choices": choices, "usage": usage(gens, len(gens))})
+    extra = {}
+    if body.prompt_logprobs is not None:  # one prompt, whatever n: at the answer's top level
+        extra["prompt_logprobs"] = next(
+            (lps for g in gens if (lps := prompt_logprobs(g, engine.tokenizer,
+                                                          body.prompt_logprobs)) is not None),
+            None)
+    return json_response({**header, "choices": choices, "usage": usage(gens, len(gens)),
+                          **extra})
 
 
 def chat_prompt(body: ChatRequest, tokenizer: Any) -> list[int]:

@@ -211,6 +211,8 @@ class OpenAISampling(msgspec.Struct):
     # extensions (vLLM and SGLang accept these on their OpenAI routes too)
     allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be chosen
     bad_words: list[str] | None = None  # vLLM's: words that may not be generated
+    # vLLM's: each prompt token's logprob and rank, and its k likeliest candidates
+    prompt_logprobs: int | None = None
     top_k: int | None = None  # 0 or -1: the whole vocabulary, as on vLLM
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -256,7 +258,6 @@ class OpenAISampling(msgspec.Struct):
     store: Any = None
     use_beam_search: Any = None
     length_penalty: Any = None
-    prompt_logprobs: Any = None
     logprob_token_ids: Any = None
     watermarking: Any = None
     structured_outputs: Any = None

@@ -140,6 +140,10 @@ class Submission:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start: int = 1
+    # the prompt tokens' own top candidates, when not `top_logprobs_num` (vLLM's
+    # prompt_logprobs asks for its own number), and each scored token's rank
+    prompt_top_logprobs_num: int | None = None
+    prompt_logprob_ranks: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -384,6 +388,8 @@ class Engine:
         for i, item in enumerate(items):
             checked.append(self._validate(item.prompt_ids, item.params, item.rid,
                                           item.top_logprobs_num))
+            if not 0 <= (item.prompt_top_logprobs_num or 0) <= 20:
+                raise ValidationError("prompt_top_logprobs_num", "must be between 0 and 20")
             if item.rid is not None and any(o.rid == item.rid for o in items[:i]):
                 raise ValidationError("rid", f"the rid {item.rid!r} twice in one request")
         self._check_room(len(items))
@@ -441,12 +447,14 @@ class Engine:
         req = Request(
             rid=item.rid or new_rid(), prompt_ids=list(prompt_ids), params=params,
             lora_name=item.lora_name, return_logprob=item.return_logprob,
-            top_logprobs_num=item.top_logprobs_num,
+            top_logprobs_num=item.top_logprobs_num, prompt_top_n=item.prompt_top_logprobs_num,
+            prompt_ranks=item.prompt_logprob_ranks,
         )
         skipped = min(max(item.logprob_start, 1), len(req.prompt_ids))
         if skipped > 1:  # scoring starts where these end (Request.prompt_logprob_positions)
             req.input_logprobs = [None] * skipped
             req.input_top_logprobs = [[] for _ in range(skipped)]
+            req.input_ranks = [None] * skipped
         req.outputs = asyncio.Queue()
         return req
 
@@ -823,9 +831,12 @@ class Engine:
     def _postprocess(self, step: InFlightStep, result: StepResult) -> None:
         plan = step.plan
         now = time.monotonic()
-        for i, lp, top in result.prompt_logprobs:
+        ranks = result.prompt_ranks
+        for e, (i, lp, top) in enumerate(result.prompt_logprobs):
             plan.requests[i].input_logprobs.append(lp)
             plan.requests[i].input_top_logprobs.append(top)
+            if ranks is not None and plan.requests[i].prompt_ranks:
+                plan.requests[i].input_ranks.append(ranks[e])
         for i in step.prompt_only:  # after the prompt logprobs, whose last ones this step scored
             req = plan.requests[i]
             if not req.is_finished:
@@ -907,6 +918,8 @@ class Engine:
             new_logprobs=lp, new_top_logprobs=top, error=getattr(req, "error", None),
             input_logprobs=list(req.input_logprobs) if with_prompt_logprobs else None,
             input_top_logprobs=list(req.input_top_logprobs) if with_prompt_logprobs else None,
+            input_ranks=(list(req.input_ranks) if with_prompt_logprobs and req.prompt_ranks
+                         else None),
         ))
 
     def _maybe_log(self) -> None:

@@ -214,6 +214,8 @@ class RequestOutput:
     # prompt token given the tokens before it (None for the first), and the top candidates.
     input_logprobs: list[float | None] | None = None
     input_top_logprobs: list[list[tuple[int, float]]] | None = None
+    # with prompt_ranks: each scored prompt token's rank in its distribution (1: the likeliest)
+    input_ranks: list[int | None] | None = None
 
 
 _rid_counter = itertools.count()
@@ -236,6 +238,10 @@ class Request:
     lora_name: str | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    # the prompt tokens' own number of top candidates (None: top_logprobs_num's) and whether
+    # each scored prompt token's rank is counted (vLLM's prompt_logprobs)
+    prompt_top_n: int | None = None
+    prompt_ranks: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     # the key of the adapter version it holds (AdapterManager.key_of) when that is not
     # lora_name: a load in place gave the name a new version after this request took the old
@@ -259,6 +265,7 @@ class Request:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=lambda: [None])
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=lambda: [[]])
+    input_ranks: list[int | None] = field(default_factory=lambda: [None])  # with prompt_ranks
     generator: object | None = None  # torch.Generator for seeded sampling
     lora_slot: int = -1  # GPU slot of the adapter for the current step; -1: base model
     passed_over: int = 0  # scheduling rounds this request waited while others were admitted
@@ -338,6 +345,11 @@ class Request:
         """True while more than the last token still needs its K/V computed."""
         out = len(self.output_ids)  # the properties inlined: the scheduler asks every row
         return out == 0 or len(self.prompt_ids) + out - self.num_computed_tokens > 1
+
+    @property
+    def prompt_top_logprobs_num(self) -> int:
+        """How many top candidates each scored prompt token lists."""
+        return self.top_logprobs_num if self.prompt_top_n is None else self.prompt_top_n
 
     def prompt_logprob_positions(self, start: int, n: int) -> range:
         """Positions p in [start, start+n) whose logits score prompt token p+1 and are not

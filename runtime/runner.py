@@ -43,6 +43,8 @@ class StepResult:
     top_logprobs: list[list[tuple[int, float]]] | None
     # (sequence index, logprob, top candidates) per scored prompt token, in position order
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    # each scored prompt token's rank (1: the likeliest), when a request in the step asked
+    prompt_ranks: list[int] | None = None
 
 
 @dataclass
@@ -86,6 +88,8 @@ class InFlightStep:
                 tops = [list(zip(idx[e][:n], values[e][:n]))
                         for e, n in enumerate(self.prompt_top_n)]
             result.prompt_logprobs = list(zip(self.prompt_owners, chosen, tops))
+            if "prompt_rank" in h:
+                result.prompt_ranks = h["prompt_rank"].tolist()
         return result
 
 
@@ -535,12 +539,16 @@ class ModelRunner:
         self, logits: torch.Tensor, fb: ForwardBatch, requests: list[Request],
         dev: dict[str, torch.Tensor], step: InFlightStep,
     ) -> None:
-        """Log-prob of each scored prompt token under the raw model distribution, and the
-        top candidates when the request asked for them (device tensors into `dev`)."""
+        """Log-prob of each scored prompt token under the raw model distribution, the top
+        candidates when the request asked for them, and its rank (how many tokens are likelier,
+        plus 1) when one asked for that (device tensors into `dev`)."""
         lp = torch.log_softmax(logits[fb.prompt_rows].float(), dim=-1)  # [E, vocab]
-        dev["prompt_chosen"] = lp.gather(1, fb.prompt_targets[:, None]).squeeze(1)
+        chosen = lp.gather(1, fb.prompt_targets[:, None])
+        dev["prompt_chosen"] = chosen.squeeze(1)
         step.prompt_owners = fb.prompt_owners
-        step.prompt_top_n = [requests[i].top_logprobs_num for i in fb.prompt_owners]
+        if any(requests[i].prompt_ranks for i in fb.prompt_owners):
+            dev["prompt_rank"] = (lp > chosen).sum(dim=-1) + 1
+        step.prompt_top_n = [requests[i].prompt_top_logprobs_num for i in fb.prompt_owners]
         k = max(step.prompt_top_n)
         if k > 0:
             dev["prompt_top_values"], dev["prompt_top_ids"] = lp.topk(k, dim=-1)

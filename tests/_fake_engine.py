@@ -153,6 +153,8 @@ class FakeEngine:
         self.is_stopped = False
         self.submitted: list[Request] = []
         self.logprob_starts: dict[str, int] = {}  # rid -> the logprob_start it was given
+        # rid -> (prompt_top_logprobs_num, prompt_logprob_ranks) it was given (submit_many)
+        self.prompt_asks: dict[str, tuple[int | None, bool]] = {}
         self.hold = asyncio.Event()  # cleared: requests wait before their first token
         self.hold.set()
 
@@ -213,6 +215,8 @@ class FakeEngine:
                 reqs.append(await self.submit(it.prompt_ids, it.params, it.lora_name, it.rid,
                                               it.return_logprob, it.top_logprobs_num,
                                               it.logprob_start))
+                self.prompt_asks[reqs[-1].rid] = (it.prompt_top_logprobs_num,
+                                                  it.prompt_logprob_ranks)
         except BaseException:
             for req in reqs:
                 self.abort(req.rid)

@@ -670,6 +670,53 @@ async def test_echo_logprobs_score_the_prompt(client) -> None:
                                strict=True))
 
 
+async def test_prompt_logprobs_as_vllm_answers_them(client) -> None:
+    """vLLM's prompt_logprobs: per choice on completions, at the answer's top level on chat;
+    null for the first prompt token, then {token id: {logprob, rank, decoded_token}} for the
+    prompt token (its logprob the echo's) and its k likeliest (ranks 1..k); an echo's own
+    logprobs keep their own number of candidates."""
+    prompt = "The quick brown fox"
+    ids = (await (await client.post("/tokenize", json={"text": prompt})).json())["tokens"]
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 1, "echo": True,
+            "prompt_logprobs": 3}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status == 200, await r.text()
+    choice = (await r.json())["choices"][0]
+    lps, echo = choice["prompt_logprobs"], choice["logprobs"]
+    assert len(lps) == len(ids) and lps[0] is None
+    assert all(len(t) == 1 for t in echo["top_logprobs"][1:])  # logprobs: 1, not 3
+    for i in range(1, len(ids)):
+        entry = lps[i]
+        own = entry[str(ids[i])]
+        assert own["logprob"] == pytest.approx(echo["token_logprobs"][i], abs=1e-6)
+        assert own["decoded_token"] == echo["tokens"][i]
+        tops = [v for k, v in entry.items() if k != str(ids[i])]
+        assert len(entry) in (3, 4) and all(isinstance(v["decoded_token"], str)
+                                            for v in entry.values())
+        ranked = sorted(entry.values(), key=lambda v: v["rank"])
+        assert [v["logprob"] for v in ranked] == sorted((v["logprob"] for v in ranked),
+                                                        reverse=True)
+        likelier = sum(v["logprob"] > own["logprob"] for v in tops)
+        assert own["rank"] == likelier + 1 if own["rank"] <= 3 else likelier == 3
+    # without echo and logprobs: the same prompt_logprobs, and no logprobs
+    plain = (await (await client.post("/v1/completions", json={
+        "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 0})).json())["choices"][0]
+    assert plain["logprobs"] is None and plain["prompt_logprobs"][0] is None
+    assert [list(e) for e in plain["prompt_logprobs"][1:]] == [[str(t)] for t in ids[1:]]
+    assert [e[str(t)]["rank"] for e, t in zip(plain["prompt_logprobs"][1:], ids[1:])] == \
+        [lps[i][str(ids[i])]["rank"] for i in range(1, len(ids))]
+    # chat: one list for the prompt, whatever n
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "n": 2,
+            "prompt_logprobs": 1}
+    r = await client.post("/v1/chat/completions", json=chat)
+    answer = await r.json()
+    assert r.status == 200, answer
+    assert len(answer["prompt_logprobs"]) == answer["usage"]["prompt_tokens"]  # counted once
+    assert answer["prompt_logprobs"][0] is None
+    assert all(1 <= len(e) <= 2 for e in answer["prompt_logprobs"][1:])
+    assert "prompt_logprobs" not in answer["choices"][0]
+
+
 # ---------------------------------------------------------------- context length
 
 CHAT_X = [{"role": "user", "content": "x"}]

@@ -197,3 +197,21 @@ async def test_routes_score_only_the_prompt_logprobs_they_answer(fake_client) ->
     assert (await fake_client.post("/v1/chat/completions", json=chat)).status == 200
     (req,) = engine.submitted[before:]
     assert engine.logprob_starts[req.rid] == req.num_prompt_tokens
+    # vLLM's prompt_logprobs: the whole prompt, its own number of candidates and ranks (with
+    # an echo's logprobs, the larger of the two numbers)
+    assert await start_of("/v1/completions", completion | {"prompt_logprobs": 0}) == 1
+    assert engine.prompt_asks[engine.submitted[-1].rid] == (0, True)
+    await start_of("/v1/completions", completion | {"echo": True, "prompt_logprobs": 0})
+    assert engine.prompt_asks[engine.submitted[-1].rid] == (1, True)
+    await start_of("/v1/completions", completion | {"echo": True, "logprobs": None,
+                                                    "prompt_logprobs": 3})
+    assert engine.prompt_asks[engine.submitted[-1].rid] == (3, True)
+    assert engine.logprob_starts[engine.submitted[-1].rid] == 1
+    assert await start_of("/v1/completions", {"prompt": prompt, "max_tokens": 1,
+                                              "echo": True}) == len(prompt)
+    assert engine.prompt_asks[engine.submitted[-1].rid] == (None, False)
+    before = len(engine.submitted)
+    r = await fake_client.post("/v1/chat/completions", json=chat | {"prompt_logprobs": 2})
+    assert r.status == 200, await r.text()
+    (req,) = engine.submitted[before:]
+    assert engine.logprob_starts[req.rid] == 1 and engine.prompt_asks[req.rid] == (2, True)

@@ -372,6 +372,56 @@ def test_prompt_logprobs_match_hf(llama, tmp_path, chunk):
 
 
 @pytest.mark.parametrize("chunk", [512, 7])
+def test_prompt_logprob_ranks_and_own_top_count_match_hf(llama, tmp_path, chunk):
+    """vLLM's prompt_logprobs: the prompt's own number of top candidates (3, where the output
+    lists 1) and each scored prompt token's rank (how many tokens HF finds likelier, plus 1),
+    across prefill chunks, for a base row and an adapter's in one batch beside a request that
+    asks for no ranks (whose outputs carry none)."""
+    from runtime.config import LoraPathSpec
+    from runtime.engine import Submission
+    from tests.models import make_adapter
+
+    adapter = make_adapter(llama, tmp_path / "a", rank=4, targets=["q_proj", "lm_head"])
+    engine = make_engine(llama, chunked_prefill_size=chunk,
+                         lora_paths=(LoraPathSpec("a", str(adapter)),))
+    vocab = read_vocab(llama)
+    ps = prompts(3, vocab, seed=41, lo=10, hi=30)
+    names = [None, "a", None]
+    ranks = [True, True, False]
+
+    async def go():
+        await engine.start()
+        try:
+            reqs = await engine.submit_many([
+                Submission(p, greedy(3), n, return_logprob=True, top_logprobs_num=1,
+                           prompt_top_logprobs_num=3 if r else None, prompt_logprob_ranks=r)
+                for p, n, r in zip(ps, names, ranks)])
+            return [[o async for o in engine.stream(r)] for r in reqs]
+        finally:
+            await engine.stop()
+
+    outs = run(go())
+    for p, name, with_ranks, seq in zip(ps, names, ranks, outs):
+        first = seq[0]
+        assert all(len(t) == 1 for t in first.new_top_logprobs)  # the output's own count
+        if not with_ranks:
+            assert first.input_ranks is None
+            assert all(len(t) == 1 for t in first.input_top_logprobs[1:])
+            continue
+        assert len(first.input_ranks) == len(p) and first.input_ranks[0] is None
+        ref = torch.log_softmax(hf_logits(hf_model(llama, adapter if name else None), p), dim=-1)
+        for i in range(1, len(p)):
+            row = ref[i - 1]
+            chosen = row[p[i]]
+            # within rounding of HF's logprobs: ties inside 1e-4 may count either way
+            lo = int((row > chosen + 1e-4).sum()) + 1
+            hi = int((row > chosen - 1e-4).sum())
+            assert lo <= first.input_ranks[i] <= max(lo, hi), (i, first.input_ranks[i], lo, hi)
+            assert [t for t, _ in first.input_top_logprobs[i]] == row.topk(3).indices.tolist()
+        assert any(r > 1 for r in first.input_ranks[1:])  # random weights: not all likeliest
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
 @pytest.mark.parametrize("start", [1, 2, 9, 10_000])
 def test_prompt_logprobs_from_a_start_score_only_those_tokens(llama, monkeypatch, chunk, start):
     """`logprob_start` (SGLang's logprob_start_len + 1; past the prompt for OpenAI answers

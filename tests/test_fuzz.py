@@ -221,6 +221,8 @@ def valid_body(draw: st.DrawFn, path: str, vocab: int, names: Callable[[], str])
         if draw(st.integers(0, 3)) == 0:
             body["bad_words"] = draw(st.lists(st.sampled_from(["the", " a", "hello world", "é"]),
                                               min_size=1, max_size=2))
+        if not body["stream"] and draw(st.integers(0, 3)) == 0:  # a 400 when streamed
+            body["prompt_logprobs"] = draw(st.sampled_from([0, 2]))
         if path == "/v1/completions":
             body["prompt"] = draw(st.one_of(SAFE_TEXT, st.lists(SAFE_TEXT, min_size=1,
                                                                 max_size=2), token_ids(vocab),
@@ -318,6 +320,7 @@ def mutations(vocab: int) -> list[Mutation]:
         (chat, ("model",), st.just("nope:nope")),
         (cmp, ("bad_words",), st.one_of(st.just([""]), st.just(["x" * 600]), st.just("the"),
                                         st.just([5]))),
+        (chat, ("prompt_logprobs",), st.one_of(st.sampled_from([-1, 21, 2 ** 40]), NOT_INT)),
         (chat, ("allowed_token_ids",), st.one_of(st.just([]), bad_ids.map(lambda t: [5, t]),
                                                  st.just(["5"]), st.just(5))),
         ("/tokenize", ("text",), st.one_of(st.integers(), st.just([1]), st.just({"a": "b"}))),
@@ -504,6 +507,10 @@ def check_ok(case: Case, data: bytes) -> None:
             assert len(r["output_ids"]) <= (4 if case.kind == "valid" else CONTEXT)
     elif case.path.startswith("/v1/"):
         assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+        if b'"prompt_logprobs"' in case.body:
+            scored = ([body] if case.path == "/v1/chat/completions" else body["choices"])
+            for lps in (c["prompt_logprobs"] for c in scored):
+                assert lps[0] is None and all(isinstance(e, dict) and e for e in lps[1:]), lps
 
 
 # ---------------------------------------------------------------- good traffic alongside

@@ -92,7 +92,6 @@ def _fields(route: str) -> tuple[tuple[str, tuple[object, ...], str], ...]:
     (COMPLETIONS, "priority", -1),
     (COMPLETIONS, "use_beam_search", True),
     (CHAT, "length_penalty", 0.5),
-    (COMPLETIONS, "prompt_logprobs", 0),
     (CHAT, "logprob_token_ids", [5, 6]),
     (CHAT, "thinking_token_budget", 100),
     (COMPLETIONS, "logits_processors", ["my.module.Processor"]),
@@ -165,6 +164,11 @@ async def test_hints_are_accepted_and_change_nothing(client, route: str) -> None
     (COMPLETIONS, {"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
     (CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
     (CHAT, {"reasoning_effort": "low"}, "reasoning_effort"),
+    (COMPLETIONS, {"prompt_logprobs": -1}, "prompt_logprobs"),  # the whole vocabulary
+    (CHAT, {"prompt_logprobs": 21}, "prompt_logprobs"),
+    (COMPLETIONS, {"prompt_logprobs": True}, "prompt_logprobs"),
+    (CHAT, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),  # as on vLLM
+    (COMPLETIONS, {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs"),
 ])
 async def test_bad_values_of_served_fields_name_them(fake, route: str, fields: dict,
                                                      param: str) -> None:
