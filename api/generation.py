@@ -59,6 +59,9 @@ class Generation:
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     input_ranks: list[int | None] = field(default_factory=list)  # with prompt_logprob_ranks
+    # with token_ids_logprob: those ids' log-probs at each output token, each prompt position
+    ids_logprobs: list[list[float]] = field(default_factory=list)
+    input_ids_logprobs: list[list[float]] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     finished: bool = False
@@ -87,10 +90,13 @@ class Generation:
             self.logprobs.extend(out.new_logprobs)
         if out.new_top_logprobs:
             self.top_logprobs.extend(out.new_top_logprobs)
+        if out.new_ids_logprobs:
+            self.ids_logprobs.extend(out.new_ids_logprobs)
         if out.input_logprobs is not None:
             self.input_logprobs = out.input_logprobs
             self.input_top_logprobs = out.input_top_logprobs or []
             self.input_ranks = out.input_ranks or []
+            self.input_ids_logprobs = out.input_ids_logprobs or []
         self.prompt_tokens = out.prompt_tokens
         self.cached_tokens = out.cached_tokens
         if out.finished:

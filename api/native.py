@@ -100,7 +100,7 @@ class NativeItem:
 UNSUPPORTED_FIELDS: tuple[tuple[str, object], ...] = (
     ("input_embeds", None), ("image_data", None), ("video_data", None), ("audio_data", None),
     ("mm_hashes", None), ("mm_content_hashes", None), ("use_audio_in_video", False),
-    ("video_config", None), ("modalities", None), ("token_ids_logprob", None),
+    ("video_config", None), ("modalities", None),
     ("return_sampling_mask", False), ("return_flat_raw_top_logprobs", False),
     ("return_flat_raw_top_logprobs_b64", False), ("log_metrics", True),
     ("return_hidden_states", False), ("return_routed_experts", False),
@@ -162,6 +162,7 @@ def generate_items(body: GenerateRequest, tokenizer: Any) -> tuple[list[NativeIt
     logprob = _aligned(body.return_logprob, num_inputs, "return_logprob", False)
     starts = _aligned(body.logprob_start_len, num_inputs, "logprob_start_len", -1)
     top = _aligned(body.top_logprobs_num, num_inputs, "top_logprobs_num", 0)
+    ids_logprob = _ids_logprob(body.token_ids_logprob, num_inputs, logprob)
     _aligned(body.cache_salt, num_inputs, "cache_salt", None)
     _aligned(body.extra_key, num_inputs, "extra_key", None)
     is_batch = is_batch or n > 1
@@ -174,12 +175,37 @@ def generate_items(body: GenerateRequest, tokenizer: Any) -> tuple[list[NativeIt
             spec = GenSpec(
                 prompt, _params(s, j), lora_name=loras[i] or None, rid=rids[i * n + j],
                 return_logprob=logprob[i], top_logprobs_num=top[i],
-                trim_stop=not s.no_stop_trim,
+                token_ids_logprob=ids_logprob[i], trim_stop=not s.no_stop_trim,
                 # result() lists logprobs from the token after the start (its own is null)
                 logprob_start=_logprob_start(starts[i], len(prompt)) + 1,
             )
             items.append(NativeItem(spec, starts[i], s.stream_interval or 1))
     return items, is_batch
+
+
+def _ids_logprob(value: list[int | list[int]] | None, num_inputs: int,
+                 logprob: list[bool]) -> list[list[int] | None]:
+    """token_ids_logprob for each input: a list of ids is every input's, a list of lists is
+    aligned with the inputs (an empty one: none for that input). It needs return_logprob,
+    without which SGLang returns no logprobs at all; here that is a 400, not an ignored field."""
+    if value is None:
+        return [None] * num_inputs
+    if all(isinstance(t, int) for t in value):
+        per_input: list[list[int]] = [value] * num_inputs  # type: ignore[list-item]
+    elif all(isinstance(t, list) for t in value):
+        if len(value) != num_inputs:
+            raise ApiError(400, f"token_ids_logprob: {len(value)} lists for {num_inputs} "
+                           "inputs", param="token_ids_logprob")
+        per_input = value  # type: ignore[assignment]
+    else:
+        raise ApiError(400, "token_ids_logprob: mixes token ids and lists of token ids",
+                       param="token_ids_logprob")
+    if not value:
+        raise ApiError(400, "token_ids_logprob: an empty list", param="token_ids_logprob")
+    if any(ids and not wants for ids, wants in zip(per_input, logprob, strict=True)):
+        raise ApiError(400, "token_ids_logprob: needs return_logprob: true",
+                       param="token_ids_logprob")
+    return [list(ids) or None for ids in per_input]
 
 
 def _samples_per_input(sampling: list[NativeSampling]) -> int:
@@ -302,6 +328,18 @@ def result(g: Generation, with_text: bool, tokenizer: Any,
         meta["output_token_logprobs"] = [
             [lp, t, text(t)] for lp, t in zip(g.logprobs, g.output_ids, strict=False)
         ]
+        ids = g.request.token_ids_logprob
+        if ids:
+            # the start position's own entry is null, as its logprob is
+            input_ids = [None, *g.input_ids_logprobs[start + 1:]] if g.input_ids_logprobs else []
+            meta["input_token_ids_logprobs"] = [
+                None if lps is None else [[lp, t, text(t)] for t, lp in zip(ids, lps, strict=True)]
+                for lps in input_ids
+            ]
+            meta["output_token_ids_logprobs"] = [
+                [[lp, t, text(t)] for t, lp in zip(ids, lps, strict=True)]
+                for lps in g.ids_logprobs
+            ]
         if g.request.top_logprobs_num > 0:
             input_tops = [[], *g.input_top_logprobs[start + 1:]] if g.input_top_logprobs else []
             meta["input_top_logprobs"] = [

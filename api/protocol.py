@@ -87,6 +87,9 @@ class GenerateRequest(msgspec.Struct):
     logprob_start_len: int | list[int] | None = None
     top_logprobs_num: int | list[int] | None = None
     return_text_in_logprobs: bool | None = None
+    # with return_logprob, these ids' log-probs at each prompt position and output token: one
+    # list for every input, or a list of lists aligned with the inputs
+    token_ids_logprob: list[int | list[int]] | None = None
     # Asked-for properties that already hold here: no prefix cache is shared between requests
     # (cache_salt, extra_key), no request's text is ever logged (no_logs), and there is one
     # data-parallel rank, 0 (routed_dp_rank and its old name data_parallel_rank).
@@ -109,7 +112,6 @@ class GenerateRequest(msgspec.Struct):
     use_audio_in_video: Any = None
     video_config: Any = None
     modalities: Any = None
-    token_ids_logprob: Any = None
     return_sampling_mask: Any = None
     return_flat_raw_top_logprobs: Any = None
     return_flat_raw_top_logprobs_b64: Any = None

@@ -144,6 +144,9 @@ class Submission:
     # prompt_logprobs asks for its own number), and each scored token's rank
     prompt_top_logprobs_num: int | None = None
     prompt_logprob_ranks: bool = False
+    # SGLang's: with return_logprob, these ids' log-probs at each scored prompt position and
+    # each output token
+    token_ids_logprob: list[int] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -390,6 +393,7 @@ class Engine:
                                           item.top_logprobs_num))
             if not 0 <= (item.prompt_top_logprobs_num or 0) <= 20:
                 raise ValidationError("prompt_top_logprobs_num", "must be between 0 and 20")
+            self._check_ids_logprob(item)
             if item.rid is not None and any(o.rid == item.rid for o in items[:i]):
                 raise ValidationError("rid", f"the rid {item.rid!r} twice in one request")
         self._check_room(len(items))
@@ -449,14 +453,30 @@ class Engine:
             lora_name=item.lora_name, return_logprob=item.return_logprob,
             top_logprobs_num=item.top_logprobs_num, prompt_top_n=item.prompt_top_logprobs_num,
             prompt_ranks=item.prompt_logprob_ranks,
+            token_ids_logprob=list(item.token_ids_logprob) if item.token_ids_logprob else None,
         )
         skipped = min(max(item.logprob_start, 1), len(req.prompt_ids))
         if skipped > 1:  # scoring starts where these end (Request.prompt_logprob_positions)
             req.input_logprobs = [None] * skipped
             req.input_top_logprobs = [[] for _ in range(skipped)]
             req.input_ranks = [None] * skipped
+            req.input_ids_logprobs = [[] for _ in range(skipped)]
         req.outputs = asyncio.Queue()
         return req
+
+    def _check_ids_logprob(self, item: Submission) -> None:
+        ids = item.token_ids_logprob
+        if ids is None:
+            return
+        vocab = self.model_info.vocab_size
+        if not ids or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+                          for t in ids):
+            raise ValidationError("token_ids_logprob", f"must be a non-empty list of token "
+                                  f"ids in [0, {vocab})")
+        if len(ids) > vocab:
+            raise ValidationError("token_ids_logprob", f"more ids than the vocabulary's {vocab}")
+        if not item.return_logprob:
+            raise ValidationError("token_ids_logprob", "needs return_logprob")
 
     def _validate(
         self, prompt_ids: list[int], params: SamplingParams, rid: str | None, top_n: int
@@ -837,6 +857,8 @@ class Engine:
             plan.requests[i].input_top_logprobs.append(top)
             if ranks is not None and plan.requests[i].prompt_ranks:
                 plan.requests[i].input_ranks.append(ranks[e])
+            if result.prompt_ids_logprobs is not None and plan.requests[i].token_ids_logprob:
+                plan.requests[i].input_ids_logprobs.append(result.prompt_ids_logprobs[e])
         for i in step.prompt_only:  # after the prompt logprobs, whose last ones this step scored
             req = plan.requests[i]
             if not req.is_finished:
@@ -851,6 +873,7 @@ class Engine:
             self._generated_tokens += 1
             lp = [result.logprobs[i]] if req.return_logprob and result.logprobs else None
             top = [result.top_logprobs[i]] if result.top_logprobs and req.top_logprobs_num else None
+            ids_lp = result.ids_logprobs[i] if result.ids_logprobs is not None else None
             if req.first_token_time is None:
                 req.first_token_time = now
                 if self.metrics is not None:
@@ -860,7 +883,8 @@ class Engine:
             req.last_token_time = now
             first = req.num_resolved_outputs == 1
             self._check_finish(req, tok)
-            self._emit(req, [tok], lp, top, with_prompt_logprobs=first and req.return_logprob)
+            self._emit(req, [tok], lp, top, with_prompt_logprobs=first and req.return_logprob,
+                       ids_lp=None if ids_lp is None else [ids_lp])
 
     def _check_finish(self, req: Request, tok: int) -> None:
         p = req.params
@@ -908,7 +932,8 @@ class Engine:
             )
 
     def _emit(
-        self, req: Request, new: list[int], lp, top, with_prompt_logprobs: bool = False
+        self, req: Request, new: list[int], lp, top, with_prompt_logprobs: bool = False,
+        ids_lp: list[list[float]] | None = None,
     ) -> None:
         assert req.outputs is not None
         req.outputs.put_nowait(RequestOutput(
@@ -920,6 +945,9 @@ class Engine:
             input_top_logprobs=list(req.input_top_logprobs) if with_prompt_logprobs else None,
             input_ranks=(list(req.input_ranks) if with_prompt_logprobs and req.prompt_ranks
                          else None),
+            new_ids_logprobs=ids_lp,
+            input_ids_logprobs=(list(req.input_ids_logprobs)
+                                if with_prompt_logprobs and req.token_ids_logprob else None),
         ))
 
     def _maybe_log(self) -> None:

@@ -216,6 +216,10 @@ class RequestOutput:
     input_top_logprobs: list[list[tuple[int, float]]] | None = None
     # with prompt_ranks: each scored prompt token's rank in its distribution (1: the likeliest)
     input_ranks: list[int | None] | None = None
+    # with token_ids_logprob: its ids' log-probs at each new token and, on the output that
+    # carries the prompt's logprobs, at each prompt position (empty where none was scored)
+    new_ids_logprobs: list[list[float]] | None = None
+    input_ids_logprobs: list[list[float]] | None = None
 
 
 _rid_counter = itertools.count()
@@ -242,6 +246,9 @@ class Request:
     # each scored prompt token's rank is counted (vLLM's prompt_logprobs)
     prompt_top_n: int | None = None
     prompt_ranks: bool = False
+    # SGLang's token_ids_logprob: with return_logprob, these ids' log-probs at every scored
+    # prompt position and every output token (the raw distribution's, as logprobs)
+    token_ids_logprob: list[int] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     # the key of the adapter version it holds (AdapterManager.key_of) when that is not
     # lora_name: a load in place gave the name a new version after this request took the old
@@ -266,6 +273,9 @@ class Request:
     input_logprobs: list[float | None] = field(default_factory=lambda: [None])
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=lambda: [[]])
     input_ranks: list[int | None] = field(default_factory=lambda: [None])  # with prompt_ranks
+    # with token_ids_logprob: the ids' log-probs at each prompt position (empty before the
+    # scored ones)
+    input_ids_logprobs: list[list[float]] = field(default_factory=lambda: [[]])
     generator: object | None = None  # torch.Generator for seeded sampling
     lora_slot: int = -1  # GPU slot of the adapter for the current step; -1: base model
     passed_over: int = 0  # scheduling rounds this request waited while others were admitted

@@ -45,6 +45,10 @@ class StepResult:
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     # each scored prompt token's rank (1: the likeliest), when a request in the step asked
     prompt_ranks: list[int] | None = None
+    # token_ids_logprob's log-probs: per row (None for a row that gave none), and per scored
+    # prompt token (None when no owner in the step gave any; [] for an owner that gave none)
+    ids_logprobs: list[list[float] | None] | None = None
+    prompt_ids_logprobs: list[list[float]] | None = None
 
 
 @dataclass
@@ -64,6 +68,8 @@ class InFlightStep:
     top_n: list[int] = field(default_factory=list)
     prompt_owners: tuple[int, ...] = ()
     prompt_top_n: list[int] = field(default_factory=list)
+    ids_n: list[int] = field(default_factory=list)  # each row's token_ids_logprob count
+    prompt_ids_n: list[int] = field(default_factory=list)  # each scored prompt row's
     launched_at: float = 0.0
     slots: set[int] = field(default_factory=set)  # adapter slots it reads, locked until done
 
@@ -80,6 +86,9 @@ class InFlightStep:
             values, idx = h["top_values"].tolist(), h["top_ids"].tolist()
             top = [list(zip(idx[i][:n], values[i][:n])) for i, n in enumerate(self.top_n)]
         result = StepResult(token_ids, logprobs, top)
+        if "ids_values" in h:
+            values = h["ids_values"].tolist()
+            result.ids_logprobs = [values[i][:n] if n else None for i, n in enumerate(self.ids_n)]
         if "prompt_chosen" in h:
             chosen = h["prompt_chosen"].tolist()
             tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
@@ -90,6 +99,10 @@ class InFlightStep:
             result.prompt_logprobs = list(zip(self.prompt_owners, chosen, tops))
             if "prompt_rank" in h:
                 result.prompt_ranks = h["prompt_rank"].tolist()
+            if "prompt_ids_values" in h:
+                values = h["prompt_ids_values"].tolist()
+                result.prompt_ids_logprobs = [values[e][:n]
+                                              for e, n in enumerate(self.prompt_ids_n)]
         return result
 
 
@@ -503,9 +516,12 @@ class ModelRunner:
                 dev["logprobs"] = out.logprobs
             if out.top_logprobs is not None:
                 dev["top_values"], dev["top_ids"] = out.top_logprobs
+            if out.ids_logprobs is not None:
+                dev["ids_values"] = out.ids_logprobs
             step = InFlightStep(
                 plan, out.token_ids, Event(self.device), {},
                 top_n=[r.top_logprobs_num for r in plan.requests],
+                ids_n=[len(r.token_ids_logprob or ()) for r in plan.requests],
             )
             if fb.sample_rows is not None:
                 self._score_prompt(logits, fb, plan.requests, dev, step)
@@ -540,14 +556,20 @@ class ModelRunner:
         dev: dict[str, torch.Tensor], step: InFlightStep,
     ) -> None:
         """Log-prob of each scored prompt token under the raw model distribution, the top
-        candidates when the request asked for them, and its rank (how many tokens are likelier,
-        plus 1) when one asked for that (device tensors into `dev`)."""
+        candidates when the request asked for them, its rank (how many tokens are likelier,
+        plus 1) when one asked for that, and the log-probs of its request's token_ids_logprob
+        (device tensors into `dev`)."""
         lp = torch.log_softmax(logits[fb.prompt_rows].float(), dim=-1)  # [E, vocab]
         chosen = lp.gather(1, fb.prompt_targets[:, None])
         dev["prompt_chosen"] = chosen.squeeze(1)
         step.prompt_owners = fb.prompt_owners
         if any(requests[i].prompt_ranks for i in fb.prompt_owners):
             dev["prompt_rank"] = (lp > chosen).sum(dim=-1) + 1
+        ids = [requests[i].token_ids_logprob for i in fb.prompt_owners]
+        gathered = self.sampler.gather_ids(lp, ids)
+        if gathered is not None:
+            dev["prompt_ids_values"] = gathered
+            step.prompt_ids_n = [len(x or ()) for x in ids]
         step.prompt_top_n = [requests[i].prompt_top_logprobs_num for i in fb.prompt_owners]
         k = max(step.prompt_top_n)
         if k > 0:

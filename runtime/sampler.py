@@ -32,11 +32,15 @@ class SamplerOutput:
     top_logprobs: ([B, K] float32 log-probs, [B, K] int64 token ids), best first, of the raw
         distribution, K the largest top_logprobs_num asked; a row that asked for fewer reads
         its first entries. None unless a row asked for K > 0.
+    ids_logprobs: [B, M] float32, the raw distribution's log-probs of each row's
+        token_ids_logprob in its order, M the longest such list (a row reads its first
+        entries). None unless a row gave token_ids_logprob.
     """
 
     token_ids: Tensor
     logprobs: Tensor | None = None
     top_logprobs: tuple[Tensor, Tensor] | None = None
+    ids_logprobs: Tensor | None = None
 
 
 class Sampler:
@@ -78,7 +82,8 @@ class Sampler:
         if logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, vocab is {self.vocab_size}")
         view = logits[:, : self.vocab_size]
-        wants_logprobs = any(r.return_logprob or r.top_logprobs_num > 0 for r in requests)
+        wants_logprobs = any(r.return_logprob or r.top_logprobs_num > 0 or r.token_ids_logprob
+                             for r in requests)
         if not wants_logprobs and all(r.params.is_greedy for r in requests):
             # the argmax of the logits as they came where no row has anything to process (a
             # bf16 row's upcast changes no order): no fp32 copy of the batch's rows
@@ -93,7 +98,19 @@ class Sampler:
             if num_top > 0:
                 values, ids = logprobs.topk(num_top, dim=-1)
                 output.top_logprobs = (values, ids)
+            output.ids_logprobs = self.gather_ids(logprobs, [r.token_ids_logprob
+                                                             for r in requests])
         return output
+
+    def gather_ids(self, logprobs: Tensor, ids: list[list[int] | None]) -> Tensor | None:
+        """[R, M] of `logprobs` [R, V]: row r's entries at ids[r] in order (SGLang's
+        token_ids_logprob), M the longest list; a shorter or absent list is padded with id 0,
+        whose entries nobody reads. None when no row gave ids."""
+        width = max((len(x) for x in ids if x), default=0)
+        if width == 0:
+            return None
+        index = [list(x or ()) + [0] * (width - len(x or ())) for x in ids]
+        return logprobs.gather(1, self._upload(index, torch.int64))
 
     def penalize(self, logits: Tensor, requests: list[Request]) -> Tensor:
         """[B, V] float32 logits after penalties, logit_bias and the masks (min_new_tokens'

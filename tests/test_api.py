@@ -103,6 +103,59 @@ async def test_generate_input_ids_and_logprobs(client) -> None:
         assert b["meta_info"]["prompt_tokens"] in (2, 3)
 
 
+async def test_generate_token_ids_logprob(client) -> None:
+    """SGLang's token_ids_logprob: [logprob, id, text] for each given id, in its order, at each
+    prompt position from logprob_start_len (its own entry null, as input_top_logprobs') and
+    at each output token; a given id's entry is the log-prob the other lists give it there.
+    A list of lists gives each input its own (an empty one: none)."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    first = await (await client.post("/generate", json={
+        "input_ids": prompts, "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+        "return_logprob": True, "logprob_start_len": 0})).json()
+    out = first[0]["output_ids"]
+    body = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+            "return_logprob": True, "logprob_start_len": 0, "return_text_in_logprobs": True,
+            "token_ids_logprob": [[7, out[1], 7, 8], []]}
+    r = await client.post("/generate", json=body)
+    answer = await r.json()
+    assert r.status == 200, answer
+    meta, plain = answer[0]["meta_info"], first[0]["meta_info"]
+    assert answer[0]["output_ids"] == out
+    assert "input_token_ids_logprobs" not in answer[1]["meta_info"]
+    ids_in, ids_out = meta["input_token_ids_logprobs"], meta["output_token_ids_logprobs"]
+    assert len(ids_in) == 4 and ids_in[0] is None
+    assert [[t for _, t, _ in row] for row in ids_in[1:]] == [[7, out[1], 7, 8]] * 3
+    assert ids_in[1][1][2] == (await (await client.post("/detokenize", json={
+        "tokens": [out[1]]})).json())["text"]
+    # prompt position 2 is token 7 and position 3 token 8: the entries the input lists hold
+    assert ids_in[2][0][0] == ids_in[2][2][0] == pytest.approx(
+        plain["input_token_logprobs"][2][0], abs=1e-6)
+    assert ids_in[3][3][0] == pytest.approx(plain["input_token_logprobs"][3][0], abs=1e-6)
+    assert len(ids_out) == 3 and all(len(row) == 4 for row in ids_out)
+    assert ids_out[1][1][0] == pytest.approx(plain["output_token_logprobs"][1][0], abs=1e-6)
+    # one list for every input; streamed chunks carry the ones so far
+    r = await client.post("/generate", json=body | {"token_ids_logprob": [5], "stream": True,
+                                                      "input_ids": prompts[0]})
+    chunks = sse_events(await r.text())
+    assert [len(c["meta_info"]["output_token_ids_logprobs"]) for c in chunks] == [1, 2, 3]
+    assert all(row[0][1] == 5 for row in chunks[-1]["meta_info"]["output_token_ids_logprobs"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"token_ids_logprob": [5]}, "needs return_logprob"),
+    ({"return_logprob": True, "token_ids_logprob": []}, "an empty list"),
+    ({"return_logprob": True, "token_ids_logprob": [5, [6]]}, "mixes"),
+    ({"return_logprob": True, "token_ids_logprob": [[5]]}, "1 lists for 2 inputs"),
+    ({"return_logprob": True, "token_ids_logprob": [5, 10 ** 9]}, "token ids in [0,"),
+    ({"return_logprob": True, "token_ids_logprob": [-1]}, "token ids in [0,"),
+])
+async def test_generate_token_ids_logprob_refused(client, fields: dict, message: str) -> None:
+    r = await client.post("/generate", json={"input_ids": [[5, 6], [7, 8]], **fields})
+    body = await r.json()
+    assert r.status == 400 and message in body["error"]["message"], body
+    assert "token_ids_logprob" in body["error"]["message"]
+
+
 async def test_generate_stream(client) -> None:
     r = await client.post("/generate", json={"text": "Hello", "sampling_params": GREEDY,
                                              "stream": True})

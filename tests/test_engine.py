@@ -422,6 +422,55 @@ def test_prompt_logprob_ranks_and_own_top_count_match_hf(llama, tmp_path, chunk)
 
 
 @pytest.mark.parametrize("chunk", [512, 7])
+def test_token_ids_logprob_match_hf(llama, tmp_path, chunk):
+    """SGLang's token_ids_logprob: the given ids' log-probs (in their order, repeats kept) at
+    every scored prompt position from logprob_start and at every output token, HF's within
+    1e-3, for a base row and an adapter's in one batch beside a request that gives none."""
+    from runtime.config import LoraPathSpec
+    from runtime.engine import Submission
+    from tests.models import make_adapter
+
+    adapter = make_adapter(llama, tmp_path / "a", rank=4, targets=["q_proj", "lm_head"])
+    engine = make_engine(llama, chunked_prefill_size=chunk,
+                         lora_paths=(LoraPathSpec("a", str(adapter)),))
+    vocab = read_vocab(llama)
+    ps = prompts(3, vocab, seed=43, lo=10, hi=30)
+    names = [None, "a", None]
+    asks = [[7, 3, vocab - 1, 7], [11], None]
+    start = 4
+
+    async def go():
+        await engine.start()
+        try:
+            reqs = await engine.submit_many([
+                Submission(p, greedy(4), n, return_logprob=True, logprob_start=start,
+                           token_ids_logprob=ids)
+                for p, n, ids in zip(ps, names, asks)])
+            return [[o async for o in engine.stream(r)] for r in reqs]
+        finally:
+            await engine.stop()
+
+    outs = run(go())
+    for p, name, ids, seq in zip(ps, names, asks, outs):
+        if ids is None:
+            assert all(o.input_ids_logprobs is None and o.new_ids_logprobs is None for o in seq)
+            continue
+        out_ids = [t for o in seq for t in o.new_token_ids]
+        ref = torch.log_softmax(hf_logits(hf_model(llama, adapter if name else None),
+                                          p + out_ids), dim=-1)
+        got_in = seq[0].input_ids_logprobs
+        assert len(got_in) == len(p) and got_in[:start] == [[]] * start
+        for pos in range(start, len(p)):
+            want = ref[pos - 1, ids].tolist()
+            assert max(abs(a - b) for a, b in zip(got_in[pos], want, strict=True)) < 1e-3
+        got_out = [x for o in seq for x in (o.new_ids_logprobs or [])]
+        assert len(got_out) == len(out_ids) == 4
+        for k, row in enumerate(got_out):
+            want = ref[len(p) - 1 + k, ids].tolist()
+            assert max(abs(a - b) for a, b in zip(row, want, strict=True)) < 1e-3
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
 @pytest.mark.parametrize("start", [1, 2, 9, 10_000])
 def test_prompt_logprobs_from_a_start_score_only_those_tokens(llama, monkeypatch, chunk, start):
     """`logprob_start` (SGLang's logprob_start_len + 1; past the prompt for OpenAI answers

@@ -544,6 +544,8 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
         )
         for i in range(batch)
     ]
+    for i in range(1, batch, 7):  # SGLang's token_ids_logprob: a gather of each row's ids
+        requests[i].token_ids_logprob = [5, 17, 100 + i][: 1 + i % 3]
     logits = torch.randn(steps, batch, vocab, device=device).to(torch.bfloat16) * 3
     sampler(logits[0], requests)  # first call builds the seeded generators and the masks
     torch.cuda.synchronize()
@@ -560,6 +562,9 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
         assert 5 not in out.token_ids[3::5].tolist()
         raw = torch.log_softmax(logits[s].float(), dim=-1)
         torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+        for i in range(1, batch, 7):
+            ids = requests[i].token_ids_logprob
+            torch.testing.assert_close(out.ids_logprobs[i, : len(ids)], raw[i, ids])
 
     # The seeded row samples the same alone on the device.
     alone = make_request(prompt=prompt, **kinds[2])
@@ -574,3 +579,22 @@ def test_cuda_mixed_batch_without_host_sync() -> None:
         for r, t in zip(fresh, tokens):
             r.output_ids.append(t)
     assert fresh[2].output_ids == alone.output_ids
+
+
+def test_token_ids_logprob_gathers_each_rows_ids() -> None:
+    """SGLang's token_ids_logprob: each row's ids' raw log-probs in its order, repeats kept,
+    whatever the row's sampling changes; a batch where no row gives ids gathers nothing."""
+    vocab = 50
+    sampler = Sampler(vocab, set(), torch.device("cpu"))
+    logits = torch.randn(3, vocab)
+    reqs = [make_request(temperature=0.0), make_request(temperature=0.7, logit_bias={3: 50.0}),
+            make_request(temperature=0.0)]
+    assert sampler(logits, reqs).ids_logprobs is None
+    reqs[0].token_ids_logprob = [3, 3, 49]
+    reqs[1].token_ids_logprob = [3]
+    out = sampler(logits, reqs)
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.ids_logprobs.shape == (3, 3)
+    assert torch.equal(out.ids_logprobs[0], raw[0, [3, 3, 49]])
+    assert torch.equal(out.ids_logprobs[1, :1], raw[1, [3]])  # the bias is not in it
+    assert out.logprobs is not None  # asking for ids asks for the log-softmax
