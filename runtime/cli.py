@@ -29,6 +29,20 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
+# vLLM's names of options that loraserve names as SGLang does: the same option under either
+# name, as a TOML key or a flag; giving both in one place is an error naming the two.
+VLLM_ALIASES: dict[str, str] = {
+    "lora_modules": "lora_paths",
+    "max_loras": "max_loras_per_batch",
+    "max_cpu_loras": "max_loaded_loras",
+    "max_num_seqs": "max_running_requests",
+    "max_model_len": "context_length",
+    "gpu_memory_utilization": "mem_fraction_static",
+    "tensor_parallel_size": "tp_size",
+    "enforce_eager": "disable_cuda_graph",
+    "seed": "random_seed",
+}
+
 
 @dataclass(frozen=True)
 class _Option:
@@ -91,12 +105,19 @@ def parse_size(text: str | int, name: str) -> int:
 
 def parse_lora_path(value: Any, name: str = "lora_paths") -> LoraPathSpec:
     """`name=path`, a bare path (named by the path as written), a JSON object string or a TOML
-    table."""
+    table: SGLang's {lora_name, lora_path, pinned} or vLLM's --lora-modules object {name,
+    path, base_model_name} (the base model's name only labels the adapter in vLLM's model
+    list; here every adapter's parent there is the served model)."""
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{name}: invalid JSON adapter spec {value!r}: {e}") from None
+    if isinstance(value, dict) and {"name", "path"} & set(value):
+        unknown = set(value) - {"name", "path", "base_model_name"}
+        if unknown:
+            raise ConfigError(f"{name}: unknown keys {sorted(unknown)} in adapter spec")
+        value = {"lora_name": value.get("name"), "lora_path": value.get("path")}
     if isinstance(value, dict):
         unknown = set(value) - {"lora_name", "lora_path", "pinned"}
         if unknown:
@@ -175,7 +196,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     options = {o.name: o for o in _options()}
     values = {}
-    for key, value in raw.items():
+    for key, value in _canonical(raw, f"in {path}").items():
         opt = options.get(key)
         if opt is None:
             raise ConfigError(f"{key}: unknown option in {path}")
@@ -184,6 +205,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             continue
         values[key] = _convert(opt, value, from_cli=False)
     return _resolve_paths(values, path.resolve().parent)
+
+
+def _canonical(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with vLLM's option names (VLLM_ALIASES) under loraserve's; an option given
+    under both names `where` (one file, one command line) is an error."""
+    out = {}
+    for key, value in values.items():
+        name = VLLM_ALIASES.get(key, key)
+        if name in out:
+            alias = next(a for a, n in VLLM_ALIASES.items() if n == name)
+            raise ConfigError(f"{alias}: the same option as {name}, given twice {where}")
+        out[name] = value
+    return out
 
 
 def _resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -229,8 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", metavar="TOML", help="server config file; flags override it")
+    aliases = {v: k for k, v in VLLM_ALIASES.items()}
     for opt in _options():
         spellings = [opt.flag] + ([f"--{opt.name}"] if "_" in opt.name else [])
+        if opt.name in aliases:  # vLLM's name: its own dest, so that giving both is caught
+            alias = aliases[opt.name]
+            p.add_argument("--" + alias.replace("_", "-"), f"--{alias}", dest=alias,
+                           **_flag_kwargs(opt, f"vLLM's name of {opt.flag}"))
         shown = opt.default not in (None, (), "")
         text = opt.help + (f" (default: {opt.default})" if shown else "")
         if opt.is_tristate:
@@ -239,22 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{opt.help}: turn on")
             p.add_argument(f"--disable-{stem.replace('_', '-')}", f"--disable_{stem}",
                            dest=opt.name, action="store_false", help=f"turn {opt.name} off")
-        elif opt.kind is bool:
-            p.add_argument(*spellings, dest=opt.name, action="store_true", help=text)
-        elif opt.kind in (tuple, LoraPathSpec):
-            meta = "SPEC" if opt.kind is LoraPathSpec else opt.name.upper().removesuffix("S")
-            p.add_argument(*spellings, dest=opt.name, nargs="+", metavar=meta, help=text)
         else:
-            meta = "SIZE" if opt.is_size else opt.kind.__name__.upper()
-            p.add_argument(*spellings, dest=opt.name, metavar=meta, choices=opt.choices,
-                           help=text)
+            p.add_argument(*spellings, dest=opt.name, **_flag_kwargs(opt, text))
     return p
+
+
+def _flag_kwargs(opt: _Option, text: str) -> dict[str, Any]:
+    """argparse's arguments for a flag of `opt` (not a tri-state one)."""
+    if opt.kind is bool:
+        return {"action": "store_true", "help": text}
+    if opt.kind in (tuple, LoraPathSpec):
+        meta = "SPEC" if opt.kind is LoraPathSpec else opt.name.upper().removesuffix("S")
+        return {"nargs": "+", "metavar": meta, "help": text}
+    meta = "SIZE" if opt.is_size else opt.kind.__name__.upper()
+    return {"metavar": meta, "choices": opt.choices, "help": text}
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     """Defaults <- the --config file <- flags, validated into a ServerConfig."""
     ns = vars(build_parser().parse_args(argv))
     values = load_toml(ns.pop("config")) if "config" in ns else {}
+    ns = _canonical(ns, "on the command line")
     options = {o.name: o for o in _options()}
     for name, value in ns.items():
         opt = options[name]

@@ -57,6 +57,35 @@ def test_lists_and_lora_path_forms(tmp_path: Path) -> None:
     assert c.is_lora_enabled
 
 
+def test_vllm_option_names(tmp_path: Path) -> None:
+    """vLLM's names of the same options (a vLLM launch command's LoRA flags work as they are),
+    its --lora-modules JSON object among the adapter forms; one option under both names in
+    one place is an error naming both, and a flag under either name overrides the file."""
+    c = parse_args([
+        "--lora-modules", "a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}',
+        "--max-loras", "3", "--max-cpu-loras", "5", "--max-lora-rank", "8",
+        "--max-num-seqs", "7", "--max-model-len", "512", "--gpu-memory-utilization", "0.5",
+        "--tensor-parallel-size", "1", "--enforce-eager", "--seed", "4", "--enable-lora",
+    ])
+    assert c.lora_paths == (LoraPathSpec("a", "/x"), LoraPathSpec("b", "/y"))
+    assert (c.max_loras_per_batch, c.max_loaded_loras, c.max_running_requests) == (3, 5, 7)
+    assert (c.context_length, c.mem_fraction_static, c.tp_size) == (512, 0.5, 1)
+    assert c.disable_cuda_graph and c.random_seed == 4
+    cfg = write(tmp_path, "max_loras = 2\nmax_cpu_loras = 6\nlora_modules = ['c=/z']\n")
+    c = parse_args(["--config", str(cfg), "--max-loras-per-batch", "4"])
+    assert (c.max_loras_per_batch, c.max_loaded_loras) == (4, 6)
+    assert c.lora_paths == (LoraPathSpec("c", str(Path("/z"))),)
+    with pytest.raises(ConfigError, match="max_loras: the same option as max_loras_per_batch"):
+        parse_args(["--max-loras", "2", "--max-loras-per-batch", "2"])
+    with pytest.raises(ConfigError, match="lora_modules.*lora_paths"):
+        parse_args(["--config", str(write(tmp_path, "lora_paths = ['a=/x']\n"
+                                                    "lora_modules = ['b=/y']\n"))])
+    with pytest.raises(ConfigError, match=r"unknown keys \['lora_name'\]"):
+        parse_args(["--lora-modules", '{"name": "b", "path": "/y", "lora_name": "c"}'])
+    with pytest.raises(ConfigError, match="lora_modules|lora_paths"):
+        parse_args(["--lora-modules", '{"name": "b"}'])
+
+
 def test_allow_auto_truncate_flag_and_key(tmp_path: Path) -> None:
     """SGLang's option name: off by default, a presence flag (either spelling), a TOML key."""
     assert parse_args([]).allow_auto_truncate is False
