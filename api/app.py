@@ -61,7 +61,7 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServingMetrics, *,
                drain_timeout: float = 0.0) -> web.Application:
     """The HTTP front end for `engine`. The engine is started when the app starts and stopped
     (after draining for up to `drain_timeout` seconds) when it shuts down."""
-    from api import admin, native, openai
+    from api import admin, native, openai, score
 
     app = web.Application(
         client_max_size=config.max_request_bytes,
@@ -77,6 +77,7 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServingMetrics, *,
     app.add_routes(native.routes)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
+    app.add_routes(score.routes)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.on_shutdown.append(_drain)
     return app

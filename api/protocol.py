@@ -415,6 +415,19 @@ class ChatRequest(OpenAISampling):
         return names
 
 
+class ScoreRequest(msgspec.Struct):
+    """The /v1/score body, SGLang's: the probability of each label token right after
+    query + item (item + query with item_first), for each item; text or token ids, not mixed.
+    `model` names the base model or an adapter as on the OpenAI routes."""
+
+    query: str | list[int] | None = None
+    items: str | list[str | list[int]] | None = None
+    label_token_ids: list[int] | None = None
+    apply_softmax: bool = False  # normalise over the labels, not the whole vocabulary
+    item_first: bool = False
+    model: str | None = None
+
+
 async def decode_body(request: web.Request, kind: type[T]) -> T:
     """Read and decode the JSON body (raises msgspec errors; 413 past client_max_size)."""
     body = await request.read()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -154,6 +155,64 @@ async def test_generate_token_ids_logprob_refused(client, fields: dict, message:
     body = await r.json()
     assert r.status == 400 and message in body["error"]["message"], body
     assert "token_ids_logprob" in body["error"]["message"]
+
+
+async def test_score_reads_the_labels_after_query_and_item(client) -> None:
+    """SGLang's /v1/score: each item's label probabilities are exp of the log-probs /generate's
+    token_ids_logprob gives after query + item (item + query with item_first), or with
+    apply_softmax those normalised over the labels; `model` picks an adapter."""
+    labels = [7, 30, 7]
+    body = {"query": [5, 6, 7], "items": [[8, 9], [10]], "label_token_ids": labels}
+    r = await client.post("/v1/score", json=body)
+    answer = await r.json()
+    assert r.status == 200, answer
+    assert answer["object"] == "scoring" and len(answer["scores"]) == 2
+    assert answer["usage"] == {"prompt_tokens": 9, "completion_tokens": 0, "total_tokens": 9}
+    for item, scores in zip(body["items"], answer["scores"]):
+        ref = await (await client.post("/generate", json={
+            "input_ids": [5, 6, 7] + item, "return_logprob": True,
+            "token_ids_logprob": labels,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0}})).json()
+        want = [math.exp(lp) for lp, _, _ in ref["meta_info"]["output_token_ids_logprobs"][0]]
+        assert scores == pytest.approx(want, rel=1e-5)
+        assert scores[0] == scores[2] and sum(scores) < 1
+    soft = (await (await client.post("/v1/score", json=body | {"apply_softmax": True})).json())
+    for raw, norm in zip(answer["scores"], soft["scores"]):
+        assert sum(norm) == pytest.approx(1.0)
+        assert norm == pytest.approx([x / sum(raw) for x in raw], rel=1e-5)
+    first = await (await client.post("/v1/score", json=body | {
+        "item_first": True, "query": [8, 9], "items": [[5, 6, 7]]})).json()
+    assert first["scores"][0] == pytest.approx(answer["scores"][0], rel=1e-5)  # its batch
+    text = await (await client.post("/v1/score", json={
+        "query": "The quick", "items": " brown", "label_token_ids": [5]})).json()
+    whole = await (await client.post("/v1/score", json={
+        "query": "The quick brown", "items": [""], "label_token_ids": [5]})).json()
+    assert text["scores"] == whole["scores"] and len(text["scores"]) == 1
+    lora = await (await client.post("/v1/score", json=body | {"model": "tiny:a1"})).json()
+    assert lora["model"] == "tiny:a1" and lora["scores"] != answer["scores"]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"query": [5], "items": [[6]]}, 400, "label_token_ids"),
+    ({"query": [5], "items": [[6]], "label_token_ids": []}, 400, "label_token_ids"),
+    ({"query": [5], "items": [[6]], "label_token_ids": [10 ** 9]}, 400, "label_token_ids"),
+    ({"items": [[6]], "label_token_ids": [1]}, 400, "query"),
+    ({"query": [5], "items": [], "label_token_ids": [1]}, 400, "items"),
+    ({"query": "a", "items": [[6]], "label_token_ids": [1]}, 400, "items"),
+    ({"query": [5], "items": ["b"], "label_token_ids": [1]}, 400, "items"),
+    ({"query": [5], "items": [[-1]], "label_token_ids": [1]}, 400, "items"),
+    ({"query": [5], "items": [[6]], "label_token_ids": [1], "model": "tiny:nope"}, 404,
+     "model"),
+    ({"query": [5] * 100_000, "items": [[6]], "label_token_ids": [1]}, 400, None),
+])
+async def test_score_refuses_bad_bodies(client, body: dict, status: int, param) -> None:
+    r = await client.post("/v1/score", json=body)
+    answer = await r.json()
+    assert r.status == status, answer
+    assert answer["error"]["message"]
+    if param:
+        assert answer["error"]["param"] == param, answer
+    assert not client.app[ENGINE].requests
 
 
 async def test_generate_stream(client) -> None:

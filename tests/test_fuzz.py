@@ -39,7 +39,7 @@ NUM_BODIES = 2000
 MAX_REQUEST_BYTES = 64 << 10
 CONTEXT = 256  # above the longest valid prompt: 3 chat messages of 2 x 20 chars, templated
 ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-             "/abort_request", "/load_lora_adapter", "/unload_lora_adapter")
+             "/abort_request", "/load_lora_adapter", "/unload_lora_adapter", "/v1/score")
 ADMIN_ENDPOINTS = ("/load_lora_adapter", "/unload_lora_adapter")
 
 
@@ -239,6 +239,18 @@ def valid_body(draw: st.DrawFn, path: str, vocab: int, names: Callable[[], str])
             if draw(st.booleans()):
                 body["logprobs"] = True
                 body["top_logprobs"] = draw(st.integers(0, 3))
+    elif path == "/v1/score":
+        if draw(st.booleans()):
+            body = {"query": draw(SAFE_TEXT), "items": draw(st.one_of(
+                SAFE_TEXT, st.lists(SAFE_TEXT, min_size=1, max_size=3)))}
+        else:
+            body = {"query": draw(token_ids(vocab)),
+                    "items": draw(st.lists(token_ids(vocab), min_size=1, max_size=3))}
+        body["label_token_ids"] = draw(st.lists(st.integers(0, vocab - 1), min_size=1,
+                                                max_size=4))
+        body["model"] = draw(st.sampled_from([None, "tiny", "tiny:a1", "a1"]))
+        body["apply_softmax"] = draw(st.booleans())
+        body["item_first"] = draw(st.booleans())
     elif path == "/tokenize":
         key = draw(st.sampled_from(["text", "prompt"]))
         body = {key: draw(st.one_of(ANY_TEXT, st.lists(ANY_TEXT, max_size=3)))}
@@ -323,6 +335,10 @@ def mutations(vocab: int) -> list[Mutation]:
         (chat, ("prompt_logprobs",), st.one_of(st.sampled_from([-1, 21, 2 ** 40]), NOT_INT)),
         (chat, ("allowed_token_ids",), st.one_of(st.just([]), bad_ids.map(lambda t: [5, t]),
                                                  st.just(["5"]), st.just(5))),
+        ("/v1/score", ("label_token_ids",), st.one_of(st.just([]), bad_ids.map(lambda t: [t]),
+                                                      NOT_STR.filter(lambda v: v is not None))),
+        ("/v1/score", ("items",), st.one_of(st.just([]), st.just([[5], "x"]), st.just(5))),
+        ("/v1/score", ("model",), st.just("tiny:nope")),
         ("/tokenize", ("text",), st.one_of(st.integers(), st.just([1]), st.just({"a": "b"}))),
         ("/tokenize", ("add_special_tokens",), NOT_BOOL),
         ("/detokenize", ("tokens",), st.one_of(bad_ids.map(lambda t: [1, t]), st.just(["a"]),
@@ -348,7 +364,7 @@ REQUIRED = {
     "/generate": ("text", "input_ids"), "/v1/chat/completions": ("messages",),
     "/tokenize": ("text", "prompt"), "/detokenize": ("tokens",), "/abort_request": ("rid",),
     "/load_lora_adapter": ("lora_name", "lora_path"), "/unload_lora_adapter": ("lora_name",),
-    "/v1/completions": ("prompt",),
+    "/v1/completions": ("prompt",), "/v1/score": ("query", "items", "label_token_ids"),
 }
 
 
@@ -505,6 +521,8 @@ def check_ok(case: Case, data: bytes) -> None:
         for r in body if isinstance(body, list) else [body]:
             assert r["meta_info"]["finish_reason"]["type"] in ("length", "stop")
             assert len(r["output_ids"]) <= (4 if case.kind == "valid" else CONTEXT)
+    elif case.path == "/v1/score":
+        assert all(0 <= p <= 1 for scores in body["scores"] for p in scores), body
     elif case.path.startswith("/v1/"):
         assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
         if b'"prompt_logprobs"' in case.body:
