@@ -14,6 +14,7 @@ from api.errors import ApiError
 from api.generation import GenSpec, collect, submit_all, unless_disconnected
 from api.openai import base_names, refuse_if_nothing_generated, resolve_adapter
 from api.protocol import ScoreRequest, decode_body
+from runtime.engine import MAX_TOKEN_IDS_LOGPROB
 from runtime.request import SamplingParams
 
 routes = web.RouteTableDef()
@@ -52,6 +53,9 @@ def _labels(body: ScoreRequest, vocab: int) -> list[int]:
     if not labels:
         raise ApiError(400, "label_token_ids: required, a non-empty list of token ids",
                        param="label_token_ids")
+    if len(labels) > MAX_TOKEN_IDS_LOGPROB:
+        raise ApiError(400, f"label_token_ids: {len(labels)} ids; at most "
+                       f"{MAX_TOKEN_IDS_LOGPROB}", param="label_token_ids")
     if any(not 0 <= t < vocab for t in labels):
         raise ApiError(400, f"label_token_ids: token ids must be integers in [0, {vocab})",
                        param="label_token_ids")

@@ -54,6 +54,9 @@ from runtime.streams import Event, Streams
 log = logging.getLogger("loraserve.engine")
 
 STEP_LOG_INTERVAL_S = 10.0
+# token_ids_logprob's ids a request, at most: each output token and scored prompt position
+# answers one log-prob an id, so the answer stays bounded as top_logprobs_num's 20 keeps it
+MAX_TOKEN_IDS_LOGPROB = 128
 
 # How long a thread may hold the GIL while another waits for it (see Engine.start).
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -473,8 +476,9 @@ class Engine:
                           for t in ids):
             raise ValidationError("token_ids_logprob", f"must be a non-empty list of token "
                                   f"ids in [0, {vocab})")
-        if len(ids) > vocab:
-            raise ValidationError("token_ids_logprob", f"more ids than the vocabulary's {vocab}")
+        if len(ids) > MAX_TOKEN_IDS_LOGPROB:
+            raise ValidationError("token_ids_logprob", f"{len(ids)} ids; at most "
+                                  f"{MAX_TOKEN_IDS_LOGPROB}")
         if not item.return_logprob:
             raise ValidationError("token_ids_logprob", "needs return_logprob")
 

@@ -149,6 +149,7 @@ async def test_generate_token_ids_logprob(client) -> None:
     ({"return_logprob": True, "token_ids_logprob": [[5]]}, "1 lists for 2 inputs"),
     ({"return_logprob": True, "token_ids_logprob": [5, 10 ** 9]}, "token ids in [0,"),
     ({"return_logprob": True, "token_ids_logprob": [-1]}, "token ids in [0,"),
+    ({"return_logprob": True, "token_ids_logprob": [5] * 129}, "at most 128"),
 ])
 async def test_generate_token_ids_logprob_refused(client, fields: dict, message: str) -> None:
     r = await client.post("/generate", json={"input_ids": [[5, 6], [7, 8]], **fields})
@@ -196,6 +197,7 @@ async def test_score_reads_the_labels_after_query_and_item(client) -> None:
     ({"query": [5], "items": [[6]]}, 400, "label_token_ids"),
     ({"query": [5], "items": [[6]], "label_token_ids": []}, 400, "label_token_ids"),
     ({"query": [5], "items": [[6]], "label_token_ids": [10 ** 9]}, 400, "label_token_ids"),
+    ({"query": [5], "items": [[6]], "label_token_ids": [1] * 129}, 400, "label_token_ids"),
     ({"items": [[6]], "label_token_ids": [1]}, 400, "query"),
     ({"query": [5], "items": [], "label_token_ids": [1]}, 400, "items"),
     ({"query": "a", "items": [[6]], "label_token_ids": [1]}, 400, "items"),
