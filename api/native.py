@@ -24,8 +24,10 @@ from api.generation import (
     submit_all,
     unless_disconnected,
 )
+from api.openai import chat_prompt, check_request_template
 from api.protocol import (
     AbortRequest,
+    ChatRequest,
     DetokenizeRequest,
     GenerateRequest,
     NativeSampling,
@@ -418,18 +420,40 @@ async def tokenize(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await decode_body(request, TokenizeRequest)
     text = body.text if body.text is not None else body.prompt
-    if text is None:
-        raise ApiError(400, "give text (or prompt)", param="text")
     enc = engine.tokenizer
+    tokens: Any
+    if body.messages is not None:
+        if text is not None:
+            raise ApiError(400, "messages: give text (or prompt) or messages, not both",
+                           param="messages")
+        check_request_template(request, body.chat_template)
+        chat = ChatRequest(
+            messages=body.messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs,
+            add_special_tokens=bool(body.add_special_tokens))
+        if chat.continue_final_message and chat.add_generation_prompt:
+            raise ApiError(400, "continue_final_message: not with add_generation_prompt: true",
+                           param="continue_final_message")
+        tokens = await off_loop(request, chat_prompt, chat, enc)
+    elif text is None:
+        raise ApiError(400, "give text (or prompt), or messages", param="text")
+    else:
+        special = body.add_special_tokens is not False
 
-    def ids(t: str) -> list[int]:
-        return enc.encode(t, add_special_tokens=body.add_special_tokens)
+        def ids(t: str) -> list[int]:
+            return enc.encode(t, add_special_tokens=special)
 
-    tokens: Any = await off_loop(
-        request, lambda: [ids(t) for t in text] if isinstance(text, list) else ids(text))
-    count: Any = [len(t) for t in tokens] if isinstance(text, list) else len(tokens)
-    return json_response({"tokens": tokens, "count": count,
-                          "max_model_len": engine.model_info.context_length})
+        tokens = await off_loop(
+            request, lambda: [ids(t) for t in text] if isinstance(text, list) else ids(text))
+    many = isinstance(text, list)
+    answer: dict[str, Any] = {
+        "tokens": tokens, "count": [len(t) for t in tokens] if many else len(tokens),
+        "max_model_len": engine.model_info.context_length}
+    if body.return_token_strs:
+        answer["token_strs"] = ([enc.convert_ids_to_tokens(t) for t in tokens] if many
+                                else enc.convert_ids_to_tokens(tokens))
+    return json_response(answer)
 
 
 @routes.post("/detokenize")

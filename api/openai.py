@@ -635,11 +635,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     refuse_unsupported(body)
     loras = resolve_loras(request, body, 1)
     check_aligned_hints(body, 1)
-    if body.chat_template is not None and not request.app[CONFIG].trust_request_chat_template:
-        # a template is code the server runs (a loop of a billion steps is a short one)
-        raise ApiError(400, "chat_template: a request's own chat template is refused; the "
-                            "server takes them with --trust-request-chat-template",
-                       param="chat_template")
+    check_request_template(request, body.chat_template)
     prompt = await off_loop(request, chat_prompt, body, engine.tokenizer)
     prompt = truncated(prompt, body, engine.model_info.context_length)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None \
@@ -672,6 +668,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             None)
     return json_response({**header, "choices": choices, "usage": usage(gens, len(gens)),
                           **extra})
+
+
+def check_request_template(request: web.Request, template: str | None) -> None:
+    """A 400 for a request's own chat template unless the server trusts them: a template is
+    code the server runs (a loop of a billion steps is a short one)."""
+    if template is not None and not request.app[CONFIG].trust_request_chat_template:
+        raise ApiError(400, "chat_template: a request's own chat template is refused; the "
+                            "server takes them with --trust-request-chat-template",
+                       param="chat_template")
 
 
 def chat_prompt(body: ChatRequest, tokenizer: Any) -> list[int]:

@@ -160,9 +160,18 @@ class AbortRequest(msgspec.Struct):
 
 
 class TokenizeRequest(msgspec.Struct):
+    """SGLang's /tokenize (text, or prompt as vLLM names it) and vLLM's chat form (messages,
+    rendered with the chat template as /v1/chat/completions renders them)."""
+
     text: str | list[str] | None = None
     prompt: str | list[str] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # default: true for a text, false for messages
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False  # vLLM's: each token's string as well
 
 
 class DetokenizeRequest(msgspec.Struct):

@@ -273,6 +273,34 @@ async def test_tokenize_detokenize(client) -> None:
     assert r.status == 400
 
 
+async def test_tokenize_messages_as_vllm(client) -> None:
+    """vLLM's chat form of /tokenize: messages rendered as /v1/chat/completions renders them
+    (the same prompt token count), with or without the generation prompt; return_token_strs
+    adds each token's string; text and messages together, or a request's own template on a
+    server that does not trust them, are 400s."""
+    messages = [{"role": "user", "content": "Paris is"}]
+    r = await client.post("/tokenize", json={"messages": messages, "return_token_strs": True})
+    body = await r.json()
+    assert r.status == 200, body
+    chat = await (await client.post("/v1/chat/completions", json={
+        "messages": messages, "max_tokens": 1})).json()
+    assert body["count"] == len(body["tokens"]) == chat["usage"]["prompt_tokens"]
+    tok = client.app[ENGINE].tokenizer
+    assert body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])
+    bare = await (await client.post("/tokenize", json={
+        "messages": messages, "add_generation_prompt": False})).json()
+    assert bare["count"] < body["count"] and body["tokens"][:bare["count"]] == bare["tokens"]
+    text = await (await client.post("/tokenize", json={"text": ["a", "bb"],
+                                                       "return_token_strs": True})).json()
+    assert text["token_strs"] == [tok.convert_ids_to_tokens(t) for t in text["tokens"]]
+    for bad, param in (({"text": "a", "messages": messages}, "messages"),
+                       ({"messages": messages, "chat_template": "{{ 1 }}"}, "chat_template"),
+                       ({"messages": [{"content": "x"}]}, "messages.0.role")):
+        r = await client.post("/tokenize", json=bad)
+        message = (await r.json())["error"]["message"]
+        assert r.status == 400 and message.startswith(param.replace(".0.", "[0].")), message
+
+
 async def test_ids_of_a_padded_vocabulary(aiohttp_client, tiny, tmp_path) -> None:
     """A model whose vocabulary is padded past its tokenizer's (324 against 320) can emit the
     padding ids: /detokenize and a completion's prompt ids take them (they decode to nothing),
