@@ -115,6 +115,49 @@ def test_preemption_keeps_outputs(llama):
     assert engine.block_manager.num_free_blocks == 14
 
 
+def test_preemption_keeps_prompt_ranks_and_ids_logprobs(llama):
+    """Requests preempted (and recomputed) under chunked prefill keep one prompt rank and one
+    token_ids_logprob row a position and one a token: the same as with room for everyone."""
+    from runtime.engine import Submission
+
+    vocab = read_vocab(llama)
+    ps = prompts(8, vocab, seed=19, lo=20, hi=40)
+
+    async def go(engine):
+        await engine.start()
+        try:
+            reqs = await engine.submit_many([
+                Submission(p, greedy(40), return_logprob=True, prompt_logprob_ranks=i % 2 == 0,
+                           prompt_top_logprobs_num=2, token_ids_logprob=[i, 3, i])
+                for i, p in enumerate(ps)])
+            return [[o async for o in engine.stream(r)] for r in reqs]
+        finally:
+            await engine.stop()
+
+    def summary(outs):
+        rows = []
+        for i, seq in enumerate(outs):
+            first = seq[0]
+            rows.append((first.input_ranks, [o.new_token_ids for o in seq],
+                         first.input_ids_logprobs, [o.new_ids_logprobs for o in seq]))
+            assert (first.input_ranks is not None) == (i % 2 == 0)
+            assert len(first.input_ids_logprobs) == len(ps[i])
+            assert sum(len(o.new_ids_logprobs or ()) for o in seq) == 40
+        return rows
+
+    ref = summary(run(go(make_engine(llama, chunked_prefill_size=16))))
+    per_block = 2 * 3 * 16 * 2 * 16 * 4  # as test_preemption_keeps_outputs
+    engine = make_engine(llama, chunked_prefill_size=16, kv_cache_cpu_bytes=14 * per_block)
+    got = summary(run(go(engine)))
+    assert engine.scheduler.counters.num_preemptions > 0, "no preemption happened"
+    for (r_ranks, r_toks, r_in, r_out), (g_ranks, g_toks, g_in, g_out) in zip(ref, got):
+        assert g_ranks == r_ranks and g_toks == r_toks
+        flat = [(a, b) for x, y in zip(r_in, g_in, strict=True) for a, b in zip(x, y, strict=True)]
+        flat += [(a, b) for x, y in zip(r_out, g_out, strict=True)
+                 for u, v in zip(x, y, strict=True) for a, b in zip(u, v, strict=True)]
+        assert max(abs(a - b) for a, b in flat) < 1e-4
+
+
 def test_seeded_sampling_is_reproducible(llama):
     vocab = read_vocab(llama)
     p = prompts(1, vocab, seed=11)[0]
