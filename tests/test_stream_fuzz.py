@@ -223,6 +223,8 @@ def native_plan(rng: random.Random, stream: bool) -> Plan:
     else:
         body["input_ids"] = [prompt_ids(rng) for _ in loras]
         body["lora_path"] = loras
+    if body.get("return_logprob") and max_new % 2 == 0:  # drawn from nothing: the seeds' plans
+        body["token_ids_logprob"] = [5, 6, 5]  # stay as they were
     labels = [label_of(lo) for lo in loras for _ in range(n)]
     return Plan("/generate", body, labels, [max_new] * len(labels))
 
@@ -244,6 +246,8 @@ def openai_plan(rng: random.Random, path: str, stream: bool) -> Plan:
     lora = rng.choice([None, *ADAPTERS])
     if path == "/v1/completions" and rng.random() < 0.2:
         body["logprobs"] = rng.choice([0, 2])
+        if not stream:  # drawn from nothing: the seeds' plans stay as they were
+            body["prompt_logprobs"] = body["logprobs"]
     if path == "/v1/completions" and not stream and rng.random() < 0.4 and "stop" not in body:
         # several prompts, an adapter each (usage sums them: every choice runs to max_tokens)
         loras = [rng.choice([None, *ADAPTERS]) for _ in range(rng.randint(2, 3))]
