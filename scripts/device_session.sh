@@ -565,6 +565,18 @@ loop_profiles() {  # loop_profiles TAG CASE...: batch 32's serving loop profiled
   done
 }
 
+rope_sampler_tests() {  # rope_sampler_tests TAG: the rotary kernels' tests on CUDA (the rotary
+  # kernel bit for bit torch's rotation, decode attention's ROPE variant the two launches'),
+  # then the CUDA sampler test (no host sync), into $OUT/rope_tests_TAG.log
+  local log="$OUT/rope_tests_$1.log"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
+    tests/test_fused_ops.py -k rope > "$log" 2>&1
+  echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -12
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_sampler.py \
+    -k cuda >> "$log" 2>&1
+  echo "== CUDA sampler test: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -3
+}
+
 base_each() {  # base_each GUARD_S TAG SETTINGS...: step_base, one process per argument;
   # their table, and their JSON in one archive $OUT/base_TAG.tgz ($OUT takes few files back;
   # TAG -: left as they are, each there as soon as its process ends)
@@ -629,13 +641,7 @@ case "${1:-}" in
     # base steps with the variant, with gate_up's setting and by default, alternating, while
     # time remains
     ar="LORASERVE_DECODE_ATTN_ROPE=1"
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
-      tests/test_fused_ops.py -k rope > "$OUT/rope_tests_54b.log" 2>&1
-    echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_54b.log" | tail -12
-    # the CUDA sampler test's allow-list and bad-word rows (forty-fifth session), no host sync
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_sampler.py \
-      -k cuda >> "$OUT/rope_tests_54b.log" 2>&1
-    echo "== CUDA sampler test: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_54b.log" | tail -3
+    rope_sampler_tests 54b  # the sampler's allow-list and bad-word rows (forty-fifth session)
     # by default bf16 logits too (8 HF tests, 3 graph tests); the variant as s53a ran it (7
     # tests, 130 s there)
     for case in "NONE=1:180:hf_on_cuda" "$ar:150:hf_on_cuda and fp32"; do
@@ -657,12 +663,7 @@ case "${1:-}" in
     # sampler test; every step target at the default (the 32-slot pool's, the 8-slot pool's,
     # base decode against its floor); then HF parity on CUDA by default with the decode
     # graphs against eager, while time remains
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_rope_attention.py \
-      tests/test_fused_ops.py -k rope > "$OUT/rope_tests_55a.log" 2>&1
-    echo "== rotary tests: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_55a.log" | tail -12
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_sampler.py \
-      -k cuda >> "$OUT/rope_tests_55a.log" 2>&1
-    echo "== CUDA sampler test: rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/rope_tests_55a.log" | tail -3
+    rope_sampler_tests 55a
     # S55A_LIMIT: the seconds the call may take (default 585), for a session with less device
     # time left; the guards shrink with it
     lim=${S55A_LIMIT:-585}

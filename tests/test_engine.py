@@ -115,6 +115,21 @@ def test_preemption_keeps_outputs(llama):
     assert engine.block_manager.num_free_blocks == 14
 
 
+def outputs_of(engine, items) -> list[list[RequestOutput]]:
+    """Every output of each Submission in `items`, submitted together (so steps batch them)
+    on `engine`, started and stopped around them."""
+
+    async def go():
+        await engine.start()
+        try:
+            reqs = await engine.submit_many(items)
+            return [[o async for o in engine.stream(r)] for r in reqs]
+        finally:
+            await engine.stop()
+
+    return run(go())
+
+
 def test_preemption_keeps_prompt_ranks_and_ids_logprobs(llama):
     """Requests preempted (and recomputed) under chunked prefill keep one prompt rank and one
     token_ids_logprob row a position and one a token: the same as with room for everyone."""
@@ -123,16 +138,9 @@ def test_preemption_keeps_prompt_ranks_and_ids_logprobs(llama):
     vocab = read_vocab(llama)
     ps = prompts(8, vocab, seed=19, lo=20, hi=40)
 
-    async def go(engine):
-        await engine.start()
-        try:
-            reqs = await engine.submit_many([
-                Submission(p, greedy(40), return_logprob=True, prompt_logprob_ranks=i % 2 == 0,
-                           prompt_top_logprobs_num=2, token_ids_logprob=[i, 3, i])
-                for i, p in enumerate(ps)])
-            return [[o async for o in engine.stream(r)] for r in reqs]
-        finally:
-            await engine.stop()
+    items = [Submission(p, greedy(40), return_logprob=True, prompt_logprob_ranks=i % 2 == 0,
+                        prompt_top_logprobs_num=2, token_ids_logprob=[i, 3, i])
+             for i, p in enumerate(ps)]
 
     def summary(outs):
         rows = []
@@ -145,10 +153,10 @@ def test_preemption_keeps_prompt_ranks_and_ids_logprobs(llama):
             assert sum(len(o.new_ids_logprobs or ()) for o in seq) == 40
         return rows
 
-    ref = summary(run(go(make_engine(llama, chunked_prefill_size=16))))
+    ref = summary(outputs_of(make_engine(llama, chunked_prefill_size=16), items))
     per_block = 2 * 3 * 16 * 2 * 16 * 4  # as test_preemption_keeps_outputs
     engine = make_engine(llama, chunked_prefill_size=16, kv_cache_cpu_bytes=14 * per_block)
-    got = summary(run(go(engine)))
+    got = summary(outputs_of(engine, items))
     assert engine.scheduler.counters.num_preemptions > 0, "no preemption happened"
     for (r_ranks, r_toks, r_in, r_out), (g_ranks, g_toks, g_in, g_out) in zip(ref, got):
         assert g_ranks == r_ranks and g_toks == r_toks
@@ -432,18 +440,10 @@ def test_prompt_logprob_ranks_and_own_top_count_match_hf(llama, tmp_path, chunk)
     names = [None, "a", None]
     ranks = [True, True, False]
 
-    async def go():
-        await engine.start()
-        try:
-            reqs = await engine.submit_many([
-                Submission(p, greedy(3), n, return_logprob=True, top_logprobs_num=1,
-                           prompt_top_logprobs_num=3 if r else None, prompt_logprob_ranks=r)
-                for p, n, r in zip(ps, names, ranks)])
-            return [[o async for o in engine.stream(r)] for r in reqs]
-        finally:
-            await engine.stop()
-
-    outs = run(go())
+    outs = outputs_of(engine, [
+        Submission(p, greedy(3), n, return_logprob=True, top_logprobs_num=1,
+                   prompt_top_logprobs_num=3 if r else None, prompt_logprob_ranks=r)
+        for p, n, r in zip(ps, names, ranks)])
     for p, name, with_ranks, seq in zip(ps, names, ranks, outs):
         first = seq[0]
         assert all(len(t) == 1 for t in first.new_top_logprobs)  # the output's own count
@@ -482,18 +482,10 @@ def test_token_ids_logprob_match_hf(llama, tmp_path, chunk):
     asks = [[7, 3, vocab - 1, 7], [11], None]
     start = 4
 
-    async def go():
-        await engine.start()
-        try:
-            reqs = await engine.submit_many([
-                Submission(p, greedy(4), n, return_logprob=True, logprob_start=start,
-                           token_ids_logprob=ids)
-                for p, n, ids in zip(ps, names, asks)])
-            return [[o async for o in engine.stream(r)] for r in reqs]
-        finally:
-            await engine.stop()
-
-    outs = run(go())
+    outs = outputs_of(engine, [
+        Submission(p, greedy(4), n, return_logprob=True, logprob_start=start,
+                   token_ids_logprob=ids)
+        for p, n, ids in zip(ps, names, asks)])
     for p, name, ids, seq in zip(ps, names, asks, outs):
         if ids is None:
             assert all(o.input_ids_logprobs is None and o.new_ids_logprobs is None for o in seq)
