@@ -384,16 +384,23 @@ def test_latency_metrics_count_tokens(llama):
     assert value("loraserve:inter_token_latency_seconds_count") == 2 * 4
 
 
-@pytest.mark.parametrize("chunk", [512, 7])
-def test_prompt_logprobs_match_hf(llama, tmp_path, chunk):
-    """return_logprob scores every prompt token (SGLang's input_token_logprobs), also across
-    prefill chunks, for base rows and an adapter with an lm_head LoRA in one batch."""
+def engine_with_lm_head_adapter(llama, tmp_path, chunk: int):
+    """An engine with adapter "a" (rank 4 on q_proj and lm_head, whose LoRA changes the
+    logprobs themselves) at prefill chunk `chunk`, and the adapter's folder."""
     from runtime.config import LoraPathSpec
     from tests.models import make_adapter
 
     adapter = make_adapter(llama, tmp_path / "a", rank=4, targets=["q_proj", "lm_head"])
     engine = make_engine(llama, chunked_prefill_size=chunk,
                          lora_paths=(LoraPathSpec("a", str(adapter)),))
+    return engine, adapter
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_prompt_logprobs_match_hf(llama, tmp_path, chunk):
+    """return_logprob scores every prompt token (SGLang's input_token_logprobs), also across
+    prefill chunks, for base rows and an adapter with an lm_head LoRA in one batch."""
+    engine, adapter = engine_with_lm_head_adapter(llama, tmp_path, chunk)
     vocab = read_vocab(llama)
     ps = prompts(3, vocab, seed=31, lo=10, hi=30)
     names = [None, "a", None]
@@ -428,13 +435,9 @@ def test_prompt_logprob_ranks_and_own_top_count_match_hf(llama, tmp_path, chunk)
     lists 1) and each scored prompt token's rank (how many tokens HF finds likelier, plus 1),
     across prefill chunks, for a base row and an adapter's in one batch beside a request that
     asks for no ranks (whose outputs carry none)."""
-    from runtime.config import LoraPathSpec
     from runtime.engine import Submission
-    from tests.models import make_adapter
 
-    adapter = make_adapter(llama, tmp_path / "a", rank=4, targets=["q_proj", "lm_head"])
-    engine = make_engine(llama, chunked_prefill_size=chunk,
-                         lora_paths=(LoraPathSpec("a", str(adapter)),))
+    engine, adapter = engine_with_lm_head_adapter(llama, tmp_path, chunk)
     vocab = read_vocab(llama)
     ps = prompts(3, vocab, seed=41, lo=10, hi=30)
     names = [None, "a", None]
@@ -469,13 +472,9 @@ def test_token_ids_logprob_match_hf(llama, tmp_path, chunk):
     """SGLang's token_ids_logprob: the given ids' log-probs (in their order, repeats kept) at
     every scored prompt position from logprob_start and at every output token, HF's within
     1e-3, for a base row and an adapter's in one batch beside a request that gives none."""
-    from runtime.config import LoraPathSpec
     from runtime.engine import Submission
-    from tests.models import make_adapter
 
-    adapter = make_adapter(llama, tmp_path / "a", rank=4, targets=["q_proj", "lm_head"])
-    engine = make_engine(llama, chunked_prefill_size=chunk,
-                         lora_paths=(LoraPathSpec("a", str(adapter)),))
+    engine, adapter = engine_with_lm_head_adapter(llama, tmp_path, chunk)
     vocab = read_vocab(llama)
     ps = prompts(3, vocab, seed=43, lo=10, hi=30)
     names = [None, "a", None]
