@@ -408,6 +408,8 @@ def invalid_body(draw: st.DrawFn, vocab: int, names: Callable[[], str]) -> Case:
         base.pop("input_ids", None)
     if path == "/tokenize" and keys == ("text",):
         base.pop("prompt", None)
+    if path == "/load_lora_adapter" and keys == ("lora_name",) and value == "a1":
+        base["load_inplace"] = False  # a1 is loaded: only a plain load of it is refused
     if isinstance(value, str):
         value = value.replace("{root}", str(_ROOT.get("root", "")))
     _set(base, keys, value)
