@@ -657,6 +657,10 @@ case "${1:-}" in
     gu="LORASERVE_DECODE_GEMM_TMA_GATE_UP=0"
     base_each 510 54b NONE=1 "$ar" "$gu" NONE=2 "$ar" "$gu"
     ;;
+  s55r)  # one GPU, for the last minutes of a session's device time: s55a's tests alone (the
+    # rotary kernels' tests and the CUDA sampler test on CUDA, about 150 s at most)
+    rope_sampler_tests 55r
+    ;;
   s55a)  # one GPU: s54b's and s54a's essentials in one call, for a session whose device time
     # buys one or two calls: the rotary kernels' tests on CUDA (both without FMA contraction
     # since the forty-fourth session, the rotary kernel on every default step) and the CUDA
