@@ -10,11 +10,11 @@ from typing import Any
 from aiohttp import web
 
 from api.app import ENGINE, json_response, off_loop
-from api.errors import ApiError
+from api.errors import ApiError, renamed
 from api.generation import GenSpec, collect, submit_all, unless_disconnected
 from api.openai import base_names, refuse_if_nothing_generated, resolve_adapter
 from api.protocol import ScoreRequest, decode_body
-from runtime.engine import MAX_TOKEN_IDS_LOGPROB
+from runtime.errors import ValidationError
 from runtime.request import SamplingParams
 
 routes = web.RouteTableDef()
@@ -24,15 +24,17 @@ routes = web.RouteTableDef()
 async def score(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await decode_body(request, ScoreRequest)
-    labels = _labels(body, engine.model_info.vocab_size)
     prompts = await off_loop(request, _prompts, body, engine.tokenizer,
                              engine.model_info.vocab_size)
     lora = resolve_adapter(request, body.model)
     specs = [GenSpec(p, SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
                      lora_name=lora, return_logprob=True, logprob_start=len(p),
-                     token_ids_logprob=labels)
+                     token_ids_logprob=list(body.label_token_ids or []))
              for p in prompts]
-    gens = await submit_all(engine, specs)
+    try:  # the engine checks the labels as token_ids_logprob (ids, range, count)
+        gens = await submit_all(engine, specs)
+    except ValidationError as e:
+        raise renamed(e, {"token_ids_logprob": "label_token_ids"}) from None
     await unless_disconnected(request, collect(engine, gens))
     refuse_if_nothing_generated(request, gens)
     scores = []
@@ -46,20 +48,6 @@ async def score(request: web.Request) -> web.Response:
         "scores": scores, "model": body.model or base_names(request)[0], "object": "scoring",
         "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens},
     })
-
-
-def _labels(body: ScoreRequest, vocab: int) -> list[int]:
-    labels = body.label_token_ids
-    if not labels:
-        raise ApiError(400, "label_token_ids: required, a non-empty list of token ids",
-                       param="label_token_ids")
-    if len(labels) > MAX_TOKEN_IDS_LOGPROB:
-        raise ApiError(400, f"label_token_ids: {len(labels)} ids; at most "
-                       f"{MAX_TOKEN_IDS_LOGPROB}", param="label_token_ids")
-    if any(not 0 <= t < vocab for t in labels):
-        raise ApiError(400, f"label_token_ids: token ids must be integers in [0, {vocab})",
-                       param="label_token_ids")
-    return list(labels)
 
 
 def _prompts(body: ScoreRequest, tokenizer: Any, vocab: int) -> list[list[int]]:

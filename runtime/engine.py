@@ -54,8 +54,9 @@ from runtime.streams import Event, Streams
 log = logging.getLogger("loraserve.engine")
 
 STEP_LOG_INTERVAL_S = 10.0
+MAX_TOP_LOGPROBS = 20  # top candidates a token, output or prompt
 # token_ids_logprob's ids a request, at most: each output token and scored prompt position
-# answers one log-prob an id, so the answer stays bounded as top_logprobs_num's 20 keeps it
+# answers one log-prob an id, so the answer stays bounded as MAX_TOP_LOGPROBS keeps it
 MAX_TOKEN_IDS_LOGPROB = 128
 
 # How long a thread may hold the GIL while another waits for it (see Engine.start).
@@ -392,11 +393,8 @@ class Engine:
             raise EngineStoppedError("the server is shutting down")
         checked = []
         for i, item in enumerate(items):
-            checked.append(self._validate(item.prompt_ids, item.params, item.rid,
-                                          item.top_logprobs_num))
-            if not 0 <= (item.prompt_top_logprobs_num or 0) <= 20:
-                raise ValidationError("prompt_top_logprobs_num", "must be between 0 and 20")
-            self._check_ids_logprob(item)
+            checked.append(self._validate(item.prompt_ids, item.params, item.rid))
+            self._check_logprob_asks(item)
             if item.rid is not None and any(o.rid == item.rid for o in items[:i]):
                 raise ValidationError("rid", f"the rid {item.rid!r} twice in one request")
         self._check_room(len(items))
@@ -467,7 +465,12 @@ class Engine:
         req.outputs = asyncio.Queue()
         return req
 
-    def _check_ids_logprob(self, item: Submission) -> None:
+    def _check_logprob_asks(self, item: Submission) -> None:
+        """The counts of top candidates (output and prompt) and token_ids_logprob's ids."""
+        for name, n in (("top_logprobs_num", item.top_logprobs_num),
+                        ("prompt_top_logprobs_num", item.prompt_top_logprobs_num or 0)):
+            if not 0 <= n <= MAX_TOP_LOGPROBS:
+                raise ValidationError(name, f"must be between 0 and {MAX_TOP_LOGPROBS}")
         ids = item.token_ids_logprob
         if ids is None:
             return
@@ -483,7 +486,7 @@ class Engine:
             raise ValidationError("token_ids_logprob", "needs return_logprob")
 
     def _validate(
-        self, prompt_ids: list[int], params: SamplingParams, rid: str | None, top_n: int
+        self, prompt_ids: list[int], params: SamplingParams, rid: str | None
     ) -> tuple[list[int], SamplingParams]:
         """Check a request; return the prompt and parameters it runs with (_fit_context)."""
         params.validate(self.model_info.vocab_size)
@@ -495,8 +498,6 @@ class Engine:
             raise ValidationError("input_ids", f"token ids must be integers in [0, {vocab})")
         if rid is not None and rid in self.requests:
             raise ValidationError("rid", f"a request with rid {rid!r} is already running")
-        if not 0 <= top_n <= 20:
-            raise ValidationError("top_logprobs_num", "must be between 0 and 20")
         allowed = params.allowed_token_ids
         if allowed and params.min_new_tokens > 0 and set(allowed) <= (
                 set(params.stop_token_ids) | self.eos_token_ids):

@@ -521,7 +521,9 @@ class ModelRunner:
             step = InFlightStep(
                 plan, out.token_ids, Event(self.device), {},
                 top_n=[r.top_logprobs_num for r in plan.requests],
-                ids_n=[len(r.token_ids_logprob or ()) for r in plan.requests],
+                # only in steps with a gather (the host's work a step stays as it was)
+                ids_n=([len(r.token_ids_logprob or ()) for r in plan.requests]
+                       if out.ids_logprobs is not None else []),
             )
             if fb.sample_rows is not None:
                 self._score_prompt(logits, fb, plan.requests, dev, step)
