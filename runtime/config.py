@@ -63,6 +63,8 @@ class ServerConfig:
     tp_size: int = _opt(1, "tensor-parallel degree (GPUs)")
     mem_fraction_static: float = _opt(0.85, "fraction of GPU memory for weights + KV cache")
     kv_cache_cpu_bytes: int = _opt(1 << 30, "KV cache bytes on CPU")
+    max_total_tokens: int | None = _opt(
+        None, "most tokens the KV cache holds, on any device (default: what memory allows)")
     page_size: int = _opt(16, "tokens per KV block")
     max_running_requests: int = _opt(256, "most requests in one step")
     max_queued_requests: int = _opt(4096, "most waiting requests; beyond: 503")
@@ -140,6 +142,9 @@ class ServerConfig:
             raise ConfigError("mem_fraction_static: must be in (0, 1)")
         if self.kv_cache_cpu_bytes <= 0:
             raise ConfigError("kv_cache_cpu_bytes: must be positive")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ConfigError(f"max_total_tokens: must be at least page_size ({self.page_size}) "
+                              f"for one KV block, got {self.max_total_tokens}")
         c = self.max_lora_chunk_size
         if c not in (16, 32, 64, 128):
             raise ConfigError(f"max_lora_chunk_size: must be 16, 32, 64 or 128, got {c}")

@@ -1017,6 +1017,13 @@ def _build_model(args: ModelArgs, hf_config, dtype: torch.dtype, device: torch.d
         torch.set_default_dtype(previous)
 
 
+def kv_block_count(config: ServerConfig, fit: int) -> int:
+    """The KV cache's blocks: the `fit` blocks memory allows, at most max_total_tokens'."""
+    if config.max_total_tokens is None:
+        return fit
+    return min(fit, config.max_total_tokens // config.page_size)
+
+
 def _allocate_kv(
     config: ServerConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device
 ) -> tuple[KVCache, BlockManager]:
@@ -1028,7 +1035,7 @@ def _allocate_kv(
         budget = int(total * config.mem_fraction_static) - torch.cuda.memory_allocated(device)
     else:
         budget = config.kv_cache_cpu_bytes
-    num_blocks = budget // per_block
+    num_blocks = kv_block_count(config, budget // per_block)
     if num_blocks < 1:
         raise ValueError(
             "mem_fraction_static/kv_cache_cpu_bytes: no room for a single KV block "

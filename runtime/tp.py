@@ -65,7 +65,7 @@ from runtime.adapters.paths import AdapterFolder, recheck_adapter_folder
 from runtime.adapters.peft_format import AdapterError, load_peft_adapter
 from runtime.adapters.pool import EMBED, HostAdapter, LoraModelShape, LoraPool
 from runtime.config import ServerConfig
-from runtime.engine import Engine, ModelInfo, _eos_ids, resolve_device
+from runtime.engine import Engine, ModelInfo, _eos_ids, kv_block_count, resolve_device
 from runtime.errors import AdapterReadError
 from runtime.graphs import DecodeGraphs
 from runtime.kv_cache import BlockManager, KVCache
@@ -197,7 +197,8 @@ def allocate_rank_kv(config: ServerConfig, rm: RankModel) -> KVCache:
     else:
         budget = config.kv_cache_cpu_bytes
     # Every rank must address the same blocks: take the smallest count of any rank.
-    count = torch.tensor([budget // per_block], dtype=torch.int64, device=_comm_device(device))
+    count = torch.tensor([kv_block_count(config, budget // per_block)], dtype=torch.int64,
+                         device=_comm_device(device))
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     num_blocks = int(count.item())
     if num_blocks < 1:

@@ -146,6 +146,7 @@ lora_paths = [
     (["--lora-target-modules", "q_proj", "--lora-paths", "a=/x", "--max-lora-rank", "2000"],
      "max_lora_rank"),
     (["--mem-fraction-static", "2"], "mem_fraction_static"),
+    (["--max-total-tokens", "8"], "max_total_tokens"),  # under one page (16)
     (["--max-loaded-loras", "2", "--max-loras-per-batch", "4"], "max_loaded_loras"),
     (["--tp-size", "2", "--disable-lora-overlap-loading"], "enable_lora_overlap_loading"),
     (["--model-path", "/m", "--lora-paths", "/m=/x"], "base model's name"),

@@ -106,13 +106,12 @@ def test_preemption_keeps_outputs(llama):
     ps = prompts(8, vocab, seed=9, lo=20, hi=40)
     ref = run(run_batch(make_engine(llama), ps, greedy(40)))
     # 8 requests of up to 80 tokens need ~40 blocks of 16; give 14 so they must preempt.
-    per_block = 2 * 3 * 16 * 2 * 16 * 4  # layers * page * kv_heads * head_dim * fp32, K and V
-    engine = make_engine(llama, kv_cache_cpu_bytes=14 * per_block)
+    engine = make_engine(llama, max_total_tokens=14 * 16 + 15)
     assert engine.block_manager.num_blocks == 14
     out = run(run_batch(engine, ps, greedy(40)))
     assert out == ref
     assert engine.scheduler.counters.num_preemptions > 0, "no preemption happened"
-    assert engine.block_manager.num_free_blocks == 14
+    assert engine.block_manager.num_free_blocks == 14 - engine.runner.reserved_blocks
 
 
 def outputs_of(engine, items) -> list[list[RequestOutput]]:
@@ -154,8 +153,7 @@ def test_preemption_keeps_prompt_ranks_and_ids_logprobs(llama):
         return rows
 
     ref = summary(outputs_of(make_engine(llama, chunked_prefill_size=16), items))
-    per_block = 2 * 3 * 16 * 2 * 16 * 4  # as test_preemption_keeps_outputs
-    engine = make_engine(llama, chunked_prefill_size=16, kv_cache_cpu_bytes=14 * per_block)
+    engine = make_engine(llama, chunked_prefill_size=16, max_total_tokens=14 * 16)
     got = summary(outputs_of(engine, items))
     assert engine.scheduler.counters.num_preemptions > 0, "no preemption happened"
     for (r_ranks, r_toks, r_in, r_out), (g_ranks, g_toks, g_in, g_out) in zip(ref, got):
@@ -199,7 +197,7 @@ def test_abort_frees_everything(llama):
             assert all(len(r) == 200 for r in rest)
             assert reqs[1].finish_reason == FinishReason.ABORT
             assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0
-            assert engine.block_manager.num_used_blocks == 0
+            assert engine.block_manager.num_used_blocks == engine.runner.reserved_blocks
             assert not engine.requests
         finally:
             await engine.stop()
@@ -301,6 +299,22 @@ def test_context_and_prompt_checks(llama):
 
     run(go())
     assert engine.model_info.context_length == 64
+
+
+def test_max_total_tokens_caps_the_kv_cache(llama):
+    """SGLang's max_total_tokens bounds the KV cache (whole blocks, on any device): a prompt
+    that fills it is refused naming the cache's size, and one that fits runs."""
+    from runtime.errors import ValidationError
+
+    engine = make_engine(llama, max_total_tokens=70)  # 4 blocks of 16
+
+    async def go():
+        assert engine.block_manager.num_blocks == 4
+        with pytest.raises(ValidationError, match="within the KV cache of 64 tokens"):
+            await engine.submit([5] * 64, SamplingParams())
+
+    run(go())
+    assert [len(o) for o in run(run_batch(engine, [[5] * 40], greedy(8)))] == [8]
 
 
 def test_new_tokens_past_the_context_are_refused(llama):
@@ -578,7 +592,7 @@ def test_zero_new_tokens_only_prefill(llama, chunk):
             scored = await engine.submit(p, SamplingParams(max_new_tokens=0),
                                          return_logprob=True, top_logprobs_num=2)
             outs = await all_outputs(engine, [plain, scored])
-            assert engine.block_manager.num_used_blocks == 0
+            assert engine.block_manager.num_used_blocks == engine.runner.reserved_blocks
             assert not engine.requests and not engine.scheduler.has_work
             return outs
         finally:
@@ -626,7 +640,7 @@ def test_zero_new_tokens_leave_the_batch_alone(llama):
         assert_only_prefilled(outs[i])
         assert len(outs[i][0].input_logprobs) == len(ps[i])
     assert engine.stats().generated_tokens == 3 * 12
-    assert engine.block_manager.num_used_blocks == 0
+    assert engine.block_manager.num_used_blocks == engine.runner.reserved_blocks
     assert engine.scheduler.counters.max_batch_size >= 3, "the requests never shared a step"
 
 

@@ -30,6 +30,7 @@ from tests.models import TP_TARGETS, make_adapter, prompts, read_vocab, tp_model
 
 TP = 2
 NEW_TOKENS = 8
+KV_TOKENS = 1000  # the tensor-parallel run's max_total_tokens: 125 blocks of 8
 RANK = 4
 NUM_SLOTS = 3
 TARGETS = TP_TARGETS
@@ -86,6 +87,7 @@ def shard_report(model: torch.nn.Module, pool: Any, kv: Any) -> dict[str, Any]:
     """Shapes of layer 0's weights, LoRA slot buffers and KV heads; bytes of all base weights."""
     shapes = {n: list(p.shape) for n, p in model.named_parameters() if ".1." not in n}
     shapes["kv.heads"] = list(kv.k[0].shape[2:])  # [kv heads, head dim] of every block
+    shapes["kv.blocks"] = [kv.k[0].shape[0]]
     for g, bufs in pool.layers[0].items():
         shapes[f"lora.{g}.A"], shapes[f"lora.{g}.B"] = list(bufs.A.shape), list(bufs.B.shape)
     shapes["lora.lm_head.B"] = list(pool.lm_head.B.shape)
@@ -106,6 +108,7 @@ def expected_report(vocab: int) -> dict[str, Any]:
     }
     shapes = {f"layers.0.{k}": s for k, s in layer.items()}
     shapes["kv.heads"] = [KV_HEADS // TP, d]
+    shapes["kv.blocks"] = [KV_TOKENS // 8]  # max_total_tokens' whole pages on every rank
     shapes |= {"embed_tokens.weight": [v, HIDDEN], "norm.weight": [HIDDEN],
                "lm_head.weight": [v, HIDDEN]}
     shapes |= {  # column parallel: A whole, B sharded; row parallel: A sharded, B whole
@@ -183,7 +186,7 @@ def test_tp2_matches_tp1_and_holds_shards(
         rank0 = shard_report(engine.model, engine.adapters.pool, engine.kv_cache)
         return rank0, run(serve(engine, setup))
 
-    rank0, got = with_worker(config(setup, tp_size=TP), report, body)
+    rank0, got = with_worker(config(setup, tp_size=TP, max_total_tokens=KV_TOKENS), report, body)
     assert got == want
     expected = expected_report(read_vocab(setup["folder"]))
     assert rank0 == expected
