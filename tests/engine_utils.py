@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import torch
@@ -14,7 +15,12 @@ from runtime.request import Request, SamplingParams
 
 
 def make_engine(folder: Path | str, **overrides) -> Engine:
-    cfg = {"model_path": str(folder), "device": "cpu", "dtype": "float32"}
+    """An fp32 engine on LORASERVE_TEST_DEVICE (default cpu; `cuda` runs the CPU tests that
+    build their engines here on the GPU, against the same HF references on the CPU)."""
+    device = os.environ.get("LORASERVE_TEST_DEVICE", "cpu")
+    cfg = {"model_path": str(folder), "device": device, "dtype": "float32"}
+    if device == "cuda":  # a small KV cache, not mem_fraction_static's share of the GPU
+        cfg["max_total_tokens"] = 1 << 16
     cfg.update(overrides)
     return Engine.from_config(ServerConfig(**cfg))
 
