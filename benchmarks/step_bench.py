@@ -221,6 +221,22 @@ def prefill_ms(engine: Engine, batch: int, prompt_len: int, reps: int = 5,
     return {"batch": batch, "prompt": prompt_len, "median_ms": 1e3 * statistics.median(times)}
 
 
+def prefill_rounds(engine: Engine, rounds: int, loras: list[str]) -> dict:
+    """The prefill target side by side: base prefill of 8 x 512 tokens, then the same over the
+    adapters, alternating for `rounds` rounds; each round's ratio and their median."""
+    rows = []
+    for _ in range(rounds):
+        base = prefill_ms(engine, 8, 512)["median_ms"]
+        lora = prefill_ms(engine, 8, 512, loras=loras or None)["median_ms"]
+        rows.append({"base_ms": base, "lora_ms": lora, "ratio": lora / base})
+        print(f"prefill 8x512: base {base:.1f} ms, over {len(loras)} adapters {lora:.1f} ms "
+              f"({lora / base:.3f}x)", flush=True)
+    ratio = statistics.median(r["ratio"] for r in rows)
+    print(f"prefill over {len(loras)} adapters, median of {rounds} rounds: {ratio:.3f}x",
+          flush=True)
+    return {"rounds": rows, "median_ratio": ratio}
+
+
 KERNEL_KINDS = (  # (category, substrings of kernel names), first match wins
     ("lora shrink", ("lora_shrink",)),
     ("lora expand", ("lora_expand",)),
@@ -584,6 +600,9 @@ def main() -> None:
                     help="a plan from gemm_bench --plan-out: decode graphs capture those "
                          "projections with their fastest cuBLASLt algorithm (benchmarks/"
                          "blaslt.py; benchmarks only)")
+    ap.add_argument("--prefill-rounds", type=int, default=0,
+                    help="only the prefill target: this many rounds, each base prefill then "
+                         "prefill over 8 adapters (5 timed steps each), side by side")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     lt_plan = None
@@ -631,6 +650,15 @@ def main() -> None:
             for p in paths:
                 await engine.adapters.load(p.name, str(p))
         asyncio.run(load_all())
+    if a.prefill_rounds:
+        rounds = prefill_rounds(engine, a.prefill_rounds, names[:8])
+        print(json.dumps(rounds, indent=2))
+        if a.out:
+            a.out.write_text(json.dumps({"shape": a.shape, "prefill_rounds": rounds,
+                                         "device": torch.cuda.get_device_name(),
+                                         "max_loras_per_batch": a.max_loras_per_batch},
+                                        indent=2))
+        return
     if a.profile_loop:
         loop_prof = asyncio.run(profile_loop_cases(engine, a.batch, a.prompt, steps, names,
                                                    a.profile_host))
