@@ -66,6 +66,9 @@ class ServerConfig:
     max_total_tokens: int | None = _opt(
         None, "most tokens the KV cache holds, on any device (default: what memory allows)")
     page_size: int = _opt(16, "tokens per KV block")
+    enable_prefix_caching: bool = _opt(
+        False, "share the KV blocks of prompt prefixes between requests of the same adapter "
+        "version and cache_salt (prefill starts after the longest cached prefix)")
     max_running_requests: int = _opt(256, "most requests in one step")
     max_queued_requests: int = _opt(4096, "most waiting requests; beyond: 503")
     chunked_prefill_size: int = _opt(4096, "prefill token budget per step")

@@ -151,6 +151,8 @@ class Submission:
     # SGLang's: with return_logprob, these ids' log-probs at each scored prompt position and
     # each output token
     token_ids_logprob: list[int] | None = None
+    # vLLM's: with the prefix cache, only requests of the same salt share cached blocks
+    cache_salt: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,6 +208,7 @@ class Engine:
             self.runner.enable_token_grid(block_manager, grid, config.chunked_prefill_size)
         if self.device.type == "cuda" and not config.skip_server_warmup:
             self.warm_up()
+        block_manager.prefix_cache = config.enable_prefix_caching
         self.scheduler = Scheduler(
             block_manager, config.max_running_requests, config.chunked_prefill_size,
             adapters, config.enable_lora_overlap_loading, info.context_length,
@@ -455,6 +458,7 @@ class Engine:
             top_logprobs_num=item.top_logprobs_num, prompt_top_n=item.prompt_top_logprobs_num,
             prompt_ranks=item.prompt_logprob_ranks,
             token_ids_logprob=list(item.token_ids_logprob) if item.token_ids_logprob else None,
+            cache_salt=item.cache_salt,
         )
         skipped = min(max(item.logprob_start, 1), len(req.prompt_ids))
         if skipped > 1:  # scoring starts where these end (Request.prompt_logprob_positions)
@@ -844,6 +848,13 @@ class Engine:
         by_tier = {t: sum(a.tier == t for a in adapters) for t in ("gpu", "host", "disk")}
         self.metrics.set_adapters_by_tier(**by_tier, pinned=sum(a.pinned for a in adapters))
 
+    def flush_cache(self) -> int:
+        """Empty the prefix cache (requests running keep their blocks); returns the number of
+        blocks it held."""
+        n = self.block_manager.flush()
+        log.info("prefix cache flushed: %d blocks", n)
+        return n
+
     def _on_admitted(self, plan: ScheduledBatch) -> None:
         now = time.monotonic()
         for req in plan.requests:
@@ -852,6 +863,9 @@ class Engine:
                 residency = self._residency.pop(req.rid, "base")
                 if self.metrics is not None:
                     self.metrics.request_admitted(req.lora_name, now - req.arrival_time, residency)
+                    if self.block_manager.prefix_cache:
+                        self.metrics.prefix_cache_looked_up(
+                            req.lora_name, req.num_prompt_tokens, req.cached_tokens)
 
     def _postprocess(self, step: InFlightStep, result: StepResult) -> None:
         plan = step.plan
@@ -950,7 +964,7 @@ class Engine:
             input_top_logprobs=list(req.input_top_logprobs) if with_prompt_logprobs else None,
             input_ranks=(list(req.input_ranks) if with_prompt_logprobs and req.prompt_ranks
                          else None),
-            new_ids_logprobs=ids_lp,
+            new_ids_logprobs=ids_lp, cached_tokens=req.cached_tokens,
             input_ids_logprobs=(list(req.input_ids_logprobs)
                                 if with_prompt_logprobs and req.token_ids_logprob else None),
         ))

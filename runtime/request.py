@@ -282,6 +282,14 @@ class Request:
     # Output tokens still being sampled by a launched step: the last `num_pending` entries of
     # output_ids are PENDING_TOKEN until that step's tokens reach the host.
     num_pending: int = 0
+    # the prefix cache (BlockManager): vLLM's cache_salt (requests share cached blocks only
+    # with requests of the same salt), the digests of its full blocks, the digest they chain
+    # from, and how many of its blocks are registered
+    cache_salt: str | None = None
+    block_digests: list[bytes] = field(default_factory=list)
+    digest_root: bytes | None = None
+    num_registered_blocks: int = 0
+    cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
 
     @property
     def adapter(self) -> str | None:

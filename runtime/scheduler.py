@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from runtime.kv_cache import BlockManager
+from runtime.kv_cache import BlockManager, root_digest
 from runtime.request import Request, RequestStatus
 
 
@@ -33,6 +33,8 @@ class AdapterAdmission(Protocol):
     def needs_only_slot(self, name: str) -> bool: ...
 
     def hurry(self, name: str) -> None: ...
+
+    def uid_of(self, name: str) -> int | None: ...
 
 
 @dataclass
@@ -134,9 +136,14 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if self.bm.prefix_cache:
+            self.bm.register(req)
         self.bm.free(req)
 
     def schedule(self) -> ScheduledBatch | None:
+        if self.bm.prefix_cache:  # the blocks launched steps filled become shareable
+            for req in self.running:
+                self.bm.register(req)
         batch: list[Request] = []
         counts: list[int] = []
         slots: set[int] = set()
@@ -184,10 +191,14 @@ class Scheduler:
             name = req.adapter  # the version's key (AdapterManager.key_of)
             joins = name is None or not (
                 name in refused or self._waits_for_slot(name, no_new_slot, starved, drain))
+            hit: list[int] | None = None
             if joins:
-                n = min(req.num_uncomputed_tokens, budget)
-                need = self.bm.blocks_needed(req, req.num_computed_tokens + n)
-                if not self.bm.can_allocate(need + self._watermark()):
+                hit = self._prefix_hit(req)
+                done = len(hit or ()) * self.bm.block_size  # tokens the cache holds
+                n = min(req.num_tokens - done, budget)
+                need = -(-(done + n) // self.bm.block_size) - len(hit or ())
+                taken = self.bm.idle_among(hit) if hit else 0  # free blocks the hit takes
+                if not self.bm.can_allocate(need + taken + self._watermark()):
                     break
                 joins = self._admit_adapter(req, slots)
             self.waiting.popleft()
@@ -209,6 +220,10 @@ class Scheduler:
                         self.adapters.hurry(name)
                         hurried = True
                 continue
+            if hit is not None:
+                self.bm.take_prefix(req, hit)
+                if req.num_output_tokens == 0:
+                    req.cached_tokens = req.num_computed_tokens
             self.bm.allocate(req, req.num_computed_tokens + n)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -222,6 +237,24 @@ class Scheduler:
         if skipped:
             self.waiting.extendleft(reversed(skipped))
         return starved
+
+    def _prefix_hit(self, req: Request) -> list[int] | None:
+        """With the prefix cache: the cached blocks `req` may start from, leaving its last
+        token to compute (its logits sample the next) and every prompt position it scores (a
+        cached token's logits are not computed again); None without the cache, or for an
+        adapter version no longer registered."""
+        if not self.bm.prefix_cache:
+            return None
+        uid = 0
+        if req.adapter is not None:
+            found = self.adapters.uid_of(req.adapter) if self.adapters is not None else None
+            if found is None:
+                return None
+            uid = found
+        most = req.num_tokens - 1
+        if req.return_logprob:  # the first position it still scores (prompt_logprob_positions)
+            most = min(most, len(req.input_logprobs) - 1)
+        return self.bm.lookup(req, root_digest(uid, req.cache_salt), most)
 
     def _waits_for_slot(self, name: str, no_new_slot: bool, starved: bool,
                         drain: int | None) -> bool:
@@ -292,6 +325,8 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)
+        if self.bm.prefix_cache:  # its recompute may take back what it had computed
+            self.bm.register(req)
         self.bm.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING

@@ -636,3 +636,31 @@ def test_all_targets_leave_embed_tokens_out_at_tp() -> None:
     assert targets == ALL_MODULES and tp_targets(every, targets) == ALL_MODULES - {EMBED}
     named = ServerConfig(**base, lora_target_modules=("q_proj", EMBED))
     assert tp_targets(named, frozenset({"q_proj", EMBED})) == {"q_proj", EMBED}
+
+
+def test_tp2_prefix_cache_matches_tp1(setup: dict[str, Any], tmp_path: Path) -> None:
+    """With the prefix cache at tp 2, rank 0 plans prefills that start after a cached prefix
+    and every rank reads its own shard of those blocks: the tokens equal tp 1's without the
+    cache, and the second request of each adapter takes the prefix."""
+    vocab = read_vocab(setup["folder"])
+    prefix = [3 + (7 * i) % (vocab - 6) for i in range(20)]  # two full blocks of 8, and 4
+    name = next(iter(setup["adapters"]))
+    asks = [(prefix + [5, 6], None), (prefix + [7, 8, 9], None), (prefix + [5], name),
+            (prefix + [6, 6], name)]
+
+    async def go(engine: Engine) -> list[tuple[list[int], int]]:
+        await engine.start()
+        try:
+            out = []
+            for p, lora in asks:
+                req = await engine.submit(p, greedy(NEW_TOKENS), lora)
+                out.append((await collect(engine, req), req.cached_tokens))
+            return out
+        finally:
+            await engine.stop()
+
+    want = run(go(Engine.from_config(config(setup))))
+    got = with_worker(config(setup, tp_size=TP, enable_prefix_caching=True),
+                      tmp_path / "rank1.json", lambda engine: run(go(engine)))
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [c for _, c in got] == [0, 16, 0, 16]

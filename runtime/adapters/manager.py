@@ -150,6 +150,9 @@ class _HostTally:
         self.nbytes = 0
 
 
+_VERSION_UIDS = itertools.count(1)  # every registered version's own id (the prefix cache's root)
+
+
 class _Adapter:
     """Bookkeeping of one registered adapter version: the name's, or one that a load in place
     replaced and whose requests still drain."""
@@ -160,6 +163,9 @@ class _Adapter:
         # what requests hold it by (AdapterManager.key_of): the name, or for a version loaded
         # in place while another held the name, "<name>:<n>" (no name holds a ':')
         self.key = key or name
+        # unique over the process's life, where a key is reused (a name unloaded and loaded
+        # again): the KV blocks the prefix cache keeps are rooted in it
+        self.uid = next(_VERSION_UIDS)
         self.replaced = False
         self.folder = folder  # what a re-read checks again
         self.path = folder.real
@@ -1257,6 +1263,11 @@ class AdapterManager:
     def slot_of(self, key: str) -> int | None:
         entry = self._adapters.get(key)
         return entry.slot if entry is not None else None
+
+    def uid_of(self, key: str) -> int | None:
+        """Version `key`'s id, unique over the process's life (None: no such version)."""
+        entry = self._adapters.get(key)
+        return entry.uid if entry is not None else None
 
     def load_error(self, key: str) -> str | None:
         """The last load or upload error of version `key` (the scheduler may abort its
