@@ -1,5 +1,6 @@
 """Adapter admin routes: /load_lora_adapter, /unload_lora_adapter (also under /v1/) and
-/lora_adapters. Answers carry {"success", "error_message", "loaded_adapters"}."""
+/lora_adapters. Answers carry {"success", "error_message", "loaded_adapters"}. And the prefix
+cache's: SGLang's /flush_cache and vLLM's /reset_prefix_cache."""
 
 from __future__ import annotations
 
@@ -81,3 +82,12 @@ async def lora_adapters(request: web.Request) -> web.Response:
         "replaced": a.replaced,
     } for a in request.app[ENGINE].list_adapters()]
     return json_response({"adapters": adapters})
+
+
+@routes.post("/flush_cache")
+@routes.get("/flush_cache")
+@routes.post("/reset_prefix_cache")
+async def flush_cache(request: web.Request) -> web.Response:
+    """Empty the prefix cache (requests running keep the blocks they hold)."""
+    n = request.app[ENGINE].flush_cache()
+    return json_response({"success": True, "message": "Cache flushed.", "flushed_blocks": n})

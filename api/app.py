@@ -54,6 +54,7 @@ ADMIN_PATHS = frozenset({
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
 })
 ADMIN_READ_PATHS = frozenset({"/lora_adapters", "/v1/lora_adapters"})
+CACHE_ADMIN_PATHS = frozenset({"/flush_cache", "/reset_prefix_cache"})  # the prefix cache
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 
 
@@ -183,10 +184,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Bearer keys.
 
     - /health and /metrics are open.
-    - Admin routes (load/unload, /lora_adapters) need `admin_api_key` when it is set. When it is
-      unset they are open only if `api_key` is unset too; with only `api_key` set they are
-      refused (403): the inference key never opens admin routes, and without an admin key
-      nobody may load adapters from paths on this machine.
+    - Admin routes (load/unload, /lora_adapters, /flush_cache) need `admin_api_key` when it is
+      set. When it is unset they are open only if `api_key` is unset too; with only `api_key`
+      set they are refused (403): the inference key never opens admin routes, and without an
+      admin key nobody may load adapters from paths on this machine.
     - Inference routes need `api_key` when it is set (the admin key opens them too).
     """
     config = request.app[CONFIG]
@@ -195,7 +196,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     token = bearer_token(request)
     challenge = {"WWW-Authenticate": "Bearer"}
-    if path in ADMIN_PATHS or path in ADMIN_READ_PATHS:
+    if path in ADMIN_PATHS or path in ADMIN_READ_PATHS or path in CACHE_ADMIN_PATHS:
         if config.admin_api_key is not None:
             if not _matches(token, config.admin_api_key):
                 raise ApiError(401, "missing or invalid admin API key", headers=challenge)

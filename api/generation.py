@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ SUBMITTED: contextvars.ContextVar[list[Request] | None] = contextvars.ContextVar
     "loraserve_submitted", default=None)
 
 
+def isolation_key(cache_salt: str | None, extra_key: str | None) -> str | None:
+    """The prefix cache's isolation key of a request: vLLM's cache_salt and SGLang's
+    extra_key together (requests share cached blocks only with requests of the same both)."""
+    if cache_salt is None and extra_key is None:
+        return None
+    return json.dumps([cache_salt, extra_key])
+
+
 @dataclass
 class GenSpec(Submission):
     """One request to submit (Engine.submit's arguments), and how its text is cut."""
@@ -64,6 +73,7 @@ class Generation:
     input_ids_logprobs: list[list[float]] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prefix_cache: bool = False  # the server's prefix cache is on: usage reports cached_tokens
     finished: bool = False
     finish_reason: FinishReason | None = None
     matched_stop: int | str | None = None
@@ -122,7 +132,8 @@ async def submit_all(engine: Engine, specs: list[GenSpec]) -> list[Generation]:
     owned = SUBMITTED.get()
     if owned is not None:
         owned.extend(reqs)
-    return [Generation(i, req, _text_stream(engine, spec), prompt_tokens=len(req.prompt_ids))
+    return [Generation(i, req, _text_stream(engine, spec), prompt_tokens=len(req.prompt_ids),
+                       prefix_cache=engine.config.enable_prefix_caching)
             for i, (spec, req) in enumerate(zip(specs, reqs, strict=True))]
 
 

@@ -21,6 +21,7 @@ from api.generation import (
     collect,
     follow,
     is_chunk_due,
+    isolation_key,
     submit_all,
     unless_disconnected,
 )
@@ -165,8 +166,8 @@ def generate_items(body: GenerateRequest, tokenizer: Any) -> tuple[list[NativeIt
     starts = _aligned(body.logprob_start_len, num_inputs, "logprob_start_len", -1)
     top = _aligned(body.top_logprobs_num, num_inputs, "top_logprobs_num", 0)
     ids_logprob = _ids_logprob(body.token_ids_logprob, num_inputs, logprob)
-    _aligned(body.cache_salt, num_inputs, "cache_salt", None)
-    _aligned(body.extra_key, num_inputs, "extra_key", None)
+    salts = _aligned(body.cache_salt, num_inputs, "cache_salt", None)
+    extras = _aligned(body.extra_key, num_inputs, "extra_key", None)
     is_batch = is_batch or n > 1
     rids = _rids(body.rid, num_inputs, n, is_batch)
     items = []
@@ -180,6 +181,7 @@ def generate_items(body: GenerateRequest, tokenizer: Any) -> tuple[list[NativeIt
                 token_ids_logprob=ids_logprob[i], trim_stop=not s.no_stop_trim,
                 # result() lists logprobs from the token after the start (its own is null)
                 logprob_start=_logprob_start(starts[i], len(prompt)) + 1,
+                cache_salt=isolation_key(salts[i], extras[i]),
             )
             items.append(NativeItem(spec, starts[i], s.stream_interval or 1))
     return items, is_batch

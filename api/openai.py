@@ -27,6 +27,7 @@ from api.generation import (
     collect,
     follow,
     is_chunk_due,
+    isolation_key,
     submit_all,
     unless_disconnected,
 )
@@ -325,8 +326,16 @@ def _specs(body: OpenAISampling, prompts: list[list[int]], loras: list[str | Non
                 logprob_start=1 if scores_prompt else len(prompt),
                 prompt_top_logprobs_num=prompt_top,
                 prompt_logprob_ranks=body.prompt_logprobs is not None,
+                cache_salt=isolation_key(_per_prompt(body.cache_salt, p),
+                                         _per_prompt(body.extra_key, p)),
             ))
     return specs
+
+
+def _per_prompt(value: str | list[str] | None, p: int) -> str | None:
+    """cache_salt or extra_key for prompt `p`: one for every prompt, or a list aligned with
+    them (check_aligned_hints)."""
+    return value[p] if isinstance(value, list) else value
 
 
 def finish_reason(g: Generation) -> str | None:
@@ -376,11 +385,16 @@ async def send_abort_error(request: web.Request, resp: sse.Stream,
         await sse.send(resp, abort_error(request, failed[0]).body(Style.OPENAI))
 
 
-def usage(gens: list[Generation], n: int) -> dict[str, int]:
+def usage(gens: list[Generation], n: int) -> dict[str, Any]:
+    """OpenAI's usage; with the prefix cache on, `prompt_tokens_details.cached_tokens` too (the
+    prompt tokens taken from the cache, each prompt's first sample's, as its prompt counts)."""
     prompt = sum(g.prompt_tokens for g in gens[::n])  # each prompt counts once, whatever n
     completion = sum(g.completion_tokens for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+    if gens and gens[0].prefix_cache:
+        out["prompt_tokens_details"] = {"cached_tokens": sum(g.cached_tokens for g in gens[::n])}
+    return out
 
 
 def _header(request: web.Request, kind: str, prefix: str,

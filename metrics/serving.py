@@ -74,6 +74,14 @@ class ServingMetrics:
         self.adapter_generation_tokens = Counter(PREFIX + "adapter_generation_tokens",
                                                  "Generated tokens per adapter", ["adapter"],
                                                  registry=r)
+        # with enable_prefix_caching: prompt tokens of admitted requests, and those of them
+        # taken from the prefix cache instead of computed (the hit rate: hits / queries)
+        self.prefix_cache_queries = Counter(PREFIX + "prefix_cache_queries", "Prompt tokens "
+                                            "looked up in the prefix cache, per adapter",
+                                            ["adapter"], registry=r)
+        self.prefix_cache_hits = Counter(PREFIX + "prefix_cache_hits", "Prompt tokens taken "
+                                         "from the prefix cache, per adapter", ["adapter"],
+                                         registry=r)
         for tier in TIERS:  # export zeros so dashboards show the series from the start
             self.lora_loads.labels(tier)
             self.lora_evictions.labels(tier)
@@ -99,6 +107,12 @@ class ServingMetrics:
     def request_admitted(self, lora: str | None, queue_time_s: float, residency: str) -> None:
         self.queue_time.labels(self.adapter_label(lora)).observe(queue_time_s)
         self.lora_requests.labels(residency).inc()
+
+    def prefix_cache_looked_up(self, lora: str | None, prompt_tokens: int,
+                               cached_tokens: int) -> None:
+        label = self.adapter_label(lora)
+        self.prefix_cache_queries.labels(label).inc(prompt_tokens)
+        self.prefix_cache_hits.labels(label).inc(cached_tokens)
 
     def first_token(self, lora: str | None, ttft_s: float) -> None:
         self.ttft.labels(self.adapter_label(lora)).observe(ttft_s)

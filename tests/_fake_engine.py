@@ -315,6 +315,9 @@ class FakeEngine:
     def list_adapters(self) -> list[FakeAdapterInfo]:
         return list(self.adapters.values())
 
+    def flush_cache(self) -> int:
+        return 0
+
     def loaded_adapters(self) -> dict[str, str]:
         return {a.name: a.path for a in self.adapters.values()}
 
