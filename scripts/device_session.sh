@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One device session in phases, each one device call on a 2-GPU machine (nvidia-h200-x2):
+#   scripts/device_session.sh s56a   (one GPU) the prefix cache on CUDA: the engine tests on the
+#                                    GPU, then the soak with the prefix cache
 #   scripts/device_session.sh s55a   (one GPU) rotary and sampler tests on CUDA, every step
 #                                    target at the default, HF parity while time remains
 #   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs
@@ -656,6 +658,29 @@ case "${1:-}" in
     # launch's 65.2; not yet measured in the loop)
     gu="LORASERVE_DECODE_GEMM_TMA_GATE_UP=0"
     base_each 510 54b NONE=1 "$ar" "$gu" NONE=2 "$ar" "$gu"
+    ;;
+  s56a)  # one GPU: the prefix cache on CUDA (off by default until this runs): the engine
+    # tests on the GPU (LORASERVE_TEST_DEVICE=cuda, fp32, HF on the CPU as reference): every
+    # test of tests/test_prefix_cache.py that builds an engine (shared prefixes and a second
+    # turn, adapters and salts, a reloaded adapter, prompt logprobs, preemption) and
+    # tests/test_engine.py (five of its tests failed on the GPU in the forty-seventh session
+    # on their own block counts, which now allow the runner's reserved block); then the soak
+    # on CUDA with the prefix cache and a shared prefix, while time remains
+    LORASERVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider -rf \
+      --tb=short tests/test_prefix_cache.py tests/test_engine.py -k "not http and not flush" \
+      > "$OUT/engine_cuda_56a.log" 2>&1
+    echo "== engine and prefix cache tests on CUDA: rc $?"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/engine_cuda_56a.log" | tail -12
+    left=$((580 - SECONDS))
+    if [ "$left" -gt 120 ]; then
+      LORASERVE_TEST_DEVICE=cuda LORASERVE_SOAK_PREFIX_CACHE=1 \
+        LORASERVE_SOAK_SECONDS=$((left - 90)) timeout "$left" python3 -m pytest -q -s \
+        -p no:cacheprovider -rf --tb=short tests/test_soak.py::test_soak > "$OUT/soak_56a.log" 2>&1
+      echo "== soak on CUDA with the prefix cache: rc $?"
+      grep -E "^soak:|^prefix cache:|passed|failed|^(FAILED|ERROR)" "$OUT/soak_56a.log" | tail -6
+    else
+      echo "== soak with the prefix cache: skipped, out of time"
+    fi
     ;;
   s55r)  # one GPU, for the last minutes of a session's device time: s55a's tests alone (the
     # rotary kernels' tests and the CUDA sampler test on CUDA, about 150 s at most)

@@ -5,9 +5,11 @@ beforehand: a response that is cut short or has other tokens counts as lost. Req
 adapter that is being unloaded may be refused at admission with a clear 4xx; nothing else may
 fail, and nothing may hang (every request runs under asyncio.wait_for).
 
-LORASERVE_SOAK_SECONDS sets the soak's length (default 300; the device can run it longer), and
+LORASERVE_SOAK_SECONDS sets the soak's length (default 300; the device can run it longer),
 LORASERVE_TEST_DEVICE the engine's device (default cpu; `cuda` on the device machine, where the
-engine then runs its Triton kernels, CUDA graphs and copy stream).
+engine then runs its Triton kernels, CUDA graphs and copy stream), and
+LORASERVE_SOAK_PREFIX_CACHE=1 turns the prefix cache on, with a 40-token prefix every prompt
+shares (the expectations are computed with the cache flushed before each).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ REQUEST_TIMEOUT_S = 60.0
 MAX_NEW = 8
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [40, 41, 42, 43], [100, 3, 200, 17, 9, 9],
            [250, 251]]
+PREFIX_CACHE = os.environ.get("LORASERVE_SOAK_PREFIX_CACHE") == "1"
+if PREFIX_CACHE:  # two full blocks of 16 and 8 tokens before each prompt's own
+    PROMPTS = [[20 + (7 * i) % 200 for i in range(40)] + p for p in PROMPTS]
 STABLE = ("a1", "a2")
 CHURNED = ("c1", "c2")
 ADAPTERS = (None, *STABLE, *CHURNED)
@@ -83,7 +88,7 @@ async def make_client(aiohttp_client, folders):
     async def make(**overrides):
         cfg = {"model_path": str(folders["model"]), "device": DEVICE, "dtype": "float32",
                "kv_cache_cpu_bytes": 1 << 23, "mem_fraction_static": 0.2, "max_lora_rank": 8,
-               "served_model_name": "tiny",
+               "served_model_name": "tiny", "enable_prefix_caching": PREFIX_CACHE,
                "lora_target_modules": ("q_proj", "v_proj"), "max_loras_per_batch": 3,
                "lora_paths": tuple(LoraPathSpec(n, str(folders[n])) for n in STABLE + CHURNED)}
         cfg.update(overrides)
@@ -130,6 +135,8 @@ async def expectations(client) -> dict[tuple[str, str | None, int], object]:
     for path in ("/generate", "/v1/completions"):
         for lora in ADAPTERS:
             for i, prompt in enumerate(PROMPTS):
+                if PREFIX_CACHE:  # each computed whole, not from another's cached blocks
+                    assert (await client.post("/flush_cache")).status == 200
                 r = await client.post(path, json=payload(path, lora, prompt, False))
                 assert r.status == 200, await r.text()
                 out[(path, lora, i)] = answer(path, False, await r.text())
@@ -312,4 +319,9 @@ async def test_soak(make_client, folders) -> None:
     assert tally.counts["5xx"] == tally.counts["lost_or_wrong"] == tally.counts["hung"] == 0
     assert requests >= SOAK_MIN_REQUESTS_PER_300S * SOAK_SECONDS / 300
     assert rss["end"] - rss["warm"] < RSS_GROWTH_BOUND_MB
+    if PREFIX_CACHE:
+        bm = engine.block_manager
+        print(f"prefix cache: {bm.num_hit_tokens} of {bm.num_looked_up_tokens} prompt tokens "
+              f"taken from it, {bm.num_evicted_blocks} blocks evicted")
+        assert bm.num_hit_tokens > 0
     check_clean(engine)
