@@ -105,8 +105,7 @@ class BlockManager:
                 else:
                     self._free.append(b)
         req.block_ids = []
-        req.block_digests = []
-        req.num_registered_blocks = 0
+        req.num_registered_blocks = 0  # its digests stay: its tokens are the same
 
     def flush(self) -> int:
         """Forget every registered block (SGLang's /flush_cache): the idle ones become free,
@@ -123,13 +122,16 @@ class BlockManager:
         (taking nothing). Fills `req.block_digests` with the digests of its full blocks as far
         as they are known."""
         bs = self.block_size
-        tokens = req.all_token_ids[: req.num_prompt_tokens + req.num_resolved_outputs]
-        digests, parent = [], root
-        for i in range(len(tokens) // bs):
-            parent = block_digest(parent, tokens[i * bs : (i + 1) * bs])
-            digests.append(parent)
-        req.block_digests = digests
-        req.digest_root = root
+        if req.digest_root != root:
+            req.block_digests, req.digest_root = [], root
+        digests = req.block_digests  # those of an earlier round that admitted nothing stay
+        known = req.num_prompt_tokens + req.num_resolved_outputs
+        if len(digests) < known // bs:
+            tokens = req.token_slice(len(digests) * bs, (known // bs - len(digests)) * bs)
+            parent = digests[-1] if digests else root
+            for i in range(len(tokens) // bs):
+                parent = block_digest(parent, tokens[i * bs : (i + 1) * bs])
+                digests.append(parent)
         hit: list[int] = []
         for d in digests[: most // bs]:
             b = self._cached.get(d)

@@ -142,8 +142,10 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         if self.bm.prefix_cache:  # the blocks launched steps filled become shareable
-            for req in self.running:
-                self.bm.register(req)
+            bs = self.bm.block_size
+            for req in self.running:  # a decode row fills a block once in `bs` steps
+                if req.num_computed_tokens // bs > req.num_registered_blocks:
+                    self.bm.register(req)
         batch: list[Request] = []
         counts: list[int] = []
         slots: set[int] = set()

@@ -110,18 +110,21 @@ def test_block_manager_shares_registered_blocks_and_evicts_the_idle_ones():
 def test_shared_prefixes_hit_and_keep_the_tokens(llama):
     vocab = read_vocab(llama)
     ps = shared_prompts(vocab, 4)
-    # the last: the same prompt again takes every full block but leaves its last token
-    items = [Submission(p, greedy(12)) for p in ps] + [Submission(ps[3], greedy(12))]
+    # then the same prompt again takes every full block but leaves its last token, and a
+    # prompt one token past three blocks, twice: the second prefills that one token alone
+    one_past = ps[0][: 3 * PAGE + 1]
+    items = [Submission(p, greedy(12)) for p in ps] + [Submission(ps[3], greedy(12))] + [
+        Submission(one_past, greedy(12))] * 2
     ref = one_by_one(make_engine(llama), items)
     engine = make_engine(llama, enable_prefix_caching=True)
     got = one_by_one(engine, items)
     assert [t for t, _ in got] == [t for t, _ in ref]
-    assert [c for _, c in ref] == [0] * 5
+    assert [c for _, c in ref] == [0] * 7
     # the first computes everything; the others take the prefix's three full blocks
     again = (len(ps[3]) - 1) // PAGE * PAGE
     assert again > 3 * PAGE
-    assert [c for _, c in got] == [0] + [3 * PAGE] * 3 + [again]
-    assert engine.block_manager.num_hit_tokens == 9 * PAGE + again
+    assert [c for _, c in got] == [0] + [3 * PAGE] * 3 + [again] + [3 * PAGE] * 2
+    assert engine.block_manager.num_hit_tokens == 15 * PAGE + again
 
 
 def test_batched_requests_and_outputs_of_earlier_turns_are_reused(llama):
