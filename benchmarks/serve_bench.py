@@ -74,6 +74,7 @@ class RequestResult:
     e2el: float = 0.0
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
     output_tokens: int = 0
     num_chunks: int = 0  # chunks that carried tokens
     error: str = ""
@@ -110,6 +111,9 @@ def build_requests(args: argparse.Namespace, vocab_size: int | None) -> list[Req
                 raise SystemExit("error: token-id prompts need the vocabulary size: the server "
                                  "has no /get_model_info; pass --vocab-size")
             prompts = wl.random_token_prompts(in_lens, vocab_size, rng)
+    if args.prefix_len:  # drawn after the rest: the same seed gives the same prompts after it
+        prompts = wl.with_shared_prefixes(prompts, args.prefix_len, args.num_prefixes,
+                                          vocab_size, rng)
     return [RequestSpec(p, o, lo) for p, o, lo in zip(prompts, out_lens, loras, strict=True)]
 
 
@@ -193,6 +197,7 @@ class NativeBackend(Backend):
         total = meta.get("completion_tokens", len(chunk.get("output_ids", [])))
         added, result.output_tokens = total - result.output_tokens, total
         result.prompt_tokens = meta.get("prompt_tokens", result.prompt_tokens)
+        result.cached_tokens = meta.get("cached_tokens", result.cached_tokens)
         return added
 
 
@@ -213,6 +218,8 @@ class OpenAIBackend(Backend):
         usage = chunk.get("usage")
         if usage:
             result.prompt_tokens = usage.get("prompt_tokens", 0)
+            details = usage.get("prompt_tokens_details") or {}
+            result.cached_tokens = details.get("cached_tokens", 0)
             result.output_tokens = usage.get("completion_tokens", result.output_tokens)
         choices = chunk.get("choices") or []
         if choices and choices[0].get("text"):
@@ -287,6 +294,7 @@ def compute_metrics(
     metrics: dict[str, Any] = {
         "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
         "total_input_tokens": inputs, "total_output_tokens": outputs,
+        "total_cached_tokens": sum(r.cached_tokens for r in ok),
         "request_throughput": len(ok) / duration,
         "input_throughput": inputs / duration, "output_throughput": outputs / duration,
         "total_token_throughput": (inputs + outputs) / duration,
@@ -562,6 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="ids",
                    help="random prompts as token ids (input_ids / prompt ids) or words")
     g.add_argument("--vocab-size", type=int, help="default: /get_model_info")
+    g.add_argument("--prefix-len", type=int, default=0,
+                   help="random dataset: a shared prefix of this many tokens (words for text "
+                        "prompts) before every prompt, for the server's prefix cache")
+    g.add_argument("--num-prefixes", type=int, default=1,
+                   help="with --prefix-len: distinct prefixes, one drawn for each request")
     g.add_argument("--lora-names", nargs="+", help="adapter names the server knows")
     g.add_argument("--num-loras", type=int, help="adapters lora0 .. lora{N-1}")
     g.add_argument("--popularity", choices=wl.POPULARITY, default="uniform")

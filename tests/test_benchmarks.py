@@ -886,3 +886,38 @@ def test_step_table_targets_and_ranges(tmp_path: Path, capsys) -> None:
     assert lines[2].startswith("| default | 4.550 | 1.300 |")
     assert lines[3].startswith("| b | 4.550 | 1.182 |") and " - |" in lines[3]
     assert lines[4].startswith("| range | 4.550 | 1.182-1.300 |")
+
+
+def test_serve_bench_shared_prefixes() -> None:
+    """--prefix-len puts one of --num-prefixes random prefixes before each prompt, after the
+    prompts are drawn: the same seed gives the same prompts behind them."""
+    argv = ["--num-prompts", "12", "--input-len", "5", "--output-len", "2", "--seed", "3",
+            "--num-loras", "2"]
+    plain = serve_bench.build_requests(serve_bench.parse_args(argv), 500)
+    shared = serve_bench.build_requests(serve_bench.parse_args(
+        argv + ["--prefix-len", "20", "--num-prefixes", "2"]), 500)
+    assert [s.prompt[20:] for s in shared] == [p.prompt for p in plain]
+    prefixes = {tuple(s.prompt[:20]) for s in shared}
+    assert len(prefixes) == 2 and all(10 <= t < 500 for p in prefixes for t in p)
+    text = serve_bench.build_requests(serve_bench.parse_args(
+        argv + ["--prompt-format", "text", "--prefix-len", "6"]), None)
+    heads = {" ".join(s.prompt.split()[:6]) for s in text}
+    assert len(heads) == 1 and all(len(s.prompt.split()) == 11 for s in text)
+
+
+def test_serve_bench_reports_prefix_cache_hits(tiny: tuple[Path, dict[str, Path]],
+                                               tmp_path: Path) -> None:
+    """Against a server with the prefix cache, a shared-prefix workload sent one request at a
+    time reports the cached prompt tokens, on both backends (meta_info and usage)."""
+    model, _ = tiny
+    with running_server(tmp_path, model, model.parent / "loras",
+                        enable_prefix_caching=True) as server:
+        for backend in serve_bench.BACKENDS:
+            out = tmp_path / f"{backend}.json"
+            serve_bench.main(["--base-url", server.url, "--backend", backend, "--quick",
+                              "--base-fraction", "1", "--prefix-len", "40",
+                              "--max-concurrency", "1", "--out", str(out), "--disable-tqdm"])
+            (run,) = json.loads(out.read_text())["runs"]
+            assert run["failed"] == 0, run["errors"]
+            # every request after the first takes the prefix's two full blocks of 16
+            assert run["total_cached_tokens"] >= (QUICK_REQUESTS - 1) * 32, run
