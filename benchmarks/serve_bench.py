@@ -334,6 +334,8 @@ def format_summary(m: dict[str, Any], title: str, percentiles: list[float]) -> s
     row("Benchmark duration (s):", m["duration_s"])
     row("Total input tokens:", m["total_input_tokens"])
     row("Total generated tokens:", m["total_output_tokens"])
+    if m.get("total_cached_tokens"):
+        row("Prompt tokens from the prefix cache:", m["total_cached_tokens"])
     row("Request throughput (req/s):", m["request_throughput"])
     if "request_goodput" in m:
         row("Request goodput (req/s):", m["request_goodput"])

@@ -2,6 +2,8 @@
 # One device session in phases, each one device call on a 2-GPU machine (nvidia-h200-x2):
 #   scripts/device_session.sh s56a   (one GPU) the prefix cache on CUDA: the engine tests on the
 #                                    GPU, then the soak with the prefix cache
+#   scripts/device_session.sh s56b   (one GPU) the prefix cache's serving gain: a shared-prefix
+#                                    workload without the cache, then with it
 #   scripts/device_session.sh s55a   (one GPU) rotary and sampler tests on CUDA, every step
 #                                    target at the default, HF parity while time remains
 #   scripts/device_session.sh tp     tensor-parallel GPU tests and tp_bench on both GPUs
@@ -681,6 +683,24 @@ case "${1:-}" in
     else
       echo "== soak with the prefix cache: skipped, out of time"
     fi
+    ;;
+  s56b)  # one GPU: the prefix cache's serving gain, side by side: a shared-prefix workload
+    # (8 prefixes of 1024 tokens, each prompt 128 more, 64 new tokens, 8 adapters skewed,
+    # 256 requests at once) against a server without the cache, then one with it
+    python3 -m benchmarks.dummy_model llama-3.1-8b /tmp/llama8b > /dev/null
+    python3 -m benchmarks.random_adapters llama-3.1-8b /tmp/adapters --count 8 --rank 16 \
+      > /dev/null
+    for cache in off on; do
+      extra=""; [ "$cache" = on ] && extra=" --enable-prefix-caching"
+      timeout 260 python3 -m benchmarks.serve_bench --launch --server-args "--model-path \
+        /tmp/llama8b --load-format dummy --dtype bfloat16 --max-loras-per-batch 8$extra" \
+        --lora-dir /tmp/adapters --num-loras 8 --popularity skewed --num-prompts 256 \
+        --input-len 128 --output-len 64 --prefix-len 1024 --num-prefixes 8 \
+        --disable-tqdm --out "$OUT/serve_prefix_$cache.json" > "$OUT/serve_prefix_$cache.log" 2>&1
+      echo "== serve_bench, prefix cache $cache: rc $?"
+      grep -E "^(Prompt tokens from|Request throughput|Output token|Median TTFT|P99 TTFT|Median TPOT)" \
+        "$OUT/serve_prefix_$cache.log" | head -8
+    done
     ;;
   s55r)  # one GPU, for the last minutes of a session's device time: s55a's tests alone (the
     # rotary kernels' tests and the CUDA sampler test on CUDA, about 150 s at most)
